@@ -1,0 +1,90 @@
+"""`export()`: model directory -> bundle. One module per architecture builds the target graph."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from .. import bundle as bundle_mod
+from ..checkpoint import Checkpoint
+from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
+from ..errors import EdgemtpError
+from . import builder, gemma3, llama
+
+QUANTS = ("fp32",)
+Progress = Callable[[int, int, str], None]
+
+
+def _architectures() -> dict:
+    """model_type -> (parse(hf, source) -> cfg, build(cfg, capacity) -> (builder, contract))."""
+    archs = {
+        "gemma3_text": (parse_gemma3, gemma3.build),
+        "llama": (parse_llama, llama.build),
+        "qwen2": (parse_llama, llama.build),
+    }
+    try:
+        from . import gemma4
+    except ImportError:
+        return archs
+    archs.update({t: (gemma4.parse_config, gemma4.build) for t in gemma4.MODEL_TYPES})
+    return archs
+
+
+def load_config(model_dir: Path):
+    hf = read_config_json(model_dir)
+    source = str(Path(model_dir) / "config.json")
+    archs = _architectures()
+    model_type = hf.get("model_type")
+    if model_type not in archs:
+        raise EdgemtpError(f"{source}: model_type {model_type!r} is not supported "
+                           f"(supported: {', '.join(sorted(archs))})")
+    return archs[model_type][0](hf, source), archs[model_type][1]
+
+
+def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
+           progress: Progress | None = None) -> Path:
+    """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`."""
+    model_dir, out = Path(model_dir), Path(out)
+    if quant not in QUANTS:
+        raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
+    if capacity < 2:
+        raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
+    cfg, build = load_config(model_dir)
+    tokenizer = model_dir / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise EdgemtpError(f"{tokenizer}: missing (the bundle needs the model's tokenizer.json)")
+    ckpt = Checkpoint(model_dir)
+    graph, contract = build(cfg, capacity)
+    _check_weights(graph, ckpt, model_dir)
+    with bundle_mod.atomic_dir(out, overwrite) as tmp:
+        builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress)
+        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        bundle_mod.write_manifest(tmp, {
+            "model": model_facts(cfg),
+            "tokenizer": "tokenizer.json",
+            "graphs": {"target": {"file": "target.onnx", "quant": quant, "contract": contract.to_json()}},
+        })
+    return out
+
+
+def model_facts(cfg) -> dict:
+    return {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers, "bos_token_id": cfg.bos_token_id,
+            "eos_token_ids": list(cfg.eos_token_ids)}
+
+
+def _check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path) -> None:
+    """Every parameter the graph needs exists with the right element count, before writing anything."""
+    missing = [p.source for p in graph.params.values() if p.source not in ckpt]
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise EdgemtpError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+    for p in graph.params.values():
+        have = ckpt.shape(p.source)
+        if sorted(have) != sorted(p.shape):
+            raise EdgemtpError(f"{model_dir}: tensor '{p.source}' has shape {list(have)}, "
+                               f"config.json implies {list(p.shape)}")
+
+
+__all__ = ["export", "load_config", "TextConfig", "QUANTS"]

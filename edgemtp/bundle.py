@@ -1,0 +1,167 @@
+"""Bundles: a directory with `edgemtp.json`, ONNX graphs, head tensors and the tokenizer.
+
+Writing goes to a temporary sibling directory renamed into place at the end, so an interrupted
+export never leaves a half bundle. Loading checks every file against the manifest (presence, size,
+sha256) and refuses any path that leaves the bundle directory: a bundle may come from someone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .contract import TargetContract
+from .errors import EdgemtpError
+
+MANIFEST = "edgemtp.json"
+FORMAT = "edgemtp-bundle"
+SCHEMA_VERSION = 1
+
+
+def sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, overwrite: bool = False):
+    """Yields a temporary directory next to `out`; renames it to `out` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_manifest(bundle_dir: Path, manifest: dict) -> None:
+    """Adds size and sha256 of every file already in `bundle_dir`, then writes the manifest."""
+    files = {}
+    for p in sorted(bundle_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            rel = p.relative_to(bundle_dir).as_posix()
+            files[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
+    full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **manifest, "files": files}
+    (bundle_dir / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    path: Path
+    quant: str
+    contract: dict
+
+
+@dataclass(frozen=True)
+class Bundle:
+    dir: Path
+    manifest: dict
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dir / self.manifest["tokenizer"]
+
+    def graph(self, name: str) -> GraphEntry:
+        g = self.manifest["graphs"].get(name)
+        if g is None:
+            raise EdgemtpError(f"{self.dir / MANIFEST}: bundle has no '{name}' graph")
+        return GraphEntry(self.dir / g["file"], g.get("quant", "fp32"), g.get("contract", {}))
+
+    def has_graph(self, name: str) -> bool:
+        return name in self.manifest["graphs"]
+
+    @property
+    def target_contract(self) -> TargetContract:
+        return TargetContract.from_json(self.graph("target").contract)
+
+
+def load(bundle_dir: Path, verify: bool = True) -> Bundle:
+    """Validated load. `verify=False` skips the sha256 pass (sizes are still checked)."""
+    d = Path(bundle_dir)
+    mpath = d / MANIFEST
+    if not d.is_dir():
+        raise EdgemtpError(f"{d}: not a bundle directory")
+    if not mpath.is_file():
+        raise EdgemtpError(f"{mpath}: missing (not an edgemtp bundle)")
+    try:
+        m = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgemtpError(f"{mpath}: not valid JSON ({e})") from None
+    _check_fields(m, mpath)
+    for rel, info in m["files"].items():
+        _check_file(d, rel, info, mpath, verify)
+    for name, g in m["graphs"].items():
+        for field in ("file",):
+            if g.get(field) not in m["files"]:
+                raise EdgemtpError(f"{mpath}: graphs.{name}.{field} names a file not listed in 'files'")
+        _check_external_data(d, d / g["file"], m["files"])
+    if m["tokenizer"] not in m["files"]:
+        raise EdgemtpError(f"{mpath}: field 'tokenizer' names a file not listed in 'files'")
+    return Bundle(d, m)
+
+
+def _check_fields(m: dict, mpath: Path) -> None:
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise EdgemtpError(f"{mpath}: field 'format' is not '{FORMAT}'")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise EdgemtpError(f"{mpath}: schema_version {m.get('schema_version')!r} unsupported "
+                           f"(this edgemtp reads {SCHEMA_VERSION})")
+    for key, kind in (("model", dict), ("graphs", dict), ("files", dict), ("tokenizer", str)):
+        if not isinstance(m.get(key), kind):
+            raise EdgemtpError(f"{mpath}: field '{key}' missing or not a {kind.__name__}")
+    if "target" not in m["graphs"]:
+        raise EdgemtpError(f"{mpath}: field 'graphs' has no 'target'")
+
+
+def inside(root: Path, rel: str) -> Path:
+    """`root / rel`, refusing absolute paths and anything that resolves outside `root`."""
+    p = (root / rel).resolve()
+    if Path(rel).is_absolute() or not p.is_relative_to(root.resolve()):
+        raise EdgemtpError(f"{root / MANIFEST}: path '{rel}' points outside the bundle")
+    return p
+
+
+def _check_file(d: Path, rel: str, info: dict, mpath: Path, verify: bool) -> None:
+    p = inside(d, rel)
+    if not p.is_file():
+        raise EdgemtpError(f"{p}: missing (listed in {mpath.name})")
+    if p.stat().st_size != info.get("bytes"):
+        raise EdgemtpError(f"{p}: size {p.stat().st_size} differs from the manifest's {info.get('bytes')} "
+                           "(file changed after export)")
+    if verify and sha256(p) != info.get("sha256"):
+        raise EdgemtpError(f"{p}: sha256 differs from the manifest (file changed after export)")
+
+
+def _check_external_data(d: Path, graph: Path, files: dict) -> None:
+    import onnx
+
+    try:
+        model = onnx.load(str(graph), load_external_data=False)
+    except Exception as e:  # a corrupt protobuf raises several types
+        raise EdgemtpError(f"{graph}: not a valid ONNX file ({type(e).__name__})") from None
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                inside(d, entry.value)
+                if entry.value not in files:
+                    raise EdgemtpError(f"{graph}: external data '{entry.value}' is not listed in the manifest")

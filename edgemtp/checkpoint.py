@@ -1,0 +1,102 @@
+"""Lazy reader of Hugging Face safetensors checkpoints (fp32 / bf16 / fp16), no torch needed.
+
+Tensors are memory-mapped and converted one at a time, so export holds at most one converted
+tensor beside the graph. A multimodal checkpoint's text tower (`model.language_model.*`) is
+read under the plain text-model names (`model.*`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgemtpError
+
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
+           "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
+# multimodal checkpoints nest the text model; the exporters ask for text-model names
+_TEXT_PREFIXES = ("model.language_model.", "language_model.model.")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class Checkpoint:
+    """`ckpt[name]` -> float32 (or integer) numpy array; `name in ckpt`; `ckpt.keys()`."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = Path(model_dir)
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise EdgemtpError(f"{self.dir}: no *.safetensors files (expected a Hugging Face model directory)")
+        self.entries: dict[str, _Entry] = {}
+        for f in files:
+            for name, e in _read_header(f).items():
+                self.entries[_text_name(name)] = e
+
+    def keys(self):
+        return self.entries.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        e = self._entry(name)
+        raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.end - e.start,))
+        arr = raw.view(_DTYPES[e.dtype]).reshape(e.shape)
+        if e.dtype == "BF16":  # bf16 is the top half of an fp32
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        if e.dtype in ("F16", "F32"):
+            return arr.astype(np.float32)
+        return np.array(arr)
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise EdgemtpError(f"{self.dir}: tensor '{name}' not found in the checkpoint") from None
+
+
+def _text_name(name: str) -> str:
+    for prefix in _TEXT_PREFIXES:
+        if name.startswith(prefix):
+            return "model." + name[len(prefix):]
+    return name
+
+
+def _read_header(path: Path) -> dict[str, _Entry]:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n <= 0 or n > size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        raise EdgemtpError(f"{path}: not a valid safetensors file ({e})") from None
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype")
+        if dtype not in _DTYPES:
+            raise EdgemtpError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+        start, end = info["data_offsets"]
+        if base + end > size:
+            raise EdgemtpError(f"{path}: truncated (tensor '{name}' runs past the end of the file)")
+        out[name] = _Entry(path, dtype, tuple(info["shape"]), base + start, base + end)
+    return out

@@ -1,0 +1,202 @@
+"""Model configurations: frozen dataclasses parsed from a Hugging Face `config.json`.
+
+`from_hf()` collects every problem it finds and raises them together, so a user fixing a config
+sees the whole list at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EdgemtpError
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding of one layer type. `fraction` < 1 rotates only the first dims (partial RoPE)."""
+
+    theta: float
+    kind: str = "default"  # default | linear | llama3 | proportional
+    factor: float = 1.0
+    fraction: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_positions: int = 8192
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Decoder-only text model facts shared by llama, qwen2 and gemma3."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    layer_types: tuple[str, ...]
+    rope: dict = field(hash=False)  # layer type -> Rope
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    hidden_activation: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    max_position_embeddings: int = 8192
+
+    @property
+    def scale(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
+
+
+class Problems:
+    """Collects config errors so they are reported together."""
+
+    def __init__(self, source: str):
+        self.source, self.items = source, []
+
+    def need(self, hf: dict, key: str, kind=int, default=None):
+        value = hf.get(key, default)
+        if value is None:
+            self.items.append(f"missing field '{key}'")
+            return kind()
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            self.items.append(f"field '{key}' should be {kind.__name__}, got {value!r}")
+            return kind()
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.items.append(message)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise EdgemtpError(f"{self.source}: " + "; ".join(self.items))
+
+
+def read_config_json(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise EdgemtpError(f"{model_dir}: not a directory (expected a model directory with config.json)")
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: missing (a model directory needs config.json)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+
+
+def eos_ids(hf: dict) -> tuple[int, ...]:
+    eos = hf.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+
+
+def parse_rope(params: dict | None, default_theta: float) -> Rope:
+    """Accepts both the old `rope_theta`/`rope_scaling` and transformers 5's `rope_parameters`."""
+    p = dict(params or {})
+    kind = p.get("rope_type", p.get("type", "default")) or "default"
+    return Rope(
+        theta=float(p.get("rope_theta", default_theta)),
+        kind=kind,
+        factor=float(p.get("factor", 1.0) or 1.0),
+        fraction=float(p.get("partial_rotary_factor", 1.0) or 1.0),
+        low_freq_factor=float(p.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(p.get("high_freq_factor", 4.0)),
+        original_max_positions=int(p.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def parse_llama(hf: dict, source: str) -> TextConfig:
+    """llama and qwen2 (qwen2 adds q/k/v biases and may use a sliding window we do not need)."""
+    pr = Problems(source)
+    hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
+    n_layers = pr.need(hf, "num_hidden_layers")
+    head_dim = int(hf.get("head_dim") or (hidden // heads if heads else 0))
+    rope_params = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
+                                                   "rope_theta": hf.get("rope_theta", 10000.0)}
+    cfg = TextConfig(
+        model_type=hf.get("model_type", ""),
+        vocab_size=pr.need(hf, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=pr.need(hf, "intermediate_size"),
+        num_layers=n_layers,
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=head_dim,
+        rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
+        layer_types=(FULL,) * n_layers,
+        rope={FULL: parse_rope(rope_params, 10000.0)},
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+        hidden_activation=hf.get("hidden_act", "silu"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids(hf),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+    )
+    _check_common(cfg, pr)
+    pr.check(cfg.hidden_activation == "silu", f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
+    pr.raise_if_any()
+    return cfg
+
+
+def parse_gemma3(hf: dict, source: str) -> TextConfig:
+    pr = Problems(source)
+    n_layers = pr.need(hf, "num_hidden_layers")
+    pattern = int(hf.get("sliding_window_pattern", 6))
+    layer_types = tuple(hf.get("layer_types") or
+                        [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
+    rp = hf.get("rope_parameters") or {}
+    if FULL not in rp:  # old style: rope_theta + rope_local_base_freq + rope_scaling
+        rp = {FULL: {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e6)},
+              SLIDING: {"rope_theta": hf.get("rope_local_base_freq", 1e4)}}
+    cfg = TextConfig(
+        model_type="gemma3_text",
+        vocab_size=pr.need(hf, "vocab_size"),
+        hidden_size=pr.need(hf, "hidden_size"),
+        intermediate_size=pr.need(hf, "intermediate_size"),
+        num_layers=n_layers,
+        num_heads=pr.need(hf, "num_attention_heads"),
+        num_kv_heads=pr.need(hf, "num_key_value_heads"),
+        head_dim=pr.need(hf, "head_dim", int, 256),
+        rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
+        layer_types=layer_types,
+        rope={FULL: parse_rope(rp.get(FULL), 1e6), SLIDING: parse_rope(rp.get(SLIDING), 1e4)},
+        sliding_window=int(hf.get("sliding_window") or 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+        final_logit_softcapping=hf.get("final_logit_softcapping"),
+        hidden_activation=hf.get("hidden_activation", "gelu_pytorch_tanh"),
+        bos_token_id=hf.get("bos_token_id", 2),
+        eos_token_ids=eos_ids(hf) or (1,),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+    )
+    _check_common(cfg, pr)
+    pr.check(len(layer_types) == n_layers, f"field 'layer_types' has {len(layer_types)} entries for {n_layers} layers")
+    pr.check(not hf.get("use_bidirectional_attention"), "field 'use_bidirectional_attention' is not supported")
+    pr.raise_if_any()
+    return cfg
+
+
+def _check_common(cfg: TextConfig, pr: Problems) -> None:
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+        pr.check(getattr(cfg, name) > 0, f"field for {name} must be positive")
+    if cfg.num_heads and cfg.num_kv_heads:
+        pr.check(cfg.num_heads % cfg.num_kv_heads == 0,
+                 "num_attention_heads must be a multiple of num_key_value_heads")
+    pr.check(cfg.head_dim % 2 == 0, "head_dim must be even (rotary embedding)")
+    for lt in cfg.layer_types:
+        pr.check(lt in (SLIDING, FULL), f"unknown layer type {lt!r} in 'layer_types'")

@@ -1,0 +1,173 @@
+"""A tiny ONNX op-builder: the graph is built without weights, weights are bound by name at save time.
+
+Parameters are named by the checkpoint's own keys (`model.layers.0.self_attn.q_proj.weight`), so a
+graph can be read against the checkpoint, and a tied head simply reuses the embedding's initializer.
+`save()` then streams one tensor at a time from the checkpoint into the external-data file: export
+never holds a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 23
+MS_DOMAIN = "com.microsoft"
+
+FLOAT, INT64, INT32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+_NP_TO_ONNX = {np.dtype(np.float32): FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+               np.dtype(np.int64): INT64, np.dtype(np.int32): INT32, np.dtype(np.uint8): TensorProto.UINT8,
+               np.dtype(np.int8): TensorProto.INT8}
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Param:
+    """An initializer to bind at save time: `source` is the checkpoint key it is read from."""
+
+    name: str
+    source: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    transform: Transform | None = None
+
+
+@dataclass
+class GraphBuilder:
+    """Accumulates nodes; `op()` returns the output name(s) so graphs read like the maths."""
+
+    name: str
+    nodes: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    params: dict[str, Param] = field(default_factory=dict)
+    consts: list = field(default_factory=list)
+    domains: set = field(default_factory=set)
+    _count: int = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def input(self, name: str, elem_type: int, shape: list) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: list) -> None:
+        if value != name:
+            self.op("Identity", value, out=name)
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+    def param(self, source: str, shape, transform: Transform | None = None, name: str | None = None,
+              dtype=np.float32) -> str:
+        """Declare a weight read from checkpoint key `source` (transformed, e.g. transposed, at bind)."""
+        name = name or source
+        p = Param(name, source, tuple(int(s) for s in shape), np.dtype(dtype), transform)
+        old = self.params.get(name)
+        if old is not None and old != p:
+            raise ValueError(f"parameter {name} declared twice with different meaning")
+        self.params[name] = p
+        return name
+
+    def const(self, value, dtype=np.float32, hint: str = "const") -> str:
+        arr = np.asarray(value, dtype=dtype)
+        name = self.fresh(hint)
+        self.consts.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, *inputs: str | None, out: str | None = None, n_out: int = 1,
+           domain: str = "", **attrs):
+        if domain:
+            self.domains.add(domain)
+        if out is not None:
+            outs = [out]
+        else:
+            base = self.fresh(op_type.lower())
+            outs = [base] if n_out == 1 else [f"{base}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], outs,
+                                           name=self.fresh("n_" + op_type), domain=domain, **attrs))
+        return outs[0] if n_out == 1 else tuple(outs)
+
+    def model(self) -> onnx.ModelProto:
+        """The graph with weight placeholders (no data): enough for shape checks and op listing."""
+        inits = [_placeholder(p) for p in self.params.values()]
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits + self.consts)
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
+        m = helper.make_model(graph, opset_imports=opsets, producer_name="edgemtp")
+        m.ir_version = 10
+        return m
+
+
+def _placeholder(p: Param) -> TensorProto:
+    t = TensorProto()
+    t.name = p.name
+    t.data_type = _NP_TO_ONNX[p.dtype]
+    t.dims.extend(p.shape)
+    return t
+
+
+def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
+         progress: Callable[[int, int, str], None] | None = None) -> list[str]:
+    """Write `path` and its external data `path.name + '.data'`, one tensor at a time.
+
+    Returns the file names written (relative to the directory of `path`)."""
+    path = Path(path)
+    data_name = path.name + ".data"
+    model = b.model()
+    by_name = {t.name: t for t in model.graph.initializer}
+    params = list(b.params.values())
+    with open(path.parent / data_name, "wb") as f:
+        for i, p in enumerate(params):
+            arr = read(p.source)
+            if p.transform is not None:
+                arr = p.transform(arr)
+            arr = np.ascontiguousarray(arr, dtype=p.dtype)
+            if tuple(arr.shape) != p.shape:
+                raise ValueError(f"{p.source}: shape {arr.shape} in the checkpoint, graph expects {p.shape}")
+            offset = _align(f)
+            f.write(arr.tobytes())
+            _set_external(by_name[p.name], data_name, offset, arr.nbytes)
+            if progress:
+                progress(i + 1, len(params), p.name)
+    onnx.save(model, str(path))
+    return [path.name, data_name]
+
+
+def _align(f, alignment: int = 64) -> int:
+    pos = f.tell()
+    pad = (-pos) % alignment
+    if pad:
+        f.write(b"\0" * pad)
+    return pos + pad
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+
+
+def transpose(w: np.ndarray) -> np.ndarray:
+    """HF Linear weights are [out, in]; MatMul wants [in, out]."""
+    return np.ascontiguousarray(w.T)
+
+
+def plus_one(w: np.ndarray) -> np.ndarray:
+    """Gemma's RMSNorm multiplies by (1 + w); fold the 1 in at bind time."""
+    return w.astype(np.float32) + 1.0
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

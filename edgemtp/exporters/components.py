@@ -1,0 +1,192 @@
+"""Graph components as plain functions: each takes the builder and value names, returns value names.
+
+Shapes in docstrings: B batch, S new positions, H hidden size, N query heads, Nk KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import contract as C
+from ..config import Rope
+from .builder import FLOAT, INT32, INT64, MS_DOMAIN, GraphBuilder, plus_one, transpose
+
+
+@dataclass(frozen=True)
+class TargetInputs:
+    input_ids: str
+    position_ids: str
+    seqlens_k: str
+    total_len: str
+    num_logits: str
+
+
+def target_inputs(b: GraphBuilder) -> TargetInputs:
+    return TargetInputs(
+        b.input(C.INPUT_IDS, INT64, ["batch", "seq"]),
+        b.input(C.POSITION_IDS, INT64, ["batch", "seq"]),
+        b.input(C.SEQLENS_K, INT32, ["batch"]),
+        b.input(C.TOTAL_SEQ_LEN, INT32, []),
+        b.input(C.NUM_LOGITS, INT64, []),
+    )
+
+
+def kv_buffers(b: GraphBuilder, slot: C.KVSlot, capacity: int) -> tuple[str, str]:
+    """Declare the in-place cache buffers of one layer: past in, present out (same memory at run)."""
+    shape = ["batch", slot.num_heads, capacity, slot.head_dim]
+    k = b.input(C.past_key(slot.layer), FLOAT, shape)
+    v = b.input(C.past_value(slot.layer), FLOAT, shape)
+    return k, v
+
+
+def linear(b: GraphBuilder, x: str, key: str, n_in: int, n_out: int, bias: str | None = None) -> str:
+    """x [.., n_in] @ W.T with W the checkpoint's [n_out, n_in] `key` (stored transposed)."""
+    y = b.op("MatMul", x, b.param(key, (n_in, n_out), transpose))
+    if bias is not None:
+        y = b.op("Add", y, b.param(bias, (n_out,)))
+    return y
+
+
+def rms_norm(b: GraphBuilder, x: str, key: str, dim: int, eps: float) -> str:
+    """RMSNorm over the last axis with weight w (llama style: x * w)."""
+    return b.op("RMSNormalization", x, b.param(key, (dim,)), axis=-1, epsilon=eps)
+
+
+def gemma_rms_norm(b: GraphBuilder, x: str, key: str, dim: int, eps: float) -> str:
+    """Gemma's RMSNorm multiplies by (1 + w): the 1 is folded into the initializer at bind time."""
+    return b.op("RMSNormalization", x, b.param(key, (dim,), plus_one), axis=-1, epsilon=eps)
+
+
+def embed(b: GraphBuilder, ids: str, key: str, vocab: int, hidden: int, scale: float | None = None) -> str:
+    """ids [B, S] -> [B, S, H], optionally scaled (Gemma multiplies by sqrt(H))."""
+    x = b.op("Gather", b.param(key, (vocab, hidden)), ids, axis=0)
+    if scale is not None:
+        x = b.op("Mul", x, b.const(np.float32(scale)))
+    return x
+
+
+def inv_freq(rope: Rope, head_dim: int) -> np.ndarray:
+    """Inverse frequencies of the rotated half-dims, after the checkpoint's RoPE scaling."""
+    rot = int(head_dim * rope.fraction)
+    inv = 1.0 / (rope.theta ** (np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / head_dim
+                                if rope.kind == "proportional" else
+                                np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / rot))
+    if rope.kind == "linear":
+        inv = inv / rope.factor
+    elif rope.kind == "llama3":
+        inv = _llama3_scale(inv, rope)
+    elif rope.kind not in ("default", "proportional"):
+        raise ValueError(f"rope_type {rope.kind!r} is not supported")
+    return inv.astype(np.float32)
+
+
+def _llama3_scale(inv: np.ndarray, r: Rope) -> np.ndarray:
+    low_wavelen = r.original_max_positions / r.low_freq_factor
+    high_wavelen = r.original_max_positions / r.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / r.factor, inv)
+    smooth = (r.original_max_positions / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor)
+    mid = (1 - smooth) * scaled / r.factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_mid, mid, scaled)
+
+
+@dataclass(frozen=True)
+class RopeTables:
+    cos: str  # [B, S, 1, R/2]
+    sin: str
+    rotated: int  # R: how many leading dims of each head rotate
+
+
+def rope_tables(b: GraphBuilder, rope: Rope, head_dim: int, position_ids: str) -> RopeTables:
+    """cos/sin of positions x inverse frequencies, computed once and shared by the layers of a type."""
+    inv = inv_freq(rope, head_dim)
+    pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=FLOAT), b.const([-1], np.int64))
+    freqs = b.op("Unsqueeze", b.op("Mul", pos, b.const(inv)), b.const([2], np.int64))
+    return RopeTables(b.op("Cos", freqs), b.op("Sin", freqs), 2 * len(inv))
+
+
+def apply_rope(b: GraphBuilder, x: str, t: RopeTables, head_dim: int) -> str:
+    """x [B, S, N, D]: rotate-half RoPE on the first R dims; the remaining D - R dims pass through."""
+    half = t.rotated // 2
+    parts = [half, half] + ([head_dim - t.rotated] if t.rotated < head_dim else [])
+    pieces = b.op("Split", x, b.const(parts, np.int64), axis=-1, n_out=len(parts))
+    x1, x2 = pieces[0], pieces[1]
+    out1 = b.op("Sub", b.op("Mul", x1, t.cos), b.op("Mul", x2, t.sin))
+    out2 = b.op("Add", b.op("Mul", x2, t.cos), b.op("Mul", x1, t.sin))
+    return b.op("Concat", out1, out2, *pieces[2:], axis=-1)
+
+
+def heads(b: GraphBuilder, x: str, n: int, d: int) -> str:
+    """[B, S, n*d] -> [B, S, n, d]"""
+    return b.op("Reshape", x, b.const([0, 0, n, d], np.int64))
+
+
+def merge_heads(b: GraphBuilder, x: str) -> str:
+    """[B, S, n, d] -> [B, S, n*d]"""
+    return b.op("Reshape", x, b.const([0, 0, -1], np.int64))
+
+
+def gqa(b: GraphBuilder, q: str, k: str, v: str, kv: tuple[str, str], slot: C.KVSlot,
+        io: TargetInputs, num_heads: int, scale: float, softcap: float | None) -> str:
+    """Causal (optionally sliding-window) attention that appends k, v to the cache in place.
+
+    q [B, S, N*D], k/v [B, S, Nk*D] (RoPE already applied) -> [B, S, N*D]."""
+    out, _, _ = b.op(
+        "GroupQueryAttention", q, k, v, kv[0], kv[1], io.seqlens_k, io.total_len,
+        domain=MS_DOMAIN, n_out=3, num_heads=num_heads, kv_num_heads=slot.num_heads, scale=scale,
+        softcap=float(softcap or 0.0), local_window_size=slot.window or -1)
+    # present outputs share the past buffers; name them by contract
+    node = b.nodes[-1]
+    node.output[1], node.output[2] = C.present_key(slot.layer), C.present_value(slot.layer)
+    shape = ["batch", slot.num_heads, "capacity", slot.head_dim]
+    b.outputs += [_vi(C.present_key(slot.layer), shape), _vi(C.present_value(slot.layer), shape)]
+    return out
+
+
+def _vi(name, shape):
+    from onnx import helper
+    return helper.make_tensor_value_info(name, FLOAT, shape)
+
+
+def gated_mlp(b: GraphBuilder, x: str, prefix: str, hidden: int, inter: int, act: str) -> str:
+    """down(act(gate(x)) * up(x)); act is silu (llama) or tanh-approximated gelu (gemma)."""
+    gate = linear(b, x, prefix + "gate_proj.weight", hidden, inter)
+    up = linear(b, x, prefix + "up_proj.weight", hidden, inter)
+    if act == "silu":
+        gate = b.op("Mul", gate, b.op("Sigmoid", gate))
+    elif act in ("gelu_pytorch_tanh", "gelu_tanh"):
+        gate = b.op("Gelu", gate, approximate="tanh")
+    elif act == "gelu":
+        gate = b.op("Gelu", gate)
+    else:
+        raise ValueError(f"activation {act!r} is not supported")
+    return linear(b, b.op("Mul", gate, up), prefix + "down_proj.weight", inter, hidden)
+
+
+def last_positions(b: GraphBuilder, x: str, num_logits: str) -> str:
+    """x [B, S, H] -> [B, n, H]: only the positions whose logits are used (prefill needs one)."""
+    start = b.op("Neg", b.op("Reshape", num_logits, b.const([1], np.int64)))
+    return b.op("Slice", x, start, b.const([np.iinfo(np.int64).max], np.int64), b.const([1], np.int64))
+
+
+def tied_head(b: GraphBuilder, x: str, key: str, vocab: int, hidden: int) -> str:
+    """[B, n, H] -> [B, n, V] through the embedding matrix itself (Gemm with transB: no copy)."""
+    flat = b.op("Reshape", x, b.const([-1, hidden], np.int64))
+    logits = b.op("Gemm", flat, b.param(key, (vocab, hidden)), transB=1)
+    shape = b.op("Concat", b.op("Shape", x, start=0, end=2), b.const([vocab], np.int64), axis=0)
+    return b.op("Reshape", logits, shape)
+
+
+def softcap(b: GraphBuilder, x: str, cap: float | None) -> str:
+    """cap * tanh(x / cap): Gemma's final logit soft-cap."""
+    if not cap:
+        return x
+    return b.op("Mul", b.op("Tanh", b.op("Div", x, b.const(np.float32(cap)))), b.const(np.float32(cap)))
+
+
+def graph_outputs(b: GraphBuilder, logits: str, hidden_states: str, vocab: int, hidden: int) -> None:
+    b.output(logits, C.LOGITS, FLOAT, ["batch", "num_logits", vocab])
+    b.output(hidden_states, C.LAST_HIDDEN, FLOAT, ["batch", "seq", hidden])

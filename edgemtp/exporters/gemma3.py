@@ -1,0 +1,63 @@
+"""Gemma 3 text decoder (`gemma3_text`): sandwich norms, QK-norm, sliding + global layers, tied head."""
+
+from __future__ import annotations
+
+import math
+
+from .. import contract as C
+from ..config import SLIDING, TextConfig
+from . import components as nn
+from .builder import GraphBuilder
+
+
+def kv_slots(cfg: TextConfig) -> tuple[C.KVSlot, ...]:
+    return tuple(C.KVSlot(i, cfg.num_kv_heads, cfg.head_dim, cfg.sliding_window if t == SLIDING else None)
+                 for i, t in enumerate(cfg.layer_types))
+
+
+def build(cfg: TextConfig, capacity: int) -> tuple[GraphBuilder, C.TargetContract]:
+    b = GraphBuilder("gemma3_text")
+    io = nn.target_inputs(b)
+    slots = kv_slots(cfg)
+    emb = "model.embed_tokens.weight"
+    x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
+    tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in set(cfg.layer_types)}
+    for i, slot in enumerate(slots):
+        x = decoder_layer(b, cfg, f"model.layers.{i}.", x, slot, tables[cfg.layer_types[i]], io, capacity)
+    x = nn.gemma_rms_norm(b, x, "model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps)
+    head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
+    logits = nn.tied_head(b, nn.last_positions(b, x, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
+    nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), x, cfg.vocab_size, cfg.hidden_size)
+    return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=drafter_kv(cfg))
+
+
+def drafter_kv(cfg: TextConfig) -> dict:
+    """The last layer of each attention type: what an MTP drafter attends to."""
+    return {t: max(i for i, lt in enumerate(cfg.layer_types) if lt == t) for t in set(cfg.layer_types)}
+
+
+def decoder_layer(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope: nn.RopeTables,
+                  io: nn.TargetInputs, capacity: int) -> str:
+    h = nn.gemma_rms_norm(b, x, p + "input_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
+    h = attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity)
+    h = nn.gemma_rms_norm(b, h, p + "post_attention_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
+    x = b.op("Add", x, h)
+    h = nn.gemma_rms_norm(b, x, p + "pre_feedforward_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
+    h = nn.gated_mlp(b, h, p + "mlp.", cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
+    h = nn.gemma_rms_norm(b, h, p + "post_feedforward_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
+    return b.op("Add", x, h)
+
+
+def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope: nn.RopeTables,
+              io: nn.TargetInputs, capacity: int) -> str:
+    """[B, S, H] -> [B, S, H]; q/k are RMS-normed per head before RoPE."""
+    n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    q = nn.heads(b, nn.linear(b, x, p + "q_proj.weight", hid, n * d), n, d)
+    k = nn.heads(b, nn.linear(b, x, p + "k_proj.weight", hid, nk * d), nk, d)
+    v = nn.linear(b, x, p + "v_proj.weight", hid, nk * d)
+    q = nn.apply_rope(b, nn.gemma_rms_norm(b, q, p + "q_norm.weight", d, cfg.rms_norm_eps), rope, d)
+    k = nn.apply_rope(b, nn.gemma_rms_norm(b, k, p + "k_norm.weight", d, cfg.rms_norm_eps), rope, d)
+    kv = nn.kv_buffers(b, slot, capacity)
+    out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, kv, slot, io, n, cfg.scale,
+                 cfg.attn_logit_softcapping)
+    return nn.linear(b, out, p + "o_proj.weight", n * d, hid)

@@ -1,0 +1,49 @@
+"""ONNX Runtime sessions: execution-provider choice and session options."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..errors import EdgemtpError
+
+# short names users type -> ONNX Runtime provider names
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+}
+
+
+def resolve_provider(name: str) -> str:
+    """Maps a short or full provider name to what this ONNX Runtime can run, falling back to CPU."""
+    full = PROVIDERS.get(name.lower(), name)
+    if full not in PROVIDERS.values():
+        raise EdgemtpError(f"--provider {name!r} is unknown (choose from {', '.join(PROVIDERS)})")
+    if full not in ort.get_available_providers():
+        warnings.warn(f"provider {name!r} is not available in this onnxruntime build; using the CPU",
+                      stacklevel=2)
+        return "CPUExecutionProvider"
+    return full
+
+
+def make_session(path: Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    full = resolve_provider(provider)
+    providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # ORT raises its own exception types for a bad graph
+        raise EdgemtpError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0][:300]})") from None

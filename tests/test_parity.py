@@ -1,0 +1,65 @@
+"""Parity against transformers on tiny random configs: prefill, then decode steps past 2x the window."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from edgemtp.exporters import export  # noqa: E402
+from edgemtp.runtime.engine import Engine  # noqa: E402
+
+from .reference import reference_logits, save_tiny  # noqa: E402
+
+WINDOW = 8
+CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 14  # prefill, decode steps and multi-token (verify-like) steps
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "gemma3_text":
+        cfg = transformers.Gemma3TextConfig(**common, head_dim=32, sliding_window=WINDOW,
+                                            layer_types=["sliding_attention", "full_attention"] * 2,
+                                            query_pre_attn_scalar=24, final_logit_softcapping=30.0)
+        model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "llama":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True,
+                                       rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                                        "factor": 8.0, "low_freq_factor": 1.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 64})
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    _randomize_norms(model)
+    return model.eval()
+
+
+def _randomize_norms(model) -> None:
+    """Random init leaves norms at 0/1, which would hide a (1 + w) mistake."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "llama" in type(model).__name__.lower() else 0.0))
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "qwen2"])
+def test_logits_match_transformers(kind, tmp_path):
+    model = tiny(kind)
+    model_dir = save_tiny(model, tmp_path / "model")
+    export(model_dir, tmp_path / "bundle", capacity=64)
+    engine = Engine.load(tmp_path / "bundle")
+    ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
+    ref = reference_logits(model, ids, CHUNKS)
+    cache = engine.target.new_cache(1)
+    start = 0
+    for n, want in zip(CHUNKS, ref):
+        got, hidden = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{kind} at position {start}")
+        start += n
+    assert start > 2 * WINDOW
