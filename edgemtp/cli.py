@@ -1,0 +1,178 @@
+"""The `edgemtp` command: thin click commands that parse, call the library and print."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EdgemtpError
+
+
+class _Group(click.Group):
+    """User mistakes become one line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgemtpError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="edgemtp")
+def cli():
+    """Export LLMs to ONNX bundles and run them with multi-token-prediction speculative decoding."""
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str):
+    """Yields a `progress(done, total, what)` callback drawing a rich bar on stderr.
+
+    The bar appears at the first update, so input checks that fail first print only their error."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*cols, console=Console(stderr=True))
+    task = None
+
+    def update(done: int, total: int, what: str = "") -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(desc, total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
+@cli.command("import-gguf")
+@click.argument("gguf_file", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Model directory to write (config.json, model.safetensors, tokenizer.json).")
+def import_gguf_cmd(gguf_file: Path, out: Path):
+    """Convert a GGUF file into a Hugging Face style model directory (dequantized to fp32)."""
+    from .gguf_import import import_gguf
+
+    with progress_bar(f"importing {gguf_file.name}") as progress:
+        import_gguf(gguf_file, out, progress=progress)
+    click.echo(f"wrote {out}")
+
+
+@cli.command("export")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option("--quant", default="fp32", show_default=True, help="Weight format of the graphs.")
+@click.option("--max-context", "capacity", default=4096, show_default=True, type=int,
+              help="KV capacity (prompt + generated tokens) the bundle is built for.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
+def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, overwrite: bool):
+    """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
+    from .exporters import export
+
+    with progress_bar("writing graph weights") as progress:
+        export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress)
+    click.echo(f"wrote {out}")
+
+
+def sampling_options(f):
+    for opt in reversed([
+        click.option("--max-new-tokens", default=128, show_default=True, type=int),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="0 keeps all tokens."),
+        click.option("--top-p", default=1.0, show_default=True, type=float),
+        click.option("--seed", default=None, type=int, help="Seed for sampling."),
+        click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider."),
+        click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("generate")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-file", default=None, type=click.Path(path_type=Path), help="Read the prompt from a file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@sampling_options
+def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, temperature, top_k, top_p, seed,
+                 provider, threads):
+    """Generate text from a bundle (streams to the terminal)."""
+    from .runtime.engine import Engine
+    from .runtime.sampling import Sampling
+    from .runtime.stats import Stats
+
+    text = read_prompt(prompt, prompt_file)
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    if max_new_tokens < 1:
+        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads)
+    if as_json:
+        click.echo(json.dumps(engine.generate(text, max_new_tokens, sampling).to_json()))
+        return
+    stats = Stats()
+    for piece in engine.stream(text, max_new_tokens, sampling, stats):
+        click.echo(piece, nl=False)
+    click.echo()
+    click.echo(speed_line(stats), err=True)
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise EdgemtpError("give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None:
+        try:
+            return prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgemtpError(f"--prompt-file {prompt_file}: cannot read ({e.__class__.__name__})") from None
+    return prompt
+
+
+def speed_line(stats) -> str:
+    return (f"[prefill {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tok/s; "
+            f"decode {stats.decode_tokens} tokens at {stats.tokens_per_s:.1f} tok/s; {stats.stop_reason}]")
+
+
+@cli.command("quickstart")
+@click.option("--workdir", default=Path.home() / ".cache" / "edgemtp", type=click.Path(path_type=Path),
+              show_default=True, help="Where the imported model and the bundle go.")
+@click.option("--prompt", default="def fibonacci(n):", show_default=True)
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
+    """Import the default model (Gemma 3 270M), export a bundle, generate, and print the speed."""
+    from .exporters import export
+    from .gguf_import import default_gguf_path, import_gguf
+    from .runtime.engine import Engine
+    from .runtime.stats import Stats
+
+    model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
+    if not (model_dir / "config.json").is_file():
+        gguf = default_gguf_path()
+        with progress_bar("importing Gemma 3 270M") as progress:
+            import_gguf(gguf, model_dir, progress=progress)
+    if not (bundle_dir / "edgemtp.json").is_file():
+        with progress_bar("exporting the bundle") as progress:
+            export(model_dir, bundle_dir, progress=progress)
+    engine = Engine.load(bundle_dir, verify=False)
+    stats = Stats()
+    click.echo(prompt, nl=False)
+    for piece in engine.stream(prompt, max_new_tokens, stats=stats):
+        click.echo(piece, nl=False)
+    click.echo()
+    click.echo(speed_line(stats))
+
+
+def main():
+    cli(prog_name="edgemtp")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The CLI: --json schema, streaming, and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edgemtp.cli import cli
+from edgemtp.runtime.engine import Engine
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_generate_json_schema(tiny_gemma3):
+    bundle = tiny_gemma3[2]
+    r = run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 5, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert set(out) == {"text", "tokens", "stats"}
+    assert {"prefill_tokens", "prefill_s", "decode_tokens", "decode_s", "tokens_per_s"} <= set(out["stats"])
+    assert out["stats"]["prefill_tokens"] == 3
+    want = Engine.load(bundle).generate("t1 t2 t3", max_new_tokens=5)
+    assert out["tokens"] == want.tokens and len(want.tokens) == 5
+
+
+def test_generate_streams_same_text(tiny_gemma3):
+    bundle = tiny_gemma3[2]
+    r = run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 5)
+    assert r.exit_code == 0
+    want = Engine.load(bundle).generate("t1 t2 t3", max_new_tokens=5).text
+    assert r.stdout.strip() == want.strip()
+
+
+def test_seeded_sampling_is_reproducible(tiny_gemma3):
+    args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 8, "--temperature", 1.5,
+            "--top-p", 0.9, "--top-k", 40, "--json")
+    a = json.loads(run(*args, "--seed", 3).output)["tokens"]
+    b = json.loads(run(*args, "--seed", 3).output)["tokens"]
+    c = json.loads(run(*args, "--seed", 4).output)["tokens"]
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--max-new-tokens", 0), "--max-new-tokens 0 must be at least 1"),
+    (("--max-new-tokens", -3), "--max-new-tokens -3 must be at least 1"),
+    (("--provider", "tpu9000"), "--provider 'tpu9000' is unknown"),
+    (("--temperature", -1), "--temperature -1.0 must be >= 0"),
+    (("--top-p", 0), "--top-p 0.0 must be in (0, 1]"),
+])
+def test_generate_bad_flags(tiny_gemma3, extra, message):
+    r = run("generate", tiny_gemma3[2], "--prompt", "t1", *extra)
+    assert r.exit_code == 2
+    assert r.output.strip() == f"error: {message}" or message in r.output.strip().splitlines()[-1]
+    assert "Traceback" not in r.output
+
+
+def test_errors_are_one_line(tiny_gemma3, tmp_path):
+    cases = [
+        ("generate", tmp_path / "nope", "--prompt", "x"),
+        ("generate", tiny_gemma3[2], "--prompt", " ".join(["t4"] * 70)),
+        ("generate", tiny_gemma3[2]),
+        ("export", tmp_path / "nope", "-o", tmp_path / "b"),
+    ]
+    for args in cases:
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output
+
+
+def test_runtime_imports_no_torch():
+    code = ("import sys, edgemtp.runtime.engine, edgemtp.runtime.target; "
+            "bad = [m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
