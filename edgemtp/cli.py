@@ -51,7 +51,8 @@ def progress_bar(desc: str):
     try:
         yield update
     finally:
-        bar.stop()
+        if task is not None:
+            bar.stop()
 
 
 @cli.command("import-gguf")

@@ -1,0 +1,200 @@
+"""Rebuild a Hugging Face tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
+
+A GGUF carries no `tokenizer.json`, only llama.cpp's description of the vocabulary. Two kinds matter:
+
+* `tokenizer.ggml.model == "llama"`: SentencePiece BPE (Gemma, Llama 2). The file stores pieces and
+  scores but no merges. SentencePiece merges, at each step, the adjacent pair whose concatenation is the
+  best-scoring piece, so the equivalent HF merge list is every split `(left, right)` of every piece,
+  ranked by the score of the merged piece.
+* `tokenizer.ggml.model == "gpt2"`: byte-level BPE (SmolLM2, Llama 3) with explicit merges; what
+  differs between models is the pre-tokenizer regex, named by `tokenizer.ggml.pre`.
+
+Token types (llama.cpp's `LLAMA_TOKEN_TYPE_*`): 1 normal, 2 unknown, 3 control, 4 user-defined,
+5 unused, 6 byte.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from edgemtp.errors import EdgemtpError
+
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) for byte-level vocabularies, mapped to the
+# split that runs before the byte-level mapping. None: GPT-2's own regex, built into ByteLevel.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_BYTE_LEVEL_PRE = {"default": None, "gpt2": None, "smollm": "digits", "starcoder": "digits",
+                   "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT}
+
+
+def build_tokenizer(meta: dict) -> Tokenizer:
+    """The `tokenizers.Tokenizer` that the GGUF metadata `meta` (field name -> value) describes."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        tok = _sentencepiece_bpe(meta)
+    elif kind == "gpt2":
+        tok = _byte_level_bpe(meta)
+    else:
+        raise EdgemtpError(f"tokenizer.ggml.model {kind!r} is not supported (supported: 'llama', 'gpt2')")
+    _add_special_tokens(tok, meta)
+    tok.post_processor = _post_processor(meta, byte_level=kind == "gpt2")
+    return tok
+
+
+def _sentencepiece_bpe(meta: dict) -> Tokenizer:
+    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
+        raise EdgemtpError("GGUF field tokenizer.ggml.scores is missing; a SentencePiece vocabulary needs it")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    unk = _special(meta, "unknown")
+    model = models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores, types),
+                       unk_token=unk, fuse_unk=True, byte_fallback=True)
+    tok = Tokenizer(model)
+    # Gemma's files say add_space_prefix=False (no dummy "▁" at the start); Llama 2's say True.
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+        strip = [decoders.Strip(content=" ", left=1, right=0)]
+    else:  # HF's GemmaTokenizer: spaces become "▁" and the whole text is one BPE word
+        tok.normalizer = normalizers.Replace(" ", SPACE)
+        strip = []
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
+    return tok
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """Every `(left, right)` whose concatenation is a normal piece, best merged-piece score first.
+
+    Only normal pieces take part: control, byte and user-defined ones never come out of a merge
+    (user-defined ones are matched whole, as added tokens, before BPE runs).
+    """
+    normal = {tok: i for i, tok in enumerate(tokens) if types[i] == NORMAL}
+    ranked = []
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-scores[i], i, normal[left], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+def _byte_level_bpe(meta: dict) -> Tokenizer:
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _BYTE_LEVEL_PRE:
+        raise EdgemtpError(f"GGUF field tokenizer.ggml.pre {pre!r} is not supported "
+                           f"(supported: {', '.join(sorted(_BYTE_LEVEL_PRE))})")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise EdgemtpError("GGUF field tokenizer.ggml.merges is missing; a byte-level BPE vocabulary needs it")
+    vocab = {tok: i for i, tok in enumerate(meta["tokenizer.ggml.tokens"])}
+    split = _BYTE_LEVEL_PRE[pre]
+    # tiktoken-style vocabularies (Llama 3) look a whole pre-token up before merging
+    model = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                       ignore_merges=split == _LLAMA3_SPLIT)
+    tok = Tokenizer(model)
+    if split is None:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == "digits":  # llama.cpp's "smollm": every digit alone, then GPT-2's regex
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _add_special_tokens(tok: Tokenizer, meta: dict) -> None:
+    """Control tokens become special added tokens; user-defined ones plain added tokens.
+
+    Both are matched whole in the raw text, as llama.cpp does. llama.cpp already wrote user-defined
+    pieces with real spaces (Gemma's runs of spaces are stored as "  ", not "▁▁"), so they are
+    matched before the normalizer turns spaces into "▁".
+    """
+    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+
+
+def _post_processor(meta: dict, byte_level: bool):
+    """BOS/EOS as the file's add_bos_token/add_eos_token say (llama.cpp: on by default for SentencePiece)."""
+    bos, eos = _special(meta, "bos"), _special(meta, "eos")
+    add_bos = _adds(meta, "bos", byte_level) and bos is not None
+    add_eos = _adds(meta, "eos", byte_level) and eos is not None
+    steps = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
+    if add_bos or add_eos:
+        single = f"{bos} " * add_bos + "$A" + f" {eos}" * add_eos
+        second = f"{bos}:1 " * add_bos + "$B:1" + f" {eos}:1" * add_eos
+        used = {bos: _special_id(meta, "bos")} if add_bos else {}
+        used.update({eos: _special_id(meta, "eos")} if add_eos else {})
+        steps.append(processors.TemplateProcessing(single=single, pair=f"{single} {second}",
+                                                   special_tokens=list(used.items())))
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else processors.Sequence(steps)
+
+
+def _adds(meta: dict, name: str, byte_level: bool) -> bool:
+    default = name == "bos" and not byte_level
+    return bool(meta.get(f"tokenizer.ggml.add_{name}_token", default))
+
+
+def write_tokenizer_files(meta: dict, out_dir: Path, context_length: int | None = None) -> Tokenizer:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
+    tok = build_tokenizer(meta)
+    tok.save(str(out_dir / "tokenizer.json"))
+    specials = {f"{name}_token": _special(meta, key)
+                for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    specials = {k: v for k, v in specials.items() if v is not None}
+    byte_level = meta.get("tokenizer.ggml.model") == "gpt2"
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # use tokenizer.json exactly as written
+        **specials,
+        "add_bos_token": _adds(meta, "bos", byte_level),
+        "add_eos_token": _adds(meta, "eos", byte_level),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": context_length or 1_000_000_000,
+    }
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta["tokenizer.chat_template"]
+    _write_json(out_dir / "tokenizer_config.json", config)
+    _write_json(out_dir / "special_tokens_map.json", specials)
+    return tok
+
+
+def _token_types(meta: dict) -> list[int]:
+    types = meta.get("tokenizer.ggml.token_type")
+    return list(types) if types is not None else [NORMAL] * len(meta["tokenizer.ggml.tokens"])
+
+
+def _special_id(meta: dict, name: str) -> int | None:
+    value = meta.get(f"tokenizer.ggml.{name}_token_id")
+    return None if value is None else int(value)
+
+
+def _special(meta: dict, name: str) -> str | None:
+    """The text of the `name` (bos, eos, unknown, padding) token, or None when the file names none."""
+    token_id = _special_id(meta, name)
+    tokens = meta["tokenizer.ggml.tokens"]
+    if token_id is None:
+        return None
+    if not 0 <= token_id < len(tokens):
+        raise EdgemtpError(f"GGUF field tokenizer.ggml.{name}_token_id = {token_id} is outside the vocabulary")
+    return tokens[token_id]
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
