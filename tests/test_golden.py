@@ -1,0 +1,43 @@
+"""Golden tests on the real Gemma 3 270M: edgemtp's greedy tokens equal transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from edgemtp.runtime.engine import Engine  # noqa: E402
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main(argv):\n    parser = ",
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_model(gemma3_270m_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(gemma3_270m_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(gemma3_270m_bundle):
+    return Engine.load(gemma3_270m_bundle, threads=2)
+
+
+def test_tokenizer_ids(engine):
+    assert engine.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_equal_transformers(prompt, engine, hf_model):
+    ids = engine.encode(prompt)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    want = out[0, len(ids):].tolist()
+    got = engine.generate(prompt, max_new_tokens=64).tokens
+    assert got == want, f"first difference at {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+    assert len(got) == 64 or got[-1] in engine.stop_ids
