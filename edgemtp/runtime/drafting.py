@@ -1,0 +1,89 @@
+"""Drafters: cheap guesses of a sequence's next k tokens, for the target to verify in one pass.
+
+A drafter sees one sequence at a time. `PromptLookupDrafter` needs nothing but the token ids; an MTP
+drafter (DESIGN.md §2) also reads the target's last hidden state at the accepted index and the
+target's KV cache, which the round hands over in a `DraftContext`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ..errors import EdgemtpError
+from .kv_cache import KVCache
+from .sampling import Sampling
+
+
+@dataclass
+class DraftContext:
+    """What the speculative round knows about a sequence when it asks for a draft.
+
+    row: the sequence's row in `cache`.
+    hidden: [H] the target's last hidden state at the position that produced `history[-1]` (the
+        verify pass's hidden state at the accepted index, or the prefill's last position).
+    cache: the target's KV cache. `cache.lengths[row]` positions are verified; `history[-1]` is not in
+        it yet. Read it, never write it: drafted tokens never enter a KV cache.
+    sampling, rng: for a drafter that samples its draft; it then returns the q it sampled from.
+    """
+
+    row: int
+    hidden: np.ndarray | None
+    cache: KVCache | None
+    sampling: Sampling
+    rng: np.random.Generator
+
+
+class Drafter(Protocol):
+    def propose(self, history: Sequence[int], k: int,
+                ctx: DraftContext | None = None) -> tuple[Sequence[int], np.ndarray | None]:
+        """Up to k draft tokens following `history` (prompt + generated ids, oldest first).
+
+        Returns (tokens [n], q [n, V] or None) with 0 <= n <= k. q[i] is the distribution tokens[i]
+        was drawn from; None means a deterministic drafter (q one-hot at each token). n = 0: no
+        guess (the round then takes a plain one-token step)."""
+        ...
+
+
+class PromptLookupDrafter:
+    """n-gram prompt lookup: find the most recent earlier occurrence of the sequence's last n tokens
+    (n from max_ngram down to min_ngram) and propose the tokens that followed it.
+
+    When that continuation runs into the end of the history it keeps copying from its own output
+    (an overlapping LZ77-style copy), so a repeating pattern is extended to the full k tokens."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise EdgemtpError(f"prompt lookup n-gram sizes must satisfy 1 <= min ({min_ngram}) "
+                               f"<= max ({max_ngram})")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, history: Sequence[int], k: int,
+                ctx: DraftContext | None = None) -> tuple[list[int], None]:
+        h = np.asarray(history, np.int64)
+        for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
+            start = last_match(h, n)
+            if start is not None:
+                return continuation(h, start + n, k), None
+        return [], None
+
+
+def last_match(h: np.ndarray, n: int) -> int | None:
+    """Start of the most recent occurrence of h[-n:] in h that is not the suffix itself, or None."""
+    if n < 1 or len(h) <= n:
+        return None
+    windows = sliding_window_view(h[:-1], n)  # starts 0 .. len-n-1: always followed by a token
+    hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
+    return int(hits[-1]) if hits.size else None
+
+
+def continuation(h: np.ndarray, src: int, k: int) -> list[int]:
+    """k tokens copied from h[src:], continuing from the copy itself past the end of h (src < len(h))."""
+    out: list[int] = []
+    for j in range(k):
+        i = src + j
+        out.append(int(h[i]) if i < len(h) else out[i - len(h)])
+    return out

@@ -1,0 +1,289 @@
+"""Speculative decoding: draft K tokens, verify them in one target pass, keep what the target agrees with.
+
+A round for one sequence whose cache holds L verified positions and whose last emitted token t is not
+in the cache yet:
+
+    draft d0..d(K-1) -> target forward over [t, d0..d(K-1)] (K+1 positions, cache L -> L+K+1)
+    -> count_accepted() (greedy) or accept_sampled() (rejection sampling) -> a accepted drafts
+    -> commit: roll the cache back to L+1+a -> emit d0..d(a-1) + the target's own next token.
+
+No extra target forward after a rejection: the verify pass already wrote the KV of [t, d0..d(a-1)]
+and produced the hidden state and logits at the accepted index (DESIGN.md §2).
+
+Batches: rows are prefilled one by one, then every round verifies all unfinished rows. ONNX Runtime's
+CPU GroupQueryAttention refuses batch > 1 with more than one new position and a past ("batch_size
+must be 1 when sequence_length > 1 and past context is given", measured with onnxruntime 1.32), so
+by default drafted rows are verified one row at a time; rounds where no row drafted run as one
+batched one-token step (that path handles rows of different lengths exactly). `batched_verify=True`
+verifies runs of consecutive rows in one pass for execution providers that allow it: drafts are
+padded to a common width by repeating the row's last token, and padded positions are cut from the
+logits before acceptance and rolled out of the cache, so they never change a result (the attention
+is causal: padding only follows the real positions).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import EdgemtpError
+from .drafting import DraftContext, Drafter
+from .engine import _check_request
+from .sampling import Sampling, distribution, pick
+from .stats import Stats
+from .kv_cache import KVCache
+from .target import Target
+
+
+def count_accepted(draft: Sequence[int], target_choice: Sequence[int]) -> int:
+    """Greedy acceptance: the length of the longest prefix of `draft` [n] that equals `target_choice`
+    (the target's argmax at each draft position, [>= n])."""
+    n = len(draft)
+    mismatch = np.flatnonzero(np.asarray(draft[:n]) != np.asarray(target_choice[:n]))
+    return int(mismatch[0]) if mismatch.size else n
+
+
+def accept_sampled(draft: Sequence[int], p: np.ndarray, q: np.ndarray | None,
+                   rng: np.random.Generator) -> tuple[int, int]:
+    """Rejection sampling (Leviathan et al. 2023, Chen et al. 2023) -> (accepted a, next token).
+
+    draft [n] was drawn from q [n, V] (None: a deterministic drafter, q one-hot at each draft token);
+    p [n+1, V] is the target's distribution at each verify position. Draft token x is accepted with
+    probability min(1, p(x)/q(x)); at the first rejection the next token is drawn from
+    norm(max(0, p - q)); when all n are accepted it is drawn from p[n]. draft[:a] + [next] is then
+    distributed exactly as a+1 tokens sampled from the target."""
+    for i, x in enumerate(draft):
+        qx = 1.0 if q is None else float(q[i, x])
+        if rng.random() * qx < p[i, x]:  # u < p/q without dividing
+            continue
+        if q is None:
+            residual = p[i].copy()
+            residual[x] = 0.0
+        else:
+            residual = np.maximum(p[i] - q[i], 0.0)
+        total = residual.sum()
+        # total is 0 only when p == q, where a rejection has probability 0: guard rounding
+        return i, _sample(residual / total if total > 0 else p[i], rng)
+    return len(draft), _sample(p[len(draft)], rng)
+
+
+def _sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from p [V]: what rng.choice(V, p=p) (sampling.pick) draws, without its checks."""
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    return min(int(cdf.searchsorted(rng.random(), side="right")), len(p) - 1)
+
+
+@dataclass
+class SpecStats(Stats):
+    rounds: int = 0  # target passes after the prefill, counted per sequence
+    drafted: int = 0
+    accepted: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0  # acceptance, sampling, bookkeeping
+    stop_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_per_round(self) -> float:
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "acceptance_rate": self.acceptance_rate,
+                "mean_accepted_per_round": self.mean_accepted_per_round}
+
+
+@dataclass
+class SeqResult:
+    tokens: list[int]
+    stop_reason: str = ""
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+
+@dataclass
+class _Seq:
+    row: int
+    history: list[int]  # prompt + emitted; history[-1] is not in the cache yet
+    k: int  # current draft length (adaptive)
+    rng: np.random.Generator
+    hidden: np.ndarray | None = None  # [H] target hidden state at the position that produced history[-1]
+    out: SeqResult = field(default_factory=lambda: SeqResult([]))
+
+
+_NO_DRAFT: tuple[list[int], None] = ([], None)
+
+
+class Speculative:
+    """Speculative generation with a target and a drafter.
+
+    k: draft length per round (the maximum when `adaptive`: K then grows by 2 after a round where
+    every drafted token was accepted and shrinks by 1 otherwise, within 1..k).
+    static_window: pad every verify to exactly k+1 positions (for static-shape graphs; capacity allowing).
+    batched_verify: verify several rows in one target pass (see the module docstring)."""
+
+    def __init__(self, target: Target, drafter: Drafter, k: int = 4, *, adaptive: bool = False,
+                 static_window: bool = False, batched_verify: bool = False):
+        if k < 0:
+            raise ValueError(f"draft length k={k} must be >= 0")
+        self.target, self.drafter, self.k = target, drafter, k
+        self.adaptive, self.static_window, self.batched_verify = adaptive, static_window, batched_verify
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
+                 sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
+                 stats: SpecStats | None = None) -> list[SeqResult]:
+        capacity = self.target.contract.capacity
+        for p in prompts:
+            _check_request(list(p), max_new_tokens, capacity)
+        stats = stats if stats is not None else SpecStats()
+        stop_ids = frozenset(stop_ids)
+        cache = self.target.new_cache(len(prompts))
+        t0 = time.perf_counter()
+        seqs = [self._prefill(b, list(p), cache, sampling, _rng(sampling.seed, b, len(prompts)))
+                for b, p in enumerate(prompts)]
+        for s in seqs:
+            self._finish_check(s, stop_ids, max_new_tokens, cache)
+        t1 = time.perf_counter()
+        while active := [s for s in seqs if not s.out.stop_reason]:
+            self._round(active, cache, sampling, stop_ids, max_new_tokens, stats)
+        t2 = time.perf_counter()
+        stats.prefill_tokens += sum(len(p) for p in prompts)
+        stats.prefill_s += t1 - t0
+        stats.decode_tokens += sum(len(s.out.tokens) - 1 for s in seqs)
+        stats.decode_s += t2 - t1
+        stats.other_s = stats.decode_s - stats.draft_s - stats.verify_s
+        for s in seqs:
+            stats.rounds += s.out.rounds
+            stats.drafted += s.out.drafted
+            stats.accepted += s.out.accepted
+        stats.stop_reasons = [s.out.stop_reason for s in seqs]
+        stats.stop_reason = "; ".join(dict.fromkeys(stats.stop_reasons))
+        return [s.out for s in seqs]
+
+    def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
+                 rng: np.random.Generator) -> _Seq:
+        logits, hidden = self.target.forward(np.array([prompt]), cache, rows=slice(b, b + 1))
+        s = _Seq(b, prompt, self.k, rng, hidden[0, -1])
+        token = pick(logits[0, -1], sampling, rng)
+        s.history.append(token)
+        s.out.tokens.append(token)
+        return s
+
+    def _round(self, active: list[_Seq], cache: KVCache, sampling: Sampling, stop_ids: frozenset,
+               max_new: int, stats: SpecStats) -> None:
+        """draft -> verify -> accept -> commit, for every unfinished sequence."""
+        t0 = time.perf_counter()
+        drafts = {s.row: self._draft(s, cache, sampling, max_new) for s in active}
+        t1 = time.perf_counter()
+        start = {s.row: int(cache.lengths[s.row]) for s in active}
+        verified = self._verify(cache, {s.row: np.array([s.history[-1], *drafts[s.row][0]]) for s in active})
+        stats.draft_s += t1 - t0
+        stats.verify_s += time.perf_counter() - t1
+        for s in active:
+            tokens, q = drafts[s.row]
+            logits, hidden = verified[s.row]  # [n+1, V], [n+1, H]: padding already cut
+            if sampling.greedy:
+                choice = logits.argmax(axis=-1)
+                a = count_accepted(tokens, choice)
+                nxt = int(choice[a])
+            else:
+                a, nxt = accept_sampled(tokens, distribution(logits, sampling), q, s.rng)
+            cache.rollback(s.row, start[s.row] + 1 + a)  # keep [t, d0..d(a-1)]
+            s.hidden = hidden[a]
+            self._record(s, len(tokens), a)
+            self._emit(s, [*tokens[:a], nxt], stop_ids)
+            self._finish_check(s, stop_ids, max_new, cache)
+
+    def _draft(self, s: _Seq, cache: KVCache, sampling: Sampling, max_new: int) -> tuple[list[int], np.ndarray | None]:
+        # a round emits up to k+1 tokens and its verify writes k+1 positions
+        k = min(s.k, max_new - len(s.out.tokens) - 1, cache.room(s.row) - 1)
+        if k <= 0:
+            return _NO_DRAFT
+        tokens, q = self.drafter.propose(s.history, k, DraftContext(s.row, s.hidden, cache, sampling, s.rng))
+        tokens = [int(t) for t in tokens[:k]]
+        if any(not 0 <= t < self.target.contract.vocab_size for t in tokens):
+            raise EdgemtpError(f"{type(self.drafter).__name__} proposed {tokens}: outside the target's "
+                               f"vocabulary of {self.target.contract.vocab_size}")
+        return tokens, (None if q is None else np.asarray(q)[:len(tokens)])
+
+    def _verify(self, cache: KVCache, ids: dict[int, np.ndarray]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Target forward over each row's [t, drafts]: -> {row: (logits [S_row, V], hidden [S_row, H])}."""
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for rows in self._passes(cache, ids):
+            out.update(self._forward(cache, rows, ids, self._width(cache, rows, ids)))
+        return out
+
+    def _passes(self, cache: KVCache, ids: dict[int, np.ndarray]) -> list[list[int]]:
+        """Rows grouped into target passes: consecutive rows share one when one position each (or
+        batched_verify) and every row has the room for the common width."""
+        passes: list[list[int]] = []
+        for r in sorted(ids):
+            group = passes[-1] + [r] if passes and passes[-1][-1] == r - 1 else None
+            width = self._width(cache, group, ids) if group else 0
+            if group and (width == 1 or self.batched_verify) and width <= min(cache.room(g) for g in group):
+                passes[-1] = group
+            else:
+                passes.append([r])
+        return passes
+
+    def _width(self, cache: KVCache, rows: list[int], ids: dict[int, np.ndarray]) -> int:
+        width = max(len(ids[r]) for r in rows)
+        if self.static_window:  # exactly k+1 where every row has the room
+            width = max(width, min(self.k + 1, *(cache.room(r) for r in rows)))
+        return width
+
+    def _forward(self, cache: KVCache, rows: list[int], ids: dict[int, np.ndarray], width: int) -> dict:
+        """One target pass over consecutive rows, each padded to `width` with its last token.
+
+        Padded positions are cut here and rolled out of the cache by the commit: always rejected."""
+        batch = np.stack([np.pad(ids[r], (0, width - len(ids[r])), mode="edge") for r in rows])
+        logits, hidden = self.target.forward(batch, cache, rows=slice(rows[0], rows[-1] + 1), n_logits=width)
+        return {r: (logits[i, :len(ids[r])], hidden[i, :len(ids[r])]) for i, r in enumerate(rows)}
+
+    def _record(self, s: _Seq, drafted: int, accepted: int) -> None:
+        s.out.rounds += 1
+        s.out.drafted += drafted
+        s.out.accepted += accepted
+        if self.adaptive and drafted:
+            s.k = min(self.k, s.k + 2) if accepted == drafted else max(1, s.k - 1)
+
+    @staticmethod
+    def _emit(s: _Seq, run: list[int], stop_ids: frozenset) -> None:
+        for token in run:
+            s.history.append(token)
+            s.out.tokens.append(token)
+            if token in stop_ids:
+                return
+
+    @staticmethod
+    def _finish_check(s: _Seq, stop_ids: frozenset, max_new: int, cache: KVCache) -> None:
+        if s.out.tokens[-1] in stop_ids:
+            s.out.stop_reason = "stop token"
+        elif len(s.out.tokens) >= max_new:
+            s.out.stop_reason = "max new tokens"
+        elif cache.room(s.row) < 1:  # the last emitted token has no place left in the cache
+            s.out.stop_reason = "KV capacity reached"
+
+
+def speculative_generate(target: Target, drafter: Drafter, prompt_ids_list: Sequence[Sequence[int]],
+                         max_new_tokens: int = 128, sampling: Sampling = Sampling(), k: int = 4,
+                         stop_ids: Iterable[int] = (), stats: SpecStats | None = None,
+                         **options) -> list[SeqResult]:
+    """Generates for each prompt; `options` go to `Speculative` (adaptive, static_window, batched_verify)."""
+    return Speculative(target, drafter, k, **options).generate(prompt_ids_list, max_new_tokens, sampling,
+                                                               stop_ids, stats)
+
+
+def _rng(seed: int | None, row: int, batch: int) -> np.random.Generator:
+    """Batch of one: the generator Engine.token_ids uses; otherwise an independent stream per row."""
+    if batch == 1:
+        return np.random.default_rng(seed)
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(batch)[row])

@@ -1,0 +1,438 @@
+"""Speculative decoding with prompt-lookup drafts: acceptance maths, drafting, and end-to-end runs on
+tiny random models (greedy output identical to plain decoding; sampling preserves the distribution)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgemtp.errors import EdgemtpError
+from edgemtp.runtime import speculative as spec
+from edgemtp.runtime.drafting import DraftContext, PromptLookupDrafter, continuation, last_match
+from edgemtp.runtime.kv_cache import KVCache
+from edgemtp.runtime.sampling import Sampling, distribution
+from edgemtp.runtime.speculative import (SpecStats, Speculative, accept_sampled, count_accepted,
+                                         speculative_generate)
+from edgemtp.runtime.target import CapacityError
+
+
+# ---------------------------------------------------------------- pure functions
+
+@pytest.mark.parametrize("draft, choice, want", [
+    ([], [7], 0),
+    ([5], [5, 9], 1),
+    ([5], [6, 9], 0),
+    ([1, 2, 3], [1, 2, 3, 4], 3),
+    ([1, 2, 3], [1, 2, 4, 4], 2),
+    ([1, 2, 3], [9, 2, 3, 4], 0),  # a later match after a mismatch does not count
+    ([4, 4, 4, 4], [4, 4, 5, 4, 4], 2),
+])
+def test_count_accepted(draft, choice, want):
+    assert count_accepted(draft, choice) == want
+    assert count_accepted(np.array(draft, np.int64), np.array(choice)) == want
+
+
+def _first_token_pvalue(accept, p, q, n=2000, seed=0) -> float:
+    """Chi-square p-value that the first token emitted by the rule `accept` is distributed as p[0]."""
+    chi2 = pytest.importorskip("scipy.stats").chi2
+    rng = np.random.default_rng(seed)
+    V = p.shape[1]
+    drafts = (np.stack([rng.choice(V, size=n, p=qi) for qi in q], axis=1) if q is not None
+              else np.tile([2, 0], (n, 1)))
+    counts = np.zeros(V)
+    for draft in drafts.tolist():
+        a, nxt = accept(draft, p, q, rng)
+        counts[draft[0] if a > 0 else nxt] += 1
+    expected = p[0] * n
+    keep = expected > 0
+    if counts[~keep].any():
+        return 0.0  # emitted a token the target gives probability 0
+    stat = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    return float(chi2.sf(stat, keep.sum() - 1))
+
+
+def _accept_always(draft, p, q, rng):
+    return len(draft), int(rng.choice(p.shape[1], p=p[len(draft)]))
+
+
+def _resample_from_p(draft, p, q, rng):
+    """A subtle mistake: correct acceptance, but resampling from p instead of norm(max(0, p - q))."""
+    for i, x in enumerate(draft):
+        qx = 1.0 if q is None else q[i, x]
+        if rng.random() * qx >= p[i, x]:
+            return i, int(rng.choice(p.shape[1], p=p[i]))
+    return len(draft), int(rng.choice(p.shape[1], p=p[len(draft)]))
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.ones(5), size=3)
+    p[:, 4] = 0.0  # a token the target never emits
+    p /= p.sum(axis=1, keepdims=True)
+    q = rng.dirichlet(np.ones(5), size=2)
+    assert _first_token_pvalue(accept_sampled, p, q) > 1e-3
+    assert _first_token_pvalue(accept_sampled, p, None) > 1e-3  # deterministic drafter: q one-hot
+    # the same test catches broken rules
+    assert _first_token_pvalue(_accept_always, p, q) < 1e-6
+    assert _first_token_pvalue(_resample_from_p, p, q) < 1e-6
+    assert _first_token_pvalue(_resample_from_p, p, None) < 1e-6
+
+
+def test_rejection_sampling_edge_cases():
+    rng = np.random.default_rng(0)
+    p = np.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
+    assert accept_sampled([0], p, None, rng) == (0, 1)  # p(x) = 0: always rejected
+    assert accept_sampled([1], p, None, rng)[0] == 1  # p(x) = 1: always accepted
+    assert accept_sampled([], p[:1], None, rng) == (0, 1)  # nothing drafted: sample p[0]
+    q = p[:1].copy()  # q == p: residual is 0, but acceptance is certain
+    assert accept_sampled([1], p, q, rng)[0] == 1
+
+
+@pytest.mark.parametrize("history, k, want", [
+    ([1, 2, 3, 9, 1, 2], 3, [3, 9, 1]),  # trigram miss, bigram [1, 2] hit
+    ([1, 2, 3, 1, 2, 4, 1, 2], 2, [4, 1]),  # most recent occurrence wins
+    ([7, 1, 2, 3, 8, 5, 2, 3], 4, [8, 5, 2, 3]),  # longest n-gram first: [2, 3] before [3]
+    ([5, 6, 5, 6], 5, [5, 6, 5, 6, 5]),  # runs into the end: keeps copying the pattern
+    ([4, 4], 3, [4, 4, 4]),
+    ([1, 2, 3], 3, []),  # no earlier occurrence of anything
+    ([3], 2, []),
+])
+def test_prompt_lookup(history, k, want):
+    tokens, q = PromptLookupDrafter(max_ngram=3, min_ngram=1).propose(history, k)
+    assert tokens == want and q is None
+
+
+def test_prompt_lookup_helpers_and_options():
+    h = np.array([1, 2, 3, 1, 2])
+    assert last_match(h, 2) == 0 and last_match(h, 3) is None and last_match(h, 5) is None
+    assert continuation(np.array([9, 1, 2]), 1, 5) == [1, 2, 1, 2, 1]
+    assert PromptLookupDrafter(max_ngram=3, min_ngram=2).propose([1, 2, 3, 9, 3], 2) == ([], None)
+    with pytest.raises(EdgemtpError, match="n-gram"):
+        PromptLookupDrafter(max_ngram=1, min_ngram=2)
+
+
+# ---------------------------------------------------------------- a numpy stand-in target
+
+class FakeTarget:
+    """A causal toy LM in numpy with a token-id 'KV cache'. Unlike ORT's CPU GQA it verifies several
+    rows of S > 1 positions in one pass, so it exercises the padded batched verify. Its logits hash
+    the whole prefix, weighted by position: any stale, lost or misplaced cache entry changes them."""
+
+    V = 8
+
+    def __init__(self, capacity: int = 48):
+        self.contract = SimpleNamespace(capacity=capacity, vocab_size=self.V)
+        self.table = np.random.default_rng(0).normal(size=(97, self.V)).astype(np.float32)
+        self.calls: list[tuple[int, int]] = []  # (rows, S) per forward
+
+    def new_cache(self, batch: int) -> KVCache:
+        cache = KVCache((), batch, self.contract.capacity)
+        cache.tokens = np.zeros((batch, self.contract.capacity), np.int64)
+        return cache
+
+    def forward(self, ids, cache, rows=None, n_logits=1):
+        rows = rows or slice(0, cache.batch)
+        ids = np.asarray(ids)
+        S, lengths = ids.shape[1], cache.lengths[rows]
+        if lengths.max() + S > cache.capacity:
+            raise CapacityError("full")
+        self.calls.append((len(ids), S))
+        logits = np.zeros((len(ids), S, self.V), np.float32)
+        for i, (row, n) in enumerate(zip(range(rows.start, rows.stop), lengths)):
+            cache.tokens[row, n:n + S] = ids[i]
+            for j in range(S):
+                prefix = cache.tokens[row, :n + j + 1]
+                logits[i, j] = self.table[int(prefix @ np.arange(1, len(prefix) + 1)) % 97]
+        cache.lengths[rows] += S
+        return logits[:, S - n_logits:], logits
+
+
+def plain_greedy(target, prompt, max_new, stop_ids=()):
+    cache = target.new_cache(1)
+    logits, _ = target.forward(np.array([prompt]), cache)
+    out = []
+    while True:
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] in stop_ids or len(out) == max_new or cache.room(0) < 1:
+            return out
+        logits, _ = target.forward(np.array([[out[-1]]]), cache)
+
+
+FAKE_PROMPTS = [[1, 2, 3, 1, 2], [5], [3, 3, 3, 3, 3, 3, 3], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1], [6, 2]]
+
+
+@pytest.mark.parametrize("options", [dict(batched_verify=True), dict(batched_verify=True, static_window=True),
+                                     dict(batched_verify=True, adaptive=True), dict()])
+def test_padded_batched_verify_changes_nothing(options):
+    target = FakeTarget()
+    want = [plain_greedy(target, p, 30) for p in FAKE_PROMPTS]
+    target.calls.clear()
+    stats = SpecStats()
+    got = speculative_generate(target, PromptLookupDrafter(), FAKE_PROMPTS, 30, k=4, stats=stats, **options)
+    assert [r.tokens for r in got] == want
+    assert stats.accepted > 0 and stats.drafted > stats.accepted  # both outcomes exercised
+    multi_row_verify = any(b > 1 and s > 1 for b, s in target.calls)
+    assert multi_row_verify == options.get("batched_verify", False)
+    if options.get("static_window"):
+        assert {s for b, s in target.calls[len(FAKE_PROMPTS):]} == {5}  # always k+1 (capacity allowing)
+
+
+# ---------------------------------------------------------------- tiny exported models
+
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from edgemtp.exporters import export
+    from edgemtp.runtime.engine import Engine
+
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    torch.manual_seed(0)
+    # tied embeddings + random init make a tiny llama repeat its input token; untied it wanders
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)).eval()
+    tmp = tmp_path_factory.mktemp("spec")
+    out = {}
+    for kind, model in [("gemma3_text", tiny("gemma3_text")), ("llama", llama)]:
+        model_dir = save_tiny(model, tmp / kind)
+        for capacity in (64, 24):
+            export(model_dir, tmp / f"{kind}-{capacity}", capacity=capacity)
+            out[kind, capacity] = Engine.load(tmp / f"{kind}-{capacity}", threads=1)
+    assert out["gemma3_text", 64].target.contract.kv[0].window == WINDOW
+    return out
+
+
+def _prompts(engine) -> tuple[list[list[int]], list[list[int]]]:
+    """Random prompts of different lengths, and repetitive ones on which lookup drafts get accepted."""
+    rng = np.random.default_rng(1)
+    random = [[int(t) for t in rng.integers(3, 96, size=n)] for n in (1, 4, 9, 14)]
+    own = list(engine.token_ids([11, 12], 12))  # the model's own continuation, then its start again
+    repetitive = [[5, 6, 7, 8] * 4, [11, 12] + own + [11, 12], [9, 10] * 6 + [9]]
+    return random, repetitive
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
+def test_greedy_matches_plain_decoding(models, kind):
+    engine = models[kind, 64]
+    random, repetitive = _prompts(engine)
+    prompts = random + repetitive
+    want = [list(engine.token_ids(p, 32)) for p in prompts]
+    assert max(len(p) + len(w) for p, w in zip(prompts, want)) > 2 * WINDOW
+    configs = [dict(k=1), dict(k=3), dict(k=6), dict(k=4, adaptive=True), dict(k=3, static_window=True)]
+    for cfg in configs:
+        stats = SpecStats()
+        got = speculative_generate(engine.target, PromptLookupDrafter(), prompts, 32,
+                                   stop_ids=engine.stop_ids, stats=stats, **cfg)
+        for p, w, r in zip(prompts, want, got):
+            assert r.tokens == w, f"{kind} {cfg} prompt {p}"
+        assert sum(r.accepted for r in got[len(random):]) > 0, f"{kind} {cfg}: nothing accepted"
+        assert stats.drafted > stats.accepted > 0
+    for p, w in zip(prompts, want):  # batch of one
+        assert speculative_generate(engine.target, PromptLookupDrafter(), [p], 32, k=3,
+                                    stop_ids=engine.stop_ids)[0].tokens == w
+
+
+def test_gqa_rows_of_different_lengths(models):
+    """Measures what the batched verify would need from ORT's CPU GroupQueryAttention: S = 1 over rows
+    of different past lengths is exact; S > 1 with batch > 1 and a past is refused (onnxruntime 1.32),
+    hence the per-row verify. Should a later onnxruntime accept it, it must also be exact."""
+    target = models["gemma3_text", 64].target
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 96, size=n) for n in (3, 11, 20)]
+    for S in (1, 3):
+        new = rng.integers(0, 96, size=(3, S))
+        cache = target.new_cache(3)
+        for b, p in enumerate(prompts):
+            target.forward(p[None], cache, rows=slice(b, b + 1))
+        try:
+            batched, _ = target.forward(new, cache, n_logits=S)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception type
+            assert S > 1 and "batch_size must be 1" in str(e)
+            continue
+        for b, p in enumerate(prompts):
+            one = target.new_cache(1)
+            target.forward(p[None], one)
+            alone, _ = target.forward(new[b:b + 1], one, n_logits=S)
+            np.testing.assert_allclose(batched[b], alone[0], atol=1e-5)
+
+
+def test_capacity_edge(models):
+    engine = models["llama", 24]
+    prompts = [[5, 6, 7, 8] * 3, [3, 4, 5, 6, 7], [9] * 23]  # 23: one position left
+    for k in (2, 5):
+        got = speculative_generate(engine.target, PromptLookupDrafter(), prompts, 100, k=k,
+                                   stop_ids=engine.stop_ids)
+        for p, r in zip(prompts, got):
+            assert r.tokens == list(engine.token_ids(p, 100))
+            assert r.stop_reason == "KV capacity reached"
+            assert len(p) + len(r.tokens) == engine.capacity + 1  # the last token never needs a slot
+    with pytest.raises(CapacityError, match="capacity of 24"):
+        speculative_generate(engine.target, PromptLookupDrafter(), [[1] * 24], 5)
+
+
+def test_stop_token_inside_an_accepted_run_and_max_new_tokens(models):
+    engine = models["llama", 64]
+    base = _prompts(engine)[1][1]
+    prompt = base + list(engine.token_ids(base, 12))  # the model's own text: lookup drafts get accepted
+    plain = list(engine.token_ids(prompt, 32))
+    j = next(i for i in range(1, len(plain)) if plain[i] not in plain[:i])
+    stop, want = plain[j], plain[:j + 1]
+
+    drafts = []
+
+    class Recording(PromptLookupDrafter):
+        def propose(self, history, k, ctx=None):
+            drafts.append((len(history), *super().propose(history, k, ctx)))
+            return drafts[-1][1:]
+
+    r = speculative_generate(engine.target, Recording(), [prompt], 32, k=6, stop_ids={stop})[0]
+    assert r.tokens == want and r.stop_reason == "stop token"
+    n_before, last_draft, _ = drafts[-1]
+    kept = len(prompt) + len(want) - n_before  # tokens the last round emitted, the stop token last
+    assert last_draft[kept - 1] == stop and len(last_draft) > kept, "the stop should cut an accepted run"
+    for n in (1, 2, 5):
+        r = speculative_generate(engine.target, PromptLookupDrafter(), [prompt], n, k=6)[0]
+        assert r.tokens == plain[:n] and r.stop_reason == "max new tokens"
+
+
+def test_drafter_context_carries_the_verified_hidden_state(models):
+    """ctx.hidden must be the target's hidden state at the position that produced history[-1] (what an
+    MTP drafter consumes), and the cache must hold exactly the verified positions."""
+    target = models["gemma3_text", 64].target
+    seen = []
+
+    class Checking(PromptLookupDrafter):
+        def propose(self, history, k, ctx: DraftContext | None = None):
+            seen.append((list(history), ctx.hidden.copy(), int(ctx.cache.lengths[ctx.row])))
+            return super().propose(history, k, ctx)
+
+    prompts = [[5, 6, 7, 8] * 3, [1, 2, 3]]
+    speculative_generate(target, Checking(), prompts, 16, k=3)
+    assert len(seen) > 4
+    for history, hidden, cached in seen[::max(1, len(seen) // 5)]:
+        assert cached == len(history) - 1
+        cache = target.new_cache(1)
+        _, want = target.forward(np.array([history[:-1]]), cache)
+        np.testing.assert_allclose(hidden, want[0, -1], atol=1e-4)
+
+
+# ---------------------------------------------------------------- sampling
+
+class NoisyLookup(PromptLookupDrafter):
+    """A stochastic drafter: samples each draft token from q = 0.6 one-hot(lookup guess) + 0.4 uniform."""
+
+    def propose(self, history, k, ctx=None):
+        guess, _ = super().propose(history, k)
+        V = 96
+        q = np.full((len(guess), V), 0.4 / V)
+        q[np.arange(len(guess)), guess] += 0.6
+        return [int(ctx.rng.choice(V, p=qi)) for qi in q], q
+
+
+def _exact_first_tokens(target, prompt, sampling, n) -> dict[tuple, float]:
+    """The exact distribution of the first n generated tokens under plain sampling (by enumeration)."""
+    out = {}
+
+    def walk(prefix, prob):
+        if len(prefix) == n:
+            out[tuple(prefix)] = prob
+            return
+        logits, _ = target.forward(np.array([prompt + prefix]), target.new_cache(1))
+        p = distribution(logits[0, -1], sampling)
+        for v in np.flatnonzero(p):
+            walk(prefix + [int(v)], prob * p[v])
+
+    walk([], 1.0)
+    return out
+
+
+def _gof_pvalue(samples: list[tuple], expected: dict[tuple, float]) -> float:
+    """Chi-square goodness of fit. Outcomes expected fewer than 5 times share one bin (with the
+    outcomes the target cannot produce); that bin joins the smallest other one if still under 5."""
+    chi2 = pytest.importorskip("scipy.stats").chi2
+    n, counts = len(samples), Counter(samples)
+    big = sorted((o for o, p in expected.items() if p * n >= 5), key=lambda o: -expected[o])
+    obs = [counts[o] for o in big]
+    exp = [expected[o] * n for o in big]
+    rest_obs, rest_exp = n - sum(obs), n - sum(exp)
+    if rest_exp < 1e-6:
+        if rest_obs:
+            return 0.0  # outcomes the target cannot produce
+    elif rest_exp < 5:
+        obs[-1] += rest_obs
+        exp[-1] += rest_exp
+    else:
+        obs.append(rest_obs)
+        exp.append(rest_exp)
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    return float(chi2.sf(stat, len(exp) - 1))
+
+
+def test_sampling_preserves_the_distribution(models, monkeypatch):
+    """Many seeded runs with drafting give the exact plain-sampling distribution of the first 3 tokens
+    (computed by enumerating the target); the same test fails once the acceptance rule is broken."""
+    engine = models["gemma3_text", 64]
+    own = list(engine.token_ids([11, 12], 12))
+    prompt = [11, 12] + own + [11, 12] + own[:2]  # lookup drafts the model's own greedy text
+    sampling = Sampling(temperature=0.1, top_k=3, seed=7)
+    expected = _exact_first_tokens(engine.target, prompt, sampling, 3)
+    assert abs(sum(expected.values()) - 1) < 1e-9
+
+    def run(drafter, n):
+        stats = SpecStats()
+        got = speculative_generate(engine.target, drafter, [prompt] * n, 3, sampling, k=2, stats=stats)
+        assert stats.drafted > n / 3 and stats.accepted > 0
+        return [tuple(r.tokens) for r in got], stats
+
+    for drafter in (PromptLookupDrafter(), NoisyLookup()):
+        samples, stats = run(drafter, 300)
+        assert stats.accepted < stats.drafted
+        assert _gof_pvalue(samples, expected) > 1e-3, type(drafter).__name__
+    monkeypatch.setattr(spec, "accept_sampled", _accept_always)
+    samples, stats = run(PromptLookupDrafter(), 150)
+    assert stats.accepted == stats.drafted
+    assert _gof_pvalue(samples, expected) < 1e-6
+
+
+def test_no_drafts_reproduce_the_engines_sampled_stream(models):
+    engine = models["llama", 64]
+    sampling = Sampling(temperature=0.8, top_p=0.9, seed=123)
+    want = list(engine.token_ids([4, 5, 6], 20, sampling))
+    got = speculative_generate(engine.target, PromptLookupDrafter(), [[4, 5, 6]], 20, sampling, k=0)
+    assert got[0].tokens == want
+
+
+def test_stats_and_errors(models):
+    engine = models["llama", 64]
+    stats = SpecStats()
+    prompts = [[5, 6, 7, 8] * 3, [1, 2]]
+    got = Speculative(engine.target, PromptLookupDrafter(), k=3).generate(prompts, 12, stats=stats)
+    assert stats.rounds == sum(r.rounds for r in got) > 0
+    assert stats.decode_tokens == sum(len(r.tokens) - 1 for r in got)
+    assert stats.mean_accepted_per_round == stats.accepted / stats.rounds
+    assert 0 < stats.acceptance_rate <= 1
+    assert stats.draft_s >= 0 and stats.verify_s > 0 and stats.other_s >= 0
+    assert stats.stop_reasons == ["max new tokens"] * 2
+    js = stats.to_json()
+    assert {"rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_per_round", "draft_s",
+            "verify_s", "other_s"} <= set(js)
+    with pytest.raises(EdgemtpError, match="empty"):
+        speculative_generate(engine.target, PromptLookupDrafter(), [[1], []], 5)
+    with pytest.raises(ValueError):
+        Speculative(engine.target, PromptLookupDrafter(), k=-1)
+
+    class Broken(PromptLookupDrafter):
+        def propose(self, history, k, ctx=None):
+            return [96], None
+
+    with pytest.raises(EdgemtpError, match="Broken proposed \\[96\\]: outside the target's vocabulary of 96"):
+        speculative_generate(engine.target, Broken(), [[1, 2]], 5)
