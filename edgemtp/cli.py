@@ -98,29 +98,48 @@ def sampling_options(f):
     return f
 
 
+def draft_options(f):
+    for opt in reversed([
+        click.option("--draft", "draft_mode", default="auto", show_default=True,
+                     type=click.Choice(["auto", "mtp", "lookup"]),
+                     help="Drafter: the bundle's MTP drafter (auto when present), or prompt lookup."),
+        click.option("--draft-k", default=4, show_default=True, type=int, help="Tokens drafted per round."),
+        click.option("--adaptive", is_flag=True, help="Adapt K to recent acceptance (up to --draft-k)."),
+        click.option("--no-draft", is_flag=True, help="Plain decoding, one target pass per token."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @cli.command("generate")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, type=click.Path(path_type=Path), help="Read the prompt from a file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @sampling_options
+@draft_options
 def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, temperature, top_k, top_p, seed,
-                 provider, threads):
-    """Generate text from a bundle (streams to the terminal)."""
-    from .runtime.engine import Engine
+                 provider, threads, draft_mode, draft_k, adaptive, no_draft):
+    """Generate text from a bundle (streams to the terminal).
+
+    Speculative decoding is on by default: the bundle's MTP drafter, or prompt lookup when it has none.
+    Output is the same as --no-draft (greedy: token for token; sampling: in distribution)."""
+    from .runtime.engine import Draft, Engine, new_stats
     from .runtime.sampling import Sampling
-    from .runtime.stats import Stats
 
     text = read_prompt(prompt, prompt_file)
     sampling = Sampling(temperature, top_k, top_p, seed)
+    draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     engine = Engine.load(bundle_dir, provider=provider, threads=threads)
+    if draft is not None:
+        engine.drafter(draft.mode)  # a bad --draft fails before any work
     if as_json:
-        click.echo(json.dumps(engine.generate(text, max_new_tokens, sampling).to_json()))
+        click.echo(json.dumps(engine.generate(text, max_new_tokens, sampling, draft).to_json()))
         return
-    stats = Stats()
-    for piece in engine.stream(text, max_new_tokens, sampling, stats):
+    stats = new_stats(draft)
+    for piece in engine.stream(text, max_new_tokens, sampling, stats, draft):
         click.echo(piece, nl=False)
     click.echo()
     click.echo(speed_line(stats), err=True)
@@ -138,8 +157,12 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def speed_line(stats) -> str:
-    return (f"[prefill {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tok/s; "
-            f"decode {stats.decode_tokens} tokens at {stats.tokens_per_s:.1f} tok/s; {stats.stop_reason}]")
+    line = (f"[prefill {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tok/s; "
+            f"decode {stats.decode_tokens} tokens at {stats.tokens_per_s:.1f} tok/s")
+    if getattr(stats, "rounds", 0):
+        line += (f"; {stats.rounds} rounds, {stats.mean_accepted_per_round + 1:.2f} tokens/round, "
+                 f"acceptance {stats.acceptance_rate:.0%}")
+    return line + f"; {stats.stop_reason}]"
 
 
 @cli.command("quickstart")

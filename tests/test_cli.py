@@ -78,3 +78,25 @@ def test_runtime_imports_no_torch():
             "bad = [m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generate_drafts_by_default_and_stays_lossless(tiny_gemma3):
+    bundle = tiny_gemma3[2]
+    prompt = "t1 t2 t3 t4 t1 t2 t3 t4 t1 t2 t3"
+    plain = json.loads(run("generate", bundle, "--prompt", prompt, "--max-new-tokens", 24, "--json",
+                           "--no-draft").output)
+    for k in (1, 3, 6):
+        spec = json.loads(run("generate", bundle, "--prompt", prompt, "--max-new-tokens", 24, "--json",
+                              "--draft-k", k).output)
+        assert spec["tokens"] == plain["tokens"]
+        stats = spec["stats"]
+        for field in ("rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_per_round",
+                      "draft_s", "verify_s", "other_s"):
+            assert field in stats
+        assert stats["rounds"] >= 1 and stats["drafted"] >= stats["accepted"]
+    assert "rounds" not in plain["stats"]
+
+
+def test_mtp_draft_without_drafter_is_clear(tiny_gemma3):
+    r = run("generate", tiny_gemma3[2], "--prompt", "t1", "--draft", "mtp")
+    assert r.exit_code == 2 and "bundle has no MTP drafter" in r.output

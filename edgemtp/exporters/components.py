@@ -69,17 +69,29 @@ def embed(b: GraphBuilder, ids: str, key: str, vocab: int, hidden: int, scale: f
 
 def inv_freq(rope: Rope, head_dim: int) -> np.ndarray:
     """Inverse frequencies of the rotated half-dims, after the checkpoint's RoPE scaling."""
+    if rope.kind == "proportional":
+        return _proportional_inv_freq(rope, head_dim)
     rot = int(head_dim * rope.fraction)
-    inv = 1.0 / (rope.theta ** (np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / head_dim
-                                if rope.kind == "proportional" else
-                                np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / rot))
+    inv = 1.0 / (rope.theta ** (np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / rot))
     if rope.kind == "linear":
         inv = inv / rope.factor
     elif rope.kind == "llama3":
         inv = _llama3_scale(inv, rope)
-    elif rope.kind not in ("default", "proportional"):
+    elif rope.kind != "default":
         raise ValueError(f"rope_type {rope.kind!r} is not supported")
     return inv.astype(np.float32)
+
+
+def _proportional_inv_freq(rope: Rope, head_dim: int) -> np.ndarray:
+    """Gemma 4's partial RoPE: D/2 frequencies, the first `fraction * D/2` of them base^(-2j/D) (the
+    exponent's denominator is the whole head dim), the rest 0 (cos 1, sin 0: those pairs pass through).
+
+    Rotating the whole head with these tables pairs dims (i, i + D/2), as transformers does; rotating only
+    the first R dims would pair (i, i + R/2) instead."""
+    angles = int(rope.fraction * head_dim // 2)
+    rotated = 1.0 / (rope.theta ** (np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = np.concatenate([rotated, np.zeros(head_dim // 2 - angles, np.float32)])
+    return (inv / np.float32(rope.factor)).astype(np.float32)
 
 
 def _llama3_scale(inv: np.ndarray, r: Rope) -> np.ndarray:
@@ -190,3 +202,74 @@ def softcap(b: GraphBuilder, x: str, cap: float | None) -> str:
 def graph_outputs(b: GraphBuilder, logits: str, hidden_states: str, vocab: int, hidden: int) -> None:
     b.output(logits, C.LOGITS, FLOAT, ["batch", "num_logits", vocab])
     b.output(hidden_states, C.LAST_HIDDEN, FLOAT, ["batch", "seq", hidden])
+
+
+def rms_norm_unscaled(b: GraphBuilder, x: str, dim: int, eps: float) -> str:
+    """RMSNorm over the last axis without a learned weight (Gemma 4's v_norm)."""
+    return b.op("RMSNormalization", x, b.const(np.ones(dim, np.float32), hint="ones"), axis=-1, epsilon=eps)
+
+
+def activation(b: GraphBuilder, x: str, act: str) -> str:
+    """The checkpoint's `hidden_act`/`hidden_activation` applied elementwise (same choices as gated_mlp)."""
+    if act == "silu":
+        return b.op("Mul", x, b.op("Sigmoid", x))
+    if act in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return b.op("Gelu", x, approximate="tanh")
+    if act == "gelu":
+        return b.op("Gelu", x)
+    raise ValueError(f"activation {act!r} is not supported")
+
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """Which cache positions a query may attend to, shared by the KV-shared layers of one type."""
+
+    start: str  # [1] int64: first position sliced out of the buffer
+    end: str  # [1] int64: one past the last (total_sequence_length)
+    bias: str  # [B, 1, 1, S, T] additive mask, T = end - start
+
+
+def cache_view(b: GraphBuilder, io: TargetInputs, window: int | None) -> CacheView:
+    """Causal (optionally sliding-window) mask over cache positions [start, total_len).
+
+    Query s of row b sits at position_ids[b, s] and sees key j iff j <= pos (and j > pos - window). A
+    sliding view starts at the earliest key any query of the batch can see, so only ~window rows are read."""
+    end = b.op("Reshape", b.op("Cast", io.total_len, to=INT64), b.const([1], np.int64))
+    start = b.const([0], np.int64)
+    if window:
+        first = b.op("Sub", b.op("ReduceMin", io.position_ids, keepdims=0), b.const(window - 1, np.int64))
+        start = b.op("Reshape", b.op("Max", first, b.const(0, np.int64)), b.const([1], np.int64))
+    keys = b.op("Range", b.op("Squeeze", start), b.op("Squeeze", end), b.const(1, np.int64))  # [T]
+    pos = b.op("Unsqueeze", io.position_ids, b.const([-1], np.int64))  # [B, S, 1]
+    ok = b.op("LessOrEqual", keys, pos)
+    if window:
+        ok = b.op("And", ok, b.op("Greater", keys, b.op("Sub", pos, b.const(window, np.int64))))
+    bias = b.op("Where", ok, b.const(np.float32(0)), b.const(np.float32(np.finfo(np.float32).min)))
+    return CacheView(start, end, b.op("Unsqueeze", bias, b.const([1, 2], np.int64)))
+
+
+def attend_cache(b: GraphBuilder, q: str, slot: C.KVSlot, view: CacheView, num_heads: int, scale: float) -> str:
+    """Attention over layer `slot.layer`'s cache as it stands after this step, writing nothing.
+
+    For KV-shared layers: they read `present.{owner}` (the owner's GQA has appended this step's K/V by
+    then; the data edge orders the two). Standard ops rather than GroupQueryAttention: GQA cannot read a
+    cache without appending to it, and a second GQA with its own present copies the whole past each step.
+    Only the view's rows are sliced out, so a sliding layer reads ~window rows however long the context.
+
+    q [B, S, N*D] (RoPE applied) -> [B, S, N*D]."""
+    nk, d = slot.num_heads, slot.head_dim
+    g, axis = num_heads // nk, b.const([2], np.int64)
+
+    def rows(name: str) -> str:  # [B, Nk, cap, D] -> [B, Nk, 1, T, D]
+        return b.op("Unsqueeze", b.op("Slice", name, view.start, view.end, axis), b.const([2], np.int64))
+
+    # query head h uses KV head h // g (transformers' repeat_kv): group the heads instead of repeating K/V
+    qh = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, nk, g, d], np.int64)), perm=[0, 2, 3, 1, 4])
+    scores = b.op("MatMul", qh, b.op("Transpose", rows(C.present_key(slot.layer)), perm=[0, 1, 2, 4, 3]))
+    if scale != 1.0:
+        scores = b.op("Mul", scores, b.const(np.float32(scale)))
+    probs = b.op("Softmax", b.op("Add", scores, view.bias), axis=-1)  # [B, Nk, G, S, T]
+    out = b.op("MatMul", probs, rows(C.present_value(slot.layer)))  # [B, Nk, G, S, D]
+    out = b.op("Transpose", out, perm=[0, 3, 1, 2, 4])
+    return b.op("Reshape", out, b.const([0, 0, num_heads * d], np.int64))

@@ -48,6 +48,13 @@ class Drafter(Protocol):
         ...
 
 
+class NoDrafter:
+    """Proposes nothing: every round is a plain one-token step (batched plain decoding)."""
+
+    def propose(self, history: Sequence[int], k: int, ctx: DraftContext | None = None) -> tuple[list[int], None]:
+        return [], None
+
+
 class PromptLookupDrafter:
     """n-gram prompt lookup: find the most recent earlier occurrence of the sequence's last n tokens
     (n from max_ngram down to min_ngram) and propose the tokens that followed it.

@@ -81,23 +81,85 @@ class Engine:
             stats.decode_tokens += 1
             stats.decode_s = time.perf_counter() - t0
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling()) -> Generation:
-        gen = Generation("", [])
-        gen.tokens = list(self.token_ids(self.encode(prompt), max_new_tokens, sampling, gen.stats))
+    def drafter(self, mode: str = "auto"):
+        """The drafter for `mode`: auto (the bundle's MTP drafter, else prompt lookup), mtp or lookup."""
+        from .drafting import PromptLookupDrafter
+
+        if mode == "lookup" or (mode == "auto" and not self.bundle.has_graph("drafter")):
+            return PromptLookupDrafter()
+        if mode in ("mtp", "auto"):
+            if not self.bundle.has_graph("drafter"):
+                raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (use --draft lookup or "
+                                   "export with --drafter)")
+            return self._mtp_drafter()
+        raise EdgemtpError(f"--draft {mode!r} is unknown (choose from auto, mtp, lookup, none)")
+
+    def _mtp_drafter(self):
+        raise EdgemtpError(f"{self.bundle.dir}: MTP drafter graphs are not supported by this runtime yet")
+
+    def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+                     draft: Draft | None = None, stats: Stats | None = None) -> Iterator[int]:
+        """Generated token ids as they come: plain decoding, or speculative when `draft` is given."""
+        if draft is None or draft.mode == "none" or draft.k == 0:
+            yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats)
+            return
+        from .speculative import Speculative
+
+        spec = Speculative(self.target, self.drafter(draft.mode), draft.k, adaptive=draft.adaptive)
+        for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, stats):
+            yield from tokens
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+                 draft: Draft | None = None) -> Generation:
+        gen = Generation("", [], new_stats(draft))
+        gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats))
         gen.text = self.decode(gen.tokens)
         return gen
 
+    def generate_batch(self, prompts: list[str], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+                       draft: Draft | None = None) -> list[Generation]:
+        """Several prompts at once, each with its own acceptance; stats are for the whole batch."""
+        from .drafting import NoDrafter
+        from .speculative import Speculative
+
+        use_draft = draft is not None and draft.mode != "none" and draft.k > 0
+        drafter = self.drafter(draft.mode) if use_draft else NoDrafter()
+        spec = Speculative(self.target, drafter, draft.k if use_draft else 0,
+                           adaptive=use_draft and draft.adaptive)
+        stats = new_stats(draft)
+        results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, self.stop_ids, stats)
+        return [Generation(self.decode(r.tokens), r.tokens, stats) for r in results]
+
     def stream(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-               stats: Stats | None = None) -> Iterator[str]:
+               stats: Stats | None = None, draft: Draft | None = None) -> Iterator[str]:
         """Yields text pieces as tokens arrive (holding back half-decoded UTF-8 sequences)."""
         ids, shown = [], ""
-        for token in self.token_ids(self.encode(prompt), max_new_tokens, sampling, stats):
+        for token in self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats):
             ids.append(token)
             text = self.decode(ids)
             if text.endswith("\ufffd"):
                 continue
             yield text[len(shown):]
             shown = text
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Speculative decoding settings: `mode` auto | mtp | lookup | none, K drafted tokens per round."""
+
+    mode: str = "auto"
+    k: int = 4
+    adaptive: bool = False
+
+    def __post_init__(self):
+        if self.k < 0:
+            raise EdgemtpError(f"--draft-k {self.k} must be >= 0")
+
+
+def new_stats(draft: Draft | None) -> Stats:
+    from .speculative import SpecStats
+
+    return Stats() if draft is None or draft.mode == "none" else SpecStats()
 
 
 def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int) -> None:

@@ -140,6 +140,15 @@ class Speculative:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                  sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
                  stats: SpecStats | None = None) -> list[SeqResult]:
+        results = [SeqResult([]) for _ in prompts]
+        for _row, _tokens in self.stream(prompts, max_new_tokens, sampling, stop_ids, stats, results):
+            pass
+        return results
+
+    def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
+               sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
+               stats: SpecStats | None = None, results: list[SeqResult] | None = None):
+        """Yields (row, new tokens) as each round emits them; `results` receives the per-row results."""
         capacity = self.target.contract.capacity
         for p in prompts:
             _check_request(list(p), max_new_tokens, capacity)
@@ -149,16 +158,24 @@ class Speculative:
         t0 = time.perf_counter()
         seqs = [self._prefill(b, list(p), cache, sampling, _rng(sampling.seed, b, len(prompts)))
                 for b, p in enumerate(prompts)]
+        results = results if results is not None else [SeqResult([]) for _ in prompts]
+        for s, r in zip(seqs, results):
+            s.out = r
+            r.tokens.append(s.history[-1])
         for s in seqs:
             self._finish_check(s, stop_ids, max_new_tokens, cache)
+        stats.prefill_tokens += sum(len(p) for p in prompts)
+        stats.prefill_s += time.perf_counter() - t0
+        for s in seqs:
+            yield s.row, list(s.out.tokens)
         t1 = time.perf_counter()
         while active := [s for s in seqs if not s.out.stop_reason]:
+            before = {s.row: len(s.out.tokens) for s in active}
             self._round(active, cache, sampling, stop_ids, max_new_tokens, stats)
-        t2 = time.perf_counter()
-        stats.prefill_tokens += sum(len(p) for p in prompts)
-        stats.prefill_s += t1 - t0
+            stats.decode_s = time.perf_counter() - t1
+            for s in active:
+                yield s.row, s.out.tokens[before[s.row]:]
         stats.decode_tokens += sum(len(s.out.tokens) - 1 for s in seqs)
-        stats.decode_s += t2 - t1
         stats.other_s = stats.decode_s - stats.draft_s - stats.verify_s
         for s in seqs:
             stats.rounds += s.out.rounds
@@ -166,15 +183,12 @@ class Speculative:
             stats.accepted += s.out.accepted
         stats.stop_reasons = [s.out.stop_reason for s in seqs]
         stats.stop_reason = "; ".join(dict.fromkeys(stats.stop_reasons))
-        return [s.out for s in seqs]
 
     def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
                  rng: np.random.Generator) -> _Seq:
         logits, hidden = self.target.forward(np.array([prompt]), cache, rows=slice(b, b + 1))
         s = _Seq(b, prompt, self.k, rng, hidden[0, -1])
-        token = pick(logits[0, -1], sampling, rng)
-        s.history.append(token)
-        s.out.tokens.append(token)
+        s.history.append(pick(logits[0, -1], sampling, rng))
         return s
 
     def _round(self, active: list[_Seq], cache: KVCache, sampling: Sampling, stop_ids: frozenset,

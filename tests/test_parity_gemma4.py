@@ -1,0 +1,119 @@
+"""Gemma 4 target parity against transformers, every E2B/E4B feature on, past 2x the sliding window."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgemtp.errors import EdgemtpError
+from edgemtp.exporters import export, gemma4, load_config
+
+WINDOW = 8
+CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 14  # prefill, decode steps and multi-token (verify-like) steps
+S, F = "sliding_attention", "full_attention"
+# layers 5-7 are KV-shared: 5 and 6 read layer 3's cache, 7 reads layer 4's (k_eq_v, other head dim)
+LAYER_TYPES = [S, F, S, S, F, S, S, F]
+TEXT = dict(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=len(LAYER_TYPES),
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+            num_global_key_value_heads=1, attention_k_eq_v=True, layer_types=LAYER_TYPES,
+            sliding_window=WINDOW, num_kv_shared_layers=3, use_double_wide_mlp=True,
+            hidden_size_per_layer_input=8, vocab_size_per_layer_input=96, final_logit_softcapping=3.0,
+            max_position_embeddings=256, initializer_range=0.1,
+            rope_parameters={S: {"rope_type": "default", "rope_theta": 10_000.0},
+                             F: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                 "rope_theta": 10_000.0}})
+
+
+def tiny(kind: str):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gemma4_text":
+        model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**TEXT))
+    else:  # the multimodal checkpoint layout: model.language_model.*, model_type gemma4 + text_config
+        cfg = transformers.Gemma4Config(text_config=TEXT, vision_config=None, audio_config=None)
+        model = transformers.Gemma4ForConditionalGeneration(cfg)
+    _randomize(model)
+    return model.eval()
+
+
+def _randomize(model) -> None:
+    """Random init leaves norms at 1 and layer scalars at 1, which would hide a mistake in either."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buf.copy_(torch.empty_like(buf).uniform_(0.5, 1.5))
+
+
+@pytest.mark.parametrize("kind", ["gemma4_text", "gemma4"])
+def test_logits_match_transformers(kind, tmp_path):
+    from edgemtp.runtime.engine import Engine
+
+    from .reference import reference_logits, save_tiny
+
+    model = tiny(kind)
+    model_dir = save_tiny(model, tmp_path / "model")
+    export(model_dir, tmp_path / "bundle", capacity=64)
+    engine = Engine.load(tmp_path / "bundle")
+    contract = engine.target.contract
+    assert [s.layer for s in contract.kv] == [0, 1, 2, 3, 4]  # shared layers own no cache
+    assert [(s.num_heads, s.head_dim, s.window) for s in contract.kv[:2]] == [(2, 16, WINDOW), (1, 32, None)]
+    assert contract.drafter_kv == {S: 3, F: 4}
+    ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
+    ref = reference_logits(model, ids, CHUNKS)
+    cache = engine.target.new_cache(1)
+    start, worst, hiddens = 0, 0.0, []
+    for n, want in zip(CHUNKS, ref):
+        got, hidden = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{kind} at position {start}")
+        worst = max(worst, float(np.abs(got - want).max()))
+        hiddens.append(hidden)
+        start += n
+    assert start > 2 * WINDOW
+    assert np.ptp(np.concatenate(ref, axis=1)) > 1.0  # logits spread enough for the tolerance to mean something
+    # last_hidden_state is what transformers' MTP candidate generator hands the drafter: hidden_states[-1]
+    # (post final norm for Gemma 4)
+    np.testing.assert_allclose(np.concatenate(hiddens, axis=1), _hf_last_hidden(model, ids), atol=1e-3, rtol=0)
+    print(f"{kind}: max |logits - transformers| = {worst:.2e}")
+
+
+def _hf_last_hidden(model, ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states[-1].numpy()
+
+
+def _hf_text(**changes) -> dict:
+    return {"model_type": "gemma4_text", **TEXT, **changes}
+
+
+def test_config_errors_list_every_problem(tmp_path):
+    hf = _hf_text(num_kv_shared_layers=8, hidden_activation="relu",
+                  per_layer_config={"1": {"head_dim": 32, "intermediate_size": 7}})
+    with pytest.raises(EdgemtpError) as e:
+        gemma4.parse_config(hf, "model/config.json")
+    msg = str(e.value)
+    for part in ("model/config.json", "num_kv_shared_layers", "hidden_activation", "intermediate_size",
+                 "full_attention layers differ"):
+        assert part in msg, msg
+
+
+def test_multimodal_config_reads_text_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gemma4", "text_config": _hf_text(vocab_size=0)}))
+    with pytest.raises(EdgemtpError, match=r"config.json \(text_config\).*vocab_size"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": _hf_text()}))
+    cfg, _ = load_config(tmp_path)
+    # old-style config (global_head_dim, num_global_key_value_heads) resolved per layer
+    assert cfg.head_dims == (16, 32, 16, 16, 32, 16, 16, 32) and cfg.kv_heads == (2, 1, 2, 2, 1, 2, 2, 1)
+    assert [cfg.kv_owner(i) for i in range(8)] == [0, 1, 2, 3, 4, 3, 3, 4]
+    assert [cfg.mlp_width(i) for i in range(8)] == [48] * 5 + [96] * 3
