@@ -165,6 +165,62 @@ def speed_line(stats) -> str:
     return line + f"; {stats.stop_reason}]"
 
 
+def int_list(flag: str, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise EdgemtpError(f"{flag} {value!r} must be comma-separated integers, e.g. 0,2,4") from None
+    if not out:
+        raise EdgemtpError(f"{flag} is empty")
+    return out
+
+
+@cli.command("profile")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", default="128,512", show_default=True)
+@click.option("--gen-tokens", default=128, show_default=True, type=int)
+@click.option("--repetitions", default=5, show_default=True, type=int)
+@click.option("--draft-k", default="0,2,4,6", show_default=True, help="0 is plain decoding.")
+@click.option("--batch", default="1", show_default=True)
+@click.option("--provider", default="cpu", show_default=True)
+@click.option("--threads", default=None, type=int)
+@click.option("--draft", "drafter", default="auto", show_default=True, type=click.Choice(["auto", "mtp", "lookup"]))
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv", "md"]))
+@click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
+@click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path), help="Write a PNG plot.")
+@click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
+def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
+                fmt, trace, plot_file, text_file):
+    """Latency profile of a bundle on this device: plain vs MTP at each K, side by side."""
+    from .runtime import profile as prof
+    from .runtime import profile_report as report
+
+    if repetitions < 1:
+        raise EdgemtpError(f"--repetitions {repetitions} must be at least 1")
+    text = read_prompt(None, text_file) if text_file else None
+    with progress_bar("profiling") as progress:
+        result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
+                              int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
+                              drafter, text, progress)
+    click.echo(report.render(result, fmt, prof.speedups(result)))
+    if trace:
+        click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, threads, prefix),
+                                      lambda e: e.generate("def main():", max_new_tokens=16), trace), err=True)
+    if plot_file:
+        report.plot(result, plot_file)
+
+
+def _traced_engine(bundle_dir, threads, prefix):
+    from .runtime.engine import Engine
+    from .runtime.session import make_session
+    from .runtime.target import Target
+
+    engine = Engine.load(bundle_dir, threads=threads, verify=False)
+    path = engine.bundle.graph("target").path
+    engine.target = Target(make_session(path, "cpu", threads, profile_prefix=prefix), engine.target.contract)
+    return engine
+
+
 @cli.command("quickstart")
 @click.option("--workdir", default=Path.home() / ".cache" / "edgemtp", type=click.Path(path_type=Path),
               show_default=True, help="Where the imported model and the bundle go.")

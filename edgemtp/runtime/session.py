@@ -35,8 +35,13 @@ def resolve_provider(name: str) -> str:
     return full
 
 
-def make_session(path: Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
+    """`profile_prefix`: record ONNX Runtime's per-op profile (a Chrome trace) to that file prefix."""
     opts = ort.SessionOptions()
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

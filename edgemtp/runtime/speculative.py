@@ -86,6 +86,8 @@ class SpecStats(Stats):
     verify_s: float = 0.0
     other_s: float = 0.0  # acceptance, sampling, bookkeeping
     stop_reasons: list[str] = field(default_factory=list)
+    drafted_at: list[int] = field(default_factory=list)  # per draft position, summed over sequences
+    accepted_at: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -95,9 +97,16 @@ class SpecStats(Stats):
     def mean_accepted_per_round(self) -> float:
         return self.accepted / self.rounds if self.rounds else 0.0
 
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """P(draft position i accepted | drafted), the per-position acceptance vLLM reports."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at + [0] * len(self.drafted_at),
+                                                   self.drafted_at)]
+
     def to_json(self) -> dict:
         return {**super().to_json(), "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_per_round": self.mean_accepted_per_round}
+                "mean_accepted_per_round": self.mean_accepted_per_round,
+                "acceptance_by_position": self.acceptance_by_position}
 
 
 @dataclass
@@ -107,6 +116,8 @@ class SeqResult:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    drafted_at: list[int] = field(default_factory=list)  # [i]: rounds that drafted a token at position i
+    accepted_at: list[int] = field(default_factory=list)  # [i]: rounds that accepted position i
 
 
 @dataclass
@@ -181,6 +192,8 @@ class Speculative:
             stats.rounds += s.out.rounds
             stats.drafted += s.out.drafted
             stats.accepted += s.out.accepted
+            _add(stats.drafted_at, s.out.drafted_at)
+            _add(stats.accepted_at, s.out.accepted_at)
         stats.stop_reasons = [s.out.stop_reason for s in seqs]
         stats.stop_reason = "; ".join(dict.fromkeys(stats.stop_reasons))
 
@@ -266,6 +279,8 @@ class Speculative:
         s.out.rounds += 1
         s.out.drafted += drafted
         s.out.accepted += accepted
+        _count_positions(s.out.drafted_at, drafted)
+        _count_positions(s.out.accepted_at, accepted)
         if self.adaptive and drafted:
             s.k = min(self.k, s.k + 2) if accepted == drafted else max(1, s.k - 1)
 
@@ -285,6 +300,18 @@ class Speculative:
             s.out.stop_reason = "max new tokens"
         elif cache.room(s.row) < 1:  # the last emitted token has no place left in the cache
             s.out.stop_reason = "KV capacity reached"
+
+
+def _count_positions(counts: list[int], n: int) -> None:
+    counts.extend([0] * (n - len(counts)))
+    for i in range(n):
+        counts[i] += 1
+
+
+def _add(into: list[int], counts: list[int]) -> None:
+    into.extend([0] * (len(counts) - len(into)))
+    for i, n in enumerate(counts):
+        into[i] += n
 
 
 def speculative_generate(target: Target, drafter: Drafter, prompt_ids_list: Sequence[Sequence[int]],

@@ -1,0 +1,171 @@
+"""`edgemtp profile`: llama-bench-style rows, one per configuration, measured side by side in one run.
+
+Each row: prefill (pp) and generation (tg) tokens/s as mean ± std over repetitions after a warm-up,
+time to first token, acceptance and tokens per target forward, the per-round time split (drafter,
+verify, runtime overhead), peak RSS and the bundle's size. Rows that cannot run here (provider not
+available, prompt + generation beyond the KV capacity) are kept with a `skipped` reason.
+"""
+
+from __future__ import annotations
+
+import itertools
+import resource
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..bundle import load as load_bundle
+from .drafting import NoDrafter
+from .engine import Draft, Engine
+from .sampling import Sampling
+from .session import PROVIDERS
+from .speculative import SpecStats, Speculative
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    draft_k: int
+    batch: int
+    prompt_tokens: int
+    gen_tokens: int
+    provider: str
+    drafter: str  # "none" | "lookup" | "mtp"
+
+
+@dataclass
+class Row:
+    config: RowConfig
+    skipped: str = ""
+    pp_tokens_per_s: list[float] = field(default_factory=list)
+    tg_tokens_per_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    acceptance_rate: float = 0.0
+    tokens_per_forward: float = 0.0
+    acceptance_by_position: list[float] = field(default_factory=list)
+    split_s: dict = field(default_factory=dict)  # per round: draft / verify / other
+    peak_rss_mb: float = 0.0
+
+    def to_json(self) -> dict:
+        out = {**asdict(self.config), "skipped": self.skipped or None}
+        if self.skipped:
+            return out
+        for name in ("pp_tokens_per_s", "tg_tokens_per_s", "ttft_s"):
+            values = getattr(self, name)
+            out[name] = {"mean": statistics.fmean(values),
+                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+        out.update(acceptance_rate=self.acceptance_rate, tokens_per_forward=self.tokens_per_forward,
+                   acceptance_by_position=self.acceptance_by_position, split_ms_per_round=self.split_s,
+                   peak_rss_mb=self.peak_rss_mb)
+        return out
+
+
+def prompt_ids(engine: Engine, n: int, text: str | None, offset: int = 0) -> list[int]:
+    """n tokens of real text (by default the Python standard library's own source: always present)."""
+    if text is None:
+        import inspect
+        import json.decoder
+
+        text = "".join(Path(m.__file__).read_text() for m in (inspect, json.decoder, statistics))
+    ids = engine.encode(text)
+    if len(ids) < n + offset:
+        ids = ids * (1 + (n + offset) // max(1, len(ids)))
+    return ids[offset:offset + n]
+
+
+def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafter) -> list[RowConfig]:
+    return [RowConfig(k, b, p, gen_tokens, provider, "none" if k == 0 else drafter)
+            for p, b, k in itertools.product(prompt_tokens, batches, draft_ks)]
+
+
+def skip_reason(c: RowConfig, capacity: int, static_window: int | None) -> str:
+    full = PROVIDERS.get(c.provider.lower(), c.provider)
+    if full not in ort.get_available_providers():
+        return f"provider {c.provider!r} is not available in this onnxruntime build"
+    if static_window is not None and c.draft_k + 1 > static_window:
+        return f"draft_k {c.draft_k} needs a verify window of {c.draft_k + 1}; the bundle has {static_window}"
+    if c.prompt_tokens + c.gen_tokens + c.draft_k + 1 > capacity:
+        return (f"prompt {c.prompt_tokens} + gen {c.gen_tokens} + draft window exceeds the KV capacity "
+                f"of {capacity}")
+    if c.prompt_tokens < 1 or c.gen_tokens < 1 or c.batch < 1 or c.draft_k < 0:
+        return "prompt_tokens, gen_tokens and batch must be >= 1, draft_k >= 0"
+    return ""
+
+
+def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) -> Row:
+    row = Row(c)
+    prompts = [prompt_ids(engine, c.prompt_tokens, text, offset=97 * b) for b in range(c.batch)]
+    draft = Draft(c.drafter, c.draft_k) if c.draft_k else None
+    drafter = engine.drafter(draft.mode) if draft else None
+    totals = SpecStats()
+    for rep in range(repetitions + 1):  # the first run warms up and is not counted
+        stats = SpecStats()
+        spec = Speculative(engine.target, drafter or NoDrafter(), c.draft_k if draft else 0)
+        spec.generate(prompts, c.gen_tokens, Sampling(), stop_ids=(), stats=stats)
+        if rep == 0:
+            continue
+        row.pp_tokens_per_s.append(stats.prefill_tokens / stats.prefill_s)
+        row.tg_tokens_per_s.append(stats.decode_tokens / stats.decode_s if stats.decode_s else 0.0)
+        row.ttft_s.append(stats.prefill_s / c.batch)
+        for name in ("rounds", "drafted", "accepted", "draft_s", "verify_s", "other_s"):
+            setattr(totals, name, getattr(totals, name) + getattr(stats, name))
+        totals.drafted_at, totals.accepted_at = _sum(totals.drafted_at, stats.drafted_at), \
+            _sum(totals.accepted_at, stats.accepted_at)
+        totals.decode_tokens += stats.decode_tokens
+    rounds = max(1, totals.rounds)
+    row.acceptance_rate = totals.acceptance_rate
+    row.acceptance_by_position = totals.acceptance_by_position
+    row.tokens_per_forward = totals.decode_tokens / rounds
+    row.split_s = {k: 1e3 * getattr(totals, k + "_s") / rounds for k in ("draft", "verify", "other")}
+    row.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def _sum(a: list[int], b: list[int]) -> list[int]:
+    n = max(len(a), len(b))
+    return [x + y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))]
+
+
+def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetitions=5, draft_ks=(0, 2, 4, 6),
+            batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None) -> dict:
+    """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README)."""
+    bundle = load_bundle(bundle_dir, verify=False)
+    engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False)
+    kind = ("mtp" if bundle.has_graph("drafter") else "lookup") if drafter == "auto" else drafter
+    static = bundle.manifest["graphs"]["target"].get("verify_window")
+    rows = []
+    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, kind)
+    for i, c in enumerate(todo):
+        reason = skip_reason(c, engine.capacity, static)
+        rows.append(Row(c, skipped=reason) if reason else run_row(engine, c, repetitions, text))
+        if progress:
+            progress(i + 1, len(todo), f"k={c.draft_k} batch={c.batch} prompt={c.prompt_tokens}")
+    return {"schema_version": SCHEMA_VERSION, "bundle": str(bundle_dir),
+            "bundle_bytes": sum(f["bytes"] for f in bundle.manifest["files"].values()),
+            "threads": threads, "repetitions": repetitions,
+            "ceiling": ceiling(bundle, threads), "rows": [r.to_json() for r in rows]}
+
+
+def ceiling(bundle, threads) -> dict:
+    """Plain decoding is bandwidth-bound: every weight byte is read once per token."""
+    from .bandwidth import measure_bandwidth
+
+    weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items() if rel.endswith(".data"))
+    bw = measure_bandwidth(threads)
+    return {"bandwidth_gb_s": bw / 1e9, "weight_bytes": weights, "tg_tokens_per_s": bw / max(1, weights)}
+
+
+def speedups(result: dict) -> list[dict]:
+    """tg of each drafting row over the plain row of the same batch and prompt (the trade-off)."""
+    base = {(r["batch"], r["prompt_tokens"]): r["tg_tokens_per_s"]["mean"]
+            for r in result["rows"] if not r["skipped"] and r["draft_k"] == 0}
+    out = []
+    for r in result["rows"]:
+        key = (r["batch"], r["prompt_tokens"])
+        if not r["skipped"] and r["draft_k"] and key in base:
+            out.append({**{k: r[k] for k in ("draft_k", "batch", "prompt_tokens")},
+                        "speedup": r["tg_tokens_per_s"]["mean"] / base[key]})
+    return out

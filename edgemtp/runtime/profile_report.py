@@ -1,0 +1,123 @@
+"""Rendering `edgemtp profile` results (table / json / csv / md), the per-op trace and the plot."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import EdgemtpError
+
+COLUMNS = ["draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "pp t/s", "tg t/s",
+           "ttft ms", "accept", "tok/fwd", "draft ms", "verify ms", "other ms", "rss MB"]
+
+
+def _cells(r: dict) -> list[str]:
+    head = [str(r[k]) for k in ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter")]
+    if r["skipped"]:
+        return head + [f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - len(head) - 1)
+    pm = lambda m: f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
+    split = r["split_ms_per_round"]
+    return head + [pm(r["pp_tokens_per_s"]), pm(r["tg_tokens_per_s"]), f"{1e3 * r['ttft_s']['mean']:.0f}",
+                   f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_forward']:.2f}", f"{split['draft']:.1f}",
+                   f"{split['verify']:.1f}", f"{split['other']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+
+
+def ceiling_line(result: dict) -> str:
+    c = result["ceiling"]
+    return (f"bandwidth ceiling of plain decoding: {c['tg_tokens_per_s']:.1f} tokens/s "
+            f"({c['weight_bytes'] / 1e9:.2f} GB of weights per token at {c['bandwidth_gb_s']:.1f} GB/s); "
+            f"bundle {result['bundle_bytes'] / 1e9:.2f} GB")
+
+
+def render(result: dict, fmt: str, speedups: list[dict]) -> str:
+    rows = [_cells(r) for r in result["rows"]]
+    if fmt == "json":
+        return json.dumps({**result, "speedups": speedups}, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+        return buf.getvalue()
+    if fmt == "md":
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines + ["", ceiling_line(result), "", _speedup_text(speedups)])
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*COLUMNS)
+    for r in rows:
+        table.add_row(*r)
+    buf = io.StringIO()
+    console = Console(file=buf, width=220)
+    console.print(table)
+    console.print(ceiling_line(result))
+    console.print(_speedup_text(speedups))
+    return buf.getvalue()
+
+
+def _speedup_text(speedups: list[dict]) -> str:
+    if not speedups:
+        return ""
+    parts = [f"k={s['draft_k']} (batch {s['batch']}, prompt {s['prompt_tokens']}): {s['speedup']:.2f}x"
+             for s in speedups]
+    best = max(speedups, key=lambda s: s["speedup"])
+    verdict = ("drafting pays off" if best["speedup"] > 1 else "drafting does not pay off here (break-even not reached)")
+    return "tg speedup vs no draft: " + "; ".join(parts) + f" — {verdict}"
+
+
+def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:
+    """Runs `run(engine)` with ONNX Runtime's profiler on; writes the Chrome trace to `out` and
+    returns a top-N ops table (total ms by op type)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = engine_factory(str(Path(tmp) / "ort"))
+        run(engine)
+        produced = engine.target.session.end_profiling()
+        events = json.loads(Path(produced).read_text())
+        shutil.copyfile(produced, out)
+    by_op = collections.Counter()
+    calls = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+            calls[e["args"]["op_name"]] += 1
+    total = sum(by_op.values()) or 1
+    lines = [f"{'op':28s} {'total ms':>10s} {'calls':>7s} {'share':>6s}"]
+    lines += [f"{op:28s} {us / 1e3:10.1f} {calls[op]:7d} {us / total:6.1%}" for op, us in by_op.most_common(top)]
+    return "\n".join(lines)
+
+
+def plot(result: dict, out: Path) -> None:
+    """tokens/s against K, and acceptance per draft position at the largest K."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgemtpError("--plot needs matplotlib: pip install 'edgemtp[plot]'") from None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    ok = [r for r in result["rows"] if not r["skipped"]]
+    for key in sorted({(r["batch"], r["prompt_tokens"]) for r in ok}):
+        rs = sorted((r for r in ok if (r["batch"], r["prompt_tokens"]) == key), key=lambda r: r["draft_k"])
+        a.errorbar([r["draft_k"] for r in rs], [r["tg_tokens_per_s"]["mean"] for r in rs],
+                   yerr=[r["tg_tokens_per_s"]["std"] for r in rs], marker="o",
+                   label=f"batch {key[0]}, prompt {key[1]}")
+    a.axhline(result["ceiling"]["tg_tokens_per_s"], ls="--", c="gray", label="plain-decoding ceiling")
+    a.set(xlabel="draft K", ylabel="generation tokens/s", title="Speed vs draft length")
+    a.legend(fontsize=8)
+    drafted = [r for r in ok if r["acceptance_by_position"]]
+    if drafted:
+        r = max(drafted, key=lambda r: r["draft_k"])
+        pos = range(1, len(r["acceptance_by_position"]) + 1)
+        b.bar(list(pos), r["acceptance_by_position"])
+        b.set(xlabel="draft position", ylabel="acceptance", ylim=(0, 1),
+              title=f"Acceptance per position (K={r['draft_k']})")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)

@@ -1,0 +1,66 @@
+"""`edgemtp profile`: the documented JSON schema, skipped rows, trace and plot."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from edgemtp.cli import cli
+
+ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "skipped"}
+ROW_MEASURES = {"pp_tokens_per_s", "tg_tokens_per_s", "ttft_s", "acceptance_rate", "tokens_per_forward",
+                "acceptance_by_position", "split_ms_per_round", "peak_rss_mb"}
+
+
+def profile(*args):
+    r = CliRunner().invoke(cli, ["profile", *[str(a) for a in args]])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_json_schema(tiny_gemma3):
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8,60", "--gen-tokens", 6, "--repetitions", 2,
+                "--draft-k", "0,2", "--batch", "1,2", "--format", "json")
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["schema_version"] == 1
+    assert {"bundle", "bundle_bytes", "threads", "repetitions", "ceiling", "rows", "speedups"} <= set(out)
+    assert {"bandwidth_gb_s", "weight_bytes", "tg_tokens_per_s"} == set(out["ceiling"])
+    rows = out["rows"]
+    assert len(rows) == 8
+    ran = [r for r in rows if not r["skipped"]]
+    skipped = [r for r in rows if r["skipped"]]
+    assert {r["prompt_tokens"] for r in skipped} == {60}  # 60 + 6 + window > capacity 64
+    assert all("KV capacity" in r["skipped"] for r in skipped)
+    for row in ran:
+        assert ROW_CONFIG | ROW_MEASURES == set(row)
+        assert row["tg_tokens_per_s"]["mean"] > 0 and row["pp_tokens_per_s"]["std"] >= 0
+        assert set(row["split_ms_per_round"]) == {"draft", "verify", "other"}
+        if row["draft_k"] == 0:
+            assert row["tokens_per_forward"] == 1.0 and row["drafter"] == "none"
+        else:
+            assert row["drafter"] == "lookup" and len(row["acceptance_by_position"]) <= 2
+    assert {(s["batch"], s["draft_k"]) for s in out["speedups"]} == {(1, 2), (2, 2)}
+
+
+def test_unavailable_provider_row_is_skipped(tiny_gemma3):
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1,
+                "--draft-k", "0", "--provider", "qnn", "--format", "csv")
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("draft_k,batch,prompt_tokens")
+    assert "skipped: provider 'qnn' is not available" in lines[1]
+
+
+def test_trace_and_plot(tiny_gemma3, tmp_path):
+    trace, png = tmp_path / "t.json", tmp_path / "p.png"
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1,
+                "--draft-k", "0,2", "--trace", trace, "--plot", png)
+    events = json.loads(trace.read_text())
+    assert isinstance(events, list) and all({"name", "ph", "ts"} <= set(e) for e in events[:50])
+    assert "GroupQueryAttention" in r.output  # the top-ops table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_profile_flags(tiny_gemma3):
+    r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--draft-k", "two"])
+    assert r.exit_code == 2 and "--draft-k 'two' must be comma-separated integers" in r.output
