@@ -6,8 +6,8 @@ A GGUF carries no `tokenizer.json`, only llama.cpp's description of the vocabula
   scores but no merges. SentencePiece merges, at each step, the adjacent pair whose concatenation is the
   best-scoring piece, so the equivalent HF merge list is every split `(left, right)` of every piece,
   ranked by the score of the merged piece.
-* `tokenizer.ggml.model == "gpt2"`: byte-level BPE (SmolLM2, Llama 3) with explicit merges; what
-  differs between models is the pre-tokenizer regex, named by `tokenizer.ggml.pre`.
+* `tokenizer.ggml.model == "gpt2"`: byte-level BPE (SmolLM2) with explicit merges; what differs
+  between models is the pre-tokenizer regex, named by `tokenizer.ggml.pre`.
 
 Token types (llama.cpp's `LLAMA_TOKEN_TYPE_*`): 1 normal, 2 unknown, 3 control, 4 user-defined,
 5 unused, 6 byte.
@@ -18,54 +18,47 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from edgemtp.errors import EdgemtpError
 
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
-# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) for byte-level vocabularies, mapped to the
-# split that runs before the byte-level mapping. None: GPT-2's own regex, built into ByteLevel.
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_BYTE_LEVEL_PRE = {"default": None, "gpt2": None, "smollm": "digits", "starcoder": "digits",
-                   "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT}
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) for byte-level vocabularies that we rebuild:
+# GPT-2's regex, optionally preceded by splitting off every digit ("smollm": `\p{N}`, then GPT-2's).
+_SPLIT_DIGITS = {"gpt2": False, "smollm": True}
 
 
 def build_tokenizer(meta: dict) -> Tokenizer:
     """The `tokenizers.Tokenizer` that the GGUF metadata `meta` (field name -> value) describes."""
-    kind = meta.get("tokenizer.ggml.model")
+    if "tokenizer.ggml.tokens" not in meta:
+        raise EdgemtpError("GGUF field tokenizer.ggml.tokens is missing: the file has no vocabulary")
+    kind, tokens, types = meta.get("tokenizer.ggml.model"), meta["tokenizer.ggml.tokens"], _token_types(meta)
     if kind == "llama":
-        tok = _sentencepiece_bpe(meta)
+        tok = _sentencepiece_bpe(meta, tokens, types)
     elif kind == "gpt2":
         tok = _byte_level_bpe(meta)
     else:
-        raise EdgemtpError(f"tokenizer.ggml.model {kind!r} is not supported (supported: 'llama', 'gpt2')")
-    _add_special_tokens(tok, meta)
+        raise EdgemtpError(f"GGUF field tokenizer.ggml.model {kind!r} is not supported (supported: 'llama', 'gpt2')")
+    _add_special_tokens(tok, tokens, types)
     tok.post_processor = _post_processor(meta, byte_level=kind == "gpt2")
     return tok
 
 
-def _sentencepiece_bpe(meta: dict) -> Tokenizer:
-    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
+def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int]) -> Tokenizer:
     scores = meta.get("tokenizer.ggml.scores")
     if scores is None:
         raise EdgemtpError("GGUF field tokenizer.ggml.scores is missing; a SentencePiece vocabulary needs it")
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    unk = _special(meta, "unknown")
-    model = models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores, types),
-                       unk_token=unk, fuse_unk=True, byte_fallback=True)
-    tok = Tokenizer(model)
-    # Gemma's files say add_space_prefix=False (no dummy "▁" at the start); Llama 2's say True.
-    if meta.get("tokenizer.ggml.add_space_prefix", True):
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
-        strip = [decoders.Strip(content=" ", left=1, right=0)]
-    else:  # HF's GemmaTokenizer: spaces become "▁" and the whole text is one BPE word
-        tok.normalizer = normalizers.Replace(" ", SPACE)
-        strip = []
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=sentencepiece_merges(tokens, scores, types),
+                               unk_token=_special(meta, "unknown"), fuse_unk=True, byte_fallback=True))
+    # Spaces are spelled "▁" and the text between added tokens is one BPE "word", as in HF's
+    # GemmaTokenizer. SentencePiece's "dummy prefix": Gemma's files say add_space_prefix=False; with it
+    # (Llama 2) each such stretch gets a leading "▁", as llama.cpp and HF's legacy Llama tokenizer do.
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE)] * prefix + [normalizers.Replace(" ", SPACE)])
+    strip = [decoders.Strip(content=" ", left=1, right=0)] * prefix
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *strip])
     return tok
 
@@ -88,41 +81,29 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
 
 
 def _byte_level_bpe(meta: dict) -> Tokenizer:
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in _BYTE_LEVEL_PRE:
+    pre = meta.get("tokenizer.ggml.pre", "gpt2")
+    if pre not in _SPLIT_DIGITS:
         raise EdgemtpError(f"GGUF field tokenizer.ggml.pre {pre!r} is not supported "
-                           f"(supported: {', '.join(sorted(_BYTE_LEVEL_PRE))})")
+                           f"(supported: {', '.join(sorted(_SPLIT_DIGITS))})")
     merges = meta.get("tokenizer.ggml.merges")
     if merges is None:
         raise EdgemtpError("GGUF field tokenizer.ggml.merges is missing; a byte-level BPE vocabulary needs it")
     vocab = {tok: i for i, tok in enumerate(meta["tokenizer.ggml.tokens"])}
-    split = _BYTE_LEVEL_PRE[pre]
-    # tiktoken-style vocabularies (Llama 3) look a whole pre-token up before merging
-    model = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
-                       ignore_merges=split == _LLAMA3_SPLIT)
-    tok = Tokenizer(model)
-    if split is None:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif split == "digits":  # llama.cpp's "smollm": every digit alone, then GPT-2's regex
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    digits = [pre_tokenizers.Digits(individual_digits=True)] if _SPLIT_DIGITS[pre] else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def _add_special_tokens(tok: Tokenizer, meta: dict) -> None:
-    """Control tokens become special added tokens; user-defined ones plain added tokens.
+def _add_special_tokens(tok: Tokenizer, tokens: list[str], types: list[int]) -> None:
+    """Control tokens become special added tokens, user-defined ones plain added tokens.
 
-    Both are matched whole in the raw text, as llama.cpp does. llama.cpp already wrote user-defined
-    pieces with real spaces (Gemma's runs of spaces are stored as "  ", not "▁▁"), so they are
-    matched before the normalizer turns spaces into "▁".
+    Both are matched whole in the raw text before BPE runs, as llama.cpp does (SentencePiece too, for
+    user-defined ones). llama.cpp already spelled user-defined pieces with real spaces (Gemma's runs
+    of spaces are stored as "  ", not "▁▁"), so they match before spaces become "▁".
     """
-    tokens, types = meta["tokenizer.ggml.tokens"], _token_types(meta)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)

