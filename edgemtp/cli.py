@@ -74,13 +74,19 @@ def import_gguf_cmd(gguf_file: Path, out: Path):
 @click.option("--quant", default="fp32", show_default=True, help="Weight format of the graphs.")
 @click.option("--max-context", "capacity", default=4096, show_default=True, type=int,
               help="KV capacity (prompt + generated tokens) the bundle is built for.")
+@click.option("--static", "static", is_flag=True,
+              help="NPU-ready graph: batch 1, fixed shapes, standard ONNX ops only.")
+@click.option("--verify-window", default=5, show_default=True, type=int,
+              help="With --static: positions per call (draft K + 1; prefill runs in chunks of it).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
-def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, overwrite: bool):
+def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
+               overwrite: bool):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
     from .exporters import export
 
     with progress_bar("writing graph weights") as progress:
-        export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress)
+        export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
+               static_window=verify_window if static else None)
     click.echo(f"wrote {out}")
 
 

@@ -43,8 +43,11 @@ def load_config(model_dir: Path):
 
 
 def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
-           progress: Progress | None = None) -> Path:
-    """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`."""
+           progress: Progress | None = None, static_window: int | None = None) -> Path:
+    """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
+
+    `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
+    standard ops only) instead of the dynamic ONNX Runtime graph; W = K + 1 for speculative K."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
@@ -55,7 +58,13 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     if not tokenizer.is_file():
         raise EdgemtpError(f"{tokenizer}: missing (the bundle needs the model's tokenizer.json)")
     ckpt = Checkpoint(model_dir)
-    graph, contract = build(cfg, capacity)
+    if static_window is not None:
+        from .static import build_static
+
+        graph, contract_json = build_static(cfg, None, capacity, static_window)
+    else:
+        graph, contract = build(cfg, capacity)
+        contract_json = contract.to_json()
     _check_weights(graph, ckpt, model_dir)
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress)
@@ -63,7 +72,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         bundle_mod.write_manifest(tmp, {
             "model": model_facts(cfg),
             "tokenizer": "tokenizer.json",
-            "graphs": {"target": {"file": "target.onnx", "quant": quant, "contract": contract.to_json()}},
+            "graphs": {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}},
         })
     return out
 

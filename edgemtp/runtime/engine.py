@@ -15,6 +15,7 @@ from ..errors import EdgemtpError
 from .sampling import Sampling, pick
 from .session import make_session
 from .stats import Stats
+from .static_target import StaticTarget, is_static
 from .target import CapacityError, Target
 
 
@@ -37,12 +38,19 @@ class Engine:
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
              verify: bool = True) -> "Engine":
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
-        target = Target(make_session(b.graph("target").path, provider, threads), b.target_contract)
+        session = make_session(b.graph("target").path, provider, threads)
+        contract = b.graph("target").contract
+        target = StaticTarget(session, contract) if is_static(contract) else Target(session, b.target_contract)
         try:
             tok = Tokenizer.from_file(str(b.tokenizer_path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
         return cls(b, target, tok)
+
+    @property
+    def static(self) -> bool:
+        """A static-shape (NPU) target: every call runs its fixed verify window."""
+        return isinstance(self.target, StaticTarget)
 
     @property
     def capacity(self) -> int:
@@ -105,7 +113,8 @@ class Engine:
             return
         from .speculative import Speculative
 
-        spec = Speculative(self.target, self.drafter(draft.mode), draft.k, adaptive=draft.adaptive)
+        spec = Speculative(self.target, self.drafter(draft.mode), draft.k, adaptive=draft.adaptive,
+                           static_window=self.static)
         for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, stats):
             yield from tokens
 
@@ -125,7 +134,7 @@ class Engine:
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         drafter = self.drafter(draft.mode) if use_draft else NoDrafter()
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0,
-                           adaptive=use_draft and draft.adaptive)
+                           adaptive=use_draft and draft.adaptive, static_window=self.static and use_draft)
         stats = new_stats(draft)
         results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, self.stop_ids, stats)
         return [Generation(self.decode(r.tokens), r.tokens, stats) for r in results]

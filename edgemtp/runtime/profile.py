@@ -135,7 +135,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     bundle = load_bundle(bundle_dir, verify=False)
     engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False)
     kind = ("mtp" if bundle.has_graph("drafter") else "lookup") if drafter == "auto" else drafter
-    static = bundle.manifest["graphs"]["target"].get("verify_window")
+    static = bundle.graph("target").contract.get("verify_window")
     rows = []
     todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, kind)
     for i, c in enumerate(todo):

@@ -1,0 +1,154 @@
+"""QDQ int8/int16 static graphs for NPUs, calibrated on real windows.
+
+    reader = WindowReader("static/target.onnx", contract, "tokenizer.json", texts)
+    quantize_static_qdq("static/target.onnx", "qdq/target.onnx", reader, activation_bits=16)
+
+onnxruntime.quantization.quantize_static in QDQ format: weights int8 per channel (symmetric),
+activations uint8 or uint16 (asymmetric), ranges from min-max (default), entropy or percentile
+calibration. The inputs and outputs keep their float types and names: the runtime (StaticTarget)
+runs the quantized graph unchanged. The mask Add and Softmax of each attention stay float
+(static.KEEP_FLOAT): the mask's -65504 would otherwise set the range of the scores, leaving none of
+the 256 (or 65536) levels to tell real scores apart.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from .. import contract as C
+from ..errors import EdgemtpError
+from .static import KEEP_FLOAT
+
+METHODS = ("minmax", "entropy", "percentile")
+
+
+def quantize_static_qdq(src: Path, dst: Path, calibration_reader, activation_bits: int = 8,
+                        method="minmax", keep_float: Iterable[str] = KEEP_FLOAT,
+                        per_channel: bool = True) -> list[str]:
+    """Writes the QDQ graph of the static float graph `src` to `dst` (+ `dst.data`).
+
+    calibration_reader: an onnxruntime CalibrationDataReader (e.g. WindowReader) giving whole input
+    feeds of `src`. method: "minmax", "entropy", "percentile" (or a CalibrationMethod). keep_float: node-name prefixes left unquantized. Returns the file names written."""
+    if activation_bits not in (8, 16):
+        raise EdgemtpError(f"QDQ activation bits must be 8 or 16, got {activation_bits!r}")
+    method = _method_name(method)
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise EdgemtpError(f"{src}: no such ONNX file")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        model = onnx.load(str(src))  # quantize_static holds the whole model in memory too
+        exclude = [n.name for n in model.graph.node if n.name.startswith(tuple(keep_float))]
+        untie_gather_weights(model)
+        onnx.save(model, str(Path(tmp) / "float.onnx"), save_as_external_data=True, location="float.onnx.data")
+        del model
+        _quantize(Path(tmp) / "float.onnx", dst, calibration_reader, activation_bits, method, exclude, per_channel)
+    return [dst.name] + ([dst.name + ".data"] if (dst.parent / (dst.name + ".data")).is_file() else [])
+
+
+def _method_name(method) -> str:
+    """"minmax" | "entropy" | "percentile", or the matching onnxruntime CalibrationMethod."""
+    name = getattr(method, "name", method)
+    name = {"MinMax": "minmax", "Entropy": "entropy", "Percentile": "percentile"}.get(name, name)
+    if name not in METHODS:
+        raise EdgemtpError(f"calibration method {method!r} is unknown (choose from {', '.join(METHODS)})")
+    return name
+
+
+def _quantize(src: Path, dst: Path, reader, activation_bits: int, method: str, exclude: list[str],
+              per_channel: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(
+        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+        activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
+        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True,
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[method],
+        calibration_providers=["CPUExecutionProvider"],
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+def untie_gather_weights(model: onnx.ModelProto) -> int:
+    """Gives every other consumer of a weight that a Gather also reads (a tied embedding feeding the
+    head Gemm) its own copy. ORT's quantizer would otherwise quantize the shared table per channel
+    (for the Gemm) and hand the Gather's output the table's per-row scales: a broken graph.
+    Returns the number of copies made."""
+    inits = {t.name: t for t in model.graph.initializer}
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    copies: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather":
+            continue
+        for i, name in enumerate(node.input):
+            if name in gathered:
+                if name not in copies:
+                    copies[name] = name + ".untied"
+                    t = onnx.TensorProto()
+                    t.CopyFrom(inits[name])
+                    t.name = copies[name]
+                    model.graph.initializer.append(t)
+                node.input[i] = copies[name]
+    return len(copies)
+
+
+class WindowReader:
+    """Calibration feeds from real text: each text is tokenized and run through the float static graph
+    window by window (StaticTarget); each window's whole input (ids, positions, masks and the cache
+    as the float graph filled it) is one sample. At most `max_windows` samples (min-max keeps every
+    sample's intermediate tensors in memory until the end).
+
+    Implements onnxruntime's CalibrationDataReader protocol (get_next() -> feed dict or None)."""
+
+    def __init__(self, model_path: Path, contract: dict, tokenizer, texts: Iterable[str],
+                 max_windows: int = 64, threads: int | None = None):
+        from ..runtime.session import make_session
+        from ..runtime.static_target import StaticTarget
+
+        if max_windows < 1:
+            raise EdgemtpError(f"max_windows {max_windows} must be at least 1")
+        self.target = StaticTarget(make_session(Path(model_path), "cpu", threads), contract)
+        self.tokenizer = _tokenizer(tokenizer)
+        self.texts, self.max_windows = list(texts), max_windows
+        if not self.texts:
+            raise EdgemtpError("calibration needs at least one text")
+        self._feeds = self._windows()
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+    def rewind(self) -> None:
+        self._feeds = self._windows()
+
+    def _windows(self) -> Iterator[dict]:
+        n, W, cap = 0, self.target.window, self.target.contract.capacity
+        for text in self.texts:
+            ids = np.asarray(self.tokenizer(text), np.int64)[:cap]
+            cache = self.target.new_cache(1)
+            for c in range(0, len(ids), W):
+                if n == self.max_windows:
+                    return
+                chunk = ids[c:c + W]
+                feed = self.target.feed(chunk, int(cache.lengths[0]))
+                for s in self.target.contract.kv:
+                    feed[C.past_key(s.layer)] = cache.keys[s.layer][:1]
+                    feed[C.past_value(s.layer)] = cache.values[s.layer][:1]
+                yield feed  # the calibrator runs it before asking for the next one
+                n += 1
+                self.target.step(chunk, cache, 0)
+
+
+def _tokenizer(tok):
+    """A callable text -> ids from a tokenizers.Tokenizer, a tokenizer.json path or a callable."""
+    if callable(tok) and not hasattr(tok, "encode"):
+        return tok
+    if isinstance(tok, (str, Path)):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok))
+    return lambda text: tok.encode(text).ids

@@ -1,0 +1,246 @@
+"""Static-shape, standard-op target graphs for NPUs (QNN HTP, CoreML, OpenVINO NPU).
+
+    b, contract = build_static(cfg, "gemma3_text", capacity=1024, window=5)
+
+Batch 1, KV capacity C and input width W (the verify window K+1; prefill runs in chunks of W) are
+fixed. No com.microsoft op: attention is MatMul/Softmax over the whole cache with an additive mask,
+RMSNorm is spelled out, RoPE is a Gather from constant cos/sin tables (no Sin/Cos on activations,
+whose angles grow to C radians and would not survive int8/int16 quantization).
+
+I/O (T = C + W; `edgemtp.runtime.static_target` feeds it):
+    input_ids [1, W] int64, position_ids [1, W] int64 (< C)
+    attention_bias [1, 1, W, T] float: 0 visible, MASK_VALUE hidden; columns [0, C) are cache slots,
+        [C, T) the window's own positions; `attention_bias.sliding` the same for sliding layers
+    past_key_values.{i}.key/value [1, Nk, C, D]: the cache buffers, read only
+ -> logits [1, W, V], last_hidden_state [1, W, H],
+    present.{i}.key/value [1, Nk, W, D]: the window's new keys/values only (the runtime writes the
+        real positions into its buffers at the sequence's length)
+
+The mask Add and Softmax of each layer are named `attn_bias_add.{i}` / `attn_softmax.{i}`
+(KEEP_FLOAT): a quantizer should leave them in float (the mask's range would swamp the scores').
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import contract as C
+from ..config import FULL, TextConfig
+from ..errors import EdgemtpError
+from ..runtime.static_target import ATTENTION_BIAS, SLIDING_ATTENTION_BIAS, StaticContract
+from ..checkpoint import Checkpoint
+from . import builder, gemma3
+from . import components as nn
+from .builder import FLOAT, INT64, GraphBuilder, plus_one
+
+ARCHS = ("gemma3_text", "llama", "qwen2")
+KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What every layer of a static graph shares."""
+
+    window: int  # W
+    capacity: int  # C
+    position_ids: str
+    bias: dict  # sliding window (None: full) -> mask input name
+
+
+def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) -> tuple[GraphBuilder, dict]:
+    """The static target graph of `cfg` and its contract (StaticContract.to_json())."""
+    arch = arch or cfg.model_type
+    _validate(cfg, arch, capacity, window)
+    b = GraphBuilder(f"{arch}_static")
+    ids = b.input(C.INPUT_IDS, INT64, [1, window])
+    pos = b.input(C.POSITION_IDS, INT64, [1, window])
+    slots = _slots(cfg, arch)
+    bias = {w: b.input(SLIDING_ATTENTION_BIAS if w else ATTENTION_BIAS, FLOAT, [1, 1, window, capacity + window])
+            for w in sorted({s.window for s in slots}, key=lambda w: w or 0)}
+    sp = _Spec(window, capacity, pos, bias)
+    body = _gemma3_body if arch == "gemma3_text" else _llama_body
+    body(b, cfg, sp, ids, slots)
+    drafter_kv = gemma3.drafter_kv(cfg) if arch == "gemma3_text" else {FULL: cfg.num_layers - 1}
+    target = C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=drafter_kv)
+    names = {name: w for w, name in bias.items()}
+    return b, StaticContract(target, window, names).to_json()
+
+
+def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
+    if arch not in ARCHS:
+        raise EdgemtpError(f"static export supports {', '.join(ARCHS)}; not {arch!r}")
+    for name, v in (("window", window), ("capacity", capacity)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise EdgemtpError(f"static {name} must be an integer, got {v!r}")
+    if window < 1:
+        raise EdgemtpError(f"static verify window {window} must be at least 1 (K+1 with K >= 0)")
+    if capacity <= window:
+        raise EdgemtpError(f"static KV capacity {capacity} must exceed the verify window {window}")
+    if capacity > cfg.max_position_embeddings:
+        raise EdgemtpError(f"static KV capacity {capacity} exceeds the model's max_position_embeddings "
+                           f"({cfg.max_position_embeddings})")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise EdgemtpError(f"num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads "
+                           f"{cfg.num_kv_heads}")
+
+
+def _slots(cfg: TextConfig, arch: str) -> tuple[C.KVSlot, ...]:
+    if arch == "gemma3_text":
+        return gemma3.kv_slots(cfg)
+    return tuple(C.KVSlot(i, cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers))
+
+
+# ---------------------------------------------------------------- architectures
+
+
+def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
+    """Gemma 3: scaled embedding, sandwich norms, QK-norm, sliding + global layers, soft-capped head."""
+    emb = "model.embed_tokens.weight"
+    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
+    tables = {t: rope_table(b, cfg.rope[t], cfg.head_dim, sp) for t in sorted(set(cfg.layer_types))}
+    eps, hid = cfg.rms_norm_eps, cfg.hidden_size
+
+    def norm(v: str, key: str, dim: int = hid) -> str:
+        return rms_norm(b, v, b.param(key, (dim,), plus_one), eps)
+
+    for i, slot in enumerate(slots):
+        p = f"model.layers.{i}."
+        h = norm(x, p + "input_layernorm.weight")
+        a = p + "self_attn."
+        q, k, v = _qkv(b, cfg, a, h, bias=False)
+        q = nn.apply_rope(b, norm(q, a + "q_norm.weight", cfg.head_dim), tables[cfg.layer_types[i]], cfg.head_dim)
+        k = nn.apply_rope(b, norm(k, a + "k_norm.weight", cfg.head_dim), tables[cfg.layer_types[i]], cfg.head_dim)
+        h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, cfg.attn_logit_softcapping)
+        h = nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid)
+        x = b.op("Add", x, norm(h, p + "post_attention_layernorm.weight"))
+        h = nn.gated_mlp(b, norm(x, p + "pre_feedforward_layernorm.weight"), p + "mlp.", hid,
+                         cfg.intermediate_size, cfg.hidden_activation)
+        x = b.op("Add", x, norm(h, p + "post_feedforward_layernorm.weight"))
+    x = _rename_last(b, norm(x, "model.norm.weight"), C.LAST_HIDDEN)
+    head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
+    logits = nn.softcap(b, head(b, x, head_key, cfg.vocab_size, hid, sp.window), cfg.final_logit_softcapping)
+    _outputs(b, logits, cfg, sp)
+
+
+def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
+    """Llama / Qwen2: pre-norm, RoPE, SwiGLU; qwen2's q/k/v biases."""
+    emb = "model.embed_tokens.weight"
+    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size)
+    table = rope_table(b, cfg.rope[FULL], cfg.head_dim, sp)
+    eps, hid = cfg.rms_norm_eps, cfg.hidden_size
+    for i, slot in enumerate(slots):
+        p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        h = rms_norm(b, x, b.param(p + "input_layernorm.weight", (hid,)), eps)
+        q, k, v = _qkv(b, cfg, a, h, bias=cfg.attention_bias)
+        q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
+        h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, None)
+        x = b.op("Add", x, nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid))
+        h = rms_norm(b, x, b.param(p + "post_attention_layernorm.weight", (hid,)), eps)
+        x = b.op("Add", x, nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation))
+    x = _rename_last(b, rms_norm(b, x, b.param("model.norm.weight", (hid,)), eps), C.LAST_HIDDEN)
+    head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
+    _outputs(b, head(b, x, head_key, cfg.vocab_size, hid, sp.window), cfg, sp)
+
+
+def _qkv(b: GraphBuilder, cfg: TextConfig, a: str, x: str, bias: bool) -> tuple[str, str, str]:
+    """x [1, W, H] -> q [1, W, N, D], k [1, W, Nk, D], v [1, W, Nk*D] (before norms and RoPE)."""
+    n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    key = (lambda name: a + name + ".bias") if bias else (lambda name: None)
+    q = nn.heads(b, nn.linear(b, x, a + "q_proj.weight", hid, n * d, key("q_proj")), n, d)
+    k = nn.heads(b, nn.linear(b, x, a + "k_proj.weight", hid, nk * d, key("k_proj")), nk, d)
+    return q, k, nn.linear(b, x, a + "v_proj.weight", hid, nk * d, key("v_proj"))
+
+
+def _outputs(b: GraphBuilder, logits: str, cfg: TextConfig, sp: _Spec) -> None:
+    _rename_last(b, logits, C.LOGITS)
+    b.outputs.append(_vi(C.LOGITS, [1, sp.window, cfg.vocab_size]))
+    b.outputs.append(_vi(C.LAST_HIDDEN, [1, sp.window, cfg.hidden_size]))
+
+
+# ---------------------------------------------------------------- standard-op pieces
+
+
+def rms_norm(b: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in ops every NPU provider takes."""
+    ms = b.op("ReduceMean", b.op("Mul", x, x), b.const([-1], np.int64), keepdims=1)
+    return b.op("Mul", b.op("Div", x, b.op("Sqrt", b.op("Add", ms, b.const(np.float32(eps))))), weight)
+
+
+def rope_table(b: GraphBuilder, rope, head_dim: int, sp: _Spec) -> nn.RopeTables:
+    """cos/sin [1, W, 1, R/2] gathered by position from constant [C, R/2] tables (float32 angles, as
+    the dynamic graph and transformers compute them; cos/sin then taken in float64)."""
+    inv = nn.inv_freq(rope, head_dim)
+    angles = (np.arange(sp.capacity, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float64)
+    axis = b.const([2], np.int64)
+
+    def table(values: np.ndarray, hint: str) -> str:
+        return b.op("Unsqueeze", b.op("Gather", b.const(values.astype(np.float32), hint=hint),
+                                      sp.position_ids, axis=0), axis)
+
+    return nn.RopeTables(table(np.cos(angles), "rope_cos"), table(np.sin(angles), "rope_sin"), 2 * len(inv))
+
+
+def attention(b: GraphBuilder, sp: _Spec, slot: C.KVSlot, q: str, k: str, v: str, num_heads: int,
+              scale: float, softcap: float | None) -> str:
+    """Attention of the window over the cache (masked to the committed length) and over itself
+    (causal), without concatenating the cache: scores of both parts are joined instead.
+
+    q [1, W, N, D], k [1, W, Nk, D] (RoPE applied), v [1, W, Nk*D] -> [1, W, N*D]. Declares the
+    layer's cache inputs and present outputs. Ranks stay <= 4; query head h uses KV head h // G."""
+    W, cap, nk, d, layer = sp.window, sp.capacity, slot.num_heads, slot.head_dim, slot.layer
+    g = num_heads // nk
+    past_k = b.input(C.past_key(layer), FLOAT, [1, nk, cap, d])
+    past_v = b.input(C.past_value(layer), FLOAT, [1, nk, cap, d])
+    k_new = b.op("Transpose", k, perm=[0, 2, 1, 3], out=C.present_key(layer))  # [1, Nk, W, D]
+    v_new = b.op("Transpose", _shape(b, v, [1, W, nk, d]), perm=[0, 2, 1, 3], out=C.present_value(layer))
+    b.outputs += [_vi(C.present_key(layer), [1, nk, W, d]), _vi(C.present_value(layer), [1, nk, W, d])]
+    qg = b.op("Transpose", b.op("Mul", q, b.const(np.float32(scale))), perm=[0, 2, 1, 3])  # [1, N, W, D]
+    qg = _shape(b, qg, [1, nk, g * W, d])
+    s_past = b.op("MatMul", qg, b.op("Transpose", past_k, perm=[0, 1, 3, 2]))  # [1, Nk, G*W, C]
+    s_new = b.op("MatMul", qg, b.op("Transpose", k_new, perm=[0, 1, 3, 2]))  # [1, Nk, G*W, W]
+    s = _shape(b, b.op("Concat", s_past, s_new, axis=-1), [nk, g, W, cap + W])
+    s = nn.softcap(b, s, softcap)
+    s = _named(b, b.op("Add", s, sp.bias[slot.window]), f"attn_bias_add.{layer}")
+    p = _named(b, b.op("Softmax", s, axis=-1), f"attn_softmax.{layer}")
+    p_past, p_new = b.op("Split", _shape(b, p, [1, nk, g * W, cap + W]), b.const([cap, W], np.int64),
+                         axis=-1, n_out=2)
+    out = b.op("Add", b.op("MatMul", p_past, past_v), b.op("MatMul", p_new, v_new))  # [1, Nk, G*W, D]
+    out = b.op("Transpose", _shape(b, out, [1, num_heads, W, d]), perm=[0, 2, 1, 3])  # [1, W, N, D]
+    return _shape(b, out, [1, W, num_heads * d])
+
+
+def head(b: GraphBuilder, x: str, key: str, vocab: int, hidden: int, window: int) -> str:
+    """[1, W, H] -> [1, W, V] with Gemm(transB) on the [V, H] matrix (the embedding when tied)."""
+    flat = _shape(b, x, [window, hidden])
+    return _shape(b, b.op("Gemm", flat, b.param(key, (vocab, hidden)), transB=1), [1, window, vocab])
+
+
+def _shape(b: GraphBuilder, x: str, shape: list[int]) -> str:
+    return b.op("Reshape", x, b.const(shape, np.int64))
+
+
+def _named(b: GraphBuilder, value: str, name: str) -> str:
+    """Gives the node that produced `value` (the last one) a stable name, for quantizer exclusions."""
+    assert b.nodes[-1].output[0] == value
+    b.nodes[-1].name = name
+    return value
+
+
+def _rename_last(b: GraphBuilder, value: str, name: str) -> str:
+    """Renames the last node's output to `name` (a graph output without an Identity node)."""
+    assert b.nodes[-1].output[0] == value, "rename right after the op, before anything reads it"
+    b.nodes[-1].output[0] = name
+    return name
+
+
+def _vi(name: str, shape: list[int]):
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, FLOAT, shape)
+
+
+__all__ = ["build_static", "save_static", "rms_norm", "rope_table", "attention", "head", "KEEP_FLOAT", "ARCHS"]

@@ -1,0 +1,220 @@
+"""Static-shape NPU graphs: parity with the dynamic graph and transformers, StaticTarget under the Engine
+and the speculative round, the NPU checker, QDQ quantization and input validation (tiny random models)."""
+
+from __future__ import annotations
+
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from edgemtp.errors import EdgemtpError  # noqa: E402
+from edgemtp.exporters import export, load_config  # noqa: E402
+from edgemtp.exporters.npu_check import check_graph  # noqa: E402
+from edgemtp.exporters.static import build_static  # noqa: E402
+from edgemtp.runtime.drafting import PromptLookupDrafter  # noqa: E402
+from edgemtp.runtime.engine import Engine  # noqa: E402
+from edgemtp.runtime.session import make_session  # noqa: E402
+from edgemtp.runtime.speculative import SpecStats, speculative_generate  # noqa: E402
+from edgemtp.runtime.static_target import MASK_VALUE, StaticTarget, attention_bias  # noqa: E402
+from edgemtp.runtime.target import CapacityError  # noqa: E402
+
+from .reference import reference_logits, save_tiny  # noqa: E402
+from .test_parity import WINDOW, tiny  # noqa: E402
+
+W = 5  # static verify window (K = 4)
+CAPACITY = 64
+CHUNKS = [7, 1, 3, 1, 5, 4, 2] + [1] * 8  # chunked prefill (7 > W), decode steps, verify-like steps
+
+
+def write_static_bundle(model_dir, out, capacity=CAPACITY, window=W):
+    return export(model_dir, out, capacity=capacity, static_window=window)
+
+
+def static_engine(bundle_dir) -> Engine:
+    engine = Engine.load(bundle_dir, threads=1)
+    assert isinstance(engine.target, StaticTarget)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """kind -> (transformers model, model_dir, dynamic Engine, static Engine)."""
+    root = tmp_path_factory.mktemp("static")
+    out = {}
+    for kind in ("gemma3_text", "llama", "qwen2"):
+        model = tiny(kind)
+        model_dir = save_tiny(model, root / kind)
+        export(model_dir, root / f"{kind}-dyn", capacity=CAPACITY)
+        out[kind] = (model, model_dir, Engine.load(root / f"{kind}-dyn", threads=1),
+                     static_engine(write_static_bundle(model_dir, root / f"{kind}-static")))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "qwen2"])
+def test_static_logits_match_dynamic_and_transformers(models, kind):
+    model, _, dyn, st = models[kind]
+    assert st.target.window == W and st.target.contract.capacity == CAPACITY
+    ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
+    ref = reference_logits(model, ids, CHUNKS)
+    cd, cs = dyn.target.new_cache(1), st.target.new_cache(1)
+    start = 0
+    for n, want in zip(CHUNKS, ref):
+        got, hidden = st.target.forward(ids[:, start:start + n], cs, n_logits=n)
+        dyn_logits, dyn_hidden = dyn.target.forward(ids[:, start:start + n], cd, n_logits=n)
+        assert got.shape == (1, n, 96) and hidden.shape == (1, n, 64)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{kind} vs transformers at {start}")
+        np.testing.assert_allclose(got, dyn_logits, atol=1e-3, rtol=0, err_msg=f"{kind} vs dynamic at {start}")
+        np.testing.assert_allclose(hidden, dyn_hidden, atol=1e-3, rtol=1e-3)
+        start += n
+    assert start > 2 * WINDOW
+    assert cs.lengths[0] == start
+    for layer in cs.keys:  # the static runtime wrote exactly the positions the dynamic graph did
+        np.testing.assert_allclose(cs.keys[layer][:, :, :start], cd.keys[layer][:, :, :start], atol=1e-4)
+
+
+def _prompts():
+    rng = np.random.default_rng(3)
+    random = [[int(t) for t in rng.integers(3, 96, size=n)] for n in (1, 6, 13)]
+    return random + [[5, 6, 7, 8] * 4, [9, 10] * 6 + [9]]
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
+def test_greedy_tokens_static_equal_dynamic(models, kind):
+    _, _, dyn, st = models[kind]
+    for p in _prompts():
+        want = list(dyn.token_ids(p, 24))
+        assert list(st.token_ids(p, 24)) == want, f"{kind} prompt {p}"
+    long = list(range(3, 53))  # runs into the KV capacity
+    assert list(st.token_ids(long, 40)) == list(dyn.token_ids(long, 40))
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
+def test_speculative_over_static_target_is_plain_greedy(models, kind):
+    _, _, dyn, st = models[kind]
+    prompts = _prompts()
+    want = [list(dyn.token_ids(p, 28)) for p in prompts]
+    assert max(len(p) + len(w) for p, w in zip(prompts, want)) > 2 * WINDOW
+    for k in (W - 1, 2):
+        stats = SpecStats()
+        got = speculative_generate(st.target, PromptLookupDrafter(), prompts, 28, k=k, stats=stats,
+                                   static_window=True)
+        assert [r.tokens for r in got] == want, f"{kind} k={k}"
+        assert stats.drafted > stats.accepted > 0
+    near_cap = [list(range(3, 57))]  # room < k+1: the verify window shrinks, StaticTarget still pads
+    assert speculative_generate(st.target, PromptLookupDrafter(), near_cap, 20, k=W - 1,
+                                static_window=True)[0].tokens == list(dyn.token_ids(near_cap[0], 20))
+
+
+def test_static_target_capacity_and_contract_errors(models, tmp_path):
+    _, model_dir, _, st = models["llama"]
+    cache = st.target.new_cache(1)
+    st.target.forward(np.zeros((1, CAPACITY - 2), np.int64), cache)
+    with pytest.raises(CapacityError):
+        st.target.forward(np.zeros((1, 3), np.int64), cache)
+    assert cache.lengths[0] == CAPACITY - 2  # nothing written by the refused call
+    other = write_static_bundle(model_dir, tmp_path / "w3", window=3)
+    session = make_session(other / "target.onnx")
+    with pytest.raises(EdgemtpError, match="does not match its contract"):
+        StaticTarget(session, st.target.static.to_json())  # window 5 contract, window 3 graph
+    with pytest.raises(EdgemtpError, match="not a static"):
+        StaticTarget(session, st.target.contract.to_json())
+
+
+def test_attention_bias_semantics():
+    bias = attention_bias(length=10, window=3, capacity=16, sliding=4)
+    ok = bias[0, 0] == 0
+    assert bias.shape == (1, 1, 3, 19) and set(np.unique(bias)) == {0, MASK_VALUE}
+    # query 0 at position 10 sees cache 7..9 and itself; query 2 (position 12) sees cache 9 and new 0..2
+    assert np.flatnonzero(ok[0]).tolist() == [7, 8, 9, 16]
+    assert np.flatnonzero(ok[2]).tolist() == [9, 16, 17, 18]
+    full = attention_bias(length=2, window=3, capacity=4, sliding=None)[0, 0] == 0
+    assert full.tolist() == [[1, 1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 1, 1, 1]]
+
+
+def test_npu_checker(models):
+    _, model_dir, _, st = models["gemma3_text"]
+    static_path = st.bundle.graph("target").path
+    dyn_path = models["gemma3_text"][2].bundle.graph("target").path
+    for target in ("qnn", "coreml", "any"):
+        assert check_graph(static_path, target) == [], target
+    problems = check_graph(dyn_path, "qnn")
+    assert any("com.microsoft:GroupQueryAttention" in p for p in problems)
+    assert any("input input_ids: dimension 1 is symbolic ('seq')" in p for p in problems)
+    assert any("output present.0.key" in p and "'capacity'" in p for p in problems)
+    cfg, _ = load_config(model_dir)
+    b, _ = build_static(cfg, None, 32, 4)
+    assert check_graph(b, "any") == [] and check_graph(b.model()) == []
+    with pytest.raises(EdgemtpError, match="unknown"):
+        check_graph(static_path, "tpu")
+    with pytest.raises(EdgemtpError):
+        check_graph(model_dir / "config.json")
+
+
+def test_qdq_static_graph(models, tmp_path):
+    from onnxruntime.quantization import CalibrationMethod
+
+    from edgemtp.exporters.qdq import WindowReader, quantize_static_qdq
+
+    _, model_dir, _, st = models["llama"]
+    src, contract = st.bundle.graph("target").path, st.bundle.graph("target").contract
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"t{i}" for i in rng.integers(0, 96, 40)) for _ in range(2)]
+    ids = rng.integers(0, 96, size=(1, 40))
+    want, _ = st.target.forward(ids, st.target.new_cache(1), n_logits=40)
+    for bits, method, floor in ((16, "minmax", 0.9), (8, CalibrationMethod.Percentile, 0.5)):
+        reader = WindowReader(src, contract, model_dir / "tokenizer.json", texts, max_windows=16, threads=1)
+        dst = tmp_path / f"qdq{bits}" / "target.onnx"
+        assert quantize_static_qdq(src, dst, reader, activation_bits=bits, method=method) == \
+            ["target.onnx", "target.onnx.data"]
+        assert check_graph(dst, "qnn") == [] and check_graph(dst, "any") == []
+        q = StaticTarget(make_session(dst, threads=1), contract)
+        got, _ = q.forward(ids, q.new_cache(1), n_logits=40)
+        agreement = float((got.argmax(-1) == want.argmax(-1)).mean())
+        assert agreement >= floor, f"{bits}-bit {method}: top-1 agreement {agreement}"
+
+
+def test_bad_static_input(models, tmp_path):
+    _, model_dir, _, st = models["gemma3_text"]
+    from edgemtp.exporters.qdq import WindowReader, quantize_static_qdq
+
+    cfg, _ = load_config(model_dir)
+    for capacity, window in ((64, 0), (64, -1), (4, 4), (3, 5), (1024, 5), (64, 2.5), (64, True)):
+        with pytest.raises(EdgemtpError):
+            build_static(cfg, None, capacity, window)
+    with pytest.raises(EdgemtpError, match="supports"):
+        build_static(cfg, "gemma4_text", 64, 5)
+    src, contract = st.bundle.graph("target").path, st.bundle.graph("target").contract
+    reader = WindowReader(src, contract, model_dir / "tokenizer.json", ["t1 t2"], threads=1)
+    with pytest.raises(EdgemtpError, match="8 or 16"):
+        quantize_static_qdq(src, tmp_path / "q.onnx", reader, activation_bits=4)
+    with pytest.raises(EdgemtpError, match="unknown"):
+        quantize_static_qdq(src, tmp_path / "q.onnx", reader, method="mse")
+    with pytest.raises(EdgemtpError, match="at least one text"):
+        WindowReader(src, contract, model_dir / "tokenizer.json", [])
+    with pytest.raises(EdgemtpError, match="n_logits"):
+        st.target.forward(np.zeros((1, 2), np.int64), st.target.new_cache(1), n_logits=3)
+    with pytest.raises(EdgemtpError, match="static step"):
+        st.target.step(np.zeros(W + 1, np.int64), st.target.new_cache(1), 0)
+
+
+def test_cli_static_export_and_generate(models, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, model_dir, dyn, _ = models["gemma3_text"]
+    out = tmp_path / "s"
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(out), "--static", "--verify-window", "4",
+                                 "--max-context", str(CAPACITY)])
+    assert r.exit_code == 0, r.output
+    assert check_graph(out / "target.onnx", "qnn") == []
+    prompt = "t1 t2 t3 t1 t2 t3 t1 t2"
+    r = CliRunner().invoke(cli, ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "12", "--json",
+                                 "--draft-k", "3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["tokens"] == dyn.generate(prompt, max_new_tokens=12).tokens
