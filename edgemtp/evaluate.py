@@ -1,0 +1,137 @@
+"""Quality of a bundle on a text: perplexity, and against a reference bundle top-1 agreement and KL.
+
+    evaluate("bundles/int4", text, reference_bundle="bundles/fp32")
+
+Like llama.cpp's `llama-perplexity --kl-divergence`: both bundles see the same token windows, and for
+every scored position we compare the quantized model's next-token distribution Q with the
+reference's P: KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)), and whether their argmax agrees.
+
+Windows: the text is tokenized once (no special tokens) and cut into consecutive windows of
+`window - 1` tokens, each preceded by BOS when the model has one (a fresh KV cache per window, like
+independent documents). Every token that has at least one token before it in its window is scored.
+A window runs through the target in pieces of `step` positions: logits over a 262k vocab cost
+1 MB per position, so a whole 512-token window at once would hold half a gigabyte.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EdgemtpError
+from .runtime.engine import Engine
+
+
+DEFAULT_WINDOW = 512
+
+
+@dataclass
+class _Tally:
+    """Per scored position: negative log-likelihoods (ours, reference), KL, argmax agreement."""
+
+    nll: list = field(default_factory=list)
+    ref_nll: list = field(default_factory=list)
+    kl: list = field(default_factory=list)
+    agree: list = field(default_factory=list)
+
+
+def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | None = None,
+             window: int | None = None, threads: int | None = None, *, step: int = 64, max_tokens: int | None = None,
+             verify: bool = True) -> dict:
+    """Perplexity of `bundle_dir` on `text`; with `reference_bundle`, also top-1 agreement and KL.
+
+    `window` (tokens per window, BOS included) defaults to min(512, the bundles' KV capacity);
+    `max_tokens` caps the text's tokens (None: all). Returns a JSON-able dict (see _summary)."""
+    engine = Engine.load(bundle_dir, threads=threads, verify=verify)
+    ref = Engine.load(reference_bundle, threads=threads, verify=verify) if reference_bundle else None
+    if ref is not None:
+        _check_same_vocab(engine, ref)
+    if window is None:
+        window = min([DEFAULT_WINDOW] + [e.capacity for e in (engine, ref) if e is not None])
+    _check_window(window, step, engine, ref)
+    tokens = engine.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
+    if len(tokens) < 2:
+        raise EdgemtpError(f"the text has {len(tokens)} token(s); perplexity needs at least 2")
+    tally = _Tally()
+    windows = text_windows(tokens, window, engine.bundle.model.get("bos_token_id"))
+    for win in windows:
+        _score_window(np.asarray(win, np.int64), engine, ref, step, tally)
+    return _summary(tally, len(windows), window, ref is not None)
+
+
+def text_windows(tokens: list[int], window: int, bos: int | None) -> list[list[int]]:
+    """Consecutive windows of at most `window` ids, each starting with `bos` if given; windows that
+    would score nothing (a lone token without BOS) are dropped."""
+    n = window - 1 if bos is not None else window
+    wins = [([bos] if bos is not None else []) + tokens[i:i + n] for i in range(0, len(tokens), n)]
+    return [w for w in wins if len(w) >= 2]
+
+
+def _score_window(win: np.ndarray, engine: Engine, ref: Engine | None, step: int, tally: _Tally) -> None:
+    caches = [engine.target.new_cache(1)] + ([ref.target.new_cache(1)] if ref else [])
+    for start in range(0, len(win) - 1, step):
+        piece = win[None, start:start + step]
+        targets = win[start + 1:start + 1 + piece.shape[1]]  # the window's last position predicts nothing
+        logp = _log_softmax(engine.target.forward(piece, caches[0], n_logits=piece.shape[1])[0][0])
+        logp = logp[:len(targets)]
+        tally.nll.extend(-logp[np.arange(len(targets)), targets])
+        if ref is None:
+            continue
+        ref_logp = _log_softmax(ref.target.forward(piece, caches[1], n_logits=piece.shape[1])[0][0])
+        ref_logp = ref_logp[:len(targets)]
+        tally.ref_nll.extend(-ref_logp[np.arange(len(targets)), targets])
+        tally.kl.extend(kl_divergence(ref_logp, logp))
+        tally.agree.extend(ref_logp.argmax(-1) == logp.argmax(-1))
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """[n, V] fp32 logits -> fp64 log-probabilities (fp64 so that tiny KLs are not rounding noise)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return x
+
+
+def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
+    """KL(P || Q) per row of log-probabilities [n, V] -> [n] (0 where P == Q)."""
+    return np.maximum((np.exp(logp) * (logp - logq)).sum(axis=-1), 0.0)
+
+
+def _summary(t: _Tally, windows: int, window: int, with_ref: bool) -> dict:
+    nll = float(np.mean(t.nll))
+    out = {"tokens": len(t.nll), "windows": windows, "window": window, "nll": nll, "perplexity": math.exp(nll)}
+    if with_ref:
+        ref_ppl = math.exp(float(np.mean(t.ref_nll)))
+        kl = np.asarray(t.kl)
+        out.update({
+            "reference_perplexity": ref_ppl,
+            "perplexity_delta_pct": 100.0 * (out["perplexity"] / ref_ppl - 1.0),
+            "top1_agreement": float(np.mean(t.agree)),
+            "kl_mean": float(kl.mean()), "kl_median": float(np.median(kl)),
+            "kl_p99": float(np.quantile(kl, 0.99)), "kl_max": float(kl.max()),
+        })
+    return out
+
+
+def _check_window(window: int, step: int, engine: Engine, ref: Engine | None) -> None:
+    if window < 2:
+        raise EdgemtpError(f"--window {window} is too small (need at least 2 tokens)")
+    if step < 1:
+        raise EdgemtpError(f"--step {step} must be at least 1")
+    for e in (engine, ref):
+        if e is not None and window > e.capacity:
+            raise EdgemtpError(f"--window {window} exceeds the KV capacity {e.capacity} of bundle {e.bundle.dir}")
+
+
+def _check_same_vocab(engine: Engine, ref: Engine) -> None:
+    """KL and agreement compare distributions token by token: the vocabularies must be the same."""
+    a, b = engine.bundle, ref.bundle
+    if a.target_contract.vocab_size != b.target_contract.vocab_size:
+        raise EdgemtpError(f"{b.dir}: reference vocabulary size {b.target_contract.vocab_size} differs from "
+                           f"{a.dir}'s {a.target_contract.vocab_size}")
+    sha = [x.manifest["files"][x.manifest["tokenizer"]]["sha256"] for x in (a, b)]
+    if sha[0] != sha[1]:
+        raise EdgemtpError(f"{b.dir}: reference bundle has a different tokenizer than {a.dir}")

@@ -1,0 +1,256 @@
+"""Table tests for the clustered head's maths (numpy) and its ONNX graph, on tiny synthetic tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgemtp.calibration import clustering as cl
+from edgemtp.errors import EdgemtpError
+from edgemtp.exporters import builder, head
+
+D = 16
+EMBED = "model.embed_tokens.weight"
+
+
+def table(vocab: int, seed: int = 0) -> np.ndarray:
+    """[V, D] unit-ish rows with some cluster structure (like a real embedding table)."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(2, vocab // 20), D))
+    rows = centers[rng.integers(0, len(centers), vocab)] + 0.5 * rng.standard_normal((vocab, D))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def hidden(n: int, seed: int = 1) -> np.ndarray:
+    return (3.0 * np.random.default_rng(seed).standard_normal((n, D))).astype(np.float32)
+
+
+@pytest.mark.parametrize("vocab,clusters,sizes", [
+    (10, 3, [4, 3, 3]), (9, 3, [3, 3, 3]), (5, 5, [1] * 5), (7, 1, [7]), (11, 4, [3, 3, 3, 2]),
+])
+def test_cluster_sizes(vocab, clusters, sizes):
+    assert cl.cluster_sizes(vocab, clusters).tolist() == sizes
+
+
+@pytest.mark.parametrize("vocab,clusters", [(1000, 10), (1003, 10), (50, 7), (64, 64), (20, 1), (257, 16)])
+def test_ordering_is_a_permutation_with_equal_sizes(vocab, clusters):
+    t = cl.cluster_vocab(table(vocab), clusters, seed=0)
+    per = -(-vocab // clusters)
+    assert t.token_ordering.shape == t.token_mask.shape == (clusters, per)
+    assert t.centroids.shape == (clusters, D)
+    assert sorted(t.token_ordering[t.token_mask].tolist()) == list(range(vocab))
+    assert t.token_mask.sum(axis=1).tolist() == cl.cluster_sizes(vocab, clusters).tolist()
+    assert t.vocab_size == vocab
+    # padding slots repeat a real token of their own cluster
+    for c in range(clusters):
+        assert set(t.token_ordering[c]) == set(t.token_ordering[c][t.token_mask[c]])
+    assert (t.cluster_of()[t.token_ordering] == np.arange(clusters)[:, None]).all()
+
+
+def test_divisible_vocab_has_no_padding():
+    t = cl.cluster_vocab(table(640), 32, seed=0)
+    assert t.token_mask.all() and t.token_ordering.shape == (32, 20)
+
+
+def test_balanced_assignment_is_exact_even_when_every_row_prefers_one_cluster():
+    rows = np.tile(np.eye(4, dtype=np.float32)[:1], (12, 1)) + 0.01 * np.arange(12)[:, None]
+    cents = np.eye(4, dtype=np.float32)
+    assign = cl.balanced_assign(rows, cents, np.array([3, 3, 3, 3]))
+    assert np.bincount(assign, minlength=4).tolist() == [3, 3, 3, 3]
+
+
+def test_layout_rejects_wrong_counts():
+    with pytest.raises(ValueError):
+        cl.layout(np.array([0, 0, 0, 1]), np.array([2, 2]))
+
+
+def test_deterministic_for_a_seed():
+    e = table(500)
+    a, b = cl.cluster_vocab(e, 20, seed=3), cl.cluster_vocab(e, 20, seed=3)
+    assert np.array_equal(a.token_ordering, b.token_ordering)
+    assert np.array_equal(a.centroids, b.centroids)
+    c = cl.cluster_vocab(e, 20, seed=4)
+    assert not np.array_equal(a.token_ordering, c.token_ordering)
+
+
+@pytest.mark.parametrize("vocab,clusters,top_k,match", [
+    (100, 10, 11, "--top-k 11"), (100, 10, 0, "--top-k 0"), (100, 101, 1, "--clusters 101"),
+    (100, 0, 1, "--clusters 0"),
+])
+def test_bad_sizes_are_rejected_clearly(vocab, clusters, top_k, match):
+    with pytest.raises(EdgemtpError, match=match):
+        cl.check_sizes(vocab, clusters, top_k)
+
+
+def test_top_k_above_clusters_is_rejected_by_the_head():
+    e = table(100)
+    t = cl.cluster_vocab(e, 10)
+    with pytest.raises(EdgemtpError, match="--top-k 11"):
+        cl.clustered_logits(hidden(2), e, t, top_k=11)
+
+
+@pytest.mark.parametrize("vocab,clusters", [(1000, 10), (1003, 10), (50, 7), (20, 1)])
+def test_all_clusters_give_the_full_argmax(vocab, clusters):
+    e, h = table(vocab), hidden(64)
+    t = cl.cluster_vocab(e, clusters)
+    assert np.array_equal(cl.clustered_argmax(h, e, t, top_k=clusters), (h @ e.T).argmax(axis=1))
+
+
+def test_clustered_logits_are_exact_and_padding_is_minus_inf():
+    e, h = table(1003), hidden(8)
+    t = cl.cluster_vocab(e, 10)
+    ids, logits = cl.clustered_logits(h, e, t, top_k=3)
+    full = h @ e.T
+    valid = np.isfinite(logits)
+    assert (~valid).sum(axis=1).max() <= 3 and valid.sum(axis=1).min() >= 3 * 100
+    np.testing.assert_allclose(logits[valid], np.take_along_axis(full, ids, 1)[valid], rtol=1e-5, atol=1e-5)
+
+
+# --- the ONNX graphs -------------------------------------------------------------------------------
+
+def session(b: builder.GraphBuilder, weights: dict, tmp_path) -> ort.InferenceSession:
+    path = tmp_path / f"{b.name}.onnx"
+    builder.save(b, path, weights.__getitem__)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def head_weights(e: np.ndarray, t: cl.HeadTables) -> dict:
+    return {EMBED: e, "centroids": t.centroids, "token_ordering": t.token_ordering, "token_mask": t.token_mask}
+
+
+@pytest.mark.parametrize("vocab,clusters,top_k,cap", [
+    (1000, 10, 3, None), (1003, 10, 4, 30.0), (50, 7, 2, 5.0), (200, 1, 1, None), (1003, 10, 10, None),
+])
+def test_onnx_clustered_head_equals_numpy(vocab, clusters, top_k, cap, tmp_path):
+    e, h = table(vocab), hidden(32)
+    t = cl.cluster_vocab(e, clusters)
+    shape = head.ClusteredShape(vocab, D, clusters, top_k)
+    sess = session(head.clustered_graph(shape, EMBED, n_top=2, cap=cap), head_weights(e, t), tmp_path)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {head.INPUT: h})))
+    ids, logits = cl.clustered_logits(h, e, t, top_k, softcap=cap)
+    assert np.array_equal(out[head.CANDIDATE_IDS], ids)
+    np.testing.assert_allclose(out[head.CANDIDATE_LOGITS], logits, rtol=1e-5, atol=1e-5)
+    best = np.argsort(-logits, axis=1, kind="stable")[:, :2]
+    assert np.array_equal(out[head.TOKEN_IDS], np.take_along_axis(ids, best, 1))
+    np.testing.assert_allclose(out[head.TOKEN_LOGITS], np.take_along_axis(logits, best, 1), rtol=1e-5, atol=1e-5)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(out[head.TOKEN_PROBS], np.take_along_axis(probs, best, 1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab,clusters", [(1000, 10), (1003, 10)])
+def test_onnx_with_all_clusters_equals_the_full_head(vocab, clusters, tmp_path):
+    e, h = table(vocab), hidden(64)
+    t = cl.cluster_vocab(e, clusters)
+    shape = head.ClusteredShape(vocab, D, clusters, clusters)
+    clustered = session(head.clustered_graph(shape, EMBED), head_weights(e, t), tmp_path)
+    full = session(head.full_graph(vocab, D, EMBED, with_logits=True), {EMBED: e}, tmp_path)
+    got = clustered.run([head.TOKEN_IDS, head.TOKEN_PROBS], {head.INPUT: h})
+    want = full.run([head.TOKEN_IDS, head.TOKEN_PROBS, head.LOGITS], {head.INPUT: h})
+    assert np.array_equal(got[0][:, 0], (h @ e.T).argmax(axis=1))
+    assert np.array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4)
+    np.testing.assert_allclose(want[2], h @ e.T, rtol=1e-4, atol=1e-4)
+
+
+def test_gemma4_keys_bind_a_flat_ordering(tmp_path):
+    """A Gemma 4 assistant stores token_ordering flat [V]; the graph views it as [C, M]."""
+    e, h = table(640), hidden(4)
+    t = cl.cluster_vocab(e, 32)
+    shape = head.ClusteredShape(640, D, 32, 4)
+    weights = {EMBED: e, "masked_embedding.centroids.weight": t.centroids,
+               "masked_embedding.token_ordering": t.token_ordering.reshape(-1)}
+    sess = session(head.clustered_graph(shape, EMBED, keys=head.GEMMA4_KEYS), weights, tmp_path)
+    (got,) = sess.run([head.TOKEN_IDS], {head.INPUT: h})
+    assert np.array_equal(got[:, 0], cl.clustered_argmax(h, e, t, 4))
+
+
+# --- calibration and the CLI-facing functions ------------------------------------------------------
+
+def calibration_data(e: np.ndarray, n: int = 600):
+    from edgemtp.calibration import centroids as ce
+    h = hidden(n, seed=5)
+    ids, probs, lse = ce.full_head_top(h, e, top=8)
+    return h, ids, probs, lse
+
+
+def test_full_head_top_matches_numpy():
+    from edgemtp.calibration import centroids as ce
+    e, h = table(300), hidden(10)
+    ids, probs, lse = ce.full_head_top(h, e, top=5, block=3)
+    z = h @ e.T
+    assert np.array_equal(ids, np.argsort(-z, axis=1, kind="stable")[:, :5])
+    np.testing.assert_allclose(lse, np.log(np.exp(z).sum(1)), rtol=1e-5)
+    np.testing.assert_allclose(probs, np.exp(np.take_along_axis(z, ids, 1) - lse[:, None]), rtol=1e-4)
+
+
+def test_trained_centroids_route_better_than_kmeans():
+    from edgemtp.calibration import centroids as ce
+    e = table(400)
+    t = cl.cluster_vocab(e, 20)
+    h, ids, probs, _ = calibration_data(e, 2000)
+    cols, w = ce.targets(ids, probs, t.cluster_of())
+    trained = t.with_centroids(ce.train_centroids(h[:1500], cols[:1500], w[:1500], t.centroids, epochs=10))
+    full = (h[1500:] @ e.T).argmax(1)
+
+    def recall(tables):
+        return (cl.clustered_argmax(h[1500:], e, tables, 2) == full).mean()
+    assert recall(trained) > recall(t)
+
+
+def test_calibrated_tables_are_a_balanced_permutation():
+    from edgemtp.calibration import centroids as ce
+    e = table(203)
+    h, ids, probs, _ = calibration_data(e)
+    t = ce.calibrated_tables(e, 10, h, ids, probs, epochs=1)
+    assert sorted(t.token_ordering[t.token_mask].tolist()) == list(range(203))
+    assert t.token_mask.sum(1).tolist() == cl.cluster_sizes(203, 10).tolist()
+    r = ce.refine_assignment(t, h, ids, probs, min_mass=0.5)
+    assert sorted(r.token_ordering[r.token_mask].tolist()) == list(range(203))
+
+
+def model_dir(tmp_path, e: np.ndarray):
+    from safetensors.numpy import save_file
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({EMBED: e}, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_cluster_model_writes_tables_and_reports(calibrated, tmp_path):
+    from edgemtp.calibration import head_report as hr
+    e = table(203)
+    h, *_ = calibration_data(e)
+    path = hr.cluster_model(model_dir(tmp_path, e), tmp_path / "out", clusters=10, top_k=3,
+                            calibration=h if calibrated else None)
+    tables, meta = hr.load_head(path)
+    assert meta["clusters"] == 10 and meta["top_k"] == 3
+    assert meta["method"] == ("calibrated" if calibrated else "spherical-kmeans")
+    assert sorted(tables.token_ordering[tables.token_mask].tolist()) == list(range(203))
+    np.save(tmp_path / "held.npy", hidden(50, seed=9))
+    report = hr.recall_report(tmp_path / "model", tmp_path / "out", tmp_path / "held.npy", top_ks=(1, 3, 10))
+    assert report["k"][10]["recall"] == 1.0 and abs(report["k"][10]["mass"] - 1.0) < 1e-4
+    assert 0 < report["k"][1]["recall"] <= report["k"][3]["recall"] <= 1.0
+    assert report["k"][1]["mass"] <= report["k"][3]["mass"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"clusters": 10, "top_k": 11}, "--top-k 11"),
+    ({"clusters": 300, "top_k": 1}, "--clusters 300"),
+    ({"clusters": 10, "top_k": 2, "calibration": np.zeros((5, 3), np.float32)}, r"expected \[N, 16\]"),
+    ({"clusters": 10, "top_k": 2, "calibration": "missing.npy"}, "not found"),
+])
+def test_cluster_model_rejects_bad_input(kwargs, match, tmp_path):
+    from edgemtp.calibration import head_report as hr
+    with pytest.raises(EdgemtpError, match=match):
+        hr.cluster_model(model_dir(tmp_path, table(203)), tmp_path / "out", **kwargs)
+
+
+def test_missing_model_and_head_are_clear_errors(tmp_path):
+    from edgemtp.calibration import head_report as hr
+    with pytest.raises(EdgemtpError, match="safetensors"):
+        hr.cluster_model(tmp_path, tmp_path / "out", clusters=2, top_k=1)
+    with pytest.raises(EdgemtpError, match="edgemtp cluster"):
+        hr.load_head(tmp_path / "nothing")
