@@ -71,7 +71,8 @@ def import_gguf_cmd(gguf_file: Path, out: Path):
 @cli.command("export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
-@click.option("--quant", default="fp32", show_default=True, help="Weight format of the graphs.")
+@click.option("--quant", default="fp32", show_default=True,
+              help="Weight format: fp32, fp16, int8 or int4 (weight-only, MatMulNBits).")
 @click.option("--max-context", "capacity", default=4096, show_default=True, type=int,
               help="KV capacity (prompt + generated tokens) the bundle is built for.")
 @click.option("--static", "static", is_flag=True,
@@ -169,6 +170,48 @@ def speed_line(stats) -> str:
         line += (f"; {stats.rounds} rounds, {stats.mean_accepted_per_round + 1:.2f} tokens/round, "
                  f"acceptance {stats.acceptance_rate:.0%}")
     return line + f"; {stats.stop_reason}]"
+
+
+@cli.command("evaluate")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score.")
+@click.option("--reference", default=None, type=click.Path(path_type=Path),
+              help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
+@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text.")
+@click.option("--threads", default=None, type=int)
+@click.option("--json", "as_json", is_flag=True)
+def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json):
+    """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence."""
+    from .evaluate import evaluate
+
+    result = evaluate(bundle_dir, read_prompt(None, text_file), reference, threads=threads, max_tokens=max_tokens)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        click.echo(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+
+
+@cli.command("cluster")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Directory for head.safetensors (centroids, token_ordering, token_mask).")
+@click.option("--clusters", default=2048, show_default=True, type=int)
+@click.option("--top-k", default=32, show_default=True, type=int, help="Clusters scored exactly per step.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--calibration", default=None, type=click.Path(path_type=Path),
+              help="Final hidden states [N, d] (.npy/.npz) to learn centroids from (much higher recall).")
+@click.option("--report", "report_hidden", default=None, type=click.Path(path_type=Path),
+              help="Held-out hidden states (.npy/.npz): print recall and softmax mass for k in 8,16,32,64.")
+def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden):
+    """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
+    from .calibration.head_report import cluster_model, recall_report
+
+    with progress_bar("clustering the vocabulary") as progress:
+        path = cluster_model(model_dir, out, clusters, top_k, seed, progress, calibration)
+    click.echo(f"wrote {path}")
+    if report_hidden:
+        click.echo(json.dumps(recall_report(model_dir, path, report_hidden), indent=2))
 
 
 def int_list(flag: str, value: str) -> list[int]:

@@ -100,3 +100,32 @@ def test_generate_drafts_by_default_and_stays_lossless(tiny_gemma3):
 def test_mtp_draft_without_drafter_is_clear(tiny_gemma3):
     r = run("generate", tiny_gemma3[2], "--prompt", "t1", "--draft", "mtp")
     assert r.exit_code == 2 and "bundle has no MTP drafter" in r.output
+
+
+def test_export_quantized_and_evaluate(tiny_gemma3, tmp_path):
+    _, model_dir, fp32 = tiny_gemma3
+    q = tmp_path / "q8"
+    r = run("export", model_dir, "-o", q, "--quant", "int8", "--max-context", 64)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((q / "edgemtp.json").read_text())
+    assert manifest["graphs"]["target"]["quant"] == "int8"
+    assert not list(tmp_path.glob(".edgemtp-fp32-*"))  # the fp32 scratch export is gone
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"t{i % 37}" for i in range(200)))
+    r = run("evaluate", q, "--text-file", text, "--reference", fp32, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["top1_agreement"] > 0.8 and out["kl_mean"] >= 0 and out["perplexity"] > 1
+    r = run("export", model_dir, "-o", tmp_path / "x", "--quant", "int3")
+    assert r.exit_code == 2 and "--quant 'int3' is not supported" in r.output
+
+
+def test_cluster_command(tiny_gemma3, tmp_path):
+    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2)
+    assert r.exit_code == 0, r.output
+    from edgemtp.calibration.head_report import load_head
+
+    tables, meta = load_head(tmp_path / "head")
+    assert tables.clusters == 8 and meta["top_k"] == 2
+    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h2", "--clusters", 8, "--top-k", 9)
+    assert r.exit_code == 2 and "error:" in r.output

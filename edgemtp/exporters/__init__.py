@@ -12,7 +12,7 @@ from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
 from ..errors import EdgemtpError
 from . import builder, gemma3, llama
 
-QUANTS = ("fp32",)
+QUANTS = ("fp32", "fp16", "int8", "int4")
 Progress = Callable[[int, int, str], None]
 
 
@@ -51,6 +51,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
+    if quant != "fp32":
+        return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window)
     if capacity < 2:
         raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
     cfg, build = load_config(model_dir)
@@ -75,6 +77,22 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
             "graphs": {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}},
         })
     return out
+
+
+def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window) -> Path:
+    """fp32 export into a scratch directory, then the quantizer rewrites it into `out` (atomically)."""
+    import tempfile
+
+    from .quantize import quantize_bundle
+
+    if static_window is not None:
+        raise EdgemtpError(f"--quant {quant} with --static: static graphs are quantized as QDQ "
+                           "(edgemtp.exporters.qdq), not weight-only")
+    if Path(out).exists() and not overwrite:
+        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
+        fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress)
+        return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress)
 
 
 def model_facts(cfg) -> dict:
