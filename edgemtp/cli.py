@@ -79,15 +79,17 @@ def import_gguf_cmd(gguf_file: Path, out: Path):
               help="NPU-ready graph: batch 1, fixed shapes, standard ONNX ops only.")
 @click.option("--verify-window", default=5, show_default=True, type=int,
               help="With --static: positions per call (draft K + 1; prefill runs in chunks of it).")
+@click.option("--drafter", default=None, type=click.Path(path_type=Path),
+              help="MTP drafter directory (config.json + weights) to put in the bundle with the target.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
-               overwrite: bool):
+               drafter: Path | None, overwrite: bool):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
     from .exporters import export
 
     with progress_bar("writing graph weights") as progress:
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
-               static_window=verify_window if static else None)
+               static_window=verify_window if static else None, drafter=drafter)
     click.echo(f"wrote {out}")
 
 

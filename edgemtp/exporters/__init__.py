@@ -43,7 +43,8 @@ def load_config(model_dir: Path):
 
 
 def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
-           progress: Progress | None = None, static_window: int | None = None) -> Path:
+           progress: Progress | None = None, static_window: int | None = None,
+           drafter: Path | None = None) -> Path:
     """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
 
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
@@ -52,6 +53,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
     if quant != "fp32":
+        if drafter is not None:
+            raise EdgemtpError("--drafter with --quant: attach the drafter to an fp32 bundle for now "
+                               "(the drafter shares the target's fp32 embedding)")
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window)
     if capacity < 2:
         raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
@@ -71,12 +75,28 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        bundle_mod.write_manifest(tmp, {
-            "model": model_facts(cfg),
-            "tokenizer": "tokenizer.json",
-            "graphs": {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}},
-        })
+        graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}}
+        if drafter is not None:
+            graphs["drafter"] = _attach_drafter(tmp, Path(drafter), contract_json)
+        bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})
     return out
+
+
+def _attach_drafter(tmp: Path, drafter_dir: Path, target_contract: dict) -> dict:
+    """Writes drafter.onnx beside the target (sharing its embedding) after checking the pair matches."""
+    from ..contract import TargetContract
+    from ..drafter import load_config as load_drafter_config
+    from ..drafter.export import GRAPH, contract, write
+
+    cfg = load_drafter_config(drafter_dir)
+    t = TargetContract.from_json(target_contract)
+    if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
+            set(t.drafter_kv.values()) != set(cfg.target_kv.values()):
+        raise EdgemtpError(f"{drafter_dir}: drafter does not match this target (drafter: backbone hidden "
+                           f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
+                           f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
+    write(tmp, drafter_dir, tmp / "target.onnx")
+    return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg)}
 
 
 def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window) -> Path:

@@ -33,6 +33,8 @@ class Engine:
     def __init__(self, bundle: bundle_mod.Bundle, target: Target, tokenizer: Tokenizer):
         self.bundle, self.target, self.tokenizer = bundle, target, tokenizer
         self.stop_ids = frozenset(bundle.model.get("eos_token_ids") or ())
+        self.threads = None
+        self._drafter = None  # the MTP drafter session, loaded on first use
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -45,7 +47,9 @@ class Engine:
             tok = Tokenizer.from_file(str(b.tokenizer_path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
-        return cls(b, target, tok)
+        engine = cls(b, target, tok)
+        engine.threads = threads
+        return engine
 
     @property
     def static(self) -> bool:
@@ -103,7 +107,11 @@ class Engine:
         raise EdgemtpError(f"--draft {mode!r} is unknown (choose from auto, mtp, lookup, none)")
 
     def _mtp_drafter(self):
-        raise EdgemtpError(f"{self.bundle.dir}: MTP drafter graphs are not supported by this runtime yet")
+        if self._drafter is None:
+            from ..drafter.export import DrafterSession
+
+            self._drafter = DrafterSession.load(self.bundle, threads=self.threads)
+        return self._drafter
 
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                      draft: Draft | None = None, stats: Stats | None = None) -> Iterator[int]:

@@ -1,0 +1,153 @@
+"""Greedy acceptance of an MTP drafter on held-out text: tokens per verify round and per draft position.
+
+    python benchmarks/drafter_acceptance.py BUNDLE --drafter edgemtp/drafters/gemma3-270m \\
+        [--prompts 8] [--prompt-len 128] [--new 128] [--k 4] [--speculative 1] [--json out.json]
+
+BUNDLE: a target bundle (the drafter graph is added to it in place, sharing the target's embedding).
+For each domain (code, docs, shakespeare; "prose" pools docs + shakespeare) the prompts are held-out
+windows (data.py split). The target greedily continues each prompt (ONNX target, batched decode); then
+greedy speculative decoding is replayed on that continuation: a round at committed length L drafts K tokens
+with the ONNX drafter on the target's real cache rolled back to L (cache.lengths = L, exactly what the
+runtime does after a rejection) and the target's hidden state at L-1; it accepts the longest prefix equal
+to the continuation, emits it plus the target's own token, and the next round starts after them. For greedy
+decoding this is the speculative algorithm's exact output (the verify pass's KV/hidden equal the sequential
+ones up to float rounding). `--speculative N` also runs edgemtp.runtime.speculative on the first N prompts
+of each domain as a cross-check. The n-gram prompt-lookup drafter is scored on the same rounds' contexts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgemtp import bundle as bundle_mod
+from edgemtp.drafter import data as D
+from edgemtp.drafter.export import DrafterSession, add_to_bundle
+from edgemtp.runtime.drafting import PromptLookupDrafter
+from edgemtp.runtime.engine import Engine
+
+DOMAINS = ("code", "docs", "shakespeare")
+
+
+def prompts(engine: Engine, domain: str, n: int, length: int, seed: int = 1234) -> np.ndarray:
+    bos = engine.bundle.model.get("bos_token_id")
+    return D.windows(engine.tokenizer, D.documents(domain, "heldout"), length, n, seed, bos)
+
+
+def greedy_continuation(engine: Engine, ids: np.ndarray, new: int):
+    """Target greedy decoding of every row -> (cache holding all positions, sequences [n, P+new],
+    hidden [n, P+new-1, Hb] at every processed position)."""
+    n, P = ids.shape
+    cache = engine.target.new_cache(n)
+    seqs, hidden = [list(r) for r in ids], []
+    for b in range(n):  # the CPU GQA takes one row at a time when prefilling
+        logits, h = engine.target.forward(ids[b:b + 1], cache, rows=slice(b, b + 1))
+        seqs[b].append(int(logits[0, -1].argmax()))
+        hidden.append([h[0]])
+    for _ in range(new - 1):
+        logits, h = engine.target.forward(np.array([[s[-1]] for s in seqs]), cache)
+        for b, s in enumerate(seqs):
+            s.append(int(logits[b, -1].argmax()))
+            hidden[b].append(h[b])
+    return cache, np.array(seqs), np.stack([np.concatenate(h) for h in hidden])
+
+
+def replay(drafter: DrafterSession, cache, seqs: np.ndarray, hidden: np.ndarray, P: int, k: int) -> list[dict]:
+    """Greedy speculative rounds on every row in lockstep -> per-round records (row, L, accepted, drafts)."""
+    n, total = seqs.shape
+    L = np.full(n, P)
+    rounds = []
+    while (active := L + k + 1 <= total - 1).any():
+        cache.lengths[:] = np.minimum(L, total - 1)  # a rollback: rows past L are masked, never read
+        drafts, _ = drafter.draft(seqs[np.arange(n), cache.lengths], hidden[np.arange(n), cache.lengths - 1],
+                                  cache, slice(0, n), k)
+        for b in np.flatnonzero(active):
+            truth = seqs[b, L[b] + 1:L[b] + 1 + k]
+            a = int(np.argmin(np.append(drafts[b] == truth, False)))
+            rounds.append({"row": int(b), "L": int(L[b]), "accepted": a})
+            L[b] += a + 1
+    return rounds
+
+
+def lookup_rounds(seqs: np.ndarray, P: int, k: int) -> list[int]:
+    """Accepted drafts per round for prompt lookup, replayed the same way."""
+    out, lookup = [], PromptLookupDrafter()
+    for s in seqs:
+        L = P
+        while L + k + 1 <= len(s) - 1:
+            d, _ = lookup.propose(list(s[:L + 1]), k)
+            truth = s[L + 1:L + 1 + len(d)]
+            a = int(np.argmin(np.append(np.asarray(d) == truth, False))) if len(d) else 0
+            out.append(a)
+            L += a + 1
+    return out
+
+
+def summary(accepted: list[int], k: int) -> dict:
+    a = np.asarray(accepted)
+    reach = [(a >= i).mean() for i in range(1, k + 1)]  # P(draft position i accepted)
+    cond = [reach[0]] + [reach[i] / reach[i - 1] if reach[i - 1] else 0.0 for i in range(1, k)]
+    return {"rounds": len(a), "tokens_per_round": round(float(a.mean() + 1), 3),
+            "accepted_per_round": round(float(a.mean()), 3),
+            "acceptance_by_position": [round(float(r), 3) for r in reach],
+            "conditional_acceptance": [round(float(c), 3) for c in cond]}
+
+
+def speculative_check(engine: Engine, drafter: DrafterSession, ids: np.ndarray, new: int, k: int) -> dict:
+    from edgemtp.runtime.speculative import Speculative, SpecStats
+
+    stats = SpecStats()
+    Speculative(engine.target, drafter, k=k).generate([list(r) for r in ids], max_new_tokens=new, stats=stats)
+    return {"rounds": stats.rounds, "tokens_per_round": round(stats.mean_accepted_per_round + 1, 3),
+            "acceptance_by_position": [round(x, 3) for x in stats.acceptance_by_position],
+            "draft_s": round(stats.draft_s, 1), "verify_s": round(stats.verify_s, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--drafter", type=Path, default=Path("edgemtp/drafters/gemma3-270m"))
+    ap.add_argument("--domains", default=",".join(DOMAINS))
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speculative", type=int, default=0, help="also run the real loop on N prompts per domain")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    add_to_bundle(args.bundle, args.drafter)
+    engine = Engine.load(args.bundle, threads=args.threads, verify=False)
+    drafter = DrafterSession.load(bundle_mod.load(args.bundle, verify=False), threads=args.threads)
+    report, pooled = {"args": {k: str(v) for k, v in vars(args).items()}}, {}
+    for domain in args.domains.split(","):
+        t0 = time.time()
+        ids = prompts(engine, domain, args.prompts, args.prompt_len)
+        cache, seqs, hidden = greedy_continuation(engine, ids, args.new)
+        t1 = time.time()
+        rounds = replay(drafter, cache, seqs, hidden, args.prompt_len, args.k)
+        acc = [r["accepted"] for r in rounds]
+        pooled[domain] = acc
+        report[domain] = {"mtp": summary(acc, args.k),
+                          "prompt_lookup": summary(lookup_rounds(seqs, args.prompt_len, args.k), args.k),
+                          "generate_s": round(t1 - t0, 1), "replay_s": round(time.time() - t1, 1)}
+        if args.speculative:  # the real loop on the first rows, next to the replay of the same rows
+            same = [r["accepted"] for r in rounds if r["row"] < args.speculative]
+            report[domain]["speculative_check"] = {
+                "runtime": speculative_check(engine, drafter, ids[:args.speculative], args.new, args.k),
+                "replay_same_rows": summary(same, args.k)}
+        print(domain, json.dumps(report[domain]), flush=True)
+    prose = [a for d in ("docs", "shakespeare") for a in pooled.get(d, [])]
+    if prose:
+        report["prose"] = {"mtp": summary(prose, args.k)}
+        print("prose", json.dumps(report["prose"]))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""MTP drafters (DESIGN.md §2): config (here, torch-free), torch module + trainer (`model`, `train`: the
+`train` extra), ONNX export and an ONNX Runtime runner (`export`: numpy + onnxruntime only).
+
+A trained drafter is a directory: `config.json` (DrafterConfig.to_json() + training facts) and
+`model.safetensors` (fp16). It holds no embedding: it reads the target's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..config import SLIDING, Rope, TextConfig
+from ..errors import EdgemtpError
+
+MODEL_TYPE = "edgemtp_mtp_drafter"
+WEIGHTS = "model.safetensors"
+SHIPPED = Path(__file__).resolve().parent.parent / "drafters"
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    vocab_size: int
+    backbone_hidden: int  # Hb: the target's hidden size
+    hidden: int  # H: the drafter's width
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int  # the target's
+    head_dim: int  # the target's
+    layer_types: tuple[str, ...]
+    target_kv: dict  # layer type -> target layer whose cache the drafter reads
+    rope: dict = field(hash=False)  # layer type -> Rope (the target's)
+    sliding_window: int | None = None
+    rms_norm_eps: float = 1e-6
+    attention_scale: float = 1.0
+    hidden_activation: str = "gelu_pytorch_tanh"
+    final_logit_softcapping: float | None = None
+    embed_scale: float = 1.0  # the target's input embedding multiplier (Gemma: sqrt(Hb))
+    target_model_type: str = "gemma3_text"
+
+    @classmethod
+    def for_target(cls, t: TextConfig, drafter_kv: dict, hidden: int = 256, intermediate: int = 1024,
+                   num_layers: int = 4, num_heads: int | None = None) -> "DrafterConfig":
+        """Gemma 4's assistant layout: all sliding layers but the last, which is full attention."""
+        types = tuple(sorted(drafter_kv))
+        full = [x for x in types if x != SLIDING]
+        layer_types = tuple([SLIDING] * (num_layers - 1) + [full[0]]) if full and SLIDING in types \
+            else (types[0],) * num_layers
+        return cls(vocab_size=t.vocab_size, backbone_hidden=t.hidden_size, hidden=hidden,
+                   intermediate=intermediate, num_heads=num_heads or t.num_heads, num_kv_heads=t.num_kv_heads,
+                   head_dim=t.head_dim, layer_types=layer_types, target_kv=dict(drafter_kv),
+                   rope={k: t.rope[k] for k in types}, sliding_window=t.sliding_window,
+                   rms_norm_eps=t.rms_norm_eps, attention_scale=t.scale, hidden_activation=t.hidden_activation,
+                   final_logit_softcapping=t.final_logit_softcapping, embed_scale=math.sqrt(t.hidden_size)
+                   if t.model_type.startswith("gemma") else 1.0, target_model_type=t.model_type)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_types)
+
+    def window(self, layer_type: str) -> int | None:
+        return self.sliding_window if layer_type == SLIDING else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        d["rope"] = {k: asdict(v) for k, v in self.rope.items()}
+        return {"model_type": MODEL_TYPE, **d}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DrafterConfig":
+        d = {k: v for k, v in d.items() if k != "model_type"}
+        d["layer_types"] = tuple(d["layer_types"])
+        d["rope"] = {k: Rope(**v) for k, v in d["rope"].items()}
+        d["target_kv"] = {k: int(v) for k, v in d["target_kv"].items()}
+        return cls(**d)
+
+
+def load_config(drafter_dir: Path) -> DrafterConfig:
+    path = Path(drafter_dir) / "config.json"
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: missing (a drafter directory needs config.json and {WEIGHTS})")
+    d = json.loads(path.read_text())
+    if d.get("model_type") != MODEL_TYPE:
+        raise EdgemtpError(f"{path}: model_type {d.get('model_type')!r} is not {MODEL_TYPE!r}")
+    known = set(DrafterConfig.__dataclass_fields__)
+    return DrafterConfig.from_json({k: v for k, v in d.items() if k in known})
+
+
+def shipped(name: str) -> Path:
+    """Directory of a drafter shipped with edgemtp, e.g. shipped("gemma3-270m")."""
+    d = SHIPPED / name
+    if not (d / "config.json").is_file():
+        have = ", ".join(p.name for p in SHIPPED.iterdir() if p.is_dir())
+        raise EdgemtpError(f"no shipped drafter {name!r} (have: {have})")
+    return d

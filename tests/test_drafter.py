@@ -1,0 +1,223 @@
+"""MTP drafter: torch module vs exported ONNX graph on a tiny random Gemma 3, target conventions, training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from edgemtp import bundle as bundle_mod  # noqa: E402
+from edgemtp.drafter import SHIPPED, DrafterConfig, load_config  # noqa: E402
+from edgemtp.drafter import data as D  # noqa: E402
+from edgemtp.drafter import export as X  # noqa: E402
+from edgemtp.drafter import model as M  # noqa: E402
+from edgemtp.drafter.train import TargetPass, TrainSpec, train_drafter  # noqa: E402
+from edgemtp.exporters import load_config as target_config  # noqa: E402
+from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
+from edgemtp.runtime.engine import Engine  # noqa: E402
+
+LENGTHS = (21, 12)  # committed cache lengths of the two rows: row 0 runs past 2x the window (8)
+K = 3
+
+
+def tiny_drafter(model_dir, out, seed=0) -> M.MTPDrafter:
+    tcfg, _ = target_config(model_dir)
+    cfg = DrafterConfig.for_target(tcfg, drafter_kv(tcfg), hidden=32, intermediate=48, num_layers=3)
+    torch.manual_seed(seed)
+    drafter = M.MTPDrafter(cfg)
+    with torch.no_grad():  # random norms and larger weights: a (1 + w) or scale slip would show
+        for name, p in drafter.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + 1.0 if "norm" in name else torch.randn_like(p) * 0.2)
+    M.save(drafter, out, dtype=torch.float32)
+    return drafter.eval()
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_gemma3, tmp_path_factory):
+    _, model_dir, bundle_dir = tiny_gemma3
+    root = tmp_path_factory.mktemp("drafter")
+    drafter = tiny_drafter(model_dir, root / "drafter")
+    bundle = root / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    X.add_to_bundle(bundle, root / "drafter")
+    ids = np.random.default_rng(3).integers(3, 96, size=(len(LENGTHS), max(LENGTHS) + 1))
+    ids[:, 0] = 2
+    return model_dir, bundle, drafter, ids
+
+
+def run_target(bundle, ids):
+    """ORT target on row b's first LENGTHS[b] tokens -> (engine, cache, hidden at the last committed position)."""
+    engine = Engine.load(bundle)
+    cache = engine.target.new_cache(len(LENGTHS))
+    hidden = []
+    for b, n in enumerate(LENGTHS):
+        _, h = engine.target.forward(ids[b:b + 1, :n], cache, rows=slice(b, b + 1))
+        hidden.append(h[0, -1])
+    return engine, cache, np.stack(hidden)
+
+
+def test_target_conventions(setup):
+    """The KV the drafter is trained on (transformers) is what the ONNX target leaves in its buffers, and
+    the target's last_hidden_state is transformers' hidden_states[-1] (post-final-norm)."""
+    model_dir, bundle, drafter, ids = setup
+    _, cache, hidden = run_target(bundle, ids)
+    tp = TargetPass(model_dir, drafter.cfg, None)
+    for b, n in enumerate(LENGTHS):
+        ref = tp.run(ids[b:b + 1, :n])
+        np.testing.assert_allclose(hidden[b], ref["hidden"][0, -1], atol=1e-4)
+        for t, layer in drafter.cfg.target_kv.items():
+            np.testing.assert_allclose(cache.keys[layer][b, :, :n], ref[f"k.{t}"][0], atol=1e-4)
+            np.testing.assert_allclose(cache.values[layer][b, :, :n], ref[f"v.{t}"][0], atol=1e-4)
+        with torch.no_grad():
+            out = tp.model(input_ids=torch.from_numpy(ids[b:b + 1, :n]), output_hidden_states=True)
+        np.testing.assert_allclose(out.hidden_states[-1][0, -1].numpy(), ref["hidden"][0, -1], atol=1e-6)
+
+
+def reference_draft(drafter, model_dir, ids, b, n):
+    """Torch drafter over transformers' KV: K greedy steps from the committed length n of row b."""
+    tp = TargetPass(model_dir, drafter.cfg, None)
+    ref = tp.run(ids[b:b + 1, :n])
+    kv = {t: (torch.from_numpy(ref[f"k.{t}"]), torch.from_numpy(ref[f"v.{t}"])) for t in drafter.cfg.target_kv}
+    view = M.make_view(drafter.cfg, kv, torch.tensor([[n]]), n)
+    emb = tp.model.get_input_embeddings().weight.detach()
+    with torch.no_grad():
+        tokens, logits = M.draft(drafter, emb, torch.tensor([[ids[b, n]]]),
+                                 torch.from_numpy(ref["hidden"][:, -1:]), view, K)
+    return tokens[0, 0].numpy(), logits[0, 0].numpy()
+
+
+def test_onnx_drafter_matches_torch(setup):
+    """Same weights -> same draft tokens and logits (<= 1e-3), two rows of different lengths in one batch."""
+    model_dir, bundle, drafter, ids = setup
+    engine, cache, hidden = run_target(bundle, ids)
+    session = X.DrafterSession.load(bundle_mod.load(bundle))
+    last = ids[np.arange(len(LENGTHS)), list(LENGTHS)]
+    lengths_before = cache.lengths.copy()
+    keys_before = {layer: k.copy() for layer, k in cache.keys.items()}
+    tokens, logits = session.draft(last, hidden, cache, slice(0, len(LENGTHS)), K)
+    for b, n in enumerate(LENGTHS):
+        want_tokens, want_logits = reference_draft(drafter, model_dir, ids, b, n)
+        np.testing.assert_array_equal(tokens[b], want_tokens)
+        np.testing.assert_allclose(logits[b], want_logits, atol=1e-3, rtol=0)
+    assert (cache.lengths == lengths_before).all()  # drafting never touches the cache
+    assert all(np.array_equal(cache.keys[layer], k) for layer, k in keys_before.items())
+
+
+def test_drafter_shares_the_target_embedding(setup):
+    _, bundle, drafter, _ = setup
+    b = bundle_mod.load(bundle)
+    assert b.has_graph("drafter")
+    data = (bundle / "drafter.onnx.data").stat().st_size
+    own = sum(p.numel() for p in drafter.parameters()) * 4
+    assert data < own + 64 * 100  # its own weights (+ alignment), no embedding copy
+    assert X.embedding_location(b.graph("target").path, drafter.cfg)[0] == "target.onnx.data"
+
+
+def test_config_round_trip(tmp_path, setup):
+    cfg = setup[2].cfg
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    assert load_config(tmp_path) == cfg
+
+
+def test_split_is_deterministic():
+    assert D.split_of("code", "json/decoder.py") == D.split_of("code", "json/decoder.py")
+    held = [D.split_of("code", f"m{i}.py") for i in range(2000)]
+    assert 0.07 < held.count("heldout") / len(held) < 0.13
+
+
+def greedy_windows(model, n, length, seed):
+    """The tiny target's own greedy continuations of short random prompts (every label known)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 96, (n, 4), generator=g)
+    prompt[:, 0] = 2
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=length - 4, do_sample=False, min_new_tokens=length - 4)
+    return out.numpy()
+
+
+def test_training_raises_acceptance(tiny_gemma3, tmp_path):
+    """A tiny drafter trained for seconds beats its untrained self on held-out greedy text."""
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 48, 24, 0), "heldout": {"greedy": greedy_windows(model, 8, 24, 1)}}
+    t0 = time.time()
+    report = train_drafter(model_dir, tmp_path / "out", data=data, steps=40, seed=0,
+                           shape=dict(hidden=32, intermediate=64, num_layers=2),
+                           spec=TrainSpec(batch=8, lr=3e-3, warmup=5, negatives=64, eval_every=1000))
+    assert time.time() - t0 < 60
+    log = [json.loads(line) for line in (tmp_path / "out" / "train.log").read_text().splitlines()]
+    evals = [r for r in log if r["phase"] == "eval"]
+    before, after = evals[0]["greedy"], evals[-1]["greedy"]
+    assert after["tokens_per_round"] > before["tokens_per_round"] + 0.15, (before, after)
+    assert report["heldout"]["greedy"] == after
+    loaded = M.load(tmp_path / "out")
+    assert loaded.cfg.hidden == 32
+
+
+def test_resume_continues(tiny_gemma3, tmp_path):
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 16, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
+    kw = dict(data=data, seed=0, shape=dict(hidden=16, intermediate=32, num_layers=1),
+              spec=TrainSpec(batch=4, warmup=2, negatives=32, ckpt_every=3, eval_every=1000))
+    train_drafter(model_dir, tmp_path / "a", steps=6, **kw)
+    assert train_drafter(model_dir, tmp_path / "b", steps=6, stop_at=3, **kw) is None
+    train_drafter(model_dir, tmp_path / "b", steps=6, resume=True, **kw)
+    a, b = M.load(tmp_path / "a").state_dict(), M.load(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shipped_drafter_is_small_and_loads():
+    d = SHIPPED / "gemma3-270m"
+    if not d.is_dir():
+        pytest.skip("no shipped drafter yet")
+    total = sum(p.stat().st_size for p in d.iterdir())
+    assert total <= 25 * 2 ** 20
+    cfg = load_config(d)
+    assert (cfg.backbone_hidden, cfg.vocab_size) == (640, 262144)
+    assert cfg.target_kv == {"sliding_attention": 16, "full_attention": 17}
+    assert sum(p.numel() for p in M.load(d).parameters()) * 2 <= total
+
+
+def test_export_with_drafter_and_lossless_mtp_generation(setup, tmp_path):
+    """`edgemtp export --drafter` puts both graphs in one bundle; MTP output equals plain greedy."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir = setup[0]
+    drafter_dir = tmp_path / "d"
+    tiny_drafter(model_dir, drafter_dir, seed=1)
+    out = tmp_path / "b"
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(out), "--drafter", str(drafter_dir),
+                                 "--max-context", "64"])
+    assert r.exit_code == 0, r.output
+    prompts = ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]
+    for prompt in prompts:
+        args = ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).output)
+        for k in ("1", "4"):
+            mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", k]).output)
+            assert mtp["tokens"] == plain["tokens"]
+            assert mtp["stats"]["drafted"] > 0
+
+
+def test_mismatched_drafter_is_refused(setup, tmp_path):
+    from edgemtp.errors import EdgemtpError
+    from edgemtp.exporters import export
+
+    model_dir = setup[0]
+    drafter_dir = tmp_path / "d"
+    tiny_drafter(model_dir, drafter_dir)
+    cfg = json.loads((drafter_dir / "config.json").read_text())
+    cfg["backbone_hidden"] = cfg.get("backbone_hidden", 64) * 2
+    (drafter_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgemtpError):
+        export(model_dir, tmp_path / "b", capacity=64, drafter=drafter_dir)
+    assert not (tmp_path / "b").exists()
