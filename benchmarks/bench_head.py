@@ -9,6 +9,7 @@ Variants, each giving the top token, its logit and its probability:
     full int4    MatMulNBits (onnxruntime.quantization.matmul_nbits_quantizer, block 32, symmetric,
                  accuracy_level 4); needs the `onnx-ir` package, skipped without it
     clustered    edgemtp.exporters.head.clustered_graph, fp32
+    ordered      experiment: the same with the head rows stored in cluster order ([C, M, d] blocks)
 
 Timing: every variant is run in turn, round after round (so a busy machine slows all of them
 alike), and the median per variant is reported with the ratios to the clustered head.
@@ -33,6 +34,7 @@ from edgemtp.exporters.builder import FLOAT, GraphBuilder
 SHAPES = {"270m": (262_144, 640), "e2b": (262_144, 1536)}
 CLUSTERS, TOP_K = 2048, 32
 EMBED = "model.embed_tokens.weight"
+ORDERED = "head_rows_in_cluster_order"
 
 
 def tables(vocab: int, hidden: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -57,12 +59,35 @@ def matmul_full_graph(vocab: int, hidden: int) -> GraphBuilder:
     return b
 
 
+def ordered_clustered_graph(shape: head.ClusteredShape) -> GraphBuilder:
+    """Experiment: the head rows stored in cluster order, [C, M, d], so the k picked clusters are
+    k contiguous blocks (a model would then look its input embeddings up through the inverse
+    permutation). Not used by the exporters; here to measure what contiguous blocks buy."""
+    b = GraphBuilder("clustered_head_ordered")
+    h = b.input(head.INPUT, FLOAT, ["N", shape.hidden])
+    picked = head.pick_clusters(b, head.cluster_scores(b, h, "centroids", shape.hidden, shape.clusters), shape.top_k)
+    ids = head.candidate_ids(b, picked, "token_ordering", shape)
+    rows = b.op("Gather", b.param(ORDERED, (shape.clusters, shape.per_cluster, shape.hidden)), picked, axis=0)
+    rows = b.op("Reshape", rows, b.const([0, -1, shape.hidden], np.int64))  # [N, k*M, d]
+    col = b.op("Unsqueeze", h, b.const([-1], np.int64))
+    logits = b.op("Squeeze", b.op("MatMul", rows, col), b.const([-1], np.int64))
+    tokens = head.top_tokens(b, logits, 1, ids)
+    for value, name, kind in zip(tokens, (head.TOKEN_IDS, head.TOKEN_LOGITS, head.TOKEN_PROBS),
+                                 (onnx.TensorProto.INT64, FLOAT, FLOAT)):
+        b.output(value, name, kind, ["N", 1])
+    return b
+
+
 def build_variants(vocab: int, hidden: int, tmp: Path) -> dict[str, Path]:
     w = tables(vocab, hidden)
-    paths = {"full fp32": tmp / "full.onnx", "clustered fp32": tmp / "clustered.onnx"}
+    paths = {"full fp32": tmp / "full.onnx", "clustered fp32": tmp / "clustered.onnx",
+             "clustered ordered": tmp / "ordered.onnx"}
     builder.save(head.full_graph(vocab, hidden, EMBED), paths["full fp32"], w.__getitem__)
     shape = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K)
     builder.save(head.clustered_graph(shape, EMBED), paths["clustered fp32"], w.__getitem__)
+    w[ORDERED] = w[EMBED][w["token_ordering"]]
+    builder.save(ordered_clustered_graph(shape), paths["clustered ordered"], w.__getitem__)
+    del w[ORDERED]
     builder.save(matmul_full_graph(vocab, hidden), tmp / "full_mm.onnx", w.__getitem__)
     del w
     paths["full int8"] = quantize_int8(tmp / "full_mm.onnx", tmp / "full_int8.onnx")
@@ -124,7 +149,7 @@ def bench_shape(name: str, rounds: int, threads: int) -> None:
     base = ms["clustered fp32"]
     print(f"\n{name}: V={vocab} d={hidden} C={CLUSTERS} k={TOP_K} ({TOP_K * vocab // CLUSTERS} candidates), "
           f"batch 1, {threads} threads, median of {rounds} rounds")
-    for k in ("full fp32", "full int8", "full int4", "clustered fp32"):
+    for k in ("full fp32", "full int8", "full int4", "clustered fp32", "clustered ordered"):
         if k in ms:
             print(f"  {k:15s} {ms[k]:8.3f} ms   {ms[k] / base:6.1f}x the clustered head's time")
 

@@ -256,3 +256,17 @@ def test_evaluate_errors(gemma, tmp_path):
     bundle_mod.write_manifest(other, {k: v for k, v in manifest.items() if k not in ("format", "schema_version", "files")})
     with pytest.raises(EdgemtpError, match="reference bundle has a different tokenizer"):
         evaluate(gemma["fp32"], "t5 t6 t7", reference_bundle=other, window=8)
+
+
+def test_fp16_weights_are_cast_once_at_load(gemma, tmp_path):
+    """fp16 is a storage format: ORT folds the Casts into fp32 initializers, so no step pays for them."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
+    ort.InferenceSession(str(gemma["fp16"] / "target.onnx"), opts, providers=["CPUExecutionProvider"])
+    before = onnx.load(str(gemma["fp16"] / "target.onnx"), load_external_data=False).graph.node
+    after = onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node
+    assert sum(n.op_type == "Cast" for n in before) > 10
+    assert not [n for n in after if n.op_type == "Cast" and n.input[0].endswith(".fp16")]

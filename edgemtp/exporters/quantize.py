@@ -2,19 +2,26 @@
 
     quantize_graph(Path("b/target.onnx"), Path("q/target.onnx"), "int4")
 
-* int4 / int8: weight-only, block-wise along the input axis. `MatMul` on a weight and the head
-  `Gemm(transB=1)` become com.microsoft `MatMulNBits`; the embedding `Gather` becomes
-  `GatherBlockQuantized`. A tied embedding gets two quantized copies: ORT's quantizer skips a head
-  tied through a Transpose, and one shared quantized table made decode 6x slower, so the head and
-  the gather each own theirs (the gather copy is a few % of the head's run-time cost: it touches
-  only the looked-up rows).
-* fp16: weights stored in fp16 behind `Cast` nodes. The CPU EP has no fast fp16 MatMul / GQA on
-  x86, so compute stays fp32: ORT folds the Casts when the session loads. Halves the file only.
-* fp32: a re-written copy (useful to move a graph; no change in numbers).
+* int8 / int4: weight-only, block-wise along the input axis (our own numpy packing, equal to ORT's
+  quantizer on its grid; a per-block search adds grids of smaller squared error). Weight MatMuls
+  and the head `Gemm(transB=1)` become com.microsoft `MatMulNBits` (accuracy level 4: activations
+  go to int8 per block, the only fast CPU path: levels 0/1 ran 8-bit weights 40-90x slower than
+  fp32), the embedding `Gather` becomes `GatherBlockQuantized`. A tied table is untied from the
+  Gemm but packed once for both uses (measured: same decode speed, less file; ORT's own quantizer
+  skips a Transpose-tied head). Bits per role, by measurement on Gemma 3 270M (bench_quant.py):
+  int8 = 8-bit everywhere; int4 = 4-bit head/table (63% of the weights) with 8-bit layers: that
+  split beat 4-bit layers on every axis (layers at 4 bits: top-1 0.75, ppl +27%; table at 4 bits:
+  0.84, +10%), and the layers at 8 bits decode as fast as at 4 on AVX2. Head/table blocks of 16
+  (layers 32: at 16 they were slower) halve the 4-bit ppl loss. `quantize_dynamic`'s per-tensor
+  activations broke this model (top-1 0.42): Gemma has one hidden channel ~500x the median.
+* fp16: weights stored in fp16 behind `Cast` nodes that ORT folds when the session loads: compute
+  stays fp32 (the fp32 KV cache is updated in place by GroupQueryAttention, and x86 has no fast fp16
+  MatMul). Halves the file, not the RAM or the time.
+* fp32: a re-written copy.
 
-The graph's inputs and outputs, the KV cache contract included, are never touched: the runtime
-runs a quantized bundle unmodified. Weights are streamed from the source `.data` file through a
-memory map, so at most one weight (and its quantized form) is in memory at a time.
+Graph inputs and outputs (the KV cache contract included) are never touched: the runtime runs a
+quantized bundle unmodified. Weights stream from the source `.data` through a memory map, so at
+most one weight and its quantized form are in memory at a time.
 """
 
 from __future__ import annotations
@@ -67,8 +74,7 @@ class Scheme:
         return asdict(self)
 
 
-# bits (layers, head, table) and blocks (layers, head/table) per quant: chosen by measurement on
-# Gemma 3 270M, see the module doc
+# bits (layers, head, table) and blocks (layers, head/table) per quant, chosen by measurement
 PRESETS = {"int8": ((8, 8, 8), (32, 16)), "int4": ((8, 4, 4), (32, 16))}
 
 
@@ -89,36 +95,27 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     return Scheme(*bits, *((block_size, block_size) if block_size else blocks), symmetric, accuracy_level)
 
 
-# ---------------------------------------------------------------------------------------------
-# block quantization of rows: w [N, K] -> packed [N, k_blocks, block_size * bits / 8]
+# ------------------------------------------- block quantization of rows: w [N, K] -> [N, kb, blob]
 
-
-def quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True, search: bool = True,
-                  importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True, search: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Block-quantize each row of w [N, K] along K, in MatMulNBits' layout.
 
     Returns (packed uint8 [N, kb, block_size*bits/8], scales fp32 [N, kb], zero points uint8
     [N, ceil(kb*bits/8)] or None when symmetric; the ops then assume 2^(bits-1)). Symmetric blocks
     map their largest-magnitude value to -2^(bits-1) exactly, as ORT's own quantizer (MLAS) does:
     one more level than a +-(2^(bits-1)-1) grid. `search` then tries a few other grids per block
-    and keeps the one of least squared error (see _candidates), each input column's error weighted
-    by `importance` [K] if given (the mean square of that input: llama.cpp's "imatrix")."""
-    n, k = w.shape
-    kb = -(-k // block_size)
-    imp = np.ones(kb * block_size, np.float32)
-    if importance is not None:
-        imp[:k] = importance
-    imp = imp.reshape(kb, block_size)
-    parts = [_quantize_chunk(w[i:i + _ROWS_PER_CHUNK], bits, block_size, imp, symmetric, search)
-             for i in range(0, n, _ROWS_PER_CHUNK)]
+    and keeps the one of least squared error (see _candidates)."""
+    kb = -(-w.shape[1] // block_size)
+    parts = [_quantize_chunk(w[i:i + _ROWS_PER_CHUNK], bits, block_size, kb, symmetric, search)
+             for i in range(0, len(w), _ROWS_PER_CHUNK)]
     packed, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     zp = None if symmetric else np.concatenate([p[2] for p in parts])
     return packed, scales, zp
 
 
-def _quantize_chunk(w: np.ndarray, bits: int, bs: int, imp: np.ndarray, symmetric: bool, search: bool):
+def _quantize_chunk(w: np.ndarray, bits: int, bs: int, kb: int, symmetric: bool, search: bool):
     n, k = w.shape
-    kb = imp.shape[0]
     blocks = np.zeros((n, kb * bs), np.float32)
     blocks[:, :k] = w  # padding with zeros: MatMulNBits reads whole blocks
     blocks = blocks.reshape(n, kb, bs)
@@ -127,7 +124,7 @@ def _quantize_chunk(w: np.ndarray, bits: int, bs: int, imp: np.ndarray, symmetri
     for scale, zp in _candidates(blocks, bits, symmetric, search):
         inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)[..., None]
         q = np.clip(np.rint(blocks * inv) + zp[..., None], 0, top)
-        err = (np.square((q - zp[..., None]) * scale[..., None] - blocks) * imp).sum(axis=2)
+        err = np.square((q - zp[..., None]) * scale[..., None] - blocks).sum(axis=2)
         if best is None:
             best = [err, scale, zp, q]
             continue
@@ -147,9 +144,7 @@ def _candidates(blocks: np.ndarray, bits: int, symmetric: bool, search: bool = T
     +-(2^(b-1)-1) grid (that reproduces llama.cpp's Q8_0 exactly), and for 4 bits narrower grids that
     clip the block's extremes to round its bulk more finely."""
     half, top = 1 << (bits - 1), (1 << bits) - 1
-    shrink = (1.0,) if bits > 4 else (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.375)
-    if not search:
-        shrink = (1.0,)
+    shrink = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.375) if search and bits <= 4 else (1.0,)
     if symmetric:
         idx = np.abs(blocks).argmax(axis=2)[..., None]
         m = np.take_along_axis(blocks, idx, axis=2)[..., 0]
@@ -193,9 +188,7 @@ def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return q if count < 0 else q[:, :count]
 
 
-# ---------------------------------------------------------------------------------------------
-# the graph
-
+# ------------------------------------------------------------------------------------- the graph
 
 def quantize_graph(src: Path, dst: Path, quant: str, *, block_size: int | None = None, symmetric: bool | None = None,
                    accuracy_level: int = 4, progress: Progress | None = None) -> list[str]:
@@ -280,9 +273,9 @@ class _Sink:
         return t
 
 
-def _is_weight(name: str, inits: dict, ndim: int = 2) -> bool:
+def _is_weight(name: str, inits: dict) -> bool:
     t = inits.get(name)
-    return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == ndim
+    return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2
 
 
 def _role(node: onnx.NodeProto, inits: dict) -> tuple[str, str] | None:
@@ -405,9 +398,7 @@ def _replace(g: onnx.GraphProto, inits: list, nodes: list) -> None:
     g.node.extend(nodes)
 
 
-# ---------------------------------------------------------------------------------------------
-# bundles
-
+# ----------------------------------------------------------------------------------------- bundles
 
 def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False,
                     progress: Progress | None = None, **options) -> Path:
