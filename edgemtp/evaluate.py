@@ -44,7 +44,9 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     """Perplexity of `bundle_dir` on `text`; with `reference_bundle`, also top-1 agreement and KL.
 
     `window` (tokens per window, BOS included) defaults to min(512, the bundles' KV capacity);
-    `max_tokens` caps the text's tokens (None: all). Returns a JSON-able dict (see _summary)."""
+    `max_tokens` caps the text's tokens (None: all). Returns a JSON-able dict: tokens (scored),
+    windows, window, nll (mean, nats), perplexity; with a reference also reference_perplexity,
+    perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
     engine = Engine.load(bundle_dir, threads=threads, verify=verify)
     ref = Engine.load(reference_bundle, threads=threads, verify=verify) if reference_bundle else None
     if ref is not None:

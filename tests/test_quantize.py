@@ -253,7 +253,8 @@ def test_evaluate_errors(gemma, tmp_path):
     tok["model"]["vocab"]["extra"] = 96
     (other / "tokenizer.json").write_text(json.dumps(tok))
     manifest = json.loads((other / "edgemtp.json").read_text())
-    bundle_mod.write_manifest(other, {k: v for k, v in manifest.items() if k not in ("format", "schema_version", "files")})
+    keep = {k: v for k, v in manifest.items() if k not in ("format", "schema_version", "files")}
+    bundle_mod.write_manifest(other, keep)
     with pytest.raises(EdgemtpError, match="reference bundle has a different tokenizer"):
         evaluate(gemma["fp32"], "t5 t6 t7", reference_bundle=other, window=8)
 
