@@ -281,8 +281,7 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     """Import the default model (Gemma 3 270M), export a bundle, generate, and print the speed."""
     from .exporters import export
     from .gguf_import import default_gguf_path, import_gguf
-    from .runtime.engine import Engine
-    from .runtime.stats import Stats
+    from .runtime.engine import Draft, Engine, new_stats
 
     model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
     if not (model_dir / "config.json").is_file():
@@ -293,12 +292,13 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
         with progress_bar("exporting the bundle") as progress:
             export(model_dir, bundle_dir, progress=progress)
     engine = Engine.load(bundle_dir, verify=False)
-    stats = Stats()
-    click.echo(prompt, nl=False)
-    for piece in engine.stream(prompt, max_new_tokens, stats=stats):
-        click.echo(piece, nl=False)
-    click.echo()
-    click.echo(speed_line(stats))
+    for label, draft in (("plain decoding", None), ("speculative (prompt lookup, K=5)", Draft("auto", 5))):
+        stats = new_stats(draft)
+        click.echo(f"--- {label}\n{prompt}", nl=False)
+        for piece in engine.stream(prompt, max_new_tokens, stats=stats, draft=draft):
+            click.echo(piece, nl=False)
+        click.echo()
+        click.echo(speed_line(stats))
 
 
 def main():
