@@ -55,19 +55,31 @@ class Checkpoint:
 
     def __getitem__(self, name: str) -> np.ndarray:
         e = self._entry(name)
+        return _convert(self._mapped(e), e.dtype)
+
+    def rows(self, name: str, ids) -> np.ndarray:
+        """Rows `ids` of a tensor (e.g. a few embedding rows) without converting the rest."""
+        e = self._entry(name)
+        return _convert(self._mapped(e)[np.asarray(ids)], e.dtype)
+
+    @staticmethod
+    def _mapped(e: _Entry) -> np.ndarray:
         raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.end - e.start,))
-        arr = raw.view(_DTYPES[e.dtype]).reshape(e.shape)
-        if e.dtype == "BF16":  # bf16 is the top half of an fp32
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        if e.dtype in ("F16", "F32"):
-            return arr.astype(np.float32)
-        return np.array(arr)
+        return raw.view(_DTYPES[e.dtype]).reshape(e.shape)
 
     def _entry(self, name: str) -> _Entry:
         try:
             return self.entries[name]
         except KeyError:
             raise EdgemtpError(f"{self.dir}: tensor '{name}' not found in the checkpoint") from None
+
+
+def _convert(arr: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":  # bf16 is the top half of an fp32
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    if dtype in ("F16", "F32"):
+        return arr.astype(np.float32)
+    return np.array(arr)
 
 
 def _text_name(name: str) -> str:

@@ -30,8 +30,9 @@ def cli():
 
 
 @contextlib.contextmanager
-def progress_bar(desc: str):
-    """Yields a `progress(done, total, what)` callback drawing a rich bar on stderr.
+def progress_bar(desc: str, show_what: bool = False):
+    """Yields a `progress(done, total, what)` callback drawing a rich bar on stderr (`what` joins the
+    description when show_what).
 
     The bar appears at the first update, so input checks that fail first print only their error."""
     from rich.console import Console
@@ -46,7 +47,7 @@ def progress_bar(desc: str):
         if task is None:
             bar.start()
             task = bar.add_task(desc, total=total)
-        bar.update(task, completed=done, total=total)
+        bar.update(task, completed=done, total=total, description=f"{desc}: {what}" if show_what and what else desc)
 
     try:
         yield update
@@ -79,17 +80,24 @@ def import_gguf_cmd(gguf_file: Path, out: Path):
               help="NPU-ready graph: batch 1, fixed shapes, standard ONNX ops only.")
 @click.option("--verify-window", default=5, show_default=True, type=int,
               help="With --static: positions per call (draft K + 1; prefill runs in chunks of it).")
-@click.option("--drafter", default=None, type=click.Path(path_type=Path),
-              help="MTP drafter directory (config.json + weights) to put in the bundle with the target.")
+@click.option("--drafter", default="auto", show_default=True,
+              help="MTP drafter directory (ours, or a Gemma 4 assistant checkpoint) to put in the bundle; "
+                   "auto: the drafter shipped for this model, recognised by its weights; none: no drafter.")
+@click.option("--draft-top-k", default=None, type=int,
+              help="Clusters the drafter's two-stage head scores exactly (default: its head tables' own; "
+                   "0: full head).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
-               drafter: Path | None, overwrite: bool):
+               drafter: str, draft_top_k: int | None, overwrite: bool):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
-    from .exporters import export
+    from .exporters import AUTO, export
 
+    chosen = None if drafter == "none" else AUTO if drafter == "auto" else Path(drafter)
+    if isinstance(chosen, Path) and not (chosen / "config.json").is_file():
+        raise EdgemtpError(f"--drafter {drafter}: no config.json there (a drafter directory, auto or none)")
     with progress_bar("writing graph weights") as progress:
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
-               static_window=verify_window if static else None, drafter=drafter)
+               static_window=verify_window if static else None, drafter=chosen, drafter_top_k=draft_top_k)
     click.echo(f"wrote {out}")
 
 
@@ -214,6 +222,71 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     click.echo(f"wrote {path}")
     if report_hidden:
         click.echo(json.dumps(recall_report(model_dir, path, report_hidden), indent=2))
+
+
+@cli.command("train-drafter")
+@click.argument("target_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Drafter directory (config.json, model.safetensors, checkpoint.pt, train.log, cache/).")
+@click.option("--data", default="code=256,docs=160,shakespeare=96", show_default=True,
+              help="Training windows per offline corpus (domain=count, comma-separated).")
+@click.option("--heldout", default="code=3,docs=2,shakespeare=1", show_default=True,
+              help="Held-out windows per corpus, for the acceptance shown while training.")
+@click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per window.")
+@click.option("--steps", default=400, show_default=True, type=int)
+@click.option("--batch", default=4, show_default=True, type=int, help="Windows per step.")
+@click.option("--lr", default=1.5e-3, show_default=True, type=float)
+@click.option("--draft-k", default=4, show_default=True, type=int, help="Draft steps unrolled in training.")
+@click.option("--hidden", default=256, show_default=True, type=int, help="Drafter width.")
+@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.pt.")
+@click.option("--threads", default=1, show_default=True, type=int, help="torch threads.")
+def train_drafter_cmd(target_dir, out, data, heldout, seq_len, steps, batch, lr, draft_k, hidden, layers, seed,
+                      resume, threads):
+    """Distill an MTP drafter for TARGET_DIR (needs the `train` extra: torch, transformers).
+
+    Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
+    K = --draft-k) is printed as it trains. The target pass over the corpora is cached in OUTPUT/cache."""
+    try:
+        from .drafter.train import DataSpec, TrainSpec, train_drafter
+    except ImportError as e:
+        raise EdgemtpError(f"train-drafter needs torch and transformers: pip install 'edgemtp[train]' ({e})") from None
+    for flag, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--draft-k", draft_k),
+                        ("--hidden", hidden), ("--layers", layers), ("--threads", threads)):
+        if value < 1:
+            raise EdgemtpError(f"{flag} {value} must be at least 1")
+    spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data), heldout=domain_counts("--heldout", heldout),
+                    seed=seed)
+    train = TrainSpec(k=draft_k, batch=batch, lr=lr)
+    with progress_bar("drafter", show_what=True) as progress:
+        def show(step: int, total: int, record: dict) -> None:
+            phase = record.get("phase")
+            progress(step, total, f"loss {record['loss']:.3f}" if "loss" in record else
+                     "target pass over the corpora (cached)" if phase == "target pass" else "training")
+            if record.get("phase") == "eval":
+                tpr = ", ".join(f"{k} {v['tokens_per_round']:.2f}" for k, v in record.items()
+                                if isinstance(v, dict) and "tokens_per_round" in v)
+                click.echo(f"step {step}: held-out tokens/round {tpr}", err=True)
+
+        report = train_drafter(target_dir, out, spec, steps=steps, seed=seed, resume=resume, progress=show,
+                               shape=dict(hidden=hidden, num_layers=layers), spec=train, threads=threads)
+    click.echo(json.dumps({"heldout": report["heldout"], "train_s": report["train_s"]}))
+    click.echo(f"wrote {out}")
+
+
+def domain_counts(flag: str, value: str) -> dict:
+    from .drafter.data import DOMAINS
+
+    out = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, _, count = part.partition("=")
+        if name not in DOMAINS or not count.isdigit():
+            raise EdgemtpError(f"{flag} {part!r}: expected domain=count with domain one of {', '.join(DOMAINS)}")
+        out[name] = int(count)
+    if not sum(out.values()):
+        raise EdgemtpError(f"{flag} {value!r} selects no windows")
+    return out
 
 
 def int_list(flag: str, value: str) -> list[int]:

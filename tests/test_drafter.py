@@ -221,3 +221,134 @@ def test_mismatched_drafter_is_refused(setup, tmp_path):
     with pytest.raises(EdgemtpError):
         export(model_dir, tmp_path / "b", capacity=64, drafter=drafter_dir)
     assert not (tmp_path / "b").exists()
+
+
+def clustered_drafter(model_dir, out, clusters=8, seed=1):
+    """A tiny drafter directory with clustered-head tables of the target's embedding (V not a multiple of C)."""
+    from edgemtp.calibration.clustering import cluster_vocab
+    from edgemtp.calibration.head_report import head_rows, save_head
+
+    tiny_drafter(model_dir, out, seed=seed)
+    tables = cluster_vocab(head_rows(model_dir), clusters, seed=0)
+    save_head(out, tables, {"clusters": clusters, "top_k": 3})
+    return tables
+
+
+@pytest.mark.parametrize("top_k", [3, 8])
+def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, top_k):
+    """Clustered head = full head restricted to the k clusters the centroids rank best: the same state,
+    the candidates' exact logits, the best candidate as draft; with k = C it is the full head's argmax."""
+    import onnx
+
+    model_dir, bundle, _, ids = setup
+    drafter_dir = tmp_path / "d"
+    tables = clustered_drafter(model_dir, drafter_dir)
+    own = tmp_path / "bundle"
+    shutil.copytree(bundle, own)
+    X.add_to_bundle(own, drafter_dir, top_k=0)  # full head: drafter.onnx
+    entry = X.write(own, drafter_dir, own / "target.onnx", top_k=top_k, name="clustered.onnx")
+    assert entry["contract"]["head"] == {"kind": "clustered", "clusters": 8, "top_k": top_k,
+                                         "candidates": top_k * tables.per_cluster}
+    assert "com.microsoft" not in {n.domain for n in onnx.load(str(own / "clustered.onnx")).graph.node}
+    full = X.DrafterSession.load(bundle_mod.load(own, verify=False))
+    clustered = X.DrafterSession.open(own / "clustered.onnx", entry["contract"])
+    _, cache, hidden = run_target(own, ids)
+    last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)][:, None], slice(0, len(LENGTHS))
+    f_ids, f_logits, f_state = full.run(last, hidden[:, None], cache, rows)
+    c_ids, cand_ids, cand_logits, c_state = clustered.run(last, hidden[:, None], cache, rows)
+    np.testing.assert_allclose(c_state, f_state, atol=1e-5)
+    for b in range(len(LENGTHS)):
+        picked = np.argsort(-(tables.centroids @ f_state[b, 0]), kind="stable")[:top_k]
+        want = set(tables.token_ordering[picked][tables.token_mask[picked]].tolist())
+        real = np.isfinite(cand_logits[b, 0])
+        assert set(cand_ids[b, 0][real].tolist()) == want and real.sum() == len(want)
+        np.testing.assert_allclose(cand_logits[b, 0][real], f_logits[b, 0][cand_ids[b, 0][real]], atol=1e-4)
+        best = max(want, key=lambda t: f_logits[b, 0, t])
+        assert c_ids[b, 0] == best
+        if top_k == 8:
+            assert c_ids[b, 0] == f_ids[b, 0]
+    scattered = X.scatter(cand_ids, cand_logits, full.vocab_size)
+    inside = np.isfinite(scattered)
+    np.testing.assert_allclose(scattered[inside], f_logits[inside], atol=1e-4)
+    assert inside.sum() == sum(len(set(c[np.isfinite(x)].tolist())) for c, x in zip(cand_ids[:, 0], cand_logits[:, 0]))
+
+
+def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
+    """Export with a drafter whose directory holds head tables: the bundle's drafter uses the clustered
+    head, and greedy MTP output equals plain greedy output."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir = setup[0]
+    clustered_drafter(model_dir, tmp_path / "d")
+    out = tmp_path / "b"
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(out), "--drafter", str(tmp_path / "d"),
+                                 "--max-context", "64"])
+    assert r.exit_code == 0, r.output
+    assert bundle_mod.load(out).graph("drafter").contract["head"]["kind"] == "clustered"
+    for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
+        args = ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).output)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).output)
+        assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_train_drafter_command(tiny_gemma3, tmp_path):
+    """`edgemtp train-drafter` on the offline code corpus: a drafter directory that export accepts."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, model_dir, _ = tiny_gemma3
+    out = tmp_path / "d"
+    args = ["train-drafter", str(model_dir), "-o", str(out), "--data", "code=8", "--heldout", "code=2",
+            "--seq-len", "12", "--steps", "3", "--batch", "2", "--hidden", "16", "--layers", "1"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[0])["heldout"]["code"]["positions"] > 0
+    assert load_config(out).hidden == 16
+    assert (out / "checkpoint.pt").is_file()
+    r = CliRunner().invoke(cli, args[:-6] + ["--steps", "4", "--batch", "2", "--hidden", "16", "--layers", "1",
+                                             "--resume"])
+    assert r.exit_code == 0, r.output
+    steps = [json.loads(line)["step"] for line in (out / "train.log").read_text().splitlines()]
+    assert steps[-1] == 4 and 4 in steps
+    bad = CliRunner().invoke(cli, args[:4] + ["--data", "poetry=3"])
+    assert bad.exit_code == 2 and "--data" in bad.output
+
+
+def test_shipped_drafter_is_recognised_by_weights(setup, tmp_path, monkeypatch):
+    """export's default (--drafter auto) attaches a shipped drafter whose fingerprint matches the model's
+    embedding rows: found in a copy under another path, and after small re-quantization noise; a model
+    with other weights of the same shapes gets none."""
+    import edgemtp.drafter as drafter_pkg
+    from edgemtp.drafter import recognises, write_fingerprint
+    from edgemtp.exporters import AUTO, export
+
+    model_dir = setup[0]
+    shipped = tmp_path / "shipped"
+    tiny_drafter(model_dir, shipped / "tiny")
+    write_fingerprint(shipped / "tiny", model_dir)
+    monkeypatch.setattr(drafter_pkg, "SHIPPED", shipped)
+
+    copy = tmp_path / "renamed-copy"
+    shutil.copytree(model_dir, copy)
+    out = export(copy, tmp_path / "b", capacity=64, drafter=AUTO)
+    assert bundle_mod.load(out).has_graph("drafter")
+
+    from safetensors.numpy import load_file, save_file
+
+    weights_file = next(copy.glob("*.safetensors"))
+    weights = load_file(str(weights_file))
+    key = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    rng = np.random.default_rng(0)
+    emb = weights[key].astype(np.float32)
+    weights[key] = (emb + 0.02 * emb.std() * rng.standard_normal(emb.shape)).astype(weights[key].dtype)
+    save_file(weights, str(weights_file))
+    assert recognises(shipped / "tiny", copy)
+    weights[key] = rng.standard_normal(emb.shape).astype(weights[key].dtype)
+    save_file(weights, str(weights_file))
+    assert not recognises(shipped / "tiny", copy)
+    out = export(copy, tmp_path / "c", capacity=64, drafter=AUTO)
+    assert not bundle_mod.load(out).has_graph("drafter")

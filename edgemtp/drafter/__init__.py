@@ -12,12 +12,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..config import SLIDING, Rope, TextConfig
 from ..errors import EdgemtpError
 
 MODEL_TYPE = "edgemtp_mtp_drafter"
 WEIGHTS = "model.safetensors"
 SHIPPED = Path(__file__).resolve().parent.parent / "drafters"
+FINGERPRINT = "target_rows.safetensors"  # a few of the target's embedding rows: how it is recognised
+EMBEDDING = "model.embed_tokens.weight"
+MIN_COSINE = 0.99  # a re-quantized copy of the same model (GGUF Q4_K_M vs bf16) stays far above this
 
 
 @dataclass(frozen=True)
@@ -96,3 +101,49 @@ def shipped(name: str) -> Path:
         have = ", ".join(p.name for p in SHIPPED.iterdir() if p.is_dir())
         raise EdgemtpError(f"no shipped drafter {name!r} (have: {have})")
     return d
+
+
+def fingerprint_ids(vocab_size: int, n: int = 16) -> np.ndarray:
+    return np.linspace(vocab_size // 64, vocab_size - 1, n).astype(np.int64)
+
+
+def write_fingerprint(drafter_dir: Path, target_dir: Path) -> Path:
+    """Stores the target's embedding rows at fingerprint_ids() beside the drafter (fp16, ~20 KB)."""
+    from safetensors.numpy import save_file
+
+    from ..checkpoint import Checkpoint
+
+    cfg = load_config(drafter_dir)
+    ids = fingerprint_ids(cfg.vocab_size)
+    rows = Checkpoint(Path(target_dir)).rows(EMBEDDING, ids)
+    path = Path(drafter_dir) / FINGERPRINT
+    save_file({"ids": ids, "rows": rows.astype(np.float16)}, str(path))
+    return path
+
+
+def recognises(drafter_dir: Path, target_dir: Path) -> bool:
+    """True when the target in `target_dir` is the model this drafter was trained for, judged by its weights
+    (not its path or name): matching shapes and embedding rows with cosine >= MIN_COSINE."""
+    from ..checkpoint import Checkpoint
+
+    path = Path(drafter_dir) / FINGERPRINT
+    if not path.is_file():
+        return False
+    fp = Checkpoint(Path(drafter_dir))
+    ckpt = Checkpoint(Path(target_dir))
+    cfg = load_config(drafter_dir)
+    if EMBEDDING not in ckpt or ckpt.shape(EMBEDDING) != (cfg.vocab_size, cfg.backbone_hidden):
+        return False
+    want, have = fp["rows"], ckpt.rows(EMBEDDING, fp["ids"])
+    cos = (want * have).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(have, axis=1) + 1e-12)
+    return bool(cos.min() >= MIN_COSINE)
+
+
+def match_shipped(target_dir: Path) -> Path | None:
+    """The shipped drafter trained for the model in `target_dir`, if any."""
+    if not SHIPPED.is_dir():
+        return None
+    for d in sorted(p for p in SHIPPED.iterdir() if (p / "config.json").is_file()):
+        if recognises(d, target_dir):
+            return d
+    return None

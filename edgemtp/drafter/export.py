@@ -8,12 +8,20 @@ One graph call = one draft step for B rows (DESIGN.md §2; maths in model.py):
            position_ids [B, 1] int64      L: the row's committed cache length (= the last token's position)
            past_key_values.{l}.key/value  [B, Nk, capacity, D]: the target's own cache buffers for the
                                           layers in contract.drafter_kv, bound read-only (never written)
-  outputs  draft_ids [B, 1] int64, logits [B, 1, V], next_hidden_state [B, 1, Hb]
+  outputs  draft_ids [B, 1] int64, next_hidden_state [B, 1, Hb], and the draft's logits:
+           full head       logits [B, 1, V]
+           clustered head  candidate_ids [B, 1, N] int64, candidate_logits [B, 1, N]: the tokens of the k
+                           best clusters (N = k * M) and their exact logits (-inf on padding slots)
 
 Attention reads rows j < L (sliding layers: j > L - window), sliced out of the buffers with standard ops:
 com.microsoft GroupQueryAttention always appends to the cache it reads. The embedding table (Gather for
 the input, Gemm for the tied head) is the target's: with `share_embedding` the initializer points into
 `target.onnx.data`, so no second 671 MB copy is written.
+
+The clustered head (DESIGN.md §3) is why a drafter step can be cheap: the full head reads all V x Hb
+weights per step (671 MB for Gemma 3 270M, as much as the target's own head), the clustered one reads
+C x Hb centroids plus k x M rows. Its tables come from `edgemtp cluster` (`head.safetensors`, keys
+`centroids`, `token_ordering`, `token_mask`) placed in the drafter directory.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from .. import contract as C
 from ..checkpoint import Checkpoint
 from ..errors import EdgemtpError
 from ..exporters import components as nn
+from ..exporters import head as H
 from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external
 from . import DrafterConfig, load_config
 
@@ -36,9 +45,12 @@ GRAPH = "drafter.onnx"
 EMBEDDING = "model.embed_tokens.weight"  # the target's key; the drafter graph reuses it
 INPUT_IDS, LAST_HIDDEN, POSITION_IDS = C.INPUT_IDS, C.LAST_HIDDEN, C.POSITION_IDS
 DRAFT_IDS, LOGITS, NEXT_HIDDEN = "draft_ids", C.LOGITS, "next_hidden_state"
+CANDIDATE_IDS, CANDIDATE_LOGITS = H.CANDIDATE_IDS, H.CANDIDATE_LOGITS
+HEAD_FILE = "head.safetensors"  # what `edgemtp cluster` writes; a drafter directory may hold one
 
 
-def build(cfg: DrafterConfig) -> GraphBuilder:
+def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None) -> GraphBuilder:
+    """The drafter step graph; `head` None: full tied head, else the clustered head of that shape."""
     b = GraphBuilder("mtp_drafter")
     ids = b.input(INPUT_IDS, INT64, ["batch", 1])
     last = b.input(LAST_HIDDEN, FLOAT, ["batch", 1, cfg.backbone_hidden])
@@ -53,12 +65,26 @@ def build(cfg: DrafterConfig) -> GraphBuilder:
         x = layer(b, cfg, f"model.layers.{i}.", x, kv[t], views[t], tables[t])
     x = nn.rms_norm(b, x, "model.norm.weight", cfg.hidden, cfg.rms_norm_eps)
     state = nn.linear(b, x, "post_projection.weight", cfg.hidden, cfg.backbone_hidden)
-    logits = nn.softcap(b, nn.tied_head(b, state, EMBEDDING, cfg.vocab_size, cfg.backbone_hidden),
-                        cfg.final_logit_softcapping)
-    b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
-    b.output(logits, LOGITS, FLOAT, ["batch", 1, cfg.vocab_size])
+    if head is None:
+        logits = nn.softcap(b, nn.tied_head(b, state, EMBEDDING, cfg.vocab_size, cfg.backbone_hidden),
+                            cfg.final_logit_softcapping)
+        b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
+        b.output(logits, LOGITS, FLOAT, ["batch", 1, cfg.vocab_size])
+    else:
+        clustered_outputs(b, state, cfg, head)
     b.output(state, NEXT_HIDDEN, FLOAT, ["batch", 1, cfg.backbone_hidden])
     return b
+
+
+def clustered_outputs(b: GraphBuilder, state: str, cfg: DrafterConfig, head: H.ClusteredShape) -> None:
+    """state [B, 1, Hb] -> draft_ids [B, 1] (best candidate), candidate_ids / candidate_logits [B, 1, N]."""
+    flat = b.op("Reshape", state, b.const([-1, cfg.backbone_hidden], np.int64))
+    cand = H.clustered_head(b, flat, EMBEDDING, head, cfg.final_logit_softcapping)
+    best = b.op("ArgMax", cand.logits, axis=-1, keepdims=1)  # [B, 1] position among the candidates
+    b.output(b.op("GatherElements", cand.ids, best, axis=1), DRAFT_IDS, INT64, ["batch", 1])
+    one = b.const([1], np.int64)
+    b.output(b.op("Unsqueeze", cand.ids, one), CANDIDATE_IDS, INT64, ["batch", 1, head.candidates])
+    b.output(b.op("Unsqueeze", cand.logits, one), CANDIDATE_LOGITS, FLOAT, ["batch", 1, head.candidates])
 
 
 def _kv_inputs(b: GraphBuilder, cfg: DrafterConfig, layer: int) -> tuple[str, str]:
@@ -115,28 +141,61 @@ def attend(b: GraphBuilder, q: str, kv: tuple[str, str], view: nn.CacheView, n: 
     return b.op("Reshape", out, b.const([0, 0, n * d], np.int64))
 
 
-def contract(cfg: DrafterConfig) -> dict:
+def contract(cfg: DrafterConfig, head: H.ClusteredShape | None = None) -> dict:
     """The manifest's graphs.drafter.contract: what the runtime binds and reads."""
+    scores = [LOGITS] if head is None else [CANDIDATE_IDS, CANDIDATE_LOGITS]
     return {"kind": "mtp", "config": cfg.to_json(), "kv_layers": sorted(set(cfg.target_kv.values())),
-            "inputs": [INPUT_IDS, LAST_HIDDEN, POSITION_IDS], "outputs": [DRAFT_IDS, LOGITS, NEXT_HIDDEN],
-            "hidden": "post_final_norm"}
+            "inputs": [INPUT_IDS, LAST_HIDDEN, POSITION_IDS], "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN],
+            "hidden": "post_final_norm", "head": head_json(head)}
 
 
-def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding: bool = True) -> list[str]:
-    """Writes drafter.onnx + drafter.onnx.data into `out_dir` (a bundle being built, beside `target_graph`).
+def head_json(head: H.ClusteredShape | None) -> dict:
+    if head is None:
+        return {"kind": "full"}
+    return {"kind": "clustered", "clusters": head.clusters, "top_k": head.top_k, "candidates": head.candidates}
+
+
+def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None) -> H.ClusteredShape | None:
+    """The clustered head to build: None (full head) when top_k == 0, or when top_k is None and the
+    drafter directory has no head tables; otherwise the tables' C with k = top_k (default: the k
+    `edgemtp cluster` was run with)."""
+    from ..calibration.head_report import load_head
+
+    path = Path(drafter_dir) / HEAD_FILE
+    if top_k == 0 or (top_k is None and not path.is_file()):
+        return None
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: --top-k {top_k} needs the drafter's clustered-head tables "
+                           f"(write them with `edgemtp cluster TARGET_DIR -o {drafter_dir}`)")
+    tables, meta = load_head(path)
+    clusters, hidden = tables.centroids.shape
+    if (tables.vocab_size, hidden) != (cfg.vocab_size, cfg.backbone_hidden):
+        raise EdgemtpError(f"{path}: head tables are for vocab {tables.vocab_size}, hidden {hidden}; the drafter "
+                           f"has vocab {cfg.vocab_size}, hidden {cfg.backbone_hidden}")
+    k = top_k if top_k is not None else int(meta.get("top_k", 32))
+    if not 1 <= k <= clusters:
+        raise EdgemtpError(f"--top-k {k} must be between 1 and the head's {clusters} clusters")
+    return H.ClusteredShape(cfg.vocab_size, cfg.backbone_hidden, clusters, k)
+
+
+def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding: bool = True,
+          top_k: int | None = None, name: str = GRAPH) -> dict:
+    """Writes `name` (drafter.onnx) + its .data into `out_dir` (a bundle being built, beside `target_graph`)
+    and returns the manifest's graph entry.
 
     share_embedding: the embedding initializer points at the target's bytes in its external data file
-    (which must then sit in `out_dir` too); False copies those bytes into drafter.onnx.data.
-    Returns the file names written."""
+    (which must then sit in `out_dir` too); False copies those bytes into the drafter's data file.
+    top_k: clusters kept by the clustered head (see head_shape; 0 = full head)."""
     out_dir, drafter_dir, target_graph = Path(out_dir), Path(drafter_dir), Path(target_graph)
     cfg = load_config(drafter_dir)
-    b = build(cfg)
+    head = head_shape(drafter_dir, cfg, top_k)
+    b = build(cfg, head)
     model, weights = b.model(), Checkpoint(drafter_dir)
     location, offset, length = embedding_location(target_graph, cfg)
     if share_embedding and target_graph.parent.resolve() != out_dir.resolve():
         raise EdgemtpError(f"{target_graph}: a shared embedding needs the target graph in {out_dir}")
     inits = {t.name: t for t in model.graph.initializer}
-    data_name = GRAPH + ".data"
+    data_name = name + ".data"
     with open(out_dir / data_name, "wb") as f:
         for prm in b.params.values():
             if prm.source == EMBEDDING and share_embedding:
@@ -151,8 +210,8 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
             pos = _align(f)
             f.write(arr.tobytes())
             _set_external(inits[prm.name], data_name, pos, arr.nbytes)
-    onnx.save(model, str(out_dir / GRAPH))
-    return [GRAPH, data_name]
+    onnx.save(model, str(out_dir / name))
+    return {"file": name, "quant": "fp32", "contract": contract(cfg, head)}
 
 
 def embedding_location(target_graph: Path, cfg: DrafterConfig) -> tuple[str, int, int]:
@@ -172,7 +231,8 @@ def _embedding(path: Path, offset: int, cfg: DrafterConfig) -> np.ndarray:
     return np.memmap(path, np.float32, "r", offset, (cfg.vocab_size, cfg.backbone_hidden))
 
 
-def add_to_bundle(bundle_dir: Path, drafter_dir: Path, share_embedding: bool = True) -> Path:
+def add_to_bundle(bundle_dir: Path, drafter_dir: Path, share_embedding: bool = True,
+                  top_k: int | None = None) -> Path:
     """Adds (or replaces) the drafter graph of an existing bundle and rewrites its manifest.
 
     The exporter proper should call `write()` inside its atomic bundle directory instead; this is for tests,
@@ -186,31 +246,44 @@ def add_to_bundle(bundle_dir: Path, drafter_dir: Path, share_embedding: bool = T
         raise EdgemtpError(f"{drafter_dir}: drafter was trained for another target (hidden {cfg.backbone_hidden}, "
                            f"vocab {cfg.vocab_size}, kv layers {cfg.target_kv}); bundle has {target.hidden_size}, "
                            f"{target.vocab_size}, {target.drafter_kv}")
-    write(bundle_dir, drafter_dir, b.graph("target").path, share_embedding)
+    entry = write(bundle_dir, drafter_dir, b.graph("target").path, share_embedding, top_k)
     m = {k: v for k, v in b.manifest.items() if k not in ("files", "format", "schema_version")}
-    m["graphs"] = {**m["graphs"], "drafter": {"file": GRAPH, "quant": "fp32", "contract": contract(cfg)}}
+    m["graphs"] = {**m["graphs"], "drafter": entry}
     bundle_mod.write_manifest(bundle_dir, m)
     return bundle_dir
 
 
 class DrafterSession:
-    """Runs drafter.onnx on the target's KVCache (numpy + onnxruntime; implements runtime.drafting.Drafter)."""
+    """Runs a drafter graph on the target's KVCache (numpy + onnxruntime; implements runtime.drafting.Drafter).
 
-    def __init__(self, session, cfg: DrafterConfig):
-        self.session, self.cfg = session, cfg
-        self.kv_layers = sorted(set(cfg.target_kv.values()))
+    Both heads give the same step results: draft ids, the next state, and logits over the whole vocabulary
+    (a clustered head's candidates scattered into -inf elsewhere: the drafter's q is 0 outside them, which
+    rejection sampling handles like any other q)."""
+
+    def __init__(self, session, kv_layers: Sequence[int], vocab_size: int, head: dict | None = None):
+        self.session, self.kv_layers, self.vocab_size = session, sorted(kv_layers), vocab_size
+        self.head = head or {"kind": "full"}
+        self.clustered = self.head["kind"] == "clustered"
+        self.outputs = [DRAFT_IDS, CANDIDATE_IDS, CANDIDATE_LOGITS, NEXT_HIDDEN] if self.clustered \
+            else [DRAFT_IDS, LOGITS, NEXT_HIDDEN]
 
     @classmethod
-    def load(cls, bundle: bundle_mod.Bundle, provider: str = "cpu", threads: int | None = None) -> "DrafterSession":
+    def load(cls, bundle: bundle_mod.Bundle, provider: str = "cpu", threads: int | None = None,
+             graph: str = "drafter") -> "DrafterSession":
+        g = bundle.graph(graph)
+        return cls.open(g.path, g.contract, provider, threads)
+
+    @classmethod
+    def open(cls, path: Path, contract: dict, provider: str = "cpu", threads: int | None = None) -> "DrafterSession":
+        """A drafter graph file with its manifest contract (what write() returns under "contract"): ours or a
+        Gemma 4 assistant's, which share the I/O contract but not the config."""
         from ..runtime.session import make_session
 
-        g = bundle.graph("drafter")
-        cfg = DrafterConfig.from_json({k: v for k, v in g.contract["config"].items() if k != "model_type"})
-        return cls(make_session(g.path, provider, threads), cfg)
+        return cls(make_session(path, provider, threads), contract["kv_layers"], int(contract["config"]["vocab_size"]),
+                   contract.get("head"))
 
-    def step(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice) -> tuple[np.ndarray, ...]:
-        """ids [b, 1], hidden [b, 1, Hb] for cache rows `rows` (queries at their committed lengths)
-        -> (draft_ids [b, 1], logits [b, 1, V], next_hidden_state [b, 1, Hb])."""
+    def run(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice) -> list[np.ndarray]:
+        """One graph call for cache rows `rows`: the graph's outputs in `self.outputs` order."""
         io = self.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, np.int64))
         io.bind_cpu_input(LAST_HIDDEN, np.ascontiguousarray(hidden, np.float32))
@@ -219,20 +292,31 @@ class DrafterSession:
         for layer in self.kv_layers:
             io.bind_ortvalue_input(C.past_key(layer), values[layer][0])
             io.bind_ortvalue_input(C.past_value(layer), values[layer][1])
-        for name in (DRAFT_IDS, LOGITS, NEXT_HIDDEN):
+        for name in self.outputs:
             io.bind_output(name)
         self.session.run_with_iobinding(io)
-        return tuple(o.numpy() for o in io.get_outputs())
+        return [o.numpy() for o in io.get_outputs()]
 
-    def draft(self, token: np.ndarray, hidden: np.ndarray, cache, rows: slice, k: int):
-        """Greedy K-step draft for rows: token [b], hidden [b, Hb] -> (tokens [b, k], logits [b, k, V])."""
+    def step(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice,
+             full_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """ids [b, 1], hidden [b, 1, Hb] (queries at the rows' committed lengths)
+        -> (draft_ids [b, 1], logits [b, 1, V] or None when not asked for, next_hidden_state [b, 1, Hb])."""
+        out = self.run(ids, hidden, cache, rows)
+        if not self.clustered:
+            return out[0], out[1], out[2]
+        ids, cand_ids, cand_logits, state = out
+        return ids, (scatter(cand_ids, cand_logits, self.vocab_size) if full_logits else None), state
+
+    def draft(self, token: np.ndarray, hidden: np.ndarray, cache, rows: slice, k: int,
+              full_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Greedy K-step draft for rows: token [b], hidden [b, Hb] -> (tokens [b, k], logits [b, k, V] or None)."""
         ids, h = np.asarray(token, np.int64)[:, None], np.asarray(hidden, np.float32)[:, None]
         tokens, logits = [], []
         for _ in range(k):
-            ids, lg, h = self.step(ids, h, cache, rows)
+            ids, lg, h = self.step(ids, h, cache, rows, full_logits)
             tokens.append(ids[:, 0])
-            logits.append(lg[:, 0])
-        return np.stack(tokens, 1), np.stack(logits, 1)
+            logits.append(None if lg is None else lg[:, 0])
+        return np.stack(tokens, 1), (np.stack(logits, 1) if full_logits else None)
 
     def propose(self, history: Sequence[int], k: int, ctx=None):
         """Drafter protocol: greedy drafts (q None) or, when sampling, tokens drawn from q = distribution()."""
@@ -244,10 +328,20 @@ class DrafterSession:
         ids, h = np.array([[history[-1]]], np.int64), np.asarray(ctx.hidden, np.float32).reshape(1, 1, -1)
         tokens, qs = [], []
         for _ in range(k):
-            ids, lg, h = self.step(ids, h, ctx.cache, rows)
+            ids, lg, h = self.step(ids, h, ctx.cache, rows, full_logits=not ctx.sampling.greedy)
             if not ctx.sampling.greedy:
                 q = distribution(lg[0, 0], ctx.sampling)
                 ids = np.array([[ctx.rng.choice(q.shape[-1], p=q)]], np.int64)
                 qs.append(q)
             tokens.append(int(ids[0, 0]))
         return tokens, (np.stack(qs) if qs else None)
+
+
+def scatter(ids: np.ndarray, logits: np.ndarray, vocab: int) -> np.ndarray:
+    """Candidate logits [..., N] at token ids [..., N] -> [..., V] logits, -inf outside the candidates."""
+    full = np.full((*ids.shape[:-1], vocab), -np.inf, np.float32)
+    flat_full, flat_ids, flat_logits = full.reshape(-1, vocab), ids.reshape(-1, ids.shape[-1]), logits.reshape(
+        -1, ids.shape[-1])
+    for row, i, x in zip(flat_full, flat_ids, flat_logits):
+        np.maximum.at(row, i, x)  # a padding slot may repeat a real id: its -inf must not win
+    return full

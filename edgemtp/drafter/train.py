@@ -266,7 +266,8 @@ def build_windows(target_dir: Path, cfg: TextConfig, spec: DataSpec) -> tuple[np
 
     train = np.concatenate(list(take("train", spec.train, spec.seed).values()))
     heldout = take("heldout", spec.heldout, spec.seed + 100)
-    return train, heldout, D.vocabulary(tok) if spec.shortlist else None
+    used = sorted(d for counts in (spec.train, spec.heldout) for d, n in counts.items() if n)
+    return train, heldout, D.vocabulary(tok, tuple(dict.fromkeys(used))) if spec.shortlist else None
 
 
 def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataSpec(), steps: int = 360,

@@ -13,6 +13,7 @@ from ..errors import EdgemtpError
 from . import builder, gemma3, llama
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
+AUTO = "auto"  # drafter=AUTO: attach the shipped drafter trained for this model, when there is one
 Progress = Callable[[int, int, str], None]
 
 
@@ -44,14 +45,19 @@ def load_config(model_dir: Path):
 
 def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
            progress: Progress | None = None, static_window: int | None = None,
-           drafter: Path | None = None) -> Path:
+           drafter: Path | str | None = None, drafter_top_k: int | None = None) -> Path:
     """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
 
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
-    standard ops only) instead of the dynamic ONNX Runtime graph; W = K + 1 for speculative K."""
+    standard ops only) instead of the dynamic ONNX Runtime graph; W = K + 1 for speculative K.
+    `drafter`: a drafter directory (ours or a Gemma 4 assistant checkpoint), AUTO (the shipped drafter
+    recognised by the model's weights, fp32 dynamic bundles only for now) or None.
+    `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
+    if drafter == AUTO:
+        drafter = shipped_drafter(model_dir) if quant == "fp32" and static_window is None else None
     if quant != "fp32":
         if drafter is not None:
             raise EdgemtpError("--drafter with --quant: attach the drafter to an fp32 bundle for now "
@@ -72,31 +78,44 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         graph, contract = build(cfg, capacity)
         contract_json = contract.to_json()
     _check_weights(graph, ckpt, model_dir)
+    write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k) if drafter is not None else None
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}}
-        if drafter is not None:
-            graphs["drafter"] = _attach_drafter(tmp, Path(drafter), contract_json)
+        if write_drafter is not None:
+            graphs["drafter"] = write_drafter(tmp)
         bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})
     return out
 
 
-def _attach_drafter(tmp: Path, drafter_dir: Path, target_contract: dict) -> dict:
-    """Writes drafter.onnx beside the target (sharing its embedding) after checking the pair matches."""
-    from ..contract import TargetContract
-    from ..drafter import load_config as load_drafter_config
-    from ..drafter.export import GRAPH, contract, write
+def shipped_drafter(model_dir: Path) -> Path | None:
+    """The drafter shipped with edgemtp for this model (recognised by its weights), if any."""
+    from ..drafter import match_shipped
 
-    cfg = load_drafter_config(drafter_dir)
+    load_config(model_dir)  # an unsupported or broken model directory reports that, not a drafter problem
+    return match_shipped(model_dir)
+
+
+def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None):
+    """Refuses a drafter made for another target before anything is written; returns write(tmp) -> entry."""
+    from ..contract import TargetContract
+    from ..drafter import assistant
+    from ..drafter import load_config as load_drafter_config
+    from ..drafter.export import head_shape, write
+
     t = TargetContract.from_json(target_contract)
+    if assistant.is_assistant(drafter_dir):
+        cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
+        return lambda tmp: assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg)
+    cfg = load_drafter_config(drafter_dir)
     if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
             set(t.drafter_kv.values()) != set(cfg.target_kv.values()):
         raise EdgemtpError(f"{drafter_dir}: drafter does not match this target (drafter: backbone hidden "
                            f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
                            f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
-    write(tmp, drafter_dir, tmp / "target.onnx")
-    return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg)}
+    head_shape(drafter_dir, cfg, top_k)  # bad head tables or --draft-top-k fail here too
+    return lambda tmp: write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k)
 
 
 def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window) -> Path:

@@ -1,0 +1,285 @@
+"""Gemma 4 assistant (gemma4_assistant) drafter: parity with transformers' MTP candidate generator, pairing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from edgemtp import bundle as bundle_mod  # noqa: E402
+from edgemtp.drafter import assistant as A  # noqa: E402
+from edgemtp.drafter.export import DrafterSession  # noqa: E402
+from edgemtp.errors import EdgemtpError  # noqa: E402
+from edgemtp.exporters import export  # noqa: E402
+from edgemtp.runtime.engine import Engine  # noqa: E402
+from edgemtp.runtime.session import make_session  # noqa: E402
+
+from .reference import save_tiny  # noqa: E402
+from .test_parity_gemma4 import TEXT, WINDOW, F, S, _randomize, tiny  # noqa: E402
+
+LENGTHS = (21, 6)  # committed cache lengths of the two rows: past 2x the window, and inside it
+K = 4
+CENTROIDS, TOP_K = 8, 2  # 96 tokens in 8 clusters of 12: 24 candidates per step
+# the assistant reads the target's layer 3 (sliding: 2 KV heads x 16) and layer 4 (full: 1 x 32, k_eq_v)
+ASSISTANT = dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                 attention_k_eq_v=True, layer_types=[S, S, S, F], sliding_window=WINDOW,
+                 hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, max_position_embeddings=256,
+                 initializer_range=0.1, rope_parameters=TEXT["rope_parameters"])
+
+
+def tiny_assistant(ordered: bool):
+    cfg = transformers.Gemma4AssistantConfig(text_config=dict(ASSISTANT), backbone_hidden_size=TEXT["hidden_size"],
+                                             use_ordered_embeddings=ordered, num_centroids=CENTROIDS,
+                                             centroid_intermediate_top_k=TOP_K)
+    torch.manual_seed(1)
+    model = transformers.Gemma4AssistantForCausalLM(cfg)
+    _randomize(model)
+    if ordered:  # transformers initialises the ordering to zeros
+        model.masked_embedding.token_ordering.copy_(torch.randperm(ASSISTANT["vocab_size"]))
+    return model.eval()
+
+
+@dataclass
+class Pair:
+    target_dir: Path
+    assistants: dict  # use_ordered_embeddings -> (assistant, its directory, bundle, reference drafts per row)
+    ids: np.ndarray  # row b: prompt ids[b, :LENGTHS[b]], then the last token ids[b, LENGTHS[b]]
+    prefills: list  # row b: transformers' target output over its prompt (hidden states, shared KV)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> Pair:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only contend on a shared machine
+    try:
+        return _pair(tmp_path_factory.mktemp("assistant"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pair(root: Path) -> Pair:
+    target = tiny("gemma4_text")
+    target_dir = save_tiny(target, root / "target")
+    ids = np.random.default_rng(4).integers(3, TEXT["vocab_size"], size=(len(LENGTHS), max(LENGTHS) + 1))
+    with torch.no_grad():
+        prefills = [target(input_ids=torch.from_numpy(ids[b:b + 1, :n]), output_hidden_states=True,
+                           return_shared_kv_states=True) for b, n in enumerate(LENGTHS)]
+    out = {}
+    for ordered in (False, True):
+        name = "ordered" if ordered else "full"
+        model = tiny_assistant(ordered)
+        model.save_pretrained(root / name)
+        bundle = export(target_dir, root / f"bundle_{name}", capacity=64, drafter=root / name)
+        refs = [reference(target, model, ids[b], n, prefills[b]) for b, n in enumerate(LENGTHS)]
+        out[ordered] = model, root / name, bundle, refs
+    return Pair(target_dir, out, ids, prefills)
+
+
+def reference(target, assistant, ids: np.ndarray, n: int, prefill):
+    """transformers' SinglePositionMultiTokenCandidateGenerator after the target's prefill of ids[:n], the
+    last token being ids[n] -> (draft tokens [K], logits [K, V])."""
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
+    gen = SinglePositionMultiTokenCandidateGenerator(assistant, target.get_input_embeddings(),
+                                                     transformers.GenerationConfig(max_length=256))
+    gen.num_assistant_tokens = K
+    seq = torch.from_numpy(ids[None, :n + 1])
+    with torch.no_grad():
+        cand, logits = gen.get_candidates(seq, {"attention_mask": torch.ones_like(seq)}, prefill,
+                                          is_first_iteration=False, n_last_matches=0)
+    return cand[0, n + 1:].numpy(), logits[0].float().numpy()
+
+
+def from_transformers(bundle, prefills):
+    """What transformers' target hands the drafter after each row's prefill, laid out as the runtime's
+    cache: ({layer: (keys, values) [B, Nk, capacity, D]}, hidden [B, 1, Hb])."""
+    contract = bundle_mod.load(bundle).target_contract
+    kv = {s.layer: tuple(np.zeros((len(LENGTHS), s.num_heads, contract.capacity, s.head_dim), np.float32)
+                         for _ in range(2)) for s in contract.kv if s.layer in contract.drafter_kv.values()}
+    for b, (n, out) in enumerate(zip(LENGTHS, prefills)):
+        for t, layer in contract.drafter_kv.items():
+            for buf, x in zip(kv[layer], out.shared_kv_states[t]):
+                buf[b, :, :n] = x[0].numpy()
+    return kv, np.concatenate([out.hidden_states[-1][:, -1:].numpy() for out in prefills])
+
+
+def from_bundle(bundle, ids):
+    """The same from the exported target (ORT) and its KVCache."""
+    engine = Engine.load(bundle)
+    cache = engine.target.new_cache(len(LENGTHS))
+    hidden = []
+    for b, n in enumerate(LENGTHS):
+        _, h = engine.target.forward(ids[b:b + 1, :n], cache, rows=slice(b, b + 1))
+        hidden.append(h[:, -1:])
+    return {layer: (cache.keys[layer], cache.values[layer]) for layer in cache.keys}, np.concatenate(hidden)
+
+
+def draft(bundle, ids, inputs, k: int = K, graph: Path | None = None) -> list[dict]:
+    """k greedy steps of the bundle's drafter.onnx (or `graph`) for both rows at once, fed its own draft ids
+    and next_hidden_state."""
+    b = bundle_mod.load(bundle)
+    session = make_session(graph or b.graph("drafter").path, "cpu", 1)
+    kv, hidden = inputs
+    feed = {}
+    for layer in b.graph("drafter").contract["kv_layers"]:
+        feed[f"past_key_values.{layer}.key"], feed[f"past_key_values.{layer}.value"] = kv[layer]
+    names = [o.name for o in session.get_outputs()]
+    token = ids[np.arange(len(LENGTHS)), list(LENGTHS)][:, None]
+    steps = []
+    for _ in range(k):
+        out = dict(zip(names, session.run(None, {"input_ids": token, "last_hidden_state": hidden,
+                                                 "position_ids": np.array(LENGTHS)[:, None], **feed})))
+        token, hidden = out[A.DRAFT_IDS], out[A.NEXT_HIDDEN]
+        steps.append(out)
+    return steps
+
+
+SOURCES = ["transformers", "bundle"]  # the drafter fed transformers' target, or the exported target end to end
+
+
+def _inputs(source, pair: Pair, bundle):
+    return from_transformers(bundle, pair.prefills) if source == "transformers" else from_bundle(bundle, pair.ids)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_full_head_matches_transformers(pair, source):
+    _, _, bundle, refs = pair.assistants[False]
+    steps = draft(bundle, pair.ids, _inputs(source, pair, bundle))
+    worst = 0.0
+    for b, (want_tokens, want_logits) in enumerate(refs):
+        got = np.stack([s[A.LOGITS][b, 0] for s in steps])
+        np.testing.assert_array_equal([s[A.DRAFT_IDS][b, 0] for s in steps], want_tokens, err_msg=f"row {b}")
+        np.testing.assert_allclose(got, want_logits, atol=1e-3, rtol=0, err_msg=f"row {b}")
+        worst = max(worst, float(np.abs(got - want_logits).max()))
+    assert np.ptp(want_logits) > 1.0  # spread enough for the tolerance to mean something
+    print(f"full head, {source} inputs: max |logits - transformers| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_clustered_head_matches_transformers(pair, source):
+    """Candidates = the tokens transformers scatters logits to; their logits and the draft ids agree."""
+    _, _, bundle, refs = pair.assistants[True]
+    steps = draft(bundle, pair.ids, _inputs(source, pair, bundle))
+    worst = 0.0
+    for b, (want_tokens, want_logits) in enumerate(refs):
+        np.testing.assert_array_equal([s[A.DRAFT_IDS][b, 0] for s in steps], want_tokens, err_msg=f"row {b}")
+        for s, want in zip(steps, want_logits):
+            cand, logits = s[A.CANDIDATE_IDS][b, 0], s[A.CANDIDATE_LOGITS][b, 0]
+            assert cand.shape == (TOP_K * 96 // CENTROIDS,)
+            # transformers fills every non-candidate with (min over candidates) - 1
+            np.testing.assert_array_equal(np.sort(cand), np.flatnonzero(want > want.min()))
+            np.testing.assert_allclose(logits, want[cand], atol=1e-3, rtol=0)
+            worst = max(worst, float(np.abs(logits - want[cand]).max()))
+    print(f"clustered head, {source} inputs: max |candidate logits - transformers| = {worst:.2e}")
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_runtime_session_runs_the_graph(pair, ordered):
+    """DrafterSession binds the target's KVCache read-only and gets what the plain run gets."""
+    _, _, bundle, _ = pair.assistants[ordered]
+    ids, loaded = pair.ids, bundle_mod.load(bundle)
+    session = DrafterSession.load(loaded, threads=1)
+    engine = Engine.load(bundle)
+    cache = engine.target.new_cache(len(LENGTHS))
+    hidden = [engine.target.forward(ids[b:b + 1, :n], cache, rows=slice(b, b + 1))[1][0, -1]
+              for b, n in enumerate(LENGTHS)]
+    keys = {layer: k.copy() for layer, k in cache.keys.items()}
+    last = ids[np.arange(len(LENGTHS)), list(LENGTHS)]
+    tokens, logits = session.draft(last, np.stack(hidden), cache, slice(0, len(LENGTHS)), K)
+    want = draft(bundle, ids, from_bundle(bundle, ids))
+    np.testing.assert_array_equal(tokens, np.stack([s[A.DRAFT_IDS][:, 0] for s in want], 1))
+    if ordered:  # candidates scattered over the vocabulary, -inf elsewhere
+        cand = np.stack([s[A.CANDIDATE_IDS][:, 0] for s in want], 1)  # [B, K, N]
+        np.testing.assert_allclose(np.take_along_axis(logits, cand, -1),
+                                   np.stack([s[A.CANDIDATE_LOGITS][:, 0] for s in want], 1), atol=1e-6)
+        assert (np.isfinite(logits).sum(-1) == cand.shape[-1]).all()
+    else:
+        np.testing.assert_allclose(logits, np.stack([s[A.LOGITS][:, 0] for s in want], 1), atol=1e-6)
+    assert (cache.lengths == LENGTHS).all() and all(np.array_equal(cache.keys[i], k) for i, k in keys.items())
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_bundle_loads_and_shares_the_target_embedding(pair, ordered):
+    assistant, _, bundle, _ = pair.assistants[ordered]
+    b = bundle_mod.load(bundle)
+    g = b.graph("drafter")
+    assert g.contract["kind"] == "mtp" and g.contract["kv_layers"] == [3, 4]
+    n = TOP_K * 96 // CENTROIDS
+    assert g.contract["head"] == ({"kind": "clustered", "clusters": CENTROIDS, "top_k": TOP_K, "candidates": n}
+                                  if ordered else {"kind": "full"})
+    assert g.contract["outputs"][-1] == A.NEXT_HIDDEN
+    model = onnx.load(str(g.path), load_external_data=False)
+    emb = next(t for t in model.graph.initializer if t.name == A.TARGET_EMBEDDING)
+    assert {e.key: e.value for e in emb.external_data}["location"] == "target.onnx.data"
+    # its own weights (head table included), no copy of the target's [96, 64] embedding
+    own = sum(p.numel() for p in assistant.state_dict().values()) - 96 * 32  # lm_head is tied
+    assert (bundle / "drafter.onnx.data").stat().st_size < 4 * own + 64 * 80
+
+
+def test_unshared_embedding_is_copied(pair, tmp_path):
+    """share_embedding=False: a standalone drafter.onnx.data holding the target's embedding too."""
+    _, drafter_dir, bundle, _ = pair.assistants[False]
+    loaded = bundle_mod.load(bundle)
+    cfg = A.load_config(drafter_dir, loaded.target_contract)
+    A.write(tmp_path, drafter_dir, loaded.graph("target").path, cfg, share_embedding=False)
+    shared = (bundle / "drafter.onnx.data").stat().st_size
+    assert (tmp_path / "drafter.onnx.data").stat().st_size >= shared + 96 * 64 * 4
+    inputs = from_bundle(bundle, pair.ids)
+    got = draft(bundle, pair.ids, inputs, graph=tmp_path / "drafter.onnx")
+    for s, want in zip(got, draft(bundle, pair.ids, inputs)):
+        np.testing.assert_array_equal(s[A.LOGITS], want[A.LOGITS])
+
+
+def _edited(src: Path, dst: Path, change) -> Path:
+    shutil.copytree(src, dst)
+    hf = json.loads((dst / "config.json").read_text())
+    change(hf)
+    (dst / "config.json").write_text(json.dumps(hf))
+    return dst
+
+
+@pytest.mark.parametrize("field, change", [
+    ("backbone_hidden_size", lambda hf: hf.update(backbone_hidden_size=48)),
+    ("text_config.vocab_size", lambda hf: hf["text_config"].update(vocab_size=128)),
+    ("full_attention head_dim", lambda hf: hf["text_config"]["per_layer_config"]["3"].update(head_dim=16)),
+    ("sliding_attention num_key_value_heads", lambda hf: hf["text_config"].update(num_key_value_heads=1)),
+])
+def test_mismatched_pair_is_refused(pair, tmp_path, field, change):
+    drafter = _edited(pair.assistants[False][1], tmp_path / "drafter", change)
+    with pytest.raises(EdgemtpError, match=f"{re.escape(str(drafter))}: gemma4_assistant does not match.*{field}"):
+        export(pair.target_dir, tmp_path / "bundle", capacity=64, drafter=drafter)
+    assert not (tmp_path / "bundle").exists()  # the bundle is written atomically
+
+
+def test_layer_type_the_target_lacks_is_refused(pair, tmp_path):
+    from dataclasses import replace
+
+    _, drafter_dir, bundle, _ = pair.assistants[False]
+    target = bundle_mod.load(bundle).target_contract
+    only_full = replace(target, drafter_kv={F: 4})
+    with pytest.raises(EdgemtpError, match="text_config.layer_types has sliding_attention layers"):
+        A.load_config(drafter_dir, only_full)
+
+
+def test_generate_with_the_assistant_is_lossless(pair):
+    """`edgemtp generate --draft mtp` on a target + assistant bundle gives plain greedy's tokens."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    for ordered in (False, True):
+        bundle = pair.assistants[ordered][2]
+        args = ["generate", str(bundle), "--prompt", "t3 t9 t4 t1 t3 t9", "--max-new-tokens", "16", "--json"]
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+        assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
