@@ -30,16 +30,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import onnx
-
 from .. import contract as C
 from ..checkpoint import Checkpoint
 from ..config import SLIDING, Problems, read_config_json
 from ..errors import EdgemtpError
 from ..exporters import components as nn
 from ..exporters import head as H
-from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external
+from ..exporters.builder import FLOAT, INT64, GraphBuilder
 from ..exporters.gemma4 import Gemma4Config, parse_config
 from . import DrafterConfig
 from . import export as X
@@ -182,7 +179,7 @@ def build(cfg: AssistantConfig) -> GraphBuilder:
         x = b.op("Mul", x, b.param(p + "layer_scalar", (1,)))
     x = nn.rms_norm(b, x, "model.norm.weight", t.hidden_size, t.rms_norm_eps)
     if cfg.clustered:
-        _clustered_outputs(b, cfg, x)
+        X.clustered_outputs(b, x, cfg.clustered, cfg.head_key, None, H.GEMMA4_KEYS)
     else:
         logits = nn.tied_head(b, x, cfg.head_key, cfg.vocab_size, t.hidden_size)
         b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
@@ -203,18 +200,6 @@ def _kv_inputs(b: GraphBuilder, cfg: AssistantConfig, layer_type: str) -> tuple[
     return b.input(C.past_key(layer), FLOAT, shape), b.input(C.past_value(layer), FLOAT, shape)
 
 
-def _clustered_outputs(b: GraphBuilder, cfg: AssistantConfig, x: str) -> None:
-    """x [B, 1, H] -> draft_ids [B, 1], candidate_ids / candidate_logits [B, 1, N]."""
-    shape = cfg.clustered
-    flat = b.op("Reshape", x, b.const([-1, cfg.hidden], np.int64))  # one position per row
-    cand = H.clustered_head(b, flat, cfg.head_key, shape, None, H.GEMMA4_KEYS)
-    best = b.op("ArgMax", cand.logits, axis=-1, keepdims=1)  # [B, 1]
-    b.output(b.op("GatherElements", cand.ids, best, axis=1), DRAFT_IDS, INT64, ["batch", 1])
-    axis = b.const([1], np.int64)
-    b.output(b.op("Unsqueeze", cand.ids, axis), CANDIDATE_IDS, INT64, ["batch", 1, shape.candidates])
-    b.output(b.op("Unsqueeze", cand.logits, axis), CANDIDATE_LOGITS, FLOAT, ["batch", 1, shape.candidates])
-
-
 def contract(cfg: AssistantConfig) -> dict:
     """The manifest's graphs.drafter.contract: export.contract()'s fields, this config and head."""
     scores = [CANDIDATE_IDS, CANDIDATE_LOGITS] if cfg.clustered else [LOGITS]
@@ -231,26 +216,5 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, cfg: AssistantCo
     The target's input embedding is shared (its initializer points into the target's data file) or, with
     share_embedding False, copied; every other tensor comes from the assistant's checkpoint."""
     out_dir, drafter_dir, target_graph = Path(out_dir), Path(drafter_dir), Path(target_graph)
-    if share_embedding and target_graph.parent.resolve() != out_dir.resolve():
-        raise EdgemtpError(f"{target_graph}: a shared embedding needs the target graph in {out_dir}")
-    b = build(cfg)
-    model, weights = b.model(), Checkpoint(drafter_dir)
-    location, offset, length = X.embedding_location(target_graph, cfg)
-    inits = {t.name: t for t in model.graph.initializer}
-    data_name = GRAPH + ".data"
-    with open(out_dir / data_name, "wb") as f:
-        for prm in b.params.values():
-            if prm.source == TARGET_EMBEDDING and share_embedding:
-                _set_external(inits[prm.name], location, offset, length)
-                continue
-            arr = X._embedding(target_graph.parent / location, offset, cfg) if prm.source == TARGET_EMBEDDING \
-                else weights[prm.source]
-            arr = np.ascontiguousarray(prm.transform(arr) if prm.transform else arr, dtype=prm.dtype)
-            if tuple(arr.shape) != prm.shape:
-                raise EdgemtpError(f"{drafter_dir}: tensor '{prm.source}' has shape {list(arr.shape)}, "
-                                   f"config.json implies {list(prm.shape)}")
-            pos = _align(f)
-            f.write(arr.tobytes())
-            _set_external(inits[prm.name], data_name, pos, arr.nbytes)
-    onnx.save(model, str(out_dir / GRAPH))
+    X.save(build(cfg), out_dir / GRAPH, Checkpoint(drafter_dir), target_graph, TARGET_EMBEDDING, cfg, share_embedding)
     return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg)}

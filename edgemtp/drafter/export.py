@@ -71,15 +71,16 @@ def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None) -> GraphBuil
         b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
         b.output(logits, LOGITS, FLOAT, ["batch", 1, cfg.vocab_size])
     else:
-        clustered_outputs(b, state, cfg, head)
+        clustered_outputs(b, state, head, EMBEDDING, cfg.final_logit_softcapping)
     b.output(state, NEXT_HIDDEN, FLOAT, ["batch", 1, cfg.backbone_hidden])
     return b
 
 
-def clustered_outputs(b: GraphBuilder, state: str, cfg: DrafterConfig, head: H.ClusteredShape) -> None:
-    """state [B, 1, Hb] -> draft_ids [B, 1] (best candidate), candidate_ids / candidate_logits [B, 1, N]."""
-    flat = b.op("Reshape", state, b.const([-1, cfg.backbone_hidden], np.int64))
-    cand = H.clustered_head(b, flat, EMBEDDING, head, cfg.final_logit_softcapping)
+def clustered_outputs(b: GraphBuilder, state: str, head: H.ClusteredShape, head_key: str, cap: float | None,
+                      keys: H.HeadKeys = H.HeadKeys()) -> None:
+    """state [B, 1, d] -> draft_ids [B, 1] (best candidate), candidate_ids / candidate_logits [B, 1, N]."""
+    flat = b.op("Reshape", state, b.const([-1, head.hidden], np.int64))  # one position per row
+    cand = H.clustered_head(b, flat, head_key, head, cap, keys)
     best = b.op("ArgMax", cand.logits, axis=-1, keepdims=1)  # [B, 1] position among the candidates
     b.output(b.op("GatherElements", cand.ids, best, axis=1), DRAFT_IDS, INT64, ["batch", 1])
     one = b.const([1], np.int64)
@@ -189,29 +190,35 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
     out_dir, drafter_dir, target_graph = Path(out_dir), Path(drafter_dir), Path(target_graph)
     cfg = load_config(drafter_dir)
     head = head_shape(drafter_dir, cfg, top_k)
-    b = build(cfg, head)
-    model, weights = b.model(), Checkpoint(drafter_dir)
+    save(build(cfg, head), out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding)
+    return {"file": name, "quant": "fp32", "contract": contract(cfg, head)}
+
+
+def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, embedding: str, cfg,
+         share_embedding: bool = True) -> None:
+    """Writes a drafter graph and `path`.data: its parameter `embedding` is the target's embedding
+    (cfg.vocab_size x cfg.backbone_hidden), shared in place or copied; every other one comes from `weights`."""
+    if share_embedding and target_graph.parent.resolve() != path.parent.resolve():
+        raise EdgemtpError(f"{target_graph}: a shared embedding needs the target graph in {path.parent}")
+    model = b.model()
     location, offset, length = embedding_location(target_graph, cfg)
-    if share_embedding and target_graph.parent.resolve() != out_dir.resolve():
-        raise EdgemtpError(f"{target_graph}: a shared embedding needs the target graph in {out_dir}")
     inits = {t.name: t for t in model.graph.initializer}
-    data_name = name + ".data"
-    with open(out_dir / data_name, "wb") as f:
+    data_name = path.name + ".data"
+    with open(path.parent / data_name, "wb") as f:
         for prm in b.params.values():
-            if prm.source == EMBEDDING and share_embedding:
+            if prm.source == embedding and share_embedding:
                 _set_external(inits[prm.name], location, offset, length)
                 continue
-            arr = _embedding(target_graph.parent / location, offset, cfg) if prm.source == EMBEDDING \
+            arr = _embedding(target_graph.parent / location, offset, cfg) if prm.source == embedding \
                 else weights[prm.source]
             arr = np.ascontiguousarray(prm.transform(arr) if prm.transform else arr, dtype=prm.dtype)
             if tuple(arr.shape) != prm.shape:
-                raise EdgemtpError(f"{drafter_dir}: tensor '{prm.source}' has shape {list(arr.shape)}, "
+                raise EdgemtpError(f"{weights.dir}: tensor '{prm.source}' has shape {list(arr.shape)}, "
                                    f"config.json implies {list(prm.shape)}")
             pos = _align(f)
             f.write(arr.tobytes())
             _set_external(inits[prm.name], data_name, pos, arr.nbytes)
-    onnx.save(model, str(out_dir / name))
-    return {"file": name, "quant": "fp32", "contract": contract(cfg, head)}
+    onnx.save(model, str(path))
 
 
 def embedding_location(target_graph: Path, cfg: DrafterConfig) -> tuple[str, int, int]:

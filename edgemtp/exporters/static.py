@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -32,8 +31,7 @@ from .. import contract as C
 from ..config import FULL, TextConfig
 from ..errors import EdgemtpError
 from ..runtime.static_target import ATTENTION_BIAS, SLIDING_ATTENTION_BIAS, StaticContract
-from ..checkpoint import Checkpoint
-from . import builder, gemma3
+from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
@@ -243,4 +241,4 @@ def _vi(name: str, shape: list[int]):
     return helper.make_tensor_value_info(name, FLOAT, shape)
 
 
-__all__ = ["build_static", "save_static", "rms_norm", "rope_table", "attention", "head", "KEEP_FLOAT", "ARCHS"]
+__all__ = ["build_static", "rms_norm", "rope_table", "attention", "head", "KEEP_FLOAT", "ARCHS"]
