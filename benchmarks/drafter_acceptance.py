@@ -59,8 +59,11 @@ def greedy_continuation(engine: Engine, ids: np.ndarray, new: int):
     return cache, np.array(seqs), np.stack([np.concatenate(h) for h in hidden])
 
 
-def replay(drafter: DrafterSession, cache, seqs: np.ndarray, hidden: np.ndarray, P: int, k: int) -> list[dict]:
-    """Greedy speculative rounds on every row in lockstep -> per-round records (row, L, accepted, drafts)."""
+def replay(drafter: DrafterSession, cache, seqs: np.ndarray, hidden: np.ndarray, P: int, k: int,
+           lookup: PromptLookupDrafter | None = None) -> list[dict]:
+    """Greedy speculative rounds on every row in lockstep -> per-round records (row, L, accepted, source).
+
+    With `lookup` this is the hybrid drafter: prompt lookup's guess when it has one, the MTP draft otherwise."""
     n, total = seqs.shape
     L = np.full(n, P)
     rounds = []
@@ -69,9 +72,11 @@ def replay(drafter: DrafterSession, cache, seqs: np.ndarray, hidden: np.ndarray,
         drafts, _ = drafter.draft(seqs[np.arange(n), cache.lengths], hidden[np.arange(n), cache.lengths - 1],
                                   cache, slice(0, n), k, full_logits=False)
         for b in np.flatnonzero(active):
-            truth = seqs[b, L[b] + 1:L[b] + 1 + k]
-            a = int(np.argmin(np.append(drafts[b] == truth, False)))
-            rounds.append({"row": int(b), "L": int(L[b]), "accepted": a})
+            guess = lookup.propose(list(seqs[b, :L[b] + 1]), k)[0] if lookup else []
+            d = np.asarray(guess) if len(guess) else drafts[b]
+            truth = seqs[b, L[b] + 1:L[b] + 1 + len(d)]
+            a = int(np.argmin(np.append(d == truth, False)))
+            rounds.append({"row": int(b), "L": int(L[b]), "accepted": a, "source": "lookup" if len(guess) else "mtp"})
             L[b] += a + 1
     return rounds
 
@@ -151,8 +156,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--speculative", type=int, default=0, help="also run the real loop on N prompts per domain")
+    ap.add_argument("--hybrid", default="", help="comma list of min n-gram sizes: also score the hybrid drafter "
+                    "(prompt lookup when an n-gram of at least that size repeats, MTP otherwise)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    hybrid = [int(n) for n in args.hybrid.split(",") if n]
     engine = Engine.load(args.bundle, threads=args.threads, verify=False)
     target = bundle_mod.load(args.bundle, verify=False).graph("target").path
     drafters = {}
@@ -173,14 +181,21 @@ def main() -> None:
             acc = [r["accepted"] for r in rounds]
             pooled[head][domain] = acc
             report[domain][f"mtp_{head}"] = {**summary(acc, args.k), "replay_s": round(time.time() - t1, 1)}
+            for n in hybrid:
+                mixed = replay(drafter, cache, seqs, hidden, args.prompt_len, args.k, PromptLookupDrafter(3, n))
+                pooled.setdefault(f"{head}_hybrid{n}", {})[domain] = [r["accepted"] for r in mixed]
+                report[domain][f"mtp_{head}_hybrid{n}"] = {
+                    **summary([r["accepted"] for r in mixed], args.k),
+                    "lookup_rounds": round(float(np.mean([r["source"] == "lookup" for r in mixed])), 3)}
             if args.speculative:  # the real loop on the first rows, next to the replay of the same rows
                 same = [r["accepted"] for r in rounds if r["row"] < args.speculative]
                 report[domain][f"mtp_{head}"]["speculative_check"] = {
                     "runtime": speculative_check(engine, drafter, ids[:args.speculative], args.new, args.k),
                     "replay_same_rows": summary(same, args.k)}
         print(domain, json.dumps(report[domain]), flush=True)
-    report["prose"] = {f"mtp_{h}": summary([a for d in ("docs", "shakespeare") for a in pooled[h].get(d, [])],
-                                           args.k) for h in drafters if any(d in pooled[h] for d in ("docs", "shakespeare"))}
+    prose = [d for d in ("docs", "shakespeare") if d in report]
+    report["prose"] = {f"mtp_{h}": summary([a for d in prose for a in pooled[h][d]], args.k)
+                       for h in pooled} if prose else {}
     print("prose", json.dumps(report["prose"]))
     report["timing"] = timings(engine, drafters, prompts(engine, "code", 1, args.prompt_len)[0])
     print("timing", json.dumps(report["timing"]))

@@ -118,11 +118,15 @@ def sampling_options(f):
 def draft_options(f):
     for opt in reversed([
         click.option("--draft", "draft_mode", default="auto", show_default=True,
-                     type=click.Choice(["auto", "mtp", "lookup"]),
-                     help="Drafter: the bundle's MTP drafter (auto when present), or prompt lookup."),
+                     type=click.Choice(["auto", "mtp", "hybrid", "lookup"]),
+                     help="Drafter: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (lookup "
+                          "where the text repeats, MTP elsewhere); auto: hybrid with a drafter, else lookup."),
         click.option("--draft-k", default=4, show_default=True, type=int, help="Tokens drafted per round."),
         click.option("--adaptive", is_flag=True, help="Adapt K to recent acceptance (up to --draft-k)."),
         click.option("--no-draft", is_flag=True, help="Plain decoding, one target pass per token."),
+        click.option("--drafter-provider", default=None,
+                     help="Execution provider for the MTP drafter (default: --provider's), e.g. cpu while "
+                          "the target runs on an NPU."),
     ]):
         f = opt(f)
     return f
@@ -136,7 +140,7 @@ def draft_options(f):
 @sampling_options
 @draft_options
 def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, temperature, top_k, top_p, seed,
-                 provider, threads, draft_mode, draft_k, adaptive, no_draft):
+                 provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
     Speculative decoding is on by default: the bundle's MTP drafter, or prompt lookup when it has none.
@@ -149,7 +153,7 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
     draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    engine = Engine.load(bundle_dir, provider=provider, threads=threads)
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider)
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
     if as_json:
@@ -308,13 +312,17 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--batch", default="1", show_default=True)
 @click.option("--provider", default="cpu", show_default=True)
 @click.option("--threads", default=None, type=int)
-@click.option("--draft", "drafter", default="auto", show_default=True, type=click.Choice(["auto", "mtp", "lookup"]))
+@click.option("--draft", "drafter", default="auto", show_default=True,
+              help="Comma list of drafters: lookup, mtp, hybrid; auto is generate's default.")
+@click.option("--head", default="auto", show_default=True,
+              help="MTP drafter heads to compare: clustered, full (auto: every head the bundle has).")
+@click.option("--drafter-provider", default=None, help="Execution provider for the MTP drafter.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv", "md"]))
 @click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
 @click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path), help="Write a PNG plot.")
 @click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
 def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
-                fmt, trace, plot_file, text_file):
+                head, drafter_provider, fmt, trace, plot_file, text_file):
     """Latency profile of a bundle on this device: plain vs MTP at each K, side by side."""
     from .runtime import profile as prof
     from .runtime import profile_report as report
@@ -325,7 +333,7 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
-                              drafter, text, progress)
+                              drafter, text, progress, head, drafter_provider)
     click.echo(report.render(result, fmt, prof.speedups(result)))
     if trace:
         click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, threads, prefix),

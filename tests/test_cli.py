@@ -50,6 +50,7 @@ def test_seeded_sampling_is_reproducible(tiny_gemma3):
     (("--max-new-tokens", 0), "--max-new-tokens 0 must be at least 1"),
     (("--max-new-tokens", -3), "--max-new-tokens -3 must be at least 1"),
     (("--provider", "tpu9000"), "--provider 'tpu9000' is unknown"),
+    (("--drafter-provider", "npu42"), "--drafter-provider 'npu42' is unknown"),
     (("--temperature", -1), "--temperature -1.0 must be >= 0"),
     (("--top-p", 0), "--top-p 0.0 must be in (0, 1]"),
 ])

@@ -286,12 +286,30 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(out), "--drafter", str(tmp_path / "d"),
                                  "--max-context", "64"])
     assert r.exit_code == 0, r.output
-    assert bundle_mod.load(out).graph("drafter").contract["head"]["kind"] == "clustered"
+    b = bundle_mod.load(out)
+    assert b.graph("drafter").contract["head"]["kind"] == "clustered"
+    # the full-head twin for profile's comparison reuses the clustered graph's weight bytes
+    assert b.graph("drafter_full_head").contract["head"] == {"kind": "full"}
+    assert not (out / "drafter_full_head.onnx.data").exists()
+    _, cache, hidden = run_target(out, setup[3])
+    last, rows = setup[3][np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
+    full_ids, full_logits = X.DrafterSession.load(b, graph="drafter_full_head").draft(last, hidden, cache, rows, 2)
+    ids, logits = X.DrafterSession.load(b).draft(last, hidden, cache, rows, 2)
+    inside = np.isfinite(logits)
+    np.testing.assert_allclose(logits[inside], full_logits[inside], atol=1e-4)
     for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
         args = ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
-        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).output)
-        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).output)
-        assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        for mode in ("mtp", "hybrid", "auto"):
+            mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", mode, "--draft-k", "3"]).stdout)
+            assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+    # profile puts the two heads side by side
+    r = CliRunner().invoke(cli, ["profile", str(out), "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions",
+                                 "1", "--draft-k", "0,2", "--draft", "mtp,hybrid", "--format", "json"])
+    rows = json.loads(r.stdout[r.stdout.index("{"):])["rows"]
+    assert [(x["drafter"], x["head"]) for x in rows] == [("none", ""), ("mtp", "clustered"), ("mtp", "full"),
+                                                          ("hybrid", "clustered"), ("hybrid", "full")]
+    assert not any(x["skipped"] for x in rows)
 
 
 def test_train_drafter_command(tiny_gemma3, tmp_path):
@@ -352,3 +370,16 @@ def test_shipped_drafter_is_recognised_by_weights(setup, tmp_path, monkeypatch):
     assert not recognises(shipped / "tiny", copy)
     out = export(copy, tmp_path / "c", capacity=64, drafter=AUTO)
     assert not bundle_mod.load(out).has_graph("drafter")
+
+
+def test_drafter_on_its_own_provider(setup):
+    """--drafter-provider: an unavailable provider for the drafter warns and falls back to the CPU; the
+    output is still plain greedy's."""
+    from edgemtp.runtime.engine import Draft
+
+    bundle = setup[1]
+    plain = Engine.load(bundle).generate("t3 t9 t4 t1", max_new_tokens=12).tokens
+    engine = Engine.load(bundle, provider="cpu", drafter_provider="coreml")
+    with pytest.warns(UserWarning, match="coreml"):
+        out = engine.generate("t3 t9 t4 t1", max_new_tokens=12, draft=Draft("mtp", 3))
+    assert out.tokens == plain and out.stats.drafted > 0

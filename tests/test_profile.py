@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from edgemtp.cli import cli
 
-ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "skipped"}
+ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "skipped"}
 ROW_MEASURES = {"pp_tokens_per_s", "tg_tokens_per_s", "ttft_s", "acceptance_rate", "tokens_per_forward",
                 "acceptance_by_position", "split_ms_per_round", "peak_rss_mb"}
 
@@ -64,3 +64,11 @@ def test_trace_and_plot(tiny_gemma3, tmp_path):
 def test_bad_profile_flags(tiny_gemma3):
     r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--draft-k", "two"])
     assert r.exit_code == 2 and "--draft-k 'two' must be comma-separated integers" in r.output
+
+
+def test_mtp_rows_without_a_drafter_are_skipped(tiny_gemma3):
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1,
+                "--draft-k", "0,2", "--draft", "lookup,mtp", "--format", "json")
+    rows = json.loads(r.stdout[r.stdout.index("{"):])["rows"]
+    assert [(x["drafter"], bool(x["skipped"])) for x in rows] == [("none", False), ("lookup", False), ("mtp", True)]
+    assert "no MTP drafter" in rows[2]["skipped"]

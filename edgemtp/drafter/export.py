@@ -194,6 +194,32 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
     return {"file": name, "quant": "fp32", "contract": contract(cfg, head)}
 
 
+FULL_HEAD_GRAPH = "drafter_full_head.onnx"
+
+
+def write_full_head(out_dir: Path, drafter_dir: Path, entry: dict, name: str = FULL_HEAD_GRAPH) -> dict | None:
+    """For a clustered-head drafter graph (`entry`, as write() returned it): the same drafter with the full
+    head, its initializers pointing into the clustered graph's data (no new weight bytes), so `edgemtp
+    profile` can put full vs clustered head side by side. None when `entry` already has the full head."""
+    if entry["contract"]["head"]["kind"] != "clustered":
+        return None
+    cfg = load_config(drafter_dir)
+    main = onnx.load(str(Path(out_dir) / entry["file"]), load_external_data=False)
+    stored = {t.name: t for t in main.graph.initializer}
+    b = build(cfg, None)
+    model = b.model()
+    for t in model.graph.initializer:
+        if t.name not in b.params:  # a constant, stored in the graph itself
+            continue
+        if t.name not in stored:
+            raise EdgemtpError(f"{drafter_dir}: the full-head graph needs '{t.name}', absent from {entry['file']}")
+        t.ClearField("raw_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        t.external_data.extend(stored[t.name].external_data)
+    onnx.save(model, str(Path(out_dir) / name))
+    return {"file": name, "quant": entry["quant"], "contract": contract(cfg, None)}
+
+
 def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, embedding: str, cfg,
          share_embedding: bool = True) -> None:
     """Writes a drafter graph and `path`.data: its parameter `embedding` is the target's embedding
@@ -255,7 +281,13 @@ def add_to_bundle(bundle_dir: Path, drafter_dir: Path, share_embedding: bool = T
                            f"{target.vocab_size}, {target.drafter_kv}")
     entry = write(bundle_dir, drafter_dir, b.graph("target").path, share_embedding, top_k)
     m = {k: v for k, v in b.manifest.items() if k not in ("files", "format", "schema_version")}
-    m["graphs"] = {**m["graphs"], "drafter": entry}
+    graphs = {k: v for k, v in m["graphs"].items() if k not in ("drafter", "drafter_full_head")}
+    m["graphs"] = {**graphs, "drafter": entry}
+    full = write_full_head(bundle_dir, drafter_dir, entry)
+    if full is not None:
+        m["graphs"]["drafter_full_head"] = full
+    else:
+        (bundle_dir / FULL_HEAD_GRAPH).unlink(missing_ok=True)
     bundle_mod.write_manifest(bundle_dir, m)
     return bundle_dir
 

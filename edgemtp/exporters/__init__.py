@@ -84,7 +84,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}}
         if write_drafter is not None:
-            graphs["drafter"] = write_drafter(tmp)
+            graphs.update(write_drafter(tmp))
         bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})
     return out
 
@@ -98,16 +98,17 @@ def shipped_drafter(model_dir: Path) -> Path | None:
 
 
 def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None):
-    """Refuses a drafter made for another target before anything is written; returns write(tmp) -> entry."""
+    """Refuses a drafter made for another target before anything is written; returns write(tmp) -> the
+    manifest's drafter graph entries."""
     from ..contract import TargetContract
     from ..drafter import assistant
     from ..drafter import load_config as load_drafter_config
-    from ..drafter.export import head_shape, write
+    from ..drafter.export import head_shape, write, write_full_head
 
     t = TargetContract.from_json(target_contract)
     if assistant.is_assistant(drafter_dir):
         cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
-        return lambda tmp: assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg)
+        return lambda tmp: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg)}
     cfg = load_drafter_config(drafter_dir)
     if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
             set(t.drafter_kv.values()) != set(cfg.target_kv.values()):
@@ -115,7 +116,12 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None):
                            f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
                            f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
     head_shape(drafter_dir, cfg, top_k)  # bad head tables or --draft-top-k fail here too
-    return lambda tmp: write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k)
+
+    def write_graphs(tmp: Path) -> dict:
+        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k)
+        full = write_full_head(tmp, drafter_dir, entry)  # for profile's full vs clustered rows
+        return {"drafter": entry, **({"drafter_full_head": full} if full else {})}
+    return write_graphs
 
 
 def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window) -> Path:

@@ -78,6 +78,21 @@ class PromptLookupDrafter:
         return [], None
 
 
+class HybridDrafter:
+    """Prompt lookup when the history repeats itself (its last `min_ngram`+ tokens occurred before), the MTP
+    drafter otherwise: a copy of earlier text is a long, cheap and usually right guess where it exists,
+    and the MTP drafter covers the rest."""
+
+    def __init__(self, mtp: Drafter, min_ngram: int = 2, max_ngram: int = 3):
+        self.mtp, self.lookup = mtp, PromptLookupDrafter(max_ngram, min_ngram)
+
+    def propose(self, history: Sequence[int], k: int, ctx: DraftContext | None = None):
+        tokens, q = self.lookup.propose(history, k, ctx)
+        if len(tokens):
+            return tokens, q
+        return self.mtp.propose(history, k, ctx)
+
+
 def last_match(h: np.ndarray, n: int) -> int | None:
     """Start of the most recent occurrence of h[-n:] in h that is not the suffix itself, or None."""
     if n < 1 or len(h) <= n:

@@ -13,10 +13,13 @@ from tokenizers import Tokenizer
 from .. import bundle as bundle_mod
 from ..errors import EdgemtpError
 from .sampling import Sampling, pick
-from .session import make_session
+from .session import make_session, resolve_provider
 from .stats import Stats
 from .static_target import StaticTarget, is_static
 from .target import CapacityError, Target
+
+
+DRAFT_MODES = ("auto", "mtp", "hybrid", "lookup")
 
 
 @dataclass
@@ -34,12 +37,17 @@ class Engine:
         self.bundle, self.target, self.tokenizer = bundle, target, tokenizer
         self.stop_ids = frozenset(bundle.model.get("eos_token_ids") or ())
         self.threads = None
-        self._drafter = None  # the MTP drafter session, loaded on first use
+        self.drafter_provider = "cpu"
+        self._drafters = {}  # graph name -> MTP drafter session, loaded on first use
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-             verify: bool = True) -> "Engine":
+             verify: bool = True, drafter_provider: str | None = None) -> "Engine":
+        """drafter_provider: where the MTP drafter runs (default: the target's provider), e.g. the target on
+        an NPU and the drafter on the CPU."""
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
+        if drafter_provider is not None:
+            resolve_provider(drafter_provider, "--drafter-provider")  # a typo fails before any work
         session = make_session(b.graph("target").path, provider, threads)
         contract = b.graph("target").contract
         target = StaticTarget(session, contract) if is_static(contract) else Target(session, b.target_contract)
@@ -49,6 +57,7 @@ class Engine:
             raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
         engine = cls(b, target, tok)
         engine.threads = threads
+        engine.drafter_provider = drafter_provider or provider
         return engine
 
     @property
@@ -93,25 +102,30 @@ class Engine:
             stats.decode_tokens += 1
             stats.decode_s = time.perf_counter() - t0
 
-    def drafter(self, mode: str = "auto"):
-        """The drafter for `mode`: auto (the bundle's MTP drafter, else prompt lookup), mtp or lookup."""
-        from .drafting import PromptLookupDrafter
+    def drafter(self, mode: str = "auto", graph: str = "drafter"):
+        """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
+        lookup where the text repeats itself, MTP elsewhere) or auto (hybrid when the bundle has an MTP
+        drafter, else lookup). Hybrid is the default because it drafted the most tokens per round on every
+        held-out domain we measured (README, "Speculative decoding"). `graph`: which drafter graph of the
+        bundle (drafter_full_head: the same drafter with its full head, for comparison)."""
+        from .drafting import HybridDrafter, PromptLookupDrafter
 
+        if mode not in DRAFT_MODES:
+            raise EdgemtpError(f"--draft {mode!r} is unknown (choose from {', '.join(DRAFT_MODES)})")
         if mode == "lookup" or (mode == "auto" and not self.bundle.has_graph("drafter")):
             return PromptLookupDrafter()
-        if mode in ("mtp", "auto"):
-            if not self.bundle.has_graph("drafter"):
-                raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (use --draft lookup or "
-                                   "export with --drafter)")
-            return self._mtp_drafter()
-        raise EdgemtpError(f"--draft {mode!r} is unknown (choose from auto, mtp, lookup, none)")
+        if not self.bundle.has_graph("drafter"):
+            raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (use --draft lookup or "
+                               "export with --drafter)")
+        mtp = self._mtp_drafter(graph)
+        return mtp if mode == "mtp" else HybridDrafter(mtp)
 
-    def _mtp_drafter(self):
-        if self._drafter is None:
+    def _mtp_drafter(self, graph: str = "drafter"):
+        if graph not in self._drafters:
             from ..drafter.export import DrafterSession
 
-            self._drafter = DrafterSession.load(self.bundle, threads=self.threads)
-        return self._drafter
+            self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph)
+        return self._drafters[graph]
 
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                      draft: Draft | None = None, stats: Stats | None = None) -> Iterator[int]:

@@ -33,7 +33,8 @@ class RowConfig:
     prompt_tokens: int
     gen_tokens: int
     provider: str
-    drafter: str  # "none" | "lookup" | "mtp"
+    drafter: str  # "none" | "lookup" | "mtp" | "hybrid"
+    head: str = ""  # the MTP drafter's logit head: "clustered" | "full" ("" without an MTP drafter)
 
 
 @dataclass
@@ -76,12 +77,35 @@ def prompt_ids(engine: Engine, n: int, text: str | None, offset: int = 0) -> lis
     return ids[offset:offset + n]
 
 
-def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafter) -> list[RowConfig]:
-    return [RowConfig(k, b, p, gen_tokens, provider, "none" if k == 0 else drafter)
-            for p, b, k in itertools.product(prompt_tokens, batches, draft_ks)]
+def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads=("",)) -> list[RowConfig]:
+    """One plain row (K = 0) per prompt size and batch, then each drafter (and MTP head) at each K > 0."""
+    rows = []
+    for p, b in itertools.product(prompt_tokens, batches):
+        if 0 in draft_ks:
+            rows.append(RowConfig(0, b, p, gen_tokens, provider, "none"))
+        for d, k in itertools.product(drafters, [k for k in draft_ks if k]):
+            for h in (heads if d in ("mtp", "hybrid") else ("",)):
+                rows.append(RowConfig(k, b, p, gen_tokens, provider, d, h))
+    return rows
 
 
-def skip_reason(c: RowConfig, capacity: int, static_window: int | None) -> str:
+def drafters_for(bundle, drafter: str) -> list[str]:
+    """--draft: comma list of lookup / mtp / hybrid; auto is what `edgemtp generate` uses by default."""
+    names = [d.strip() for d in drafter.split(",") if d.strip()]
+    auto = "hybrid" if bundle.has_graph("drafter") else "lookup"
+    return list(dict.fromkeys(auto if d == "auto" else d for d in names))
+
+
+def heads_for(bundle, head: str) -> list[str]:
+    """--head: clustered / full / auto (every head the bundle's drafter has: clustered, and its full-head twin)."""
+    if not bundle.has_graph("drafter"):
+        return [""]
+    own = bundle.graph("drafter").contract.get("head", {"kind": "full"})["kind"]
+    have = [own] + (["full"] if bundle.has_graph("drafter_full_head") else [])
+    return have if head == "auto" else [h.strip() for h in head.split(",") if h.strip()]
+
+
+def skip_reason(c: RowConfig, capacity: int, static_window: int | None, bundle=None) -> str:
     full = PROVIDERS.get(c.provider.lower(), c.provider)
     if full not in ort.get_available_providers():
         return f"provider {c.provider!r} is not available in this onnxruntime build"
@@ -92,14 +116,28 @@ def skip_reason(c: RowConfig, capacity: int, static_window: int | None) -> str:
                 f"of {capacity}")
     if c.prompt_tokens < 1 or c.gen_tokens < 1 or c.batch < 1 or c.draft_k < 0:
         return "prompt_tokens, gen_tokens and batch must be >= 1, draft_k >= 0"
+    if c.drafter not in ("none", "lookup", "mtp", "hybrid"):
+        return f"drafter {c.drafter!r} is unknown (lookup, mtp, hybrid)"
+    if c.drafter in ("mtp", "hybrid") and not has_head(bundle, c.head):
+        return f"the bundle has no MTP drafter with a {c.head or 'any'} head"
     return ""
+
+
+def has_head(bundle, head: str) -> bool:
+    return bundle is not None and bundle.has_graph("drafter") and head in heads_for(bundle, "auto")
+
+
+def graph_for(bundle, head: str) -> str:
+    own = bundle.graph("drafter").contract.get("head", {"kind": "full"})["kind"]
+    return "drafter" if head == own else "drafter_full_head"
 
 
 def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) -> Row:
     row = Row(c)
     prompts = [prompt_ids(engine, c.prompt_tokens, text, offset=97 * b) for b in range(c.batch)]
     draft = Draft(c.drafter, c.draft_k) if c.draft_k else None
-    drafter = engine.drafter(draft.mode) if draft else None
+    drafter = engine.drafter(draft.mode, graph_for(engine.bundle, c.head) if c.head else "drafter") \
+        if draft else None
     totals = SpecStats()
     for rep in range(repetitions + 1):  # the first run warms up and is not counted
         stats = SpecStats()
@@ -130,16 +168,20 @@ def _sum(a: list[int], b: list[int]) -> list[int]:
 
 
 def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetitions=5, draft_ks=(0, 2, 4, 6),
-            batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None) -> dict:
-    """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README)."""
+            batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None,
+            head="auto", drafter_provider=None) -> dict:
+    """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README).
+
+    drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto."""
     bundle = load_bundle(bundle_dir, verify=False)
-    engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False)
-    kind = ("mtp" if bundle.has_graph("drafter") else "lookup") if drafter == "auto" else drafter
+    engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False,
+                         drafter_provider=drafter_provider)
     static = bundle.graph("target").contract.get("verify_window")
     rows = []
-    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, kind)
+    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters_for(bundle, drafter),
+                   heads_for(bundle, head))
     for i, c in enumerate(todo):
-        reason = skip_reason(c, engine.capacity, static)
+        reason = skip_reason(c, engine.capacity, static, bundle)
         rows.append(Row(c, skipped=reason) if reason else run_row(engine, c, repetitions, text))
         if progress:
             progress(i + 1, len(todo), f"k={c.draft_k} batch={c.batch} prompt={c.prompt_tokens}")
@@ -153,7 +195,9 @@ def ceiling(bundle, threads) -> dict:
     """Plain decoding is bandwidth-bound: every weight byte is read once per token."""
     from .bandwidth import measure_bandwidth
 
-    weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items() if rel.endswith(".data"))
+    target = bundle.graph("target").path.name  # a drafter's weights are not read by plain decoding
+    weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
+                  if rel.endswith(".data") and rel.startswith(target))
     bw = measure_bandwidth(threads)
     return {"bandwidth_gb_s": bw / 1e9, "weight_bytes": weights, "tg_tokens_per_s": bw / max(1, weights)}
 
@@ -166,6 +210,6 @@ def speedups(result: dict) -> list[dict]:
     for r in result["rows"]:
         key = (r["batch"], r["prompt_tokens"])
         if not r["skipped"] and r["draft_k"] and key in base:
-            out.append({**{k: r[k] for k in ("draft_k", "batch", "prompt_tokens")},
+            out.append({**{k: r.get(k, "") for k in ("drafter", "head", "draft_k", "batch", "prompt_tokens")},
                         "speedup": r["tg_tokens_per_s"]["mean"] / base[key]})
     return out

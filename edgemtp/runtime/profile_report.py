@@ -12,12 +12,13 @@ from pathlib import Path
 
 from ..errors import EdgemtpError
 
-COLUMNS = ["draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "pp t/s", "tg t/s",
+CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head")
+COLUMNS = [*CONFIG, "pp t/s", "tg t/s",
            "ttft ms", "accept", "tok/fwd", "draft ms", "verify ms", "other ms", "rss MB"]
 
 
 def _cells(r: dict) -> list[str]:
-    head = [str(r[k]) for k in ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter")]
+    head = [str(r.get(k, "")) for k in CONFIG]
     if r["skipped"]:
         return head + [f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - len(head) - 1)
     pm = lambda m: f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
@@ -65,11 +66,16 @@ def render(result: dict, fmt: str, speedups: list[dict]) -> str:
 def _speedup_text(speedups: list[dict]) -> str:
     if not speedups:
         return ""
-    parts = [f"k={s['draft_k']} (batch {s['batch']}, prompt {s['prompt_tokens']}): {s['speedup']:.2f}x"
+    parts = [f"{_mode(s)} k={s['draft_k']} (batch {s['batch']}, prompt {s['prompt_tokens']}): {s['speedup']:.2f}x"
              for s in speedups]
     best = max(speedups, key=lambda s: s["speedup"])
-    verdict = ("drafting pays off" if best["speedup"] > 1 else "drafting does not pay off here (break-even not reached)")
+    verdict = (f"best: {_mode(best)} k={best['draft_k']} at {best['speedup']:.2f}x" if best["speedup"] > 1
+               else "drafting does not pay off here (break-even not reached)")
     return "tg speedup vs no draft: " + "; ".join(parts) + f" — {verdict}"
+
+
+def _mode(s: dict) -> str:
+    return s.get("drafter", "") + (f"/{s['head']}" if s.get("head") else "")
 
 
 def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:
@@ -105,10 +111,13 @@ def plot(result: dict, out: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ok = [r for r in result["rows"] if not r["skipped"]]
     for key in sorted({(r["batch"], r["prompt_tokens"]) for r in ok}):
-        rs = sorted((r for r in ok if (r["batch"], r["prompt_tokens"]) == key), key=lambda r: r["draft_k"])
-        a.errorbar([r["draft_k"] for r in rs], [r["tg_tokens_per_s"]["mean"] for r in rs],
-                   yerr=[r["tg_tokens_per_s"]["std"] for r in rs], marker="o",
-                   label=f"batch {key[0]}, prompt {key[1]}")
+        plain = [r for r in ok if (r["batch"], r["prompt_tokens"]) == key and r["draft_k"] == 0]
+        for mode in sorted({_mode(r) for r in ok if r["draft_k"]}) or ["none"]:
+            rs = plain + sorted((r for r in ok if (r["batch"], r["prompt_tokens"]) == key and r["draft_k"]
+                                 and _mode(r) == mode), key=lambda r: r["draft_k"])
+            a.errorbar([r["draft_k"] for r in rs], [r["tg_tokens_per_s"]["mean"] for r in rs],
+                       yerr=[r["tg_tokens_per_s"]["std"] for r in rs], marker="o",
+                       label=f"{mode}, batch {key[0]}, prompt {key[1]}")
     a.axhline(result["ceiling"]["tg_tokens_per_s"], ls="--", c="gray", label="plain-decoding ceiling")
     a.set(xlabel="draft K", ylabel="generation tokens/s", title="Speed vs draft length")
     a.legend(fontsize=8)

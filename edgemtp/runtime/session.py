@@ -23,11 +23,11 @@ PROVIDERS = {
 }
 
 
-def resolve_provider(name: str) -> str:
+def resolve_provider(name: str, flag: str = "--provider") -> str:
     """Maps a short or full provider name to what this ONNX Runtime can run, falling back to CPU."""
     full = PROVIDERS.get(name.lower(), name)
     if full not in PROVIDERS.values():
-        raise EdgemtpError(f"--provider {name!r} is unknown (choose from {', '.join(PROVIDERS)})")
+        raise EdgemtpError(f"{flag} {name!r} is unknown (choose from {', '.join(PROVIDERS)})")
     if full not in ort.get_available_providers():
         warnings.warn(f"provider {name!r} is not available in this onnxruntime build; using the CPU",
                       stacklevel=2)
