@@ -383,3 +383,14 @@ def test_drafter_on_its_own_provider(setup):
     with pytest.warns(UserWarning, match="coreml"):
         out = engine.generate("t3 t9 t4 t1", max_new_tokens=12, draft=Draft("mtp", 3))
     assert out.tokens == plain and out.stats.drafted > 0
+
+
+def test_shipped_drafter_recognises_the_default_model(gemma3_270m_dir):
+    """The real Gemma 3 270M (imported from its GGUF package) gets the shipped drafter, with its clustered head."""
+    from edgemtp.drafter import match_shipped
+    from edgemtp.drafter.export import head_shape
+
+    d = match_shipped(gemma3_270m_dir)
+    assert d == SHIPPED / "gemma3-270m"
+    head = head_shape(d, load_config(d))
+    assert (head.clusters, head.top_k, head.per_cluster) == (2048, 32, 128)
