@@ -1,7 +1,7 @@
 """The README's performance table in one run: decode tokens/s with drafting ÷ without, same bundle.
 
     python benchmarks/perf_table.py BUNDLE [--threads 2] [--draft-k 0,2,4,6] [--batch 1,4]
-        [--gen-tokens 128] [--repetitions 3] [--draft auto|mtp|lookup]
+        [--gen-tokens 128] [--repetitions 3] [--draft auto,mtp,lookup,hybrid] [--head auto|clustered|full]
 
 Prompts are held-out code (CPython stdlib source) and prose (python docs reST / Shakespeare), split
 by path hash exactly as the drafter's training data is (edgemtp.drafter.data). Greedy decoding.
@@ -40,27 +40,30 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--repetitions", type=int, default=3)
-    ap.add_argument("--draft", default="auto")
+    ap.add_argument("--draft", default="auto", help="comma list: auto, mtp, hybrid, lookup")
+    ap.add_argument("--head", default="clustered", help="MTP drafter heads: clustered, full or auto (both)")
     ap.add_argument("--domains", default="code,prose")
     args = ap.parse_args()
     ks = [int(k) for k in args.draft_k.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
-    print("| domain | batch | K | tg tokens/s | × no draft | tokens/forward | acceptance |")
-    print("|---|---|---|---|---|---|---|")
+    print("| domain | batch | drafter | K | tg tokens/s | × no draft | tokens/forward | acceptance | draft / verify / other ms per round |")
+    print("|---|---|---|---|---|---|---|---|---|")
     result = None
     for domain in args.domains.split(","):
         result = prof.profile(args.bundle, (args.prompt_tokens,), args.gen_tokens, args.repetitions, ks,
-                              batches, "cpu", args.threads, args.draft, heldout_text(domain))
+                              batches, "cpu", args.threads, args.draft, heldout_text(domain), head=args.head)
         base = {r["batch"]: r["tg_tokens_per_s"]["mean"] for r in result["rows"]
                 if not r["skipped"] and r["draft_k"] == 0}
         for r in result["rows"]:
+            mode = r["drafter"] + (f" ({r['head']} head)" if r["head"] and r["drafter"] != "lookup" else "")
             if r["skipped"]:
-                print(f"| {domain} | {r['batch']} | {r['draft_k']} | skipped: {r['skipped']} | | | |")
+                print(f"| {domain} | {r['batch']} | {mode} | {r['draft_k']} | skipped: {r['skipped']} | | | | |")
                 continue
-            tg = r["tg_tokens_per_s"]
+            tg, split = r["tg_tokens_per_s"], r["split_ms_per_round"]
             ratio = tg["mean"] / base[r["batch"]] if r["batch"] in base else float("nan")
-            print(f"| {domain} | {r['batch']} | {r['draft_k']} | {tg['mean']:.1f} ± {tg['std']:.1f} | "
-                  f"{ratio:.2f}x | {r['tokens_per_forward']:.2f} | {r['acceptance_rate']:.2f} |", flush=True)
+            print(f"| {domain} | {r['batch']} | {mode} | {r['draft_k']} | {tg['mean']:.1f} ± {tg['std']:.1f} | "
+                  f"{ratio:.2f}x | {r['tokens_per_forward']:.2f} | {r['acceptance_rate']:.2f} | "
+                  f"{split['draft']:.1f} / {split['verify']:.1f} / {split['other']:.1f} |", flush=True)
     if result:
         print()
         print(ceiling_line(result))
