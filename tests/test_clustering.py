@@ -210,6 +210,101 @@ def test_calibrated_tables_are_a_balanced_permutation():
     assert sorted(r.token_ordering[r.token_mask].tolist()) == list(range(203))
 
 
+def groups_of(tables: cl.HeadTables, members: np.ndarray) -> set:
+    return set(tables.cluster_of()[members].tolist())
+
+
+@pytest.mark.parametrize("vocab,clusters,first", [(203, 10, 70), (200, 10, 40), (203, 10, 0), (203, 10, 203),
+                                                  (64, 1, 10), (50, 50, 7)])
+def test_tiered_assign_packs_each_group_into_clusters_of_its_own(vocab, clusters, first):
+    rows = table(vocab)
+    sizes = cl.cluster_sizes(vocab, clusters)
+    a = cl.tiered_assign(rows, [np.arange(first), np.arange(first, vocab)], sizes, refine=1)
+    assert np.bincount(a, minlength=clusters).tolist() == sizes.tolist()
+    if first and clusters > 1:
+        own = np.cumsum(sizes).searchsorted(first, side="left") + 1  # clusters the first group needs
+        assert set(a[:first].tolist()) == set(range(own))
+        # later tokens only fill the first group's slack (less than one cluster)
+        assert (a[first:] < own).sum() == sizes[:own].sum() - first < sizes.max()
+
+
+def test_in_domain_combines_mass_seen_tokens_and_spelling():
+    from edgemtp.calibration import centroids as ce
+    mass = np.array([0.0, 0.5, 0.0, 0.0, 0.0, 0.0])
+    texts = ["abc", "\u4e2d", "\u4e2d\u6587", " x", "", "\ufffd"]
+    assert ce.in_domain(mass).tolist() == [False, True, False, False, False, False]
+    assert ce.in_domain(mass, seen=np.array([2])).tolist() == [False, True, True, False, False, False]
+    assert ce.in_domain(mass, texts).tolist() == [True, True, False, True, False, False]
+    assert ce.in_domain(mass, texts, chars={"\u4e2d", "\u6587"}).tolist() == [False, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("vocab,clusters", [(203, 10), (400, 16)])
+def test_packed_tables_are_a_balanced_permutation_and_exact_with_all_clusters(vocab, clusters):
+    from edgemtp.calibration import centroids as ce
+    e = table(vocab)
+    h, ids, probs, _ = calibration_data(e)
+    domain = ce.in_domain(ce.predicted_mass(ids, probs, vocab))
+    t = ce.packed_tables(e, clusters, h, ids, probs, domain, epochs=1)
+    assert t.centroids.shape == (clusters, D)
+    assert sorted(t.token_ordering[t.token_mask].tolist()) == list(range(vocab))
+    assert t.token_mask.sum(1).tolist() == cl.cluster_sizes(vocab, clusters).tolist()
+    held = hidden(40, seed=11)
+    assert np.array_equal(cl.clustered_argmax(held, e, t, clusters), (held @ e.T).argmax(1))
+    # in-domain tokens fill clusters of their own (but the boundary one)
+    per = int(t.token_mask.sum(1).max())
+    assert len(groups_of(t, np.flatnonzero(domain))) <= -(-int(domain.sum()) // per) + 1
+
+
+def test_hit_scores_count_the_selected_clusters():
+    from edgemtp.calibration import centroids as ce
+    e = table(120)
+    h, ids, probs, _ = calibration_data(e, 50)
+    t = cl.cluster_vocab(e, 8)
+    hits = ce.hit_scores(h, ids, probs, t.centroids, 3, 120).toarray()
+    assert hits.shape == (120, 8)
+    np.testing.assert_allclose(hits.sum(1), 3 * ce.predicted_mass(ids, probs, 120), rtol=1e-4)
+    top = np.argsort(-(h @ t.centroids.T), axis=1)[:, :3]
+    assert set(np.flatnonzero(ce.hit_scores(h[:1], ids[:1, :1], np.ones((1, 1), np.float32), t.centroids, 3,
+                                            120).toarray()[ids[0, 0]]).tolist()) == set(top[0].tolist())
+
+
+def test_swap_misplaced_moves_a_stranded_heavy_token_back():
+    from edgemtp.calibration import centroids as ce
+    e = table(300)
+    h, ids, probs, _ = calibration_data(e, 1500)
+    t = cl.cluster_vocab(e, 12)
+    cols, w = ce.targets(ids, probs, t.cluster_of())
+    t = t.with_centroids(ce.train_centroids(h, cols, w, t.centroids, epochs=5))
+    mass = ce.predicted_mass(ids, probs, 300)
+    heavy = int(np.argmax(mass))
+    hits = ce.hit_scores(h, ids, probs, t.centroids, 2, 300).toarray()
+    cur = t.cluster_of()
+    worst = int(np.argmin(hits[heavy]))
+    # strand the heavy token in the cluster least selected where it is predicted
+    other = t.token_ordering[worst][t.token_mask[worst]][0]
+    cur[heavy], cur[other] = worst, cur[heavy]
+    stranded = cl.HeadTables(t.centroids, *cl.layout(cur, t.token_mask.sum(1)))
+    fixed, moved = ce.swap_misplaced(stranded, h, ids, probs, k=2)
+    assert moved >= 1
+    assert sorted(fixed.token_ordering[fixed.token_mask].tolist()) == list(range(300))
+    assert fixed.token_mask.sum(1).tolist() == t.token_mask.sum(1).tolist()
+    after = fixed.cluster_of()[heavy]
+    assert after != worst and hits[heavy, after] > hits[heavy, worst]
+    unchanged, none = ce.swap_misplaced(fixed, h, ids, probs, k=2, min_mass=1e9)
+    assert none == 0 and np.array_equal(unchanged.token_ordering, fixed.token_ordering)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_onnx_head_top_matches_numpy(softcap):
+    from edgemtp.calibration import centroids as ce
+    from edgemtp.calibration import head_report as hr
+    e, h = table(300), hidden(20)
+    ids, probs = hr._ort_head_top(h, e, 7, softcap, threads=1, progress=None, block=8)
+    want_ids, want_probs, _ = ce.full_head_top(h, e, top=7, softcap=softcap)
+    assert np.array_equal(ids, want_ids)
+    np.testing.assert_allclose(probs, want_probs, rtol=1e-4, atol=1e-7)
+
+
 def model_dir(tmp_path, e: np.ndarray):
     from safetensors.numpy import save_file
     d = tmp_path / "model"
@@ -224,16 +319,24 @@ def test_cluster_model_writes_tables_and_reports(calibrated, tmp_path):
     e = table(203)
     h, *_ = calibration_data(e)
     path = hr.cluster_model(model_dir(tmp_path, e), tmp_path / "out", clusters=10, top_k=3,
-                            calibration=h if calibrated else None)
+                            calibration=h if calibrated else "none")
     tables, meta = hr.load_head(path)
     assert meta["clusters"] == 10 and meta["top_k"] == 3
-    assert meta["method"] == ("calibrated" if calibrated else "spherical-kmeans")
+    assert meta["method"] == ("packed" if calibrated else "spherical-kmeans")
+    assert meta["calibration_positions"] == (len(h) if calibrated else 0)
     assert sorted(tables.token_ordering[tables.token_mask].tolist()) == list(range(203))
     np.save(tmp_path / "held.npy", hidden(50, seed=9))
     report = hr.recall_report(tmp_path / "model", tmp_path / "out", tmp_path / "held.npy", top_ks=(1, 3, 10))
     assert report["k"][10]["recall"] == 1.0 and abs(report["k"][10]["mass"] - 1.0) < 1e-4
     assert 0 < report["k"][1]["recall"] <= report["k"][3]["recall"] <= 1.0
     assert report["k"][1]["mass"] <= report["k"][3]["mass"]
+
+
+def test_default_calibration_needs_a_real_model_directory(tmp_path):
+    """Without --calibration the model itself is run: a bare table is a clear error, not a crash."""
+    from edgemtp.calibration import head_report as hr
+    with pytest.raises(EdgemtpError, match="--calibration"):
+        hr.cluster_model(model_dir(tmp_path, table(203)), tmp_path / "out", clusters=10, top_k=3)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -14,6 +14,14 @@ Targets come from the full head on the calibration positions: `top_ids` [N, T] a
   is linear in W_c . s_t, where s_t sums the hidden states of the positions that predict t (weighted
   by probability). Often-predicted tokens move to their best cluster by swapping with a rarely
   predicted token there (sizes stay equal); W is then trained again.
+* `packed_tables` (the best method measured, what `edgemtp cluster` builds): the in-domain tokens
+  (predicted on the calibration text, occurring in it, or spelt with its characters only) are
+  clustered among themselves into clusters of their own, the rest of the vocabulary (other scripts,
+  byte pieces) into the remaining clusters; then trained centroids, then `swap_misplaced`.
+  Mixing rarely predicted in-domain tokens into clusters of out-of-domain ones is what loses them:
+  such clusters are never selected.
+* `swap_misplaced`: often-predicted tokens whose cluster is rarely among the top-k where they are
+  predicted swap into the cluster that is (hit rate measured with the trained centroids).
 """
 
 from __future__ import annotations
@@ -22,7 +30,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .clustering import HeadTables, cluster_vocab_weighted, layout
+from .clustering import (
+    HeadTables,
+    cluster_sizes,
+    cluster_vocab_weighted,
+    layout,
+    member_means,
+    tiered_assign,
+)
 
 Progress = Callable[[int, int, str], None]
 
@@ -170,3 +185,128 @@ def calibrated_tables(embed: np.ndarray, clusters: int, hidden: np.ndarray, top_
     cols, weights = targets(top_ids, top_probs, tables.cluster_of())
     return tables.with_centroids(train_centroids(hidden, cols, weights, tables.centroids, epochs,
                                                  seed=seed, progress=progress))
+
+
+# --- packed tables: in-domain tokens in clusters of their own ---------------------------------------
+
+def predicted_mass(top_ids: np.ndarray, top_probs: np.ndarray, vocab: int) -> np.ndarray:
+    """[V] float64: the summed probability of each token over the calibration positions (top lists)."""
+    return np.bincount(top_ids.ravel(), weights=top_probs.ravel(), minlength=vocab)
+
+
+def in_domain(mass: np.ndarray, token_texts: list[str] | None = None, chars: set[str] | None = None,
+              seen: np.ndarray | None = None) -> np.ndarray:
+    """[V] bool: tokens predicted on the calibration text (mass > 0), occurring in it (`seen`: token
+    ids), or spelt only with characters of it (`chars`; default printable ASCII) when `token_texts`
+    (each token's decoded text) is given."""
+    out = np.asarray(mass) > 0
+    if seen is not None:
+        out[np.asarray(seen, np.int64)] = True
+    if token_texts is not None:
+        ok = set(chars) if chars is not None else {chr(c) for c in range(32, 127)} | {"\n", "\t"}
+        ok.add(" ")
+        spelt = np.fromiter((len(t) > 0 and all(ch in ok for ch in t) for t in token_texts), bool, len(token_texts))
+        out[:len(spelt)] |= spelt
+    return out
+
+
+def packed_tables(embed: np.ndarray, clusters: int, hidden: np.ndarray, top_ids: np.ndarray, top_probs: np.ndarray,
+                  domain: np.ndarray | None = None, seed: int = 0, epochs: int = 4, refine: int = 2,
+                  floor: float = 0.01, swap: bool = True, progress: Progress | None = None) -> HeadTables:
+    """The clustered head from calibration data, in-domain tokens packed into clusters of their own.
+
+    embed [V, d], hidden [N, d], top_ids / top_probs [N, T] (see `full_head_top`), domain [V] bool
+    (see `in_domain`; default: the predicted tokens only). Rows are clustered as embed @ metric (the
+    hidden states' geometry, see `cluster_vocab_weighted`), in-domain tokens first; the balanced
+    assignment keeps often-predicted tokens in place; centroids are trained as a softmax classifier;
+    then `swap_misplaced` and a short retraining."""
+    embed = np.asarray(embed, np.float32)
+    vocab = len(embed)
+    mass = predicted_mass(top_ids, top_probs, vocab)
+    weights = (mass + floor).astype(np.float32)
+    domain = mass > 0 if domain is None else np.asarray(domain, bool)
+    rows = embed @ hidden_metric(hidden)
+    groups = [np.flatnonzero(domain), np.flatnonzero(~domain)]
+    sizes = cluster_sizes(vocab, clusters)
+    assign = tiered_assign(rows, groups, sizes, weights, seed, refine, progress=progress)
+    del rows
+    ordering, mask = layout(assign, sizes)
+    tables = HeadTables(member_means(embed, assign, clusters, weights), ordering, mask)
+    cols, w = targets(top_ids[:, :1], top_probs[:, :1], assign)
+    tables = tables.with_centroids(train_centroids(hidden, cols, w, tables.centroids, epochs, seed=seed,
+                                                   progress=progress))
+    if not swap:
+        return tables
+    swapped, moved = swap_misplaced(tables, hidden, top_ids, top_probs, mass=mass)
+    if not moved:
+        return tables
+    cols, w = targets(top_ids[:, :1], top_probs[:, :1], swapped.cluster_of())
+    return swapped.with_centroids(train_centroids(hidden, cols, w, tables.centroids, max(1, epochs // 2),
+                                                  seed=seed, progress=progress))
+
+
+def top_clusters(hidden: np.ndarray, centroids: np.ndarray, k: int, block: int = 4096) -> np.ndarray:
+    """[N, k] the k best-scoring clusters of each position (unordered)."""
+    k = min(k, len(centroids))
+    out = np.empty((len(hidden), k), np.int64)
+    for start in range(0, len(hidden), block):
+        s = hidden[start:start + block] @ centroids.T
+        out[start:start + block] = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.arange(k)
+    return out
+
+
+def hit_scores(hidden: np.ndarray, top_ids: np.ndarray, top_probs: np.ndarray, centroids: np.ndarray, k: int,
+               vocab: int):
+    """Sparse [V, C] (scipy CSR): sum over positions of p(t | position) * [c among the position's top-k
+    clusters]. Row t over its mass: how often cluster c would be selected where t is predicted."""
+    from scipy.sparse import csr_matrix
+    n, t = top_ids.shape
+    pos = np.repeat(np.arange(n), t)
+    p = csr_matrix((top_probs.ravel().astype(np.float32), (top_ids.ravel(), pos)), shape=(vocab, n))
+    top = top_clusters(hidden, centroids, k)
+    hit = csr_matrix((np.ones(top.size, np.float32), (np.repeat(np.arange(n), top.shape[1]), top.ravel())),
+                     shape=(n, len(centroids)))
+    return (p @ hit).tocsr()
+
+
+def swap_misplaced(tables: HeadTables, hidden: np.ndarray, top_ids: np.ndarray, top_probs: np.ndarray,
+                   k: int = 32, min_mass: float = 1.0, max_hit: float = 0.8, gain: float = 1.5,
+                   mass: np.ndarray | None = None) -> tuple[HeadTables, int]:
+    """Swap often-predicted tokens out of clusters that are rarely selected where they are predicted.
+
+    A token with predicted mass >= `min_mass` whose cluster is among the top-k (by the centroids) on
+    less than `max_hit` of its mass, and whose best cluster scores at least `gain` times better, swaps
+    places with the least-predicted token of that best cluster (sizes stay equal), best gain first.
+    Returns (tables with the same centroids, number of swaps)."""
+    vocab = tables.vocab_size
+    mass = predicted_mass(top_ids, top_probs, vocab) if mass is None else mass
+    cur = tables.cluster_of()
+    cand = np.flatnonzero(mass >= min_mass)
+    if len(cand) == 0:
+        return tables, 0
+    hits = hit_scores(hidden, top_ids, top_probs, tables.centroids, min(k, tables.clusters), vocab)[cand]
+    best = np.asarray(hits.argmax(axis=1)).ravel()
+    best_v = hits.max(axis=1).toarray().ravel()
+    cur_v = np.asarray(hits[np.arange(len(cand)), cur[cand]]).ravel()
+    move = (cur_v < max_hit * mass[cand]) & (best_v >= gain * np.maximum(cur_v, 1e-12)) & (best != cur[cand])
+    movers, dest, by = cand[move], best[move], np.argsort(-(best_v - cur_v)[move], kind="stable")
+    locked = np.zeros(vocab, bool)
+    locked[movers] = True
+    light: dict[int, list[int]] = {}
+    swaps = 0
+    for i in by:
+        t, c = movers[i], dest[i]
+        if c not in light:
+            members = np.flatnonzero(cur == c)
+            light[c] = list(members[np.argsort(-mass[members], kind="stable")])  # pop(): least predicted
+        pool = light[c]
+        while pool and (locked[pool[-1]] or cur[pool[-1]] != c):
+            pool.pop()
+        if not pool or mass[pool[-1]] >= mass[t]:
+            continue
+        other = pool.pop()
+        cur[other], cur[t] = cur[t], c
+        locked[other] = True
+        swaps += 1
+    ordering, mask = layout(cur, tables.token_mask.sum(axis=1))
+    return HeadTables(tables.centroids, ordering, mask), swaps

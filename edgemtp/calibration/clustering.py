@@ -144,7 +144,7 @@ def balance_prices(ids: np.ndarray, scores: np.ndarray, sizes: np.ndarray, steps
         over = np.bincount(choice, minlength=len(sizes)) - sizes
         if over.clip(0).sum() <= 0.002 * len(ids):
             break
-        prices = np.maximum(prices + (2.0 * gap / (1 + t) ** 0.5) * over / sizes, 0.0)
+        prices = np.maximum(prices + (2.0 * gap / (1 + t) ** 0.5) * over / np.maximum(sizes, 1), 0.0)
     return prices.astype(np.float32)
 
 
@@ -198,9 +198,9 @@ def neighbor_candidates(rows: np.ndarray, assign: np.ndarray, sizes: np.ndarray,
 def balanced_assign(rows: np.ndarray, centroids: np.ndarray, sizes: np.ndarray, width: int = 24,
                     candidates: tuple[np.ndarray, np.ndarray] | None = None, weights: np.ndarray | None = None,
                     progress: Progress | None = None) -> np.ndarray:
-    """[V] cluster of each row, with exactly sizes[c] rows in cluster c, maximising the sum of
-    weights[t] * (rows @ centroids.T)[t, cluster of t]: heavy rows keep their best cluster and
-    light ones move when a cluster is over-full.
+    """[V] cluster of each row, with at most sizes[c] rows in cluster c (exactly, when the sizes sum
+    to V), maximising the sum of weights[t] * (rows @ centroids.T)[t, cluster of t]: heavy rows keep
+    their best cluster and light ones move when a cluster is over-full.
 
     `candidates` (ids, scores) [V, L] skips the full scoring pass (see `neighbor_candidates`)."""
     ids, scores = candidates or top_candidates(rows, centroids, width, progress=progress)
@@ -215,6 +215,52 @@ def balanced_assign(rows: np.ndarray, centroids: np.ndarray, sizes: np.ndarray, 
         s = rows[left] @ centroids[open_].T
         assign[left] = place_in_rounds(np.broadcast_to(open_, s.shape).copy(), s, room)
     return assign
+
+
+def tiered_assign(rows: np.ndarray, groups: list[np.ndarray], sizes: np.ndarray, weights: np.ndarray | None = None,
+                  seed: int = 0, refine: int = 2, sample: int = 65536, progress: Progress | None = None) -> np.ndarray:
+    """[V] cluster of each row, the rows of each group packed into clusters of their own.
+
+    groups: disjoint index arrays covering all rows, in order: group g takes the next
+    ceil(rest / M) clusters after filling the room (less than one cluster's worth) its predecessors
+    left, so a group shares clusters with the next one only through that slack.
+    Inside a group: k-means (Euclidean, `rows` already in the metric wanted), then the weighted
+    balanced assignment and `refine` balanced Lloyd rounds (member means, reassign)."""
+    weights = np.ones(len(rows), np.float32) if weights is None else np.asarray(weights, np.float32)
+    assign = np.full(len(rows), -1, np.int64)
+    room, start = sizes.copy(), 0
+    groups = [np.asarray(g, np.int64) for g in groups if len(g)]
+    for gi, tok in enumerate(groups):
+        _tick(progress, gi, len(groups), f"k-means of token group {gi + 1} of {len(groups)} ({len(tok)} tokens)")
+        partial = np.flatnonzero(room[:start] > 0)
+        need = min(len(sizes) - start, max(0, -(-(len(tok) - int(room[partial].sum())) // int(sizes.max()))))
+        if gi == len(groups) - 1:
+            need = len(sizes) - start  # the last group takes every cluster left
+        new = np.arange(start, start + need)
+        cand = np.concatenate([partial, new])
+        cents = [member_means(rows, np.where(assign >= 0, assign, len(sizes)), len(sizes) + 1)[partial]] if len(partial) else []
+        if need:
+            cents.append(kmeans(rows[tok], need, seed + gi, sample=sample))
+        cent = np.vstack(cents)
+        cap = room[cand].copy()
+        a = _balanced_euclidean(rows[tok], cent, cap, weights[tok])
+        for _ in range(refine):
+            moved_cent = member_means(rows[tok], a, len(cand))
+            keep = np.bincount(a, minlength=len(cand)) == 0  # empty: keep the old centroid
+            moved_cent[keep] = cent[keep]
+            cent = moved_cent
+            a = _balanced_euclidean(rows[tok], cent, cap, weights[tok])
+        assign[tok] = cand[a]
+        room[cand] -= np.bincount(a, minlength=len(cand))
+        start += need
+    _tick(progress, len(groups), len(groups), "done")
+    return assign
+
+
+def _balanced_euclidean(rows: np.ndarray, centroids: np.ndarray, cap: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Balanced assignment by distance to `centroids` (weighted, capacities `cap` summing to >= n)."""
+    aug, cent = euclidean(rows, centroids)
+    return balanced_assign(aug, cent, cap, weights=weights)
 
 
 def layout(assign: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
