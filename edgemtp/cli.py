@@ -69,6 +69,33 @@ def import_gguf_cmd(gguf_file: Path, out: Path):
     click.echo(f"wrote {out}")
 
 
+def quant_options(f):
+    """`export`'s int8/int4 options (edgemtp.exporters.quantize.scheme checks them; unset: the preset's)."""
+    for opt in reversed([
+        click.option("--block-size", type=int, default=None, help="Weight block size for every role (16, 32, ...)."),
+        click.option("--symmetric/--asymmetric", default=None,
+                     help="Blocks without / with zero points (default: 8-bit symmetric, 4-bit asymmetric)."),
+        click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level (default 4)."),
+        click.option("--layer-bits", type=int, default=None, help="Bits of the layers' weights: 4 or 8 (default 8)."),
+        click.option("--keep-8bit", multiple=True, help="Weight-name pattern kept at 8 bits, e.g. '*down_proj*' "
+                                                        "(repeatable)."),
+        click.option("--frequent-rows", type=int, default=None,
+                     help="int4: head/table rows of the most frequent calibration tokens kept at 8 bits "
+                          "(default 32768; 0: none)."),
+        click.option("--gptq/--no-gptq", default=None, help="Round 4-bit weights with GPTQ on calibration "
+                                                            "activations (int4 default: on)."),
+        click.option("--two-pass", default=None, help="MatMulNBits activations in two int8 passes: none, head "
+                                                      "(default) or all."),
+        click.option("--smooth", type=float, default=None, help="Activation smoothing alpha of the layers (0: off)."),
+        click.option("--calibration", default=None, help="Calibration text: corpora (the offline corpora's "
+                                                         "train split, default), a text file, or none."),
+        click.option("--calibration-tokens", type=int, default=None, help="Tokens of activations to calibrate on "
+                                                                          "(default 8192)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @cli.command("export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
@@ -87,17 +114,22 @@ def import_gguf_cmd(gguf_file: Path, out: Path):
               help="Clusters the drafter's two-stage head scores exactly (default: its head tables' own; "
                    "0: full head).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
+@quant_options
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
-               drafter: str, draft_top_k: int | None, overwrite: bool):
+               drafter: str, draft_top_k: int | None, overwrite: bool, **quant_opts):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
     from .exporters import AUTO, export
 
     chosen = None if drafter == "none" else AUTO if drafter == "auto" else Path(drafter)
     if isinstance(chosen, Path) and not (chosen / "config.json").is_file():
         raise EdgemtpError(f"--drafter {drafter}: no config.json there (a drafter directory, auto or none)")
+    options = {k: v for k, v in quant_opts.items() if v not in (None, ())}
+    if options.get("calibration") == "none":
+        options["calibration"] = None
     with progress_bar("writing graph weights") as progress:
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
-               static_window=verify_window if static else None, drafter=chosen, drafter_top_k=draft_top_k)
+               static_window=verify_window if static else None, drafter=chosen, drafter_top_k=draft_top_k,
+               quant_options=options)
     click.echo(f"wrote {out}")
 
 

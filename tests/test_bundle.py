@@ -69,7 +69,7 @@ def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch)
     _, model_dir, _ = tiny_gemma3
     real_save = builder.save
 
-    def dying_save(b, path, read, progress=None):
+    def dying_save(b, path, read, progress=None, read_rows=None):
         def read_then_die(name):
             if "layers.2" in name:
                 raise KeyboardInterrupt

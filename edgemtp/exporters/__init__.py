@@ -45,14 +45,16 @@ def load_config(model_dir: Path):
 
 def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
            progress: Progress | None = None, static_window: int | None = None,
-           drafter: Path | str | None = None, drafter_top_k: int | None = None) -> Path:
+           drafter: Path | str | None = None, drafter_top_k: int | None = None,
+           quant_options: dict | None = None) -> Path:
     """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
 
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
     standard ops only) instead of the dynamic ONNX Runtime graph; W = K + 1 for speculative K.
     `drafter`: a drafter directory (ours or a Gemma 4 assistant checkpoint), AUTO (the shipped drafter
     recognised by the model's weights, fp32 dynamic bundles only for now) or None.
-    `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head)."""
+    `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
+    `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
@@ -62,7 +64,10 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         if drafter is not None:
             raise EdgemtpError("--drafter with --quant: attach the drafter to an fp32 bundle for now "
                                "(the drafter shares the target's fp32 embedding)")
-        return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window)
+        return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
+                                 quant_options or {})
+    if quant_options:
+        raise EdgemtpError(f"--{next(iter(quant_options)).replace('_', '-')} applies to --quant int8 / int4 only")
     if capacity < 2:
         raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
     cfg, build = load_config(model_dir)
@@ -80,7 +85,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     _check_weights(graph, ckpt, model_dir)
     write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k) if drafter is not None else None
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
-        builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress)
+        builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}}
         if write_drafter is not None:
@@ -124,20 +129,22 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None):
     return write_graphs
 
 
-def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window) -> Path:
+def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window, options) -> Path:
     """fp32 export into a scratch directory, then the quantizer rewrites it into `out` (atomically)."""
     import tempfile
 
-    from .quantize import quantize_bundle
+    from .quantize import check_options, quantize_bundle
 
     if static_window is not None:
         raise EdgemtpError(f"--quant {quant} with --static: static graphs are quantized as QDQ "
                            "(edgemtp.exporters.qdq), not weight-only")
     if Path(out).exists() and not overwrite:
         raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress)
-        return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress)
+        return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 
 
 def model_facts(cfg) -> dict:

@@ -113,10 +113,16 @@ def _placeholder(p: Param) -> TensorProto:
     return t
 
 
+ROWS_BYTES = 256 << 20  # an untransformed tensor bigger than this is written in row blocks of about this size
+
+
 def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
-         progress: Callable[[int, int, str], None] | None = None) -> list[str]:
+         progress: Callable[[int, int, str], None] | None = None,
+         read_rows: Callable[[str, np.ndarray], np.ndarray] | None = None) -> list[str]:
     """Write `path` and its external data `path.name + '.data'`, one tensor at a time.
 
+    With `read_rows(source, row_ids)`, a big untransformed tensor (an embedding table: E2B's per-layer
+    table is 9.4 GB in fp32) is read and written in row blocks, never whole.
     Returns the file names written (relative to the directory of `path`)."""
     path = Path(path)
     data_name = path.name + ".data"
@@ -125,19 +131,28 @@ def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
     params = list(b.params.values())
     with open(path.parent / data_name, "wb") as f:
         for i, p in enumerate(params):
-            arr = read(p.source)
-            if p.transform is not None:
-                arr = p.transform(arr)
-            arr = np.ascontiguousarray(arr, dtype=p.dtype)
-            if tuple(arr.shape) != p.shape:
-                raise ValueError(f"{p.source}: shape {arr.shape} in the checkpoint, graph expects {p.shape}")
             offset = _align(f)
-            f.write(arr.tobytes())
-            _set_external(by_name[p.name], data_name, offset, arr.nbytes)
+            row_bytes = int(np.prod(p.shape[1:], dtype=np.int64)) * p.dtype.itemsize
+            if read_rows is not None and p.transform is None and row_bytes * p.shape[0] > ROWS_BYTES:
+                step = max(1, ROWS_BYTES // max(row_bytes, 1))
+                for start in range(0, p.shape[0], step):
+                    ids = np.arange(start, min(start + step, p.shape[0]))
+                    _write(f, p, read_rows(p.source, ids), (len(ids), *p.shape[1:]))
+            else:
+                arr = read(p.source)
+                _write(f, p, arr if p.transform is None else p.transform(arr), p.shape)
+            _set_external(by_name[p.name], data_name, offset, f.tell() - offset)
             if progress:
                 progress(i + 1, len(params), p.name)
     onnx.save(model, str(path))
     return [path.name, data_name]
+
+
+def _write(f, p: Param, arr: np.ndarray, shape: tuple) -> None:
+    arr = np.ascontiguousarray(arr, dtype=p.dtype)
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{p.source}: shape {arr.shape} in the checkpoint, graph expects {p.shape}")
+    f.write(memoryview(arr.reshape(-1)).cast("B"))
 
 
 def _align(f, alignment: int = 64) -> int:

@@ -1,35 +1,43 @@
 """Quantized target graphs, rewritten from the fp32 graph our exporter wrote, one weight at a time.
 
-    quantize_graph(Path("b/target.onnx"), Path("q/target.onnx"), "int4")
+    quantize_bundle(Path("b/fp32"), Path("b/int4"), "int4")                 # calibrates on the corpora
+    quantize_graph(Path("b/target.onnx"), Path("q/target.onnx"), "int8", calibration=None)
 
-* int8 / int4: weight-only, block-wise along the input axis (our own numpy packing, equal to ORT's
-  quantizer on its grid; a per-block search adds grids of smaller squared error). Weight MatMuls
-  and the head `Gemm(transB=1)` become com.microsoft `MatMulNBits` (accuracy level 4: activations
-  go to int8 per block, the only fast CPU path: levels 0/1 ran 8-bit weights 40-90x slower than
-  fp32), the embedding `Gather` becomes `GatherBlockQuantized`. A tied table is untied from the
-  Gemm but packed once for both uses (measured: same decode speed, less file; ORT's own quantizer
-  skips a Transpose-tied head). Bits per role, by measurement on Gemma 3 270M (bench_quant.py):
-  int8 = 8-bit everywhere; int4 = 4-bit head/table (63% of the weights) with 8-bit layers: that
-  split beat 4-bit layers on every axis (layers at 4 bits: top-1 0.75, ppl +27%; table at 4 bits:
-  0.84, +10%), and the layers at 8 bits decode as fast as at 4 on AVX2. Head/table blocks of 16
-  (layers 32: at 16 they were slower) halve the 4-bit ppl loss. `quantize_dynamic`'s per-tensor
-  activations broke this model (top-1 0.42): Gemma has one hidden channel ~500x the median.
+* int8 / int4: weight-only, block-wise along the input axis (blockquant.py). Weight MatMuls and the head
+  `Gemm(transB=1)` become com.microsoft `MatMulNBits` at accuracy level 4 (activations rounded to int8
+  per block: the only fast CPU path; levels 0/1 ran 8-bit weights 40-90x slower than fp32), the
+  embedding `Gather` becomes `GatherBlockQuantized`. A tied table is packed once for both uses (its
+  MatMulNBits scales reach the gather through a folded Unsqueeze). Choices, measured on Gemma 3 270M
+  against its fp32 bundle on held-out code and prose (benchmarks/bench_quant.py; README has the table):
+  - Layers stay 8-bit in both presets: at 4 bits top-1 agreement fell to 0.75; 8-bit decodes as fast.
+  - The head's activations go through MatMulNBits twice (`two_pass`): once rounded onto MLAS' own int8
+    grid, once the residual. Level 4's int8 activations alone cost the head ~2% top-1 (Gemma's final
+    hidden state has channels ~15x the median); two passes restore it (0.98 -> 1.00 head-only).
+  - int4 keeps the head/table at 4 bits (block 32, zero points) except the `frequent_rows` rows of the
+    tokens most frequent in the calibration text, kept at 8 bits: 98-99% of the fp32 argmaxes on
+    held-out text are among the 32,768 most frequent train tokens, and those rows cost 2% of the file.
+    The 4-bit rows are rounded by GPTQ against the head input's second moment (top-1 0.87 -> 0.93
+    head-only, ppl loss +4% -> +1%; an importance-weighted grid search alone gave 0.88).
+  - Blocks of 32 everywhere: the 8-bit table is then exact on the GGUF source's Q8_0 grid.
 * fp16: weights stored in fp16 behind `Cast` nodes that ORT folds when the session loads: compute
-  stays fp32 (the fp32 KV cache is updated in place by GroupQueryAttention, and x86 has no fast fp16
-  MatMul). Halves the file, not the RAM or the time.
+  stays fp32. Halves the file, not the RAM or the time.
 * fp32: a re-written copy.
 
 Graph inputs and outputs (the KV cache contract included) are never touched: the runtime runs a
-quantized bundle unmodified. Weights stream from the source `.data` through a memory map, so at
-most one weight and its quantized form are in memory at a time.
+quantized bundle unmodified. Weights are read from the source `.data` with positioned reads, a row
+chunk at a time for big tables, and written as they are packed: memory stays bounded by one layer
+matrix plus a chunk, at any model size.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,31 +46,44 @@ from onnx import TensorProto, helper
 
 from .. import bundle as bundle_mod
 from .. import contract as C
+from ..calibration import activations as A
 from ..errors import EdgemtpError
-from .builder import MS_DOMAIN, _align, _set_external
+from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
+from .builder import MS_DOMAIN
+from .quantrewrite import Rewrite, Sink, activation_sources, rewrite_float
 
+__all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "quantize_bundle", "calibrate",
+           "quantize_rows", "dequantize_rows"]
 QUANTS = ("fp32", "fp16", "int8", "int4")
+TWO_PASS = ("none", "head", "all")
 Progress = Callable[[int, int, str], None]
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
        TensorProto.INT32: np.int32, TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
-_ROWS_PER_CHUNK = 16384  # rows quantized at once: bounds temporaries to ~100 MB for a 262k x 640 head
+QUANT_KEY, SCHEME_KEY = "edgemtp.quant", "edgemtp.quant_scheme"
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """Bits and block size per weight role: the layers' MatMuls, the logit head and the embedding
-    table (a tied head and table share one packed copy when their bits and blocks agree)."""
+    """How each weight is quantized (recorded in the manifest). Roles: the layers' MatMuls, the logit
+    head and the embedding table (a tied head and table share one packed copy)."""
 
-    bits: int
-    head_bits: int
-    embed_bits: int
+    bits: int  # layers
+    head_bits: int  # head and table (their infrequent rows, with frequent_rows)
+    embed_bits: int  # an untied embedding table
     block_size: int  # layers
     head_block_size: int  # head and table
-    symmetric: bool | None  # None: 8-bit symmetric (exact on llama.cpp's Q8_0/Q5_0 grids), 4-bit not
+    symmetric: bool | None  # None: 8-bit symmetric (exact on Q8_0 / Q5_0 grids), 4-bit with zero points
     accuracy_level: int
+    frequent_rows: int = 0  # head/table rows of the most frequent calibration tokens kept at 8 bits
+    keep_8bit: tuple[str, ...] = ()  # glob patterns of weight names kept at 8 bits
+    gptq: bool = False  # 4-bit weights rounded by GPTQ against calibration activations
+    two_pass: str = "none"  # MatMulNBits activations in two int8 passes: none, head or all
+    smooth: float = 0.0  # alpha of the layers' activation smoothing (x / s, W * s, s = max|x|^alpha)
+    calibration: str | None = field(default=None, compare=False)  # the calibration text used
 
-    def bits_for(self, kind: str) -> int:
-        return {"matmul": self.bits, "head": self.head_bits, "gather": self.embed_bits}[kind]
+    def bits_for(self, kind: str, name: str = "") -> int:
+        bits = {"matmul": self.bits, "head": self.head_bits, "gather": self.embed_bits}[kind]
+        return 8 if any(fnmatch.fnmatchcase(name, p) for p in self.keep_8bit) else bits
 
     def block_for(self, kind: str) -> int:
         return self.block_size if kind == "matmul" else self.head_block_size
@@ -70,152 +91,104 @@ class Scheme:
     def symmetric_for(self, bits: int) -> bool:
         return bits == 8 if self.symmetric is None else self.symmetric
 
+    @property
+    def needs_activations(self) -> bool:
+        return self.smooth > 0 or self.gptq
+
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-# bits (layers, head, table) and blocks (layers, head/table) per quant, chosen by measurement
-PRESETS = {"int8": ((8, 8, 8), (32, 16)), "int4": ((8, 4, 4), (32, 16))}
+# chosen by measurement (bench_quant.py): see the module docstring
+PRESETS = {
+    "int8": dict(bits=8, head_bits=8, embed_bits=8, block_size=32, head_block_size=32, frequent_rows=0,
+                 gptq=True, two_pass="all", smooth=0.0),
+    "int4": dict(bits=8, head_bits=4, embed_bits=4, block_size=32, head_block_size=32, frequent_rows=32768,
+                 gptq=True, two_pass="head", smooth=0.0),
+}
+CALIBRATION_TOKENS = 8192  # default: positions whose activations calibrate GPTQ and smoothing
+# GPTQ needs each input's second moment [K, K]: wider inputs (E2B's 12,288-wide MLP: 0.6 GB each, 20 of
+# them) keep the importance-weighted grid search instead
+GPTQ_MAX_K = 4096
 
 
-def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int = 4
-           ) -> Scheme | None:
-    """The scheme for `quant` (None for the float quants), after checking every option.
-
-    `block_size` None keeps the preset's blocks; a number sets every role's."""
+def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int = 4, *,
+           layer_bits: int | None = None, frequent_rows: int | None = None, keep_8bit=(), gptq: bool | None = None,
+           two_pass: str | None = None, smooth: float | None = None, calibrated: bool = True) -> Scheme | None:
+    """The scheme for `quant` (None for the float quants) after checking every option; None options
+    keep the preset's value. `calibrated` False (no calibration text): the calibrated options are off,
+    and asking for one is an error."""
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
     if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
         raise EdgemtpError(f"--block-size {block_size} must be a power of two, at least 16 (MatMulNBits)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise EdgemtpError(f"--accuracy-level {accuracy_level} must be 0..4 (MatMulNBits)")
+    if layer_bits not in (None, 4, 8):
+        raise EdgemtpError(f"--layer-bits {layer_bits} must be 4 or 8")
+    if frequent_rows is not None and frequent_rows < 0:
+        raise EdgemtpError(f"--frequent-rows {frequent_rows} must be 0 or more")
+    if two_pass not in (None, *TWO_PASS):
+        raise EdgemtpError(f"--two-pass {two_pass!r} must be one of {', '.join(TWO_PASS)}")
+    if smooth is not None and not 0.0 <= smooth <= 1.0:
+        raise EdgemtpError(f"--smooth {smooth} must be between 0 (off) and 1")
+    keep_8bit = tuple(keep_8bit or ())
+    if any(not isinstance(p, str) or not p for p in keep_8bit):
+        raise EdgemtpError(f"--keep-8bit {keep_8bit!r}: give weight-name patterns such as '*down_proj*'")
+    asked = dict(frequent_rows=frequent_rows, gptq=gptq, smooth=smooth)
+    if not calibrated:
+        for key, value in asked.items():
+            if value:
+                raise EdgemtpError(f"--{key.replace('_', '-')} needs calibration text (drop --calibration none)")
     if quant not in PRESETS:
         return None
-    bits, blocks = PRESETS[quant]
-    return Scheme(*bits, *((block_size, block_size) if block_size else blocks), symmetric, accuracy_level)
-
-
-# ------------------------------------------- block quantization of rows: w [N, K] -> [N, kb, blob]
-
-def quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True, search: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Block-quantize each row of w [N, K] along K, in MatMulNBits' layout.
-
-    Returns (packed uint8 [N, kb, block_size*bits/8], scales fp32 [N, kb], zero points uint8
-    [N, ceil(kb*bits/8)] or None when symmetric; the ops then assume 2^(bits-1)). Symmetric blocks
-    map their largest-magnitude value to -2^(bits-1) exactly, as ORT's own quantizer (MLAS) does:
-    one more level than a +-(2^(bits-1)-1) grid. `search` then tries a few other grids per block
-    and keeps the one of least squared error (see _candidates)."""
-    kb = -(-w.shape[1] // block_size)
-    parts = [_quantize_chunk(w[i:i + _ROWS_PER_CHUNK], bits, block_size, kb, symmetric, search)
-             for i in range(0, len(w), _ROWS_PER_CHUNK)]
-    packed, scales = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    zp = None if symmetric else np.concatenate([p[2] for p in parts])
-    return packed, scales, zp
-
-
-def _quantize_chunk(w: np.ndarray, bits: int, bs: int, kb: int, symmetric: bool, search: bool):
-    n, k = w.shape
-    blocks = np.zeros((n, kb * bs), np.float32)
-    blocks[:, :k] = w  # padding with zeros: MatMulNBits reads whole blocks
-    blocks = blocks.reshape(n, kb, bs)
-    top = (1 << bits) - 1
-    best = None
-    for scale, zp in _candidates(blocks, bits, symmetric, search):
-        inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)[..., None]
-        q = np.clip(np.rint(blocks * inv) + zp[..., None], 0, top)
-        err = np.square((q - zp[..., None]) * scale[..., None] - blocks).sum(axis=2)
-        if best is None:
-            best = [err, scale, zp, q]
-            continue
-        better = err < best[0]  # strict: a tie keeps the earlier (plain min/max) candidate
-        for slot, new in enumerate((err, scale, zp)):
-            best[slot] = np.where(better, new, best[slot])
-        best[3] = np.where(better[..., None], q, best[3])
-    _, scale, zp, q = best
-    zp = None if symmetric else _pack(zp.astype(np.uint8), bits, pad=1 << (bits - 1))  # pad as ORT does
-    return _pack(q.astype(np.uint8), bits), scale.astype(np.float32), zp
-
-
-def _candidates(blocks: np.ndarray, bits: int, symmetric: bool, search: bool = True):
-    """(scale, zero point) per block [n, kb] to try; the block keeps the one of least squared error.
-
-    First the plain grid (max magnitude -> -2^(b-1), or min/max -> 0/2^b-1), then for 8 bits the
-    +-(2^(b-1)-1) grid (that reproduces llama.cpp's Q8_0 exactly), and for 4 bits narrower grids that
-    clip the block's extremes to round its bulk more finely."""
-    half, top = 1 << (bits - 1), (1 << bits) - 1
-    shrink = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.375) if search and bits <= 4 else (1.0,)
-    if symmetric:
-        idx = np.abs(blocks).argmax(axis=2)[..., None]
-        m = np.take_along_axis(blocks, idx, axis=2)[..., 0]
-        zp = np.full(m.shape, half, np.float32)
-        for f in shrink:
-            yield m / (-half * f), zp
-            if search:
-                yield m / ((half - 1) * f), zp
-        return
-    lo, hi = np.minimum(blocks.min(axis=2), 0), np.maximum(blocks.max(axis=2), 0)
-    for f in shrink:
-        scale = (hi - lo) / (top * f)
-        safe = np.where(scale == 0, 1, scale)
-        for zp in (-lo / safe, top - hi / safe, (top - (hi + lo) / safe) / 2):
-            yield scale, np.clip(np.rint(zp), 0, top)
-            if f == 1.0:
-                break  # unshrunk: the three anchors coincide
-
-
-def _pack(q: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
-    """uint8 values < 2^bits packed along the last axis, low-order bits first."""
-    if bits == 8:
-        return q
-    if q.shape[-1] % 2:
-        q = np.concatenate([q, np.full(q.shape[:-1] + (1,), pad, np.uint8)], axis=-1)
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-
-
-def dequantize_rows(packed: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, bits: int, k: int
-                    ) -> np.ndarray:
-    """Inverse of quantize_rows (for tests and error measurement): -> [N, K] fp32."""
-    n, kb = scales.shape
-    q = _unpack(packed.reshape(n, -1), bits, -1).reshape(n, kb, -1)
-    z = np.full((n, kb), 1 << (bits - 1)) if zp is None else _unpack(zp, bits, kb)
-    return ((q.astype(np.float32) - z[..., None]) * scales[..., None]).reshape(n, -1)[:, :k]
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """[N, bytes] -> [N, count] values (count -1: all), inverse of _pack."""
-    q = packed if bits == 8 else np.stack([packed & 15, packed >> 4], axis=-1).reshape(len(packed), -1)
-    return q if count < 0 else q[:, :count]
+    p = dict(PRESETS[quant])
+    if not calibrated:
+        p.update(frequent_rows=0, gptq=False, smooth=0.0)
+    p.update({k: v for k, v in dict(asked, two_pass=two_pass, bits=layer_bits).items() if v is not None})
+    if block_size:
+        p.update(block_size=block_size, head_block_size=block_size)
+    return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
 
 
 # ------------------------------------------------------------------------------------- the graph
 
-def quantize_graph(src: Path, dst: Path, quant: str, *, block_size: int | None = None, symmetric: bool | None = None,
-                   accuracy_level: int = 4, progress: Progress | None = None) -> list[str]:
+@dataclass
+class Calibration:
+    """What the calibrated options need: activation statistics by tensor name, and the vocabulary ids
+    by descending frequency in the calibration text (ties: lower id first)."""
+
+    stats: dict[str, A.Stats]
+    order: np.ndarray | None
+    source: str
+
+
+def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration | None = None,
+                   extra_outputs: tuple[str, ...] = (), progress: Progress | None = None, **options) -> list[str]:
     """Write the `quant` version of the fp32 target graph `src` (+ `.data`) to `dst` (+ `.data`).
 
+    `options`: scheme()'s. `extra_outputs`: tensors to add as graph outputs (calibration runs).
     Returns the file names written, relative to `dst`'s directory."""
-    sch = scheme(quant, block_size, symmetric, accuracy_level)
+    sch = scheme(quant, calibrated=calibration is not None, **options)
+    if sch is not None and calibration is not None:
+        sch = replace(sch, calibration=calibration.source)
     src, dst = Path(src), Path(dst)
     model = load_fp32_graph(src)
     if dst.resolve() == src.resolve():
         raise EdgemtpError(f"{dst}: is the source graph (write the quantized graph elsewhere)")
-    read = _reader(src, model)
     data_name = dst.name + ".data"
-    with open(dst.parent / data_name, "wb") as f:
-        sink = _Sink(f, data_name)
+    with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
+        sink = Sink(f, data_name)
         if sch is not None:
-            _rewrite_blocks(model.graph, read, sink, sch, progress)
+            Rewrite(model.graph, read, sink, sch, calibration, progress).run()
         else:
-            _rewrite_float(model.graph, read, sink, quant, progress)
+            rewrite_float(model.graph, read, sink, quant, progress)
     if sch is not None and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra_outputs)
     helper.set_model_props(model, {QUANT_KEY: quant, **({SCHEME_KEY: json.dumps(sch.to_json())} if sch else {})})
     onnx.save(model, str(dst))
     return [dst.name, data_name]
-
-
-QUANT_KEY, SCHEME_KEY = "edgemtp.quant", "edgemtp.quant_scheme"
 
 
 def load_fp32_graph(src: Path) -> onnx.ModelProto:
@@ -235,176 +208,70 @@ def load_fp32_graph(src: Path) -> onnx.ModelProto:
     return model
 
 
-def _reader(src: Path, model: onnx.ModelProto) -> Callable[[TensorProto], np.ndarray]:
-    """tensor -> its values, memory-mapped from the external data file (inline tensors decoded)."""
-    maps: dict[str, np.memmap] = {}
+class _Reader:
+    """Tensor values read from the external data file with positioned reads (no memory map: pages of an
+    18 GB fp32 scratch file would otherwise count as this process's memory); inline tensors decoded."""
 
-    def read(t: TensorProto) -> np.ndarray:
+    def __init__(self, src: Path):
+        self.src, self.fds = src, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for fd in self.fds.values():
+            os.close(fd)
+
+    def __call__(self, t: TensorProto) -> np.ndarray:
+        return self.rows(t, 0, t.dims[0]) if t.data_location == TensorProto.EXTERNAL and t.dims else \
+            self._inline(t)
+
+    def _inline(self, t: TensorProto) -> np.ndarray:
         if t.data_location != TensorProto.EXTERNAL:
             return onnx.numpy_helper.to_array(t)
+        return self._read(t, 0, 1).reshape(())
+
+    def rows(self, t: TensorProto, start: int, stop: int) -> np.ndarray:
+        row = int(np.prod(t.dims[1:], dtype=np.int64))
+        return self._read(t, start * row, (stop - start) * row).reshape((stop - start, *t.dims[1:]))
+
+    def take(self, t: TensorProto, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` (ascending) of a 2-D tensor, one read per run of consecutive ids."""
+        out = np.empty((len(ids), t.dims[1]), _NP[t.data_type])
+        cuts = np.flatnonzero(np.diff(ids) != 1) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(ids)]):
+            out[lo:hi] = self.rows(t, int(ids[lo]), int(ids[hi - 1]) + 1)
+        return out
+
+    def _read(self, t: TensorProto, first: int, count: int) -> np.ndarray:
         info = {e.key: e.value for e in t.external_data}
-        path = bundle_mod.inside(src.parent, info["location"])
-        if info["location"] not in maps:
+        path = bundle_mod.inside(self.src.parent, info["location"])
+        if path not in self.fds:
             if not path.is_file():
-                raise EdgemtpError(f"{src}: external data file {path} is missing")
-            maps[info["location"]] = np.memmap(path, np.uint8, mode="r")
-        offset, dtype = int(info.get("offset", 0)), np.dtype(_NP[t.data_type])
-        count = int(np.prod(t.dims, dtype=np.int64))
-        raw = maps[info["location"]][offset:offset + count * dtype.itemsize]
-        if raw.size != count * dtype.itemsize:
-            raise EdgemtpError(f"{src}: external data of '{t.name}' runs past the end of {path.name}")
-        return raw.view(dtype).reshape(tuple(t.dims))
-
-    return read
-
-
-class _Sink:
-    """Appends tensors to the new external-data file; returns their (data-less) TensorProtos."""
-
-    def __init__(self, f, location: str):
-        self.f, self.location = f, location
-
-    def write(self, name: str, arr: np.ndarray) -> TensorProto:
-        arr = np.ascontiguousarray(arr)
-        offset = _align(self.f)
-        self.f.write(memoryview(arr).cast("B"))
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype), dims=arr.shape)
-        _set_external(t, self.location, offset, arr.nbytes)
-        return t
-
-
-def _is_weight(name: str, inits: dict) -> bool:
-    t = inits.get(name)
-    return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2
-
-
-def _role(node: onnx.NodeProto, inits: dict) -> tuple[str, str] | None:
-    """('matmul' | 'head' | 'gather', weight name) for a node we know how to quantize."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "MatMul" and _is_weight(node.input[1], inits):
-        return "matmul", node.input[1]
-    if (node.op_type == "Gemm" and len(node.input) == 2 and _is_weight(node.input[1], inits)
-            and attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0):
-        return "head", node.input[1]
-    if node.op_type == "Gather" and attrs.get("axis", 0) == 0 and _is_weight(node.input[0], inits):
-        return "gather", node.input[0]
-    return None
-
-
-def _rewrite_blocks(g: onnx.GraphProto, read, sink: _Sink, sch: Scheme, progress: Progress | None) -> None:
-    """MatMul / head Gemm -> MatMulNBits and Gather -> GatherBlockQuantized (+ Reshape)."""
-    inits = {t.name: t for t in g.initializer}
-    roles = [_role(n, inits) for n in g.node]
-    # GatherBlockQuantized wants whole blocks along the row: otherwise that Gather stays fp32
-    roles = [None if r and r[0] == "gather" and inits[r[1]].dims[1] % sch.head_block_size else r for r in roles]
-    wanted: dict[str, set] = {}
-    float_users = set()
-    for node, r in zip(g.node, roles):
-        for name in node.input:
-            if r is not None and name == r[1]:
-                wanted.setdefault(name, set()).add(r[0])
-            elif name in inits:
-                float_users.add(name)
-    new_inits, made = [], {}
-    for i, t in enumerate(list(g.initializer)):
-        arr = read(t)
-        if t.name in wanted:
-            tensors, uses = _quantize_uses(t.name, wanted[t.name], arr, sch, sink)
-            new_inits += tensors
-            made.update({(t.name, kind): use for kind, use in uses.items()})
-        if t.name not in wanted or t.name in float_users:
-            new_inits.append(sink.write(t.name, arr) if t.data_location == TensorProto.EXTERNAL else t)
-        if progress:
-            progress(i + 1, len(inits), t.name)
-    nodes = []
-    for n, r in zip(g.node, roles):
-        nodes += [n] if r is None else _quantized_nodes(n, r[0], made[r[1], r[0]])
-    _replace(g, new_inits, nodes)
-
-
-def _quantize_uses(name: str, kinds: set, arr: np.ndarray, sch: Scheme, sink: _Sink):
-    """-> (tensors written, {kind: (input names, attributes)}) for the quantized uses of one weight.
-
-    A tied table used by the head and the gather is packed once when both want the same bits: one
-    MatMulNBits-layout tensor [V, kb, blob] serves both (measured: same decode speed, no more RAM,
-    and the file does not hold the biggest tensor twice)."""
-    tensors, uses, packs = [], {}, {}
-    for kind in sorted(kinds):
-        bits, block = sch.bits_for(kind), sch.block_for(kind)
-        key = (bits, block, kind == "matmul")
-        if key not in packs:  # MatMul weights are stored [K, N]: their rows along K are the columns
-            rows = arr.T if kind == "matmul" else arr
-            packed, scales, zp = quantize_rows(rows, bits, block, sch.symmetric_for(bits))
-            tensors.append(sink.write(f"{name}.q{bits}b{block}", packed))
-            packs[key] = (tensors[-1].name, scales, zp, rows.shape)
-        packed, scales, zp, (n, k) = packs[key]
-        base = f"{name}.{kind}"
-        if kind == "gather":  # one block per [v, kb] slot: scales (and zero points) get a unit last axis
-            scales, zp = scales[..., None], None if zp is None else _unpack(zp, bits, scales.shape[1])[..., None]
-            attrs = dict(gather_axis=0, quantize_axis=2, block_size=block, bits=bits, hidden=k)
-        else:
-            attrs = dict(K=k, N=n, bits=bits, block_size=block)
-            if sch.accuracy_level:  # 0 is "unset": leave the attribute out, as ORT's quantizer does
-                attrs["accuracy_level"] = sch.accuracy_level
-        tensors.append(sink.write(base + ".scales", scales))
-        names = [packed, tensors[-1].name]
-        if zp is not None:
-            tensors.append(sink.write(base + ".zero_points", zp))
-            names.append(tensors[-1].name)
-        uses[kind] = (names, attrs)
-    return tensors, uses
-
-
-def _quantized_nodes(node: onnx.NodeProto, kind: str, use) -> list[onnx.NodeProto]:
-    (packed, scales, *zp), attrs = use
-    if kind != "gather":
-        return [helper.make_node("MatMulNBits", [node.input[0], packed, scales, *zp], list(node.output),
-                                 name=node.name + "_q", domain=MS_DOMAIN, **attrs)]
-    attrs = dict(attrs)
-    hidden = attrs.pop("hidden")
-    blocks = node.output[0] + ".blocks"  # [B, S, kb, block_size] -> [B, S, H]
-    shape = helper.make_node("Constant", [], [blocks + ".shape"], name=node.name + "_shape",
-                             value=helper.make_tensor(blocks + ".shape", TensorProto.INT64, [3], [0, 0, hidden]))
-    return [helper.make_node("GatherBlockQuantized", [packed, node.input[1], scales, *zp], [blocks],
-                             name=node.name + "_q", domain=MS_DOMAIN, **attrs),
-            shape, helper.make_node("Reshape", [blocks, shape.output[0]], list(node.output), name=node.name + "_r")]
-
-
-def _rewrite_float(g: onnx.GraphProto, read, sink: _Sink, quant: str, progress: Progress | None) -> None:
-    """fp32: copy. fp16: matrices stored fp16, cast back to fp32 by a Cast that ORT folds at load."""
-    casts, new_inits = [], []
-    n = len(g.initializer)
-    for i, t in enumerate(list(g.initializer)):
-        if t.data_location != TensorProto.EXTERNAL:
-            new_inits.append(t)
-        elif quant == "fp16" and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
-            half = read(t).astype(np.float16)
-            if not np.isfinite(half).all():
-                raise EdgemtpError(f"weight '{t.name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
-            new_inits.append(sink.write(t.name + ".fp16", half))
-            casts.append(helper.make_node("Cast", [t.name + ".fp16"], [t.name], name=t.name + ".cast",
-                                          to=TensorProto.FLOAT))
-        else:
-            new_inits.append(sink.write(t.name, read(t)))
-        if progress:
-            progress(i + 1, n, t.name)
-    _replace(g, new_inits, casts + list(g.node))
-
-
-def _replace(g: onnx.GraphProto, inits: list, nodes: list) -> None:
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    del g.node[:]
-    g.node.extend(nodes)
+                raise EdgemtpError(f"{self.src}: external data file {path} is missing")
+            self.fds[path] = os.open(path, os.O_RDONLY)
+        dtype = np.dtype(_NP[t.data_type])
+        total = int(np.prod(t.dims, dtype=np.int64))
+        buf = bytearray(count * dtype.itemsize)
+        offset = int(info.get("offset", 0)) + first * dtype.itemsize
+        got = os.preadv(self.fds[path], [buf], offset) if count else 0
+        if got != len(buf) or first + count > total:
+            raise EdgemtpError(f"{self.src}: external data of '{t.name}' runs past the end of {path.name}")
+        return np.frombuffer(buf, dtype)
 
 
 # ----------------------------------------------------------------------------------------- bundles
 
-def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False,
-                    progress: Progress | None = None, **options) -> Path:
+def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False, progress: Progress | None = None,
+                    calibration: str | Path | None = A.CORPORA, calibration_tokens: int | None = None,
+                    **options) -> Path:
     """Copy the fp32 bundle `src` to `out` (atomically) with its target graph quantized to `quant`.
 
-    `options` are quantize_graph's (block_size, symmetric, accuracy_level). Other graphs are copied."""
+    `calibration`: A.CORPORA (the offline corpora's train split), a text file, None (no calibrated
+    options), or a Calibration that calibrate() made for this bundle (benchmarks reuse one for several
+    schemes). `options`: scheme()'s. Other graphs are copied."""
+    made = calibration if isinstance(calibration, Calibration) else None
+    sch = check_options(quant, A.CORPORA if made else calibration, calibration_tokens, **options)
     b = bundle_mod.load(Path(src), verify=False)
     entry = b.graph("target")
     if entry.quant != "fp32":
@@ -412,15 +279,67 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
                            "quantize an fp32 bundle")
     target_files = {entry.path.name, entry.path.name + ".data"}
     with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
-        quantize_graph(entry.path, tmp / "target.onnx", quant, progress=progress, **options)
+        calib = made
+        if sch is not None and calibration is not None and made is None:
+            calib = calibrate(b, entry.path, sch, calibration, calibration_tokens or CALIBRATION_TOKENS, tmp,
+                              progress)
+        quantize_graph(entry.path, tmp / "target.onnx", quant, calibration=calib, progress=progress, **options)
         for rel in b.manifest["files"]:
             if rel not in target_files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(b.dir / rel, tmp / rel)
         manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "schema_version", "files")}
-        sch = scheme(quant, **options)
+        if sch is not None and calib is not None:
+            sch = replace(sch, calibration=calib.source)
         manifest["graphs"] = {**manifest["graphs"], "target": {
             **manifest["graphs"]["target"], "file": "target.onnx", "quant": quant,
             **({"quantization": sch.to_json()} if sch else {})}}
         bundle_mod.write_manifest(tmp, manifest)
     return Path(out)
+
+
+def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibration_tokens: int | None = None,
+                  **options) -> Scheme | None:
+    """Every quantization option checked (one error naming the flag), before any work is done."""
+    if quant in ("fp32", "fp16"):
+        given = [k for k, v in dict(options, calibration_tokens=calibration_tokens).items() if v not in (None, ())]
+        if calibration is not None and str(calibration) != A.CORPORA:
+            given.insert(0, "calibration")
+        if given:
+            raise EdgemtpError(f"--{given[0].replace('_', '-')} applies to --quant int8 / int4 only")
+    if calibration_tokens is not None and calibration_tokens < A.WINDOW // 4:
+        raise EdgemtpError(f"--calibration-tokens {calibration_tokens} must be at least {A.WINDOW // 4}")
+    if calibration is not None and str(calibration) != A.CORPORA and not Path(calibration).is_file():
+        raise EdgemtpError(f"--calibration {calibration}: no such file (a text file, corpora or none)")
+    return scheme(quant, calibrated=calibration is not None, **options)
+
+
+def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, progress: Progress | None) -> Calibration:
+    """Token order of the calibration text, and (when the scheme needs them) activation statistics from
+    an int8 copy of the graph: 8-bit activations match fp32's to ~0.1%, and an int8 graph of E2B fits in
+    RAM where its fp32 graph (18 GB) does not."""
+    from tokenizers import Tokenizer
+
+    text = A.calibration_text(source)
+    ids = text.token_ids(Tokenizer.from_file(str(b.tokenizer_path)))
+    vocab = b.target_contract.vocab_size
+    counts = A.token_counts(ids, vocab)
+    order = np.lexsort((np.arange(vocab), -counts))
+    stats: dict = {}
+    if sch.needs_activations:
+        model = load_fp32_graph(graph)
+        sources = activation_sources(model.graph)
+        wanted = {s: sch.gptq for s in dict.fromkeys(sources.values())}
+        with tempfile.TemporaryDirectory(prefix=".calibration-", dir=work.parent) as d:
+            path = Path(d) / "calibration.onnx"
+            quantize_graph(graph, path, "int8", calibration=None, extra_outputs=tuple(wanted), two_pass="none")
+            from ..runtime.session import make_session
+
+            session = make_session(path, "cpu", None)
+            windows = A.token_windows(ids, min(A.WINDOW, b.target_contract.capacity), -(-tokens // A.WINDOW),
+                                      b.model.get("bos_token_id"))
+            stats = A.collect(session, b.target_contract, windows, wanted, progress, max_hessian=GPTQ_MAX_K)
+            del session
+    return Calibration(stats, order, text.source)
+
+

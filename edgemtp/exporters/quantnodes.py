@@ -1,0 +1,147 @@
+"""ONNX nodes of the quantized target graph: MatMulNBits, GatherBlockQuantized, and the small subgraphs
+around them (two-pass activations, a head or table split into row parts, activation smoothing).
+
+Every function returns a list of nodes; tensor names derive from the replaced node's name, so a graph
+rewrite stays a pure function of (graph, packed weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .builder import MS_DOMAIN
+
+ACT_LEVELS = 127.0  # MLAS' int8 activation grid at accuracy level 4: q = round(x * 127 / max|x|) per block
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One block-quantized matrix [n, k] in MatMulNBits layout, as initializer names."""
+
+    data: str  # uint8 [n, kb, block*bits/8]
+    scales: str  # fp32 [n, kb]
+    zero_points: str | None  # uint8 [n, ceil(kb*bits/8)] (MatMulNBits' packing)
+    gather_zero_points: str | None  # uint8 [n, kb, 1] (GatherBlockQuantized: one per block)
+    bits: int
+    block: int
+    n: int
+    k: int
+
+
+def const(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], name=name + "_c", value=onnx.numpy_helper.from_array(value, name))
+
+
+def matmul_nbits(x: str, p: Packed, out: str, name: str, accuracy_level: int) -> onnx.NodeProto:
+    """x [.., k] @ W^T -> [.., n]."""
+    attrs = dict(K=p.k, N=p.n, bits=p.bits, block_size=p.block)
+    if accuracy_level:  # 0 is "unset": leave the attribute out, as ORT's quantizer does
+        attrs["accuracy_level"] = accuracy_level
+    inputs = [x, p.data, p.scales] + ([p.zero_points] if p.zero_points else [])
+    return helper.make_node("MatMulNBits", inputs, [out], name=name, domain=MS_DOMAIN, **attrs)
+
+
+def gather_rows(p: Packed, ids: str, out: str, name: str) -> list[onnx.NodeProto]:
+    """Rows `ids` [..] of the packed table -> [.., k]. Its MatMulNBits scales [n, kb] serve as
+    GatherBlockQuantized's [n, kb, 1] through an Unsqueeze (folded when the session loads)."""
+    blocks = out + ".blocks"  # [.., kb, block]
+    scales = out + ".scales"
+    nodes = [const(name + ".axis2", np.array([2], np.int64)),
+             helper.make_node("Unsqueeze", [p.scales, name + ".axis2"], [scales], name=name + "_s"),
+             helper.make_node("GatherBlockQuantized", [p.data, ids, scales] + (
+                 [p.gather_zero_points] if p.gather_zero_points else []), [blocks], name=name, domain=MS_DOMAIN,
+                 gather_axis=0, quantize_axis=2, block_size=p.block, bits=p.bits),
+             # [B, S, kb, block] -> [B, S, k] (Reshape's 0 keeps an axis)
+             const(name + ".shape", np.array([0, 0, p.k], np.int64)),
+             helper.make_node("Reshape", [blocks, name + ".shape"], [out], name=name + "_r")]
+    return nodes
+
+
+def two_pass(x: str, k: int, block: int, name: str) -> tuple[str, list[onnx.NodeProto]]:
+    """x [.., k] -> [2 * d0, .., k]: x rounded onto MLAS' own int8 activation grid, then the rounding
+    residual, stacked on the first axis (a product's two halves are then added by sum_halves).
+
+    MatMulNBits at accuracy level 4 rounds each activation block to int8, which costs the head ~2% of
+    its top-1 agreement on Gemma (a few hidden channels are ~15x the median, coarsening their blocks).
+    The first half is already on that grid (exact in its int8 pass); the residual, ~1/254 of it, is
+    rounded by the second pass: with the two products added, activations carry ~15 bits."""
+    n = lambda s: f"{name}.{s}"  # noqa: E731
+    nodes = [const(n("blocks_shape"), np.array([-1, k // block, block], np.int64)),
+             const(n("levels"), np.array(ACT_LEVELS, np.float32)),
+             const(n("tiny"), np.array(1e-30, np.float32)),
+             const(n("axis"), np.array([-1], np.int64))]
+    ops = [("Shape", [x], n("shape")), ("Reshape", [x, n("blocks_shape")], n("xb")), ("Abs", [n("xb")], n("abs")),
+           ("ReduceMax", [n("abs"), n("axis")], n("amax")), ("Max", [n("amax"), n("tiny")], n("amax_safe")),
+           ("Div", [n("levels"), n("amax_safe")], n("inv")), ("Mul", [n("xb"), n("inv")], n("scaled")),
+           ("Round", [n("scaled")], n("q")), ("Div", [n("q"), n("inv")], n("hi_b")),
+           ("Sub", [n("xb"), n("hi_b")], n("lo_b")), ("Reshape", [n("hi_b"), n("shape")], n("hi")),
+           ("Reshape", [n("lo_b"), n("shape")], n("lo")), ("Concat", [n("hi"), n("lo")], n("out"))]
+    for op, ins, out in ops:
+        attrs = {"keepdims": 1} if op == "ReduceMax" else {"axis": 0} if op == "Concat" else {}
+        nodes.append(helper.make_node(op, ins, [out], name=out + "_n", **attrs))
+    return n("out"), nodes
+
+
+def sum_halves(y: str, out: str, name: str) -> list[onnx.NodeProto]:
+    """[2 * d0, .., n] -> [d0, .., n]: the two passes' products added."""
+    halves = [name + ".a", name + ".b"]
+    return [helper.make_node("Split", [y], halves, name=name + "_split", axis=0, num_outputs=2),
+            helper.make_node("Add", halves, [out], name=name + "_add")]
+
+
+def head(x: str, parts: list[Packed], out: str, name: str, accuracy_level: int, two_pass_block: int | None,
+         inverse_order: str | None) -> list[onnx.NodeProto]:
+    """x [m, k] -> logits [m, V] through the row parts of the table (in table order), then back into
+    vocabulary order when the rows were permuted (`inverse_order`: vocab id -> table row)."""
+    nodes: list[onnx.NodeProto] = []
+    if two_pass_block:
+        x, sub = two_pass(x, parts[0].k, two_pass_block, name + ".act")
+        nodes += sub
+    ys = [f"{name}.part{i}" for i in range(len(parts))]
+    nodes += [matmul_nbits(x, p, y, f"{name}_q{i}", accuracy_level) for i, (p, y) in enumerate(zip(parts, ys))]
+    y = ys[0]
+    if len(parts) > 1:
+        y = name + ".rows"
+        nodes.append(helper.make_node("Concat", ys, [y], name=name + "_cat", axis=-1))
+    if two_pass_block:
+        nodes += sum_halves(y, name + ".summed", name + "_passes")
+        y = name + ".summed"
+    if inverse_order:
+        nodes.append(helper.make_node("Gather", [y, inverse_order], [name + ".vocab"], name=name + "_order", axis=-1))
+        y = name + ".vocab"
+    nodes.append(helper.make_node("Identity", [y], [out], name=name + "_out"))
+    return nodes
+
+
+def table_gather(ids: str, parts: list[Packed], out: str, name: str, row_of: str | None) -> list[onnx.NodeProto]:
+    """ids [..] -> embeddings [.., k] from a table stored as row parts (the first `parts[0].n` rows of
+    the permuted table, then the rest): each part gathers its own rows, Where picks per token."""
+    if len(parts) == 1:
+        return gather_rows(parts[0], ids, out, name)
+    first = parts[0].n
+    n = lambda s: f"{name}.{s}"  # noqa: E731
+    nodes = [helper.make_node("Gather", [row_of, ids], [n("row")], name=n("row_n"), axis=0),
+             const(n("first"), np.array(first, np.int64)), const(n("last"), np.array(first - 1, np.int64)),
+             const(n("zero"), np.array(0, np.int64)), const(n("axis"), np.array([-1], np.int64)),
+             helper.make_node("Less", [n("row"), n("first")], [n("in_first")], name=n("less")),
+             helper.make_node("Min", [n("row"), n("last")], [n("row0")], name=n("min")),
+             helper.make_node("Sub", [n("row"), n("first")], [n("shifted")], name=n("sub")),
+             helper.make_node("Max", [n("shifted"), n("zero")], [n("row1")], name=n("max")),
+             helper.make_node("Unsqueeze", [n("in_first"), n("axis")], [n("pick")], name=n("unsq"))]
+    nodes += gather_rows(parts[0], n("row0"), n("x0"), name + "_g0")
+    nodes += gather_rows(parts[1], n("row1"), n("x1"), name + "_g1")
+    nodes.append(helper.make_node("Where", [n("pick"), n("x0"), n("x1")], [out], name=n("where")))
+    return nodes
+
+
+def smooth(x: str, inverse_scale: str, out: str, name: str) -> onnx.NodeProto:
+    """x / s per input channel (the weights were multiplied by s): SmoothQuant / AWQ's reparametrisation."""
+    return helper.make_node("Mul", [x, inverse_scale], [out], name=name)
+
+
+def index_tensor(name: str, values: np.ndarray) -> TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray(values, np.int64), name)

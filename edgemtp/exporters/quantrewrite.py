@@ -1,0 +1,264 @@
+"""The graph rewrite behind quantize_graph(): which weight becomes what, written one weight at a time.
+
+MatMul -> MatMulNBits (optionally behind a smoothing Mul and two-pass activations), the head Gemm ->
+MatMulNBits over the table's row parts, Gather -> GatherBlockQuantized over the same parts. Weights
+are packed as they are read (row chunks for the big tables) and streamed to the new data file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..errors import EdgemtpError
+from . import quantnodes as QN
+from .blockquant import quantize_chunks, unpack
+from .builder import _align, _set_external
+
+
+class Sink:
+    """Appends tensors to the new external-data file; returns their (data-less) TensorProtos."""
+
+    def __init__(self, f, location: str):
+        self.f, self.location = f, location
+
+    def write(self, name: str, arr: np.ndarray) -> TensorProto:
+        return self.stream(name, arr.dtype, arr.shape, [arr])
+
+    def stream(self, name: str, dtype, shape: tuple, chunks) -> TensorProto:
+        """A tensor written chunk by chunk (chunks of leading-axis rows, in order)."""
+        offset = _align(self.f)
+        for c in chunks:
+            self.f.write(memoryview(np.ascontiguousarray(c, dtype).reshape(-1)).cast("B"))
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
+        _set_external(t, self.location, offset, self.f.tell() - offset)
+        return t
+
+
+def is_weight(name: str, inits: dict) -> bool:
+    t = inits.get(name)
+    return t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+
+
+def role(node: onnx.NodeProto, inits: dict) -> tuple[str, str] | None:
+    """('matmul' | 'head' | 'gather', weight name) for a node we know how to quantize."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "MatMul" and is_weight(node.input[1], inits):
+        return "matmul", node.input[1]
+    if (node.op_type == "Gemm" and len(node.input) == 2 and is_weight(node.input[1], inits)
+            and attrs.get("transB") == 1 and not attrs.get("transA") and attrs.get("alpha", 1.0) == 1.0):
+        return "head", node.input[1]
+    if node.op_type == "Gather" and attrs.get("axis", 0) == 0 and is_weight(node.input[0], inits):
+        return "gather", node.input[0]
+    return None
+
+
+def activation_sources(g: onnx.GraphProto) -> dict[str, str]:
+    """Input of each quantizable MatMul / head -> the tensor its statistics are taken from: itself, or
+    for the head the full-length tensor before the Slice / Reshape that keep the last positions."""
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    out = {}
+    for n in g.node:
+        r = role(n, inits)
+        if r and r[0] != "gather":
+            x = n.input[0]
+            while x in producer and producer[x].op_type in ("Reshape", "Slice", "Identity"):
+                x = producer[x].input[0]
+            out[n.input[0]] = x
+    return out
+
+
+class Rewrite:
+    """One pass over the initializers (packing the quantized ones), then one over the nodes."""
+
+    def __init__(self, g: onnx.GraphProto, read, sink: Sink, sch, calib, progress):
+        self.g, self.read, self.sink, self.sch, self.calib, self.progress = g, read, sink, sch, calib, progress
+        self.inits = {t.name: t for t in g.initializer}
+        self.sources = activation_sources(g)
+        self.new_inits: list[TensorProto] = []
+        self.emit: dict[tuple[str, str], Callable] = {}  # (weight, kind) -> node -> replacement nodes
+        self.shared: dict[str, str] = {}  # cache of per-activation subgraph outputs (smoothing, two-pass)
+
+    def run(self) -> None:
+        roles = [role(n, self.inits) for n in self.g.node]
+        # GatherBlockQuantized wants whole blocks along the row: otherwise that Gather stays fp32
+        roles = [None if r and r[0] == "gather" and self.inits[r[1]].dims[1] % self.sch.head_block_size else r
+                 for r in roles]
+        uses: dict[str, dict[str, list]] = {}
+        float_users = set()
+        for node, r in zip(self.g.node, roles):
+            for name in node.input:
+                if r is not None and name == r[1]:
+                    uses.setdefault(name, {}).setdefault(r[0], []).append(node)
+                elif name in self.inits:
+                    float_users.add(name)
+        for i, t in enumerate(list(self.g.initializer)):
+            if t.name in uses:
+                self._weight(t, uses[t.name])
+            if t.name not in uses or t.name in float_users:
+                self.new_inits.append(self.sink.write(t.name, self.read(t)) if t.data_location ==
+                                      TensorProto.EXTERNAL else t)
+            if self.progress:
+                self.progress(i + 1, len(self.inits), t.name)
+        nodes = []
+        for n, r in zip(self.g.node, roles):
+            nodes += [n] if r is None else self.emit[r[1], r[0]](n)
+        replace_all(self.g, self.new_inits, nodes)
+
+    # ------------------------------------------------------------------------------- weights
+
+    def _weight(self, t: TensorProto, uses: dict[str, list]) -> None:
+        if "matmul" in uses:
+            self._matmul(t, uses["matmul"])
+        if uses.keys() & {"head", "gather"}:
+            self._table(t, uses)
+
+    def _stats(self, x: str):
+        src = self.sources.get(x)
+        return None if self.calib is None or src is None else self.calib.stats.get(src)
+
+    def _matmul(self, t: TensorProto, users: list) -> None:
+        """W [K, N] (stored for x @ W) -> MatMulNBits over W^T's rows."""
+        sch, (k, n) = self.sch, t.dims
+        bits, block = sch.bits_for("matmul", t.name), sch.block_for("matmul")
+        xs = {u.input[0] for u in users}
+        st = self._stats(next(iter(xs))) if len(xs) == 1 else None
+        s = smoothing_scale(st.amax, sch.smooth) if st is not None and sch.smooth > 0 else None
+        w = self.read(t).T  # [N, K]
+        if s is not None:
+            w = w * s[None, :]
+        importance = hessian = None
+        if st is not None:
+            importance = st.mean_square if s is None else st.mean_square / s ** 2
+            if sch.gptq and st.hessian is not None:
+                hessian = st.hessian if s is None else st.hessian / np.outer(s, s)
+        p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
+        level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4 and k % block == 0
+
+        def emit(node):
+            nodes, x = [], node.input[0]
+            if s is not None:
+                x = self._once(x + ".smoothed", nodes, lambda out: [
+                    QN.smooth(node.input[0], self._const(out + ".inv_s", (1.0 / s).astype(np.float32)), out,
+                              out + "_n")])
+            if not two:
+                return nodes + [QN.matmul_nbits(x, p, node.output[0], node.name + "_q", level)]
+            x2 = self._once(f"{x}.two_pass{block}", nodes, lambda out: QN.two_pass(x, k, block, out))
+            y = node.output[0] + ".passes"
+            return nodes + [QN.matmul_nbits(x2, p, y, node.name + "_q", level)] + \
+                QN.sum_halves(y, node.output[0], node.name + "_sum")
+        self.emit[t.name, "matmul"] = emit
+
+    def _table(self, t: TensorProto, uses: dict[str, list]) -> None:
+        """A head and/or embedding table [V, K]: one or two row parts (the frequent rows at 8 bits)."""
+        sch, calib, (v, k) = self.sch, self.calib, t.dims
+        kind = "head" if "head" in uses else "gather"
+        bits, block = sch.bits_for(kind, t.name), sch.block_for(kind)
+        st = self._stats(uses["head"][0].input[0]) if "head" in uses else None
+        importance = None if st is None else st.mean_square
+        hessian = st.hessian if st is not None and sch.gptq else None
+        gather = "gather" in uses
+        r = sch.frequent_rows if "head" in uses and bits < 8 and calib is not None and calib.order is not None else 0
+        if 0 < r < v:
+            first, rest = np.sort(calib.order[:r]), np.sort(calib.order[r:])
+            parts = [self.pack(t.name + ".frequent", lambda a, b: self.read.take(t, first[a:b]), r, k, 8, block,
+                               importance, hessian, gather),
+                     self.pack(t.name + ".rest", lambda a, b: self.read.take(t, rest[a:b]), v - r, k, bits, block,
+                               importance, hessian, gather)]
+            row_of = np.empty(v, np.int64)
+            row_of[first], row_of[rest] = np.arange(r), np.arange(r, v)
+            order = self._const(t.name + ".row_of", row_of)
+        else:
+            parts = [self.pack(t.name, lambda a, b: self.read.rows(t, a, b), v, k, bits, block, importance, hessian,
+                               gather)]
+            order = None
+        two = block if sch.two_pass != "none" and sch.accuracy_level == 4 and k % block == 0 else None
+        self.emit[t.name, "head"] = lambda node: QN.head(node.input[0], parts, node.output[0], node.name,
+                                                          sch.accuracy_level, two, order)
+        self.emit[t.name, "gather"] = lambda node: QN.table_gather(node.input[1], parts, node.output[0], node.name,
+                                                                   order)
+
+    def pack(self, name: str, rows, n: int, k: int, bits: int, block: int, importance, hessian,
+             gather: bool) -> QN.Packed:
+        """Quantize rows(start, stop) of an [n, k] matrix chunk by chunk, streaming the packed data."""
+        sym = self.sch.symmetric_for(bits)
+        scales, zps = [], []
+
+        def packed():
+            for q, s, z in quantize_chunks(rows, n, k, bits, block, sym, importance=importance, hessian=hessian):
+                scales.append(s)
+                zps.append(z)
+                yield q
+        kb = -(-k // block)
+        data = self.sink.stream(f"{name}.q{bits}b{block}", np.uint8, (n, kb, block * bits // 8), packed())
+        self.new_inits.append(data)
+        s = self.sink.write(f"{name}.q{bits}b{block}.scales", np.concatenate(scales))
+        self.new_inits.append(s)
+        zp = gzp = None
+        if not sym:
+            z = np.concatenate(zps)
+            self.new_inits.append(self.sink.write(f"{name}.q{bits}b{block}.zero_points", z))
+            zp = self.new_inits[-1].name
+            if gather:
+                g = unpack(z, bits, kb)[..., None].astype(np.uint8)
+                self.new_inits.append(self.sink.write(f"{name}.q{bits}b{block}.gather_zero_points", g))
+                gzp = self.new_inits[-1].name
+        return QN.Packed(data.name, s.name, zp, gzp, bits, block, n, k)
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _const(self, name: str, value: np.ndarray) -> str:
+        self.new_inits.append(self.sink.write(name, value))
+        return name
+
+    def _once(self, key: str, nodes: list, make: Callable[[str], list]) -> str:
+        """A subgraph shared by every consumer of one activation, emitted before its first consumer."""
+        if key not in self.shared:
+            made = make(key)
+            if isinstance(made, tuple):  # (output, nodes)
+                self.shared[key], made = made
+            else:
+                self.shared[key] = key
+            nodes += made
+        return self.shared[key]
+
+
+def smoothing_scale(amax: np.ndarray, alpha: float) -> np.ndarray:
+    """s = max|x|^alpha per channel, geometric mean 1 (channels never seen non-zero keep s = 1)."""
+    live = amax > 0
+    s = np.ones_like(amax, dtype=np.float64)
+    s[live] = amax[live].astype(np.float64) ** alpha
+    s[live] /= np.exp(np.log(s[live]).mean())
+    return s.astype(np.float32)
+
+
+def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress) -> None:
+    """fp32: copy. fp16: matrices stored fp16, cast back to fp32 by a Cast that ORT folds at load."""
+    casts, new_inits = [], []
+    n = len(g.initializer)
+    for i, t in enumerate(list(g.initializer)):
+        if t.data_location != TensorProto.EXTERNAL:
+            new_inits.append(t)
+        elif quant == "fp16" and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
+            half = read(t).astype(np.float16)
+            if not np.isfinite(half).all():
+                raise EdgemtpError(f"weight '{t.name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
+            new_inits.append(sink.write(t.name + ".fp16", half))
+            casts.append(helper.make_node("Cast", [t.name + ".fp16"], [t.name], name=t.name + ".cast",
+                                          to=TensorProto.FLOAT))
+        else:
+            new_inits.append(sink.write(t.name, read(t)))
+        if progress:
+            progress(i + 1, n, t.name)
+    replace_all(g, new_inits, casts + list(g.node))
+
+
+def replace_all(g: onnx.GraphProto, inits: list, nodes: list) -> None:
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    del g.node[:]
+    g.node.extend(nodes)
