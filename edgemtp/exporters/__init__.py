@@ -52,20 +52,18 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
     standard ops only) instead of the dynamic ONNX Runtime graph; W = K + 1 for speculative K.
     `drafter`: a drafter directory (ours or a Gemma 4 assistant checkpoint), AUTO (the shipped drafter
-    recognised by the model's weights, fp32 dynamic bundles only for now) or None.
+    recognised by the model's weights; dynamic bundles only) or None. A quantized bundle's drafter keeps
+    its own weights in fp32 and reads the target's quantized embedding table.
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
     if drafter == AUTO:
-        drafter = shipped_drafter(model_dir) if quant == "fp32" and static_window is None else None
+        drafter = shipped_drafter(model_dir) if static_window is None else None
     if quant != "fp32":
-        if drafter is not None:
-            raise EdgemtpError("--drafter with --quant: attach the drafter to an fp32 bundle for now "
-                               "(the drafter shares the target's fp32 embedding)")
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
-                                 quant_options or {})
+                                 quant_options or {}, drafter, drafter_top_k)
     if quant_options:
         raise EdgemtpError(f"--{next(iter(quant_options)).replace('_', '-')} applies to --quant int8 / int4 only")
     if capacity < 2:
@@ -129,7 +127,8 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None):
     return write_graphs
 
 
-def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window, options) -> Path:
+def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window, options, drafter,
+                      drafter_top_k) -> Path:
     """fp32 export into a scratch directory, then the quantizer rewrites it into `out` (atomically)."""
     import tempfile
 
@@ -143,7 +142,8 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
-        fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress)
+        fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
+                      drafter_top_k=drafter_top_k)
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 
 

@@ -50,7 +50,7 @@ from ..calibration import activations as A
 from ..errors import EdgemtpError
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
 from .builder import MS_DOMAIN
-from .quantrewrite import Rewrite, Sink, activation_sources, rewrite_float
+from .quantrewrite import Rewrite, Shared, Sink, activation_sources, rewrite_float
 
 __all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "quantize_bundle", "calibrate",
            "quantize_rows", "dequantize_rows"]
@@ -106,6 +106,7 @@ PRESETS = {
     "int4": dict(bits=8, head_bits=4, embed_bits=4, block_size=32, head_block_size=32, frequent_rows=32768,
                  gptq=True, two_pass="head", smooth=0.0),
 }
+CALIBRATED = ("frequent_rows", "gptq", "smooth")  # the options that need calibration activations
 CALIBRATION_TOKENS = 8192  # default: positions whose activations calibrate GPTQ and smoothing
 # GPTQ needs each input's second moment [K, K]: wider inputs (E2B's 12,288-wide MLP: 0.6 GB each, 20 of
 # them) keep the importance-weighted grid search instead
@@ -164,35 +165,44 @@ class Calibration:
 
 
 def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration | None = None,
-                   extra_outputs: tuple[str, ...] = (), progress: Progress | None = None, **options) -> list[str]:
+                   extra_outputs: tuple[str, ...] = (), progress: Progress | None = None,
+                   shared: Shared | None = None, drafter: bool = False, **options) -> list[str]:
     """Write the `quant` version of the fp32 target graph `src` (+ `.data`) to `dst` (+ `.data`).
 
     `options`: scheme()'s. `extra_outputs`: tensors to add as graph outputs (calibration runs).
+    `shared`: what the bundle's earlier graphs made of their tensors (see quantrewrite.Shared).
+    `drafter`: src is a drafter graph: its own weights stay fp32, the tables it reads from the target
+    (the embedding) are the target's quantized ones, in the target's data file (so quantize the
+    target first, with the same `shared`).
     Returns the file names written, relative to `dst`'s directory."""
     sch = scheme(quant, calibrated=calibration is not None, **options)
     if sch is not None and calibration is not None:
         sch = replace(sch, calibration=calibration.source)
     src, dst = Path(src), Path(dst)
-    model = load_fp32_graph(src)
+    model = load_fp32_graph(src, drafter)
     if dst.resolve() == src.resolve():
         raise EdgemtpError(f"{dst}: is the source graph (write the quantized graph elsewhere)")
     data_name = dst.name + ".data"
     with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
         sink = Sink(f, data_name)
         if sch is not None:
-            Rewrite(model.graph, read, sink, sch, calibration, progress).run()
+            Rewrite(model.graph, read, sink, sch, calibration, progress, shared, only_shared=drafter).run()
         else:
-            rewrite_float(model.graph, read, sink, quant, progress)
+            rewrite_float(model.graph, read, sink, quant, progress, shared)
     if sch is not None and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in extra_outputs)
     helper.set_model_props(model, {QUANT_KEY: quant, **({SCHEME_KEY: json.dumps(sch.to_json())} if sch else {})})
     onnx.save(model, str(dst))
+    if (dst.parent / data_name).stat().st_size == 0:  # every weight lives in another graph's file
+        (dst.parent / data_name).unlink()
+        return [dst.name]
     return [dst.name, data_name]
 
 
-def load_fp32_graph(src: Path) -> onnx.ModelProto:
-    """The graph proto (weights left on disk), refusing anything but an fp32 target graph of ours."""
+def load_fp32_graph(src: Path, drafter: bool = False) -> onnx.ModelProto:
+    """The graph proto (weights left on disk), refusing anything but an fp32 target (or drafter) graph of
+    ours."""
     try:
         model = onnx.load(str(src), load_external_data=False)
     except FileNotFoundError:
@@ -200,8 +210,10 @@ def load_fp32_graph(src: Path) -> onnx.ModelProto:
     except Exception as e:  # a corrupt protobuf raises several types
         raise EdgemtpError(f"{src}: not a valid ONNX file ({type(e).__name__})") from None
     names = {i.name for i in model.graph.input}
-    if model.producer_name != "edgemtp" or not {C.INPUT_IDS, C.SEQLENS_K} <= names:
-        raise EdgemtpError(f"{src}: not a target graph written by edgemtp export (only those can be quantized)")
+    wanted = {C.INPUT_IDS, C.LAST_HIDDEN} if drafter else {C.INPUT_IDS, C.SEQLENS_K}
+    if model.producer_name != "edgemtp" or not wanted <= names:
+        kind = "drafter" if drafter else "target"
+        raise EdgemtpError(f"{src}: not a {kind} graph written by edgemtp export (only those can be quantized)")
     props = {p.key: p.value for p in model.metadata_props}
     if props.get(QUANT_KEY, "fp32") != "fp32":
         raise EdgemtpError(f"{src}: already quantized ({props[QUANT_KEY]}); quantize the fp32 graph instead")
@@ -269,7 +281,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
 
     `calibration`: A.CORPORA (the offline corpora's train split), a text file, None (no calibrated
     options), or a Calibration that calibrate() made for this bundle (benchmarks reuse one for several
-    schemes). `options`: scheme()'s. Other graphs are copied."""
+    schemes). `options`: scheme()'s. Drafter graphs read the target's quantized table in place and
+    keep their own (small) weights (int8 / int4: in fp32; fp16: in fp16); other files are copied."""
     made = calibration if isinstance(calibration, Calibration) else None
     sch = check_options(quant, A.CORPORA if made else calibration, calibration_tokens, **options)
     b = bundle_mod.load(Path(src), verify=False)
@@ -277,23 +290,34 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
     if entry.quant != "fp32":
         raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: target graph is already {entry.quant}; "
                            "quantize an fp32 bundle")
-    target_files = {entry.path.name, entry.path.name + ".data"}
+    # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
+    drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
+    done = {f for name in ["target", *drafters] for f in (b.graph(name).path.name, b.graph(name).path.name + ".data")}
     with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
         calib = made
         if sch is not None and calibration is not None and made is None:
             calib = calibrate(b, entry.path, sch, calibration, calibration_tokens or CALIBRATION_TOKENS, tmp,
                               progress)
-        quantize_graph(entry.path, tmp / "target.onnx", quant, calibration=calib, progress=progress, **options)
+        shared = Shared()
+        quantize_graph(entry.path, tmp / "target.onnx", quant, calibration=calib, progress=progress, shared=shared,
+                       **options)
+        own = {k: v for k, v in options.items() if k not in CALIBRATED}  # a drafter quantizes no weight of its own
+        for name in drafters:
+            path = b.graph(name).path
+            quantize_graph(path, tmp / path.name, quant, shared=shared, drafter=True, **own)
         for rel in b.manifest["files"]:
-            if rel not in target_files:
+            if rel not in done:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(b.dir / rel, tmp / rel)
         manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "schema_version", "files")}
         if sch is not None and calib is not None:
             sch = replace(sch, calibration=calib.source)
-        manifest["graphs"] = {**manifest["graphs"], "target": {
-            **manifest["graphs"]["target"], "file": "target.onnx", "quant": quant,
-            **({"quantization": sch.to_json()} if sch else {})}}
+        graphs = dict(manifest["graphs"])
+        graphs["target"] = {**graphs["target"], "file": "target.onnx", "quant": quant,
+                            **({"quantization": sch.to_json()} if sch else {})}
+        for name in drafters:  # own weights fp32, the table the target's
+            graphs[name] = {**graphs[name], "quant": quant, "table": "target"}
+        manifest["graphs"] = graphs
         bundle_mod.write_manifest(tmp, manifest)
     return Path(out)
 

@@ -3,11 +3,17 @@
 MatMul -> MatMulNBits (optionally behind a smoothing Mul and two-pass activations), the head Gemm ->
 MatMulNBits over the table's row parts, Gather -> GatherBlockQuantized over the same parts. Weights
 are packed as they are read (row chunks for the big tables) and streamed to the new data file.
+
+Graphs of one bundle share bytes: the drafter's embedding points into the target's data file, the
+full-head twin's weights into the drafter's. `Shared` remembers what each source tensor (by its
+location, offset and length) became, so the next graph points at the same new bytes instead of
+writing a second copy: the drafter reads the target's quantized table.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -36,6 +42,41 @@ class Sink:
         t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
         _set_external(t, self.location, offset, self.f.tell() - offset)
         return t
+
+
+Key = tuple[str, int, int]  # a source tensor's external data: (location, offset, length)
+
+
+@dataclass
+class Table:
+    """A packed table (its row parts, the vocab -> row tensor when split) and the initializers that hold it."""
+
+    parts: list
+    order: str | None
+    protos: list
+
+
+@dataclass
+class Shared:
+    """Source tensor -> what a rewrite made of it: a float tensor (its new proto, and whether a Cast from
+    fp16 stands before it) or a packed Table. One Shared goes through every graph of a bundle."""
+
+    floats: dict = field(default_factory=dict)  # Key -> (TensorProto, cast: bool)
+    tables: dict = field(default_factory=dict)  # Key -> Table
+
+
+def source_key(t: TensorProto) -> Key | None:
+    if t.data_location != TensorProto.EXTERNAL:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    return info["location"], int(info.get("offset", 0)), int(info.get("length", -1))
+
+
+def renamed(t: TensorProto, name: str) -> TensorProto:
+    out = TensorProto()
+    out.CopyFrom(t)
+    out.name = name
+    return out
 
 
 def is_weight(name: str, inits: dict) -> bool:
@@ -75,19 +116,28 @@ def activation_sources(g: onnx.GraphProto) -> dict[str, str]:
 class Rewrite:
     """One pass over the initializers (packing the quantized ones), then one over the nodes."""
 
-    def __init__(self, g: onnx.GraphProto, read, sink: Sink, sch, calib, progress):
+    def __init__(self, g: onnx.GraphProto, read, sink: Sink, sch, calib, progress, shared: Shared | None = None,
+                 only_shared: bool = False):
+        """`shared`: what earlier graphs of the bundle made of their tensors (reused, and added to);
+        `only_shared`: quantize no weight of this graph but tables an earlier graph packed (a drafter
+        keeps its own small weights in fp32 and reads the target's table)."""
         self.g, self.read, self.sink, self.sch, self.calib, self.progress = g, read, sink, sch, calib, progress
+        self.shared, self.only_shared = shared if shared is not None else Shared(), only_shared
         self.inits = {t.name: t for t in g.initializer}
         self.sources = activation_sources(g)
         self.new_inits: list[TensorProto] = []
         self.emit: dict[tuple[str, str], Callable] = {}  # (weight, kind) -> node -> replacement nodes
-        self.shared: dict[str, str] = {}  # cache of per-activation subgraph outputs (smoothing, two-pass)
+        self.once: dict[str, str] = {}  # cache of per-activation subgraph outputs (smoothing, two-pass)
+        self._parts: dict[str, list] = {}
+        self._orders: dict[str, str | None] = {}
 
     def run(self) -> None:
         roles = [role(n, self.inits) for n in self.g.node]
         # GatherBlockQuantized wants whole blocks along the row: otherwise that Gather stays fp32
         roles = [None if r and r[0] == "gather" and self.inits[r[1]].dims[1] % self.sch.head_block_size else r
                  for r in roles]
+        if self.only_shared:
+            roles = [r if r and self._table_of(self.inits[r[1]]) else None for r in roles]
         uses: dict[str, dict[str, list]] = {}
         float_users = set()
         for node, r in zip(self.g.node, roles):
@@ -100,8 +150,7 @@ class Rewrite:
             if t.name in uses:
                 self._weight(t, uses[t.name])
             if t.name not in uses or t.name in float_users:
-                self.new_inits.append(self.sink.write(t.name, self.read(t)) if t.data_location ==
-                                      TensorProto.EXTERNAL else t)
+                self.new_inits.append(self._float(t))
             if self.progress:
                 self.progress(i + 1, len(self.inits), t.name)
         nodes = []
@@ -111,11 +160,38 @@ class Rewrite:
 
     # ------------------------------------------------------------------------------- weights
 
+    def _float(self, t: TensorProto) -> TensorProto:
+        """t copied to the new data file, or pointing at the copy an earlier graph already wrote."""
+        key = source_key(t)
+        if key is None:
+            return t
+        made = self.shared.floats.get(key)
+        if made is not None and not made[1]:
+            return renamed(made[0], t.name)
+        new = self.sink.write(t.name, self.read(t))
+        self.shared.floats[key] = (new, False)
+        return new
+
+    def _table_of(self, t: TensorProto) -> Table | None:
+        key = source_key(t)
+        return None if key is None else self.shared.tables.get(key)
+
     def _weight(self, t: TensorProto, uses: dict[str, list]) -> None:
         if "matmul" in uses:
             self._matmul(t, uses["matmul"])
         if uses.keys() & {"head", "gather"}:
+            table = self._table_of(t)
+            if table is not None and ("gather" not in uses or all(p.zero_points is None or p.gather_zero_points
+                                                                    for p in table.parts)):
+                have = {x.name for x in self.new_inits}
+                self.new_inits += [x for x in table.protos if x.name not in have]
+                self._emit_table(t.name, table.parts, table.order)
+                return
+            start = len(self.new_inits)
             self._table(t, uses)
+            key = source_key(t)
+            if key is not None:
+                self.shared.tables[key] = Table(self._parts[t.name], self._orders[t.name], self.new_inits[start:])
 
     def _stats(self, x: str):
         src = self.sources.get(x)
@@ -176,11 +252,16 @@ class Rewrite:
             parts = [self.pack(t.name, lambda a, b: self.read.rows(t, a, b), v, k, bits, block, importance, hessian,
                                gather)]
             order = None
+        self._parts[t.name], self._orders[t.name] = parts, order
+        self._emit_table(t.name, parts, order)
+
+    def _emit_table(self, name: str, parts: list, order: str | None) -> None:
+        sch, k, block = self.sch, parts[0].k, parts[0].block
         two = block if sch.two_pass != "none" and sch.accuracy_level == 4 and k % block == 0 else None
-        self.emit[t.name, "head"] = lambda node: QN.head(node.input[0], parts, node.output[0], node.name,
-                                                          sch.accuracy_level, two, order)
-        self.emit[t.name, "gather"] = lambda node: QN.table_gather(node.input[1], parts, node.output[0], node.name,
-                                                                   order)
+        self.emit[name, "head"] = lambda node: QN.head(node.input[0], parts, node.output[0], node.name,
+                                                        sch.accuracy_level, two, order)
+        self.emit[name, "gather"] = lambda node: QN.table_gather(node.input[1], parts, node.output[0], node.name,
+                                                                 order)
 
     def pack(self, name: str, rows, n: int, k: int, bits: int, block: int, importance, hessian,
              gather: bool) -> QN.Packed:
@@ -217,14 +298,14 @@ class Rewrite:
 
     def _once(self, key: str, nodes: list, make: Callable[[str], list]) -> str:
         """A subgraph shared by every consumer of one activation, emitted before its first consumer."""
-        if key not in self.shared:
+        if key not in self.once:
             made = make(key)
             if isinstance(made, tuple):  # (output, nodes)
-                self.shared[key], made = made
+                self.once[key], made = made
             else:
-                self.shared[key] = key
+                self.once[key] = key
             nodes += made
-        return self.shared[key]
+        return self.once[key]
 
 
 def smoothing_scale(amax: np.ndarray, alpha: float) -> np.ndarray:
@@ -236,22 +317,34 @@ def smoothing_scale(amax: np.ndarray, alpha: float) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress) -> None:
-    """fp32: copy. fp16: matrices stored fp16, cast back to fp32 by a Cast that ORT folds at load."""
+def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, shared: Shared | None = None) -> None:
+    """fp32: copy. fp16: matrices stored fp16, cast back to fp32 by a Cast that ORT folds at load.
+    A tensor an earlier graph of the bundle already wrote (`shared`) points at those bytes."""
+    shared = shared if shared is not None else Shared()
     casts, new_inits = [], []
     n = len(g.initializer)
     for i, t in enumerate(list(g.initializer)):
-        if t.data_location != TensorProto.EXTERNAL:
+        key = source_key(t)
+        if key is None:
             new_inits.append(t)
-        elif quant == "fp16" and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
-            half = read(t).astype(np.float16)
-            if not np.isfinite(half).all():
-                raise EdgemtpError(f"weight '{t.name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
-            new_inits.append(sink.write(t.name + ".fp16", half))
+            continue
+        made = shared.floats.get(key)
+        if made is None:
+            if quant == "fp16" and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
+                half = read(t).astype(np.float16)
+                if not np.isfinite(half).all():
+                    raise EdgemtpError(f"weight '{t.name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
+                made = (sink.write(t.name + ".fp16", half), True)
+            else:
+                made = (sink.write(t.name, read(t)), False)
+            shared.floats[key] = made
+        proto, cast = made
+        if cast:
+            new_inits.append(renamed(proto, t.name + ".fp16"))
             casts.append(helper.make_node("Cast", [t.name + ".fp16"], [t.name], name=t.name + ".cast",
                                           to=TensorProto.FLOAT))
         else:
-            new_inits.append(sink.write(t.name, read(t)))
+            new_inits.append(renamed(proto, t.name))
         if progress:
             progress(i + 1, n, t.name)
     replace_all(g, new_inits, casts + list(g.node))
