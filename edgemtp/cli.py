@@ -90,7 +90,10 @@ def quant_options(f):
         click.option("--calibration", default=None, help="Calibration text: corpora (the offline corpora's "
                                                          "train split, default), a text file, or none."),
         click.option("--calibration-tokens", type=int, default=None, help="Tokens of activations to calibrate on "
-                                                                          "(default 8192)."),
+                                                                          "(default 8192; qdq: 64 windows)."),
+        click.option("--activation-bits", type=int, default=None, help="qdq: activation bits, 8 or 16 (default 16)."),
+        click.option("--calibration-method", default=None, help="qdq: activation ranges by minmax (default), "
+                                                                 "entropy or percentile."),
     ]):
         f = opt(f)
     return f
@@ -100,7 +103,8 @@ def quant_options(f):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
 @click.option("--quant", default="fp32", show_default=True,
-              help="Weight format: fp32, fp16, int8 or int4 (weight-only, MatMulNBits).")
+              help="Weight format: fp32, fp16, int8 or int4 (weight-only, MatMulNBits), or qdq (static QDQ "
+                   "graph for NPUs, with --static).")
 @click.option("--max-context", "capacity", default=4096, show_default=True, type=int,
               help="KV capacity (prompt + generated tokens) the bundle is built for.")
 @click.option("--static", "static", is_flag=True,
@@ -128,7 +132,8 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
         options["calibration"] = None
     with progress_bar("writing graph weights") as progress:
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
-               static_window=verify_window if static else None, drafter=chosen, drafter_top_k=draft_top_k,
+               static_window=verify_window if static or quant == "qdq" else None, drafter=chosen,
+               drafter_top_k=draft_top_k,
                quant_options=options)
     click.echo(f"wrote {out}")
 

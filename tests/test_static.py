@@ -218,3 +218,47 @@ def test_cli_static_export_and_generate(models, tmp_path):
                                  "--draft-k", "3"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["tokens"] == dyn.generate(prompt, max_new_tokens=12).tokens
+
+
+def test_export_quant_qdq_cli(models, tmp_path):
+    """`edgemtp export --quant qdq`: a static QDQ bundle calibrated on a text file, that the NPU checker
+    passes and that generates nearly the float static graph's greedy tokens; its options checked."""
+    from click.testing import CliRunner
+
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.cli import cli
+
+    _, model_dir, _, st = models["llama"]
+    rng = np.random.default_rng(4)
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(" ".join(f"t{i}" for i in rng.integers(0, 96, 60)) for _ in range(40)))
+    out = tmp_path / "qdq"
+    run = lambda *a: CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(out), "--max-context",  # noqa: E731
+                                              str(CAPACITY), "--verify-window", str(W), *a])
+    r = run("--quant", "qdq", "--calibration", str(text), "--calibration-tokens", "60")
+    assert r.exit_code == 0, r.output
+    q = bundle_mod.load(out).manifest["graphs"]["target"]
+    assert q["quant"] == "qdq" and q["quantization"]["activation_bits"] == 16
+    assert q["quantization"]["calibration_windows"] == 12 and q["quantization"]["calibration"] == str(text)
+    assert check_graph(out / "target.onnx", "qnn") == []
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx_nodes(out / "target.onnx")}
+    ids = rng.integers(3, 96, size=(1, 30))
+    want, _ = st.target.forward(ids, st.target.new_cache(1), n_logits=30)
+    eng = Engine.load(out, threads=1)
+    got, _ = eng.target.forward(ids, eng.target.new_cache(1), n_logits=30)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    for args, message in ((("--quant", "qdq", "--activation-bits", "4"), "--activation-bits 4 must be 8 or 16"),
+                          (("--quant", "qdq", "--calibration-method", "mse"), "--calibration-method 'mse' must be"),
+                          (("--quant", "qdq", "--calibration", "none"), "--quant qdq needs calibration text"),
+                          (("--quant", "qdq", "--gptq"), "--gptq applies to --quant int8 / int4, not qdq"),
+                          (("--quant", "int4", "--activation-bits", "8"), "--activation-bits applies to --quant qdq")):
+        r = run(*args, "--overwrite")
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+    with pytest.raises(EdgemtpError, match="add --static"):
+        export(model_dir, tmp_path / "x", "qdq", capacity=CAPACITY)
+
+
+def onnx_nodes(path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).graph.node

@@ -12,7 +12,7 @@ from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
 from ..errors import EdgemtpError
 from . import builder, gemma3, llama
 
-QUANTS = ("fp32", "fp16", "int8", "int4")
+QUANTS = ("fp32", "fp16", "int8", "int4", "qdq")  # qdq: static QDQ graphs for NPUs (with --static)
 AUTO = "auto"  # drafter=AUTO: attach the shipped drafter trained for this model, when there is one
 Progress = Callable[[int, int, str], None]
 
@@ -61,6 +61,11 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
     if drafter == AUTO:
         drafter = shipped_drafter(model_dir) if static_window is None else None
+    only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method")]
+    if only_qdq and quant != "qdq":
+        raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
+    if quant == "qdq":
+        return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
     if quant != "fp32":
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
                                  quant_options or {}, drafter, drafter_top_k)
@@ -145,6 +150,63 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
                       drafter_top_k=drafter_top_k)
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
+
+
+QDQ_OPTIONS = ("activation_bits", "calibration_method", "calibration", "calibration_tokens")
+
+
+def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, options) -> Path:
+    """A static fp32 export into a scratch directory, then onnxruntime's static QDQ quantization
+    (8-bit weights per channel, 8- or 16-bit activations) calibrated on real text run through it."""
+    import tempfile
+
+    from ..calibration import activations as A
+    from .qdq import METHODS, WindowReader, quantize_static_qdq
+
+    if static_window is None:
+        raise EdgemtpError("--quant qdq makes static NPU graphs: add --static (and --verify-window K+1)")
+    wrong = [k for k in options if k not in QDQ_OPTIONS]
+    if wrong:
+        raise EdgemtpError(f"--{wrong[0].replace('_', '-')} applies to --quant int8 / int4, not qdq")
+    bits = options.get("activation_bits", 16)
+    method = options.get("calibration_method", "minmax")
+    if bits not in (8, 16):
+        raise EdgemtpError(f"--activation-bits {bits} must be 8 or 16")
+    if method not in METHODS:
+        raise EdgemtpError(f"--calibration-method {method!r} must be one of {', '.join(METHODS)}")
+    source = options.get("calibration", A.CORPORA)
+    if source is None:
+        raise EdgemtpError("--quant qdq needs calibration text (a text file or corpora, not none)")
+    tokens = options.get("calibration_tokens", QDQ_WINDOWS * static_window)
+    if tokens < static_window:
+        raise EdgemtpError(f"--calibration-tokens {tokens} must be at least the verify window ({static_window})")
+    text = A.calibration_text(source, max_chars=QDQ_TEXT_CHARS)
+    if Path(out).exists() and not overwrite:
+        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
+        fp32 = bundle_mod.load(export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress,
+                                      static_window=static_window), verify=False)
+        entry = fp32.graph("target")
+        # short pieces of many documents: the windows come from every part of the text, not one file
+        pieces = [t[i:i + QDQ_PIECE_CHARS] for t in text.texts for i in range(0, len(t), 4 * QDQ_PIECE_CHARS)]
+        reader = WindowReader(entry.path, entry.contract, fp32.tokenizer_path, pieces,
+                              max_windows=max(1, tokens // static_window), per_text=QDQ_WINDOWS_PER_PIECE)
+        with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
+            quantize_static_qdq(entry.path, tmp / "target.onnx", reader, activation_bits=bits, method=method)
+            shutil.copyfile(fp32.tokenizer_path, tmp / "tokenizer.json")
+            target = {**fp32.manifest["graphs"]["target"], "quant": "qdq", "quantization": {
+                "format": "qdq", "weight_bits": 8, "activation_bits": bits, "method": method,
+                "calibration": text.source, "calibration_windows": reader.count}}
+            bundle_mod.write_manifest(tmp, {"model": fp32.model, "tokenizer": "tokenizer.json",
+                                            "graphs": {"target": target}})
+    return Path(out)
+
+
+QDQ_WINDOWS = 64  # calibration samples by default (min-max keeps every sample's activations in memory)
+QDQ_WINDOWS_PER_PIECE = 4
+QDQ_PIECE_CHARS = 400
+QDQ_TEXT_CHARS = 400_000
 
 
 def model_facts(cfg) -> dict:

@@ -101,12 +101,12 @@ class WindowReader:
     """Calibration feeds from real text: each text is tokenized and run through the float static graph
     window by window (StaticTarget); each window's whole input (ids, positions, masks and the cache
     as the float graph filled it) is one sample. At most `max_windows` samples (min-max keeps every
-    sample's intermediate tensors in memory until the end).
+    sample's intermediate tensors in memory until the end), at most `per_text` from each text.
 
     Implements onnxruntime's CalibrationDataReader protocol (get_next() -> feed dict or None)."""
 
     def __init__(self, model_path: Path, contract: dict, tokenizer, texts: Iterable[str],
-                 max_windows: int = 64, threads: int | None = None):
+                 max_windows: int = 64, threads: int | None = None, per_text: int | None = None):
         from ..runtime.session import make_session
         from ..runtime.static_target import StaticTarget
 
@@ -114,7 +114,8 @@ class WindowReader:
             raise EdgemtpError(f"max_windows {max_windows} must be at least 1")
         self.target = StaticTarget(make_session(Path(model_path), "cpu", threads), contract)
         self.tokenizer = _tokenizer(tokenizer)
-        self.texts, self.max_windows = list(texts), max_windows
+        self.texts, self.max_windows, self.per_text = list(texts), max_windows, per_text
+        self.count = 0  # samples given so far
         if not self.texts:
             raise EdgemtpError("calibration needs at least one text")
         self._feeds = self._windows()
@@ -129,6 +130,8 @@ class WindowReader:
         n, W, cap = 0, self.target.window, self.target.contract.capacity
         for text in self.texts:
             ids = np.asarray(self.tokenizer(text), np.int64)[:cap]
+            if self.per_text:
+                ids = ids[:self.per_text * W]
             cache = self.target.new_cache(1)
             for c in range(0, len(ids), W):
                 if n == self.max_windows:
@@ -140,6 +143,7 @@ class WindowReader:
                     feed[C.past_value(s.layer)] = cache.values[s.layer][:1]
                 yield feed  # the calibrator runs it before asking for the next one
                 n += 1
+                self.count = max(self.count, n)
                 self.target.step(chunk, cache, 0)
 
 
