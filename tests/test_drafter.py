@@ -470,3 +470,21 @@ def assert_same_up_to_kernel_rounding(bundle, prompt: str, plain: list[int], dra
     logits = logits[0, -1]
     spread = logits.max() - logits.min()
     assert abs(logits[plain[i]] - logits[drafted[i]]) < 1e-3 * spread, f"outputs part at {i}, not at a tie"
+
+
+def test_real_model_int8_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir, tmp_path):
+    """Gemma 3 270M exported to int8 (two-pass activations, uncalibrated for speed) with the shipped
+    drafter attached by default: greedy MTP and hybrid output equal plain greedy output."""
+    from edgemtp.exporters import AUTO, export
+    from edgemtp.runtime.engine import Draft
+
+    out = export(gemma3_270m_dir, tmp_path / "b", "int8", capacity=256, drafter=AUTO,
+                 quant_options={"calibration": None})
+    b = bundle_mod.load(out)
+    assert b.graph("drafter").quant == "int8" and b.graph("drafter").contract["head"]["kind"] == "clustered"
+    engine = Engine.load(out, threads=2)
+    for prompt in ("def merge_sort(items):\n    \"\"\"Sort items.\"\"\"\n", "The old castle stood on the hill"):
+        plain = engine.generate(prompt, max_new_tokens=32, draft=None).tokens
+        for mode, k in (("mtp", 3), ("hybrid", 4)):
+            out_ = engine.generate(prompt, max_new_tokens=32, draft=Draft(mode, k))
+            assert out_.tokens == plain and out_.stats.drafted > 0
