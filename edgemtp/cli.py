@@ -91,6 +91,8 @@ def quant_options(f):
                                                          "train split, default), a text file, or none."),
         click.option("--calibration-tokens", type=int, default=None, help="Tokens of activations to calibrate on "
                                                                           "(default 8192; qdq: 64 windows)."),
+        click.option("--drafter-quant", default=None, help="int8 / int4 bundles: the drafter's own weights in fp32 "
+                                                            "(default) or int8; its table is the target's."),
         click.option("--activation-bits", type=int, default=None, help="qdq: activation bits, 8 or 16 (default 16)."),
         click.option("--calibration-method", default=None, help="qdq: activation ranges by minmax (default), "
                                                                  "entropy or percentile."),

@@ -422,6 +422,7 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
         assert r.exit_code == 0, r.output
     b = bundle_mod.load(out)
     assert b.graph("drafter").quant == quant and b.graph("drafter_full_head").quant == quant
+    assert b.manifest["graphs"]["drafter"]["weights"] == ("fp16" if quant == "fp16" else "fp32")
     drafter = onnx.load(str(out / "drafter.onnx"), load_external_data=False).graph
     table = [b.target_contract.vocab_size, b.target_contract.hidden_size]
     own = [t for t in drafter.initializer if any(e.value == "drafter.onnx.data" for e in t.external_data)]
@@ -488,3 +489,40 @@ def test_real_model_int8_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir
         for mode, k in (("mtp", 3), ("hybrid", 4)):
             out_ = engine.generate(prompt, max_new_tokens=32, draft=Draft(mode, k))
             assert out_.tokens == plain and out_.stats.drafted > 0
+
+
+def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path):
+    """--drafter-quant int8: the drafter's MatMuls become MatMulNBits too (its data file shrinks), the
+    table is still the target's, drafts stay close to the fp32 drafter's and greedy output exact."""
+    import onnx
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir, _, _, ids = setup
+    clustered_drafter(model_dir, tmp_path / "d")
+    base = ["export", str(model_dir), "--drafter", str(tmp_path / "d"), "--max-context", "64"]
+    for out, extra in (("fp32", []), ("own", ["--quant", "int8", "--calibration", "none"]),
+                       ("q8", ["--quant", "int8", "--calibration", "none", "--drafter-quant", "int8"])):
+        r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / out), *extra])
+        assert r.exit_code == 0, r.output
+    b = bundle_mod.load(tmp_path / "q8")
+    assert b.manifest["graphs"]["drafter"]["weights"] == "int8"
+    assert (tmp_path / "q8/drafter.onnx.data").stat().st_size < 0.5 * (tmp_path / "own/drafter.onnx.data").stat().st_size
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q8/drafter.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") >= 5 and ops.count("GatherBlockQuantized") == 2
+    _, cache, state = run_target(tmp_path / "fp32", ids)
+    last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
+    _, want = X.DrafterSession.load(bundle_mod.load(tmp_path / "fp32")).draft(last, state, cache, rows, 1)
+    _, got = X.DrafterSession.load(b).draft(last, state, cache, rows, 1)
+    both = np.isfinite(want) & np.isfinite(got)
+    assert np.abs(got[both] - want[both]).max() < 0.05 * (want[both].max() - want[both].min())
+    args = ["generate", str(tmp_path / "q8"), "--prompt", "t5 t6 t7 t5 t6 t7 t5 t6", "--max-new-tokens", "20", "--json"]
+    plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+    mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+    assert mtp["stats"]["drafted"] > 0
+    assert_same_up_to_kernel_rounding(tmp_path / "q8", "t5 t6 t7 t5 t6 t7 t5 t6", plain["tokens"], mtp["tokens"])
+    for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"], "--drafter-quant int8 needs --quant int8"),
+                           (["--quant", "int8", "--drafter-quant", "int4"], "--drafter-quant 'int4' must be fp32 or int8")):
+        r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "bad"), *extra])
+        assert r.exit_code == 2 and message in r.output, r.output

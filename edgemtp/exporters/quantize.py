@@ -172,14 +172,15 @@ class Calibration:
 
 def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration | None = None,
                    extra_outputs: tuple[str, ...] = (), progress: Progress | None = None,
-                   shared: Shared | None = None, drafter: bool = False, **options) -> list[str]:
+                   shared: Shared | None = None, drafter: bool = False, drafter_weights: bool = False,
+                   **options) -> list[str]:
     """Write the `quant` version of the fp32 target graph `src` (+ `.data`) to `dst` (+ `.data`).
 
     `options`: scheme()'s. `extra_outputs`: tensors to add as graph outputs (calibration runs).
     `shared`: what the bundle's earlier graphs made of their tensors (see quantrewrite.Shared).
     `drafter`: src is a drafter graph: its own weights stay fp32, the tables it reads from the target
     (the embedding) are the target's quantized ones, in the target's data file (so quantize the
-    target first, with the same `shared`).
+    target first, with the same `shared`); with `drafter_weights`, its MatMuls are quantized too.
     Returns the file names written, relative to `dst`'s directory."""
     sch = scheme(quant, calibrated=calibration is not None, **options)
     if sch is not None and calibration is not None:
@@ -192,7 +193,8 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
     with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
         sink = Sink(f, data_name)
         if sch is not None:
-            Rewrite(model.graph, read, sink, sch, calibration, progress, shared, only_shared=drafter).run()
+            own = ("matmul",) if drafter_weights else () if drafter else ("matmul", "head", "gather")
+            Rewrite(model.graph, read, sink, sch, calibration, progress, shared, own).run()
         else:
             rewrite_float(model.graph, read, sink, quant, progress, shared)
     if sch is not None and not any(o.domain == MS_DOMAIN for o in model.opset_import):
@@ -282,15 +284,16 @@ class _Reader:
 
 def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False, progress: Progress | None = None,
                     calibration: str | Path | None = A.CORPORA, calibration_tokens: int | None = None,
-                    **options) -> Path:
+                    drafter_quant: str | None = None, **options) -> Path:
     """Copy the fp32 bundle `src` to `out` (atomically) with its target graph quantized to `quant`.
 
     `calibration`: A.CORPORA (the offline corpora's train split), a text file, None (no calibrated
     options), or a Calibration that calibrate() made for this bundle (benchmarks reuse one for several
-    schemes). `options`: scheme()'s. Drafter graphs read the target's quantized table in place and
-    keep their own (small) weights (int8 / int4: in fp32; fp16: in fp16); other files are copied."""
+    schemes). `options`: scheme()'s. Drafter graphs read the target's quantized table in place; their
+    own (small) weights stay fp32 (fp16 with --quant fp16), or with `drafter_quant` "int8" their MatMuls
+    become 8-bit MatMulNBits (uncalibrated, two-pass activations); other files are copied."""
     made = calibration if isinstance(calibration, Calibration) else None
-    sch = check_options(quant, A.CORPORA if made else calibration, calibration_tokens, **options)
+    sch = check_options(quant, A.CORPORA if made else calibration, calibration_tokens, drafter_quant, **options)
     b = bundle_mod.load(Path(src), verify=False)
     entry = b.graph("target")
     if entry.quant != "fp32":
@@ -308,9 +311,11 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         quantize_graph(entry.path, tmp / "target.onnx", quant, calibration=calib, progress=progress, shared=shared,
                        **options)
         own = {k: v for k, v in options.items() if k not in CALIBRATED}  # a drafter quantizes no weight of its own
+        weights = drafter_quant == "int8"
         for name in drafters:
             path = b.graph(name).path
-            quantize_graph(path, tmp / path.name, quant, shared=shared, drafter=True, **own)
+            quantize_graph(path, tmp / path.name, "int8" if weights else quant, shared=shared, drafter=True,
+                           drafter_weights=weights, **own)
         for rel in b.manifest["files"]:
             if rel not in done:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -321,16 +326,21 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         graphs = dict(manifest["graphs"])
         graphs["target"] = {**graphs["target"], "file": "target.onnx", "quant": quant,
                             **({"quantization": sch.to_json()} if sch else {})}
-        for name in drafters:  # own weights fp32, the table the target's
-            graphs[name] = {**graphs[name], "quant": quant, "table": "target"}
+        for name in drafters:  # the table the target's
+            graphs[name] = {**graphs[name], "quant": quant, "table": "target",
+                            "weights": "int8" if weights else "fp16" if quant == "fp16" else "fp32"}
         manifest["graphs"] = graphs
         bundle_mod.write_manifest(tmp, manifest)
     return Path(out)
 
 
 def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibration_tokens: int | None = None,
-                  **options) -> Scheme | None:
+                  drafter_quant: str | None = None, **options) -> Scheme | None:
     """Every quantization option checked (one error naming the flag), before any work is done."""
+    if drafter_quant not in (None, "fp32", "int8"):
+        raise EdgemtpError(f"--drafter-quant {drafter_quant!r} must be fp32 or int8")
+    if drafter_quant == "int8" and quant not in PRESETS:
+        raise EdgemtpError("--drafter-quant int8 needs --quant int8 or int4 (the drafter reads the target's table)")
     if quant in ("fp32", "fp16"):
         given = [k for k, v in dict(options, calibration_tokens=calibration_tokens).items() if v not in (None, ())]
         if calibration is not None and str(calibration) != A.CORPORA:

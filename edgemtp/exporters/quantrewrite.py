@@ -117,12 +117,12 @@ class Rewrite:
     """One pass over the initializers (packing the quantized ones), then one over the nodes."""
 
     def __init__(self, g: onnx.GraphProto, read, sink: Sink, sch, calib, progress, shared: Shared | None = None,
-                 only_shared: bool = False):
+                 own: tuple[str, ...] = ("matmul", "head", "gather")):
         """`shared`: what earlier graphs of the bundle made of their tensors (reused, and added to);
-        `only_shared`: quantize no weight of this graph but tables an earlier graph packed (a drafter
-        keeps its own small weights in fp32 and reads the target's table)."""
+        `own`: the roles this graph quantizes itself; tables an earlier graph packed are reused whatever
+        their role (a drafter reads the target's table and quantizes its MatMuls, or nothing, itself)."""
         self.g, self.read, self.sink, self.sch, self.calib, self.progress = g, read, sink, sch, calib, progress
-        self.shared, self.only_shared = shared if shared is not None else Shared(), only_shared
+        self.shared, self.own = shared if shared is not None else Shared(), own
         self.inits = {t.name: t for t in g.initializer}
         self.sources = activation_sources(g)
         self.new_inits: list[TensorProto] = []
@@ -136,8 +136,7 @@ class Rewrite:
         # GatherBlockQuantized wants whole blocks along the row: otherwise that Gather stays fp32
         roles = [None if r and r[0] == "gather" and self.inits[r[1]].dims[1] % self.sch.head_block_size else r
                  for r in roles]
-        if self.only_shared:
-            roles = [r if r and self._table_of(self.inits[r[1]]) else None for r in roles]
+        roles = [r if r and (r[0] in self.own or self._table_of(self.inits[r[1]])) else None for r in roles]
         uses: dict[str, dict[str, list]] = {}
         float_users = set()
         for node, r in zip(self.g.node, roles):
