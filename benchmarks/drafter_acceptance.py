@@ -148,7 +148,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--drafter", type=Path, default=Path("edgemtp/drafters/gemma3-270m"))
-    ap.add_argument("--heads", default="full", help="comma list: full and/or clustered top-k values, e.g. full,32")
+    ap.add_argument("--heads", default="full", help="comma list: full and/or clustered top-k values, e.g. full,32; "
+                                                    "bundle: the bundle's own drafter graph")
     ap.add_argument("--domains", default=",".join(DOMAINS))
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -165,6 +166,9 @@ def main() -> None:
     target = bundle_mod.load(args.bundle, verify=False).graph("target").path
     drafters = {}
     for head in args.heads.split(","):
+        if head == "bundle":  # the bundle's own drafter graph as exported (e.g. a quantized bundle's)
+            drafters[head] = DrafterSession.load(bundle_mod.load(args.bundle, verify=False), threads=args.threads)
+            continue
         entry = write(args.bundle, args.drafter, target, top_k=0 if head == "full" else int(head),
                       name=f"drafter_{head}.onnx")
         drafters[head] = DrafterSession.open(args.bundle / entry["file"], entry["contract"], threads=args.threads)
