@@ -9,6 +9,8 @@ Variants, each giving the top token, its logit and its probability:
     full int4    MatMulNBits (onnxruntime.quantization.matmul_nbits_quantizer, block 32, symmetric,
                  accuracy_level 4); needs the `onnx-ir` package, skipped without it
     clustered    edgemtp.exporters.head.clustered_graph, fp32
+    clustered int8 / int4   the same with its table gathered by GatherBlockQuantized from 8- / 4-bit
+                 blocks of 32 (edgemtp's quantizer, as a quantized bundle's drafter reads the target's table)
     ordered      (--ordered) experiment: the same with the head rows stored in cluster order ([C, M, d]
                  blocks, a permuted copy of the table): measured no faster in ORT, see README
 
@@ -93,6 +95,8 @@ def build_variants(vocab: int, hidden: int, tmp: Path, ordered: bool = False) ->
     builder.save(head.full_graph(vocab, hidden, EMBED), paths["full fp32"], w.__getitem__)
     shape = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K)
     builder.save(head.clustered_graph(shape, EMBED), paths["clustered fp32"], w.__getitem__)
+    for quant in ("int8", "int4"):
+        paths[f"clustered {quant}"] = quantize_table(paths["clustered fp32"], tmp / f"clustered_{quant}.onnx", quant)
     if ordered:
         paths["clustered ordered"] = tmp / "ordered.onnx"
         w[ORDERED] = w[EMBED][w["token_ordering"]]
@@ -108,6 +112,21 @@ def build_variants(vocab: int, hidden: int, tmp: Path, ordered: bool = False) ->
     if int4:
         paths["full int4"] = int4
     return paths, warm
+
+
+def quantize_table(src: Path, dst: Path, quant: str) -> Path:
+    """The clustered head with its table's Gather block-quantized by edgemtp's quantizer (no calibration:
+    int8 8-bit rows, int4 4-bit rows with zero points); centroids and the rest stay fp32."""
+    from edgemtp.exporters.quantize import _Reader, scheme
+    from edgemtp.exporters.quantrewrite import Rewrite, Sink
+
+    model = onnx.load(str(src), load_external_data=False)
+    with _Reader(src) as read, open(dst.parent / (dst.name + ".data"), "wb") as f:
+        Rewrite(model.graph, read, Sink(f, dst.name + ".data"), scheme(quant, calibrated=False), None, None,
+                own=("gather",)).run()
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+    return dst
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
@@ -177,7 +196,8 @@ def bench_shape(name: str, rounds: int, threads: int, profile: bool = False, ord
     base = ms["clustered fp32"]
     print(f"\n{name}: V={vocab} d={hidden} C={CLUSTERS} k={TOP_K} ({TOP_K * vocab // CLUSTERS} candidates), "
           f"batch 1, {threads} threads, median of {rounds} rounds")
-    for k in ("full fp32", "full int8", "full int4", "clustered fp32", "clustered ordered"):
+    for k in ("full fp32", "full int8", "full int4", "clustered fp32", "clustered int8", "clustered int4",
+              "clustered ordered"):
         if k in ms:
             print(f"  {k:15s} {ms[k]:8.3f} ms   {ms[k] / base:6.1f}x the clustered head's time")
     for k, per_op in ops.items():
