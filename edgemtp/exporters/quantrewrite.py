@@ -128,8 +128,6 @@ class Rewrite:
         self.new_inits: list[TensorProto] = []
         self.emit: dict[tuple[str, str], Callable] = {}  # (weight, kind) -> node -> replacement nodes
         self.once: dict[str, str] = {}  # cache of per-activation subgraph outputs (smoothing, two-pass)
-        self._parts: dict[str, list] = {}
-        self._orders: dict[str, str | None] = {}
 
     def run(self) -> None:
         roles = [role(n, self.inits) for n in self.g.node]
@@ -187,10 +185,10 @@ class Rewrite:
                 self._emit_table(t.name, table.parts, table.order)
                 return
             start = len(self.new_inits)
-            self._table(t, uses)
+            parts, order = self._table(t, uses)
             key = source_key(t)
             if key is not None:
-                self.shared.tables[key] = Table(self._parts[t.name], self._orders[t.name], self.new_inits[start:])
+                self.shared.tables[key] = Table(parts, order, self.new_inits[start:])
 
     def _stats(self, x: str):
         src = self.sources.get(x)
@@ -228,8 +226,9 @@ class Rewrite:
                 QN.sum_halves(y, node.output[0], node.name + "_sum")
         self.emit[t.name, "matmul"] = emit
 
-    def _table(self, t: TensorProto, uses: dict[str, list]) -> None:
-        """A head and/or embedding table [V, K]: one or two row parts (the frequent rows at 8 bits)."""
+    def _table(self, t: TensorProto, uses: dict[str, list]) -> tuple[list, str | None]:
+        """A head and/or embedding table [V, K]: one or two row parts (the frequent rows at 8 bits).
+        Returns the parts and the vocab -> row tensor (None when not split)."""
         sch, calib, (v, k) = self.sch, self.calib, t.dims
         kind = "head" if "head" in uses else "gather"
         bits, block = sch.bits_for(kind, t.name), sch.block_for(kind)
@@ -251,8 +250,8 @@ class Rewrite:
             parts = [self.pack(t.name, lambda a, b: self.read.rows(t, a, b), v, k, bits, block, importance, hessian,
                                gather)]
             order = None
-        self._parts[t.name], self._orders[t.name] = parts, order
         self._emit_table(t.name, parts, order)
+        return parts, order
 
     def _emit_table(self, name: str, parts: list, order: str | None) -> None:
         sch, k, block = self.sch, parts[0].k, parts[0].block
