@@ -522,6 +522,13 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path):
     mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
     assert mtp["stats"]["drafted"] > 0
     assert_same_up_to_kernel_rounding(tmp_path / "q8", "t5 t6 t7 t5 t6 t7 t5 t6", plain["tokens"], mtp["tokens"])
+    # --draft auto: lookup on a CPU-quantized target (verify windows cost ~K+1 steps there), hybrid on fp32
+    from edgemtp.runtime.drafting import HybridDrafter, PromptLookupDrafter
+    from edgemtp.runtime.engine import auto_mode
+
+    assert isinstance(Engine.load(tmp_path / "q8").drafter("auto"), PromptLookupDrafter)
+    assert isinstance(Engine.load(tmp_path / "fp32").drafter("auto"), HybridDrafter)
+    assert auto_mode(b, "qnn") == "hybrid" and auto_mode(b) == "lookup"
     for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"], "--drafter-quant int8 needs --quant int8"),
                            (["--quant", "int8", "--drafter-quant", "int4"], "--drafter-quant 'int4' must be fp32 or int8")):
         r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "bad"), *extra])

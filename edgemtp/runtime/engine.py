@@ -32,12 +32,19 @@ class Generation:
         return {"text": self.text, "tokens": self.tokens, "stats": self.stats.to_json()}
 
 
+def auto_mode(bundle: bundle_mod.Bundle, provider: str = "cpu") -> str:
+    """What --draft auto means for this bundle: hybrid with an MTP drafter, else lookup; lookup too for
+    an int8 / int4 target on the CPU provider (see Engine.drafter)."""
+    cpu_quantized = provider == "cpu" and bundle.graph("target").quant in ("int8", "int4")
+    return "hybrid" if bundle.has_graph("drafter") and not cpu_quantized else "lookup"
+
+
 class Engine:
     def __init__(self, bundle: bundle_mod.Bundle, target: Target, tokenizer: Tokenizer):
         self.bundle, self.target, self.tokenizer = bundle, target, tokenizer
         self.stop_ids = frozenset(bundle.model.get("eos_token_ids") or ())
         self.threads = None
-        self.drafter_provider = "cpu"
+        self.provider = self.drafter_provider = "cpu"
         self._drafters = {}  # graph name -> MTP drafter session, loaded on first use
 
     @classmethod
@@ -56,7 +63,7 @@ class Engine:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
         engine = cls(b, target, tok)
-        engine.threads = threads
+        engine.threads, engine.provider = threads, provider
         engine.drafter_provider = drafter_provider or provider
         return engine
 
@@ -106,13 +113,15 @@ class Engine:
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
         lookup where the text repeats itself, MTP elsewhere) or auto (hybrid when the bundle has an MTP
         drafter, else lookup). Hybrid is the default because it drafted the most tokens per round on every
-        held-out domain we measured (README, "Speculative decoding"). `graph`: which drafter graph of the
-        bundle (drafter_full_head: the same drafter with its full head, for comparison)."""
+        held-out domain we measured (README, "Speculative decoding"); but auto is lookup for an int8 / int4
+        target on the CPU provider, where MatMulNBits' cost grows with the rows of a verify window and MTP
+        drafting measured 0.2-0.5x plain decoding. `graph`: which drafter graph of the bundle
+        (drafter_full_head: the same drafter with its full head, for comparison)."""
         from .drafting import HybridDrafter, PromptLookupDrafter
 
         if mode not in DRAFT_MODES:
             raise EdgemtpError(f"--draft {mode!r} is unknown (choose from {', '.join(DRAFT_MODES)})")
-        if mode == "lookup" or (mode == "auto" and not self.bundle.has_graph("drafter")):
+        if mode == "lookup" or (mode == "auto" and auto_mode(self.bundle, self.provider) == "lookup"):
             return PromptLookupDrafter()
         if not self.bundle.has_graph("drafter"):
             raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (use --draft lookup or "

@@ -89,10 +89,12 @@ def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, he
     return rows
 
 
-def drafters_for(bundle, drafter: str) -> list[str]:
+def drafters_for(bundle, drafter: str, provider: str = "cpu") -> list[str]:
     """--draft: comma list of lookup / mtp / hybrid; auto is what `edgemtp generate` uses by default."""
+    from .engine import auto_mode
+
     names = [d.strip() for d in drafter.split(",") if d.strip()]
-    auto = "hybrid" if bundle.has_graph("drafter") else "lookup"
+    auto = auto_mode(bundle, provider)
     return list(dict.fromkeys(auto if d == "auto" else d for d in names))
 
 
@@ -178,7 +180,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
                          drafter_provider=drafter_provider)
     static = bundle.graph("target").contract.get("verify_window")
     rows = []
-    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters_for(bundle, drafter),
+    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters_for(bundle, drafter, provider),
                    heads_for(bundle, head))
     for i, c in enumerate(todo):
         reason = skip_reason(c, engine.capacity, static, bundle)
