@@ -192,7 +192,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
     draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider)
+    mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp)
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
     if as_json:

@@ -318,7 +318,7 @@ class DrafterSession:
         Gemma 4 assistant's, which share the I/O contract but not the config."""
         from ..runtime.session import make_session
 
-        return cls(make_session(path, provider, threads), contract["kv_layers"], int(contract["config"]["vocab_size"]),
+        return cls(make_session(path, provider, threads, spin=False), contract["kv_layers"], int(contract["config"]["vocab_size"]),
                    contract.get("head"))
 
     def run(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice) -> list[np.ndarray]:

@@ -49,13 +49,17 @@ class Engine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-             verify: bool = True, drafter_provider: str | None = None) -> "Engine":
+             verify: bool = True, drafter_provider: str | None = None, mtp: bool | None = None) -> "Engine":
         """drafter_provider: where the MTP drafter runs (default: the target's provider), e.g. the target on
-        an NPU and the drafter on the CPU."""
+        an NPU and the drafter on the CPU. `mtp`: whether generation will draft with the MTP drafter
+        (None: what --draft auto does for this bundle); then the target's threads do not spin-wait
+        between runs, which would steal the drafter's CPU (see session.make_session)."""
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
         if drafter_provider is not None:
             resolve_provider(drafter_provider, "--drafter-provider")  # a typo fails before any work
-        session = make_session(b.graph("target").path, provider, threads)
+        if mtp is None:
+            mtp = auto_mode(b, provider) == "hybrid"
+        session = make_session(b.graph("target").path, provider, threads, spin=not mtp)
         contract = b.graph("target").contract
         target = StaticTarget(session, contract) if is_static(contract) else Target(session, b.target_contract)
         try:
