@@ -285,9 +285,13 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 @click.option("--layers", default=4, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.pt.")
-@click.option("--threads", default=1, show_default=True, type=int, help="torch threads.")
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="torch threads for training (the target pass uses at least 2).")
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Start from this drafter's weights (e.g. a shipped drafter, to train it on more data).")
+@click.option("--eval-every", default=60, show_default=True, type=int, help="Steps between held-out evaluations.")
 def train_drafter_cmd(target_dir, out, data, heldout, seq_len, steps, batch, lr, draft_k, hidden, layers, seed,
-                      resume, threads):
+                      resume, threads, init, eval_every):
     """Distill an MTP drafter for TARGET_DIR (needs the `train` extra: torch, transformers).
 
     Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
@@ -297,12 +301,15 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, steps, batch, lr,
     except ImportError as e:
         raise EdgemtpError(f"train-drafter needs torch and transformers: pip install 'edgemtp[train]' ({e})") from None
     for flag, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--draft-k", draft_k),
-                        ("--hidden", hidden), ("--layers", layers), ("--threads", threads)):
+                        ("--hidden", hidden), ("--layers", layers), ("--threads", threads),
+                        ("--eval-every", eval_every)):
         if value < 1:
             raise EdgemtpError(f"{flag} {value} must be at least 1")
     spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data), heldout=domain_counts("--heldout", heldout),
                     seed=seed)
-    train = TrainSpec(k=draft_k, batch=batch, lr=lr)
+    if init is not None and not (init / "config.json").is_file():
+        raise EdgemtpError(f"--init {init}: not a drafter directory (no config.json)")
+    train = TrainSpec(k=draft_k, batch=batch, lr=lr, eval_every=eval_every)
     with progress_bar("drafter", show_what=True) as progress:
         def show(step: int, total: int, record: dict) -> None:
             phase = record.get("phase")
@@ -314,7 +321,8 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, steps, batch, lr,
                 click.echo(f"step {step}: held-out tokens/round {tpr}", err=True)
 
         report = train_drafter(target_dir, out, spec, steps=steps, seed=seed, resume=resume, progress=show,
-                               shape=dict(hidden=hidden, num_layers=layers), spec=train, threads=threads)
+                               shape=dict(hidden=hidden, num_layers=layers), spec=train, threads=threads,
+                               init=init)
     click.echo(json.dumps({"heldout": report["heldout"], "train_s": report["train_s"]}))
     click.echo(f"wrote {out}")
 

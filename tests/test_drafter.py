@@ -157,6 +157,13 @@ def test_training_raises_acceptance(tiny_gemma3, tmp_path):
     assert report["heldout"]["greedy"] == after
     loaded = M.load(tmp_path / "out")
     assert loaded.cfg.hidden == 32
+    # --init: another run starts from these (fp16-saved) weights and shape, not from a random drafter
+    train_drafter(model_dir, tmp_path / "again", data=data, steps=1, seed=1, init=tmp_path / "out",
+                  shape=dict(hidden=16, num_layers=1), spec=TrainSpec(batch=8, lr=1e-6, negatives=64))
+    start = json.loads((tmp_path / "again" / "train.log").read_text().splitlines()[0])
+    assert start["phase"] == "eval" and start["step"] == 0
+    assert abs(start["greedy"]["tokens_per_round"] - after["tokens_per_round"]) < 0.05, (start, after)
+    assert M.load(tmp_path / "again").cfg.hidden == 32
 
 
 def test_resume_continues(tiny_gemma3, tmp_path):
@@ -334,6 +341,8 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert steps[-1] == 4 and 4 in steps
     bad = CliRunner().invoke(cli, args[:4] + ["--data", "poetry=3"])
     assert bad.exit_code == 2 and "--data" in bad.output
+    bad = CliRunner().invoke(cli, args + ["--init", str(tmp_path)])
+    assert bad.exit_code == 2 and "--init" in bad.output and "Traceback" not in bad.output
 
 
 def test_shipped_drafter_is_recognised_by_weights(setup, tmp_path, monkeypatch):

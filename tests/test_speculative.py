@@ -241,6 +241,21 @@ def test_greedy_matches_plain_decoding(models, kind):
                                     stop_ids=engine.stop_ids)[0].tokens == w
 
 
+def test_generate_batch_drafts_only_when_asked_to(models):
+    """Engine.generate_batch: auto does not draft at batch > 1 (slower there), lookup does; both equal
+    plain greedy per row, and auto still drafts for a single prompt."""
+    from edgemtp.runtime.engine import Draft
+
+    engine = models["gemma3_text", 64]
+    prompts = ["t5 t6 t7 t5 t6 t7 t5 t6 t7", "t1 t2"]
+    plain = [engine.generate(p, 16).tokens for p in prompts]
+    auto = engine.generate_batch(prompts, 16, draft=Draft("auto", 3))
+    lookup = engine.generate_batch(prompts, 16, draft=Draft("lookup", 3))
+    assert [g.tokens for g in auto] == [g.tokens for g in lookup] == plain
+    assert auto[0].stats.drafted == 0 and lookup[0].stats.drafted > 0
+    assert engine.generate_batch(prompts[:1], 16, draft=Draft("auto", 3))[0].stats.drafted > 0
+
+
 def test_gqa_rows_of_different_lengths(models):
     """Measures what the batched verify would need from ORT's CPU GroupQueryAttention: S = 1 over rows
     of different past lengths is exact; S > 1 with batch > 1 and a past is refused (onnxruntime 1.32),
