@@ -2,8 +2,16 @@
 
 Names follow the ecosystem (optimum / onnxruntime-genai). The KV cache is a set of pre-allocated
 buffers `[batch, kv_heads, capacity, head_dim]`, one key and one value buffer per KV-owning layer.
-The graph reads and writes them in place (GroupQueryAttention with past and present bound to the
-same memory), so a decode step never copies the cache. No tensor is ever found by substring.
+A decode step never copies the cache. Two ways to update it (`TargetContract.kv_update`):
+
+- "rows": the graph reads the buffers (inputs `past_key_values.*`) and returns only the new positions'
+  keys/values (`present.*`, [batch, kv_heads, new positions, head_dim]), which the runtime writes into
+  the buffers at each sequence's length. Standard ops; several rows x several new positions per pass
+  (a batched speculative verify). Gemma 3, Llama, Qwen2.
+- "in_place": GroupQueryAttention with past and present bound to the same memory (Gemma 4, whose
+  KV-shared layers read the owner layer's present within the graph).
+
+No tensor is ever found by substring.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ class TargetContract:
     # For an MTP drafter: the KV-owning layer it reads per attention type, e.g.
     # {"sliding_attention": 13, "full_attention": 14} (DESIGN.md §2).
     drafter_kv: dict
+    kv_update: str = "in_place"  # or "rows": see the module docstring
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -64,4 +73,5 @@ class TargetContract:
     def from_json(cls, d: dict) -> "TargetContract":
         return cls(vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
                    capacity=int(d["capacity"]), kv=tuple(KVSlot(**s) for s in d["kv"]),
-                   drafter_kv={k: int(v) for k, v in d.get("drafter_kv", {}).items()})
+                   drafter_kv={k: int(v) for k, v in d.get("drafter_kv", {}).items()},
+                   kv_update=str(d.get("kv_update", "in_place")))

@@ -23,7 +23,7 @@ def copy_bundle(src, tmp_path):
 def test_manifest_lists_every_file_with_sha256(tiny_gemma3):
     _, _, b = tiny_gemma3
     m = json.loads((b / "edgemtp.json").read_text())
-    assert set(m["files"]) == {"target.onnx", "target.onnx.data", "tokenizer.json"}
+    assert set(m["files"]) == {"target.onnx", "target.onnx.data", "target_verify.onnx", "tokenizer.json"}
     for rel, info in m["files"].items():
         assert info["sha256"] == bundle.sha256(b / rel)
     assert m["graphs"]["target"]["contract"]["capacity"] == 64

@@ -256,28 +256,55 @@ def test_generate_batch_drafts_only_when_asked_to(models):
     assert engine.generate_batch(prompts[:1], 16, draft=Draft("auto", 3))[0].stats.drafted > 0
 
 
-def test_gqa_rows_of_different_lengths(models):
-    """Measures what the batched verify would need from ORT's CPU GroupQueryAttention: S = 1 over rows
-    of different past lengths is exact; S > 1 with batch > 1 and a past is refused (onnxruntime 1.32),
-    hence the per-row verify. Should a later onnxruntime accept it, it must also be exact."""
-    target = models["gemma3_text", 64].target
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
+def test_rows_of_different_lengths_in_one_pass(models, kind):
+    """The batched verify: several rows of different lengths x several new positions in one target pass
+    (the graph reads the cache and returns only the new K/V rows) give each row's logits and cache as a
+    pass over that row alone does, across the sliding window."""
+    target = models[kind, 64].target
+    assert target.multi_row_verify
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 96, size=n) for n in (3, 11, 20)]
-    for S in (1, 3):
+    for S in (1, 3, 5):
         new = rng.integers(0, 96, size=(3, S))
         cache = target.new_cache(3)
         for b, p in enumerate(prompts):
             target.forward(p[None], cache, rows=slice(b, b + 1))
-        try:
-            batched, _ = target.forward(new, cache, n_logits=S)
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own exception type
-            assert S > 1 and "batch_size must be 1" in str(e)
-            continue
+        batched, hidden = target.forward(new, cache, n_logits=S)
         for b, p in enumerate(prompts):
             one = target.new_cache(1)
             target.forward(p[None], one)
-            alone, _ = target.forward(new[b:b + 1], one, n_logits=S)
+            alone, alone_hidden = target.forward(new[b:b + 1], one, n_logits=S)
             np.testing.assert_allclose(batched[b], alone[0], atol=1e-5)
+            np.testing.assert_allclose(hidden[b], alone_hidden[0], atol=1e-5)
+            n = len(p) + S
+            assert cache.lengths[b] == one.lengths[0] == n
+            for layer in one.keys:
+                np.testing.assert_allclose(cache.keys[layer][b, :, :n], one.keys[layer][0, :, :n], atol=1e-5)
+                np.testing.assert_allclose(cache.values[layer][b, :, :n], one.values[layer][0, :, :n], atol=1e-5)
+
+
+def test_batched_speculative_verifies_rows_together(models):
+    """Drafted rows of a batch share one verify pass (no per-row passes), and the output is plain greedy's."""
+    engine = models["gemma3_text", 64]
+    random, repetitive = _prompts(engine)
+    prompts = repetitive + random[:2]
+    calls = []
+    forward = engine.target.forward
+
+    def counting(ids, cache, rows=None, n_logits=1):
+        calls.append((np.asarray(ids).shape, rows))
+        return forward(ids, cache, rows, n_logits)
+
+    engine.target.forward = counting
+    try:
+        got = speculative_generate(engine.target, PromptLookupDrafter(), prompts, 24, k=3, stop_ids=engine.stop_ids)
+    finally:
+        del engine.target.forward
+    assert [r.tokens for r in got] == [list(engine.token_ids(p, 24)) for p in prompts]
+    verify = calls[len(prompts):]  # after the per-row prefills
+    assert any(shape[0] > 1 and shape[1] > 1 for shape, _ in verify)
+    assert all(shape[0] == len(prompts) for shape, _ in verify[:1])  # the first round: every row at once
 
 
 def test_capacity_edge(models):

@@ -129,12 +129,12 @@ def collect(session, contract: C.TargetContract, windows: np.ndarray, wanted: di
 
     `wanted`: tensor name -> whether its second moment (x x^T) is needed (only for inputs of at most
     `max_hessian` channels: it takes K^2 floats)."""
-    from ..runtime.kv_cache import KVCache
+    from ..runtime.target import Target
 
+    target = Target(session, contract)
     stats: dict[str, Stats] = {}
     for w, row in enumerate(windows):
-        cache = KVCache(contract.kv, 1, contract.capacity)
-        outs = _forward(session, cache, row[None], list(wanted))
+        outs = target.forward_outputs(row[None], target.new_cache(1), list(wanted))
         for name, x in zip(wanted, outs):
             if name not in stats:
                 k = x.shape[-1]
@@ -145,22 +145,3 @@ def collect(session, contract: C.TargetContract, windows: np.ndarray, wanted: di
         if progress:
             progress(w + 1, len(windows), "calibration")
     return stats
-
-
-def _forward(session, cache, ids: np.ndarray, names: list[str]) -> list[np.ndarray]:
-    s = ids.shape[1]
-    io = session.io_binding()
-    io.bind_cpu_input(C.INPUT_IDS, ids)
-    io.bind_cpu_input(C.POSITION_IDS, np.arange(s, dtype=np.int64)[None])
-    io.bind_cpu_input(C.SEQLENS_K, np.array([s - 1], np.int32))
-    io.bind_cpu_input(C.TOTAL_SEQ_LEN, np.array(s, np.int32))
-    io.bind_cpu_input(C.NUM_LOGITS, np.array(1, np.int64))
-    for name in names:  # first: get_outputs() lists the outputs in binding order
-        io.bind_output(name)
-    for layer, (k, v) in cache.ort_values(slice(0, 1)).items():
-        io.bind_ortvalue_input(C.past_key(layer), k)
-        io.bind_ortvalue_input(C.past_value(layer), v)
-        io.bind_ortvalue_output(C.present_key(layer), k)
-        io.bind_ortvalue_output(C.present_value(layer), v)
-    session.run_with_iobinding(io)
-    return [o.numpy() for o in io.get_outputs()[:len(names)]]

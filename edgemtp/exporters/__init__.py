@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import onnx
 from typing import Callable
 
 from .. import bundle as bundle_mod
@@ -91,10 +93,34 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}}
+        if static_window is None and build in VERIFY_BUILDS:
+            graphs[VERIFY] = write_verify(tmp, build(cfg, capacity, in_place=False))
         if write_drafter is not None:
             graphs.update(write_drafter(tmp))
         bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})
     return out
+
+
+VERIFY = "verify"  # the manifest's name for the batched verify graph
+VERIFY_GRAPH = "target_verify.onnx"
+VERIFY_BUILDS = (gemma3.build, llama.build)  # architectures with one (Gemma 4's KV sharing needs GQA)
+
+
+def write_verify(bundle_dir: Path, graph_and_contract) -> dict:
+    """The batched verify graph: the target's layers reading the cache and returning only the new K/V rows
+    (components.window_attention), for passes of several rows x several new positions, which ONNX
+    Runtime's CPU GroupQueryAttention refuses. Its initializers point at the target's bytes in
+    target.onnx.data: no weight is written twice. Returns the manifest's graph entry."""
+    graph, contract = graph_and_contract
+    target = onnx.load(str(Path(bundle_dir) / "target.onnx"), load_external_data=False)
+    stored = {t.name: t for t in target.graph.initializer}
+    model = graph.model()
+    for t in model.graph.initializer:
+        if t.name in graph.params:
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.extend(stored[t.name].external_data)
+    onnx.save(model, str(Path(bundle_dir) / VERIFY_GRAPH))
+    return {"file": VERIFY_GRAPH, "quant": "fp32", "contract": contract.to_json()}
 
 
 def shipped_drafter(model_dir: Path) -> Path | None:

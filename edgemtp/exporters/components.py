@@ -158,6 +158,67 @@ def gqa(b: GraphBuilder, q: str, k: str, v: str, kv: tuple[str, str], slot: C.KV
     return out
 
 
+def window_attention(b: GraphBuilder, q: str, k: str, v: str, slot: C.KVSlot, view: "CacheView",
+                     num_heads: int, scale: float, softcap: float | None, capacity: int) -> str:
+    """The verify graph's attention: S new positions of each row over its cache (read, never written)
+    and over themselves, for rows of different lengths at once. ONNX Runtime's CPU GroupQueryAttention
+    refuses batch > 1 with S > 1 and a past; this is standard ops over the cache rows the view slices out.
+
+    Declares the layer's cache inputs [B, Nk, cap, D] and its present outputs [B, Nk, S, D]: the new rows
+    only, which the runtime writes into its buffers at each row's length.
+    q [B, S, N*D], k/v [B, S, Nk*D] (RoPE applied) -> [B, S, N*D]."""
+    nk, d, layer = slot.num_heads, slot.head_dim, slot.layer
+    g = num_heads // nk
+    past = [b.input(name, FLOAT, ["batch", nk, capacity, d]) for name in (C.past_key(layer), C.past_value(layer))]
+    new = [b.op("Transpose", b.op("Reshape", x, b.const([0, 0, nk, d], np.int64)), perm=[0, 2, 1, 3], out=name)
+           for x, name in ((k, C.present_key(layer)), (v, C.present_value(layer)))]  # [B, Nk, S, D]
+    b.outputs += [_vi(C.present_key(layer), ["batch", nk, "seq", d]), _vi(C.present_value(layer), ["batch", nk, "seq", d])]
+    axis = b.const([2], np.int64)
+    past_rows = [b.op("Unsqueeze", b.op("Slice", x, view.start, view.end, axis), axis) for x in past]  # [B, Nk, 1, T, D]
+    new_rows = [b.op("Unsqueeze", x, axis) for x in new]  # [B, Nk, 1, S, D]
+    # query head h uses KV head h // g (transformers' repeat_kv): group the heads instead of repeating K/V
+    qh = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, nk, g, d], np.int64)), perm=[0, 2, 3, 1, 4])
+    scores = b.op("Concat", *(b.op("MatMul", qh, b.op("Transpose", x, perm=[0, 1, 2, 4, 3]))
+                              for x in (past_rows[0], new_rows[0])), axis=-1)  # [B, Nk, G, S, T + S]
+    if scale != 1.0:
+        scores = b.op("Mul", scores, b.const(np.float32(scale)))
+    probs = b.op("Softmax", b.op("Add", _softcap(b, scores, softcap), view.bias), axis=-1)
+    sizes = b.op("Concat", b.op("Sub", view.end, view.start), b.op("Shape", q, start=1, end=2), axis=0)
+    p_past, p_new = b.op("Split", probs, sizes, axis=-1, n_out=2)
+    out = b.op("Add", b.op("MatMul", p_past, past_rows[1]), b.op("MatMul", p_new, new_rows[1]))  # [B, Nk, G, S, D]
+    out = b.op("Transpose", out, perm=[0, 3, 1, 2, 4])
+    return b.op("Reshape", out, b.const([0, 0, num_heads * d], np.int64))
+
+
+def window_view(b: GraphBuilder, io: TargetInputs, window: int | None) -> "CacheView":
+    """Which keys each new position of a verify graph sees: cache rows [start, end) with end = total_len - S
+    (the longest row's committed length) then the S new positions. Query s of row b sits at position_ids[b, s];
+    the row's committed length is position_ids[b, 0]. A cache key j is visible iff j < that length (rows
+    shorter than the longest hold stale slots there) and j > pos - window; new key s' iff s' <= s (and
+    within the window). bias: [B, 1, 1, S, T + S] additive."""
+    S = b.op("Shape", io.input_ids, start=1, end=2)
+    end = b.op("Sub", b.op("Reshape", b.op("Cast", io.total_len, to=INT64), b.const([1], np.int64)), S)
+    start = b.const([0], np.int64)
+    if window:
+        first = b.op("Sub", b.op("ReduceMin", io.position_ids, keepdims=0), b.const(window - 1, np.int64))
+        start = b.op("Reshape", b.op("Min", b.op("Max", first, b.const(0, np.int64)), b.op("Squeeze", end)),
+                     b.const([1], np.int64))
+    keys = b.op("Range", b.op("Squeeze", start), b.op("Squeeze", end), b.const(1, np.int64))  # [T]
+    pos = b.op("Unsqueeze", io.position_ids, b.const([-1], np.int64))  # [B, S, 1]
+    length = b.op("Slice", pos, b.const([0], np.int64), b.const([1], np.int64), b.const([1], np.int64))  # [B, 1, 1]
+    new_keys = b.op("Unsqueeze", io.position_ids, b.const([1], np.int64))  # [B, 1, S]
+    ok_past = b.op("Less", keys, length)
+    ok_new = b.op("LessOrEqual", new_keys, pos)
+    if window:
+        lowest = b.op("Sub", pos, b.const(window, np.int64))
+        ok_past = b.op("And", ok_past, b.op("Greater", keys, lowest))
+        ok_new = b.op("And", ok_new, b.op("Greater", new_keys, lowest))
+    ok_past = b.op("And", ok_past, b.op("Equal", pos, pos))  # broadcast to [B, S, T]
+    ok = b.op("Concat", ok_past, ok_new, axis=-1)
+    bias = b.op("Where", ok, b.const(np.float32(0)), b.const(np.float32(np.finfo(np.float32).min)))
+    return CacheView(start, end, b.op("Unsqueeze", bias, b.const([1, 2], np.int64)))
+
+
 def _vi(name, shape):
     from onnx import helper
     return helper.make_tensor_value_info(name, FLOAT, shape)
@@ -202,6 +263,9 @@ def softcap(b: GraphBuilder, x: str, cap: float | None) -> str:
 def graph_outputs(b: GraphBuilder, logits: str, hidden_states: str, vocab: int, hidden: int) -> None:
     b.output(logits, C.LOGITS, FLOAT, ["batch", "num_logits", vocab])
     b.output(hidden_states, C.LAST_HIDDEN, FLOAT, ["batch", "seq", hidden])
+
+
+_softcap = softcap  # window_attention's parameter shadows the name
 
 
 def rms_norm_unscaled(b: GraphBuilder, x: str, dim: int, eps: float) -> str:

@@ -15,20 +15,25 @@ def kv_slots(cfg: TextConfig) -> tuple[C.KVSlot, ...]:
                  for i, t in enumerate(cfg.layer_types))
 
 
-def build(cfg: TextConfig, capacity: int) -> tuple[GraphBuilder, C.TargetContract]:
+def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphBuilder, C.TargetContract]:
+    """`in_place`: GroupQueryAttention updates the cache buffers in place (the target graph); False: the
+    batched verify graph, which reads the cache and returns only the new K/V rows (nn.window_attention:
+    several rows x several new positions per pass)."""
     b = GraphBuilder("gemma3_text")
     io = nn.target_inputs(b)
     slots = kv_slots(cfg)
+    views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
     tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in set(cfg.layer_types)}
     for i, slot in enumerate(slots):
-        x = decoder_layer(b, cfg, f"model.layers.{i}.", x, slot, tables[cfg.layer_types[i]], io, capacity)
+        x = decoder_layer(b, cfg, f"model.layers.{i}.", x, slot, tables[cfg.layer_types[i]], io, capacity, views)
     x = nn.gemma_rms_norm(b, x, "model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps)
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
     logits = nn.tied_head(b, nn.last_positions(b, x, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
     nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), x, cfg.vocab_size, cfg.hidden_size)
-    return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=drafter_kv(cfg))
+    return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=drafter_kv(cfg),
+                               kv_update="in_place" if in_place else "rows")
 
 
 def drafter_kv(cfg: TextConfig) -> dict:
@@ -37,9 +42,9 @@ def drafter_kv(cfg: TextConfig) -> dict:
 
 
 def decoder_layer(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope: nn.RopeTables,
-                  io: nn.TargetInputs, capacity: int) -> str:
+                  io: nn.TargetInputs, capacity: int, views: dict | None = None) -> str:
     h = nn.gemma_rms_norm(b, x, p + "input_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
-    h = attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity)
+    h = attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity, views)
     h = nn.gemma_rms_norm(b, h, p + "post_attention_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
     x = b.op("Add", x, h)
     h = nn.gemma_rms_norm(b, x, p + "pre_feedforward_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
@@ -49,15 +54,18 @@ def decoder_layer(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope: nn.R
 
 
 def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope: nn.RopeTables,
-              io: nn.TargetInputs, capacity: int) -> str:
-    """[B, S, H] -> [B, S, H]; q/k are RMS-normed per head before RoPE."""
+              io: nn.TargetInputs, capacity: int, views: dict | None = None) -> str:
+    """[B, S, H] -> [B, S, H]; q/k are RMS-normed per head before RoPE. views: None for GQA in place."""
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     q = nn.heads(b, nn.linear(b, x, p + "q_proj.weight", hid, n * d), n, d)
     k = nn.heads(b, nn.linear(b, x, p + "k_proj.weight", hid, nk * d), nk, d)
     v = nn.linear(b, x, p + "v_proj.weight", hid, nk * d)
     q = nn.apply_rope(b, nn.gemma_rms_norm(b, q, p + "q_norm.weight", d, cfg.rms_norm_eps), rope, d)
     k = nn.apply_rope(b, nn.gemma_rms_norm(b, k, p + "k_norm.weight", d, cfg.rms_norm_eps), rope, d)
-    kv = nn.kv_buffers(b, slot, capacity)
-    out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, kv, slot, io, n, cfg.scale,
-                 cfg.attn_logit_softcapping)
+    if views is not None:
+        out = nn.window_attention(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, slot, views[slot.window], n,
+                                  cfg.scale, cfg.attn_logit_softcapping, capacity)
+    else:
+        out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, nn.kv_buffers(b, slot, capacity), slot, io,
+                     n, cfg.scale, cfg.attn_logit_softcapping)
     return nn.linear(b, out, p + "o_proj.weight", n * d, hid)

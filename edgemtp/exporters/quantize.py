@@ -301,7 +301,11 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
                            "quantize an fp32 bundle")
     # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
     drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
-    done = {f for name in ["target", *drafters] for f in (b.graph(name).path.name, b.graph(name).path.name + ".data")}
+    # the batched verify graph reads the fp32 target's bytes: a quantized bundle goes without it
+    # (drafted rows are then verified one row at a time)
+    dropped = ["verify"] if b.has_graph("verify") else []
+    done = {f for name in ["target", *drafters, *dropped]
+            for f in (b.graph(name).path.name, b.graph(name).path.name + ".data")}
     with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
         calib = made
         if sch is not None and calibration is not None and made is None:
@@ -323,7 +327,7 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "schema_version", "files")}
         if sch is not None and calib is not None:
             sch = replace(sch, calibration=calib.source)
-        graphs = dict(manifest["graphs"])
+        graphs = {k: v for k, v in manifest["graphs"].items() if k not in dropped}
         graphs["target"] = {**graphs["target"], "file": "target.onnx", "quant": quant,
                             **({"quantization": sch.to_json()} if sch else {})}
         for name in drafters:  # the table the target's

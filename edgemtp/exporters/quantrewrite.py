@@ -107,7 +107,8 @@ def activation_sources(g: onnx.GraphProto) -> dict[str, str]:
         r = role(n, inits)
         if r and r[0] != "gather":
             x = n.input[0]
-            while x in producer and producer[x].op_type in ("Reshape", "Slice", "Identity"):
+            # the head only: a layer MatMul's input may come out of a Reshape that changes its last axis
+            while r[0] == "head" and x in producer and producer[x].op_type in ("Reshape", "Slice", "Identity"):
                 x = producer[x].input[0]
             out[n.input[0]] = x
     return out

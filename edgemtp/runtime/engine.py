@@ -11,6 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .. import bundle as bundle_mod
+from .. import contract as C
 from ..errors import EdgemtpError
 from .sampling import Sampling, pick
 from .session import make_session, resolve_provider
@@ -61,7 +62,10 @@ class Engine:
             mtp = auto_mode(b, provider) == "hybrid"
         session = make_session(b.graph("target").path, provider, threads, spin=not mtp)
         contract = b.graph("target").contract
-        target = StaticTarget(session, contract) if is_static(contract) else Target(session, b.target_contract)
+        if is_static(contract):
+            target = StaticTarget(session, contract)
+        else:
+            target = Target(session, b.target_contract, _verify_loader(b, provider, threads, mtp))
         try:
             tok = Tokenizer.from_file(str(b.tokenizer_path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -192,6 +196,16 @@ class Engine:
                 continue
             yield text[len(shown):]
             shown = text
+
+
+def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp: bool):
+    """Loads the bundle's batched verify graph when first needed (batched speculative decoding), without a
+    packed copy of the weights: it shares the target's memory-mapped data file."""
+    if not b.has_graph("verify"):
+        return None
+    entry = b.graph("verify")
+    return lambda: Target(make_session(entry.path, provider, threads, spin=not mtp, prepack=False),
+                          C.TargetContract.from_json(entry.contract))
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ in the cache yet:
 No extra target forward after a rejection: the verify pass already wrote the KV of [t, d0..d(a-1)]
 and produced the hidden state and logits at the accepted index (DESIGN.md §2).
 
-Batches: rows are prefilled one by one, then every round verifies all unfinished rows. ONNX Runtime's
-CPU GroupQueryAttention refuses batch > 1 with more than one new position and a past ("batch_size
-must be 1 when sequence_length > 1 and past context is given", measured with onnxruntime 1.32), so
-by default drafted rows are verified one row at a time; rounds where no row drafted run as one
-batched one-token step (that path handles rows of different lengths exactly). `batched_verify=True`
-verifies runs of consecutive rows in one pass for execution providers that allow it: drafts are
-padded to a common width by repeating the row's last token, and padded positions are cut from the
-logits before acceptance and rolled out of the cache, so they never change a result (the attention
-is causal: padding only follows the real positions).
+Batches: rows are prefilled one by one, then every round verifies all unfinished rows. Drafts are
+padded to a common width by repeating the row's last token; padded positions are cut from the logits
+before acceptance and rolled out of the cache, so they never change a result (the attention is causal:
+padding only follows the real positions). A target whose graph takes several rows x several new
+positions in one pass (`Target.multi_row_verify`: the "rows" KV update of Gemma 3 / Llama / Qwen2
+bundles) verifies runs of consecutive rows together. ONNX Runtime's CPU GroupQueryAttention (Gemma 4
+bundles) refuses batch > 1 with more than one new position and a past ("batch_size must be 1 when
+sequence_length > 1 and past context is given", onnxruntime 1.32): there drafted rows are verified
+one row at a time, and rounds where no row drafted run as one batched one-token step.
 """
 
 from __future__ import annotations
@@ -139,13 +139,16 @@ class Speculative:
     k: draft length per round (the maximum when `adaptive`: K then grows by 2 after a round where
     every drafted token was accepted and shrinks by 1 otherwise, within 1..k).
     static_window: pad every verify to exactly k+1 positions (for static-shape graphs; capacity allowing).
-    batched_verify: verify several rows in one target pass (see the module docstring)."""
+    batched_verify: verify several rows in one target pass (see the module docstring); None: when the
+    target can (`multi_row_verify`)."""
 
     def __init__(self, target: Target, drafter: Drafter, k: int = 4, *, adaptive: bool = False,
-                 static_window: bool = False, batched_verify: bool = False):
+                 static_window: bool = False, batched_verify: bool | None = None):
         if k < 0:
             raise ValueError(f"draft length k={k} must be >= 0")
         self.target, self.drafter, self.k = target, drafter, k
+        if batched_verify is None:
+            batched_verify = bool(getattr(target, "multi_row_verify", False))
         self.adaptive, self.static_window, self.batched_verify = adaptive, static_window, batched_verify
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
