@@ -2,6 +2,7 @@
 
     python benchmarks/perf_table.py BUNDLE [--threads 2] [--draft-k 0,2,4,6] [--batch 1,4]
         [--gen-tokens 128] [--repetitions 3] [--draft auto,mtp,lookup,hybrid] [--head auto|clustered|full]
+        [--fast-verify]
 
 Prompts are held-out code (CPython stdlib source) and prose (python docs reST / Shakespeare), split
 by path hash exactly as the drafter's training data is (edgemtp.drafter.data). Greedy decoding.
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--draft", default="auto", help="comma list: auto, mtp, hybrid, lookup")
     ap.add_argument("--head", default="clustered", help="MTP drafter heads: clustered, full or auto (both)")
     ap.add_argument("--domains", default="code,prose")
+    ap.add_argument("--fast-verify", action="store_true", help="batched verify graph with its own packed weights")
     args = ap.parse_args()
     ks = [int(k) for k in args.draft_k.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
@@ -51,7 +53,8 @@ def main() -> None:
     result = None
     for domain in args.domains.split(","):
         result = prof.profile(args.bundle, (args.prompt_tokens,), args.gen_tokens, args.repetitions, ks,
-                              batches, "cpu", args.threads, args.draft, heldout_text(domain), head=args.head)
+                              batches, "cpu", args.threads, args.draft, heldout_text(domain), head=args.head,
+                              fast_verify=args.fast_verify)
         base = {r["batch"]: r["tg_tokens_per_s"]["mean"] for r in result["rows"]
                 if not r["skipped"] and r["draft_k"] == 0}
         for r in result["rows"]:

@@ -315,6 +315,9 @@ def test_manifest_and_graph_record_the_quantization(gemma):
     q = g["quantization"]
     assert g["quant"] == "int4" and q["head_bits"] == 4 and q["head_block_size"] == 32 and q["two_pass"] == "all"
     assert g["contract"] == bundle_mod.load(gemma["fp32"]).manifest["graphs"]["target"]["contract"]
+    # the batched verify graph reads fp32 bytes: the quantized bundle goes without it
+    assert bundle_mod.load(gemma["fp32"]).has_graph("verify")
+    assert not b.has_graph("verify") and "target_verify.onnx" not in b.manifest["files"]
     ops = set(op_types(gemma["int4"]))
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gemm" not in ops
     graph = onnx.load(str(gemma["int4"] / "target.onnx"), load_external_data=False).graph

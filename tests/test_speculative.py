@@ -242,9 +242,9 @@ def test_greedy_matches_plain_decoding(models, kind):
 
 
 def test_generate_batch_drafts_only_when_asked_to(models):
-    """Engine.generate_batch: auto does not draft at batch > 1 (slower there), lookup does; both equal
-    plain greedy per row, and auto still drafts for a single prompt."""
-    from edgemtp.runtime.engine import Draft
+    """Engine.generate_batch: auto does not draft at batch > 1 (slower there) unless the engine has the fast
+    batched verify; lookup does; all equal plain greedy per row, and auto still drafts for a single prompt."""
+    from edgemtp.runtime.engine import Draft, Engine
 
     engine = models["gemma3_text", 64]
     prompts = ["t5 t6 t7 t5 t6 t7 t5 t6 t7", "t1 t2"]
@@ -254,6 +254,9 @@ def test_generate_batch_drafts_only_when_asked_to(models):
     assert [g.tokens for g in auto] == [g.tokens for g in lookup] == plain
     assert auto[0].stats.drafted == 0 and lookup[0].stats.drafted > 0
     assert engine.generate_batch(prompts[:1], 16, draft=Draft("auto", 3))[0].stats.drafted > 0
+    fast = Engine.load(engine.bundle.dir, threads=1, fast_verify=True)  # batched verify measured faster there
+    auto = fast.generate_batch(prompts, 16, draft=Draft("auto", 3))
+    assert [g.tokens for g in auto] == plain and auto[0].stats.drafted > 0
 
 
 @pytest.mark.parametrize("kind", ["gemma3_text", "llama"])

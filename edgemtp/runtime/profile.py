@@ -171,13 +171,13 @@ def _sum(a: list[int], b: list[int]) -> list[int]:
 
 def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetitions=5, draft_ks=(0, 2, 4, 6),
             batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None,
-            head="auto", drafter_provider=None) -> dict:
+            head="auto", drafter_provider=None, fast_verify=False) -> dict:
     """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README).
 
     drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto."""
     bundle = load_bundle(bundle_dir, verify=False)
     engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False,
-                         drafter_provider=drafter_provider)
+                         drafter_provider=drafter_provider, fast_verify=fast_verify)
     static = bundle.graph("target").contract.get("verify_window")
     rows = []
     todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters_for(bundle, drafter, provider),
