@@ -10,8 +10,8 @@ out), so the split is the same on every machine. Each 512-token chunk is run thr
     lse     [n]      logsumexp of the full head's logits
     top_ids [n, T]   the T best tokens of the full head, best first; top_logits [n, T] their logits
 
-Usage: python benchmarks/head_data.py [--cache /tmp/headcal] [--bundle /tmp/g3/fp32] (the recall script
-calls `load_split`).
+Usage: python benchmarks/head_data.py [--cache /tmp/headcal] [--bundle /tmp/g3/fp32] [--calib-tokens N]
+[--heldout-tokens N] (the recall script calls `load_split`). Raising a budget appends chunks (see BUDGET).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ STDLIB = "/root/.pyenv/versions/3.11.7/lib/python3.11"
 # (tokens, chunks per file in the first round): the prose corpus has fewer files than the code one.
 # Past the first round every file gives one more chunk per round (see `file_chunks`), so raising a
 # budget only appends chunks: the ones already cached keep their keys.
-BUDGET = {("code", "heldout"): (4096, 1), ("prose", "heldout"): (4096, 1),
-          ("code", "calib"): (36864, 1), ("prose", "calib"): (36864, 2)}
+BUDGET = {("code", "heldout"): (8192, 1), ("prose", "heldout"): (8192, 1),
+          ("code", "calib"): (147456, 1), ("prose", "calib"): (147456, 2)}
 
 
 def gguf_path(cache: Path = CACHE) -> Path:
@@ -137,7 +137,7 @@ def chunk_file(cache: Path, domain: str, split: str, key: str) -> Path:
     return cache / "hidden" / f"{domain}-{split}-{digest}.npz"
 
 
-def collect(cache: Path = CACHE, bundle: Path | None = None) -> None:
+def collect(cache: Path = CACHE, bundle: Path | None = None, budgets: dict | None = None) -> None:
     """Run the model over every chunk not cached yet (held-out first, then calibration).
 
     bundle: an exported fp32 edgemtp bundle of the same model (e.g. /tmp/g3/fp32): its target graph
@@ -150,7 +150,8 @@ def collect(cache: Path = CACHE, bundle: Path | None = None) -> None:
     embed = torch.from_numpy(np.ascontiguousarray(embedding_table(cache)))
     (cache / "hidden").mkdir(parents=True, exist_ok=True)
     for split in ("heldout", "calib"):  # code and prose chunks interleaved: any prefix is balanced
-        plan = [[(d, key, ids) for key, ids in chunks(d, split, tokenize, cache)] for d in ("code", "prose")]
+        plan = [[(d, key, ids) for key, ids in chunks(d, split, tokenize, cache, (budgets or {}).get(split))]
+                for d in ("code", "prose")]
         for domain, key, ids in [c for pair in itertools.zip_longest(*plan) for c in pair if c]:
             out = chunk_file(cache, domain, split, key)
             if out.exists():
@@ -211,5 +212,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--bundle", type=Path, help="exported fp32 bundle of the same model (faster: onnxruntime)")
+    ap.add_argument("--calib-tokens", type=int, help=f"calibration tokens per domain (default {BUDGET['code', 'calib'][0]})")
+    ap.add_argument("--heldout-tokens", type=int, help=f"held-out tokens per domain (default {BUDGET['code', 'heldout'][0]})")
     args = ap.parse_args()
-    collect(args.cache, args.bundle)
+    collect(args.cache, args.bundle, {"calib": args.calib_tokens, "heldout": args.heldout_tokens})

@@ -18,13 +18,14 @@ mass = mean softmax probability held by the k selected clusters.
                  top-k where they are predicted swap into the one that is), centroids retrained:
                  `centroids.packed_tables`, what `edgemtp cluster` builds
     cli          exactly what the default `edgemtp cluster` does (head_report.cluster_model): its own
-                 8,192 calibration positions from the offline corpora's train split (edgemtp.drafter
+                 32,768 calibration positions from the offline corpora's train split (edgemtp.drafter
                  .data: stdlib code, Python docs, Shakespeare; the files this benchmark holds out are
                  skipped), the model run from a scratch ONNX export, then packed_tables. Needs the
                  model as a Hugging Face directory (--model; imported from the GGUF if missing)
 
-Hidden states come from benchmarks/head_data.py (cached under /tmp/headcal; run it first: ~25 min
-with --bundle, 1-2 h with transformers, on 2 busy cores). Held-out files are never used for fitting
+Hidden states come from benchmarks/head_data.py (cached under /tmp/headcal; run it first: ~15 min
+with --bundle on 2 idle cores for its default 294,912 calibration + 16,384 held-out positions; 1-2 h with
+transformers). Held-out files are never used for fitting
 (the split is by file, see head_data.split_of). Tables are cached per (method, seed, positions).
 
     python benchmarks/head_recall.py [--cache DIR] [--methods ...] [--positions N] [--best OUT]
@@ -33,7 +34,7 @@ with --bundle, 1-2 h with transformers, on 2 busy cores). Held-out files are nev
 --model HF_DIR: the model `cli` runs (default: imported from the cached GGUF). --head FILE ...: also
 measure existing head.safetensors files (e.g. the shipped drafter's) on the same held-out positions.
 --positions N: fit on an evenly spread subset of N calibration positions (the default `edgemtp
-cluster` collects 8,192). --best OUT: also write the swapped tables (else the last method's) as
+cluster` collects 32,768). --best OUT: also write the swapped tables (else the last method's) as
 OUT/head.safetensors (the format `edgemtp.calibration.head_report.load_head` reads) and OUT.npz
 (centroids, token_ordering, token_mask).
 """

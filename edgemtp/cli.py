@@ -257,12 +257,19 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
               help="Final hidden states [N, d] (.npy/.npz) to learn centroids from (much higher recall).")
 @click.option("--report", "report_hidden", default=None, type=click.Path(path_type=Path),
               help="Held-out hidden states (.npy/.npz): print recall and softmax mass for k in 8,16,32,64.")
-def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden):
+@click.option("--positions", default=None, type=int,
+              help="Calibration positions collected from the offline corpora when no --calibration is given "
+                   "(default 32768; more: higher held-out recall, longer run).")
+def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions):
     """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
-    from .calibration.head_report import cluster_model, recall_report
+    from .calibration.head_report import POSITIONS, cluster_model, recall_report
 
+    if positions is not None and (positions < 512 or calibration is not None):
+        raise EdgemtpError(f"--positions {positions}: " + ("at least 512" if positions < 512 else
+                                                           "applies only without --calibration"))
     with progress_bar("clustering the vocabulary") as progress:
-        path = cluster_model(model_dir, out, clusters, top_k, seed, progress, calibration)
+        path = cluster_model(model_dir, out, clusters, top_k, seed, progress, calibration,
+                             positions=positions or POSITIONS)
     click.echo(f"wrote {path}")
     if report_hidden:
         click.echo(json.dumps(recall_report(model_dir, path, report_hidden), indent=2))

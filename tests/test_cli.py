@@ -122,11 +122,13 @@ def test_export_quantized_and_evaluate(tiny_gemma3, tmp_path):
 
 
 def test_cluster_command(tiny_gemma3, tmp_path):
-    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2)
+    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2, "--positions", 2048)
     assert r.exit_code == 0, r.output
     from edgemtp.calibration.head_report import load_head
 
     tables, meta = load_head(tmp_path / "head")
-    assert tables.clusters == 8 and meta["top_k"] == 2
+    assert tables.clusters == 8 and meta["top_k"] == 2 and meta["calibration_positions"] == 2048
+    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h3", "--positions", 100)
+    assert r.exit_code == 2 and "--positions 100: at least 512" in r.output
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h2", "--clusters", 8, "--top-k", 9)
     assert r.exit_code == 2 and "error:" in r.output
