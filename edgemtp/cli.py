@@ -376,8 +376,10 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
 @click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path), help="Write a PNG plot.")
 @click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
+@click.option("--fast-verify", is_flag=True,
+              help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
 def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
-                head, drafter_provider, fmt, trace, plot_file, text_file):
+                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify):
     """Latency profile of a bundle on this device: plain vs MTP at each K, side by side."""
     from .runtime import profile as prof
     from .runtime import profile_report as report
@@ -388,7 +390,7 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
-                              drafter, text, progress, head, drafter_provider)
+                              drafter, text, progress, head, drafter_provider, fast_verify)
     click.echo(report.render(result, fmt, prof.speedups(result)))
     if trace:
         click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, threads, prefix),
