@@ -105,6 +105,19 @@ def test_prompt_lookup(history, k, want):
     assert tokens == want and q is None
 
 
+def test_hybrid_drafts_lookup_up_to_k_and_mtp_up_to_its_cap():
+    from edgemtp.runtime.drafting import HybridDrafter
+
+    class Counting:
+        def propose(self, history, k, ctx=None):
+            return [7] * k, None
+
+    hybrid = HybridDrafter(Counting(), mtp_k=2)
+    assert hybrid.propose([1, 2, 3, 1, 2], 5)[0] == [3, 1, 2, 3, 1]  # the 2-gram "1 2" repeats: lookup, k tokens
+    assert hybrid.propose([1, 2, 3, 4], 5)[0] == [7, 7]  # no repeat: the MTP drafter, capped
+    assert hybrid.propose([1, 2, 3, 4], 1)[0] == [7]
+
+
 def test_prompt_lookup_helpers_and_options():
     h = np.array([1, 2, 3, 1, 2])
     assert last_match(h, 2) == 0 and last_match(h, 3) is None and last_match(h, 5) is None

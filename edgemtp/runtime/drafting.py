@@ -81,16 +81,21 @@ class PromptLookupDrafter:
 class HybridDrafter:
     """Prompt lookup when the history repeats itself (its last `min_ngram`+ tokens occurred before), the MTP
     drafter otherwise: a copy of earlier text is a long, cheap and usually right guess where it exists,
-    and the MTP drafter covers the rest."""
+    and the MTP drafter covers the rest.
 
-    def __init__(self, mtp: Drafter, min_ngram: int = 2, max_ngram: int = 3):
-        self.mtp, self.lookup = mtp, PromptLookupDrafter(max_ngram, min_ngram)
+    The MTP drafter drafts at most `mtp_k` tokens (lookup up to k): each MTP step costs a drafter run and a
+    wider verify, and its later drafts are rarely accepted. Measured on Gemma 3 270M fp32, greedy, K = 4 / 6
+    (README): code 2.13x / 2.15x plain decoding with MTP drafting all K, 2.24x / 2.48x with mtp_k = 2; prose
+    1.87x / 1.67x -> 1.98x / 1.88x; prompt lookup alone 2.37x / 2.38x and 1.87x / 1.78x."""
+
+    def __init__(self, mtp: Drafter, min_ngram: int = 2, max_ngram: int = 3, mtp_k: int = 2):
+        self.mtp, self.lookup, self.mtp_k = mtp, PromptLookupDrafter(max_ngram, min_ngram), mtp_k
 
     def propose(self, history: Sequence[int], k: int, ctx: DraftContext | None = None):
         tokens, q = self.lookup.propose(history, k, ctx)
         if len(tokens):
             return tokens, q
-        return self.mtp.propose(history, k, ctx)
+        return self.mtp.propose(history, min(k, self.mtp_k), ctx)
 
 
 def last_match(h: np.ndarray, n: int) -> int | None:
