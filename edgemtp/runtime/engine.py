@@ -177,8 +177,8 @@ class Engine:
 
         Drafted rows are verified together through the bundle's verify graph. `--draft auto` drafts for more
         than one prompt only on an engine loaded with `fast_verify`: measured at batch 4 on Gemma 3 270M
-        (README), lookup / hybrid K = 4 gave 1.43x / 1.35x plain batched decoding on code and 1.35x / 1.31x
-        on prose with it, 1.09x / 1.01x and 0.95x / 0.87x without it. Ask for a mode to draft anyway."""
+        (README), lookup / hybrid K = 4 gave 1.48x / 1.44x plain batched decoding on code and 1.34x / 1.47x
+        on prose with it; hybrid 1.06x / 0.94x without it. Ask for a mode to draft anyway."""
         from .drafting import NoDrafter
         from .speculative import Speculative
 
