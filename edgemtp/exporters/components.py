@@ -159,7 +159,7 @@ def gqa(b: GraphBuilder, q: str, k: str, v: str, kv: tuple[str, str], slot: C.KV
 
 
 def window_attention(b: GraphBuilder, q: str, k: str, v: str, slot: C.KVSlot, view: "CacheView",
-                     num_heads: int, scale: float, softcap: float | None, capacity: int) -> str:
+                     num_heads: int, scale: float, cap: float | None, capacity: int) -> str:
     """The verify graph's attention: S new positions of each row over its cache (read, never written)
     and over themselves, for rows of different lengths at once. ONNX Runtime's CPU GroupQueryAttention
     refuses batch > 1 with S > 1 and a past; this is standard ops over the cache rows the view slices out.
@@ -182,7 +182,7 @@ def window_attention(b: GraphBuilder, q: str, k: str, v: str, slot: C.KVSlot, vi
                               for x in (past_rows[0], new_rows[0])), axis=-1)  # [B, Nk, G, S, T + S]
     if scale != 1.0:
         scores = b.op("Mul", scores, b.const(np.float32(scale)))
-    probs = b.op("Softmax", b.op("Add", _softcap(b, scores, softcap), view.bias), axis=-1)
+    probs = b.op("Softmax", b.op("Add", softcap(b, scores, cap), view.bias), axis=-1)
     sizes = b.op("Concat", b.op("Sub", view.end, view.start), b.op("Shape", q, start=1, end=2), axis=0)
     p_past, p_new = b.op("Split", probs, sizes, axis=-1, n_out=2)
     out = b.op("Add", b.op("MatMul", p_past, past_rows[1]), b.op("MatMul", p_new, new_rows[1]))  # [B, Nk, G, S, D]
@@ -263,9 +263,6 @@ def softcap(b: GraphBuilder, x: str, cap: float | None) -> str:
 def graph_outputs(b: GraphBuilder, logits: str, hidden_states: str, vocab: int, hidden: int) -> None:
     b.output(logits, C.LOGITS, FLOAT, ["batch", "num_logits", vocab])
     b.output(hidden_states, C.LAST_HIDDEN, FLOAT, ["batch", "seq", hidden])
-
-
-_softcap = softcap  # window_attention's parameter shadows the name
 
 
 def rms_norm_unscaled(b: GraphBuilder, x: str, dim: int, eps: float) -> str:
