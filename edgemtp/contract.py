@@ -4,12 +4,12 @@ Names follow the ecosystem (optimum / onnxruntime-genai). The KV cache is a set 
 buffers `[batch, kv_heads, capacity, head_dim]`, one key and one value buffer per KV-owning layer.
 A decode step never copies the cache. Two ways to update it (`TargetContract.kv_update`):
 
-- "rows": the graph reads the buffers (inputs `past_key_values.*`) and returns only the new positions'
-  keys/values (`present.*`, [batch, kv_heads, new positions, head_dim]), which the runtime writes into
-  the buffers at each sequence's length. Standard ops; several rows x several new positions per pass
-  (a batched speculative verify). Gemma 3, Llama, Qwen2.
-- "in_place": GroupQueryAttention with past and present bound to the same memory (Gemma 4, whose
-  KV-shared layers read the owner layer's present within the graph).
+- "in_place" (every target graph): GroupQueryAttention with past and present bound to the same memory.
+- "rows" (the batched verify graph of Gemma 3 / Llama / Qwen2 bundles): the graph reads the buffers
+  (inputs `past_key_values.*`) and returns only the new positions' keys/values (`present.*`, [batch,
+  kv_heads, new positions, head_dim]), which the runtime writes into the buffers at each sequence's
+  length. Standard ops, so several rows x several new positions per pass, which ONNX Runtime's CPU
+  GroupQueryAttention refuses.
 
 No tensor is ever found by substring.
 """
