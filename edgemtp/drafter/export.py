@@ -38,7 +38,7 @@ from ..checkpoint import Checkpoint
 from ..errors import EdgemtpError
 from ..exporters import components as nn
 from ..exporters import head as H
-from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external
+from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external, share_weights
 from . import DrafterConfig, load_config
 
 GRAPH = "drafter.onnx"
@@ -204,18 +204,10 @@ def write_full_head(out_dir: Path, drafter_dir: Path, entry: dict, name: str = F
     if entry["contract"]["head"]["kind"] != "clustered":
         return None
     cfg = load_config(drafter_dir)
-    main = onnx.load(str(Path(out_dir) / entry["file"]), load_external_data=False)
-    stored = {t.name: t for t in main.graph.initializer}
-    b = build(cfg, None)
-    model = b.model()
-    for t in model.graph.initializer:
-        if t.name not in b.params:  # a constant, stored in the graph itself
-            continue
-        if t.name not in stored:
-            raise EdgemtpError(f"{drafter_dir}: the full-head graph needs '{t.name}', absent from {entry['file']}")
-        t.ClearField("raw_data")
-        t.data_location = onnx.TensorProto.EXTERNAL
-        t.external_data.extend(stored[t.name].external_data)
+    try:
+        model = share_weights(build(cfg, None), Path(out_dir) / entry["file"])
+    except ValueError as e:
+        raise EdgemtpError(f"{drafter_dir}: the full-head graph cannot share the clustered graph's weights ({e})") from None
     onnx.save(model, str(Path(out_dir) / name))
     return {"file": name, "quant": entry["quant"], "contract": contract(cfg, None)}
 

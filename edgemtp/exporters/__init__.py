@@ -112,14 +112,7 @@ def write_verify(bundle_dir: Path, graph_and_contract) -> dict:
     Runtime's CPU GroupQueryAttention refuses. Its initializers point at the target's bytes in
     target.onnx.data: no weight is written twice. Returns the manifest's graph entry."""
     graph, contract = graph_and_contract
-    target = onnx.load(str(Path(bundle_dir) / "target.onnx"), load_external_data=False)
-    stored = {t.name: t for t in target.graph.initializer}
-    model = graph.model()
-    for t in model.graph.initializer:
-        if t.name in graph.params:
-            t.data_location = onnx.TensorProto.EXTERNAL
-            t.external_data.extend(stored[t.name].external_data)
-    onnx.save(model, str(Path(bundle_dir) / VERIFY_GRAPH))
+    onnx.save(builder.share_weights(graph, Path(bundle_dir) / "target.onnx"), str(Path(bundle_dir) / VERIFY_GRAPH))
     return {"file": VERIFY_GRAPH, "quant": "fp32", "contract": contract.to_json()}
 
 

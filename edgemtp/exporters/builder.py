@@ -170,6 +170,22 @@ def _set_external(t: TensorProto, location: str, offset: int, length: int) -> No
         entry.key, entry.value = k, v
 
 
+def share_weights(b: GraphBuilder, source: Path) -> onnx.ModelProto:
+    """b's model with every parameter pointing at the same-named initializer's bytes in the graph file
+    `source` (its external data): a second graph over weights already written, nothing copied."""
+    stored = {t.name: t for t in onnx.load(str(source), load_external_data=False).graph.initializer}
+    model = b.model()
+    for t in model.graph.initializer:
+        if t.name not in b.params:  # a constant, stored in the graph itself
+            continue
+        if t.name not in stored:
+            raise ValueError(f"{source}: has no initializer '{t.name}' to share")
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        t.external_data.extend(stored[t.name].external_data)
+    return model
+
+
 def transpose(w: np.ndarray) -> np.ndarray:
     """HF Linear weights are [out, in]; MatMul wants [in, out]."""
     return np.ascontiguousarray(w.T)
