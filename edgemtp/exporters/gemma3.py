@@ -7,7 +7,7 @@ import math
 from .. import contract as C
 from ..config import SLIDING, TextConfig
 from . import components as nn
-from .builder import GraphBuilder
+from .builder import GraphBuilder, plus_one
 
 
 def kv_slots(cfg: TextConfig) -> tuple[C.KVSlot, ...]:
@@ -25,13 +25,17 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
-    tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in set(cfg.layer_types)}
+    # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
+    rope = {t: nn.rope_cache(b, cfg.rope[t], cfg.head_dim, capacity) if in_place else
+            nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in set(cfg.layer_types)}
+    h = norm(b, cfg, x, "model.layers.0.input_layernorm.weight")
     for i, slot in enumerate(slots):
-        x = decoder_layer(b, cfg, f"model.layers.{i}.", x, slot, tables[cfg.layer_types[i]], io, capacity, views)
-    x = nn.gemma_rms_norm(b, x, "model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps)
-    head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
-    logits = nn.tied_head(b, nn.last_positions(b, x, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
-    nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), x, cfg.vocab_size, cfg.hidden_size)
+        after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
+        x, h = decoder_layer(b, cfg, f"model.layers.{i}.", x, h, after, slot, rope[cfg.layer_types[i]], io,
+                             capacity, views)
+    head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"  # h: the final norm's output
+    logits = nn.tied_head(b, nn.last_positions(b, h, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
+    nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), h, cfg.vocab_size, cfg.hidden_size)
     return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=drafter_kv(cfg),
                                kv_update="in_place" if in_place else "rows")
 
@@ -41,31 +45,39 @@ def drafter_kv(cfg: TextConfig) -> dict:
     return {t: max(i for i, lt in enumerate(cfg.layer_types) if lt == t) for t in set(cfg.layer_types)}
 
 
-def decoder_layer(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope: nn.RopeTables,
-                  io: nn.TargetInputs, capacity: int, views: dict | None = None) -> str:
-    h = nn.gemma_rms_norm(b, x, p + "input_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
+def norm(b, cfg: TextConfig, x: str, key: str) -> str:
+    return nn.gemma_rms_norm(b, x, key, cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def add_norm(b, cfg: TextConfig, x: str, h: str, key: str) -> tuple[str, str]:
+    return nn.add_norm(b, x, h, key, cfg.hidden_size, cfg.rms_norm_eps, plus_one)
+
+
+def decoder_layer(b, cfg: TextConfig, p: str, x: str, h: str, after: str, slot: C.KVSlot, rope,
+                  io: nn.TargetInputs, capacity: int, views: dict | None = None) -> tuple[str, str]:
+    """(residual x, h = x input-normed) -> (residual after the layer, it normed by `after`: the next
+    layer's input norm or the final norm). Each residual add shares an op with the norm that follows it."""
     h = attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity, views)
-    h = nn.gemma_rms_norm(b, h, p + "post_attention_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
-    x = b.op("Add", x, h)
-    h = nn.gemma_rms_norm(b, x, p + "pre_feedforward_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
+    x, h = add_norm(b, cfg, x, norm(b, cfg, h, p + "post_attention_layernorm.weight"),
+                    p + "pre_feedforward_layernorm.weight")
     h = nn.gated_mlp(b, h, p + "mlp.", cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
-    h = nn.gemma_rms_norm(b, h, p + "post_feedforward_layernorm.weight", cfg.hidden_size, cfg.rms_norm_eps)
-    return b.op("Add", x, h)
+    return add_norm(b, cfg, x, norm(b, cfg, h, p + "post_feedforward_layernorm.weight"), after)
 
 
-def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope: nn.RopeTables,
-              io: nn.TargetInputs, capacity: int, views: dict | None = None) -> str:
+def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.TargetInputs, capacity: int,
+              views: dict | None = None) -> str:
     """[B, S, H] -> [B, S, H]; q/k are RMS-normed per head before RoPE. views: None for GQA in place."""
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     q = nn.heads(b, nn.linear(b, x, p + "q_proj.weight", hid, n * d), n, d)
     k = nn.heads(b, nn.linear(b, x, p + "k_proj.weight", hid, nk * d), nk, d)
     v = nn.linear(b, x, p + "v_proj.weight", hid, nk * d)
-    q = nn.apply_rope(b, nn.gemma_rms_norm(b, q, p + "q_norm.weight", d, cfg.rms_norm_eps), rope, d)
-    k = nn.apply_rope(b, nn.gemma_rms_norm(b, k, p + "k_norm.weight", d, cfg.rms_norm_eps), rope, d)
-    if views is not None:
+    q = nn.gemma_rms_norm(b, q, p + "q_norm.weight", d, cfg.rms_norm_eps)
+    k = nn.gemma_rms_norm(b, k, p + "k_norm.weight", d, cfg.rms_norm_eps)
+    if views is None:  # rope: an nn.RopeCache, GroupQueryAttention rotates q and k
+        out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, nn.kv_buffers(b, slot, capacity), slot, io,
+                     n, cfg.scale, cfg.attn_logit_softcapping, rope)
+    else:  # rope: nn.RopeTables
+        q, k = nn.apply_rope(b, q, rope, d), nn.apply_rope(b, k, rope, d)
         out = nn.window_attention(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, slot, views[slot.window], n,
                                   cfg.scale, cfg.attn_logit_softcapping, capacity)
-    else:
-        out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, nn.kv_buffers(b, slot, capacity), slot, io,
-                     n, cfg.scale, cfg.attn_logit_softcapping)
     return nn.linear(b, out, p + "o_proj.weight", n * d, hid)

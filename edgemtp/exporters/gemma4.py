@@ -253,13 +253,16 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
     ple = per_layer_inputs(b, cfg, io.input_ids, x) if cfg.ple_dim else [None] * cfg.num_layers
-    tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.type_head_dim(t), io.position_ids)
-              for t in sorted(set(cfg.layer_types))}
+    # KV-owning layers' GroupQueryAttention rotates q and k from cached tables; KV-shared layers rotate q
     shared_types = sorted(set(cfg.layer_types[cfg.first_shared:]))
+    own_types = sorted(set(cfg.layer_types[:cfg.first_shared]))
+    caches = {t: nn.rope_cache(b, cfg.rope[t], cfg.type_head_dim(t), capacity) for t in own_types}
+    tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.type_head_dim(t), io.position_ids) for t in shared_types}
     views = {t: nn.cache_view(b, io, cfg.sliding_window if t == SLIDING else None) for t in shared_types}
     for i, t in enumerate(cfg.layer_types):
         # slots[j] is layer j's cache for every KV-owning j < first_shared
-        attn = Attention(cfg, i, slots[cfg.kv_owner(i)], tables[t], io, capacity, views.get(t))
+        rope = tables[t] if cfg.is_shared(i) else caches[t]
+        attn = Attention(cfg, i, slots[cfg.kv_owner(i)], rope, io, capacity, views.get(t))
         x = decoder_layer(b, cfg, i, x, ple[i], attn)
     x = nn.rms_norm(b, x, "model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps)
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
@@ -288,8 +291,8 @@ def decoder_layer(b: GraphBuilder, cfg: Gemma4Config, i: int, x: str, ple: str |
     the whole residual stream times `layer_scalar`."""
     p, hid, eps = f"model.layers.{i}.", cfg.hidden_size, cfg.rms_norm_eps
     h = attn(b, nn.rms_norm(b, x, p + "input_layernorm.weight", hid, eps))
-    x = b.op("Add", x, nn.rms_norm(b, h, p + "post_attention_layernorm.weight", hid, eps))
-    h = nn.rms_norm(b, x, p + "pre_feedforward_layernorm.weight", hid, eps)
+    x, h = nn.add_norm(b, x, nn.rms_norm(b, h, p + "post_attention_layernorm.weight", hid, eps),
+                       p + "pre_feedforward_layernorm.weight", hid, eps)
     h = nn.gated_mlp(b, h, p + "mlp.", hid, cfg.mlp_width(i), cfg.hidden_activation)
     x = b.op("Add", x, nn.rms_norm(b, h, p + "post_feedforward_layernorm.weight", hid, eps))
     if ple is not None:
@@ -307,7 +310,7 @@ class Attention:
     cfg: Gemma4Config
     i: int
     slot: C.KVSlot
-    rope: nn.RopeTables
+    rope: nn.RopeTables | nn.RopeCache  # a cache for KV-owning layers (GroupQueryAttention rotates)
     io: nn.TargetInputs
     capacity: int
     view: nn.CacheView | None = None  # KV-shared layers: the cache positions of their type
@@ -317,11 +320,11 @@ class Attention:
         return self.shared(b, x) if self.cfg.is_shared(self.i) else self.own(b, x)
 
     def query(self, b: GraphBuilder, x: str) -> str:
-        """x [B, S, H] -> q [B, S, N*D], RMS-normed per head, then RoPE."""
+        """x [B, S, H] -> q [B, S, N*D], RMS-normed per head, then RoPE unless GroupQueryAttention does it."""
         p, n, d = self.prefix, self.cfg.num_heads, self.cfg.head_dims[self.i]
         q = nn.heads(b, nn.linear(b, x, p + "q_proj.weight", self.cfg.hidden_size, n * d), n, d)
         q = nn.rms_norm(b, q, p + "q_norm.weight", d, self.cfg.rms_norm_eps)
-        return nn.merge_heads(b, nn.apply_rope(b, q, self.rope, d))
+        return nn.merge_heads(b, q if isinstance(self.rope, nn.RopeCache) else nn.apply_rope(b, q, self.rope, d))
 
     def own(self, b: GraphBuilder, x: str) -> str:
         """A KV-owning layer: appends its K/V to its cache in place. [B, S, H] -> [B, S, H]."""
@@ -330,10 +333,10 @@ class Attention:
         # attention_k_eq_v: values are the key projection itself, taken before k_norm and RoPE
         v = k_raw if cfg.values_are_keys(self.i) else \
             nn.heads(b, nn.linear(b, x, p + "v_proj.weight", cfg.hidden_size, nk * d), nk, d)
-        k = nn.apply_rope(b, nn.rms_norm(b, k_raw, p + "k_norm.weight", d, cfg.rms_norm_eps), self.rope, d)
+        k = nn.rms_norm(b, k_raw, p + "k_norm.weight", d, cfg.rms_norm_eps)
         k, v = nn.merge_heads(b, k), nn.merge_heads(b, nn.rms_norm_unscaled(b, v, d, cfg.rms_norm_eps))
         buffers = nn.kv_buffers(b, self.slot, self.capacity)
-        out = nn.gqa(b, self.query(b, x), k, v, buffers, self.slot, self.io, cfg.num_heads, 1.0, None)
+        out = nn.gqa(b, self.query(b, x), k, v, buffers, self.slot, self.io, cfg.num_heads, 1.0, None, self.rope)
         return self.output(b, out)
 
     def shared(self, b: GraphBuilder, x: str) -> str:

@@ -38,19 +38,20 @@ def resolve_provider(name: str, flag: str = "--provider") -> str:
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
                  profile_prefix: str | None = None, spin: bool = True, prepack: bool = True) -> ort.InferenceSession:
     """`profile_prefix`: record ONNX Runtime's per-op profile (a Chrome trace) to that file prefix.
-    `spin` False: the session's threads sleep as soon as a run ends instead of spin-waiting for the next
-    one. Spinning speeds one session up (~15% on plain decoding here), but with a target and an MTP
-    drafter taking turns on the same cores each session's spinning threads steal the other's CPU:
-    measured on 2 cores, greedy MTP K = 2 went from 0.70x to 1.32x plain decoding, hybrid K = 4 from
-    1.46x to 2.17x, with spinning off in both.
+    `spin` False: the session's threads stop spin-waiting as soon as a run ends. Spinning between runs
+    suits a lone session, but with a target and an MTP drafter taking turns on the same cores each
+    session's spinning threads steal the other's CPU: measured on 2 cores, greedy MTP K = 2 went from
+    0.70x to 1.32x plain decoding, hybrid K = 4 from 1.46x to 2.17x, with spinning off in both. Spinning
+    within a run stays on (session.force_spinning_stop rather than allow_spinning 0): with no spinning at
+    all each of a decode step's ~370 ops waits for sleeping threads, and plain decoding ran 4–12% slower,
+    hybrid K = 4 6–7% slower (benchmarks/perf_table.py, Gemma 3 270M).
     `prepack` False: ONNX Runtime keeps no packed copy of the MatMul weights (a second session over the same
     weights then costs ~7 MB instead of ~1.7 GB for Gemma 3 270M fp32, its passes run slower)."""
     opts = ort.SessionOptions()
     if not prepack:  # weights stay in the memory-mapped data file, shared with another session over it
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not spin:  # spin-wait between the ops of a run, not after it
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
