@@ -38,7 +38,7 @@ from ..checkpoint import Checkpoint
 from ..errors import EdgemtpError
 from ..exporters import components as nn
 from ..exporters import head as H
-from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external, share_weights
+from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external, read_param, share_weights
 from . import DrafterConfig, load_config
 
 GRAPH = "drafter.onnx"
@@ -227,9 +227,12 @@ def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, e
             if prm.source == embedding and share_embedding:
                 _set_external(inits[prm.name], location, offset, length)
                 continue
-            arr = _embedding(target_graph.parent / location, offset, cfg) if prm.source == embedding \
-                else weights[prm.source]
-            arr = np.ascontiguousarray(prm.transform(arr) if prm.transform else arr, dtype=prm.dtype)
+            if prm.source == embedding:
+                arr = _embedding(target_graph.parent / location, offset, cfg)
+                arr = prm.transform(arr) if prm.transform else arr
+            else:
+                arr = read_param(prm, weights.__getitem__)
+            arr = np.ascontiguousarray(arr, dtype=prm.dtype)
             if tuple(arr.shape) != prm.shape:
                 raise EdgemtpError(f"{weights.dir}: tensor '{prm.source}' has shape {list(arr.shape)}, "
                                    f"config.json implies {list(prm.shape)}")

@@ -236,15 +236,17 @@ def model_facts(cfg) -> dict:
 
 def _check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path) -> None:
     """Every parameter the graph needs exists with the right element count, before writing anything."""
-    missing = [p.source for p in graph.params.values() if p.source not in ckpt]
+    missing = [key for p in graph.params.values() for key in builder.sources(p) if key not in ckpt]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise EdgemtpError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
     for p in graph.params.values():
-        have = ckpt.shape(p.source)
+        shapes = [ckpt.shape(key) for key in builder.sources(p)]
+        # joined parameters (q/k/v, gate/up) stack Linear weights [out, in] along their output axis
+        have = (sum(s[0] for s in shapes), *shapes[0][1:])
         if sorted(have) != sorted(p.shape):
-            raise EdgemtpError(f"{model_dir}: tensor '{p.source}' has shape {list(have)}, "
-                               f"config.json implies {list(p.shape)}")
+            what = " + ".join(f"'{key}'" for key in builder.sources(p))
+            raise EdgemtpError(f"{model_dir}: tensor {what} has shape {list(have)}, config.json implies {list(p.shape)}")
 
 
 __all__ = ["export", "load_config", "TextConfig", "QUANTS"]

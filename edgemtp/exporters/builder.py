@@ -33,7 +33,7 @@ class Param:
     """An initializer to bind at save time: `source` is the checkpoint key it is read from."""
 
     name: str
-    source: str
+    source: str | tuple[str, ...]  # a tuple: those tensors, each transformed, joined along the last axis
     shape: tuple[int, ...]
     dtype: np.dtype
     transform: Transform | None = None
@@ -65,9 +65,10 @@ class GraphBuilder:
             self.op("Identity", value, out=name)
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
-    def param(self, source: str, shape, transform: Transform | None = None, name: str | None = None,
+    def param(self, source: str | tuple[str, ...], shape, transform: Transform | None = None, name: str | None = None,
               dtype=np.float32) -> str:
-        """Declare a weight read from checkpoint key `source` (transformed, e.g. transposed, at bind)."""
+        """Declare a weight read from checkpoint key `source` (transformed, e.g. transposed, at bind), or
+        from several keys joined along the last axis (`name` then required)."""
         name = name or source
         p = Param(name, source, tuple(int(s) for s in shape), np.dtype(dtype), transform)
         old = self.params.get(name)
@@ -133,19 +134,29 @@ def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
         for i, p in enumerate(params):
             offset = _align(f)
             row_bytes = int(np.prod(p.shape[1:], dtype=np.int64)) * p.dtype.itemsize
-            if read_rows is not None and p.transform is None and row_bytes * p.shape[0] > ROWS_BYTES:
+            big = p.transform is None and isinstance(p.source, str) and row_bytes * p.shape[0] > ROWS_BYTES
+            if read_rows is not None and big:
                 step = max(1, ROWS_BYTES // max(row_bytes, 1))
                 for start in range(0, p.shape[0], step):
                     ids = np.arange(start, min(start + step, p.shape[0]))
                     _write(f, p, read_rows(p.source, ids), (len(ids), *p.shape[1:]))
             else:
-                arr = read(p.source)
-                _write(f, p, arr if p.transform is None else p.transform(arr), p.shape)
+                _write(f, p, read_param(p, read), p.shape)
             _set_external(by_name[p.name], data_name, offset, f.tell() - offset)
             if progress:
                 progress(i + 1, len(params), p.name)
     onnx.save(model, str(path))
     return [path.name, data_name]
+
+
+def sources(p: Param) -> tuple[str, ...]:
+    return (p.source,) if isinstance(p.source, str) else p.source
+
+
+def read_param(p: Param, read: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The parameter's value: its checkpoint tensor(s), transformed, joined along the last axis."""
+    parts = [read(key) if p.transform is None else p.transform(read(key)) for key in sources(p)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 
 def _write(f, p: Param, arr: np.ndarray, shape: tuple) -> None:

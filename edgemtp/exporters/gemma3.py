@@ -68,11 +68,10 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
               views: dict | None = None) -> str:
     """[B, S, H] -> [B, S, H]; q/k are RMS-normed per head before RoPE. views: None for GQA in place."""
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    q = nn.heads(b, nn.linear(b, x, p + "q_proj.weight", hid, n * d), n, d)
-    k = nn.heads(b, nn.linear(b, x, p + "k_proj.weight", hid, nk * d), nk, d)
-    v = nn.linear(b, x, p + "v_proj.weight", hid, nk * d)
-    q = nn.gemma_rms_norm(b, q, p + "q_norm.weight", d, cfg.rms_norm_eps)
-    k = nn.gemma_rms_norm(b, k, p + "k_norm.weight", d, cfg.rms_norm_eps)
+    q, k, v = nn.linears(b, x, [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"], hid,
+                         [n * d, nk * d, nk * d])
+    q = nn.gemma_rms_norm(b, nn.heads(b, q, n, d), p + "q_norm.weight", d, cfg.rms_norm_eps)
+    k = nn.gemma_rms_norm(b, nn.heads(b, k, nk, d), p + "k_norm.weight", d, cfg.rms_norm_eps)
     if views is None:  # rope: an nn.RopeCache, GroupQueryAttention rotates q and k
         out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, nn.kv_buffers(b, slot, capacity), slot, io,
                      n, cfg.scale, cfg.attn_logit_softcapping, rope)

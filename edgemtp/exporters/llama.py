@@ -40,10 +40,9 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
 def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.TargetInputs, capacity: int,
               view: nn.CacheView | None = None) -> str:
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    bias = (lambda name: p + name + ".bias") if cfg.attention_bias else (lambda name: None)
-    q = nn.linear(b, x, p + "q_proj.weight", hid, n * d, bias("q_proj"))
-    k = nn.linear(b, x, p + "k_proj.weight", hid, nk * d, bias("k_proj"))
-    v = nn.linear(b, x, p + "v_proj.weight", hid, nk * d, bias("v_proj"))
+    names = [p + "q_proj", p + "k_proj", p + "v_proj"]
+    q, k, v = nn.linears(b, x, [m + ".weight" for m in names], hid, [n * d, nk * d, nk * d],
+                         [m + ".bias" for m in names] if cfg.attention_bias else None)
     if view is None:  # rope: an nn.RopeCache, GroupQueryAttention rotates q and k
         out = nn.gqa(b, q, k, v, nn.kv_buffers(b, slot, capacity), slot, io, n, cfg.scale, None, rope)
     else:  # rope: nn.RopeTables
