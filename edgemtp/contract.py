@@ -23,6 +23,10 @@ POSITION_IDS = "position_ids"
 SEQLENS_K = "seqlens_k"  # [batch] int32: tokens in the cache after this step, minus one
 TOTAL_SEQ_LEN = "total_sequence_length"  # scalar int32: max over the batch of seqlens_k + 1
 NUM_LOGITS = "num_logits"  # scalar int64: logits only for the last n positions
+# Graphs with `window_views`: the sliding layers' GroupQueryAttention reads its buffers from an offset on
+# (see TargetContract.window_offset), and these are seqlens_k / total_sequence_length counted from there.
+WINDOW_SEQLENS_K = "window_seqlens_k"
+WINDOW_TOTAL_SEQ_LEN = "window_total_sequence_length"
 LOGITS = "logits"
 LAST_HIDDEN = "last_hidden_state"
 
@@ -63,6 +67,23 @@ class TargetContract:
     # {"sliding_attention": 13, "full_attention": 14} (DESIGN.md §2).
     drafter_kv: dict
     kv_update: str = "in_place"  # or "rows": see the module docstring
+    window_views: bool = False  # sliding layers read their buffers from window_offset() on (WINDOW_* inputs)
+
+    @property
+    def sliding_window(self) -> int | None:
+        windows = {s.window for s in self.kv if s.window}
+        return min(windows) if windows else None
+
+    def window_offset(self, length: int) -> int:
+        """Where a one-row pass's sliding layers start reading their buffers, for a row of `length` committed
+        tokens. ONNX Runtime's CPU GroupQueryAttention scores every past position, in the window or not, so
+        it is handed a view that starts at most 1.5 windows back; the start moves in half-window steps, so
+        one view serves many steps. Positions before it are outside every new query's window."""
+        w = self.sliding_window
+        if not self.window_views or not w:
+            return 0
+        step = max(1, w // 2)
+        return max(0, (length - w) // step * step)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -74,4 +95,4 @@ class TargetContract:
         return cls(vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
                    capacity=int(d["capacity"]), kv=tuple(KVSlot(**s) for s in d["kv"]),
                    drafter_kv={k: int(v) for k, v in d.get("drafter_kv", {}).items()},
-                   kv_update=str(d.get("kv_update", "in_place")))
+                   kv_update=str(d.get("kv_update", "in_place")), window_views=bool(d.get("window_views", False)))

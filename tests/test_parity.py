@@ -14,14 +14,15 @@ from edgemtp.runtime.engine import Engine  # noqa: E402
 from .reference import reference_logits, save_tiny  # noqa: E402
 
 WINDOW = 8
-CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 14  # prefill, decode steps and multi-token (verify-like) steps
+CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 10 + [3] + [1] * 4  # prefill, decode steps and multi-token (verify-like) steps
 
 
 def tiny(kind: str):
     torch.manual_seed(0)
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if kind == "gemma3_text":
+                  num_attention_heads=4, num_key_value_heads=1 if kind == "gemma3_text_mqa" else 2,
+                  max_position_embeddings=256)
+    if kind.startswith("gemma3_text"):
         cfg = transformers.Gemma3TextConfig(**common, head_dim=32, sliding_window=WINDOW,
                                             layer_types=["sliding_attention", "full_attention"] * 2,
                                             query_pre_attn_scalar=24, final_logit_softcapping=30.0)
@@ -48,12 +49,18 @@ def _randomize_norms(model) -> None:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "llama" in type(model).__name__.lower() else 0.0))
 
 
-@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "qwen2"])
 def test_logits_match_transformers(kind, tmp_path):
+    """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
+    TargetContract.window_offset on, which moves 3 times over these steps."""
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
     export(model_dir, tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
+    contract = engine.target.contract
+    assert contract.window_views == (kind == "gemma3_text_mqa")
+    if contract.window_views:
+        assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
     ref = reference_logits(model, ids, CHUNKS)
     cache = engine.target.new_cache(1)

@@ -23,6 +23,10 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     io = nn.target_inputs(b)
     slots = kv_slots(cfg)
     views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
+    # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer,
+    # which is contiguous memory when the layer has one KV head (TargetContract.window_offset)
+    window_views = in_place and all(s.num_heads == 1 for s in slots if s.window)
+    window = nn.window_lengths(b) if window_views else None
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
     # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
@@ -32,12 +36,12 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     for i, slot in enumerate(slots):
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
         x, h = decoder_layer(b, cfg, f"model.layers.{i}.", x, h, after, slot, rope[cfg.layer_types[i]], io,
-                             capacity, views)
+                             capacity, views, window if slot.window else None)
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"  # h: the final norm's output
     logits = nn.tied_head(b, nn.last_positions(b, h, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
     nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), h, cfg.vocab_size, cfg.hidden_size)
     return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=drafter_kv(cfg),
-                               kv_update="in_place" if in_place else "rows")
+                               kv_update="in_place" if in_place else "rows", window_views=window_views)
 
 
 def drafter_kv(cfg: TextConfig) -> dict:
@@ -54,10 +58,11 @@ def add_norm(b, cfg: TextConfig, x: str, h: str, key: str) -> tuple[str, str]:
 
 
 def decoder_layer(b, cfg: TextConfig, p: str, x: str, h: str, after: str, slot: C.KVSlot, rope,
-                  io: nn.TargetInputs, capacity: int, views: dict | None = None) -> tuple[str, str]:
+                  io: nn.TargetInputs, capacity: int, views: dict | None = None,
+                  lengths: tuple[str, str] | None = None) -> tuple[str, str]:
     """(residual x, h = x input-normed) -> (residual after the layer, it normed by `after`: the next
     layer's input norm or the final norm). Each residual add shares an op with the norm that follows it."""
-    h = attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity, views)
+    h = attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity, views, lengths)
     x, h = add_norm(b, cfg, x, norm(b, cfg, h, p + "post_attention_layernorm.weight"),
                     p + "pre_feedforward_layernorm.weight")
     h = nn.gated_mlp(b, h, p + "mlp.", cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation)
@@ -65,16 +70,18 @@ def decoder_layer(b, cfg: TextConfig, p: str, x: str, h: str, after: str, slot: 
 
 
 def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.TargetInputs, capacity: int,
-              views: dict | None = None) -> str:
-    """[B, S, H] -> [B, S, H]; q/k are RMS-normed per head before RoPE. views: None for GQA in place."""
+              views: dict | None = None, lengths: tuple[str, str] | None = None) -> str:
+    """[B, S, H] -> [B, S, H]; q/k are RMS-normed per head before RoPE. views: None for GQA in place.
+    lengths: the window-view seqlens_k / total_sequence_length inputs for this layer's GQA."""
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     q, k, v = nn.linears(b, x, [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"], hid,
                          [n * d, nk * d, nk * d])
     q = nn.gemma_rms_norm(b, nn.heads(b, q, n, d), p + "q_norm.weight", d, cfg.rms_norm_eps)
     k = nn.gemma_rms_norm(b, nn.heads(b, k, nk, d), p + "k_norm.weight", d, cfg.rms_norm_eps)
     if views is None:  # rope: an nn.RopeCache, GroupQueryAttention rotates q and k
-        out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, nn.kv_buffers(b, slot, capacity), slot, io,
-                     n, cfg.scale, cfg.attn_logit_softcapping, rope)
+        buffers = nn.kv_buffers(b, slot, capacity, window_view=lengths is not None)
+        out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, buffers, slot, io,
+                     n, cfg.scale, cfg.attn_logit_softcapping, rope, lengths)
     else:  # rope: nn.RopeTables
         q, k = nn.apply_rope(b, q, rope, d), nn.apply_rope(b, k, rope, d)
         out = nn.window_attention(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, slot, views[slot.window], n,

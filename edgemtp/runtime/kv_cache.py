@@ -21,16 +21,29 @@ class KVCache:
         self.values = {s.layer: np.zeros_like(self.keys[s.layer]) for s in slots}
         self.lengths = np.zeros(batch, np.int64)
         self._views: dict = {}
+        self._window_views: dict = {}  # rows -> (offset, views of the sliding layers' buffers from it)
 
-    def ort_values(self, rows: slice) -> dict[int, tuple[ort.OrtValue, ort.OrtValue]]:
-        """OrtValues over the buffers of sequences `rows` (contiguous: the batch axis is first)."""
+    def ort_values(self, rows: slice, window_offset: int = 0) -> dict[int, tuple[ort.OrtValue, ort.OrtValue]]:
+        """OrtValues over the buffers of sequences `rows` (contiguous: the batch axis is first).
+
+        `window_offset` > 0 (one row, one KV head): the sliding-window layers' buffers from that position on,
+        still contiguous memory, so a graph writing into them writes into the buffers."""
         key = (rows.start, rows.stop)
         if key not in self._views:
-            self._views[key] = {
-                layer: (ort.OrtValue.ortvalue_from_numpy(self.keys[layer][rows]),
-                        ort.OrtValue.ortvalue_from_numpy(self.values[layer][rows]))
-                for layer in self.keys}
-        return self._views[key]
+            self._views[key] = {layer: self._view(layer, rows, 0) for layer in self.keys}
+        if not window_offset:
+            return self._views[key]
+        offset, views = self._window_views.get(key, (None, None))
+        if offset != window_offset:  # the previous offset's views are dropped: the offset only moves on
+            views = {s.layer: self._view(s.layer, rows, window_offset) for s in self.slots if s.window}
+            self._window_views[key] = (window_offset, views)
+        return {**self._views[key], **views}
+
+    def _view(self, layer: int, rows: slice, offset: int) -> tuple[ort.OrtValue, ort.OrtValue]:
+        arrays = [buffer[layer][rows, :, offset:] for buffer in (self.keys, self.values)]
+        if not all(a.flags.c_contiguous for a in arrays):  # an OrtValue over a copy would not update the cache
+            raise ValueError(f"layer {layer}: a view from position {offset} needs one row and one KV head")
+        return tuple(ort.OrtValue.ortvalue_from_numpy(a) for a in arrays)
 
     def room(self, b: int) -> int:
         return self.capacity - int(self.lengths[b])

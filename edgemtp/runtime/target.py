@@ -62,9 +62,14 @@ class Target:
         io.bind_cpu_input(C.SEQLENS_K, (lengths + S - 1).astype(np.int32))
         io.bind_cpu_input(C.TOTAL_SEQ_LEN, np.array(int(lengths.max()) + S, np.int32))
         io.bind_cpu_input(C.NUM_LOGITS, np.array(n_logits, np.int64))
+        offset = 0
+        if self.contract.window_views:  # sliding layers read from an offset on when the pass has one row
+            offset = self.contract.window_offset(int(lengths[0])) if len(lengths) == 1 else 0
+            io.bind_cpu_input(C.WINDOW_SEQLENS_K, (lengths + S - 1 - offset).astype(np.int32))
+            io.bind_cpu_input(C.WINDOW_TOTAL_SEQ_LEN, np.array(int(lengths.max()) + S - offset, np.int32))
         for name in names:  # first: get_outputs() lists the outputs in binding order
             io.bind_output(name)
-        values = cache.ort_values(rows)
+        values = cache.ort_values(rows, offset)
         in_place = self.contract.kv_update == "in_place"
         for layer, (k, v) in values.items():
             io.bind_ortvalue_input(C.past_key(layer), k)
