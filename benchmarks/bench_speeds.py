@@ -1,0 +1,38 @@
+"""Plain decode tokens/s of several bundles in one run, each as a ratio to the first.
+
+    python benchmarks/bench_speeds.py FP32_BUNDLE INT4_BUNDLE [MORE ...] [--threads 2] [--runs 2]
+
+64 greedy tokens after a 128-token code prompt, best of 3 per run, the engines taking turns so that load
+from other jobs hits all alike (bench_quant.decode_speeds). Compare the ratios: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench_quant import decode_speeds
+
+from edgemtp.runtime.engine import Engine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bundles", type=Path, nargs="+")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=2)
+    args = ap.parse_args()
+    first = Engine.load(args.bundles[0], verify=False)
+    prompt_ids = first.encode((Path(__file__).parent.parent / "edgemtp" / "cli.py").read_text())
+    del first
+    labels = {f"{i}:{b}": b for i, b in enumerate(args.bundles)}
+    for run in range(args.runs):
+        best, how = decode_speeds(labels, prompt_ids, args.threads)
+        base = next(iter(best.values()))
+        print(f"run {run + 1} ({how})")
+        for label, tps in best.items():
+            print(f"  {label.split(':', 1)[1]:40s} {tps:6.1f} tokens/s  {tps / base:.2f}x the first")
+
+
+if __name__ == "__main__":
+    main()
