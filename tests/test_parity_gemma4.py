@@ -11,7 +11,7 @@ from edgemtp.errors import EdgemtpError
 from edgemtp.exporters import export, gemma4, load_config
 
 WINDOW = 8
-CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 14  # prefill, decode steps and multi-token (verify-like) steps
+CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 10 + [3] + [1] * 4  # prefill, decode steps and multi-token (verify-like) steps
 S, F = "sliding_attention", "full_attention"
 # layers 5-7 are KV-shared: 5 and 6 read layer 3's cache, 7 reads layer 4's (k_eq_v, other head dim)
 LAYER_TYPES = [S, F, S, S, F, S, S, F]
@@ -30,7 +30,9 @@ def tiny(kind: str):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    if kind == "gemma4_text":
+    if kind == "gemma4_text_mqa":  # one KV head on the sliding layers, as E2B: window_views
+        model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**{**TEXT, "num_key_value_heads": 1}))
+    elif kind == "gemma4_text":
         model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**TEXT))
     else:  # the multimodal checkpoint layout: model.language_model.*, model_type gemma4 + text_config
         cfg = transformers.Gemma4Config(text_config=TEXT, vision_config=None, audio_config=None)
@@ -52,7 +54,7 @@ def _randomize(model) -> None:
                 buf.copy_(torch.empty_like(buf).uniform_(0.5, 1.5))
 
 
-@pytest.mark.parametrize("kind", ["gemma4_text", "gemma4"])
+@pytest.mark.parametrize("kind", ["gemma4_text", "gemma4", "gemma4_text_mqa"])
 def test_logits_match_transformers(kind, tmp_path):
     from edgemtp.runtime.engine import Engine
 
@@ -64,8 +66,12 @@ def test_logits_match_transformers(kind, tmp_path):
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
     assert [s.layer for s in contract.kv] == [0, 1, 2, 3, 4]  # shared layers own no cache
-    assert [(s.num_heads, s.head_dim, s.window) for s in contract.kv[:2]] == [(2, 16, WINDOW), (1, 32, None)]
+    heads = 1 if kind == "gemma4_text_mqa" else 2
+    assert [(s.num_heads, s.head_dim, s.window) for s in contract.kv[:2]] == [(heads, 16, WINDOW), (1, 32, None)]
     assert contract.drafter_kv == {S: 3, F: 4}
+    assert contract.window_views == (kind == "gemma4_text_mqa")
+    if contract.window_views:  # the sliding owners' buffers (and so layers 5 and 6's reads) start there
+        assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
     ref = reference_logits(model, ids, CHUNKS)
     cache = engine.target.new_cache(1)

@@ -336,16 +336,19 @@ def activation(b: GraphBuilder, x: str, act: str) -> str:
 class CacheView:
     """Which cache positions a query may attend to, shared by the KV-shared layers of one type."""
 
-    start: str  # [1] int64: first position sliced out of the buffer
-    end: str  # [1] int64: one past the last (total_sequence_length)
+    start: str  # [1] int64: first row sliced out of the bound buffer (a position, less any window offset)
+    end: str  # [1] int64: one past the last
     bias: str  # [B, 1, 1, S, T] additive mask, T = end - start
 
 
-def cache_view(b: GraphBuilder, io: TargetInputs, window: int | None) -> CacheView:
+def cache_view(b: GraphBuilder, io: TargetInputs, window: int | None,
+               lengths: tuple[str, str] | None = None) -> CacheView:
     """Causal (optionally sliding-window) mask over cache positions [start, total_len).
 
     Query s of row b sits at position_ids[b, s] and sees key j iff j <= pos (and j > pos - window). A
-    sliding view starts at the earliest key any query of the batch can see, so only ~window rows are read."""
+    sliding view starts at the earliest key any query of the batch can see, so only ~window rows are read.
+    `lengths` (window_lengths): the buffers are bound from an offset on (total_len - the window total), so
+    the rows sliced are the positions minus that offset."""
     end = b.op("Reshape", b.op("Cast", io.total_len, to=INT64), b.const([1], np.int64))
     start = b.const([0], np.int64)
     if window:
@@ -357,6 +360,9 @@ def cache_view(b: GraphBuilder, io: TargetInputs, window: int | None) -> CacheVi
     if window:
         ok = b.op("And", ok, b.op("Greater", keys, b.op("Sub", pos, b.const(window, np.int64))))
     bias = b.op("Where", ok, b.const(np.float32(0)), b.const(np.float32(np.finfo(np.float32).min)))
+    if lengths is not None:
+        offset = b.op("Sub", end, b.op("Reshape", b.op("Cast", lengths[1], to=INT64), b.const([1], np.int64)))
+        start, end = b.op("Sub", start, offset), b.op("Sub", end, offset)
     return CacheView(start, end, b.op("Unsqueeze", bias, b.const([1, 2], np.int64)))
 
 

@@ -258,17 +258,24 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     own_types = sorted(set(cfg.layer_types[:cfg.first_shared]))
     caches = {t: nn.rope_cache(b, cfg.rope[t], cfg.type_head_dim(t), capacity) for t in own_types}
     tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.type_head_dim(t), io.position_ids) for t in shared_types}
-    views = {t: nn.cache_view(b, io, cfg.sliding_window if t == SLIDING else None) for t in shared_types}
+    # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer,
+    # which is contiguous memory when the layer has one KV head (TargetContract.window_offset)
+    window_views = all(s.num_heads == 1 for s in slots if s.window)
+    window = nn.window_lengths(b) if window_views else None
+    views = {t: nn.cache_view(b, io, cfg.sliding_window, window) if t == SLIDING else nn.cache_view(b, io, None)
+             for t in shared_types}
     for i, t in enumerate(cfg.layer_types):
         # slots[j] is layer j's cache for every KV-owning j < first_shared
         rope = tables[t] if cfg.is_shared(i) else caches[t]
-        attn = Attention(cfg, i, slots[cfg.kv_owner(i)], rope, io, capacity, views.get(t))
+        attn = Attention(cfg, i, slots[cfg.kv_owner(i)], rope, io, capacity, views.get(t),
+                         window if t == SLIDING else None)
         x = decoder_layer(b, cfg, i, x, ple[i], attn)
     x = nn.rms_norm(b, x, "model.norm.weight", cfg.hidden_size, cfg.rms_norm_eps)
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
     logits = nn.tied_head(b, nn.last_positions(b, x, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
     nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), x, cfg.vocab_size, cfg.hidden_size)
-    return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=cfg.drafter_kv())
+    return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=cfg.drafter_kv(),
+                               window_views=window_views)
 
 
 def per_layer_inputs(b: GraphBuilder, cfg: Gemma4Config, ids: str, x: str) -> list[str]:
@@ -314,6 +321,7 @@ class Attention:
     io: nn.TargetInputs
     capacity: int
     view: nn.CacheView | None = None  # KV-shared layers: the cache positions of their type
+    lengths: tuple[str, str] | None = None  # sliding layers of a window_views graph: nn.window_lengths
 
     def __call__(self, b: GraphBuilder, x: str) -> str:
         """x [B, S, H] -> [B, S, H]"""
@@ -335,8 +343,9 @@ class Attention:
             nn.heads(b, nn.linear(b, x, p + "v_proj.weight", cfg.hidden_size, nk * d), nk, d)
         k = nn.rms_norm(b, k_raw, p + "k_norm.weight", d, cfg.rms_norm_eps)
         k, v = nn.merge_heads(b, k), nn.merge_heads(b, nn.rms_norm_unscaled(b, v, d, cfg.rms_norm_eps))
-        buffers = nn.kv_buffers(b, self.slot, self.capacity)
-        out = nn.gqa(b, self.query(b, x), k, v, buffers, self.slot, self.io, cfg.num_heads, 1.0, None, self.rope)
+        buffers = nn.kv_buffers(b, self.slot, self.capacity, window_view=self.lengths is not None)
+        out = nn.gqa(b, self.query(b, x), k, v, buffers, self.slot, self.io, cfg.num_heads, 1.0, None, self.rope,
+                     self.lengths)
         return self.output(b, out)
 
     def shared(self, b: GraphBuilder, x: str) -> str:
