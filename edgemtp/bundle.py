@@ -21,7 +21,8 @@ from .errors import EdgemtpError
 
 MANIFEST = "edgemtp.json"
 FORMAT = "edgemtp-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a target contract may have window_views (graph inputs an older runtime would not feed)
+READS = (1, 2)  # version 1 bundles load as they are
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -123,9 +124,9 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
 def _check_fields(m: dict, mpath: Path) -> None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EdgemtpError(f"{mpath}: field 'format' is not '{FORMAT}'")
-    if m.get("schema_version") != SCHEMA_VERSION:
+    if m.get("schema_version") not in READS:
         raise EdgemtpError(f"{mpath}: schema_version {m.get('schema_version')!r} unsupported "
-                           f"(this edgemtp reads {SCHEMA_VERSION})")
+                           f"(this edgemtp reads {', '.join(map(str, READS))})")
     for key, kind in (("model", dict), ("graphs", dict), ("files", dict), ("tokenizer", str)):
         if not isinstance(m.get(key), kind):
             raise EdgemtpError(f"{mpath}: field '{key}' missing or not a {kind.__name__}")

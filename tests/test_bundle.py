@@ -65,6 +65,16 @@ def test_missing_and_corrupt_manifest(tmp_path):
         bundle.load(tmp_path)
 
 
+def test_version_1_bundles_still_load(tiny_gemma3, tmp_path):
+    """Schema 2 only adds what a version-1 bundle lacks (a contract's window_views, default off)."""
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    m = json.loads((b / "edgemtp.json").read_text())
+    assert m["schema_version"] == 2
+    m["schema_version"] = 1
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    assert bundle.load(b).manifest["schema_version"] == 1
+
+
 def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch):
     _, model_dir, _ = tiny_gemma3
     real_save = builder.save
