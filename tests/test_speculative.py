@@ -215,12 +215,14 @@ def models(tmp_path_factory):
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)).eval()
     tmp = tmp_path_factory.mktemp("spec")
     out = {}
-    for kind, model in [("gemma3_text", tiny("gemma3_text")), ("llama", llama)]:
+    for kind, model in [("gemma3_text", tiny("gemma3_text")), ("llama", llama),
+                        ("gemma3_text_mqa", tiny("gemma3_text_mqa"))]:
         model_dir = save_tiny(model, tmp / kind)
         for capacity in (64, 24):
             export(model_dir, tmp / f"{kind}-{capacity}", capacity=capacity)
             out[kind, capacity] = Engine.load(tmp / f"{kind}-{capacity}", threads=1)
     assert out["gemma3_text", 64].target.contract.kv[0].window == WINDOW
+    assert out["gemma3_text_mqa", 64].target.contract.window_views
     return out
 
 
@@ -233,8 +235,10 @@ def _prompts(engine) -> tuple[list[list[int]], list[list[int]]]:
     return random, repetitive
 
 
-@pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "gemma3_text_mqa"])
 def test_greedy_matches_plain_decoding(models, kind):
+    """gemma3_text_mqa: one-row passes read the sliding layers' buffers from a moving offset (window views),
+    rolled back after rejected drafts, and batched passes read them whole: the tokens must not differ."""
     engine = models[kind, 64]
     random, repetitive = _prompts(engine)
     prompts = random + repetitive

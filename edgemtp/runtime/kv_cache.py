@@ -34,7 +34,7 @@ class KVCache:
         if not window_offset:
             return self._views[key]
         offset, views = self._window_views.get(key, (None, None))
-        if offset != window_offset:  # the previous offset's views are dropped: the offset only moves on
+        if offset != window_offset:  # one offset kept per rows: it moves every half window
             views = {s.layer: self._view(s.layer, rows, window_offset) for s in self.slots if s.window}
             self._window_views[key] = (window_offset, views)
         return {**self._views[key], **views}
