@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="128,512,2048")
     ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli.py")
     args = ap.parse_args()
-    engine = Engine.load(args.bundle, threads=args.threads, verify=False)
+    engine = Engine.load(args.bundle, threads=args.threads, verify=False, mtp=False)  # plain decoding, as --no-draft
     ids = engine.encode(args.prompt_file.read_text())[:128]
     engine.generate(engine.decode(ids[:16]), max_new_tokens=4)  # warm-up
     runs = []

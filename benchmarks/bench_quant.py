@@ -90,7 +90,7 @@ def score(engines: dict[str, Engine], ref: Engine, ids: list[int]) -> dict[str, 
 
 def decode_speeds(bundles: dict[str, Path], prompt_ids: list[int], threads: int) -> tuple[dict[str, float], str]:
     """Best-of-REPEATS decode tokens/s per bundle (the bundles taking turns), and how it was measured."""
-    engines = {q: Engine.load(b, threads=threads, verify=False) for q, b in bundles.items()}
+    engines = {q: Engine.load(b, threads=threads, verify=False, mtp=False) for q, b in bundles.items()}  # as --no-draft
     first = next(iter(engines.values()))
     n_prompt = min(PROMPT_TOKENS, first.capacity // 2)  # tiny test bundles hold only a few dozen
     n_new = min(NEW_TOKENS, first.capacity - n_prompt - 1)
