@@ -39,7 +39,7 @@ def main() -> None:
             print(f"  {label.split(':', 1)[1]:40s} {tps:6.1f} tokens/s  {tps / base:.2f}x the first")
     contexts = [int(c) for c in args.contexts.split(",") if c]
     if contexts:
-        engines = [Engine.load(b, threads=args.threads, verify=False) for b in args.bundles]
+        engines = [Engine.load(b, threads=args.threads, verify=False, mtp=False) for b in args.bundles]  # as --no-draft
         best = {(i, c): float("inf") for i in range(len(engines)) for c in contexts}
         for _ in range(args.runs):
             for c in contexts:

@@ -59,8 +59,9 @@ def checkpoint_tensors(hf: dict) -> dict[str, tuple[int, ...]]:
     """{checkpoint key: shape} of every weight our gemma4 graph binds (Linear weights as [out, in])."""
     graph, _ = gemma4.build(gemma4.parse_config(hf, "e2b"), capacity=64)
     out = {}
-    for p in graph.params.values():
-        out[p.source] = tuple(reversed(p.shape)) if p.transform is builder.transpose else p.shape
+    for p in graph.params.values():  # a joined parameter (gate/up) is one checkpoint tensor per part
+        for key, shape in zip(builder.sources(p), builder.part_shapes(p)):
+            out[key] = tuple(reversed(shape)) if p.transform is builder.transpose else shape
     return out
 
 

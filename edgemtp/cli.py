@@ -78,7 +78,8 @@ def quant_options(f):
         click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level (default 4)."),
         click.option("--layer-bits", type=int, default=None, help="Bits of the layers' weights: 4 or 8 (default 8)."),
         click.option("--keep-8bit", multiple=True, help="Weight-name pattern kept at 8 bits, e.g. '*down_proj*' "
-                                                        "(repeatable)."),
+                                                        "(repeatable; q/k/v and gate/up are joined weights, kept "
+                                                        "whole when a pattern matches one part)."),
         click.option("--frequent-rows", type=int, default=None,
                      help="int4: head/table rows of the most frequent calibration tokens kept at 8 bits "
                           "(default 32768; 0: none)."),

@@ -106,6 +106,8 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: (d / "model.safetensors").write_bytes(b"\x05"), "not a valid safetensors file"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: missing"),
     (lambda d: _edit_config(d, intermediate_size=100), "has shape"),
+    # q/k/v are one joined weight of the same total width (6*32 + 32 + 32 = 4*32 + 2*64): each part is checked
+    (lambda d: _edit_config(d, num_attention_heads=6, num_key_value_heads=1), r"q_proj.weight' has shape"),
 ])
 def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     d = tmp_path / "model"

@@ -362,6 +362,10 @@ def test_keep_8bit_patterns_pick_weights():
     sch = scheme("int4", layer_bits=4, keep_8bit=("*down_proj*",))
     assert sch.bits_for("matmul", "model.layers.3.mlp.down_proj.weight") == 8
     assert sch.bits_for("matmul", "model.layers.3.mlp.up_proj.weight") == 4
+    # joined weights (one MatMul for q/k/v, one for gate/up): a pattern matching a part keeps the whole
+    v = scheme("int4", layer_bits=4, keep_8bit=("*.v_proj.weight",))
+    assert v.bits_for("matmul", "model.layers.3.self_attn.q_proj+k_proj+v_proj.weight") == 8
+    assert v.bits_for("matmul", "model.layers.3.mlp.gate_proj+up_proj.weight") == 4
     assert scheme("int4", calibrated=False).frequent_rows == 0 and not scheme("int4", calibrated=False).gptq
 
 

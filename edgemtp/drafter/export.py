@@ -231,7 +231,10 @@ def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, e
                 arr = _embedding(target_graph.parent / location, offset, cfg)
                 arr = prm.transform(arr) if prm.transform else arr
             else:
-                arr = read_param(prm, weights.__getitem__)
+                try:
+                    arr = read_param(prm, weights.__getitem__)
+                except ValueError as e:  # a part of a joined parameter has the wrong shape
+                    raise EdgemtpError(f"{weights.dir}: {e}") from None
             arr = np.ascontiguousarray(arr, dtype=prm.dtype)
             if tuple(arr.shape) != prm.shape:
                 raise EdgemtpError(f"{weights.dir}: tensor '{prm.source}' has shape {list(arr.shape)}, "

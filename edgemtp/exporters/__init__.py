@@ -240,13 +240,12 @@ def _check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Pat
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise EdgemtpError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
-    for p in graph.params.values():
-        shapes = [ckpt.shape(key) for key in builder.sources(p)]
-        # joined parameters (q/k/v, gate/up) stack Linear weights [out, in] along their output axis
-        have = (sum(s[0] for s in shapes), *shapes[0][1:])
-        if sorted(have) != sorted(p.shape):
-            what = " + ".join(f"'{key}'" for key in builder.sources(p))
-            raise EdgemtpError(f"{model_dir}: tensor {what} has shape {list(have)}, config.json implies {list(p.shape)}")
+    for p in graph.params.values():  # each part of a joined parameter (q/k/v, gate/up) on its own
+        for key, want in zip(builder.sources(p), builder.part_shapes(p)):
+            have = ckpt.shape(key)
+            if sorted(have) != sorted(want):
+                raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(have)}, "
+                                   f"config.json implies {list(want)}")
 
 
 __all__ = ["export", "load_config", "TextConfig", "QUANTS"]

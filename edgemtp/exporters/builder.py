@@ -37,6 +37,7 @@ class Param:
     shape: tuple[int, ...]
     dtype: np.dtype
     transform: Transform | None = None
+    parts: tuple[int, ...] | None = None  # a joined parameter: each source's size along the last axis
 
 
 @dataclass
@@ -66,11 +67,14 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, shape))
 
     def param(self, source: str | tuple[str, ...], shape, transform: Transform | None = None, name: str | None = None,
-              dtype=np.float32) -> str:
+              dtype=np.float32, parts: tuple[int, ...] | None = None) -> str:
         """Declare a weight read from checkpoint key `source` (transformed, e.g. transposed, at bind), or
-        from several keys joined along the last axis (`name` then required)."""
+        from several keys joined along the last axis (`name` and each one's size there, `parts`, required)."""
         name = name or source
-        p = Param(name, source, tuple(int(s) for s in shape), np.dtype(dtype), transform)
+        if not isinstance(source, str) and (parts is None or len(parts) != len(source) or sum(parts) != shape[-1]):
+            raise ValueError(f"parameter {name}: give each joined tensor's size along the last axis")
+        p = Param(name, source, tuple(int(s) for s in shape), np.dtype(dtype), transform,
+                  None if parts is None else tuple(int(n) for n in parts))
         old = self.params.get(name)
         if old is not None and old != p:
             raise ValueError(f"parameter {name} declared twice with different meaning")
@@ -153,9 +157,21 @@ def sources(p: Param) -> tuple[str, ...]:
     return (p.source,) if isinstance(p.source, str) else p.source
 
 
+def part_shapes(p: Param) -> list[tuple[int, ...]]:
+    """Each source tensor's shape after the transform (a joined parameter's parts split its last axis)."""
+    if p.parts is None:
+        return [p.shape]
+    return [(*p.shape[:-1], n) for n in p.parts]
+
+
 def read_param(p: Param, read: Callable[[str], np.ndarray]) -> np.ndarray:
     """The parameter's value: its checkpoint tensor(s), transformed, joined along the last axis."""
-    parts = [read(key) if p.transform is None else p.transform(read(key)) for key in sources(p)]
+    parts = []
+    for key, shape in zip(sources(p), part_shapes(p)):
+        arr = read(key) if p.transform is None else p.transform(read(key))
+        if tuple(arr.shape) != shape:
+            raise ValueError(f"tensor '{key}' has shape {list(arr.shape)} (as bound), the graph expects {list(shape)}")
+        parts.append(arr)
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 

@@ -57,9 +57,10 @@ def linears(b: GraphBuilder, x: str, keys: list[str], n_in: int, n_outs: list[in
     product), and a Gemma 3 270M fp32 decode step ran 1-6% faster than with one MatMul per weight."""
     head = keys[0].rsplit(".", 2)[0]  # "model.layers.0.self_attn" -> "...self_attn.q_proj+k_proj+v_proj.weight"
     name = f"{head}.{'+'.join(k[len(head) + 1:].removesuffix('.weight') for k in keys)}.weight"
-    y = b.op("MatMul", x, b.param(tuple(keys), (n_in, sum(n_outs)), transpose, name=name))
+    y = b.op("MatMul", x, b.param(tuple(keys), (n_in, sum(n_outs)), transpose, name=name, parts=tuple(n_outs)))
     if biases is not None:
-        y = b.op("Add", y, b.param(tuple(biases), (sum(n_outs),), name=name.removesuffix(".weight") + ".bias"))
+        y = b.op("Add", y, b.param(tuple(biases), (sum(n_outs),), name=name.removesuffix(".weight") + ".bias",
+                                   parts=tuple(n_outs)))
     return b.op("Split", y, b.const(n_outs, np.int64), axis=-1, n_out=len(n_outs))
 
 
@@ -149,6 +150,21 @@ def rope_cache(b: GraphBuilder, rope: Rope, head_dim: int, capacity: int) -> Rop
     inv = inv_freq(rope, head_dim)
     angles = np.arange(capacity, dtype=np.float32)[:, None] * inv[None, :]
     return RopeCache(b.const(np.cos(angles), hint="rope_cos"), b.const(np.sin(angles), hint="rope_sin"))
+
+
+def gqa_rotates(rope: Rope, head_dim: int) -> bool:
+    """Whether GroupQueryAttention can rotate q and k itself: ONNX Runtime 1.32 refuses do_rotary unless
+    the head size is a multiple of 16 and the cos/sin width (R/2) a multiple of 8."""
+    half = len(inv_freq(rope, head_dim))
+    return head_dim % 16 == 0 and half % 8 == 0 and half <= head_dim // 2
+
+
+def gqa_rope(b: GraphBuilder, rope: Rope, head_dim: int, capacity: int, io: TargetInputs) -> RopeCache | RopeTables:
+    """What a GroupQueryAttention layer rotates q and k with: tables for GQA itself (RopeCache) where it
+    can, else per-run tables for apply_rope before it (RopeTables)."""
+    if gqa_rotates(rope, head_dim):
+        return rope_cache(b, rope, head_dim, capacity)
+    return rope_tables(b, rope, head_dim, io.position_ids)
 
 
 def add_norm(b: GraphBuilder, x: str, h: str, key: str, dim: int, eps: float, transform=None) -> tuple[str, str]:

@@ -29,8 +29,8 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     window = nn.window_lengths(b) if window_views else None
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
-    # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
-    rope = {t: nn.rope_cache(b, cfg.rope[t], cfg.head_dim, capacity) if in_place else
+    # GroupQueryAttention rotates q and k from cached tables where it can; the verify graph rotates them itself
+    rope = {t: nn.gqa_rope(b, cfg.rope[t], cfg.head_dim, capacity, io) if in_place else
             nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in set(cfg.layer_types)}
     h = norm(b, cfg, x, "model.layers.0.input_layernorm.weight")
     for i, slot in enumerate(slots):
@@ -78,12 +78,13 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
                          [n * d, nk * d, nk * d])
     q = nn.gemma_rms_norm(b, nn.heads(b, q, n, d), p + "q_norm.weight", d, cfg.rms_norm_eps)
     k = nn.gemma_rms_norm(b, nn.heads(b, k, nk, d), p + "k_norm.weight", d, cfg.rms_norm_eps)
-    if views is None:  # rope: an nn.RopeCache, GroupQueryAttention rotates q and k
+    if not isinstance(rope, nn.RopeCache):  # rotated here, not by GroupQueryAttention
+        q, k, rope = nn.apply_rope(b, q, rope, d), nn.apply_rope(b, k, rope, d), None
+    if views is None:
         buffers = nn.kv_buffers(b, slot, capacity, window_view=lengths is not None)
         out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, buffers, slot, io,
                      n, cfg.scale, cfg.attn_logit_softcapping, rope, lengths)
-    else:  # rope: nn.RopeTables
-        q, k = nn.apply_rope(b, q, rope, d), nn.apply_rope(b, k, rope, d)
+    else:
         out = nn.window_attention(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, slot, views[slot.window], n,
                                   cfg.scale, cfg.attn_logit_softcapping, capacity)
     return nn.linear(b, out, p + "o_proj.weight", n * d, hid)

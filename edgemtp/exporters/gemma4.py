@@ -256,7 +256,7 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     # KV-owning layers' GroupQueryAttention rotates q and k from cached tables; KV-shared layers rotate q
     shared_types = sorted(set(cfg.layer_types[cfg.first_shared:]))
     own_types = sorted(set(cfg.layer_types[:cfg.first_shared]))
-    caches = {t: nn.rope_cache(b, cfg.rope[t], cfg.type_head_dim(t), capacity) for t in own_types}
+    caches = {t: nn.gqa_rope(b, cfg.rope[t], cfg.type_head_dim(t), capacity, io) for t in own_types}
     tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.type_head_dim(t), io.position_ids) for t in shared_types}
     # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer,
     # which is contiguous memory when the layer has one KV head (TargetContract.window_offset)
@@ -317,7 +317,7 @@ class Attention:
     cfg: Gemma4Config
     i: int
     slot: C.KVSlot
-    rope: nn.RopeTables | nn.RopeCache  # a cache for KV-owning layers (GroupQueryAttention rotates)
+    rope: nn.RopeTables | nn.RopeCache  # a cache where GroupQueryAttention rotates (nn.gqa_rope)
     io: nn.TargetInputs
     capacity: int
     view: nn.CacheView | None = None  # KV-shared layers: the cache positions of their type
@@ -342,10 +342,12 @@ class Attention:
         v = k_raw if cfg.values_are_keys(self.i) else \
             nn.heads(b, nn.linear(b, x, p + "v_proj.weight", cfg.hidden_size, nk * d), nk, d)
         k = nn.rms_norm(b, k_raw, p + "k_norm.weight", d, cfg.rms_norm_eps)
+        gqa_rotates = isinstance(self.rope, nn.RopeCache)
+        k = k if gqa_rotates else nn.apply_rope(b, k, self.rope, d)
         k, v = nn.merge_heads(b, k), nn.merge_heads(b, nn.rms_norm_unscaled(b, v, d, cfg.rms_norm_eps))
         buffers = nn.kv_buffers(b, self.slot, self.capacity, window_view=self.lengths is not None)
-        out = nn.gqa(b, self.query(b, x), k, v, buffers, self.slot, self.io, cfg.num_heads, 1.0, None, self.rope,
-                     self.lengths)
+        out = nn.gqa(b, self.query(b, x), k, v, buffers, self.slot, self.io, cfg.num_heads, 1.0, None,
+                     self.rope if gqa_rotates else None, self.lengths)
         return self.output(b, out)
 
     def shared(self, b: GraphBuilder, x: str) -> str:

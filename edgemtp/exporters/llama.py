@@ -19,7 +19,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size)
     # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
-    rope = nn.rope_cache(b, cfg.rope[FULL], cfg.head_dim, capacity) if in_place else \
+    rope = nn.gqa_rope(b, cfg.rope[FULL], cfg.head_dim, capacity, io) if in_place else \
         nn.rope_tables(b, cfg.rope[FULL], cfg.head_dim, io.position_ids)
     hid, eps = cfg.hidden_size, cfg.rms_norm_eps
     h = nn.rms_norm(b, x, "model.layers.0.input_layernorm.weight", hid, eps)
@@ -43,10 +43,12 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     names = [p + "q_proj", p + "k_proj", p + "v_proj"]
     q, k, v = nn.linears(b, x, [m + ".weight" for m in names], hid, [n * d, nk * d, nk * d],
                          [m + ".bias" for m in names] if cfg.attention_bias else None)
-    if view is None:  # rope: an nn.RopeCache, GroupQueryAttention rotates q and k
-        out = nn.gqa(b, q, k, v, nn.kv_buffers(b, slot, capacity), slot, io, n, cfg.scale, None, rope)
-    else:  # rope: nn.RopeTables
+    if not isinstance(rope, nn.RopeCache):  # rotated here, not by GroupQueryAttention
         q = nn.merge_heads(b, nn.apply_rope(b, nn.heads(b, q, n, d), rope, d))
         k = nn.merge_heads(b, nn.apply_rope(b, nn.heads(b, k, nk, d), rope, d))
+        rope = None
+    if view is None:
+        out = nn.gqa(b, q, k, v, nn.kv_buffers(b, slot, capacity), slot, io, n, cfg.scale, None, rope)
+    else:
         out = nn.window_attention(b, q, k, v, slot, view, n, cfg.scale, None, capacity)
     return nn.linear(b, out, p + "o_proj.weight", n * d, hid)

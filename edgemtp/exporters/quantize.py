@@ -88,8 +88,11 @@ class Scheme:
     calibration: str | None = field(default=None, compare=False)  # the calibration text used
 
     def bits_for(self, kind: str, name: str = "") -> int:
+        """A joined weight ("...self_attn.q_proj+k_proj+v_proj.weight") stays at 8 bits when a pattern
+        matches its name or any of its parts' ("...self_attn.v_proj.weight")."""
         bits = {"matmul": self.bits, "head": self.head_bits, "gather": self.embed_bits}[kind]
-        return 8 if any(fnmatch.fnmatchcase(name, p) for p in self.keep_8bit) else bits
+        names = [name] + joined_parts(name)
+        return 8 if any(fnmatch.fnmatchcase(n, p) for n in names for p in self.keep_8bit) else bits
 
     def block_for(self, kind: str) -> int:
         return self.block_size if kind == "matmul" else self.head_block_size
@@ -112,6 +115,16 @@ PRESETS = {
     "int4": dict(bits=8, head_bits=4, embed_bits=4, block_size=32, head_block_size=32, frequent_rows=32768,
                  gptq=True, two_pass="all", smooth=0.0),
 }
+def joined_parts(name: str) -> list[str]:
+    """The weights a joined one was made of (components.linears' names), e.g. "a.q_proj+k_proj.weight" ->
+    ["a.q_proj.weight", "a.k_proj.weight"]; [] for any other name."""
+    head, _, rest = name.rpartition(".")
+    head, _, joined = head.rpartition(".")
+    if "+" not in joined:
+        return []
+    return [f"{head}.{part}.{rest}" for part in joined.split("+")]
+
+
 CALIBRATED = ("frequent_rows", "gptq", "smooth")  # the options that need calibration activations
 CALIBRATION_TOKENS = 8192  # default: positions whose activations calibrate GPTQ and smoothing
 # GPTQ needs each input's second moment [K, K]: wider inputs (E2B's 12,288-wide MLP: 0.6 GB each, 20 of
