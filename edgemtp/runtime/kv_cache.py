@@ -21,7 +21,7 @@ class KVCache:
         self.values = {s.layer: np.zeros_like(self.keys[s.layer]) for s in slots}
         self.lengths = np.zeros(batch, np.int64)
         self._views: dict = {}
-        self._window_views: dict = {}  # rows -> (offset, views of the sliding layers' buffers from it)
+        self._window_views: dict = {}  # rows -> (offset, every layer's views, the sliding ones from it)
 
     def ort_values(self, rows: slice, window_offset: int = 0) -> dict[int, tuple[ort.OrtValue, ort.OrtValue]]:
         """OrtValues over the buffers of sequences `rows` (contiguous: the batch axis is first).
@@ -35,9 +35,10 @@ class KVCache:
             return self._views[key]
         offset, views = self._window_views.get(key, (None, None))
         if offset != window_offset:  # one offset kept per rows: it moves every half window
-            views = {s.layer: self._view(s.layer, rows, window_offset) for s in self.slots if s.window}
+            views = {**self._views[key],
+                     **{s.layer: self._view(s.layer, rows, window_offset) for s in self.slots if s.window}}
             self._window_views[key] = (window_offset, views)
-        return {**self._views[key], **views}
+        return views
 
     def _view(self, layer: int, rows: slice, offset: int) -> tuple[ort.OrtValue, ort.OrtValue]:
         arrays = [buffer[layer][rows, :, offset:] for buffer in (self.keys, self.values)]
