@@ -64,6 +64,16 @@ def linears(b: GraphBuilder, x: str, keys: list[str], n_in: int, n_outs: list[in
     return b.op("Split", y, b.const(n_outs, np.int64), axis=-1, n_out=len(n_outs))
 
 
+def joined_parts(name: str) -> list[str]:
+    """The weights a joined one was made of (linears' names, read back), e.g. "a.q_proj+k_proj.weight" ->
+    ["a.q_proj.weight", "a.k_proj.weight"]; [] for any other name."""
+    head, _, rest = name.rpartition(".")
+    head, _, joined = head.rpartition(".")
+    if "+" not in joined:
+        return []
+    return [f"{head}.{part}.{rest}" for part in joined.split("+")]
+
+
 def rms_norm(b: GraphBuilder, x: str, key: str, dim: int, eps: float) -> str:
     """RMSNorm over the last axis with weight w (llama style: x * w)."""
     return b.op("RMSNormalization", x, b.param(key, (dim,)), axis=-1, epsilon=eps)

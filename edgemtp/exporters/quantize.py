@@ -56,6 +56,7 @@ from ..calibration import activations as A
 from ..errors import EdgemtpError
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
 from .builder import MS_DOMAIN
+from .components import joined_parts
 from .quantrewrite import Rewrite, Shared, Sink, activation_sources, rewrite_float
 
 __all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "quantize_bundle", "calibrate",
@@ -115,16 +116,6 @@ PRESETS = {
     "int4": dict(bits=8, head_bits=4, embed_bits=4, block_size=32, head_block_size=32, frequent_rows=32768,
                  gptq=True, two_pass="all", smooth=0.0),
 }
-def joined_parts(name: str) -> list[str]:
-    """The weights a joined one was made of (components.linears' names), e.g. "a.q_proj+k_proj.weight" ->
-    ["a.q_proj.weight", "a.k_proj.weight"]; [] for any other name."""
-    head, _, rest = name.rpartition(".")
-    head, _, joined = head.rpartition(".")
-    if "+" not in joined:
-        return []
-    return [f"{head}.{part}.{rest}" for part in joined.split("+")]
-
-
 CALIBRATED = ("frequent_rows", "gptq", "smooth")  # the options that need calibration activations
 CALIBRATION_TOKENS = 8192  # default: positions whose activations calibrate GPTQ and smoothing
 # GPTQ needs each input's second moment [K, K]: wider inputs (E2B's 12,288-wide MLP: 0.6 GB each, 20 of
