@@ -11,6 +11,9 @@ Variants, each giving the top token, its logit and its probability:
     clustered    edgemtp.exporters.head.clustered_graph, fp32
     clustered int8 / int4   the same with its table gathered by GatherBlockQuantized from 8- / 4-bit
                  blocks of 32 (edgemtp's quantizer, as a quantized bundle's drafter reads the target's table)
+    clustered int8 rows   the same with int8 copies of the centroids and of the rows in cluster order
+                 (`head.clustered_graph(..., int8_ordering=...)`, as `--draft-head-rows int8` builds it):
+                 MatMulInteger on a quarter of the bytes, shortlists rescored in fp32
     ordered      (--ordered) experiment: the same with the head rows stored in cluster order ([C, M, d]
                  blocks, a permuted copy of the table): measured no faster in ORT, see README
 
@@ -95,6 +98,8 @@ def build_variants(vocab: int, hidden: int, tmp: Path, ordered: bool = False) ->
     builder.save(head.full_graph(vocab, hidden, EMBED), paths["full fp32"], w.__getitem__)
     shape = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K)
     builder.save(head.clustered_graph(shape, EMBED), paths["clustered fp32"], w.__getitem__)
+    paths["clustered int8 rows"] = tmp / "clustered_rows.onnx"
+    builder.save(head.clustered_graph(shape, EMBED, int8_ordering=w["token_ordering"]), paths["clustered int8 rows"], w.__getitem__)
     for quant in ("int8", "int4"):
         paths[f"clustered {quant}"] = quantize_table(paths["clustered fp32"], tmp / f"clustered_{quant}.onnx", quant)
     if ordered:
@@ -200,12 +205,13 @@ def bench_shape(name: str, rounds: int, threads: int, profile: bool = False, ord
     print(f"\n{name}: V={vocab} d={hidden} C={CLUSTERS} k={TOP_K} ({TOP_K * vocab // CLUSTERS} candidates), "
           f"batch 1, {threads} threads, median of {rounds} rounds")
     for k in ("full fp32", "full int8", "full int4", "clustered fp32", "clustered int8", "clustered int4",
-              "clustered ordered"):
+              "clustered int8 rows", "clustered ordered"):
         if k in ms:
-            print(f"  {k:15s} {ms[k]:8.3f} ms   {ms[k] / base:6.1f}x the clustered head's time")
+            print(f"  {k:19s} {ms[k]:8.3f} ms   {ms[k] / base:6.2f}x the clustered head's time   "
+                  f"full fp32 head = {ms['full fp32'] / ms[k]:5.1f}x this")
     for k, per_op in ops.items():
         print(f"  {k} per op (median kernel ms): "
-              + ", ".join(f"{op} {t:.2f}" for op, t in list(per_op.items())[:5]))
+              + ", ".join(f"{op} {t:.2f}" for op, t in list(per_op.items())[:6]))
 
 
 def main() -> None:

@@ -154,6 +154,54 @@ def test_onnx_with_all_clusters_equals_the_full_head(vocab, clusters, tmp_path):
     np.testing.assert_allclose(want[2], h @ e.T, rtol=1e-4, atol=1e-4)
 
 
+def int8_error_bound(h: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """h [N, d], rows [N, K, d] -> [N, K] bound on |int8 dot - exact dot|: each factor is off by at most
+    half its quantization step (rows: max |row| / 127 per row; h: its range over all N / 255)."""
+    s_r = np.abs(rows).max(axis=-1) / 127
+    s_h = (max(h.max(), 0) - min(h.min(), 0)) / 255
+    return (np.abs(h)[:, None, :].sum(-1) * s_r / 2 + np.abs(rows).sum(-1) * s_h / 2
+            + rows.shape[-1] * s_r * s_h / 4)
+
+
+def test_int8_blocks_hold_each_clusters_rows_transposed():
+    e = table(1003)
+    t = cl.cluster_vocab(e, 10)
+    shape = head.ClusteredShape(1003, D, 10, 3)
+    blocks = head.int8_blocks(t.token_ordering, shape, chunk=3)(e)
+    scales = head.int8_block_scales(t.token_ordering, shape)(e)
+    assert blocks.shape == (10, D, shape.per_cluster) and blocks.dtype == np.uint8
+    q = blocks.astype(np.int32) - head.INT8_ZERO
+    rows = e[t.token_ordering]  # [C, M, D]
+    back = q.transpose(0, 2, 1) * scales[..., None]
+    assert np.all(np.abs(back - rows) <= scales[..., None] / 2 + 1e-7)
+    assert np.array_equal(np.abs(q).max(axis=1), np.full((10, shape.per_cluster), 127))
+
+
+@pytest.mark.parametrize("vocab,clusters,top_k,cap", [(1000, 10, 3, None), (1003, 10, 4, 30.0), (200, 1, 1, None)])
+def test_int8_rows_score_the_same_candidates_within_the_rounding_bound(vocab, clusters, top_k, cap, tmp_path):
+    e, h = table(vocab), hidden(32)
+    t = cl.cluster_vocab(e, clusters)
+    shape = head.ClusteredShape(vocab, D, clusters, top_k)
+    sess = session(head.clustered_graph(shape, EMBED, n_top=2, cap=cap, int8_ordering=t.token_ordering),
+                   head_weights(e, t), tmp_path)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {head.INPUT: h})))
+    ids, logits = cl.clustered_logits(h, e, t, top_k, softcap=cap)
+    assert np.array_equal(out[head.CANDIDATE_IDS], ids)
+    got = out[head.CANDIDATE_LOGITS]
+    real = np.isfinite(logits)
+    assert np.array_equal(np.isfinite(got), real)  # padding slots stay -inf
+    bound = int8_error_bound(h, e[ids])  # the soft-cap is 1-Lipschitz: the bound holds after it too
+    err = np.abs(got - np.where(real, logits, 0))
+    assert np.all(err[real] <= bound[real] * 1.001 + 1e-5)
+    # the best RESCORE candidates by int8 logit are exact; the others really are the int8 ones
+    exact = np.isclose(got, logits, rtol=1e-5, atol=1e-5) & real
+    assert np.all(exact.sum(axis=1) >= min(head.RESCORE, shape.candidates))
+    assert (err[real] > 1e-4).any()
+    best = np.argsort(-logits, axis=1, kind="stable")[:, :2]
+    assert np.array_equal(out[head.TOKEN_IDS], np.take_along_axis(ids, best, 1))
+    np.testing.assert_allclose(out[head.TOKEN_LOGITS], np.take_along_axis(logits, best, 1), rtol=1e-5, atol=1e-5)
+
+
 def test_gemma4_keys_bind_a_flat_ordering(tmp_path):
     """A Gemma 4 assistant stores token_ordering flat [V]; the graph views it as [C, M]."""
     e, h = table(640), hidden(4)

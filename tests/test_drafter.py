@@ -255,7 +255,7 @@ def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, to
     X.add_to_bundle(own, drafter_dir, top_k=0)  # full head: drafter.onnx
     entry = X.write(own, drafter_dir, own / "target.onnx", top_k=top_k, name="clustered.onnx")
     assert entry["contract"]["head"] == {"kind": "clustered", "clusters": 8, "top_k": top_k,
-                                         "candidates": top_k * tables.per_cluster}
+                                         "candidates": top_k * tables.per_cluster, "rows": "fp32"}
     assert "com.microsoft" not in {n.domain for n in onnx.load(str(own / "clustered.onnx")).graph.node}
     full = X.DrafterSession.load(bundle_mod.load(own, verify=False))
     clustered = X.DrafterSession.open(own / "clustered.onnx", entry["contract"])
@@ -317,6 +317,59 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     assert [(x["drafter"], x["head"]) for x in rows] == [("none", ""), ("mtp", "clustered"), ("mtp", "full"),
                                                           ("hybrid", "clustered"), ("hybrid", "full")]
     assert not any(x["skipped"] for x in rows)
+
+
+def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_path):
+    """--draft-head-rows int8: the same clusters' candidates, logits within int8 rounding of the fp32 head's,
+    its own bytes in the drafter's data file, and greedy MTP output still equal to plain greedy output."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir, _, _, ids = setup
+    clustered_drafter(model_dir, tmp_path / "d")
+    outs = {}
+    for rows in ("fp32", "int8"):
+        outs[rows] = tmp_path / rows
+        r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(outs[rows]), "--drafter", str(tmp_path / "d"),
+                                     "--max-context", "64", "--draft-head-rows", rows])
+        assert r.exit_code == 0, r.output
+    b = bundle_mod.load(outs["int8"])
+    assert b.graph("drafter").contract["head"]["rows"] == "int8"
+    grown = (outs["int8"] / "drafter.onnx.data").stat().st_size - (outs["fp32"] / "drafter.onnx.data").stat().st_size
+    vocab, hidden = b.target_contract.vocab_size, b.target_contract.hidden_size
+    assert grown >= vocab * hidden  # the int8 copy (plus one scale per token)
+    _, cache, state = run_target(outs["int8"], ids)
+    last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
+    got = X.DrafterSession.load(b).run(last[:, None], state[:, None], cache, rows)
+    want = X.DrafterSession.load(bundle_mod.load(outs["fp32"])).run(last[:, None], state[:, None], cache, rows)
+    assert np.array_equal(got[1], want[1])  # candidate ids
+    real = np.isfinite(want[2])
+    assert np.array_equal(np.isfinite(got[2]), real)
+    err = np.abs(got[2][real] - want[2][real])
+    assert 0 < err.max() < 0.05 * np.abs(want[2][real]).max()
+    for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
+        args = ["generate", str(outs["int8"]), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+        assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--draft-head-rows", "int4"], "--draft-head-rows 'int4'"),
+    (["--draft-head-rows", "int8", "--draft-top-k", "0"], "needs a clustered head"),
+    (["--draft-head-rows", "int8", "--quant", "int8"], "applies to dynamic fp32 bundles"),
+])
+def test_bad_draft_head_rows_are_refused(setup, tmp_path, extra, match):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    clustered_drafter(setup[0], tmp_path / "d")
+    r = CliRunner().invoke(cli, ["export", str(setup[0]), "-o", str(tmp_path / "b"), "--drafter", str(tmp_path / "d"),
+                                 "--max-context", "64", *extra])
+    assert r.exit_code != 0 and match in r.output, r.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_train_drafter_command(tiny_gemma3, tmp_path):

@@ -21,7 +21,10 @@ the input, Gemm for the tied head) is the target's: with `share_embedding` the i
 The clustered head (DESIGN.md §3) is why a drafter step can be cheap: the full head reads all V x Hb
 weights per step (671 MB for Gemma 3 270M, as much as the target's own head), the clustered one reads
 C x Hb centroids plus k x M rows. Its tables come from `edgemtp cluster` (`head.safetensors`, keys
-`centroids`, `token_ordering`, `token_mask`) placed in the drafter directory.
+`centroids`, `token_ordering`, `token_mask`) placed in the drafter directory. With `head_rows="int8"` it
+reads int8 copies of the centroids and of the rows (the latter laid out cluster by cluster, written to
+the drafter's data file) and rescores its shortlists in fp32 (exporters/head.py: int8_pick_clusters,
+int8_logits, rescore): a quarter of the bytes per step.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ CANDIDATE_IDS, CANDIDATE_LOGITS = H.CANDIDATE_IDS, H.CANDIDATE_LOGITS
 HEAD_FILE = "head.safetensors"  # what `edgemtp cluster` writes; a drafter directory may hold one
 
 
-def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None) -> GraphBuilder:
-    """The drafter step graph; `head` None: full tied head, else the clustered head of that shape."""
+def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None,
+          int8_ordering: np.ndarray | None = None) -> GraphBuilder:
+    """The drafter step graph; `head` None: full tied head, else the clustered head of that shape, scoring
+    its candidates from an int8 copy of the rows in that token ordering when one is given."""
     b = GraphBuilder("mtp_drafter")
     ids = b.input(INPUT_IDS, INT64, ["batch", 1])
     last = b.input(LAST_HIDDEN, FLOAT, ["batch", 1, cfg.backbone_hidden])
@@ -71,16 +76,16 @@ def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None) -> GraphBuil
         b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
         b.output(logits, LOGITS, FLOAT, ["batch", 1, cfg.vocab_size])
     else:
-        clustered_outputs(b, state, head, EMBEDDING, cfg.final_logit_softcapping)
+        clustered_outputs(b, state, head, EMBEDDING, cfg.final_logit_softcapping, int8_ordering=int8_ordering)
     b.output(state, NEXT_HIDDEN, FLOAT, ["batch", 1, cfg.backbone_hidden])
     return b
 
 
 def clustered_outputs(b: GraphBuilder, state: str, head: H.ClusteredShape, head_key: str, cap: float | None,
-                      keys: H.HeadKeys = H.HeadKeys()) -> None:
+                      keys: H.HeadKeys = H.HeadKeys(), int8_ordering: np.ndarray | None = None) -> None:
     """state [B, 1, d] -> draft_ids [B, 1] (best candidate), candidate_ids / candidate_logits [B, 1, N]."""
     flat = b.op("Reshape", state, b.const([-1, head.hidden], np.int64))  # one position per row
-    cand = H.clustered_head(b, flat, head_key, head, cap, keys)
+    cand = H.clustered_head(b, flat, head_key, head, cap, keys, int8_ordering)
     best = b.op("ArgMax", cand.logits, axis=-1, keepdims=1)  # [B, 1] position among the candidates
     b.output(b.op("GatherElements", cand.ids, best, axis=1), DRAFT_IDS, INT64, ["batch", 1])
     one = b.const([1], np.int64)
@@ -142,18 +147,19 @@ def attend(b: GraphBuilder, q: str, kv: tuple[str, str], view: nn.CacheView, n: 
     return b.op("Reshape", out, b.const([0, 0, n * d], np.int64))
 
 
-def contract(cfg: DrafterConfig, head: H.ClusteredShape | None = None) -> dict:
+def contract(cfg: DrafterConfig, head: H.ClusteredShape | None = None, head_rows: str = "fp32") -> dict:
     """The manifest's graphs.drafter.contract: what the runtime binds and reads."""
     scores = [LOGITS] if head is None else [CANDIDATE_IDS, CANDIDATE_LOGITS]
     return {"kind": "mtp", "config": cfg.to_json(), "kv_layers": sorted(set(cfg.target_kv.values())),
             "inputs": [INPUT_IDS, LAST_HIDDEN, POSITION_IDS], "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN],
-            "hidden": "post_final_norm", "head": head_json(head)}
+            "hidden": "post_final_norm", "head": head_json(head, head_rows)}
 
 
-def head_json(head: H.ClusteredShape | None) -> dict:
+def head_json(head: H.ClusteredShape | None, rows: str = "fp32") -> dict:
     if head is None:
         return {"kind": "full"}
-    return {"kind": "clustered", "clusters": head.clusters, "top_k": head.top_k, "candidates": head.candidates}
+    return {"kind": "clustered", "clusters": head.clusters, "top_k": head.top_k, "candidates": head.candidates,
+            "rows": rows}
 
 
 def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None) -> H.ClusteredShape | None:
@@ -179,19 +185,42 @@ def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None) 
     return H.ClusteredShape(cfg.vocab_size, cfg.backbone_hidden, clusters, k)
 
 
+HEAD_ROWS = ("fp32", "int8")  # how a clustered head scores its candidates (see head.int8_logits)
+
+
+def check_head_rows(rows: str, head: H.ClusteredShape | None) -> None:
+    if rows not in HEAD_ROWS:
+        raise EdgemtpError(f"--draft-head-rows {rows!r}: choose from {', '.join(HEAD_ROWS)}")
+    if rows != "fp32" and head is None:
+        raise EdgemtpError(f"--draft-head-rows {rows} needs a clustered head (the drafter has the full head "
+                           "here: no head tables, or --draft-top-k 0)")
+
+
+def int8_ordering(drafter_dir: Path, rows: str) -> np.ndarray | None:
+    """The head tables' token ordering when the candidates are scored from int8 rows (laid out by it)."""
+    if rows != "int8":
+        return None
+    from ..calibration.head_report import load_head
+    return load_head(Path(drafter_dir) / HEAD_FILE)[0].token_ordering
+
+
 def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding: bool = True,
-          top_k: int | None = None, name: str = GRAPH) -> dict:
+          top_k: int | None = None, name: str = GRAPH, head_rows: str = "fp32") -> dict:
     """Writes `name` (drafter.onnx) + its .data into `out_dir` (a bundle being built, beside `target_graph`)
     and returns the manifest's graph entry.
 
     share_embedding: the embedding initializer points at the target's bytes in its external data file
     (which must then sit in `out_dir` too); False copies those bytes into the drafter's data file.
-    top_k: clusters kept by the clustered head (see head_shape; 0 = full head)."""
+    top_k: clusters kept by the clustered head (see head_shape; 0 = full head).
+    head_rows: "int8" scores the clustered head's candidates from an int8 copy of the table in cluster order
+    (written to the drafter's data: V x d bytes), a quarter of the bytes a step gathers."""
     out_dir, drafter_dir, target_graph = Path(out_dir), Path(drafter_dir), Path(target_graph)
     cfg = load_config(drafter_dir)
     head = head_shape(drafter_dir, cfg, top_k)
-    save(build(cfg, head), out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding)
-    return {"file": name, "quant": "fp32", "contract": contract(cfg, head)}
+    check_head_rows(head_rows, head)
+    graph = build(cfg, head, int8_ordering(drafter_dir, head_rows))
+    save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding)
+    return {"file": name, "quant": "fp32", "contract": contract(cfg, head, head_rows)}
 
 
 FULL_HEAD_GRAPH = "drafter_full_head.onnx"
@@ -224,7 +253,7 @@ def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, e
     data_name = path.name + ".data"
     with open(path.parent / data_name, "wb") as f:
         for prm in b.params.values():
-            if prm.source == embedding and share_embedding:
+            if prm.source == embedding and share_embedding and prm.transform is None:
                 _set_external(inits[prm.name], location, offset, length)
                 continue
             if prm.source == embedding:

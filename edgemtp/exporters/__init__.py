@@ -48,7 +48,7 @@ def load_config(model_dir: Path):
 def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
            progress: Progress | None = None, static_window: int | None = None,
            drafter: Path | str | None = None, drafter_top_k: int | None = None,
-           quant_options: dict | None = None) -> Path:
+           quant_options: dict | None = None, drafter_head_rows: str = "fp32") -> Path:
     """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
 
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
@@ -57,6 +57,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     recognised by the model's weights; dynamic bundles only) or None. A quantized bundle's drafter keeps
     its own weights in fp32 and reads the target's quantized embedding table.
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
+    `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (fp32 bundles).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
@@ -68,6 +69,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
     if quant == "qdq":
         return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
+    if drafter_head_rows != "fp32" and (quant != "fp32" or static_window is not None):
+        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic fp32 bundles (a quantized "
+                           "bundle's drafter reads the target's quantized table)")
     if quant != "fp32":
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
                                  quant_options or {}, drafter, drafter_top_k)
@@ -88,7 +92,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         graph, contract = build(cfg, capacity)
         contract_json = contract.to_json()
     _check_weights(graph, ckpt, model_dir)
-    write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k) if drafter is not None else None
+    write_drafter = None
+    if drafter is not None:
+        write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k, drafter_head_rows)
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -124,16 +130,19 @@ def shipped_drafter(model_dir: Path) -> Path | None:
     return match_shipped(model_dir)
 
 
-def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None):
+def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, head_rows: str = "fp32"):
     """Refuses a drafter made for another target before anything is written; returns write(tmp) -> the
     manifest's drafter graph entries."""
     from ..contract import TargetContract
     from ..drafter import assistant
     from ..drafter import load_config as load_drafter_config
-    from ..drafter.export import head_shape, write, write_full_head
+    from ..drafter.export import check_head_rows, head_shape, write, write_full_head
 
     t = TargetContract.from_json(target_contract)
     if assistant.is_assistant(drafter_dir):
+        if head_rows != "fp32":
+            raise EdgemtpError(f"{drafter_dir}: --draft-head-rows {head_rows} is for edgemtp drafters, not "
+                               "Gemma 4 assistant checkpoints")
         cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
         return lambda tmp: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg)}
     cfg = load_drafter_config(drafter_dir)
@@ -142,10 +151,10 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None):
         raise EdgemtpError(f"{drafter_dir}: drafter does not match this target (drafter: backbone hidden "
                            f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
                            f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
-    head_shape(drafter_dir, cfg, top_k)  # bad head tables or --draft-top-k fail here too
+    check_head_rows(head_rows, head_shape(drafter_dir, cfg, top_k))  # bad head tables or flags fail here too
 
     def write_graphs(tmp: Path) -> dict:
-        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k)
+        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k, head_rows=head_rows)
         full = write_full_head(tmp, drafter_dir, entry)  # for profile's full vs clustered rows
         return {"drafter": entry, **({"drafter_full_head": full} if full else {})}
     return write_graphs
