@@ -215,7 +215,8 @@ def test_bundle_loads_and_shares_the_target_embedding(pair, ordered):
     g = b.graph("drafter")
     assert g.contract["kind"] == "mtp" and g.contract["kv_layers"] == [3, 4]
     n = TOP_K * 96 // CENTROIDS
-    assert g.contract["head"] == ({"kind": "clustered", "clusters": CENTROIDS, "top_k": TOP_K, "candidates": n}
+    assert g.contract["head"] == ({"kind": "clustered", "clusters": CENTROIDS, "top_k": TOP_K, "candidates": n,
+                                   "rows": "fp32"}
                                   if ordered else {"kind": "full"})
     assert g.contract["outputs"][-1] == A.NEXT_HIDDEN
     model = onnx.load(str(g.path), load_external_data=False)

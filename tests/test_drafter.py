@@ -358,7 +358,7 @@ def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_p
 @pytest.mark.parametrize("extra,match", [
     (["--draft-head-rows", "int4"], "--draft-head-rows 'int4'"),
     (["--draft-head-rows", "int8", "--draft-top-k", "0"], "needs a clustered head"),
-    (["--draft-head-rows", "int8", "--quant", "int8"], "applies to dynamic fp32 bundles"),
+    (["--draft-head-rows", "int8", "--static"], "applies to dynamic bundles"),
 ])
 def test_bad_draft_head_rows_are_refused(setup, tmp_path, extra, match):
     from click.testing import CliRunner
@@ -515,6 +515,45 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
             mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", mode, "--draft-k", k]).stdout)
             assert mtp["stats"]["drafted"] > 0
             assert_same_up_to_kernel_rounding(out, prompt, plain["tokens"], mtp["tokens"])
+
+
+def test_int8_head_rows_in_a_quantized_bundle(setup, tmp_path):
+    """--quant int8 --draft-head-rows int8: the int8 rows and centroid columns are copied as they are into the
+    drafter's data, its rescoring reads the target's quantized table in place, and it drafts what the same
+    bundle's fp32-rows drafter drafts; greedy MTP output equals plain greedy output."""
+    import onnx
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir, _, _, ids = setup
+    clustered_drafter(model_dir, tmp_path / "d")
+    outs = {}
+    for rows in ("fp32", "int8"):
+        outs[rows] = tmp_path / rows
+        r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(outs[rows]), "--drafter", str(tmp_path / "d"),
+                                     "--max-context", "64", "--quant", "int8", "--calibration", "none",
+                                     "--draft-head-rows", rows])
+        assert r.exit_code == 0, r.output
+    b = bundle_mod.load(outs["int8"])
+    assert b.graph("drafter").contract["head"]["rows"] == "int8" and b.graph("drafter").quant == "int8"
+    drafter = onnx.load(str(outs["int8"] / "drafter.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in drafter.node]
+    assert ops.count("MatMulInteger") == 2 and "GatherBlockQuantized" in ops
+    int8 = [t for t in drafter.initializer if t.name.endswith((".int8_cluster_blocks", ".int8_columns"))]
+    assert len(int8) == 2 and all(t.data_type == onnx.TensorProto.UINT8 for t in int8)
+    assert all(e.value == "drafter.onnx.data" for t in int8 for e in t.external_data if e.key == "location")
+    _, cache, state = run_target(outs["int8"], ids)
+    last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
+    want_ids, _ = X.DrafterSession.load(bundle_mod.load(outs["fp32"])).draft(last, state, cache, rows, 1)
+    got_ids, _ = X.DrafterSession.load(b).draft(last, state, cache, rows, 1)
+    assert (got_ids == want_ids).mean() >= 0.8
+    for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
+        args = ["generate", str(outs["int8"]), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+        assert mtp["stats"]["drafted"] > 0
+        assert_same_up_to_kernel_rounding(outs["int8"], prompt, plain["tokens"], mtp["tokens"])
 
 
 def assert_same_up_to_kernel_rounding(bundle, prompt: str, plain: list[int], drafted: list[int]) -> None:

@@ -57,7 +57,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     recognised by the model's weights; dynamic bundles only) or None. A quantized bundle's drafter keeps
     its own weights in fp32 and reads the target's quantized embedding table.
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
-    `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (fp32 bundles).
+    `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (made from the
+    fp32 table; a quantized bundle keeps it as it is, its drafter's rescoring reads the quantized table).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
@@ -69,12 +70,12 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
     if quant == "qdq":
         return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
-    if drafter_head_rows != "fp32" and (quant != "fp32" or static_window is not None):
-        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic fp32 bundles (a quantized "
-                           "bundle's drafter reads the target's quantized table)")
+    if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
+        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (static ones have "
+                           "no MTP drafter)")
     if quant != "fp32":
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
-                                 quant_options or {}, drafter, drafter_top_k)
+                                 quant_options or {}, drafter, drafter_top_k, drafter_head_rows)
     if quant_options:
         raise EdgemtpError(f"--{next(iter(quant_options)).replace('_', '-')} applies to --quant int8 / int4 only")
     if capacity < 2:
@@ -161,7 +162,7 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
 
 
 def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window, options, drafter,
-                      drafter_top_k) -> Path:
+                      drafter_top_k, drafter_head_rows="fp32") -> Path:
     """fp32 export into a scratch directory, then the quantizer rewrites it into `out` (atomically)."""
     import tempfile
 
@@ -176,7 +177,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
-                      drafter_top_k=drafter_top_k)
+                      drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows)
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 
 
