@@ -122,8 +122,7 @@ def quant_options(f):
                    "0: full head).")
 @click.option("--draft-head-rows", default="fp32", show_default=True,
               help="How the drafter's two-stage head scores its candidates: fp32 rows of the target's table, "
-                   "or int8 (a copy of the table in cluster order: V x hidden more bytes, a faster draft step; "
-                   "fp32 bundles).")
+                   "or int8 (a copy of the table in cluster order: V x hidden more bytes, a faster draft step).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @quant_options
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
