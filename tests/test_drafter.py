@@ -319,6 +319,22 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     assert not any(x["skipped"] for x in rows)
 
 
+def export_both_head_rows(model_dir, tmp_path, *extra) -> dict:
+    """The same model and clustered drafter exported with --draft-head-rows fp32 and int8: {rows: bundle}."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    clustered_drafter(model_dir, tmp_path / "d")
+    outs = {}
+    for rows in ("fp32", "int8"):
+        outs[rows] = tmp_path / rows
+        r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(outs[rows]), "--drafter", str(tmp_path / "d"),
+                                     "--max-context", "64", "--draft-head-rows", rows, *extra])
+        assert r.exit_code == 0, r.output
+    return outs
+
+
 def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_path):
     """--draft-head-rows int8: the same clusters' candidates, logits within int8 rounding of the fp32 head's,
     its own bytes in the drafter's data file, and greedy MTP output still equal to plain greedy output."""
@@ -326,14 +342,8 @@ def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_p
 
     from edgemtp.cli import cli
 
-    model_dir, _, _, ids = setup
-    clustered_drafter(model_dir, tmp_path / "d")
-    outs = {}
-    for rows in ("fp32", "int8"):
-        outs[rows] = tmp_path / rows
-        r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(outs[rows]), "--drafter", str(tmp_path / "d"),
-                                     "--max-context", "64", "--draft-head-rows", rows])
-        assert r.exit_code == 0, r.output
+    ids = setup[3]
+    outs = export_both_head_rows(setup[0], tmp_path)
     b = bundle_mod.load(outs["int8"])
     assert b.graph("drafter").contract["head"]["rows"] == "int8"
     grown = (outs["int8"] / "drafter.onnx.data").stat().st_size - (outs["fp32"] / "drafter.onnx.data").stat().st_size
@@ -526,15 +536,8 @@ def test_int8_head_rows_in_a_quantized_bundle(setup, tmp_path):
 
     from edgemtp.cli import cli
 
-    model_dir, _, _, ids = setup
-    clustered_drafter(model_dir, tmp_path / "d")
-    outs = {}
-    for rows in ("fp32", "int8"):
-        outs[rows] = tmp_path / rows
-        r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(outs[rows]), "--drafter", str(tmp_path / "d"),
-                                     "--max-context", "64", "--quant", "int8", "--calibration", "none",
-                                     "--draft-head-rows", rows])
-        assert r.exit_code == 0, r.output
+    ids = setup[3]
+    outs = export_both_head_rows(setup[0], tmp_path, "--quant", "int8", "--calibration", "none")
     b = bundle_mod.load(outs["int8"])
     assert b.graph("drafter").contract["head"]["rows"] == "int8" and b.graph("drafter").quant == "int8"
     drafter = onnx.load(str(outs["int8"] / "drafter.onnx"), load_external_data=False).graph
