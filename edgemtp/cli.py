@@ -260,7 +260,8 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
 @click.option("--calibration", default=None, type=click.Path(path_type=Path),
               help="Final hidden states [N, d] (.npy/.npz) to learn centroids from (much higher recall).")
 @click.option("--report", "report_hidden", default=None, type=click.Path(path_type=Path),
-              help="Held-out hidden states (.npy/.npz): print recall and softmax mass for k in 8,16,32,64.")
+              help="Held-out hidden states (.npy/.npz): print recall and softmax mass for k in 8,16,32,64, "
+                   "and the full vs clustered head (fp32 and int8 rows) timed on them.")
 @click.option("--positions", default=None, type=int,
               help="Calibration positions collected from the offline corpora when no --calibration is given "
                    "(default 32768; more: higher held-out recall, longer run).")
@@ -276,7 +277,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
                              positions=positions or POSITIONS)
     click.echo(f"wrote {path}")
     if report_hidden:
-        click.echo(json.dumps(recall_report(model_dir, path, report_hidden), indent=2))
+        click.echo(json.dumps(recall_report(model_dir, path, report_hidden, speed=True), indent=2))
 
 
 @cli.command("train-drafter")

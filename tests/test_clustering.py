@@ -374,10 +374,17 @@ def test_cluster_model_writes_tables_and_reports(calibrated, tmp_path):
     assert meta["calibration_positions"] == (len(h) if calibrated else 0)
     assert sorted(tables.token_ordering[tables.token_mask].tolist()) == list(range(203))
     np.save(tmp_path / "held.npy", hidden(50, seed=9))
-    report = hr.recall_report(tmp_path / "model", tmp_path / "out", tmp_path / "held.npy", top_ks=(1, 3, 10))
+    report = hr.recall_report(tmp_path / "model", tmp_path / "out", tmp_path / "held.npy", top_ks=(1, 3, 10),
+                              speed=True)
     assert report["k"][10]["recall"] == 1.0 and abs(report["k"][10]["mass"] - 1.0) < 1e-4
     assert 0 < report["k"][1]["recall"] <= report["k"][3]["recall"] <= 1.0
     assert report["k"][1]["mass"] <= report["k"][3]["mass"]
+    speed = report["speed"]  # the graphs at the tables' k = 3, on the same 50 positions
+    assert speed["positions"] == 50 and set(speed["ms"]) == {"full fp32", "clustered fp32 rows", "clustered int8 rows"}
+    assert all(v > 0 for v in speed["ms"].values()) and speed["speedup"]["full fp32"] == 1.0
+    agree = speed["agreement"]
+    assert agree["full fp32"] == 1.0 and agree["clustered fp32 rows"] == report["k"][3]["recall"]
+    assert agree["clustered int8 rows"] >= agree["clustered fp32 rows"] - 0.04
 
 
 def test_default_calibration_needs_a_real_model_directory(tmp_path):

@@ -314,15 +314,20 @@ def load_head(path: Path) -> tuple[HeadTables, dict]:
 
 
 def recall_report(model_dir: Path, head: Path, hidden_states, top_ks=TOP_KS, softcap: float | None = None,
-                  progress: Progress | None = None) -> dict:
-    """Recall of the clustered head on held-out final hidden states (array or file; see load_hidden)."""
+                  progress: Progress | None = None, speed: bool = False) -> dict:
+    """Recall of the clustered head on held-out final hidden states (array or file; see load_hidden);
+    with `speed`, also the head graphs timed on them at the tables' own k (head_speed.head_speed)."""
     embed = head_rows(model_dir)
     tables, meta = load_head(head)
     if tables.vocab_size != len(embed) or tables.centroids.shape[1] != embed.shape[1]:
         raise EdgemtpError(f"{head}: tables are for vocab {tables.vocab_size} x hidden {tables.centroids.shape[1]}, "
                            f"the model in {model_dir} has {len(embed)} x {embed.shape[1]}")
     hidden = load_hidden(hidden_states, embed.shape[1])
-    return {"method": meta.get("method"), **recall_figures(hidden, embed, tables, top_ks, softcap, progress=progress)}
+    report = {"method": meta.get("method"), **recall_figures(hidden, embed, tables, top_ks, softcap, progress=progress)}
+    if speed:
+        from .head_speed import head_speed
+        report["speed"] = head_speed(embed, tables, int(meta.get("top_k", 32)), hidden, softcap)
+    return report
 
 
 def recall_figures(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, top_ks=TOP_KS,
