@@ -92,6 +92,8 @@ def chunks(domain: str, split: str, tokenize, cache: Path = CACHE, budget: int |
     round takes one more chunk of every file that still has room, in the middle of its largest gap."""
     default, per_file = BUDGET[(domain, split)]
     budget = default if budget is None else budget
+    if budget <= 0:  # e.g. --calib-tokens 0: held-out only
+        return
     files = [(name, tokenize(Path(path).read_text(encoding="utf-8", errors="replace")))
              for name, path in corpus_files(domain, cache) if split_of(name) == split]
     taken: dict[str, list[int]] = {name: [] for name, _ in files}
