@@ -284,3 +284,39 @@ def test_generate_with_the_assistant_is_lossless(pair):
         plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
         mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
         assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_int8_head_rows_keep_the_candidates_and_stay_lossless(pair, tmp_path):
+    """--draft-head-rows int8 with an ordered-embedding assistant: the first draft step's candidates are the fp32
+    head's, their logits within int8 rounding, its best candidate the same; greedy MTP output equals plain."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, drafter_dir, fp32_bundle, _ = pair.assistants[True]
+    out = tmp_path / "int8"
+    r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(out), "--drafter", str(drafter_dir),
+                                 "--max-context", "64", "--draft-head-rows", "int8"])
+    assert r.exit_code == 0, r.output
+    assert bundle_mod.load(out).graph("drafter").contract["head"]["rows"] == "int8"
+    inputs = from_bundle(fp32_bundle, pair.ids)
+    want, got = draft(fp32_bundle, pair.ids, inputs, k=1)[0], draft(out, pair.ids, inputs, k=1)[0]
+    np.testing.assert_array_equal(got[A.CANDIDATE_IDS], want[A.CANDIDATE_IDS])
+    spread = np.ptp(want[A.CANDIDATE_LOGITS])
+    assert 0 < np.abs(got[A.CANDIDATE_LOGITS] - want[A.CANDIDATE_LOGITS]).max() < 0.05 * spread
+    np.testing.assert_array_equal(got[A.DRAFT_IDS], want[A.DRAFT_IDS])
+    args = ["generate", str(out), "--prompt", "t3 t9 t4 t1 t3 t9", "--max-new-tokens", "16", "--json"]
+    plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+    mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+    assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_int8_head_rows_need_the_ordered_head(pair, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(tmp_path / "b"), "--drafter",
+                                 str(pair.assistants[False][1]), "--max-context", "64", "--draft-head-rows", "int8"])
+    assert r.exit_code != 0 and "needs a clustered head" in r.output, r.output
+    assert not (tmp_path / "b").exists()

@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .. import contract as C
 from ..checkpoint import Checkpoint
 from ..config import SLIDING, Problems, read_config_json
@@ -160,7 +162,9 @@ def check_pair(cfg: AssistantConfig, target: C.TargetContract, drafter_dir: Path
 # --- graph ----------------------------------------------------------------------------------------------
 
 
-def build(cfg: AssistantConfig) -> GraphBuilder:
+def build(cfg: AssistantConfig, int8_ordering: np.ndarray | None = None) -> GraphBuilder:
+    """The assistant's step graph; `int8_ordering` (its masked embedding's token ordering): the clustered
+    head scores its candidates from int8 copies of its table (export.HEAD_ROWS)."""
     t, hb = cfg.text, cfg.backbone_hidden
     b = GraphBuilder("gemma4_assistant")
     ids = b.input(X.INPUT_IDS, INT64, ["batch", 1])
@@ -179,7 +183,7 @@ def build(cfg: AssistantConfig) -> GraphBuilder:
         x = b.op("Mul", x, b.param(p + "layer_scalar", (1,)))
     x = nn.rms_norm(b, x, "model.norm.weight", t.hidden_size, t.rms_norm_eps)
     if cfg.clustered:
-        X.clustered_outputs(b, x, cfg.clustered, cfg.head_key, None, H.GEMMA4_KEYS)
+        X.clustered_outputs(b, x, cfg.clustered, cfg.head_key, None, H.GEMMA4_KEYS, int8_ordering)
     else:
         logits = nn.tied_head(b, x, cfg.head_key, cfg.vocab_size, t.hidden_size)
         b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
@@ -200,21 +204,25 @@ def _kv_inputs(b: GraphBuilder, cfg: AssistantConfig, layer_type: str) -> tuple[
     return b.input(C.past_key(layer), FLOAT, shape), b.input(C.past_value(layer), FLOAT, shape)
 
 
-def contract(cfg: AssistantConfig) -> dict:
+def contract(cfg: AssistantConfig, head_rows: str = "fp32") -> dict:
     """The manifest's graphs.drafter.contract: export.contract()'s fields, this config and head."""
     scores = [CANDIDATE_IDS, CANDIDATE_LOGITS] if cfg.clustered else [LOGITS]
     return {"kind": "mtp", "config": cfg.to_json(), "kv_layers": sorted(set(cfg.target_kv.values())),
             "inputs": [X.INPUT_IDS, X.LAST_HIDDEN, X.POSITION_IDS], "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN],
-            "hidden": "post_final_norm", "head": X.head_json(cfg.clustered)}
+            "hidden": "post_final_norm", "head": X.head_json(cfg.clustered, head_rows)}
 
 
 def write(out_dir: Path, drafter_dir: Path, target_graph: Path, cfg: AssistantConfig,
-          share_embedding: bool = True) -> dict:
+          share_embedding: bool = True, head_rows: str = "fp32") -> dict:
     """Writes drafter.onnx + drafter.onnx.data into `out_dir` (a bundle being built, beside `target_graph`)
     and returns the manifest's graph entry.
 
     The target's input embedding is shared (its initializer points into the target's data file) or, with
-    share_embedding False, copied; every other tensor comes from the assistant's checkpoint."""
+    share_embedding False, copied; every other tensor comes from the assistant's checkpoint. head_rows
+    "int8": the clustered head reads int8 copies of the assistant's table (written to drafter.onnx.data)."""
     out_dir, drafter_dir, target_graph = Path(out_dir), Path(drafter_dir), Path(target_graph)
-    X.save(build(cfg), out_dir / GRAPH, Checkpoint(drafter_dir), target_graph, TARGET_EMBEDDING, cfg, share_embedding)
-    return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg)}
+    X.check_head_rows(head_rows, cfg.clustered)
+    ckpt = Checkpoint(drafter_dir)
+    ordering = np.asarray(ckpt[H.GEMMA4_KEYS.token_ordering]) if head_rows == "int8" else None
+    X.save(build(cfg, ordering), out_dir / GRAPH, ckpt, target_graph, TARGET_EMBEDDING, cfg, share_embedding)
+    return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg, head_rows)}

@@ -192,8 +192,8 @@ def check_head_rows(rows: str, head: H.ClusteredShape | None) -> None:
     if rows not in HEAD_ROWS:
         raise EdgemtpError(f"--draft-head-rows {rows!r}: choose from {', '.join(HEAD_ROWS)}")
     if rows != "fp32" and head is None:
-        raise EdgemtpError(f"--draft-head-rows {rows} needs a clustered head (the drafter has the full head "
-                           "here: no head tables, or --draft-top-k 0)")
+        raise EdgemtpError(f"--draft-head-rows {rows} needs a clustered head (this drafter has the full head: "
+                           "no head tables or no use_ordered_embeddings, or --draft-top-k 0)")
 
 
 def int8_ordering(drafter_dir: Path, rows: str) -> np.ndarray | None:

@@ -141,11 +141,10 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
 
     t = TargetContract.from_json(target_contract)
     if assistant.is_assistant(drafter_dir):
-        if head_rows != "fp32":
-            raise EdgemtpError(f"{drafter_dir}: --draft-head-rows {head_rows} is for edgemtp drafters, not "
-                               "Gemma 4 assistant checkpoints")
         cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
-        return lambda tmp: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg)}
+        check_head_rows(head_rows, cfg.clustered)
+        return lambda tmp: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg,
+                                                       head_rows=head_rows)}
     cfg = load_drafter_config(drafter_dir)
     if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
             set(t.drafter_kv.values()) != set(cfg.target_kv.values()):
