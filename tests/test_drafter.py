@@ -369,6 +369,7 @@ def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_p
     (["--draft-head-rows", "int4"], "--draft-head-rows 'int4'"),
     (["--draft-head-rows", "int8", "--draft-top-k", "0"], "needs a clustered head"),
     (["--draft-head-rows", "int8", "--static"], "applies to dynamic bundles"),
+    (["--draft-head-rows", "int8", "--quant", "qdq"], "applies to dynamic bundles"),
 ])
 def test_bad_draft_head_rows_are_refused(setup, tmp_path, extra, match):
     from click.testing import CliRunner

@@ -19,7 +19,6 @@ import numpy as np
 from .clustering import HeadTables
 
 EMBED = "embed"
-VARIANTS = ("full fp32", "clustered fp32 rows", "clustered int8 rows")
 
 
 def head_speed(embed: np.ndarray, tables: HeadTables, top_k: int, hidden: np.ndarray, softcap: float | None = None,

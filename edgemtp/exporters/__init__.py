@@ -68,11 +68,11 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method")]
     if only_qdq and quant != "qdq":
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
-    if quant == "qdq":
-        return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
     if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
         raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (static ones have "
                            "no MTP drafter)")
+    if quant == "qdq":
+        return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
     if quant != "fp32":
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
                                  quant_options or {}, drafter, drafter_top_k, drafter_head_rows)
