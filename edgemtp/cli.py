@@ -289,6 +289,9 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 @click.option("--heldout", default="code=3,docs=2,shakespeare=1", show_default=True,
               help="Held-out windows per corpus, for the acceptance shown while training.")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per window.")
+@click.option("--greedy-from", default=0, show_default=True, type=int,
+              help="P > 0: keep each window's first P tokens and replace the rest by the target's own greedy "
+                   "continuation (the text a drafter is judged on; every draft step's label is known on it).")
 @click.option("--steps", default=400, show_default=True, type=int)
 @click.option("--batch", default=4, show_default=True, type=int, help="Windows per step.")
 @click.option("--lr", default=1.5e-3, show_default=True, type=float)
@@ -302,7 +305,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Start from this drafter's weights (e.g. a shipped drafter, to train it on more data).")
 @click.option("--eval-every", default=60, show_default=True, type=int, help="Steps between held-out evaluations.")
-def train_drafter_cmd(target_dir, out, data, heldout, seq_len, steps, batch, lr, draft_k, hidden, layers, seed,
+def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, steps, batch, lr, draft_k, hidden, layers, seed,
                       resume, threads, init, eval_every):
     """Distill an MTP drafter for TARGET_DIR (needs the `train` extra: torch, transformers).
 
@@ -318,7 +321,9 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, steps, batch, lr,
         if value < 1:
             raise EdgemtpError(f"{flag} {value} must be at least 1")
     spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data), heldout=domain_counts("--heldout", heldout),
-                    seed=seed)
+                    seed=seed, greedy_from=greedy_from)
+    if greedy_from and not 1 <= greedy_from < seq_len:
+        raise EdgemtpError(f"--greedy-from {greedy_from}: must be between 1 and --seq-len - 1 ({seq_len - 1})")
     if init is not None and not (init / "config.json").is_file():
         raise EdgemtpError(f"--init {init}: not a drafter directory (no config.json)")
     train = TrainSpec(k=draft_k, batch=batch, lr=lr, eval_every=eval_every)
@@ -326,7 +331,8 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, steps, batch, lr,
         def show(step: int, total: int, record: dict) -> None:
             phase = record.get("phase")
             progress(step, total, f"loss {record['loss']:.3f}" if "loss" in record else
-                     "target pass over the corpora (cached)" if phase == "target pass" else "training")
+                     "target pass over the corpora (cached)" if phase == "target pass" else
+                     "target's greedy continuations (cached)" if phase == "greedy continuation" else "training")
             if record.get("phase") == "eval":
                 tpr = ", ".join(f"{k} {v['tokens_per_round']:.2f}" for k, v in record.items()
                                 if isinstance(v, dict) and "tokens_per_round" in v)

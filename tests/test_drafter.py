@@ -18,6 +18,7 @@ from edgemtp.drafter import data as D  # noqa: E402
 from edgemtp.drafter import export as X  # noqa: E402
 from edgemtp.drafter import model as M  # noqa: E402
 from edgemtp.drafter.train import TargetPass, TrainSpec, train_drafter  # noqa: E402
+from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import load_config as target_config  # noqa: E402
 from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402
@@ -166,6 +167,37 @@ def test_training_raises_acceptance(tiny_gemma3, tmp_path):
     assert M.load(tmp_path / "again").cfg.hidden == 32
 
 
+def test_greedy_continuations_are_the_targets_greedy_tokens(tiny_gemma3, tmp_path):
+    """--greedy-from: the runtime's continuation of each prompt equals transformers' greedy generate,
+    every draft step's label is then known past the prompt, and an interrupted run resumes."""
+    from edgemtp.drafter.greedy import continue_greedily
+    from edgemtp.drafter.train import label_known
+
+    model, model_dir, _ = tiny_gemma3
+    rng = np.random.default_rng(5)
+    windows = rng.integers(3, 96, size=(5, 30))
+    windows[:, 0] = 2
+    P = 7
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(windows[:, :P]), max_new_tokens=30 - P, do_sample=False,
+                              min_new_tokens=30 - P).numpy()
+    got = continue_greedily(model_dir, windows, P, tmp_path / "g", batch=2)
+    np.testing.assert_array_equal(got, want)
+    ids = torch.from_numpy(got)
+    g = torch.from_numpy(np.concatenate([got[:, 1:], got[:, -1:]], 1))  # g_t = x_{t+1} on a greedy path
+    for s, known in enumerate(label_known(ids, g, 4), start=1):
+        assert bool(known[:, P - 1:30 - s].all()), s  # from the last prompt token on, wherever in the window
+    # resuming after 4 rows: those are kept as written (row 0's changed prompt is not looked at again),
+    # row 4 is computed afresh from its changed prompt
+    (tmp_path / "g" / "done.json").write_text(json.dumps({"rows": 4}))
+    windows[[0, 4], 1] = 50
+    again = continue_greedily(model_dir, windows, P, tmp_path / "g", batch=2)
+    np.testing.assert_array_equal(again[:4], want[:4])
+    assert again[4, 1] == 50
+    with pytest.raises(EdgemtpError, match="--greedy-from 30"):
+        continue_greedily(model_dir, windows, 30, tmp_path / "h")
+
+
 def test_resume_continues(tiny_gemma3, tmp_path):
     model, model_dir, _ = tiny_gemma3
     data = {"train": greedy_windows(model, 16, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
@@ -216,7 +248,6 @@ def test_export_with_drafter_and_lossless_mtp_generation(setup, tmp_path):
 
 
 def test_mismatched_drafter_is_refused(setup, tmp_path):
-    from edgemtp.errors import EdgemtpError
     from edgemtp.exporters import export
 
     model_dir = setup[0]
@@ -389,7 +420,7 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
 
     from edgemtp.cli import cli
 
-    _, model_dir, _ = tiny_gemma3
+    model, model_dir, _ = tiny_gemma3
     out = tmp_path / "d"
     args = ["train-drafter", str(model_dir), "-o", str(out), "--data", "code=8", "--heldout", "code=2",
             "--seq-len", "12", "--steps", "3", "--batch", "2", "--hidden", "16", "--layers", "1"]
@@ -407,6 +438,18 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert bad.exit_code == 2 and "--data" in bad.output
     bad = CliRunner().invoke(cli, args + ["--init", str(tmp_path)])
     assert bad.exit_code == 2 and "--init" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(cli, args + ["--greedy-from", "12"])
+    assert bad.exit_code == 2 and "--greedy-from 12" in bad.output and "Traceback" not in bad.output
+    # --greedy-from: the windows past the prompt are the target's greedy text, so every draft step is scored
+    g = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "g"), "--greedy-from", "4"] + args[4:])
+    assert g.exit_code == 0, g.output
+    for name in ("greedy.train", "greedy.heldout.code"):
+        window = np.load(tmp_path / "g" / "cache" / name / "windows.npy")
+        with torch.no_grad():
+            prompt = torch.from_numpy(window[:, :4])  # the tiny tokenizer makes pad ids (0): attend to them all
+            want = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                  do_sample=False, min_new_tokens=8).numpy()
+        np.testing.assert_array_equal(window, want)
 
 
 def test_shipped_drafter_is_recognised_by_weights(setup, tmp_path, monkeypatch):

@@ -42,6 +42,7 @@ class DataSpec:
     heldout: dict = field(default_factory=lambda: {"code": 3, "docs": 2, "shakespeare": 1})
     shortlist: bool = True  # target head over the corpus vocabulary only
     seed: int = 0
+    greedy_from: int = 0  # P > 0: tokens P.. of every window are the target's greedy continuation (greedy.py)
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
-    train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache")
+    train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache", progress)
     torch.set_num_threads(max(threads, label_threads))  # the target pass: big matmuls, no per-op stalls
     target = TargetPass(target_dir, cfg, vocab)
     caches = _caches(target, train_ids, heldout_ids, out_dir / "cache", progress)
@@ -337,7 +338,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     return report
 
 
-def _windows(target_dir, tcfg, data, cache_dir: Path):
+def _windows(target_dir, tcfg, data, cache_dir: Path, progress: Progress | None = None):
     if isinstance(data, dict):
         return data["train"], data["heldout"], data.get("vocab")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -347,6 +348,14 @@ def _windows(target_dir, tcfg, data, cache_dir: Path):
         held = {k[len("heldout."):]: z[k] for k in z.files if k.startswith("heldout.")}
         return z["train"], held, (z["vocab"] if data.shortlist else None)
     train, held, vocab = build_windows(target_dir, tcfg, data)
+    if data.greedy_from:
+        from .greedy import continue_greedily
+
+        train = continue_greedily(target_dir, train, data.greedy_from, cache_dir / "greedy.train", progress=progress)
+        held = {d: continue_greedily(target_dir, w, data.greedy_from, cache_dir / f"greedy.heldout.{d}")
+                for d, w in held.items()}
+        if vocab is not None:  # the target's own tokens join the head shortlist
+            vocab = np.union1d(vocab, np.concatenate([train.ravel()] + [w.ravel() for w in held.values()]))
     np.savez(key, spec=json.dumps(asdict(data)), train=train, vocab=vocab if vocab is not None else np.zeros(0),
              **{f"heldout.{k}": v for k, v in held.items()})
     return train, held, vocab
