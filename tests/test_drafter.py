@@ -80,6 +80,22 @@ def test_target_conventions(setup):
         np.testing.assert_allclose(out.hidden_states[-1][0, -1].numpy(), ref["hidden"][0, -1], atol=1e-6)
 
 
+def test_target_pass_cache_is_for_its_own_windows(setup, tmp_path):
+    """prepare() resumes a cache only for the windows it was written for: a rerun with other data in the
+    same output directory must not train on the old labels."""
+    from edgemtp.drafter.train import prepare
+
+    model_dir, _, drafter, ids = setup
+    tp = TargetPass(model_dir, drafter.cfg, None)
+    first = np.array(prepare(tp, ids, tmp_path / "c", batch=1)["top_ids"])
+    other = ids.copy()
+    other[:, 1:] = ids[::-1, 1:]
+    again = prepare(tp, other, tmp_path / "c", batch=1)
+    np.testing.assert_array_equal(again["ids"], other)
+    np.testing.assert_array_equal(again["top_ids"], tp.run(other)["top_ids"])
+    assert not np.array_equal(again["top_ids"], first)
+
+
 def reference_draft(drafter, model_dir, ids, b, n):
     """Torch drafter over transformers' KV: K greedy steps from the committed length n of row b."""
     tp = TargetPass(model_dir, drafter.cfg, None)
@@ -187,13 +203,21 @@ def test_greedy_continuations_are_the_targets_greedy_tokens(tiny_gemma3, tmp_pat
     g = torch.from_numpy(np.concatenate([got[:, 1:], got[:, -1:]], 1))  # g_t = x_{t+1} on a greedy path
     for s, known in enumerate(label_known(ids, g, 4), start=1):
         assert bool(known[:, P - 1:30 - s].all()), s  # from the last prompt token on, wherever in the window
-    # resuming after 4 rows: those are kept as written (row 0's changed prompt is not looked at again),
-    # row 4 is computed afresh from its changed prompt
-    (tmp_path / "g" / "done.json").write_text(json.dumps({"rows": 4}))
-    windows[[0, 4], 1] = 50
+    # resuming after 4 rows: those are kept as written (row 0, marked here, is not computed again)
+    done = json.loads((tmp_path / "g" / "done.json").read_text())
+    (tmp_path / "g" / "done.json").write_text(json.dumps({**done, "rows": 4}))
+    written = np.load(tmp_path / "g" / "windows.npy", mmap_mode="r+")
+    written[0, -1], written[4] = 1, 0
+    written.flush()
     again = continue_greedily(model_dir, windows, P, tmp_path / "g", batch=2)
-    np.testing.assert_array_equal(again[:4], want[:4])
-    assert again[4, 1] == 50
+    assert again[0, -1] == 1
+    np.testing.assert_array_equal(again[1:], want[1:])
+    # other windows in the same directory: computed afresh, nothing reused
+    windows[:, 1] = 50
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(windows[:, :P]), max_new_tokens=30 - P, do_sample=False,
+                              min_new_tokens=30 - P).numpy()
+    np.testing.assert_array_equal(continue_greedily(model_dir, windows, P, tmp_path / "g", batch=2), want)
     with pytest.raises(EdgemtpError, match="--greedy-from 30"):
         continue_greedily(model_dir, windows, 30, tmp_path / "h")
 

@@ -12,6 +12,7 @@ batch several times faster than transformers does on a CPU, and its greedy token
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -26,14 +27,16 @@ Progress = Callable[[int, int, dict], None]
 def continue_greedily(target_dir: Path, windows: np.ndarray, prompt_len: int, work: Path, batch: int = 32,
                       threads: int = 2, progress: Progress | None = None) -> np.ndarray:
     """windows [N, T] -> [N, T]: each row's first `prompt_len` tokens kept, the rest replaced by the
-    target's greedy continuation of them. Resumable: finished rows are kept in `work`."""
+    target's greedy continuation of them. Resumable: finished rows are kept in `work` (for these windows
+    and this prompt length only; other input starts afresh)."""
     n, T = windows.shape
     if not 1 <= prompt_len < T:
         raise EdgemtpError(f"--greedy-from {prompt_len}: must be between 1 and the window length - 1 ({T - 1})")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     out_path, done_path = work / "windows.npy", work / "done.json"
-    done = json.loads(done_path.read_text())["rows"] if done_path.is_file() else 0
+    key = fingerprint(windows, prompt_len)
+    done = resumable_rows(done_path, key)
     out = np.lib.format.open_memmap(out_path, mode="r+" if done else "w+", dtype=np.int64, shape=(n, T))
     if done < n:
         engine = _engine(Path(target_dir), work / "target-bundle", T, threads)
@@ -41,7 +44,7 @@ def continue_greedily(target_dir: Path, windows: np.ndarray, prompt_len: int, wo
             out[start:start + batch] = continue_rows(engine, windows[start:start + batch], prompt_len)
             out.flush()
             done = min(n, start + batch)
-            done_path.write_text(json.dumps({"rows": done}))
+            done_path.write_text(json.dumps({"rows": done, "input": key}))
             if progress:
                 progress(done, n, {"phase": "greedy continuation"})
     return np.array(out)
@@ -59,6 +62,21 @@ def continue_rows(engine, rows: np.ndarray, prompt_len: int) -> np.ndarray:
         logits, _ = engine.target.forward(seqs[:, t - 1:t], cache)
         seqs[:, t] = logits[:, -1].argmax(-1)
     return seqs
+
+
+def fingerprint(windows: np.ndarray, *extra) -> str:
+    """What a cache of per-window results was computed from (the ids and any settings)."""
+    h = hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes())
+    h.update(json.dumps([list(windows.shape), *extra]).encode())
+    return h.hexdigest()[:16]
+
+
+def resumable_rows(done_path: Path, key: str) -> int:
+    """Rows already finished in a cache written for the input `key` (0 when absent or for other input)."""
+    if not done_path.is_file():
+        return 0
+    done = json.loads(done_path.read_text())
+    return int(done["rows"]) if done.get("input") == key else 0
 
 
 def _engine(target_dir: Path, bundle: Path, capacity: int, threads: int):

@@ -95,10 +95,14 @@ _STORE = {"hidden": np.float16, "top_ids": np.int32, "top_logits": np.float16, "
 
 def prepare(target: TargetPass, windows: np.ndarray, path: Path, batch: int = 4,
             progress: Progress | None = None) -> dict:
-    """Cache `target.run` over windows [N, T] into `path`/*.npy (fp16); resumable, returns memmaps."""
+    """Cache `target.run` over windows [N, T] into `path`/*.npy (fp16); resumable (for the same windows;
+    others start afresh), returns memmaps."""
+    from .greedy import fingerprint, resumable_rows
+
     path.mkdir(parents=True, exist_ok=True)
-    done_file = path / "done.json"
-    done = json.loads(done_file.read_text())["rows"] if done_file.is_file() else 0
+    rows = None if target.rows is None else fingerprint(target.rows.numpy())
+    done_file, key = path / "done.json", fingerprint(windows, target.topk, rows)
+    done = resumable_rows(done_file, key)
     arrays = None
     for start in range(0, len(windows), batch):
         if start + batch <= done:
@@ -109,7 +113,7 @@ def prepare(target: TargetPass, windows: np.ndarray, path: Path, batch: int = 4,
         for name, a in res.items():
             arrays[name][start:start + len(a)] = a
         _flush(arrays)
-        done_file.write_text(json.dumps({"rows": start + len(res["ids"])}))
+        done_file.write_text(json.dumps({"rows": start + len(res["ids"]), "input": key}))
         if progress:
             progress(start + len(res["ids"]), len(windows), {"phase": "target pass"})
     return {p.stem: np.load(p, mmap_mode="r") for p in sorted(path.glob("*.npy"))}
