@@ -181,6 +181,8 @@ def test_training_raises_acceptance(tiny_gemma3, tmp_path):
     assert start["phase"] == "eval" and start["step"] == 0
     assert abs(start["greedy"]["tokens_per_round"] - after["tokens_per_round"]) < 0.05, (start, after)
     assert M.load(tmp_path / "again").cfg.hidden == 32
+    init = json.loads((tmp_path / "again" / "config.json").read_text())["training"]["init"]
+    assert init["from"] == str(tmp_path / "out") and init["training"]["steps"] == 40
 
 
 def test_greedy_continuations_are_the_targets_greedy_tokens(tiny_gemma3, tmp_path):

@@ -338,6 +338,9 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     report = {"steps": steps, "seed": seed, "prepare_s": round(prep_s, 1), "train_s": round(time.time() - t1, 1),
               "train_positions": int(np.prod(caches["train"]["ids"].shape)), "heldout": final,
               "data": asdict(data) if isinstance(data, DataSpec) else "arrays", "spec": asdict(spec)}
+    if init is not None:  # provenance: the run this one started from, with its own record (and so on back)
+        earlier = json.loads((Path(init) / "config.json").read_text()).get("training")
+        report["init"] = {"from": str(init), "training": earlier}
     M.save(model, out_dir, extra={"training": report})
     return report
 
