@@ -305,8 +305,8 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Start from this drafter's weights (e.g. a shipped drafter, to train it on more data).")
 @click.option("--eval-every", default=60, show_default=True, type=int, help="Steps between held-out evaluations.")
-def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, steps, batch, lr, draft_k, hidden, layers, seed,
-                      resume, threads, init, eval_every):
+def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, steps, batch, lr, draft_k, hidden,
+                      layers, seed, resume, threads, init, eval_every):
     """Distill an MTP drafter for TARGET_DIR (needs the `train` extra: torch, transformers).
 
     Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
