@@ -12,7 +12,6 @@ batch several times faster than transformers does on a CPU, and its greedy token
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgemtpError
+from .cache import fingerprint, resumable_rows
 
 Progress = Callable[[int, int, dict], None]
 
@@ -62,21 +62,6 @@ def continue_rows(engine, rows: np.ndarray, prompt_len: int) -> np.ndarray:
         logits, _ = engine.target.forward(seqs[:, t - 1:t], cache)
         seqs[:, t] = logits[:, -1].argmax(-1)
     return seqs
-
-
-def fingerprint(windows: np.ndarray, *extra) -> str:
-    """What a cache of per-window results was computed from (the ids and any settings)."""
-    h = hashlib.sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes())
-    h.update(json.dumps([list(windows.shape), *extra]).encode())
-    return h.hexdigest()[:16]
-
-
-def resumable_rows(done_path: Path, key: str) -> int:
-    """Rows already finished in a cache written for the input `key` (0 when absent or for other input)."""
-    if not done_path.is_file():
-        return 0
-    done = json.loads(done_path.read_text())
-    return int(done["rows"]) if done.get("input") == key else 0
 
 
 def _engine(target_dir: Path, bundle: Path, capacity: int, threads: int):

@@ -29,6 +29,7 @@ import torch
 from ..config import TextConfig
 from ..errors import EdgemtpError
 from . import model as M
+from .cache import fingerprint, resumable_rows
 
 Progress = Callable[[int, int, dict], None]
 
@@ -97,8 +98,6 @@ def prepare(target: TargetPass, windows: np.ndarray, path: Path, batch: int = 4,
             progress: Progress | None = None) -> dict:
     """Cache `target.run` over windows [N, T] into `path`/*.npy (fp16); resumable (for the same windows;
     others start afresh), returns memmaps."""
-    from .greedy import fingerprint, resumable_rows
-
     path.mkdir(parents=True, exist_ok=True)
     rows = None if target.rows is None else fingerprint(target.rows.numpy())
     done_file, key = path / "done.json", fingerprint(windows, target.topk, rows)
