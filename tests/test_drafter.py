@@ -446,6 +446,7 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
+    from edgemtp.drafter import recognises
 
     model, model_dir, _ = tiny_gemma3
     out = tmp_path / "d"
@@ -461,6 +462,13 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert r.exit_code == 0, r.output
     steps = [json.loads(line)["step"] for line in (out / "train.log").read_text().splitlines()]
     assert steps[-1] == 4 and 4 in steps
+    assert recognises(out, model_dir)  # the output directory is a complete drafter: export finds its target
+    assert not (out / "head.safetensors").exists()  # no tables to carry without --init
+    clustered_drafter(model_dir, tmp_path / "init", seed=3)
+    r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "fine"), "--init", str(tmp_path / "init")] + args[4:])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "fine" / "head.safetensors").read_bytes() == (tmp_path / "init" / "head.safetensors").read_bytes()
+    assert recognises(tmp_path / "fine", model_dir)
     bad = CliRunner().invoke(cli, args[:4] + ["--data", "poetry=3"])
     assert bad.exit_code == 2 and "--data" in bad.output
     bad = CliRunner().invoke(cli, args + ["--init", str(tmp_path)])

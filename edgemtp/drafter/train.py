@@ -341,7 +341,22 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         earlier = json.loads((Path(init) / "config.json").read_text()).get("training")
         report["init"] = {"from": str(init), "training": earlier}
     M.save(model, out_dir, extra={"training": report})
+    _complete(out_dir, target_dir, init)
     return report
+
+
+def _complete(out_dir: Path, target_dir: Path, init: Path | None) -> None:
+    """What makes `out_dir` a drafter directory by itself: the target's fingerprint (how `edgemtp export`
+    recognises the target) and, after --init, that drafter's clustered-head tables (same vocabulary and
+    hidden size, checked at export) unless `edgemtp cluster` already wrote some here."""
+    import shutil
+
+    from . import write_fingerprint
+    from .export import HEAD_FILE
+
+    write_fingerprint(out_dir, target_dir)
+    if init is not None and (Path(init) / HEAD_FILE).is_file() and not (out_dir / HEAD_FILE).exists():
+        shutil.copy2(Path(init) / HEAD_FILE, out_dir / HEAD_FILE)
 
 
 def _windows(target_dir, tcfg, data, cache_dir: Path, progress: Progress | None = None):
