@@ -84,6 +84,14 @@ def gemma_rms_norm(b: GraphBuilder, x: str, key: str, dim: int, eps: float) -> s
     return b.op("RMSNormalization", x, b.param(key, (dim,), plus_one), axis=-1, epsilon=eps)
 
 
+def gemma_head_norm(b: GraphBuilder, x: str, key: str, n: int, d: int, eps: float) -> str:
+    """[B, S, n*d] -> [B, S, n*d], Gemma-RMS-normed per head. One head is normed as it is: the two
+    Reshapes around the norm cost a node each per layer (36 of a Gemma 3 270M step's ~355)."""
+    if n == 1:
+        return gemma_rms_norm(b, x, key, d, eps)
+    return merge_heads(b, gemma_rms_norm(b, heads(b, x, n, d), key, d, eps))
+
+
 def embed(b: GraphBuilder, ids: str, key: str, vocab: int, hidden: int, scale: float | None = None) -> str:
     """ids [B, S] -> [B, S, H], optionally scaled (Gemma multiplies by sqrt(H))."""
     x = b.op("Gather", b.param(key, (vocab, hidden)), ids, axis=0)

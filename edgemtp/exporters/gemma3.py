@@ -76,15 +76,18 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     q, k, v = nn.linears(b, x, [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"], hid,
                          [n * d, nk * d, nk * d])
-    q = nn.gemma_rms_norm(b, nn.heads(b, q, n, d), p + "q_norm.weight", d, cfg.rms_norm_eps)
-    k = nn.gemma_rms_norm(b, nn.heads(b, k, nk, d), p + "k_norm.weight", d, cfg.rms_norm_eps)
-    if not isinstance(rope, nn.RopeCache):  # rotated here, not by GroupQueryAttention
-        q, k, rope = nn.apply_rope(b, q, rope, d), nn.apply_rope(b, k, rope, d), None
+    if isinstance(rope, nn.RopeCache):  # GroupQueryAttention rotates: q and k stay [B, S, heads * d]
+        q = nn.gemma_head_norm(b, q, p + "q_norm.weight", n, d, cfg.rms_norm_eps)
+        k = nn.gemma_head_norm(b, k, p + "k_norm.weight", nk, d, cfg.rms_norm_eps)
+    else:  # rotated here, per head
+        q = nn.gemma_rms_norm(b, nn.heads(b, q, n, d), p + "q_norm.weight", d, cfg.rms_norm_eps)
+        k = nn.gemma_rms_norm(b, nn.heads(b, k, nk, d), p + "k_norm.weight", d, cfg.rms_norm_eps)
+        q, k = (nn.merge_heads(b, nn.apply_rope(b, t, rope, d)) for t in (q, k))
+        rope = None
     if views is None:
         buffers = nn.kv_buffers(b, slot, capacity, window_view=lengths is not None)
-        out = nn.gqa(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, buffers, slot, io,
-                     n, cfg.scale, cfg.attn_logit_softcapping, rope, lengths)
+        out = nn.gqa(b, q, k, v, buffers, slot, io, n, cfg.scale, cfg.attn_logit_softcapping, rope, lengths)
     else:
-        out = nn.window_attention(b, nn.merge_heads(b, q), nn.merge_heads(b, k), v, slot, views[slot.window], n,
-                                  cfg.scale, cfg.attn_logit_softcapping, capacity)
+        out = nn.window_attention(b, q, k, v, slot, views[slot.window], n, cfg.scale, cfg.attn_logit_softcapping,
+                                  capacity)
     return nn.linear(b, out, p + "o_proj.weight", n * d, hid)
