@@ -264,17 +264,31 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
                    "and the full vs clustered head (fp32 and int8 rows) timed on them.")
 @click.option("--positions", default=None, type=int,
               help="Calibration positions collected from the offline corpora when no --calibration is given "
-                   "(default 32768; more: higher held-out recall, longer run).")
-def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions):
+                   "(default 32768; more: higher held-out recall, longer run), or drafter states with --drafter "
+                   "(default 73728).")
+@click.option("--drafter", "drafter_dir", default=None, type=click.Path(path_type=Path),
+              help="Calibrate on this drafter's own states (a train-drafter output directory, with its cache/) "
+                   "instead of MODEL_DIR's final hidden states: tables for that drafter's head.")
+def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions, drafter_dir):
     """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
     from .calibration.head_report import POSITIONS, cluster_model, recall_report
 
     if positions is not None and (positions < 512 or calibration is not None):
         raise EdgemtpError(f"--positions {positions}: " + ("at least 512" if positions < 512 else
                                                            "applies only without --calibration"))
-    with progress_bar("clustering the vocabulary") as progress:
-        path = cluster_model(model_dir, out, clusters, top_k, seed, progress, calibration,
-                             positions=positions or POSITIONS)
+    if drafter_dir is not None and calibration is not None:
+        raise EdgemtpError("--drafter and --calibration: give one source of calibration states")
+    with progress_bar("clustering the vocabulary", show_what=drafter_dir is not None) as progress:
+        if drafter_dir is not None:
+            import importlib.util
+            if importlib.util.find_spec("torch") is None:  # the drafter runs in torch, as in training
+                raise EdgemtpError("--drafter needs torch: pip install 'edgemtp[train]'")
+            from .drafter import head_fit
+            path = head_fit.fit_head(drafter_dir, model_dir, out, clusters, top_k, positions or head_fit.POSITIONS,
+                                     seed, progress)
+        else:
+            path = cluster_model(model_dir, out, clusters, top_k, seed, progress, calibration,
+                                 positions=positions or POSITIONS)
     click.echo(f"wrote {path}")
     if report_hidden:
         click.echo(json.dumps(recall_report(model_dir, path, report_hidden, speed=True), indent=2))
@@ -305,8 +319,13 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Start from this drafter's weights (e.g. a shipped drafter, to train it on more data).")
 @click.option("--eval-every", default=60, show_default=True, type=int, help="Steps between held-out evaluations.")
+@click.option("--head-clusters", default=None, type=int,
+              help="After training, fit the clustered head's tables (head.safetensors) on the drafter's own "
+                   "states, with this many clusters; 0: none (--init's tables are carried over). Default: 2048 "
+                   "for vocabularies of 65,536 tokens or more, else 0.")
+@click.option("--head-top-k", default=32, show_default=True, type=int, help="Clusters the fitted head scores exactly.")
 def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, steps, batch, lr, draft_k, hidden,
-                      layers, seed, resume, threads, init, eval_every):
+                      layers, seed, resume, threads, init, eval_every, head_clusters, head_top_k):
     """Distill an MTP drafter for TARGET_DIR (needs the `train` extra: torch, transformers).
 
     Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
@@ -331,6 +350,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         def show(step: int, total: int, record: dict) -> None:
             phase = record.get("phase")
             progress(step, total, f"loss {record['loss']:.3f}" if "loss" in record else
+                     f"head tables: {record['what']}" if phase == "head" else
                      "target pass over the corpora (cached)" if phase == "target pass" else
                      "target's greedy continuations (cached)" if phase == "greedy continuation" else "training")
             if record.get("phase") == "eval":
@@ -340,7 +360,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
 
         report = train_drafter(target_dir, out, spec, steps=steps, seed=seed, resume=resume, progress=show,
                                shape=dict(hidden=hidden, num_layers=layers), spec=train, threads=threads,
-                               init=init)
+                               init=init, head_clusters=head_clusters, head_top_k=head_top_k)
     click.echo(json.dumps({"heldout": report["heldout"], "train_s": report["train_s"]}))
     click.echo(f"wrote {out}")
 

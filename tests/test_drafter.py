@@ -738,3 +738,44 @@ def test_sessions_do_not_spin_when_mtp_drafts(setup):
     assert not spins(auto.target.session) and not spins(auto._mtp_drafter().session)
     assert spins(Engine.load(bundle, mtp=False).target.session)
     assert not spins(Engine.load(bundle, mtp=True).target.session)
+
+
+def test_head_tables_fitted_on_the_drafters_own_states(tiny_gemma3, tmp_path):
+    """train-drafter --head-clusters fits head.safetensors on the drafter's own draft states (not the
+    target's final hidden states), and `edgemtp cluster --drafter` writes the same tables. (What this buys
+    is measured on the real model: benchmarks/drafter_acceptance.py, edgemtp/drafters/README.md.)"""
+    from click.testing import CliRunner
+
+    from edgemtp.calibration.head_report import cluster_model, head_rows, load_head
+    from edgemtp.cli import cli
+    from edgemtp.drafter.head_fit import cache_arrays, draft_states
+
+    _, model_dir, _ = tiny_gemma3
+    out = tmp_path / "d"
+    args = ["train-drafter", str(model_dir), "-o", str(out), "--data", "code=8", "--heldout", "code=1",
+            "--seq-len", "24", "--steps", "4", "--batch", "2", "--hidden", "32", "--layers", "1"]
+    r = CliRunner().invoke(cli, args + ["--head-clusters", "8", "--head-top-k", "2"])
+    assert r.exit_code == 0, r.output
+    tables, meta = load_head(out / "head.safetensors")
+    states = draft_states(out, model_dir, out / "cache" / "train")
+    assert tables.clusters == 8 and meta["top_k"] == 2 and meta["calibration_positions"] == len(states) >= 8 * 23
+    on_states, _ = load_head(cluster_model(model_dir, tmp_path / "s", 8, 2, calibration=states))
+    np.testing.assert_array_equal(on_states.token_ordering, tables.token_ordering)
+    np.testing.assert_allclose(on_states.centroids, tables.centroids, atol=1e-6)
+    target_states = np.asarray(cache_arrays(out / "cache" / "train")["hidden"], np.float32)
+    on_target, _ = load_head(cluster_model(model_dir, tmp_path / "t", 8, 2,
+                                           calibration=target_states.reshape(-1, head_rows(model_dir).shape[1])))
+    assert np.abs(on_target.centroids - tables.centroids).max() > 1e-2  # the source of the states matters
+
+    r = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "again"), "--clusters", "8",
+                                 "--top-k", "2", "--drafter", str(out)])
+    assert r.exit_code == 0, r.output
+    again, again_meta = load_head(tmp_path / "again")
+    assert again_meta == meta
+    np.testing.assert_array_equal(again.token_ordering, tables.token_ordering)
+    np.testing.assert_allclose(again.centroids, tables.centroids, atol=1e-6)
+
+    bad = CliRunner().invoke(cli, args + ["--head-clusters", "8", "--head-top-k", "9"])
+    assert bad.exit_code != 0 and "--head-top-k 9" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--drafter", str(tmp_path)])
+    assert bad.exit_code != 0 and "cache" in bad.output and "Traceback" not in bad.output

@@ -67,14 +67,14 @@ class HeadTables:
         return HeadTables(np.ascontiguousarray(centroids, np.float32), self.token_ordering, self.token_mask)
 
 
-def check_sizes(vocab: int, clusters: int, top_k: int | None = None) -> None:
-    """Raise EdgemtpError unless 1 <= top_k <= clusters <= vocab."""
+def check_sizes(vocab: int, clusters: int, top_k: int | None = None, flag: str = "--") -> None:
+    """Raise EdgemtpError unless 1 <= top_k <= clusters <= vocab (`flag` prefixes the option names)."""
     if clusters < 1:
-        raise EdgemtpError(f"--clusters {clusters}: need at least 1 cluster")
+        raise EdgemtpError(f"{flag}clusters {clusters}: need at least 1 cluster")
     if clusters > vocab:
-        raise EdgemtpError(f"--clusters {clusters} is more than the vocabulary ({vocab} tokens)")
+        raise EdgemtpError(f"{flag}clusters {clusters} is more than the vocabulary ({vocab} tokens)")
     if top_k is not None and not 1 <= top_k <= clusters:
-        raise EdgemtpError(f"--top-k {top_k} must be between 1 and --clusters ({clusters})")
+        raise EdgemtpError(f"{flag}top-k {top_k} must be between 1 and {flag}clusters ({clusters})")
 
 
 def cluster_sizes(vocab: int, clusters: int) -> np.ndarray:

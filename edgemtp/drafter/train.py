@@ -278,7 +278,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
                   seed: int = 0, resume: bool = False, progress: Progress | None = None,
                   shape: dict | None = None, spec: TrainSpec = TrainSpec(), threads: int = 1,
                   stop_at: int | None = None, init: Path | None = None,
-                  label_threads: int = 2) -> dict:
+                  label_threads: int = 2, head_clusters: int | None = None, head_top_k: int = 32) -> dict:
     """Trains a drafter for the target in `target_dir` (an HF model directory); writes `out_dir`/config.json
     + model.safetensors (fp16), checkpoint.pt, train.log (JSON lines). Returns the final report.
 
@@ -287,6 +287,9 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     stop_at: checkpoint and return None after this step (as an interruption would; resume=True continues).
     init: a drafter directory whose weights start the training (a fresh optimizer and
     schedule: fine-tuning a drafter on more data); its shape wins over `shape`.
+    head_clusters: after training, fit clustered-head tables (C clusters, `head_top_k` scored) on the
+    drafter's own states (head_fit.py) into out_dir/head.safetensors; 0: none (after --init, that
+    drafter's tables are carried over); None: 2048 for vocabularies of 65,536 tokens or more, else 0.
     label_threads: torch threads for the target pass (one window batch is a few large matmuls: 2 threads
     labelled 370 tokens/s on an idle 2-core machine).
     threads: torch intra-op threads for training. 1 by default: on a shared 2-core machine two OpenMP threads made a
@@ -305,6 +308,11 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         if start_from.cfg.target_kv != cfg.target_kv or start_from.cfg.vocab_size != cfg.vocab_size:
             raise EdgemtpError(f"--init {init}: a drafter for another target")
         cfg = start_from.cfg
+    if head_clusters is None:
+        head_clusters = 2048 if cfg.vocab_size >= 65_536 else 0
+    if head_clusters:  # checked before hours of training, not after
+        from ..calibration.clustering import check_sizes
+        check_sizes(cfg.vocab_size, head_clusters, head_top_k, flag="--head-")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -342,6 +350,10 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         earlier = json.loads((Path(init) / "config.json").read_text()).get("training")
         report["init"] = {"from": str(init), "training": earlier}
     M.save(model, out_dir, extra={"training": report})
+    if head_clusters:
+        from .head_fit import fit_head
+        fit_head(out_dir, target_dir, clusters=head_clusters, top_k=head_top_k, seed=seed,
+                 progress=(lambda d, n, what="": progress(d, n, {"phase": "head", "what": what})) if progress else None)
     _complete(out_dir, target_dir, init)
     return report
 
@@ -349,7 +361,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
 def _complete(out_dir: Path, target_dir: Path, init: Path | None) -> None:
     """What makes `out_dir` a drafter directory by itself: the target's fingerprint (how `edgemtp export`
     recognises the target) and, after --init, that drafter's clustered-head tables (same vocabulary and
-    hidden size, checked at export) unless `edgemtp cluster` already wrote some here."""
+    hidden size, checked at export) unless some were fitted or written here already."""
     import shutil
 
     from . import write_fingerprint
