@@ -29,7 +29,8 @@ def cache_arrays(cache_dir: Path) -> dict:
     if not (cache_dir / "done.json").is_file():
         raise EdgemtpError(f"{cache_dir}: no finished train-drafter cache (expected done.json and the target "
                            "pass arrays; run `edgemtp train-drafter` for this drafter first)")
-    return {p.stem: np.load(p, mmap_mode="r") for p in sorted(cache_dir.glob("*.npy"))}
+    from .train import cached
+    return cached(cache_dir)
 
 
 def draft_states(drafter_dir: Path, target_dir: Path, cache_dir: Path, positions: int = POSITIONS,
@@ -42,14 +43,14 @@ def draft_states(drafter_dir: Path, target_dir: Path, cache_dir: Path, positions
     from .train import to_torch, unroll
 
     cache = cache_arrays(cache_dir)
-    model = M.load(Path(drafter_dir)).float().eval()
+    model = M.load(Path(drafter_dir)).float().eval()  # the saved fp16 weights: what the bundle will run
     emb = M.target_embedding(Path(target_dir)).float()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(cache["ids"]))
     chunks, n = [], 0
     with torch.no_grad():
         # ~3x the positions asked for, so the subsample mixes windows rather than taking whole ones
-        for i, row in enumerate(order):
+        for row in order:
             if n >= 3 * positions:
                 break
             for _, state, valid, _ in unroll(model, emb, to_torch(cache, slice(row, row + 1)), k):

@@ -115,7 +115,12 @@ def prepare(target: TargetPass, windows: np.ndarray, path: Path, batch: int = 4,
         done_file.write_text(json.dumps({"rows": start + len(res["ids"]), "input": key}))
         if progress:
             progress(start + len(res["ids"]), len(windows), {"phase": "target pass"})
-    return {p.stem: np.load(p, mmap_mode="r") for p in sorted(path.glob("*.npy"))}
+    return cached(path)
+
+
+def cached(path: Path) -> dict:
+    """A target-pass cache written by `prepare()`, memory-mapped: name -> array [N, ...]."""
+    return {p.stem: np.load(p, mmap_mode="r") for p in sorted(Path(path).glob("*.npy"))}
 
 
 def _open(path: Path, res: dict, n: int, mode: str) -> dict:
