@@ -232,9 +232,15 @@ def test_resume_continues(tiny_gemma3, tmp_path):
               spec=TrainSpec(batch=4, warmup=2, negatives=32, ckpt_every=3, eval_every=1000))
     train_drafter(model_dir, tmp_path / "a", steps=6, **kw)
     assert train_drafter(model_dir, tmp_path / "b", steps=6, stop_at=3, **kw) is None
-    train_drafter(model_dir, tmp_path / "b", steps=6, resume=True, **kw)
+    ckpt = tmp_path / "b" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 3 and state["train_s"] > 0
+    state["train_s"] = 1000.0  # as if the first 3 steps had taken that long
+    torch.save(state, ckpt)
+    report = train_drafter(model_dir, tmp_path / "b", steps=6, resume=True, **kw)
     a, b = M.load(tmp_path / "a").state_dict(), M.load(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert 1000 <= report["train_s"] < 1000 + 600  # the training time before the interruption is counted
 
 
 def test_shipped_drafter_is_small_and_loads():

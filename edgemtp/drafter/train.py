@@ -330,18 +330,18 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     torch.set_num_threads(threads)
     prep_s = time.time() - t0
     vocab = vocab if vocab is not None else np.arange(cfg.vocab_size)
-    model, opt, start = _model_and_optimizer(cfg, spec, out_dir / "checkpoint.pt", resume)
+    model, opt, start, earlier_s = _model_and_optimizer(cfg, spec, out_dir / "checkpoint.pt", resume)
     if start_from is not None and start == 0:
         model.load_state_dict(start_from.state_dict())
     log = _Log(out_dir / "train.log", progress, steps)
     if start == 0:
         log.write(0, {"phase": "eval", **_evaluate(model, emb, caches, spec, vocab)})
-    t1 = time.time()
+    t1 = time.time() - earlier_s  # a resumed run counts the training time before the interruption too
     for step in range(start, steps):
         stats = _train_step(model, opt, emb, caches["train"], step, steps, spec, vocab, seed)
         log.write(step + 1, {"phase": "train", **stats, "s": round(time.time() - t1, 1)})
         if (step + 1) % spec.ckpt_every == 0 or step + 1 in (steps, stop_at):
-            _checkpoint(model, opt, step + 1, out_dir / "checkpoint.pt")
+            _checkpoint(model, opt, step + 1, time.time() - t1, out_dir / "checkpoint.pt")
         if step + 1 == stop_at:
             return None
         if (step + 1) % spec.eval_every == 0 and step + 1 < steps:
@@ -410,20 +410,20 @@ def _caches(target, train_ids, heldout_ids, cache_dir: Path, progress) -> dict:
 def _model_and_optimizer(cfg, spec: TrainSpec, ckpt: Path, resume: bool):
     model = M.MTPDrafter(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.98))
-    start = 0
+    start, train_s = 0, 0.0
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start = int(state["step"])
+        start, train_s = int(state["step"]), float(state.get("train_s", 0.0))
     elif resume:
         raise EdgemtpError(f"{ckpt}: no checkpoint to resume from")
-    return model, opt, start
+    return model, opt, start, train_s
 
 
-def _checkpoint(model, opt, step: int, path: Path) -> None:
+def _checkpoint(model, opt, step: int, train_s: float, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s}, tmp)
     tmp.replace(path)
 
 
