@@ -312,6 +312,9 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 @click.option("--draft-k", default=4, show_default=True, type=int, help="Draft steps unrolled in training.")
 @click.option("--hidden", default=256, show_default=True, type=int, help="Drafter width.")
 @click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--intermediate", default=None, type=int,
+              help="MLP units per drafter layer (default 1024). With --init, a larger value widens that "
+                   "drafter's MLPs (same drafts to start with; the new units are trained).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.pt.")
 @click.option("--threads", default=1, show_default=True, type=int,
@@ -325,7 +328,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
                    "for vocabularies of 65,536 tokens or more, else 0.")
 @click.option("--head-top-k", default=32, show_default=True, type=int, help="Clusters the fitted head scores exactly.")
 def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, steps, batch, lr, draft_k, hidden,
-                      layers, seed, resume, threads, init, eval_every, head_clusters, head_top_k):
+                      layers, intermediate, seed, resume, threads, init, eval_every, head_clusters, head_top_k):
     """Distill an MTP drafter for TARGET_DIR (needs the `train` extra: torch, transformers).
 
     Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
@@ -336,7 +339,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         raise EdgemtpError(f"train-drafter needs torch and transformers: pip install 'edgemtp[train]' ({e})") from None
     for flag, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--draft-k", draft_k),
                         ("--hidden", hidden), ("--layers", layers), ("--threads", threads),
-                        ("--eval-every", eval_every)):
+                        ("--eval-every", eval_every), ("--intermediate", intermediate or 1)):
         if value < 1:
             raise EdgemtpError(f"{flag} {value} must be at least 1")
     spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data), heldout=domain_counts("--heldout", heldout),
@@ -358,9 +361,10 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
                                 if isinstance(v, dict) and "tokens_per_round" in v)
                 click.echo(f"step {step}: held-out tokens/round {tpr}", err=True)
 
+        shape = dict(hidden=hidden, num_layers=layers, **({"intermediate": intermediate} if intermediate else {}))
         report = train_drafter(target_dir, out, spec, steps=steps, seed=seed, resume=resume, progress=show,
-                               shape=dict(hidden=hidden, num_layers=layers), spec=train, threads=threads,
-                               init=init, head_clusters=head_clusters, head_top_k=head_top_k)
+                               shape=shape, spec=train, threads=threads, init=init, head_clusters=head_clusters,
+                               head_top_k=head_top_k)
     click.echo(json.dumps({"heldout": report["heldout"], "train_s": report["train_s"]}))
     click.echo(f"wrote {out}")
 

@@ -126,6 +126,27 @@ def test_onnx_drafter_matches_torch(setup):
     assert all(np.array_equal(cache.keys[layer], k) for layer, k in keys_before.items())
 
 
+def test_widened_drafter_drafts_the_same(setup):
+    """widen_mlp (train-drafter --init D --intermediate N): more MLP units, the same drafts and logits to start
+    with, and the new units are live (their down-projection gets a gradient)."""
+    model_dir, _, drafter, ids = setup
+    wide = M.widen_mlp(drafter, 80, seed=1)
+    assert wide.cfg.intermediate == 80 and drafter.cfg.intermediate == 48
+    assert sum(p.numel() for p in wide.parameters()) == \
+        sum(p.numel() for p in drafter.parameters()) + 3 * 32 * 32 * drafter.cfg.num_layers
+    for b, n in enumerate(LENGTHS):
+        want_tokens, want_logits = reference_draft(drafter, model_dir, ids, b, n)
+        tokens, logits = reference_draft(wide, model_dir, ids, b, n)
+        np.testing.assert_array_equal(tokens, want_tokens)
+        np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
+    mlp = wide.model.layers[0].mlp
+    x = torch.randn(2, 3, 32)
+    mlp(x).square().sum().backward()
+    assert mlp.down_proj.weight.grad[:, 48:].abs().sum() > 0
+    with pytest.raises(ValueError, match="narrow"):
+        M.widen_mlp(drafter, 40)
+
+
 def test_drafter_shares_the_target_embedding(setup):
     _, bundle, drafter, _ = setup
     b = bundle_mod.load(bundle)
@@ -475,6 +496,13 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fine" / "head.safetensors").read_bytes() == (tmp_path / "init" / "head.safetensors").read_bytes()
     assert recognises(tmp_path / "fine", model_dir)
+    r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "wide"), "--init", str(tmp_path / "init"),
+                                            "--intermediate", "64"] + args[4:])
+    assert r.exit_code == 0, r.output
+    assert (load_config(tmp_path / "wide").intermediate, load_config(tmp_path / "wide").hidden) == (64, 32)
+    bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "narrow"), "--init", str(tmp_path / "init"),
+                                              "--intermediate", "40"] + args[4:])
+    assert bad.exit_code == 2 and "--intermediate 40" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args[:4] + ["--data", "poetry=3"])
     assert bad.exit_code == 2 and "--data" in bad.output
     bad = CliRunner().invoke(cli, args + ["--init", str(tmp_path)])

@@ -20,6 +20,7 @@ positions, Hb backbone hidden, H draft hidden, N query heads, Nk KV heads, D hea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ from torch import nn
 from ..exporters.components import inv_freq
 from . import WEIGHTS, DrafterConfig, load_config
 
-__all__ = ["DrafterConfig", "MTPDrafter", "TargetView", "draft", "load", "load_config", "make_view", "save"]
+__all__ = ["DrafterConfig", "MTPDrafter", "TargetView", "draft", "load", "load_config", "make_view", "save",
+           "widen_mlp"]
 
 
 class RMSNorm(nn.Module):
@@ -175,6 +177,30 @@ def draft(model: MTPDrafter, embedding: torch.Tensor, token: torch.Tensor, last_
         tokens.append(token)
         logits.append(lg)
     return torch.stack(tokens, -1), torch.stack(logits, -2)
+
+
+def widen_mlp(model: MTPDrafter, intermediate: int, seed: int = 0) -> MTPDrafter:
+    """A copy of `model` whose MLPs have `intermediate` units, computing the same function.
+
+    The new units' gate and up rows start random (the spread of the existing rows, so they get gradients at
+    once) and their down-projection columns start at zero, so the widened drafter drafts exactly what the
+    narrow one did and training grows the new capacity from there (fine-tuning a shipped drafter into a
+    larger one instead of training it again from scratch)."""
+    cfg = model.cfg
+    if intermediate < cfg.intermediate:
+        raise ValueError(f"cannot narrow the MLP from {cfg.intermediate} to {intermediate} units")
+    wide = MTPDrafter(dataclasses.replace(cfg, intermediate=intermediate))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    extra = intermediate - cfg.intermediate
+    for name, w in list(state.items()):
+        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            new = torch.randn(extra, w.shape[1], generator=gen) * w.std()
+            state[name] = torch.cat([w, new], 0)
+        elif name.endswith("mlp.down_proj.weight"):
+            state[name] = torch.cat([w, torch.zeros(w.shape[0], extra)], 1)
+    wide.load_state_dict(state)
+    return wide.train(model.training)
 
 
 def save(model: MTPDrafter, out_dir: Path, dtype=torch.float16, extra: dict | None = None) -> None:

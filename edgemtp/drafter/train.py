@@ -291,7 +291,8 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     shape: DrafterConfig.for_target keywords (hidden, intermediate, num_layers, num_heads).
     stop_at: checkpoint and return None after this step (as an interruption would; resume=True continues).
     init: a drafter directory whose weights start the training (a fresh optimizer and
-    schedule: fine-tuning a drafter on more data); its shape wins over `shape`.
+    schedule: fine-tuning a drafter on more data); its shape wins over `shape`, except that a larger
+    `shape["intermediate"]` widens its MLPs first (model.widen_mlp: same function, new units to train).
     head_clusters: after training, fit clustered-head tables (C clusters, `head_top_k` scored) on the
     drafter's own states (head_fit.py) into out_dir/head.safetensors; 0: none (after --init, that
     drafter's tables are carried over); None: 2048 for vocabularies of 65,536 tokens or more, else 0.
@@ -312,6 +313,12 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         start_from = M.load(Path(init))
         if start_from.cfg.target_kv != cfg.target_kv or start_from.cfg.vocab_size != cfg.vocab_size:
             raise EdgemtpError(f"--init {init}: a drafter for another target")
+        wider = (shape or {}).get("intermediate")
+        if wider is not None and wider != start_from.cfg.intermediate:
+            if wider < start_from.cfg.intermediate:
+                raise EdgemtpError(f"--intermediate {wider}: --init {init} has {start_from.cfg.intermediate} "
+                                   "MLP units; a drafter can be widened, not narrowed")
+            start_from = M.widen_mlp(start_from, wider, seed)
         cfg = start_from.cfg
     if head_clusters is None:
         head_clusters = 2048 if cfg.vocab_size >= 65_536 else 0
