@@ -72,3 +72,33 @@ def test_logits_match_transformers(kind, tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{kind} at position {start}")
         start += n
     assert start > 2 * WINDOW
+
+
+def test_reused_bindings_equal_fresh_ones(tmp_path, monkeypatch):
+    """Small passes keep their IOBinding in the cache (runtime/target.py, _Pass): the same logits as binding
+    everything afresh, bit for bit, as the window offset moves and n_logits changes, and an array handed
+    out by one step is not overwritten by the next."""
+    import edgemtp.runtime.target as T
+
+    model = tiny("gemma3_text_mqa")
+    export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
+    engine = Engine.load(tmp_path / "bundle")
+    ids = np.random.default_rng(2).integers(0, 96, size=(1, sum(CHUNKS)))
+
+    def run():
+        cache, start, outs = engine.target.new_cache(1), 0, []
+        for n in CHUNKS:
+            logits, hidden = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
+            outs.append((logits, logits.copy(), hidden.copy()))
+            start += n
+        return cache, outs
+
+    cache, reused = run()
+    assert len(cache.passes) >= 3  # decode steps, 3- and 4-token windows, n_logits 1 / 3 / 4
+    monkeypatch.setattr(T, "REUSED_PASS_MAX", 0)
+    cache, fresh = run()
+    assert not cache.passes
+    for (kept, at_once, hidden), (_, want, want_hidden) in zip(reused, fresh):
+        np.testing.assert_array_equal(kept, at_once)  # not overwritten by later steps
+        np.testing.assert_array_equal(at_once, want)
+        np.testing.assert_array_equal(hidden, want_hidden)

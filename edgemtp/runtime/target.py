@@ -56,17 +56,35 @@ class Target:
         if int(lengths.max()) + S > cache.capacity:
             raise CapacityError(f"context of {int(lengths.max()) + S} tokens exceeds the bundle's KV capacity "
                                 f"of {cache.capacity} (export with a larger --max-context)")
-        io = self.session.io_binding()
-        io.bind_cpu_input(C.INPUT_IDS, ids)
-        io.bind_cpu_input(C.POSITION_IDS, lengths[:, None] + np.arange(S, dtype=np.int64))
-        io.bind_cpu_input(C.SEQLENS_K, (lengths + S - 1).astype(np.int32))
-        io.bind_cpu_input(C.TOTAL_SEQ_LEN, np.array(int(lengths.max()) + S, np.int32))
-        io.bind_cpu_input(C.NUM_LOGITS, np.array(n_logits, np.int64))
+        feeds = {C.INPUT_IDS: ids, C.POSITION_IDS: lengths[:, None] + np.arange(S, dtype=np.int64),
+                 C.SEQLENS_K: (lengths + S - 1).astype(np.int32),
+                 C.TOTAL_SEQ_LEN: np.array(int(lengths.max()) + S, np.int32),
+                 C.NUM_LOGITS: np.array(n_logits, np.int64)}
         offset = 0
         if self.contract.window_views:  # sliding layers read from an offset on when the pass has one row
             offset = self.contract.window_offset(int(lengths[0])) if len(lengths) == 1 else 0
-            io.bind_cpu_input(C.WINDOW_SEQLENS_K, (lengths + S - 1 - offset).astype(np.int32))
-            io.bind_cpu_input(C.WINDOW_TOTAL_SEQ_LEN, np.array(int(lengths.max()) + S - offset, np.int32))
+            feeds[C.WINDOW_SEQLENS_K] = (lengths + S - 1 - offset).astype(np.int32)
+            feeds[C.WINDOW_TOTAL_SEQ_LEN] = np.array(int(lengths.max()) + S - offset, np.int32)
+        if self.contract.kv_update == "in_place" and S <= REUSED_PASS_MAX:
+            outputs = self._reused_pass(cache, rows, offset, (n_logits, *names), feeds).run(feeds)
+        else:
+            outputs = self._fresh_pass(cache, rows, offset, names, feeds, lengths, S)
+        cache.lengths[rows] += S
+        return outputs
+
+    def _reused_pass(self, cache: KVCache, rows: slice, offset: int, kind: tuple, feeds: dict) -> "_Pass":
+        """kind: (n_logits, *output names): with the rows and the inputs' shapes, what fixes the outputs' shapes."""
+        key = (id(self), rows.start, rows.stop, kind, feeds[C.INPUT_IDS].shape)
+        p = cache.passes.get(key)
+        if p is None or p.offset != offset:
+            p = cache.passes[key] = _Pass(self, cache.ort_values(rows, offset), offset, kind[1:], feeds)
+        return p
+
+    def _fresh_pass(self, cache: KVCache, rows: slice, offset: int, names, feeds: dict,
+                    lengths: np.ndarray, S: int) -> list[np.ndarray]:
+        io = self.session.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
         for name in names:  # first: get_outputs() lists the outputs in binding order
             io.bind_output(name)
         values = cache.ort_values(rows, offset)
@@ -89,5 +107,48 @@ class Target:
                     rows_kv = next(new).numpy()
                     for i, length in enumerate(lengths):
                         buffer[rows.start + i, :, length:length + S] = rows_kv[i]
-        cache.lengths[rows] += S
         return [o.numpy() for o in outputs[:len(names)]]
+
+
+# Passes of at most this many new positions per row (decode steps, verify windows) keep their IOBinding in
+# the cache; a prefill binds afresh (it runs once, and its outputs are large).
+REUSED_PASS_MAX = 16
+
+
+class _Pass:
+    """An IOBinding kept for passes of one shape over one cache's rows (in-place KV only).
+
+    Binding every input and the 2 x layers KV buffers afresh cost ~0.6 ms per step (Gemma 3 270M: 72 KV
+    bindings, 7 small inputs copied into new OrtValues, 38 outputs wrapped back), 1-2% of an fp32 decode
+    step. Here the KV buffers stay bound, the small inputs are numpy arrays the binding reads in place
+    (each pass writes its numbers into them), and the outputs the caller asked for are fresh OrtValues of
+    the shape the first pass gave, so arrays handed out earlier are never overwritten."""
+
+    def __init__(self, target: Target, kv: dict, offset: int, names: tuple, feeds: dict):
+        self.target, self.offset, self.names = target, offset, names  # target: keeps id(target) unique
+        self.io = io = target.session.io_binding()
+        self.inputs = {name: np.array(value) for name, value in feeds.items()}
+        for name, value in self.inputs.items():
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+        for layer, (k, v) in kv.items():
+            io.bind_ortvalue_input(C.past_key(layer), k)
+            io.bind_ortvalue_input(C.past_value(layer), v)
+            io.bind_ortvalue_output(C.present_key(layer), k)
+            io.bind_ortvalue_output(C.present_value(layer), v)
+        self.shapes: list | None = None  # of the named outputs, known after the first pass
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        for name, value in feeds.items():
+            self.inputs[name][...] = value
+        if self.shapes is None:
+            for name in self.names:
+                self.io.bind_output(name)
+            self.target.session.run_with_iobinding(self.io)
+            outputs = self.io.get_outputs()[-len(self.names):]  # in binding order: the KV buffers came first
+            self.shapes = [(o.shape(), o.numpy().dtype) for o in outputs]
+            return [o.numpy() for o in outputs]
+        outputs = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype) for shape, dtype in self.shapes]
+        for name, value in zip(self.names, outputs):
+            self.io.bind_ortvalue_output(name, value)
+        self.target.session.run_with_iobinding(self.io)
+        return [o.numpy() for o in outputs]
