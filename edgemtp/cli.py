@@ -299,7 +299,8 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Drafter directory (config.json, model.safetensors, checkpoint.pt, train.log, cache/).")
 @click.option("--data", default="code=256,docs=160,shakespeare=96", show_default=True,
-              help="Training windows per offline corpus (domain=count, comma-separated).")
+              help="Training windows per offline corpus (domain=count, comma-separated); domain=START:STOP "
+                   "takes the windows domain=STOP draws beyond the first START (fresh windows for --init).")
 @click.option("--heldout", default="code=3,docs=2,shakespeare=1", show_default=True,
               help="Held-out windows per corpus, for the acceptance shown while training.")
 @click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per window.")
@@ -342,7 +343,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
                         ("--eval-every", eval_every), ("--intermediate", intermediate or 1)):
         if value < 1:
             raise EdgemtpError(f"{flag} {value} must be at least 1")
-    spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data), heldout=domain_counts("--heldout", heldout),
+    spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data, ranges=True), heldout=domain_counts("--heldout", heldout),
                     seed=seed, greedy_from=greedy_from)
     if greedy_from and not 1 <= greedy_from < seq_len:
         raise EdgemtpError(f"--greedy-from {greedy_from}: must be between 1 and --seq-len - 1 ({seq_len - 1})")
@@ -369,16 +370,20 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
     click.echo(f"wrote {out}")
 
 
-def domain_counts(flag: str, value: str) -> dict:
+def domain_counts(flag: str, value: str, ranges: bool = False) -> dict:
+    """domain=N,... -> {domain: N}; with `ranges`, domain=START:STOP too -> {domain: [START, STOP]}."""
     from .drafter.data import DOMAINS
 
-    out = {}
+    out, windows = {}, 0
     for part in filter(None, (p.strip() for p in value.split(","))):
         name, _, count = part.partition("=")
-        if name not in DOMAINS or not count.isdigit():
-            raise EdgemtpError(f"{flag} {part!r}: expected domain=count with domain one of {', '.join(DOMAINS)}")
-        out[name] = int(count)
-    if not sum(out.values()):
+        start, colon, stop = count.partition(":") if ranges and ":" in count else ("", "", count)
+        if name not in DOMAINS or not stop.isdigit() or (colon and not (start.isdigit() and int(start) < int(stop))):
+            form = "domain=count or domain=start:stop (start < stop)" if ranges else "domain=count"
+            raise EdgemtpError(f"{flag} {part!r}: expected {form} with domain one of {', '.join(DOMAINS)}")
+        out[name] = [int(start), int(stop)] if colon else int(stop)
+        windows += int(stop) - (int(start) if colon else 0)
+    if not windows:
         raise EdgemtpError(f"{flag} {value!r} selects no windows")
     return out
 

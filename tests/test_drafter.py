@@ -169,6 +169,35 @@ def test_split_is_deterministic():
     assert 0.07 < held.count("heldout") / len(held) < 0.13
 
 
+def test_window_ranges_are_the_fresh_windows(tmp_path):
+    """--data code=START:STOP: the windows a count of STOP draws that a count of START does not."""
+    from types import SimpleNamespace
+
+    from edgemtp.cli import domain_counts
+    from edgemtp.errors import EdgemtpError
+
+    class CharTokenizer:
+        def encode_batch(self, texts, add_special_tokens=False):
+            return [SimpleNamespace(ids=[ord(c) for c in t]) for t in texts]
+
+    docs = []
+    for i in range(5):
+        path = tmp_path / f"m{i}.py"
+        path.write_text("".join(chr(256 + 40 * i + j) for j in range(40)))
+        docs.append(D.Document("code", path.name, path))
+    rows = lambda a: {tuple(r) for r in a}  # noqa: E731 (every chunk differs here)
+    first, more = D.windows(CharTokenizer(), docs, 5, 12, 3, 1), D.windows(CharTokenizer(), docs, 5, 30, 3, 1)
+    fresh = D.windows(CharTokenizer(), docs, 5, 30, 3, 1, skip=12)
+    assert fresh.shape == (18, 5) and (fresh[:, 0] == 1).all()
+    assert rows(first) <= rows(more) and rows(fresh) == rows(more) - rows(first)
+    assert domain_counts("--data", "code=12:30,docs=4", ranges=True) == {"code": [12, 30], "docs": 4}
+    for bad in ("code=30:12", "code=:12", "code=4:4"):
+        with pytest.raises(EdgemtpError, match="--data"):
+            domain_counts("--data", bad, ranges=True)
+    with pytest.raises(EdgemtpError, match="--heldout"):
+        domain_counts("--heldout", "code=1:3")
+
+
 def greedy_windows(model, n, length, seed):
     """The tiny target's own greedy continuations of short random prompts (every label known)."""
     g = torch.Generator().manual_seed(seed)
@@ -503,8 +532,9 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "narrow"), "--init", str(tmp_path / "init"),
                                               "--intermediate", "40"] + args[4:])
     assert bad.exit_code == 2 and "--intermediate 40" in bad.output and "Traceback" not in bad.output
-    bad = CliRunner().invoke(cli, args[:4] + ["--data", "poetry=3"])
-    assert bad.exit_code == 2 and "--data" in bad.output
+    for data in ("poetry=3", "code=8:2"):
+        bad = CliRunner().invoke(cli, args[:4] + ["--data", data])
+        assert bad.exit_code == 2 and f"--data {data!r}" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args + ["--init", str(tmp_path)])
     assert bad.exit_code == 2 and "--init" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args + ["--greedy-from", "12"])

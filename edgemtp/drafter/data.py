@@ -109,20 +109,22 @@ def read(doc: Document) -> str:
 
 
 def windows(tokenizer, docs: Sequence[Document], length: int, count: int, seed: int,
-            bos: int | None) -> np.ndarray:
-    """`count` token windows [count, length] int64: [BOS] + length-1 consecutive tokens of one document.
+            bos: int | None, skip: int = 0) -> np.ndarray:
+    """Token windows [count - skip, length] int64: [BOS] + length-1 consecutive tokens of one document.
 
     Windows never overlap; they are drawn without replacement from all documents' non-overlapping
-    chunks, shuffled with `seed`. Raises when the documents hold fewer than `count` chunks."""
+    chunks, shuffled with `seed`: the first `count` of that order, less the first `skip` of them (so
+    skip=N, count=M gives exactly the windows that count=M has and count=N has not: fresh data for a
+    drafter trained on the first N). Raises when the documents hold fewer than `count` chunks."""
     body = length - (bos is not None)
     chunks = list(_chunks(tokenizer, docs, body))
     if len(chunks) < count:
         raise EdgemtpError(f"corpus has only {len(chunks)} windows of {length} tokens, {count} requested")
-    order = np.random.default_rng(seed).permutation(len(chunks))[:count]
+    order = np.random.default_rng(seed).permutation(len(chunks))[skip:count]
     rows = [chunks[i] for i in sorted(order)]
-    out = np.asarray(rows, np.int64)
+    out = np.asarray(rows, np.int64).reshape(len(rows), body)
     if bos is not None:
-        out = np.concatenate([np.full((count, 1), bos, np.int64), out], axis=1)
+        out = np.concatenate([np.full((len(rows), 1), bos, np.int64), out], axis=1)
     return out
 
 

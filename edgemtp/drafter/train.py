@@ -36,7 +36,8 @@ Progress = Callable[[int, int, dict], None]
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Corpus windows (see data.py): counts per domain, each window [BOS] + seq_len-1 tokens."""
+    """Corpus windows (see data.py): counts per domain, each window [BOS] + seq_len-1 tokens. A train count
+    may be a range [start, stop]: the windows a count of `stop` draws less those a count of `start` draws."""
 
     seq_len: int = 256
     train: dict = field(default_factory=lambda: {"code": 256, "docs": 160, "shakespeare": 96})
@@ -270,13 +271,19 @@ def build_windows(target_dir: Path, cfg: TextConfig, spec: DataSpec) -> tuple[np
     tok = Tokenizer.from_file(str(Path(target_dir) / "tokenizer.json"))
 
     def take(split: str, counts: dict, seed: int) -> dict:
-        return {d: D.windows(tok, D.documents(d, split), spec.seq_len, n, seed + i, cfg.bos_token_id)
-                for i, (d, n) in enumerate(sorted(counts.items())) if n}
+        return {d: D.windows(tok, D.documents(d, split), spec.seq_len, stop, seed + i, cfg.bos_token_id, start)
+                for i, (d, (start, stop)) in enumerate(sorted((d, window_range(n)) for d, n in counts.items()))
+                if stop > start}
 
     train = np.concatenate(list(take("train", spec.train, spec.seed).values()))
     heldout = take("heldout", spec.heldout, spec.seed + 100)
-    used = sorted(d for counts in (spec.train, spec.heldout) for d, n in counts.items() if n)
+    used = sorted(d for counts in (spec.train, spec.heldout) for d, n in counts.items() if n != 0)
     return train, heldout, D.vocabulary(tok, tuple(dict.fromkeys(used))) if spec.shortlist else None
+
+
+def window_range(n) -> tuple[int, int]:
+    """A DataSpec count: N (the first N windows) or [start, stop]."""
+    return (0, int(n)) if isinstance(n, int) else (int(n[0]), int(n[1]))
 
 
 def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataSpec(), steps: int = 360,
