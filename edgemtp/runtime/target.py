@@ -65,10 +65,12 @@ class Target:
             offset = self.contract.window_offset(int(lengths[0])) if len(lengths) == 1 else 0
             feeds[C.WINDOW_SEQLENS_K] = (lengths + S - 1 - offset).astype(np.int32)
             feeds[C.WINDOW_TOTAL_SEQ_LEN] = np.array(int(lengths.max()) + S - offset, np.int32)
-        if self.contract.kv_update == "in_place" and S <= REUSED_PASS_MAX:
+        if self.contract.kv_update != "in_place":
+            outputs = self._rows_pass(cache, rows, names, feeds, lengths, S)
+        elif S <= REUSED_PASS_MAX:
             outputs = self._reused_pass(cache, rows, offset, (n_logits, *names), feeds).run(feeds)
-        else:
-            outputs = self._fresh_pass(cache, rows, offset, names, feeds, lengths, S)
+        else:  # a prefill: bound once, run once
+            outputs = _Pass(self, cache.ort_values(rows, offset), offset, tuple(names), feeds).run(feeds)
         cache.lengths[rows] += S
         return outputs
 
@@ -80,33 +82,28 @@ class Target:
             p = cache.passes[key] = _Pass(self, cache.ort_values(rows, offset), offset, kind[1:], feeds)
         return p
 
-    def _fresh_pass(self, cache: KVCache, rows: slice, offset: int, names, feeds: dict,
-                    lengths: np.ndarray, S: int) -> list[np.ndarray]:
+    def _rows_pass(self, cache: KVCache, rows: slice, names, feeds: dict, lengths: np.ndarray,
+                   S: int) -> list[np.ndarray]:
+        """A "rows" graph returns the new positions' KV [b, Nk, S, D], copied into the buffers at each row's length."""
         io = self.session.io_binding()
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
         for name in names:  # first: get_outputs() lists the outputs in binding order
             io.bind_output(name)
-        values = cache.ort_values(rows, offset)
-        in_place = self.contract.kv_update == "in_place"
+        values = cache.ort_values(rows)
         for layer, (k, v) in values.items():
             io.bind_ortvalue_input(C.past_key(layer), k)
             io.bind_ortvalue_input(C.past_value(layer), v)
-            if in_place:
-                io.bind_ortvalue_output(C.present_key(layer), k)
-                io.bind_ortvalue_output(C.present_value(layer), v)
-            else:
-                io.bind_output(C.present_key(layer))
-                io.bind_output(C.present_value(layer))
+            io.bind_output(C.present_key(layer))
+            io.bind_output(C.present_value(layer))
         self.session.run_with_iobinding(io)
         outputs = io.get_outputs()
-        if not in_place:  # the new rows [b, Nk, S, D] go into the buffers at each row's length
-            new = iter(outputs[len(names):])
-            for layer in values:
-                for buffer in (cache.keys[layer], cache.values[layer]):
-                    rows_kv = next(new).numpy()
-                    for i, length in enumerate(lengths):
-                        buffer[rows.start + i, :, length:length + S] = rows_kv[i]
+        new = iter(outputs[len(names):])
+        for layer in values:
+            for buffer in (cache.keys[layer], cache.values[layer]):
+                rows_kv = next(new).numpy()
+                for i, length in enumerate(lengths):
+                    buffer[rows.start + i, :, length:length + S] = rows_kv[i]
         return [o.numpy() for o in outputs[:len(names)]]
 
 
@@ -116,7 +113,7 @@ REUSED_PASS_MAX = 16
 
 
 class _Pass:
-    """An IOBinding kept for passes of one shape over one cache's rows (in-place KV only).
+    """An IOBinding for passes of one shape over one cache's rows (in-place KV), kept for small passes.
 
     Binding every input and the 2 x layers KV buffers afresh cost ~0.6 ms per step (Gemma 3 270M: 72 KV
     bindings, 7 small inputs copied into new OrtValues, 38 outputs wrapped back), 1-2% of an fp32 decode
