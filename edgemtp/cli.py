@@ -340,11 +340,11 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         raise EdgemtpError(f"train-drafter needs torch and transformers: pip install 'edgemtp[train]' ({e})") from None
     for flag, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--draft-k", draft_k),
                         ("--hidden", hidden), ("--layers", layers), ("--threads", threads),
-                        ("--eval-every", eval_every), ("--intermediate", intermediate or 1)):
-        if value < 1:
+                        ("--eval-every", eval_every), ("--intermediate", intermediate)):
+        if value is not None and value < 1:
             raise EdgemtpError(f"{flag} {value} must be at least 1")
-    spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data, ranges=True), heldout=domain_counts("--heldout", heldout),
-                    seed=seed, greedy_from=greedy_from)
+    spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data, ranges=True),
+                    heldout=domain_counts("--heldout", heldout), seed=seed, greedy_from=greedy_from)
     if greedy_from and not 1 <= greedy_from < seq_len:
         raise EdgemtpError(f"--greedy-from {greedy_from}: must be between 1 and --seq-len - 1 ({seq_len - 1})")
     if init is not None and not (init / "config.json").is_file():
@@ -362,7 +362,9 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
                                 if isinstance(v, dict) and "tokens_per_round" in v)
                 click.echo(f"step {step}: held-out tokens/round {tpr}", err=True)
 
-        shape = dict(hidden=hidden, num_layers=layers, **({"intermediate": intermediate} if intermediate else {}))
+        shape = dict(hidden=hidden, num_layers=layers)
+        if intermediate is not None:
+            shape["intermediate"] = intermediate
         report = train_drafter(target_dir, out, spec, steps=steps, seed=seed, resume=resume, progress=show,
                                shape=shape, spec=train, threads=threads, init=init, head_clusters=head_clusters,
                                head_top_k=head_top_k)
@@ -377,12 +379,12 @@ def domain_counts(flag: str, value: str, ranges: bool = False) -> dict:
     out, windows = {}, 0
     for part in filter(None, (p.strip() for p in value.split(","))):
         name, _, count = part.partition("=")
-        start, colon, stop = count.partition(":") if ranges and ":" in count else ("", "", count)
-        if name not in DOMAINS or not stop.isdigit() or (colon and not (start.isdigit() and int(start) < int(stop))):
+        start, colon, stop = count.partition(":") if ranges and ":" in count else ("0", "", count)
+        if name not in DOMAINS or not (start.isdigit() and stop.isdigit()) or (colon and int(start) >= int(stop)):
             form = "domain=count or domain=start:stop (start < stop)" if ranges else "domain=count"
             raise EdgemtpError(f"{flag} {part!r}: expected {form} with domain one of {', '.join(DOMAINS)}")
         out[name] = [int(start), int(stop)] if colon else int(stop)
-        windows += int(stop) - (int(start) if colon else 0)
+        windows += int(stop) - int(start)
     if not windows:
         raise EdgemtpError(f"{flag} {value!r} selects no windows")
     return out

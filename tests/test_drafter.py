@@ -532,6 +532,8 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "narrow"), "--init", str(tmp_path / "init"),
                                               "--intermediate", "40"] + args[4:])
     assert bad.exit_code == 2 and "--intermediate 40" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(cli, args + ["--intermediate", "0"])
+    assert bad.exit_code == 2 and "--intermediate 0" in bad.output and "Traceback" not in bad.output
     for data in ("poetry=3", "code=8:2"):
         bad = CliRunner().invoke(cli, args[:4] + ["--data", data])
         assert bad.exit_code == 2 and f"--data {data!r}" in bad.output and "Traceback" not in bad.output
