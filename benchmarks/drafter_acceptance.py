@@ -1,12 +1,13 @@
 """Greedy acceptance of an MTP drafter on held-out text: tokens per verify round and per draft position.
 
-    python benchmarks/drafter_acceptance.py BUNDLE --drafter edgemtp/drafters/gemma3-270m \\
+    python benchmarks/drafter_acceptance.py BUNDLE --drafter edgemtp/drafters/gemma3-270m [DRAFTER2 ...] \\
         [--heads full,32] [--prompts 8] [--prompt-len 128] [--new 128] [--k 4] [--speculative 1] [--json out.json]
 
 BUNDLE: a target bundle. For each entry of --heads (full: the tied full head; a number k: the clustered
 head keeping k clusters, from the drafter directory's head.safetensors) a drafter graph is written into
 the bundle directory as drafter_<head>.onnx (sharing the target's embedding; the manifest is not touched),
-scored on the same rounds, and its draft step timed at batch 1 beside the target's decode step.
+scored on the same rounds, and its draft step timed at batch 1 beside the target's decode step. Several
+--drafter directories are scored side by side on the same continuations, as mtp_<dir name>:<head>.
 For each domain (code, docs, shakespeare; "prose" pools docs + shakespeare) the prompts are held-out
 windows (data.py split). The target greedily continues each prompt (ONNX target, batched decode); then
 greedy speculative decoding is replayed on that continuation: a round at committed length L drafts K tokens
@@ -105,6 +106,26 @@ def summary(accepted: list[int], k: int) -> dict:
             "conditional_acceptance": [round(float(c), 3) for c in cond]}
 
 
+def per_prompt(rounds: list[dict], n: int) -> np.ndarray:
+    """[n] tokens per round of each prompt's own rounds."""
+    acc = np.array([r["accepted"] for r in rounds], float)
+    row = np.array([r["row"] for r in rounds])
+    return np.array([acc[row == b].mean() + 1 for b in range(n)])
+
+
+def paired(per_row: dict, domains: list[str]) -> dict:
+    """Each drafter head against the first one, per domain: mean per-prompt difference in tokens per round
+    and its standard error (prompts paired: the same continuation for both)."""
+    first, out = next(iter(per_row)), {}
+    for head in list(per_row)[1:]:
+        out[f"{head} - {first}"] = {}
+        for d in domains:
+            diff = per_row[head][d] - per_row[first][d]
+            out[f"{head} - {first}"][d] = {"mean": round(float(diff.mean()), 3),
+                                          "se": round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 3)}
+    return out
+
+
 def speculative_check(engine: Engine, drafter: DrafterSession, ids: np.ndarray, new: int, k: int) -> dict:
     from edgemtp.runtime.speculative import Speculative, SpecStats
 
@@ -147,7 +168,7 @@ def timings(engine: Engine, drafters: dict, ids: np.ndarray) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("--drafter", type=Path, default=Path("edgemtp/drafters/gemma3-270m"))
+    ap.add_argument("--drafter", type=Path, nargs="+", default=[Path("edgemtp/drafters/gemma3-270m")])
     ap.add_argument("--heads", default="full", help="comma list: full and/or clustered top-k values, e.g. full,32; "
                                                     "bundle: the bundle's own drafter graph")
     ap.add_argument("--domains", default=",".join(DOMAINS))
@@ -165,14 +186,17 @@ def main() -> None:
     engine = Engine.load(args.bundle, threads=args.threads, verify=False)
     target = bundle_mod.load(args.bundle, verify=False).graph("target").path
     drafters = {}
-    for head in args.heads.split(","):
-        if head == "bundle":  # the bundle's own drafter graph as exported (e.g. a quantized bundle's)
-            drafters[head] = DrafterSession.load(bundle_mod.load(args.bundle, verify=False), threads=args.threads)
-            continue
-        entry = write(args.bundle, args.drafter, target, top_k=0 if head == "full" else int(head),
-                      name=f"drafter_{head}.onnx")
-        drafters[head] = DrafterSession.open(args.bundle / entry["file"], entry["contract"], threads=args.threads)
+    for d in args.drafter:
+        for head in args.heads.split(","):
+            label = head if len(args.drafter) == 1 else f"{d.name}:{head}"
+            if head == "bundle":  # the bundle's own drafter graph as exported (e.g. a quantized bundle's)
+                drafters[label] = DrafterSession.load(bundle_mod.load(args.bundle, verify=False), threads=args.threads)
+                continue
+            entry = write(args.bundle, d, target, top_k=0 if head == "full" else int(head),
+                          name=f"drafter_{label.replace(':', '_')}.onnx")
+            drafters[label] = DrafterSession.open(args.bundle / entry["file"], entry["contract"], threads=args.threads)
     report, pooled = {"args": {k: str(v) for k, v in vars(args).items()}}, {h: {} for h in drafters}
+    per_row = {h: {} for h in drafters}
     for domain in args.domains.split(","):
         t0 = time.time()
         ids = prompts(engine, domain, args.prompts, args.prompt_len)
@@ -184,6 +208,7 @@ def main() -> None:
             rounds = replay(drafter, cache, seqs, hidden, args.prompt_len, args.k)
             acc = [r["accepted"] for r in rounds]
             pooled[head][domain] = acc
+            per_row[head][domain] = per_prompt(rounds, len(ids))
             report[domain][f"mtp_{head}"] = {**summary(acc, args.k), "replay_s": round(time.time() - t1, 1)}
             for n in hybrid:
                 mixed = replay(drafter, cache, seqs, hidden, args.prompt_len, args.k, PromptLookupDrafter(3, n))
@@ -201,12 +226,16 @@ def main() -> None:
     report["prose"] = {f"mtp_{h}": summary([a for d in prose for a in pooled[h][d]], args.k)
                        for h in pooled} if prose else {}
     print("prose", json.dumps(report["prose"]))
+    if len(args.drafter) > 1:  # per-prompt differences: the prompts vary far more than the drafters do
+        report["paired"] = paired(per_row, args.domains.split(","))
+        print("paired", json.dumps(report["paired"]))
     report["timing"] = timings(engine, drafters, prompts(engine, "code", 1, args.prompt_len)[0])
     print("timing", json.dumps(report["timing"]))
     for head in drafters:  # the relative figure the issue asks for: clustered vs full tokens/round
-        if head != "full" and "full" in drafters:
+        full = head.rpartition(":")[0] + (":" if ":" in head else "") + "full"
+        if not head.endswith("full") and full in drafters:
             report[f"ratio_{head}_vs_full"] = {
-                d: round(report[d][f"mtp_{head}"]["tokens_per_round"] / report[d]["mtp_full"]["tokens_per_round"], 4)
+                d: round(report[d][f"mtp_{head}"]["tokens_per_round"] / report[d][f"mtp_{full}"]["tokens_per_round"], 4)
                 for d in args.domains.split(",")}
             print(f"ratio_{head}_vs_full", json.dumps(report[f"ratio_{head}_vs_full"]))
     if args.json:

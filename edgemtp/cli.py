@@ -328,8 +328,13 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
                    "states, with this many clusters; 0: none (--init's tables are carried over). Default: 2048 "
                    "for vocabularies of 65,536 tokens or more, else 0.")
 @click.option("--head-top-k", default=32, show_default=True, type=int, help="Clusters the fitted head scores exactly.")
+@click.option("--accept-weight", default=0.0, show_default=True, type=float,
+              help="0..1: share of the loss weighted by what each draft is worth to tokens per round (how "
+                   "likely a round starts at its position and its earlier drafts are accepted, times what the "
+                   "later drafts add) rather than uniformly over positions.")
 def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, steps, batch, lr, draft_k, hidden,
-                      layers, intermediate, seed, resume, threads, init, eval_every, head_clusters, head_top_k):
+                      layers, intermediate, seed, resume, threads, init, eval_every, head_clusters, head_top_k,
+                      accept_weight):
     """Distill an MTP drafter for TARGET_DIR (needs the `train` extra: torch, transformers).
 
     Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
@@ -349,7 +354,9 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         raise EdgemtpError(f"--greedy-from {greedy_from}: must be between 1 and --seq-len - 1 ({seq_len - 1})")
     if init is not None and not (init / "config.json").is_file():
         raise EdgemtpError(f"--init {init}: not a drafter directory (no config.json)")
-    train = TrainSpec(k=draft_k, batch=batch, lr=lr, eval_every=eval_every)
+    if not 0.0 <= accept_weight <= 1.0:
+        raise EdgemtpError(f"--accept-weight {accept_weight}: must be between 0 and 1")
+    train = TrainSpec(k=draft_k, batch=batch, lr=lr, eval_every=eval_every, accept_weight=accept_weight)
     with progress_bar("drafter", show_what=True) as progress:
         def show(step: int, total: int, record: dict) -> None:
             phase = record.get("phase")

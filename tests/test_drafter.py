@@ -275,6 +275,52 @@ def test_greedy_continuations_are_the_targets_greedy_tokens(tiny_gemma3, tmp_pat
         continue_greedily(model_dir, windows, 30, tmp_path / "h")
 
 
+def test_round_weights_are_the_derivative_of_tokens_per_round():
+    """round_weights: per draft step and position, the chance that a round starts there times
+    d(expected tokens of that round)/d P(step k right), the derivative of 1 + sum_k prod_{j<=k} P_j taken
+    by autograd, up to the common normalisation."""
+    import torch
+
+    from edgemtp.drafter.train import round_starts, round_weights
+
+    gen = torch.Generator().manual_seed(0)
+    B, T, k = 2, 7, 4
+    p = torch.rand(k, B, T - 1, generator=gen)
+    for i in range(k):  # step i + 1's label runs past the window at the last i positions, as in `unroll`
+        p[i, :, T - 1 - i:] = 0
+    q = p.clone().requires_grad_()
+    (1 + torch.cumprod(q, 0).sum(0)).sum().backward()
+    start = round_starts(p)
+    steps, ref = [], []
+    for i in range(k):
+        rows, pos = (a.ravel() for a in torch.meshgrid(torch.arange(B), torch.arange(T - 1 - i), indexing="ij"))
+        steps.append((p[i, rows, pos], rows, pos))
+        ref.append(q.grad[i, rows, pos] * start[rows, pos])
+    got = round_weights(steps, (B, T))
+    scale = torch.cat(ref).mean()
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g * scale, r)
+    assert got[0].mean() > got[-1].mean()  # a first draft is worth more than a fourth
+
+
+def test_round_starts_follow_greedy_speculative_rounds():
+    """round_starts: where rounds start, from per-step acceptance chances; exact for 0/1 chances and
+    1 / (expected tokens per round) in the long run for a constant chance."""
+    import torch
+
+    from edgemtp.drafter.train import round_starts
+
+    assert torch.equal(round_starts(torch.zeros(4, 2, 9)), torch.ones(2, 9))  # nothing accepted: every position
+    every5 = (torch.arange(12) % 5 == 0).float()
+    assert torch.equal(round_starts(torch.ones(4, 1, 12))[0], every5)  # all 4 accepted: every 5th position
+    p = torch.zeros(4, 1, 12)
+    p[:, 0, 0] = torch.tensor([1.0, 1.0, 0.0, 1.0])  # the round from 0 accepts 2 drafts: next round at 3
+    assert round_starts(p)[0, :4].tolist() == [1.0, 0.0, 0.0, 1.0]
+    a = 0.7
+    tail = round_starts(torch.full((4, 1, 60), a))[0, -10:]
+    torch.testing.assert_close(tail, torch.full((10,), 1 / (1 + a + a**2 + a**3 + a**4)))
+
+
 def test_resume_continues(tiny_gemma3, tmp_path):
     model, model_dir, _ = tiny_gemma3
     data = {"train": greedy_windows(model, 16, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
@@ -521,7 +567,8 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert recognises(out, model_dir)  # the output directory is a complete drafter: export finds its target
     assert not (out / "head.safetensors").exists()  # no tables to carry without --init
     clustered_drafter(model_dir, tmp_path / "init", seed=3)
-    r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "fine"), "--init", str(tmp_path / "init")] + args[4:])
+    r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "fine"), "--init", str(tmp_path / "init"),
+                                            "--accept-weight", "0.5"] + args[4:])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fine" / "head.safetensors").read_bytes() == (tmp_path / "init" / "head.safetensors").read_bytes()
     assert recognises(tmp_path / "fine", model_dir)
@@ -534,6 +581,8 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert bad.exit_code == 2 and "--intermediate 40" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args + ["--intermediate", "0"])
     assert bad.exit_code == 2 and "--intermediate 0" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(cli, args + ["--accept-weight", "1.5"])
+    assert bad.exit_code == 2 and "--accept-weight 1.5" in bad.output and "Traceback" not in bad.output
     for data in ("poetry=3", "code=8:2"):
         bad = CliRunner().invoke(cli, args[:4] + ["--data", data])
         assert bad.exit_code == 2 and f"--data {data!r}" in bad.output and "Traceback" not in bad.output

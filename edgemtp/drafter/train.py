@@ -57,6 +57,9 @@ class TrainSpec:
     loss_topk: int = 16  # target tokens per position in the restricted softmax
     negatives: int = 2048  # shared per batch: half from the batch's top-k tokens, half uniform
     hidden_weight: float = 0.1  # state regression onto the target's hidden
+    # 0..1: share of each draft step's loss weighted by what it is worth to tokens per round (see
+    # `round_weights`) instead of uniformly over positions
+    accept_weight: float = 0.0
     ckpt_every: int = 20
     eval_every: int = 60
 
@@ -192,7 +195,7 @@ def unroll(model: M.MTPDrafter, emb: torch.Tensor, b: dict, k: int):
 
 
 def loss_fn(model, emb, b: dict, spec: TrainSpec, negatives: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    total, count, stats = 0.0, 0, {}
+    terms, stats = [], {}  # per step: (per-position loss, P(label), batch row, position)
     for step, state, valid, idx in unroll(model, emb, b, spec.k):
         if not valid.any():
             continue
@@ -206,10 +209,55 @@ def loss_fn(model, emb, b: dict, spec: TrainSpec, negatives: torch.Tensor) -> tu
         ce = -(target * logq).sum(-1)
         h = at(shifted(b["hidden"], step), idx)[valid]
         mse = ((s - h) ** 2 / (h.pow(2).mean(0, keepdim=True) + 1e-3)).mean(-1)
-        total = total + (ce + spec.hidden_weight * mse).sum()
-        count += len(ce)
+        rows = torch.nonzero(valid)[:, 0]
+        terms.append((ce + spec.hidden_weight * mse, logq[:, 0].detach().exp(), rows, idx[valid]))
         stats[f"ce{step}"] = float(ce.detach().mean())
-    return total / max(count, 1), stats
+    if not terms:
+        return torch.zeros(()), stats
+    weights = [torch.ones_like(t[1]) for t in terms]
+    if spec.accept_weight:
+        worth = round_weights([t[1:] for t in terms], b["ids"].shape)
+        weights = [(1 - spec.accept_weight) + spec.accept_weight * w for w in worth]
+    total = sum((w * t[0]).sum() for w, t in zip(weights, terms))
+    return total / sum(w.sum() for w in weights), stats
+
+
+def round_weights(steps: list, shape: tuple) -> list[torch.Tensor]:
+    """What each step's draft is worth to tokens per round, per position, from the drafter's own
+    probability of the right token at every step: steps[k-1] = (P(label) [n], batch row [n], position [n]).
+
+    A round drafting from p accepts 1 + sum_k prod_{j<=k} P_j tokens on average; its derivative in P_k is
+    prod_{j<k} P_j (the draft is only reached after k-1 right ones) times 1 + sum_{m>k} prod_{k<j<=m} P_j
+    (what a right draft k lets the later ones add). Times the chance that a round starts at p at all
+    (`round_starts`: replayed rounds start right after a rejection, where drafting is hardest). Normalised
+    to mean 1 over the batch's terms."""
+    B, T = shape
+    k = len(steps)
+    p = torch.zeros(k, B, T - 1)
+    for i, (prob, rows, pos) in enumerate(steps):
+        p[i, rows, pos] = prob
+    reach = torch.cumprod(torch.cat([torch.ones(1, B, T - 1), p[:-1]]), 0)  # prod_{j<k} P_j
+    future = torch.ones(k, B, T - 1)
+    for i in range(k - 2, -1, -1):
+        future[i] = 1 + p[i + 1] * future[i + 1]
+    worth = reach * future * round_starts(p)
+    out = [worth[i, rows, pos] for i, (_, rows, pos) in enumerate(steps)]
+    mean = torch.cat(out).mean().clamp(min=1e-6)
+    return [w / mean for w in out]
+
+
+def round_starts(p: torch.Tensor) -> torch.Tensor:
+    """p [k, B, n] (P(draft step right) per position) -> [B, n]: the chance that greedy speculative
+    decoding over the window starts a round at each position (a round from i that accepts m drafts hands
+    over to i + m + 1), starting with a round at position 0."""
+    k, B, n = p.shape
+    reach = torch.cumprod(p, 0)
+    exact = torch.cat([torch.ones(1, B, n), reach]) - torch.cat([reach, torch.zeros(1, B, n)])  # m = 0..k
+    start = torch.zeros(B, n + k + 1)
+    start[:, 0] = 1
+    for i in range(n):
+        start[:, i + 1:i + k + 2] += start[:, i:i + 1] * exact[:, :, i].T
+    return start[:, :n]
 
 
 def sample_negatives(b: dict, n: int, vocab: np.ndarray, gen: torch.Generator) -> torch.Tensor:
