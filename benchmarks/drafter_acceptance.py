@@ -232,7 +232,7 @@ def main() -> None:
     report["timing"] = timings(engine, drafters, prompts(engine, "code", 1, args.prompt_len)[0])
     print("timing", json.dumps(report["timing"]))
     for head in drafters:  # the relative figure the issue asks for: clustered vs full tokens/round
-        full = head.rpartition(":")[0] + (":" if ":" in head else "") + "full"
+        full = head[:head.rfind(":") + 1] + "full"  # the same drafter's full head ("full" or "DIR:full")
         if not head.endswith("full") and full in drafters:
             report[f"ratio_{head}_vs_full"] = {
                 d: round(report[d][f"mtp_{head}"]["tokens_per_round"] / report[d][f"mtp_{full}"]["tokens_per_round"], 4)
