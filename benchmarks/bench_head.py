@@ -14,6 +14,8 @@ Variants, each giving the top token, its logit and its probability:
     clustered int8 rows   the same with int8 copies of the centroids and of the rows in cluster order
                  (`head.clustered_graph(..., int8_ordering=...)`, as `--draft-head-rows int8` builds it):
                  MatMulInteger on a quarter of the bytes, shortlists rescored in fp32
+    int8 rows+ctx  the same scoring also the 64 most recent tokens (`ClusteredShape.context`, the
+                 default of `edgemtp export`; random ids here)
     ordered      (--ordered) experiment: the same with the head rows stored in cluster order ([C, M, d]
                  blocks, a permuted copy of the table): measured no faster in ORT, see README
 
@@ -45,7 +47,7 @@ from edgemtp.exporters import builder, head
 from edgemtp.exporters.builder import FLOAT, GraphBuilder
 
 SHAPES = {"270m": (262_144, 640), "e2b": (262_144, 1536)}
-CLUSTERS, TOP_K = 2048, 32
+CLUSTERS, TOP_K, CONTEXT = 2048, 32, 64
 EMBED = "model.embed_tokens.weight"
 ORDERED = "head_rows_in_cluster_order"
 
@@ -100,6 +102,10 @@ def build_variants(vocab: int, hidden: int, tmp: Path, ordered: bool = False) ->
     builder.save(head.clustered_graph(shape, EMBED), paths["clustered fp32"], w.__getitem__)
     paths["clustered int8 rows"] = tmp / "clustered_rows.onnx"
     builder.save(head.clustered_graph(shape, EMBED, int8_ordering=w["token_ordering"]), paths["clustered int8 rows"], w.__getitem__)
+    paths["int8 rows+ctx"] = tmp / "clustered_rows_context.onnx"
+    with_context = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K, CONTEXT)
+    builder.save(head.clustered_graph(with_context, EMBED, int8_ordering=w["token_ordering"]), paths["int8 rows+ctx"],
+                 w.__getitem__)
     for quant in ("int8", "int4"):
         paths[f"clustered {quant}"] = quantize_table(paths["clustered fp32"], tmp / f"clustered_{quant}.onnx", quant)
     if ordered:
@@ -169,15 +175,22 @@ def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSes
 def measure(sessions: dict, hidden: int, rounds: int, warm: list, inner: int = 5) -> dict[str, float]:
     """Median ms per call of each session, measured round-robin, a different input every call."""
     xs = np.random.default_rng(1).standard_normal((64, 1, hidden)).astype(np.float32)
+    recent = np.random.default_rng(2).integers(0, SHAPES["270m"][0], (64, 1, CONTEXT))
+
+    def feed(s, i: int, x: np.ndarray) -> dict:
+        extra = {head.CONTEXT_IDS: recent[i % len(recent)]} if head.CONTEXT_IDS in {v.name for v in s.get_inputs()} else {}
+        return {head.INPUT: x, **extra}
+
     for s in sessions.values():
-        for x in warm:
-            s.run([head.TOKEN_IDS], {head.INPUT: x})
+        for i, x in enumerate(warm):
+            s.run([head.TOKEN_IDS], feed(s, i, x))
     times = {name: [] for name in sessions}
     for r in range(rounds):
         for name, s in sessions.items():
             t0 = time.perf_counter()
             for i in range(inner):
-                s.run([head.TOKEN_IDS], {head.INPUT: xs[(r * inner + i) % len(xs)]})
+                j = (r * inner + i) % len(xs)
+                s.run([head.TOKEN_IDS], feed(s, j, xs[j]))
             times[name].append((time.perf_counter() - t0) * 1e3 / inner)
     return {name: float(np.median(t)) for name, t in times.items()}
 
@@ -205,7 +218,7 @@ def bench_shape(name: str, rounds: int, threads: int, profile: bool = False, ord
     print(f"\n{name}: V={vocab} d={hidden} C={CLUSTERS} k={TOP_K} ({TOP_K * vocab // CLUSTERS} candidates), "
           f"batch 1, {threads} threads, median of {rounds} rounds")
     for k in ("full fp32", "full int8", "full int4", "clustered fp32", "clustered int8", "clustered int4",
-              "clustered int8 rows", "clustered ordered"):
+              "clustered int8 rows", "int8 rows+ctx", "clustered ordered"):
         if k in ms:
             print(f"  {k:19s} {ms[k]:8.3f} ms   {ms[k] / base:6.2f}x the clustered head's time   "
                   f"full fp32 head = {ms['full fp32'] / ms[k]:5.1f}x this")

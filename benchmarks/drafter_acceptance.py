@@ -30,7 +30,7 @@ import numpy as np
 
 from edgemtp import bundle as bundle_mod
 from edgemtp.drafter import data as D
-from edgemtp.drafter.export import DrafterSession, write
+from edgemtp.drafter.export import DrafterSession, recent_ids, write
 from edgemtp.runtime.drafting import PromptLookupDrafter
 from edgemtp.runtime.engine import Engine
 
@@ -70,8 +70,9 @@ def replay(drafter: DrafterSession, cache, seqs: np.ndarray, hidden: np.ndarray,
     rounds = []
     while (active := L + k + 1 <= total - 1).any():
         cache.lengths[:] = np.minimum(L, total - 1)  # a rollback: rows past L are masked, never read
+        recent = recent_ids([s[:length + 1] for s, length in zip(seqs, cache.lengths)], max(drafter.context, 1))
         drafts, _ = drafter.draft(seqs[np.arange(n), cache.lengths], hidden[np.arange(n), cache.lengths - 1],
-                                  cache, slice(0, n), k, full_logits=False)
+                                  cache, slice(0, n), k, full_logits=False, recent=recent)
         for b in np.flatnonzero(active):
             guess = lookup.propose(list(seqs[b, :L[b] + 1]), k)[0] if lookup else []
             d = np.asarray(guess) if len(guess) else drafts[b]
@@ -170,7 +171,8 @@ def main() -> None:
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--drafter", type=Path, nargs="+", default=[Path("edgemtp/drafters/gemma3-270m")])
     ap.add_argument("--heads", default="full", help="comma list: full and/or clustered top-k values, e.g. full,32; "
-                                                    "bundle: the bundle's own drafter graph")
+                                                    "K+W: top-k K with the W most recent tokens as candidates too "
+                                                    "(e.g. 32+64); bundle: the bundle's own drafter graph")
     ap.add_argument("--domains", default=",".join(DOMAINS))
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -192,8 +194,9 @@ def main() -> None:
             if head == "bundle":  # the bundle's own drafter graph as exported (e.g. a quantized bundle's)
                 drafters[label] = DrafterSession.load(bundle_mod.load(args.bundle, verify=False), threads=args.threads)
                 continue
-            entry = write(args.bundle, d, target, top_k=0 if head == "full" else int(head),
-                          name=f"drafter_{label.replace(':', '_')}.onnx")
+            top_k, _, context = head.partition("+")
+            entry = write(args.bundle, d, target, top_k=0 if head == "full" else int(top_k), context=int(context or 0),
+                          name=f"drafter_{label.replace(':', '_').replace('+', '_')}.onnx")
             drafters[label] = DrafterSession.open(args.bundle / entry["file"], entry["contract"], threads=args.threads)
     report, pooled = {"args": {k: str(v) for k, v in vars(args).items()}}, {h: {} for h in drafters}
     per_row = {h: {} for h in drafters}
@@ -226,7 +229,7 @@ def main() -> None:
     report["prose"] = {f"mtp_{h}": summary([a for d in prose for a in pooled[h][d]], args.k)
                        for h in pooled} if prose else {}
     print("prose", json.dumps(report["prose"]))
-    if len(args.drafter) > 1:  # per-prompt differences: the prompts vary far more than the drafters do
+    if len(drafters) > 1:  # per-prompt differences: the prompts vary far more than the drafters (heads) do
         report["paired"] = paired(per_row, args.domains.split(","))
         print("paired", json.dumps(report["paired"]))
     report["timing"] = timings(engine, drafters, prompts(engine, "code", 1, args.prompt_len)[0])

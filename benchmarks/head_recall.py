@@ -29,14 +29,15 @@ transformers). Held-out files are never used for fitting
 (the split is by file, see head_data.split_of). Tables are cached per (method, seed, positions).
 
     python benchmarks/head_recall.py [--cache DIR] [--methods ...] [--positions N] [--best OUT]
-                                     [--model HF_DIR] [--head FILE ...]
+                                     [--model HF_DIR] [--head FILE ...] [--context W]
 
 --model HF_DIR: the model `cli` runs (default: imported from the cached GGUF). --head FILE ...: also
 measure existing head.safetensors files (e.g. the shipped drafter's) on the same held-out positions.
 --positions N: fit on an evenly spread subset of N calibration positions (the default `edgemtp
 cluster` collects 32,768). --best OUT: also write the swapped tables (else the last method's) as
 OUT/head.safetensors (the format `edgemtp.calibration.head_report.load_head` reads) and OUT.npz
-(centroids, token_ordering, token_mask).
+(centroids, token_ordering, token_mask). --context W: also the recall of a head that scores each
+position's W most recent tokens too (its chunk's, see `recent_tokens`), printed as "+ context" rows.
 """
 
 from __future__ import annotations
@@ -188,10 +189,13 @@ def main() -> None:
     ap.add_argument("--head", type=Path, nargs="*", default=[],
                     help="also measure these head.safetensors files (e.g. the shipped drafter's)")
     ap.add_argument("--best", type=Path, help="write the last method's tables to OUT/head.safetensors and OUT.npz")
+    ap.add_argument("--context", type=int, default=0,
+                    help="also report recall when the head scores each position's W most recent tokens too")
     args = ap.parse_args()
     embed = np.ascontiguousarray(hd.embedding_table(args.cache))
     cal = calibration(args.cache, args.positions)
     held = {d: hd.load_split(d, "heldout", args.cache) for d in ("code", "prose")}
+    ctx = {d: recent_tokens(v["ids"], args.context) if args.context else None for d, v in held.items()}
     print(f"calibration positions {len(cal['hidden'])}, held-out "
           + ", ".join(f"{d} {len(v['hidden'])}" for d, v in held.items()), flush=True)
     wanted = {m for m in args.methods for m in _chain(m)}
@@ -203,15 +207,15 @@ def main() -> None:
         built[method], cpu[method] = cached_build(method, embed, cal, args.seed, built, args.cache,
                                                   cpu.get(AFTER.get(method), 0.0), args.model)
         if method in args.methods:
-            rows[method] = {d: recall_figures(v["hidden"], embed, built[method], TOP_KS, full=(v["argmax"], v["lse"]))
-                            for d, v in held.items()}
+            rows[method] = {d: recall_figures(v["hidden"], embed, built[method], TOP_KS, full=(v["argmax"], v["lse"]),
+                                              context=ctx[d]) for d, v in held.items()}
             rows[method]["cpu_s"] = cpu[method]
             print(f"{method}: built in {cpu[method]:.0f} s cpu, all steps (this run {time.time() - t0:.0f} s wall)",
                   flush=True)
     for path in args.head:
         t, _ = load_head(path)
-        rows[str(path)] = {d: recall_figures(v["hidden"], embed, t, TOP_KS, full=(v["argmax"], v["lse"]))
-                           for d, v in held.items()}
+        rows[str(path)] = {d: recall_figures(v["hidden"], embed, t, TOP_KS, full=(v["argmax"], v["lse"]),
+                                             context=ctx[d]) for d, v in held.items()}
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
@@ -235,6 +239,19 @@ def print_table(rows: dict) -> None:
                 continue
             cells = " ".join(f"{fig['k'][k]['recall']:6.4f}/{fig['k'][k]['mass']:.3f}" for k in TOP_KS)
             print(f"{method[-40:]:11s} {data:6s} {cells}")
+            if "recall_context" in fig["k"][TOP_KS[0]]:
+                cells = " ".join(f"{fig['k'][k]['recall_context']:6.4f}      " for k in TOP_KS)
+                print(f"{'  + context':11s} {data:6s} {cells}")
+
+
+def recent_tokens(ids: np.ndarray, width: int) -> np.ndarray:
+    """[N, width]: at each position of the cached chunks (CHUNK positions each, concatenated), the chunk's
+    last `width` tokens up to and including that position (-1 before the chunk's start): what a runtime
+    would pass as the head's context."""
+    pos = np.arange(len(ids))
+    src = pos[:, None] - np.arange(width - 1, -1, -1)[None, :]  # oldest first, the position itself last
+    inside = src >= (pos // hd.CHUNK * hd.CHUNK)[:, None]
+    return np.where(inside, ids[np.maximum(src, 0)], -1)
 
 
 if __name__ == "__main__":

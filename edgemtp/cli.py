@@ -123,10 +123,14 @@ def quant_options(f):
 @click.option("--draft-head-rows", default="fp32", show_default=True,
               help="How the drafter's two-stage head scores its candidates: fp32 rows of the target's table, "
                    "or int8 (a copy of the table in cluster order: V x hidden more bytes, a faster draft step).")
+@click.option("--draft-head-context", default=None, type=int,
+              help="Recent tokens the drafter's two-stage head also scores exactly, besides its clusters' "
+                   "(default: DEFAULT_CONTEXT of edgemtp.drafter.export; 0: none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @quant_options
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
-               drafter: str, draft_top_k: int | None, draft_head_rows: str, overwrite: bool, **quant_opts):
+               drafter: str, draft_top_k: int | None, draft_head_rows: str, draft_head_context: int | None,
+               overwrite: bool, **quant_opts):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
     from .exporters import AUTO, export
 
@@ -140,7 +144,7 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
                static_window=verify_window if static or quant == "qdq" else None, drafter=chosen,
                drafter_top_k=draft_top_k, drafter_head_rows=draft_head_rows,
-               quant_options=options)
+               drafter_head_context=draft_head_context, quant_options=options)
     click.echo(f"wrote {out}")
 
 

@@ -216,7 +216,7 @@ def test_bundle_loads_and_shares_the_target_embedding(pair, ordered):
     assert g.contract["kind"] == "mtp" and g.contract["kv_layers"] == [3, 4]
     n = TOP_K * 96 // CENTROIDS
     assert g.contract["head"] == ({"kind": "clustered", "clusters": CENTROIDS, "top_k": TOP_K, "candidates": n,
-                                   "rows": "fp32"}
+                                   "rows": "fp32", "context": 0}
                                   if ordered else {"kind": "full"})
     assert g.contract["outputs"][-1] == A.NEXT_HIDDEN
     model = onnx.load(str(g.path), load_external_data=False)
@@ -309,6 +309,17 @@ def test_int8_head_rows_keep_the_candidates_and_stay_lossless(pair, tmp_path):
     plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
     mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
     assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_head_context_is_refused_for_an_assistant(pair, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(tmp_path / "b"), "--drafter",
+                                 str(pair.assistants[True][1]), "--max-context", "64", "--draft-head-context", "8"])
+    assert r.exit_code != 0 and "--draft-head-context 8" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_int8_head_rows_need_the_ordered_head(pair, tmp_path):

@@ -139,6 +139,61 @@ def test_onnx_clustered_head_equals_numpy(vocab, clusters, top_k, cap, tmp_path)
     np.testing.assert_allclose(out[head.TOKEN_PROBS], np.take_along_axis(probs, best, 1), rtol=1e-4, atol=1e-6)
 
 
+def context_ids(h: np.ndarray, e: np.ndarray, width: int, seed: int = 2) -> np.ndarray:
+    """[N, W] recent ids as a runtime passes them: -1 where the history is short, repeats, and the full
+    head's argmax at every other row (the copy the context is there for)."""
+    rng = np.random.default_rng(seed)
+    ctx = rng.integers(0, len(e), (len(h), width))
+    ctx[:, 1] = ctx[:, 2]  # a repeat
+    ctx[::3, 0] = -1
+    ctx[::2, -1] = (h @ e.T).argmax(1)[::2]
+    return ctx
+
+
+@pytest.mark.parametrize("vocab,clusters,top_k,cap,int8", [
+    (1000, 10, 1, None, False), (1003, 10, 2, 30.0, False), (1003, 10, 3, None, True), (200, 1, 1, None, False),
+])
+def test_onnx_clustered_head_with_context_equals_numpy(vocab, clusters, top_k, cap, int8, tmp_path):
+    e, h = table(vocab), hidden(32)
+    t = cl.cluster_vocab(e, clusters)
+    ctx = context_ids(h, e, 6)
+    ctx[1, 3] = t.token_ordering[cl.select_clusters(h[1:2], t.centroids, top_k)[0, 0], 0]  # a cluster candidate
+    shape = head.ClusteredShape(vocab, D, clusters, top_k, context=6)
+    sess = session(head.clustered_graph(shape, EMBED, n_top=2, cap=cap,
+                                        int8_ordering=t.token_ordering if int8 else None), head_weights(e, t), tmp_path)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {head.INPUT: h, head.CONTEXT_IDS: ctx})))
+    ids, logits = cl.clustered_logits(h, e, t, top_k, softcap=cap, context=ctx)
+    assert np.array_equal(out[head.CANDIDATE_IDS], ids)
+    got = out[head.CANDIDATE_LOGITS]
+    assert np.array_equal(np.isfinite(got), np.isfinite(logits))  # -1, repeats and cluster tokens: -inf
+    assert not np.isfinite(logits[1, shape.cluster_candidates + 3]) and not np.isfinite(logits[::3, -6]).any()
+    assert not np.isfinite(logits[:, shape.cluster_candidates + 1]).any()  # the first of a repeated pair
+    live = np.isfinite(logits)
+    assert all(len(set(i[v])) == v.sum() for i, v in zip(ids, live))  # each live token once
+    ctx_part = np.s_[:, shape.cluster_candidates:]
+    np.testing.assert_allclose(got[ctx_part][live[ctx_part]], logits[ctx_part][live[ctx_part]], rtol=1e-5, atol=1e-5)
+    best = np.argsort(-logits, axis=1, kind="stable")[:, :2]
+    assert np.array_equal(out[head.TOKEN_IDS], np.take_along_axis(ids, best, 1))
+    if not int8:
+        np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
+        probs = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(out[head.TOKEN_PROBS], np.take_along_axis(probs / probs.sum(1, keepdims=True), best, 1),
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_context_recovers_an_argmax_the_clusters_miss():
+    e, h = table(1000), hidden(64)
+    t = cl.cluster_vocab(e, 10)
+    full = (h @ e.T).argmax(1)
+    ctx = context_ids(h, e, 4)
+    plain = cl.clustered_argmax(h, e, t, 1)
+    with_ctx = cl.clustered_argmax(h, e, t, 1, context=ctx)
+    assert (plain != full)[::2].sum() >= 5  # one cluster of ten often misses
+    assert np.array_equal(with_ctx[::2], full[::2])  # the argmax in the context: found
+    in_ctx = (ctx == full[:, None]).any(1)
+    assert np.array_equal(with_ctx == full, (plain == full) | in_ctx)  # elsewhere nothing changes
+
+
 @pytest.mark.parametrize("vocab,clusters", [(1000, 10), (1003, 10)])
 def test_onnx_with_all_clusters_equals_the_full_head(vocab, clusters, tmp_path):
     e, h = table(vocab), hidden(64)
@@ -412,3 +467,19 @@ def test_missing_model_and_head_are_clear_errors(tmp_path):
         hr.cluster_model(tmp_path, tmp_path / "out", clusters=2, top_k=1)
     with pytest.raises(EdgemtpError, match="edgemtp cluster"):
         hr.load_head(tmp_path / "nothing")
+
+
+def test_recall_figures_count_the_context():
+    from edgemtp.calibration.head_report import recall_figures
+
+    e, h = table(1000), hidden(64)
+    t = cl.cluster_vocab(e, 10)
+    ctx = context_ids(h, e, 4)
+    fig = recall_figures(h, e, t, top_ks=(1, 10), context=ctx)["k"]
+    full = (h @ e.T).argmax(1)
+    hit = cl.clustered_argmax(h, e, t, 1) == full
+    assert fig[1]["recall"] == pytest.approx(hit.mean())
+    assert fig[1]["recall_context"] == pytest.approx((hit | (ctx == full[:, None]).any(1)).mean())
+    assert fig[1]["recall_context"] == pytest.approx(
+        (cl.clustered_argmax(h, e, t, 1, context=ctx) == full).mean())  # the head the figure describes
+    assert fig[10]["recall"] == fig[10]["recall_context"] == 1.0

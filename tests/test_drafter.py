@@ -415,7 +415,7 @@ def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, to
     X.add_to_bundle(own, drafter_dir, top_k=0)  # full head: drafter.onnx
     entry = X.write(own, drafter_dir, own / "target.onnx", top_k=top_k, name="clustered.onnx")
     assert entry["contract"]["head"] == {"kind": "clustered", "clusters": 8, "top_k": top_k,
-                                         "candidates": top_k * tables.per_cluster, "rows": "fp32"}
+                                         "candidates": top_k * tables.per_cluster, "rows": "fp32", "context": 0}
     assert "com.microsoft" not in {n.domain for n in onnx.load(str(own / "clustered.onnx")).graph.node}
     full = X.DrafterSession.load(bundle_mod.load(own, verify=False))
     clustered = X.DrafterSession.open(own / "clustered.onnx", entry["contract"])
@@ -438,6 +438,53 @@ def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, to
     inside = np.isfinite(scattered)
     np.testing.assert_allclose(scattered[inside], f_logits[inside], atol=1e-4)
     assert inside.sum() == sum(len(set(c[np.isfinite(x)].tolist())) for c, x in zip(cand_ids[:, 0], cand_logits[:, 0]))
+
+
+def test_clustered_head_context_adds_the_recent_tokens(setup, tmp_path):
+    """With a context of W the candidates are the k clusters' tokens plus the W most recent tokens (the
+    input token last, drafts joining step by step), each once; speculative greedy output stays lossless."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir, bundle, _, ids = setup
+    drafter_dir = tmp_path / "d"
+    tables = clustered_drafter(model_dir, drafter_dir)
+    own = tmp_path / "bundle"
+    shutil.copytree(bundle, own)
+    X.add_to_bundle(own, drafter_dir, top_k=1, context=5)
+    b = bundle_mod.load(own)
+    contract = b.graph("drafter").contract
+    assert contract["head"]["context"] == 5 and contract["inputs"][-1] == "context_ids"
+    full, clustered = X.DrafterSession.load(b, graph="drafter_full_head"), X.DrafterSession.load(b)
+    _, cache, hidden = run_target(own, ids)
+    rows = slice(0, len(LENGTHS))
+    histories = [ids[r, :n + 1] for r, n in enumerate(LENGTHS)]
+    recent = X.recent_ids(histories, 5)
+    assert np.array_equal(recent[0], histories[0][-5:]) and (recent[:, -1] == [h[-1] for h in histories]).all()
+    assert np.array_equal(X.recent_ids([[7, 8]], 4), [[-1, -1, 7, 8]])
+    tok, h, rec, drafted = recent[:, -1:], hidden[:, None], recent, []
+    for _ in range(3):
+        f_id, f_logits, f_state = full.step(tok, h, cache, rows)
+        c_id, c_logits, c_state = clustered.step(tok, h, cache, rows, recent=rec)
+        np.testing.assert_allclose(c_state, f_state, atol=1e-5)
+        for r in range(len(LENGTHS)):
+            picked = np.argsort(-(tables.centroids @ f_state[r, 0]), kind="stable")[:1]
+            want = set(tables.token_ordering[picked][tables.token_mask[picked]].tolist()) | set(rec[r].tolist())
+            live = np.flatnonzero(np.isfinite(c_logits[r, 0]))
+            assert set(live.tolist()) == want
+            np.testing.assert_allclose(c_logits[r, 0, live], f_logits[r, 0, live], atol=1e-4)
+            assert c_id[r, 0] == max(want, key=lambda t: f_logits[r, 0, t])
+        rec = np.concatenate([rec, c_id], 1)[:, -5:]
+        tok, h = c_id, c_state
+        drafted.append(c_id[:, 0])
+    got, _ = clustered.draft(recent[:, -1], hidden, cache, rows, 3, recent=recent)
+    assert np.array_equal(got, np.stack(drafted, 1))
+    for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
+        args = ["generate", str(own), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp"]).stdout)
+        assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
 
 
 def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
@@ -477,6 +524,43 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     assert [(x["drafter"], x["head"]) for x in rows] == [("none", ""), ("mtp", "clustered"), ("mtp", "full"),
                                                           ("hybrid", "clustered"), ("hybrid", "full")]
     assert not any(x["skipped"] for x in rows)
+
+
+@pytest.mark.parametrize("context", ["-1", "1025"])
+def test_bad_head_context_is_refused(setup, tmp_path, context):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    clustered_drafter(setup[0], tmp_path / "d")
+    r = CliRunner().invoke(cli, ["export", str(setup[0]), "-o", str(tmp_path / "b"), "--drafter", str(tmp_path / "d"),
+                                 "--max-context", "64", "--draft-head-context", context])
+    assert r.exit_code != 0 and f"--draft-head-context {context}" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_quantized_bundle_keeps_the_head_context(setup, tmp_path):
+    """--quant int8 with --draft-head-context: the quantized drafter still takes the recent tokens and its
+    candidates still hold them (the context rows gathered from the quantized table)."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    ids = setup[3]
+    clustered_drafter(setup[0], tmp_path / "d")
+    out = tmp_path / "q"
+    r = CliRunner().invoke(cli, ["export", str(setup[0]), "-o", str(out), "--drafter", str(tmp_path / "d"),
+                                 "--max-context", "64", "--quant", "int8", "--draft-head-context", "4"])
+    assert r.exit_code == 0, r.output
+    b = bundle_mod.load(out)
+    assert b.graph("drafter").contract["head"]["context"] == 4
+    _, cache, hidden = run_target(out, ids)
+    histories = [ids[r, :n + 1] for r, n in enumerate(LENGTHS)]
+    recent = X.recent_ids(histories, 4)
+    drafter = X.DrafterSession.load(b)
+    _, logits, _ = drafter.step(recent[:, -1:], hidden[:, None], cache, slice(0, len(LENGTHS)), recent=recent)
+    for r in range(len(LENGTHS)):
+        assert np.isfinite(logits[r, 0, recent[r]]).all()
 
 
 def export_both_head_rows(model_dir, tmp_path, *extra) -> dict:
@@ -697,8 +781,9 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
     locations = {e.value for t in drafter.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"target.onnx.data", "drafter.onnx.data"}
     ops = [n.op_type for n in drafter.node]
-    if quant != "fp16":  # the input embedding and the candidates' rows; int4's split table: two parts each
-        assert ops.count("GatherBlockQuantized") == {"int8": 2, "int4": 4}[quant] and "Gather" in ops
+    if quant != "fp16":  # the input embedding, the candidates' rows and the context's (the default head context);
+        # int4's split table: two parts each
+        assert ops.count("GatherBlockQuantized") == {"int8": 3, "int4": 6}[quant] and "Gather" in ops
         assert not (out / "drafter_full_head.onnx.data").exists()
     # the same target state through the fp32 and the quantized drafter
     _, cache, state = run_target(fp32, ids)
@@ -808,7 +893,7 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path):
     assert b.manifest["graphs"]["drafter"]["weights"] == "int8"
     assert (tmp_path / "q8/drafter.onnx.data").stat().st_size < 0.5 * (tmp_path / "own/drafter.onnx.data").stat().st_size
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q8/drafter.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") >= 5 and ops.count("GatherBlockQuantized") == 2
+    assert ops.count("MatMulNBits") >= 5 and ops.count("GatherBlockQuantized") == 3  # + the head context's rows
     _, cache, state = run_target(tmp_path / "fp32", ids)
     last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
     _, want = X.DrafterSession.load(bundle_mod.load(tmp_path / "fp32")).draft(last, state, cache, rows, 1)

@@ -352,19 +352,28 @@ def select_clusters(hidden: np.ndarray, centroids: np.ndarray, top_k: int) -> np
 
 
 def clustered_logits(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, top_k: int,
-                     softcap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """hidden [N, d] -> candidate ids [N, k*M] and their logits [N, k*M] (padding slots: -inf)."""
+                     softcap: float | None = None, context: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """hidden [N, d] -> candidate ids [N, k*M (+ W)] and their logits (padding slots: -inf).
+
+    context [N, W]: recent token ids (-1: none), candidates too (exporters/head.py `add_context`); one that
+    is -1, already a live cluster candidate or repeated later in its row gets -inf."""
     check_sizes(tables.vocab_size, tables.clusters, top_k)
     picked = select_clusters(hidden, tables.centroids, top_k)
     ids = tables.token_ordering[picked].reshape(len(hidden), -1)
     valid = tables.token_mask[picked].reshape(len(hidden), -1)
+    if context is not None:
+        ctx = np.asarray(context, np.int64)
+        dup = np.array([[t < 0 or t in set(i[v]) or t in r[j + 1:] for j, t in enumerate(r)]
+                        for r, i, v in zip(ctx, ids, valid)], bool).reshape(ctx.shape)
+        ids, valid = np.concatenate([ids, np.maximum(ctx, 0)], 1), np.concatenate([valid, ~dup], 1)
     logits = np.einsum("nd,nkd->nk", hidden, embed[ids])
     if softcap:
         logits = softcap * np.tanh(logits / softcap)
     return ids, np.where(valid, logits, -np.inf).astype(np.float32)
 
 
-def clustered_argmax(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, top_k: int) -> np.ndarray:
-    """[N] the best token among the selected clusters."""
-    ids, logits = clustered_logits(hidden, embed, tables, top_k)
+def clustered_argmax(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, top_k: int,
+                     context: np.ndarray | None = None) -> np.ndarray:
+    """[N] the best token among the selected clusters (and the `context` ids, see clustered_logits)."""
+    ids, logits = clustered_logits(hidden, embed, tables, top_k, context=context)
     return ids[np.arange(len(ids)), logits.argmax(axis=1)]

@@ -332,11 +332,14 @@ def recall_report(model_dir: Path, head: Path, hidden_states, top_ks=TOP_KS, sof
 
 def recall_figures(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, top_ks=TOP_KS,
                    softcap: float | None = None, full: tuple[np.ndarray, np.ndarray] | None = None,
-                   progress: Progress | None = None) -> dict:
+                   progress: Progress | None = None, context: np.ndarray | None = None) -> dict:
     """Per k: `recall` (fraction of positions whose clustered argmax is the full-head argmax) and
     `mass` (mean softmax probability the k selected clusters hold), plus the head's MAC ratio.
 
-    full: the full head's (argmax [N], logsumexp [N]) if already known (must match `softcap`)."""
+    full: the full head's (argmax [N], logsumexp [N]) if already known (must match `softcap`).
+    context [N, W]: each position's recent token ids (-1: none); adds `recall_context`, the recall of a
+    head that also scores them (exporters/head.py `add_context`): its argmax is the full one when the
+    k clusters hold it or the context does."""
     for k in top_ks:
         check_sizes(tables.vocab_size, tables.clusters, k)
     if full is None:
@@ -346,11 +349,14 @@ def recall_figures(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, to
     scores = hidden @ tables.centroids.T
     rank = (scores > scores[np.arange(len(hidden)), tables.cluster_of()[argmax]][:, None]).sum(axis=1)
     mass = _cluster_mass(hidden, embed, tables, scores, max(top_ks), lse, softcap)
+    seen = None if context is None else (np.asarray(context) == argmax[:, None]).any(axis=1)
     vocab, d, m = tables.vocab_size, embed.shape[1], tables.per_cluster
     return {"positions": len(hidden), "clusters": tables.clusters, "per_cluster": m,
             "k": {int(k): {"recall": float((rank < k).mean()), "mass": float(mass[:, k - 1].mean()),
                            "candidates": int(k * m),
-                           "mac_ratio": vocab * d / (tables.clusters * d + k * m * d)} for k in top_ks}}
+                           "mac_ratio": vocab * d / (tables.clusters * d + k * m * d),
+                           **({} if context is None else {"recall_context": float(((rank < k) | seen).mean())})}
+                  for k in top_ks}}
 
 
 def _cluster_mass(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, scores: np.ndarray, kmax: int,

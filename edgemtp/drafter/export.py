@@ -6,12 +6,15 @@ One graph call = one draft step for B rows (DESIGN.md §2; maths in model.py):
            last_hidden_state [B, 1, Hb]   the target's (post-final-norm) hidden that produced it, or the
                                           previous step's next_hidden_state
            position_ids [B, 1] int64      L: the row's committed cache length (= the last token's position)
+           context_ids [B, W] int64       clustered head with a context of W only: the row's W most recent
+                                          tokens (the last one is input_ids; -1 where the history is shorter)
            past_key_values.{l}.key/value  [B, Nk, capacity, D]: the target's own cache buffers for the
                                           layers in contract.drafter_kv, bound read-only (never written)
   outputs  draft_ids [B, 1] int64, next_hidden_state [B, 1, Hb], and the draft's logits:
            full head       logits [B, 1, V]
            clustered head  candidate_ids [B, 1, N] int64, candidate_logits [B, 1, N]: the tokens of the k
-                           best clusters (N = k * M) and their exact logits (-inf on padding slots)
+                           best clusters (N = k * M), then the W context ids, and their exact logits
+                           (-inf on padding slots and on context ids already among the candidates)
 
 Attention reads rows j < L (sliding layers: j > L - window), sliced out of the buffers with standard ops:
 com.microsoft GroupQueryAttention always appends to the cache it reads. The embedding table (Gather for
@@ -60,6 +63,7 @@ def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None,
     ids = b.input(INPUT_IDS, INT64, ["batch", 1])
     last = b.input(LAST_HIDDEN, FLOAT, ["batch", 1, cfg.backbone_hidden])
     pos = b.input(POSITION_IDS, INT64, ["batch", 1])
+    context = b.input(H.CONTEXT_IDS, INT64, ["batch", head.context]) if head is not None and head.context else None
     kv = {t: _kv_inputs(b, cfg, layer) for t, layer in sorted(cfg.target_kv.items())}
     e = nn.embed(b, ids, EMBEDDING, cfg.vocab_size, cfg.backbone_hidden, cfg.embed_scale)
     x = nn.linear(b, b.op("Concat", e, last, axis=-1), "pre_projection.weight", 2 * cfg.backbone_hidden, cfg.hidden)
@@ -76,16 +80,18 @@ def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None,
         b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
         b.output(logits, LOGITS, FLOAT, ["batch", 1, cfg.vocab_size])
     else:
-        clustered_outputs(b, state, head, EMBEDDING, cfg.final_logit_softcapping, int8_ordering=int8_ordering)
+        clustered_outputs(b, state, head, EMBEDDING, cfg.final_logit_softcapping, int8_ordering=int8_ordering,
+                          context=context)
     b.output(state, NEXT_HIDDEN, FLOAT, ["batch", 1, cfg.backbone_hidden])
     return b
 
 
 def clustered_outputs(b: GraphBuilder, state: str, head: H.ClusteredShape, head_key: str, cap: float | None,
-                      keys: H.HeadKeys = H.HeadKeys(), int8_ordering: np.ndarray | None = None) -> None:
+                      keys: H.HeadKeys = H.HeadKeys(), int8_ordering: np.ndarray | None = None,
+                      context: str | None = None) -> None:
     """state [B, 1, d] -> draft_ids [B, 1] (best candidate), candidate_ids / candidate_logits [B, 1, N]."""
     flat = b.op("Reshape", state, b.const([-1, head.hidden], np.int64))  # one position per row
-    cand = H.clustered_head(b, flat, head_key, head, cap, keys, int8_ordering)
+    cand = H.clustered_head(b, flat, head_key, head, cap, keys, int8_ordering, context)
     best = b.op("ArgMax", cand.logits, axis=-1, keepdims=1)  # [B, 1] position among the candidates
     b.output(b.op("GatherElements", cand.ids, best, axis=1), DRAFT_IDS, INT64, ["batch", 1])
     one = b.const([1], np.int64)
@@ -150,8 +156,9 @@ def attend(b: GraphBuilder, q: str, kv: tuple[str, str], view: nn.CacheView, n: 
 def contract(cfg: DrafterConfig, head: H.ClusteredShape | None = None, head_rows: str = "fp32") -> dict:
     """The manifest's graphs.drafter.contract: what the runtime binds and reads."""
     scores = [LOGITS] if head is None else [CANDIDATE_IDS, CANDIDATE_LOGITS]
+    context = [H.CONTEXT_IDS] if head is not None and head.context else []
     return {"kind": "mtp", "config": cfg.to_json(), "kv_layers": sorted(set(cfg.target_kv.values())),
-            "inputs": [INPUT_IDS, LAST_HIDDEN, POSITION_IDS], "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN],
+            "inputs": [INPUT_IDS, LAST_HIDDEN, POSITION_IDS, *context], "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN],
             "hidden": "post_final_norm", "head": head_json(head, head_rows)}
 
 
@@ -159,13 +166,14 @@ def head_json(head: H.ClusteredShape | None, rows: str = "fp32") -> dict:
     if head is None:
         return {"kind": "full"}
     return {"kind": "clustered", "clusters": head.clusters, "top_k": head.top_k, "candidates": head.candidates,
-            "rows": rows}
+            "rows": rows, "context": head.context}
 
 
-def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None) -> H.ClusteredShape | None:
+def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None,
+               context: int = 0) -> H.ClusteredShape | None:
     """The clustered head to build: None (full head) when top_k == 0, or when top_k is None and the
     drafter directory has no head tables; otherwise the tables' C with k = top_k (default: the k
-    `edgemtp cluster` was run with)."""
+    `edgemtp cluster` was run with) and `context` recent token ids as candidates too."""
     from ..calibration.head_report import load_head
 
     path = Path(drafter_dir) / HEAD_FILE
@@ -182,9 +190,17 @@ def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None) 
     k = top_k if top_k is not None else int(meta.get("top_k", 32))
     if not 1 <= k <= clusters:
         raise EdgemtpError(f"--top-k {k} must be between 1 and the head's {clusters} clusters")
-    return H.ClusteredShape(cfg.vocab_size, cfg.backbone_hidden, clusters, k)
+    check_context(context)
+    return H.ClusteredShape(cfg.vocab_size, cfg.backbone_hidden, clusters, k, context)
 
 
+def check_context(context: int) -> None:
+    if not 0 <= context <= MAX_CONTEXT:
+        raise EdgemtpError(f"--draft-head-context {context}: must be between 0 and {MAX_CONTEXT} recent tokens")
+
+
+DEFAULT_CONTEXT = 64  # recent tokens a clustered head scores besides its clusters' (`edgemtp export`'s default)
+MAX_CONTEXT = 1024  # a head's context ids are compared with every candidate: keep it a small share
 HEAD_ROWS = ("fp32", "int8")  # how a clustered head scores its candidates (see head.int8_logits)
 
 
@@ -205,18 +221,19 @@ def int8_ordering(drafter_dir: Path, rows: str) -> np.ndarray | None:
 
 
 def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding: bool = True,
-          top_k: int | None = None, name: str = GRAPH, head_rows: str = "fp32") -> dict:
+          top_k: int | None = None, name: str = GRAPH, head_rows: str = "fp32", context: int = 0) -> dict:
     """Writes `name` (drafter.onnx) + its .data into `out_dir` (a bundle being built, beside `target_graph`)
     and returns the manifest's graph entry.
 
     share_embedding: the embedding initializer points at the target's bytes in its external data file
     (which must then sit in `out_dir` too); False copies those bytes into the drafter's data file.
     top_k: clusters kept by the clustered head (see head_shape; 0 = full head).
+    context: recent token ids the clustered head scores too (exporters/head.py `add_context`; 0 = none).
     head_rows: "int8" scores the clustered head's candidates from an int8 copy of the table in cluster order
     (written to the drafter's data: V x d bytes), a quarter of the bytes a step gathers."""
     out_dir, drafter_dir, target_graph = Path(out_dir), Path(drafter_dir), Path(target_graph)
     cfg = load_config(drafter_dir)
-    head = head_shape(drafter_dir, cfg, top_k)
+    head = head_shape(drafter_dir, cfg, top_k, context)
     check_head_rows(head_rows, head)
     graph = build(cfg, head, int8_ordering(drafter_dir, head_rows))
     save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding)
@@ -292,7 +309,7 @@ def _embedding(path: Path, offset: int, cfg: DrafterConfig) -> np.ndarray:
 
 
 def add_to_bundle(bundle_dir: Path, drafter_dir: Path, share_embedding: bool = True,
-                  top_k: int | None = None) -> Path:
+                  top_k: int | None = None, context: int = 0) -> Path:
     """Adds (or replaces) the drafter graph of an existing bundle and rewrites its manifest.
 
     The exporter proper should call `write()` inside its atomic bundle directory instead; this is for tests,
@@ -306,7 +323,7 @@ def add_to_bundle(bundle_dir: Path, drafter_dir: Path, share_embedding: bool = T
         raise EdgemtpError(f"{drafter_dir}: drafter was trained for another target (hidden {cfg.backbone_hidden}, "
                            f"vocab {cfg.vocab_size}, kv layers {cfg.target_kv}); bundle has {target.hidden_size}, "
                            f"{target.vocab_size}, {target.drafter_kv}")
-    entry = write(bundle_dir, drafter_dir, b.graph("target").path, share_embedding, top_k)
+    entry = write(bundle_dir, drafter_dir, b.graph("target").path, share_embedding, top_k, context=context)
     m = {k: v for k, v in b.manifest.items() if k not in ("files", "format", "schema_version")}
     graphs = {k: v for k, v in m["graphs"].items() if k not in ("drafter", "drafter_full_head")}
     m["graphs"] = {**graphs, "drafter": entry}
@@ -330,6 +347,7 @@ class DrafterSession:
         self.session, self.kv_layers, self.vocab_size = session, sorted(kv_layers), vocab_size
         self.head = head or {"kind": "full"}
         self.clustered = self.head["kind"] == "clustered"
+        self.context = int(self.head.get("context", 0))  # recent token ids the head also scores
         self.outputs = [DRAFT_IDS, CANDIDATE_IDS, CANDIDATE_LOGITS, NEXT_HIDDEN] if self.clustered \
             else [DRAFT_IDS, LOGITS, NEXT_HIDDEN]
 
@@ -348,10 +366,15 @@ class DrafterSession:
         return cls(make_session(path, provider, threads, spin=False), contract["kv_layers"], int(contract["config"]["vocab_size"]),
                    contract.get("head"))
 
-    def run(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice) -> list[np.ndarray]:
-        """One graph call for cache rows `rows`: the graph's outputs in `self.outputs` order."""
+    def run(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice,
+            recent: np.ndarray | None = None) -> list[np.ndarray]:
+        """One graph call for cache rows `rows`: the graph's outputs in `self.outputs` order. recent [b, W]:
+        each row's most recent tokens, ids last (see recent_ids; only a head with a context reads it)."""
         io = self.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, np.int64))
+        if self.context:
+            recent = recent_ids(np.asarray(ids if recent is None else recent).tolist(), self.context)
+            io.bind_cpu_input(H.CONTEXT_IDS, recent)
         io.bind_cpu_input(LAST_HIDDEN, np.ascontiguousarray(hidden, np.float32))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(cache.lengths[rows][:, None], np.int64))
         values = cache.ort_values(rows)
@@ -364,22 +387,26 @@ class DrafterSession:
         return [o.numpy() for o in io.get_outputs()]
 
     def step(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice,
-             full_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """ids [b, 1], hidden [b, 1, Hb] (queries at the rows' committed lengths)
+             full_logits: bool = True, recent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """ids [b, 1], hidden [b, 1, Hb] (queries at the rows' committed lengths), recent [b, >= 1] (see run)
         -> (draft_ids [b, 1], logits [b, 1, V] or None when not asked for, next_hidden_state [b, 1, Hb])."""
-        out = self.run(ids, hidden, cache, rows)
+        out = self.run(ids, hidden, cache, rows, recent)
         if not self.clustered:
             return out[0], out[1], out[2]
         ids, cand_ids, cand_logits, state = out
         return ids, (scatter(cand_ids, cand_logits, self.vocab_size) if full_logits else None), state
 
     def draft(self, token: np.ndarray, hidden: np.ndarray, cache, rows: slice, k: int,
-              full_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Greedy K-step draft for rows: token [b], hidden [b, Hb] -> (tokens [b, k], logits [b, k, V] or None)."""
+              full_logits: bool = True, recent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Greedy K-step draft for rows: token [b], hidden [b, Hb] -> (tokens [b, k], logits [b, k, V] or None).
+        recent [b, W]: each row's most recent tokens ending with `token` (recent_ids of the histories); the
+        drafts join it step by step. None: `token` alone."""
         ids, h = np.asarray(token, np.int64)[:, None], np.asarray(hidden, np.float32)[:, None]
+        recent = ids if recent is None else np.asarray(recent, np.int64)
         tokens, logits = [], []
         for _ in range(k):
-            ids, lg, h = self.step(ids, h, cache, rows, full_logits)
+            ids, lg, h = self.step(ids, h, cache, rows, full_logits, recent)
+            recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]
             tokens.append(ids[:, 0])
             logits.append(None if lg is None else lg[:, 0])
         return np.stack(tokens, 1), (np.stack(logits, 1) if full_logits else None)
@@ -392,15 +419,26 @@ class DrafterSession:
             return [], None
         rows = slice(ctx.row, ctx.row + 1)
         ids, h = np.array([[history[-1]]], np.int64), np.asarray(ctx.hidden, np.float32).reshape(1, 1, -1)
+        recent = list(history[-self.context:]) if self.context else []
         tokens, qs = [], []
         for _ in range(k):
-            ids, lg, h = self.step(ids, h, ctx.cache, rows, full_logits=not ctx.sampling.greedy)
+            ids, lg, h = self.step(ids, h, ctx.cache, rows, not ctx.sampling.greedy, recent_ids([recent], self.context))
             if not ctx.sampling.greedy:
                 q = distribution(lg[0, 0], ctx.sampling)
                 ids = np.array([[ctx.rng.choice(q.shape[-1], p=q)]], np.int64)
                 qs.append(q)
             tokens.append(int(ids[0, 0]))
+            recent.append(tokens[-1])
         return tokens, (np.stack(qs) if qs else None)
+
+
+def recent_ids(histories: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """[b, width] int64: each history's last `width` tokens, -1 before a shorter one's first."""
+    out = np.full((len(histories), width), -1, np.int64)
+    for row, h in zip(out, histories):
+        tail = list(h)[-width:] if width else []
+        row[width - len(tail):] = tail
+    return out
 
 
 def scatter(ids: np.ndarray, logits: np.ndarray, vocab: int) -> np.ndarray:

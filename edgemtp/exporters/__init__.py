@@ -48,7 +48,8 @@ def load_config(model_dir: Path):
 def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
            progress: Progress | None = None, static_window: int | None = None,
            drafter: Path | str | None = None, drafter_top_k: int | None = None,
-           quant_options: dict | None = None, drafter_head_rows: str = "fp32") -> Path:
+           quant_options: dict | None = None, drafter_head_rows: str = "fp32",
+           drafter_head_context: int | None = None) -> Path:
     """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
 
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
@@ -59,6 +60,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
     `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (made from the
     fp32 table; a quantized bundle keeps it as it is, its drafter's rescoring reads the quantized table).
+    `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT, 0: none).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
@@ -75,7 +77,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
     if quant != "fp32":
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
-                                 quant_options or {}, drafter, drafter_top_k, drafter_head_rows)
+                                 quant_options or {}, drafter, drafter_top_k, drafter_head_rows,
+                                 drafter_head_context)
     if quant_options:
         raise EdgemtpError(f"--{next(iter(quant_options)).replace('_', '-')} applies to --quant int8 / int4 only")
     if capacity < 2:
@@ -95,7 +98,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     _check_weights(graph, ckpt, model_dir)
     write_drafter = None
     if drafter is not None:
-        write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k, drafter_head_rows)
+        write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k, drafter_head_rows,
+                                       drafter_head_context)
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
@@ -131,16 +135,20 @@ def shipped_drafter(model_dir: Path) -> Path | None:
     return match_shipped(model_dir)
 
 
-def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, head_rows: str = "fp32"):
+def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, head_rows: str = "fp32",
+                   context: int | None = None):
     """Refuses a drafter made for another target before anything is written; returns write(tmp) -> the
     manifest's drafter graph entries."""
     from ..contract import TargetContract
     from ..drafter import assistant
     from ..drafter import load_config as load_drafter_config
-    from ..drafter.export import check_head_rows, head_shape, write, write_full_head
+    from ..drafter.export import DEFAULT_CONTEXT, check_head_rows, head_shape, write, write_full_head
 
     t = TargetContract.from_json(target_contract)
     if assistant.is_assistant(drafter_dir):
+        if context:
+            raise EdgemtpError(f"--draft-head-context {context}: applies to edgemtp's own drafters, not to a "
+                               f"Gemma 4 assistant checkpoint ({drafter_dir})")
         cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
         check_head_rows(head_rows, cfg.clustered)
         return lambda tmp: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg,
@@ -151,17 +159,19 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
         raise EdgemtpError(f"{drafter_dir}: drafter does not match this target (drafter: backbone hidden "
                            f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
                            f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
-    check_head_rows(head_rows, head_shape(drafter_dir, cfg, top_k))  # bad head tables or flags fail here too
+    head = head_shape(drafter_dir, cfg, top_k, DEFAULT_CONTEXT if context is None else context)
+    check_head_rows(head_rows, head)  # bad head tables or flags fail here too
+    context = head.context if head is not None else 0
 
     def write_graphs(tmp: Path) -> dict:
-        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k, head_rows=head_rows)
+        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k, head_rows=head_rows, context=context)
         full = write_full_head(tmp, drafter_dir, entry)  # for profile's full vs clustered rows
         return {"drafter": entry, **({"drafter_full_head": full} if full else {})}
     return write_graphs
 
 
 def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window, options, drafter,
-                      drafter_top_k, drafter_head_rows="fp32") -> Path:
+                      drafter_top_k, drafter_head_rows="fp32", drafter_head_context=None) -> Path:
     """fp32 export into a scratch directory, then the quantizer rewrites it into `out` (atomically)."""
     import tempfile
 
@@ -176,7 +186,8 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
-                      drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows)
+                      drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows,
+                      drafter_head_context=drafter_head_context)
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 
 

@@ -8,12 +8,15 @@ Clustered head, per position:
                   -> top token(s), their logits and probabilities over the candidates
 
 N positions (a drafter flattens [B, S] first), d hidden, V vocab, C clusters, M = V/C (rounded up)
-slots per cluster, k clusters kept. With int8 rows the candidates are scored from an int8 copy of the
-head rows stored in cluster order instead (`int8_logits`): a quarter of the bytes, read as k
-contiguous blocks rather than k*M scattered rows. Weights are bound by name at save time like every other
-parameter: the head rows are the (tied) embedding's own initializer, and the head tables come from
-`edgemtp cluster` (keys `centroids`, `token_ordering`, `token_mask`) or, with `GEMMA4_KEYS`, from a
-Gemma 4 assistant checkpoint's `masked_embedding.*` tensors (its flat [V] ordering is viewed as
+slots per cluster, k clusters kept. With a context of W, the W most recent token ids (`context_ids`
+[N, W]) are candidates too, scored exactly (`add_context`): a model often predicts a token it has just
+read (a name, an identifier), such a token is often one the calibration text never had as an argmax,
+and then the clusters picked for it often miss it. With int8 rows the candidates are scored from an
+int8 copy of the head rows stored in cluster order instead (`int8_logits`): a quarter of the bytes,
+read as k contiguous blocks rather than k*M scattered rows. Weights are bound by name at save time like
+every other parameter: the head rows are the (tied) embedding's own initializer, and the head tables
+come from `edgemtp cluster` (keys `centroids`, `token_ordering`, `token_mask`) or, with `GEMMA4_KEYS`,
+from a Gemma 4 assistant checkpoint's `masked_embedding.*` tensors (its flat [V] ordering is viewed as
 [C, M] at bind time).
 """
 
@@ -26,6 +29,7 @@ import numpy as np
 from .builder import FLOAT, INT64, GraphBuilder
 
 INPUT = "hidden_states"
+CONTEXT_IDS = "context_ids"  # [N, W] recent token ids, -1 where there is none (a short history)
 TOKEN_IDS, TOKEN_LOGITS, TOKEN_PROBS = "token_ids", "token_logits", "token_probs"
 CANDIDATE_IDS, CANDIDATE_LOGITS = "candidate_ids", "candidate_logits"
 LOGITS = "logits"
@@ -52,6 +56,7 @@ class ClusteredShape:
     hidden: int
     clusters: int
     top_k: int
+    context: int = 0  # W: recent token ids scored besides the clusters' tokens (`add_context`)
 
     @property
     def per_cluster(self) -> int:
@@ -63,8 +68,12 @@ class ClusteredShape:
         return self.clusters * self.per_cluster != self.vocab
 
     @property
-    def candidates(self) -> int:
+    def cluster_candidates(self) -> int:
         return self.top_k * self.per_cluster
+
+    @property
+    def candidates(self) -> int:
+        return self.cluster_candidates + self.context
 
 
 @dataclass(frozen=True)
@@ -172,11 +181,12 @@ def softcap(b: GraphBuilder, x: str, cap: float | None) -> str:
 
 def clustered_head(b: GraphBuilder, h: str, embed_key: str, shape: ClusteredShape,
                    cap: float | None = None, keys: HeadKeys = HeadKeys(),
-                   int8_ordering: np.ndarray | None = None) -> Candidates:
+                   int8_ordering: np.ndarray | None = None, context: str | None = None) -> Candidates:
     """h [N, d] -> the candidates of the k best clusters and their (soft-capped) logits: exact, or
     with `int8_ordering` (the token ordering, known at build time) from an int8 copy of the rows laid
     out in that cluster order (`int8_logits`), the best few then recomputed exactly (`rescore`); the
-    clusters are then picked with int8 centroid scores and an exact shortlist (`int8_pick_clusters`)."""
+    clusters are then picked with int8 centroid scores and an exact shortlist (`int8_pick_clusters`).
+    With `shape.context`, `context` [N, W] recent token ids follow them (`add_context`)."""
     if int8_ordering is None:
         picked = pick_clusters(b, cluster_scores(b, h, keys.centroids, shape.hidden, shape.clusters), shape.top_k)
         ids = candidate_ids(b, picked, keys.token_ordering, shape)
@@ -189,7 +199,37 @@ def clustered_head(b: GraphBuilder, h: str, embed_key: str, shape: ClusteredShap
         logits = rescore(b, h, ids, logits, embed_key, shape, cap)
     if shape.padded:
         logits = mask_padding(b, logits, picked, keys.token_mask, shape)
+    if shape.context:
+        if context is None:
+            raise ValueError(f"a clustered head with a context of {shape.context} needs the context ids")
+        return add_context(b, h, Candidates(ids, logits), context, embed_key, shape, cap)
     return Candidates(ids, logits)
+
+
+def add_context(b: GraphBuilder, h: str, cand: Candidates, context: str, embed_key: str, shape: ClusteredShape,
+                cap: float | None) -> Candidates:
+    """Appends `context` [N, W] (token ids, -1 for none) to the candidates with exact logits. A context id
+    that is -1, already a live cluster candidate (padding slots may repeat a real id: those do not count)
+    or repeated later in the context gets -inf, so each token keeps one finite logit and probabilities
+    over the candidates stay a softmax over distinct tokens."""
+    zero = b.const(0, np.int64)
+    ids = b.op("Max", context, zero)  # -1 -> 0, masked below
+    logits = softcap(b, exact_logits(b, h, ids, embed_key, shape.vocab, shape.hidden), cap)
+    col, row = b.const([2], np.int64), b.const([1], np.int64)
+    live = b.op("Unsqueeze", b.op("Not", b.op("IsInf", cand.logits, detect_positive=0)), row)  # [N, 1, K]
+    in_clusters = b.op("And", b.op("Equal", b.op("Unsqueeze", context, col), b.op("Unsqueeze", cand.ids, row)), live)
+    later = np.triu(np.ones((shape.context, shape.context), bool), 1)  # [j, j']: j' after j
+    repeated = b.op("And", b.op("Equal", b.op("Unsqueeze", context, col), b.op("Unsqueeze", context, row)),
+                    b.const(later, np.bool_))
+    drop = b.op("Or", b.op("Less", context, zero), b.op("Or", _any(b, in_clusters), _any(b, repeated)))
+    logits = b.op("Where", drop, b.const(-np.inf), logits)
+    return Candidates(b.op("Concat", cand.ids, ids, axis=1), b.op("Concat", cand.logits, logits, axis=1))
+
+
+def _any(b: GraphBuilder, x: str) -> str:
+    """bool [N, W, K] -> [N, W]: any along the last axis."""
+    as_int = b.op("Cast", x, to=6)  # int32: ReduceMax takes no bool
+    return b.op("Cast", b.op("ReduceMax", as_int, b.const([-1], np.int64), keepdims=0), to=9)
 
 
 def rescore(b: GraphBuilder, h: str, ids: str, logits: str, embed_key: str, shape: ClusteredShape,
@@ -197,7 +237,7 @@ def rescore(b: GraphBuilder, h: str, ids: str, logits: str, embed_key: str, shap
     """Approximate (int8) candidate logits [N, K] -> the same with the best n recomputed exactly in fp32
     (n rows of the fp32 table: cheap). Measured on Gemma 3 270M's held-out states, the int8 logits alone
     changed the argmax at 2-5% of positions (near-ties); rescored, at none of 16,384 (see the README)."""
-    n = min(n, shape.candidates)
+    n = min(n, shape.cluster_candidates)
     _, pos = b.op("TopK", logits, b.const([n], np.int64), axis=-1, largest=1, sorted=1, n_out=2)
     best_ids = b.op("GatherElements", ids, pos, axis=1)
     exact = softcap(b, exact_logits(b, h, best_ids, embed_key, shape.vocab, shape.hidden), cap)
@@ -231,7 +271,8 @@ def clustered_graph(shape: ClusteredShape, embed_key: str, n_top: int = 1, cap: 
     but for the best few, see `clustered_head`)."""
     b = GraphBuilder("clustered_head" if int8_ordering is None else "clustered_head_int8_rows")
     h = b.input(INPUT, FLOAT, ["N", shape.hidden])
-    cand = clustered_head(b, h, embed_key, shape, cap, keys, int8_ordering)
+    context = b.input(CONTEXT_IDS, INT64, ["N", shape.context]) if shape.context else None
+    cand = clustered_head(b, h, embed_key, shape, cap, keys, int8_ordering, context)
     _outputs(b, top_tokens(b, cand.logits, n_top, cand.ids), n_top)
     b.output(cand.ids, CANDIDATE_IDS, INT64, ["N", shape.candidates])
     b.output(cand.logits, CANDIDATE_LOGITS, FLOAT, ["N", shape.candidates])
