@@ -176,6 +176,7 @@ def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None,
     `edgemtp cluster` was run with) and `context` recent token ids as candidates too."""
     from ..calibration.head_report import load_head
 
+    check_context(context)
     path = Path(drafter_dir) / HEAD_FILE
     if top_k == 0 or (top_k is None and not path.is_file()):
         return None
@@ -190,7 +191,6 @@ def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None,
     k = top_k if top_k is not None else int(meta.get("top_k", 32))
     if not 1 <= k <= clusters:
         raise EdgemtpError(f"--top-k {k} must be between 1 and the head's {clusters} clusters")
-    check_context(context)
     return H.ClusteredShape(cfg.vocab_size, cfg.backbone_hidden, clusters, k, context)
 
 
@@ -199,7 +199,9 @@ def check_context(context: int) -> None:
         raise EdgemtpError(f"--draft-head-context {context}: must be between 0 and {MAX_CONTEXT} recent tokens")
 
 
-DEFAULT_CONTEXT = 64  # recent tokens a clustered head scores besides its clusters' (`edgemtp export`'s default)
+# recent tokens a clustered head scores besides its clusters' (`edgemtp export`'s default): on Gemma 3 270M
+# 64 lifted recall@32 from 0.989 to 0.994 (code) and 0.988 to 0.991 (prose); see the README
+DEFAULT_CONTEXT = 64
 MAX_CONTEXT = 1024  # a head's context ids are compared with every candidate: keep it a small share
 HEAD_ROWS = ("fp32", "int8")  # how a clustered head scores its candidates (see head.int8_logits)
 
