@@ -375,8 +375,7 @@ class DrafterSession:
         io = self.session.io_binding()
         io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, np.int64))
         if self.context:
-            recent = recent_ids(np.asarray(ids if recent is None else recent).tolist(), self.context)
-            io.bind_cpu_input(H.CONTEXT_IDS, recent)
+            io.bind_cpu_input(H.CONTEXT_IDS, last_columns(ids if recent is None else recent, self.context))
         io.bind_cpu_input(LAST_HIDDEN, np.ascontiguousarray(hidden, np.float32))
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(cache.lengths[rows][:, None], np.int64))
         values = cache.ort_values(rows)
@@ -408,7 +407,7 @@ class DrafterSession:
         tokens, logits = [], []
         for _ in range(k):
             ids, lg, h = self.step(ids, h, cache, rows, full_logits, recent)
-            recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]
+            recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]  # run() pads it to W
             tokens.append(ids[:, 0])
             logits.append(None if lg is None else lg[:, 0])
         return np.stack(tokens, 1), (np.stack(logits, 1) if full_logits else None)
@@ -421,16 +420,16 @@ class DrafterSession:
             return [], None
         rows = slice(ctx.row, ctx.row + 1)
         ids, h = np.array([[history[-1]]], np.int64), np.asarray(ctx.hidden, np.float32).reshape(1, 1, -1)
-        recent = list(history[-self.context:]) if self.context else []
+        recent = np.asarray([history[-max(self.context, 1):]], np.int64)
         tokens, qs = [], []
         for _ in range(k):
-            ids, lg, h = self.step(ids, h, ctx.cache, rows, not ctx.sampling.greedy, recent_ids([recent], self.context))
+            ids, lg, h = self.step(ids, h, ctx.cache, rows, not ctx.sampling.greedy, recent)
             if not ctx.sampling.greedy:
                 q = distribution(lg[0, 0], ctx.sampling)
                 ids = np.array([[ctx.rng.choice(q.shape[-1], p=q)]], np.int64)
                 qs.append(q)
             tokens.append(int(ids[0, 0]))
-            recent.append(tokens[-1])
+            recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]
         return tokens, (np.stack(qs) if qs else None)
 
 
@@ -441,6 +440,12 @@ def recent_ids(histories: Sequence[Sequence[int]], width: int) -> np.ndarray:
         tail = list(h)[-width:] if width else []
         row[width - len(tail):] = tail
     return out
+
+
+def last_columns(recent: np.ndarray, width: int) -> np.ndarray:
+    """[b, n] token ids -> [b, width]: the last `width` columns, padded with -1 on the left when n < width."""
+    r = np.asarray(recent, np.int64)[:, -width:]
+    return np.pad(r, ((0, 0), (width - r.shape[1], 0)), constant_values=-1)
 
 
 def scatter(ids: np.ndarray, logits: np.ndarray, vocab: int) -> np.ndarray:
