@@ -363,8 +363,10 @@ def clustered_logits(hidden: np.ndarray, embed: np.ndarray, tables: HeadTables, 
     valid = tables.token_mask[picked].reshape(len(hidden), -1)
     if context is not None:
         ctx = np.asarray(context, np.int64)
-        dup = np.array([[t < 0 or t in set(i[v]) or t in r[j + 1:] for j, t in enumerate(r)]
-                        for r, i, v in zip(ctx, ids, valid)], bool).reshape(ctx.shape)
+        dup = np.zeros(ctx.shape, bool)
+        for n, (r, i, v) in enumerate(zip(ctx, ids, valid)):
+            live = set(i[v].tolist())
+            dup[n] = [t < 0 or t in live or t in r[j + 1:] for j, t in enumerate(r.tolist())]
         ids, valid = np.concatenate([ids, np.maximum(ctx, 0)], 1), np.concatenate([valid, ~dup], 1)
     logits = np.einsum("nd,nkd->nk", hidden, embed[ids])
     if softcap:
