@@ -125,7 +125,8 @@ def quant_options(f):
                    "or int8 (a copy of the table in cluster order: V x hidden more bytes, a faster draft step).")
 @click.option("--draft-head-context", default=None, type=int,
               help="Recent tokens the drafter's two-stage head also scores exactly, besides its clusters' "
-                   "(default: DEFAULT_CONTEXT of edgemtp.drafter.export; 0: none).")
+                   "(default: DEFAULT_CONTEXT of edgemtp.drafter.export for edgemtp's drafters, 0 for a "
+                   "Gemma 4 assistant; 0: none).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @quant_options
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,

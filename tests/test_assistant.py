@@ -311,15 +311,92 @@ def test_int8_head_rows_keep_the_candidates_and_stay_lossless(pair, tmp_path):
     assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
 
 
-def test_head_context_is_refused_for_an_assistant(pair, tmp_path):
+W = 8  # recent tokens an assistant's clustered head scores on request
+
+
+def full_logits(target, assistant, ids: np.ndarray, n: int, prefill) -> np.ndarray:
+    """reference()'s draft steps with the exact logit of every token: the state transformers hands its masked
+    embedding, times the assistant's whole head table -> [K, V]."""
+    states = []
+    hook = assistant.masked_embedding.register_forward_hook(lambda m, args, out: states.append(args[0]))
+    try:
+        reference(target, assistant, ids, n, prefill)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        return torch.cat([x.reshape(1, -1) for x in states]).matmul(assistant.lm_head.weight.T).numpy()
+
+
+def test_head_context_on_an_assistant_scores_the_recent_tokens(pair, tmp_path):
+    """--draft-head-context on an ordered-embedding assistant: per draft step (fed transformers' drafts), the
+    cluster candidates and their logits stay transformers'; each recent token id not already a candidate (nor
+    repeated later, nor padding) gets its exact logit; the draft is the best of all of them."""
+    assistant, drafter_dir, _, refs = pair.assistants[True]
+    out = export(pair.target_dir, tmp_path / "ctx", capacity=64, drafter=drafter_dir, drafter_head_context=W)
+    g = bundle_mod.load(out).graph("drafter")
+    n = TOP_K * 96 // CENTROIDS
+    assert g.contract["head"]["context"] == W and g.contract["head"]["candidates"] == n + W
+    assert g.contract["inputs"][-1] == "context_ids"
+    session = make_session(g.path, "cpu", 1)
+    kv, hidden = from_transformers(out, pair.prefills)
+    feed = {f"past_key_values.{layer}.{kind}": kv[layer][i] for layer in g.contract["kv_layers"]
+            for i, kind in enumerate(("key", "value"))}
+    names = [o.name for o in session.get_outputs()]
+    target = transformers.AutoModelForCausalLM.from_pretrained(pair.target_dir).eval()
+    full = [full_logits(target, assistant, pair.ids[b], m, pair.prefills[b]) for b, m in enumerate(LENGTHS)]
+    history = [list(pair.ids[b, :m + 1]) for b, m in enumerate(LENGTHS)]
+    seen = {"scored": 0, "masked": 0, "padding": 0}
+    for step in range(K):
+        recent = np.full((len(LENGTHS), W), -1, np.int64)
+        for b, h in enumerate(history):
+            recent[b, W - min(W, len(h)):] = h[-W:]
+        token = np.array([[h[-1]] for h in history])
+        got = dict(zip(names, session.run(None, {"input_ids": token, "last_hidden_state": hidden,
+                                                 "position_ids": np.array(LENGTHS)[:, None],
+                                                 "context_ids": recent, **feed})))
+        hidden = got[A.NEXT_HIDDEN]
+        for b, (want_tokens, want_logits) in enumerate(refs):
+            cand, logits, exact = got[A.CANDIDATE_IDS][b, 0], got[A.CANDIDATE_LOGITS][b, 0], full[b][step]
+            clusters = np.flatnonzero(want_logits[step] > want_logits[step].min())  # transformers' candidates
+            np.testing.assert_array_equal(np.sort(cand[:n]), clusters)
+            np.testing.assert_allclose(logits[:n], exact[cand[:n]], atol=1e-3, rtol=0)
+            for j, t in enumerate(recent[b]):
+                if t < 0 or t in cand[:n] or t in recent[b, j + 1:]:
+                    assert logits[n + j] == -np.inf, (step, b, j, t)
+                    seen["padding" if t < 0 else "masked"] += 1
+                else:
+                    assert cand[n + j] == t and abs(logits[n + j] - exact[t]) <= 1e-3, (step, b, j, t)
+                    seen["scored"] += 1
+            live = np.unique(np.concatenate([cand[:n], recent[b][recent[b] >= 0]]))
+            assert got[A.DRAFT_IDS][b, 0] == live[np.argmax(exact[live])]
+            history[b].append(int(want_tokens[step]))  # teacher-forced: transformers' trajectory
+    assert all(seen.values()), seen  # every case met
+
+
+def test_generate_with_a_head_context_is_lossless(pair, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    out = tmp_path / "ctx"
+    r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(out), "--drafter",
+                                 str(pair.assistants[True][1]), "--max-context", "64", "--draft-head-context", str(W)])
+    assert r.exit_code == 0, r.output
+    args = ["generate", str(out), "--prompt", "t3 t9 t4 t1 t3 t9", "--max-new-tokens", "16", "--json"]
+    plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+    mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+    assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_head_context_needs_the_ordered_head(pair, tmp_path):
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
 
     r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(tmp_path / "b"), "--drafter",
-                                 str(pair.assistants[True][1]), "--max-context", "64", "--draft-head-context", "8"])
-    assert r.exit_code != 0 and "--draft-head-context 8" in r.output and "Traceback" not in r.output, r.output
-    assert not (tmp_path / "b").exists()
+                                 str(pair.assistants[False][1]), "--max-context", "64", "--draft-head-context", "8"])
+    assert r.exit_code != 0 and "--draft-head-context 8: needs a clustered head" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "b").exists()
 
 
 def test_int8_head_rows_need_the_ordered_head(pair, tmp_path):

@@ -8,7 +8,9 @@ by `SinglePositionMultiTokenCandidateGenerator` (tests/test_assistant.py checks 
   x     = decoder layers: Q-only attention over the target's KV, gated MLP, times `layer_scalar`
   x     = norm(x)                                                             [B, 1, H]
   next_hidden_state = post_projection(x)                                      [B, 1, Hb]
-  head  = x @ E_own.T (full), or Gemma 4's masked embedding (clustered, head.py with GEMMA4_KEYS)
+  head  = x @ E_own.T (full), or Gemma 4's masked embedding (clustered, head.py with GEMMA4_KEYS); on
+          request (`context` > 0) that clustered head also scores the row's most recent tokens exactly, like
+          our own drafters' (head.py `add_context`). Off by default: transformers' head has no such thing.
 
 - The hidden it is fed is the target's `hidden_states[-1]`, which is post-final-norm for Gemma 4: exactly
   the target graph's `last_hidden_state` (tests/test_parity_gemma4.py), so the contract holds as is.
@@ -27,7 +29,7 @@ by `SinglePositionMultiTokenCandidateGenerator` (tests/test_assistant.py checks 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,13 @@ class AssistantConfig:
     def clustered(self) -> H.ClusteredShape | None:
         return H.ClusteredShape(self.vocab_size, self.hidden, self.num_centroids, self.top_k) \
             if self.num_centroids else None
+
+    def head(self, context: int = 0) -> H.ClusteredShape | None:
+        """The clustered head scoring `context` recent tokens too (None: the full head, which takes none)."""
+        if context and not self.clustered:
+            raise EdgemtpError(f"--draft-head-context {context}: needs a clustered head; this assistant has "
+                               f"use_ordered_embeddings false (its full head already scores every token)")
+        return replace(self.clustered, context=context) if self.clustered else None
 
     def kv_shape(self, layer_type: str) -> tuple[int, int]:
         """(KV heads, head dim) its layers of that type expect of the target's cache."""
@@ -162,14 +171,16 @@ def check_pair(cfg: AssistantConfig, target: C.TargetContract, drafter_dir: Path
 # --- graph ----------------------------------------------------------------------------------------------
 
 
-def build(cfg: AssistantConfig, int8_ordering: np.ndarray | None = None) -> GraphBuilder:
+def build(cfg: AssistantConfig, int8_ordering: np.ndarray | None = None, context: int = 0) -> GraphBuilder:
     """The assistant's step graph; `int8_ordering` (its masked embedding's token ordering): the clustered
-    head scores its candidates from int8 copies of its table (export.HEAD_ROWS)."""
-    t, hb = cfg.text, cfg.backbone_hidden
+    head scores its candidates from int8 copies of its table (export.HEAD_ROWS); `context` > 0: that head
+    takes `context_ids` [B, context] and scores those tokens too."""
+    t, hb, head = cfg.text, cfg.backbone_hidden, cfg.head(context)
     b = GraphBuilder("gemma4_assistant")
     ids = b.input(X.INPUT_IDS, INT64, ["batch", 1])
     last = b.input(X.LAST_HIDDEN, FLOAT, ["batch", 1, hb])
     pos = b.input(X.POSITION_IDS, INT64, ["batch", 1])
+    recent = b.input(H.CONTEXT_IDS, INT64, ["batch", context]) if context else None
     types = sorted(set(t.layer_types))
     kv = {lt: _kv_inputs(b, cfg, lt) for lt in types}
     e = nn.embed(b, ids, TARGET_EMBEDDING, cfg.vocab_size, hb, math.sqrt(hb))
@@ -182,8 +193,8 @@ def build(cfg: AssistantConfig, int8_ordering: np.ndarray | None = None) -> Grap
         x = X.layer(b, layers[lt], p, x, kv[lt], views[lt], tables[lt])
         x = b.op("Mul", x, b.param(p + "layer_scalar", (1,)))
     x = nn.rms_norm(b, x, "model.norm.weight", t.hidden_size, t.rms_norm_eps)
-    if cfg.clustered:
-        X.clustered_outputs(b, x, cfg.clustered, cfg.head_key, None, H.GEMMA4_KEYS, int8_ordering)
+    if head:
+        X.clustered_outputs(b, x, head, cfg.head_key, None, H.GEMMA4_KEYS, int8_ordering, recent)
     else:
         logits = nn.tied_head(b, x, cfg.head_key, cfg.vocab_size, t.hidden_size)
         b.output(b.op("ArgMax", logits, axis=-1, keepdims=0), DRAFT_IDS, INT64, ["batch", 1])
@@ -204,25 +215,30 @@ def _kv_inputs(b: GraphBuilder, cfg: AssistantConfig, layer_type: str) -> tuple[
     return b.input(C.past_key(layer), FLOAT, shape), b.input(C.past_value(layer), FLOAT, shape)
 
 
-def contract(cfg: AssistantConfig, head_rows: str = "fp32") -> dict:
+def contract(cfg: AssistantConfig, head_rows: str = "fp32", context: int = 0) -> dict:
     """The manifest's graphs.drafter.contract: export.contract()'s fields, this config and head."""
     scores = [CANDIDATE_IDS, CANDIDATE_LOGITS] if cfg.clustered else [LOGITS]
+    recent = [H.CONTEXT_IDS] if context else []
     return {"kind": "mtp", "config": cfg.to_json(), "kv_layers": sorted(set(cfg.target_kv.values())),
-            "inputs": [X.INPUT_IDS, X.LAST_HIDDEN, X.POSITION_IDS], "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN],
-            "hidden": "post_final_norm", "head": X.head_json(cfg.clustered, head_rows)}
+            "inputs": [X.INPUT_IDS, X.LAST_HIDDEN, X.POSITION_IDS, *recent],
+            "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN], "hidden": "post_final_norm",
+            "head": X.head_json(cfg.head(context), head_rows)}
 
 
 def write(out_dir: Path, drafter_dir: Path, target_graph: Path, cfg: AssistantConfig,
-          share_embedding: bool = True, head_rows: str = "fp32") -> dict:
+          share_embedding: bool = True, head_rows: str = "fp32", context: int = 0) -> dict:
     """Writes drafter.onnx + drafter.onnx.data into `out_dir` (a bundle being built, beside `target_graph`)
     and returns the manifest's graph entry.
 
     The target's input embedding is shared (its initializer points into the target's data file) or, with
     share_embedding False, copied; every other tensor comes from the assistant's checkpoint. head_rows
-    "int8": the clustered head reads int8 copies of the assistant's table (written to drafter.onnx.data)."""
+    "int8": the clustered head reads int8 copies of the assistant's table (written to drafter.onnx.data).
+    context: recent tokens its clustered head scores too (0: none, as transformers' head)."""
     out_dir, drafter_dir, target_graph = Path(out_dir), Path(drafter_dir), Path(target_graph)
     X.check_head_rows(head_rows, cfg.clustered)
     ckpt = Checkpoint(drafter_dir)
     ordering = np.asarray(ckpt[H.GEMMA4_KEYS.token_ordering]) if head_rows == "int8" else None
-    X.save(build(cfg, ordering), out_dir / GRAPH, ckpt, target_graph, TARGET_EMBEDDING, cfg, share_embedding)
-    return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg, head_rows)}
+    X.check_context(context)
+    X.save(build(cfg, ordering, context), out_dir / GRAPH, ckpt, target_graph, TARGET_EMBEDDING, cfg,
+           share_embedding)
+    return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg, head_rows, context)}

@@ -60,7 +60,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
     `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (made from the
     fp32 table; a quantized bundle keeps it as it is, its drafter's rescoring reads the quantized table).
-    `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT, 0: none).
+    `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT for our drafters, 0
+    for a Gemma 4 assistant, whose head then stays as transformers runs it; 0: none).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
@@ -142,17 +143,16 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
     from ..contract import TargetContract
     from ..drafter import assistant
     from ..drafter import load_config as load_drafter_config
-    from ..drafter.export import DEFAULT_CONTEXT, check_head_rows, head_shape, write, write_full_head
+    from ..drafter.export import DEFAULT_CONTEXT, check_context, check_head_rows, head_shape, write, write_full_head
 
     t = TargetContract.from_json(target_contract)
     if assistant.is_assistant(drafter_dir):
-        if context:
-            raise EdgemtpError(f"--draft-head-context {context}: applies to edgemtp's own drafters, not to a "
-                               f"Gemma 4 assistant checkpoint ({drafter_dir})")
         cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
-        check_head_rows(head_rows, cfg.clustered)
+        context = context or 0  # by default, the head as Google ships it (and transformers runs it)
+        check_context(context)
+        check_head_rows(head_rows, cfg.head(context))  # and a context without a clustered head
         return lambda tmp: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg,
-                                                       head_rows=head_rows)}
+                                                       head_rows=head_rows, context=context)}
     cfg = load_drafter_config(drafter_dir)
     if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
             set(t.drafter_kv.values()) != set(cfg.target_kv.values()):
