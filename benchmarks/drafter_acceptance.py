@@ -1,7 +1,8 @@
 """Greedy acceptance of an MTP drafter on held-out text: tokens per verify round and per draft position.
 
     python benchmarks/drafter_acceptance.py BUNDLE --drafter edgemtp/drafters/gemma3-270m [DRAFTER2 ...] \\
-        [--heads full,32] [--prompts 8] [--prompt-len 128] [--new 128] [--k 4] [--speculative 1] [--json out.json]
+        [--heads full,32] [--prompts 8] [--skip 0] [--prompt-len 128] [--new 128] [--k 4] [--speculative 1] \\
+        [--json out.json]
 
 BUNDLE: a target bundle. For each entry of --heads (full: the tied full head; a number k: the clustered
 head keeping k clusters, from the drafter directory's head.safetensors) a drafter graph is written into
@@ -37,9 +38,11 @@ from edgemtp.runtime.engine import Engine
 DOMAINS = ("code", "docs", "shakespeare")
 
 
-def prompts(engine: Engine, domain: str, n: int, length: int, seed: int = 1234) -> np.ndarray:
+def prompts(engine: Engine, domain: str, n: int, length: int, skip: int = 0, seed: int = 1234) -> np.ndarray:
+    """n held-out windows: the first n of a fixed order, or with `skip` the n after the first `skip` (a sample
+    disjoint from the default one)."""
     bos = engine.bundle.model.get("bos_token_id")
-    return D.windows(engine.tokenizer, D.documents(domain, "heldout"), length, n, seed, bos)
+    return D.windows(engine.tokenizer, D.documents(domain, "heldout"), length, skip + n, seed, bos, skip)
 
 
 def greedy_continuation(engine: Engine, ids: np.ndarray, new: int):
@@ -176,6 +179,8 @@ def main() -> None:
     ap.add_argument("--domains", default=",".join(DOMAINS))
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--skip", type=int, default=0, help="take the prompts after the first SKIP of the fixed order: "
+                    "--skip 128 --prompts 128 is a sample disjoint from --prompts 128")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
@@ -202,7 +207,7 @@ def main() -> None:
     per_row = {h: {} for h in drafters}
     for domain in args.domains.split(","):
         t0 = time.time()
-        ids = prompts(engine, domain, args.prompts, args.prompt_len)
+        ids = prompts(engine, domain, args.prompts, args.prompt_len, args.skip)
         cache, seqs, hidden = greedy_continuation(engine, ids, args.new)
         report[domain] = {"generate_s": round(time.time() - t0, 1),
                           "prompt_lookup": summary(lookup_rounds(seqs, args.prompt_len, args.k), args.k)}
