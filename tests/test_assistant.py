@@ -272,18 +272,22 @@ def test_layer_type_the_target_lacks_is_refused(pair, tmp_path):
         A.load_config(drafter_dir, only_full)
 
 
-def test_generate_with_the_assistant_is_lossless(pair):
-    """`edgemtp generate --draft mtp` on a target + assistant bundle gives plain greedy's tokens."""
+def assert_greedy_mtp_is_lossless(bundle: Path) -> None:
+    """`edgemtp generate --draft mtp` on the bundle gives plain greedy's tokens, and drafted some."""
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
 
+    args = ["generate", str(bundle), "--prompt", "t3 t9 t4 t1 t3 t9", "--max-new-tokens", "16", "--json"]
+    plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+    mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+    assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_generate_with_the_assistant_is_lossless(pair):
+    """`edgemtp generate --draft mtp` on a target + assistant bundle gives plain greedy's tokens."""
     for ordered in (False, True):
-        bundle = pair.assistants[ordered][2]
-        args = ["generate", str(bundle), "--prompt", "t3 t9 t4 t1 t3 t9", "--max-new-tokens", "16", "--json"]
-        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
-        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
-        assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+        assert_greedy_mtp_is_lossless(pair.assistants[ordered][2])
 
 
 def test_int8_head_rows_keep_the_candidates_and_stay_lossless(pair, tmp_path):
@@ -305,10 +309,7 @@ def test_int8_head_rows_keep_the_candidates_and_stay_lossless(pair, tmp_path):
     spread = np.ptp(want[A.CANDIDATE_LOGITS])
     assert 0 < np.abs(got[A.CANDIDATE_LOGITS] - want[A.CANDIDATE_LOGITS]).max() < 0.05 * spread
     np.testing.assert_array_equal(got[A.DRAFT_IDS], want[A.DRAFT_IDS])
-    args = ["generate", str(out), "--prompt", "t3 t9 t4 t1 t3 t9", "--max-new-tokens", "16", "--json"]
-    plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
-    mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
-    assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+    assert_greedy_mtp_is_lossless(out)
 
 
 W = 8  # recent tokens an assistant's clustered head scores on request
@@ -382,10 +383,7 @@ def test_generate_with_a_head_context_is_lossless(pair, tmp_path):
     r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(out), "--drafter",
                                  str(pair.assistants[True][1]), "--max-context", "64", "--draft-head-context", str(W)])
     assert r.exit_code == 0, r.output
-    args = ["generate", str(out), "--prompt", "t3 t9 t4 t1 t3 t9", "--max-new-tokens", "16", "--json"]
-    plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
-    mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
-    assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+    assert_greedy_mtp_is_lossless(out)
 
 
 def test_head_context_needs_the_ordered_head(pair, tmp_path):
