@@ -9,29 +9,52 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 
-def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: int = 5) -> float:
-    """Bytes/s of a matrix-vector product over a weight far larger than the caches (best of `repeats`).
+class BandwidthProbe:
+    """Reads one weight far larger than the caches with the two kernels a decode step's matrix-vector
+    products use: a [1, K] x [N, K]^T Gemm and a [1, K] x [K, N] MatMul (ONNX Runtime's M = 1 GEMV; the
+    two differ by up to ~10% from run to run on the same machine). `seconds()` is the faster of the two, so
+    the ceiling it gives is what the weights' bytes allow here, not a number from a data sheet."""
 
-    The same kernel decoding spends its time in (a [1, K] x [N, K]^T Gemm), so the ceiling it gives is
-    what the weights' bytes allow on this machine, not a number from a data sheet."""
-    k = 2048
-    n = mbytes * (1 << 20) // (4 * k)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
-    w = helper.make_tensor_value_info("w", TensorProto.FLOAT, [n, k])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
-    node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
-    model = helper.make_model(helper.make_graph([node], "bw", [x, w], [y]),
-                              opset_imports=[helper.make_opsetid("", 18)])
+    K = 2048
+
+    def __init__(self, threads: int | None = None, mbytes: int = 512):
+        n = mbytes * (1 << 20) // (4 * self.K)
+        self.weights = np.random.default_rng(0).standard_normal((n, self.K), dtype=np.float32)
+        self.nbytes = self.weights.nbytes
+        x = np.ones((1, self.K), np.float32)
+        transposed = _session(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), [n, self.K], threads)
+        gemv = _session(helper.make_node("MatMul", ["x", "w"], ["y"]), [self.K, n], threads)
+        # the same bytes read as [N, K] and as [K, N]: the values do not matter, only that all are read
+        self.runs = [(transposed, {"x": x, "w": self.weights}),
+                     (gemv, {"x": x, "w": self.weights.reshape(self.K, n)})]
+
+    def seconds(self) -> float:
+        """One read of the weight by each kernel; the faster one's time."""
+        best = float("inf")
+        for session, feed in self.runs:
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+
+def _session(node, w_shape: list[int], threads: int | None) -> ort.InferenceSession:
+    k = BandwidthProbe.K
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+              helper.make_tensor_value_info("w", TensorProto.FLOAT, w_shape)]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([node], "bw", inputs, [y]), opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    weights = np.random.default_rng(0).standard_normal((n, k), dtype=np.float32)
-    feed = {"x": np.ones((1, k), np.float32), "w": weights}
-    best = float("inf")
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        best = min(best, time.perf_counter() - t0)
-    return weights.nbytes / best
+    # threads that spin on after a run would take the cores from whatever runs next (a decode step)
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s: the best of `repeats` probes (after one to warm up)."""
+    probe = BandwidthProbe(threads, mbytes)
+    probe.seconds()
+    return probe.nbytes / min(probe.seconds() for _ in range(repeats))

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..errors import EdgemtpError
+from . import hugepages
 
 # short names users type -> ONNX Runtime provider names
 PROVIDERS = {
@@ -36,7 +37,8 @@ def resolve_provider(name: str, flag: str = "--provider") -> str:
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
-                 profile_prefix: str | None = None, spin: bool = True, prepack: bool = True) -> ort.InferenceSession:
+                 profile_prefix: str | None = None, spin: bool = True, prepack: bool = True,
+                 huge_pages: bool = False) -> ort.InferenceSession:
     """`profile_prefix`: record ONNX Runtime's per-op profile (a Chrome trace) to that file prefix.
     `spin` False: the session's threads stop spin-waiting as soon as a run ends. Spinning between runs
     suits a lone session, but with a target and an MTP drafter taking turns on the same cores each
@@ -46,7 +48,9 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     all each of a decode step's ~370 ops waits for sleeping threads, and plain decoding ran 4–12% slower,
     hybrid K = 4 6–7% slower (benchmarks/perf_table.py, Gemma 3 270M).
     `prepack` False: ONNX Runtime keeps no packed copy of the MatMul weights (a second session over the same
-    weights then costs ~7 MB instead of ~1.7 GB for Gemma 3 270M fp32, its passes run slower)."""
+    weights then costs ~7 MB instead of ~1.7 GB for Gemma 3 270M fp32, its passes run slower).
+    `huge_pages`: move the weights ONNX Runtime copied into its memory onto 2 MB pages once the session is
+    built (see hugepages.py: a slower load for faster steps, worth it in a long-running process)."""
     opts = ort.SessionOptions()
     if not prepack:  # weights stay in the memory-mapped data file, shared with another session over it
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -61,7 +65,11 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     opts.log_severity_level = 3
     full = resolve_provider(provider)
     providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    before = hugepages.anonymous_regions() if huge_pages else None
     try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
+        session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types for a bad graph
         raise EdgemtpError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0][:300]})") from None
+    if before is not None:
+        hugepages.collapse_new_regions(before)
+    return session
