@@ -1,13 +1,14 @@
 """Prefill and decode speed of a bundle, decode step time vs context, and the bandwidth ceiling.
 
     python benchmarks/bench_decode.py BUNDLE [--threads 2] [--contexts 128,512,2048] [--rounds 7]
-                                             [--pairs 150] [--huge-pages]
+                                             [--pairs 150] [--huge-pages] [--also OTHER_BUNDLE]
 
 Decode vs the ceiling is measured two ways. Rounds: a 64-token generation, then the bandwidth. Pairs: single
 decode steps, each beside a bandwidth probe; the bandwidth of a shared machine drifts by a third within
 minutes, so the ratio of each step to the probe run right beside it is the precise one (median of pairs).
-`--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py) and runs its
-steps in the same pairs, printing both ratios and the paired speed-up.
+`--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py), `--also B`:
+another bundle of the same model (e.g. exported with --gemv-head); their steps join the same pairs, and
+each prints its ratio to the ceiling and its paired speed-up over the first.
 Decode step time should grow only as attention does: the cache is updated in place, never copied.
 """
 
@@ -38,25 +39,27 @@ def step_time(engine: Engine, context: int, steps: int = 16) -> float:
     return float(np.median(times))
 
 
-def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: int, pairs: int) -> list[np.ndarray]:
+def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int], pairs: int) -> list[np.ndarray]:
     """Per engine, each decode step's speed over the ceiling the probe measured right beside it.
 
     A step is what plain decoding does per token: one forward pass and the argmax of the logits. The
-    engines' steps and the probe take turns (in rotating order), so all see the same machine."""
+    engines' steps and the probe take turns (in rotating order), so all see the same machine. The probe's
+    two kernels each read the weight once per pair; the ceiling is the one faster over all pairs (taking
+    the faster of each pair's two would favour the probe by the noise alone)."""
     caches = []
     for engine in engines:
         cache = engine.target.new_cache(1)
         engine.target.forward(np.arange(10, 138)[None], cache)  # a 128-token context, as the rounds have
         caches.append(cache)
     steps = [[] for _ in engines]
-    probes = []
+    probes = []  # [pairs, kernels]: seconds per byte
     token = np.array([[42]])
     for i in range(pairs):
         jobs = list(range(len(engines))) + [None]
         jobs = jobs[i % len(jobs):] + jobs[:i % len(jobs)]
         for j in jobs:
             if j is None:
-                probes.append(probe.seconds() * nbytes / probe.nbytes)  # the ceiling's time for a step's bytes
+                probes.append(np.array(probe.times()) / probe.nbytes)
                 continue
             if caches[j].lengths[0] >= 128 + 64:  # stay at the rounds' contexts (128 to 192 tokens)
                 caches[j].lengths[:] = 128
@@ -64,12 +67,20 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: int, pai
             logits, _ = engines[j].target.forward(token, caches[j])
             int(np.argmax(logits[0, -1]))
             steps[j].append(time.perf_counter() - t0)
-    return [np.array(probes) / np.array(s) for s in steps]
+    probes = np.array(probes)
+    ceiling = probes[:, np.argmin(np.median(probes, axis=0))]
+    return [ceiling * n / np.array(s) for n, s in zip(nbytes, steps)]  # the ceiling's time for a step's bytes
 
 
 def weight_bytes(bundle: Path) -> int:
-    """Bytes a decode step reads: every weight once (the tied embedding is read whole by the head)."""
-    return (bundle / "target.onnx.data").stat().st_size
+    """Bytes a one-position decode step reads: every weight once (the tied embedding is read whole by the head),
+    less a --gemv-head bundle's packed head, which such a step leaves to its transposed copy."""
+    import onnx
+
+    graph = onnx.load(str(bundle / "target.onnx"), load_external_data=False).graph
+    sizes = {t.name: int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in graph.initializer}
+    overridden = {i.name for i in graph.input} & set(sizes)  # the transposed head: a graph input with a default
+    return sum(sizes.values()) - sum(sizes[name.removesuffix(".T")] for name in overridden)
 
 
 def main() -> None:
@@ -80,6 +91,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="decode runs, each followed by a bandwidth measurement")
     ap.add_argument("--pairs", type=int, default=150, help="decode steps, each beside a bandwidth probe")
     ap.add_argument("--huge-pages", action="store_true", help="also the target on 2 MB pages, side by side")
+    ap.add_argument("--also", type=Path, action="append", default=[], help="another bundle of the model, side by side")
     ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli.py")
     args = ap.parse_args()
     engine = Engine.load(args.bundle, threads=args.threads, verify=False, mtp=False)  # plain decoding, as --no-draft
@@ -103,21 +115,21 @@ def main() -> None:
           f"ceiling {np.median(ceilings):.1f} tokens/s (rounds {min(ceilings):.1f}-{max(ceilings):.1f})")
     print(f"decode = {np.median(ratios):.0%} of the ceiling measured right after it (median; rounds "
           f"{min(ratios):.0%}-{max(ratios):.0%})")
-    # the paired engines stop spinning after each run, so neither takes the cores from the other or the probe
-    paired = [Engine.load(args.bundle, threads=args.threads, verify=False, mtp=True)]
-    if args.huge_pages:
-        t0 = time.perf_counter()
-        paired.append(Engine.load(args.bundle, threads=args.threads, verify=False, mtp=True, huge_pages=True))
-        print(f"loaded the target on huge pages in {time.perf_counter() - t0:.1f} s")
-    ratios = paired_ratios(paired, BandwidthProbe(args.threads), nbytes, args.pairs)
-    for name, r in zip(("4 KB pages", "2 MB pages"), ratios):
-        label = f" ({name})" if args.huge_pages else ""
-        print(f"decode step = {np.median(r):.1%} of the ceiling measured beside it{label} (median of {len(r)} pairs; "
-              f"quartiles {np.percentile(r, 25):.1%}-{np.percentile(r, 75):.1%})")
-    if args.huge_pages:
-        speedup = ratios[1] / ratios[0]
-        print(f"huge pages: decode steps {np.median(speedup):.3f}x as fast (median of pairs; mean "
-              f"{speedup.mean():.3f} +- {speedup.std() / np.sqrt(len(speedup)):.3f})")
+    # the paired engines stop spinning after each run, so none takes the cores from another or the probe
+    variants = [(b, huge) for b in [args.bundle, *args.also] for huge in ([False, True] if args.huge_pages else [False])]
+    paired, labels, sizes = [], [], []
+    for bundle, huge in variants:
+        paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge))
+        labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}")
+        sizes.append(weight_bytes(bundle))
+    ratios = paired_ratios(paired, BandwidthProbe(args.threads), sizes, args.pairs)
+    for label, r in zip(labels, ratios):
+        print(f"decode step = {np.median(r):.1%} of the ceiling measured beside it ({label}; median of {len(r)} "
+              f"pairs, quartiles {np.percentile(r, 25):.1%}-{np.percentile(r, 75):.1%})")
+    for label, r, n in zip(labels[1:], ratios[1:], sizes[1:]):
+        speedup = r / ratios[0] * sizes[0] / n  # ratios are per byte: back to steps per second
+        print(f"{label}: decode steps {np.median(speedup):.3f}x as fast as {labels[0]}'s (median of pairs; "
+              f"mean {speedup.mean():.3f} +- {speedup.std() / np.sqrt(len(speedup)):.3f})")
     del paired
     base = None
     for ctx in [int(c) for c in args.contexts.split(",")]:

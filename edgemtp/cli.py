@@ -127,11 +127,15 @@ def quant_options(f):
               help="Recent tokens the drafter's two-stage head also scores exactly, besides its clusters' "
                    "(default: DEFAULT_CONTEXT of edgemtp.drafter.export for edgemtp's drafters, 0 for a "
                    "Gemma 4 assistant; 0: none).")
+@click.option("--gemv-head", is_flag=True,
+              help="fp32: also store the LM head transposed, for ONNX Runtime's matrix-vector kernel on "
+                   "one-position passes (plain decode steps ~5% faster on Gemma 3 270M; V x hidden x 4 more "
+                   "bytes on disk and in memory).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @quant_options
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
                drafter: str, draft_top_k: int | None, draft_head_rows: str, draft_head_context: int | None,
-               overwrite: bool, **quant_opts):
+               gemv_head: bool, overwrite: bool, **quant_opts):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
     from .exporters import AUTO, export
 
@@ -145,7 +149,7 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
                static_window=verify_window if static or quant == "qdq" else None, drafter=chosen,
                drafter_top_k=draft_top_k, drafter_head_rows=draft_head_rows,
-               drafter_head_context=draft_head_context, quant_options=options)
+               drafter_head_context=draft_head_context, quant_options=options, gemv_head=gemv_head)
     click.echo(f"wrote {out}")
 
 

@@ -67,11 +67,14 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
         ("generate", tiny_gemma3[2], "--prompt", " ".join(["t4"] * 70)),
         ("generate", tiny_gemma3[2]),
         ("export", tmp_path / "nope", "-o", tmp_path / "b"),
+        ("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--quant", "int4"),
+        ("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--static"),
     ]
     for args in cases:
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output
+    assert "--gemv-head applies to dynamic fp32 bundles" in r.output and not (tmp_path / "b").exists()
 
 
 def test_runtime_imports_no_torch():

@@ -41,3 +41,26 @@ def test_greedy_tokens_equal_transformers(prompt, engine, hf_model):
     got = engine.generate(prompt, max_new_tokens=64).tokens
     assert got == want, f"first difference at {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
     assert len(got) == 64 or got[-1] in engine.stop_ids
+
+
+@pytest.fixture(scope="module")
+def gemv_engine(gemma3_270m_dir, tmp_path_factory):
+    from edgemtp.exporters import AUTO, export
+
+    out = export(gemma3_270m_dir, tmp_path_factory.mktemp("g3gemv") / "bundle", capacity=1024, gemv_head=True,
+                 drafter=AUTO)
+    return Engine.load(out, threads=2)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS[1::2])
+def test_gemv_head_greedy_tokens_equal_transformers(prompt, gemv_engine, hf_model):
+    """--gemv-head: plain steps take the matrix-vector branch, speculative verify windows the packed Gemm."""
+    from edgemtp.runtime.engine import Draft
+
+    ids = gemv_engine.encode(prompt)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    want = out[0, len(ids):].tolist()
+    assert gemv_engine.generate(prompt, max_new_tokens=48).tokens == want
+    assert gemv_engine.generate(prompt, max_new_tokens=48, draft=Draft("mtp", k=3)).tokens == want

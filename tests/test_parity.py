@@ -50,14 +50,17 @@ def _randomize_norms(model) -> None:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "llama" in type(model).__name__.lower() else 0.0))
 
 
-@pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "qwen2"])
+@pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "qwen2",
+                                  "gemma3_text_mqa+gemv", "qwen2+gemv"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
-    GroupQueryAttention refuses to rotate itself (q and k are rotated before it)."""
+    GroupQueryAttention refuses to rotate itself (q and k are rotated before it). +gemv: export --gemv-head,
+    whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2)."""
+    kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
-    export(model_dir, tmp_path / "bundle", capacity=64)
+    export(model_dir, tmp_path / "bundle", capacity=64, gemv_head=head == "gemv")
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
     assert contract.window_views == (kind == "gemma3_text_mqa")

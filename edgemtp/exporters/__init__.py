@@ -13,6 +13,7 @@ from ..checkpoint import Checkpoint
 from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
 from ..errors import EdgemtpError
 from . import builder, gemma3, llama
+from .gemv_head import use_gemv_head
 
 QUANTS = ("fp32", "fp16", "int8", "int4", "qdq")  # qdq: static QDQ graphs for NPUs (with --static)
 AUTO = "auto"  # drafter=AUTO: attach the shipped drafter trained for this model, when there is one
@@ -49,7 +50,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
            progress: Progress | None = None, static_window: int | None = None,
            drafter: Path | str | None = None, drafter_top_k: int | None = None,
            quant_options: dict | None = None, drafter_head_rows: str = "fp32",
-           drafter_head_context: int | None = None) -> Path:
+           drafter_head_context: int | None = None, gemv_head: bool = False) -> Path:
     """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
 
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
@@ -62,7 +63,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     fp32 table; a quantized bundle keeps it as it is, its drafter's rescoring reads the quantized table).
     `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT for our drafters, 0
     for a Gemma 4 assistant, whose head then stays as transformers runs it; 0: none).
-    `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...)."""
+    `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...).
+    `gemv_head`: also store the head transposed for one-row passes (exporters/gemv_head.py; fp32,
+    dynamic graphs)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
@@ -74,6 +77,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
         raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (static ones have "
                            "no MTP drafter)")
+    if gemv_head and (quant != "fp32" or static_window is not None):
+        raise EdgemtpError("--gemv-head applies to dynamic fp32 bundles (not --quant "
+                           f"{quant}{' or --static' if static_window is not None else ''})")
     if quant == "qdq":
         return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
     if quant != "fp32":
@@ -96,6 +102,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     else:
         graph, contract = build(cfg, capacity)
         contract_json = contract.to_json()
+        if gemv_head:
+            use_gemv_head(graph)
     _check_weights(graph, ckpt, model_dir)
     write_drafter = None
     if drafter is not None:

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper
 class BandwidthProbe:
     """Reads one weight far larger than the caches with the two kernels a decode step's matrix-vector
     products use: a [1, K] x [N, K]^T Gemm and a [1, K] x [K, N] MatMul (ONNX Runtime's M = 1 GEMV; the
-    two differ by up to ~10% from run to run on the same machine). `seconds()` is the faster of the two, so
-    the ceiling it gives is what the weights' bytes allow here, not a number from a data sheet."""
+    two differ by up to ~10% from run to run on the same machine). The faster one gives the ceiling: what the
+    weights' bytes allow here, not a number from a data sheet."""
 
     K = 2048
 
@@ -28,14 +28,14 @@ class BandwidthProbe:
         self.runs = [(transposed, {"x": x, "w": self.weights}),
                      (gemv, {"x": x, "w": self.weights.reshape(self.K, n)})]
 
-    def seconds(self) -> float:
-        """One read of the weight by each kernel; the faster one's time."""
-        best = float("inf")
+    def times(self) -> list[float]:
+        """Seconds of one read of the weight by each kernel."""
+        out = []
         for session, feed in self.runs:
             t0 = time.perf_counter()
             session.run(None, feed)
-            best = min(best, time.perf_counter() - t0)
-        return best
+            out.append(time.perf_counter() - t0)
+        return out
 
 
 def _session(node, w_shape: list[int], threads: int | None) -> ort.InferenceSession:
@@ -56,5 +56,5 @@ def _session(node, w_shape: list[int], threads: int | None) -> ort.InferenceSess
 def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s: the best of `repeats` probes (after one to warm up)."""
     probe = BandwidthProbe(threads, mbytes)
-    probe.seconds()
-    return probe.nbytes / min(probe.seconds() for _ in range(repeats))
+    probe.times()
+    return probe.nbytes / min(min(probe.times()) for _ in range(repeats))
