@@ -511,3 +511,13 @@ def test_fp16_weights_are_cast_once_at_load(gemma, tmp_path):
     after = onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node
     assert sum(n.op_type == "Cast" for n in before) > 10
     assert not [n for n in after if n.op_type == "Cast" and n.input[0].endswith(".fp16")]
+
+
+def test_gemv_head_bundle_is_refused(tiny_gemma3, tmp_path):
+    """An --gemv-head bundle's second head sits in an If the quantizer does not rewrite: refused, nothing written."""
+    _, model_dir, _ = tiny_gemma3
+    src = export(model_dir, tmp_path / "gemv", capacity=64, gemv_head=True)
+    assert json.loads((src / "edgemtp.json").read_text())["graphs"]["target"]["gemv_head"] is True
+    with pytest.raises(EdgemtpError, match="exported with --gemv-head"):
+        quantize_bundle(src, tmp_path / "q", "int8", calibration=None)
+    assert not (tmp_path / "q").exists()

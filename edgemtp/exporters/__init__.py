@@ -112,7 +112,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json}}
+        graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
+                             **({"gemv_head": True} if gemv_head else {})}}
         if static_window is None and build in VERIFY_BUILDS:
             graphs[VERIFY] = write_verify(tmp, build(cfg, capacity, in_place=False))
         if write_drafter is not None:

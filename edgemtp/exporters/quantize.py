@@ -303,6 +303,9 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
     if entry.quant != "fp32":
         raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: target graph is already {entry.quant}; "
                            "quantize an fp32 bundle")
+    if b.manifest["graphs"]["target"].get("gemv_head"):
+        raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: target exported with --gemv-head, whose second head "
+                           "the quantizer does not rewrite; quantize an export without it")
     # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
     drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
     # the batched verify graph reads the fp32 target's bytes: a quantized bundle goes without it
