@@ -2,7 +2,7 @@
 
     python benchmarks/drafter_acceptance.py BUNDLE --drafter edgemtp/drafters/gemma3-270m [DRAFTER2 ...] \\
         [--heads full,32] [--prompts 8] [--skip 0] [--prompt-len 128] [--new 128] [--k 4] [--speculative 1] \\
-        [--json out.json]
+        [--chunk 32] [--json out.json]
 
 BUNDLE: a target bundle. For each entry of --heads (full: the tied full head; a number k: the clustered
 head keeping k clusters, from the drafter directory's head.safetensors) a drafter graph is written into
@@ -84,6 +84,11 @@ def replay(drafter: DrafterSession, cache, seqs: np.ndarray, hidden: np.ndarray,
             rounds.append({"row": int(b), "L": int(L[b]), "accepted": a, "source": "lookup" if len(guess) else "mtp"})
             L[b] += a + 1
     return rounds
+
+
+def rows_from(start: int, rounds: list[dict]) -> list[dict]:
+    """A chunk's rounds with their rows numbered among all the domain's prompts."""
+    return [{**r, "row": r["row"] + start} for r in rounds]
 
 
 def lookup_rounds(seqs: np.ndarray, P: int, k: int) -> list[int]:
@@ -182,6 +187,8 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=0, help="take the prompts after the first SKIP of the fixed order: "
                     "--skip 128 --prompts 128 is a sample disjoint from --prompts 128")
     ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=32, help="prompts continued and replayed at a time: the KV cache "
+                    "of a chunk is rows x the bundle's capacity (128 rows held ~20 GB with a 4096 capacity)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--speculative", type=int, default=0, help="also run the real loop on N prompts per domain")
@@ -208,24 +215,35 @@ def main() -> None:
     for domain in args.domains.split(","):
         t0 = time.time()
         ids = prompts(engine, domain, args.prompts, args.prompt_len, args.skip)
-        cache, seqs, hidden = greedy_continuation(engine, ids, args.new)
-        report[domain] = {"generate_s": round(time.time() - t0, 1),
+        seqs, rounds, mixed, replay_s = [], {h: [] for h in drafters}, {}, {h: 0.0 for h in drafters}
+        for start in range(0, len(ids), args.chunk):  # each chunk's cache is freed before the next is made
+            chunk = ids[start:start + args.chunk]
+            cache, chunk_seqs, hidden = greedy_continuation(engine, chunk, args.new)
+            seqs.append(chunk_seqs)
+            for head, drafter in drafters.items():
+                t1 = time.time()
+                rounds[head] += rows_from(start, replay(drafter, cache, chunk_seqs, hidden, args.prompt_len, args.k))
+                replay_s[head] += time.time() - t1
+                for n in hybrid:
+                    lookup = PromptLookupDrafter(3, n)
+                    mixed.setdefault((head, n), []).extend(
+                        rows_from(start, replay(drafter, cache, chunk_seqs, hidden, args.prompt_len, args.k, lookup)))
+            del cache, hidden
+        seqs = np.concatenate(seqs)
+        report[domain] = {"generate_s": round(time.time() - t0 - sum(replay_s.values()), 1),
                           "prompt_lookup": summary(lookup_rounds(seqs, args.prompt_len, args.k), args.k)}
         for head, drafter in drafters.items():
-            t1 = time.time()
-            rounds = replay(drafter, cache, seqs, hidden, args.prompt_len, args.k)
-            acc = [r["accepted"] for r in rounds]
+            acc = [r["accepted"] for r in rounds[head]]
             pooled[head][domain] = acc
-            per_row[head][domain] = per_prompt(rounds, len(ids))
-            report[domain][f"mtp_{head}"] = {**summary(acc, args.k), "replay_s": round(time.time() - t1, 1)}
+            per_row[head][domain] = per_prompt(rounds[head], len(ids))
+            report[domain][f"mtp_{head}"] = {**summary(acc, args.k), "replay_s": round(replay_s[head], 1)}
             for n in hybrid:
-                mixed = replay(drafter, cache, seqs, hidden, args.prompt_len, args.k, PromptLookupDrafter(3, n))
-                pooled.setdefault(f"{head}_hybrid{n}", {})[domain] = [r["accepted"] for r in mixed]
+                pooled.setdefault(f"{head}_hybrid{n}", {})[domain] = [r["accepted"] for r in mixed[head, n]]
                 report[domain][f"mtp_{head}_hybrid{n}"] = {
-                    **summary([r["accepted"] for r in mixed], args.k),
-                    "lookup_rounds": round(float(np.mean([r["source"] == "lookup" for r in mixed])), 3)}
+                    **summary([r["accepted"] for r in mixed[head, n]], args.k),
+                    "lookup_rounds": round(float(np.mean([r["source"] == "lookup" for r in mixed[head, n]])), 3)}
             if args.speculative:  # the real loop on the first rows, next to the replay of the same rows
-                same = [r["accepted"] for r in rounds if r["row"] < args.speculative]
+                same = [r["accepted"] for r in rounds[head] if r["row"] < args.speculative]
                 report[domain][f"mtp_{head}"]["speculative_check"] = {
                     "runtime": speculative_check(engine, drafter, ids[:args.speculative], args.new, args.k),
                     "replay_same_rows": summary(same, args.k)}
