@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemtp.runtime.bandwidth import BandwidthProbe, measure_bandwidth
+from edgemtp.runtime.bandwidth import BandwidthProbe, decode_bytes, measure_bandwidth
 from edgemtp.runtime.engine import Engine
 
 
@@ -72,17 +72,6 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int
     return [ceiling * n / np.array(s) for n, s in zip(nbytes, steps)]  # the ceiling's time for a step's bytes
 
 
-def weight_bytes(bundle: Path) -> int:
-    """Bytes a one-position decode step reads: every weight once (the tied embedding is read whole by the head),
-    less a --gemv-head bundle's packed head, which such a step leaves to its transposed copy."""
-    import onnx
-
-    graph = onnx.load(str(bundle / "target.onnx"), load_external_data=False).graph
-    sizes = {t.name: int({e.key: e.value for e in t.external_data}.get("length", 0)) for t in graph.initializer}
-    overridden = {i.name for i in graph.input} & set(sizes)  # the transposed head: a graph input with a default
-    return sum(sizes.values()) - sum(sizes[name.removesuffix(".T")] for name in overridden)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", type=Path)
@@ -99,7 +88,7 @@ def main() -> None:
     engine.generate(engine.decode(ids[:16]), max_new_tokens=4)  # warm-up
     # Each round decodes, then measures the bandwidth right away: on a shared machine the bandwidth drifts
     # by a third within minutes, so only a ratio taken side by side means anything (median of the rounds).
-    nbytes = weight_bytes(args.bundle)
+    nbytes = decode_bytes(engine.bundle)
     runs, ratios, ceilings = [], [], []
     for _ in range(args.rounds):
         stats = engine.generate(engine.decode(ids), max_new_tokens=64).stats
@@ -116,12 +105,13 @@ def main() -> None:
     print(f"decode = {np.median(ratios):.0%} of the ceiling measured right after it (median; rounds "
           f"{min(ratios):.0%}-{max(ratios):.0%})")
     # the paired engines stop spinning after each run, so none takes the cores from another or the probe
-    variants = [(b, huge) for b in [args.bundle, *args.also] for huge in ([False, True] if args.huge_pages else [False])]
+    pages = [False, True] if args.huge_pages else [False]
+    variants = [(b, huge) for b in [args.bundle, *args.also] for huge in pages]
     paired, labels, sizes = [], [], []
     for bundle, huge in variants:
         paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge))
         labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}")
-        sizes.append(weight_bytes(bundle))
+        sizes.append(decode_bytes(paired[-1].bundle))
     ratios = paired_ratios(paired, BandwidthProbe(args.threads), sizes, args.pairs)
     for label, r in zip(labels, ratios):
         print(f"decode step = {np.median(r):.1%} of the ceiling measured beside it ({label}; median of {len(r)} "

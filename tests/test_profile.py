@@ -72,3 +72,19 @@ def test_mtp_rows_without_a_drafter_are_skipped(tiny_gemma3):
     rows = json.loads(r.stdout[r.stdout.index("{"):])["rows"]
     assert [(x["drafter"], bool(x["skipped"])) for x in rows] == [("none", False), ("lookup", False), ("mtp", True)]
     assert "no MTP drafter" in rows[2]["skipped"]
+
+
+def test_decode_bytes_leave_out_the_gemv_heads_packed_table(tiny_gemma3, tmp_path):
+    """The ceiling counts what a plain step reads: a --gemv-head bundle stores the head twice, reads it once."""
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.exporters import export
+    from edgemtp.runtime.bandwidth import decode_bytes
+
+    _, model_dir, plain = tiny_gemma3
+    gemv = export(model_dir, tmp_path / "gemv", capacity=64, gemv_head=True)
+    plain_b, gemv_b = bundle_mod.load(plain), bundle_mod.load(gemv)
+    table = 4 * plain_b.model["vocab_size"] * plain_b.model["hidden_size"]
+    data = [b.manifest["files"]["target.onnx.data"]["bytes"] for b in (plain_b, gemv_b)]
+    assert data[1] >= data[0] + table
+    assert abs(decode_bytes(gemv_b) - decode_bytes(plain_b)) < 1024  # alignment padding at most
+    assert decode_bytes(plain_b) == data[0]

@@ -58,3 +58,15 @@ def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: in
     probe = BandwidthProbe(threads, mbytes)
     probe.times()
     return probe.nbytes / min(min(probe.times()) for _ in range(repeats))
+
+
+def decode_bytes(bundle) -> int:
+    """Bytes a plain decode step reads (a Bundle): the target's weights, each once (the tied embedding whole,
+    by the head), less a --gemv-head bundle's packed head, which one-row passes leave to its transposed copy
+    (exporters/gemv_head.py). A drafter's weights are not read by plain decoding."""
+    target = bundle.graph("target").path.name
+    weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
+                  if rel.endswith(".data") and rel.startswith(target))
+    if bundle.manifest["graphs"]["target"].get("gemv_head"):
+        weights -= 4 * bundle.model["vocab_size"] * bundle.model["hidden_size"]
+    return weights

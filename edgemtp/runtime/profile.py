@@ -195,11 +195,9 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
 
 def ceiling(bundle, threads) -> dict:
     """Plain decoding is bandwidth-bound: every weight byte is read once per token."""
-    from .bandwidth import measure_bandwidth
+    from .bandwidth import decode_bytes, measure_bandwidth
 
-    target = bundle.graph("target").path.name  # a drafter's weights are not read by plain decoding
-    weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
-                  if rel.endswith(".data") and rel.startswith(target))
+    weights = decode_bytes(bundle)
     bw = measure_bandwidth(threads)
     return {"bandwidth_gb_s": bw / 1e9, "weight_bytes": weights, "tg_tokens_per_s": bw / max(1, weights)}
 
