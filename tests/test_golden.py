@@ -31,13 +31,16 @@ def test_tokenizer_ids(engine):
     assert engine.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]
 
 
+def transformers_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    return out[0, len(ids):].tolist()
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_tokens_equal_transformers(prompt, engine, hf_model):
-    ids = engine.encode(prompt)
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
-                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    want = out[0, len(ids):].tolist()
+    want = transformers_greedy(hf_model, engine.encode(prompt), 64)
     got = engine.generate(prompt, max_new_tokens=64).tokens
     assert got == want, f"first difference at {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
     assert len(got) == 64 or got[-1] in engine.stop_ids
@@ -57,10 +60,6 @@ def test_gemv_head_greedy_tokens_equal_transformers(prompt, gemv_engine, hf_mode
     """--gemv-head: plain steps take the matrix-vector branch, speculative verify windows the packed Gemm."""
     from edgemtp.runtime.engine import Draft
 
-    ids = gemv_engine.encode(prompt)
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
-                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    want = out[0, len(ids):].tolist()
+    want = transformers_greedy(hf_model, gemv_engine.encode(prompt), 48)
     assert gemv_engine.generate(prompt, max_new_tokens=48).tokens == want
     assert gemv_engine.generate(prompt, max_new_tokens=48, draft=Draft("mtp", k=3)).tokens == want
