@@ -54,15 +54,17 @@ def _randomize(model) -> None:
                 buf.copy_(torch.empty_like(buf).uniform_(0.5, 1.5))
 
 
-@pytest.mark.parametrize("kind", ["gemma4_text", "gemma4", "gemma4_text_mqa"])
+@pytest.mark.parametrize("kind", ["gemma4_text", "gemma4", "gemma4_text_mqa", "gemma4_text_mqa+gemv"])
 def test_logits_match_transformers(kind, tmp_path):
+    """+gemv: export --gemv-head (one-position passes through the transposed head, before the soft-cap)."""
     from edgemtp.runtime.engine import Engine
 
     from .reference import reference_logits, save_tiny
 
+    kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
-    export(model_dir, tmp_path / "bundle", capacity=64)
+    export(model_dir, tmp_path / "bundle", capacity=64, gemv_head=head == "gemv")
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
     assert [s.layer for s in contract.kv] == [0, 1, 2, 3, 4]  # shared layers own no cache
