@@ -8,7 +8,8 @@ decode steps, each beside a bandwidth probe; the bandwidth of a shared machine d
 minutes, so the ratio of each step to the probe run right beside it is the precise one (median of pairs).
 `--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py), `--also B`:
 another bundle of the same model (e.g. exported with --gemv-head); their steps join the same pairs, and
-each prints its ratio to the ceiling and its paired speed-up over the first.
+each prints its ratio to the ceiling and its paired speed-up over the first. The ceiling is the fastest of
+the probe's three kernels (runtime/bandwidth.py) over all pairs.
 Decode step time should grow only as attention does: the cache is updated in place, never copied.
 """
 
@@ -18,6 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
+import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (see its docstring)
 import numpy as np
 
 from edgemtp.runtime.bandwidth import BandwidthProbe, decode_bytes, measure_bandwidth
@@ -39,13 +41,14 @@ def step_time(engine: Engine, context: int, steps: int = 16) -> float:
     return float(np.median(times))
 
 
-def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int], pairs: int) -> list[np.ndarray]:
+def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int],
+                  pairs: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Per engine, each decode step's speed over the ceiling the probe measured right beside it.
 
     A step is what plain decoding does per token: one forward pass and the argmax of the logits. The
     engines' steps and the probe take turns (in rotating order), so all see the same machine. The probe's
-    two kernels each read the weight once per pair; the ceiling is the one faster over all pairs (taking
-    the faster of each pair's two would favour the probe by the noise alone)."""
+    three kernels each read the weight once per pair; the ceiling is the one fastest over all pairs (taking
+    the fastest of each pair's three would favour the probe by the noise alone)."""
     caches = []
     for engine in engines:
         cache = engine.target.new_cache(1)
@@ -69,7 +72,8 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int
             steps[j].append(time.perf_counter() - t0)
     probes = np.array(probes)
     ceiling = probes[:, np.argmin(np.median(probes, axis=0))]
-    return [ceiling * n / np.array(s) for n, s in zip(nbytes, steps)]  # the ceiling's time for a step's bytes
+    # the ceiling's time for a step's bytes over the step's; and each kernel's median bytes/s
+    return [ceiling * n / np.array(s) for n, s in zip(nbytes, steps)], 1 / np.median(probes, axis=0)
 
 
 def main() -> None:
@@ -112,7 +116,9 @@ def main() -> None:
         paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge))
         labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}")
         sizes.append(decode_bytes(paired[-1].bundle))
-    ratios = paired_ratios(paired, BandwidthProbe(args.threads), sizes, args.pairs)
+    ratios, kernels = paired_ratios(paired, BandwidthProbe(args.threads), sizes, args.pairs)
+    print("probe (median of pairs): " + ", ".join(f"{name} {bw / 1e9:.1f} GB/s" for name, bw in
+                                                  zip(("ORT Gemm", "ORT GEMV", "numpy GEMV"), kernels)))
     for label, r in zip(labels, ratios):
         print(f"decode step = {np.median(r):.1%} of the ceiling measured beside it ({label}; median of {len(r)} "
               f"pairs, quartiles {np.percentile(r, 25):.1%}-{np.percentile(r, 75):.1%})")

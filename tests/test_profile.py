@@ -88,3 +88,35 @@ def test_decode_bytes_leave_out_the_gemv_heads_packed_table(tiny_gemma3, tmp_pat
     assert data[1] >= data[0] + table
     assert abs(decode_bytes(gemv_b) - decode_bytes(plain_b)) < 1024  # alignment padding at most
     assert decode_bytes(plain_b) == data[0]
+
+
+def test_bandwidth_probe_kernels_each_read_the_whole_weight():
+    """The ceiling's three readers (ORT's Gemm and GEMV, numpy's OpenBLAS GEMV) compute their products over
+    every byte of the weight: a kernel that skipped some would read faster than the memory allows."""
+    import numpy as np
+
+    from edgemtp.runtime.bandwidth import BandwidthProbe
+
+    probe = BandwidthProbe(threads=1, mbytes=8)
+    n, k = probe.weights.shape
+    ones = np.ones((1, k), np.float32)
+    want = [ones @ probe.weights.T, ones @ probe.weights.reshape(k, n), ones @ probe.weights.reshape(k, n)]
+    got = probe.products()
+    assert len(got) == 3
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
+    assert len(probe.times()) == 3 and min(probe.times()) > 0
+
+
+def test_importing_edgemtp_before_numpy_stops_openblas_spinning():
+    """OpenBLAS's threads spinning after the probe's product would slow the decode step measured next."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.environ.pop('OPENBLAS_THREAD_TIMEOUT', None); import edgemtp, numpy; "
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))")
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert run.stdout.split() == ["4"]
+    code = code.replace("import edgemtp, numpy", "import numpy, edgemtp")  # too late: left alone
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert run.stdout.split() == ["None"]

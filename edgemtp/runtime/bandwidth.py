@@ -1,4 +1,5 @@
-"""Memory bandwidth as ONNX Runtime sees it: the ceiling for decoding, which reads every weight per token."""
+"""Memory bandwidth as the fastest weight reader here sees it: the ceiling for decoding, which reads every
+weight per token."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from onnx import TensorProto, helper
 
 
 class BandwidthProbe:
-    """Reads one weight far larger than the caches with the two kernels a decode step's matrix-vector
-    products use: a [1, K] x [N, K]^T Gemm and a [1, K] x [K, N] MatMul (ONNX Runtime's M = 1 GEMV; the
-    two differ by up to ~10% from run to run on the same machine). The faster one gives the ceiling: what the
-    weights' bytes allow here, not a number from a data sheet."""
+    """Reads one weight far larger than the caches with three matrix-vector kernels: ONNX Runtime's
+    [1, K] x [N, K]^T Gemm and its [1, K] x [K, N] MatMul (its M = 1 GEMV), and numpy's `x @ w` over the
+    [K, N] view (OpenBLAS's GEMV, on all cores). The fastest gives the ceiling: what the weights' bytes
+    allow here, not a number from a data sheet. The third, outside ONNX Runtime, checks that the ceiling
+    measures the memory and not ONNX Runtime's kernels: on the 2-core machines it read as fast as the GEMV,
+    within a few % either way (README, "Session 20"). Import edgemtp before numpy (see edgemtp/__init__.py):
+    otherwise OpenBLAS's threads spin on after the probe and slow whatever runs next."""
 
     K = 2048
 
@@ -25,15 +29,21 @@ class BandwidthProbe:
         transposed = _session(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), [n, self.K], threads)
         gemv = _session(helper.make_node("MatMul", ["x", "w"], ["y"]), [self.K, n], threads)
         # the same bytes read as [N, K] and as [K, N]: the values do not matter, only that all are read
-        self.runs = [(transposed, {"x": x, "w": self.weights}),
-                     (gemv, {"x": x, "w": self.weights.reshape(self.K, n)})]
+        w_kn = self.weights.reshape(self.K, n)
+        self.runs = [lambda: transposed.run(None, {"x": x, "w": self.weights})[0],
+                     lambda: gemv.run(None, {"x": x, "w": w_kn})[0],
+                     lambda: x @ w_kn]
+
+    def products(self) -> list[np.ndarray]:
+        """Each kernel's product, [1, N] (for tests: each reads every weight)."""
+        return [np.asarray(run()).reshape(1, -1) for run in self.runs]
 
     def times(self) -> list[float]:
         """Seconds of one read of the weight by each kernel."""
         out = []
-        for session, feed in self.runs:
+        for run in self.runs:
             t0 = time.perf_counter()
-            session.run(None, feed)
+            run()
             out.append(time.perf_counter() - t0)
         return out
 
