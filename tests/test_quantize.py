@@ -517,7 +517,7 @@ def test_gemv_head_bundle_is_refused(tiny_gemma3, tmp_path):
     """An --gemv-head bundle's second head sits in an If the quantizer does not rewrite: refused, nothing written."""
     _, model_dir, _ = tiny_gemma3
     src = export(model_dir, tmp_path / "gemv", capacity=64, gemv_head=True)
-    assert json.loads((src / "edgemtp.json").read_text())["graphs"]["target"]["gemv_head"] is True
+    assert json.loads((src / "edgemtp.json").read_text())["graphs"]["target"]["gemv_head"] == {"kept_table": False}
     with pytest.raises(EdgemtpError, match="exported with --gemv-head"):
         quantize_bundle(src, tmp_path / "q", "int8", calibration=None)
     assert not (tmp_path / "q").exists()

@@ -64,8 +64,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT for our drafters, 0
     for a Gemma 4 assistant, whose head then stays as transformers runs it; 0: none).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...).
-    `gemv_head`: also store the head transposed for one-row passes (exporters/gemv_head.py; fp32,
-    dynamic graphs)."""
+    `gemv_head`: store the head table transposed, for one-row passes to read with GEMV
+    (exporters/gemv_head.py; fp32, dynamic graphs)."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
@@ -102,8 +102,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     else:
         graph, contract = build(cfg, capacity)
         contract_json = contract.to_json()
-        if gemv_head:
-            use_gemv_head(graph)
+        if gemv_head:  # a drafter reads rows of the [V, H] table: then it stays too
+            use_gemv_head(graph, keep_table=drafter is not None)
     _check_weights(graph, ckpt, model_dir)
     write_drafter = None
     if drafter is not None:
@@ -113,9 +113,12 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
-                             **({"gemv_head": True} if gemv_head else {})}}
+                             **({"gemv_head": {"kept_table": drafter is not None}} if gemv_head else {})}}
         if static_window is None and build in VERIFY_BUILDS:
-            graphs[VERIFY] = write_verify(tmp, build(cfg, capacity, in_place=False))
+            verify = build(cfg, capacity, in_place=False)
+            if gemv_head:  # the same parameters as the target's
+                use_gemv_head(verify[0], keep_table=drafter is not None)
+            graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
             graphs.update(write_drafter(tmp))
         bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})

@@ -9,7 +9,7 @@ never holds a second copy of the weights.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +51,7 @@ class GraphBuilder:
     params: dict[str, Param] = field(default_factory=dict)
     consts: list = field(default_factory=list)
     domains: set = field(default_factory=set)
+    aliases: dict[str, str] = field(default_factory=dict)  # initializer name -> the parameter whose bytes it shares
     _count: int = 0
 
     def fresh(self, hint: str) -> str:
@@ -100,9 +101,15 @@ class GraphBuilder:
                                            name=self.fresh("n_" + op_type), domain=domain, **attrs))
         return outs[0] if n_out == 1 else tuple(outs)
 
+    def alias(self, name: str, param: str) -> str:
+        """A second initializer over the bytes of `param` (save() points both at the same external data)."""
+        self.aliases[name] = param
+        return name
+
     def model(self) -> onnx.ModelProto:
         """The graph with weight placeholders (no data): enough for shape checks and op listing."""
         inits = [_placeholder(p) for p in self.params.values()]
+        inits += [_placeholder(replace(self.params[p], name=name)) for name, p in self.aliases.items()]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits + self.consts)
         opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
         m = helper.make_model(graph, opset_imports=opsets, producer_name="edgemtp")
@@ -149,6 +156,9 @@ def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
             _set_external(by_name[p.name], data_name, offset, f.tell() - offset)
             if progress:
                 progress(i + 1, len(params), p.name)
+    for name, p in b.aliases.items():
+        by_name[name].external_data.extend(by_name[p].external_data)
+        by_name[name].data_location = TensorProto.EXTERNAL
     onnx.save(model, str(path))
     return [path.name, data_name]
 
@@ -203,7 +213,7 @@ def share_weights(b: GraphBuilder, source: Path) -> onnx.ModelProto:
     stored = {t.name: t for t in onnx.load(str(source), load_external_data=False).graph.initializer}
     model = b.model()
     for t in model.graph.initializer:
-        if t.name not in b.params:  # a constant, stored in the graph itself
+        if t.name not in b.params and t.name not in b.aliases:  # a constant, stored in the graph itself
             continue
         if t.name not in stored:
             raise ValueError(f"{source}: has no initializer '{t.name}' to share")

@@ -1,13 +1,21 @@
-"""`export --gemv-head`: the LM head also stored transposed, for passes of one position (plain decode steps).
+"""`export --gemv-head`: the LM head table stored transposed, `[H, V]`, so one-row passes read it with GEMV.
 
 A decode step's logits are a [1, H] x [V, H]^T product that reads the whole V x H table. ONNX Runtime packs
 a constant MatMul / Gemm weight at load, and its packed kernel is not the fastest reader at M = 1: its
-matrix-vector kernel (M = 1, an unpacked [H, V] row-major B) read Gemma 3 270M's 671 MB table 3-15% faster,
-a whole fp32 decode step 4-9% faster (README, "Session 19"). Unpacked, though, passes of several positions
-(speculative verify windows, M = K + 1) ran ~3x slower, so the head keeps the packed Gemm for those and an
-If picks the branch by the number of rows. The transposed copy is a graph input with a default (an
-overridable initializer), which ONNX Runtime never packs since a caller may feed another value. The price:
-V x H x 4 more bytes on disk and ~0.5 GB more resident for Gemma 3 270M, hence a flag and not the default.
+matrix-vector kernel (M = 1, an unpacked [H, V] row-major B) read Gemma 3 270M's 671 MB table 3-20% faster,
+a whole fp32 decode step 4-9% faster (README, "Session 19" and "Session 20"). Unpacked, though, passes of
+several positions (speculative verify windows, M = K + 1) ran ~3x slower. So the table is stored once,
+transposed, under two initializer names pointing at the same bytes of the data file:
+
+- `<table>.T`, a constant: passes with several rows multiply by it with a MatMul, which ONNX Runtime packs
+  (as fast as the default export's packed Gemm); the embedding gathers its columns (a tied head);
+- `<table>.T.gemv`, a graph input with that default (an overridable initializer), which ONNX Runtime never
+  packs since a caller may feed another value: an If sends passes with one row of logits to a MatMul over
+  it, ONNX Runtime's GEMV. ONNX Runtime memory-maps both names onto the same file pages.
+
+So the bundle is no bigger and holds no more in memory than the default export (Gemma 3 270M: 1,156 vs
+1,163 MB anonymous, 681 vs 680 MB of the data file resident). An MTP drafter reads rows of the `[V, H]`
+table, so with a drafter attached the table is also kept as it is (`keep_table`), for the drafter only.
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ from onnx import helper
 
 from .builder import FLOAT, GraphBuilder, transpose
 
+ALIAS = ".gemv"  # suffix of the overridable name of the transposed table
 
-def use_gemv_head(b: GraphBuilder) -> None:
-    """Rewrites the graph's head (its one Gemm with transB over a [V, H] parameter) into If(rows == 1:
-    MatMul over the transposed copy, else: the Gemm)."""
+
+def use_gemv_head(b: GraphBuilder, keep_table: bool = False) -> str:
+    """Rewrites the graph's head (its one Gemm with transB over a [V, H] parameter) into If(rows == 1: MatMul
+    over the overridable alias, else: MatMul over the transposed table), and the embedding's Gather over the
+    same table (a tied head) into a Gather of the transposed table's columns. Returns the table's name."""
     heads = [i for i, n in enumerate(b.nodes) if n.op_type == "Gemm" and _is_head(b, n)]
     if len(heads) != 1:
         raise ValueError(f"graph {b.name}: expected one head Gemm, found {len(heads)}")
@@ -29,11 +40,12 @@ def use_gemv_head(b: GraphBuilder) -> None:
     x, table = gemm.input[0], gemm.input[1]
     vocab, hidden = b.params[table].shape
     table_t = b.param(b.params[table].source, (hidden, vocab), transform=transpose, name=table + ".T")
-    b.inputs.append(helper.make_tensor_value_info(table_t, FLOAT, [hidden, vocab]))
+    alias = b.alias(table_t + ALIAS, table_t)
+    b.inputs.append(helper.make_tensor_value_info(alias, FLOAT, [hidden, vocab]))
     rows, one = b.fresh("head_rows"), b.fresh("head_one_row")
-    single = helper.make_graph([helper.make_node("MatMul", [x, table_t], ["gemv_logits"])], "gemv_head", [],
+    single = helper.make_graph([helper.make_node("MatMul", [x, alias], ["gemv_logits"])], "gemv_head", [],
                                [helper.make_tensor_value_info("gemv_logits", FLOAT, None)])
-    packed = helper.make_graph([helper.make_node("Gemm", [x, table], ["packed_logits"], transB=1)], "packed_head",
+    packed = helper.make_graph([helper.make_node("MatMul", [x, table_t], ["packed_logits"])], "packed_head",
                                [], [helper.make_tensor_value_info("packed_logits", FLOAT, None)])
     b.nodes[i:i + 1] = [
         helper.make_node("Shape", [x], [rows], name=b.fresh("n_Shape"), start=0, end=1),
@@ -41,6 +53,23 @@ def use_gemv_head(b: GraphBuilder) -> None:
         helper.make_node("If", [one], list(gemm.output), name=b.fresh("n_If"), then_branch=single,
                          else_branch=packed),
     ]
+    _gather_columns(b, table, table_t)
+    if not keep_table and not any(table in n.input for n in b.nodes):
+        del b.params[table]
+    return table
+
+
+def _gather_columns(b: GraphBuilder, table: str, table_t: str) -> None:
+    """Gather(table [V, H], ids [B, S]) -> Transpose(Gather(table_t [H, V], ids, axis 1) [H, B, S]) [B, S, H]."""
+    nodes = []
+    for n in b.nodes:
+        if n.op_type == "Gather" and n.input[0] == table:
+            columns = b.fresh("columns")
+            n = [helper.make_node("Gather", [table_t, n.input[1]], [columns], name=b.fresh("n_Gather"), axis=1),
+                 helper.make_node("Transpose", [columns], list(n.output), name=b.fresh("n_Transpose"),
+                                  perm=[1, 2, 0])]
+        nodes.extend(n if isinstance(n, list) else [n])
+    b.nodes[:] = nodes
 
 
 def _is_head(b: GraphBuilder, node) -> bool:

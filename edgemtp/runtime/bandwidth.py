@@ -72,11 +72,13 @@ def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: in
 
 def decode_bytes(bundle) -> int:
     """Bytes a plain decode step reads (a Bundle): the target's weights, each once (the tied embedding whole,
-    by the head), less a --gemv-head bundle's packed head, which one-row passes leave to its transposed copy
-    (exporters/gemv_head.py). A drafter's weights are not read by plain decoding."""
+    by the head). A --gemv-head bundle with an MTP drafter also keeps the untransposed table for the
+    drafter (exporters/gemv_head.py), which plain decoding does not read; so did every --gemv-head bundle
+    exported before session 20 (manifest value `true`). A drafter's own weights are not read either."""
     target = bundle.graph("target").path.name
     weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
                   if rel.endswith(".data") and rel.startswith(target))
-    if bundle.manifest["graphs"]["target"].get("gemv_head"):
+    gemv = bundle.manifest["graphs"]["target"].get("gemv_head")
+    if gemv is True or (isinstance(gemv, dict) and gemv.get("kept_table")):
         weights -= 4 * bundle.model["vocab_size"] * bundle.model["hidden_size"]
     return weights
