@@ -15,8 +15,8 @@ class BandwidthProbe:
     [1, K] x [N, K]^T Gemm and its [1, K] x [K, N] MatMul (its M = 1 GEMV), and numpy's `x @ w` over the
     [K, N] view (OpenBLAS's GEMV, on all cores). The fastest gives the ceiling: what the weights' bytes
     allow here, not a number from a data sheet. The third, outside ONNX Runtime, checks that the ceiling
-    measures the memory and not ONNX Runtime's kernels: on the 2-core machines it read as fast as the GEMV,
-    within a few % either way (README, "Session 20"). Import edgemtp before numpy (see edgemtp/__init__.py):
+    measures the memory and not ONNX Runtime's kernels: on the 2-core machines it read 4-7% slower than the
+    GEMV (four runs, README "Session 20"), so the GEMV sets the ceiling there. Import edgemtp before numpy (see edgemtp/__init__.py):
     otherwise OpenBLAS's threads spin on after the probe and slow whatever runs next."""
 
     K = 2048
