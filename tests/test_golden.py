@@ -60,6 +60,8 @@ def test_gemv_head_greedy_tokens_equal_transformers(prompt, gemv_engine, hf_mode
     """--gemv-head: plain steps take the matrix-vector branch, speculative verify windows the packed Gemm."""
     from edgemtp.runtime.engine import Draft
 
+    # the target reads only the transposed table; the [V, H] one stays in the bundle for the drafter
+    assert gemv_engine.bundle.manifest["graphs"]["target"]["gemv_head"] == {"kept_table": True}
     want = transformers_greedy(hf_model, gemv_engine.encode(prompt), 48)
     assert gemv_engine.generate(prompt, max_new_tokens=48).tokens == want
     assert gemv_engine.generate(prompt, max_new_tokens=48, draft=Draft("mtp", k=3)).tokens == want
