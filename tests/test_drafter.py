@@ -609,6 +609,44 @@ def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_p
         assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
 
 
+def test_gemv_head_drafter_reads_the_transposed_table(setup, tmp_path):
+    """--gemv-head with int8 head rows: the target stores only the transposed table, and the drafter reads its
+    columns (input token, rescored and recent-token candidates) where it read rows: the same drafts as the
+    default layout's, greedy MTP still equal to plain. With fp32 rows the [V, H] table stays for the drafter."""
+    import onnx
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    ids = setup[3]
+    plain = export_both_head_rows(setup[0], tmp_path / "plain")
+    gemv = export_both_head_rows(setup[0], tmp_path / "gemv", "--gemv-head")
+    table = X.EMBEDDING
+    for rows, kept in (("int8", False), ("fp32", True)):
+        b = bundle_mod.load(gemv[rows])
+        assert b.manifest["graphs"]["target"]["gemv_head"] == {"kept_table": kept}
+        stored = {t.name: list(t.external_data) for t in
+                  onnx.load(str(gemv[rows] / "target.onnx"), load_external_data=False).graph.initializer}
+        assert (table in stored) == kept
+        drafter = {t.name: list(t.external_data) for t in
+                   onnx.load(str(gemv[rows] / "drafter.onnx"), load_external_data=False).graph.initializer}
+        shared = table if kept else table + ".T"
+        assert drafter[shared] == stored[shared] and (table + ".T" in drafter) != kept  # shared, not copied
+        _, cache, state = run_target(gemv[rows], ids)
+        last, r = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
+        got = X.DrafterSession.load(b).run(last[:, None], state[:, None], cache, r)
+        _, cache, state = run_target(plain[rows], ids)
+        want = X.DrafterSession.load(bundle_mod.load(plain[rows])).run(last[:, None], state[:, None], cache, r)
+        assert np.array_equal(got[1], want[1])  # candidate ids
+        np.testing.assert_allclose(got[2], want[2], atol=1e-4, rtol=0)
+    assert (gemv["int8"] / "target.onnx.data").stat().st_size < (plain["int8"] / "target.onnx.data").stat().st_size + 64 * 64
+    for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
+        args = ["generate", str(gemv["int8"]), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        want = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+        assert mtp["tokens"] == want["tokens"] and mtp["stats"]["drafted"] > 0
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--draft-head-rows", "int4"], "--draft-head-rows 'int4'"),
     (["--draft-head-rows", "int8", "--draft-top-k", "0"], "needs a clustered head"),

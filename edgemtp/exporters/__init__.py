@@ -102,8 +102,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     else:
         graph, contract = build(cfg, capacity)
         contract_json = contract.to_json()
-        if gemv_head:  # a drafter reads rows of the [V, H] table: then it stays too
-            use_gemv_head(graph, keep_table=drafter is not None)
+        if gemv_head:
+            keep_table = _drafter_needs_rows(drafter, drafter_head_rows)
+            use_gemv_head(graph, keep_table)
     _check_weights(graph, ckpt, model_dir)
     write_drafter = None
     if drafter is not None:
@@ -113,11 +114,11 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
-                             **({"gemv_head": {"kept_table": drafter is not None}} if gemv_head else {})}}
+                             **({"gemv_head": {"kept_table": keep_table}} if gemv_head else {})}}
         if static_window is None and build in VERIFY_BUILDS:
             verify = build(cfg, capacity, in_place=False)
             if gemv_head:  # the same parameters as the target's
-                use_gemv_head(verify[0], keep_table=drafter is not None)
+                use_gemv_head(verify[0], keep_table)
             graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
             graphs.update(write_drafter(tmp))
@@ -126,6 +127,17 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
 
 
 VERIFY = "verify"  # the manifest's name for the batched verify graph
+
+
+def _drafter_needs_rows(drafter, head_rows: str) -> bool:
+    """Whether a --gemv-head export keeps the [V, H] table beside the transposed one, for its drafter. Our
+    drafters read the transposed table's columns when their clustered head scores int8 rows (which the
+    exporter makes from the table), since then they gather only a few columns per step (the rescored and
+    recent-token candidates, the input token); with fp32 rows they gather thousands, which as columns
+    (one cache line per number) would be far slower than as rows. A Gemma 4 assistant keeps the rows."""
+    from ..drafter import assistant
+
+    return drafter is not None and (head_rows != "int8" or assistant.is_assistant(Path(drafter)))
 VERIFY_GRAPH = "target_verify.onnx"
 VERIFY_BUILDS = (gemma3.build, llama.build)  # architectures with one (Gemma 4's KV sharing needs GQA)
 

@@ -77,3 +77,32 @@ def _is_head(b: GraphBuilder, node) -> bool:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     p = b.params.get(node.input[1])
     return attrs.get("transB") == 1 and p is not None and p.transform is None and len(p.shape) == 2
+
+
+def read_transposed(b: GraphBuilder, table: str) -> None:
+    """Rewrites a graph that shares the target's `[V, H]` table (an MTP drafter's) to read the transposed
+    table `<table>.T` of a --gemv-head target instead: each row Gather becomes a Gather of columns (any
+    shape of ids), the full head's Gemm a MatMul. Parameters made from the table (its int8 rows) keep their
+    source: the exporter computes them from its bytes."""
+    vocab, hidden = b.params[table].shape
+    table_t = b.param(b.params[table].source, (hidden, vocab), transform=transpose, name=table + ".T")
+    nodes = []
+    for n in b.nodes:
+        if n.op_type == "Gather" and n.input[0] == table:
+            flat, columns, rows, shape = (b.fresh(h) for h in ("ids_flat", "columns", "rows", "rows_shape"))
+            ids_shape = b.fresh("ids_shape")
+            nodes += [helper.make_node("Reshape", [n.input[1], b.const([-1], np.int64)], [flat], name=b.fresh("n_Reshape")),
+                      helper.make_node("Gather", [table_t, flat], [columns], name=b.fresh("n_Gather"), axis=1),
+                      helper.make_node("Transpose", [columns], [rows], name=b.fresh("n_Transpose"), perm=[1, 0]),
+                      helper.make_node("Shape", [n.input[1]], [ids_shape], name=b.fresh("n_Shape")),
+                      helper.make_node("Concat", [ids_shape, b.const([hidden], np.int64)], [shape],
+                                       name=b.fresh("n_Concat"), axis=0),
+                      helper.make_node("Reshape", [rows, shape], list(n.output), name=b.fresh("n_Reshape"))]
+        elif n.op_type == "Gemm" and n.input[1] == table and _is_head(b, n) and len(n.input) == 2:
+            nodes.append(helper.make_node("MatMul", [n.input[0], table_t], list(n.output), name=b.fresh("n_MatMul")))
+        else:
+            nodes.append(n)
+    b.nodes[:] = nodes
+    if any(table in n.input for n in b.nodes):
+        raise ValueError(f"graph {b.name}: '{table}' is read by an op read_transposed does not rewrite")
+    del b.params[table]
