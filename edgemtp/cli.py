@@ -120,22 +120,25 @@ def quant_options(f):
 @click.option("--draft-top-k", default=None, type=int,
               help="Clusters the drafter's two-stage head scores exactly (default: its head tables' own; "
                    "0: full head).")
-@click.option("--draft-head-rows", default="fp32", show_default=True,
+@click.option("--draft-head-rows", default="auto", show_default=True,
               help="How the drafter's two-stage head scores its candidates: fp32 rows of the target's table, "
-                   "or int8 (a copy of the table in cluster order: V x hidden more bytes, a faster draft step).")
+                   "or int8 (a copy of the table in cluster order: V x hidden more bytes, a faster draft step); "
+                   "auto: int8 in a dynamic fp32 bundle, whose table is stored transposed (--gemv-head), "
+                   "fp32 otherwise.")
 @click.option("--draft-head-context", default=None, type=int,
               help="Recent tokens the drafter's two-stage head also scores exactly, besides its clusters' "
                    "(default: DEFAULT_CONTEXT of edgemtp.drafter.export for edgemtp's drafters, 0 for a "
                    "Gemma 4 assistant; 0: none).")
-@click.option("--gemv-head", is_flag=True,
+@click.option("--gemv-head/--no-gemv-head", default=None,
               help="fp32: store the LM head table transposed, for ONNX Runtime's matrix-vector kernel on "
-                   "one-position passes (plain decode steps ~5% faster on Gemma 3 270M). No bigger than the "
-                   "default without a drafter; with one, its [V, hidden] table is kept as well.")
+                   "one-position passes (plain decode steps ~5% faster on Gemma 3 270M). Default: on for "
+                   "dynamic fp32 bundles unless the drafter reads the table's rows (a Gemma 4 assistant, or "
+                   "--draft-head-rows fp32); forced on, such a drafter's [V, hidden] table is kept as well.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @quant_options
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
                drafter: str, draft_top_k: int | None, draft_head_rows: str, draft_head_context: int | None,
-               gemv_head: bool, overwrite: bool, **quant_opts):
+               gemv_head: bool | None, overwrite: bool, **quant_opts):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
     from .exporters import AUTO, export
 
@@ -149,7 +152,8 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
                static_window=verify_window if static or quant == "qdq" else None, drafter=chosen,
                drafter_top_k=draft_top_k, drafter_head_rows=draft_head_rows,
-               drafter_head_context=draft_head_context, quant_options=options, gemv_head=gemv_head)
+               drafter_head_context=draft_head_context, quant_options=options,
+               gemv_head=AUTO if gemv_head is None else gemv_head)
     click.echo(f"wrote {out}")
 
 

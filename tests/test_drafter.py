@@ -489,7 +489,8 @@ def test_clustered_head_context_adds_the_recent_tokens(setup, tmp_path):
 
 def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     """Export with a drafter whose directory holds head tables: the bundle's drafter uses the clustered
-    head, and greedy MTP output equals plain greedy output."""
+    head (fp32 rows here, so its logits equal the full head's; int8 rows, the fp32 default: see
+    test_int8_head_rows_...), and greedy MTP output equals plain greedy output."""
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
@@ -498,7 +499,7 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     clustered_drafter(model_dir, tmp_path / "d")
     out = tmp_path / "b"
     r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(out), "--drafter", str(tmp_path / "d"),
-                                 "--max-context", "64"])
+                                 "--max-context", "64", "--draft-head-rows", "fp32"])
     assert r.exit_code == 0, r.output
     b = bundle_mod.load(out)
     assert b.graph("drafter").contract["head"]["kind"] == "clustered"
@@ -604,6 +605,78 @@ def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_p
     assert 0 < err.max() < 0.05 * np.abs(want[2][real]).max()
     for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
         args = ["generate", str(outs["int8"]), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+        assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_gemv_head_drafter_reads_the_transposed_table(setup, tmp_path):
+    """--gemv-head with int8 head rows: the target stores only the transposed table, and the drafter reads its
+    columns (input token, rescored and recent-token candidates) where it read rows: the same drafts as the
+    default layout's, greedy MTP still equal to plain. With fp32 rows the [V, H] table stays for the drafter."""
+    import onnx
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    ids = setup[3]
+    plain = export_both_head_rows(setup[0], tmp_path / "plain", "--no-gemv-head")
+    gemv = export_both_head_rows(setup[0], tmp_path / "gemv", "--gemv-head")
+    table = X.EMBEDDING
+    for rows, kept in (("int8", False), ("fp32", True)):
+        b = bundle_mod.load(gemv[rows])
+        assert b.manifest["graphs"]["target"]["gemv_head"] == {"kept_table": kept}
+        stored = {t.name: list(t.external_data) for t in
+                  onnx.load(str(gemv[rows] / "target.onnx"), load_external_data=False).graph.initializer}
+        assert (table in stored) == kept
+        drafter = {t.name: list(t.external_data) for t in
+                   onnx.load(str(gemv[rows] / "drafter.onnx"), load_external_data=False).graph.initializer}
+        shared = table if kept else table + ".T"
+        assert drafter[shared] == stored[shared] and (table + ".T" in drafter) != kept  # shared, not copied
+        _, cache, state = run_target(gemv[rows], ids)
+        last, r = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
+        got = X.DrafterSession.load(b).run(last[:, None], state[:, None], cache, r)
+        _, cache, state = run_target(plain[rows], ids)
+        want = X.DrafterSession.load(bundle_mod.load(plain[rows])).run(last[:, None], state[:, None], cache, r)
+        assert np.array_equal(got[1], want[1])  # candidate ids
+        np.testing.assert_allclose(got[2], want[2], atol=1e-4, rtol=0)
+    assert (gemv["int8"] / "target.onnx.data").stat().st_size < (plain["int8"] / "target.onnx.data").stat().st_size + 64 * 64
+    for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
+        args = ["generate", str(gemv["int8"]), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
+        want = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
+        mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
+        assert mtp["tokens"] == want["tokens"] and mtp["stats"]["drafted"] > 0
+
+
+def test_default_fp32_export_is_the_transposed_layout_and_quantizes(setup, tmp_path):
+    """With no layout flags an fp32 export with our clustered drafter stores the table transposed only (the
+    drafter scoring int8 rows); a quantized export, a Gemma-4-style fp32-rows request or --no-gemv-head keep
+    the row-major table. quantize_bundle() of the default bundle undoes the transposition (restore_rows):
+    the quantized drafter reads the target's quantized table and greedy MTP still equals plain output."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    clustered_drafter(setup[0], tmp_path / "d")
+    layouts = {"default": [], "int8": ["--quant", "int8", "--calibration", "none"],
+               "fp32rows": ["--draft-head-rows", "fp32"], "rowmajor": ["--no-gemv-head"]}
+    for name, extra in layouts.items():
+        r = CliRunner().invoke(cli, ["export", str(setup[0]), "-o", str(tmp_path / name), "--drafter",
+                                     str(tmp_path / "d"), "--max-context", "64", *extra])
+        assert r.exit_code == 0, r.output
+    manifests = {name: bundle_mod.load(tmp_path / name).manifest["graphs"] for name in layouts}
+    assert manifests["default"]["target"]["gemv_head"] == {"kept_table": False}
+    assert manifests["default"]["drafter"]["contract"]["head"]["rows"] == "int8"
+    for name in ("int8", "fp32rows", "rowmajor"):
+        assert "gemv_head" not in manifests[name]["target"]
+    assert manifests["fp32rows"]["drafter"]["contract"]["head"]["rows"] == "fp32"
+    assert manifests["rowmajor"]["drafter"]["contract"]["head"]["rows"] == "fp32"
+    q = quantize_bundle(tmp_path / "default", tmp_path / "q", "int8", calibration=None)
+    graphs = bundle_mod.load(q).manifest["graphs"]
+    assert "gemv_head" not in graphs["target"] and graphs["drafter"]["table"] == "target"
+    for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
+        args = ["generate", str(q), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
         plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
         mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", "mtp", "--draft-k", "3"]).stdout)
         assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
@@ -766,7 +839,8 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
              "int4": ["--calibration", str(tmp_path / "calib.txt"), "--calibration-tokens", "128",
                       "--frequent-rows", "16"], "fp16": []}[quant]
     out, fp32 = tmp_path / quant, tmp_path / "fp32"
-    for path, args in ((fp32, []), (out, ["--quant", quant, *extra])):
+    # fp32 rows in both (a quantized export's default; the fp32 export's is int8 rows)
+    for path, args in ((fp32, ["--draft-head-rows", "fp32"]), (out, ["--quant", quant, *extra])):
         r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(path), "--drafter", str(tmp_path / "d"),
                                      "--max-context", "64", *args])
         assert r.exit_code == 0, r.output

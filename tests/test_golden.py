@@ -46,22 +46,32 @@ def test_greedy_tokens_equal_transformers(prompt, engine, hf_model):
     assert len(got) == 64 or got[-1] in engine.stop_ids
 
 
-@pytest.fixture(scope="module")
-def gemv_engine(gemma3_270m_dir, tmp_path_factory):
+LAYOUTS = {  # export options -> the target's gemv_head entry and the drafter head's rows
+    "default": ({}, {"kept_table": False}, "int8"),  # the table stored transposed only
+    "row-major": ({"gemv_head": False}, None, "fp32"),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def drafter_engine(request, gemma3_270m_dir, tmp_path_factory):
     from edgemtp.exporters import AUTO, export
 
-    out = export(gemma3_270m_dir, tmp_path_factory.mktemp("g3gemv") / "bundle", capacity=1024, gemv_head=True,
-                 drafter=AUTO)
-    return Engine.load(out, threads=2)
+    options, gemv, rows = LAYOUTS[request.param]
+    out = export(gemma3_270m_dir, tmp_path_factory.mktemp("g3mtp") / "bundle", capacity=1024, drafter=AUTO, **options)
+    engine = Engine.load(out, threads=2)
+    assert engine.bundle.manifest["graphs"]["target"].get("gemv_head") == gemv
+    assert engine.bundle.graph("drafter").contract["head"]["rows"] == rows
+    return engine
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[1::2])
-def test_gemv_head_greedy_tokens_equal_transformers(prompt, gemv_engine, hf_model):
-    """--gemv-head: plain steps take the matrix-vector branch, speculative verify windows the packed Gemm."""
+def test_drafter_bundles_greedy_tokens_equal_transformers(prompt, drafter_engine, hf_model):
+    """fp32 with the shipped drafter, in both table layouts: plain steps (the default layout's take the
+    matrix-vector branch) and MTP rounds (verify windows take the packed MatMul; the default layout's drafter
+    reads the transposed table's columns) give transformers' greedy tokens."""
     from edgemtp.runtime.engine import Draft
 
-    # the target reads only the transposed table; the [V, H] one stays in the bundle for the drafter
-    assert gemv_engine.bundle.manifest["graphs"]["target"]["gemv_head"] == {"kept_table": True}
-    want = transformers_greedy(hf_model, gemv_engine.encode(prompt), 48)
-    assert gemv_engine.generate(prompt, max_new_tokens=48).tokens == want
-    assert gemv_engine.generate(prompt, max_new_tokens=48, draft=Draft("mtp", k=3)).tokens == want
+    want = transformers_greedy(hf_model, drafter_engine.encode(prompt), 48)
+    assert drafter_engine.generate(prompt, max_new_tokens=48).tokens == want
+    mtp = drafter_engine.generate(prompt, max_new_tokens=48, draft=Draft("mtp", k=3))
+    assert mtp.tokens == want and mtp.stats.drafted > 0

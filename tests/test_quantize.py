@@ -28,7 +28,7 @@ from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.evaluate import evaluate, kl_divergence, text_windows  # noqa: E402
 from edgemtp.exporters import builder, export  # noqa: E402
 from edgemtp.exporters.quantize import (_Reader, check_options, dequantize_rows, quantize_bundle,  # noqa: E402
-                                        quantize_graph, quantize_rows, scheme)
+                                        load_fp32_graph, quantize_graph, quantize_rows, scheme)
 from edgemtp.exporters.quantrewrite import smoothing_scale  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402
 
@@ -168,13 +168,20 @@ def test_smoothing_scale_has_unit_geometric_mean():
 
 
 def test_reader_takes_rows_by_id(tmp_path):
+    """Rows of the table, also from the default export, which stores it transposed: load_fp32_graph restores
+    the [V, H] table over those bytes (gemv_head.restore_rows) and the reader transposes them."""
     fp32 = make_bundle(tmp_path, "gemma3_text")
-    model = onnx.load(str(fp32 / "target.onnx"), load_external_data=False)
-    t = next(t for t in model.graph.initializer if t.name == "model.embed_tokens.weight")
+    export(tmp_path / "model", tmp_path / "rows", capacity=64, gemv_head=False)
     ids = np.array([0, 1, 2, 7, 8, 50, 95])
-    with _Reader(fp32 / "target.onnx") as read:
-        np.testing.assert_array_equal(read.take(t, ids), read(t)[ids])
-        np.testing.assert_array_equal(read.rows(t, 5, 9), read(t)[5:9])
+    tables = []
+    for bundle in (fp32, tmp_path / "rows"):
+        model = load_fp32_graph(bundle / "target.onnx")
+        t = next(t for t in model.graph.initializer if t.name == "model.embed_tokens.weight")
+        with _Reader(bundle / "target.onnx") as read:
+            np.testing.assert_array_equal(read.take(t, ids), read(t)[ids])
+            np.testing.assert_array_equal(read.rows(t, 5, 9), read(t)[5:9])
+            tables.append(read(t))
+    np.testing.assert_array_equal(tables[0], tables[1])
 
 
 def test_export_streams_big_tables_in_row_blocks(tmp_path, monkeypatch):
@@ -326,10 +333,14 @@ def test_manifest_and_graph_record_the_quantization(gemma):
     assert bundle_mod.load(gemma["int8"]).manifest["graphs"]["target"]["quantization"]["calibration"] is None
 
 
-def test_fp32_copy_is_identical(gemma, tmp_path):
-    files = quantize_graph(gemma["fp32"] / "target.onnx", tmp_path / "t.onnx", "fp32")
+def test_fp32_copy_is_identical(tmp_path):
+    """An fp32 "quantization" of a row-major export copies its bytes (the default export's transposed table
+    comes back as the [V, H] table: test_gemv_head_bundle_quantizes_as_the_row_major_one)."""
+    model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
+    src = export(model_dir, tmp_path / "rows", capacity=64, gemv_head=False)
+    files = quantize_graph(src / "target.onnx", tmp_path / "t.onnx", "fp32")
     assert files == ["t.onnx", "t.onnx.data"]
-    assert (tmp_path / "t.onnx.data").read_bytes() == (gemma["fp32"] / "target.onnx.data").read_bytes()
+    assert (tmp_path / "t.onnx.data").read_bytes() == (src / "target.onnx.data").read_bytes()
 
 
 # ------------------------------------------------------------------------ options and errors
@@ -513,11 +524,27 @@ def test_fp16_weights_are_cast_once_at_load(gemma, tmp_path):
     assert not [n for n in after if n.op_type == "Cast" and n.input[0].endswith(".fp16")]
 
 
-def test_gemv_head_bundle_is_refused(tiny_gemma3, tmp_path):
-    """An --gemv-head bundle's second head sits in an If the quantizer does not rewrite: refused, nothing written."""
+def test_gemv_head_bundle_quantizes_as_the_row_major_one(tiny_gemma3, tmp_path):
+    """The default fp32 export stores the head table transposed (exporters/gemv_head.py); the quantizer undoes
+    that rewrite (restore_rows) and quantizes the [V, H] table it was made from: the same graph and the same
+    bytes as quantizing a --no-gemv-head export."""
     _, model_dir, _ = tiny_gemma3
-    src = export(model_dir, tmp_path / "gemv", capacity=64, gemv_head=True)
-    assert json.loads((src / "edgemtp.json").read_text())["graphs"]["target"]["gemv_head"] == {"kept_table": False}
-    with pytest.raises(EdgemtpError, match="exported with --gemv-head"):
-        quantize_bundle(src, tmp_path / "q", "int8", calibration=None)
-    assert not (tmp_path / "q").exists()
+    gemv = export(model_dir, tmp_path / "gemv", capacity=64)
+    rows = export(model_dir, tmp_path / "rows", capacity=64, gemv_head=False)
+    assert json.loads((gemv / "edgemtp.json").read_text())["graphs"]["target"]["gemv_head"] == {"kept_table": False}
+    assert "gemv_head" not in json.loads((rows / "edgemtp.json").read_text())["graphs"]["target"]
+    for quant in ("int8", "fp16", "int4"):
+        outs = [quantize_bundle(src, tmp_path / f"{quant}-{src.name}", quant, calibration=None) for src in (gemv, rows)]
+        graphs = [onnx.load(str(o / "target.onnx")).graph for o in outs]  # weights read in (tiny)
+        tensors = [{t.name: onnx.numpy_helper.to_array(t) for t in g.initializer if not t.name.startswith("const_")}
+                   for g in graphs]
+        assert tensors[0].keys() == tensors[1].keys()
+        for name, value in tensors[0].items():
+            np.testing.assert_array_equal(value, tensors[1][name], err_msg=name)
+        assert len(graphs[0].initializer) == len(graphs[1].initializer)
+        assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
+        assert "gemv_head" not in json.loads((outs[0] / "edgemtp.json").read_text())["graphs"]["target"]
+        ids = np.array([[2, 11, 17, 5, 9]])
+        engines = [Engine.load(o, verify=False) for o in outs]
+        logits = [e.target.forward(ids, e.target.new_cache(1))[0] for e in engines]
+        np.testing.assert_array_equal(logits[0], logits[1])

@@ -49,8 +49,8 @@ def load_config(model_dir: Path):
 def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
            progress: Progress | None = None, static_window: int | None = None,
            drafter: Path | str | None = None, drafter_top_k: int | None = None,
-           quant_options: dict | None = None, drafter_head_rows: str = "fp32",
-           drafter_head_context: int | None = None, gemv_head: bool = False) -> Path:
+           quant_options: dict | None = None, drafter_head_rows: str = AUTO,
+           drafter_head_context: int | None = None, gemv_head: bool | str = AUTO) -> Path:
     """Writes a bundle for the model in `model_dir` to `out` (atomically) and returns `out`.
 
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
@@ -60,12 +60,13 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     its own weights in fp32 and reads the target's quantized embedding table.
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
     `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (made from the
-    fp32 table; a quantized bundle keeps it as it is, its drafter's rescoring reads the quantized table).
+    fp32 table; a quantized bundle keeps it as it is, its drafter's rescoring reads the quantized table);
+    "fp32" from the table's rows; AUTO: see layout().
     `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT for our drafters, 0
     for a Gemma 4 assistant, whose head then stays as transformers runs it; 0: none).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...).
     `gemv_head`: store the head table transposed, for one-row passes to read with GEMV
-    (exporters/gemv_head.py; fp32, dynamic graphs)."""
+    (exporters/gemv_head.py; fp32, dynamic graphs); AUTO: see layout()."""
     model_dir, out = Path(model_dir), Path(out)
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
@@ -74,6 +75,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method")]
     if only_qdq and quant != "qdq":
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
+    gemv_head, drafter_head_rows = layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows,
+                                          gemv_head)
     if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
         raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (static ones have "
                            "no MTP drafter)")
@@ -102,8 +105,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
     else:
         graph, contract = build(cfg, capacity)
         contract_json = contract.to_json()
-        if gemv_head:  # a drafter reads rows of the [V, H] table: then it stays too
-            use_gemv_head(graph, keep_table=drafter is not None)
+        if gemv_head:
+            keep_table = _drafter_needs_rows(drafter, drafter_head_rows)
+            use_gemv_head(graph, keep_table)
     _check_weights(graph, ckpt, model_dir)
     write_drafter = None
     if drafter is not None:
@@ -113,11 +117,11 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
-                             **({"gemv_head": {"kept_table": drafter is not None}} if gemv_head else {})}}
+                             **({"gemv_head": {"kept_table": keep_table}} if gemv_head else {})}}
         if static_window is None and build in VERIFY_BUILDS:
             verify = build(cfg, capacity, in_place=False)
             if gemv_head:  # the same parameters as the target's
-                use_gemv_head(verify[0], keep_table=drafter is not None)
+                use_gemv_head(verify[0], keep_table)
             graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
             graphs.update(write_drafter(tmp))
@@ -126,6 +130,38 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
 
 
 VERIFY = "verify"  # the manifest's name for the batched verify graph
+
+
+def layout(quant: str, static_window: int | None, drafter, top_k: int | None, head_rows: str,
+           gemv_head: bool | str) -> tuple[bool, str]:
+    """(gemv_head, head_rows) with AUTO resolved. A dynamic fp32 bundle stores its head table transposed
+    (exporters/gemv_head.py: plain decode steps ~5% faster, no bigger on disk) unless its drafter needs the
+    table's rows, and our drafters' clustered heads then score int8 rows (a V x hidden copy in cluster
+    order, 168 MB for Gemma 3 270M, and a faster draft step than fp32 rows: README, "Session 21"), since
+    gathering thousands of fp32 rows as columns of the transposed table would be slow. Quantized and static
+    bundles keep the row-major table and fp32 rows."""
+    from ..drafter import assistant
+    from ..drafter.export import HEAD_FILE
+
+    dynamic_fp32 = quant == "fp32" and static_window is None
+    if head_rows == AUTO:
+        ours = drafter is not None and not assistant.is_assistant(Path(drafter))
+        clustered = ours and top_k != 0 and (Path(drafter) / HEAD_FILE).is_file()
+        head_rows = "int8" if dynamic_fp32 and clustered and gemv_head in (AUTO, True) else "fp32"
+    if gemv_head == AUTO:
+        gemv_head = dynamic_fp32 and not _drafter_needs_rows(drafter, head_rows)
+    return bool(gemv_head), head_rows
+
+
+def _drafter_needs_rows(drafter, head_rows: str) -> bool:
+    """Whether a --gemv-head export keeps the [V, H] table beside the transposed one, for its drafter. Our
+    drafters read the transposed table's columns when their clustered head scores int8 rows (which the
+    exporter makes from the table), since then they gather only a few columns per step (the rescored and
+    recent-token candidates, the input token); with fp32 rows they gather thousands, which as columns
+    (one cache line per number) would be far slower than as rows. A Gemma 4 assistant keeps the rows."""
+    from ..drafter import assistant
+
+    return drafter is not None and (head_rows != "int8" or assistant.is_assistant(Path(drafter)))
 VERIFY_GRAPH = "target_verify.onnx"
 VERIFY_BUILDS = (gemma3.build, llama.build)  # architectures with one (Gemma 4's KV sharing needs GQA)
 
@@ -199,7 +235,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
                       drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows,
-                      drafter_head_context=drafter_head_context)
+                      drafter_head_context=drafter_head_context, gemv_head=False)
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 
 

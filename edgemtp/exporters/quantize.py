@@ -55,6 +55,7 @@ from .. import contract as C
 from ..calibration import activations as A
 from ..errors import EdgemtpError
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
+from . import gemv_head
 from .builder import MS_DOMAIN
 from .components import joined_parts
 from .quantrewrite import Rewrite, Shared, Sink, activation_sources, rewrite_float
@@ -229,6 +230,7 @@ def load_fp32_graph(src: Path, drafter: bool = False) -> onnx.ModelProto:
     props = {p.key: p.value for p in model.metadata_props}
     if props.get(QUANT_KEY, "fp32") != "fp32":
         raise EdgemtpError(f"{src}: already quantized ({props[QUANT_KEY]}); quantize the fp32 graph instead")
+    gemv_head.restore_rows(model.graph)  # a transposed head table: quantized as the [V, H] table it was
     return model
 
 
@@ -237,7 +239,7 @@ class _Reader:
     18 GB fp32 scratch file would otherwise count as this process's memory); inline tensors decoded."""
 
     def __init__(self, src: Path):
-        self.src, self.fds = src, {}
+        self.src, self.fds, self.transposed = src, {}, {}
 
     def __enter__(self):
         return self
@@ -269,6 +271,16 @@ class _Reader:
 
     def _read(self, t: TensorProto, first: int, count: int) -> np.ndarray:
         info = {e.key: e.value for e in t.external_data}
+        if info.get(gemv_head.TRANSPOSED):  # a [V, H] table stored as [H, V] (restore_rows): read whole, once
+            key = (info["location"], info.get("offset"))
+            if key not in self.transposed:
+                rows, cols = t.dims
+                stored = self._bytes(t, info, 0, rows * cols).reshape(cols, rows)
+                self.transposed = {key: np.ascontiguousarray(stored.T)}  # one table at a time
+            return self.transposed[key].reshape(-1)[first:first + count]
+        return self._bytes(t, info, first, count)
+
+    def _bytes(self, t: TensorProto, info: dict, first: int, count: int) -> np.ndarray:
         path = bundle_mod.inside(self.src.parent, info["location"])
         if path not in self.fds:
             if not path.is_file():
@@ -303,9 +315,6 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
     if entry.quant != "fp32":
         raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: target graph is already {entry.quant}; "
                            "quantize an fp32 bundle")
-    if b.manifest["graphs"]["target"].get("gemv_head"):
-        raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: target exported with --gemv-head, whose second head "
-                           "the quantizer does not rewrite; quantize an export without it")
     # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
     drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
     # the batched verify graph reads the fp32 target's bytes: a quantized bundle goes without it
@@ -335,7 +344,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         if sch is not None and calib is not None:
             sch = replace(sch, calibration=calib.source)
         graphs = {k: v for k, v in manifest["graphs"].items() if k not in dropped}
-        graphs["target"] = {**graphs["target"], "file": "target.onnx", "quant": quant,
+        graphs["target"] = {**{k: v for k, v in graphs["target"].items() if k != "gemv_head"},
+                            "file": "target.onnx", "quant": quant,
                             **({"quantization": sch.to_json()} if sch else {})}
         for name in drafters:  # the table the target's
             graphs[name] = {**graphs[name], "quant": quant, "table": "target",
