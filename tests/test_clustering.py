@@ -230,6 +230,11 @@ def test_int8_blocks_hold_each_clusters_rows_transposed():
     back = q.transpose(0, 2, 1) * scales[..., None]
     assert np.all(np.abs(back - rows) <= scales[..., None] / 2 + 1e-7)
     assert np.array_equal(np.abs(q).max(axis=1), np.full((10, shape.per_cluster), 127))
+    # from a transposed view (the table of a --gemv-head target, stored [D, V]): the same bytes
+    view = np.ascontiguousarray(e.T).T
+    assert not view.flags.c_contiguous
+    assert np.array_equal(head.int8_blocks(t.token_ordering, shape, chunk=3)(view), blocks)
+    assert np.array_equal(head.int8_block_scales(t.token_ordering, shape)(view), scales)
 
 
 @pytest.mark.parametrize("vocab,clusters,top_k,cap", [(1000, 10, 3, None), (1003, 10, 4, 30.0), (200, 1, 1, None)])

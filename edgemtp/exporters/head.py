@@ -309,7 +309,7 @@ def int8_blocks(ordering: np.ndarray, shape: ClusteredShape, chunk: int = 64):
     def blocks(w: np.ndarray) -> np.ndarray:
         out = np.empty((shape.clusters, shape.hidden, shape.per_cluster), np.uint8)
         for c in range(0, shape.clusters, chunk):
-            rows = np.asarray(w[table[c:c + chunk].ravel()], np.float32)  # [chunk*M, d]
+            rows = _rows(w, table[c:c + chunk].ravel())  # [chunk*M, d]
             q = (np.rint(rows / _scales(rows)[:, None]) + INT8_ZERO).astype(np.uint8)
             out[c:c + chunk] = q.reshape(-1, shape.per_cluster, shape.hidden).transpose(0, 2, 1)
         return out
@@ -333,6 +333,14 @@ def int8_columns(w: np.ndarray) -> np.ndarray:
     own scale (`_scales`), plus 128: the B operand of one [N, d] x [d, C] MatMulInteger."""
     w = np.asarray(w, np.float32)
     return (np.rint(w / _scales(w)[:, None]) + INT8_ZERO).astype(np.uint8).T.copy()
+
+
+def _rows(w: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """w[ids] as float32. A transposed view (the [H, V] table of a --gemv-head target, read as [V, H]) is
+    gathered along its stored rows: each read in order, rather than one number from each of H rows per id."""
+    if w.ndim == 2 and w.flags.f_contiguous and not w.flags.c_contiguous:
+        return np.asarray(w.T[:, ids], np.float32).T
+    return np.asarray(w[ids], np.float32)
 
 
 def _scales(rows: np.ndarray) -> np.ndarray:
