@@ -130,6 +130,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
 
 
 VERIFY = "verify"  # the manifest's name for the batched verify graph
+VERIFY_GRAPH = "target_verify.onnx"
+VERIFY_BUILDS = (gemma3.build, llama.build)  # architectures with one (Gemma 4's KV sharing needs GQA)
 
 
 def layout(quant: str, static_window: int | None, drafter, top_k: int | None, head_rows: str,
@@ -162,8 +164,6 @@ def _drafter_needs_rows(drafter, head_rows: str) -> bool:
     from ..drafter import assistant
 
     return drafter is not None and (head_rows != "int8" or assistant.is_assistant(Path(drafter)))
-VERIFY_GRAPH = "target_verify.onnx"
-VERIFY_BUILDS = (gemma3.build, llama.build)  # architectures with one (Gemma 4's KV sharing needs GQA)
 
 
 def write_verify(bundle_dir: Path, graph_and_contract) -> dict:
