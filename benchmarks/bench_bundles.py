@@ -20,7 +20,6 @@ import numpy as np
 
 from edgemtp.drafter.export import DrafterSession
 from edgemtp.runtime.engine import Draft, Engine
-from edgemtp.runtime.session import make_session
 
 ROOT = Path(__file__).parent.parent
 PROMPTS = {"code": (ROOT / "edgemtp" / "cli.py").read_text()[:2000], "prose": (ROOT / "README.md").read_text()[3000:5000]}
@@ -47,9 +46,7 @@ def drafter_step(engine: Engine, threads: int):
     b = engine.bundle
     if not b.has_graph("drafter"):
         return None
-    g = b.graph("drafter")
-    d = DrafterSession(make_session(g.path, "cpu", threads, spin=False), g.contract["kv_layers"],
-                       int(g.contract["config"]["vocab_size"]), g.contract.get("head"))
+    d = DrafterSession.load(b, threads=threads)
     cache = engine.target.new_cache(1)
     _, hidden = engine.target.forward(np.arange(10, 138)[None], cache)
     recent = np.random.default_rng(0).integers(100, engine.target.contract.vocab_size, size=(1, 64))
@@ -90,7 +87,7 @@ def main() -> None:
                     tps[(p, mode, domain)].append(e.generate(prompt, max_new_tokens=args.gen_tokens, draft=draft)
                                                   .stats.tokens_per_s)
             del e
-    for mode in modes:
+    for mode in modes if args.repetitions else []:
         for domain in PROMPTS:
             old, new = np.array(tps[(0, mode, domain)]), np.array(tps[(1, mode, domain)])
             print(f"{mode + ', ' + domain:28s} OLD {np.median(old):6.1f} tokens/s  NEW {np.median(new):6.1f} tokens/s  "
