@@ -9,7 +9,8 @@ minutes, so the ratio of each step to the probe run right beside it is the preci
 `--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py), `--also B`:
 another bundle of the same model (e.g. exported with --gemv-head); their steps join the same pairs, and
 each prints its ratio to the ceiling and its paired speed-up over the first. The ceiling is the fastest of
-the probe's three kernels (runtime/bandwidth.py) over all pairs.
+the probe's three kernels (runtime/bandwidth.py) over all pairs, a step's bytes its weights and the KV cache
+its attention reads at its context (bandwidth.decode_bytes; the weights alone are printed beside).
 Decode step time should grow only as attention does: the cache is updated in place, never copied.
 """
 
@@ -41,20 +42,22 @@ def step_time(engine: Engine, context: int, steps: int = 16) -> float:
     return float(np.median(times))
 
 
-def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int],
-                  pairs: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per engine, each decode step's speed over the ceiling the probe measured right beside it.
+def paired_ratios(engines: list[Engine], probe: BandwidthProbe, pairs: int) -> tuple[list, np.ndarray, list, list]:
+    """Per engine, each decode step's speed over the ceiling the probe measured right beside it; the probe's
+    kernels' bandwidths; per engine, each step's seconds and bytes.
 
     A step is what plain decoding does per token: one forward pass and the argmax of the logits. The
     engines' steps and the probe take turns (in rotating order), so all see the same machine. The probe's
     three kernels each read the weight once per pair; the ceiling is the one fastest over all pairs (taking
-    the fastest of each pair's three would favour the probe by the noise alone)."""
+    the fastest of each pair's three would favour the probe by the noise alone). A step's bytes are the
+    weights and the KV cache at its context (decode_bytes)."""
     caches = []
     for engine in engines:
         cache = engine.target.new_cache(1)
         engine.target.forward(np.arange(10, 138)[None], cache)  # a 128-token context, as the rounds have
         caches.append(cache)
     steps = [[] for _ in engines]
+    nbytes = [[] for _ in engines]  # per step
     probes = []  # [pairs, kernels]: seconds per byte
     token = np.array([[42]])
     for i in range(pairs):
@@ -66,6 +69,7 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int
                 continue
             if caches[j].lengths[0] >= 128 + 64:  # stay at the rounds' contexts (128 to 192 tokens)
                 caches[j].lengths[:] = 128
+            nbytes[j].append(decode_bytes(engines[j].bundle, int(caches[j].lengths[0])))
             t0 = time.perf_counter()
             logits, _ = engines[j].target.forward(token, caches[j])
             int(np.argmax(logits[0, -1]))
@@ -73,7 +77,8 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, nbytes: list[int
     probes = np.array(probes)
     ceiling = probes[:, np.argmin(np.median(probes, axis=0))]
     # the ceiling's time for a step's bytes over the step's; and each kernel's median bytes/s
-    return [ceiling * n / np.array(s) for n, s in zip(nbytes, steps)], 1 / np.median(probes, axis=0)
+    steps, nbytes = [np.array(s) for s in steps], [np.array(n) for n in nbytes]
+    return [ceiling * n / s for n, s in zip(nbytes, steps)], 1 / np.median(probes, axis=0), steps, nbytes
 
 
 def main() -> None:
@@ -92,7 +97,8 @@ def main() -> None:
     engine.generate(engine.decode(ids[:16]), max_new_tokens=4)  # warm-up
     # Each round decodes, then measures the bandwidth right away: on a shared machine the bandwidth drifts
     # by a third within minutes, so only a ratio taken side by side means anything (median of the rounds).
-    nbytes = decode_bytes(engine.bundle)
+    weights = decode_bytes(engine.bundle)
+    nbytes = decode_bytes(engine.bundle, len(ids) + 32)  # the mean context of a 64-token generation
     runs, ratios, ceilings = [], [], []
     for _ in range(args.rounds):
         stats = engine.generate(engine.decode(ids), max_new_tokens=64).stats
@@ -104,26 +110,27 @@ def main() -> None:
     tg = [s.tokens_per_s for s in runs]
     print(f"threads={args.threads} prompt={runs[0].prefill_tokens} tokens, {args.rounds} rounds")
     print(f"prefill {pp:8.1f} tokens/s")
-    print(f"decode  {np.median(tg):8.1f} tokens/s (rounds {min(tg):.1f}-{max(tg):.1f}), weights {nbytes / 1e9:.2f} GB, "
-          f"ceiling {np.median(ceilings):.1f} tokens/s (rounds {min(ceilings):.1f}-{max(ceilings):.1f})")
+    print(f"decode  {np.median(tg):8.1f} tokens/s (rounds {min(tg):.1f}-{max(tg):.1f}), weights {weights / 1e9:.3f} GB "
+          f"+ KV read {(nbytes - weights) / 1e6:.1f} MB per token, ceiling {np.median(ceilings):.1f} tokens/s (rounds {min(ceilings):.1f}-{max(ceilings):.1f})")
     print(f"decode = {np.median(ratios):.0%} of the ceiling measured right after it (median; rounds "
-          f"{min(ratios):.0%}-{max(ratios):.0%})")
+          f"{min(ratios):.0%}-{max(ratios):.0%}; {np.median(ratios) * weights / nbytes:.0%} counting the weights only)")
     # the paired engines stop spinning after each run, so none takes the cores from another or the probe
     pages = [False, True] if args.huge_pages else [False]
     variants = [(b, huge) for b in [args.bundle, *args.also] for huge in pages]
-    paired, labels, sizes = [], [], []
+    paired, labels = [], []
     for bundle, huge in variants:
         paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge))
         labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}")
-        sizes.append(decode_bytes(paired[-1].bundle))
-    ratios, kernels = paired_ratios(paired, BandwidthProbe(args.threads), sizes, args.pairs)
+    ratios, kernels, steps, sizes = paired_ratios(paired, BandwidthProbe(args.threads), args.pairs)
     print("probe (median of pairs): " + ", ".join(f"{name} {bw / 1e9:.1f} GB/s" for name, bw in
                                                   zip(("ORT Gemm", "ORT GEMV", "numpy GEMV"), kernels)))
-    for label, r in zip(labels, ratios):
+    for label, r, n, e in zip(labels, ratios, sizes, paired):
+        weights_only = r * decode_bytes(e.bundle) / n
         print(f"decode step = {np.median(r):.1%} of the ceiling measured beside it ({label}; median of {len(r)} "
-              f"pairs, quartiles {np.percentile(r, 25):.1%}-{np.percentile(r, 75):.1%})")
-    for label, r, n in zip(labels[1:], ratios[1:], sizes[1:]):
-        speedup = r / ratios[0] * sizes[0] / n  # ratios are per byte: back to steps per second
+              f"pairs, quartiles {np.percentile(r, 25):.1%}-{np.percentile(r, 75):.1%}; "
+              f"{np.median(weights_only):.1%} counting the weights only)")
+    for label, s in zip(labels[1:], steps[1:]):
+        speedup = steps[0] / s  # the engines step through the same contexts, pair by pair
         print(f"{label}: decode steps {np.median(speedup):.3f}x as fast as {labels[0]}'s (median of pairs; "
               f"mean {speedup.mean():.3f} +- {speedup.std() / np.sqrt(len(speedup)):.3f})")
     del paired

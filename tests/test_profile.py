@@ -102,6 +102,23 @@ def test_gemv_head_stores_the_table_once(tiny_gemma3, tmp_path):
         assert decode_bytes(gemv_b) == data[1] - 4 * vocab * hidden
 
 
+def test_decode_bytes_add_the_kv_cache_attention_reads(tiny_gemma3):
+    """A step at context c also reads the cached keys and values its attention covers: all c positions on a
+    full-attention layer, the last window - 1 on a sliding one (counted from the checkpoint's config)."""
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.runtime.bandwidth import decode_bytes
+
+    model, _, bundle_dir = tiny_gemma3
+    b = bundle_mod.load(bundle_dir)
+    cfg = model.config
+    assert "sliding_attention" in cfg.layer_types and "full_attention" in cfg.layer_types
+    per_position = 2 * 4 * cfg.num_key_value_heads * cfg.head_dim  # keys and values, fp32
+    for context in (0, 5, 40):
+        read = sum(min(context, cfg.sliding_window - 1) if kind == "sliding_attention" else context
+                   for kind in cfg.layer_types)
+        assert decode_bytes(b, context) - decode_bytes(b) == per_position * read
+
+
 def test_bandwidth_probe_kernels_each_read_the_whole_weight():
     """The ceiling's three readers (ORT's Gemm and GEMV, numpy's OpenBLAS GEMV) compute their products over
     every byte of the weight: a kernel that skipped some would read faster than the memory allows."""

@@ -70,15 +70,31 @@ def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: in
     return probe.nbytes / min(min(probe.times()) for _ in range(repeats))
 
 
-def decode_bytes(bundle) -> int:
-    """Bytes a plain decode step reads (a Bundle): the target's weights, each once (the tied embedding whole,
-    by the head). A --gemv-head bundle with an MTP drafter also keeps the untransposed table for the
-    drafter (exporters/gemv_head.py), which plain decoding does not read; so did every --gemv-head bundle
-    exported before session 20 (manifest value `true`). A drafter's own weights are not read either."""
+def decode_bytes(bundle, context: int = 0) -> int:
+    """Bytes a plain decode step reads (a Bundle) with `context` tokens in the cache: the target's weights,
+    each once (the tied embedding whole, by the head), and the KV cache its attention reads (kv_read_bytes;
+    none for a static graph's bundle). A --gemv-head bundle with an MTP drafter also keeps the untransposed
+    table for the drafter (exporters/gemv_head.py), which plain decoding does not read; so did every
+    --gemv-head bundle exported before session 20 (manifest value `true`). A drafter's own weights are not
+    read either."""
     target = bundle.graph("target").path.name
     weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
                   if rel.endswith(".data") and rel.startswith(target))
     gemv = bundle.manifest["graphs"]["target"].get("gemv_head")
     if gemv is True or (isinstance(gemv, dict) and gemv.get("kept_table")):
         weights -= 4 * bundle.model["vocab_size"] * bundle.model["hidden_size"]
+    if context and not bundle.graph("target").contract.get("static"):
+        weights += kv_read_bytes(bundle.target_contract.kv, context)
     return weights
+
+
+def kv_read_bytes(slots, context: int) -> int:
+    """Bytes of fp32 KV cache one new token's attention must read with `context` tokens cached: the keys and
+    values of every cached position it attends to (on a sliding layer, the window's, itself included), for
+    each KV-owning layer once (Gemma 4's KV-shared layers read an owner's buffers, which are then hot). The
+    new position's own keys and values are computed by the step, so are not counted."""
+    total = 0
+    for s in slots:
+        positions = context if not s.window else min(context, s.window - 1)
+        total += 2 * 4 * s.num_heads * s.head_dim * positions
+    return total
