@@ -111,7 +111,8 @@ def main() -> None:
     print(f"threads={args.threads} prompt={runs[0].prefill_tokens} tokens, {args.rounds} rounds")
     print(f"prefill {pp:8.1f} tokens/s")
     print(f"decode  {np.median(tg):8.1f} tokens/s (rounds {min(tg):.1f}-{max(tg):.1f}), weights {weights / 1e9:.3f} GB "
-          f"+ KV read {(nbytes - weights) / 1e6:.1f} MB per token, ceiling {np.median(ceilings):.1f} tokens/s (rounds {min(ceilings):.1f}-{max(ceilings):.1f})")
+          f"+ KV read {(nbytes - weights) / 1e6:.1f} MB per token, ceiling {np.median(ceilings):.1f} tokens/s "
+          f"(rounds {min(ceilings):.1f}-{max(ceilings):.1f})")
     print(f"decode = {np.median(ratios):.0%} of the ceiling measured right after it (median; rounds "
           f"{min(ratios):.0%}-{max(ratios):.0%}; {np.median(ratios) * weights / nbytes:.0%} counting the weights only)")
     # the paired engines stop spinning after each run, so none takes the cores from another or the probe

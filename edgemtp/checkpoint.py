@@ -77,8 +77,8 @@ class Checkpoint:
 def _convert(arr: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":  # bf16 is the top half of an fp32
         return (arr.astype(np.uint32) << 16).view(np.float32)
-    if dtype in ("F16", "F32"):
-        return arr.astype(np.float32)
+    if dtype in ("F16", "F32"):  # an F32 tensor stays memory-mapped (read-only): no copy of the weights
+        return arr.astype(np.float32, copy=False)
     return np.array(arr)
 
 

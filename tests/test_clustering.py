@@ -222,8 +222,8 @@ def test_int8_blocks_hold_each_clusters_rows_transposed():
     e = table(1003)
     t = cl.cluster_vocab(e, 10)
     shape = head.ClusteredShape(1003, D, 10, 3)
-    blocks = head.int8_blocks(t.token_ordering, shape, chunk=3)(e)
-    scales = head.int8_block_scales(t.token_ordering, shape)(e)
+    blocks = head.int8_blocks(t.token_ordering, shape, chunk=3, step=1003)(e)
+    scales = head.int8_block_scales(t.token_ordering, shape, step=1003)(e)
     assert blocks.shape == (10, D, shape.per_cluster) and blocks.dtype == np.uint8
     q = blocks.astype(np.int32) - head.INT8_ZERO
     rows = e[t.token_ordering]  # [C, M, D]
@@ -233,8 +233,10 @@ def test_int8_blocks_hold_each_clusters_rows_transposed():
     # from a transposed view (the table of a --gemv-head target, stored [D, V]): the same bytes
     view = np.ascontiguousarray(e.T).T
     assert not view.flags.c_contiguous
-    assert np.array_equal(head.int8_blocks(t.token_ordering, shape, chunk=3)(view), blocks)
-    assert np.array_equal(head.int8_block_scales(t.token_ordering, shape)(view), scales)
+    for step in (100, 4096):  # rows rounded 100 at a time (the last block short), or all at once
+        for w in (e, view):
+            assert np.array_equal(head.int8_blocks(t.token_ordering, shape, chunk=3, step=step)(w), blocks)
+            assert np.array_equal(head.int8_block_scales(t.token_ordering, shape, step=step)(w), scales)
 
 
 @pytest.mark.parametrize("vocab,clusters,top_k,cap", [(1000, 10, 3, None), (1003, 10, 4, 30.0), (200, 1, 1, None)])

@@ -184,13 +184,17 @@ def test_reader_takes_rows_by_id(tmp_path):
     np.testing.assert_array_equal(tables[0], tables[1])
 
 
-def test_export_streams_big_tables_in_row_blocks(tmp_path, monkeypatch):
-    """E2B's 9.4 GB per-layer table is written in row blocks: the file is the same as written whole."""
+@pytest.mark.parametrize("gemv_head", [True, False])
+def test_export_streams_big_tables_in_row_blocks(tmp_path, monkeypatch, gemv_head):
+    """E2B's 9.4 GB per-layer table is written in row blocks, and so are big transposed weights (the default
+    fp32 export's [H, V] head table): the file is the same as written whole."""
     model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
-    export(model_dir, tmp_path / "whole", capacity=64)
+    export(model_dir, tmp_path / "whole", capacity=64, gemv_head=gemv_head)
     monkeypatch.setattr(builder, "ROWS_BYTES", 1000)  # every matrix > 1 KB goes in blocks of ~4 rows
-    export(model_dir, tmp_path / "rows", capacity=64)
+    export(model_dir, tmp_path / "rows", capacity=64, gemv_head=gemv_head)
     assert (tmp_path / "rows/target.onnx.data").read_bytes() == (tmp_path / "whole/target.onnx.data").read_bytes()
+    graph = onnx.load(str(tmp_path / "rows/target.onnx"), load_external_data=False).graph
+    assert any(t.name.endswith(".T") for t in graph.initializer) == gemv_head
 
 
 # ------------------------------------------------------------------------ graphs

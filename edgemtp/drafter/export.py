@@ -322,7 +322,7 @@ def embedding_location(target_graph: Path, cfg: DrafterConfig) -> tuple[str, int
 
 def _embedding(path: Path, offset: int, cfg: DrafterConfig, transposed: bool = False) -> np.ndarray:
     """The target's table as [V, Hb], memory-mapped: a transposed one as a view of its [Hb, V] bytes (the
-    transforms made from it gather along the stored rows: head._rows)."""
+    transforms made from it read its stored rows in order: head._row_blocks)."""
     if transposed:
         return np.memmap(path, np.float32, "r", offset, (cfg.backbone_hidden, cfg.vocab_size)).T
     return np.memmap(path, np.float32, "r", offset, (cfg.vocab_size, cfg.backbone_hidden))

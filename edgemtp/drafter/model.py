@@ -224,7 +224,8 @@ def load(drafter_dir: Path) -> MTPDrafter:
 
 
 def target_embedding(target_dir: Path) -> torch.Tensor:
-    """The target's input embedding [V, Hb] (float32), read lazily from its safetensors."""
+    """The target's input embedding [V, Hb] (float32), copied from its safetensors (a checkpoint's fp32
+    tensors are read-only memory maps, which torch will not wrap as writable tensors)."""
     from ..checkpoint import Checkpoint
 
-    return torch.from_numpy(np.ascontiguousarray(Checkpoint(target_dir)["model.embed_tokens.weight"]))
+    return torch.from_numpy(np.array(Checkpoint(target_dir)["model.embed_tokens.weight"], np.float32))

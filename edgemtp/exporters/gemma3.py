@@ -29,9 +29,10 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     window = nn.window_lengths(b) if window_views else None
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
-    # GroupQueryAttention rotates q and k from cached tables where it can; the verify graph rotates them itself
+    # GroupQueryAttention rotates q and k from cached tables where it can; the verify graph rotates them itself.
+    # In sorted order, so the tables get the same names every run (a set's order changes with the hash seed).
     rope = {t: nn.gqa_rope(b, cfg.rope[t], cfg.head_dim, capacity, io) if in_place else
-            nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in set(cfg.layer_types)}
+            nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in sorted(set(cfg.layer_types))}
     h = norm(b, cfg, x, "model.layers.0.input_layernorm.weight")
     for i, slot in enumerate(slots):
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
@@ -46,7 +47,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
 
 def drafter_kv(cfg: TextConfig) -> dict:
     """The last layer of each attention type: what an MTP drafter attends to."""
-    return {t: max(i for i, lt in enumerate(cfg.layer_types) if lt == t) for t in set(cfg.layer_types)}
+    return {t: max(i for i, lt in enumerate(cfg.layer_types) if lt == t) for t in sorted(set(cfg.layer_types))}
 
 
 def norm(b, cfg: TextConfig, x: str, key: str) -> str:
