@@ -61,7 +61,8 @@ class Engine:
         the weights: ~1.6x faster verify passes for ~1.5x the fp32 weights' size in memory (measured on Gemma 3
         270M: 84 vs 133 ms for 4 rows x 5 positions, +1.7 GB); without it the verify graph shares the target's
         memory-mapped weights (+7 MB). `huge_pages`: the target's weights on 2 MB pages (runtime/hugepages.py):
-        decode steps ~2% faster for 0.6-3 s more at load (Gemma 3 270M fp32), for long-running processes."""
+        decode steps ~2% faster for 0.6-3 s more at load (Gemma 3 270M fp32, row-major head; the default
+        transposed head is read from the data file's mapping, and gained 0-0.4%), for long-running processes."""
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
         if drafter_provider is not None:
             resolve_provider(drafter_provider, "--drafter-provider")  # a typo fails before any work

@@ -5,7 +5,8 @@ memory, which under the usual THP setting ("madvise") gets 4 KB pages: one TLB e
 nested page walk, per 4 KB read. numpy asks for huge pages for every large array, so the bandwidth we
 compare against (edgemtp.runtime.bandwidth) already has them. After a session is built we ask the kernel
 to move what building it filled into huge pages (MADV_COLLAPSE, Linux 6.1+). That copies the weights once:
-0.6-3 s for Gemma 3 270M fp32, for a decode step ~2% faster (benchmarks/bench_decode.py --huge-pages),
+0.6-3 s for Gemma 3 270M fp32, for a decode step ~2% faster with a row-major head (benchmarks/bench_decode.py
+--huge-pages; 0-0.4% with the default transposed head, read from the data file's mapping, not copied),
 so it pays in a long-running process, not in a one-shot command; it is off unless asked for.
 
 Only memory that appeared while the session was built is touched, and only 2 MB pieces that are wholly
