@@ -102,7 +102,7 @@ def main() -> None:
     runs, ratios, ceilings = [], [], []
     for _ in range(args.rounds):
         stats = engine.generate(engine.decode(ids), max_new_tokens=64).stats
-        bw = measure_bandwidth(args.threads, repeats=3)
+        bw = measure_bandwidth(args.threads, repeats=5)
         runs.append(stats)
         ceilings.append(bw / nbytes)
         ratios.append(stats.tokens_per_s / ceilings[-1])
