@@ -94,7 +94,7 @@ def decode_bytes(bundle, context: int = 0) -> int:
 
 def kv_read_bytes(slots, context: int) -> int:
     """Bytes of fp32 KV cache one new token's attention must read with `context` tokens cached: the keys and
-    values of every cached position it attends to (on a sliding layer, the window's, itself included), for
+    values of every cached position it attends to (on a sliding layer, the window - 1 before it), for
     each KV-owning layer once (Gemma 4's KV-shared layers read an owner's buffers, which are then hot). The
     new position's own keys and values are computed by the step, so are not counted."""
     total = 0
