@@ -66,8 +66,8 @@ def _session(node, w_shape: list[int], threads: int | None) -> ort.InferenceSess
 def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s of the fastest kernel, each kernel's median of `repeats` reads (after one to warm up): the
     ceiling benchmarks/bench_decode.py's pairs use. The single fastest read, the figure before session 22,
-    is a burst on a shared machine: on the 2-core VM it put plain decoding at 61-68% of the ceiling where
-    the steps paired with probes read 84-90%."""
+    is a burst on a shared machine: on the 2-core VM it put a bundle's plain decoding at 61-68% of the
+    ceiling where its steps paired with probes read 84-86%."""
     probe = BandwidthProbe(threads, mbytes)
     probe.times()
     times = np.array([probe.times() for _ in range(repeats)])  # [repeats, kernels]
