@@ -23,7 +23,7 @@ from pathlib import Path
 import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (see its docstring)
 import numpy as np
 
-from edgemtp.runtime.bandwidth import BandwidthProbe, decode_bytes, measure_bandwidth
+from edgemtp.runtime.bandwidth import BandwidthProbe, decode_bytes, kv_read_bytes, measure_bandwidth
 from edgemtp.runtime.engine import Engine
 
 
@@ -58,6 +58,8 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, pairs: int) -> t
         caches.append(cache)
     steps = [[] for _ in engines]
     nbytes = [[] for _ in engines]  # per step
+    weights = [decode_bytes(e.bundle) for e in engines]  # + the KV read at each step's context
+    slots = [e.bundle.target_contract.kv for e in engines]
     probes = []  # [pairs, kernels]: seconds per byte
     token = np.array([[42]])
     for i in range(pairs):
@@ -69,7 +71,7 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, pairs: int) -> t
                 continue
             if caches[j].lengths[0] >= 128 + 64:  # stay at the rounds' contexts (128 to 192 tokens)
                 caches[j].lengths[:] = 128
-            nbytes[j].append(decode_bytes(engines[j].bundle, int(caches[j].lengths[0])))
+            nbytes[j].append(weights[j] + kv_read_bytes(slots[j], int(caches[j].lengths[0])))
             t0 = time.perf_counter()
             logits, _ = engines[j].target.forward(token, caches[j])
             int(np.argmax(logits[0, -1]))
