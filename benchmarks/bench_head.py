@@ -17,7 +17,7 @@ Variants, each giving the top token, its logit and its probability:
     int8 rows+ctx  the same scoring also the 64 most recent tokens (`ClusteredShape.context`, the
                  default of `edgemtp export`; random ids here)
     ordered      (--ordered) experiment: the same with the head rows stored in cluster order ([C, M, d]
-                 blocks, a permuted copy of the table): measured no faster in ORT, see README
+                 blocks, a permuted copy of the table): measured no faster in ORT, docs/measurements.md
 
 Timing: every variant is run in turn, round after round (so a busy machine slows all of them
 alike), and the median per variant is reported with the ratios to the clustered head. Each call

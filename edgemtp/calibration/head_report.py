@@ -34,7 +34,7 @@ TOP_KS = (8, 16, 32, 64)
 CHUNK = 512  # tokens per calibration window (after a BOS)
 # calibration positions `edgemtp cluster` collects by default: measured on Gemma 3 270M (idle 2 cores), 8,192 /
 # 32,768 / 65,536 positions took 1.4 / 2.6 / 4.2 min for held-out recall@32 0.982 / 0.987 / 0.991 (code)
-# and 0.981 / 0.986 / 0.989 (prose) (README, Clustered head)
+# and 0.981 / 0.986 / 0.989 (prose) (docs/measurements.md, Clustered head)
 POSITIONS = 32768
 TOP = 64  # full-head tokens kept per position
 NO_CALIBRATION = "none"

@@ -239,9 +239,10 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
     head = head_shape(drafter_dir, cfg, top_k, context)
     check_head_rows(head_rows, head)
     graph = build(cfg, head, int8_ordering(drafter_dir, head_rows))
-    if embedding_location(target_graph, cfg)[3]:  # a --gemv-head target keeps only the transposed table
+    where = embedding_location(target_graph, cfg)
+    if where[3]:  # a --gemv-head target keeps only the transposed table
         read_transposed(graph, EMBEDDING)
-    save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding)
+    save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding, where)
     return {"file": name, "quant": "fp32", "contract": contract(cfg, head, head_rows)}
 
 
@@ -267,13 +268,14 @@ def write_full_head(out_dir: Path, drafter_dir: Path, entry: dict, name: str = F
 
 
 def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, embedding: str, cfg,
-         share_embedding: bool = True) -> None:
+         share_embedding: bool = True, where: tuple[str, int, int, bool] | None = None) -> None:
     """Writes a drafter graph and `path`.data: its parameter `embedding` is the target's embedding
-    (cfg.vocab_size x cfg.backbone_hidden), shared in place or copied; every other one comes from `weights`."""
+    (cfg.vocab_size x cfg.backbone_hidden), shared in place or copied; every other one comes from `weights`.
+    `where`: embedding_location(target_graph, cfg), if the caller has it (it parses the target graph)."""
     if share_embedding and target_graph.parent.resolve() != path.parent.resolve():
         raise EdgemtpError(f"{target_graph}: a shared embedding needs the target graph in {path.parent}")
     model = b.model()
-    location, offset, length, transposed = embedding_location(target_graph, cfg)
+    location, offset, length, transposed = where or embedding_location(target_graph, cfg)
     shared = embedding + ".T" if transposed else embedding  # the parameter naming the target's table itself
     inits = {t.name: t for t in model.graph.initializer}
     data_name = path.name + ".data"

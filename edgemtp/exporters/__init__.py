@@ -139,7 +139,7 @@ def layout(quant: str, static_window: int | None, drafter, top_k: int | None, he
     """(gemv_head, head_rows) with AUTO resolved. A dynamic fp32 bundle stores its head table transposed
     (exporters/gemv_head.py: plain decode steps ~5% faster, no bigger on disk) unless its drafter needs the
     table's rows, and our drafters' clustered heads then score int8 rows (a V x hidden copy in cluster
-    order, 168 MB for Gemma 3 270M, and a faster draft step than fp32 rows: README, "Session 21"), since
+    order, 168 MB for Gemma 3 270M, and a faster draft step than fp32 rows: docs/measurements.md, "Session 21"), since
     gathering thousands of fp32 rows as columns of the transposed table would be slow. Quantized and static
     bundles keep the row-major table and fp32 rows."""
     from ..drafter import assistant

@@ -4,7 +4,7 @@ the default for dynamic fp32 bundles since session 21: see exporters.layout).
 A decode step's logits are a [1, H] x [V, H]^T product that reads the whole V x H table. ONNX Runtime packs
 a constant MatMul / Gemm weight at load, and its packed kernel is not the fastest reader at M = 1: its
 matrix-vector kernel (M = 1, an unpacked [H, V] row-major B) read Gemma 3 270M's 671 MB table 3-20% faster,
-a whole fp32 decode step 4-9% faster (README, "Session 19" and "Session 20"). Unpacked, though, passes of
+a whole fp32 decode step 4-9% faster (docs/measurements.md, "Session 19" and "Session 20"). Unpacked, though, passes of
 several positions (speculative verify windows, M = K + 1) ran ~3x slower. So the table is stored once,
 transposed, under two initializer names pointing at the same bytes of the data file:
 
@@ -144,7 +144,7 @@ def column_rows(b: GraphBuilder, table_t: str, ids: str, hidden: int, out: str) 
     """Nodes computing out [*ids.shape, H] = table_t [H, V] columns `ids` (any shape), i.e. the rows of the
     untransposed table. GatherElements over ids broadcast to [H, n] rather than Gather on axis 1: ONNX Runtime's
     Gather copies one number at a time there, and took 2.4 ms for 72 columns of Gemma 3 270M's table where
-    GatherElements took 0.30 (rows: 0.07-0.13 ms; README, "Session 20")."""
+    GatherElements took 0.30 (rows: 0.07-0.13 ms; docs/measurements.md, "Session 20")."""
     flat, wide, columns, rows, shape, ids_shape = (b.fresh(h) for h in (
         "ids_flat", "ids_wide", "columns", "rows", "rows_shape", "ids_shape"))
     node = helper.make_node

@@ -143,7 +143,7 @@ def int8_logits(b: GraphBuilder, hq: Quantized, picked: str, embed_key: str, sha
     Why this layout: the fp32 head's cost is gathering k*M scattered rows (4*d bytes each) and reading
     them back. Here it gathers k contiguous blocks of a quarter of the bytes, and each block is one
     [1, d] x [d, M] integer product (MatMulInteger, exact sums; h is quantized per tensor to uint8 by
-    DynamicQuantizeLinear), so the only errors are the two roundings (measured in the README).
+    DynamicQuantizeLinear), so the only errors are the two roundings (measured in docs/measurements.md).
     The int8 values are stored offset by 128 as uint8 (zero point 128): ONNX Runtime's uint8 x int8
     kernels sum pairs of products in int16 and saturate on x86 without VNNI (errors of 1e5 measured
     here), its uint8 x uint8 ones do not."""
@@ -236,7 +236,7 @@ def rescore(b: GraphBuilder, h: str, ids: str, logits: str, embed_key: str, shap
             cap: float | None, n: int = RESCORE) -> str:
     """Approximate (int8) candidate logits [N, K] -> the same with the best n recomputed exactly in fp32
     (n rows of the fp32 table: cheap). Measured on Gemma 3 270M's held-out states, the int8 logits alone
-    changed the argmax at 2-5% of positions (near-ties); rescored, at none of 16,384 (see the README)."""
+    changed the argmax at 2-5% of positions (near-ties); rescored, at none of 16,384 (docs/measurements.md)."""
     n = min(n, shape.cluster_candidates)
     _, pos = b.op("TopK", logits, b.const([n], np.int64), axis=-1, largest=1, sorted=1, n_out=2)
     best_ids = b.op("GatherElements", ids, pos, axis=1)

@@ -8,7 +8,7 @@
   per block: the only fast CPU path; levels 0/1 ran 8-bit weights 40-90x slower than fp32), the
   embedding `Gather` becomes `GatherBlockQuantized`. A tied table is packed once for both uses (its
   MatMulNBits scales reach the gather through a folded Unsqueeze). Choices, measured on Gemma 3 270M
-  against its fp32 bundle on held-out code and prose (benchmarks/bench_quant.py; README has the table):
+  against its fp32 bundle on held-out code and prose (benchmarks/bench_quant.py; docs/measurements.md has the table):
   - Layers stay 8-bit in both presets: at 4 bits top-1 agreement fell to 0.75; 8-bit decodes as fast.
   - Activations go through MatMulNBits twice (`two_pass`, every weight in both presets): once rounded
     onto MLAS' own int8 grid, once the residual. Level 4's int8 activations alone cost the head ~2%

@@ -16,8 +16,9 @@ class BandwidthProbe:
     [K, N] view (OpenBLAS's GEMV, on all cores). The fastest gives the ceiling: what the weights' bytes
     allow here, not a number from a data sheet. The third, outside ONNX Runtime, checks that the ceiling
     measures the memory and not ONNX Runtime's kernels: on the 2-core machines it read 4-7% slower than the
-    GEMV (four runs, README "Session 20"), so the GEMV sets the ceiling there. Import edgemtp before numpy (see edgemtp/__init__.py):
-    otherwise OpenBLAS's threads spin on after the probe and slow whatever runs next."""
+    GEMV (four runs, docs/measurements.md, "Session 20"), so the GEMV sets the ceiling there. Import
+    edgemtp before numpy (see edgemtp/__init__.py): otherwise OpenBLAS's threads spin on after the probe
+    and slow whatever runs next."""
 
     K = 2048
 

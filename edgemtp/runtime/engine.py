@@ -131,7 +131,7 @@ class Engine:
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
         lookup where the text repeats itself, MTP elsewhere) or auto (hybrid when the bundle has an MTP
         drafter, else lookup). Hybrid is the default because it drafted the most tokens per round on every
-        held-out domain we measured (README, "Speculative decoding"); but auto is lookup for an int8 / int4
+        held-out domain we measured (docs/measurements.md, "Speculative decoding"); but auto is lookup for an int8 / int4
         target on the CPU provider, where MatMulNBits' cost grows with the rows of a verify window and MTP
         drafting measured 0.2-0.5x plain decoding. `graph`: which drafter graph of the bundle
         (drafter_full_head: the same drafter with its full head, for comparison)."""
@@ -180,7 +180,7 @@ class Engine:
 
         Drafted rows are verified together through the bundle's verify graph. `--draft auto` drafts for more
         than one prompt only on an engine loaded with `fast_verify`: measured at batch 4 on Gemma 3 270M
-        (README), lookup / hybrid K = 4 gave 1.48x / 1.44x plain batched decoding on code and 1.34x / 1.47x
+        (docs/measurements.md), lookup / hybrid K = 4 gave 1.48x / 1.44x plain batched decoding on code and 1.34x / 1.47x
         on prose with it; hybrid 1.06x / 0.94x without it. Ask for a mode to draft anyway."""
         from .drafting import NoDrafter
         from .speculative import Speculative
