@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -237,6 +239,39 @@ def test_int8_blocks_hold_each_clusters_rows_transposed():
         for w in (e, view):
             assert np.array_equal(head.int8_blocks(t.token_ordering, shape, chunk=3, step=step)(w), blocks)
             assert np.array_equal(head.int8_block_scales(t.token_ordering, shape, step=step)(w), scales)
+
+
+def _mapped_kb(path) -> int:
+    """Resident KB of this process's mappings of `path` (Linux: /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:  # a mapping's header line: address range ... path
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_int8_rows_from_a_mapped_transposed_table_read_the_file_not_the_mapping(tmp_path):
+    # the default export makes the drafter's int8 rows from the target's transposed table, memory-mapped
+    # ([D, V] in its data file, at an offset): the same bytes as from memory, and no page of it mapped
+    e = table(20000)
+    t = cl.cluster_vocab(e, 20)
+    shape = head.ClusteredShape(20000, D, 20, 3)
+    path = tmp_path / "target.onnx.data"
+    with open(path, "wb") as f:
+        f.write(b"\1" * 4096)
+        np.ascontiguousarray(e.T).tofile(f)
+    mapped = np.memmap(path, np.float32, "r", 4096, (D, 20000)).T
+    for step in (1000, 4096):
+        assert np.array_equal(head.int8_blocks(t.token_ordering, shape, step=step)(mapped),
+                              head.int8_blocks(t.token_ordering, shape, step=step)(e))
+        assert np.array_equal(head.int8_block_scales(t.token_ordering, shape, step=step)(mapped),
+                              head.int8_block_scales(t.token_ordering, shape, step=step)(e))
+    assert _mapped_kb(path) == 0  # 1,250 KB when the slabs were read through the mapping
+    assert np.array_equal(np.asarray(mapped[:3]), e[:3]) and _mapped_kb(path) > 0  # the probe sees pages
 
 
 @pytest.mark.parametrize("vocab,clusters,top_k,cap", [(1000, 10, 3, None), (1003, 10, 4, 30.0), (200, 1, 1, None)])

@@ -125,7 +125,8 @@ def _placeholder(p: Param) -> TensorProto:
     return t
 
 
-ROWS_BYTES = 256 << 20  # an untransformed tensor bigger than this is written in row blocks of about this size
+ROWS_BYTES = 256 << 20  # a tensor bigger than this is read and written in row blocks (_write_transposed: its
+BLOCK_BYTES = 32 << 20  # transpose), each of at most this size (or ROWS_BYTES if smaller)
 
 
 def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
@@ -133,11 +134,14 @@ def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
          read_rows: Callable[[str, np.ndarray], np.ndarray] | None = None) -> list[str]:
     """Write `path` and its external data `path.name + '.data'`, one tensor at a time.
 
-    With `read_rows(source, row_ids)`, a big untransformed tensor (an embedding table: E2B's per-layer
-    table is 9.4 GB in fp32) is read and written in row blocks, never whole; so is a big transposed one (the
-    head table of a --gemv-head export), from the checkpoint's memory-mapped tensor.
+    A big tensor (over ROWS_BYTES: an embedding table; E2B's per-layer table is 9.4 GB in fp32) is read with
+    `read_rows(source, row_ids)` (default: rows of `read(source)`) and written in row blocks, never whole;
+    so is a big transposed one (the head table of a --gemv-head export: _write_transposed).
     Returns the file names written (relative to the directory of `path`)."""
     path = Path(path)
+    if read_rows is None:
+        def read_rows(source: str, ids: np.ndarray) -> np.ndarray:
+            return read(source)[ids]
     data_name = path.name + ".data"
     model = b.model()
     by_name = {t.name: t for t in model.graph.initializer}
@@ -147,15 +151,13 @@ def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
             offset = _align(f)
             row_bytes = int(np.prod(p.shape[1:], dtype=np.int64)) * p.dtype.itemsize
             big = isinstance(p.source, str) and row_bytes * p.shape[0] > ROWS_BYTES
-            step = max(1, ROWS_BYTES // max(row_bytes, 1))
-            if read_rows is not None and big and p.transform is None:
+            step = max(1, min(ROWS_BYTES, BLOCK_BYTES) // max(row_bytes, 1))
+            if big and p.transform is None:
                 for start in range(0, p.shape[0], step):
                     ids = np.arange(start, min(start + step, p.shape[0]))
                     _write(f, p, read_rows(p.source, ids), (len(ids), *p.shape[1:]))
             elif big and p.transform is transpose and len(p.shape) == 2:  # a --gemv-head export's [H, V] head
-                w = read(p.source)  # memory-mapped (fp32 checkpoints): its transpose is written in row blocks
-                for start in range(0, p.shape[0], step):
-                    _write(f, p, transpose(w[:, start:start + step]), (min(step, p.shape[0] - start), p.shape[1]))
+                _write_transposed(f, p, read_rows)
             else:
                 _write(f, p, read_param(p, read), p.shape)
             _set_external(by_name[p.name], data_name, offset, f.tell() - offset)
@@ -195,6 +197,29 @@ def _write(f, p: Param, arr: np.ndarray, shape: tuple) -> None:
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"{p.source}: shape {arr.shape} in the checkpoint, graph expects {p.shape}")
     f.write(memoryview(arr.reshape(-1)).cast("B"))
+
+
+def _write_transposed(f, p: Param, read_rows: Callable[[str, np.ndarray], np.ndarray]) -> None:
+    """Writes p = the transpose [H, V] of the checkpoint's [V, H] tensor p.source at f's position, from
+    blocks of its rows (each a copy, read once) scattered into the file as H runs. Reading [V, H] row blocks
+    rather than [H, V] ones (columns of the checkpoint's tensor) keeps the table out of memory: a block of
+    columns maps pages all over a memory-mapped table, which then counted in the export's peak RSS (661 MB of
+    Gemma 3 270M's 1.09 GB; docs/measurements.md, "Session 23")."""
+    hidden, vocab = p.shape
+    size = p.dtype.itemsize
+    start = f.tell()
+    step = max(1, min(ROWS_BYTES, BLOCK_BYTES) // (hidden * size))  # rows of the checkpoint's tensor
+    for first in range(0, vocab, step):
+        ids = np.arange(first, min(first + step, vocab))
+        rows = np.asarray(read_rows(p.source, ids), dtype=p.dtype)
+        if rows.shape != (len(ids), hidden):
+            raise ValueError(f"{p.source}: shape {rows.shape[1:]} in the checkpoint's rows, graph expects "
+                             f"[{vocab}, {hidden}] transposed")
+        columns = np.ascontiguousarray(rows.T)  # [H, n]: run h goes to row h of the [H, V] table
+        for h in range(hidden):
+            f.seek(start + (h * vocab + first) * size)
+            f.write(memoryview(columns[h]).cast("B"))
+    f.seek(start + hidden * vocab * size)
 
 
 def _align(f, alignment: int = 64) -> int:

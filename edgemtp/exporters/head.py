@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import EdgemtpError
 from .builder import FLOAT, INT64, GraphBuilder
 
 INPUT = "hidden_states"
@@ -334,13 +335,41 @@ def _row_blocks(w: np.ndarray, step: int):
     """(start, w[start:start + step] as float32) over the table's rows. A transposed view (the [H, V] table of
     a --gemv-head target, read as [V, H]) is read as stored, a [H, step] slab of runs of `step` numbers, and
     transposed in memory: gathering rows from it directly reads one number from each of H rows 1 MB apart
-    per row (Gemma 3 270M's default export took 3.4 s in such gathers)."""
+    per row (Gemma 3 270M's default export took 3.4 s in such gathers). When that view is of a memory-mapped
+    file (the target's data, as the drafter export reads it), the runs are read from the file instead: a
+    slab's runs, 1 MB apart, map pages across the whole table (the kernel maps a page cache's large folio
+    whole), which then counted in the export's peak RSS."""
     transposed = w.ndim == 2 and w.flags.f_contiguous and not w.flags.c_contiguous
+    stored = _stored_as(w) if transposed else None
     for start in range(0, len(w), step):
-        if transposed:
+        if stored is not None:
+            yield start, np.ascontiguousarray(_read_runs(*stored, w.shape, start, min(step, len(w) - start)).T)
+        elif transposed:
             yield start, np.ascontiguousarray(np.asarray(w.T[:, start:start + step], np.float32).T)
         else:
             yield start, np.asarray(w[start:start + step], np.float32)
+
+
+def _stored_as(w: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) when `w` is the transpose of a whole float32 np.memmap of a file."""
+    m = w.base
+    if (isinstance(m, np.memmap) and m.filename and m.dtype == np.float32 and m.ndim == 2
+            and m.flags.c_contiguous and w.shape == m.shape[::-1] and w.ctypes.data == m.ctypes.data):
+        return m.filename, m.offset
+    return None
+
+
+def _read_runs(path: str, offset: int, shape: tuple[int, int], start: int, n: int) -> np.ndarray:
+    """[H, n] float32: numbers start..start + n of each row of the [H, V] table stored at `offset` (`shape`
+    is the [V, H] view's)."""
+    vocab, hidden = shape
+    out = np.empty((hidden, n), np.float32)
+    with open(path, "rb", buffering=0) as f:
+        for h in range(hidden):
+            f.seek(offset + 4 * (h * vocab + start))
+            if f.readinto(memoryview(out[h]).cast("B")) != 4 * n:
+                raise EdgemtpError(f"{path}: shorter than its table (truncated?)")
+    return out
 
 
 def int8_columns(w: np.ndarray) -> np.ndarray:
