@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from edgemtp import bundle as bundle_mod  # noqa: E402
+from edgemtp.checkpoint import Checkpoint  # noqa: E402
 from edgemtp.calibration import activations as A  # noqa: E402
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.evaluate import evaluate, kl_divergence, text_windows  # noqa: E402
@@ -191,8 +192,12 @@ def test_export_streams_big_tables_in_row_blocks(tmp_path, monkeypatch, gemv_hea
     model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
     export(model_dir, tmp_path / "whole", capacity=64, gemv_head=gemv_head)
     monkeypatch.setattr(builder, "ROWS_BYTES", 1000)  # every matrix > 1 KB goes in blocks of ~4 rows
+    whole_reads = []  # tensors read whole (memory-mapped) from the checkpoint
+    real_getitem = Checkpoint.__getitem__
+    monkeypatch.setattr(Checkpoint, "__getitem__", lambda ck, name: whole_reads.append(name) or real_getitem(ck, name))
     export(model_dir, tmp_path / "rows", capacity=64, gemv_head=gemv_head)
     assert (tmp_path / "rows/target.onnx.data").read_bytes() == (tmp_path / "whole/target.onnx.data").read_bytes()
+    assert "model.embed_tokens.weight" not in whole_reads  # the table (transposed or not) only in row blocks
     graph = onnx.load(str(tmp_path / "rows/target.onnx"), load_external_data=False).graph
     assert any(t.name.endswith(".T") for t in graph.initializer) == gemv_head
 
