@@ -125,8 +125,8 @@ def _placeholder(p: Param) -> TensorProto:
     return t
 
 
-ROWS_BYTES = 256 << 20  # a tensor bigger than this is read and written in row blocks (_write_transposed: its
-BLOCK_BYTES = 32 << 20  # transpose), each of at most this size (or ROWS_BYTES if smaller)
+ROWS_BYTES = 256 << 20  # a tensor bigger than this is read and written in row blocks, never whole,
+BLOCK_BYTES = 32 << 20  # each of at most this many bytes (or ROWS_BYTES, if smaller)
 
 
 def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
