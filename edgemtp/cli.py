@@ -148,7 +148,7 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
     options = {k: v for k, v in quant_opts.items() if v not in (None, ())}
     if options.get("calibration") == "none":
         options["calibration"] = None
-    with progress_bar("writing graph weights") as progress:
+    with progress_bar("exporting", show_what=True) as progress:
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
                static_window=verify_window if static or quant == "qdq" else None, drafter=chosen,
                drafter_top_k=draft_top_k, drafter_head_rows=draft_head_rows,
@@ -492,7 +492,7 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
             import_gguf(gguf, model_dir, progress=progress)
     fresh = (bundle_dir / "edgemtp.json").is_file() and bundle_mod.load(bundle_dir, verify=False).has_graph("drafter")
     if not fresh:  # none yet, or one exported before the drafter shipped
-        with progress_bar("exporting the bundle (target + MTP drafter)") as progress:
+        with progress_bar("exporting the bundle", show_what=True) as progress:
             export(model_dir, bundle_dir, progress=progress, drafter=AUTO, overwrite=True)
     engine = Engine.load(bundle_dir, verify=False)
     runs = (("plain decoding", None), ("speculative (MTP drafter + prompt lookup, K=4)", Draft("auto", 4)))

@@ -390,6 +390,22 @@ def test_mismatched_drafter_is_refused(setup, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_export_reports_each_phase_to_its_progress_bar(setup, tmp_path):
+    """`edgemtp export`'s bar names what it is doing: the target's weights, then the drafter's (whose int8
+    head rows take seconds at 270M scale), each counted up to its total."""
+    from edgemtp.exporters import export
+
+    clustered_drafter(setup[0], tmp_path / "d")
+    calls = []
+    export(setup[0], tmp_path / "b", capacity=64, drafter=tmp_path / "d", drafter_head_rows="int8",
+           progress=lambda done, total, what: calls.append((what, done, total)))
+    phases = list(dict.fromkeys(what for what, _, _ in calls))
+    assert phases == ["target weights", "MTP drafter weights"]
+    for phase in phases:
+        done = [(d, t) for what, d, t in calls if what == phase]
+        assert done[-1][0] == done[-1][1] > 1 and all(a[0] <= b[0] for a, b in zip(done, done[1:]))
+
+
 def clustered_drafter(model_dir, out, clusters=8, seed=1):
     """A tiny drafter directory with clustered-head tables of the target's embedding (V not a multiple of C)."""
     from edgemtp.calibration.clustering import cluster_vocab

@@ -226,7 +226,7 @@ def contract(cfg: AssistantConfig, head_rows: str = "fp32", context: int = 0) ->
 
 
 def write(out_dir: Path, drafter_dir: Path, target_graph: Path, cfg: AssistantConfig,
-          share_embedding: bool = True, head_rows: str = "fp32", context: int = 0) -> dict:
+          share_embedding: bool = True, head_rows: str = "fp32", context: int = 0, progress=None) -> dict:
     """Writes drafter.onnx + drafter.onnx.data into `out_dir` (a bundle being built, beside `target_graph`)
     and returns the manifest's graph entry.
 
@@ -240,5 +240,5 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, cfg: AssistantCo
     ordering = np.asarray(ckpt[H.GEMMA4_KEYS.token_ordering]) if head_rows == "int8" else None
     X.check_context(context)
     X.save(build(cfg, ordering, context), out_dir / GRAPH, ckpt, target_graph, TARGET_EMBEDDING, cfg,
-           share_embedding)
+           share_embedding, progress=progress)
     return {"file": GRAPH, "quant": "fp32", "contract": contract(cfg, head_rows, context)}

@@ -224,7 +224,8 @@ def int8_ordering(drafter_dir: Path, rows: str) -> np.ndarray | None:
 
 
 def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding: bool = True,
-          top_k: int | None = None, name: str = GRAPH, head_rows: str = "fp32", context: int = 0) -> dict:
+          top_k: int | None = None, name: str = GRAPH, head_rows: str = "fp32", context: int = 0,
+          progress=None) -> dict:
     """Writes `name` (drafter.onnx) + its .data into `out_dir` (a bundle being built, beside `target_graph`)
     and returns the manifest's graph entry.
 
@@ -242,7 +243,8 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
     where = embedding_location(target_graph, cfg)
     if where[3]:  # a --gemv-head target keeps only the transposed table
         read_transposed(graph, EMBEDDING)
-    save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding, where)
+    save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding, where,
+         progress)
     return {"file": name, "quant": "fp32", "contract": contract(cfg, head, head_rows)}
 
 
@@ -268,10 +270,11 @@ def write_full_head(out_dir: Path, drafter_dir: Path, entry: dict, name: str = F
 
 
 def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, embedding: str, cfg,
-         share_embedding: bool = True, where: tuple[str, int, int, bool] | None = None) -> None:
+         share_embedding: bool = True, where: tuple[str, int, int, bool] | None = None, progress=None) -> None:
     """Writes a drafter graph and `path`.data: its parameter `embedding` is the target's embedding
     (cfg.vocab_size x cfg.backbone_hidden), shared in place or copied; every other one comes from `weights`.
-    `where`: embedding_location(target_graph, cfg), if the caller has it (it parses the target graph)."""
+    `where`: embedding_location(target_graph, cfg), if the caller has it (it parses the target graph).
+    `progress(done, total, name)` after each parameter (the int8 head rows take seconds)."""
     if share_embedding and target_graph.parent.resolve() != path.parent.resolve():
         raise EdgemtpError(f"{target_graph}: a shared embedding needs the target graph in {path.parent}")
     model = b.model()
@@ -281,7 +284,9 @@ def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, e
     data_name = path.name + ".data"
     table = None  # the [V, Hb] table, read once if a parameter is made from it (int8 rows) or copied
     with open(path.parent / data_name, "wb") as f:
-        for prm in b.params.values():
+        for i, prm in enumerate(b.params.values()):
+            if progress:
+                progress(i, len(b.params), prm.name)
             if prm.name == shared and prm.source == embedding and share_embedding:
                 _set_external(inits[prm.name], location, offset, length)
                 continue
@@ -299,8 +304,10 @@ def save(b: GraphBuilder, path: Path, weights: Checkpoint, target_graph: Path, e
                 raise EdgemtpError(f"{weights.dir}: tensor '{prm.source}' has shape {list(arr.shape)}, "
                                    f"config.json implies {list(prm.shape)}")
             pos = _align(f)
-            f.write(arr.tobytes())
+            f.write(memoryview(arr.reshape(-1)).cast("B"))
             _set_external(inits[prm.name], data_name, pos, arr.nbytes)
+    if progress:
+        progress(len(b.params), len(b.params), "")
     onnx.save(model, str(path))
 
 

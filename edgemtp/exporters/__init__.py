@@ -114,7 +114,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k, drafter_head_rows,
                                        drafter_head_context)
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
-        builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, progress, read_rows=ckpt.rows)
+        builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, _phase(progress, "target weights"),
+                     read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
                              **({"gemv_head": {"kept_table": keep_table}} if gemv_head else {})}}
@@ -124,9 +125,16 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
                 use_gemv_head(verify[0], keep_table)
             graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
-            graphs.update(write_drafter(tmp))
+            graphs.update(write_drafter(tmp, _phase(progress, "MTP drafter weights")))
         bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})
     return out
+
+
+def _phase(progress: Progress | None, label: str) -> Progress | None:
+    """`progress` reporting `label` as what is being done (the CLI's bar shows it), or None."""
+    if progress is None:
+        return None
+    return lambda done, total, what="": progress(done, total, label)
 
 
 VERIFY = "verify"  # the manifest's name for the batched verify graph
@@ -186,8 +194,8 @@ def shipped_drafter(model_dir: Path) -> Path | None:
 
 def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, head_rows: str = "fp32",
                    context: int | None = None):
-    """Refuses a drafter made for another target before anything is written; returns write(tmp) -> the
-    manifest's drafter graph entries."""
+    """Refuses a drafter made for another target before anything is written; returns write(tmp, progress)
+    -> the manifest's drafter graph entries."""
     from ..contract import TargetContract
     from ..drafter import assistant
     from ..drafter import load_config as load_drafter_config
@@ -199,8 +207,9 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
         context = context or 0  # by default, the head as Google ships it (and transformers runs it)
         check_context(context)
         check_head_rows(head_rows, cfg.head(context))  # and a context without a clustered head
-        return lambda tmp: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg,
-                                                       head_rows=head_rows, context=context)}
+        return lambda tmp, progress=None: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg,
+                                                                     head_rows=head_rows, context=context,
+                                                                     progress=progress)}
     cfg = load_drafter_config(drafter_dir)
     if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
             set(t.drafter_kv.values()) != set(cfg.target_kv.values()):
@@ -211,8 +220,9 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
     check_head_rows(head_rows, head)  # bad head tables or flags fail here too
     context = head.context if head is not None else 0
 
-    def write_graphs(tmp: Path) -> dict:
-        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k, head_rows=head_rows, context=context)
+    def write_graphs(tmp: Path, progress: Progress | None = None) -> dict:
+        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k, head_rows=head_rows, context=context,
+                      progress=progress)
         full = write_full_head(tmp, drafter_dir, entry)  # for profile's full vs clustered rows
         return {"drafter": entry, **({"drafter_full_head": full} if full else {})}
     return write_graphs

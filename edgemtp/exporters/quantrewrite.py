@@ -150,7 +150,7 @@ class Rewrite:
             if t.name not in uses or t.name in float_users:
                 self.new_inits.append(self._float(t))
             if self.progress:
-                self.progress(i + 1, len(self.inits), t.name)
+                self.progress(i + 1, len(self.inits), "quantizing weights")
         nodes = []
         for n, r in zip(self.g.node, roles):
             nodes += [n] if r is None else self.emit[r[1], r[0]](n)
@@ -345,7 +345,7 @@ def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, sh
         else:
             new_inits.append(renamed(proto, t.name))
         if progress:
-            progress(i + 1, n, t.name)
+            progress(i + 1, n, f"{quant} weights")
     replace_all(g, new_inits, casts + list(g.node))
 
 
