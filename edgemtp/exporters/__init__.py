@@ -114,7 +114,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
         write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k, drafter_head_rows,
                                        drafter_head_context)
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
-        builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, _phase(progress, "target weights"),
+        builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, builder.phase(progress, "target weights"),
                      read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
@@ -125,16 +125,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
                 use_gemv_head(verify[0], keep_table)
             graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
-            graphs.update(write_drafter(tmp, _phase(progress, "MTP drafter weights")))
+            graphs.update(write_drafter(tmp, builder.phase(progress, "MTP drafter weights")))
         bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})
     return out
-
-
-def _phase(progress: Progress | None, label: str) -> Progress | None:
-    """`progress` reporting `label` as what is being done (the CLI's bar shows it), or None."""
-    if progress is None:
-        return None
-    return lambda done, total, what="": progress(done, total, label)
 
 
 VERIFY = "verify"  # the manifest's name for the batched verify graph

@@ -129,6 +129,13 @@ ROWS_BYTES = 256 << 20  # a tensor bigger than this is read and written in row b
 BLOCK_BYTES = 32 << 20  # each of at most this many bytes (or ROWS_BYTES, if smaller)
 
 
+def phase(progress: Callable[[int, int, str], None] | None, label: str):
+    """`progress(done, total, what)` reporting `label` as what is being done (the CLI's bar shows it)."""
+    if progress is None:
+        return None
+    return lambda done, total, what="": progress(done, total, label)
+
+
 def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
          progress: Callable[[int, int, str], None] | None = None,
          read_rows: Callable[[str, np.ndarray], np.ndarray] | None = None) -> list[str]:

@@ -56,7 +56,7 @@ from ..calibration import activations as A
 from ..errors import EdgemtpError
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
 from . import gemv_head
-from .builder import MS_DOMAIN
+from .builder import MS_DOMAIN, phase
 from .components import joined_parts
 from .quantrewrite import Rewrite, Shared, Sink, activation_sources, rewrite_float
 
@@ -393,7 +393,8 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
         wanted = {s: sch.gptq for s in dict.fromkeys(sources.values())}
         with tempfile.TemporaryDirectory(prefix=".calibration-", dir=work.parent) as d:
             path = Path(d) / "calibration.onnx"
-            quantize_graph(graph, path, "int8", calibration=None, extra_outputs=tuple(wanted), two_pass="none")
+            quantize_graph(graph, path, "int8", calibration=None, extra_outputs=tuple(wanted), two_pass="none",
+                           progress=phase(progress, "int8 copy for calibration"))
             from ..runtime.session import make_session
 
             session = make_session(path, "cpu", None)
