@@ -397,9 +397,11 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
                            progress=phase(progress, "int8 copy for calibration"))
             from ..runtime.session import make_session
 
-            session = make_session(path, "cpu", None)
             windows = A.token_windows(ids, min(A.WINDOW, b.target_contract.capacity), -(-tokens // A.WINDOW),
                                       b.model.get("bos_token_id"))
+            if progress:  # loading the copy takes seconds (~10 for Gemma 3 270M)
+                progress(0, len(windows), "calibration")
+            session = make_session(path, "cpu", None)
             stats = A.collect(session, b.target_contract, windows, wanted, progress, max_hessian=GPTQ_MAX_K)
             del session
     return Calibration(stats, order, text.source)
