@@ -133,8 +133,6 @@ def collect(session, contract: C.TargetContract, windows: np.ndarray, wanted: di
 
     target = Target(session, contract)
     stats: dict[str, Stats] = {}
-    if progress:  # the bar names this phase before its first window (seconds) ends
-        progress(0, len(windows), "calibration")
     for w, row in enumerate(windows):
         outs = target.forward_outputs(row[None], target.new_cache(1), list(wanted))
         for name, x in zip(wanted, outs):
