@@ -33,6 +33,7 @@ import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy l
 import numpy as np
 
 from edgemtp.runtime.engine import Engine
+from edgemtp.runtime.stats import Stats
 
 
 def genai_round(model, ids: list[int], new: int) -> tuple[float, float, list[int]]:
@@ -55,8 +56,9 @@ def genai_round(model, ids: list[int], new: int) -> tuple[float, float, list[int
 
 
 def edgemtp_round(engine: Engine, ids: list[int], new: int) -> tuple[float, float, list[int]]:
-    gen = engine.generate(engine.decode(ids), max_new_tokens=new)  # no draft: plain decoding
-    return gen.stats.prefill_tokens_per_s, gen.stats.tokens_per_s, gen.tokens
+    stats = Stats()
+    tokens = list(engine.token_ids(ids, new, stats=stats))  # plain greedy decoding of these very ids
+    return stats.prefill_tokens_per_s, stats.tokens_per_s, tokens
 
 
 class GenaiTarget:
