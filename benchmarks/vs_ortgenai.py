@@ -38,11 +38,7 @@ from edgemtp.runtime.stats import Stats
 
 def genai_round(model, ids: list[int], new: int) -> tuple[float, float, list[int]]:
     """(prefill tokens/s, decode tokens/s, tokens) of one greedy run of onnxruntime-genai."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + new, do_sample=False)
-    gen = og.Generator(model, params)
+    gen = GenaiTarget(model, len(ids) + new).new_cache(1)
     t0 = time.perf_counter()
     gen.append_tokens(np.array([ids], np.int32))  # the prompt's forward pass
     prefill = len(ids) / (time.perf_counter() - t0)
