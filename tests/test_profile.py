@@ -149,3 +149,36 @@ def test_importing_edgemtp_before_numpy_stops_openblas_spinning():
     code = code.replace("import edgemtp, numpy", "import numpy, edgemtp")  # too late: left alone
     run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert run.stdout.split() == ["None"]
+
+
+def test_rows_run_on_the_engine_generate_loads_for_them(tiny_gemma3, monkeypatch):
+    """Plain and lookup rows on a target whose threads spin between runs, MTP and hybrid rows on one whose
+    threads sleep (as `edgemtp generate` loads it for each): one engine for all made one kind slower.
+    The rows come back in their configuration order, and only one engine is held at a time."""
+    import weakref
+
+    from edgemtp.runtime import profile as prof
+
+    loads, alive = [], []
+
+    class FakeEngine:
+        capacity = 64
+
+        def __init__(self, mtp):
+            self.mtp = mtp
+
+        @classmethod
+        def load(cls, *args, mtp=None, **kwargs):
+            assert not any(e() for e in alive), "the previous engine is still held"
+            loads.append(mtp)
+            engine = cls(mtp)
+            alive.append(weakref.ref(engine))
+            return engine
+
+    monkeypatch.setattr(prof, "Engine", FakeEngine)
+    monkeypatch.setattr(prof, "skip_reason", lambda *a: "")
+    monkeypatch.setattr(prof, "run_row", lambda engine, c, *a: prof.Row(c, skipped=f"mtp={engine.mtp}"))
+    out = prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), drafter="lookup,mtp,hybrid")
+    assert [(r["drafter"], r["skipped"]) for r in out["rows"]] == [
+        ("none", "mtp=False"), ("lookup", "mtp=False"), ("mtp", "mtp=True"), ("hybrid", "mtp=True")]
+    assert loads == [False, True]

@@ -9,7 +9,8 @@
   embedding `Gather` becomes `GatherBlockQuantized`. A tied table is packed once for both uses (its
   MatMulNBits scales reach the gather through a folded Unsqueeze). Choices, measured on Gemma 3 270M
   against its fp32 bundle on held-out code and prose (benchmarks/bench_quant.py; docs/measurements.md has the table):
-  - Layers stay 8-bit in both presets: at 4 bits top-1 agreement fell to 0.75; 8-bit decodes as fast.
+  - Layers stay 8-bit in both presets: at 4 bits top-1 agreement fell to 0.75-0.83 (sessions 5, 25) for
+    decode steps only ~1.15x as fast (`--layer-bits 4` gives that choice to the user).
   - Activations go through MatMulNBits twice (`two_pass`, every weight in both presets): once rounded
     onto MLAS' own int8 grid, once the residual. Level 4's int8 activations alone cost the head ~2%
     top-1 (Gemma's final hidden state has channels ~15x the median); two passes restore it (0.98 ->

@@ -8,6 +8,7 @@ available, prompt + generation beyond the KV capacity) are kept with a `skipped`
 
 from __future__ import annotations
 
+import gc
 import itertools
 import resource
 import statistics
@@ -107,6 +108,10 @@ def heads_for(bundle, head: str) -> list[str]:
     return have if head == "auto" else [h.strip() for h in head.split(",") if h.strip()]
 
 
+def uses_mtp(c: RowConfig) -> bool:
+    return c.draft_k > 0 and c.drafter in ("mtp", "hybrid")
+
+
 def skip_reason(c: RowConfig, capacity: int, static_window: int | None, bundle=None) -> str:
     full = PROVIDERS.get(c.provider.lower(), c.provider)
     if full not in ort.get_available_providers():
@@ -176,17 +181,30 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
 
     drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto."""
     bundle = load_bundle(bundle_dir, verify=False)
-    engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False,
-                         drafter_provider=drafter_provider, fast_verify=fast_verify)
     static = bundle.graph("target").contract.get("verify_window")
-    rows = []
     todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters_for(bundle, drafter, provider),
                    heads_for(bundle, head))
-    for i, c in enumerate(todo):
-        reason = skip_reason(c, engine.capacity, static, bundle)
-        rows.append(Row(c, skipped=reason) if reason else run_row(engine, c, repetitions, text))
-        if progress:
-            progress(i + 1, len(todo), f"k={c.draft_k} batch={c.batch} prompt={c.prompt_tokens}")
+    rows: list[Row | None] = [None] * len(todo)
+    done = 0
+    # Each row runs on the engine `edgemtp generate` loads for it: rows drafting with the MTP drafter on a
+    # target whose threads sleep between runs, the others (plain, prompt lookup) on one whose threads
+    # spin. One engine for all rows made one kind pay for the other's setting (see session.make_session).
+    # The engines are loaded one after the other, so the memory of only one is held at a time.
+    for mtp in (False, True):
+        mine = [i for i, c in enumerate(todo) if uses_mtp(c) == mtp]
+        if not mine:
+            continue
+        engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False,
+                             drafter_provider=drafter_provider, mtp=mtp, fast_verify=fast_verify)
+        for i in mine:
+            c = todo[i]
+            reason = skip_reason(c, engine.capacity, static, bundle)
+            rows[i] = Row(c, skipped=reason) if reason else run_row(engine, c, repetitions, text)
+            done += 1
+            if progress:
+                progress(done, len(todo), f"k={c.draft_k} batch={c.batch} prompt={c.prompt_tokens}")
+        del engine
+        gc.collect()  # its sessions' memory goes before the next engine loads
     return {"schema_version": SCHEMA_VERSION, "bundle": str(bundle_dir),
             "bundle_bytes": sum(f["bytes"] for f in bundle.manifest["files"].values()),
             "threads": threads, "repetitions": repetitions,
