@@ -33,12 +33,30 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Where a bundle may be written: a new path, or with --overwrite an earlier bundle or an empty
+    directory. --overwrite deletes what is there, so it never takes a directory holding anything else
+    (a model directory, a home directory, the current one)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not overwrite:
+        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    if not out.is_dir():
+        raise EdgemtpError(f"{out}: is a file, not a bundle directory (--overwrite replaces only a bundle)")
+    here = Path.cwd().resolve()
+    if here == out.resolve() or out.resolve() in here.parents:
+        raise EdgemtpError(f"{out}: holds the current directory; --overwrite will not delete it")
+    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise EdgemtpError(f"{out}: not an edgemtp bundle (no {MANIFEST}); --overwrite replaces only a bundle "
+                           "or an empty directory")
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False):
     """Yields a temporary directory next to `out`; renames it to `out` only if the block succeeds."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -93,7 +111,11 @@ class Bundle:
 
     @property
     def target_contract(self) -> TargetContract:
-        return TargetContract.from_json(self.graph("target").contract)
+        try:
+            return TargetContract.from_json(self.graph("target").contract)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EdgemtpError(f"{self.dir / MANIFEST}: graphs.target.contract is malformed "
+                               f"({e.__class__.__name__}: {e})") from None
 
 
 def load(bundle_dir: Path, verify: bool = True) -> Bundle:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .errors import EdgemtpError
 
@@ -16,11 +19,32 @@ class _Group(click.Group):
     """User mistakes become one line on stderr and exit status 2, never a traceback."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EdgemtpError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+        with _exit_on_sigterm(), warnings.catch_warnings():  # a library warning as one plain line
+            warnings.showwarning = lambda message, *_a, **_k: click.echo(f"warning: {message}", err=True)
+            try:
+                return super().invoke(ctx)
+            except EdgemtpError as e:
+                click.echo(f"error: {e}", err=True)
+                sys.exit(2)
+            except OSError as e:  # a path given that cannot be written or read (read-only, a file, no space)
+                where = f"{e.filename}: " if e.filename else ""
+                click.echo(f"error: {where}{e.strerror or e}", err=True)
+                sys.exit(2)
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """SIGTERM (kill, a cancelled CI job) as an exit, so the `finally` blocks that delete a half-written
+    bundle's temporary directory run: by default the process dies and leaves it behind."""
+    try:
+        before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    except ValueError:  # not the main thread (an app calling cli() from a worker): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @click.group(cls=_Group)
@@ -108,8 +132,9 @@ def quant_options(f):
 @click.option("--quant", default="fp32", show_default=True,
               help="Weight format: fp32, fp16, int8 or int4 (weight-only, MatMulNBits), or qdq (static QDQ "
                    "graph for NPUs, with --static).")
-@click.option("--max-context", "capacity", default=4096, show_default=True, type=int,
-              help="KV capacity (prompt + generated tokens) the bundle is built for.")
+@click.option("--max-context", "capacity", default=None, type=int,
+              help="KV capacity (prompt + generated tokens) the bundle is built for (default: 4096, or the "
+                   "model's max_position_embeddings if smaller).")
 @click.option("--static", "static", is_flag=True,
               help="NPU-ready graph: batch 1, fixed shapes, standard ONNX ops only.")
 @click.option("--verify-window", default=5, show_default=True, type=int,
@@ -140,8 +165,10 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
                drafter: str, draft_top_k: int | None, draft_head_rows: str, draft_head_context: int | None,
                gemv_head: bool | None, overwrite: bool, **quant_opts):
     """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
-    from .exporters import AUTO, export
+    from .exporters import AUTO, export, load_config, resolve_capacity
 
+    if capacity is not None:
+        resolve_capacity(capacity, load_config(model_dir)[0], limit=True)
     chosen = None if drafter == "none" else AUTO if drafter == "auto" else Path(drafter)
     if isinstance(chosen, Path) and not (chosen / "config.json").is_file():
         raise EdgemtpError(f"--drafter {drafter}: no config.json there (a drafter directory, auto or none)")
@@ -159,11 +186,14 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
 
 def sampling_options(f):
     for opt in reversed([
-        click.option("--max-new-tokens", default=128, show_default=True, type=int),
+        click.option("--max-new-tokens", default=128, show_default=True, type=int,
+                     help="Tokens to generate at most (generation also stops at a stop token or the KV capacity)."),
         click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."),
         click.option("--top-k", default=0, show_default=True, type=int, help="0 keeps all tokens."),
-        click.option("--top-p", default=1.0, show_default=True, type=float),
-        click.option("--seed", default=None, type=int, help="Seed for sampling."),
+        click.option("--top-p", default=1.0, show_default=True, type=float,
+                     help="Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]; "
+                          "1 keeps all."),
+        click.option("--seed", default=None, type=int, help="Seed for sampling (>= 0; default: a fresh one)."),
         click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider."),
         click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores)."),
     ]):
@@ -206,6 +236,11 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
 
     text = read_prompt(prompt, prompt_file)
     sampling = Sampling(temperature, top_k, top_p, seed)
+    if no_draft:
+        given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in ("draft_mode", "draft_k", "adaptive")
+                 if click.get_current_context().get_parameter_source(n) == ParameterSource.COMMANDLINE]
+        if given:
+            raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
     draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
@@ -223,14 +258,14 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
     click.echo(speed_line(stats), err=True)
 
 
-def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
     if (prompt is None) == (prompt_file is None):
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None:
         try:
             return prompt_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise EdgemtpError(f"--prompt-file {prompt_file}: cannot read ({e.__class__.__name__})") from None
+            raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({e.__class__.__name__})") from None
     return prompt
 
 
@@ -248,14 +283,18 @@ def speed_line(stats) -> str:
 @click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score.")
 @click.option("--reference", default=None, type=click.Path(path_type=Path),
               help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
-@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text.")
-@click.option("--threads", default=None, type=int)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text (>= 2).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json):
     """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence."""
     from .evaluate import evaluate
 
-    result = evaluate(bundle_dir, read_prompt(None, text_file), reference, threads=threads, max_tokens=max_tokens)
+    if max_tokens is not None and max_tokens < 2:
+        raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 2 (perplexity scores the tokens after "
+                           "the first)")
+    text = read_prompt(None, text_file, "--text-file")
+    result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -267,9 +306,9 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Directory for head.safetensors (centroids, token_ordering, token_mask).")
-@click.option("--clusters", default=2048, show_default=True, type=int)
+@click.option("--clusters", default=2048, show_default=True, type=int, help="k-means clusters of the vocabulary.")
 @click.option("--top-k", default=32, show_default=True, type=int, help="Clusters scored exactly per step.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the k-means initialisation.")
 @click.option("--calibration", default=None, type=click.Path(path_type=Path),
               help="Final hidden states [N, d] (.npy/.npz) to learn centroids from (much higher recall).")
 @click.option("--report", "report_hidden", default=None, type=click.Path(path_type=Path),
@@ -291,6 +330,9 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
                                                            "applies only without --calibration"))
     if drafter_dir is not None and calibration is not None:
         raise EdgemtpError("--drafter and --calibration: give one source of calibration states")
+    for flag, path in (("--calibration", calibration), ("--report", report_hidden)):
+        if path is not None and not path.is_file():
+            raise EdgemtpError(f"{flag} {path}: no such file (expected hidden states in .npy / .npz)")
     with progress_bar("clustering the vocabulary", show_what=drafter_dir is not None) as progress:
         if drafter_dir is not None:
             import importlib.util
@@ -367,6 +409,8 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         raise EdgemtpError(f"--greedy-from {greedy_from}: must be between 1 and --seq-len - 1 ({seq_len - 1})")
     if init is not None and not (init / "config.json").is_file():
         raise EdgemtpError(f"--init {init}: not a drafter directory (no config.json)")
+    if not (lr > 0 and lr < float("inf")):
+        raise EdgemtpError(f"--lr {lr} must be a positive number")
     if not 0.0 <= accept_weight <= 1.0:
         raise EdgemtpError(f"--accept-weight {accept_weight}: must be between 0 and 1")
     train = TrainSpec(k=draft_k, batch=batch, lr=lr, eval_every=eval_every, accept_weight=accept_weight)
@@ -422,13 +466,15 @@ def int_list(flag: str, value: str) -> list[int]:
 
 @cli.command("profile")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--prompt-tokens", default="128,512", show_default=True)
-@click.option("--gen-tokens", default=128, show_default=True, type=int)
-@click.option("--repetitions", default=5, show_default=True, type=int)
-@click.option("--draft-k", default="0,2,4,6", show_default=True, help="0 is plain decoding.")
-@click.option("--batch", default="1", show_default=True)
-@click.option("--provider", default="cpu", show_default=True)
-@click.option("--threads", default=None, type=int)
+@click.option("--prompt-tokens", default="128,512", show_default=True, help="Comma list of prompt lengths.")
+@click.option("--gen-tokens", default=128, show_default=True, type=int, help="Tokens generated per run.")
+@click.option("--repetitions", default=5, show_default=True, type=int,
+              help="Timed runs per row (after one warm-up run).")
+@click.option("--draft-k", default="0,2,4,6", show_default=True, help="Comma list of K; 0 is plain decoding.")
+@click.option("--batch", default="1", show_default=True, help="Comma list of batch sizes (prompts at once).")
+@click.option("--provider", default="cpu", show_default=True,
+              help="Execution provider of the rows (a row is skipped when this onnxruntime lacks it).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--draft", "drafter", default="auto", show_default=True,
               help="Comma list of drafters: lookup, mtp, hybrid; auto is generate's default.")
 @click.option("--head", default="auto", show_default=True,
@@ -446,9 +492,29 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     from .runtime import profile as prof
     from .runtime import profile_report as report
 
+    from .runtime.session import resolve_provider
+
     if repetitions < 1:
         raise EdgemtpError(f"--repetitions {repetitions} must be at least 1")
-    text = read_prompt(None, text_file) if text_file else None
+    if gen_tokens < 1:
+        raise EdgemtpError(f"--gen-tokens {gen_tokens} must be at least 1")
+    for flag, values, least in (("--prompt-tokens", prompt_tokens, 1), ("--batch", batch, 1),
+                                ("--draft-k", draft_k, 0)):
+        bad = [v for v in int_list(flag, values) if v < least]
+        if bad:
+            raise EdgemtpError(f"{flag} {bad[0]} must be at least {least}")
+    for flag, values, known in (("--draft", drafter, ("auto", "lookup", "mtp", "hybrid")),
+                                ("--head", head, ("auto", "clustered", "full"))):
+        bad = [v.strip() for v in values.split(",") if v.strip() not in known]
+        if bad:
+            raise EdgemtpError(f"{flag} {bad[0]!r} is unknown (choose from {', '.join(known)})")
+    with warnings.catch_warnings():  # a known provider this build lacks: its rows say so ("skipped")
+        warnings.simplefilter("ignore")
+        resolve_provider(provider)
+    for flag, path in (("--plot", plot_file), ("--trace", trace)):
+        if path is not None and not path.parent.is_dir():
+            raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
+    text = read_prompt(None, text_file, "--text-file") if text_file else None
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
@@ -475,8 +541,8 @@ def _traced_engine(bundle_dir, threads, prefix):
 @cli.command("quickstart")
 @click.option("--workdir", default=Path.home() / ".cache" / "edgemtp", type=click.Path(path_type=Path),
               show_default=True, help="Where the imported model and the bundle go.")
-@click.option("--prompt", default="def fibonacci(n):", show_default=True)
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--prompt", default="def fibonacci(n):", show_default=True, help="Prompt of both generations.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Tokens each generation makes.")
 def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     """Import the default model (Gemma 3 270M), export a bundle with its shipped MTP drafter, generate
     plainly and speculatively, and print both speeds."""
@@ -485,6 +551,10 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     from .gguf_import import default_gguf_path, import_gguf
     from .runtime.engine import Draft, Engine, new_stats
 
+    if max_new_tokens < 1:
+        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if workdir.exists() and not workdir.is_dir():
+        raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")
     model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
     if not (model_dir / "config.json").is_file():
         gguf = default_gguf_path()
@@ -494,15 +564,18 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     if not fresh:  # none yet, or one exported before the drafter shipped
         with progress_bar("exporting the bundle", show_what=True) as progress:
             export(model_dir, bundle_dir, progress=progress, drafter=AUTO, overwrite=True)
-    engine = Engine.load(bundle_dir, verify=False)
     runs = (("plain decoding", None), ("speculative (MTP drafter + prompt lookup, K=4)", Draft("auto", 4)))
     for label, draft in runs:
+        # each on the engine `edgemtp generate` loads for it (its threads spin between runs for plain
+        # decoding, sleep while an MTP drafter takes turns), so the two speeds are what generate gives
+        engine = Engine.load(bundle_dir, verify=False, mtp=draft is not None)
         stats = new_stats(draft)
         click.echo(f"--- {label}\n{prompt}", nl=False)
         for piece in engine.stream(prompt, max_new_tokens, stats=stats, draft=draft):
             click.echo(piece, nl=False)
         click.echo()
         click.echo(speed_line(stats))
+        del engine  # freed before the next one loads
 
 
 def main():

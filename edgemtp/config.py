@@ -70,11 +70,14 @@ class Problems:
         if value is None:
             self.items.append(f"missing field '{key}'")
             return kind()
+        whole = kind is not int or (isinstance(value, int) and not isinstance(value, bool))
         try:
-            return kind(value)
+            if whole:
+                return kind(value)
         except (TypeError, ValueError):
-            self.items.append(f"field '{key}' should be {kind.__name__}, got {value!r}")
-            return kind()
+            pass
+        self.items.append(f"field '{key}' should be {'an integer' if kind is int else kind.__name__}, got {value!r}")
+        return kind()
 
     def check(self, ok: bool, message: str) -> None:
         if not ok:
@@ -92,9 +95,12 @@ def read_config_json(model_dir: Path) -> dict:
     if not path.is_file():
         raise EdgemtpError(f"{path}: missing (a model directory needs config.json)")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise EdgemtpError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def eos_ids(hf: dict) -> tuple[int, ...]:
@@ -191,12 +197,26 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     return cfg
 
 
+# TextConfig's names -> config.json's, for messages
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu", "silu")
+ROPE_KINDS = ("default", "linear", "llama3", "proportional")
+
+
 def _check_common(cfg: TextConfig, pr: Problems) -> None:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
-        pr.check(getattr(cfg, name) > 0, f"field for {name} must be positive")
+        pr.check(getattr(cfg, name) > 0, f"field '{HF_NAMES.get(name, name)}' must be positive")
+    pr.check(cfg.hidden_activation in ACTIVATIONS,
+             f"activation {cfg.hidden_activation!r} unsupported ({', '.join(ACTIVATIONS)})")
+    for rope in cfg.rope.values():
+        pr.check(rope.kind in ROPE_KINDS, f"rope_type {rope.kind!r} unsupported ({', '.join(ROPE_KINDS)})")
+    pr.check(all(0 <= e < cfg.vocab_size for e in cfg.eos_token_ids),
+             f"field 'eos_token_id' {list(cfg.eos_token_ids)} outside the vocabulary of {cfg.vocab_size}")
+    pr.check(cfg.sliding_window is None or cfg.sliding_window > 0,
+             f"field 'sliding_window' {cfg.sliding_window} must be positive")
     if cfg.num_heads and cfg.num_kv_heads:
         pr.check(cfg.num_heads % cfg.num_kv_heads == 0,
                  "num_attention_heads must be a multiple of num_key_value_heads")
     pr.check(cfg.head_dim % 2 == 0, "head_dim must be even (rotary embedding)")
-    for lt in cfg.layer_types:
+    for lt in dict.fromkeys(cfg.layer_types):  # each unknown type once
         pr.check(lt in (SLIDING, FULL), f"unknown layer type {lt!r} in 'layer_types'")

@@ -96,3 +96,23 @@ class TargetContract:
                    capacity=int(d["capacity"]), kv=tuple(KVSlot(**s) for s in d["kv"]),
                    drafter_kv={k: int(v) for k, v in d.get("drafter_kv", {}).items()},
                    kv_update=str(d.get("kv_update", "in_place")), window_views=bool(d.get("window_views", False)))
+
+
+def graph_mismatch(contract: TargetContract, inputs: dict) -> str:
+    """What in `contract` disagrees with the graph's KV inputs (name -> shape, symbolic dims as str),
+    or '' if nothing: a manifest edited after export would otherwise fail inside ONNX Runtime's run."""
+    want = {}
+    for s in contract.kv:
+        want[past_key(s.layer)] = want[past_value(s.layer)] = s
+    have = {n for n in inputs if n.startswith("past_key_values.")}
+    for name in sorted(set(want) - have):
+        return f"its kv names {name}, which the graph does not have"
+    for name in sorted(have - set(want)):
+        return f"the graph's input {name} is missing from its kv"
+    for name, s in want.items():
+        shape = list(inputs[name])
+        expected = [None, s.num_heads, contract.capacity if s.window is None else None, s.head_dim]
+        if len(shape) != 4 or any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, expected)):
+            implied = ["batch" if w is None else w for w in expected]
+            return f"{name} is {shape} in the graph, the contract implies {implied}"
+    return ""

@@ -376,7 +376,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgemtpError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise EdgemtpError(f"{out_dir}: directory is not empty (choose another output directory or overwrite)")
+        raise EdgemtpError(f"{out_dir}: directory is not empty (choose another output directory)")
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

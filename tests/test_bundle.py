@@ -92,6 +92,32 @@ def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_terminated_leaves_no_temporary_directory(tiny_gemma3, tmp_path, monkeypatch):
+    """SIGTERM mid-export (kill, a cancelled job): exit status 143, no bundle and no hidden partial dir."""
+    import os
+    import signal
+
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    real_save = builder.save
+
+    def terminated_save(b, path, read, progress=None, read_rows=None):
+        def read_then_terminate(name):
+            if "layers.2" in name:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return read(name)
+        return real_save(b, path, read_then_terminate, progress)
+
+    monkeypatch.setattr(builder, "save", terminated_save)
+    before = signal.getsignal(signal.SIGTERM)
+    r = CliRunner().invoke(cli, ["export", str(tiny_gemma3[1]), "-o", str(tmp_path / "out"), "--drafter", "none"])
+    assert r.exit_code == 143, r.output
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # restored for whoever called cli()
+
+
 def test_export_refuses_existing_output(tiny_gemma3):
     _, model_dir, b = tiny_gemma3
     with pytest.raises(EdgemtpError, match="already exists"):
@@ -108,6 +134,20 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: _edit_config(d, intermediate_size=100), "has shape"),
     # q/k/v are one joined weight of the same total width (6*32 + 32 + 32 = 4*32 + 2*64): each part is checked
     (lambda d: _edit_config(d, num_attention_heads=6, num_key_value_heads=1), r"q_proj.weight' has shape"),
+    (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object, got list"),
+    (lambda d: _edit_config(d, eos_token_id="x"), "config.json: a field has a value of the wrong type"),
+    (lambda d: _edit_config(d, rope_parameters={"full_attention": {"rope_theta": "abc"},
+                                                 "sliding_attention": {"rope_theta": 1e4}}),
+     "config.json: a field has a value of the wrong type"),
+    (lambda d: _edit_config(d, eos_token_id=10**9), "'eos_token_id' \\[1000000000\\] outside the vocabulary"),
+    (lambda d: _edit_config(d, hidden_activation="relu9"), "activation 'relu9' unsupported"),
+    (lambda d: _edit_config(d, rope_parameters={"full_attention": {"rope_type": "weird", "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_theta": 1e4}}),
+     "rope_type 'weird' unsupported"),
+    (lambda d: _edit_config(d, sliding_window=-1), "'sliding_window' -1 must be positive"),
+    (lambda d: _edit_config(d, hidden_size=64.5), "'hidden_size' should be an integer, got 64.5"),
+    (lambda d: _edit_config(d, num_hidden_layers=0), "'num_hidden_layers' must be positive"),
+    (lambda d: (d / "tokenizer.json").write_text('{"version": '), "tokenizer.json: not a valid tokenizer.json"),
 ])
 def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     d = tmp_path / "model"
@@ -116,6 +156,60 @@ def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     with pytest.raises(EdgemtpError, match=message):
         export(d, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_max_context(tiny_gemma3, tmp_path):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    args = ["export", str(tiny_gemma3[1]), "-o", str(tmp_path / "out"), "--max-context"]
+    r = CliRunner().invoke(cli, args + ["99999999999"])  # once tried to allocate 373 GiB
+    assert r.exit_code == 2 and r.output == ("error: --max-context 99999999999 exceeds the model's "
+                                             "max_position_embeddings (256, config.json)\n")
+    assert not (tmp_path / "out").exists()
+    # by default: 4096 positions, or max_position_embeddings when fewer (256 for this tiny model)
+    assert CliRunner().invoke(cli, args[:-1]).exit_code == 0
+    assert bundle.load(tmp_path / "out").target_contract.capacity == 256
+
+
+def test_overwrite_replaces_only_a_bundle(tiny_gemma3, tmp_path, monkeypatch):
+    """--overwrite deletes what is at the output path: never a directory holding anything but a bundle."""
+    model_dir, old = tiny_gemma3[1], tiny_gemma3[2]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    (tmp_path / "afile").write_text("keep")
+    for out, message in ((mine, "not an edgemtp bundle"), (model_dir, "not an edgemtp bundle"),
+                         (tmp_path / "afile", "is a file, not a bundle directory")):
+        with pytest.raises(EdgemtpError, match=message):
+            export(model_dir, out, overwrite=True, capacity=64)
+    monkeypatch.chdir(mine)
+    with pytest.raises(EdgemtpError, match="holds the current directory"):
+        export(model_dir, mine.parent, overwrite=True, capacity=64)
+    assert (mine / "precious.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"
+    assert (model_dir / "config.json").is_file()
+    # an earlier bundle and an empty directory are replaced
+    again, empty = copy_bundle(old, tmp_path), tmp_path / "empty"
+    empty.mkdir()
+    for out in (again, empty):
+        export(model_dir, out, overwrite=True, capacity=64)
+        assert bundle.load(out).manifest["graphs"]["target"]["contract"]["capacity"] == 64
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(capacity="abc"), "graphs.target.contract is malformed"),
+    (lambda c: c.update(capacity=4096), r"does not match target.onnx: past_key_values.\d+.key is \['batch', \d+, 64"),
+    (lambda c: c.update(kv=[]), "does not match target.onnx: the graph's input past_key_values.0.key is missing"),
+])
+def test_manifest_contract_must_match_the_graph(tiny_gemma3, tmp_path, edit, message):
+    """A manifest edited after export (it cannot hash itself) is named, not left to fail inside a run."""
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    m = json.loads((b / "edgemtp.json").read_text())
+    edit(m["graphs"]["target"]["contract"])
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    with pytest.raises(EdgemtpError, match=message):
+        Engine.load(b)
 
 
 def _edit_config(d, **changes):

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -51,8 +52,14 @@ def test_seeded_sampling_is_reproducible(tiny_gemma3):
     (("--max-new-tokens", -3), "--max-new-tokens -3 must be at least 1"),
     (("--provider", "tpu9000"), "--provider 'tpu9000' is unknown"),
     (("--drafter-provider", "npu42"), "--drafter-provider 'npu42' is unknown"),
-    (("--temperature", -1), "--temperature -1.0 must be >= 0"),
+    (("--temperature", -1), "--temperature -1.0 must be a finite number >= 0"),
     (("--top-p", 0), "--top-p 0.0 must be in (0, 1]"),
+    (("--temperature", "nan"), "--temperature nan must be a finite number >= 0"),
+    (("--temperature", 1, "--seed", -1), "--seed -1 must be >= 0"),
+    (("--threads", 0), "--threads 0 must be between 1 and"),
+    (("--threads", 100_000), "--threads 100000 must be between 1 and"),  # ORT would make them all
+    (("--no-draft", "--draft", "mtp"), "--no-draft and --draft: drafting is either off or configured"),
+    (("--no-draft", "--draft-k", 2), "--no-draft and --draft-k: drafting is either off or configured"),
 ])
 def test_generate_bad_flags(tiny_gemma3, extra, message):
     r = run("generate", tiny_gemma3[2], "--prompt", "t1", *extra)
@@ -75,6 +82,40 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output
     assert "--gemv-head applies to dynamic fp32 bundles" in r.output and not (tmp_path / "b").exists()
+
+
+def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
+    """A path that cannot be written (here: under a file) and flags of other commands, each one line."""
+    (tmp_path / "afile").write_text("x")
+    text = tmp_path / "t.txt"
+    text.write_text("t1 t2 t3 t4 t5 t6")
+    bundle = tiny_gemma3[2]
+    pickled = tmp_path / "pickled.npy"
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [
+        (("export", tiny_gemma3[1], "-o", tmp_path / "afile" / "b"), "afile"),
+        (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--clusters", 8, "--top-k", 2,
+          "--calibration", pickled),
+         "not a .npy / .npz array"),
+        (("evaluate", bundle, "--text-file", tmp_path / "nope"), "--text-file"),
+        (("evaluate", bundle, "--text-file", text, "--max-tokens", -3), "--max-tokens -3 must be at least 2"),
+        (("profile", bundle, "--draft", "bogus"), "--draft 'bogus' is unknown"),
+        (("profile", bundle, "--head", "bogus"), "--head 'bogus' is unknown"),
+        (("profile", bundle, "--provider", "foo"), "--provider 'foo' is unknown"),
+        (("profile", bundle, "--gen-tokens", 0), "--gen-tokens 0 must be at least 1"),
+        (("profile", bundle, "--batch", "1,0"), "--batch 0 must be at least 1"),
+        (("profile", bundle, "--draft-k", "-1"), "--draft-k -1 must be at least 0"),
+        (("profile", bundle, "--plot", tmp_path / "nodir" / "p.png"), "--plot"),
+        (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--report", tmp_path / "nope.npy"), "--report"),
+        (("quickstart", "--workdir", tmp_path / "afile"), "--workdir"),
+        (("quickstart", "--workdir", tmp_path / "qs", "--max-new-tokens", 0), "--max-new-tokens 0"),
+    ]
+    for args, message in cases:
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), (args, r.output)
+        assert message in r.output, (args, r.output)
+    assert not (tmp_path / "qs").exists()  # checked before importing anything
 
 
 def test_runtime_imports_no_torch():

@@ -56,13 +56,16 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
         path = Path(source)
         if not path.is_file():
             raise EdgemtpError(f"{path}: calibration file not found")
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                if "hidden" not in z:
-                    raise EdgemtpError(f"{path}: no 'hidden' array (expected final hidden states [N, d])")
-                source = z["hidden"]
-        else:
-            source = np.load(path, allow_pickle=False)
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as z:
+                    if "hidden" not in z:
+                        raise EdgemtpError(f"{path}: no 'hidden' array (expected final hidden states [N, d])")
+                    source = z["hidden"]
+            else:
+                source = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # not a numpy file, or one holding pickled objects
+            raise EdgemtpError(f"{path}: not a .npy / .npz array file ({str(e).split('. ')[0]})") from None
     hidden = np.asarray(source, np.float32)
     if hidden.ndim != 2 or hidden.shape[1] != hidden_size or len(hidden) == 0:
         raise EdgemtpError(f"calibration hidden states have shape {list(hidden.shape)}, "

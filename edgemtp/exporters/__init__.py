@@ -43,10 +43,46 @@ def load_config(model_dir: Path):
     if model_type not in archs:
         raise EdgemtpError(f"{source}: model_type {model_type!r} is not supported "
                            f"(supported: {', '.join(sorted(archs))})")
-    return archs[model_type][0](hf, source), archs[model_type][1]
+    try:
+        cfg = archs[model_type][0](hf, source)
+    except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type the parser converts
+        raise EdgemtpError(f"{source}: a field has a value of the wrong type ({e})") from None
+    return cfg, archs[model_type][1]
 
 
-def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096, overwrite: bool = False,
+DEFAULT_CAPACITY = 4096
+
+
+def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
+    """--max-context: by default 4096 positions, or the model's max_position_embeddings if fewer. `limit`
+    (the CLI): a value beyond max_position_embeddings is refused, positions the model was never trained on
+    (an internal scratch export of a tiny test model may go past them)."""
+    if capacity is None:
+        return min(DEFAULT_CAPACITY, cfg.max_position_embeddings)
+    if capacity < 2:
+        raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
+    if limit and capacity > cfg.max_position_embeddings:
+        raise EdgemtpError(f"--max-context {capacity} exceeds the model's max_position_embeddings "
+                           f"({cfg.max_position_embeddings}, config.json)")
+    return capacity
+
+
+def check_tokenizer(model_dir: Path) -> Path:
+    """The bundle's tokenizer.json, checked before any weight is written: a broken one would otherwise
+    surface only when the bundle is first used."""
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: missing (the bundle needs the model's tokenizer.json)")
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise EdgemtpError(f"{path}: not a valid tokenizer.json ({str(e)[:200]})") from None
+    return path
+
+
+def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None = None, overwrite: bool = False,
            progress: Progress | None = None, static_window: int | None = None,
            drafter: Path | str | None = None, drafter_top_k: int | None = None,
            quant_options: dict | None = None, drafter_head_rows: str = AUTO,
@@ -91,12 +127,9 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int = 4096
                                  drafter_head_context)
     if quant_options:
         raise EdgemtpError(f"--{next(iter(quant_options)).replace('_', '-')} applies to --quant int8 / int4 only")
-    if capacity < 2:
-        raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
     cfg, build = load_config(model_dir)
-    tokenizer = model_dir / "tokenizer.json"
-    if not tokenizer.is_file():
-        raise EdgemtpError(f"{tokenizer}: missing (the bundle needs the model's tokenizer.json)")
+    capacity = resolve_capacity(capacity, cfg)
+    tokenizer = check_tokenizer(model_dir)
     ckpt = Checkpoint(model_dir)
     if static_window is not None:
         from .static import build_static
@@ -231,8 +264,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     if static_window is not None:
         raise EdgemtpError(f"--quant {quant} with --static: static graphs are quantized as QDQ "
                            "(edgemtp.exporters.qdq), not weight-only")
-    if Path(out).exists() and not overwrite:
-        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    bundle_mod.check_output(Path(out), overwrite)
     check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
@@ -271,8 +303,7 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
     if tokens < static_window:
         raise EdgemtpError(f"--calibration-tokens {tokens} must be at least the verify window ({static_window})")
     text = A.calibration_text(source, max_chars=QDQ_TEXT_CHARS)
-    if Path(out).exists() and not overwrite:
-        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+    bundle_mod.check_output(Path(out), overwrite)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = bundle_mod.load(export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress,
@@ -315,8 +346,8 @@ def _check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Pat
         for key, want in zip(builder.sources(p), builder.part_shapes(p)):
             have = ckpt.shape(key)
             if sorted(have) != sorted(want):
-                raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(have)}, "
-                                   f"config.json implies {list(want)}")
+                raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(have)}, config.json implies "
+                                   f"{' x '.join(map(str, want))} (in either order)")
 
 
 __all__ = ["export", "load_config", "TextConfig", "QUANTS"]

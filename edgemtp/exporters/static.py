@@ -75,7 +75,7 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise EdgemtpError(f"static {name} must be an integer, got {v!r}")
     if window < 1:
-        raise EdgemtpError(f"static verify window {window} must be at least 1 (K+1 with K >= 0)")
+        raise EdgemtpError(f"--verify-window {window} must be at least 1 (K+1 with K >= 0)")
     if capacity <= window:
         raise EdgemtpError(f"static KV capacity {capacity} must exceed the verify window {window}")
     if capacity > cfg.max_position_embeddings:

@@ -73,6 +73,10 @@ class Engine:
         if is_static(contract):
             target = StaticTarget(session, contract)
         else:
+            problem = C.graph_mismatch(b.target_contract, {i.name: i.shape for i in session.get_inputs()})
+            if problem:
+                raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: graphs.target.contract does not match "
+                                   f"{b.graph('target').path.name}: {problem}")
             target = Target(session, b.target_contract,
                             _verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify))
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,12 +18,14 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise EdgemtpError(f"--temperature {self.temperature} must be >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EdgemtpError(f"--temperature {self.temperature} must be a finite number >= 0")
         if self.top_k < 0:
             raise EdgemtpError(f"--top-k {self.top_k} must be >= 0")
         if not 0 < self.top_p <= 1:
             raise EdgemtpError(f"--top-p {self.top_p} must be in (0, 1]")
+        if self.seed is not None and self.seed < 0:
+            raise EdgemtpError(f"--seed {self.seed} must be >= 0")
 
     @property
     def greedy(self) -> bool:

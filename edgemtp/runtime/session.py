@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -36,6 +37,14 @@ def resolve_provider(name: str, flag: str = "--provider") -> str:
     return full
 
 
+def check_threads(threads: int | None) -> None:
+    """--threads: ONNX Runtime takes any number and makes that many threads (100,000 of them grew to 16 GB
+    without finishing a pass), so refuse what cannot be meant: below 1, or more than 4 per core."""
+    most = 4 * (os.cpu_count() or 1)
+    if threads is not None and not 1 <= threads <= most:
+        raise EdgemtpError(f"--threads {threads} must be between 1 and {most} (4 per core of this machine)")
+
+
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
                  profile_prefix: str | None = None, spin: bool = True, prepack: bool = True,
                  huge_pages: bool = False) -> ort.InferenceSession:
@@ -51,6 +60,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     weights then costs ~7 MB instead of ~1.7 GB for Gemma 3 270M fp32, its passes run slower).
     `huge_pages`: move the weights ONNX Runtime copied into its memory onto 2 MB pages once the session is
     built (see hugepages.py: a slower load for faster steps, worth it in a long-running process)."""
+    check_threads(threads)
     opts = ort.SessionOptions()
     if not prepack:  # weights stay in the memory-mapped data file, shared with another session over it
         opts.add_session_config_entry("session.disable_prepacking", "1")
