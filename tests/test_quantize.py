@@ -255,6 +255,44 @@ def test_calibrated_int4_split_table_is_exact_on_grid(kind, tmp_path, calib_file
     assert sorted(row_of[3:19]) == list(range(16))  # t3..t18, the frequent tokens, are the 8-bit rows
 
 
+def test_split_table_gather_picks_each_row_from_its_part():
+    """table_gather over an 8-bit first part and a 4-bit rest (the int4 table with frequent rows): every id
+    gets exactly its own part's dequantized row, ids of both parts mixed in one call (an MTP drafter's
+    candidates), as the Where it replaced gave."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgemtp.exporters import quantnodes as QN
+    from edgemtp.exporters.blockquant import unpack
+
+    rng = np.random.default_rng(3)
+    k, first, rest = 64, 12, 20
+    w0, w1 = rng.standard_normal((first, k)).astype(np.float32), rng.standard_normal((rest, k)).astype(np.float32)
+    p0, s0, _ = quantize_rows(w0, 8, 32, True)
+    p1, s1, z1 = quantize_rows(w1, 4, 32, False)
+    inits = [onnx.numpy_helper.from_array(a, n) for a, n in (
+        (p0, "B0"), (s0, "S0"), (p1, "B1"), (s1, "S1"), (z1, "Z1"),
+        (unpack(z1, 4, k // 32)[..., None].astype(np.uint8), "G1"),
+        (rng.permutation(first + rest).astype(np.int64), "row_of"))]
+    row_of = onnx.numpy_helper.to_array(inits[-1])
+    parts = [QN.Packed("B0", "S0", None, None, 8, 32, first, k), QN.Packed("B1", "S1", "Z1", "G1", 4, 32, rest, k)]
+    nodes = QN.table_gather("ids", parts, "y", "t", "row_of")
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "t.x0", "t.x1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "n"])],
+                              outputs, inits)
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    ids = rng.integers(0, first + rest, size=(1, 200))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, x0, x1 = session.run(None, {"ids": ids})
+    in_first = row_of[ids] < first
+    assert in_first.any() and not in_first.all()
+    np.testing.assert_array_equal(y, np.where(in_first[..., None], x0, x1))  # bit for bit the Where's numbers
+    table = np.concatenate([dequantize_rows(p0, s0, None, 8, k), dequantize_rows(p1, s1, z1, 4, k)])
+    np.testing.assert_allclose(y[0], table[row_of[ids[0]]], rtol=1e-6, atol=1e-7)  # each id its own row
+
+
 def head_graph(w: np.ndarray, bits: int, two_pass: bool) -> bytes:
     """A head alone: x [m, K] -> MatMulNBits at accuracy level 4, with or without two passes."""
     from onnx import TensorProto, helper

@@ -134,7 +134,15 @@ def table_gather(ids: str, parts: list[Packed], out: str, name: str, row_of: str
              helper.make_node("Unsqueeze", [n("in_first"), n("axis")], [n("pick")], name=n("unsq"))]
     nodes += gather_rows(parts[0], n("row0"), n("x0"), name + "_g0")
     nodes += gather_rows(parts[1], n("row1"), n("x1"), name + "_g1")
-    nodes.append(helper.make_node("Where", [n("pick"), n("x0"), n("x1")], [out], name=n("where")))
+    # x0 * [in first] + x1 * [not]: the same numbers as Where(pick, x0, x1) (a finite x times 1 is x, times
+    # 0 is ±0, and x + ±0 is x), but twice as fast for an MTP drafter's thousands of candidate rows, where
+    # ONNX Runtime's Where broadcasting a [n, 1] condition over [n, k] took 5-7 ms for n = 4,160 (3 ms).
+    nodes += [helper.make_node("Not", [n("pick")], [n("other")], name=n("not")),
+              helper.make_node("Cast", [n("pick")], [n("w0")], name=n("cast0"), to=TensorProto.FLOAT),
+              helper.make_node("Cast", [n("other")], [n("w1")], name=n("cast1"), to=TensorProto.FLOAT),
+              helper.make_node("Mul", [n("x0"), n("w0")], [n("y0")], name=n("mul0")),
+              helper.make_node("Mul", [n("x1"), n("w1")], [n("y1")], name=n("mul1")),
+              helper.make_node("Add", [n("y0"), n("y1")], [out], name=n("add"))]
     return nodes
 
 
