@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import sys
 import warnings
@@ -409,7 +410,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         raise EdgemtpError(f"--greedy-from {greedy_from}: must be between 1 and --seq-len - 1 ({seq_len - 1})")
     if init is not None and not (init / "config.json").is_file():
         raise EdgemtpError(f"--init {init}: not a drafter directory (no config.json)")
-    if not (lr > 0 and lr < float("inf")):
+    if not (math.isfinite(lr) and lr > 0):
         raise EdgemtpError(f"--lr {lr} must be a positive number")
     if not 0.0 <= accept_weight <= 1.0:
         raise EdgemtpError(f"--accept-weight {accept_weight}: must be between 0 and 1")
@@ -491,7 +492,6 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     """Latency profile of a bundle on this device: plain vs MTP at each K, side by side."""
     from .runtime import profile as prof
     from .runtime import profile_report as report
-
     from .runtime.session import resolve_provider
 
     if repetitions < 1:

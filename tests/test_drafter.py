@@ -756,6 +756,9 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert bad.exit_code == 2 and "--intermediate 0" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args + ["--accept-weight", "1.5"])
     assert bad.exit_code == 2 and "--accept-weight 1.5" in bad.output and "Traceback" not in bad.output
+    for lr in ("-1", "0", "nan"):
+        bad = CliRunner().invoke(cli, args + ["--lr", lr])
+        assert bad.exit_code == 2 and "must be a positive number" in bad.output and "Traceback" not in bad.output
     for data in ("poetry=3", "code=8:2"):
         bad = CliRunner().invoke(cli, args[:4] + ["--data", data])
         assert bad.exit_code == 2 and f"--data {data!r}" in bad.output and "Traceback" not in bad.output
