@@ -36,6 +36,8 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise EdgemtpError(f"{self.dir}: not a directory (expected a Hugging Face model directory)")
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise EdgemtpError(f"{self.dir}: no *.safetensors files (expected a Hugging Face model directory)")

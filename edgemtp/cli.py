@@ -512,6 +512,8 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
         warnings.simplefilter("ignore")
         resolve_provider(provider)
     for flag, path in (("--plot", plot_file), ("--trace", trace)):
+        if path is not None and path.is_dir():  # matplotlib would write DIR.png beside it
+            raise EdgemtpError(f"{flag} {path}: is a directory (give a file name in it)")
         if path is not None and not path.parent.is_dir():
             raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
     text = read_prompt(None, text_file, "--text-file") if text_file else None

@@ -106,6 +106,8 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("profile", bundle, "--batch", "1,0"), "--batch 0 must be at least 1"),
         (("profile", bundle, "--draft-k", "-1"), "--draft-k -1 must be at least 0"),
         (("profile", bundle, "--plot", tmp_path / "nodir" / "p.png"), "--plot"),
+        (("profile", bundle, "--plot", tmp_path), "is a directory"),
+        (("cluster", tmp_path / "nope", "-o", tmp_path / "c"), "nope: not a directory"),
         (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--report", tmp_path / "nope.npy"), "--report"),
         (("quickstart", "--workdir", tmp_path / "afile"), "--workdir"),
         (("quickstart", "--workdir", tmp_path / "qs", "--max-new-tokens", 0), "--max-new-tokens 0"),
