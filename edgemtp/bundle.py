@@ -38,6 +38,9 @@ def check_output(out: Path, overwrite: bool) -> None:
     directory. --overwrite deletes what is there, so it never takes a directory holding anything else
     (a model directory, a home directory, the current one)."""
     out = Path(out)
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise EdgemtpError(f"{out}: {parent} is a file, not a directory")
     if not out.exists():
         return
     if not overwrite:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import signal
@@ -20,32 +21,44 @@ class _Group(click.Group):
     """User mistakes become one line on stderr and exit status 2, never a traceback."""
 
     def invoke(self, ctx):
-        with _exit_on_sigterm(), warnings.catch_warnings():  # a library warning as one plain line
+        with warnings.catch_warnings():  # a library warning (e.g. a provider falling back) as one plain line
             warnings.showwarning = lambda message, *_a, **_k: click.echo(f"warning: {message}", err=True)
             try:
                 return super().invoke(ctx)
             except EdgemtpError as e:
                 click.echo(f"error: {e}", err=True)
                 sys.exit(2)
-            except OSError as e:  # a path given that cannot be written or read (read-only, a file, no space)
-                where = f"{e.filename}: " if e.filename else ""
-                click.echo(f"error: {where}{e.strerror or e}", err=True)
+            except OSError as e:
+                if e.filename is None or e.errno not in PATH_ERRORS:
+                    raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
+                click.echo(f"error: {e.filename}: {e.strerror}", err=True)
                 sys.exit(2)
 
 
+# a path given that cannot be read or written: read-only, no permission, a file where a directory goes, full
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG}
+
+
 @contextlib.contextmanager
-def _exit_on_sigterm():
+def exit_on_sigterm():
     """SIGTERM (kill, a cancelled CI job) as an exit, so the `finally` blocks that delete a half-written
-    bundle's temporary directory run: by default the process dies and leaves it behind."""
-    try:
-        before = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    except ValueError:  # not the main thread (an app calling cli() from a worker): leave signals alone
+    bundle's temporary directory run: by default the process dies and leaves it behind. Only for the
+    `edgemtp` command itself (main), and only over the default action: a program calling cli() keeps
+    its own handling."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
+
+    def leave(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, leave)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @click.group(cls=_Group)
@@ -581,7 +594,8 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
 
 
 def main():
-    cli(prog_name="edgemtp")
+    with exit_on_sigterm():
+        cli(prog_name="edgemtp")
 
 
 if __name__ == "__main__":

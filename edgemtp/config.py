@@ -64,19 +64,23 @@ class Problems:
 
     def __init__(self, source: str):
         self.source, self.items = source, []
+        self.bad: set[str] = set()  # fields already reported (no knock-on "must be positive")
 
     def need(self, hf: dict, key: str, kind=int, default=None):
         value = hf.get(key, default)
         if value is None:
             self.items.append(f"missing field '{key}'")
+            self.bad.add(key)
             return kind()
-        whole = kind is not int or (isinstance(value, int) and not isinstance(value, bool))
         try:
-            if whole:
-                return kind(value)
+            number = kind(value)
+            # an int field takes 2048, 2048.0 or "2048", not 640.5 (int() would cut it to 640) or true
+            if kind is not int or (not isinstance(value, bool) and float(value) == number):
+                return number
         except (TypeError, ValueError):
             pass
         self.items.append(f"field '{key}' should be {'an integer' if kind is int else kind.__name__}, got {value!r}")
+        self.bad.add(key)
         return kind()
 
     def check(self, ok: bool, message: str) -> None:
@@ -153,7 +157,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
     )
     _check_common(cfg, pr)
-    pr.check(cfg.hidden_activation == "silu", f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
+    pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once
+             f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
     pr.raise_if_any()
     return cfg
 
@@ -161,7 +166,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
 def parse_gemma3(hf: dict, source: str) -> TextConfig:
     pr = Problems(source)
     n_layers = pr.need(hf, "num_hidden_layers")
-    pattern = int(hf.get("sliding_window_pattern", 6))
+    pattern = int(hf.get("sliding_window_pattern") or 6)
     layer_types = tuple(hf.get("layer_types") or
                         [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
     rp = hf.get("rope_parameters") or {}
@@ -185,7 +190,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
         attn_logit_softcapping=hf.get("attn_logit_softcapping"),
         final_logit_softcapping=hf.get("final_logit_softcapping"),
-        hidden_activation=hf.get("hidden_activation", "gelu_pytorch_tanh"),
+        hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",
         bos_token_id=hf.get("bos_token_id", 2),
         eos_token_ids=eos_ids(hf) or (1,),
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
@@ -204,8 +209,10 @@ ROPE_KINDS = ("default", "linear", "llama3", "proportional")
 
 
 def _check_common(cfg: TextConfig, pr: Problems) -> None:
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
-        pr.check(getattr(cfg, name) > 0, f"field '{HF_NAMES.get(name, name)}' must be positive")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim",
+                 "max_position_embeddings"):
+        field = HF_NAMES.get(name, name)
+        pr.check(field in pr.bad or getattr(cfg, name) > 0, f"field '{field}' must be positive")
     pr.check(cfg.hidden_activation in ACTIVATIONS,
              f"activation {cfg.hidden_activation!r} unsupported ({', '.join(ACTIVATIONS)})")
     for rope in cfg.rope.values():

@@ -56,7 +56,7 @@ def test_seeded_sampling_is_reproducible(tiny_gemma3):
     (("--top-p", 0), "--top-p 0.0 must be in (0, 1]"),
     (("--temperature", "nan"), "--temperature nan must be a finite number >= 0"),
     (("--temperature", 1, "--seed", -1), "--seed -1 must be >= 0"),
-    (("--threads", 0), "--threads 0 must be between 1 and"),
+    (("--threads", -1), "--threads -1 must be between 1 and"),
     (("--threads", 100_000), "--threads 100000 must be between 1 and"),  # ORT would make them all
     (("--no-draft", "--draft", "mtp"), "--no-draft and --draft: drafting is either off or configured"),
     (("--no-draft", "--draft-k", 2), "--no-draft and --draft-k: drafting is either off or configured"),

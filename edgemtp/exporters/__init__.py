@@ -58,7 +58,7 @@ def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
     (the CLI): a value beyond max_position_embeddings is refused, positions the model was never trained on
     (an internal scratch export of a tiny test model may go past them)."""
     if capacity is None:
-        return min(DEFAULT_CAPACITY, cfg.max_position_embeddings)
+        capacity = min(DEFAULT_CAPACITY, cfg.max_position_embeddings)
     if capacity < 2:
         raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
     if limit and capacity > cfg.max_position_embeddings:
@@ -104,6 +104,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     `gemv_head`: store the head table transposed, for one-row passes to read with GEMV
     (exporters/gemv_head.py; fp32, dynamic graphs); AUTO: see layout()."""
     model_dir, out = Path(model_dir), Path(out)
+    bundle_mod.check_output(out, overwrite)  # before any work
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
     if drafter == AUTO:

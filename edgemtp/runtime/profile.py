@@ -190,16 +190,20 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     # target whose threads sleep between runs, the others (plain, prompt lookup) on one whose threads
     # spin. One engine for all rows made one kind pay for the other's setting (see session.make_session).
     # The engines are loaded one after the other, so the memory of only one is held at a time.
+    capacity = bundle.target_contract.capacity
     for mtp in (False, True):
         mine = [i for i, c in enumerate(todo) if uses_mtp(c) == mtp]
-        if not mine:
+        for i in mine:
+            reason = skip_reason(todo[i], capacity, static, bundle)
+            rows[i] = Row(todo[i], skipped=reason) if reason else None
+        if all(rows[i] is not None for i in mine):  # nothing of this kind runs here: no engine to load
             continue
         engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False,
                              drafter_provider=drafter_provider, mtp=mtp, fast_verify=fast_verify)
         for i in mine:
             c = todo[i]
-            reason = skip_reason(c, engine.capacity, static, bundle)
-            rows[i] = Row(c, skipped=reason) if reason else run_row(engine, c, repetitions, text)
+            if rows[i] is None:
+                rows[i] = run_row(engine, c, repetitions, text)
             done += 1
             if progress:
                 progress(done, len(todo), f"k={c.draft_k} batch={c.batch} prompt={c.prompt_tokens}")

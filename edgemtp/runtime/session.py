@@ -39,10 +39,12 @@ def resolve_provider(name: str, flag: str = "--provider") -> str:
 
 def check_threads(threads: int | None) -> None:
     """--threads: ONNX Runtime takes any number and makes that many threads (100,000 of them grew to 16 GB
-    without finishing a pass), so refuse what cannot be meant: below 1, or more than 4 per core."""
+    without finishing a pass), so refuse what cannot be meant: below 0 (0 and None: ONNX Runtime's
+    default, one per core), or more than 4 per core."""
     most = 4 * (os.cpu_count() or 1)
-    if threads is not None and not 1 <= threads <= most:
-        raise EdgemtpError(f"--threads {threads} must be between 1 and {most} (4 per core of this machine)")
+    if threads is not None and not 0 <= threads <= most:
+        raise EdgemtpError(f"--threads {threads} must be between 1 and {most} (4 per core of this machine; "
+                           "0: one per core)")
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
