@@ -265,7 +265,6 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     if static_window is not None:
         raise EdgemtpError(f"--quant {quant} with --static: static graphs are quantized as QDQ "
                            "(edgemtp.exporters.qdq), not weight-only")
-    bundle_mod.check_output(Path(out), overwrite)
     check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
@@ -304,7 +303,6 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
     if tokens < static_window:
         raise EdgemtpError(f"--calibration-tokens {tokens} must be at least the verify window ({static_window})")
     text = A.calibration_text(source, max_chars=QDQ_TEXT_CHARS)
-    bundle_mod.check_output(Path(out), overwrite)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = bundle_mod.load(export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress,
