@@ -197,6 +197,9 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
             reason = skip_reason(todo[i], capacity, static, bundle)
             rows[i] = Row(todo[i], skipped=reason) if reason else None
         if all(rows[i] is not None for i in mine):  # nothing of this kind runs here: no engine to load
+            done += len(mine)
+            if progress and mine:
+                progress(done, len(todo), "skipped rows")
             continue
         engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False,
                              drafter_provider=drafter_provider, mtp=mtp, fast_verify=fast_verify)
