@@ -68,6 +68,6 @@ def _engine(target_dir: Path, bundle: Path, capacity: int, threads: int):
     from ..exporters import export
     from ..runtime.engine import Engine
 
-    if not (bundle / "manifest.json").is_file():
-        export(target_dir, bundle, quant="fp32", capacity=capacity, overwrite=True, drafter=None)
+    # exported afresh each time (seconds at 270M): an earlier run's may be for another window length
+    export(target_dir, bundle, quant="fp32", capacity=capacity, overwrite=True, drafter=None)
     return Engine.load(bundle, threads=threads)
