@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import EdgemtpError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu", "silu")  # the MLP activations components.py builds
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,6 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
 
 # TextConfig's names -> config.json's, for messages
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
-ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu", "silu")
 ROPE_KINDS = ("default", "linear", "llama3", "proportional")
 
 

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import contract as C
-from ..config import FULL, SLIDING, Problems, Rope, eos_ids
+from ..config import ACTIVATIONS, FULL, SLIDING, Problems, Rope, eos_ids
 from ..errors import EdgemtpError
 from . import components as nn
 from .builder import GraphBuilder
 
 MODEL_TYPES = ("gemma4_text", "gemma4")
-ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu", "silu")
 # transformers' defaults when config.json has no rope_parameters
 DEFAULT_ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
                 FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
