@@ -536,20 +536,20 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
                               drafter, text, progress, head, drafter_provider, fast_verify)
     click.echo(report.render(result, fmt, prof.speedups(result)))
     if trace:
-        click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, threads, prefix),
+        click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, provider, threads, prefix),
                                       lambda e: e.generate("def main():", max_new_tokens=16), trace), err=True)
     if plot_file:
         report.plot(result, plot_file)
 
 
-def _traced_engine(bundle_dir, threads, prefix):
+def _traced_engine(bundle_dir, provider, threads, prefix):
     from .runtime.engine import Engine
     from .runtime.session import make_session
     from .runtime.target import Target
 
-    engine = Engine.load(bundle_dir, threads=threads, verify=False)
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=False)
     path = engine.bundle.graph("target").path
-    engine.target = Target(make_session(path, "cpu", threads, profile_prefix=prefix), engine.target.contract)
+    engine.target = Target(make_session(path, provider, threads, profile_prefix=prefix), engine.target.contract)
     return engine
 
 

@@ -168,8 +168,9 @@ def test_rows_run_on_the_engine_generate_loads_for_them(tiny_gemma3, monkeypatch
             self.mtp = mtp
 
         @classmethod
-        def load(cls, *args, mtp=None, **kwargs):
+        def load(cls, *args, mtp=None, provider=None, **kwargs):
             assert not any(e() for e in alive), "the previous engine is still held"
+            assert provider == "azure", "the engine runs on the rows' --provider"  # was always the CPU
             loads.append(mtp)
             engine = cls(mtp)
             alive.append(weakref.ref(engine))
@@ -178,7 +179,27 @@ def test_rows_run_on_the_engine_generate_loads_for_them(tiny_gemma3, monkeypatch
     monkeypatch.setattr(prof, "Engine", FakeEngine)
     monkeypatch.setattr(prof, "skip_reason", lambda *a: "")
     monkeypatch.setattr(prof, "run_row", lambda engine, c, *a: prof.Row(c, skipped=f"mtp={engine.mtp}"))
-    out = prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), drafter="lookup,mtp,hybrid")
+    out = prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), drafter="lookup,mtp,hybrid", provider="azure")
     assert [(r["drafter"], r["skipped"]) for r in out["rows"]] == [
         ("none", "mtp=False"), ("lookup", "mtp=False"), ("mtp", "mtp=True"), ("hybrid", "mtp=True")]
     assert loads == [False, True]
+
+
+def test_a_rows_peak_rss_is_its_own(tiny_gemma3):
+    """peak_rss_mb is the peak while the row ran on its engine: not an earlier, larger allocation's (such
+    as the first engine's, for the MTP rows loaded after it)."""
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from edgemtp.runtime import profile as prof
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak is reset through /proc")
+    big = np.ones(400 * 2**20 // 8)  # 400 MB, touched
+    before = prof.peak_rss_mb()
+    del big
+    out = prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), drafter="lookup")
+    peaks = [r["peak_rss_mb"] for r in out["rows"]]
+    assert all(0 < p < before - 300 for p in peaks), (before, peaks)

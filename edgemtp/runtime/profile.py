@@ -12,6 +12,7 @@ import gc
 import itertools
 import resource
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) ->
     drafter = engine.drafter(draft.mode, graph_for(engine.bundle, c.head) if c.head else "drafter") \
         if draft else None
     totals = SpecStats()
+    reset_peak_rss()
     for rep in range(repetitions + 1):  # the first run warms up and is not counted
         stats = SpecStats()
         spec = Speculative(engine.target, drafter or NoDrafter(), c.draft_k if draft else 0)
@@ -165,8 +167,28 @@ def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) ->
     row.acceptance_by_position = totals.acceptance_by_position
     row.tokens_per_forward = totals.decode_tokens / rounds
     row.split_s = {k: 1e3 * getattr(totals, k + "_s") / rounds for k in ("draft", "verify", "other")}
-    row.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row.peak_rss_mb = peak_rss_mb()
     return row
+
+
+def reset_peak_rss() -> None:
+    """Starts the process's peak resident memory afresh (Linux), so a row's peak is its own run's on its
+    engine, not the first engine's or an earlier, larger row's. Elsewhere the peak stays the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def _sum(a: list[int], b: list[int]) -> list[int]:
@@ -201,7 +223,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
             if progress and mine:
                 progress(done, len(todo), "skipped rows")
             continue
-        engine = Engine.load(bundle_dir, provider="cpu", threads=threads, verify=False,
+        engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=False,
                              drafter_provider=drafter_provider, mtp=mtp, fast_verify=fast_verify)
         for i in mine:
             c = todo[i]
