@@ -13,7 +13,9 @@ the 256 (or 65536) levels to tell real scores apart.
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -64,14 +66,36 @@ def _quantize(src: Path, dst: Path, reader, activation_bits: int, method: str, e
               per_channel: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quantize_static(
-        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-        activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
-        weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True,
-        calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                          "percentile": CalibrationMethod.Percentile}[method],
-        calibration_providers=["CPUExecutionProvider"],
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    with _without_preprocess_hint():
+        quantize_static(
+            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                              "percentile": CalibrationMethod.Percentile}[method],
+            calibration_providers=["CPUExecutionProvider"],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+
+@contextmanager
+def _without_preprocess_hint():
+    """quantize_static logs "Please consider to run pre-processing before quantization" through the root
+    logger. Its pre-processing (shape inference, graph optimization) is for traced models; our static graphs
+    are built with their shapes and already simple, so the hint is only noise in `edgemtp export`. Other
+    records pass, and a root logger without handlers gets a stderr one for the call only (what
+    logging.warning's implicit basicConfig would otherwise add for good)."""
+    root = logging.getLogger()
+    hint = lambda record: "pre-processing before quantization" not in record.getMessage()  # noqa: E731
+    handler = None if root.handlers else logging.StreamHandler()
+    root.addFilter(hint)
+    if handler:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeFilter(hint)
+        if handler:
+            root.removeHandler(handler)
 
 
 def untie_gather_weights(model: onnx.ModelProto) -> int:
