@@ -229,6 +229,26 @@ def test_manifest_contract_must_match_the_graph(tiny_gemma3, tmp_path, edit, mes
         Engine.load(b)
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["model"].update(eos_token_ids=[10**9]), r"model.eos_token_ids \[1000000000\] must be a list of token ids"),
+    (lambda m: m["model"].update(eos_token_ids=1), "model.eos_token_ids 1 must be a list"),
+    (lambda m: m["model"].update(bos_token_id="2"), "model.bos_token_id '2' is not a token id"),
+    (lambda m: m["model"].update(vocab_size=0), "model.vocab_size 0 must be a positive whole number"),
+    (lambda m: m["model"].update(vocab_size=m["model"]["vocab_size"] + 1),
+     "model.vocab_size 97 differs from graphs.target.contract.vocab_size 96"),
+    (lambda m: m["graphs"]["target"].update(quant="int3"), "graphs.target.quant 'int3' is unknown"),
+])
+def test_manifest_model_facts_are_checked(tiny_gemma3, tmp_path, edit, message):
+    """The model facts the runtime acts on (stop ids, sizes, the quant --draft auto reads) are named when an
+    edit put them out of range, not met as a generation that never stops."""
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    m = json.loads((b / "edgemtp.json").read_text())
+    edit(m)
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    with pytest.raises(EdgemtpError, match=message):
+        bundle.load(b)
+
+
 def _edit_config(d, **changes):
     cfg = json.loads((d / "config.json").read_text())
     for k, v in changes.items():

@@ -15,7 +15,7 @@ from ..errors import EdgemtpError
 from . import builder, gemma3, llama
 from .gemv_head import use_gemv_head
 
-QUANTS = ("fp32", "fp16", "int8", "int4", "qdq")  # qdq: static QDQ graphs for NPUs (with --static)
+QUANTS = bundle_mod.QUANTS  # qdq: static QDQ graphs for NPUs (with --static)
 AUTO = "auto"  # drafter=AUTO: attach the shipped drafter trained for this model, when there is one
 Progress = Callable[[int, int, str], None]
 
