@@ -410,6 +410,25 @@ def test_fp32_copy_is_identical(tmp_path):
     assert (tmp_path / "t.onnx.data").read_bytes() == (src / "target.onnx.data").read_bytes()
 
 
+def test_int4_export_is_reproducible(tmp_path, calib_file):
+    """Two calibrated int4 exports (GPTQ, frequent rows, two-pass) of one checkpoint, in processes with
+    different string hash seeds, write the same bytes: the manifest's sha256 names the content."""
+    import os
+    import subprocess
+    import sys
+
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    for seed in ("1", "2"):
+        code = ("import sys; from edgemtp.exporters.quantize import quantize_bundle; "
+                "quantize_bundle(sys.argv[1], sys.argv[2], 'int4', frequent_rows=16, calibration=sys.argv[3], "
+                "calibration_tokens=256)")
+        subprocess.run([sys.executable, "-c", code, str(fp32), str(tmp_path / seed), str(calib_file)], check=True,
+                       capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed})
+    files = [bundle_mod.load(tmp_path / s).manifest["files"] for s in ("1", "2")]
+    assert files[0] == files[1]
+    assert "GatherBlockQuantized" in op_types(tmp_path / "1")
+
+
 # ------------------------------------------------------------------------ options and errors
 
 @pytest.mark.parametrize("options, message", [
