@@ -257,8 +257,9 @@ def test_calibrated_int4_split_table_is_exact_on_grid(kind, tmp_path, calib_file
 
 def test_split_table_gather_picks_each_row_from_its_part():
     """table_gather over an 8-bit first part and a 4-bit rest (the int4 table with frequent rows): every id
-    gets exactly its own part's dequantized row, ids of both parts mixed in one call (an MTP drafter's
-    candidates), as the Where it replaced gave."""
+    gets exactly its own part's dequantized row, bit for bit what GatherBlockQuantized gives over that part,
+    with ids of both parts mixed in one call (an MTP drafter's candidates), ids all from one part (a
+    single token) and ids of any rank."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -276,21 +277,29 @@ def test_split_table_gather_picks_each_row_from_its_part():
         (rng.permutation(first + rest).astype(np.int64), "row_of"))]
     row_of = onnx.numpy_helper.to_array(inits[-1])
     parts = [QN.Packed("B0", "S0", None, None, 8, 32, first, k), QN.Packed("B1", "S1", "Z1", "G1", 4, 32, rest, k)]
-    nodes = QN.table_gather("ids", parts, "y", "t", "row_of")
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "t.x0", "t.x1")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "n"])],
-                              outputs, inits)
-    opsets = [helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)]
-    model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 10
-    ids = rng.integers(0, first + rest, size=(1, 200))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y, x0, x1 = session.run(None, {"ids": ids})
-    in_first = row_of[ids] < first
-    assert in_first.any() and not in_first.all()
-    np.testing.assert_array_equal(y, np.where(in_first[..., None], x0, x1))  # bit for bit the Where's numbers
+
+    def run(nodes, inputs, feeds):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.INT64, None)
+                                               for n in inputs],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, feeds)[0]
+
+    mixed = rng.integers(0, first + rest, size=(1, 200))
+    one_part = [np.array([[int(np.flatnonzero(row_of < first)[0])]]), np.array([[int(np.flatnonzero(row_of >= first)[0])]])]
     table = np.concatenate([dequantize_rows(p0, s0, None, 8, k), dequantize_rows(p1, s1, z1, 4, k)])
-    np.testing.assert_allclose(y[0], table[row_of[ids[0]]], rtol=1e-6, atol=1e-7)  # each id its own row
+    for ids in [mixed, mixed.reshape(2, 4, 25), *one_part]:
+        y = run(QN.table_gather("ids", parts, "y", "t", "row_of"), ["ids"], {"ids": ids})
+        assert y.shape == ids.shape + (k,)
+        rows = row_of[ids]
+        x0 = run(QN.gather_rows(parts[0], "r", "y", "g"), ["r"], {"r": np.minimum(rows, first - 1).reshape(1, -1)})
+        x1 = run(QN.gather_rows(parts[1], "r", "y", "g"), ["r"], {"r": np.maximum(rows - first, 0).reshape(1, -1)})
+        want = np.where((rows < first).reshape(1, -1, 1), x0, x1).reshape(y.shape)
+        np.testing.assert_array_equal(y, want)  # bit for bit each part's own gather
+        np.testing.assert_allclose(y, table[rows], rtol=1e-6, atol=1e-7)  # each id its own row
 
 
 def head_graph(w: np.ndarray, bits: int, two_pass: bool) -> bytes:
