@@ -197,3 +197,18 @@ def test_export_is_reproducible(tiny_gemma3, tmp_path):
     assert files[0] == files[1]
     for rel in files[0]:
         assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "2" / rel).read_bytes(), rel
+
+
+def test_readme_python_snippet_runs(tiny_gemma3, capsys):
+    """The README's "From Python" block, as written, on a tiny bundle (its generate_batch without a draft
+    crashed until session 27)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"From Python:\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert 'Engine.load("m.bundle"' in code and "generate_batch" in code
+    scope: dict = {}
+    exec(code.replace('"m.bundle"', repr(str(tiny_gemma3[2]))), scope)  # noqa: S102
+    assert len(scope["outs"]) == 2 and all(o.tokens for o in scope["outs"])
+    assert capsys.readouterr().out.strip()

@@ -268,8 +268,11 @@ def test_generate_batch_drafts_only_when_asked_to(models):
     plain = [engine.generate(p, 16).tokens for p in prompts]
     auto = engine.generate_batch(prompts, 16, draft=Draft("auto", 3))
     lookup = engine.generate_batch(prompts, 16, draft=Draft("lookup", 3))
-    assert [g.tokens for g in auto] == [g.tokens for g in lookup] == plain
-    assert auto[0].stats.drafted == 0 and lookup[0].stats.drafted > 0
+    none = engine.generate_batch(prompts, 16)  # no draft at all: crashed on its stats until session 27
+    off = engine.generate_batch(prompts, 16, draft=Draft("none"))
+    assert [g.tokens for g in auto] == [g.tokens for g in lookup] == [g.tokens for g in none] == \
+        [g.tokens for g in off] == plain
+    assert auto[0].stats.drafted == 0 and lookup[0].stats.drafted > 0 and none[0].stats.drafted == 0
     assert engine.generate_batch(prompts[:1], 16, draft=Draft("auto", 3))[0].stats.drafted > 0
     fast = Engine.load(engine.bundle.dir, threads=1, fast_verify=True)  # batched verify measured faster there
     auto = fast.generate_batch(prompts, 16, draft=Draft("auto", 3))

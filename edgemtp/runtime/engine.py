@@ -187,7 +187,7 @@ class Engine:
         (docs/measurements.md), lookup / hybrid K = 4 gave 1.48x / 1.44x plain batched decoding on code and 1.34x / 1.47x
         on prose with it; hybrid 1.06x / 0.94x without it. Ask for a mode to draft anyway."""
         from .drafting import NoDrafter
-        from .speculative import Speculative
+        from .speculative import Speculative, SpecStats
 
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
@@ -195,7 +195,7 @@ class Engine:
         drafter = self.drafter(draft.mode) if use_draft else NoDrafter()
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0,
                            adaptive=use_draft and draft.adaptive, static_window=self.static and use_draft)
-        stats = new_stats(draft)
+        stats = SpecStats()  # the speculative loop's, drafting or not
         results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, self.stop_ids, stats)
         return [Generation(self.decode(r.tokens), r.tokens, stats) for r in results]
 
