@@ -967,7 +967,7 @@ def test_real_model_int8_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir
             assert out_.tokens == plain and out_.stats.drafted > 0
 
 
-def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path):
+def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, monkeypatch):
     """--drafter-quant int8: the drafter's MatMuls become MatMulNBits too (its data file shrinks), the
     table is still the target's, drafts stay close to the fp32 drafter's and greedy output exact."""
     import onnx
@@ -1004,7 +1004,13 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path):
 
     assert isinstance(Engine.load(tmp_path / "q8").drafter("auto"), PromptLookupDrafter)
     assert isinstance(Engine.load(tmp_path / "fp32").drafter("auto"), HybridDrafter)
-    assert auto_mode(b, "qnn") == "hybrid" and auto_mode(b) == "lookup"
+    # the CPU however spelled, and a provider this build lacks (its sessions fall back to the CPU)
+    assert {auto_mode(b, p) for p in ("cpu", "CPU", "CPUExecutionProvider", "qnn")} == {"lookup"}
+    import onnxruntime as ort
+
+    real = ort.get_available_providers()  # on an NPU build the target runs there: MTP drafts
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["QNNExecutionProvider", *real])
+    assert auto_mode(b, "qnn") == "hybrid" and auto_mode(b, "cpu") == "lookup"
     for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"], "--drafter-quant int8 needs --quant int8"),
                            (["--quant", "int8", "--drafter-quant", "int4"], "--drafter-quant 'int4' must be fp32 or int8")):
         r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "bad"), *extra])

@@ -14,7 +14,7 @@ from .. import bundle as bundle_mod
 from .. import contract as C
 from ..errors import EdgemtpError
 from .sampling import Sampling, pick
-from .session import make_session, resolve_provider
+from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .static_target import StaticTarget, is_static
 from .target import CapacityError, Target
@@ -36,7 +36,7 @@ class Generation:
 def auto_mode(bundle: bundle_mod.Bundle, provider: str = "cpu") -> str:
     """What --draft auto means for this bundle: hybrid with an MTP drafter, else lookup; lookup too for
     an int8 / int4 target on the CPU provider (see Engine.drafter)."""
-    cpu_quantized = provider == "cpu" and bundle.graph("target").quant in ("int8", "int4")
+    cpu_quantized = runs_on_cpu(provider) and bundle.graph("target").quant in ("int8", "int4")
     return "hybrid" if bundle.has_graph("drafter") and not cpu_quantized else "lookup"
 
 

@@ -25,6 +25,13 @@ PROVIDERS = {
 }
 
 
+def runs_on_cpu(name: str) -> bool:
+    """Whether a session asked for on provider `name` (short or full, any case) runs on the CPU provider:
+    it is the CPU, or it is not in this build (resolve_provider falls back)."""
+    full = PROVIDERS.get(name.lower(), name)
+    return full == "CPUExecutionProvider" or full not in ort.get_available_providers()
+
+
 def resolve_provider(name: str, flag: str = "--provider") -> str:
     """Maps a short or full provider name to what this ONNX Runtime can run, falling back to CPU."""
     full = PROVIDERS.get(name.lower(), name)
