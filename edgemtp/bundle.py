@@ -62,7 +62,13 @@ def atomic_dir(out: Path, overwrite: bool = False):
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise EdgemtpError(f"{out}: cannot write a bundle in {out.parent} ({e.strerror})") from None
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would keep the bundle from other users (a shared model)
     try:
         yield tmp
         if out.exists():

@@ -123,6 +123,20 @@ def test_export_terminated_leaves_no_temporary_directory(tiny_gemma3, tmp_path, 
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
+def test_bundle_is_readable_by_others_under_the_usual_umask(tiny_gemma3, tmp_path):
+    """The bundle directory gets the process umask's mode (0755 under 022), not the temporary directory's
+    0700: a bundle exported once is shared with the app's user or copied to a device."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = export(tiny_gemma3[1], tmp_path / "b", capacity=64)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+
+
 def test_export_refuses_existing_output(tiny_gemma3):
     _, model_dir, b = tiny_gemma3
     with pytest.raises(EdgemtpError, match="already exists"):

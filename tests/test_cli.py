@@ -112,6 +112,8 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("quickstart", "--workdir", tmp_path / "afile"), "--workdir"),
         (("quickstart", "--workdir", tmp_path / "qs", "--max-new-tokens", 0), "--max-new-tokens 0"),
     ]
+    if sys.platform.startswith("linux"):  # a directory nothing can be created in: named as -o, not the temp dir
+        cases.append((("export", tiny_gemma3[1], "-o", "/proc/edgemtp-b"), "/proc/edgemtp-b: cannot write a bundle"))
     for args, message in cases:
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
