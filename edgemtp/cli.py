@@ -28,6 +28,11 @@ class _Group(click.Group):
             except EdgemtpError as e:
                 click.echo(f"error: {e}", err=True)
                 sys.exit(2)
+            except click.UsageError as e:  # click's own checks (an unknown flag or command, a bad choice)
+                message = " ".join(e.format_message().split())  # "Did you mean ...?" comes on a second line
+                where = e.ctx.command_path if e.ctx is not None else "edgemtp"
+                click.echo(f"error: {message} (see '{where} --help')", err=True)
+                sys.exit(2)
             except OSError as e:
                 if e.filename is None or e.errno not in PATH_ERRORS:
                     raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)

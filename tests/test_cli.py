@@ -82,6 +82,16 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
         assert r.exit_code == 2, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output
     assert "--gemv-head applies to dynamic fp32 bundles" in r.output and not (tmp_path / "b").exists()
+    # click's own checks too: an unknown flag, a bad choice or number, an unknown command
+    for args, message in ((("generate", tiny_gemma3[2], "--prompt", "x", "--bogus"), "No such option '--bogus'"),
+                          (("generate", tiny_gemma3[2], "--prompt", "x", "--max-new-tokens", "x"),
+                           "Invalid value for '--max-new-tokens'"),
+                          (("profile", tiny_gemma3[2], "--format", "xml"), "Invalid value for '--format'"),
+                          (("evaluat", tiny_gemma3[2]), "No such command 'evaluat'")):
+        r = run(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output
+        assert message in r.output and "--help')" in r.output, r.output
 
 
 def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
