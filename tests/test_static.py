@@ -17,7 +17,7 @@ from edgemtp.exporters import export, load_config  # noqa: E402
 from edgemtp.exporters.npu_check import check_graph  # noqa: E402
 from edgemtp.exporters.static import build_static  # noqa: E402
 from edgemtp.runtime.drafting import PromptLookupDrafter  # noqa: E402
-from edgemtp.runtime.engine import Engine  # noqa: E402
+from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
 from edgemtp.runtime.session import make_session  # noqa: E402
 from edgemtp.runtime.speculative import SpecStats, speculative_generate  # noqa: E402
 from edgemtp.runtime.static_target import MASK_VALUE, StaticTarget, attention_bias  # noqa: E402
@@ -264,3 +264,18 @@ def onnx_nodes(path):
     import onnx
 
     return onnx.load(str(path), load_external_data=False).graph.node
+
+
+def test_profile_runs_a_k_wider_than_the_static_window(models):
+    """A static bundle verifies K + 1 > W in two passes (as `edgemtp generate` does), so profile runs that
+    row instead of skipping it, and its greedy lookup drafts are as lossless as K within the window."""
+    from edgemtp.runtime import profile as prof
+
+    st = models["llama"][3]
+    out = prof.profile(st.bundle.dir, (8,), 6, 1, (0, 4, 6), drafter="lookup", threads=1)
+    rows = {r["draft_k"]: r for r in out["rows"]}
+    assert all(not r["skipped"] for r in rows.values()), rows
+    assert rows[6]["tg_tokens_per_s"]["mean"] > 0 and rows[6]["tokens_per_forward"] >= 1
+    prompt = "t1 t2 t3 t1 t2 t3 t1 t2 t3 t1"
+    want = st.generate(prompt, max_new_tokens=12).tokens
+    assert st.generate(prompt, max_new_tokens=12, draft=Draft("lookup", 6)).tokens == want
