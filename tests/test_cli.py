@@ -190,6 +190,15 @@ def test_cluster_command(tiny_gemma3, tmp_path):
     assert r.exit_code == 2 and "--positions 100: at least 512" in r.output
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h2", "--clusters", 8, "--top-k", 9)
     assert r.exit_code == 2 and "error:" in r.output
+    # --report on a head of 8 clusters: recall at the k it has (it tried 8..64 and failed after the work)
+    hidden = tmp_path / "hidden.npy"
+    width = json.loads((tiny_gemma3[1] / "config.json").read_text())["hidden_size"]
+    np.save(hidden, np.random.default_rng(0).standard_normal((64, width)).astype(np.float32))
+    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h4", "--clusters", 8, "--top-k", 2, "--calibration", hidden,
+            "--report", hidden)
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout[r.stdout.index("{"):])
+    assert list(report["k"]) == ["8"] and report["k"]["8"]["recall"] == 1.0  # every cluster: always found
 
 
 def test_export_is_reproducible(tiny_gemma3, tmp_path):

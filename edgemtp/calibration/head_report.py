@@ -326,6 +326,7 @@ def recall_report(model_dir: Path, head: Path, hidden_states, top_ks=TOP_KS, sof
         raise EdgemtpError(f"{head}: tables are for vocab {tables.vocab_size} x hidden {tables.centroids.shape[1]}, "
                            f"the model in {model_dir} has {len(embed)} x {embed.shape[1]}")
     hidden = load_hidden(hidden_states, embed.shape[1])
+    top_ks = tuple(k for k in top_ks if k <= tables.clusters) or (tables.clusters,)  # a small head has fewer
     report = {"method": meta.get("method"), **recall_figures(hidden, embed, tables, top_ks, softcap, progress=progress)}
     if speed:
         from .head_speed import head_speed
