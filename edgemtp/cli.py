@@ -160,7 +160,8 @@ def quant_options(f):
               help="With --static: positions per call (draft K + 1; prefill runs in chunks of it).")
 @click.option("--drafter", default="auto", show_default=True,
               help="MTP drafter directory (ours, or a Gemma 4 assistant checkpoint) to put in the bundle; "
-                   "auto: the drafter shipped for this model, recognised by its weights; none: no drafter.")
+                   "auto: the drafter shipped for this model, recognised by its weights (not for --quant qdq); "
+                   "none: no drafter.")
 @click.option("--draft-top-k", default=None, type=int,
               help="Clusters the drafter's two-stage head scores exactly (default: its head tables' own; "
                    "0: full head).")
@@ -171,8 +172,7 @@ def quant_options(f):
                    "fp32 otherwise.")
 @click.option("--draft-head-context", default=None, type=int,
               help="Recent tokens the drafter's two-stage head also scores exactly, besides its clusters' "
-                   "(default: DEFAULT_CONTEXT of edgemtp.drafter.export for edgemtp's drafters, 0 for a "
-                   "Gemma 4 assistant; 0: none).")
+                   "(default: 64 for edgemtp's drafters, 0 for a Gemma 4 assistant; 0: none).")
 @click.option("--gemv-head/--no-gemv-head", default=None,
               help="fp32: store the LM head table transposed, for ONNX Runtime's matrix-vector kernel on "
                    "one-position passes (plain decode steps ~5% faster on Gemma 3 270M). Default: on for "
@@ -225,8 +225,10 @@ def draft_options(f):
         click.option("--draft", "draft_mode", default="auto", show_default=True,
                      type=click.Choice(["auto", "mtp", "hybrid", "lookup"]),
                      help="Drafter: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (lookup "
-                          "where the text repeats, MTP elsewhere); auto: hybrid with a drafter, else lookup."),
-        click.option("--draft-k", default=4, show_default=True, type=int, help="Tokens drafted per round."),
+                          "where the text repeats, MTP elsewhere); auto: hybrid with a drafter, else lookup, "
+                          "and lookup for an int8 / int4 target on the CPU."),
+        click.option("--draft-k", default=4, show_default=True, type=int,
+                     help="Tokens drafted per round at most (hybrid: prompt lookup's; its MTP drafts at most 2)."),
         click.option("--adaptive", is_flag=True, help="Adapt K to recent acceptance (up to --draft-k)."),
         click.option("--no-draft", is_flag=True, help="Plain decoding, one target pass per token."),
         click.option("--drafter-provider", default=None,
@@ -248,8 +250,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
                  provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
-    Speculative decoding is on by default: the bundle's MTP drafter, or prompt lookup when it has none.
-    Output is the same as --no-draft (greedy: token for token; sampling: in distribution)."""
+    Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
+    lookup alone without one or for an int8 / int4 target on the CPU). Output is the same as --no-draft (greedy: token for token; sampling: in distribution)."""
     from .runtime.engine import Draft, Engine, new_stats
     from .runtime.sampling import Sampling
 
@@ -507,7 +509,8 @@ def int_list(flag: str, value: str) -> list[int]:
               help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
 def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
                 head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify):
-    """Latency profile of a bundle on this device: plain vs MTP at each K, side by side."""
+    """Latency profile of a bundle on this device: plain decoding vs each drafter (lookup, MTP, hybrid)
+    at each K, side by side."""
     from .runtime import profile as prof
     from .runtime import profile_report as report
     from .runtime.session import resolve_provider

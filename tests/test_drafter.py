@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -702,7 +703,7 @@ def test_default_fp32_export_is_the_transposed_layout_and_quantizes(setup, tmp_p
     (["--draft-head-rows", "int4"], "--draft-head-rows 'int4'"),
     (["--draft-head-rows", "int8", "--draft-top-k", "0"], "needs a clustered head"),
     (["--draft-head-rows", "int8", "--static"], "applies to dynamic bundles"),
-    (["--draft-head-rows", "int8", "--quant", "qdq"], "applies to dynamic bundles"),
+    (["--draft-head-rows", "int8", "--quant", "qdq"], "a --quant qdq bundle has no MTP drafter"),
 ])
 def test_bad_draft_head_rows_are_refused(setup, tmp_path, extra, match):
     from click.testing import CliRunner
@@ -825,6 +826,13 @@ def test_drafter_on_its_own_provider(setup):
     with pytest.warns(UserWarning, match="coreml"):
         out = engine.generate("t3 t9 t4 t1", max_new_tokens=12, draft=Draft("mtp", 3))
     assert out.tokens == plain and out.stats.drafted > 0
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", str(bundle), "--prompt", "t3 t9 t4 t1", "--max-new-tokens", "4",
+                                 "--draft", "mtp", "--drafter-provider", "coreml"])
+    assert r.exit_code == 0 and r.output.count("warning: provider 'coreml'") == 1, r.output  # was said twice
 
 
 def test_shipped_drafter_recognises_the_default_model(gemma3_270m_dir):
@@ -965,6 +973,48 @@ def test_real_model_int8_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir
         for mode, k in (("mtp", 3), ("hybrid", 4)):
             out_ = engine.generate(prompt, max_new_tokens=32, draft=Draft(mode, k))
             assert out_.tokens == plain and out_.stats.drafted > 0
+
+
+def test_real_model_static_bundle_gets_the_shipped_drafter(gemma3_270m_dir, tmp_path):
+    """`export --static` attaches the shipped drafter too (it was silently dropped): the NPU-ready target
+    with the drafter beside it drafts, and greedy MTP / hybrid output equals plain greedy output (the
+    static target verifies a window of 3; K = 4 in two passes). qdq bundles refuse a drafter by name."""
+    from edgemtp.exporters import AUTO, export
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.static_target import StaticTarget
+
+    out = export(gemma3_270m_dir, tmp_path / "st", capacity=256, static_window=3, drafter=AUTO)
+    engine = Engine.load(out, threads=2)
+    assert isinstance(engine.target, StaticTarget) and engine.bundle.has_graph("drafter")
+    prompt = "def merge_sort(items):\n    \"\"\"Sort items.\"\"\"\n"
+    plain = engine.generate(prompt, max_new_tokens=24, draft=None).tokens
+    for mode, k in (("mtp", 2), ("hybrid", 4)):
+        got = engine.generate(prompt, max_new_tokens=24, draft=Draft(mode, k))
+        assert got.tokens == plain and got.stats.accepted > 0
+    with pytest.raises(EdgemtpError, match="a --quant qdq bundle has no MTP drafter"):
+        export(gemma3_270m_dir, tmp_path / "q", "qdq", capacity=256, static_window=3,
+               drafter=Path(__file__).parent.parent / "edgemtp" / "drafters" / "gemma3-270m")
+
+
+def test_drafter_options_without_a_drafter_are_refused(tiny_gemma3, tmp_path):
+    """The drafter's head options on a model with no drafter (none shipped, or --drafter none) would be
+    silently ignored: each is named."""
+    from edgemtp.exporters import AUTO, export
+
+    for kwargs, flag in ((dict(drafter_top_k=8), "--draft-top-k"), (dict(drafter_head_rows="int8"), "--draft-head-rows"),
+                         (dict(drafter_head_context=-3), "--draft-head-context"),
+                         (dict(quant="int8", quant_options={"drafter_quant": "int8", "calibration": None}),
+                          "--drafter-quant")):
+        for drafter in (AUTO, None):
+            with pytest.raises(EdgemtpError, match=f"{flag} applies to a bundle with an MTP drafter"):
+                export(tiny_gemma3[1], tmp_path / "b", capacity=64, drafter=drafter, **kwargs)
+    from edgemtp.cli import cli
+
+    helps = {p.name: p.help for p in cli.commands["export"].params}
+    assert f"(default: {X.DEFAULT_CONTEXT} for edgemtp's drafters" in helps["draft_head_context"]
+    with pytest.raises(EdgemtpError, match="--draft-head-rows 'int4': choose from auto, fp32, int8"):
+        export(tiny_gemma3[1], tmp_path / "b", capacity=64, drafter_head_rows="int4")
+    assert not (tmp_path / "b").exists()
 
 
 def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, monkeypatch):

@@ -48,7 +48,21 @@ def test_unavailable_provider_row_is_skipped(tiny_gemma3):
                 "--draft-k", "0", "--provider", "qnn", "--format", "csv")
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("draft_k,batch,prompt_tokens")
-    assert "skipped: provider 'qnn' is not available" in lines[1]
+    assert "provider 'qnn' is not available" in lines[1]
+
+
+def test_csv_has_one_number_per_cell(tiny_gemma3):
+    import csv
+    import io
+
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8,60", "--gen-tokens", 4, "--repetitions", 2,
+                "--draft-k", "0,2", "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(r.stdout[r.stdout.index("draft_k"):])))
+    ran = [row for row in rows if not row["skipped"]]
+    assert len(ran) == 2 and len(rows) == 4 and all("KV capacity" in row["skipped"] for row in rows if row["skipped"])
+    for row in ran:
+        assert float(row["tg_tokens_per_s_mean"]) > 0 and float(row["tg_tokens_per_s_std"]) >= 0
+        assert float(row["tokens_per_forward"]) >= 1 and float(row["peak_rss_mb"]) > 0
 
 
 def test_trace_and_plot(tiny_gemma3, tmp_path):

@@ -475,6 +475,16 @@ def test_keep_8bit_patterns_pick_weights():
     assert scheme("int4", calibrated=False).frequent_rows == 0 and not scheme("int4", calibrated=False).gptq
 
 
+def test_keep_8bit_pattern_matching_no_weight_is_refused(tmp_path):
+    """A typo in --keep-8bit would keep nothing at 8 bits without a word: it is named, with a real name;
+    a pattern matching only a part of a joined weight counts."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    with pytest.raises(EdgemtpError, match=r"--keep-8bit '\*dwon_proj\*' matches no weight .*model\.layers\."):
+        quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, keep_8bit=("*down_proj*", "*dwon_proj*"))
+    assert not (tmp_path / "q").exists()
+    quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, keep_8bit=("*.v_proj.weight",))
+
+
 def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     from click.testing import CliRunner
 

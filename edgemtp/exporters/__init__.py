@@ -107,16 +107,21 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     bundle_mod.check_output(out, overwrite)  # before any work
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
-    if drafter == AUTO:
-        drafter = shipped_drafter(model_dir) if static_window is None else None
+    if quant == "qdq" and drafter not in (None, AUTO):
+        raise EdgemtpError("--drafter applies to fp32, fp16, int8 and int4 bundles: a --quant qdq bundle has no "
+                           "MTP drafter (use --drafter none, or a static fp32 bundle: --static)")
+    if drafter == AUTO:  # static fp32 bundles too: their drafter runs beside the static target (e.g. on the CPU)
+        drafter = shipped_drafter(model_dir) if quant != "qdq" else None
+    _check_drafter_options(drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
+                           (quant_options or {}).get("drafter_quant"))
     only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method")]
     if only_qdq and quant != "qdq":
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
     gemv_head, drafter_head_rows = layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows,
                                           gemv_head)
     if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
-        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (static ones have "
-                           "no MTP drafter)")
+        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (a static bundle's "
+                           "drafter scores fp32 rows of the table)")
     if gemv_head and (quant != "fp32" or static_window is not None):
         raise EdgemtpError("--gemv-head applies to dynamic fp32 bundles (not --quant "
                            f"{quant}{' or --static' if static_window is not None else ''})")
@@ -211,6 +216,22 @@ def write_verify(bundle_dir: Path, graph_and_contract) -> dict:
     return {"file": VERIFY_GRAPH, "quant": "fp32", "contract": contract.to_json()}
 
 
+def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant) -> None:
+    """Options of the drafter's head need a drafter: given without one they would be silently ignored."""
+    from ..drafter.export import HEAD_ROWS
+
+    if head_rows not in (AUTO, *HEAD_ROWS):
+        raise EdgemtpError(f"--draft-head-rows {head_rows!r}: choose from {AUTO}, {', '.join(HEAD_ROWS)}")
+    if drafter is not None:
+        return
+    given = [flag for flag, value in (("--draft-top-k", top_k), ("--draft-head-context", context),
+                                      ("--drafter-quant", drafter_quant)) if value is not None]
+    given += ["--draft-head-rows"] if head_rows != AUTO else []
+    if given:
+        raise EdgemtpError(f"{given[0]} applies to a bundle with an MTP drafter, and none is attached "
+                           "(no drafter is shipped for this model, or --drafter none)")
+
+
 def shipped_drafter(model_dir: Path) -> Path | None:
     """The drafter shipped with edgemtp for this model (recognised by its weights), if any."""
     from ..drafter import match_shipped
@@ -269,7 +290,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
-                      drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows,
+                      drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows if drafter else AUTO,
                       drafter_head_context=drafter_head_context, gemv_head=False)
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 

@@ -176,6 +176,16 @@ class Calibration:
     source: str
 
 
+def _check_patterns_match(patterns: tuple[str, ...], weights: list[str]) -> None:
+    """A --keep-8bit pattern that matches no weight is a typo, which would quietly keep nothing at 8 bits."""
+    names = weights + [part for w in weights for part in joined_parts(w)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            example = next((n for n in names if n.endswith(".weight") and "layers." in n), names[0] if names else "")
+            raise EdgemtpError(f"--keep-8bit {pattern!r} matches no weight of the model (names look like "
+                               f"{example!r})")
+
+
 def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration | None = None,
                    extra_outputs: tuple[str, ...] = (), progress: Progress | None = None,
                    shared: Shared | None = None, drafter: bool = False, drafter_weights: bool = False,
@@ -195,6 +205,8 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
     model = load_fp32_graph(src, drafter)
     if dst.resolve() == src.resolve():
         raise EdgemtpError(f"{dst}: is the source graph (write the quantized graph elsewhere)")
+    if sch is not None and not drafter:
+        _check_patterns_match(sch.keep_8bit, [t.name for t in model.graph.initializer])
     data_name = dst.name + ".data"
     with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
         sink = Sink(f, data_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -65,7 +66,9 @@ class Engine:
         transposed head is read from the data file's mapping, and gained 0-0.4%), for long-running processes."""
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
         if drafter_provider is not None:
-            resolve_provider(drafter_provider, "--drafter-provider")  # a typo fails before any work
+            with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
+                warnings.simplefilter("ignore")
+                resolve_provider(drafter_provider, "--drafter-provider")
         if mtp is None:
             mtp = auto_mode(b, provider) == "hybrid"
         session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages)

@@ -28,6 +28,30 @@ def _cells(r: dict) -> list[str]:
                    f"{split['verify']:.1f}", f"{split['other']:.1f}", f"{r['peak_rss_mb']:.0f}"]
 
 
+CSV_MEASURES = ("pp_tokens_per_s_mean", "pp_tokens_per_s_std", "tg_tokens_per_s_mean", "tg_tokens_per_s_std",
+                "ttft_s_mean", "acceptance_rate", "tokens_per_forward", "draft_ms", "verify_ms", "other_ms",
+                "peak_rss_mb")
+
+
+def _csv(rows: list[dict]) -> str:
+    """One number per cell (means and deviations apart), for a spreadsheet or pandas; `skipped` holds the
+    reason of a row that did not run, whose measures are empty."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([*CONFIG, "skipped", *CSV_MEASURES])
+    for r in rows:
+        head = [r.get(k, "") for k in CONFIG]
+        if r["skipped"]:
+            w.writerow(head + [r["skipped"]] + [""] * len(CSV_MEASURES))
+            continue
+        split = r["split_ms_per_round"]
+        w.writerow(head + [""] + [r["pp_tokens_per_s"]["mean"], r["pp_tokens_per_s"]["std"],
+                                  r["tg_tokens_per_s"]["mean"], r["tg_tokens_per_s"]["std"], r["ttft_s"]["mean"],
+                                  r["acceptance_rate"], r["tokens_per_forward"], split["draft"], split["verify"],
+                                  split["other"], r["peak_rss_mb"]])
+    return buf.getvalue()
+
+
 def ceiling_line(result: dict) -> str:
     c = result["ceiling"]
     return (f"bandwidth ceiling of plain decoding: {c['tg_tokens_per_s']:.1f} tokens/s "
@@ -40,11 +64,7 @@ def render(result: dict, fmt: str, speedups: list[dict]) -> str:
     if fmt == "json":
         return json.dumps({**result, "speedups": speedups}, indent=2)
     if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(COLUMNS)
-        w.writerows(rows)
-        return buf.getvalue()
+        return _csv(result["rows"])
     if fmt == "md":
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
