@@ -92,7 +92,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     `static_window` W: an NPU-ready static graph (batch 1, fixed capacity, W positions per call,
     standard ops only) instead of the dynamic ONNX Runtime graph; W = K + 1 for speculative K.
     `drafter`: a drafter directory (ours or a Gemma 4 assistant checkpoint), AUTO (the shipped drafter
-    recognised by the model's weights; dynamic bundles only) or None. A quantized bundle's drafter keeps
+    recognised by the model's weights; not for qdq bundles) or None. A quantized bundle's drafter keeps
     its own weights in fp32 and reads the target's quantized embedding table.
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
     `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (made from the
