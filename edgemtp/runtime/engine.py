@@ -138,10 +138,11 @@ class Engine:
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
         lookup where the text repeats itself, MTP elsewhere) or auto (hybrid when the bundle has an MTP
         drafter, else lookup). Hybrid is the default because it drafted the most tokens per round on every
-        held-out domain we measured (docs/measurements.md, "Speculative decoding"); but auto is lookup for an int8 / int4
-        target on the CPU provider, where MatMulNBits' cost grows with the rows of a verify window and MTP
-        drafting measured 1.02x plain decoding at K = 2 against lookup's 1.55x (int4, Gemma 3 270M, session 27). `graph`: which drafter graph of the bundle
-        (drafter_full_head: the same drafter with its full head, for comparison)."""
+        held-out domain we measured (docs/measurements.md, "Speculative decoding"); but auto is lookup for an
+        int8 / int4 target on the CPU provider, where MatMulNBits' cost grows with the rows of a verify window:
+        MTP drafting measured 1.02x plain decoding at K = 2, lookup 1.55x (int4 Gemma 3 270M, session 27).
+        `graph`: which drafter graph of the bundle (drafter_full_head: the same drafter with its full head,
+        for comparison)."""
         from .drafting import HybridDrafter, PromptLookupDrafter
 
         if mode not in DRAFT_MODES:
