@@ -251,7 +251,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
     """Generate text from a bundle (streams to the terminal).
 
     Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
-    lookup alone without one or for an int8 / int4 target on the CPU). Output is the same as --no-draft (greedy: token for token; sampling: in distribution)."""
+    lookup alone without one or for an int8 / int4 target on the CPU). Output is the same as --no-draft
+    (greedy: token for token; sampling: in distribution)."""
     from .runtime.engine import Draft, Engine, new_stats
     from .runtime.sampling import Sampling
 
