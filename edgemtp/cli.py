@@ -274,7 +274,7 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
         click.echo(json.dumps(engine.generate(text, max_new_tokens, sampling, draft).to_json()))
         return
     stats = new_stats(draft)
-    for piece in engine.stream(text, max_new_tokens, sampling, stats, draft):
+    for piece in engine.stream(text, max_new_tokens, sampling, draft, stats=stats):
         click.echo(piece, nl=False)
     click.echo()
     click.echo(speed_line(stats), err=True)

@@ -263,6 +263,25 @@ def test_manifest_model_facts_are_checked(tiny_gemma3, tmp_path, edit, message):
         bundle.load(b)
 
 
+def test_generation_config_stop_tokens_are_kept(tiny_gemma3, tmp_path):
+    """generation_config.json's eos ids join config.json's (transformers stops on them; an instruction-tuned
+    Gemma's <end_of_turn> is only there): the bundle stops on them. A broken one is named."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], model_dir)
+    plain = Engine.load(tiny_gemma3[2]).generate("t1 t2 t3", max_new_tokens=8)
+    stop = plain.tokens[3]
+    assert stop not in plain.tokens[:3]
+    want = bundle.load(tiny_gemma3[2]).model["eos_token_ids"] + [stop]
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": want}))
+    out = export(model_dir, tmp_path / "b", capacity=64)
+    assert bundle.load(out).model["eos_token_ids"] == want
+    got = Engine.load(out).generate("t1 t2 t3", max_new_tokens=8)
+    assert got.tokens == plain.tokens[:4] and got.stats.stop_reason == "stop token"
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [10**6]}))
+    with pytest.raises(EdgemtpError, match="generation_config.json: field 'eos_token_id'"):
+        export(model_dir, tmp_path / "c", capacity=64)
+
+
 def _edit_config(d, **changes):
     cfg = json.loads((d / "config.json").read_text())
     for k, v in changes.items():

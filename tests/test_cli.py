@@ -233,3 +233,32 @@ def test_readme_python_snippet_runs(tiny_gemma3, capsys):
     exec(code.replace('"m.bundle"', repr(str(tiny_gemma3[2]))), scope)  # noqa: S102
     assert len(scope["outs"]) == 2 and all(o.tokens for o in scope["outs"])
     assert capsys.readouterr().out.strip()
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
+    """The Python API's values of the wrong type or out of range: one EdgemtpError naming the value, not a
+    TypeError deep in numpy; a plain Stats given to a drafting stream gets the plain fields; a temperature so
+    small that logits / T overflow samples the best token instead of failing on NaN probabilities."""
+    from edgemtp.errors import EdgemtpError
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.sampling import Sampling
+    from edgemtp.runtime.stats import Stats
+
+    engine = Engine.load(tiny_gemma3[2], threads=1)
+    for make, message in ((lambda: Draft("lookup", 2.5), "--draft-k 2.5 must be a whole number"),
+                          (lambda: Draft("lookup", "4"), "--draft-k '4' must be a whole number"),
+                          (lambda: Sampling(1.0, top_k=2.5), "--top-k 2.5 must be a whole number"),
+                          (lambda: Sampling(1.0, seed=1.5), "--seed 1.5 must be a whole number"),
+                          (lambda: Sampling("hot"), "--temperature 'hot' must be a finite number"),
+                          (lambda: engine.generate("t1 t2", 2.5), "--max-new-tokens 2.5 must be a whole number"),
+                          (lambda: engine.generate_batch("t1 t2"), "generate_batch takes a list of prompts"),
+                          (lambda: list(engine.stream("t1", 4, Sampling(), Stats())), "draft must be a Draft")):
+        with pytest.raises(EdgemtpError, match=message.replace("(", r"\(")):
+            make()
+    greedy = engine.generate("t1 t2 t3", 8).tokens
+    assert engine.generate("t1 t2 t3", 8, Sampling(temperature=5e-324, seed=0)).tokens == greedy
+    stats = Stats()
+    pieces = list(engine.stream("t1 t2 t1 t2 t1", 8, draft=Draft("lookup", 3), stats=stats))
+    assert pieces and stats.decode_tokens == 7 and stats.prefill_tokens > 0 and stats.stop_reason
+    r = run("generate", tiny_gemma3[2], "--prompt", "t1", "--temperature", "5e-324", "--max-new-tokens", 4)
+    assert r.exit_code == 0, r.output

@@ -75,3 +75,18 @@ def test_drafter_bundles_greedy_tokens_equal_transformers(prompt, drafter_engine
     assert drafter_engine.generate(prompt, max_new_tokens=48).tokens == want
     mtp = drafter_engine.generate(prompt, max_new_tokens=48, draft=Draft("mtp", k=3))
     assert mtp.tokens == want and mtp.stats.drafted > 0
+
+
+def test_text_cut_inside_a_character(engine):
+    """Generation stopping inside a byte-fallback character (ꙮ is 3 byte tokens): the text keeps the complete
+    characters and marks the cut one with one U+FFFD (the tokenizer's decoder turned the whole byte run into
+    replacement characters), and the stream, which holds back a character's first bytes, flushes the same at
+    the end: its pieces joined are generate()'s text, with drafting too."""
+    from edgemtp.runtime.engine import Draft
+
+    prompt = "ꙮꙮꙮꙮꙮꙮꙮꙮ"
+    assert engine.generate(prompt, max_new_tokens=5).text == "ꙮ\ufffd"  # was '\ufffd' * 5
+    assert engine.generate(prompt, max_new_tokens=6).text == "ꙮꙮ"
+    for n in (1, 2, 4, 5):
+        for draft in (None, Draft("lookup", 4)):
+            assert "".join(engine.stream(prompt, n, draft=draft)) == engine.generate(prompt, n, draft=draft).text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -47,7 +49,26 @@ def load_config(model_dir: Path):
         cfg = archs[model_type][0](hf, source)
     except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type the parser converts
         raise EdgemtpError(f"{source}: a field has a value of the wrong type ({e})") from None
-    return cfg, archs[model_type][1]
+    return with_generation_stops(cfg, Path(model_dir)), archs[model_type][1]
+
+
+def with_generation_stops(cfg, model_dir: Path):
+    """cfg with generation_config.json's eos ids after config.json's: transformers' generate stops on those,
+    and an instruction-tuned Gemma's end-of-turn token (106) is only there."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return cfg
+    try:
+        gen = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < cfg.vocab_size for e in eos):
+        raise EdgemtpError(f"{path}: field 'eos_token_id' {eos!r} is not token ids below the vocabulary of "
+                           f"{cfg.vocab_size}")
+    extra = tuple(e for e in eos if e not in cfg.eos_token_ids)
+    return dataclasses.replace(cfg, eos_token_ids=tuple(cfg.eos_token_ids) + extra) if extra else cfg
 
 
 DEFAULT_CAPACITY = 4096

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from tokenizers import Tokenizer
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..errors import EdgemtpError
-from .sampling import Sampling, pick
+from .sampling import Sampling, is_whole, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .static_target import StaticTarget, is_static
@@ -105,7 +107,17 @@ class Engine:
         return self.tokenizer.encode(prompt).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Text of `ids`. When they end inside a character (its first bytes only, as byte-fallback tokens),
+        the cut character is one U+FFFD after the text before it: the tokenizer's decoder would turn the whole
+        run of byte tokens into replacement characters, the complete characters before the cut too."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            return text
+        for cut in range(1, min(3, len(ids)) + 1):  # a UTF-8 character has at most 3 bytes before its last
+            head = self.tokenizer.decode(ids[:-cut], skip_special_tokens=True)
+            if not head.endswith("\ufffd"):
+                return head + "\ufffd"
+        return text
 
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                   stats: Stats | None = None) -> Iterator[int]:
@@ -164,16 +176,25 @@ class Engine:
 
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                      draft: Draft | None = None, stats: Stats | None = None) -> Iterator[int]:
-        """Generated token ids as they come: plain decoding, or speculative when `draft` is given."""
+        """Generated token ids as they come: plain decoding, or speculative when `draft` is given.
+        `stats` may be a plain Stats with drafting too (it then gets the plain fields)."""
+        if draft is not None and not isinstance(draft, Draft):
+            raise EdgemtpError(f"draft must be a Draft (e.g. Draft('auto', 4)) or None, got {draft!r}")
         if draft is None or draft.mode == "none" or draft.k == 0:
             yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats)
             return
-        from .speculative import Speculative
+        from .speculative import Speculative, SpecStats
 
         spec = Speculative(self.target, self.drafter(draft.mode), draft.k, adaptive=draft.adaptive,
                            static_window=self.static)
-        for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, stats):
-            yield from tokens
+        own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
+        try:
+            for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, own):
+                yield from tokens
+        finally:
+            if own is not stats:
+                for f in dataclasses.fields(Stats):
+                    setattr(stats, f.name, getattr(own, f.name))
 
     def generate(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                  draft: Draft | None = None) -> Generation:
@@ -193,6 +214,8 @@ class Engine:
         from .drafting import NoDrafter
         from .speculative import Speculative, SpecStats
 
+        if isinstance(prompts, str):  # a str is a sequence too: it would run one prompt per character
+            raise EdgemtpError("generate_batch takes a list of prompts (for one prompt: generate)")
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
             use_draft = False
@@ -204,16 +227,21 @@ class Engine:
         return [Generation(self.decode(r.tokens), r.tokens, stats) for r in results]
 
     def stream(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-               stats: Stats | None = None, draft: Draft | None = None) -> Iterator[str]:
-        """Yields text pieces as tokens arrive (holding back half-decoded UTF-8 sequences)."""
+               draft: Draft | None = None, *, stats: Stats | None = None) -> Iterator[str]:
+        """Yields text pieces as tokens arrive, holding back a character whose bytes have not all come; the
+        pieces joined are generate()'s text (arguments in its order; `stats` filled as generation goes)."""
         ids, shown = [], ""
         for token in self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats):
             ids.append(token)
             text = self.decode(ids)
-            if text.endswith("\ufffd"):
+            if text.endswith("\ufffd") or not text.startswith(shown):
                 continue
             yield text[len(shown):]
             shown = text
+        text = self.decode(ids)  # what was held back when generation stopped (a cut character: U+FFFD)
+        if text != shown:
+            same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
+            yield text[same:]
 
 
 def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp: bool, fast: bool,
@@ -237,6 +265,8 @@ class Draft:
     adaptive: bool = False
 
     def __post_init__(self):
+        if not is_whole(self.k):
+            raise EdgemtpError(f"--draft-k {self.k!r} must be a whole number")
         if self.k < 0:
             raise EdgemtpError(f"--draft-k {self.k} must be >= 0")
 
@@ -248,6 +278,8 @@ def new_stats(draft: Draft | None) -> Stats:
 
 
 def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int) -> None:
+    if not is_whole(max_new_tokens):
+        raise EdgemtpError(f"--max-new-tokens {max_new_tokens!r} must be a whole number")
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     if not prompt_ids:

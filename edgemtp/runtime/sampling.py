@@ -18,23 +18,36 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise EdgemtpError(f"--temperature {self.temperature} must be a finite number >= 0")
-        if self.top_k < 0:
-            raise EdgemtpError(f"--top-k {self.top_k} must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise EdgemtpError(f"--top-p {self.top_p} must be in (0, 1]")
-        if self.seed is not None and self.seed < 0:
-            raise EdgemtpError(f"--seed {self.seed} must be >= 0")
+        if not (is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EdgemtpError(f"--temperature {self.temperature!r} must be a finite number >= 0")
+        for flag, value in (("--top-k", self.top_k), ("--seed", self.seed)):
+            if value is not None and not is_whole(value):
+                raise EdgemtpError(f"{flag} {value!r} must be a whole number")
+            if value is not None and value < 0:
+                raise EdgemtpError(f"{flag} {value} must be >= 0")
+        if not (is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise EdgemtpError(f"--top-p {self.top_p!r} must be in (0, 1]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
+def is_whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def distribution(logits: np.ndarray, s: Sampling) -> np.ndarray:
     """Probabilities [..., V] after temperature, top-k and top-p (float64, rows sum to 1)."""
-    x = np.asarray(logits, np.float64) / s.temperature
+    x = np.asarray(logits, np.float64)
+    # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
+    # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
+    with np.errstate(over="ignore"):  # -inf below the best token is what such a temperature means
+        x = (x - x.max(axis=-1, keepdims=True)) / s.temperature
     if s.top_k and s.top_k < x.shape[-1]:
         kth = np.partition(x, -s.top_k, axis=-1)[..., -s.top_k, None]
         x = np.where(x < kth, -np.inf, x)
