@@ -1054,6 +1054,10 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
 
     assert isinstance(Engine.load(tmp_path / "q8").drafter("auto"), PromptLookupDrafter)
     assert isinstance(Engine.load(tmp_path / "fp32").drafter("auto"), HybridDrafter)
+    # prompt lookup drafts on a repeat of 2+ tokens where a wrong draft's wide verify is costly, on any repeat else
+    q8 = Engine.load(tmp_path / "q8")
+    assert q8.drafter("auto").min_ngram == q8.drafter("lookup").min_ngram == 2
+    assert Engine.load(tmp_path / "fp32").drafter("lookup").min_ngram == 1
     # the CPU however spelled, and a provider this build lacks (its sessions fall back to the CPU)
     assert {auto_mode(b, p) for p in ("cpu", "CPU", "CPUExecutionProvider", "qnn")} == {"lookup"}
     import onnxruntime as ort

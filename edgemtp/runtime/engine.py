@@ -36,11 +36,16 @@ class Generation:
         return {"text": self.text, "tokens": self.tokens, "stats": self.stats.to_json()}
 
 
+def cpu_quantized(bundle: bundle_mod.Bundle, provider: str = "cpu") -> bool:
+    """An int8 / int4 target on the CPU provider: its MatMulNBits passes are compute-bound, so a verify
+    window costs a decode step per ~3-4 positions instead of about one step whatever its width."""
+    return runs_on_cpu(provider) and bundle.graph("target").quant in ("int8", "int4")
+
+
 def auto_mode(bundle: bundle_mod.Bundle, provider: str = "cpu") -> str:
     """What --draft auto means for this bundle: hybrid with an MTP drafter, else lookup; lookup too for
     an int8 / int4 target on the CPU provider (see Engine.drafter)."""
-    cpu_quantized = runs_on_cpu(provider) and bundle.graph("target").quant in ("int8", "int4")
-    return "hybrid" if bundle.has_graph("drafter") and not cpu_quantized else "lookup"
+    return "hybrid" if bundle.has_graph("drafter") and not cpu_quantized(bundle, provider) else "lookup"
 
 
 class Engine:
@@ -160,7 +165,11 @@ class Engine:
         if mode not in DRAFT_MODES:
             raise EdgemtpError(f"--draft {mode!r} is unknown (choose from {', '.join(DRAFT_MODES)})")
         if mode == "lookup" or (mode == "auto" and auto_mode(self.bundle, self.provider) == "lookup"):
-            return PromptLookupDrafter()
+            # where a wrong draft costs a wide verify (a quantized target on the CPU), only a repeat of 2+
+            # tokens drafts: Gemma 3 270M int4, K = 4, five prompts (benchmarks/lookup_ngram.py), 0.86-1.96x
+            # plain against 0.66-1.81x drafting on single-token matches too, better on each; fp32's cheap
+            # verify gains from every match: 1.13-2.99x against 1.01-2.98x with 2+, better on each
+            return PromptLookupDrafter(min_ngram=2 if cpu_quantized(self.bundle, self.provider) else 1)
         if not self.bundle.has_graph("drafter"):
             raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (use --draft lookup or "
                                "export with --drafter)")
