@@ -244,7 +244,8 @@ def test_manifest_contract_must_match_the_graph(tiny_gemma3, tmp_path, edit, mes
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda m: m["model"].update(eos_token_ids=[10**9]), r"model.eos_token_ids \[1000000000\] must be a list of token ids"),
+    (lambda m: m["model"].update(eos_token_ids=[10**9]),
+     r"model.eos_token_ids \[1000000000\] must be a list of token ids"),
     (lambda m: m["model"].update(eos_token_ids=1), "model.eos_token_ids 1 must be a list"),
     (lambda m: m["model"].update(bos_token_id="2"), "model.bos_token_id '2' is not a token id"),
     (lambda m: m["model"].update(vocab_size=0), "model.vocab_size 0 must be a positive whole number"),

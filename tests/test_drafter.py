@@ -1001,7 +1001,8 @@ def test_drafter_options_without_a_drafter_are_refused(tiny_gemma3, tmp_path):
     silently ignored: each is named."""
     from edgemtp.exporters import AUTO, export
 
-    for kwargs, flag in ((dict(drafter_top_k=8), "--draft-top-k"), (dict(drafter_head_rows="int8"), "--draft-head-rows"),
+    for kwargs, flag in ((dict(drafter_top_k=8), "--draft-top-k"),
+                         (dict(drafter_head_rows="int8"), "--draft-head-rows"),
                          (dict(drafter_head_context=-3), "--draft-head-context"),
                          (dict(quant="int8", quant_options={"drafter_quant": "int8", "calibration": None}),
                           "--drafter-quant")):

@@ -289,7 +289,8 @@ def test_split_table_gather_picks_each_row_from_its_part():
         return session.run(None, feeds)[0]
 
     mixed = rng.integers(0, first + rest, size=(1, 200))
-    one_part = [np.array([[int(np.flatnonzero(row_of < first)[0])]]), np.array([[int(np.flatnonzero(row_of >= first)[0])]])]
+    one_part = [np.array([[int(np.flatnonzero(row_of < first)[0])]]),  # a single token of each part
+                np.array([[int(np.flatnonzero(row_of >= first)[0])]])]
     table = np.concatenate([dequantize_rows(p0, s0, None, 8, k), dequantize_rows(p1, s1, z1, 4, k)])
     for ids in [mixed, mixed.reshape(2, 4, 25), *one_part]:
         y = run(QN.table_gather("ids", parts, "y", "t", "row_of"), ["ids"], {"ids": ids})
