@@ -885,6 +885,9 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
     if quant != "fp16":  # the input embedding, the candidates' rows and the context's (the default head context);
         # int4's split table: two parts each
         assert ops.count("GatherBlockQuantized") == {"int8": 3, "int4": 6}[quant] and "Gather" in ops
+        # int4: the candidates' and the context's rows are scored inside their parts (quantnodes.table_dot)
+        dots = [n for n in drafter.node if n.op_type == "Gemm" and n.input[0].endswith(".rows")]
+        assert len(dots) == {"int8": 0, "int4": 4}[quant]
         assert not (out / "drafter_full_head.onnx.data").exists()
     # the same target state through the fp32 and the quantized drafter
     _, cache, state = run_target(fp32, ids)

@@ -301,6 +301,19 @@ def test_split_table_gather_picks_each_row_from_its_part():
         want = np.where((rows < first).reshape(1, -1, 1), x0, x1).reshape(y.shape)
         np.testing.assert_array_equal(y, want)  # bit for bit each part's own gather
         np.testing.assert_allclose(y, table[rows], rtol=1e-6, atol=1e-7)  # each id its own row
+        # the fused form: each id's row dotted with the h of its leading index, as a drafter scores candidates
+        h = rng.standard_normal(ids.shape[:-1] + (k,)).astype(np.float32)
+        graph_inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, None),
+                        helper.make_tensor_value_info("h", TensorProto.FLOAT, None)]
+        graph = helper.make_graph(QN.table_dot("ids", "h", parts, "y", "t", "row_of"), "g", graph_inputs,
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        dots = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"ids": ids, "h": h})[0]
+        assert dots.shape == ids.shape + (1,)
+        np.testing.assert_allclose(dots, want.reshape(y.shape) @ h[..., None], rtol=1e-5, atol=1e-5)
 
 
 def head_graph(w: np.ndarray, bits: int, two_pass: bool) -> bytes:

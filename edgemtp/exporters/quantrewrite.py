@@ -157,10 +157,37 @@ class Rewrite:
                 self.new_inits.append(self._float(t))
             self.done = start + _nbytes(t)  # whatever its chunks counted
             self._report()
+        dots = {}  # MatMul's output -> (its Gather, the table, h); nodes go by output name (SSA)
+        for n, r in zip(self.g.node, roles):
+            if r and r[0] == "gather" and (r[1], "dot") in self.emit:
+                matmul, h = self._dot_after(n)
+                if matmul is not None:
+                    dots[matmul.output[0]] = (n, r[1], h)
+        fused = {gather.output[0] for gather, _, _ in dots.values()}
         nodes = []
         for n, r in zip(self.g.node, roles):
-            nodes += [n] if r is None else self.emit[r[1], r[0]](n)
+            if n.output[0] in dots:  # the gather's MatMul: both become one table_dot, here, where h exists
+                gather, weight, h = dots[n.output[0]]
+                nodes += self.emit[weight, "dot"](gather, h, n.output[0])
+            elif n.output[0] not in fused:
+                nodes += [n] if r is None else self.emit[r[1], r[0]](n)
         replace_all(self.g, self.new_inits, nodes)
+
+    def _dot_after(self, gather: onnx.NodeProto) -> tuple[onnx.NodeProto | None, str | None]:
+        """(MatMul, h) when the gathered rows' one use is MatMul(rows, Unsqueeze(h, [-1])): each row
+        dotted with its h, as a drafter's head scores its candidates; (None, None) otherwise."""
+        rows = gather.output[0]
+        users = [n for n in self.g.node if rows in n.input]
+        if any(o.name == rows for o in self.g.output) or len(users) != 1:
+            return None, None
+        matmul = users[0]
+        if matmul.op_type != "MatMul" or list(matmul.input) != [rows, matmul.input[1]]:
+            return None, None
+        col = next((n for n in self.g.node if matmul.input[1] in n.output), None)
+        axes = self.inits.get(col.input[1]) if col is not None and col.op_type == "Unsqueeze" else None
+        if axes is None or onnx.numpy_helper.to_array(axes).tolist() != [-1]:
+            return None, None
+        return matmul, col.input[0]
 
     def _report(self) -> None:
         if self.progress:  # done / total in MB (PROGRESS_UNIT)
@@ -272,6 +299,8 @@ class Rewrite:
                                                         sch.accuracy_level, two, order)
         self.emit[name, "gather"] = lambda node: QN.table_gather(node.input[1], parts, node.output[0], node.name,
                                                                  order)
+        if order is not None:  # a split table: score gathered rows in their parts (QN.table_dot)
+            self.emit[name, "dot"] = lambda node, h, out: QN.table_dot(node.input[1], h, parts, out, node.name, order)
 
     def pack(self, name: str, rows, n: int, k: int, bits: int, block: int, importance, hessian,
              gather: bool) -> QN.Packed:
