@@ -229,7 +229,9 @@ def draft_options(f):
                           "and lookup for an int8 / int4 target on the CPU."),
         click.option("--draft-k", default=4, show_default=True, type=int,
                      help="Tokens drafted per round at most (hybrid: prompt lookup's; its MTP drafts at most 2)."),
-        click.option("--adaptive", is_flag=True, help="Adapt K to recent acceptance (up to --draft-k)."),
+        click.option("--adaptive", is_flag=True,
+                     help="Draft, each round, the length (up to --draft-k, 0 for a plain step) that pays best by "
+                          "this run's measured verify and draft times and acceptance."),
         click.option("--no-draft", is_flag=True, help="Plain decoding, one target pass per token."),
         click.option("--drafter-provider", default=None,
                      help="Execution provider for the MTP drafter (default: --provider's), e.g. cpu while "
@@ -508,8 +510,10 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
 @click.option("--fast-verify", is_flag=True,
               help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
+@click.option("--adaptive", is_flag=True,
+              help="Also a row per drafter drafting adaptively (as generate --adaptive), up to the largest K.")
 def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
-                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify):
+                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify, adaptive):
     """Latency profile of a bundle on this device: plain decoding vs each drafter (lookup, MTP, hybrid)
     at each K, side by side."""
     from .runtime import profile as prof
@@ -542,7 +546,7 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
-                              drafter, text, progress, head, drafter_provider, fast_verify)
+                              drafter, text, progress, head, drafter_provider, fast_verify, adaptive)
     click.echo(report.render(result, fmt, prof.speedups(result)))
     if trace:
         click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, provider, threads, prefix),

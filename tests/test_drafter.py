@@ -1062,6 +1062,7 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
     q8 = Engine.load(tmp_path / "q8")
     assert q8.drafter("auto").min_ngram == q8.drafter("lookup").min_ngram == 2
     assert Engine.load(tmp_path / "fp32").drafter("lookup").min_ngram == 1
+    assert q8.drafter("lookup", adaptive=True).min_ngram == 1  # the adaptive length judges each repeat length
     # the CPU however spelled, and a provider this build lacks (its sessions fall back to the CPU)
     assert {auto_mode(b, p) for p in ("cpu", "CPU", "CPUExecutionProvider", "qnn")} == {"lookup"}
     import onnxruntime as ort

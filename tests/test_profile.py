@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from edgemtp.cli import cli
 
-ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "skipped"}
+ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive",
+              "skipped"}
 ROW_MEASURES = {"pp_tokens_per_s", "tg_tokens_per_s", "ttft_s", "acceptance_rate", "tokens_per_forward",
                 "acceptance_by_position", "split_ms_per_round", "peak_rss_mb"}
 
@@ -41,6 +42,20 @@ def test_json_schema(tiny_gemma3):
         else:
             assert row["drafter"] == "lookup" and len(row["acceptance_by_position"]) <= 2
     assert {(s["batch"], s["draft_k"]) for s in out["speedups"]} == {(1, 2), (2, 2)}
+
+
+def test_adaptive_rows(tiny_gemma3):
+    """--adaptive adds one row per drafter drafting adaptively up to the largest K, labelled as such."""
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 12, "--repetitions", 1,
+                "--draft-k", "0,2,3", "--adaptive", "--format", "json")
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert [(row["draft_k"], row["adaptive"]) for row in out["rows"]] == [(0, False), (2, False), (3, False),
+                                                                        (3, True)]
+    assert all(not row["skipped"] and row["tg_tokens_per_s"]["mean"] > 0 for row in out["rows"])
+    assert [s["adaptive"] for s in out["speedups"]] == [False, False, True]
+    md = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1,
+                 "--draft-k", "0,2", "--adaptive", "--format", "md").stdout
+    assert "lookup adaptive k=2" in md and "| 2 | 1 | 8 | 4 | cpu | lookup |  | yes |" in md
 
 
 def test_unavailable_provider_row_is_skipped(tiny_gemma3):

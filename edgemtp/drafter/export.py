@@ -439,6 +439,10 @@ class DrafterSession:
             logits.append(None if lg is None else lg[:, 0])
         return np.stack(tokens, 1), (np.stack(logits, 1) if full_logits else None)
 
+    def kind(self, history: Sequence[int]) -> tuple[str, bool]:
+        """Drafter protocol (runtime.drafting.guess_kind): one kind of guess, each step a graph run."""
+        return "mtp", False
+
     def propose(self, history: Sequence[int], k: int, ctx=None):
         """Drafter protocol: greedy drafts (q None) or, when sampling, tokens drawn from q = distribution()."""
         from ..runtime.sampling import distribution

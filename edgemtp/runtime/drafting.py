@@ -8,7 +8,7 @@ target's KV cache, which the round hands over in a `DraftContext`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Hashable, Protocol, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -44,7 +44,10 @@ class Drafter(Protocol):
 
         Returns (tokens [n], q [n, V] or None) with 0 <= n <= k. q[i] is the distribution tokens[i]
         was drawn from; None means a deterministic drafter (q one-hot at each token). n = 0: no
-        guess (the round then takes a plain one-token step)."""
+        guess (the round then takes a plain one-token step).
+
+        A drafter may also have `kind(history) -> (kind, free) | None`, what kind of guess it would
+        make (see guess_kind); the adaptive draft length learns acceptance per kind."""
         ...
 
 
@@ -53,6 +56,9 @@ class NoDrafter:
 
     def propose(self, history: Sequence[int], k: int, ctx: DraftContext | None = None) -> tuple[list[int], None]:
         return [], None
+
+    def kind(self, history: Sequence[int]) -> None:
+        return None
 
 
 class PromptLookupDrafter:
@@ -70,12 +76,25 @@ class PromptLookupDrafter:
 
     def propose(self, history: Sequence[int], k: int,
                 ctx: DraftContext | None = None) -> tuple[list[int], None]:
+        found = self.match(history)
+        if found is None:
+            return [], None
+        n, start = found
+        return continuation(np.asarray(history, np.int64), start + n, k), None
+
+    def match(self, history: Sequence[int]) -> tuple[int, int] | None:
+        """(n, start) of the longest repeat of the history's last n tokens (the most recent one), or None."""
         h = np.asarray(history, np.int64)
         for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
             start = last_match(h, n)
             if start is not None:
-                return continuation(h, start + n, k), None
-        return [], None
+                return n, start
+        return None
+
+    def kind(self, history: Sequence[int]) -> tuple[str, bool] | None:
+        """See guess_kind: a copy after an n-token repeat, free to propose."""
+        found = self.match(history)
+        return None if found is None else (f"lookup {found[0]}", True)
 
 
 class HybridDrafter:
@@ -97,6 +116,20 @@ class HybridDrafter:
         if len(tokens):
             return tokens, q
         return self.mtp.propose(history, min(k, self.mtp_k), ctx)
+
+    def kind(self, history: Sequence[int]) -> tuple[str, bool] | None:
+        """See guess_kind: lookup's where the history repeats itself, else the MTP drafter's."""
+        return self.lookup.kind(history) or guess_kind(self.mtp, history)
+
+
+def guess_kind(drafter: Drafter, history: Sequence[int]) -> tuple[Hashable, bool] | None:
+    """(kind, free) of the guess `drafter` would make after `history`, None when it would make none.
+
+    Acceptance is learnt per kind (runtime.draft_length); free: proposing costs next to nothing, so the
+    guess can be made and scored every round, drafted or not. A drafter without a `kind` method makes
+    one costly kind of guess."""
+    kind = getattr(drafter, "kind", None)
+    return kind(history) if kind is not None else (type(drafter).__name__, False)
 
 
 def last_match(h: np.ndarray, n: int) -> int | None:

@@ -151,7 +151,7 @@ class Engine:
             stats.decode_tokens += 1
             stats.decode_s = time.perf_counter() - t0
 
-    def drafter(self, mode: str = "auto", graph: str = "drafter"):
+    def drafter(self, mode: str = "auto", graph: str = "drafter", adaptive: bool = False):
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
         lookup where the text repeats itself, MTP elsewhere) or auto (hybrid when the bundle has an MTP
         drafter, else lookup). Hybrid is the default because it drafted the most tokens per round on every
@@ -160,7 +160,8 @@ class Engine:
         MTP drafting measured 0.97x plain decoding at K = 2, lookup 1.39x at K = 4 (int4 Gemma 3 270M,
         session 27).
         `graph`: which drafter graph of the bundle (drafter_full_head: the same drafter with its full head,
-        for comparison)."""
+        for comparison). `adaptive`: the rounds choose their draft length (runtime.draft_length), which
+        learns per match length whether a lookup draft pays: lookup then drafts on any match."""
         from .drafting import HybridDrafter, PromptLookupDrafter
 
         if mode not in DRAFT_MODES:
@@ -170,7 +171,8 @@ class Engine:
             # tokens drafts: Gemma 3 270M int4, K = 4, five prompts (benchmarks/lookup_ngram.py), 0.86-1.96x
             # plain against 0.66-1.81x drafting on single-token matches too, better on each; fp32's cheap
             # verify gains from every match: 1.13-2.99x against 1.01-2.98x with 2+, better on each
-            return PromptLookupDrafter(min_ngram=2 if cpu_quantized(self.bundle, self.provider) else 1)
+            return PromptLookupDrafter(min_ngram=2 if cpu_quantized(self.bundle, self.provider) and not adaptive
+                                       else 1)
         if not self.bundle.has_graph("drafter"):
             raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (use --draft lookup or "
                                "export with --drafter)")
@@ -195,8 +197,8 @@ class Engine:
             return
         from .speculative import Speculative, SpecStats
 
-        spec = Speculative(self.target, self.drafter(draft.mode), draft.k, adaptive=draft.adaptive,
-                           static_window=self.static)
+        spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
+                           adaptive=draft.adaptive, static_window=self.static)
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         try:
             for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, own):
@@ -229,7 +231,7 @@ class Engine:
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
             use_draft = False
-        drafter = self.drafter(draft.mode) if use_draft else NoDrafter()
+        drafter = self.drafter(draft.mode, adaptive=draft.adaptive) if use_draft else NoDrafter()
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0,
                            adaptive=use_draft and draft.adaptive, static_window=self.static and use_draft)
         stats = SpecStats()  # the speculative loop's, drafting or not
@@ -268,7 +270,8 @@ def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp
 
 @dataclass(frozen=True)
 class Draft:
-    """Speculative decoding settings: `mode` auto | mtp | lookup | none, K drafted tokens per round."""
+    """Speculative decoding settings: `mode` auto | mtp | lookup | none, K drafted tokens per round
+    (`adaptive`: at most K, each round's length chosen by measured cost and acceptance)."""
 
     mode: str = "auto"
     k: int = 4

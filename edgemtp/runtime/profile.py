@@ -37,6 +37,7 @@ class RowConfig:
     provider: str
     drafter: str  # "none" | "lookup" | "mtp" | "hybrid"
     head: str = ""  # the MTP drafter's logit head: "clustered" | "full" ("" without an MTP drafter)
+    adaptive: bool = False  # draft_k is the most a round drafts (runtime.draft_length)
 
 
 @dataclass
@@ -79,15 +80,20 @@ def prompt_ids(engine: Engine, n: int, text: str | None, offset: int = 0) -> lis
     return ids[offset:offset + n]
 
 
-def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads=("",)) -> list[RowConfig]:
-    """One plain row (K = 0) per prompt size and batch, then each drafter (and MTP head) at each K > 0."""
+def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads=("",),
+            adaptive=False) -> list[RowConfig]:
+    """One plain row (K = 0) per prompt size and batch, then each drafter (and MTP head) at each K > 0,
+    and with `adaptive` at the largest K adaptively."""
     rows = []
+    ks = [k for k in draft_ks if k]
     for p, b in itertools.product(prompt_tokens, batches):
         if 0 in draft_ks:
             rows.append(RowConfig(0, b, p, gen_tokens, provider, "none"))
-        for d, k in itertools.product(drafters, [k for k in draft_ks if k]):
+        for d in drafters:
             for h in (heads if d in ("mtp", "hybrid") else ("",)):
-                rows.append(RowConfig(k, b, p, gen_tokens, provider, d, h))
+                rows += [RowConfig(k, b, p, gen_tokens, provider, d, h) for k in ks]
+                if adaptive and ks:
+                    rows.append(RowConfig(max(ks), b, p, gen_tokens, provider, d, h, adaptive=True))
     return rows
 
 
@@ -143,14 +149,14 @@ def graph_for(bundle, head: str) -> str:
 def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) -> Row:
     row = Row(c)
     prompts = [prompt_ids(engine, c.prompt_tokens, text, offset=97 * b) for b in range(c.batch)]
-    draft = Draft(c.drafter, c.draft_k) if c.draft_k else None
-    drafter = engine.drafter(draft.mode, graph_for(engine.bundle, c.head) if c.head else "drafter") \
-        if draft else None
+    draft = Draft(c.drafter, c.draft_k, c.adaptive) if c.draft_k else None
+    drafter = engine.drafter(draft.mode, graph_for(engine.bundle, c.head) if c.head else "drafter",
+                             c.adaptive) if draft else None
     totals = SpecStats()
     reset_peak_rss()
     for rep in range(repetitions + 1):  # the first run warms up and is not counted
         stats = SpecStats()
-        spec = Speculative(engine.target, drafter or NoDrafter(), c.draft_k if draft else 0)
+        spec = Speculative(engine.target, drafter or NoDrafter(), c.draft_k if draft else 0, adaptive=c.adaptive)
         spec.generate(prompts, c.gen_tokens, Sampling(), stop_ids=(), stats=stats)
         if rep == 0:
             continue
@@ -198,13 +204,14 @@ def _sum(a: list[int], b: list[int]) -> list[int]:
 
 def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetitions=5, draft_ks=(0, 2, 4, 6),
             batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None,
-            head="auto", drafter_provider=None, fast_verify=False) -> dict:
+            head="auto", drafter_provider=None, fast_verify=False, adaptive=False) -> dict:
     """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README).
 
-    drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto."""
+    drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto;
+    adaptive: also a row per drafter (and head) drafting adaptively up to the largest K."""
     bundle = load_bundle(bundle_dir, verify=False)
     todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters_for(bundle, drafter, provider),
-                   heads_for(bundle, head))
+                   heads_for(bundle, head), adaptive)
     rows: list[Row | None] = [None] * len(todo)
     done = 0
     # Each row runs on the engine `edgemtp generate` loads for it: rows drafting with the MTP drafter on a
@@ -256,6 +263,7 @@ def speedups(result: dict) -> list[dict]:
     for r in result["rows"]:
         key = (r["batch"], r["prompt_tokens"])
         if not r["skipped"] and r["draft_k"] and key in base:
-            out.append({**{k: r.get(k, "") for k in ("drafter", "head", "draft_k", "batch", "prompt_tokens")},
+            out.append({**{k: r.get(k, "") for k in ("drafter", "head", "adaptive", "draft_k", "batch",
+                                                     "prompt_tokens")},
                         "speedup": r["tg_tokens_per_s"]["mean"] / base[key]})
     return out

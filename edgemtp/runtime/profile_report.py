@@ -12,13 +12,13 @@ from pathlib import Path
 
 from ..errors import EdgemtpError
 
-CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head")
+CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive")
 COLUMNS = [*CONFIG, "pp t/s", "tg t/s",
            "ttft ms", "accept", "tok/fwd", "draft ms", "verify ms", "other ms", "rss MB"]
 
 
 def _cells(r: dict) -> list[str]:
-    head = [str(r.get(k, "")) for k in CONFIG]
+    head = [_text(r.get(k, "")) for k in CONFIG]
     if r["skipped"]:
         return head + [f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - len(head) - 1)
     pm = lambda m: f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
@@ -26,6 +26,10 @@ def _cells(r: dict) -> list[str]:
     return head + [pm(r["pp_tokens_per_s"]), pm(r["tg_tokens_per_s"]), f"{1e3 * r['ttft_s']['mean']:.0f}",
                    f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_forward']:.2f}", f"{split['draft']:.1f}",
                    f"{split['verify']:.1f}", f"{split['other']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+
+
+def _text(value) -> str:
+    return ("yes" if value else "") if isinstance(value, bool) else str(value)
 
 
 CSV_MEASURES = ("pp_tokens_per_s_mean", "pp_tokens_per_s_std", "tg_tokens_per_s_mean", "tg_tokens_per_s_std",
@@ -95,7 +99,7 @@ def _speedup_text(speedups: list[dict]) -> str:
 
 
 def _mode(s: dict) -> str:
-    return s.get("drafter", "") + (f"/{s['head']}" if s.get("head") else "")
+    return s.get("drafter", "") + (f"/{s['head']}" if s.get("head") else "") + (" adaptive" if s.get("adaptive") else "")
 
 
 def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:

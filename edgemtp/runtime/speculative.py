@@ -30,7 +30,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import EdgemtpError
-from .drafting import DraftContext, Drafter
+from .draft_length import DraftLength
+from .drafting import DraftContext, Drafter, guess_kind
 from .engine import _check_request
 from .sampling import Sampling, distribution, pick
 from .stats import Stats
@@ -124,10 +125,10 @@ class SeqResult:
 class _Seq:
     row: int
     history: list[int]  # prompt + emitted; history[-1] is not in the cache yet
-    k: int  # current draft length (adaptive)
     rng: np.random.Generator
     hidden: np.ndarray | None = None  # [H] target hidden state at the position that produced history[-1]
     out: SeqResult = field(default_factory=lambda: SeqResult([]))
+    guesses: list = field(default_factory=list)  # (len(history) then, tokens, kind): scored once known
 
 
 _NO_DRAFT: tuple[list[int], None] = ([], None)
@@ -136,8 +137,9 @@ _NO_DRAFT: tuple[list[int], None] = ([], None)
 class Speculative:
     """Speculative generation with a target and a drafter.
 
-    k: draft length per round (the maximum when `adaptive`: K then grows by 2 after a round where
-    every drafted token was accepted and shrinks by 1 otherwise, within 1..k).
+    k: draft length per round; with `adaptive` the most, each round then drafting the length that
+    maximises expected tokens per second by measured verify and draft times and acceptance
+    (runtime.draft_length), 0 when a plain step does better.
     static_window: pad every verify to exactly k+1 positions (for static-shape graphs; capacity allowing).
     batched_verify: verify several rows in one target pass (see the module docstring); None: when the
     target can (`multi_row_verify`)."""
@@ -150,6 +152,8 @@ class Speculative:
         if batched_verify is None:
             batched_verify = bool(getattr(target, "multi_row_verify", False))
         self.adaptive, self.static_window, self.batched_verify = adaptive, static_window, batched_verify
+        # a static window verifies k + 1 positions whatever was drafted: nothing to choose there
+        self.lengths = DraftLength(k) if adaptive and not static_window else None
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                  sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
@@ -203,7 +207,7 @@ class Speculative:
     def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
                  rng: np.random.Generator) -> _Seq:
         logits, hidden = self.target.forward(np.array([prompt]), cache, rows=slice(b, b + 1))
-        s = _Seq(b, prompt, self.k, rng, hidden[0, -1])
+        s = _Seq(b, prompt, rng, hidden[0, -1])
         s.history.append(pick(logits[0, -1], sampling, rng))
         return s
 
@@ -231,13 +235,37 @@ class Speculative:
             self._record(s, len(tokens), a)
             self._emit(s, [*tokens[:a], nxt], stop_ids)
             self._finish_check(s, stop_ids, max_new, cache)
+            if self.lengths is not None:
+                self._score_guesses(s)
 
     def _draft(self, s: _Seq, cache: KVCache, sampling: Sampling, max_new: int) -> tuple[list[int], np.ndarray | None]:
         # a round emits up to k+1 tokens and its verify writes k+1 positions
-        k = min(s.k, max_new - len(s.out.tokens) - 1, cache.room(s.row) - 1)
-        if k <= 0:
+        limit = min(self.k, max_new - len(s.out.tokens) - 1, cache.room(s.row) - 1)
+        if limit <= 0:
             return _NO_DRAFT
-        tokens, q = self.drafter.propose(s.history, k, DraftContext(s.row, s.hidden, cache, sampling, s.rng))
+        ctx = DraftContext(s.row, s.hidden, cache, sampling, s.rng)
+        if self.lengths is None:
+            return self._propose(s, limit, ctx)
+        guess = guess_kind(self.drafter, s.history)
+        if guess is None:
+            return _NO_DRAFT
+        kind, free = guess
+        if free:  # the whole guess, scored later whatever part of it is drafted
+            tokens, q = self._propose(s, self.k, ctx)
+            s.guesses.append((len(s.history), tokens, kind))
+            k = self.lengths.choose(kind, limit, free=True)
+            return tokens[:k], (None if q is None else q[:k])
+        k = self.lengths.choose(kind, limit)
+        if k == 0:
+            return _NO_DRAFT
+        t0 = time.perf_counter()
+        tokens, q = self._propose(s, k, ctx)
+        self.lengths.timed_draft(kind, len(tokens), time.perf_counter() - t0)
+        s.guesses.append((len(s.history), tokens, kind))
+        return tokens, q
+
+    def _propose(self, s: _Seq, k: int, ctx: DraftContext) -> tuple[list[int], np.ndarray | None]:
+        tokens, q = self.drafter.propose(s.history, k, ctx)
         tokens = [int(t) for t in tokens[:k]]
         if any(not 0 <= t < self.target.contract.vocab_size for t in tokens):
             raise EdgemtpError(f"{type(self.drafter).__name__} proposed {tokens}: outside the target's "
@@ -248,7 +276,10 @@ class Speculative:
         """Target forward over each row's [t, drafts]: -> {row: (logits [S_row, V], hidden [S_row, H])}."""
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for rows in self._passes(cache, ids):
-            out.update(self._forward(cache, rows, ids, self._width(cache, rows, ids)))
+            width, t0 = self._width(cache, rows, ids), time.perf_counter()
+            out.update(self._forward(cache, rows, ids, width))
+            if self.lengths is not None:
+                self.lengths.timed_verify(len(rows), width, time.perf_counter() - t0)
         return out
 
     def _passes(self, cache: KVCache, ids: dict[int, np.ndarray]) -> list[list[int]]:
@@ -284,8 +315,17 @@ class Speculative:
         s.out.accepted += accepted
         _count_positions(s.out.drafted_at, drafted)
         _count_positions(s.out.accepted_at, accepted)
-        if self.adaptive and drafted:
-            s.k = min(self.k, s.k + 2) if accepted == drafted else max(1, s.k - 1)
+
+    def _score_guesses(self, s: _Seq) -> None:
+        """Tell the draft length model how the row's guesses fared, as far as the tokens since tell."""
+        waiting = []
+        for start, tokens, kind in s.guesses:
+            actual = s.history[start:start + len(tokens)]
+            if s.out.stop_reason or len(actual) == len(tokens) or actual != tokens[:len(actual)]:
+                self.lengths.outcome(kind, tokens, actual)
+            else:
+                waiting.append((start, tokens, kind))
+        s.guesses = waiting
 
     @staticmethod
     def _emit(s: _Seq, run: list[int], stop_ids: frozenset) -> None:

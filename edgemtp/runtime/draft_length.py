@@ -1,0 +1,119 @@
+"""Each round's draft length, from what drafting costs and earns on this device as generation runs.
+
+A round that drafts k tokens pays for a verify pass k + 1 positions wide (and, with an MTP drafter, k
+drafter steps) and emits 1 + (accepted drafts) tokens. What a wider pass costs depends on the device: on
+a memory-bound fp32 target it costs about one decode step whatever its width, on an int4 target on this
+CPU each extra position adds a fifth of a step (compute-bound MatMulNBits). What a draft earns depends on
+the text and on the kind of guess: a prompt-lookup draft that copies after a 3-token repeat is accepted
+far more often than one after a single-token match. So the round measures both (verify seconds by
+width, drafter seconds per token, acceptance per kind of guess and position) and drafts the k that
+maximises expected tokens per second, 0 (a plain step) when no k beats it.
+
+Prompt lookup costs nothing to propose, so its guesses are made and scored every round, verified or
+not: it keeps learning while it is not drafting. A costly drafter (MTP) that stopped drafting drafts
+one token after PROBE_AFTER plain rounds, to see whether the text has changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+DECAY = 0.95  # each new outcome of a kind weighs its older ones down: a text changes as it goes
+SMOOTHING = 0.3  # weight of a new time in its moving average
+PROBE_AFTER = 16  # plain rounds after which a costly drafter drafts again
+
+
+class DraftLength:
+    """Chooses k for one round; told what rounds cost and what guesses turned out to be."""
+
+    def __init__(self, k_max: int):
+        self.k_max = k_max
+        self.verify: dict[int, float] = {}  # width -> seconds a pass takes per row in it
+        self.seen: set[tuple] = set()  # (rows, width) of the passes run, ("draft", kind): first runs are slow
+        self.step: dict[Hashable, float] = {}  # kind -> seconds a drafted token (a costly drafter)
+        self.counts: dict[Hashable, np.ndarray] = {}  # kind -> [k_max, 2]: accepted, tried per position
+        self.idle: dict[Hashable, int] = {}  # kind -> plain rounds in a row (a costly drafter)
+
+    def choose(self, kind: Hashable, limit: int, free: bool = False) -> int:
+        """Draft length in 0..limit for a guess of `kind` (free: proposing costs nothing)."""
+        limit = min(limit, self.k_max)
+        plain = self.verify_cost(1)
+        if limit <= 0 or plain is None:  # no plain step measured yet: take one, the yardstick
+            return 0
+        best, best_k = 1.0 / plain, 0
+        tokens, survive = 1.0, 1.0
+        p = self.acceptance(kind, optimistic=not free)
+        for k in range(1, limit + 1):
+            survive *= p[k - 1]
+            tokens += survive
+            seconds = self.verify_cost(k + 1) + (0.0 if free else k * self.step.get(kind, 0.0))
+            if tokens / seconds > best:
+                best, best_k = tokens / seconds, k
+        if best_k == 0 and not free:
+            self.idle[kind] = self.idle.get(kind, 0) + 1
+            if self.idle[kind] > PROBE_AFTER:  # one token: the cheapest probe, and its position is the
+                best_k = 1  # one that decides whether drafting pays at all
+        if best_k:
+            self.idle[kind] = 0
+        return best_k
+
+    def acceptance(self, kind: Hashable, optimistic: bool = False) -> np.ndarray:
+        """[k_max] chance that draft position i is accepted given positions < i were: counts smoothed
+        toward the position before's chance (even odds for the first), so a drafter right at its first
+        positions is expected right at later ones it has not drafted yet, and drafts them to find out.
+
+        optimistic: one standard error higher, for a costly drafter, whose guesses are scored only when
+        drafted: few outcomes (one unlucky early draft) then do not stop a drafter that pays. A free
+        guess is scored every round and needs no such push (it cost lookup ~3% in a trial)."""
+        c = self.counts.get(kind, np.zeros((self.k_max, 2)))
+        out, prior = np.empty(self.k_max), 0.5
+        for i, (accepted, tried) in enumerate(c):
+            prior = (accepted + 2.0 * prior) / (tried + 2.0)
+            bonus = np.sqrt(prior * (1.0 - prior) / (tried + 3.0)) if optimistic else 0.0
+            out[i] = min(1.0, prior + bonus)
+        return out
+
+    def verify_cost(self, width: int) -> float | None:
+        """Seconds of a pass per row: measured, else linear in the width between (or beyond) the nearest measured
+        widths; one measured width stands for every width (drafting looks cheap until measured)."""
+        known = sorted(self.verify.items())
+        if not known:
+            return None
+        exact = dict(known).get(width)
+        if exact is not None:
+            return exact
+        if len(known) == 1:
+            return known[0][1]
+        # the segment of known widths around `width`, the first or last one beyond them
+        i = min(max(int(np.searchsorted([w for w, _ in known], width)), 1), len(known) - 1)
+        (w0, s0), (w1, s1) = known[i - 1], known[i]
+        return max(s0 + (s1 - s0) * (width - w0) / (w1 - w0), 1e-9)
+
+    def timed_verify(self, rows: int, width: int, seconds: float) -> None:
+        """A pass over `rows` rows `width` positions wide took `seconds` (a batch's rows share it)."""
+        if (rows, width) not in self.seen:  # a shape's first pass is slow (ONNX Runtime plans its memory): 1.1-1.4x
+            self.seen.add((rows, width))
+            return
+        old, new = self.verify.get(width), seconds / rows
+        self.verify[width] = new if old is None else old + SMOOTHING * (new - old)
+
+    def timed_draft(self, kind: Hashable, tokens: int, seconds: float) -> None:
+        if ("draft", kind) not in self.seen:  # a drafter's first run is slow too
+            self.seen.add(("draft", kind))
+            return
+        if tokens:
+            old, new = self.step.get(kind), seconds / tokens
+            self.step[kind] = new if old is None else old + SMOOTHING * (new - old)
+
+    def outcome(self, kind: Hashable, guess: Sequence[int], actual: Sequence[int]) -> None:
+        """A guess against the tokens that followed: positions up to the first wrong one were tried,
+        all but that one accepted. `actual` may be shorter than the guess (the sequence ended)."""
+        c = self.counts.setdefault(kind, np.zeros((self.k_max, 2)))
+        c *= DECAY
+        for i, (g, a) in enumerate(zip(guess[:self.k_max], actual)):
+            c[i, 1] += 1
+            if g != a:
+                return
+            c[i, 0] += 1

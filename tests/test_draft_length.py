@@ -1,0 +1,131 @@
+"""The adaptive draft length (runtime.draft_length): its choices from given costs and outcomes, and
+speculative rounds steered by it on a clock the fake target advances (no real timing)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgemtp.runtime import speculative
+from edgemtp.runtime.draft_length import PROBE_AFTER, DraftLength
+from edgemtp.runtime.speculative import SpecStats, speculative_generate
+
+from .test_speculative import FakeTarget, plain_greedy
+
+
+def measured(costs: dict[int, float], k_max: int = 4) -> DraftLength:
+    d = DraftLength(k_max)
+    for w, s in costs.items():
+        for _ in range(2):  # the first pass of a shape is not counted
+            d.timed_verify(1, w, s)
+    return d
+
+
+def test_a_plain_step_is_measured_before_anything_is_drafted():
+    d = DraftLength(4)
+    assert d.choose("lookup 3", 4, free=True) == 0
+    d.timed_verify(1, 1, 0.9)  # the first pass of a shape is slow: left out
+    assert d.verify_cost(1) is None and d.choose("lookup 3", 4, free=True) == 0
+    d.timed_verify(1, 1, 0.5)
+    assert d.verify_cost(1) == 0.5
+    assert d.choose("lookup 3", 4, free=True) == 4  # one width known: wider passes look as cheap
+
+
+def test_verify_cost_is_linear_between_and_beyond_measured_widths():
+    d = measured({1: 1.0, 3: 2.0, 5: 2.5})
+    assert d.verify_cost(3) == 2.0
+    assert d.verify_cost(2) == pytest.approx(1.5) and d.verify_cost(4) == pytest.approx(2.25)
+    assert d.verify_cost(7) == pytest.approx(3.0)  # the last segment extended
+    d.timed_verify(1, 3, 3.0)
+    assert d.verify_cost(3) == pytest.approx(2.3)  # a moving average
+    d.timed_verify(2, 3, 4.0)  # a pass of two rows: the first of its shape, not counted
+    d.timed_verify(2, 3, 4.0)  # then 2.0 a row
+    assert d.verify_cost(3) == pytest.approx(2.3 - 0.3 * 0.3)
+
+
+def test_choice_weighs_acceptance_against_the_cost_of_a_wider_pass():
+    steep = measured({1: 1.0, 5: 3.0})  # each position half a step (an int4 target on this CPU)
+    flat = measured({1: 1.0, 5: 1.08})  # about one step whatever the width (fp32)
+    for _ in range(40):
+        for d in (steep, flat):
+            d.outcome("good", [1, 2, 3, 4], [1, 2, 3, 4])
+            d.outcome("poor", [1, 2, 3, 4], [1, 5, 3, 4] if _ % 3 == 0 else [7])  # ~1/3 right at the first
+    assert steep.choose("good", 4, free=True) == 4 and flat.choose("good", 4, free=True) == 4
+    assert steep.choose("poor", 4, free=True) == 0  # 1.3 tokens are not worth a pass of 1.5 steps
+    assert flat.choose("poor", 4, free=True) in (1, 2)  # ... but worth a pass of 1.02-1.04
+    assert steep.choose("good", 2, free=True) == 2  # never past the limit
+    # a drafter step of half a decode step makes the good kind's longer drafts not pay either
+    for _ in range(2):  # a drafter's first run is not counted
+        steep.timed_draft("good", 4, 4 * 0.5)
+    assert steep.choose("good", 4) == 0 and steep.choose("good", 4, free=True) == 4
+
+
+def test_outcomes_fade_so_the_text_can_change():
+    d = measured({1: 1.0, 5: 3.0})
+    for _ in range(50):
+        d.outcome("lookup 1", [1, 2], [1, 2])
+    assert d.acceptance("lookup 1")[0] > 0.95
+    for _ in range(30):
+        d.outcome("lookup 1", [1, 2], [3])
+    assert d.acceptance("lookup 1")[0] < 0.3 < d.acceptance("lookup 1", optimistic=True)[0]
+    assert d.acceptance("lookup 1")[1] > 0.7  # position 2 was not tried after a wrong first
+    d.outcome("lookup 2", [1, 2, 3], [1, 2])  # the sequence ended: two tried, both right
+    assert d.counts["lookup 2"][:, 1].tolist() == [1, 1, 0, 0]
+
+
+def test_a_costly_drafter_that_stopped_drafting_tries_again():
+    d = measured({1: 1.0, 5: 3.0})
+    for _ in range(30):
+        d.outcome("mtp", [1], [2])
+    choices = [d.choose("mtp", 3) for _ in range(2 * PROBE_AFTER + 2)]
+    assert choices.count(1) == 2 and choices.count(0) == 2 * PROBE_AFTER
+    assert d.choose("mtp", 3, free=True) == 0  # a free guess is scored every round: no probe needed
+
+
+# ------------------------------------------------------------- rounds on a fake clock
+
+class ClockedTarget(FakeTarget):
+    """FakeTarget whose passes take `cost(width)` seconds of a fake clock."""
+
+    def __init__(self, cost):
+        super().__init__(capacity=200)
+        self.cost, self.now = cost, 0.0
+
+    def forward(self, ids, cache, rows=None, n_logits=1):
+        self.now += self.cost(np.asarray(ids).shape[1])
+        return super().forward(ids, cache, rows, n_logits)
+
+
+class Oracle:
+    """Guesses from the known plain output: right (`wrong` False) or with every token off by one."""
+
+    def __init__(self, prompt, want, wrong, free=True):
+        self.text, self.start, self.wrong, self.free = list(prompt) + want, len(prompt), wrong, free
+
+    def kind(self, history):
+        return ("oracle", self.free)
+
+    def propose(self, history, k, ctx=None):
+        nxt = self.text[len(history):len(history) + k]
+        return [(t + 1) % FakeTarget.V if self.wrong else t for t in nxt], None
+
+
+@pytest.mark.parametrize("free", [True, False])
+def test_rounds_stop_drafting_wrong_guesses_on_a_costly_pass_and_keep_right_ones(monkeypatch, free):
+    target = ClockedTarget(lambda width: 1.0 + 0.5 * (width - 1))
+    monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: target.now))
+    prompt = [1, 2, 3, 1, 2]
+    want = plain_greedy(target, prompt, 120)
+    for wrong in (True, False):
+        stats = SpecStats()
+        got = speculative_generate(target, Oracle(prompt, want, wrong, free), [prompt], 120, k=4,
+                                   stats=stats, adaptive=True)
+        assert got[0].tokens == want
+        if wrong:  # a few rounds to learn, then plain steps (a costly drafter probes now and then)
+            assert stats.accepted == 0 and stats.drafted <= (8 if free else 8 + 120 // PROBE_AFTER)
+            assert stats.rounds >= 100
+        else:
+            assert stats.rounds <= 120 / 5 + 4 and stats.accepted == stats.drafted
+    fixed = SpecStats()
+    speculative_generate(target, Oracle(prompt, want, True, free), [prompt], 120, k=4, stats=fixed)
+    assert fixed.drafted >= 4 * 100  # without it every round drafts its K
