@@ -8,6 +8,7 @@ import pytest
 
 from edgemtp.runtime import speculative
 from edgemtp.runtime.draft_length import PROBE_AFTER, DraftLength
+from edgemtp.runtime.drafting import Guess, HybridDrafter, PromptLookupDrafter, guess_kind
 from edgemtp.runtime.speculative import SpecStats, speculative_generate
 
 from .test_speculative import FakeTarget, plain_greedy
@@ -36,6 +37,8 @@ def test_verify_cost_is_linear_between_and_beyond_measured_widths():
     assert d.verify_cost(3) == 2.0
     assert d.verify_cost(2) == pytest.approx(1.5) and d.verify_cost(4) == pytest.approx(2.25)
     assert d.verify_cost(7) == pytest.approx(3.0)  # the last segment extended
+    noisy = measured({1: 1.0, 2: 0.8})  # noise can make a wider pass look cheaper
+    assert noisy.verify_cost(5) == 0.8 and measured({3: 1.0, 4: 2.0}).verify_cost(1) == 1.0
     d.timed_verify(1, 3, 3.0)
     assert d.verify_cost(3) == pytest.approx(2.3)  # a moving average
     d.timed_verify(2, 3, 4.0)  # a pass of two rows: the first of its shape, not counted
@@ -103,7 +106,7 @@ class Oracle:
         self.text, self.start, self.wrong, self.free = list(prompt) + want, len(prompt), wrong, free
 
     def kind(self, history):
-        return ("oracle", self.free)
+        return Guess("oracle", self.free)
 
     def propose(self, history, k, ctx=None):
         nxt = self.text[len(history):len(history) + k]
@@ -129,3 +132,33 @@ def test_rounds_stop_drafting_wrong_guesses_on_a_costly_pass_and_keep_right_ones
     fixed = SpecStats()
     speculative_generate(target, Oracle(prompt, want, True, free), [prompt], 120, k=4, stats=fixed)
     assert fixed.drafted >= 4 * 100  # without it every round drafts its K
+
+
+def test_guess_kinds():
+    """Lookup names its repeat length and is free; the hybrid's MTP guesses are capped at its mtp_k; a drafter
+    without `kind` makes one costly kind of guess."""
+    lookup = PromptLookupDrafter()
+    assert guess_kind(lookup, [1, 2, 3, 9, 1, 2, 3]) == Guess("lookup 3", True)
+    assert guess_kind(lookup, [1, 2, 3, 1]) == Guess("lookup 1", True) and guess_kind(lookup, [1, 2, 3]) is None
+
+    class Plain:
+        def propose(self, history, k, ctx=None):
+            return [0] * k, None
+
+    assert guess_kind(Plain(), [1, 2]) == Guess("Plain", False)
+    hybrid = HybridDrafter(Plain(), mtp_k=2)
+    assert guess_kind(hybrid, [1, 2, 3]) == Guess("Plain", False, 2)
+    assert guess_kind(hybrid, [1, 2, 3, 1, 2]) == Guess("lookup 2", True)
+
+
+def test_a_guess_cut_by_the_end_of_generation_counts_what_was_generated(monkeypatch):
+    """Lookup guesses of 4 tokens when only 2 more are generated: the guesses still waiting are scored on
+    the tokens there are, once the sequence stops."""
+    target = ClockedTarget(lambda width: 1.0)
+    monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: target.now))
+    prompt = [1, 2, 3, 1, 2]
+    want = plain_greedy(target, prompt, 3)
+    spec = speculative.Speculative(target, Oracle(prompt, want + [0] * 8, wrong=False), 4, adaptive=True)
+    assert spec.generate([prompt], 3)[0].tokens == want
+    counts = spec.lengths.counts["oracle"]
+    assert counts[:, 1].sum() > 0 and counts[2:, 1].sum() == 0  # never past the 2 tokens after a guess

@@ -3,6 +3,7 @@ tiny random models (greedy output identical to plain decoding; sampling preserve
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from types import SimpleNamespace
 
@@ -174,12 +175,20 @@ def plain_greedy(target, prompt, max_new, stop_ids=()):
         logits, _ = target.forward(np.array([[out[-1]]]), cache)
 
 
+def steady_clock(monkeypatch) -> None:
+    """The speculative loop's clock ticks once a reading: every pass and drafter run seems to take the same
+    time, so the adaptive draft length's choices do not hang on this machine's timing noise."""
+    ticks = itertools.count()
+    monkeypatch.setattr(spec, "time", SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+
+
 FAKE_PROMPTS = [[1, 2, 3, 1, 2], [5], [3, 3, 3, 3, 3, 3, 3], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1], [6, 2]]
 
 
 @pytest.mark.parametrize("options", [dict(batched_verify=True), dict(batched_verify=True, static_window=True),
                                      dict(batched_verify=True, adaptive=True), dict()])
-def test_padded_batched_verify_changes_nothing(options):
+def test_padded_batched_verify_changes_nothing(options, monkeypatch):
+    steady_clock(monkeypatch)
     target = FakeTarget()
     want = [plain_greedy(target, p, 30) for p in FAKE_PROMPTS]
     target.calls.clear()
@@ -236,7 +245,7 @@ def _prompts(engine) -> tuple[list[list[int]], list[list[int]]]:
 
 
 @pytest.mark.parametrize("kind", ["gemma3_text", "llama", "gemma3_text_mqa"])
-def test_greedy_matches_plain_decoding(models, kind):
+def test_greedy_matches_plain_decoding(models, kind, monkeypatch):
     """gemma3_text_mqa: one-row passes read the sliding layers' buffers from a moving offset (window views),
     rolled back after rejected drafts, and batched passes read them whole: the tokens must not differ."""
     engine = models[kind, 64]
@@ -245,6 +254,7 @@ def test_greedy_matches_plain_decoding(models, kind):
     want = [list(engine.token_ids(p, 32)) for p in prompts]
     assert max(len(p) + len(w) for p, w in zip(prompts, want)) > 2 * WINDOW
     configs = [dict(k=1), dict(k=3), dict(k=6), dict(k=4, adaptive=True), dict(k=3, static_window=True)]
+    steady_clock(monkeypatch)
     for cfg in configs:
         stats = SpecStats()
         got = speculative_generate(engine.target, PromptLookupDrafter(), prompts, 32,

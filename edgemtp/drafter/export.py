@@ -439,9 +439,11 @@ class DrafterSession:
             logits.append(None if lg is None else lg[:, 0])
         return np.stack(tokens, 1), (np.stack(logits, 1) if full_logits else None)
 
-    def kind(self, history: Sequence[int]) -> tuple[str, bool]:
+    def kind(self, history: Sequence[int]):
         """Drafter protocol (runtime.drafting.guess_kind): one kind of guess, each step a graph run."""
-        return "mtp", False
+        from ..runtime.drafting import Guess
+
+        return Guess("mtp", False)
 
     def propose(self, history: Sequence[int], k: int, ctx=None):
         """Drafter protocol: greedy drafts (q None) or, when sampling, tokens drawn from q = distribution()."""

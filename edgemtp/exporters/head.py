@@ -100,11 +100,16 @@ def candidate_ids(b: GraphBuilder, picked: str, key: str, shape: ClusteredShape)
     return b.op("Reshape", b.op("Gather", table, picked, axis=0), b.const([0, -1], np.int64))
 
 
+# doc_string of a MatMul(Gather(table, ids [N, K]), Unsqueeze(h [N, d], -1)): every row dotted with the h of its
+# own leading index, no broadcasting. The quantized rewrite may fuse such a pair (quantnodes.table_dot).
+ROW_DOTS = "edgemtp: rows [N, K, d] x h [N, d, 1], one h per leading index"
+
+
 def exact_logits(b: GraphBuilder, h: str, ids: str, embed_key: str, vocab: int, hidden: int) -> str:
     """h [N, d], ids [N, K] -> [N, K] = <h, head row of each id> (rows gathered from the tied table)."""
     rows = b.op("Gather", b.param(embed_key, (vocab, hidden)), ids, axis=0)  # [N, K, d]
     col = b.op("Unsqueeze", h, b.const([-1], np.int64))  # [N, d, 1]
-    return b.op("Squeeze", b.op("MatMul", rows, col), b.const([-1], np.int64))
+    return b.op("Squeeze", b.op("MatMul", rows, col, doc_string=ROW_DOTS), b.const([-1], np.int64))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from ..errors import EdgemtpError
 from . import quantnodes as QN
 from .blockquant import quantize_chunks, unpack
 from .builder import _align, _set_external
+from .head import ROW_DOTS
 
 PROGRESS_UNIT = 1_000_000  # "quantizing weights" counts the weights' bytes in MB
 
@@ -166,22 +167,24 @@ class Rewrite:
         fused = {gather.output[0] for gather, _, _ in dots.values()}
         nodes = []
         for n, r in zip(self.g.node, roles):
-            if n.output[0] in dots:  # the gather's MatMul: both become one table_dot, here, where h exists
-                gather, weight, h = dots[n.output[0]]
-                nodes += self.emit[weight, "dot"](gather, h, n.output[0])
-            elif n.output[0] not in fused:
+            first = n.output[0] if n.output else None
+            if first in dots:  # the gather's MatMul: both become one table_dot, here, where h exists
+                gather, weight, h = dots[first]
+                nodes += self.emit[weight, "dot"](gather, h, first)
+            elif first not in fused:
                 nodes += [n] if r is None else self.emit[r[1], r[0]](n)
         replace_all(self.g, self.new_inits, nodes)
 
     def _dot_after(self, gather: onnx.NodeProto) -> tuple[onnx.NodeProto | None, str | None]:
-        """(MatMul, h) when the gathered rows' one use is MatMul(rows, Unsqueeze(h, [-1])): each row
-        dotted with its h, as a drafter's head scores its candidates; (None, None) otherwise."""
+        """(MatMul, h) when the gathered rows' one use is MatMul(rows, Unsqueeze(h, [-1])) marked ROW_DOTS by
+        the exporter (head.exact_logits: ids [N, K], h [N, d], no broadcasting, which table_dot relies on):
+        each row dotted with its h, as a drafter's head scores its candidates; (None, None) otherwise."""
         rows = gather.output[0]
         users = [n for n in self.g.node if rows in n.input]
         if any(o.name == rows for o in self.g.output) or len(users) != 1:
             return None, None
         matmul = users[0]
-        if matmul.op_type != "MatMul" or list(matmul.input) != [rows, matmul.input[1]]:
+        if matmul.doc_string != ROW_DOTS or list(matmul.input) != [rows, matmul.input[1]]:
             return None, None
         col = next((n for n in self.g.node if matmul.input[1] in n.output), None)
         axes = self.inits.get(col.input[1]) if col is not None and col.op_type == "Unsqueeze" else None

@@ -31,7 +31,8 @@ class DraftLength:
     def __init__(self, k_max: int):
         self.k_max = k_max
         self.verify: dict[int, float] = {}  # width -> seconds a pass takes per row in it
-        self.seen: set[tuple] = set()  # (rows, width) of the passes run, ("draft", kind): first runs are slow
+        self.passes_run: set[tuple[int, int]] = set()  # (rows, width): a shape's first pass is not counted
+        self.drafters_run: set[Hashable] = set()  # kinds whose drafter ran: its first run is not counted
         self.step: dict[Hashable, float] = {}  # kind -> seconds a drafted token (a costly drafter)
         self.counts: dict[Hashable, np.ndarray] = {}  # kind -> [k_max, 2]: accepted, tried per position
         self.idle: dict[Hashable, int] = {}  # kind -> plain rounds in a row (a costly drafter)
@@ -40,7 +41,7 @@ class DraftLength:
         """Draft length in 0..limit for a guess of `kind` (free: proposing costs nothing)."""
         limit = min(limit, self.k_max)
         plain = self.verify_cost(1)
-        if limit <= 0 or plain is None:  # no plain step measured yet: take one, the yardstick
+        if limit <= 0 or plain is None:  # no pass measured yet: a plain step, the yardstick, comes first
             return 0
         best, best_k = 1.0 / plain, 0
         tokens, survive = 1.0, 1.0
@@ -86,22 +87,24 @@ class DraftLength:
             return exact
         if len(known) == 1:
             return known[0][1]
-        # the segment of known widths around `width`, the first or last one beyond them
+        # the segment of known widths around `width`, the first or last one beyond them; a wider pass never
+        # costs less than the widest measured one, nor anything less than the cheapest (noise can slope down)
         i = min(max(int(np.searchsorted([w for w, _ in known], width)), 1), len(known) - 1)
         (w0, s0), (w1, s1) = known[i - 1], known[i]
-        return max(s0 + (s1 - s0) * (width - w0) / (w1 - w0), 1e-9)
+        estimate = max(s0 + (s1 - s0) * (width - w0) / (w1 - w0), min(s for _, s in known))
+        return max(estimate, known[-1][1]) if width > known[-1][0] else estimate
 
     def timed_verify(self, rows: int, width: int, seconds: float) -> None:
         """A pass over `rows` rows `width` positions wide took `seconds` (a batch's rows share it)."""
-        if (rows, width) not in self.seen:  # a shape's first pass is slow (ONNX Runtime plans its memory): 1.1-1.4x
-            self.seen.add((rows, width))
+        if (rows, width) not in self.passes_run:  # a shape's first pass is slow (ONNX Runtime plans its memory):
+            self.passes_run.add((rows, width))       # 1.1-1.4x
             return
-        old, new = self.verify.get(width), seconds / rows
+        old, new = self.verify.get(width), max(seconds / rows, 1e-9)
         self.verify[width] = new if old is None else old + SMOOTHING * (new - old)
 
     def timed_draft(self, kind: Hashable, tokens: int, seconds: float) -> None:
-        if ("draft", kind) not in self.seen:  # a drafter's first run is slow too
-            self.seen.add(("draft", kind))
+        if kind not in self.drafters_run:  # a drafter's first run is slow too
+            self.drafters_run.add(kind)
             return
         if tokens:
             old, new = self.step.get(kind), seconds / tokens

@@ -8,7 +8,7 @@ target's KV cache, which the round hands over in a `DraftContext`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Protocol, Sequence
+from typing import Hashable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -16,6 +16,14 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..errors import EdgemtpError
 from .kv_cache import KVCache
 from .sampling import Sampling
+
+
+class Guess(NamedTuple):
+    """What kind of guess a drafter would make next (see guess_kind)."""
+
+    kind: Hashable
+    free: bool  # proposing costs next to nothing: the guess can be made and scored every round
+    most: int | None = None  # the most tokens this kind of guess drafts (None: any k asked for)
 
 
 @dataclass
@@ -46,8 +54,8 @@ class Drafter(Protocol):
         was drawn from; None means a deterministic drafter (q one-hot at each token). n = 0: no
         guess (the round then takes a plain one-token step).
 
-        A drafter may also have `kind(history) -> (kind, free) | None`, what kind of guess it would
-        make (see guess_kind); the adaptive draft length learns acceptance per kind."""
+        A drafter may also have `kind(history) -> Guess | None`, what kind of guess it would make (see
+        guess_kind); the adaptive draft length learns acceptance per kind."""
         ...
 
 
@@ -91,10 +99,10 @@ class PromptLookupDrafter:
                 return n, start
         return None
 
-    def kind(self, history: Sequence[int]) -> tuple[str, bool] | None:
+    def kind(self, history: Sequence[int]) -> Guess | None:
         """See guess_kind: a copy after an n-token repeat, free to propose."""
         found = self.match(history)
-        return None if found is None else (f"lookup {found[0]}", True)
+        return None if found is None else Guess(f"lookup {found[0]}", True)
 
 
 class HybridDrafter:
@@ -117,19 +125,22 @@ class HybridDrafter:
             return tokens, q
         return self.mtp.propose(history, min(k, self.mtp_k), ctx)
 
-    def kind(self, history: Sequence[int]) -> tuple[str, bool] | None:
-        """See guess_kind: lookup's where the history repeats itself, else the MTP drafter's."""
-        return self.lookup.kind(history) or guess_kind(self.mtp, history)
+    def kind(self, history: Sequence[int]) -> Guess | None:
+        """See guess_kind: lookup's where the history repeats itself, else the MTP drafter's (mtp_k at most)."""
+        lookup = self.lookup.kind(history)
+        if lookup is not None:
+            return lookup
+        mtp = guess_kind(self.mtp, history)
+        return None if mtp is None else mtp._replace(most=min(mtp.most or self.mtp_k, self.mtp_k))
 
 
-def guess_kind(drafter: Drafter, history: Sequence[int]) -> tuple[Hashable, bool] | None:
-    """(kind, free) of the guess `drafter` would make after `history`, None when it would make none.
+def guess_kind(drafter: Drafter, history: Sequence[int]) -> Guess | None:
+    """The kind of guess `drafter` would make after `history`, None when it would make none.
 
-    Acceptance is learnt per kind (runtime.draft_length); free: proposing costs next to nothing, so the
-    guess can be made and scored every round, drafted or not. A drafter without a `kind` method makes
-    one costly kind of guess."""
+    Acceptance is learnt per kind (runtime.draft_length); a free guess can be made and scored every
+    round, drafted or not. A drafter without a `kind` method makes one costly kind of guess."""
     kind = getattr(drafter, "kind", None)
-    return kind(history) if kind is not None else (type(drafter).__name__, False)
+    return kind(history) if kind is not None else Guess(type(drafter).__name__, False)
 
 
 def last_match(h: np.ndarray, n: int) -> int | None:

@@ -197,8 +197,9 @@ class Engine:
             return
         from .speculative import Speculative, SpecStats
 
-        spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
-                           adaptive=draft.adaptive, static_window=self.static)
+        adaptive = draft.adaptive and not self.static  # see Speculative: a static window keeps K
+        spec = Speculative(self.target, self.drafter(draft.mode, adaptive=adaptive), draft.k,
+                           adaptive=adaptive, static_window=self.static)
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         try:
             for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, own):
@@ -231,9 +232,10 @@ class Engine:
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
             use_draft = False
-        drafter = self.drafter(draft.mode, adaptive=draft.adaptive) if use_draft else NoDrafter()
+        adaptive = use_draft and draft.adaptive and not self.static  # see Speculative: a static window keeps K
+        drafter = self.drafter(draft.mode, adaptive=adaptive) if use_draft else NoDrafter()
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0,
-                           adaptive=use_draft and draft.adaptive, static_window=self.static and use_draft)
+                           adaptive=adaptive, static_window=self.static and use_draft)
         stats = SpecStats()  # the speculative loop's, drafting or not
         results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, self.stop_ids, stats)
         return [Generation(self.decode(r.tokens), r.tokens, stats) for r in results]

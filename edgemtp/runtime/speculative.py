@@ -152,7 +152,8 @@ class Speculative:
         if batched_verify is None:
             batched_verify = bool(getattr(target, "multi_row_verify", False))
         self.adaptive, self.static_window, self.batched_verify = adaptive, static_window, batched_verify
-        # a static window verifies k + 1 positions whatever was drafted: nothing to choose there
+        # a static window verifies k + 1 positions whatever was drafted, so a plain step's cost, the model's
+        # yardstick, is never measured: there K stays fixed
         self.lengths = DraftLength(k) if adaptive and not static_window else None
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
@@ -249,20 +250,20 @@ class Speculative:
         guess = guess_kind(self.drafter, s.history)
         if guess is None:
             return _NO_DRAFT
-        kind, free = guess
-        if free:  # the whole guess, scored later whatever part of it is drafted
-            tokens, q = self._propose(s, self.k, ctx)
-            s.guesses.append((len(s.history), tokens, kind))
-            k = self.lengths.choose(kind, limit, free=True)
-            return tokens[:k], (None if q is None else q[:k])
-        k = self.lengths.choose(kind, limit)
-        if k == 0:
-            return _NO_DRAFT
-        t0 = time.perf_counter()
-        tokens, q = self._propose(s, k, ctx)
-        self.lengths.timed_draft(kind, len(tokens), time.perf_counter() - t0)
-        s.guesses.append((len(s.history), tokens, kind))
-        return tokens, q
+        limit = min(limit, guess.most or limit)
+        if guess.free:  # the whole guess, scored later whatever part of it is drafted
+            tokens, q = self._propose(s, min(self.k, guess.most or self.k), ctx)
+            k = self.lengths.choose(guess.kind, limit, free=True)
+        else:
+            k = self.lengths.choose(guess.kind, limit)
+            if k == 0:
+                return _NO_DRAFT
+            t0 = time.perf_counter()
+            tokens, q = self._propose(s, k, ctx)
+            self.lengths.timed_draft(guess.kind, len(tokens), time.perf_counter() - t0)
+        if tokens:
+            s.guesses.append((len(s.history), tokens, guess.kind))
+        return tokens[:k], (None if q is None else q[:k])
 
     def _propose(self, s: _Seq, k: int, ctx: DraftContext) -> tuple[list[int], np.ndarray | None]:
         tokens, q = self.drafter.propose(s.history, k, ctx)
