@@ -99,7 +99,8 @@ def _speedup_text(speedups: list[dict]) -> str:
 
 
 def _mode(s: dict) -> str:
-    return s.get("drafter", "") + (f"/{s['head']}" if s.get("head") else "") + (" adaptive" if s.get("adaptive") else "")
+    head = f"/{s['head']}" if s.get("head") else ""
+    return s.get("drafter", "") + head + (" adaptive" if s.get("adaptive") else "")
 
 
 def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:
