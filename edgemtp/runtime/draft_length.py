@@ -11,7 +11,7 @@ maximises expected tokens per second, 0 (a plain step) when no k beats it.
 
 Prompt lookup costs nothing to propose, so its guesses are made and scored every round, verified or
 not: it keeps learning while it is not drafting. A costly drafter (MTP) that stopped drafting drafts
-one token after PROBE_AFTER plain rounds, to see whether the text has changed.
+one token after PROBE_AFTER declined guesses, to see whether the text has changed.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 DECAY = 0.95  # each new outcome of a kind weighs its older ones down: a text changes as it goes
 SMOOTHING = 0.3  # weight of a new time in its moving average
-PROBE_AFTER = 16  # plain rounds after which a costly drafter drafts again
+PROBE_AFTER = 16  # declined guesses (a row's round each; a batch's rows count apart) before a probe
 
 
 class DraftLength:
@@ -35,7 +35,7 @@ class DraftLength:
         self.drafters_run: set[Hashable] = set()  # kinds whose drafter ran: its first run is not counted
         self.step: dict[Hashable, float] = {}  # kind -> seconds a drafted token (a costly drafter)
         self.counts: dict[Hashable, np.ndarray] = {}  # kind -> [k_max, 2]: accepted, tried per position
-        self.idle: dict[Hashable, int] = {}  # kind -> plain rounds in a row (a costly drafter)
+        self.idle: dict[Hashable, int] = {}  # kind -> guesses declined in a row (a costly drafter)
 
     def choose(self, kind: Hashable, limit: int, free: bool = False) -> int:
         """Draft length in 0..limit for a guess of `kind` (free: proposing costs nothing)."""
