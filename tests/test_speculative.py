@@ -268,6 +268,33 @@ def test_greedy_matches_plain_decoding(models, kind, monkeypatch):
                                     stop_ids=engine.stop_ids)[0].tokens == w
 
 
+def test_adaptive_measurements_carry_over_between_calls(models, monkeypatch):
+    """An engine keeps one adaptive draft length per (mode, K, batch): a later call starts from the earlier
+    calls' pass costs and acceptance instead of measuring afresh; output stays plain greedy's."""
+    from edgemtp.runtime.draft_length import DraftLength
+    from edgemtp.runtime.engine import Draft
+
+    steady_clock(monkeypatch)
+    engine = models["gemma3_text", 64]
+    _, repetitive = _prompts(engine)
+    draft = Draft("lookup", 4, adaptive=True)
+    starts = []  # per call: (the model, the widths it knew and the outcomes it held at its first choice)
+    choose = DraftLength.choose
+
+    def recording(self, *args, **kwargs):
+        if len(starts) < calls:
+            starts.append((self, sorted(self.verify), {k: float(c[:, 1].sum()) for k, c in self.counts.items()}))
+        return choose(self, *args, **kwargs)
+
+    monkeypatch.setattr(DraftLength, "choose", recording)
+    for calls, p in enumerate(repetitive, start=1):
+        assert list(engine.token_stream(p, 24, draft=draft)) == list(engine.token_ids(p, 24))
+    assert len(starts) == 3 and all(model is starts[0][0] for model, _, _ in starts)
+    assert 1 in starts[1][1] and len(starts[2][1]) > 1  # plain and wider passes measured by earlier calls
+    assert sum(starts[2][2].values()) > 0  # and guesses scored
+    assert list(engine._draft_lengths) == [("lookup", 4, 1)]
+
+
 def test_generate_batch_drafts_only_when_asked_to(models):
     """Engine.generate_batch: auto does not draft at batch > 1 (slower there) unless the engine has the fast
     batched verify; lookup does; all equal plain greedy per row, and auto still drafts for a single prompt."""

@@ -55,6 +55,9 @@ class Engine:
         self.threads = None
         self.provider = self.drafter_provider = "cpu"
         self._drafters = {}  # graph name -> MTP drafter session, loaded on first use
+        # (mode, K, batch) -> the adaptive draft length's measurements, kept from call to call: pass costs
+        # are this device's, and acceptance carries over (it fades as the text changes)
+        self._draft_lengths = {}
         self.fast_verify = False
 
     @classmethod
@@ -179,6 +182,11 @@ class Engine:
         mtp = self._mtp_drafter(graph)
         return mtp if mode == "mtp" else HybridDrafter(mtp)
 
+    def _lengths(self, draft: Draft, batch: int):
+        from .draft_length import DraftLength
+
+        return self._draft_lengths.setdefault((draft.mode, draft.k, batch), DraftLength(draft.k))
+
     def _mtp_drafter(self, graph: str = "drafter"):
         if graph not in self._drafters:
             from ..drafter.export import DrafterSession
@@ -199,7 +207,7 @@ class Engine:
 
         adaptive = draft.adaptive and not self.static  # see Speculative: a static window keeps K
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=adaptive), draft.k,
-                           adaptive=adaptive, static_window=self.static)
+                           adaptive=adaptive, static_window=self.static, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         try:
             for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, own):
@@ -234,8 +242,9 @@ class Engine:
             use_draft = False
         adaptive = use_draft and draft.adaptive and not self.static  # see Speculative: a static window keeps K
         drafter = self.drafter(draft.mode, adaptive=adaptive) if use_draft else NoDrafter()
-        spec = Speculative(self.target, drafter, draft.k if use_draft else 0,
-                           adaptive=adaptive, static_window=self.static and use_draft)
+        spec = Speculative(self.target, drafter, draft.k if use_draft else 0, adaptive=adaptive,
+                           static_window=self.static and use_draft,
+                           lengths=self._lengths(draft, len(prompts)) if adaptive else None)
         stats = SpecStats()  # the speculative loop's, drafting or not
         results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, self.stop_ids, stats)
         return [Generation(self.decode(r.tokens), r.tokens, stats) for r in results]

@@ -140,12 +140,14 @@ class Speculative:
     k: draft length per round; with `adaptive` the most, each round then drafting the length that
     maximises expected tokens per second by measured verify and draft times and acceptance
     (runtime.draft_length), 0 when a plain step does better.
+    lengths: an adaptive draft length's earlier measurements to go on from (Engine keeps one per setting).
     static_window: pad every verify to exactly k+1 positions (for static-shape graphs; capacity allowing).
     batched_verify: verify several rows in one target pass (see the module docstring); None: when the
     target can (`multi_row_verify`)."""
 
     def __init__(self, target: Target, drafter: Drafter, k: int = 4, *, adaptive: bool = False,
-                 static_window: bool = False, batched_verify: bool | None = None):
+                 static_window: bool = False, batched_verify: bool | None = None,
+                 lengths: DraftLength | None = None):
         if k < 0:
             raise ValueError(f"draft length k={k} must be >= 0")
         self.target, self.drafter, self.k = target, drafter, k
@@ -154,7 +156,7 @@ class Speculative:
         self.adaptive, self.static_window, self.batched_verify = adaptive, static_window, batched_verify
         # a static window verifies k + 1 positions whatever was drafted, so a plain step's cost, the model's
         # yardstick, is never measured: there K stays fixed
-        self.lengths = DraftLength(k) if adaptive and not static_window else None
+        self.lengths = (lengths or DraftLength(k)) if adaptive and not static_window else None
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                  sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
