@@ -16,20 +16,12 @@ from __future__ import annotations
 import edgemtp  # noqa: F401  (first: OpenBLAS's threads must not spin after numpy calls)
 
 import argparse
-import inspect
-import json.decoder
 import math
 import statistics
-from pathlib import Path
 
 from edgemtp.runtime.engine import Draft, Engine
 
-ROOT = Path(__file__).parent.parent
-PROMPTS = {"cli.py": (ROOT / "edgemtp" / "cli.py").read_text()[:2000],
-           "README": (ROOT / "README.md").read_text()[3000:5000],
-           "inspect.py": Path(inspect.__file__).read_text()[:2000],
-           "json": Path(json.decoder.__file__).read_text()[:2000],
-           "story": "Once upon a time, in a small village by the sea, there lived an old fisherman who"}
+from lookup_ngram import PROMPTS  # noqa: E402  (this directory: the same five prompts)
 
 
 def settings(modes: list[str], ks: list[int]) -> dict[str, Draft | None]:
