@@ -153,7 +153,7 @@ class Speculative:
         self.target, self.drafter, self.k = target, drafter, k
         if batched_verify is None:
             batched_verify = bool(getattr(target, "multi_row_verify", False))
-        self.adaptive, self.static_window, self.batched_verify = adaptive, static_window, batched_verify
+        self.static_window, self.batched_verify = static_window, batched_verify
         # a static window verifies k + 1 positions whatever was drafted, so a plain step's cost, the model's
         # yardstick, is never measured: there K stays fixed
         self.lengths = (lengths or DraftLength(k)) if adaptive and not static_window else None
