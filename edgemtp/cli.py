@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from .errors import EdgemtpError
+from .errors import ArgumentError, EdgemtpError
 
 
 class _Group(click.Group):
@@ -26,7 +26,7 @@ class _Group(click.Group):
             try:
                 return super().invoke(ctx)
             except EdgemtpError as e:
-                click.echo(f"error: {e}", err=True)
+                click.echo(f"error: {e.cli_message() if isinstance(e, ArgumentError) else e}", err=True)
                 sys.exit(2)
             except click.UsageError as e:  # click's own checks (an unknown flag or command, a bad choice)
                 message = " ".join(e.format_message().split())  # "Did you mean ...?" comes on a second line

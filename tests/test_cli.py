@@ -245,12 +245,22 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
     from edgemtp.runtime.stats import Stats
 
     engine = Engine.load(tiny_gemma3[2], threads=1)
-    for make, message in ((lambda: Draft("lookup", 2.5), "--draft-k 2.5 must be a whole number"),
-                          (lambda: Draft("lookup", "4"), "--draft-k '4' must be a whole number"),
-                          (lambda: Sampling(1.0, top_k=2.5), "--top-k 2.5 must be a whole number"),
-                          (lambda: Sampling(1.0, seed=1.5), "--seed 1.5 must be a whole number"),
-                          (lambda: Sampling("hot"), "--temperature 'hot' must be a finite number"),
-                          (lambda: engine.generate("t1 t2", 2.5), "--max-new-tokens 2.5 must be a whole number"),
+    # named as the Python caller wrote them, not as CLI flags
+    for make, message in ((lambda: Draft("lookup", 2.5), "Draft.k=2.5 must be a whole number"),
+                          (lambda: Draft("lookup", "4"), "Draft.k='4' must be a whole number"),
+                          (lambda: Draft("lookup", -1), "Draft.k=-1 must be >= 0"),
+                          (lambda: engine.generate("t1", 4, draft=Draft("fast")), "Draft.mode='fast' is unknown"),
+                          (lambda: Sampling(1.0, top_k=2.5), "top_k=2.5 must be a whole number"),
+                          (lambda: Sampling(1.0, seed=1.5), "seed=1.5 must be a whole number"),
+                          (lambda: Sampling(1.0, seed=-1), "seed=-1 must be >= 0"),
+                          (lambda: Sampling("hot"), "temperature='hot' must be a finite number"),
+                          (lambda: Sampling(1.0, top_p=0), "top_p=0 must be in"),
+                          (lambda: engine.generate("t1 t2", 2.5), "max_new_tokens=2.5 must be a whole number"),
+                          (lambda: engine.generate("t1 t2", 0), "max_new_tokens=0 must be at least 1"),
+                          (lambda: Engine.load(tiny_gemma3[2], threads=-1), "threads=-1 must be between 1 and"),
+                          (lambda: Engine.load(tiny_gemma3[2], provider="tpu"), "provider='tpu' is unknown"),
+                          (lambda: Engine.load(tiny_gemma3[2], drafter_provider="tpu"),
+                           "drafter_provider='tpu' is unknown"),
                           (lambda: engine.generate_batch("t1 t2"), "generate_batch takes a list of prompts"),
                           (lambda: list(engine.stream("t1", 4, Sampling(), Stats())), "draft must be a Draft")):
         with pytest.raises(EdgemtpError, match=message.replace("(", r"\(")):

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 
 from .. import bundle as bundle_mod
 from .. import contract as C
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from .sampling import Sampling, is_whole, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
@@ -78,7 +78,7 @@ class Engine:
         if drafter_provider is not None:
             with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
                 warnings.simplefilter("ignore")
-                resolve_provider(drafter_provider, "--drafter-provider")
+                resolve_provider(drafter_provider, "drafter_provider")
         if mtp is None:
             mtp = auto_mode(b, provider) == "hybrid"
         session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages)
@@ -168,7 +168,7 @@ class Engine:
         from .drafting import HybridDrafter, PromptLookupDrafter
 
         if mode not in DRAFT_MODES:
-            raise EdgemtpError(f"--draft {mode!r} is unknown (choose from {', '.join(DRAFT_MODES)})")
+            raise ArgumentError("Draft.mode", mode, f"is unknown (choose from {', '.join(DRAFT_MODES)})", "--draft")
         if mode == "lookup" or (mode == "auto" and auto_mode(self.bundle, self.provider) == "lookup"):
             # where a wrong draft costs a wide verify (a quantized target on the CPU), only a repeat of 2+
             # tokens drafts: Gemma 3 270M int4, K = 4, five prompts (benchmarks/lookup_ngram.py), 0.86-1.96x
@@ -177,8 +177,8 @@ class Engine:
             return PromptLookupDrafter(min_ngram=2 if cpu_quantized(self.bundle, self.provider) and not adaptive
                                        else 1)
         if not self.bundle.has_graph("drafter"):
-            raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (use --draft lookup or "
-                               "export with --drafter)")
+            raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (draft by lookup, or "
+                               "export the bundle with --drafter)")
         mtp = self._mtp_drafter(graph)
         return mtp if mode == "mtp" else HybridDrafter(mtp)
 
@@ -290,9 +290,9 @@ class Draft:
 
     def __post_init__(self):
         if not is_whole(self.k):
-            raise EdgemtpError(f"--draft-k {self.k!r} must be a whole number")
+            raise ArgumentError("Draft.k", self.k, "must be a whole number", "--draft-k")
         if self.k < 0:
-            raise EdgemtpError(f"--draft-k {self.k} must be >= 0")
+            raise ArgumentError("Draft.k", self.k, "must be >= 0", "--draft-k")
 
 
 def new_stats(draft: Draft | None) -> Stats:
@@ -303,9 +303,9 @@ def new_stats(draft: Draft | None) -> Stats:
 
 def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int) -> None:
     if not is_whole(max_new_tokens):
-        raise EdgemtpError(f"--max-new-tokens {max_new_tokens!r} must be a whole number")
+        raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
     if max_new_tokens < 1:
-        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+        raise ArgumentError("max_new_tokens", max_new_tokens, "must be at least 1")
     if not prompt_ids:
         raise EdgemtpError("the prompt is empty (no tokens)")
     if len(prompt_ids) >= capacity:

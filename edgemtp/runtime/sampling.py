@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError
 
 
 @dataclass(frozen=True)
@@ -19,14 +19,14 @@ class Sampling:
 
     def __post_init__(self):
         if not (is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
-            raise EdgemtpError(f"--temperature {self.temperature!r} must be a finite number >= 0")
-        for flag, value in (("--top-k", self.top_k), ("--seed", self.seed)):
+            raise ArgumentError("temperature", self.temperature, "must be a finite number >= 0")
+        for name, value in (("top_k", self.top_k), ("seed", self.seed)):
             if value is not None and not is_whole(value):
-                raise EdgemtpError(f"{flag} {value!r} must be a whole number")
+                raise ArgumentError(name, value, "must be a whole number")
             if value is not None and value < 0:
-                raise EdgemtpError(f"{flag} {value} must be >= 0")
+                raise ArgumentError(name, value, "must be >= 0")
         if not (is_number(self.top_p) and 0 < self.top_p <= 1):
-            raise EdgemtpError(f"--top-p {self.top_p!r} must be in (0, 1]")
+            raise ArgumentError("top_p", self.top_p, "must be in (0, 1]")
 
     @property
     def greedy(self) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from . import hugepages
 
 # short names users type -> ONNX Runtime provider names
@@ -32,11 +32,11 @@ def runs_on_cpu(name: str) -> bool:
     return full == "CPUExecutionProvider" or full not in ort.get_available_providers()
 
 
-def resolve_provider(name: str, flag: str = "--provider") -> str:
+def resolve_provider(name: str, param: str = "provider") -> str:
     """Maps a short or full provider name to what this ONNX Runtime can run, falling back to CPU."""
     full = PROVIDERS.get(name.lower(), name)
     if full not in PROVIDERS.values():
-        raise EdgemtpError(f"{flag} {name!r} is unknown (choose from {', '.join(PROVIDERS)})")
+        raise ArgumentError(param, name, f"is unknown (choose from {', '.join(PROVIDERS)})")
     if full not in ort.get_available_providers():
         warnings.warn(f"provider {name!r} is not available in this onnxruntime build; using the CPU",
                       stacklevel=2)
@@ -50,8 +50,8 @@ def check_threads(threads: int | None) -> None:
     default, one per core), or more than 4 per core."""
     most = 4 * (os.cpu_count() or 1)
     if threads is not None and not 0 <= threads <= most:
-        raise EdgemtpError(f"--threads {threads} must be between 1 and {most} (4 per core of this machine; "
-                           "0: one per core)")
+        raise ArgumentError("threads", threads, f"must be between 1 and {most} (4 per core of this machine; "
+                            "0: one per core)")
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
