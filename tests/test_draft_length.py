@@ -8,7 +8,7 @@ import pytest
 
 from edgemtp.runtime import speculative
 from edgemtp.runtime.draft_length import PROBE_AFTER, DraftLength
-from edgemtp.runtime.drafting import Guess, HybridDrafter, PromptLookupDrafter, guess_kind
+from edgemtp.runtime.drafting import Guess, HybridDrafter, PromptLookupDrafter, guess_kind, guess_options
 from edgemtp.runtime.speculative import SpecStats, speculative_generate
 
 from .test_speculative import FakeTarget, plain_greedy
@@ -22,14 +22,21 @@ def measured(costs: dict[int, float], k_max: int = 4) -> DraftLength:
     return d
 
 
+def one(d: DraftLength, kind, limit: int, free: bool = False) -> int:
+    """The length `d` drafts of the one guess on offer."""
+    i, k = d.choose([(kind, limit, free)])
+    assert i == 0
+    return k
+
+
 def test_a_plain_step_is_measured_before_anything_is_drafted():
     d = DraftLength(4)
-    assert d.choose("lookup 3", 4, free=True) == 0
+    assert one(d, "lookup 3", 4, free=True) == 0
     d.timed_verify(1, 1, 0.9)  # the first pass of a shape is slow: left out
-    assert d.verify_cost(1) is None and d.choose("lookup 3", 4, free=True) == 0
+    assert d.verify_cost(1) is None and one(d, "lookup 3", 4, free=True) == 0
     d.timed_verify(1, 1, 0.5)
     assert d.verify_cost(1) == 0.5
-    assert d.choose("lookup 3", 4, free=True) == 4  # one width known: wider passes look as cheap
+    assert one(d, "lookup 3", 4, free=True) == 4  # one width known: wider passes look as cheap
 
 
 def test_verify_cost_is_linear_between_and_beyond_measured_widths():
@@ -53,14 +60,14 @@ def test_choice_weighs_acceptance_against_the_cost_of_a_wider_pass():
         for d in (steep, flat):
             d.outcome("good", [1, 2, 3, 4], [1, 2, 3, 4])
             d.outcome("poor", [1, 2, 3, 4], [1, 5, 3, 4] if _ % 3 == 0 else [7])  # ~1/3 right at the first
-    assert steep.choose("good", 4, free=True) == 4 and flat.choose("good", 4, free=True) == 4
-    assert steep.choose("poor", 4, free=True) == 0  # 1.3 tokens are not worth a pass of 1.5 steps
-    assert flat.choose("poor", 4, free=True) in (1, 2)  # ... but worth a pass of 1.02-1.04
-    assert steep.choose("good", 2, free=True) == 2  # never past the limit
+    assert one(steep, "good", 4, free=True) == 4 and one(flat, "good", 4, free=True) == 4
+    assert one(steep, "poor", 4, free=True) == 0  # 1.3 tokens are not worth a pass of 1.5 steps
+    assert one(flat, "poor", 4, free=True) in (1, 2)  # ... but worth a pass of 1.02-1.04
+    assert one(steep, "good", 2, free=True) == 2  # never past the limit
     # a drafter step of half a decode step makes the good kind's longer drafts not pay either
     for _ in range(2):  # a drafter's first run is not counted
         steep.timed_draft("good", 4, 4 * 0.5)
-    assert steep.choose("good", 4) == 0 and steep.choose("good", 4, free=True) == 4
+    assert one(steep, "good", 4) == 0 and one(steep, "good", 4, free=True) == 4
 
 
 def test_outcomes_fade_so_the_text_can_change():
@@ -80,9 +87,29 @@ def test_a_costly_drafter_that_stopped_drafting_tries_again():
     d = measured({1: 1.0, 5: 3.0})
     for _ in range(30):
         d.outcome("mtp", [1], [2])
-    choices = [d.choose("mtp", 3) for _ in range(2 * PROBE_AFTER + 2)]
+    choices = [one(d, "mtp", 3) for _ in range(2 * PROBE_AFTER + 2)]
     assert choices.count(1) == 2 and choices.count(0) == 2 * PROBE_AFTER
-    assert d.choose("mtp", 3, free=True) == 0  # a free guess is scored every round: no probe needed
+    assert one(d, "mtp", 3, free=True) == 0  # a free guess is scored every round: no probe needed
+
+
+def test_the_guess_that_pays_best_is_drafted():
+    """Among the guesses on offer (the hybrid's lookup and MTP), the one with the most expected tokens per
+    second; a plain step when none pays, with a costly kind still probing after PROBE_AFTER rounds."""
+    d = measured({1: 1.0, 5: 3.0})  # each position half a step
+    for _ in range(2):
+        d.timed_draft("mtp", 2, 2 * 0.1)
+    for _ in range(40):
+        d.outcome("lookup 1", [1, 2], [7])  # a one-token repeat's copy is never right here
+        d.outcome("lookup 3", [1, 2, 3, 4], [1, 2, 3, 4])
+        d.outcome("mtp", [1, 2], [1, 2])
+    short, long_repeat = ("lookup 1", 4, True), ("lookup 3", 4, True)
+    assert d.choose([short, ("mtp", 2, False)]) == (1, 2)  # the repeat does not pay: MTP, not a plain step
+    assert d.choose([long_repeat, ("mtp", 2, False)]) == (0, 4)  # 5 tokens for 3 steps beat 3 for 2.2
+    assert d.choose([short, ("mtp", 0, False)]) == (0, 0)  # no room left for MTP: a plain step
+    for _ in range(40):
+        d.outcome("mtp", [1, 2], [7])
+    choices = [d.choose([short, ("mtp", 2, False)]) for _ in range(PROBE_AFTER + 1)]
+    assert choices[:-1] == [(0, 0)] * PROBE_AFTER and choices[-1] == (1, 1)
 
 
 # ------------------------------------------------------------- rounds on a fake clock
@@ -134,9 +161,34 @@ def test_rounds_stop_drafting_wrong_guesses_on_a_costly_pass_and_keep_right_ones
     assert fixed.drafted >= 4 * 100  # without it every round drafts its K
 
 
+def test_rounds_draft_the_second_guess_on_offer_where_the_first_does_not_pay(monkeypatch):
+    """A drafter offering a free guess that is always wrong and a costly one that is always right (as the
+    hybrid offers a short repeat's copy and its MTP guess): after a few rounds the costly one drafts, not
+    plain steps; the output is plain greedy's."""
+    target = ClockedTarget(lambda width: 1.0 + 0.5 * (width - 1))
+    monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: target.now))
+    prompt = [1, 2, 3, 1, 2]
+    want = plain_greedy(target, prompt, 120)
+    wrong, right = Oracle(prompt, want, True), Oracle(prompt, want, False, free=False)
+
+    class Both:
+        def propose(self, history, k, ctx=None):
+            raise AssertionError("an adaptive round asks the offered guesses' drafters")
+
+        def options(self, history):
+            return [(Guess("copy", True), wrong), (Guess("model", False), right)]
+
+    stats = SpecStats()
+    spec = speculative.Speculative(target, Both(), 4, adaptive=True)
+    assert spec.generate([prompt], 120, stats=stats)[0].tokens == want
+    assert stats.accepted == stats.drafted and stats.rounds <= 120 / 5 + 6
+    copy = spec.lengths.counts["copy"]
+    assert copy[0, 1] > 5 and copy[0, 0] == 0  # scored every round, never right
+
+
 def test_guess_kinds():
-    """Lookup names its repeat length and is free; the hybrid's MTP guesses are capped at its mtp_k; a drafter
-    without `kind` makes one costly kind of guess."""
+    """Lookup names its repeat length and is free; a drafter without `kind` makes one costly kind of guess; the
+    hybrid offers its lookup guess where the text repeats, then its MTP guess capped at its mtp_k."""
     lookup = PromptLookupDrafter()
     assert guess_kind(lookup, [1, 2, 3, 9, 1, 2, 3]) == Guess("lookup 3", True)
     assert guess_kind(lookup, [1, 2, 3, 1]) == Guess("lookup 1", True) and guess_kind(lookup, [1, 2, 3]) is None
@@ -146,9 +198,12 @@ def test_guess_kinds():
             return [0] * k, None
 
     assert guess_kind(Plain(), [1, 2]) == Guess("Plain", False)
-    hybrid = HybridDrafter(Plain(), mtp_k=2)
-    assert guess_kind(hybrid, [1, 2, 3]) == Guess("Plain", False, 2)
-    assert guess_kind(hybrid, [1, 2, 3, 1, 2]) == Guess("lookup 2", True)
+    plain = Plain()
+    assert guess_options(plain, [1, 2]) == [(Guess("Plain", False), plain)] and guess_options(lookup, [1, 2]) == []
+    hybrid = HybridDrafter(plain, mtp_k=2)
+    assert guess_options(hybrid, [1, 2, 3]) == [(Guess("Plain", False, 2), plain)]
+    assert guess_options(hybrid, [1, 2, 3, 1, 2]) == [(Guess("lookup 2", True), hybrid.lookup),
+                                                      (Guess("Plain", False, 2), plain)]
 
 
 def test_a_guess_cut_by_the_end_of_generation_counts_what_was_generated(monkeypatch):

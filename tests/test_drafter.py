@@ -535,6 +535,9 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
         for mode in ("mtp", "hybrid", "auto"):
             mtp = json.loads(CliRunner().invoke(cli, args + ["--draft", mode, "--draft-k", "3"]).stdout)
             assert mtp["tokens"] == plain["tokens"] and mtp["stats"]["drafted"] > 0
+        # adaptive: rounds choose between the hybrid's lookup and MTP guesses by this machine's timings
+        adaptive = json.loads(CliRunner().invoke(cli, args + ["--draft", "hybrid", "--adaptive"]).stdout)
+        assert adaptive["tokens"] == plain["tokens"]
     # profile puts the two heads side by side
     r = CliRunner().invoke(cli, ["profile", str(out), "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions",
                                  "1", "--draft-k", "0,2", "--draft", "mtp,hybrid", "--format", "json"])
@@ -1063,6 +1066,8 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
     assert q8.drafter("auto").min_ngram == q8.drafter("lookup").min_ngram == 2
     assert Engine.load(tmp_path / "fp32").drafter("lookup").min_ngram == 1
     assert q8.drafter("lookup", adaptive=True).min_ngram == 1  # the adaptive length judges each repeat length
+    fp32 = Engine.load(tmp_path / "fp32")
+    assert fp32.drafter("hybrid").lookup.min_ngram == 2 and fp32.drafter("hybrid", adaptive=True).lookup.min_ngram == 1
     # the CPU however spelled, and a provider this build lacks (its sessions fall back to the CPU)
     assert {auto_mode(b, p) for p in ("cpu", "CPU", "CPUExecutionProvider", "qnn")} == {"lookup"}
     import onnxruntime as ort

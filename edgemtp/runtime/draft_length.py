@@ -10,7 +10,8 @@ width, drafter seconds per token, acceptance per kind of guess and position) and
 maximises expected tokens per second, 0 (a plain step) when no k beats it.
 
 Prompt lookup costs nothing to propose, so its guesses are made and scored every round, verified or
-not: it keeps learning while it is not drafting. A costly drafter (MTP) that stopped drafting drafts
+not: it keeps learning while it is not drafting. Where the drafter offers more than one guess (the
+hybrid's lookup copy and MTP guess), the round drafts the one with the most expected tokens per second. A costly drafter (MTP) that stopped drafting drafts
 one token after PROBE_AFTER declined guesses, to see whether the text has changed.
 """
 
@@ -37,13 +38,33 @@ class DraftLength:
         self.counts: dict[Hashable, np.ndarray] = {}  # kind -> [k_max, 2]: accepted, tried per position
         self.idle: dict[Hashable, int] = {}  # kind -> guesses declined in a row (a costly drafter)
 
-    def choose(self, kind: Hashable, limit: int, free: bool = False) -> int:
-        """Draft length in 0..limit for a guess of `kind` (free: proposing costs nothing)."""
-        limit = min(limit, self.k_max)
+    def choose(self, options: Sequence[tuple[Hashable, int, bool]]) -> tuple[int, int]:
+        """Which guess on offer to draft and how much of it: `options` are (kind, limit, free) for each guess
+        the drafter could make this round (free: proposing it costs nothing); returns (option, k) with k in
+        0..its limit, k = 0 for a plain step. The hybrid drafter offers its lookup guess and its MTP guess,
+        so a repeat too short to be worth drafting leaves the round to the MTP drafter, not a plain step."""
         plain = self.verify_cost(1)
-        if limit <= 0 or plain is None:  # no pass measured yet: a plain step, the yardstick, comes first
-            return 0
-        best, best_k = 1.0 / plain, 0
+        if plain is None:  # no pass measured yet: a plain step, the yardstick, comes first
+            return 0, 0
+        best, best_i, best_k = 1.0 / plain, 0, 0
+        for i, (kind, limit, free) in enumerate(options):
+            k, rate = self._best_length(kind, min(limit, self.k_max), free)
+            if rate > best:
+                best, best_i, best_k = rate, i, k
+        if best_k:
+            self.idle[options[best_i][0]] = 0
+            return best_i, best_k
+        for i, (kind, limit, free) in enumerate(options):  # a plain step: costly kinds declined
+            if not free and min(limit, self.k_max) > 0:
+                self.idle[kind] = self.idle.get(kind, 0) + 1
+                if self.idle[kind] > PROBE_AFTER:  # one token: the cheapest probe, and its position is the
+                    self.idle[kind] = 0  # one that decides whether drafting pays at all
+                    return i, 1
+        return 0, 0
+
+    def _best_length(self, kind: Hashable, limit: int, free: bool) -> tuple[int, float]:
+        """(k, expected tokens per second) for the best k in 1..limit of a guess of `kind`; (0, 0) for none."""
+        best, best_k = 0.0, 0
         tokens, survive = 1.0, 1.0
         p = self.acceptance(kind, optimistic=not free)
         for k in range(1, limit + 1):
@@ -52,13 +73,7 @@ class DraftLength:
             seconds = self.verify_cost(k + 1) + (0.0 if free else k * self.step.get(kind, 0.0))
             if tokens / seconds > best:
                 best, best_k = tokens / seconds, k
-        if best_k == 0 and not free:
-            self.idle[kind] = self.idle.get(kind, 0) + 1
-            if self.idle[kind] > PROBE_AFTER:  # one token: the cheapest probe, and its position is the
-                best_k = 1  # one that decides whether drafting pays at all
-        if best_k:
-            self.idle[kind] = 0
-        return best_k
+        return best_k, best
 
     def acceptance(self, kind: Hashable, optimistic: bool = False) -> np.ndarray:
         """[k_max] chance that draft position i is accepted given positions < i were: counts smoothed

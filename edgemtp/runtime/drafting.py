@@ -55,7 +55,8 @@ class Drafter(Protocol):
         guess (the round then takes a plain one-token step).
 
         A drafter may also have `kind(history) -> Guess | None`, what kind of guess it would make (see
-        guess_kind); the adaptive draft length learns acceptance per kind."""
+        guess_kind); the adaptive draft length learns acceptance per kind. One that combines drafters has
+        `options(history)` instead (see guess_options)."""
         ...
 
 
@@ -125,13 +126,17 @@ class HybridDrafter:
             return tokens, q
         return self.mtp.propose(history, min(k, self.mtp_k), ctx)
 
-    def kind(self, history: Sequence[int]) -> Guess | None:
-        """See guess_kind: lookup's where the history repeats itself, else the MTP drafter's (mtp_k at most)."""
+    def options(self, history: Sequence[int]) -> list[tuple[Guess, Drafter]]:
+        """See guess_options: lookup's guess where the history repeats itself, then the MTP drafter's
+        (mtp_k at most), each with the drafter that makes it."""
+        out = []
         lookup = self.lookup.kind(history)
         if lookup is not None:
-            return lookup
+            out.append((lookup, self.lookup))
         mtp = guess_kind(self.mtp, history)
-        return None if mtp is None else mtp._replace(most=min(mtp.most or self.mtp_k, self.mtp_k))
+        if mtp is not None:
+            out.append((mtp._replace(most=min(mtp.most or self.mtp_k, self.mtp_k)), self.mtp))
+        return out
 
 
 def guess_kind(drafter: Drafter, history: Sequence[int]) -> Guess | None:
@@ -141,6 +146,17 @@ def guess_kind(drafter: Drafter, history: Sequence[int]) -> Guess | None:
     round, drafted or not. A drafter without a `kind` method makes one costly kind of guess."""
     kind = getattr(drafter, "kind", None)
     return kind(history) if kind is not None else Guess(type(drafter).__name__, False)
+
+
+def guess_options(drafter: Drafter, history: Sequence[int]) -> list[tuple[Guess, Drafter]]:
+    """The guesses `drafter` could make after `history`, in its order of preference, each with the drafter
+    that makes it: a drafter combining others (HybridDrafter.options) offers each of theirs, so an adaptive
+    round can draft the one that pays; any other drafter offers its one kind (guess_kind), or none."""
+    options = getattr(drafter, "options", None)
+    if options is not None:
+        return options(history)
+    guess = guess_kind(drafter, history)
+    return [] if guess is None else [(guess, drafter)]
 
 
 def last_match(h: np.ndarray, n: int) -> int | None:

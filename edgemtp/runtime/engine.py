@@ -164,7 +164,7 @@ class Engine:
         Gemma 3 270M, session 28).
         `graph`: which drafter graph of the bundle (drafter_full_head: the same drafter with its full head,
         for comparison). `adaptive`: the rounds choose their draft length (runtime.draft_length), which
-        learns per match length whether a lookup draft pays: lookup then drafts on any match."""
+        learns per match length whether a lookup draft pays: lookup (and hybrid's lookup) then drafts on any match."""
         from .drafting import HybridDrafter, PromptLookupDrafter
 
         if mode not in DRAFT_MODES:
@@ -180,7 +180,10 @@ class Engine:
             raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (draft by lookup, or "
                                "export the bundle with --drafter)")
         mtp = self._mtp_drafter(graph)
-        return mtp if mode == "mtp" else HybridDrafter(mtp)
+        # adaptive: the hybrid too copies after any repeat, and a copy that does not pay leaves the round to
+        # its MTP drafter (guess_options); fp32 Gemma 3 270M, five prompts: 1.61x plain against 1.58x with
+        # neither (one lookup guess on a 2+ repeat), int4 1.21x against 1.20x (docs/measurements.md, session 29)
+        return mtp if mode == "mtp" else HybridDrafter(mtp, min_ngram=1 if adaptive else 2)
 
     def _lengths(self, draft: Draft, batch: int):
         from .draft_length import DraftLength

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import EdgemtpError
 from .draft_length import DraftLength
-from .drafting import DraftContext, Drafter, guess_kind
+from .drafting import DraftContext, Drafter, guess_options
 from .engine import _check_request
 from .sampling import Sampling, distribution, pick
 from .stats import Stats
@@ -248,30 +248,32 @@ class Speculative:
             return _NO_DRAFT
         ctx = DraftContext(s.row, s.hidden, cache, sampling, s.rng)
         if self.lengths is None:
-            return self._propose(s, limit, ctx)
-        guess = guess_kind(self.drafter, s.history)
-        if guess is None:
+            return self._propose(self.drafter, s, limit, ctx)
+        options = guess_options(self.drafter, s.history)
+        made = []  # free guesses are made whole and scored later, whatever part of them is drafted
+        for guess, drafter in options:
+            made.append(self._propose(drafter, s, min(self.k, guess.most or self.k), ctx) if guess.free else None)
+            if guess.free and made[-1][0]:
+                s.guesses.append((len(s.history), made[-1][0], guess.kind))
+        i, k = self.lengths.choose([(g.kind, min(limit, g.most or limit), g.free) for g, _ in options])
+        if k == 0:
             return _NO_DRAFT
-        limit = min(limit, guess.most or limit)
-        if guess.free:  # the whole guess, scored later whatever part of it is drafted
-            tokens, q = self._propose(s, min(self.k, guess.most or self.k), ctx)
-            k = self.lengths.choose(guess.kind, limit, free=True)
+        guess, drafter = options[i]
+        if made[i] is not None:
+            tokens, q = made[i]
         else:
-            k = self.lengths.choose(guess.kind, limit)
-            if k == 0:
-                return _NO_DRAFT
             t0 = time.perf_counter()
-            tokens, q = self._propose(s, k, ctx)
+            tokens, q = self._propose(drafter, s, k, ctx)
             self.lengths.timed_draft(guess.kind, len(tokens), time.perf_counter() - t0)
-        if tokens:
-            s.guesses.append((len(s.history), tokens, guess.kind))
+            if tokens:
+                s.guesses.append((len(s.history), tokens, guess.kind))
         return tokens[:k], (None if q is None else q[:k])
 
-    def _propose(self, s: _Seq, k: int, ctx: DraftContext) -> tuple[list[int], np.ndarray | None]:
-        tokens, q = self.drafter.propose(s.history, k, ctx)
+    def _propose(self, drafter: Drafter, s: _Seq, k: int, ctx: DraftContext) -> tuple[list[int], np.ndarray | None]:
+        tokens, q = drafter.propose(s.history, k, ctx)
         tokens = [int(t) for t in tokens[:k]]
         if any(not 0 <= t < self.target.contract.vocab_size for t in tokens):
-            raise EdgemtpError(f"{type(self.drafter).__name__} proposed {tokens}: outside the target's "
+            raise EdgemtpError(f"{type(drafter).__name__} proposed {tokens}: outside the target's "
                                f"vocabulary of {self.target.contract.vocab_size}")
         return tokens, (None if q is None else np.asarray(q)[:len(tokens)])
 
