@@ -14,7 +14,16 @@ class ArgumentError(EdgemtpError):
     def __init__(self, name: str, value, rule: str, flag: str | None = None):
         self.name, self.value, self.rule = name, value, rule
         self.flag = flag or "--" + name.replace("_", "-")
-        super().__init__(f"{name}={value!r} {rule}")
+        super().__init__(f"{name}={_shown(value)} {rule}")
 
     def cli_message(self) -> str:
-        return f"{self.flag} {self.value!r} {self.rule}"
+        return f"{self.flag} {_shown(self.value)} {self.rule}"
+
+    def __reduce__(self):  # rebuilt from its fields (args holds the message only): pickling, copy
+        return type(self), (self.name, self.value, self.rule, self.flag)
+
+
+def _shown(value) -> str:
+    """repr, with a numpy number shown as the plain number it holds (not `np.int64(0)`)."""
+    item = getattr(value, "item", None)
+    return repr(item() if callable(item) and getattr(value, "ndim", None) == 0 else value)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgemtpError
+from .errors import ArgumentError, EdgemtpError
 from .runtime.engine import Engine
 
 
@@ -120,12 +120,12 @@ def _summary(t: _Tally, windows: int, window: int, with_ref: bool) -> dict:
 
 def _check_window(window: int, step: int, engine: Engine, ref: Engine | None) -> None:
     if window < 2:
-        raise EdgemtpError(f"--window {window} is too small (need at least 2 tokens)")
+        raise ArgumentError("window", window, "is too small (need at least 2 tokens)")
     if step < 1:
-        raise EdgemtpError(f"--step {step} must be at least 1")
+        raise ArgumentError("step", step, "must be at least 1")
     for e in (engine, ref):
         if e is not None and window > e.capacity:
-            raise EdgemtpError(f"--window {window} exceeds the KV capacity {e.capacity} of bundle {e.bundle.dir}")
+            raise ArgumentError("window", window, f"exceeds the KV capacity {e.capacity} of bundle {e.bundle.dir}")
 
 
 def _check_same_vocab(engine: Engine, ref: Engine) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -56,8 +57,10 @@ def test_seeded_sampling_is_reproducible(tiny_gemma3):
     (("--top-p", 0), "--top-p 0.0 must be in (0, 1]"),
     (("--temperature", "nan"), "--temperature nan must be a finite number >= 0"),
     (("--temperature", 1, "--seed", -1), "--seed -1 must be >= 0"),
-    (("--threads", -1), "--threads -1 must be between 1 and"),
-    (("--threads", 100_000), "--threads 100000 must be between 1 and"),  # ORT would make them all
+    (("--draft-k", -1), "--draft-k -1 must be >= 0"),  # the CLI names the flag, the Python API Draft.k
+    (("--top-k", -1, "--temperature", 1), "--top-k -1 must be >= 0"),
+    (("--threads", -1), "--threads -1 must be between 0 and"),
+    (("--threads", 100_000), "--threads 100000 must be between 0 and"),  # ORT would make them all
     (("--no-draft", "--draft", "mtp"), "--no-draft and --draft: drafting is either off or configured"),
     (("--no-draft", "--draft-k", 2), "--no-draft and --draft-k: drafting is either off or configured"),
 ])
@@ -257,7 +260,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: Sampling(1.0, top_p=0), "top_p=0 must be in"),
                           (lambda: engine.generate("t1 t2", 2.5), "max_new_tokens=2.5 must be a whole number"),
                           (lambda: engine.generate("t1 t2", 0), "max_new_tokens=0 must be at least 1"),
-                          (lambda: Engine.load(tiny_gemma3[2], threads=-1), "threads=-1 must be between 1 and"),
+                          (lambda: engine.generate("t1 t2", np.int64(0)), "max_new_tokens=0 must be at least 1"),
+                          (lambda: Engine.load(tiny_gemma3[2], threads=-1), "threads=-1 must be between 0 and"),
                           (lambda: Engine.load(tiny_gemma3[2], provider="tpu"), "provider='tpu' is unknown"),
                           (lambda: Engine.load(tiny_gemma3[2], drafter_provider="tpu"),
                            "drafter_provider='tpu' is unknown"),
@@ -265,6 +269,10 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: list(engine.stream("t1", 4, Sampling(), Stats())), "draft must be a Draft")):
         with pytest.raises(EdgemtpError, match=message.replace("(", r"\(")):
             make()
+    with pytest.raises(EdgemtpError) as caught:
+        Draft("lookup", -2)
+    again = pickle.loads(pickle.dumps(caught.value))  # e.g. handed back from a worker process
+    assert str(again) == str(caught.value) and again.cli_message() == "--draft-k -2 must be >= 0"
     greedy = engine.generate("t1 t2 t3", 8).tokens
     assert engine.generate("t1 t2 t3", 8, Sampling(temperature=5e-324, seed=0)).tokens == greedy
     stats = Stats()

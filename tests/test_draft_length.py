@@ -186,6 +186,48 @@ def test_rounds_draft_the_second_guess_on_offer_where_the_first_does_not_pay(mon
     assert copy[0, 1] > 5 and copy[0, 0] == 0  # scored every round, never right
 
 
+def test_a_sampled_draft_carries_the_q_of_the_drafter_that_made_it(monkeypatch):
+    """Sampling with two guesses on offer: a drafted run from the free copy has no q (deterministic), one
+    from the costly drafter its own q, row for row: acceptance divides by the q of the guess drafted."""
+    from edgemtp.runtime.sampling import Sampling
+
+    target = ClockedTarget(lambda width: 1.0)
+    monkeypatch.setattr(speculative, "time", SimpleNamespace(perf_counter=lambda: target.now))
+
+    class Copy:
+        def propose(self, history, k, ctx=None):
+            return [int(history[-1])] * k, None
+
+    class Sampler:
+        def propose(self, history, k, ctx=None):
+            tokens = [int(t) for t in ctx.rng.integers(0, FakeTarget.V, size=k)]
+            q = np.full((k, FakeTarget.V), 0.5 / (FakeTarget.V - 1))
+            q[np.arange(k), tokens] = 0.5
+            return tokens, q
+
+    class Both:
+        def options(self, history):
+            return [(Guess("copy", True), Copy()), (Guess("sampler", False), Sampler())]
+
+    spec = speculative.Speculative(target, Both(), 3, adaptive=True)
+    seen, draft = [], spec._draft
+
+    def recording(s, *args):
+        tokens, q = draft(s, *args)
+        seen.append((list(s.history), tokens, q))
+        return tokens, q
+
+    monkeypatch.setattr(spec, "_draft", recording)
+    spec.generate([[1, 2, 3]], 60, Sampling(temperature=1.0, seed=0))
+    drafted = [(h, t, q) for h, t, q in seen if t]
+    assert any(q is None for _, _, q in drafted) and any(q is not None for _, _, q in drafted)
+    for history, tokens, q in drafted:
+        if q is None:
+            assert tokens == [history[-1]] * len(tokens)
+        else:
+            assert len(q) == len(tokens) and all(q[i, t] == 0.5 for i, t in enumerate(tokens))
+
+
 def test_guess_kinds():
     """Lookup names its repeat length and is free; a drafter without `kind` makes one costly kind of guess; the
     hybrid offers its lookup guess where the text repeats, then its MTP guess capped at its mtp_k."""
@@ -204,6 +246,7 @@ def test_guess_kinds():
     assert guess_options(hybrid, [1, 2, 3]) == [(Guess("Plain", False, 2), plain)]
     assert guess_options(hybrid, [1, 2, 3, 1, 2]) == [(Guess("lookup 2", True), hybrid.lookup),
                                                       (Guess("Plain", False, 2), plain)]
+    assert guess_kind(hybrid, [1, 2, 3, 1, 2]) == Guess("lookup 2", True)  # its first
 
 
 def test_a_guess_cut_by_the_end_of_generation_counts_what_was_generated(monkeypatch):

@@ -613,10 +613,12 @@ def test_windows_start_with_bos_and_drop_empty_tails():
 def test_evaluate_errors(gemma, tmp_path):
     with pytest.raises(EdgemtpError, match="the text has 1 token\\(s\\); perplexity needs at least 2"):
         evaluate(gemma["fp32"], "t5")
-    with pytest.raises(EdgemtpError, match="--window 65 exceeds the KV capacity 64"):
+    with pytest.raises(EdgemtpError, match="window=65 exceeds the KV capacity 64"):
         evaluate(gemma["fp32"], "t5 t6 t7", window=65)
-    with pytest.raises(EdgemtpError, match="--window 1 is too small"):
+    with pytest.raises(EdgemtpError, match="window=1 is too small"):
         evaluate(gemma["fp32"], "t5 t6 t7", window=1)
+    with pytest.raises(EdgemtpError, match="step=0 must be at least 1"):
+        evaluate(gemma["fp32"], "t5 t6 t7", step=0)
     other = tmp_path / "other"
     shutil.copytree(gemma["fp32"], other)
     tok = json.loads((other / "tokenizer.json").read_text())

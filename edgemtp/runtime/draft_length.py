@@ -11,8 +11,9 @@ maximises expected tokens per second, 0 (a plain step) when no k beats it.
 
 Prompt lookup costs nothing to propose, so its guesses are made and scored every round, verified or
 not: it keeps learning while it is not drafting. Where the drafter offers more than one guess (the
-hybrid's lookup copy and MTP guess), the round drafts the one with the most expected tokens per second. A costly drafter (MTP) that stopped drafting drafts
-one token after PROBE_AFTER declined guesses, to see whether the text has changed.
+hybrid's lookup copy and MTP guess), the round drafts the one with the most expected tokens per second.
+A costly drafter (MTP) that stopped drafting drafts one token after PROBE_AFTER declined guesses, to see
+whether the text has changed.
 """
 
 from __future__ import annotations

@@ -109,12 +109,13 @@ class PromptLookupDrafter:
 class HybridDrafter:
     """Prompt lookup when the history repeats itself (its last `min_ngram`+ tokens occurred before), the MTP
     drafter otherwise: a copy of earlier text is a long, cheap and usually right guess where it exists,
-    and the MTP drafter covers the rest.
+    and the MTP drafter covers the rest. Under an adaptive draft length it offers both guesses (`options`)
+    and the round drafts the one that pays best: MTP too where a short repeat's copy does not pay.
 
     The MTP drafter drafts at most `mtp_k` tokens (lookup up to k): each MTP step costs a drafter run and a
     wider verify, and its later drafts are rarely accepted. Measured on Gemma 3 270M fp32, greedy, K = 4 / 6
-    (docs/measurements.md): code 2.13x / 2.15x plain decoding with MTP drafting all K, 2.24x / 2.48x with mtp_k = 2; prose
-    1.87x / 1.67x -> 1.98x / 1.88x; prompt lookup alone 2.37x / 2.38x and 1.87x / 1.78x. At K = 4, mtp_k
+    (docs/measurements.md): code 2.13x / 2.15x plain decoding with MTP drafting all K, 2.24x / 2.48x with
+    mtp_k = 2; prose 1.87x / 1.67x -> 1.98x / 1.88x; prompt lookup alone 2.37x / 2.38x and 1.87x / 1.78x. At K = 4, mtp_k
     1 / 2 / 3 gave code 2.24x / 2.24x / 2.21x, prose 1.95x / 1.98x / 1.93x."""
 
     def __init__(self, mtp: Drafter, min_ngram: int = 2, max_ngram: int = 3, mtp_k: int = 2):
@@ -143,8 +144,12 @@ def guess_kind(drafter: Drafter, history: Sequence[int]) -> Guess | None:
     """The kind of guess `drafter` would make after `history`, None when it would make none.
 
     Acceptance is learnt per kind (runtime.draft_length); a free guess can be made and scored every
-    round, drafted or not. A drafter without a `kind` method makes one costly kind of guess."""
-    kind = getattr(drafter, "kind", None)
+    round, drafted or not. A drafter without a `kind` method makes one costly kind of guess; one with
+    `options` (a combination of drafters), its first."""
+    kind, options = getattr(drafter, "kind", None), getattr(drafter, "options", None)
+    if kind is None and options is not None:
+        offered = options(history)
+        return offered[0][0] if offered else None
     return kind(history) if kind is not None else Guess(type(drafter).__name__, False)
 
 

@@ -156,15 +156,16 @@ class Engine:
 
     def drafter(self, mode: str = "auto", graph: str = "drafter", adaptive: bool = False):
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
-        lookup where the text repeats itself, MTP elsewhere) or auto (hybrid when the bundle has an MTP
-        drafter, else lookup). Hybrid is the default because it drafted the most tokens per round on every
-        held-out domain we measured (docs/measurements.md, "Speculative decoding"); but auto is lookup for an
-        int8 / int4 target on the CPU provider, where MatMulNBits' cost grows with the rows of a verify window:
-        MTP drafting measured 1.09x plain decoding at K = 2, hybrid 1.36x, lookup 1.44x at K = 4 (int4
-        Gemma 3 270M, session 28).
+        lookup where the text repeats itself, MTP elsewhere; adaptive: whichever pays) or auto (hybrid when
+        the bundle has an MTP drafter, else lookup). Hybrid is the default because it drafted the most tokens
+        per round on every held-out domain we measured (docs/measurements.md, "Speculative decoding"); but auto
+        is lookup for an int8 / int4 target on the CPU provider, where MatMulNBits' cost grows with the rows
+        of a verify window: MTP drafting measured 1.09x plain decoding at K = 2, hybrid 1.36x, lookup 1.44x at
+        K = 4 (int4 Gemma 3 270M, session 28).
         `graph`: which drafter graph of the bundle (drafter_full_head: the same drafter with its full head,
         for comparison). `adaptive`: the rounds choose their draft length (runtime.draft_length), which
-        learns per match length whether a lookup draft pays: lookup (and hybrid's lookup) then drafts on any match."""
+        learns per match length whether a lookup draft pays: lookup (and hybrid's lookup) then drafts on any
+        match."""
         from .drafting import HybridDrafter, PromptLookupDrafter
 
         if mode not in DRAFT_MODES:

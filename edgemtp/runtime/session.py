@@ -50,8 +50,8 @@ def check_threads(threads: int | None) -> None:
     default, one per core), or more than 4 per core."""
     most = 4 * (os.cpu_count() or 1)
     if threads is not None and not 0 <= threads <= most:
-        raise ArgumentError("threads", threads, f"must be between 1 and {most} (4 per core of this machine; "
-                            "0: one per core)")
+        raise ArgumentError("threads", threads, f"must be between 0 and {most} (0: one per core; at most 4 per "
+                            "core of this machine)")
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
