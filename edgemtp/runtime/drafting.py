@@ -115,8 +115,8 @@ class HybridDrafter:
     The MTP drafter drafts at most `mtp_k` tokens (lookup up to k): each MTP step costs a drafter run and a
     wider verify, and its later drafts are rarely accepted. Measured on Gemma 3 270M fp32, greedy, K = 4 / 6
     (docs/measurements.md): code 2.13x / 2.15x plain decoding with MTP drafting all K, 2.24x / 2.48x with
-    mtp_k = 2; prose 1.87x / 1.67x -> 1.98x / 1.88x; prompt lookup alone 2.37x / 2.38x and 1.87x / 1.78x. At K = 4, mtp_k
-    1 / 2 / 3 gave code 2.24x / 2.24x / 2.21x, prose 1.95x / 1.98x / 1.93x."""
+    mtp_k = 2; prose 1.87x / 1.67x -> 1.98x / 1.88x; prompt lookup alone 2.37x / 2.38x and 1.87x / 1.78x. At
+    K = 4, mtp_k 1 / 2 / 3 gave code 2.24x / 2.24x / 2.21x, prose 1.95x / 1.98x / 1.93x."""
 
     def __init__(self, mtp: Drafter, min_ngram: int = 2, max_ngram: int = 3, mtp_k: int = 2):
         self.mtp, self.lookup, self.mtp_k = mtp, PromptLookupDrafter(max_ngram, min_ngram), mtp_k
