@@ -231,7 +231,8 @@ def draft_options(f):
                      help="Tokens drafted per round at most (hybrid: prompt lookup's; its MTP drafts at most 2)."),
         click.option("--adaptive", is_flag=True,
                      help="Draft, each round, the length (up to --draft-k, 0 for a plain step) that pays best by "
-                          "this run's measured verify and draft times and acceptance."),
+                          "this run's measured verify and draft times and acceptance (with --seed, a sampled "
+                          "output then follows the timings too)."),
         click.option("--no-draft", is_flag=True, help="Plain decoding, one target pass per token."),
         click.option("--drafter-provider", default=None,
                      help="Execution provider for the MTP drafter (default: --provider's), e.g. cpu while "
