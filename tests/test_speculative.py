@@ -82,6 +82,33 @@ def test_rejection_sampling_preserves_the_target_distribution():
     assert _first_token_pvalue(_resample_from_p, p, None) < 1e-6
 
 
+def _top_p_by_full_sort(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The nucleus as a stable sort of the whole vocabulary gives it (sampling._top_p until session 29)."""
+    order = np.argsort(-p, axis=-1, kind="stable")
+    sorted_p = np.take_along_axis(p, order, axis=-1)
+    keep = np.zeros(p.shape, bool)
+    np.put_along_axis(keep, order, np.cumsum(sorted_p, axis=-1) - sorted_p < top_p, axis=-1)
+    p = np.where(keep, p, 0.0)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.8, 0, 0.95), (0.3, 0, 0.5), (3.0, 0, 0.99), (1.0, 40, 0.9),
+                                                       (1.0, 3, 0.999), (1.0, 0, 1e-9)])
+def test_top_p_keeps_what_a_full_sort_keeps(temperature, top_k, top_p):
+    """The nucleus found from the most likely tokens only (sampling.nucleus) is the full sort's, bit for bit:
+    peaked and flat rows, ties at its edge (logits rounded to a coarse grid), rows cut by top-k to a few tokens."""
+    rng = np.random.default_rng(7)
+    logits = np.round(rng.standard_normal((4, 5000)) * 3, 1).astype(np.float32)  # many exact ties
+    logits[1] = 0.0  # a flat row: every token tied
+    logits[2, 17] = 40.0  # one token holds nearly all the mass
+    s = Sampling(temperature, top_k=top_k, top_p=top_p, seed=0)
+    plain = distribution(logits, Sampling(temperature, top_k=top_k))
+    want = _top_p_by_full_sort(plain, top_p)
+    got = distribution(logits, s)
+    np.testing.assert_array_equal(got, want)
+    assert ((got > 0).sum(axis=-1) >= 1).all()
+
+
 def test_rejection_sampling_edge_cases():
     rng = np.random.default_rng(0)
     p = np.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
