@@ -109,6 +109,16 @@ def test_top_p_keeps_what_a_full_sort_keeps(temperature, top_k, top_p):
     assert ((got > 0).sum(axis=-1) >= 1).all()
 
 
+def test_draw_takes_what_rng_choice_takes():
+    """sampling.draw skips rng.choice's checks, not its numbers: a seeded run samples what it sampled before."""
+    from edgemtp.runtime.sampling import draw
+
+    p = np.random.default_rng(1).random(5000) ** 8
+    p /= p.sum()
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    assert [draw(p, a) for _ in range(300)] == [int(b.choice(len(p), p=p)) for _ in range(300)]
+
+
 def test_rejection_sampling_edge_cases():
     rng = np.random.default_rng(0)
     p = np.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])

@@ -95,5 +95,12 @@ def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     """One token from logits [V]."""
     if s.greedy:
         return int(np.argmax(logits))
-    p = distribution(logits, s)
-    return int(rng.choice(p.shape[-1], p=p))
+    return draw(distribution(logits, s), rng)
+
+
+def draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from p [V]: what rng.choice(V, p=p) draws (the same numbers from the same generator),
+    without its checks of p, which took half its 1.3 ms over 262,144 probabilities."""
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    return min(int(cdf.searchsorted(rng.random(), side="right")), len(p) - 1)

@@ -33,7 +33,7 @@ from ..errors import EdgemtpError
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .engine import _check_request
-from .sampling import Sampling, distribution, pick
+from .sampling import Sampling, distribution, draw, pick
 from .stats import Stats
 from .kv_cache import KVCache
 from .target import Target
@@ -67,15 +67,8 @@ def accept_sampled(draft: Sequence[int], p: np.ndarray, q: np.ndarray | None,
             residual = np.maximum(p[i] - q[i], 0.0)
         total = residual.sum()
         # total is 0 only when p == q, where a rejection has probability 0: guard rounding
-        return i, _sample(residual / total if total > 0 else p[i], rng)
-    return len(draft), _sample(p[len(draft)], rng)
-
-
-def _sample(p: np.ndarray, rng: np.random.Generator) -> int:
-    """One token from p [V]: what rng.choice(V, p=p) (sampling.pick) draws, without its checks."""
-    cdf = np.cumsum(p)
-    cdf /= cdf[-1]
-    return min(int(cdf.searchsorted(rng.random(), side="right")), len(p) - 1)
+        return i, draw(residual / total if total > 0 else p[i], rng)
+    return len(draft), draw(p[len(draft)], rng)
 
 
 @dataclass
