@@ -56,16 +56,17 @@ def _first_token_pvalue(accept, p, q, n=2000, seed=0) -> float:
 
 
 def _accept_always(draft, p, q, rng):
-    return len(draft), int(rng.choice(p.shape[1], p=p[len(draft)]))
+    row = p[len(draft)]
+    return len(draft), int(rng.choice(len(row), p=row))
 
 
 def _resample_from_p(draft, p, q, rng):
     """A subtle mistake: correct acceptance, but resampling from p instead of norm(max(0, p - q))."""
     for i, x in enumerate(draft):
         qx = 1.0 if q is None else q[i, x]
-        if rng.random() * qx >= p[i, x]:
-            return i, int(rng.choice(p.shape[1], p=p[i]))
-    return len(draft), int(rng.choice(p.shape[1], p=p[len(draft)]))
+        if rng.random() * qx >= p[i][x]:
+            return i, int(rng.choice(len(p[i]), p=p[i]))
+    return len(draft), int(rng.choice(len(p[len(draft)]), p=p[len(draft)]))
 
 
 def test_rejection_sampling_preserves_the_target_distribution():
@@ -107,6 +108,21 @@ def test_top_p_keeps_what_a_full_sort_keeps(temperature, top_k, top_p):
     got = distribution(logits, s)
     np.testing.assert_array_equal(got, want)
     assert ((got > 0).sum(axis=-1) >= 1).all()
+
+
+def test_verify_distributions_are_computed_up_to_the_first_rejection():
+    """accept_sampled over RowDistributions: the rows distribution() gives for the whole block, and only
+    those acceptance reads (a draft the target gives probability 0 is rejected at once: one row)."""
+    from edgemtp.runtime.speculative import RowDistributions
+
+    logits = np.random.default_rng(3).standard_normal((5, 50)).astype(np.float32)
+    s = Sampling(0.9, top_k=5, top_p=0.8)
+    rows = RowDistributions(logits, s)
+    np.testing.assert_array_equal(np.stack([rows[i] for i in range(5)]), distribution(logits, s))
+    rows = RowDistributions(logits, s)
+    impossible = int(np.argmin(logits[0]))  # outside the top-k: p = 0
+    a, nxt = accept_sampled([impossible, 1, 2, 3], rows, None, np.random.default_rng(0))
+    assert a == 0 and list(rows.rows) == [0] and rows[0][nxt] > 0
 
 
 def test_draw_takes_what_rng_choice_takes():
