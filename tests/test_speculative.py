@@ -110,6 +110,38 @@ def test_top_p_keeps_what_a_full_sort_keeps(temperature, top_k, top_p):
     assert ((got > 0).sum(axis=-1) >= 1).all()
 
 
+def test_nucleus_at_the_edge_of_rounding():
+    """Rows where the mass reaches top_p within an ulp: the full sort's cumulative sums round one way or the
+    other, and the nucleus keeps what they keep (it once dropped the last token); top_p a hair below 1
+    (every positive token then counts) on a wide row."""
+    from edgemtp.runtime.sampling import nucleus
+
+    def reference(row, top_p):
+        kept = _top_p_by_full_sort(row[None], top_p)[0] > 0
+        return np.flatnonzero(kept & (row > 0))
+
+    cases = [(np.array([0.9855138675455851, 0.014486132454414935]), 0.9855138675455851)]
+    a = 1 - 3 * 2.0 ** -53
+    cases.append((np.array([a / 2, a / 2, 1.5 * 2.0 ** -53, 1.5 * 2.0 ** -53]), a))
+    wide = distribution(np.random.default_rng(5).standard_normal((1, 20000)).astype(np.float32) * 4,
+                        Sampling(0.1))[0]
+    cases += [(wide, 1 - 2.0 ** -52), (wide, 1 - 1e-14), (wide, 0.9)]
+    rng = np.random.default_rng(11)
+    for _ in range(200):  # two to five tokens, top_p at the mass of a prefix: a tie with a rounded sum
+        row = rng.random(rng.integers(2, 6)) ** 4
+        row /= row.sum()
+        cases.append((row, float(np.sort(row)[::-1][:rng.integers(1, len(row))].sum())))
+    for row, top_p in cases:
+        np.testing.assert_array_equal(np.sort(nucleus(row, top_p)), reference(row, top_p))
+
+
+def test_draw_refuses_nan():
+    from edgemtp.runtime.sampling import draw
+
+    with pytest.raises(ValueError, match="nan"):
+        draw(np.array([0.5, np.nan, 0.5]), np.random.default_rng(0))
+
+
 def test_verify_distributions_are_computed_up_to_the_first_rejection():
     """accept_sampled over RowDistributions: the rows distribution() gives for the whole block, and only
     those acceptance reads (a draft the target gives probability 0 is rejected at once: one row)."""

@@ -447,7 +447,7 @@ class DrafterSession:
 
     def propose(self, history: Sequence[int], k: int, ctx=None):
         """Drafter protocol: greedy drafts (q None) or, when sampling, tokens drawn from q = distribution()."""
-        from ..runtime.sampling import distribution
+        from ..runtime.sampling import distribution, draw
 
         if ctx is None or ctx.hidden is None or ctx.cache is None or k < 1:
             return [], None
@@ -459,7 +459,7 @@ class DrafterSession:
             ids, lg, h = self.step(ids, h, ctx.cache, rows, not ctx.sampling.greedy, recent)
             if not ctx.sampling.greedy:
                 q = distribution(lg[0, 0], ctx.sampling)
-                ids = np.array([[ctx.rng.choice(q.shape[-1], p=q)]], np.int64)
+                ids = np.array([[draw(q, ctx.rng)]], np.int64)
                 qs.append(q)
             tokens.append(int(ids[0, 0]))
             recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]

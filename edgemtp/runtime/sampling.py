@@ -74,21 +74,27 @@ def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 
     Sorting all 262,144 probabilities took 25 ms a row, more than a decode step, and a verify pass needs
     a row per position. The nucleus is a few tokens to a few thousand, so only the tokens at least as
-    likely as a threshold are sorted, the threshold falling 16x at a time from the best probability until
-    their mass reaches top_p: every token left out then has at least that mass before it. The same ids as
-    a full stable sort (np.argpartition, the other way to find the top tokens, took 12 ms on a row that
-    top-k had filled with zeros). Zero-probability tokens are never kept: keeping them changes nothing."""
+    likely as a threshold t are sorted, t falling 16x at a time from the best probability until their mass,
+    less t, reaches top_p: every token left out (p < t) then has at least that much before it, however the
+    sums round. The same positive ids as a full stable sort (np.argpartition, the other way to find the top
+    tokens, took 12 ms on a row that top-k had filled with zeros); zero-probability tokens are never kept:
+    keeping them changes nothing. Where rounding keeps the mass just short (top_p within an ulp or so of
+    the total), the next pass sorts every positive token, at a full sort's cost, not many more passes."""
     positive = np.count_nonzero(p)
-    t = float(p.max())
+    t = float(p.max()) / 16
     while True:
-        t /= 16
         ids = np.flatnonzero(p >= t) if t > 0 else np.flatnonzero(p)
-        if len(ids) < positive and p[ids].sum() < top_p:
+        if t > 0 and 4 * len(ids) >= positive:  # most tokens in: sort them all, once
+            t = 0.0
+            continue
+        if t > 0 and p[ids].sum() - t < top_p:  # a pairwise sum: cheap, no sort yet
+            t /= 16
             continue
         order = ids[np.argsort(-p[ids], kind="stable")]  # ids ascend: ties keep id order
         mass = np.cumsum(p[order])
-        if len(ids) >= positive or mass[-1] >= top_p:
+        if t == 0 or mass[-1] - t >= top_p:
             return order[mass - p[order] < top_p]
+        t = 0.0  # short by rounding: all positive tokens next
 
 
 def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
@@ -100,7 +106,10 @@ def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
 
 def draw(p: np.ndarray, rng: np.random.Generator) -> int:
     """One token from p [V]: what rng.choice(V, p=p) draws (the same numbers from the same generator),
-    without its checks of p, which took half its 1.3 ms over 262,144 probabilities."""
-    cdf = np.cumsum(p)
+    without its checks of p, which took half its 1.3 ms over 262,144 probabilities. Logits that overflowed
+    (NaN) still fail, as they did in rng.choice, rather than draw token 0."""
+    cdf = np.cumsum(p, dtype=np.float64)
+    if not (np.isfinite(cdf[-1]) and cdf[-1] > 0):
+        raise ValueError(f"probabilities sum to {cdf[-1]} (NaN or infinite logits?)")
     cdf /= cdf[-1]
     return min(int(cdf.searchsorted(rng.random(), side="right")), len(p) - 1)
