@@ -52,10 +52,10 @@ def accept_sampled(draft: Sequence[int], p: "np.ndarray | RowDistributions", q: 
     """Rejection sampling (Leviathan et al. 2023, Chen et al. 2023) -> (accepted a, next token).
 
     draft [n] was drawn from q [n, V] (None: a deterministic drafter, q one-hot at each draft token);
-    p [n+1, V] is the target's distribution at each verify position (row by row: RowDistributions). Draft token x is accepted with
-    probability min(1, p(x)/q(x)); at the first rejection the next token is drawn from
-    norm(max(0, p - q)); when all n are accepted it is drawn from p[n]. draft[:a] + [next] is then
-    distributed exactly as a+1 tokens sampled from the target."""
+    p [n+1, V] is the target's distribution at each verify position (read row by row: RowDistributions).
+    Draft token x is accepted with probability min(1, p(x)/q(x)); at the first rejection the next token is
+    drawn from norm(max(0, p - q)); when all n are accepted it is drawn from p[n]. draft[:a] + [next] is
+    then distributed exactly as a+1 tokens sampled from the target."""
     for i, x in enumerate(draft):
         qx = 1.0 if q is None else float(q[i, x])
         if rng.random() * qx < p[i][x]:  # u < p/q without dividing
