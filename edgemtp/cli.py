@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import math
+import re
 import signal
 import sys
 import warnings
@@ -247,9 +248,12 @@ def draft_options(f):
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, type=click.Path(path_type=Path), help="Read the prompt from a file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--stop", "stop", multiple=True,
+              help="Stop where the generated text first holds this string, and end the output just before it "
+                   "(repeatable; \\n, \\t, \\r and \\\\ stand for a newline, tab, carriage return and backslash).")
 @sampling_options
 @draft_options
-def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, temperature, top_k, top_p, seed,
+def generate_cmd(bundle_dir, prompt, prompt_file, as_json, stop, max_new_tokens, temperature, top_k, top_p, seed,
                  provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
@@ -258,8 +262,10 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
     (greedy: token for token; sampling: in distribution)."""
     from .runtime.engine import Draft, Engine, new_stats
     from .runtime.sampling import Sampling
+    from .runtime.stops import stop_strings
 
     text = read_prompt(prompt, prompt_file)
+    stop = stop_strings([unescape(s) for s in stop])
     sampling = Sampling(temperature, top_k, top_p, seed)
     if no_draft:
         given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in ("draft_mode", "draft_k", "adaptive")
@@ -274,13 +280,22 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, max_new_tokens, tempe
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
     if as_json:
-        click.echo(json.dumps(engine.generate(text, max_new_tokens, sampling, draft).to_json()))
+        click.echo(json.dumps(engine.generate(text, max_new_tokens, sampling, draft, stop=stop).to_json()))
         return
     stats = new_stats(draft)
-    for piece in engine.stream(text, max_new_tokens, sampling, draft, stats=stats):
+    for piece in engine.stream(text, max_new_tokens, sampling, draft, stats=stats, stop=stop):
         click.echo(piece, nl=False)
     click.echo()
     click.echo(speed_line(stats), err=True)
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A --stop value with \\n, \\t, \\r and \\\\ made the characters they name (a shell passes "\\n"
+    as two characters); any other backslash stays as typed."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:

@@ -39,6 +39,22 @@ def test_generate_streams_same_text(tiny_gemma3):
     assert r.stdout.strip() == want.strip()
 
 
+def test_generate_stop(tiny_gemma3):
+    """--stop cuts the output before the stop string, in --json and streamed; \\n in it is a newline."""
+    bundle = tiny_gemma3[2]
+    full = Engine.load(bundle).generate("t1 t2 t3", max_new_tokens=8)
+    words = full.text.split(" ")
+    stop = " ".join(words[3:5])
+    want = full.text[:full.text.find(stop)]
+    assert want
+    out = json.loads(run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 8, "--json",
+                         "--stop", stop, "--stop", r"\nnever").output)
+    assert out["text"] == want and out["stats"]["stop_reason"] == "stop string"
+    assert out["tokens"] == full.tokens[:len(out["tokens"])] and len(out["tokens"]) < 8
+    r = run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 8, "--stop", stop)
+    assert r.exit_code == 0 and r.stdout == want + "\n"
+
+
 def test_seeded_sampling_is_reproducible(tiny_gemma3):
     args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 8, "--temperature", 1.5,
             "--top-p", 0.9, "--top-k", 40, "--json")
@@ -63,6 +79,7 @@ def test_seeded_sampling_is_reproducible(tiny_gemma3):
     (("--threads", 100_000), "--threads 100000 must be between 0 and"),  # ORT would make them all
     (("--no-draft", "--draft", "mtp"), "--no-draft and --draft: drafting is either off or configured"),
     (("--no-draft", "--draft-k", 2), "--no-draft and --draft-k: drafting is either off or configured"),
+    (("--stop", "t1", "--stop", ""), "--stop '' must not be empty"),
 ])
 def test_generate_bad_flags(tiny_gemma3, extra, message):
     r = run("generate", tiny_gemma3[2], "--prompt", "t1", *extra)

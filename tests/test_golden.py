@@ -90,3 +90,21 @@ def test_text_cut_inside_a_character(engine):
     for n in (1, 2, 4, 5):
         for draft in (None, Draft("lookup", 4)):
             assert "".join(engine.stream(prompt, n, draft=draft)) == engine.generate(prompt, n, draft=draft).text
+
+
+@pytest.mark.parametrize("stop", ["elif", ":\n", "return 1"])
+def test_stop_strings_on_real_text(engine, stop):
+    """Gemma 3 270M's text (SentencePiece pieces with leading spaces, newline tokens): a stop string ends
+    generation at the token completing it, plainly and drafting, and the stream shows the same cut text."""
+    from edgemtp.runtime.engine import Draft
+
+    prompt = PROMPTS[0]
+    full = engine.generate(prompt, max_new_tokens=48)
+    at = full.text.find(stop)
+    assert at > 0, f"{stop!r} not in {full.text!r}"
+    upto = next(i for i in range(1, len(full.tokens) + 1) if stop in engine.decode(full.tokens[:i]))
+    for draft in (None, Draft("lookup", 4)):
+        gen = engine.generate(prompt, max_new_tokens=48, draft=draft, stop=[stop])
+        assert gen.tokens == full.tokens[:upto] and gen.text == full.text[:at]
+        assert gen.stats.stop_reason == "stop string"
+        assert "".join(engine.stream(prompt, 48, draft=draft, stop=stop)) == full.text[:at]

@@ -19,6 +19,7 @@ from ..errors import ArgumentError, EdgemtpError
 from .sampling import Sampling, is_whole, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
+from .stops import Stops, stop_strings
 from .static_target import StaticTarget, is_static
 from .target import CapacityError, Target
 
@@ -127,9 +128,15 @@ class Engine:
                 return head + "\ufffd"
         return text
 
+    def stops(self, stop=None) -> Stops:
+        """The model's stop tokens and the stop strings `stop` (a string or a list of them)."""
+        return Stops(self.stop_ids, stop_strings(stop), self.decode)
+
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-                  stats: Stats | None = None) -> Iterator[int]:
-        """Yields generated token ids one by one (plain decoding, batch 1)."""
+                  stats: Stats | None = None, *, stop=None) -> Iterator[int]:
+        """Yields generated token ids one by one (plain decoding, batch 1); `stop`: stop strings (see
+        generate)."""
+        stops = self.stops(stop)
         _check_request(prompt_ids, max_new_tokens, self.capacity)
         stats = stats if stats is not None else Stats()
         rng = np.random.default_rng(sampling.seed)
@@ -138,11 +145,13 @@ class Engine:
         logits, _ = self.target.forward(np.array([prompt_ids]), cache)
         stats.prefill_tokens, stats.prefill_s = len(prompt_ids), time.perf_counter() - t0
         t0 = time.perf_counter()
+        generated = []
         for i in range(max_new_tokens):
             token = pick(logits[0, -1], sampling, rng)
+            generated.append(token)
             yield token
-            if token in self.stop_ids:
-                stats.stop_reason = "stop token"
+            if reason := stops.reason(generated):
+                stats.stop_reason = reason
                 return
             if i + 1 == max_new_tokens:
                 stats.stop_reason = "max new tokens"
@@ -199,14 +208,16 @@ class Engine:
         return self._drafters[graph]
 
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-                     draft: Draft | None = None, stats: Stats | None = None) -> Iterator[int]:
+                     draft: Draft | None = None, stats: Stats | None = None, *, stop=None) -> Iterator[int]:
         """Generated token ids as they come: plain decoding, or speculative when `draft` is given.
-        `stats` may be a plain Stats with drafting too (it then gets the plain fields)."""
+        `stats` may be a plain Stats with drafting too (it then gets the plain fields); `stop`: stop strings
+        (see generate)."""
         if draft is not None and not isinstance(draft, Draft):
             raise EdgemtpError(f"draft must be a Draft (e.g. Draft('auto', 4)) or None, got {draft!r}")
         if draft is None or draft.mode == "none" or draft.k == 0:
-            yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats)
+            yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats, stop=stop)
             return
+        stops = self.stops(stop)
         from .speculative import Speculative, SpecStats
 
         adaptive = draft.adaptive and not self.static  # see Speculative: a static window keeps K
@@ -214,7 +225,7 @@ class Engine:
                            adaptive=adaptive, static_window=self.static, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         try:
-            for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, self.stop_ids, own):
+            for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, stops, own):
                 yield from tokens
         finally:
             if own is not stats:
@@ -222,15 +233,21 @@ class Engine:
                     setattr(stats, f.name, getattr(own, f.name))
 
     def generate(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-                 draft: Draft | None = None) -> Generation:
+                 draft: Draft | None = None, *, stop=None) -> Generation:
+        """`stop`: a string, or a list of them, that ends generation where the generated text first holds
+        one; the text then ends just before it (`tokens` end with the token that completed it, and
+        stats.stop_reason is "stop string"). Drafting stops at the same token as plain decoding."""
+        stops = self.stops(stop)
         gen = Generation("", [], new_stats(draft))
-        gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats))
-        gen.text = self.decode(gen.tokens)
+        gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats,
+                                            stop=stops.strings))
+        gen.text = stops.cut(self.decode(gen.tokens))
         return gen
 
     def generate_batch(self, prompts: list[str], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-                       draft: Draft | None = None) -> list[Generation]:
-        """Several prompts at once, each with its own acceptance; stats are for the whole batch.
+                       draft: Draft | None = None, *, stop=None) -> list[Generation]:
+        """Several prompts at once, each with its own acceptance; stats are for the whole batch; `stop`: stop
+        strings, each row stopping at its own (see generate).
 
         Drafted rows are verified together through the bundle's verify graph. `--draft auto` drafts for more
         than one prompt only on an engine loaded with `fast_verify`: measured at batch 4 on Gemma 3 270M
@@ -241,6 +258,7 @@ class Engine:
 
         if isinstance(prompts, str):  # a str is a sequence too: it would run one prompt per character
             raise EdgemtpError("generate_batch takes a list of prompts (for one prompt: generate)")
+        stops = self.stops(stop)
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
             use_draft = False
@@ -250,22 +268,28 @@ class Engine:
                            static_window=self.static and use_draft,
                            lengths=self._lengths(draft, len(prompts)) if adaptive else None)
         stats = SpecStats()  # the speculative loop's, drafting or not
-        results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, self.stop_ids, stats)
-        return [Generation(self.decode(r.tokens), r.tokens, stats) for r in results]
+        results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, stops, stats)
+        return [Generation(stops.cut(self.decode(r.tokens)), r.tokens, stats) for r in results]
 
     def stream(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-               draft: Draft | None = None, *, stats: Stats | None = None) -> Iterator[str]:
-        """Yields text pieces as tokens arrive, holding back a character whose bytes have not all come; the
-        pieces joined are generate()'s text (arguments in its order; `stats` filled as generation goes)."""
+               draft: Draft | None = None, *, stats: Stats | None = None, stop=None) -> Iterator[str]:
+        """Yields text pieces as tokens arrive, holding back a character whose bytes have not all come, and
+        text that may be the start of a stop string; the pieces joined are generate()'s text (arguments in
+        its order; `stats` filled as generation goes)."""
+        stops = self.stops(stop)
         ids, shown = [], ""
-        for token in self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats):
+        for token in self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats,
+                                       stop=stops.strings):
             ids.append(token)
             text = self.decode(ids)
-            if text.endswith("\ufffd") or not text.startswith(shown):
+            if text.endswith("\ufffd"):
+                continue
+            text = stops.shown(text)
+            if not text.startswith(shown):
                 continue
             yield text[len(shown):]
             shown = text
-        text = self.decode(ids)  # what was held back when generation stopped (a cut character: U+FFFD)
+        text = stops.cut(self.decode(ids))  # what was held back when generation stopped (a cut character: U+FFFD)
         if text != shown:
             same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
             yield text[same:]

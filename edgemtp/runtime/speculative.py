@@ -35,6 +35,7 @@ from .drafting import DraftContext, Drafter, guess_options
 from .engine import _check_request
 from .sampling import Sampling, distribution, draw, pick
 from .stats import Stats
+from .stops import Stops
 from .kv_cache import KVCache
 from .target import Target
 
@@ -177,12 +178,13 @@ class Speculative:
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
                stats: SpecStats | None = None, results: list[SeqResult] | None = None):
-        """Yields (row, new tokens) as each round emits them; `results` receives the per-row results."""
+        """Yields (row, new tokens) as each round emits them; `results` receives the per-row results.
+        `stop_ids`: stop token ids, or a Stops (stop tokens and stop strings)."""
         capacity = self.target.contract.capacity
         for p in prompts:
             _check_request(list(p), max_new_tokens, capacity)
         stats = stats if stats is not None else SpecStats()
-        stop_ids = frozenset(stop_ids)
+        stops = stop_ids if isinstance(stop_ids, Stops) else Stops(stop_ids)
         cache = self.target.new_cache(len(prompts))
         t0 = time.perf_counter()
         seqs = [self._prefill(b, list(p), cache, sampling, _rng(sampling.seed, b, len(prompts)))
@@ -192,7 +194,8 @@ class Speculative:
             s.out = r
             r.tokens.append(s.history[-1])
         for s in seqs:
-            self._finish_check(s, stop_ids, max_new_tokens, cache)
+            s.out.stop_reason = stops.reason(s.out.tokens)
+            self._finish_check(s, max_new_tokens, cache)
         stats.prefill_tokens += sum(len(p) for p in prompts)
         stats.prefill_s += time.perf_counter() - t0
         for s in seqs:
@@ -200,7 +203,7 @@ class Speculative:
         t1 = time.perf_counter()
         while active := [s for s in seqs if not s.out.stop_reason]:
             before = {s.row: len(s.out.tokens) for s in active}
-            self._round(active, cache, sampling, stop_ids, max_new_tokens, stats)
+            self._round(active, cache, sampling, stops, max_new_tokens, stats)
             stats.decode_s = time.perf_counter() - t1
             for s in active:
                 yield s.row, s.out.tokens[before[s.row]:]
@@ -222,7 +225,7 @@ class Speculative:
         s.history.append(pick(logits[0, -1], sampling, rng))
         return s
 
-    def _round(self, active: list[_Seq], cache: KVCache, sampling: Sampling, stop_ids: frozenset,
+    def _round(self, active: list[_Seq], cache: KVCache, sampling: Sampling, stops: Stops,
                max_new: int, stats: SpecStats) -> None:
         """draft -> verify -> accept -> commit, for every unfinished sequence."""
         t0 = time.perf_counter()
@@ -244,8 +247,8 @@ class Speculative:
             cache.rollback(s.row, start[s.row] + 1 + a)  # keep [t, d0..d(a-1)]
             s.hidden = hidden[a]
             self._record(s, len(tokens), a)
-            self._emit(s, [*tokens[:a], nxt], stop_ids)
-            self._finish_check(s, stop_ids, max_new, cache)
+            self._emit(s, [*tokens[:a], nxt], stops)
+            self._finish_check(s, max_new, cache)
             if self.lengths is not None:
                 self._score_guesses(s)
 
@@ -341,18 +344,21 @@ class Speculative:
         s.guesses = waiting
 
     @staticmethod
-    def _emit(s: _Seq, run: list[int], stop_ids: frozenset) -> None:
+    def _emit(s: _Seq, run: list[int], stops: Stops) -> None:
+        """Appends the round's tokens up to the first that stops the row (a stop token, or the end of a
+        stop string): the rest of an accepted run is dropped."""
         for token in run:
             s.history.append(token)
             s.out.tokens.append(token)
-            if token in stop_ids:
+            if reason := stops.reason(s.out.tokens):
+                s.out.stop_reason = reason
                 return
 
     @staticmethod
-    def _finish_check(s: _Seq, stop_ids: frozenset, max_new: int, cache: KVCache) -> None:
-        if s.out.tokens[-1] in stop_ids:
-            s.out.stop_reason = "stop token"
-        elif len(s.out.tokens) >= max_new:
+    def _finish_check(s: _Seq, max_new: int, cache: KVCache) -> None:
+        if s.out.stop_reason:  # set by stops
+            return
+        if len(s.out.tokens) >= max_new:
             s.out.stop_reason = "max new tokens"
         elif cache.room(s.row) < 1:  # the last emitted token has no place left in the cache
             s.out.stop_reason = "KV capacity reached"

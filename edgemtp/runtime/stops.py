@@ -1,0 +1,71 @@
+"""Where a generation stops: the model's stop tokens, and stop strings in the text it generates.
+
+A stop string ends a row's generation at the token whose text completes it; the row's text is cut just
+before it, so the returned text never contains one (tokens keep the completing token: it may hold text
+past the stop string). The check decodes the row's whole generated text after each token: decoding a
+suffix alone can differ (a SentencePiece decoder drops the leading space of its first token, a byte
+run cut in two decodes to replacement characters), and a decode of a few hundred tokens costs tens of
+µs against a decode step's tens of ms."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from ..errors import ArgumentError
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    """`stop` as given to Engine.generate / stream / generate_batch (a string, or a list of them) as a
+    tuple, refusing what is not a non-empty string."""
+    if stop is None:
+        return ()
+    items = (stop,) if isinstance(stop, str) else stop
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise ArgumentError("stop", stop, "must be a string or a list of strings") from None
+    for s in items:
+        if not isinstance(s, str):
+            raise ArgumentError("stop", s, "is not a string (stop takes a string or a list of strings)")
+        if not s:
+            raise ArgumentError("stop", s, "must not be empty")
+    return tuple(dict.fromkeys(items))
+
+
+class Stops:
+    """Stop tokens (ids) and stop strings; `decode` turns a row's generated ids into its text."""
+
+    def __init__(self, ids: Iterable[int] = (), strings: tuple[str, ...] = (),
+                 decode: Callable[[list[int]], str] | None = None):
+        if strings and decode is None:
+            raise ValueError("stop strings need a decode function")
+        self.ids, self.strings, self.decode = frozenset(ids), tuple(strings), decode
+
+    def reason(self, tokens: list[int]) -> str:
+        """Why a row whose generated tokens are `tokens` stops now ("" if it goes on)."""
+        if tokens[-1] in self.ids:
+            return "stop token"
+        if self.strings and self.find(self.decode(tokens)) >= 0:
+            return "stop string"
+        return ""
+
+    def find(self, text: str) -> int:
+        """Where the first stop string in `text` begins, -1 if there is none."""
+        found = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        return min(found, default=-1)
+
+    def cut(self, text: str) -> str:
+        """`text` up to its first stop string."""
+        i = self.find(text)
+        return text if i < 0 else text[:i]
+
+    def shown(self, text: str) -> str:
+        """What a stream may show of a row's text so far: up to its first stop string, and without an end
+        that the next tokens could turn into one (a stop string's first characters)."""
+        i = self.find(text)
+        if i >= 0:
+            return text[:i]
+        for n in range(min(len(text), max(map(len, self.strings), default=1) - 1), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.strings):
+                return text[:-n]
+        return text

@@ -1,0 +1,125 @@
+"""Stop strings: generation ends at the token that completes one, the text just before it, the same with
+and without drafting, streamed without ever showing a stop string's first characters."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemtp.cli import unescape
+from edgemtp.errors import ArgumentError
+from edgemtp.runtime.drafting import PromptLookupDrafter
+from edgemtp.runtime.engine import Draft
+from edgemtp.runtime.speculative import speculative_generate
+from edgemtp.runtime.stops import Stops, stop_strings
+
+from .test_speculative import _prompts, models  # noqa: F401  (the tiny models fixture)
+
+
+def test_stop_strings_are_checked():
+    assert stop_strings(None) == () and stop_strings("ab") == ("ab",)
+    assert stop_strings(["a", "b", "a"]) == ("a", "b")  # duplicates once
+    for bad, message in (("", "stop='' must not be empty"), (["x", ""], "stop='' must not be empty"),
+                         (3, "stop=3 must be a string or a list of strings"),
+                         (["x", 3], "stop=3 is not a string")):
+        with pytest.raises(ArgumentError, match=message):
+            stop_strings(bad)
+    with pytest.raises(ArgumentError) as e:
+        stop_strings([""])
+    assert e.value.cli_message() == "--stop '' must not be empty"
+
+
+def test_find_cut_and_what_a_stream_may_show():
+    stops = Stops((1,), ("\n\n", "END"), decode=lambda ids: "".join(map(chr, ids)))
+    assert stops.find("a\n\nb END") == 1 and stops.find("a END\n\n") == 2 and stops.find("abc") == -1
+    assert stops.cut("x END y\n\n") == "x " and stops.cut("plain") == "plain"
+    assert stops.shown("abc\n") == "abc"  # "\n" may begin "\n\n"
+    assert stops.shown("abc EN") == "abc "  # "EN" may begin "END"
+    assert stops.shown("abc E\n") == "abc E"  # only the end that can still grow into a stop string
+    assert stops.shown("abc EN\n\nz") == "abc EN"
+    assert stops.shown("ENDX") == ""
+    assert stops.reason([ord("a"), 1]) == "stop token"
+    assert stops.reason([ord(c) for c in "xEND"]) == "stop string"
+    assert stops.reason([ord(c) for c in "xEN"]) == ""
+    with pytest.raises(ValueError):
+        Stops((), ("x",))
+
+
+def test_cli_escapes():
+    assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r"
+    assert unescape(r"\\n") == "\\n" and unescape(r"\x") == r"\x" and unescape("plain") == "plain"
+
+
+def _case(engine, prompt_ids, n=32):
+    """A stop string from the middle of the plain greedy text: (prompt, stop, plain tokens, tokens up to the
+    one completing the stop, text before it)."""
+    full = list(engine.token_ids(prompt_ids, n))
+    text = engine.decode(full)
+    for j in range(4, len(full) - 4):
+        stop = engine.decode(full[j:j + 2])
+        at = text.find(stop)
+        if at > 0:
+            upto = next(i for i in range(1, len(full) + 1) if stop in engine.decode(full[:i]))
+            if upto < len(full) - 2:
+                return engine.decode(prompt_ids), stop, full, full[:upto], text[:at]
+    pytest.fail("no stop string found")
+
+
+@pytest.mark.parametrize("draft", [None, Draft("lookup", 4), Draft("lookup", 6, adaptive=True)])
+def test_stop_string_ends_generation_as_plain_decoding_does(models, draft):  # noqa: F811
+    engine = models["llama", 64]
+    for prompt_ids in _prompts(engine)[1]:
+        prompt, stop, full, want, want_text = _case(engine, prompt_ids)
+        assert engine.encode(prompt) == prompt_ids
+        gen = engine.generate(prompt, 32, draft=draft, stop=stop)
+        assert gen.tokens == want and gen.text == want_text, (prompt, stop)
+        assert gen.stats.stop_reason == "stop string" and gen.stats.decode_tokens == len(want) - 1
+        assert "".join(engine.stream(prompt, 32, draft=draft, stop=[stop, "never"])) == want_text
+        # a stop string that only starts in the text: nothing is cut, the held-back end comes at the end
+        almost = stop + " t0 t0 t0"
+        gen = engine.generate(prompt, 32, draft=draft, stop=almost)
+        assert gen.tokens == full and gen.stats.stop_reason == "max new tokens"
+        assert "".join(engine.stream(prompt, 32, draft=draft, stop=almost)) == gen.text == engine.decode(full)
+
+
+def test_each_row_of_a_batch_stops_at_its_own_stop_string(models):  # noqa: F811
+    engine = models["llama", 64]
+    cases = [_case(engine, p) for p in _prompts(engine)[1][:2]]
+    stops = [c[1] for c in cases]
+    for draft in (None, Draft("lookup", 4)):
+        outs = engine.generate_batch([c[0] for c in cases], 32, draft=draft, stop=stops)
+        for out, (prompt, _stop, full, want, want_text) in zip(outs, cases):
+            # either stop string may end a row: the earlier in its text
+            single = engine.generate(prompt, 32, stop=stops)
+            assert out.tokens == single.tokens and out.text == single.text
+            assert len(single.tokens) <= len(want) and single.text == engine.stops(stops).cut(engine.decode(full))
+        assert outs[0].stats.stop_reasons == ["stop string"] * 2
+
+
+def test_a_stop_string_cuts_an_accepted_run(models):  # noqa: F811
+    """The token completing a stop string in the middle of a round's accepted drafts: the rest is dropped."""
+    engine = models["llama", 64]
+    base = _prompts(engine)[1][1]
+    prompt = base + list(engine.token_ids(base, 12))  # the model's own text: lookup drafts get accepted
+    _, stop, _full, want, _ = _case(engine, prompt)
+    drafts = []
+
+    class Recording(PromptLookupDrafter):
+        def propose(self, history, k, ctx=None):
+            drafts.append((len(history), *super().propose(history, k, ctx)))
+            return drafts[-1][1:]
+
+    r = speculative_generate(engine.target, Recording(), [prompt], 32, k=6,
+                             stop_ids=Stops(engine.stop_ids, (stop,), engine.decode))[0]
+    assert r.tokens == want and r.stop_reason == "stop string"
+    n_before, last_draft, _ = drafts[-1]
+    kept = len(prompt) + len(want) - n_before  # tokens the last round emitted, the completing one last
+    assert len(last_draft) > kept and last_draft[kept - 1] == want[-1], "the stop should cut an accepted run"
+
+
+def test_python_errors_name_stop(models):  # noqa: F811
+    engine = models["llama", 64]
+    for bad, message in (([""], "stop='' must not be empty"), (5, "stop=5 must be a string")):
+        for call in (lambda: engine.generate("t1 t2", 4, stop=bad), lambda: list(engine.stream("t1", 4, stop=bad)),
+                     lambda: engine.generate_batch(["t1"], 4, stop=bad)):
+            with pytest.raises(ArgumentError, match=message):
+                call()
