@@ -136,9 +136,12 @@ def _gptq(w: np.ndarray, u: np.ndarray, bits: int, bs: int, symmetric: bool, sea
     """w [n, K] (K a multiple of bs; updated in place) -> (levels [n, kb, bs], scales, zero points [n, kb]).
 
     Each block's grid is chosen when GPTQ reaches it, from the weights as the earlier columns' errors
-    left them. Columns go in lazy batches of GPTQ_BATCH (a multiple of the block: no block straddles)."""
+    left them. Columns go in lazy batches of GPTQ_BATCH (a multiple of the block: no block straddles),
+    or of GPTQ_BATCH within a block that is a multiple of it (one block per row: --layer-op integer);
+    a block then starts a batch, where every earlier batch's errors have reached the whole matrix."""
     n, k = w.shape
-    kb, batch = k // bs, max(GPTQ_BATCH // bs, 1) * bs
+    kb = k // bs
+    batch = GPTQ_BATCH if bs > GPTQ_BATCH and bs % GPTQ_BATCH == 0 else max(GPTQ_BATCH // bs, 1) * bs
     q = np.empty((n, k), np.float32)
     scales, zps = np.empty((n, kb), np.float32), np.empty((n, kb), np.float32)
     for i1 in range(0, k, batch):
@@ -147,7 +150,7 @@ def _gptq(w: np.ndarray, u: np.ndarray, bits: int, bs: int, symmetric: bool, sea
         for j in range(i2 - i1):
             col = i1 + j
             if col % bs == 0:
-                block = w1[:, j:j + bs][:, None, :]
+                block = w[:, col:col + bs][:, None, :]
                 s, z = _grid(block, bits, symmetric, search, None if imp is None else imp[None, col:col + bs])
                 scale, zp = s[:, 0], z[:, 0]
                 scales[:, col // bs], zps[:, col // bs] = scale, zp

@@ -26,6 +26,14 @@
     The 4-bit rows are rounded by GPTQ against the head input's second moment (top-1 0.87 -> 0.93
     head-only, ppl loss +4% -> +1%; an importance-weighted grid search alone gave 0.88).
   - Blocks of 32 everywhere: the 8-bit table is then exact on the GGUF source's Q8_0 grid.
+  - `layer_op="integer"` (`--layer-op integer`): the 8-bit layers as com.microsoft MatMulIntegerToFloat
+    over int8 columns (one scale per output column, GPTQ-rounded when calibrated) and activations rounded
+    per row in two 7-bit passes (quantnodes.integer_activations). ONNX Runtime runs u8 x s8 products on
+    AMX / VNNI, where MatMulNBits' int8 activations path is compute-bound: on the Xeon VM (AMX) the body's
+    72 matrices cost about the same for a verify window of 5 positions as for 1, against 1.8x with
+    MatMulNBits, and int4 decode steps were 1.10x as fast, prefill 2.4x. Not the preset: one scale per
+    column costs Gemma 3 270M ~1.3 points of top-1 agreement (0.979 vs 0.991), as its GGUF-sourced
+    weights sit on 32-wide block grids that blocks of 32 keep exactly (docs/measurements.md, session 30).
 * fp16: weights stored in fp16 behind `Cast` nodes that ORT folds when the session loads: compute
   stays fp32. Halves the file, not the RAM or the time.
 * fp32: a re-written copy.
@@ -65,6 +73,7 @@ __all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "qua
            "quantize_rows", "dequantize_rows"]
 QUANTS = ("fp32", "fp16", "int8", "int4")
 TWO_PASS = ("none", "head", "all")
+LAYER_OPS = ("nbits", "integer")
 Progress = Callable[[int, int, str], None]
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
        TensorProto.INT32: np.int32, TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
@@ -88,6 +97,7 @@ class Scheme:
     gptq: bool = False  # 4-bit weights rounded by GPTQ against calibration activations
     two_pass: str = "none"  # MatMulNBits activations in two int8 passes: none, head or all
     smooth: float = 0.0  # alpha of the layers' activation smoothing (x / s, W * s, s = max|x|^alpha)
+    layer_op: str = "nbits"  # 8-bit layers as MatMulNBits (blocks) or MatMulInteger (int8 columns, u8 rows)
     calibration: str | None = field(default=None, compare=False)  # the calibration text used
 
     def bits_for(self, kind: str, name: str = "") -> int:
@@ -127,7 +137,8 @@ GPTQ_MAX_K = 4096
 
 def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int = 4, *,
            layer_bits: int | None = None, frequent_rows: int | None = None, keep_8bit=(), gptq: bool | None = None,
-           two_pass: str | None = None, smooth: float | None = None, calibrated: bool = True) -> Scheme | None:
+           two_pass: str | None = None, smooth: float | None = None, layer_op: str | None = None,
+           calibrated: bool = True) -> Scheme | None:
     """The scheme for `quant` (None for the float quants) after checking every option; None options
     keep the preset's value. `calibrated` False (no calibration text): the calibrated options are off,
     and asking for one is an error."""
@@ -143,6 +154,11 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
         raise EdgemtpError(f"--frequent-rows {frequent_rows} must be 0 or more")
     if two_pass not in (None, *TWO_PASS):
         raise EdgemtpError(f"--two-pass {two_pass!r} must be one of {', '.join(TWO_PASS)}")
+    if layer_op not in (None, *LAYER_OPS):
+        raise EdgemtpError(f"--layer-op {layer_op!r} must be one of {', '.join(LAYER_OPS)}")
+    if layer_op == "integer" and layer_bits == 4:
+        raise EdgemtpError("--layer-op integer needs 8-bit layers (MatMulInteger has no 4-bit weights): "
+                           "drop --layer-bits 4")
     if smooth is not None and not 0.0 <= smooth <= 1.0:
         raise EdgemtpError(f"--smooth {smooth} must be between 0 (off) and 1")
     keep_8bit = tuple(keep_8bit or ())
@@ -158,7 +174,8 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     p = dict(PRESETS[quant])
     if not calibrated:
         p.update(frequent_rows=0, gptq=False, smooth=0.0)
-    p.update({k: v for k, v in dict(asked, two_pass=two_pass, bits=layer_bits).items() if v is not None})
+    p.update({k: v for k, v in dict(asked, two_pass=two_pass, bits=layer_bits, layer_op=layer_op).items()
+              if v is not None})
     if block_size:
         p.update(block_size=block_size, head_block_size=block_size)
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)

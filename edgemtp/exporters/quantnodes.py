@@ -90,6 +90,50 @@ def two_pass(x: str, k: int, block: int, name: str) -> tuple[str, list[onnx.Node
     return n("out"), nodes
 
 
+INT_LEVELS = 63  # MatMulInteger activations: 7-bit magnitudes (see integer_activations)
+INT_ZERO = 64  # their uint8 zero point
+
+
+def integer_activations(x: str, name: str) -> tuple[str, str, list[onnx.NodeProto]]:
+    """x [d0, .., k] -> (uint8 [2 * d0, .., k], their scales [2 * d0, .., 1]): each row rounded to 7-bit
+    levels of its own scale s = max|row| / 63, then the rounding residual (at most s / 2) to levels of
+    s / 126, stacked on the first axis for one integer product (integer_matmul adds the two).
+
+    7 bits because MLAS' u8 x s8 kernel on AVX2 without VNNI sums pairs of products in int16 with
+    saturation: 2 * 127 * 128 fits, 2 * 255 * 127 does not (ONNX Runtime's quantization docs; VNNI and
+    AMX do not saturate). Two passes carry ~13 bits; a row's levels depend on that row alone, so a verify
+    window's rows round exactly as single steps do."""
+    n = lambda s: f"{name}.{s}"  # noqa: E731
+    nodes = [const(n("inv_levels"), np.array(1.0 / INT_LEVELS, np.float32)),
+             const(n("fine"), np.array(2.0 * INT_LEVELS, np.float32)),
+             const(n("inv_fine"), np.array(1.0 / (2 * INT_LEVELS), np.float32)),
+             const(n("tiny"), np.array(1e-30, np.float32)),
+             const(n("zero"), np.array(INT_ZERO, np.float32)),
+             const(n("axis"), np.array([-1], np.int64))]
+    ops = [("Abs", [x], n("abs")), ("ReduceMax", [n("abs"), n("axis")], n("amax")),
+           ("Max", [n("amax"), n("tiny")], n("safe")), ("Mul", [n("safe"), n("inv_levels")], n("s1")),
+           ("Div", [x, n("s1")], n("x1")), ("Round", [n("x1")], n("q1")),  # |q1| <= 63
+           ("Sub", [n("x1"), n("q1")], n("rest")), ("Mul", [n("rest"), n("fine")], n("x2")),
+           ("Round", [n("x2")], n("q2")),  # the residual in steps of s / 126: |q2| <= 63
+           ("Concat", [n("q1"), n("q2")], n("q")), ("Add", [n("q"), n("zero")], n("shifted")),
+           ("Cast", [n("shifted")], n("u8")), ("Mul", [n("s1"), n("inv_fine")], n("s2")),
+           ("Concat", [n("s1"), n("s2")], n("scales"))]
+    for op, ins, out in ops:
+        attrs = {"keepdims": 1} if op == "ReduceMax" else {"axis": 0} if op == "Concat" else \
+            {"to": TensorProto.UINT8} if op == "Cast" else {}
+        nodes.append(helper.make_node(op, ins, [out], name=out + "_n", **attrs))
+    return n("u8"), n("scales"), nodes
+
+
+def integer_matmul(xq: str, x_scales: str, zero: str, w: str, w_scales: str, out: str,
+                   name: str) -> list[onnx.NodeProto]:
+    """integer_activations' (xq, x_scales) @ W (int8 [k, n], one scale per column) -> [d0, .., n]: one
+    com.microsoft MatMulIntegerToFloat over both passes (exact int32 sums, scaled by each row's and each
+    column's scale), then the passes added."""
+    return [helper.make_node("MatMulIntegerToFloat", [xq, w, x_scales, w_scales, zero], [name + ".passes"],
+                             name=name, domain=MS_DOMAIN)] + sum_halves(name + ".passes", out, name + "_passes")
+
+
 def sum_halves(y: str, out: str, name: str) -> list[onnx.NodeProto]:
     """[2 * d0, .., n] -> [d0, .., n]: the two passes' products added."""
     halves = [name + ".a", name + ".b"]

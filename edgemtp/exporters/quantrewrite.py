@@ -251,7 +251,11 @@ class Rewrite:
             importance = st.mean_square if s is None else st.mean_square / s ** 2
             if sch.gptq and st.hessian is not None:
                 hessian = st.hessian if s is None else st.hessian / np.outer(s, s)
-        p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
+        integer = sch.layer_op == "integer" and bits == 8
+        if integer:
+            w_int, w_scales = self._int8_columns(t.name, w, importance, hessian)
+        else:
+            p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
         level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4 and k % block == 0
 
         def emit(node):
@@ -260,6 +264,12 @@ class Rewrite:
                 x = self._once(x + ".smoothed", nodes, lambda out: [
                     QN.smooth(node.input[0], self._const(out + ".inv_s", (1.0 / s).astype(np.float32)), out,
                               out + "_n")])
+            if integer:
+                xq = self._once(f"{x}.integer", nodes, lambda out: QN.integer_activations(x, out)[::2])
+                zero = self._once("edgemtp.int_zero", nodes, lambda out: [
+                    QN.const(out, np.array(QN.INT_ZERO, np.uint8))])
+                return nodes + QN.integer_matmul(xq, f"{x}.integer.scales", zero, w_int, w_scales, node.output[0],
+                                                 node.name + "_i")
             if not two:
                 return nodes + [QN.matmul_nbits(x, p, node.output[0], node.name + "_q", level)]
             x2 = self._once(f"{x}.two_pass{block}", nodes, lambda out: QN.two_pass(x, k, block, out))
@@ -267,6 +277,22 @@ class Rewrite:
             return nodes + [QN.matmul_nbits(x2, p, y, node.name + "_q", level)] + \
                 QN.sum_halves(y, node.output[0], node.name + "_sum")
         self.emit[t.name, "matmul"] = emit
+
+    def _int8_columns(self, name: str, w: np.ndarray, importance, hessian) -> tuple[str, str]:
+        """W^T [n, k] -> (int8 W [k, n], fp32 scales [n]): each output column on its own symmetric 8-bit grid
+        (the block quantizer with one block per row: its grid search, and GPTQ when calibrated)."""
+        n, k = w.shape
+        levels, scales = [], []
+        for q, s, _ in quantize_chunks(lambda a, b: w[a:b], n, k, 8, k, True, importance=importance,
+                                       hessian=hessian):
+            levels.append((q.reshape(len(q), k).astype(np.int16) - 128).astype(np.int8))
+            scales.append(s.reshape(-1))
+            self.done += 4 * len(q) * k
+            self._report()
+        data = self.sink.write(f"{name}.int8", np.ascontiguousarray(np.concatenate(levels).T))
+        s = self.sink.write(f"{name}.int8.scales", np.concatenate(scales).astype(np.float32))
+        self.new_inits += [data, s]
+        return data.name, s.name
 
     def _table(self, t: TensorProto, uses: dict[str, list]) -> tuple[list, str | None]:
         """A head and/or embedding table [V, K]: one or two row parts (the frequent rows at 8 bits).
