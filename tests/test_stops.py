@@ -44,6 +44,33 @@ def test_find_cut_and_what_a_stream_may_show():
         Stops((), ("x",))
 
 
+def test_long_rows_are_checked_on_their_tail(monkeypatch):
+    """Past TAIL tokens the check decodes the last TAIL only (decoding the whole text per token grows with
+    it): a stop string the newest token completes is still found, even by a decoder that mangles the start
+    of what it decodes (SentencePiece drops a leading space), and a tail too short to tell (tokens without
+    text) falls back to the whole text."""
+    from edgemtp.runtime import stops as S
+
+    calls = []
+
+    def decode(ids):  # token i is chr(i); the first character of any decode is dropped
+        calls.append(len(ids))
+        return "".join(map(chr, ids))[1:]
+
+    stops = Stops((), ("xyz", "é"), decode)
+    text = [ord("a") + i % 20 for i in range(600)]
+    assert stops.reason(text) == "" and calls == [S.TAIL]
+    assert stops.reason(text + [ord(c) for c in "xyz"]) == "stop string" and calls[-1] == 603
+    assert stops.reason(text + [ord("é")]) == "stop string"
+    # "xy", then tokens without text, then "z": the tail starts at "y", which its decode drops, so it
+    # does not hold "xyz", but it is too short to be sure: the whole text decides
+    calls.clear()
+    gap = text + [ord("x"), ord("y")] + [5000] * (S.TAIL - 2) + [ord("z")]
+    stops.decode = lambda ids: decode([i for i in ids if i < 1000])
+    assert stops.reason(gap) == "stop string" and calls == [2, 603]  # the tail's 2 texts, then all
+    assert stops.reason(text + [5000] * S.TAIL) == ""
+
+
 def test_cli_escapes():
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r"
     assert unescape(r"\\n") == "\\n" and unescape(r"\x") == r"\x" and unescape("plain") == "plain"

@@ -2,10 +2,12 @@
 
 A stop string ends a row's generation at the token whose text completes it; the row's text is cut just
 before it, so the returned text never contains one (tokens keep the completing token: it may hold text
-past the stop string). The check decodes the row's whole generated text after each token: decoding a
-suffix alone can differ (a SentencePiece decoder drops the leading space of its first token, a byte
-run cut in two decodes to replacement characters), and a decode of a few hundred tokens costs tens of
-µs against a decode step's tens of ms."""
+past the stop string). The check after each token decodes the row's last TAIL tokens, not its whole text
+(0.4 ms at 2,000 tokens, 0.05 at 256, Gemma's tokenizer): a suffix decoded alone differs from the whole
+text only at its start (a SentencePiece decoder drops the leading space of its first token, a byte run
+cut in two decodes to replacement characters), so when that text holds the longest stop string and
+SLACK characters more, a stop string completed by the newest token lies in what the two agree on. Any
+doubt (a short tail, or a stop string in it) is settled by decoding the whole text."""
 
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ def stop_strings(stop) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
+TAIL, SLACK = 256, 128  # tokens decoded per check; characters beyond the longest stop string it must hold
+
+
 class Stops:
     """Stop tokens (ids) and stop strings; `decode` turns a row's generated ids into its text."""
 
@@ -45,9 +50,18 @@ class Stops:
         """Why a row whose generated tokens are `tokens` stops now ("" if it goes on)."""
         if tokens[-1] in self.ids:
             return "stop token"
-        if self.strings and self.find(self.decode(tokens)) >= 0:
+        if self.strings and self._holds(tokens):
             return "stop string"
         return ""
+
+    def _holds(self, tokens: list[int]) -> bool:
+        """Whether the text of `tokens` holds a stop string (checked after each token, so only one the
+        newest token completed can be new)."""
+        if len(tokens) > TAIL:
+            tail = self.decode(tokens[-TAIL:])
+            if len(tail) >= max(map(len, self.strings)) + SLACK and self.find(tail) < 0:
+                return False
+        return self.find(self.decode(tokens)) >= 0
 
     def find(self, text: str) -> int:
         """Where the first stop string in `text` begins, -1 if there is none."""
