@@ -132,9 +132,11 @@ def quant_options(f):
         click.option("--two-pass", default=None, help="MatMulNBits activations in two int8 passes: none, head "
                                                       "or all (default; keeps speculative decoding exact)."),
         click.option("--layer-op", default=None,
-                     help="8-bit layers as nbits (MatMulNBits, blocks of 32; default) or integer (MatMulInteger: "
-                          "int8 columns, activations in two 7-bit passes per row; ~1.6x faster layers where "
-                          "ONNX Runtime runs it on AMX / VNNI, and a verify window's width costs little)."),
+                     help="8-bit layers as nbits (MatMulNBits, blocks of 32; default) or integer "
+                          "(MatMulIntegerToFloat: int8 columns, activations in three 7-bit passes per row; "
+                          "faster prefill and verify windows where ONNX Runtime runs it on AMX, for ~1 point of "
+                          "top-1 agreement; --block-size, --symmetric, --accuracy-level and --two-pass then "
+                          "apply to the head only)."),
         click.option("--smooth", type=float, default=None, help="Activation smoothing alpha of the layers (0: off)."),
         click.option("--calibration", default=None, help="Calibration text: corpora (the offline corpora's "
                                                          "train split, default), a text file, or none."),

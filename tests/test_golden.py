@@ -108,3 +108,19 @@ def test_stop_strings_on_real_text(engine, stop):
         assert gen.tokens == full.tokens[:upto] and gen.text == full.text[:at]
         assert gen.stats.stop_reason == "stop string"
         assert "".join(engine.stream(prompt, 48, draft=draft, stop=stop)) == full.text[:at]
+
+
+def test_stop_strings_past_the_checked_tail(engine):
+    """Past 256 tokens a stop string is looked for in the text of the last 256 (runtime/stops.py); with
+    Gemma's tokenizer, a stop string inside a long byte-fallback run (each byte a token; a tail cut inside
+    a character decodes its bytes to U+FFFD each) is still found at the token that completes it."""
+    from edgemtp.runtime.stops import TAIL, Stops
+
+    for text, stop in (("Hello " + "\U00013000" * 100 + "ꙮ" + "\U00013000" * 100, "ꙮ"),
+                       ("def f(x):\n    return x\n" * 60 + "# end of file\n", "end of"),
+                       ("Hello " + "\U00013000" * 100 + "ꙮ\U00013000" + "\U00013000" * 100, "ꙮ\U00013000")):
+        ids = engine.encode(text)[1:]  # without BOS, as generated tokens
+        stops = Stops((), (stop,), engine.decode)
+        first = next(n for n in range(1, len(ids) + 1) if stop in engine.decode(ids[:n]))
+        assert first > TAIL
+        assert [stops.reason(ids[:n]) for n in range(TAIL, first + 3)] == [""] * (first - TAIL) + ["stop string"] * 3

@@ -156,23 +156,31 @@ def test_gptq_lowers_the_output_error_and_keeps_grid_weights():
     np.testing.assert_allclose(dequantize_rows(*q, 4, 64), on_grid, atol=1e-6)
 
 
-def test_gptq_with_one_block_per_row_batches_lazily(monkeypatch):
-    """--layer-op integer quantizes each row as one block: GPTQ then goes in lazy batches inside the block
-    (as fast as block-32 GPTQ), with the same result as one batch over the whole row."""
+def test_gptq_with_blocks_wider_than_a_batch_batches_lazily(monkeypatch):
+    """--layer-op integer quantizes each row as one block: GPTQ then goes in lazy batches of GPTQ_BATCH
+    inside the block, cut at each block's end (each block's grid is chosen where a batch starts, from
+    weights every earlier batch has updated), with the result of one batch per block."""
     from edgemtp.exporters import blockquant
 
+    assert blockquant._batches(640, 640) == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 640)]
+    assert blockquant._batches(576, 288) == [(0, 128), (128, 256), (256, 288), (288, 416), (416, 544),
+                                             (544, 576)]
+    assert blockquant._batches(96, 32) == [(0, 96)] and blockquant._batches(320, 32) == [(0, 128), (128, 256),
+                                                                                          (256, 320)]
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((500, 256)).astype(np.float32) @ rng.standard_normal((256, 256)).astype(np.float32)
+    x = rng.standard_normal((500, 512)).astype(np.float32) @ rng.standard_normal((512, 512)).astype(np.float32)
     h = x.T.astype(np.float64) @ x / len(x)
-    w = rng.standard_normal((40, 256)).astype(np.float32)
-    lazy = quantize_rows(w, 8, 256, True, importance=np.diag(h), hessian=h)  # batches of 128
-    monkeypatch.setattr(blockquant, "GPTQ_BATCH", 256)
-    whole = quantize_rows(w, 8, 256, True, importance=np.diag(h), hessian=h)
-    np.testing.assert_array_equal(lazy[1], whole[1])  # the grid, chosen from the row before any update
-    assert np.mean(lazy[0] != whole[0]) < 0.01  # levels: ties may round apart after reordered sums
-    out_err = lambda q: float(np.mean(np.square(x @ (dequantize_rows(*q, 8, 256) - w).T)))  # noqa: E731
-    assert out_err(lazy) == pytest.approx(out_err(whole), rel=0.02)
-    assert out_err(lazy) < 0.8 * out_err(quantize_rows(w, 8, 256, True))
+    w = rng.standard_normal((40, 512)).astype(np.float32)
+    out_err = lambda q: float(np.mean(np.square(x @ (dequantize_rows(*q, 8, 512) - w).T)))  # noqa: E731
+    for bs in (256, 512, 192):  # 192: three blocks of 192 over 512 columns, the last padded
+        lazy = quantize_rows(w, 8, bs, True, importance=np.diag(h), hessian=h)
+        with monkeypatch.context() as m:
+            m.setattr(blockquant, "GPTQ_BATCH", 512)  # one batch per block
+            whole = quantize_rows(w, 8, bs, True, importance=np.diag(h), hessian=h)
+        np.testing.assert_allclose(lazy[1], whole[1], rtol=1e-5)  # each block's grid
+        assert np.mean(lazy[0] != whole[0]) < 0.01  # levels: ties may round apart after reordered sums
+        assert out_err(lazy) == pytest.approx(out_err(whole), rel=0.02)
+        assert out_err(lazy) < 0.8 * out_err(quantize_rows(w, 8, bs, True))
 
 
 def test_importance_weighted_search_favours_important_channels():

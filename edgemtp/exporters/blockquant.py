@@ -136,16 +136,13 @@ def _gptq(w: np.ndarray, u: np.ndarray, bits: int, bs: int, symmetric: bool, sea
     """w [n, K] (K a multiple of bs; updated in place) -> (levels [n, kb, bs], scales, zero points [n, kb]).
 
     Each block's grid is chosen when GPTQ reaches it, from the weights as the earlier columns' errors
-    left them. Columns go in lazy batches of GPTQ_BATCH (a multiple of the block: no block straddles),
-    or of GPTQ_BATCH within a block that is a multiple of it (one block per row: --layer-op integer);
-    a block then starts a batch, where every earlier batch's errors have reached the whole matrix."""
+    left them. Columns go in lazy batches (_batches): every block starts one, where every earlier batch's
+    errors have reached the whole matrix."""
     n, k = w.shape
     kb = k // bs
-    batch = GPTQ_BATCH if bs > GPTQ_BATCH and bs % GPTQ_BATCH == 0 else max(GPTQ_BATCH // bs, 1) * bs
     q = np.empty((n, k), np.float32)
     scales, zps = np.empty((n, kb), np.float32), np.empty((n, kb), np.float32)
-    for i1 in range(0, k, batch):
-        i2 = min(i1 + batch, k)
+    for i1, i2 in _batches(k, bs):
         w1, err = w[:, i1:i2], np.empty((n, i2 - i1), np.float32)
         for j in range(i2 - i1):
             col = i1 + j
@@ -165,6 +162,16 @@ def _gptq(w: np.ndarray, u: np.ndarray, bits: int, bs: int, symmetric: bool, sea
 
 
 # ---------------------------------------------------------------------------------- (un)packing
+
+def _batches(k: int, bs: int) -> list[tuple[int, int]]:
+    """GPTQ's lazy batches over k columns with blocks of bs: whole blocks up to GPTQ_BATCH columns, or, for
+    blocks wider than that (one block per row: --layer-op integer), GPTQ_BATCH columns at a time, cut at
+    each block's end (one batch of the whole row took 3x as long: 5:48 against 1:59 for an int4 export)."""
+    if bs <= GPTQ_BATCH:
+        step = GPTQ_BATCH // bs * bs
+        return [(i, min(i + step, k)) for i in range(0, k, step)]
+    return [(i, min(i + GPTQ_BATCH, b + bs)) for b in range(0, k, bs) for i in range(b, b + bs, GPTQ_BATCH)]
+
 
 def _pack(q: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
     """uint8 values < 2^bits packed along the last axis, low-order bits first."""

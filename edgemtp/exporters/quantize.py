@@ -28,10 +28,10 @@
   - Blocks of 32 everywhere: the 8-bit table is then exact on the GGUF source's Q8_0 grid.
   - `layer_op="integer"` (`--layer-op integer`): the 8-bit layers as com.microsoft MatMulIntegerToFloat
     over int8 columns (one scale per output column, GPTQ-rounded when calibrated) and activations rounded
-    per row in two 7-bit passes (quantnodes.integer_activations). ONNX Runtime runs u8 x s8 products on
+    per row in three 7-bit passes (quantnodes.integer_activations). ONNX Runtime runs u8 x s8 products on
     AMX / VNNI, where MatMulNBits' int8 activations path is compute-bound: on the Xeon VM (AMX) the body's
     72 matrices cost about the same for a verify window of 5 positions as for 1, against 1.8x with
-    MatMulNBits, and int4 decode steps were 1.10x as fast, prefill 2.4x. Not the preset: one scale per
+    MatMulNBits; int4 decode steps 1.04x as fast, prefill 1.8x. Not the preset: one scale per
     column costs Gemma 3 270M ~1.3 points of top-1 agreement (0.979 vs 0.991), as its GGUF-sourced
     weights sit on 32-wide block grids that blocks of 32 keep exactly (docs/measurements.md, session 30).
 * fp16: weights stored in fp16 behind `Cast` nodes that ORT folds when the session loads: compute
@@ -97,7 +97,7 @@ class Scheme:
     gptq: bool = False  # 4-bit weights rounded by GPTQ against calibration activations
     two_pass: str = "none"  # MatMulNBits activations in two int8 passes: none, head or all
     smooth: float = 0.0  # alpha of the layers' activation smoothing (x / s, W * s, s = max|x|^alpha)
-    layer_op: str = "nbits"  # 8-bit layers as MatMulNBits (blocks) or MatMulInteger (int8 columns, u8 rows)
+    layer_op: str = "nbits"  # 8-bit layers as MatMulNBits (blocks) or MatMulIntegerToFloat (int8 columns)
     calibration: str | None = field(default=None, compare=False)  # the calibration text used
 
     def bits_for(self, kind: str, name: str = "") -> int:
@@ -157,8 +157,8 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     if layer_op not in (None, *LAYER_OPS):
         raise EdgemtpError(f"--layer-op {layer_op!r} must be one of {', '.join(LAYER_OPS)}")
     if layer_op == "integer" and layer_bits == 4:
-        raise EdgemtpError("--layer-op integer needs 8-bit layers (MatMulInteger has no 4-bit weights): "
-                           "drop --layer-bits 4")
+        raise EdgemtpError("--layer-op integer needs 8-bit layers (MatMulIntegerToFloat has no 4-bit "
+                           "weights): drop --layer-bits 4")
     if smooth is not None and not 0.0 <= smooth <= 1.0:
         raise EdgemtpError(f"--smooth {smooth} must be between 0 (off) and 1")
     keep_8bit = tuple(keep_8bit or ())
@@ -337,7 +337,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
     options), or a Calibration that calibrate() made for this bundle (benchmarks reuse one for several
     schemes). `options`: scheme()'s. Drafter graphs read the target's quantized table in place; their
     own (small) weights stay fp32 (fp16 with --quant fp16), or with `drafter_quant` "int8" their MatMuls
-    become 8-bit MatMulNBits (uncalibrated, two-pass activations); other files are copied."""
+    become 8-bit MatMulNBits (uncalibrated, two-pass activations), or MatMulIntegerToFloat with
+    `layer_op="integer"`, as the target's; other files are copied."""
     made = calibration if isinstance(calibration, Calibration) else None
     sch = check_options(quant, A.CORPORA if made else calibration, calibration_tokens, drafter_quant, **options)
     b = bundle_mod.load(Path(src), verify=False)

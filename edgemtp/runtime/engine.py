@@ -285,7 +285,7 @@ class Engine:
             if text.endswith("\ufffd"):
                 continue
             text = stops.shown(text)
-            if not text.startswith(shown):
+            if text == shown or not text.startswith(shown):
                 continue
             yield text[len(shown):]
             shown = text

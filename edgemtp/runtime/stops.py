@@ -4,8 +4,8 @@ A stop string ends a row's generation at the token whose text completes it; the 
 before it, so the returned text never contains one (tokens keep the completing token: it may hold text
 past the stop string). The check after each token decodes the row's last TAIL tokens, not its whole text
 (0.4 ms at 2,000 tokens, 0.05 at 256, Gemma's tokenizer): a suffix decoded alone differs from the whole
-text only at its start (a SentencePiece decoder drops the leading space of its first token, a byte run
-cut in two decodes to replacement characters), so when that text holds the longest stop string and
+text only at its start (a SentencePiece decoder drops the leading space of its first token, a byte-fallback
+run cut in two decodes to replacement characters, one per byte), so when that text holds the longest stop string and
 SLACK characters more, a stop string completed by the newest token lies in what the two agree on. Any
 doubt (a short tail, or a stop string in it) is settled by decoding the whole text."""
 
@@ -59,7 +59,8 @@ class Stops:
         newest token completed can be new)."""
         if len(tokens) > TAIL:
             tail = self.decode(tokens[-TAIL:])
-            if len(tail) >= max(map(len, self.strings)) + SLACK and self.find(tail) < 0:
+            # a tail starting inside a byte-fallback run decodes each of its bytes to U+FFFD: count what follows
+            if len(tail.lstrip("\ufffd")) >= max(map(len, self.strings)) + SLACK and self.find(tail) < 0:
                 return False
         return self.find(self.decode(tokens)) >= 0
 
