@@ -76,7 +76,8 @@ def main() -> None:
         print(ratio_line("drafter step (64 recent)", old, new))
     del engines, steps
     # generation: one engine at a time (each as `generate` loads it), alternating
-    modes = {"plain": None, "mtp K=4": Draft("mtp", k=4), "auto K=4": Draft("auto", k=4)}
+    modes = {"plain": None, "mtp K=2": Draft("mtp", k=2), "mtp K=4": Draft("mtp", k=4),
+             "mtp adaptive": Draft("mtp", k=4, adaptive=True), "auto K=4": Draft("auto", k=4)}
     tps = {(p, m, d): [] for p in (0, 1) for m in modes for d in PROMPTS}
     for r in range(args.repetitions):
         for p in ((0, 1) if r % 2 == 0 else (1, 0)):

@@ -421,6 +421,100 @@ def test_integer_layers_are_nearly_exact_on_their_grid(tmp_path, calib_file):
     assert errors["integer"] < 1.25 * errors["nbits"]  # 0.0074 vs 0.0078
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_integer_head_rescores_each_positions_top_logits_from_the_table(split):
+    """QN.integer_head alone: every logit from the int8 columns (one scale per token, activations in
+    three 7-bit passes: within 1e-5 of the columns' dequantized product), except each position's top
+    REFINE, which are the table's own rows dotted with x (an 8-bit and a 4-bit part permuted by row_of,
+    or one 8-bit part)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgemtp.exporters import quantnodes as QN
+    from edgemtp.exporters.blockquant import unpack
+
+    rng = np.random.default_rng(5)
+    k, v, first = 64, 300, 40
+    w = rng.standard_normal((v, k)).astype(np.float32)
+    w[:, 3] *= 8  # an outlier channel, as Gemma's
+    row_of = rng.permutation(v) if split else np.arange(v)
+    by_row = np.empty_like(w)
+    by_row[row_of] = w  # table row row_of[id] holds token id
+    inits, parts = [], []
+    for name, (a, b), bits in ((("P0", (0, first), 8), ("P1", (first, v), 4)) if split else (("P0", (0, v), 8),)):
+        packed, scales, zp = quantize_rows(by_row[a:b], bits, 32, bits == 8)
+        inits += [onnx.numpy_helper.from_array(packed, name), onnx.numpy_helper.from_array(scales, name + "s")]
+        if zp is not None:
+            inits += [onnx.numpy_helper.from_array(zp, name + "z"),
+                      onnx.numpy_helper.from_array(unpack(zp, 4, k // 32)[..., None].astype(np.uint8), name + "g")]
+        parts.append(QN.Packed(name, name + "s", zp is not None and name + "z" or None,
+                               zp is not None and name + "g" or None, bits, 32, b - a, k))
+    table = np.concatenate([dequantize_rows(*quantize_rows(by_row[a:b], bits, 32, bits == 8), bits, k)
+                            for a, b, bits in (((0, first, 8), (first, v, 4)) if split else ((0, v, 8),))])[row_of]
+    levels, scales, _ = quantize_rows(w, 8, k, True)  # one block per token: the columns
+    cols = (levels.reshape(v, k).astype(np.int16) - 128).astype(np.int8)
+    inits += [onnx.numpy_helper.from_array(np.ascontiguousarray(cols.T), "W"),
+              onnx.numpy_helper.from_array(scales.reshape(-1), "WS"),
+              onnx.numpy_helper.from_array(row_of.astype(np.int64), "row_of")]
+    nodes = QN.integer_head("x", "W", "WS", parts, "row_of" if split else None, "y", "head")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    y = session.run(None, {"x": x})[0]
+    levels_x, step, rest = np.zeros_like(x), np.abs(x).max(-1, keepdims=True) / QN.INT_LEVELS, x
+    for _ in range(QN.HEAD_PASSES):  # integer_activations' passes, each rounding the last one's residual
+        q = np.round(rest / step)
+        levels_x, rest, step = levels_x + q * step, rest - q * step, step / (2 * QN.INT_LEVELS)
+    approx = levels_x @ (cols.astype(np.float32) * scales.reshape(-1, 1)).T
+    exact = x @ table.T
+    top = np.argsort(-approx, -1, kind="stable")[:, :QN.REFINE]
+    rescored = np.zeros_like(y, dtype=bool)
+    np.put_along_axis(rescored, top, True, -1)
+    tol = 1e-5 * np.abs(exact).max()  # the activations' third pass rounds to ~1e-5 of a row's largest value
+    np.testing.assert_allclose(y[rescored], exact[rescored], rtol=0, atol=tol)
+    np.testing.assert_allclose(y[~rescored], approx[~rescored], rtol=0, atol=tol)
+    assert np.abs(exact - approx).max() > 100 * tol  # the columns and the table differ where not rescored
+    np.testing.assert_array_equal(y.argmax(-1), exact.argmax(-1))
+    steps = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_array_equal(y, steps)  # each position on its own, whatever the window
+
+
+@pytest.mark.parametrize("kind,quant", [("gemma3_text", "int4"), ("qwen2", "int8")])
+def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, calib_file):
+    """export --head-op integer: one MatMulIntegerToFloat head whose top logits the packed table rescores.
+    On a table exact on its grids the rescored logits are fp32's, every argmax is fp32's, the columns'
+    8 bits show elsewhere; a verify window gives the single steps' argmax and rescored logits. Gemma 3's tied table split
+    into frequent 8-bit and 4-bit rows (int4); Qwen2's untied head in one 8-bit part (int8)."""
+    fp32 = make_bundle(tmp_path, kind, snapped=True, table=dual_grid)
+    opts = dict(frequent_rows=16, calibration=calib_file, calibration_tokens=128)
+    quantize_bundle(fp32, tmp_path / "nbits", quant, **opts)
+    quantize_bundle(fp32, tmp_path / "int", quant, **opts, head_op="integer")
+    assert ops_count(tmp_path / "int", "MatMulIntegerToFloat") == 1 and ops_count(tmp_path / "int", "TopK") == 1
+    assert ops_count(tmp_path / "int", "MatMulNBits") == 4 * 4  # the layers; no MatMulNBits head
+    assert bundle_mod.load(tmp_path / "int").manifest["graphs"]["target"]["quantization"]["head_op"] == "integer"
+    want, table, got = all_logits(fp32)[0], all_logits(tmp_path / "nbits")[0], all_logits(tmp_path / "int")[0]
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    from edgemtp.exporters.quantnodes import REFINE
+    top = np.argsort(-got, -1)[:, :REFINE]
+    spread = np.abs(want).max()
+    assert np.abs(np.take_along_axis(got - table, top, -1)).max() < 1e-3 * spread  # the table's own logits
+    assert 1e-4 < rel_error(got, want) < 2e-2  # elsewhere the columns' one scale per token
+    engine = Engine.load(tmp_path / "int")
+    cache = engine.target.new_cache(1)
+    engine.target.forward(IDS[:, :20], cache)
+    window = engine.target.forward(IDS[:, 20:25], cache, n_logits=5)[0]
+    cache.rollback(0, 20)
+    steps = np.concatenate([engine.target.forward(IDS[:, i:i + 1], cache)[0] for i in range(20, 25)], axis=1)
+    np.testing.assert_array_equal(window.argmax(-1), steps.argmax(-1))
+    top = np.argsort(-steps, -1)[..., :REFINE]  # rescored: as close as the layers' outputs (their own passes)
+    np.testing.assert_allclose(np.take_along_axis(window, top, -1), np.take_along_axis(steps, top, -1),
+                               atol=1e-4 * spread)
+    np.testing.assert_allclose(window, steps, atol=1e-3 * spread)  # the tail: a last-pass step at most
+
+
 def test_smoothing_keeps_the_function(tmp_path, calib_file):
     """x / s into W * s: the same product; only the rounding moves."""
     fp32 = make_bundle(tmp_path, "gemma3_text")
@@ -525,6 +619,7 @@ def test_int4_export_is_reproducible(tmp_path, calib_file):
     (dict(smooth=1.5), "--smooth 1.5 must be between 0"),
     (dict(layer_op="amx"), "--layer-op 'amx' must be one of nbits, integer"),
     (dict(layer_op="integer", layer_bits=4), "--layer-op integer needs 8-bit layers"),
+    (dict(head_op="columns"), "--head-op 'columns' must be one of nbits, integer"),
     (dict(keep_8bit=("",)), "--keep-8bit"),
     (dict(calibration_tokens=10), "--calibration-tokens 10 must be at least"),
     (dict(calibration="/nonexistent/text.txt"), "--calibration /nonexistent/text.txt: no such file"),
@@ -580,9 +675,13 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     assert ok.exit_code == 0, ok.output
     q = bundle_mod.load(tmp_path / "b").manifest["graphs"]["target"]["quantization"]
     assert (q["head_block_size"], q["frequent_rows"], q["keep_8bit"]) == (16, 8, ["*q_proj*"])
-    ok = run("--quant", "int8", "--max-context", "64", "--calibration", "none", "--overwrite", "--layer-op", "integer")
+    ok = run("--quant", "int8", "--max-context", "64", "--calibration", "none", "--overwrite", "--layer-op", "integer",
+             "--head-op", "integer")
     assert ok.exit_code == 0, ok.output
-    assert bundle_mod.load(tmp_path / "b").manifest["graphs"]["target"]["quantization"]["layer_op"] == "integer"
+    q = bundle_mod.load(tmp_path / "b").manifest["graphs"]["target"]["quantization"]
+    assert (q["layer_op"], q["head_op"]) == ("integer", "integer")
+    bad = run("--quant", "fp32", "--head-op", "integer", "--overwrite")
+    assert bad.exit_code == 2 and "--head-op applies to --quant int8 / int4 only" in bad.output
     bad = run("--quant", "int4", "--layer-op", "integer", "--layer-bits", "4", "--overwrite")
     assert bad.exit_code == 2 and "--layer-op integer needs 8-bit layers" in bad.output
 

@@ -34,6 +34,15 @@
     MatMulNBits; int4 decode steps 1.04x as fast, prefill 1.8x. Not the preset: one scale per
     column costs Gemma 3 270M ~1.3 points of top-1 agreement (0.979 vs 0.991), as its GGUF-sourced
     weights sit on 32-wide block grids that blocks of 32 keep exactly (docs/measurements.md, session 30).
+  - `head_op="integer"` (`--head-op integer`): the head as one MatMulIntegerToFloat over an int8 copy of
+    the table stored as columns [K, V] (one scale per token, GPTQ when calibrated; the packed table stays
+    for the embedding, the drafter and this), activations in two 7-bit passes, and each position's 8
+    highest logits rescored from the packed table's rows (quantnodes.integer_head). One scale per
+    token alone would cost ~1.3 points of head-only top-1 (0.980 vs 0.993); with the rescoring the
+    argmax is the table's and the tail is closer to fp32 than the 4-bit table's. On AMX a verify
+    window of 3 / 5 positions cost 22.5 / 28.0 ms instead of 26.7 / 35.7 (one: 17.1 vs 17.3), so
+    MTP drafting gains 1.12-1.16x; the bundle grows by V x K bytes (+168 MB for Gemma 3 270M), so not
+    the preset (docs/measurements.md, session 31).
 * fp16: weights stored in fp16 behind `Cast` nodes that ORT folds when the session loads: compute
   stays fp32. Halves the file, not the RAM or the time.
 * fp32: a re-written copy.
@@ -74,6 +83,7 @@ __all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "qua
 QUANTS = ("fp32", "fp16", "int8", "int4")
 TWO_PASS = ("none", "head", "all")
 LAYER_OPS = ("nbits", "integer")
+HEAD_OPS = ("nbits", "integer")
 Progress = Callable[[int, int, str], None]
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
        TensorProto.INT32: np.int32, TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
@@ -98,6 +108,7 @@ class Scheme:
     two_pass: str = "none"  # MatMulNBits activations in two int8 passes: none, head or all
     smooth: float = 0.0  # alpha of the layers' activation smoothing (x / s, W * s, s = max|x|^alpha)
     layer_op: str = "nbits"  # 8-bit layers as MatMulNBits (blocks) or MatMulIntegerToFloat (int8 columns)
+    head_op: str = "nbits"  # the head as MatMulNBits over the table, or int8 columns rescored by the table
     calibration: str | None = field(default=None, compare=False)  # the calibration text used
 
     def bits_for(self, kind: str, name: str = "") -> int:
@@ -138,7 +149,7 @@ GPTQ_MAX_K = 4096
 def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int = 4, *,
            layer_bits: int | None = None, frequent_rows: int | None = None, keep_8bit=(), gptq: bool | None = None,
            two_pass: str | None = None, smooth: float | None = None, layer_op: str | None = None,
-           calibrated: bool = True) -> Scheme | None:
+           head_op: str | None = None, calibrated: bool = True) -> Scheme | None:
     """The scheme for `quant` (None for the float quants) after checking every option; None options
     keep the preset's value. `calibrated` False (no calibration text): the calibrated options are off,
     and asking for one is an error."""
@@ -156,6 +167,8 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
         raise EdgemtpError(f"--two-pass {two_pass!r} must be one of {', '.join(TWO_PASS)}")
     if layer_op not in (None, *LAYER_OPS):
         raise EdgemtpError(f"--layer-op {layer_op!r} must be one of {', '.join(LAYER_OPS)}")
+    if head_op not in (None, *HEAD_OPS):
+        raise EdgemtpError(f"--head-op {head_op!r} must be one of {', '.join(HEAD_OPS)}")
     if layer_op == "integer" and layer_bits == 4:
         raise EdgemtpError("--layer-op integer needs 8-bit layers (MatMulIntegerToFloat has no 4-bit "
                            "weights): drop --layer-bits 4")
@@ -174,8 +187,8 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     p = dict(PRESETS[quant])
     if not calibrated:
         p.update(frequent_rows=0, gptq=False, smooth=0.0)
-    p.update({k: v for k, v in dict(asked, two_pass=two_pass, bits=layer_bits, layer_op=layer_op).items()
-              if v is not None})
+    given = dict(asked, two_pass=two_pass, bits=layer_bits, layer_op=layer_op, head_op=head_op)
+    p.update({k: v for k, v in given.items() if v is not None})
     if block_size:
         p.update(block_size=block_size, head_block_size=block_size)
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)

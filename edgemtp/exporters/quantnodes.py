@@ -95,11 +95,11 @@ INT_ZERO = 64  # their uint8 zero point
 INT_PASSES = 3
 
 
-def integer_activations(x: str, name: str) -> tuple[str, str, list[onnx.NodeProto]]:
-    """x [d0, .., k] -> (uint8 [3 * d0, .., k], their scales [3 * d0, .., 1]): each row rounded to 7-bit
-    levels of its own scale s = max|row| / 63, then the rounding residual (at most s / 2) to levels of
-    s / 126, then that residual to levels of s / 126^2, stacked on the first axis for one integer product
-    (integer_matmul adds the passes).
+def integer_activations(x: str, name: str, passes: int = INT_PASSES) -> tuple[str, str, list[onnx.NodeProto]]:
+    """x [d0, .., k] -> (uint8 [passes * d0, .., k], their scales [passes * d0, .., 1]): each row rounded to
+    7-bit levels of its own scale s = max|row| / 63, then the rounding residual (at most s / 2) to levels of
+    s / 126, then (three passes) that residual to levels of s / 126^2, stacked on the first axis for one
+    integer product (integer_matmul adds the passes).
 
     7 bits because MLAS' u8 x s8 kernel on AVX2 without VNNI sums pairs of products in int16 with
     saturation: 2 * 127 * 128 fits, 2 * 255 * 127 does not (ONNX Runtime's quantization docs; VNNI and
@@ -118,12 +118,12 @@ def integer_activations(x: str, name: str) -> tuple[str, str, list[onnx.NodeProt
     ops = [("Abs", [x], n("abs")), ("ReduceMax", [n("abs"), n("axis")], n("amax")),
            ("Max", [n("amax"), n("tiny")], n("safe")), ("Mul", [n("safe"), n("inv_levels")], n("s1")),
            ("Div", [x, n("s1")], n("x1")), ("Round", [n("x1")], n("q1"))]  # |q1| <= 63
-    for i in range(2, INT_PASSES + 1):  # the residual in steps 126x finer: |q_i| <= 63
+    for i in range(2, passes + 1):  # the residual in steps 126x finer: |q_i| <= 63
         ops += [("Sub", [n(f"x{i - 1}"), n(f"q{i - 1}")], n(f"rest{i}")), ("Mul", [n(f"rest{i}"), n("fine")], n(f"x{i}")),
                 ("Round", [n(f"x{i}")], n(f"q{i}")), ("Mul", [n(f"s{i - 1}"), n("inv_fine")], n(f"s{i}"))]
-    passes = range(1, INT_PASSES + 1)
-    ops += [("Concat", [n(f"q{i}") for i in passes], n("q")), ("Add", [n("q"), n("zero")], n("shifted")),
-            ("Cast", [n("shifted")], n("u8")), ("Concat", [n(f"s{i}") for i in passes], n("scales"))]
+    each = range(1, passes + 1)
+    ops += [("Concat", [n(f"q{i}") for i in each], n("q")), ("Add", [n("q"), n("zero")], n("shifted")),
+            ("Cast", [n("shifted")], n("u8")), ("Concat", [n(f"s{i}") for i in each], n("scales"))]
     for op, ins, out in ops:
         attrs = {"keepdims": 1} if op == "ReduceMax" else {"axis": 0} if op == "Concat" else \
             {"to": TensorProto.UINT8} if op == "Cast" else {}
@@ -132,15 +132,15 @@ def integer_activations(x: str, name: str) -> tuple[str, str, list[onnx.NodeProt
 
 
 def integer_matmul(xq: str, x_scales: str, zero: str, w: str, w_scales: str, out: str,
-                   name: str) -> list[onnx.NodeProto]:
+                   name: str, passes: int = INT_PASSES) -> list[onnx.NodeProto]:
     """integer_activations' (xq, x_scales) @ W (int8 [k, n], one scale per column) -> [d0, .., n]: one
     com.microsoft MatMulIntegerToFloat over every pass (exact int32 sums, scaled by each row's and each
     column's scale), then the passes added."""
-    parts = [f"{name}.pass{i}" for i in range(INT_PASSES)]
+    parts = [f"{name}.pass{i}" for i in range(passes)]
     return [helper.make_node("MatMulIntegerToFloat", [xq, w, x_scales, w_scales, zero], [name + ".passes"],
                              name=name, domain=MS_DOMAIN),
             helper.make_node("Split", [name + ".passes"], parts, name=name + "_split", axis=0,
-                             num_outputs=INT_PASSES),
+                             num_outputs=passes),
             helper.make_node("Sum", parts, [out], name=name + "_sum")]
 
 
@@ -180,6 +180,45 @@ def head(x: str, parts: list[Packed], out: str, name: str, accuracy_level: int, 
         y = name + ".vocab"
     nodes.append(helper.make_node("Identity", [y], [out], name=name + "_out"))
     return nodes
+
+
+REFINE = 8  # integer_head: logits recomputed from the table's rows at each position's top REFINE
+HEAD_PASSES = 2  # integer_head's activation passes (the rescored logits decide the argmax, see there)
+
+
+def integer_head(x: str, w: str, w_scales: str, parts: list[Packed], row_of: str | None, out: str,
+                 name: str, refine: int = REFINE) -> list[onnx.NodeProto]:
+    """x [m, k] -> logits [m, V]: every logit from the int8 columns W [k, V] (one scale per token,
+    activations in HEAD_PASSES passes of integer_activations), then each position's `refine` highest
+    recomputed from the table's rows (its parts, as the embedding reads them: dequantized rows times
+    the fp32 x) and written back in place.
+
+    One scale per token costs the int8 columns ~2% of top-1 agreement on Gemma 3 270M's head alone
+    (0.980 against 0.993 for the int4 preset's table): the argmax is a near tie that the table's
+    finer blocks settle. The fp32 argmax was among the int8 columns' top 4 at every one of 2,048
+    positions, so rescoring the top 8 from the table gives the table's argmax, and the tail of the
+    distribution keeps the columns' 8 bits (KL 0.0006 against 0.0015-0.0024 for the preset's head,
+    docs/measurements.md, session 31). The point is speed where ONNX Runtime runs u8 x s8 on AMX /
+    VNNI: a verify window of 5 positions costs 11 ms against 18 for MatMulNBits' 4-bit table.
+
+    Two activation passes, not the layers' three: the argmax comes from the rescored fp32 products,
+    so the passes only pick the candidates and shape the tail, where a third pass changed nothing
+    (KL 0.00012 code / 0.00022 prose with two or three; one pass: 0.009 / 0.015)."""
+    n = lambda s: f"{name}.{s}"  # noqa: E731
+    xq, xs, nodes = integer_activations(x, n("act"), HEAD_PASSES)
+    nodes += [const(n("zero"), np.array(INT_ZERO, np.uint8)), const(n("refine"), np.array([refine], np.int64)),
+              const(n("last"), np.array([-1], np.int64))]
+    nodes += integer_matmul(xq, xs, n("zero"), w, w_scales, n("approx"), name + "_i", HEAD_PASSES)
+    nodes.append(helper.make_node("TopK", [n("approx"), n("refine")], [n("top"), n("ids")], name=n("top_n"),
+                                  axis=-1))  # ids [m, refine]
+    # each position's rows [refine, k] times its own x [k, 1]: the same product in a window as in a single
+    # step (table_dot's one Gemm against every position's x sums in another order when the window widens)
+    nodes += table_gather(n("ids"), parts, n("rows"), name + "_rows", row_of)  # [m, refine, k]
+    nodes += [helper.make_node("Unsqueeze", [x, n("last")], [n("col")], name=n("col_n")),
+              helper.make_node("MatMul", [n("rows"), n("col")], [n("dots")], name=n("dots_n"))]  # [m, refine, 1]
+    return nodes + [helper.make_node("Squeeze", [n("dots"), n("last")], [n("exact")], name=n("exact_n")),
+                    helper.make_node("ScatterElements", [n("approx"), n("ids"), n("exact")], [out], name=name,
+                                     axis=-1)]
 
 
 def table_gather(ids: str, parts: list[Packed], out: str, name: str, row_of: str | None) -> list[onnx.NodeProto]:

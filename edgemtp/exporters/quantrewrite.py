@@ -1,7 +1,9 @@
 """The graph rewrite behind quantize_graph(): which weight becomes what, written one weight at a time.
 
-MatMul -> MatMulNBits (optionally behind a smoothing Mul and two-pass activations), the head Gemm ->
-MatMulNBits over the table's row parts, Gather -> GatherBlockQuantized over the same parts. Weights
+MatMul -> MatMulNBits (optionally behind a smoothing Mul and two-pass activations) or, with layer_op
+integer, MatMulIntegerToFloat; the head Gemm -> MatMulNBits over the table's row parts (or, with head_op
+integer, MatMulIntegerToFloat over int8 columns whose top logits the row parts rescore), Gather ->
+GatherBlockQuantized over the same parts. Weights
 are packed as they are read (row chunks for the big tables) and streamed to the new data file.
 
 Graphs of one bundle share bytes: the drafter's embedding points into the target's data file, the
@@ -21,7 +23,7 @@ from onnx import TensorProto, helper
 
 from ..errors import EdgemtpError
 from . import quantnodes as QN
-from .blockquant import quantize_chunks, unpack
+from .blockquant import CHUNK_ELEMENTS, quantize_chunks, unpack
 from .builder import _align, _set_external
 from .head import ROW_DOTS
 
@@ -57,6 +59,7 @@ class Table:
     parts: list
     order: str | None
     protos: list
+    columns: tuple[str, str] | None = None  # the head's int8 columns [k, V] and their scales (head_op integer)
 
 
 @dataclass
@@ -220,17 +223,20 @@ class Rewrite:
             self._matmul(t, uses["matmul"])
         if uses.keys() & {"head", "gather"}:
             table = self._table_of(t)
-            if table is not None and ("gather" not in uses or all(p.zero_points is None or p.gather_zero_points
-                                                                    for p in table.parts)):
+            integer = "head" in uses and self.sch.head_op == "integer"
+            gathered = "gather" in uses or integer
+            if table is not None and (not gathered or all(p.zero_points is None or p.gather_zero_points
+                                                          for p in table.parts)) and \
+                    (not integer or table.columns is not None):
                 have = {x.name for x in self.new_inits}
                 self.new_inits += [x for x in table.protos if x.name not in have]
-                self._emit_table(t.name, table.parts, table.order)
+                self._emit_table(t.name, table.parts, table.order, table.columns)
                 return
             start = len(self.new_inits)
-            parts, order = self._table(t, uses)
+            parts, order, columns = self._table(t, uses)
             key = source_key(t)
             if key is not None:
-                self.shared.tables[key] = Table(parts, order, self.new_inits[start:])
+                self.shared.tables[key] = Table(parts, order, self.new_inits[start:], columns)
 
     def _stats(self, x: str):
         src = self.sources.get(x)
@@ -253,7 +259,7 @@ class Rewrite:
                 hessian = st.hessian if s is None else st.hessian / np.outer(s, s)
         integer = sch.layer_op == "integer" and bits == 8
         if integer:
-            w_int, w_scales = self._int8_columns(t.name, w, importance, hessian)
+            w_int, w_scales = self._int8_columns(t.name, lambda a, b: w[a:b], n, k, importance, hessian)
         else:
             p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
         level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4 and k % block == 0
@@ -278,61 +284,73 @@ class Rewrite:
                 QN.sum_halves(y, node.output[0], node.name + "_sum")
         self.emit[t.name, "matmul"] = emit
 
-    def _int8_columns(self, name: str, w: np.ndarray, importance, hessian) -> tuple[str, str]:
-        """W^T [n, k] -> (int8 W [k, n], fp32 scales [n]): each output column on its own symmetric 8-bit grid
-        (the block quantizer with one block per row: its grid search, and GPTQ when calibrated)."""
-        n, k = w.shape
-        levels, scales = [], []
-        for q, s, _ in quantize_chunks(lambda a, b: w[a:b], n, k, 8, k, True, importance=importance,
-                                       hessian=hessian):
-            levels.append((q.reshape(len(q), k).astype(np.int16) - 128).astype(np.int8))
+    def _int8_columns(self, name: str, rows, n: int, k: int, importance, hessian, unit: int = 4) -> tuple[str, str]:
+        """rows(start, stop) of W^T [n, k] -> (int8 W [k, n], fp32 scales [n]): each output column on its own
+        symmetric 8-bit grid (the block quantizer with one block per row: its grid search, and GPTQ when
+        calibrated). The levels are held once ([n, k] int8: a quarter of the fp32 matrix) and written
+        transposed a stripe at a time. `unit`: progress bytes per weight."""
+        levels, scales, start = np.empty((n, k), np.int8), [], 0
+        for q, s, _ in quantize_chunks(rows, n, k, 8, k, True, importance=importance, hessian=hessian):
+            levels[start:start + len(q)] = (q.reshape(len(q), k).astype(np.int16) - 128).astype(np.int8)
+            start += len(q)
             scales.append(s.reshape(-1))
-            self.done += 4 * len(q) * k
+            self.done += unit * len(q) * k
             self._report()
-        data = self.sink.write(f"{name}.int8", np.ascontiguousarray(np.concatenate(levels).T))
+        stripe = max(1, CHUNK_ELEMENTS // n)
+        data = self.sink.stream(f"{name}.int8", np.int8, (k, n), (levels[:, a:a + stripe].T for a in range(0, k, stripe)))
         s = self.sink.write(f"{name}.int8.scales", np.concatenate(scales).astype(np.float32))
         self.new_inits += [data, s]
         return data.name, s.name
 
-    def _table(self, t: TensorProto, uses: dict[str, list]) -> tuple[list, str | None]:
-        """A head and/or embedding table [V, K]: one or two row parts (the frequent rows at 8 bits).
-        Returns the parts and the vocab -> row tensor (None when not split)."""
+    def _table(self, t: TensorProto, uses: dict[str, list]) -> tuple[list, str | None, tuple[str, str] | None]:
+        """A head and/or embedding table [V, K]: one or two row parts (the frequent rows at 8 bits), and
+        with head_op integer the head's int8 columns. Returns the parts, the vocab -> row tensor (None
+        when not split) and the columns (None without)."""
         sch, calib, (v, k) = self.sch, self.calib, t.dims
         kind = "head" if "head" in uses else "gather"
         bits, block = sch.bits_for(kind, t.name), sch.block_for(kind)
         st = self._stats(uses["head"][0].input[0]) if "head" in uses else None
         importance = None if st is None else st.mean_square
         hessian = st.hessian if st is not None and sch.gptq else None
-        gather = "gather" in uses
+        integer = "head" in uses and sch.head_op == "integer"
+        gather = "gather" in uses or integer  # the integer head rescores its top rows through gathers
+        unit = 2 if integer else 4  # progress: the table is read twice, each pass counts half its bytes
         r = sch.frequent_rows if "head" in uses and bits < 8 and calib is not None and calib.order is not None else 0
         if 0 < r < v:
             first, rest = np.sort(calib.order[:r]), np.sort(calib.order[r:])
             parts = [self.pack(t.name + ".frequent", lambda a, b: self.read.take(t, first[a:b]), r, k, 8, block,
-                               importance, hessian, gather),
+                               importance, hessian, gather, unit),
                      self.pack(t.name + ".rest", lambda a, b: self.read.take(t, rest[a:b]), v - r, k, bits, block,
-                               importance, hessian, gather)]
+                               importance, hessian, gather, unit)]
             row_of = np.empty(v, np.int64)
             row_of[first], row_of[rest] = np.arange(r), np.arange(r, v)
             order = self._const(t.name + ".row_of", row_of)
         else:
             parts = [self.pack(t.name, lambda a, b: self.read.rows(t, a, b), v, k, bits, block, importance, hessian,
-                               gather)]
+                               gather, unit)]
             order = None
-        self._emit_table(t.name, parts, order)
-        return parts, order
+        columns = self._int8_columns(t.name, lambda a, b: self.read.rows(t, a, b), v, k, importance, hessian,
+                                     unit) if integer else None
+        self._emit_table(t.name, parts, order, columns)
+        return parts, order, columns
 
-    def _emit_table(self, name: str, parts: list, order: str | None) -> None:
+    def _emit_table(self, name: str, parts: list, order: str | None, columns: tuple[str, str] | None) -> None:
         sch, k, block = self.sch, parts[0].k, parts[0].block
         two = block if sch.two_pass != "none" and sch.accuracy_level == 4 and k % block == 0 else None
-        self.emit[name, "head"] = lambda node: QN.head(node.input[0], parts, node.output[0], node.name,
-                                                        sch.accuracy_level, two, order)
+        if columns is not None:
+            refine = min(QN.REFINE, sum(p.n for p in parts))
+            self.emit[name, "head"] = lambda node: QN.integer_head(node.input[0], *columns, parts, order,
+                                                                   node.output[0], node.name, refine)
+        else:
+            self.emit[name, "head"] = lambda node: QN.head(node.input[0], parts, node.output[0], node.name,
+                                                            sch.accuracy_level, two, order)
         self.emit[name, "gather"] = lambda node: QN.table_gather(node.input[1], parts, node.output[0], node.name,
                                                                  order)
         if order is not None:  # a split table: score gathered rows in their parts (QN.table_dot)
             self.emit[name, "dot"] = lambda node, h, out: QN.table_dot(node.input[1], h, parts, out, node.name, order)
 
     def pack(self, name: str, rows, n: int, k: int, bits: int, block: int, importance, hessian,
-             gather: bool) -> QN.Packed:
+             gather: bool, unit: int = 4) -> QN.Packed:
         """Quantize rows(start, stop) of an [n, k] matrix chunk by chunk, streaming the packed data."""
         sym = self.sch.symmetric_for(bits)
         scales, zps = [], []
@@ -341,7 +359,7 @@ class Rewrite:
             for q, s, z in quantize_chunks(rows, n, k, bits, block, sym, importance=importance, hessian=hessian):
                 scales.append(s)
                 zps.append(z)
-                self.done += 4 * len(q) * k
+                self.done += unit * len(q) * k
                 self._report()
                 yield q
         kb = -(-k // block)
