@@ -141,7 +141,8 @@ def quant_options(f):
                      help="The logit head as nbits (MatMulNBits over the table; default) or integer "
                           "(MatMulIntegerToFloat over an int8 copy of the table, one scale per token, whose 8 "
                           "highest logits per position the table rescores: verify windows far cheaper where "
-                          "ONNX Runtime runs it on AMX / VNNI; the bundle grows by vocab x hidden bytes)."),
+                          "ONNX Runtime runs it on AMX / VNNI; the bundle grows by vocab x hidden bytes; "
+                          "--two-pass and --accuracy-level then apply to the layers only)."),
         click.option("--smooth", type=float, default=None, help="Activation smoothing alpha of the layers (0: off)."),
         click.option("--calibration", default=None, help="Calibration text: corpora (the offline corpora's "
                                                          "train split, default), a text file, or none."),

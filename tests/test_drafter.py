@@ -852,7 +852,7 @@ def test_shipped_drafter_recognises_the_default_model(gemma3_270m_dir):
 CALIB_TEXT = " ".join(f"t{3 + i % 16}" if i % 3 else f"t{20 + i % 70}" for i in range(3000))
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", "fp16"])
+@pytest.mark.parametrize("quant", ["int8", "int4", "fp16", "int4-head"])
 def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(setup, tmp_path, quant):
     """`export --quant` with a drafter: the drafter keeps its own weights (fp16: halved), reads the target's
     quantized table in place (no copy in its data file), drafts nearly what the fp32 drafter drafts, and greedy
@@ -865,9 +865,11 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
     model_dir, _, _, ids = setup
     clustered_drafter(model_dir, tmp_path / "d")
     (tmp_path / "calib.txt").write_text(CALIB_TEXT)
+    head = ["--head-op", "integer"] if quant == "int4-head" else []  # the target's head as int8 columns: the
+    quant = quant.removesuffix("-head")  # drafters read the same packed table
     extra = {"int8": ["--calibration", "none"],  # int4: frequent rows at 8 bits, so the table is split in two
              "int4": ["--calibration", str(tmp_path / "calib.txt"), "--calibration-tokens", "128",
-                      "--frequent-rows", "16"], "fp16": []}[quant]
+                      "--frequent-rows", "16"], "fp16": []}[quant] + head
     out, fp32 = tmp_path / quant, tmp_path / "fp32"
     # fp32 rows in both (a quantized export's default; the fp32 export's is int8 rows)
     for path, args in ((fp32, ["--draft-head-rows", "fp32"]), (out, ["--quant", quant, *extra])):
@@ -884,6 +886,8 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
     assert (out / "drafter.onnx.data").stat().st_size <= (fp32 / "drafter.onnx.data").stat().st_size  # fp16: halved
     locations = {e.value for t in drafter.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"target.onnx.data", "drafter.onnx.data"}
+    target_ops = [n.op_type for n in onnx.load(str(out / "target.onnx"), load_external_data=False).graph.node]
+    assert ("MatMulIntegerToFloat" in target_ops) == bool(head)
     ops = [n.op_type for n in drafter.node]
     if quant != "fp16":  # the input embedding, the candidates' rows and the context's (the default head context);
         # int4's split table: two parts each

@@ -424,7 +424,7 @@ def test_integer_layers_are_nearly_exact_on_their_grid(tmp_path, calib_file):
 @pytest.mark.parametrize("split", [True, False])
 def test_integer_head_rescores_each_positions_top_logits_from_the_table(split):
     """QN.integer_head alone: every logit from the int8 columns (one scale per token, activations in
-    three 7-bit passes: within 1e-5 of the columns' dequantized product), except each position's top
+    HEAD_PASSES 7-bit passes, emulated here), except each position's top
     REFINE, which are the table's own rows dotted with x (an 8-bit and a 4-bit part permuted by row_of,
     or one 8-bit part)."""
     import onnxruntime as ort
@@ -473,7 +473,7 @@ def test_integer_head_rescores_each_positions_top_logits_from_the_table(split):
     top = np.argsort(-approx, -1, kind="stable")[:, :QN.REFINE]
     rescored = np.zeros_like(y, dtype=bool)
     np.put_along_axis(rescored, top, True, -1)
-    tol = 1e-5 * np.abs(exact).max()  # the activations' third pass rounds to ~1e-5 of a row's largest value
+    tol = 1e-5 * np.abs(exact).max()  # float sums in another order
     np.testing.assert_allclose(y[rescored], exact[rescored], rtol=0, atol=tol)
     np.testing.assert_allclose(y[~rescored], approx[~rescored], rtol=0, atol=tol)
     assert np.abs(exact - approx).max() > 100 * tol  # the columns and the table differ where not rescored
@@ -513,6 +513,15 @@ def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, cali
     np.testing.assert_allclose(np.take_along_axis(window, top, -1), np.take_along_axis(steps, top, -1),
                                atol=1e-4 * spread)
     np.testing.assert_allclose(window, steps, atol=1e-3 * spread)  # the tail: a last-pass step at most
+
+
+def test_integer_head_needs_whole_blocks(tmp_path):
+    """The rescoring gathers whole rows of blocks: a hidden size (64) that is not a multiple of the block size
+    is one clear error, and no bundle is left behind."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    with pytest.raises(EdgemtpError, match="--head-op integer .* hidden size 64 .* --block-size 128"):
+        quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=128, head_op="integer")
+    assert not (tmp_path / "q").exists()
 
 
 def test_smoothing_keeps_the_function(tmp_path, calib_file):

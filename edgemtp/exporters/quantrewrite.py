@@ -14,6 +14,8 @@ writing a second copy: the drafter reads the target's quantized table.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -223,7 +225,7 @@ class Rewrite:
             self._matmul(t, uses["matmul"])
         if uses.keys() & {"head", "gather"}:
             table = self._table_of(t)
-            integer = "head" in uses and self.sch.head_op == "integer"
+            integer = "head" in uses and "head" in self.own and self.sch.head_op == "integer"
             gathered = "gather" in uses or integer
             if table is not None and (not gathered or all(p.zero_points is None or p.gather_zero_points
                                                           for p in table.parts)) and \
@@ -287,17 +289,22 @@ class Rewrite:
     def _int8_columns(self, name: str, rows, n: int, k: int, importance, hessian, unit: int = 4) -> tuple[str, str]:
         """rows(start, stop) of W^T [n, k] -> (int8 W [k, n], fp32 scales [n]): each output column on its own
         symmetric 8-bit grid (the block quantizer with one block per row: its grid search, and GPTQ when
-        calibrated). The levels are held once ([n, k] int8: a quarter of the fp32 matrix) and written
+        calibrated). The levels go to a scratch file beside the output ([n, k] int8) and are written
         transposed a stripe at a time. `unit`: progress bytes per weight."""
-        levels, scales, start = np.empty((n, k), np.int8), [], 0
-        for q, s, _ in quantize_chunks(rows, n, k, 8, k, True, importance=importance, hessian=hessian):
-            levels[start:start + len(q)] = (q.reshape(len(q), k).astype(np.int16) - 128).astype(np.int8)
-            start += len(q)
-            scales.append(s.reshape(-1))
-            self.done += unit * len(q) * k
-            self._report()
-        stripe = max(1, CHUNK_ELEMENTS // n)
-        data = self.sink.stream(f"{name}.int8", np.int8, (k, n), (levels[:, a:a + stripe].T for a in range(0, k, stripe)))
+        scales, start = [], 0
+        where = getattr(self.sink.f, "name", None)
+        with tempfile.TemporaryFile(dir=os.path.dirname(where) or None if isinstance(where, str) else None) as scratch:
+            levels = np.memmap(scratch, np.int8, "w+", shape=(n, k))  # on disk: a big table's levels need not fit
+            for q, s, _ in quantize_chunks(rows, n, k, 8, k, True, importance=importance, hessian=hessian):
+                levels[start:start + len(q)] = (q.reshape(len(q), k).astype(np.int16) - 128).astype(np.int8)
+                start += len(q)
+                scales.append(s.reshape(-1))
+                self.done += unit * len(q) * k
+                self._report()
+            stripe = max(1, CHUNK_ELEMENTS // n)
+            data = self.sink.stream(f"{name}.int8", np.int8, (k, n),
+                                    (levels[:, a:a + stripe].T for a in range(0, k, stripe)))
+            del levels
         s = self.sink.write(f"{name}.int8.scales", np.concatenate(scales).astype(np.float32))
         self.new_inits += [data, s]
         return data.name, s.name
@@ -312,7 +319,10 @@ class Rewrite:
         st = self._stats(uses["head"][0].input[0]) if "head" in uses else None
         importance = None if st is None else st.mean_square
         hessian = st.hessian if st is not None and sch.gptq else None
-        integer = "head" in uses and sch.head_op == "integer"
+        integer = "head" in uses and "head" in self.own and sch.head_op == "integer"
+        if integer and k % block:
+            raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {k} "
+                               f"of '{t.name}' is not a multiple of --block-size {block}")
         gather = "gather" in uses or integer  # the integer head rescores its top rows through gathers
         unit = 2 if integer else 4  # progress: the table is read twice, each pass counts half its bytes
         r = sch.frequent_rows if "head" in uses and bits < 8 and calib is not None and calib.order is not None else 0
