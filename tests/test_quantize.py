@@ -515,6 +515,25 @@ def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, cali
     np.testing.assert_allclose(window, steps, atol=1e-3 * spread)  # the tail: a last-pass step at most
 
 
+def test_integer_head_drafter_of_an_untied_target_reads_the_targets_table(tmp_path):
+    """An untied target packs its embedding for the gather only; the drafter's own head over that table is then
+    MatMulNBits over the target's packed bytes, not a second packed copy (with int8 columns) in its file."""
+    from edgemtp.drafter import export as X
+
+    from .test_drafter import tiny_drafter
+
+    fp32 = make_bundle(tmp_path, "qwen2")
+    tiny_drafter(tmp_path / "model", tmp_path / "drafter")
+    X.add_to_bundle(fp32, tmp_path / "drafter")
+    quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, head_op="integer")
+    graph = onnx.load(str(tmp_path / "q/drafter.onnx"), load_external_data=False).graph
+    table = {e.value for t in graph.initializer if t.name.startswith("model.embed_tokens.")
+             for e in t.external_data if e.key == "location"}
+    assert table == {"target.onnx.data"}
+    assert "MatMulIntegerToFloat" not in [n.op_type for n in graph.node]
+    assert ops_count(tmp_path / "q", "MatMulIntegerToFloat") == 1  # the target's own head
+
+
 def test_integer_head_needs_whole_blocks(tmp_path):
     """The rescoring gathers whole rows of blocks: a hidden size (64) that is not a multiple of the block size
     is one clear error, and no bundle is left behind."""

@@ -3,8 +3,8 @@
 MatMul -> MatMulNBits (optionally behind a smoothing Mul and two-pass activations) or, with layer_op
 integer, MatMulIntegerToFloat; the head Gemm -> MatMulNBits over the table's row parts (or, with head_op
 integer, MatMulIntegerToFloat over int8 columns whose top logits the row parts rescore), Gather ->
-GatherBlockQuantized over the same parts. Weights
-are packed as they are read (row chunks for the big tables) and streamed to the new data file.
+GatherBlockQuantized over the same parts. Weights are packed as they are read (row chunks for the big
+tables) and streamed to the new data file.
 
 Graphs of one bundle share bytes: the drafter's embedding points into the target's data file, the
 full-head twin's weights into the drafter's. `Shared` remembers what each source tensor (by its
