@@ -85,6 +85,17 @@ def rel_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want - want.mean(-1, keepdims=True)))
 
 
+def window_and_steps(bundle_dir) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of positions 20..24 of IDS as one verify window and as five single steps, after a 20-token prefill."""
+    engine = Engine.load(bundle_dir)
+    cache = engine.target.new_cache(1)
+    engine.target.forward(IDS[:, :20], cache)
+    window = engine.target.forward(IDS[:, 20:25], cache, n_logits=5)[0]
+    cache.rollback(0, 20)
+    steps = np.concatenate([engine.target.forward(IDS[:, i:i + 1], cache)[0] for i in range(20, 25)], axis=1)
+    return window, steps
+
+
 def op_types(bundle_dir) -> list[str]:
     return [n.op_type for n in onnx.load(str(bundle_dir / "target.onnx"), load_external_data=False).graph.node]
 
@@ -407,12 +418,7 @@ def test_integer_layers_are_nearly_exact_on_their_grid(tmp_path, calib_file):
     assert ops_count(tmp_path / "int", "MatMulNBits") == 1  # stays MatMulNBits
     want = all_logits(fp32)
     assert rel_error(all_logits(tmp_path / "int"), want) < 5e-4
-    engine = Engine.load(tmp_path / "int")
-    cache = engine.target.new_cache(1)
-    engine.target.forward(IDS[:, :20], cache)
-    window = engine.target.forward(IDS[:, 20:25], cache, n_logits=5)[0]
-    cache.rollback(0, 20)
-    steps = np.concatenate([engine.target.forward(IDS[:, i:i + 1], cache)[0] for i in range(20, 25)], axis=1)
+    window, steps = window_and_steps(tmp_path / "int")
     np.testing.assert_allclose(window, steps, atol=1e-4 * np.abs(steps).max())
     errors = {}
     for op in ("integer", "nbits"):
@@ -502,12 +508,7 @@ def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, cali
     spread = np.abs(want).max()
     assert np.abs(np.take_along_axis(got - table, top, -1)).max() < 1e-3 * spread  # the table's own logits
     assert 1e-4 < rel_error(got, want) < 2e-2  # elsewhere the columns' one scale per token
-    engine = Engine.load(tmp_path / "int")
-    cache = engine.target.new_cache(1)
-    engine.target.forward(IDS[:, :20], cache)
-    window = engine.target.forward(IDS[:, 20:25], cache, n_logits=5)[0]
-    cache.rollback(0, 20)
-    steps = np.concatenate([engine.target.forward(IDS[:, i:i + 1], cache)[0] for i in range(20, 25)], axis=1)
+    window, steps = window_and_steps(tmp_path / "int")
     np.testing.assert_array_equal(window.argmax(-1), steps.argmax(-1))
     top = np.argsort(-steps, -1)[..., :REFINE]  # rescored: as close as the layers' outputs (their own passes)
     np.testing.assert_allclose(np.take_along_axis(window, top, -1), np.take_along_axis(steps, top, -1),
