@@ -39,12 +39,13 @@
     for the embedding, the drafter and this), activations in two 7-bit passes, and each position's 8
     highest logits rescored from the packed table's rows (quantnodes.integer_head). One scale per
     token alone would cost ~1.3 points of head-only top-1 (0.980 vs 0.993); with the rescoring the
-    argmax is the table's in practice (the fp32 argmax was among the columns' top 4 at all 2,048 positions measured) and the tail is closer to fp32 than the 4-bit table's. On AMX a verify
-    window of 3 / 5 positions cost 22.5 / 28.0 ms instead of 26.7 / 35.7 (one: 17.1 vs 17.3), and MTP
-    drafting ran 1.07-1.30x (K = 2) / 1.17-1.20x (K = 4) as fast; the bundle grows by V x K bytes (+168 MB
-    for Gemma 3 270M), so not the preset (docs/measurements.md, session 31). `two_pass` and
-    `accuracy_level` then apply to the layers only. The hidden size must be a multiple of the block size
-    (the rescoring gathers whole rows of blocks).
+    argmax is the table's in practice (the fp32 argmax was among the columns' top 4 at all 2,048
+    positions measured) and the tail is closer to fp32 than the 4-bit table's. On AMX a verify window
+    of 3 / 5 positions cost 22.5 / 28.0 ms instead of 26.7 / 35.7 (one: 17.1 vs 17.3), and MTP drafting
+    ran 1.07-1.30x (K = 2) / 1.17-1.20x (K = 4) as fast; the bundle grows by V x K bytes (+168 MB for
+    Gemma 3 270M), so not the preset (docs/measurements.md, session 31). `two_pass` and `accuracy_level`
+    then apply to the layers only. The hidden size must be a multiple of the block size (the rescoring
+    gathers whole rows of blocks).
 * fp16: weights stored in fp16 behind `Cast` nodes that ORT folds when the session loads: compute
   stays fp32. Halves the file, not the RAM or the time.
 * fp32: a re-written copy.
