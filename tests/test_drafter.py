@@ -838,6 +838,25 @@ def test_drafter_on_its_own_provider(setup):
     assert r.exit_code == 0 and r.output.count("warning: provider 'coreml'") == 1, r.output  # was said twice
 
 
+def test_drafting_on_a_spinning_target_warns_once(setup):
+    """An engine loaded for plain or lookup decoding (mtp=False, the default for a quantized bundle on the CPU)
+    keeps its target's threads spinning between runs, which slows a CPU drafter's steps: drafting with the MTP
+    drafter on it warns once, naming the fix; the default load of a bundle with a drafter does not warn."""
+    import warnings
+
+    from edgemtp.runtime.engine import Draft
+
+    bundle = setup[1]
+    engine = Engine.load(bundle, mtp=False)
+    assert engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("lookup", 3)).tokens  # no MTP: no warning
+    with pytest.warns(RuntimeWarning, match=r"Engine.load\(\.\.\., mtp=True\)"):
+        first = engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("hybrid", 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("mtp", 3)).tokens == first.tokens
+        Engine.load(bundle).generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("mtp", 3))
+
+
 def test_shipped_drafter_recognises_the_default_model(gemma3_270m_dir):
     """The real Gemma 3 270M (imported from its GGUF package) gets the shipped drafter, with its clustered head."""
     from edgemtp.drafter import match_shipped

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..errors import ArgumentError, EdgemtpError
+from .detokenizer import IncrementalDecoder, decode_text
 from .sampling import Sampling, is_whole, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
@@ -60,6 +61,7 @@ class Engine:
         # are this device's, and acceptance carries over (it fades as the text changes)
         self._draft_lengths = {}
         self.fast_verify = False
+        self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -67,8 +69,9 @@ class Engine:
              fast_verify: bool = False, huge_pages: bool = False) -> "Engine":
         """drafter_provider: where the MTP drafter runs (default: the target's provider), e.g. the target on
         an NPU and the drafter on the CPU. `mtp`: whether generation will draft with the MTP drafter
-        (None: what --draft auto does for this bundle); then the target's threads do not spin-wait
-        between runs, which would steal the drafter's CPU (see session.make_session). `fast_verify`: the
+        (None: what --draft auto does for this bundle, so False for an int8 / int4 bundle on the CPU); then
+        the target's threads do not spin-wait between runs, which would steal the drafter's CPU (see
+        session.make_session); drafting with it on an engine loaded without warns once. `fast_verify`: the
         batched verify graph (speculative decoding of several prompts at once) keeps its own packed copy of
         the weights: ~1.6x faster verify passes for ~1.5x the fp32 weights' size in memory (measured on Gemma 3
         270M: 84 vs 133 ms for 4 rows x 5 positions, +1.7 GB); without it the verify graph shares the target's
@@ -101,6 +104,7 @@ class Engine:
         engine.threads, engine.provider = threads, provider
         engine.drafter_provider = drafter_provider or provider
         engine.fast_verify = fast_verify and b.has_graph("verify")
+        engine.target_spins = not mtp
         return engine
 
     @property
@@ -116,17 +120,8 @@ class Engine:
         return self.tokenizer.encode(prompt).ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`. When they end inside a character (its first bytes only, as byte-fallback tokens),
-        the cut character is one U+FFFD after the text before it: the tokenizer's decoder would turn the whole
-        run of byte tokens into replacement characters, the complete characters before the cut too."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            return text
-        for cut in range(1, min(3, len(ids)) + 1):  # a UTF-8 character has at most 3 bytes before its last
-            head = self.tokenizer.decode(ids[:-cut], skip_special_tokens=True)
-            if not head.endswith("\ufffd"):
-                return head + "\ufffd"
-        return text
+        """Text of `ids`, a character they end inside as one U+FFFD (detokenizer.decode_text)."""
+        return decode_text(self.tokenizer, ids)
 
     def stops(self, stop=None) -> Stops:
         """The model's stop tokens and the stop strings `stop` (a string or a list of them)."""
@@ -190,6 +185,13 @@ class Engine:
             raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (draft by lookup, or "
                                "export the bundle with --drafter)")
         mtp = self._mtp_drafter(graph)
+        if self.target_spins and runs_on_cpu(self.drafter_provider):
+            self.target_spins = False  # warn once
+            # 2-core Xeon, int4 Gemma 3 270M (--layer-op integer), MTP K = 2: 54-58 against 64-68 tok/s, a
+            # drafter step's p90 7.7-8.0 against 2.8 ms (docs/measurements.md, session 32)
+            warnings.warn("the MTP drafter shares the CPU with a target whose threads spin-wait between runs, "
+                          "which slows its steps: load with Engine.load(..., mtp=True) to draft with it",
+                          RuntimeWarning, stacklevel=2)
         # adaptive: the hybrid too copies after any repeat, and a copy that does not pay leaves the round to
         # its MTP drafter (guess_options); fp32 Gemma 3 270M, five prompts: 1.61x plain against 1.58x with
         # neither (one lookup guess on a 2+ repeat), int4 1.21x against 1.20x (docs/measurements.md, session 29)
@@ -277,11 +279,10 @@ class Engine:
         text that may be the start of a stop string; the pieces joined are generate()'s text (arguments in
         its order; `stats` filled as generation goes)."""
         stops = self.stops(stop)
-        ids, shown = [], ""
+        text_of, shown = IncrementalDecoder(self.decode), ""
         for token in self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats,
                                        stop=stops.strings):
-            ids.append(token)
-            text = self.decode(ids)
+            text = text_of.add(token)
             if text.endswith("\ufffd"):
                 continue
             text = stops.shown(text)
@@ -289,7 +290,7 @@ class Engine:
                 continue
             yield text[len(shown):]
             shown = text
-        text = stops.cut(self.decode(ids))  # what was held back when generation stopped (a cut character: U+FFFD)
+        text = stops.cut(self.decode(text_of.ids))  # what was held back when generation stopped (a cut character: U+FFFD)
         if text != shown:
             same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
             yield text[same:]

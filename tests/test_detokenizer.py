@@ -1,0 +1,56 @@
+"""The streaming text (runtime.detokenizer): decoding only the newest tokens gives the whole text's decode."""
+
+import pytest
+from tokenizers import Tokenizer, decoders
+
+from edgemtp.runtime.detokenizer import IncrementalDecoder, decode_text
+
+TEXT = ("Héllo  wörld,\tdéjà vu!\n\n  def f(x):\n      return x ** 2  # 平方\n"
+        "Emoji 🙂👍🏽 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢; Ελληνικά, русский, עברית, 日本語のテキスト. ")
+
+
+def check_every_prefix(tok: Tokenizer, ids: list[int]) -> int:
+    """Feeds `ids` one by one; returns how many prefixes ended inside a character."""
+    lengths = []
+    inc, cut = IncrementalDecoder(lambda i: lengths.append(len(i)) or decode_text(tok, i)), 0
+    for n, token in enumerate(ids, 1):
+        got, want = inc.add(token), decode_text(tok, ids[:n])
+        assert got == want, (n, got[-40:], want[-40:])
+        cut += got.endswith("\ufffd")
+    # it decodes the newest tokens, not the whole list (but where a special token leaves nothing before them)
+    assert sorted(lengths)[int(0.9 * len(lengths))] <= 8, sorted(lengths)[-20:]
+    return cut
+
+
+def tokenizer(model_dir, strip: bool) -> Tokenizer:
+    """Gemma 3's tokenizer; `strip`: with a Llama-style decoder that drops the text's first space."""
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    if strip:
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_incremental_text_is_the_whole_decode(gemma3_270m_dir, strip):
+    """Gemma 3's tokenizer (byte fallback; and with a decoder that drops the first token's leading space):
+    every prefix of mixed-script text, with runs of spaces, new lines, byte-fallback characters and special
+    tokens (dropped from the text; a leading space after one must stay), decodes to what decoding all of it
+    gives."""
+    tok = tokenizer(gemma3_270m_dir, strip)
+    ids = tok.encode(TEXT * 3, add_special_tokens=False).ids
+    specials = [tok.token_to_id(t) for t in ("<start_of_turn>", "<end_of_turn>", "<bos>")]
+    assert None not in specials
+    # a special token before a word with its leading space, two in a row, one first of all
+    spaced = tok.encode(" again and again", add_special_tokens=False).ids
+    ids = [specials[2]] + ids[:40] + [specials[0]] + spaced + [specials[1], specials[0]] + spaced + ids[40:]
+    assert check_every_prefix(tok, ids) > 0  # the text does cut characters (byte-fallback tokens)
+    assert decode_text(tok, ids).count(" again and again") == 2
+
+
+def test_one_character_over_many_tokens(gemma3_270m_dir):
+    """Byte-fallback runs: a cut character shows as one U+FFFD after the text before it, then as itself."""
+    tok = tokenizer(gemma3_270m_dir, False)
+    ids = tok.encode("𓀀𓀁 x 𓀂", add_special_tokens=False).ids
+    assert len(ids) >= 8  # each hieroglyph is four byte tokens
+    assert check_every_prefix(tok, ids) >= 6
