@@ -110,6 +110,12 @@ class Bundle:
     def tokenizer_path(self) -> Path:
         return self.dir / self.manifest["tokenizer"]
 
+    @property
+    def chat(self) -> tuple[Path, dict[str, str]] | None:
+        """(the chat template's file, the special tokens it may print); None: the model has no template."""
+        chat = self.manifest.get("chat")
+        return (self.dir / chat["template"], dict(chat.get("special_tokens", {}))) if chat else None
+
     def graph(self, name: str) -> GraphEntry:
         g = self.manifest["graphs"].get(name)
         if g is None:
@@ -150,7 +156,20 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
         _check_external_data(d, d / g["file"], m["files"])
     if m["tokenizer"] not in m["files"]:
         raise EdgemtpError(f"{mpath}: field 'tokenizer' names a file not listed in 'files'")
+    _check_chat(m, mpath)
     return Bundle(d, m)
+
+
+def _check_chat(m: dict, mpath: Path) -> None:
+    """The optional "chat" entry: {"template": a file of the bundle, "special_tokens": {name: token text}}."""
+    chat = m.get("chat")
+    if chat is None:
+        return
+    if not isinstance(chat, dict) or chat.get("template") not in m["files"]:
+        raise EdgemtpError(f"{mpath}: chat.template must name a file listed in 'files'")
+    special = chat.get("special_tokens", {})
+    if not isinstance(special, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in special.items()):
+        raise EdgemtpError(f"{mpath}: chat.special_tokens must map names to token strings")
 
 
 def _check_fields(m: dict, mpath: Path) -> None:

@@ -259,13 +259,17 @@ def draft_options(f):
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Prompt text.")
 @click.option("--prompt-file", default=None, type=click.Path(path_type=Path), help="Read the prompt from a file.")
+@click.option("--chat", is_flag=True,
+              help="The prompt is a user's message: format it with the model's chat template (instruction-tuned "
+                   "models; needs jinja2: pip install 'edgemtp[chat]').")
+@click.option("--system", default=None, help="With --chat: a system message before the user's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--stop", "stop", multiple=True,
               help="Stop where the generated text first holds this string, and end the output just before it "
                    "(repeatable; \\n, \\t, \\r and \\\\ stand for a newline, tab, carriage return and backslash).")
 @sampling_options
 @draft_options
-def generate_cmd(bundle_dir, prompt, prompt_file, as_json, stop, max_new_tokens, temperature, top_k, top_p, seed,
+def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, max_new_tokens, temperature, top_k, top_p, seed,
                  provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
@@ -276,7 +280,12 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, stop, max_new_tokens,
     from .runtime.sampling import Sampling
     from .runtime.stops import stop_strings
 
-    text = read_prompt(prompt, prompt_file)
+    request = read_prompt(prompt, prompt_file)
+    if system is not None and not chat:
+        raise EdgemtpError("--system applies to --chat prompts")
+    if chat:  # a message list: Engine.encode renders it with the bundle's chat template
+        request = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": request}]
     stop = stop_strings([unescape(s) for s in stop])
     sampling = Sampling(temperature, top_k, top_p, seed)
     if no_draft:
@@ -291,11 +300,13 @@ def generate_cmd(bundle_dir, prompt, prompt_file, as_json, stop, max_new_tokens,
     engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp)
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
+    if chat:
+        engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
     if as_json:
-        click.echo(json.dumps(engine.generate(text, max_new_tokens, sampling, draft, stop=stop).to_json()))
+        click.echo(json.dumps(engine.generate(request, max_new_tokens, sampling, draft, stop=stop).to_json()))
         return
     stats = new_stats(draft)
-    for piece in engine.stream(text, max_new_tokens, sampling, draft, stats=stats, stop=stop):
+    for piece in engine.stream(request, max_new_tokens, sampling, draft, stats=stats, stop=stop):
         click.echo(piece, nl=False)
     click.echo()
     click.echo(speed_line(stats), err=True)

@@ -240,17 +240,25 @@ def test_export_is_reproducible(tiny_gemma3, tmp_path):
         assert (tmp_path / "1" / rel).read_bytes() == (tmp_path / "2" / rel).read_bytes(), rel
 
 
-def test_readme_python_snippet_runs(tiny_gemma3, capsys):
-    """The README's "From Python" block, as written, on a tiny bundle (its generate_batch without a draft
-    crashed until session 27)."""
+def test_readme_python_snippet_runs(tiny_gemma3, capsys, tmp_path):
+    """The README's "From Python" block, as written, on a tiny bundle given a chat template (its
+    generate_batch without a draft crashed until session 27)."""
     import re
+    import shutil
     from pathlib import Path
+
+    from edgemtp import bundle as bundle_mod
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"From Python:\n\n```python\n(.*?)```", readme, re.S).group(1)
     assert 'Engine.load("m.bundle"' in code and "generate_batch" in code
+    bundle = shutil.copytree(tiny_gemma3[2], tmp_path / "b")
+    (bundle / "chat_template.jinja").write_text("{% for m in messages %}t5 {{ m.content }} {% endfor %}t6")
+    manifest = json.loads((bundle / bundle_mod.MANIFEST).read_text())
+    bundle_mod.write_manifest(bundle, {**{k: v for k, v in manifest.items() if k not in ("files", "format")},
+                                       "chat": {"template": "chat_template.jinja"}})
     scope: dict = {}
-    exec(code.replace('"m.bundle"', repr(str(tiny_gemma3[2]))), scope)  # noqa: S102
+    exec(code.replace('"m.bundle"', repr(str(bundle))), scope)  # noqa: S102
     assert len(scope["outs"]) == 2 and all(o.tokens for o in scope["outs"])
     assert capsys.readouterr().out.strip()
 

@@ -996,7 +996,7 @@ def test_real_model_int8_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir
                  quant_options={"calibration": None})
     b = bundle_mod.load(out)
     assert b.graph("drafter").quant == "int8" and b.graph("drafter").contract["head"]["kind"] == "clustered"
-    engine = Engine.load(out, threads=2)
+    engine = Engine.load(out, threads=2, mtp=True)  # drafting with the drafter (auto is lookup for int8)
     for prompt in ("def merge_sort(items):\n    \"\"\"Sort items.\"\"\"\n", "The old castle stood on the hill"):
         plain = engine.generate(prompt, max_new_tokens=32, draft=None).tokens
         for mode, k in (("mtp", 3), ("hybrid", 4)):

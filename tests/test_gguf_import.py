@@ -525,3 +525,25 @@ def test_smollm2_model_matches_transformers_and_says_paris(smollm2_dir):
     prompt = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
     assert tok.decode(out[0, prompt["input_ids"].shape[1]:]).startswith(" Paris")
+
+
+@pytest.mark.slow
+def test_smollm2_chat_matches_transformers(smollm2_dir, tmp_path):
+    """The GGUF's chat template reaches the bundle: a chat prompt's ids are transformers' apply_chat_template's,
+    and greedy generation from it equals transformers' (the answer ending at <|im_end|>, a stop token)."""
+    import torch
+
+    from edgemtp.exporters import export
+    from edgemtp.runtime.engine import Engine
+
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    want_ids = list(tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False))
+    engine = Engine.load(export(smollm2_dir, tmp_path / "b", capacity=256, drafter=None))
+    assert engine.encode(chat) == want_ids
+    got = engine.generate(chat, 40)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([want_ids]), max_new_tokens=40, do_sample=False)
+    assert got.tokens == out[0, len(want_ids):].tolist()
+    assert "Paris" in got.text and got.stats.stop_reason == "stop token", got

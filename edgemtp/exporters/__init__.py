@@ -14,7 +14,7 @@ from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
 from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
 from ..errors import EdgemtpError
-from . import builder, gemma3, llama
+from . import builder, chat_template, gemma3, llama
 from .gemv_head import use_gemv_head
 
 QUANTS = bundle_mod.QUANTS  # qdq: static QDQ graphs for NPUs (with --static)
@@ -157,6 +157,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     cfg, build = load_config(model_dir)
     capacity = resolve_capacity(capacity, cfg)
     tokenizer = check_tokenizer(model_dir)
+    chat_template.find(model_dir)  # a broken one fails before any weight is written
     ckpt = Checkpoint(model_dir)
     if static_window is not None:
         from .static import build_static
@@ -177,6 +178,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, builder.phase(progress, "target weights"),
                      read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        chat = chat_template.copy_into(model_dir, tmp)
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
                              **({"gemv_head": {"kept_table": keep_table}} if gemv_head else {})}}
         if static_window is None and build in VERIFY_BUILDS:
@@ -186,7 +188,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
             graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
             graphs.update(write_drafter(tmp, builder.phase(progress, "MTP drafter weights")))
-        bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs})
+        bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs,
+                                        **({"chat": chat} if chat else {})})
     return out
 
 
@@ -357,11 +360,12 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
         with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
             quantize_static_qdq(entry.path, tmp / "target.onnx", reader, activation_bits=bits, method=method)
             shutil.copyfile(fp32.tokenizer_path, tmp / "tokenizer.json")
+            chat = chat_template.copy_into(model_dir, tmp)
             target = {**fp32.manifest["graphs"]["target"], "quant": "qdq", "quantization": {
                 "format": "qdq", "weight_bits": 8, "activation_bits": bits, "method": method,
                 "calibration": text.source, "calibration_windows": reader.count}}
             bundle_mod.write_manifest(tmp, {"model": fp32.model, "tokenizer": "tokenizer.json",
-                                            "graphs": {"target": target}})
+                                            "graphs": {"target": target}, **({"chat": chat} if chat else {})})
     return Path(out)
 
 

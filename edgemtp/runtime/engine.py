@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..errors import ArgumentError, EdgemtpError
+from .chat import ChatTemplate, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
 from .sampling import Sampling, is_whole, pick
 from .session import make_session, resolve_provider, runs_on_cpu
@@ -62,6 +63,7 @@ class Engine:
         self._draft_lengths = {}
         self.fast_verify = False
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
+        self.chat_template = None  # chat.ChatTemplate: the model's, when its bundle has one
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -101,6 +103,12 @@ class Engine:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
         engine = cls(b, target, tok)
+        if b.chat is not None:
+            path, special = b.chat
+            try:
+                engine.chat_template = ChatTemplate(path.read_text(), special, str(path))
+            except UnicodeDecodeError:
+                raise EdgemtpError(f"{path}: not UTF-8 text") from None
         engine.threads, engine.provider = threads, provider
         engine.drafter_provider = drafter_provider or provider
         engine.fast_verify = fast_verify and b.has_graph("verify")
@@ -116,8 +124,23 @@ class Engine:
     def capacity(self) -> int:
         return self.target.contract.capacity
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str | list[dict]) -> list[int]:
+        """Token ids of `prompt`: text (with the tokenizer's own special tokens, e.g. <bos>), or chat messages
+        ([{"role": "user", "content": "..."}, ...]) as the bundle's chat template writes them, ending with the
+        opening of the assistant's turn; the template writes the special tokens it wants itself."""
+        if is_chat(prompt):
+            return self.tokenizer.encode(self.chat_prompt(prompt), add_special_tokens=False).ids
+        if not isinstance(prompt, str):
+            raise ArgumentError("prompt", prompt, "must be text or a list of chat messages")
         return self.tokenizer.encode(prompt).ids
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """The text the model reads for chat `messages` (its chat template, as transformers' apply_chat_template
+        with add_generation_prompt=True renders it)."""
+        if self.chat_template is None:
+            raise EdgemtpError(f"{self.bundle.dir}: the bundle has no chat template (its model directory had no "
+                               "chat_template.jinja or tokenizer_config.json chat_template); give the prompt as text")
+        return self.chat_template.render(messages)
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, a character they end inside as one U+FFFD (detokenizer.decode_text)."""
@@ -234,11 +257,12 @@ class Engine:
                 for f in dataclasses.fields(Stats):
                     setattr(stats, f.name, getattr(own, f.name))
 
-    def generate(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+    def generate(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                  draft: Draft | None = None, *, stop=None) -> Generation:
-        """`stop`: a string, or a list of them, that ends generation where the generated text first holds
-        one; the text then ends just before it (`tokens` end with the token that completed it, and
-        stats.stop_reason is "stop string"). Drafting stops at the same token as plain decoding."""
+        """`prompt`: text, or chat messages (see encode). `stop`: a string, or a list of them, that ends
+        generation where the generated text first holds one; the text then ends just before it (`tokens` end
+        with the token that completed it, and stats.stop_reason is "stop string"). Drafting stops at the same
+        token as plain decoding."""
         stops = self.stops(stop)
         gen = Generation("", [], new_stats(draft))
         gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats,
@@ -246,7 +270,8 @@ class Engine:
         gen.text = stops.cut(self.decode(gen.tokens))
         return gen
 
-    def generate_batch(self, prompts: list[str], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+    def generate_batch(self, prompts: list[str | list[dict]], max_new_tokens: int = 128,
+                       sampling: Sampling = Sampling(),
                        draft: Draft | None = None, *, stop=None) -> list[Generation]:
         """Several prompts at once, each with its own acceptance; stats are for the whole batch; `stop`: stop
         strings, each row stopping at its own (see generate).
@@ -273,7 +298,7 @@ class Engine:
         results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, stops, stats)
         return [Generation(stops.cut(self.decode(r.tokens)), r.tokens, stats) for r in results]
 
-    def stream(self, prompt: str, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+    def stream(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                draft: Draft | None = None, *, stats: Stats | None = None, stop=None) -> Iterator[str]:
         """Yields text pieces as tokens arrive, holding back a character whose bytes have not all come, and
         text that may be the start of a stop string; the pieces joined are generate()'s text (arguments in
@@ -290,7 +315,8 @@ class Engine:
                 continue
             yield text[len(shown):]
             shown = text
-        text = stops.cut(self.decode(text_of.ids))  # what was held back when generation stopped (a cut character: U+FFFD)
+        # what was held back when generation stopped (a cut character: U+FFFD)
+        text = stops.cut(self.decode(text_of.ids))
         if text != shown:
             same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
             yield text[same:]

@@ -1,0 +1,94 @@
+"""Chat prompts: a list of messages rendered by the model's own chat template (Jinja, as transformers does).
+
+An instruction-tuned model answers well only in the format it was tuned on (Gemma's `<start_of_turn>user`,
+SmolLM2's `<|im_start|>user`...). Its checkpoint carries that format as a Jinja template; the exporter copies
+it into the bundle (see bundle.chat_template) and this module renders it the way transformers'
+`apply_chat_template` does: the same Jinja settings (trim_blocks, lstrip_blocks, loop controls), the same
+helpers (raise_exception, strftime_now, a tojson that keeps non-ASCII), the special tokens as variables, and
+the text then tokenized without adding special tokens (the template writes <bos> itself where it wants one).
+Jinja2 is an optional dependency (`pip install 'edgemtp[chat]'`): apps that format prompts themselves do not
+need it."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+
+from ..errors import ArgumentError, EdgemtpError
+
+INSTALL = "pip install 'edgemtp[chat]'"
+
+
+def is_chat(prompt) -> bool:
+    """A prompt given as messages (a list of {"role", "content"} dicts) rather than as text."""
+    return isinstance(prompt, (list, tuple))
+
+
+def check_messages(messages, name: str = "prompt") -> list[dict]:
+    """`messages` as a list of dicts with a string role and content (what every chat template reads)."""
+    if not messages:
+        raise ArgumentError(name, messages, "holds no messages (a chat prompt is a list of "
+                            "{'role': ..., 'content': ...} dicts)")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise ArgumentError(f"{name}[{i}]", m, "is not a message: a dict with a 'role' string and a "
+                                "'content'")
+    return [dict(m) for m in messages]
+
+
+@lru_cache(maxsize=8)
+def compile_template(template: str, source: str):
+    try:
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise EdgemtpError(f"chat prompts need jinja2: {INSTALL}") from None
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` (marks an assistant's tokens for training): its body."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    # a sandbox: a template comes with a checkpoint from someone else
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise EdgemtpError(f"{source}: the chat template does not parse (line {e.lineno}: {e.message})") from None
+
+
+class ChatTemplate:
+    def __init__(self, template: str, special_tokens: dict[str, str], source: str):
+        """`special_tokens`: e.g. {"bos_token": "<bos>", "eos_token": "<eos>"}, variables of the template;
+        `source`: where the template came from, for messages."""
+        self.template, self.special_tokens, self.source = template, dict(special_tokens), source
+
+    def render(self, messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text of `messages`, ending with the assistant turn's opening (add_generation_prompt)."""
+        messages = check_messages(messages)
+        compiled = compile_template(self.template, self.source)
+        import jinja2  # there: compile_template found it
+
+        try:
+            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                   documents=None, **self.special_tokens)
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError) as e:
+            # the template's raise_exception (roles that do not alternate...), a sandbox refusal, a message it
+            # cannot read (content that is not text)
+            raise EdgemtpError(f"{self.source}: the chat template refused the messages ({e})") from None

@@ -1,0 +1,191 @@
+"""Chat prompts: the model's chat template copied into the bundle and rendered as transformers renders it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from edgemtp import bundle as bundle_mod
+from edgemtp.cli import cli
+from edgemtp.errors import EdgemtpError
+from edgemtp.exporters import chat_template, export
+from edgemtp.runtime.chat import ChatTemplate
+from edgemtp.runtime.engine import Draft, Engine
+
+# Gemma 3's instruction format (a system message folded into the first user turn, alternation enforced by
+# raise_exception), written with whitespace control as Gemma's own template is
+GEMMA = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{ message['content'] | trim }}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{ '<start_of_turn>model\n' }}
+{%- endif -%}
+"""
+# what else templates use: tojson (non-ASCII kept), loop controls, {% generation %}, block trimming
+OTHER = """{% for m in messages %}
+    {% if m.role == 'skip' %}{% continue %}{% endif %}
+<|{{ m.role }}|>{{ m | tojson }}{% generation %} {{ m.content }}{% endgeneration %}{{ eos_token }}
+{% endfor %}
+{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "  Déjà vu, 日本語 🙂  "}],
+    [{"role": "user", "content": "def f(x):\n    return x"}, {"role": "assistant", "content": "A function."},
+     {"role": "user", "content": "And g?"}],
+]
+
+
+def model_with_template(src, dst, template, where="tokenizer_config.json"):
+    """A copy of model directory `src` (tokenizer files only, unless it is a tiny model) with `template`."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors") if "270" in str(src) else None)
+    config = json.loads((dst / "tokenizer_config.json").read_text()) if (dst / "tokenizer_config.json").exists() \
+        else {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "t2", "eos_token": "t1"}
+    if where == "tokenizer_config.json":
+        config["chat_template"] = template
+    else:
+        (dst / where).write_text(template)
+    (dst / "tokenizer_config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("template", [GEMMA, OTHER], ids=["gemma", "other"])
+def test_rendered_as_transformers_renders_it(gemma3_270m_dir, tmp_path, template):
+    """Gemma 3 270M's tokenizer with a chat template: the text and the token ids of each conversation are
+    transformers' apply_chat_template's (add_generation_prompt, tokenized without added special tokens: the
+    template writes <bos>); the template found in chat_template.jinja too."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    for where in ("tokenizer_config.json", "chat_template.jinja"):
+        d = model_with_template(gemma3_270m_dir, tmp_path / where, template, where)
+        found, special, source = chat_template.find(d)
+        assert found == template and source.endswith(where) and special["bos_token"] == "<bos>"
+        ours, tok = ChatTemplate(found, special, source), Tokenizer.from_file(str(d / "tokenizer.json"))
+        theirs = AutoTokenizer.from_pretrained(d)
+        for chat in CHATS:
+            text = ours.render(chat)
+            assert text == theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            ids = theirs.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False)
+            assert tok.encode(text, add_special_tokens=False).ids == list(ids)
+        if template is GEMMA:
+            assert ours.render(CHATS[0]).count("<bos>") == 1 and text.endswith("<start_of_turn>model\n")
+            bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+            with pytest.raises(EdgemtpError, match="chat template refused the messages.*must alternate"):
+                ours.render(bad)
+
+
+@pytest.mark.parametrize("messages,match", [
+    ([], "holds no messages"),
+    ([{"content": "no role"}], r"prompt\[0\]=.* is not a message"),
+    (["text"], r"prompt\[0\]='text' is not a message"),
+])
+def test_bad_messages_are_named(messages, match):
+    with pytest.raises(EdgemtpError, match=match):
+        ChatTemplate(GEMMA, {"bos_token": "<bos>"}, "here").render(messages)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"chat_template": 3}, "tokenizer_config.json: chat_template is not a template"),
+    ({"chat_template": [{"name": "tool_use", "template": "x"}]}, "is not a template"),
+    ({"chat_template": "{% for m in messages %}"}, "tokenizer_config.json: the chat template does not parse (line"),
+])
+def test_bad_templates_fail_the_export_first(tiny_gemma3, tmp_path, config, match):
+    """A template that is not one, or does not parse, is named at export, before any weight is written."""
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(cli, ["export", str(d), "-o", str(tmp_path / "b"), "--max-context", "64"])
+    assert r.exit_code != 0 and match in r.output.replace("\n", ""), r.output
+    assert not (tmp_path / "b").exists()
+
+
+TINY = ("{{ bos_token }} {% for m in messages %}t5 {{ 't6' if m.role == 'user' else 't7' }} {{ m.content }} t8 "
+        "{% endfor %}{% if add_generation_prompt %}t5 t7{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_bundle(tiny_gemma3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    d = model_with_template(tiny_gemma3[1], root / "model", TINY)
+    return export(d, root / "bundle", capacity=64)
+
+
+def test_bundle_carries_the_template_and_generates_from_messages(chat_bundle, tiny_gemma3, tmp_path):
+    """The export copies the template into the bundle (manifest "chat", hashed like every file); a chat
+    prompt generates what its rendered text generates, plain and drafting, from Python and `generate --chat`
+    (--system before the user's message); int8 quantization keeps the template."""
+    b = bundle_mod.load(chat_bundle)
+    assert b.manifest["chat"] == {"template": "chat_template.jinja",
+                                  "special_tokens": {"bos_token": "t2", "eos_token": "t1"}}
+    assert "chat_template.jinja" in b.manifest["files"] and (chat_bundle / "chat_template.jinja").read_text() == TINY
+    engine = Engine.load(chat_bundle)
+    chat = [{"role": "system", "content": "t9"}, {"role": "user", "content": "t3 t4"}]
+    assert engine.chat_prompt(chat) == "t2 t5 t7 t9 t8 t5 t6 t3 t4 t8 t5 t7"
+    assert engine.encode(chat) == [2, 5, 7, 9, 8, 5, 6, 3, 4, 8, 5, 7] == engine.encode(engine.chat_prompt(chat))
+    want = engine.generate(engine.chat_prompt(chat), 8)
+    for draft in (None, Draft("lookup", 3)):
+        assert engine.generate(chat, 8, draft=draft).tokens == want.tokens
+        assert "".join(engine.stream(chat, 8, draft=draft)) == want.text
+    assert [g.tokens for g in engine.generate_batch([chat, chat[1:]], 8)] == \
+        [want.tokens, engine.generate(chat[1:], 8).tokens]
+    args = ["generate", str(chat_bundle), "--prompt", "t3 t4", "--max-new-tokens", "8", "--json"]
+    out = json.loads(CliRunner().invoke(cli, args + ["--chat", "--system", "t9"]).stdout)
+    assert out["tokens"] == want.tokens
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    q = bundle_mod.load(quantize_bundle(chat_bundle, tmp_path / "int8", "int8", calibration=None))
+    assert q.manifest["chat"] == b.manifest["chat"] and Engine.load(q.dir).chat_prompt(chat) == engine.chat_prompt(chat)
+
+
+def test_chat_mistakes_are_one_line(chat_bundle, tiny_gemma3, tmp_path):
+    """--chat on a bundle without a template, --system without --chat, a template refusing the messages, a
+    manifest whose chat entry names no file: one line naming the culprit, exit status 2."""
+    def run(*args):
+        return CliRunner().invoke(cli, ["generate", *map(str, args), "--max-new-tokens", "2"])
+
+    r = run(tiny_gemma3[2], "--prompt", "t3", "--chat")
+    assert r.exit_code == 2 and "bundle has no chat template" in r.output and str(tiny_gemma3[2]) in r.output
+    r = run(chat_bundle, "--prompt", "t3", "--system", "t4")
+    assert r.exit_code == 2 and "--system applies to --chat" in r.output
+    with pytest.raises(EdgemtpError, match="prompt=3 must be text or a list of chat messages"):
+        Engine.load(chat_bundle).generate(3, 2)
+    refusing = tmp_path / "refusing"
+    shutil.copytree(chat_bundle, refusing)
+    (refusing / "chat_template.jinja").write_text("{{ raise_exception('only one message') }}")
+    m = {k: v for k, v in json.loads((refusing / bundle_mod.MANIFEST).read_text()).items()
+         if k not in ("files", "format", "schema_version")}
+    bundle_mod.write_manifest(refusing, m)  # a re-signed bundle: the template is what is wrong
+    r = run(refusing, "--prompt", "t3", "--chat")
+    assert r.exit_code == 2 and "chat_template.jinja: the chat template refused the messages (only one message)" \
+        in r.output.replace("\n", ""), r.output
+    m["chat"]["template"] = "nothere.jinja"
+    bundle_mod.write_manifest(refusing, m)
+    r = run(refusing, "--prompt", "t3", "--chat")
+    assert r.exit_code == 2 and "chat.template must name a file listed in 'files'" in r.output, r.output
+
+
+def test_without_jinja2_the_install_is_named(monkeypatch):
+    """jinja2 is an optional dependency: without it a chat prompt says what to install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 now raises ImportError
+    with pytest.raises(EdgemtpError, match=r"chat prompts need jinja2: pip install 'edgemtp\[chat\]'"):
+        ChatTemplate(TINY + " ", {}, "here").render([{"role": "user", "content": "t3"}])
