@@ -276,8 +276,7 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, m
     Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
     lookup alone without one or for an int8 / int4 target on the CPU). Output is the same as --no-draft
     (greedy: token for token; sampling: in distribution)."""
-    from .runtime.engine import Draft, Engine, new_stats
-    from .runtime.sampling import Sampling
+    from .runtime.engine import new_stats
     from .runtime.stops import stop_strings
 
     request = read_prompt(prompt, prompt_file)
@@ -287,19 +286,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, m
         request = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": request}]
     stop = stop_strings([unescape(s) for s in stop])
-    sampling = Sampling(temperature, top_k, top_p, seed)
-    if no_draft:
-        given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in ("draft_mode", "draft_k", "adaptive")
-                 if click.get_current_context().get_parameter_source(n) == ParameterSource.COMMANDLINE]
-        if given:
-            raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
-    draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
-    if max_new_tokens < 1:
-        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
-    engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp)
-    if draft is not None:
-        engine.drafter(draft.mode)  # a bad --draft fails before any work
+    engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
+                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider)
     if chat:
         engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
     if as_json:
@@ -321,6 +309,77 @@ def unescape(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
 
 
+def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, draft_mode, draft_k,
+                adaptive, no_draft, drafter_provider, reuse_prefix: bool = False):
+    """(engine, sampling, draft) for generate's and chat's options, each checked before any work."""
+    from .runtime.engine import Draft, Engine
+    from .runtime.sampling import Sampling
+
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    if no_draft:
+        given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in ("draft_mode", "draft_k", "adaptive")
+                 if click.get_current_context().get_parameter_source(n) == ParameterSource.COMMANDLINE]
+        if given:
+            raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
+    draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
+    if max_new_tokens < 1:
+        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
+                         reuse_prefix=reuse_prefix)
+    if draft is not None:
+        engine.drafter(draft.mode)  # a bad --draft fails before any work
+    return engine, sampling, draft
+
+
+@cli.command("chat")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="A system message that opens the conversation.")
+@sampling_options
+@draft_options
+def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, draft_mode,
+             draft_k, adaptive, no_draft, drafter_provider):
+    """Chat with an instruction-tuned bundle: each line read is a user's message, the reply streams back.
+
+    The conversation goes through the model's chat template, and each turn runs only its new tokens (the
+    engine keeps the conversation's KV cache: reuse_prefix). /reset starts over, /exit or the end of the
+    input ends."""
+    from .runtime.engine import new_stats
+    from .runtime.target import CapacityError
+
+    engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
+                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
+                                          reuse_prefix=True)
+    opening = [{"role": "system", "content": system}] if system is not None else []
+    engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}])  # no template, or one refusing --system
+    interactive = sys.stdin.isatty()
+    messages = list(opening)
+    while True:
+        if interactive:
+            click.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(opening)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        stats, reply = new_stats(draft), []
+        try:
+            for piece in engine.stream(messages, max_new_tokens, sampling, draft, stats=stats):
+                click.echo(piece, nl=False)
+                reply.append(piece)
+        except CapacityError as e:
+            messages.pop()
+            click.echo(f"error: {e}: /reset starts the conversation over", err=True)
+            continue
+        click.echo()
+        click.echo(speed_line(stats), err=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
     if (prompt is None) == (prompt_file is None):
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
@@ -333,7 +392,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
 
 
 def speed_line(stats) -> str:
-    line = (f"[prefill {stats.prefill_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tok/s; "
+    cached = f" ({stats.cached_tokens} more cached)" if stats.cached_tokens else ""
+    line = (f"[prefill {stats.prefill_tokens} tokens{cached} at {stats.prefill_tokens_per_s:.1f} tok/s; "
             f"decode {stats.decode_tokens} tokens at {stats.tokens_per_s:.1f} tok/s")
     if getattr(stats, "rounds", 0):
         line += (f"; {stats.rounds} rounds, {stats.mean_accepted_per_round + 1:.2f} tokens/round, "

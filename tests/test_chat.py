@@ -189,3 +189,28 @@ def test_without_jinja2_the_install_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "jinja2", None)  # import jinja2 now raises ImportError
     with pytest.raises(EdgemtpError, match=r"chat prompts need jinja2: pip install 'edgemtp\[chat\]'"):
         ChatTemplate(TINY + " ", {}, "here").render([{"role": "user", "content": "t3"}])
+
+
+def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
+    """`edgemtp chat`: each input line is a user's message, the replies are what a fresh engine generates for
+    the conversation so far (replies included), later turns run only their new tokens, /reset starts over,
+    a turn outgrowing the capacity is refused and the chat goes on; without a template it fails first."""
+    fresh, chat, replies = Engine.load(chat_bundle), [{"role": "system", "content": "t9"}], []
+    for said in ("t3 t4", "t5"):
+        chat.append({"role": "user", "content": said})
+        replies.append(fresh.generate(chat, 6).text)
+        chat.append({"role": "assistant", "content": replies[-1]})
+    chat = [chat[0], {"role": "user", "content": "t6"}]
+    after_reset = fresh.generate(chat, 6).text
+    chat += [{"role": "assistant", "content": after_reset}, {"role": "user", "content": "t6"}]
+    last = fresh.generate(chat, 6).text  # the turn between, refused, is not in the conversation
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--system", "t9", "--max-new-tokens", "6"],
+                           input="t3 t4\n\nt5\n/reset\nt6\n" + " ".join(["t7"] * 70) + "\nt6\n/exit\nt8\n")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines == [replies[0], replies[1], after_reset, last], r.output
+    speeds = [line for line in r.stderr.splitlines() if line.startswith("[prefill")]
+    assert len(speeds) == 4 and "cached" not in speeds[0] and all("more cached" in s for s in speeds[1:]), speeds
+    assert "does not fit the bundle's KV capacity of 64" in r.stderr and "/reset starts the conversation over" in r.stderr
+    r = CliRunner().invoke(cli, ["chat", str(tiny_gemma3[2])], input="t3\n")
+    assert r.exit_code == 2 and "bundle has no chat template" in r.output

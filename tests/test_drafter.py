@@ -857,6 +857,24 @@ def test_drafting_on_a_spinning_target_warns_once(setup):
         Engine.load(bundle).generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("mtp", 3))
 
 
+def test_mtp_drafting_after_a_reused_prefix(setup):
+    """reuse_prefix with the MTP drafter: the drafter reads the target's cache and last hidden state, which a
+    prefill of the new tokens only must leave as a whole prefill does; output equals a fresh engine's."""
+    from edgemtp.runtime.engine import Draft
+
+    bundle = setup[1]
+    reuse, fresh = Engine.load(bundle, reuse_prefix=True), Engine.load(bundle)
+    text, kept = "t3 t9 t4 t1", []  # kept: the last generation's prompt and tokens
+    for turn in range(3):
+        prompt = reuse.encode(text)
+        for mode in ("mtp", "hybrid"):  # hybrid: the same prompt again, all but its last token cached
+            got, want = (e.generate(text, 10, draft=Draft(mode, 3)) for e in (reuse, fresh))
+            assert got.tokens == want.tokens and got.stats.drafted > 0
+            assert got.stats.cached_tokens == (len(prompt) - 1 if mode == "hybrid" else len(kept) - 1 if turn else 0)
+            kept = prompt + got.tokens
+        text = f"{text} {got.text} t{5 + turn}"
+
+
 def test_shipped_drafter_recognises_the_default_model(gemma3_270m_dir):
     """The real Gemma 3 270M (imported from its GGUF package) gets the shipped drafter, with its clustered head."""
     from edgemtp.drafter import match_shipped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -23,6 +24,7 @@ from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
 from .static_target import StaticTarget, is_static
+from .kv_cache import KVCache
 from .target import CapacityError, Target
 
 
@@ -64,11 +66,13 @@ class Engine:
         self.fast_verify = False
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
         self.chat_template = None  # chat.ChatTemplate: the model's, when its bundle has one
+        self.reuse_prefix = False  # see load
+        self._kept = None  # (KV cache, the token ids its positions hold) left by the last one-prompt generation
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
              verify: bool = True, drafter_provider: str | None = None, mtp: bool | None = None,
-             fast_verify: bool = False, huge_pages: bool = False) -> "Engine":
+             fast_verify: bool = False, huge_pages: bool = False, reuse_prefix: bool = False) -> "Engine":
         """drafter_provider: where the MTP drafter runs (default: the target's provider), e.g. the target on
         an NPU and the drafter on the CPU. `mtp`: whether generation will draft with the MTP drafter
         (None: what --draft auto does for this bundle, so False for an int8 / int4 bundle on the CPU); then
@@ -79,7 +83,11 @@ class Engine:
         270M: 84 vs 133 ms for 4 rows x 5 positions, +1.7 GB); without it the verify graph shares the target's
         memory-mapped weights (+7 MB). `huge_pages`: the target's weights on 2 MB pages (runtime/hugepages.py):
         decode steps ~2% faster for 0.6-3 s more at load (Gemma 3 270M fp32, row-major head; the default
-        transposed head is read from the data file's mapping, and gained 0-0.4%), for long-running processes."""
+        transposed head is read from the data file's mapping, and gained 0-0.4%), for long-running processes.
+        `reuse_prefix`: a one-prompt generation keeps its KV cache, and the next one whose prompt starts with
+        the same tokens (a chat's next turn, which repeats the conversation so far) runs only the rest of it
+        (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Dynamic
+        targets only; off by default so that repeated prompts measure their whole prefill."""
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
         if drafter_provider is not None:
             with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
@@ -112,6 +120,7 @@ class Engine:
         engine.threads, engine.provider = threads, provider
         engine.drafter_provider = drafter_provider or provider
         engine.fast_verify = fast_verify and b.has_graph("verify")
+        engine.reuse_prefix = reuse_prefix
         engine.target_spins = not mtp
         return engine
 
@@ -158,28 +167,64 @@ class Engine:
         _check_request(prompt_ids, max_new_tokens, self.capacity)
         stats = stats if stats is not None else Stats()
         rng = np.random.default_rng(sampling.seed)
-        cache = self.target.new_cache(1)
+        cache, cached = self._cache_for(prompt_ids)
         t0 = time.perf_counter()
-        logits, _ = self.target.forward(np.array([prompt_ids]), cache)
-        stats.prefill_tokens, stats.prefill_s = len(prompt_ids), time.perf_counter() - t0
+        logits, _ = self.target.forward(np.array([prompt_ids[cached:]]), cache)
+        stats.prefill_tokens, stats.prefill_s = len(prompt_ids) - cached, time.perf_counter() - t0
+        stats.cached_tokens = cached
         t0 = time.perf_counter()
         generated = []
-        for i in range(max_new_tokens):
-            token = pick(logits[0, -1], sampling, rng)
-            generated.append(token)
-            yield token
-            if reason := stops.reason(generated):
-                stats.stop_reason = reason
-                return
-            if i + 1 == max_new_tokens:
-                stats.stop_reason = "max new tokens"
-                return
-            if cache.room(0) < 1:
-                stats.stop_reason = "KV capacity reached"
-                return
-            logits, _ = self.target.forward(np.array([[token]]), cache)
-            stats.decode_tokens += 1
-            stats.decode_s = time.perf_counter() - t0
+        with self._keeping(cache, prompt_ids, generated):
+            for i in range(max_new_tokens):
+                token = pick(logits[0, -1], sampling, rng)
+                generated.append(token)
+                yield token
+                if reason := stops.reason(generated):
+                    stats.stop_reason = reason
+                    break
+                if i + 1 == max_new_tokens:
+                    stats.stop_reason = "max new tokens"
+                    break
+                if cache.room(0) < 1:
+                    stats.stop_reason = "KV capacity reached"
+                    break
+                logits, _ = self.target.forward(np.array([[token]]), cache)
+                stats.decode_tokens += 1
+                stats.decode_s = time.perf_counter() - t0
+
+    def _cache_for(self, prompt_ids: list[int]) -> tuple[KVCache, int]:
+        """A one-row cache for `prompt_ids` and how many of their first positions it holds already: with
+        reuse_prefix, the last generation's cache rolled back to where its tokens and the prompt part (one
+        token at least is left to run: its logits pick the first new token)."""
+        kept, self._kept = self._kept, None  # taken: a generation that fails leaves none behind
+        if kept is None:
+            return self.target.new_cache(1), 0
+        cache, ids = kept
+        n = 0
+        for a, b in zip(ids, prompt_ids[:-1]):
+            if a != b:
+                break
+            n += 1
+        cache.rollback(0, n)
+        return cache, n
+
+    @contextlib.contextmanager
+    def _keeping(self, cache: KVCache, prompt_ids: list[int], generated: list[int]):
+        """With reuse_prefix, keeps `cache` for the next generation once this one ends or its consumer stops
+        reading (its positions then hold prompt + generated tokens, the last one not yet run); not after an
+        error, which may have left a pass half done."""
+        try:
+            yield
+        except GeneratorExit:
+            self._keep(cache, prompt_ids + generated)
+            raise
+        self._keep(cache, prompt_ids + generated)
+
+    def _keep(self, cache: KVCache, ids: list[int]) -> None:
+        if self.reuse_prefix and not self.static:
+            n = min(int(cache.lengths[0]), len(ids))  # a stop string may end the text inside a verified run
+            cache.rollback(0, n)
+            self._kept = (cache, ids[:n])
 
     def drafter(self, mode: str = "auto", graph: str = "drafter", adaptive: bool = False):
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
@@ -243,15 +288,20 @@ class Engine:
             yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats, stop=stop)
             return
         stops = self.stops(stop)
-        from .speculative import Speculative, SpecStats
+        from .speculative import SeqResult, Speculative, SpecStats
 
         adaptive = draft.adaptive and not self.static  # see Speculative: a static window keeps K
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=adaptive), draft.k,
                            adaptive=adaptive, static_window=self.static, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
+        _check_request(prompt_ids, max_new_tokens, self.capacity)  # before the kept cache is taken
+        cache, cached = self._cache_for(prompt_ids)
+        results = [SeqResult([])]
         try:
-            for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, stops, own):
-                yield from tokens
+            with self._keeping(cache, prompt_ids, results[0].tokens):
+                for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, stops, own, results,
+                                                cache, cached):
+                    yield from tokens
         finally:
             if own is not stats:
                 for f in dataclasses.fields(Stats):

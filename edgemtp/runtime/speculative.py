@@ -177,17 +177,20 @@ class Speculative:
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
-               stats: SpecStats | None = None, results: list[SeqResult] | None = None):
+               stats: SpecStats | None = None, results: list[SeqResult] | None = None,
+               cache: KVCache | None = None, cached: int = 0):
         """Yields (row, new tokens) as each round emits them; `results` receives the per-row results.
-        `stop_ids`: stop token ids, or a Stops (stop tokens and stop strings)."""
+        `stop_ids`: stop token ids, or a Stops (stop tokens and stop strings). `cache`: one prompt's cache
+        that already holds its first `cached` positions (Engine's reuse_prefix); the prefill runs the rest."""
         capacity = self.target.contract.capacity
         for p in prompts:
             _check_request(list(p), max_new_tokens, capacity)
         stats = stats if stats is not None else SpecStats()
         stops = stop_ids if isinstance(stop_ids, Stops) else Stops(stop_ids)
-        cache = self.target.new_cache(len(prompts))
+        if cache is None:
+            cache, cached = self.target.new_cache(len(prompts)), 0
         t0 = time.perf_counter()
-        seqs = [self._prefill(b, list(p), cache, sampling, _rng(sampling.seed, b, len(prompts)))
+        seqs = [self._prefill(b, list(p), cache, sampling, _rng(sampling.seed, b, len(prompts)), cached)
                 for b, p in enumerate(prompts)]
         results = results if results is not None else [SeqResult([]) for _ in prompts]
         for s, r in zip(seqs, results):
@@ -196,7 +199,8 @@ class Speculative:
         for s in seqs:
             s.out.stop_reason = stops.reason(s.out.tokens)
             self._finish_check(s, max_new_tokens, cache)
-        stats.prefill_tokens += sum(len(p) for p in prompts)
+        stats.prefill_tokens += sum(len(p) for p in prompts) - cached
+        stats.cached_tokens += cached
         stats.prefill_s += time.perf_counter() - t0
         for s in seqs:
             yield s.row, list(s.out.tokens)
@@ -219,8 +223,8 @@ class Speculative:
         stats.stop_reason = "; ".join(dict.fromkeys(stats.stop_reasons))
 
     def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
-                 rng: np.random.Generator) -> _Seq:
-        logits, hidden = self.target.forward(np.array([prompt]), cache, rows=slice(b, b + 1))
+                 rng: np.random.Generator, cached: int = 0) -> _Seq:
+        logits, hidden = self.target.forward(np.array([prompt[cached:]]), cache, rows=slice(b, b + 1))
         s = _Seq(b, prompt, rng, hidden[0, -1])
         s.history.append(pick(logits[0, -1], sampling, rng))
         return s

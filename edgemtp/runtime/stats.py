@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass
 
 @dataclass
 class Stats:
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens run through the model
     prefill_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens the last generation had run (Engine.load's reuse_prefix)
     decode_tokens: int = 0  # tokens produced after the first (which the prefill produces)
     decode_s: float = 0.0
     stop_reason: str = ""

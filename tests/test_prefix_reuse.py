@@ -1,0 +1,77 @@
+"""Engine.load(reuse_prefix=True): a generation keeps its KV cache, and the next prompt that starts with the
+same tokens runs only the rest; the output is what a fresh engine generates, token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgemtp.runtime.engine import Draft, Engine
+from edgemtp.runtime.sampling import Sampling
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_gemma3):
+    bundle = tiny_gemma3[2]
+    return Engine.load(bundle, reuse_prefix=True), Engine.load(bundle)
+
+
+@pytest.mark.parametrize("draft", [None, Draft("lookup", 3)], ids=["plain", "lookup"])
+def test_a_conversation_reuses_its_past_and_generates_the_same(engines, draft):
+    """Turn after turn, each prompt is the conversation so far plus new words: the reusing engine runs only
+    the new tokens (cached_tokens: the previous prompt and all but the last generated token) and generates
+    exactly what the fresh engine generates from the whole prompt; greedy and seeded sampling."""
+    reuse, fresh = engines
+    for sampling in (Sampling(), Sampling(temperature=0.9, top_p=0.95, seed=4)):
+        text, ids = "t1 t2 t3 t4", []
+        reuse._kept = None
+        for turn, words in enumerate(["t5 t6", "t7 t8 t9 t10", "t11"]):
+            got = reuse.generate(text, 6, sampling, draft)
+            want = fresh.generate(text, 6, sampling, draft)
+            assert got.tokens == want.tokens and got.text == want.text
+            prompt = reuse.encode(text)
+            assert got.stats.cached_tokens == (len(ids) - 1 if turn else 0)
+            assert got.stats.prefill_tokens == len(prompt) - got.stats.cached_tokens
+            ids = prompt + got.tokens
+            text = f"{text} {got.text} {words}"
+
+
+def test_a_prompt_that_parts_early_reuses_only_the_common_start(engines):
+    """The same prompt again runs its last token only; another one from its third token on reruns the rest;
+    an unrelated one runs whole."""
+    reuse, fresh = engines
+    reuse._kept = None
+    first = reuse.generate("t3 t4 t5 t6 t7", 4)
+    again = reuse.generate("t3 t4 t5 t6 t7", 4)
+    assert again.tokens == first.tokens and (again.stats.cached_tokens, again.stats.prefill_tokens) == (4, 1)
+    other = reuse.generate("t3 t4 t9 t9 t9 t9", 4)
+    assert other.tokens == fresh.generate("t3 t4 t9 t9 t9 t9", 4).tokens and other.stats.cached_tokens == 2
+    unrelated = reuse.generate("t8 t3 t4", 4)
+    assert unrelated.tokens == fresh.generate("t8 t3 t4", 4).tokens and unrelated.stats.cached_tokens == 0
+
+
+def test_a_stream_left_early_keeps_what_it_ran(engines):
+    """A consumer that stops reading a stream: the cache keeps the tokens generated so far, and the next
+    prompt extending them is right."""
+    reuse, fresh = engines
+    reuse._kept = None
+    ids = []
+    for token in reuse.token_stream(reuse.encode("t2 t4 t6"), 10):
+        ids.append(token)
+        if len(ids) == 3:
+            break
+    follow = "t2 t4 t6 " + reuse.decode(ids) + " t9"
+    got = reuse.generate(follow, 5)
+    assert got.tokens == fresh.generate(follow, 5).tokens and got.stats.cached_tokens == 3 + 2
+
+
+def test_off_by_default_and_for_static_targets(engines, tiny_gemma3, tmp_path):
+    """Without reuse_prefix (the default: repeated prompts measure their whole prefill) and on a static
+    (NPU) target nothing is kept."""
+    from edgemtp.exporters import export
+
+    _, fresh = engines
+    fresh.generate("t3 t4 t5", 3)
+    assert fresh.generate("t3 t4 t5", 3).stats.cached_tokens == 0 and fresh._kept is None
+    static = Engine.load(export(tiny_gemma3[1], tmp_path / "s", capacity=64, static_window=3), reuse_prefix=True)
+    static.generate("t3 t4 t5", 3)
+    assert static.generate("t3 t4 t5", 3).stats.cached_tokens == 0
