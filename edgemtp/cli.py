@@ -282,6 +282,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, m
     request = read_prompt(prompt, prompt_file)
     if system is not None and not chat:
         raise EdgemtpError("--system applies to --chat prompts")
+    if system is not None:
+        utf8(system, "--system")
     if chat:  # a message list: Engine.encode renders it with the bundle's chat template
         request = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": request}]
@@ -350,7 +352,7 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
     engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
                                           threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
                                           reuse_prefix=True)
-    opening = [{"role": "system", "content": system}] if system is not None else []
+    opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
     engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}])  # no template, or one refusing --system
     interactive = sys.stdin.isatty()
     messages = list(opening)
@@ -364,6 +366,11 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
             messages = list(opening)
             continue
         if not line.strip():
+            continue
+        try:
+            utf8(line, "the input line")
+        except EdgemtpError as e:
+            click.echo(f"error: {e}", err=True)
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         stats, reply = new_stats(draft), []
@@ -388,7 +395,17 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
             return prompt_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({e.__class__.__name__})") from None
-    return prompt
+    return utf8(prompt, "--prompt")
+
+
+def utf8(text: str, flag: str) -> str:
+    """`text` from the command line or stdin: bytes that are not UTF-8 arrive as lone surrogates, which the
+    tokenizer refuses with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgemtpError(f"{flag}: not valid UTF-8 text") from None
+    return text
 
 
 def speed_line(stats) -> str:

@@ -214,3 +214,14 @@ def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     assert "does not fit the bundle's KV capacity of 64" in r.stderr and "/reset starts the conversation over" in r.stderr
     r = CliRunner().invoke(cli, ["chat", str(tiny_gemma3[2])], input="t3\n")
     assert r.exit_code == 2 and "bundle has no chat template" in r.output
+
+
+def test_text_that_is_not_utf8_is_named(chat_bundle):
+    """Bytes that are not UTF-8 on the command line (lone surrogates to Python) or on chat's input: one line
+    naming where, not the tokenizer's traceback; a template whose sandboxed range is too long is refused."""
+    for args, where in ((["generate", str(chat_bundle), "--prompt", "t3 \udcff"], "--prompt"),
+                        (["generate", str(chat_bundle), "--chat", "--system", "\udcff", "--prompt", "t3"], "--system")):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and f"{where}: not valid UTF-8 text" in r.output, r.output
+    with pytest.raises(EdgemtpError, match="refused the messages"):
+        ChatTemplate("{% for i in range(10**30) %}{% endfor %}", {}, "here").render([{"role": "user", "content": "a"}])

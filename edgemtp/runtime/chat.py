@@ -88,7 +88,7 @@ class ChatTemplate:
         try:
             return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **self.special_tokens)
-        except (jinja2.exceptions.TemplateError, TypeError, ValueError) as e:
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError) as e:
             # the template's raise_exception (roles that do not alternate...), a sandbox refusal, a message it
-            # cannot read (content that is not text)
+            # cannot read (content that is not text), a sandbox's range too long (OverflowError)
             raise EdgemtpError(f"{self.source}: the chat template refused the messages ({e})") from None

@@ -19,12 +19,12 @@ from .. import contract as C
 from ..errors import ArgumentError, EdgemtpError
 from .chat import ChatTemplate, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
+from .kv_cache import KVCache
 from .sampling import Sampling, is_whole, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
 from .static_target import StaticTarget, is_static
-from .kv_cache import KVCache
 from .target import CapacityError, Target
 
 
