@@ -157,7 +157,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     cfg, build = load_config(model_dir)
     capacity = resolve_capacity(capacity, cfg)
     tokenizer = check_tokenizer(model_dir)
-    chat_template.find(model_dir)  # a broken one fails before any weight is written
+    chat = chat_template.find(model_dir)  # a broken one fails before any weight is written
     ckpt = Checkpoint(model_dir)
     if static_window is not None:
         from .static import build_static
@@ -178,7 +178,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, builder.phase(progress, "target weights"),
                      read_rows=ckpt.rows)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        chat = chat_template.copy_into(model_dir, tmp)
+        chat = chat_template.write(chat, tmp)
         graphs = {"target": {"file": "target.onnx", "quant": quant, "contract": contract_json,
                              **({"gemv_head": {"kept_table": keep_table}} if gemv_head else {})}}
         if static_window is None and build in VERIFY_BUILDS:
@@ -360,7 +360,7 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
         with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
             quantize_static_qdq(entry.path, tmp / "target.onnx", reader, activation_bits=bits, method=method)
             shutil.copyfile(fp32.tokenizer_path, tmp / "tokenizer.json")
-            chat = chat_template.copy_into(model_dir, tmp)
+            chat = chat_template.write(chat_template.find(model_dir), tmp)
             target = {**fp32.manifest["graphs"]["target"], "quant": "qdq", "quantization": {
                 "format": "qdq", "weight_bits": 8, "activation_bits": bits, "method": method,
                 "calibration": text.source, "calibration_windows": reader.count}}

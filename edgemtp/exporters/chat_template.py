@@ -76,9 +76,8 @@ def _check_parses(template: str, source: str) -> None:
     compile_template(template, source)
 
 
-def copy_into(model_dir: Path, bundle_tmp: Path) -> dict | None:
-    """Writes the template into the bundle being written; the manifest's "chat" entry, or None."""
-    found = find(model_dir)
+def write(found: tuple[str, dict[str, str], str] | None, bundle_tmp: Path) -> dict | None:
+    """Writes find()'s template into the bundle being written; the manifest's "chat" entry, or None."""
     if found is None:
         return None
     template, special, _ = found
