@@ -52,6 +52,7 @@ class Row:
     acceptance_by_position: list[float] = field(default_factory=list)
     split_s: dict = field(default_factory=dict)  # per round: draft / verify / other
     peak_rss_mb: float = 0.0
+    peak_reset: bool = True  # False: the peak could not be reset before the row (see reset_peak_rss)
 
     def to_json(self) -> dict:
         out = {**asdict(self.config), "skipped": self.skipped or None}
@@ -153,7 +154,7 @@ def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) ->
     drafter = engine.drafter(draft.mode, graph_for(engine.bundle, c.head) if c.head else "drafter",
                              c.adaptive) if draft else None
     totals = SpecStats()
-    reset_peak_rss()
+    row.peak_reset = reset_peak_rss()
     for rep in range(repetitions + 1):  # the first run warms up and is not counted
         stats = SpecStats()
         spec = Speculative(engine.target, drafter or NoDrafter(), c.draft_k if draft else 0, adaptive=c.adaptive)
@@ -177,21 +178,32 @@ def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) ->
     return row
 
 
-def reset_peak_rss() -> None:
+def reset_peak_rss() -> bool:
     """Starts the process's peak resident memory afresh (Linux), so a row's peak is its own run's on its
-    engine, not the first engine's or an earlier, larger row's. Elsewhere the peak stays the process's."""
+    engine, not the first engine's or an earlier, larger row's. Says whether it did: some kernels and
+    sandboxes refuse /proc/self/clear_refs or ignore it (CI's did), and elsewhere there is no /proc; then
+    the peak stays the process's so far, and the result says so (`peak_rss`)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
+        status = _proc_status_kib()
     except OSError:
-        pass
+        return False
+    # After a reset the peak is the current size; a peak still above it means the write was ignored.
+    return "VmHWM" in status and status["VmHWM"] - status.get("VmRSS", 0) <= 4096
+
+
+def _proc_status_kib() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmHWM:", "VmRSS:")):
+            out[line.split(":")[0]] = int(line.split()[1])
+    return out
 
 
 def peak_rss_mb() -> float:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
+        return _proc_status_kib()["VmHWM"] / 1024
+    except (OSError, KeyError):
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
@@ -243,6 +255,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     return {"schema_version": SCHEMA_VERSION, "bundle": str(bundle_dir),
             "bundle_bytes": sum(f["bytes"] for f in bundle.manifest["files"].values()),
             "threads": threads, "repetitions": repetitions,
+            "peak_rss": "row" if all(r.peak_reset for r in rows) else "process",
             "ceiling": ceiling(bundle, threads), "rows": [r.to_json() for r in rows]}
 
 

@@ -60,7 +60,13 @@ def ceiling_line(result: dict) -> str:
     c = result["ceiling"]
     return (f"bandwidth ceiling of plain decoding: {c['tg_tokens_per_s']:.1f} tokens/s "
             f"({c['weight_bytes'] / 1e9:.2f} GB of weights per token at {c['bandwidth_gb_s']:.1f} GB/s); "
-            f"bundle {result['bundle_bytes'] / 1e9:.2f} GB")
+            f"bundle {result['bundle_bytes'] / 1e9:.2f} GB" + _peak_note(result))
+
+
+def _peak_note(result: dict) -> str:
+    if result.get("peak_rss", "row") == "row":
+        return ""
+    return "; rss MB is the process's peak so far, not each row's (this system cannot reset it)"
 
 
 def render(result: dict, fmt: str, speedups: list[dict]) -> str:
