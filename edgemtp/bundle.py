@@ -18,12 +18,12 @@ from pathlib import Path
 
 from .contract import TargetContract
 from .errors import EdgemtpError
+from .manifest_graphs import check_graphs, whole
 
 MANIFEST = "edgemtp.json"
 FORMAT = "edgemtp-bundle"
 SCHEMA_VERSION = 2  # 2: a target contract may have window_views (graph inputs an older runtime would not feed)
 READS = (1, 2)  # version 1 bundles load as they are
-QUANTS = ("fp32", "fp16", "int8", "int4", "qdq")  # a graph's "quant" (qdq: static QDQ graphs for NPUs)
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -175,7 +175,7 @@ def _check_chat(m: dict, mpath: Path) -> None:
 def _check_fields(m: dict, mpath: Path) -> None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EdgemtpError(f"{mpath}: field 'format' is not '{FORMAT}'")
-    if m.get("schema_version") not in READS:
+    if not whole(m.get("schema_version")) or m["schema_version"] not in READS:
         raise EdgemtpError(f"{mpath}: schema_version {m.get('schema_version')!r} unsupported "
                            f"(this edgemtp reads {', '.join(map(str, READS))})")
     for key, kind in (("model", dict), ("graphs", dict), ("files", dict), ("tokenizer", str)):
@@ -183,37 +183,29 @@ def _check_fields(m: dict, mpath: Path) -> None:
             raise EdgemtpError(f"{mpath}: field '{key}' missing or not a {kind.__name__}")
     if "target" not in m["graphs"]:
         raise EdgemtpError(f"{mpath}: field 'graphs' has no 'target'")
+    for rel, info in m["files"].items():
+        if not (isinstance(info, dict) and whole(info.get("bytes")) and isinstance(info.get("sha256"), str)):
+            raise EdgemtpError(f"{mpath}: files.{rel} must be an object with 'bytes' (a whole number) and "
+                               "'sha256' (a hex string)")
     _check_model(m, mpath)
+    check_graphs(m, mpath)
 
 
 def _check_model(m: dict, mpath: Path) -> None:
     """The model facts the runtime acts on (stop tokens, sizes, the quant that picks --draft auto) are
     whole numbers in range and agree with the target graph's contract: an edited manifest is named here,
     not met as a generation that never stops or an array of the wrong size."""
-    def whole(value, least: int = 0) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
     model = m["model"]
     for key in ("vocab_size", "hidden_size"):
         if not whole(model.get(key), 1):
             raise EdgemtpError(f"{mpath}: model.{key} {model.get(key)!r} must be a positive whole number")
     vocab = model["vocab_size"]
-    contract = m["graphs"]["target"].get("contract")
-    if isinstance(contract, dict) and contract.get("vocab_size") not in (None, vocab):
-        raise EdgemtpError(f"{mpath}: model.vocab_size {vocab} differs from graphs.target.contract.vocab_size "
-                           f"{contract.get('vocab_size')!r}")
     bos, eos = model.get("bos_token_id"), model.get("eos_token_ids", [])
     if bos is not None and not (whole(bos) and bos < vocab):
         raise EdgemtpError(f"{mpath}: model.bos_token_id {bos!r} is not a token id below vocab_size {vocab}")
     if not isinstance(eos, list) or not all(whole(t) and t < vocab for t in eos):
         raise EdgemtpError(f"{mpath}: model.eos_token_ids {eos!r} must be a list of token ids below vocab_size "
                            f"{vocab}")
-    for name, g in m["graphs"].items():
-        if not isinstance(g, dict):
-            raise EdgemtpError(f"{mpath}: graphs.{name} is not an object")
-        if g.get("quant", "fp32") not in QUANTS:
-            raise EdgemtpError(f"{mpath}: graphs.{name}.quant {g.get('quant')!r} is unknown "
-                               f"(one of {', '.join(QUANTS)})")
 
 
 def inside(root: Path, rel: str) -> Path:

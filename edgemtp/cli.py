@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -18,8 +19,24 @@ from click.core import ParameterSource
 from .errors import ArgumentError, EdgemtpError
 
 
+class _Command(click.Command):
+    """A full disk met while writing a file object (no filename in the error) is named by the command's
+    output: its -o path, or standard output for the commands that print."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            out = ctx.params.get("out")
+            raise EdgemtpError(f"{out if out else 'standard output'}: {e.strerror} while writing it") from None
+
+
 class _Group(click.Group):
     """User mistakes become one line on stderr and exit status 2, never a traceback."""
+
+    command_class = _Command
 
     def invoke(self, ctx):
         with warnings.catch_warnings():  # a library warning (e.g. a provider falling back) as one plain line
@@ -65,6 +82,17 @@ def exit_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def writable_dir(out: Path, flag: str) -> None:
+    """`out` is, or can be made, a directory this process may write into: checked before a long run."""
+    here = Path(out)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise EdgemtpError(f"{flag} {out}: {here} is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise EdgemtpError(f"{flag} {out}: cannot write in {here} (permission denied)")
 
 
 @click.group(cls=_Group)
@@ -473,6 +501,9 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     for flag, path in (("--calibration", calibration), ("--report", report_hidden)):
         if path is not None and not path.is_file():
             raise EdgemtpError(f"{flag} {path}: no such file (expected hidden states in .npy / .npz)")
+    if seed < 0:
+        raise EdgemtpError(f"--seed {seed} must be 0 or more")
+    writable_dir(out, "-o")  # before k-means, which takes minutes
     with progress_bar("clustering the vocabulary", show_what=drafter_dir is not None) as progress:
         if drafter_dir is not None:
             import importlib.util
@@ -538,6 +569,8 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         from .drafter.train import DataSpec, TrainSpec, train_drafter
     except ImportError as e:
         raise EdgemtpError(f"train-drafter needs torch and transformers: pip install 'edgemtp[train]' ({e})") from None
+    if seed < 0:
+        raise EdgemtpError(f"--seed {seed} must be 0 or more")
     for flag, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--draft-k", draft_k),
                         ("--hidden", hidden), ("--layers", layers), ("--threads", threads),
                         ("--eval-every", eval_every), ("--intermediate", intermediate)):

@@ -67,11 +67,13 @@ class Problems:
         self.source, self.items = source, []
         self.bad: set[str] = set()  # fields already reported (no knock-on "must be positive")
 
-    def need(self, hf: dict, key: str, kind=int, default=None):
+    def need(self, hf: dict, key: str, kind=int, default=None, within: str = ""):
+        """hf[key] as `kind`; `within` names the object hf is (e.g. 'rope_scaling'), for messages."""
         value = hf.get(key, default)
+        name = f"{within}.{key}" if within else key
         if value is None:
-            self.items.append(f"missing field '{key}'")
-            self.bad.add(key)
+            self.items.append(f"missing field '{name}'")
+            self.bad.add(name)
             return kind()
         try:
             number = kind(value)
@@ -80,9 +82,23 @@ class Problems:
                 return number
         except (TypeError, ValueError):
             pass
-        self.items.append(f"field '{key}' should be {'an integer' if kind is int else kind.__name__}, got {value!r}")
-        self.bad.add(key)
+        self.items.append(f"field '{name}' should be {'an integer' if kind is int else kind.__name__}, got {value!r}")
+        self.bad.add(name)
         return kind()
+
+    def opt(self, hf: dict, key: str, kind=int, default=None, within: str = ""):
+        """An optional field: `default` when missing or null, else read as need() reads it."""
+        return default if hf.get(key) is None else self.need(hf, key, kind, within=within)
+
+    def token_ids(self, hf: dict, key: str) -> tuple[int, ...]:
+        """A token id or a list of them (eos_token_id takes both); () when missing."""
+        value = hf.get(key)
+        ids = [] if value is None else value if isinstance(value, list) else [value]
+        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            return tuple(ids)
+        self.items.append(f"field '{key}' should be a token id or a list of them, got {value!r}")
+        self.bad.add(key)
+        return ()
 
     def check(self, ok: bool, message: str) -> None:
         if not ok:
@@ -108,25 +124,22 @@ def read_config_json(model_dir: Path) -> dict:
     return hf
 
 
-def eos_ids(hf: dict) -> tuple[int, ...]:
-    eos = hf.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
-
-
-def parse_rope(params: dict | None, default_theta: float) -> Rope:
-    """Accepts both the old `rope_theta`/`rope_scaling` and transformers 5's `rope_parameters`."""
+def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
+    """Accepts both the old `rope_theta`/`rope_scaling` and transformers 5's `rope_parameters`; `where` names
+    the field the parameters came from, for messages."""
+    if params is not None and not isinstance(params, dict):
+        pr.items.append(f"field '{where}' should be an object, got {params!r}")
+        params = None
     p = dict(params or {})
     kind = p.get("rope_type", p.get("type", "default")) or "default"
     return Rope(
-        theta=float(p.get("rope_theta", default_theta)),
+        theta=pr.opt(p, "rope_theta", float, default_theta, where),
         kind=kind,
-        factor=float(p.get("factor", 1.0) or 1.0),
-        fraction=float(p.get("partial_rotary_factor", 1.0) or 1.0),
-        low_freq_factor=float(p.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(p.get("high_freq_factor", 4.0)),
-        original_max_positions=int(p.get("original_max_position_embeddings", 8192)),
+        factor=pr.opt(p, "factor", float, 1.0, where) or 1.0,
+        fraction=pr.opt(p, "partial_rotary_factor", float, 1.0, where) or 1.0,
+        low_freq_factor=pr.opt(p, "low_freq_factor", float, 1.0, where),
+        high_freq_factor=pr.opt(p, "high_freq_factor", float, 4.0, where),
+        original_max_positions=pr.opt(p, "original_max_position_embeddings", int, 8192, where),
     )
 
 
@@ -135,9 +148,11 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     pr = Problems(source)
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
-    head_dim = int(hf.get("head_dim") or (hidden // heads if heads else 0))
-    rope_params = hf.get("rope_parameters") or {**(hf.get("rope_scaling") or {}),
-                                                   "rope_theta": hf.get("rope_theta", 10000.0)}
+    head_dim = pr.opt(hf, "head_dim", int, hidden // heads if heads else 0)
+    if hf.get("rope_parameters") is not None:
+        rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
+    else:  # old style: rope_theta + rope_scaling
+        rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
     cfg = TextConfig(
         model_type=hf.get("model_type", ""),
         vocab_size=pr.need(hf, "vocab_size"),
@@ -145,17 +160,17 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         intermediate_size=pr.need(hf, "intermediate_size"),
         num_layers=n_layers,
         num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        num_kv_heads=pr.opt(hf, "num_key_value_heads", int, heads),
         head_dim=head_dim,
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=(FULL,) * n_layers,
-        rope={FULL: parse_rope(rope_params, 10000.0)},
+        rope={FULL: rope},
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
         hidden_activation=hf.get("hidden_act", "silu"),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_ids=eos_ids(hf),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
+        bos_token_id=pr.opt(hf, "bos_token_id"),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id"),
+        max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 8192),
     )
     _check_common(cfg, pr)
     pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once
@@ -167,13 +182,15 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
 def parse_gemma3(hf: dict, source: str) -> TextConfig:
     pr = Problems(source)
     n_layers = pr.need(hf, "num_hidden_layers")
-    pattern = int(hf.get("sliding_window_pattern") or 6)
+    pattern = pr.opt(hf, "sliding_window_pattern", int, 6) or 6
     layer_types = tuple(hf.get("layer_types") or
                         [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
-    rp = hf.get("rope_parameters") or {}
-    if FULL not in rp:  # old style: rope_theta + rope_local_base_freq + rope_scaling
-        rp = {FULL: {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1e6)},
-              SLIDING: {"rope_theta": hf.get("rope_local_base_freq", 1e4)}}
+    rp = hf.get("rope_parameters")
+    if isinstance(rp, dict) and FULL in rp:
+        rope = {t: parse_rope(rp.get(t), theta, pr, f"rope_parameters.{t}") for t, theta in ((FULL, 1e6), (SLIDING, 1e4))}
+    else:  # old style: rope_theta + rope_local_base_freq + rope_scaling
+        rope = {FULL: parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 1e6), pr, "rope_scaling"),
+                SLIDING: Rope(theta=pr.opt(hf, "rope_local_base_freq", float, 1e4))}
     cfg = TextConfig(
         model_type="gemma3_text",
         vocab_size=pr.need(hf, "vocab_size"),
@@ -185,16 +202,16 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         head_dim=pr.need(hf, "head_dim", int, 256),
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=layer_types,
-        rope={FULL: parse_rope(rp.get(FULL), 1e6), SLIDING: parse_rope(rp.get(SLIDING), 1e4)},
-        sliding_window=int(hf.get("sliding_window") or 4096),
+        rope=rope,
+        sliding_window=pr.opt(hf, "sliding_window", int, 4096),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
-        attn_logit_softcapping=hf.get("attn_logit_softcapping"),
-        final_logit_softcapping=hf.get("final_logit_softcapping"),
+        attention_scale=(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0) ** -0.5,
+        attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
+        final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
         hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",
-        bos_token_id=hf.get("bos_token_id", 2),
-        eos_token_ids=eos_ids(hf) or (1,),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        bos_token_id=pr.opt(hf, "bos_token_id", int, 2),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
+        max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 32768),
     )
     _check_common(cfg, pr)
     pr.check(len(layer_types) == n_layers, f"field 'layer_types' has {len(layer_types)} entries for {n_layers} layers")
@@ -203,22 +220,31 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     return cfg
 
 
+def check_limits(cfg, pr: Problems) -> None:
+    """Every architecture: token ids in the vocabulary, room for a prompt and a token."""
+    pr.check(cfg.bos_token_id is None or "bos_token_id" in pr.bad or 0 <= cfg.bos_token_id < cfg.vocab_size,
+             f"field 'bos_token_id' {cfg.bos_token_id} outside the vocabulary of {cfg.vocab_size}")
+    pr.check(all(0 <= e < cfg.vocab_size for e in cfg.eos_token_ids),
+             f"field 'eos_token_id' {list(cfg.eos_token_ids)} outside the vocabulary of {cfg.vocab_size}")
+    pr.check("max_position_embeddings" in pr.bad or cfg.max_position_embeddings >= 2,
+             f"field 'max_position_embeddings' {cfg.max_position_embeddings} leaves no room for a prompt and a new "
+             "token (at least 2)")
+
+
 # TextConfig's names -> config.json's, for messages
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
 ROPE_KINDS = ("default", "linear", "llama3", "proportional")
 
 
 def _check_common(cfg: TextConfig, pr: Problems) -> None:
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim",
-                 "max_position_embeddings"):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
         field = HF_NAMES.get(name, name)
         pr.check(field in pr.bad or getattr(cfg, name) > 0, f"field '{field}' must be positive")
+    check_limits(cfg, pr)
     pr.check(cfg.hidden_activation in ACTIVATIONS,
              f"activation {cfg.hidden_activation!r} unsupported ({', '.join(ACTIVATIONS)})")
     for rope in cfg.rope.values():
         pr.check(rope.kind in ROPE_KINDS, f"rope_type {rope.kind!r} unsupported ({', '.join(ROPE_KINDS)})")
-    pr.check(all(0 <= e < cfg.vocab_size for e in cfg.eos_token_ids),
-             f"field 'eos_token_id' {list(cfg.eos_token_ids)} outside the vocabulary of {cfg.vocab_size}")
     pr.check(cfg.sliding_window is None or cfg.sliding_window > 0,
              f"field 'sliding_window' {cfg.sliding_window} must be positive")
     if cfg.num_heads and cfg.num_kv_heads:

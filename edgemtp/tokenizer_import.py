@@ -136,7 +136,8 @@ def _adds(meta: dict, name: str, byte_level: bool) -> bool:
 def write_tokenizer_files(meta: dict, out_dir: Path, context_length: int | None = None) -> Tokenizer:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out_dir`."""
     tok = build_tokenizer(meta)
-    tok.save(str(out_dir / "tokenizer.json"))
+    # written by Python, not tok.save: its errors (a full disk) are then an OSError, not a bare Exception
+    (out_dir / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
     specials = {f"{name}_token": _special(meta, key)
                 for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
     specials = {k: v for k, v in specials.items() if v is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -154,10 +155,18 @@ def test_export_refuses_existing_output(tiny_gemma3):
     # q/k/v are one joined weight of the same total width (6*32 + 32 + 32 = 4*32 + 2*64): each part is checked
     (lambda d: _edit_config(d, num_attention_heads=6, num_key_value_heads=1), r"q_proj.weight' has shape"),
     (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object, got list"),
-    (lambda d: _edit_config(d, eos_token_id="x"), "config.json: a field has a value of the wrong type"),
+    (lambda d: _edit_config(d, eos_token_id="x"), "config.json: field 'eos_token_id' should be a token id or a list"),
     (lambda d: _edit_config(d, rope_parameters={"full_attention": {"rope_theta": "abc"},
                                                  "sliding_attention": {"rope_theta": 1e4}}),
-     "config.json: a field has a value of the wrong type"),
+     "config.json: field 'rope_parameters.full_attention.rope_theta' should be float, got 'abc'"),
+    (lambda d: _edit_config(d, rope_parameters=None, rope_scaling="linear"),
+     "config.json: field 'rope_scaling' should be an object, got 'linear'"),
+    (lambda d: _edit_config(d, bos_token_id="x"), "config.json: field 'bos_token_id' should be an integer, got 'x'"),
+    (lambda d: _edit_config(d, bos_token_id=96), "config.json: field 'bos_token_id' 96 outside the vocabulary of 96"),
+    (lambda d: _edit_config(d, query_pre_attn_scalar=[1]), "field 'query_pre_attn_scalar' should be float"),
+    (lambda d: _edit_config(d, final_logit_softcapping="x"), "field 'final_logit_softcapping' should be float"),
+    (lambda d: _edit_config(d, max_position_embeddings=1),
+     "field 'max_position_embeddings' 1 leaves no room for a prompt and a new token"),
     (lambda d: _edit_config(d, eos_token_id=10**9), "'eos_token_id' \\[1000000000\\] outside the vocabulary"),
     (lambda d: _edit_config(d, hidden_activation="relu9"), "activation 'relu9' unsupported"),
     (lambda d: _edit_config(d, rope_parameters={"full_attention": {"rope_type": "weird", "rope_theta": 1e6},
@@ -187,6 +196,22 @@ def test_whole_numbers_written_as_floats_or_strings_are_accepted(tiny_gemma3):
     with pytest.raises(EdgemtpError) as e:
         parse_gemma3({**hf, "hidden_size": 64.5}, "x")
     assert str(e.value) == "x: field 'hidden_size' should be an integer, got 64.5"  # and nothing more
+
+
+def test_llama_fields_of_the_wrong_type_are_named(tiny_gemma3):
+    from edgemtp.config import parse_llama, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1]), "model_type": "llama", "hidden_activation": None,
+          "rope_parameters": None}
+    parse_llama(hf, "x")
+    for change, message in (({"rope_scaling": [2.0]}, "field 'rope_scaling' should be an object, got [2.0]"),
+                            ({"rope_scaling": {"rope_type": "linear", "factor": "big"}},
+                             "field 'rope_scaling.factor' should be float, got 'big'"),
+                            ({"rope_theta": "x"}, "field 'rope_theta' should be float, got 'x'"),
+                            ({"head_dim": "wide"}, "field 'head_dim' should be an integer, got 'wide'"),
+                            ({"num_key_value_heads": 1.5}, "field 'num_key_value_heads' should be an integer")):
+        with pytest.raises(EdgemtpError, match=re.escape(message)):
+            parse_llama({**hf, **change}, "x")
 
 
 def test_bad_max_context(tiny_gemma3, tmp_path):
@@ -229,18 +254,68 @@ def test_overwrite_replaces_only_a_bundle(tiny_gemma3, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c.update(capacity="abc"), "graphs.target.contract is malformed"),
+    (lambda c: c.update(capacity="abc"), "graphs.target.contract.capacity 'abc' must be a positive whole number"),
     (lambda c: c.update(capacity=4096), r"does not match target.onnx: past_key_values.\d+.key is \['batch', \d+, 64"),
-    (lambda c: c.update(kv=[]), "does not match target.onnx: the graph's input past_key_values.0.key is missing"),
+    (lambda c: c.update(kv=c["kv"][1:]), "does not match target.onnx: the graph's input past_key_values.0.key is missing"),
 ])
 def test_manifest_contract_must_match_the_graph(tiny_gemma3, tmp_path, edit, message):
     """A manifest edited after export (it cannot hash itself) is named, not left to fail inside a run."""
     b = copy_bundle(tiny_gemma3[2], tmp_path)
     m = json.loads((b / "edgemtp.json").read_text())
     edit(m["graphs"]["target"]["contract"])
+    edit(m["graphs"]["verify"]["contract"])  # shares the target's cache: must agree with it
     (b / "edgemtp.json").write_text(json.dumps(m))
     with pytest.raises(EdgemtpError, match=message):
         Engine.load(b)
+
+
+def _set(path, value):
+    """An edit of the manifest: the field at `path` set to `value` (DELETE: removed)."""
+    def edit(m):
+        for key in path[:-1]:
+            m = m[key]
+        if value is DELETE:
+            del m[path[-1]]
+        else:
+            m[path[-1]] = value
+    return edit
+
+
+DELETE = object()
+TARGET = ("graphs", "target")
+CONTRACT = (*TARGET, "contract")
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set(("schema_version",), True), "schema_version True unsupported"),
+    (_set(("files", "tokenizer.json"), "abc"), "files.tokenizer.json must be an object with 'bytes'"),
+    (_set(("files", "tokenizer.json", "bytes"), "12"), "files.tokenizer.json must be an object with 'bytes'"),
+    (_set(("files", "tokenizer.json", "sha256"), DELETE), "files.tokenizer.json must be an object .* 'sha256'"),
+    (_set(TARGET, "target.onnx"), "graphs.target is not an object"),
+    (_set((*TARGET, "file"), ["target.onnx"]), r"graphs.target.file \['target.onnx'\] must name a file"),
+    (_set((*TARGET, "file"), {"a": 1}), "graphs.target.file {'a': 1} must name a file"),
+    (_set(CONTRACT, "x"), "graphs.target.contract is not an object"),
+    (_set((*CONTRACT, "vocab_size"), DELETE), "graphs.target.contract.vocab_size is missing"),
+    (_set((*CONTRACT, "kv_update"), "weird"), "graphs.target.contract.kv_update 'weird' is unknown"),
+    (_set((*CONTRACT, "kv", 0, "window"), -1), r"graphs.target.contract.kv\[0\].window -1 must be a positive"),
+    (_set((*CONTRACT, "kv", 1, "num_heads"), "1"), r"graphs.target.contract.kv\[1\].num_heads '1' must be"),
+    (_set((*CONTRACT, "kv", 1, "layer"), 0), r"graphs.target.contract.kv \[0, 0, .*\] names a layer twice"),
+    (_set((*CONTRACT, "kv", 0), 3), r"graphs.target.contract.kv\[0\] must be an object"),
+    (_set((*CONTRACT, "drafter_kv"), {"full_attention": 99}), "graphs.target.contract.drafter_kv .* must map"),
+    (_set((*CONTRACT, "window_views"), "yes"), "graphs.target.contract.window_views 'yes' must be true or false"),
+    (_set((*CONTRACT, "hidden_size"), 65), "model.hidden_size 64 differs from graphs.target.contract.hidden_size 65"),
+    (_set(("graphs", "verify", "contract", "capacity"), 32), "graphs.verify.contract.capacity 32 differs from the target's"),
+    (_set(("graphs", "verify", "contract"), "x"), "graphs.verify.contract is not an object"),
+])
+def test_malformed_graph_entries_are_named(tiny_gemma3, tmp_path, edit, message):
+    """Each field of a graph entry and its contract that the runtime acts on is named when an edit broke it,
+    not met as a KeyError or a failure inside ONNX Runtime (the bundle check of DESIGN.md §4)."""
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    m = json.loads((b / "edgemtp.json").read_text())
+    edit(m)
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    with pytest.raises(EdgemtpError, match=message):
+        bundle.load(b)
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -6,6 +6,7 @@ import json
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,63 @@ def test_cluster_command(tiny_gemma3, tmp_path):
     assert list(report["k"]) == ["8"] and report["k"]["8"]["recall"] == 1.0  # every cluster: always found
 
 
+def _full_disk(*_a, **_k):
+    raise OSError(28, "No space left on device")  # as a write() to a file object raises it: no filename
+
+
+def test_a_full_disk_is_one_line_naming_the_output(tiny_gemma3, tmp_path, monkeypatch):
+    """ENOSPC met mid-write (no filename in the error) names the command's -o and leaves nothing behind: no
+    bundle, no temporary directory, and an earlier head.safetensors as it was."""
+    from edgemtp.calibration import head_report
+    from edgemtp.exporters import builder
+
+    with monkeypatch.context() as m:
+        m.setattr(builder, "_write", _full_disk)
+        r = run("export", tiny_gemma3[1], "-o", tmp_path / "b", "--max-context", 64)
+    assert r.exit_code == 2 and r.output == f"error: {tmp_path / 'b'}: No space left on device while writing it\n"
+    assert list(tmp_path.iterdir()) == []
+
+    args = ("cluster", tiny_gemma3[1], "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2, "--positions", 512)
+    assert run(*args).exit_code == 0
+    before = (tmp_path / "head" / "head.safetensors").read_bytes()
+    assert (tmp_path / "head" / "head.safetensors").stat().st_mode & 0o044  # not mkstemp's private 0600
+    for where in (tmp_path / "head", tmp_path / "new"):
+        with monkeypatch.context() as m:
+            m.setattr(head_report.os, "fdopen", lambda fd, *_: (head_report.os.close(fd), _Unwritable())[1])
+            r = run(*args[:3], where, *args[4:])
+        assert r.exit_code == 2 and f"error: {where}: No space left on device" in r.output, r.output
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["head.safetensors"]
+    assert (tmp_path / "head" / "head.safetensors").read_bytes() == before and not (tmp_path / "new").exists()
+
+
+class _Unwritable:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    write = staticmethod(_full_disk)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_generate_into_a_full_stdout_is_one_line(tiny_gemma3):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
+                            "--max-new-tokens", "4"], stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 2 and r.stderr == "error: standard output: No space left on device while writing it\n"
+
+
+def test_cluster_checks_its_output_before_clustering(tiny_gemma3, tmp_path, monkeypatch):
+    from edgemtp.calibration import head_report
+
+    monkeypatch.setattr(head_report, "cluster_model", lambda *a, **k: pytest.fail("clustered before checking -o"))
+    (tmp_path / "afile").write_text("x")
+    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "afile" / "head")
+    assert r.exit_code == 2 and r.output == f"error: -o {tmp_path / 'afile' / 'head'}: {tmp_path / 'afile'} is a file, " \
+                                            "not a directory\n"
+
+
 def test_export_is_reproducible(tiny_gemma3, tmp_path):
     """Two exports of one checkpoint, in processes with different string hash seeds (a set of layer types
     iterates in another order), write the same bytes: a bundle's sha256 names its content."""
@@ -231,7 +289,7 @@ def test_export_is_reproducible(tiny_gemma3, tmp_path):
     model_dir = tiny_gemma3[1]
     for seed in ("1", "2"):
         code = ("import sys; from edgemtp.cli import cli; "
-                f"cli(['export', sys.argv[1], '-o', sys.argv[2], '--max-context', '64'])")
+                "cli(['export', sys.argv[1], '-o', sys.argv[2], '--max-context', '64'])")
         subprocess.run([sys.executable, "-c", code, str(model_dir), str(tmp_path / seed)], check=True,
                        capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed})
     files = [bundle_mod.load(tmp_path / s).manifest["files"] for s in ("1", "2")]

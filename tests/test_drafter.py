@@ -22,7 +22,7 @@ from edgemtp.drafter.train import TargetPass, TrainSpec, train_drafter  # noqa: 
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import load_config as target_config  # noqa: E402
 from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
-from edgemtp.runtime.engine import Engine  # noqa: E402
+from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
 
 LENGTHS = (21, 12)  # committed cache lengths of the two rows: row 0 runs past 2x the window (8)
 K = 3
@@ -391,6 +391,73 @@ def test_mismatched_drafter_is_refused(setup, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def _drop_field(name):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg[name]
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "config.json").write_text("{bad"), "config.json: not valid JSON"),
+    (_drop_field("layer_types"), "config.json: field 'layer_types' None must be a non-empty list"),
+    (_drop_field("hidden"), "config.json: field 'hidden' None must be a positive whole number"),
+    (_drop_field("rope"), "config.json: field 'rope' must give each of its layer types"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x05" * 16), "model.safetensors: not a valid safetensors file"),
+    (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+    (lambda d: (d / "head.safetensors").write_bytes(b"\xff" * 64), "head.safetensors: not valid head tables"),
+])
+def test_broken_drafter_directory_is_named(setup, tmp_path, damage, message):
+    """export --drafter with a damaged drafter directory: one error naming the file (and field), no bundle."""
+    from edgemtp.exporters import export
+
+    drafter_dir = tmp_path / "d"
+    clustered_drafter(setup[0], drafter_dir)
+    damage(drafter_dir)
+    with pytest.raises(EdgemtpError, match=message):
+        export(setup[0], tmp_path / "b", capacity=64, drafter=drafter_dir)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(kv_layers=[99]), r"graphs.drafter.contract.kv_layers \[99\] must list layers of the target's kv"),
+    (lambda c: c.update(kind="eagle"), "graphs.drafter.contract.kind 'eagle' is unknown"),
+    (lambda c: c.pop("config"), "graphs.drafter.contract.config is missing"),
+    (lambda c: c["config"].update(vocab_size=5), "graphs.drafter.contract.config.vocab_size 5 differs from the target's 96"),
+    (lambda c: c.update(head={"kind": "weird"}), "graphs.drafter.contract.head.kind 'weird' is unknown"),
+    (lambda c: c.update(head={"kind": "clustered", "clusters": 4, "top_k": 2, "candidates": 8, "context": -3}),
+     "graphs.drafter.contract.head.context -3 must be between 0 and 1024"),
+    (lambda c: c.update(head={"kind": "clustered", "clusters": 4, "top_k": 5, "candidates": 8}),
+     "graphs.drafter.contract.head.top_k 5 exceeds its 4 clusters"),
+    # the manifest is well formed but the graph is not what it says: named when the drafter loads
+    (lambda c: c.update(head={"kind": "clustered", "clusters": 4, "top_k": 2, "candidates": 8}),
+     r"drafter.onnx: the graph does not match its manifest contract \(the graph has no candidate_ids"),
+    (lambda c: c.update(kv_layers=[0]), r"drafter.onnx: the graph does not match .*has no past_key_values.0.key"),
+])
+def test_malformed_drafter_contract_is_named(setup, tmp_path, edit, message):
+    """A drafter entry edited after export is named at load (or when its graph opens), not met as a KeyError or
+    an 'Invalid output name' inside ONNX Runtime."""
+    b = tmp_path / "b"
+    shutil.copytree(setup[1], b)
+    m = json.loads((b / "edgemtp.json").read_text())
+    edit(m["graphs"]["drafter"]["contract"])
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    with pytest.raises(EdgemtpError, match=message):
+        Engine.load(b, mtp=True).generate("t1 t2 t3", max_new_tokens=3, draft=Draft("mtp", 2))
+
+
+def test_a_drafter_entry_naming_another_graph_is_refused(setup, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(setup[1], b)
+    m = json.loads((b / "edgemtp.json").read_text())
+    m["graphs"]["drafter"]["file"] = m["graphs"]["target"]["file"]
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    with pytest.raises(EdgemtpError, match=r"target.onnx: the graph does not match its manifest contract \(the graph has "
+                                           r"no last_hidden_state"):
+        Engine.load(b, mtp=True).generate("t1 t2 t3", max_new_tokens=3, draft=Draft("mtp", 2))
+
+
 def test_export_reports_each_phase_to_its_progress_bar(setup, tmp_path):
     """`edgemtp export`'s bar names what it is doing: the target's weights, then the drafter's (whose int8
     head rows take seconds at 270M scale), each counted up to its total."""
@@ -756,6 +823,15 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "narrow"), "--init", str(tmp_path / "init"),
                                               "--intermediate", "40"] + args[4:])
     assert bad.exit_code == 2 and "--intermediate 40" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "narrow").exists()  # a refused run leaves no output directory
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "init", broken)
+    (broken / "config.json").write_text("{bad")
+    bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "x"), "--init", str(broken)] + args[4:])
+    assert bad.exit_code == 2 and f"{broken / 'config.json'}: not valid JSON" in bad.output, bad.output
+    assert not (tmp_path / "x").exists()
+    bad = CliRunner().invoke(cli, args + ["--seed", "-1"])
+    assert bad.exit_code == 2 and "--seed -1 must be 0 or more" in bad.output
     bad = CliRunner().invoke(cli, args + ["--intermediate", "0"])
     assert bad.exit_code == 2 and "--intermediate 0" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args + ["--accept-weight", "1.5"])

@@ -17,6 +17,7 @@ calibration_positions), which `edgemtp.checkpoint.Checkpoint(OUT)` reads and the
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ def head_rows(model_dir: Path) -> np.ndarray:
 
 def load_hidden(source, hidden_size: int) -> np.ndarray:
     """Final hidden states [N, d] from an array, a .npy file or a .npz file's 'hidden' array."""
+    source_path = None
     if isinstance(source, (str, Path)):
-        path = Path(source)
+        path = source_path = Path(source)
         if not path.is_file():
             raise EdgemtpError(f"{path}: calibration file not found")
         try:
@@ -68,8 +70,12 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
             raise EdgemtpError(f"{path}: not a .npy / .npz array file ({str(e).split('. ')[0]})") from None
     hidden = np.asarray(source, np.float32)
     if hidden.ndim != 2 or hidden.shape[1] != hidden_size or len(hidden) == 0:
-        raise EdgemtpError(f"calibration hidden states have shape {list(hidden.shape)}, "
-                           f"expected [N, {hidden_size}] (the model's hidden size)")
+        raise EdgemtpError(f"{source_path or 'calibration hidden states'}: shape {list(hidden.shape)}, "
+                           f"expected hidden states [N, {hidden_size}] (the model's hidden size)")
+    bad = int((~np.isfinite(hidden).all(axis=1)).sum())
+    if bad:
+        where = f"{source_path}: " if source_path is not None else ""
+        raise EdgemtpError(f"{where}{bad} of {len(hidden)} calibration hidden states hold NaN or infinity")
     return hidden
 
 
@@ -290,13 +296,30 @@ def _ort_head_top(hidden: np.ndarray, embed: np.ndarray, top: int, softcap: floa
 
 
 def save_head(out_dir: Path, tables: HeadTables, meta: dict) -> Path:
-    from safetensors.numpy import save_file
+    """Writes head.safetensors whole or not at all: to a temporary file renamed over it (a full disk or a
+    kill leaves an earlier head as it was, and a directory this call made is removed again)."""
+    from safetensors.numpy import save
+
+    data = save({"centroids": np.ascontiguousarray(tables.centroids, np.float32),
+                 "token_ordering": np.ascontiguousarray(tables.token_ordering, np.int64),
+                 "token_mask": np.ascontiguousarray(tables.token_mask, bool)},
+                metadata={k: json.dumps(v) for k, v in meta.items()})
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / HEAD_FILE
-    save_file({"centroids": np.ascontiguousarray(tables.centroids, np.float32),
-               "token_ordering": np.ascontiguousarray(tables.token_ordering, np.int64),
-               "token_mask": np.ascontiguousarray(tables.token_mask, bool)},
-              str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{HEAD_FILE}.", dir=out_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would keep the tables from other users
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     return path
 
 
@@ -307,12 +330,17 @@ def load_head(path: Path) -> tuple[HeadTables, dict]:
     path = path / HEAD_FILE if path.is_dir() else path
     if not path.is_file():
         raise EdgemtpError(f"{path}: head tables not found (write them with `edgemtp cluster`)")
-    with safe_open(str(path), "np") as f:
-        missing = {"centroids", "token_ordering", "token_mask"} - set(f.keys())
-        if missing:
-            raise EdgemtpError(f"{path}: missing tensor(s) {', '.join(sorted(missing))}")
-        tables = HeadTables(*(f.get_tensor(k) for k in ("centroids", "token_ordering", "token_mask")))
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    try:
+        with safe_open(str(path), "np") as f:
+            missing = {"centroids", "token_ordering", "token_mask"} - set(f.keys())
+            if missing:
+                raise EdgemtpError(f"{path}: missing tensor(s) {', '.join(sorted(missing))}")
+            tables = HeadTables(*(f.get_tensor(k) for k in ("centroids", "token_ordering", "token_mask")))
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except EdgemtpError:
+        raise
+    except Exception as e:  # safetensors' SafetensorError on a damaged file, a JSON error in its metadata
+        raise EdgemtpError(f"{path}: not valid head tables ({type(e).__name__}: {str(e)[:200]})") from None
     return tables, meta
 
 

@@ -87,11 +87,38 @@ def load_config(drafter_dir: Path) -> DrafterConfig:
     path = Path(drafter_dir) / "config.json"
     if not path.is_file():
         raise EdgemtpError(f"{path}: missing (a drafter directory needs config.json and {WEIGHTS})")
-    d = json.loads(path.read_text())
-    if d.get("model_type") != MODEL_TYPE:
-        raise EdgemtpError(f"{path}: model_type {d.get('model_type')!r} is not {MODEL_TYPE!r}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or d.get("model_type") != MODEL_TYPE:
+        kind = d.get("model_type") if isinstance(d, dict) else type(d).__name__
+        raise EdgemtpError(f"{path}: model_type {kind!r} is not {MODEL_TYPE!r}")
+    _check_fields(d, path)
     known = set(DrafterConfig.__dataclass_fields__)
-    return DrafterConfig.from_json({k: v for k, v in d.items() if k in known})
+    try:
+        return DrafterConfig.from_json({k: v for k, v in d.items() if k in known})
+    except (TypeError, ValueError, AttributeError) as e:  # a nested value of the wrong kind (rope, target_kv)
+        raise EdgemtpError(f"{path}: a field has a value of the wrong type ({e})") from None
+
+
+def _check_fields(d: dict, path: Path) -> None:
+    """The fields a drafter is built from, named when missing or of the wrong kind (an edited or foreign
+    config.json would otherwise be a KeyError deep in the export)."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    for key in ("vocab_size", "backbone_hidden", "hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim"):
+        if not whole(d.get(key)):
+            raise EdgemtpError(f"{path}: field '{key}' {d.get(key)!r} must be a positive whole number")
+    types = d.get("layer_types")
+    if not (isinstance(types, list) and types and all(isinstance(t, str) for t in types)):
+        raise EdgemtpError(f"{path}: field 'layer_types' {types!r} must be a non-empty list of layer types")
+    kv, rope = d.get("target_kv"), d.get("rope")
+    if not (isinstance(kv, dict) and set(types) <= set(kv) and all(isinstance(v, int) for v in kv.values())):
+        raise EdgemtpError(f"{path}: field 'target_kv' {kv!r} must map each of its layer types to a target layer")
+    if not (isinstance(rope, dict) and set(types) <= set(rope) and all(isinstance(v, dict) for v in rope.values())):
+        raise EdgemtpError(f"{path}: field 'rope' must give each of its layer types its RoPE parameters")
 
 
 def shipped(name: str) -> Path:

@@ -46,7 +46,7 @@ from ..exporters import components as nn
 from ..exporters import head as H
 from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external, read_param, share_weights
 from ..exporters.gemv_head import read_transposed
-from . import DrafterConfig, load_config
+from . import WEIGHTS, DrafterConfig, load_config
 
 GRAPH = "drafter.onnx"
 EMBEDDING = "model.embed_tokens.weight"  # the target's key; the drafter graph reuses it
@@ -243,6 +243,8 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
     where = embedding_location(target_graph, cfg)
     if where[3]:  # a --gemv-head target keeps only the transposed table
         read_transposed(graph, EMBEDDING)
+    if not (Path(drafter_dir) / WEIGHTS).is_file():  # else the head tables' file would be searched for weights
+        raise EdgemtpError(f"{Path(drafter_dir) / WEIGHTS}: missing (a drafter directory needs config.json and {WEIGHTS})")
     save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding, where,
          progress)
     return {"file": name, "quant": "fp32", "contract": contract(cfg, head, head_rows)}
@@ -392,8 +394,27 @@ class DrafterSession:
         Gemma 4 assistant's, which share the I/O contract but not the config."""
         from ..runtime.session import make_session
 
-        return cls(make_session(path, provider, threads, spin=False), contract["kv_layers"], int(contract["config"]["vocab_size"]),
-                   contract.get("head"))
+        drafter = cls(make_session(path, provider, threads, spin=False), contract["kv_layers"],
+                      int(contract["config"]["vocab_size"]), contract.get("head"))
+        problem = drafter.graph_mismatch()
+        if problem:
+            raise EdgemtpError(f"{path}: the graph does not match its manifest contract ({problem})")
+        return drafter
+
+    def graph_mismatch(self) -> str:
+        """What the graph lacks of the inputs this session binds and the outputs it reads, or what it needs
+        that the contract does not give ('' if nothing): a drafter graph swapped or a contract edited after
+        export would otherwise fail inside ONNX Runtime's run."""
+        have_in = {i.name for i in self.session.get_inputs()}
+        have_out = {o.name for o in self.session.get_outputs()}
+        feeds = [INPUT_IDS, LAST_HIDDEN, POSITION_IDS, *([H.CONTEXT_IDS] if self.context else [])]
+        feeds += [f(layer) for layer in self.kv_layers for f in (C.past_key, C.past_value)]
+        missing = [n for n in feeds if n not in have_in] + [n for n in self.outputs if n not in have_out]
+        if missing:
+            return f"the graph has no {', '.join(missing[:3])}; the contract says head {self.head['kind']!r}, " \
+                   f"kv_layers {self.kv_layers}, context {self.context}"
+        unfed = sorted(have_in - set(feeds))
+        return f"the graph's input {unfed[0]} is not in its contract" if unfed else ""
 
     def run(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice,
             recent: np.ndarray | None = None) -> list[np.ndarray]:

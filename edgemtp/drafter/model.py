@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import EdgemtpError
 from ..exporters.components import inv_freq
 from . import WEIGHTS, DrafterConfig, load_config
 
@@ -218,8 +219,17 @@ def load(drafter_dir: Path) -> MTPDrafter:
     from safetensors.torch import load_file
 
     model = MTPDrafter(load_config(drafter_dir))
-    state = load_file(str(Path(drafter_dir) / WEIGHTS))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    path = Path(drafter_dir) / WEIGHTS
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: missing (a drafter directory needs config.json and {WEIGHTS})")
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
+        raise EdgemtpError(f"{path}: not a valid safetensors file ({e})") from None
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        raise EdgemtpError(f"{path}: weights do not fit config.json ({str(e).splitlines()[0]})") from None
     return model.eval()
 
 

@@ -360,7 +360,6 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     from ..exporters.gemma3 import drafter_kv
 
     target_dir, out_dir = Path(target_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tcfg, _ = load_config(target_dir)
     cfg = M.DrafterConfig.for_target(tcfg, drafter_kv(tcfg), **(shape or {}))
     start_from = None
@@ -380,6 +379,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     if head_clusters:  # checked before hours of training, not after
         from ..calibration.clustering import check_sizes
         check_sizes(cfg.vocab_size, head_clusters, head_top_k, flag="--head-")
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no directory
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()

@@ -14,10 +14,10 @@ from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
 from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
 from ..errors import EdgemtpError
+from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma3, llama
 from .gemv_head import use_gemv_head
 
-QUANTS = bundle_mod.QUANTS  # qdq: static QDQ graphs for NPUs (with --static)
 AUTO = "auto"  # drafter=AUTO: attach the shipped drafter trained for this model, when there is one
 Progress = Callable[[int, int, str], None]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import contract as C
-from ..config import ACTIVATIONS, FULL, SLIDING, Problems, Rope, eos_ids
+from ..config import ACTIVATIONS, FULL, SLIDING, Problems, Rope, check_limits
 from ..errors import EdgemtpError
 from . import components as nn
 from .builder import GraphBuilder
@@ -116,15 +116,15 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
         sliding_window=pr.need(hf, "sliding_window", int, 512),
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         hidden_activation=str(hf.get("hidden_activation") or "gelu_pytorch_tanh"),
-        final_logit_softcapping=_optional_float(hf, "final_logit_softcapping", pr),
+        final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         attention_k_eq_v=bool(hf.get("attention_k_eq_v", False)),
         num_kv_shared_layers=pr.need(hf, "num_kv_shared_layers", int, 0),
         use_double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
         ple_dim=_ple_dim(hf, pr),
         ple_vocab=pr.need(hf, "vocab_size_per_layer_input", int, 262_144),
-        bos_token_id=hf.get("bos_token_id", 2),
-        eos_token_ids=eos_ids(hf) or (1,),
+        bos_token_id=pr.opt(hf, "bos_token_id", int, 2),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
         max_position_embeddings=pr.need(hf, "max_position_embeddings", int, 131_072),
     )
     _check(cfg, hf, pr)
@@ -195,13 +195,10 @@ def _ple_dim(hf: dict, pr: Problems) -> int:
     return pr.need(hf, "hidden_size_per_layer_input", int, 256) if hf.get("hidden_size_per_layer_input", 256) else 0
 
 
-def _optional_float(hf: dict, key: str, pr: Problems) -> float | None:
-    return None if hf.get(key) is None else pr.need(hf, key, float)
-
-
 def _check(cfg: Gemma4Config, hf: dict, pr: Problems) -> None:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
         pr.check(getattr(cfg, name) > 0, f"field for {name} must be positive")
+    check_limits(cfg, pr)
     pr.check(len(cfg.layer_types) == cfg.num_layers,
              f"field 'layer_types' has {len(cfg.layer_types)} entries for {cfg.num_layers} layers")
     for t in sorted(set(cfg.layer_types) - {SLIDING, FULL}):
