@@ -212,7 +212,9 @@ def inside(root: Path, rel: str) -> Path:
     """`root / rel`, refusing absolute paths and anything that resolves outside `root`."""
     p = (root / rel).resolve()
     if Path(rel).is_absolute() or not p.is_relative_to(root.resolve()):
-        raise EdgemtpError(f"{root / MANIFEST}: path '{rel}' points outside the bundle")
+        how = "is a symbolic link to a file outside the bundle (copy the file in)" if (root / rel).is_symlink() \
+            else "points outside the bundle"
+        raise EdgemtpError(f"{root / MANIFEST}: path '{rel}' {how}")
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import json
 import math
 import os
@@ -84,15 +85,17 @@ def exit_on_sigterm():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def writable_dir(out: Path, flag: str) -> None:
-    """`out` is, or can be made, a directory this process may write into: checked before a long run."""
+def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
+    """`out` is, or can be made, a directory this process may write into: checked before a long run.
+    `shown`: the path the user gave, when `out` is its directory."""
     here = Path(out)
+    out = shown if shown is not None else out
     while not here.exists() and here != here.parent:
         here = here.parent
     if not here.is_dir():
         raise EdgemtpError(f"{flag} {out}: {here} is a file, not a directory")
     if not os.access(here, os.W_OK | os.X_OK):
-        raise EdgemtpError(f"{flag} {out}: cannot write in {here} (permission denied)")
+        raise EdgemtpError(f"{flag} {out}: cannot write in {here}")
 
 
 @click.group(cls=_Group)
@@ -229,6 +232,9 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
 
     if capacity is not None:
         resolve_capacity(capacity, load_config(model_dir)[0], limit=True)
+    given = click.get_current_context().get_parameter_source("verify_window") == ParameterSource.COMMANDLINE
+    if given and not (static or quant == "qdq"):
+        raise EdgemtpError(f"--verify-window {verify_window} applies to a static graph: add --static")
     chosen = None if drafter == "none" else AUTO if drafter == "auto" else Path(drafter)
     if isinstance(chosen, Path) and not (chosen / "config.json").is_file():
         raise EdgemtpError(f"--drafter {drafter}: no config.json there (a drafter directory, auto or none)")
@@ -381,7 +387,10 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
                                           threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
                                           reuse_prefix=True)
     opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
-    engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}])  # no template, or one refusing --system
+    hello = engine.encode(engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}]))  # no template, ...
+    if opening and len(hello) + 1 >= engine.capacity:  # ... one refusing --system, or no room after it
+        raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "
+                           f"bundle's KV capacity of {engine.capacity}")
     interactive = sys.stdin.isatty()
     messages = list(opening)
     while True:
@@ -408,7 +417,8 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
                 reply.append(piece)
         except CapacityError as e:
             messages.pop()
-            click.echo(f"error: {e}: /reset starts the conversation over", err=True)
+            earlier = len(messages) > len(opening)  # only then can /reset make room
+            click.echo(f"error: {e}" + (": /reset starts the conversation over" if earlier else ""), err=True)
             continue
         click.echo()
         click.echo(speed_line(stats), err=True)
@@ -420,9 +430,12 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None:
         try:
-            return prompt_file.read_text()
+            text = prompt_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
             raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({e.__class__.__name__})") from None
+        if not text.strip():
+            raise EdgemtpError(f"{file_flag} {prompt_file}: the file is empty")
+        return text
     return utf8(prompt, "--prompt")
 
 
@@ -506,7 +519,6 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     writable_dir(out, "-o")  # before k-means, which takes minutes
     with progress_bar("clustering the vocabulary", show_what=drafter_dir is not None) as progress:
         if drafter_dir is not None:
-            import importlib.util
             if importlib.util.find_spec("torch") is None:  # the drafter runs in torch, as in training
                 raise EdgemtpError("--drafter needs torch: pip install 'edgemtp[train]'")
             from .drafter import head_fit
@@ -691,6 +703,10 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
             raise EdgemtpError(f"{flag} {path}: is a directory (give a file name in it)")
         if path is not None and not path.parent.is_dir():
             raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
+        if path is not None:
+            writable_dir(path.parent, flag, shown=path)  # before the run, which takes minutes
+    if plot_file is not None and importlib.util.find_spec("matplotlib") is None:
+        raise EdgemtpError("--plot needs matplotlib: pip install 'edgemtp[plot]'")
     text = read_prompt(None, text_file, "--text-file") if text_file else None
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
@@ -732,6 +748,7 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     if workdir.exists() and not workdir.is_dir():
         raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")
+    writable_dir(workdir, "--workdir")  # e.g. a read-only home: named here, not as a path deep inside it
     model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
     if not (model_dir / "config.json").is_file():
         gguf = default_gguf_path()

@@ -113,6 +113,6 @@ def graph_mismatch(contract: TargetContract, inputs: dict) -> str:
         shape = list(inputs[name])
         expected = [None, s.num_heads, contract.capacity if s.window is None else None, s.head_dim]
         if len(shape) != 4 or any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, expected)):
-            implied = ["batch" if w is None else w for w in expected]
+            implied = [w if w is not None else "batch" if i == 0 else "any" for i, w in enumerate(expected)]
             return f"{name} is {shape} in the graph, the contract implies {implied}"
     return ""

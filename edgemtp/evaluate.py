@@ -48,7 +48,12 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     windows, window, nll (mean, nats), perplexity; with a reference also reference_perplexity,
     perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
     engine = Engine.load(bundle_dir, threads=threads, verify=verify)
-    ref = Engine.load(reference_bundle, threads=threads, verify=verify) if reference_bundle else None
+    ref = None
+    if reference_bundle:
+        try:
+            ref = Engine.load(reference_bundle, threads=threads, verify=verify)
+        except EdgemtpError as e:  # which of the two bundles is at fault
+            raise EdgemtpError(f"--reference {reference_bundle}: {e}") from None
     if ref is not None:
         _check_same_vocab(engine, ref)
     if window is None:

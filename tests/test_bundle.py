@@ -53,6 +53,14 @@ def test_manifest_path_outside_bundle_is_refused(tiny_gemma3, tmp_path):
     (b / "edgemtp.json").write_text(json.dumps(m))
     with pytest.raises(EdgemtpError, match="points outside the bundle"):
         bundle.load(b)
+    # a bundle file that is a symbolic link to elsewhere: said so, with what to do
+    del m["files"]["../secret"]
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    elsewhere = tmp_path / "tokenizer.json"
+    shutil.move(b / "tokenizer.json", elsewhere)
+    (b / "tokenizer.json").symlink_to(elsewhere)
+    with pytest.raises(EdgemtpError, match=r"'tokenizer.json' is a symbolic link to a file outside the bundle \(copy"):
+        bundle.load(b)
 
 
 def test_missing_and_corrupt_manifest(tmp_path):

@@ -176,6 +176,11 @@ def test_chat_mistakes_are_one_line(chat_bundle, tiny_gemma3, tmp_path):
     r = run(refusing, "--prompt", "t3", "--chat")
     assert r.exit_code == 2 and "chat_template.jinja: the chat template refused the messages (only one message)" \
         in r.output.replace("\n", ""), r.output
+    (refusing / "chat_template.jinja").write_text("{# says nothing #}")
+    bundle_mod.write_manifest(refusing, m)
+    r = run(refusing, "--prompt", "t3", "--chat")
+    assert r.exit_code == 2 and "chat_template.jinja: the chat template wrote nothing for the messages" in \
+        r.output.replace("\n", ""), r.output
     m["chat"]["template"] = "nothere.jinja"
     bundle_mod.write_manifest(refusing, m)
     r = run(refusing, "--prompt", "t3", "--chat")
@@ -214,6 +219,18 @@ def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     assert "does not fit the bundle's KV capacity of 64" in r.stderr and "/reset starts the conversation over" in r.stderr
     r = CliRunner().invoke(cli, ["chat", str(tiny_gemma3[2])], input="t3\n")
     assert r.exit_code == 2 and "bundle has no chat template" in r.output
+
+
+def test_chat_that_cannot_fit_says_why(chat_bundle):
+    """A --system message leaving no room fails first (exit 2); a first message too long for the capacity is
+    refused without suggesting /reset, which cannot help (nothing earlier to drop)."""
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--system", " ".join(["t9"] * 70)], input="t3\n")
+    assert r.exit_code == 2 and r.output.startswith("error: --system: the conversation would open with") and \
+        "KV capacity of 64" in r.output, r.output
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "2"],
+                           input=" ".join(["t7"] * 70) + "\nt3\n")
+    assert r.exit_code == 0 and "does not fit the bundle's KV capacity of 64" in r.stderr, r.output
+    assert "/reset" not in r.stderr and len(r.stdout.splitlines()) == 1  # the next line was answered
 
 
 def test_text_that_is_not_utf8_is_named(chat_bundle):

@@ -120,6 +120,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
     (tmp_path / "afile").write_text("x")
     text = tmp_path / "t.txt"
     text.write_text("t1 t2 t3 t4 t5 t6")
+    (tmp_path / "empty.txt").write_text("\n")
     bundle = tiny_gemma3[2]
     pickled = tmp_path / "pickled.npy"
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
@@ -130,6 +131,14 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
          "not a .npy / .npz array"),
         (("evaluate", bundle, "--text-file", tmp_path / "nope"), "--text-file"),
         (("evaluate", bundle, "--text-file", text, "--max-tokens", -3), "--max-tokens -3 must be at least 2"),
+        (("evaluate", bundle, "--text-file", text, "--reference", tmp_path / "nope"),
+         f"--reference {tmp_path / 'nope'}: {tmp_path / 'nope'}: not a bundle directory"),
+        (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
+        (("generate", bundle, "--prompt-file", tmp_path / "empty.txt"), "--prompt-file"),
+        (("export", tiny_gemma3[1], "-o", tmp_path / "v", "--verify-window", 3),
+         "--verify-window 3 applies to a static graph: add --static"),
+        (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1), "--seed -1 must be 0 or more"),
+        (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--seed", -2), "--seed -2 must be 0 or more"),
         (("profile", bundle, "--draft", "bogus"), "--draft 'bogus' is unknown"),
         (("profile", bundle, "--head", "bogus"), "--head 'bogus' is unknown"),
         (("profile", bundle, "--provider", "foo"), "--provider 'foo' is unknown"),
@@ -267,6 +276,15 @@ def test_generate_into_a_full_stdout_is_one_line(tiny_gemma3):
         r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
                             "--max-new-tokens", "4"], stdout=full, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 2 and r.stderr == "error: standard output: No space left on device while writing it\n"
+
+
+def test_an_unwritable_workdir_is_named_first(tmp_path, monkeypatch):
+    """A directory this process may not write in (a read-only home, say) is named by its flag before any work."""
+    import edgemtp.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod.os, "access", lambda path, mode: str(path) != str(tmp_path))
+    r = run("quickstart", "--workdir", tmp_path / "qs")
+    assert r.exit_code == 2 and r.output == f"error: --workdir {tmp_path / 'qs'}: cannot write in {tmp_path}\n"
 
 
 def test_cluster_checks_its_output_before_clustering(tiny_gemma3, tmp_path, monkeypatch):

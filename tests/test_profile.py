@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from edgemtp.cli import cli
@@ -94,6 +95,35 @@ def test_trace_and_plot(tiny_gemma3, tmp_path):
 def test_bad_profile_flags(tiny_gemma3):
     r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--draft-k", "two"])
     assert r.exit_code == 2 and "--draft-k 'two' must be comma-separated integers" in r.output
+
+
+def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkeypatch):
+    """--head without any MTP row, an empty --text-file and an unwritable --plot are refused before any row runs."""
+    from edgemtp.runtime import profile as prof
+
+    monkeypatch.setattr(prof, "run_row", lambda *a: pytest.fail("a row ran"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "afile").write_text("x")
+    for args, message in (
+            (("--head", "full"), "--head full: only MTP and hybrid rows have a head, and --draft auto runs lookup here"),
+            (("--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
+            (("--plot", tmp_path / "afile" / "p.png"), "--plot")):
+        r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), *map(str, args)])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, (args, r.output)
+
+
+def test_repeated_values_run_once_and_a_batch_beyond_memory_is_skipped(tiny_gemma3, monkeypatch):
+    """--draft-k 2,2 runs K = 2 once; a batch whose KV cache and logits exceed half this machine's memory is
+    a skipped row saying so (it would otherwise hang building its prompts, then run out of memory)."""
+    from edgemtp.runtime import profile as prof
+
+    monkeypatch.setattr(prof, "physical_memory", lambda: 2**30)
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8,8", "--gen-tokens", 4, "--repetitions", 1,
+                "--draft-k", "0,2,2", "--draft", "lookup", "--batch", "1,1,100000", "--format", "json")
+    rows = json.loads(r.stdout[r.stdout.index("{"):])["rows"]
+    assert [(x["draft_k"], x["batch"], bool(x["skipped"])) for x in rows] == \
+        [(0, 1, False), (2, 1, False), (0, 100000, True), (2, 100000, True)]
+    assert "batch 100000 needs about" in rows[2]["skipped"] and "this machine has 1.0 GiB" in rows[2]["skipped"]
 
 
 def test_mtp_rows_without_a_drafter_are_skipped(tiny_gemma3):

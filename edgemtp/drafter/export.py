@@ -191,7 +191,8 @@ def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None,
                            f"has vocab {cfg.vocab_size}, hidden {cfg.backbone_hidden}")
     k = top_k if top_k is not None else int(meta.get("top_k", 32))
     if not 1 <= k <= clusters:
-        raise EdgemtpError(f"--draft-top-k {k} must be between 1 and the head's {clusters} clusters")
+        raise EdgemtpError(f"--draft-top-k {k} must be 0 (the full head) or between 1 and the head's {clusters} "
+                           "clusters")
     return H.ClusteredShape(cfg.vocab_size, cfg.backbone_hidden, clusters, k, context)
 
 

@@ -86,9 +86,12 @@ class ChatTemplate:
         import jinja2  # there: compile_template found it
 
         try:
-            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+            text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **self.special_tokens)
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError) as e:
             # the template's raise_exception (roles that do not alternate...), a sandbox refusal, a message it
             # cannot read (content that is not text), a sandbox's range too long (OverflowError)
             raise EdgemtpError(f"{self.source}: the chat template refused the messages ({e})") from None
+        if not text.strip():  # else "the prompt is empty", which the user did not write
+            raise EdgemtpError(f"{self.source}: the chat template wrote nothing for the messages")
+        return text

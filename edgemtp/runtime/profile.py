@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import resource
 import statistics
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from ..bundle import load as load_bundle
+from ..errors import EdgemtpError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
 from .sampling import Sampling
@@ -86,6 +88,7 @@ def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, he
     """One plain row (K = 0) per prompt size and batch, then each drafter (and MTP head) at each K > 0,
     and with `adaptive` at the largest K adaptively."""
     rows = []
+    draft_ks, batches, prompt_tokens = (list(dict.fromkeys(v)) for v in (draft_ks, batches, prompt_tokens))  # once each
     ks = [k for k in draft_ks if k]
     for p, b in itertools.product(prompt_tokens, batches):
         if 0 in draft_ks:
@@ -135,7 +138,27 @@ def skip_reason(c: RowConfig, capacity: int, bundle=None) -> str:
         return f"drafter {c.drafter!r} is unknown (lookup, mtp, hybrid)"
     if c.drafter in ("mtp", "hybrid") and not has_head(bundle, c.head):
         return f"the bundle has no MTP drafter with a {c.head} head" if c.head else "the bundle has no MTP drafter"
+    need, have = row_bytes(c, bundle) if bundle is not None else 0, physical_memory()
+    if have and need > have // 2:
+        return f"batch {c.batch} needs about {need / 2**30:.1f} GiB of KV cache and logits; this machine has " \
+               f"{have / 2**30:.1f} GiB"
     return ""
+
+
+def row_bytes(c: RowConfig, bundle) -> int:
+    """What a row's sequences touch beyond the weights: the KV of every position they reach and a verify
+    pass's logits (both per sequence, times the batch)."""
+    contract = bundle.target_contract
+    per_position = sum(2 * s.num_heads * s.head_dim * 4 for s in contract.kv)
+    positions = c.prompt_tokens + c.gen_tokens + c.draft_k + 1
+    return c.batch * (per_position * positions + 2 * contract.vocab_size * 4 * (c.draft_k + 1))
+
+
+def physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this system: no check
+        return 0
 
 
 def has_head(bundle, head: str) -> bool:
@@ -222,8 +245,11 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto;
     adaptive: also a row per drafter (and head) drafting adaptively up to the largest K."""
     bundle = load_bundle(bundle_dir, verify=False)
-    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters_for(bundle, drafter, provider),
-                   heads_for(bundle, head), adaptive)
+    drafters = drafters_for(bundle, drafter, provider)
+    if head != "auto" and not {"mtp", "hybrid"} & set(drafters):
+        raise EdgemtpError(f"--head {head}: only MTP and hybrid rows have a head, and --draft {drafter} runs "
+                           f"{', '.join(drafters) or 'none'} here")
+    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads_for(bundle, head), adaptive)
     rows: list[Row | None] = [None] * len(todo)
     done = 0
     # Each row runs on the engine `edgemtp generate` loads for it: rows drafting with the MTP drafter on a
