@@ -773,6 +773,10 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
 
 
 def main():
+    # ONNX Runtime 1.29+ sends usage telemetry from Linux and macOS too, and on a read-only home prints a
+    # warning about it to every command's stderr. The command turns it off unless the user set the variable
+    # (read when onnxruntime loads: nothing has imported it yet); an app embedding the runtime decides itself.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     with exit_on_sigterm():
         cli(prog_name="edgemtp")
 

@@ -287,6 +287,24 @@ def test_an_unwritable_workdir_is_named_first(tmp_path, monkeypatch):
     assert r.exit_code == 2 and r.output == f"error: --workdir {tmp_path / 'qs'}: cannot write in {tmp_path}\n"
 
 
+def test_the_command_turns_onnxruntime_telemetry_off(tiny_gemma3, tmp_path):
+    """`edgemtp` sets ORT_DISABLE_TELEMETRY=1 (unless set) before onnxruntime loads: no telemetry, and no warning
+    line about its device id where the home directory cannot be written."""
+    import os
+
+    assert "onnxruntime" not in subprocess.run([sys.executable, "-c", "import sys, edgemtp.cli; print(sys.modules)"],
+                                               capture_output=True, text=True, check=True).stdout
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    code = "import os, sys; from edgemtp.cli import main; sys.argv[0] = 'edgemtp'; main()"
+    (tmp_path / "home").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for home in (tmp_path / "home", tmp_path / "a-file"):  # a home where nothing can be written: ORT warned
+        r = subprocess.run([sys.executable, "-c", code, "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
+                            "--max-new-tokens", "2"], capture_output=True, text=True, env={**env, "HOME": str(home)})
+        assert r.returncode == 0 and "telemetry" not in r.stderr, r.stderr
+    assert list((tmp_path / "home").iterdir()) == []  # no device id written (ORT's .cache/Microsoft/...)
+
+
 def test_cluster_checks_its_output_before_clustering(tiny_gemma3, tmp_path, monkeypatch):
     from edgemtp.calibration import head_report
 
