@@ -98,6 +98,13 @@ def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
         raise EdgemtpError(f"{flag} {out}: cannot write in {here}")
 
 
+def _output(ctx, param, value: str) -> Path:
+    """-o "" would be the current directory (Path("") is "."): refused rather than guessed."""
+    if not value.strip():
+        raise EdgemtpError("-o: give a path (an empty one would mean the current directory)")
+    return Path(value)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="edgemtp")
 def cli():
@@ -133,7 +140,7 @@ def progress_bar(desc: str, show_what: bool = False):
 
 @cli.command("import-gguf")
 @click.argument("gguf_file", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=click.Path(), callback=_output,
               help="Model directory to write (config.json, model.safetensors, tokenizer.json).")
 def import_gguf_cmd(gguf_file: Path, out: Path):
     """Convert a GGUF file into a Hugging Face style model directory (dequantized to fp32)."""
@@ -191,7 +198,7 @@ def quant_options(f):
 
 @cli.command("export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), callback=_output, help="Bundle directory.")
 @click.option("--quant", default="fp32", show_default=True,
               help="Weight format: fp32, fp16, int8 or int4 (weight-only, MatMulNBits), or qdq (static QDQ "
                    "graph for NPUs, with --static).")
@@ -485,7 +492,7 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
 
 @cli.command("cluster")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=click.Path(), callback=_output,
               help="Directory for head.safetensors (centroids, token_ordering, token_mask).")
 @click.option("--clusters", default=2048, show_default=True, type=int, help="k-means clusters of the vocabulary.")
 @click.option("--top-k", default=32, show_default=True, type=int, help="Clusters scored exactly per step.")
@@ -534,7 +541,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
 
 @cli.command("train-drafter")
 @click.argument("target_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--output", "out", required=True, type=click.Path(), callback=_output,
               help="Drafter directory (config.json, model.safetensors, checkpoint.pt, train.log, cache/).")
 @click.option("--data", default="code=256,docs=160,shakespeare=96", show_default=True,
               help="Training windows per offline corpus (domain=count, comma-separated); domain=START:STOP "

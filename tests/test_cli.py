@@ -135,6 +135,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
          f"--reference {tmp_path / 'nope'}: {tmp_path / 'nope'}: not a bundle directory"),
         (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
         (("generate", bundle, "--prompt-file", tmp_path / "empty.txt"), "--prompt-file"),
+        (("export", tiny_gemma3[1], "-o", ""), "-o: give a path (an empty one would mean the current directory)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "v", "--verify-window", 3),
          "--verify-window 3 applies to a static graph: add --static"),
         (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1), "--seed -1 must be 0 or more"),
