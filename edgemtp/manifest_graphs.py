@@ -16,7 +16,7 @@ QUANTS = ("fp32", "fp16", "int8", "int4", "qdq")  # a graph's "quant" (qdq: stat
 KV_UPDATES = ("in_place", "rows")
 HEAD_KINDS = ("full", "clustered")
 HEAD_ROWS = ("fp32", "int8")
-MAX_HEAD_CONTEXT = 1024  # drafter.export.MAX_CONTEXT (not imported: that module builds graphs)
+MAX_HEAD_CONTEXT = 1024  # a head's context ids are compared with every candidate: keep it a small share
 
 
 class _Bad(Exception):
@@ -90,7 +90,7 @@ def target_contract(d: dict, where: str) -> TargetContract:
     layers = [s["layer"] for s in kv]
     _need(len(set(layers)) == len(layers), f"{where}.kv", layers, "names a layer twice")
     dkv = d.get("drafter_kv", {})
-    _need(isinstance(dkv, dict) and all(isinstance(k, str) and v in layers for k, v in dkv.items()),
+    _need(isinstance(dkv, dict) and all(isinstance(k, str) and whole(v) and v in layers for k, v in dkv.items()),
           f"{where}.drafter_kv", dkv, "must map attention types to layers in its kv")
     _need(d.get("kv_update", "in_place") in KV_UPDATES, f"{where}.kv_update", d.get("kv_update"),
           f"is unknown (one of {', '.join(KV_UPDATES)})")
@@ -119,7 +119,7 @@ def drafter_contract(d: dict, where: str, target: TargetContract) -> None:
           config["vocab_size"], f"differs from the target's {target.vocab_size}")
     layers = _get(d, "kv_layers", where)
     have = sorted(s.layer for s in target.kv)
-    _need(isinstance(layers, list) and layers and all(v in have for v in layers), f"{where}.kv_layers", layers,
+    _need(isinstance(layers, list) and layers and all(whole(v) and v in have for v in layers), f"{where}.kv_layers", layers,
           f"must list layers of the target's kv ({have[0]}..{have[-1]})")
     for key in ("inputs", "outputs"):  # informative: DrafterSession checks the graph's own names
         value = d.get(key, [])

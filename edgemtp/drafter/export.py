@@ -42,6 +42,7 @@ from .. import bundle as bundle_mod
 from .. import contract as C
 from ..checkpoint import Checkpoint
 from ..errors import EdgemtpError
+from ..manifest_graphs import MAX_HEAD_CONTEXT
 from ..exporters import components as nn
 from ..exporters import head as H
 from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external, read_param, share_weights
@@ -204,7 +205,7 @@ def check_context(context: int) -> None:
 # recent tokens a clustered head scores besides its clusters' (`edgemtp export`'s default): on Gemma 3 270M
 # 64 lifted recall@32 from 0.989 to 0.994 (code) and 0.988 to 0.991 (prose); see the README
 DEFAULT_CONTEXT = 64
-MAX_CONTEXT = 1024  # a head's context ids are compared with every candidate: keep it a small share
+MAX_CONTEXT = MAX_HEAD_CONTEXT
 HEAD_ROWS = ("fp32", "int8")  # how a clustered head scores its candidates (see head.int8_logits)
 
 
