@@ -71,7 +71,10 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         _write_json(tmp / "generation_config.json", generation_config(meta, config))
         if progress is not None:  # building a 262k-token tokenizer takes a few seconds: say so
             progress(0, len(plan), "tokenizer")
-        write_tokenizer_files(meta, tmp, config["max_position_embeddings"])
+        try:
+            write_tokenizer_files(meta, tmp, config["max_position_embeddings"])
+        except EdgemtpError as e:  # its messages name the GGUF field; the file is this one
+            raise EdgemtpError(f"{gguf_path}: {e}") from None
         write_safetensors(tmp / "model.safetensors", plan, progress)
         _replace_dir(tmp, out_dir)
     except BaseException:  # Ctrl-C included: leave nothing half-written behind
@@ -146,7 +149,9 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
         qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(qtype), offset))
         pos += 4 + 8 * n_dims + 12
-    align = int(meta.get("general.alignment", 32))
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+        raise ValueError(f"general.alignment = {align!r} must be a positive whole number")
     start = pos + (-pos % align)
     tensors = []
     for name, shape, qtype, offset in infos:
@@ -191,46 +196,76 @@ def _value(buf: memoryview, pos: int, vtype: int):
     return items, pos
 
 
+_REQUIRED = object()
+
+
+def field(meta: dict, key: str, path: Path, kind=int, default=_REQUIRED, least=None):
+    """GGUF metadata `key` as `kind` (int: a whole number; float: any number), at least `least`; `default`
+    when the file has no such field (none: the field is required)."""
+    if key not in meta:
+        if default is _REQUIRED:
+            raise EdgemtpError(f"{path}: GGUF field {key} is missing")
+        return default
+    value = meta[key]
+    ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    if not ok or (least is not None and value < least):
+        what = ("a whole number" if kind is int else "a number") + (f" of at least {least}" if least is not None else "")
+        raise EdgemtpError(f"{path}: GGUF field {key} = {value!r} must be {what}")
+    return kind(value)
+
+
 def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
     """The transformers `config.json` for a gemma3 or llama GGUF."""
     arch = meta["general.architecture"]
 
-    def need(key):
-        if f"{arch}.{key}" not in meta:
-            raise EdgemtpError(f"{path}: GGUF field {arch}.{key} is missing")
-        return meta[f"{arch}.{key}"]
+    def get(key, kind=int, default=_REQUIRED, least=1):
+        return field(meta, f"{arch}.{key}", path, kind, default, least)
 
     if "token_embd.weight" not in shapes:
         raise EdgemtpError(f"{path}: tensor token_embd.weight is missing")
-    heads, hidden = int(need("attention.head_count")), int(need("embedding_length"))
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    vocab = shapes["token_embd.weight"][0]  # the embedding matrix, not the tokenizer, fixes the vocabulary size
     config = {
         "architectures": [_HF_CLASSES[arch][0]],
         "model_type": _HF_CLASSES[arch][1],
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": _block_count(get("block_count"), shapes, f"{arch}.block_count", path),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(meta.get(f"{arch}.attention.key_length", hidden // heads)),
-        "rms_norm_eps": _f32(need("attention.layer_norm_rms_epsilon")),
-        "rope_theta": _f32(meta.get(f"{arch}.rope.freq_base", 10_000.0)),
+        "num_key_value_heads": get("attention.head_count_kv", default=heads),
+        "head_dim": get("attention.key_length", default=hidden // heads),
+        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", float, least=0)),
+        "rope_theta": _f32(get("rope.freq_base", float, 10_000.0, least=0)),
         "rope_scaling": _rope_scaling(meta, arch, path),
-        "max_position_embeddings": int(need("context_length")),
-        # the embedding matrix, not the tokenizer, fixes the vocabulary size the model computes with
-        "vocab_size": shapes["token_embd.weight"][0],
+        "max_position_embeddings": get("context_length"),
+        "vocab_size": vocab,
         # llama.cpp writes output.weight only when it is not the embedding matrix
         "tie_word_embeddings": "output.weight" not in shapes,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        **{f"{name}_token_id": _token_id(meta, f"tokenizer.ggml.{key}_token_id", vocab, path)
+           for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"))},
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
     }
-    extra = _gemma3_config(meta, config) if arch == "gemma3" else _llama_config(meta, config, shapes, path)
+    extra = _gemma3_config(meta, config, path) if arch == "gemma3" else _llama_config(meta, config, shapes, path)
     return config | extra
 
 
-def _gemma3_config(meta: dict, config: dict) -> dict:
+def _block_count(count: int, shapes: dict, key: str, path: Path) -> int:
+    """The layer count, checked against the tensors (blk.N.*): a wrong one would export another model."""
+    layers = {int(name.split(".")[1]) for name in shapes if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    if layers != set(range(count)):
+        raise EdgemtpError(f"{path}: GGUF field {key} = {count}, but the file has tensors of {len(layers)} layers")
+    return count
+
+
+def _token_id(meta: dict, key: str, vocab: int, path: Path) -> int | None:
+    value = field(meta, key, path, int, None, least=0)
+    if value is not None and value >= vocab:
+        raise EdgemtpError(f"{path}: GGUF field {key} = {value} is outside the vocabulary of {vocab}")
+    return value
+
+
+def _gemma3_config(meta: dict, config: dict, path: Path) -> dict:
     layers = config["num_hidden_layers"]
     # llama.cpp's attention scale: 1/sqrt(head_dim), except Gemma 3 27B (62 layers), whose HF config
     # has query_pre_attn_scalar = hidden_size / num_attention_heads.
@@ -239,26 +274,30 @@ def _gemma3_config(meta: dict, config: dict) -> dict:
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
         "query_pre_attn_scalar": scalar,
-        "sliding_window": int(meta.get("gemma3.attention.sliding_window", 4096)),
-        "layer_types": _gemma3_layer_types(meta, layers),
+        "sliding_window": field(meta, "gemma3.attention.sliding_window", path, int, 4096, least=1),
+        "layer_types": _gemma3_layer_types(meta, layers, path),
         # llama.cpp hard-codes 10k for the local (sliding) layers' rotary base
-        "rope_local_base_freq": _f32(meta.get("gemma3.rope.freq_base_swa", 10_000.0)),
-        "final_logit_softcapping": _f32(meta.get("gemma3.final_logit_softcapping")),
-        "attn_logit_softcapping": _f32(meta.get("gemma3.attn_logit_softcapping")),
+        "rope_local_base_freq": _f32(field(meta, "gemma3.rope.freq_base_swa", path, float, 10_000.0, least=0)),
+        "final_logit_softcapping": _f32(field(meta, "gemma3.final_logit_softcapping", path, float, None, least=0)),
+        "attn_logit_softcapping": _f32(field(meta, "gemma3.attn_logit_softcapping", path, float, None, least=0)),
     }
 
 
-def _gemma3_layer_types(meta: dict, layers: int) -> list[str]:
+def _gemma3_layer_types(meta: dict, layers: int, path: Path) -> list[str]:
     """Five sliding-window layers, then one global, repeated: llama.cpp hard-codes that pattern of 6
     for gemma3 unless the file lists it per layer (true = sliding)."""
-    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    key = "gemma3.attention.sliding_window_pattern"
+    pattern = meta.get(key, 6)
     if isinstance(pattern, list):
+        if len(pattern) < layers:
+            raise EdgemtpError(f"{path}: GGUF field {key} lists {len(pattern)} layers of {layers}")
         return ["sliding_attention" if p else "full_attention" for p in pattern[:layers]]
-    return ["full_attention" if (i + 1) % int(pattern) == 0 else "sliding_attention" for i in range(layers)]
+    pattern = field(meta, key, path, int, 6, least=1)
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
 
 
 def _llama_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
-    rotary = meta.get("llama.rope.dimension_count", config["head_dim"])
+    rotary = field(meta, "llama.rope.dimension_count", path, int, config["head_dim"], least=1)
     if rotary != config["head_dim"]:
         raise EdgemtpError(f"{path}: llama.rope.dimension_count = {rotary} (partial rotary) is not supported")
     if "rope_freqs.weight" in shapes:
@@ -276,7 +315,7 @@ def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
         return None
     if kind != "linear":
         raise EdgemtpError(f"{path}: GGUF field {arch}.rope.scaling.type = {kind!r} is not supported (only linear)")
-    return {"rope_type": "linear", "factor": _f32(meta[f"{arch}.rope.scaling.factor"])}
+    return {"rope_type": "linear", "factor": _f32(field(meta, f"{arch}.rope.scaling.factor", path, float, least=1))}
 
 
 def generation_config(meta: dict, config: dict) -> dict:

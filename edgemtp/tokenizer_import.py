@@ -34,6 +34,46 @@ def build_tokenizer(meta: dict) -> Tokenizer:
     """The `tokenizers.Tokenizer` that the GGUF metadata `meta` (field name -> value) describes."""
     if "tokenizer.ggml.tokens" not in meta:
         raise EdgemtpError("GGUF field tokenizer.ggml.tokens is missing: the file has no vocabulary")
+    _check_fields(meta)
+    try:
+        return _build(meta)
+    except EdgemtpError:
+        raise
+    except Exception as e:  # the tokenizers library raises a bare Exception (a merge of unknown tokens...)
+        raise EdgemtpError(f"the tokenizer.ggml.* fields do not make a tokenizer ({' '.join(str(e).split())[:200]})") \
+            from None
+
+
+def _check_fields(meta: dict) -> None:
+    """The kinds of the tokenizer fields, named before the tokenizers library meets them."""
+    def strings(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def numbers(v) -> bool:
+        return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    n = len(tokens) if isinstance(tokens, list) else 0
+    merges, scores, types = (meta.get(f"tokenizer.ggml.{k}") for k in ("merges", "scores", "token_type"))
+    checks = {"tokenizer.ggml.tokens": (strings(tokens) and n > 0, "a non-empty list of strings"),
+              "tokenizer.ggml.merges": (merges is None or (strings(merges) and all(" " in m for m in merges)),
+                                        "a list of 'left right' strings"),
+              "tokenizer.ggml.scores": (scores is None or (numbers(scores) and len(scores) == n), "one number per token"),
+              "tokenizer.ggml.token_type": (types is None or (numbers(types) and len(types) == n),
+                                            "one token type per token")}
+    for name in ("bos", "eos", "unknown", "padding", "eot", "eom"):
+        value = meta.get(f"tokenizer.ggml.{name}_token_id")
+        checks[f"tokenizer.ggml.{name}_token_id"] = (
+            value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n),
+            f"a token id below the vocabulary's {n}")
+    for key, (ok, what) in checks.items():
+        if not ok:
+            value = meta.get(key)
+            shown = f"[{len(value)} entries]" if isinstance(value, list) and len(value) > 8 else repr(value)
+            raise EdgemtpError(f"GGUF field {key} = {shown[:120]} must be {what}")
+
+
+def _build(meta: dict) -> Tokenizer:
     kind, tokens, types = meta.get("tokenizer.ggml.model"), meta["tokenizer.ggml.tokens"], _token_types(meta)
     if kind == "llama":
         tok = _sentencepiece_bpe(meta, tokens, types)

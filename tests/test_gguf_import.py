@@ -167,7 +167,8 @@ def gguf_metadata(arch: str, cfg) -> dict:
                  "gemma3.attention.key_length": cfg.head_dim, "gemma3.attention.value_length": cfg.head_dim}
 
 
-def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | None = None, drop: str = ""):
+def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | None = None, drop: str = "",
+                edit: dict | None = None):
     """(model, gguf path): a tiny random HF model and the GGUF llama.cpp would have made of it.
 
     The llama MLP down projection is stored as Q8_0; the reference model gets the dequantized values."""
@@ -184,7 +185,7 @@ def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | Non
             dq = gguf.quants.dequantize(gguf.quants.quantize(tensors[gname], quantized[gname]), quantized[gname])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(dq))
-    kv = {k: v for k, v in (gguf_metadata(arch, model.config) | vocab).items() if k != drop}
+    kv = {k: v for k, v in (gguf_metadata(arch, model.config) | vocab | (edit or {})).items() if k != drop}
     path = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, kv, tensors | (extra_tensors or {}), quantized)
     return model, path
 
@@ -386,6 +387,28 @@ def test_missing_field_is_named(tmp_path):
     _, path = export_tiny(tmp_path, "llama", tied=True, drop="llama.block_count")
     with pytest.raises(EdgemtpError, match="GGUF field llama.block_count is missing"):
         import_gguf(path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"llama.block_count": "thirty"}, "GGUF field llama.block_count = 'thirty' must be a whole number of at least 1"),
+    ({"llama.block_count": 3}, "GGUF field llama.block_count = 3, but the file has tensors of 2 layers"),
+    ({"llama.attention.head_count": 0}, "GGUF field llama.attention.head_count = 0 must be a whole number of at least 1"),
+    ({"llama.context_length": [1, 2]}, r"GGUF field llama.context_length = \[1, 2\] must be a whole number"),
+    ({"llama.attention.layer_norm_rms_epsilon": "x"}, "layer_norm_rms_epsilon = 'x' must be a number"),
+    ({"llama.rope.scaling.type": "linear"}, "GGUF field llama.rope.scaling.factor is missing"),
+    ({"general.alignment": 0}, "general.alignment = 0 must be a positive whole number"),
+    ({"tokenizer.ggml.bos_token_id": "one"}, "GGUF field tokenizer.ggml.bos_token_id = 'one' must be a whole number"),
+    ({"tokenizer.ggml.tokens": "abc"}, "GGUF field tokenizer.ggml.tokens = 'abc' must be a non-empty list of strings"),
+    ({"tokenizer.ggml.merges": ["nospace"]}, r"GGUF field tokenizer.ggml.merges = \['nospace'\] must be a list of 'left right'"),
+    ({"tokenizer.ggml.merges": ["zzzq qqqz"]}, "the tokenizer.ggml.\\* fields do not make a tokenizer .*zzzq"),
+])
+def test_malformed_metadata_is_named(tmp_path, edit, message):
+    """A GGUF field of the wrong kind or out of range: one error naming the file and the field (not a
+    ValueError, ZeroDivisionError or the tokenizers library's Exception), and no model directory."""
+    _, path = export_tiny(tmp_path, "llama", tied=True, edit=edit)
+    with pytest.raises(EdgemtpError, match=f"{path.name}: .*{message}"):
+        import_gguf(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
 def test_unknown_tensor_is_named(tmp_path):
