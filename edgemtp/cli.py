@@ -201,7 +201,7 @@ def quant_options(f):
 @click.option("-o", "--output", "out", required=True, type=click.Path(), callback=_output, help="Bundle directory.")
 @click.option("--quant", default="fp32", show_default=True,
               help="Weight format: fp32, fp16, int8 or int4 (weight-only, MatMulNBits), or qdq (static QDQ "
-                   "graph for NPUs, with --static).")
+                   "graph for NPUs; implies --static).")
 @click.option("--max-context", "capacity", default=None, type=int,
               help="KV capacity (prompt + generated tokens) the bundle is built for (default: 4096, or the "
                    "model's max_position_embeddings if smaller).")
@@ -439,7 +439,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
         try:
             text = prompt_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({e.__class__.__name__})") from None
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+            raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
         if not text.strip():
             raise EdgemtpError(f"{file_flag} {prompt_file}: the file is empty")
         return text
@@ -674,7 +675,8 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--drafter-provider", default=None, help="Execution provider for the MTP drafter.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv", "md"]))
 @click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
-@click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path), help="Write a PNG plot.")
+@click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path),
+              help="Write a plot: a .png file (or .pdf / .svg).")
 @click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
 @click.option("--fast-verify", is_flag=True,
               help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
@@ -708,10 +710,12 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     for flag, path in (("--plot", plot_file), ("--trace", trace)):
         if path is not None and path.is_dir():  # matplotlib would write DIR.png beside it
             raise EdgemtpError(f"{flag} {path}: is a directory (give a file name in it)")
-        if path is not None and not path.parent.is_dir():
-            raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
         if path is not None:
             writable_dir(path.parent, flag, shown=path)  # before the run, which takes minutes
+        if path is not None and not path.parent.is_dir():
+            raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
+    if plot_file is not None and plot_file.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise EdgemtpError(f"--plot {plot_file}: give a file name ending in .png, .pdf or .svg")
     if plot_file is not None and importlib.util.find_spec("matplotlib") is None:
         raise EdgemtpError("--plot needs matplotlib: pip install 'edgemtp[plot]'")
     text = read_prompt(None, text_file, "--text-file") if text_file else None

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import ArgumentError, EdgemtpError
 from .runtime.engine import Engine
+from .runtime.sampling import is_whole
 
 
 DEFAULT_WINDOW = 512
@@ -47,6 +48,14 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     `max_tokens` caps the text's tokens (None: all). Returns a JSON-able dict: tokens (scored),
     windows, window, nll (mean, nats), perplexity; with a reference also reference_perplexity,
     perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
+    if not isinstance(text, str):
+        raise ArgumentError("text", text, "must be a str")
+    if max_tokens is not None and not (is_whole(max_tokens) and max_tokens >= 2):
+        raise ArgumentError("max_tokens", max_tokens, "must be a whole number of at least 2 (perplexity scores the "
+                            "tokens after the first) or None")
+    for name, value in (("window", window), ("step", step)):
+        if not (is_whole(value) or (name == "window" and value is None)):
+            raise ArgumentError(name, value, "must be a whole number")
     engine = Engine.load(bundle_dir, threads=threads, verify=verify)
     ref = None
     if reference_bundle:

@@ -412,6 +412,9 @@ def _f32(x: float | None) -> float | None:
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
+    for parent in out_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise EdgemtpError(f"{out_dir}: {parent} is a file, not a directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgemtpError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,12 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
         (("generate", bundle, "--prompt-file", tmp_path / "empty.txt"), "--prompt-file"),
         (("export", tiny_gemma3[1], "-o", ""), "-o: give a path (an empty one would mean the current directory)"),
+        (("profile", bundle, "--plot", tmp_path / "plot"), "--plot"),
+        (("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", tmp_path),
+         f"--calibration {tmp_path}: is a directory"),
+        (("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", pickled),
+         f"--calibration {pickled}: not a text file"),
+        (("generate", bundle, "--prompt-file", tmp_path), f"--prompt-file {tmp_path}: cannot read (Is a directory)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "v", "--verify-window", 3),
          "--verify-window 3 applies to a static graph: add --static"),
         (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1), "--seed -1 must be 0 or more"),
@@ -161,6 +168,9 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), (args, r.output)
         assert message in r.output, (args, r.output)
     assert not (tmp_path / "qs").exists()  # checked before importing anything
+    r = run("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", text)
+    assert r.exit_code == 2 and f"error: --calibration {text}: 6 tokens, fewer than one window of 256" in r.output
+    assert not (tmp_path / "q").exists()
 
 
 def test_runtime_imports_no_torch():
@@ -363,6 +373,7 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
     TypeError deep in numpy; a plain Stats given to a drafting stream gets the plain fields; a temperature so
     small that logits / T overflow samples the best token instead of failing on NaN probabilities."""
     from edgemtp.errors import EdgemtpError
+    from edgemtp.evaluate import evaluate
     from edgemtp.runtime.engine import Draft
     from edgemtp.runtime.sampling import Sampling
     from edgemtp.runtime.stats import Stats
@@ -385,9 +396,28 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: Engine.load(tiny_gemma3[2], provider="tpu"), "provider='tpu' is unknown"),
                           (lambda: Engine.load(tiny_gemma3[2], drafter_provider="tpu"),
                            "drafter_provider='tpu' is unknown"),
-                          (lambda: engine.generate_batch("t1 t2"), "generate_batch takes a list of prompts"),
-                          (lambda: list(engine.stream("t1", 4, Sampling(), Stats())), "draft must be a Draft")):
-        with pytest.raises(EdgemtpError, match=message.replace("(", r"\(")):
+                          (lambda: engine.generate_batch("t1 t2"), "prompts='t1 t2' must be a list of prompts"),
+                          (lambda: engine.generate_batch(None), "prompts=None must be a list of prompts"),
+                          (lambda: list(engine.stream("t1", 4, Sampling(), Stats())), "draft=Stats("),
+                          (lambda: engine.generate("t1", 2, draft="auto"), "draft='auto' must be a Draft"),
+                          (lambda: engine.generate_batch(["t1"], 2, draft="lookup"), "draft='lookup' must be a Draft"),
+                          (lambda: engine.generate("t1", 2, sampling=None), "sampling=None must be a Sampling"),
+                          (lambda: list(engine.stream("t1", 2, stats=5)), "stats=5 must be a Stats or None"),
+                          (lambda: Draft("lookup", 2, adaptive="yes"), "Draft.adaptive='yes' must be True or False"),
+                          (lambda: list(engine.token_ids([10**6], 2)), "prompt_ids[0]=1000000 is not a token id"),
+                          (lambda: list(engine.token_ids([-5], 2)), "prompt_ids[0]=-5 is not a token id"),
+                          (lambda: list(engine.token_ids("t1", 2)), "prompt_ids='t1' must be a list of token ids"),
+                          (lambda: engine.decode([-1]), "ids[0]=-1 is not a token id"),
+                          (lambda: engine.generate([1, 2], 2), "prompt[0]=1 is not a message"),
+                          (lambda: engine.generate("t1", 2, stop=b"t"), "stop=b't' must be a string"),
+                          (lambda: Engine.load(None), "bundle_dir=None must be a path"),
+                          (lambda: Engine.load(tiny_gemma3[2], provider=None), "provider=None must be an execution"),
+                          (lambda: Engine.load(tiny_gemma3[2], threads="2"), "threads='2' must be a whole number"),
+                          (lambda: Engine.load(tiny_gemma3[2], reuse_prefix="no"), "reuse_prefix='no' must be True or"),
+                          (lambda: evaluate(tiny_gemma3[2], None), "text=None must be a str"),
+                          (lambda: evaluate(tiny_gemma3[2], "t1 t2 t3", max_tokens=-3), "max_tokens=-3 must be a whole"),
+                          (lambda: evaluate(tiny_gemma3[2], "t1 t2 t3", step="4"), "step='4' must be a whole number")):
+        with pytest.raises(EdgemtpError, match=re.escape(message)):
             make()
     with pytest.raises(EdgemtpError) as caught:
         Draft("lookup", -2)

@@ -399,6 +399,15 @@ def _drop_field(name):
     return edit
 
 
+def test_a_negative_draft_top_k_is_named_first(setup, tmp_path):
+    from edgemtp.exporters import export
+
+    drafter_dir = tmp_path / "d"
+    tiny_drafter(setup[0], drafter_dir)  # no head tables: the range is checked before they are looked for
+    with pytest.raises(EdgemtpError, match="--draft-top-k -1 must be 0 \\(the full head\\) or a number of clusters"):
+        export(setup[0], tmp_path / "b", capacity=64, drafter=drafter_dir, drafter_top_k=-1)
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "config.json").write_text("{bad"), "config.json: not valid JSON"),
     (_drop_field("layer_types"), "config.json: field 'layer_types' None must be a non-empty list"),

@@ -426,6 +426,9 @@ def test_existing_output_needs_overwrite(tmp_path):
         import_gguf(path, tmp_path / "out")
     import_gguf(path, tmp_path / "out", overwrite=True)
     assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(EdgemtpError, match="afile is a file, not a directory"):  # not mkdir's "File exists"
+        import_gguf(path, tmp_path / "afile" / "sub")
 
 
 def test_interrupted_import_leaves_nothing(tmp_path):

@@ -70,9 +70,11 @@ def calibration_text(source: str | Path, max_chars: int = MAX_CHARS) -> Calibrat
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as e:
-            raise EdgemtpError(f"--calibration {path}: cannot read ({e.__class__.__name__})") from None
+            raise EdgemtpError(f"--calibration {path}: cannot read ({e.strerror or type(e).__name__})") from None
         if not text.strip():
             raise EdgemtpError(f"--calibration {path}: the file is empty")
+        if "\x00" in text or text.count("\ufffd") > len(text) // 100:  # a stray byte is replaced, not refused
+            raise EdgemtpError(f"--calibration {path}: not a text file (NUL bytes or undecodable UTF-8)")
         return CalibrationText((text[:max_chars],), str(path))
     from ..drafter import data as D
 

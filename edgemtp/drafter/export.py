@@ -179,11 +179,13 @@ def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None,
     from ..calibration.head_report import load_head
 
     check_context(context)
+    if top_k is not None and top_k < 0:
+        raise EdgemtpError(f"--draft-top-k {top_k} must be 0 (the full head) or a number of clusters")
     path = Path(drafter_dir) / HEAD_FILE
     if top_k == 0 or (top_k is None and not path.is_file()):
         return None
     if not path.is_file():
-        raise EdgemtpError(f"{path}: --top-k {top_k} needs the drafter's clustered-head tables "
+        raise EdgemtpError(f"{path}: --draft-top-k {top_k} needs the drafter's clustered-head tables "
                            f"(write them with `edgemtp cluster TARGET_DIR -o {drafter_dir}`)")
     tables, meta = load_head(path)
     clusters, hidden = tables.centroids.shape

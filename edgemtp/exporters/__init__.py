@@ -305,12 +305,16 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     """fp32 export into a scratch directory, then the quantizer rewrites it into `out` (atomically)."""
     import tempfile
 
+    from ..calibration import activations as A
     from .quantize import check_options, quantize_bundle
 
     if static_window is not None:
         raise EdgemtpError(f"--quant {quant} with --static: static graphs are quantized as QDQ "
                            "(edgemtp.exporters.qdq), not weight-only")
     check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
+    source = options.get("calibration", A.CORPORA)
+    if source is not None and str(source) != A.CORPORA:
+        A.calibration_text(source)  # an empty or binary file is named before that export too
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,

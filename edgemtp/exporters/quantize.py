@@ -178,8 +178,9 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     if smooth is not None and not 0.0 <= smooth <= 1.0:
         raise EdgemtpError(f"--smooth {smooth} must be between 0 (off) and 1")
     keep_8bit = tuple(keep_8bit or ())
-    if any(not isinstance(p, str) or not p for p in keep_8bit):
-        raise EdgemtpError(f"--keep-8bit {keep_8bit!r}: give weight-name patterns such as '*down_proj*'")
+    for p in keep_8bit:
+        if not isinstance(p, str) or not p.strip():
+            raise EdgemtpError(f"--keep-8bit {p!r}: give weight-name patterns such as '*down_proj*'")
     asked = dict(frequent_rows=frequent_rows, gptq=gptq, smooth=smooth)
     if not calibrated:
         for key, value in asked.items():
@@ -418,7 +419,8 @@ def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibr
     if calibration_tokens is not None and calibration_tokens < A.WINDOW // 4:
         raise EdgemtpError(f"--calibration-tokens {calibration_tokens} must be at least {A.WINDOW // 4}")
     if calibration is not None and str(calibration) != A.CORPORA and not Path(calibration).is_file():
-        raise EdgemtpError(f"--calibration {calibration}: no such file (a text file, corpora or none)")
+        what = "is a directory" if Path(calibration).is_dir() else "no such file"
+        raise EdgemtpError(f"--calibration {calibration}: {what} (a text file, corpora or none)")
     return scheme(quant, calibrated=calibration is not None, **options)
 
 
@@ -430,6 +432,9 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
 
     text = A.calibration_text(source)
     ids = text.token_ids(Tokenizer.from_file(str(b.tokenizer_path)))
+    length = min(A.WINDOW, b.target_contract.capacity)
+    if sch.needs_activations and len(ids) < length - (b.model.get("bos_token_id") is not None):
+        raise EdgemtpError(f"--calibration {text.source}: {len(ids)} tokens, fewer than one window of {length}")
     vocab = b.target_contract.vocab_size
     counts = A.token_counts(ids, vocab)
     order = np.lexsort((np.arange(vocab), -counts))

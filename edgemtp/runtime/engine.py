@@ -88,6 +88,8 @@ class Engine:
         the same tokens (a chat's next turn, which repeats the conversation so far) runs only the rest of it
         (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Dynamic
         targets only; off by default so that repeated prompts measure their whole prefill."""
+        _check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
+                         fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix)
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
         if drafter_provider is not None:
             with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
@@ -146,6 +148,9 @@ class Engine:
     def chat_prompt(self, messages: list[dict]) -> str:
         """The text the model reads for chat `messages` (its chat template, as transformers' apply_chat_template
         with add_generation_prompt=True renders it)."""
+        from .chat import check_messages
+
+        check_messages(messages)  # a list that is not messages is named as such, template or not
         if self.chat_template is None:
             raise EdgemtpError(f"{self.bundle.dir}: the bundle has no chat template (its model directory had no "
                                "chat_template.jinja or tokenizer_config.json chat_template); give the prompt as text")
@@ -153,6 +158,7 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, a character they end inside as one U+FFFD (detokenizer.decode_text)."""
+        _check_ids("ids", ids, self.target.contract.vocab_size)
         return decode_text(self.tokenizer, ids)
 
     def stops(self, stop=None) -> Stops:
@@ -163,8 +169,9 @@ class Engine:
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:
         """Yields generated token ids one by one (plain decoding, batch 1); `stop`: stop strings (see
         generate)."""
+        _check_kinds(sampling, None, stats)
         stops = self.stops(stop)
-        _check_request(prompt_ids, max_new_tokens, self.capacity)
+        _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         stats = stats if stats is not None else Stats()
         rng = np.random.default_rng(sampling.seed)
         cache, cached = self._cache_for(prompt_ids)
@@ -282,8 +289,7 @@ class Engine:
         """Generated token ids as they come: plain decoding, or speculative when `draft` is given.
         `stats` may be a plain Stats with drafting too (it then gets the plain fields); `stop`: stop strings
         (see generate)."""
-        if draft is not None and not isinstance(draft, Draft):
-            raise EdgemtpError(f"draft must be a Draft (e.g. Draft('auto', 4)) or None, got {draft!r}")
+        _check_kinds(sampling, draft, stats)
         if draft is None or draft.mode == "none" or draft.k == 0:
             yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats, stop=stop)
             return
@@ -294,7 +300,8 @@ class Engine:
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=adaptive), draft.k,
                            adaptive=adaptive, static_window=self.static, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
-        _check_request(prompt_ids, max_new_tokens, self.capacity)  # before the kept cache is taken
+        # before the kept cache is taken:
+        _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         cache, cached = self._cache_for(prompt_ids)
         results = [SeqResult([])]
         try:
@@ -313,6 +320,7 @@ class Engine:
         generation where the generated text first holds one; the text then ends just before it (`tokens` end
         with the token that completed it, and stats.stop_reason is "stop string"). Drafting stops at the same
         token as plain decoding."""
+        _check_kinds(sampling, draft)
         stops = self.stops(stop)
         gen = Generation("", [], new_stats(draft))
         gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats,
@@ -333,8 +341,9 @@ class Engine:
         from .drafting import NoDrafter
         from .speculative import Speculative, SpecStats
 
-        if isinstance(prompts, str):  # a str is a sequence too: it would run one prompt per character
-            raise EdgemtpError("generate_batch takes a list of prompts (for one prompt: generate)")
+        if not isinstance(prompts, (list, tuple)):  # a str is a sequence too: it would run one prompt per character
+            raise ArgumentError("prompts", prompts, "must be a list of prompts (for one prompt: generate)")
+        _check_kinds(sampling, draft)
         stops = self.stops(stop)
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
@@ -399,6 +408,8 @@ class Draft:
             raise ArgumentError("Draft.k", self.k, "must be a whole number", "--draft-k")
         if self.k < 0:
             raise ArgumentError("Draft.k", self.k, "must be >= 0", "--draft-k")
+        if not isinstance(self.adaptive, bool):
+            raise ArgumentError("Draft.adaptive", self.adaptive, "must be True or False", "--adaptive")
 
 
 def new_stats(draft: Draft | None) -> Stats:
@@ -407,7 +418,39 @@ def new_stats(draft: Draft | None) -> Stats:
     return Stats() if draft is None or draft.mode == "none" else SpecStats()
 
 
-def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int) -> None:
+def _check_load_args(bundle_dir, provider, threads, drafter_provider, **flags) -> None:
+    if not isinstance(bundle_dir, (str, os.PathLike)):
+        raise ArgumentError("bundle_dir", bundle_dir, "must be a path (str or pathlib.Path)")
+    for name, value in (("provider", provider), ("drafter_provider", drafter_provider)):
+        if not isinstance(value, str) and not (name == "drafter_provider" and value is None):
+            raise ArgumentError(name, value, "must be an execution provider's name, e.g. 'cpu'")
+    if threads is not None and not is_whole(threads):
+        raise ArgumentError("threads", threads, "must be a whole number or None")
+    for name, value in flags.items():  # a truthy string ("no") would otherwise turn the option on
+        if not isinstance(value, bool) and not (name == "mtp" and value is None):
+            raise ArgumentError(name, value, "must be True or False" + (" (or None)" if name == "mtp" else ""))
+
+
+def _check_kinds(sampling, draft, stats=None) -> None:
+    """The API's arguments of the wrong kind, named (not an AttributeError from deep inside)."""
+    if not isinstance(sampling, Sampling):
+        raise ArgumentError("sampling", sampling, "must be a Sampling (e.g. Sampling(temperature=0.8))")
+    if draft is not None and not isinstance(draft, Draft):
+        raise ArgumentError("draft", draft, "must be a Draft (e.g. Draft('auto', 4)) or None")
+    if stats is not None and not isinstance(stats, Stats):
+        raise ArgumentError("stats", stats, "must be a Stats or None")
+
+
+def _check_ids(name: str, ids, vocab: int) -> None:
+    if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__iter__"):
+        raise ArgumentError(name, ids, "must be a list of token ids")
+    for i, t in enumerate(ids):
+        if not (is_whole(t) and 0 <= t < vocab):
+            raise ArgumentError(f"{name}[{i}]", t, f"is not a token id (a whole number below the vocabulary's {vocab})")
+
+
+def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, vocab: int) -> None:
+    _check_ids("prompt_ids", prompt_ids, vocab)
     if not is_whole(max_new_tokens):
         raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
     if max_new_tokens < 1:

@@ -184,7 +184,7 @@ class Speculative:
         that already holds its first `cached` positions (Engine's reuse_prefix); the prefill runs the rest."""
         capacity = self.target.contract.capacity
         for p in prompts:
-            _check_request(list(p), max_new_tokens, capacity)
+            _check_request(list(p), max_new_tokens, capacity, self.target.contract.vocab_size)
         stats = stats if stats is not None else SpecStats()
         stops = stop_ids if isinstance(stop_ids, Stops) else Stops(stop_ids)
         if cache is None:

@@ -22,6 +22,8 @@ def stop_strings(stop) -> tuple[str, ...]:
     if stop is None:
         return ()
     items = (stop,) if isinstance(stop, str) else stop
+    if isinstance(stop, (bytes, bytearray, dict)):  # iterable, but their items are not stop strings
+        raise ArgumentError("stop", stop, "must be a string or a list of strings")
     try:
         items = tuple(items)
     except TypeError:
