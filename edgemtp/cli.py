@@ -299,7 +299,8 @@ def draft_options(f):
 @cli.command("generate")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", default=None, help="Prompt text.")
-@click.option("--prompt-file", default=None, type=click.Path(path_type=Path), help="Read the prompt from a file.")
+@click.option("--prompt-file", default=None, type=click.Path(path_type=Path),
+              help="Read the prompt from a file (-: standard input).")
 @click.option("--chat", is_flag=True,
               help="The prompt is a user's message: format it with the model's chat template (instruction-tuned "
                    "models; needs jinja2: pip install 'edgemtp[chat]').")
@@ -365,6 +366,8 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
         if given:
             raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
     draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
+    if adaptive and draft_k == 0:
+        raise EdgemtpError("--adaptive with --draft-k 0: adaptive drafting chooses up to --draft-k tokens a round")
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
@@ -435,6 +438,11 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
     if (prompt is None) == (prompt_file is None):
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
+        text = utf8(sys.stdin.read(), file_flag + " -")
+        if not text.strip():
+            raise EdgemtpError(f"{file_flag} -: standard input is empty")
+        return text
     if prompt_file is not None:
         try:
             text = prompt_file.read_text()

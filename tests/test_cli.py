@@ -143,6 +143,8 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", pickled),
          f"--calibration {pickled}: not a text file"),
         (("generate", bundle, "--prompt-file", tmp_path), f"--prompt-file {tmp_path}: cannot read (Is a directory)"),
+        (("generate", bundle, "--prompt", "t1", "--adaptive", "--draft-k", 0), "--adaptive with --draft-k 0"),
+        (("generate", bundle, "--prompt-file", "-"), "--prompt-file -: standard input is empty"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "v", "--verify-window", 3),
          "--verify-window 3 applies to a static graph: add --static"),
         (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1), "--seed -1 must be 0 or more"),
@@ -168,6 +170,9 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), (args, r.output)
         assert message in r.output, (args, r.output)
     assert not (tmp_path / "qs").exists()  # checked before importing anything
+    args = ["generate", str(bundle), "--max-new-tokens", "4", "--json"]
+    from_stdin = CliRunner().invoke(cli, args + ["--prompt-file", "-"], input="t1 t2 t3")
+    assert json.loads(from_stdin.stdout)["tokens"] == json.loads(run(*args, "--prompt", "t1 t2 t3").stdout)["tokens"]
     r = run("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", text)
     assert r.exit_code == 2 and f"error: --calibration {text}: 6 tokens, fewer than one window of 256" in r.output
     assert not (tmp_path / "q").exists()
