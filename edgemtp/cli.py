@@ -707,6 +707,9 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
         bad = [v for v in int_list(flag, values) if v < least]
         if bad:
             raise EdgemtpError(f"{flag} {bad[0]} must be at least {least}")
+    if adaptive and not any(int_list("--draft-k", draft_k)):
+        raise EdgemtpError(f"--adaptive with --draft-k {draft_k}: adaptive rows draft up to the largest K, and there "
+                           "is none above 0")
     for flag, values, known in (("--draft", drafter, ("auto", "lookup", "mtp", "hybrid")),
                                 ("--head", head, ("auto", "clustered", "full"))):
         bad = [v.strip() for v in values.split(",") if v.strip() not in known]

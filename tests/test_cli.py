@@ -144,6 +144,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
          f"--calibration {pickled}: not a text file"),
         (("generate", bundle, "--prompt-file", tmp_path), f"--prompt-file {tmp_path}: cannot read (Is a directory)"),
         (("generate", bundle, "--prompt", "t1", "--adaptive", "--draft-k", 0), "--adaptive with --draft-k 0"),
+        (("profile", bundle, "--adaptive", "--draft-k", 0), "--adaptive with --draft-k 0: adaptive rows draft"),
         (("generate", bundle, "--prompt-file", "-"), "--prompt-file -: standard input is empty"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "v", "--verify-window", 3),
          "--verify-window 3 applies to a static graph: add --static"),
