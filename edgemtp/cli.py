@@ -22,7 +22,7 @@ from .errors import ArgumentError, EdgemtpError
 
 class _Command(click.Command):
     """A full disk met while writing a file object (no filename in the error) is named by the command's
-    output: its -o path, or standard output for the commands that print."""
+    outputs: its -o path (quickstart: --workdir; profile: --plot / --trace), else standard output."""
 
     def invoke(self, ctx):
         try:
@@ -30,8 +30,9 @@ class _Command(click.Command):
         except OSError as e:
             if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            out = ctx.params.get("out")
-            raise EdgemtpError(f"{out if out else 'standard output'}: {e.strerror} while writing it") from None
+            outs = [str(v) for k in ("out", "workdir", "plot_file", "trace") if (v := ctx.params.get(k))]
+            where = " or ".join(outs + ["standard output"] * (ctx.command.name == "profile")) or "standard output"
+            raise EdgemtpError(f"{where}: {e.strerror} while writing it") from None
 
 
 class _Group(click.Group):
@@ -684,7 +685,7 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv", "md"]))
 @click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
 @click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path),
-              help="Write a plot: a .png file (or .pdf / .svg).")
+              help="Write a plot: a .png file (or another format matplotlib writes: .pdf, .svg...).")
 @click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
 @click.option("--fast-verify", is_flag=True,
               help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
@@ -725,10 +726,15 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
             writable_dir(path.parent, flag, shown=path)  # before the run, which takes minutes
         if path is not None and not path.parent.is_dir():
             raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
-    if plot_file is not None and plot_file.suffix.lower() not in (".png", ".pdf", ".svg"):
-        raise EdgemtpError(f"--plot {plot_file}: give a file name ending in .png, .pdf or .svg")
     if plot_file is not None and importlib.util.find_spec("matplotlib") is None:
         raise EdgemtpError("--plot needs matplotlib: pip install 'edgemtp[plot]'")
+    if plot_file is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()  # else it would add .png, or fail after the run
+        if plot_file.suffix.lower().lstrip(".") not in kinds:
+            raise EdgemtpError(f"--plot {plot_file}: give a file name ending in one of "
+                               f"{', '.join('.' + k for k in sorted(kinds))}")
     text = read_prompt(None, text_file, "--text-file") if text_file else None
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,

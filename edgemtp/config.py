@@ -94,8 +94,10 @@ class Problems:
         """A token id or a list of them (eos_token_id takes both); () when missing."""
         value = hf.get(key)
         ids = [] if value is None else value if isinstance(value, list) else [value]
-        if all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            return tuple(ids)
+        read = Problems(self.source)
+        out = tuple(read.need({key: i}, key) for i in ids)  # each as need() reads an integer (2, 2.0, "2")
+        if not read.items:
+            return out
         self.items.append(f"field '{key}' should be a token id or a list of them, got {value!r}")
         self.bad.add(key)
         return ()
@@ -149,7 +151,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
     head_dim = pr.opt(hf, "head_dim", int, hidden // heads if heads else 0)
-    if hf.get("rope_parameters") is not None:
+    if hf.get("rope_parameters"):  # an empty one, as absent: rope_theta + rope_scaling
         rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
     else:  # old style: rope_theta + rope_scaling
         rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
@@ -203,13 +205,13 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=layer_types,
         rope=rope,
-        sliding_window=pr.opt(hf, "sliding_window", int, 4096),
+        sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         attention_scale=(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0) ** -0.5,
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
         final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
         hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",
-        bos_token_id=pr.opt(hf, "bos_token_id", int, 2),
+        bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
         eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
         max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 32768),
     )

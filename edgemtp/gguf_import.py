@@ -237,7 +237,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dic
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", float, least=0)),
         "rope_theta": _f32(get("rope.freq_base", float, 10_000.0, least=0)),
         "rope_scaling": _rope_scaling(meta, arch, path),
-        "max_position_embeddings": get("context_length"),
+        "max_position_embeddings": get("context_length", least=2),  # room for a prompt and a token
         "vocab_size": vocab,
         # llama.cpp writes output.weight only when it is not the embedding matrix
         "tie_word_embeddings": "output.weight" not in shapes,

@@ -61,7 +61,7 @@ def check_graphs(m: dict, mpath: Path) -> None:
             verify = target_contract(graphs["verify"].get("contract", {}), "graphs.verify.contract")
             for field in ("vocab_size", "hidden_size", "capacity", "kv"):
                 _need(getattr(verify, field) == getattr(target, field), f"graphs.verify.contract.{field}",
-                      _short(getattr(verify, field)), "differs from the target's (the verify graph shares its cache)")
+                      _Short(getattr(verify, field)), "differs from the target's (the verify graph shares its cache)")
         for name in ("drafter", "drafter_full_head"):
             if name in graphs:
                 drafter_contract(graphs[name].get("contract", {}), f"graphs.{name}.contract", target)
@@ -69,8 +69,14 @@ def check_graphs(m: dict, mpath: Path) -> None:
         raise EdgemtpError(f"{mpath}: {e}") from None
 
 
-def _short(value):
-    return f"[{len(value)} entries]" if isinstance(value, tuple) else value
+class _Short:
+    """A long value shown by its length (repr of the list would be its every entry)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"[{len(self.value)} entries]" if isinstance(self.value, tuple) else repr(self.value)
 
 
 def target_contract(d: dict, where: str) -> TargetContract:

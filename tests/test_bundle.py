@@ -206,6 +206,20 @@ def test_whole_numbers_written_as_floats_or_strings_are_accepted(tiny_gemma3):
     assert str(e.value) == "x: field 'hidden_size' should be an integer, got 64.5"  # and nothing more
 
 
+def test_loose_but_legitimate_config_values_keep_their_meaning(tiny_gemma3):
+    """What configs in the wild write: an empty rope_parameters (then rope_theta counts), a null bos (no
+    BOS), a sliding_window of 0 (the default window), eos ids written as floats or strings."""
+    from edgemtp.config import parse_gemma3, parse_llama, read_config_json
+
+    hf = read_config_json(tiny_gemma3[1])
+    llama = {**hf, "model_type": "llama", "hidden_activation": None, "rope_parameters": {}, "rope_theta": 500000.0}
+    assert parse_llama(llama, "x").rope["full_attention"].theta == 500000.0
+    assert parse_gemma3({**hf, "bos_token_id": None}, "x").bos_token_id is None
+    assert parse_gemma3({k: v for k, v in hf.items() if k != "bos_token_id"}, "x").bos_token_id == 2
+    assert parse_gemma3({**hf, "sliding_window": 0}, "x").sliding_window == 4096
+    assert parse_gemma3({**hf, "eos_token_id": [1.0, "2"]}, "x").eos_token_ids == (1, 2)
+
+
 def test_llama_fields_of_the_wrong_type_are_named(tiny_gemma3):
     from edgemtp.config import parse_llama, read_config_json
 

@@ -73,8 +73,8 @@ def calibration_text(source: str | Path, max_chars: int = MAX_CHARS) -> Calibrat
             raise EdgemtpError(f"--calibration {path}: cannot read ({e.strerror or type(e).__name__})") from None
         if not text.strip():
             raise EdgemtpError(f"--calibration {path}: the file is empty")
-        if "\x00" in text or text.count("\ufffd") > len(text) // 100:  # a stray byte is replaced, not refused
-            raise EdgemtpError(f"--calibration {path}: not a text file (NUL bytes or undecodable UTF-8)")
+        if "\x00" in text:  # other bytes that are not UTF-8 (a Latin-1 file's accents) are replaced, not refused
+            raise EdgemtpError(f"--calibration {path}: not a text file (it holds NUL bytes)")
         return CalibrationText((text[:max_chars],), str(path))
     from ..drafter import data as D
 

@@ -123,7 +123,7 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
         use_double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
         ple_dim=_ple_dim(hf, pr),
         ple_vocab=pr.need(hf, "vocab_size_per_layer_input", int, 262_144),
-        bos_token_id=pr.opt(hf, "bos_token_id", int, 2),
+        bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
         eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
         max_position_embeddings=pr.need(hf, "max_position_embeddings", int, 131_072),
     )

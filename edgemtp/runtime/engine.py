@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -159,11 +159,15 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, a character they end inside as one U+FFFD (detokenizer.decode_text)."""
         _check_ids("ids", ids, self.target.contract.vocab_size)
+        return self._text(ids)
+
+    def _text(self, ids: list[int]) -> str:
+        """decode without the check: for the model's own ids, decoded once per token while streaming."""
         return decode_text(self.tokenizer, ids)
 
     def stops(self, stop=None) -> Stops:
         """The model's stop tokens and the stop strings `stop` (a string or a list of them)."""
-        return Stops(self.stop_ids, stop_strings(stop), self.decode)
+        return Stops(self.stop_ids, stop_strings(stop), self._text)
 
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:
@@ -325,7 +329,7 @@ class Engine:
         gen = Generation("", [], new_stats(draft))
         gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats,
                                             stop=stops.strings))
-        gen.text = stops.cut(self.decode(gen.tokens))
+        gen.text = stops.cut(self._text(gen.tokens))
         return gen
 
     def generate_batch(self, prompts: list[str | list[dict]], max_new_tokens: int = 128,
@@ -341,7 +345,7 @@ class Engine:
         from .drafting import NoDrafter
         from .speculative import Speculative, SpecStats
 
-        if not isinstance(prompts, (list, tuple)):  # a str is a sequence too: it would run one prompt per character
+        if isinstance(prompts, str) or not isinstance(prompts, (Sequence, np.ndarray)):  # a str: one prompt a letter
             raise ArgumentError("prompts", prompts, "must be a list of prompts (for one prompt: generate)")
         _check_kinds(sampling, draft)
         stops = self.stops(stop)
@@ -355,7 +359,7 @@ class Engine:
                            lengths=self._lengths(draft, len(prompts)) if adaptive else None)
         stats = SpecStats()  # the speculative loop's, drafting or not
         results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, stops, stats)
-        return [Generation(stops.cut(self.decode(r.tokens)), r.tokens, stats) for r in results]
+        return [Generation(stops.cut(self._text(r.tokens)), r.tokens, stats) for r in results]
 
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                draft: Draft | None = None, *, stats: Stats | None = None, stop=None) -> Iterator[str]:
@@ -363,7 +367,7 @@ class Engine:
         text that may be the start of a stop string; the pieces joined are generate()'s text (arguments in
         its order; `stats` filled as generation goes)."""
         stops = self.stops(stop)
-        text_of, shown = IncrementalDecoder(self.decode), ""
+        text_of, shown = IncrementalDecoder(self._text), ""
         for token in self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats,
                                        stop=stops.strings):
             text = text_of.add(token)
@@ -375,7 +379,7 @@ class Engine:
             yield text[len(shown):]
             shown = text
         # what was held back when generation stopped (a cut character: U+FFFD)
-        text = stops.cut(self.decode(text_of.ids))
+        text = stops.cut(self._text(text_of.ids))
         if text != shown:
             same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
             yield text[same:]
@@ -442,7 +446,7 @@ def _check_kinds(sampling, draft, stats=None) -> None:
 
 
 def _check_ids(name: str, ids, vocab: int) -> None:
-    if isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__iter__"):
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):  # an iterator: used up here
         raise ArgumentError(name, ids, "must be a list of token ids")
     for i, t in enumerate(ids):
         if not (is_whole(t) and 0 <= t < vocab):
