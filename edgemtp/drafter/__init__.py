@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import SLIDING, Rope, TextConfig
 from ..errors import EdgemtpError
+from ..manifest_graphs import whole
 
 MODEL_TYPE = "edgemtp_mtp_drafter"
 WEIGHTS = "model.safetensors"
@@ -105,11 +106,8 @@ def load_config(drafter_dir: Path) -> DrafterConfig:
 def _check_fields(d: dict, path: Path) -> None:
     """The fields a drafter is built from, named when missing or of the wrong kind (an edited or foreign
     config.json would otherwise be a KeyError deep in the export)."""
-    def whole(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
     for key in ("vocab_size", "backbone_hidden", "hidden", "intermediate", "num_heads", "num_kv_heads", "head_dim"):
-        if not whole(d.get(key)):
+        if not whole(d.get(key), 1):
             raise EdgemtpError(f"{path}: field '{key}' {d.get(key)!r} must be a positive whole number")
     types = d.get("layer_types")
     if not (isinstance(types, list) and types and all(isinstance(t, str) for t in types)):
