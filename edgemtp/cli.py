@@ -403,7 +403,7 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
         raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "
                            f"bundle's KV capacity of {engine.capacity}")
     interactive = sys.stdin.isatty()
-    messages = list(opening)
+    messages, unanswered = list(opening), 0
     while True:
         if interactive:
             click.echo("> ", nl=False)
@@ -419,6 +419,7 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
             utf8(line, "the input line")
         except EdgemtpError as e:
             click.echo(f"error: {e}", err=True)
+            unanswered += 1
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         stats, reply = new_stats(draft), []
@@ -430,10 +431,13 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
             messages.pop()
             earlier = len(messages) > len(opening)  # only then can /reset make room
             click.echo(f"error: {e}" + (": /reset starts the conversation over" if earlier else ""), err=True)
+            unanswered += 1
             continue
         click.echo()
         click.echo(speed_line(stats), err=True)
         messages.append({"role": "assistant", "content": "".join(reply)})
+    if unanswered and not interactive:  # a script feeding lines learns from the exit status that some failed
+        raise EdgemtpError(f"{unanswered} message(s) of the input got no reply (each error is above)")
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
@@ -741,6 +745,8 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
                               drafter, text, progress, head, drafter_provider, fast_verify, adaptive)
     click.echo(report.render(result, fmt, prof.speedups(result)))
+    if all(r["skipped"] for r in result["rows"]):  # the table says why; a script should not read it as a run
+        raise EdgemtpError("no row ran: every row was skipped (the table gives each row's reason)")
     if trace:
         click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, provider, threads, prefix),
                                       lambda e: e.generate("def main():", max_new_tokens=16), trace), err=True)

@@ -211,7 +211,8 @@ def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     last = fresh.generate(chat, 6).text  # the turn between, refused, is not in the conversation
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--system", "t9", "--max-new-tokens", "6"],
                            input="t3 t4\n\nt5\n/reset\nt6\n" + " ".join(["t7"] * 70) + "\nt6\n/exit\nt8\n")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 2 and r.stderr.endswith("error: 1 message(s) of the input got no reply (each error is "
+                                                  "above)\n"), r.output  # input from a pipe: a script learns it
     lines = r.stdout.splitlines()
     assert lines == [replies[0], replies[1], after_reset, last], r.output
     speeds = [line for line in r.stderr.splitlines() if line.startswith("[prefill")]
@@ -229,7 +230,7 @@ def test_chat_that_cannot_fit_says_why(chat_bundle):
         "KV capacity of 64" in r.output, r.output
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "2"],
                            input=" ".join(["t7"] * 70) + "\nt3\n")
-    assert r.exit_code == 0 and "does not fit the bundle's KV capacity of 64" in r.stderr, r.output
+    assert r.exit_code == 2 and "does not fit the bundle's KV capacity of 64" in r.stderr, r.output
     assert "/reset" not in r.stderr and len(r.stdout.splitlines()) == 1  # the next line was answered
 
 

@@ -61,11 +61,14 @@ def test_adaptive_rows(tiny_gemma3):
 
 
 def test_unavailable_provider_row_is_skipped(tiny_gemma3):
-    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1,
-                "--draft-k", "0", "--provider", "qnn", "--format", "csv")
+    """The skipped row is in the table, and a run where no row ran exits non-zero saying so."""
+    r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--prompt-tokens", "8", "--gen-tokens", "4",
+                                 "--repetitions", "1", "--draft-k", "0", "--provider", "qnn", "--format", "csv"])
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("draft_k,batch,prompt_tokens")
     assert "provider 'qnn' is not available" in lines[1]
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1] == \
+        "error: no row ran: every row was skipped (the table gives each row's reason)", r.output
 
 
 def test_csv_has_one_number_per_cell(tiny_gemma3):
