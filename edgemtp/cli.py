@@ -407,19 +407,18 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
     while True:
         if interactive:
             click.echo("> ", nl=False)
-        line = sys.stdin.readline()
+        try:
+            line = stdin_text(lambda f: f.readline(), "the input line")
+        except EdgemtpError as e:
+            click.echo(f"error: {e}", err=True)
+            unanswered += 1
+            continue
         if not line or line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
             messages = list(opening)
             continue
         if not line.strip():
-            continue
-        try:
-            utf8(line, "the input line")
-        except EdgemtpError as e:
-            click.echo(f"error: {e}", err=True)
-            unanswered += 1
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         stats, reply = new_stats(draft), []
@@ -444,9 +443,9 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
     if (prompt is None) == (prompt_file is None):
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
-        text = utf8(sys.stdin.read(), file_flag + " -")
+        text = stdin_text(lambda f: f.read(), file_flag + " -")
         if not text.strip():
-            raise EdgemtpError(f"{file_flag} -: standard input is empty")
+            raise EdgemtpError(f"{file_flag} -: standard input is {'empty' if not text else 'only whitespace'}")
         return text
     if prompt_file is not None:
         try:
@@ -455,9 +454,21 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
             raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
         if not text.strip():
-            raise EdgemtpError(f"{file_flag} {prompt_file}: the file is empty")
+            raise EdgemtpError(f"{file_flag} {prompt_file}: the file is {'empty' if not text else 'only whitespace'}")
         return text
     return utf8(prompt, "--prompt")
+
+
+def stdin_text(read, flag: str) -> str:
+    """`read(stream)` of standard input as text, bytes that are not UTF-8 named by `flag`: read as bytes, since
+    a text stdin in a strict UTF-8 locale raises UnicodeDecodeError from the read itself."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a stream of text only (an app's or a test's)
+        return utf8(read(sys.stdin), flag)
+    try:
+        return read(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise EdgemtpError(f"{flag}: not valid UTF-8 text") from None
 
 
 def utf8(text: str, flag: str) -> str:
@@ -782,13 +793,15 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     if workdir.exists() and not workdir.is_dir():
         raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")
-    writable_dir(workdir, "--workdir")  # e.g. a read-only home: named here, not as a path deep inside it
     model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
-    if not (model_dir / "config.json").is_file():
+    imported = (model_dir / "config.json").is_file()
+    fresh = (bundle_dir / "edgemtp.json").is_file() and bundle_mod.load(bundle_dir, verify=False).has_graph("drafter")
+    if not (imported and fresh):  # e.g. a read-only home: named here, not as a path deep inside it
+        writable_dir(workdir, "--workdir")  # (a ready workdir may be read-only: nothing is written then)
+    if not imported:
         gguf = default_gguf_path()
         with progress_bar("importing Gemma 3 270M") as progress:
             import_gguf(gguf, model_dir, progress=progress)
-    fresh = (bundle_dir / "edgemtp.json").is_file() and bundle_mod.load(bundle_dir, verify=False).has_graph("drafter")
     if not fresh:  # none yet, or one exported before the drafter shipped
         with progress_bar("exporting the bundle", show_what=True) as progress:
             export(model_dir, bundle_dir, progress=progress, drafter=AUTO, overwrite=True)

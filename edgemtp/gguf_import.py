@@ -253,7 +253,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dic
 def _block_count(count: int, shapes: dict, key: str, path: Path) -> int:
     """The layer count, checked against the tensors (blk.N.*): a wrong one would export another model."""
     layers = {int(name.split(".")[1]) for name in shapes if name.startswith("blk.") and name.split(".")[1].isdigit()}
-    if layers != set(range(count)):
+    if len(layers) != count or layers != set(range(count)):  # the length first: a corrupt count may be 2**40
         raise EdgemtpError(f"{path}: GGUF field {key} = {count}, but the file has tensors of {len(layers)} layers")
     return count
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -241,5 +244,10 @@ def test_text_that_is_not_utf8_is_named(chat_bundle):
                         (["generate", str(chat_bundle), "--chat", "--system", "\udcff", "--prompt", "t3"], "--system")):
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 2 and f"{where}: not valid UTF-8 text" in r.output, r.output
+    # a strict UTF-8 stdin (most locales) raises inside the read: chat reads bytes, names the line, goes on
+    r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "chat", str(chat_bundle), "--max-new-tokens", "2"],
+                       input=b"caf\xe9\nt3\n", capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 2 and r.stderr.decode().startswith("error: the input line: not valid UTF-8 text\n"), r.stderr
+    assert len(r.stdout.decode().splitlines()) == 1  # the next line was answered
     with pytest.raises(EdgemtpError, match="refused the messages"):
         ChatTemplate("{% for i in range(10**30) %}{% endfor %}", {}, "here").render([{"role": "user", "content": "a"}])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgemtp.cli import cli
+from edgemtp.errors import EdgemtpError
 from edgemtp.runtime.engine import Engine
 
 
@@ -134,7 +136,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("evaluate", bundle, "--text-file", text, "--max-tokens", -3), "--max-tokens -3 must be at least 2"),
         (("evaluate", bundle, "--text-file", text, "--reference", tmp_path / "nope"),
          f"--reference {tmp_path / 'nope'}: {tmp_path / 'nope'}: not a bundle directory"),
-        (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
+        (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is only whitespace"),
         (("generate", bundle, "--prompt-file", tmp_path / "empty.txt"), "--prompt-file"),
         (("export", tiny_gemma3[1], "-o", ""), "-o: give a path (an empty one would mean the current directory)"),
         (("profile", bundle, "--plot", tmp_path / "plot"), "--plot"),
@@ -446,3 +448,54 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
     assert pieces and stats.decode_tokens == 7 and stats.prefill_tokens > 0 and stats.stop_reason
     r = run("generate", tiny_gemma3[2], "--prompt", "t1", "--temperature", "5e-324", "--max-new-tokens", 4)
     assert r.exit_code == 0, r.output
+
+
+def test_api_takes_what_apps_hand_it(tiny_gemma3):
+    """Values of the right meaning in another type: numpy's booleans for flags, prompt ids as a numpy array or
+    a tuple (e.g. a tokenizer's return_tensors="np"), any iterable of prompts for a batch."""
+    from edgemtp.runtime.engine import Draft
+
+    engine = Engine.load(tiny_gemma3[2], threads=1, verify=np.bool_(False), reuse_prefix=np.True_)
+    ids = engine.encode("t1 t2 t1 t2")
+    want = list(engine.token_ids(ids, 6))
+    assert list(engine.token_ids(np.array(ids), 6)) == want == list(engine.token_ids(tuple(ids), 6))
+    draft = Draft("lookup", 2, adaptive=np.True_)
+    assert draft.adaptive is True and list(engine.token_stream(np.array(ids), 6, draft=draft)) == want
+    prompts = {"t1 t2": 0, "t3 t4": 1}
+    batch = [g.tokens for g in engine.generate_batch(prompts.keys(), 4)]
+    assert batch == [g.tokens for g in engine.generate_batch((p for p in prompts), 4)]
+    assert batch == [engine.generate(p, 4).tokens for p in prompts]
+    with pytest.raises(EdgemtpError, match=re.escape("messages=[] holds no messages")):
+        engine.chat_prompt([])
+
+
+def test_standard_input_that_is_not_utf8_is_named(tiny_gemma3):
+    """Read as bytes: a strict UTF-8 stdin (most locales) would raise inside the read, before any check."""
+    r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],
+                       input=b"caf\xe9\n", capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert r.returncode == 2 and r.stderr == b"error: --prompt-file -: not valid UTF-8 text\n", r.stderr
+    r = run("generate", tiny_gemma3[2], "--prompt-file", "-")  # CliRunner's stdin: whitespace only
+    assert r.exit_code == 2
+
+
+def test_a_ready_read_only_workdir_runs(tiny_gemma3, tmp_path, monkeypatch):
+    """quickstart writes nothing when the model and its bundle (with a drafter) are there: a read-only
+    --workdir is fine then, and still named when something would be written."""
+    import shutil
+
+    import edgemtp.cli as cli_mod
+    from edgemtp.drafter import export as drafter_export
+
+    from .test_drafter import tiny_drafter
+
+    workdir = tmp_path / "qs"
+    shutil.copytree(tiny_gemma3[1], workdir / "gemma3-270m")
+    shutil.copytree(tiny_gemma3[2], workdir / "gemma3-270m.bundle")
+    tiny_drafter(tiny_gemma3[1], tmp_path / "drafter")
+    drafter_export.add_to_bundle(workdir / "gemma3-270m.bundle", tmp_path / "drafter")
+    monkeypatch.setattr(cli_mod.os, "access", lambda path, mode: not mode & os.W_OK)  # nothing may be written
+    r = run("quickstart", "--workdir", workdir, "--prompt", "t1 t2", "--max-new-tokens", 3)
+    assert r.exit_code == 0 and r.output.count("decode 2 tokens") == 2, r.output
+    shutil.rmtree(workdir / "gemma3-270m.bundle")
+    r = run("quickstart", "--workdir", workdir, "--prompt", "t1 t2", "--max-new-tokens", 3)
+    assert r.exit_code == 2 and r.output == f"error: --workdir {workdir}: cannot write in {workdir}\n", r.output

@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -140,7 +140,7 @@ class Engine:
         ([{"role": "user", "content": "..."}, ...]) as the bundle's chat template writes them, ending with the
         opening of the assistant's turn; the template writes the special tokens it wants itself."""
         if is_chat(prompt):
-            return self.tokenizer.encode(self.chat_prompt(prompt), add_special_tokens=False).ids
+            return self.tokenizer.encode(self._chat_text(prompt, "prompt"), add_special_tokens=False).ids
         if not isinstance(prompt, str):
             raise ArgumentError("prompt", prompt, "must be text or a list of chat messages")
         return self.tokenizer.encode(prompt).ids
@@ -148,9 +148,12 @@ class Engine:
     def chat_prompt(self, messages: list[dict]) -> str:
         """The text the model reads for chat `messages` (its chat template, as transformers' apply_chat_template
         with add_generation_prompt=True renders it)."""
+        return self._chat_text(messages, "messages")
+
+    def _chat_text(self, messages: list[dict], name: str) -> str:
         from .chat import check_messages
 
-        check_messages(messages)  # a list that is not messages is named as such, template or not
+        check_messages(messages, name)  # a list that is not messages is named as such, template or not
         if self.chat_template is None:
             raise EdgemtpError(f"{self.bundle.dir}: the bundle has no chat template (its model directory had no "
                                "chat_template.jinja or tokenizer_config.json chat_template); give the prompt as text")
@@ -175,7 +178,7 @@ class Engine:
         generate)."""
         _check_kinds(sampling, None, stats)
         stops = self.stops(stop)
-        _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
+        prompt_ids = _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         stats = stats if stats is not None else Stats()
         rng = np.random.default_rng(sampling.seed)
         cache, cached = self._cache_for(prompt_ids)
@@ -305,7 +308,7 @@ class Engine:
                            adaptive=adaptive, static_window=self.static, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         # before the kept cache is taken:
-        _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
+        prompt_ids = _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         cache, cached = self._cache_for(prompt_ids)
         results = [SeqResult([])]
         try:
@@ -345,8 +348,9 @@ class Engine:
         from .drafting import NoDrafter
         from .speculative import Speculative, SpecStats
 
-        if isinstance(prompts, str) or not isinstance(prompts, (Sequence, np.ndarray)):  # a str: one prompt a letter
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):  # a str: one prompt a letter
             raise ArgumentError("prompts", prompts, "must be a list of prompts (for one prompt: generate)")
+        prompts = list(prompts)  # a generator or dict keys too
         _check_kinds(sampling, draft)
         stops = self.stops(stop)
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
@@ -412,8 +416,9 @@ class Draft:
             raise ArgumentError("Draft.k", self.k, "must be a whole number", "--draft-k")
         if self.k < 0:
             raise ArgumentError("Draft.k", self.k, "must be >= 0", "--draft-k")
-        if not isinstance(self.adaptive, bool):
+        if not is_bool(self.adaptive):
             raise ArgumentError("Draft.adaptive", self.adaptive, "must be True or False", "--adaptive")
+        object.__setattr__(self, "adaptive", bool(self.adaptive))  # numpy's True as Python's (frozen dataclass)
 
 
 def new_stats(draft: Draft | None) -> Stats:
@@ -431,8 +436,12 @@ def _check_load_args(bundle_dir, provider, threads, drafter_provider, **flags) -
     if threads is not None and not is_whole(threads):
         raise ArgumentError("threads", threads, "must be a whole number or None")
     for name, value in flags.items():  # a truthy string ("no") would otherwise turn the option on
-        if not isinstance(value, bool) and not (name == "mtp" and value is None):
+        if not is_bool(value) and not (name == "mtp" and value is None):
             raise ArgumentError(name, value, "must be True or False" + (" (or None)" if name == "mtp" else ""))
+
+
+def is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
 
 
 def _check_kinds(sampling, draft, stats=None) -> None:
@@ -453,8 +462,10 @@ def _check_ids(name: str, ids, vocab: int) -> None:
             raise ArgumentError(f"{name}[{i}]", t, f"is not a token id (a whole number below the vocabulary's {vocab})")
 
 
-def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, vocab: int) -> None:
+def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, vocab: int) -> list[int]:
+    """`prompt_ids` checked, as a list of Python ints (an app may hand a numpy array or a tuple)."""
     _check_ids("prompt_ids", prompt_ids, vocab)
+    prompt_ids = [int(t) for t in prompt_ids]
     if not is_whole(max_new_tokens):
         raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
     if max_new_tokens < 1:
@@ -464,3 +475,4 @@ def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, vo
     if len(prompt_ids) >= capacity:
         raise CapacityError(f"prompt of {len(prompt_ids)} tokens does not fit the bundle's KV capacity of "
                             f"{capacity} (export with a larger --max-context)")
+    return prompt_ids
