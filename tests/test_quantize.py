@@ -687,6 +687,18 @@ def test_keep_8bit_pattern_matching_no_weight_is_refused(tmp_path):
     quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, keep_8bit=("*.v_proj.weight",))
 
 
+def test_export_names_a_keep_8bit_typo_before_any_work(tmp_path, monkeypatch):
+    """export checks --keep-8bit against the graph's weight names before the fp32 export and calibration."""
+    import edgemtp.exporters as E
+
+    model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
+    real = E.export
+    monkeypatch.setattr(E, "export", lambda *a, **k: pytest.fail("the fp32 export ran"))
+    with pytest.raises(EdgemtpError, match=r"--keep-8bit '\*dwon_proj\*' matches no weight .*model\.layers\."):
+        real(model_dir, tmp_path / "q", "int4", quant_options={"keep_8bit": ("*dwon_proj*",), "calibration": None})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     from click.testing import CliRunner
 

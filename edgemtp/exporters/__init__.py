@@ -306,12 +306,15 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     import tempfile
 
     from ..calibration import activations as A
-    from .quantize import check_options, quantize_bundle
+    from .quantize import check_options, check_patterns_match, quantize_bundle
 
     if static_window is not None:
         raise EdgemtpError(f"--quant {quant} with --static: static graphs are quantized as QDQ "
                            "(edgemtp.exporters.qdq), not weight-only")
     check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
+    if options.get("keep_8bit"):  # against the graph's weight names (building it reads no weight)
+        cfg, build = load_config(model_dir)
+        check_patterns_match(tuple(options["keep_8bit"]), list(build(cfg, resolve_capacity(capacity, cfg))[0].params))
     source = options.get("calibration", A.CORPORA)
     if source is not None and str(source) != A.CORPORA:
         A.calibration_text(source)  # an empty or binary file is named before that export too

@@ -210,7 +210,7 @@ class Calibration:
     source: str
 
 
-def _check_patterns_match(patterns: tuple[str, ...], weights: list[str]) -> None:
+def check_patterns_match(patterns: tuple[str, ...], weights: list[str]) -> None:
     """A --keep-8bit pattern that matches no weight is a typo, which would quietly keep nothing at 8 bits."""
     names = weights + [part for w in weights for part in joined_parts(w)]
     for pattern in patterns:
@@ -240,7 +240,7 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
     if dst.resolve() == src.resolve():
         raise EdgemtpError(f"{dst}: is the source graph (write the quantized graph elsewhere)")
     if sch is not None and not drafter:
-        _check_patterns_match(sch.keep_8bit, [t.name for t in model.graph.initializer])
+        check_patterns_match(sch.keep_8bit, [t.name for t in model.graph.initializer])
     data_name = dst.name + ".data"
     with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
         sink = Sink(f, data_name)

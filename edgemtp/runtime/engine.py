@@ -403,7 +403,7 @@ def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp
 
 @dataclass(frozen=True)
 class Draft:
-    """Speculative decoding settings: `mode` auto | mtp | lookup | none, K drafted tokens per round
+    """Speculative decoding settings: `mode` auto | mtp | lookup | hybrid | none, K drafted tokens per round
     (`adaptive`: at most K, each round's length chosen by measured cost and acceptance; the lengths follow
     the run's timings, so a seeded sampled run is not repeatable under it, a greedy one always is)."""
 
