@@ -33,6 +33,10 @@ def test_generate_json_schema(tiny_gemma3):
     assert out["stats"]["prefill_tokens"] == 3
     want = Engine.load(bundle).generate("t1 t2 t3", max_new_tokens=5)
     assert out["tokens"] == want.tokens and len(want.tokens) == 5
+    assert "acceptance_rate" in out["stats"]  # drafting (auto) is on by default ...
+    plain = json.loads(run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 5, "--json",
+                           "--draft-k", 0).output)
+    assert plain["tokens"] == want.tokens and "acceptance_rate" not in plain["stats"]  # ... and off at K = 0
 
 
 def test_generate_streams_same_text(tiny_gemma3):

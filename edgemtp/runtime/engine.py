@@ -424,7 +424,7 @@ class Draft:
 def new_stats(draft: Draft | None) -> Stats:
     from .speculative import SpecStats
 
-    return Stats() if draft is None or draft.mode == "none" else SpecStats()
+    return Stats() if draft is None or draft.mode == "none" or draft.k == 0 else SpecStats()  # as token_stream
 
 
 def _check_load_args(bundle_dir, provider, threads, drafter_provider, **flags) -> None:
