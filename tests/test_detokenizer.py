@@ -54,3 +54,29 @@ def test_one_character_over_many_tokens(gemma3_270m_dir):
     ids = tok.encode("𓀀𓀁 x 𓀂", add_special_tokens=False).ids
     assert len(ids) >= 8  # each hieroglyph is four byte tokens
     assert check_every_prefix(tok, ids) >= 6
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_bytes_that_are_not_utf8_keep_the_characters_beside_them(gemma3_270m_dir, strip):
+    """A byte-fallback run that is not UTF-8 (a character the model got wrong) decodes as Python's
+    errors="replace" does: the tokenizer's decoder would make the whole run U+FFFD, taking back a character
+    that streaming had shown. Random lists of words and byte tokens: every text that does not end in U+FFFD
+    is the start of every later one (what Engine.stream needs), and the incremental text is the whole one."""
+    import numpy as np
+
+    tok = tokenizer(gemma3_270m_dir, strip)
+    v = tok.get_vocab()
+    ids = [v[t] for t in ("▁the", "<0xC3>", "<0xA9>", "<0xE2>", "▁the")]
+    assert tok.decode(ids) == " the\ufffd\ufffd\ufffd the".lstrip(" " if strip else "")  # the decoder's own
+    assert decode_text(tok, ids) == " theé\ufffd the".lstrip(" " if strip else "")
+    rng = np.random.default_rng(0)
+    words = [v[t] for t in ("▁the", "▁x", ",", "é")] + [v[f"<0x{b:02X}>"] for b in (0x41, 0xC3, 0xA9, 0xE2, 0x82, 0xAC,
+                                                                                    0xF0, 0x9F, 0x99, 0x82, 0xFF)]
+    for _ in range(200):
+        ids = [int(t) for t in rng.choice(words, size=12)]
+        texts = [decode_text(tok, ids[:n]) for n in range(1, len(ids) + 1)]
+        inc = IncrementalDecoder(lambda i: decode_text(tok, i))
+        assert [inc.add(t) for t in ids] == texts, ids
+        for n, text in enumerate(texts):
+            if not text.endswith("\ufffd"):
+                assert all(later.startswith(text) for later in texts[n:]), (ids, n, text, texts)

@@ -14,10 +14,16 @@ from typing import Callable
 
 
 def decode_text(tokenizer, ids: list[int]) -> str:
-    """Text of `ids`. When they end inside a character (its first bytes only, as byte-fallback tokens), the
-    cut character is one U+FFFD after the text before it: the tokenizer's decoder would turn the whole run of
-    byte tokens into replacement characters, the complete characters before the cut too."""
+    """Text of `ids`. Bytes that are not UTF-8 (a character cut at the end, or bytes the model got wrong) are
+    each one U+FFFD, as Python's errors="replace" has it, the complete characters beside them kept: the
+    tokenizer's byte-fallback decoder turns a whole run of byte tokens into replacement characters, so a
+    character `Engine.stream` had shown would be taken back."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
+    if "\ufffd" not in text:
+        return text
+    repaired = _repaired_byte_runs(tokenizer, ids)
+    if repaired is not None:
+        return tokenizer.decode(repaired, skip_special_tokens=True)
     if not text.endswith("\ufffd"):
         return text
     for cut in range(1, min(3, len(ids)) + 1):  # a UTF-8 character has at most 3 bytes before its last
@@ -25,6 +31,38 @@ def decode_text(tokenizer, ids: list[int]) -> str:
         if not head.endswith("\ufffd"):
             return head + "\ufffd"
     return text
+
+
+def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
+    """`ids` with each run of byte-fallback tokens (<0x..>) that is not UTF-8 replaced by the byte tokens of
+    its text decoded with errors="replace"; None when every run is UTF-8 (or the vocabulary has no byte tokens)."""
+    byte_of = {}
+    for b in range(256):
+        token = tokenizer.token_to_id(f"<0x{b:02X}>")
+        if token is None:
+            return None
+        byte_of[token] = b
+    token_of = {b: t for t, b in byte_of.items()}
+    out, run, changed = [], bytearray(), False
+
+    def flush():
+        nonlocal changed
+        try:
+            run.decode("utf-8")
+            out.extend(token_of[b] for b in run)
+        except UnicodeDecodeError:
+            out.extend(token_of[b] for b in run.decode("utf-8", "replace").encode("utf-8"))
+            changed = True
+        run.clear()
+
+    for token in ids:
+        if token in byte_of:
+            run.append(byte_of[token])
+            continue
+        flush()
+        out.append(token)
+    flush()
+    return out if changed else None
 
 
 class IncrementalDecoder:
