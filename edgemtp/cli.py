@@ -443,20 +443,21 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
     if (prompt is None) == (prompt_file is None):
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
-        text = stdin_text(lambda f: f.read(), file_flag + " -")
-        if not text.strip():
-            raise EdgemtpError(f"{file_flag} -: standard input is {'empty' if not text else 'only whitespace'}")
-        return text
+        return _has_text(stdin_text(lambda f: f.read(), file_flag + " -"), f"{file_flag} -: standard input")
     if prompt_file is not None:
         try:
             text = prompt_file.read_text()
         except (OSError, UnicodeDecodeError) as e:
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
             raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
-        if not text.strip():
-            raise EdgemtpError(f"{file_flag} {prompt_file}: the file is {'empty' if not text else 'only whitespace'}")
-        return text
+        return _has_text(text, f"{file_flag} {prompt_file}: the file")
     return utf8(prompt, "--prompt")
+
+
+def _has_text(text: str, what: str) -> str:
+    if not text.strip():
+        raise EdgemtpError(f"{what} is {'empty' if not text else 'only whitespace'}")
+    return text
 
 
 def stdin_text(read, flag: str) -> str:

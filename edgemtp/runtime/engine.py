@@ -20,7 +20,7 @@ from ..errors import ArgumentError, EdgemtpError
 from .chat import ChatTemplate, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
 from .kv_cache import KVCache
-from .sampling import Sampling, is_whole, pick
+from .sampling import Sampling, is_bool, is_whole, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
@@ -440,10 +440,6 @@ def _check_load_args(bundle_dir, provider, threads, drafter_provider, **flags) -
             raise ArgumentError(name, value, "must be True or False" + (" (or None)" if name == "mtp" else ""))
 
 
-def is_bool(value) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
 def _check_kinds(sampling, draft, stats=None) -> None:
     """The API's arguments of the wrong kind, named (not an AttributeError from deep inside)."""
     if not isinstance(sampling, Sampling):
@@ -454,18 +450,19 @@ def _check_kinds(sampling, draft, stats=None) -> None:
         raise ArgumentError("stats", stats, "must be a Stats or None")
 
 
-def _check_ids(name: str, ids, vocab: int) -> None:
+def _check_ids(name: str, ids, vocab: int) -> list[int]:
+    """`ids` checked, as a list of Python ints (an app may hand a numpy array or a tuple)."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):  # an iterator: used up here
         raise ArgumentError(name, ids, "must be a list of token ids")
     for i, t in enumerate(ids):
         if not (is_whole(t) and 0 <= t < vocab):
             raise ArgumentError(f"{name}[{i}]", t, f"is not a token id (a whole number below the vocabulary's {vocab})")
+    return [int(t) for t in ids]
 
 
 def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, vocab: int) -> list[int]:
-    """`prompt_ids` checked, as a list of Python ints (an app may hand a numpy array or a tuple)."""
-    _check_ids("prompt_ids", prompt_ids, vocab)
-    prompt_ids = [int(t) for t in prompt_ids]
+    """`prompt_ids` checked, as _check_ids returns them."""
+    prompt_ids = _check_ids("prompt_ids", prompt_ids, vocab)
     if not is_whole(max_new_tokens):
         raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
     if max_new_tokens < 1:

@@ -37,6 +37,10 @@ def is_whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
 def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
