@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--draft", default="none", help="none (plain decoding) or a --draft mode, K = 4")
-    ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli.py")
+    ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli" / "build.py")
     args = ap.parse_args()
     engine = Engine.load(args.bundle, threads=args.threads, mtp=args.draft in ("mtp", "hybrid", "auto"))
     prompt = engine.decode(engine.encode(args.prompt_file.read_text())[:128])

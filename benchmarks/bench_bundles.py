@@ -22,7 +22,7 @@ from edgemtp.drafter.export import DrafterSession
 from edgemtp.runtime.engine import Draft, Engine
 
 ROOT = Path(__file__).parent.parent
-PROMPTS = {"code": (ROOT / "edgemtp" / "cli.py").read_text()[:2000], "prose": (ROOT / "README.md").read_text()[3000:5000]}
+PROMPTS = {"code": (ROOT / "edgemtp" / "cli" / "build.py").read_text()[:2000], "prose": (ROOT / "README.md").read_text()[3000:5000]}
 
 
 def turns(n: int, jobs: list) -> list[list[float]]:

@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=150, help="decode steps, each beside a bandwidth probe")
     ap.add_argument("--huge-pages", action="store_true", help="also the target on 2 MB pages, side by side")
     ap.add_argument("--also", type=Path, action="append", default=[], help="another bundle of the model, side by side")
-    ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli.py")
+    ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli" / "build.py")
     args = ap.parse_args()
     engine = Engine.load(args.bundle, threads=args.threads, verify=False, mtp=False)  # plain decoding, as --no-draft
     ids = engine.encode(args.prompt_file.read_text())[:128]

@@ -28,7 +28,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="", help="comma list: also time a decode step at these contexts")
     args = ap.parse_args()
     first = Engine.load(args.bundles[0], verify=False)
-    prompt_ids = first.encode((Path(__file__).parent.parent / "edgemtp" / "cli.py").read_text())
+    prompt_ids = first.encode((Path(__file__).parent.parent / "edgemtp" / "cli" / "build.py").read_text())
     del first
     labels = {f"{i}:{b}": b for i, b in enumerate(args.bundles)}
     for run in range(args.runs):

@@ -27,7 +27,7 @@ from edgemtp.runtime.sampling import Sampling
 from edgemtp.runtime.speculative import Speculative, SpecStats
 
 ROOT = Path(__file__).parent.parent
-PROMPTS = {"cli.py": (ROOT / "edgemtp" / "cli.py").read_text()[:2000],
+PROMPTS = {"build.py": (ROOT / "edgemtp" / "cli" / "build.py").read_text()[:2000],
            "README": (ROOT / "README.md").read_text()[3000:5000],
            "inspect.py": Path(inspect.__file__).read_text()[:2000],
            "json": Path(json.decoder.__file__).read_text()[:2000],

@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new", type=int, default=64, help="tokens generated per round")
-    ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli.py")
+    ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli" / "build.py")
     ap.add_argument("--reference", type=Path, help="an fp32 bundle: also score both models' quality against it")
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens per domain for --reference")
     args = ap.parse_args()

@@ -1,0 +1,26 @@
+"""The `edgemtp` command: thin click commands that parse, call the library and print.
+
+base.py holds the group (user mistakes as one `error:` line) and what the commands share; build.py the
+commands that make files (import-gguf, export, cluster, train-drafter), run.py those that run a bundle
+(generate, chat, evaluate), measure.py profile and quickstart. Importing it loads no ONNX Runtime: each
+command imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import os
+
+from . import build, measure, run  # noqa: F401  each registers its commands on the group
+from .base import cli, exit_on_sigterm
+from .build import domain_counts
+from .run import unescape
+
+__all__ = ["cli", "domain_counts", "exit_on_sigterm", "main", "unescape"]
+
+
+def main():
+    # ONNX Runtime 1.29+ sends usage telemetry from Linux and macOS too, and on a read-only home prints a
+    # warning about it to every command's stderr. The command turns it off unless the user set the variable
+    # (read when onnxruntime loads: nothing has imported it yet); an app embedding the runtime decides itself.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    with exit_on_sigterm():
+        cli(prog_name="edgemtp")

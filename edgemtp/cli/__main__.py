@@ -1,0 +1,5 @@
+"""`python -m edgemtp.cli`: the `edgemtp` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,136 @@
+"""What every command shares: the group that turns user mistakes into one `error:` line, output checks, and
+the progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from ..errors import ArgumentError, EdgemtpError
+
+
+class _Command(click.Command):
+    """A full disk met while writing a file object (no filename in the error) is named by the command's
+    outputs: its -o path (quickstart: --workdir; profile: --plot / --trace), else standard output."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            outs = [str(v) for k in ("out", "workdir", "plot_file", "trace") if (v := ctx.params.get(k))]
+            where = " or ".join(outs + ["standard output"] * (ctx.command.name == "profile")) or "standard output"
+            raise EdgemtpError(f"{where}: {e.strerror} while writing it") from None
+
+
+class _Group(click.Group):
+    """User mistakes become one line on stderr and exit status 2, never a traceback."""
+
+    command_class = _Command
+
+    def invoke(self, ctx):
+        with warnings.catch_warnings():  # a library warning (e.g. a provider falling back) as one plain line
+            warnings.showwarning = lambda message, *_a, **_k: click.echo(f"warning: {message}", err=True)
+            try:
+                return super().invoke(ctx)
+            except EdgemtpError as e:
+                click.echo(f"error: {e.cli_message() if isinstance(e, ArgumentError) else e}", err=True)
+                sys.exit(2)
+            except click.UsageError as e:  # click's own checks (an unknown flag or command, a bad choice)
+                message = " ".join(e.format_message().split())  # "Did you mean ...?" comes on a second line
+                where = e.ctx.command_path if e.ctx is not None else "edgemtp"
+                click.echo(f"error: {message} (see '{where} --help')", err=True)
+                sys.exit(2)
+            except OSError as e:
+                if e.filename is None or e.errno not in PATH_ERRORS:
+                    raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
+                click.echo(f"error: {e.filename}: {e.strerror}", err=True)
+                sys.exit(2)
+
+
+
+# a path given that cannot be read or written: read-only, no permission, a file where a directory goes, full
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+               errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG}
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """SIGTERM (kill, a cancelled CI job) as an exit, so the `finally` blocks that delete a half-written
+    bundle's temporary directory run: by default the process dies and leaves it behind. Only for the
+    `edgemtp` command itself (main), and only over the default action: a program calling cli() keeps
+    its own handling."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def leave(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
+    """`out` is, or can be made, a directory this process may write into: checked before a long run.
+    `shown`: the path the user gave, when `out` is its directory."""
+    here = Path(out)
+    out = shown if shown is not None else out
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise EdgemtpError(f"{flag} {out}: {here} is a file, not a directory")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise EdgemtpError(f"{flag} {out}: cannot write in {here}")
+
+
+def output_path(ctx, param, value: str) -> Path:
+    """-o "" would be the current directory (Path("") is "."): refused rather than guessed."""
+    if not value.strip():
+        raise EdgemtpError("-o: give a path (an empty one would mean the current directory)")
+    return Path(value)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="edgemtp")
+def cli():
+    """Export LLMs to ONNX bundles and run them with multi-token-prediction speculative decoding."""
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str, show_what: bool = False):
+    """Yields a `progress(done, total, what)` callback drawing a rich bar on stderr (`what` joins the
+    description when show_what).
+
+    The bar appears at the first update, so input checks that fail first print only their error."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*cols, console=Console(stderr=True))
+    task = None
+
+    def update(done: int, total: int, what: str = "") -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(desc, total=total)
+        bar.update(task, completed=done, total=total, description=f"{desc}: {what}" if show_what and what else desc)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()

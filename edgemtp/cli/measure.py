@@ -1,0 +1,161 @@
+"""Commands that measure: profile (plain decoding vs each drafter on this device) and quickstart."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import click
+
+from ..errors import EdgemtpError
+from .base import cli, progress_bar, writable_dir
+from .run import read_prompt, speed_line
+
+
+def int_list(flag: str, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise EdgemtpError(f"{flag} {value!r} must be comma-separated integers, e.g. 0,2,4") from None
+    if not out:
+        raise EdgemtpError(f"{flag} is empty")
+    return out
+
+
+@cli.command("profile")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", default="128,512", show_default=True, help="Comma list of prompt lengths.")
+@click.option("--gen-tokens", default=128, show_default=True, type=int, help="Tokens generated per run.")
+@click.option("--repetitions", default=5, show_default=True, type=int,
+              help="Timed runs per row (after one warm-up run).")
+@click.option("--draft-k", default="0,2,4,6", show_default=True, help="Comma list of K; 0 is plain decoding.")
+@click.option("--batch", default="1", show_default=True, help="Comma list of batch sizes (prompts at once).")
+@click.option("--provider", default="cpu", show_default=True,
+              help="Execution provider of the rows (a row is skipped when this onnxruntime lacks it).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
+@click.option("--draft", "drafter", default="auto", show_default=True,
+              help="Comma list of drafters: lookup, mtp, hybrid; auto is generate's default.")
+@click.option("--head", default="auto", show_default=True,
+              help="MTP drafter heads to compare: clustered, full (auto: every head the bundle has).")
+@click.option("--drafter-provider", default=None, help="Execution provider for the MTP drafter.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv", "md"]))
+@click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
+@click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path),
+              help="Write a plot: a .png file (or another format matplotlib writes: .pdf, .svg...).")
+@click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
+@click.option("--fast-verify", is_flag=True,
+              help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
+@click.option("--adaptive", is_flag=True,
+              help="Also a row per drafter drafting adaptively (as generate --adaptive), up to the largest K.")
+def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
+                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify, adaptive):
+    """Latency profile of a bundle on this device: plain decoding vs each drafter (lookup, MTP, hybrid)
+    at each K, side by side."""
+    from ..runtime import profile as prof
+    from ..runtime import profile_report as report
+    from ..runtime.session import resolve_provider
+
+    if repetitions < 1:
+        raise EdgemtpError(f"--repetitions {repetitions} must be at least 1")
+    if gen_tokens < 1:
+        raise EdgemtpError(f"--gen-tokens {gen_tokens} must be at least 1")
+    for flag, values, least in (("--prompt-tokens", prompt_tokens, 1), ("--batch", batch, 1),
+                                ("--draft-k", draft_k, 0)):
+        bad = [v for v in int_list(flag, values) if v < least]
+        if bad:
+            raise EdgemtpError(f"{flag} {bad[0]} must be at least {least}")
+    if adaptive and not any(int_list("--draft-k", draft_k)):
+        raise EdgemtpError(f"--adaptive with --draft-k {draft_k}: adaptive rows draft up to the largest K, and there "
+                           "is none above 0")
+    for flag, values, known in (("--draft", drafter, ("auto", "lookup", "mtp", "hybrid")),
+                                ("--head", head, ("auto", "clustered", "full"))):
+        bad = [v.strip() for v in values.split(",") if v.strip() not in known]
+        if bad:
+            raise EdgemtpError(f"{flag} {bad[0]!r} is unknown (choose from {', '.join(known)})")
+    with warnings.catch_warnings():  # a known provider this build lacks: its rows say so ("skipped")
+        warnings.simplefilter("ignore")
+        resolve_provider(provider)
+    for flag, path in (("--plot", plot_file), ("--trace", trace)):
+        if path is not None and path.is_dir():  # matplotlib would write DIR.png beside it
+            raise EdgemtpError(f"{flag} {path}: is a directory (give a file name in it)")
+        if path is not None:
+            writable_dir(path.parent, flag, shown=path)  # before the run, which takes minutes
+        if path is not None and not path.parent.is_dir():
+            raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
+    if plot_file is not None and importlib.util.find_spec("matplotlib") is None:
+        raise EdgemtpError("--plot needs matplotlib: pip install 'edgemtp[plot]'")
+    if plot_file is not None:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()  # else it would add .png, or fail after the run
+        if plot_file.suffix.lower().lstrip(".") not in kinds:
+            raise EdgemtpError(f"--plot {plot_file}: give a file name ending in one of "
+                               f"{', '.join('.' + k for k in sorted(kinds))}")
+    text = read_prompt(None, text_file, "--text-file") if text_file else None
+    with progress_bar("profiling") as progress:
+        result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
+                              int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
+                              drafter, text, progress, head, drafter_provider, fast_verify, adaptive)
+    click.echo(report.render(result, fmt, prof.speedups(result)))
+    if all(r["skipped"] for r in result["rows"]):  # the table says why; a script should not read it as a run
+        raise EdgemtpError("no row ran: every row was skipped (the table gives each row's reason)")
+    if trace:
+        click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, provider, threads, prefix),
+                                      lambda e: e.generate("def main():", max_new_tokens=16), trace), err=True)
+    if plot_file:
+        report.plot(result, plot_file)
+
+
+def _traced_engine(bundle_dir, provider, threads, prefix):
+    from ..runtime.engine import Engine
+    from ..runtime.session import make_session
+    from ..runtime.target import Target
+
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=False)
+    path = engine.bundle.graph("target").path
+    engine.target = Target(make_session(path, provider, threads, profile_prefix=prefix), engine.target.contract)
+    return engine
+
+
+@cli.command("quickstart")
+@click.option("--workdir", default=Path.home() / ".cache" / "edgemtp", type=click.Path(path_type=Path),
+              show_default=True, help="Where the imported model and the bundle go.")
+@click.option("--prompt", default="def fibonacci(n):", show_default=True, help="Prompt of both generations.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Tokens each generation makes.")
+def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
+    """Import the default model (Gemma 3 270M), export a bundle with its shipped MTP drafter, generate
+    plainly and speculatively, and print both speeds."""
+    from .. import bundle as bundle_mod
+    from ..exporters import AUTO, export
+    from ..gguf_import import default_gguf_path, import_gguf
+    from ..runtime.engine import Draft, Engine, new_stats
+
+    if max_new_tokens < 1:
+        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if workdir.exists() and not workdir.is_dir():
+        raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")
+    model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
+    imported = (model_dir / "config.json").is_file()
+    fresh = (bundle_dir / "edgemtp.json").is_file() and bundle_mod.load(bundle_dir, verify=False).has_graph("drafter")
+    if not (imported and fresh):  # e.g. a read-only home: named here, not as a path deep inside it
+        writable_dir(workdir, "--workdir")  # (a ready workdir may be read-only: nothing is written then)
+    if not imported:
+        gguf = default_gguf_path()
+        with progress_bar("importing Gemma 3 270M") as progress:
+            import_gguf(gguf, model_dir, progress=progress)
+    if not fresh:  # none yet, or one exported before the drafter shipped
+        with progress_bar("exporting the bundle", show_what=True) as progress:
+            export(model_dir, bundle_dir, progress=progress, drafter=AUTO, overwrite=True)
+    runs = (("plain decoding", None), ("speculative (MTP drafter + prompt lookup, K=4)", Draft("auto", 4)))
+    for label, draft in runs:
+        # each on the engine `edgemtp generate` loads for it (its threads spin between runs for plain
+        # decoding, sleep while an MTP drafter takes turns), so the two speeds are what generate gives
+        engine = Engine.load(bundle_dir, verify=False, mtp=draft is not None)
+        stats = new_stats(draft)
+        click.echo(f"--- {label}\n{prompt}", nl=False)
+        for piece in engine.stream(prompt, max_new_tokens, stats=stats, draft=draft):
+            click.echo(piece, nl=False)
+        click.echo()
+        click.echo(speed_line(stats))
+        del engine  # freed before the next one loads

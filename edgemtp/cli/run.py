@@ -1,0 +1,272 @@
+"""Commands that run a bundle: generate, chat, evaluate, and the prompt and option handling they share."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from ..errors import EdgemtpError
+from .base import cli
+
+
+def sampling_options(f):
+    for opt in reversed([
+        click.option("--max-new-tokens", default=128, show_default=True, type=int,
+                     help="Tokens to generate at most (generation also stops at a stop token or the KV capacity)."),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 is greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="0 keeps all tokens."),
+        click.option("--top-p", default=1.0, show_default=True, type=float,
+                     help="Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]; "
+                          "1 keeps all."),
+        click.option("--seed", default=None, type=int, help="Seed for sampling (>= 0; default: a fresh one)."),
+        click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider."),
+        click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def draft_options(f):
+    for opt in reversed([
+        click.option("--draft", "draft_mode", default="auto", show_default=True,
+                     type=click.Choice(["auto", "mtp", "hybrid", "lookup"]),
+                     help="Drafter: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (lookup "
+                          "where the text repeats, MTP elsewhere); auto: hybrid with a drafter, else lookup, "
+                          "and lookup for an int8 / int4 target on the CPU."),
+        click.option("--draft-k", default=4, show_default=True, type=int,
+                     help="Tokens drafted per round at most (hybrid: prompt lookup's; its MTP drafts at most 2)."),
+        click.option("--adaptive", is_flag=True,
+                     help="Draft, each round, the length (up to --draft-k, 0 for a plain step) that pays best by "
+                          "this run's measured verify and draft times and acceptance (with --seed, a sampled "
+                          "output then follows the timings too)."),
+        click.option("--no-draft", is_flag=True, help="Plain decoding, one target pass per token."),
+        click.option("--drafter-provider", default=None,
+                     help="Execution provider for the MTP drafter (default: --provider's), e.g. cpu while "
+                          "the target runs on an NPU."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("generate")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--prompt-file", default=None, type=click.Path(path_type=Path),
+              help="Read the prompt from a file (-: standard input).")
+@click.option("--chat", is_flag=True,
+              help="The prompt is a user's message: format it with the model's chat template (instruction-tuned "
+                   "models; needs jinja2: pip install 'edgemtp[chat]').")
+@click.option("--system", default=None, help="With --chat: a system message before the user's.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--stop", "stop", multiple=True,
+              help="Stop where the generated text first holds this string, and end the output just before it "
+                   "(repeatable; \\n, \\t, \\r and \\\\ stand for a newline, tab, carriage return and backslash).")
+@sampling_options
+@draft_options
+def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, max_new_tokens, temperature, top_k, top_p, seed,
+                 provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
+    """Generate text from a bundle (streams to the terminal).
+
+    Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
+    lookup alone without one or for an int8 / int4 target on the CPU). Output is the same as --no-draft
+    (greedy: token for token; sampling: in distribution)."""
+    from ..runtime.engine import new_stats
+    from ..runtime.stops import stop_strings
+
+    request = read_prompt(prompt, prompt_file)
+    if system is not None and not chat:
+        raise EdgemtpError("--system applies to --chat prompts")
+    if system is not None:
+        utf8(system, "--system")
+    if chat:  # a message list: Engine.encode renders it with the bundle's chat template
+        request = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": request}]
+    stop = stop_strings([unescape(s) for s in stop])
+    engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
+                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider)
+    if chat:
+        engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
+    if as_json:
+        click.echo(json.dumps(engine.generate(request, max_new_tokens, sampling, draft, stop=stop).to_json()))
+        return
+    stats = new_stats(draft)
+    for piece in engine.stream(request, max_new_tokens, sampling, draft, stats=stats, stop=stop):
+        click.echo(piece, nl=False)
+    click.echo()
+    click.echo(speed_line(stats), err=True)
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """A --stop value with \\n, \\t, \\r and \\\\ made the characters they name (a shell passes "\\n"
+    as two characters); any other backslash stays as typed."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
+
+
+def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, draft_mode, draft_k,
+                adaptive, no_draft, drafter_provider, reuse_prefix: bool = False):
+    """(engine, sampling, draft) for generate's and chat's options, each checked before any work."""
+    from ..runtime.engine import Draft, Engine
+    from ..runtime.sampling import Sampling
+
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    if no_draft:
+        given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in ("draft_mode", "draft_k", "adaptive")
+                 if click.get_current_context().get_parameter_source(n) == ParameterSource.COMMANDLINE]
+        if given:
+            raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
+    draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
+    if adaptive and draft_k == 0:
+        raise EdgemtpError("--adaptive with --draft-k 0: adaptive drafting chooses up to --draft-k tokens a round")
+    if max_new_tokens < 1:
+        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
+                         reuse_prefix=reuse_prefix)
+    if draft is not None:
+        engine.drafter(draft.mode)  # a bad --draft fails before any work
+    return engine, sampling, draft
+
+
+@cli.command("chat")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--system", default=None, help="A system message that opens the conversation.")
+@sampling_options
+@draft_options
+def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, draft_mode,
+             draft_k, adaptive, no_draft, drafter_provider):
+    """Chat with an instruction-tuned bundle: each line read is a user's message, the reply streams back.
+
+    The conversation goes through the model's chat template, and each turn runs only its new tokens (the
+    engine keeps the conversation's KV cache: reuse_prefix). /reset starts over, /exit or the end of the
+    input ends."""
+    from ..runtime.engine import new_stats
+    from ..runtime.target import CapacityError
+
+    engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
+                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
+                                          reuse_prefix=True)
+    opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
+    hello = engine.encode(engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}]))  # no template, ...
+    if opening and len(hello) + 1 >= engine.capacity:  # ... one refusing --system, or no room after it
+        raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "
+                           f"bundle's KV capacity of {engine.capacity}")
+    interactive = sys.stdin.isatty()
+    messages, unanswered = list(opening), 0
+    while True:
+        if interactive:
+            click.echo("> ", nl=False)
+        try:
+            line = stdin_text(lambda f: f.readline(), "the input line")
+        except EdgemtpError as e:
+            click.echo(f"error: {e}", err=True)
+            unanswered += 1
+            continue
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(opening)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        stats, reply = new_stats(draft), []
+        try:
+            for piece in engine.stream(messages, max_new_tokens, sampling, draft, stats=stats):
+                click.echo(piece, nl=False)
+                reply.append(piece)
+        except CapacityError as e:
+            messages.pop()
+            earlier = len(messages) > len(opening)  # only then can /reset make room
+            click.echo(f"error: {e}" + (": /reset starts the conversation over" if earlier else ""), err=True)
+            unanswered += 1
+            continue
+        click.echo()
+        click.echo(speed_line(stats), err=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    if unanswered and not interactive:  # a script feeding lines learns from the exit status that some failed
+        raise EdgemtpError(f"{unanswered} message(s) of the input got no reply (each error is above)")
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise EdgemtpError("give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
+        return _has_text(stdin_text(lambda f: f.read(), file_flag + " -"), f"{file_flag} -: standard input")
+    if prompt_file is not None:
+        try:
+            text = prompt_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
+            raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
+        return _has_text(text, f"{file_flag} {prompt_file}: the file")
+    return utf8(prompt, "--prompt")
+
+
+def _has_text(text: str, what: str) -> str:
+    if not text.strip():
+        raise EdgemtpError(f"{what} is {'empty' if not text else 'only whitespace'}")
+    return text
+
+
+def stdin_text(read, flag: str) -> str:
+    """`read(stream)` of standard input as text, bytes that are not UTF-8 named by `flag`: read as bytes, since
+    a text stdin in a strict UTF-8 locale raises UnicodeDecodeError from the read itself."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a stream of text only (an app's or a test's)
+        return utf8(read(sys.stdin), flag)
+    try:
+        return read(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise EdgemtpError(f"{flag}: not valid UTF-8 text") from None
+
+
+def utf8(text: str, flag: str) -> str:
+    """`text` from the command line or stdin: bytes that are not UTF-8 arrive as lone surrogates, which the
+    tokenizer refuses with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgemtpError(f"{flag}: not valid UTF-8 text") from None
+    return text
+
+
+def speed_line(stats) -> str:
+    cached = f" ({stats.cached_tokens} more cached)" if stats.cached_tokens else ""
+    line = (f"[prefill {stats.prefill_tokens} tokens{cached} at {stats.prefill_tokens_per_s:.1f} tok/s; "
+            f"decode {stats.decode_tokens} tokens at {stats.tokens_per_s:.1f} tok/s")
+    if getattr(stats, "rounds", 0):
+        line += (f"; {stats.rounds} rounds, {stats.mean_accepted_per_round + 1:.2f} tokens/round, "
+                 f"acceptance {stats.acceptance_rate:.0%}")
+    return line + f"; {stats.stop_reason}]"
+
+
+@cli.command("evaluate")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score.")
+@click.option("--reference", default=None, type=click.Path(path_type=Path),
+              help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
+@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text (>= 2).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json):
+    """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence."""
+    from ..evaluate import evaluate
+
+    if max_tokens is not None and max_tokens < 2:
+        raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 2 (perplexity scores the tokens after "
+                           "the first)")
+    text = read_prompt(None, text_file, "--text-file")
+    result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        click.echo(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
