@@ -143,7 +143,7 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
     if not mpath.is_file():
         raise EdgemtpError(f"{mpath}: missing (not an edgemtp bundle)")
     try:
-        m = json.loads(mpath.read_text())
+        m = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{mpath}: not valid JSON ({e})") from None
     _check_fields(m, mpath)

@@ -114,3 +114,17 @@ def _read_header(path: Path) -> dict[str, _Entry]:
             raise EdgemtpError(f"{path}: truncated (tensor '{name}' runs past the end of the file)")
         out[name] = _Entry(path, dtype, tuple(info["shape"]), base + start, base + end)
     return out
+
+
+def open_tokenizer(path: Path):
+    """A model directory's tokenizer.json as a `tokenizers.Tokenizer`, a missing or damaged file named
+    (tokenizers raises a bare Exception on bad JSON)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: missing (the model directory needs its tokenizer.json)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise EdgemtpError(f"{path}: not a valid tokenizer.json ({str(e)[:200]})") from None

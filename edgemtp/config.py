@@ -118,7 +118,7 @@ def read_config_json(model_dir: Path) -> dict:
     if not path.is_file():
         raise EdgemtpError(f"{path}: missing (a model directory needs config.json)")
     try:
-        hf = json.loads(path.read_text())
+        hf = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):

@@ -41,18 +41,18 @@ class _Tally:
 
 def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | None = None,
              window: int | None = None, threads: int | None = None, *, step: int = 64, max_tokens: int | None = None,
-             verify: bool = True) -> dict:
+             verify: bool = True, text_name: str = "the text") -> dict:
     """Perplexity of `bundle_dir` on `text`; with `reference_bundle`, also top-1 agreement and KL.
 
     `window` (tokens per window, BOS included) defaults to min(512, the bundles' KV capacity);
-    `max_tokens` caps the text's tokens (None: all). Returns a JSON-able dict: tokens (scored),
+    `max_tokens` caps the text's tokens (None: all); `text_name` names the text in errors (the CLI: its
+    --text-file). Returns a JSON-able dict: tokens (scored),
     windows, window, nll (mean, nats), perplexity; with a reference also reference_perplexity,
     perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
     if not isinstance(text, str):
         raise ArgumentError("text", text, "must be a str")
-    if max_tokens is not None and not (is_whole(max_tokens) and max_tokens >= 2):
-        raise ArgumentError("max_tokens", max_tokens, "must be a whole number of at least 2 (perplexity scores the "
-                            "tokens after the first) or None")
+    if max_tokens is not None and not (is_whole(max_tokens) and max_tokens >= 1):
+        raise ArgumentError("max_tokens", max_tokens, "must be a whole number of at least 1 or None")
     for name, value in (("window", window), ("step", step)):
         if not (is_whole(value) or (name == "window" and value is None)):
             raise ArgumentError(name, value, "must be a whole number")
@@ -69,10 +69,13 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
         window = min([DEFAULT_WINDOW] + [e.capacity for e in (engine, ref) if e is not None])
     _check_window(window, step, engine, ref)
     tokens = engine.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
-    if len(tokens) < 2:
-        raise EdgemtpError(f"the text has {len(tokens)} token(s); perplexity needs at least 2")
+    bos = engine.bundle.model.get("bos_token_id")
+    if len(tokens) < (1 if bos is not None else 2):  # a token is scored when something comes before it
+        why = "" if bos is not None else " (this model has no BOS token: the first is not scored)"
+        raise EdgemtpError(f"{text_name} has {len(tokens)} token(s) to score{' (--max-tokens)' * (max_tokens is not None)}; "
+                           f"perplexity needs at least {1 if bos is not None else 2}{why}")
     tally = _Tally()
-    windows = text_windows(tokens, window, engine.bundle.model.get("bos_token_id"))
+    windows = text_windows(tokens, window, bos)
     for win in windows:
         _score_window(np.asarray(win, np.int64), engine, ref, step, tally)
     return _summary(tally, len(windows), window, ref is not None)

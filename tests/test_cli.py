@@ -137,7 +137,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
           "--calibration", pickled),
          "not a .npy / .npz array"),
         (("evaluate", bundle, "--text-file", tmp_path / "nope"), "--text-file"),
-        (("evaluate", bundle, "--text-file", text, "--max-tokens", -3), "--max-tokens -3 must be at least 2"),
+        (("evaluate", bundle, "--text-file", text, "--max-tokens", -3), "--max-tokens -3 must be at least 1"),
         (("evaluate", bundle, "--text-file", text, "--reference", tmp_path / "nope"),
          f"--reference {tmp_path / 'nope'}: {tmp_path / 'nope'}: not a bundle directory"),
         (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is only whitespace"),
@@ -154,18 +154,19 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("generate", bundle, "--prompt-file", "-"), "--prompt-file -: standard input is empty"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "v", "--verify-window", 3),
          "--verify-window 3 applies to a static graph: add --static"),
-        (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1), "--seed -1 must be 0 or more"),
-        (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--seed", -2), "--seed -2 must be 0 or more"),
+        (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1), "--seed -1 must be between 0 and 4294967295"),
+        (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--seed", -2), "--seed -2 must be between 0 and 4294967295"),
         (("profile", bundle, "--draft", "bogus"), "--draft 'bogus' is unknown"),
         (("profile", bundle, "--head", "bogus"), "--head 'bogus' is unknown"),
         (("profile", bundle, "--provider", "foo"), "--provider 'foo' is unknown"),
-        (("profile", bundle, "--gen-tokens", 0), "--gen-tokens 0 must be at least 1"),
+        (("profile", bundle, "--gen-tokens", 0), "--gen-tokens 0 must be at least 2"),
         (("profile", bundle, "--batch", "1,0"), "--batch 0 must be at least 1"),
         (("profile", bundle, "--draft-k", "-1"), "--draft-k -1 must be at least 0"),
         (("profile", bundle, "--plot", tmp_path / "nodir" / "p.png"), "--plot"),
         (("profile", bundle, "--plot", tmp_path), "is a directory"),
         (("cluster", tmp_path / "nope", "-o", tmp_path / "c"), "nope: not a directory"),
-        (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--report", tmp_path / "nope.npy"), "--report"),
+        (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--clusters", 8, "--top-k", 2, "--report",
+          tmp_path / "nope.npy"), f"--report {tmp_path / 'nope.npy'}: no such file"),
         (("quickstart", "--workdir", tmp_path / "afile"), "--workdir"),
         (("quickstart", "--workdir", tmp_path / "qs", "--max-new-tokens", 0), "--max-new-tokens 0"),
     ]
@@ -252,6 +253,72 @@ def test_cluster_command(tiny_gemma3, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout[r.stdout.index("{"):])
     assert list(report["k"]) == ["8"] and report["k"]["8"]["recall"] == 1.0  # every cluster: always found
+
+
+def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, monkeypatch):
+    """Every file and value cluster reads is checked before k-means (and before a drafter's states): named
+    by its flag or file, one line, nothing written."""
+    from edgemtp.calibration import head_report, clustering
+
+    monkeypatch.setattr(head_report, "packed_tables", lambda *a, **k: pytest.fail("clustered"))
+    monkeypatch.setattr(clustering, "cluster_vocab", lambda *a, **k: pytest.fail("clustered"))
+    model = tiny_gemma3[1]
+    width = json.loads((model / "config.json").read_text())["hidden_size"]
+    good, narrow, words, damaged = (tmp_path / n for n in ("good.npy", "narrow.npy", "words.npy", "damaged.npz"))
+    np.save(good, np.ones((4, width), np.float32))
+    np.save(narrow, np.ones((4, width - 1), np.float32))
+    np.save(words, np.full((4, width), "a"))
+    damaged.write_bytes(b"PK\x03\x04 not a zip file")
+    broken = {}
+    for name, bad in (("tokenizer.json", "{"), ("config.json", "{")):  # a copy of the model with one file damaged
+        d = broken[name] = tmp_path / f"bad-{name}"
+        d.mkdir()
+        for f in model.iterdir():
+            (d / f.name).symlink_to(f)
+        (d / name).unlink()
+        (d / name).write_text(bad)
+    (tmp_path / "o2" / "head.safetensors").mkdir(parents=True)
+    out = tmp_path / "o"
+    cases = [
+        (("--calibration", damaged), f"--calibration {damaged}: not a .npy / .npz array file"),
+        (("--calibration", words), f"--calibration {words}: holds <U1 values, expected real numbers"),
+        (("--calibration", good, "--report", narrow), f"--report {narrow}: shape [4, {width - 1}], expected"),
+        (("--seed", 2**32), "--seed 4294967296 must be between 0 and 4294967295"),
+        (("--drafter", tmp_path, "--clusters", 0), "--clusters 0: need at least 1 cluster"),
+    ]
+    for args, message in [(("--clusters", 8, "--top-k", 2, *a), m) for a, m in cases] + [
+            (("--clusters", 1), "--clusters 1 is fewer than --top-k's default of 32: give --top-k too (at most 1)")]:
+        r = run("cluster", model, "-o", out, *args)
+        assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, (args, r.output)
+        assert len(r.output.strip().splitlines()) == 1 and not out.exists(), (args, r.output)
+    for name, d in broken.items():
+        r = run("cluster", d, "-o", out, "--clusters", 8, "--top-k", 2, "--calibration", good)
+        assert r.exit_code == 2 and f"{d / name}: not " in r.output and not out.exists(), r.output
+    r = run("cluster", model, "-o", tmp_path / "o2", "--clusters", 8, "--top-k", 2, "--calibration", good)
+    assert r.exit_code == 2 and "head.safetensors is a directory" in r.output, r.output
+
+
+def test_cluster_without_calibration_and_a_softcapped_report(tiny_gemma3, tmp_path):
+    """--calibration none clusters the table alone (the library's own advice names it); --report's mass is
+    the model's softcapped softmax, as its logits are."""
+    from edgemtp.calibration import head_report as hr
+
+    model = tiny_gemma3[1]
+    cap = hr.logit_softcap(model)
+    assert cap, "the tiny Gemma 3 config has final_logit_softcapping"
+    r = run("cluster", model, "-o", tmp_path / "h", "--clusters", 16, "--top-k", 2, "--calibration", "none")
+    assert r.exit_code == 0, r.output
+    assert hr.load_head(tmp_path / "h")[1]["method"] == "spherical-kmeans"
+    width = json.loads((model / "config.json").read_text())["hidden_size"]
+    held = tmp_path / "held.npy"  # large states: logits far past the cap, where it changes the softmax
+    np.save(held, 300 * np.random.default_rng(1).standard_normal((32, width)).astype(np.float32))
+    r = run("cluster", model, "-o", tmp_path / "h", "--clusters", 16, "--top-k", 2, "--calibration", "none",
+            "--report", held)
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout[r.stdout.index("{"):])["k"]["8"]["mass"]
+    capped, uncapped = (hr.recall_report(model, tmp_path / "h", held, top_ks=(8,), softcap=c)["k"][8]["mass"]
+                        for c in (cap, None))
+    assert got == pytest.approx(capped) and abs(capped - uncapped) > 1e-3
 
 
 def _full_disk(*_a, **_k):
@@ -480,6 +547,17 @@ def test_standard_input_that_is_not_utf8_is_named(tiny_gemma3):
     assert r.returncode == 2 and r.stderr == b"error: --prompt-file -: not valid UTF-8 text\n", r.stderr
     r = run("generate", tiny_gemma3[2], "--prompt-file", "-")  # CliRunner's stdin: whitespace only
     assert r.exit_code == 2
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """--prompt-file / --text-file are UTF-8 (as tokenizer.json and config.json are), not the locale's
+    encoding: under LC_ALL=C without UTF-8 mode an é was "not UTF-8 text", and on Windows it is cp1252."""
+    text = tmp_path / "p.txt"
+    text.write_text("café — naïve\n", encoding="utf-8")
+    code = f"from pathlib import Path; from edgemtp.cli.run import read_prompt; print(ascii(read_prompt(None, Path({str(text)!r}))))"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == ascii("café — naïve\n"), r.stderr
 
 
 def test_a_ready_read_only_workdir_runs(tiny_gemma3, tmp_path, monkeypatch):

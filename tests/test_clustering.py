@@ -496,7 +496,7 @@ def test_default_calibration_needs_a_real_model_directory(tmp_path):
     ({"clusters": 300, "top_k": 1}, "--clusters 300"),
     ({"clusters": 10, "top_k": 2, "calibration": np.zeros((5, 3), np.float32)}, r"expected hidden states \[N, 16\]"),
     ({"clusters": 10, "top_k": 2, "calibration": np.full((5, 16), np.nan, np.float32)},
-     "5 of 5 calibration hidden states hold NaN or infinity"),
+     "5 of 5 hidden states hold NaN or infinity"),
     ({"clusters": 10, "top_k": 2, "calibration": "missing.npy"}, "not found"),
 ])
 def test_cluster_model_rejects_bad_input(kwargs, match, tmp_path):

@@ -18,7 +18,8 @@ from edgemtp.drafter import SHIPPED, DrafterConfig, load_config  # noqa: E402
 from edgemtp.drafter import data as D  # noqa: E402
 from edgemtp.drafter import export as X  # noqa: E402
 from edgemtp.drafter import model as M  # noqa: E402
-from edgemtp.drafter.train import TargetPass, TrainSpec, train_drafter  # noqa: E402
+from edgemtp.drafter.target_pass import TargetPass  # noqa: E402
+from edgemtp.drafter.train import TrainSpec, train_drafter  # noqa: E402
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import load_config as target_config  # noqa: E402
 from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
@@ -84,7 +85,7 @@ def test_target_conventions(setup):
 def test_target_pass_cache_is_for_its_own_windows(setup, tmp_path):
     """prepare() resumes a cache only for the windows it was written for: a rerun with other data in the
     same output directory must not train on the old labels."""
-    from edgemtp.drafter.train import prepare
+    from edgemtp.drafter.target_pass import prepare
 
     model_dir, _, drafter, ids = setup
     tp = TargetPass(model_dir, drafter.cfg, None)
@@ -240,7 +241,7 @@ def test_greedy_continuations_are_the_targets_greedy_tokens(tiny_gemma3, tmp_pat
     """--greedy-from: the runtime's continuation of each prompt equals transformers' greedy generate,
     every draft step's label is then known past the prompt, and an interrupted run resumes."""
     from edgemtp.drafter.greedy import continue_greedily
-    from edgemtp.drafter.train import label_known
+    from edgemtp.drafter.loss import label_known
 
     model, model_dir, _ = tiny_gemma3
     rng = np.random.default_rng(5)
@@ -282,7 +283,7 @@ def test_round_weights_are_the_derivative_of_tokens_per_round():
     by autograd, up to the common normalisation."""
     import torch
 
-    from edgemtp.drafter.train import round_starts, round_weights
+    from edgemtp.drafter.loss import round_starts, round_weights
 
     gen = torch.Generator().manual_seed(0)
     B, T, k = 2, 7, 4
@@ -309,7 +310,7 @@ def test_round_starts_follow_greedy_speculative_rounds():
     1 / (expected tokens per round) in the long run for a constant chance."""
     import torch
 
-    from edgemtp.drafter.train import round_starts
+    from edgemtp.drafter.loss import round_starts
 
     assert torch.equal(round_starts(torch.zeros(4, 2, 9)), torch.ones(2, 9))  # nothing accepted: every position
     every5 = (torch.arange(12) % 5 == 0).float()
@@ -338,6 +339,56 @@ def test_resume_continues(tiny_gemma3, tmp_path):
     a, b = M.load(tmp_path / "a").state_dict(), M.load(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert 1000 <= report["train_s"] < 1000 + 600  # the training time before the interruption is counted
+
+
+def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
+    """--resume is checked before the target pass and continues only its own run; a fresh run into the same
+    directory leaves nothing of the earlier one but its caches; a run killed while fitting the head leaves no
+    directory that passes for a drafter; a resumed log holds each step once."""
+    import os
+
+    from edgemtp.drafter import head_fit, run_files
+    from edgemtp.drafter import train as T
+    from edgemtp.drafter.target_pass import prepare
+
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 8, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
+    kw = dict(data=data, seed=0, shape=dict(hidden=16, intermediate=32, num_layers=1),
+              spec=TrainSpec(batch=4, warmup=2, negatives=32, ckpt_every=3, eval_every=1000))
+    out = tmp_path / "d"
+    with pytest.raises(EdgemtpError, match="--resume: .*checkpoint.pt: no checkpoint to resume from"):
+        train_drafter(model_dir, out, steps=4, resume=True, **kw)
+    assert not out.exists()
+    assert train_drafter(model_dir, out, steps=6, stop_at=3, **kw) is None
+    with (out / "train.log").open("a") as f:  # the killed run got past its checkpoint, and tore a line
+        f.write(json.dumps({"step": 4, "phase": "train"}) + "\n" + '{"step": 5, "pha')
+    monkeypatch.setattr(T, "TargetPass", lambda *a, **k: pytest.fail("the target pass ran"))
+    for changed, message in ((dict(seed=1), "other --seed"), (dict(steps=2), "--steps 2: .* at step 3 already"),
+                             (dict(shape=dict(hidden=24, intermediate=32, num_layers=1)), "not a checkpoint of this drafter")):
+        with pytest.raises(EdgemtpError, match=message):
+            train_drafter(model_dir, out, resume=True, **{**kw, "steps": 6, **changed})
+    monkeypatch.undo()
+    train_drafter(model_dir, out, steps=6, resume=True, **kw)
+    train_steps = [r["step"] for r in map(json.loads, (out / "train.log").read_text().splitlines())
+                   if r["phase"] == "train"]
+    assert train_steps == [1, 2, 3, 4, 5, 6]
+    (out / "head.safetensors").write_bytes(b"tables of an earlier run")
+    monkeypatch.setattr(head_fit, "fit_head", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed while fitting the head tables
+        train_drafter(model_dir, out, steps=2, head_clusters=4, head_top_k=2, **kw)
+    assert not (out / "config.json").exists() and not (out / "head.safetensors").exists()
+    monkeypatch.undo()
+    train_drafter(model_dir, out, steps=2, **kw)  # afresh, without head tables: none from before either
+    assert (out / "config.json").is_file() and not (out / "head.safetensors").exists()
+    assert not (out / run_files.STAGING).exists()
+    # the target pass's cache belongs to its target: the same windows of a changed model are labelled afresh
+    key = lambda: json.loads((out / "cache" / "p" / "done.json").read_text())["input"]  # noqa: E731
+    prepare(TargetPass(model_dir, load_config(out), None), data["train"], out / "cache" / "p")
+    first = key()
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    prepare(TargetPass(model_dir, load_config(out), None), data["train"], out / "cache" / "p")
+    assert key() != first
 
 
 def test_shipped_drafter_is_small_and_loads():
@@ -783,6 +834,8 @@ def test_default_fp32_export_is_the_transposed_layout_and_quantizes(setup, tmp_p
     (["--draft-head-rows", "int8", "--draft-top-k", "0"], "needs a clustered head"),
     (["--draft-head-rows", "int8", "--static"], "applies to dynamic bundles"),
     (["--draft-head-rows", "int8", "--quant", "qdq"], "a --quant qdq bundle has no MTP drafter"),
+    # the recent tokens join a clustered head's candidates: with the full head they were dropped unsaid
+    (["--draft-top-k", "0", "--draft-head-context", "8"], "--draft-head-context 8 needs the clustered head"),
 ])
 def test_bad_draft_head_rows_are_refused(setup, tmp_path, extra, match):
     from click.testing import CliRunner
@@ -820,27 +873,28 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert recognises(out, model_dir)  # the output directory is a complete drafter: export finds its target
     assert not (out / "head.safetensors").exists()  # no tables to carry without --init
     clustered_drafter(model_dir, tmp_path / "init", seed=3)
+    unshaped = args[4:-4]  # --init's drafter keeps its own width and layers
     r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "fine"), "--init", str(tmp_path / "init"),
-                                            "--accept-weight", "0.5"] + args[4:])
+                                            "--accept-weight", "0.5"] + unshaped)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fine" / "head.safetensors").read_bytes() == (tmp_path / "init" / "head.safetensors").read_bytes()
     assert recognises(tmp_path / "fine", model_dir)
     r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "wide"), "--init", str(tmp_path / "init"),
-                                            "--intermediate", "64"] + args[4:])
+                                            "--intermediate", "64"] + unshaped)
     assert r.exit_code == 0, r.output
     assert (load_config(tmp_path / "wide").intermediate, load_config(tmp_path / "wide").hidden) == (64, 32)
     bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "narrow"), "--init", str(tmp_path / "init"),
-                                              "--intermediate", "40"] + args[4:])
+                                              "--intermediate", "40"] + unshaped)
     assert bad.exit_code == 2 and "--intermediate 40" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "narrow").exists()  # a refused run leaves no output directory
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "init", broken)
     (broken / "config.json").write_text("{bad")
-    bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "x"), "--init", str(broken)] + args[4:])
+    bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "x"), "--init", str(broken)] + unshaped)
     assert bad.exit_code == 2 and f"{broken / 'config.json'}: not valid JSON" in bad.output, bad.output
     assert not (tmp_path / "x").exists()
     bad = CliRunner().invoke(cli, args + ["--seed", "-1"])
-    assert bad.exit_code == 2 and "--seed -1 must be 0 or more" in bad.output
+    assert bad.exit_code == 2 and "--seed -1 must be between 0 and 4294967295" in bad.output
     bad = CliRunner().invoke(cli, args + ["--intermediate", "0"])
     assert bad.exit_code == 2 and "--intermediate 0" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args + ["--accept-weight", "1.5"])
@@ -851,6 +905,12 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     for data in ("poetry=3", "code=8:2"):
         bad = CliRunner().invoke(cli, args[:4] + ["--data", data])
         assert bad.exit_code == 2 and f"--data {data!r}" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(cli, args + ["--init", str(tmp_path / "init")])  # with --hidden / --layers
+    assert bad.exit_code == 2 and "--hidden with --init: the drafter keeps --init's shape" in bad.output
+    for extra, message in ((["--seq-len", "1"], "--seq-len 1 must be at least 2"),
+                           (["--data", "code=4,code=0"], "code is given twice")):
+        bad = CliRunner().invoke(cli, args + extra)
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
     bad = CliRunner().invoke(cli, args + ["--init", str(tmp_path)])
     assert bad.exit_code == 2 and "--init" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(cli, args + ["--greedy-from", "12"])
@@ -1201,7 +1261,7 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
     real = ort.get_available_providers()  # on an NPU build the target runs there: MTP drafts
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["QNNExecutionProvider", *real])
     assert auto_mode(b, "qnn") == "hybrid" and auto_mode(b, "cpu") == "lookup"
-    for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"], "--drafter-quant int8 needs --quant int8"),
+    for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"], "--drafter-quant applies to --quant int8 / int4"),
                            (["--quant", "int8", "--drafter-quant", "int4"], "--drafter-quant 'int4' must be fp32 or int8")):
         r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "bad"), *extra])
         assert r.exit_code == 2 and message in r.output, r.output
@@ -1266,5 +1326,6 @@ def test_head_tables_fitted_on_the_drafters_own_states(tiny_gemma3, tmp_path):
 
     bad = CliRunner().invoke(cli, args + ["--head-clusters", "8", "--head-top-k", "9"])
     assert bad.exit_code != 0 and "--head-top-k 9" in bad.output and "Traceback" not in bad.output
-    bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--drafter", str(tmp_path)])
+    bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--clusters", "8", "--top-k", "2",
+                                   "--drafter", str(tmp_path)])
     assert bad.exit_code != 0 and "cache" in bad.output and "Traceback" not in bad.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -77,7 +78,10 @@ def test_csv_has_one_number_per_cell(tiny_gemma3):
 
     r = profile(tiny_gemma3[2], "--prompt-tokens", "8,60", "--gen-tokens", 4, "--repetitions", 2,
                 "--draft-k", "0,2", "--format", "csv")
-    rows = list(csv.DictReader(io.StringIO(r.stdout[r.stdout.index("draft_k"):])))
+    table = r.stdout[r.stdout.index("draft_k"):]
+    records = list(csv.reader(io.StringIO(table)))  # no empty record at the end, one kind of line ending
+    assert len({len(rec) for rec in records}) == 1 and "\r" not in table and not table.endswith("\n\n")
+    rows = list(csv.DictReader(io.StringIO(table)))
     ran = [row for row in rows if not row["skipped"]]
     assert len(ran) == 2 and len(rows) == 4 and all("KV capacity" in row["skipped"] for row in rows if row["skipped"])
     for row in ran:
@@ -110,7 +114,14 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
     for args, message in (
             (("--head", "full"), "--head full: only MTP and hybrid rows have a head, and --draft auto runs lookup here"),
             (("--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
-            (("--plot", tmp_path / "afile" / "p.png"), "--plot")):
+            (("--plot", tmp_path / "afile" / "p.png"), "--plot"),
+            (("--gen-tokens", 1), "--gen-tokens 1 must be at least 2 (the first token comes from the prefill)"),
+            (("--draft-k", "1,,2"), "--draft-k '1,,2' must be comma-separated integers"),
+            (("--prompt-tokens", "8,"), "--prompt-tokens '8,' must be comma-separated integers"),
+            (("--threads", -1), "--threads -1 must be between 0 and"),
+            # os.access says yes to root even there: the check tries to write
+            *([(("--trace", "/proc/t.json"), "--trace /proc/t.json: cannot write in /proc")]
+              if Path("/proc/self").is_dir() else [])):
         r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), *map(str, args)])
         assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, (args, r.output)
 

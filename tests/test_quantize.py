@@ -495,7 +495,7 @@ def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, cali
     8 bits show elsewhere; a verify window gives the single steps' argmax and rescored logits. Gemma 3's tied table split
     into frequent 8-bit and 4-bit rows (int4); Qwen2's untied head in one 8-bit part (int8)."""
     fp32 = make_bundle(tmp_path, kind, snapped=True, table=dual_grid)
-    opts = dict(frequent_rows=16, calibration=calib_file, calibration_tokens=128)
+    opts = dict(calibration=calib_file, calibration_tokens=128, **({"frequent_rows": 16} if quant == "int4" else {}))
     quantize_bundle(fp32, tmp_path / "nbits", quant, **opts)
     quantize_bundle(fp32, tmp_path / "int", quant, **opts, head_op="integer")
     assert ops_count(tmp_path / "int", "MatMulIntegerToFloat") == 1 and ops_count(tmp_path / "int", "TopK") == 1
@@ -540,8 +540,15 @@ def test_integer_head_needs_whole_blocks(tmp_path):
     is one clear error, and no bundle is left behind."""
     fp32 = make_bundle(tmp_path, "gemma3_text")
     with pytest.raises(EdgemtpError, match="--head-op integer .* hidden size 64 .* --block-size 128"):
-        quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=128, head_op="integer")
+        quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=128, head_op="integer",
+                        two_pass="none")
+    # the two-pass activations need whole blocks too: they were left out, the manifest still saying "all"
+    with pytest.raises(EdgemtpError, match="--block-size 128 does not divide the hidden size 64: the two-pass "
+                                           "activations \\(--two-pass all\\)"):
+        quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=128)
     assert not (tmp_path / "q").exists()
+    quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, accuracy_level=2)  # no passes at level 2 ...
+    assert bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]["two_pass"] == "none"
 
 
 def test_smoothing_keeps_the_function(tmp_path, calib_file):
@@ -654,10 +661,17 @@ def test_int4_export_is_reproducible(tmp_path, calib_file):
     (dict(calibration="/nonexistent/text.txt"), "--calibration /nonexistent/text.txt: no such file"),
     (dict(calibration=None, gptq=True), "--gptq needs calibration text"),
     (dict(calibration=None, frequent_rows=8), "--frequent-rows needs calibration text"),
+    (dict(block_size=512), "--block-size 512 must be a power of two from 16 to 256"),
+    (dict(two_pass="head", accuracy_level=2), "--two-pass head needs --accuracy-level 4"),
+    (dict(calibration=None, calibration_tokens=4096), "--calibration-tokens 4096 with --calibration none"),
+    (dict(quant="int8", layer_bits=4), "--layer-bits applies to --quant int4 (int8 keeps every weight at 8 bits)"),
+    (dict(quant="int8", frequent_rows=100), "--frequent-rows applies to --quant int4"),
+    (dict(quant="int8", keep_8bit=("*down*",)), "--keep-8bit applies to --quant int4"),
+    (dict(quant="fp16", drafter_quant="fp32"), "--drafter-quant fp32 applies to --quant int8 / int4"),
 ])
 def test_bad_options_name_the_flag(options, message):
-    with pytest.raises(EdgemtpError, match=message.replace("(", r"\(")):
-        check_options("int4", **options)
+    with pytest.raises(EdgemtpError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_options(options.pop("quant", "int4"), **options)
 
 
 def test_options_of_float_quants_are_refused():
@@ -682,9 +696,9 @@ def test_keep_8bit_pattern_matching_no_weight_is_refused(tmp_path):
     a pattern matching only a part of a joined weight counts."""
     fp32 = make_bundle(tmp_path, "gemma3_text")
     with pytest.raises(EdgemtpError, match=r"--keep-8bit '\*dwon_proj\*' matches no weight .*model\.layers\."):
-        quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, keep_8bit=("*down_proj*", "*dwon_proj*"))
+        quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, keep_8bit=("*down_proj*", "*dwon_proj*"))
     assert not (tmp_path / "q").exists()
-    quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, keep_8bit=("*.v_proj.weight",))
+    quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, keep_8bit=("*.v_proj.weight",))
 
 
 def test_export_names_a_keep_8bit_typo_before_any_work(tmp_path, monkeypatch):
@@ -725,6 +739,20 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     assert bad.exit_code == 2 and "--head-op applies to --quant int8 / int4 only" in bad.output
     bad = run("--quant", "int4", "--layer-op", "integer", "--layer-bits", "4", "--overwrite")
     assert bad.exit_code == 2 and "--layer-op integer needs 8-bit layers" in bad.output
+    # refused before the fp32 export (which takes minutes at scale): nothing is written, not even scratch
+    scratch = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".edgemtp"))  # noqa: E731
+    short = tmp_path / "short.txt"
+    short.write_text("t1 t2 t3")
+    for args, message in ((("--quant", "fp16", "--calibration", "none"), "--calibration applies to --quant int8 / int4"),
+                          (("--quant", "int4", "--calibration", str(short)),
+                           f"--calibration {short}: 3 tokens, fewer than one window of 64"),
+                          (("--quant", "int4", "--block-size", "128", "--two-pass", "none", "--head-op", "integer"),
+                           "--head-op integer rescores whole rows of 128-blocks"),
+                          (("--static", "--gemv-head"), "--gemv-head applies to dynamic fp32 bundles (not --static)"),
+                          (("--quant", "fp16", "--static"), "static graphs are fp32 or QDQ (--quant qdq), not fp16")):
+        bad = run(*args, "--max-context", "64", "--overwrite")
+        assert bad.exit_code == 2 and message in bad.output and len(bad.output.splitlines()) == 1, (args, bad.output)
+        assert bundle_mod.load(tmp_path / "b").graph("target").quant == "int8" and not scratch(), args
 
 
 def test_bad_input_is_a_clear_error(gemma, tmp_path):
@@ -817,9 +845,19 @@ def test_windows_start_with_bos_and_drop_empty_tails():
     assert text_windows([5, 6, 7], 2, bos=None) == [[5, 6]]  # a lone 7 predicts nothing
 
 
+def test_a_lone_token_after_bos_is_scored(gemma):
+    """With a BOS before it, a text's first token is predicted too: one token is a text to score."""
+    r = evaluate(gemma["fp32"], "t5")
+    assert r["tokens"] == 1 and r["windows"] == 1
+    assert r["perplexity"] == pytest.approx(reference_perplexity(gemma["fp32"], [5], 16), rel=1e-5)
+    assert evaluate(gemma["fp32"], "t5 t6 t7", max_tokens=1)["perplexity"] == pytest.approx(r["perplexity"])
+
+
 def test_evaluate_errors(gemma, tmp_path):
-    with pytest.raises(EdgemtpError, match="the text has 1 token\\(s\\); perplexity needs at least 2"):
-        evaluate(gemma["fp32"], "t5")
+    with pytest.raises(EdgemtpError, match="the text has 0 token\\(s\\) to score; perplexity needs at least 1"):
+        evaluate(gemma["fp32"], "")
+    with pytest.raises(EdgemtpError, match="max_tokens=0 must be a whole number of at least 1"):
+        evaluate(gemma["fp32"], "t5", max_tokens=0)
     with pytest.raises(EdgemtpError, match="window=65 exceeds the KV capacity 64"):
         evaluate(gemma["fp32"], "t5 t6 t7", window=65)
     with pytest.raises(EdgemtpError, match="window=1 is too small"):

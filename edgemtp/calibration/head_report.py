@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,25 @@ NO_CALIBRATION = "none"
 
 def head_rows(model_dir: Path) -> np.ndarray:
     """[V, d] float32: the model's output head (lm_head.weight, else the tied embedding)."""
+    ckpt, key = _head_key(model_dir)
+    return np.asarray(ckpt[key], np.float32)
+
+
+def head_shape(model_dir: Path) -> tuple[int, int]:
+    """(V, d) of the model's output head, read from the checkpoint's header (no weights loaded)."""
+    ckpt, key = _head_key(model_dir)
+    shape = ckpt.shape(key)
+    if len(shape) != 2:
+        raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(shape)}, expected [vocab, hidden]")
+    return shape[0], shape[1]
+
+
+def _head_key(model_dir: Path):
     from ..checkpoint import Checkpoint
     ckpt = Checkpoint(Path(model_dir))
     for key in ("lm_head.weight", "model.embed_tokens.weight"):
         if key in ckpt:
-            return np.asarray(ckpt[key], np.float32)
+            return ckpt, key
     raise EdgemtpError(f"{model_dir}: no 'lm_head.weight' or 'model.embed_tokens.weight' tensor to cluster")
 
 
@@ -66,8 +81,12 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
                     source = z["hidden"]
             else:
                 source = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:  # not a numpy file, or one holding pickled objects
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not numpy, pickled objects, damaged
             raise EdgemtpError(f"{path}: not a .npy / .npz array file ({str(e).split('. ')[0]})") from None
+    source = np.asarray(source)
+    if not (np.issubdtype(source.dtype, np.floating) or np.issubdtype(source.dtype, np.integer)):
+        raise EdgemtpError(f"{source_path or 'calibration hidden states'}: holds {source.dtype} values, expected "
+                           "real numbers (final hidden states [N, d])")
     hidden = np.asarray(source, np.float32)
     if hidden.ndim != 2 or hidden.shape[1] != hidden_size or len(hidden) == 0:
         raise EdgemtpError(f"{source_path or 'calibration hidden states'}: shape {list(hidden.shape)}, "
@@ -75,7 +94,7 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
     bad = int((~np.isfinite(hidden).all(axis=1)).sum())
     if bad:
         where = f"{source_path}: " if source_path is not None else ""
-        raise EdgemtpError(f"{where}{bad} of {len(hidden)} calibration hidden states hold NaN or infinity")
+        raise EdgemtpError(f"{where}{bad} of {len(hidden)} hidden states hold NaN or infinity")
     return hidden
 
 
@@ -95,7 +114,7 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
         tables = cluster_vocab(embed, clusters, seed, progress=progress)
         return save_head(Path(out_dir), tables, {**meta, "method": "spherical-kmeans", "calibration_positions": 0})
     texts = token_texts(model_dir, len(embed))
-    softcap = _softcap(model_dir)
+    softcap = logit_softcap(model_dir)
     if calibration is None:
         cal = collect_calibration(model_dir, positions, seed=seed, progress=progress)
         hidden, top_ids, top_probs, chars, seen, source = cal.hidden, cal.top_ids, cal.top_probs, cal.chars, cal.seen, \
@@ -113,21 +132,33 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
 
 def token_texts(model_dir: Path, vocab: int) -> list[str] | None:
     """Each token id's decoded text (model_dir/tokenizer.json), or None without a tokenizer."""
+    from ..checkpoint import open_tokenizer
+
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         return None
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(path))
+    tok = open_tokenizer(path)
     return tok.decode_batch([[i] for i in range(vocab)], skip_special_tokens=False)
 
 
-def _softcap(model_dir: Path) -> float | None:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+def logit_softcap(model_dir: Path) -> float | None:
+    """The model's final_logit_softcapping (None: none, or no config.json): the full head's logits, and so
+    the calibration's top tokens and the report's mass, are capped with it."""
+    cfg = _config(model_dir)
     cfg = cfg.get("text_config", cfg)
-    return cfg.get("final_logit_softcapping") or None
+    cap = cfg.get("final_logit_softcapping") if isinstance(cfg, dict) else None
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 0):
+        raise EdgemtpError(f"{Path(model_dir) / 'config.json'}: field 'final_logit_softcapping' {cap!r} is not a "
+                           "number of 0 or more")
+    return cap or None
+
+
+def _config(model_dir: Path) -> dict:
+    """config.json's fields ({} without one: a directory of weights alone clusters its table); a damaged
+    file is named, not taken for a model without softcapping or BOS."""
+    from ..config import read_config_json
+
+    return read_config_json(model_dir) if (Path(model_dir) / "config.json").is_file() else {}
 
 
 # --- calibration positions from the offline corpora -----------------------------------------------
@@ -153,8 +184,7 @@ def collect_calibration(model_dir: Path, positions: int = POSITIONS, seed: int =
     The model runs as a scratch fp32 ONNX export (deleted afterwards) under onnxruntime; the full head
     on the hidden states runs as a small onnxruntime graph (MatMul, TopK, ReduceLogSumExp).
     `skip(document) -> bool` leaves documents out (e.g. a benchmark's held-out files)."""
-    from tokenizers import Tokenizer
-
+    from ..checkpoint import open_tokenizer
     from ..drafter import data
 
     model_dir = Path(model_dir)
@@ -162,7 +192,7 @@ def collect_calibration(model_dir: Path, positions: int = POSITIONS, seed: int =
     if missing:
         raise EdgemtpError(f"{model_dir}: no {' or '.join(missing)} to run the model for calibration; pass "
                            "--calibration FILE (final hidden states) or --calibration none (embedding only)")
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok = open_tokenizer(model_dir / "tokenizer.json")
     bos = _bos(model_dir)
     count = max(1, -(-positions // CHUNK))
     docs = {}
@@ -195,15 +225,12 @@ def collect_calibration(model_dir: Path, positions: int = POSITIONS, seed: int =
     embed = head_rows(model_dir)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-cluster-") as tmp:
         hidden = _hidden_states(model_dir, Path(tmp) / "bundle", windows, bos, threads, progress)
-    top_ids, top_probs = _ort_head_top(hidden, embed, TOP, _softcap(model_dir), threads, progress)
+    top_ids, top_probs = _ort_head_top(hidden, embed, TOP, logit_softcap(model_dir), threads, progress)
     return Calibration(hidden, top_ids, top_probs, chars, np.fromiter(seen, np.int64), list(share))
 
 
 def _bos(model_dir: Path) -> int | None:
-    try:
-        cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
+    cfg = _config(model_dir)
     bos = cfg.get("bos_token_id", cfg.get("text_config", {}).get("bos_token_id"))
     return int(bos) if isinstance(bos, int) else None
 

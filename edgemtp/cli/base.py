@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
         raise EdgemtpError(f"{flag} {out}: {here} is a file, not a directory")
     if not os.access(here, os.W_OK | os.X_OK):
         raise EdgemtpError(f"{flag} {out}: cannot write in {here}")
+    try:  # os.access answers yes to root everywhere, /proc and read-only mounts included: try it
+        tempfile.TemporaryFile(dir=here).close()
+    except OSError as e:
+        raise EdgemtpError(f"{flag} {out}: cannot write in {here} ({e.strerror})") from None
 
 
 def output_path(ctx, param, value: str) -> Path:

@@ -154,19 +154,31 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
                    "instead of MODEL_DIR's final hidden states: tables for that drafter's head.")
 def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions, drafter_dir):
     """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
-    from ..calibration.head_report import POSITIONS, cluster_model, recall_report
+    from ..calibration.clustering import check_sizes
+    from ..calibration.head_report import (HEAD_FILE, NO_CALIBRATION, POSITIONS, cluster_model, head_shape,
+                                           logit_softcap, recall_report)
 
     if positions is not None and (positions < 512 or calibration is not None):
         raise EdgemtpError(f"--positions {positions}: " + ("at least 512" if positions < 512 else
                                                            "applies only without --calibration"))
     if drafter_dir is not None and calibration is not None:
         raise EdgemtpError("--drafter and --calibration: give one source of calibration states")
-    for flag, path in (("--calibration", calibration), ("--report", report_hidden)):
-        if path is not None and not path.is_file():
-            raise EdgemtpError(f"{flag} {path}: no such file (expected hidden states in .npy / .npz)")
-    if seed < 0:
-        raise EdgemtpError(f"--seed {seed} must be 0 or more")
-    writable_dir(out, "-o")  # before k-means, which takes minutes
+    check_seed(seed)
+    # what the run writes and everything it reads are checked before it: k-means and a drafter's states
+    # take minutes
+    if (out / HEAD_FILE).is_dir():
+        raise EdgemtpError(f"-o {out}: {out / HEAD_FILE} is a directory (the tables are written to that name)")
+    writable_dir(out, "-o")
+    vocab, hidden_size = head_shape(model_dir)
+    softcap = logit_softcap(model_dir)  # a damaged config.json
+    if top_k > clusters and click.get_current_context().get_parameter_source("top_k") == ParameterSource.DEFAULT:
+        raise EdgemtpError(f"--clusters {clusters} is fewer than --top-k's default of {top_k}: give --top-k too "
+                           f"(at most {clusters})")
+    check_sizes(vocab, clusters, top_k)
+    no_calibration = calibration is not None and str(calibration) == NO_CALIBRATION
+    states = {flag: hidden_file(flag, path, hidden_size) for flag, path in
+              (("--calibration", calibration), ("--report", report_hidden)) if path is not None
+              and not (flag == "--calibration" and no_calibration)}
     with progress_bar("clustering the vocabulary", show_what=drafter_dir is not None) as progress:
         if drafter_dir is not None:
             if importlib.util.find_spec("torch") is None:  # the drafter runs in torch, as in training
@@ -175,11 +187,31 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
             path = head_fit.fit_head(drafter_dir, model_dir, out, clusters, top_k, positions or head_fit.POSITIONS,
                                      seed, progress)
         else:
-            path = cluster_model(model_dir, out, clusters, top_k, seed, progress, calibration,
+            path = cluster_model(model_dir, out, clusters, top_k, seed, progress,
+                                 NO_CALIBRATION if no_calibration else states.get("--calibration"),
                                  positions=positions or POSITIONS)
     click.echo(f"wrote {path}")
     if report_hidden:
-        click.echo(json.dumps(recall_report(model_dir, path, report_hidden, speed=True), indent=2))
+        report = recall_report(model_dir, path, states["--report"], softcap=softcap, speed=True)
+        click.echo(json.dumps(report, indent=2))
+
+
+def hidden_file(flag: str, path: Path, hidden_size: int):
+    """The hidden states [N, d] in a .npy / .npz file given to `flag`, read and checked."""
+    from ..calibration.head_report import load_hidden
+
+    if not path.is_file():
+        raise EdgemtpError(f"{flag} {path}: no such file (expected hidden states in .npy / .npz)")
+    try:
+        return load_hidden(path, hidden_size)
+    except EdgemtpError as e:
+        raise EdgemtpError(f"{flag} {e}") from None
+
+
+def check_seed(seed: int) -> None:
+    """k-means (scikit-learn) takes seeds below 2**32 only, and would say so after minutes of work."""
+    if not 0 <= seed < 2**32:
+        raise EdgemtpError(f"--seed {seed} must be between 0 and {2**32 - 1}")
 
 
 @cli.command("train-drafter")
@@ -231,13 +263,19 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         from ..drafter.train import DataSpec, TrainSpec, train_drafter
     except ImportError as e:
         raise EdgemtpError(f"train-drafter needs torch and transformers: pip install 'edgemtp[train]' ({e})") from None
-    if seed < 0:
-        raise EdgemtpError(f"--seed {seed} must be 0 or more")
-    for flag, value in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len), ("--draft-k", draft_k),
+    check_seed(seed)
+    for flag, value in (("--steps", steps), ("--batch", batch), ("--draft-k", draft_k),
                         ("--hidden", hidden), ("--layers", layers), ("--threads", threads),
                         ("--eval-every", eval_every), ("--intermediate", intermediate)):
         if value is not None and value < 1:
             raise EdgemtpError(f"{flag} {value} must be at least 1")
+    if seq_len < 2:
+        raise EdgemtpError(f"--seq-len {seq_len} must be at least 2 (a token and the one it predicts)")
+    source = click.get_current_context().get_parameter_source
+    shaped = [f"--{n}" for n in ("hidden", "layers") if source(n) == ParameterSource.COMMANDLINE]
+    if init is not None and shaped:
+        raise EdgemtpError(f"{shaped[0]} with --init: the drafter keeps --init's shape (only --intermediate "
+                           "widens it)")
     spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data, ranges=True),
                     heldout=domain_counts("--heldout", heldout), seed=seed, greedy_from=greedy_from)
     if greedy_from and not 1 <= greedy_from < seq_len:
@@ -282,6 +320,8 @@ def domain_counts(flag: str, value: str, ranges: bool = False) -> dict:
         if name not in DOMAINS or not (start.isdigit() and stop.isdigit()) or (colon and int(start) >= int(stop)):
             form = "domain=count or domain=start:stop (start < stop)" if ranges else "domain=count"
             raise EdgemtpError(f"{flag} {part!r}: expected {form} with domain one of {', '.join(DOMAINS)}")
+        if name in out:  # the last would win, while the windows were counted twice
+            raise EdgemtpError(f"{flag} {value!r}: {name} is given twice")
         out[name] = [int(start), int(stop)] if colon else int(stop)
         windows += int(stop) - int(start)
     if not windows:

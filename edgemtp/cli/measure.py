@@ -14,13 +14,12 @@ from .run import read_prompt, speed_line
 
 
 def int_list(flag: str, value: str) -> list[int]:
+    if not value.strip():
+        raise EdgemtpError(f"{flag} is empty")
     try:
-        out = [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in value.split(",")]  # an empty item ("1,,2", "1,2,") is a typo, not skipped
     except ValueError:
         raise EdgemtpError(f"{flag} {value!r} must be comma-separated integers, e.g. 0,2,4") from None
-    if not out:
-        raise EdgemtpError(f"{flag} is empty")
-    return out
 
 
 @cli.command("profile")
@@ -54,12 +53,13 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     at each K, side by side."""
     from ..runtime import profile as prof
     from ..runtime import profile_report as report
-    from ..runtime.session import resolve_provider
+    from ..runtime.session import check_threads, resolve_provider
 
     if repetitions < 1:
         raise EdgemtpError(f"--repetitions {repetitions} must be at least 1")
-    if gen_tokens < 1:
-        raise EdgemtpError(f"--gen-tokens {gen_tokens} must be at least 1")
+    if gen_tokens < 2:  # the first token comes from the prefill: decoding speed needs a second
+        raise EdgemtpError(f"--gen-tokens {gen_tokens} must be at least 2 (the first token comes from the prefill)")
+    check_threads(threads)  # also before the bandwidth probe, which runs even when every row is skipped
     for flag, values, least in (("--prompt-tokens", prompt_tokens, 1), ("--batch", batch, 1),
                                 ("--draft-k", draft_k, 0)):
         bad = [v for v in int_list(flag, values) if v < least]
@@ -97,7 +97,8 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
                               drafter, text, progress, head, drafter_provider, fast_verify, adaptive)
-    click.echo(report.render(result, fmt, prof.speedups(result)))
+    rendered = report.render(result, fmt, prof.speedups(result))
+    click.echo(rendered, nl=not rendered.endswith("\n"))
     if all(r["skipped"] for r in result["rows"]):  # the table says why; a script should not read it as a run
         raise EdgemtpError("no row ran: every row was skipped (the table gives each row's reason)")
     if trace:

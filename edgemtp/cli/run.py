@@ -202,7 +202,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
         return _has_text(stdin_text(lambda f: f.read(), file_flag + " -"), f"{file_flag} -: standard input")
     if prompt_file is not None:
         try:
-            text = prompt_file.read_text()
+            text = prompt_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
             raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
@@ -253,18 +253,18 @@ def speed_line(stats) -> str:
 @click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score.")
 @click.option("--reference", default=None, type=click.Path(path_type=Path),
               help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
-@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text (>= 2).")
+@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text.")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json):
     """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence."""
     from ..evaluate import evaluate
 
-    if max_tokens is not None and max_tokens < 2:
-        raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 2 (perplexity scores the tokens after "
-                           "the first)")
+    if max_tokens is not None and max_tokens < 1:
+        raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 1")
     text = read_prompt(None, text_file, "--text-file")
-    result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens)
+    result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens,
+                      text_name=f"--text-file {text_file}")
     if as_json:
         click.echo(json.dumps(result))
         return

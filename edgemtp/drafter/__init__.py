@@ -89,7 +89,7 @@ def load_config(drafter_dir: Path) -> DrafterConfig:
     if not path.is_file():
         raise EdgemtpError(f"{path}: missing (a drafter directory needs config.json and {WEIGHTS})")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict) or d.get("model_type") != MODEL_TYPE:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import EdgemtpError
-from .cache import fingerprint, resumable_rows
+from .cache import fingerprint, resumable_rows, target_identity
 
 Progress = Callable[[int, int, dict], None]
 
@@ -35,7 +35,7 @@ def continue_greedily(target_dir: Path, windows: np.ndarray, prompt_len: int, wo
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     out_path, done_path = work / "windows.npy", work / "done.json"
-    key = fingerprint(windows, prompt_len)
+    key = fingerprint(windows, prompt_len, target_identity(target_dir))
     done = resumable_rows(done_path, key)
     out = np.lib.format.open_memmap(out_path, mode="r+" if done else "w+", dtype=np.int64, shape=(n, T))
     if done < n:

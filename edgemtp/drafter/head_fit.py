@@ -29,7 +29,7 @@ def cache_arrays(cache_dir: Path) -> dict:
     if not (cache_dir / "done.json").is_file():
         raise EdgemtpError(f"{cache_dir}: no finished train-drafter cache (expected done.json and the target "
                            "pass arrays; run `edgemtp train-drafter` for this drafter first)")
-    from .train import cached
+    from .target_pass import cached
     return cached(cache_dir)
 
 
@@ -40,7 +40,8 @@ def draft_states(drafter_dir: Path, target_dir: Path, cache_dir: Path, positions
     import torch
 
     from . import model as M
-    from .train import to_torch, unroll
+    from .loss import unroll
+    from .target_pass import to_torch
 
     cache = cache_arrays(cache_dir)
     model = M.load(Path(drafter_dir)).float().eval()  # the saved fp16 weights: what the bundle will run
@@ -63,11 +64,12 @@ def draft_states(drafter_dir: Path, target_dir: Path, cache_dir: Path, positions
 
 
 def fit_head(drafter_dir: Path, target_dir: Path, out_dir: Path | None = None, clusters: int = 2048,
-             top_k: int = 32, positions: int = POSITIONS, seed: int = 0, progress=None) -> Path:
+             top_k: int = 32, positions: int = POSITIONS, seed: int = 0, progress=None,
+             cache_dir: Path | None = None) -> Path:
     """Writes (out_dir or drafter_dir)/head.safetensors: the clustered head of the target's embedding,
-    calibrated on the drafter's own states from drafter_dir/cache/train. Returns the file."""
+    calibrated on the drafter's own states from `cache_dir` (default drafter_dir/cache/train). Returns the file."""
     from ..calibration.head_report import cluster_model
 
-    states = draft_states(drafter_dir, target_dir, Path(drafter_dir) / "cache" / "train", positions, seed,
-                          progress=progress)
+    cache_dir = Path(drafter_dir) / "cache" / "train" if cache_dir is None else cache_dir
+    states = draft_states(drafter_dir, target_dir, cache_dir, positions, seed, progress=progress)
     return cluster_model(target_dir, out_dir or drafter_dir, clusters, top_k, seed, progress, calibration=states)

@@ -59,7 +59,7 @@ def with_generation_stops(cfg, model_dir: Path):
     if not path.is_file():
         return cfg
     try:
-        gen = json.loads(path.read_text())
+        gen = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
     eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
@@ -91,15 +91,12 @@ def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
 def check_tokenizer(model_dir: Path) -> Path:
     """The bundle's tokenizer.json, checked before any weight is written: a broken one would otherwise
     surface only when the bundle is first used."""
-    from tokenizers import Tokenizer
+    from ..checkpoint import open_tokenizer
 
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise EdgemtpError(f"{path}: missing (the bundle needs the model's tokenizer.json)")
-    try:
-        Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise EdgemtpError(f"{path}: not a valid tokenizer.json ({str(e)[:200]})") from None
+    open_tokenizer(path)
     return path
 
 
@@ -144,8 +141,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
         raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (a static bundle's "
                            "drafter scores fp32 rows of the table)")
     if gemv_head and (quant != "fp32" or static_window is not None):
-        raise EdgemtpError("--gemv-head applies to dynamic fp32 bundles (not --quant "
-                           f"{quant}{' or --static' if static_window is not None else ''})")
+        raise EdgemtpError("--gemv-head applies to dynamic fp32 bundles (not "
+                           f"{'--static' if static_window is not None else '--quant ' + quant})")
     if quant == "qdq":
         return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
     if quant != "fp32":
@@ -247,6 +244,9 @@ def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant) ->
     if head_rows not in (AUTO, *HEAD_ROWS):
         raise EdgemtpError(f"--draft-head-rows {head_rows!r}: choose from {AUTO}, {', '.join(HEAD_ROWS)}")
     if drafter is not None:
+        if top_k == 0 and context:  # the recent tokens are scored beside a clustered head's candidates
+            raise EdgemtpError(f"--draft-head-context {context} needs the clustered head: not with --draft-top-k 0 "
+                               "(the full head scores every token)")
         return
     given = [flag for flag, value in (("--draft-top-k", top_k), ("--draft-head-context", context),
                                       ("--drafter-quant", drafter_quant)) if value is not None]
@@ -306,18 +306,26 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     import tempfile
 
     from ..calibration import activations as A
-    from .quantize import check_options, check_patterns_match, quantize_bundle
+    from ..checkpoint import open_tokenizer
+    from .quantize import check_options, check_patterns_match, check_shapes, check_window, quantize_bundle
 
     if static_window is not None:
-        raise EdgemtpError(f"--quant {quant} with --static: static graphs are quantized as QDQ "
-                           "(edgemtp.exporters.qdq), not weight-only")
-    check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
+        raise EdgemtpError(f"--quant {quant} with --static: static graphs are fp32 or QDQ (--quant qdq), not "
+                           f"{quant}")
+    if quant == "fp16" and options:  # fp16 rounds every weight; no option of int8 / int4 applies
+        raise EdgemtpError(f"--{next(iter(options)).replace('_', '-')} applies to --quant int8 / int4 only")
+    sch = check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
+    cfg, build = load_config(model_dir)
+    if sch is not None:
+        check_shapes(sch, cfg.hidden_size)
     if options.get("keep_8bit"):  # against the graph's weight names (building it reads no weight)
-        cfg, build = load_config(model_dir)
         check_patterns_match(tuple(options["keep_8bit"]), list(build(cfg, resolve_capacity(capacity, cfg))[0].params))
     source = options.get("calibration", A.CORPORA)
     if source is not None and str(source) != A.CORPORA:
-        A.calibration_text(source)  # an empty or binary file is named before that export too
+        text = A.calibration_text(source)  # an empty or binary file is named before that export too
+        if sch is not None and sch.needs_activations:  # and one shorter than a calibration window
+            ids = text.token_ids(open_tokenizer(Path(model_dir) / "tokenizer.json"))
+            check_window(text, ids, resolve_capacity(capacity, cfg), cfg.bos_token_id is not None)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-fp32-", dir=Path(out).parent) as scratch:
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,

@@ -21,7 +21,7 @@ def _json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -43,7 +43,7 @@ def find(model_dir: Path) -> tuple[str, dict[str, str], str] | None:
     jinja = model_dir / FILE
     if jinja.is_file():
         try:
-            template, source = jinja.read_text(), str(jinja)
+            template, source = jinja.read_text(encoding="utf-8"), str(jinja)
         except UnicodeDecodeError:
             raise EdgemtpError(f"{jinja}: not UTF-8 text") from None
     elif "chat_template" in (processor := _json(model_dir / "chat_template.json")):
@@ -81,5 +81,5 @@ def write(found: tuple[str, dict[str, str], str] | None, bundle_tmp: Path) -> di
     if found is None:
         return None
     template, special, _ = found
-    (bundle_tmp / FILE).write_text(template)
+    (bundle_tmp / FILE).write_text(template, encoding="utf-8")
     return {"template": FILE, "special_tokens": special}

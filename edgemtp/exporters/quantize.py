@@ -158,8 +158,9 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     and asking for one is an error."""
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
-    if block_size is not None and (block_size < 16 or block_size & (block_size - 1)):
-        raise EdgemtpError(f"--block-size {block_size} must be a power of two, at least 16 (MatMulNBits)")
+    if block_size is not None and (not 16 <= block_size <= 256 or block_size & (block_size - 1)):
+        raise EdgemtpError(f"--block-size {block_size} must be a power of two from 16 to 256 (the blocks ONNX "
+                           "Runtime's MatMulNBits kernels take)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise EdgemtpError(f"--accuracy-level {accuracy_level} must be 0..4 (MatMulNBits)")
     if layer_bits not in (None, 4, 8):
@@ -177,6 +178,9 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
                            "weights): drop --layer-bits 4")
     if smooth is not None and not 0.0 <= smooth <= 1.0:
         raise EdgemtpError(f"--smooth {smooth} must be between 0 (off) and 1")
+    if two_pass in ("head", "all") and accuracy_level != 4:
+        raise EdgemtpError(f"--two-pass {two_pass} needs --accuracy-level 4 (the two int8 passes are that "
+                           "level's integer kernel)")
     keep_8bit = tuple(keep_8bit or ())
     for p in keep_8bit:
         if not isinstance(p, str) or not p.strip():
@@ -193,6 +197,8 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
         p.update(frequent_rows=0, gptq=False, smooth=0.0)
     given = dict(asked, two_pass=two_pass, bits=layer_bits, layer_op=layer_op, head_op=head_op)
     p.update({k: v for k, v in given.items() if v is not None})
+    if accuracy_level != 4 and two_pass is None:  # the preset's passes need level 4: none are built
+        p["two_pass"] = "none"
     if block_size:
         p.update(block_size=block_size, head_block_size=block_size)
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
@@ -363,6 +369,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
     if entry.quant != "fp32":
         raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: target graph is already {entry.quant}; "
                            "quantize an fp32 bundle")
+    if sch is not None:
+        check_shapes(sch, int(b.model["hidden_size"]))
     # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
     drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
     # the batched verify graph reads the fp32 target's bytes: a quantized bundle goes without it
@@ -408,8 +416,18 @@ def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibr
     """Every quantization option checked (one error naming the flag), before any work is done."""
     if drafter_quant not in (None, "fp32", "int8"):
         raise EdgemtpError(f"--drafter-quant {drafter_quant!r} must be fp32 or int8")
-    if drafter_quant == "int8" and quant not in PRESETS:
-        raise EdgemtpError("--drafter-quant int8 needs --quant int8 or int4 (the drafter reads the target's table)")
+    if drafter_quant is not None and quant not in PRESETS:
+        raise EdgemtpError(f"--drafter-quant {drafter_quant} applies to --quant int8 / int4 (the drafter reads the "
+                           "target's table)")
+    if quant == "int8":  # every weight is 8-bit already: these would be ignored, or (layer bits) contradict it
+        # (here, not in scheme(): an int4 bundle's drafter weights are quantized as int8 with its options)
+        given = [key for key in ("layer_bits", "frequent_rows", "keep_8bit") if options.get(key) not in (None, ())]
+        if given:
+            raise EdgemtpError(f"--{given[0].replace('_', '-')} applies to --quant int4 (int8 keeps every weight "
+                               "at 8 bits)")
+    if calibration is None and calibration_tokens is not None:
+        raise EdgemtpError(f"--calibration-tokens {calibration_tokens} with --calibration none: there is no "
+                           "text to take them from")
     if quant in ("fp32", "fp16"):
         given = [k for k, v in dict(options, calibration_tokens=calibration_tokens).items() if v not in (None, ())]
         if calibration is not None and str(calibration) != A.CORPORA:
@@ -424,6 +442,29 @@ def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibr
     return scheme(quant, calibrated=calibration is not None, **options)
 
 
+def check_window(text, ids: list[int], capacity: int, bos: bool) -> None:
+    """The calibration runs windows of min(512, capacity) positions: a text shorter than one is named."""
+    length = min(A.WINDOW, capacity)
+    if len(ids) < length - bos:
+        raise EdgemtpError(f"--calibration {text.source}: {len(ids)} tokens, fewer than one window of {length}")
+
+
+def check_shapes(sch: Scheme, hidden: int) -> None:
+    """What the rewrite needs of the model's widths, before the fp32 export: two-pass activations and the
+    integer head work on whole blocks of the hidden size (q/k/v, gate/up and the head read it). Without
+    this check the passes were quietly left out (and speculative decoding no longer exact)."""
+    for block in dict.fromkeys((sch.block_size, sch.head_block_size)):
+        if hidden % block == 0:
+            continue
+        if sch.two_pass != "none":
+            raise EdgemtpError(f"--block-size {block} does not divide the hidden size {hidden}: the two-pass "
+                               f"activations (--two-pass {sch.two_pass}) need whole blocks; give a block size "
+                               f"dividing {hidden}, or --two-pass none")
+        if sch.head_op == "integer":
+            raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {hidden} "
+                               f"is not a multiple of --block-size {block}")
+
+
 def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, progress: Progress | None) -> Calibration:
     """Token order of the calibration text, and (when the scheme needs them) activation statistics from
     an int8 copy of the graph: 8-bit activations match fp32's to ~0.1%, and an int8 graph of E2B fits in
@@ -432,9 +473,8 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
 
     text = A.calibration_text(source)
     ids = text.token_ids(Tokenizer.from_file(str(b.tokenizer_path)))
-    length = min(A.WINDOW, b.target_contract.capacity)
-    if sch.needs_activations and len(ids) < length - (b.model.get("bos_token_id") is not None):
-        raise EdgemtpError(f"--calibration {text.source}: {len(ids)} tokens, fewer than one window of {length}")
+    if sch.needs_activations:
+        check_window(text, ids, b.target_contract.capacity, b.model.get("bos_token_id") is not None)
     vocab = b.target_contract.vocab_size
     counts = A.token_counts(ids, vocab)
     order = np.lexsort((np.arange(vocab), -counts))

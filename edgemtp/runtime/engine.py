@@ -116,7 +116,7 @@ class Engine:
         if b.chat is not None:
             path, special = b.chat
             try:
-                engine.chat_template = ChatTemplate(path.read_text(), special, str(path))
+                engine.chat_template = ChatTemplate(path.read_text(encoding="utf-8"), special, str(path))
             except UnicodeDecodeError:
                 raise EdgemtpError(f"{path}: not UTF-8 text") from None
         engine.threads, engine.provider = threads, provider

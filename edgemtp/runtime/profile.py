@@ -76,7 +76,7 @@ def prompt_ids(engine: Engine, n: int, text: str | None, offset: int = 0) -> lis
         import inspect
         import json.decoder
 
-        text = "".join(Path(m.__file__).read_text() for m in (inspect, json.decoder, statistics))
+        text = "".join(Path(m.__file__).read_text(encoding="utf-8") for m in (inspect, json.decoder, statistics))
     ids = engine.encode(text)
     if len(ids) < n + offset:
         ids = ids * (1 + (n + offset) // max(1, len(ids)))

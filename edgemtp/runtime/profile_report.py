@@ -41,7 +41,7 @@ def _csv(rows: list[dict]) -> str:
     """One number per cell (means and deviations apart), for a spreadsheet or pandas; `skipped` holds the
     reason of a row that did not run, whose measures are empty."""
     buf = io.StringIO()
-    w = csv.writer(buf)
+    w = csv.writer(buf, lineterminator="\n")  # csv's default \r\n is for files opened on Windows
     w.writerow([*CONFIG, "skipped", *CSV_MEASURES])
     for r in rows:
         head = [r.get(k, "") for k in CONFIG]
@@ -116,7 +116,7 @@ def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:
         engine = engine_factory(str(Path(tmp) / "ort"))
         run(engine)
         produced = engine.target.session.end_profiling()
-        events = json.loads(Path(produced).read_text())
+        events = json.loads(Path(produced).read_text(encoding="utf-8"))
         shutil.copyfile(produced, out)
     by_op = collections.Counter()
     calls = collections.Counter()

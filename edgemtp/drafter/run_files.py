@@ -1,0 +1,126 @@
+"""The files of a drafter's training run in its output directory: the checkpoint --resume continues (and
+the checks that it is this run's), train.log, and the finished drafter moved in whole (config.json last).
+
+A fresh run leaves nothing of an earlier one there but the caches (cache/, keyed on their input), so an
+earlier run's head tables or log never pass for this run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import EdgemtpError
+from . import FINGERPRINT, WEIGHTS
+from . import model as M
+
+Progress = Callable[[int, int, dict], None]
+
+STAGING = ".final"  # inside the output directory: the finished drafter's files before they are moved in
+OUTPUTS = ("config.json", WEIGHTS, FINGERPRINT, "checkpoint.pt", "train.log")  # and the head's tables
+RUN_FLAGS = {"seed": "--seed", "data": "data (--data, --heldout, --seq-len, --greedy-from)",
+             "spec": "training options (--batch, --lr, --draft-k, --accept-weight, --eval-every)",
+             "drafter": "drafter shape (--hidden, --layers, --intermediate, --init)"}
+
+
+def fresh_staging(out_dir: Path) -> Path:
+    """An empty directory in `out_dir` for the finished drafter's files (publish() moves them in)."""
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def clear_outputs(out_dir: Path) -> None:
+    from .export import HEAD_FILE
+
+    shutil.rmtree(out_dir / STAGING, ignore_errors=True)
+    for name in (*OUTPUTS, HEAD_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def publish(staging: Path, out_dir: Path) -> None:
+    """The finished drafter's files into `out_dir`, config.json last (what makes it a drafter directory);
+    an earlier run's head tables or fingerprint that this run did not make go (a resumed run's directory)."""
+    from .export import HEAD_FILE
+
+    (out_dir / "config.json").unlink(missing_ok=True)
+    for name in (WEIGHTS, HEAD_FILE, FINGERPRINT):
+        if not (staging / name).exists():
+            (out_dir / name).unlink(missing_ok=True)
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
+        f.replace(out_dir / f.name)
+    staging.rmdir()
+
+
+def resume_state(ckpt: Path, run: str, cfg, steps: int) -> dict:
+    """The checkpoint --resume continues, checked before the target pass (minutes): there, readable, of
+    this drafter's shape, and written by a run with the same options (with other data or seed it would not
+    be that run continued; more --steps extend it)."""
+    if not ckpt.is_file():
+        raise EdgemtpError(f"--resume: {ckpt}: no checkpoint to resume from")
+    try:
+        state = torch.load(ckpt, weights_only=True)
+        earlier = state.get("run")
+        with torch.random.fork_rng():  # a trial load; the run's random numbers stay as they were
+            M.MTPDrafter(cfg).load_state_dict(state["model"])
+    except Exception as e:  # damaged (torch's own errors), or weights of another shape (RuntimeError)
+        raise EdgemtpError(f"--resume: {ckpt}: not a checkpoint of this drafter "
+                           f"({str(e).strip().splitlines()[0][:160]})") from None
+    if earlier is not None and earlier != run:
+        old, new = json.loads(earlier), json.loads(run)
+        key = next(k for k in new if old.get(k) != new[k])
+        raise EdgemtpError(f"--resume: {ckpt} is from a run with other {RUN_FLAGS.get(key, key)}: resume with that "
+                           "run's options, or train afresh without --resume")
+    if int(state["step"]) > steps:
+        raise EdgemtpError(f"--steps {steps}: {ckpt} is at step {int(state['step'])} already")
+    return state
+
+
+def complete(out_dir: Path, target_dir: Path, init: Path | None) -> None:
+    """What makes `out_dir` a drafter directory by itself: the target's fingerprint (how `edgemtp export`
+    recognises the target) and, after --init, that drafter's clustered-head tables (same vocabulary and
+    hidden size, checked at export) unless some were fitted or written here already."""
+    import shutil
+
+    from . import write_fingerprint
+    from .export import HEAD_FILE
+
+    write_fingerprint(out_dir, target_dir)
+    if init is not None and (Path(init) / HEAD_FILE).is_file() and not (out_dir / HEAD_FILE).exists():
+        shutil.copy2(Path(init) / HEAD_FILE, out_dir / HEAD_FILE)
+
+
+def save_checkpoint(model, opt, step: int, train_s: float, path: Path, run: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
+                "run": run}, tmp)
+    tmp.replace(path)
+
+
+class Log:
+    """train.log, JSON lines. A resumed run keeps the records up to its checkpoint's step `start`: the
+    interrupted run's later ones are redone."""
+
+    def __init__(self, path: Path, progress: Progress | None, steps: int, start: int = 0):
+        self.path, self.progress, self.steps = path, progress, steps
+        if start and path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            path.write_text("".join(line for line in lines if _step(line) <= start), encoding="utf-8")
+
+    def write(self, step: int, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 1), **record}) + "\n")
+        if self.progress:
+            self.progress(step, self.steps, record)
+
+
+def _step(line: str) -> float:
+    """A train.log record's step; a line torn by the kill counts as past every checkpoint (dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
