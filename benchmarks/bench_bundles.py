@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgemtp.drafter.export import DrafterSession
+from edgemtp.runtime.drafter_session import DrafterSession
 from edgemtp.runtime.engine import Draft, Engine
 
 ROOT = Path(__file__).parent.parent

@@ -31,7 +31,8 @@ import numpy as np
 
 from edgemtp import bundle as bundle_mod
 from edgemtp.drafter import data as D
-from edgemtp.drafter.export import DrafterSession, recent_ids, write
+from edgemtp.drafter.export import write
+from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
 from edgemtp.runtime.drafting import PromptLookupDrafter
 from edgemtp.runtime.engine import Engine
 

@@ -29,6 +29,11 @@ WINDOW_SEQLENS_K = "window_seqlens_k"
 WINDOW_TOTAL_SEQ_LEN = "window_total_sequence_length"
 LOGITS = "logits"
 LAST_HIDDEN = "last_hidden_state"
+# the MTP drafter graph's own (drafter/export.py builds it, runtime/drafter_session.py runs it)
+DRAFT_IDS = "draft_ids"
+NEXT_HIDDEN = "next_hidden_state"
+CONTEXT_IDS = "context_ids"  # [N, W] recent token ids, -1 where there is none (a short history)
+CANDIDATE_IDS, CANDIDATE_LOGITS = "candidate_ids", "candidate_logits"  # a clustered head's shortlist
 
 
 def past_key(layer: int) -> str:

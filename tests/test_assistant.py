@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from edgemtp import bundle as bundle_mod  # noqa: E402
 from edgemtp.drafter import assistant as A  # noqa: E402
-from edgemtp.drafter.export import DrafterSession  # noqa: E402
+from edgemtp.runtime.drafter_session import DrafterSession  # noqa: E402
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import export  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402

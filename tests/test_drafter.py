@@ -23,6 +23,7 @@ from edgemtp.drafter.train import TrainSpec, train_drafter  # noqa: E402
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import load_config as target_config  # noqa: E402
 from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
+from edgemtp.runtime.drafter_session import DrafterSession, recent_ids, scatter  # noqa: E402
 from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
 
 LENGTHS = (21, 12)  # committed cache lengths of the two rows: row 0 runs past 2x the window (8)
@@ -115,7 +116,7 @@ def test_onnx_drafter_matches_torch(setup):
     """Same weights -> same draft tokens and logits (<= 1e-3), two rows of different lengths in one batch."""
     model_dir, bundle, drafter, ids = setup
     engine, cache, hidden = run_target(bundle, ids)
-    session = X.DrafterSession.load(bundle_mod.load(bundle))
+    session = DrafterSession.load(bundle_mod.load(bundle))
     last = ids[np.arange(len(LENGTHS)), list(LENGTHS)]
     lengths_before = cache.lengths.copy()
     keys_before = {layer: k.copy() for layer, k in cache.keys.items()}
@@ -561,8 +562,8 @@ def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, to
     assert entry["contract"]["head"] == {"kind": "clustered", "clusters": 8, "top_k": top_k,
                                          "candidates": top_k * tables.per_cluster, "rows": "fp32", "context": 0}
     assert "com.microsoft" not in {n.domain for n in onnx.load(str(own / "clustered.onnx")).graph.node}
-    full = X.DrafterSession.load(bundle_mod.load(own, verify=False))
-    clustered = X.DrafterSession.open(own / "clustered.onnx", entry["contract"])
+    full = DrafterSession.load(bundle_mod.load(own, verify=False))
+    clustered = DrafterSession.open(own / "clustered.onnx", entry["contract"])
     _, cache, hidden = run_target(own, ids)
     last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)][:, None], slice(0, len(LENGTHS))
     f_ids, f_logits, f_state = full.run(last, hidden[:, None], cache, rows)
@@ -578,7 +579,7 @@ def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, to
         assert c_ids[b, 0] == best
         if top_k == 8:
             assert c_ids[b, 0] == f_ids[b, 0]
-    scattered = X.scatter(cand_ids, cand_logits, full.vocab_size)
+    scattered = scatter(cand_ids, cand_logits, full.vocab_size)
     inside = np.isfinite(scattered)
     np.testing.assert_allclose(scattered[inside], f_logits[inside], atol=1e-4)
     assert inside.sum() == sum(len(set(c[np.isfinite(x)].tolist())) for c, x in zip(cand_ids[:, 0], cand_logits[:, 0]))
@@ -600,13 +601,13 @@ def test_clustered_head_context_adds_the_recent_tokens(setup, tmp_path):
     b = bundle_mod.load(own)
     contract = b.graph("drafter").contract
     assert contract["head"]["context"] == 5 and contract["inputs"][-1] == "context_ids"
-    full, clustered = X.DrafterSession.load(b, graph="drafter_full_head"), X.DrafterSession.load(b)
+    full, clustered = DrafterSession.load(b, graph="drafter_full_head"), DrafterSession.load(b)
     _, cache, hidden = run_target(own, ids)
     rows = slice(0, len(LENGTHS))
     histories = [ids[r, :n + 1] for r, n in enumerate(LENGTHS)]
-    recent = X.recent_ids(histories, 5)
+    recent = recent_ids(histories, 5)
     assert np.array_equal(recent[0], histories[0][-5:]) and (recent[:, -1] == [h[-1] for h in histories]).all()
-    assert np.array_equal(X.recent_ids([[7, 8]], 4), [[-1, -1, 7, 8]])
+    assert np.array_equal(recent_ids([[7, 8]], 4), [[-1, -1, 7, 8]])
     tok, h, rec, drafted = recent[:, -1:], hidden[:, None], recent, []
     for _ in range(3):
         f_id, f_logits, f_state = full.step(tok, h, cache, rows)
@@ -652,8 +653,8 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     assert not (out / "drafter_full_head.onnx.data").exists()
     _, cache, hidden = run_target(out, setup[3])
     last, rows = setup[3][np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
-    full_ids, full_logits = X.DrafterSession.load(b, graph="drafter_full_head").draft(last, hidden, cache, rows, 2)
-    ids, logits = X.DrafterSession.load(b).draft(last, hidden, cache, rows, 2)
+    full_ids, full_logits = DrafterSession.load(b, graph="drafter_full_head").draft(last, hidden, cache, rows, 2)
+    ids, logits = DrafterSession.load(b).draft(last, hidden, cache, rows, 2)
     inside = np.isfinite(logits)
     np.testing.assert_allclose(logits[inside], full_logits[inside], atol=1e-4)
     for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
@@ -704,8 +705,8 @@ def test_quantized_bundle_keeps_the_head_context(setup, tmp_path):
     assert b.graph("drafter").contract["head"]["context"] == 4
     _, cache, hidden = run_target(out, ids)
     histories = [ids[r, :n + 1] for r, n in enumerate(LENGTHS)]
-    recent = X.recent_ids(histories, 4)
-    drafter = X.DrafterSession.load(b)
+    recent = recent_ids(histories, 4)
+    drafter = DrafterSession.load(b)
     _, logits, _ = drafter.step(recent[:, -1:], hidden[:, None], cache, slice(0, len(LENGTHS)), recent=recent)
     for r in range(len(LENGTHS)):
         assert np.isfinite(logits[r, 0, recent[r]]).all()
@@ -743,8 +744,8 @@ def test_int8_head_rows_draft_the_same_candidates_and_stay_lossless(setup, tmp_p
     assert grown >= vocab * hidden  # the int8 copy (plus one scale per token)
     _, cache, state = run_target(outs["int8"], ids)
     last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
-    got = X.DrafterSession.load(b).run(last[:, None], state[:, None], cache, rows)
-    want = X.DrafterSession.load(bundle_mod.load(outs["fp32"])).run(last[:, None], state[:, None], cache, rows)
+    got = DrafterSession.load(b).run(last[:, None], state[:, None], cache, rows)
+    want = DrafterSession.load(bundle_mod.load(outs["fp32"])).run(last[:, None], state[:, None], cache, rows)
     assert np.array_equal(got[1], want[1])  # candidate ids
     real = np.isfinite(want[2])
     assert np.array_equal(np.isfinite(got[2]), real)
@@ -782,9 +783,9 @@ def test_gemv_head_drafter_reads_the_transposed_table(setup, tmp_path):
         assert drafter[shared] == stored[shared] and (table + ".T" in drafter) != kept  # shared, not copied
         _, cache, state = run_target(gemv[rows], ids)
         last, r = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
-        got = X.DrafterSession.load(b).run(last[:, None], state[:, None], cache, r)
+        got = DrafterSession.load(b).run(last[:, None], state[:, None], cache, r)
         _, cache, state = run_target(plain[rows], ids)
-        want = X.DrafterSession.load(bundle_mod.load(plain[rows])).run(last[:, None], state[:, None], cache, r)
+        want = DrafterSession.load(bundle_mod.load(plain[rows])).run(last[:, None], state[:, None], cache, r)
         assert np.array_equal(got[1], want[1])  # candidate ids
         np.testing.assert_allclose(got[2], want[2], atol=1e-4, rtol=0)
     assert (gemv["int8"] / "target.onnx.data").stat().st_size < (plain["int8"] / "target.onnx.data").stat().st_size + 64 * 64
@@ -1081,8 +1082,8 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
     # the same target state through the fp32 and the quantized drafter
     _, cache, state = run_target(fp32, ids)
     last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
-    want_ids, want = X.DrafterSession.load(bundle_mod.load(fp32)).draft(last, state, cache, rows, 3)
-    got_ids, got = X.DrafterSession.load(b).draft(last, state, cache, rows, 3)
+    want_ids, want = DrafterSession.load(bundle_mod.load(fp32)).draft(last, state, cache, rows, 3)
+    got_ids, got = DrafterSession.load(b).draft(last, state, cache, rows, 3)
     # the first step (later ones follow diverging drafts); a wrong row of the (permuted, split) int4 table
     # would be an error of the order of the whole spread
     w, g = want[:, 0], got[:, 0]
@@ -1120,8 +1121,8 @@ def test_int8_head_rows_in_a_quantized_bundle(setup, tmp_path):
     assert all(e.value == "drafter.onnx.data" for t in int8 for e in t.external_data if e.key == "location")
     _, cache, state = run_target(outs["int8"], ids)
     last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
-    want_ids, _ = X.DrafterSession.load(bundle_mod.load(outs["fp32"])).draft(last, state, cache, rows, 1)
-    got_ids, _ = X.DrafterSession.load(b).draft(last, state, cache, rows, 1)
+    want_ids, _ = DrafterSession.load(bundle_mod.load(outs["fp32"])).draft(last, state, cache, rows, 1)
+    got_ids, _ = DrafterSession.load(b).draft(last, state, cache, rows, 1)
     assert (got_ids == want_ids).mean() >= 0.8
     for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
         args = ["generate", str(outs["int8"]), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
@@ -1232,8 +1233,8 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
     assert ops.count("MatMulNBits") >= 5 and ops.count("GatherBlockQuantized") == 3  # + the head context's rows
     _, cache, state = run_target(tmp_path / "fp32", ids)
     last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
-    _, want = X.DrafterSession.load(bundle_mod.load(tmp_path / "fp32")).draft(last, state, cache, rows, 1)
-    _, got = X.DrafterSession.load(b).draft(last, state, cache, rows, 1)
+    _, want = DrafterSession.load(bundle_mod.load(tmp_path / "fp32")).draft(last, state, cache, rows, 1)
+    _, got = DrafterSession.load(b).draft(last, state, cache, rows, 1)
     both = np.isfinite(want) & np.isfinite(got)
     assert np.abs(got[both] - want[both]).max() < 0.05 * (want[both].max() - want[both].min())
     args = ["generate", str(tmp_path / "q8"), "--prompt", "t5 t6 t7 t5 t6 t7 t5 t6", "--max-new-tokens", "20", "--json"]

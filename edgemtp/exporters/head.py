@@ -26,13 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contract import CANDIDATE_IDS, CANDIDATE_LOGITS, CONTEXT_IDS  # noqa: F401  (the head's I/O names)
 from ..errors import EdgemtpError
 from .builder import FLOAT, INT64, GraphBuilder
 
 INPUT = "hidden_states"
-CONTEXT_IDS = "context_ids"  # [N, W] recent token ids, -1 where there is none (a short history)
 TOKEN_IDS, TOKEN_LOGITS, TOKEN_PROBS = "token_ids", "token_logits", "token_probs"
-CANDIDATE_IDS, CANDIDATE_LOGITS = "candidate_ids", "candidate_logits"
 LOGITS = "logits"
 INT8_ZERO = 128  # int8 rows are stored as uint8 with this zero point (see `int8_logits`)
 RESCORE = 8  # int8 rows: the best this many candidates get exact fp32 logits (`rescore`)

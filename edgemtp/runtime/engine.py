@@ -286,7 +286,7 @@ class Engine:
 
     def _mtp_drafter(self, graph: str = "drafter"):
         if graph not in self._drafters:
-            from ..drafter.export import DrafterSession
+            from .drafter_session import DrafterSession
 
             self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph)
         return self._drafters[graph]

@@ -1,0 +1,165 @@
+"""Runs an MTP drafter graph on the target's KV cache: the drafting side of speculative decoding.
+
+The graph (edgemtp/drafter/export.py builds ours, drafter/assistant.py a Gemma 4 assistant's) reads the
+target's cache buffers read-only; one call is one draft step for B rows. Its I/O names are the contract's
+(edgemtp/contract.py): inputs input_ids, last_hidden_state, position_ids, context_ids (a head with a
+context) and past_key_values.{l}.key/value; outputs draft_ids, next_hidden_state and the logits (full
+head) or candidate_ids / candidate_logits (clustered head)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .. import bundle as bundle_mod
+from .. import contract as C
+from ..contract import (CANDIDATE_IDS, CANDIDATE_LOGITS, CONTEXT_IDS, DRAFT_IDS, INPUT_IDS, LAST_HIDDEN, LOGITS,
+                        NEXT_HIDDEN, POSITION_IDS)
+from ..errors import EdgemtpError
+
+
+class DrafterSession:
+    """Runs a drafter graph on the target's KVCache (numpy + onnxruntime; implements runtime.drafting.Drafter).
+
+    Both heads give the same step results: draft ids, the next state, and logits over the whole vocabulary
+    (a clustered head's candidates scattered into -inf elsewhere: the drafter's q is 0 outside them, which
+    rejection sampling handles like any other q)."""
+
+    def __init__(self, session, kv_layers: Sequence[int], vocab_size: int, head: dict | None = None):
+        self.session, self.kv_layers, self.vocab_size = session, sorted(kv_layers), vocab_size
+        self.head = head or {"kind": "full"}
+        self.clustered = self.head["kind"] == "clustered"
+        self.context = int(self.head.get("context", 0))  # recent token ids the head also scores
+        self.outputs = [DRAFT_IDS, CANDIDATE_IDS, CANDIDATE_LOGITS, NEXT_HIDDEN] if self.clustered \
+            else [DRAFT_IDS, LOGITS, NEXT_HIDDEN]
+
+    @classmethod
+    def load(cls, bundle: bundle_mod.Bundle, provider: str = "cpu", threads: int | None = None,
+             graph: str = "drafter") -> "DrafterSession":
+        g = bundle.graph(graph)
+        return cls.open(g.path, g.contract, provider, threads)
+
+    @classmethod
+    def open(cls, path: Path, contract: dict, provider: str = "cpu", threads: int | None = None) -> "DrafterSession":
+        """A drafter graph file with its manifest contract (what write() returns under "contract"): ours or a
+        Gemma 4 assistant's, which share the I/O contract but not the config."""
+        from .session import make_session
+
+        drafter = cls(make_session(path, provider, threads, spin=False), contract["kv_layers"],
+                      int(contract["config"]["vocab_size"]), contract.get("head"))
+        problem = drafter.graph_mismatch()
+        if problem:
+            raise EdgemtpError(f"{path}: the graph does not match its manifest contract ({problem})")
+        return drafter
+
+    def graph_mismatch(self) -> str:
+        """What the graph lacks of the inputs this session binds and the outputs it reads, or what it needs
+        that the contract does not give ('' if nothing): a drafter graph swapped or a contract edited after
+        export would otherwise fail inside ONNX Runtime's run."""
+        have_in = {i.name for i in self.session.get_inputs()}
+        have_out = {o.name for o in self.session.get_outputs()}
+        feeds = [INPUT_IDS, LAST_HIDDEN, POSITION_IDS, *([CONTEXT_IDS] if self.context else [])]
+        feeds += [f(layer) for layer in self.kv_layers for f in (C.past_key, C.past_value)]
+        missing = [n for n in feeds if n not in have_in] + [n for n in self.outputs if n not in have_out]
+        if missing:
+            return f"the graph has no {', '.join(missing[:3])}; the contract says head {self.head['kind']!r}, " \
+                   f"kv_layers {self.kv_layers}, context {self.context}"
+        unfed = sorted(have_in - set(feeds))
+        return f"the graph's input {unfed[0]} is not in its contract" if unfed else ""
+
+    def run(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice,
+            recent: np.ndarray | None = None) -> list[np.ndarray]:
+        """One graph call for cache rows `rows`: the graph's outputs in `self.outputs` order. recent [b, W]:
+        each row's most recent tokens, ids last (see recent_ids; only a head with a context reads it)."""
+        io = self.session.io_binding()
+        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, np.int64))
+        if self.context:
+            io.bind_cpu_input(CONTEXT_IDS, last_columns(ids if recent is None else recent, self.context))
+        io.bind_cpu_input(LAST_HIDDEN, np.ascontiguousarray(hidden, np.float32))
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(cache.lengths[rows][:, None], np.int64))
+        values = cache.ort_values(rows)
+        for layer in self.kv_layers:
+            io.bind_ortvalue_input(C.past_key(layer), values[layer][0])
+            io.bind_ortvalue_input(C.past_value(layer), values[layer][1])
+        for name in self.outputs:
+            io.bind_output(name)
+        self.session.run_with_iobinding(io)
+        return [o.numpy() for o in io.get_outputs()]
+
+    def step(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice,
+             full_logits: bool = True, recent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """ids [b, 1], hidden [b, 1, Hb] (queries at the rows' committed lengths), recent [b, >= 1] (see run)
+        -> (draft_ids [b, 1], logits [b, 1, V] or None when not asked for, next_hidden_state [b, 1, Hb])."""
+        out = self.run(ids, hidden, cache, rows, recent)
+        if not self.clustered:
+            return out[0], out[1], out[2]
+        ids, cand_ids, cand_logits, state = out
+        return ids, (scatter(cand_ids, cand_logits, self.vocab_size) if full_logits else None), state
+
+    def draft(self, token: np.ndarray, hidden: np.ndarray, cache, rows: slice, k: int,
+              full_logits: bool = True, recent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Greedy K-step draft for rows: token [b], hidden [b, Hb] -> (tokens [b, k], logits [b, k, V] or None).
+        recent [b, W]: each row's most recent tokens ending with `token` (recent_ids of the histories); the
+        drafts join it step by step. None: `token` alone."""
+        ids, h = np.asarray(token, np.int64)[:, None], np.asarray(hidden, np.float32)[:, None]
+        recent = ids if recent is None else np.asarray(recent, np.int64)
+        tokens, logits = [], []
+        for _ in range(k):
+            ids, lg, h = self.step(ids, h, cache, rows, full_logits, recent)
+            recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]  # run() pads it to W
+            tokens.append(ids[:, 0])
+            logits.append(None if lg is None else lg[:, 0])
+        return np.stack(tokens, 1), (np.stack(logits, 1) if full_logits else None)
+
+    def kind(self, history: Sequence[int]):
+        """Drafter protocol (runtime.drafting.guess_kind): one kind of guess, each step a graph run."""
+        from .drafting import Guess
+
+        return Guess("mtp", False)
+
+    def propose(self, history: Sequence[int], k: int, ctx=None):
+        """Drafter protocol: greedy drafts (q None) or, when sampling, tokens drawn from q = distribution()."""
+        from .sampling import distribution, draw
+
+        if ctx is None or ctx.hidden is None or ctx.cache is None or k < 1:
+            return [], None
+        rows = slice(ctx.row, ctx.row + 1)
+        ids, h = np.array([[history[-1]]], np.int64), np.asarray(ctx.hidden, np.float32).reshape(1, 1, -1)
+        recent = np.asarray([history[-max(self.context, 1):]], np.int64)
+        tokens, qs = [], []
+        for _ in range(k):
+            ids, lg, h = self.step(ids, h, ctx.cache, rows, not ctx.sampling.greedy, recent)
+            if not ctx.sampling.greedy:
+                q = distribution(lg[0, 0], ctx.sampling)
+                ids = np.array([[draw(q, ctx.rng)]], np.int64)
+                qs.append(q)
+            tokens.append(int(ids[0, 0]))
+            recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]
+        return tokens, (np.stack(qs) if qs else None)
+
+
+def recent_ids(histories: Sequence[Sequence[int]], width: int) -> np.ndarray:
+    """[b, width] int64: each history's last `width` tokens, -1 before a shorter one's first."""
+    out = np.full((len(histories), width), -1, np.int64)
+    for row, h in zip(out, histories):
+        tail = list(h)[-width:] if width else []
+        row[width - len(tail):] = tail
+    return out
+
+
+def last_columns(recent: np.ndarray, width: int) -> np.ndarray:
+    """[b, n] token ids -> [b, width]: the last `width` columns, padded with -1 on the left when n < width."""
+    r = np.asarray(recent, np.int64)[:, -width:]
+    return np.pad(r, ((0, 0), (width - r.shape[1], 0)), constant_values=-1)
+
+
+def scatter(ids: np.ndarray, logits: np.ndarray, vocab: int) -> np.ndarray:
+    """Candidate logits [..., N] at token ids [..., N] -> [..., V] logits, -inf outside the candidates."""
+    full = np.full((*ids.shape[:-1], vocab), -np.inf, np.float32)
+    flat_full, flat_ids, flat_logits = full.reshape(-1, vocab), ids.reshape(-1, ids.shape[-1]), logits.reshape(
+        -1, ids.shape[-1])
+    for row, i, x in zip(flat_full, flat_ids, flat_logits):
+        np.maximum.at(row, i, x)  # a padding slot may repeat a real id: its -inf must not win
+    return full
