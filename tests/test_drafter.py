@@ -343,14 +343,11 @@ def test_resume_continues(tiny_gemma3, tmp_path):
 
 
 def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
-    """--resume is checked before the target pass and continues only its own run; a fresh run into the same
-    directory leaves nothing of the earlier one but its caches; a run killed while fitting the head leaves no
-    directory that passes for a drafter; a resumed log holds each step once."""
-    import os
-
+    """--resume is checked before the target pass and continues only its own run; a resumed log holds each
+    step once; a run killed while fitting the head leaves the directory's earlier drafter whole; a finished
+    fresh run leaves nothing of the earlier one but its caches; --init may name the output directory."""
     from edgemtp.drafter import head_fit, run_files
     from edgemtp.drafter import train as T
-    from edgemtp.drafter.target_pass import prepare
 
     model, model_dir, _ = tiny_gemma3
     data = {"train": greedy_windows(model, 8, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
@@ -374,22 +371,59 @@ def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
                    if r["phase"] == "train"]
     assert train_steps == [1, 2, 3, 4, 5, 6]
     (out / "head.safetensors").write_bytes(b"tables of an earlier run")
+    finished = {f: (out / f).read_bytes() for f in ("config.json", "model.safetensors", "head.safetensors")}
     monkeypatch.setattr(head_fit, "fit_head", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):  # killed while fitting the head tables
+    with pytest.raises(KeyboardInterrupt):  # killed while fitting the head tables: the earlier drafter stays whole
         train_drafter(model_dir, out, steps=2, head_clusters=4, head_top_k=2, **kw)
-    assert not (out / "config.json").exists() and not (out / "head.safetensors").exists()
+    assert {f: (out / f).read_bytes() for f in finished} == finished
     monkeypatch.undo()
     train_drafter(model_dir, out, steps=2, **kw)  # afresh, without head tables: none from before either
-    assert (out / "config.json").is_file() and not (out / "head.safetensors").exists()
+    assert (out / "config.json").read_bytes() != finished["config.json"] and not (out / "head.safetensors").exists()
     assert not (out / run_files.STAGING).exists()
-    # the target pass's cache belongs to its target: the same windows of a changed model are labelled afresh
-    key = lambda: json.loads((out / "cache" / "p" / "done.json").read_text())["input"]  # noqa: E731
-    prepare(TargetPass(model_dir, load_config(out), None), data["train"], out / "cache" / "p")
-    first = key()
-    weights = model_dir / "model.safetensors"
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    prepare(TargetPass(model_dir, load_config(out), None), data["train"], out / "cache" / "p")
-    assert key() != first
+    log = [json.loads(line)["step"] for line in (out / "train.log").read_text().splitlines()]
+    assert log[0] == 0 and max(log) == 2  # a fresh run's own log
+    report = train_drafter(model_dir, out, steps=2, init=out, **kw)  # fine-tuned in place
+    assert report["init"]["from"] == str(out) and (out / "config.json").is_file()
+
+
+def test_run_record_holds_what_the_weights_follow_from():
+    """--resume compares these: the seed by itself (the CLI's is also in DataSpec), not the held-out windows
+    or how often the run evaluates."""
+    from edgemtp.drafter.run_files import run_record
+    from edgemtp.drafter.train import DataSpec
+
+    record = lambda seed, data, spec: json.loads(run_record(seed, data, spec, _Cfg()))  # noqa: E731
+    base = record(0, DataSpec(seed=0), TrainSpec())
+    assert [k for k, v in record(1, DataSpec(seed=1), TrainSpec()).items() if v != base[k]] == ["seed"]
+    assert record(0, DataSpec(seed=0, heldout={"code": 9}), TrainSpec(eval_every=7, ckpt_every=3)) == base
+    assert record(0, DataSpec(seed=0, seq_len=64), TrainSpec()) != base and record(0, DataSpec(), TrainSpec(lr=1)) != base
+
+
+class _Cfg:  # a drafter config's record part
+    def to_json(self) -> dict:
+        return {"hidden": 16}
+
+
+def test_target_identity_is_the_targets_content(tiny_gemma3, tmp_path):
+    """The target pass's caches are keyed on the target's content: a re-import (new files, same bytes)
+    keeps them; other weights or another tokenizer start them afresh."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgemtp.drafter.cache import target_identity
+
+    model_dir = tiny_gemma3[1]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        shutil.copyfile(f, copy / f.name)  # new files, new times
+    assert target_identity(copy) == target_identity(model_dir)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(copy, tuned)
+    weights = load_file(str(copy / "model.safetensors"))
+    save_file({k: (v * 1.01).astype(v.dtype) for k, v in weights.items()}, str(tuned / "model.safetensors"))
+    assert target_identity(tuned) != target_identity(model_dir)
+    (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"t7"', '"t7x"'))
+    assert target_identity(copy) != target_identity(model_dir)
 
 
 def test_shipped_drafter_is_small_and_loads():

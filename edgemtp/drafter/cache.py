@@ -18,13 +18,29 @@ def fingerprint(windows: np.ndarray, *extra) -> str:
     return h.hexdigest()[:16]
 
 
+SAMPLES = 64  # 4 KB reads per weight file in target_identity
+
+
 def target_identity(target_dir: Path) -> str:
-    """Which target a cache of its outputs was computed with: its config.json's and weight files' names,
-    sizes and modification times. Another model in the same place (or the same one edited or copied)
-    starts the caches afresh; hashing gigabytes of weights on every run would cost more than it saves."""
-    files = [Path(target_dir) / "config.json", *sorted(Path(target_dir).glob("*.safetensors"))]
-    stats = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    """Which target a cache of its outputs was computed with, by content: config.json, tokenizer.json, and
+    each weight file's size, header (names, dtypes, shapes) and SAMPLES reads spread over its bytes.
+    Re-importing the same model (new files, same bytes) keeps the caches; another model, the same one
+    fine-tuned, or another tokenizer starts them afresh. Hashing every byte of the weights on each run
+    would cost more than the caches save (a few GB for E2B)."""
+    h, d = hashlib.sha256(), Path(target_dir)
+    for name in ("config.json", "tokenizer.json"):
+        if (d / name).is_file():
+            h.update(name.encode() + (d / name).read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as stream:
+            header = int.from_bytes(stream.read(8), "little") if size >= 8 else 0
+            h.update(stream.read(min(header, size)))
+            for i in range(SAMPLES):
+                stream.seek(size * i // SAMPLES)
+                h.update(stream.read(4096))
+    return h.hexdigest()[:16]
 
 
 def resumable_rows(done_path: Path, key: str) -> int:

@@ -1,11 +1,14 @@
 """The files of a drafter's training run in its output directory: the checkpoint --resume continues (and
 the checks that it is this run's), train.log, and the finished drafter moved in whole (config.json last).
 
-A fresh run leaves nothing of an earlier one there but the caches (cache/, keyed on their input), so an
-earlier run's head tables or log never pass for this run's."""
+The finished drafter replaces what the directory held only once it is whole: a run refused or killed
+before its end leaves the directory's earlier drafter as it was, never a mix of the two; an earlier run's
+head tables or fingerprint that this run did not make are removed then, and a fresh run starts its own
+train.log. The caches (cache/) stay: they are keyed on their input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -21,9 +24,8 @@ from . import model as M
 Progress = Callable[[int, int, dict], None]
 
 STAGING = ".final"  # inside the output directory: the finished drafter's files before they are moved in
-OUTPUTS = ("config.json", WEIGHTS, FINGERPRINT, "checkpoint.pt", "train.log")  # and the head's tables
-RUN_FLAGS = {"seed": "--seed", "data": "data (--data, --heldout, --seq-len, --greedy-from)",
-             "spec": "training options (--batch, --lr, --draft-k, --accept-weight, --eval-every)",
+RUN_FLAGS = {"seed": "--seed", "data": "data (--data, --seq-len, --greedy-from)",
+             "spec": "training options (--batch, --lr, --draft-k, --accept-weight)",
              "drafter": "drafter shape (--hidden, --layers, --intermediate, --init)"}
 
 
@@ -34,12 +36,14 @@ def fresh_staging(out_dir: Path) -> Path:
     return staging
 
 
-def clear_outputs(out_dir: Path) -> None:
-    from .export import HEAD_FILE
-
-    shutil.rmtree(out_dir / STAGING, ignore_errors=True)
-    for name in (*OUTPUTS, HEAD_FILE):
-        (out_dir / name).unlink(missing_ok=True)
+def run_record(seed: int, data, spec, cfg) -> str:
+    """What makes a checkpoint this run's: the options its weights follow from (not the held-out windows,
+    nor how often it evaluates or checkpoints, which --resume may change)."""
+    data = dataclasses.asdict(data) if dataclasses.is_dataclass(data) else "arrays"
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in ("heldout", "seed")}  # the seed is its own entry
+    spec = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("eval_every", "ckpt_every")}
+    return json.dumps({"seed": seed, "data": data, "spec": spec, "drafter": cfg.to_json()}, sort_keys=True)
 
 
 def publish(staging: Path, out_dir: Path) -> None:
@@ -72,7 +76,7 @@ def resume_state(ckpt: Path, run: str, cfg, steps: int) -> dict:
                            f"({str(e).strip().splitlines()[0][:160]})") from None
     if earlier is not None and earlier != run:
         old, new = json.loads(earlier), json.loads(run)
-        key = next(k for k in new if old.get(k) != new[k])
+        key = next(k for k in RUN_FLAGS if old.get(k) != new[k])
         raise EdgemtpError(f"--resume: {ckpt} is from a run with other {RUN_FLAGS.get(key, key)}: resume with that "
                            "run's options, or train afresh without --resume")
     if int(state["step"]) > steps:
@@ -102,14 +106,13 @@ def save_checkpoint(model, opt, step: int, train_s: float, path: Path, run: str)
 
 
 class Log:
-    """train.log, JSON lines. A resumed run keeps the records up to its checkpoint's step `start`: the
-    interrupted run's later ones are redone."""
+    """train.log, JSON lines: a fresh run's own. A resumed run keeps the records up to its checkpoint's step
+    `start`: the interrupted run's later ones are redone."""
 
-    def __init__(self, path: Path, progress: Progress | None, steps: int, start: int = 0):
+    def __init__(self, path: Path, progress: Progress | None, steps: int, start: int = 0, resume: bool = False):
         self.path, self.progress, self.steps = path, progress, steps
-        if start and path.is_file():
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            path.write_text("".join(line for line in lines if _step(line) <= start), encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if resume and path.is_file() else []
+        path.write_text("".join(line for line in lines if _step(line) <= start), encoding="utf-8")
 
     def write(self, step: int, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

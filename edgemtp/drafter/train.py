@@ -149,9 +149,10 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     if EMBEDDING not in Checkpoint(target_dir):  # a missing or damaged weight file, before the corpora
         raise EdgemtpError(f"{target_dir}: no '{EMBEDDING}' tensor (the drafter reads the target's embedding)")
     cfg = M.DrafterConfig.for_target(tcfg, drafter_kv(tcfg), **(shape or {}))
-    start_from = None
-    if init is not None:
+    start_from = init_record = None
+    if init is not None:  # read now: fine-tuning in place (--init DIR -o DIR) replaces DIR's files at the end
         start_from = M.load(Path(init))
+        init_record = json.loads((Path(init) / "config.json").read_text(encoding="utf-8")).get("training")
         other = [f for f in TARGET_FIELDS if getattr(start_from.cfg, f) != getattr(cfg, f)]
         if other:
             raise EdgemtpError(f"--init {init}: a drafter for another target (its {other[0]} "
@@ -168,12 +169,9 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     if head_clusters:  # checked before hours of training, not after
         from ..calibration.clustering import check_sizes
         check_sizes(cfg.vocab_size, head_clusters, head_top_k, flag="--head-")
-    run = json.dumps({"seed": seed, "data": asdict(data) if isinstance(data, DataSpec) else "arrays",
-                      "spec": asdict(spec), "drafter": cfg.to_json()}, sort_keys=True)
+    run = R.run_record(seed, data, spec, cfg)
     state = R.resume_state(out_dir / "checkpoint.pt", run, cfg, steps) if resume else None  # before the target pass
     out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no directory
-    if not resume:  # nothing of an earlier run but its caches: a stale head or log would pass for this one's
-        R.clear_outputs(out_dir)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -189,7 +187,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     model, opt, start, earlier_s = _model_and_optimizer(cfg, spec, state)
     if start_from is not None and start == 0:
         model.load_state_dict(start_from.state_dict())
-    log = R.Log(out_dir / "train.log", progress, steps, start)
+    log = R.Log(out_dir / "train.log", progress, steps, start, resume)
     if start == 0:
         log.write(0, {"phase": "eval", **_evaluate(model, emb, caches, spec, vocab)})
     t1 = time.time() - earlier_s  # a resumed run counts the training time before the interruption too
@@ -208,8 +206,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
               "train_positions": int(np.prod(caches["train"]["ids"].shape)), "heldout": final,
               "data": asdict(data) if isinstance(data, DataSpec) else "arrays", "spec": asdict(spec)}
     if init is not None:  # provenance: the run this one started from, with its own record (and so on back)
-        earlier = json.loads((Path(init) / "config.json").read_text(encoding="utf-8")).get("training")
-        report["init"] = {"from": str(init), "training": earlier}
+        report["init"] = {"from": str(init), "training": init_record}
     # the drafter's files are made aside and moved in with config.json last: a run killed while fitting the
     # head leaves no directory that `edgemtp export --drafter` would take for a finished drafter
     staging = R.fresh_staging(out_dir)

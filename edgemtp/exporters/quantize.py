@@ -58,13 +58,12 @@ matrix plus a chunk, at any model size.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,130 +77,16 @@ from ..errors import EdgemtpError
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
 from . import gemv_head
 from .builder import MS_DOMAIN, phase
-from .components import joined_parts
+from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_options,
+                            check_patterns_match, check_shapes, check_window, scheme)
 from .quantrewrite import Rewrite, Shared, Sink, activation_sources, rewrite_float
 
 __all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "quantize_bundle", "calibrate",
            "quantize_rows", "dequantize_rows"]
-QUANTS = ("fp32", "fp16", "int8", "int4")
-TWO_PASS = ("none", "head", "all")
-LAYER_OPS = ("nbits", "integer")
-HEAD_OPS = ("nbits", "integer")
 Progress = Callable[[int, int, str], None]
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
        TensorProto.INT32: np.int32, TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 QUANT_KEY, SCHEME_KEY = "edgemtp.quant", "edgemtp.quant_scheme"
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """How each weight is quantized (recorded in the manifest). Roles: the layers' MatMuls, the logit
-    head and the embedding table (a tied head and table share one packed copy)."""
-
-    bits: int  # layers
-    head_bits: int  # head and table (their infrequent rows, with frequent_rows)
-    embed_bits: int  # an untied embedding table
-    block_size: int  # layers
-    head_block_size: int  # head and table
-    symmetric: bool | None  # None: 8-bit symmetric (exact on Q8_0 / Q5_0 grids), 4-bit with zero points
-    accuracy_level: int
-    frequent_rows: int = 0  # head/table rows of the most frequent calibration tokens kept at 8 bits
-    keep_8bit: tuple[str, ...] = ()  # glob patterns of weight names kept at 8 bits
-    gptq: bool = False  # 4-bit weights rounded by GPTQ against calibration activations
-    two_pass: str = "none"  # MatMulNBits activations in two int8 passes: none, head or all
-    smooth: float = 0.0  # alpha of the layers' activation smoothing (x / s, W * s, s = max|x|^alpha)
-    layer_op: str = "nbits"  # 8-bit layers as MatMulNBits (blocks) or MatMulIntegerToFloat (int8 columns)
-    head_op: str = "nbits"  # the head as MatMulNBits over the table, or int8 columns rescored by the table
-    calibration: str | None = field(default=None, compare=False)  # the calibration text used
-
-    def bits_for(self, kind: str, name: str = "") -> int:
-        """A joined weight ("...self_attn.q_proj+k_proj+v_proj.weight") stays at 8 bits when a pattern
-        matches its name or any of its parts' ("...self_attn.v_proj.weight")."""
-        bits = {"matmul": self.bits, "head": self.head_bits, "gather": self.embed_bits}[kind]
-        names = [name] + joined_parts(name)
-        return 8 if any(fnmatch.fnmatchcase(n, p) for n in names for p in self.keep_8bit) else bits
-
-    def block_for(self, kind: str) -> int:
-        return self.block_size if kind == "matmul" else self.head_block_size
-
-    def symmetric_for(self, bits: int) -> bool:
-        return bits == 8 if self.symmetric is None else self.symmetric
-
-    @property
-    def needs_activations(self) -> bool:
-        return self.smooth > 0 or self.gptq
-
-    def to_json(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-# chosen by measurement (bench_quant.py): see the module docstring
-PRESETS = {
-    "int8": dict(bits=8, head_bits=8, embed_bits=8, block_size=32, head_block_size=32, frequent_rows=0,
-                 gptq=True, two_pass="all", smooth=0.0),
-    "int4": dict(bits=8, head_bits=4, embed_bits=4, block_size=32, head_block_size=32, frequent_rows=32768,
-                 gptq=True, two_pass="all", smooth=0.0),
-}
-CALIBRATED = ("frequent_rows", "gptq", "smooth")  # the options that need calibration activations
-CALIBRATION_TOKENS = 8192  # default: positions whose activations calibrate GPTQ and smoothing
-# GPTQ needs each input's second moment [K, K]: wider inputs (E2B's 12,288-wide MLP: 0.6 GB each, 20 of
-# them) keep the importance-weighted grid search instead
-GPTQ_MAX_K = 4096
-
-
-def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = None, accuracy_level: int = 4, *,
-           layer_bits: int | None = None, frequent_rows: int | None = None, keep_8bit=(), gptq: bool | None = None,
-           two_pass: str | None = None, smooth: float | None = None, layer_op: str | None = None,
-           head_op: str | None = None, calibrated: bool = True) -> Scheme | None:
-    """The scheme for `quant` (None for the float quants) after checking every option; None options
-    keep the preset's value. `calibrated` False (no calibration text): the calibrated options are off,
-    and asking for one is an error."""
-    if quant not in QUANTS:
-        raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
-    if block_size is not None and (not 16 <= block_size <= 256 or block_size & (block_size - 1)):
-        raise EdgemtpError(f"--block-size {block_size} must be a power of two from 16 to 256 (the blocks ONNX "
-                           "Runtime's MatMulNBits kernels take)")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise EdgemtpError(f"--accuracy-level {accuracy_level} must be 0..4 (MatMulNBits)")
-    if layer_bits not in (None, 4, 8):
-        raise EdgemtpError(f"--layer-bits {layer_bits} must be 4 or 8")
-    if frequent_rows is not None and frequent_rows < 0:
-        raise EdgemtpError(f"--frequent-rows {frequent_rows} must be 0 or more")
-    if two_pass not in (None, *TWO_PASS):
-        raise EdgemtpError(f"--two-pass {two_pass!r} must be one of {', '.join(TWO_PASS)}")
-    if layer_op not in (None, *LAYER_OPS):
-        raise EdgemtpError(f"--layer-op {layer_op!r} must be one of {', '.join(LAYER_OPS)}")
-    if head_op not in (None, *HEAD_OPS):
-        raise EdgemtpError(f"--head-op {head_op!r} must be one of {', '.join(HEAD_OPS)}")
-    if layer_op == "integer" and layer_bits == 4:
-        raise EdgemtpError("--layer-op integer needs 8-bit layers (MatMulIntegerToFloat has no 4-bit "
-                           "weights): drop --layer-bits 4")
-    if smooth is not None and not 0.0 <= smooth <= 1.0:
-        raise EdgemtpError(f"--smooth {smooth} must be between 0 (off) and 1")
-    if two_pass in ("head", "all") and accuracy_level != 4:
-        raise EdgemtpError(f"--two-pass {two_pass} needs --accuracy-level 4 (the two int8 passes are that "
-                           "level's integer kernel)")
-    keep_8bit = tuple(keep_8bit or ())
-    for p in keep_8bit:
-        if not isinstance(p, str) or not p.strip():
-            raise EdgemtpError(f"--keep-8bit {p!r}: give weight-name patterns such as '*down_proj*'")
-    asked = dict(frequent_rows=frequent_rows, gptq=gptq, smooth=smooth)
-    if not calibrated:
-        for key, value in asked.items():
-            if value:
-                raise EdgemtpError(f"--{key.replace('_', '-')} needs calibration text (drop --calibration none)")
-    if quant not in PRESETS:
-        return None
-    p = dict(PRESETS[quant])
-    if not calibrated:
-        p.update(frequent_rows=0, gptq=False, smooth=0.0)
-    given = dict(asked, two_pass=two_pass, bits=layer_bits, layer_op=layer_op, head_op=head_op)
-    p.update({k: v for k, v in given.items() if v is not None})
-    if accuracy_level != 4 and two_pass is None:  # the preset's passes need level 4: none are built
-        p["two_pass"] = "none"
-    if block_size:
-        p.update(block_size=block_size, head_block_size=block_size)
-    return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
 
 
 # ------------------------------------------------------------------------------------- the graph
@@ -214,16 +99,6 @@ class Calibration:
     stats: dict[str, A.Stats]
     order: np.ndarray | None
     source: str
-
-
-def check_patterns_match(patterns: tuple[str, ...], weights: list[str]) -> None:
-    """A --keep-8bit pattern that matches no weight is a typo, which would quietly keep nothing at 8 bits."""
-    names = weights + [part for w in weights for part in joined_parts(w)]
-    for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            example = next((n for n in names if n.endswith(".weight") and "layers." in n), names[0] if names else "")
-            raise EdgemtpError(f"--keep-8bit {pattern!r} matches no weight of the model (names look like "
-                               f"{example!r})")
 
 
 def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration | None = None,
@@ -409,60 +284,6 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         manifest["graphs"] = graphs
         bundle_mod.write_manifest(tmp, manifest)
     return Path(out)
-
-
-def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibration_tokens: int | None = None,
-                  drafter_quant: str | None = None, **options) -> Scheme | None:
-    """Every quantization option checked (one error naming the flag), before any work is done."""
-    if drafter_quant not in (None, "fp32", "int8"):
-        raise EdgemtpError(f"--drafter-quant {drafter_quant!r} must be fp32 or int8")
-    if drafter_quant is not None and quant not in PRESETS:
-        raise EdgemtpError(f"--drafter-quant {drafter_quant} applies to --quant int8 / int4 (the drafter reads the "
-                           "target's table)")
-    if quant == "int8":  # every weight is 8-bit already: these would be ignored, or (layer bits) contradict it
-        # (here, not in scheme(): an int4 bundle's drafter weights are quantized as int8 with its options)
-        given = [key for key in ("layer_bits", "frequent_rows", "keep_8bit") if options.get(key) not in (None, ())]
-        if given:
-            raise EdgemtpError(f"--{given[0].replace('_', '-')} applies to --quant int4 (int8 keeps every weight "
-                               "at 8 bits)")
-    if calibration is None and calibration_tokens is not None:
-        raise EdgemtpError(f"--calibration-tokens {calibration_tokens} with --calibration none: there is no "
-                           "text to take them from")
-    if quant in ("fp32", "fp16"):
-        given = [k for k, v in dict(options, calibration_tokens=calibration_tokens).items() if v not in (None, ())]
-        if calibration is not None and str(calibration) != A.CORPORA:
-            given.insert(0, "calibration")
-        if given:
-            raise EdgemtpError(f"--{given[0].replace('_', '-')} applies to --quant int8 / int4 only")
-    if calibration_tokens is not None and calibration_tokens < A.WINDOW // 4:
-        raise EdgemtpError(f"--calibration-tokens {calibration_tokens} must be at least {A.WINDOW // 4}")
-    if calibration is not None and str(calibration) != A.CORPORA and not Path(calibration).is_file():
-        what = "is a directory" if Path(calibration).is_dir() else "no such file"
-        raise EdgemtpError(f"--calibration {calibration}: {what} (a text file, corpora or none)")
-    return scheme(quant, calibrated=calibration is not None, **options)
-
-
-def check_window(text, ids: list[int], capacity: int, bos: bool) -> None:
-    """The calibration runs windows of min(512, capacity) positions: a text shorter than one is named."""
-    length = min(A.WINDOW, capacity)
-    if len(ids) < length - bos:
-        raise EdgemtpError(f"--calibration {text.source}: {len(ids)} tokens, fewer than one window of {length}")
-
-
-def check_shapes(sch: Scheme, hidden: int) -> None:
-    """What the rewrite needs of the model's widths, before the fp32 export: two-pass activations and the
-    integer head work on whole blocks of the hidden size (q/k/v, gate/up and the head read it). Without
-    this check the passes were quietly left out (and speculative decoding no longer exact)."""
-    for block in dict.fromkeys((sch.block_size, sch.head_block_size)):
-        if hidden % block == 0:
-            continue
-        if sch.two_pass != "none":
-            raise EdgemtpError(f"--block-size {block} does not divide the hidden size {hidden}: the two-pass "
-                               f"activations (--two-pass {sch.two_pass}) need whole blocks; give a block size "
-                               f"dividing {hidden}, or --two-pass none")
-        if sch.head_op == "integer":
-            raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {hidden} "
-                               f"is not a multiple of --block-size {block}")
 
 
 def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, progress: Progress | None) -> Calibration:
