@@ -25,7 +25,8 @@ def int_list(flag: str, value: str) -> list[int]:
 @cli.command("profile")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--prompt-tokens", default="128,512", show_default=True, help="Comma list of prompt lengths.")
-@click.option("--gen-tokens", default=128, show_default=True, type=int, help="Tokens generated per run.")
+@click.option("--gen-tokens", default=128, show_default=True, type=int,
+              help="Tokens generated per run (at least 2: the first comes from the prefill).")
 @click.option("--repetitions", default=5, show_default=True, type=int,
               help="Timed runs per row (after one warm-up run).")
 @click.option("--draft-k", default="0,2,4,6", show_default=True, help="Comma list of K; 0 is plain decoding.")
