@@ -243,6 +243,9 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert q["quant"] == "qdq" and q["quantization"]["activation_bits"] == 16
     assert q["quantization"]["calibration_windows"] == 12 and q["quantization"]["calibration"] == str(text)
     assert check_graph(out / "target.onnx", "qnn") == []
+    r = run("--quant", "qdq", "--calibration", str(text), "--calibration-tokens", "60", "--calibration-method",
+            "entropy", "--overwrite")  # its histogram lines ("Number of histogram bins ...") stay out of stdout
+    assert r.exit_code == 0 and r.stdout.strip() == f"wrote {out}", r.output
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx_nodes(out / "target.onnx")}
     ids = rng.integers(3, 96, size=(1, 30))
     want, _ = st.target.forward(ids, st.target.new_cache(1), n_logits=30)

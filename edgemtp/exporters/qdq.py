@@ -13,9 +13,10 @@ the 256 (or 65536) levels to tell real scores apart.
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -66,7 +67,9 @@ def _quantize(src: Path, dst: Path, reader, activation_bits: int, method: str, e
               per_channel: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with _without_preprocess_hint():
+    # the histogram methods print their progress ("Number of histogram bins : 128") to standard output,
+    # where `edgemtp export` prints only what it wrote
+    with _without_preprocess_hint(), redirect_stdout(io.StringIO()):
         quantize_static(
             str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
