@@ -141,7 +141,8 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
 @click.option("--top-k", default=32, show_default=True, type=int, help="Clusters scored exactly per step.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the k-means initialisation.")
 @click.option("--calibration", default=None, type=click.Path(path_type=Path),
-              help="Final hidden states [N, d] (.npy/.npz) to learn centroids from (much higher recall).")
+              help="Final hidden states [N, d] (.npy/.npz) to learn centroids from, instead of the model's own "
+                   "on the offline corpora; none: the embedding table alone (much lower recall).")
 @click.option("--report", "report_hidden", default=None, type=click.Path(path_type=Path),
               help="Held-out hidden states (.npy/.npz): print recall and softmax mass for k in 8,16,32,64, "
                    "and the full vs clustered head (fp32 and int8 rows) timed on them.")
@@ -177,8 +178,8 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     check_sizes(vocab, clusters, top_k)
     no_calibration = calibration is not None and str(calibration) == NO_CALIBRATION
     states = {flag: hidden_file(flag, path, hidden_size) for flag, path in
-              (("--calibration", calibration), ("--report", report_hidden)) if path is not None
-              and not (flag == "--calibration" and no_calibration)}
+              (("--calibration", None if no_calibration else calibration), ("--report", report_hidden))
+              if path is not None}
     with progress_bar("clustering the vocabulary", show_what=drafter_dir is not None) as progress:
         if drafter_dir is not None:
             if importlib.util.find_spec("torch") is None:  # the drafter runs in torch, as in training
