@@ -270,8 +270,7 @@ def steady_clock(monkeypatch) -> None:
 FAKE_PROMPTS = [[1, 2, 3, 1, 2], [5], [3, 3, 3, 3, 3, 3, 3], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1], [6, 2]]
 
 
-@pytest.mark.parametrize("options", [dict(batched_verify=True), dict(batched_verify=True, static_window=True),
-                                     dict(batched_verify=True, adaptive=True), dict()])
+@pytest.mark.parametrize("options", [dict(batched_verify=True), dict(batched_verify=True, adaptive=True), dict()])
 def test_padded_batched_verify_changes_nothing(options, monkeypatch):
     steady_clock(monkeypatch)
     target = FakeTarget()
@@ -338,7 +337,7 @@ def test_greedy_matches_plain_decoding(models, kind, monkeypatch):
     prompts = random + repetitive
     want = [list(engine.token_ids(p, 32)) for p in prompts]
     assert max(len(p) + len(w) for p, w in zip(prompts, want)) > 2 * WINDOW
-    configs = [dict(k=1), dict(k=3), dict(k=6), dict(k=4, adaptive=True), dict(k=3, static_window=True)]
+    configs = [dict(k=1), dict(k=3), dict(k=6), dict(k=4, adaptive=True)]
     steady_clock(monkeypatch)
     for cfg in configs:
         stats = SpecStats()

@@ -99,15 +99,50 @@ def test_speculative_over_static_target_is_plain_greedy(models, kind):
     prompts = _prompts()
     want = [list(dyn.token_ids(p, 28)) for p in prompts]
     assert max(len(p) + len(w) for p, w in zip(prompts, want)) > 2 * WINDOW
-    for k in (W - 1, 2):
+    for options in (dict(k=W - 1), dict(k=2), dict(k=W + 2), dict(k=W + 2, adaptive=True)):
         stats = SpecStats()
-        got = speculative_generate(st.target, PromptLookupDrafter(), prompts, 28, k=k, stats=stats,
-                                   static_window=True)
-        assert [r.tokens for r in got] == want, f"{kind} k={k}"
+        got = speculative_generate(st.target, PromptLookupDrafter(), prompts, 28, stats=stats, **options)
+        assert [r.tokens for r in got] == want, f"{kind} {options}"
         assert stats.drafted > stats.accepted > 0
     near_cap = [list(range(3, 57))]  # room < k+1: the verify window shrinks, StaticTarget still pads
-    assert speculative_generate(st.target, PromptLookupDrafter(), near_cap, 20, k=W - 1,
-                                static_window=True)[0].tokens == list(dyn.token_ids(near_cap[0], 20))
+    assert speculative_generate(st.target, PromptLookupDrafter(), near_cap, 20,
+                                k=W - 1)[0].tokens == list(dyn.token_ids(near_cap[0], 20))
+
+
+class _Short(PromptLookupDrafter):
+    """Drafts at most W - 1 tokens whatever K is (as hybrid's MTP side drafts at most 2)."""
+
+    def propose(self, history, k, ctx=None):
+        return super().propose(history, min(k, W - 1), ctx)
+
+
+def test_a_draft_that_fits_the_window_verifies_in_one_pass(models, monkeypatch):
+    """K + 1 wider than W takes two passes only for a draft that needs them: verifies used to be padded to
+    K + 1, so hybrid K = 4 on a W = 3 bundle ran two passes a round and decoded about as fast as plain."""
+    _, _, dyn, st = models["llama"]
+    prompt = _prompts()[-1]
+    calls = []
+    step = st.target.step
+    monkeypatch.setattr(st.target, "step", lambda ids, cache, row: calls.append(len(ids)) or step(ids, cache, row))
+    stats = SpecStats()
+    got = speculative_generate(st.target, _Short(), [prompt], 20, k=W + 2, stats=stats)
+    assert got[0].tokens == list(dyn.token_ids(prompt, 20)) and stats.accepted > 0
+    assert len(calls) == -(-len(prompt) // W) + stats.rounds  # the prefill's windows, then one per round
+
+
+def test_static_bundle_reuses_a_conversations_cache(models):
+    """reuse_prefix on a static bundle: the next prompt extending the last runs only its new tokens, with the
+    tokens a fresh run gives."""
+    _, _, _, st = models["llama"]
+    from edgemtp.runtime.engine import new_stats
+
+    engine = Engine.load(st.bundle.dir, reuse_prefix=True)
+    first = [int(t) for t in _prompts()[0]]
+    out = list(engine.token_ids(first, 6))
+    follow, stats = first + out + [5, 6, 7], new_stats(None)
+    again = list(engine.token_ids(follow, 6, stats=stats))
+    assert stats.cached_tokens == len(first) + len(out) - 1
+    assert again == list(Engine.load(st.bundle.dir).token_ids(follow, 6))
 
 
 def test_static_target_capacity_and_contract_errors(models, tmp_path):
@@ -282,3 +317,20 @@ def test_profile_runs_a_k_wider_than_the_static_window(models):
     prompt = "t1 t2 t3 t1 t2 t3 t1 t2 t3 t1"
     want = st.generate(prompt, max_new_tokens=12).tokens
     assert st.generate(prompt, max_new_tokens=12, draft=Draft("lookup", 6)).tokens == want
+
+
+def test_generate_defaults_k_to_the_static_window(models, monkeypatch):
+    """Without --draft-k, generate drafts at most W - 1 tokens on a static bundle: one pass verifies them."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, _, _, st = models["llama"]
+    seen = []
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate", lambda self, *a, **k: seen.append(a[3]) or real(self, *a, **k))
+    for extra, k in (([], W - 1), (["--draft-k", "4"], 4)):
+        r = CliRunner().invoke(cli, ["generate", str(st.bundle.dir), "--prompt", "t1 t2 t3 t1 t2", "--max-new-tokens",
+                                     "4", "--json", "--draft", "lookup", *extra])
+        assert r.exit_code == 0, r.output
+        assert seen[-1].k == k

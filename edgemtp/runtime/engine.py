@@ -86,8 +86,8 @@ class Engine:
         transposed head is read from the data file's mapping, and gained 0-0.4%), for long-running processes.
         `reuse_prefix`: a one-prompt generation keeps its KV cache, and the next one whose prompt starts with
         the same tokens (a chat's next turn, which repeats the conversation so far) runs only the rest of it
-        (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Dynamic
-        targets only; off by default so that repeated prompts measure their whole prefill."""
+        (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Off by
+        default so that repeated prompts measure their whole prefill."""
         _check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                          fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix)
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
@@ -235,7 +235,7 @@ class Engine:
         self._keep(cache, prompt_ids + generated)
 
     def _keep(self, cache: KVCache, ids: list[int]) -> None:
-        if self.reuse_prefix and not self.static:
+        if self.reuse_prefix:
             n = min(int(cache.lengths[0]), len(ids))  # a stop string may end the text inside a verified run
             cache.rollback(0, n)
             self._kept = (cache, ids[:n])
@@ -264,8 +264,9 @@ class Engine:
             return PromptLookupDrafter(min_ngram=2 if cpu_quantized(self.bundle, self.provider) and not adaptive
                                        else 1)
         if not self.bundle.has_graph("drafter"):
-            raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (draft by lookup, or "
-                               "export the bundle with --drafter)")
+            how = "a --quant qdq bundle has none" if self.bundle.graph("target").quant == "qdq" else \
+                "or export the bundle with --drafter"
+            raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (draft by lookup; {how})")
         mtp = self._mtp_drafter(graph)
         if self.target_spins and runs_on_cpu(self.drafter_provider):
             self.target_spins = False  # warn once
@@ -303,9 +304,8 @@ class Engine:
         stops = self.stops(stop)
         from .speculative import SeqResult, Speculative, SpecStats
 
-        adaptive = draft.adaptive and not self.static  # see Speculative: a static window keeps K
-        spec = Speculative(self.target, self.drafter(draft.mode, adaptive=adaptive), draft.k,
-                           adaptive=adaptive, static_window=self.static, lengths=self._lengths(draft, 1))
+        spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
+                           adaptive=draft.adaptive, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         # before the kept cache is taken:
         prompt_ids = _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
@@ -356,10 +356,9 @@ class Engine:
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
             use_draft = False
-        adaptive = use_draft and draft.adaptive and not self.static  # see Speculative: a static window keeps K
+        adaptive = use_draft and draft.adaptive
         drafter = self.drafter(draft.mode, adaptive=adaptive) if use_draft else NoDrafter()
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0, adaptive=adaptive,
-                           static_window=self.static and use_draft,
                            lengths=self._lengths(draft, len(prompts)) if adaptive else None)
         stats = SpecStats()  # the speculative loop's, drafting or not
         results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, stops, stats)

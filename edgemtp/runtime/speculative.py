@@ -150,22 +150,18 @@ class Speculative:
     maximises expected tokens per second by measured verify and draft times and acceptance
     (runtime.draft_length), 0 when a plain step does better.
     lengths: an adaptive draft length's earlier measurements to go on from (Engine keeps one per setting).
-    static_window: pad every verify to exactly k+1 positions (for static-shape graphs; capacity allowing).
     batched_verify: verify several rows in one target pass (see the module docstring); None: when the
     target can (`multi_row_verify`)."""
 
     def __init__(self, target: Target, drafter: Drafter, k: int = 4, *, adaptive: bool = False,
-                 static_window: bool = False, batched_verify: bool | None = None,
-                 lengths: DraftLength | None = None):
+                 batched_verify: bool | None = None, lengths: DraftLength | None = None):
         if k < 0:
             raise ValueError(f"draft length k={k} must be >= 0")
         self.target, self.drafter, self.k = target, drafter, k
         if batched_verify is None:
             batched_verify = bool(getattr(target, "multi_row_verify", False))
-        self.static_window, self.batched_verify = static_window, batched_verify
-        # a static window verifies k + 1 positions whatever was drafted, so a plain step's cost, the model's
-        # yardstick, is never measured: there K stays fixed
-        self.lengths = (lengths or DraftLength(k)) if adaptive and not static_window else None
+        self.batched_verify = batched_verify
+        self.lengths = (lengths or DraftLength(k)) if adaptive else None
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                  sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
@@ -296,7 +292,7 @@ class Speculative:
         """Target forward over each row's [t, drafts]: -> {row: (logits [S_row, V], hidden [S_row, H])}."""
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for rows in self._passes(cache, ids):
-            width, t0 = self._width(cache, rows, ids), time.perf_counter()
+            width, t0 = self._width(rows, ids), time.perf_counter()
             out.update(self._forward(cache, rows, ids, width))
             if self.lengths is not None:
                 self.lengths.timed_verify(len(rows), width, time.perf_counter() - t0)
@@ -308,18 +304,17 @@ class Speculative:
         passes: list[list[int]] = []
         for r in sorted(ids):
             group = passes[-1] + [r] if passes and passes[-1][-1] == r - 1 else None
-            width = self._width(cache, group, ids) if group else 0
+            width = self._width(group, ids) if group else 0
             if group and (width == 1 or self.batched_verify) and width <= min(cache.room(g) for g in group):
                 passes[-1] = group
             else:
                 passes.append([r])
         return passes
 
-    def _width(self, cache: KVCache, rows: list[int], ids: dict[int, np.ndarray]) -> int:
-        width = max(len(ids[r]) for r in rows)
-        if self.static_window:  # exactly k+1 where every row has the room
-            width = max(width, min(self.k + 1, *(cache.room(r) for r in rows)))
-        return width
+    def _width(self, rows: list[int], ids: dict[int, np.ndarray]) -> int:
+        # a static-shape target pads each window of its own (runtime/static_target.py): padding a verify
+        # to k + 1 here made a K + 1 wider than the window run two passes for a draft that fits in one
+        return max(len(ids[r]) for r in rows)
 
     def _forward(self, cache: KVCache, rows: list[int], ids: dict[int, np.ndarray], width: int) -> dict:
         """One target pass over consecutive rows, each padded to `width` with its last token.
@@ -384,7 +379,7 @@ def speculative_generate(target: Target, drafter: Drafter, prompt_ids_list: Sequ
                          max_new_tokens: int = 128, sampling: Sampling = Sampling(), k: int = 4,
                          stop_ids: Iterable[int] = (), stats: SpecStats | None = None,
                          **options) -> list[SeqResult]:
-    """Generates for each prompt; `options` go to `Speculative` (adaptive, static_window, batched_verify)."""
+    """Generates for each prompt; `options` go to `Speculative` (adaptive, batched_verify)."""
     return Speculative(target, drafter, k, **options).generate(prompt_ids_list, max_new_tokens, sampling,
                                                                stop_ids, stats)
 
