@@ -124,8 +124,9 @@ def uses_mtp(c: RowConfig) -> bool:
 
 
 def skip_reason(c: RowConfig, capacity: int, bundle=None) -> str:
-    """Why a row cannot run here ("" when it can). A static bundle runs a K + 1 wider than its verify
-    window in two passes, as `edgemtp generate` does, so such rows run (and show what that costs)."""
+    """Why a row cannot run here ("" when it can). A static bundle verifies a draft longer than its window - 1
+    in two passes, as `edgemtp generate` does, so rows of a K + 1 wider than the window run (and show what
+    that costs)."""
     full = PROVIDERS.get(c.provider.lower(), c.provider)
     if full not in ort.get_available_providers():
         return f"provider {c.provider!r} is not available in this onnxruntime build"
