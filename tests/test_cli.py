@@ -439,7 +439,6 @@ def test_readme_python_snippet_runs(tiny_gemma3, capsys, tmp_path):
     generate_batch without a draft crashed until session 27)."""
     import re
     import shutil
-    from pathlib import Path
 
     from edgemtp import bundle as bundle_mod
 

@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -20,12 +20,13 @@ from ..errors import ArgumentError, EdgemtpError
 from .chat import ChatTemplate, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
 from .kv_cache import KVCache
-from .sampling import Sampling, is_bool, is_whole, pick
+from .sampling import Sampling, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
+from .requests import Draft, check_ids, check_kinds, check_load_args, check_request, new_stats
 from .static_target import StaticTarget, is_static
-from .target import CapacityError, Target
+from .target import Target
 
 
 DRAFT_MODES = ("auto", "mtp", "hybrid", "lookup")
@@ -88,7 +89,7 @@ class Engine:
         the same tokens (a chat's next turn, which repeats the conversation so far) runs only the rest of it
         (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Off by
         default so that repeated prompts measure their whole prefill."""
-        _check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
+        check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                          fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix)
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
         if drafter_provider is not None:
@@ -161,7 +162,7 @@ class Engine:
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`, a character they end inside as one U+FFFD (detokenizer.decode_text)."""
-        _check_ids("ids", ids, self.target.contract.vocab_size)
+        check_ids("ids", ids, self.target.contract.vocab_size)
         return self._text(ids)
 
     def _text(self, ids: list[int]) -> str:
@@ -176,9 +177,9 @@ class Engine:
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:
         """Yields generated token ids one by one (plain decoding, batch 1); `stop`: stop strings (see
         generate)."""
-        _check_kinds(sampling, None, stats)
+        check_kinds(sampling, None, stats)
         stops = self.stops(stop)
-        prompt_ids = _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
+        prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         stats = stats if stats is not None else Stats()
         rng = np.random.default_rng(sampling.seed)
         cache, cached = self._cache_for(prompt_ids)
@@ -297,7 +298,7 @@ class Engine:
         """Generated token ids as they come: plain decoding, or speculative when `draft` is given.
         `stats` may be a plain Stats with drafting too (it then gets the plain fields); `stop`: stop strings
         (see generate)."""
-        _check_kinds(sampling, draft, stats)
+        check_kinds(sampling, draft, stats)
         if draft is None or draft.mode == "none" or draft.k == 0:
             yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats, stop=stop)
             return
@@ -308,7 +309,7 @@ class Engine:
                            adaptive=draft.adaptive, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         # before the kept cache is taken:
-        prompt_ids = _check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
+        prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         cache, cached = self._cache_for(prompt_ids)
         results = [SeqResult([])]
         try:
@@ -327,7 +328,7 @@ class Engine:
         generation where the generated text first holds one; the text then ends just before it (`tokens` end
         with the token that completed it, and stats.stop_reason is "stop string"). Drafting stops at the same
         token as plain decoding."""
-        _check_kinds(sampling, draft)
+        check_kinds(sampling, draft)
         stops = self.stops(stop)
         gen = Generation("", [], new_stats(draft))
         gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats,
@@ -351,7 +352,7 @@ class Engine:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):  # a str: one prompt a letter
             raise ArgumentError("prompts", prompts, "must be a list of prompts (for one prompt: generate)")
         prompts = list(prompts)  # a generator or dict keys too
-        _check_kinds(sampling, draft)
+        check_kinds(sampling, draft)
         stops = self.stops(stop)
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
@@ -398,77 +399,3 @@ def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp
     return lambda: Target(make_session(entry.path, provider, threads, spin=not mtp, prepack=fast,
                                        huge_pages=huge_pages),
                           C.TargetContract.from_json(entry.contract))
-
-
-@dataclass(frozen=True)
-class Draft:
-    """Speculative decoding settings: `mode` auto | mtp | lookup | hybrid | none, K drafted tokens per round
-    (`adaptive`: at most K, each round's length chosen by measured cost and acceptance; the lengths follow
-    the run's timings, so a seeded sampled run is not repeatable under it, a greedy one always is)."""
-
-    mode: str = "auto"
-    k: int = 4
-    adaptive: bool = False
-
-    def __post_init__(self):
-        if not is_whole(self.k):
-            raise ArgumentError("Draft.k", self.k, "must be a whole number", "--draft-k")
-        if self.k < 0:
-            raise ArgumentError("Draft.k", self.k, "must be >= 0", "--draft-k")
-        if not is_bool(self.adaptive):
-            raise ArgumentError("Draft.adaptive", self.adaptive, "must be True or False", "--adaptive")
-        object.__setattr__(self, "adaptive", bool(self.adaptive))  # numpy's True as Python's (frozen dataclass)
-
-
-def new_stats(draft: Draft | None) -> Stats:
-    from .speculative import SpecStats
-
-    return Stats() if draft is None or draft.mode == "none" or draft.k == 0 else SpecStats()  # as token_stream
-
-
-def _check_load_args(bundle_dir, provider, threads, drafter_provider, **flags) -> None:
-    if not isinstance(bundle_dir, (str, os.PathLike)):
-        raise ArgumentError("bundle_dir", bundle_dir, "must be a path (str or pathlib.Path)")
-    for name, value in (("provider", provider), ("drafter_provider", drafter_provider)):
-        if not isinstance(value, str) and not (name == "drafter_provider" and value is None):
-            raise ArgumentError(name, value, "must be an execution provider's name, e.g. 'cpu'")
-    if threads is not None and not is_whole(threads):
-        raise ArgumentError("threads", threads, "must be a whole number or None")
-    for name, value in flags.items():  # a truthy string ("no") would otherwise turn the option on
-        if not is_bool(value) and not (name == "mtp" and value is None):
-            raise ArgumentError(name, value, "must be True or False" + (" (or None)" if name == "mtp" else ""))
-
-
-def _check_kinds(sampling, draft, stats=None) -> None:
-    """The API's arguments of the wrong kind, named (not an AttributeError from deep inside)."""
-    if not isinstance(sampling, Sampling):
-        raise ArgumentError("sampling", sampling, "must be a Sampling (e.g. Sampling(temperature=0.8))")
-    if draft is not None and not isinstance(draft, Draft):
-        raise ArgumentError("draft", draft, "must be a Draft (e.g. Draft('auto', 4)) or None")
-    if stats is not None and not isinstance(stats, Stats):
-        raise ArgumentError("stats", stats, "must be a Stats or None")
-
-
-def _check_ids(name: str, ids, vocab: int) -> list[int]:
-    """`ids` checked, as a list of Python ints (an app may hand a numpy array or a tuple)."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):  # an iterator: used up here
-        raise ArgumentError(name, ids, "must be a list of token ids")
-    for i, t in enumerate(ids):
-        if not (is_whole(t) and 0 <= t < vocab):
-            raise ArgumentError(f"{name}[{i}]", t, f"is not a token id (a whole number below the vocabulary's {vocab})")
-    return [int(t) for t in ids]
-
-
-def _check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, vocab: int) -> list[int]:
-    """`prompt_ids` checked, as _check_ids returns them."""
-    prompt_ids = _check_ids("prompt_ids", prompt_ids, vocab)
-    if not is_whole(max_new_tokens):
-        raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
-    if max_new_tokens < 1:
-        raise ArgumentError("max_new_tokens", max_new_tokens, "must be at least 1")
-    if not prompt_ids:
-        raise EdgemtpError("the prompt is empty (no tokens)")
-    if len(prompt_ids) >= capacity:
-        raise CapacityError(f"prompt of {len(prompt_ids)} tokens does not fit the bundle's KV capacity of "
-                            f"{capacity} (export with a larger --max-context)")
-    return prompt_ids

@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import EdgemtpError
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
-from .engine import _check_request
+from .requests import check_request
 from .sampling import Sampling, distribution, draw, pick
 from .stats import Stats
 from .stops import Stops
@@ -180,7 +180,7 @@ class Speculative:
         that already holds its first `cached` positions (Engine's reuse_prefix); the prefill runs the rest."""
         capacity = self.target.contract.capacity
         for p in prompts:
-            _check_request(list(p), max_new_tokens, capacity, self.target.contract.vocab_size)
+            check_request(list(p), max_new_tokens, capacity, self.target.contract.vocab_size)
         stats = stats if stats is not None else SpecStats()
         stops = stop_ids if isinstance(stop_ids, Stops) else Stops(stop_ids)
         if cache is None:
