@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 
 from ..errors import EdgemtpError
-from . import FINGERPRINT, WEIGHTS
 from . import model as M
 
 Progress = Callable[[int, int, dict], None]
@@ -48,13 +47,12 @@ def run_record(seed: int, data, spec, cfg) -> str:
 
 def publish(staging: Path, out_dir: Path) -> None:
     """The finished drafter's files into `out_dir`, config.json last (what makes it a drafter directory);
-    an earlier run's head tables or fingerprint that this run did not make go (a resumed run's directory)."""
+    an earlier run's head tables go when this run made none (the weights and fingerprint it always makes)."""
     from .export import HEAD_FILE
 
     (out_dir / "config.json").unlink(missing_ok=True)
-    for name in (WEIGHTS, HEAD_FILE, FINGERPRINT):
-        if not (staging / name).exists():
-            (out_dir / name).unlink(missing_ok=True)
+    if not (staging / HEAD_FILE).exists():
+        (out_dir / HEAD_FILE).unlink(missing_ok=True)
     for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
         f.replace(out_dir / f.name)
     staging.rmdir()
@@ -76,8 +74,8 @@ def resume_state(ckpt: Path, run: str, cfg, steps: int) -> dict:
                            f"({str(e).strip().splitlines()[0][:160]})") from None
     if earlier is not None and earlier != run:
         old, new = json.loads(earlier), json.loads(run)
-        key = next(k for k in RUN_FLAGS if old.get(k) != new[k])
-        raise EdgemtpError(f"--resume: {ckpt} is from a run with other {RUN_FLAGS.get(key, key)}: resume with that "
+        what = next((RUN_FLAGS[k] for k in RUN_FLAGS if old.get(k) != new.get(k)), "options")
+        raise EdgemtpError(f"--resume: {ckpt} is from a run with other {what}: resume with that "
                            "run's options, or train afresh without --resume")
     if int(state["step"]) > steps:
         raise EdgemtpError(f"--steps {steps}: {ckpt} is at step {int(state['step'])} already")
@@ -88,8 +86,6 @@ def complete(out_dir: Path, target_dir: Path, init: Path | None) -> None:
     """What makes `out_dir` a drafter directory by itself: the target's fingerprint (how `edgemtp export`
     recognises the target) and, after --init, that drafter's clustered-head tables (same vocabulary and
     hidden size, checked at export) unless some were fitted or written here already."""
-    import shutil
-
     from . import write_fingerprint
     from .export import HEAD_FILE
 
