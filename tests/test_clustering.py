@@ -442,9 +442,9 @@ def test_swap_misplaced_moves_a_stranded_heavy_token_back():
 @pytest.mark.parametrize("softcap", [None, 2.0])
 def test_onnx_head_top_matches_numpy(softcap):
     from edgemtp.calibration import centroids as ce
-    from edgemtp.calibration import head_report as hr
+    from edgemtp.calibration.collect import head_top
     e, h = table(300), hidden(20)
-    ids, probs = hr._ort_head_top(h, e, 7, softcap, threads=1, progress=None, block=8)
+    ids, probs = head_top(h, e, 7, softcap, threads=1, progress=None, block=8)
     want_ids, want_probs, _ = ce.full_head_top(h, e, top=7, softcap=softcap)
     assert np.array_equal(ids, want_ids)
     np.testing.assert_allclose(probs, want_probs, rtol=1e-4, atol=1e-7)

@@ -422,6 +422,13 @@ def test_target_identity_is_the_targets_content(tiny_gemma3, tmp_path):
     weights = load_file(str(copy / "model.safetensors"))
     save_file({k: (v * 1.01).astype(v.dtype) for k, v in weights.items()}, str(tuned / "model.safetensors"))
     assert target_identity(tuned) != target_identity(model_dir)
+    # a small tensor between large ones (a norm's weights): every tensor is sampled, so an edit confined
+    # to it is seen (samples spread over the file's 6 MB missed it)
+    big, other = np.zeros((1_000_003,), np.float32), np.zeros((500_003,), np.float32)
+    for name, norm in (("a", np.ones(64, np.float32)), ("b", np.full(64, 1.5, np.float32))):
+        (tmp_path / name).mkdir()  # the norm falls between the 64 points that sampled the whole file
+        save_file({"a.proj": big, "b.norm": norm, "c.proj": other}, str(tmp_path / name / "model.safetensors"))
+    assert target_identity(tmp_path / "a") != target_identity(tmp_path / "b")
     (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"t7"', '"t7x"'))
     assert target_identity(copy) != target_identity(model_dir)
 
@@ -572,7 +579,8 @@ def test_export_reports_each_phase_to_its_progress_bar(setup, tmp_path):
 def clustered_drafter(model_dir, out, clusters=8, seed=1):
     """A tiny drafter directory with clustered-head tables of the target's embedding (V not a multiple of C)."""
     from edgemtp.calibration.clustering import cluster_vocab
-    from edgemtp.calibration.head_report import head_rows, save_head
+    from edgemtp.calibration.head_report import save_head
+    from edgemtp.calibration.model_files import head_rows
 
     tiny_drafter(model_dir, out, seed=seed)
     tables = cluster_vocab(head_rows(model_dir), clusters, seed=0)
@@ -1330,7 +1338,8 @@ def test_head_tables_fitted_on_the_drafters_own_states(tiny_gemma3, tmp_path):
     is measured on the real model: benchmarks/drafter_acceptance.py, edgemtp/drafters/README.md.)"""
     from click.testing import CliRunner
 
-    from edgemtp.calibration.head_report import cluster_model, head_rows, load_head
+    from edgemtp.calibration.head_report import cluster_model, load_head
+    from edgemtp.calibration.model_files import head_rows
     from edgemtp.cli import cli
     from edgemtp.drafter.head_fit import cache_arrays, draft_states
 

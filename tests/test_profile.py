@@ -84,6 +84,7 @@ def test_csv_has_one_number_per_cell(tiny_gemma3):
     rows = list(csv.DictReader(io.StringIO(table)))
     ran = [row for row in rows if not row["skipped"]]
     assert len(ran) == 2 and len(rows) == 4 and all("KV capacity" in row["skipped"] for row in rows if row["skipped"])
+    assert {row["adaptive"] for row in rows} == {"false"}  # as json writes it, not Python's False
     for row in ran:
         assert float(row["tg_tokens_per_s_mean"]) > 0 and float(row["tg_tokens_per_s_std"]) >= 0
         assert float(row["tokens_per_forward"]) >= 1 and float(row["peak_rss_mb"]) > 0

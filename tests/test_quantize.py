@@ -547,6 +547,13 @@ def test_integer_head_needs_whole_blocks(tmp_path):
                                            "activations \\(--two-pass all\\)"):
         quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=128)
     assert not (tmp_path / "q").exists()
+    # blocks of 64 divide the hidden size but not down_proj's input width (96): found in the rewrite
+    with pytest.raises(EdgemtpError, match="--block-size 64 does not divide the input width 96 of "
+                                           "model.layers.0.mlp.down_proj.weight"):
+        quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=64)
+    assert not (tmp_path / "q").exists()
+    quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=64, two_pass="head")
+    shutil.rmtree(tmp_path / "q")
     quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, accuracy_level=2)  # no passes at level 2 ...
     assert bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]["two_pass"] == "none"
 

@@ -156,8 +156,9 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
 def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions, drafter_dir):
     """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
     from ..calibration.clustering import check_sizes
-    from ..calibration.head_report import (HEAD_FILE, NO_CALIBRATION, POSITIONS, cluster_model, head_shape,
-                                           logit_softcap, recall_report)
+    from ..calibration.collect import POSITIONS
+    from ..calibration.head_report import HEAD_FILE, NO_CALIBRATION, cluster_model, recall_report
+    from ..calibration.model_files import head_shape, logit_softcap
 
     if positions is not None and (positions < 512 or calibration is not None):
         raise EdgemtpError(f"--positions {positions}: " + ("at least 512" if positions < 512 else

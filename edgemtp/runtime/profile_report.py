@@ -44,7 +44,8 @@ def _csv(rows: list[dict]) -> str:
     w = csv.writer(buf, lineterminator="\n")  # csv's default \r\n is for files opened on Windows
     w.writerow([*CONFIG, "skipped", *CSV_MEASURES])
     for r in rows:
-        head = [r.get(k, "") for k in CONFIG]
+        # booleans as the json format writes them (Python's True / False otherwise)
+        head = [json.dumps(v) if isinstance(v := r.get(k, ""), bool) else v for k in CONFIG]
         if r["skipped"]:
             w.writerow(head + [r["skipped"]] + [""] * len(CSV_MEASURES))
             continue
