@@ -129,7 +129,8 @@ def quantize_table(src: Path, dst: Path, quant: str) -> Path:
     """The clustered head with its table's Gather block-quantized by edgemtp's quantizer (no calibration:
     int8 8-bit rows, int4 4-bit rows with zero points); centroids and the rest stay fp32."""
     from edgemtp.exporters.quantize import _Reader, scheme
-    from edgemtp.exporters.quantrewrite import Rewrite, Sink
+    from edgemtp.exporters.quantgraph import Sink
+    from edgemtp.exporters.quantrewrite import Rewrite
 
     model = onnx.load(str(src), load_external_data=False)
     with _Reader(src) as read, open(dst.parent / (dst.name + ".data"), "wb") as f:

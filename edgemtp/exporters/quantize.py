@@ -79,7 +79,8 @@ from . import gemv_head
 from .builder import MS_DOMAIN, phase
 from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_options,
                             check_patterns_match, check_shapes, check_window, scheme)
-from .quantrewrite import Rewrite, Shared, Sink, activation_sources, rewrite_float
+from .quantgraph import Shared, Sink, activation_sources, rewrite_float
+from .quantrewrite import Rewrite
 
 __all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "quantize_bundle", "calibrate",
            "quantize_rows", "dequantize_rows"]
