@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import TargetContract
+from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
 
@@ -153,7 +153,9 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
         for field in ("file",):
             if g.get(field) not in m["files"]:
                 raise EdgemtpError(f"{mpath}: graphs.{name}.{field} names a file not listed in 'files'")
-        _check_external_data(d, d / g["file"], m["files"])
+        graph = _check_external_data(d, d / g["file"], m["files"])
+        if name in ("target", "verify") and not g.get("contract", {}).get("static"):
+            _check_contract(mpath, name, g, graph)
     if m["tokenizer"] not in m["files"]:
         raise EdgemtpError(f"{mpath}: field 'tokenizer' names a file not listed in 'files'")
     _check_chat(m, mpath)
@@ -210,7 +212,10 @@ def _check_model(m: dict, mpath: Path) -> None:
 
 def inside(root: Path, rel: str) -> Path:
     """`root / rel`, refusing absolute paths and anything that resolves outside `root`."""
-    p = (root / rel).resolve()
+    try:
+        p = (root / rel).resolve()
+    except ValueError:  # an embedded NUL byte: no file can have that name
+        raise EdgemtpError(f"{root / MANIFEST}: path {rel!r} is not a file name") from None
     if Path(rel).is_absolute() or not p.is_relative_to(root.resolve()):
         how = "is a symbolic link to a file outside the bundle (copy the file in)" if (root / rel).is_symlink() \
             else "points outside the bundle"
@@ -221,7 +226,7 @@ def inside(root: Path, rel: str) -> Path:
 def _check_file(d: Path, rel: str, info: dict, mpath: Path, verify: bool) -> None:
     p = inside(d, rel)
     if not p.is_file():
-        raise EdgemtpError(f"{p}: missing (listed in {mpath.name})")
+        raise EdgemtpError(f"{p}: {'not a file' if p.exists() else 'missing'} (listed in {mpath.name})")
     if p.stat().st_size != info.get("bytes"):
         raise EdgemtpError(f"{p}: size {p.stat().st_size} differs from the manifest's {info.get('bytes')} "
                            "(file changed after export)")
@@ -229,7 +234,21 @@ def _check_file(d: Path, rel: str, info: dict, mpath: Path, verify: bool) -> Non
         raise EdgemtpError(f"{p}: sha256 differs from the manifest (file changed after export)")
 
 
-def _check_external_data(d: Path, graph: Path, files: dict) -> None:
+def _check_contract(mpath: Path, name: str, g: dict, graph) -> None:
+    """The graph's KV inputs and logits / hidden outputs against its contract (check_graphs checked the fields
+    themselves); a static graph's are checked when it is loaded (static_target)."""
+    def shapes(values) -> dict:
+        return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
+                         for d in v.type.tensor_type.shape.dim] for v in values}
+
+    problem = graph_mismatch(TargetContract.from_json(g["contract"]), shapes(graph.graph.input),
+                             shapes(graph.graph.output))
+    if problem:
+        raise EdgemtpError(f"{mpath}: graphs.{name}.contract does not match {g['file']}: {problem}")
+
+
+def _check_external_data(d: Path, graph: Path, files: dict):
+    """The graph (without its weights), after checking that its external data are files of the bundle."""
     import onnx
 
     try:
@@ -242,3 +261,4 @@ def _check_external_data(d: Path, graph: Path, files: dict) -> None:
                 inside(d, entry.value)
                 if entry.value not in files:
                     raise EdgemtpError(f"{graph}: external data '{entry.value}' is not listed in the manifest")
+    return model

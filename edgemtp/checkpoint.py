@@ -101,19 +101,41 @@ def _read_header(path: Path) -> dict[str, _Entry]:
             header = json.loads(f.read(n))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not a valid safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise EdgemtpError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
     base = 8 + n
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = info.get("dtype")
-        if dtype not in _DTYPES:
-            raise EdgemtpError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
-        start, end = info["data_offsets"]
-        if base + end > size:
-            raise EdgemtpError(f"{path}: truncated (tensor '{name}' runs past the end of the file)")
-        out[name] = _Entry(path, dtype, tuple(info["shape"]), base + start, base + end)
+        out[name] = _entry(path, name, info, base, size)
     return out
+
+
+def _entry(path: Path, name: str, info, base: int, size: int) -> _Entry:
+    """One header entry, checked as the safetensors library checks it: a header that lies (offsets that do
+    not hold the shape's bytes, a wrong dtype) would otherwise surface as a numpy error mid-export."""
+    if not isinstance(info, dict):
+        raise EdgemtpError(f"{path}: tensor '{name}' has a header entry that is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise EdgemtpError(f"{path}: tensor '{name}' has unsupported dtype {dtype}")
+    if not (isinstance(shape, list) and all(_whole(d) for d in shape)):
+        raise EdgemtpError(f"{path}: tensor '{name}' has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise EdgemtpError(f"{path}: tensor '{name}' has data_offsets {offsets!r}, not [start, end]")
+    start, end = offsets
+    if base + end > size:
+        raise EdgemtpError(f"{path}: truncated (tensor '{name}' runs past the end of the file)")
+    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+    if end - start != want:
+        raise EdgemtpError(f"{path}: tensor '{name}' has {end - start} bytes, but {dtype} {shape} needs {want}")
+    return _Entry(path, dtype, tuple(shape), base + start, base + end)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def open_tokenizer(path: Path):

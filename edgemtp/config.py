@@ -80,7 +80,7 @@ class Problems:
             # an int field takes 2048, 2048.0 or "2048", not 640.5 (int() would cut it to 640) or true
             if kind is not int or (not isinstance(value, bool) and float(value) == number):
                 return number
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity), which json.loads reads
             pass
         self.items.append(f"field '{name}' should be {'an integer' if kind is int else kind.__name__}, got {value!r}")
         self.bad.add(name)
@@ -207,7 +207,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         rope=rope,
         sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        attention_scale=(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0) ** -0.5,
+        attention_scale=_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
         final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
         hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",
@@ -222,6 +222,12 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     return cfg
 
 
+def _scale(scalar: float, pr: Problems) -> float:
+    """query_pre_attn_scalar ** -0.5; a negative one would make it a complex number (a crash in the builder)."""
+    pr.check(scalar > 0, f"field 'query_pre_attn_scalar' {scalar} must be positive")
+    return abs(scalar) ** -0.5
+
+
 def check_limits(cfg, pr: Problems) -> None:
     """Every architecture: token ids in the vocabulary, room for a prompt and a token."""
     pr.check(cfg.bos_token_id is None or "bos_token_id" in pr.bad or 0 <= cfg.bos_token_id < cfg.vocab_size,
@@ -234,12 +240,14 @@ def check_limits(cfg, pr: Problems) -> None:
 
 
 # TextConfig's names -> config.json's, for messages
-HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads"}
 ROPE_KINDS = ("default", "linear", "llama3", "proportional")
 
 
 def _check_common(cfg: TextConfig, pr: Problems) -> None:
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim"):
         field = HF_NAMES.get(name, name)
         pr.check(field in pr.bad or getattr(cfg, name) > 0, f"field '{field}' must be positive")
     check_limits(cfg, pr)

@@ -103,9 +103,10 @@ class TargetContract:
                    kv_update=str(d.get("kv_update", "in_place")), window_views=bool(d.get("window_views", False)))
 
 
-def graph_mismatch(contract: TargetContract, inputs: dict) -> str:
-    """What in `contract` disagrees with the graph's KV inputs (name -> shape, symbolic dims as str),
-    or '' if nothing: a manifest edited after export would otherwise fail inside ONNX Runtime's run."""
+def graph_mismatch(contract: TargetContract, inputs: dict, outputs: dict | None = None) -> str:
+    """What in `contract` disagrees with the graph's inputs (name -> shape, symbolic dims as str) and, given,
+    its outputs, or '' if nothing: a manifest edited after export would otherwise fail inside ONNX Runtime's
+    run (or, for vocab_size, be read as the user's token ids being out of range)."""
     want = {}
     for s in contract.kv:
         want[past_key(s.layer)] = want[past_value(s.layer)] = s
@@ -116,8 +117,27 @@ def graph_mismatch(contract: TargetContract, inputs: dict) -> str:
         return f"the graph's input {name} is missing from its kv"
     for name, s in want.items():
         shape = list(inputs[name])
-        expected = [None, s.num_heads, contract.capacity if s.window is None else None, s.head_dim]
+        # every buffer holds `capacity` positions; only a window view (window_views) is shorter
+        length = None if s.window is not None and contract.window_views else contract.capacity
+        expected = [None, s.num_heads, length, s.head_dim]
         if len(shape) != 4 or any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, expected)):
             implied = [w if w is not None else "batch" if i == 0 else "any" for i, w in enumerate(expected)]
             return f"{name} is {shape} in the graph, the contract implies {implied}"
+    if contract.window_views != (WINDOW_SEQLENS_K in inputs):
+        return (f"window_views is {str(contract.window_views).lower()}, but the graph "
+                f"{'lacks' if contract.window_views else 'has'} the input {WINDOW_SEQLENS_K}")
+    outputs = outputs or {}
+    seq = (list(inputs.get(INPUT_IDS) or []) + [None, None])[1]  # the new positions' symbolic dimension
+    present = (list(outputs.get(present_key(contract.kv[0].layer)) or []) + [None] * 4)[2]
+    if isinstance(seq, str) and isinstance(present, str):  # a "rows" graph returns just the new positions
+        update = "rows" if present == seq else "in_place"
+        if update != contract.kv_update:
+            holds = "only the new positions" if update == "rows" else "the whole cache"
+            return (f"its kv_update is {contract.kv_update!r}, but the graph's {present_key(contract.kv[0].layer)} "
+                    f"holds {holds} (kv_update {update!r})")
+    for name, size, field in ((LOGITS, contract.vocab_size, "vocab_size"), (LAST_HIDDEN, contract.hidden_size,
+                                                                           "hidden_size")):
+        shape = list(outputs.get(name) or [])
+        if shape and isinstance(shape[-1], int) and shape[-1] != size:
+            return f"its {field} is {size}, but the graph's output {name} is {shape}"
     return ""

@@ -58,13 +58,18 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     meta, tensors = read_gguf(gguf_path)
     arch = meta.get("general.architecture")
-    if arch not in _HF_CLASSES:
+    if arch is None:
+        raise EdgemtpError(f"{gguf_path}: GGUF field general.architecture is missing")
+    if not isinstance(arch, str) or arch not in _HF_CLASSES:  # a list would not even be looked up
         raise EdgemtpError(f"{gguf_path}: architecture {arch!r} is not supported (supported: gemma3, llama)")
     config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path)
     plan = list(_hf_tensors(tensors, arch, config, gguf_path))
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as e:  # not the temporary name, which the user never gave
+        raise EdgemtpError(f"{out_dir}: cannot write a model directory in {out_dir.parent} ({e.strerror})") from None
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
         _write_json(tmp / "config.json", config)
@@ -75,7 +80,10 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
             write_tokenizer_files(meta, tmp, config["max_position_embeddings"])
         except EdgemtpError as e:  # its messages name the GGUF field; the file is this one
             raise EdgemtpError(f"{gguf_path}: {e}") from None
-        write_safetensors(tmp / "model.safetensors", plan, progress)
+        try:
+            write_safetensors(tmp / "model.safetensors", plan, progress)
+        except EdgemtpError as e:  # a tensor it cannot dequantize: named with the file it is in
+            raise EdgemtpError(f"{gguf_path}: {e}") from None
         _replace_dir(tmp, out_dir)
     except BaseException:  # Ctrl-C included: leave nothing half-written behind
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,6 +135,8 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
         return _parse(buf)
     except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error) as err:
         raise EdgemtpError(f"{path}: unreadable GGUF file ({_one_line(err)})") from None
+    except RecursionError:  # arrays of arrays nested thousands deep: no real file has them
+        raise EdgemtpError(f"{path}: unreadable GGUF file (metadata arrays nested too deep)") from None
 
 
 def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
@@ -225,6 +235,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dic
         raise EdgemtpError(f"{path}: tensor token_embd.weight is missing")
     heads, hidden = get("attention.head_count"), get("embedding_length")
     vocab = shapes["token_embd.weight"][0]  # the embedding matrix, not the tokenizer, fixes the vocabulary size
+    _check_shape(shapes, "token_embd.weight", 1, hidden, f"{arch}.embedding_length = {hidden}", path)
     config = {
         "architectures": [_HF_CLASSES[arch][0]],
         "model_type": _HF_CLASSES[arch][1],
@@ -246,8 +257,40 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dic
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
     }
+    _check_attention(config, shapes, arch, path)
+    _check_vocabulary(meta, vocab, path)
     extra = _gemma3_config(meta, config, path) if arch == "gemma3" else _llama_config(meta, config, shapes, path)
     return config | extra
+
+
+def _check_shape(shapes: dict, name: str, axis: int, want: int, key: str, path: Path) -> None:
+    """Tensor `name` (numpy order) has `want` along `axis`, as GGUF field `key` says: a field that disagrees
+    with the tensors would write a config.json no export accepts (or fail un-permuting q/k rows)."""
+    shape = shapes.get(name)
+    if shape is not None and (len(shape) != 2 or shape[axis] != want):
+        raise EdgemtpError(f"{path}: GGUF field {key} implies {want} {('rows', 'columns')[axis]} for tensor "
+                           f"{name}, which is {list(shape)}")
+
+
+def _check_attention(config: dict, shapes: dict, arch: str, path: Path) -> None:
+    """Every layer's q/k/v rows against the head counts and head size (llama's q/k rows are un-permuted
+    by head: a wrong count would fail there with a numpy error)."""
+    head_dim = config["head_dim"]
+    for i in range(config["num_hidden_layers"]):
+        for part, heads, count in (("q", config["num_attention_heads"], "head_count"),
+                                   ("k", config["num_key_value_heads"], "head_count_kv"),
+                                   ("v", config["num_key_value_heads"], "head_count_kv")):
+            _check_shape(shapes, f"blk.{i}.attn_{part}.weight", 0, heads * head_dim,
+                         f"{arch}.attention.{count} = {heads} (heads of {head_dim})", path)
+
+
+def _check_vocabulary(meta: dict, vocab: int, path: Path) -> None:
+    """llama.cpp refuses a file whose tokens outnumber the embedding rows; the tokenizer would make ids the
+    model has no row for."""
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and len(tokens) > vocab:
+        raise EdgemtpError(f"{path}: GGUF field tokenizer.ggml.tokens lists {len(tokens)} tokens, but "
+                           f"token_embd.weight has {vocab} rows")
 
 
 def _block_count(count: int, shapes: dict, key: str, path: Path) -> int:
@@ -412,6 +455,9 @@ def _f32(x: float | None) -> float | None:
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
+    here, resolved = Path.cwd().resolve(), out_dir.resolve()
+    if here == resolved or resolved in here.parents:  # "-o ." : renaming it would pull the shell's directory away
+        raise EdgemtpError(f"{out_dir}: holds the current directory; give the path of a new model directory")
     for parent in out_dir.parents:
         if parent.exists() and not parent.is_dir():
             raise EdgemtpError(f"{out_dir}: {parent} is a file, not a directory")

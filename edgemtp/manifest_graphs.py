@@ -54,11 +54,16 @@ def check_graphs(m: dict, mpath: Path) -> None:
                 raise _Bad(f"{where}.contract is not an object")
         graphs = m["graphs"]
         target = target_contract(graphs["target"].get("contract", {}), "graphs.target.contract")
+        # the target graph updates its cache in place, the batched verify graph returns rows (contract.py)
+        _need(target.kv_update == "in_place", "graphs.target.contract.kv_update", target.kv_update,
+              "must be 'in_place' (the target graph writes its cache in place)")
         for key in ("vocab_size", "hidden_size"):
             _need(getattr(target, key) == m["model"][key], f"model.{key}", m["model"][key],
                   f"differs from graphs.target.contract.{key} {getattr(target, key)}")
         if "verify" in graphs:
             verify = target_contract(graphs["verify"].get("contract", {}), "graphs.verify.contract")
+            _need(verify.kv_update == "rows", "graphs.verify.contract.kv_update", verify.kv_update,
+                  "must be 'rows' (the verify graph returns the new positions' keys and values)")
             for field in ("vocab_size", "hidden_size", "capacity", "kv"):
                 _need(getattr(verify, field) == getattr(target, field), f"graphs.verify.contract.{field}",
                       _Short(getattr(verify, field)), "differs from the target's (the verify graph shares its cache)")

@@ -15,6 +15,11 @@ from edgemtp.exporters import builder, export
 from edgemtp.runtime.engine import Engine
 
 
+# tensors of the tiny model's checkpoint whose header entries the tests below change
+FIRST = "model.embed_tokens.weight"
+GATE = "model.layers.0.mlp.gate_proj.weight"
+
+
 def copy_bundle(src, tmp_path):
     dst = tmp_path / "b"
     shutil.copytree(src, dst)
@@ -184,6 +189,20 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: _edit_config(d, hidden_size=64.5), "'hidden_size' should be an integer, got 64.5"),
     (lambda d: _edit_config(d, num_hidden_layers=0), "'num_hidden_layers' must be positive"),
     (lambda d: (d / "tokenizer.json").write_text('{"version": '), "tokenizer.json: not a valid tokenizer.json"),
+    # values that once reached Python or numpy as they were: a complex scale, an unhashable type, int(inf)
+    (lambda d: _edit_config(d, query_pre_attn_scalar=-16), "field 'query_pre_attn_scalar' -16.0 must be positive"),
+    (lambda d: _edit_config(d, model_type=["gemma3_text"]), r"model_type \['gemma3_text'\] is not supported"),
+    (lambda d: _edit_config(d, hidden_size=float("inf")), "field 'hidden_size' should be an integer, got inf"),
+    (lambda d: _edit_config(d, num_key_value_heads=0), "field 'num_key_value_heads' must be positive"),
+    # safetensors headers that lie: each named, not a ValueError / KeyError / OverflowError from numpy
+    (lambda d: _edit_header(d, lambda h: h.update(X=[1])), "tensor 'X' has a header entry that is not an object"),
+    (lambda d: _edit_header(d, lambda h: h[FIRST].pop("shape")), f"tensor '{FIRST}' has shape None, not a list"),
+    (lambda d: _edit_header(d, lambda h: h[FIRST].update(data_offsets=h[FIRST]["data_offsets"][::-1])),
+     f"tensor '{FIRST}' has data_offsets \\[\\d+, 0\\], not \\[start, end\\]"),
+    (lambda d: _edit_header(d, lambda h: h[FIRST].update(dtype="F16")), f"tensor '{FIRST}' has \\d+ bytes, but F16"),
+    # a Linear weight stored transposed has the right sizes "in either order": once a ValueError mid-export
+    (lambda d: _edit_header(d, lambda h: h[GATE].update(shape=h[GATE]["shape"][::-1])),
+     rf"tensor '{GATE}' has shape \[64, 96\], config.json implies \[96, 64\]"),
 ])
 def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     d = tmp_path / "model"
@@ -291,6 +310,38 @@ def test_manifest_contract_must_match_the_graph(tiny_gemma3, tmp_path, edit, mes
         Engine.load(b)
 
 
+@pytest.mark.parametrize("edit,message", [
+    # a manifest whose sizes agree with each other but not with the graph: once a run that "worked" (vocab_size,
+    # hidden_size) or an error inside ONNX Runtime's run (the rest)
+    (lambda m: [c.update(vocab_size=97) for c in (m["model"], *(g["contract"] for g in m["graphs"].values()))],
+     r"graphs.target.contract does not match target.onnx: its vocab_size is 97, but the graph's output logits is "
+     r"\['batch', 'num_logits', 96\]"),
+    (lambda m: [c.update(hidden_size=32) for c in (m["model"], *(g["contract"] for g in m["graphs"].values()))],
+     "its hidden_size is 32, but the graph's output last_hidden_state"),
+    (lambda m: m["graphs"]["target"]["contract"].update(window_views=True),
+     "window_views is true, but the graph lacks the input window_seqlens_k"),
+    (lambda m: m["graphs"]["target"].update(file="target_verify.onnx"),
+     "graphs.target.contract does not match target_verify.onnx: its kv_update is 'in_place', but the graph's "
+     r"present.0.key holds only the new positions \(kv_update 'rows'\)"),
+    (lambda m: m["graphs"]["verify"].update(file="target.onnx"),
+     "graphs.verify.contract does not match target.onnx: its kv_update is 'rows', but"),
+    (lambda m: m["graphs"]["target"]["contract"].update(kv_update="rows"),
+     "graphs.target.contract.kv_update 'rows' must be 'in_place'"),
+    (lambda m: m["graphs"]["verify"]["contract"].update(kv_update="in_place"),
+     "graphs.verify.contract.kv_update 'in_place' must be 'rows'"),
+    (lambda m: m["files"].update({"a\0b": {"bytes": 1, "sha256": "0"}}), r"path 'a\\x00b' is not a file name"),
+    (lambda m: m["files"].update({".": {"bytes": 1, "sha256": "0"}}), r"b: not a file \(listed in edgemtp.json\)"),
+])
+def test_manifest_the_graphs_contradict_is_named(tiny_gemma3, tmp_path, edit, message):
+    """bundle.load checks the target and verify graphs' inputs and outputs against their contracts."""
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    m = json.loads((b / "edgemtp.json").read_text())
+    edit(m)
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    with pytest.raises(EdgemtpError, match=message):
+        bundle.load(b)
+
+
 def _set(path, value):
     """An edit of the manifest: the field at `path` set to `value` (DELETE: removed)."""
     def edit(m):
@@ -366,6 +417,17 @@ def test_generation_config_stop_tokens_are_kept(tiny_gemma3, tmp_path):
     (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [10**6]}))
     with pytest.raises(EdgemtpError, match="generation_config.json: field 'eos_token_id'"):
         export(model_dir, tmp_path / "c", capacity=64)
+
+
+def _edit_header(d, edit):
+    """model.safetensors with its JSON header changed by `edit(header)` (the data left as it is)."""
+    raw = (d / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
 
 
 def _edit_config(d, **changes):

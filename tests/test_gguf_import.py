@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -401,6 +402,13 @@ def test_missing_field_is_named(tmp_path):
     ({"tokenizer.ggml.tokens": "abc"}, "GGUF field tokenizer.ggml.tokens = 'abc' must be a non-empty list of strings"),
     ({"tokenizer.ggml.merges": ["nospace"]}, r"GGUF field tokenizer.ggml.merges = \['nospace'\] must be a list of 'left right'"),
     ({"tokenizer.ggml.merges": ["zzzq qqqz"]}, "the tokenizer.ggml.\\* fields do not make a tokenizer .*zzzq"),
+    # fields that disagree with the tensors: named, not a numpy error un-permuting q/k or another field blamed
+    ({"llama.attention.head_count_kv": 1},
+     r"GGUF field llama.attention.head_count_kv = 1 \(heads of 16\) implies 16 rows for tensor blk.0.attn_k.weight"),
+    ({"llama.embedding_length": 32}, r"GGUF field llama.embedding_length = 32 implies 32 columns for tensor "
+                                     r"token_embd.weight, which is \[\d+, 64\]"),
+    ({"tokenizer.ggml.tokens": byte_level_vocab()["tokenizer.ggml.tokens"] + ["Ġx"]},
+     "GGUF field tokenizer.ggml.tokens lists 265 tokens, but token_embd.weight has 264 rows"),
 ])
 def test_malformed_metadata_is_named(tmp_path, edit, message):
     """A GGUF field of the wrong kind or out of range: one error naming the file and the field (not a
@@ -409,6 +417,48 @@ def test_malformed_metadata_is_named(tmp_path, edit, message):
     with pytest.raises(EdgemtpError, match=f"{path.name}: .*{message}"):
         import_gguf(path, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def raw_gguf(fields: list[bytes]) -> bytes:
+    """A GGUF v3 header with these metadata fields and no tensors (for what GGUFWriter will not write)."""
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(fields)) + b"".join(fields)
+
+
+def raw_string(text: str) -> bytes:
+    return struct.pack("<Q", len(text.encode())) + text.encode()
+
+
+@pytest.mark.parametrize("field,message", [
+    # general.architecture as an array of one string: once a TypeError (unhashable list)
+    (raw_string("general.architecture") + struct.pack("<IIQ", 9, 8, 1) + raw_string("llama"),
+     r"architecture \['llama'\] is not supported"),
+    # arrays of arrays nested 5,000 deep: once a RecursionError
+    (raw_string("x") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0),
+     "unreadable GGUF file \\(metadata arrays nested too deep\\)"),
+    (b"", "GGUF field general.architecture is missing"),
+], ids=["architecture-a-list", "arrays-nested-deep", "no-architecture"])
+def test_corrupt_metadata_is_named(tmp_path, field, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(raw_gguf([field] if field else []))
+    with pytest.raises(EdgemtpError, match=f"bad.gguf: {message}"):
+        import_gguf(path, tmp_path / "out")
+
+
+def test_output_holding_the_current_directory_is_refused(tmp_path, monkeypatch):
+    """`-o .` in an empty directory: once a ValueError (Path('.').with_name) after the whole import."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", "../here"):
+        r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", out])
+        assert r.exit_code == 2 and r.output == f"error: {out}: holds the current directory; give the path of a " \
+                                                 "new model directory\n"
+    assert list(here.iterdir()) == []
 
 
 def test_unknown_tensor_is_named(tmp_path):

@@ -42,7 +42,7 @@ def load_config(model_dir: Path):
     source = str(Path(model_dir) / "config.json")
     archs = _architectures()
     model_type = hf.get("model_type")
-    if model_type not in archs:
+    if not isinstance(model_type, str) or model_type not in archs:  # a list is not even looked up
         raise EdgemtpError(f"{source}: model_type {model_type!r} is not supported "
                            f"(supported: {', '.join(sorted(archs))})")
     try:
@@ -405,6 +405,12 @@ def _check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Pat
     for p in graph.params.values():  # each part of a joined parameter (q/k/v, gate/up) on its own
         for key, want in zip(builder.sources(p), builder.part_shapes(p)):
             have = ckpt.shape(key)
+            # the checkpoint's own layout where the transform is known (a transposed [in, out] Linear weight
+            # of a square-compatible size passes "either order" and failed mid-export as a ValueError)
+            exact = {None: want, builder.plus_one: want, builder.transpose: want[::-1]}.get(p.transform)
+            if exact is not None and tuple(have) != tuple(exact):
+                raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(have)}, config.json implies "
+                                   f"{list(exact)}")
             if sorted(have) != sorted(want):
                 raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(have)}, config.json implies "
                                    f"{' x '.join(map(str, want))} (in either order)")

@@ -101,7 +101,10 @@ class Engine:
         session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages)
         contract = b.graph("target").contract
         if is_static(contract):
-            target = StaticTarget(session, contract)
+            try:
+                target = StaticTarget(session, contract)
+            except EdgemtpError as e:  # its check of the graph's inputs does not know the file: name it
+                raise EdgemtpError(f"{b.graph('target').path}: {e}") from None
         else:
             problem = C.graph_mismatch(b.target_contract, {i.name: i.shape for i in session.get_inputs()})
             if problem:
