@@ -21,8 +21,8 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from edgemtp.errors import EdgemtpError
-from edgemtp.gguf_import import (default_gguf_path, hf_name, import_gguf, read_gguf, unpermute_rotary,
-                                 write_safetensors)
+from edgemtp.gguf_import import default_gguf_path, hf_name, import_gguf, unpermute_rotary, write_safetensors
+from edgemtp.gguf_reader import read_gguf
 from edgemtp.tokenizer_import import build_tokenizer, sentencepiece_merges
 
 torch = pytest.importorskip("torch")

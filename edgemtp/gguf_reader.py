@@ -1,0 +1,113 @@
+"""Reading a llama.cpp GGUF file: its metadata as plain Python values and its tensors memory-mapped, still
+quantized (gguf_import.py dequantizes them with the `gguf` package)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from edgemtp.errors import EdgemtpError
+
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFTensor(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # numpy order: GGUF lists dimensions fastest-varying first, numpy the reverse
+    qtype: "gguf.GGMLQuantizationType"
+    data: np.ndarray  # raw bytes [rows, bytes per row], memory-mapped
+
+
+def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
+    """(metadata, tensors) of a GGUF v2/v3 file; metadata maps field names to plain Python values.
+
+    Why not `gguf.GGUFReader`: it builds numpy views for every element of every array field, which
+    takes 30 s and more for Gemma's 262k-token vocabulary. This reads the same header in about a second
+    and memory-maps the tensor data, which `gguf.quants.dequantize` then decodes.
+    """
+    if not path.is_file():
+        raise EdgemtpError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise EdgemtpError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        return _parse(buf)
+    except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error) as err:
+        raise EdgemtpError(f"{path}: unreadable GGUF file ({_one_line(err)})") from None
+    except RecursionError:  # arrays of arrays nested thousands deep: no real file has them
+        raise EdgemtpError(f"{path}: unreadable GGUF file (metadata arrays nested too deep)") from None
+
+
+def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    raw, buf = buf, memoryview(buf)  # slicing a memoryview is much cheaper than slicing a memmap
+    version, n_tensors, n_fields = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 or 3; big-endian files neither)")
+    pos, meta = 24, {}
+    for _ in range(n_fields):
+        name, pos = _string(buf, pos)
+        (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+        meta[name], pos = _value(buf, pos, vtype)
+    infos = []
+    for _ in range(n_tensors):
+        name, pos = _string(buf, pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        infos.append((name, tuple(reversed(dims)), GGMLQuantizationType(qtype), offset))
+        pos += 4 + 8 * n_dims + 12
+    align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+        raise ValueError(f"general.alignment = {align!r} must be a positive whole number")
+    start = pos + (-pos % align)
+    tensors = []
+    for name, shape, qtype, offset in infos:
+        block, block_bytes = GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block * block_bytes
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        data = raw[start + offset: start + offset + rows * row_bytes]
+        if data.size != rows * row_bytes:
+            raise ValueError(f"tensor {name} runs past the end of the file")
+        tensors.append(GGUFTensor(name, shape, qtype, data.reshape(rows, row_bytes)))
+    return meta, tensors
+
+
+_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+            10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+
+def _string(buf: memoryview, pos: int) -> tuple[str, int]:
+    (size,) = struct.unpack_from("<Q", buf, pos)
+    return bytes(buf[pos + 8: pos + 8 + size]).decode("utf-8"), pos + 8 + size
+
+
+def _value(buf: memoryview, pos: int, vtype: int):
+    """One metadata value at `pos` and the position after it."""
+    if vtype == _STRING:
+        return _string(buf, pos)
+    if vtype in _SCALARS:
+        dtype = np.dtype(_SCALARS[vtype])
+        return np.frombuffer(buf, dtype, 1, pos)[0].item(), pos + dtype.itemsize
+    if vtype != _ARRAY:
+        raise ValueError(f"unknown metadata value type {vtype}")
+    item_type, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if item_type in _SCALARS:  # numeric arrays in one go (scores, token types)
+        dtype = np.dtype(_SCALARS[item_type])
+        return np.frombuffer(buf, dtype, count, pos).tolist(), pos + count * dtype.itemsize
+    items = []
+    for _ in range(count):
+        item, pos = _value(buf, pos, item_type)
+        items.append(item)
+    return items, pos
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
