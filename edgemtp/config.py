@@ -90,6 +90,23 @@ class Problems:
         """An optional field: `default` when missing or null, else read as need() reads it."""
         return default if hf.get(key) is None else self.need(hf, key, kind, within=within)
 
+    def flag(self, hf: dict, key: str, default: bool) -> bool:
+        """A true / false field (`default` when missing or null): the string "false" is not taken for true."""
+        value = hf.get(key)
+        if value is None or isinstance(value, bool):
+            return default if value is None else value
+        self.items.append(f"field '{key}' should be true or false, got {value!r}")
+        self.bad.add(key)
+        return default
+
+    def layer_types(self, hf: dict) -> list | None:
+        """config.json's 'layer_types' (None when missing or empty): a string would be read letter by letter."""
+        value = hf.get("layer_types")
+        if value is not None and not isinstance(value, list):
+            self.items.append(f"field 'layer_types' should be a list of layer types, got {value!r}")
+            return None
+        return value or None
+
     def token_ids(self, hf: dict, key: str) -> tuple[int, ...]:
         """A token id or a list of them (eos_token_id takes both); () when missing."""
         value = hf.get(key)
@@ -167,8 +184,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=(FULL,) * n_layers,
         rope={FULL: rope},
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", hf.get("model_type") == "qwen2")),
+        tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", False),
+        attention_bias=pr.flag(hf, "attention_bias", hf.get("model_type") == "qwen2"),
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
@@ -185,7 +202,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     pr = Problems(source)
     n_layers = pr.need(hf, "num_hidden_layers")
     pattern = pr.opt(hf, "sliding_window_pattern", int, 6) or 6
-    layer_types = tuple(hf.get("layer_types") or
+    layer_types = tuple(pr.layer_types(hf) or
                         [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
     rp = hf.get("rope_parameters")
     if isinstance(rp, dict) and FULL in rp:
@@ -206,7 +223,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         layer_types=layer_types,
         rope=rope,
         sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
         attention_scale=_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
         final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
@@ -261,5 +278,18 @@ def _check_common(cfg: TextConfig, pr: Problems) -> None:
         pr.check(cfg.num_heads % cfg.num_kv_heads == 0,
                  "num_attention_heads must be a multiple of num_key_value_heads")
     pr.check(cfg.head_dim % 2 == 0, "head_dim must be even (rotary embedding)")
+    check_numbers(cfg, pr)
     for lt in dict.fromkeys(cfg.layer_types):  # each unknown type once
         pr.check(lt in (SLIDING, FULL), f"unknown layer type {lt!r} in 'layer_types'")
+
+
+def check_numbers(cfg, pr: Problems) -> None:
+    """Fields that would make every logit NaN or garbage rather than fail: a negative epsilon under the
+    norms' square root, a RoPE base of 0 or less, a softcap of 0 (tanh(x / 0); null turns it off)."""
+    pr.check("rms_norm_eps" in pr.bad or cfg.rms_norm_eps >= 0,
+             f"field 'rms_norm_eps' {cfg.rms_norm_eps} must not be negative")
+    for rope in cfg.rope.values():
+        pr.check(rope.theta > 0, f"rope_theta {rope.theta} must be positive")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        cap = getattr(cfg, name, None)
+        pr.check(cap is None or name in pr.bad or cap > 0, f"field '{name}' {cap} must be positive (null: none)")

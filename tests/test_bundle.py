@@ -194,6 +194,16 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: _edit_config(d, model_type=["gemma3_text"]), r"model_type \['gemma3_text'\] is not supported"),
     (lambda d: _edit_config(d, hidden_size=float("inf")), "field 'hidden_size' should be an integer, got inf"),
     (lambda d: _edit_config(d, num_key_value_heads=0), "field 'num_key_value_heads' must be positive"),
+    # values that exported and gave NaN or another model: checked, not taken as they came
+    (lambda d: _edit_config(d, rms_norm_eps=-1e-6), "field 'rms_norm_eps' -1e-06 must not be negative"),
+    (lambda d: _edit_config(d, rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 0},
+                                                 "sliding_attention": {"rope_theta": 1e4}}),
+     "rope_theta 0.0 must be positive"),
+    (lambda d: _edit_config(d, final_logit_softcapping=0), "field 'final_logit_softcapping' 0.0 must be positive"),
+    (lambda d: _edit_config(d, tie_word_embeddings="false"),
+     "field 'tie_word_embeddings' should be true or false, got 'false'"),
+    (lambda d: _edit_config(d, layer_types="sliding_attention"),
+     "field 'layer_types' should be a list of layer types, got 'sliding_attention'"),
     # safetensors headers that lie: each named, not a ValueError / KeyError / OverflowError from numpy
     (lambda d: _edit_header(d, lambda h: h.update(X=[1])), "tensor 'X' has a header entry that is not an object"),
     (lambda d: _edit_header(d, lambda h: h[FIRST].pop("shape")), f"tensor '{FIRST}' has shape None, not a list"),

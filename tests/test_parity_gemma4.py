@@ -112,6 +112,13 @@ def test_config_errors_list_every_problem(tmp_path):
     for part in ("model/config.json", "num_kv_shared_layers", "hidden_activation", "intermediate_size",
                  "full_attention layers differ"):
         assert part in msg, msg
+    # values that once exported as they came: a string for a flag (read as true), a NaN-making epsilon
+    hf = _hf_text(attention_k_eq_v="no", rms_norm_eps=-1.0, final_logit_softcapping=0, layer_types="full_attention")
+    with pytest.raises(EdgemtpError) as e:
+        gemma4.parse_config(hf, "model/config.json")
+    for part in ("'attention_k_eq_v' should be true or false, got 'no'", "'rms_norm_eps' -1.0 must not be negative",
+                 "'final_logit_softcapping' 0.0 must be positive", "'layer_types' should be a list"):
+        assert part in str(e.value), str(e.value)
 
 
 def test_multimodal_config_reads_text_config(tmp_path):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import contract as C
-from ..config import ACTIVATIONS, FULL, SLIDING, Problems, Rope, check_limits
+from ..config import ACTIVATIONS, FULL, SLIDING, Problems, Rope, check_limits, check_numbers
 from ..errors import EdgemtpError
 from . import components as nn
 from .builder import GraphBuilder
@@ -100,7 +100,7 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
         source += " (text_config)"
     pr = Problems(source)
     n = pr.need(hf, "num_hidden_layers")
-    types = _layer_types(hf, n)
+    types = _layer_types(hf, n, pr)
     head_dims, kv_heads = _layer_shapes(hf, types, pr)
     cfg = Gemma4Config(
         model_type="gemma4_text",
@@ -117,10 +117,10 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         hidden_activation=str(hf.get("hidden_activation") or "gelu_pytorch_tanh"),
         final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        attention_k_eq_v=bool(hf.get("attention_k_eq_v", False)),
+        tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
+        attention_k_eq_v=pr.flag(hf, "attention_k_eq_v", False),
         num_kv_shared_layers=pr.need(hf, "num_kv_shared_layers", int, 0),
-        use_double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
+        use_double_wide_mlp=pr.flag(hf, "use_double_wide_mlp", False),
         ple_dim=_ple_dim(hf, pr),
         ple_vocab=pr.need(hf, "vocab_size_per_layer_input", int, 262_144),
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
@@ -132,8 +132,8 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
     return cfg
 
 
-def _layer_types(hf: dict, n: int) -> tuple[str, ...]:
-    types = list(hf.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
+def _layer_types(hf: dict, n: int, pr: Problems) -> tuple[str, ...]:
+    types = list(pr.layer_types(hf) or [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
     if types and types[-1] != FULL:
         types[-1] = FULL  # transformers forces the last layer to full attention (with a warning)
     return tuple(types)
@@ -211,6 +211,7 @@ def _check(cfg: Gemma4Config, hf: dict, pr: Problems) -> None:
         shapes = {(d, nk) for lt, d, nk in zip(cfg.layer_types, cfg.head_dims, cfg.kv_heads) if lt == t}
         pr.check(len(shapes) == 1, f"{t} layers differ in head dim / KV heads: {sorted(shapes)}")
     _check_sharing(cfg, pr)
+    check_numbers(cfg, pr)
     pr.check(SLIDING not in cfg.layer_types or cfg.sliding_window > 0, "field 'sliding_window' must be positive")
     pr.check(cfg.ple_dim >= 0, "field 'hidden_size_per_layer_input' must not be negative")
     pr.check(not cfg.ple_dim or cfg.ple_vocab > 0, "field 'vocab_size_per_layer_input' must be positive")
