@@ -66,9 +66,15 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
     if not isinstance(align, int) or isinstance(align, bool) or align < 1:
         raise ValueError(f"general.alignment = {align!r} must be a positive whole number")
     start = pos + (-pos % align)
-    tensors = []
+    tensors, seen = [], set()
     for name, shape, qtype, offset in infos:
+        if name in seen:  # the model directory keeps one tensor per name: which one would be a guess
+            raise ValueError(f"tensor {name} is listed twice")
+        seen.add(name)
         block, block_bytes = GGML_QUANT_SIZES[qtype]
+        if not shape or shape[-1] % block:  # rows are whole blocks: a shorter row would shift every next one
+            raise ValueError(f"tensor {name} of shape {list(shape)} is not made of whole {qtype.name} blocks "
+                             f"of {block}")
         row_bytes = shape[-1] // block * block_bytes
         rows = int(np.prod(shape[:-1], dtype=np.int64))
         data = raw[start + offset: start + offset + rows * row_bytes]

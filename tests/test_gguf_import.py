@@ -444,6 +444,21 @@ def test_corrupt_metadata_is_named(tmp_path, field, message):
         import_gguf(path, tmp_path / "out")
 
 
+@pytest.mark.parametrize("infos,message", [
+    ([("a", 4, 0), ("a", 4, 0)], "tensor a is listed twice"),
+    ([("a", 40, 8)], r"tensor a of shape \[40\] is not made of whole Q8_0 blocks of 32"),
+], ids=["listed-twice", "part-of-a-block"])
+def test_tensor_table_errors_are_named(tmp_path, infos, message):
+    """A tensor listed twice (one would silently win) and rows that are not whole quantization blocks (each
+    row after the first read from the wrong offset) are refused when the file is read."""
+    table = b"".join(raw_string(name) + struct.pack("<IQIQ", 1, n, qtype, 0) for name, n, qtype in infos)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(infos), 0) + table
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(head + bytes(-len(head) % 32) + bytes(1024))
+    with pytest.raises(EdgemtpError, match=f"bad.gguf: unreadable GGUF file \\({message}\\)"):
+        read_gguf(path)
+
+
 def test_output_holding_the_current_directory_is_refused(tmp_path, monkeypatch):
     """`-o .` in an empty directory: once a ValueError (Path('.').with_name) after the whole import."""
     from click.testing import CliRunner
