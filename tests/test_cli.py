@@ -388,6 +388,17 @@ def test_an_unwritable_workdir_is_named_first(tmp_path, monkeypatch):
     assert r.exit_code == 2 and r.output == f"error: --workdir {tmp_path / 'qs'}: cannot write in {tmp_path}\n"
 
 
+def test_an_unwritable_drafter_output_is_named_first(tiny_gemma3, tmp_path, monkeypatch):
+    """train-drafter checks that it can write its -o directory before the target pass and the training."""
+    import edgemtp.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod.os, "access", lambda path, mode: str(path) != str(tmp_path))
+    r = run("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--steps", 1, "--data", "code=1",
+            "--heldout", "code=1", "--seq-len", 8, "--head-clusters", 0)
+    assert r.exit_code == 2 and r.output == f"error: -o {tmp_path / 'd'}: cannot write in {tmp_path}\n", r.output
+    assert not (tmp_path / "d").exists()
+
+
 def test_the_command_turns_onnxruntime_telemetry_off(tiny_gemma3, tmp_path):
     """`edgemtp` sets ORT_DISABLE_TELEMETRY=1 (unless set) before onnxruntime loads: no telemetry, and no warning
     line about its device id where the home directory cannot be written."""
@@ -445,14 +456,15 @@ def test_readme_python_snippet_runs(tiny_gemma3, capsys, tmp_path):
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     code = re.search(r"From Python:\n\n```python\n(.*?)```", readme, re.S).group(1)
-    assert 'Engine.load("m.bundle"' in code and "generate_batch" in code
+    assert 'Engine.load("m.bundle"' in code and 'Engine.load("it.bundle"' in code and "generate_batch" in code
     bundle = shutil.copytree(tiny_gemma3[2], tmp_path / "b")
     (bundle / "chat_template.jinja").write_text("{% for m in messages %}t5 {{ m.content }} {% endfor %}t6")
     manifest = json.loads((bundle / bundle_mod.MANIFEST).read_text())
     bundle_mod.write_manifest(bundle, {**{k: v for k, v in manifest.items() if k not in ("files", "format")},
                                        "chat": {"template": "chat_template.jinja"}})
     scope: dict = {}
-    exec(code.replace('"m.bundle"', repr(str(bundle))), scope)  # noqa: S102
+    # m.bundle and it.bundle (the instruction-tuned one its chat messages need): this bundle, with a template
+    exec(code.replace('"m.bundle"', repr(str(bundle))).replace('"it.bundle"', repr(str(bundle))), scope)  # noqa: S102
     assert len(scope["outs"]) == 2 and all(o.tokens for o in scope["outs"])
     assert capsys.readouterr().out.strip()
 

@@ -289,6 +289,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
     if not 0.0 <= accept_weight <= 1.0:
         raise EdgemtpError(f"--accept-weight {accept_weight}: must be between 0 and 1")
     train = TrainSpec(k=draft_k, batch=batch, lr=lr, eval_every=eval_every, accept_weight=accept_weight)
+    writable_dir(out, "-o")  # before the target pass and the training, which take minutes
     with progress_bar("drafter", show_what=True) as progress:
         def show(step: int, total: int, record: dict) -> None:
             phase = record.get("phase")
