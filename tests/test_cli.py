@@ -87,6 +87,7 @@ def test_seeded_sampling_is_reproducible(tiny_gemma3):
     (("--threads", 100_000), "--threads 100000 must be between 0 and"),  # ORT would make them all
     (("--no-draft", "--draft", "mtp"), "--no-draft and --draft: drafting is either off or configured"),
     (("--no-draft", "--draft-k", 2), "--no-draft and --draft-k: drafting is either off or configured"),
+    (("--no-draft", "--drafter-provider", "cpu"), "--no-draft and --drafter-provider: drafting is either off or"),
     (("--stop", "t1", "--stop", ""), "--stop '' must not be empty"),
 ])
 def test_generate_bad_flags(tiny_gemma3, extra, message):
@@ -208,6 +209,31 @@ def test_generate_drafts_by_default_and_stays_lossless(tiny_gemma3):
             assert field in stats
         assert stats["rounds"] >= 1 and stats["drafted"] >= stats["accepted"]
     assert "rounds" not in plain["stats"]
+
+
+def test_any_draft_k_drafts_within_the_cache(tiny_gemma3):
+    """A --draft-k beyond the KV capacity drafts what the capacity allows, adaptively too: the adaptive
+    length's tables were K long (10**11: a 1.46 TiB allocation, 10**20: numpy's ValueError, a traceback)."""
+    from edgemtp.runtime.drafting import PromptLookupDrafter
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.speculative import Speculative
+
+    bundle = tiny_gemma3[2]
+    engine = Engine.load(bundle)  # (checked first: before, the runs below hung, a lookup guess 10**20 long)
+    assert Speculative(engine.target, PromptLookupDrafter(), 10**20, adaptive=True).k == engine.capacity
+    assert engine._lengths(Draft("lookup", 10**20, True), 1).k_max == engine.capacity
+    args = ("generate", bundle, "--prompt", "t1 t2 t3 t4 t1 t2 t3 t4 t1 t2 t3", "--max-new-tokens", 12, "--json")
+    plain = json.loads(run(*args, "--no-draft").output)["tokens"]
+    for extra in (("--draft-k", 10**20), ("--adaptive", "--draft-k", 10**11), ("--adaptive", "--draft-k", 10**20)):
+        r = run(*args, *extra)
+        assert r.exit_code == 0 and json.loads(r.stdout)["tokens"] == plain, (extra, r.output)
+
+
+def test_an_empty_prompt_is_refused(tiny_gemma3):
+    """--prompt as --prompt-file: nothing to continue is a mistake, not a generation from <bos> alone."""
+    for prompt, why in (("", "empty"), (" \n", "only whitespace")):
+        r = run("generate", tiny_gemma3[2], "--prompt", prompt)
+        assert r.exit_code == 2 and r.output == f"error: --prompt is {why}\n", r.output
 
 
 def test_mtp_draft_without_drafter_is_clear(tiny_gemma3):

@@ -119,7 +119,8 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
 
     sampling = Sampling(temperature, top_k, top_p, seed)
     if no_draft:
-        given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in ("draft_mode", "draft_k", "adaptive")
+        drafting = ("draft_mode", "draft_k", "adaptive", "drafter_provider")
+        given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in drafting
                  if click.get_current_context().get_parameter_source(n) == ParameterSource.COMMANDLINE]
         if given:
             raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
@@ -212,7 +213,8 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
             raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
         return _has_text(text, f"{file_flag} {prompt_file}: the file")
-    return utf8(prompt, "--prompt")
+    # as a file's: an empty --prompt would generate from <bos> alone (a tokenizer without one: "no tokens")
+    return _has_text(utf8(prompt, "--prompt"), "--prompt")
 
 
 def _has_text(text: str, what: str) -> str:

@@ -287,7 +287,8 @@ class Engine:
     def _lengths(self, draft: Draft, batch: int):
         from .draft_length import DraftLength
 
-        return self._draft_lengths.setdefault((draft.mode, draft.k, batch), DraftLength(draft.k))
+        k = min(draft.k, self.capacity)  # as Speculative's K: no round drafts more
+        return self._draft_lengths.setdefault((draft.mode, k, batch), DraftLength(k))
 
     def _mtp_drafter(self, graph: str = "drafter"):
         if graph not in self._drafters:

@@ -157,7 +157,9 @@ class Speculative:
                  batched_verify: bool | None = None, lengths: DraftLength | None = None):
         if k < 0:
             raise ValueError(f"draft length k={k} must be >= 0")
-        self.target, self.drafter, self.k = target, drafter, k
+        # a round drafts at most the cache's room - 1 tokens: a larger K (--draft-k 10**20) drafts the same, but
+        # the adaptive length keeps tables K long (an --adaptive K of 10**11 asked for 1.5 TB)
+        self.target, self.drafter, self.k = target, drafter, min(k, target.contract.capacity)
         if batched_verify is None:
             batched_verify = bool(getattr(target, "multi_row_verify", False))
         self.batched_verify = batched_verify
