@@ -145,6 +145,31 @@ def test_static_bundle_reuses_a_conversations_cache(models):
     assert again == list(Engine.load(st.bundle.dir).token_ids(follow, 6))
 
 
+def test_a_long_prefill_keeps_only_the_logits_it_returns(models, monkeypatch):
+    """StaticTarget.forward holds the logits of the windows that hold its last n_logits positions only: a
+    prefill kept every window's (1 MB a position at Gemma's 262k vocabulary, GBs for a long prompt)."""
+    import weakref
+
+    _, _, dyn, st = models["llama"]
+    alive, step = [], st.target.step
+
+    def counting(ids, cache, row):
+        logits, hidden = step(ids, cache, row)
+        alive.append(weakref.ref(logits.base))  # the window's whole [1, W, V] output
+        counts.append(sum(r() is not None for r in alive))
+        return logits, hidden
+
+    monkeypatch.setattr(st.target, "step", counting)
+    ids = np.random.default_rng(5).integers(3, 96, size=(1, 9 * W + 2))
+    for n_logits in (1, W + 1):
+        alive, counts = [], []
+        got, hidden = st.target.forward(ids, st.target.new_cache(1), n_logits=n_logits)
+        want, want_hidden = dyn.target.forward(ids, dyn.target.new_cache(1), n_logits=n_logits)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+        assert hidden.shape == want_hidden.shape == (1, ids.shape[1], 64)
+        assert len(counts) == 10 and max(counts) <= 3, counts  # the window just run + those returned
+
+
 def test_static_target_capacity_and_contract_errors(models, tmp_path):
     _, model_dir, _, st = models["llama"]
     cache = st.target.new_cache(1)
@@ -158,6 +183,13 @@ def test_static_target_capacity_and_contract_errors(models, tmp_path):
         StaticTarget(session, st.target.static.to_json())  # window 5 contract, window 3 graph
     with pytest.raises(EdgemtpError, match="not a static"):
         StaticTarget(session, st.target.contract.to_json())
+    # a manifest's vocab_size / hidden_size against the graph's outputs (bundle.load leaves static graphs to
+    # this check): a larger vocab_size let ids through to fail in ONNX Runtime's Gather
+    session = make_session(st.bundle.graph("target").path)
+    for field, output in (("vocab_size", "logits"), ("hidden_size", "last_hidden_state")):
+        edited = {**st.target.static.to_json(), field: 200}
+        with pytest.raises(EdgemtpError, match=f"output {output} is .* the contract implies"):
+            StaticTarget(session, edited)
 
 
 def test_attention_bias_semantics():
@@ -291,7 +323,9 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
                           (("--quant", "qdq", "--calibration-method", "mse"), "--calibration-method 'mse' must be"),
                           (("--quant", "qdq", "--calibration", "none"), "--quant qdq needs calibration text"),
                           (("--quant", "qdq", "--gptq"), "--gptq applies to --quant int8 / int4, not qdq"),
-                          (("--quant", "int4", "--activation-bits", "8"), "--activation-bits applies to --quant qdq")):
+                          (("--quant", "int4", "--activation-bits", "8"), "--activation-bits applies to --quant qdq"),
+                          # not "no drafter is shipped for this model": one may be, a qdq bundle leaves it out
+                          (("--quant", "qdq", "--draft-top-k", "8"), "none is attached (a --quant qdq bundle has none)")):
         r = run(*args, "--overwrite")
         assert r.exit_code == 2 and message in r.output, (args, r.output)
     with pytest.raises(EdgemtpError, match="add --static"):
@@ -319,7 +353,7 @@ def test_profile_runs_a_k_wider_than_the_static_window(models):
     assert st.generate(prompt, max_new_tokens=12, draft=Draft("lookup", 6)).tokens == want
 
 
-def test_generate_defaults_k_to_the_static_window(models, monkeypatch):
+def test_generate_defaults_k_to_the_static_window(models, monkeypatch, tmp_path):
     """Without --draft-k, generate drafts at most W - 1 tokens on a static bundle: one pass verifies them."""
     from click.testing import CliRunner
 
@@ -329,8 +363,9 @@ def test_generate_defaults_k_to_the_static_window(models, monkeypatch):
     seen = []
     real = Engine.generate
     monkeypatch.setattr(Engine, "generate", lambda self, *a, **k: seen.append(a[3]) or real(self, *a, **k))
-    for extra, k in (([], W - 1), (["--draft-k", "4"], 4)):
-        r = CliRunner().invoke(cli, ["generate", str(st.bundle.dir), "--prompt", "t1 t2 t3 t1 t2", "--max-new-tokens",
+    w1 = write_static_bundle(models["llama"][1], tmp_path / "w1", window=1)  # K + 1 = 1: no draft fits
+    for bundle, extra, k in ((st.bundle.dir, [], W - 1), (st.bundle.dir, ["--draft-k", "4"], 4), (w1, [], 0)):
+        r = CliRunner().invoke(cli, ["generate", str(bundle), "--prompt", "t1 t2 t3 t1 t2", "--max-new-tokens",
                                      "4", "--json", "--draft", "lookup", *extra])
         assert r.exit_code == 0, r.output
         assert seen[-1].k == k

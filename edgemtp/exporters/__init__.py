@@ -131,7 +131,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     if drafter == AUTO:  # static fp32 bundles too: their drafter runs beside the static target (e.g. on the CPU)
         drafter = shipped_drafter(model_dir) if quant != "qdq" else None
     _check_drafter_options(drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
-                           (quant_options or {}).get("drafter_quant"))
+                           (quant_options or {}).get("drafter_quant"),
+                           "a --quant qdq bundle has none" if quant == "qdq" else None)
     only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method")]
     if only_qdq and quant != "qdq":
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
@@ -237,8 +238,9 @@ def write_verify(bundle_dir: Path, graph_and_contract) -> dict:
     return {"file": VERIFY_GRAPH, "quant": "fp32", "contract": contract.to_json()}
 
 
-def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant) -> None:
-    """Options of the drafter's head need a drafter: given without one they would be silently ignored."""
+def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant, why_none: str | None = None) -> None:
+    """Options of the drafter's head need a drafter: given without one they would be silently ignored.
+    `why_none`: why there is none, when not the default reason (a qdq bundle's shipped drafter is left out)."""
     from ..drafter.export import HEAD_ROWS
 
     if head_rows not in (AUTO, *HEAD_ROWS):
@@ -253,7 +255,7 @@ def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant) ->
     given += ["--draft-head-rows"] if head_rows != AUTO else []
     if given:
         raise EdgemtpError(f"{given[0]} applies to a bundle with an MTP drafter, and none is attached "
-                           "(no drafter is shipped for this model, or --drafter none)")
+                           f"({why_none or 'no drafter is shipped for this model, or --drafter none'})")
 
 
 def shipped_drafter(model_dir: Path) -> Path | None:

@@ -95,14 +95,22 @@ class StaticTarget:
         if int(lengths.max()) + S > cache.capacity:
             raise CapacityError(f"context of {int(lengths.max()) + S} tokens exceeds the bundle's KV capacity "
                                 f"of {cache.capacity} (export with a larger --max-context)")
-        out = [self._row(ids[i], cache, r) for i, r in enumerate(range(*rows.indices(cache.batch)))]
-        logits = np.stack([lo[S - n_logits:] for lo, _ in out])
-        return logits, np.stack([h for _, h in out])
+        out = [self._row(ids[i], cache, r, n_logits) for i, r in enumerate(range(*rows.indices(cache.batch)))]
+        return np.stack([lo for lo, _ in out]), np.stack([h for _, h in out])
 
-    def _row(self, ids: np.ndarray, cache: KVCache, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """ids [S] of one row -> (logits [S, V], hidden [S, H]), one window at a time."""
-        parts = [self.step(ids[c:c + self.window], cache, row) for c in range(0, len(ids), self.window)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def _row(self, ids: np.ndarray, cache: KVCache, row: int, n_logits: int) -> tuple[np.ndarray, np.ndarray]:
+        """ids [S] of one row -> (logits [n_logits, V] of its last positions, hidden [S, H]), one window at a
+        time. Only the windows that hold those last positions keep their logits: a prefill kept all of them
+        (1 MB a position at a 262k vocabulary: 4 GB for a 4,000-token prompt, twice over while joining)."""
+        first = len(ids) - n_logits  # the first position whose logits are returned
+        logits, hidden = [], []
+        for c in range(0, len(ids), self.window):
+            lo, h = self.step(ids[c:c + self.window], cache, row)
+            if c + len(lo) > first:
+                logits.append(lo[max(0, first - c):])
+            hidden.append(h)
+            del lo, h  # not held through the next window's run
+        return np.concatenate(logits), np.concatenate(hidden)
 
     def step(self, ids: np.ndarray, cache: KVCache, row: int) -> tuple[np.ndarray, np.ndarray]:
         """ids [n <= W]: one graph run; writes the n new K/V at the row's length -> ([n, V], [n, H])."""
@@ -143,7 +151,9 @@ class StaticTarget:
 
 
 def _check_session(session: ort.InferenceSession, s: StaticContract) -> None:
-    """The graph's inputs are the ones the contract promises, with its window and capacity."""
+    """The graph's inputs are the ones the contract promises, with its window and capacity, and so are its
+    outputs (vocab_size, hidden_size): bundle.load leaves a static graph's to this check, and a manifest's
+    vocab_size larger than the graph's let token ids through to fail inside ONNX Runtime's Gather."""
     want = {C.INPUT_IDS: [1, s.window], C.POSITION_IDS: [1, s.window]}
     want.update({name: [1, 1, s.window, s.target.capacity + s.window] for name in s.biases})
     for slot in s.target.kv:
@@ -156,3 +166,12 @@ def _check_session(session: ort.InferenceSession, s: StaticContract) -> None:
         extra = sorted(set(have) - set(want))
         raise EdgemtpError(f"static graph does not match its contract (missing inputs {missing}, "
                            f"wrong shapes {wrong}, unexpected inputs {extra})")
+    want = {C.LOGITS: [1, s.window, s.target.vocab_size], C.LAST_HIDDEN: [1, s.window, s.target.hidden_size]}
+    for slot in s.target.kv:  # StaticTarget.step reads each of these
+        for name in (C.present_key(slot.layer), C.present_value(slot.layer)):
+            want[name] = [1, slot.num_heads, s.window, slot.head_dim]
+    have = {o.name: list(o.shape) for o in session.get_outputs()}
+    wrong = sorted(n for n in want if have.get(n) != want[n])
+    if wrong:
+        raise EdgemtpError(f"static graph does not match its contract (output {wrong[0]} is {have.get(wrong[0])}, "
+                           f"the contract implies {want[wrong[0]]})")
