@@ -225,6 +225,39 @@ def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     assert r.exit_code == 2 and "bundle has no chat template" in r.output
 
 
+def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypatch):
+    """Ctrl-C while a reply streams, with a person at the terminal: the reply stops where it is, stays in the
+    conversation as shown, and the next message is answered as a fresh engine answers that conversation
+    (Ctrl-C ended the whole chat before). From a pipe Ctrl-C still ends it."""
+    from edgemtp.cli import run as run_mod
+
+    stream, stopped = Engine.stream, []
+
+    def interrupted_once(self, *args, **kwargs):
+        for i, piece in enumerate(stream(self, *args, **kwargs)):
+            if i == 2 and not stopped:
+                stopped.append(True)
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(Engine, "stream", interrupted_once)
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"], input="t3\n")
+    assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
+    stopped.clear()
+    monkeypatch.setattr(run_mod, "stdin_is_terminal", lambda: True)
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"],
+                           input="t3 t4\nt5\n")
+    assert r.exit_code == 0 and "(reply stopped" in r.stderr, r.output
+    first, second = [line.removeprefix("> ") for line in r.stdout.splitlines()[:2]]
+    monkeypatch.setattr(Engine, "stream", stream)
+    fresh = Engine.load(chat_bundle)
+    whole = fresh.generate([{"role": "user", "content": "t3 t4"}], 6).text
+    assert whole.startswith(first) and first != whole  # stopped after two pieces
+    chat = [{"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "t5"}]
+    assert second == fresh.generate(chat, 6).text
+
+
 def test_chat_that_cannot_fit_says_why(chat_bundle):
     """A --system message leaving no room fails first (exit 2); a first message too long for the capacity is
     refused without suggesting /reset, which cannot help (nothing earlier to drop)."""

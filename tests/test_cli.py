@@ -72,6 +72,18 @@ def test_seeded_sampling_is_reproducible(tiny_gemma3):
     assert a == b and a != c
 
 
+def test_sampling_flags_without_a_temperature_are_said_to_do_nothing(tiny_gemma3):
+    """--top-k / --top-p / --seed at the default temperature 0 decode greedily, and a line on stderr says so."""
+    args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 8, "--json")
+    greedy = run(*args)
+    r = run(*args, "--top-k", 40, "--seed", 3)
+    tokens = [json.loads(x.stdout)["tokens"] for x in (greedy, r)]  # (the stats hold times)
+    assert r.exit_code == 0 and tokens[0] == tokens[1] and "warning" not in greedy.stderr
+    assert r.stderr == "warning: --top-k and --seed have no effect at --temperature 0 (greedy decoding, the " \
+                       "default); give a temperature above 0 to sample\n", r.stderr
+    assert "warning" not in run(*args, "--temperature", 0.7, "--seed", 3).stderr
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--max-new-tokens", 0), "--max-new-tokens 0 must be at least 1"),
     (("--max-new-tokens", -3), "--max-new-tokens -3 must be at least 1"),

@@ -118,6 +118,11 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
     from ..runtime.sampling import Sampling
 
     sampling = Sampling(temperature, top_k, top_p, seed)
+    given = click.get_current_context().get_parameter_source
+    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "seed") if given(n) == ParameterSource.COMMANDLINE]
+    if temperature == 0 and unused:  # greedy decoding: said once, as the output itself shows no sign of it
+        click.echo(f"warning: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at --temperature "
+                   "0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
     if no_draft:
         drafting = ("draft_mode", "draft_k", "adaptive", "drafter_provider")
         given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in drafting
@@ -165,7 +170,7 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
     if opening and len(hello) + 1 >= engine.capacity:  # ... one refusing --system, or no room after it
         raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "
                            f"bundle's KV capacity of {engine.capacity}")
-    interactive = sys.stdin.isatty()
+    interactive = stdin_is_terminal()
     messages, unanswered = list(opening), 0
     while True:
         if interactive:
@@ -183,12 +188,22 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        messages.append({"role": "user", "content": line.rstrip("\r\n")})  # \r: a line typed on Windows
         stats, reply = new_stats(draft), []
+        stream = engine.stream(messages, max_new_tokens, sampling, draft, stats=stats)
         try:
-            for piece in engine.stream(messages, max_new_tokens, sampling, draft, stats=stats):
+            for piece in stream:
                 click.echo(piece, nl=False)
                 reply.append(piece)
+        except KeyboardInterrupt:  # at a terminal Ctrl-C stops the reply, as in other chats; the chat goes on
+            if not interactive:
+                raise
+            stream.close()  # the engine keeps the cache of what was generated (reuse_prefix) for the next turn
+            click.echo()
+            click.echo("(reply stopped: the conversation keeps it as it stands; /exit or Ctrl-D ends the chat)",
+                       err=True)
+            messages.append({"role": "assistant", "content": "".join(reply)})
+            continue
         except CapacityError as e:
             messages.pop()
             earlier = len(messages) > len(opening)  # only then can /reset make room
@@ -200,6 +215,11 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
         messages.append({"role": "assistant", "content": "".join(reply)})
     if unanswered and not interactive:  # a script feeding lines learns from the exit status that some failed
         raise EdgemtpError(f"{unanswered} message(s) of the input got no reply (each error is above)")
+
+
+def stdin_is_terminal() -> bool:
+    """Whether a person types the chat's input (a test stands in for one by replacing this)."""
+    return sys.stdin.isatty()
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
