@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -233,12 +234,18 @@ def test_qdq_static_graph(models, tmp_path):
     texts = [" ".join(f"t{i}" for i in rng.integers(0, 96, 40)) for _ in range(2)]
     ids = rng.integers(0, 96, size=(1, 40))
     want, _ = st.target.forward(ids, st.target.new_cache(1), n_logits=40)
-    for bits, method, floor in ((16, "minmax", 0.9), (8, CalibrationMethod.Percentile, 0.5)):
+    for bits, method, floor, ops in ((16, "minmax", 0.9, "matmul"), (8, CalibrationMethod.Percentile, 0.5, "matmul"),
+                                     (16, "minmax", 0.9, "all")):
         reader = WindowReader(src, contract, model_dir / "tokenizer.json", texts, max_windows=16, threads=1)
-        dst = tmp_path / f"qdq{bits}" / "target.onnx"
-        assert quantize_static_qdq(src, dst, reader, activation_bits=bits, method=method) == \
+        dst = tmp_path / f"qdq{bits}{ops}" / "target.onnx"
+        assert quantize_static_qdq(src, dst, reader, activation_bits=bits, method=method, ops=ops) == \
             ["target.onnx", "target.onnx.data"]
         assert check_graph(dst, "qnn") == [] and check_graph(dst, "any") == []
+        graph = onnx.load(str(dst), load_external_data=False).graph
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        quantized = {producer.get(n.input[0]) for n in graph.node if n.op_type == "QuantizeLinear"}
+        # matmul: the weights' ops and their inputs, never the residual stream's Adds or the norms' insides
+        assert ({"Add", "ReduceMean", "Softmax"} & quantized == set()) == (ops == "matmul"), quantized
         q = StaticTarget(make_session(dst, threads=1), contract)
         got, _ = q.forward(ids, q.new_cache(1), n_logits=40)
         agreement = float((got.argmax(-1) == want.argmax(-1)).mean())
@@ -307,7 +314,7 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert r.exit_code == 0, r.output
     assert not [m for m in caplog.messages if "pre-processing" in m] and "pre-processing" not in r.output
     q = bundle_mod.load(out).manifest["graphs"]["target"]
-    assert q["quant"] == "qdq" and q["quantization"]["activation_bits"] == 16
+    assert q["quant"] == "qdq" and q["quantization"]["activation_bits"] == 16 and q["quantization"]["ops"] == "matmul"
     assert q["quantization"]["calibration_windows"] == 12 and q["quantization"]["calibration"] == str(text)
     assert check_graph(out / "target.onnx", "qnn") == []
     r = run("--quant", "qdq", "--calibration", str(text), "--calibration-tokens", "60", "--calibration-method",
@@ -321,6 +328,8 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     for args, message in ((("--quant", "qdq", "--activation-bits", "4"), "--activation-bits 4 must be 8 or 16"),
                           (("--quant", "qdq", "--calibration-method", "mse"), "--calibration-method 'mse' must be"),
+                          (("--quant", "qdq", "--qdq-ops", "some"), "--qdq-ops 'some' must be one of matmul, all"),
+                          (("--quant", "int8", "--qdq-ops", "all"), "--qdq-ops applies to --quant qdq only"),
                           (("--quant", "qdq", "--calibration", "none"), "--quant qdq needs calibration text"),
                           (("--quant", "qdq", "--gptq"), "--gptq applies to --quant int8 / int4, not qdq"),
                           (("--quant", "int4", "--activation-bits", "8"), "--activation-bits applies to --quant qdq"),

@@ -133,7 +133,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     _check_drafter_options(drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
                            (quant_options or {}).get("drafter_quant"),
                            "a --quant qdq bundle has none" if quant == "qdq" else None)
-    only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method")]
+    only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method", "qdq_ops")]
     if only_qdq and quant != "qdq":
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
     gemv_head, drafter_head_rows = layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows,
@@ -336,7 +336,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 
 
-QDQ_OPTIONS = ("activation_bits", "calibration_method", "calibration", "calibration_tokens")
+QDQ_OPTIONS = ("activation_bits", "calibration_method", "calibration", "calibration_tokens", "qdq_ops")
 
 
 def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, options) -> Path:
@@ -345,7 +345,7 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
     import tempfile
 
     from ..calibration import activations as A
-    from .qdq import METHODS, WindowReader, quantize_static_qdq
+    from .qdq import METHODS, OPS, WindowReader, quantize_static_qdq
 
     if static_window is None:
         raise EdgemtpError("--quant qdq makes static NPU graphs: add --static (and --verify-window K+1)")
@@ -358,6 +358,9 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
         raise EdgemtpError(f"--activation-bits {bits} must be 8 or 16")
     if method not in METHODS:
         raise EdgemtpError(f"--calibration-method {method!r} must be one of {', '.join(METHODS)}")
+    ops = options.get("qdq_ops", "matmul")
+    if ops not in OPS:
+        raise EdgemtpError(f"--qdq-ops {ops!r} must be one of {', '.join(OPS)}")
     source = options.get("calibration", A.CORPORA)
     if source is None:
         raise EdgemtpError("--quant qdq needs calibration text (a text file or corpora, not none)")
@@ -375,11 +378,12 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
         reader = WindowReader(entry.path, entry.contract, fp32.tokenizer_path, pieces,
                               max_windows=max(1, tokens // static_window), per_text=QDQ_WINDOWS_PER_PIECE)
         with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
-            quantize_static_qdq(entry.path, tmp / "target.onnx", reader, activation_bits=bits, method=method)
+            quantize_static_qdq(entry.path, tmp / "target.onnx", reader, activation_bits=bits, method=method,
+                                ops=ops)
             shutil.copyfile(fp32.tokenizer_path, tmp / "tokenizer.json")
             chat = chat_template.write(chat_template.find(model_dir), tmp)
             target = {**fp32.manifest["graphs"]["target"], "quant": "qdq", "quantization": {
-                "format": "qdq", "weight_bits": 8, "activation_bits": bits, "method": method,
+                "format": "qdq", "weight_bits": 8, "activation_bits": bits, "method": method, "ops": ops,
                 "calibration": text.source, "calibration_windows": reader.count}}
             bundle_mod.write_manifest(tmp, {"model": fp32.model, "tokenizer": "tokenizer.json",
                                             "graphs": {"target": target}, **({"chat": chat} if chat else {})})
