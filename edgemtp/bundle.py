@@ -71,6 +71,9 @@ def atomic_dir(out: Path, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would keep the bundle from other users (a shared model)
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # as open() makes them: onnxruntime's quantizer writes its data file 0600
+            if f.is_file():
+                f.chmod(0o666 & ~mask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 import json
+import os
 
 import numpy as np
 import onnx
@@ -315,6 +316,10 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert not [m for m in caplog.messages if "pre-processing" in m] and "pre-processing" not in r.output
     q = bundle_mod.load(out).manifest["graphs"]["target"]
     assert q["quant"] == "qdq" and q["quantization"]["activation_bits"] == 16 and q["quantization"]["ops"] == "matmul"
+    mask = os.umask(0)
+    os.umask(mask)  # every file readable as the umask allows (onnxruntime wrote its data file 0600)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == \
+        {f.name: oct(0o666 & ~mask) for f in out.iterdir()}
     assert q["quantization"]["calibration_windows"] == 12 and q["quantization"]["calibration"] == str(text)
     assert check_graph(out / "target.onnx", "qnn") == []
     r = run("--quant", "qdq", "--calibration", str(text), "--calibration-tokens", "60", "--calibration-method",
