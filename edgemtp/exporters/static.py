@@ -77,7 +77,8 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
     if window < 1:
         raise EdgemtpError(f"--verify-window {window} must be at least 1 (K+1 with K >= 0)")
     if capacity <= window:
-        raise EdgemtpError(f"static KV capacity {capacity} must exceed the verify window {window}")
+        raise EdgemtpError(f"static KV capacity {capacity} (--max-context) must exceed the verify window {window} "
+                           "(--verify-window)")
     if capacity > cfg.max_position_embeddings:
         raise EdgemtpError(f"static KV capacity {capacity} exceeds the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings})")
