@@ -118,15 +118,11 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
     from ..runtime.sampling import Sampling
 
     sampling = Sampling(temperature, top_k, top_p, seed)
-    given = click.get_current_context().get_parameter_source
-    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "seed") if given(n) == ParameterSource.COMMANDLINE]
-    if temperature == 0 and unused:  # greedy decoding: said once, as the output itself shows no sign of it
-        click.echo(f"warning: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at --temperature "
-                   "0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
+    source = click.get_current_context().get_parameter_source
     if no_draft:
         drafting = ("draft_mode", "draft_k", "adaptive", "drafter_provider")
         given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in drafting
-                 if click.get_current_context().get_parameter_source(n) == ParameterSource.COMMANDLINE]
+                 if source(n) == ParameterSource.COMMANDLINE]
         if given:
             raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
     draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
@@ -134,16 +130,21 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
         raise EdgemtpError("--adaptive with --draft-k 0: adaptive drafting chooses up to --draft-k tokens a round")
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "seed") if source(n) == ParameterSource.COMMANDLINE]
+    if temperature == 0 and unused:  # greedy decoding: said once, as the output itself shows no sign of it
+        click.echo(f"warning: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at --temperature "
+                   "0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
     engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
                          reuse_prefix=reuse_prefix)
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
-    given_k = click.get_current_context().get_parameter_source("draft_k") == ParameterSource.COMMANDLINE
+    given_k = source("draft_k") == ParameterSource.COMMANDLINE
     if draft is not None and engine.static and not given_k:  # the default K fits a static bundle's window:
         # a longer draft verifies in two passes (Gemma 3 270M, W = 3, hybrid: 42.6 tokens/s at K = 2, 29.2 at 4)
-        # (W = 1, K = 0: plain decoding; K = 1 verified each draft in a second pass, slower than plain)
-        draft = Draft(draft.mode, min(draft.k, engine.target.window - 1), adaptive)
+        # (W = 1: plain decoding; K = 1 verified each draft in a second pass, slower than plain)
+        k = min(draft.k, engine.target.window - 1)
+        draft = Draft(draft.mode, k, adaptive) if k else None
     return engine, sampling, draft
 
 
