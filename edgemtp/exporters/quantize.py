@@ -128,7 +128,7 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
         sink = Sink(f, data_name)
         if sch is not None:
             own = ("matmul",) if drafter_weights else () if drafter else ("matmul", "head", "gather")
-            Rewrite(model.graph, read, sink, sch, calibration, progress, shared, own).run()
+            Rewrite(model.graph, read, sink, sch, calibration, progress, shared, own, target=not drafter).run()
         else:
             rewrite_float(model.graph, read, sink, quant, progress, shared)
     if sch is not None and not any(o.domain == MS_DOMAIN for o in model.opset_import):

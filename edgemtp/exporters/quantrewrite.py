@@ -31,11 +31,15 @@ class Rewrite:
     """One pass over the initializers (packing the quantized ones), then one over the nodes."""
 
     def __init__(self, g: onnx.GraphProto, read, sink: Sink, sch, calib, progress, shared: Shared | None = None,
-                 own: tuple[str, ...] = ("matmul", "head", "gather")):
+                 own: tuple[str, ...] = ("matmul", "head", "gather"), target: bool = True):
         """`shared`: what earlier graphs of the bundle made of their tensors (reused, and added to);
         `own`: the roles this graph quantizes itself; tables an earlier graph packed are reused whatever
-        their role (a drafter reads the target's table and quantizes its MatMuls, or nothing, itself)."""
+        their role (a drafter reads the target's table and quantizes its MatMuls, or nothing, itself).
+        `target`: the target's graph, whose layers must all take two-pass activations when asked (its verify
+        windows and single steps must round alike); a drafter's layer that cannot goes without (the target
+        checks every draft)."""
         self.g, self.read, self.sink, self.sch, self.calib, self.progress = g, read, sink, sch, calib, progress
+        self.target = target
         self.shared, self.own = shared if shared is not None else Shared(), own
         self.inits = {t.name: t for t in g.initializer}
         self.sources = activation_sources(g)
@@ -170,6 +174,8 @@ class Rewrite:
         else:
             p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
         level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4
+        if two and k % block and not self.target:
+            two = False
         if two and k % block:  # check_shapes saw only the hidden size; leaving the passes out breaks exactness
             raise EdgemtpError(f"--block-size {block} does not divide the input width {k} of {t.name}: the two-pass "
                                f"activations (--two-pass all) need whole blocks; give a block size dividing it, "
