@@ -105,11 +105,7 @@ class Engine:
                 target = StaticTarget(session, contract)
             except EdgemtpError as e:  # its check of the graph's inputs does not know the file: name it
                 raise EdgemtpError(f"{b.graph('target').path}: {e}") from None
-        else:
-            problem = C.graph_mismatch(b.target_contract, {i.name: i.shape for i in session.get_inputs()})
-            if problem:
-                raise EdgemtpError(f"{b.dir / bundle_mod.MANIFEST}: graphs.target.contract does not match "
-                                   f"{b.graph('target').path.name}: {problem}")
+        else:  # bundle.load checked the graph against its contract
             target = Target(session, b.target_contract,
                             _verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify))
         try:
