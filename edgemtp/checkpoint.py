@@ -43,7 +43,7 @@ class Checkpoint:
             raise EdgemtpError(f"{self.dir}: no *.safetensors files (expected a Hugging Face model directory)")
         self.entries: dict[str, _Entry] = {}
         for f in files:
-            for name, e in _read_header(f).items():
+            for name, e in read_header(f).items():
                 self.entries[_text_name(name)] = e
 
     def keys(self):
@@ -91,7 +91,7 @@ def _text_name(name: str) -> str:
     return name
 
 
-def _read_header(path: Path) -> dict[str, _Entry]:
+def read_header(path: Path) -> dict[str, _Entry]:
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:

@@ -30,6 +30,8 @@ def target_identity(target_dir: Path) -> str:
     would miss a LoRA merged into Gemma 3 270M's q/v projections ~1 time in 40 (5.5% of its bytes); hashing
     every byte on each run would cost more than the caches save (a few GB for E2B). An edit inside one
     large tensor that misses its three samples is still not seen."""
+    from ..checkpoint import read_header
+
     h, d = hashlib.sha256(), Path(target_dir)
     for name in ("config.json", "tokenizer.json"):
         if (d / name).is_file():
@@ -38,24 +40,12 @@ def target_identity(target_dir: Path) -> str:
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as stream:
-            length = int.from_bytes(stream.read(8), "little") if size >= 8 else 0
-            header = stream.read(min(length, size))
-            h.update(header)
-            for begin, end in _spans(header):
-                for at in dict.fromkeys((begin, (begin + end) // 2, max(begin, end - SAMPLE))):
-                    stream.seek(8 + length + at)
-                    h.update(stream.read(min(SAMPLE, end - at)))
+            h.update(stream.read(int.from_bytes(stream.read(8), "little")))  # the header, as stored
+            for e in sorted(read_header(f).values(), key=lambda e: e.start):
+                for at in dict.fromkeys((e.start, (e.start + e.end) // 2, max(e.start, e.end - SAMPLE))):
+                    stream.seek(at)
+                    h.update(stream.read(min(SAMPLE, e.end - at)))
     return h.hexdigest()[:16]
-
-
-def _spans(header: bytes) -> list[tuple[int, int]]:
-    """Each tensor's (begin, end) in the data after the header; none for a header that is not one (such a
-    file is refused when the checkpoint is read, so its bytes need no sampling here)."""
-    try:
-        entries = json.loads(header)
-        return sorted(tuple(map(int, e["data_offsets"])) for k, e in entries.items() if k != "__metadata__")
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return []
 
 
 def resumable_rows(done_path: Path, key: str) -> int:

@@ -174,9 +174,9 @@ class Rewrite:
         else:
             p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
         level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4
-        if two and k % block and not self.target:
+        if two and k % block and not self.target:  # a drafter's layer goes without (its drafts are checked)
             two = False
-        if two and k % block:  # check_shapes saw only the hidden size; leaving the passes out breaks exactness
+        elif two and k % block:  # check_shapes saw only the hidden size; leaving the passes out breaks exactness
             raise EdgemtpError(f"--block-size {block} does not divide the input width {k} of {t.name}: the two-pass "
                                f"activations (--two-pass all) need whole blocks; give a block size dividing it, "
                                f"or --two-pass head / none")
