@@ -515,6 +515,7 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
     from edgemtp.evaluate import evaluate
     from edgemtp.runtime.engine import Draft
     from edgemtp.runtime.sampling import Sampling
+    from edgemtp.runtime.speculative import SpecStats
     from edgemtp.runtime.stats import Stats
 
     engine = Engine.load(tiny_gemma3[2], threads=1)
@@ -567,6 +568,17 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
     stats = Stats()
     pieces = list(engine.stream("t1 t2 t1 t2 t1", 8, draft=Draft("lookup", 3), stats=stats))
     assert pieces and stats.decode_tokens == 7 and stats.prefill_tokens > 0 and stats.stop_reason
+    # handed to another generation, a Stats describes that one alone (decode_tokens added up across calls)
+    for draft in (None, Draft("lookup", 3)):
+        for kind in (Stats, SpecStats):
+            stats = kind()
+            list(engine.stream("t1 t2 t1 t2 t1", 8, draft=draft, stats=stats))
+            list(engine.stream("t1", 3, draft=draft, stats=stats))
+            fresh = kind()
+            list(engine.stream("t1", 3, draft=draft, stats=fresh))
+            assert (stats.decode_tokens, stats.prefill_tokens) == (fresh.decode_tokens, fresh.prefill_tokens) == (2, 1)
+            if kind is SpecStats and draft:
+                assert (stats.rounds, stats.drafted_at) == (fresh.rounds, fresh.drafted_at)
     r = run("generate", tiny_gemma3[2], "--prompt", "t1", "--temperature", "5e-324", "--max-new-tokens", 4)
     assert r.exit_code == 0, r.output
 

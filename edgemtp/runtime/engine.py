@@ -175,11 +175,12 @@ class Engine:
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:
         """Yields generated token ids one by one (plain decoding, batch 1); `stop`: stop strings (see
-        generate)."""
+        generate); `stats`, if given, is reset and filled as generation goes."""
         check_kinds(sampling, None, stats)
         stops = self.stops(stop)
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         stats = stats if stats is not None else Stats()
+        stats.reset()
         rng = np.random.default_rng(sampling.seed)
         cache, cached = self._cache_for(prompt_ids)
         t0 = time.perf_counter()
@@ -296,8 +297,8 @@ class Engine:
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                      draft: Draft | None = None, stats: Stats | None = None, *, stop=None) -> Iterator[int]:
         """Generated token ids as they come: plain decoding, or speculative when `draft` is given.
-        `stats` may be a plain Stats with drafting too (it then gets the plain fields); `stop`: stop strings
-        (see generate)."""
+        `stats` (reset first, then filled as generation goes) may be a plain Stats with drafting too (it then
+        gets the plain fields); `stop`: stop strings (see generate)."""
         check_kinds(sampling, draft, stats)
         if draft is None or draft.mode == "none" or draft.k == 0:
             yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats, stop=stop)
@@ -308,6 +309,8 @@ class Engine:
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
                            adaptive=draft.adaptive, lengths=self._lengths(draft, 1))
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
+        if own is not None:
+            own.reset()
         # before the kept cache is taken:
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         cache, cached = self._cache_for(prompt_ids)

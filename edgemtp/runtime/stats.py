@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -24,3 +24,10 @@ class Stats:
 
     def to_json(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+    def reset(self) -> None:
+        """Back to a fresh object's values: a Stats handed to a generation describes that generation only
+        (some fields add up as it goes, so one reused from an earlier call would mix the two)."""
+        fresh = type(self)()
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
