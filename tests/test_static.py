@@ -192,6 +192,15 @@ def test_static_target_capacity_and_contract_errors(models, tmp_path):
         edited = {**st.target.static.to_json(), field: 200}
         with pytest.raises(EdgemtpError, match=f"output {output} is .* the contract implies"):
             StaticTarget(session, edited)
+    # fast_verify packs a batched verify graph, which a static bundle does not have: silently ignored before
+    with pytest.raises(EdgemtpError, match="fast_verify .* this bundle has none"):
+        Engine.load(st.bundle.dir, fast_verify=True)
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    r = CliRunner().invoke(cli, ["profile", str(st.bundle.dir), "--fast-verify", "--gen-tokens", "2"])
+    assert r.exit_code != 0 and "--fast-verify" in r.output and "no batched verify graph" in r.output, r.output
 
 
 def test_attention_bias_semantics():

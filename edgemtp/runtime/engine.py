@@ -92,6 +92,9 @@ class Engine:
         check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                          fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix)
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
+        if fast_verify and not b.has_graph("verify"):  # asked for, it would change nothing: say so
+            raise EdgemtpError(f"{b.dir}: fast_verify (--fast-verify) packs the batched verify graph, and this bundle "
+                               "has none (it verifies with its target graph)")
         if drafter_provider is not None:
             with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
                 warnings.simplefilter("ignore")
@@ -121,7 +124,7 @@ class Engine:
                 raise EdgemtpError(f"{path}: not UTF-8 text") from None
         engine.threads, engine.provider = threads, provider
         engine.drafter_provider = drafter_provider or provider
-        engine.fast_verify = fast_verify and b.has_graph("verify")
+        engine.fast_verify = fast_verify
         engine.reuse_prefix = reuse_prefix
         engine.target_spins = not mtp
         return engine

@@ -250,6 +250,9 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     if head != "auto" and not {"mtp", "hybrid"} & set(drafters):
         raise EdgemtpError(f"--head {head}: only MTP and hybrid rows have a head, and --draft {drafter} runs "
                            f"{', '.join(drafters) or 'none'} here")
+    if fast_verify and not bundle.has_graph("verify"):  # before any row runs (Engine.load would say it later)
+        raise EdgemtpError(f"--fast-verify: {bundle_dir} has no batched verify graph (it verifies with its target "
+                           "graph)")
     todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads_for(bundle, head), adaptive)
     rows: list[Row | None] = [None] * len(todo)
     done = 0
