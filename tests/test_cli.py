@@ -549,6 +549,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: list(engine.token_ids("t1", 2)), "prompt_ids='t1' must be a list of token ids"),
                           (lambda: engine.decode([-1]), "ids[0]=-1 is not a token id"),
                           (lambda: engine.generate([1, 2], 2), "prompt[0]=1 is not a message"),
+                          # no <bos> in the tiny tokenizer: "" has no tokens at all
+                          (lambda: engine.generate("", 2), "the prompt is empty"),
                           (lambda: engine.generate("t1", 2, stop=b"t"), "stop=b't' must be a string"),
                           (lambda: Engine.load(None), "bundle_dir=None must be a path"),
                           (lambda: Engine.load(tiny_gemma3[2], provider=None), "provider=None must be an execution"),

@@ -141,7 +141,9 @@ class Engine:
     def encode(self, prompt: str | list[dict]) -> list[int]:
         """Token ids of `prompt`: text (with the tokenizer's own special tokens, e.g. <bos>), or chat messages
         ([{"role": "user", "content": "..."}, ...]) as the bundle's chat template writes them, ending with the
-        opening of the assistant's turn; the template writes the special tokens it wants itself."""
+        opening of the assistant's turn; the template writes the special tokens it wants itself. Empty text is
+        those special tokens alone, so generate("") samples text from nothing on a model with a <bos> (the
+        CLI refuses an empty --prompt as a likely mistake) and is refused as an empty prompt on one without."""
         if is_chat(prompt):
             return self.tokenizer.encode(self._chat_text(prompt, "prompt"), add_special_tokens=False).ids
         if not isinstance(prompt, str):
