@@ -245,9 +245,20 @@ def _check_contract(mpath: Path, name: str, g: dict, graph) -> None:
                          for d in v.type.tensor_type.shape.dim] for v in values}
 
     problem = graph_mismatch(TargetContract.from_json(g["contract"]), shapes(graph.graph.input),
-                             shapes(graph.graph.output))
+                             shapes(graph.graph.output), attention_windows(graph))
     if problem:
         raise EdgemtpError(f"{mpath}: graphs.{name}.contract does not match {g['file']}: {problem}")
+
+
+def attention_windows(model) -> dict:
+    """Past key input -> the sliding window of the GroupQueryAttention reading it (None: global), for the
+    graphs whose attention is that op (a verify graph's standard-op attention has none to read)."""
+    windows = {}
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 3:
+            size = next((a.i for a in node.attribute if a.name == "local_window_size"), -1)
+            windows[node.input[3]] = size if size > 0 else None
+    return windows
 
 
 def _check_external_data(d: Path, graph: Path, files: dict):

@@ -103,10 +103,13 @@ class TargetContract:
                    kv_update=str(d.get("kv_update", "in_place")), window_views=bool(d.get("window_views", False)))
 
 
-def graph_mismatch(contract: TargetContract, inputs: dict, outputs: dict | None = None) -> str:
+def graph_mismatch(contract: TargetContract, inputs: dict, outputs: dict | None = None,
+                   windows: dict | None = None) -> str:
     """What in `contract` disagrees with the graph's inputs (name -> shape, symbolic dims as str) and, given,
-    its outputs, or '' if nothing: a manifest edited after export would otherwise fail inside ONNX Runtime's
-    run (or, for vocab_size, be read as the user's token ids being out of range)."""
+    its outputs and the sliding windows its attention uses (past key input -> window, None for global), or ''
+    if nothing: a manifest edited after export would otherwise fail inside ONNX Runtime's run (or, for
+    vocab_size, be read as the user's token ids being out of range; for a window, hand a sliding layer a
+    view of the cache shorter than the window it attends over, and decode wrong without a word)."""
     want = {}
     for s in contract.kv:
         want[past_key(s.layer)] = want[past_value(s.layer)] = s
@@ -123,6 +126,10 @@ def graph_mismatch(contract: TargetContract, inputs: dict, outputs: dict | None 
         if len(shape) != 4 or any(isinstance(h, int) and w is not None and h != w for h, w in zip(shape, expected)):
             implied = [w if w is not None else "batch" if i == 0 else "any" for i, w in enumerate(expected)]
             return f"{name} is {shape} in the graph, the contract implies {implied}"
+    for name, window in sorted((windows or {}).items()):
+        if name in want and want[name].window != window:
+            return (f"kv layer {want[name].layer}'s window is {want[name].window}, but the graph's attention over "
+                    f"{name} has {'no window' if window is None else f'a window of {window}'}")
     if contract.window_views != (WINDOW_SEQLENS_K in inputs):
         return (f"window_views is {str(contract.window_views).lower()}, but the graph "
                 f"{'lacks' if contract.window_views else 'has'} the input {WINDOW_SEQLENS_K}")

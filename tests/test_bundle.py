@@ -332,6 +332,14 @@ def _set(path, value):
     return edit
 
 
+def _kv_slots(m, sliding: bool, window) -> None:
+    """The first kv slot of a sliding (or a global) layer given the window `window(its window)`, in the
+    target's contract and the verify graph's (which must agree)."""
+    for g in ("target", "verify"):
+        slot = next(s for s in m["graphs"][g]["contract"]["kv"] if bool(s.get("window")) == sliding)
+        slot["window"] = window(slot.get("window"))
+
+
 DELETE = object()
 TARGET = ("graphs", "target")
 CONTRACT = (*TARGET, "contract")
@@ -384,6 +392,12 @@ CONTRACT = (*TARGET, "contract")
      "graphs.target.contract.kv_update 'rows' must be 'in_place'"),
     (lambda m: m["graphs"]["verify"]["contract"].update(kv_update="in_place"),
      "graphs.verify.contract.kv_update 'in_place' must be 'rows'"),
+    # a window the graph's attention does not use: a shorter one handed sliding layers too short a view
+    (lambda m: _kv_slots(m, sliding=True, window=lambda w: w - 1),
+     r"does not match target.onnx: kv layer \d+'s window is \d+, but the graph's attention over "
+     r"past_key_values.\d+.key has a window of \d+"),
+    (lambda m: _kv_slots(m, sliding=False, window=lambda w: 4),
+     r"kv layer \d+'s window is 4, but the graph's attention over past_key_values.\d+.key has no window"),
     (lambda m: m["files"].update({"a\0b": {"bytes": 1, "sha256": "0"}}), r"path 'a\\x00b' is not a file name"),
     (lambda m: m["files"].update({".": {"bytes": 1, "sha256": "0"}}), r"b: not a file \(listed in edgemtp.json\)"),
 ])
