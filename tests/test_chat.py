@@ -225,6 +225,27 @@ def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     assert r.exit_code == 2 and "bundle has no chat template" in r.output
 
 
+def test_chat_json_gives_one_line_per_message(chat_bundle):
+    """`chat --json`: a program reads one JSON object per message, in order (a reply's newlines split the
+    plain output into lines that could not be told from the next reply's): the reply's text and tokens as a
+    fresh engine generates them for the conversation so far, its stats, or {"error"} for a refused message."""
+    import json
+
+    fresh, chat, want = Engine.load(chat_bundle), [], []
+    for said in ("t3 t4", "t5"):
+        chat.append({"role": "user", "content": said})
+        want.append(fresh.generate(chat, 6).to_json())
+        chat.append({"role": "assistant", "content": want[-1]["text"]})
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--json", "--max-new-tokens", "6"],
+                           input="t3 t4\n" + " ".join(["t7"] * 70) + "\nt5\n")
+    assert r.exit_code == 2 and r.stderr.startswith("error: 1 message(s)"), r.output
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(g.get("text"), g.get("tokens")) for g in (got[0], got[2])] == [(w["text"], w["tokens"]) for w in want]
+    assert got[2]["stats"]["cached_tokens"] > 0 and got[2]["stats"]["decode_tokens"] == len(want[1]["tokens"]) - 1
+    assert set(got[1]) == {"error"} and "does not fit the bundle's KV capacity of 64" in got[1]["error"] and \
+        got[1]["error"].endswith("/reset starts the conversation over") and len(got) == 3
+
+
 def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypatch):
     """Ctrl-C while a reply streams, with a person at the terminal: the reply stops where it is, stays in the
     conversation as shown, and the next message is answered as a fresh engine answers that conversation

@@ -151,15 +151,18 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
 @cli.command("chat")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message that opens the conversation.")
+@click.option("--json", "as_json", is_flag=True,
+              help="For programs: one JSON object per message on its own line (generate --json's, or {\"error\"}) "
+                   "instead of streamed text.")
 @sampling_options
 @draft_options
-def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, draft_mode,
-             draft_k, adaptive, no_draft, drafter_provider):
+def chat_cmd(bundle_dir, system, as_json, max_new_tokens, temperature, top_k, top_p, seed, provider, threads,
+             draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Chat with an instruction-tuned bundle: each line read is a user's message, the reply streams back.
 
     The conversation goes through the model's chat template, and each turn runs only its new tokens (the
     engine keeps the conversation's KV cache: reuse_prefix). /reset starts over, /exit or the end of the
-    input ends."""
+    input ends. A reply may hold newlines: a program reading the replies asks for --json, one line each."""
     from ..runtime.engine import new_stats
     from ..runtime.target import CapacityError
 
@@ -174,12 +177,12 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
     interactive = stdin_is_terminal()
     messages, unanswered = list(opening), 0
     while True:
-        if interactive:
+        if interactive and not as_json:
             click.echo("> ", nl=False)
         try:
             line = stdin_text(lambda f: f.readline(), "the input line")
         except EdgemtpError as e:
-            click.echo(f"error: {e}", err=True)
+            failed(e, as_json)
             unanswered += 1
             continue
         if not line or line.strip() in ("/exit", "/quit"):
@@ -190,6 +193,17 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\r\n")})  # \r: a line typed on Windows
+        if as_json:  # the whole reply, then one line: a reply's own newlines do not split it
+            try:
+                gen = engine.generate(messages, max_new_tokens, sampling, draft)
+            except CapacityError as e:
+                messages.pop()
+                failed(no_room(e, messages, opening), as_json)
+                unanswered += 1
+                continue
+            click.echo(json.dumps(gen.to_json()))
+            messages.append({"role": "assistant", "content": gen.text})
+            continue
         stats, reply = new_stats(draft), []
         stream = engine.stream(messages, max_new_tokens, sampling, draft, stats=stats)
         try:
@@ -207,8 +221,7 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
             continue
         except CapacityError as e:
             messages.pop()
-            earlier = len(messages) > len(opening)  # only then can /reset make room
-            click.echo(f"error: {e}" + (": /reset starts the conversation over" if earlier else ""), err=True)
+            failed(no_room(e, messages, opening), as_json)
             unanswered += 1
             continue
         click.echo()
@@ -216,6 +229,19 @@ def chat_cmd(bundle_dir, system, max_new_tokens, temperature, top_k, top_p, seed
         messages.append({"role": "assistant", "content": "".join(reply)})
     if unanswered and not interactive:  # a script feeding lines learns from the exit status that some failed
         raise EdgemtpError(f"{unanswered} message(s) of the input got no reply (each error is above)")
+
+
+def no_room(error: Exception, messages: list, opening: list) -> str:
+    earlier = len(messages) > len(opening)  # only then can /reset make room
+    return f"{error}" + (": /reset starts the conversation over" if earlier else "")
+
+
+def failed(error, as_json: bool) -> None:
+    """A chat message's error: on stderr, or with --json in the reply's place (one line per message)."""
+    if as_json:
+        click.echo(json.dumps({"error": str(error)}))
+    else:
+        click.echo(f"error: {error}", err=True)
 
 
 def stdin_is_terminal() -> bool:
