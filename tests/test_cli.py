@@ -538,6 +538,12 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                            "drafter_provider='tpu' is unknown"),
                           (lambda: engine.generate_batch("t1 t2"), "prompts='t1 t2' must be a list of prompts"),
                           (lambda: engine.generate_batch(None), "prompts=None must be a list of prompts"),
+                          # which of the batch's prompts (the loop's own checks said "the prompt", "prompt[0]")
+                          (lambda: engine.generate_batch(["t1", ""], 2), "prompts[1] is empty (no tokens)"),
+                          (lambda: engine.generate_batch(["t1", "t1 " * 80], 2),
+                           "prompts[1] of 80 tokens does not fit the bundle's KV capacity of 64"),
+                          (lambda: engine.generate_batch(["t1", [{"role": "user"}]], 2), "prompts[1][0]={'role'"),
+                          (lambda: engine.generate_batch(["t1", None], 2), "prompts[1]=None must be text or a list"),
                           (lambda: list(engine.stream("t1", 4, Sampling(), Stats())), "draft=Stats("),
                           (lambda: engine.generate("t1", 2, draft="auto"), "draft='auto' must be a Draft"),
                           (lambda: engine.generate_batch(["t1"], 2, draft="lookup"), "draft='lookup' must be a Draft"),

@@ -144,10 +144,14 @@ class Engine:
         opening of the assistant's turn; the template writes the special tokens it wants itself. Empty text is
         those special tokens alone, so generate("") samples text from nothing on a model with a <bos> (the
         CLI refuses an empty --prompt as a likely mistake) and is refused as an empty prompt on one without."""
+        return self._encode(prompt, "prompt")
+
+    def _encode(self, prompt: str | list[dict], name: str) -> list[int]:
+        """encode, naming a wrong prompt `name` (a batch's "prompts[2]")."""
         if is_chat(prompt):
-            return self.tokenizer.encode(self._chat_text(prompt, "prompt"), add_special_tokens=False).ids
+            return self.tokenizer.encode(self._chat_text(prompt, name), add_special_tokens=False).ids
         if not isinstance(prompt, str):
-            raise ArgumentError("prompt", prompt, "must be text or a list of chat messages")
+            raise ArgumentError(name, prompt, "must be text or a list of chat messages")
         return self.tokenizer.encode(prompt).ids
 
     def chat_prompt(self, messages: list[dict]) -> str:
@@ -370,7 +374,10 @@ class Engine:
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0, adaptive=adaptive,
                            lengths=self._lengths(draft, len(prompts)) if adaptive else None)
         stats = SpecStats()  # the speculative loop's, drafting or not
-        results = spec.generate([self.encode(p) for p in prompts], max_new_tokens, sampling, stops, stats)
+        ids = [self._encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        for i, row in enumerate(ids):  # here, where the row is known: the loop's own check says "the prompt"
+            check_request(row, max_new_tokens, self.capacity, self.target.contract.vocab_size, f"prompts[{i}]")
+        results = spec.generate(ids, max_new_tokens, sampling, stops, stats)
         return [Generation(stops.cut(self._text(r.tokens)), r.tokens, stats) for r in results]
 
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
