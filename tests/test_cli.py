@@ -524,6 +524,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: Draft("lookup", "4"), "Draft.k='4' must be a whole number"),
                           (lambda: Draft("lookup", -1), "Draft.k=-1 must be >= 0"),
                           (lambda: engine.generate("t1", 4, draft=Draft("fast")), "Draft.mode='fast' is unknown"),
+                          (lambda: Draft("fast", 0), "Draft.mode='fast' is unknown"),  # K = 0 never makes a drafter
+                          (lambda: Draft(None), "Draft.mode=None is unknown"),
                           (lambda: Sampling(1.0, top_k=2.5), "top_k=2.5 must be a whole number"),
                           (lambda: Sampling(1.0, seed=1.5), "seed=1.5 must be a whole number"),
                           (lambda: Sampling(1.0, seed=-1), "seed=-1 must be >= 0"),

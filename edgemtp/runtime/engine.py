@@ -24,12 +24,9 @@ from .sampling import Sampling, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
-from .requests import Draft, check_ids, check_kinds, check_load_args, check_request, new_stats
+from .requests import DRAFT_MODES, Draft, check_ids, check_kinds, check_load_args, check_request, new_stats
 from .static_target import StaticTarget, is_static
 from .target import Target
-
-
-DRAFT_MODES = ("auto", "mtp", "hybrid", "lookup")
 
 
 @dataclass

@@ -15,6 +15,9 @@ from .stats import Stats
 from .target import CapacityError
 
 
+DRAFT_MODES = ("auto", "mtp", "hybrid", "lookup")
+
+
 @dataclass(frozen=True)
 class Draft:
     """Speculative decoding settings: `mode` auto | mtp | lookup | hybrid | none, K drafted tokens per round
@@ -26,6 +29,10 @@ class Draft:
     adaptive: bool = False
 
     def __post_init__(self):
+        # here, not only where a drafter is made: a K = 0 (or mode "none") never makes one, and a typo passed
+        if not isinstance(self.mode, str) or self.mode not in (*DRAFT_MODES, "none"):
+            raise ArgumentError("Draft.mode", self.mode, f"is unknown (choose from {', '.join(DRAFT_MODES)}, none)",
+                                "--draft")
         if not is_whole(self.k):
             raise ArgumentError("Draft.k", self.k, "must be a whole number", "--draft-k")
         if self.k < 0:
