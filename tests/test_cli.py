@@ -612,6 +612,28 @@ def test_api_takes_what_apps_hand_it(tiny_gemma3):
         engine.chat_prompt([])
 
 
+def test_stream_stats_fill_as_tokens_come(tiny_gemma3):
+    """stream()'s stats are filled as generation goes with drafting too: a plain Stats got nothing and a
+    SpecStats no decode_tokens (tokens_per_s 0) until the last token, so a live tokens/s display read 0."""
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.speculative import SpecStats
+    from edgemtp.runtime.stats import Stats
+
+    engine = Engine.load(tiny_gemma3[2], threads=1)
+    prompt = "t1 t2 t3 t1 t2 t3 t1 t2"
+    for draft in (None, Draft("lookup", 3)):
+        for stats in (Stats(), SpecStats()):
+            seen = [(stats.prefill_tokens, stats.decode_tokens) for _ in engine.stream(prompt, 12, draft=draft,
+                                                                                     stats=stats)]
+            assert seen[0] == (len(engine.encode(prompt)), 0) and 0 < seen[-2][1] <= seen[-1][1] == 11, (draft, seen)
+            assert stats.decode_tokens == 11 and stats.stop_reason == "max new tokens"
+        left = SpecStats()
+        stream = engine.stream(prompt, 12, draft=draft, stats=left)
+        next(stream), next(stream), next(stream)
+        stream.close()  # left early: what it gave is counted
+        assert 2 <= left.decode_tokens < 11
+
+
 def test_standard_input_that_is_not_utf8_is_named(tiny_gemma3):
     """Read as bytes: a strict UTF-8 stdin (most locales) would raise inside the read, before any check."""
     r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],

@@ -325,11 +325,10 @@ class Engine:
             with self._keeping(cache, prompt_ids, results[0].tokens):
                 for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, stops, own, results,
                                                 cache, cached):
+                    _copy_stats(own, stats)  # filled as generation goes, as without drafting
                     yield from tokens
         finally:
-            if own is not stats:
-                for f in dataclasses.fields(Stats):
-                    setattr(stats, f.name, getattr(own, f.name))
+            _copy_stats(own, stats)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                  draft: Draft | None = None, *, stop=None) -> Generation:
@@ -399,6 +398,13 @@ class Engine:
         if text != shown:
             same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
             yield text[same:]
+
+
+def _copy_stats(own: Stats, stats: Stats | None) -> None:
+    """A plain Stats given to a drafting stream gets the plain fields of the loop's SpecStats."""
+    if stats is not None and own is not stats:
+        for f in dataclasses.fields(Stats):
+            setattr(stats, f.name, getattr(own, f.name))
 
 
 def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp: bool, fast: bool,

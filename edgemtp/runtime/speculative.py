@@ -207,9 +207,11 @@ class Speculative:
             before = {s.row: len(s.out.tokens) for s in active}
             self._round(active, cache, sampling, stops, max_new_tokens, stats)
             stats.decode_s = time.perf_counter() - t1
+            # counted round by round, as decode_s: a stream's reader sees tokens_per_s as it goes (it read 0
+            # until the end), and a stream left early still counts what it gave
+            stats.decode_tokens += sum(len(s.out.tokens) - before[s.row] for s in active)
             for s in active:
                 yield s.row, s.out.tokens[before[s.row]:]
-        stats.decode_tokens += sum(len(s.out.tokens) - 1 for s in seqs)
         stats.other_s = stats.decode_s - stats.draft_s - stats.verify_s
         for s in seqs:
             stats.rounds += s.out.rounds
