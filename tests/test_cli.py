@@ -595,8 +595,10 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
 
 def test_api_takes_what_apps_hand_it(tiny_gemma3):
     """Values of the right meaning in another type: numpy's booleans for flags, prompt ids as a numpy array or
-    a tuple (e.g. a tokenizer's return_tensors="np"), any iterable of prompts for a batch."""
+    a tuple (e.g. a tokenizer's return_tensors="np"), any iterable of prompts for a batch, numpy's unsigned
+    whole numbers."""
     from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.sampling import Sampling
 
     engine = Engine.load(tiny_gemma3[2], threads=1, verify=np.bool_(False), reuse_prefix=np.True_)
     ids = engine.encode("t1 t2 t1 t2")
@@ -604,6 +606,11 @@ def test_api_takes_what_apps_hand_it(tiny_gemma3):
     assert list(engine.token_ids(np.array(ids), 6)) == want == list(engine.token_ids(tuple(ids), 6))
     draft = Draft("lookup", 2, adaptive=np.True_)
     assert draft.adaptive is True and list(engine.token_stream(np.array(ids), 6, draft=draft)) == want
+    # numpy's unsigned whole numbers: -top_k wrapped around inside np.partition
+    sampled = [engine.generate("t1 t2", 6, Sampling(0.8, top_k=k, seed=seed)).tokens
+               for k, seed in ((5, 1), (np.uint8(5), np.uint64(1)), (np.uint64(5), np.int32(1)))]
+    assert sampled[0] == sampled[1] == sampled[2]
+    assert Draft("lookup", np.uint8(3)) == Draft("lookup", 3) and type(Sampling(top_k=np.uint8(5)).top_k) is int
     prompts = {"t1 t2": 0, "t3 t4": 1}
     batch = [g.tokens for g in engine.generate_batch(prompts.keys(), 4)]
     assert batch == [g.tokens for g in engine.generate_batch((p for p in prompts), 4)]

@@ -40,6 +40,7 @@ class Draft:
         if not is_bool(self.adaptive):
             raise ArgumentError("Draft.adaptive", self.adaptive, "must be True or False", "--adaptive")
         object.__setattr__(self, "adaptive", bool(self.adaptive))  # numpy's True as Python's (frozen dataclass)
+        object.__setattr__(self, "k", int(self.k))  # and numpy's whole numbers, as Sampling's
 
 
 def new_stats(draft: Draft | None) -> Stats:

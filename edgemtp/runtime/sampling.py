@@ -27,6 +27,11 @@ class Sampling:
                 raise ArgumentError(name, value, "must be >= 0")
         if not (is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ArgumentError("top_p", self.top_p, "must be in (0, 1]")
+        # numpy's whole numbers as Python's (frozen dataclass): -top_k of an unsigned one wrapped around, and
+        # np.partition failed on it ("kth(=251) out of bounds") at the first sampled token
+        object.__setattr__(self, "top_k", int(self.top_k))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", int(self.seed))
 
     @property
     def greedy(self) -> bool:
