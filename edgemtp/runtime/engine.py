@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class Engine:
         self.chat_template = None  # chat.ChatTemplate: the model's, when its bundle has one
         self.reuse_prefix = False  # see load
         self._kept = None  # (KV cache, the token ids its positions hold) left by the last one-prompt generation
+        self._kept_lock = threading.Lock()  # two threads' generations must not both take the one kept cache
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -217,7 +219,8 @@ class Engine:
         """A one-row cache for `prompt_ids` and how many of their first positions it holds already: with
         reuse_prefix, the last generation's cache rolled back to where its tokens and the prompt part (one
         token at least is left to run: its logits pick the first new token)."""
-        kept, self._kept = self._kept, None  # taken: a generation that fails leaves none behind
+        with self._kept_lock:
+            kept, self._kept = self._kept, None  # taken: a generation that fails leaves none behind
         if kept is None:
             return self.target.new_cache(1), 0
         cache, ids = kept
