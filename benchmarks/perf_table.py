@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from edgemtp.drafter import data
+from edgemtp.errors import EdgemtpError
 from edgemtp.runtime import profile as prof
 from edgemtp.runtime.profile_report import ceiling_line
 
@@ -48,12 +49,16 @@ def main() -> None:
     args = ap.parse_args()
     ks = [int(k) for k in args.draft_k.split(",")]
     batches = [int(b) for b in args.batch.split(",")]
+    try:  # every domain's text before any measuring: a missing corpus (prose's docs) fails at once
+        texts = {domain: heldout_text(domain) for domain in args.domains.split(",")}
+    except EdgemtpError as e:
+        raise SystemExit(f"--domains: {e}")
     print("| domain | batch | drafter | K | tg tokens/s | × no draft | tokens/forward | acceptance | draft / verify / other ms per round |")
     print("|---|---|---|---|---|---|---|---|---|")
     result = None
-    for domain in args.domains.split(","):
+    for domain, text in texts.items():
         result = prof.profile(args.bundle, (args.prompt_tokens,), args.gen_tokens, args.repetitions, ks,
-                              batches, "cpu", args.threads, args.draft, heldout_text(domain), head=args.head,
+                              batches, "cpu", args.threads, args.draft, text, head=args.head,
                               fast_verify=args.fast_verify)
         base = {r["batch"]: r["tg_tokens_per_s"]["mean"] for r in result["rows"]
                 if not r["skipped"] and r["draft_k"] == 0}
