@@ -116,7 +116,9 @@ def main() -> None:
     config = og.Config(str(args.genai_model))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
     model = og.Model(config)
-    engine = Engine.load(args.bundle, threads=args.threads)
+    # mtp=False: plain decoding, as --no-draft loads it (a bundle with an MTP drafter would otherwise keep the
+    # target's threads from spin-waiting, which slows plain decode steps)
+    engine = Engine.load(args.bundle, threads=args.threads, mtp=False)
     ids = engine.encode(args.prompt_file.read_text())[:128]
     print(f"threads={args.threads} prompt={len(ids)} tokens, {args.new} new tokens, {args.rounds} rounds "
           f"(onnxruntime-genai {og.__version__}, then edgemtp, in each)")
