@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemtp.runtime.engine import Engine
+from edgemtp.runtime.stats import Stats
 
 
 def llama_round(llm, ids: list[int], new: int) -> tuple[float, float]:
@@ -36,7 +37,10 @@ def llama_round(llm, ids: list[int], new: int) -> tuple[float, float]:
 
 
 def edgemtp_round(engine: Engine, ids: list[int], new: int) -> tuple[float, float]:
-    stats = engine.generate(engine.decode(ids), max_new_tokens=new).stats
+    # these very ids: their text, encoded again, need not give the same ones (nor llama.cpp's prompt)
+    stats = Stats()
+    for _ in engine.token_ids(ids, new, stats=stats):
+        pass
     return stats.prefill_tokens_per_s, stats.tokens_per_s
 
 
