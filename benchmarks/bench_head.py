@@ -39,6 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (see its docstring)
 import numpy as np
 import onnx
 import onnxruntime as ort

@@ -27,6 +27,7 @@ import json
 import time
 from pathlib import Path
 
+import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (see its docstring)
 import numpy as np
 
 from edgemtp import bundle as bundle_mod

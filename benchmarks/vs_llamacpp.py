@@ -16,6 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
+import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (see its docstring)
 import numpy as np
 
 from edgemtp.runtime.engine import Engine
