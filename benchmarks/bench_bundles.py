@@ -29,7 +29,7 @@ def turns(n: int, jobs: list) -> list[list[float]]:
     """Seconds of each job, n times each, taking turns in alternating order."""
     times = [[] for _ in jobs]
     for r in range(n):
-        for i in (range(len(jobs)) if r % 2 else reversed(range(len(jobs)))):
+        for i in (range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs)))):
             t0 = time.perf_counter()
             jobs[i]()
             times[i].append(time.perf_counter() - t0)
