@@ -21,6 +21,7 @@ import glob
 import hashlib
 import itertools
 import sys
+import sysconfig
 import tarfile
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ CACHE = Path("/tmp/headcal")
 GGUF_NAME = "gemma3-270m-q4_k_m.gguf"
 CHUNK = 512
 TOP = 256
-STDLIB = "/root/.pyenv/versions/3.11.7/lib/python3.11"
+STDLIB = sysconfig.get_paths()["stdlib"]  # this Python's own, as edgemtp.drafter.data.code_root (any machine)
 # (tokens, chunks per file in the first round): the prose corpus has fewer files than the code one.
 # Past the first round every file gives one more chunk per round (see `file_chunks`), so raising a
 # budget only appends chunks: the ones already cached keep their keys.
