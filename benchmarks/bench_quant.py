@@ -93,7 +93,7 @@ def decode_speeds(bundles: dict[str, Path], prompt_ids: list[int], threads: int)
     """Best-of-REPEATS decode tokens/s per bundle (the bundles taking turns), and how it was measured."""
     engines = {q: Engine.load(b, threads=threads, verify=False, mtp=False) for q, b in bundles.items()}  # as --no-draft
     first = next(iter(engines.values()))
-    n_prompt = min(PROMPT_TOKENS, first.capacity // 2)  # tiny test bundles hold only a few dozen
+    n_prompt = min(PROMPT_TOKENS, first.capacity // 2, len(prompt_ids))  # tiny test bundles hold only a few dozen
     n_new = min(NEW_TOKENS, first.capacity - n_prompt - 1)
     prompt = first.decode(prompt_ids[:n_prompt])
     for e in engines.values():
