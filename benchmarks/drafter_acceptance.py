@@ -2,7 +2,7 @@
 
     python benchmarks/drafter_acceptance.py BUNDLE --drafter edgemtp/drafters/gemma3-270m [DRAFTER2 ...] \\
         [--heads full,32] [--prompts 8] [--skip 0] [--prompt-len 128] [--new 128] [--k 4] [--speculative 1] \\
-        [--chunk 32] [--json out.json]
+        [--chunk 32] [--head-rows auto] [--json out.json]
 
 BUNDLE: a target bundle. For each entry of --heads (full: the tied full head; a number k: the clustered
 head keeping k clusters, from the drafter directory's head.safetensors) a drafter graph is written into
@@ -183,6 +183,9 @@ def main() -> None:
     ap.add_argument("--heads", default="full", help="comma list: full and/or clustered top-k values, e.g. full,32; "
                                                     "K+W: top-k K with the W most recent tokens as candidates too "
                                                     "(e.g. 32+64); bundle: the bundle's own drafter graph")
+    ap.add_argument("--head-rows", default="auto", help="clustered heads' candidate rows: fp32, int8, or auto: int8 "
+                    "when the bundle's target keeps only its transposed head table (a default fp32 export, whose "
+                    "drafter then scores int8 rows), else fp32")
     ap.add_argument("--domains", default=",".join(DOMAINS))
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -200,17 +203,22 @@ def main() -> None:
     args = ap.parse_args()
     hybrid = [int(n) for n in args.hybrid.split(",") if n]
     engine = Engine.load(args.bundle, threads=args.threads, verify=False)
-    target = bundle_mod.load(args.bundle, verify=False).graph("target").path
+    b = bundle_mod.load(args.bundle, verify=False)
+    target, rows = b.graph("target").path, args.head_rows
+    if rows == "auto":  # as `edgemtp export` chooses: fp32 rows gathered as columns of a transposed table are slow
+        gemv = b.manifest["graphs"]["target"].get("gemv_head")
+        rows = "int8" if gemv and not gemv.get("kept_table") else "fp32"
     drafters = {}
     for d in args.drafter:
         for head in args.heads.split(","):
             label = head if len(args.drafter) == 1 else f"{d.name}:{head}"
             if head == "bundle":  # the bundle's own drafter graph as exported (e.g. a quantized bundle's)
-                drafters[label] = DrafterSession.load(bundle_mod.load(args.bundle, verify=False), threads=args.threads)
+                drafters[label] = DrafterSession.load(b, threads=args.threads)
                 continue
             top_k, _, context = head.partition("+")
             entry = write(args.bundle, d, target, top_k=0 if head == "full" else int(top_k), context=int(context or 0),
-                          name=f"drafter_{label.replace(':', '_').replace('+', '_')}.onnx")
+                          name=f"drafter_{label.replace(':', '_').replace('+', '_')}.onnx",
+                          head_rows="fp32" if head == "full" else rows)
             drafters[label] = DrafterSession.open(args.bundle / entry["file"], entry["contract"], threads=args.threads)
     report, pooled = {"args": {k: str(v) for k, v in vars(args).items()}}, {h: {} for h in drafters}
     per_row = {h: {} for h in drafters}
