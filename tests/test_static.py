@@ -236,7 +236,7 @@ def test_npu_checker(models):
 def test_qdq_static_graph(models, tmp_path):
     from onnxruntime.quantization import CalibrationMethod
 
-    from edgemtp.exporters.qdq import WindowReader, quantize_static_qdq
+    from edgemtp.exporters.qdq import WindowReader, activation_matmuls, quantize_static_qdq
 
     _, model_dir, _, st = models["llama"]
     src, contract = st.bundle.graph("target").path, st.bundle.graph("target").contract
@@ -244,7 +244,9 @@ def test_qdq_static_graph(models, tmp_path):
     texts = [" ".join(f"t{i}" for i in rng.integers(0, 96, 40)) for _ in range(2)]
     ids = rng.integers(0, 96, size=(1, 40))
     want, _ = st.target.forward(ids, st.target.new_cache(1), n_logits=40)
-    for bits, method, floor, ops in ((16, "minmax", 0.9, "matmul"), (8, CalibrationMethod.Percentile, 0.5, "matmul"),
+    attention = set(activation_matmuls(onnx.load(str(src), load_external_data=False)))
+    assert len(attention) == 4 * len(contract["kv"])  # q . k and probs . v, over the cache and the window
+    for bits, method, floor, ops in ((16, "minmax", 0.9, "weights"), (8, CalibrationMethod.Percentile, 0.5, "matmul"),
                                      (16, "minmax", 0.9, "all")):
         reader = WindowReader(src, contract, model_dir / "tokenizer.json", texts, max_windows=16, threads=1)
         dst = tmp_path / f"qdq{bits}{ops}" / "target.onnx"
@@ -254,8 +256,11 @@ def test_qdq_static_graph(models, tmp_path):
         graph = onnx.load(str(dst), load_external_data=False).graph
         producer = {o: n.op_type for n in graph.node for o in n.output}
         quantized = {producer.get(n.input[0]) for n in graph.node if n.op_type == "QuantizeLinear"}
-        # matmul: the weights' ops and their inputs, never the residual stream's Adds or the norms' insides
-        assert ({"Add", "ReduceMean", "Softmax"} & quantized == set()) == (ops == "matmul"), quantized
+        # weights / matmul: the weights' ops (matmul: attention's too) and their inputs, never the residual
+        # stream's Adds or the norms' insides
+        assert ({"Add", "ReduceMean", "Softmax"} & quantized == set()) == (ops != "all"), quantized
+        fed = {n.name for n in graph.node if n.op_type == "MatMul" and "DequantizeLinear" in map(producer.get, n.input)}
+        assert (attention & fed == set()) == (ops == "weights") and len(fed - attention) == 6 * len(contract["kv"])
         q = StaticTarget(make_session(dst, threads=1), contract)
         got, _ = q.forward(ids, q.new_cache(1), n_logits=40)
         agreement = float((got.argmax(-1) == want.argmax(-1)).mean())
@@ -324,7 +329,7 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert r.exit_code == 0, r.output
     assert not [m for m in caplog.messages if "pre-processing" in m] and "pre-processing" not in r.output
     q = bundle_mod.load(out).manifest["graphs"]["target"]
-    assert q["quant"] == "qdq" and q["quantization"]["activation_bits"] == 16 and q["quantization"]["ops"] == "matmul"
+    assert q["quant"] == "qdq" and q["quantization"]["activation_bits"] == 16 and q["quantization"]["ops"] == "weights"
     mask = os.umask(0)
     os.umask(mask)  # every file readable as the umask allows (onnxruntime wrote its data file 0600)
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == \
@@ -342,7 +347,7 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     for args, message in ((("--quant", "qdq", "--activation-bits", "4"), "--activation-bits 4 must be 8 or 16"),
                           (("--quant", "qdq", "--calibration-method", "mse"), "--calibration-method 'mse' must be"),
-                          (("--quant", "qdq", "--qdq-ops", "some"), "--qdq-ops 'some' must be one of matmul, all"),
+                          (("--quant", "qdq", "--qdq-ops", "some"), "--qdq-ops 'some' must be one of weights, matmul, all"),
                           (("--quant", "int8", "--qdq-ops", "all"), "--qdq-ops applies to --quant qdq only"),
                           (("--quant", "qdq", "--calibration", "none"), "--quant qdq needs calibration text"),
                           (("--quant", "qdq", "--gptq"), "--gptq applies to --quant int8 / int4, not qdq"),

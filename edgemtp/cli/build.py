@@ -67,10 +67,11 @@ def quant_options(f):
         click.option("--activation-bits", type=int, default=None, help="qdq: activation bits, 8 or 16 (default 16)."),
         click.option("--calibration-method", default=None, help="qdq: activation ranges by minmax (default), "
                                                                  "entropy or percentile."),
-        click.option("--qdq-ops", default=None, help="qdq: matmul (default: the weights' MatMul / Gemm / Gather "
-                                                      "and their inputs quantized; the residual stream, norms and "
-                                                      "softmax float) or all (every op: for NPUs without float "
-                                                      "ops, at a large loss on Gemma)."),
+        click.option("--qdq-ops", default=None, help="qdq: weights (default: the weights' MatMul / Gemm / Gather "
+                                                      "and their inputs quantized; attention's MatMuls, the "
+                                                      "residual stream, norms and softmax float), matmul (every "
+                                                      "MatMul, attention's too) or all (every op: for NPUs without "
+                                                      "float ops, at a large loss on Gemma)."),
     ]):
         f = opt(f)
     return f

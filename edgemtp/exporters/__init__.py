@@ -358,7 +358,7 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
         raise EdgemtpError(f"--activation-bits {bits} must be 8 or 16")
     if method not in METHODS:
         raise EdgemtpError(f"--calibration-method {method!r} must be one of {', '.join(METHODS)}")
-    ops = options.get("qdq_ops", "matmul")
+    ops = options.get("qdq_ops", "weights")
     if ops not in OPS:
         raise EdgemtpError(f"--qdq-ops {ops!r} must be one of {', '.join(OPS)}")
     source = options.get("calibration", A.CORPORA)

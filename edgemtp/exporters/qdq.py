@@ -28,23 +28,27 @@ from ..errors import EdgemtpError
 from .static import KEEP_FLOAT
 
 METHODS = ("minmax", "entropy", "percentile")
-# which ops carry QDQ pairs. matmul: the weights' ops (MatMul, the head's Gemm, the embedding's Gather) and
-# their activation inputs; the residual stream, norms, Gelu and softmax stay float (fp16 on an NPU that runs
-# float ops). all: every op onnxruntime quantizes. Gemma's residual stream reaches ~1e7 (its norms' squares
-# ~1e10), so one scale per tensor leaves the ordinary channels a few levels even at 16 bits: Gemma 3 270M's
-# next tokens agreed with the static fp32 graph's on 0.63 of held-out prose with all (perplexity +50%, KL
-# 0.44), 0.85 with matmul (+5.0%, KL 0.06) (docs/measurements.md, session 36).
-OPS = {"matmul": ["MatMul", "Gemm", "Gather"], "all": None}
+# which ops carry QDQ pairs. weights: the weights' ops (the MatMuls with a weight, the head's Gemm, the
+# embedding's Gather) and their activation inputs; attention's MatMuls of two activations (q . k, probs . v),
+# the residual stream, norms, Gelu and softmax stay float (fp16 on an NPU that runs float ops). matmul: every
+# MatMul, attention's too. all: every op onnxruntime quantizes. Gemma's residual stream reaches ~1e7 (its norms'
+# squares ~1e10), so one scale per tensor leaves the ordinary channels a few levels even at 16 bits; and
+# attention's 16-bit q, k and probabilities cost more than all the weights' int8 together. Gemma 3 270M's next
+# tokens against the static fp32 graph's on held-out prose (W = 3, 16-bit): top-1 agreement 0.63 with all
+# (perplexity +50%, KL 0.44), 0.85 with matmul (+5.0%, KL 0.06), 0.91 with weights (+0.8%, KL 0.02); the int8
+# weights alone, activations float: 0.94, +0.2% (docs/measurements.md, sessions 36-37).
+OPS = {"weights": ["MatMul", "Gemm", "Gather"], "matmul": ["MatMul", "Gemm", "Gather"], "all": None}
 
 
 def quantize_static_qdq(src: Path, dst: Path, calibration_reader, activation_bits: int = 8,
                         method="minmax", keep_float: Iterable[str] = KEEP_FLOAT,
-                        per_channel: bool = True, ops: str = "matmul") -> list[str]:
+                        per_channel: bool = True, ops: str = "weights") -> list[str]:
     """Writes the QDQ graph of the static float graph `src` to `dst` (+ `dst.data`).
 
     calibration_reader: an onnxruntime CalibrationDataReader (e.g. WindowReader) giving whole input
     feeds of `src`. method: "minmax", "entropy", "percentile" (or a CalibrationMethod). keep_float:
-    node-name prefixes left unquantized. ops: "matmul" or "all" (OPS). Returns the file names written."""
+    node-name prefixes left unquantized. ops: "weights", "matmul" or "all" (OPS). Returns the file names
+    written."""
     if activation_bits not in (8, 16):
         raise EdgemtpError(f"QDQ activation bits must be 8 or 16, got {activation_bits!r}")
     if ops not in OPS:
@@ -57,12 +61,23 @@ def quantize_static_qdq(src: Path, dst: Path, calibration_reader, activation_bit
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         model = onnx.load(str(src))  # quantize_static holds the whole model in memory too
         exclude = [n.name for n in model.graph.node if n.name.startswith(tuple(keep_float))]
+        if ops == "weights":
+            exclude += activation_matmuls(model)
         untie_gather_weights(model)
         onnx.save(model, str(Path(tmp) / "float.onnx"), save_as_external_data=True, location="float.onnx.data")
         del model
         _quantize(Path(tmp) / "float.onnx", dst, calibration_reader, activation_bits, method, exclude, per_channel,
                   OPS[ops])
     return [dst.name] + ([dst.name + ".data"] if (dst.parent / (dst.name + ".data")).is_file() else [])
+
+
+def activation_matmuls(model) -> list[str]:
+    """The MatMuls of two activations (attention's q . k and probs . v), which --qdq-ops weights leaves float:
+    neither input is a weight (an initializer or a Constant's output)."""
+    weights = {i.name for i in model.graph.initializer} | \
+        {out for n in model.graph.node if n.op_type == "Constant" for out in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and not weights & set(n.input)]
 
 
 def _method_name(method) -> str:
