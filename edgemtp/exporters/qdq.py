@@ -154,8 +154,8 @@ def untie_gather_weights(model: onnx.ModelProto) -> int:
 class WindowReader:
     """Calibration feeds from real text: each text is tokenized and run through the float static graph
     window by window (StaticTarget); each window's whole input (ids, positions, masks and the cache
-    as the float graph filled it) is one sample. At most `max_windows` samples (min-max keeps every
-    sample's intermediate tensors in memory until the end), at most `per_text` from each text.
+    as the float graph filled it) is one sample. At most `max_windows` samples (their number does not
+    change the export's peak memory: min-max keeps two numbers a tensor), at most `per_text` from each text.
 
     Implements onnxruntime's CalibrationDataReader protocol (get_next() -> feed dict or None)."""
 
