@@ -166,7 +166,8 @@ class WindowReader:
 
         if max_windows < 1:
             raise EdgemtpError(f"max_windows {max_windows} must be at least 1")
-        self.target = StaticTarget(make_session(Path(model_path), "cpu", threads), contract)
+        # no packed copy of the weights (~1 GB on Gemma 3 270M), held while quantize_static loads two more
+        self.target = StaticTarget(make_session(Path(model_path), "cpu", threads, prepack=False), contract)
         self.tokenizer = _tokenizer(tokenizer)
         self.texts, self.max_windows, self.per_text = list(texts), max_windows, per_text
         self.count = 0  # samples given so far
