@@ -46,7 +46,8 @@ class TextConfig:
     rope: dict = field(hash=False)  # layer type -> Rope
     sliding_window: int | None = None
     tie_word_embeddings: bool = True
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases
+    output_bias: bool = False  # an o_proj bias (llama's attention_bias; qwen2 has none)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -163,8 +164,12 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
 
 
 def parse_llama(hf: dict, source: str) -> TextConfig:
-    """llama and qwen2 (qwen2 adds q/k/v biases and may use a sliding window we do not need)."""
+    """llama and qwen2 (qwen2 adds q/k/v biases; its sliding-window layers are refused)."""
     pr = Problems(source)
+    qwen2 = hf.get("model_type") == "qwen2"
+    # llama's attention_bias puts a bias on q/k/v and o_proj; transformers' qwen2 ignores the field: q/k/v
+    # biases always, none on o_proj
+    attention_bias = True if qwen2 else pr.flag(hf, "attention_bias", False)
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
     head_dim = pr.opt(hf, "head_dim", int, hidden // heads if heads else 0)
@@ -185,7 +190,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         layer_types=(FULL,) * n_layers,
         rope={FULL: rope},
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", False),
-        attention_bias=pr.flag(hf, "attention_bias", hf.get("model_type") == "qwen2"),
+        attention_bias=attention_bias,
+        output_bias=attention_bias and not qwen2,
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),

@@ -29,14 +29,16 @@ def tiny(kind: str):
                                             query_pre_attn_scalar=24, final_logit_softcapping=30.0)
         model = transformers.Gemma3ForCausalLM(cfg)
     elif kind.startswith("llama"):
-        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True,
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, attention_bias=kind == "llama_bias",
                                        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
                                                         "factor": 8.0, "low_freq_factor": 1.0,
                                                         "high_freq_factor": 4.0,
                                                         "original_max_position_embeddings": 64})
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False)
+        # transformers' qwen2 has q/k/v biases whatever attention_bias says
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False,
+                                       **({"attention_bias": False} if kind == "qwen2_bias_false" else {}))
         model = transformers.Qwen2ForCausalLM(cfg)
     _randomize_norms(model)
     return model.eval()
@@ -50,13 +52,15 @@ def _randomize_norms(model) -> None:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "llama" in type(model).__name__.lower() else 0.0))
 
 
-@pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "qwen2",
-                                  "gemma3_text_mqa+gemv", "qwen2+gemv"])
+@pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "llama_bias", "qwen2",
+                                  "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
     GroupQueryAttention refuses to rotate itself (q and k are rotated before it). +gemv: export --gemv-head,
-    whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2)."""
+    whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2). llama_bias: llama's
+    attention_bias, biases on q/k/v and o_proj. qwen2_bias_false: config.json says attention_bias false, which
+    transformers' qwen2 ignores (q/k/v biases all the same)."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")

@@ -1,4 +1,5 @@
-"""Llama-family decoder (`llama`, `qwen2`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v biases."""
+"""Llama-family decoder (`llama`, `qwen2`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v biases, llama's
+attention_bias q/k/v and o_proj biases."""
 
 from __future__ import annotations
 
@@ -51,4 +52,4 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
         out = nn.gqa(b, q, k, v, nn.kv_buffers(b, slot, capacity), slot, io, n, cfg.scale, None, rope)
     else:
         out = nn.window_attention(b, q, k, v, slot, view, n, cfg.scale, None, capacity)
-    return nn.linear(b, out, p + "o_proj.weight", n * d, hid)
+    return nn.linear(b, out, p + "o_proj.weight", n * d, hid, p + "o_proj.bias" if cfg.output_bias else None)

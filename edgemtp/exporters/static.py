@@ -126,7 +126,7 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
 
 
 def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
-    """Llama / Qwen2: pre-norm, RoPE, SwiGLU; qwen2's q/k/v biases."""
+    """Llama / Qwen2: pre-norm, RoPE, SwiGLU; q/k/v biases (qwen2, llama's attention_bias), o_proj's (llama)."""
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size)
     table = rope_table(b, cfg.rope[FULL], cfg.head_dim, sp)
@@ -137,7 +137,8 @@ def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) ->
         q, k, v = _qkv(b, cfg, a, h, bias=cfg.attention_bias)
         q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, None)
-        x = b.op("Add", x, nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid))
+        x = b.op("Add", x, nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid,
+                                     a + "o_proj.bias" if cfg.output_bias else None))
         h = rms_norm(b, x, b.param(p + "post_attention_layernorm.weight", (hid,)), eps)
         x = b.op("Add", x, nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation))
     x = _rename_last(b, rms_norm(b, x, b.param("model.norm.weight", (hid,)), eps), C.LAST_HIDDEN)
