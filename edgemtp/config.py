@@ -152,11 +152,17 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
         params = None
     p = dict(params or {})
     kind = p.get("rope_type", p.get("type", "default")) or "default"
+    fraction = pr.opt(p, "partial_rotary_factor", float, 1.0, where) or 1.0
+    # transformers' llama and gemma3 rotate the whole head with 'default' RoPE (the factor is ignored) and fail
+    # with 'linear' or 'llama3' (tables narrower than the head); only 'proportional' rotates a fraction
+    pr.check(fraction == 1.0 or kind == "proportional",
+             f"field '{where}.partial_rotary_factor' {fraction} is not supported with rope_type {kind!r} "
+             "(only with 'proportional')")
     return Rope(
         theta=pr.opt(p, "rope_theta", float, default_theta, where),
         kind=kind,
         factor=pr.opt(p, "factor", float, 1.0, where) or 1.0,
-        fraction=pr.opt(p, "partial_rotary_factor", float, 1.0, where) or 1.0,
+        fraction=fraction,
         low_freq_factor=pr.opt(p, "low_freq_factor", float, 1.0, where),
         high_freq_factor=pr.opt(p, "high_freq_factor", float, 4.0, where),
         original_max_positions=pr.opt(p, "original_max_position_embeddings", int, 8192, where),
@@ -200,8 +206,26 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     _check_common(cfg, pr)
     pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once
              f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
+    # fields that change transformers' maths and the graph does not build (qwen2's MLP has no biases whatever
+    # mlp_bias says)
+    pr.check(qwen2 or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
+    if qwen2:
+        pr.check(not _qwen2_sliding(hf, n_layers), "qwen2 sliding-window layers (fields 'use_sliding_window', "
+                                                   "'max_window_layers', 'layer_types') are not supported")
     pr.raise_if_any()
     return cfg
+
+
+def _qwen2_sliding(hf: dict, n_layers: int) -> bool:
+    """Whether transformers' qwen2 gives a layer a sliding window: those its 'layer_types' name, else, with
+    use_sliding_window, the layers from max_window_layers on."""
+    types = hf.get("layer_types")
+    if isinstance(types, list) and SLIDING in types:
+        return True
+    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None or types:
+        return False
+    first = hf.get("max_window_layers", 28)
+    return not isinstance(first, (int, float)) or first < n_layers
 
 
 def parse_gemma3(hf: dict, source: str) -> TextConfig:
@@ -241,6 +265,12 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     _check_common(cfg, pr)
     pr.check(len(layer_types) == n_layers, f"field 'layer_types' has {len(layer_types)} entries for {n_layers} layers")
     pr.check(not hf.get("use_bidirectional_attention"), "field 'use_bidirectional_attention' is not supported")
+    pr.check(not pr.flag(hf, "attention_bias", False), "field 'attention_bias' is not supported")
+    # transformers' Gemma 3 keeps the field but never caps attention scores (nor does llama.cpp), while the
+    # field says to: a checkpoint that sets it may have been made under either maths
+    pr.check(cfg.attn_logit_softcapping is None,
+             f"field 'attn_logit_softcapping' {cfg.attn_logit_softcapping} is not supported (transformers' Gemma 3 "
+             "does not apply it; null)")
     pr.raise_if_any()
     return cfg
 

@@ -204,6 +204,14 @@ def test_export_refuses_existing_output(tiny_gemma3):
      "field 'tie_word_embeddings' should be true or false, got 'false'"),
     (lambda d: _edit_config(d, layer_types="sliding_attention"),
      "field 'layer_types' should be a list of layer types, got 'sliding_attention'"),
+    # fields that change transformers' maths and the graph does not build: refused, not exported as another model
+    (lambda d: _edit_config(d, attention_bias=True), "field 'attention_bias' is not supported"),
+    (lambda d: _edit_config(d, attn_logit_softcapping=50.0),
+     "field 'attn_logit_softcapping' 50.0 is not supported \\(transformers' Gemma 3 does not apply it"),
+    (lambda d: _edit_config(d, rope_parameters={
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+        "sliding_attention": {"rope_theta": 1e4}}),
+     "field 'rope_parameters.full_attention.partial_rotary_factor' 0.5 is not supported with rope_type 'default'"),
     # safetensors headers that lie: each named, not a ValueError / KeyError / OverflowError from numpy
     (lambda d: _edit_header(d, lambda h: h.update(X=[1])), "tensor 'X' has a header entry that is not an object"),
     (lambda d: _edit_header(d, lambda h: h[FIRST].pop("shape")), f"tensor '{FIRST}' has shape None, not a list"),
@@ -263,6 +271,32 @@ def test_llama_fields_of_the_wrong_type_are_named(tiny_gemma3):
                             ({"num_key_value_heads": 1.5}, "field 'num_key_value_heads' should be an integer")):
         with pytest.raises(EdgemtpError, match=re.escape(message)):
             parse_llama({**hf, **change}, "x")
+
+
+def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
+    """What transformers computes and the llama graph does not: MLP biases, qwen2's sliding-window layers,
+    a partial RoPE other than 'proportional'. Each once exported silently, with other logits."""
+    from edgemtp.config import parse_llama, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1]), "model_type": "llama", "hidden_activation": None,
+          "rope_parameters": None, "layer_types": None}
+    qwen2 = {**hf, "model_type": "qwen2", "sliding_window": 8}
+    sliding = "qwen2 sliding-window layers (fields 'use_sliding_window', 'max_window_layers', 'layer_types')"
+    for cfg, message in (({**hf, "mlp_bias": True}, "field 'mlp_bias' is not supported"),
+                         ({**qwen2, "use_sliding_window": True, "max_window_layers": 2}, sliding),
+                         ({**qwen2, "layer_types": ["full_attention", "sliding_attention"] * 2}, sliding),
+                         ({**hf, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+                          "field 'rope_scaling.partial_rotary_factor' 0.5 is not supported with rope_type 'linear'")):
+        with pytest.raises(EdgemtpError, match=re.escape(message)):
+            parse_llama(cfg, "x")
+    # what transformers ignores: qwen2's mlp_bias and attention_bias (q/k/v biases always, none on o_proj), a
+    # sliding window that is off or starts past the last layer
+    for cfg in ({**qwen2, "mlp_bias": True, "attention_bias": False},
+                {**qwen2, "use_sliding_window": False, "max_window_layers": 0},
+                {**qwen2, "use_sliding_window": True, "max_window_layers": 4}):
+        parsed = parse_llama(cfg, "x")
+        assert parsed.attention_bias and not parsed.output_bias
+    assert parse_llama({**hf, "attention_bias": True}, "x").output_bias
 
 
 def test_bad_max_context(tiny_gemma3, tmp_path):
