@@ -232,6 +232,7 @@ def chat_cmd(bundle_dir, system, as_json, max_new_tokens, temperature, top_k, to
 
 
 def no_room(error: Exception, messages: list, opening: list) -> str:
+    """The error for a message the KV capacity cannot hold, with the way out when there is one."""
     earlier = len(messages) > len(opening)  # only then can /reset make room
     return f"{error}" + (": /reset starts the conversation over" if earlier else "")
 
