@@ -25,7 +25,8 @@ from .sampling import Sampling, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
-from .requests import DRAFT_MODES, Draft, check_ids, check_kinds, check_load_args, check_request, new_stats
+from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_load_args, check_max_new_tokens,
+                       check_request, new_stats)
 from .static_target import StaticTarget, is_static
 from .target import Target
 
@@ -364,6 +365,7 @@ class Engine:
             raise ArgumentError("prompts", prompts, "must be a list of prompts (for one prompt: generate)")
         prompts = list(prompts)  # a generator or dict keys too
         check_kinds(sampling, draft)
+        check_max_new_tokens(max_new_tokens)  # an empty batch too: the rows' checks would not run
         stops = self.stops(stop)
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:

@@ -82,15 +82,19 @@ def check_ids(name: str, ids, vocab: int) -> list[int]:
     return [int(t) for t in ids]
 
 
+def check_max_new_tokens(max_new_tokens) -> None:
+    if not is_whole(max_new_tokens):
+        raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
+    if max_new_tokens < 1:
+        raise ArgumentError("max_new_tokens", max_new_tokens, "must be at least 1")
+
+
 def check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, vocab: int,
                   name: str = "the prompt") -> list[int]:
     """`prompt_ids` checked, as check_ids returns them; `name`: the prompt in messages (a batch's
     "prompts[2]", so that the app learns which of its prompts is empty or too long)."""
     prompt_ids = check_ids("prompt_ids", prompt_ids, vocab)
-    if not is_whole(max_new_tokens):
-        raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
-    if max_new_tokens < 1:
-        raise ArgumentError("max_new_tokens", max_new_tokens, "must be at least 1")
+    check_max_new_tokens(max_new_tokens)
     if not prompt_ids:
         raise EdgemtpError(f"{name} is empty (no tokens)")
     if len(prompt_ids) >= capacity:
