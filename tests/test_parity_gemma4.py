@@ -92,6 +92,41 @@ def test_logits_match_transformers(kind, tmp_path):
     print(f"{kind}: max |logits - transformers| = {worst:.2e}")
 
 
+# config.json values that once exported with other logits than transformers', without an error
+VARIANTS = {
+    # partial_rotary_factor 0: full layers rotate nothing (read as 1, they rotated every pair)
+    "nope_full_layers": ({"rope_parameters": {**TEXT["rope_parameters"], F: {
+        "rope_type": "proportional", "partial_rotary_factor": 0.0, "rope_theta": 10_000.0}}}, {}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variants_match_transformers(variant, tmp_path):
+    """Transformers' reference is the model it loads from the directory edgemtp exports."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from edgemtp.runtime.engine import Engine
+
+    from .reference import reference_logits, save_tiny
+
+    changes, saved = VARIANTS[variant]
+    torch.manual_seed(0)
+    model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**{**TEXT, **changes}))
+    _randomize(model)
+    model_dir = save_tiny(model.eval(), tmp_path / "model")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **saved}))
+    model = transformers.Gemma4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    export(model_dir, tmp_path / "bundle", capacity=64)
+    engine = Engine.load(tmp_path / "bundle")
+    ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
+    cache, start = engine.target.new_cache(1), 0
+    for n, want in zip(CHUNKS, reference_logits(model, ids, CHUNKS)):
+        got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{variant} at position {start}")
+        start += n
+
+
 def _hf_last_hidden(model, ids: np.ndarray) -> np.ndarray:
     import torch
 
@@ -113,11 +148,14 @@ def test_config_errors_list_every_problem(tmp_path):
                  "full_attention layers differ"):
         assert part in msg, msg
     # values that once exported as they came: a string for a flag (read as true), a NaN-making epsilon
-    hf = _hf_text(attention_k_eq_v="no", rms_norm_eps=-1.0, final_logit_softcapping=0, layer_types="full_attention")
+    hf = _hf_text(attention_k_eq_v="no", rms_norm_eps=-1.0, final_logit_softcapping=0, layer_types="full_attention",
+                  rope_parameters={**TEXT["rope_parameters"], F: {"rope_type": "proportional", "rope_theta": 1e4,
+                                                                  "partial_rotary_factor": 1.5}})
     with pytest.raises(EdgemtpError) as e:
         gemma4.parse_config(hf, "model/config.json")
     for part in ("'attention_k_eq_v' should be true or false, got 'no'", "'rms_norm_eps' -1.0 must not be negative",
-                 "'final_logit_softcapping' 0.0 must be positive", "'layer_types' should be a list"):
+                 "'final_logit_softcapping' 0.0 must be positive", "'layer_types' should be a list",
+                 "'rope_parameters.full_attention.partial_rotary_factor' 1.5 must be in [0, 1]"):
         assert part in str(e.value), str(e.value)
 
 

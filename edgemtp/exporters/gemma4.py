@@ -181,8 +181,12 @@ def _ropes(params: dict, types: tuple[str, ...], pr: Problems) -> dict:
             if kind == "default":
                 out[t] = Rope(theta=float(p["rope_theta"]))
             elif kind == "proportional":
+                # 0 is a real value here (no pair rotated: a NoPE layer), not "unset": only null means 1
+                fraction = float(1.0 if p.get("partial_rotary_factor") is None else p["partial_rotary_factor"])
+                pr.check(0.0 <= fraction <= 1.0, f"field 'rope_parameters.{t}.partial_rotary_factor' {fraction} "
+                                                 "must be in [0, 1]")
                 out[t] = Rope(theta=float(p["rope_theta"]), kind=kind, factor=float(p.get("factor") or 1.0),
-                              fraction=float(p.get("partial_rotary_factor") or 1.0))
+                              fraction=fraction)
             else:
                 pr.check(False, f"field 'rope_parameters.{t}.rope_type' {kind!r} unsupported (default, proportional)")
         except (TypeError, ValueError):
