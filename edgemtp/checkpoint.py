@@ -64,6 +64,16 @@ class Checkpoint:
         e = self._entry(name)
         return _convert(self._mapped(e)[np.asarray(ids)], e.dtype)
 
+    def equal(self, a: str, b: str, rows: int = 4096) -> bool:
+        """Whether tensors a and b hold the same values (torch.equal, as transformers compares weights it would
+        tie), a few rows at a time: an embedding table converted whole can take gigabytes."""
+        ea, eb = self._entry(a), self._entry(b)
+        if ea.shape != eb.shape:
+            return False
+        ma, mb = self._mapped(ea).reshape(-1, *ea.shape[1:]), self._mapped(eb).reshape(-1, *eb.shape[1:])
+        return all(np.array_equal(_convert(ma[i:i + rows], ea.dtype), _convert(mb[i:i + rows], eb.dtype))
+                   for i in range(0, len(ma), rows))
+
     @staticmethod
     def _mapped(e: _Entry) -> np.ndarray:
         raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.end - e.start,))

@@ -97,6 +97,9 @@ VARIANTS = {
     # partial_rotary_factor 0: full layers rotate nothing (read as 1, they rotated every pair)
     "nope_full_layers": ({"rope_parameters": {**TEXT["rope_parameters"], F: {
         "rope_type": "proportional", "partial_rotary_factor": 0.0, "rope_theta": 10_000.0}}}, {}),
+    # tie_word_embeddings true beside an lm_head.weight of its own: transformers does not tie them (it warns)
+    # and takes lm_head.weight, which the export left out for the embedding
+    "own_lm_head": ({"tie_word_embeddings": False}, {"tie_word_embeddings": True}),
 }
 
 
@@ -125,6 +128,24 @@ def test_config_variants_match_transformers(variant, tmp_path):
         got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{variant} at position {start}")
         start += n
+
+
+def test_own_head_unties_only_other_values(tmp_path):
+    """An lm_head.weight equal to the embedding keeps the head tied (one table in the bundle), as transformers
+    ties equal weights."""
+    from safetensors.numpy import save_file
+
+    from edgemtp.checkpoint import Checkpoint
+    from edgemtp.exporters import own_head
+
+    cfg = gemma4.parse_config(_hf_text(), "config.json")
+    table = np.arange(12, dtype=np.float32).reshape(4, 3)
+    save_file({"model.embed_tokens.weight": table}, str(tmp_path / "model.safetensors"))
+    assert own_head(cfg, Checkpoint(tmp_path)).tie_word_embeddings
+    save_file({"lm_head.weight": table.copy()}, str(tmp_path / "head.safetensors"))
+    assert own_head(cfg, Checkpoint(tmp_path)).tie_word_embeddings
+    save_file({"lm_head.weight": table + 1}, str(tmp_path / "head.safetensors"))
+    assert not own_head(cfg, Checkpoint(tmp_path)).tie_word_embeddings
 
 
 def _hf_last_hidden(model, ids: np.ndarray) -> np.ndarray:

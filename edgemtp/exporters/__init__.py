@@ -157,6 +157,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     tokenizer = check_tokenizer(model_dir)
     chat = chat_template.find(model_dir)  # a broken one fails before any weight is written
     ckpt = Checkpoint(model_dir)
+    cfg = own_head(cfg, ckpt)
     if static_window is not None:
         from .static import build_static
 
@@ -396,6 +397,15 @@ QDQ_WINDOWS = 64
 QDQ_WINDOWS_PER_PIECE = 4
 QDQ_PIECE_CHARS = 400
 QDQ_TEXT_CHARS = 400_000
+
+
+def own_head(cfg, ckpt: Checkpoint):
+    """cfg, untied when tie_word_embeddings is true but the checkpoint has an lm_head.weight of other values:
+    transformers then does not tie them (it warns) and its logits come from lm_head.weight."""
+    head, emb = "lm_head.weight", "model.embed_tokens.weight"
+    if not getattr(cfg, "tie_word_embeddings", False) or head not in ckpt or emb not in ckpt or ckpt.equal(head, emb):
+        return cfg
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
 
 
 def model_facts(cfg) -> dict:
