@@ -96,10 +96,16 @@ def test_logits_match_transformers(kind, tmp_path):
 VARIANTS = {
     # partial_rotary_factor 0: full layers rotate nothing (read as 1, they rotated every pair)
     "nope_full_layers": ({"rope_parameters": {**TEXT["rope_parameters"], F: {
-        "rope_type": "proportional", "partial_rotary_factor": 0.0, "rope_theta": 10_000.0}}}, {}),
+        "rope_type": "proportional", "partial_rotary_factor": 0.0, "rope_theta": 10_000.0}}}, {}, None),
     # tie_word_embeddings true beside an lm_head.weight of its own: transformers does not tie them (it warns)
     # and takes lm_head.weight, which the export left out for the embedding
-    "own_lm_head": ({"tie_word_embeddings": False}, {"tie_word_embeddings": True}),
+    "own_lm_head": ({"tie_word_embeddings": False}, {"tie_word_embeddings": True}, None),
+    # a multimodal checkpoint's image / video / audio placeholder ids in the vocabulary (as in Gemma 4's):
+    # transformers embeds them as the pad token (their own embedding rows were used)
+    "multimodal_placeholders": ({"pad_token_id": 5}, {}, {"image_token_id": 90, "video_token_id": 91,
+                                                          "audio_token_id": 3, "boi_token_id": 93,
+                                                          "eoi_token_id": 94, "boa_token_id": 95,
+                                                          "eoa_token_index": 89}),
 }
 
 
@@ -112,17 +118,24 @@ def test_config_variants_match_transformers(variant, tmp_path):
 
     from .reference import reference_logits, save_tiny
 
-    changes, saved = VARIANTS[variant]
+    changes, saved, multimodal = VARIANTS[variant]
     torch.manual_seed(0)
-    model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**{**TEXT, **changes}))
+    if multimodal is None:
+        cls = transformers.Gemma4ForCausalLM
+        model = cls(transformers.Gemma4TextConfig(**{**TEXT, **changes}))
+    else:
+        cls = transformers.Gemma4ForConditionalGeneration
+        model = cls(transformers.Gemma4Config(text_config={**TEXT, **changes}, vision_config=None,
+                                              audio_config=None, **multimodal))
     _randomize(model)
     model_dir = save_tiny(model.eval(), tmp_path / "model")
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, **saved}))
-    model = transformers.Gemma4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
     export(model_dir, tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
+    ids[0, [2, 7, 20]] = 90, 91, 3  # every placeholder: in the prefill, a 3-token step, a decode step
     cache, start = engine.target.new_cache(1), 0
     for n, want in zip(CHUNKS, reference_logits(model, ids, CHUNKS)):
         got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)

@@ -30,6 +30,8 @@ MODEL_TYPES = ("gemma4_text", "gemma4")
 DEFAULT_ROPE = {SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
                 FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0}}
 PER_LAYER_KEYS = ("head_dim", "num_key_value_heads")
+# a multimodal config's placeholder tokens (transformers' Gemma4Config defaults), which its text tower embeds as pad
+PLACEHOLDERS = {"image_token_id": 258_880, "video_token_id": 258_884, "audio_token_id": 258_881}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ class Gemma4Config:
     bos_token_id: int | None = 2
     eos_token_ids: tuple[int, ...] = (1,)
     max_position_embeddings: int = 131_072
+    placeholder_ids: tuple[int, ...] = ()  # multimodal `gemma4`: read as pad_token_id (text_ids)
+    pad_token_id: int = 0
 
     @property
     def first_shared(self) -> int:
@@ -92,19 +96,25 @@ class Gemma4Config:
 
 def parse_config(hf: dict, source: str) -> Gemma4Config:
     """config.json of a `gemma4_text` model, or of a multimodal `gemma4` one (its `text_config`)."""
+    placeholders = {}
     if hf.get("model_type") == "gemma4":
         text = hf.get("text_config")
         if not isinstance(text, dict):
             raise EdgemtpError(f"{source}: model_type 'gemma4' needs a 'text_config' object")
+        placeholders = {k: hf.get(k, default) for k, default in PLACEHOLDERS.items()}
         hf = {**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings", True))}
         source += " (text_config)"
     pr = Problems(source)
+    vocab = pr.need(hf, "vocab_size")
+    # ids outside the vocabulary never reach the graph; null: no such placeholder
+    placeholder_ids = tuple(sorted({i for i in (pr.opt(placeholders, k) for k in placeholders)
+                                    if i is not None and 0 <= i < vocab}))
     n = pr.need(hf, "num_hidden_layers")
     types = _layer_types(hf, n, pr)
     head_dims, kv_heads = _layer_shapes(hf, types, pr)
     cfg = Gemma4Config(
         model_type="gemma4_text",
-        vocab_size=pr.need(hf, "vocab_size"),
+        vocab_size=vocab,
         hidden_size=pr.need(hf, "hidden_size"),
         intermediate_size=pr.need(hf, "intermediate_size"),
         num_layers=n,
@@ -126,6 +136,8 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
         eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
         max_position_embeddings=pr.need(hf, "max_position_embeddings", int, 131_072),
+        placeholder_ids=placeholder_ids,
+        pad_token_id=pr.opt(hf, "pad_token_id", int, 0),
     )
     _check(cfg, hf, pr)
     pr.raise_if_any()
@@ -252,8 +264,9 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     io = nn.target_inputs(b)
     slots = kv_slots(cfg)
     emb = "model.embed_tokens.weight"
-    x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
-    ple = per_layer_inputs(b, cfg, io.input_ids, x) if cfg.ple_dim else [None] * cfg.num_layers
+    ids = text_ids(b, cfg, io.input_ids)
+    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
+    ple = per_layer_inputs(b, cfg, ids, x) if cfg.ple_dim else [None] * cfg.num_layers
     # KV-owning layers' GroupQueryAttention rotates q and k from cached tables; KV-shared layers rotate q
     shared_types = sorted(set(cfg.layer_types[cfg.first_shared:]))
     own_types = sorted(set(cfg.layer_types[:cfg.first_shared]))
@@ -277,6 +290,19 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), x, cfg.vocab_size, cfg.hidden_size)
     return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=cfg.drafter_kv(),
                                window_views=window_views)
+
+
+def text_ids(b: GraphBuilder, cfg: Gemma4Config, ids: str) -> str:
+    """ids [B, S] with a multimodal checkpoint's image / video / audio placeholders as its pad token:
+    transformers' Gemma4Model embeds them (per-layer embeddings included) as pad, for the encoders' features
+    to overwrite, which a text graph has none of."""
+    if not cfg.placeholder_ids:
+        return ids
+    hits = [b.op("Equal", ids, b.const(np.int64(t), np.int64)) for t in cfg.placeholder_ids]
+    hit = hits[0]
+    for h in hits[1:]:
+        hit = b.op("Or", hit, h)
+    return b.op("Where", hit, b.const(np.int64(cfg.pad_token_id), np.int64), ids)
 
 
 def per_layer_inputs(b: GraphBuilder, cfg: Gemma4Config, ids: str, x: str) -> list[str]:
