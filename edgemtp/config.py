@@ -152,12 +152,15 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
         params = None
     p = dict(params or {})
     kind = p.get("rope_type", p.get("type", "default")) or "default"
-    fraction = pr.opt(p, "partial_rotary_factor", float, 1.0, where) or 1.0
+    # 0 is a real fraction (no pair rotated), not "unset": only null or absent means the whole head
+    fraction = pr.opt(p, "partial_rotary_factor", float, None, where)
+    fraction = 1.0 if fraction is None else fraction
     # transformers' llama and gemma3 rotate the whole head with 'default' RoPE (the factor is ignored) and fail
     # with 'linear' or 'llama3' (tables narrower than the head); only 'proportional' rotates a fraction
     pr.check(fraction == 1.0 or kind == "proportional",
              f"field '{where}.partial_rotary_factor' {fraction} is not supported with rope_type {kind!r} "
              "(only with 'proportional')")
+    pr.check(0.0 <= fraction <= 1.0, f"field '{where}.partial_rotary_factor' {fraction} must be in [0, 1]")
     return Rope(
         theta=pr.opt(p, "rope_theta", float, default_theta, where),
         kind=kind,

@@ -286,7 +286,9 @@ def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
                          ({**qwen2, "use_sliding_window": True, "max_window_layers": 2}, sliding),
                          ({**qwen2, "layer_types": ["full_attention", "sliding_attention"] * 2}, sliding),
                          ({**hf, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
-                          "field 'rope_scaling.partial_rotary_factor' 0.5 is not supported with rope_type 'linear'")):
+                          "field 'rope_scaling.partial_rotary_factor' 0.5 is not supported with rope_type 'linear'"),
+                         ({**hf, "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": 1.5}},
+                          "field 'rope_scaling.partial_rotary_factor' 1.5 must be in [0, 1]")):
         with pytest.raises(EdgemtpError, match=re.escape(message)):
             parse_llama(cfg, "x")
     # what transformers ignores: qwen2's mlp_bias and attention_bias (q/k/v biases always, none on o_proj), a

@@ -29,11 +29,13 @@ def tiny(kind: str):
                                             query_pre_attn_scalar=24, final_logit_softcapping=30.0)
         model = transformers.Gemma3ForCausalLM(cfg)
     elif kind.startswith("llama"):
+        # llama_nope: 'proportional' RoPE rotating no pair (0 was read as unset, 1, and every pair rotated)
+        rope = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.0} \
+            if kind == "llama_nope" else {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64}
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, attention_bias=kind == "llama_bias",
-                                       rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
-                                                        "factor": 8.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0,
-                                                        "original_max_position_embeddings": 64})
+                                       rope_parameters=rope)
         model = transformers.LlamaForCausalLM(cfg)
     else:
         # transformers' qwen2 has q/k/v biases whatever attention_bias says
@@ -52,7 +54,8 @@ def _randomize_norms(model) -> None:
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "llama" in type(model).__name__.lower() else 0.0))
 
 
-@pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "llama_bias", "qwen2",
+@pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "llama_bias", "llama_nope",
+                                  "qwen2",
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
