@@ -465,6 +465,17 @@ def test_capacity_edge(models):
         speculative_generate(engine.target, PromptLookupDrafter(), [[1] * 24], 5)
 
 
+def test_adaptive_draft_k_beyond_the_capacity_keeps_short_tables(models, monkeypatch):
+    """Speculative(adaptive=True) without an Engine's lengths: K is capped at the KV capacity, and so must be
+    the draft length's tables (they were K long: a K of 10**9 hung building a 10**9-row table)."""
+    steady_clock(monkeypatch)
+    engine = models["llama", 24]
+    prompt = [5, 6, 7, 8] * 3
+    s = Speculative(engine.target, PromptLookupDrafter(), 10**9, adaptive=True)
+    assert s.k == s.lengths.k_max == engine.capacity
+    assert s.generate([prompt], 8, stop_ids=engine.stop_ids)[0].tokens == list(engine.token_ids(prompt, 8))
+
+
 def test_stop_token_inside_an_accepted_run_and_max_new_tokens(models):
     engine = models["llama", 64]
     base = _prompts(engine)[1][1]

@@ -163,7 +163,7 @@ class Speculative:
         if batched_verify is None:
             batched_verify = bool(getattr(target, "multi_row_verify", False))
         self.batched_verify = batched_verify
-        self.lengths = (lengths or DraftLength(k)) if adaptive else None
+        self.lengths = (lengths or DraftLength(self.k)) if adaptive else None  # capped K: its tables are K long
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                  sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
