@@ -12,7 +12,7 @@ import pytest
 from edgemtp import bundle
 from edgemtp.errors import EdgemtpError
 from edgemtp.exporters import builder, export
-from edgemtp.runtime.engine import Engine
+from edgemtp.runtime.engine import Engine, Stats
 
 
 # tensors of the tiny model's checkpoint whose header entries the tests below change
@@ -501,6 +501,20 @@ def test_generation_stops_at_capacity(tiny_gemma3):
     gen = engine.generate(" ".join(["t5"] * 60), max_new_tokens=50)
     assert gen.stats.stop_reason == "KV capacity reached"
     assert len(gen.tokens) == 64 - 60 + 1  # the last one needs no KV slot of its own
+
+
+def test_prompt_that_fills_the_cache_gives_its_next_token(tiny_gemma3):
+    import torch
+
+    model, _, bundle_dir = tiny_gemma3
+    engine = Engine.load(bundle_dir)
+    engine.stop_ids = frozenset()
+    ids = [(7 * i) % 90 + 3 for i in range(64)]
+    stats = Stats()
+    assert list(engine.token_ids(ids, 5, stats=stats)) == [int(model(torch.tensor([ids])).logits[0, -1].argmax())]
+    assert stats.stop_reason == "KV capacity reached"
+    with pytest.raises(EdgemtpError, match="prompt of 65 tokens does not fit the bundle's KV capacity of 64"):
+        list(engine.token_ids(ids + [3], 5))
 
 
 def test_kv_cache_is_updated_in_place(tiny_gemma3):

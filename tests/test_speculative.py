@@ -461,8 +461,13 @@ def test_capacity_edge(models):
             assert r.tokens == list(engine.token_ids(p, 100))
             assert r.stop_reason == "KV capacity reached"
             assert len(p) + len(r.tokens) == engine.capacity + 1  # the last token never needs a slot
-    with pytest.raises(CapacityError, match="capacity of 24"):
-        speculative_generate(engine.target, PromptLookupDrafter(), [[1] * 24], 5)
+    full = [9] * 24  # fills the cache: its one next token needs no slot, a second would
+    for k in (1, 4):
+        got = speculative_generate(engine.target, PromptLookupDrafter(), [full, prompts[0]], 5, k=k)
+        assert got[0].tokens == list(engine.token_ids(full, 5)) and len(got[0].tokens) == 1
+        assert got[0].stop_reason == "KV capacity reached" and len(got[1].tokens) == 5
+    with pytest.raises(CapacityError, match="prompt of 25 tokens does not fit the bundle's KV capacity of 24"):
+        speculative_generate(engine.target, PromptLookupDrafter(), [[1] * 25], 5)
 
 
 def test_adaptive_draft_k_beyond_the_capacity_keeps_short_tables(models, monkeypatch):

@@ -97,7 +97,7 @@ def check_request(prompt_ids: list[int], max_new_tokens: int, capacity: int, voc
     check_max_new_tokens(max_new_tokens)
     if not prompt_ids:
         raise EdgemtpError(f"{name} is empty (no tokens)")
-    if len(prompt_ids) >= capacity:
+    if len(prompt_ids) > capacity:  # a prompt that fills the cache still gives its one next token
         raise CapacityError(f"{name} of {len(prompt_ids)} tokens does not fit the bundle's KV capacity of "
                             f"{capacity} (export with a larger --max-context)")
     return prompt_ids
