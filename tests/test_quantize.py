@@ -921,3 +921,23 @@ def test_gemv_head_bundle_quantizes_as_the_row_major_one(tiny_gemma3, tmp_path):
         engines = [Engine.load(o, verify=False) for o in outs]
         logits = [e.target.forward(ids, e.target.new_cache(1))[0] for e in engines]
         np.testing.assert_array_equal(logits[0], logits[1])
+
+
+def test_keep_8bit_may_name_the_head_a_checkpoint_unties(tmp_path, monkeypatch):
+    """tie_word_embeddings true beside an lm_head.weight of other values exports lm_head (own_head): the early
+    --keep-8bit check knows that graph's names too."""
+    from safetensors.numpy import load_file, save_file
+
+    import edgemtp.exporters as E
+
+    model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
+    table = next(v for k, v in load_file(str(model_dir / "model.safetensors")).items() if k.endswith("embed_tokens.weight"))
+    save_file({"lm_head.weight": table + 1}, str(model_dir / "head.safetensors"))
+
+    def reached(*args, **kwargs):
+        raise RuntimeError("the fp32 export ran")
+
+    real = E.export
+    monkeypatch.setattr(E, "export", reached)
+    with pytest.raises(RuntimeError, match="the fp32 export ran"):  # past the check
+        real(model_dir, tmp_path / "q", "int4", quant_options={"keep_8bit": ("lm_head*",), "calibration": None})

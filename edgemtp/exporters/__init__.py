@@ -321,7 +321,8 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     cfg, build = load_config(model_dir)
     if sch is not None:
         check_shapes(sch, cfg.hidden_size)
-    if options.get("keep_8bit"):  # against the graph's weight names (building it reads no weight)
+    if options.get("keep_8bit"):  # against the graph's weight names (building it reads no weight), lm_head's
+        cfg = own_head(cfg, Checkpoint(model_dir))  # too where the checkpoint unties it
         check_patterns_match(tuple(options["keep_8bit"]), list(build(cfg, resolve_capacity(capacity, cfg))[0].params))
     source = options.get("calibration", A.CORPORA)
     if source is not None and str(source) != A.CORPORA:
