@@ -42,9 +42,14 @@ class Checkpoint:
         if not files:
             raise EdgemtpError(f"{self.dir}: no *.safetensors files (expected a Hugging Face model directory)")
         self.entries: dict[str, _Entry] = {}
+        renamed = set()  # the text tower's tensors, where the checkpoint nests it
         for f in files:
             for name, e in read_header(f).items():
                 self.entries[_text_name(name)] = e
+                if _text_name(name) != name:
+                    renamed.add(_text_name(name))
+        # a multimodal checkpoint's other towers (vision, audio, their projections): no text graph reads them
+        self.outside_text = {n for n in self.entries if n not in renamed and n != "lm_head.weight"} if renamed else set()
 
     def keys(self):
         return self.entries.keys()

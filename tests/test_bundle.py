@@ -231,6 +231,57 @@ def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_checkpoint_tensors_the_graph_does_not_read_are_named(tiny_gemma3, tmp_path):
+    """A config.json that does not describe its checkpoint (one layer short; a norm of another architecture)
+    exported without a word a model transformers would warn about: the CLI says which tensors it left out."""
+    from click.testing import CliRunner
+    from safetensors.numpy import save_file
+
+    from edgemtp.cli import cli
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    _edit_config(d, num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    save_file({"model.layers.0.self_attn.q_bias": np.zeros(4, np.float32)}, str(d / "extra.safetensors"))
+    r = CliRunner().invoke(cli, ["export", str(d), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: {d}: 14 checkpoint tensor(s) unused by the model config.json describes: "
+                       "model.layers.0.self_attn.q_bias, model.layers.3.input_layernorm.weight, "
+                       "model.layers.3.mlp.down_proj.weight (and 11 more); the export leaves them out, as "
+                       "transformers would (is config.json this checkpoint's?)"], r.output
+
+
+def test_tensors_outside_the_text_model_are_not_reported(tiny_gemma3, tmp_path):
+    """A multimodal checkpoint's vision and audio towers, an lm_head equal to the tied embedding and saved
+    rotary frequencies are no sign of a wrong config.json."""
+    import warnings
+
+    from safetensors.numpy import load_file, save_file
+
+    from edgemtp.checkpoint import Checkpoint
+    from edgemtp.exporters import load_config, own_head, unused_tensors
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    weights = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    nested = {k.replace("model.", "model.language_model.", 1): v for k, v in weights.items()}
+    save_file({**nested, "model.vision_tower.patch.weight": np.zeros(4, np.float32),
+               "model.embed_audio.weight": np.zeros(4, np.float32),
+               "lm_head.weight": weights["model.embed_tokens.weight"],
+               "model.language_model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4, np.float32)},
+              str(d / "model.safetensors"))
+    cfg, build = load_config(d)
+    ckpt = Checkpoint(d)
+    assert own_head(cfg, ckpt).tie_word_embeddings and unused_tensors(build(cfg, 64)[0], ckpt) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export(d, tmp_path / "out", capacity=64)
+    save_file({"model.language_model.layers.9.mlp.up_proj.weight": np.zeros(4, np.float32)}, str(d / "x.safetensors"))
+    assert unused_tensors(build(cfg, 64)[0], Checkpoint(d)) == ["model.layers.9.mlp.up_proj.weight"]
+
+
 def test_whole_numbers_written_as_floats_or_strings_are_accepted(tiny_gemma3):
     from edgemtp.config import parse_gemma3, read_config_json
 

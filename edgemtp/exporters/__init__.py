@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import onnx
@@ -416,7 +417,8 @@ def model_facts(cfg) -> dict:
 
 
 def _check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path) -> None:
-    """Every parameter the graph needs exists with the right element count, before writing anything."""
+    """Every parameter the graph needs exists with the right element count, before writing anything; a
+    warning names the text model's tensors the graph leaves unread."""
     missing = [key for p in graph.params.values() for key in builder.sources(p) if key not in ckpt]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -433,6 +435,22 @@ def _check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Pat
             if sorted(have) != sorted(want):
                 raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(have)}, config.json implies "
                                    f"{' x '.join(map(str, want))} (in either order)")
+    unread = unused_tensors(graph, ckpt)
+    if unread:
+        more = f" (and {len(unread) - 3} more)" if len(unread) > 3 else ""
+        warnings.warn(f"{model_dir}: {len(unread)} checkpoint tensor(s) unused by the model config.json describes: "
+                      f"{', '.join(unread[:3])}{more}; the export leaves them out, as transformers would (is "
+                      "config.json this checkpoint's?)", stacklevel=3)
+
+
+def unused_tensors(graph: builder.GraphBuilder, ckpt: Checkpoint) -> list[str]:
+    """The checkpoint's text-model tensors no parameter reads: a layer beyond num_hidden_layers, a norm or bias
+    of another architecture (a Qwen3 checkpoint's q_norm under model_type qwen2) would otherwise go unseen.
+    Left aside: a multimodal checkpoint's other towers, lm_head.weight equal to a tied embedding (own_head),
+    and the rotary inverse frequencies older checkpoints saved (transformers recomputes them)."""
+    used = {key for p in graph.params.values() for key in builder.sources(p)}
+    return sorted(n for n in ckpt.keys() if n not in used and n not in ckpt.outside_text and
+                  n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq"))
 
 
 __all__ = ["export", "load_config", "TextConfig", "QUANTS"]
