@@ -271,6 +271,45 @@ def test_export_quantized_and_evaluate(tiny_gemma3, tmp_path):
     assert r.exit_code == 2 and "--quant 'int3' is not supported" in r.output
 
 
+def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):
+    import shutil
+
+    _, model_dir, fp32 = tiny_gemma3
+    r = run("info", fp32, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    manifest = json.loads((fp32 / "edgemtp.json").read_text())
+    assert info["verified"] and info["capacity"] == 64 and info["model"] == manifest["model"]
+    # 4 KV-owning layers x 2 heads x 64 positions x head_dim 32, K and V in fp32
+    assert info["kv_cache_bytes_per_row"] == 4 * 2 * 64 * 32 * 2 * 4 and info["sliding_window"] == 8
+    sizes = {f: v["bytes"] for f, v in manifest["files"].items()}
+    assert info["bytes"] == sum(sizes.values()) and set(info["graphs"]) == set(manifest["graphs"])
+    target, verify = info["graphs"]["target"], info["graphs"]["verify"]
+    assert target["files"] == ["target.onnx", "target.onnx.data"] and target["reads"] == []
+    assert target["bytes"] == sizes["target.onnx"] + sizes["target.onnx.data"]
+    assert verify["files"] == ["target_verify.onnx"] and verify["reads"] == ["target.onnx.data"]
+    r = run("info", fp32)
+    assert r.exit_code == 0 and "context: 64 tokens, sliding window 8; KV cache 131.1 kB a row (fp32)" in r.output
+    assert "verify: batched verify passes" in r.output and "(also reads target.onnx.data)" in r.output
+    q = tmp_path / "q4"
+    assert run("export", model_dir, "-o", q, "--quant", "int4", "--max-context", 64, "--calibration", "none",
+               "--layer-bits", 4).exit_code == 0
+    r = run("info", q)
+    assert r.exit_code == 0 and "int4" in r.output and "layers 4-bit (nbits), head 4-bit (nbits)" in r.output, r.output
+    # a file changed after export: named, as loading names it; --no-verify checks sizes only
+    bad = tmp_path / "bad"
+    shutil.copytree(fp32, bad)
+    data = bytearray((bad / "tokenizer.json").read_bytes())
+    data[-2:-1] = b" "
+    (bad / "tokenizer.json").write_bytes(bytes(data))
+    r = run("info", bad)
+    assert r.exit_code == 2 and r.output == f"error: {bad / 'tokenizer.json'}: sha256 differs from the manifest " \
+        "(file changed after export)\n"
+    assert run("info", bad, "--no-verify").exit_code == 0
+    r = run("info", tmp_path)
+    assert r.exit_code == 2 and "missing (not an edgemtp bundle)" in r.output
+
+
 def test_cluster_command(tiny_gemma3, tmp_path):
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2, "--positions", 2048)
     assert r.exit_code == 0, r.output

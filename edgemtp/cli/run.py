@@ -326,3 +326,18 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
         return
     for key, value in result.items():
         click.echo(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+
+
+@cli.command("info")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-verify", is_flag=True, help="Check the files' sizes only, not their sha256 (a moment "
+                                                "instead of a read of every byte).")
+def info_cmd(bundle_dir, as_json, no_verify):
+    """What a bundle holds: model, KV capacity and cache size, each graph's quantization and size, the
+    drafter's head. Checks the bundle as loading it does (every file's sha256 unless --no-verify)."""
+    from .. import bundle as bundle_mod
+    from ..bundle_info import describe, text
+
+    info = describe(bundle_mod.load(bundle_dir, verify=not no_verify))
+    click.echo(json.dumps({**info, "verified": not no_verify}) if as_json else text(info, not no_verify))

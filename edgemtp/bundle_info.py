@@ -1,0 +1,137 @@
+"""What a bundle holds, for `edgemtp info`: the model, the KV capacity and what its cache takes in memory,
+each graph's quantization, files and size, the drafter's head. Reads the manifest and the graphs' protobufs
+(no weights, no ONNX Runtime), so it answers in a moment even for a bundle of several GB."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .bundle import Bundle
+from .contract import TargetContract
+
+# what each graph is for, in the words of README's "Bundles"
+ROLES = {"target": "the model: prefill and decode passes",
+         "verify": "batched verify passes (several rows x several positions)",
+         "drafter": "MTP drafter",
+         "drafter_full_head": "the MTP drafter with its full head (profile's comparison)"}
+
+
+def describe(b: Bundle) -> dict:
+    """The bundle as one JSON-ready dict (`edgemtp info --json`)."""
+    m = b.manifest
+    contract = b.target_contract
+    graphs = {name: _graph(b, name, g) for name, g in m["graphs"].items()}
+    return {"bundle": str(b.dir),
+            "model": m["model"],
+            "capacity": contract.capacity,
+            "kv_cache_bytes_per_row": kv_cache_bytes(contract),
+            "sliding_window": contract.sliding_window,
+            "graphs": graphs,
+            "chat_template": b.chat is not None,
+            "files": {rel: info["bytes"] for rel, info in sorted(m["files"].items())},
+            "bytes": sum(info["bytes"] for info in m["files"].values())}
+
+
+def kv_cache_bytes(contract: TargetContract) -> int:
+    """The runtime's K and V buffers for one row (fp32, [kv_heads, capacity, head_dim] per KV-owning layer):
+    allocated whole at load, though untouched pages cost no RAM until the context reaches them."""
+    return sum(2 * 4 * s.num_heads * contract.capacity * s.head_dim for s in contract.kv)
+
+
+def _graph(b: Bundle, name: str, g: dict) -> dict:
+    own, shared = graph_files(b.dir, g["file"])
+    out = {"role": ROLES.get(name, name), "quant": g.get("quant", "fp32"), "files": own, "reads": shared,
+           "bytes": sum(b.manifest["files"][f]["bytes"] for f in own)}
+    contract = g.get("contract", {})
+    if contract.get("static"):
+        out["static"] = {"batch": contract.get("batch"), "verify_window": contract.get("verify_window")}
+    if "quantization" in g:
+        out["quantization"] = g["quantization"]
+    if "weights" in g:  # a drafter of a quantized bundle: its own weights' precision
+        out["weights"] = g["weights"]
+    if "gemv_head" in g:
+        out["head_table"] = "transposed [hidden, V]"
+    if contract.get("kind") == "mtp":
+        config, head = contract.get("config", {}), contract.get("head", {})
+        out["drafter"] = {"model_type": config.get("model_type"), "layers": len(config.get("layer_types", [])),
+                          "hidden": config.get("hidden"), "head": head}
+    return out
+
+
+def graph_files(bundle_dir: Path, graph_file: str) -> tuple[list[str], list[str]]:
+    """(the graph's own files: its .onnx and its .onnx.data, the external data files of other graphs it
+    reads weights from: a verify graph the target's, a drafter the target's embedding table)."""
+    import onnx
+
+    model = onnx.load(str(bundle_dir / graph_file), load_external_data=False)
+    data = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    own = [f for f in data if f == graph_file + ".data"]
+    return [graph_file, *own], [f for f in data if f not in own]
+
+
+def text(info: dict, verified: bool) -> str:
+    """The human-readable report of describe()'s dict."""
+    model = info["model"]
+    eos = ", ".join(map(str, model.get("eos_token_ids", [])))
+    window = f", sliding window {info['sliding_window']:,}" if info["sliding_window"] else ""
+    lines = [f"{info['bundle']}: {len(info['files'])} files, {_size(info['bytes'])}"
+             + (" (each file's sha256 checked)" if verified else " (sizes checked; --no-verify: no sha256)"),
+             f"model: {model.get('model_type')}, {model.get('num_layers')} layers, hidden "
+             f"{model.get('hidden_size'):,}, vocabulary {model.get('vocab_size'):,} (bos {model.get('bos_token_id')}, "
+             f"eos {eos})",
+             f"context: {info['capacity']:,} tokens{window}; KV cache {_size(info['kv_cache_bytes_per_row'])} "
+             "a row (fp32)",
+             "chat: " + ("chat template (generate --chat, chat)" if info["chat_template"] else
+                            "no chat template (a pretrained model)")]
+    for name, g in info["graphs"].items():
+        files = " + ".join(g["files"]) + (f" (also reads {', '.join(g['reads'])})" if g["reads"] else "")
+        lines.append(f"{name}: {g['role']}")
+        lines.append(f"    {g['quant']}, {_size(g['bytes'])}: {files}")
+        extra = _details(g)
+        if extra:
+            lines.append(f"    {extra}")
+    return "\n".join(lines)
+
+
+def _details(g: dict) -> str:
+    parts = []
+    if "static" in g:
+        parts.append(f"static shapes: batch {g['static']['batch']}, verify window {g['static']['verify_window']}")
+    if "quantization" in g:
+        parts.append(_scheme(g["quantization"]))
+    if "weights" in g:
+        parts.append(f"its own weights {g['weights']}")
+    if "head_table" in g:
+        parts.append(f"LM head table {g['head_table']}")
+    if "drafter" in g:
+        d, head = g["drafter"], g["drafter"]["head"]
+        parts.append(f"{d['layers']} layers, hidden {d['hidden']}; " + _head(head))
+    return "; ".join(parts)
+
+
+def _scheme(q: dict) -> str:
+    """An int8 / int4 target's scheme as export's flags set it (README "Quantization")."""
+    parts = [f"layers {q.get('bits')}-bit ({q.get('layer_op')}), head {q.get('head_bits')}-bit ({q.get('head_op')}), "
+             f"embedding {q.get('embed_bits')}-bit, blocks of {q.get('block_size')}"]
+    if q.get("frequent_rows"):
+        parts.append(f"{q['frequent_rows']:,} frequent rows at 8 bits")
+    if q.get("keep_8bit"):
+        parts.append(f"kept at 8 bits: {', '.join(q['keep_8bit'])}")
+    if q.get("gptq"):
+        parts.append("GPTQ")
+    return ", ".join(parts)
+
+
+def _head(head: dict) -> str:
+    if head.get("kind") != "clustered":
+        return f"{head.get('kind', 'full')} head"
+    context = f", + the {head['context']} recent tokens" if head.get("context") else ""
+    return (f"clustered head: {head.get('clusters'):,} clusters, the best {head.get('top_k')} scored exactly "
+            f"({head.get('rows')} rows){context}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+__all__ = ["describe", "kv_cache_bytes", "text"]
