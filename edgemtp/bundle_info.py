@@ -105,7 +105,8 @@ def _details(g: dict) -> str:
         parts.append(f"LM head table {g['head_table']}")
     if "drafter" in g:
         d, head = g["drafter"], g["drafter"]["head"]
-        parts.append(f"{d['model_type']}, {d['layers']} layers, hidden {d['hidden']}; " + _head(head))
+        parts.append(f"{d['model_type']}, {d['layers']} layer{'s' * (d['layers'] != 1)}, hidden {d['hidden']}; "
+                     + _head(head))
     return "; ".join(parts)
 
 
