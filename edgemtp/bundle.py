@@ -19,6 +19,7 @@ from pathlib import Path
 from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
+from .verified import Record
 
 MANIFEST = "edgemtp.json"
 FORMAT = "edgemtp-bundle"
@@ -150,8 +151,11 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{mpath}: not valid JSON ({e})") from None
     _check_fields(m, mpath)
+    record = Record() if verify else None
     for rel, info in m["files"].items():
-        _check_file(d, rel, info, mpath, verify)
+        _check_file(d, rel, info, mpath, record)
+    if record is not None:
+        record.save()
     for name, g in m["graphs"].items():
         for field in ("file",):
             if g.get(field) not in m["files"]:
@@ -226,15 +230,21 @@ def inside(root: Path, rel: str) -> Path:
     return p
 
 
-def _check_file(d: Path, rel: str, info: dict, mpath: Path, verify: bool) -> None:
+def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | None) -> None:
+    """`record`: None checks the size only; else the sha256 too, unless the record knows the file unchanged
+    since it last matched (verified.py)."""
     p = inside(d, rel)
     if not p.is_file():
         raise EdgemtpError(f"{p}: {'not a file' if p.exists() else 'missing'} (listed in {mpath.name})")
-    if p.stat().st_size != info.get("bytes"):
-        raise EdgemtpError(f"{p}: size {p.stat().st_size} differs from the manifest's {info.get('bytes')} "
+    st = p.stat()
+    if st.st_size != info.get("bytes"):
+        raise EdgemtpError(f"{p}: size {st.st_size} differs from the manifest's {info.get('bytes')} "
                            "(file changed after export)")
-    if verify and sha256(p) != info.get("sha256"):
+    if record is None or record.known(p, st, info.get("sha256")):
+        return
+    if sha256(p) != info.get("sha256"):
         raise EdgemtpError(f"{p}: sha256 differs from the manifest (file changed after export)")
+    record.add(p, st, info["sha256"])
 
 
 def _check_contract(mpath: Path, name: str, g: dict, graph) -> None:

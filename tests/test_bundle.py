@@ -44,6 +44,60 @@ def test_changed_file_is_detected(tiny_gemma3, tmp_path):
         bundle.load(b)
 
 
+def test_an_unchanged_bundle_is_not_hashed_again(tiny_gemma3, tmp_path, monkeypatch):
+    """Loading remembers the files whose sha256 matched (verified.py): a second load reads none whole, and a
+    file written since, even with its size and mtime put back, is hashed again and its change named."""
+    import os
+
+    from edgemtp import verified
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 0)  # the copy is seconds old at most
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    hashed = []
+    real = bundle.sha256
+    monkeypatch.setattr(bundle, "sha256", lambda p: hashed.append(p.name) or real(p))
+    bundle.load(b)
+    assert sorted(hashed) == sorted(json.loads((b / "edgemtp.json").read_text())["files"])
+    hashed.clear()
+    bundle.load(b)
+    assert hashed == []
+    data, st = bytearray((b / "target.onnx.data").read_bytes()), (b / "target.onnx.data").stat()
+    data[100] ^= 0xFF
+    (b / "target.onnx.data").write_bytes(bytes(data))
+    os.utime(b / "target.onnx.data", ns=(st.st_atime_ns, st.st_mtime_ns))  # ctime cannot be put back
+    with pytest.raises(EdgemtpError, match=r"target.onnx.data: sha256 differs .*changed after export"):
+        bundle.load(b)
+    assert hashed == ["target.onnx.data"]
+    hashed.clear()
+    bundle.load(b, verify=False)  # sizes only: nothing hashed, nothing remembered
+    assert hashed == []
+
+
+def test_loading_hashes_as_before_where_nothing_can_be_remembered(tiny_gemma3, tmp_path, monkeypatch):
+    from edgemtp import verified
+
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # no directory can be made under a file
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    hashed = []
+    real = bundle.sha256
+    monkeypatch.setattr(bundle, "sha256", lambda p: hashed.append(p.name) or real(p))
+    bundle.load(b)
+    bundle.load(b)
+    assert len(hashed) == 2 * len(json.loads((b / "edgemtp.json").read_text())["files"])
+    # files written within RACY_NS of the load are not remembered: a write in the same timestamp tick of a
+    # coarse file system would leave their size, mtime and ctime as they were
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 10**18)
+    hashed.clear()
+    bundle.load(b)
+    bundle.load(b)
+    assert len(hashed) == 2 * len(json.loads((b / "edgemtp.json").read_text())["files"])
+    assert not (tmp_path / "cache").exists()
+
+
 def test_truncated_file_is_detected(tiny_gemma3, tmp_path):
     b = copy_bundle(tiny_gemma3[2], tmp_path)
     (b / "tokenizer.json").write_text("{}")
