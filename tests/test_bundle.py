@@ -314,7 +314,8 @@ def test_tensors_outside_the_text_model_are_not_reported(tiny_gemma3, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     from edgemtp.checkpoint import Checkpoint
-    from edgemtp.exporters import load_config, own_head, unused_tensors
+    from edgemtp.exporters import load_config
+    from edgemtp.exporters.checkpoint_checks import own_head, unused_tensors
 
     d = tmp_path / "model"
     shutil.copytree(tiny_gemma3[1], d)

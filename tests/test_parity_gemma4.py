@@ -149,7 +149,7 @@ def test_own_head_unties_only_other_values(tmp_path):
     from safetensors.numpy import save_file
 
     from edgemtp.checkpoint import Checkpoint
-    from edgemtp.exporters import own_head
+    from edgemtp.exporters.checkpoint_checks import own_head
 
     cfg = gemma4.parse_config(_hf_text(), "config.json")
     table = np.arange(12, dtype=np.float32).reshape(4, 3)
