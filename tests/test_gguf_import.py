@@ -638,3 +638,31 @@ def test_smollm2_chat_matches_transformers(smollm2_dir, tmp_path):
         out = model.generate(torch.tensor([want_ids]), max_new_tokens=40, do_sample=False)
     assert got.tokens == out[0, len(want_ids):].tolist()
     assert "Paris" in got.text and got.stats.stop_reason == "stop token", got
+
+
+def test_export_takes_a_gguf_file(tmp_path):
+    """`edgemtp export FILE.gguf` imports it into a scratch directory beside the output first: the same
+    bundle as import-gguf then export, and no scratch directory left behind."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+    from edgemtp.runtime.engine import Engine
+
+    _, path = export_tiny(tmp_path, "llama", tied=False)
+    out = tmp_path / "out" / "direct"
+    r = CliRunner().invoke(cli, ["export", str(path), "-o", str(out), "--max-context", "32"])
+    assert r.exit_code == 0 and r.output.endswith(f"wrote {out}\n"), r.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["direct"]
+    import_gguf(path, tmp_path / "hf")
+    assert CliRunner().invoke(cli, ["export", str(tmp_path / "hf"), "-o", str(tmp_path / "two"),
+                                    "--max-context", "32"]).exit_code == 0
+    prompt = list(range(3, 20))
+    assert list(Engine.load(out).token_ids(prompt, 8)) == list(Engine.load(tmp_path / "two").token_ids(prompt, 8))
+    # an output that exists is named before the import's work
+    r = CliRunner().invoke(cli, ["export", str(path), "-o", str(out)])
+    assert r.exit_code == 2 and r.output == f"error: {out}: already exists (use --overwrite to replace it)\n"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF")
+    r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "b")])
+    assert r.exit_code == 2 and str(bad) in r.output and len(r.output.splitlines()) == 1, r.output
+    assert not list(tmp_path.glob(".edgemtp-gguf-*"))

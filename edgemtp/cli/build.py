@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import click
@@ -115,7 +117,36 @@ def quant_options(f):
 def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
                drafter: str, draft_top_k: int | None, draft_head_rows: str, draft_head_context: int | None,
                gemv_head: bool | None, overwrite: bool, **quant_opts):
-    """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle."""
+    """Export MODEL_DIR (config.json + *.safetensors + tokenizer.json) to an ONNX bundle.
+
+    MODEL_DIR may be a .gguf file: it is imported first (as import-gguf does) into a scratch directory beside
+    the output, deleted after the export (it takes the model's fp32 size on that disk meanwhile)."""
+    with model_source(model_dir, out, overwrite) as source:
+        _export(source, out, quant, capacity, static, verify_window, drafter, draft_top_k, draft_head_rows,
+                draft_head_context, gemv_head, overwrite, quant_opts)
+    click.echo(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def model_source(model_dir: Path, out: Path, overwrite: bool):
+    """MODEL_DIR itself, or the model directory of a GGUF file, imported for the export's length."""
+    if not (model_dir.is_file() and model_dir.suffix.lower() == ".gguf"):
+        yield model_dir
+        return
+    from ..bundle import check_output
+    from ..gguf_import import import_gguf
+
+    check_output(out, overwrite)  # an existing output is named before minutes of import, not after
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edgemtp-gguf-", dir=Path(out).parent) as scratch:
+        with progress_bar(f"importing {model_dir.name}") as progress:
+            source = import_gguf(model_dir, Path(scratch) / "model", progress=progress)
+        yield source
+
+
+def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
+            drafter: str, draft_top_k: int | None, draft_head_rows: str, draft_head_context: int | None,
+            gemv_head: bool | None, overwrite: bool, quant_opts: dict) -> None:
     from ..exporters import AUTO, export, load_config, resolve_capacity
 
     if capacity is not None:
@@ -135,7 +166,6 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
                drafter_top_k=draft_top_k, drafter_head_rows=draft_head_rows,
                drafter_head_context=draft_head_context, quant_options=options,
                gemv_head=AUTO if gemv_head is None else gemv_head)
-    click.echo(f"wrote {out}")
 
 
 @cli.command("cluster")
