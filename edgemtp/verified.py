@@ -22,8 +22,15 @@ RACY_NS = 2_000_000_000
 MAX_FILES = 512  # the most recently checked; an older one is hashed again
 
 
-def record_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+def record_path() -> Path | None:
+    """None where there is no cache directory (no home: a service account); a relative XDG_CACHE_HOME is
+    ignored, as the XDG specification says."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:
+            return None
     return Path(base) / "edgemtp" / "verified.json"
 
 
@@ -35,12 +42,12 @@ class Record:
     """Read once per bundle load; `known` asks, `add` notes a file just hashed, `save` writes the additions."""
 
     def __init__(self):
-        self.path = record_path()
+        self.path, self.files = record_path(), {}
         try:
-            files = json.loads(self.path.read_text(encoding="utf-8")).get("files", {})
+            files = json.loads(self.path.read_text(encoding="utf-8")).get("files", {}) if self.path else {}
             self.files = files if isinstance(files, dict) else {}
         except (OSError, ValueError, AttributeError):  # none yet, unreadable, or not ours: start afresh
-            self.files = {}
+            pass
         self.added = False
 
     def known(self, path: Path, st: os.stat_result, sha256: str) -> bool:
@@ -55,7 +62,7 @@ class Record:
         self.added = True
 
     def save(self) -> None:
-        if not self.added:
+        if not self.added or self.path is None:
             return
         files = dict(list(self.files.items())[-MAX_FILES:])
         tmp = None

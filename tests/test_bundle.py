@@ -96,6 +96,15 @@ def test_loading_hashes_as_before_where_nothing_can_be_remembered(tiny_gemma3, t
     bundle.load(b)
     assert len(hashed) == 2 * len(json.loads((b / "edgemtp.json").read_text())["files"])
     assert not (tmp_path / "cache").exists()
+    # no home directory and no XDG_CACHE_HOME (a service account): nothing remembered, no error
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(verified.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert verified.record_path() is None
+    hashed.clear()
+    bundle.load(b)
+    bundle.load(b)
+    assert len(hashed) == 2 * len(json.loads((b / "edgemtp.json").read_text())["files"])
 
 
 def test_truncated_file_is_detected(tiny_gemma3, tmp_path):
