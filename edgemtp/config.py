@@ -126,7 +126,7 @@ class Problems:
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise EdgemtpError(f"{self.source}: " + "; ".join(self.items))
+            raise EdgemtpError(f"{self.source}: " + "; ".join(dict.fromkeys(self.items)))  # each problem once
 
 
 def read_config_json(model_dir: Path) -> dict:
@@ -173,7 +173,7 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
 
 
 def parse_llama(hf: dict, source: str) -> TextConfig:
-    """llama and qwen2 (qwen2 adds q/k/v biases; its sliding-window layers are refused)."""
+    """llama and qwen2 (qwen2 adds q/k/v biases, and may have sliding-window layers)."""
     pr = Problems(source)
     qwen2 = hf.get("model_type") == "qwen2"
     # llama's attention_bias puts a bias on q/k/v and o_proj; transformers' qwen2 ignores the field: q/k/v
@@ -186,6 +186,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
     else:  # old style: rope_theta + rope_scaling
         rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
+    layer_types, window = _qwen2_layers(hf, n_layers, pr) if qwen2 else ((FULL,) * n_layers, None)
     cfg = TextConfig(
         model_type=hf.get("model_type", ""),
         vocab_size=pr.need(hf, "vocab_size"),
@@ -196,8 +197,9 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         num_kv_heads=pr.opt(hf, "num_key_value_heads", int, heads),
         head_dim=head_dim,
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
-        layer_types=(FULL,) * n_layers,
-        rope={FULL: rope},
+        layer_types=layer_types,
+        sliding_window=window,
+        rope={FULL: rope, **({SLIDING: rope} if SLIDING in layer_types else {})},  # one RoPE for every layer
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", False),
         attention_bias=attention_bias,
         output_bias=attention_bias and not qwen2,
@@ -212,23 +214,24 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     # fields that change transformers' maths and the graph does not build (qwen2's MLP has no biases whatever
     # mlp_bias says)
     pr.check(qwen2 or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
-    if qwen2:
-        pr.check(not _qwen2_sliding(hf, n_layers), "qwen2 sliding-window layers (fields 'use_sliding_window', "
-                                                   "'max_window_layers', 'layer_types') are not supported")
     pr.raise_if_any()
     return cfg
 
 
-def _qwen2_sliding(hf: dict, n_layers: int) -> bool:
-    """Whether transformers' qwen2 gives a layer a sliding window: those its 'layer_types' name, else, with
-    use_sliding_window, the layers from max_window_layers on."""
-    types = hf.get("layer_types")
-    if isinstance(types, list) and SLIDING in types:
-        return True
-    if not hf.get("use_sliding_window") or hf.get("sliding_window") is None or types:
-        return False
-    first = hf.get("max_window_layers", 28)
-    return not isinstance(first, (int, float)) or first < n_layers
+def _qwen2_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None]:
+    """(layer types, sliding window) as transformers' qwen2 reads them: 'layer_types' as given, else with
+    use_sliding_window the layers from max_window_layers on slide; the window is sliding_window, and only
+    with use_sliding_window (transformers' default 4096 when the field is missing)."""
+    use = pr.flag(hf, "use_sliding_window", False)
+    window = pr.opt(hf, "sliding_window", int, None) if "sliding_window" in hf else 4096
+    window = window if use else None
+    first = pr.opt(hf, "max_window_layers", int, 28)
+    types = tuple(pr.layer_types(hf) or [SLIDING if window is not None and i >= first else FULL
+                                         for i in range(n_layers)])
+    pr.check(len(types) == n_layers, f"field 'layer_types' has {len(types)} entries for {n_layers} layers")
+    pr.check(SLIDING not in types or window is not None, "field 'layer_types' names sliding layers, but "
+             "use_sliding_window is false or sliding_window null (transformers then has no window to give them)")
+    return types, window if SLIDING in types else None
 
 
 def parse_gemma3(hf: dict, source: str) -> TextConfig:

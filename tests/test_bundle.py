@@ -389,17 +389,23 @@ def test_llama_fields_of_the_wrong_type_are_named(tiny_gemma3):
 
 
 def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
-    """What transformers computes and the llama graph does not: MLP biases, qwen2's sliding-window layers,
-    a partial RoPE other than 'proportional'. Each once exported silently, with other logits."""
-    from edgemtp.config import parse_llama, read_config_json
+    """What transformers computes and the llama graph does not: MLP biases, a partial RoPE other than
+    'proportional'. Each once exported silently, with other logits. qwen2's sliding layers are built
+    (tests/test_parity.py) where transformers has a window to give them."""
+    from edgemtp.config import FULL, SLIDING, parse_llama, read_config_json
 
     hf = {**read_config_json(tiny_gemma3[1]), "model_type": "llama", "hidden_activation": None,
           "rope_parameters": None, "layer_types": None}
     qwen2 = {**hf, "model_type": "qwen2", "sliding_window": 8}
-    sliding = "qwen2 sliding-window layers (fields 'use_sliding_window', 'max_window_layers', 'layer_types')"
+    no_window = "field 'layer_types' names sliding layers, but use_sliding_window is false or sliding_window null"
     for cfg, message in (({**hf, "mlp_bias": True}, "field 'mlp_bias' is not supported"),
-                         ({**qwen2, "use_sliding_window": True, "max_window_layers": 2}, sliding),
-                         ({**qwen2, "layer_types": ["full_attention", "sliding_attention"] * 2}, sliding),
+                         ({**qwen2, "layer_types": ["full_attention", "sliding_attention"] * 2}, no_window),
+                         ({**qwen2, "use_sliding_window": True, "sliding_window": None,
+                           "layer_types": [SLIDING] * 4}, no_window),
+                         ({**qwen2, "use_sliding_window": True, "layer_types": [SLIDING] * 3},
+                          "field 'layer_types' has 3 entries for 4 layers"),
+                         ({**qwen2, "use_sliding_window": True, "max_window_layers": "two"},
+                          "field 'max_window_layers' should be an integer, got 'two'"),
                          ({**hf, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
                           "field 'rope_scaling.partial_rotary_factor' 0.5 is not supported with rope_type 'linear'"),
                          ({**hf, "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": 1.5}},
@@ -413,6 +419,14 @@ def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
                 {**qwen2, "use_sliding_window": True, "max_window_layers": 4}):
         parsed = parse_llama(cfg, "x")
         assert parsed.attention_bias and not parsed.output_bias
+        assert parsed.layer_types == (FULL,) * 4 and parsed.sliding_window is None
+    # transformers' reading: from max_window_layers on with use_sliding_window (window 4096 when unsaid)
+    parsed = parse_llama({**qwen2, "use_sliding_window": True, "max_window_layers": 1}, "x")
+    assert parsed.layer_types == (FULL,) + (SLIDING,) * 3 and parsed.sliding_window == 8
+    parsed = parse_llama({**qwen2, "sliding_window": None, "use_sliding_window": True, "max_window_layers": 3}, "x")
+    assert parsed.layer_types == (FULL,) * 4 and parsed.sliding_window is None
+    unsaid = {k: v for k, v in qwen2.items() if k != "sliding_window"}
+    assert parse_llama({**unsaid, "use_sliding_window": True, "max_window_layers": 3}, "x").sliding_window == 4096
     assert parse_llama({**hf, "attention_bias": True}, "x").output_bias
 
 

@@ -38,8 +38,14 @@ def tiny(kind: str):
                                        rope_parameters=rope)
         model = transformers.LlamaForCausalLM(cfg)
     else:
-        # transformers' qwen2 has q/k/v biases whatever attention_bias says
-        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False,
+        # transformers' qwen2 has q/k/v biases whatever attention_bias says; qwen2_sliding: layers 2 and 3 slide
+        # (use_sliding_window from max_window_layers on), qwen2_sliding_types: layer_types alternate
+        # (larger weights: sharper attention, so that a missing window shows well past the tolerance)
+        sliding = {"qwen2_sliding": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+                   "qwen2_sliding_types": dict(use_sliding_window=True, sliding_window=WINDOW,
+                                               layer_types=["sliding_attention", "full_attention"] * 2)}
+        sliding = {k: {**v, "initializer_range": 0.1} for k, v in sliding.items()}
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=False, **sliding.get(kind, {}),
                                        **({"attention_bias": False} if kind == "qwen2_bias_false" else {}))
         model = transformers.Qwen2ForCausalLM(cfg)
     _randomize_norms(model)
@@ -55,7 +61,7 @@ def _randomize_norms(model) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "llama_bias", "llama_nope",
-                                  "qwen2",
+                                  "qwen2", "qwen2_sliding", "qwen2_sliding_types",
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
@@ -82,6 +88,26 @@ def test_logits_match_transformers(kind, tmp_path):
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{kind} at position {start}")
         start += n
     assert start > 2 * WINDOW
+
+
+def test_sliding_qwen2_verify_graph_matches_transformers(tmp_path):
+    """The batched verify graph (several rows x several new positions) windows qwen2's sliding layers as
+    transformers does: rows of different lengths past twice the window, each against its own reference."""
+    model = tiny("qwen2_sliding")
+    export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
+    engine = Engine.load(tmp_path / "bundle")
+    assert [s.window for s in engine.target.contract.kv] == [None, None, WINDOW, WINDOW]
+    rows = np.random.default_rng(3).integers(0, 96, size=(2, 27))
+    lengths = (24, 17)
+    cache = engine.target.new_cache(2)
+    for r, n in enumerate(lengths):
+        engine.target.forward(rows[r:r + 1, :n], cache, rows=slice(r, r + 1))
+    new = np.stack([rows[r, n:n + 3] for r, n in enumerate(lengths)])
+    got, _ = engine.target.forward(new, cache, n_logits=3)  # two rows, three positions: the verify graph
+    assert engine.target._verify is not None
+    for r, n in enumerate(lengths):
+        want = reference_logits(model, rows[r:r + 1, :n + 3], [n + 3])[0][0, n:]
+        np.testing.assert_allclose(got[r], want, atol=1e-3, rtol=0, err_msg=f"row {r}")
 
 
 def test_reused_bindings_equal_fresh_ones(tmp_path, monkeypatch):

@@ -1,11 +1,12 @@
-"""Llama-family decoder (`llama`, `qwen2`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v biases, llama's
-attention_bias q/k/v and o_proj biases."""
+"""Llama-family decoder (`llama`, `qwen2`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v biases and may have
+sliding-window layers (the same RoPE, a window on attention), llama's attention_bias q/k/v and o_proj biases."""
 
 from __future__ import annotations
 
 from .. import contract as C
 from ..config import FULL, TextConfig
 from . import components as nn
+from . import gemma3  # kv_slots, drafter_kv: one KV slot per layer, windowed where it slides
 from .builder import GraphBuilder
 
 
@@ -15,8 +16,8 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     several rows x several new positions per pass)."""
     b = GraphBuilder(cfg.model_type)
     io = nn.target_inputs(b)
-    slots = tuple(C.KVSlot(i, cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers))
-    view = None if in_place else nn.window_view(b, io, None)
+    slots = gemma3.kv_slots(cfg)
+    views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size)
     # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
@@ -27,7 +28,8 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     for i, slot in enumerate(slots):  # each residual add shares an op with the norm that reads it
         p = f"model.layers.{i}."
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
-        x, h = nn.add_norm(b, x, attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity, view),
+        x, h = nn.add_norm(b, x, attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity,
+                                           views and views[slot.window]),
                            p + "post_attention_layernorm.weight", hid, eps)
         x, h = nn.add_norm(b, x, nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation),
                            after, hid, eps)
@@ -35,7 +37,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     logits = nn.tied_head(b, nn.last_positions(b, h, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
     nn.graph_outputs(b, logits, h, cfg.vocab_size, cfg.hidden_size)  # h: the final norm's output
     return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots,
-                               drafter_kv={FULL: cfg.num_layers - 1}, kv_update="in_place" if in_place else "rows")
+                               drafter_kv=gemma3.drafter_kv(cfg), kv_update="in_place" if in_place else "rows")
 
 
 def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.TargetInputs, capacity: int,

@@ -56,14 +56,13 @@ def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) 
     b = GraphBuilder(f"{arch}_static")
     ids = b.input(C.INPUT_IDS, INT64, [1, window])
     pos = b.input(C.POSITION_IDS, INT64, [1, window])
-    slots = _slots(cfg, arch)
+    slots = gemma3.kv_slots(cfg)  # windowed where a layer slides (Gemma 3, qwen2's sliding layers)
     bias = {w: b.input(SLIDING_ATTENTION_BIAS if w else ATTENTION_BIAS, FLOAT, [1, 1, window, capacity + window])
             for w in sorted({s.window for s in slots}, key=lambda w: w or 0)}
     sp = _Spec(window, capacity, pos, bias)
     body = _gemma3_body if arch == "gemma3_text" else _llama_body
     body(b, cfg, sp, ids, slots)
-    drafter_kv = gemma3.drafter_kv(cfg) if arch == "gemma3_text" else {FULL: cfg.num_layers - 1}
-    target = C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=drafter_kv)
+    target = C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=gemma3.drafter_kv(cfg))
     names = {name: w for w, name in bias.items()}
     return b, StaticContract(target, window, names).to_json()
 
@@ -85,12 +84,6 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
     if cfg.num_heads % cfg.num_kv_heads:
         raise EdgemtpError(f"num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads "
                            f"{cfg.num_kv_heads}")
-
-
-def _slots(cfg: TextConfig, arch: str) -> tuple[C.KVSlot, ...]:
-    if arch == "gemma3_text":
-        return gemma3.kv_slots(cfg)
-    return tuple(C.KVSlot(i, cfg.num_kv_heads, cfg.head_dim) for i in range(cfg.num_layers))
 
 
 # ---------------------------------------------------------------- architectures
