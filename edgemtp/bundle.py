@@ -13,12 +13,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
+from . import verified
 from .verified import Record
 
 MANIFEST = "edgemtp.json"
@@ -105,6 +106,9 @@ class GraphEntry:
 class Bundle:
     dir: Path
     manifest: dict
+    # file -> its stamp (_stamp) when load checked it: graphs loaded later (the MTP drafter, the batched verify
+    # graph, on first use) must read those files, not a re-export's (see check_unchanged)
+    stamps: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model(self) -> dict:
@@ -125,6 +129,25 @@ class Bundle:
         if g is None:
             raise EdgemtpError(f"{self.dir / MANIFEST}: bundle has no '{name}' graph")
         return GraphEntry(self.dir / g["file"], g.get("quant", "fp32"), g.get("contract", {}))
+
+    def check_unchanged(self) -> None:
+        """Raises EdgemtpError if a file of the bundle is not the one load checked. A graph loaded on first use
+        reads the files then: after an export --overwrite (a new directory renamed into place) a verify graph
+        read the new weights while the target ran the old ones, and gave tokens neither model gives. A file
+        with another stamp but the manifest's bytes (a copy) is fine, and hashed once."""
+        for rel, then in self.stamps.items():
+            p = self.dir / rel
+            try:
+                now = _stamp(p.stat())
+            except OSError:
+                raise EdgemtpError(f"{p}: missing since the bundle was loaded (load it again)") from None
+            if now == then:
+                continue
+            info = self.manifest["files"][rel]
+            if now[2] != info["bytes"] or sha256(p) != info["sha256"]:
+                raise EdgemtpError(f"{p}: changed since the bundle was loaded (re-exported or edited: load it "
+                                   "again)")
+            self.stamps[rel] = now
 
     def has_graph(self, name: str) -> bool:
         return name in self.manifest["graphs"]
@@ -152,21 +175,19 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
         raise EdgemtpError(f"{mpath}: not valid JSON ({e})") from None
     _check_fields(m, mpath)
     record = Record() if verify else None
-    for rel, info in m["files"].items():
-        _check_file(d, rel, info, mpath, record)
+    stamps = {rel: _check_file(d, rel, info, mpath, record) for rel, info in m["files"].items()}
     if record is not None:
         record.save()
     for name, g in m["graphs"].items():
-        for field in ("file",):
-            if g.get(field) not in m["files"]:
-                raise EdgemtpError(f"{mpath}: graphs.{name}.{field} names a file not listed in 'files'")
+        if g.get("file") not in m["files"]:
+            raise EdgemtpError(f"{mpath}: graphs.{name}.file names a file not listed in 'files'")
         graph = _check_external_data(d, d / g["file"], m["files"])
         if name in ("target", "verify") and not g.get("contract", {}).get("static"):
             _check_contract(mpath, name, g, graph)
     if m["tokenizer"] not in m["files"]:
         raise EdgemtpError(f"{mpath}: field 'tokenizer' names a file not listed in 'files'")
     _check_chat(m, mpath)
-    return Bundle(d, m)
+    return Bundle(d, m, stamps)
 
 
 def _check_chat(m: dict, mpath: Path) -> None:
@@ -230,9 +251,10 @@ def inside(root: Path, rel: str) -> Path:
     return p
 
 
-def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | None) -> None:
-    """`record`: None checks the size only; else the sha256 too, unless the record knows the file unchanged
-    since it last matched (verified.py)."""
+def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | None) -> tuple:
+    """Checks one file of the manifest -> its stamp (verified.stamp), taken before the hash: a change while
+    hashing shows later. `record`: None checks the size only; else the sha256 too, unless the record knows
+    the file unchanged since it last matched (verified.py)."""
     p = inside(d, rel)
     if not p.is_file():
         raise EdgemtpError(f"{p}: {'not a file' if p.exists() else 'missing'} (listed in {mpath.name})")
@@ -240,11 +262,16 @@ def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | Non
     if st.st_size != info.get("bytes"):
         raise EdgemtpError(f"{p}: size {st.st_size} differs from the manifest's {info.get('bytes')} "
                            "(file changed after export)")
-    if record is None or record.known(p, st, info.get("sha256")):
-        return
-    if sha256(p) != info.get("sha256"):
-        raise EdgemtpError(f"{p}: sha256 differs from the manifest (file changed after export)")
-    record.add(p, st, info["sha256"])
+    if record is not None and not record.known(p, st, info.get("sha256")):
+        if sha256(p) != info.get("sha256"):
+            raise EdgemtpError(f"{p}: sha256 differs from the manifest (file changed after export)")
+        record.add(p, st, info["sha256"])
+    return _stamp(st)
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    """What tells a file from its replacement or an edit without reading it (verified.stamp)."""
+    return tuple(verified.stamp(st))
 
 
 def _check_contract(mpath: Path, name: str, g: dict, graph) -> None:

@@ -105,6 +105,28 @@ def test_loading_hashes_as_before_where_nothing_can_be_remembered(tiny_gemma3, t
     bundle.load(b)
     bundle.load(b)
     assert len(hashed) == 2 * len(json.loads((b / "edgemtp.json").read_text())["files"])
+def test_a_graph_loaded_later_must_be_the_one_load_checked(tiny_gemma3, tmp_path):
+    """The batched verify graph (and the MTP drafter) load on first use, maybe hours after Engine.load: a bundle
+    re-exported in its place meanwhile is refused, not verified with weights the target does not have (it
+    gave other tokens than the loaded model's); a copy with the same bytes is fine."""
+    from edgemtp.runtime.engine import Draft
+
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    prompts = ["t1 t2 t3 t1 t2", "t4 t5 t6 t4 t5 t6"]
+    want = [g.tokens for g in Engine.load(b).generate_batch(prompts, 6, draft=Draft("lookup", 3))]
+    same, edited = Engine.load(b), Engine.load(b)
+    shutil.copytree(b, tmp_path / "new")  # an export writes a sibling directory and renames it into place
+    shutil.rmtree(b)
+    (tmp_path / "new").rename(b)
+    assert [g.tokens for g in same.generate_batch(prompts, 6, draft=Draft("lookup", 3))] == want
+    data = bytearray((b / "target.onnx.data").read_bytes())
+    data[100] ^= 0xFF
+    (b / "target.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(EdgemtpError, match=r"target.onnx.data: changed since the bundle was loaded"):
+        edited.generate_batch(prompts, 6, draft=Draft("lookup", 3))
+    shutil.rmtree(b)
+    with pytest.raises(EdgemtpError, match=r"missing since the bundle was loaded"):
+        edited.generate_batch(prompts, 6, draft=Draft("lookup", 3))
 
 
 def test_truncated_file_is_detected(tiny_gemma3, tmp_path):

@@ -301,6 +301,7 @@ class Engine:
         if graph not in self._drafters:
             from .drafter_session import DrafterSession
 
+            self.bundle.check_unchanged()  # loaded now, from the files Engine.load checked
             self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph)
         return self._drafters[graph]
 
@@ -419,6 +420,9 @@ def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp
     if not b.has_graph("verify"):
         return None
     entry = b.graph("verify")
-    return lambda: Target(make_session(entry.path, provider, threads, spin=not mtp, prepack=fast,
-                                       huge_pages=huge_pages),
-                          C.TargetContract.from_json(entry.contract))
+
+    def load() -> Target:
+        b.check_unchanged()  # its weights must be the target's: the files Engine.load checked
+        return Target(make_session(entry.path, provider, threads, spin=not mtp, prepack=fast, huge_pages=huge_pages),
+                      C.TargetContract.from_json(entry.contract))
+    return load
