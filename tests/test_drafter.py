@@ -1045,6 +1045,49 @@ def test_drafting_on_a_spinning_target_warns_once(setup):
         Engine.load(bundle).generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("mtp", 3))
 
 
+def test_threads_sharing_an_engine_load_its_graphs_once(setup, monkeypatch):
+    """Threads whose first drafting calls on one engine come together load the MTP drafter and the batched
+    verify graph once (each thread loaded its own: with fast_verify, 1.7 GB of packed weights apiece for Gemma 3
+    270M), and each gets the tokens a lone call gets."""
+    import threading
+    import time
+
+    from edgemtp.runtime import drafter_session
+    from edgemtp.runtime.engine import Draft
+
+    bundle = setup[1]
+    prompts, draft = ["t3 t9 t4 t3 t9", "t5 t6 t5 t6 t5"], Draft("hybrid", 3)
+    want = [g.tokens for g in Engine.load(bundle).generate_batch(prompts, 8, draft=draft)]
+    engine, loads = Engine.load(bundle), []
+    load = drafter_session.DrafterSession.load
+
+    def slow_load(*args, **kwargs):  # long enough for every thread to arrive while the first one loads
+        loads.append("drafter")
+        time.sleep(0.2)
+        return load(*args, **kwargs)
+
+    def slow_verify(load_verify=engine.target._load_verify):
+        loads.append("verify")
+        time.sleep(0.2)
+        return load_verify()
+
+    monkeypatch.setattr(drafter_session.DrafterSession, "load", slow_load)
+    monkeypatch.setattr(engine.target, "_load_verify", slow_verify)
+    got = []
+    start = threading.Barrier(4)
+
+    def run():
+        start.wait()
+        got.append([g.tokens for g in engine.generate_batch(prompts, 8, draft=draft)])
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [want] * 4 and sorted(loads) == ["drafter", "verify"]
+
+
 def test_mtp_drafting_after_a_reused_prefix(setup):
     """reuse_prefix with the MTP drafter: the drafter reads the target's cache and last hidden state, which a
     prefill of the new tokens only must leave as a whole prefill does; output equals a fresh engine's."""

@@ -60,6 +60,7 @@ class Engine:
         self.threads = None
         self.provider = self.drafter_provider = "cpu"
         self._drafters = {}  # graph name -> MTP drafter session, loaded on first use
+        self._drafters_lock = threading.Lock()  # threads drafting together load it once
         # (mode, K, batch) -> the adaptive draft length's measurements, kept from call to call: pass costs
         # are this device's, and acceptance carries over (it fades as the text changes)
         self._draft_lengths = {}
@@ -298,12 +299,13 @@ class Engine:
         return self._draft_lengths.setdefault((draft.mode, k, batch), DraftLength(k))
 
     def _mtp_drafter(self, graph: str = "drafter"):
-        if graph not in self._drafters:
-            from .drafter_session import DrafterSession
+        with self._drafters_lock:  # threads whose first drafting calls come together wait for one load
+            if graph not in self._drafters:
+                from .drafter_session import DrafterSession
 
-            self.bundle.check_unchanged()  # loaded now, from the files Engine.load checked
-            self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph)
-        return self._drafters[graph]
+                self.bundle.check_unchanged()  # loaded now, from the files Engine.load checked
+                self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph)
+            return self._drafters[graph]
 
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                      draft: Draft | None = None, stats: Stats | None = None, *, stop=None) -> Iterator[int]:
