@@ -64,6 +64,39 @@ def test_a_stream_left_early_keeps_what_it_ran(engines):
     assert got.tokens == fresh.generate(follow, 5).tokens and got.stats.cached_tokens == 3 + 2
 
 
+@pytest.mark.parametrize("draft", [None, Draft("lookup", 3)], ids=["plain", "lookup"])
+@pytest.mark.parametrize("after", [False, True], ids=["before-a-pass", "after-a-pass"])
+def test_ctrl_c_inside_a_pass_keeps_what_was_run(engines, monkeypatch, draft, after):
+    """Ctrl-C (`edgemtp chat` stops the reply and goes on) mostly lands inside a pass, not while the consumer
+    reads a token: the cache is kept all the same (it was dropped, and the next turn ran the whole conversation
+    again), holding the prompt and the tokens whose pass ended, and what follows is a fresh engine's."""
+    reuse, fresh = engines
+    reuse._kept = None
+    calls, forward = [], reuse.target.forward
+
+    def interrupted(*args, **kwargs):  # a signal is raised between bytecodes: before ONNX Runtime's run or after
+        calls.append(1)
+        out = forward(*args, **kwargs) if after or len(calls) < 4 else None
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(reuse.target, "forward", interrupted)
+    prompt, shown = reuse.encode("t2 t4 t6 t8"), []
+    with pytest.raises(KeyboardInterrupt):
+        for token in reuse.token_stream(prompt, 12, draft=draft):
+            shown.append(token)
+    monkeypatch.undo()
+    cache, ids = reuse._kept
+    run = min(len(ids), len(prompt) + len(shown))  # the last token shown may not have run yet
+    assert ids[:run] == (prompt + shown)[:run] and run >= len(prompt) + len(shown) - 1
+    assert int(cache.lengths[0]) == len(ids) > len(prompt)
+    follow = "t2 t4 t6 t8 " + reuse.decode(shown) + " t9"
+    got = reuse.generate(follow, 5, draft=draft)
+    assert got.tokens == fresh.generate(follow, 5, draft=draft).tokens
+    assert got.stats.cached_tokens >= len(prompt) + len(shown) - 1
+
+
 def test_off_by_default_and_on_for_static_targets(engines, tiny_gemma3, tmp_path):
     """Without reuse_prefix (the default: repeated prompts measure their whole prefill) nothing is kept; a
     static (NPU) target keeps its cache as a dynamic one does (until session 35 it did not)."""

@@ -193,13 +193,13 @@ class Engine:
         stats.reset()
         rng = np.random.default_rng(sampling.seed)
         cache, cached = self._cache_for(prompt_ids)
-        t0 = time.perf_counter()
-        logits, _ = self.target.forward(np.array([prompt_ids[cached:]]), cache)
-        stats.prefill_tokens, stats.prefill_s = len(prompt_ids) - cached, time.perf_counter() - t0
-        stats.cached_tokens = cached
-        t0 = time.perf_counter()
         generated = []
-        with self._keeping(cache, prompt_ids, generated):
+        with self._keeping(cache, prompt_ids, generated):  # the prefill too: Ctrl-C in it keeps what was cached
+            t0 = time.perf_counter()
+            logits, _ = self.target.forward(np.array([prompt_ids[cached:]]), cache)
+            stats.prefill_tokens, stats.prefill_s = len(prompt_ids) - cached, time.perf_counter() - t0
+            stats.cached_tokens = cached
+            t0 = time.perf_counter()
             for i in range(max_new_tokens):
                 token = pick(logits[0, -1], sampling, rng)
                 generated.append(token)
@@ -236,12 +236,18 @@ class Engine:
 
     @contextlib.contextmanager
     def _keeping(self, cache: KVCache, prompt_ids: list[int], generated: list[int]):
-        """With reuse_prefix, keeps `cache` for the next generation once this one ends or its consumer stops
-        reading (its positions then hold prompt + generated tokens, the last one not yet run); not after an
-        error, which may have left a pass half done."""
+        """With reuse_prefix, keeps `cache` for the next generation once this one ends, its consumer stops
+        reading, or Ctrl-C stops it (its positions then hold prompt + generated tokens, the last one not yet run);
+        not after an error, which may have left the generation's own state half done.
+
+        A KeyboardInterrupt mostly lands inside a pass (Python raises it when ONNX Runtime's run returns), and the
+        cache is still right to keep: a pass writes only at and after a row's length and moves the length once
+        it ran, and `generated` holds only tokens whose round committed, so the first min(length, ids)
+        positions hold those ids (_keep). Dropping it made `edgemtp chat`'s next turn after a Ctrl-C run the
+        whole conversation again."""
         try:
             yield
-        except GeneratorExit:
+        except (GeneratorExit, KeyboardInterrupt):
             self._keep(cache, prompt_ids + generated)
             raise
         self._keep(cache, prompt_ids + generated)
