@@ -111,7 +111,9 @@ def _details(g: dict) -> str:
 
 
 def _scheme(q: dict) -> str:
-    """An int8 / int4 target's scheme as export's flags set it (README "Quantization")."""
+    """An int8 / int4 target's scheme as export's flags set it (README "Quantization"), or a qdq one's."""
+    if q.get("format") == "qdq":  # static QDQ: other fields (weight and activation bits, calibration)
+        return _qdq_scheme(q)
     parts = [f"layers {q.get('bits')}-bit ({q.get('layer_op')}), head {q.get('head_bits')}-bit ({q.get('head_op')}), "
              f"embedding {q.get('embed_bits')}-bit, blocks of {q.get('block_size')}"]
     if q.get("frequent_rows"):
@@ -121,6 +123,13 @@ def _scheme(q: dict) -> str:
     if q.get("gptq"):
         parts.append("GPTQ")
     return ", ".join(parts)
+
+
+def _qdq_scheme(q: dict) -> str:
+    """A --quant qdq target's: 8-bit weights, activations calibrated on text windows (exporters' qdq path)."""
+    ops = f" (--qdq-ops {q['ops']})" if q.get("ops") else ""
+    return (f"QDQ: weights {q.get('weight_bits')}-bit, activations {q.get('activation_bits')}-bit{ops}, "
+            f"{q.get('method')} calibration on {q.get('calibration_windows')} windows of {q.get('calibration')}")
 
 
 def _head(head: dict) -> str:

@@ -722,3 +722,19 @@ def test_a_ready_read_only_workdir_runs(tiny_gemma3, tmp_path, monkeypatch):
     shutil.rmtree(workdir / "gemma3-270m.bundle")
     r = run("quickstart", "--workdir", workdir, "--prompt", "t1 t2", "--max-new-tokens", 3)
     assert r.exit_code == 2 and r.output == f"error: --workdir {workdir}: cannot write in {workdir}\n", r.output
+
+
+def test_info_describes_a_qdq_target(tiny_gemma3):
+    """A --quant qdq target records weight and activation bits and its calibration, not the int8 / int4
+    scheme's fields (info printed "layers None-bit (None), head None-bit (None)...")."""
+    from edgemtp import bundle
+    from edgemtp.bundle_info import describe, text
+
+    b = bundle.load(tiny_gemma3[2], verify=False)
+    b.manifest["graphs"]["target"] = {**b.manifest["graphs"]["target"], "quant": "qdq", "quantization": {
+        "format": "qdq", "weight_bits": 8, "activation_bits": 16, "method": "minmax", "ops": "weights",
+        "calibration": "corpora: code (train split)", "calibration_windows": 64}}  # as exporters' qdq path writes
+    out = text(describe(b), False)
+    assert "None" not in out
+    assert ("QDQ: weights 8-bit, activations 16-bit (--qdq-ops weights), minmax calibration on 64 windows of "
+            "corpora: code (train split)") in out
