@@ -6,7 +6,8 @@ A file is known by where it lives (device, inode) and by what any write changes:
 program can set mtime back (utime) but not ctime, so a file written after its check, whatever its mtime
 says, is unknown again and hashed anew. A file whose ctime is under RACY_NS old is not remembered: on a
 file system with coarse timestamps a write in the same tick would leave all three unchanged (git's "racy
-clean" files). The record is one small JSON file in the user's cache directory; where it cannot be read or
+clean" files); its age is counted to when the check began, not ended: a write in the ctime's tick that
+lands in bytes the hash has already read matches, and hashing a large file takes longer than RACY_NS. The record is one small JSON file in the user's cache directory; where it cannot be read or
 written, nothing is remembered and every load hashes, as before."""
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ class Record:
         except (OSError, ValueError, AttributeError):  # none yet, unreadable, or not ours: start afresh
             pass
         self.added = False
+        self.began = time.time_ns()  # before any file is hashed (add's racy check)
 
     def known(self, path: Path, st: os.stat_result, sha256: str) -> bool:
         return self.files.get(_name(path)) == [*stamp(st), sha256]
 
     def add(self, path: Path, st: os.stat_result, sha256: str) -> None:
         """`st`: the file's stat from before it was hashed; a file written meanwhile is not remembered."""
-        if stamp(os.stat(path)) != stamp(st) or time.time_ns() - st.st_ctime_ns < RACY_NS:
+        if stamp(os.stat(path)) != stamp(st) or self.began - st.st_ctime_ns < RACY_NS:
             return
         self.files.pop(_name(path), None)  # re-inserted last: the newest are kept
         self.files[_name(path)] = [*stamp(st), sha256]

@@ -678,3 +678,26 @@ def test_kv_cache_is_updated_in_place(tiny_gemma3):
     for layer, k in cache.keys.items():
         assert k.ctypes.data == buffers[layer]
         assert np.abs(k[0, :, :3]).sum() > 0 and np.abs(k[0, :, 3:]).sum() == 0
+
+
+
+def test_a_file_changed_just_before_a_long_hash_is_not_remembered(tiny_gemma3, tmp_path, monkeypatch):
+    """A file's age against RACY_NS counts to when the load began checking, not to when its hash ended: on a
+    coarse-timestamp file system a write in the ctime's tick, into bytes already hashed, leaves the stamp as it
+    was, and hashing 1.3 GB takes longer than RACY_NS (such a file was remembered, then never hashed again)."""
+    import time
+
+    from edgemtp import verified
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 1_000_000_000)
+    b = copy_bundle(tiny_gemma3[2], tmp_path)  # written just now
+    hashed = []
+    real_hash, real_clock = bundle.sha256, time.time_ns
+    monkeypatch.setattr(bundle, "sha256", lambda p: hashed.append(p.name) or real_hash(p))
+    # each hash takes "10 s": the clock has moved on when the first file is added to the record
+    monkeypatch.setattr(verified.time, "time_ns", lambda: real_clock() + 10**10 * len(hashed))
+    bundle.load(b)
+    hashed.clear()
+    bundle.load(b)
+    assert sorted(hashed) == sorted(json.loads((b / "edgemtp.json").read_text())["files"])
