@@ -24,8 +24,11 @@ MAX_FILES = 512  # the most recently checked; an older one is hashed again
 
 
 def record_path() -> Path | None:
-    """None where there is no cache directory (no home: a service account); a relative XDG_CACHE_HOME is
-    ignored, as the XDG specification says."""
+    """None where there is no cache directory (no home: a service account), and on Windows, whose st_ctime is
+    the creation time: a write there does not change it, so a file edited with its mtime put back would pass.
+    A relative XDG_CACHE_HOME is ignored, as the XDG specification says."""
+    if os.name == "nt":
+        return None
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):
         try:
@@ -47,7 +50,7 @@ class Record:
         try:
             files = json.loads(self.path.read_text(encoding="utf-8")).get("files", {}) if self.path else {}
             self.files = files if isinstance(files, dict) else {}
-        except (OSError, ValueError, AttributeError):  # none yet, unreadable, or not ours: start afresh
+        except (OSError, ValueError, AttributeError, RecursionError):  # none yet, unreadable, not ours: afresh
             pass
         self.added = False
         self.began = time.time_ns()  # before any file is hashed (add's racy check)

@@ -105,6 +105,9 @@ def test_loading_hashes_as_before_where_nothing_can_be_remembered(tiny_gemma3, t
     bundle.load(b)
     bundle.load(b)
     assert len(hashed) == 2 * len(json.loads((b / "edgemtp.json").read_text())["files"])
+    monkeypatch.setattr(verified.os, "name", "nt")  # Windows: st_ctime is the creation time, no proof of no write
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert verified.record_path() is None
 def test_a_graph_loaded_later_must_be_the_one_load_checked(tiny_gemma3, tmp_path):
     """The batched verify graph (and the MTP drafter) load on first use, maybe hours after Engine.load: a bundle
     re-exported in its place meanwhile is refused, not verified with weights the target does not have (it
