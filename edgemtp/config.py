@@ -226,8 +226,11 @@ def _qwen2_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...
     window = pr.opt(hf, "sliding_window", int, None) if "sliding_window" in hf else 4096
     window = window if use else None
     first = pr.opt(hf, "max_window_layers", int, 28)
-    types = tuple(pr.layer_types(hf) or [SLIDING if window is not None and i >= first else FULL
-                                         for i in range(n_layers)])
+    given = pr.layer_types(hf)
+    # null where it would be read (transformers compares a layer index with it, and fails) is not 28
+    pr.check(given or window is None or "max_window_layers" not in hf or hf["max_window_layers"] is not None,
+             "field 'max_window_layers' is null, but use_sliding_window needs it (the first sliding layer)")
+    types = tuple(given or [SLIDING if window is not None and i >= first else FULL for i in range(n_layers)])
     pr.check(len(types) == n_layers, f"field 'layer_types' has {len(types)} entries for {n_layers} layers")
     pr.check(SLIDING not in types or window is not None, "field 'layer_types' names sliding layers, but "
              "use_sliding_window is false or sliding_window null (transformers then has no window to give them)")

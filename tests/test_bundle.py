@@ -431,6 +431,8 @@ def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
                           "field 'layer_types' has 3 entries for 4 layers"),
                          ({**qwen2, "use_sliding_window": True, "max_window_layers": "two"},
                           "field 'max_window_layers' should be an integer, got 'two'"),
+                         ({**qwen2, "use_sliding_window": True, "max_window_layers": None},
+                          "field 'max_window_layers' is null, but use_sliding_window needs it"),
                          ({**hf, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
                           "field 'rope_scaling.partial_rotary_factor' 0.5 is not supported with rope_type 'linear'"),
                          ({**hf, "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": 1.5}},
