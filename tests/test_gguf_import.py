@@ -661,6 +661,14 @@ def test_export_takes_a_gguf_file(tmp_path):
     # an output that exists is named before the import's work
     r = CliRunner().invoke(cli, ["export", str(path), "-o", str(out)])
     assert r.exit_code == 2 and r.output == f"error: {out}: already exists (use --overwrite to replace it)\n"
+    # the export's own errors name the GGUF file, not the scratch directory it was imported into (gone by then)
+    from edgemtp.cli.build import model_source
+    from edgemtp.errors import EdgemtpError
+
+    with pytest.raises(EdgemtpError) as e:
+        with model_source(path, tmp_path / "c", False) as source:
+            raise EdgemtpError(f"{source / 'config.json'}: field 'x' is wrong")
+    assert str(e.value) == f"{path} (imported)/config.json: field 'x' is wrong"
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF")
     r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "b")])

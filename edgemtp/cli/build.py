@@ -141,7 +141,10 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
     with tempfile.TemporaryDirectory(prefix=".edgemtp-gguf-", dir=Path(out).parent) as scratch:
         with progress_bar(f"importing {model_dir.name}") as progress:
             source = import_gguf(model_dir, Path(scratch) / "model", progress=progress)
-        yield source
+        try:
+            yield source
+        except EdgemtpError as e:  # named by the file the user gave, not the scratch directory (deleted now)
+            raise EdgemtpError(str(e).replace(str(source), f"{model_dir} (imported)")) from None
 
 
 def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
