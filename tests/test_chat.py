@@ -279,6 +279,41 @@ def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypa
     assert second == fresh.generate(chat, 6).text
 
 
+def test_ctrl_c_at_a_terminal_ends_a_json_reply_as_it_stands(chat_bundle, monkeypatch):
+    """With --json at a terminal Ctrl-C ends the reply as in the plain chat: its line holds the tokens so far
+    and stop_reason "interrupted", and the next reply is what a fresh engine gives that conversation."""
+    import json
+
+    from edgemtp.cli import run as run_mod
+
+    token_stream, stopped = Engine.token_stream, []
+
+    def interrupted_once(self, *args, **kwargs):
+        for i, token in enumerate(token_stream(self, *args, **kwargs)):
+            if i == 2 and not stopped:
+                stopped.append(True)
+                raise KeyboardInterrupt
+            yield token
+
+    monkeypatch.setattr(Engine, "token_stream", interrupted_once)
+    args = ["chat", str(chat_bundle), "--json", "--max-new-tokens", "6", "--no-draft"]
+    r = CliRunner().invoke(cli, args, input="t3\n")
+    assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
+    stopped.clear()
+    monkeypatch.setattr(run_mod, "stdin_is_terminal", lambda: True)
+    r = CliRunner().invoke(cli, args, input="t3 t4\nt5\n")
+    assert r.exit_code == 0, r.output
+    first, second = [json.loads(line) for line in r.stdout.splitlines()]
+    monkeypatch.setattr(Engine, "token_stream", token_stream)
+    fresh = Engine.load(chat_bundle)
+    whole = fresh.generate([{"role": "user", "content": "t3 t4"}], 6)
+    assert first["tokens"] == whole.tokens[:2] and first["stats"]["stop_reason"] == "interrupted"
+    assert first["text"] == fresh.decode(whole.tokens[:2])
+    chat = [{"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": first["text"]},
+            {"role": "user", "content": "t5"}]
+    assert second == {**second, **{k: v for k, v in fresh.generate(chat, 6).to_json().items() if k != "stats"}}
+
+
 def test_chat_that_cannot_fit_says_why(chat_bundle):
     """A --system message leaving no room fails first (exit 2); a first message too long for the capacity is
     refused without suggesting /reset, which cannot help (nothing earlier to drop)."""

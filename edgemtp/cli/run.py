@@ -195,7 +195,7 @@ def chat_cmd(bundle_dir, system, as_json, max_new_tokens, temperature, top_k, to
         messages.append({"role": "user", "content": line.rstrip("\r\n")})  # \r: a line typed on Windows
         if as_json:  # the whole reply, then one line: a reply's own newlines do not split it
             try:
-                gen = engine.generate(messages, max_new_tokens, sampling, draft)
+                gen = json_reply(engine, messages, max_new_tokens, sampling, draft, interactive)
             except CapacityError as e:
                 messages.pop()
                 failed(no_room(e, messages, opening), as_json)
@@ -229,6 +229,26 @@ def chat_cmd(bundle_dir, system, as_json, max_new_tokens, temperature, top_k, to
         messages.append({"role": "assistant", "content": "".join(reply)})
     if unanswered and not interactive:  # a script feeding lines learns from the exit status that some failed
         raise EdgemtpError(f"{unanswered} message(s) of the input got no reply (each error is above)")
+
+
+def json_reply(engine, messages: list, max_new_tokens: int, sampling, draft, interactive: bool):
+    """engine.generate(messages, ...)'s Generation, except that at a terminal Ctrl-C ends the reply where it
+    is, as in the plain chat: the reply then holds what was generated, stop_reason "interrupted" (the engine
+    keeps its KV cache for the next turn)."""
+    from ..runtime.engine import Generation, new_stats
+
+    gen = Generation("", [], new_stats(draft))
+    tokens = engine.token_stream(engine.encode(messages), max_new_tokens, sampling, draft, gen.stats)
+    try:
+        for token in tokens:
+            gen.tokens.append(token)
+    except KeyboardInterrupt:
+        if not interactive:  # a program's SIGINT ends the chat
+            raise
+        tokens.close()
+        gen.stats.stop_reason = "interrupted"
+    gen.text = engine.decode(gen.tokens)
+    return gen
 
 
 def no_room(error: Exception, messages: list, opening: list) -> str:
