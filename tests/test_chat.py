@@ -246,6 +246,18 @@ def test_chat_json_gives_one_line_per_message(chat_bundle):
         got[1]["error"].endswith("/reset starts the conversation over") and len(got) == 3
 
 
+def interrupted_once(generate, stopped: list):
+    """An Engine method yielding what `generate` yields, but raising KeyboardInterrupt (Ctrl-C) at its third item
+    the first time (until `stopped` is cleared)."""
+    def method(self, *args, **kwargs):
+        for i, item in enumerate(generate(self, *args, **kwargs)):
+            if i == 2 and not stopped:
+                stopped.append(True)
+                raise KeyboardInterrupt
+            yield item
+    return method
+
+
 def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypatch):
     """Ctrl-C while a reply streams, with a person at the terminal: the reply stops where it is, stays in the
     conversation as shown, and the next message is answered as a fresh engine answers that conversation
@@ -253,15 +265,7 @@ def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypa
     from edgemtp.cli import run as run_mod
 
     stream, stopped = Engine.stream, []
-
-    def interrupted_once(self, *args, **kwargs):
-        for i, piece in enumerate(stream(self, *args, **kwargs)):
-            if i == 2 and not stopped:
-                stopped.append(True)
-                raise KeyboardInterrupt
-            yield piece
-
-    monkeypatch.setattr(Engine, "stream", interrupted_once)
+    monkeypatch.setattr(Engine, "stream", interrupted_once(stream, stopped))
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"], input="t3\n")
     assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
     stopped.clear()
@@ -287,15 +291,7 @@ def test_ctrl_c_at_a_terminal_ends_a_json_reply_as_it_stands(chat_bundle, monkey
     from edgemtp.cli import run as run_mod
 
     token_stream, stopped = Engine.token_stream, []
-
-    def interrupted_once(self, *args, **kwargs):
-        for i, token in enumerate(token_stream(self, *args, **kwargs)):
-            if i == 2 and not stopped:
-                stopped.append(True)
-                raise KeyboardInterrupt
-            yield token
-
-    monkeypatch.setattr(Engine, "token_stream", interrupted_once)
+    monkeypatch.setattr(Engine, "token_stream", interrupted_once(token_stream, stopped))
     args = ["chat", str(chat_bundle), "--json", "--max-new-tokens", "6", "--no-draft"]
     r = CliRunner().invoke(cli, args, input="t3\n")
     assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
