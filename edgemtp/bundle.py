@@ -19,8 +19,7 @@ from pathlib import Path
 from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
-from . import verified
-from .verified import Record
+from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
 FORMAT = "edgemtp-bundle"
@@ -106,8 +105,8 @@ class GraphEntry:
 class Bundle:
     dir: Path
     manifest: dict
-    # file -> its stamp (_stamp) when load checked it: graphs loaded later (the MTP drafter, the batched verify
-    # graph, on first use) must read those files, not a re-export's (see check_unchanged)
+    # file -> its stamp (verified.stamp) when load checked it: graphs loaded later (the MTP drafter, the batched
+    # verify graph, on first use) must read those files, not a re-export's (see check_unchanged)
     stamps: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -138,7 +137,7 @@ class Bundle:
         for rel, then in self.stamps.items():
             p = self.dir / rel
             try:
-                now = _stamp(p.stat())
+                now = stamp(p.stat())
             except OSError:
                 raise EdgemtpError(f"{p}: missing since the bundle was loaded (load it again)") from None
             if now == then:
@@ -266,12 +265,7 @@ def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | Non
         if sha256(p) != info.get("sha256"):
             raise EdgemtpError(f"{p}: sha256 differs from the manifest (file changed after export)")
         record.add(p, st, info["sha256"])
-    return _stamp(st)
-
-
-def _stamp(st: os.stat_result) -> tuple:
-    """What tells a file from its replacement or an edit without reading it (verified.stamp)."""
-    return tuple(verified.stamp(st))
+    return stamp(st)
 
 
 def _check_contract(mpath: Path, name: str, g: dict, graph) -> None:

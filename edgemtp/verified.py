@@ -6,9 +6,10 @@ A file is known by where it lives (device, inode) and by what any write changes:
 program can set mtime back (utime) but not ctime, so a file written after its check, whatever its mtime
 says, is unknown again and hashed anew. A file whose ctime is under RACY_NS old is not remembered: on a
 file system with coarse timestamps a write in the same tick would leave all three unchanged (git's "racy
-clean" files); its age is counted to when the check began, not ended: a write in the ctime's tick that
-lands in bytes the hash has already read matches, and hashing a large file takes longer than RACY_NS. The record is one small JSON file in the user's cache directory; where it cannot be read or
-written, nothing is remembered and every load hashes, as before."""
+clean" files). Its age counts to when the check began, not ended: a write in the ctime's tick into bytes
+the hash has already read matches, and hashing a large file takes longer than RACY_NS. The record is one
+small JSON file in the user's cache directory; where it cannot be read or written, nothing is remembered
+and every load hashes, as before."""
 
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def record_path() -> Path | None:
     return Path(base) / "edgemtp" / "verified.json"
 
 
-def stamp(st: os.stat_result) -> list[int]:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+def stamp(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class Record:
