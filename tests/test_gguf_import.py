@@ -665,10 +665,18 @@ def test_export_takes_a_gguf_file(tmp_path):
     from edgemtp.cli.build import model_source
     from edgemtp.errors import EdgemtpError
 
-    with pytest.raises(EdgemtpError) as e:
-        with model_source(path, tmp_path / "c", False) as source:
-            raise EdgemtpError(f"{source / 'config.json'}: field 'x' is wrong")
+    import warnings
+
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: shown.append(str(message))
+        with pytest.raises(EdgemtpError) as e:
+            with model_source(path, tmp_path / "c", False) as source:
+                warnings.warn(f"{source}: 3 checkpoint tensor(s) unused")
+                raise EdgemtpError(f"{source / 'config.json'}: field 'x' is wrong")
     assert str(e.value) == f"{path} (imported)/config.json: field 'x' is wrong"
+    assert shown == [f"{path} (imported): 3 checkpoint tensor(s) unused"]
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF")
     r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "b")])

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import click
@@ -141,10 +142,14 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
     with tempfile.TemporaryDirectory(prefix=".edgemtp-gguf-", dir=Path(out).parent) as scratch:
         with progress_bar(f"importing {model_dir.name}") as progress:
             source = import_gguf(model_dir, Path(scratch) / "model", progress=progress)
-        try:
-            yield source
-        except EdgemtpError as e:  # named by the file the user gave, not the scratch directory (deleted now)
-            raise EdgemtpError(str(e).replace(str(source), f"{model_dir} (imported)")) from None
+        imported = f"{model_dir} (imported)"  # errors and warnings name the file the user gave, not the scratch
+        shown = warnings.showwarning          # directory (deleted by the time they are read)
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *a, **k: shown(str(message).replace(str(source), imported), *a, **k)
+            try:
+                yield source
+            except EdgemtpError as e:
+                raise EdgemtpError(str(e).replace(str(source), imported)) from None
 
 
 def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
