@@ -300,10 +300,13 @@ def _check_external_data(d: Path, graph: Path, files: dict):
         model = onnx.load(str(graph), load_external_data=False)
     except Exception as e:  # a corrupt protobuf raises several types
         raise EdgemtpError(f"{graph}: not a valid ONNX file ({type(e).__name__})") from None
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                inside(d, entry.value)
-                if entry.value not in files:
-                    raise EdgemtpError(f"{graph}: external data '{entry.value}' is not listed in the manifest")
+    for location in data_files(model):
+        inside(d, location)
+        if location not in files:
+            raise EdgemtpError(f"{graph}: external data '{location}' is not listed in the manifest")
     return model
+
+
+def data_files(model) -> list[str]:
+    """The external data files a graph's initializers name (relative to the bundle), sorted."""
+    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import Bundle
+from .bundle import Bundle, data_files
 from .contract import TargetContract
 
 # what each graph is for, in the words of README's "Bundles"
@@ -63,8 +63,7 @@ def graph_files(bundle_dir: Path, graph_file: str) -> tuple[list[str], list[str]
     reads weights from: a verify graph the target's, a drafter the target's embedding table)."""
     import onnx
 
-    model = onnx.load(str(bundle_dir / graph_file), load_external_data=False)
-    data = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    data = data_files(onnx.load(str(bundle_dir / graph_file), load_external_data=False))
     own = [f for f in data if f == graph_file + ".data"]
     return [graph_file, *own], [f for f in data if f not in own]
 
