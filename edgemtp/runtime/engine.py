@@ -20,6 +20,7 @@ from .. import contract as C
 from ..errors import ArgumentError, EdgemtpError
 from .chat import ChatTemplate, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
+from .heap import release_freed_memory
 from .kv_cache import KVCache
 from .sampling import Sampling, pick
 from .session import make_session, resolve_provider, runs_on_cpu
@@ -102,6 +103,11 @@ class Engine:
                 resolve_provider(drafter_provider, "drafter_provider")
         if mtp is None:
             mtp = auto_mode(b, provider) == "hybrid"
+        try:
+            tok = Tokenizer.from_file(str(b.tokenizer_path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
+        release_freed_memory()  # its parse's JSON tree, before the session's memory piles on top (runtime/heap.py)
         session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages)
         contract = b.graph("target").contract
         if is_static(contract):
@@ -112,10 +118,6 @@ class Engine:
         else:  # bundle.load checked the graph against its contract
             target = Target(session, b.target_contract,
                             _verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify))
-        try:
-            tok = Tokenizer.from_file(str(b.tokenizer_path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
         engine = cls(b, target, tok)
         if b.chat is not None:
             path, special = b.chat
@@ -128,6 +130,7 @@ class Engine:
         engine.fast_verify = fast_verify
         engine.reuse_prefix = reuse_prefix
         engine.target_spins = not mtp
+        release_freed_memory()  # what building the session freed
         return engine
 
     @property
@@ -311,6 +314,7 @@ class Engine:
 
                 self.bundle.check_unchanged()  # loaded now, from the files Engine.load checked
                 self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph)
+                release_freed_memory()
             return self._drafters[graph]
 
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
@@ -431,6 +435,8 @@ def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp
 
     def load() -> Target:
         b.check_unchanged()  # its weights must be the target's: the files Engine.load checked
-        return Target(make_session(entry.path, provider, threads, spin=not mtp, prepack=fast, huge_pages=huge_pages),
-                      C.TargetContract.from_json(entry.contract))
+        target = Target(make_session(entry.path, provider, threads, spin=not mtp, prepack=fast, huge_pages=huge_pages),
+                        C.TargetContract.from_json(entry.contract))
+        release_freed_memory()
+        return target
     return load
