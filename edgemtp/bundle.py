@@ -12,13 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
+from .scratch import held_dir
 from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
@@ -63,24 +63,25 @@ def atomic_dir(out: Path, overwrite: bool = False):
     out = Path(out)
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as e:
-        raise EdgemtpError(f"{out}: cannot write a bundle in {out.parent} ({e.strerror})") from None
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would keep the bundle from other users (a shared model)
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):  # as open() makes them: onnxruntime's quantizer writes its data file 0600
-            if f.is_file():
-                f.chmod(0o666 & ~mask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.ExitStack() as held:
+        try:  # held while it lives: a killed export's is removed by the next one (scratch.py)
+            tmp = held.enter_context(held_dir(out.parent, f".{out.name}.partial-"))
+        except OSError as e:
+            raise EdgemtpError(f"{out}: cannot write a bundle in {out.parent} ({e.strerror})") from None
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would keep the bundle from other users (a shared model)
+        try:
+            yield tmp
+            for f in tmp.rglob("*"):  # as open() makes them: onnxruntime's quantizer writes its data file 0600
+                if f.is_file():
+                    f.chmod(0o666 & ~mask)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_manifest(bundle_dir: Path, manifest: dict) -> None:

@@ -13,10 +13,10 @@ llama.cpp changes some weights on the way into a GGUF; we undo that here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
+from edgemtp.scratch import held_dir
 from edgemtp.tokenizer_import import write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
@@ -64,28 +65,29 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     plan = list(_hf_tensors(tensors, arch, config, gguf_path))
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    except OSError as e:  # not the temporary name, which the user never gave
-        raise EdgemtpError(f"{out_dir}: cannot write a model directory in {out_dir.parent} ({e.strerror})") from None
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", generation_config(meta, config))
-        if progress is not None:  # building a 262k-token tokenizer takes a few seconds: say so
-            progress(0, len(plan), "tokenizer")
+    with contextlib.ExitStack() as held:
+        try:  # held while it lives: a killed import's is removed by the next one (scratch.py)
+            tmp = held.enter_context(held_dir(out_dir.parent, f".{out_dir.name}.", ".partial"))
+        except OSError as e:  # not the temporary name, which the user never gave
+            raise EdgemtpError(f"{out_dir}: cannot write a model directory in {out_dir.parent} ({e.strerror})") from None
         try:
-            write_tokenizer_files(meta, tmp, config["max_position_embeddings"])
-        except EdgemtpError as e:  # its messages name the GGUF field; the file is this one
-            raise EdgemtpError(f"{gguf_path}: {e}") from None
-        try:
-            write_safetensors(tmp / "model.safetensors", plan, progress)
-        except EdgemtpError as e:  # a tensor it cannot dequantize: named with the file it is in
-            raise EdgemtpError(f"{gguf_path}: {e}") from None
-        _replace_dir(tmp, out_dir)
-    except BaseException:  # Ctrl-C included: leave nothing half-written behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+            _write_json(tmp / "config.json", config)
+            _write_json(tmp / "generation_config.json", generation_config(meta, config))
+            if progress is not None:  # building a 262k-token tokenizer takes a few seconds: say so
+                progress(0, len(plan), "tokenizer")
+            try:
+                write_tokenizer_files(meta, tmp, config["max_position_embeddings"])
+            except EdgemtpError as e:  # its messages name the GGUF field; the file is this one
+                raise EdgemtpError(f"{gguf_path}: {e}") from None
+            try:
+                write_safetensors(tmp / "model.safetensors", plan, progress)
+            except EdgemtpError as e:  # a tensor it cannot dequantize: named with the file it is in
+                raise EdgemtpError(f"{gguf_path}: {e}") from None
+            _replace_dir(tmp, out_dir)
+        except BaseException:  # Ctrl-C included: leave nothing half-written behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out_dir
 
 

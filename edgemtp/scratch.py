@@ -1,0 +1,87 @@
+"""Hidden working directories beside an output (a bundle or model directory being written, a GGUF's import),
+and the ones a killed run left behind.
+
+Output is written into a temporary directory and renamed into place at the end, so a failed or interrupted
+run leaves no half-written result, and removes its temporary directory on the way out. A run killed outright
+(SIGKILL, the OOM killer, a power cut) cannot: its directory, up to the model's size, would stay hidden
+forever. So each run holds an advisory lock (flock) on its directory while it lives, which the kernel drops
+when the process dies, and the next run making a directory of the same kind in the same place removes those
+nobody holds. Only names of the exact shape this module makes are touched, and only a minute after they were
+made: a directory is locked microseconds after its creation, but a run of another edgemtp version may not
+lock at all. Without fcntl (Windows) no lock is taken and nothing is cleaned."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+GRACE_S = 60  # a directory younger than this may be a live run's that has not locked it yet
+
+
+@contextlib.contextmanager
+def held_dir(parent: Path, prefix: str, suffix: str = "") -> Iterator[Path]:
+    """A new directory `parent/prefix + 8 random characters + suffix`, locked by this process until the block
+    ends (the directory may be renamed meanwhile: the lock is on it, not its name). It is not removed here:
+    the caller renames or removes it. Stale directories of the same name shape are removed first."""
+    remove_stale(parent, prefix, suffix)
+    path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
+    fd = _lock(path)
+    try:
+        yield path
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
+
+
+def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
+    """Removes the directories in `parent` named as held_dir names them that no live process holds."""
+    if fcntl is None:
+        return []
+    shape = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix))
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        if not shape.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            if time.time() - p.stat().st_mtime < GRACE_S:
+                continue
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live run holds it
+            continue
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock(path: Path) -> int | None:
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without flock: the run goes on, its directory just is not protected
+        os.close(fd)
+        return None
+    return fd

@@ -1,0 +1,80 @@
+"""A run killed outright (SIGKILL) leaves its hidden working directory; the next run of the same kind in the
+same place removes it, and never one a live run holds (edgemtp/scratch.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from edgemtp import scratch
+from edgemtp.exporters import export
+
+posix = pytest.mark.skipif(scratch.fcntl is None, reason="no flock: nothing is cleaned (Windows)")
+
+
+def _age(path, seconds=2 * scratch.GRACE_S):
+    t = time.time() - seconds
+    os.utime(path, (t, t))
+
+
+@posix
+def test_only_unheld_old_directories_of_the_shape_go(tmp_path):
+    dead = tmp_path / ".b.partial-abcd_123"
+    young = tmp_path / ".b.partial-young123"
+    other = tmp_path / ".bb.partial-abcd_123"  # another output's
+    unlike = tmp_path / ".b.partial-abc"  # not a name held_dir makes
+    for d in (dead, young, other, unlike):
+        d.mkdir()
+        (d / "weights").write_bytes(b"x")
+    for d in (dead, other, unlike):
+        _age(d)
+    with scratch.held_dir(tmp_path, ".b.partial-") as live:  # making one removes the dead one first
+        assert not dead.exists()
+        _age(live)
+        assert scratch.remove_stale(tmp_path, ".b.partial-") == []
+        assert live.is_dir() and young.is_dir() and other.is_dir() and unlike.is_dir()
+    # once its holder is done (it would have renamed or removed it), an old one is fair game
+    assert scratch.remove_stale(tmp_path, ".b.partial-") == [live]
+    # the shapes of an import's directory and of `export FILE.gguf`'s scratch
+    imp, gguf = tmp_path / ".m.abcdefgh.partial", tmp_path / ".edgemtp-gguf-abcdefgh"
+    for d in (imp, gguf):
+        d.mkdir()
+        _age(d)
+    assert scratch.remove_stale(tmp_path, ".m.", ".partial") == [imp]
+    assert scratch.remove_stale(tmp_path, ".edgemtp-gguf-") == [gguf]
+
+
+@posix
+def test_a_killed_export_is_cleaned_by_the_next(tiny_gemma3, tmp_path):
+    """SIGKILL halfway through writing the graph (no handler runs): the partial bundle stays, locked by
+    nobody; the next export to the same place removes it and writes its bundle."""
+    model_dir = tiny_gemma3[1]
+    code = textwrap.dedent(f"""
+        import os, signal
+        from edgemtp.exporters import builder, export
+        real_save = builder.save
+        def dying_save(b, path, read, progress=None, read_rows=None):
+            def read_then_die(name):
+                if "layers.1" in name:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return read(name)
+            return real_save(b, path, read_then_die, progress)
+        builder.save = dying_save
+        export({str(model_dir)!r}, {str(tmp_path / "out")!r}, capacity=64)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    left = list(tmp_path.iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".out.partial-") and any(left[0].iterdir())
+    export(model_dir, tmp_path / "out", capacity=64)  # a minute later it would be removed ...
+    assert left[0].is_dir()  # ... not before: a live run may not have locked its new directory yet
+    _age(left[0])
+    export(model_dir, tmp_path / "out2", capacity=64)  # another output's run leaves it alone
+    assert left[0].is_dir()
+    export(model_dir, tmp_path / "out", capacity=64, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2"]
