@@ -11,9 +11,11 @@ bundle's page cache, which the kernel can drop and which counts a transposed fp3
 whole RSS. `--baseline DIR`: a checkout of edgemtp (e.g. `git worktree add DIR OLD_COMMIT`) run the same
 way, in turns with this one, round by round; medians and their ratio.
 
-Session 39 (Xeon VM, against 32333a4, which parsed the tokenizer after building the target's session and
-left the parse's freed ~190 MB resident; runtime/heap.py), Gemma 3 270M generating 32 tokens as `generate`
-does: int4 peak RSS 636 vs 856 MB (0.74x), anonymous after 462 vs 656 MB; fp32 3,050 vs 3,138 MB (0.97x).
+Session 39 (Xeon VM, against 32333a4, which parsed the tokenizer after building the target's session,
+left the parse's freed ~190 MB resident (runtime/heap.py) and imported onnx to check the graphs
+(onnx_wire.py)), Gemma 3 270M generating 32 tokens as `generate` does, medians of 3: int4 peak RSS 623 vs
+856 MB (0.73x), anonymous after 452 vs 656 MB, Engine.load 1.55 vs 1.89 s (0.82x); fp32 peak 3,181 vs
+3,293 MB (0.97x), Engine.load 2.34 vs 3.12 s (0.75x).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
+from .onnx_wire import GraphFacts, WireError, read_graph_facts
 from .scratch import held_dir
 from .verified import Record, stamp
 
@@ -269,45 +270,29 @@ def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | Non
     return stamp(st)
 
 
-def _check_contract(mpath: Path, name: str, g: dict, graph) -> None:
+def _check_contract(mpath: Path, name: str, g: dict, graph: GraphFacts) -> None:
     """The graph's KV inputs and logits / hidden outputs against its contract (check_graphs checked the fields
     themselves); a static graph's are checked when it is loaded (static_target)."""
-    def shapes(values) -> dict:
-        return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param or None
-                         for d in v.type.tensor_type.shape.dim] for v in values}
-
-    problem = graph_mismatch(TargetContract.from_json(g["contract"]), shapes(graph.graph.input),
-                             shapes(graph.graph.output), attention_windows(graph))
+    problem = graph_mismatch(TargetContract.from_json(g["contract"]), graph.inputs, graph.outputs, graph.windows)
     if problem:
         raise EdgemtpError(f"{mpath}: graphs.{name}.contract does not match {g['file']}: {problem}")
 
 
-def attention_windows(model) -> dict:
-    """Past key input -> the sliding window of the GroupQueryAttention reading it (None: global), for the
-    graphs whose attention is that op (a verify graph's standard-op attention has none to read)."""
-    windows = {}
-    for node in model.graph.node:
-        if node.op_type == "GroupQueryAttention" and len(node.input) > 3:
-            size = next((a.i for a in node.attribute if a.name == "local_window_size"), -1)
-            windows[node.input[3]] = size if size > 0 else None
-    return windows
-
-
-def _check_external_data(d: Path, graph: Path, files: dict):
-    """The graph (without its weights), after checking that its external data are files of the bundle."""
-    import onnx
-
+def graph_facts(graph: Path) -> GraphFacts:
+    """What the checks read from a graph file (onnx_wire.py: no onnx package at run time)."""
     try:
-        model = onnx.load(str(graph), load_external_data=False)
-    except Exception as e:  # a corrupt protobuf raises several types
-        raise EdgemtpError(f"{graph}: not a valid ONNX file ({type(e).__name__})") from None
-    for location in data_files(model):
+        return read_graph_facts(graph)
+    except (WireError, UnicodeDecodeError):
+        raise EdgemtpError(f"{graph}: not a valid ONNX file") from None
+    except OSError as e:
+        raise EdgemtpError(f"{graph}: cannot read ({e.strerror})") from None
+
+
+def _check_external_data(d: Path, graph: Path, files: dict) -> GraphFacts:
+    """The graph's facts, after checking that its external data are files of the bundle."""
+    facts = graph_facts(graph)
+    for location in facts.data_files:
         inside(d, location)
         if location not in files:
             raise EdgemtpError(f"{graph}: external data '{location}' is not listed in the manifest")
-    return model
-
-
-def data_files(model) -> list[str]:
-    """The external data files a graph's initializers name (relative to the bundle), sorted."""
-    return sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    return facts

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .bundle import Bundle, data_files
+from .bundle import Bundle, graph_facts
 from .contract import TargetContract
 
 # what each graph is for, in the words of README's "Bundles"
@@ -61,9 +61,7 @@ def _graph(b: Bundle, name: str, g: dict) -> dict:
 def graph_files(bundle_dir: Path, graph_file: str) -> tuple[list[str], list[str]]:
     """(the graph's own files: its .onnx and its .onnx.data, the external data files of other graphs it
     reads weights from: a verify graph the target's, a drafter the target's embedding table)."""
-    import onnx
-
-    data = data_files(onnx.load(str(bundle_dir / graph_file), load_external_data=False))
+    data = graph_facts(bundle_dir / graph_file).data_files
     own = [f for f in data if f == graph_file + ".data"]
     return [graph_file, *own], [f for f in data if f not in own]
 

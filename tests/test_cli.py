@@ -199,10 +199,10 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_runtime_imports_no_torch():
+def test_runtime_imports_no_torch_nor_the_exporter_s_packages():
     code = ("import sys, edgemtp.runtime.engine, edgemtp.runtime.target; "
-            "bad = [m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules]; "
-            "assert not bad, bad")
+            "bad = [m for m in ('torch', 'transformers', 'sklearn', 'onnx', 'safetensors', 'gguf') "
+            "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -738,3 +738,20 @@ def test_info_describes_a_qdq_target(tiny_gemma3):
     assert "None" not in out
     assert ("QDQ: weights 8-bit, activations 16-bit (--qdq-ops weights), minmax calibration on 64 windows of "
             "corpora: code (train split)") in out
+
+
+def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
+    """Without the exporter's packages (an app's install: numpy, onnxruntime, tokenizers, click, rich) the
+    commands that make files say which extra to add, and run nothing; those that run a bundle work."""
+    block = "import sys; sys.modules['onnx'] = sys.modules['gguf'] = None; from edgemtp.cli import main; main()"
+    for args in (["export", str(tiny_gemma3[1]), "-o", str(tmp_path / "b")],
+                 ["import-gguf", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "m")],
+                 ["cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c")], ["quickstart", "--workdir", str(tmp_path)],
+                 ["train-drafter", str(tiny_gemma3[1]), "-o", str(tmp_path / "d")]):
+        r = subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr == (f"error: {args[0]} needs the exporter's packages (onnx, gguf not "
+                                                  "installed): pip install 'edgemtp[export]'\n"), (args, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    r = subprocess.run([sys.executable, "-c", block, "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
+                        "--max-new-tokens", "3", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0 and len(json.loads(r.stdout)["tokens"]) == 3, r.stderr

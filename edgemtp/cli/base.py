@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import os
 import signal
 import sys
@@ -99,6 +100,23 @@ def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
         tempfile.TemporaryFile(dir=here).close()
     except OSError as e:
         raise EdgemtpError(f"{flag} {out}: cannot write in {here} ({e.strerror})") from None
+
+
+EXPORTER_PACKAGES = ("onnx", "safetensors", "gguf")
+
+
+def needs_exporter(command: str) -> None:
+    """The exporter's packages are the `export` extra: an app that only runs bundles installs numpy,
+    onnxruntime and tokenizers (and the CLI click and rich); a command that makes files says what to add."""
+    missing = []
+    for name in EXPORTER_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise EdgemtpError(f"{command} needs the exporter's packages ({', '.join(missing)} not installed): "
+                           "pip install 'edgemtp[export]'")
 
 
 def output_path(ctx, param, value: str) -> Path:

@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import EdgemtpError
-from .base import cli, output_path, progress_bar, writable_dir
+from .base import cli, needs_exporter, output_path, progress_bar, writable_dir
 
 
 @cli.command("import-gguf")
@@ -23,6 +23,7 @@ from .base import cli, output_path, progress_bar, writable_dir
               help="Model directory to write (config.json, model.safetensors, tokenizer.json).")
 def import_gguf_cmd(gguf_file: Path, out: Path):
     """Convert a GGUF file into a Hugging Face style model directory (dequantized to fp32)."""
+    needs_exporter("import-gguf")
     from ..gguf_import import import_gguf
 
     with progress_bar(f"importing {gguf_file.name}") as progress:
@@ -122,6 +123,7 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
 
     MODEL_DIR may be a .gguf file: it is imported first (as import-gguf does) into a scratch directory beside
     the output, deleted after the export (it takes the model's fp32 size on that disk meanwhile)."""
+    needs_exporter("export")
     with model_source(model_dir, out, overwrite) as source:
         _export(source, out, quant, capacity, static, verify_window, drafter, draft_top_k, draft_head_rows,
                 draft_head_context, gemv_head, overwrite, quant_opts)
@@ -203,6 +205,7 @@ def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool,
                    "instead of MODEL_DIR's final hidden states: tables for that drafter's head.")
 def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions, drafter_dir):
     """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
+    needs_exporter("cluster")
     from ..calibration.clustering import check_sizes
     from ..calibration.collect import POSITIONS
     from ..calibration.head_report import HEAD_FILE, NO_CALIBRATION, cluster_model, recall_report
@@ -309,6 +312,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
 
     Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
     K = --draft-k) is printed as it trains. The target pass over the corpora is cached in OUTPUT/cache."""
+    needs_exporter("train-drafter")
     try:
         from ..drafter.train import DataSpec, TrainSpec, train_drafter
     except ImportError as e:

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import EdgemtpError
-from .base import cli, progress_bar, writable_dir
+from .base import cli, needs_exporter, progress_bar, writable_dir
 from .run import read_prompt, speed_line
 
 
@@ -128,6 +128,7 @@ def _traced_engine(bundle_dir, provider, threads, prefix):
 def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     """Import the default model (Gemma 3 270M), export a bundle with its shipped MTP drafter, generate
     plainly and speculatively, and print both speeds."""
+    needs_exporter("quickstart")
     from .. import bundle as bundle_mod
     from ..exporters import AUTO, export
     from ..gguf_import import default_gguf_path, import_gguf

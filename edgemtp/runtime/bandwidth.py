@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
+
+from ..onnx_wire import one_node_model
 
 
 class BandwidthProbe:
@@ -27,8 +28,8 @@ class BandwidthProbe:
         self.weights = np.random.default_rng(0).standard_normal((n, self.K), dtype=np.float32)
         self.nbytes = self.weights.nbytes
         x = np.ones((1, self.K), np.float32)
-        transposed = _session(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), [n, self.K], threads)
-        gemv = _session(helper.make_node("MatMul", ["x", "w"], ["y"]), [self.K, n], threads)
+        transposed = _session("Gemm", {"transB": 1}, [n, self.K], threads)
+        gemv = _session("MatMul", {}, [self.K, n], threads)
         # the same bytes read as [N, K] and as [K, N]: the values do not matter, only that all are read
         w_kn = self.weights.reshape(self.K, n)
         self.runs = [lambda: transposed.run(None, {"x": x, "w": self.weights})[0],
@@ -49,19 +50,14 @@ class BandwidthProbe:
         return out
 
 
-def _session(node, w_shape: list[int], threads: int | None) -> ort.InferenceSession:
-    k = BandwidthProbe.K
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
-              helper.make_tensor_value_info("w", TensorProto.FLOAT, w_shape)]
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    model = helper.make_model(helper.make_graph([node], "bw", inputs, [y]), opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
+def _session(op: str, attributes: dict, w_shape: list[int], threads: int | None) -> ort.InferenceSession:
+    model = one_node_model(op, {"x": [1, BandwidthProbe.K], "w": w_shape}, "y", attributes)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     # threads that spin on after a run would take the cores from whatever runs next (a decode step)
     opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: int = 5) -> float:

@@ -1,0 +1,223 @@
+"""The few facts loading a bundle reads from an ONNX file, and the one tiny graph the bandwidth probe builds,
+straight from the protobuf wire format: the runtime then needs no `onnx` package (numpy + onnxruntime +
+tokenizers, as DESIGN.md promises an app embedding it), and a load skips `import onnx` (~0.5 s).
+
+Only what the checks need is decoded: the graph's inputs and outputs (names, shapes), the external data
+files its initializers name, and each GroupQueryAttention's past key and sliding window. Everything else
+(weights stored inline, other nodes' attributes) is skipped by its length. Field numbers are onnx.proto3's.
+tests/test_onnx_wire.py checks every fact against the onnx package on the bundles the tests export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+# onnx.proto3 field numbers
+MODEL_GRAPH = 7
+GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 5, 11, 12
+NODE_INPUT, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 4, 5
+ATTRIBUTE_NAME, ATTRIBUTE_I = 1, 3
+TENSOR_EXTERNAL_DATA = 13
+ENTRY_KEY, ENTRY_VALUE = 1, 2
+VALUE_NAME, VALUE_TYPE = 1, 2
+TYPE_TENSOR = 1
+TENSOR_TYPE_ELEM, TENSOR_TYPE_SHAPE = 1, 2
+SHAPE_DIM = 1
+DIM_VALUE, DIM_PARAM = 1, 2
+
+
+class WireError(ValueError):
+    """The bytes are not a well-formed protobuf message."""
+
+
+@dataclass
+class GraphFacts:
+    inputs: dict = field(default_factory=dict)  # name -> dims: int, a symbolic name, or None
+    outputs: dict = field(default_factory=dict)
+    data_files: list = field(default_factory=list)  # the initializers' external data locations, sorted
+    windows: dict = field(default_factory=dict)  # GroupQueryAttention's past key input -> window (None: global)
+
+
+def read_graph_facts(path: Path) -> GraphFacts:
+    """GraphFacts of the ONNX file at `path`; WireError if it is not a well-formed one."""
+    data = Path(path).read_bytes()
+    graph = None
+    for number, value in fields(data):
+        if number == MODEL_GRAPH:
+            graph = value
+    if not isinstance(graph, memoryview):
+        raise WireError("no graph")
+    facts, files = GraphFacts(), set()
+    for number, value in fields(graph):
+        if number == GRAPH_INPUT:
+            name, dims = _value_info(value)
+            facts.inputs[name] = dims
+        elif number == GRAPH_OUTPUT:
+            name, dims = _value_info(value)
+            facts.outputs[name] = dims
+        elif number == GRAPH_INITIALIZER:
+            files.update(_external_locations(value))
+        elif number == GRAPH_NODE:
+            _attention_window(value, facts.windows)
+    facts.data_files = sorted(files)
+    return facts
+
+
+def fields(buf: memoryview | bytes):
+    """(field number, value) of each field of a message: an int for varints and fixed-width numbers, a
+    memoryview of the bytes for length-delimited fields (strings, sub-messages)."""
+    buf = memoryview(buf)
+    i, end = 0, len(buf)
+    while i < end:
+        key, i = _varint(buf, i)
+        number, kind = key >> 3, key & 7
+        if kind == VARINT:
+            value, i = _varint(buf, i)
+        elif kind == LEN:
+            size, i = _varint(buf, i)
+            if i + size > end:
+                raise WireError("a field runs past the end")
+            value, i = buf[i:i + size], i + size
+        elif kind in (I64, I32):
+            width = 8 if kind == I64 else 4
+            if i + width > end:
+                raise WireError("a field runs past the end")
+            value, i = int.from_bytes(buf[i:i + width], "little"), i + width
+        else:
+            raise WireError(f"wire type {kind}")
+        if number == 0:
+            raise WireError("field number 0")
+        yield number, value
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise WireError("a truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _text(v) -> str:
+    if not isinstance(v, memoryview):
+        raise WireError("a string field is not length-delimited")
+    return bytes(v).decode("utf-8")
+
+
+def _value_info(buf: memoryview) -> tuple[str, list | None]:
+    name, dims = "", None
+    for number, value in fields(buf):
+        if number == VALUE_NAME:
+            name = _text(value)
+        elif number == VALUE_TYPE:
+            for n, tensor_type in fields(value):
+                if n == TYPE_TENSOR:
+                    for m, shape in fields(tensor_type):
+                        if m == TENSOR_TYPE_SHAPE:
+                            dims = [_dim(d) for k, d in fields(shape) if k == SHAPE_DIM]
+    return name, dims if dims is not None else []
+
+
+def _dim(buf: memoryview):
+    value = param = None
+    for number, v in fields(buf):
+        if number == DIM_VALUE:
+            value = _signed(v)
+        elif number == DIM_PARAM:
+            param = _text(v)
+    return value if value is not None else param or None
+
+
+def _external_locations(buf: memoryview):
+    for number, entry in fields(buf):
+        if number == TENSOR_EXTERNAL_DATA:
+            key = value = None
+            for n, v in fields(entry):
+                if n == ENTRY_KEY:
+                    key = _text(v)
+                elif n == ENTRY_VALUE:
+                    value = _text(v)
+            if key == "location" and value is not None:
+                yield value
+
+
+def _attention_window(buf: memoryview, windows: dict) -> None:
+    op, inputs, size = "", [], None
+    for number, value in fields(buf):
+        if number == NODE_OP_TYPE:
+            op = _text(value)
+        elif number == NODE_INPUT:
+            inputs.append(_text(value))
+        elif number == NODE_ATTRIBUTE and size is None:  # the first of that name, as onnx's readers take
+            attr = dict(fields(value))
+            if ATTRIBUTE_NAME in attr and _text(attr[ATTRIBUTE_NAME]) == "local_window_size":
+                size = _signed(attr.get(ATTRIBUTE_I, 0))
+    size = -1 if size is None else size
+    if op == "GroupQueryAttention" and len(inputs) > 3:
+        windows[inputs[3]] = size if size > 0 else None
+
+
+# -- writing: the bandwidth probe's one-node graphs --------------------------------------------------------
+
+FLOAT = 1  # TensorProto.FLOAT
+ATTRIBUTE_TYPE_INT = 2
+
+
+def _key(number: int, kind: int) -> bytes:
+    return _encode_varint(number << 3 | kind)
+
+
+def _encode_varint(v: int) -> bytes:
+    v &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _key(number, LEN) + _encode_varint(len(payload)) + payload
+
+
+def _int_field(number: int, value: int) -> bytes:
+    return _key(number, VARINT) + _encode_varint(value)
+
+
+def _float_value(name: str, dims: list[int] | None) -> bytes:
+    tensor = _int_field(TENSOR_TYPE_ELEM, FLOAT)
+    if dims is not None:
+        tensor += _len_field(TENSOR_TYPE_SHAPE, b"".join(_len_field(SHAPE_DIM, _int_field(DIM_VALUE, d))
+                                                          for d in dims))
+    return _len_field(VALUE_NAME, name.encode()) + _len_field(VALUE_TYPE, _len_field(TYPE_TENSOR, tensor))
+
+
+def one_node_model(op_type: str, inputs: dict[str, list[int]], output: str, int_attributes: dict[str, int],
+                   opset: int = 18, ir_version: int = 9) -> bytes:
+    """A serialized ModelProto of one node of the default domain over float inputs `inputs` (name -> shape),
+    with int attributes, giving float `output` (shape left to inference)."""
+    node = b"".join(_len_field(NODE_INPUT, n.encode()) for n in inputs) + _len_field(2, output.encode())
+    node += _len_field(NODE_OP_TYPE, op_type.encode())
+    for name, value in int_attributes.items():
+        node += _len_field(NODE_ATTRIBUTE, _len_field(ATTRIBUTE_NAME, name.encode()) + _int_field(ATTRIBUTE_I, value)
+                           + _int_field(20, ATTRIBUTE_TYPE_INT))
+    graph = _len_field(GRAPH_NODE, node) + _len_field(2, b"probe")
+    graph += b"".join(_len_field(GRAPH_INPUT, _float_value(n, dims)) for n, dims in inputs.items())
+    graph += _len_field(GRAPH_OUTPUT, _float_value(output, None))
+    opset_id = _len_field(1, b"") + _int_field(2, opset)  # OperatorSetIdProto: domain "", version
+    return _int_field(1, ir_version) + _len_field(MODEL_GRAPH, graph) + _len_field(8, opset_id)
