@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-VARINT, I64, LEN, I32 = 0, 1, 2, 5
+VARINT, I64, LEN, START_GROUP, END_GROUP, I32 = 0, 1, 2, 3, 4, 5
 
 # onnx.proto3 field numbers
 MODEL_GRAPH = 7
@@ -41,16 +41,19 @@ class GraphFacts:
 
 
 def read_graph_facts(path: Path) -> GraphFacts:
-    """GraphFacts of the ONNX file at `path`; WireError if it is not a well-formed one."""
+    """GraphFacts of the ONNX file at `path`; WireError if it is not a well-formed one.
+
+    Read as protobuf reads it (onnx.load): a field of a known number but another wire type is an unknown
+    field, skipped; a sub-message given twice is the two merged (their repeated fields joined, a later
+    scalar winning); of a oneof (a dim's value or parameter, a type's kind) the last one set holds."""
     data = Path(path).read_bytes()
-    graph = None
-    for number, value in fields(data):
-        if number == MODEL_GRAPH:
-            graph = value
-    if not isinstance(graph, memoryview):
+    graphs = [v for n, v in fields(data) if n == MODEL_GRAPH and isinstance(v, memoryview)]
+    if not graphs:
         raise WireError("no graph")
     facts, files = GraphFacts(), set()
-    for number, value in fields(graph):
+    for number, value in _merged(graphs):
+        if not isinstance(value, memoryview):
+            continue
         if number == GRAPH_INPUT:
             name, dims = _value_info(value)
             facts.inputs[name] = dims
@@ -65,31 +68,76 @@ def read_graph_facts(path: Path) -> GraphFacts:
     return facts
 
 
+class _Fixed(int):
+    """A fixed-width (I32 / I64) field's value: no varint field of the schema reads it."""
+
+
 def fields(buf: memoryview | bytes):
-    """(field number, value) of each field of a message: an int for varints and fixed-width numbers, a
-    memoryview of the bytes for length-delimited fields (strings, sub-messages)."""
+    """(field number, value) of each field of a message: an int for varints and fixed-width numbers (the
+    latter a _Fixed), a memoryview of the bytes for length-delimited fields (strings, sub-messages); groups
+    (a deprecated wire type none of onnx's fields is) are skipped."""
     buf = memoryview(buf)
     i, end = 0, len(buf)
     while i < end:
         key, i = _varint(buf, i)
         number, kind = key >> 3, key & 7
+        if number == 0:
+            raise WireError("field number 0")
         if kind == VARINT:
             value, i = _varint(buf, i)
         elif kind == LEN:
             size, i = _varint(buf, i)
-            if i + size > end:
+            if size > end - i:
                 raise WireError("a field runs past the end")
             value, i = buf[i:i + size], i + size
         elif kind in (I64, I32):
             width = 8 if kind == I64 else 4
             if i + width > end:
                 raise WireError("a field runs past the end")
-            value, i = int.from_bytes(buf[i:i + width], "little"), i + width
+            value, i = _Fixed(int.from_bytes(buf[i:i + width], "little")), i + width
+        elif kind == START_GROUP:
+            i = _skip_group(buf, i, number)
+            continue
         else:
             raise WireError(f"wire type {kind}")
-        if number == 0:
-            raise WireError("field number 0")
         yield number, value
+
+
+def _skip_group(buf: memoryview, i: int, number: int) -> int:
+    """The offset after the group `number` that starts at `i` (nested groups and all)."""
+    open_groups, end = [number], len(buf)
+    while open_groups:
+        if i >= end:
+            raise WireError("a group runs past the end")
+        key, i = _varint(buf, i)
+        n, kind = key >> 3, key & 7
+        if n == 0:
+            raise WireError("field number 0")
+        if kind == VARINT:
+            _, i = _varint(buf, i)
+        elif kind == LEN:
+            size, i = _varint(buf, i)
+            if size > end - i:
+                raise WireError("a field runs past the end")
+            i += size
+        elif kind in (I64, I32):
+            i += 8 if kind == I64 else 4
+            if i > end:
+                raise WireError("a field runs past the end")
+        elif kind == START_GROUP:
+            open_groups.append(n)
+        elif kind == END_GROUP and n == open_groups[-1]:
+            open_groups.pop()
+        else:
+            raise WireError(f"wire type {kind}")
+    return i
+
+
+def _merged(parts):
+    """The fields of the sub-messages `parts` (each occurrence of one singular message field) as protobuf
+    merges them: the fields of one, then of the next."""
+    for part in parts:
+        yield from fields(part)
 
 
 def _varint(buf: memoryview, i: int) -> tuple[int, int]:
@@ -101,7 +149,7 @@ def _varint(buf: memoryview, i: int) -> tuple[int, int]:
         i += 1
         value |= (b & 0x7F) << shift
         if b < 0x80:
-            return value, i
+            return value & 0xFFFFFFFFFFFFFFFF, i  # as protobuf: a tenth byte's bits above the 64th dropped
         shift += 7
 
 
@@ -109,63 +157,80 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _text(v) -> str:
-    if not isinstance(v, memoryview):
-        raise WireError("a string field is not length-delimited")
+def _is_varint(v) -> bool:
+    return type(v) is int
+
+
+def _text(v: memoryview) -> str:
     return bytes(v).decode("utf-8")
 
 
-def _value_info(buf: memoryview) -> tuple[str, list | None]:
-    name, dims = "", None
+TYPE_ONEOF = (1, 4, 5, 7, 8, 9)  # TypeProto's value: tensor, sequence, map, opaque, sparse tensor, optional
+
+
+def _value_info(buf: memoryview) -> tuple[str, list]:
+    name, types = "", []
     for number, value in fields(buf):
+        if not isinstance(value, memoryview):
+            continue
         if number == VALUE_NAME:
             name = _text(value)
         elif number == VALUE_TYPE:
-            for n, tensor_type in fields(value):
-                if n == TYPE_TENSOR:
-                    for m, shape in fields(tensor_type):
-                        if m == TENSOR_TYPE_SHAPE:
-                            dims = [_dim(d) for k, d in fields(shape) if k == SHAPE_DIM]
-    return name, dims if dims is not None else []
+            types.append(value)
+    tensor_types = []
+    for number, value in _merged(types):
+        if isinstance(value, memoryview) and number in TYPE_ONEOF:  # another kind of type drops a tensor's
+            tensor_types = tensor_types + [value] if number == TYPE_TENSOR else []
+    shapes = [s for n, s in _merged(tensor_types) if n == TENSOR_TYPE_SHAPE and isinstance(s, memoryview)]
+    return name, [_dim(d) for n, d in _merged(shapes) if n == SHAPE_DIM and isinstance(d, memoryview)]
 
 
 def _dim(buf: memoryview):
-    value = param = None
+    dim = None
     for number, v in fields(buf):
-        if number == DIM_VALUE:
-            value = _signed(v)
-        elif number == DIM_PARAM:
-            param = _text(v)
-    return value if value is not None else param or None
+        if number == DIM_VALUE and _is_varint(v):
+            dim = _signed(v)
+        elif number == DIM_PARAM and isinstance(v, memoryview):
+            dim = _text(v) or None
+    return dim
 
 
 def _external_locations(buf: memoryview):
     for number, entry in fields(buf):
-        if number == TENSOR_EXTERNAL_DATA:
-            key = value = None
+        if number == TENSOR_EXTERNAL_DATA and isinstance(entry, memoryview):
+            key, value = None, b""
             for n, v in fields(entry):
-                if n == ENTRY_KEY:
-                    key = _text(v)
-                elif n == ENTRY_VALUE:
-                    value = _text(v)
-            if key == "location" and value is not None:
-                yield value
+                if isinstance(v, memoryview):
+                    if n == ENTRY_KEY:
+                        key = v
+                    elif n == ENTRY_VALUE:
+                        value = v
+            if key == b"location":
+                yield _text(value)
 
 
 def _attention_window(buf: memoryview, windows: dict) -> None:
-    op, inputs, size = "", [], None
+    """Only a GroupQueryAttention's inputs are decoded (the other nodes' strings are compared as bytes)."""
+    op, inputs, size = b"", [], None
     for number, value in fields(buf):
+        if not isinstance(value, memoryview):
+            continue
         if number == NODE_OP_TYPE:
-            op = _text(value)
+            op = value
         elif number == NODE_INPUT:
-            inputs.append(_text(value))
+            inputs.append(value)
         elif number == NODE_ATTRIBUTE and size is None:  # the first of that name, as onnx's readers take
-            attr = dict(fields(value))
-            if ATTRIBUTE_NAME in attr and _text(attr[ATTRIBUTE_NAME]) == "local_window_size":
-                size = _signed(attr.get(ATTRIBUTE_I, 0))
+            name, i = None, 0
+            for n, v in fields(value):
+                if n == ATTRIBUTE_NAME and isinstance(v, memoryview):
+                    name = v
+                elif n == ATTRIBUTE_I and _is_varint(v):
+                    i = v
+            if name == b"local_window_size":
+                size = _signed(i)
     size = -1 if size is None else size
-    if op == "GroupQueryAttention" and len(inputs) > 3:
-        windows[inputs[3]] = size if size > 0 else None
+    if op == b"GroupQueryAttention" and len(inputs) > 3:
+        windows[_text(inputs[3])] = size if size > 0 else None
 
 
 # -- writing: the bandwidth probe's one-node graphs --------------------------------------------------------

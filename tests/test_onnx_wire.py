@@ -136,3 +136,121 @@ def test_the_runtime_runs_without_the_onnx_package(bundles):
     assert out["batch"][1] == engine.generate("t4 t5", 12, draft=Draft("none")).tokens
     assert out["static"] == Engine.load(static).generate("t1 t2 t3", 12).tokens
     assert out["files"] == json.loads(json.dumps(describe(engine.bundle)["graphs"]))
+
+
+def _wire_cases() -> dict:
+    """Models written field by field with what protobuf allows and exporters do not write: a known field of
+    another wire type (protobuf reads it as an unknown field), a sub-message given twice (merged), oneofs set
+    twice (the last holds), groups, 10-byte varints, external data entries of several keys."""
+    from edgemtp.onnx_wire import _int_field as i_, _key, _len_field as s_
+
+    def dims(*dims_):  # ValueInfoProto x: a float tensor of the given TensorShapeProto.Dimension payloads
+        shape = s_(2, b"".join(s_(1, d) for d in dims_))
+        return s_(1, b"x") + s_(2, s_(1, i_(1, 1) + shape))
+
+    def model(graph: bytes) -> bytes:
+        return i_(1, 9) + s_(7, graph)
+
+    def gqa(*attributes: bytes) -> bytes:  # a GraphProto's GroupQueryAttention node reading past key "pk"
+        return s_(1, b"".join(s_(1, n) for n in (b"q", b"k", b"v", b"pk")) + s_(4, b"GroupQueryAttention")
+                  + b"".join(s_(5, a) for a in attributes))
+
+    window = s_(1, b"local_window_size")
+    return {
+        "dim value 0, empty param, no value, negative, param": model(s_(11, dims(i_(1, 0), s_(2, b""), b"", i_(1, -5),
+                                                                            s_(2, b"n")))),
+        "dim value then param": model(s_(11, dims(i_(1, 3) + s_(2, b"s")))),
+        "dim param then value": model(s_(11, dims(s_(2, b"s") + i_(1, 3)))),
+        "two shapes": model(s_(11, s_(1, b"x") + s_(2, s_(1, s_(2, s_(1, i_(1, 1))) + s_(2, s_(1, i_(1, 2))))))),
+        "two types": model(s_(11, s_(1, b"x") + s_(2, s_(1, s_(2, s_(1, i_(1, 1)))))
+                                + s_(2, s_(1, s_(2, s_(1, i_(1, 2))))))),
+        "tensor then sequence type": model(s_(11, s_(1, b"x") + s_(2, s_(1, s_(2, s_(1, i_(1, 1)))) + s_(4, b"")))),
+        "two graphs": model(s_(11, dims(i_(1, 1)))) + s_(7, s_(12, dims(i_(1, 2)))),
+        "name after type": model(s_(11, s_(2, s_(1, s_(2, s_(1, i_(1, 4))))) + s_(1, b"x"))),
+        "unknown fields of every wire type": model(i_(99, 5) + s_(11, dims(i_(1, 1) + i_(7, 3) + s_(9, b"zz")))
+                                                   + _key(60, 5) + bytes(4) + _key(61, 1) + bytes(8)),
+        "groups": model(_key(30, 3) + i_(1, 5) + _key(31, 3) + s_(2, b"ab") + _key(31, 4) + _key(30, 4)
+                        + s_(11, dims(_key(5, 3) + _key(5, 4) + i_(1, 7)))),
+        "a tenth varint byte over 1": model(s_(11, dims(_key(1, 0) + b"\xff" * 9 + b"\x7f"))),
+        "dim value length-delimited": model(s_(11, dims(s_(1, b"ab")))),
+        "dim value fixed-width": model(s_(11, dims(_key(1, 1) + b"\x05" + bytes(7)))),
+        "dim param a varint": model(s_(11, dims(i_(2, 5)))),
+        "input a varint": model(i_(11, 5) + s_(12, dims(i_(1, 1)))),
+        "type a varint": model(s_(11, s_(1, b"x") + i_(2, 3))),
+        "name a varint": model(s_(11, i_(1, 3))),
+        "initializer, node, attribute, entry varints": model(i_(5, 1) + s_(5, i_(13, 1)) + i_(1, 3) + gqa(b"")),
+        "external data of several keys": model(s_(5, s_(8, b"w") + s_(13, s_(1, b"offset") + s_(2, b"0"))
+                                                  + s_(13, s_(1, b"location") + s_(2, b"a.data"))
+                                                  + s_(13, s_(2, b"b.data") + s_(1, b"location"))
+                                                  + s_(13, s_(1, b"location"))  # no value: "" as onnx reads it
+                                                  + s_(13, s_(1, b"length") + s_(2, b"4")) + i_(14, 1))),
+        "window, first of two": model(gqa(window + i_(3, 8) + i_(20, 2), window + i_(3, 9))),
+        "window negative": model(gqa(window + i_(3, -1))),
+        "window length-delimited": model(gqa(window + s_(3, b"x"))),
+        "attribute a varint": model(gqa() + s_(1, s_(1, b"pk2") * 4 + i_(5, 3) + s_(4, b"GroupQueryAttention"))),
+        "op type a varint, not UTF-8 names elsewhere": model(s_(1, i_(4, 3)) + s_(1, s_(1, b"\xff") + s_(4, b"Add\xfe"))
+                                                            + s_(11, dims(i_(1, 1)))),
+    }
+
+
+def test_wire_quirks_read_as_the_onnx_package_reads_them(tmp_path):
+    for name, data in _wire_cases().items():
+        path = tmp_path / "m.onnx"
+        path.write_bytes(data)
+        facts = read_graph_facts(path)
+        assert {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
+                "windows": facts.windows} == onnx_facts(path), name
+
+
+def test_damaged_graph_bytes_give_the_onnx_package_s_facts_or_wire_error(tiny_gemma3, tmp_path):
+    """Bytes changed, cut, dropped or added at random in a real graph: the reader gives the onnx package's
+    facts or raises WireError (UnicodeDecodeError: a name not UTF-8), never another exception."""
+    import random
+
+    data = (tiny_gemma3[2] / "target.onnx").read_bytes()
+    rng, path, read = random.Random(0), tmp_path / "m.onnx", 0
+    for _ in range(400):
+        b = bytearray(data)
+        for _ in range(rng.choice((1, 1, 2, 4))):
+            i, op = rng.randrange(len(b)), rng.random()
+            if op < 0.6:
+                b[i] = rng.randrange(256)
+            elif op < 0.75:
+                del b[i:i + rng.randrange(1, 20)]
+            elif op < 0.9:
+                b[i:i] = rng.randbytes(rng.randrange(1, 10))
+            else:
+                b = b[:i + 1]
+        path.write_bytes(b)
+        try:
+            facts = read_graph_facts(path)
+        except (WireError, UnicodeDecodeError):
+            continue
+        try:
+            theirs = onnx_facts(path)
+        except Exception:  # noqa: BLE001 (protobuf's several types) a damage in what the reader skips
+            continue
+        read += 1
+        assert {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
+                "windows": facts.windows} == theirs
+    assert read > 50
+
+
+def test_a_graph_field_of_another_wire_type_loads(tiny_gemma3, tmp_path):
+    """A graph input field written as a varint is an unknown field to protobuf, so to onnx and ONNX Runtime:
+    the bundle loads (it was a TypeError traceback)."""
+    import hashlib
+    import shutil
+
+    from edgemtp.onnx_wire import _int_field, _len_field
+    from edgemtp.runtime.engine import Engine
+
+    d = shutil.copytree(tiny_gemma3[2], tmp_path / "b")
+    with open(d / "target.onnx", "ab") as f:
+        f.write(_len_field(7, _int_field(11, 5)))  # a second graph field, merged into the first
+    m = json.loads((d / "edgemtp.json").read_text())
+    data = (d / "target.onnx").read_bytes()
+    m["files"]["target.onnx"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (d / "edgemtp.json").write_text(json.dumps(m))
+    assert graph_facts(d / "target.onnx") == graph_facts(tiny_gemma3[2] / "target.onnx")
+    assert Engine.load(d).generate("t1 t2 t3", 4).tokens == Engine.load(tiny_gemma3[2]).generate("t1 t2 t3", 4).tokens
