@@ -749,8 +749,20 @@ def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
                  ["cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c")], ["quickstart", "--workdir", str(tmp_path)],
                  ["train-drafter", str(tiny_gemma3[1]), "-o", str(tmp_path / "d")]):
         r = subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True)
+        extra = {"cluster": "cluster", "train-drafter": "train"}.get(args[0], "export")  # extras with them too
         assert r.returncode == 2 and r.stderr == (f"error: {args[0]} needs the exporter's packages (onnx, gguf not "
-                                                  "installed): pip install 'edgemtp[export]'\n"), (args, r.stderr)
+                                                  f"installed): pip install 'edgemtp[{extra}]'\n"), (args, r.stderr)
+    # cluster's k-means is scikit-learn's: named before any work (it was a traceback after reading the model)
+    r = subprocess.run([sys.executable, "-c", block.replace("sys.modules['gguf']", "sys.modules['sklearn']"),
+                        "cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c"), "--clusters", "8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == ("error: cluster needs the exporter's packages (onnx, scikit-learn not "
+                                              "installed): pip install 'edgemtp[cluster]'\n"), r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['sklearn'] = None; "
+                        "from edgemtp.cli import main; main()", "cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c"), "--clusters", "8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == ("error: cluster needs the exporter's packages (scikit-learn not "
+                                              "installed): pip install 'edgemtp[cluster]'\n"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     r = subprocess.run([sys.executable, "-c", block, "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
                         "--max-new-tokens", "3", "--json"], capture_output=True, text=True)

@@ -105,18 +105,20 @@ def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
 EXPORTER_PACKAGES = ("onnx", "safetensors", "gguf")
 
 
-def needs_exporter(command: str) -> None:
+def needs_exporter(command: str, extra: str = "export", more: dict[str, str] | None = None) -> None:
     """The exporter's packages are the `export` extra: an app that only runs bundles installs numpy,
-    onnxruntime and tokenizers (and the CLI click and rich); a command that makes files says what to add."""
+    onnxruntime and tokenizers (and the CLI click and rich); a command that makes files says what to add.
+    `more`: the other packages (import name -> name to install) the command always needs, and `extra` the
+    one that installs them all (cluster: scikit-learn, whose k-means would fail after the model's read)."""
     missing = []
-    for name in EXPORTER_PACKAGES:
+    for name, shown in {**{n: n for n in EXPORTER_PACKAGES}, **(more or {})}.items():
         try:
             importlib.import_module(name)
         except ImportError:
-            missing.append(name)
+            missing.append(shown)
     if missing:
         raise EdgemtpError(f"{command} needs the exporter's packages ({', '.join(missing)} not installed): "
-                           "pip install 'edgemtp[export]'")
+                           f"pip install 'edgemtp[{extra}]'")
 
 
 def output_path(ctx, param, value: str) -> Path:

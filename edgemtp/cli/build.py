@@ -205,7 +205,7 @@ def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool,
                    "instead of MODEL_DIR's final hidden states: tables for that drafter's head.")
 def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions, drafter_dir):
     """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
-    needs_exporter("cluster")
+    needs_exporter("cluster", "cluster", {"sklearn": "scikit-learn"})
     from ..calibration.clustering import check_sizes
     from ..calibration.collect import POSITIONS
     from ..calibration.head_report import HEAD_FILE, NO_CALIBRATION, cluster_model, recall_report
@@ -312,7 +312,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
 
     Labels are the target's own greedy predictions; the held-out acceptance (tokens per verify round at
     K = --draft-k) is printed as it trains. The target pass over the corpora is cached in OUTPUT/cache."""
-    needs_exporter("train-drafter")
+    needs_exporter("train-drafter", "train")  # the extra with torch too
     try:
         from ..drafter.train import DataSpec, TrainSpec, train_drafter
     except ImportError as e:
