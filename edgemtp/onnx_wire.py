@@ -211,14 +211,16 @@ def _external_locations(buf: memoryview):
 
 def _attention_window(buf: memoryview, windows: dict) -> None:
     """Only a GroupQueryAttention's inputs are decoded (the other nodes' strings are compared as bytes)."""
-    op, inputs, size = b"", [], None
+    op, inputs, past_key, size = b"", 0, None, None  # only the fourth input kept (a node may have many)
     for number, value in fields(buf):
         if not isinstance(value, memoryview):
             continue
         if number == NODE_OP_TYPE:
             op = value
         elif number == NODE_INPUT:
-            inputs.append(value)
+            inputs += 1
+            if inputs == 4:
+                past_key = value
         elif number == NODE_ATTRIBUTE and size is None:  # the first of that name, as onnx's readers take
             name, i = None, 0
             for n, v in fields(value):
@@ -229,8 +231,8 @@ def _attention_window(buf: memoryview, windows: dict) -> None:
             if name == b"local_window_size":
                 size = _signed(i)
     size = -1 if size is None else size
-    if op == b"GroupQueryAttention" and len(inputs) > 3:
-        windows[_text(inputs[3])] = size if size > 0 else None
+    if op == b"GroupQueryAttention" and past_key is not None:
+        windows[_text(past_key)] = size if size > 0 else None
 
 
 # -- writing: the bandwidth probe's one-node graphs --------------------------------------------------------
