@@ -44,6 +44,17 @@ def held_dir(parent: Path, prefix: str, suffix: str = "") -> Iterator[Path]:
             os.close(fd)  # closing drops the lock
 
 
+@contextlib.contextmanager
+def scratch_dir(parent: Path, prefix: str, suffix: str = "") -> Iterator[Path]:
+    """held_dir, removed when the block ends: tempfile.TemporaryDirectory's, but one a killed run left goes
+    at the next run (a scratch export of minutes and gigabytes: the fp32 bundle an int4 export quantizes)."""
+    with held_dir(parent, prefix, suffix) as path:
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
     """Removes the directories in `parent` named as held_dir names them that no live process holds."""
     if fcntl is None:

@@ -78,3 +78,28 @@ def test_a_killed_export_is_cleaned_by_the_next(tiny_gemma3, tmp_path):
     assert left[0].is_dir()
     export(model_dir, tmp_path / "out", capacity=64, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out2"]
+
+
+@posix
+def test_a_killed_quantized_export_is_cleaned_by_the_next(tiny_gemma3, tmp_path):
+    """SIGKILL while an int8 export calibrates: besides the bundle's directory it leaves the fp32 bundle it
+    quantizes (the whole model in fp32, 18 GB at E2B scale) and the calibration's int8 copy. Each is held
+    like the bundle's, so the next quantized export to the same output removes them (tempfile's, before,
+    stayed for good)."""
+    model_dir = tiny_gemma3[1]
+    code = textwrap.dedent(f"""
+        import os, signal
+        from edgemtp.exporters import export, quantize
+        def dying_quantize_graph(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        quantize.quantize_graph = dying_quantize_graph
+        export({str(model_dir)!r}, {str(tmp_path / "out")!r}, "int8", capacity=64, drafter=None)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    left = list(tmp_path.iterdir())
+    assert sorted(p.name.rsplit("-", 1)[0] for p in left) == [".out.edgemtp-fp32", ".out.partial"], left
+    for p in left:
+        _age(p)
+    export(model_dir, tmp_path / "out", "int8", capacity=64, drafter=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

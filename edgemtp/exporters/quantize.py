@@ -257,8 +257,9 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
     with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
         calib = made
         if sch is not None and calibration is not None and made is None:
-            calib = calibrate(b, entry.path, sch, calibration, calibration_tokens or CALIBRATION_TOKENS, tmp,
-                              progress)
+            # its int8 copy goes inside the bundle's held directory: a killed run's goes with it (scratch.py)
+            calib = calibrate(b, entry.path, sch, calibration, calibration_tokens or CALIBRATION_TOKENS,
+                              tmp / "calibration", progress)
         shared = Shared()
         quantize_graph(entry.path, tmp / "target.onnx", quant, calibration=calib, progress=progress, shared=shared,
                        **options)
