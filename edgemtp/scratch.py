@@ -26,6 +26,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+_DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
 GRACE_S = 60  # a directory younger than this may be a live run's that has not locked it yet
 
 
@@ -36,7 +37,12 @@ def held_dir(parent: Path, prefix: str, suffix: str = "") -> Iterator[Path]:
     the caller renames or removes it. Stale directories of the same name shape are removed first."""
     remove_stale(parent, prefix, suffix)
     path = Path(tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent))
-    fd = _lock(path)
+    try:
+        fd = _lock(path)
+    except BaseException:  # no descriptor left to lock it with (EMFILE), Ctrl-C: nobody would remove it
+        with contextlib.suppress(OSError):
+            os.rmdir(path)  # still empty; rmtree would want a descriptor of its own
+        raise
     try:
         yield path
     finally:
@@ -71,7 +77,7 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
         try:
             if time.time() - p.stat().st_mtime < GRACE_S:
                 continue
-            fd = os.open(p, os.O_RDONLY)
+            fd = os.open(p, _DIR_OPEN)  # not through a symlink made since the check, nor a FIFO's open
         except OSError:
             continue
         try:
@@ -89,10 +95,13 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
 def _lock(path: Path) -> int | None:
     if fcntl is None:
         return None
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, _DIR_OPEN)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # a file system without flock: the run goes on, its directory just is not protected
         os.close(fd)
         return None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd

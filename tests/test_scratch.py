@@ -103,3 +103,29 @@ def test_a_killed_quantized_export_is_cleaned_by_the_next(tiny_gemma3, tmp_path)
         _age(p)
     export(model_dir, tmp_path / "out", "int8", capacity=64, drafter=None)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@posix
+def test_a_directory_that_cannot_be_locked_is_not_left(tmp_path):
+    """Out of file descriptors (a long-lived process at its limit): making the directory works, opening it
+    to lock it does not. The export fails, and leaves nothing behind (the directory was left, unheld)."""
+    code = textwrap.dedent(f"""
+        import os, resource
+        from edgemtp.bundle import atomic_dir
+        from edgemtp.errors import EdgemtpError
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        fds = []
+        try:
+            while True:
+                fds.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            with atomic_dir({str(tmp_path / "out")!r}):
+                raise SystemExit("written")
+        except EdgemtpError as e:
+            print(e)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "cannot write a bundle" in r.stdout, r.stdout + r.stderr
+    assert list(tmp_path.iterdir()) == []
