@@ -720,5 +720,5 @@ def test_export_takes_a_gguf_file(tmp_path):
     bad.write_bytes(b"GGUF")
     r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "b")])
     assert r.exit_code == 2 and str(bad) in r.output and len(r.output.splitlines()) == 1, r.output
-    assert not list(tmp_path.glob(".edgemtp-gguf-*"))
+    assert not list(tmp_path.glob("*edgemtp-gguf-*"))
 

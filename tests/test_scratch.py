@@ -41,12 +41,12 @@ def test_only_unheld_old_directories_of_the_shape_go(tmp_path):
     # once its holder is done (it would have renamed or removed it), an old one is fair game
     assert scratch.remove_stale(tmp_path, ".b.partial-") == [live]
     # the shapes of an import's directory and of `export FILE.gguf`'s scratch
-    imp, gguf = tmp_path / ".m.abcdefgh.partial", tmp_path / ".edgemtp-gguf-abcdefgh"
+    imp, gguf = tmp_path / ".m.abcdefgh.partial", tmp_path / ".b.edgemtp-gguf-abcdefgh"
     for d in (imp, gguf):
         d.mkdir()
         _age(d)
     assert scratch.remove_stale(tmp_path, ".m.", ".partial") == [imp]
-    assert scratch.remove_stale(tmp_path, ".edgemtp-gguf-") == [gguf]
+    assert scratch.remove_stale(tmp_path, ".b.edgemtp-gguf-") == [gguf]
 
 
 @posix
@@ -129,3 +129,25 @@ def test_a_directory_that_cannot_be_locked_is_not_left(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "cannot write a bundle" in r.stdout, r.stdout + r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@posix
+def test_an_export_from_gguf_removes_only_its_own_outputs_scratch(tmp_path, monkeypatch):
+    """`export FILE.gguf -o OUT`'s scratch is named after OUT: the next run writing OUT removes the one a
+    killed run left; a run writing another output in the same directory leaves the others' alone. One
+    named as before (.edgemtp-gguf-XXXXXXXX) may be the live scratch of an edgemtp that took no lock,
+    exporting from it for minutes without touching it: an unlocked, old directory like a dead run's."""
+    from edgemtp import gguf_import
+    from edgemtp.cli.build import model_source
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    monkeypatch.setattr(gguf_import, "import_gguf", lambda path, out, progress=None: out.mkdir() or out)
+    dead = tmp_path / ".out.edgemtp-gguf-abcdefgh"
+    others = [tmp_path / ".b.edgemtp-gguf-abcdefgh", tmp_path / ".edgemtp-gguf-abcdefgh"]
+    for d in (dead, *others):
+        d.mkdir()
+        _age(d)
+    with model_source(gguf, tmp_path / "out", False) as source:
+        assert source.parent.name.startswith(".out.edgemtp-gguf-") and not dead.exists()
+    assert sorted(tmp_path.iterdir()) == sorted([gguf, *others])

@@ -142,7 +142,8 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
 
     check_output(out, overwrite)  # an existing output is named before minutes of import, not after
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with held_dir(Path(out).parent, ".edgemtp-gguf-") as scratch:  # a killed export's goes at the next one
+    with held_dir(Path(out).parent, f".{Path(out).name}.edgemtp-gguf-") as scratch:  # a killed export's
+        # goes at the next one writing the same output (scratch.py)
         try:
             with progress_bar(f"importing {model_dir.name}") as progress:
                 source = import_gguf(model_dir, scratch / "model", progress=progress)
