@@ -78,6 +78,8 @@ def atomic_dir(out: Path, overwrite: bool = False):
                 if f.is_file():
                     f.chmod(0o666 & ~mask)
             if out.exists():
+                if not overwrite:  # made by another run since check_output: not ours to replace
+                    raise EdgemtpError(f"{out}: written by another run meanwhile (use --overwrite to replace it)")
                 shutil.rmtree(out)
             os.replace(tmp, out)
         finally:

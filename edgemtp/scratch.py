@@ -72,7 +72,7 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
     except OSError:
         return []
     for p in entries:
-        if not shape.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
+        if not shape.fullmatch(p.name) or p.is_symlink() or not p.is_dir() or os.path.ismount(p):
             continue
         try:
             if time.time() - p.stat().st_mtime < GRACE_S:

@@ -706,3 +706,21 @@ def test_a_file_changed_just_before_a_long_hash_is_not_remembered(tiny_gemma3, t
     hashed.clear()
     bundle.load(b)
     assert sorted(hashed) == sorted(json.loads((b / "edgemtp.json").read_text())["files"])
+
+
+def test_a_bundle_written_meanwhile_by_another_run_is_not_replaced(tmp_path):
+    """Two exports to one output: the one finishing second fails, and the first's bundle stays (it was
+    silently replaced); with --overwrite the second replaces it, as asked."""
+    from edgemtp.bundle import atomic_dir
+
+    out = tmp_path / "out"
+    with pytest.raises(EdgemtpError, match="out: written by another run meanwhile"):
+        with atomic_dir(out) as tmp:
+            (tmp / "mine").write_text("second")
+            out.mkdir()  # the other run renames its bundle into place first
+            (out / "theirs").write_text("first")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["theirs"]
+    (out / "edgemtp.json").write_text("{}")
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "mine").write_text("second")
+    assert [p.name for p in out.iterdir()] == ["mine"]

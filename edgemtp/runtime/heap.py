@@ -12,7 +12,6 @@ It takes ~10 ms. glibc only: elsewhere (macOS, Windows, musl) this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
@@ -21,11 +20,9 @@ import sys
 def _malloc_trim():
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-    trim = getattr(libc, "malloc_trim", None)  # glibc's; musl has none
+    # the malloc this process runs on (no ldconfig run to find a libc by name, which might not be the one
+    # in use: musl with glibc's compatibility layer)
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc's; musl has none
     if trim is not None:
         trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim
