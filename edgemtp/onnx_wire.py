@@ -77,59 +77,54 @@ def fields(buf: memoryview | bytes):
     latter a _Fixed), a memoryview of the bytes for length-delimited fields (strings, sub-messages); groups
     (a deprecated wire type none of onnx's fields is) are skipped."""
     buf = memoryview(buf)
-    i, end = 0, len(buf)
-    while i < end:
-        key, i = _varint(buf, i)
-        number, kind = key >> 3, key & 7
-        if number == 0:
-            raise WireError("field number 0")
-        if kind == VARINT:
-            value, i = _varint(buf, i)
-        elif kind == LEN:
-            size, i = _varint(buf, i)
-            if size > end - i:
-                raise WireError("a field runs past the end")
-            value, i = buf[i:i + size], i + size
-        elif kind in (I64, I32):
-            width = 8 if kind == I64 else 4
-            if i + width > end:
-                raise WireError("a field runs past the end")
-            value, i = _Fixed(int.from_bytes(buf[i:i + width], "little")), i + width
-        elif kind == START_GROUP:
+    i = 0
+    while i < len(buf):
+        number, kind, value, i = _field(buf, i)
+        if kind == START_GROUP:
             i = _skip_group(buf, i, number)
-            continue
+        elif kind == END_GROUP:
+            raise WireError("a group's end without its start")
         else:
-            raise WireError(f"wire type {kind}")
-        yield number, value
+            yield number, value
+
+
+def _field(buf: memoryview, i: int) -> tuple:
+    """(number, wire type, value, offset after) of the field at `i`; a group's start or end has no value."""
+    key, i = _varint(buf, i)
+    number, kind = key >> 3, key & 7
+    if number == 0:
+        raise WireError("field number 0")
+    value = None
+    if kind == VARINT:
+        value, i = _varint(buf, i)
+    elif kind == LEN:
+        size, i = _varint(buf, i)
+        if size > len(buf) - i:
+            raise WireError("a field runs past the end")
+        value, i = buf[i:i + size], i + size
+    elif kind in (I64, I32):
+        width = 8 if kind == I64 else 4
+        if i + width > len(buf):
+            raise WireError("a field runs past the end")
+        value, i = _Fixed(int.from_bytes(buf[i:i + width], "little")), i + width
+    elif kind not in (START_GROUP, END_GROUP):
+        raise WireError(f"wire type {kind}")
+    return number, kind, value, i
 
 
 def _skip_group(buf: memoryview, i: int, number: int) -> int:
     """The offset after the group `number` that starts at `i` (nested groups and all)."""
-    open_groups, end = [number], len(buf)
+    open_groups = [number]
     while open_groups:
-        if i >= end:
+        if i >= len(buf):
             raise WireError("a group runs past the end")
-        key, i = _varint(buf, i)
-        n, kind = key >> 3, key & 7
-        if n == 0:
-            raise WireError("field number 0")
-        if kind == VARINT:
-            _, i = _varint(buf, i)
-        elif kind == LEN:
-            size, i = _varint(buf, i)
-            if size > end - i:
-                raise WireError("a field runs past the end")
-            i += size
-        elif kind in (I64, I32):
-            i += 8 if kind == I64 else 4
-            if i > end:
-                raise WireError("a field runs past the end")
-        elif kind == START_GROUP:
+        n, kind, _, i = _field(buf, i)
+        if kind == START_GROUP:
             open_groups.append(n)
-        elif kind == END_GROUP and n == open_groups[-1]:
+        elif kind == END_GROUP:
+            if n != open_groups[-1]:
+                raise WireError(f"wire type {kind}")
             open_groups.pop()
-        else:
-            raise WireError(f"wire type {kind}")
     return i
 
 
