@@ -749,7 +749,8 @@ def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
                  ["cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c")], ["quickstart", "--workdir", str(tmp_path)],
                  ["train-drafter", str(tiny_gemma3[1]), "-o", str(tmp_path / "d")]):
         r = subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True)
-        extra = {"cluster": "cluster", "train-drafter": "train"}.get(args[0], "export")  # extras with them too
+        # extras with them too; quickstart's adds the default model, which it would ask for next
+        extra = {"cluster": "cluster", "train-drafter": "train", "quickstart": "default-model"}.get(args[0], "export")
         assert r.returncode == 2 and r.stderr == (f"error: {args[0]} needs the exporter's packages (onnx, gguf not "
                                                   f"installed): pip install 'edgemtp[{extra}]'\n"), (args, r.stderr)
     # cluster's k-means is scikit-learn's: named before any work (it was a traceback after reading the model)

@@ -128,7 +128,7 @@ def _traced_engine(bundle_dir, provider, threads, prefix):
 def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     """Import the default model (Gemma 3 270M), export a bundle with its shipped MTP drafter, generate
     plainly and speculatively, and print both speeds."""
-    needs_exporter("quickstart")
+    needs_exporter("quickstart", "default-model")  # the extra with the model too: one install, not two
     from .. import bundle as bundle_mod
     from ..exporters import AUTO, export
     from ..gguf_import import default_gguf_path, import_gguf
