@@ -757,12 +757,13 @@ def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
     r = subprocess.run([sys.executable, "-c", block.replace("sys.modules['gguf']", "sys.modules['sklearn']"),
                         "cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c"), "--clusters", "8"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr == ("error: cluster needs the exporter's packages (onnx, scikit-learn not "
+    assert r.returncode == 2 and r.stderr == ("error: cluster needs packages (onnx, scikit-learn not "
                                               "installed): pip install 'edgemtp[cluster]'\n"), r.stderr
     r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['sklearn'] = None; "
-                        "from edgemtp.cli import main; main()", "cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c"), "--clusters", "8"],
+                        "from edgemtp.cli import main; main()",
+                        "cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c"), "--clusters", "8"],
                        capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr == ("error: cluster needs the exporter's packages (scikit-learn not "
+    assert r.returncode == 2 and r.stderr == ("error: cluster needs packages (scikit-learn not "
                                               "installed): pip install 'edgemtp[cluster]'\n"), r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     r = subprocess.run([sys.executable, "-c", block, "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",

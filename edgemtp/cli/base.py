@@ -117,7 +117,8 @@ def needs_exporter(command: str, extra: str = "export", more: dict[str, str] | N
         except ImportError:
             missing.append(shown)
     if missing:
-        raise EdgemtpError(f"{command} needs the exporter's packages ({', '.join(missing)} not installed): "
+        what = "the exporter's packages" if set(missing) <= set(EXPORTER_PACKAGES) else "packages"
+        raise EdgemtpError(f"{command} needs {what} ({', '.join(missing)} not installed): "
                            f"pip install 'edgemtp[{extra}]'")
 
 
