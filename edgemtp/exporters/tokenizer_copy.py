@@ -15,7 +15,9 @@ from pathlib import Path
 
 
 def write_tokenizer(src: Path, dst: Path) -> None:
-    """Writes `src` (a tokenizer.json that check_tokenizer read) to `dst`, compact, merges as strings."""
+    """Writes `src` (a tokenizer.json that check_tokenizer read) to `dst`, compact, merges as strings. The
+    same data in another layout: tokenizers' JSON reader accepted the file, and what it refuses that Python's
+    accepts (NaN, lone surrogates) cannot be in it."""
     tok = json.loads(Path(src).read_text(encoding="utf-8"))
     model = tok.get("model") if isinstance(tok, dict) else None
     merges = model.get("merges") if isinstance(model, dict) and model.get("type") == "BPE" else None
