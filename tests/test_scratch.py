@@ -135,8 +135,9 @@ def test_a_directory_that_cannot_be_locked_is_not_left(tmp_path):
 def test_an_export_from_gguf_removes_only_its_own_outputs_scratch(tmp_path, monkeypatch):
     """`export FILE.gguf -o OUT`'s scratch is named after OUT: the next run writing OUT removes the one a
     killed run left; a run writing another output in the same directory leaves the others' alone. One
-    named as before (`.edgemtp-gguf-` and 8 random characters) may be the live scratch of an edgemtp that took no lock,
-    exporting from it for minutes without touching it: an unlocked, old directory like a dead run's."""
+    named as before (`.edgemtp-gguf-` and 8 random characters) may be the live scratch of an edgemtp that
+    took no lock, exporting from it for minutes without touching it: an unlocked, old directory like a
+    dead run's."""
     from edgemtp import gguf_import
     from edgemtp.cli.build import model_source
 
