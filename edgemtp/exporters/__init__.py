@@ -94,11 +94,13 @@ def check_tokenizer(model_dir: Path) -> Path:
     """The bundle's tokenizer.json, checked before any weight is written: a broken one would otherwise
     surface only when the bundle is first used."""
     from ..checkpoint import open_tokenizer
+    from ..runtime.heap import release_freed_memory
 
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise EdgemtpError(f"{path}: missing (the bundle needs the model's tokenizer.json)")
     open_tokenizer(path)
+    release_freed_memory()  # the parse's ~300 MB (Gemma 3), which the weights would otherwise stack on
     return path
 
 
