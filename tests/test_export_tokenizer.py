@@ -47,3 +47,19 @@ def test_the_test_models_tokenizers_are_the_same(tiny_gemma3, tmp_path):
     write_tokenizer(src, tmp_path / "tokenizer.json")
     assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).to_str() == Tokenizer.from_file(str(src)).to_str()
     assert (tiny_gemma3[2] / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+
+
+def test_merges_starting_with_version_stay_pairs(tmp_path):
+    """tokenizers skips a string merge that starts with "#version" (merges.txt's header): written as "a b",
+    the merge ("#version", "x") would be lost, and "#versionx" encoded as two tokens."""
+    vocab = {c: i for i, c in enumerate("#versionx")}
+    merges = [("v", "e"), ("ve", "r"), ("ver", "s"), ("vers", "i"), ("versi", "o"), ("versio", "n"),
+              ("#", "version"), ("#version", "x")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tok.save(str(tmp_path / "src.json"))
+    write_tokenizer(tmp_path / "src.json", tmp_path / "out.json")
+    out = Tokenizer.from_file(str(tmp_path / "out.json"))
+    assert out.encode("#versionx").tokens == tok.encode("#versionx").tokens == ["#versionx"]
+    assert out.to_str() == tok.to_str()
