@@ -46,6 +46,7 @@ print(json.dumps({**status, "load_s": load_s, "source": edgemtp.__file__}))
 
 
 def run(source: Path, bundle: Path, tokens: int, draft: str) -> dict:
+    source, bundle = Path(source).resolve(), Path(bundle).resolve()  # the child runs in `source`, not here
     env = {**os.environ, "PYTHONPATH": str(source)}
     r = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(tokens), draft], capture_output=True,
                        text=True, env=env, cwd=source)

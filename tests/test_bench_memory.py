@@ -1,0 +1,25 @@
+"""benchmarks/bench_memory.py runs each checkout's child in that checkout: the paths it is given are this
+directory's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+import bench_memory as bm  # noqa: E402
+
+
+def test_a_relative_bundle_is_the_one_named_here(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(args, **kw):
+        seen["bundle"], seen["cwd"] = args[3], kw["cwd"]
+        out = {"VmHWM": 1, "VmRSS": 1, "RssAnon": 1, "load_s": 0, "source": str(Path(kw["cwd"]) / "edgemtp" / "x")}
+        return subprocess.CompletedProcess(args, 0, json.dumps(out), "")
+
+    monkeypatch.setattr(bm.subprocess, "run", fake_run)
+    (tmp_path / "b.bundle").mkdir()
+    monkeypatch.chdir(tmp_path)
+    bm.run(bm.ROOT, Path("b.bundle"), 2, "none")
+    assert Path(seen["bundle"]) == tmp_path / "b.bundle" and Path(seen["bundle"]).is_absolute()
