@@ -5,9 +5,9 @@ after ONNX Runtime's session: Gemma 3's (262,144 tokens, 513,511 merges) took 0.
 hold it pretty-printed (33 MB) with each merge a pair `["a", "b"]`; written compactly with each merge as
 the string "a b" (the format tokenizers wrote before pairs, and still reads) it is 12 MB and loads in
 0.59 s (median of 5, the Xeon VM, session 39). Only when no merged token holds a space (then "a b" is
-ambiguous) and no merge's first token starts with "#version" (tokenizers skips such a string as the
-header line of a merges.txt, dropping the merge): otherwise the pairs stay. The tokenizer is the same: tests/test_export_tokenizer.py checks that both
-serialize alike and encode alike."""
+ambiguous) and no merge's first token starts with "#version" (tokenizers skips such a string as the header
+line of a merges.txt, dropping the merge): otherwise the pairs stay. The tokenizer is the same:
+tests/test_export_tokenizer.py checks that both serialize alike and encode alike."""
 
 from __future__ import annotations
 
