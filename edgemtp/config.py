@@ -31,7 +31,7 @@ class Rope:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Decoder-only text model facts shared by llama, qwen2 and gemma3."""
+    """Decoder-only text model facts shared by llama, qwen2, qwen3 and gemma3."""
 
     model_type: str
     vocab_size: int
@@ -47,7 +47,8 @@ class TextConfig:
     sliding_window: int | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # q/k/v biases
-    output_bias: bool = False  # an o_proj bias (llama's attention_bias; qwen2 has none)
+    output_bias: bool = False  # an o_proj bias (llama's and qwen3's attention_bias; qwen2 has none)
+    qk_norm: bool = False  # qwen3: q and k RMS-normed per head (x * w) before RoPE (gemma3's (1 + w) norms always)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -173,20 +174,22 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
 
 
 def parse_llama(hf: dict, source: str) -> TextConfig:
-    """llama and qwen2 (qwen2 adds q/k/v biases, and may have sliding-window layers)."""
+    """llama, qwen2 and qwen3. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and attention_bias on q/k/v
+    and o_proj as llama; both may have sliding-window layers."""
     pr = Problems(source)
-    qwen2 = hf.get("model_type") == "qwen2"
-    # llama's attention_bias puts a bias on q/k/v and o_proj; transformers' qwen2 ignores the field: q/k/v
-    # biases always, none on o_proj
+    qwen2, qwen3 = (hf.get("model_type") == t for t in ("qwen2", "qwen3"))
+    # llama's and qwen3's attention_bias put a bias on q/k/v and o_proj; transformers' qwen2 ignores the field:
+    # q/k/v biases always, none on o_proj
     attention_bias = True if qwen2 else pr.flag(hf, "attention_bias", False)
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
-    head_dim = pr.opt(hf, "head_dim", int, hidden // heads if heads else 0)
+    # Qwen3Config has head_dim 128 by default, not hidden_size / heads
+    head_dim = pr.opt(hf, "head_dim", int, 128 if qwen3 else hidden // heads if heads else 0)
     if hf.get("rope_parameters"):  # an empty one, as absent: rope_theta + rope_scaling
         rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
     else:  # old style: rope_theta + rope_scaling
         rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
-    layer_types, window = _qwen2_layers(hf, n_layers, pr) if qwen2 else ((FULL,) * n_layers, None)
+    layer_types, window = _qwen2_layers(hf, n_layers, pr) if qwen2 or qwen3 else ((FULL,) * n_layers, None)
     cfg = TextConfig(
         model_type=hf.get("model_type", ""),
         vocab_size=pr.need(hf, "vocab_size"),
@@ -203,6 +206,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", False),
         attention_bias=attention_bias,
         output_bias=attention_bias and not qwen2,
+        qk_norm=qwen3,
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
@@ -211,15 +215,15 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     _check_common(cfg, pr)
     pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once
              f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
-    # fields that change transformers' maths and the graph does not build (qwen2's MLP has no biases whatever
-    # mlp_bias says)
-    pr.check(qwen2 or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
+    # fields that change transformers' maths and the graph does not build (qwen2's and qwen3's MLPs have no
+    # biases whatever mlp_bias says)
+    pr.check(qwen2 or qwen3 or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
     pr.raise_if_any()
     return cfg
 
 
 def _qwen2_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None]:
-    """(layer types, sliding window) as transformers' qwen2 reads them: 'layer_types' as given, else with
+    """(layer types, sliding window) as transformers' qwen2 and qwen3 read them: 'layer_types' as given, else with
     use_sliding_window the layers from max_window_layers on slide; the window is sliding_window, and only
     with use_sliding_window (transformers' default 4096 when the field is missing)."""
     use = pr.flag(hf, "use_sliding_window", False)

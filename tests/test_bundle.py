@@ -457,6 +457,23 @@ def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
     assert parse_llama({**hf, "attention_bias": True}, "x").output_bias
 
 
+def test_qwen3_fields_read_as_transformers_reads_them(tiny_gemma3):
+    """Qwen3Config: head_dim 128 when unsaid (not hidden / heads), attention_bias on q/k/v and o_proj (off by
+    default), MLP biases never whatever mlp_bias says, sliding layers as qwen2's; q/k norms always."""
+    from edgemtp.config import FULL, SLIDING, parse_llama, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1]), "model_type": "qwen3", "hidden_activation": None,
+          "rope_parameters": None, "layer_types": None, "sliding_window": 8}
+    unsaid = {k: v for k, v in hf.items() if k != "head_dim"}
+    parsed = parse_llama({**unsaid, "mlp_bias": True}, "x")
+    assert parsed.head_dim == 128 and parsed.qk_norm and not parsed.attention_bias and not parsed.output_bias
+    assert parsed.layer_types == (FULL,) * 4 and parsed.sliding_window is None
+    parsed = parse_llama({**hf, "attention_bias": True, "use_sliding_window": True, "max_window_layers": 2}, "x")
+    assert parsed.head_dim == hf["head_dim"] and parsed.attention_bias and parsed.output_bias
+    assert parsed.layer_types == (FULL,) * 2 + (SLIDING,) * 2 and parsed.sliding_window == 8
+    assert not parse_llama({**hf, "model_type": "qwen2"}, "x").qk_norm
+
+
 def test_bad_max_context(tiny_gemma3, tmp_path):
     from click.testing import CliRunner
 

@@ -242,7 +242,7 @@ def test_export_streams_big_tables_in_row_blocks(tmp_path, monkeypatch, gemv_hea
 
 # ------------------------------------------------------------------------ graphs
 
-@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("quant", ["int4", "int8"])
 def test_on_grid_weights_quantize_exactly(kind, quant, tmp_path):
     """Uncalibrated: the head/table on the preset's grid (4 bits with zero points, or 8 bits)."""

@@ -309,7 +309,7 @@ def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spec")
     out = {}
     for kind, model in [("gemma3_text", tiny("gemma3_text")), ("llama", llama),
-                        ("gemma3_text_mqa", tiny("gemma3_text_mqa"))]:
+                        ("gemma3_text_mqa", tiny("gemma3_text_mqa")), ("qwen3_sliding", tiny("qwen3_sliding"))]:
         model_dir = save_tiny(model, tmp / kind)
         for capacity in (64, 24):
             export(model_dir, tmp / f"{kind}-{capacity}", capacity=capacity)
@@ -328,10 +328,11 @@ def _prompts(engine) -> tuple[list[list[int]], list[list[int]]]:
     return random, repetitive
 
 
-@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "gemma3_text_mqa"])
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama", "gemma3_text_mqa", "qwen3_sliding"])
 def test_greedy_matches_plain_decoding(models, kind, monkeypatch):
     """gemma3_text_mqa: one-row passes read the sliding layers' buffers from a moving offset (window views),
-    rolled back after rejected drafts, and batched passes read them whole: the tokens must not differ."""
+    rolled back after rejected drafts, and batched passes read them whole: the tokens must not differ.
+    qwen3_sliding: two KV heads per sliding layer (no window views), q/k norms in both graphs."""
     engine = models[kind, 64]
     random, repetitive = _prompts(engine)
     prompts = random + repetitive

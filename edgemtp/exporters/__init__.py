@@ -30,6 +30,7 @@ def _architectures() -> dict:
         "gemma3_text": (parse_gemma3, gemma3.build),
         "llama": (parse_llama, llama.build),
         "qwen2": (parse_llama, llama.build),
+        "qwen3": (parse_llama, llama.build),
     }
     try:
         from . import gemma4

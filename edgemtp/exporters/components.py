@@ -84,12 +84,17 @@ def gemma_rms_norm(b: GraphBuilder, x: str, key: str, dim: int, eps: float) -> s
     return b.op("RMSNormalization", x, b.param(key, (dim,), plus_one), axis=-1, epsilon=eps)
 
 
-def gemma_head_norm(b: GraphBuilder, x: str, key: str, n: int, d: int, eps: float) -> str:
-    """[B, S, n*d] -> [B, S, n*d], Gemma-RMS-normed per head. One head is normed as it is, without the two
-    Reshapes around the norm (for Gemma 3 270M's one KV head: 36 of the 355 nodes of a decode step)."""
+def head_norm(b: GraphBuilder, x: str, key: str, n: int, d: int, eps: float, norm=rms_norm) -> str:
+    """[B, S, n*d] -> [B, S, n*d], RMS-normed per head by `norm` (rms_norm: qwen3, gemma_rms_norm). One head
+    is normed as it is, without the two Reshapes around the norm (for Gemma 3 270M's one KV head: 36 of the
+    355 nodes of a decode step)."""
     if n == 1:
-        return gemma_rms_norm(b, x, key, d, eps)
-    return merge_heads(b, gemma_rms_norm(b, heads(b, x, n, d), key, d, eps))
+        return norm(b, x, key, d, eps)
+    return merge_heads(b, norm(b, heads(b, x, n, d), key, d, eps))
+
+
+def gemma_head_norm(b: GraphBuilder, x: str, key: str, n: int, d: int, eps: float) -> str:
+    return head_norm(b, x, key, n, d, eps, gemma_rms_norm)
 
 
 def embed(b: GraphBuilder, ids: str, key: str, vocab: int, hidden: int, scale: float | None = None) -> str:

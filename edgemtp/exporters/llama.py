@@ -1,5 +1,6 @@
-"""Llama-family decoder (`llama`, `qwen2`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v biases and may have
-sliding-window layers (the same RoPE, a window on attention), llama's attention_bias q/k/v and o_proj biases."""
+"""Llama-family decoder (`llama`, `qwen2`, `qwen3`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v biases, qwen3
+q/k norms per head; both may have sliding-window layers (the same RoPE, a window on attention); llama's and
+qwen3's attention_bias put biases on q/k/v and o_proj."""
 
 from __future__ import annotations
 
@@ -46,10 +47,15 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     names = [p + "q_proj", p + "k_proj", p + "v_proj"]
     q, k, v = nn.linears(b, x, [m + ".weight" for m in names], hid, [n * d, nk * d, nk * d],
                          [m + ".bias" for m in names] if cfg.attention_bias else None)
+    eps = cfg.rms_norm_eps
     if not isinstance(rope, nn.RopeCache):  # rotated here, not by GroupQueryAttention
-        q = nn.merge_heads(b, nn.apply_rope(b, nn.heads(b, q, n, d), rope, d))
-        k = nn.merge_heads(b, nn.apply_rope(b, nn.heads(b, k, nk, d), rope, d))
+        q, k = nn.heads(b, q, n, d), nn.heads(b, k, nk, d)
+        if cfg.qk_norm:  # qwen3: per head, before RoPE
+            q, k = nn.rms_norm(b, q, p + "q_norm.weight", d, eps), nn.rms_norm(b, k, p + "k_norm.weight", d, eps)
+        q, k = (nn.merge_heads(b, nn.apply_rope(b, t, rope, d)) for t in (q, k))
         rope = None
+    elif cfg.qk_norm:  # GroupQueryAttention rotates the normed q and k
+        q, k = nn.head_norm(b, q, p + "q_norm.weight", n, d, eps), nn.head_norm(b, k, p + "k_norm.weight", nk, d, eps)
     if view is None:
         out = nn.gqa(b, q, k, v, nn.kv_buffers(b, slot, capacity), slot, io, n, cfg.scale, None, rope)
     else:

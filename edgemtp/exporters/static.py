@@ -35,7 +35,7 @@ from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
-ARCHS = ("gemma3_text", "llama", "qwen2")
+ARCHS = ("gemma3_text", "llama", "qwen2", "qwen3")
 KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
 
 
@@ -119,7 +119,8 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
 
 
 def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
-    """Llama / Qwen2: pre-norm, RoPE, SwiGLU; q/k/v biases (qwen2, llama's attention_bias), o_proj's (llama)."""
+    """Llama / Qwen2 / Qwen3: pre-norm, RoPE, SwiGLU; q/k/v biases (qwen2, llama's and qwen3's attention_bias),
+    o_proj's (llama, qwen3); q/k norms per head (qwen3)."""
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size)
     table = rope_table(b, cfg.rope[FULL], cfg.head_dim, sp)
@@ -128,6 +129,9 @@ def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) ->
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         h = rms_norm(b, x, b.param(p + "input_layernorm.weight", (hid,)), eps)
         q, k, v = _qkv(b, cfg, a, h, bias=cfg.attention_bias)
+        if cfg.qk_norm:  # qwen3: per head, before RoPE
+            q, k = (rms_norm(b, t, b.param(a + name, (cfg.head_dim,)), eps) for t, name in
+                    ((q, "q_norm.weight"), (k, "k_norm.weight")))
         q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, None)
         x = b.op("Add", x, nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid,
