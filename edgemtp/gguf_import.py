@@ -9,6 +9,7 @@ llama.cpp changes some weights on the way into a GGUF; we undo that here:
 * llama: q_proj/k_proj rows are permuted from HF's "rotate halves" rotary layout to llama.cpp's
   interleaved pairs (`permute` in convert_hf_to_gguf.py);
 * gemma3: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and adds the 1 at run time).
+qwen2 and qwen3 go in as they are (llama.cpp rotates their halves as HF does).
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 # "ffn_norm" is the norm before the MLP: Llama calls it post_attention_layernorm, Gemma 3 has both.
-_FFN_NORM = {"llama": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}
-_HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "llama": ("LlamaForCausalLM", "llama")}
+_FFN_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
+             "qwen3": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}
+_HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "llama": ("LlamaForCausalLM", "llama"),
+               "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -60,7 +63,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if arch is None:
         raise EdgemtpError(f"{gguf_path}: GGUF field general.architecture is missing")
     if not isinstance(arch, str) or arch not in _HF_CLASSES:  # a list would not even be looked up
-        raise EdgemtpError(f"{gguf_path}: architecture {arch!r} is not supported (supported: gemma3, llama)")
+        raise EdgemtpError(f"{gguf_path}: architecture {arch!r} is not supported "
+                           f"(supported: {', '.join(sorted(_HF_CLASSES))})")
     config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path)
     plan = list(_hf_tensors(tensors, arch, config, gguf_path))
     _check_target(out_dir, overwrite)
@@ -129,7 +133,7 @@ def field(meta: dict, key: str, path: Path, kind=int, default=_REQUIRED, least=N
 
 
 def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
-    """The transformers `config.json` for a gemma3 or llama GGUF."""
+    """The transformers `config.json` for a gemma3, llama, qwen2 or qwen3 GGUF."""
     arch = meta["general.architecture"]
 
     def get(key, kind=int, default=_REQUIRED, least=1):
@@ -244,16 +248,19 @@ def _gemma3_layer_types(meta: dict, layers: int, path: Path) -> list[str]:
 
 
 def _llama_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
-    rotary = field(meta, "llama.rope.dimension_count", path, int, config["head_dim"], least=1)
+    """llama, qwen2 and qwen3 (the file's q/k/v biases say attention_bias; qwen2 has them whatever it says)."""
+    arch = meta["general.architecture"]
+    rotary = field(meta, f"{arch}.rope.dimension_count", path, int, config["head_dim"], least=1)
     if rotary != config["head_dim"]:
-        raise EdgemtpError(f"{path}: llama.rope.dimension_count = {rotary} (partial rotary) is not supported")
+        raise EdgemtpError(f"{path}: {arch}.rope.dimension_count = {rotary} (partial rotary) is not supported")
     if "rope_freqs.weight" in shapes:
         raise EdgemtpError(f"{path}: tensor rope_freqs.weight (Llama 3.1 rope scaling) is not supported")
-    return {
-        "hidden_act": "silu",
-        "attention_bias": "blk.0.attn_q.bias" in shapes,
-        "mlp_bias": "blk.0.ffn_up.bias" in shapes,
-    }
+    extra = {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in shapes}
+    if arch == "llama":
+        extra["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
+    else:  # no sliding window: llama.cpp runs every qwen2 / qwen3 layer on the whole context
+        extra["use_sliding_window"] = False
+    return extra
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:

@@ -6,8 +6,8 @@ A GGUF carries no `tokenizer.json`, only llama.cpp's description of the vocabula
   scores but no merges. SentencePiece merges, at each step, the adjacent pair whose concatenation is the
   best-scoring piece, so the equivalent HF merge list is every split `(left, right)` of every piece,
   ranked by the score of the merged piece.
-* `tokenizer.ggml.model == "gpt2"`: byte-level BPE (SmolLM2) with explicit merges; what differs
-  between models is the pre-tokenizer regex, named by `tokenizer.ggml.pre`.
+* `tokenizer.ggml.model == "gpt2"`: byte-level BPE (SmolLM2, Qwen2, Qwen3) with explicit merges; what
+  differs between models is the pre-tokenizer regex, named by `tokenizer.ggml.pre`.
 
 Token types (llama.cpp's `LLAMA_TOKEN_TYPE_*`): 1 normal, 2 unknown, 3 control, 4 user-defined,
 5 unused, 6 byte.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from edgemtp.errors import EdgemtpError
 
@@ -26,8 +26,12 @@ NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) for byte-level vocabularies that we rebuild:
-# GPT-2's regex, optionally preceded by splitting off every digit ("smollm": `\p{N}`, then GPT-2's).
-_SPLIT_DIGITS = {"gpt2": False, "smollm": True}
+# GPT-2's regex, optionally preceded by splitting off every digit ("smollm": `\p{N}`, then GPT-2's), or
+# Qwen2's own regex (Qwen2 and Qwen3: one digit at a time, case-insensitive contractions) after NFC, as
+# transformers' Qwen2Tokenizer builds it.
+_PRE = ("gpt2", "smollm", "qwen2")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
 
 
 def build_tokenizer(meta: dict) -> Tokenizer:
@@ -122,17 +126,23 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
 
 def _byte_level_bpe(meta: dict) -> Tokenizer:
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
-    if pre not in _SPLIT_DIGITS:
+    if pre not in _PRE:
         raise EdgemtpError(f"GGUF field tokenizer.ggml.pre {pre!r} is not supported "
-                           f"(supported: {', '.join(sorted(_SPLIT_DIGITS))})")
+                           f"(supported: {', '.join(sorted(_PRE))})")
     merges = meta.get("tokenizer.ggml.merges")
     if merges is None:
         raise EdgemtpError("GGUF field tokenizer.ggml.merges is missing; a byte-level BPE vocabulary needs it")
     vocab = {tok: i for i, tok in enumerate(meta["tokenizer.ggml.tokens"])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    digits = [pre_tokenizers.Digits(individual_digits=True)] if _SPLIT_DIGITS[pre] else []
-    tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        split = pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                       use_regex=False)])
+    else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        digits = [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []
+        tok.pre_tokenizer = pre_tokenizers.Sequence([*digits, byte_level])
     tok.decoder = decoders.ByteLevel()
     return tok
 

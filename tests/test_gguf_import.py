@@ -49,7 +49,7 @@ def gguf_name(name: str, arch: str) -> str:
     _, _, layer, rest = name.split(".", 3)
     module, suffix = rest.rsplit(".", 1)
     if module == "post_attention_layernorm":
-        return f"blk.{layer}.{'ffn_norm' if arch == 'llama' else 'post_attention_norm'}.{suffix}"
+        return f"blk.{layer}.{'post_attention_norm' if arch == 'gemma3' else 'ffn_norm'}.{suffix}"
     return f"blk.{layer}.{HF_TO_GGUF[module]}.{suffix}"
 
 
@@ -148,6 +148,12 @@ def tiny_hf_model(arch: str, vocab_size: int, tied: bool):
     if arch == "llama":
         cfg = transformers.LlamaConfig(num_hidden_layers=2, rope_theta=50000.0, **common)
         model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":  # q/k/v biases
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_hidden_layers=2, rope_theta=50000.0,
+                                                                       **common))
+    elif arch == "qwen3":  # q/k norms; heads of 32, not hidden / heads (GGUF's key_length says so)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            num_hidden_layers=2, rope_theta=50000.0, **(common | {"head_dim": 32})))
     else:  # 7 layers: five sliding, one global, one sliding again; window 8 so tests run past it
         cfg = transformers.Gemma3TextConfig(num_hidden_layers=7, sliding_window=8, query_pre_attn_scalar=16,
                                             rope_theta=1e6, rope_local_base_freq=1e4, **common)
@@ -164,8 +170,9 @@ def gguf_metadata(arch: str, cfg) -> dict:
           f"{arch}.attention.head_count": cfg.num_attention_heads,
           f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
           f"{arch}.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps}
-    if arch == "llama":
-        return kv | {"llama.rope.freq_base": 50000.0, "llama.rope.dimension_count": cfg.head_dim}
+    if arch != "gemma3":
+        return kv | {f"{arch}.rope.freq_base": 50000.0, f"{arch}.rope.dimension_count": cfg.head_dim,
+                     f"{arch}.attention.key_length": cfg.head_dim, f"{arch}.attention.value_length": cfg.head_dim}
     return kv | {"gemma3.rope.freq_base": 1e6, "gemma3.attention.sliding_window": cfg.sliding_window,
                  "gemma3.attention.key_length": cfg.head_dim, "gemma3.attention.value_length": cfg.head_dim}
 
@@ -175,7 +182,8 @@ def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | Non
     """(model, gguf path): a tiny random HF model and the GGUF llama.cpp would have made of it.
 
     The llama MLP down projection is stored as Q8_0; the reference model gets the dequantized values."""
-    vocab = byte_level_vocab() if arch == "llama" else sentencepiece_vocab()
+    vocab = sentencepiece_vocab() if arch == "gemma3" else byte_level_vocab() | (
+        {"tokenizer.ggml.pre": "qwen2"} if arch.startswith("qwen") else {})
     model = tiny_hf_model(arch, len(vocab["tokenizer.ggml.tokens"]), tied)
     quantized = {"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0} if arch == "llama" else {}
     tensors = {}
@@ -200,7 +208,8 @@ def logits(model, ids: list[int]):
 
 # ---------------------------------------------------------------- fast tests: weights and config
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma3", True)])
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma3", True), ("qwen2", False),
+                                       ("qwen3", True)])
 def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
     model, path = export_tiny(tmp_path, arch, tied)
     calls = []
@@ -332,8 +341,8 @@ def test_sentencepiece_tokenizer_agrees_with_sentencepiece(space_prefix):
 
 
 def test_unsupported_byte_level_pre_tokenizer():
-    with pytest.raises(EdgemtpError, match="tokenizer.ggml.pre 'qwen2' is not supported"):
-        build_tokenizer(byte_level_vocab() | {"tokenizer.ggml.pre": "qwen2"})
+    with pytest.raises(EdgemtpError, match="tokenizer.ggml.pre 'deepseek-llm' is not supported"):
+        build_tokenizer(byte_level_vocab() | {"tokenizer.ggml.pre": "deepseek-llm"})
 
 
 def test_sentencepiece_merges_rank_by_score():
@@ -359,6 +368,27 @@ def test_byte_level_tokenizer(tmp_path):
     assert auto("x 12 the")["input_ids"] == tok.encode("x 12 the").ids
 
 
+def test_qwen2_pre_tokenizer_agrees_with_transformers():
+    """tokenizer.ggml.pre "qwen2" (Qwen2 and Qwen3 GGUFs): the same ids as transformers' Qwen2Tokenizer over
+    the same vocabulary and merges: NFC first, one digit at a time, contractions of any case, runs of
+    newlines and spaces as Qwen's regex cuts them (GPT-2's regex, or smollm's, cut several of these apart)."""
+    meta = byte_level_vocab() | {"tokenizer.ggml.pre": "qwen2"}
+    merges = meta["tokenizer.ggml.merges"] + ["' S", "Ċ Ċ", "Ġ Ġ", "ĠĠ Ġ", "Ã ©", "1 2"]
+    tokens = meta["tokenizer.ggml.tokens"] + ["'S", "ĊĊ", "ĠĠ", "ĠĠĠ", "Ã©"]
+    meta |= {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+             "tokenizer.ggml.token_type": [3] * 3 + [1] * (len(tokens) - 3)}
+    ours = build_tokenizer(meta)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    theirs = transformers.Qwen2Tokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges])
+    texts = ["IT'S the 12345 x\n\n\ny", "cafe\u0301 café", "a   b\t\tc\r\n\r\nd  ", "HE'S 'S x'S 12",
+             "def f(x):\n    return x  *  2\n", "日本 🤖"]
+    for text in texts:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+        assert ours.decode(ours.encode(text).ids) == theirs.decode(theirs(text)["input_ids"]), text
+    assert ours.encode("x 12").tokens == ["x", "Ġ", "1", "2"]  # "12" is a merge, but digits go one by one
+    assert ours.encode("cafe\u0301").tokens[-1] == "Ã©"  # NFC: e + combining acute is é
+
+
 # ---------------------------------------------------------------- fast tests: errors and atomicity
 
 def test_missing_file(tmp_path):
@@ -381,8 +411,8 @@ def test_truncated_gguf(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    path = write_gguf(tmp_path / "q.gguf", "qwen2", {"qwen2.block_count": 1}, {"token_embd.weight": np.zeros((4, 4))})
-    with pytest.raises(EdgemtpError, match="q.gguf: architecture 'qwen2' is not supported"):
+    path = write_gguf(tmp_path / "q.gguf", "phi3", {"phi3.block_count": 1}, {"token_embd.weight": np.zeros((4, 4))})
+    with pytest.raises(EdgemtpError, match="q.gguf: architecture 'phi3' is not supported"):
         import_gguf(path, tmp_path / "out")
 
 
