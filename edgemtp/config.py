@@ -174,13 +174,13 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
 
 
 def parse_llama(hf: dict, source: str) -> TextConfig:
-    """llama, qwen2 and qwen3. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and attention_bias on q/k/v
-    and o_proj as llama; both may have sliding-window layers."""
+    """llama, qwen2, qwen3 and mistral. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and attention_bias
+    on q/k/v and o_proj as llama; both may have sliding-window layers; mistral slides on every layer."""
     pr = Problems(source)
-    qwen2, qwen3 = (hf.get("model_type") == t for t in ("qwen2", "qwen3"))
-    # llama's and qwen3's attention_bias put a bias on q/k/v and o_proj; transformers' qwen2 ignores the field:
-    # q/k/v biases always, none on o_proj
-    attention_bias = True if qwen2 else pr.flag(hf, "attention_bias", False)
+    qwen2, qwen3, mistral = (hf.get("model_type") == t for t in ("qwen2", "qwen3", "mistral"))
+    # llama's and qwen3's attention_bias put a bias on q/k/v and o_proj; transformers' qwen2 ignores the field
+    # (q/k/v biases always, none on o_proj), and mistral too (no biases)
+    attention_bias = True if qwen2 else False if mistral else pr.flag(hf, "attention_bias", False)
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
     # Qwen3Config has head_dim 128 by default, not hidden_size / heads
@@ -189,7 +189,10 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
     else:  # old style: rope_theta + rope_scaling
         rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
-    layer_types, window = _qwen2_layers(hf, n_layers, pr) if qwen2 or qwen3 else ((FULL,) * n_layers, None)
+    if qwen2 or qwen3:
+        layer_types, window = _qwen2_layers(hf, n_layers, pr)
+    else:
+        layer_types, window = _mistral_layers(hf, n_layers, pr) if mistral else ((FULL,) * n_layers, None)
     cfg = TextConfig(
         model_type=hf.get("model_type", ""),
         vocab_size=pr.need(hf, "vocab_size"),
@@ -197,7 +200,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         intermediate_size=pr.need(hf, "intermediate_size"),
         num_layers=n_layers,
         num_heads=heads,
-        num_kv_heads=pr.opt(hf, "num_key_value_heads", int, heads),
+        num_kv_heads=pr.opt(hf, "num_key_value_heads", int, 8 if mistral and "num_key_value_heads" not in hf else heads),
         head_dim=head_dim,
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=layer_types,
@@ -215,11 +218,18 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     _check_common(cfg, pr)
     pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once
              f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
-    # fields that change transformers' maths and the graph does not build (qwen2's and qwen3's MLPs have no
-    # biases whatever mlp_bias says)
-    pr.check(qwen2 or qwen3 or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
+    # fields that change transformers' maths and the graph does not build (qwen2's, qwen3's and mistral's MLPs
+    # have no biases whatever mlp_bias says)
+    pr.check(qwen2 or qwen3 or mistral or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
     pr.raise_if_any()
     return cfg
+
+
+def _mistral_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None]:
+    """transformers' mistral: every layer slides when sliding_window is set (4096 when the field is missing,
+    none when null); it ignores 'layer_types'."""
+    window = pr.opt(hf, "sliding_window", int, None) if "sliding_window" in hf else 4096
+    return ((SLIDING if window is not None else FULL),) * n_layers, window
 
 
 def _qwen2_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None]:

@@ -474,6 +474,23 @@ def test_qwen3_fields_read_as_transformers_reads_them(tiny_gemma3):
     assert not parse_llama({**hf, "model_type": "qwen2"}, "x").qk_norm
 
 
+def test_mistral_fields_read_as_transformers_reads_them(tiny_gemma3):
+    """MistralConfig: every layer slides, by sliding_window (4096 when the field is missing, none when null);
+    'layer_types', attention_bias and mlp_bias change nothing; 8 KV heads when unsaid."""
+    from edgemtp.config import FULL, SLIDING, parse_llama, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1]), "model_type": "mistral", "hidden_activation": None,
+          "rope_parameters": None, "sliding_window": 8, "layer_types": [FULL, SLIDING] * 2}
+    parsed = parse_llama({**hf, "attention_bias": True, "mlp_bias": True}, "x")
+    assert parsed.layer_types == (SLIDING,) * 4 and parsed.sliding_window == 8
+    assert not parsed.attention_bias and not parsed.output_bias and not parsed.qk_norm
+    unsaid = {k: v for k, v in hf.items() if k not in ("sliding_window", "num_key_value_heads")}
+    parsed = parse_llama({**unsaid, "num_attention_heads": 16}, "x")
+    assert parsed.sliding_window == 4096 and parsed.num_kv_heads == 8
+    parsed = parse_llama({**hf, "sliding_window": None}, "x")
+    assert parsed.layer_types == (FULL,) * 4 and parsed.sliding_window is None
+
+
 def test_bad_max_context(tiny_gemma3, tmp_path):
     from click.testing import CliRunner
 

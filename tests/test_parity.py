@@ -37,6 +37,10 @@ def tiny(kind: str):
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, attention_bias=kind == "llama_bias",
                                        rope_parameters=rope)
         model = transformers.LlamaForCausalLM(cfg)
+    elif kind.startswith("mistral"):  # every layer slides; mistral_nowindow: sliding_window null
+        cfg = transformers.MistralConfig(**common, sliding_window=None if kind == "mistral_nowindow" else WINDOW,
+                                         initializer_range=0.1, tie_word_embeddings=False)
+        model = transformers.MistralForCausalLM(cfg)
     elif kind.startswith("qwen3"):
         # per-head q/k norms; head_dim 32 (not hidden / heads), 24 for qwen3_hd24 (q and k normed and rotated
         # before GroupQueryAttention, which refuses to rotate that size); qwen3_bias: attention_bias on q/k/v
@@ -67,21 +71,23 @@ def _randomize_norms(model) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
-                plus = any(t in type(model).__name__.lower() for t in ("llama", "qwen3"))  # x * w norms
+                plus = any(t in type(model).__name__.lower() for t in ("llama", "qwen3", "mistral"))  # x * w norms
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if plus else 0.0))
 
 
 @pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "llama_bias", "llama_nope",
                                   "qwen2", "qwen2_sliding", "qwen2_sliding_types",
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv",
-                                  "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv"])
+                                  "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
+                                  "mistral", "mistral_nowindow"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
     GroupQueryAttention refuses to rotate itself (q and k are rotated before it). +gemv: export --gemv-head,
     whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2). llama_bias: llama's
     attention_bias, biases on q/k/v and o_proj. qwen2_bias_false: config.json says attention_bias false, which
-    transformers' qwen2 ignores (q/k/v biases all the same). qwen3: q and k RMS-normed per head before RoPE."""
+    transformers' qwen2 ignores (q/k/v biases all the same). qwen3: q and k RMS-normed per head before RoPE.
+    mistral: a window on every layer."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
@@ -102,15 +108,16 @@ def test_logits_match_transformers(kind, tmp_path):
     assert start > 2 * WINDOW
 
 
-@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding"])
+@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral"])
 def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
-    """The batched verify graph (several rows x several new positions) windows qwen2's and qwen3's sliding
-    layers as transformers does (qwen3 normalizing q and k before rotating them itself): rows of different
+    """The batched verify graph (several rows x several new positions) windows qwen2's, qwen3's and mistral's
+    sliding layers as transformers does (qwen3 normalizing q and k before rotating them itself): rows of different
     lengths past twice the window, each against its own reference."""
     model = tiny(kind)
     export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
-    assert [s.window for s in engine.target.contract.kv] == [None, None, WINDOW, WINDOW]
+    windows = [WINDOW] * 4 if kind == "mistral" else [None, None, WINDOW, WINDOW]
+    assert [s.window for s in engine.target.contract.kv] == windows
     rows = np.random.default_rng(3).integers(0, 96, size=(2, 27))
     lengths = (24, 17)
     cache = engine.target.new_cache(2)

@@ -31,6 +31,7 @@ def _architectures() -> dict:
         "llama": (parse_llama, llama.build),
         "qwen2": (parse_llama, llama.build),
         "qwen3": (parse_llama, llama.build),
+        "mistral": (parse_llama, llama.build),
     }
     try:
         from . import gemma4

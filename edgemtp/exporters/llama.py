@@ -1,6 +1,6 @@
-"""Llama-family decoder (`llama`, `qwen2`, `qwen3`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v biases, qwen3
-q/k norms per head; both may have sliding-window layers (the same RoPE, a window on attention); llama's and
-qwen3's attention_bias put biases on q/k/v and o_proj."""
+"""Llama-family decoder (`llama`, `qwen2`, `qwen3`, `mistral`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v
+biases, qwen3 q/k norms per head; both may have sliding-window layers (the same RoPE, a window on attention),
+mistral a window on every layer; llama's and qwen3's attention_bias put biases on q/k/v and o_proj."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
-ARCHS = ("gemma3_text", "llama", "qwen2", "qwen3")
+ARCHS = ("gemma3_text", "llama", "qwen2", "qwen3", "mistral")
 KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
 
 
