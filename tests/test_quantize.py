@@ -535,6 +535,32 @@ def test_integer_head_drafter_of_an_untied_target_reads_the_targets_table(tmp_pa
     assert ops_count(tmp_path / "q", "MatMulIntegerToFloat") == 1  # the target's own head
 
 
+def nbits_bits(graph_path) -> list[int]:
+    """The `bits` attribute of every MatMulNBits of a graph whose weights are in its own data file (a drafter's
+    head over the target's table is the target's)."""
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    where = {t.name: e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    return [a.i for n in graph.node if n.op_type == "MatMulNBits" and where.get(n.input[1]) == graph_path.name + ".data"
+            for a in n.attribute if a.name == "bits"]
+
+
+def test_drafter_quant_int8_keeps_the_drafters_weights_8bit_with_4bit_layers(tmp_path):
+    """--drafter-quant int8 beside --layer-bits 4: the drafter's own MatMuls are 8-bit, as its manifest entry
+    ("weights": "int8") says; they were packed at the target's 4 bits."""
+    from edgemtp.drafter import export as X
+
+    from .test_drafter import tiny_drafter
+
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    tiny_drafter(tmp_path / "model", tmp_path / "drafter")
+    X.add_to_bundle(fp32, tmp_path / "drafter")
+    quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, layer_bits=4, drafter_quant="int8")
+    assert bundle_mod.load(tmp_path / "q").manifest["graphs"]["drafter"]["weights"] == "int8"
+    own = nbits_bits(tmp_path / "q/drafter.onnx")
+    assert len(own) >= 5 and set(own) == {8}
+    assert set(nbits_bits(tmp_path / "q/target.onnx")) == {4}  # the target's layers and head as asked
+
+
 def test_integer_head_needs_whole_blocks(tmp_path):
     """The rescoring gathers whole rows of blocks: a hidden size (64) that is not a multiple of the block size
     is one clear error, and no bundle is left behind."""

@@ -265,6 +265,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
                        **options)
         own = {k: v for k, v in options.items() if k not in CALIBRATED}  # a drafter quantizes no weight of its own
         weights = drafter_quant == "int8"
+        if weights:  # its MatMuls at 8 bits, as the manifest says, whatever --layer-bits gives the target's
+            own.pop("layer_bits", None)
         for name in drafters:
             path = b.graph(name).path
             quantize_graph(path, tmp / path.name, "int8" if weights else quant, shared=shared, drafter=True,
