@@ -293,6 +293,31 @@ def test_calibrated_int4_split_table_is_exact_on_grid(kind, tmp_path, calib_file
     assert sorted(row_of[3:19]) == list(range(16))  # t3..t18, the frequent tokens, are the 8-bit rows
 
 
+def nbits_bits(graph_path) -> list[int]:
+    """The `bits` attribute of every MatMulNBits of a graph whose weights are in its own data file (a drafter's
+    head over the target's table is the target's)."""
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    where = {t.name: e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+    return [a.i for n in graph.node if n.op_type == "MatMulNBits" and where.get(n.input[1]) == graph_path.name + ".data"
+            for a in n.attribute if a.name == "bits"]
+
+
+@pytest.mark.parametrize("rows", [96, 32768])
+def test_frequent_rows_covering_the_vocabulary_keep_the_whole_head_8bit(rows, tmp_path, calib_file):
+    """--frequent-rows at least the vocabulary (96 here; the preset's 32,768 for a 32,000-token Llama 2): every
+    row is frequent, so the table is 8-bit, exact on an 8-bit grid, and the manifest says so. It was packed
+    wholly at 4 bits, the manifest saying its frequent rows were kept at 8."""
+    fp32 = make_bundle(tmp_path, "gemma3_text", snapped=True)  # the table on the 8-bit grid
+    quantize_bundle(fp32, tmp_path / "q", "int4", accuracy_level=0, frequent_rows=rows, calibration=calib_file,
+                    calibration_tokens=128)
+    np.testing.assert_allclose(all_logits(tmp_path / "q"), all_logits(fp32), atol=1e-4, rtol=0)
+    assert set(nbits_bits(tmp_path / "q/target.onnx")) == {8}
+    q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]
+    assert (q["head_bits"], q["frequent_rows"]) == (8, 0)
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).metadata_props}
+    assert json.loads(props["edgemtp.quant_scheme"])["head_bits"] == 8
+
+
 def test_split_table_gather_picks_each_row_from_its_part():
     """table_gather over an 8-bit first part and a 4-bit rest (the int4 table with frequent rows): every id
     gets exactly its own part's dequantized row, bit for bit what GatherBlockQuantized gives over that part,
@@ -533,15 +558,6 @@ def test_integer_head_drafter_of_an_untied_target_reads_the_targets_table(tmp_pa
     assert table == {"target.onnx.data"}
     assert "MatMulIntegerToFloat" not in [n.op_type for n in graph.node]
     assert ops_count(tmp_path / "q", "MatMulIntegerToFloat") == 1  # the target's own head
-
-
-def nbits_bits(graph_path) -> list[int]:
-    """The `bits` attribute of every MatMulNBits of a graph whose weights are in its own data file (a drafter's
-    head over the target's table is the target's)."""
-    graph = onnx.load(str(graph_path), load_external_data=False).graph
-    where = {t.name: e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
-    return [a.i for n in graph.node if n.op_type == "MatMulNBits" and where.get(n.input[1]) == graph_path.name + ".data"
-            for a in n.attribute if a.name == "bits"]
 
 
 def test_drafter_quant_int8_keeps_the_drafters_weights_8bit_with_4bit_layers(tmp_path):

@@ -4,7 +4,7 @@ the manifest) and every check of the options, run before any work (quantize.py e
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..calibration import activations as A
@@ -126,6 +126,16 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     if block_size:
         p.update(block_size=block_size, head_block_size=block_size)
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
+
+
+def fit_vocab(sch: Scheme, vocab: int) -> Scheme:
+    """The scheme for a head table of `vocab` rows: with --frequent-rows as many as its rows or more, every row
+    is a frequent one, so the whole head is 8-bit, and recorded so. (The split was skipped there, leaving every
+    row at 4 bits while the manifest and `edgemtp info` said the frequent rows were kept at 8: Llama 2's
+    32,000 rows under the preset's 32,768, say.)"""
+    if sch.frequent_rows >= vocab and sch.head_bits < 8:
+        return replace(sch, head_bits=8, frequent_rows=0)
+    return sch
 
 
 def check_patterns_match(patterns: tuple[str, ...], weights: list[str]) -> None:

@@ -78,8 +78,8 @@ from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exporte
 from . import gemv_head
 from .builder import MS_DOMAIN, phase
 from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_options,
-                            check_patterns_match, check_shapes, check_window, scheme)
-from .quantgraph import Shared, Sink, activation_sources, rewrite_float
+                            check_patterns_match, check_shapes, check_window, fit_vocab, scheme)
+from .quantgraph import Shared, Sink, activation_sources, rewrite_float, role
 from .quantrewrite import Rewrite
 
 __all__ = ["QUANTS", "Scheme", "scheme", "check_options", "quantize_graph", "quantize_bundle", "calibrate",
@@ -123,6 +123,9 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
         raise EdgemtpError(f"{dst}: is the source graph (write the quantized graph elsewhere)")
     if sch is not None and not drafter:
         check_patterns_match(sch.keep_8bit, [t.name for t in model.graph.initializer])
+        inits = {t.name: t for t in model.graph.initializer}
+        heads = [inits[r[1]].dims[0] for n in model.graph.node if (r := role(n, inits)) and r[0] == "head"]
+        sch = fit_vocab(sch, min(heads)) if heads else sch
     data_name = dst.name + ".data"
     with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
         sink = Sink(f, data_name)
@@ -278,6 +281,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "schema_version", "files")}
         if sch is not None and calib is not None:
             sch = replace(sch, calibration=calib.source)
+        if sch is not None:  # as quantize_graph packed the head
+            sch = fit_vocab(sch, int(b.model["vocab_size"]))
         graphs = {k: v for k, v in manifest["graphs"].items() if k not in dropped}
         graphs["target"] = {**{k: v for k, v in graphs["target"].items() if k != "gemv_head"},
                             "file": "target.onnx", "quant": quant,
