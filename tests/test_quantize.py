@@ -600,6 +600,25 @@ def test_integer_head_needs_whole_blocks(tmp_path):
     assert bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]["two_pass"] == "none"
 
 
+def test_layer_widths_are_checked_before_the_fp32_export_and_calibration(tmp_path, calib_file, monkeypatch):
+    """Blocks of 64 divide the hidden size (64) but not down_proj's input width (96): export names that before
+    its fp32 export, quantize_bundle before its calibration (both came first, minutes at scale)."""
+    import edgemtp.exporters as E
+    from edgemtp.exporters import quantize as Q
+
+    model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
+    fp32 = export(model_dir, tmp_path / "fp32", capacity=64)
+    monkeypatch.setattr(Q, "calibrate", lambda *a, **k: pytest.fail("the calibration ran"))
+    message = "--block-size 64 does not divide the input width 96 of model.layers.0.mlp.down_proj.weight"
+    with pytest.raises(EdgemtpError, match=message):
+        quantize_bundle(fp32, tmp_path / "q", "int4", calibration=calib_file, calibration_tokens=128, block_size=64)
+    real = E.export
+    monkeypatch.setattr(E, "export", lambda *a, **k: pytest.fail("the fp32 export ran"))
+    with pytest.raises(EdgemtpError, match=message):
+        real(model_dir, tmp_path / "q", "int4", capacity=64, quant_options={"block_size": 64, "calibration": None})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "model"]
+
+
 def test_smoothing_keeps_the_function(tmp_path, calib_file):
     """x / s into W * s: the same product; only the rounding moves."""
     fp32 = make_bundle(tmp_path, "gemma3_text")

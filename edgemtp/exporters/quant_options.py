@@ -128,6 +128,30 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
 
 
+def check_widths(sch: Scheme, graph) -> None:
+    """Every layer MatMul's input width against the layers' block size, before the fp32 export and the
+    calibration (minutes at scale): two-pass activations need whole blocks, and check_shapes sees only the
+    hidden size, where down_proj reads the MLP's width and o_proj the heads'. Found in the rewrite only, the
+    error came after that work."""
+    from .quantgraph import role
+
+    if sch.two_pass != "all" or sch.accuracy_level != 4:
+        return
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        r = role(node, inits)
+        if r is None or r[0] != "matmul":
+            continue
+        check_two_pass_width(sch.block_for("matmul"), inits[r[1]].dims[0], r[1])
+
+
+def check_two_pass_width(block: int, k: int, name: str) -> None:
+    if k % block:
+        raise EdgemtpError(f"--block-size {block} does not divide the input width {k} of {name}: the two-pass "
+                           f"activations (--two-pass all) need whole blocks; give a block size dividing it, "
+                           f"or --two-pass head / none")
+
+
 def fit_vocab(sch: Scheme, vocab: int) -> Scheme:
     """The scheme for a head table of `vocab` rows: with --frequent-rows as many as its rows or more, every row
     is a frequent one, so the whole head is 8-bit, and recorded so. (The split was skipped there, leaving every

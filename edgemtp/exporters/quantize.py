@@ -78,7 +78,7 @@ from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exporte
 from . import gemv_head
 from .builder import MS_DOMAIN, phase
 from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_options,
-                            check_patterns_match, check_shapes, check_window, fit_vocab, scheme)
+                            check_patterns_match, check_shapes, check_widths, check_window, fit_vocab, scheme)
 from .quantgraph import Shared, Sink, activation_sources, rewrite_float, role
 from .quantrewrite import Rewrite
 
@@ -250,6 +250,7 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
                            "quantize an fp32 bundle")
     if sch is not None:
         check_shapes(sch, int(b.model["hidden_size"]))
+        check_widths(sch, load_fp32_graph(entry.path).graph)  # before the calibration
     # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
     drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
     # the batched verify graph reads the fp32 target's bytes: a quantized bundle goes without it

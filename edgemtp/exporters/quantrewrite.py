@@ -22,6 +22,7 @@ from ..errors import EdgemtpError
 from . import quantnodes as QN
 from .blockquant import CHUNK_ELEMENTS, quantize_chunks, unpack
 from .head import ROW_DOTS
+from .quant_options import check_two_pass_width
 from .quantgraph import Shared, Sink, Table, activation_sources, renamed, replace_all, role, source_key
 
 PROGRESS_UNIT = 1_000_000  # "quantizing weights" counts the weights' bytes in MB
@@ -176,10 +177,8 @@ class Rewrite:
         level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4
         if two and k % block and not self.target:  # a drafter's layer goes without (its drafts are checked)
             two = False
-        elif two and k % block:  # check_shapes saw only the hidden size; leaving the passes out breaks exactness
-            raise EdgemtpError(f"--block-size {block} does not divide the input width {k} of {t.name}: the two-pass "
-                               f"activations (--two-pass all) need whole blocks; give a block size dividing it, "
-                               f"or --two-pass head / none")
+        elif two:  # check_widths ran before any work; leaving the passes out would break exactness
+            check_two_pass_width(block, k, t.name)
 
         def emit(node):
             nodes, x = [], node.input[0]
