@@ -619,6 +619,19 @@ def test_layer_widths_are_checked_before_the_fp32_export_and_calibration(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "model"]
 
 
+def test_integer_layers_take_any_block_size_of_the_head(tmp_path):
+    """--layer-op integer: --block-size applies to the head only (the layers round each activation row, no
+    blocks), so blocks of 64 that divide the hidden size but not down_proj's width (96) are fine; they were
+    refused as if the layers took two-pass block activations."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, layer_op="integer", block_size=64)
+    assert ops_count(tmp_path / "q", "MatMulIntegerToFloat") == 4 * 4
+    assert nbits_bits(tmp_path / "q/target.onnx") == [8]  # the head, in blocks of 64
+    graph = onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).graph
+    assert [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"] == [64]
+    assert rel_error(all_logits(tmp_path / "q"), all_logits(fp32)) < 0.06  # int8's order, as the other layouts
+
+
 def test_smoothing_keeps_the_function(tmp_path, calib_file):
     """x / s into W * s: the same product; only the rounding moves."""
     fp32 = make_bundle(tmp_path, "gemma3_text")

@@ -132,7 +132,7 @@ def check_widths(sch: Scheme, graph) -> None:
     """Every layer MatMul's input width against the layers' block size, before the fp32 export and the
     calibration (minutes at scale): two-pass activations need whole blocks, and check_shapes sees only the
     hidden size, where down_proj reads the MLP's width and o_proj the heads'. Found in the rewrite only, the
-    error came after that work."""
+    error came after that work. An integer layer (MatMulIntegerToFloat) takes no blocks."""
     from .quantgraph import role
 
     if sch.two_pass != "all" or sch.accuracy_level != 4:
@@ -140,7 +140,7 @@ def check_widths(sch: Scheme, graph) -> None:
     inits = {t.name: t for t in graph.initializer}
     for node in graph.node:
         r = role(node, inits)
-        if r is None or r[0] != "matmul":
+        if r is None or r[0] != "matmul" or (sch.layer_op == "integer" and sch.bits_for("matmul", r[1]) == 8):
             continue
         check_two_pass_width(sch.block_for("matmul"), inits[r[1]].dims[0], r[1])
 

@@ -174,7 +174,8 @@ class Rewrite:
             w_int, w_scales = self._int8_columns(t.name, lambda a, b: w[a:b], n, k, importance, hessian)
         else:
             p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
-        level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4
+        # an integer layer rounds its activations per row (QN.integer_activations): no blocks, no two passes
+        level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4 and not integer
         if two and k % block and not self.target:  # a drafter's layer goes without (its drafts are checked)
             two = False
         elif two:  # check_widths ran before any work; leaving the passes out would break exactness
