@@ -313,7 +313,7 @@ def test_frequent_rows_covering_the_vocabulary_keep_the_whole_head_8bit(rows, tm
     np.testing.assert_allclose(all_logits(tmp_path / "q"), all_logits(fp32), atol=1e-4, rtol=0)
     assert set(nbits_bits(tmp_path / "q/target.onnx")) == {8}
     q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]
-    assert (q["head_bits"], q["frequent_rows"]) == (8, 0)
+    assert (q["head_bits"], q["embed_bits"], q["frequent_rows"]) == (8, 8, 0)  # the tied table: both
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).metadata_props}
     assert json.loads(props["edgemtp.quant_scheme"])["head_bits"] == 8
 

@@ -152,13 +152,13 @@ def check_two_pass_width(block: int, k: int, name: str) -> None:
                            f"or --two-pass head / none")
 
 
-def fit_vocab(sch: Scheme, vocab: int) -> Scheme:
+def fit_vocab(sch: Scheme, vocab: int, tied: bool) -> Scheme:
     """The scheme for a head table of `vocab` rows: with --frequent-rows as many as its rows or more, every row
-    is a frequent one, so the whole head is 8-bit, and recorded so. (The split was skipped there, leaving every
-    row at 4 bits while the manifest and `edgemtp info` said the frequent rows were kept at 8: Llama 2's
-    32,000 rows under the preset's 32,768, say.)"""
+    is a frequent one, so the whole head is 8-bit, and recorded so (`tied`: the embedding too, the same table).
+    (The split was skipped there, leaving every row at 4 bits while the manifest and `edgemtp info` said the
+    frequent rows were kept at 8: Llama 2's 32,000 rows under the preset's 32,768, say.)"""
     if sch.frequent_rows >= vocab and sch.head_bits < 8:
-        return replace(sch, head_bits=8, frequent_rows=0)
+        return replace(sch, head_bits=8, frequent_rows=0, **({"embed_bits": 8} if tied else {}))
     return sch
 
 

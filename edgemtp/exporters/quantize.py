@@ -123,9 +123,7 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
         raise EdgemtpError(f"{dst}: is the source graph (write the quantized graph elsewhere)")
     if sch is not None and not drafter:
         check_patterns_match(sch.keep_8bit, [t.name for t in model.graph.initializer])
-        inits = {t.name: t for t in model.graph.initializer}
-        heads = [inits[r[1]].dims[0] for n in model.graph.node if (r := role(n, inits)) and r[0] == "head"]
-        sch = fit_vocab(sch, min(heads)) if heads else sch
+        sch = fit_head(sch, model.graph)
     data_name = dst.name + ".data"
     with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
         sink = Sink(f, data_name)
@@ -143,6 +141,17 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
         (dst.parent / data_name).unlink()
         return [dst.name]
     return [dst.name, data_name]
+
+
+def fit_head(sch: Scheme, g: onnx.GraphProto) -> Scheme:
+    """fit_vocab() for the graph's head table (the scheme as it stands without one)."""
+    inits = {t.name: t for t in g.initializer}
+    roles = [r for n in g.node if (r := role(n, inits))]
+    heads = {name for kind, name in roles if kind == "head"}
+    if not heads:
+        return sch
+    tied = any(kind == "gather" and name in heads for kind, name in roles)
+    return fit_vocab(sch, min(inits[name].dims[0] for name in heads), tied)
 
 
 def load_fp32_graph(src: Path, drafter: bool = False) -> onnx.ModelProto:
@@ -250,7 +259,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
                            "quantize an fp32 bundle")
     if sch is not None:
         check_shapes(sch, int(b.model["hidden_size"]))
-        check_widths(sch, load_fp32_graph(entry.path).graph)  # before the calibration
+        graph = load_fp32_graph(entry.path).graph
+        check_widths(sch, graph)  # before the calibration
     # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
     drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
     # the batched verify graph reads the fp32 target's bytes: a quantized bundle goes without it
@@ -283,7 +293,7 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         if sch is not None and calib is not None:
             sch = replace(sch, calibration=calib.source)
         if sch is not None:  # as quantize_graph packed the head
-            sch = fit_vocab(sch, int(b.model["vocab_size"]))
+            sch = fit_head(sch, graph)
         graphs = {k: v for k, v in manifest["graphs"].items() if k not in dropped}
         graphs["target"] = {**{k: v for k, v in graphs["target"].items() if k != "gemv_head"},
                             "file": "target.onnx", "quant": quant,
