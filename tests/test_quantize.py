@@ -600,6 +600,22 @@ def test_integer_head_needs_whole_blocks(tmp_path):
     assert bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]["two_pass"] == "none"
 
 
+def test_embedding_blocks_must_divide_the_hidden_size(tmp_path):
+    """Blocks of 128 on a hidden size of 64 with --two-pass none: the embedding's GatherBlockQuantized cannot
+    take them. That bundle kept an fp32 Gather over the full table beside the packed head (Gemma 3 270M with
+    blocks of 256: its 671 MB table), the manifest and `edgemtp info` saying "embedding 4-bit"; it is refused,
+    before any work, and blocks that divide it give a packed gather."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    with pytest.raises(EdgemtpError, match="--block-size 128 does not divide the hidden size 64: the embedding's "
+                                           "GatherBlockQuantized"):
+        quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, block_size=128, two_pass="none")
+    assert not (tmp_path / "q").exists()
+    quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, block_size=64, two_pass="none")
+    assert ops_count(tmp_path / "q", "GatherBlockQuantized") == 1 and ops_count(tmp_path / "q", "Gather") == 0
+    graph = onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).graph
+    assert not [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [96, 64]]
+
+
 def test_layer_widths_are_checked_before_the_fp32_export_and_calibration(tmp_path, calib_file, monkeypatch):
     """Blocks of 64 divide the hidden size (64) but not down_proj's input width (96): export names that before
     its fp32 export, quantize_bundle before its calibration (both came first, minutes at scale)."""

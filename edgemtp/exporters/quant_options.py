@@ -224,3 +224,7 @@ def check_shapes(sch: Scheme, hidden: int) -> None:
         if sch.head_op == "integer":
             raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {hidden} "
                                f"is not a multiple of --block-size {block}")
+        if block == sch.head_block_size:  # the rewrite would leave that Gather fp32, the manifest saying otherwise
+            raise EdgemtpError(f"--block-size {block} does not divide the hidden size {hidden}: the embedding's "
+                               f"GatherBlockQuantized reads whole blocks (its table would stay fp32 beside the packed "
+                               f"head); give a block size dividing {hidden}")
