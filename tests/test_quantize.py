@@ -765,6 +765,9 @@ def test_int4_export_is_reproducible(tmp_path, calib_file):
     (dict(quant="int8", frequent_rows=100), "--frequent-rows applies to --quant int4"),
     (dict(quant="int8", keep_8bit=("*down*",)), "--keep-8bit applies to --quant int4"),
     (dict(quant="fp16", drafter_quant="fp32"), "--drafter-quant fp32 applies to --quant int8 / int4"),
+    # it sized the activations' windows only: without GPTQ or smoothing it was taken and did nothing
+    (dict(gptq=False, calibration_tokens=4096), "--calibration-tokens 4096: nothing takes calibration activations"),
+    (dict(quant="int8", gptq=False, smooth=0.0, calibration_tokens=4096), "--calibration-tokens 4096: nothing"),
 ])
 def test_bad_options_name_the_flag(options, message):
     with pytest.raises(EdgemtpError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -200,7 +200,11 @@ def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibr
     if calibration is not None and str(calibration) != A.CORPORA and not Path(calibration).is_file():
         what = "is a directory" if Path(calibration).is_dir() else "no such file"
         raise EdgemtpError(f"--calibration {calibration}: {what} (a text file, corpora or none)")
-    return scheme(quant, calibrated=calibration is not None, **options)
+    sch = scheme(quant, calibrated=calibration is not None, **options)
+    if sch is not None and calibration_tokens is not None and not sch.needs_activations:
+        raise EdgemtpError(f"--calibration-tokens {calibration_tokens}: nothing takes calibration activations here "
+                           "(GPTQ or --smooth; the frequent rows count the whole text): drop it")
+    return sch
 
 
 def check_window(text, ids: list[int], capacity: int, bos: bool) -> None:
