@@ -44,8 +44,9 @@ def quant_options(f):
         click.option("--frequent-rows", type=int, default=None,
                      help="int4: head/table rows of the most frequent calibration tokens kept at 8 bits "
                           "(default 32768; 0: none)."),
-        click.option("--gptq/--no-gptq", default=None, help="Round 4-bit weights with GPTQ on calibration "
-                                                            "activations (int4 default: on)."),
+        click.option("--gptq/--no-gptq", default=None, help="Round the weights (8-bit layers too) with GPTQ on "
+                                                            "calibration activations (int8 and int4 default: on; off "
+                                                            "with --calibration none)."),
         click.option("--two-pass", default=None, help="MatMulNBits activations in two int8 passes: none, head "
                                                       "or all (default; keeps speculative decoding exact)."),
         click.option("--layer-op", default=None,
