@@ -161,6 +161,39 @@ def test_own_head_unties_only_other_values(tmp_path):
     assert not own_head(cfg, Checkpoint(tmp_path)).tie_word_embeddings
 
 
+def test_kv_shared_layers_leftover_weights_are_expected(tmp_path):
+    """Google's E2B checkpoint keeps k_proj / v_proj / k_norm of its KV-shared layers, which transformers skips
+    on load (`_keys_to_ignore_on_load_unexpected`): no warning that config.json may be another checkpoint's,
+    the same logits. A tensor transformers would not skip (full layer 4's v_proj under attention_k_eq_v)
+    still warns."""
+    import warnings
+
+    from safetensors.numpy import save_file
+
+    from edgemtp.runtime.engine import Engine
+
+    from .reference import save_tiny
+
+    model_dir = save_tiny(tiny("gemma4_text"), tmp_path / "model")
+    export(model_dir, tmp_path / "plain", capacity=64)
+    rng = np.random.default_rng(0)
+    leftovers = {f"model.layers.{i}.self_attn.{name}.weight": rng.standard_normal(shape).astype(np.float32)
+                 for i, d, nk in ((5, 16, 2), (6, 16, 2), (7, 32, 1))
+                 for name, shape in (("k_proj", (nk * d, 64)), ("v_proj", (nk * d, 64)), ("k_norm", (d,)))}
+    save_file(leftovers, str(model_dir / "shared_kv.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the export
+        export(model_dir, tmp_path / "bundle", capacity=64)
+    ids = np.random.default_rng(1).integers(0, 96, size=(1, 12))
+    targets = [Engine.load(tmp_path / b).target for b in ("plain", "bundle")]
+    plain, got = (t.forward(ids, t.new_cache(1), n_logits=12)[0] for t in targets)
+    np.testing.assert_array_equal(got, plain)
+    save_file({"model.layers.4.self_attn.v_proj.weight": np.zeros((32, 64), np.float32)},
+              str(model_dir / "other.safetensors"))
+    with pytest.warns(UserWarning, match=r"1 checkpoint tensor\(s\) unused .*: model.layers.4.self_attn.v_proj"):
+        export(model_dir, tmp_path / "other", capacity=64)
+
+
 def _hf_last_hidden(model, ids: np.ndarray) -> np.ndarray:
     import torch
 

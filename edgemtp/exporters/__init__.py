@@ -174,7 +174,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
         if gemv_head:
             keep_table = _drafter_needs_rows(drafter, drafter_head_rows)
             use_gemv_head(graph, keep_table)
-    check_weights(graph, ckpt, model_dir)
+    check_weights(graph, ckpt, model_dir, getattr(cfg, "ignored_on_load", ()))
     write_drafter = None
     if drafter is not None:
         write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k, drafter_head_rows,

@@ -21,9 +21,11 @@ def own_head(cfg, ckpt: Checkpoint):
     return dataclasses.replace(cfg, tie_word_embeddings=False)
 
 
-def check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path) -> None:
+def check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path,
+                  ignored: tuple[str, ...] = ()) -> None:
     """Every parameter the graph needs exists with the right element count, before writing anything; a
-    warning names the text model's tensors the graph leaves unread."""
+    warning names the text model's tensors the graph leaves unread (but those under the `ignored` name
+    prefixes, which transformers skips on load too)."""
     missing = [key for p in graph.params.values() for key in builder.sources(p) if key not in ckpt]
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
@@ -40,7 +42,7 @@ def check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path
             if sorted(have) != sorted(want):
                 raise EdgemtpError(f"{model_dir}: tensor '{key}' has shape {list(have)}, config.json implies "
                                    f"{' x '.join(map(str, want))} (in either order)")
-    unread = unused_tensors(graph, ckpt)
+    unread = unused_tensors(graph, ckpt, ignored)
     if unread:
         more = f" (and {len(unread) - 3} more)" if len(unread) > 3 else ""
         warnings.warn(f"{model_dir}: {len(unread)} checkpoint tensor(s) unused by the model config.json describes: "
@@ -48,11 +50,12 @@ def check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path
                       "config.json this checkpoint's?)", stacklevel=3)
 
 
-def unused_tensors(graph: builder.GraphBuilder, ckpt: Checkpoint) -> list[str]:
+def unused_tensors(graph: builder.GraphBuilder, ckpt: Checkpoint, ignored: tuple[str, ...] = ()) -> list[str]:
     """The checkpoint's text-model tensors no parameter reads: a layer beyond num_hidden_layers, a norm or bias
     of another architecture (a Qwen3 checkpoint's q_norm under model_type qwen2) would otherwise go unseen.
     Left aside: a multimodal checkpoint's other towers, lm_head.weight equal to a tied embedding (own_head),
-    and the rotary inverse frequencies older checkpoints saved (transformers recomputes them)."""
+    the rotary inverse frequencies older checkpoints saved (transformers recomputes them) and names under
+    the `ignored` prefixes (the config's `ignored_on_load`: Gemma 4's KV-shared layers' K/V weights)."""
     used = {key for p in graph.params.values() for key in builder.sources(p)}
     return sorted(n for n in ckpt.keys() if n not in used and n not in ckpt.outside_text and
-                  n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq"))
+                  n != "lm_head.weight" and not n.endswith("rotary_emb.inv_freq") and not n.startswith(ignored))

@@ -86,6 +86,14 @@ class Gemma4Config:
     def mlp_width(self, i: int) -> int:
         return self.intermediate_size * (2 if self.use_double_wide_mlp and self.is_shared(i) else 1)
 
+    @property
+    def ignored_on_load(self) -> tuple[str, ...]:
+        """Name prefixes of tensors transformers skips on load (`_keys_to_ignore_on_load_unexpected`): the K/V
+        projections and norms of KV-shared layers, which own no KV. Google's E2B checkpoint still holds them
+        (layers 15-34), so they are expected there, not a sign of a config.json from another checkpoint."""
+        return tuple(f"model.layers.{i}.self_attn.{name}." for i in range(self.first_shared, self.num_layers)
+                     for name in ("k_proj", "v_proj", "k_norm", "v_norm"))
+
     def values_are_keys(self, i: int) -> bool:
         """attention_k_eq_v applies to full-attention layers only (transformers: `use_alternative_attention`)."""
         return self.attention_k_eq_v and self.layer_types[i] == FULL
