@@ -226,6 +226,23 @@ def test_config_errors_list_every_problem(tmp_path):
         assert part in str(e.value), str(e.value)
 
 
+def test_pad_outside_a_table_is_refused_where_placeholders_read_it():
+    """A multimodal config's placeholders read pad_token_id's rows of the token and per-layer tables: one
+    outside either exported and then failed in ONNX Runtime when a placeholder came (transformers refuses
+    it). A text-only graph never reads it."""
+    multimodal = {"model_type": "gemma4", "image_token_id": 90, "text_config": _hf_text(pad_token_id=96)}
+    with pytest.raises(EdgemtpError, match=r"config.json \(text_config\): field 'pad_token_id' 96 outside the "
+                                           r"vocabulary table \(vocab_size 96\).*placeholders \[90\]"):
+        gemma4.parse_config(multimodal, "config.json")
+    multimodal["text_config"] = _hf_text(pad_token_id=60, vocab_size_per_layer_input=50)
+    with pytest.raises(EdgemtpError, match="'pad_token_id' 60 outside the per-layer embedding table "
+                                           r"\(vocab_size_per_layer_input 50\)"):
+        gemma4.parse_config(multimodal, "config.json")
+    multimodal["text_config"] = _hf_text(pad_token_id=5)
+    assert gemma4.parse_config(multimodal, "config.json").pad_token_id == 5
+    assert gemma4.parse_config(_hf_text(pad_token_id=96), "config.json").placeholder_ids == ()
+
+
 def test_multimodal_config_reads_text_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(
         {"model_type": "gemma4", "text_config": _hf_text(vocab_size=0)}))

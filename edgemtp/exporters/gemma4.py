@@ -239,12 +239,29 @@ def _check(cfg: Gemma4Config, hf: dict, pr: Problems) -> None:
     pr.check(SLIDING not in cfg.layer_types or cfg.sliding_window > 0, "field 'sliding_window' must be positive")
     pr.check(cfg.ple_dim >= 0, "field 'hidden_size_per_layer_input' must not be negative")
     pr.check(not cfg.ple_dim or cfg.ple_vocab > 0, "field 'vocab_size_per_layer_input' must be positive")
+    _check_pad(cfg, pr)
     pr.check(cfg.hidden_activation in ACTIVATIONS,
              f"field 'hidden_activation' {cfg.hidden_activation!r} unsupported ({', '.join(ACTIVATIONS)})")
     pr.check(not hf.get("enable_moe_block"), "field 'enable_moe_block': mixture-of-experts Gemma 4 is not supported")
     pr.check(not hf.get("attention_bias"), "field 'attention_bias' is not supported")
     pr.check(hf.get("use_bidirectional_attention") in (None, "vision"),
              f"field 'use_bidirectional_attention' {hf.get('use_bidirectional_attention')!r} is not supported")
+
+
+def _check_pad(cfg: Gemma4Config, pr: Problems) -> None:
+    """A multimodal checkpoint's placeholders are embedded as pad_token_id (text_ids), in the token and the
+    per-layer tables: an id outside either would export, then fail in ONNX Runtime's Gather the first time a
+    placeholder is read (transformers refuses such a config: nn.Embedding's padding_idx). A text-only graph
+    never reads it."""
+    if not cfg.placeholder_ids or "pad_token_id" in pr.bad:
+        return
+    tables = [("vocabulary", "vocab_size", cfg.vocab_size)]
+    if cfg.ple_dim:
+        tables.append(("per-layer embedding", "vocab_size_per_layer_input", cfg.ple_vocab))
+    for what, name, size in tables:
+        pr.check(0 <= cfg.pad_token_id < size, f"field 'pad_token_id' {cfg.pad_token_id} outside the {what} table "
+                 f"({name} {size}): the image / video / audio placeholders {list(cfg.placeholder_ids)} are embedded "
+                 "as it")
 
 
 def _check_sharing(cfg: Gemma4Config, pr: Problems) -> None:
