@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -248,6 +249,19 @@ def test_multimodal_config_reads_text_config(tmp_path):
         {"model_type": "gemma4", "text_config": _hf_text(vocab_size=0)}))
     with pytest.raises(EdgemtpError, match=r"config.json \(text_config\).*vocab_size"):
         load_config(tmp_path)
+    # the multimodal config's own fields are named as its own, beside its text_config's, in one error
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gemma4", "image_token_id": "abc", "tie_word_embeddings": "yes",
+         "text_config": _hf_text(vocab_size=0)}))
+    with pytest.raises(EdgemtpError) as e:
+        load_config(tmp_path)
+    assert re.fullmatch(r".*config.json: field 'image_token_id' should be an integer, got 'abc'; field "
+                        r"'tie_word_embeddings' should be true or false, got 'yes'; .*config.json \(text_config\): "
+                        r".*vocab_size.*", str(e.value)), str(e.value)
+    # transformers ties by the multimodal config's flag, true by default, not by text_config's
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gemma4", "text_config": _hf_text(tie_word_embeddings=False)}))
+    assert load_config(tmp_path)[0].tie_word_embeddings
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4", "text_config": _hf_text()}))
     cfg, _ = load_config(tmp_path)
     # old-style config (global_head_dim, num_global_key_value_heads) resolved per layer

@@ -104,19 +104,21 @@ class Gemma4Config:
 
 def parse_config(hf: dict, source: str) -> Gemma4Config:
     """config.json of a `gemma4_text` model, or of a multimodal `gemma4` one (its `text_config`)."""
+    top = Problems(source)  # a multimodal config's own fields, named as its own (not its text_config's)
     placeholders = {}
     if hf.get("model_type") == "gemma4":
         text = hf.get("text_config")
         if not isinstance(text, dict):
             raise EdgemtpError(f"{source}: model_type 'gemma4' needs a 'text_config' object")
-        placeholders = {k: hf.get(k, default) for k, default in PLACEHOLDERS.items()}
-        hf = {**text, "tie_word_embeddings": hf.get("tie_word_embeddings", text.get("tie_word_embeddings", True))}
+        # missing: transformers' default id; null: no such placeholder
+        placeholders = {k: top.opt(hf, k) if k in hf else default for k, default in PLACEHOLDERS.items()}
+        # Gemma4ForConditionalGeneration ties by its own config's flag (default true), whatever text_config says
+        hf = {**text, "tie_word_embeddings": top.flag(hf, "tie_word_embeddings", True)}
         source += " (text_config)"
     pr = Problems(source)
     vocab = pr.need(hf, "vocab_size")
-    # ids outside the vocabulary never reach the graph; null: no such placeholder
-    placeholder_ids = tuple(sorted({i for i in (pr.opt(placeholders, k) for k in placeholders)
-                                    if i is not None and 0 <= i < vocab}))
+    # ids outside the vocabulary never reach the graph
+    placeholder_ids = tuple(sorted({i for i in placeholders.values() if i is not None and 0 <= i < vocab}))
     n = pr.need(hf, "num_hidden_layers")
     types = _layer_types(hf, n, pr)
     head_dims, kv_heads = _layer_shapes(hf, types, pr)
@@ -148,8 +150,15 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
         pad_token_id=pr.opt(hf, "pad_token_id", int, 0),
     )
     _check(cfg, hf, pr)
-    pr.raise_if_any()
+    _raise_if_any(top, pr)
     return cfg
+
+
+def _raise_if_any(*problems: Problems) -> None:
+    """Every problem found, each under the name of the object that holds its field."""
+    found = [p for p in problems if p.items]
+    if found:
+        raise EdgemtpError("; ".join(f"{p.source}: " + "; ".join(dict.fromkeys(p.items)) for p in found))
 
 
 def _layer_types(hf: dict, n: int, pr: Problems) -> tuple[str, ...]:
