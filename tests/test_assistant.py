@@ -262,6 +262,15 @@ def test_mismatched_pair_is_refused(pair, tmp_path, field, change):
     assert not (tmp_path / "bundle").exists()  # the bundle is written atomically
 
 
+@pytest.mark.parametrize("field", ["tie_word_embeddings", "use_ordered_embeddings"])
+def test_flag_given_as_a_string_is_refused(pair, tmp_path, field):
+    """"false" was read as true: an untied assistant's head taken from its embedding table, or a clustered head
+    asked of a checkpoint without one (transformers refuses a string there)."""
+    drafter = _edited(pair.assistants[False][1], tmp_path / "drafter", lambda hf: hf.update({field: "false"}))
+    with pytest.raises(EdgemtpError, match=f"config.json: field '{field}' should be true or false, got 'false'"):
+        export(pair.target_dir, tmp_path / "bundle", capacity=64, drafter=drafter)
+
+
 def test_layer_type_the_target_lacks_is_refused(pair, tmp_path):
     from dataclasses import replace
 

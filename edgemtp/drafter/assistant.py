@@ -128,9 +128,10 @@ def load_config(drafter_dir: Path, target: C.TargetContract) -> AssistantConfig:
     # the MLP width, which the assistant never doubles)
     t = parse_config({**text, "num_kv_shared_layers": 0}, source + " (text_config)")
     pr = Problems(source)
-    ordered = bool(hf.get("use_ordered_embeddings", False))
+    # flags as transformers reads them: the string "false" is not true (it refuses one)
+    ordered = pr.flag(hf, "use_ordered_embeddings", False)
     cfg = AssistantConfig(t, pr.need(hf, "backbone_hidden_size", int, 1536), dict(target.drafter_kv),
-                          bool(hf.get("tie_word_embeddings", True)),
+                          pr.flag(hf, "tie_word_embeddings", True),
                           pr.need(hf, "num_centroids", int, 2048) if ordered else 0,
                           pr.need(hf, "centroid_intermediate_top_k", int, 32) if ordered else 0)
     pr.check(not t.ple_dim, "text_config.hidden_size_per_layer_input must be 0 for an assistant")
