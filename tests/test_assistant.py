@@ -262,6 +262,35 @@ def test_mismatched_pair_is_refused(pair, tmp_path, field, change):
     assert not (tmp_path / "bundle").exists()  # the bundle is written atomically
 
 
+@pytest.mark.parametrize("ordered", [False, True])
+def test_own_head_beside_a_tied_flag_is_the_head(pair, tmp_path, ordered):
+    """tie_word_embeddings true and an lm_head.weight of other values: transformers does not tie them (it warns)
+    and scores with lm_head.weight, full or masked head; the drafter scored with the embedding table (logits
+    ~3 off)."""
+    cfg = transformers.Gemma4AssistantConfig(text_config=dict(ASSISTANT), backbone_hidden_size=TEXT["hidden_size"],
+                                             tie_word_embeddings=False, use_ordered_embeddings=ordered,
+                                             num_centroids=CENTROIDS, centroid_intermediate_top_k=TOP_K)
+    torch.manual_seed(1)
+    model = transformers.Gemma4AssistantForCausalLM(cfg)
+    _randomize(model)
+    if ordered:
+        model.masked_embedding.token_ordering.copy_(torch.randperm(ASSISTANT["vocab_size"]))
+    model.save_pretrained(tmp_path / "untied")
+    drafter = _edited(tmp_path / "untied", tmp_path / "drafter", lambda hf: hf.update(tie_word_embeddings=True))
+    model = transformers.Gemma4AssistantForCausalLM.from_pretrained(drafter).eval()
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    bundle = export(pair.target_dir, tmp_path / "bundle", capacity=64, drafter=drafter)
+    target = transformers.AutoModelForCausalLM.from_pretrained(pair.target_dir).eval()
+    steps = draft(bundle, pair.ids, from_transformers(bundle, pair.prefills))
+    for b, n in enumerate(LENGTHS):
+        want_tokens, want_logits = reference(target, model, pair.ids[b], n, pair.prefills[b])
+        np.testing.assert_array_equal([s[A.DRAFT_IDS][b, 0] for s in steps], want_tokens, err_msg=f"row {b}")
+        for s, want in zip(steps, want_logits):
+            cand, got = (s[A.CANDIDATE_IDS][b, 0], s[A.CANDIDATE_LOGITS][b, 0]) if ordered else \
+                (np.arange(len(want)), s[A.LOGITS][b, 0])
+            np.testing.assert_allclose(got, want[cand], atol=1e-3, rtol=0, err_msg=f"row {b}")
+
+
 @pytest.mark.parametrize("field", ["tie_word_embeddings", "use_ordered_embeddings"])
 def test_flag_given_as_a_string_is_refused(pair, tmp_path, field):
     """"false" was read as true: an untied assistant's head taken from its embedding table, or a clustered head

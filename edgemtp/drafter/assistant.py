@@ -41,6 +41,7 @@ from ..errors import EdgemtpError
 from ..exporters import components as nn
 from ..exporters import head as H
 from ..exporters.builder import FLOAT, INT64, GraphBuilder
+from ..exporters.checkpoint_checks import own_head
 from ..exporters.gemma4 import Gemma4Config, parse_config
 from . import DrafterConfig
 from . import export as X
@@ -143,7 +144,9 @@ def load_config(drafter_dir: Path, target: C.TargetContract) -> AssistantConfig:
                  f"centroid_intermediate_top_k {cfg.top_k} must be in [1, num_centroids]")
     pr.raise_if_any()
     check_pair(cfg, target, Path(drafter_dir))
-    return cfg
+    # tie_word_embeddings true beside an lm_head.weight of other values: transformers does not tie them and
+    # its logits (the masked embedding's too) come from lm_head.weight, as the target's (own_head)
+    return own_head(cfg, Checkpoint(drafter_dir))
 
 
 def check_pair(cfg: AssistantConfig, target: C.TargetContract, drafter_dir: Path) -> None:
