@@ -218,12 +218,13 @@ def test_config_errors_list_every_problem(tmp_path):
     # values that once exported as they came: a string for a flag (read as true), a NaN-making epsilon
     hf = _hf_text(attention_k_eq_v="no", rms_norm_eps=-1.0, final_logit_softcapping=0, layer_types="full_attention",
                   rope_parameters={**TEXT["rope_parameters"], F: {"rope_type": "proportional", "rope_theta": 1e4,
-                                                                  "partial_rotary_factor": 1.5}})
+                                                                  "partial_rotary_factor": 1.5, "factor": 0}})
     with pytest.raises(EdgemtpError) as e:
         gemma4.parse_config(hf, "model/config.json")
     for part in ("'attention_k_eq_v' should be true or false, got 'no'", "'rms_norm_eps' -1.0 must not be negative",
                  "'final_logit_softcapping' 0.0 must be positive", "'layer_types' should be a list",
-                 "'rope_parameters.full_attention.partial_rotary_factor' 1.5 must be in [0, 1]"):
+                 "'rope_parameters.full_attention.partial_rotary_factor' 1.5 must be in [0, 1]",
+                 "'rope_parameters.full_attention.factor' 0.0 must be positive"):  # was read as 1
         assert part in str(e.value), str(e.value)
 
 

@@ -214,8 +214,10 @@ def _ropes(params: dict, types: tuple[str, ...], pr: Problems) -> dict:
                 fraction = float(1.0 if p.get("partial_rotary_factor") is None else p["partial_rotary_factor"])
                 pr.check(0.0 <= fraction <= 1.0, f"field 'rope_parameters.{t}.partial_rotary_factor' {fraction} "
                                                  "must be in [0, 1]")
-                out[t] = Rope(theta=float(p["rope_theta"]), kind=kind, factor=float(p.get("factor") or 1.0),
-                              fraction=fraction)
+                # transformers divides the frequencies by it: 0 makes them infinite (NaN logits), not 1
+                factor = float(1.0 if p.get("factor") is None else p["factor"])
+                pr.check(factor > 0, f"field 'rope_parameters.{t}.factor' {factor} must be positive (null: 1)")
+                out[t] = Rope(theta=float(p["rope_theta"]), kind=kind, factor=factor, fraction=fraction)
             else:
                 pr.check(False, f"field 'rope_parameters.{t}.rope_type' {kind!r} unsupported (default, proportional)")
         except (TypeError, ValueError):
