@@ -79,6 +79,20 @@ class Checkpoint:
         return all(np.array_equal(_convert(ma[i:i + rows], ea.dtype), _convert(mb[i:i + rows], eb.dtype))
                    for i in range(0, len(ma), rows))
 
+    def split_rows(self, name: str, parts: dict[str, int]) -> None:
+        """Tensor `name` read from now on as consecutive row ranges under the names of `parts` (name -> rows):
+        a fused matrix (Phi-3's qkv_proj) as its parts, with no copy (rows are contiguous bytes)."""
+        e = self._entry(name)
+        if not e.shape or e.shape[0] != sum(parts.values()):
+            raise EdgemtpError(f"{self.dir}: tensor '{name}' has shape {list(e.shape)}, but config.json implies "
+                               f"{sum(parts.values())} rows ({' + '.join(map(str, parts.values()))})")
+        row = (e.end - e.start) // e.shape[0]
+        start = e.start
+        for part, rows in parts.items():
+            self.entries[part] = _Entry(e.file, e.dtype, (rows, *e.shape[1:]), start, start + rows * row)
+            start += rows * row
+        del self.entries[name]
+
     @staticmethod
     def _mapped(e: _Entry) -> np.ndarray:
         raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.end - e.start,))

@@ -21,12 +21,14 @@ class Rope:
     """Rotary embedding of one layer type. `fraction` < 1 rotates only the first dims (partial RoPE)."""
 
     theta: float
-    kind: str = "default"  # default | linear | llama3 | proportional
+    kind: str = "default"  # default | linear | llama3 | proportional | longrope
     factor: float = 1.0
     fraction: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
+    ext_factors: tuple[float, ...] = ()  # longrope: each rotated pair's frequency divisor (the short factors)
+    scale: float = 1.0  # longrope's attention factor: cos and sin are multiplied by it
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
         max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 8192),
     )
-    _check_common(cfg, pr)
+    check_common(cfg, pr)
     pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once
              f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
     # fields that change transformers' maths and the graph does not build (qwen2's, qwen3's and mistral's MLPs
@@ -285,7 +287,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
         max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 32768),
     )
-    _check_common(cfg, pr)
+    check_common(cfg, pr)
     pr.check(len(layer_types) == n_layers, f"field 'layer_types' has {len(layer_types)} entries for {n_layers} layers")
     pr.check(not hf.get("use_bidirectional_attention"), "field 'use_bidirectional_attention' is not supported")
     pr.check(not pr.flag(hf, "attention_bias", False), "field 'attention_bias' is not supported")
@@ -318,10 +320,10 @@ def check_limits(cfg, pr: Problems) -> None:
 # TextConfig's names -> config.json's, for messages
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
             "num_kv_heads": "num_key_value_heads"}
-ROPE_KINDS = ("default", "linear", "llama3", "proportional")
+ROPE_KINDS = ("default", "linear", "llama3", "proportional", "longrope")
 
 
-def _check_common(cfg: TextConfig, pr: Problems) -> None:
+def check_common(cfg: TextConfig, pr: Problems) -> None:
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                  "head_dim"):
         field = HF_NAMES.get(name, name)

@@ -506,6 +506,47 @@ def test_bad_max_context(tiny_gemma3, tmp_path):
     assert bundle.load(tmp_path / "out").target_contract.capacity == 256
 
 
+def test_phi3_config_and_fused_weights(tmp_path):
+    """Phi3Config's RoPE as transformers reads it ("su" is longrope; the base and partial_rotary_factor at the
+    top level too), LongRoPE's limit on the KV capacity (past the original length it changes frequencies),
+    and a fused matrix that does not hold the rows config.json implies: each named, nothing exported."""
+    pytest.importorskip("transformers")
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+    from edgemtp.exporters.phi3 import parse_config
+
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    hf = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 96,
+          "vocab_size": 96, "max_position_embeddings": 256, "original_max_position_embeddings": 64,
+          "rope_theta": 500.0, "partial_rotary_factor": 0.5}
+    rope = parse_config(hf, "x").rope["full_attention"]
+    assert (rope.kind, rope.theta, rope.fraction, rope.scale) == ("default", 500.0, 0.5, 1.0)
+    su = parse_config({**hf, "rope_scaling": {"type": "su", "short_factor": [2.0] * 4, "long_factor": [3.0] * 4}},
+                      "x").rope["full_attention"]
+    assert su.kind == "longrope" and su.ext_factors == (2.0,) * 4 and su.original_max_positions == 64
+    assert su.scale == pytest.approx((1 + np.log(4) / np.log(64)) ** 0.5)
+    for rope, message in (({"type": "su", "short_factor": [2.0] * 3}, "'rope_scaling.short_factor' must list 4"),
+                          ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported for phi3")):
+        with pytest.raises(EdgemtpError, match=re.escape(message)):
+            parse_config({**hf, "rope_scaling": rope}, "x")
+
+    model_dir = save_tiny(tiny("phi3_longrope"), tmp_path / "model")
+    args = ["export", str(model_dir), "-o", str(tmp_path / "out"), "--max-context"]
+    r = CliRunner().invoke(cli, args + ["65"])
+    assert r.exit_code == 2 and r.output == ("error: --max-context 65 exceeds original_max_position_embeddings (64, "
+                                             "config.json): past it LongRoPE turns to other frequencies, which "
+                                             "the keys already cached were not rotated with\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
+    r = CliRunner().invoke(cli, args + ["64"])
+    assert r.exit_code == 2 and "tensor 'model.layers.0.self_attn.qkv_proj.weight' has shape [128, 64], but " \
+        "config.json implies 192 rows (64 + 64 + 64)" in r.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_replaces_only_a_bundle(tiny_gemma3, tmp_path, monkeypatch):
     """--overwrite deletes what is at the output path: never a directory holding anything but a bundle."""
     model_dir, old = tiny_gemma3[1], tiny_gemma3[2]

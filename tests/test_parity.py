@@ -41,6 +41,21 @@ def tiny(kind: str):
         cfg = transformers.MistralConfig(**common, sliding_window=None if kind == "mistral_nowindow" else WINDOW,
                                          initializer_range=0.1, tie_word_embeddings=False)
         model = transformers.MistralForCausalLM(cfg)
+    elif kind.startswith("phi3"):
+        # fused qkv_proj / gate_up_proj. phi3: 3/4 of each head of 16 rotated (apply_rope before the attention);
+        # phi3_longrope: heads of 32 rotated by GroupQueryAttention from LongRoPE's short factors, cos and sin
+        # scaled by its attention factor (max_position_embeddings 4x the original 64: 1.155); phi3_sliding: that
+        # and a window on every layer (sliding_window)
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+        extra = {}
+        if kind != "phi3":
+            short = (1.0 + 0.5 * torch.rand(16)).tolist()  # one per rotated pair
+            rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": [4.0] * 16}
+            extra = dict(num_attention_heads=2, num_key_value_heads=1, original_max_position_embeddings=64)
+        if kind == "phi3_sliding":
+            extra.update(sliding_window=WINDOW, initializer_range=0.1)
+        cfg = transformers.Phi3Config(**(common | extra), rope_parameters=rope, pad_token_id=0, eos_token_id=1)
+        model = transformers.Phi3ForCausalLM(cfg)
     elif kind.startswith("qwen3"):
         # per-head q/k norms; head_dim 32 (not hidden / heads), 24 for qwen3_hd24 (q and k normed and rotated
         # before GroupQueryAttention, which refuses to rotate that size); qwen3_bias: attention_bias on q/k/v
@@ -71,7 +86,7 @@ def _randomize_norms(model) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
-                plus = any(t in type(model).__name__.lower() for t in ("llama", "qwen3", "mistral"))  # x * w norms
+                plus = any(t in type(model).__name__.lower() for t in ("llama", "qwen3", "mistral", "phi3"))  # x * w
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if plus else 0.0))
 
 
@@ -79,7 +94,7 @@ def _randomize_norms(model) -> None:
                                   "qwen2", "qwen2_sliding", "qwen2_sliding_types",
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv",
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
-                                  "mistral", "mistral_nowindow"])
+                                  "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
@@ -87,7 +102,7 @@ def test_logits_match_transformers(kind, tmp_path):
     whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2). llama_bias: llama's
     attention_bias, biases on q/k/v and o_proj. qwen2_bias_false: config.json says attention_bias false, which
     transformers' qwen2 ignores (q/k/v biases all the same). qwen3: q and k RMS-normed per head before RoPE.
-    mistral: a window on every layer."""
+    mistral: a window on every layer. phi3: fused weights, partial RoPE, LongRoPE (see tiny())."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
@@ -108,7 +123,7 @@ def test_logits_match_transformers(kind, tmp_path):
     assert start > 2 * WINDOW
 
 
-@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding"])
 def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     """The batched verify graph (several rows x several new positions) windows qwen2's, qwen3's and mistral's
     sliding layers as transformers does (qwen3 normalizing q and k before rotating them itself): rows of different
@@ -116,7 +131,7 @@ def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     model = tiny(kind)
     export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
-    windows = [WINDOW] * 4 if kind == "mistral" else [None, None, WINDOW, WINDOW]
+    windows = [WINDOW] * 4 if kind in ("mistral", "phi3_sliding") else [None, None, WINDOW, WINDOW]
     assert [s.window for s in engine.target.contract.kv] == windows
     rows = np.random.default_rng(3).integers(0, 96, size=(2, 27))
     lengths = (24, 17)

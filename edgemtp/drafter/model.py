@@ -162,7 +162,8 @@ def make_view(cfg: DrafterConfig, kv: dict, positions: torch.Tensor, cache_len: 
             ok &= keys > pos - cfg.window(t)
         bias[t] = torch.where(ok, 0.0, torch.finfo(torch.float32).min).unsqueeze(1)
         angles = positions.unsqueeze(-1).float() * torch.from_numpy(inv_freq(cfg.rope[t], cfg.head_dim))
-        cos[t], sin[t] = torch.cos(angles).unsqueeze(2), torch.sin(angles).unsqueeze(2)
+        scale = cfg.rope[t].scale  # longrope's attention factor (1 otherwise)
+        cos[t], sin[t] = (torch.cos(angles) * scale).unsqueeze(2), (torch.sin(angles) * scale).unsqueeze(2)
     return TargetView(kv, bias, cos, sin)
 
 

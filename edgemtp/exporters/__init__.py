@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint
 from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
 from ..errors import EdgemtpError
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
-from . import builder, chat_template, gemma3, llama
+from . import builder, chat_template, gemma3, llama, phi3
 from .checkpoint_checks import check_weights, own_head
 from .gemv_head import use_gemv_head
 from .tokenizer_copy import write_tokenizer
@@ -32,6 +32,7 @@ def _architectures() -> dict:
         "qwen2": (parse_llama, llama.build),
         "qwen3": (parse_llama, llama.build),
         "mistral": (parse_llama, llama.build),
+        "phi3": (phi3.parse_config, llama.build),  # fused weights read as llama's (phi3.split_fused)
     }
     try:
         from . import gemma4
@@ -89,6 +90,11 @@ def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
     if limit and capacity > cfg.max_position_embeddings:
         raise EdgemtpError(f"--max-context {capacity} exceeds the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings}, config.json)")
+    for rope in getattr(cfg, "rope", {}).values():
+        if rope.kind == "longrope" and capacity > rope.original_max_positions:  # see exporters/phi3.py
+            raise EdgemtpError(f"--max-context {capacity} exceeds original_max_position_embeddings "
+                               f"({rope.original_max_positions}, config.json): past it LongRoPE turns to other "
+                               "frequencies, which the keys already cached were not rotated with")
     return capacity
 
 
@@ -163,6 +169,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     tokenizer = check_tokenizer(model_dir)
     chat = chat_template.find(model_dir)  # a broken one fails before any weight is written
     ckpt = Checkpoint(model_dir)
+    phi3.split_fused(cfg, ckpt)
     cfg = own_head(cfg, ckpt)
     if static_window is not None:
         from .static import build_static

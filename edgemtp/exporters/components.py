@@ -111,7 +111,9 @@ def inv_freq(rope: Rope, head_dim: int) -> np.ndarray:
         return _proportional_inv_freq(rope, head_dim)
     rot = int(head_dim * rope.fraction)
     inv = 1.0 / (rope.theta ** (np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / rot))
-    if rope.kind == "linear":
+    if rope.kind == "longrope":  # within the original length: the short factors (phi3.py)
+        inv = 1.0 / (np.asarray(rope.ext_factors, np.float32) * (1.0 / inv))
+    elif rope.kind == "linear":
         inv = inv / rope.factor
     elif rope.kind == "llama3":
         inv = _llama3_scale(inv, rope)
@@ -155,7 +157,10 @@ def rope_tables(b: GraphBuilder, rope: Rope, head_dim: int, position_ids: str) -
     inv = inv_freq(rope, head_dim)
     pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=FLOAT), b.const([-1], np.int64))
     freqs = b.op("Unsqueeze", b.op("Mul", pos, b.const(inv)), b.const([2], np.int64))
-    return RopeTables(b.op("Cos", freqs), b.op("Sin", freqs), 2 * len(inv))
+    cos, sin = b.op("Cos", freqs), b.op("Sin", freqs)
+    if rope.scale != 1.0:  # longrope's attention factor
+        cos, sin = (b.op("Mul", t, b.const(np.float32(rope.scale))) for t in (cos, sin))
+    return RopeTables(cos, sin, 2 * len(inv))
 
 
 @dataclass(frozen=True)
@@ -170,9 +175,15 @@ class RopeCache:
 
 def rope_cache(b: GraphBuilder, rope: Rope, head_dim: int, capacity: int) -> RopeCache:
     """The tables rope_tables computes per run, for all positions at once (the same float32 maths)."""
-    inv = inv_freq(rope, head_dim)
-    angles = np.arange(capacity, dtype=np.float32)[:, None] * inv[None, :]
-    return RopeCache(b.const(np.cos(angles), hint="rope_cos"), b.const(np.sin(angles), hint="rope_sin"))
+    cos, sin = cos_sin(rope, head_dim, capacity)
+    return RopeCache(b.const(cos, hint="rope_cos"), b.const(sin, hint="rope_sin"))
+
+
+def cos_sin(rope: Rope, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin [positions, R/2] in float32, as rope_tables computes them (times longrope's attention factor)."""
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq(rope, head_dim)[None, :]
+    scale = np.float32(rope.scale)
+    return (np.cos(angles) * scale).astype(np.float32), (np.sin(angles) * scale).astype(np.float32)
 
 
 def gqa_rotates(rope: Rope, head_dim: int) -> bool:

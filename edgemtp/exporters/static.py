@@ -35,7 +35,7 @@ from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
-ARCHS = ("gemma3_text", "llama", "qwen2", "qwen3", "mistral")
+ARCHS = ("gemma3_text", "llama", "qwen2", "qwen3", "mistral", "phi3")
 KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
 
 
@@ -178,7 +178,9 @@ def rope_table(b: GraphBuilder, rope, head_dim: int, sp: _Spec) -> nn.RopeTables
         return b.op("Unsqueeze", b.op("Gather", b.const(values.astype(np.float32), hint=hint),
                                       sp.position_ids, axis=0), axis)
 
-    return nn.RopeTables(table(np.cos(angles), "rope_cos"), table(np.sin(angles), "rope_sin"), 2 * len(inv))
+    scale = np.float32(rope.scale)  # longrope's attention factor (1 otherwise)
+    return nn.RopeTables(table(np.cos(angles) * scale, "rope_cos"), table(np.sin(angles) * scale, "rope_sin"),
+                         2 * len(inv))
 
 
 def attention(b: GraphBuilder, sp: _Spec, slot: C.KVSlot, q: str, k: str, v: str, num_heads: int,
