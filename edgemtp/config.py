@@ -50,7 +50,7 @@ class TextConfig:
     tie_word_embeddings: bool = True
     attention_bias: bool = False  # q/k/v biases
     output_bias: bool = False  # an o_proj bias (llama's and qwen3's attention_bias; qwen2 has none)
-    qk_norm: bool = False  # qwen3: q and k RMS-normed per head (x * w) before RoPE (gemma3's (1 + w) norms always)
+    qk_norm: bool = False  # q and k RMS-normed per head before RoPE: qwen3 (x * w), gemma3 ((1 + w); gemma2 not)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -279,13 +279,14 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         rope=rope,
         sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
-        attention_scale=_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
+        attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
         final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
         hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
         eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
         max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 32768),
+        qk_norm=True,
     )
     check_common(cfg, pr)
     pr.check(len(layer_types) == n_layers, f"field 'layer_types' has {len(layer_types)} entries for {n_layers} layers")
@@ -300,7 +301,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     return cfg
 
 
-def _scale(scalar: float, pr: Problems) -> float:
+def query_scale(scalar: float, pr: Problems) -> float:
     """query_pre_attn_scalar ** -0.5; a negative one would make it a complex number (a crash in the builder)."""
     pr.check(scalar > 0, f"field 'query_pre_attn_scalar' {scalar} must be positive")
     return abs(scalar) ** -0.5

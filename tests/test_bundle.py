@@ -506,6 +506,25 @@ def test_bad_max_context(tiny_gemma3, tmp_path):
     assert bundle.load(tmp_path / "out").target_contract.capacity == 256
 
 
+def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
+    """Gemma2Config's defaults where a field is missing (attention scores capped at 50, logits at 30, sliding
+    layers first and every other one, one RoPE base for both kinds of layer); null turns a cap or the window
+    off."""
+    from edgemtp.config import FULL, SLIDING, read_config_json
+    from edgemtp.exporters.gemma2 import parse_config
+
+    drop = ("layer_types", "rope_parameters", "rope_theta", "rope_local_base_freq", "attn_logit_softcapping",
+            "final_logit_softcapping", "sliding_window_pattern")
+    hf = {k: v for k, v in read_config_json(tiny_gemma3[1]).items() if k not in drop}
+    cfg = parse_config({**hf, "model_type": "gemma2"}, "x")
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping, cfg.qk_norm) == (50.0, 30.0, False)
+    assert cfg.layer_types == (SLIDING, FULL) * 2 and cfg.rope[SLIDING] == cfg.rope[FULL]
+    assert cfg.rope[FULL].theta == 10000.0
+    cfg = parse_config({**hf, "attn_logit_softcapping": None, "rope_theta": 500.0}, "x")
+    assert cfg.attn_logit_softcapping is None and cfg.rope[SLIDING].theta == 500.0
+    assert parse_config({**hf, "sliding_window": None}, "x").sliding_window is None  # sliding layers see it all
+
+
 def test_phi3_config_and_fused_weights(tmp_path):
     """Phi3Config's RoPE as transformers reads it ("su" is longrope; the base and partial_rotary_factor at the
     top level too), LongRoPE's limit on the KV capacity (past the original length it changes frequencies),

@@ -28,6 +28,14 @@ def tiny(kind: str):
                                             layer_types=["sliding_attention", "full_attention"] * 2,
                                             query_pre_attn_scalar=24, final_logit_softcapping=30.0)
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind.startswith("gemma2"):
+        # no q/k norms; attention scores capped at 1 (tanh(s), with larger weights: so that the cap shows);
+        # gemma2_mqa: one KV head (window views, as Gemma 3 270M)
+        cfg = transformers.Gemma2Config(**(common | ({"num_key_value_heads": 1} if kind == "gemma2_mqa" else {})),
+                                        head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                        attn_logit_softcapping=1.0, final_logit_softcapping=30.0,
+                                        initializer_range=0.3)
+        model = transformers.Gemma2ForCausalLM(cfg)
     elif kind.startswith("llama"):
         # llama_nope: 'proportional' RoPE rotating no pair (0 was read as unset, 1, and every pair rotated)
         rope = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.0} \
@@ -94,7 +102,8 @@ def _randomize_norms(model) -> None:
                                   "qwen2", "qwen2_sliding", "qwen2_sliding_types",
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv",
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
-                                  "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding"])
+                                  "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding",
+                                  "gemma2", "gemma2_mqa"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
@@ -102,14 +111,15 @@ def test_logits_match_transformers(kind, tmp_path):
     whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2). llama_bias: llama's
     attention_bias, biases on q/k/v and o_proj. qwen2_bias_false: config.json says attention_bias false, which
     transformers' qwen2 ignores (q/k/v biases all the same). qwen3: q and k RMS-normed per head before RoPE.
-    mistral: a window on every layer. phi3: fused weights, partial RoPE, LongRoPE (see tiny())."""
+    mistral: a window on every layer. phi3: fused weights, partial RoPE, LongRoPE (see tiny()). gemma2: Gemma 3
+    without q/k norms, attention scores soft-capped."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
     export(model_dir, tmp_path / "bundle", capacity=64, gemv_head=head == "gemv")
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
-    assert contract.window_views == (kind == "gemma3_text_mqa")
+    assert contract.window_views == (kind in ("gemma3_text_mqa", "gemma2_mqa"))
     if contract.window_views:
         assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
@@ -123,7 +133,7 @@ def test_logits_match_transformers(kind, tmp_path):
     assert start > 2 * WINDOW
 
 
-@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding"])
+@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding", "gemma2"])
 def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     """The batched verify graph (several rows x several new positions) windows qwen2's, qwen3's and mistral's
     sliding layers as transformers does (qwen3 normalizing q and k before rotating them itself): rows of different
@@ -131,7 +141,8 @@ def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     model = tiny(kind)
     export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
-    windows = [WINDOW] * 4 if kind in ("mistral", "phi3_sliding") else [None, None, WINDOW, WINDOW]
+    windows = {"mistral": [WINDOW] * 4, "phi3_sliding": [WINDOW] * 4, "gemma2": [WINDOW, None] * 2}.get(
+        kind, [None, None, WINDOW, WINDOW])
     assert [s.window for s in engine.target.contract.kv] == windows
     rows = np.random.default_rng(3).integers(0, 96, size=(2, 27))
     lengths = (24, 17)

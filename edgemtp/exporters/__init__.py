@@ -15,7 +15,7 @@ from ..checkpoint import Checkpoint
 from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
 from ..errors import EdgemtpError
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
-from . import builder, chat_template, gemma3, llama, phi3
+from . import builder, chat_template, gemma2, gemma3, llama, phi3
 from .checkpoint_checks import check_weights, own_head
 from .gemv_head import use_gemv_head
 from .tokenizer_copy import write_tokenizer
@@ -28,6 +28,7 @@ def _architectures() -> dict:
     """model_type -> (parse(hf, source) -> cfg, build(cfg, capacity) -> (builder, contract))."""
     archs = {
         "gemma3_text": (parse_gemma3, gemma3.build),
+        "gemma2": (gemma2.parse_config, gemma3.build),
         "llama": (parse_llama, llama.build),
         "qwen2": (parse_llama, llama.build),
         "qwen3": (parse_llama, llama.build),

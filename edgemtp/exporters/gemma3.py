@@ -1,4 +1,5 @@
-"""Gemma 3 text decoder (`gemma3_text`): sandwich norms, QK-norm, sliding + global layers, tied head."""
+"""Gemma 3 text decoder (`gemma3_text`): sandwich norms, QK-norm, sliding + global layers, tied head; Gemma 2
+(`gemma2`, exporters/gemma2.py) too, without the QK-norm."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     """`in_place`: GroupQueryAttention updates the cache buffers in place (the target graph); False: the
     batched verify graph, which reads the cache and returns only the new K/V rows (nn.window_attention:
     several rows x several new positions per pass)."""
-    b = GraphBuilder("gemma3_text")
+    b = GraphBuilder(cfg.model_type)
     io = nn.target_inputs(b)
     slots = kv_slots(cfg)
     views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
@@ -78,11 +79,14 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     q, k, v = nn.linears(b, x, [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"], hid,
                          [n * d, nk * d, nk * d])
     if isinstance(rope, nn.RopeCache):  # GroupQueryAttention rotates: q and k stay [B, S, heads * d]
-        q = nn.gemma_head_norm(b, q, p + "q_norm.weight", n, d, cfg.rms_norm_eps)
-        k = nn.gemma_head_norm(b, k, p + "k_norm.weight", nk, d, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # Gemma 3 (not Gemma 2)
+            q = nn.gemma_head_norm(b, q, p + "q_norm.weight", n, d, cfg.rms_norm_eps)
+            k = nn.gemma_head_norm(b, k, p + "k_norm.weight", nk, d, cfg.rms_norm_eps)
     else:  # rotated here, per head
-        q = nn.gemma_rms_norm(b, nn.heads(b, q, n, d), p + "q_norm.weight", d, cfg.rms_norm_eps)
-        k = nn.gemma_rms_norm(b, nn.heads(b, k, nk, d), p + "k_norm.weight", d, cfg.rms_norm_eps)
+        q, k = nn.heads(b, q, n, d), nn.heads(b, k, nk, d)
+        if cfg.qk_norm:
+            q = nn.gemma_rms_norm(b, q, p + "q_norm.weight", d, cfg.rms_norm_eps)
+            k = nn.gemma_rms_norm(b, k, p + "k_norm.weight", d, cfg.rms_norm_eps)
         q, k = (nn.merge_heads(b, nn.apply_rope(b, t, rope, d)) for t in (q, k))
         rope = None
     if views is None:

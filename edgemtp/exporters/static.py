@@ -35,7 +35,7 @@ from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
-ARCHS = ("gemma3_text", "llama", "qwen2", "qwen3", "mistral", "phi3")
+ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "phi3")
 KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
 
 
@@ -60,7 +60,7 @@ def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) 
     bias = {w: b.input(SLIDING_ATTENTION_BIAS if w else ATTENTION_BIAS, FLOAT, [1, 1, window, capacity + window])
             for w in sorted({s.window for s in slots}, key=lambda w: w or 0)}
     sp = _Spec(window, capacity, pos, bias)
-    body = _gemma3_body if arch == "gemma3_text" else _llama_body
+    body = _gemma3_body if arch in ("gemma3_text", "gemma2") else _llama_body
     body(b, cfg, sp, ids, slots)
     target = C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=gemma3.drafter_kv(cfg))
     names = {name: w for w, name in bias.items()}
@@ -104,8 +104,10 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
         h = norm(x, p + "input_layernorm.weight")
         a = p + "self_attn."
         q, k, v = _qkv(b, cfg, a, h, bias=False)
-        q = nn.apply_rope(b, norm(q, a + "q_norm.weight", cfg.head_dim), tables[cfg.layer_types[i]], cfg.head_dim)
-        k = nn.apply_rope(b, norm(k, a + "k_norm.weight", cfg.head_dim), tables[cfg.layer_types[i]], cfg.head_dim)
+        if cfg.qk_norm:  # Gemma 3 (not Gemma 2)
+            q, k = norm(q, a + "q_norm.weight", cfg.head_dim), norm(k, a + "k_norm.weight", cfg.head_dim)
+        q = nn.apply_rope(b, q, tables[cfg.layer_types[i]], cfg.head_dim)
+        k = nn.apply_rope(b, k, tables[cfg.layer_types[i]], cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, cfg.attn_logit_softcapping)
         h = nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid)
         x = b.op("Add", x, norm(h, p + "post_attention_layernorm.weight"))
