@@ -51,6 +51,7 @@ class TextConfig:
     attention_bias: bool = False  # q/k/v biases
     output_bias: bool = False  # an o_proj bias (llama's and qwen3's attention_bias; qwen2 has none)
     qk_norm: bool = False  # q and k RMS-normed per head before RoPE: qwen3 (x * w), gemma3 ((1 + w); gemma2 not)
+    nope_layers: tuple[int, ...] = ()  # layers whose q and k are not rotated (smollm3's no_rope_layers)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -176,10 +177,11 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
 
 
 def parse_llama(hf: dict, source: str) -> TextConfig:
-    """llama, qwen2, qwen3 and mistral. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and attention_bias
-    on q/k/v and o_proj as llama; both may have sliding-window layers; mistral slides on every layer."""
+    """llama, qwen2, qwen3, mistral and smollm3. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and
+    attention_bias on q/k/v and o_proj as llama; both may have sliding-window layers; mistral slides on every
+    layer; smollm3 leaves RoPE out of every 4th layer (no_rope_layers)."""
     pr = Problems(source)
-    qwen2, qwen3, mistral = (hf.get("model_type") == t for t in ("qwen2", "qwen3", "mistral"))
+    qwen2, qwen3, mistral, smollm3 = (hf.get("model_type") == t for t in ("qwen2", "qwen3", "mistral", "smollm3"))
     # llama's and qwen3's attention_bias put a bias on q/k/v and o_proj; transformers' qwen2 ignores the field
     # (q/k/v biases always, none on o_proj), and mistral too (no biases)
     attention_bias = True if qwen2 else False if mistral else pr.flag(hf, "attention_bias", False)
@@ -191,8 +193,11 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
     else:  # old style: rope_theta + rope_scaling
         rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
+    nope = ()
     if qwen2 or qwen3:
         layer_types, window = _qwen2_layers(hf, n_layers, pr)
+    elif smollm3:
+        layer_types, window, nope = _smollm3_layers(hf, n_layers, pr)
     else:
         layer_types, window = _mistral_layers(hf, n_layers, pr) if mistral else ((FULL,) * n_layers, None)
     cfg = TextConfig(
@@ -202,16 +207,18 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         intermediate_size=pr.need(hf, "intermediate_size"),
         num_layers=n_layers,
         num_heads=heads,
-        num_kv_heads=pr.opt(hf, "num_key_value_heads", int, 8 if mistral and "num_key_value_heads" not in hf else heads),
+        num_kv_heads=pr.opt(hf, "num_key_value_heads", int, _KV_HEADS.get(hf.get("model_type"), heads)
+                            if "num_key_value_heads" not in hf else heads),
         head_dim=head_dim,
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=layer_types,
         sliding_window=window,
         rope={FULL: rope, **({SLIDING: rope} if SLIDING in layer_types else {})},  # one RoPE for every layer
-        tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", False),
+        tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", smollm3),
         attention_bias=attention_bias,
         output_bias=attention_bias and not qwen2,
         qk_norm=qwen3,
+        nope_layers=nope,
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
@@ -225,6 +232,28 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     pr.check(qwen2 or qwen3 or mistral or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
     pr.raise_if_any()
     return cfg
+
+
+_KV_HEADS = {"mistral": 8, "smollm3": 4}  # transformers' defaults where config.json says none (others: all heads)
+
+
+def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None, tuple[int, ...]]:
+    """(layer types, window, layers without RoPE) as SmolLM3Config reads them: no_rope_layers (1: rotate)
+    or else every no_rope_layer_interval-th layer without; with use_sliding_window, the layers without RoPE
+    slide unless layer_types says otherwise."""
+    use = pr.flag(hf, "use_sliding_window", False)
+    window = pr.opt(hf, "sliding_window", int, None) if use else None
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        every = pr.opt(hf, "no_rope_layer_interval", int, 4)
+        flags = [int((i + 1) % every != 0) if every else 1 for i in range(n_layers)]
+    ok = isinstance(flags, list) and len(flags) == n_layers and all(f in (0, 1) for f in flags)
+    pr.check(ok, f"field 'no_rope_layers' must list 0 or 1 for each of the {n_layers} layers")
+    nope = tuple(i for i, f in enumerate(flags) if f == 0) if ok else ()
+    given = pr.layer_types(hf)
+    types = tuple(given or [SLIDING if window is not None and i in nope else FULL for i in range(n_layers)])
+    pr.check(len(types) == n_layers, f"field 'layer_types' has {len(types)} entries for {n_layers} layers")
+    return types, window if SLIDING in types else None, nope
 
 
 def _mistral_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None]:

@@ -506,6 +506,23 @@ def test_bad_max_context(tiny_gemma3, tmp_path):
     assert bundle.load(tmp_path / "out").target_contract.capacity == 256
 
 
+def test_smollm3_fields_read_as_transformers_reads_them(tiny_gemma3):
+    """SmolLM3Config: every 4th layer without RoPE unless no_rope_layers lists them (1: rotate); with
+    use_sliding_window those layers slide; tied embeddings and 4 KV heads when unsaid."""
+    from edgemtp.config import FULL, SLIDING, parse_llama, read_config_json
+
+    drop = ("layer_types", "rope_parameters", "tie_word_embeddings", "num_key_value_heads", "num_hidden_layers")
+    hf = {k: v for k, v in read_config_json(tiny_gemma3[1]).items() if k not in drop}
+    hf = {**hf, "model_type": "smollm3", "hidden_activation": None, "num_hidden_layers": 8, "num_attention_heads": 8}
+    cfg = parse_llama(hf, "x")
+    assert cfg.nope_layers == (3, 7) and cfg.layer_types == (FULL,) * 8 and cfg.sliding_window is None
+    assert cfg.tie_word_embeddings and cfg.num_kv_heads == 4
+    cfg = parse_llama({**hf, "no_rope_layers": [1, 0] * 4, "use_sliding_window": True, "sliding_window": 8}, "x")
+    assert cfg.nope_layers == (1, 3, 5, 7) and cfg.layer_types == (FULL, SLIDING) * 4 and cfg.sliding_window == 8
+    with pytest.raises(EdgemtpError, match="field 'no_rope_layers' must list 0 or 1 for each of the 8 layers"):
+        parse_llama({**hf, "no_rope_layers": [1, 0]}, "x")
+
+
 def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
     """Gemma2Config's defaults where a field is missing (attention scores capped at 50, logits at 30, sliding
     layers first and every other one, one RoPE base for both kinds of layer); null turns a cap or the window

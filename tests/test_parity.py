@@ -64,6 +64,13 @@ def tiny(kind: str):
             extra.update(sliding_window=WINDOW, initializer_range=0.1)
         cfg = transformers.Phi3Config(**(common | extra), rope_parameters=rope, pad_token_id=0, eos_token_id=1)
         model = transformers.Phi3ForCausalLM(cfg)
+    elif kind.startswith("smollm3"):
+        # the 4th layer without RoPE; smollm3_sliding: that layer slides too (use_sliding_window), and every
+        # layer has attention biases
+        extra = dict(use_sliding_window=True, sliding_window=WINDOW, attention_bias=True, initializer_range=0.1) \
+            if kind == "smollm3_sliding" else {}
+        model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**common, **extra, pad_token_id=0,
+                                                                           bos_token_id=1, eos_token_id=2))
     elif kind.startswith("qwen3"):
         # per-head q/k norms; head_dim 32 (not hidden / heads), 24 for qwen3_hd24 (q and k normed and rotated
         # before GroupQueryAttention, which refuses to rotate that size); qwen3_bias: attention_bias on q/k/v
@@ -94,7 +101,7 @@ def _randomize_norms(model) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
-                plus = any(t in type(model).__name__.lower() for t in ("llama", "qwen3", "mistral", "phi3"))  # x * w
+                plus = any(t in type(model).__name__.lower() for t in ("llama", "qwen3", "mistral", "phi3", "smollm3"))
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if plus else 0.0))
 
 
@@ -103,7 +110,7 @@ def _randomize_norms(model) -> None:
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv",
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
                                   "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding",
-                                  "gemma2", "gemma2_mqa"])
+                                  "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
@@ -112,7 +119,7 @@ def test_logits_match_transformers(kind, tmp_path):
     attention_bias, biases on q/k/v and o_proj. qwen2_bias_false: config.json says attention_bias false, which
     transformers' qwen2 ignores (q/k/v biases all the same). qwen3: q and k RMS-normed per head before RoPE.
     mistral: a window on every layer. phi3: fused weights, partial RoPE, LongRoPE (see tiny()). gemma2: Gemma 3
-    without q/k norms, attention scores soft-capped."""
+    without q/k norms, attention scores soft-capped. smollm3: a layer without RoPE."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
@@ -133,7 +140,8 @@ def test_logits_match_transformers(kind, tmp_path):
     assert start > 2 * WINDOW
 
 
-@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding", "gemma2"])
+@pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding", "gemma2",
+                                  "smollm3_sliding"])
 def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     """The batched verify graph (several rows x several new positions) windows qwen2's, qwen3's and mistral's
     sliding layers as transformers does (qwen3 normalizing q and k before rotating them itself): rows of different
@@ -141,8 +149,8 @@ def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     model = tiny(kind)
     export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
-    windows = {"mistral": [WINDOW] * 4, "phi3_sliding": [WINDOW] * 4, "gemma2": [WINDOW, None] * 2}.get(
-        kind, [None, None, WINDOW, WINDOW])
+    windows = {"mistral": [WINDOW] * 4, "phi3_sliding": [WINDOW] * 4, "gemma2": [WINDOW, None] * 2,
+               "smollm3_sliding": [None, None, None, WINDOW]}.get(kind, [None, None, WINDOW, WINDOW])
     assert [s.window for s in engine.target.contract.kv] == windows
     rows = np.random.default_rng(3).integers(0, 96, size=(2, 27))
     lengths = (24, 17)

@@ -33,6 +33,7 @@ def _architectures() -> dict:
         "qwen2": (parse_llama, llama.build),
         "qwen3": (parse_llama, llama.build),
         "mistral": (parse_llama, llama.build),
+        "smollm3": (parse_llama, llama.build),
         "phi3": (phi3.parse_config, llama.build),  # fused weights read as llama's (phi3.split_fused)
     }
     try:

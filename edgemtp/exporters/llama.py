@@ -1,6 +1,7 @@
-"""Llama-family decoder (`llama`, `qwen2`, `qwen3`, `mistral`): pre-norm, RoPE, SwiGLU; qwen2 adds q/k/v
-biases, qwen3 q/k norms per head; both may have sliding-window layers (the same RoPE, a window on attention),
-mistral a window on every layer; llama's and qwen3's attention_bias put biases on q/k/v and o_proj."""
+"""Llama-family decoder (`llama`, `qwen2`, `qwen3`, `mistral`, `smollm3`, and `phi3` through phi3.py): pre-norm,
+RoPE, SwiGLU; qwen2 adds q/k/v biases, qwen3 q/k norms per head; both may have sliding-window layers (the same
+RoPE, a window on attention), mistral a window on every layer; smollm3 has layers without RoPE; llama's,
+qwen3's and smollm3's attention_bias put biases on q/k/v and o_proj."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     for i, slot in enumerate(slots):  # each residual add shares an op with the norm that reads it
         p = f"model.layers.{i}."
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
-        x, h = nn.add_norm(b, x, attention(b, cfg, p + "self_attn.", h, slot, rope, io, capacity,
+        layer_rope = None if i in cfg.nope_layers else rope  # smollm3: some layers rotate nothing
+        x, h = nn.add_norm(b, x, attention(b, cfg, p + "self_attn.", h, slot, layer_rope, io, capacity,
                                            views and views[slot.window]),
                            p + "post_attention_layernorm.weight", hid, eps)
         x, h = nn.add_norm(b, x, nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation),
@@ -48,13 +50,13 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     q, k, v = nn.linears(b, x, [m + ".weight" for m in names], hid, [n * d, nk * d, nk * d],
                          [m + ".bias" for m in names] if cfg.attention_bias else None)
     eps = cfg.rms_norm_eps
-    if not isinstance(rope, nn.RopeCache):  # rotated here, not by GroupQueryAttention
+    if isinstance(rope, nn.RopeTables):  # rotated here, not by GroupQueryAttention
         q, k = nn.heads(b, q, n, d), nn.heads(b, k, nk, d)
         if cfg.qk_norm:  # qwen3: per head, before RoPE
             q, k = nn.rms_norm(b, q, p + "q_norm.weight", d, eps), nn.rms_norm(b, k, p + "k_norm.weight", d, eps)
         q, k = (nn.merge_heads(b, nn.apply_rope(b, t, rope, d)) for t in (q, k))
         rope = None
-    elif cfg.qk_norm:  # GroupQueryAttention rotates the normed q and k
+    elif cfg.qk_norm:  # GroupQueryAttention rotates the normed q and k (rope None: a layer without RoPE)
         q, k = nn.head_norm(b, q, p + "q_norm.weight", n, d, eps), nn.head_norm(b, k, p + "k_norm.weight", nk, d, eps)
     if view is None:
         out = nn.gqa(b, q, k, v, nn.kv_buffers(b, slot, capacity), slot, io, n, cfg.scale, None, rope)

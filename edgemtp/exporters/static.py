@@ -35,7 +35,7 @@ from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
-ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "phi3")
+ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
 KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
 
 
@@ -134,7 +134,8 @@ def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) ->
         if cfg.qk_norm:  # qwen3: per head, before RoPE
             q, k = (rms_norm(b, t, b.param(a + name, (cfg.head_dim,)), eps) for t, name in
                     ((q, "q_norm.weight"), (k, "k_norm.weight")))
-        q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
+        if i not in cfg.nope_layers:  # smollm3's layers without RoPE
+            q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, None)
         x = b.op("Add", x, nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid,
                                      a + "o_proj.bias" if cfg.output_bias else None))
