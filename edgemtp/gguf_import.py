@@ -8,7 +8,7 @@ tokenizer files, so the rest of edgemtp (and transformers) can treat it like any
 llama.cpp changes some weights on the way into a GGUF; we undo that here:
 * llama: q_proj/k_proj rows are permuted from HF's "rotate halves" rotary layout to llama.cpp's
   interleaved pairs (`permute` in convert_hf_to_gguf.py);
-* gemma3: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and adds the 1 at run time).
+* gemma3, gemma2: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and adds the 1 at run time).
 qwen2 and qwen3 go in as they are (llama.cpp rotates their halves as HF does).
 """
 
@@ -42,8 +42,10 @@ _LAYER_NAMES = {
 }
 # "ffn_norm" is the norm before the MLP: Llama calls it post_attention_layernorm, Gemma 3 has both.
 _FFN_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
-             "qwen3": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm"}
-_HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "llama": ("LlamaForCausalLM", "llama"),
+             "qwen3": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm",
+             "gemma2": "pre_feedforward_layernorm"}
+_HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+               "llama": ("LlamaForCausalLM", "llama"),
                "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -133,7 +135,7 @@ def field(meta: dict, key: str, path: Path, kind=int, default=_REQUIRED, least=N
 
 
 def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
-    """The transformers `config.json` for a gemma3, llama, qwen2 or qwen3 GGUF."""
+    """The transformers `config.json` for a gemma3, gemma2, llama, qwen2 or qwen3 GGUF."""
     arch = meta["general.architecture"]
 
     def get(key, kind=int, default=_REQUIRED, least=1):
@@ -167,7 +169,7 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dic
     }
     _check_attention(config, shapes, arch, path)
     _check_vocabulary(meta, vocab, path)
-    extra = _gemma3_config(meta, config, path) if arch == "gemma3" else _llama_config(meta, config, shapes, path)
+    extra = {"gemma3": _gemma3_config, "gemma2": _gemma2_config}.get(arch, _llama_config)(meta, config, shapes, path)
     return config | extra
 
 
@@ -216,7 +218,7 @@ def _token_id(meta: dict, key: str, vocab: int, path: Path) -> int | None:
     return value
 
 
-def _gemma3_config(meta: dict, config: dict, path: Path) -> dict:
+def _gemma3_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
     layers = config["num_hidden_layers"]
     # llama.cpp's attention scale: 1/sqrt(head_dim), except Gemma 3 27B (62 layers), whose HF config
     # has query_pre_attn_scalar = hidden_size / num_attention_heads.
@@ -231,6 +233,22 @@ def _gemma3_config(meta: dict, config: dict, path: Path) -> dict:
         "rope_local_base_freq": _f32(field(meta, "gemma3.rope.freq_base_swa", path, float, 10_000.0, least=0)),
         "final_logit_softcapping": _f32(field(meta, "gemma3.final_logit_softcapping", path, float, None, least=0)),
         "attn_logit_softcapping": _f32(field(meta, "gemma3.attn_logit_softcapping", path, float, None, least=0)),
+    }
+
+
+def _gemma2_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
+    """llama.cpp's Gemma 2: sliding layers first and every other one, scores and logits soft-capped (50 and 30
+    unless the file says), the attention scale of head_dim except for the 27B (46 layers: hidden / heads)."""
+    layers = config["num_hidden_layers"]
+    scalar = config["head_dim"] if layers != 46 else config["hidden_size"] // config["num_attention_heads"]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": field(meta, "gemma2.attention.sliding_window", path, int, 4096, least=1),
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        "final_logit_softcapping": _f32(field(meta, "gemma2.final_logit_softcapping", path, float, 30.0, least=0)),
+        "attn_logit_softcapping": _f32(field(meta, "gemma2.attn_logit_softcapping", path, float, 50.0, least=0)),
     }
 
 
@@ -279,7 +297,7 @@ def generation_config(meta: dict, config: dict) -> dict:
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         if meta.get(key) is not None and meta[key] not in eos:
             eos.append(meta[key])
-    if config["model_type"] == "gemma3_text" and "<end_of_turn>" in tokens:
+    if config["model_type"] in ("gemma3_text", "gemma2") and "<end_of_turn>" in tokens:
         eos.append(tokens.index("<end_of_turn>"))
     return {"bos_token_id": config["bos_token_id"], "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": config["pad_token_id"]}
@@ -316,7 +334,7 @@ def _load(tensor: GGUFTensor, name: str, arch: str, config: dict) -> np.ndarray:
         data = np.asarray(dequantize(tensor.data, tensor.qtype), dtype=np.float32).reshape(tensor.shape)
     except NotImplementedError:
         raise EdgemtpError(f"tensor {tensor.name}: the gguf package cannot dequantize {tensor.qtype.name}") from None
-    if arch == "gemma3" and name.endswith("norm.weight"):
+    if arch in ("gemma3", "gemma2") and name.endswith("norm.weight"):
         return data - np.float32(1.0)  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
     if arch == "llama" and ".q_proj." in name:
         return unpermute_rotary(data, config["num_attention_heads"])

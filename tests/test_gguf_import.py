@@ -49,7 +49,7 @@ def gguf_name(name: str, arch: str) -> str:
     _, _, layer, rest = name.split(".", 3)
     module, suffix = rest.rsplit(".", 1)
     if module == "post_attention_layernorm":
-        return f"blk.{layer}.{'post_attention_norm' if arch == 'gemma3' else 'ffn_norm'}.{suffix}"
+        return f"blk.{layer}.{'post_attention_norm' if arch.startswith('gemma') else 'ffn_norm'}.{suffix}"
     return f"blk.{layer}.{HF_TO_GGUF[module]}.{suffix}"
 
 
@@ -63,7 +63,7 @@ def to_gguf_tensor(name: str, w: np.ndarray, arch: str, cfg) -> np.ndarray:
         return llama_cpp_permute(w, cfg.num_attention_heads)
     if arch == "llama" and ".k_proj." in name:
         return llama_cpp_permute(w, cfg.num_key_value_heads)
-    if arch == "gemma3" and name.endswith("norm.weight"):
+    if arch in ("gemma3", "gemma2") and name.endswith("norm.weight"):
         return w + 1.0
     return w
 
@@ -154,6 +154,10 @@ def tiny_hf_model(arch: str, vocab_size: int, tied: bool):
     elif arch == "qwen3":  # q/k norms; heads of 32, not hidden / heads (GGUF's key_length says so)
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
             num_hidden_layers=2, rope_theta=50000.0, **(common | {"head_dim": 32})))
+    elif arch == "gemma2":  # 3 layers: sliding, global, sliding; capped scores (small cap: so that it shows)
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=16, rope_theta=1e4,
+            attn_logit_softcapping=1.0, final_logit_softcapping=5.0, **common))
     else:  # 7 layers: five sliding, one global, one sliding again; window 8 so tests run past it
         cfg = transformers.Gemma3TextConfig(num_hidden_layers=7, sliding_window=8, query_pre_attn_scalar=16,
                                             rope_theta=1e6, rope_local_base_freq=1e4, **common)
@@ -170,6 +174,10 @@ def gguf_metadata(arch: str, cfg) -> dict:
           f"{arch}.attention.head_count": cfg.num_attention_heads,
           f"{arch}.attention.head_count_kv": cfg.num_key_value_heads,
           f"{arch}.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps}
+    if arch == "gemma2":
+        return kv | {"gemma2.rope.freq_base": 1e4, "gemma2.attention.sliding_window": cfg.sliding_window,
+                     "gemma2.attention.key_length": cfg.head_dim, "gemma2.attention.value_length": cfg.head_dim,
+                     "gemma2.attn_logit_softcapping": 1.0, "gemma2.final_logit_softcapping": 5.0}
     if arch != "gemma3":
         return kv | {f"{arch}.rope.freq_base": 50000.0, f"{arch}.rope.dimension_count": cfg.head_dim,
                      f"{arch}.attention.key_length": cfg.head_dim, f"{arch}.attention.value_length": cfg.head_dim}
@@ -182,7 +190,7 @@ def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | Non
     """(model, gguf path): a tiny random HF model and the GGUF llama.cpp would have made of it.
 
     The llama MLP down projection is stored as Q8_0; the reference model gets the dequantized values."""
-    vocab = sentencepiece_vocab() if arch == "gemma3" else byte_level_vocab() | (
+    vocab = sentencepiece_vocab() if arch.startswith("gemma") else byte_level_vocab() | (
         {"tokenizer.ggml.pre": "qwen2"} if arch.startswith("qwen") else {})
     model = tiny_hf_model(arch, len(vocab["tokenizer.ggml.tokens"]), tied)
     quantized = {"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0} if arch == "llama" else {}
@@ -209,7 +217,7 @@ def logits(model, ids: list[int]):
 # ---------------------------------------------------------------- fast tests: weights and config
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma3", True), ("qwen2", False),
-                                       ("qwen3", True)])
+                                       ("qwen3", True), ("gemma2", True)])
 def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
     model, path = export_tiny(tmp_path, arch, tied)
     calls = []
@@ -242,6 +250,28 @@ def test_gemma3_config_fields(tmp_path):
     hf = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
     assert hf.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
     assert hf.rope_parameters["full_attention"]["rope_theta"] == 1e6
+
+
+def test_gemma2_config_fields(tmp_path):
+    """llama.cpp's Gemma 2 as transformers' Gemma2Config: sliding layers first and every other one, both caps
+    (50 and 30 where the file has none), norms back from 1 + w; the export of it matches transformers."""
+    model, path = export_tiny(tmp_path, "gemma2", tied=True)
+    cfg = json.loads((import_gguf(path, tmp_path / "hf") / "config.json").read_text())
+    assert cfg["model_type"] == "gemma2" and cfg["architectures"] == ["Gemma2ForCausalLM"]
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+    caps = (cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"])
+    assert caps == (1.0, 5.0) and cfg["query_pre_attn_scalar"] == 16
+    from edgemtp.exporters import export
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(export(tmp_path / "hf", tmp_path / "b", capacity=64))
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, 20))  # past the window of 8
+    got, _ = engine.target.forward(ids, engine.target.new_cache(1), n_logits=20)
+    np.testing.assert_allclose(got[0], logits(model, list(ids[0])).numpy(), atol=1e-3, rtol=0)
+    (tmp_path / "unsaid").mkdir()
+    _, path = export_tiny(tmp_path / "unsaid", "gemma2", tied=True, drop="gemma2.attn_logit_softcapping")
+    cfg = json.loads((import_gguf(path, tmp_path / "hf2") / "config.json").read_text())
+    assert cfg["attn_logit_softcapping"] == 50.0
 
 
 def test_unpermute_inverts_llama_cpp_permute():
