@@ -30,6 +30,9 @@ class Rope:
     ext_factors: tuple[float, ...] = ()  # longrope: each rotated pair's frequency divisor (the short factors)
     scale: float = 1.0  # longrope's attention factor: cos and sin are multiplied by it
 
+    def __post_init__(self):  # a tuple whatever it came as (a drafter config's JSON gives a list)
+        object.__setattr__(self, "ext_factors", tuple(self.ext_factors))
+
 
 @dataclass(frozen=True)
 class TextConfig:
