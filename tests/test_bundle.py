@@ -519,6 +519,9 @@ def test_smollm3_fields_read_as_transformers_reads_them(tiny_gemma3):
     assert cfg.tie_word_embeddings and cfg.num_kv_heads == 4
     cfg = parse_llama({**hf, "no_rope_layers": [1, 0] * 4, "use_sliding_window": True, "sliding_window": 8}, "x")
     assert cfg.nope_layers == (1, 3, 5, 7) and cfg.layer_types == (FULL, SLIDING) * 4 and cfg.sliding_window == 8
+    from edgemtp.exporters.gemma3 import drafter_kv
+
+    assert drafter_kv(parse_llama(hf, "x")) == {FULL: 6}  # an MTP drafter reads the last layer with RoPE
     with pytest.raises(EdgemtpError, match="field 'no_rope_layers' must list 0 or 1 for each of the 8 layers"):
         parse_llama({**hf, "no_rope_layers": [1, 0]}, "x")
 

@@ -47,8 +47,14 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
 
 
 def drafter_kv(cfg: TextConfig) -> dict:
-    """The last layer of each attention type: what an MTP drafter attends to."""
-    return {t: max(i for i, lt in enumerate(cfg.layer_types) if lt == t) for t in sorted(set(cfg.layer_types))}
+    """The last layer of each attention type: what an MTP drafter attends to (its queries rotated: the last
+    with RoPE where some layers have none, as SmolLM3's last layer)."""
+    def last(t: str) -> int:
+        layers = [i for i, lt in enumerate(cfg.layer_types) if lt == t]
+        rotated = [i for i in layers if i not in getattr(cfg, "nope_layers", ())]
+        return max(rotated or layers)
+
+    return {t: last(t) for t in sorted(set(cfg.layer_types))}
 
 
 def norm(b, cfg: TextConfig, x: str, key: str) -> str:
