@@ -45,7 +45,11 @@ def tiny_drafter(model_dir, out, seed=0) -> M.MTPDrafter:
 @pytest.fixture(scope="module")
 def setup(tiny_gemma3, tmp_path_factory):
     _, model_dir, bundle_dir = tiny_gemma3
-    root = tmp_path_factory.mktemp("drafter")
+    return drafter_setup(model_dir, bundle_dir, tmp_path_factory.mktemp("drafter"))
+
+
+def drafter_setup(model_dir, bundle_dir, root):
+    """(model_dir, bundle with a tiny random drafter, the drafter, two rows of token ids)."""
     drafter = tiny_drafter(model_dir, root / "drafter")
     bundle = root / "bundle"
     shutil.copytree(bundle_dir, bundle)
@@ -69,6 +73,10 @@ def run_target(bundle, ids):
 def test_target_conventions(setup):
     """The KV the drafter is trained on (transformers) is what the ONNX target leaves in its buffers, and
     the target's last_hidden_state is transformers' hidden_states[-1] (post-final-norm)."""
+    check_target_conventions(setup)
+
+
+def check_target_conventions(setup):
     model_dir, bundle, drafter, ids = setup
     _, cache, hidden = run_target(bundle, ids)
     tp = TargetPass(model_dir, drafter.cfg, None)
@@ -114,6 +122,31 @@ def reference_draft(drafter, model_dir, ids, b, n):
 
 def test_onnx_drafter_matches_torch(setup):
     """Same weights -> same draft tokens and logits (<= 1e-3), two rows of different lengths in one batch."""
+    check_onnx_drafter(setup)
+
+
+def test_drafter_for_a_phi3_longrope_target(tmp_path):
+    """A target whose RoPE is LongRoPE (cos and sin scaled by its attention factor, fused q/k/v weights) and
+    whose MLP is silu: the KV the drafter trains on is the bundle's, its ONNX drafts are its torch drafts (the
+    torch drafter once used GELU whatever the target's activation, the graph silu), MTP stays lossless."""
+    from edgemtp.exporters import export
+
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    model_dir = save_tiny(tiny("phi3_longrope"), tmp_path / "model")
+    phi3 = drafter_setup(model_dir, export(model_dir, tmp_path / "plain", capacity=64, drafter=None), tmp_path)
+    tcfg = target_config(model_dir)[0]
+    assert DrafterConfig.for_target(tcfg, drafter_kv(tcfg)).rope["full_attention"].scale > 1.1
+    check_target_conventions(phi3)
+    check_onnx_drafter(phi3)
+    engine = Engine.load(phi3[1], mtp=True)
+    for row in phi3[3]:
+        want = list(engine.token_ids(list(row[:9]), 20))
+        assert list(engine.token_stream(list(row[:9]), 20, draft=Draft("mtp", k=3))) == want
+
+
+def check_onnx_drafter(setup):
     model_dir, bundle, drafter, ids = setup
     engine, cache, hidden = run_target(bundle, ids)
     session = DrafterSession.load(bundle_mod.load(bundle))

@@ -59,7 +59,8 @@ def tiny(kind: str):
         if kind != "phi3":
             short = (1.0 + 0.5 * torch.rand(16)).tolist()  # one per rotated pair
             rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": [4.0] * 16}
-            extra = dict(num_attention_heads=2, num_key_value_heads=1, original_max_position_embeddings=64)
+            extra = dict(num_attention_heads=2, num_key_value_heads=1, original_max_position_embeddings=64,
+                         tie_word_embeddings=kind == "phi3_longrope")  # tied as Phi-4 mini
         if kind == "phi3_sliding":
             extra.update(sliding_window=WINDOW, initializer_range=0.1)
         cfg = transformers.Phi3Config(**(common | extra), rope_parameters=rope, pad_token_id=0, eos_token_id=1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
         self.up_proj = nn.Linear(cfg.hidden, cfg.intermediate, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
-        self.approximate = "tanh" if "tanh" in cfg.hidden_activation else "none"
+        # the target's activation, as the exported graph's gated_mlp applies it (a llama-family target's silu:
+        # trained with GELU, such a drafter once drafted from other maths than it learned)
+        self.act = F.silu if cfg.hidden_activation == "silu" else \
+            partial(F.gelu, approximate="tanh" if "tanh" in cfg.hidden_activation else "none")
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate=self.approximate) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DrafterLayer(nn.Module):
