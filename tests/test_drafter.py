@@ -125,19 +125,22 @@ def test_onnx_drafter_matches_torch(setup):
     check_onnx_drafter(setup)
 
 
-def test_drafter_for_a_phi3_longrope_target(tmp_path):
-    """A target whose RoPE is LongRoPE (cos and sin scaled by its attention factor, fused q/k/v weights) and
-    whose MLP is silu: the KV the drafter trains on is the bundle's, its ONNX drafts are its torch drafts (the
-    torch drafter once used GELU whatever the target's activation, the graph silu), MTP stays lossless."""
+@pytest.mark.parametrize("kind", ["phi3_longrope", "phi3"])
+def test_drafter_for_a_phi3_target(kind, tmp_path):
+    """Targets whose RoPE is LongRoPE (cos and sin scaled by its attention factor) or partial (phi3: 3/4 of
+    each head), with fused q/k/v weights and a silu MLP: the KV the drafter trains on is the bundle's, its ONNX
+    drafts are its torch drafts (the torch drafter once used GELU whatever the target's activation, the graph
+    silu, and failed on a partial RoPE), MTP stays lossless."""
     from edgemtp.exporters import export
 
     from .reference import save_tiny
     from .test_parity import tiny
 
-    model_dir = save_tiny(tiny("phi3_longrope"), tmp_path / "model")
+    model_dir = save_tiny(tiny(kind), tmp_path / "model")
     phi3 = drafter_setup(model_dir, export(model_dir, tmp_path / "plain", capacity=64, drafter=None), tmp_path)
     tcfg = target_config(model_dir)[0]
-    assert DrafterConfig.for_target(tcfg, drafter_kv(tcfg)).rope["full_attention"].scale > 1.1
+    rope = DrafterConfig.for_target(tcfg, drafter_kv(tcfg)).rope["full_attention"]
+    assert rope.scale > 1.1 if kind == "phi3_longrope" else rope.fraction == 0.75
     check_target_conventions(phi3)
     check_onnx_drafter(phi3)
     engine = Engine.load(phi3[1], mtp=True)

@@ -50,17 +50,17 @@ def tiny(kind: str):
                                          initializer_range=0.1, tie_word_embeddings=False)
         model = transformers.MistralForCausalLM(cfg)
     elif kind.startswith("phi3"):
-        # fused qkv_proj / gate_up_proj. phi3: 3/4 of each head of 16 rotated (apply_rope before the attention);
+        # fused qkv_proj / gate_up_proj; tied but phi3_sliding. phi3: 3/4 of each head of 16 rotated (apply_rope);
         # phi3_longrope: heads of 32 rotated by GroupQueryAttention from LongRoPE's short factors, cos and sin
         # scaled by its attention factor (max_position_embeddings 4x the original 64: 1.155); phi3_sliding: that
         # and a window on every layer (sliding_window)
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
-        extra = {}
+        extra = {"tie_word_embeddings": True}
         if kind != "phi3":
             short = (1.0 + 0.5 * torch.rand(16)).tolist()  # one per rotated pair
             rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": [4.0] * 16}
             extra = dict(num_attention_heads=2, num_key_value_heads=1, original_max_position_embeddings=64,
-                         tie_word_embeddings=kind == "phi3_longrope")  # tied as Phi-4 mini
+                         tie_word_embeddings=kind == "phi3_longrope")
         if kind == "phi3_sliding":
             extra.update(sliding_window=WINDOW, initializer_range=0.1)
         cfg = transformers.Phi3Config(**(common | extra), rope_parameters=rope, pad_token_id=0, eos_token_id=1)

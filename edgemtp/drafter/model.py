@@ -148,10 +148,11 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE over the whole head: x [B, P, N, D], cos/sin [B, P, 1, D/2] (as components.apply_rope)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """Rotate-half RoPE of the first R dims: x [B, P, N, D], cos/sin [B, P, 1, R/2] (as components.apply_rope;
+    R < D for a target with partial RoPE, the other dims pass through)."""
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def make_view(cfg: DrafterConfig, kv: dict, positions: torch.Tensor, cache_len: int) -> TargetView:
