@@ -569,6 +569,9 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: Sampling(1.0, seed=1.5), "seed=1.5 must be a whole number"),
                           (lambda: Sampling(1.0, seed=-1), "seed=-1 must be >= 0"),
                           (lambda: Sampling("hot"), "temperature='hot' must be a finite number"),
+                          # an int beyond float's range: OverflowError from math.isfinite; top_k None: TypeError
+                          (lambda: Sampling(10**400), f"temperature={10**400} must be a finite number >= 0"),
+                          (lambda: Sampling(1.0, top_k=None), "top_k=None must be a whole number"),
                           (lambda: Sampling(1.0, top_p=0), "top_p=0 must be in"),
                           (lambda: engine.generate("t1 t2", 2.5), "max_new_tokens=2.5 must be a whole number"),
                           (lambda: engine.generate("t1 t2", 0), "max_new_tokens=0 must be at least 1"),

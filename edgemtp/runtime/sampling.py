@@ -18,10 +18,11 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (is_finite(self.temperature) and self.temperature >= 0):
             raise ArgumentError("temperature", self.temperature, "must be a finite number >= 0")
+        # top_k is never None (0 turns it off): int(None) raised a bare TypeError here
         for name, value in (("top_k", self.top_k), ("seed", self.seed)):
-            if value is not None and not is_whole(value):
+            if (value is not None or name == "top_k") and not is_whole(value):
                 raise ArgumentError(name, value, "must be a whole number")
             if value is not None and value < 0:
                 raise ArgumentError(name, value, "must be >= 0")
@@ -48,6 +49,17 @@ def is_bool(value) -> bool:
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_finite(value) -> bool:
+    """A number that is neither NaN nor infinite, as a float: math.isfinite raised OverflowError on a Python
+    int beyond float's range (temperature=10**400), where a float would be inf."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def distribution(logits: np.ndarray, s: Sampling) -> np.ndarray:
