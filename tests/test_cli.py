@@ -598,6 +598,11 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: list(engine.token_ids([10**6], 2)), "prompt_ids[0]=1000000 is not a token id"),
                           (lambda: list(engine.token_ids([-5], 2)), "prompt_ids[0]=-5 is not a token id"),
                           (lambda: list(engine.token_ids("t1", 2)), "prompt_ids='t1' must be a list of token ids"),
+                          (lambda: list(engine.token_ids(np.array(3), 2)),
+                           "prompt_ids=3 must be a list of token ids (a numpy array of shape (), not (n,))"),
+                          (lambda: list(engine.token_ids(np.array([[1, 2]]), 2)),
+                           "must be a list of token ids (a numpy array of shape (1, 2), not (n,))"),
+                          (lambda: engine.decode(np.array(5)), "ids=5 must be a list of token ids"),
                           (lambda: engine.decode([-1]), "ids[0]=-1 is not a token id"),
                           (lambda: engine.generate([1, 2], 2), "prompt[0]=1 is not a message"),
                           # no <bos> in the tiny tokenizer: "" has no tokens at all

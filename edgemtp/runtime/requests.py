@@ -76,6 +76,9 @@ def check_ids(name: str, ids, vocab: int) -> list[int]:
     """`ids` checked, as a list of Python ints (an app may hand a numpy array or a tuple)."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):  # an iterator: used up here
         raise ArgumentError(name, ids, "must be a list of token ids")
+    if isinstance(ids, np.ndarray) and ids.ndim != 1:  # a 0-d array raised TypeError iterating; a tokenizer's
+        # return_tensors="np" is [1, T], whose row was "not a token id"
+        raise ArgumentError(name, ids, f"must be a list of token ids (a numpy array of shape {ids.shape}, not (n,))")
     for i, t in enumerate(ids):
         if not (is_whole(t) and 0 <= t < vocab):
             raise ArgumentError(f"{name}[{i}]", t, f"is not a token id (a whole number below the vocabulary's {vocab})")
