@@ -99,6 +99,8 @@ def test_rendered_as_transformers_renders_it(gemma3_270m_dir, tmp_path, template
     ([], "holds no messages"),
     ([{"content": "no role"}], r"prompt\[0\]=.* is not a message"),
     (["text"], r"prompt\[0\]='text' is not a message"),
+    ("text", r"^prompt='text' must be a list of chat messages"),  # not its letters
+    ({"role": "user", "content": "a"}, r"^prompt=\{'role': 'user', 'content': 'a'\} must be a list of chat"),
 ])
 def test_bad_messages_are_named(messages, match):
     with pytest.raises(EdgemtpError, match=match):

@@ -27,6 +27,9 @@ def is_chat(prompt) -> bool:
 
 def check_messages(messages, name: str = "prompt") -> list[dict]:
     """`messages` as a list of dicts with a string role and content (what every chat template reads)."""
+    if isinstance(messages, (str, bytes, dict)):  # iterable, but into letters or keys: chat_prompt("Hi")
+        # said "messages[0]='H' is not a message", chat_prompt({"role": ...}) "messages[0]='role'"
+        raise ArgumentError(name, messages, "must be a list of chat messages ({'role': ..., 'content': ...} dicts)")
     if not messages:
         raise ArgumentError(name, messages, "holds no messages (a chat prompt is a list of "
                             "{'role': ..., 'content': ...} dicts)")
