@@ -507,6 +507,36 @@ def test_stop_token_inside_an_accepted_run_and_max_new_tokens(models):
         assert r.tokens == plain[:n] and r.stop_reason == "max new tokens"
 
 
+def test_a_stream_left_early_reports_its_drafting(models):
+    """The drafting counts fill round by round, as decode_tokens: a stream left early (a chat reply stopped by
+    Ctrl-C) reported its tokens with 0 rounds, drafts and acceptance, totalled only once generation ended."""
+    from edgemtp.runtime.engine import Draft
+
+    engine = models["gemma3_text", 64]
+    prompt = _prompts(engine)[1][1]  # the model's own text: lookup drafts get accepted
+    stats, results = SpecStats(), [spec.SeqResult([])]
+    stream = Speculative(engine.target, PromptLookupDrafter(), k=3).stream([prompt], 40, stats=stats, results=results)
+    seen = []
+    for _row, _tokens in stream:
+        seen.append((stats.decode_tokens, stats.rounds, stats.accepted))
+        if results[0].accepted and len(results[0].tokens) > 12:
+            break
+    stream.close()
+    r = results[0]
+    assert len(r.tokens) < 40 and not r.stop_reason  # left early
+    assert (stats.rounds, stats.drafted, stats.accepted) == (r.rounds, r.drafted, r.accepted) and r.accepted > 0
+    assert (sum(stats.drafted_at), sum(stats.accepted_at)) == (r.drafted, r.accepted)
+    # each round emits its accepted drafts and the target's own token (no stop cuts a run here)
+    assert all(tokens == rounds + accepted for tokens, rounds, accepted in seen)
+    assert stats.other_s == stats.decode_s - stats.draft_s - stats.verify_s
+    # through the engine, as `edgemtp chat --json` reads it after a Ctrl-C
+    stats = SpecStats()
+    tokens = engine.token_stream(prompt, 40, draft=Draft("lookup", 3), stats=stats)
+    got = [t for t, _ in zip(tokens, range(13))]
+    tokens.close()
+    assert stats.rounds > 0 and stats.decode_tokens == stats.rounds + stats.accepted >= len(got) - 1  # whole rounds
+
+
 def test_drafter_context_carries_the_verified_hidden_state(models):
     """ctx.hidden must be the target's hidden state at the position that produced history[-1] (what an
     MTP drafter consumes), and the cache must hold exactly the verified positions."""

@@ -203,6 +203,7 @@ class Speculative:
         for s in seqs:
             yield s.row, list(s.out.tokens)
         t1 = time.perf_counter()
+        base = (stats.rounds, stats.drafted, stats.accepted, list(stats.drafted_at), list(stats.accepted_at))
         while active := [s for s in seqs if not s.out.stop_reason]:
             before = {s.row: len(s.out.tokens) for s in active}
             self._round(active, cache, sampling, stops, max_new_tokens, stats)
@@ -210,15 +211,10 @@ class Speculative:
             # counted round by round, as decode_s: a stream's reader sees tokens_per_s as it goes (it read 0
             # until the end), and a stream left early still counts what it gave
             stats.decode_tokens += sum(len(s.out.tokens) - before[s.row] for s in active)
+            _tally(stats, base, seqs)
             for s in active:
                 yield s.row, s.out.tokens[before[s.row]:]
-        stats.other_s = stats.decode_s - stats.draft_s - stats.verify_s
-        for s in seqs:
-            stats.rounds += s.out.rounds
-            stats.drafted += s.out.drafted
-            stats.accepted += s.out.accepted
-            _add(stats.drafted_at, s.out.drafted_at)
-            _add(stats.accepted_at, s.out.accepted_at)
+        _tally(stats, base, seqs)
         stats.stop_reasons = [s.out.stop_reason for s in seqs]
         stats.stop_reason = "; ".join(dict.fromkeys(stats.stop_reasons))
 
@@ -365,6 +361,21 @@ class Speculative:
             s.out.stop_reason = "max new tokens"
         elif cache.room(s.row) < 1:  # the last emitted token has no place left in the cache
             s.out.stop_reason = "KV capacity reached"
+
+
+def _tally(stats: SpecStats, base: tuple, seqs: list[_Seq]) -> None:
+    """The rows' drafting so far into `stats`, on top of `base` (its rounds, drafted, accepted, drafted_at and
+    accepted_at before this call): after every round, as decode_tokens. Totalled only at the end, a stream
+    left early (a chat reply stopped by Ctrl-C) reported its tokens with no rounds, drafts or acceptance."""
+    rounds, drafted, accepted, drafted_at, accepted_at = base
+    stats.rounds = rounds + sum(s.out.rounds for s in seqs)
+    stats.drafted = drafted + sum(s.out.drafted for s in seqs)
+    stats.accepted = accepted + sum(s.out.accepted for s in seqs)
+    stats.drafted_at, stats.accepted_at = list(drafted_at), list(accepted_at)
+    for s in seqs:
+        _add(stats.drafted_at, s.out.drafted_at)
+        _add(stats.accepted_at, s.out.accepted_at)
+    stats.other_s = stats.decode_s - stats.draft_s - stats.verify_s
 
 
 def _count_positions(counts: list[int], n: int) -> None:
