@@ -607,6 +607,10 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: engine.generate([1, 2], 2), "prompt[0]=1 is not a message"),
                           # no <bos> in the tiny tokenizer: "" has no tokens at all
                           (lambda: engine.generate("", 2), "the prompt is empty"),
+                          # a lone surrogate (JSON's "\ud83d"): TypeError "TextInputSequence must be str"
+                          (lambda: engine.generate("t1 \udcff", 2),
+                           "prompt is not UTF-8 text: a lone surrogate '\\udcff' at character 3"),
+                          (lambda: engine.generate_batch(["t1", "\ud83d"], 2), "prompts[1] is not UTF-8 text"),
                           (lambda: engine.generate("t1", 2, stop=b"t"), "stop=b't' must be a string"),
                           (lambda: Engine.load(None), "bundle_dir=None must be a path"),
                           (lambda: Engine.load(tiny_gemma3[2], provider=None), "provider=None must be an execution"),

@@ -27,7 +27,7 @@ from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_load_args, check_max_new_tokens,
-                       check_request, new_stats)
+                       check_request, check_text, new_stats)
 from .static_target import StaticTarget, is_static
 from .target import Target
 
@@ -153,10 +153,10 @@ class Engine:
     def _encode(self, prompt: str | list[dict], name: str) -> list[int]:
         """encode, naming a wrong prompt `name` (a batch's "prompts[2]")."""
         if is_chat(prompt):
-            return self.tokenizer.encode(self._chat_text(prompt, name), add_special_tokens=False).ids
+            return self.tokenizer.encode(check_text(self._chat_text(prompt, name), name), add_special_tokens=False).ids
         if not isinstance(prompt, str):
             raise ArgumentError(name, prompt, "must be text or a list of chat messages")
-        return self.tokenizer.encode(prompt).ids
+        return self.tokenizer.encode(check_text(prompt, name)).ids
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The text the model reads for chat `messages` (its chat template, as transformers' apply_chat_template

@@ -85,6 +85,17 @@ def check_ids(name: str, ids, vocab: int) -> list[int]:
     return [int(t) for t in ids]
 
 
+def check_text(text: str, name: str) -> str:
+    """`text`, refused when it is not UTF-8: a lone surrogate (JSON's "\\ud83d" of an emoji cut in two, a file
+    read with errors="surrogateescape") made the tokenizer raise TypeError("TextInputSequence must be str")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EdgemtpError(f"{name} is not UTF-8 text: a lone surrogate {text[e.start]!r} at character "
+                           f"{e.start}") from None
+    return text
+
+
 def check_max_new_tokens(max_new_tokens) -> None:
     if not is_whole(max_new_tokens):
         raise ArgumentError("max_new_tokens", max_new_tokens, "must be a whole number")
