@@ -38,13 +38,17 @@ class Checkpoint:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise EdgemtpError(f"{self.dir}: not a directory (expected a Hugging Face model directory)")
-        files = sorted(self.dir.glob("*.safetensors"))
-        if not files:
-            raise EdgemtpError(f"{self.dir}: no *.safetensors files (expected a Hugging Face model directory)")
+        files, index = weight_files(self.dir)
         self.entries: dict[str, _Entry] = {}
         renamed = set()  # the text tower's tensors, where the checkpoint nests it
         for f in files:
             for name, e in read_header(f).items():
+                if index is not None and index.get(name) != f.name:  # the index keeps it in another file
+                    continue
+                if _text_name(name) in self.entries:  # stale shards beside new ones: which is meant is unknown
+                    raise EdgemtpError(f"{self.dir}: tensor '{name}' is in both "
+                                       f"{self.entries[_text_name(name)].file.name} and {f.name} (and no "
+                                       "model.safetensors.index.json says which to read)")
                 self.entries[_text_name(name)] = e
                 if _text_name(name) != name:
                     renamed.add(_text_name(name))
@@ -103,6 +107,33 @@ class Checkpoint:
             return self.entries[name]
         except KeyError:
             raise EdgemtpError(f"{self.dir}: tensor '{name}' not found in the checkpoint") from None
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def weight_files(model_dir: Path) -> tuple[list[Path], dict | None]:
+    """The safetensors files to read and the index's tensor -> file map: the shards
+    model.safetensors.index.json names where there is one (other *.safetensors beside them, an earlier
+    download's, are not read, as transformers does not), else every *.safetensors (a tensor in two of them
+    is then an error: Checkpoint)."""
+    path = model_dir / INDEX
+    if path.is_file():
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError("weight_map is not an object of file names")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise EdgemtpError(f"{path}: not a valid safetensors index ({e})") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (model_dir / n).is_file()]
+        if missing:
+            raise EdgemtpError(f"{path}: names {missing[0]}, which is not in {model_dir}")
+        return [model_dir / n for n in names], weight_map
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise EdgemtpError(f"{model_dir}: no *.safetensors files (expected a Hugging Face model directory)")
+    return files, None
 
 
 def _convert(arr: np.ndarray, dtype: str) -> np.ndarray:

@@ -319,6 +319,39 @@ def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_sharded_checkpoint_reads_what_its_index_names(tiny_gemma3, tmp_path):
+    """Shards are read as model.safetensors.index.json maps them: an earlier download's shard beside them
+    (other values under the same names) is not read, as transformers does not. Without an index, a tensor in
+    two files is refused, naming both (the last file by name won, silently); a bad index is named."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgemtp.checkpoint import Checkpoint
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    weights = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: weights[n] for n in part}, str(d / file))
+    save_file({n: weights[n] + 1 for n in names}, str(d / "model-00001-of-00003.safetensors"))  # stale
+    index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    ckpt = Checkpoint(d)
+    assert all(np.array_equal(ckpt[n], weights[n]) for n in names)
+    (d / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": {names[0]: "gone.safetensors"}}))
+    with pytest.raises(EdgemtpError, match="model.safetensors.index.json: names gone.safetensors, which is not in"):
+        Checkpoint(d)
+    (d / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(EdgemtpError, match="model.safetensors.index.json: not a valid safetensors index"):
+        Checkpoint(d)
+    (d / "model.safetensors.index.json").unlink()
+    with pytest.raises(EdgemtpError, match=f"tensor '{names[0]}' is in both model-00001-of-00002.safetensors and "
+                                           "model-00001-of-00003.safetensors"):
+        Checkpoint(d)
+
+
 def test_checkpoint_tensors_the_graph_does_not_read_are_named(tiny_gemma3, tmp_path):
     """A config.json that does not describe its checkpoint (one layer short; a norm of another architecture)
     exported without a word a model transformers would warn about: the CLI says which tensors it left out."""
