@@ -9,7 +9,9 @@ llama.cpp changes some weights on the way into a GGUF; we undo that here:
 * llama: q_proj/k_proj rows are permuted from HF's "rotate halves" rotary layout to llama.cpp's
   interleaved pairs (`permute` in convert_hf_to_gguf.py);
 * gemma3, gemma2: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and adds the 1 at run time).
-qwen2 and qwen3 go in as they are (llama.cpp rotates their halves as HF does).
+qwen2, qwen3 and phi3 go in as they are (llama.cpp rotates their halves as HF does); phi3's fused
+`attn_qkv` / `ffn_up` are HF's `qkv_proj` / `gate_up_proj`, and its LongRoPE factors, stored as tensors,
+go back into config.json.
 """
 
 from __future__ import annotations
@@ -42,11 +44,14 @@ _LAYER_NAMES = {
 }
 # "ffn_norm" is the norm before the MLP: Llama calls it post_attention_layernorm, Gemma 3 has both.
 _FFN_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
-             "qwen3": "post_attention_layernorm", "gemma3": "pre_feedforward_layernorm",
-             "gemma2": "pre_feedforward_layernorm"}
+             "qwen3": "post_attention_layernorm", "phi3": "post_attention_layernorm",
+             "gemma3": "pre_feedforward_layernorm", "gemma2": "pre_feedforward_layernorm"}
+_FUSED = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}  # per arch, over _LAYER_NAMES
+_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # phi3's LongRoPE: config, not weights
 _HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
                "llama": ("LlamaForCausalLM", "llama"),
-               "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+               "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+               "phi3": ("Phi3ForCausalLM", "phi3")}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -67,8 +72,9 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if not isinstance(arch, str) or arch not in _HF_CLASSES:  # a list would not even be looked up
         raise EdgemtpError(f"{gguf_path}: architecture {arch!r} is not supported "
                            f"(supported: {', '.join(sorted(_HF_CLASSES))})")
-    config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path)
-    plan = list(_hf_tensors(tensors, arch, config, gguf_path))
+    factors = {t.name: _load(t, t.name, arch, {}).tolist() for t in tensors if t.name in _ROPE_FACTORS}
+    config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path, factors)
+    plan = list(_hf_tensors([t for t in tensors if t.name not in _ROPE_FACTORS], arch, config, gguf_path))
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
@@ -134,8 +140,9 @@ def field(meta: dict, key: str, path: Path, kind=int, default=_REQUIRED, least=N
     return kind(value)
 
 
-def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dict:
-    """The transformers `config.json` for a gemma3, gemma2, llama, qwen2 or qwen3 GGUF."""
+def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path, factors: dict | None = None) -> dict:
+    """The transformers `config.json` for a gemma3, gemma2, llama, qwen2, qwen3 or phi3 GGUF (`factors`: the
+    values of phi3's rope_factors_* tensors, by name)."""
     arch = meta["general.architecture"]
 
     def get(key, kind=int, default=_REQUIRED, least=1):
@@ -169,6 +176,8 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path) -> dic
     }
     _check_attention(config, shapes, arch, path)
     _check_vocabulary(meta, vocab, path)
+    if arch == "phi3":
+        return config | _phi3_config(meta, config, factors or {}, path)
     extra = {"gemma3": _gemma3_config, "gemma2": _gemma2_config}.get(arch, _llama_config)(meta, config, shapes, path)
     return config | extra
 
@@ -252,6 +261,32 @@ def _gemma2_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
     }
 
 
+def _phi3_config(meta: dict, config: dict, factors: dict, path: Path) -> dict:
+    """llama.cpp's Phi-3: partial RoPE (rope.dimension_count), a window on every layer where it has one, and
+    LongRoPE where the file carries its factors (original_context_length the pretraining length)."""
+    def get(key, kind=int, default=None, least=1):
+        return field(meta, f"phi3.{key}", path, kind, default, least)
+
+    rotary = get("rope.dimension_count", default=config["head_dim"])
+    if rotary > config["head_dim"] or rotary % 2:
+        raise EdgemtpError(f"{path}: phi3.rope.dimension_count = {rotary} does not fit heads of {config['head_dim']}")
+    rope = {"rope_type": "default", "rope_theta": config["rope_theta"],
+            "partial_rotary_factor": rotary / config["head_dim"]}
+    out = {"hidden_act": "silu", "sliding_window": get("attention.sliding_window"),
+           "original_max_position_embeddings": get("rope.scaling.original_context_length",
+                                                   default=config["max_position_embeddings"])}
+    if factors:
+        if sorted(factors) != sorted(_ROPE_FACTORS) or any(len(v) != rotary // 2 for v in factors.values()):
+            raise EdgemtpError(f"{path}: tensors {' and '.join(_ROPE_FACTORS)} must both hold {rotary // 2} "
+                               "factors (one per rotated pair)")
+        rope.update(rope_type="longrope", long_factor=factors["rope_factors_long.weight"],
+                    short_factor=factors["rope_factors_short.weight"])
+        scale = get("rope.scaling.attn_factor", float, None, least=0)
+        if scale is not None:
+            rope["attention_factor"] = _f32(scale)
+    return out | {"rope_scaling": rope}
+
+
 def _gemma3_layer_types(meta: dict, layers: int, path: Path) -> list[str]:
     """Five sliding-window layers, then one global, repeated: llama.cpp hard-codes that pattern of 6
     for gemma3 unless the file lists it per layer (true = sliding)."""
@@ -282,6 +317,8 @@ def _llama_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
+    if arch == "phi3":  # its LongRoPE factors are tensors (_phi3_config)
+        return None
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
@@ -312,7 +349,8 @@ def hf_name(gguf_name: str, arch: str) -> str | None:
     if len(parts) == 1 and parts[0] in _TOP_NAMES:
         return f"{_TOP_NAMES[parts[0]]}.{suffix}"
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
-        name = _FFN_NORM[arch] if parts[2] == "ffn_norm" else _LAYER_NAMES.get(parts[2])
+        names = _LAYER_NAMES | _FUSED.get(arch, {})
+        name = _FFN_NORM[arch] if parts[2] == "ffn_norm" else names.get(parts[2])
         return f"model.layers.{parts[1]}.{name}.{suffix}" if name else None
     return None
 

@@ -37,6 +37,7 @@ HF_TO_GGUF = {  # per layer; the llama/gemma3 difference is where "ffn_norm" goe
     "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "input_layernorm": "attn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "pre_feedforward_layernorm": "ffn_norm",
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",  # phi3's fused matrices
     "post_feedforward_layernorm": "post_ffw_norm",
 }
 
@@ -154,6 +155,14 @@ def tiny_hf_model(arch: str, vocab_size: int, tied: bool):
     elif arch == "qwen3":  # q/k norms; heads of 32, not hidden / heads (GGUF's key_length says so)
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
             num_hidden_layers=2, rope_theta=50000.0, **(common | {"head_dim": 32})))
+    elif arch.startswith("phi3"):  # fused q/k/v and gate/up; partial RoPE; phi3_longrope: LongRoPE factors
+        rope = {"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.5}
+        if arch == "phi3_longrope":
+            short, long = (1.0 + 0.5 * torch.rand(4)).tolist(), (2.0 + torch.rand(4)).tolist()
+            rope = {**rope, "rope_type": "longrope", "short_factor": short, "long_factor": long}
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            num_hidden_layers=2, rope_parameters=rope, original_max_position_embeddings=64, pad_token_id=0,
+            **common))
     elif arch == "gemma2":  # 3 layers: sliding, global, sliding; capped scores (small cap: so that it shows)
         model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
             num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=16, rope_theta=1e4,
@@ -178,6 +187,10 @@ def gguf_metadata(arch: str, cfg) -> dict:
         return kv | {"gemma2.rope.freq_base": 1e4, "gemma2.attention.sliding_window": cfg.sliding_window,
                      "gemma2.attention.key_length": cfg.head_dim, "gemma2.attention.value_length": cfg.head_dim,
                      "gemma2.attn_logit_softcapping": 1.0, "gemma2.final_logit_softcapping": 5.0}
+    if arch.startswith("phi3"):
+        return {k.replace(arch, "phi3"): v for k, v in kv.items()} | {
+            "phi3.rope.freq_base": 50000.0, "phi3.rope.dimension_count": cfg.head_dim // 2,
+            "phi3.rope.scaling.original_context_length": 64}
     if arch != "gemma3":
         return kv | {f"{arch}.rope.freq_base": 50000.0, f"{arch}.rope.dimension_count": cfg.head_dim,
                      f"{arch}.attention.key_length": cfg.head_dim, f"{arch}.attention.value_length": cfg.head_dim}
@@ -204,8 +217,12 @@ def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | Non
             dq = gguf.quants.dequantize(gguf.quants.quantize(tensors[gname], quantized[gname]), quantized[gname])
             with torch.no_grad():
                 param.copy_(torch.from_numpy(dq))
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":  # llama.cpp keeps phi3's LongRoPE factors as tensors
+        tensors |= {f"rope_factors_{k}.weight": np.array(rope[f"{k}_factor"], np.float32) for k in ("long", "short")}
     kv = {k: v for k, v in (gguf_metadata(arch, model.config) | vocab | (edit or {})).items() if k != drop}
-    path = write_gguf(tmp_path / f"tiny-{arch}.gguf", arch, kv, tensors | (extra_tensors or {}), quantized)
+    garch = "phi3" if arch.startswith("phi3") else arch
+    path = write_gguf(tmp_path / f"tiny-{arch}.gguf", garch, kv, tensors | (extra_tensors or {}), quantized)
     return model, path
 
 
@@ -217,7 +234,8 @@ def logits(model, ids: list[int]):
 # ---------------------------------------------------------------- fast tests: weights and config
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma3", True), ("qwen2", False),
-                                       ("qwen3", True), ("gemma2", True)])
+                                       ("qwen3", True), ("gemma2", True), ("phi3", False),
+                                       ("phi3_longrope", True)])
 def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
     model, path = export_tiny(tmp_path, arch, tied)
     calls = []
@@ -272,6 +290,35 @@ def test_gemma2_config_fields(tmp_path):
     _, path = export_tiny(tmp_path / "unsaid", "gemma2", tied=True, drop="gemma2.attn_logit_softcapping")
     cfg = json.loads((import_gguf(path, tmp_path / "hf2") / "config.json").read_text())
     assert cfg["attn_logit_softcapping"] == 50.0
+
+
+def test_phi3_config_fields(tmp_path):
+    """llama.cpp's Phi-3 as transformers' Phi3Config: the fused matrices under HF's names, partial RoPE from
+    rope.dimension_count, LongRoPE from the rope_factors_* tensors (and attn_factor where the file gives
+    one); the export of it matches transformers."""
+    model, path = export_tiny(tmp_path, "phi3_longrope", tied=True, edit={"phi3.rope.scaling.attn_factor": 1.25})
+    out = import_gguf(path, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    rope = cfg["rope_scaling"]
+    assert cfg["model_type"] == "phi3" and (rope["rope_type"], rope["partial_rotary_factor"]) == ("longrope", 0.5)
+    want = model.config.rope_parameters
+    assert np.allclose(rope["short_factor"], want["short_factor"])
+    assert np.allclose(rope["long_factor"], want["long_factor"])
+    assert rope["attention_factor"] == 1.25 and cfg["original_max_position_embeddings"] == 64
+    assert "model.layers.0.self_attn.qkv_proj.weight" in load_file(out / "model.safetensors")
+    from edgemtp.exporters import export
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(export(out, tmp_path / "b", capacity=64))
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (1, 20))
+    got, _ = engine.target.forward(ids, engine.target.new_cache(1), n_logits=20)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    np.testing.assert_allclose(got[0], logits(loaded, list(ids[0])).numpy(), atol=1e-3, rtol=0)
+    (tmp_path / "bad").mkdir()
+    _, bad = export_tiny(tmp_path / "bad", "phi3_longrope", tied=True,
+                         extra_tensors={"rope_factors_short.weight": np.ones(3, np.float32)})
+    with pytest.raises(EdgemtpError, match="rope_factors_long.weight and rope_factors_short.weight must both hold 4"):
+        import_gguf(bad, tmp_path / "bad_hf")
 
 
 def test_unpermute_inverts_llama_cpp_permute():
