@@ -669,3 +669,28 @@ def test_stats_and_errors(models):
 
     with pytest.raises(EdgemtpError, match="Broken proposed \\[96\\]: outside the target's vocabulary of 96"):
         speculative_generate(engine.target, Broken(), [[1, 2]], 5)
+
+
+def test_streams_check_their_arguments_at_the_call(models):
+    """token_ids, token_stream and stream raise for bad arguments when called, not at the first next(): an
+    app's streaming response (a generator handed to a web framework) fails before it has started. Nothing
+    runs until iterated: the kept cache is untouched by a stream never read."""
+    from edgemtp.errors import ArgumentError
+    from edgemtp.runtime.engine import Draft
+
+    engine = models["llama", 64]
+    for draft in (None, Draft("lookup", 3)):
+        calls = [lambda: engine.token_ids([5, 6], 0),
+                 lambda: engine.token_stream([5, 6], 4, draft=draft, stop=[""]),
+                 lambda: engine.token_stream([], 4, draft=draft),
+                 lambda: engine.token_stream([999], 4, draft=draft),
+                 lambda: engine.stream("t5 t6", -1, draft=draft),
+                 lambda: engine.stream("t5", 4, draft=draft, stop=5)]
+        for call in calls:
+            with pytest.raises(EdgemtpError):
+                call()  # no next()
+    with pytest.raises(ArgumentError, match="max_new_tokens=0 must be at least 1"):
+        engine.stream("t5", 0)
+    unread = engine.stream("t5 t6", 4, draft=Draft("lookup", 2))  # made, never read
+    assert list(engine.token_stream([5, 6], 4)) == list(engine.token_ids([5, 6], 4))
+    del unread

@@ -204,16 +204,17 @@ def chat_cmd(bundle_dir, system, as_json, max_new_tokens, temperature, top_k, to
             click.echo(json.dumps(gen.to_json()))
             messages.append({"role": "assistant", "content": gen.text})
             continue
-        stats, reply = new_stats(draft), []
-        stream = engine.stream(messages, max_new_tokens, sampling, draft, stats=stats)
+        stats, reply, stream = new_stats(draft), [], None
         try:
+            stream = engine.stream(messages, max_new_tokens, sampling, draft, stats=stats)  # checks the turn's room
             for piece in stream:
                 click.echo(piece, nl=False)
                 reply.append(piece)
         except KeyboardInterrupt:  # at a terminal Ctrl-C stops the reply, as in other chats; the chat goes on
             if not interactive:
                 raise
-            stream.close()  # the engine keeps the cache of what was generated (reuse_prefix) for the next turn
+            if stream is not None:  # the engine keeps the cache of what was generated (reuse_prefix) for the next turn
+                stream.close()
             click.echo()
             click.echo("(reply stopped: the conversation keeps it as it stands; /exit or Ctrl-D ends the chat)",
                        err=True)

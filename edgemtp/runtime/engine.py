@@ -188,10 +188,15 @@ class Engine:
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:
         """Yields generated token ids one by one (plain decoding, batch 1); `stop`: stop strings (see
-        generate); `stats`, if given, is reset and filled as generation goes."""
+        generate); `stats`, if given, is reset and filled as generation goes. Arguments are checked at the
+        call, not at the first token (an app's streaming response fails before it starts)."""
         check_kinds(sampling, None, stats)
         stops = self.stops(stop)
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
+        return self._plain(prompt_ids, max_new_tokens, sampling, stats, stops)
+
+    def _plain(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stats: Stats | None,
+               stops: Stops) -> Iterator[int]:
         stats = stats if stats is not None else Stats()
         stats.reset()
         rng = np.random.default_rng(sampling.seed)
@@ -324,18 +329,22 @@ class Engine:
         gets the plain fields); `stop`: stop strings (see generate)."""
         check_kinds(sampling, draft, stats)
         if draft is None or draft.mode == "none" or draft.k == 0:
-            yield from self.token_ids(prompt_ids, max_new_tokens, sampling, stats, stop=stop)
-            return
+            return self.token_ids(prompt_ids, max_new_tokens, sampling, stats, stop=stop)
         stops = self.stops(stop)
-        from .speculative import SeqResult, Speculative, SpecStats
+        from .speculative import Speculative
 
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
                            adaptive=draft.adaptive, lengths=self._lengths(draft, 1))
+        prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
+        return self._drafting(spec, prompt_ids, max_new_tokens, sampling, stats, stops)
+
+    def _drafting(self, spec, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
+                  stats: Stats | None, stops: Stops) -> Iterator[int]:
+        from .speculative import SeqResult, SpecStats
+
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         if own is not None:
             own.reset()
-        # before the kept cache is taken:
-        prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         cache, cached = self._cache_for(prompt_ids)
         results = [SeqResult([])]
         try:
@@ -398,11 +407,14 @@ class Engine:
                draft: Draft | None = None, *, stats: Stats | None = None, stop=None) -> Iterator[str]:
         """Yields text pieces as tokens arrive, holding back a character whose bytes have not all come, and
         text that may be the start of a stop string; the pieces joined are generate()'s text (arguments in
-        its order; `stats` filled as generation goes)."""
+        its order; `stats` filled as generation goes). Arguments are checked at the call, as token_ids'."""
         stops = self.stops(stop)
+        tokens = self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats, stop=stops.strings)
+        return self._pieces(tokens, stops)
+
+    def _pieces(self, tokens: Iterator[int], stops: Stops) -> Iterator[str]:
         text_of, shown = IncrementalDecoder(self._text), ""
-        for token in self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats,
-                                       stop=stops.strings):
+        for token in tokens:
             text = text_of.add(token)
             if text.endswith("\ufffd"):
                 continue
