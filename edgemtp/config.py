@@ -243,9 +243,11 @@ _KV_HEADS = {"mistral": 8, "smollm3": 4}  # transformers' defaults where config.
 def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None, tuple[int, ...]]:
     """(layer types, window, layers without RoPE) as SmolLM3Config reads them: no_rope_layers (1: rotate)
     or else every no_rope_layer_interval-th layer without; with use_sliding_window, the layers without RoPE
-    slide unless layer_types says otherwise."""
+    slide unless layer_types says otherwise. A sliding layer that layer_types names slides by sliding_window
+    whatever use_sliding_window says: transformers' SmolLM3 masks it with the config's window (the flag only
+    picks the layer types it derives, and flash attention's window), and refuses one without a window."""
     use = pr.flag(hf, "use_sliding_window", False)
-    window = pr.opt(hf, "sliding_window", int, None) if use else None
+    window = pr.opt(hf, "sliding_window", int, None)
     flags = hf.get("no_rope_layers")
     if flags is None:
         every = pr.opt(hf, "no_rope_layer_interval", int, 4)
@@ -254,8 +256,10 @@ def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, .
     pr.check(ok, f"field 'no_rope_layers' must list 0 or 1 for each of the {n_layers} layers")
     nope = tuple(i for i, f in enumerate(flags) if f == 0) if ok else ()
     given = pr.layer_types(hf)
-    types = tuple(given or [SLIDING if window is not None and i in nope else FULL for i in range(n_layers)])
+    types = tuple(given or [SLIDING if use and window is not None and i in nope else FULL for i in range(n_layers)])
     pr.check(len(types) == n_layers, f"field 'layer_types' has {len(types)} entries for {n_layers} layers")
+    pr.check(SLIDING not in types or window is not None, "field 'layer_types' names sliding layers, but "
+             "sliding_window is null (transformers then has no window to give them)")
     return types, window if SLIDING in types else None, nope
 
 

@@ -557,6 +557,12 @@ def test_smollm3_fields_read_as_transformers_reads_them(tiny_gemma3):
     assert drafter_kv(parse_llama(hf, "x")) == {FULL: 6}  # an MTP drafter reads the last layer with RoPE
     with pytest.raises(EdgemtpError, match="field 'no_rope_layers' must list 0 or 1 for each of the 8 layers"):
         parse_llama({**hf, "no_rope_layers": [1, 0]}, "x")
+    # layer_types' sliding layers slide by sliding_window with use_sliding_window off too (transformers' mask)
+    cfg = parse_llama({**hf, "layer_types": [FULL, SLIDING] * 4, "sliding_window": 8}, "x")
+    assert cfg.layer_types == (FULL, SLIDING) * 4 and cfg.sliding_window == 8
+    assert parse_llama({**hf, "sliding_window": 8}, "x").sliding_window is None  # derived types: the flag decides
+    with pytest.raises(EdgemtpError, match="field 'layer_types' names sliding layers, but sliding_window is null"):
+        parse_llama({**hf, "layer_types": [FULL, SLIDING] * 4, "use_sliding_window": True, "sliding_window": None}, "x")
 
 
 def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):

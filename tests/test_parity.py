@@ -67,9 +67,12 @@ def tiny(kind: str):
         model = transformers.Phi3ForCausalLM(cfg)
     elif kind.startswith("smollm3"):
         # the 4th layer without RoPE; smollm3_sliding: that layer slides too (use_sliding_window), and every
-        # layer has attention biases
-        extra = dict(use_sliding_window=True, sliding_window=WINDOW, attention_bias=True, initializer_range=0.1) \
-            if kind == "smollm3_sliding" else {}
+        # layer has attention biases; smollm3_types: layer_types names the 4th sliding without use_sliding_window
+        # (transformers' mask still slides it by sliding_window)
+        extra = {"smollm3_sliding": dict(use_sliding_window=True, sliding_window=WINDOW, attention_bias=True,
+                                         initializer_range=0.1),
+                 "smollm3_types": dict(use_sliding_window=False, sliding_window=WINDOW, initializer_range=0.1,
+                                       layer_types=["full_attention"] * 3 + ["sliding_attention"])}.get(kind, {})
         model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**common, **extra, pad_token_id=0,
                                                                            bos_token_id=1, eos_token_id=2))
     elif kind.startswith("qwen3"):
@@ -111,7 +114,8 @@ def _randomize_norms(model) -> None:
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv",
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
                                   "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding",
-                                  "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding"])
+                                  "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding",
+                                  "smollm3_types"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
@@ -120,7 +124,8 @@ def test_logits_match_transformers(kind, tmp_path):
     attention_bias, biases on q/k/v and o_proj. qwen2_bias_false: config.json says attention_bias false, which
     transformers' qwen2 ignores (q/k/v biases all the same). qwen3: q and k RMS-normed per head before RoPE.
     mistral: a window on every layer. phi3: fused weights, partial RoPE, LongRoPE (see tiny()). gemma2: Gemma 3
-    without q/k norms, attention scores soft-capped. smollm3: a layer without RoPE."""
+    without q/k norms, attention scores soft-capped. smollm3: a layer without RoPE; smollm3_types: a sliding
+    layer named by layer_types alone (was read as a full one)."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
