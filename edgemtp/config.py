@@ -179,6 +179,14 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
     )
 
 
+def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0) -> Rope:
+    """The RoPE of a model with one for every layer, as transformers 5 reads it (convert_rope_params_to_dict):
+    rope_scaling when set, else rope_parameters; a base neither gives from the top-level rope_theta, else the
+    config class's default_theta."""
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    return parse_rope(hf.get(where), pr.opt(hf, "rope_theta", float, default_theta), pr, where)
+
+
 def parse_llama(hf: dict, source: str) -> TextConfig:
     """llama, qwen2, qwen3, mistral and smollm3. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and
     attention_bias on q/k/v and o_proj as llama; both may have sliding-window layers; mistral slides on every
@@ -192,10 +200,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     n_layers = pr.need(hf, "num_hidden_layers")
     # Qwen3Config has head_dim 128 by default, not hidden_size / heads
     head_dim = pr.opt(hf, "head_dim", int, 128 if qwen3 else hidden // heads if heads else 0)
-    if hf.get("rope_parameters"):  # an empty one, as absent: rope_theta + rope_scaling
-        rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
-    else:  # old style: rope_theta + rope_scaling
-        rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
+    rope = one_rope(hf, pr, 2e6 if smollm3 else 10000.0)  # SmolLM3Config's default_theta is 2e6
     nope = ()
     if qwen2 or qwen3:
         layer_types, window = _qwen2_layers(hf, n_layers, pr)

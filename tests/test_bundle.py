@@ -565,6 +565,30 @@ def test_smollm3_fields_read_as_transformers_reads_them(tiny_gemma3):
         parse_llama({**hf, "layer_types": [FULL, SLIDING] * 4, "use_sliding_window": True, "sliding_window": None}, "x")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral", "smollm3", "gemma2"])
+def test_rope_read_as_transformers_reads_it(model_type, tmp_path):
+    """The RoPE base and scaling in transformers 5's order: rope_scaling when set, else rope_parameters; a base
+    neither gives from the top-level rope_theta (it was 10000 beside a rope_parameters without one), else the
+    config class's default (SmolLM3's 2e6, not 10000)."""
+    transformers = pytest.importorskip("transformers")
+    from edgemtp.exporters import load_config
+
+    base = {"model_type": model_type, "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-6}
+    variants = [{}, {"rope_theta": 5e5}, {"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e5},
+                {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 7e3}, "rope_theta": 5e5},
+                {"rope_scaling": {"rope_type": "linear", "factor": 4.0},
+                 "rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e5}]
+    for i, extra in enumerate(variants):
+        model_dir = tmp_path / str(i)
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps({**base, **extra}))
+        want = transformers.AutoConfig.from_pretrained(model_dir).rope_parameters
+        got = load_config(model_dir)[0].rope["full_attention"]
+        assert (got.theta, got.kind, got.factor) == (want["rope_theta"], want["rope_type"], want.get("factor", 1.0)), extra
+
+
 def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
     """Gemma2Config's defaults where a field is missing (attention scores capped at 50, logits at 30, sliding
     layers first and every other one, one RoPE base for both kinds of layer); null turns a cap or the window

@@ -5,7 +5,7 @@ turns with global ones from the first. gemma3.build builds it."""
 
 from __future__ import annotations
 
-from ..config import FULL, SLIDING, Problems, TextConfig, check_common, parse_rope, query_scale
+from ..config import FULL, SLIDING, Problems, TextConfig, check_common, one_rope, query_scale
 
 
 def parse_config(hf: dict, source: str) -> TextConfig:
@@ -13,10 +13,7 @@ def parse_config(hf: dict, source: str) -> TextConfig:
     pr = Problems(source)
     n_layers = pr.need(hf, "num_hidden_layers")
     types = tuple(pr.layer_types(hf) or [SLIDING if (i + 1) % 2 else FULL for i in range(n_layers)])
-    if hf.get("rope_parameters"):
-        rope = parse_rope(hf["rope_parameters"], 10000.0, pr, "rope_parameters")
-    else:
-        rope = parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 10000.0), pr, "rope_scaling")
+    rope = one_rope(hf, pr)
     # null: transformers' sliding layers then see the whole past (no window)
     window = pr.opt(hf, "sliding_window", int, None) if "sliding_window" in hf else 4096
     cfg = TextConfig(
