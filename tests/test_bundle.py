@@ -612,7 +612,8 @@ def test_phi3_config_and_fused_weights(tmp_path):
     """Phi3Config's RoPE as transformers reads it ("su" is longrope; the base and partial_rotary_factor at the
     top level too), LongRoPE's limit on the KV capacity (past the original length it changes frequencies),
     and a fused matrix that does not hold the rows config.json implies: each named, nothing exported."""
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
+    import transformers.modeling_rope_utils  # noqa: F401
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
@@ -630,6 +631,22 @@ def test_phi3_config_and_fused_weights(tmp_path):
                       "x").rope["full_attention"]
     assert su.kind == "longrope" and su.ext_factors == (2.0,) * 4 and su.original_max_positions == 64
     assert su.scale == pytest.approx((1 + np.log(4) / np.log(64)) ** 0.5)
+    # the length LongRoPE scales from is config.json's top-level field, 4096 when unsaid, whatever the RoPE
+    # parameters say (transformers' Phi3Config overwrites theirs); rope_scaling, when set, over rope_parameters
+    short = {"rope_type": "longrope", "short_factor": [2.0] * 4, "long_factor": [3.0] * 4}
+    for extra in ({"rope_parameters": {**short, "original_max_position_embeddings": 32}},
+                  {"rope_parameters": short, "original_max_position_embeddings": None},
+                  {"rope_parameters": {**short, "original_max_position_embeddings": 32}, "max_position_embeddings": 8192},
+                  {"rope_scaling": {**short, "short_factor": [4.0] * 4}, "rope_parameters": short}):
+        model_dir = tmp_path / f"cfg{len(list(tmp_path.iterdir()))}"
+        model_dir.mkdir()
+        config = {**hf, "model_type": "phi3", **extra}
+        (model_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        want = transformers.AutoConfig.from_pretrained(model_dir)
+        got = parse_config(json.loads((model_dir / "config.json").read_text()), "x").rope["full_attention"]
+        _, scale = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"](want, None)
+        assert got.original_max_positions == want.rope_parameters["original_max_position_embeddings"], extra
+        assert got.scale == pytest.approx(scale) and list(got.ext_factors) == want.rope_parameters["short_factor"]
     for rope, message in (({"type": "su", "short_factor": [2.0] * 3}, "'rope_scaling.short_factor' must list 4"),
                           ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported for phi3")):
         with pytest.raises(EdgemtpError, match=re.escape(message)):

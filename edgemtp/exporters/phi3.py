@@ -56,9 +56,9 @@ def parse_config(hf: dict, source: str) -> TextConfig:
 
 
 def _rope(hf: dict, pr: Problems, head_dim: int, max_positions: int) -> Rope:
-    """Phi3Config's RoPE: rope_parameters or the older rope_scaling ("su" and "yarn" are its old names for
-    longrope), the base and partial_rotary_factor there or at the top level."""
-    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    """Phi3Config's RoPE: the older rope_scaling when set, else rope_parameters ("su" and "yarn" are its old
+    names for longrope), the base and partial_rotary_factor there or at the top level."""
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     p = hf.get(where) or {}
     if not isinstance(p, dict):
         pr.items.append(f"field '{where}' should be an object, got {p!r}")
@@ -74,8 +74,8 @@ def _rope(hf: dict, pr: Problems, head_dim: int, max_positions: int) -> Rope:
                                               "(default, longrope)")
     if kind != "longrope":
         return Rope(theta=theta, fraction=fraction)
-    original = pr.opt(p, "original_max_position_embeddings", int, None, where)
-    original = pr.opt(hf, "original_max_position_embeddings", int, max_positions) if original is None else original
+    # Phi3Config's own field (4096 when unsaid) overwrites the RoPE parameters' (standardize_rope_params)
+    original = pr.opt(hf, "original_max_position_embeddings", int, 4096)
     short = p.get("short_factor")
     pairs = int(head_dim * fraction) // 2
     pr.check(isinstance(short, list) and len(short) == pairs and all(
