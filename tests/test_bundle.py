@@ -658,6 +658,10 @@ def test_phi3_config_and_fused_weights(tmp_path):
     assert r.exit_code == 2 and r.output == ("error: --max-context 65 exceeds original_max_position_embeddings (64, "
                                              "config.json): past it LongRoPE turns to other frequencies, which "
                                              "the keys already cached were not rotated with\n")
+    r = CliRunner().invoke(cli, args[:-1])  # by default within the original length (it asked for 256 and failed)
+    assert r.exit_code == 0, r.output
+    assert bundle.load(tmp_path / "out").target_contract.capacity == 64
+    shutil.rmtree(tmp_path / "out")
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
     r = CliRunner().invoke(cli, args + ["64"])

@@ -82,20 +82,22 @@ DEFAULT_CAPACITY = 4096
 
 
 def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
-    """--max-context: by default 4096 positions, or the model's max_position_embeddings if fewer. `limit`
+    """--max-context: by default 4096 positions, or the model's max_position_embeddings (or a LongRoPE model's
+    original_max_position_embeddings) if fewer. `limit`
     (the CLI): a value beyond max_position_embeddings is refused, positions the model was never trained on
     (an internal scratch export of a tiny test model may go past them)."""
-    if capacity is None:
-        capacity = min(DEFAULT_CAPACITY, cfg.max_position_embeddings)
+    longrope = [r.original_max_positions for r in getattr(cfg, "rope", {}).values() if r.kind == "longrope"]
+    if capacity is None:  # within LongRoPE's original length too: a default the check below refuses is no default
+        capacity = min(DEFAULT_CAPACITY, cfg.max_position_embeddings, *longrope)
     if capacity < 2:
         raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
     if limit and capacity > cfg.max_position_embeddings:
         raise EdgemtpError(f"--max-context {capacity} exceeds the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings}, config.json)")
-    for rope in getattr(cfg, "rope", {}).values():
-        if rope.kind == "longrope" and capacity > rope.original_max_positions:  # see exporters/phi3.py
+    for original in longrope:
+        if capacity > original:  # see exporters/phi3.py
             raise EdgemtpError(f"--max-context {capacity} exceeds original_max_position_embeddings "
-                               f"({rope.original_max_positions}, config.json): past it LongRoPE turns to other "
+                               f"({original}, config.json): past it LongRoPE turns to other "
                                "frequencies, which the keys already cached were not rotated with")
     return capacity
 
