@@ -648,9 +648,14 @@ def test_phi3_config_and_fused_weights(tmp_path):
         assert got.original_max_positions == want.rope_parameters["original_max_position_embeddings"], extra
         assert got.scale == pytest.approx(scale) and list(got.ext_factors) == want.rope_parameters["short_factor"]
     for rope, message in (({"type": "su", "short_factor": [2.0] * 3}, "'rope_scaling.short_factor' must list 4"),
+                          ({"type": "su", "short_factor": ["a"] * 4, "long_factor": [3.0] * 4},
+                           "field 'rope_scaling.short_factor' must list 4 positive numbers"),  # was a bare ValueError
+                          ({"type": "su", "short_factor": [2.0] * 4}, "field 'rope_scaling.long_factor' is missing"),
                           ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported for phi3")):
         with pytest.raises(EdgemtpError, match=re.escape(message)):
             parse_config({**hf, "rope_scaling": rope}, "x")
+    with pytest.raises(EdgemtpError, match="field 'original_max_position_embeddings' 0 must be at least 2"):
+        parse_config({**hf, "original_max_position_embeddings": 0, "rope_scaling": short}, "x")
 
     model_dir = save_tiny(tiny("phi3_longrope"), tmp_path / "model")
     args = ["export", str(model_dir), "-o", str(tmp_path / "out"), "--max-context"]

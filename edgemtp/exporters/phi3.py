@@ -76,18 +76,23 @@ def _rope(hf: dict, pr: Problems, head_dim: int, max_positions: int) -> Rope:
         return Rope(theta=theta, fraction=fraction)
     # Phi3Config's own field (4096 when unsaid) overwrites the RoPE parameters' (standardize_rope_params)
     original = pr.opt(hf, "original_max_position_embeddings", int, 4096)
+    # transformers divides by it and by its log
+    pr.check("original_max_position_embeddings" in pr.bad or original >= 2,
+             f"field 'original_max_position_embeddings' {original} must be at least 2 (LongRoPE scales from it)")
     short = p.get("short_factor")
     pairs = int(head_dim * fraction) // 2
-    pr.check(isinstance(short, list) and len(short) == pairs and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in short),
-        f"field '{where}.short_factor' must list {pairs} positive numbers (one per rotated pair)")
+    numbers = isinstance(short, list) and len(short) == pairs and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in short)
+    pr.check(numbers, f"field '{where}.short_factor' must list {pairs} positive numbers (one per rotated pair)")
+    # never used within the original length, but transformers' LongRoPE reads it (a KeyError when missing)
+    pr.check("long_factor" in p, f"field '{where}.long_factor' is missing (LongRoPE needs it)")
     factor = pr.opt(p, "factor", float, None, where)
     factor = max_positions / original if factor is None and original else factor or 1.0
     scale = pr.opt(p, "attention_factor", float, None, where)
     if scale is None:  # the LongRoPE paper's, as transformers computes it
         scale = 1.0 if factor <= 1.0 or original <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
     return Rope(theta=theta, kind="longrope", fraction=fraction, original_max_positions=original,
-                ext_factors=tuple(float(x) for x in short) if isinstance(short, list) else (), scale=scale)
+                ext_factors=tuple(float(x) for x in short) if numbers else (), scale=scale)
 
 
 def split_fused(cfg: TextConfig, ckpt: Checkpoint) -> None:
