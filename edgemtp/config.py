@@ -168,6 +168,9 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
              f"field '{where}.partial_rotary_factor' {fraction} is not supported with rope_type {kind!r} "
              "(only with 'proportional')")
     pr.check(0.0 <= fraction <= 1.0, f"field '{where}.partial_rotary_factor' {fraction} must be in [0, 1]")
+    # LongRoPE's short factors and attention factor are read by phi3's parser alone (exporters/phi3.py): here
+    # the Rope would have none, and building its tables failed with a numpy broadcasting error
+    pr.check(kind != "longrope", f"field '{where}' rope_type 'longrope' is supported for phi3 only")
     return Rope(
         theta=pr.opt(p, "rope_theta", float, default_theta, where),
         kind=kind,

@@ -589,6 +589,25 @@ def test_rope_read_as_transformers_reads_it(model_type, tmp_path):
         assert (got.theta, got.kind, got.factor) == (want["rope_theta"], want["rope_type"], want.get("factor", 1.0)), extra
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral", "smollm3", "gemma2", "gemma3_text"])
+def test_longrope_outside_phi3_is_refused(model_type, tiny_gemma3, tmp_path):
+    """ROPE_KINDS names longrope (for phi3), but only phi3's parser reads its factors: another architecture's
+    export stopped with a numpy traceback."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 16, "long_factor": [2.0] * 16}
+    rope = {"full_attention": longrope, "sliding_attention": longrope} if model_type == "gemma3_text" else longrope
+    (model_dir / "config.json").write_text(json.dumps({**config, "model_type": model_type, "rope_parameters": rope}))
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(tmp_path / "out"), "--max-context", "64"])
+    assert r.exit_code == 2 and "rope_type 'longrope' is supported for phi3 only" in r.output, r.output
+    assert r.output.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
     """Gemma2Config's defaults where a field is missing (attention scores capped at 50, logits at 30, sliding
     layers first and every other one, one RoPE base for both kinds of layer); null turns a cap or the window
