@@ -259,6 +259,8 @@ def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, .
     flags = hf.get("no_rope_layers")
     if flags is None:
         every = pr.opt(hf, "no_rope_layer_interval", int, 4)
+        # transformers computes (i + 1) % 0 and fails: 0 is no "every layer rotates"
+        pr.check("no_rope_layer_interval" in pr.bad or every != 0, "field 'no_rope_layer_interval' must not be 0")
         flags = [int((i + 1) % every != 0) if every else 1 for i in range(n_layers)]
     ok = isinstance(flags, list) and len(flags) == n_layers and all(f in (0, 1) for f in flags)
     pr.check(ok, f"field 'no_rope_layers' must list 0 or 1 for each of the {n_layers} layers")
@@ -346,9 +348,10 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
 
 
 def query_scale(scalar: float, pr: Problems) -> float:
-    """query_pre_attn_scalar ** -0.5; a negative one would make it a complex number (a crash in the builder)."""
+    """query_pre_attn_scalar ** -0.5; a negative one would make it a complex number (a crash in the builder),
+    and 0 a ZeroDivisionError (both refused, with a stand-in returned so that every problem is listed)."""
     pr.check(scalar > 0, f"field 'query_pre_attn_scalar' {scalar} must be positive")
-    return abs(scalar) ** -0.5
+    return abs(scalar) ** -0.5 if scalar else 1.0
 
 
 def check_limits(cfg, pr: Problems) -> None:

@@ -557,6 +557,8 @@ def test_smollm3_fields_read_as_transformers_reads_them(tiny_gemma3):
     assert drafter_kv(parse_llama(hf, "x")) == {FULL: 6}  # an MTP drafter reads the last layer with RoPE
     with pytest.raises(EdgemtpError, match="field 'no_rope_layers' must list 0 or 1 for each of the 8 layers"):
         parse_llama({**hf, "no_rope_layers": [1, 0]}, "x")
+    with pytest.raises(EdgemtpError, match="field 'no_rope_layer_interval' must not be 0"):  # transformers divides
+        parse_llama({**hf, "no_rope_layer_interval": 0}, "x")
     # layer_types' sliding layers slide by sliding_window with use_sliding_window off too (transformers' mask)
     cfg = parse_llama({**hf, "layer_types": [FULL, SLIDING] * 4, "sliding_window": 8}, "x")
     assert cfg.layer_types == (FULL, SLIDING) * 4 and cfg.sliding_window == 8
@@ -625,6 +627,8 @@ def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
     cfg = parse_config({**hf, "attn_logit_softcapping": None, "rope_theta": 500.0}, "x")
     assert cfg.attn_logit_softcapping is None and cfg.rope[SLIDING].theta == 500.0
     assert parse_config({**hf, "sliding_window": None}, "x").sliding_window is None  # sliding layers see it all
+    with pytest.raises(EdgemtpError, match="field 'query_pre_attn_scalar' 0.0 must be positive"):  # was read as 256
+        parse_config({**hf, "query_pre_attn_scalar": 0}, "x")
 
 
 def test_phi3_config_and_fused_weights(tmp_path):

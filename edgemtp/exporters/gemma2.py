@@ -30,7 +30,8 @@ def parse_config(hf: dict, source: str) -> TextConfig:
         rope={FULL: rope, SLIDING: rope},
         sliding_window=window,
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
-        attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
+        # 0 is refused as transformers refuses it (0 ** -0.5), not read as unset
+        attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0), pr),
         # missing: Gemma2Config's 50 and 30; null: none
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float) if "attn_logit_softcapping" in hf
         else 50.0,
