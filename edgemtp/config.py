@@ -233,7 +233,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
-        max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 8192),
+        max_position_embeddings=pr.opt(hf, "max_position_embeddings", int,
+                                       _MAX_POSITIONS.get(hf.get("model_type"), 2048)),
     )
     check_common(cfg, pr)
     pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once
@@ -246,6 +247,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
 
 
 _KV_HEADS = {"mistral": 8, "smollm3": 4}  # transformers' defaults where config.json says none (others: all heads)
+_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "smollm3": 32768}  # likewise
 
 
 def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None, tuple[int, ...]]:

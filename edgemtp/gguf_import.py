@@ -336,6 +336,10 @@ def generation_config(meta: dict, config: dict) -> dict:
             eos.append(meta[key])
     if config["model_type"] in ("gemma3_text", "gemma2") and "<end_of_turn>" in tokens:
         eos.append(tokens.index("<end_of_turn>"))
+    # Qwen's instruct models stop on <|im_end|> (the file's eos) and <|endoftext|>, as their generation_config
+    if config["model_type"] in ("qwen2", "qwen3") and "<|endoftext|>" in tokens:
+        eos.append(tokens.index("<|endoftext|>"))
+    eos = list(dict.fromkeys(eos))
     return {"bos_token_id": config["bos_token_id"], "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": config["pad_token_id"]}
 

@@ -520,6 +520,10 @@ def test_mistral_fields_read_as_transformers_reads_them(tiny_gemma3):
     unsaid = {k: v for k, v in hf.items() if k not in ("sliding_window", "num_key_value_heads")}
     parsed = parse_llama({**unsaid, "num_attention_heads": 16}, "x")
     assert parsed.sliding_window == 4096 and parsed.num_kv_heads == 8
+    # max_position_embeddings unsaid: each MistralConfig / LlamaConfig default, as transformers reads them
+    positions = {k: v for k, v in hf.items() if k != "max_position_embeddings"}
+    assert parse_llama(positions, "x").max_position_embeddings == 131072
+    assert parse_llama({**positions, "model_type": "llama"}, "x").max_position_embeddings == 2048
     parsed = parse_llama({**hf, "sliding_window": None}, "x")
     assert parsed.layer_types == (FULL,) * 4 and parsed.sliding_window is None
 

@@ -321,6 +321,13 @@ def test_phi3_config_fields(tmp_path):
         import_gguf(bad, tmp_path / "bad_hf")
 
 
+def test_qwen_stops_on_endoftext_too(tmp_path):
+    """A Qwen instruct GGUF's eos is <|im_end|>; its generation_config stops on <|endoftext|> as well."""
+    _, path = export_tiny(tmp_path, "qwen3", tied=True)
+    config = json.loads((import_gguf(path, tmp_path / "hf") / "generation_config.json").read_text())
+    assert config["eos_token_id"] == [2, 0]  # <|im_end|>, <|endoftext|>
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     w = np.arange(6 * 16 * 5, dtype=np.float32).reshape(6 * 16, 5)
     np.testing.assert_array_equal(unpermute_rotary(llama_cpp_permute(w, 6), 6), w)
