@@ -635,6 +635,16 @@ def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
         parse_config({**hf, "query_pre_attn_scalar": 0}, "x")
 
 
+def test_calibration_caps_gemma2_logits_by_its_default(tmp_path):
+    """`cluster`'s full-head logits: Gemma2Config caps them at 30 where config.json says nothing (null: no cap)."""
+    from edgemtp.calibration.model_files import logit_softcap
+
+    for config, cap in (({"model_type": "gemma2"}, 30.0), ({"model_type": "gemma2", "final_logit_softcapping": None},
+                                                           None), ({"model_type": "llama"}, None)):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert logit_softcap(tmp_path) == cap, config
+
+
 def test_phi3_config_and_fused_weights(tmp_path):
     """Phi3Config's RoPE as transformers reads it ("su" is longrope; the base and partial_rotary_factor at the
     top level too), LongRoPE's limit on the KV capacity (past the original length it changes frequencies),

@@ -51,6 +51,8 @@ def logit_softcap(model_dir: Path) -> float | None:
     cfg = model_config(model_dir)
     cfg = cfg.get("text_config", cfg)
     cap = cfg.get("final_logit_softcapping") if isinstance(cfg, dict) else None
+    if isinstance(cfg, dict) and cfg.get("model_type") == "gemma2" and "final_logit_softcapping" not in cfg:
+        cap = 30.0  # Gemma2Config's default (exporters/gemma2.py reads it so)
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap < 0):
         raise EdgemtpError(f"{Path(model_dir) / 'config.json'}: field 'final_logit_softcapping' {cap!r} is not a "
                            "number of 0 or more")
