@@ -349,6 +349,24 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     return cfg
 
 
+# Gemma3TextConfig's defaults: a multimodal Gemma 3 (4B, 12B, 27B) config.json leaves some out of text_config
+GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+                        "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                        "head_dim": 256, "max_position_embeddings": 131_072}
+
+
+def parse_gemma3_multimodal(hf: dict, source: str) -> TextConfig:
+    """A multimodal `gemma3` config.json (Gemma3ForConditionalGeneration): its text_config, with
+    Gemma3TextConfig's defaults where it is silent, tied by the multimodal config's own flag (default true)."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise EdgemtpError(f"{source}: model_type 'gemma3' needs a 'text_config' object")
+    top = Problems(source)
+    tie = top.flag(hf, "tie_word_embeddings", True)
+    top.raise_if_any()
+    return parse_gemma3({**GEMMA3_TEXT_DEFAULTS, **text, "tie_word_embeddings": tie}, source + " (text_config)")
+
+
 def query_scale(scalar: float, pr: Problems) -> float:
     """query_pre_attn_scalar ** -0.5; a negative one would make it a complex number (a crash in the builder),
     and 0 a ZeroDivisionError (both refused, with a stand-in returned so that every problem is listed)."""

@@ -635,6 +635,22 @@ def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
         parse_config({**hf, "query_pre_attn_scalar": 0}, "x")
 
 
+def test_multimodal_gemma3_config_reads_its_text_config(tmp_path):
+    """model_type gemma3 (Gemma 3 4B and up): text_config's fields, Gemma3TextConfig's defaults where it is
+    silent (as 4B's config.json is about its vocabulary and heads), the multimodal config's tie flag."""
+    from edgemtp.exporters import load_config
+
+    text = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34, "sliding_window": 1024,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "model_type": "gemma3_text"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text}))
+    cfg = load_config(tmp_path)[0]
+    assert (cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (262_208, 8, 4, 256)
+    assert cfg.tie_word_embeddings and cfg.rope["full_attention"].factor == 8.0 and cfg.sliding_window == 1024
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": "x"}))
+    with pytest.raises(EdgemtpError, match="model_type 'gemma3' needs a 'text_config' object"):
+        load_config(tmp_path)
+
+
 def test_calibration_caps_gemma2_logits_by_its_default(tmp_path):
     """`cluster`'s full-head logits: Gemma2Config caps them at 30 where config.json says nothing (null: no cap)."""
     from edgemtp.calibration.model_files import logit_softcap

@@ -28,6 +28,15 @@ def tiny(kind: str):
                                             layer_types=["sliding_attention", "full_attention"] * 2,
                                             query_pre_attn_scalar=24, final_logit_softcapping=30.0)
         model = transformers.Gemma3ForCausalLM(cfg)
+    elif kind == "gemma3_multimodal":  # Gemma 3 4B's layout: model_type gemma3, text_config, a vision tower
+        text = dict(common, head_dim=32, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                    layer_types=["sliding_attention", "full_attention"] * 2,
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+            text_config=text, vision_config=vision, mm_tokens_per_image=4))
     elif kind.startswith("gemma2"):
         # no q/k norms; attention scores capped at 1 (tanh(s), with larger weights: so that the cap shows);
         # gemma2_mqa: one KV head (window views, as Gemma 3 270M)
@@ -115,7 +124,7 @@ def _randomize_norms(model) -> None:
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
                                   "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding",
                                   "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding",
-                                  "smollm3_types"])
+                                  "smollm3_types", "gemma3_multimodal"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
@@ -125,7 +134,8 @@ def test_logits_match_transformers(kind, tmp_path):
     transformers' qwen2 ignores (q/k/v biases all the same). qwen3: q and k RMS-normed per head before RoPE.
     mistral: a window on every layer. phi3: fused weights, partial RoPE, LongRoPE (see tiny()). gemma2: Gemma 3
     without q/k norms, attention scores soft-capped. smollm3: a layer without RoPE; smollm3_types: a sliding
-    layer named by layer_types alone (was read as a full one)."""
+    layer named by layer_types alone (was read as a full one). gemma3_multimodal: the text tower of a
+    Gemma3ForConditionalGeneration checkpoint (model.language_model.*, a vision tower beside it)."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")

@@ -12,7 +12,7 @@ from typing import Callable
 
 from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
-from ..config import TextConfig, parse_gemma3, parse_llama, read_config_json
+from ..config import TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, read_config_json
 from ..errors import EdgemtpError
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
@@ -28,6 +28,7 @@ def _architectures() -> dict:
     """model_type -> (parse(hf, source) -> cfg, build(cfg, capacity) -> (builder, contract))."""
     archs = {
         "gemma3_text": (parse_gemma3, gemma3.build),
+        "gemma3": (parse_gemma3_multimodal, gemma3.build),  # multimodal (4B and up): its text tower
         "gemma2": (gemma2.parse_config, gemma3.build),
         "llama": (parse_llama, llama.build),
         "qwen2": (parse_llama, llama.build),
