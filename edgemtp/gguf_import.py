@@ -272,7 +272,8 @@ def _phi3_config(meta: dict, config: dict, factors: dict, path: Path) -> dict:
         raise EdgemtpError(f"{path}: phi3.rope.dimension_count = {rotary} does not fit heads of {config['head_dim']}")
     rope = {"rope_type": "default", "rope_theta": config["rope_theta"],
             "partial_rotary_factor": rotary / config["head_dim"]}
-    out = {"hidden_act": "silu", "sliding_window": get("attention.sliding_window"),
+    # llama.cpp writes 0 for a model without a window (Phi-4: sliding_window null in its config.json)
+    out = {"hidden_act": "silu", "sliding_window": get("attention.sliding_window", least=0) or None,
            "original_max_position_embeddings": get("rope.scaling.original_context_length",
                                                    default=config["max_position_embeddings"])}
     if factors:

@@ -836,3 +836,14 @@ def test_export_takes_a_gguf_file(tmp_path):
     assert r.exit_code == 2 and str(bad) in r.output and len(r.output.splitlines()) == 1, r.output
     assert not list(tmp_path.glob("*edgemtp-gguf-*"))
 
+
+
+def test_phi3_without_window(tmp_path):
+    """llama.cpp writes phi3.attention.sliding_window = 0 for a Phi-3 model without a window (Phi-4, whose
+    config.json has sliding_window null): no window, not a refused file; a window is kept as it is."""
+    _, path = export_tiny(tmp_path, "phi3", tied=False, edit={"phi3.attention.sliding_window": 0})
+    cfg = json.loads((import_gguf(path, tmp_path / "hf") / "config.json").read_text())
+    assert cfg["sliding_window"] is None
+    (tmp_path / "w").mkdir()
+    _, path = export_tiny(tmp_path / "w", "phi3", tied=False, edit={"phi3.attention.sliding_window": 2047})
+    assert json.loads((import_gguf(path, tmp_path / "hf2") / "config.json").read_text())["sliding_window"] == 2047
