@@ -363,11 +363,36 @@ def hf_name(gguf_name: str, arch: str) -> str | None:
 def _hf_tensors(tensors: list[GGUFTensor], arch: str, config: dict,
                 path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     """(HF name, numpy shape, loader) per tensor; a loader dequantizes and fixes one tensor on demand."""
+    by_name = {t.name: t for t in tensors}
     for tensor in tensors:
+        base, _, suffix = tensor.name.rpartition(".")
+        if arch == "phi3" and base.startswith("blk.") and base.endswith((".attn_q", ".attn_k", ".attn_v")):
+            # llama.cpp also loads a phi3 file with separate attn_q / attn_k / attn_v: HF's Phi3 has only qkv_proj
+            layer = base[:-len(".attn_q")]
+            if f"{layer}.attn_qkv.{suffix}" in by_name:
+                raise EdgemtpError(f"{path}: tensor {tensor.name} is in the file beside {layer}.attn_qkv.{suffix}")
+            if base.endswith(".attn_q") or f"{layer}.attn_q.{suffix}" not in by_name:
+                yield _fused_qkv([by_name.get(f"{layer}.attn_{p}.{suffix}") for p in "qkv"], layer, suffix, path)
+            continue
         name = hf_name(tensor.name, arch)
         if name is None:
             raise EdgemtpError(f"{path}: tensor {tensor.name} has no Hugging Face {arch} equivalent")
         yield name, tensor.shape, lambda t=tensor, n=name: _load(t, n, arch, config)
+
+
+def _fused_qkv(parts: list[GGUFTensor | None], layer: str, suffix: str,
+               path: Path) -> tuple[str, tuple, Callable]:
+    """A phi3 layer's separate q, k and v tensors as HF's qkv_proj (their rows one after the other)."""
+    missing = [f"{layer}.attn_{p}.{suffix}" for p, t in zip("qkv", parts) if t is None]
+    if missing:
+        raise EdgemtpError(f"{path}: tensor {missing[0]} is missing beside {layer}'s other attn_q/k/v "
+                           "(phi3 needs attn_qkv, or attn_q, attn_k and attn_v)")
+    if len({t.shape[1:] for t in parts}) != 1:
+        raise EdgemtpError(f"{path}: tensors {layer}.attn_q/k/v.{suffix} have shapes "
+                           f"{', '.join(str(list(t.shape)) for t in parts)}, which do not stack into qkv_proj")
+    name = hf_name(f"{layer}.attn_qkv.{suffix}", "phi3")
+    shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
+    return name, shape, lambda: np.concatenate([_load(t, name, "phi3", {}) for t in parts])
 
 
 def _load(tensor: GGUFTensor, name: str, arch: str, config: dict) -> np.ndarray:

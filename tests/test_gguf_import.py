@@ -847,3 +847,34 @@ def test_phi3_without_window(tmp_path):
     (tmp_path / "w").mkdir()
     _, path = export_tiny(tmp_path / "w", "phi3", tied=False, edit={"phi3.attention.sliding_window": 2047})
     assert json.loads((import_gguf(path, tmp_path / "hf2") / "config.json").read_text())["sliding_window"] == 2047
+
+
+def test_phi3_with_separate_q_k_v(tmp_path):
+    """A phi3 GGUF with attn_q / attn_k / attn_v instead of attn_qkv (llama.cpp loads either): imported as
+    HF's qkv_proj, their rows in order, so that transformers' Phi3 reads it; one missing is named."""
+    model, path = export_tiny(tmp_path, "phi3", tied=False)
+    meta, tensors = read_gguf(path)
+    split = {}
+    for t in tensors:
+        w = np.asarray(gguf.quants.dequantize(t.data, t.qtype), np.float32).reshape(t.shape)
+        if t.name.endswith("attn_qkv.weight"):
+            q, kv = model.config.num_attention_heads * 16, model.config.num_key_value_heads * 16
+            layer = t.name.rsplit(".", 2)[0]
+            split |= {f"{layer}.attn_q.weight": w[:q], f"{layer}.attn_k.weight": w[q:q + kv],
+                      f"{layer}.attn_v.weight": w[q + kv:]}
+        else:
+            split[t.name] = w
+    kv = {k: v for k, v in meta.items() if not k.startswith("GGUF.") and k != "general.architecture"}
+    (tmp_path / "s").mkdir()
+    out = import_gguf(write_gguf(tmp_path / "s" / "split.gguf", "phi3", kv, split), tmp_path / "hf")
+    weights = load_file(out / "model.safetensors")
+    for name, w in model.state_dict().items():
+        np.testing.assert_array_equal(weights[name], w.numpy(), err_msg=name)
+    assert set(weights) == set(model.state_dict())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = list(np.random.default_rng(0).integers(3, model.config.vocab_size, 12))
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=1e-4, rtol=1e-4)
+    del split["blk.1.attn_v.weight"]
+    bad = write_gguf(tmp_path / "s" / "bad.gguf", "phi3", kv, split)
+    with pytest.raises(EdgemtpError, match="blk.1.attn_v.weight is missing"):
+        import_gguf(bad, tmp_path / "hf_bad")
