@@ -363,8 +363,12 @@ def parse_gemma3_multimodal(hf: dict, source: str) -> TextConfig:
         raise EdgemtpError(f"{source}: model_type 'gemma3' needs a 'text_config' object")
     top = Problems(source)
     tie = top.flag(hf, "tie_word_embeddings", True)
+    # transformers' generate stops on the multimodal config's own eos ids (Gemma 3 4B-it: [1, 106], <end_of_turn>
+    # only there), text_config's only where it has none
+    own = {"eos_token_id": list(top.token_ids(hf, "eos_token_id"))} if hf.get("eos_token_id") is not None else {}
     top.raise_if_any()
-    return parse_gemma3({**GEMMA3_TEXT_DEFAULTS, **text, "tie_word_embeddings": tie}, source + " (text_config)")
+    return parse_gemma3({**GEMMA3_TEXT_DEFAULTS, **text, **own, "tie_word_embeddings": tie},
+                        source + " (text_config)")
 
 
 def query_scale(scalar: float, pr: Problems) -> float:

@@ -649,6 +649,15 @@ def test_multimodal_gemma3_config_reads_its_text_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": "x"}))
     with pytest.raises(EdgemtpError, match="model_type 'gemma3' needs a 'text_config' object"):
         load_config(tmp_path)
+    # Gemma 3 4B-it's config.json: the end-of-turn id is in the multimodal config's eos, which transformers'
+    # generate stops on (GenerationConfig.from_model_config), with no generation_config.json beside it too
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text,
+                                                      "eos_token_id": [1, 106]}))
+    assert load_config(tmp_path)[0].eos_token_ids == (1, 106)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": text,
+                                                      "eos_token_id": "x"}))
+    with pytest.raises(EdgemtpError, match="field 'eos_token_id' should be a token id"):
+        load_config(tmp_path)
 
 
 def test_calibration_caps_gemma2_logits_by_its_default(tmp_path):
