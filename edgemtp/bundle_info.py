@@ -69,12 +69,13 @@ def graph_files(bundle_dir: Path, graph_file: str) -> tuple[list[str], list[str]
 def text(info: dict, verified: bool) -> str:
     """The human-readable report of describe()'s dict."""
     model = info["model"]
-    eos = ", ".join(map(str, model.get("eos_token_ids", [])))
+    eos = ", ".join(map(str, model.get("eos_token_ids", []))) or "none"
+    bos = "none" if model.get("bos_token_id") is None else model.get("bos_token_id")
     window = f", sliding window {info['sliding_window']:,}" if info["sliding_window"] else ""
     lines = [f"{info['bundle']}: {len(info['files'])} files, {_size(info['bytes'])}"
              + (" (every file's sha256 matches the manifest)" if verified else " (sizes checked; --no-verify: no sha256)"),
              f"model: {model.get('model_type')}, {model.get('num_layers')} layers, hidden "
-             f"{model.get('hidden_size'):,}, vocabulary {model.get('vocab_size'):,} (bos {model.get('bos_token_id')}, "
+             f"{model.get('hidden_size'):,}, vocabulary {model.get('vocab_size'):,} (bos {bos}, "
              f"eos {eos})",
              f"context: {info['capacity']:,} tokens{window}; KV cache {_size(info['kv_cache_bytes_per_row'])} "
              "a row (fp32)",

@@ -290,6 +290,7 @@ def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):
     assert verify["files"] == ["target_verify.onnx"] and verify["reads"] == ["target.onnx.data"]
     r = run("info", fp32)
     assert r.exit_code == 0 and "context: 64 tokens, sliding window 8; KV cache 131.1 kB a row (fp32)" in r.output
+    assert "vocabulary 96 (bos 2, eos 1)" in r.output, r.output
     assert "verify: batched verify passes" in r.output and "(also reads target.onnx.data)" in r.output
     q = tmp_path / "q4"
     assert run("export", model_dir, "-o", q, "--quant", "int4", "--max-context", 64, "--calibration", "none",
