@@ -338,3 +338,43 @@ def test_text_that_is_not_utf8_is_named(chat_bundle):
     assert len(r.stdout.decode().splitlines()) == 1  # the next line was answered
     with pytest.raises(EdgemtpError, match="refused the messages"):
         ChatTemplate("{% for i in range(10**30) %}{% endfor %}", {}, "here").render([{"role": "user", "content": "a"}])
+
+
+THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+            "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_chat_args_are_template_variables_as_transformers_passes_them(chat_bundle, tiny_gemma3, tmp_path):
+    """chat_args (`--chat-arg NAME=VALUE`) reach the template as apply_chat_template's keyword arguments do
+    (Qwen3's enable_thinking=False: an empty thinking block); bad ones are named, before any work."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    chat = [{"role": "user", "content": "hi"}]
+    for args in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+        ours = ChatTemplate(THINKING, {}, "here", args).render(chat)
+        theirs = render_jinja_template(conversations=[chat], chat_template=THINKING, add_generation_prompt=True,
+                                       **args)[0][0]
+        assert ours == theirs, args
+    assert "<think>" in ChatTemplate(THINKING, {}, "here", {"enable_thinking": False}).render(chat)
+    for bad, match in (("x", "chat_args='x' must be a dict"), ({"messages": 1}, "has the name 'messages'"),
+                       ({"a b": 1}, "has the name 'a b'"), ({"x": object()}, "values must be JSON values")):
+        with pytest.raises(EdgemtpError, match=match):
+            ChatTemplate(THINKING, {}, "here", bad)
+    # the CLI: JSON values where they parse, the same tokens as the Python API; a bundle with a template using one
+    d = model_with_template(tiny_gemma3[1], tmp_path / "model", TINY + "{% if mood == 3 %} t9 t9{% endif %}")
+    b = export(d, tmp_path / "b", capacity=64)
+    want = Engine.load(b, chat_args={"mood": 3}).generate([{"role": "user", "content": "t3"}], 4)
+    assert Engine.load(b).chat_prompt(chat) != Engine.load(b, chat_args={"mood": 3}).chat_prompt(chat)
+    r = CliRunner().invoke(cli, ["generate", str(b), "--chat", "--prompt", "t3", "--chat-arg", "mood=3",
+                                 "--max-new-tokens", "4", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["tokens"] == want.tokens, r.output
+    for args, message in ((["--prompt", "t3", "--chat-arg", "mood=3"], "error: --chat-arg applies to --chat prompts"),
+                          (["--chat", "--prompt", "t3", "--chat-arg", "mood"],
+                           "error: --chat-arg 'mood': give NAME=VALUE"),
+                          (["--chat", "--prompt", "t3", "--chat-arg", "messages=1"], "has the name 'messages'")):
+        r = CliRunner().invoke(cli, ["generate", str(b), *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+    with pytest.raises(EdgemtpError, match="chat_args \\(--chat-arg\\) set chat template variables, and the bundle "
+                                           "has no chat template"):
+        Engine.load(tiny_gemma3[2], chat_args={"mood": 3})

@@ -63,14 +63,18 @@ def draft_options(f):
               help="The prompt is a user's message: format it with the model's chat template (instruction-tuned "
                    "models; needs jinja2: pip install 'edgemtp[chat]').")
 @click.option("--system", default=None, help="With --chat: a system message before the user's.")
+@click.option("--chat-arg", "chat_arg", multiple=True, metavar="NAME=VALUE",
+              help="With --chat: a variable for the chat template, as apply_chat_template's keyword arguments "
+                   "(VALUE read as JSON where it is: true, 3, \"x\"; else as text; repeatable), e.g. "
+                   "enable_thinking=false for Qwen3's and SmolLM3's answers without thinking.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 @click.option("--stop", "stop", multiple=True,
               help="Stop where the generated text first holds this string, and end the output just before it "
                    "(repeatable; \\n, \\t, \\r and \\\\ stand for a newline, tab, carriage return and backslash).")
 @sampling_options
 @draft_options
-def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, max_new_tokens, temperature, top_k, top_p, seed,
-                 provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
+def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_json, stop, max_new_tokens, temperature,
+                 top_k, top_p, seed, provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
     Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
@@ -82,6 +86,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, m
     request = read_prompt(prompt, prompt_file)
     if system is not None and not chat:
         raise EdgemtpError("--system applies to --chat prompts")
+    if chat_arg and not chat:
+        raise EdgemtpError("--chat-arg applies to --chat prompts")
     if system is not None:
         utf8(system, "--system")
     if chat:  # a message list: Engine.encode renders it with the bundle's chat template
@@ -89,7 +95,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, as_json, stop, m
             [{"role": "user", "content": request}]
     stop = stop_strings([unescape(s) for s in stop])
     engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
-                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider)
+                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
+                                          chat_args=parse_chat_args(chat_arg))
     if chat:
         engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
     if as_json:
@@ -111,8 +118,22 @@ def unescape(text: str) -> str:
     return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
 
 
+def parse_chat_args(values: tuple[str, ...]) -> dict:
+    """--chat-arg NAME=VALUE options as template variables: VALUE as JSON where it parses, else the text."""
+    out = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise EdgemtpError(f"--chat-arg {item!r}: give NAME=VALUE, e.g. enable_thinking=false")
+        try:
+            out[name.strip()] = json.loads(text)
+        except ValueError:
+            out[name.strip()] = text
+    return out
+
+
 def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, draft_mode, draft_k,
-                adaptive, no_draft, drafter_provider, reuse_prefix: bool = False):
+                adaptive, no_draft, drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None):
     """(engine, sampling, draft) for generate's and chat's options, each checked before any work."""
     from ..runtime.engine import Draft, Engine
     from ..runtime.sampling import Sampling
@@ -136,7 +157,7 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
                    "0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
     engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
-                         reuse_prefix=reuse_prefix)
+                         reuse_prefix=reuse_prefix, chat_args=chat_args or None)
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
     given_k = source("draft_k") == ParameterSource.COMMANDLINE
@@ -151,12 +172,16 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
 @cli.command("chat")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--system", default=None, help="A system message that opens the conversation.")
+@click.option("--chat-arg", "chat_arg", multiple=True, metavar="NAME=VALUE",
+              help="A variable for the chat template, as apply_chat_template's keyword arguments (VALUE read as "
+                   "JSON where it is; repeatable), e.g. enable_thinking=false for Qwen3's and SmolLM3's answers "
+                   "without thinking.")
 @click.option("--json", "as_json", is_flag=True,
               help="For programs: one JSON object per message on its own line (generate --json's, or {\"error\"}) "
                    "instead of streamed text.")
 @sampling_options
 @draft_options
-def chat_cmd(bundle_dir, system, as_json, max_new_tokens, temperature, top_k, top_p, seed, provider, threads,
+def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature, top_k, top_p, seed, provider, threads,
              draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Chat with an instruction-tuned bundle: each line read is a user's message, the reply streams back.
 
@@ -168,7 +193,7 @@ def chat_cmd(bundle_dir, system, as_json, max_new_tokens, temperature, top_k, to
 
     engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
                                           threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
-                                          reuse_prefix=True)
+                                          reuse_prefix=True, chat_args=parse_chat_args(chat_arg))
     opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
     hello = engine.encode(engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}]))  # no template, ...
     if opening and len(hello) + 1 >= engine.capacity:  # ... one refusing --system, or no room after it

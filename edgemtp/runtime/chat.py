@@ -76,11 +76,33 @@ def compile_template(template: str, source: str):
         raise EdgemtpError(f"{source}: the chat template does not parse (line {e.lineno}: {e.message})") from None
 
 
+RESERVED = ("messages", "add_generation_prompt", "tools", "documents")  # what render() sets itself
+
+
+def check_chat_args(values) -> dict:
+    """Extra template variables (transformers' apply_chat_template keyword arguments, e.g. Qwen3's and
+    SmolLM3's enable_thinking): a dict of names to JSON values."""
+    if not isinstance(values, dict):
+        raise ArgumentError("chat_args", values,
+                            "must be a dict of template variables, e.g. {'enable_thinking': False}")
+    for name, value in values.items():
+        if not isinstance(name, str) or not name.isidentifier() or name in RESERVED:
+            raise ArgumentError("chat_args", values, f"has the name {name!r}: not a template variable one may set "
+                                                     f"(a Python identifier other than {', '.join(RESERVED)})")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ArgumentError("chat_args", values, f"has {name}={value!r}: values must be JSON values "
+                                                     "(bool, number, string, None, lists and dicts of them)") from None
+    return dict(values)
+
+
 class ChatTemplate:
-    def __init__(self, template: str, special_tokens: dict[str, str], source: str):
+    def __init__(self, template: str, special_tokens: dict[str, str], source: str, variables: dict | None = None):
         """`special_tokens`: e.g. {"bos_token": "<bos>", "eos_token": "<eos>"}, variables of the template;
-        `source`: where the template came from, for messages."""
+        `source`: where the template came from, for messages; `variables`: more of them (check_chat_args)."""
         self.template, self.special_tokens, self.source = template, dict(special_tokens), source
+        self.variables = check_chat_args(variables or {})
 
     def render(self, messages, add_generation_prompt: bool = True) -> str:
         """The prompt text of `messages`, ending with the assistant turn's opening (add_generation_prompt)."""
@@ -90,7 +112,7 @@ class ChatTemplate:
 
         try:
             text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                   documents=None, **self.special_tokens)
+                                   documents=None, **{**self.special_tokens, **self.variables})
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError) as e:
             # the template's raise_exception (roles that do not alternate...), a sandbox refusal, a message it
             # cannot read (content that is not text), a sandbox's range too long (OverflowError)

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..errors import ArgumentError, EdgemtpError
-from .chat import ChatTemplate, is_chat
+from .chat import ChatTemplate, check_chat_args, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
 from .heap import release_freed_memory
 from .kv_cache import KVCache
@@ -75,7 +75,8 @@ class Engine:
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
              verify: bool = True, drafter_provider: str | None = None, mtp: bool | None = None,
-             fast_verify: bool = False, huge_pages: bool = False, reuse_prefix: bool = False) -> "Engine":
+             fast_verify: bool = False, huge_pages: bool = False, reuse_prefix: bool = False,
+             chat_args: dict | None = None) -> "Engine":
         """drafter_provider: where the MTP drafter runs (default: the target's provider), e.g. the target on
         an NPU and the drafter on the CPU. `mtp`: whether generation will draft with the MTP drafter
         (None: what --draft auto does for this bundle, so False for an int8 / int4 bundle on the CPU); then
@@ -90,10 +91,16 @@ class Engine:
         `reuse_prefix`: a one-prompt generation keeps its KV cache, and the next one whose prompt starts with
         the same tokens (a chat's next turn, which repeats the conversation so far) runs only the rest of it
         (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Off by
-        default so that repeated prompts measure their whole prefill."""
+        default so that repeated prompts measure their whole prefill. `chat_args`: variables for the chat
+        template, as apply_chat_template's keyword arguments (e.g. {"enable_thinking": False}: Qwen3's and
+        SmolLM3's thinking off)."""
         check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                          fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix)
+        chat_args = check_chat_args(chat_args) if chat_args is not None else {}
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
+        if chat_args and b.chat is None:  # variables for a template there is not: said before any work
+            raise EdgemtpError(f"{b.dir}: chat_args (--chat-arg) set chat template variables, and the bundle has no "
+                               "chat template")
         if fast_verify and not b.has_graph("verify"):  # asked for, it would change nothing: say so
             raise EdgemtpError(f"{b.dir}: fast_verify (--fast-verify) packs the batched verify graph, and this bundle "
                                "has none (it verifies with its target graph)")
@@ -122,9 +129,10 @@ class Engine:
         if b.chat is not None:
             path, special = b.chat
             try:
-                engine.chat_template = ChatTemplate(path.read_text(encoding="utf-8"), special, str(path))
+                engine.chat_template = ChatTemplate(path.read_text(encoding="utf-8"), special, str(path), chat_args)
             except UnicodeDecodeError:
                 raise EdgemtpError(f"{path}: not UTF-8 text") from None
+
         engine.threads, engine.provider = threads, provider
         engine.drafter_provider = drafter_provider or provider
         engine.fast_verify = fast_verify
