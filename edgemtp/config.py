@@ -7,7 +7,8 @@ sees the whole list at once.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import EdgemtpError
@@ -21,14 +22,17 @@ class Rope:
     """Rotary embedding of one layer type. `fraction` < 1 rotates only the first dims (partial RoPE)."""
 
     theta: float
-    kind: str = "default"  # default | linear | llama3 | proportional | longrope
+    kind: str = "default"  # default | linear | llama3 | proportional | longrope | yarn
     factor: float = 1.0
     fraction: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
     ext_factors: tuple[float, ...] = ()  # longrope: each rotated pair's frequency divisor (the short factors)
-    scale: float = 1.0  # longrope's attention factor: cos and sin are multiplied by it
+    scale: float = 1.0  # longrope's and yarn's attention factor: cos and sin are multiplied by it
+    beta_fast: float = 32.0  # yarn: the rotations that bound its ramp between interpolated and kept frequencies
+    beta_slow: float = 1.0
+    truncate: bool = True  # yarn: the ramp's bounds rounded outwards
 
     def __post_init__(self):  # a tuple whatever it came as (a drafter config's JSON gives a list)
         object.__setattr__(self, "ext_factors", tuple(self.ext_factors))
@@ -171,7 +175,7 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
     # LongRoPE's short factors and attention factor are read by phi3's parser alone (exporters/phi3.py): here
     # the Rope would have none, and building its tables failed with a numpy broadcasting error
     pr.check(kind != "longrope", f"field '{where}' rope_type 'longrope' is supported for phi3 only")
-    return Rope(
+    rope = Rope(
         theta=pr.opt(p, "rope_theta", float, default_theta, where),
         kind=kind,
         factor=pr.opt(p, "factor", float, 1.0, where) or 1.0,
@@ -180,6 +184,27 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
         high_freq_factor=pr.opt(p, "high_freq_factor", float, 4.0, where),
         original_max_positions=pr.opt(p, "original_max_position_embeddings", int, 8192, where),
     )
+    return _yarn(rope, p, pr, where) if kind == "yarn" else rope
+
+
+def _yarn(rope: Rope, p: dict, pr: Problems, where: str) -> Rope:
+    """YaRN as transformers computes it (_compute_yarn_parameters): the same frequencies at every length, so a
+    bundle of any capacity rotates as it does; cos and sin scaled by the attention factor (given, or from
+    mscale / mscale_all_dim, or 0.1 ln(factor) + 1)."""
+    for name in ("factor", "original_max_position_embeddings"):
+        pr.check(p.get(name) is not None, f"field '{where}.{name}' is missing (rope_type 'yarn' needs it)")
+    pr.check(rope.factor > 0, f"field '{where}.factor' {rope.factor} must be positive")
+
+    def mscale(m: float) -> float:
+        return 1.0 if rope.factor <= 1 else 0.1 * m * math.log(rope.factor) + 1.0
+
+    scale = pr.opt(p, "attention_factor", float, None, where)
+    m, m_all = pr.opt(p, "mscale", float, None, where), pr.opt(p, "mscale_all_dim", float, None, where)
+    if scale is None:
+        scale = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+    return replace(rope, scale=scale, beta_fast=pr.opt(p, "beta_fast", float, None, where) or 32.0,
+                   beta_slow=pr.opt(p, "beta_slow", float, None, where) or 1.0,
+                   truncate=pr.flag(p, "truncate", True))
 
 
 def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0) -> Rope:
@@ -392,7 +417,7 @@ def check_limits(cfg, pr: Problems) -> None:
 # TextConfig's names -> config.json's, for messages
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
             "num_kv_heads": "num_key_value_heads"}
-ROPE_KINDS = ("default", "linear", "llama3", "proportional", "longrope")
+ROPE_KINDS = ("default", "linear", "llama3", "proportional", "longrope", "yarn")
 
 
 def check_common(cfg: TextConfig, pr: Problems) -> None:

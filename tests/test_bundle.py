@@ -660,6 +660,20 @@ def test_multimodal_gemma3_config_reads_its_text_config(tmp_path):
         load_config(tmp_path)
 
 
+def test_yarn_needs_its_original_length_and_factor(tiny_gemma3):
+    """rope_type 'yarn' (tests/test_parity.py checks its maths): the fields transformers reads it by, named."""
+    from edgemtp.config import parse_llama, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1]), "model_type": "qwen3", "hidden_activation": None,
+          "rope_parameters": None, "layer_types": None}
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    rope = parse_llama({**hf, "rope_scaling": yarn}, "x").rope["full_attention"]
+    assert rope.kind == "yarn" and rope.scale == pytest.approx(0.1 * np.log(4.0) + 1)
+    for drop in ("factor", "original_max_position_embeddings"):
+        with pytest.raises(EdgemtpError, match=f"field 'rope_scaling.{drop}' is missing"):
+            parse_llama({**hf, "rope_scaling": {k: v for k, v in yarn.items() if k != drop}}, "x")
+
+
 def test_calibration_caps_gemma2_logits_by_its_default(tmp_path):
     """`cluster`'s full-head logits: Gemma2Config caps them at 30 where config.json says nothing (null: no cap)."""
     from edgemtp.calibration.model_files import logit_softcap

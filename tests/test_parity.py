@@ -45,6 +45,18 @@ def tiny(kind: str):
                                         attn_logit_softcapping=1.0, final_logit_softcapping=30.0,
                                         initializer_range=0.3)
         model = transformers.Gemma2ForCausalLM(cfg)
+    elif kind in ("qwen3_yarn", "llama_yarn"):
+        # YaRN: frequencies blended over a ramp, cos and sin scaled (qwen3_yarn: Qwen's documented setting, the
+        # default betas and attention factor; llama_yarn: DeepSeek-style mscale / mscale_all_dim, other betas, no
+        # truncation; larger weights: sharper attention, so that the rotation shows)
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+        if kind == "llama_yarn":
+            rope.update(mscale=1.0, mscale_all_dim=0.5, beta_fast=16.0, beta_slow=2.0, truncate=False)
+            model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rope,
+                                                                           initializer_range=0.2))
+        else:
+            model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=32, rope_parameters=rope,
+                                                                           initializer_range=0.2))
     elif kind.startswith("llama"):
         # llama_nope: 'proportional' RoPE rotating no pair (0 was read as unset, 1, and every pair rotated)
         rope = {"rope_type": "proportional", "rope_theta": 10000.0, "partial_rotary_factor": 0.0} \
@@ -124,7 +136,7 @@ def _randomize_norms(model) -> None:
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
                                   "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding",
                                   "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding",
-                                  "smollm3_types", "gemma3_multimodal"])
+                                  "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which

@@ -5,6 +5,7 @@ Shapes in docstrings: B batch, S new positions, H hidden size, N query heads, Nk
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,6 +114,8 @@ def inv_freq(rope: Rope, head_dim: int) -> np.ndarray:
     inv = 1.0 / (rope.theta ** (np.arange(0, rot, 2, dtype=np.int64).astype(np.float32) / rot))
     if rope.kind == "longrope":  # within the original length: the short factors (phi3.py)
         inv = 1.0 / (np.asarray(rope.ext_factors, np.float32) * (1.0 / inv))
+    elif rope.kind == "yarn":
+        inv = _yarn_blend(inv, rope, rot)
     elif rope.kind == "linear":
         inv = inv / rope.factor
     elif rope.kind == "llama3":
@@ -132,6 +135,23 @@ def _proportional_inv_freq(rope: Rope, head_dim: int) -> np.ndarray:
     rotated = 1.0 / (rope.theta ** (np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / head_dim))
     inv = np.concatenate([rotated, np.zeros(head_dim // 2 - angles, np.float32)])
     return (inv / np.float32(rope.factor)).astype(np.float32)
+
+
+def _yarn_blend(inv: np.ndarray, r: Rope, dim: int) -> np.ndarray:
+    """YaRN's frequencies: the fast-turning pairs kept, the slow ones divided by the factor, a linear ramp
+    between, whose ends are the pairs turning beta_fast and beta_slow times over the original length."""
+    def pair(rotations: float) -> float:  # the pair index that turns `rotations` times
+        return dim * math.log(r.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(r.theta))
+
+    low, high = pair(r.beta_fast), pair(r.beta_slow)
+    if r.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    keep = 1 - ramp  # 1: the pair keeps its frequency (extrapolation)
+    return (inv / np.float32(r.factor)) * (1 - keep) + inv * keep
 
 
 def _llama3_scale(inv: np.ndarray, r: Rope) -> np.ndarray:
