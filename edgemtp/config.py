@@ -59,6 +59,9 @@ class TextConfig:
     output_bias: bool = False  # an o_proj bias (llama's and qwen3's attention_bias; qwen2 has none)
     qk_norm: bool = False  # q and k RMS-normed per head before RoPE: qwen3 (x * w), gemma3 ((1 + w); gemma2 not)
     nope_layers: tuple[int, ...] = ()  # layers whose q and k are not rotated (smollm3's no_rope_layers)
+    embed_scale: float | None = None  # granite's embedding_multiplier (Gemma's sqrt(hidden) is its builder's)
+    residual_scale: float = 1.0  # granite's residual_multiplier: each block's output times it before the add
+    logit_scale: float = 1.0  # 1 / granite's logits_scaling
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
@@ -216,11 +219,13 @@ def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0) -> Rope:
 
 
 def parse_llama(hf: dict, source: str) -> TextConfig:
-    """llama, qwen2, qwen3, mistral and smollm3. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and
+    """llama, qwen2, qwen3, mistral, smollm3 and granite. qwen2 adds q/k/v biases; qwen3 per-head q/k norms, and
     attention_bias on q/k/v and o_proj as llama; both may have sliding-window layers; mistral slides on every
-    layer; smollm3 leaves RoPE out of every 4th layer (no_rope_layers)."""
+    layer; smollm3 leaves RoPE out of every 4th layer (no_rope_layers); granite scales embeddings, residual
+    branches, attention scores and logits."""
     pr = Problems(source)
-    qwen2, qwen3, mistral, smollm3 = (hf.get("model_type") == t for t in ("qwen2", "qwen3", "mistral", "smollm3"))
+    qwen2, qwen3, mistral, smollm3, granite = (hf.get("model_type") == t for t in
+                                               ("qwen2", "qwen3", "mistral", "smollm3", "granite"))
     # llama's and qwen3's attention_bias put a bias on q/k/v and o_proj; transformers' qwen2 ignores the field
     # (q/k/v biases always, none on o_proj), and mistral too (no biases)
     attention_bias = True if qwen2 else False if mistral else pr.flag(hf, "attention_bias", False)
@@ -255,6 +260,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         output_bias=attention_bias and not qwen2,
         qk_norm=qwen3,
         nope_layers=nope,
+        **(_granite_scales(hf, pr) if granite else {}),
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
@@ -271,8 +277,21 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     return cfg
 
 
+def _granite_scales(hf: dict, pr: Problems) -> dict:
+    """GraniteConfig's multipliers (1 where unsaid): the embedding's, each block's output before its residual
+    add, the attention scores' (in place of head_dim ** -0.5), and the logits' divisor."""
+    def get(name: str) -> float:
+        value = pr.opt(hf, name, float, 1.0)
+        pr.check(name in pr.bad or value > 0, f"field '{name}' {value} must be positive")
+        return value if value > 0 else 1.0
+
+    return {"embed_scale": get("embedding_multiplier"), "residual_scale": get("residual_multiplier"),
+            "attention_scale": get("attention_multiplier"), "logit_scale": 1.0 / get("logits_scaling")}
+
+
 _KV_HEADS = {"mistral": 8, "smollm3": 4}  # transformers' defaults where config.json says none (others: all heads)
-_MAX_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "smollm3": 32768}  # likewise
+_MAX_POSITIONS = {"llama": 2048, "granite": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768,
+                  "smollm3": 32768}  # likewise
 
 
 def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None, tuple[int, ...]]:

@@ -660,6 +660,22 @@ def test_multimodal_gemma3_config_reads_its_text_config(tmp_path):
         load_config(tmp_path)
 
 
+def test_granite_multipliers(tiny_gemma3):
+    """GraniteConfig's multipliers, 1 where unsaid (so a granite config without them is llama's maths), a
+    logits_scaling of 0 refused (transformers divides by it)."""
+    from edgemtp.config import parse_llama, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1]), "model_type": "granite", "hidden_activation": None,
+          "rope_parameters": None, "layer_types": None}
+    cfg = parse_llama({**hf, "embedding_multiplier": 12.0, "logits_scaling": 8.0, "attention_multiplier": 0.015625,
+                       "residual_multiplier": 0.22}, "x")
+    assert (cfg.embed_scale, cfg.logit_scale, cfg.scale, cfg.residual_scale) == (12.0, 0.125, 0.015625, 0.22)
+    cfg = parse_llama(hf, "x")
+    assert (cfg.embed_scale, cfg.logit_scale, cfg.residual_scale) == (1.0, 1.0, 1.0) and cfg.scale == 1.0
+    with pytest.raises(EdgemtpError, match="field 'logits_scaling' 0.0 must be positive"):
+        parse_llama({**hf, "logits_scaling": 0}, "x")
+
+
 def test_yarn_needs_its_original_length_and_factor(tiny_gemma3):
     """rope_type 'yarn' (tests/test_parity.py checks its maths): the fields transformers reads it by, named."""
     from edgemtp.config import parse_llama, read_config_json

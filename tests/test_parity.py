@@ -45,6 +45,10 @@ def tiny(kind: str):
                                         attn_logit_softcapping=1.0, final_logit_softcapping=30.0,
                                         initializer_range=0.3)
         model = transformers.Gemma2ForCausalLM(cfg)
+    elif kind == "granite":  # llama with multipliers: embeddings, residual branches, attention scores, logits
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            **common, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+            logits_scaling=4.0, attention_bias=True, initializer_range=0.1))
     elif kind in ("qwen3_yarn", "llama_yarn"):
         # YaRN: frequencies blended over a ramp, cos and sin scaled (qwen3_yarn: Qwen's documented setting, the
         # default betas and attention factor; llama_yarn: DeepSeek-style mscale / mscale_all_dim, other betas, no
@@ -126,7 +130,8 @@ def _randomize_norms(model) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
-                plus = any(t in type(model).__name__.lower() for t in ("llama", "qwen3", "mistral", "phi3", "smollm3"))
+                plus = any(t in type(model).__name__.lower()
+                           for t in ("llama", "qwen3", "mistral", "phi3", "smollm3", "granite"))
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if plus else 0.0))
 
 
@@ -136,7 +141,7 @@ def _randomize_norms(model) -> None:
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
                                   "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding",
                                   "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding",
-                                  "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn"])
+                                  "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn", "granite"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which

@@ -35,6 +35,7 @@ def _architectures() -> dict:
         "qwen3": (parse_llama, llama.build),
         "mistral": (parse_llama, llama.build),
         "smollm3": (parse_llama, llama.build),
+        "granite": (parse_llama, llama.build),
         "phi3": (phi3.parse_config, llama.build),  # fused weights read as llama's (phi3.split_fused)
     }
     try:

@@ -373,6 +373,11 @@ def tied_head(b: GraphBuilder, x: str, key: str, vocab: int, hidden: int) -> str
     return b.op("Reshape", logits, shape)
 
 
+def scaled(b: GraphBuilder, x: str, factor: float) -> str:
+    """x * factor (no op for 1: granite's multipliers, 1 in every other model)."""
+    return x if factor == 1.0 else b.op("Mul", x, b.const(np.float32(factor)))
+
+
 def softcap(b: GraphBuilder, x: str, cap: float | None) -> str:
     """cap * tanh(x / cap): Gemma's final logit soft-cap."""
     if not cap:

@@ -1,7 +1,8 @@
 """Llama-family decoder (`llama`, `qwen2`, `qwen3`, `mistral`, `smollm3`, and `phi3` through phi3.py): pre-norm,
 RoPE, SwiGLU; qwen2 adds q/k/v biases, qwen3 q/k norms per head; both may have sliding-window layers (the same
 RoPE, a window on attention), mistral a window on every layer; smollm3 has layers without RoPE; llama's,
-qwen3's and smollm3's attention_bias put biases on q/k/v and o_proj."""
+qwen3's, smollm3's and granite's attention_bias put biases on q/k/v and o_proj; granite's multipliers scale
+the embedding, each block's output, the attention scores and the logits."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     slots = gemma3.kv_slots(cfg)
     views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
     emb = "model.embed_tokens.weight"
-    x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size)
+    x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
     # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
     rope = nn.gqa_rope(b, cfg.rope[FULL], cfg.head_dim, capacity, io) if in_place else \
         nn.rope_tables(b, cfg.rope[FULL], cfg.head_dim, io.position_ids)
@@ -31,13 +32,14 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
         p = f"model.layers.{i}."
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
         layer_rope = None if i in cfg.nope_layers else rope  # smollm3: some layers rotate nothing
-        x, h = nn.add_norm(b, x, attention(b, cfg, p + "self_attn.", h, slot, layer_rope, io, capacity,
-                                           views and views[slot.window]),
-                           p + "post_attention_layernorm.weight", hid, eps)
-        x, h = nn.add_norm(b, x, nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation),
-                           after, hid, eps)
+        out = attention(b, cfg, p + "self_attn.", h, slot, layer_rope, io, capacity, views and views[slot.window])
+        x, h = nn.add_norm(b, x, nn.scaled(b, out, cfg.residual_scale), p + "post_attention_layernorm.weight",
+                           hid, eps)
+        out = nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation)
+        x, h = nn.add_norm(b, x, nn.scaled(b, out, cfg.residual_scale), after, hid, eps)
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
     logits = nn.tied_head(b, nn.last_positions(b, h, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
+    logits = nn.scaled(b, logits, cfg.logit_scale)  # granite: 1 / logits_scaling
     nn.graph_outputs(b, logits, h, cfg.vocab_size, cfg.hidden_size)  # h: the final norm's output
     return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots,
                                drafter_kv=gemma3.drafter_kv(cfg), kv_update="in_place" if in_place else "rows")

@@ -35,7 +35,7 @@ from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
-ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3")
+ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "granite")
 KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
 
 
@@ -121,10 +121,10 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
 
 
 def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
-    """Llama / Qwen2 / Qwen3: pre-norm, RoPE, SwiGLU; q/k/v biases (qwen2, llama's and qwen3's attention_bias),
-    o_proj's (llama, qwen3); q/k norms per head (qwen3)."""
+    """Llama / Qwen2 / Qwen3 / Mistral / Phi-3 / SmolLM3 / Granite: pre-norm, RoPE, SwiGLU; q/k/v biases (qwen2,
+    attention_bias), o_proj's (attention_bias but qwen2's); q/k norms per head (qwen3); granite's multipliers."""
     emb = "model.embed_tokens.weight"
-    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size)
+    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
     table = rope_table(b, cfg.rope[FULL], cfg.head_dim, sp)
     eps, hid = cfg.rms_norm_eps, cfg.hidden_size
     for i, slot in enumerate(slots):
@@ -137,13 +137,15 @@ def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) ->
         if i not in cfg.nope_layers:  # smollm3's layers without RoPE
             q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, None)
-        x = b.op("Add", x, nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid,
-                                     a + "o_proj.bias" if cfg.output_bias else None))
+        h = nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid,
+                      a + "o_proj.bias" if cfg.output_bias else None)
+        x = b.op("Add", x, nn.scaled(b, h, cfg.residual_scale))
         h = rms_norm(b, x, b.param(p + "post_attention_layernorm.weight", (hid,)), eps)
-        x = b.op("Add", x, nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation))
+        h = nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation)
+        x = b.op("Add", x, nn.scaled(b, h, cfg.residual_scale))
     x = _rename_last(b, rms_norm(b, x, b.param("model.norm.weight", (hid,)), eps), C.LAST_HIDDEN)
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
-    _outputs(b, head(b, x, head_key, cfg.vocab_size, hid, sp.window), cfg, sp)
+    _outputs(b, nn.scaled(b, head(b, x, head_key, cfg.vocab_size, hid, sp.window), cfg.logit_scale), cfg, sp)
 
 
 def _qkv(b: GraphBuilder, cfg: TextConfig, a: str, x: str, bias: bool) -> tuple[str, str, str]:
