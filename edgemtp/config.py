@@ -59,6 +59,7 @@ class TextConfig:
     output_bias: bool = False  # an o_proj bias (llama's and qwen3's attention_bias; qwen2 has none)
     qk_norm: bool = False  # q and k RMS-normed per head before RoPE: qwen3 (x * w), gemma3 ((1 + w); gemma2 not)
     nope_layers: tuple[int, ...] = ()  # layers whose q and k are not rotated (smollm3's no_rope_layers)
+    query_scale_beta: float | None = None  # ministral3's llama_4_scaling_beta: q *= 1 + b ln(1 + pos // original)
     embed_scale: float | None = None  # granite's embedding_multiplier (Gemma's sqrt(hidden) is its builder's)
     residual_scale: float = 1.0  # granite's residual_multiplier: each block's output times it before the add
     logit_scale: float = 1.0  # 1 / granite's logits_scaling
@@ -224,15 +225,15 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     layer; smollm3 leaves RoPE out of every 4th layer (no_rope_layers); granite scales embeddings, residual
     branches, attention scores and logits."""
     pr = Problems(source)
-    qwen2, qwen3, mistral, smollm3, granite = (hf.get("model_type") == t for t in
-                                               ("qwen2", "qwen3", "mistral", "smollm3", "granite"))
+    qwen2, qwen3, mistral, smollm3, granite, ministral3 = (hf.get("model_type") == t for t in (
+        "qwen2", "qwen3", "mistral", "smollm3", "granite", "ministral3"))
     # llama's and qwen3's attention_bias put a bias on q/k/v and o_proj; transformers' qwen2 ignores the field
     # (q/k/v biases always, none on o_proj), and mistral too (no biases)
-    attention_bias = True if qwen2 else False if mistral else pr.flag(hf, "attention_bias", False)
+    attention_bias = True if qwen2 else False if mistral or ministral3 else pr.flag(hf, "attention_bias", False)
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
-    # Qwen3Config has head_dim 128 by default, not hidden_size / heads
-    head_dim = pr.opt(hf, "head_dim", int, 128 if qwen3 else hidden // heads if heads else 0)
+    # Qwen3Config and Ministral3Config have head_dim 128 by default, not hidden_size / heads
+    head_dim = pr.opt(hf, "head_dim", int, 128 if qwen3 or ministral3 else hidden // heads if heads else 0)
     rope = one_rope(hf, pr, 2e6 if smollm3 else 10000.0)  # SmolLM3Config's default_theta is 2e6
     nope = ()
     if qwen2 or qwen3:
@@ -240,7 +241,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     elif smollm3:
         layer_types, window, nope = _smollm3_layers(hf, n_layers, pr)
     else:
-        layer_types, window = _mistral_layers(hf, n_layers, pr) if mistral else ((FULL,) * n_layers, None)
+        layer_types, window = _mistral_layers(hf, n_layers, pr, None if ministral3 else 4096) \
+            if mistral or ministral3 else ((FULL,) * n_layers, None)
     cfg = TextConfig(
         model_type=hf.get("model_type", ""),
         vocab_size=pr.need(hf, "vocab_size"),
@@ -261,6 +263,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         qk_norm=qwen3,
         nope_layers=nope,
         **(_granite_scales(hf, pr) if granite else {}),
+        query_scale_beta=_llama4_beta(hf, rope, pr) if ministral3 else None,
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
@@ -272,7 +275,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
              f"field 'hidden_act' {cfg.hidden_activation!r} unsupported (silu only)")
     # fields that change transformers' maths and the graph does not build (qwen2's, qwen3's and mistral's MLPs
     # have no biases whatever mlp_bias says)
-    pr.check(qwen2 or qwen3 or mistral or not pr.flag(hf, "mlp_bias", False), "field 'mlp_bias' is not supported")
+    pr.check(qwen2 or qwen3 or mistral or ministral3 or not pr.flag(hf, "mlp_bias", False),
+             "field 'mlp_bias' is not supported")
     pr.raise_if_any()
     return cfg
 
@@ -289,9 +293,10 @@ def _granite_scales(hf: dict, pr: Problems) -> dict:
             "attention_scale": get("attention_multiplier"), "logit_scale": 1.0 / get("logits_scaling")}
 
 
-_KV_HEADS = {"mistral": 8, "smollm3": 4}  # transformers' defaults where config.json says none (others: all heads)
+# transformers' defaults where config.json says none (others: all heads)
+_KV_HEADS = {"mistral": 8, "smollm3": 4, "ministral3": 8}
 _MAX_POSITIONS = {"llama": 2048, "granite": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768,
-                  "smollm3": 32768}  # likewise
+                  "smollm3": 32768, "ministral3": 262144}  # likewise
 
 
 def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None, tuple[int, ...]]:
@@ -319,10 +324,21 @@ def _smollm3_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, .
     return types, window if SLIDING in types else None, nope
 
 
-def _mistral_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...], int | None]:
-    """transformers' mistral: every layer slides when sliding_window is set (4096 when the field is missing,
-    none when null); it ignores 'layer_types'."""
-    window = pr.opt(hf, "sliding_window", int, None) if "sliding_window" in hf else 4096
+def _llama4_beta(hf: dict, rope: Rope, pr: Problems) -> float | None:
+    """Ministral 3's llama_4_scaling_beta (in its RoPE parameters): queries scaled by position past the
+    original length (its yarn original_max_position_embeddings)."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    beta = pr.opt(params, "llama_4_scaling_beta", float, None, "rope_parameters") if isinstance(params, dict) else None
+    pr.check(beta is None or rope.kind == "yarn", "field 'rope_parameters.llama_4_scaling_beta' needs rope_type "
+                                                  "'yarn' (its original_max_position_embeddings)")
+    return beta
+
+
+def _mistral_layers(hf: dict, n_layers: int, pr: Problems, unsaid: int | None = 4096
+                    ) -> tuple[tuple[str, ...], int | None]:
+    """transformers' mistral (and ministral3): every layer slides when sliding_window is set (`unsaid` when
+    the field is missing: mistral's 4096, ministral3's none; none when null); they ignore 'layer_types'."""
+    window = pr.opt(hf, "sliding_window", int, None) if "sliding_window" in hf else unsaid
     return ((SLIDING if window is not None else FULL),) * n_layers, window
 
 
@@ -413,6 +429,22 @@ def parse_gemma3_multimodal(hf: dict, source: str) -> TextConfig:
     top.raise_if_any()
     return parse_gemma3({**GEMMA3_TEXT_DEFAULTS, **text, **own, "tie_word_embeddings": tie},
                         source + " (text_config)")
+
+
+def parse_mistral3_multimodal(hf: dict, source: str) -> TextConfig:
+    """A multimodal `mistral3` config.json (Mistral3ForConditionalGeneration: Ministral 3, Mistral Small 3.x):
+    its text_config, read by its own model_type (mistral unless it says), tied by the multimodal config's own
+    flag (default true), as transformers ties it."""
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise EdgemtpError(f"{source}: model_type 'mistral3' needs a 'text_config' object")
+    kind = text.get("model_type") or "mistral"
+    if kind not in ("mistral", "ministral3"):
+        raise EdgemtpError(f"{source}: text_config model_type {kind!r} is not supported (mistral, ministral3)")
+    top = Problems(source)
+    tie = top.flag(hf, "tie_word_embeddings", True)
+    top.raise_if_any()
+    return parse_llama({**text, "model_type": kind, "tie_word_embeddings": tie}, source + " (text_config)")
 
 
 def query_scale(scalar: float, pr: Problems) -> float:

@@ -660,6 +660,29 @@ def test_multimodal_gemma3_config_reads_its_text_config(tmp_path):
         load_config(tmp_path)
 
 
+def test_ministral3_and_mistral3_configs(tmp_path):
+    """Ministral3Config (no window unless said, head_dim 128, llama_4_scaling_beta with its yarn) and the
+    multimodal mistral3 wrapper (text_config by its model_type, the top-level tie flag, default true)."""
+    from edgemtp.exporters import load_config
+
+    text = {"model_type": "ministral3", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 2, "intermediate_size": 96, "vocab_size": 96, "rms_norm_eps": 1e-5,
+            "rope_parameters": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16384,
+                                "rope_theta": 1e6, "llama_4_scaling_beta": 0.1}}
+    for config in (text, {"model_type": "mistral3", "text_config": text}):
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        cfg = load_config(tmp_path)[0]
+        assert (cfg.model_type, cfg.head_dim, cfg.sliding_window, cfg.query_scale_beta) == ("ministral3", 128, None, 0.1)
+        assert cfg.tie_word_embeddings == (config is not text)  # Ministral3Config: untied; Mistral3Config: tied
+    bad = {**text, "rope_parameters": {"rope_type": "default", "llama_4_scaling_beta": 0.1}}
+    (tmp_path / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(EdgemtpError, match="llama_4_scaling_beta' needs rope_type 'yarn'"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": {"model_type": "x"}}))
+    with pytest.raises(EdgemtpError, match="text_config model_type 'x' is not supported"):
+        load_config(tmp_path)
+
+
 def test_granite_multipliers(tiny_gemma3):
     """GraniteConfig's multipliers, 1 where unsaid (so a granite config without them is llama's maths), a
     logits_scaling of 0 refused (transformers divides by it)."""

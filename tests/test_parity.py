@@ -45,6 +45,20 @@ def tiny(kind: str):
                                         attn_logit_softcapping=1.0, final_logit_softcapping=30.0,
                                         initializer_range=0.3)
         model = transformers.Gemma2ForCausalLM(cfg)
+    elif kind == "ministral3":  # YaRN, and queries scaled past the original length (16 here: within the test)
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                "llama_4_scaling_beta": 0.5}
+        model = transformers.Ministral3ForCausalLM(transformers.Ministral3Config(
+            **common, head_dim=32, rope_parameters=rope, initializer_range=0.1, pad_token_id=0))
+    elif kind == "mistral3_multimodal":  # Ministral 3's layout: model_type mistral3, text_config, a vision tower
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+                "llama_4_scaling_beta": 0.5}
+        text = dict(common, model_type="ministral3", head_dim=32, rope_parameters=rope, pad_token_id=0)
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14, head_dim=8)
+        model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+            text_config=text, vision_config=vision, image_token_index=95))
     elif kind == "granite":  # llama with multipliers: embeddings, residual branches, attention scores, logits
         model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
             **common, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
@@ -131,7 +145,7 @@ def _randomize_norms(model) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith(".bias"):
                 plus = any(t in type(model).__name__.lower()
-                           for t in ("llama", "qwen3", "mistral", "phi3", "smollm3", "granite"))
+                           for t in ("llama", "qwen3", "mistral", "phi3", "smollm3", "granite"))  # ministral too
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if plus else 0.0))
 
 
@@ -141,7 +155,8 @@ def _randomize_norms(model) -> None:
                                   "qwen3", "qwen3_hd24", "qwen3_bias", "qwen3_sliding", "qwen3_bias+gemv",
                                   "mistral", "mistral_nowindow", "phi3", "phi3_longrope", "phi3_sliding",
                                   "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding",
-                                  "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn", "granite"])
+                                  "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn", "granite",
+                                  "ministral3", "mistral3_multimodal"])
 def test_logits_match_transformers(kind, tmp_path):
     """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
     TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
@@ -174,7 +189,7 @@ def test_logits_match_transformers(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding", "gemma2",
-                                  "smollm3_sliding"])
+                                  "smollm3_sliding", "ministral3"])
 def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     """The batched verify graph (several rows x several new positions) windows qwen2's, qwen3's and mistral's
     sliding layers as transformers does (qwen3 normalizing q and k before rotating them itself): rows of different
@@ -183,7 +198,8 @@ def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
     windows = {"mistral": [WINDOW] * 4, "phi3_sliding": [WINDOW] * 4, "gemma2": [WINDOW, None] * 2,
-               "smollm3_sliding": [None, None, None, WINDOW]}.get(kind, [None, None, WINDOW, WINDOW])
+               "smollm3_sliding": [None, None, None, WINDOW], "ministral3": [None] * 4}.get(
+        kind, [None, None, WINDOW, WINDOW])
     assert [s.window for s in engine.target.contract.kv] == windows
     rows = np.random.default_rng(3).integers(0, 96, size=(2, 27))
     lengths = (24, 17)

@@ -49,7 +49,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("static")
     out = {}
     for kind in ("gemma3_text", "llama", "qwen2", "llama_bias", "qwen2_sliding", "qwen3_bias", "mistral",
-                 "phi3_sliding", "gemma2", "smollm3_sliding", "granite"):
+                 "phi3_sliding", "gemma2", "smollm3_sliding", "granite", "ministral3"):
         model = tiny(kind)
         model_dir = save_tiny(model, root / kind)
         export(model_dir, root / f"{kind}-dyn", capacity=CAPACITY)
@@ -59,7 +59,7 @@ def models(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["gemma3_text", "llama", "qwen2", "llama_bias", "qwen2_sliding", "qwen3_bias",
-                                  "mistral", "phi3_sliding", "gemma2", "smollm3_sliding", "granite"])
+                                  "mistral", "phi3_sliding", "gemma2", "smollm3_sliding", "granite", "ministral3"])
 def test_static_logits_match_dynamic_and_transformers(models, kind):
     model, _, dyn, st = models[kind]
     assert st.target.window == W and st.target.contract.capacity == CAPACITY

@@ -12,7 +12,8 @@ from typing import Callable
 
 from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
-from ..config import TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, read_config_json
+from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, parse_mistral3_multimodal,
+                      read_config_json)
 from ..errors import EdgemtpError
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
@@ -36,6 +37,8 @@ def _architectures() -> dict:
         "mistral": (parse_llama, llama.build),
         "smollm3": (parse_llama, llama.build),
         "granite": (parse_llama, llama.build),
+        "ministral3": (parse_llama, llama.build),
+        "mistral3": (parse_mistral3_multimodal, llama.build),  # multimodal: its text tower
         "phi3": (phi3.parse_config, llama.build),  # fused weights read as llama's (phi3.split_fused)
     }
     try:

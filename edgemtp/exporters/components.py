@@ -373,6 +373,16 @@ def tied_head(b: GraphBuilder, x: str, key: str, vocab: int, hidden: int) -> str
     return b.op("Reshape", logits, shape)
 
 
+def llama4_query_scale(b: GraphBuilder, position_ids: str, beta: float, original: int) -> str:
+    """[B, S] positions -> [B, S, 1]: 1 + beta ln(1 + floor(pos / original)), Ministral 3's query scale (1 within
+    the original length). Rotation is linear, so q scaled before GroupQueryAttention rotates it is the same."""
+    pos = b.op("Cast", position_ids, to=FLOAT)
+    steps = b.op("Floor", b.op("Div", pos, b.const(np.float32(original))))
+    one = b.const(np.float32(1.0))
+    s = b.op("Add", one, b.op("Mul", b.const(np.float32(beta)), b.op("Log", b.op("Add", one, steps))))
+    return b.op("Unsqueeze", s, b.const([-1], np.int64))
+
+
 def scaled(b: GraphBuilder, x: str, factor: float) -> str:
     """x * factor (no op for 1: granite's multipliers, 1 in every other model)."""
     return x if factor == 1.0 else b.op("Mul", x, b.const(np.float32(factor)))

@@ -27,12 +27,15 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     rope = nn.gqa_rope(b, cfg.rope[FULL], cfg.head_dim, capacity, io) if in_place else \
         nn.rope_tables(b, cfg.rope[FULL], cfg.head_dim, io.position_ids)
     hid, eps = cfg.hidden_size, cfg.rms_norm_eps
+    qscale = None if cfg.query_scale_beta is None else \
+        nn.llama4_query_scale(b, io.position_ids, cfg.query_scale_beta, cfg.rope[FULL].original_max_positions)
     h = nn.rms_norm(b, x, "model.layers.0.input_layernorm.weight", hid, eps)
     for i, slot in enumerate(slots):  # each residual add shares an op with the norm that reads it
         p = f"model.layers.{i}."
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
         layer_rope = None if i in cfg.nope_layers else rope  # smollm3: some layers rotate nothing
-        out = attention(b, cfg, p + "self_attn.", h, slot, layer_rope, io, capacity, views and views[slot.window])
+        out = attention(b, cfg, p + "self_attn.", h, slot, layer_rope, io, capacity, views and views[slot.window],
+                        qscale)
         x, h = nn.add_norm(b, x, nn.scaled(b, out, cfg.residual_scale), p + "post_attention_layernorm.weight",
                            hid, eps)
         out = nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation)
@@ -46,11 +49,14 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
 
 
 def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.TargetInputs, capacity: int,
-              view: nn.CacheView | None = None) -> str:
+              view: nn.CacheView | None = None, qscale: str | None = None) -> str:
+    """`qscale`: [B, S, 1] factors of the queries (ministral3's, llama4_query_scale)."""
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     names = [p + "q_proj", p + "k_proj", p + "v_proj"]
     q, k, v = nn.linears(b, x, [m + ".weight" for m in names], hid, [n * d, nk * d, nk * d],
                          [m + ".bias" for m in names] if cfg.attention_bias else None)
+    if qscale is not None:  # before any norm would undo it: ministral3 has none
+        q = b.op("Mul", q, qscale)
     eps = cfg.rms_norm_eps
     if isinstance(rope, nn.RopeTables):  # rotated here, not by GroupQueryAttention
         q, k = nn.heads(b, q, n, d), nn.heads(b, k, nk, d)

@@ -35,7 +35,7 @@ from . import gemma3
 from . import components as nn
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
-ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "phi3", "smollm3", "granite")
+ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "smollm3", "granite")
 KEEP_FLOAT = ("attn_bias_add.", "attn_softmax.")  # node-name prefixes a QDQ pass leaves in float
 
 
@@ -127,6 +127,8 @@ def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) ->
     x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
     table = rope_table(b, cfg.rope[FULL], cfg.head_dim, sp)
     eps, hid = cfg.rms_norm_eps, cfg.hidden_size
+    qscale = None if cfg.query_scale_beta is None else b.op("Unsqueeze", nn.llama4_query_scale(
+        b, sp.position_ids, cfg.query_scale_beta, cfg.rope[FULL].original_max_positions), b.const([-1], np.int64))
     for i, slot in enumerate(slots):
         p, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
         h = rms_norm(b, x, b.param(p + "input_layernorm.weight", (hid,)), eps)
@@ -136,6 +138,8 @@ def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) ->
                     ((q, "q_norm.weight"), (k, "k_norm.weight")))
         if i not in cfg.nope_layers:  # smollm3's layers without RoPE
             q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
+        if qscale is not None:  # ministral3: [1, W, 1, 1]
+            q = b.op("Mul", q, qscale)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, None)
         h = nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid,
                       a + "o_proj.bias" if cfg.output_bias else None)
