@@ -159,14 +159,27 @@ def read_config_json(model_dir: Path) -> dict:
     return hf
 
 
-def parse_rope(params, default_theta: float, pr: Problems, where: str) -> Rope:
+def parse_rope(params, default_theta: float, pr: Problems, where: str, max_positions: int | None = None,
+               top_original=None) -> Rope:
     """Accepts both the old `rope_theta`/`rope_scaling` and transformers 5's `rope_parameters`; `where` names
-    the field the parameters came from, for messages."""
+    the field the parameters came from, for messages. As transformers' standardize_rope_params, llama3's and
+    yarn's original_max_position_embeddings is the top-level field where config.json has one (`top_original`,
+    which wins), else the parameters', else `max_positions` (the model's max_position_embeddings)."""
     if params is not None and not isinstance(params, dict):
         pr.items.append(f"field '{where}' should be an object, got {params!r}")
         params = None
     p = dict(params or {})
     kind = p.get("rope_type", p.get("type", "default")) or "default"
+    if kind in ("llama3", "yarn"):
+        if top_original is not None:
+            p["original_max_position_embeddings"] = top_original
+        elif p.get("original_max_position_embeddings") is None and max_positions is not None:
+            p["original_max_position_embeddings"] = max_positions
+        original = p.get("original_max_position_embeddings")
+        # yarn without a factor: transformers' max_position_embeddings / original_max_position_embeddings
+        if kind == "yarn" and p.get("factor") is None and max_positions is not None and \
+                isinstance(original, (int, float)) and not isinstance(original, bool) and original > 0:
+            p["factor"] = max_positions / original
     # 0 is a real fraction (no pair rotated), not "unset": only null or absent means the whole head
     fraction = pr.opt(p, "partial_rotary_factor", float, None, where)
     fraction = 1.0 if fraction is None else fraction
@@ -211,12 +224,13 @@ def _yarn(rope: Rope, p: dict, pr: Problems, where: str) -> Rope:
                    truncate=pr.flag(p, "truncate", True))
 
 
-def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0) -> Rope:
+def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0, max_positions: int | None = None) -> Rope:
     """The RoPE of a model with one for every layer, as transformers 5 reads it (convert_rope_params_to_dict):
     rope_scaling when set, else rope_parameters; a base neither gives from the top-level rope_theta, else the
     config class's default_theta."""
     where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    return parse_rope(hf.get(where), pr.opt(hf, "rope_theta", float, default_theta), pr, where)
+    top = pr.opt(hf, "original_max_position_embeddings", int, None)  # transformers prefers it to the parameters'
+    return parse_rope(hf.get(where), pr.opt(hf, "rope_theta", float, default_theta), pr, where, max_positions, top)
 
 
 def parse_llama(hf: dict, source: str) -> TextConfig:
@@ -234,7 +248,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     n_layers = pr.need(hf, "num_hidden_layers")
     # Qwen3Config and Ministral3Config have head_dim 128 by default, not hidden_size / heads
     head_dim = pr.opt(hf, "head_dim", int, 128 if qwen3 or ministral3 else hidden // heads if heads else 0)
-    rope = one_rope(hf, pr, 2e6 if smollm3 else 10000.0)  # SmolLM3Config's default_theta is 2e6
+    max_positions = pr.opt(hf, "max_position_embeddings", int, _MAX_POSITIONS.get(hf.get("model_type"), 2048))
+    rope = one_rope(hf, pr, 2e6 if smollm3 else 10000.0, max_positions)  # SmolLM3Config's default_theta is 2e6
     nope = ()
     if qwen2 or qwen3:
         layer_types, window = _qwen2_layers(hf, n_layers, pr)
@@ -267,8 +282,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
         eos_token_ids=pr.token_ids(hf, "eos_token_id"),
-        max_position_embeddings=pr.opt(hf, "max_position_embeddings", int,
-                                       _MAX_POSITIONS.get(hf.get("model_type"), 2048)),
+        max_position_embeddings=max_positions,
     )
     check_common(cfg, pr)
     pr.check(cfg.hidden_activation == "silu" or cfg.hidden_activation not in ACTIVATIONS,  # else said once

@@ -699,18 +699,24 @@ def test_granite_multipliers(tiny_gemma3):
         parse_llama({**hf, "logits_scaling": 0}, "x")
 
 
-def test_yarn_needs_its_original_length_and_factor(tiny_gemma3):
-    """rope_type 'yarn' (tests/test_parity.py checks its maths): the fields transformers reads it by, named."""
+def test_yarn_original_length_and_factor_as_transformers_fills_them(tiny_gemma3):
+    """rope_type 'yarn' (tests/test_parity.py checks its maths): what transformers' standardize_rope_params and
+    _compute_yarn_parameters fill in where a field is missing (they were refused): the original length is
+    max_position_embeddings (a top-level original_max_position_embeddings wins over the parameters'), the
+    factor max_position_embeddings / the original length."""
     from edgemtp.config import parse_llama, read_config_json
 
     hf = {**read_config_json(tiny_gemma3[1]), "model_type": "qwen3", "hidden_activation": None,
-          "rope_parameters": None, "layer_types": None}
+          "rope_parameters": None, "layer_types": None, "max_position_embeddings": 256}
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
     rope = parse_llama({**hf, "rope_scaling": yarn}, "x").rope["full_attention"]
     assert rope.kind == "yarn" and rope.scale == pytest.approx(0.1 * np.log(4.0) + 1)
-    for drop in ("factor", "original_max_position_embeddings"):
-        with pytest.raises(EdgemtpError, match=f"field 'rope_scaling.{drop}' is missing"):
-            parse_llama({**hf, "rope_scaling": {k: v for k, v in yarn.items() if k != drop}}, "x")
+    no_factor = parse_llama({**hf, "rope_scaling": {**yarn, "factor": None}}, "x").rope["full_attention"]
+    assert (no_factor.factor, no_factor.original_max_positions) == (8.0, 32)
+    no_original = parse_llama({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "x").rope["full_attention"]
+    assert (no_original.factor, no_original.original_max_positions) == (4.0, 256)
+    top = parse_llama({**hf, "rope_scaling": yarn, "original_max_position_embeddings": 64}, "x").rope["full_attention"]
+    assert top.original_max_positions == 64
 
 
 def test_calibration_caps_gemma2_logits_by_its_default(tmp_path):

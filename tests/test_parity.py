@@ -242,3 +242,48 @@ def test_reused_bindings_equal_fresh_ones(tmp_path, monkeypatch):
         np.testing.assert_array_equal(kept, at_once)  # not overwritten by later steps
         np.testing.assert_array_equal(at_once, want)
         np.testing.assert_array_equal(hidden, want_hidden)
+
+
+def _parity_with_config(model, tmp_path, patch) -> None:
+    """config.json patched as a checkpoint may have it, transformers' model reloaded from it, logits compared."""
+    import json
+    model_dir = save_tiny(model, tmp_path / "model")
+    path = model_dir / "config.json"
+    hf = json.loads(path.read_text())
+    patch(hf)
+    path.write_text(json.dumps(hf))
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    export(model_dir, tmp_path / "bundle", capacity=64)
+    engine = Engine.load(tmp_path / "bundle")
+    ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
+    cache, start = engine.target.new_cache(1), 0
+    for n, want in zip(CHUNKS, reference_logits(model, ids, CHUNKS)):
+        got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"at position {start}")
+        start += n
+
+
+@pytest.mark.parametrize("case", ["top_level", "missing", "missing_factor"])
+def test_yarn_original_length_read_as_transformers(case, tmp_path):
+    """standardize_rope_params: a top-level original_max_position_embeddings wins over the parameters' (was
+    ignored: logits off by several units); none at all is max_position_embeddings (was refused), and yarn
+    without a factor takes max_position_embeddings / original_max_position_embeddings."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_parameters=rope, initializer_range=0.2))
+    _randomize_norms(model)
+
+    def patch(hf):
+        rp = hf["rope_parameters"]
+        if case == "top_level":
+            hf["original_max_position_embeddings"], rp["original_max_position_embeddings"] = 8, 64
+        else:
+            del rp["original_max_position_embeddings"]
+            hf["max_position_embeddings"] = 16
+            if case == "missing_factor":
+                hf["max_position_embeddings"] = 64
+                rp["original_max_position_embeddings"] = 16
+                rp["factor"] = None
+    _parity_with_config(model, tmp_path, patch)
