@@ -382,11 +382,17 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     layer_types = tuple(pr.layer_types(hf) or
                         [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
     rp = hf.get("rope_parameters")
+    max_positions = pr.opt(hf, "max_position_embeddings", int, 32768)
     if isinstance(rp, dict) and FULL in rp:
-        rope = {t: parse_rope(rp.get(t), theta, pr, f"rope_parameters.{t}") for t, theta in ((FULL, 1e6), (SLIDING, 1e4))}
+        rope = {t: parse_rope(rp.get(t), theta, pr, f"rope_parameters.{t}", max_positions)
+                for t, theta in ((FULL, 1e6), (SLIDING, 1e4))}
     else:  # old style: rope_theta + rope_local_base_freq + rope_scaling
-        rope = {FULL: parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 1e6), pr, "rope_scaling"),
+        rope = {FULL: parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 1e6), pr, "rope_scaling",
+                                 max_positions),
                 SLIDING: Rope(theta=pr.opt(hf, "rope_local_base_freq", float, 1e4))}
+    # Gemma 3's RoPE parameters are per layer type, and transformers' yarn reads `truncate` from the outer
+    # dict (config.rope_parameters.get("truncate", True)), which never has it: always truncated
+    rope = {t: replace(r, truncate=True) for t, r in rope.items()}
     cfg = TextConfig(
         model_type="gemma3_text",
         vocab_size=pr.need(hf, "vocab_size"),
@@ -407,7 +413,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
         eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
-        max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 32768),
+        max_position_embeddings=max_positions,
         qk_norm=True,
     )
     check_common(cfg, pr)

@@ -287,3 +287,28 @@ def test_yarn_original_length_read_as_transformers(case, tmp_path):
                 rp["original_max_position_embeddings"] = 16
                 rp["factor"] = None
     _parity_with_config(model, tmp_path, patch)
+
+
+@pytest.mark.parametrize("case", ["truncate_false", "missing_original"])
+def test_gemma3_yarn_full_layers_as_transformers(case, tmp_path):
+    """Gemma 3 with YaRN on its full layers (rope_parameters per layer type): transformers reads `truncate` from
+    the outer dict, which never has it, so the ramp's bounds are always rounded (truncate false was honoured:
+    logits off by 0.05), and a missing original_max_position_embeddings is max_position_embeddings (was
+    refused)."""
+    torch.manual_seed(0)
+    full = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 16,
+            "beta_fast": 8.0, "beta_slow": 0.5}
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, head_dim=32, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 2, initializer_range=0.2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4}, "full_attention": full}))
+    _randomize_norms(model)
+
+    def patch(hf):
+        rp = hf["rope_parameters"]["full_attention"]
+        if case == "truncate_false":
+            rp["truncate"] = False
+        else:
+            del rp["original_max_position_embeddings"]
+    _parity_with_config(model, tmp_path, patch)
