@@ -243,6 +243,8 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         "qwen2", "qwen3", "mistral", "smollm3", "granite", "ministral3"))
     # llama's and qwen3's attention_bias put a bias on q/k/v and o_proj; transformers' qwen2 ignores the field
     # (q/k/v biases always, none on o_proj), and mistral too (no biases)
+    if ministral3 and hf.get("rope_parameters") is None and not hf.get("rope_scaling"):
+        hf = {**hf, "rope_parameters": dict(MINISTRAL3_ROPE)}  # Ministral3Config's, where config.json has none
     attention_bias = True if qwen2 else False if mistral or ministral3 else pr.flag(hf, "attention_bias", False)
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
@@ -307,6 +309,10 @@ def _granite_scales(hf: dict, pr: Problems) -> dict:
             "attention_scale": get("attention_multiplier"), "logit_scale": 1.0 / get("logits_scaling")}
 
 
+# Ministral3Config's RoPE where config.json has none (it wins over a top-level rope_theta)
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 16384,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                   "llama_4_scaling_beta": 0.1}
 # transformers' defaults where config.json says none (others: all heads)
 _KV_HEADS = {"mistral": 8, "smollm3": 4, "ministral3": 8}
 _MAX_POSITIONS = {"llama": 2048, "granite": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768,

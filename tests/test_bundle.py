@@ -1048,3 +1048,19 @@ def test_a_bundle_written_meanwhile_by_another_run_is_not_replaced(tmp_path):
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "mine").write_text("second")
     assert [p.name for p in out.iterdir()] == ["mine"]
+
+
+def test_ministral3_rope_defaults_where_config_has_none():
+    """Ministral3Config fills in its YaRN (theta 1e6, factor 16 over 16384 positions, llama_4_scaling_beta 0.1)
+    where config.json has no rope_parameters (was default RoPE of base 10000, queries unscaled)."""
+    from edgemtp.config import parse_llama
+
+    hf = dict(model_type="ministral3", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=5000.0)
+    cfg = parse_llama(hf, "x")
+    rope = cfg.rope["full_attention"]
+    assert (rope.kind, rope.theta, rope.factor, rope.original_max_positions) == ("yarn", 1e6, 16.0, 16384)
+    assert cfg.query_scale_beta == 0.1
+    transformers = pytest.importorskip("transformers")
+    want = transformers.Ministral3Config.from_dict(hf).rope_parameters
+    assert (want["rope_theta"], want["factor"], want["llama_4_scaling_beta"]) == (1e6, 16.0, 0.1)
