@@ -375,6 +375,17 @@ def test_chat_args_are_template_variables_as_transformers_passes_them(chat_bundl
                           (["--chat", "--prompt", "t3", "--chat-arg", "messages=1"], "has the name 'messages'")):
         r = CliRunner().invoke(cli, ["generate", str(b), *args])
         assert r.exit_code == 2 and message in r.output, r.output
+    # NaN / Infinity are not JSON: the text (they were refused as a non-JSON number); bad ones named by the
+    # option as typed (was '--chat-args {...}', a flag there is not)
+    r = CliRunner().invoke(cli, ["generate", str(b), "--chat", "--prompt", "t3", "--chat-arg", "mood=NaN",
+                                 "--chat-arg", "x=-Infinity", "--max-new-tokens", "4", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["tokens"] == \
+        Engine.load(b, chat_args={"mood": "NaN"}).generate([{"role": "user", "content": "t3"}], 4).tokens, r.output
+    for arg, message in (("messages=1", "error: --chat-arg 'messages=1' has the name 'messages'"),
+                         ("mood=1e999", "error: --chat-arg 'mood=1e999' has mood=inf: values must be JSON values")):
+        for command in (["generate", str(b), "--chat", "--prompt", "t3"], ["chat", str(b)]):
+            r = CliRunner().invoke(cli, [*command, "--chat-arg", arg], input="t3\n")
+            assert r.exit_code == 2 and message in r.output and "--chat-args" not in r.output, r.output
     with pytest.raises(EdgemtpError, match="chat_args \\(--chat-arg\\) set chat template variables, and the bundle "
                                            "has no chat template"):
         Engine.load(tiny_gemma3[2], chat_args={"mood": 3})

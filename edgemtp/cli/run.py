@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from .base import cli
 
 
@@ -120,15 +120,25 @@ def unescape(text: str) -> str:
 
 def parse_chat_args(values: tuple[str, ...]) -> dict:
     """--chat-arg NAME=VALUE options as template variables: VALUE as JSON where it parses, else the text."""
+    from ..runtime.chat import check_chat_args
+
+    def not_json(constant: str):  # NaN, Infinity, -Infinity: Python's json takes them, JSON does not
+        raise ValueError(constant)
+
     out = {}
     for item in values:
         name, sep, text = item.partition("=")
         if not sep or not name.strip():
             raise EdgemtpError(f"--chat-arg {item!r}: give NAME=VALUE, e.g. enable_thinking=false")
         try:
-            out[name.strip()] = json.loads(text)
+            value = json.loads(text, parse_constant=not_json)
         except ValueError:
-            out[name.strip()] = text
+            value = text
+        try:  # named as typed (ArgumentError's own message names a --chat-args flag there is not)
+            check_chat_args({name.strip(): value})
+        except ArgumentError as e:
+            raise EdgemtpError(f"--chat-arg {item!r} {e.rule}") from None
+        out[name.strip()] = value
     return out
 
 
