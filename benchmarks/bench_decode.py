@@ -1,12 +1,14 @@
 """Prefill and decode speed of a bundle, decode step time vs context, and the bandwidth ceiling.
 
     python benchmarks/bench_decode.py BUNDLE [--threads 2] [--contexts 128,512,2048] [--rounds 7]
-                                             [--pairs 150] [--huge-pages] [--also OTHER_BUNDLE]
+                                             [--pairs 150] [--huge-pages] [--mapped-head] [--also OTHER_BUNDLE]
 
 Decode vs the ceiling is measured two ways. Rounds: a 64-token generation, then the bandwidth. Pairs: single
 decode steps, each beside a bandwidth probe; the bandwidth of a shared machine drifts by a third within
 minutes, so the ratio of each step to the probe run right beside it is the precise one (median of pairs).
-`--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py), `--also B`:
+`--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py), `--mapped-head`:
+also with its head table read in place from the data file, not copied onto 2 MB pages (head_copy=False,
+runtime/head_copy.py), `--also B`:
 another bundle of the same model (e.g. exported with --gemv-head); their steps join the same pairs, and
 each prints its ratio to the ceiling and its paired speed-up over the first. The ceiling is the fastest of
 the probe's three kernels (runtime/bandwidth.py) over all pairs, a step's bytes its weights and the KV cache
@@ -91,6 +93,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="decode runs, each followed by a bandwidth measurement")
     ap.add_argument("--pairs", type=int, default=150, help="decode steps, each beside a bandwidth probe")
     ap.add_argument("--huge-pages", action="store_true", help="also the target on 2 MB pages, side by side")
+    ap.add_argument("--mapped-head", action="store_true", help="also the head table read from the data file's mapping")
     ap.add_argument("--also", type=Path, action="append", default=[], help="another bundle of the model, side by side")
     ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli" / "build.py")
     args = ap.parse_args()
@@ -119,11 +122,13 @@ def main() -> None:
           f"{min(ratios):.0%}-{max(ratios):.0%}; {np.median(ratios) * weights / nbytes:.0%} counting the weights only)")
     # the paired engines stop spinning after each run, so none takes the cores from another or the probe
     pages = [False, True] if args.huge_pages else [False]
-    variants = [(b, huge) for b in [args.bundle, *args.also] for huge in pages]
+    copies = [True, False] if args.mapped_head else [True]
+    variants = [(b, huge, copy) for b in [args.bundle, *args.also] for huge in pages for copy in copies]
     paired, labels = [], []
-    for bundle, huge in variants:
-        paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge))
-        labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}")
+    for bundle, huge, copy in variants:
+        paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge,
+                                  head_copy=copy))
+        labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}{'' if copy else ', head mapped'}")
     ratios, kernels, steps, sizes = paired_ratios(paired, BandwidthProbe(args.threads), args.pairs)
     print("probe (median of pairs): " + ", ".join(f"{name} {bw / 1e9:.1f} GB/s" for name, bw in
                                                   zip(("ORT Gemm", "ORT GEMV", "numpy GEMV"), kernels)))

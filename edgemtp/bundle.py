@@ -112,6 +112,8 @@ class Bundle:
     # file -> its stamp (verified.stamp) when load checked it: graphs loaded later (the MTP drafter, the batched
     # verify graph, on first use) must read those files, not a re-export's (see check_unchanged)
     stamps: dict = field(default_factory=dict, compare=False, repr=False)
+    # graph name -> its GraphFacts (onnx_wire.py) as load read them
+    facts: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def model(self) -> dict:
@@ -181,16 +183,17 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
     stamps = {rel: _check_file(d, rel, info, mpath, record) for rel, info in m["files"].items()}
     if record is not None:
         record.save()
+    facts = {}
     for name, g in m["graphs"].items():
         if g.get("file") not in m["files"]:
             raise EdgemtpError(f"{mpath}: graphs.{name}.file names a file not listed in 'files'")
-        graph = _check_external_data(d, d / g["file"], m["files"])
+        graph = facts[name] = _check_external_data(d, d / g["file"], m["files"])
         if name in ("target", "verify") and not g.get("contract", {}).get("static"):
             _check_contract(mpath, name, g, graph)
     if m["tokenizer"] not in m["files"]:
         raise EdgemtpError(f"{mpath}: field 'tokenizer' names a file not listed in 'files'")
     _check_chat(m, mpath)
-    return Bundle(d, m, stamps)
+    return Bundle(d, m, stamps, facts)
 
 
 def _check_chat(m: dict, mpath: Path) -> None:

@@ -34,6 +34,8 @@ DRAFT_IDS = "draft_ids"
 NEXT_HIDDEN = "next_hidden_state"
 CONTEXT_IDS = "context_ids"  # [N, W] recent token ids, -1 where there is none (a short history)
 CANDIDATE_IDS, CANDIDATE_LOGITS = "candidate_ids", "candidate_logits"  # a clustered head's shortlist
+# suffix of the name under which one-row passes read a transposed head table with GEMV (exporters/gemv_head.py)
+GEMV_ALIAS = ".gemv"
 
 
 def past_key(layer: int) -> str:

@@ -19,7 +19,7 @@ MODEL_GRAPH = 7
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 5, 11, 12
 NODE_INPUT, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 4, 5
 ATTRIBUTE_NAME, ATTRIBUTE_I = 1, 3
-TENSOR_EXTERNAL_DATA = 13
+TENSOR_NAME, TENSOR_EXTERNAL_DATA = 8, 13
 ENTRY_KEY, ENTRY_VALUE = 1, 2
 VALUE_NAME, VALUE_TYPE = 1, 2
 TYPE_TENSOR = 1
@@ -37,6 +37,9 @@ class GraphFacts:
     inputs: dict = field(default_factory=dict)  # name -> dims: int, a symbolic name, or None
     outputs: dict = field(default_factory=dict)
     data_files: list = field(default_factory=list)  # the initializers' external data locations, sorted
+    # initializer name -> its external data entries {key: value} (a key given twice: the last), for each
+    # initializer that has any (runtime/head_copy.py finds the bytes a table's name points at)
+    external: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)  # GroupQueryAttention's past key input -> window (None: global)
 
 
@@ -61,7 +64,10 @@ def read_graph_facts(path: Path) -> GraphFacts:
             name, dims = _value_info(value)
             facts.outputs[name] = dims
         elif number == GRAPH_INITIALIZER:
-            files.update(_external_locations(value))
+            name, entries = _external_entries(value)
+            files.update(v for k, v in entries if k == "location")
+            if entries:
+                facts.external[name] = dict(entries)
         elif number == GRAPH_NODE:
             _attention_window(value, facts.windows)
     facts.data_files = sorted(files)
@@ -190,18 +196,24 @@ def _dim(buf: memoryview):
     return dim
 
 
-def _external_locations(buf: memoryview):
-    for number, entry in fields(buf):
-        if number == TENSOR_EXTERNAL_DATA and isinstance(entry, memoryview):
-            key, value = None, b""
-            for n, v in fields(entry):
+def _external_entries(buf: memoryview) -> tuple[str, list]:
+    """A TensorProto's (name, [(key, value) of each external data entry]); a missing key or value reads ""."""
+    name, entries = "", []
+    for number, value in fields(buf):
+        if not isinstance(value, memoryview):
+            continue
+        if number == TENSOR_NAME:
+            name = _text(value)
+        elif number == TENSOR_EXTERNAL_DATA:
+            key, text = "", ""
+            for n, v in fields(value):
                 if isinstance(v, memoryview):
                     if n == ENTRY_KEY:
-                        key = v
+                        key = _text(v)
                     elif n == ENTRY_VALUE:
-                        value = v
-            if key == b"location":
-                yield _text(value)
+                        text = _text(v)
+            entries.append((key, text))
+    return name, entries
 
 
 def _attention_window(buf: memoryview, windows: dict) -> None:

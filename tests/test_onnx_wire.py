@@ -33,8 +33,14 @@ def onnx_facts(path) -> dict:
             size = next((a.i for a in node.attribute if a.name == "local_window_size"), -1)
             windows[node.input[3]] = size if size > 0 else None
     files = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.external_data}
     return {"inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output), "data_files": files,
-            "windows": windows}
+            "windows": windows, "external": external}
+
+
+def wire_facts(facts) -> dict:
+    return {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
+            "windows": facts.windows, "external": facts.external}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +71,7 @@ def test_facts_match_the_onnx_package_on_every_graph(bundles):
     seen_windows = seen_files = 0
     for path in graphs:
         facts = read_graph_facts(path)
-        got = {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
-               "windows": facts.windows}
+        got = wire_facts(facts)
         assert got == onnx_facts(path), path
         seen_windows += any(w is not None for w in facts.windows.values())
         seen_files += bool(facts.data_files)
@@ -184,6 +189,12 @@ def _wire_cases() -> dict:
                                                   + s_(13, s_(2, b"b.data") + s_(1, b"location"))
                                                   + s_(13, s_(1, b"location"))  # no value: "" as onnx reads it
                                                   + s_(13, s_(1, b"length") + s_(2, b"4")) + i_(14, 1))),
+        "initializer name twice, entry key twice, no key, same name twice":
+            model(s_(5, s_(8, b"a") + s_(13, s_(2, b"x.data")) + s_(8, b"b")
+                     + s_(13, s_(1, b"offset") + s_(2, b"7") + s_(1, b"length")))
+                  + s_(5, s_(13, s_(1, b"location") + s_(2, b"y.data")))  # no name: ""
+                  + s_(5, s_(8, b"b") + s_(13, s_(1, b"location") + s_(2, b"z.data")))
+                  + s_(5, s_(8, b"c") + i_(13, 4))),  # an entry as a varint: unknown, so no external data
         "window, first of two": model(gqa(window + i_(3, 8) + i_(20, 2), window + i_(3, 9))),
         "window negative": model(gqa(window + i_(3, -1))),
         "window length-delimited": model(gqa(window + s_(3, b"x"))),
@@ -198,8 +209,7 @@ def test_wire_quirks_read_as_the_onnx_package_reads_them(tmp_path):
         path = tmp_path / "m.onnx"
         path.write_bytes(data)
         facts = read_graph_facts(path)
-        assert {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
-                "windows": facts.windows} == onnx_facts(path), name
+        assert wire_facts(facts) == onnx_facts(path), name
 
 
 def test_damaged_graph_bytes_give_the_onnx_package_s_facts_or_wire_error(tiny_gemma3, tmp_path):
@@ -231,8 +241,7 @@ def test_damaged_graph_bytes_give_the_onnx_package_s_facts_or_wire_error(tiny_ge
         except Exception:  # noqa: BLE001 (protobuf's several types) a damage in what the reader skips
             continue
         read += 1
-        assert {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
-                "windows": facts.windows} == theirs
+        assert wire_facts(facts) == theirs
     assert read > 50
 
 

@@ -28,9 +28,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .. import contract as C
 from .builder import FLOAT, GraphBuilder, transpose
 
-ALIAS = ".gemv"  # suffix of the overridable name of the transposed table
+ALIAS = C.GEMV_ALIAS  # suffix of the overridable name of the transposed table
 # The nodes of each rewrite are named "<GROUP>N/..." and the first carries the node it replaced (TAG + its
 # bytes in hex), so restore_rows() can undo the rewrite for the quantizer, which works on the [V, H] table.
 GROUP, TAG = "gemv_group", "edgemtp.gemv_head.replaces:"

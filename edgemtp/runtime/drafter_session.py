@@ -37,18 +37,20 @@ class DrafterSession:
 
     @classmethod
     def load(cls, bundle: bundle_mod.Bundle, provider: str = "cpu", threads: int | None = None,
-             graph: str = "drafter") -> "DrafterSession":
+             graph: str = "drafter", initializers: dict | None = None) -> "DrafterSession":
         g = bundle.graph(graph)
-        return cls.open(g.path, g.contract, provider, threads)
+        return cls.open(g.path, g.contract, provider, threads, initializers)
 
     @classmethod
-    def open(cls, path: Path, contract: dict, provider: str = "cpu", threads: int | None = None) -> "DrafterSession":
+    def open(cls, path: Path, contract: dict, provider: str = "cpu", threads: int | None = None,
+             initializers: dict | None = None) -> "DrafterSession":
         """A drafter graph file with its manifest contract (what write() returns under "contract"): ours or a
-        Gemma 4 assistant's, which share the I/O contract but not the config."""
+        Gemma 4 assistant's, which share the I/O contract but not the config. `initializers`: see
+        make_session (the target's head table, copied: head_copy.py)."""
         from .session import make_session
 
-        drafter = cls(make_session(path, provider, threads, spin=False), contract["kv_layers"],
-                      int(contract["config"]["vocab_size"]), contract.get("head"))
+        session = make_session(path, provider, threads, spin=False, initializers=initializers)
+        drafter = cls(session, contract["kv_layers"], int(contract["config"]["vocab_size"]), contract.get("head"))
         problem = drafter.graph_mismatch()
         if problem:
             raise EdgemtpError(f"{path}: the graph does not match its manifest contract ({problem})")

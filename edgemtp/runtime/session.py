@@ -56,7 +56,7 @@ def check_threads(threads: int | None) -> None:
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
                  profile_prefix: str | None = None, spin: bool = True, prepack: bool = True,
-                 huge_pages: bool = False) -> ort.InferenceSession:
+                 huge_pages: bool = False, initializers: dict | None = None) -> ort.InferenceSession:
     """`profile_prefix`: record ONNX Runtime's per-op profile (a Chrome trace) to that file prefix.
     `spin` False: the session's threads stop spin-waiting as soon as a run ends. Spinning between runs
     suits a lone session, but with a target and an MTP drafter taking turns on the same cores each
@@ -68,7 +68,9 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     `prepack` False: ONNX Runtime keeps no packed copy of the MatMul weights (a second session over the same
     weights then costs ~7 MB instead of ~1.7 GB for Gemma 3 270M fp32, its passes run slower).
     `huge_pages`: move the weights ONNX Runtime copied into its memory onto 2 MB pages once the session is
-    built (see hugepages.py: a slower load for faster steps, worth it in a long-running process)."""
+    built (see hugepages.py: a slower load for faster steps, worth it in a long-running process).
+    `initializers`: name -> OrtValue the session reads in place of the graph's initializer of that name (a
+    head table copied onto 2 MB pages, head_copy.py); the session keeps them alive."""
     check_threads(threads)
     opts = ort.SessionOptions()
     if not prepack:  # weights stay in the memory-mapped data file, shared with another session over it
@@ -80,6 +82,8 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
         opts.profile_file_prefix = profile_prefix
     if threads:
         opts.intra_op_num_threads = threads
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     full = resolve_provider(provider)
@@ -91,4 +95,5 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
         raise EdgemtpError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0][:300]})") from None
     if before is not None:
         hugepages.collapse_new_regions(before)
+    session.edgemtp_initializers = initializers  # ONNX Runtime reads them and does not hold them
     return session
