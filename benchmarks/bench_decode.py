@@ -1,14 +1,15 @@
 """Prefill and decode speed of a bundle, decode step time vs context, and the bandwidth ceiling.
 
     python benchmarks/bench_decode.py BUNDLE [--threads 2] [--contexts 128,512,2048] [--rounds 7]
-                                             [--pairs 150] [--huge-pages] [--mapped-head] [--also OTHER_BUNDLE]
+                                             [--pairs 150] [--huge-pages] [--small-folios] [--also OTHER_BUNDLE]
 
 Decode vs the ceiling is measured two ways. Rounds: a 64-token generation, then the bandwidth. Pairs: single
 decode steps, each beside a bandwidth probe; the bandwidth of a shared machine drifts by a third within
 minutes, so the ratio of each step to the probe run right beside it is the precise one (median of pairs).
-`--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py), `--mapped-head`:
-also with its head table read in place from the data file, not copied onto 2 MB pages (head_copy=False,
-runtime/head_copy.py), `--also B`:
+`--huge-pages`: also loads the target with its weights on 2 MB pages (runtime/hugepages.py), `--small-folios`:
+also a copy of the bundle cached in 4 KB folios and read through ONNX Runtime's own mappings
+(head_huge_pages=False): the head table as decode steps read it before session 41, against the default's
+mapping on 2 MB pages (runtime/head_pages.py), `--also B`:
 another bundle of the same model (e.g. exported with --gemv-head); their steps join the same pairs, and
 each prints its ratio to the ceiling and its paired speed-up over the first. The ceiling is the fastest of
 the probe's three kernels (runtime/bandwidth.py) over all pairs, a step's bytes its weights and the KV cache
@@ -19,6 +20,10 @@ Decode step time should grow only as attention does: the cache is updated in pla
 from __future__ import annotations
 
 import argparse
+import mmap
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +32,7 @@ import numpy as np
 
 from edgemtp.runtime.bandwidth import BandwidthProbe, decode_bytes, kv_read_bytes, measure_bandwidth
 from edgemtp.runtime.engine import Engine
+from edgemtp.runtime.head_pages import pmd_mapped
 
 
 def step_time(engine: Engine, context: int, steps: int = 16) -> float:
@@ -85,6 +91,26 @@ def paired_ratios(engines: list[Engine], probe: BandwidthProbe, pairs: int) -> t
     return [ceiling * n / s for n, s in zip(nbytes, steps)], 1 / np.median(probes, axis=0), steps, nbytes
 
 
+def small_folio_copy(bundle: Path, root: Path) -> Path:
+    """A copy of the bundle whose target data file the page cache holds in 4 KB folios (read back page by page
+    in random order after the copy is written and dropped; a sequential read or mapping made 37-94% of it 2 MB
+    folios on the Xeon VM's ext4, depending on the read): what ONNX Runtime's own mappings read the head table
+    from before session 41 unless the cache happened to hold it in 2 MB folios."""
+    out = root / bundle.name
+    shutil.copytree(bundle, out)
+    with open(out / "target.onnx.data", "rb") as f:
+        os.fsync(f.fileno())  # written back, so that the drop below drops every page
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        m.madvise(mmap.MADV_RANDOM)  # no readahead: each fault reads its own 4 KB
+        pages = np.frombuffer(m, np.uint8)[::mmap.PAGESIZE]
+        for i in np.random.default_rng(0).permutation(len(pages)).tolist():
+            pages[i]
+        del pages
+        m.close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", type=Path)
@@ -93,7 +119,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="decode runs, each followed by a bandwidth measurement")
     ap.add_argument("--pairs", type=int, default=150, help="decode steps, each beside a bandwidth probe")
     ap.add_argument("--huge-pages", action="store_true", help="also the target on 2 MB pages, side by side")
-    ap.add_argument("--mapped-head", action="store_true", help="also the head table read from the data file's mapping")
+    ap.add_argument("--small-folios", action="store_true",
+                    help="also a copy cached in 4 KB folios, its head through ONNX Runtime's mappings")
     ap.add_argument("--also", type=Path, action="append", default=[], help="another bundle of the model, side by side")
     ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli" / "build.py")
     args = ap.parse_args()
@@ -122,13 +149,21 @@ def main() -> None:
           f"{min(ratios):.0%}-{max(ratios):.0%}; {np.median(ratios) * weights / nbytes:.0%} counting the weights only)")
     # the paired engines stop spinning after each run, so none takes the cores from another or the probe
     pages = [False, True] if args.huge_pages else [False]
-    copies = [True, False] if args.mapped_head else [True]
-    variants = [(b, huge, copy) for b in [args.bundle, *args.also] for huge in pages for copy in copies]
+    variants = [(b, huge, True) for b in [args.bundle, *args.also] for huge in pages]
+    scratch = tempfile.TemporaryDirectory(dir=args.bundle.parent) if args.small_folios else None
+    if scratch:
+        variants.append((small_folio_copy(args.bundle, Path(scratch.name)), False, False))
     paired, labels = [], []
-    for bundle, huge, copy in variants:
+    for bundle, huge, head in variants:
         paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge,
-                                  head_copy=copy))
-        labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}{'' if copy else ', head mapped'}")
+                                  head_huge_pages=head))
+        labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}"
+                      f"{'' if head else ' (a copy in 4 KB folios, the head through ONNX Runtime)'}")
+    for label, e in zip(labels, paired):
+        for table in (e.head_tables.tables.values() if e.head_tables else ()):
+            view = table.numpy()
+            on_huge = pmd_mapped(view.ctypes.data, view.ctypes.data + view.nbytes)
+            print(f"{label}: head table {on_huge >> 20} of {view.nbytes >> 20} MB on 2 MB pages")
     ratios, kernels, steps, sizes = paired_ratios(paired, BandwidthProbe(args.threads), args.pairs)
     print("probe (median of pairs): " + ", ".join(f"{name} {bw / 1e9:.1f} GB/s" for name, bw in
                                                   zip(("ORT Gemm", "ORT GEMV", "numpy GEMV"), kernels)))
@@ -142,6 +177,8 @@ def main() -> None:
         print(f"{label}: decode steps {np.median(speedup):.3f}x as fast as {labels[0]}'s (median of pairs; "
               f"mean {speedup.mean():.3f} +- {speedup.std() / np.sqrt(len(speedup)):.3f})")
     del paired
+    if scratch:
+        scratch.cleanup()
     base = None
     for ctx in [int(c) for c in args.contexts.split(",")]:
         if ctx + 1 > engine.capacity:

@@ -38,7 +38,7 @@ class GraphFacts:
     outputs: dict = field(default_factory=dict)
     data_files: list = field(default_factory=list)  # the initializers' external data locations, sorted
     # initializer name -> its external data entries {key: value} (a key given twice: the last), for each
-    # initializer that has any (runtime/head_copy.py finds the bytes a table's name points at)
+    # initializer that has any (runtime/head_pages.py finds the bytes a table's name points at)
     external: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)  # GroupQueryAttention's past key input -> window (None: global)
 

@@ -46,7 +46,7 @@ class DrafterSession:
              initializers: dict | None = None) -> "DrafterSession":
         """A drafter graph file with its manifest contract (what write() returns under "contract"): ours or a
         Gemma 4 assistant's, which share the I/O contract but not the config. `initializers`: see
-        make_session (the target's head table, copied: head_copy.py)."""
+        make_session (the target's head table on 2 MB pages: head_pages.py)."""
         from .session import make_session
 
         session = make_session(path, provider, threads, spin=False, initializers=initializers)

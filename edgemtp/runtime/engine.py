@@ -20,7 +20,7 @@ from .. import contract as C
 from ..errors import ArgumentError, EdgemtpError
 from .chat import ChatTemplate, check_chat_args, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
-from .head_copy import HeadCopies
+from .head_pages import HeadTables
 from .heap import release_freed_memory
 from .kv_cache import KVCache
 from .sampling import Sampling, pick
@@ -67,7 +67,7 @@ class Engine:
         # are this device's, and acceptance carries over (it fades as the text changes)
         self._draft_lengths = {}
         self.fast_verify = False
-        self.head_copies = None  # head_copy.HeadCopies: the head table the sessions read, copied (see load)
+        self.head_tables = None  # head_pages.HeadTables: the head table the sessions read, on 2 MB pages (see load)
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
         self.chat_template = None  # chat.ChatTemplate: the model's, when its bundle has one
         self.reuse_prefix = False  # see load
@@ -78,7 +78,7 @@ class Engine:
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
              verify: bool = True, drafter_provider: str | None = None, mtp: bool | None = None,
              fast_verify: bool = False, huge_pages: bool = False, reuse_prefix: bool = False,
-             chat_args: dict | None = None, head_copy: bool = True) -> "Engine":
+             chat_args: dict | None = None, head_huge_pages: bool = True) -> "Engine":
         """drafter_provider: where the MTP drafter runs (default: the target's provider), e.g. the target on
         an NPU and the drafter on the CPU. `mtp`: whether generation will draft with the MTP drafter
         (None: what --draft auto does for this bundle, so False for an int8 / int4 bundle on the CPU); then
@@ -95,13 +95,13 @@ class Engine:
         (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Off by
         default so that repeated prompts measure their whole prefill. `chat_args`: variables for the chat
         template, as apply_chat_template's keyword arguments (e.g. {"enable_thinking": False}: Qwen3's and
-        SmolLM3's thinking off). `head_copy`: an fp32 bundle's head table, which every decode step reads whole,
-        is read into the process's memory on 2 MB pages (Linux, on the CPU; runtime/head_copy.py): decode steps
-        ~4% faster, +0.2-1 s at load, the same memory; False: read in place from the data file's mapping (page
-        cache, shared with other processes reading the bundle)."""
+        SmolLM3's thinking off). `head_huge_pages`: an fp32 bundle's head table, which every decode step reads
+        whole, is read through a mapping of the data file on 2 MB pages (Linux, on the CPU; runtime/head_pages.py):
+        decode steps ~4-6% faster, no more memory; False: through ONNX Runtime's own mappings, on whatever pages
+        the page cache gives."""
         check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                          fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix,
-                         head_copy=head_copy)
+                         head_huge_pages=head_huge_pages)
         chat_args = check_chat_args(chat_args) if chat_args is not None else {}
         b = bundle_mod.load(Path(bundle_dir), verify=verify)
         if chat_args and b.chat is None:  # variables for a template there is not: said before any work
@@ -121,9 +121,9 @@ class Engine:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
         release_freed_memory()  # its parse's JSON tree, before the session's memory piles on top (runtime/heap.py)
-        copies = HeadCopies.load(b) if head_copy and runs_on_cpu(provider) else None
+        tables = HeadTables.load(b) if head_huge_pages and runs_on_cpu(provider) else None
         session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages,
-                               initializers=copies and copies.initializers("target"))
+                               initializers=tables and tables.initializers("target"))
         contract = b.graph("target").contract
         if is_static(contract):
             try:
@@ -132,9 +132,9 @@ class Engine:
                 raise EdgemtpError(f"{b.graph('target').path}: {e}") from None
         else:  # bundle.load checked the graph against its contract
             target = Target(session, b.target_contract,
-                            _verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify, copies))
+                            _verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify, tables))
         engine = cls(b, target, tok)
-        engine.head_copies = copies
+        engine.head_tables = tables
         if b.chat is not None:
             path, special = b.chat
             try:
@@ -335,9 +335,9 @@ class Engine:
                 from .drafter_session import DrafterSession
 
                 self.bundle.check_unchanged()  # loaded now, from the files Engine.load checked
-                copies = self.head_copies if runs_on_cpu(self.drafter_provider) else None
+                tables = self.head_tables if runs_on_cpu(self.drafter_provider) else None
                 self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph,
-                                                            copies and copies.initializers(graph))
+                                                            tables and tables.initializers(graph))
                 release_freed_memory()
             return self._drafters[graph]
 
@@ -457,7 +457,7 @@ def _copy_stats(own: Stats, stats: Stats | None) -> None:
 
 
 def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp: bool, fast: bool,
-                   huge_pages: bool = False, copies: HeadCopies | None = None):
+                   huge_pages: bool = False, tables: HeadTables | None = None):
     """Loads the bundle's batched verify graph when first needed (batched speculative decoding); unless `fast`,
     without a packed copy of the weights: it then shares the target's memory-mapped data file."""
     if not b.has_graph("verify"):
@@ -467,7 +467,7 @@ def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp
     def load() -> Target:
         b.check_unchanged()  # its weights must be the target's: the files Engine.load checked
         session = make_session(entry.path, provider, threads, spin=not mtp, prepack=fast, huge_pages=huge_pages,
-                               initializers=copies and copies.initializers("verify"))
+                               initializers=tables and tables.initializers("verify"))
         target = Target(session, C.TargetContract.from_json(entry.contract))
         release_freed_memory()
         return target

@@ -70,7 +70,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     `huge_pages`: move the weights ONNX Runtime copied into its memory onto 2 MB pages once the session is
     built (see hugepages.py: a slower load for faster steps, worth it in a long-running process).
     `initializers`: name -> OrtValue the session reads in place of the graph's initializer of that name (a
-    head table copied onto 2 MB pages, head_copy.py); the session keeps them alive."""
+    head table on 2 MB pages, head_pages.py); the session keeps them alive."""
     check_threads(threads)
     opts = ort.SessionOptions()
     if not prepack:  # weights stay in the memory-mapped data file, shared with another session over it
