@@ -95,12 +95,19 @@ def test_only_the_gemv_table_is_mapped_and_every_graph_naming_it_gets_it(mtp_bun
     assert HP.HeadTables.load(bundle_mod.load(int8)) is None
 
 
-def test_none_without_huge_pages_or_when_asked(mtp_bundle, monkeypatch):
+def test_none_without_huge_pages_or_when_asked_or_unmappable(mtp_bundle, monkeypatch):
     monkeypatch.setattr(HP, "huge_pages_available", lambda: False)
     assert Engine.load(mtp_bundle, verify=False).head_tables is None
     monkeypatch.setattr(HP, "huge_pages_available", lambda: True)
     assert Engine.load(mtp_bundle, verify=False, head_huge_pages=False).head_tables is None
     assert Engine.load(mtp_bundle, verify=False).head_tables is not None
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap says on a file system that cannot map files
+
+    monkeypatch.setattr(HP.mmap, "mmap", refuse)
+    engine = Engine.load(mtp_bundle, verify=False)  # ONNX Runtime then reads the table as it can
+    assert engine.head_tables is None and engine.generate("a b c", max_new_tokens=4).tokens
 
 
 def test_a_session_reads_the_initializers_it_is_given_in_place(mtp_bundle):

@@ -69,7 +69,11 @@ class HeadTables:
             key = _key(target.external.get(name)) if name.endswith(C.GEMV_ALIAS) else None
             # the GEMV table is fp32 [H, V] (only fp32 graphs get one): its dims must account for its bytes
             if key and all(isinstance(d, int) and d > 0 for d in dims) and 4 * math.prod(dims) == key[2]:
-                table = map_on_huge_pages(bundle.dir / key[0], key[1], key[2]).view(np.float32).reshape(dims)
+                try:
+                    table = map_on_huge_pages(bundle.dir / key[0], key[1], key[2])
+                except OSError:  # a file system that cannot map files (some FUSE ones): ONNX Runtime reads it
+                    continue
+                table = table.view(np.float32).reshape(dims)
                 tables[key] = ort.OrtValue.ortvalue_from_numpy(table)  # it keeps `table` (and the mapping) alive
         return cls(bundle, tables) if tables else None
 
@@ -135,7 +139,10 @@ def _touch(mapping: mmap.mmap, start: int, end: int) -> None:
 
 def _read_again(mapping: mmap.mmap, fd: int, start: int, end: int) -> None:
     mapping.madvise(mmap.MADV_DONTNEED, start, end - start)  # unmaps them here (a file mapping: nothing lost)
-    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    try:
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_DONTNEED)
+    except OSError:  # the file system keeps its cache: the pages are mapped again as they are
+        pass
     _touch(mapping, start, end)
 
 
