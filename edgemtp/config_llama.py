@@ -22,7 +22,10 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     attention_bias = True if qwen2 else False if mistral or ministral3 else pr.flag(hf, "attention_bias", False)
     hidden, heads = pr.need(hf, "hidden_size"), pr.need(hf, "num_attention_heads")
     n_layers = pr.need(hf, "num_hidden_layers")
-    # Qwen3Config and Ministral3Config have head_dim 128 by default, not hidden_size / heads
+    # Qwen3Config and Ministral3Config have head_dim 128 by default, not hidden_size / heads, and refuse a null
+    # one (transformers 5.25: "Field 'head_dim' expected int"), which was read as 128 here
+    if (qwen3 or ministral3) and "head_dim" in hf and hf["head_dim"] is None:
+        pr.items.append(f"field 'head_dim' is null ({hf['model_type']} needs the head size)")
     head_dim = pr.opt(hf, "head_dim", int, 128 if qwen3 or ministral3 else hidden // heads if heads else 0)
     max_positions = pr.opt(hf, "max_position_embeddings", int, _MAX_POSITIONS.get(hf.get("model_type"), 2048))
     rope = one_rope(hf, pr, 2e6 if smollm3 else 10000.0, max_positions)  # SmolLM3Config's default_theta is 2e6

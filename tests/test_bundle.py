@@ -674,6 +674,16 @@ def test_ministral3_and_mistral3_configs(tmp_path):
         cfg = load_config(tmp_path)[0]
         assert (cfg.model_type, cfg.head_dim, cfg.sliding_window, cfg.query_scale_beta) == ("ministral3", 128, None, 0.1)
         assert cfg.tie_word_embeddings == (config is not text)  # Ministral3Config: untied; Mistral3Config: tied
+    # a null head_dim: Ministral3Config and Qwen3Config refuse it (read as 128 before session 41)
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+    from transformers import Ministral3Config, Qwen3Config
+
+    for kind, config_class in (("ministral3", Ministral3Config), ("qwen3", Qwen3Config)):
+        with pytest.raises(StrictDataclassFieldValidationError, match="Field 'head_dim' expected int"):
+            config_class(**{**text, "model_type": kind, "head_dim": None})
+        (tmp_path / "config.json").write_text(json.dumps({**text, "model_type": kind, "head_dim": None}))
+        with pytest.raises(EdgemtpError, match=f"field 'head_dim' is null \\({kind} needs the head size\\)"):
+            load_config(tmp_path)
     bad = {**text, "rope_parameters": {"rope_type": "default", "llama_4_scaling_beta": 0.1}}
     (tmp_path / "config.json").write_text(json.dumps(bad))
     with pytest.raises(EdgemtpError, match="llama_4_scaling_beta' needs rope_type 'yarn'"):
