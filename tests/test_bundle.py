@@ -585,7 +585,9 @@ def test_rope_read_as_transformers_reads_it(model_type, tmp_path):
     variants = [{}, {"rope_theta": 5e5}, {"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e5},
                 {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 7e3}, "rope_theta": 5e5},
                 {"rope_scaling": {"rope_type": "linear", "factor": 4.0},
-                 "rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e5}]
+                 "rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e5},
+                # yarn without an original length: max_position_embeddings (gemma2's was refused before session 41)
+                {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}]
     for i, extra in enumerate(variants):
         model_dir = tmp_path / str(i)
         model_dir.mkdir()
@@ -593,6 +595,8 @@ def test_rope_read_as_transformers_reads_it(model_type, tmp_path):
         want = transformers.AutoConfig.from_pretrained(model_dir).rope_parameters
         got = load_config(model_dir)[0].rope["full_attention"]
         assert (got.theta, got.kind, got.factor) == (want["rope_theta"], want["rope_type"], want.get("factor", 1.0)), extra
+        if got.kind == "yarn":
+            assert got.original_max_positions == want["original_max_position_embeddings"] == 256
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral", "smollm3", "gemma2", "gemma3_text"])

@@ -13,7 +13,8 @@ def parse_config(hf: dict, source: str) -> TextConfig:
     pr = Problems(source)
     n_layers = pr.need(hf, "num_hidden_layers")
     types = tuple(pr.layer_types(hf) or [SLIDING if (i + 1) % 2 else FULL for i in range(n_layers)])
-    rope = one_rope(hf, pr)
+    max_positions = pr.opt(hf, "max_position_embeddings", int, 8192)
+    rope = one_rope(hf, pr, max_positions=max_positions)  # yarn without an original length: this, as transformers
     # null: transformers' sliding layers then see the whole past (no window)
     window = pr.opt(hf, "sliding_window", int, None) if "sliding_window" in hf else 4096
     cfg = TextConfig(
@@ -40,7 +41,7 @@ def parse_config(hf: dict, source: str) -> TextConfig:
         hidden_activation=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,
         eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
-        max_position_embeddings=pr.opt(hf, "max_position_embeddings", int, 8192),
+        max_position_embeddings=max_positions,
     )
     check_common(cfg, pr)
     pr.check(len(types) == n_layers, f"field 'layer_types' has {len(types)} entries for {n_layers} layers")
