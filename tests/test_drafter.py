@@ -467,6 +467,15 @@ def test_target_identity_is_the_targets_content(tiny_gemma3, tmp_path):
     assert target_identity(tmp_path / "a") != target_identity(tmp_path / "b")
     (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"t7"', '"t7x"'))
     assert target_identity(copy) != target_identity(model_dir)
+    # sharded: the files the index names, not a stale shard beside them (which the checkpoint does not read)
+    sharded = tmp_path / "sharded"
+    shutil.copytree(model_dir, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in weights}}))
+    before = target_identity(sharded)
+    save_file({"stale": np.ones(4, np.float32)}, str(sharded / "model-old.safetensors"))
+    assert target_identity(sharded) == before
 
 
 def test_shipped_drafter_is_small_and_loads():

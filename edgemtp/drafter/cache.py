@@ -30,13 +30,13 @@ def target_identity(target_dir: Path) -> str:
     would miss a LoRA merged into Gemma 3 270M's q/v projections ~1 time in 40 (5.5% of its bytes); hashing
     every byte on each run would cost more than the caches save (a few GB for E2B). An edit inside one
     large tensor that misses its three samples is still not seen."""
-    from ..checkpoint import read_header
+    from ..checkpoint import INDEX, read_header, weight_files
 
     h, d = hashlib.sha256(), Path(target_dir)
-    for name in ("config.json", "tokenizer.json"):
+    for name in ("config.json", "tokenizer.json", INDEX):
         if (d / name).is_file():
             h.update(name.encode() + (d / name).read_bytes())
-    for f in sorted(d.glob("*.safetensors")):
+    for f in weight_files(d)[0]:  # the files the target is read from: not an earlier download's stale shards
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
         with open(f, "rb") as stream:
