@@ -19,7 +19,10 @@ from .errors import EdgemtpError
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
            "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
 # multimodal checkpoints nest the text model; the exporters ask for text-model names
-_TEXT_PREFIXES = ("model.language_model.", "language_model.model.")
+# a multimodal checkpoint's text tower -> the text model's names: transformers 5's layout and the older
+# (llava-style) one, whose untied head is language_model.lm_head (transformers renames both on load)
+_TEXT_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,9 @@ def _convert(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _text_name(name: str) -> str:
-    for prefix in _TEXT_PREFIXES:
+    for prefix, text in _TEXT_PREFIXES.items():
         if name.startswith(prefix):
-            return "model." + name[len(prefix):]
+            return text + name[len(prefix):]
     return name
 
 

@@ -404,6 +404,23 @@ def test_tensors_outside_the_text_model_are_not_reported(tiny_gemma3, tmp_path):
     assert unused_tensors(build(cfg, 64)[0], Checkpoint(d)) == ["model.layers.9.mlp.up_proj.weight"]
 
 
+def test_the_older_multimodal_layout_is_read_as_transformers_renames_it(tmp_path):
+    """language_model.model.* and an untied language_model.lm_head.weight (llava-style Gemma 3 / Mistral 3
+    checkpoints): transformers 5 renames them to the text model's names on load, and so does Checkpoint."""
+    from safetensors.numpy import save_file
+
+    from edgemtp.checkpoint import Checkpoint
+
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file({"language_model.model.embed_tokens.weight": np.ones((4, 2), np.float32),
+               "language_model.lm_head.weight": np.full((4, 2), 2.0, np.float32),
+               "vision_tower.patch.weight": np.zeros(3, np.float32)}, str(d / "model.safetensors"))
+    ckpt = Checkpoint(d)
+    assert sorted(ckpt.keys()) == ["lm_head.weight", "model.embed_tokens.weight", "vision_tower.patch.weight"]
+    assert ckpt["lm_head.weight"][0, 0] == 2.0 and ckpt.outside_text == {"vision_tower.patch.weight"}
+
+
 def test_whole_numbers_written_as_floats_or_strings_are_accepted(tiny_gemma3):
     from edgemtp.config import parse_gemma3, read_config_json
 
