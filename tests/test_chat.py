@@ -248,12 +248,12 @@ def test_chat_json_gives_one_line_per_message(chat_bundle):
         got[1]["error"].endswith("/reset starts the conversation over") and len(got) == 3
 
 
-def interrupted_once(generate, stopped: list):
-    """An Engine method yielding what `generate` yields, but raising KeyboardInterrupt (Ctrl-C) at its third item
-    the first time (until `stopped` is cleared)."""
+def interrupted_once(generate, stopped: list, at: int = 2):
+    """An Engine method yielding what `generate` yields, but raising KeyboardInterrupt (Ctrl-C) at its item `at`
+    (the third by default) the first time (until `stopped` is cleared)."""
     def method(self, *args, **kwargs):
         for i, item in enumerate(generate(self, *args, **kwargs)):
-            if i == 2 and not stopped:
+            if i == at and not stopped:
                 stopped.append(True)
                 raise KeyboardInterrupt
             yield item
@@ -283,6 +283,14 @@ def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypa
     chat = [{"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": first},
             {"role": "user", "content": "t5"}]
     assert second == fresh.generate(chat, 6).text
+    # Ctrl-C before the reply's first piece: the message is taken back (an empty reply was kept before)
+    stopped.clear()
+    monkeypatch.setattr(Engine, "stream", interrupted_once(stream, stopped, at=0))
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"],
+                           input="t3 t4\nt5\n")
+    assert r.exit_code == 0 and "(reply stopped before it began: your message is dropped" in r.stderr, r.output
+    lines = [line.removeprefix("> ") for line in r.stdout.splitlines()]
+    assert lines[0] == "" and lines[1] == fresh.generate([{"role": "user", "content": "t5"}], 6).text
 
 
 def test_ctrl_c_at_a_terminal_ends_a_json_reply_as_it_stands(chat_bundle, monkeypatch):

@@ -251,6 +251,11 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             if stream is not None:  # the engine keeps the cache of what was generated (reuse_prefix) for the next turn
                 stream.close()
             click.echo()
+            if not reply:  # stopped before any of it showed: the turn is taken back (not an empty reply kept)
+                messages.pop()
+                click.echo("(reply stopped before it began: your message is dropped; /exit or Ctrl-D ends the chat)",
+                           err=True)
+                continue
             click.echo("(reply stopped: the conversation keeps it as it stands; /exit or Ctrl-D ends the chat)",
                        err=True)
             messages.append({"role": "assistant", "content": "".join(reply)})
