@@ -11,7 +11,7 @@ llama.cpp changes some weights on the way into a GGUF; we undo that here:
 * gemma3, gemma2: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and adds the 1 at run time).
 qwen2, qwen3 and phi3 go in as they are (llama.cpp rotates their halves as HF does); phi3's fused
 `attn_qkv` / `ffn_up` are HF's `qkv_proj` / `gate_up_proj`, and its LongRoPE factors, stored as tensors,
-go back into config.json.
+go back into config.json, as Llama 3.1+'s RoPE scaling does from its `rope_freqs` tensor (llama3_scaling).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ _FFN_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layer
              "gemma3": "pre_feedforward_layernorm", "gemma2": "pre_feedforward_layernorm"}
 _FUSED = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}  # per arch, over _LAYER_NAMES
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # phi3's LongRoPE: config, not weights
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+'s RoPE scaling, as llama.cpp keeps it: config, not a weight
 _HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
                "llama": ("LlamaForCausalLM", "llama"),
                "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
@@ -72,9 +73,10 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     if not isinstance(arch, str) or arch not in _HF_CLASSES:  # a list would not even be looked up
         raise EdgemtpError(f"{gguf_path}: architecture {arch!r} is not supported "
                            f"(supported: {', '.join(sorted(_HF_CLASSES))})")
-    factors = {t.name: _load(t, t.name, arch, {}).tolist() for t in tensors if t.name in _ROPE_FACTORS}
+    config_tensors = {"phi3": _ROPE_FACTORS, "llama": (ROPE_FREQS,)}.get(arch, ())
+    factors = {t.name: _load(t, t.name, arch, {}).tolist() for t in tensors if t.name in config_tensors}
     config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path, factors)
-    plan = list(_hf_tensors([t for t in tensors if t.name not in _ROPE_FACTORS], arch, config, gguf_path))
+    plan = list(_hf_tensors([t for t in tensors if t.name not in config_tensors], arch, config, gguf_path))
     _check_target(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
@@ -142,7 +144,7 @@ def field(meta: dict, key: str, path: Path, kind=int, default=_REQUIRED, least=N
 
 def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path, factors: dict | None = None) -> dict:
     """The transformers `config.json` for a gemma3, gemma2, llama, qwen2, qwen3 or phi3 GGUF (`factors`: the
-    values of phi3's rope_factors_* tensors, by name)."""
+    values of phi3's rope_factors_* tensors and llama's rope_freqs, by name)."""
     arch = meta["general.architecture"]
 
     def get(key, kind=int, default=_REQUIRED, least=1):
@@ -178,6 +180,10 @@ def hf_config(meta: dict, shapes: dict[str, tuple[int, ...]], path: Path, factor
     _check_vocabulary(meta, vocab, path)
     if arch == "phi3":
         return config | _phi3_config(meta, config, factors or {}, path)
+    if arch == "llama" and ROPE_FREQS in (factors or {}):
+        if config["rope_scaling"] is not None:
+            raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} and GGUF field llama.rope.scaling.type both scale RoPE")
+        config["rope_scaling"] = llama3_scaling(factors[ROPE_FREQS], config, path)
     extra = {"gemma3": _gemma3_config, "gemma2": _gemma2_config}.get(arch, _llama_config)(meta, config, shapes, path)
     return config | extra
 
@@ -307,14 +313,54 @@ def _llama_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
     rotary = field(meta, f"{arch}.rope.dimension_count", path, int, config["head_dim"], least=1)
     if rotary != config["head_dim"]:
         raise EdgemtpError(f"{path}: {arch}.rope.dimension_count = {rotary} (partial rotary) is not supported")
-    if "rope_freqs.weight" in shapes:
-        raise EdgemtpError(f"{path}: tensor rope_freqs.weight (Llama 3.1 rope scaling) is not supported")
+    if ROPE_FREQS in shapes and arch != "llama":
+        raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} (RoPE frequency factors) is not supported for {arch}")
     extra = {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in shapes}
     if arch == "llama":
         extra["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
     else:  # no sliding window: llama.cpp runs every qwen2 / qwen3 layer on the whole context
         extra["use_sliding_window"] = False
     return extra
+
+
+def llama3_scaling(divisors: list, config: dict, path: Path) -> dict | None:
+    """Llama 3.1+'s RoPE scaling from the per-frequency divisors llama.cpp stores in its place (rope_freqs,
+    computed by convert_hf_to_gguf.py from the llama3 parameters, which the file does not keep): parameters
+    that give these divisors by transformers' llama3 formula, checked against them. The original length, low
+    and high frequency factors enter the divisors only through two combinations, so with 8192 as the original
+    length (Llama 3.1's and 3.2's) the other two follow from two frequencies in the smoothed band; Llama 3's
+    own (1, 4) are tried first. None: every divisor 1 (no scaling)."""
+    dim = config["head_dim"]
+    r = np.asarray(divisors, np.float64)
+    if r.shape != (dim // 2,) or not np.all(np.isfinite(r)) or r.min() < 1 - 1e-6:
+        raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} must hold {dim // 2} factors of at least 1 (one per "
+                           f"rotated pair), got {r.size}")
+    factor = float(r.max())
+    if factor <= 1 + 1e-6:
+        return None
+    inv_freq = config["rope_theta"] ** -(np.arange(0, dim, 2, dtype=np.float64) / dim)
+    original = 8192
+    tries = [(1.0, 4.0)]
+    band = (r > 1 + 1e-6) & (r < factor * (1 - 1e-6))
+    if band.sum() >= 2:  # smooth = (original / wavelen - low) / (high - low) at each: two unknowns, least squares
+        smooth = (1 / r[band] - 1 / factor) / (1 - 1 / factor)
+        lhs = np.stack([1 - smooth, smooth], axis=1)
+        (low, high), *_ = np.linalg.lstsq(lhs, original * inv_freq[band] / (2 * np.pi), rcond=None)
+        tries.append((float(low), float(high)))
+    for low, high in tries:
+        if 0 < low < high and np.allclose(_llama3_divisors(inv_freq, factor, low, high, original), r, rtol=1e-4):
+            return {"rope_type": "llama3", "factor": _f32(factor), "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} holds factors that no llama3 RoPE scaling gives (only Llama "
+                       "3.1's kind is supported)")
+
+
+def _llama3_divisors(inv_freq: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """What each frequency is divided by under llama3 scaling (transformers' _compute_llama3_parameters)."""
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    scaled = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, scaled))
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:

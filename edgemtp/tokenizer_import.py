@@ -26,12 +26,16 @@ NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) for byte-level vocabularies that we rebuild:
-# GPT-2's regex, optionally preceded by splitting off every digit ("smollm": `\p{N}`, then GPT-2's), or
+# GPT-2's regex, optionally preceded by splitting off every digit ("smollm": `\p{N}`, then GPT-2's),
 # Qwen2's own regex (Qwen2 and Qwen3: one digit at a time, case-insensitive contractions) after NFC, as
-# transformers' Qwen2Tokenizer builds it.
-_PRE = ("gpt2", "smollm", "qwen2")
+# transformers' Qwen2Tokenizer builds it, or Llama 3's (the same with digits by up to three, no NFC: the
+# Split its tokenizer.json runs before a ByteLevel without its own regex; llama.cpp's names for it).
+_LLAMA3 = ("llama-bpe", "llama3", "llama-v3")
+_PRE = ("gpt2", "smollm", "qwen2", *_LLAMA3)
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def build_tokenizer(meta: dict) -> Tokenizer:
@@ -134,9 +138,11 @@ def _byte_level_bpe(meta: dict) -> Tokenizer:
         raise EdgemtpError("GGUF field tokenizer.ggml.merges is missing; a byte-level BPE vocabulary needs it")
     vocab = {tok: i for i, tok in enumerate(meta["tokenizer.ggml.tokens"])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
-    if pre == "qwen2":
-        tok.normalizer = normalizers.NFC()
-        split = pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False)
+    if pre == "qwen2" or pre in _LLAMA3:
+        if pre == "qwen2":
+            tok.normalizer = normalizers.NFC()
+        regex = QWEN2_REGEX if pre == "qwen2" else LLAMA3_REGEX
+        split = pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False)
         tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
                                                                                        use_regex=False)])
     else:

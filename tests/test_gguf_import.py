@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import struct
 import sys
@@ -149,6 +150,13 @@ def tiny_hf_model(arch: str, vocab_size: int, tied: bool):
     if arch == "llama":
         cfg = transformers.LlamaConfig(num_hidden_layers=2, rope_theta=50000.0, **common)
         model = transformers.LlamaForCausalLM(cfg)
+    elif arch.startswith("llama3"):  # Llama 3.1's RoPE scaling: its wavelengths 6-82,000 cross the smoothed band
+        # (llama3: Llama 3.1's parameters, one frequency in the band; llama3_band: others, two in it)
+        low, high, original = (1.0, 4.0, 8192) if arch == "llama3" else (2.0, 16.0, 4096)
+        rope = {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": original}
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=2, rope_parameters=rope,
+                                                                       **common))
     elif arch == "qwen2":  # q/k/v biases
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_hidden_layers=2, rope_theta=50000.0,
                                                                        **common))
@@ -177,7 +185,25 @@ def tiny_hf_model(arch: str, vocab_size: int, tied: bool):
     return model.eval()
 
 
+def llama_cpp_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel rope_freqs tensor for llama3 RoPE scaling, in spirit."""
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    old, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(rope["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.array(out, np.float32)
+
+
 def gguf_metadata(arch: str, cfg) -> dict:
+    arch = "llama" if arch.startswith("llama") else arch
     kv = {f"{arch}.context_length": cfg.max_position_embeddings, f"{arch}.embedding_length": cfg.hidden_size,
           f"{arch}.block_count": cfg.num_hidden_layers, f"{arch}.feed_forward_length": cfg.intermediate_size,
           f"{arch}.attention.head_count": cfg.num_attention_heads,
@@ -204,15 +230,17 @@ def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | Non
 
     The llama MLP down projection is stored as Q8_0; the reference model gets the dequantized values."""
     vocab = sentencepiece_vocab() if arch.startswith("gemma") else byte_level_vocab() | (
-        {"tokenizer.ggml.pre": "qwen2"} if arch.startswith("qwen") else {})
+        {"tokenizer.ggml.pre": "qwen2"} if arch.startswith("qwen") else
+        {"tokenizer.ggml.pre": "llama-bpe"} if arch.startswith("llama3") else {})
     model = tiny_hf_model(arch, len(vocab["tokenizer.ggml.tokens"]), tied)
+    garch = "phi3" if arch.startswith("phi3") else "llama" if arch.startswith("llama") else arch
     quantized = {"blk.0.ffn_down.weight": gguf.GGMLQuantizationType.Q8_0} if arch == "llama" else {}
     tensors = {}
     for name, param in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
         gname = gguf_name(name, arch)
-        tensors[gname] = to_gguf_tensor(name, param.numpy(), arch, model.config)
+        tensors[gname] = to_gguf_tensor(name, param.numpy(), garch, model.config)
         if gname in quantized:
             dq = gguf.quants.dequantize(gguf.quants.quantize(tensors[gname], quantized[gname]), quantized[gname])
             with torch.no_grad():
@@ -220,8 +248,9 @@ def export_tiny(tmp_path: Path, arch: str, tied: bool, extra_tensors: dict | Non
     rope = getattr(model.config, "rope_parameters", None) or {}
     if rope.get("rope_type") == "longrope":  # llama.cpp keeps phi3's LongRoPE factors as tensors
         tensors |= {f"rope_factors_{k}.weight": np.array(rope[f"{k}_factor"], np.float32) for k in ("long", "short")}
+    if rope.get("rope_type") == "llama3":  # and Llama 3.1's scaling as each frequency's divisor
+        tensors["rope_freqs.weight"] = llama_cpp_rope_freqs(rope, model.config.head_dim)
     kv = {k: v for k, v in (gguf_metadata(arch, model.config) | vocab | (edit or {})).items() if k != drop}
-    garch = "phi3" if arch.startswith("phi3") else arch
     path = write_gguf(tmp_path / f"tiny-{arch}.gguf", garch, kv, tensors | (extra_tensors or {}), quantized)
     return model, path
 
@@ -235,7 +264,7 @@ def logits(model, ids: list[int]):
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma3", True), ("qwen2", False),
                                        ("qwen3", True), ("gemma2", True), ("phi3", False),
-                                       ("phi3_longrope", True)])
+                                       ("phi3_longrope", True), ("llama3", True), ("llama3_band", False)])
 def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
     model, path = export_tiny(tmp_path, arch, tied)
     calls = []
@@ -319,6 +348,62 @@ def test_phi3_config_fields(tmp_path):
                          extra_tensors={"rope_factors_short.weight": np.ones(3, np.float32)})
     with pytest.raises(EdgemtpError, match="rope_factors_long.weight and rope_factors_short.weight must both hold 4"):
         import_gguf(bad, tmp_path / "bad_hf")
+
+
+def test_llama3_rope_scaling_comes_back_from_rope_freqs(tmp_path):
+    """llama.cpp keeps Llama 3.1+'s RoPE scaling only as per-frequency divisors (rope_freqs.weight, refused
+    before session 41): Llama 3.1's own parameters come back as they were; others as parameters giving the
+    same frequencies in transformers; divisors no llama3 scaling gives are refused, all ones mean none."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    _, path = export_tiny(tmp_path, "llama3", tied=True)
+    cfg = json.loads((import_gguf(path, tmp_path / "hf") / "config.json").read_text())
+    assert cfg["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    model, path = export_tiny(tmp_path, "llama3_band", tied=True)
+    out = import_gguf(path, tmp_path / "hf_band")
+    theirs = transformers.AutoConfig.from_pretrained(out)
+    assert theirs.rope_parameters["low_freq_factor"] != 2.0  # other parameters, the same frequencies:
+    torch.testing.assert_close(ROPE_INIT_FUNCTIONS["llama3"](theirs, "cpu")[0],
+                               ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")[0], rtol=1e-5, atol=0)
+    rng = np.random.default_rng(0)
+    for divisors, problem in ((1 + 7 * rng.random(8), "holds factors that no llama3 RoPE scaling gives"),
+                              (np.ones(4), "must hold 8 factors of at least 1")):
+        _, path = export_tiny(tmp_path, "llama3", tied=True,
+                              extra_tensors={"rope_freqs.weight": divisors.astype(np.float32)})
+        with pytest.raises(EdgemtpError, match=problem):
+            import_gguf(path, tmp_path / "bad", overwrite=True)
+    _, path = export_tiny(tmp_path, "llama3", tied=True, extra_tensors={"rope_freqs.weight": np.ones(8, np.float32)})
+    assert json.loads((import_gguf(path, tmp_path / "ones") / "config.json").read_text())["rope_scaling"] is None
+
+
+def test_llama3_pre_tokenizer_agrees_with_llama3_tokenizer_json():
+    """tokenizer.ggml.pre "llama-bpe" (Llama 3.x GGUFs): the ids of a tokenizer.json laid out as Llama 3's
+    (a Split by its regex, then ByteLevel without its own; no normalizer) over the same vocabulary: digits in
+    threes, contractions of any case, runs of newlines and spaces as its regex cuts them, no NFC."""
+    from edgemtp.tokenizer_import import LLAMA3_REGEX
+
+    meta = byte_level_vocab() | {"tokenizer.ggml.pre": "llama-bpe"}
+    merges = meta["tokenizer.ggml.merges"] + ["' S", "Ċ Ċ", "Ġ Ġ", "ĠĠ Ġ", "12 3"]
+    tokens = meta["tokenizer.ggml.tokens"] + ["'S", "ĊĊ", "ĠĠ", "ĠĠĠ", "123"]
+    meta |= {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
+             "tokenizer.ggml.token_type": [3] * 3 + [1] * (len(tokens) - 3)}
+    ours = build_tokenizer(meta)
+    theirs = Tokenizer.from_str(json.dumps({
+        "version": "1.0", "added_tokens": [], "normalizer": None, "post_processor": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)},
+                  "merges": [m.split(" ") for m in merges], "ignore_merges": False}}))
+    texts = ["IT'S the 12345 x\n\n\ny", "cafe\u0301 café", "a   b\t\tc\r\n\r\nd  ", "HE'S 'S x'S 1234567",
+             "def f(x):\n    return x  *  2\n", "日本 🤖"]
+    for text in texts:
+        assert ours.encode(text).ids == theirs.encode(text).ids, text
+        assert ours.decode(ours.encode(text).ids) == text
+    assert ours.encode("x 12345").tokens == ["x", "Ġ", "123", "4", "5"]  # digits in threes (qwen2: one by one)
+    assert ours.encode("cafe\u0301").tokens[-3:] == ["e", "Ì", "ģ"]  # no NFC: e, then U+0301's two bytes
 
 
 def test_qwen_stops_on_endoftext_too(tmp_path):
