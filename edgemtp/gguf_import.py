@@ -9,6 +9,7 @@ llama.cpp changes some weights on the way into a GGUF; we undo that here:
 * llama: q_proj/k_proj rows are permuted from HF's "rotate halves" rotary layout to llama.cpp's
   interleaved pairs (`permute` in convert_hf_to_gguf.py);
 * gemma3, gemma2: every RMSNorm weight is stored as `1 + w` (HF keeps `w` and adds the 1 at run time).
+* smollm3: as llama (its converter is llama's);
 qwen2, qwen3 and phi3 go in as they are (llama.cpp rotates their halves as HF does); phi3's fused
 `attn_qkv` / `ffn_up` are HF's `qkv_proj` / `gate_up_proj`, and its LongRoPE factors, stored as tensors,
 go back into config.json, as Llama 3.1+'s RoPE scaling does from its `rope_freqs` tensor (llama3_scaling).
@@ -43,16 +44,17 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 # "ffn_norm" is the norm before the MLP: Llama calls it post_attention_layernorm, Gemma 3 has both.
-_FFN_NORM = {"llama": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
+_FFN_NORM = {"llama": "post_attention_layernorm", "smollm3": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
              "qwen3": "post_attention_layernorm", "phi3": "post_attention_layernorm",
              "gemma3": "pre_feedforward_layernorm", "gemma2": "pre_feedforward_layernorm"}
 _FUSED = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}  # per arch, over _LAYER_NAMES
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # phi3's LongRoPE: config, not weights
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+'s RoPE scaling, as llama.cpp keeps it: config, not a weight
 _HF_CLASSES = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
-               "llama": ("LlamaForCausalLM", "llama"),
+               "llama": ("LlamaForCausalLM", "llama"), "smollm3": ("SmolLM3ForCausalLM", "smollm3"),
                "qwen2": ("Qwen2ForCausalLM", "qwen2"), "qwen3": ("Qwen3ForCausalLM", "qwen3"),
                "phi3": ("Phi3ForCausalLM", "phi3")}
+_PERMUTED = ("llama", "smollm3")  # q/k rows in llama.cpp's interleaved rotary layout (convert_hf_to_gguf's permute)
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -308,7 +310,9 @@ def _gemma3_layer_types(meta: dict, layers: int, path: Path) -> list[str]:
 
 
 def _llama_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
-    """llama, qwen2 and qwen3 (the file's q/k/v biases say attention_bias; qwen2 has them whatever it says)."""
+    """llama, smollm3, qwen2 and qwen3 (the file's q/k/v biases say attention_bias; qwen2 has them whatever it
+    says). smollm3 leaves RoPE out of every 4th layer: llama.cpp hard-codes that step (the file has no key for
+    it), as SmolLM3Config's default no_rope_layer_interval."""
     arch = meta["general.architecture"]
     rotary = field(meta, f"{arch}.rope.dimension_count", path, int, config["head_dim"], least=1)
     if rotary != config["head_dim"]:
@@ -316,9 +320,11 @@ def _llama_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
     if ROPE_FREQS in shapes and arch != "llama":
         raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} (RoPE frequency factors) is not supported for {arch}")
     extra = {"hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in shapes}
-    if arch == "llama":
+    if arch in ("llama", "smollm3"):
         extra["mlp_bias"] = "blk.0.ffn_up.bias" in shapes
-    else:  # no sliding window: llama.cpp runs every qwen2 / qwen3 layer on the whole context
+    if arch == "smollm3":
+        extra["no_rope_layer_interval"] = 4
+    if arch != "llama":  # no sliding window: llama.cpp runs every qwen2 / qwen3 / smollm3 layer on the whole context
         extra["use_sliding_window"] = False
     return extra
 
@@ -450,9 +456,9 @@ def _load(tensor: GGUFTensor, name: str, arch: str, config: dict) -> np.ndarray:
         raise EdgemtpError(f"tensor {tensor.name}: the gguf package cannot dequantize {tensor.qtype.name}") from None
     if arch in ("gemma3", "gemma2") and name.endswith("norm.weight"):
         return data - np.float32(1.0)  # llama.cpp stores Gemma's RMSNorm weight as 1 + w
-    if arch == "llama" and ".q_proj." in name:
+    if arch in _PERMUTED and ".q_proj." in name:
         return unpermute_rotary(data, config["num_attention_heads"])
-    if arch == "llama" and ".k_proj." in name:
+    if arch in _PERMUTED and ".k_proj." in name:
         return unpermute_rotary(data, config["num_key_value_heads"])
     return data
 

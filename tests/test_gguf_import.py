@@ -61,9 +61,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def to_gguf_tensor(name: str, w: np.ndarray, arch: str, cfg) -> np.ndarray:
-    if arch == "llama" and ".q_proj." in name:
+    if arch in ("llama", "smollm3") and ".q_proj." in name:
         return llama_cpp_permute(w, cfg.num_attention_heads)
-    if arch == "llama" and ".k_proj." in name:
+    if arch in ("llama", "smollm3") and ".k_proj." in name:
         return llama_cpp_permute(w, cfg.num_key_value_heads)
     if arch in ("gemma3", "gemma2") and name.endswith("norm.weight"):
         return w + 1.0
@@ -157,6 +157,9 @@ def tiny_hf_model(arch: str, vocab_size: int, tied: bool):
                 "high_freq_factor": high, "original_max_position_embeddings": original}
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=2, rope_parameters=rope,
                                                                        **common))
+    elif arch == "smollm3":  # 4 layers: the 4th without RoPE
+        model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+            num_hidden_layers=4, rope_theta=50000.0, pad_token_id=2, bos_token_id=1, eos_token_id=2, **common))
     elif arch == "qwen2":  # q/k/v biases
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_hidden_layers=2, rope_theta=50000.0,
                                                                        **common))
@@ -264,7 +267,8 @@ def logits(model, ids: list[int]):
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("gemma3", True), ("qwen2", False),
                                        ("qwen3", True), ("gemma2", True), ("phi3", False),
-                                       ("phi3_longrope", True), ("llama3", True), ("llama3_band", False)])
+                                       ("phi3_longrope", True), ("llama3", True), ("llama3_band", False),
+                                       ("smollm3", True)])
 def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
     model, path = export_tiny(tmp_path, arch, tied)
     calls = []
