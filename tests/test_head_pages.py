@@ -73,6 +73,9 @@ def test_a_mapped_table_is_the_file_s_bytes_on_2mb_pages(tmp_path):
         assert on_huge >= HP.ENOUGH * (last - first)  # read again in 2 MB folios, though cached in 4 KB ones
     with pytest.raises(EdgemtpError, match=r"w\.data: 12582912 bytes, and its graph reads a table up to byte"):
         HP.map_on_huge_pages(path, 4 << 20, 10 << 20)
+    path.write_bytes(b"")  # mmap refuses an empty file (ValueError): the file is named all the same
+    with pytest.raises(EdgemtpError, match=r"w\.data: 0 bytes, and its graph reads a table up to byte 4096$"):
+        HP.map_on_huge_pages(path, 0, 4096)
 
 
 def test_only_the_gemv_table_is_mapped_and_every_graph_naming_it_gets_it(mtp_bundle, tiny_gemma3, tmp_path, thp):
@@ -108,6 +111,12 @@ def test_none_without_huge_pages_or_when_asked_or_unmappable(mtp_bundle, monkeyp
     monkeypatch.setattr(HP.mmap, "mmap", refuse)
     engine = Engine.load(mtp_bundle, verify=False)  # ONNX Runtime then reads the table as it can
     assert engine.head_tables is None and engine.generate("a b c", max_new_tokens=4).tokens
+
+    def too_large(*args, **kwargs):
+        raise OverflowError("memory mapped length must be positive")  # a file past a 32-bit address space
+
+    monkeypatch.setattr(HP.mmap, "mmap", too_large)
+    assert Engine.load(mtp_bundle, verify=False).head_tables is None
 
 
 def test_a_session_reads_the_initializers_it_is_given_in_place(mtp_bundle):

@@ -71,7 +71,9 @@ class HeadTables:
             if key and all(isinstance(d, int) and d > 0 for d in dims) and 4 * math.prod(dims) == key[2]:
                 try:
                     table = map_on_huge_pages(bundle.dir / key[0], key[1], key[2])
-                except OSError:  # a file system that cannot map files (some FUSE ones): ONNX Runtime reads it
+                # a file system that cannot map files (some FUSE ones), a file larger than a 32-bit address
+                # space (ValueError, OverflowError): ONNX Runtime reads the table as it can
+                except (OSError, ValueError, OverflowError):
                     continue
                 table = table.view(np.float32).reshape(dims)
                 tables[key] = ort.OrtValue.ortvalue_from_numpy(table)  # it keeps `table` (and the mapping) alive
@@ -101,9 +103,11 @@ def map_on_huge_pages(path: Path, offset: int, length: int) -> np.ndarray:
     """`length` bytes of the file from `offset` (uint8, read-only), through a mapping of the whole file advised
     onto huge pages from the first page of the range on, faulted in (fault_in)."""
     with open(path, "rb") as f:
+        start, end, size = offset // PAGE * PAGE, offset + length, os.fstat(f.fileno()).st_size
+        if end > size:  # said before mapping: mmap refuses an empty file with a ValueError
+            raise EdgemtpError(f"{path}: {size} bytes, and its graph reads a table up to byte {end}")
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # it keeps its own descriptor
-        start, end = offset // PAGE * PAGE, offset + length
-        if end > len(mapping):
+        if end > len(mapping):  # shortened since
             raise EdgemtpError(f"{path}: {len(mapping)} bytes, and its graph reads a table up to byte {end}")
         mapping.madvise(mmap.MADV_HUGEPAGE, start, end - start)
         fault_in(mapping, f.fileno(), start, end)
