@@ -38,7 +38,8 @@ class GraphFacts:
     outputs: dict = field(default_factory=dict)
     data_files: list = field(default_factory=list)  # the initializers' external data locations, sorted
     # initializer name -> its external data entries {key: value} (a key given twice: the last), for each
-    # initializer that has any (runtime/head_pages.py finds the bytes a table's name points at)
+    # initializer that has any and whose name and entries are UTF-8 (runtime/head_pages.py finds the bytes a
+    # table's name points at)
     external: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)  # GroupQueryAttention's past key input -> window (None: global)
 
@@ -65,9 +66,13 @@ def read_graph_facts(path: Path) -> GraphFacts:
             facts.outputs[name] = dims
         elif number == GRAPH_INITIALIZER:
             name, entries = _external_entries(value)
-            files.update(v for k, v in entries if k == "location")
+            files.update(_text(v) for k, v in entries if k == b"location")
+            try:  # names and entries as text; one that is not UTF-8 (onnx and ONNX Runtime take it) is left out
+                named = (_text(name), {_text(k): _text(v) for k, v in entries})
+            except UnicodeDecodeError:
+                continue
             if entries:
-                facts.external[name] = dict(entries)
+                facts.external[named[0]] = named[1]
         elif number == GRAPH_NODE:
             _attention_window(value, facts.windows)
     facts.data_files = sorted(files)
@@ -196,22 +201,23 @@ def _dim(buf: memoryview):
     return dim
 
 
-def _external_entries(buf: memoryview) -> tuple[str, list]:
-    """A TensorProto's (name, [(key, value) of each external data entry]); a missing key or value reads ""."""
-    name, entries = "", []
+def _external_entries(buf: memoryview) -> tuple[bytes, list]:
+    """A TensorProto's (name, [(key, value) of each external data entry]) as bytes, decoded by the caller (a
+    weight's name need not be UTF-8: onnx.proto is proto2); a missing key or value reads b""."""
+    name, entries = b"", []
     for number, value in fields(buf):
         if not isinstance(value, memoryview):
             continue
         if number == TENSOR_NAME:
-            name = _text(value)
+            name = bytes(value)
         elif number == TENSOR_EXTERNAL_DATA:
-            key, text = "", ""
+            key, text = b"", b""
             for n, v in fields(value):
                 if isinstance(v, memoryview):
                     if n == ENTRY_KEY:
-                        key = _text(v)
+                        key = bytes(v)
                     elif n == ENTRY_VALUE:
-                        text = _text(v)
+                        text = bytes(v)
             entries.append((key, text))
     return name, entries
 

@@ -34,6 +34,9 @@ def onnx_facts(path) -> dict:
             windows[node.input[3]] = size if size > 0 else None
     files = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
     external = {t.name: {e.key: e.value for e in t.external_data} for t in model.graph.initializer if t.external_data}
+    # a name, key or value that is not UTF-8 comes as bytes (proto2): such an initializer is left out
+    external = {n: e for n, e in external.items() if isinstance(n, str) and all(isinstance(x, str) for x in
+                                                                                   [*e, *e.values()])}
     return {"inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output), "data_files": files,
             "windows": windows, "external": external}
 
@@ -195,6 +198,10 @@ def _wire_cases() -> dict:
                   + s_(5, s_(13, s_(1, b"location") + s_(2, b"y.data")))  # no name: ""
                   + s_(5, s_(8, b"b") + s_(13, s_(1, b"location") + s_(2, b"z.data")))
                   + s_(5, s_(8, b"c") + i_(13, 4))),  # an entry as a varint: unknown, so no external data
+        "names and entries not UTF-8": model(s_(5, s_(8, b"w\xffw") + i_(2, 1) + s_(9, bytes(4)))  # inline weights
+                                             + s_(5, s_(8, b"v") + s_(13, s_(1, b"location") + s_(2, b"v.data"))
+                                                  + s_(13, s_(1, b"checksum") + s_(2, b"\x9c")))
+                                             + s_(5, s_(8, b"u\xfe") + s_(13, s_(1, b"location") + s_(2, b"u.data")))),
         "window, first of two": model(gqa(window + i_(3, 8) + i_(20, 2), window + i_(3, 9))),
         "window negative": model(gqa(window + i_(3, -1))),
         "window length-delimited": model(gqa(window + s_(3, b"x"))),
