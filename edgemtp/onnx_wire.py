@@ -19,7 +19,7 @@ MODEL_GRAPH = 7
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 5, 11, 12
 NODE_INPUT, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 4, 5
 ATTRIBUTE_NAME, ATTRIBUTE_I = 1, 3
-TENSOR_NAME, TENSOR_EXTERNAL_DATA = 8, 13
+TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_EXTERNAL_DATA = 1, 2, 8, 13
 ENTRY_KEY, ENTRY_VALUE = 1, 2
 VALUE_NAME, VALUE_TYPE = 1, 2
 TYPE_TENSOR = 1
@@ -41,6 +41,8 @@ class GraphFacts:
     # initializer that has any and whose name and entries are UTF-8 (runtime/head_pages.py finds the bytes a
     # table's name points at)
     external: dict = field(default_factory=dict)
+    # the same initializers' (data type, dims): the bytes of a table are given only where they are read as one
+    external_types: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)  # GroupQueryAttention's past key input -> window (None: global)
 
 
@@ -65,7 +67,7 @@ def read_graph_facts(path: Path) -> GraphFacts:
             name, dims = _value_info(value)
             facts.outputs[name] = dims
         elif number == GRAPH_INITIALIZER:
-            name, entries = _external_entries(value)
+            name, entries, data_type, dims = _external_entries(value)
             files.update(_text(v) for k, v in entries if k == b"location")
             try:  # names and entries as text; one that is not UTF-8 (onnx and ONNX Runtime take it) is left out
                 named = (_text(name), {_text(k): _text(v) for k, v in entries})
@@ -73,6 +75,7 @@ def read_graph_facts(path: Path) -> GraphFacts:
                 continue
             if entries:
                 facts.external[named[0]] = named[1]
+                facts.external_types[named[0]] = (data_type, dims)
         elif number == GRAPH_NODE:
             _attention_window(value, facts.windows)
     facts.data_files = sorted(files)
@@ -201,14 +204,24 @@ def _dim(buf: memoryview):
     return dim
 
 
-def _external_entries(buf: memoryview) -> tuple[bytes, list]:
-    """A TensorProto's (name, [(key, value) of each external data entry]) as bytes, decoded by the caller (a
-    weight's name need not be UTF-8: onnx.proto is proto2); a missing key or value reads b""."""
-    name, entries = b"", []
+def _external_entries(buf: memoryview) -> tuple[bytes, list, int, list]:
+    """A TensorProto's (name, [(key, value) of each external data entry], data type, dims), name and entries as
+    bytes, decoded by the caller (a weight's name need not be UTF-8: onnx.proto is proto2); a missing key or
+    value reads b"". Dims come packed or one by one, joined in order, as protobuf reads a repeated int64."""
+    name, entries, data_type, dims = b"", [], 0, []
     for number, value in fields(buf):
+        if number == TENSOR_DIMS and _is_varint(value):
+            dims.append(_signed(value))
+        elif number == TENSOR_DATA_TYPE and _is_varint(value):
+            data_type = (value + (1 << 31)) % (1 << 32) - (1 << 31)  # an int32: the low 32 bits, signed
         if not isinstance(value, memoryview):
             continue
-        if number == TENSOR_NAME:
+        if number == TENSOR_DIMS:
+            i = 0
+            while i < len(value):
+                v, i = _varint(value, i)
+                dims.append(_signed(v))
+        elif number == TENSOR_NAME:
             name = bytes(value)
         elif number == TENSOR_EXTERNAL_DATA:
             key, text = b"", b""
@@ -219,7 +232,7 @@ def _external_entries(buf: memoryview) -> tuple[bytes, list]:
                     elif n == ENTRY_VALUE:
                         text = bytes(v)
             entries.append((key, text))
-    return name, entries
+    return name, entries, data_type, dims
 
 
 def _attention_window(buf: memoryview, windows: dict) -> None:

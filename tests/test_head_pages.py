@@ -98,6 +98,29 @@ def test_only_the_gemv_table_is_mapped_and_every_graph_naming_it_gets_it(mtp_bun
     assert HP.HeadTables.load(bundle_mod.load(int8)) is None
 
 
+def test_a_graph_reading_the_table_s_bytes_as_another_shape_is_not_given_it(mtp_bundle, tmp_path, thp):
+    """The verify graph naming the table's bytes as [V, H] (ONNX Runtime would take a [H, V] value for it and
+    fail at the first run, or give wrong numbers where the shapes still multiply) keeps its own reading."""
+    import hashlib
+    import json
+
+    import onnx
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(mtp_bundle, copy)
+    model = onnx.load(str(copy / "target_verify.onnx"), load_external_data=False)
+    (table,) = [t for t in model.graph.initializer if t.name == TABLE]
+    table.dims[:] = list(reversed(table.dims))
+    onnx.save(model, str(copy / "target_verify.onnx"))
+    manifest = json.loads((copy / "edgemtp.json").read_text())
+    data = (copy / "target_verify.onnx").read_bytes()
+    manifest["files"]["target_verify.onnx"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (copy / "edgemtp.json").write_text(json.dumps(manifest))
+    tables = HP.HeadTables.load(bundle_mod.load(copy))
+    assert set(tables.initializers("verify")) == {TABLE + ".gemv"}
+    assert set(tables.initializers("target")) == {TABLE, TABLE + ".gemv"}
+
+
 def test_none_without_huge_pages_or_when_asked_or_unmappable(mtp_bundle, monkeypatch):
     monkeypatch.setattr(HP, "huge_pages_available", lambda: False)
     assert Engine.load(mtp_bundle, verify=False).head_tables is None

@@ -37,13 +37,14 @@ def onnx_facts(path) -> dict:
     # a name, key or value that is not UTF-8 comes as bytes (proto2): such an initializer is left out
     external = {n: e for n, e in external.items() if isinstance(n, str) and all(isinstance(x, str) for x in
                                                                                    [*e, *e.values()])}
+    types = {t.name: (t.data_type, list(t.dims)) for t in model.graph.initializer if t.name in external}
     return {"inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output), "data_files": files,
-            "windows": windows, "external": external}
+            "windows": windows, "external": external, "external_types": types}
 
 
 def wire_facts(facts) -> dict:
     return {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
-            "windows": facts.windows, "external": facts.external}
+            "windows": facts.windows, "external": facts.external, "external_types": facts.external_types}
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +199,10 @@ def _wire_cases() -> dict:
                   + s_(5, s_(13, s_(1, b"location") + s_(2, b"y.data")))  # no name: ""
                   + s_(5, s_(8, b"b") + s_(13, s_(1, b"location") + s_(2, b"z.data")))
                   + s_(5, s_(8, b"c") + i_(13, 4))),  # an entry as a varint: unknown, so no external data
+        "dims packed and not, data type twice and negative": model(
+            s_(5, s_(8, b"t") + i_(1, 3) + s_(1, b"\x04\x05") + i_(2, 7) + i_(1, -1) + i_(2, 1)  # dims 3, 4, 5, -1
+                  + s_(13, s_(1, b"location") + s_(2, b"t.data")))
+            + s_(5, s_(8, b"n") + i_(2, -3) + s_(13, s_(1, b"location") + s_(2, b"n.data")))),
         "names and entries not UTF-8": model(s_(5, s_(8, b"w\xffw") + i_(2, 1) + s_(9, bytes(4)))  # inline weights
                                              + s_(5, s_(8, b"v") + s_(13, s_(1, b"location") + s_(2, b"v.data"))
                                                   + s_(13, s_(1, b"checksum") + s_(2, b"\x9c")))

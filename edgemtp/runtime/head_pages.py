@@ -32,6 +32,7 @@ import onnxruntime as ort
 
 from .. import contract as C
 from ..errors import EdgemtpError
+from ..onnx_wire import FLOAT
 
 PAGE, HUGE_PAGE = mmap.PAGESIZE, 2 << 20
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -80,12 +81,15 @@ class HeadTables:
         return cls(bundle, tables) if tables else None
 
     def initializers(self, graph: str) -> dict[str, ort.OrtValue]:
-        """The tables graph `graph` of the bundle names, by its initializers' names."""
+        """The tables graph `graph` of the bundle names, by its initializers' names: those that read the
+        bytes as the table is, fp32 of its dims (ONNX Runtime checks neither, and would run a graph that reads
+        them as another shape or type over the wrong numbers, or fail at its first run)."""
         facts = self.bundle.facts.get(graph)
         if facts is None:
             return {}
         found = {name: self.tables.get(_key(entries)) for name, entries in facts.external.items()}
-        return {name: value for name, value in found.items() if value is not None}
+        return {name: value for name, value in found.items()
+                if value is not None and facts.external_types.get(name) == (FLOAT, value.shape())}
 
 
 def _key(entries: dict | None) -> Key | None:
