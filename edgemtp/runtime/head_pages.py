@@ -3,8 +3,9 @@
 A decode step's logits are one GEMV over the whole [H, V] table (exporters/gemv_head.py): 671 MB for Gemma 3
 270M, 63% of the step's bytes. Read through 4 KB pages, each 4 KB costs a TLB entry (in a VM, a nested page
 walk): on the 2-core Xeon VM the GEMV read the table at 96% of the bandwidth ceiling from memory on 2 MB pages
-and at 89-92% from 4 KB ones, and whole decode steps ran 1.06x as fast with the table on 2 MB pages
-(benchmarks/bench_decode.py --plain-head; docs/measurements.md, session 41).
+and at 89-92% from 4 KB ones, and whole decode steps ran 1.18x as fast through this module's mapping as through
+ONNX Runtime's over a page cache holding the table in 4 KB folios, 1.00-1.06x where it held larger ones
+(benchmarks/bench_decode.py --small-folios; docs/measurements.md, session 41).
 
 A file mapping gets 2 MB pages where the page cache holds the file in 2 MB folios and the mapping's address
 sits at the file offset's place within a 2 MB page (Linux places a file mapping so). ONNX Runtime's own
