@@ -41,7 +41,10 @@ def mtp_bundle(tiny_gemma3, tmp_path_factory):
 
 @pytest.fixture
 def thp(monkeypatch):
-    """Tables mapped whatever this machine's THP setting (on 4 KB pages where THP is off)."""
+    """Tables mapped whatever this machine's THP setting (on 4 KB pages where THP is off); Linux only (elsewhere
+    mmap has no MADV_HUGEPAGE, and huge_pages_available keeps the runtime from asking)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("transparent huge pages are Linux's")
     monkeypatch.setattr(HP, "huge_pages_available", lambda: True)
 
 
@@ -121,6 +124,7 @@ def test_a_graph_reading_the_table_s_bytes_as_another_shape_is_not_given_it(mtp_
     assert set(tables.initializers("target")) == {TABLE, TABLE + ".gemv"}
 
 
+@linux
 def test_none_without_huge_pages_or_when_asked_or_unmappable(mtp_bundle, monkeypatch):
     monkeypatch.setattr(HP, "huge_pages_available", lambda: False)
     assert Engine.load(mtp_bundle, verify=False).head_tables is None
