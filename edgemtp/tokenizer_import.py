@@ -137,7 +137,10 @@ def _byte_level_bpe(meta: dict) -> Tokenizer:
     if merges is None:
         raise EdgemtpError("GGUF field tokenizer.ggml.merges is missing; a byte-level BPE vocabulary needs it")
     vocab = {tok: i for i, tok in enumerate(meta["tokenizer.ggml.tokens"])}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges]))
+    # Llama 3's pieces come from tiktoken, which takes a word in the vocabulary whole whether or not the merges
+    # reach it: its tokenizer.json says ignore_merges, and llama.cpp sets it for these pre-tokenizer names
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                               ignore_merges=pre in _LLAMA3))
     if pre == "qwen2" or pre in _LLAMA3:
         if pre == "qwen2":
             tok.normalizer = normalizers.NFC()

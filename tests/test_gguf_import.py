@@ -383,13 +383,14 @@ def test_llama3_rope_scaling_comes_back_from_rope_freqs(tmp_path):
 
 def test_llama3_pre_tokenizer_agrees_with_llama3_tokenizer_json():
     """tokenizer.ggml.pre "llama-bpe" (Llama 3.x GGUFs): the ids of a tokenizer.json laid out as Llama 3's
-    (a Split by its regex, then ByteLevel without its own; no normalizer) over the same vocabulary: digits in
-    threes, contractions of any case, runs of newlines and spaces as its regex cuts them, no NFC."""
+    (a Split by its regex, then ByteLevel without its own; no normalizer; ignore_merges, as llama.cpp sets for
+    this pre-tokenizer) over the same vocabulary: digits in threes, contractions of any case, runs of newlines
+    and spaces as its regex cuts them, no NFC, a word in the vocabulary taken whole (no merge makes "Ġhello")."""
     from edgemtp.tokenizer_import import LLAMA3_REGEX
 
     meta = byte_level_vocab() | {"tokenizer.ggml.pre": "llama-bpe"}
     merges = meta["tokenizer.ggml.merges"] + ["' S", "Ċ Ċ", "Ġ Ġ", "ĠĠ Ġ", "12 3"]
-    tokens = meta["tokenizer.ggml.tokens"] + ["'S", "ĊĊ", "ĠĠ", "ĠĠĠ", "123"]
+    tokens = meta["tokenizer.ggml.tokens"] + ["'S", "ĊĊ", "ĠĠ", "ĠĠĠ", "123", "Ġhello"]
     meta |= {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges,
              "tokenizer.ggml.token_type": [3] * 3 + [1] * (len(tokens) - 3)}
     ours = build_tokenizer(meta)
@@ -400,14 +401,15 @@ def test_llama3_pre_tokenizer_agrees_with_llama3_tokenizer_json():
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens)},
-                  "merges": [m.split(" ") for m in merges], "ignore_merges": False}}))
-    texts = ["IT'S the 12345 x\n\n\ny", "cafe\u0301 café", "a   b\t\tc\r\n\r\nd  ", "HE'S 'S x'S 1234567",
+                  "merges": [m.split(" ") for m in merges], "ignore_merges": True}}))
+    texts = ["IT'S the 12345 x\n\n\ny", "say hello", "cafe\u0301 café", "a   b\t\tc\r\n\r\nd  ", "HE'S 'S x'S 1234567",
              "def f(x):\n    return x  *  2\n", "日本 🤖"]
     for text in texts:
         assert ours.encode(text).ids == theirs.encode(text).ids, text
         assert ours.decode(ours.encode(text).ids) == text
     assert ours.encode("x 12345").tokens == ["x", "Ġ", "123", "4", "5"]  # digits in threes (qwen2: one by one)
     assert ours.encode("cafe\u0301").tokens[-3:] == ["e", "Ì", "ģ"]  # no NFC: e, then U+0301's two bytes
+    assert ours.encode("say hello").tokens == ["s", "a", "y", "Ġhello"]  # not Ġ, he, l, l, o
 
 
 def test_qwen_stops_on_endoftext_too(tmp_path):
