@@ -170,7 +170,8 @@ def _add_special_tokens(tok: Tokenizer, tokens: list[str], types: list[int]) -> 
 
 
 def _post_processor(meta: dict, byte_level: bool):
-    """BOS/EOS as the file's add_bos_token/add_eos_token say (llama.cpp: on by default for SentencePiece)."""
+    """BOS/EOS as the file's add_bos_token/add_eos_token say (llama.cpp: BOS on by default for SentencePiece
+    and llama-bpe)."""
     bos, eos = _special(meta, "bos"), _special(meta, "eos")
     add_bos = _adds(meta, "bos", byte_level) and bos is not None
     add_eos = _adds(meta, "eos", byte_level) and eos is not None
@@ -188,7 +189,8 @@ def _post_processor(meta: dict, byte_level: bool):
 
 
 def _adds(meta: dict, name: str, byte_level: bool) -> bool:
-    default = name == "bos" and not byte_level
+    # llama.cpp's defaults where the file says nothing: BOS for SentencePiece and for Llama 3's pre-tokenizer
+    default = name == "bos" and (not byte_level or meta.get("tokenizer.ggml.pre") in _LLAMA3)
     return bool(meta.get(f"tokenizer.ggml.add_{name}_token", default))
 
 

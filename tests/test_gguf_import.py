@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_import import default_gguf_path, hf_name, import_gguf, unpermute_rotary, write_safetensors
 from edgemtp.gguf_reader import read_gguf
-from edgemtp.tokenizer_import import build_tokenizer, sentencepiece_merges
+from edgemtp.tokenizer_import import build_tokenizer, sentencepiece_merges, write_tokenizer_files
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -410,6 +410,18 @@ def test_llama3_pre_tokenizer_agrees_with_llama3_tokenizer_json():
     assert ours.encode("x 12345").tokens == ["x", "Ġ", "123", "4", "5"]  # digits in threes (qwen2: one by one)
     assert ours.encode("cafe\u0301").tokens[-3:] == ["e", "Ì", "ģ"]  # no NFC: e, then U+0301's two bytes
     assert ours.encode("say hello").tokens == ["s", "a", "y", "Ġhello"]  # not Ġ, he, l, l, o
+
+
+def test_llama3_pre_tokenizer_adds_bos_unless_the_file_says_not(tmp_path):
+    """llama.cpp adds BOS for a llama-bpe vocabulary whose file has no tokenizer.ggml.add_bos_token (other
+    byte-level ones: none), and so must the rebuilt tokenizer and its tokenizer_config."""
+    meta = byte_level_vocab() | {"tokenizer.ggml.pre": "llama-bpe"}
+    del meta["tokenizer.ggml.add_bos_token"]
+    assert build_tokenizer(meta).encode("the").ids[0] == 1
+    write_tokenizer_files(meta, tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["add_bos_token"] is True
+    assert build_tokenizer(meta | {"tokenizer.ggml.add_bos_token": False}).encode("the").ids[0] != 1
+    assert build_tokenizer(meta | {"tokenizer.ggml.pre": "qwen2"}).encode("the").ids[0] != 1
 
 
 def test_qwen_stops_on_endoftext_too(tmp_path):
