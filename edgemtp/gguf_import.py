@@ -392,6 +392,10 @@ def generation_config(meta: dict, config: dict) -> dict:
     # Qwen's instruct models stop on <|im_end|> (the file's eos) and <|endoftext|>, as their generation_config
     if config["model_type"] in ("qwen2", "qwen3") and "<|endoftext|>" in tokens:
         eos.append(tokens.index("<|endoftext|>"))
+    # Llama 3.x's files name one end token (instruct: <|eot_id|>) and no eot/eom field; llama.cpp ends a reply on
+    # each of these, as the instruct models' generation_config does (<|eom_id|> follows a tool call)
+    if config["model_type"] in ("llama", "smollm3"):
+        eos += [tokens.index(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in tokens]
     eos = list(dict.fromkeys(eos))
     return {"bos_token_id": config["bos_token_id"], "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": config["pad_token_id"]}

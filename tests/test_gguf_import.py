@@ -24,7 +24,8 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from edgemtp.errors import EdgemtpError
-from edgemtp.gguf_import import default_gguf_path, hf_name, import_gguf, unpermute_rotary, write_safetensors
+from edgemtp.gguf_import import (default_gguf_path, generation_config, hf_name, import_gguf, unpermute_rotary,
+                                 write_safetensors)
 from edgemtp.gguf_reader import read_gguf
 from edgemtp.tokenizer_import import build_tokenizer, sentencepiece_merges, write_tokenizer_files
 
@@ -429,6 +430,18 @@ def test_qwen_stops_on_endoftext_too(tmp_path):
     _, path = export_tiny(tmp_path, "qwen3", tied=True)
     config = json.loads((import_gguf(path, tmp_path / "hf") / "generation_config.json").read_text())
     assert config["eos_token_id"] == [2, 0]  # <|im_end|>, <|endoftext|>
+
+
+def test_llama3_stops_on_eot_eom_and_end_of_text():
+    """A Llama 3.x instruct GGUF's eos is <|eot_id|>; llama.cpp also ends a reply on <|eom_id|> (after a tool
+    call) and <|end_of_text|>, as the model's generation_config does ([128001, 128008, 128009])."""
+    tokens = ["<|begin_of_text|>", "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>", "a"]
+    meta = {"tokenizer.ggml.tokens": tokens}
+    for model_type in ("llama", "smollm3"):
+        config = {"model_type": model_type, "bos_token_id": 0, "eos_token_id": 3, "pad_token_id": None}
+        assert generation_config(meta, config)["eos_token_id"] == [3, 1, 2]
+    config = {"model_type": "llama", "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": None}
+    assert generation_config({"tokenizer.ggml.tokens": ["<s>", "</s>"]}, config)["eos_token_id"] == 1  # Llama 2
 
 
 def test_unpermute_inverts_llama_cpp_permute():
