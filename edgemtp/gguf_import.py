@@ -338,9 +338,13 @@ def llama3_scaling(divisors: list, config: dict, path: Path) -> dict | None:
     own (1, 4) are tried first. None: every divisor 1 (no scaling)."""
     dim = config["head_dim"]
     r = np.asarray(divisors, np.float64)
-    if r.shape != (dim // 2,) or not np.all(np.isfinite(r)) or r.min() < 1 - 1e-6:
-        raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} must hold {dim // 2} factors of at least 1 (one per "
-                           f"rotated pair), got {r.size}")
+    if r.shape != (dim // 2,):
+        raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} holds {r.size} factors; heads of {dim} need {dim // 2} "
+                           "(one per rotated pair)")
+    bad = np.flatnonzero(~np.isfinite(r) | (r < 1 - 1e-6))  # the count was right, a value is not
+    if bad.size:
+        raise EdgemtpError(f"{path}: tensor {ROPE_FREQS} holds {float(r[bad[0]]):.6g} at {bad[0]}, not a finite "
+                           "factor of at least 1")
     factor = float(r.max())
     if factor <= 1 + 1e-6:
         return None

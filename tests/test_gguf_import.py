@@ -373,7 +373,9 @@ def test_llama3_rope_scaling_comes_back_from_rope_freqs(tmp_path):
                                ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")[0], rtol=1e-5, atol=0)
     rng = np.random.default_rng(0)
     for divisors, problem in ((1 + 7 * rng.random(8), "holds factors that no llama3 RoPE scaling gives"),
-                              (np.ones(4), "must hold 8 factors of at least 1")):
+                              (np.ones(4), r"holds 4 factors; heads of 16 need 8 \(one per rotated pair\)"),
+                              (np.array([1, 1, 0.5, 2, 2, 8, 8, 8]), r"holds 0\.5 at 2, not a finite factor of at"),
+                              (np.array([1, 1, 2, 2, 8, 8, 8, np.inf]), "holds inf at 7, not a finite factor of at")):
         _, path = export_tiny(tmp_path, "llama3", tied=True,
                               extra_tensors={"rope_freqs.weight": divisors.astype(np.float32)})
         with pytest.raises(EdgemtpError, match=problem):
