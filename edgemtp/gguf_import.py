@@ -44,8 +44,9 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 # "ffn_norm" is the norm before the MLP: Llama calls it post_attention_layernorm, Gemma 3 has both.
-_FFN_NORM = {"llama": "post_attention_layernorm", "smollm3": "post_attention_layernorm", "qwen2": "post_attention_layernorm",
-             "qwen3": "post_attention_layernorm", "phi3": "post_attention_layernorm",
+_FFN_NORM = {"llama": "post_attention_layernorm", "smollm3": "post_attention_layernorm",
+             "qwen2": "post_attention_layernorm", "qwen3": "post_attention_layernorm",
+             "phi3": "post_attention_layernorm",
              "gemma3": "pre_feedforward_layernorm", "gemma2": "pre_feedforward_layernorm"}
 _FUSED = {"phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}  # per arch, over _LAYER_NAMES
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # phi3's LongRoPE: config, not weights
