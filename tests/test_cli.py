@@ -617,7 +617,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: Engine.load(tiny_gemma3[2], provider=None), "provider=None must be an execution"),
                           (lambda: Engine.load(tiny_gemma3[2], threads="2"), "threads='2' must be a whole number"),
                           (lambda: Engine.load(tiny_gemma3[2], reuse_prefix="no"), "reuse_prefix='no' must be True or"),
-                          (lambda: Engine.load(tiny_gemma3[2], head_huge_pages=1), "head_huge_pages=1 must be True or False"),
+                          (lambda: Engine.load(tiny_gemma3[2], head_huge_pages=1),
+                           "head_huge_pages=1 must be True or False"),
                           (lambda: evaluate(tiny_gemma3[2], None), "text=None must be a str"),
                           (lambda: evaluate(tiny_gemma3[2], "t1 t2 t3", max_tokens=-3), "max_tokens=-3 must be a whole"),
                           (lambda: evaluate(tiny_gemma3[2], "t1 t2 t3", step="4"), "step='4' must be a whole number")):
