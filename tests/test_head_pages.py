@@ -4,6 +4,7 @@ same numbers as ONNX Runtime's own mappings give."""
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import shutil
@@ -224,3 +225,18 @@ def _mappings(path) -> list[tuple[int, int]]:
             if len(fields) == 6 and fields[5].strip() == str(path):
                 out.append(tuple(int(x, 16) for x in fields[0].split("-")))
     return out
+
+
+def test_pmd_mapped_sums_the_mappings_overlapping_the_range(monkeypatch):
+    """smaps' FilePmdMapped of the mappings overlapping [start, end) only; a blank line is passed over."""
+    smaps = ("1000-3000 r--s 00000000 08:01 12 /data\n"
+             "FilePmdMapped:      2048 kB\n"
+             "\n"
+             "3000-5000 r--s 00002000 08:01 12 /data\n"
+             "FilePmdMapped:      4096 kB\n"
+             "9000-a000 r--p 00000000 08:01 13 /other\n"
+             "FilePmdMapped:      8192 kB\n")
+    monkeypatch.setattr(HP, "open", lambda *_: io.StringIO(smaps), raising=False)
+    assert HP.pmd_mapped(0x2000, 0x4000) == (2048 + 4096) * 1024
+    assert HP.pmd_mapped(0x3000, 0x9000) == 4096 * 1024
+    assert HP.pmd_mapped(0x5000, 0x9000) == 0

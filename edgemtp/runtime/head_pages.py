@@ -60,7 +60,7 @@ class HeadTables:
         self.bundle, self.tables = bundle, tables
 
     @classmethod
-    def load(cls, bundle) -> "HeadTables | None":
+    def load(cls, bundle) -> HeadTables | None:
         """None where there is no such table (a quantized or static bundle, one exported --no-gemv-head) or no
         huge pages to map it on."""
         target = bundle.facts.get("target")
@@ -166,7 +166,7 @@ def pmd_mapped(start: int, end: int) -> int:
                 if len(fields) >= 5 and "-" in fields[0]:
                     lo, hi = (int(x, 16) for x in fields[0].split("-"))
                     inside = lo < end and start < hi
-                elif inside and fields[0] == "FilePmdMapped:":
+                elif inside and fields and fields[0] == "FilePmdMapped:":
                     total += int(fields[1]) * 1024
     except (OSError, ValueError):
         return 0
