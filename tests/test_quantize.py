@@ -760,6 +760,10 @@ def test_int4_export_is_reproducible(tmp_path, calib_file):
     (dict(calibration=None, frequent_rows=8), "--frequent-rows needs calibration text"),
     (dict(block_size=512), "--block-size 512 must be a power of two from 16 to 256"),
     (dict(two_pass="head", accuracy_level=2), "--two-pass head needs --accuracy-level 4"),
+    # the integer ops take no MatMulNBits passes: the option was taken and changed nothing
+    (dict(two_pass="head", head_op="integer"), "--two-pass head does nothing with --head-op integer"),
+    (dict(quant="int8", two_pass="all", layer_op="integer", head_op="integer"),
+     "--two-pass all does nothing with --layer-op integer and --head-op integer"),
     (dict(calibration=None, calibration_tokens=4096), "--calibration-tokens 4096 with --calibration none"),
     (dict(quant="int8", layer_bits=4), "--layer-bits applies to --quant int4 (int8 keeps every weight at 8 bits)"),
     (dict(quant="int8", frequent_rows=100), "--frequent-rows applies to --quant int4"),

@@ -121,11 +121,23 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
         p.update(frequent_rows=0, gptq=False, smooth=0.0)
     given = dict(asked, two_pass=two_pass, bits=layer_bits, layer_op=layer_op, head_op=head_op)
     p.update({k: v for k, v in given.items() if v is not None})
+    _check_two_pass_applies(two_pass, p.get("layer_op", "nbits"), p.get("head_op", "nbits"))
     if accuracy_level != 4 and two_pass is None:  # the preset's passes need level 4: none are built
         p["two_pass"] = "none"
     if block_size:
         p.update(block_size=block_size, head_block_size=block_size)
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
+
+
+def _check_two_pass_applies(two_pass: str | None, layer_op: str, head_op: str) -> None:
+    """Two passes are MatMulNBits' (the nbits head, and with `all` the nbits layers): asked for where no
+    MatMulNBits would take them, the option would change nothing, silently."""
+    if two_pass == "head" and head_op == "integer":
+        raise EdgemtpError("--two-pass head does nothing with --head-op integer (the integer head takes no "
+                           "MatMulNBits passes): drop one of them")
+    if two_pass == "all" and head_op == "integer" and layer_op == "integer":
+        raise EdgemtpError("--two-pass all does nothing with --layer-op integer and --head-op integer (no "
+                           "MatMulNBits left to take the passes): drop it")
 
 
 def check_widths(sch: Scheme, graph) -> None:
