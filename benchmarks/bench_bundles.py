@@ -22,7 +22,8 @@ from edgemtp.runtime.drafter_session import DrafterSession
 from edgemtp.runtime.engine import Draft, Engine
 
 ROOT = Path(__file__).parent.parent
-PROMPTS = {"code": (ROOT / "edgemtp" / "cli" / "build.py").read_text()[:2000], "prose": (ROOT / "README.md").read_text()[3000:5000]}
+PROMPTS = {"code": (ROOT / "edgemtp" / "cli" / "build.py").read_text()[:2000],
+           "prose": (ROOT / "README.md").read_text()[3000:5000]}
 
 
 def turns(n: int, jobs: list) -> list[list[float]]:
@@ -38,7 +39,8 @@ def turns(n: int, jobs: list) -> list[list[float]]:
 
 def ratio_line(label: str, old: list[float], new: list[float], unit=lambda t: f"{t * 1e3:.2f} ms") -> str:
     r = np.array(new) / np.array(old)
-    return f"{label:28s} OLD {unit(np.median(old)):>14s}  NEW {unit(np.median(new)):>14s}  NEW/OLD time {np.median(r):.3f}"
+    return (f"{label:28s} OLD {unit(np.median(old)):>14s}  NEW {unit(np.median(new)):>14s}  "
+            f"NEW/OLD time {np.median(r):.3f}")
 
 
 def drafter_step(engine: Engine, threads: int):

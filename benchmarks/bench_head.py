@@ -102,7 +102,8 @@ def build_variants(vocab: int, hidden: int, tmp: Path, ordered: bool = False) ->
     shape = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K)
     builder.save(head.clustered_graph(shape, EMBED), paths["clustered fp32"], w.__getitem__)
     paths["clustered int8 rows"] = tmp / "clustered_rows.onnx"
-    builder.save(head.clustered_graph(shape, EMBED, int8_ordering=w["token_ordering"]), paths["clustered int8 rows"], w.__getitem__)
+    builder.save(head.clustered_graph(shape, EMBED, int8_ordering=w["token_ordering"]), paths["clustered int8 rows"],
+                 w.__getitem__)
     paths["int8 rows+ctx"] = tmp / "clustered_rows_context.onnx"
     with_context = head.ClusteredShape(vocab, hidden, CLUSTERS, TOP_K, CONTEXT)
     builder.save(head.clustered_graph(with_context, EMBED, int8_ordering=w["token_ordering"]), paths["int8 rows+ctx"],
@@ -180,7 +181,8 @@ def measure(sessions: dict, hidden: int, rounds: int, warm: list, inner: int = 5
     recent = np.random.default_rng(2).integers(0, SHAPES["270m"][0], (64, 1, CONTEXT))
 
     def feed(s, i: int, x: np.ndarray) -> dict:
-        extra = {head.CONTEXT_IDS: recent[i % len(recent)]} if head.CONTEXT_IDS in {v.name for v in s.get_inputs()} else {}
+        extra = ({head.CONTEXT_IDS: recent[i % len(recent)]}
+                 if head.CONTEXT_IDS in {v.name for v in s.get_inputs()} else {})
         return {head.INPUT: x, **extra}
 
     for s in sessions.values():

@@ -6,10 +6,10 @@
 Quantizes FP32_BUNDLE to each quant (preset options) and each --variant (e.g.
 `int4-nofreq=int4:{"frequent_rows": 0}`: quantize_bundle's keywords as JSON; "calibration": null for
 none) in a temporary directory (or DIR; the default calibration on the corpora's train split is made
-once and shared by every variant), then prints per bundle: target-graph size and its ratio to fp32; decode tokens/s and its
-ratio (64 new tokens after a 128-token prompt, greedy, best of 3; the engines take turns so that load
-from other jobs hits all alike); and per text: perplexity change vs fp32, top-1 agreement and mean
-KL(fp32 || quant).
+once and shared by every variant), then prints per bundle: target-graph size and its ratio to fp32;
+decode tokens/s and its ratio (64 new tokens after a 128-token prompt, greedy, best of 3; the engines
+take turns so that load from other jobs hits all alike); and per text: perplexity change vs fp32,
+top-1 agreement and mean KL(fp32 || quant).
 
 Texts: the held-out split (edgemtp.drafter.data, by path hash; never the train split the quantizer
 calibrates on) of each --domains entry, `--tokens` tokens each: code = CPython stdlib source, prose =

@@ -215,7 +215,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--bundle", type=Path, help="exported fp32 bundle of the same model (faster: onnxruntime)")
-    ap.add_argument("--calib-tokens", type=int, help=f"calibration tokens per domain (default {BUDGET['code', 'calib'][0]})")
-    ap.add_argument("--heldout-tokens", type=int, help=f"held-out tokens per domain (default {BUDGET['code', 'heldout'][0]})")
+    ap.add_argument("--calib-tokens", type=int,
+                    help=f"calibration tokens per domain (default {BUDGET['code', 'calib'][0]})")
+    ap.add_argument("--heldout-tokens", type=int,
+                    help=f"held-out tokens per domain (default {BUDGET['code', 'heldout'][0]})")
     args = ap.parse_args()
     collect(args.cache, args.bundle, {"calib": args.calib_tokens, "heldout": args.heldout_tokens})

@@ -189,7 +189,8 @@ def main() -> None:
                                                "(default: imported from the cached GGUF into CACHE/g3-model)")
     ap.add_argument("--head", type=Path, nargs="*", default=[],
                     help="also measure these head.safetensors files (e.g. the shipped drafter's)")
-    ap.add_argument("--best", type=Path, help="write the swapped tables (else the last method's) to OUT/head.safetensors and OUT.npz")
+    ap.add_argument("--best", type=Path,
+                    help="write the swapped tables (else the last method's) to OUT/head.safetensors and OUT.npz")
     ap.add_argument("--context", type=int, default=0,
                     help="also report recall when the head scores each position's W most recent tokens too")
     args = ap.parse_args()

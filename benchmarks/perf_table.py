@@ -53,7 +53,8 @@ def main() -> None:
         texts = {domain: heldout_text(domain) for domain in args.domains.split(",")}
     except EdgemtpError as e:
         raise SystemExit(f"--domains: {e}")
-    print("| domain | batch | drafter | K | tg tokens/s | × no draft | tokens/forward | acceptance | draft / verify / other ms per round |")
+    print("| domain | batch | drafter | K | tg tokens/s | × no draft | tokens/forward | acceptance "
+          "| draft / verify / other ms per round |")
     print("|---|---|---|---|---|---|---|---|---|")
     result = None
     for domain, text in texts.items():

@@ -73,7 +73,8 @@ def text(info: dict, verified: bool) -> str:
     bos = "none" if model.get("bos_token_id") is None else model.get("bos_token_id")
     window = f", sliding window {info['sliding_window']:,}" if info["sliding_window"] else ""
     lines = [f"{info['bundle']}: {len(info['files'])} files, {_size(info['bytes'])}"
-             + (" (every file's sha256 matches the manifest)" if verified else " (sizes checked; --no-verify: no sha256)"),
+             + (" (every file's sha256 matches the manifest)" if verified
+                else " (sizes checked; --no-verify: no sha256)"),
              f"model: {model.get('model_type')}, {model.get('num_layers')} layers, hidden "
              f"{model.get('hidden_size'):,}, vocabulary {model.get('vocab_size'):,} (bos {bos}, "
              f"eos {eos})",

@@ -56,7 +56,8 @@ class Checkpoint:
                 if _text_name(name) != name:
                     renamed.add(_text_name(name))
         # a multimodal checkpoint's other towers (vision, audio, their projections): no text graph reads them
-        self.outside_text = {n for n in self.entries if n not in renamed and n != "lm_head.weight"} if renamed else set()
+        self.outside_text = ({n for n in self.entries if n not in renamed and n != "lm_head.weight"} if renamed
+                             else set())
 
     def keys(self):
         return self.entries.keys()

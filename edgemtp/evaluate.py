@@ -72,7 +72,8 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     bos = engine.bundle.model.get("bos_token_id")
     if len(tokens) < (1 if bos is not None else 2):  # a token is scored when something comes before it
         why = "" if bos is not None else " (this model has no BOS token: the first is not scored)"
-        raise EdgemtpError(f"{text_name} has {len(tokens)} token(s) to score{' (--max-tokens)' * (max_tokens is not None)}; "
+        raise EdgemtpError(f"{text_name} has {len(tokens)} token(s) to score"
+                           f"{' (--max-tokens)' * (max_tokens is not None)}; "
                            f"perplexity needs at least {1 if bos is not None else 2}{why}")
     tally = _Tally()
     windows = text_windows(tokens, window, bos)

@@ -86,7 +86,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         try:  # held while it lives: a killed import's is removed by the next one (scratch.py)
             tmp = held.enter_context(held_dir(out_dir.parent, f".{out_dir.name}.", ".partial"))
         except OSError as e:  # not the temporary name, which the user never gave
-            raise EdgemtpError(f"{out_dir}: cannot write a model directory in {out_dir.parent} ({e.strerror})") from None
+            raise EdgemtpError(f"{out_dir}: cannot write a model directory in {out_dir.parent} "
+                               f"({e.strerror})") from None
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
             _write_json(tmp / "config.json", config)
@@ -140,7 +141,8 @@ def field(meta: dict, key: str, path: Path, kind=int, default=_REQUIRED, least=N
     value = meta[key]
     ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
     if not ok or (least is not None and value < least):
-        what = ("a whole number" if kind is int else "a number") + (f" of at least {least}" if least is not None else "")
+        what = (("a whole number" if kind is int else "a number")
+                + (f" of at least {least}" if least is not None else ""))
         raise EdgemtpError(f"{path}: GGUF field {key} = {value!r} must be {what}")
     return kind(value)
 

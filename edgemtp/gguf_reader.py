@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from edgemtp.errors import EdgemtpError
+
+if TYPE_CHECKING:  # for the annotation only: reading needs no gguf package
+    import gguf
 
 GGUF_MAGIC = b"GGUF"
 

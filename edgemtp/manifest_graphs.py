@@ -130,8 +130,8 @@ def drafter_contract(d: dict, where: str, target: TargetContract) -> None:
           config["vocab_size"], f"differs from the target's {target.vocab_size}")
     layers = _get(d, "kv_layers", where)
     have = sorted(s.layer for s in target.kv)
-    _need(isinstance(layers, list) and layers and all(whole(v) and v in have for v in layers), f"{where}.kv_layers", layers,
-          f"must list layers of the target's kv ({have[0]}..{have[-1]})")
+    _need(isinstance(layers, list) and layers and all(whole(v) and v in have for v in layers),
+          f"{where}.kv_layers", layers, f"must list layers of the target's kv ({have[0]}..{have[-1]})")
     for key in ("inputs", "outputs"):  # informative: DrafterSession checks the graph's own names
         value = d.get(key, [])
         _need(isinstance(value, list) and all(isinstance(v, str) for v in value), f"{where}.{key}", value,

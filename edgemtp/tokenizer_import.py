@@ -66,7 +66,8 @@ def _check_fields(meta: dict) -> None:
     checks = {"tokenizer.ggml.tokens": (strings(tokens) and n > 0, "a non-empty list of strings"),
               "tokenizer.ggml.merges": (merges is None or (strings(merges) and all(" " in m for m in merges)),
                                         "a list of 'left right' strings"),
-              "tokenizer.ggml.scores": (scores is None or (numbers(scores) and len(scores) == n), "one number per token"),
+              "tokenizer.ggml.scores": (scores is None or (numbers(scores) and len(scores) == n),
+                                        "one number per token"),
               "tokenizer.ggml.token_type": (types is None or (numbers(types) and len(types) == n),
                                             "one token type per token")}
     for name in ("bos", "eos", "unknown", "padding", "eot", "eom"):

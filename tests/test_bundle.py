@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -611,7 +612,8 @@ def test_rope_read_as_transformers_reads_it(model_type, tmp_path):
         (model_dir / "config.json").write_text(json.dumps({**base, **extra}))
         want = transformers.AutoConfig.from_pretrained(model_dir).rope_parameters
         got = load_config(model_dir)[0].rope["full_attention"]
-        assert (got.theta, got.kind, got.factor) == (want["rope_theta"], want["rope_type"], want.get("factor", 1.0)), extra
+        assert (got.theta, got.kind, got.factor) == (want["rope_theta"], want["rope_type"],
+                                                     want.get("factor", 1.0)), extra
         if got.kind == "yarn":
             assert got.original_max_positions == want["original_max_position_embeddings"] == 256
 
@@ -693,7 +695,8 @@ def test_ministral3_and_mistral3_configs(tmp_path):
     for config in (text, {"model_type": "mistral3", "text_config": text}):
         (tmp_path / "config.json").write_text(json.dumps(config))
         cfg = load_config(tmp_path)[0]
-        assert (cfg.model_type, cfg.head_dim, cfg.sliding_window, cfg.query_scale_beta) == ("ministral3", 128, None, 0.1)
+        assert ((cfg.model_type, cfg.head_dim, cfg.sliding_window, cfg.query_scale_beta)
+                == ("ministral3", 128, None, 0.1))
         assert cfg.tie_word_embeddings == (config is not text)  # Ministral3Config: untied; Mistral3Config: tied
     # a null head_dim: Ministral3Config and Qwen3Config refuse it (read as 128 before session 41)
     from huggingface_hub.errors import StrictDataclassFieldValidationError
@@ -765,7 +768,7 @@ def test_phi3_config_and_fused_weights(tmp_path):
     top level too), LongRoPE's limit on the KV capacity (past the original length it changes frequencies),
     and a fused matrix that does not hold the rows config.json implies: each named, nothing exported."""
     transformers = pytest.importorskip("transformers")
-    import transformers.modeling_rope_utils  # noqa: F401
+    importlib.import_module("transformers.modeling_rope_utils")  # read below as transformers.modeling_rope_utils
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
@@ -788,7 +791,8 @@ def test_phi3_config_and_fused_weights(tmp_path):
     short = {"rope_type": "longrope", "short_factor": [2.0] * 4, "long_factor": [3.0] * 4}
     for extra in ({"rope_parameters": {**short, "original_max_position_embeddings": 32}},
                   {"rope_parameters": short, "original_max_position_embeddings": None},
-                  {"rope_parameters": {**short, "original_max_position_embeddings": 32}, "max_position_embeddings": 8192},
+                  {"rope_parameters": {**short, "original_max_position_embeddings": 32},
+                   "max_position_embeddings": 8192},
                   {"rope_scaling": {**short, "short_factor": [4.0] * 4}, "rope_parameters": short}):
         model_dir = tmp_path / f"cfg{len(list(tmp_path.iterdir()))}"
         model_dir.mkdir()
@@ -854,7 +858,8 @@ def test_overwrite_replaces_only_a_bundle(tiny_gemma3, tmp_path, monkeypatch):
 @pytest.mark.parametrize("edit,message", [
     (lambda c: c.update(capacity="abc"), "graphs.target.contract.capacity 'abc' must be a positive whole number"),
     (lambda c: c.update(capacity=4096), r"does not match target.onnx: past_key_values.\d+.key is \['batch', \d+, 64"),
-    (lambda c: c.update(kv=c["kv"][1:]), "does not match target.onnx: the graph's input past_key_values.0.key is missing"),
+    (lambda c: c.update(kv=c["kv"][1:]),
+     "does not match target.onnx: the graph's input past_key_values.0.key is missing"),
 ])
 def test_manifest_contract_must_match_the_graph(tiny_gemma3, tmp_path, edit, message):
     """A manifest edited after export (it cannot hash itself) is named, not left to fail inside a run."""
@@ -910,7 +915,8 @@ CONTRACT = (*TARGET, "contract")
     (_set((*CONTRACT, "drafter_kv"), {"full_attention": 99}), "graphs.target.contract.drafter_kv .* must map"),
     (_set((*CONTRACT, "window_views"), "yes"), "graphs.target.contract.window_views 'yes' must be true or false"),
     (_set((*CONTRACT, "hidden_size"), 65), "model.hidden_size 64 differs from graphs.target.contract.hidden_size 65"),
-    (_set(("graphs", "verify", "contract", "capacity"), 32), "graphs.verify.contract.capacity 32 differs from the target's"),
+    (_set(("graphs", "verify", "contract", "capacity"), 32),
+     "graphs.verify.contract.capacity 32 differs from the target's"),
     (_set(("graphs", "verify", "contract"), "x"), "graphs.verify.contract is not an object"),
     # the model facts the runtime acts on (stop ids, sizes, the quant --draft auto reads)
     (lambda m: m["model"].update(eos_token_ids=[10**9]),

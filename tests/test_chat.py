@@ -222,7 +222,8 @@ def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     assert lines == [replies[0], replies[1], after_reset, last], r.output
     speeds = [line for line in r.stderr.splitlines() if line.startswith("[prefill")]
     assert len(speeds) == 4 and "cached" not in speeds[0] and all("more cached" in s for s in speeds[1:]), speeds
-    assert "does not fit the bundle's KV capacity of 64" in r.stderr and "/reset starts the conversation over" in r.stderr
+    assert ("does not fit the bundle's KV capacity of 64" in r.stderr
+            and "/reset starts the conversation over" in r.stderr)
     r = CliRunner().invoke(cli, ["chat", str(tiny_gemma3[2])], input="t3\n")
     assert r.exit_code == 2 and "bundle has no chat template" in r.output
 

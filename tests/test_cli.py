@@ -153,7 +153,8 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("evaluate", bundle, "--text-file", text, "--max-tokens", -3), "--max-tokens -3 must be at least 1"),
         (("evaluate", bundle, "--text-file", text, "--reference", tmp_path / "nope"),
          f"--reference {tmp_path / 'nope'}: {tmp_path / 'nope'}: not a bundle directory"),
-        (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is only whitespace"),
+        (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"),
+         f"--text-file {tmp_path / 'empty.txt'}: the file is only whitespace"),
         (("generate", bundle, "--prompt-file", tmp_path / "empty.txt"), "--prompt-file"),
         (("export", tiny_gemma3[1], "-o", ""), "-o: give a path (an empty one would mean the current directory)"),
         (("profile", bundle, "--plot", tmp_path / "plot"), "--plot"),
@@ -167,7 +168,8 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("generate", bundle, "--prompt-file", "-"), "--prompt-file -: standard input is empty"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "v", "--verify-window", 3),
          "--verify-window 3 applies to a static graph: add --static"),
-        (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1), "--seed -1 must be between 0 and 4294967295"),
+        (("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--seed", -1),
+         "--seed -1 must be between 0 and 4294967295"),
         (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--seed", -2), "--seed -2 must be between 0 and 4294967295"),
         (("profile", bundle, "--draft", "bogus"), "--draft 'bogus' is unknown"),
         (("profile", bundle, "--head", "bogus"), "--head 'bogus' is unknown"),
@@ -501,8 +503,8 @@ def test_cluster_checks_its_output_before_clustering(tiny_gemma3, tmp_path, monk
     monkeypatch.setattr(head_report, "cluster_model", lambda *a, **k: pytest.fail("clustered before checking -o"))
     (tmp_path / "afile").write_text("x")
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "afile" / "head")
-    assert r.exit_code == 2 and r.output == f"error: -o {tmp_path / 'afile' / 'head'}: {tmp_path / 'afile'} is a file, " \
-                                            "not a directory\n"
+    assert r.exit_code == 2 and r.output == (f"error: -o {tmp_path / 'afile' / 'head'}: {tmp_path / 'afile'} "
+                                             "is a file, not a directory\n")
 
 
 def test_export_is_reproducible(tiny_gemma3, tmp_path):
@@ -620,7 +622,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: Engine.load(tiny_gemma3[2], head_huge_pages=1),
                            "head_huge_pages=1 must be True or False"),
                           (lambda: evaluate(tiny_gemma3[2], None), "text=None must be a str"),
-                          (lambda: evaluate(tiny_gemma3[2], "t1 t2 t3", max_tokens=-3), "max_tokens=-3 must be a whole"),
+                          (lambda: evaluate(tiny_gemma3[2], "t1 t2 t3", max_tokens=-3),
+                           "max_tokens=-3 must be a whole"),
                           (lambda: evaluate(tiny_gemma3[2], "t1 t2 t3", step="4"), "step='4' must be a whole number")):
         with pytest.raises(EdgemtpError, match=re.escape(message)):
             make()
@@ -710,7 +713,8 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
     encoding: under LC_ALL=C without UTF-8 mode an é was "not UTF-8 text", and on Windows it is cp1252."""
     text = tmp_path / "p.txt"
     text.write_text("café — naïve\n", encoding="utf-8")
-    code = f"from pathlib import Path; from edgemtp.cli.run import read_prompt; print(ascii(read_prompt(None, Path({str(text)!r}))))"
+    code = ("from pathlib import Path; from edgemtp.cli.run import read_prompt; "
+            f"print(ascii(read_prompt(None, Path({str(text)!r}))))")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stdout.strip() == ascii("café — naïve\n"), r.stderr
@@ -761,7 +765,8 @@ def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
     block = "import sys; sys.modules['onnx'] = sys.modules['gguf'] = None; from edgemtp.cli import main; main()"
     for args in (["export", str(tiny_gemma3[1]), "-o", str(tmp_path / "b")],
                  ["import-gguf", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "m")],
-                 ["cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c")], ["quickstart", "--workdir", str(tmp_path)],
+                 ["cluster", str(tiny_gemma3[1]), "-o", str(tmp_path / "c")],
+                 ["quickstart", "--workdir", str(tmp_path)],
                  ["train-drafter", str(tiny_gemma3[1]), "-o", str(tmp_path / "d")]):
         r = subprocess.run([sys.executable, "-c", block, *args], capture_output=True, text=True)
         # extras with them too; quickstart's adds the default model, which it would ask for next

@@ -179,7 +179,8 @@ def test_onnx_clustered_head_with_context_equals_numpy(vocab, clusters, top_k, c
     if not int8:
         np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
         probs = np.exp(logits - logits.max(1, keepdims=True))
-        np.testing.assert_allclose(out[head.TOKEN_PROBS], np.take_along_axis(probs / probs.sum(1, keepdims=True), best, 1),
+        np.testing.assert_allclose(out[head.TOKEN_PROBS],
+                                   np.take_along_axis(probs / probs.sum(1, keepdims=True), best, 1),
                                    rtol=1e-4, atol=1e-6)
 
 

@@ -398,7 +398,8 @@ def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
         f.write(json.dumps({"step": 4, "phase": "train"}) + "\n" + '{"step": 5, "pha')
     monkeypatch.setattr(T, "TargetPass", lambda *a, **k: pytest.fail("the target pass ran"))
     for changed, message in ((dict(seed=1), "other --seed"), (dict(steps=2), "--steps 2: .* at step 3 already"),
-                             (dict(shape=dict(hidden=24, intermediate=32, num_layers=1)), "not a checkpoint of this drafter")):
+                             (dict(shape=dict(hidden=24, intermediate=32, num_layers=1)),
+                              "not a checkpoint of this drafter")):
         with pytest.raises(EdgemtpError, match=message):
             train_drafter(model_dir, out, resume=True, **{**kw, "steps": 6, **changed})
     monkeypatch.undo()
@@ -432,7 +433,8 @@ def test_run_record_holds_what_the_weights_follow_from():
     base = record(0, DataSpec(seed=0), TrainSpec())
     assert [k for k, v in record(1, DataSpec(seed=1), TrainSpec()).items() if v != base[k]] == ["seed"]
     assert record(0, DataSpec(seed=0, heldout={"code": 9}), TrainSpec(eval_every=7, ckpt_every=3)) == base
-    assert record(0, DataSpec(seed=0, seq_len=64), TrainSpec()) != base and record(0, DataSpec(), TrainSpec(lr=1)) != base
+    assert (record(0, DataSpec(seed=0, seq_len=64), TrainSpec()) != base
+            and record(0, DataSpec(), TrainSpec(lr=1)) != base)
 
 
 class _Cfg:  # a drafter config's record part
@@ -568,10 +570,12 @@ def test_broken_drafter_directory_is_named(setup, tmp_path, damage, message):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda c: c.update(kv_layers=[99]), r"graphs.drafter.contract.kv_layers \[99\] must list layers of the target's kv"),
+    (lambda c: c.update(kv_layers=[99]),
+     r"graphs.drafter.contract.kv_layers \[99\] must list layers of the target's kv"),
     (lambda c: c.update(kind="eagle"), "graphs.drafter.contract.kind 'eagle' is unknown"),
     (lambda c: c.pop("config"), "graphs.drafter.contract.config is missing"),
-    (lambda c: c["config"].update(vocab_size=5), "graphs.drafter.contract.config.vocab_size 5 differs from the target's 96"),
+    (lambda c: c["config"].update(vocab_size=5),
+     "graphs.drafter.contract.config.vocab_size 5 differs from the target's 96"),
     (lambda c: c.update(head={"kind": "weird"}), "graphs.drafter.contract.head.kind 'weird' is unknown"),
     (lambda c: c.update(head={"kind": "clustered", "clusters": 4, "top_k": 2, "candidates": 8, "context": -3}),
      "graphs.drafter.contract.head.context -3 must be between 0 and 1024"),
@@ -600,8 +604,8 @@ def test_a_drafter_entry_naming_another_graph_is_refused(setup, tmp_path):
     m = json.loads((b / "edgemtp.json").read_text())
     m["graphs"]["drafter"]["file"] = m["graphs"]["target"]["file"]
     (b / "edgemtp.json").write_text(json.dumps(m))
-    with pytest.raises(EdgemtpError, match=r"target.onnx: the graph does not match its manifest contract \(the graph has "
-                                           r"no last_hidden_state"):
+    with pytest.raises(EdgemtpError, match=r"target.onnx: the graph does not match its manifest contract "
+                                           r"\(the graph has no last_hidden_state"):
         Engine.load(b, mtp=True).generate("t1 t2 t3", max_new_tokens=3, draft=Draft("mtp", 2))
 
 
@@ -875,7 +879,8 @@ def test_gemv_head_drafter_reads_the_transposed_table(setup, tmp_path):
         want = DrafterSession.load(bundle_mod.load(plain[rows])).run(last[:, None], state[:, None], cache, r)
         assert np.array_equal(got[1], want[1])  # candidate ids
         np.testing.assert_allclose(got[2], want[2], atol=1e-4, rtol=0)
-    assert (gemv["int8"] / "target.onnx.data").stat().st_size < (plain["int8"] / "target.onnx.data").stat().st_size + 64 * 64
+    assert ((gemv["int8"] / "target.onnx.data").stat().st_size
+            < (plain["int8"] / "target.onnx.data").stat().st_size + 64 * 64)
     for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
         args = ["generate", str(gemv["int8"]), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
         want = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
@@ -965,7 +970,8 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "fine"), "--init", str(tmp_path / "init"),
                                             "--accept-weight", "0.5"] + unshaped)
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "fine" / "head.safetensors").read_bytes() == (tmp_path / "init" / "head.safetensors").read_bytes()
+    assert ((tmp_path / "fine" / "head.safetensors").read_bytes()
+            == (tmp_path / "init" / "head.safetensors").read_bytes())
     assert recognises(tmp_path / "fine", model_dir)
     r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "wide"), "--init", str(tmp_path / "init"),
                                             "--intermediate", "64"] + unshaped)
@@ -1358,7 +1364,8 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
         assert r.exit_code == 0, r.output
     b = bundle_mod.load(tmp_path / "q8")
     assert b.manifest["graphs"]["drafter"]["weights"] == "int8"
-    assert (tmp_path / "q8/drafter.onnx.data").stat().st_size < 0.5 * (tmp_path / "own/drafter.onnx.data").stat().st_size
+    assert ((tmp_path / "q8/drafter.onnx.data").stat().st_size
+            < 0.5 * (tmp_path / "own/drafter.onnx.data").stat().st_size)
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q8/drafter.onnx"), load_external_data=False).graph.node]
     assert ops.count("MatMulNBits") >= 5 and ops.count("GatherBlockQuantized") == 3  # + the head context's rows
     _, cache, state = run_target(tmp_path / "fp32", ids)
@@ -1392,8 +1399,10 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
     real = ort.get_available_providers()  # on an NPU build the target runs there: MTP drafts
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["QNNExecutionProvider", *real])
     assert auto_mode(b, "qnn") == "hybrid" and auto_mode(b, "cpu") == "lookup"
-    for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"], "--drafter-quant applies to --quant int8 / int4"),
-                           (["--quant", "int8", "--drafter-quant", "int4"], "--drafter-quant 'int4' must be fp32 or int8")):
+    for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"],
+                            "--drafter-quant applies to --quant int8 / int4"),
+                           (["--quant", "int8", "--drafter-quant", "int4"],
+                            "--drafter-quant 'int4' must be fp32 or int8")):
         r = CliRunner().invoke(cli, base + ["-o", str(tmp_path / "bad"), *extra])
         assert r.exit_code == 2 and message in r.output, r.output
 
@@ -1458,6 +1467,6 @@ def test_head_tables_fitted_on_the_drafters_own_states(tiny_gemma3, tmp_path):
 
     bad = CliRunner().invoke(cli, args + ["--head-clusters", "8", "--head-top-k", "9"])
     assert bad.exit_code != 0 and "--head-top-k 9" in bad.output and "Traceback" not in bad.output
-    bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--clusters", "8", "--top-k", "2",
-                                   "--drafter", str(tmp_path)])
+    bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--clusters", "8",
+                                   "--top-k", "2", "--drafter", str(tmp_path)])
     assert bad.exit_code != 0 and "cache" in bad.output and "Traceback" not in bad.output

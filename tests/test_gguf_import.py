@@ -627,14 +627,16 @@ def test_missing_field_is_named(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     ({"llama.block_count": "thirty"}, "GGUF field llama.block_count = 'thirty' must be a whole number of at least 1"),
     ({"llama.block_count": 3}, "GGUF field llama.block_count = 3, but the file has tensors of 2 layers"),
-    ({"llama.attention.head_count": 0}, "GGUF field llama.attention.head_count = 0 must be a whole number of at least 1"),
+    ({"llama.attention.head_count": 0},
+     "GGUF field llama.attention.head_count = 0 must be a whole number of at least 1"),
     ({"llama.context_length": [1, 2]}, r"GGUF field llama.context_length = \[1, 2\] must be a whole number"),
     ({"llama.attention.layer_norm_rms_epsilon": "x"}, "layer_norm_rms_epsilon = 'x' must be a number"),
     ({"llama.rope.scaling.type": "linear"}, "GGUF field llama.rope.scaling.factor is missing"),
     ({"general.alignment": 0}, "general.alignment = 0 must be a positive whole number"),
     ({"tokenizer.ggml.bos_token_id": "one"}, "GGUF field tokenizer.ggml.bos_token_id = 'one' must be a whole number"),
     ({"tokenizer.ggml.tokens": "abc"}, "GGUF field tokenizer.ggml.tokens = 'abc' must be a non-empty list of strings"),
-    ({"tokenizer.ggml.merges": ["nospace"]}, r"GGUF field tokenizer.ggml.merges = \['nospace'\] must be a list of 'left right'"),
+    ({"tokenizer.ggml.merges": ["nospace"]},
+     r"GGUF field tokenizer.ggml.merges = \['nospace'\] must be a list of 'left right'"),
     ({"tokenizer.ggml.merges": ["zzzq qqqz"]}, "the tokenizer.ggml.\\* fields do not make a tokenizer .*zzzq"),
     # fields that disagree with the tensors: named, not a numpy error un-permuting q/k or another field blamed
     ({"llama.attention.head_count_kv": 1},
@@ -788,7 +790,8 @@ def test_default_gguf_assembly_leaves_nothing_half_written(monkeypatch, tmp_path
 
 # ---------------------------------------------------------------- slow tests: the real checkpoints
 
-CODE = 'def fibonacci(n: int) -> int:\n\t"""Return F(n)."""\n    if n < 2:\n        return n  # base\n\n\n    return fibonacci(n - 1) + fibonacci(n - 2)\r\n'
+CODE = ('def fibonacci(n: int) -> int:\n\t"""Return F(n)."""\n    if n < 2:\n        return n  # base\n\n\n'
+        '    return fibonacci(n - 1) + fibonacci(n - 2)\r\n')
 PROSE = ["The capital of France is Paris.  Two spaces, then\nnewlines\n\nand tabs\tinside.",
          "Größe, naïve café — «quotes» 日本語のテキスト, 中文, русский текст, emoji 🤖🎉 x\u00a0y",
          "   leading and trailing spaces   ", "1234567890 3.14159e-10 $100 #hashtag @user"]

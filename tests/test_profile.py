@@ -113,7 +113,8 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "afile").write_text("x")
     for args, message in (
-            (("--head", "full"), "--head full: only MTP and hybrid rows have a head, and --draft auto runs lookup here"),
+            (("--head", "full"),
+             "--head full: only MTP and hybrid rows have a head, and --draft auto runs lookup here"),
             (("--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
             (("--plot", tmp_path / "afile" / "p.png"), "--plot"),
             (("--gen-tokens", 1), "--gen-tokens 1 must be at least 2 (the first token comes from the prefill)"),

@@ -314,7 +314,8 @@ def test_frequent_rows_covering_the_vocabulary_keep_the_whole_head_8bit(rows, tm
     assert set(nbits_bits(tmp_path / "q/target.onnx")) == {8}
     q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]
     assert (q["head_bits"], q["embed_bits"], q["frequent_rows"]) == (8, 8, 0)  # the tied table: both
-    props = {p.key: p.value for p in onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).metadata_props}
+    props = {p.key: p.value
+             for p in onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).metadata_props}
     assert json.loads(props["edgemtp.quant_scheme"])["head_bits"] == 8
 
 
@@ -490,7 +491,8 @@ def test_integer_head_rescores_each_positions_top_logits_from_the_table(split):
     nodes = QN.integer_head("x", "W", "WS", parts, "row_of" if split else None, "y", "head")
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((5, k)).astype(np.float32)
@@ -517,8 +519,8 @@ def test_integer_head_rescores_each_positions_top_logits_from_the_table(split):
 def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, calib_file):
     """export --head-op integer: one MatMulIntegerToFloat head whose top logits the packed table rescores.
     On a table exact on its grids the rescored logits are fp32's, every argmax is fp32's, the columns'
-    8 bits show elsewhere; a verify window gives the single steps' argmax and rescored logits. Gemma 3's tied table split
-    into frequent 8-bit and 4-bit rows (int4); Qwen2's untied head in one 8-bit part (int8)."""
+    8 bits show elsewhere; a verify window gives the single steps' argmax and rescored logits. Gemma 3's tied
+    table split into frequent 8-bit and 4-bit rows (int4); Qwen2's untied head in one 8-bit part (int8)."""
     fp32 = make_bundle(tmp_path, kind, snapped=True, table=dual_grid)
     opts = dict(calibration=calib_file, calibration_tokens=128, **({"frequent_rows": 16} if quant == "int4" else {}))
     quantize_bundle(fp32, tmp_path / "nbits", quant, **opts)
@@ -644,7 +646,8 @@ def test_integer_layers_take_any_block_size_of_the_head(tmp_path):
     assert ops_count(tmp_path / "q", "MatMulIntegerToFloat") == 4 * 4
     assert nbits_bits(tmp_path / "q/target.onnx") == [8]  # the head, in blocks of 64
     graph = onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).graph
-    assert [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"] == [64]
+    assert [a.i for n in graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "block_size"] == [64]
     assert rel_error(all_logits(tmp_path / "q"), all_logits(fp32)) < 0.06  # int8's order, as the other layouts
 
 
@@ -847,7 +850,8 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     scratch = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".edgemtp"))  # noqa: E731
     short = tmp_path / "short.txt"
     short.write_text("t1 t2 t3")
-    for args, message in ((("--quant", "fp16", "--calibration", "none"), "--calibration applies to --quant int8 / int4"),
+    for args, message in ((("--quant", "fp16", "--calibration", "none"),
+                           "--calibration applies to --quant int8 / int4"),
                           (("--quant", "int4", "--calibration", str(short)),
                            f"--calibration {short}: 3 tokens, fewer than one window of 64"),
                           (("--quant", "int4", "--block-size", "128", "--two-pass", "none", "--head-op", "integer"),
@@ -1028,7 +1032,8 @@ def test_keep_8bit_may_name_the_head_a_checkpoint_unties(tmp_path, monkeypatch):
     import edgemtp.exporters as E
 
     model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
-    table = next(v for k, v in load_file(str(model_dir / "model.safetensors")).items() if k.endswith("embed_tokens.weight"))
+    table = next(v for k, v in load_file(str(model_dir / "model.safetensors")).items()
+                 if k.endswith("embed_tokens.weight"))
     save_file({"lm_head.weight": table + 1}, str(model_dir / "head.safetensors"))
 
     def reached(*args, **kwargs):

@@ -349,13 +349,15 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     for args, message in ((("--quant", "qdq", "--activation-bits", "4"), "--activation-bits 4 must be 8 or 16"),
                           (("--quant", "qdq", "--calibration-method", "mse"), "--calibration-method 'mse' must be"),
-                          (("--quant", "qdq", "--qdq-ops", "some"), "--qdq-ops 'some' must be one of weights, matmul, all"),
+                          (("--quant", "qdq", "--qdq-ops", "some"),
+                           "--qdq-ops 'some' must be one of weights, matmul, all"),
                           (("--quant", "int8", "--qdq-ops", "all"), "--qdq-ops applies to --quant qdq only"),
                           (("--quant", "qdq", "--calibration", "none"), "--quant qdq needs calibration text"),
                           (("--quant", "qdq", "--gptq"), "--gptq applies to --quant int8 / int4, not qdq"),
                           (("--quant", "int4", "--activation-bits", "8"), "--activation-bits applies to --quant qdq"),
                           # not "no drafter is shipped for this model": one may be, a qdq bundle leaves it out
-                          (("--quant", "qdq", "--draft-top-k", "8"), "none is attached (a --quant qdq bundle has none)")):
+                          (("--quant", "qdq", "--draft-top-k", "8"),
+                           "none is attached (a --quant qdq bundle has none)")):
         r = run(*args, "--overwrite")
         assert r.exit_code == 2 and message in r.output, (args, r.output)
     with pytest.raises(EdgemtpError, match="add --static"):

@@ -142,8 +142,8 @@ def refine_assignment(tables: HeadTables, hidden: np.ndarray, top_ids: np.ndarra
     return HeadTables(tables.centroids, ordering, mask)
 
 
-def full_head_top(hidden: np.ndarray, embed: np.ndarray, top: int = 64, block: int = 256,
-                  softcap: float | None = None, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def full_head_top(hidden: np.ndarray, embed: np.ndarray, top: int = 64, block: int = 256, softcap: float | None = None,
+                  progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The full head on [N, d] hidden states, in blocks: top ids [N, T], their probabilities [N, T]
     (best first) and the logsumexp [N] of all V logits."""
     n = len(hidden)

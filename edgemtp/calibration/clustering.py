@@ -238,7 +238,8 @@ def tiered_assign(rows: np.ndarray, groups: list[np.ndarray], sizes: np.ndarray,
             need = len(sizes) - start  # the last group takes every cluster left
         new = np.arange(start, start + need)
         cand = np.concatenate([partial, new])
-        cents = [member_means(rows, np.where(assign >= 0, assign, len(sizes)), len(sizes) + 1)[partial]] if len(partial) else []
+        cents = ([member_means(rows, np.where(assign >= 0, assign, len(sizes)), len(sizes) + 1)[partial]]
+                 if len(partial) else [])
         if need:
             cents.append(kmeans(rows[tok], need, seed + gi, sample=sample))
         cent = np.vstack(cents)

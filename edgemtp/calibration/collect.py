@@ -164,8 +164,9 @@ def head_top(hidden: np.ndarray, embed: np.ndarray, top: int, softcap: float | N
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-                                opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        opts, providers=["CPUExecutionProvider"])
     w = np.ascontiguousarray(embed, np.float32)
     ids, probs = np.empty((len(hidden), top), np.int64), np.empty((len(hidden), top), np.float32)
     for start in range(0, len(hidden), block):

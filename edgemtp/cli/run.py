@@ -161,10 +161,11 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
         raise EdgemtpError("--adaptive with --draft-k 0: adaptive drafting chooses up to --draft-k tokens a round")
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "seed") if source(n) == ParameterSource.COMMANDLINE]
+    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "seed")
+              if source(n) == ParameterSource.COMMANDLINE]
     if temperature == 0 and unused:  # greedy decoding: said once, as the output itself shows no sign of it
-        click.echo(f"warning: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at --temperature "
-                   "0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
+        click.echo(f"warning: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
+                   "--temperature 0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
     engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
                          reuse_prefix=reuse_prefix, chat_args=chat_args or None)

@@ -248,7 +248,8 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
     if where[3]:  # a --gemv-head target keeps only the transposed table
         read_transposed(graph, EMBEDDING)
     if not (Path(drafter_dir) / WEIGHTS).is_file():  # else the head tables' file would be searched for weights
-        raise EdgemtpError(f"{Path(drafter_dir) / WEIGHTS}: missing (a drafter directory needs config.json and {WEIGHTS})")
+        raise EdgemtpError(f"{Path(drafter_dir) / WEIGHTS}: missing (a drafter directory needs config.json and "
+                           f"{WEIGHTS})")
     save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding, where,
          progress)
     return {"file": name, "quant": "fp32", "contract": contract(cfg, head, head_rows)}
@@ -270,7 +271,8 @@ def write_full_head(out_dir: Path, drafter_dir: Path, entry: dict, name: str = F
     try:
         model = share_weights(graph, Path(out_dir) / entry["file"])
     except ValueError as e:
-        raise EdgemtpError(f"{drafter_dir}: the full-head graph cannot share the clustered graph's weights ({e})") from None
+        raise EdgemtpError(f"{drafter_dir}: the full-head graph cannot share the clustered graph's weights "
+                           f"({e})") from None
     onnx.save(model, str(Path(out_dir) / name))
     return {"file": name, "quant": entry["quant"], "contract": contract(cfg, None)}
 

@@ -293,9 +293,11 @@ def window_attention(b: GraphBuilder, q: str, k: str, v: str, slot: C.KVSlot, vi
     past = [b.input(name, FLOAT, ["batch", nk, capacity, d]) for name in (C.past_key(layer), C.past_value(layer))]
     new = [b.op("Transpose", b.op("Reshape", x, b.const([0, 0, nk, d], np.int64)), perm=[0, 2, 1, 3], out=name)
            for x, name in ((k, C.present_key(layer)), (v, C.present_value(layer)))]  # [B, Nk, S, D]
-    b.outputs += [_vi(C.present_key(layer), ["batch", nk, "seq", d]), _vi(C.present_value(layer), ["batch", nk, "seq", d])]
+    b.outputs += [_vi(C.present_key(layer), ["batch", nk, "seq", d]),
+                  _vi(C.present_value(layer), ["batch", nk, "seq", d])]
     axis = b.const([2], np.int64)
-    past_rows = [b.op("Unsqueeze", b.op("Slice", x, view.start, view.end, axis), axis) for x in past]  # [B, Nk, 1, T, D]
+    past_rows = [b.op("Unsqueeze", b.op("Slice", x, view.start, view.end, axis), axis)
+                 for x in past]  # [B, Nk, 1, T, D]
     new_rows = [b.op("Unsqueeze", x, axis) for x in new]  # [B, Nk, 1, S, D]
     # query head h uses KV head h // g (transformers' repeat_kv): group the heads instead of repeating K/V
     qh = b.op("Transpose", b.op("Reshape", q, b.const([0, 0, nk, g, d], np.int64)), perm=[0, 2, 3, 1, 4])

@@ -119,7 +119,8 @@ def integer_activations(x: str, name: str, passes: int = INT_PASSES) -> tuple[st
            ("Max", [n("amax"), n("tiny")], n("safe")), ("Mul", [n("safe"), n("inv_levels")], n("s1")),
            ("Div", [x, n("s1")], n("x1")), ("Round", [n("x1")], n("q1"))]  # |q1| <= 63
     for i in range(2, passes + 1):  # the residual in steps 126x finer: |q_i| <= 63
-        ops += [("Sub", [n(f"x{i - 1}"), n(f"q{i - 1}")], n(f"rest{i}")), ("Mul", [n(f"rest{i}"), n("fine")], n(f"x{i}")),
+        ops += [("Sub", [n(f"x{i - 1}"), n(f"q{i - 1}")], n(f"rest{i}")),
+                ("Mul", [n(f"rest{i}"), n("fine")], n(f"x{i}")),
                 ("Round", [n(f"x{i}")], n(f"q{i}")), ("Mul", [n(f"s{i - 1}"), n("inv_fine")], n(f"s{i}"))]
     each = range(1, passes + 1)
     ops += [("Concat", [n(f"q{i}") for i in each], n("q")), ("Add", [n("q"), n("zero")], n("shifted")),

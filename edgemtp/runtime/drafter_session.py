@@ -90,8 +90,8 @@ class DrafterSession:
         self.session.run_with_iobinding(io)
         return [o.numpy() for o in io.get_outputs()]
 
-    def step(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice,
-             full_logits: bool = True, recent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    def step(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice, full_logits: bool = True,
+             recent: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """ids [b, 1], hidden [b, 1, Hb] (queries at the rows' committed lengths), recent [b, >= 1] (see run)
         -> (draft_ids [b, 1], logits [b, 1, V] or None when not asked for, next_hidden_state [b, 1, Hb])."""
         out = self.run(ids, hidden, cache, rows, recent)

@@ -398,8 +398,8 @@ class Engine:
 
         Drafted rows are verified together through the bundle's verify graph. `--draft auto` drafts for more
         than one prompt only on an engine loaded with `fast_verify`: measured at batch 4 on Gemma 3 270M
-        (docs/measurements.md), lookup / hybrid K = 4 gave 1.48x / 1.44x plain batched decoding on code and 1.34x / 1.47x
-        on prose with it; hybrid 1.06x / 0.94x without it. Ask for a mode to draft anyway."""
+        (docs/measurements.md), lookup / hybrid K = 4 gave 1.48x / 1.44x plain batched decoding on code and
+        1.34x / 1.47x on prose with it; hybrid 1.06x / 0.94x without it. Ask for a mode to draft anyway."""
         from .drafting import NoDrafter
         from .speculative import Speculative, SpecStats
 
