@@ -49,6 +49,24 @@ def test_a_prompt_that_parts_early_reuses_only_the_common_start(engines):
     assert unrelated.tokens == fresh.generate("t8 t3 t4", 4).tokens and unrelated.stats.cached_tokens == 0
 
 
+@pytest.mark.parametrize("draft", [None, Draft("lookup", 3)], ids=["plain", "lookup"])
+def test_a_one_prompt_batch_reuses_and_keeps_as_generate_does(engines, draft):
+    """generate_batch with one prompt is a one-prompt generation: it runs over the kept cache and keeps its
+    own; a batch of several prompts neither uses nor replaces what is kept."""
+    reuse, fresh = engines
+    reuse._kept = None
+    first = reuse.generate_batch(["t3 t4 t5 t6"], 5, draft=draft)[0]
+    assert first.tokens == fresh.generate("t3 t4 t5 t6", 5).tokens and first.stats.cached_tokens == 0
+    text = f"t3 t4 t5 t6 {first.text} t7"
+    several = reuse.generate_batch([text, "t9 t8"], 5, draft=draft)
+    assert [g.tokens for g in several] == [fresh.generate(t, 5).tokens for t in (text, "t9 t8")]
+    assert several[0].stats.cached_tokens == 0
+    again = reuse.generate_batch([text], 5, draft=draft)[0]
+    assert again.tokens == several[0].tokens
+    assert again.stats.cached_tokens == len(reuse.encode("t3 t4 t5 t6")) + len(first.tokens) - 1
+    assert reuse.generate(text, 5).stats.cached_tokens == len(reuse.encode(text)) - 1  # kept by the batch
+
+
 def test_a_stream_left_early_keeps_what_it_ran(engines):
     """A consumer that stops reading a stream: the cache keeps the tokens generated so far, and the next
     prompt extending them is right."""

@@ -90,16 +90,15 @@ class Engine:
         memory-mapped weights (+7 MB). `huge_pages`: the target's weights on 2 MB pages (runtime/hugepages.py):
         decode steps ~2% faster for 0.6-3 s more at load (Gemma 3 270M fp32, row-major head; the default
         transposed head is read from the data file's mapping, and gained 0-0.4%), for long-running processes.
-        `reuse_prefix`: a one-prompt generation keeps its KV cache, and the next one whose prompt starts with
-        the same tokens (a chat's next turn, which repeats the conversation so far) runs only the rest of it
-        (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Off by
-        default so that repeated prompts measure their whole prefill. `chat_args`: variables for the chat
-        template, as apply_chat_template's keyword arguments (e.g. {"enable_thinking": False}: Qwen3's and
-        SmolLM3's thinking off). `head_huge_pages`: an fp32 bundle's head table, which every decode step reads
-        whole, is read through a mapping of the data file on 2 MB pages (Linux, on the CPU; runtime/head_pages.py):
-        decode steps up to 1.18x as fast (1.00-1.06x where the page cache already held it in large folios), the
-        table mapped once (a lower RSS); False: through ONNX Runtime's own mappings, on whatever pages the page
-        cache gives."""
+        `reuse_prefix`: a one-prompt generation (generate_batch's too) keeps its KV cache, and the next one whose prompt
+        starts with the same tokens (a chat's next turn, which repeats the conversation so far) runs only the rest of it
+        (stats.cached_tokens counts what it skipped); the cache's memory stays held between calls. Off by default so
+        that repeated prompts measure their whole prefill. `chat_args`: variables for the chat template, as
+        apply_chat_template's keyword arguments (e.g. {"enable_thinking": False}: Qwen3's and SmolLM3's thinking off).
+        `head_huge_pages`: an fp32 bundle's head table, which every decode step reads whole, is read through a mapping
+        of the data file on 2 MB pages (Linux, on the CPU; runtime/head_pages.py): decode steps up to 1.18x as fast
+        (1.00-1.06x where the page cache already held it in large folios), the table mapped once (a lower RSS); False:
+        through ONNX Runtime's own mappings, on whatever pages the page cache gives."""
         check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                          fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix,
                          head_huge_pages=head_huge_pages)
@@ -420,8 +419,23 @@ class Engine:
         ids = [self._encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
         for i, row in enumerate(ids):  # here, where the row is known: the loop's own check says "the prompt"
             check_request(row, max_new_tokens, self.capacity, self.target.contract.vocab_size, f"prompts[{i}]")
-        results = spec.generate(ids, max_new_tokens, sampling, stops, stats)
+        if len(ids) == 1 and self.reuse_prefix:  # a one-prompt generation, as generate's: it keeps its cache
+            results = self._reusing(spec, ids[0], max_new_tokens, sampling, stops, stats)
+        else:
+            results = spec.generate(ids, max_new_tokens, sampling, stops, stats)
         return [Generation(stops.cut(self._text(r.tokens)), r.tokens, stats) for r in results]
+
+    def _reusing(self, spec, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stops: Stops,
+                 stats) -> list:
+        """spec.generate for one prompt over the kept cache (reuse_prefix), keeping it again after."""
+        from .speculative import SeqResult
+
+        cache, cached = self._cache_for(prompt_ids)
+        results = [SeqResult([])]
+        with self._keeping(cache, prompt_ids, results[0].tokens):
+            for _ in spec.stream([prompt_ids], max_new_tokens, sampling, stops, stats, results, cache, cached):
+                pass
+        return results
 
     def stream(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                draft: Draft | None = None, *, stats: Stats | None = None, stop=None) -> Iterator[str]:
