@@ -1470,3 +1470,21 @@ def test_head_tables_fitted_on_the_drafters_own_states(tiny_gemma3, tmp_path):
     bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--clusters", "8",
                                    "--top-k", "2", "--drafter", str(tmp_path)])
     assert bad.exit_code != 0 and "cache" in bad.output and "Traceback" not in bad.output
+
+
+def test_drafter_files_are_readable_as_open_makes_them(setup, tmp_path):
+    """A drafter's weights and fingerprint get the umask's mode as config.json does: safetensors (0.7+)
+    writes through a private temporary file (0600), which kept a shared drafter from other users."""
+    import os
+
+    from edgemtp.drafter import FINGERPRINT, WEIGHTS, write_fingerprint
+
+    mask = os.umask(0o022)
+    try:
+        out = tmp_path / "d"
+        tiny_drafter(setup[0], out)
+        write_fingerprint(out, setup[0])
+    finally:
+        os.umask(mask)
+    modes = {name: (out / name).stat().st_mode & 0o777 for name in ("config.json", WEIGHTS, FINGERPRINT)}
+    assert modes == {"config.json": 0o644, WEIGHTS: 0o644, FINGERPRINT: 0o644}

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import EdgemtpError
 from ..exporters.components import inv_freq
-from . import WEIGHTS, DrafterConfig, load_config
+from . import WEIGHTS, DrafterConfig, as_open_makes, load_config
 
 __all__ = ["DrafterConfig", "MTPDrafter", "TargetView", "draft", "load", "load_config", "make_view", "save",
            "widen_mlp"]
@@ -219,6 +219,7 @@ def save(model: MTPDrafter, out_dir: Path, dtype=torch.float16, extra: dict | No
     (out_dir / "config.json").write_text(json.dumps({**model.cfg.to_json(), **(extra or {})}, indent=2) + "\n")
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    as_open_makes(out_dir / WEIGHTS)
 
 
 def load(drafter_dir: Path) -> MTPDrafter:
