@@ -276,6 +276,16 @@ def test_quantizing_reports_each_phase_and_counts_weight_bytes(tmp_path, calib_f
     assert len(weights) > len(inits) + 10  # reports inside matrices, not only one per initializer
 
 
+def test_fp16_progress_ends_at_its_total(tmp_path):
+    """The fp16 bar counts every initializer, inline constants too: it stopped at 182/249 on SmolLM2-135M,
+    whose last initializers are inline (they were skipped without a report)."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    calls = []
+    quantize_bundle(fp32, tmp_path / "h", "fp16", progress=lambda done, total, what: calls.append((what, done, total)))
+    weights = [(done, total) for what, done, total in calls if what == "fp16 weights"]
+    assert weights and weights[-1][0] == weights[-1][1]
+
+
 @pytest.mark.parametrize("kind", ["gemma3_text", "qwen2"])
 def test_calibrated_int4_split_table_is_exact_on_grid(kind, tmp_path, calib_file):
     """Frequent rows at 8 bits, the rest at 4 (GPTQ), permuted by frequency: same logits as fp32."""

@@ -119,6 +119,8 @@ def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, sh
         key = source_key(t)
         if key is None:
             new_inits.append(t)
+            if progress:  # an inline constant counts too: the bar ends at its total (SmolLM2's stopped at 182/249)
+                progress(i + 1, n, f"{quant} weights")
             continue
         made = shared.floats.get(key)
         if made is None:
