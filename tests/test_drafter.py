@@ -1488,3 +1488,29 @@ def test_drafter_files_are_readable_as_open_makes_them(setup, tmp_path):
         os.umask(mask)
     modes = {name: (out / name).stat().st_mode & 0o777 for name in ("config.json", WEIGHTS, FINGERPRINT)}
     assert modes == {"config.json": 0o644, WEIGHTS: 0o644, FINGERPRINT: 0o644}
+
+
+def test_train_drafter_refuses_a_model_or_bundle_as_its_output(tiny_gemma3, tmp_path):
+    """-o naming the target's own directory (or another model's, or a bundle) is refused before any work: the
+    finished drafter's config.json and model.safetensors replaced the model's own there, silently."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, model_dir, bundle_dir = tiny_gemma3
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    before = {p.name: p.read_bytes() for p in (*model.iterdir(), *bundle.iterdir()) if p.is_file()}
+    small = ["--data", "code=8", "--heldout", "code=2", "--seq-len", "12", "--steps", "1", "--batch", "2",
+             "--hidden", "16", "--layers", "1"]
+    for out, what in ((model, "model_type 'gemma3_text'"), (bundle, "an edgemtp bundle")):
+        r = CliRunner().invoke(cli, ["train-drafter", str(model), "-o", str(out), *small])
+        assert r.exit_code == 2 and f"-o {out}: " in r.output and what in r.output, r.output
+        assert "Traceback" not in r.output and not (out / "cache").exists()
+    assert before == {p.name: p.read_bytes() for p in (*model.iterdir(), *bundle.iterdir()) if p.is_file()}
+    r = CliRunner().invoke(cli, ["train-drafter", str(model), "-o", str(tmp_path / "d"), *small])
+    assert r.exit_code == 0, r.output  # a drafter's own directory: trained, then trained again in place
+    r = CliRunner().invoke(cli, ["train-drafter", str(model), "-o", str(tmp_path / "d"), *small])
+    assert r.exit_code == 0, r.output

@@ -58,6 +58,28 @@ def publish(staging: Path, out_dir: Path) -> None:
     staging.rmdir()
 
 
+def check_output(out_dir: Path) -> None:
+    """`out_dir` is new, or a drafter's (an earlier run's, --init's fine-tuned in place): the finished drafter
+    replaces its config.json and model.safetensors, which in a model directory (-o given the target's own by
+    mistake) are the model's weights, and would add a drafter and its caches among a bundle's files."""
+    from . import MODEL_TYPE
+
+    if (out_dir / "edgemtp.json").is_file():
+        raise EdgemtpError(f"-o {out_dir}: an edgemtp bundle, not a drafter directory (give the drafter a "
+                           "directory of its own, then export with --drafter)")
+    config = out_dir / "config.json"
+    if not config.is_file():
+        return
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not a drafter's either
+        kind = None
+    if kind != MODEL_TYPE:
+        raise EdgemtpError(f"-o {out_dir}: holds a model ({config}: model_type {kind!r}), not a drafter: training "
+                           "would replace its config.json and model.safetensors (give the drafter a directory "
+                           "of its own)")
+
+
 def resume_state(ckpt: Path, run: str, cfg, steps: int) -> dict:
     """The checkpoint --resume continues, checked before the target pass (minutes): there, readable, of
     this drafter's shape, and written by a run with the same options (with other data or seed it would not

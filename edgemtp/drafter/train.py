@@ -145,6 +145,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     from ..exporters.gemma3 import drafter_kv
 
     target_dir, out_dir = Path(target_dir), Path(out_dir)
+    R.check_output(out_dir)  # before any work: it would replace a model's weights
     tcfg, _ = load_config(target_dir)
     if EMBEDDING not in Checkpoint(target_dir):  # a missing or damaged weight file, before the corpora
         raise EdgemtpError(f"{target_dir}: no '{EMBEDDING}' tensor (the drafter reads the target's embedding)")
