@@ -1514,3 +1514,22 @@ def test_train_drafter_refuses_a_model_or_bundle_as_its_output(tiny_gemma3, tmp_
     assert r.exit_code == 0, r.output  # a drafter's own directory: trained, then trained again in place
     r = CliRunner().invoke(cli, ["train-drafter", str(model), "-o", str(tmp_path / "d"), *small])
     assert r.exit_code == 0, r.output
+
+
+def test_a_missing_corpus_leaves_no_output_directory(tiny_gemma3, tmp_path, monkeypatch):
+    """A corpus that is not installed (docs: python3.11-doc) is a refused run: no new -o directory left
+    behind (it held an empty cache/)."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    def missing(root=Path("/nonexistent/_sources")):
+        raise EdgemtpError(f"{root}: missing (install the reST sources: apt-get install -y python3.11-doc)")
+
+    monkeypatch.setattr(D, "docs_documents", missing)
+    out = tmp_path / "d"
+    r = CliRunner().invoke(cli, ["train-drafter", str(tiny_gemma3[1]), "-o", str(out), "--data", "docs=4",
+                                 "--heldout", "code=2", "--seq-len", "12", "--steps", "1", "--hidden", "16",
+                                 "--layers", "1"])
+    assert r.exit_code == 2 and "python3.11-doc" in r.output and "Traceback" not in r.output, r.output
+    assert not out.exists()

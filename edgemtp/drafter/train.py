@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,11 +173,17 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         check_sizes(cfg.vocab_size, head_clusters, head_top_k, flag="--head-")
     run = R.run_record(seed, data, spec, cfg)
     state = R.resume_state(out_dir / "checkpoint.pt", run, cfg, steps) if resume else None  # before the target pass
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no directory
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
-    train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache", progress)
+    try:
+        train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache", progress)
+    except EdgemtpError:  # a corpus not installed (docs: python3.11-doc) refuses the run too
+        if made:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     torch.set_num_threads(max(threads, label_threads))  # the target pass: big matmuls, no per-op stalls
     target = TargetPass(target_dir, cfg, vocab)
     caches = target_caches(target, train_ids, heldout_ids, out_dir / "cache", progress)
