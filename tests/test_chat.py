@@ -249,6 +249,19 @@ def test_chat_json_gives_one_line_per_message(chat_bundle):
         got[1]["error"].endswith("/reset starts the conversation over") and len(got) == 3
 
 
+def test_chat_json_answers_an_empty_message_with_an_error_line(chat_bundle):
+    """`chat --json` writes a line for every message read: an empty one is an {"error"} line (it was skipped
+    without one, and a program waiting for each message's line waited forever); /reset writes none."""
+    import json
+
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--json", "--max-new-tokens", "4"],
+                           input="t3\n\n   \n/reset\nt5\n")
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [sorted(g) for g in got] == [["stats", "text", "tokens"], ["error"], ["error"],
+                                        ["stats", "text", "tokens"]], r.output
+    assert got[1]["error"] == "an empty message: nothing to answer" and r.exit_code == 2
+
+
 def interrupted_once(generate, stopped: list, at: int = 2):
     """An Engine method yielding what `generate` yields, but raising KeyboardInterrupt (Ctrl-C) at its item `at`
     (the third by default) the first time (until `stopped` is cleared)."""

@@ -227,6 +227,9 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             messages = list(opening)
             continue
         if not line.strip():
+            if as_json:  # a program reads a line for each message it wrote: else it would wait forever
+                failed("an empty message: nothing to answer", as_json)
+                unanswered += 1
             continue
         messages.append({"role": "user", "content": line.rstrip("\r\n")})  # \r: a line typed on Windows
         if as_json:  # the whole reply, then one line: a reply's own newlines do not split it
