@@ -84,6 +84,16 @@ def test_sampling_flags_without_a_temperature_are_said_to_do_nothing(tiny_gemma3
     assert "warning" not in run(*args, "--temperature", 0.7, "--seed", 3).stderr
 
 
+def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_gemma3):
+    """--drafter-provider where the drafting uses no MTP drafter (lookup, or auto on a bundle without one) is
+    said on stderr to do nothing, as sampling flags at temperature 0 are (it was taken silently)."""
+    args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 4, "--drafter-provider", "cpu")
+    for mode in ("lookup", "auto"):
+        r = run(*args, "--draft", mode)
+        assert r.exit_code == 0 and r.stderr.startswith("warning: --drafter-provider has no effect: the drafting "
+                                                        "(lookup) uses no MTP drafter"), r.stderr
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--max-new-tokens", 0), "--max-new-tokens 0 must be at least 1"),
     (("--max-new-tokens", -3), "--max-new-tokens -3 must be at least 1"),

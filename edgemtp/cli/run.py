@@ -171,6 +171,8 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
                          reuse_prefix=reuse_prefix, chat_args=chat_args or None)
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
+    if draft is not None and drafter_provider is not None:
+        unused_drafter_provider(engine, draft.mode)
     given_k = source("draft_k") == ParameterSource.COMMANDLINE
     if draft is not None and engine.static and not given_k:  # the default K fits a static bundle's window:
         # a longer draft verifies in two passes (Gemma 3 270M, W = 3, hybrid: 42.6 tokens/s at K = 2, 29.2 at 4)
@@ -178,6 +180,16 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
         k = min(draft.k, engine.target.window - 1)
         draft = Draft(draft.mode, k, adaptive) if k else None
     return engine, sampling, draft
+
+
+def unused_drafter_provider(engine, mode: str) -> None:
+    """Says that --drafter-provider does nothing where the drafting runs no MTP drafter: lookup, or auto on a
+    bundle without one or on a quantized CPU target (else the flag is taken silently)."""
+    from ..runtime.engine import auto_mode
+
+    resolved = auto_mode(engine.bundle, engine.provider) if mode == "auto" else mode
+    if resolved == "lookup":
+        click.echo("warning: --drafter-provider has no effect: the drafting (lookup) uses no MTP drafter", err=True)
 
 
 @cli.command("chat")
