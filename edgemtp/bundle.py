@@ -19,7 +19,7 @@ from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
-from .scratch import held_dir
+from .scratch import as_open_makes, held_dir
 from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
@@ -69,14 +69,12 @@ def atomic_dir(out: Path, overwrite: bool = False):
             tmp = held.enter_context(held_dir(out.parent, f".{out.name}.partial-"))
         except OSError as e:
             raise EdgemtpError(f"{out}: cannot write a bundle in {out.parent} ({e.strerror})") from None
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 would keep the bundle from other users (a shared model)
+        as_open_makes(tmp)  # mkdtemp's 0700 would keep the bundle from other users (a shared model)
         try:
             yield tmp
             for f in tmp.rglob("*"):  # as open() makes them: onnxruntime's quantizer writes its data file 0600
                 if f.is_file():
-                    f.chmod(0o666 & ~mask)
+                    as_open_makes(f)
             if out.exists():
                 if not overwrite:  # made by another run since check_output: not ours to replace
                     raise EdgemtpError(f"{out}: written by another run meanwhile (use --overwrite to replace it)")

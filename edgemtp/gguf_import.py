@@ -28,7 +28,7 @@ import numpy as np
 
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import held_dir, scratch_dir
+from edgemtp.scratch import as_open_makes, held_dir, scratch_dir
 from edgemtp.tokenizer_import import write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
@@ -89,7 +89,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
             raise EdgemtpError(f"{out_dir}: cannot write a model directory in {out_dir.parent} "
                                f"({e.strerror})") from None
         try:
-            tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+            as_open_makes(tmp)  # mkdtemp makes it private; the result is an ordinary directory
             _write_json(tmp / "config.json", config)
             _write_json(tmp / "generation_config.json", generation_config(meta, config))
             if progress is not None:  # building a 262k-token tokenizer takes a few seconds: say so

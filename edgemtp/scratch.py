@@ -105,3 +105,12 @@ def _lock(path: Path) -> int | None:
         os.close(fd)
         raise
     return fd
+
+
+def as_open_makes(path: Path) -> None:
+    """`path` given the mode open() (a file) or mkdir() (a directory) would give it: mkstemp, mkdtemp and
+    safetensors (0.7+, through a private temporary file) make 0600 / 0700, which would keep a bundle, a
+    drafter or a model directory from other users (a shared models directory)."""
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgemtpError
+from ..scratch import as_open_makes
 from .centroids import full_head_top, in_domain, packed_tables, predicted_mass
 from .clustering import HeadTables, check_sizes, cluster_vocab
 from .collect import POSITIONS, TOP, Progress, collect_calibration, head_top
@@ -115,9 +116,7 @@ def save_head(out_dir: Path, tables: HeadTables, meta: dict) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would keep the tables from other users
+        as_open_makes(Path(tmp))  # mkstemp's 0600 would keep the tables from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

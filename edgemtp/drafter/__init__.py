@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 from ..config import SLIDING, Rope, TextConfig
 from ..errors import EdgemtpError
 from ..manifest_graphs import whole
+from ..scratch import as_open_makes
 
 MODEL_TYPE = "edgemtp_mtp_drafter"
 WEIGHTS = "model.safetensors"
@@ -144,16 +144,9 @@ def write_fingerprint(drafter_dir: Path, target_dir: Path) -> Path:
     rows = Checkpoint(Path(target_dir)).rows(EMBEDDING, ids)
     path = Path(drafter_dir) / FINGERPRINT
     save_file({"ids": ids, "rows": rows.astype(np.float16)}, str(path))
-    as_open_makes(path)
+    as_open_makes(path)  # safetensors writes 0600
     return path
 
-
-def as_open_makes(path: Path) -> None:
-    """`path` given the mode open() gives a new file: safetensors (0.7+) writes through a private temporary
-    file, 0600, which would keep a drafter from other users (a shared models directory)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def recognises(drafter_dir: Path, target_dir: Path) -> bool:

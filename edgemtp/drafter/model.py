@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import EdgemtpError
 from ..exporters.components import inv_freq
-from . import WEIGHTS, DrafterConfig, as_open_makes, load_config
+from ..scratch import as_open_makes
+from . import WEIGHTS, DrafterConfig, load_config
 
 __all__ = ["DrafterConfig", "MTPDrafter", "TargetView", "draft", "load", "load_config", "make_view", "save",
            "widen_mlp"]
