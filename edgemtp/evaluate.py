@@ -7,10 +7,10 @@ every scored position we compare the quantized model's next-token distribution Q
 reference's P: KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)), and whether their argmax agrees.
 
 Windows: the text is tokenized once (no special tokens) and cut into consecutive windows of
-`window - 1` tokens, each preceded by BOS when the model has one (a fresh KV cache per window, like
-independent documents). Every token that has at least one token before it in its window is scored.
-A window runs through the target in pieces of `step` positions: logits over a 262k vocab cost
-1 MB per position, so a whole 512-token window at once would hold half a gigabyte.
+`window - 1` tokens, each preceded by BOS where the tokenizer puts one before a text (leading_bos; a fresh
+KV cache per window, like independent documents); else of `window` tokens. Every token that has at least one
+token before it in its window is scored. A window runs through the target in pieces of `step` positions: logits
+over a 262k vocab cost 1 MB per position, so a whole 512-token window at once would hold half a gigabyte.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
         window = min([DEFAULT_WINDOW] + [e.capacity for e in (engine, ref) if e is not None])
     _check_window(window, step, engine, ref)
     tokens = engine.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
-    bos = engine.bundle.model.get("bos_token_id")
+    bos = leading_bos(engine.tokenizer)
     if len(tokens) < (1 if bos is not None else 2):  # a token is scored when something comes before it
-        why = "" if bos is not None else " (this model has no BOS token: the first is not scored)"
+        why = "" if bos is not None else " (this model's tokenizer puts no BOS before a text: the first is not " \
+            "scored)"
         raise EdgemtpError(f"{text_name} has {len(tokens)} token(s) to score"
                            f"{' (--max-tokens)' * (max_tokens is not None)}; "
                            f"perplexity needs at least {1 if bos is not None else 2}{why}")
@@ -80,6 +81,16 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     for win in windows:
         _score_window(np.asarray(win, np.int64), engine, ref, step, tally)
     return _summary(tally, len(windows), window, ref is not None)
+
+
+def leading_bos(tokenizer) -> int | None:
+    """The token the tokenizer puts before a text (as generate's prompts get it), or None where it puts none. Not
+    the config's bos_token_id: SmolLM2's names <|im_start|>, which its tokenizer never adds, and scoring every
+    window after it measured a text the model does not see (transformers' and llama.cpp's perplexity add a BOS
+    only where the tokenizer does)."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    ids = tokenizer.encode("a").ids
+    return ids[0] if len(ids) > len(plain) and ids[1:1 + len(plain)] == plain else None
 
 
 def text_windows(tokens: list[int], window: int, bos: int | None) -> list[list[int]]:

@@ -26,7 +26,7 @@ from edgemtp import bundle as bundle_mod  # noqa: E402
 from edgemtp.checkpoint import Checkpoint  # noqa: E402
 from edgemtp.calibration import activations as A  # noqa: E402
 from edgemtp.errors import EdgemtpError  # noqa: E402
-from edgemtp.evaluate import evaluate, kl_divergence, text_windows  # noqa: E402
+from edgemtp.evaluate import evaluate, kl_divergence, leading_bos, text_windows  # noqa: E402
 from edgemtp.exporters import builder, export  # noqa: E402
 from edgemtp.exporters.quantize import (_Reader, check_options, dequantize_rows, quantize_bundle,  # noqa: E402
                                         load_fp32_graph, quantize_graph, quantize_rows, scheme)
@@ -923,9 +923,29 @@ def as_text(ids) -> str:
     return " ".join(f"t{i}" for i in ids)  # the tiny models' word-level tokenizer
 
 
+@pytest.fixture(scope="module")
+def with_bos(gemma, tmp_path_factory):
+    """The fp32 tiny bundle with a tokenizer that puts t2 (the config's bos_token_id) before a text."""
+    out = tmp_path_factory.mktemp("bos") / "b"
+    shutil.copytree(gemma["fp32"], out)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    tok["post_processor"] = {"type": "TemplateProcessing",
+                             "single": [{"SpecialToken": {"id": "t2", "type_id": 0}},
+                                        {"Sequence": {"id": "A", "type_id": 0}}],
+                             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                             "special_tokens": {"t2": {"id": "t2", "ids": [2], "tokens": ["t2"]}}}
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    manifest = json.loads((out / "edgemtp.json").read_text())
+    bundle_mod.write_manifest(out, {k: v for k, v in manifest.items() if k not in ("format", "schema_version",
+                                                                                      "files")})
+    return out
+
+
 def reference_perplexity(bundle_dir, tokens: list[int], window: int) -> float:
     """Straight from the graph's logits of each whole window: exp(mean NLL of every predicted token)."""
-    bos = bundle_mod.load(bundle_dir).model["bos_token_id"]
+    from tokenizers import Tokenizer
+
+    bos = leading_bos(Tokenizer.from_file(str(bundle_dir / "tokenizer.json")))
     nll = []
     for win in text_windows(tokens, window, bos):
         logits = all_logits(bundle_dir, np.array([win]))[0].astype(np.float64)
@@ -935,11 +955,16 @@ def reference_perplexity(bundle_dir, tokens: list[int], window: int) -> float:
     return float(np.exp(np.mean(nll)))
 
 
-def test_perplexity_equals_numpy_reference(gemma):
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+def test_perplexity_equals_numpy_reference(gemma, with_bos, bos):
+    """Windows start with the BOS the tokenizer puts before a text, and without one where it puts none (the
+    config's bos_token_id, t2 here, is no BOS the model sees then: SmolLM2's names <|im_start|>)."""
+    bundle = with_bos if bos else gemma["fp32"]
     tokens = list(np.random.default_rng(3).integers(3, 96, size=70))
-    r = evaluate(gemma["fp32"], as_text(tokens), window=16, step=5)  # pieces that straddle windows
-    assert r["tokens"] == 70 and r["windows"] == 5  # 15 text tokens per window after BOS
-    assert r["perplexity"] == pytest.approx(reference_perplexity(gemma["fp32"], tokens, 16), rel=1e-5)
+    r = evaluate(bundle, as_text(tokens), window=16, step=5)  # pieces that straddle windows
+    # 15 text tokens per window after BOS, each scored; else 16, all but the first scored
+    assert (r["tokens"], r["windows"]) == ((70, 5) if bos else (65, 5))
+    assert r["perplexity"] == pytest.approx(reference_perplexity(bundle, tokens, 16), rel=1e-5)
     assert "kl_mean" not in r
 
 
@@ -963,17 +988,21 @@ def test_windows_start_with_bos_and_drop_empty_tails():
     assert text_windows([5, 6, 7], 2, bos=None) == [[5, 6]]  # a lone 7 predicts nothing
 
 
-def test_a_lone_token_after_bos_is_scored(gemma):
-    """With a BOS before it, a text's first token is predicted too: one token is a text to score."""
-    r = evaluate(gemma["fp32"], "t5")
+def test_a_lone_token_after_bos_is_scored(gemma, with_bos):
+    """With a BOS before it, a text's first token is predicted too: one token is a text to score; without
+    one it is not."""
+    r = evaluate(with_bos, "t5")
     assert r["tokens"] == 1 and r["windows"] == 1
-    assert r["perplexity"] == pytest.approx(reference_perplexity(gemma["fp32"], [5], 16), rel=1e-5)
-    assert evaluate(gemma["fp32"], "t5 t6 t7", max_tokens=1)["perplexity"] == pytest.approx(r["perplexity"])
+    assert r["perplexity"] == pytest.approx(reference_perplexity(with_bos, [5], 16), rel=1e-5)
+    assert evaluate(with_bos, "t5 t6 t7", max_tokens=1)["perplexity"] == pytest.approx(r["perplexity"])
+    with pytest.raises(EdgemtpError, match="the text has 1 token\\(s\\) to score; perplexity needs at least 2 "
+                                           "\\(this model's tokenizer puts no BOS before a text"):
+        evaluate(gemma["fp32"], "t5")
 
 
-def test_evaluate_errors(gemma, tmp_path):
+def test_evaluate_errors(gemma, with_bos, tmp_path):
     with pytest.raises(EdgemtpError, match="the text has 0 token\\(s\\) to score; perplexity needs at least 1"):
-        evaluate(gemma["fp32"], "")
+        evaluate(with_bos, "")
     with pytest.raises(EdgemtpError, match="max_tokens=0 must be a whole number of at least 1"):
         evaluate(gemma["fp32"], "t5", max_tokens=0)
     with pytest.raises(EdgemtpError, match="window=65 exceeds the KV capacity 64"):
