@@ -799,3 +799,19 @@ def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
     r = subprocess.run([sys.executable, "-c", block, "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
                         "--max-new-tokens", "3", "--json"], capture_output=True, text=True)
     assert r.returncode == 0 and len(json.loads(r.stdout)["tokens"]) == 3, r.stderr
+
+
+def test_commands_run_without_a_home_directory(tiny_gemma3):
+    """A service account in a container may have no home: no HOME, no passwd entry (Path.home() raises). Only
+    quickstart's default --workdir needs one; it was worked out when the CLI was imported, so every command
+    (generate, info, --help) failed with a traceback."""
+    block = ("import os, pwd, sys; os.environ.pop('HOME', None); os.environ.pop('XDG_CACHE_HOME', None); "
+             "pwd.getpwuid = lambda uid: (_ for _ in ()).throw(KeyError(uid)); "
+             "from edgemtp.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", block, "info", str(tiny_gemma3[2]), "--json"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["verified"], r.stderr
+    r = subprocess.run([sys.executable, "-c", block, "quickstart", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "~/.cache/edgemtp" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-c", block, "quickstart"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: --workdir: no home directory"), r.stderr
