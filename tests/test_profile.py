@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -323,3 +325,15 @@ def _touch_and_free(mb: int) -> float:
     del a
     m.close()
     return peak
+
+
+def test_profile_imports_without_the_resource_module():
+    """Windows has no `resource` module (nor /proc): the profile module imported it at the top, so `edgemtp
+    profile` failed at once there. Its peak is then unknown: 0."""
+    code = ("import sys; sys.modules['resource'] = None\n"
+            "import edgemtp.runtime.profile as prof\n"
+            "def no_proc(): raise FileNotFoundError(2, 'No such file or directory', '/proc/self/status')\n"
+            "prof._proc_status_kib = no_proc\n"
+            "print(prof.peak_rss_mb(), prof.reset_peak_rss())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["0.0", "False"], r.stderr

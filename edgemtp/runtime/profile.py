@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import itertools
 import os
-import resource
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,11 @@ from .engine import Draft, Engine
 from .sampling import Sampling
 from .session import PROVIDERS
 from .speculative import SpecStats, Speculative
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 SCHEMA_VERSION = 1
 
@@ -229,6 +233,8 @@ def peak_rss_mb() -> float:
         return _proc_status_kib()["VmHWM"] / 1024
     except (OSError, KeyError):
         pass
+    if resource is None:  # no /proc and no getrusage (Windows): not measured
+        return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
