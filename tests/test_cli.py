@@ -815,3 +815,19 @@ def test_commands_run_without_a_home_directory(tiny_gemma3):
     assert r.returncode == 0 and "~/.cache/edgemtp" in r.stdout, r.stderr
     r = subprocess.run([sys.executable, "-c", block, "quickstart"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: --workdir: no home directory"), r.stderr
+
+
+def test_streaming_to_a_legacy_encoding_does_not_stop(tiny_gemma3):
+    """Output in an encoding that lacks a character the model writes (Windows' cp1252 when generate's output
+    is redirected, a Latin-1 locale) shows it as "?": the stream went on to a UnicodeEncodeError traceback."""
+    code = ("import edgemtp.runtime.engine as e\n"
+            "real = e.Engine.stream\n"
+            "def stream(self, *a, **k):\n"
+            "    yield 'caf\\u00e9 \\u65e5\\u672c '\n"
+            "    yield from real(self, *a, **k)\n"
+            "e.Engine.stream = stream\n"
+            "from edgemtp.cli import main; main()")
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    r = subprocess.run([sys.executable, "-c", code, "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
+                        "--max-new-tokens", "3"], capture_output=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith(b"caf\xe9 ?? "), r.stderr.decode()

@@ -7,7 +7,9 @@ command imports what it needs when it runs."""
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 
 from . import build, measure, run  # noqa: F401  each registers its commands on the group
 from .base import cli, exit_on_sigterm
@@ -22,5 +24,10 @@ def main():
     # warning about it to every command's stderr. The command turns it off unless the user set the variable
     # (read when onnxruntime loads: nothing has imported it yet); an app embedding the runtime decides itself.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    # Output in an encoding that lacks a character the model writes (Windows' cp1252 when the output is
+    # redirected, a Latin-1 locale) shows it as "?", not a UnicodeEncodeError in the middle of a stream.
+    # UTF-8 output, which encodes any text, is unchanged.
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="replace")
     with exit_on_sigterm():
         cli(prog_name="edgemtp")
