@@ -411,3 +411,12 @@ def test_chat_args_are_template_variables_as_transformers_passes_them(chat_bundl
     with pytest.raises(EdgemtpError, match="chat_args \\(--chat-arg\\) set chat template variables, and the bundle "
                                            "has no chat template"):
         Engine.load(tiny_gemma3[2], chat_args={"mood": 3})
+
+
+def test_chat_with_a_closed_standard_input_ends(chat_bundle):
+    """A chat started with its standard input closed (sys.stdin None: a service's, pythonw's on Windows) ends as
+    at the end of its input; it stopped with an AttributeError traceback."""
+    code = "import sys; sys.stdin = None; from edgemtp.cli import main; main()"
+    r = subprocess.run([sys.executable, "-c", code, "chat", str(chat_bundle)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr

@@ -831,3 +831,12 @@ def test_streaming_to_a_legacy_encoding_does_not_stop(tiny_gemma3):
     r = subprocess.run([sys.executable, "-c", code, "generate", str(tiny_gemma3[2]), "--prompt", "t1 t2",
                         "--max-new-tokens", "3"], capture_output=True, env=env)
     assert r.returncode == 0 and r.stdout.startswith(b"caf\xe9 ?? "), r.stderr.decode()
+
+
+def test_a_closed_standard_input_is_an_empty_one(tiny_gemma3):
+    """Started with its standard input closed (a service's, pythonw's on Windows), Python's sys.stdin is None:
+    --prompt-file - said so with an AttributeError traceback."""
+    code = "import sys; sys.stdin = None; from edgemtp.cli import main; main()"
+    r = subprocess.run([sys.executable, "-c", code, "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: --prompt-file -: standard input is empty\n", r.stderr

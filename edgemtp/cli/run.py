@@ -324,7 +324,7 @@ def failed(error, as_json: bool) -> None:
 
 def stdin_is_terminal() -> bool:
     """Whether a person types the chat's input (a test stands in for one by replacing this)."""
-    return sys.stdin.isatty()
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
@@ -352,6 +352,8 @@ def _has_text(text: str, what: str) -> str:
 def stdin_text(read, flag: str) -> str:
     """`read(stream)` of standard input as text, bytes that are not UTF-8 named by `flag`: read as bytes, since
     a text stdin in a strict UTF-8 locale raises UnicodeDecodeError from the read itself."""
+    if sys.stdin is None:  # started with it closed (a service, pythonw on Windows): read as at its end
+        return ""
     raw = getattr(sys.stdin, "buffer", None)
     if raw is None:  # a stream of text only (an app's or a test's)
         return utf8(read(sys.stdin), flag)
