@@ -337,3 +337,17 @@ def test_profile_imports_without_the_resource_module():
             "print(prof.peak_rss_mb(), prof.reset_peak_rss())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.split() == ["0.0", "False"], r.stderr
+
+
+def test_the_default_text_where_the_standard_library_has_no_source(monkeypatch, tmp_path):
+    """The default profile text is the standard library's source: an embedded Python (Windows' embeddable
+    package: .pyc files in python3XX.zip) has none to read, and profile stopped with a FileNotFoundError
+    traceback after loading the bundle. It names --text-file instead."""
+    import json.decoder
+
+    from edgemtp.errors import EdgemtpError
+    from edgemtp.runtime import profile as prof
+
+    monkeypatch.setattr(json.decoder, "__file__", str(tmp_path / "python311.zip" / "json" / "decoder.pyc"))
+    with pytest.raises(EdgemtpError, match="give --text-file"):
+        prof.prompt_ids(None, 8, None)

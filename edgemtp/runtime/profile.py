@@ -80,7 +80,11 @@ def prompt_ids(engine: Engine, n: int, text: str | None, offset: int = 0) -> lis
         import inspect
         import json.decoder
 
-        text = "".join(Path(m.__file__).read_text(encoding="utf-8") for m in (inspect, json.decoder, statistics))
+        try:
+            text = "".join(Path(m.__file__).read_text(encoding="utf-8") for m in (inspect, json.decoder, statistics))
+        except (OSError, UnicodeDecodeError):  # an embedded Python's library, compiled only (in a zip: Windows')
+            raise EdgemtpError("the default prompt text, the Python standard library's source, is not installed "
+                               "here: give --text-file") from None
     ids = engine.encode(text)
     if len(ids) < n + offset:
         ids = ids * (1 + (n + offset) // max(1, len(ids)))
