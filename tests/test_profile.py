@@ -351,3 +351,20 @@ def test_the_default_text_where_the_standard_library_has_no_source(monkeypatch, 
     monkeypatch.setattr(json.decoder, "__file__", str(tmp_path / "python311.zip" / "json" / "decoder.pyc"))
     with pytest.raises(EdgemtpError, match="give --text-file"):
         prof.prompt_ids(None, 8, None)
+
+
+def test_a_trace_needs_no_temporary_directory(tiny_gemma3, tmp_path, monkeypatch):
+    """--trace's directory is checked writable before the run; ONNX Runtime's own trace file went to the
+    system's temporary directory, which a container with a read-only file system may not have (tempfile's
+    FileNotFoundError, a traceback after the whole profile). It goes beside the trace."""
+    import tempfile
+
+    from edgemtp.cli.measure import _traced_engine
+    from edgemtp.runtime import profile_report as report
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    out = tmp_path / "trace.json"
+    table = report.write_trace(lambda prefix: _traced_engine(tiny_gemma3[2], "cpu", None, prefix),
+                               lambda e: e.generate("t1 t2", max_new_tokens=2), out)
+    assert "GroupQueryAttention" in table and isinstance(json.loads(out.read_text()), list)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]

@@ -113,7 +113,8 @@ def _mode(s: dict) -> str:
 def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:
     """Runs `run(engine)` with ONNX Runtime's profiler on; writes the Chrome trace to `out` and
     returns a top-N ops table (total ms by op type)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    # beside `out`, which the command checked writable: a read-only container may have no temporary directory
+    with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".edgemtp-trace-") as tmp:
         engine = engine_factory(str(Path(tmp) / "ort"))
         run(engine)
         produced = engine.target.session.end_profiling()
