@@ -236,7 +236,18 @@ def test_pmd_mapped_sums_the_mappings_overlapping_the_range(monkeypatch):
              "FilePmdMapped:      4096 kB\n"
              "9000-a000 r--p 00000000 08:01 13 /other\n"
              "FilePmdMapped:      8192 kB\n")
-    monkeypatch.setattr(HP, "open", lambda *_: io.StringIO(smaps), raising=False)
+    monkeypatch.setattr(HP, "open", lambda *_, **__: io.StringIO(smaps), raising=False)
     assert HP.pmd_mapped(0x2000, 0x4000) == (2048 + 4096) * 1024
     assert HP.pmd_mapped(0x3000, 0x9000) == 4096 * 1024
     assert HP.pmd_mapped(0x5000, 0x9000) == 0
+
+
+def test_pmd_mapped_reads_smaps_whatever_the_mapped_files_are_named(monkeypatch):
+    """smaps names each mapped file by its bytes: one whose name is not UTF-8 made every count 0 (the table
+    then read again from the disk to no end)."""
+    smaps = (b"1000-3000 r--s 00000000 08:01 12 /data\n"
+             b"FilePmdMapped:      2048 kB\n"
+             b"9000-a000 r--p 00000000 08:01 13 /caf\xe9\n"
+             b"FilePmdMapped:      8192 kB\n")
+    monkeypatch.setattr(HP, "open", lambda _, **kw: io.TextIOWrapper(io.BytesIO(smaps), **kw), raising=False)
+    assert HP.pmd_mapped(0x1000, 0xa000) == (2048 + 8192) * 1024

@@ -112,3 +112,18 @@ def test_engine_on_huge_pages_computes_the_same(gemma3_270m_bundle):
         logits.append(engine.target.forward(np.array([[9079]]), cache)[0])
         del engine, cache
     np.testing.assert_array_equal(logits[0], logits[1])
+
+
+@linux
+def test_regions_are_read_whatever_the_mapped_files_are_named(tmp_path):
+    """/proc/self/maps names each mapped file by its bytes: a name that is not UTF-8 (a file system's names are
+    any bytes) stopped Engine.load(huge_pages=True) with a UnicodeDecodeError."""
+    import mmap
+    import os
+
+    path = os.path.join(os.fsencode(tmp_path), b"caf\xe9.bin")  # Latin-1, not UTF-8
+    with open(path, "wb") as f:
+        f.write(b"\0" * mmap.PAGESIZE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ):
+        regions = H.anonymous_regions()
+    assert regions and all(start < end for start, end in regions)

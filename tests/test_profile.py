@@ -368,3 +368,14 @@ def test_a_trace_needs_no_temporary_directory(tiny_gemma3, tmp_path, monkeypatch
                                lambda e: e.generate("t1 t2", max_new_tokens=2), out)
     assert "GroupQueryAttention" in table and isinstance(json.loads(out.read_text()), list)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.json"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux's")
+def test_peak_rss_whatever_the_process_is_named():
+    """/proc/self/status names the process by its bytes (an app's name, cut to 15 bytes, maybe within a
+    character): one that is not UTF-8 stopped the profile with a UnicodeDecodeError."""
+    code = ("import ctypes; ctypes.CDLL(None).prctl(15, b'caf\\xe9')  # PR_SET_NAME\n"
+            "from edgemtp.runtime import profile as prof\n"
+            "print(prof.reset_peak_rss() in (True, False), prof.peak_rss_mb() > 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True"], r.stderr

@@ -160,7 +160,7 @@ def pmd_mapped(start: int, end: int) -> int:
     FilePmdMapped of the mappings overlapping it: a range advised apart is a mapping of its own)."""
     total, inside = 0, False
     try:
-        with open("/proc/self/smaps") as f:
+        with open("/proc/self/smaps", errors="replace") as f:  # a mapped file's name is any bytes, not UTF-8
             for line in f:
                 fields = line.split()
                 if len(fields) >= 5 and "-" in fields[0]:

@@ -33,7 +33,7 @@ def anonymous_regions() -> Regions:
     if not sys.platform.startswith("linux"):
         return regions
     try:
-        with open("/proc/self/maps") as f:
+        with open("/proc/self/maps", errors="replace") as f:  # a mapped file's name is any bytes, not UTF-8
             lines = f.readlines()
     except OSError:
         return regions

@@ -226,7 +226,8 @@ def reset_peak_rss() -> bool:
 
 def _proc_status_kib() -> dict[str, int]:
     out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    # its Name: line is the process's name as bytes (cut to 15, maybe within a character), not UTF-8 text
+    for line in Path("/proc/self/status").read_text(errors="replace").splitlines():
         if line.startswith(("VmHWM:", "VmRSS:")):
             out[line.split(":")[0]] = int(line.split()[1])
     return out
