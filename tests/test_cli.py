@@ -211,6 +211,20 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_prompt_piped_or_named_is_the_same_text(tmp_path, monkeypatch):
+    """--prompt-file - reads the bytes a file holds; a named file is read with universal newlines (\\r\\n and \\r
+    as \\n): a CRLF file piped kept its \\r, and the same text gave another prompt."""
+    import io
+
+    from edgemtp.cli.run import read_prompt
+
+    data = "def f():\r\n    return 1\rend\n".encode()
+    (tmp_path / "p.txt").write_bytes(data)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    piped = read_prompt(None, Path("-"))
+    assert piped == read_prompt(None, tmp_path / "p.txt") == "def f():\n    return 1\nend\n"
+
+
 def test_runtime_imports_no_torch_nor_the_exporter_s_packages():
     code = ("import sys, edgemtp.runtime.engine, edgemtp.runtime.target; "
             "bad = [m for m in ('torch', 'transformers', 'sklearn', 'onnx', 'safetensors', 'gguf') "

@@ -331,7 +331,10 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
     if (prompt is None) == (prompt_file is None):
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
-        return _has_text(stdin_text(lambda f: f.read(), file_flag + " -"), f"{file_flag} -: standard input")
+        text = stdin_text(lambda f: f.read(), file_flag + " -")
+        # newlines as a named file's read_text gives them (\r\n and \r as \n): the same text piped or named
+        # is the same prompt
+        return _has_text(text.replace("\r\n", "\n").replace("\r", "\n"), f"{file_flag} -: standard input")
     if prompt_file is not None:
         try:
             text = prompt_file.read_text(encoding="utf-8")
