@@ -262,6 +262,25 @@ def test_chat_json_answers_an_empty_message_with_an_error_line(chat_bundle):
     assert got[1]["error"] == "an empty message: nothing to answer" and r.exit_code == 2
 
 
+def test_chat_commands_help_and_a_mistyped_one(chat_bundle):
+    """/help (or /?) lists the commands; a mistyped one (one word after a slash) is an error, not a message for
+    the model; a message starting with a path is sent as typed. With --json each gets its line."""
+    import json
+
+    from edgemtp.cli.run import CHAT_HELP
+
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "4"],
+                           input="/help\n/clear\n/t3/t4 t5\n/exit\n")
+    assert r.stdout.startswith(CHAT_HELP + "\n") and r.exit_code == 2, r.output
+    assert r.stderr.splitlines()[0] == f"error: unknown command /clear ({CHAT_HELP})", r.stderr
+    assert "[prefill" in r.stderr  # the path-like message was answered
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--json", "--max-new-tokens", "4"],
+                           input="/?\n/clear\nt3\n")
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [sorted(g) for g in got] == [["help"], ["error"], ["stats", "text", "tokens"]], r.output
+    assert got[0]["help"] == CHAT_HELP and got[1]["error"].startswith("unknown command /clear")
+
+
 def interrupted_once(generate, stopped: list, at: int = 2):
     """An Engine method yielding what `generate` yields, but raising KeyboardInterrupt (Ctrl-C) at its item `at`
     (the third by default) the first time (until `stopped` is cleared)."""

@@ -210,7 +210,8 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
 
     The conversation goes through the model's chat template, and each turn runs only its new tokens (the
     engine keeps the conversation's KV cache: reuse_prefix). /reset starts over, /exit or the end of the
-    input ends. A reply may hold newlines: a program reading the replies asks for --json, one line each."""
+    input ends, /help lists the commands. A reply may hold newlines: a program reading the replies asks for
+    --json, one line each."""
     from ..runtime.engine import new_stats
     from ..runtime.target import CapacityError
 
@@ -237,6 +238,13 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             break
         if line.strip() == "/reset":
             messages = list(opening)
+            continue
+        if line.strip() in ("/help", "/?"):
+            click.echo(json.dumps({"help": CHAT_HELP}) if as_json else CHAT_HELP)
+            continue
+        if UNKNOWN_COMMAND.fullmatch(line.strip()):  # a mistyped command is no message for the model
+            failed(f"unknown command {line.strip()} ({CHAT_HELP})", as_json)
+            unanswered += 1
             continue
         if not line.strip():
             if as_json:  # a program reads a line for each message it wrote: else it would wait forever
@@ -306,6 +314,12 @@ def json_reply(engine, messages: list, max_new_tokens: int, sampling, draft, int
         gen.stats.stop_reason = "interrupted"
     gen.text = engine.decode(gen.tokens)
     return gen
+
+
+CHAT_HELP = "/reset starts the conversation over, /exit or /quit ends it, /help says this"
+# one word after a slash (/help, /clear): a command; a message may start with a slash otherwise ("/etc/hosts is
+# empty, why?"), and goes to the model as typed
+UNKNOWN_COMMAND = re.compile(r"/[A-Za-z?][\w-]*")
 
 
 def no_room(error: Exception, messages: list, opening: list) -> str:
