@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
-from .scratch import as_open_makes, held_dir
+from .scratch import as_open_makes, held_dir, replace_dir
 from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
@@ -75,11 +74,12 @@ def atomic_dir(out: Path, overwrite: bool = False):
             for f in tmp.rglob("*"):  # as open() makes them: onnxruntime's quantizer writes its data file 0600
                 if f.is_file():
                     as_open_makes(f)
-            if out.exists():
-                if not overwrite:  # made by another run since check_output: not ours to replace
-                    raise EdgemtpError(f"{out}: written by another run meanwhile (use --overwrite to replace it)")
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            if out.exists() and not overwrite:  # made by another run since check_output: not ours to replace
+                raise EdgemtpError(f"{out}: written by another run meanwhile (use --overwrite to replace it)")
+            try:
+                replace_dir(tmp, out, f".{out.name}.partial-")
+            except OSError as e:  # the old bundle is left as it was
+                raise EdgemtpError(f"{out}: cannot replace it ({e.strerror or e}; is it in use?)") from None
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import as_open_makes, held_dir, scratch_dir
+from edgemtp.scratch import as_open_makes, held_dir, replace_dir, scratch_dir
 from edgemtp.tokenizer_import import write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
@@ -102,7 +102,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
                 write_safetensors(tmp / "model.safetensors", plan, progress)
             except EdgemtpError as e:  # a tensor it cannot dequantize: named with the file it is in
                 raise EdgemtpError(f"{gguf_path}: {e}") from None
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir, f".{out_dir.name}.", ".partial")
         except BaseException:  # Ctrl-C included: leave nothing half-written behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -529,17 +529,6 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise EdgemtpError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise EdgemtpError(f"{out_dir}: directory is not empty (choose another output directory)")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename `tmp` to `out_dir`; a previous `out_dir` is moved aside first and removed after."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, obj) -> None:

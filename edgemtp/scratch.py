@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -114,3 +115,21 @@ def as_open_makes(path: Path) -> None:
     mask = os.umask(0)  # the only way to read it; set back at once
     os.umask(mask)
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
+
+
+def replace_dir(new: Path, out: Path, prefix: str, suffix: str = "") -> None:
+    """Renames directory `new` to `out`. A previous `out` is renamed aside first and removed last, so that a
+    failure on the way (its files in use on Windows, a permission) leaves it whole: removed first, it could be
+    left half removed. Aside it is named as held_dir(out.parent, prefix, suffix) names directories, so that one
+    a killed run left there goes at the next run."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)  # back in its place
+        raise
+    shutil.rmtree(old, ignore_errors=True)

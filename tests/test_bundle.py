@@ -1087,6 +1087,42 @@ def test_a_bundle_written_meanwhile_by_another_run_is_not_replaced(tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine"]
 
 
+def test_an_overwrite_that_fails_leaves_the_old_bundle_whole(tmp_path, monkeypatch):
+    """--overwrite renames the old bundle aside and removes it last: a rename that fails (its files in use on
+    Windows, a permission) leaves it whole and in place, where it was removed first; one left aside by a killed
+    run goes at the next export, as a killed export's directory does."""
+    import os
+    import time
+
+    from edgemtp import scratch
+    from edgemtp.bundle import atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("edgemtp.json", "target.onnx"):
+        (out / name).write_text("old")
+    real, calls = os.replace, []
+
+    def failing(src, dst):  # the second rename (new bundle into place) fails
+        calls.append(dst)
+        if len(calls) == 2:
+            raise PermissionError(13, "Permission denied")
+        return real(src, dst)
+    monkeypatch.setattr(scratch.os, "replace", failing)
+    with pytest.raises(EdgemtpError, match="out: cannot replace it \\(Permission denied; is it in use\\?\\)"):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "edgemtp.json").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing aside, no partial directory
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"edgemtp.json": "old", "target.onnx": "old"}
+    monkeypatch.setattr(scratch.os, "replace", real)
+    aside = tmp_path / ".out.partial-abcd1234"  # a killed run's, between its two renames
+    aside.mkdir()
+    os.utime(aside, (time.time() - 3600,) * 2)
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "edgemtp.json").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and [p.name for p in out.iterdir()] == ["edgemtp.json"]
+
+
 def test_ministral3_rope_defaults_where_config_has_none():
     """Ministral3Config fills in its YaRN (theta 1e6, factor 16 over 16384 positions, llama_4_scaling_beta 0.1)
     where config.json has no rope_parameters (was default RoPE of base 10000, queries unscaled)."""
