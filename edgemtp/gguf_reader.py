@@ -94,6 +94,8 @@ _STRING, _ARRAY = 8, 9
 
 def _string(buf: memoryview, pos: int) -> tuple[str, int]:
     (size,) = struct.unpack_from("<Q", buf, pos)
+    if size > len(buf) - pos - 8:  # a slice would silently stop at the end of the file
+        raise ValueError(f"a string of {size} bytes runs past the end of the file")
     return bytes(buf[pos + 8: pos + 8 + size]).decode("utf-8"), pos + 8 + size
 
 
@@ -108,6 +110,8 @@ def _value(buf: memoryview, pos: int, vtype: int):
         raise ValueError(f"unknown metadata value type {vtype}")
     item_type, count = struct.unpack_from("<IQ", buf, pos)
     pos += 12
+    if count > len(buf) - pos:  # every item takes a byte at least; a count of 2**63 and more is an OverflowError
+        raise ValueError(f"an array of {count} items runs past the end of the file")
     if item_type in _SCALARS:  # numeric arrays in one go (scores, token types)
         dtype = np.dtype(_SCALARS[item_type])
         return np.frombuffer(buf, dtype, count, pos).tolist(), pos + count * dtype.itemsize

@@ -672,7 +672,13 @@ def raw_string(text: str) -> bytes:
     (raw_string("x") + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0),
      "unreadable GGUF file \\(metadata arrays nested too deep\\)"),
     (b"", "GGUF field general.architecture is missing"),
-], ids=["architecture-a-list", "arrays-nested-deep", "no-architecture"])
+    # a count of 2**64 - 1: once an OverflowError from numpy
+    (raw_string("x") + struct.pack("<IIQ", 9, 4, 2**64 - 1),
+     "unreadable GGUF file \\(an array of 18446744073709551615 items runs past the end of the file\\)"),
+    # a string longer than the file: once read as what there was, and the next field from past the end
+    (raw_string("general.architecture") + struct.pack("<IQ", 8, 2**40) + b"llama",
+     "unreadable GGUF file \\(a string of 1099511627776 bytes runs past the end of the file\\)"),
+], ids=["architecture-a-list", "arrays-nested-deep", "no-architecture", "array-count-huge", "string-past-the-end"])
 def test_corrupt_metadata_is_named(tmp_path, field, message):
     path = tmp_path / "bad.gguf"
     path.write_bytes(raw_gguf([field] if field else []))
