@@ -8,6 +8,7 @@ read under the plain text-model names (`model.*`).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,10 @@ def weight_files(model_dir: Path) -> tuple[list[Path], dict | None]:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise EdgemtpError(f"{path}: not a valid safetensors index ({e})") from None
         names = sorted(set(weight_map.values()))
+        # shards are files of the directory, as transformers writes them: not a path to a file elsewhere
+        outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
+        if outside:
+            raise EdgemtpError(f"{path}: names {outside[0]!r}, which is not a file name in {model_dir}")
         missing = [n for n in names if not (model_dir / n).is_file()]
         if missing:
             raise EdgemtpError(f"{path}: names {missing[0]}, which is not in {model_dir}")
@@ -192,7 +197,8 @@ def _entry(path: Path, name: str, info, base: int, size: int) -> _Entry:
     start, end = offsets
     if base + end > size:
         raise EdgemtpError(f"{path}: truncated (tensor '{name}' runs past the end of the file)")
-    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+    # Python's integers: numpy's int64 product wraps (a shape of 2**32 x 2**32 needed 0 bytes) or overflows
+    want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
     if end - start != want:
         raise EdgemtpError(f"{path}: tensor '{name}' has {end - start} bytes, but {dtype} {shape} needs {want}")
     return _Entry(path, dtype, tuple(shape), base + start, base + end)

@@ -307,6 +307,11 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: _edit_header(d, lambda h: h[FIRST].update(data_offsets=h[FIRST]["data_offsets"][::-1])),
      f"tensor '{FIRST}' has data_offsets \\[\\d+, 0\\], not \\[start, end\\]"),
     (lambda d: _edit_header(d, lambda h: h[FIRST].update(dtype="F16")), f"tensor '{FIRST}' has \\d+ bytes, but F16"),
+    # sizes whose product numpy's int64 wraps to 0 bytes (taken as a tensor) or cannot hold (an OverflowError)
+    (lambda d: _edit_header(d, lambda h: h.update(X={"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]})),
+     r"tensor 'X' has 0 bytes, but F32 \[4294967296, 4294967296\] needs 73786976294838206464"),
+    (lambda d: _edit_header(d, lambda h: h.update(X={"dtype": "U8", "shape": [2**70], "data_offsets": [0, 0]})),
+     r"tensor 'X' has 0 bytes, but U8 \[1180591620717411303424\] needs"),
     # a Linear weight stored transposed has the right sizes "in either order": once a ValueError mid-export
     (lambda d: _edit_header(d, lambda h: h[GATE].update(shape=h[GATE]["shape"][::-1])),
      rf"tensor '{GATE}' has shape \[64, 96\], config.json implies \[96, 64\]"),
@@ -344,6 +349,11 @@ def test_sharded_checkpoint_reads_what_its_index_names(tiny_gemma3, tmp_path):
     (d / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": {names[0]: "gone.safetensors"}}))
     with pytest.raises(EdgemtpError, match="model.safetensors.index.json: names gone.safetensors, which is not in"):
         Checkpoint(d)
+    # a shard named by a path: a file outside the model directory was opened (its header read)
+    for elsewhere in ("../model-00001-of-00002.safetensors", str(d / "model-00001-of-00002.safetensors")):
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {names[0]: elsewhere}}))
+        with pytest.raises(EdgemtpError, match="index.json: names '.*', which is not a file name in"):
+            Checkpoint(d)
     (d / "model.safetensors.index.json").write_text("{")
     with pytest.raises(EdgemtpError, match="model.safetensors.index.json: not a valid safetensors index"):
         Checkpoint(d)
