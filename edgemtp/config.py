@@ -76,6 +76,13 @@ class TextConfig:
         return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
 
 
+# Whole numbers beyond any model, refused as read, before anything is sized by them: num_hidden_layers 10**9
+# built a list of 10**9 layer types (a MemoryError), head_dim 10**12 a RoPE table of terabytes (checkpoint
+# shapes are checked after the graph is built), a number past int64 an OverflowError in the graph builder.
+LIMITS = {"num_hidden_layers": 1 << 12, "head_dim": 1 << 14}
+INT64 = (1 << 63) - 1
+
+
 class Problems:
     """Collects config errors so they are reported together."""
 
@@ -95,12 +102,19 @@ class Problems:
             number = kind(value)
             # an int field takes 2048, 2048.0 or "2048", not 640.5 (int() would cut it to 640) or true
             if kind is not int or (not isinstance(value, bool) and float(value) == number):
-                return number
+                return number if kind is not int else self.within(name, number, LIMITS.get(key, INT64))
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity), which json.loads reads
             pass
         self.items.append(f"field '{name}' should be {'an integer' if kind is int else kind.__name__}, got {value!r}")
         self.bad.add(name)
         return kind()
+
+    def within(self, name: str, number: int, limit: int) -> int:
+        if abs(number) <= limit:
+            return number
+        self.items.append(f"field '{name}' {number} is beyond any model (at most {limit})")
+        self.bad.add(name)
+        return 0
 
     def opt(self, hf: dict, key: str, kind=int, default=None, within: str = ""):
         """An optional field: `default` when missing or null, else read as need() reads it."""
@@ -318,10 +332,11 @@ def query_scale(scalar: float, pr: Problems) -> float:
 
 def check_limits(cfg, pr: Problems) -> None:
     """Every architecture: token ids in the vocabulary, room for a prompt and a token."""
-    pr.check(cfg.bos_token_id is None or "bos_token_id" in pr.bad or 0 <= cfg.bos_token_id < cfg.vocab_size,
-             f"field 'bos_token_id' {cfg.bos_token_id} outside the vocabulary of {cfg.vocab_size}")
-    pr.check(all(0 <= e < cfg.vocab_size for e in cfg.eos_token_ids),
-             f"field 'eos_token_id' {list(cfg.eos_token_ids)} outside the vocabulary of {cfg.vocab_size}")
+    if "vocab_size" not in pr.bad:  # a vocab_size already refused reads as 0: no "outside the vocabulary of 0"
+        pr.check(cfg.bos_token_id is None or "bos_token_id" in pr.bad or 0 <= cfg.bos_token_id < cfg.vocab_size,
+                 f"field 'bos_token_id' {cfg.bos_token_id} outside the vocabulary of {cfg.vocab_size}")
+        pr.check(all(0 <= e < cfg.vocab_size for e in cfg.eos_token_ids),
+                 f"field 'eos_token_id' {list(cfg.eos_token_ids)} outside the vocabulary of {cfg.vocab_size}")
     pr.check("max_position_embeddings" in pr.bad or cfg.max_position_embeddings >= 2,
              f"field 'max_position_embeddings' {cfg.max_position_embeddings} leaves no room for a prompt and a new "
              "token (at least 2)")

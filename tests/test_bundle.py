@@ -258,6 +258,13 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: _edit_config(d, num_attention_heads=6, num_key_value_heads=1), r"q_proj.weight' has shape"),
     (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object, got list"),
     (lambda d: _edit_config(d, eos_token_id="x"), "config.json: field 'eos_token_id' should be a token id or a list"),
+    # sizes beyond any model, refused before anything is sized by them (once a MemoryError building 10**9 layer
+    # types, a RoPE table of terabytes, an OverflowError in the graph builder)
+    (lambda d: _edit_config(d, num_hidden_layers=10**9, layer_types=None),
+     r"config.json: field 'num_hidden_layers' 1000000000 is beyond any model \(at most 4096\)$"),
+    (lambda d: _edit_config(d, head_dim=10**12), r"config.json: field 'head_dim' 1000000000000 is beyond any model"),
+    (lambda d: _edit_config(d, vocab_size=2**70),
+     r"config.json: field 'vocab_size' 1180591620717411303424 is beyond any model \(at most 9223372036854775807\)$"),
     (lambda d: _edit_config(d, rope_parameters={"full_attention": {"rope_theta": "abc"},
                                                  "sliding_attention": {"rope_theta": 1e4}}),
      "config.json: field 'rope_parameters.full_attention.rope_theta' should be float, got 'abc'"),
