@@ -381,6 +381,21 @@ def test_text_that_is_not_utf8_is_named(chat_bundle):
         ChatTemplate("{% for i in range(10**30) %}{% endfor %}", {}, "here").render([{"role": "user", "content": "a"}])
 
 
+
+@pytest.mark.parametrize("template,match", [
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "access to attribute '__class__' of 'str' object is unsafe"),
+    ("{{ '{0.__class__.__mro__}'.format('') }}", "access to attribute '__class__' of 'str' object is unsafe"),
+    ("{{ cycler.__init__.__globals__ }}", "access to attribute '__init__' of 'type' object is unsafe"),
+    ("{{ messages.append(1) }}", "access to attribute 'append' of 'list' object is unsafe"),
+    ("{{ 'a' * 2**62 }}", r"\(MemoryError\)"),  # once a MemoryError traceback
+])
+def test_template_from_someone_else_is_sandboxed(template, match):
+    """A bundle's chat template comes from whoever made the bundle: no way out to Python's objects, and one
+    that asks for more memory than there is fails as a refusal, not a traceback."""
+    with pytest.raises(EdgemtpError, match=f"here: the chat template refused the messages .*{match}"):
+        ChatTemplate(template, {}, "here").render([{"role": "user", "content": "a"}])
+
+
 THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
             "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")

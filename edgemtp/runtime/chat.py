@@ -113,10 +113,12 @@ class ChatTemplate:
         try:
             text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **{**self.special_tokens, **self.variables})
-        except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError) as e:
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError, MemoryError) as e:
             # the template's raise_exception (roles that do not alternate...), a sandbox refusal, a message it
-            # cannot read (content that is not text), a sandbox's range too long (OverflowError)
-            raise EdgemtpError(f"{self.source}: the chat template refused the messages ({e})") from None
+            # cannot read (content that is not text), a sandbox's range too long (OverflowError), a text too
+            # large to allocate ('a' * 2**62: the sandbox bounds ranges, not sizes)
+            raise EdgemtpError(f"{self.source}: the chat template refused the messages "
+                               f"({str(e) or type(e).__name__})") from None
         if not text.strip():  # else "the prompt is empty", which the user did not write
             raise EdgemtpError(f"{self.source}: the chat template wrote nothing for the messages")
         return text
