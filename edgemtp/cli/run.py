@@ -40,7 +40,7 @@ def draft_options(f):
                           "and lookup for an int8 / int4 target on the CPU."),
         click.option("--draft-k", default=4, show_default=True, type=int,
                      help="Tokens drafted per round at most (hybrid: prompt lookup's; its MTP drafts at most 2). "
-                          "A static bundle's default: its verify window - 1, which one pass verifies."),
+                          "A static bundle's default: at most its verify window - 1, what one pass verifies."),
         click.option("--adaptive", is_flag=True,
                      help="Draft, each round, the length (up to --draft-k, 0 for a plain step) that pays best by "
                           "this run's measured verify and draft times and acceptance (with --seed, a sampled "
@@ -175,7 +175,7 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
         unused_drafter_provider(engine, draft.mode)
     given_k = source("draft_k") == ParameterSource.COMMANDLINE
     if draft is not None and engine.static and not given_k:  # the default K fits a static bundle's window:
-        # a longer draft verifies in two passes (Gemma 3 270M, W = 3, hybrid: 42.6 tokens/s at K = 2, 29.2 at 4)
+        # a longer draft verifies in several passes (Gemma 3 270M, W = 3, hybrid: 42.6 tokens/s at K = 2, 29.2 at 4)
         # (W = 1: plain decoding; K = 1 verified each draft in a second pass, slower than plain)
         k = min(draft.k, engine.target.window - 1)
         draft = Draft(draft.mode, k, adaptive) if k else None
