@@ -676,7 +676,7 @@ def test_streams_check_their_arguments_at_the_call(models):
     app's streaming response (a generator handed to a web framework) fails before it has started. Nothing
     runs until iterated: the kept cache is untouched by a stream never read."""
     from edgemtp.errors import ArgumentError
-    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.engine import Draft, Engine, new_stats
 
     engine = models["llama", 64]
     for draft in (None, Draft("lookup", 3)):
@@ -691,6 +691,17 @@ def test_streams_check_their_arguments_at_the_call(models):
                 call()  # no next()
     with pytest.raises(ArgumentError, match="max_new_tokens=0 must be at least 1"):
         engine.stream("t5", 0)
-    unread = engine.stream("t5 t6", 4, draft=Draft("lookup", 2))  # made, never read
-    assert list(engine.token_stream([5, 6], 4)) == list(engine.token_ids([5, 6], 4))
+    # made, never read: no pass runs and the kept cache stays for the next generation (an engine that keeps one)
+    reuse = Engine.load(engine.bundle.dir, threads=1, reuse_prefix=True)
+    prompt = [5, 6, 7, 8]
+    out = list(reuse.token_ids(prompt, 4))
+    passes, forward = [], reuse.target.forward
+    reuse.target.forward = lambda *a, **k: passes.append(1) or forward(*a, **k)
+    unread = [reuse.stream("t5 t6", 4, draft=draft) for draft in (None, Draft("lookup", 2))]
+    unread += [reuse.token_stream([5, 6], 4, draft=draft) for draft in (None, Draft("lookup", 2))]
+    assert passes == []
+    del reuse.target.forward
+    follow, stats = prompt + out + [9], new_stats(None)
+    assert list(reuse.token_ids(follow, 4, stats=stats)) == list(engine.token_ids(follow, 4))
+    assert stats.cached_tokens == len(prompt) + len(out) - 1
     del unread
