@@ -652,12 +652,18 @@ def test_stats_and_errors(models):
     assert stats.rounds == sum(r.rounds for r in got) > 0
     assert stats.decode_tokens == sum(len(r.tokens) - 1 for r in got)
     assert stats.mean_accepted_per_round == stats.accepted / stats.rounds
-    assert 0 < stats.acceptance_rate <= 1
+    assert stats.drafted > stats.accepted > 0 and stats.acceptance_rate == stats.accepted / stats.drafted
+    assert (sum(stats.drafted_at), sum(stats.accepted_at)) == (stats.drafted, stats.accepted)
+    by_position = [a / d for a, d in zip(stats.accepted_at + [0] * 3, stats.drafted_at)]
+    assert stats.acceptance_by_position == by_position and len(by_position) == 3
     assert stats.draft_s >= 0 and stats.verify_s > 0 and stats.other_s >= 0
     assert stats.stop_reasons == ["max new tokens"] * 2
     js = stats.to_json()
     assert {"rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_per_round", "draft_s",
             "verify_s", "other_s"} <= set(js)
+    assert js["tokens_per_s"] == stats.decode_tokens / stats.decode_s and js["decode_tokens"] == stats.decode_tokens
+    assert (js["acceptance_rate"], js["mean_accepted_per_round"], js["acceptance_by_position"]) == \
+        (stats.acceptance_rate, stats.mean_accepted_per_round, by_position)
     with pytest.raises(EdgemtpError, match="empty"):
         speculative_generate(engine.target, PromptLookupDrafter(), [[1], []], 5)
     with pytest.raises(ValueError):
