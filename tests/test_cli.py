@@ -245,8 +245,11 @@ def test_generate_drafts_by_default_and_stays_lossless(tiny_gemma3):
         for field in ("rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_per_round",
                       "draft_s", "verify_s", "other_s"):
             assert field in stats
-        assert stats["rounds"] >= 1 and stats["drafted"] >= stats["accepted"]
+        assert stats["rounds"] >= 1 and stats["drafted"] >= stats["accepted"] > 0  # drafts made, some taken
+        assert stats["acceptance_rate"] == stats["accepted"] / stats["drafted"]
     assert "rounds" not in plain["stats"]
+    default = json.loads(run("generate", bundle, "--prompt", prompt, "--max-new-tokens", 24, "--json").output)
+    assert default["tokens"] == plain["tokens"] and default["stats"]["drafted"] > 0  # no flag: it drafts
 
 
 def test_any_draft_k_drafts_within_the_cache(tiny_gemma3):
