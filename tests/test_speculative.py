@@ -282,8 +282,6 @@ def test_padded_batched_verify_changes_nothing(options, monkeypatch):
     assert stats.accepted > 0 and stats.drafted > stats.accepted  # both outcomes exercised
     multi_row_verify = any(b > 1 and s > 1 for b, s in target.calls)
     assert multi_row_verify == options.get("batched_verify", False)
-    if options.get("static_window"):
-        assert {s for b, s in target.calls[len(FAKE_PROMPTS):]} == {5}  # always k+1 (capacity allowing)
 
 
 # ---------------------------------------------------------------- tiny exported models
