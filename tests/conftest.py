@@ -24,10 +24,12 @@ def _import_cache_dir():
     import os
     from pathlib import Path
 
+    import edgemtp.gguf_config as gc
     import edgemtp.gguf_import as gi
     import edgemtp.tokenizer_import as ti
 
-    key = hashlib.sha256(Path(gi.__file__).read_bytes() + Path(ti.__file__).read_bytes()).hexdigest()[:12]
+    sources = [Path(m.__file__) for m in (gi, gc, ti)]  # what the imported directory's files are made by
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in sources)).hexdigest()[:12]
     root = Path(os.environ.get("EDGEMTP_TEST_CACHE", Path.home() / ".cache" / "edgemtp" / "tests"))
     return root / f"gemma3-270m-{key}"
 
