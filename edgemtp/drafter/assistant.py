@@ -39,6 +39,7 @@ from ..checkpoint import Checkpoint
 from ..config import SLIDING, Problems, read_config_json
 from ..errors import EdgemtpError
 from ..exporters import components as nn
+from ..exporters import rotary
 from ..exporters import head as H
 from ..exporters.builder import FLOAT, INT64, GraphBuilder
 from ..exporters.checkpoint_checks import own_head
@@ -190,7 +191,7 @@ def build(cfg: AssistantConfig, int8_ordering: np.ndarray | None = None, context
     e = nn.embed(b, ids, TARGET_EMBEDDING, cfg.vocab_size, hb, math.sqrt(hb))
     x = nn.linear(b, b.op("Concat", e, last, axis=-1), "pre_projection.weight", 2 * hb, t.hidden_size)
     views = {lt: X.committed_view(b, pos, _span(t, lt)) for lt in types}
-    tables = {lt: nn.rope_tables(b, t.rope[lt], t.type_head_dim(lt), pos) for lt in types}
+    tables = {lt: rotary.rope_tables(b, t.rope[lt], t.type_head_dim(lt), pos) for lt in types}
     layers = {lt: cfg.layer_config(lt) for lt in types}
     for i, lt in enumerate(t.layer_types):
         p = f"model.layers.{i}."

@@ -44,6 +44,7 @@ from ..checkpoint import Checkpoint
 from ..errors import EdgemtpError
 from ..manifest_graphs import MAX_HEAD_CONTEXT
 from ..exporters import components as nn
+from ..exporters import rotary
 from ..exporters import head as H
 from ..exporters.builder import FLOAT, INT64, GraphBuilder, _align, _set_external, read_param, share_weights
 from ..exporters.gemv_head import read_transposed
@@ -71,7 +72,7 @@ def build(cfg: DrafterConfig, head: H.ClusteredShape | None = None,
     x = nn.linear(b, b.op("Concat", e, last, axis=-1), "pre_projection.weight", 2 * cfg.backbone_hidden, cfg.hidden)
     types = sorted(set(cfg.layer_types))
     views = {t: committed_view(b, pos, cfg.window(t)) for t in types}
-    tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.head_dim, pos) for t in types}
+    tables = {t: rotary.rope_tables(b, cfg.rope[t], cfg.head_dim, pos) for t in types}
     for i, t in enumerate(cfg.layer_types):
         x = layer(b, cfg, f"model.layers.{i}.", x, kv[t], views[t], tables[t])
     x = nn.rms_norm(b, x, "model.norm.weight", cfg.hidden, cfg.rms_norm_eps)
@@ -106,12 +107,12 @@ def _kv_inputs(b: GraphBuilder, cfg: DrafterConfig, layer: int) -> tuple[str, st
     return b.input(C.past_key(layer), FLOAT, shape), b.input(C.past_value(layer), FLOAT, shape)
 
 
-def layer(b: GraphBuilder, cfg: DrafterConfig, p: str, x: str, kv, view: nn.CacheView, rope: nn.RopeTables) -> str:
+def layer(b: GraphBuilder, cfg: DrafterConfig, p: str, x: str, kv, view: nn.CacheView, rope: rotary.RopeTables) -> str:
     """Sandwich-normed Q-only attention + gated MLP: [B, 1, H] -> [B, 1, H]."""
     h, eps, n, d = cfg.hidden, cfg.rms_norm_eps, cfg.num_heads, cfg.head_dim
     a = nn.rms_norm(b, x, p + "input_layernorm.weight", h, eps)
     q = nn.heads(b, nn.linear(b, a, p + "self_attn.q_proj.weight", h, n * d), n, d)
-    q = nn.apply_rope(b, nn.rms_norm(b, q, p + "self_attn.q_norm.weight", d, eps), rope, d)
+    q = rotary.apply_rope(b, nn.rms_norm(b, q, p + "self_attn.q_norm.weight", d, eps), rope, d)
     a = attend(b, nn.merge_heads(b, q), kv, view, n, cfg.num_kv_heads, d, cfg.attention_scale)
     a = nn.linear(b, a, p + "self_attn.o_proj.weight", n * d, h)
     x = b.op("Add", x, nn.rms_norm(b, a, p + "post_attention_layernorm.weight", h, eps))

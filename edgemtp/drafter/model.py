@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EdgemtpError
-from ..exporters.components import inv_freq
+from ..exporters.rotary import inv_freq
 from ..scratch import as_open_makes
 from . import WEIGHTS, DrafterConfig, load_config
 
@@ -149,7 +149,7 @@ def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE of the first R dims: x [B, P, N, D], cos/sin [B, P, 1, R/2] (as components.apply_rope;
+    """Rotate-half RoPE of the first R dims: x [B, P, N, D], cos/sin [B, P, 1, R/2] (as rotary.apply_rope;
     R < D for a target with partial RoPE, the other dims pass through)."""
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]

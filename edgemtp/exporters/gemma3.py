@@ -8,6 +8,7 @@ import math
 from .. import contract as C
 from ..config import SLIDING, TextConfig
 from . import components as nn
+from . import rotary
 from .builder import GraphBuilder, plus_one
 
 
@@ -33,7 +34,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     # GroupQueryAttention rotates q and k from cached tables where it can; the verify graph rotates them itself.
     # In sorted order, so the tables get the same names every run (a set's order changes with the hash seed).
     rope = {t: nn.gqa_rope(b, cfg.rope[t], cfg.head_dim, capacity, io) if in_place else
-            nn.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in sorted(set(cfg.layer_types))}
+            rotary.rope_tables(b, cfg.rope[t], cfg.head_dim, io.position_ids) for t in sorted(set(cfg.layer_types))}
     h = norm(b, cfg, x, "model.layers.0.input_layernorm.weight")
     for i, slot in enumerate(slots):
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
@@ -84,7 +85,7 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     q, k, v = nn.linears(b, x, [p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight"], hid,
                          [n * d, nk * d, nk * d])
-    if isinstance(rope, nn.RopeCache):  # GroupQueryAttention rotates: q and k stay [B, S, heads * d]
+    if isinstance(rope, rotary.RopeCache):  # GroupQueryAttention rotates: q and k stay [B, S, heads * d]
         if cfg.qk_norm:  # Gemma 3 (not Gemma 2)
             q = nn.gemma_head_norm(b, q, p + "q_norm.weight", n, d, cfg.rms_norm_eps)
             k = nn.gemma_head_norm(b, k, p + "k_norm.weight", nk, d, cfg.rms_norm_eps)
@@ -93,7 +94,7 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
         if cfg.qk_norm:
             q = nn.gemma_rms_norm(b, q, p + "q_norm.weight", d, cfg.rms_norm_eps)
             k = nn.gemma_rms_norm(b, k, p + "k_norm.weight", d, cfg.rms_norm_eps)
-        q, k = (nn.merge_heads(b, nn.apply_rope(b, t, rope, d)) for t in (q, k))
+        q, k = (nn.merge_heads(b, rotary.apply_rope(b, t, rope, d)) for t in (q, k))
         rope = None
     if views is None:
         buffers = nn.kv_buffers(b, slot, capacity, window_view=lengths is not None)

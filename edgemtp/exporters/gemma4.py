@@ -23,6 +23,7 @@ from .. import contract as C
 from ..config import ACTIVATIONS, FULL, SLIDING, Problems, Rope, check_limits, check_numbers
 from ..errors import EdgemtpError
 from . import components as nn
+from . import rotary
 from .builder import GraphBuilder
 
 MODEL_TYPES = ("gemma4_text", "gemma4")
@@ -198,7 +199,7 @@ def _layer_shapes(hf: dict, types: tuple[str, ...], pr: Problems) -> tuple[tuple
 
 def _ropes(params: dict, types: tuple[str, ...], pr: Problems) -> dict:
     """Gemma 4's 'default' RoPE rotates the whole head (it ignores partial_rotary_factor); 'proportional'
-    rotates a fraction of the frequency pairs (see components.inv_freq)."""
+    rotates a fraction of the frequency pairs (see rotary.inv_freq)."""
     out = {}
     for t in sorted(set(types)):
         p = params.get(t) if isinstance(params, dict) else None
@@ -307,7 +308,7 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     shared_types = sorted(set(cfg.layer_types[cfg.first_shared:]))
     own_types = sorted(set(cfg.layer_types[:cfg.first_shared]))
     caches = {t: nn.gqa_rope(b, cfg.rope[t], cfg.type_head_dim(t), capacity, io) for t in own_types}
-    tables = {t: nn.rope_tables(b, cfg.rope[t], cfg.type_head_dim(t), io.position_ids) for t in shared_types}
+    tables = {t: rotary.rope_tables(b, cfg.rope[t], cfg.type_head_dim(t), io.position_ids) for t in shared_types}
     # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer,
     # which is contiguous memory when the layer has one KV head (TargetContract.window_offset)
     window_views = all(s.num_heads == 1 for s in slots if s.window)
@@ -380,7 +381,7 @@ class Attention:
     cfg: Gemma4Config
     i: int
     slot: C.KVSlot
-    rope: nn.RopeTables | nn.RopeCache  # a cache where GroupQueryAttention rotates (nn.gqa_rope)
+    rope: rotary.RopeTables | rotary.RopeCache  # a cache where GroupQueryAttention rotates (nn.gqa_rope)
     io: nn.TargetInputs
     capacity: int
     view: nn.CacheView | None = None  # KV-shared layers: the cache positions of their type
@@ -395,7 +396,8 @@ class Attention:
         p, n, d = self.prefix, self.cfg.num_heads, self.cfg.head_dims[self.i]
         q = nn.heads(b, nn.linear(b, x, p + "q_proj.weight", self.cfg.hidden_size, n * d), n, d)
         q = nn.rms_norm(b, q, p + "q_norm.weight", d, self.cfg.rms_norm_eps)
-        return nn.merge_heads(b, q if isinstance(self.rope, nn.RopeCache) else nn.apply_rope(b, q, self.rope, d))
+        rotated = q if isinstance(self.rope, rotary.RopeCache) else rotary.apply_rope(b, q, self.rope, d)
+        return nn.merge_heads(b, rotated)
 
     def own(self, b: GraphBuilder, x: str) -> str:
         """A KV-owning layer: appends its K/V to its cache in place. [B, S, H] -> [B, S, H]."""
@@ -405,8 +407,8 @@ class Attention:
         v = k_raw if cfg.values_are_keys(self.i) else \
             nn.heads(b, nn.linear(b, x, p + "v_proj.weight", cfg.hidden_size, nk * d), nk, d)
         k = nn.rms_norm(b, k_raw, p + "k_norm.weight", d, cfg.rms_norm_eps)
-        gqa_rotates = isinstance(self.rope, nn.RopeCache)
-        k = k if gqa_rotates else nn.apply_rope(b, k, self.rope, d)
+        gqa_rotates = isinstance(self.rope, rotary.RopeCache)
+        k = k if gqa_rotates else rotary.apply_rope(b, k, self.rope, d)
         k, v = nn.merge_heads(b, k), nn.merge_heads(b, nn.rms_norm_unscaled(b, v, d, cfg.rms_norm_eps))
         buffers = nn.kv_buffers(b, self.slot, self.capacity, window_view=self.lengths is not None)
         out = nn.gqa(b, self.query(b, x), k, v, buffers, self.slot, self.io, cfg.num_heads, 1.0, None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .. import contract as C
 from ..config import FULL, TextConfig
 from . import components as nn
+from . import rotary
 from . import gemma3  # kv_slots, drafter_kv: one KV slot per layer, windowed where it slides
 from .builder import GraphBuilder
 
@@ -25,7 +26,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
     # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
     rope = nn.gqa_rope(b, cfg.rope[FULL], cfg.head_dim, capacity, io) if in_place else \
-        nn.rope_tables(b, cfg.rope[FULL], cfg.head_dim, io.position_ids)
+        rotary.rope_tables(b, cfg.rope[FULL], cfg.head_dim, io.position_ids)
     hid, eps = cfg.hidden_size, cfg.rms_norm_eps
     qscale = None if cfg.query_scale_beta is None else \
         nn.llama4_query_scale(b, io.position_ids, cfg.query_scale_beta, cfg.rope[FULL].original_max_positions)
@@ -58,11 +59,11 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     if qscale is not None:  # before any norm would undo it: ministral3 has none
         q = b.op("Mul", q, qscale)
     eps = cfg.rms_norm_eps
-    if isinstance(rope, nn.RopeTables):  # rotated here, not by GroupQueryAttention
+    if isinstance(rope, rotary.RopeTables):  # rotated here, not by GroupQueryAttention
         q, k = nn.heads(b, q, n, d), nn.heads(b, k, nk, d)
         if cfg.qk_norm:  # qwen3: per head, before RoPE
             q, k = nn.rms_norm(b, q, p + "q_norm.weight", d, eps), nn.rms_norm(b, k, p + "k_norm.weight", d, eps)
-        q, k = (nn.merge_heads(b, nn.apply_rope(b, t, rope, d)) for t in (q, k))
+        q, k = (nn.merge_heads(b, rotary.apply_rope(b, t, rope, d)) for t in (q, k))
         rope = None
     elif cfg.qk_norm:  # GroupQueryAttention rotates the normed q and k (rope None: a layer without RoPE)
         q, k = nn.head_norm(b, q, p + "q_norm.weight", n, d, eps), nn.head_norm(b, k, p + "k_norm.weight", nk, d, eps)

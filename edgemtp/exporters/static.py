@@ -33,6 +33,7 @@ from ..errors import EdgemtpError
 from ..runtime.static_target import ATTENTION_BIAS, SLIDING_ATTENTION_BIAS, StaticContract
 from . import gemma3
 from . import components as nn
+from . import rotary
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
 
 ARCHS = ("gemma3_text", "gemma2", "llama", "qwen2", "qwen3", "mistral", "ministral3", "phi3", "smollm3", "granite")
@@ -106,8 +107,8 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
         q, k, v = _qkv(b, cfg, a, h, bias=False)
         if cfg.qk_norm:  # Gemma 3 (not Gemma 2)
             q, k = norm(q, a + "q_norm.weight", cfg.head_dim), norm(k, a + "k_norm.weight", cfg.head_dim)
-        q = nn.apply_rope(b, q, tables[cfg.layer_types[i]], cfg.head_dim)
-        k = nn.apply_rope(b, k, tables[cfg.layer_types[i]], cfg.head_dim)
+        q = rotary.apply_rope(b, q, tables[cfg.layer_types[i]], cfg.head_dim)
+        k = rotary.apply_rope(b, k, tables[cfg.layer_types[i]], cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, cfg.attn_logit_softcapping)
         h = nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid)
         x = b.op("Add", x, norm(h, p + "post_attention_layernorm.weight"))
@@ -137,7 +138,7 @@ def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) ->
             q, k = (rms_norm(b, t, b.param(a + name, (cfg.head_dim,)), eps) for t, name in
                     ((q, "q_norm.weight"), (k, "k_norm.weight")))
         if i not in cfg.nope_layers:  # smollm3's layers without RoPE
-            q, k = nn.apply_rope(b, q, table, cfg.head_dim), nn.apply_rope(b, k, table, cfg.head_dim)
+            q, k = rotary.apply_rope(b, q, table, cfg.head_dim), rotary.apply_rope(b, k, table, cfg.head_dim)
         if qscale is not None:  # ministral3: [1, W, 1, 1]
             q = b.op("Mul", q, qscale)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, None)
@@ -176,10 +177,10 @@ def rms_norm(b: GraphBuilder, x: str, weight: str, eps: float) -> str:
     return b.op("Mul", b.op("Div", x, b.op("Sqrt", b.op("Add", ms, b.const(np.float32(eps))))), weight)
 
 
-def rope_table(b: GraphBuilder, rope, head_dim: int, sp: _Spec) -> nn.RopeTables:
+def rope_table(b: GraphBuilder, rope, head_dim: int, sp: _Spec) -> rotary.RopeTables:
     """cos/sin [1, W, 1, R/2] gathered by position from constant [C, R/2] tables (float32 angles, as
     the dynamic graph and transformers compute them; cos/sin then taken in float64)."""
-    inv = nn.inv_freq(rope, head_dim)
+    inv = rotary.inv_freq(rope, head_dim)
     angles = (np.arange(sp.capacity, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float64)
     axis = b.const([2], np.int64)
 
@@ -188,7 +189,7 @@ def rope_table(b: GraphBuilder, rope, head_dim: int, sp: _Spec) -> nn.RopeTables
                                       sp.position_ids, axis=0), axis)
 
     scale = np.float32(rope.scale)  # longrope's attention factor (1 otherwise)
-    return nn.RopeTables(table(np.cos(angles) * scale, "rope_cos"), table(np.sin(angles) * scale, "rope_sin"),
+    return rotary.RopeTables(table(np.cos(angles) * scale, "rope_cos"), table(np.sin(angles) * scale, "rope_sin"),
                          2 * len(inv))
 
 
