@@ -1052,16 +1052,39 @@ def test_prompt_that_fills_the_cache_gives_its_next_token(tiny_gemma3):
 
 
 def test_kv_cache_is_updated_in_place(tiny_gemma3):
-    """The graph writes into the runtime's buffers: no copy of the cache per step."""
+    """The graph writes into the runtime's buffers: no copy of the cache per step. The new positions' keys and
+    values are in the buffers when the run returns (a copy back after it would pass a check of the buffers'
+    addresses), nothing is written after it, and they are the verify graph's (a "rows" graph, copied in)."""
     engine = Engine.load(tiny_gemma3[2])
-    cache = engine.target.new_cache(1)
-    ids = np.array([[1, 2, 3]])
-    buffers = {layer: k.ctypes.data for layer, k in cache.keys.items()}
-    engine.target.forward(ids, cache)
-    for layer, k in cache.keys.items():
-        assert k.ctypes.data == buffers[layer]
-        assert np.abs(k[0, :, :3]).sum() > 0 and np.abs(k[0, :, 3:]).sum() == 0
+    target, reference = engine.target, engine.target._verify_target()
+    cache, want = target.new_cache(1), reference.new_cache(1)
+    buffers = {layer: (k.ctypes.data, cache.values[layer].ctypes.data) for layer, k in cache.keys.items()}
+    at_run_end = []
 
+    class Watched:  # the session, noting the cache as each run leaves it
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_with_iobinding(self, io, *args):
+            session.run_with_iobinding(io, *args)
+            at_run_end.append({layer: (k.copy(), cache.values[layer].copy()) for layer, k in cache.keys.items()})
+
+    session, target.session = target.session, Watched()
+    length = 0
+    for ids in ([1, 2, 3], [4], [5]):  # a prefill, a decode step, the same step's binding run again
+        target.forward(np.array([ids]), cache)
+        reference.forward(np.array([ids]), want)
+        length += len(ids)
+        for layer, k in cache.keys.items():
+            v = cache.values[layer]
+            assert (k.ctypes.data, v.ctypes.data) == buffers[layer]
+            for got, seen, ref in ((k, at_run_end[-1][layer][0], want.keys[layer]),
+                                   (v, at_run_end[-1][layer][1], want.values[layer])):
+                assert np.array_equal(seen, got)  # all in place by the end of the run
+                assert got[0, :, length - len(ids):length].any(axis=-1).all()  # each head, each new position
+                np.testing.assert_allclose(got[0, :, :length], ref[0, :, :length], rtol=1e-4, atol=1e-5)
+                assert not got[0, :, length:].any()
+    assert len(at_run_end) == 3
 
 
 def test_a_file_changed_just_before_a_long_hash_is_not_remembered(tiny_gemma3, tmp_path, monkeypatch):
