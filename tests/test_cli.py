@@ -120,19 +120,24 @@ def test_generate_bad_flags(tiny_gemma3, extra, message):
 
 
 def test_errors_are_one_line(tiny_gemma3, tmp_path):
+    # each its own error, not any one line (without the prompt check, the prefill fails in one line too)
     cases = [
-        ("generate", tmp_path / "nope", "--prompt", "x"),
-        ("generate", tiny_gemma3[2], "--prompt", " ".join(["t4"] * 70)),
-        ("generate", tiny_gemma3[2]),
-        ("export", tmp_path / "nope", "-o", tmp_path / "b"),
-        ("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--quant", "int4"),
-        ("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--static"),
+        (("generate", tmp_path / "nope", "--prompt", "x"), f"{tmp_path / 'nope'}: not a bundle directory"),
+        (("generate", tiny_gemma3[2], "--prompt", " ".join(["t4"] * 70)),
+         "the prompt of 70 tokens does not fit the bundle's KV capacity of 64 (export with a larger --max-context)"),
+        (("generate", tiny_gemma3[2]), "give exactly one of --prompt or --prompt-file"),
+        (("export", tmp_path / "nope", "-o", tmp_path / "b"),
+         f"{tmp_path / 'nope'}: not a directory (expected a model directory with config.json)"),
+        (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--quant", "int4"),
+         "--gemv-head applies to dynamic fp32 bundles (not --quant int4)"),
+        (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--static"),
+         "--gemv-head applies to dynamic fp32 bundles (not --static)"),
     ]
-    for args in cases:
+    for args, message in cases:
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
-        assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output
-    assert "--gemv-head applies to dynamic fp32 bundles" in r.output and not (tmp_path / "b").exists()
+        assert r.output == f"error: {message}\n", (args, r.output)
+    assert not (tmp_path / "b").exists()
     # click's own checks too: an unknown flag, a bad choice or number, an unknown command
     for args, message in ((("generate", tiny_gemma3[2], "--prompt", "x", "--bogus"), "No such option '--bogus'"),
                           (("generate", tiny_gemma3[2], "--prompt", "x", "--max-new-tokens", "x"),
