@@ -174,8 +174,13 @@ def test_version_1_bundles_still_load(tiny_gemma3, tmp_path):
     m = json.loads((b / "edgemtp.json").read_text())
     assert m["schema_version"] == 2
     m["schema_version"] = 1
+    for graph in m["graphs"].values():  # a version-1 manifest's contracts have no window_views
+        assert graph["contract"].pop("window_views") is False
     (b / "edgemtp.json").write_text(json.dumps(m))
-    assert bundle.load(b).manifest["schema_version"] == 1
+    old = bundle.load(b)
+    assert old.manifest["schema_version"] == 1 and not old.target_contract.window_views
+    want = Engine.load(tiny_gemma3[2]).generate("t1 t2 t3", max_new_tokens=6).tokens
+    assert Engine.load(b).generate("t1 t2 t3", max_new_tokens=6).tokens == want
 
 
 def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch):
