@@ -936,6 +936,8 @@ def test_export_takes_a_gguf_file(tmp_path):
     import_gguf(path, tmp_path / "hf")
     assert CliRunner().invoke(cli, ["export", str(tmp_path / "hf"), "-o", str(tmp_path / "two"),
                                     "--max-context", "32"]).exit_code == 0
+    manifests = [json.loads((b / "edgemtp.json").read_text()) for b in (out, tmp_path / "two")]
+    assert manifests[0] == manifests[1]  # the same files, byte for byte (sha256), and the same facts
     prompt = list(range(3, 20))
     assert list(Engine.load(out).token_ids(prompt, 8)) == list(Engine.load(tmp_path / "two").token_ids(prompt, 8))
     # an output that exists is named before the import's work
