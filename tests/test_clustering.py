@@ -106,6 +106,9 @@ def test_clustered_logits_are_exact_and_padding_is_minus_inf():
     full = h @ e.T
     valid = np.isfinite(logits)
     assert (~valid).sum(axis=1).max() <= 3 and valid.sum(axis=1).min() >= 3 * 100
+    picked = np.argsort(-(h @ t.centroids.T), axis=1, kind="stable")[:, :3]  # the 3 best-scored clusters
+    assert np.array_equal(ids, t.token_ordering[picked].reshape(len(h), -1))
+    assert np.array_equal(valid, t.token_mask[picked].reshape(len(h), -1)) and not valid.all()  # -inf: padding only
     np.testing.assert_allclose(logits[valid], np.take_along_axis(full, ids, 1)[valid], rtol=1e-5, atol=1e-5)
 
 
