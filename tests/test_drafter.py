@@ -526,7 +526,8 @@ def test_mismatched_drafter_is_refused(setup, tmp_path):
     cfg = json.loads((drafter_dir / "config.json").read_text())
     cfg["backbone_hidden"] = cfg.get("backbone_hidden", 64) * 2
     (drafter_dir / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EdgemtpError):
+    with pytest.raises(EdgemtpError, match=r"drafter does not match this target \(drafter: backbone hidden 128, "
+                                           r"vocab 96, .*target: hidden 64, vocab 96"):
         export(model_dir, tmp_path / "b", capacity=64, drafter=drafter_dir)
     assert not (tmp_path / "b").exists()
 
