@@ -183,13 +183,20 @@ def test_engines_reading_the_mapped_table_compute_what_onnx_runtime_s_mappings_g
     for e in engines:
         cache = e.target.new_cache(1)
         prefill = e.target.forward(ids, cache, n_logits=6)[0]
-        step = e.target.forward(np.array([[21]]), cache)[0]
-        rows = e.generate_batch(["a b c", "the cat"], max_new_tokens=12, draft=Draft("mtp", 3))  # verify graph
-        drafted = e.generate("a b c a b c", max_new_tokens=16, draft=Draft("mtp", 3))
-        out.append((prefill, step, [r.tokens for r in rows], drafted.tokens))
+        step, hidden = e.target.forward(np.array([[21]]), cache)
+        # the drafter's own numbers (greedy output is the target's whatever the drafter reads)
+        guess = e._mtp_drafter().draft(step[:, -1].argmax(-1), hidden[:, -1], cache, slice(0, 1), 3)
+        # the batched verify graph, on the tiny tokenizer's words ("a b c" is all unknown tokens: 0s in, 0s out
+        # whatever the head reads)
+        rows = e.generate_batch(["t3 t9 t4 t1", "t5 t6 t7 t5 t6"], max_new_tokens=12, draft=Draft("mtp", 3))
+        drafted = e.generate("t5 t6 t7 t5 t6 t7 t5 t6", max_new_tokens=16, draft=Draft("mtp", 3))
+        out.append((prefill, step, guess, [r.tokens for r in rows], drafted.tokens))
+        assert all(r.stats.drafted > 0 for r in rows) and drafted.stats.drafted > 0
     np.testing.assert_array_equal(out[0][0], out[1][0])
     np.testing.assert_array_equal(out[0][1], out[1][1])
-    assert out[0][2:] == out[1][2:]
+    np.testing.assert_array_equal(out[0][2][0], out[1][2][0])
+    np.testing.assert_array_equal(out[0][2][1], out[1][2][1])
+    assert out[0][3:] == out[1][3:] and all(len(set(t)) > 1 for t in (*out[1][3], out[1][4]))
     engine = engines[0]
     for session, names in ((engine.target.session, {TABLE, TABLE + ".gemv"}),
                            (engine.target._verify_target().session, {TABLE, TABLE + ".gemv"}),
