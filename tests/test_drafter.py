@@ -800,8 +800,12 @@ def test_quantized_bundle_keeps_the_head_context(setup, tmp_path):
     recent = recent_ids(histories, 4)
     drafter = DrafterSession.load(b)
     _, logits, _ = drafter.step(recent[:, -1:], hidden[:, None], cache, slice(0, len(LENGTHS)), recent=recent)
+    # scored with their own rows of the quantized table: the full head's logits there, not merely finite ones
+    full = DrafterSession.load(b, graph="drafter_full_head")
+    _, want, _ = full.step(recent[:, -1:], hidden[:, None], cache, slice(0, len(LENGTHS)))
     for r in range(len(LENGTHS)):
         assert np.isfinite(logits[r, 0, recent[r]]).all()
+        np.testing.assert_allclose(logits[r, 0, recent[r]], want[r, 0, recent[r]], atol=1e-3 * np.ptp(want[r, 0]))
 
 
 def export_both_head_rows(model_dir, tmp_path, *extra) -> dict:
