@@ -1092,7 +1092,9 @@ def test_drafting_on_a_spinning_target_warns_once(setup):
 
     bundle = setup[1]
     engine = Engine.load(bundle, mtp=False)
-    assert engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("lookup", 3)).tokens  # no MTP: no warning
+    with warnings.catch_warnings():  # no MTP: no warning
+        warnings.simplefilter("error")
+        assert engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("lookup", 3)).tokens
     with pytest.warns(RuntimeWarning, match=r"Engine.load\(\.\.\., mtp=True\)"):
         first = engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("hybrid", 3))
     with warnings.catch_warnings():
