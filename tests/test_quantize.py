@@ -670,6 +670,15 @@ def test_smoothing_keeps_the_function(tmp_path, calib_file):
     want = all_logits(fp32)
     assert rel_error(all_logits(tmp_path / "smooth"), want) < 2 * rel_error(all_logits(tmp_path / "plain"), want) + 1e-3
     assert ops_count(tmp_path / "smooth", "Mul") == ops_count(tmp_path / "plain", "Mul") + 4 * 4  # 4 inputs a layer
+    # each Mul scales a MatMulNBits input by 1 / s, s per channel (geometric mean 1), not all 1: a smoothing that
+    # inserted its Muls with s = 1 (no change at all) passed the bounds above
+    graph = onnx.load(str(tmp_path / "smooth/target.onnx")).graph
+    inv_s = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith(".inv_s")}
+    fed = {i for n in graph.node if n.op_type == "MatMulNBits" for i in n.input}
+    muls = [n for n in graph.node if n.op_type == "Mul" and n.input[1] in inv_s]
+    assert len(muls) == len(inv_s) == 4 * 4 and all(n.output[0] in fed for n in muls)
+    for v in inv_s.values():
+        assert abs(np.log(v).mean()) < 1e-5 and v.max() / v.min() > 1.5, v
 
 
 @pytest.mark.parametrize("quant", ["int4", "int8"])
