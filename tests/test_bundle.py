@@ -260,9 +260,11 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: _edit_config(d, hidden_size=None), "missing field 'hidden_size'"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\x05"), "not a valid safetensors file"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: missing"),
-    (lambda d: _edit_config(d, intermediate_size=100), "has shape"),
+    (lambda d: _edit_config(d, intermediate_size=100), rf"tensor '{GATE}' has shape \[96, 64\], config.json implies "
+                                                        r"\[100, 64\]$"),
     # q/k/v are one joined weight of the same total width (6*32 + 32 + 32 = 4*32 + 2*64): each part is checked
-    (lambda d: _edit_config(d, num_attention_heads=6, num_key_value_heads=1), r"q_proj.weight' has shape"),
+    (lambda d: _edit_config(d, num_attention_heads=6, num_key_value_heads=1),
+     r"tensor 'model.layers.0.self_attn.q_proj.weight' has shape \[128, 64\], config.json implies \[192, 64\]$"),
     (lambda d: (d / "config.json").write_text("[1, 2]"), "config.json: expected a JSON object, got list"),
     (lambda d: _edit_config(d, eos_token_id="x"), "config.json: field 'eos_token_id' should be a token id or a list"),
     # sizes beyond any model, refused before anything is sized by them (once a MemoryError building 10**9 layer
