@@ -1040,11 +1040,19 @@ def test_prompt_longer_than_capacity(tiny_gemma3):
 
 
 def test_generation_stops_at_capacity(tiny_gemma3):
-    engine = Engine.load(tiny_gemma3[2])
+    import torch
+
+    model, _, bundle_dir = tiny_gemma3
+    engine = Engine.load(bundle_dir)
     engine.stop_ids = frozenset()
-    gen = engine.generate(" ".join(["t5"] * 60), max_new_tokens=50)
+    ids = [(7 * i) % 90 + 3 for i in range(60)]  # many tokens: "t5" * 60 gave 23 throughout, whatever each step read
+    gen = engine.generate(" ".join(f"t{i}" for i in ids), max_new_tokens=50)
     assert gen.stats.stop_reason == "KV capacity reached"
     assert len(gen.tokens) == 64 - 60 + 1  # the last one needs no KV slot of its own
+    with torch.no_grad():  # transformers' greedy tokens, the last one from the full cache's logits
+        for _ in range(len(gen.tokens)):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert gen.tokens == ids[60:] and len(set(gen.tokens)) > 1
 
 
 def test_prompt_that_fills_the_cache_gives_its_next_token(tiny_gemma3):
