@@ -273,6 +273,7 @@ def test_any_draft_k_drafts_within_the_cache(tiny_gemma3):
     for extra in (("--draft-k", 10**20), ("--adaptive", "--draft-k", 10**11), ("--adaptive", "--draft-k", 10**20)):
         r = run(*args, *extra)
         assert r.exit_code == 0 and json.loads(r.stdout)["tokens"] == plain, (extra, r.output)
+        assert json.loads(r.stdout)["stats"]["drafted"] > 0, (extra, r.output)  # it drafted: not plain decoding
 
 
 def test_an_empty_prompt_is_refused(tiny_gemma3):
