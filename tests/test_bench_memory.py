@@ -14,12 +14,15 @@ def test_a_relative_bundle_is_the_one_named_here(tmp_path, monkeypatch):
     seen = {}
 
     def fake_run(args, **kw):
-        seen["bundle"], seen["cwd"] = args[3], kw["cwd"]
+        seen["bundle"], seen["cwd"], seen["path"] = args[3], kw["cwd"], kw["env"].get("PYTHONPATH")
         out = {"VmHWM": 1, "VmRSS": 1, "RssAnon": 1, "load_s": 0, "source": str(Path(kw["cwd"]) / "edgemtp" / "x")}
         return subprocess.CompletedProcess(args, 0, json.dumps(out), "")
 
     monkeypatch.setattr(bm.subprocess, "run", fake_run)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # not this checkout: the child's must be replaced
     (tmp_path / "b.bundle").mkdir()
     monkeypatch.chdir(tmp_path)
     bm.run(bm.ROOT, Path("b.bundle"), 2, "none")
     assert Path(seen["bundle"]) == tmp_path / "b.bundle" and Path(seen["bundle"]).is_absolute()
+    # the child runs in the checkout and imports its edgemtp (the fake's "source" cannot tell another one)
+    assert Path(seen["cwd"]) == Path(seen["path"]) == bm.ROOT.resolve()
