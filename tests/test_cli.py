@@ -356,7 +356,7 @@ def test_cluster_command(tiny_gemma3, tmp_path):
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h3", "--positions", 100)
     assert r.exit_code == 2 and "--positions 100: at least 512" in r.output
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h2", "--clusters", 8, "--top-k", 9)
-    assert r.exit_code == 2 and "error:" in r.output
+    assert r.exit_code == 2 and r.output == "error: --top-k 9 must be between 1 and --clusters (8)\n", r.output
     # --report on a head of 8 clusters: recall at the k it has (it tried 8..64 and failed after the work)
     hidden = tmp_path / "hidden.npy"
     width = json.loads((tiny_gemma3[1] / "config.json").read_text())["hidden_size"]
