@@ -218,7 +218,18 @@ def test_a_sampled_draft_carries_the_q_of_the_drafter_that_made_it(monkeypatch):
         return tokens, q
 
     monkeypatch.setattr(spec, "_draft", recording)
+    accepted, accept = [], speculative.accept_sampled
+
+    def accepting(tokens, p, q, rng):
+        accepted.append((list(tokens), q))
+        return accept(tokens, p, q, rng)
+
+    monkeypatch.setattr(speculative, "accept_sampled", accepting)
     spec.generate([[1, 2, 3]], 60, Sampling(temperature=1.0, seed=0))
+    # one row: each round's acceptance got the tokens and the q its draft returned
+    assert len(accepted) == len(seen)
+    for (tokens, q), (_, drafted, want) in zip(accepted, seen):
+        assert tokens == drafted and (q is None) == (want is None) and (q is None or np.array_equal(q, want))
     drafted = [(h, t, q) for h, t, q in seen if t]
     assert any(q is None for _, _, q in drafted) and any(q is not None for _, _, q in drafted)
     for history, tokens, q in drafted:
