@@ -749,6 +749,12 @@ def test_mtp_with_clustered_head_is_lossless(setup, tmp_path):
     ids, logits = DrafterSession.load(b).draft(last, hidden, cache, rows, 2)
     inside = np.isfinite(logits)
     np.testing.assert_allclose(logits[inside], full_logits[inside], atol=1e-4)
+    # finite where it should be: the top_k clusters' tokens (balanced: V // C or one more each), plus at most the
+    # recent tokens (the last one and the drafts so far) outside them; the draft is the best of them
+    head, vocab = b.graph("drafter").contract["head"], logits.shape[-1]
+    few, most = head["top_k"] * (vocab // head["clusters"]), head["top_k"] * -(-vocab // head["clusters"])
+    assert ((few <= inside.sum(-1)) & (inside.sum(-1) <= most + np.arange(1, 3))).all(), inside.sum(-1)
+    np.testing.assert_array_equal(ids, logits.argmax(-1))
     for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
         args = ["generate", str(out), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
         plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
