@@ -380,9 +380,14 @@ def test_profile_runs_a_k_wider_than_the_static_window(models):
     rows = {r["draft_k"]: r for r in out["rows"]}
     assert all(not r["skipped"] for r in rows.values()), rows
     assert rows[6]["tg_tokens_per_s"]["mean"] > 0 and rows[6]["tokens_per_forward"] >= 1
-    prompt = "t1 t2 t3 t1 t2 t3 t1 t2 t3 t1"
-    want = st.generate(prompt, max_new_tokens=12).tokens
-    assert st.generate(prompt, max_new_tokens=12, draft=Draft("lookup", 6)).tokens == want
+    from edgemtp.runtime.engine import new_stats
+
+    # greedy text that changes token partway (a repeated prompt's is one token over and over): rounds drafting
+    # W or more tokens, verified in two passes, meet the change
+    prompt, stats = _prompts()[0], new_stats(Draft("lookup", 6))
+    want = list(st.token_ids(prompt, 28))
+    assert list(st.token_stream(prompt, 28, draft=Draft("lookup", 6), stats=stats)) == want
+    assert len(set(want)) > 1 and len(stats.drafted_at) >= W and stats.drafted_at[W - 1] > 0, (want, stats)
 
 
 def test_generate_defaults_k_to_the_static_window(models, monkeypatch, tmp_path):
