@@ -136,8 +136,9 @@ def test_a_draft_that_fits_the_window_verifies_in_one_pass(models, monkeypatch):
 
 def test_static_bundle_reuses_a_conversations_cache(models):
     """reuse_prefix on a static bundle: the next prompt extending the last runs only its new tokens, with the
-    tokens a fresh run gives."""
-    _, _, _, st = models["llama"]
+    tokens a fresh run gives (Gemma's: the tiny llama's greedy text repeats the prompt's last token, whatever
+    its cache holds)."""
+    _, _, _, st = models["gemma3_text"]
     from edgemtp.runtime.engine import new_stats
 
     engine = Engine.load(st.bundle.dir, reuse_prefix=True)
@@ -146,7 +147,7 @@ def test_static_bundle_reuses_a_conversations_cache(models):
     follow, stats = first + out + [5, 6, 7], new_stats(None)
     again = list(engine.token_ids(follow, 6, stats=stats))
     assert stats.cached_tokens == len(first) + len(out) - 1
-    assert again == list(Engine.load(st.bundle.dir).token_ids(follow, 6))
+    assert again == list(Engine.load(st.bundle.dir).token_ids(follow, 6)) and len(set(again)) > 1, again
 
 
 def test_a_long_prefill_keeps_only_the_logits_it_returns(models, monkeypatch):
