@@ -43,6 +43,18 @@ def static_engine(bundle_dir) -> Engine:
     return engine
 
 
+def sharpened(model):
+    """Larger weights for the tiny llama: at transformers' default init (std 0.02, tied embeddings) it continues
+    every prompt with one token over and over, which makes its token-for-token checks here nearly vacuous; at
+    std 0.2 attention and the MLP decide its text."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, 0.2)
+    return model
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """kind -> (transformers model, model_dir, dynamic Engine, static Engine)."""
@@ -50,7 +62,7 @@ def models(tmp_path_factory):
     out = {}
     for kind in ("gemma3_text", "llama", "qwen2", "llama_bias", "qwen2_sliding", "qwen3_bias", "mistral",
                  "phi3_sliding", "gemma2", "smollm3_sliding", "granite", "ministral3"):
-        model = tiny(kind)
+        model = sharpened(tiny(kind)) if kind == "llama" else tiny(kind)
         model_dir = save_tiny(model, root / kind)
         export(model_dir, root / f"{kind}-dyn", capacity=CAPACITY)
         out[kind] = (model, model_dir, Engine.load(root / f"{kind}-dyn", threads=1),
@@ -90,9 +102,12 @@ def _prompts():
 @pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
 def test_greedy_tokens_static_equal_dynamic(models, kind):
     _, _, dyn, st = models[kind]
+    texts = []
     for p in _prompts():
         want = list(dyn.token_ids(p, 24))
         assert list(st.token_ids(p, 24)) == want, f"{kind} prompt {p}"
+        texts.append(want)
+    assert all(len(set(t)) > 1 for t in texts[:3]), texts  # random prompts: not one token over and over
     long = list(range(3, 53))  # runs into the KV capacity
     assert list(st.token_ids(long, 40)) == list(dyn.token_ids(long, 40))
 
@@ -136,8 +151,8 @@ def test_a_draft_that_fits_the_window_verifies_in_one_pass(models, monkeypatch):
 
 def test_static_bundle_reuses_a_conversations_cache(models):
     """reuse_prefix on a static bundle: the next prompt extending the last runs only its new tokens, with the
-    tokens a fresh run gives (Gemma's: the tiny llama's greedy text repeats the prompt's last token, whatever
-    its cache holds)."""
+    tokens a fresh run gives (on Gemma's bundle, whose text varies: a cache rolled back one position short
+    changes it)."""
     _, _, _, st = models["gemma3_text"]
     from edgemtp.runtime.engine import new_stats
 
@@ -249,8 +264,11 @@ def test_qdq_static_graph(models, tmp_path):
     want, _ = st.target.forward(ids, st.target.new_cache(1), n_logits=40)
     attention = set(activation_matmuls(onnx.load(str(src), load_external_data=False)))
     assert len(attention) == 4 * len(contract["kv"])  # q . k and probs . v, over the cache and the window
-    for bits, method, floor, ops in ((16, "minmax", 0.9, "weights"), (8, CalibrationMethod.Percentile, 0.5, "matmul"),
-                                     (16, "minmax", 0.9, "all")):
+    # floors for the sharpened tiny llama (int8 weights; measured 0.875 / 0.725 / 0.8 top-1 agreement and a mean
+    # |logit error| of 0.066 / 0.115 / 0.084 of the logits' spread): a wrong scale or zero point leaves neither
+    for bits, method, floor, error, ops in ((16, "minmax", 0.75, 0.1, "weights"),
+                                            (8, CalibrationMethod.Percentile, 0.55, 0.16, "matmul"),
+                                            (16, "minmax", 0.7, 0.12, "all")):
         reader = WindowReader(src, contract, model_dir / "tokenizer.json", texts, max_windows=16, threads=1)
         dst = tmp_path / f"qdq{bits}{ops}" / "target.onnx"
         assert quantize_static_qdq(src, dst, reader, activation_bits=bits, method=method, ops=ops) == \
@@ -268,6 +286,8 @@ def test_qdq_static_graph(models, tmp_path):
         got, _ = q.forward(ids, q.new_cache(1), n_logits=40)
         agreement = float((got.argmax(-1) == want.argmax(-1)).mean())
         assert agreement >= floor, f"{bits}-bit {method}: top-1 agreement {agreement}"
+        off = float(np.abs(got - want).mean() / want.std())
+        assert off <= error, f"{bits}-bit {method}: logits off by {off:.3f} of their spread"
 
 
 def test_bad_static_input(models, tmp_path):
