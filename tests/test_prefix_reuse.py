@@ -23,7 +23,7 @@ def test_a_conversation_reuses_its_past_and_generates_the_same(engines, draft):
     reuse, fresh = engines
     for sampling in (Sampling(), Sampling(temperature=0.9, top_p=0.95, seed=4)):
         text, ids = "t1 t2 t3 t4", []
-        reuse._kept = None
+        reuse.kept.held = None
         for turn, words in enumerate(["t5 t6", "t7 t8 t9 t10", "t11"]):
             got = reuse.generate(text, 6, sampling, draft)
             want = fresh.generate(text, 6, sampling, draft)
@@ -39,7 +39,7 @@ def test_a_prompt_that_parts_early_reuses_only_the_common_start(engines):
     """The same prompt again runs its last token only; another one from its third token on reruns the rest;
     an unrelated one runs whole."""
     reuse, fresh = engines
-    reuse._kept = None
+    reuse.kept.held = None
     first = reuse.generate("t3 t4 t5 t6 t7", 4)
     again = reuse.generate("t3 t4 t5 t6 t7", 4)
     assert again.tokens == first.tokens and (again.stats.cached_tokens, again.stats.prefill_tokens) == (4, 1)
@@ -54,7 +54,7 @@ def test_a_one_prompt_batch_reuses_and_keeps_as_generate_does(engines, draft):
     """generate_batch with one prompt is a one-prompt generation: it runs over the kept cache and keeps its
     own; a batch of several prompts neither uses nor replaces what is kept."""
     reuse, fresh = engines
-    reuse._kept = None
+    reuse.kept.held = None
     first = reuse.generate_batch(["t3 t4 t5 t6"], 5, draft=draft)[0]
     assert first.tokens == fresh.generate("t3 t4 t5 t6", 5).tokens and first.stats.cached_tokens == 0
     text = f"t3 t4 t5 t6 {first.text} t7"
@@ -71,7 +71,7 @@ def test_a_stream_left_early_keeps_what_it_ran(engines):
     """A consumer that stops reading a stream: the cache keeps the tokens generated so far, and the next
     prompt extending them is right."""
     reuse, fresh = engines
-    reuse._kept = None
+    reuse.kept.held = None
     ids = []
     for token in reuse.token_stream(reuse.encode("t2 t4 t6"), 10):
         ids.append(token)
@@ -89,7 +89,7 @@ def test_ctrl_c_inside_a_pass_keeps_what_was_run(engines, monkeypatch, draft, af
     reads a token: the cache is kept all the same (it was dropped, and the next turn ran the whole conversation
     again), holding the prompt and the tokens whose pass ended, and what follows is a fresh engine's."""
     reuse, fresh = engines
-    reuse._kept = None
+    reuse.kept.held = None
     calls, forward = [], reuse.target.forward
 
     def interrupted(*args, **kwargs):  # a signal is raised between bytecodes: before ONNX Runtime's run or after
@@ -105,7 +105,7 @@ def test_ctrl_c_inside_a_pass_keeps_what_was_run(engines, monkeypatch, draft, af
         for token in reuse.token_stream(prompt, 12, draft=draft):
             shown.append(token)
     monkeypatch.undo()
-    cache, ids = reuse._kept
+    cache, ids = reuse.kept.held
     run = min(len(ids), len(prompt) + len(shown))  # the last token shown may not have run yet
     assert ids[:run] == (prompt + shown)[:run] and run >= len(prompt) + len(shown) - 1
     assert int(cache.lengths[0]) == len(ids) > len(prompt)
@@ -122,7 +122,7 @@ def test_off_by_default_and_on_for_static_targets(engines, tiny_gemma3, tmp_path
 
     _, fresh = engines
     fresh.generate("t3 t4 t5", 3)
-    assert fresh.generate("t3 t4 t5", 3).stats.cached_tokens == 0 and fresh._kept is None
+    assert fresh.generate("t3 t4 t5", 3).stats.cached_tokens == 0 and fresh.kept.held is None
     static = Engine.load(export(tiny_gemma3[1], tmp_path / "s", capacity=64, static_window=3), reuse_prefix=True)
     first = static.generate("t3 t4 t5", 3)
     again = static.generate("t3 t4 t5", 3)

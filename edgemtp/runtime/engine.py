@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
@@ -22,7 +21,7 @@ from .chat import ChatTemplate, check_chat_args, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
 from .head_pages import HeadTables
 from .heap import release_freed_memory
-from .kv_cache import KVCache
+from .kept_cache import KeptCache
 from .sampling import Sampling, pick
 from .session import make_session, resolve_provider, runs_on_cpu
 from .stats import Stats
@@ -70,9 +69,7 @@ class Engine:
         self.head_tables = None  # head_pages.HeadTables: the head table the sessions read, on 2 MB pages (see load)
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
         self.chat_template = None  # chat.ChatTemplate: the model's, when its bundle has one
-        self.reuse_prefix = False  # see load
-        self._kept = None  # (KV cache, the token ids its positions hold) left by the last one-prompt generation
-        self._kept_lock = threading.Lock()  # two threads' generations must not both take the one kept cache
+        self.kept = KeptCache(target)  # the cache the last one-prompt generation left, with reuse_prefix
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -145,10 +142,15 @@ class Engine:
         engine.threads, engine.provider = threads, provider
         engine.drafter_provider = drafter_provider or provider
         engine.fast_verify = fast_verify
-        engine.reuse_prefix = reuse_prefix
+        engine.kept.enabled = reuse_prefix
         engine.target_spins = not mtp
         release_freed_memory()  # what building the session freed
         return engine
+
+    @property
+    def reuse_prefix(self) -> bool:
+        """See load."""
+        return self.kept.enabled
 
     @property
     def static(self) -> bool:
@@ -217,9 +219,9 @@ class Engine:
         stats = stats if stats is not None else Stats()
         stats.reset()
         rng = np.random.default_rng(sampling.seed)
-        cache, cached = self._cache_for(prompt_ids)
+        cache, cached = self.kept.take(prompt_ids)
         generated = []
-        with self._keeping(cache, prompt_ids, generated):  # the prefill too: Ctrl-C in it keeps what was cached
+        with self.kept.keeping(cache, prompt_ids, generated):  # the prefill too: Ctrl-C in it keeps what was cached
             t0 = time.perf_counter()
             logits, _ = self.target.forward(np.array([prompt_ids[cached:]]), cache)
             stats.prefill_tokens, stats.prefill_s = len(prompt_ids) - cached, time.perf_counter() - t0
@@ -241,47 +243,6 @@ class Engine:
                 logits, _ = self.target.forward(np.array([[token]]), cache)
                 stats.decode_tokens += 1
                 stats.decode_s = time.perf_counter() - t0
-
-    def _cache_for(self, prompt_ids: list[int]) -> tuple[KVCache, int]:
-        """A one-row cache for `prompt_ids` and how many of their first positions it holds already: with
-        reuse_prefix, the last generation's cache rolled back to where its tokens and the prompt part (one
-        token at least is left to run: its logits pick the first new token)."""
-        with self._kept_lock:
-            kept, self._kept = self._kept, None  # taken: a generation that fails leaves none behind
-        if kept is None:
-            return self.target.new_cache(1), 0
-        cache, ids = kept
-        n = 0
-        for a, b in zip(ids, prompt_ids[:-1]):
-            if a != b:
-                break
-            n += 1
-        cache.rollback(0, n)
-        return cache, n
-
-    @contextlib.contextmanager
-    def _keeping(self, cache: KVCache, prompt_ids: list[int], generated: list[int]):
-        """With reuse_prefix, keeps `cache` for the next generation once this one ends, its consumer stops
-        reading, or Ctrl-C stops it (its positions then hold prompt + generated tokens, the last one not yet run);
-        not after an error, which may have left the generation's own state half done.
-
-        A KeyboardInterrupt mostly lands inside a pass (Python raises it when ONNX Runtime's run returns), and the
-        cache is still right to keep: a pass writes only at and after a row's length and moves the length once
-        it ran, and `generated` holds only tokens whose round committed, so the first min(length, ids)
-        positions hold those ids (_keep). Dropping it made `edgemtp chat`'s next turn after a Ctrl-C run the
-        whole conversation again."""
-        try:
-            yield
-        except (GeneratorExit, KeyboardInterrupt):
-            self._keep(cache, prompt_ids + generated)
-            raise
-        self._keep(cache, prompt_ids + generated)
-
-    def _keep(self, cache: KVCache, ids: list[int]) -> None:
-        if self.reuse_prefix:
-            n = min(int(cache.lengths[0]), len(ids))  # a stop string may end the text inside a verified run
-            cache.rollback(0, n)
-            self._kept = (cache, ids[:n])
 
     def drafter(self, mode: str = "auto", graph: str = "drafter", adaptive: bool = False):
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt
@@ -364,10 +325,10 @@ class Engine:
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
         if own is not None:
             own.reset()
-        cache, cached = self._cache_for(prompt_ids)
+        cache, cached = self.kept.take(prompt_ids)
         results = [SeqResult([])]
         try:
-            with self._keeping(cache, prompt_ids, results[0].tokens):
+            with self.kept.keeping(cache, prompt_ids, results[0].tokens):
                 for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, stops, own, results,
                                                 cache, cached):
                     _copy_stats(own, stats)  # filled as generation goes, as without drafting
@@ -430,9 +391,9 @@ class Engine:
         """spec.generate for one prompt over the kept cache (reuse_prefix), keeping it again after."""
         from .speculative import SeqResult
 
-        cache, cached = self._cache_for(prompt_ids)
+        cache, cached = self.kept.take(prompt_ids)
         results = [SeqResult([])]
-        with self._keeping(cache, prompt_ids, results[0].tokens):
+        with self.kept.keeping(cache, prompt_ids, results[0].tokens):
             for _ in spec.stream([prompt_ids], max_new_tokens, sampling, stops, stats, results, cache, cached):
                 pass
         return results
