@@ -15,7 +15,6 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .. import bundle as bundle_mod
-from .. import contract as C
 from ..errors import ArgumentError, EdgemtpError
 from .chat import ChatTemplate, check_chat_args, is_chat
 from .detokenizer import IncrementalDecoder, decode_text
@@ -29,7 +28,7 @@ from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_load_args, check_max_new_tokens,
                        check_request, check_text, new_stats)
 from .static_target import StaticTarget, is_static
-from .target import Target
+from .target import Target, verify_loader
 
 
 @dataclass
@@ -129,7 +128,7 @@ class Engine:
                 raise EdgemtpError(f"{b.graph('target').path}: {e}") from None
         else:  # bundle.load checked the graph against its contract
             target = Target(session, b.target_contract,
-                            _verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify, tables))
+                            verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify, tables))
         engine = cls(b, target, tok)
         engine.head_tables = tables
         if b.chat is not None:
@@ -430,21 +429,3 @@ def _copy_stats(own: Stats, stats: Stats | None) -> None:
     if stats is not None and own is not stats:
         for f in dataclasses.fields(Stats):
             setattr(stats, f.name, getattr(own, f.name))
-
-
-def _verify_loader(b: bundle_mod.Bundle, provider: str, threads: int | None, mtp: bool, fast: bool,
-                   huge_pages: bool = False, tables: HeadTables | None = None):
-    """Loads the bundle's batched verify graph when first needed (batched speculative decoding); unless `fast`,
-    without a packed copy of the weights: it then shares the target's memory-mapped data file."""
-    if not b.has_graph("verify"):
-        return None
-    entry = b.graph("verify")
-
-    def load() -> Target:
-        b.check_unchanged()  # its weights must be the target's: the files Engine.load checked
-        session = make_session(entry.path, provider, threads, spin=not mtp, prepack=fast, huge_pages=huge_pages,
-                               initializers=tables and tables.initializers("verify"))
-        target = Target(session, C.TargetContract.from_json(entry.contract))
-        release_freed_memory()
-        return target
-    return load

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnxruntime as ort
 
 from .. import contract as C
 from ..errors import EdgemtpError
+from .head_pages import HeadTables
+from .heap import release_freed_memory
 from .kv_cache import KVCache
+from .session import make_session
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle
 
 
 class CapacityError(EdgemtpError):
@@ -158,3 +164,21 @@ class _Pass:
             self.io.bind_ortvalue_output(name, value)
         self.target.session.run_with_iobinding(self.io)
         return [o.numpy() for o in outputs]
+
+
+def verify_loader(b: Bundle, provider: str, threads: int | None, mtp: bool, fast: bool,
+                   huge_pages: bool = False, tables: HeadTables | None = None) -> Callable[[], Target] | None:
+    """Loads the bundle's batched verify graph when first needed (batched speculative decoding); unless `fast`,
+    without a packed copy of the weights: it then shares the target's memory-mapped data file."""
+    if not b.has_graph("verify"):
+        return None
+    entry = b.graph("verify")
+
+    def load() -> Target:
+        b.check_unchanged()  # its weights must be the target's: the files Engine.load checked
+        session = make_session(entry.path, provider, threads, spin=not mtp, prepack=fast, huge_pages=huge_pages,
+                               initializers=tables and tables.initializers("verify"))
+        target = Target(session, C.TargetContract.from_json(entry.contract))
+        release_freed_memory()
+        return target
+    return load
