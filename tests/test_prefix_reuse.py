@@ -127,3 +127,14 @@ def test_off_by_default_and_on_for_static_targets(engines, tiny_gemma3, tmp_path
     first = static.generate("t3 t4 t5", 3)
     again = static.generate("t3 t4 t5", 3)
     assert again.stats.cached_tokens == 2 and again.tokens == first.tokens  # the last prompt token runs again
+
+
+def test_reuse_prefix_switched_after_load(tiny_gemma3):
+    """Engine.reuse_prefix, an attribute apps may set after load, turns keeping on and off."""
+    engine = Engine.load(tiny_gemma3[2])
+    engine.reuse_prefix = True
+    first = engine.generate("t3 t4 t5", 3)
+    assert engine.reuse_prefix and engine.generate("t3 t4 t5", 3).stats.cached_tokens == 2
+    engine.reuse_prefix = False
+    engine.kept.held = None
+    assert engine.generate("t3 t4 t5", 3).tokens == first.tokens and engine.kept.held is None

@@ -148,8 +148,12 @@ class Engine:
 
     @property
     def reuse_prefix(self) -> bool:
-        """See load."""
+        """See load (settable, as when it was a plain attribute)."""
         return self.kept.enabled
+
+    @reuse_prefix.setter
+    def reuse_prefix(self, on: bool) -> None:
+        self.kept.enabled = on
 
     @property
     def static(self) -> bool:
