@@ -2,7 +2,7 @@
 
 base.py holds the group (user mistakes as one `error:` line) and what the commands share; build.py the
 commands that make files (import-gguf, export, cluster, train-drafter), run.py those that run a bundle
-(generate, chat, evaluate, info), measure.py profile and quickstart. Importing it loads no ONNX Runtime: each
+(generate, chat, info), measure.py profile, evaluate and quickstart. Importing it loads no ONNX Runtime: each
 command imports what it needs when it runs."""
 
 from __future__ import annotations

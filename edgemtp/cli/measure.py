@@ -1,8 +1,10 @@
-"""Commands that measure: profile (plain decoding vs each drafter on this device) and quickstart."""
+"""Commands that measure: profile (plain decoding vs each drafter on this device), evaluate (perplexity,
+agreement with a reference bundle) and quickstart."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
@@ -171,3 +173,27 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
         click.echo()
         click.echo(speed_line(stats))
         del engine  # freed before the next one loads
+
+
+@cli.command("evaluate")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score.")
+@click.option("--reference", default=None, type=click.Path(path_type=Path),
+              help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
+@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text.")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json):
+    """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence."""
+    from ..evaluate import evaluate
+
+    if max_tokens is not None and max_tokens < 1:
+        raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 1")
+    text = read_prompt(None, text_file, "--text-file")
+    result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens,
+                      text_name=f"--text-file {text_file}")
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for key, value in result.items():
+        click.echo(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
