@@ -444,3 +444,50 @@ def test_int8_head_rows_need_the_ordered_head(pair, tmp_path):
                                  str(pair.assistants[False][1]), "--max-context", "64", "--draft-head-rows", "int8"])
     assert r.exit_code != 0 and "needs a clustered head" in r.output, r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_accepted_drafts_leave_the_assistant_plain_decodings_state(pair, monkeypatch):
+    """The accept path of a target + assistant bundle (the random assistant's own drafts are never accepted):
+    drafts replaced by plain greedy's next tokens (all K right in odd calls, only the first in even ones) are
+    accepted, and the tokens stay plain greedy's. At every draft call the assistant sees what it sees when each
+    round commits one token (drafts always wrong): the same cache length, the target's hidden state at that
+    position, and, from the shared KV cache, the same own drafts."""
+    from edgemtp.runtime.drafter_session import DrafterSession
+    from edgemtp.runtime.requests import Draft
+
+    engine = Engine.load(pair.assistants[True][2])
+    prompt = [int(t) for t in pair.ids[0, :LENGTHS[0]]]
+    n, k = 16, 3
+    plain = list(engine.token_ids(prompt, n))
+    own_propose = DrafterSession.propose
+
+    def run(choose) -> tuple[list[int], dict, object]:
+        seen = {}  # history length -> (cache length, hidden, the assistant's own drafts)
+
+        def propose(self, history, k, ctx=None):
+            own, q = own_propose(self, history, k, ctx)
+            seen[len(history)] = (int(ctx.cache.lengths[ctx.row]), np.array(ctx.hidden, copy=True), own)
+            return choose(len(seen), plain[len(history) - len(prompt):][:k]), q
+
+        monkeypatch.setattr(DrafterSession, "propose", propose)
+        from edgemtp.runtime.speculative import SpecStats
+
+        stats = SpecStats()
+        tokens = list(engine.token_stream(prompt, n, draft=Draft("mtp", k), stats=stats))
+        return tokens, seen, stats
+
+    def wrong(truth):
+        return [(truth[0] + 1) % 96] if truth else []
+
+    one_by_one, reference, ref_stats = run(lambda call, truth: wrong(truth))
+    oracle, seen, stats = run(lambda call, truth: truth if call % 2 else truth[:1] + wrong(truth[1:]))
+    assert one_by_one == plain and oracle == plain
+    assert ref_stats.accepted == 0 and sorted(reference) == list(range(len(prompt) + 1, len(prompt) + n - 1))
+    # (no draft when one token is left)
+    assert stats.drafted > stats.accepted > stats.rounds // 2  # every round took 1+ drafts, odd calls all K
+    assert len(seen) < len(reference) and set(seen) < set(reference)
+    for h, (length, hidden, own) in seen.items():
+        ref_length, ref_hidden, ref_own = reference[h]
+        assert length == ref_length == h - 1
+        np.testing.assert_allclose(hidden, ref_hidden, rtol=1e-4, atol=1e-4 * np.abs(ref_hidden).max())
+        assert own == ref_own, f"history length {h}"
