@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -329,7 +330,7 @@ def _touch_and_free(mb: int) -> float:
 
 def test_profile_imports_without_the_resource_module():
     """Windows has no `resource` module (nor /proc): the profile module imported it at the top, so `edgemtp
-    profile` failed at once there. Its peak is then unknown: 0."""
+    profile` failed at once there. Off Windows, with no /proc either, the peak is unknown: 0."""
     code = ("import sys; sys.modules['resource'] = None\n"
             "import edgemtp.runtime.profile as prof\n"
             "def no_proc(): raise FileNotFoundError(2, 'No such file or directory', '/proc/self/status')\n"
@@ -379,3 +380,29 @@ def test_peak_rss_whatever_the_process_is_named():
             "print(prof.reset_peak_rss() in (True, False), prof.peak_rss_mb() > 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.split() == ["True", "True"], r.stderr
+
+
+def test_windows_peak_is_the_peak_working_set():
+    """Windows has neither /proc nor getrusage: the peak is K32GetProcessMemoryInfo's PeakWorkingSetSize (the
+    profile read 0.0 there). A stand-in for kernel32 checks the call: the process's handle, the struct's size."""
+    from edgemtp.runtime import profile as prof
+
+    calls = []
+
+    def get_current_process():
+        return 2**64 - 1  # the pseudo-handle -1, as the c_void_p restype reads it
+
+    def memory_info(handle, counters, size):
+        calls.append((handle, size))
+        counters._obj.PeakWorkingSetSize = 765 * 2**20
+        return 1
+
+    kernel32 = type("Kernel32", (), {})()
+    kernel32.GetCurrentProcess, kernel32.K32GetProcessMemoryInfo = get_current_process, memory_info
+    assert prof.windows_peak_mb(kernel32) == 765.0
+    assert calls == [(2**64 - 1, ctypes.sizeof(prof._MemoryCounters))] and ctypes.sizeof(prof._MemoryCounters) in (
+        40, 72)  # psapi.h's PROCESS_MEMORY_COUNTERS on 32- / 64-bit Windows
+    kernel32.K32GetProcessMemoryInfo = lambda handle, counters, size: 0  # the call failed
+    assert prof.windows_peak_mb(kernel32) == 0.0
+    if sys.platform != "win32":
+        assert prof.windows_peak_mb() == 0.0  # no kernel32 to ask
