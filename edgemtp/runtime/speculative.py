@@ -4,7 +4,8 @@ A round for one sequence whose cache holds L verified positions and whose last e
 in the cache yet:
 
     draft d0..d(K-1) -> target forward over [t, d0..d(K-1)] (K+1 positions, cache L -> L+K+1)
-    -> count_accepted() (greedy) or accept_sampled() (rejection sampling) -> a accepted drafts
+    -> count_accepted() (greedy) or accept_sampled() (rejection sampling; runtime/acceptance.py)
+    -> a accepted drafts
     -> commit: roll the cache back to L+1+a -> emit d0..d(a-1) + the target's own next token.
 
 No extra target forward after a rejection: the verify pass already wrote the KV of [t, d0..d(a-1)]
@@ -30,61 +31,15 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import EdgemtpError
+from .acceptance import RowDistributions, accept_sampled, count_accepted  # _round calls them by these names
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .requests import check_request
-from .sampling import Sampling, distribution, draw, pick
+from .sampling import Sampling, pick
 from .stats import Stats
 from .stops import Stops
 from .kv_cache import KVCache
 from .target import Target
-
-
-def count_accepted(draft: Sequence[int], target_choice: Sequence[int]) -> int:
-    """Greedy acceptance: the length of the longest prefix of `draft` [n] that equals `target_choice`
-    (the target's argmax at each draft position, [>= n])."""
-    n = len(draft)
-    mismatch = np.flatnonzero(np.asarray(draft[:n]) != np.asarray(target_choice[:n]))
-    return int(mismatch[0]) if mismatch.size else n
-
-
-def accept_sampled(draft: Sequence[int], p: "np.ndarray | RowDistributions", q: np.ndarray | None,
-                   rng: np.random.Generator) -> tuple[int, int]:
-    """Rejection sampling (Leviathan et al. 2023, Chen et al. 2023) -> (accepted a, next token).
-
-    draft [n] was drawn from q [n, V] (None: a deterministic drafter, q one-hot at each draft token);
-    p [n+1, V] is the target's distribution at each verify position (read row by row: RowDistributions).
-    Draft token x is accepted with probability min(1, p(x)/q(x)); at the first rejection the next token is
-    drawn from norm(max(0, p - q)); when all n are accepted it is drawn from p[n]. draft[:a] + [next] is
-    then distributed exactly as a+1 tokens sampled from the target."""
-    for i, x in enumerate(draft):
-        qx = 1.0 if q is None else float(q[i, x])
-        if rng.random() * qx < p[i][x]:  # u < p/q without dividing
-            continue
-        if q is None:
-            residual = p[i].copy()
-            residual[x] = 0.0
-        else:
-            residual = np.maximum(p[i] - q[i], 0.0)
-        total = residual.sum()
-        # total is 0 only when p == q, where a rejection has probability 0: guard rounding
-        return i, draw(residual / total if total > 0 else p[i], rng)
-    return len(draft), draw(p[len(draft)], rng)
-
-
-class RowDistributions:
-    """p[i]: distribution(logits[i], sampling), computed when first asked for. Acceptance reads the rows up to
-    the first rejected draft only, and a row costs 1-4 ms over 262,144 logits (float64 softmax, top-k, top-p):
-    with a quarter of sampled drafts accepted, most rows of a verify pass were computed for nothing. The same
-    numbers as distribution() over the whole block (it works row by row)."""
-
-    def __init__(self, logits: np.ndarray, sampling: Sampling):
-        self.logits, self.sampling, self.rows = logits, sampling, {}
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        if i not in self.rows:
-            self.rows[i] = distribution(self.logits[i], self.sampling)
-        return self.rows[i]
 
 
 @dataclass
