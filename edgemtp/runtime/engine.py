@@ -16,19 +16,19 @@ from tokenizers import Tokenizer
 
 from .. import bundle as bundle_mod
 from ..errors import ArgumentError, EdgemtpError
-from .chat import ChatTemplate, check_chat_args, is_chat
+from .chat import is_chat
 from .detokenizer import IncrementalDecoder, decode_text
-from .head_pages import HeadTables
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
+from .loading import load_engine
 from .sampling import Sampling, pick
-from .session import make_session, resolve_provider, runs_on_cpu
+from .session import runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
-from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_load_args, check_max_new_tokens,
-                       check_request, check_text, new_stats)
-from .static_target import StaticTarget, is_static
-from .target import Target, verify_loader
+from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_max_new_tokens, check_request, check_text,
+                       new_stats)
+from .static_target import StaticTarget
+from .target import Target
 
 
 @dataclass
@@ -95,56 +95,8 @@ class Engine:
         of the data file on 2 MB pages (Linux, on the CPU; runtime/head_pages.py): decode steps up to 1.18x as fast
         (1.00-1.06x where the page cache already held it in large folios), the table mapped once (a lower RSS); False:
         through ONNX Runtime's own mappings, on whatever pages the page cache gives."""
-        check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
-                         fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix,
-                         head_huge_pages=head_huge_pages)
-        chat_args = check_chat_args(chat_args) if chat_args is not None else {}
-        b = bundle_mod.load(Path(bundle_dir), verify=verify)
-        if chat_args and b.chat is None:  # variables for a template there is not: said before any work
-            raise EdgemtpError(f"{b.dir}: chat_args (--chat-arg) set chat template variables, and the bundle has no "
-                               "chat template")
-        if fast_verify and not b.has_graph("verify"):  # asked for, it would change nothing: say so
-            raise EdgemtpError(f"{b.dir}: fast_verify (--fast-verify) packs the batched verify graph, and this bundle "
-                               "has none (it verifies with its target graph)")
-        if drafter_provider is not None:
-            with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
-                warnings.simplefilter("ignore")
-                resolve_provider(drafter_provider, "drafter_provider")
-        if mtp is None:
-            mtp = auto_mode(b, provider) == "hybrid"
-        try:
-            tok = Tokenizer.from_file(str(b.tokenizer_path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
-        release_freed_memory()  # its parse's JSON tree, before the session's memory piles on top (runtime/heap.py)
-        tables = HeadTables.load(b) if head_huge_pages and runs_on_cpu(provider) else None
-        session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages,
-                               initializers=tables and tables.initializers("target"))
-        contract = b.graph("target").contract
-        if is_static(contract):
-            try:
-                target = StaticTarget(session, contract)
-            except EdgemtpError as e:  # its check of the graph's inputs does not know the file: name it
-                raise EdgemtpError(f"{b.graph('target').path}: {e}") from None
-        else:  # bundle.load checked the graph against its contract
-            target = Target(session, b.target_contract,
-                            verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify, tables))
-        engine = cls(b, target, tok)
-        engine.head_tables = tables
-        if b.chat is not None:
-            path, special = b.chat
-            try:
-                engine.chat_template = ChatTemplate(path.read_text(encoding="utf-8"), special, str(path), chat_args)
-            except UnicodeDecodeError:
-                raise EdgemtpError(f"{path}: not UTF-8 text") from None
-
-        engine.threads, engine.provider = threads, provider
-        engine.drafter_provider = drafter_provider or provider
-        engine.fast_verify = fast_verify
-        engine.kept.enabled = reuse_prefix
-        engine.target_spins = not mtp
-        release_freed_memory()  # what building the session freed
-        return engine
+        return load_engine(cls, bundle_dir, provider, threads, verify, drafter_provider, mtp, fast_verify, huge_pages,
+                           reuse_prefix, chat_args, head_huge_pages)
 
     @property
     def reuse_prefix(self) -> bool:

@@ -1,0 +1,79 @@
+"""Engine.load's work: a bundle directory to an Engine (its checks, the tokenizer, the target's session and
+graph wrapper, the chat template). Apart from engine.py, which keeps Engine.load's signature and docstring (the
+arguments are described there), to keep each under DESIGN.md's ~400 lines.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from .. import bundle as bundle_mod
+from ..errors import EdgemtpError
+from .chat import ChatTemplate, check_chat_args
+from .head_pages import HeadTables
+from .heap import release_freed_memory
+from .requests import check_load_args
+from .session import make_session, resolve_provider, runs_on_cpu
+from .static_target import StaticTarget, is_static
+from .target import Target, verify_loader
+
+
+def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None, verify: bool,
+                drafter_provider: str | None, mtp: bool | None, fast_verify: bool, huge_pages: bool,
+                reuse_prefix: bool, chat_args: dict | None, head_huge_pages: bool):
+    """Engine.load (see there): `cls` is the Engine class it was called on."""
+    from .engine import auto_mode  # engine.py imports this module
+
+    check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
+                     fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix,
+                     head_huge_pages=head_huge_pages)
+    chat_args = check_chat_args(chat_args) if chat_args is not None else {}
+    b = bundle_mod.load(Path(bundle_dir), verify=verify)
+    if chat_args and b.chat is None:  # variables for a template there is not: said before any work
+        raise EdgemtpError(f"{b.dir}: chat_args (--chat-arg) set chat template variables, and the bundle has no "
+                           "chat template")
+    if fast_verify and not b.has_graph("verify"):  # asked for, it would change nothing: say so
+        raise EdgemtpError(f"{b.dir}: fast_verify (--fast-verify) packs the batched verify graph, and this bundle "
+                           "has none (it verifies with its target graph)")
+    if drafter_provider is not None:
+        with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
+            warnings.simplefilter("ignore")
+            resolve_provider(drafter_provider, "drafter_provider")
+    if mtp is None:
+        mtp = auto_mode(b, provider) == "hybrid"
+    try:
+        tok = Tokenizer.from_file(str(b.tokenizer_path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
+    release_freed_memory()  # its parse's JSON tree, before the session's memory piles on top (runtime/heap.py)
+    tables = HeadTables.load(b) if head_huge_pages and runs_on_cpu(provider) else None
+    session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages,
+                           initializers=tables and tables.initializers("target"))
+    contract = b.graph("target").contract
+    if is_static(contract):
+        try:
+            target = StaticTarget(session, contract)
+        except EdgemtpError as e:  # its check of the graph's inputs does not know the file: name it
+            raise EdgemtpError(f"{b.graph('target').path}: {e}") from None
+    else:  # bundle.load checked the graph against its contract
+        target = Target(session, b.target_contract,
+                        verify_loader(b, provider, threads, mtp, fast_verify, huge_pages and fast_verify, tables))
+    engine = cls(b, target, tok)
+    engine.head_tables = tables
+    if b.chat is not None:
+        path, special = b.chat
+        try:
+            engine.chat_template = ChatTemplate(path.read_text(encoding="utf-8"), special, str(path), chat_args)
+        except UnicodeDecodeError:
+            raise EdgemtpError(f"{path}: not UTF-8 text") from None
+
+    engine.threads, engine.provider = threads, provider
+    engine.drafter_provider = drafter_provider or provider
+    engine.fast_verify = fast_verify
+    engine.kept.enabled = reuse_prefix
+    engine.target_spins = not mtp
+    release_freed_memory()  # what building the session freed
+    return engine
