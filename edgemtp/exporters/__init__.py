@@ -1,4 +1,5 @@
-"""`export()`: model directory -> bundle. One module per architecture builds the target graph."""
+"""`export()`: model directory -> bundle. One module per architecture builds the target graph; drafter_pairing.py
+checks and lays out the MTP drafter attached to it."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from ..errors import EdgemtpError
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
 from .checkpoint_checks import check_weights, own_head
+from .drafter_pairing import AUTO, _check_drafter, _check_drafter_options, _drafter_needs_rows, layout, shipped_drafter
 from .gemv_head import use_gemv_head
 from .tokenizer_copy import write_tokenizer
 
-AUTO = "auto"  # drafter=AUTO: attach the shipped drafter trained for this model, when there is one
 Progress = Callable[[int, int, str], None]
 
 
@@ -136,12 +137,12 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     `drafter_top_k`: clusters the drafter's clustered head keeps (None: its tables' default, 0: full head).
     `drafter_head_rows`: "int8" scores that head's candidates from an int8 copy of the table (made from the
     fp32 table; a quantized bundle keeps it as it is, its drafter's rescoring reads the quantized table);
-    "fp32" from the table's rows; AUTO: see layout().
+    "fp32" from the table's rows; AUTO: see drafter_pairing.layout().
     `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT for our drafters, 0
     for a Gemma 4 assistant, whose head then stays as transformers runs it; 0: none).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...).
     `gemv_head`: store the head table transposed, for one-row passes to read with GEMV
-    (exporters/gemv_head.py; fp32, dynamic graphs); AUTO: see layout()."""
+    (exporters/gemv_head.py; fp32, dynamic graphs); AUTO: see drafter_pairing.layout()."""
     model_dir, out = Path(model_dir), Path(out)
     bundle_mod.check_output(out, overwrite)  # before any work
     if quant not in QUANTS:
@@ -219,37 +220,6 @@ VERIFY_GRAPH = "target_verify.onnx"
 VERIFY_BUILDS = (gemma3.build, llama.build)  # architectures with one (Gemma 4's KV sharing needs GQA)
 
 
-def layout(quant: str, static_window: int | None, drafter, top_k: int | None, head_rows: str,
-           gemv_head: bool | str) -> tuple[bool, str]:
-    """(gemv_head, head_rows) with AUTO resolved. A dynamic fp32 bundle stores its head table transposed
-    (exporters/gemv_head.py: plain decode steps ~5% faster, no bigger on disk) unless its drafter needs the
-    table's rows, and our drafters' clustered heads then score int8 rows (a V x hidden copy in cluster
-    order, 168 MB for Gemma 3 270M, and a faster draft step than fp32 rows: docs/measurements.md, "Session 21"), since
-    gathering thousands of fp32 rows as columns of the transposed table would be slow. Quantized and static
-    bundles keep the row-major table and fp32 rows."""
-    from ..drafter import assistant
-    from ..drafter.export import HEAD_FILE
-
-    dynamic_fp32 = quant == "fp32" and static_window is None
-    if head_rows == AUTO:
-        ours = drafter is not None and not assistant.is_assistant(Path(drafter))
-        clustered = ours and top_k != 0 and (Path(drafter) / HEAD_FILE).is_file()
-        head_rows = "int8" if dynamic_fp32 and clustered and gemv_head in (AUTO, True) else "fp32"
-    if gemv_head == AUTO:
-        gemv_head = dynamic_fp32 and not _drafter_needs_rows(drafter, head_rows)
-    return bool(gemv_head), head_rows
-
-
-def _drafter_needs_rows(drafter, head_rows: str) -> bool:
-    """Whether a --gemv-head export keeps the [V, H] table beside the transposed one, for its drafter. Our
-    drafters read the transposed table's columns when their clustered head scores int8 rows (which the
-    exporter makes from the table), since then they gather only a few columns per step (the rescored and
-    recent-token candidates, the input token); with fp32 rows they gather thousands, which as columns
-    (one cache line per number) would be far slower than as rows. A Gemma 4 assistant keeps the rows."""
-    from ..drafter import assistant
-
-    return drafter is not None and (head_rows != "int8" or assistant.is_assistant(Path(drafter)))
-
 
 def write_verify(bundle_dir: Path, graph_and_contract) -> dict:
     """The batched verify graph: the target's layers reading the cache and returning only the new K/V rows
@@ -261,68 +231,6 @@ def write_verify(bundle_dir: Path, graph_and_contract) -> dict:
     return {"file": VERIFY_GRAPH, "quant": "fp32", "contract": contract.to_json()}
 
 
-def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant, why_none: str | None = None) -> None:
-    """Options of the drafter's head need a drafter: given without one they would be silently ignored.
-    `why_none`: why there is none, when not the default reason (a qdq bundle's shipped drafter is left out)."""
-    from ..drafter.export import HEAD_ROWS
-
-    if head_rows not in (AUTO, *HEAD_ROWS):
-        raise EdgemtpError(f"--draft-head-rows {head_rows!r}: choose from {AUTO}, {', '.join(HEAD_ROWS)}")
-    if drafter is not None:
-        if top_k == 0 and context:  # the recent tokens are scored beside a clustered head's candidates
-            raise EdgemtpError(f"--draft-head-context {context} needs the clustered head: not with --draft-top-k 0 "
-                               "(the full head scores every token)")
-        return
-    given = [flag for flag, value in (("--draft-top-k", top_k), ("--draft-head-context", context),
-                                      ("--drafter-quant", drafter_quant)) if value is not None]
-    given += ["--draft-head-rows"] if head_rows != AUTO else []
-    if given:
-        raise EdgemtpError(f"{given[0]} applies to a bundle with an MTP drafter, and none is attached "
-                           f"({why_none or 'no drafter is shipped for this model, or --drafter none'})")
-
-
-def shipped_drafter(model_dir: Path) -> Path | None:
-    """The drafter shipped with edgemtp for this model (recognised by its weights), if any."""
-    from ..drafter import match_shipped
-
-    load_config(model_dir)  # an unsupported or broken model directory reports that, not a drafter problem
-    return match_shipped(model_dir)
-
-
-def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, head_rows: str = "fp32",
-                   context: int | None = None):
-    """Refuses a drafter made for another target before anything is written; returns write(tmp, progress)
-    -> the manifest's drafter graph entries."""
-    from ..contract import TargetContract
-    from ..drafter import assistant
-    from ..drafter import load_config as load_drafter_config
-    from ..drafter.export import DEFAULT_CONTEXT, check_context, check_head_rows, head_shape, write, write_full_head
-
-    t = TargetContract.from_json(target_contract)
-    if assistant.is_assistant(drafter_dir):
-        cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
-        context = context or 0  # by default, the head as Google ships it (and transformers runs it)
-        check_context(context)
-        check_head_rows(head_rows, cfg.head(context))  # and a context without a clustered head
-        return lambda tmp, progress=None: {"drafter": assistant.write(tmp, drafter_dir, tmp / "target.onnx", cfg,
-                                                                     head_rows=head_rows, context=context,
-                                                                     progress=progress)}
-    cfg = load_drafter_config(drafter_dir)
-    if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
-            set(t.drafter_kv.values()) != set(cfg.target_kv.values()):
-        raise EdgemtpError(f"{drafter_dir}: drafter does not match this target (drafter: backbone hidden "
-                           f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
-                           f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
-    head = head_shape(drafter_dir, cfg, top_k, DEFAULT_CONTEXT if context is None else context)
-    check_head_rows(head_rows, head)  # bad head tables or flags fail here too
-    context = head.context if head is not None else 0
-
-    def write_graphs(tmp: Path, progress: Progress | None = None) -> dict:
-        entry = write(tmp, drafter_dir, tmp / "target.onnx", top_k=top_k, head_rows=head_rows, context=context,
-                      progress=progress)
-        full = write_full_head(tmp, drafter_dir, entry)  # for profile's full vs clustered rows
-        return {"drafter": entry, **({"drafter_full_head": full} if full else {})}
-    return write_graphs
 
 
 def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window, options, drafter,

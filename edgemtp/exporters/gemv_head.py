@@ -1,5 +1,5 @@
 """The LM head table stored transposed, `[H, V]`, so one-row passes read it with GEMV (`export --gemv-head`,
-the default for dynamic fp32 bundles since session 21: see exporters.layout).
+the default for dynamic fp32 bundles since session 21: see exporters.drafter_pairing.layout).
 
 A decode step's logits are a [1, H] x [V, H]^T product that reads the whole V x H table. ONNX Runtime packs
 a constant MatMul / Gemm weight at load, and its packed kernel is not the fastest reader at M = 1: its
