@@ -267,7 +267,7 @@ def test_chat_commands_help_and_a_mistyped_one(chat_bundle):
     the model; a message starting with a path is sent as typed. With --json each gets its line."""
     import json
 
-    from edgemtp.cli.run import CHAT_HELP
+    from edgemtp.cli.chat import CHAT_HELP
 
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "4"],
                            input="/help\n/clear\n/t3/t4 t5\n/exit\n")
@@ -297,14 +297,14 @@ def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypa
     """Ctrl-C while a reply streams, with a person at the terminal: the reply stops where it is, stays in the
     conversation as shown, and the next message is answered as a fresh engine answers that conversation
     (Ctrl-C ended the whole chat before). From a pipe Ctrl-C still ends it."""
-    from edgemtp.cli import run as run_mod
+    from edgemtp.cli import chat as chat_mod
 
     stream, stopped = Engine.stream, []
     monkeypatch.setattr(Engine, "stream", interrupted_once(stream, stopped))
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"], input="t3\n")
     assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
     stopped.clear()
-    monkeypatch.setattr(run_mod, "stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(chat_mod, "stdin_is_terminal", lambda: True)
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"],
                            input="t3 t4\nt5\n")
     assert r.exit_code == 0 and "(reply stopped" in r.stderr, r.output
@@ -331,7 +331,7 @@ def test_ctrl_c_at_a_terminal_ends_a_json_reply_as_it_stands(chat_bundle, monkey
     and stop_reason "interrupted", and the next reply is what a fresh engine gives that conversation."""
     import json
 
-    from edgemtp.cli import run as run_mod
+    from edgemtp.cli import chat as chat_mod
 
     token_stream, stopped = Engine.token_stream, []
     monkeypatch.setattr(Engine, "token_stream", interrupted_once(token_stream, stopped))
@@ -339,7 +339,7 @@ def test_ctrl_c_at_a_terminal_ends_a_json_reply_as_it_stands(chat_bundle, monkey
     r = CliRunner().invoke(cli, args, input="t3\n")
     assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
     stopped.clear()
-    monkeypatch.setattr(run_mod, "stdin_is_terminal", lambda: True)
+    monkeypatch.setattr(chat_mod, "stdin_is_terminal", lambda: True)
     r = CliRunner().invoke(cli, args, input="t3 t4\nt5\n")
     assert r.exit_code == 0, r.output
     first, second = [json.loads(line) for line in r.stdout.splitlines()]

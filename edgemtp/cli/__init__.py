@@ -2,8 +2,8 @@
 
 base.py holds the group (user mistakes as one `error:` line) and what the commands share; build.py the
 commands that make files (import-gguf, export, cluster, train-drafter), run.py those that run a bundle
-(generate, chat, info), measure.py profile, evaluate and quickstart. Importing it loads no ONNX Runtime: each
-command imports what it needs when it runs."""
+(generate, info), chat.py chat, measure.py profile, evaluate and quickstart. Importing it loads no ONNX
+Runtime: each command imports what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import io
 import os
 import sys
 
-from . import build, measure, run  # noqa: F401  each registers its commands on the group
+from . import build, chat, measure, run  # noqa: F401  each registers its commands on the group
 from .base import cli, exit_on_sigterm
 from .build import domain_counts
 from .run import unescape
