@@ -16,6 +16,8 @@ from edgemtp.errors import EdgemtpError
 from edgemtp.exporters import builder, export
 from edgemtp.runtime.engine import Engine, Stats
 
+from .cli_errors import assert_one_line_error
+
 
 # tensors of the tiny model's checkpoint whose header entries the tests below change
 FIRST = "model.embed_tokens.weight"
@@ -659,8 +661,8 @@ def test_longrope_outside_phi3_is_refused(model_type, tiny_gemma3, tmp_path):
     rope = {"full_attention": longrope, "sliding_attention": longrope} if model_type == "gemma3_text" else longrope
     (model_dir / "config.json").write_text(json.dumps({**config, "model_type": model_type, "rope_parameters": rope}))
     r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(tmp_path / "out"), "--max-context", "64"])
-    assert r.exit_code == 2 and "rope_type 'longrope' is supported for phi3 only" in r.output, r.output
-    assert r.output.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert_one_line_error(r, f"{model_dir / 'config.json'}", "rope_type 'longrope' is supported for phi3 only")
+    assert not (tmp_path / "out").exists()
 
 
 def test_gemma2_fields_read_as_transformers_reads_them(tiny_gemma3):
@@ -852,8 +854,8 @@ def test_phi3_config_and_fused_weights(tmp_path):
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 2}))
     r = CliRunner().invoke(cli, args + ["64"])
-    assert r.exit_code == 2 and "tensor 'model.layers.0.self_attn.qkv_proj.weight' has shape [128, 64], but " \
-        "config.json implies 192 rows (64 + 64 + 64)" in r.output
+    assert_one_line_error(r, f"{model_dir}: tensor 'model.layers.0.self_attn.qkv_proj.weight' has shape [128, 64], "
+                          "but config.json implies 192 rows (64 + 64 + 64)")
     assert not (tmp_path / "out").exists()
 
 

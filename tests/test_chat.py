@@ -18,6 +18,8 @@ from edgemtp.exporters import chat_template, export
 from edgemtp.runtime.chat import ChatTemplate
 from edgemtp.runtime.engine import Draft, Engine
 
+from .cli_errors import assert_one_line_error
+
 # Gemma 3's instruction format (a system message folded into the first user turn, alternation enforced by
 # raise_exception), written with whitespace control as Gemma's own template is
 GEMMA = """{{ bos_token }}
@@ -109,7 +111,8 @@ def test_bad_messages_are_named(messages, match):
 
 @pytest.mark.parametrize("config,match", [
     ({"chat_template": 3}, "tokenizer_config.json: chat_template is not a template"),
-    ({"chat_template": [{"name": "tool_use", "template": "x"}]}, "is not a template"),
+    ({"chat_template": [{"name": "tool_use", "template": "x"}]},
+     "tokenizer_config.json: chat_template is not a template"),
     ({"chat_template": "{% for m in messages %}"}, "tokenizer_config.json: the chat template does not parse (line"),
 ])
 def test_bad_templates_fail_the_export_first(tiny_gemma3, tmp_path, config, match):
@@ -118,7 +121,7 @@ def test_bad_templates_fail_the_export_first(tiny_gemma3, tmp_path, config, matc
     shutil.copytree(tiny_gemma3[1], d)
     (d / "tokenizer_config.json").write_text(json.dumps(config))
     r = CliRunner().invoke(cli, ["export", str(d), "-o", str(tmp_path / "b"), "--max-context", "64"])
-    assert r.exit_code != 0 and match in r.output.replace("\n", ""), r.output
+    assert_one_line_error(r, f"{d / match}" if match.startswith("tokenizer_config") else match)
     assert not (tmp_path / "b").exists()
 
 
@@ -167,9 +170,9 @@ def test_chat_mistakes_are_one_line(chat_bundle, tiny_gemma3, tmp_path):
         return CliRunner().invoke(cli, ["generate", *map(str, args), "--max-new-tokens", "2"])
 
     r = run(tiny_gemma3[2], "--prompt", "t3", "--chat")
-    assert r.exit_code == 2 and "bundle has no chat template" in r.output and str(tiny_gemma3[2]) in r.output
+    assert_one_line_error(r, f"{tiny_gemma3[2]}: the bundle has no chat template")
     r = run(chat_bundle, "--prompt", "t3", "--system", "t4")
-    assert r.exit_code == 2 and "--system applies to --chat" in r.output
+    assert_one_line_error(r, "--system applies to --chat")
     with pytest.raises(EdgemtpError, match="prompt=3 must be text or a list of chat messages"):
         Engine.load(chat_bundle).generate(3, 2)
     refusing = tmp_path / "refusing"
@@ -179,17 +182,16 @@ def test_chat_mistakes_are_one_line(chat_bundle, tiny_gemma3, tmp_path):
          if k not in ("files", "format", "schema_version")}
     bundle_mod.write_manifest(refusing, m)  # a re-signed bundle: the template is what is wrong
     r = run(refusing, "--prompt", "t3", "--chat")
-    assert r.exit_code == 2 and "chat_template.jinja: the chat template refused the messages (only one message)" \
-        in r.output.replace("\n", ""), r.output
+    assert_one_line_error(r, f"{refusing / 'chat_template.jinja'}: the chat template refused the messages "
+                          "(only one message)")
     (refusing / "chat_template.jinja").write_text("{# says nothing #}")
     bundle_mod.write_manifest(refusing, m)
     r = run(refusing, "--prompt", "t3", "--chat")
-    assert r.exit_code == 2 and "chat_template.jinja: the chat template wrote nothing for the messages" in \
-        r.output.replace("\n", ""), r.output
+    assert_one_line_error(r, f"{refusing / 'chat_template.jinja'}: the chat template wrote nothing for the messages")
     m["chat"]["template"] = "nothere.jinja"
     bundle_mod.write_manifest(refusing, m)
     r = run(refusing, "--prompt", "t3", "--chat")
-    assert r.exit_code == 2 and "chat.template must name a file listed in 'files'" in r.output, r.output
+    assert_one_line_error(r, "chat.template must name a file listed in 'files'")
 
 
 def test_without_jinja2_the_install_is_named(monkeypatch):
@@ -225,7 +227,7 @@ def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     assert ("does not fit the bundle's KV capacity of 64" in r.stderr
             and "/reset starts the conversation over" in r.stderr)
     r = CliRunner().invoke(cli, ["chat", str(tiny_gemma3[2])], input="t3\n")
-    assert r.exit_code == 2 and "bundle has no chat template" in r.output
+    assert_one_line_error(r, f"{tiny_gemma3[2]}: the bundle has no chat template")
 
 
 def test_chat_json_gives_one_line_per_message(chat_bundle):
@@ -357,8 +359,8 @@ def test_chat_that_cannot_fit_says_why(chat_bundle):
     """A --system message leaving no room fails first (exit 2); a first message too long for the capacity is
     refused without suggesting /reset, which cannot help (nothing earlier to drop)."""
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--system", " ".join(["t9"] * 70)], input="t3\n")
-    assert r.exit_code == 2 and r.output.startswith("error: --system: the conversation would open with") and \
-        "KV capacity of 64" in r.output, r.output
+    line = assert_one_line_error(r, "KV capacity of 64")
+    assert line.startswith("error: --system: the conversation would open with"), line
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "2"],
                            input=" ".join(["t7"] * 70) + "\nt3\n")
     assert r.exit_code == 2 and "does not fit the bundle's KV capacity of 64" in r.stderr, r.output
@@ -371,7 +373,7 @@ def test_text_that_is_not_utf8_is_named(chat_bundle):
     for args, where in ((["generate", str(chat_bundle), "--prompt", "t3 \udcff"], "--prompt"),
                         (["generate", str(chat_bundle), "--chat", "--system", "\udcff", "--prompt", "t3"], "--system")):
         r = CliRunner().invoke(cli, args)
-        assert r.exit_code == 2 and f"{where}: not valid UTF-8 text" in r.output, r.output
+        assert_one_line_error(r, exact=f"{where}: not valid UTF-8 text")
     # a strict UTF-8 stdin (most locales) raises inside the read: chat reads bytes, names the line, goes on
     r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "chat", str(chat_bundle), "--max-new-tokens", "2"],
                        input=b"caf\xe9\nt3\n", capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
@@ -429,8 +431,8 @@ def test_chat_args_are_template_variables_as_transformers_passes_them(chat_bundl
                           (["--chat", "--prompt", "t3", "--chat-arg", "mood"],
                            "error: --chat-arg 'mood': give NAME=VALUE"),
                           (["--chat", "--prompt", "t3", "--chat-arg", "messages=1"], "has the name 'messages'")):
-        r = CliRunner().invoke(cli, ["generate", str(b), *args])
-        assert r.exit_code == 2 and message in r.output, r.output
+        line = assert_one_line_error(CliRunner().invoke(cli, ["generate", str(b), *args]), message)
+        assert line.startswith("error: --chat-arg"), line
     # NaN / Infinity are not JSON: the text (they were refused as a non-JSON number); bad ones named by the
     # option as typed (was '--chat-args {...}', a flag there is not)
     r = CliRunner().invoke(cli, ["generate", str(b), "--chat", "--prompt", "t3", "--chat-arg", "mood=NaN",
@@ -441,7 +443,8 @@ def test_chat_args_are_template_variables_as_transformers_passes_them(chat_bundl
                          ("mood=1e999", "error: --chat-arg 'mood=1e999' has mood=inf: values must be JSON values")):
         for command in (["generate", str(b), "--chat", "--prompt", "t3"], ["chat", str(b)]):
             r = CliRunner().invoke(cli, [*command, "--chat-arg", arg], input="t3\n")
-            assert r.exit_code == 2 and message in r.output and "--chat-args" not in r.output, r.output
+            assert_one_line_error(r, message)
+            assert "--chat-args" not in r.output, r.output
     with pytest.raises(EdgemtpError, match="chat_args \\(--chat-arg\\) set chat template variables, and the bundle "
                                            "has no chat template"):
         Engine.load(tiny_gemma3[2], chat_args={"mood": 3})

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 
 from edgemtp.cli import cli
 
+from .cli_errors import assert_one_line_error
+
 ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive",
               "skipped"}
 ROW_MEASURES = {"pp_tokens_per_s", "tg_tokens_per_s", "ttft_s", "acceptance_rate", "tokens_per_forward",
@@ -105,7 +107,7 @@ def test_trace_and_plot(tiny_gemma3, tmp_path):
 
 def test_bad_profile_flags(tiny_gemma3):
     r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--draft-k", "two"])
-    assert r.exit_code == 2 and "--draft-k 'two' must be comma-separated integers" in r.output
+    assert_one_line_error(r, exact="--draft-k 'two' must be comma-separated integers, e.g. 0,2,4")
 
 
 def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkeypatch):
@@ -119,7 +121,8 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
             (("--head", "full"),
              "--head full: only MTP and hybrid rows have a head, and --draft auto runs lookup here"),
             (("--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
-            (("--plot", tmp_path / "afile" / "p.png"), "--plot"),
+            (("--plot", tmp_path / "afile" / "p.png"),
+             f"--plot {tmp_path / 'afile' / 'p.png'}: {tmp_path / 'afile'} is a file, not a directory"),
             (("--gen-tokens", 1), "--gen-tokens 1 must be at least 2 (the first token comes from the prefill)"),
             (("--draft-k", "1,,2"), "--draft-k '1,,2' must be comma-separated integers"),
             (("--prompt-tokens", "8,"), "--prompt-tokens '8,' must be comma-separated integers"),
@@ -128,7 +131,7 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
             *([(("--trace", "/proc/t.json"), "--trace /proc/t.json: cannot write in /proc")]
               if Path("/proc/self").is_dir() else [])):
         r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), *map(str, args)])
-        assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, (args, r.output)
+        assert_one_line_error(r, message)
 
 
 def test_repeated_values_run_once_and_a_batch_beyond_memory_is_skipped(tiny_gemma3, monkeypatch):

@@ -33,6 +33,7 @@ from edgemtp.exporters.quantize import (_Reader, check_options, dequantize_rows,
 from edgemtp.exporters.quantrewrite import smoothing_scale  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402
 
+from .cli_errors import assert_one_line_error  # noqa: E402
 from .reference import save_tiny  # noqa: E402
 from .test_parity import tiny  # noqa: E402
 
@@ -853,10 +854,10 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
     run = lambda *a: CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(tmp_path / "b"), *a])  # noqa: E731
     bad = run("--quant", "int4", "--two-pass", "twice")
-    assert bad.exit_code == 2 and "error: --two-pass 'twice' must be one of none, head, all" in bad.output
+    assert_one_line_error(bad, exact="--two-pass 'twice' must be one of none, head, all")
     assert not (tmp_path / "b").exists()
     bad = run("--quant", "fp16", "--smooth", "0.5")
-    assert bad.exit_code == 2 and "--smooth applies to --quant int8 / int4 only" in bad.output
+    assert_one_line_error(bad, "--smooth applies to --quant int8 / int4 only")
     ok = run("--quant", "int4", "--max-context", "64", "--block-size", "16", "--frequent-rows", "8",
              "--calibration", str(calib_file), "--calibration-tokens", "128", "--keep-8bit", "*q_proj*")
     assert ok.exit_code == 0, ok.output
@@ -868,9 +869,9 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     q = bundle_mod.load(tmp_path / "b").manifest["graphs"]["target"]["quantization"]
     assert (q["layer_op"], q["head_op"]) == ("integer", "integer")
     bad = run("--quant", "fp32", "--head-op", "integer", "--overwrite")
-    assert bad.exit_code == 2 and "--head-op applies to --quant int8 / int4 only" in bad.output
+    assert_one_line_error(bad, "--head-op applies to --quant int8 / int4 only")
     bad = run("--quant", "int4", "--layer-op", "integer", "--layer-bits", "4", "--overwrite")
-    assert bad.exit_code == 2 and "--layer-op integer needs 8-bit layers" in bad.output
+    assert_one_line_error(bad, "--layer-op integer needs 8-bit layers")
     # refused before the fp32 export (which takes minutes at scale): nothing is written, not even scratch
     scratch = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".edgemtp"))  # noqa: E731
     short = tmp_path / "short.txt"
@@ -884,7 +885,7 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
                           (("--static", "--gemv-head"), "--gemv-head applies to dynamic fp32 bundles (not --static)"),
                           (("--quant", "fp16", "--static"), "static graphs are fp32 or QDQ (--quant qdq), not fp16")):
         bad = run(*args, "--max-context", "64", "--overwrite")
-        assert bad.exit_code == 2 and message in bad.output and len(bad.output.splitlines()) == 1, (args, bad.output)
+        assert_one_line_error(bad, message)
         assert bundle_mod.load(tmp_path / "b").graph("target").quant == "int8" and not scratch(), args
 
 

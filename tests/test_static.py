@@ -25,6 +25,7 @@ from edgemtp.runtime.speculative import SpecStats, speculative_generate  # noqa:
 from edgemtp.runtime.static_target import MASK_VALUE, StaticTarget, attention_bias  # noqa: E402
 from edgemtp.runtime.target import CapacityError  # noqa: E402
 
+from .cli_errors import assert_one_line_error  # noqa: E402
 from .reference import reference_logits, save_tiny  # noqa: E402
 from .test_parity import WINDOW, tiny  # noqa: E402
 
@@ -218,7 +219,7 @@ def test_static_target_capacity_and_contract_errors(models, tmp_path):
     from edgemtp.cli import cli
 
     r = CliRunner().invoke(cli, ["profile", str(st.bundle.dir), "--fast-verify", "--gen-tokens", "2"])
-    assert r.exit_code != 0 and "--fast-verify" in r.output and "no batched verify graph" in r.output, r.output
+    assert_one_line_error(r, f"--fast-verify: {st.bundle.dir} has no batched verify graph")
 
 
 def test_attention_bias_semantics():
@@ -379,8 +380,7 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
                           # not "no drafter is shipped for this model": one may be, a qdq bundle leaves it out
                           (("--quant", "qdq", "--draft-top-k", "8"),
                            "none is attached (a --quant qdq bundle has none)")):
-        r = run(*args, "--overwrite")
-        assert r.exit_code == 2 and message in r.output, (args, r.output)
+        assert_one_line_error(run(*args, "--overwrite"), message)
     with pytest.raises(EdgemtpError, match="add --static"):
         export(model_dir, tmp_path / "x", "qdq", capacity=CAPACITY)
 
