@@ -164,8 +164,9 @@ def test_bundle_carries_the_template_and_generates_from_messages(chat_bundle, ti
 
 
 def test_chat_mistakes_are_one_line(chat_bundle, tiny_gemma3, tmp_path):
-    """--chat on a bundle without a template, --system without --chat, a template refusing the messages, a
-    manifest whose chat entry names no file: one line naming the culprit, exit status 2."""
+    """--chat on a bundle without a template, --system without --chat, a template refusing the messages (its
+    message's line breaks as \\n), a manifest whose chat entry names no file: one line naming the culprit, exit
+    status 2."""
     def run(*args):
         return CliRunner().invoke(cli, ["generate", *map(str, args), "--max-new-tokens", "2"])
 
@@ -184,6 +185,12 @@ def test_chat_mistakes_are_one_line(chat_bundle, tiny_gemma3, tmp_path):
     r = run(refusing, "--prompt", "t3", "--chat")
     assert_one_line_error(r, f"{refusing / 'chat_template.jinja'}: the chat template refused the messages "
                           "(only one message)")
+    # a message over two lines: one error line, its break written \n (printed as it was, a second line held its end)
+    (refusing / "chat_template.jinja").write_text("{{ raise_exception('roles must alternate\nuser/assistant') }}")
+    bundle_mod.write_manifest(refusing, m)
+    r = run(refusing, "--prompt", "t3", "--chat")
+    assert_one_line_error(r, exact=f"{refusing / 'chat_template.jinja'}: the chat template refused the messages "
+                          "(roles must alternate\\nuser/assistant)")
     (refusing / "chat_template.jinja").write_text("{# says nothing #}")
     bundle_mod.write_manifest(refusing, m)
     r = run(refusing, "--prompt", "t3", "--chat")

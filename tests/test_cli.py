@@ -149,6 +149,16 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
         assert message in r.output and "--help')" in r.output, r.output
 
 
+def test_a_line_break_in_a_path_stays_on_the_error_line(tmp_path):
+    """A path holding a line break (a file name may) is named on the error's one line, its break written \\n:
+    printed as it was, the error's second line held the end of the path and the rest of the message."""
+    odd = tmp_path / "no\nsuch"
+    shown = str(odd).replace("\n", "\\n")
+    assert_one_line_error(run("generate", odd, "--prompt", "x"), exact=f"{shown}: not a bundle directory")
+    assert_one_line_error(run("export", odd, "-o", tmp_path / "b"),
+                          exact=f"{shown}: not a directory (expected a model directory with config.json)")
+
+
 def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
     """A path that cannot be written (here: under a file) and flags of other commands, each one line."""
     (tmp_path / "afile").write_text("x")

@@ -40,11 +40,11 @@ class _Group(click.Group):
 
     def invoke(self, ctx):
         with warnings.catch_warnings():  # a library warning (e.g. a provider falling back) as one plain line
-            warnings.showwarning = lambda message, *_a, **_k: click.echo(f"warning: {message}", err=True)
+            warnings.showwarning = lambda message, *_a, **_k: click.echo(f"warning: {one_line(message)}", err=True)
             try:
                 return super().invoke(ctx)
             except EdgemtpError as e:
-                click.echo(f"error: {e.cli_message() if isinstance(e, ArgumentError) else e}", err=True)
+                click.echo(f"error: {one_line(e.cli_message() if isinstance(e, ArgumentError) else e)}", err=True)
                 sys.exit(2)
             except click.UsageError as e:  # click's own checks (an unknown flag or command, a bad choice)
                 message = " ".join(e.format_message().split())  # "Did you mean ...?" comes on a second line
@@ -54,9 +54,17 @@ class _Group(click.Group):
             except OSError as e:
                 if e.filename is None or e.errno not in PATH_ERRORS:
                     raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
-                click.echo(f"error: {e.filename}: {e.strerror}", err=True)
+                click.echo(f"error: {one_line(e.filename)}: {e.strerror}", err=True)
                 sys.exit(2)
 
+
+def one_line(text) -> str:
+    """`text` with its line breaks written as escapes (`\\n`): a path or a chat template's message holding one
+    broke the error over lines, the culprit's name cut between them."""
+    return "".join(c.encode("unicode_escape").decode() if c in LINE_BREAKS else c for c in str(text))
+
+
+LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")  # where str.splitlines splits
 
 
 # a path given that cannot be read or written: read-only, no permission, a file where a directory goes, full
