@@ -130,11 +130,19 @@ def test_off_by_default_and_on_for_static_targets(engines, tiny_gemma3, tmp_path
 
 
 def test_reuse_prefix_switched_after_load(tiny_gemma3):
-    """Engine.reuse_prefix, an attribute apps may set after load, turns keeping on and off."""
+    """Engine.reuse_prefix, an attribute apps may set after load, turns keeping on and off: off, the cache kept
+    so far is let go (the next generation ran over it, cached_tokens 2, and its memory stayed held until then);
+    a value that is not a bool is refused, as Engine.load refuses it (a truthy "no" turned keeping on)."""
+    from edgemtp.errors import ArgumentError
+
     engine = Engine.load(tiny_gemma3[2])
     engine.reuse_prefix = True
     first = engine.generate("t3 t4 t5", 3)
     assert engine.reuse_prefix and engine.generate("t3 t4 t5", 3).stats.cached_tokens == 2
     engine.reuse_prefix = False
-    engine.kept.held = None
-    assert engine.generate("t3 t4 t5", 3).tokens == first.tokens and engine.kept.held is None
+    assert engine.kept.held is None
+    off = engine.generate("t3 t4 t5", 3)
+    assert off.tokens == first.tokens and off.stats.cached_tokens == 0 and engine.kept.held is None
+    with pytest.raises(ArgumentError, match="reuse_prefix='no' must be True or False"):
+        engine.reuse_prefix = "no"
+    assert not engine.reuse_prefix

@@ -21,7 +21,7 @@ from .detokenizer import IncrementalDecoder, decode_text
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
 from .loading import load_engine
-from .sampling import Sampling, pick
+from .sampling import Sampling, is_bool, pick
 from .session import runs_on_cpu
 from .stats import Stats
 from .stops import Stops, stop_strings
@@ -105,7 +105,11 @@ class Engine:
 
     @reuse_prefix.setter
     def reuse_prefix(self, on: bool) -> None:
-        self.kept.enabled = on
+        if not is_bool(on):  # as Engine.load: a truthy string ("no") turned keeping on
+            raise ArgumentError("reuse_prefix", on, "must be True or False")
+        self.kept.enabled = bool(on)
+        if not on:  # the cache kept so far is let go: the next generation ran over it (cached_tokens > 0, its
+            self.kept.held = None  # prefill not measured whole), and its memory stayed held until then
 
     @property
     def static(self) -> bool:
