@@ -103,6 +103,10 @@ def test_rendered_as_transformers_renders_it(gemma3_270m_dir, tmp_path, template
     (["text"], r"prompt\[0\]='text' is not a message"),
     ("text", r"^prompt='text' must be a list of chat messages"),  # not its letters
     ({"role": "user", "content": "a"}, r"^prompt=\{'role': 'user', 'content': 'a'\} must be a list of chat"),
+    # not iterable: Engine.chat_prompt(5) raised TypeError "'int' object is not iterable", None "holds no messages"
+    (5, r"^prompt=5 must be a list of chat messages"),
+    (None, r"^prompt=None must be a list of chat messages"),
+    (iter([]), "holds no messages"),  # an empty generator is truthy
 ])
 def test_bad_messages_are_named(messages, match):
     with pytest.raises(EdgemtpError, match=match):

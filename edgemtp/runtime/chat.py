@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import lru_cache
+from typing import Iterable
 
 from ..errors import ArgumentError, EdgemtpError
 
@@ -27,9 +28,12 @@ def is_chat(prompt) -> bool:
 
 def check_messages(messages, name: str = "prompt") -> list[dict]:
     """`messages` as a list of dicts with a string role and content (what every chat template reads)."""
-    if isinstance(messages, (str, bytes, dict)):  # iterable, but into letters or keys: chat_prompt("Hi")
-        # said "messages[0]='H' is not a message", chat_prompt({"role": ...}) "messages[0]='role'"
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
+        # a str or dict is iterable, but into letters or keys: chat_prompt("Hi") said "messages[0]='H' is not a
+        # message", chat_prompt({"role": ...}) "messages[0]='role'"; chat_prompt(5) raised TypeError, None "holds
+        # no messages"
         raise ArgumentError(name, messages, "must be a list of chat messages ({'role': ..., 'content': ...} dicts)")
+    messages = list(messages)  # an empty generator is truthy
     if not messages:
         raise ArgumentError(name, messages, "holds no messages (a chat prompt is a list of "
                             "{'role': ..., 'content': ...} dicts)")
