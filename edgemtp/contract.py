@@ -132,6 +132,13 @@ def graph_mismatch(contract: TargetContract, inputs: dict, outputs: dict | None 
         if name in want and want[name].window != window:
             return (f"kv layer {want[name].layer}'s window is {want[name].window}, but the graph's attention over "
                     f"{name} has {'no window' if window is None else f'a window of {window}'}")
+    # the inputs Target feeds every pass: a static graph (the same cache names and shapes) whose manifest lost its
+    # "static": true passed these checks and failed in ONNX Runtime's binding, with a traceback
+    for name in (SEQLENS_K, TOTAL_SEQ_LEN, NUM_LOGITS):
+        if name not in inputs:
+            static = any(n.startswith("attention_bias") for n in inputs)  # static_target's mask inputs
+            return (f"the graph lacks the input {name}, which a dynamic target is fed" +
+                    (" (a static graph: its contract needs \"static\": true)" if static else ""))
     if contract.window_views != (WINDOW_SEQLENS_K in inputs):
         return (f"window_views is {str(contract.window_views).lower()}, but the graph "
                 f"{'lacks' if contract.window_views else 'has'} the input {WINDOW_SEQLENS_K}")

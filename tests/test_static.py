@@ -428,3 +428,25 @@ def test_generate_defaults_k_to_the_static_window(models, monkeypatch, tmp_path)
                                      "4", "--json", "--draft", "lookup", *extra])
         assert r.exit_code == 0, r.output
         assert (seen[-1].k if seen[-1] is not None else 0) == k  # K = 0: plain decoding, no Draft
+
+
+def test_a_static_graph_whose_contract_lost_static_is_named(models, tmp_path):
+    """A static bundle's manifest without "static": true (edited, or written by another tool) loaded its graph
+    as a dynamic target: bundle.load's contract check passed it (same cache names and shapes) and the first
+    pass failed in ONNX Runtime's binding with a traceback ("Failed to find input name ... seqlens_k")."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(models["llama"][3].bundle.dir, b)
+    m = json.loads((b / "edgemtp.json").read_text())
+    for value in (None, False):
+        contract = m["graphs"]["target"]["contract"]
+        if value is None:
+            contract.pop("static", None)
+        else:
+            contract["static"] = value
+        (b / "edgemtp.json").write_text(json.dumps(m))
+        with pytest.raises(EdgemtpError, match=r"graphs.target.contract does not match target.onnx: the graph lacks "
+                                               r"the input seqlens_k, .*static graph"):
+            Engine.load(b)
+
