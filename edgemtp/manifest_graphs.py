@@ -120,6 +120,11 @@ def _static(d: dict, where: str) -> None:
     biases = _get(d, "attention_bias", where)
     _need(isinstance(biases, dict) and biases and all(v is None or whole(v, 1) for v in biases.values()),
           f"{where}.attention_bias", biases, "must map mask inputs to a sliding window or null")
+    # the runtime builds each mask from these windows alone (the graph takes the mask, not the window): one
+    # edited to a window no layer has decoded other text without a word
+    windows = sorted({s["window"] for s in d["kv"]}, key=lambda w: w or 0)
+    _need(sorted(set(biases.values()), key=lambda w: w or 0) == windows, f"{where}.attention_bias", biases,
+          f"must give one mask per attention window of its kv ({', '.join(map(str, windows))})")
 
 
 def drafter_contract(d: dict, where: str, target: TargetContract) -> None:

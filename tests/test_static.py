@@ -450,3 +450,20 @@ def test_a_static_graph_whose_contract_lost_static_is_named(models, tmp_path):
                                                r"the input seqlens_k, .*static graph"):
             Engine.load(b)
 
+
+def test_a_static_contracts_masks_match_its_kv_windows(models, tmp_path):
+    """The static runtime builds each attention mask from the contract's attention_bias windows alone: one edited
+    to a window the layers do not have (Gemma's sliding 8 -> 2) decoded other text without a word."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(models["gemma3_text"][3].bundle.dir, b)
+    m = json.loads((b / "edgemtp.json").read_text())
+    contract = m["graphs"]["target"]["contract"]
+    assert contract["attention_bias"] == {"attention_bias": None, "attention_bias.sliding": 8}
+    for biases in ({"attention_bias": None, "attention_bias.sliding": 2}, {"attention_bias": None}):
+        contract["attention_bias"] = biases
+        (b / "edgemtp.json").write_text(json.dumps(m))
+        with pytest.raises(EdgemtpError, match=r"graphs.target.contract.attention_bias .* must give one mask per "
+                                               r"attention window of its kv \(None, 8\)"):
+            Engine.load(b)
