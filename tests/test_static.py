@@ -467,3 +467,19 @@ def test_a_static_contracts_masks_match_its_kv_windows(models, tmp_path):
         with pytest.raises(EdgemtpError, match=r"graphs.target.contract.attention_bias .* must give one mask per "
                                                r"attention window of its kv \(None, 8\)"):
             Engine.load(b)
+
+
+def test_a_calibration_option_on_a_static_export_points_to_qdq(models, tmp_path):
+    """`export --static --calibration F` (--quant qdq forgotten) said the flag applies to --quant int8 / int4 only,
+    which refuse --static: the quantization a static graph takes is --quant qdq."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    text = tmp_path / "calib.txt"
+    text.write_text("t1 t2 t3 " * 40)
+    for flag, value in (("--calibration", str(text)), ("--calibration-tokens", "64")):
+        r = CliRunner().invoke(cli, ["export", str(models["llama"][1]), "-o", str(tmp_path / "b"), "--static",
+                                     "--max-context", str(CAPACITY), flag, value])
+        assert_one_line_error(r, exact=f"{flag} applies to --quant qdq, the quantization of a static graph (or to "
+                                       "int8 / int4, which are not static)")

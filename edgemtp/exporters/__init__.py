@@ -173,7 +173,12 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
                                  quant_options or {}, drafter, drafter_top_k, drafter_head_rows,
                                  drafter_head_context)
     if quant_options:
-        raise EdgemtpError(f"--{next(iter(quant_options)).replace('_', '-')} applies to --quant int8 / int4 only")
+        flag = next(iter(quant_options))
+        if static_window is not None and flag in QDQ_OPTIONS:  # "int8 / int4 only" sent a static export to
+            # options that refuse --static (the user forgot --quant qdq)
+            raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant qdq, the quantization of a static "
+                               "graph (or to int8 / int4, which are not static)")
+        raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant int8 / int4 only")
     cfg, build = load_config(model_dir)
     capacity = resolve_capacity(capacity, cfg)
     tokenizer = check_tokenizer(model_dir)
