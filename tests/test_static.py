@@ -483,3 +483,19 @@ def test_a_calibration_option_on_a_static_export_points_to_qdq(models, tmp_path)
                                      "--max-context", str(CAPACITY), flag, value])
         assert_one_line_error(r, exact=f"{flag} applies to --quant qdq, the quantization of a static graph (or to "
                                        "int8 / int4, which are not static)")
+
+
+def test_npu_checker_takes_constant_nodes():
+    """ONNX Runtime turns every Constant node into an initializer when it loads a graph, before any provider
+    sees it: check_graph listed "op Constant ...: not supported by the qnn provider" on graphs (torch.onnx's
+    exports are full of them) that the provider takes whole."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], value=helper.make_tensor("v", TensorProto.FLOAT, [1, 4], [1.0] * 4)),
+         helper.make_node("Add", ["x", "c"], ["y"]), helper.make_node("Erf", ["y"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph)
+    assert check_graph(model, "coreml") == []
+    assert check_graph(model, "qnn") == ["op Erf (1 node, e.g. (unnamed)): not supported by the qnn provider"]

@@ -81,6 +81,8 @@ def _op_problems(graph: onnx.GraphProto, supported: frozenset, target: str) -> l
     first: dict = {}
     for node in _nodes(graph):
         domain = node.domain if node.domain not in ("", "ai.onnx") else ""
+        if not domain and node.op_type == "Constant":  # ONNX Runtime makes it an initializer as it loads the
+            continue  # graph (Graph's constructor): no provider is ever asked to run it
         if domain or node.op_type not in supported:
             key = f"{domain}:{node.op_type}" if domain else node.op_type
             counts[key] += 1
