@@ -499,3 +499,15 @@ def test_npu_checker_takes_constant_nodes():
     model = helper.make_model(graph)
     assert check_graph(model, "coreml") == []
     assert check_graph(model, "qnn") == ["op Erf (1 node, e.g. (unnamed)): not supported by the qnn provider"]
+
+
+def test_npu_checker_any_names_the_providers():
+    """target "any" said "not supported by the any provider": there is no such provider, the op is missing from
+    one of those "any" stands for."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    assert check_graph(helper.make_model(graph), "any") == \
+        ["op Erf (1 node, e.g. (unnamed)): not supported by every provider (qnn, coreml)"]

@@ -89,7 +89,9 @@ def _op_problems(graph: onnx.GraphProto, supported: frozenset, target: str) -> l
             first.setdefault(key, node.name or "(unnamed)")
     out = []
     for key, n in sorted(counts.items()):
-        why = "not a standard ONNX op" if ":" in key else f"not supported by the {target} provider"
+        # "any" is no provider: the op is missing from one of those it stands for
+        who = "every provider (qnn, coreml)" if target == "any" else f"the {target} provider"
+        why = "not a standard ONNX op" if ":" in key else f"not supported by {who}"
         out.append(f"op {key} ({n} node{'s' if n > 1 else ''}, e.g. {first[key]}): {why}")
     return out
 
