@@ -75,7 +75,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     factors = {t.name: _load(t, t.name, arch, {}).tolist() for t in tensors if t.name in config_tensors}
     config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path, factors)
     plan = list(_hf_tensors([t for t in tensors if t.name not in config_tensors], arch, config, gguf_path))
-    _check_target(out_dir, overwrite)
+    _check_target(out_dir, overwrite, gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         try:  # held while it lives: a killed import's is removed by the next one (scratch.py)
@@ -228,10 +228,13 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple, Callable]],
                 progress(done, len(tensors), name)
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
+def _check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
     here, resolved = Path.cwd().resolve(), out_dir.resolve()
     if here == resolved or resolved in here.parents:  # "-o ." : renaming it would pull the shell's directory away
         raise EdgemtpError(f"{out_dir}: holds the current directory; give the path of a new model directory")
+    # overwrite removes the old directory once the new one is in place: the GGUF file in it would go too
+    if any(resolved in p.parents for p in (gguf_path.absolute(), gguf_path.resolve())):
+        raise EdgemtpError(f"{out_dir}: holds the GGUF file {gguf_path}; give the path of a new model directory")
     for parent in out_dir.parents:
         if parent.exists() and not parent.is_dir():
             raise EdgemtpError(f"{out_dir}: {parent} is a file, not a directory")

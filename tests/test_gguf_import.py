@@ -738,6 +738,16 @@ def test_existing_output_needs_overwrite(tmp_path):
         import_gguf(path, tmp_path / "afile" / "sub")
 
 
+def test_output_holding_the_gguf_is_refused(tmp_path):
+    """overwrite replaces the old directory whole: one holding the GGUF file would lose it (once it did)."""
+    (tmp_path / "m").mkdir()
+    _, path = export_tiny(tmp_path / "m", "llama", tied=True)
+    for out in (tmp_path / "m", tmp_path):
+        with pytest.raises(EdgemtpError, match="holds the GGUF file"):
+            import_gguf(path, out, overwrite=True)
+    assert path.is_file() and sorted(p.name for p in (tmp_path / "m").iterdir()) == [path.name]
+
+
 def test_interrupted_import_leaves_nothing(tmp_path):
     _, path = export_tiny(tmp_path, "llama", tied=True)
     before = set(tmp_path.iterdir())
