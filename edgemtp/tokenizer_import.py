@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from edgemtp.errors import EdgemtpError
 
-NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 # llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) for byte-level vocabularies that we rebuild:
@@ -158,14 +158,16 @@ def _byte_level_bpe(meta: dict) -> Tokenizer:
 
 
 def _add_special_tokens(tok: Tokenizer, tokens: list[str], types: list[int]) -> None:
-    """Control tokens become special added tokens, user-defined ones plain added tokens.
+    """Control tokens and the unknown token (Llama 2's, Mistral's and Phi-3's "<unk>", typed UNKNOWN, not
+    CONTROL) become special added tokens, user-defined ones plain added tokens.
 
-    Both are matched whole in the raw text before BPE runs, as llama.cpp does (SentencePiece too, for
-    user-defined ones). llama.cpp already spelled user-defined pieces with real spaces (Gemma's runs
-    of spaces are stored as "  ", not "▁▁"), so they match before spaces become "▁".
+    All are matched whole in the raw text before BPE runs, as llama.cpp does (SentencePiece too, for
+    user-defined ones; HF's tokenizer.json lists "<unk>" as a special added token). llama.cpp already
+    spelled user-defined pieces with real spaces (Gemma's runs of spaces are stored as "  ", not "▁▁"),
+    so they match before spaces become "▁".
     """
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == CONTROL])
+                            for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(tokens, types) if ty == USER_DEFINED])
 

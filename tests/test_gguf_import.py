@@ -542,6 +542,17 @@ def test_sentencepiece_tokenizer_agrees_with_sentencepiece(space_prefix):
         assert tok.decode(tok.encode(text).ids) == text
 
 
+def test_unknown_token_is_special():
+    """Llama 2's, Mistral's and Phi-3's files type "<unk>" UNKNOWN (2), not CONTROL: llama.cpp still matches it
+    whole in the text, and HF's tokenizer.json has it as a special token (it was spelled out in byte pieces)."""
+    meta = sentencepiece_vocab() | {"tokenizer.ggml.add_space_prefix": True}
+    meta["tokenizer.ggml.token_type"] = [2 if t == "<unk>" else ty for t, ty in
+                                         zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"])]
+    tok = build_tokenizer(meta)
+    assert tok.encode("a<unk>b").tokens == ["<bos>", "▁", "a", "<unk>", "▁", "b"]
+    assert "<unk>" not in tok.decode(tok.encode("a<unk>b").ids)  # skipped as special
+
+
 def test_unsupported_byte_level_pre_tokenizer():
     with pytest.raises(EdgemtpError, match="tokenizer.ggml.pre 'deepseek-llm' is not supported"):
         build_tokenizer(byte_level_vocab() | {"tokenizer.ggml.pre": "deepseek-llm"})
