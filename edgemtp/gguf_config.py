@@ -295,6 +295,10 @@ def generation_config(meta: dict, config: dict) -> dict:
     # each of these, as the instruct models' generation_config does (<|eom_id|> follows a tool call)
     if config["model_type"] in ("llama", "smollm3"):
         eos += [tokens.index(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in tokens]
+    # Phi-3's files name <|endoftext|> as eos and no eot; its chat turns end with <|end|>, on which llama.cpp (by the
+    # token's text) and the instruct models' generation_config ([32000, 32001, 32007]) stop
+    if config["model_type"] == "phi3":
+        eos += [tokens.index(t) for t in ("<|endoftext|>", "<|end|>") if t in tokens]
     eos = list(dict.fromkeys(eos))
     return {"bos_token_id": config["bos_token_id"], "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": config["pad_token_id"]}

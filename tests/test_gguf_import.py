@@ -446,6 +446,14 @@ def test_llama3_stops_on_eot_eom_and_end_of_text():
     assert generation_config({"tokenizer.ggml.tokens": ["<s>", "</s>"]}, config)["eos_token_id"] == 1  # Llama 2
 
 
+def test_phi3_stops_on_end():
+    """A Phi-3 instruct GGUF's eos is <|endoftext|> and it has no eot: a chat turn ends with <|end|>, where
+    llama.cpp stops, as the model's generation_config does ([32000, 32001, 32007])."""
+    meta = {"tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|end|>", "a"]}
+    config = {"model_type": "phi3", "bos_token_id": 1, "eos_token_id": 3, "pad_token_id": 3}
+    assert generation_config(meta, config)["eos_token_id"] == [3, 5]
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     w = np.arange(6 * 16 * 5, dtype=np.float32).reshape(6 * 16, 5)
     np.testing.assert_array_equal(unpermute_rotary(llama_cpp_permute(w, 6), 6), w)
