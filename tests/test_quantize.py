@@ -13,6 +13,7 @@ benchmarks/bench_quant.py.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -330,6 +331,31 @@ def test_frequent_rows_covering_the_vocabulary_keep_the_whole_head_8bit(rows, tm
     props = {p.key: p.value
              for p in onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).metadata_props}
     assert json.loads(props["edgemtp.quant_scheme"])["head_bits"] == 8
+
+
+@pytest.mark.parametrize("kind, pattern, recorded", [
+    ("llama", "*embed_tokens*", (8, 8, 0)),  # the tied table: head and embedding
+    ("mistral", "lm_head*", (8, 4, 0)),  # untied: the head alone, its frequent rows moot
+    ("mistral", "*embed_tokens*", (4, 8, 16)),  # untied: the embedding alone, the head still split
+])
+def test_keep_8bit_naming_the_table_is_recorded(kind, pattern, recorded, tmp_path, calib_file):
+    """--keep-8bit naming the head or embedding table packs it whole at 8 bits: the manifest (and so `edgemtp
+    info`) says so. It said "head 4-bit, embedding 4-bit, 16 frequent rows at 8 bits" over an 8-bit table."""
+    fp32 = make_bundle(tmp_path, kind)
+    quantize_bundle(fp32, tmp_path / "q", "int4", keep_8bit=(pattern,), frequent_rows=16, calibration=calib_file,
+                    calibration_tokens=128)
+    q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]
+    assert (q["head_bits"], q["embed_bits"], q["frequent_rows"]) == recorded
+    model = onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False)
+
+    def bits(table: str) -> set[int]:  # of its packed parts (.frequent / .rest when split)
+        return {int(m[1]) for t in model.graph.initializer
+                if (m := re.fullmatch(re.escape(table) + r"(?:\.frequent|\.rest)?\.q(\d)b32", t.name))}
+    head, embed = ("model.embed_tokens.weight" if kind == "llama" else "lm_head.weight"), "model.embed_tokens.weight"
+    assert bits(head) == ({8} if recorded[0] == 8 else {4, 8})
+    assert bits(embed) == bits(head) if kind == "llama" else bits(embed) == {recorded[1]}
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["edgemtp.quant_scheme"])["head_bits"] == recorded[0]
 
 
 def test_split_table_gather_picks_each_row_from_its_part():

@@ -144,13 +144,20 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
 
 
 def fit_head(sch: Scheme, g: onnx.GraphProto) -> Scheme:
-    """fit_vocab() for the graph's head table (the scheme as it stands without one)."""
+    """fit_vocab() for the graph's head table (the scheme as it stands without one), and the bits the tables
+    are packed at where a --keep-8bit pattern names one: that table is whole at 8 bits (the rewrite's
+    bits_for), which the manifest and `edgemtp info` said was 4-bit, with its frequent rows kept apart."""
     inits = {t.name: t for t in g.initializer}
     roles = [r for n in g.node if (r := role(n, inits))]
     heads = {name for kind, name in roles if kind == "head"}
+    gathers = {name for kind, name in roles if kind == "gather"} - heads  # an untied embedding
+    if gathers and sch.embed_bits < 8 and all(sch.bits_for("gather", name) == 8 for name in gathers):
+        sch = replace(sch, embed_bits=8)
     if not heads:
         return sch
     tied = any(kind == "gather" and name in heads for kind, name in roles)
+    if sch.head_bits < 8 and all(sch.bits_for("head", name) == 8 for name in heads):
+        return replace(sch, head_bits=8, frequent_rows=0, **({"embed_bits": 8} if tied else {}))
     return fit_vocab(sch, min(inits[name].dims[0] for name in heads), tied)
 
 
