@@ -857,7 +857,26 @@ def test_keep_8bit_pattern_matching_no_weight_is_refused(tmp_path):
     with pytest.raises(EdgemtpError, match=r"--keep-8bit '\*dwon_proj\*' matches no weight .*model\.layers\."):
         quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, keep_8bit=("*down_proj*", "*dwon_proj*"))
     assert not (tmp_path / "q").exists()
-    quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, keep_8bit=("*.v_proj.weight",))
+    quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, layer_bits=4, keep_8bit=("*.v_proj.weight",))
+
+
+@pytest.mark.parametrize("options, pattern", [({}, "*down_proj*"), ({"layer_bits": 4}, "*layernorm*")])
+def test_keep_8bit_pattern_changing_nothing_is_refused(options, pattern, tmp_path, monkeypatch):
+    """int4's layers are 8-bit unless --layer-bits 4, and a norm is never quantized: a pattern matching only
+    such weights was taken, kept nothing more at 8 bits, and the manifest and `edgemtp info` listed it as kept
+    (int8 refuses --keep-8bit for that reason). Named by quantize_bundle, and by export before any work."""
+    import edgemtp.exporters as E
+
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    message = rf"--keep-8bit '{re.escape(pattern)}' changes nothing: every weight it matches is 8-bit already"
+    with pytest.raises(EdgemtpError, match=message):
+        quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, keep_8bit=(pattern,), **options)
+    real = E.export
+    monkeypatch.setattr(E, "export", lambda *a, **k: pytest.fail("the fp32 export ran"))
+    with pytest.raises(EdgemtpError, match=message):
+        real(tmp_path / "model", tmp_path / "q", "int4",
+             quant_options={"keep_8bit": (pattern,), "calibration": None, **options})
+    assert not (tmp_path / "q").exists()
 
 
 def test_export_names_a_keep_8bit_typo_before_any_work(tmp_path, monkeypatch):
@@ -884,11 +903,11 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     assert not (tmp_path / "b").exists()
     bad = run("--quant", "fp16", "--smooth", "0.5")
     assert_one_line_error(bad, "--smooth applies to --quant int8 / int4 only")
-    ok = run("--quant", "int4", "--max-context", "64", "--block-size", "16", "--frequent-rows", "8",
-             "--calibration", str(calib_file), "--calibration-tokens", "128", "--keep-8bit", "*q_proj*")
+    ok = run("--quant", "int4", "--max-context", "64", "--block-size", "16", "--frequent-rows", "8", "--calibration",
+             str(calib_file), "--calibration-tokens", "128", "--layer-bits", "4", "--keep-8bit", "*q_proj*")
     assert ok.exit_code == 0, ok.output
     q = bundle_mod.load(tmp_path / "b").manifest["graphs"]["target"]["quantization"]
-    assert (q["head_block_size"], q["frequent_rows"], q["keep_8bit"]) == (16, 8, ["*q_proj*"])
+    assert (q["head_block_size"], q["frequent_rows"], q["bits"], q["keep_8bit"]) == (16, 8, 4, ["*q_proj*"])
     ok = run("--quant", "int8", "--max-context", "64", "--calibration", "none", "--overwrite", "--layer-op", "integer",
              "--head-op", "integer")
     assert ok.exit_code == 0, ok.output

@@ -244,8 +244,8 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     from ..calibration import activations as A
     from ..checkpoint import open_tokenizer
     from ..scratch import scratch_dir
-    from .quantize import (check_options, check_patterns_match, check_shapes, check_widths, check_window,
-                           quantize_bundle)
+    from .quantize import (check_options, check_patterns_change, check_patterns_match, check_shapes, check_widths,
+                           check_window, quantize_bundle)
 
     if static_window is not None:
         raise EdgemtpError(f"--quant {quant} with --static: static graphs are fp32 or QDQ (--quant qdq), not "
@@ -259,7 +259,9 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
         check_widths(sch, build(cfg, resolve_capacity(capacity, cfg))[0].model().graph)  # building reads no weight
     if options.get("keep_8bit"):  # against the graph's weight names (building it reads no weight), lm_head's
         cfg = own_head(cfg, Checkpoint(model_dir))  # too where the checkpoint unties it
-        check_patterns_match(tuple(options["keep_8bit"]), list(build(cfg, resolve_capacity(capacity, cfg))[0].params))
+        built = build(cfg, resolve_capacity(capacity, cfg))[0]
+        check_patterns_match(tuple(options["keep_8bit"]), list(built.params))
+        check_patterns_change(sch, built.model().graph)
     source = options.get("calibration", A.CORPORA)
     if source is not None and str(source) != A.CORPORA:
         text = A.calibration_text(source)  # an empty or binary file is named before that export too

@@ -184,6 +184,25 @@ def check_patterns_match(patterns: tuple[str, ...], weights: list[str]) -> None:
                                f"{example!r})")
 
 
+def check_patterns_change(sch: Scheme, graph) -> None:
+    """A --keep-8bit pattern whose quantized weights are all 8-bit anyway (int4's layers unless --layer-bits 4),
+    or that matches only weights never quantized (norms), keeps nothing more at 8 bits: taken, it was listed in
+    the manifest and by `edgemtp info` as kept, the bundle unchanged (int8 refuses the option for that reason)."""
+    from .quantgraph import role
+
+    inits = {t.name: t for t in graph.initializer}
+    by_role = {"matmul": sch.bits, "head": sch.head_bits, "gather": sch.embed_bits}
+    bits = {}  # quantized weight -> its bits without the patterns
+    for node in graph.node:
+        if r := role(node, inits):
+            bits[r[1]] = min(bits.get(r[1], 8), by_role[r[0]])
+    for pattern in sch.keep_8bit:
+        if all(b == 8 for name, b in bits.items()
+               if any(fnmatch.fnmatchcase(n, pattern) for n in [name] + joined_parts(name))):
+            raise EdgemtpError(f"--keep-8bit {pattern!r} changes nothing: every weight it matches is 8-bit already "
+                               "or not quantized (int4 keeps the layers at 8 bits unless --layer-bits 4)")
+
+
 def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibration_tokens: int | None = None,
                   drafter_quant: str | None = None, **options) -> Scheme | None:
     """Every quantization option checked (one error naming the flag), before any work is done."""

@@ -78,7 +78,8 @@ from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exporte
 from . import gemv_head
 from .builder import MS_DOMAIN, phase
 from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_options,
-                            check_patterns_match, check_shapes, check_widths, check_window, fit_vocab, scheme)
+                            check_patterns_change, check_patterns_match, check_shapes, check_widths, check_window,
+                            fit_vocab, scheme)
 from .quantgraph import Shared, Sink, activation_sources, rewrite_float, role
 from .quantrewrite import Rewrite
 
@@ -123,6 +124,7 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
         raise EdgemtpError(f"{dst}: is the source graph (write the quantized graph elsewhere)")
     if sch is not None and not drafter:
         check_patterns_match(sch.keep_8bit, [t.name for t in model.graph.initializer])
+        check_patterns_change(sch, model.graph)
         sch = fit_head(sch, model.graph)
     data_name = dst.name + ".data"
     with _Reader(src) as read, open(dst.parent / data_name, "wb") as f:
