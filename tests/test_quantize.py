@@ -487,7 +487,9 @@ def test_integer_layers_are_nearly_exact_on_their_grid(tmp_path, calib_file):
     np.testing.assert_allclose(window, steps, atol=1e-4 * np.abs(steps).max())
     errors = {}
     for op in ("integer", "nbits"):
-        quantize_bundle(fp32, tmp_path / op, "int8", calibration=calib_file, layer_op=op, smooth=0.5)
+        # 16 windows of the capacity's 64 positions, the calibration measured
+        quantize_bundle(fp32, tmp_path / op, "int8", calibration=calib_file, layer_op=op, smooth=0.5,
+                        calibration_tokens=1024)
         errors[op] = rel_error(all_logits(tmp_path / op), want)
     assert errors["integer"] < 1.25 * errors["nbits"]  # 0.0074 vs 0.0078
 
@@ -561,7 +563,8 @@ def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, cali
     8 bits show elsewhere; a verify window gives the single steps' argmax and rescored logits. Gemma 3's tied
     table split into frequent 8-bit and 4-bit rows (int4); Qwen2's untied head in one 8-bit part (int8)."""
     fp32 = make_bundle(tmp_path, kind, snapped=True, table=dual_grid)
-    opts = dict(calibration=calib_file, calibration_tokens=128, **({"frequent_rows": 16} if quant == "int4" else {}))
+    opts = dict(calibration=calib_file, calibration_tokens=256,  # 4 windows of 64
+                **({"frequent_rows": 16} if quant == "int4" else {}))
     quantize_bundle(fp32, tmp_path / "nbits", quant, **opts)
     quantize_bundle(fp32, tmp_path / "int", quant, **opts, head_op="integer")
     assert ops_count(tmp_path / "int", "MatMulIntegerToFloat") == 1 and ops_count(tmp_path / "int", "TopK") == 1
@@ -959,6 +962,17 @@ def test_foreign_graph_is_refused(tmp_path):
     onnx.save(model, str(tmp_path / "other.onnx"))
     with pytest.raises(EdgemtpError, match="other.onnx: not a target graph written by edgemtp export"):
         quantize_graph(tmp_path / "other.onnx", tmp_path / "q.onnx", "int4")
+
+
+def test_calibration_tokens_count_windows_of_the_capacity(tmp_path, calib_file, monkeypatch):
+    """A bundle of fewer than 512 positions calibrates on windows of its capacity: --calibration-tokens N takes
+    N / capacity of them. It took N / 512, so 1/8 of the tokens asked at --max-context 64."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")  # capacity 64
+    seen, collect = [], A.collect
+    monkeypatch.setattr(A, "collect", lambda session, contract, windows, *a, **k: (
+        seen.append(windows.shape), collect(session, contract, windows, *a, **k))[1])
+    quantize_bundle(fp32, tmp_path / "q", "int4", calibration=calib_file, calibration_tokens=256, frequent_rows=16)
+    assert seen == [(4, 64)]
 
 
 def test_calibration_text_comes_from_the_train_split_only():

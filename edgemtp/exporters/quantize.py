@@ -339,8 +339,10 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
                            progress=phase(progress, "int8 copy for calibration"))
             from ..runtime.session import make_session
 
-            windows = A.token_windows(ids, min(A.WINDOW, b.target_contract.capacity), -(-tokens // A.WINDOW),
-                                      b.model.get("bos_token_id"))
+            # as many windows as `tokens` fill at their length (shorter than A.WINDOW under a small capacity: the
+            # count was tokens / A.WINDOW, 1/8 of the tokens asked at --max-context 64)
+            length = min(A.WINDOW, b.target_contract.capacity)
+            windows = A.token_windows(ids, length, -(-tokens // length), b.model.get("bos_token_id"))
             if progress:  # loading the copy takes seconds (~10 for Gemma 3 270M)
                 progress(0, len(windows), "calibration")
             session = make_session(path, "cpu", None)
