@@ -113,14 +113,30 @@ def _scheme(q: dict) -> str:
     """An int8 / int4 target's scheme as export's flags set it (README "Quantization"), or a qdq one's."""
     if q.get("format") == "qdq":  # static QDQ: other fields (weight and activation bits, calibration)
         return _qdq_scheme(q)
+    blocks = f"blocks of {q.get('block_size')}"
+    if q.get("head_block_size", q.get("block_size")) != q.get("block_size"):
+        blocks += f" (head {q['head_block_size']})"
     parts = [f"layers {q.get('bits')}-bit ({q.get('layer_op')}), head {q.get('head_bits')}-bit ({q.get('head_op')}), "
-             f"embedding {q.get('embed_bits')}-bit, blocks of {q.get('block_size')}"]
+             f"embedding {q.get('embed_bits')}-bit, {blocks}"]
     if q.get("frequent_rows"):
         parts.append(f"{q['frequent_rows']:,} frequent rows at 8 bits")
     if q.get("keep_8bit"):
         parts.append(f"kept at 8 bits: {', '.join(q['keep_8bit'])}")
     if q.get("gptq"):
         parts.append("GPTQ")
+    # the settings that decide how far the bundle's logits are from fp32, and whether speculative output stays
+    # plain greedy's (README "Known limits": --two-pass head / none can part within tens of tokens)
+    symmetric = q.get("symmetric")
+    parts.append("8-bit symmetric, 4-bit with zero points" if symmetric is None else
+                 "symmetric" if symmetric else "with zero points")
+    if "accuracy_level" in q:
+        parts.append(f"accuracy level {q['accuracy_level']}")
+    if "two_pass" in q:
+        parts.append(f"two-pass activations: {q['two_pass']}")
+    if q.get("smooth"):
+        parts.append(f"smoothing alpha {q['smooth']}")
+    if q.get("calibration"):
+        parts.append(f"calibrated on {q['calibration']}")
     return ", ".join(parts)
 
 

@@ -807,6 +807,24 @@ def test_info_describes_a_qdq_target(tiny_gemma3):
             "corpora: code (train split)") in out
 
 
+def test_info_shows_every_int4_setting(tiny_gemma3):
+    """info prints each setting the manifest's scheme records, among them those that decide whether speculative
+    output stays plain greedy's (--two-pass) and how the activations are rounded (accuracy level, smoothing)."""
+    from edgemtp import bundle
+    from edgemtp.bundle_info import describe, text
+    from edgemtp.exporters.quant_options import scheme
+
+    b = bundle.load(tiny_gemma3[2], verify=False)
+    sch = scheme("int4", calibrated=True, two_pass="head", smooth=0.5, symmetric=True, gptq=True, frequent_rows=16)
+    q = {**sch.to_json(), "head_block_size": 2 * sch.block_size, "calibration": "corpora: code (train split)"}
+    b.manifest["graphs"]["target"] = {**b.manifest["graphs"]["target"], "quant": "int4", "quantization": q}
+    out = text(describe(b), False)
+    line = next(x for x in out.splitlines() if "layers " in x and "-bit" in x).strip().split("; ")[0]
+    assert line == (f"layers 8-bit (nbits), head 4-bit (nbits), embedding 4-bit, blocks of {q['block_size']} "
+                    f"(head {2 * q['block_size']}), 16 frequent rows at 8 bits, GPTQ, symmetric, accuracy level 4, "
+                    "two-pass activations: head, smoothing alpha 0.5, calibrated on corpora: code (train split)"), line
+
+
 def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
     """Without the exporter's packages (an app's install: numpy, onnxruntime, tokenizers, click, rich) the
     commands that make files say which extra to add, and run nothing; those that run a bundle work."""
