@@ -136,7 +136,8 @@ def _scheme(q: dict) -> str:
     if q.get("smooth"):
         parts.append(f"smoothing alpha {q['smooth']}")
     if q.get("calibration"):
-        parts.append(f"calibrated on {q['calibration']}")
+        read = f" (activations from {q['calibration_tokens']:,} of its tokens)" if q.get("calibration_tokens") else ""
+        parts.append(f"calibrated on {q['calibration']}{read}")
     return ", ".join(parts)
 
 

@@ -816,13 +816,15 @@ def test_info_shows_every_int4_setting(tiny_gemma3):
 
     b = bundle.load(tiny_gemma3[2], verify=False)
     sch = scheme("int4", calibrated=True, two_pass="head", smooth=0.5, symmetric=True, gptq=True, frequent_rows=16)
-    q = {**sch.to_json(), "head_block_size": 2 * sch.block_size, "calibration": "corpora: code (train split)"}
+    q = {**sch.to_json(), "head_block_size": 2 * sch.block_size, "calibration": "corpora: code (train split)",
+         "calibration_tokens": 8192}
     b.manifest["graphs"]["target"] = {**b.manifest["graphs"]["target"], "quant": "int4", "quantization": q}
     out = text(describe(b), False)
     line = next(x for x in out.splitlines() if "layers " in x and "-bit" in x).strip().split("; ")[0]
     assert line == (f"layers 8-bit (nbits), head 4-bit (nbits), embedding 4-bit, blocks of {q['block_size']} "
                     f"(head {2 * q['block_size']}), 16 frequent rows at 8 bits, GPTQ, symmetric, accuracy level 4, "
-                    "two-pass activations: head, smoothing alpha 0.5, calibrated on corpora: code (train split)"), line
+                    "two-pass activations: head, smoothing alpha 0.5, calibrated on corpora: code (train split) "
+                    "(activations from 8,192 of its tokens)"), line
 
 
 def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):

@@ -973,6 +973,24 @@ def test_calibration_tokens_count_windows_of_the_capacity(tmp_path, calib_file, 
         seen.append(windows.shape), collect(session, contract, windows, *a, **k))[1])
     quantize_bundle(fp32, tmp_path / "q", "int4", calibration=calib_file, calibration_tokens=256, frequent_rows=16)
     assert seen == [(4, 64)]
+    q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]
+    assert q["calibration_tokens"] == 256
+
+
+def test_calibration_tokens_beyond_the_text_are_said_and_recorded(tmp_path, calib_file, monkeypatch):
+    """Asking for more calibration tokens than the text holds warns, naming the flag and what was read, and the
+    manifest records the tokens the activations were read on (the text's whole windows, not the number asked)."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")  # capacity 64
+    seen, collect = [], A.collect
+    monkeypatch.setattr(A, "collect", lambda session, contract, windows, *a, **k: (
+        seen.append(windows.shape), collect(session, contract, windows, *a, **k))[1])
+    with pytest.warns(UserWarning, match=r"--calibration-tokens 1,000,000: the calibration text \(.*calib.txt\) "
+                      r"fills \d+ windows of 64 tokens \([\d,]+ tokens\), fewer than asked"):
+        quantize_bundle(fp32, tmp_path / "q", "int4", calibration=calib_file, calibration_tokens=10**6)
+    (windows, length), = seen
+    assert 1 < windows < 10**6 // 64 and length == 64
+    q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]
+    assert q["calibration_tokens"] == windows * 64
 
 
 def test_calibration_text_comes_from_the_train_split_only():

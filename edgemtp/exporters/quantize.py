@@ -62,6 +62,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -101,6 +102,7 @@ class Calibration:
     stats: dict[str, A.Stats]
     order: np.ndarray | None
     source: str
+    tokens: int = 0  # the tokens of the windows the activations were read on (0: none read)
 
 
 def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration | None = None,
@@ -300,7 +302,7 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
                 shutil.copyfile(b.dir / rel, tmp / rel)
         manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "schema_version", "files")}
         if sch is not None and calib is not None:
-            sch = replace(sch, calibration=calib.source)
+            sch = replace(sch, calibration=calib.source, calibration_tokens=calib.tokens or None)
         if sch is not None:  # as quantize_graph packed the head
             sch = fit_head(sch, graph)
         graphs = {k: v for k, v in manifest["graphs"].items() if k not in dropped}
@@ -342,12 +344,18 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
             # as many windows as `tokens` fill at their length (shorter than A.WINDOW under a small capacity: the
             # count was tokens / A.WINDOW, 1/8 of the tokens asked at --max-context 64)
             length = min(A.WINDOW, b.target_contract.capacity)
-            windows = A.token_windows(ids, length, -(-tokens // length), b.model.get("bos_token_id"))
+            count = -(-tokens // length)
+            windows = A.token_windows(ids, length, count, b.model.get("bos_token_id"))
+            if len(windows) < count:  # the text holds no more: said, not left to a manifest nobody reads
+                warnings.warn(f"--calibration-tokens {tokens:,}: the calibration text ({text.source}) fills "
+                              f"{len(windows)} windows of {length} tokens ({windows.size:,} tokens), fewer than "
+                              "asked", stacklevel=2)
             if progress:  # loading the copy takes seconds (~10 for Gemma 3 270M)
                 progress(0, len(windows), "calibration")
             session = make_session(path, "cpu", None)
             stats = A.collect(session, b.target_contract, windows, wanted, progress, max_hessian=GPTQ_MAX_K)
             del session
+            return Calibration(stats, order, text.source, int(windows.size))
     return Calibration(stats, order, text.source)
 
 
