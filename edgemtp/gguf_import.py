@@ -61,7 +61,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     `progress(done, total, desc)` is called once with done=0 before the tokenizer is built, then
     after each tensor with its HF name as `desc`. The directory appears whole or not at
     all: everything is written to a temporary sibling that is renamed at the end. An existing
-    non-empty `out_dir` is an error unless `overwrite`.
+    non-empty `out_dir` is an error unless `overwrite`, which replaces only an earlier import (check_target).
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     meta, tensors = read_gguf(gguf_path)
@@ -75,7 +75,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     factors = {t.name: _load(t, t.name, arch, {}).tolist() for t in tensors if t.name in config_tensors}
     config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path, factors)
     plan = list(_hf_tensors([t for t in tensors if t.name not in config_tensors], arch, config, gguf_path))
-    _check_target(out_dir, overwrite, gguf_path)
+    check_target(out_dir, overwrite, gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         try:  # held while it lives: a killed import's is removed by the next one (scratch.py)
@@ -97,6 +97,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
                 write_safetensors(tmp / "model.safetensors", plan, progress)
             except EdgemtpError as e:  # a tensor it cannot dequantize: named with the file it is in
                 raise EdgemtpError(f"{gguf_path}: {e}") from None
+            check_target(out_dir, overwrite, gguf_path)  # again: another run may have written there meanwhile
             replace_dir(tmp, out_dir, f".{out_dir.name}.", ".partial")
         except BaseException:  # Ctrl-C included: leave nothing half-written behind
             shutil.rmtree(tmp, ignore_errors=True)
@@ -228,7 +229,16 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple, Callable]],
                 progress(done, len(tensors), name)
 
 
-def _check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
+# what an import writes (write_tokenizer_files: the three tokenizer files): overwrite replaces a directory of
+# these only, so that it never deletes a model directory holding anything else (a README, a sharded checkpoint)
+IMPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json")
+_IMPORT_NEEDS = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
+    """Where a model directory may be written: a new path or an empty directory; with `overwrite`, also an
+    earlier import (only IMPORT_FILES, as plain files, with config.json, model.safetensors and tokenizer.json)."""
     here, resolved = Path.cwd().resolve(), out_dir.resolve()
     if here == resolved or resolved in here.parents:  # "-o ." : renaming it would pull the shell's directory away
         raise EdgemtpError(f"{out_dir}: holds the current directory; give the path of a new model directory")
@@ -240,8 +250,18 @@ def _check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
             raise EdgemtpError(f"{out_dir}: {parent} is a file, not a directory")
     if out_dir.exists() and not out_dir.is_dir():
         raise EdgemtpError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise EdgemtpError(f"{out_dir}: directory is not empty (choose another output directory)")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise EdgemtpError(f"{out_dir}: directory is not empty (choose another output directory, or use "
+                           "--overwrite to replace an earlier import)")
+    # a symlink (a Hugging Face cache's snapshot) or a directory in it: not what an import writes
+    other = sorted(p.name for p in out_dir.iterdir() if p.name not in IMPORT_FILES or p.is_symlink() or not p.is_file())
+    missing = [name for name in _IMPORT_NEEDS if not (out_dir / name).is_file()]
+    if other or missing:
+        why = f"holds {other[0]}" if other else f"has no {missing[0]}"
+        raise EdgemtpError(f"{out_dir}: not an earlier import ({why}); --overwrite replaces only a model directory "
+                           "import-gguf wrote, or an empty directory")
 
 
 def _write_json(path: Path, obj) -> None:

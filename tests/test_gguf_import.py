@@ -732,8 +732,8 @@ def test_output_holding_the_current_directory_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(here)
     for out in (".", "../here"):
         r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", out])
-        assert r.exit_code == 2 and r.output == f"error: {out}: holds the current directory; give the path of a " \
-                                                 "new model directory\n"
+        assert r.exit_code == 2 and r.output == f"error: -o {out}: holds the current directory; give the path of " \
+                                                 "a new model directory\n"
     assert list(here.iterdir()) == []
 
 
@@ -745,16 +745,52 @@ def test_unknown_tensor_is_named(tmp_path):
 
 
 def test_existing_output_needs_overwrite(tmp_path):
+    """overwrite replaces an earlier import, never a directory holding anything else (it is deleted whole)."""
     _, path = export_tiny(tmp_path, "llama", tied=True)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")
     with pytest.raises(EdgemtpError, match="out: directory is not empty"):
         import_gguf(path, tmp_path / "out")
-    import_gguf(path, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+    with pytest.raises(EdgemtpError, match=r"out: not an earlier import \(holds old.txt\); --overwrite replaces"):
+        import_gguf(path, tmp_path / "out", overwrite=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+    (tmp_path / "out" / "old.txt").unlink()
+    import_gguf(path, tmp_path / "out", overwrite=True)  # empty: taken
+    first = (tmp_path / "out" / "model.safetensors").stat().st_ino
+    import_gguf(path, tmp_path / "out", overwrite=True)  # an earlier import: replaced
+    assert (tmp_path / "out" / "model.safetensors").stat().st_ino != first
+    (tmp_path / "out" / "tokenizer.json").unlink()
+    with pytest.raises(EdgemtpError, match=r"not an earlier import \(has no tokenizer.json\)"):
+        import_gguf(path, tmp_path / "out", overwrite=True)
     (tmp_path / "afile").write_text("x")
     with pytest.raises(EdgemtpError, match="afile is a file, not a directory"):  # not mkdir's "File exists"
         import_gguf(path, tmp_path / "afile" / "sub")
+
+
+def test_import_gguf_overwrite_cli(tmp_path):
+    """import-gguf --overwrite replaces an earlier import as export --overwrite replaces a bundle; a directory
+    holding anything else is refused in one line naming -o, and left as it was."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    out = tmp_path / "m"
+    assert CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out)]).exit_code == 0
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out)])
+    assert r.exit_code == 2 and r.output == (f"error: -o {out}: directory is not empty (choose another output "
+                                             "directory, or use --overwrite to replace an earlier import)\n")
+    before = (out / "config.json").stat().st_ino
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out), "--overwrite"])
+    assert r.exit_code == 0 and r.output.endswith(f"wrote {out}\n"), r.output
+    assert (out / "config.json").stat().st_ino != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", path.name]  # nothing aside left behind
+    (out / "README.md").write_text("mine")
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out), "--overwrite"])
+    assert r.exit_code == 2 and r.output == (f"error: -o {out}: not an earlier import (holds README.md); "
+                                             "--overwrite replaces only a model directory import-gguf wrote, or "
+                                             "an empty directory\n")
+    assert (out / "README.md").read_text() == "mine" and (out / "model.safetensors").is_file()
 
 
 def test_output_holding_the_gguf_is_refused(tmp_path):

@@ -20,13 +20,20 @@ from .base import cli, needs_exporter, output_path, progress_bar, writable_dir
 @click.argument("gguf_file", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(), callback=output_path,
               help="Model directory to write (config.json, model.safetensors, tokenizer.json).")
-def import_gguf_cmd(gguf_file: Path, out: Path):
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier import at OUTPUT (a directory of only the files import-gguf writes); "
+                   "the old one stays until the new one is complete.")
+def import_gguf_cmd(gguf_file: Path, out: Path, overwrite: bool):
     """Convert a GGUF file into a Hugging Face style model directory (dequantized to fp32)."""
     needs_exporter("import-gguf")
-    from ..gguf_import import import_gguf
+    from ..gguf_import import check_target, import_gguf
 
+    try:  # before the GGUF's read and its minutes of work; import_gguf checks it again, under the same rules
+        check_target(out, overwrite, gguf_file)
+    except EdgemtpError as e:
+        raise EdgemtpError(f"-o {e}") from None
     with progress_bar(f"importing {gguf_file.name}") as progress:
-        import_gguf(gguf_file, out, progress=progress)
+        import_gguf(gguf_file, out, progress=progress, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
 
