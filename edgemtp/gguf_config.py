@@ -3,7 +3,7 @@
 The GGUF's metadata fields (`{arch}.block_count`, `{arch}.rope.freq_base`, ...) become transformers'
 config keys; each is checked against the tensors' shapes where a wrong one would only fail later, and a
 field out of range is named as read. Phi-3's LongRoPE factors and Llama 3.1+'s RoPE scaling are stored by
-llama.cpp as tensors: they come back as config (llama3_scaling)."""
+llama.cpp as tensors: they come back as config (llama3_scaling); linear and YaRN scaling as fields (_rope_scaling)."""
 
 from __future__ import annotations
 
@@ -274,9 +274,41 @@ def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None
+    if kind == "yarn":
+        return _yarn_scaling(meta, arch, path)
     if kind != "linear":
-        raise EdgemtpError(f"{path}: GGUF field {arch}.rope.scaling.type = {kind!r} is not supported (only linear)")
+        raise EdgemtpError(f"{path}: GGUF field {arch}.rope.scaling.type = {kind!r} is not supported (only linear "
+                           "and yarn)")
     return {"rope_type": "linear", "factor": _f32(field(meta, f"{arch}.rope.scaling.factor", path, float, least=1))}
+
+
+# convert_hf_to_gguf.py's YaRN fields, written from a config.json's rope parameters of these names where it has them
+_YARN_OPTIONAL = {"yarn_attn_factor": "attention_factor", "yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow"}
+# llama.cpp's own knobs, which transformers' yarn has no parameter for: only their neutral values can be mapped
+_YARN_NEUTRAL = {"yarn_ext_factor": 1.0, "yarn_log_multiplier": 0.0, "attn_factor": 1.0}
+
+
+def _yarn_scaling(meta: dict, arch: str, path: Path) -> dict:
+    """transformers' rope_type 'yarn' parameters back from the fields convert_hf_to_gguf.py wrote them to (factor,
+    original_context_length, and where the config had them yarn_attn_factor, yarn_beta_fast, yarn_beta_slow): the
+    config.json the file was made from. transformers' own GGUF loader keeps no RoPE scaling for these
+    architectures. Without original_context_length llama.cpp takes context_length, as transformers does."""
+    key = f"{arch}.rope.scaling"
+    for name, neutral in _YARN_NEUTRAL.items():
+        # yarn_ext_factor: how much of the ramp extrapolates (transformers: all of it); yarn_log_multiplier
+        # (DeepSeek's mscale_all_dim) and attn_factor scale cos and sin in llama.cpp by rules of its own
+        value = field(meta, f"{key}.{name}", path, float, None)
+        if value is not None and value != neutral:
+            raise EdgemtpError(f"{path}: GGUF field {key}.{name} = {value} is not supported with rope.scaling.type "
+                               f"'yarn' (transformers' yarn has no such parameter; only {neutral} maps)")
+    rope = {"rope_type": "yarn", "factor": _f32(field(meta, f"{key}.factor", path, float, least=1)),
+            "original_max_position_embeddings": field(meta, f"{key}.original_context_length", path, int,
+                                                      field(meta, f"{arch}.context_length", path, int), least=1)}
+    for name, hf in _YARN_OPTIONAL.items():
+        value = field(meta, f"{key}.{name}", path, float, None, least=0)
+        if value is not None:
+            rope[hf] = _f32(value)
+    return rope
 
 
 def generation_config(meta: dict, config: dict) -> dict:

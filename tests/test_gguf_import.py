@@ -384,6 +384,64 @@ def test_llama3_rope_scaling_comes_back_from_rope_freqs(tmp_path):
     assert json.loads((import_gguf(path, tmp_path / "ones") / "config.json").read_text())["rope_scaling"] is None
 
 
+@pytest.mark.parametrize("arch,optional", [("qwen2", {}), ("llama", {"yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0,
+                                                                      "yarn_attn_factor": 1.25})])
+def test_yarn_rope_scaling(tmp_path, arch, optional):
+    """{arch}.rope.scaling.type yarn (long-context Qwen2 / Qwen3 / Llama GGUFs) comes back as the rope_type yarn
+    parameters convert_hf_to_gguf.py wrote it from (transformers' GGUF loader drops them for these architectures,
+    so the reference is the HF model itself): transformers and the export of the import match it."""
+    from edgemtp.exporters import export
+    from edgemtp.runtime.engine import Engine
+
+    hf_names = {"yarn_beta_fast": "beta_fast", "yarn_beta_slow": "beta_slow", "yarn_attn_factor": "attention_factor"}
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64} | {
+        hf_names[k]: v for k, v in optional.items()}
+    key = f"{arch}.rope.scaling"
+    fields = {f"{key}.type": "yarn", f"{key}.factor": 4.0, f"{key}.original_context_length": 64} | {
+        f"{key}.{k}": v for k, v in optional.items()}
+    plain, path = export_tiny(tmp_path, arch, tied=True, edit=fields)
+    cfg = plain.config.to_dict() | {"rope_parameters": {"rope_theta": 50000.0, **rope}}
+    model = type(plain)(type(plain.config).from_dict(cfg)).eval()  # the same weights, scaled RoPE
+    model.load_state_dict(plain.state_dict())
+    out = import_gguf(path, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["rope_scaling"] == rope
+    theirs = transformers.AutoConfig.from_pretrained(out)
+    assert theirs.rope_parameters == model.config.rope_parameters
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    ids = list(np.random.default_rng(0).integers(3, model.config.vocab_size, 24))
+    want = logits(model, ids)
+    torch.testing.assert_close(logits(loaded, ids), want, atol=1e-4, rtol=1e-4)
+    assert (logits(plain, ids) - want).abs().max() > 1e-4  # the scaling shows, well above the atol below
+    engine = Engine.load(export(out, tmp_path / "b", capacity=32))
+    got, _ = engine.target.forward(np.array([ids]), engine.target.new_cache(1), n_logits=len(ids))
+    np.testing.assert_allclose(got[0], want.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"qwen2.rope.scaling.yarn_ext_factor": 0.5}, r"yarn_ext_factor = 0.5 is not supported .*only 1.0 maps"),
+    ({"qwen2.rope.scaling.yarn_log_multiplier": 0.1}, r"yarn_log_multiplier = 0.1\d* is not supported"),
+    ({"qwen2.rope.scaling.attn_factor": 2.0}, r"attn_factor = 2.0 is not supported"),
+    ({"qwen2.rope.scaling.factor": None}, r"GGUF field qwen2.rope.scaling.factor is missing"),
+    ({"qwen2.rope.scaling.type": "longrope"}, r"rope.scaling.type = 'longrope' is not supported \(only linear and "
+                                              r"yarn\)")])
+def test_yarn_fields_that_do_not_map_are_refused(tmp_path, change, problem):
+    fields = {"qwen2.rope.scaling.type": "yarn", "qwen2.rope.scaling.factor": 4.0,
+              "qwen2.rope.scaling.original_context_length": 64}
+    edit = {k: v for k, v in (fields | change).items() if v is not None}
+    _, path = export_tiny(tmp_path, "qwen2", tied=True, edit=edit)
+    with pytest.raises(EdgemtpError, match=problem):
+        import_gguf(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    if "type" not in next(iter(change)):  # neutral values and no original length: as llama.cpp reads them
+        neutral = {"qwen2.rope.scaling.yarn_ext_factor": 1.0, "qwen2.rope.scaling.yarn_log_multiplier": 0.0,
+                   "qwen2.rope.scaling.attn_factor": 1.0, "qwen2.rope.scaling.factor": 4.0}
+        edit = {k: v for k, v in (fields | neutral).items() if "original" not in k}
+        _, path = export_tiny(tmp_path, "qwen2", tied=True, edit=edit)
+        cfg = json.loads((import_gguf(path, tmp_path / "ok", overwrite=True) / "config.json").read_text())
+        assert cfg["rope_scaling"] == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+
+
 def test_llama3_pre_tokenizer_agrees_with_llama3_tokenizer_json():
     """tokenizer.ggml.pre "llama-bpe" (Llama 3.x GGUFs): the ids of a tokenizer.json laid out as Llama 3's
     (a Split by its regex, then ByteLevel without its own; no normalizer; ignore_merges, as llama.cpp sets for
