@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .bundle import MANIFEST
 from .errors import EdgemtpError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -163,6 +164,9 @@ def read_config_json(model_dir: Path) -> dict:
     if not Path(model_dir).is_dir():
         raise EdgemtpError(f"{model_dir}: not a directory (expected a model directory with config.json)")
     if not path.is_file():
+        if (Path(model_dir) / MANIFEST).is_file():  # `export BUNDLE`: what it is, not the file it lacks
+            raise EdgemtpError(f"{model_dir}: an edgemtp bundle ({MANIFEST}), not a model directory (config.json + "
+                               "*.safetensors + tokenizer.json)")
         raise EdgemtpError(f"{path}: missing (a model directory needs config.json)")
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))

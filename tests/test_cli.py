@@ -127,6 +127,9 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
         (("generate", tiny_gemma3[2]), "give exactly one of --prompt or --prompt-file"),
         (("export", tmp_path / "nope", "-o", tmp_path / "b"),
          f"{tmp_path / 'nope'}: not a directory (expected a model directory with config.json)"),
+        (("export", tiny_gemma3[2], "-o", tmp_path / "b"),  # a bundle given for its model: once "config.json: missing"
+         f"{tiny_gemma3[2]}: an edgemtp bundle (edgemtp.json), not a model directory (config.json + *.safetensors + "
+         "tokenizer.json)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--quant", "int4"),
          "--gemv-head applies to dynamic fp32 bundles (not --quant int4)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--static"),
