@@ -1547,3 +1547,25 @@ def test_a_missing_corpus_leaves_no_output_directory(tiny_gemma3, tmp_path, monk
                                  "--layers", "1"])
     assert_one_line_error(r, "/nonexistent/_sources: missing", "python3.11-doc")
     assert not out.exists()
+
+
+def test_draft_steps_past_the_window_are_refused_before_work(tiny_gemma3, tmp_path):
+    """A window of T tokens scores at most T - 1 draft steps: --draft-k 14 with --seq-len 12 ran the target pass,
+    then died in the loss with a torch RuntimeError (a size mismatch); it is refused before any work."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model, model_dir, _ = tiny_gemma3
+    out = tmp_path / "d"
+    r = CliRunner().invoke(cli, ["train-drafter", str(model_dir), "-o", str(out), "--data", "code=8", "--heldout",
+                                 "code=2", "--seq-len", "12", "--steps", "1", "--batch", "2", "--hidden", "16",
+                                 "--layers", "1", "--draft-k", "14"])
+    assert_one_line_error(r, "--draft-k 14", "--seq-len 12")
+    assert not out.exists()
+    data = {"train": greedy_windows(model, 4, 8, 0), "heldout": {"greedy": greedy_windows(model, 2, 8, 1)}}
+    with pytest.raises(EdgemtpError, match="--draft-k 8 must be below --seq-len 8"):
+        train_drafter(model_dir, out, data=data, steps=1, shape=dict(hidden=16, num_layers=1),
+                      spec=TrainSpec(k=8, batch=2, negatives=64))
+    train_drafter(model_dir, out, data=data, steps=1, shape=dict(hidden=16, num_layers=1),  # the deepest a
+                  spec=TrainSpec(k=7, batch=2, negatives=64))  # window of 8 scores: trained

@@ -147,6 +147,10 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
 
     target_dir, out_dir = Path(target_dir), Path(out_dir)
     R.check_output(out_dir)  # before any work: it would replace a model's weights
+    window = data.seq_len if isinstance(data, DataSpec) else np.shape(data["train"])[1]
+    if spec.k >= window:  # step k is scored at positions with k tokens after them: deeper ones failed in the loss
+        raise EdgemtpError(f"--draft-k {spec.k} must be below --seq-len {window} (a window of {window} tokens "
+                           f"scores at most {window - 1} draft steps)")
     tcfg, _ = load_config(target_dir)
     if EMBEDDING not in Checkpoint(target_dir):  # a missing or damaged weight file, before the corpora
         raise EdgemtpError(f"{target_dir}: no '{EMBEDDING}' tensor (the drafter reads the target's embedding)")
