@@ -1569,3 +1569,25 @@ def test_draft_steps_past_the_window_are_refused_before_work(tiny_gemma3, tmp_pa
                       spec=TrainSpec(k=8, batch=2, negatives=64))
     train_drafter(model_dir, out, data=data, steps=1, shape=dict(hidden=16, num_layers=1),  # the deepest a
                   spec=TrainSpec(k=7, batch=2, negatives=64))  # window of 8 scores: trained
+
+
+def test_init_from_another_targets_drafter_takes_this_targets_conventions(tiny_gemma3, tmp_path):
+    """--init with a drafter of another target of the same sizes (a tiny Gemma 2's for a Gemma 3): the drafter
+    keeps its own shape and weights, but reads this target's KV and embedding with this target's RoPE, window,
+    embedding scale and softcap. It kept the other target's (RoPE theta 10000 on the full layer, 1e6 here)."""
+    from edgemtp.drafter.train import TARGET_FIELDS
+
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    model, model_dir, _ = tiny_gemma3
+    other_dir = save_tiny(tiny("gemma2"), tmp_path / "gemma2")
+    tiny_drafter(other_dir, tmp_path / "other")
+    other = load_config(tmp_path / "other")
+    tcfg, _ = target_config(model_dir)
+    fresh = DrafterConfig.for_target(tcfg, drafter_kv(tcfg), hidden=32, intermediate=48, num_layers=3)
+    assert other.rope != fresh.rope and all(getattr(other, f) == getattr(fresh, f) for f in TARGET_FIELDS)
+    data = {"train": greedy_windows(model, 4, 8, 0), "heldout": {"greedy": greedy_windows(model, 2, 8, 1)}}
+    train_drafter(model_dir, tmp_path / "d", data=data, steps=1, init=tmp_path / "other",
+                  spec=TrainSpec(batch=2, negatives=64))
+    assert load_config(tmp_path / "d") == fresh  # this target's conventions, --init's shape

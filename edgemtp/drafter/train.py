@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +40,10 @@ from .target_pass import TargetPass, target_caches, to_torch
 Progress = Callable[[int, int, dict], None]
 # what a drafter for the same target shares with it: --init checks these
 TARGET_FIELDS = ("vocab_size", "backbone_hidden", "num_kv_heads", "head_dim", "target_kv")
+# how the target's tensors the drafter reads are to be read (its KV's RoPE and window, its embedding's scale, its
+# head's softcap): after --init, this target's, whichever target the --init drafter was trained for
+TARGET_CONVENTIONS = ("rope", "sliding_window", "attention_scale", "embed_scale", "final_logit_softcapping",
+                      "target_model_type")
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,8 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     stop_at: checkpoint and return None after this step (as an interruption would; resume=True continues).
     init: a drafter directory whose weights start the training (a fresh optimizer and
     schedule: fine-tuning a drafter on more data); its shape wins over `shape`, except that a larger
-    `shape["intermediate"]` widens its MLPs first (model.widen_mlp: same function, new units to train).
+    `shape["intermediate"]` widens its MLPs first (model.widen_mlp: same function, new units to train); the
+    target's conventions (TARGET_CONVENTIONS: RoPE, window, scales) are this target's.
     head_clusters: after training, fit clustered-head tables (C clusters, `head_top_k` scored) on the
     drafter's own states (head_fit.py) into out_dir/head.safetensors; 0: none (after --init, that
     drafter's tables are carried over); None: 2048 for vocabularies of 65,536 tokens or more, else 0.
@@ -169,7 +174,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
                 raise EdgemtpError(f"--intermediate {wider}: --init {init} has {start_from.cfg.intermediate} "
                                    "MLP units; a drafter can be widened, not narrowed")
             start_from = M.widen_mlp(start_from, wider, seed)
-        cfg = start_from.cfg
+        cfg = replace(start_from.cfg, **{f: getattr(cfg, f) for f in TARGET_CONVENTIONS})
     if head_clusters is None:
         head_clusters = 2048 if cfg.vocab_size >= 65_536 else 0
     if head_clusters:  # checked before hours of training, not after
