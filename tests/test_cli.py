@@ -320,6 +320,24 @@ def test_export_quantized_and_evaluate(tiny_gemma3, tmp_path):
     assert_one_line_error(r, "--quant 'int3' is not supported")
 
 
+
+def test_evaluate_text_shows_the_json_values(tiny_gemma3, tmp_path):
+    """The text output is --json's numbers: an int8 bundle's KLs of ~1e-5 were printed 0.0000 (four decimals)
+    beside a top-1 agreement below 1, and its perplexity change 0.0090 for 0.008985."""
+    _, model_dir, fp32 = tiny_gemma3
+    q = tmp_path / "q8"
+    assert run("export", model_dir, "-o", q, "--quant", "int8", "--max-context", 64).exit_code == 0
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 96, 150)))
+    shown = run("evaluate", q, "--text-file", text, "--reference", fp32)
+    out = json.loads(run("evaluate", q, "--text-file", text, "--reference", fp32, "--json").output)
+    assert 0 < out["kl_median"] < 1e-3  # small but not zero: what the test is about
+    lines = dict(line.split() for line in shown.output.splitlines())
+    assert list(lines) == list(out)
+    for key, value in out.items():
+        assert float(lines[key]) == pytest.approx(value, rel=5e-3), key
+
+
 def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):
     import shutil
 

@@ -196,4 +196,9 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
         click.echo(json.dumps(result))
         return
     for key, value in result.items():
-        click.echo(f"{key:24s} {value:.4f}" if isinstance(value, float) else f"{key:24s} {value}")
+        click.echo(f"{key:24s} {_number(value)}" if isinstance(value, float) else f"{key:24s} {value}")
+
+
+def _number(value: float) -> str:
+    """Four decimals, or four significant digits below 0.01: an int8 bundle's KLs (~1e-5) showed as 0.0000."""
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
