@@ -180,11 +180,16 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
 @click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score.")
 @click.option("--reference", default=None, type=click.Path(path_type=Path),
               help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
-@click.option("--max-tokens", default=None, type=int, help="Score at most this many tokens of the text.")
+@click.option("--max-tokens", default=None, type=int, help="Take only the text's first N tokens (the BOS not counted).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json):
-    """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence."""
+    """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence.
+
+    The text is tokenized once and cut into consecutive windows (no overlap) of min(512, the bundles' KV
+    capacity) tokens, BOS included: each starts with the BOS where the tokenizer puts one before a text, and
+    is scored from a fresh cache. Every token with a token before it in its window is scored (without a BOS,
+    a window's first is not); both bundles see the same windows."""
     from ..evaluate import evaluate
 
     if max_tokens is not None and max_tokens < 1:
