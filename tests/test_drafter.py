@@ -1006,6 +1006,11 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert_one_line_error(bad, "--intermediate 0")
     bad = CliRunner().invoke(cli, args + ["--accept-weight", "1.5"])
     assert_one_line_error(bad, "--accept-weight 1.5")
+    for clusters in ([], ["--head-clusters", "0"]):  # the tiny vocabulary fits no head by default: it was ignored
+        bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "k")] + args[4:] + clusters
+                                 + ["--head-top-k", "2"])
+        assert_one_line_error(bad, "--head-top-k 2", "it fits none", "--head-clusters")
+        assert not (tmp_path / "k").exists()
     for lr in ("-1", "0", "nan"):
         bad = CliRunner().invoke(cli, args + ["--lr", lr])
         assert_one_line_error(bad, f"--lr {float(lr)} must be a positive number")

@@ -305,7 +305,8 @@ def check_seed(seed: int) -> None:
               help="After training, fit the clustered head's tables (head.safetensors) on the drafter's own "
                    "states, with this many clusters; 0: none (--init's tables are carried over). Default: 2048 "
                    "for vocabularies of 65,536 tokens or more, else 0.")
-@click.option("--head-top-k", default=32, show_default=True, type=int, help="Clusters the fitted head scores exactly.")
+@click.option("--head-top-k", default=None, type=int,
+              help="Clusters the fitted head scores exactly (default 32; only with a head fitted).")
 @click.option("--accept-weight", default=0.0, show_default=True, type=float,
               help="0..1: share of the loss weighted by what each draft is worth to tokens per round (how "
                    "likely a round starts at its position and its earlier drafts are accepted, times what the "

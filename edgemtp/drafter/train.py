@@ -127,7 +127,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
                   seed: int = 0, resume: bool = False, progress: Progress | None = None,
                   shape: dict | None = None, spec: TrainSpec = TrainSpec(), threads: int = 1,
                   stop_at: int | None = None, init: Path | None = None,
-                  label_threads: int = 2, head_clusters: int | None = None, head_top_k: int = 32) -> dict:
+                  label_threads: int = 2, head_clusters: int | None = None, head_top_k: int | None = None) -> dict:
     """Trains a drafter for the target in `target_dir` (an HF model directory); writes `out_dir`/config.json
     + model.safetensors (fp16), checkpoint.pt, train.log (JSON lines). Returns the final report.
 
@@ -139,8 +139,9 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     `shape["intermediate"]` widens its MLPs first (model.widen_mlp: same function, new units to train); the
     target's conventions (TARGET_CONVENTIONS: RoPE, window, scales) are this target's.
     head_clusters: after training, fit clustered-head tables (C clusters, `head_top_k` scored) on the
-    drafter's own states (head_fit.py) into out_dir/head.safetensors; 0: none (after --init, that
-    drafter's tables are carried over); None: 2048 for vocabularies of 65,536 tokens or more, else 0.
+    drafter's own states (head_fit.py) into out_dir/head.safetensors (head_top_k: default 32, refused when none is
+    fitted); 0: none (after --init, that drafter's tables are carried over); None: 2048 for vocabularies of 65,536
+    tokens or more, else 0.
     label_threads: torch threads for the target pass (one window batch is a few large matmuls: 2 threads
     labelled 370 tokens/s on an idle 2-core machine).
     threads: torch intra-op threads for training. 1 by default: on a shared 2-core machine two OpenMP threads made a
@@ -177,6 +178,11 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         cfg = replace(start_from.cfg, **{f: getattr(cfg, f) for f in TARGET_CONVENTIONS})
     if head_clusters is None:
         head_clusters = 2048 if cfg.vocab_size >= 65_536 else 0
+    if head_top_k is not None and not head_clusters:  # it would be ignored: no head is fitted to score with it
+        raise EdgemtpError(f"--head-top-k {head_top_k} applies to the clustered head this run fits, and it fits "
+                           f"none (--head-clusters {head_clusters}; the default fits one for vocabularies of 65,536 "
+                           "tokens or more)")
+    head_top_k = 32 if head_top_k is None else head_top_k
     if head_clusters:  # checked before hours of training, not after
         from ..calibration.clustering import check_sizes
         check_sizes(cfg.vocab_size, head_clusters, head_top_k, flag="--head-")
