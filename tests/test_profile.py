@@ -409,3 +409,29 @@ def test_windows_peak_is_the_peak_working_set():
     assert prof.windows_peak_mb(kernel32) == 0.0
     if sys.platform != "win32":
         assert prof.windows_peak_mb() == 0.0  # no kernel32 to ask
+
+
+def test_a_rows_measures_from_its_generations_counts_and_times(monkeypatch):
+    """Each timed run's counts and times, as the speculative loop reports them, become the row's measures: pp
+    over every row's prompt, tg over every row's tokens after the first, per row-round splits. A batch's rows
+    are prefilled one after the other and none has its first token before all are: ttft is the whole prefill
+    (it was prefill_s / batch, 4x shorter than any row waited at batch 4)."""
+    from edgemtp.runtime import profile as prof
+
+    runs = iter([(9.0, 9.0), (0.4, 2.0), (0.8, 4.0)])  # (prefill_s, decode_s): the warm-up, then two timed runs
+
+    class FakeSpeculative:
+        def __init__(self, target, drafter, k, adaptive=False):
+            pass
+
+        def generate(self, prompts, n, sampling, stop_ids=(), stats=None):
+            stats.prefill_s, stats.decode_s = next(runs)
+            stats.prefill_tokens, stats.decode_tokens = 8 * len(prompts), (n - 1) * len(prompts)
+            stats.rounds, stats.draft_s, stats.verify_s, stats.other_s = 10, 0.1, 0.2, 0.3
+
+    engine = type("FakeEngine", (), {"encode": lambda self, text: list(range(300)), "target": None})()
+    monkeypatch.setattr(prof, "Speculative", FakeSpeculative)
+    row = prof.run_row(engine, prof.RowConfig(0, 4, 8, 11, "cpu", "none"), 2, None)
+    assert row.pp_tokens_per_s == [32 / 0.4, 32 / 0.8] and row.tg_tokens_per_s == [40 / 2.0, 40 / 4.0]
+    assert row.ttft_s == [0.4, 0.8]
+    assert row.tokens_per_forward == 80 / 20 and row.split_s == pytest.approx({"draft": 10, "verify": 20, "other": 30})

@@ -196,7 +196,9 @@ def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) ->
             continue
         row.pp_tokens_per_s.append(stats.prefill_tokens / stats.prefill_s)
         row.tg_tokens_per_s.append(stats.decode_tokens / stats.decode_s if stats.decode_s else 0.0)
-        row.ttft_s.append(stats.prefill_s / c.batch)
+        # a batch's rows are prefilled one after the other and each gets its first token only when all are:
+        # the whole prefill (over the batch, it read the per-row prefill time, 1/batch of any row's wait)
+        row.ttft_s.append(stats.prefill_s)
         for name in ("rounds", "drafted", "accepted", "draft_s", "verify_s", "other_s"):
             setattr(totals, name, getattr(totals, name) + getattr(stats, name))
         totals.drafted_at, totals.accepted_at = _sum(totals.drafted_at, stats.drafted_at), \
