@@ -39,7 +39,7 @@ def test_json_schema(tiny_gemma3):
     assert len(rows) == 8
     ran = [r for r in rows if not r["skipped"]]
     skipped = [r for r in rows if r["skipped"]]
-    assert {r["prompt_tokens"] for r in skipped} == {60}  # 60 + 6 + window > capacity 64
+    assert {r["prompt_tokens"] for r in skipped} == {60}  # 60 + 6 - 1 > capacity 64
     assert all("KV capacity" in r["skipped"] for r in skipped)
     for row in ran:
         assert ROW_CONFIG | ROW_MEASURES == set(row)
@@ -81,7 +81,7 @@ def test_csv_has_one_number_per_cell(tiny_gemma3):
     import csv
     import io
 
-    r = profile(tiny_gemma3[2], "--prompt-tokens", "8,60", "--gen-tokens", 4, "--repetitions", 2,
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8,62", "--gen-tokens", 4, "--repetitions", 2,
                 "--draft-k", "0,2", "--format", "csv")
     table = r.stdout[r.stdout.index("draft_k"):]
     records = list(csv.reader(io.StringIO(table)))  # no empty record at the end, one kind of line ending
@@ -435,3 +435,18 @@ def test_a_rows_measures_from_its_generations_counts_and_times(monkeypatch):
     assert row.pp_tokens_per_s == [32 / 0.4, 32 / 0.8] and row.tg_tokens_per_s == [40 / 2.0, 40 / 4.0]
     assert row.ttft_s == [0.4, 0.8]
     assert row.tokens_per_forward == 80 / 20 and row.split_s == pytest.approx({"draft": 10, "verify": 20, "other": 30})
+
+
+def test_a_row_that_fits_the_cache_runs_whatever_its_k(tiny_gemma3):
+    """A generation stores its prompt and every generated token but the last; the verify window of the rounds
+    near the end shrinks to what the generation has left, so no K asks for more. Profile skipped a row whose
+    prompt + gen + K + 1 exceeded the capacity ("cannot run here"), though generate runs it to its last token:
+    at 57 + 8 on a capacity of 64 even the plain row."""
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.runtime import profile as prof
+
+    bundle = bundle_mod.load(tiny_gemma3[2])
+    assert [prof.skip_reason(prof.RowConfig(k, 1, 57, 8, "cpu", "lookup"), 64, bundle) for k in (0, 2, 6)] == [""] * 3
+    assert "beyond the KV capacity of 64" in prof.skip_reason(prof.RowConfig(2, 1, 58, 8, "cpu", "lookup"), 64, bundle)
+    out = prof.profile(tiny_gemma3[2], (57,), 8, 1, (0, 6), drafter="lookup")
+    assert [r["skipped"] for r in out["rows"]] == [None, None]

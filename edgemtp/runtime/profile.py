@@ -139,9 +139,12 @@ def skip_reason(c: RowConfig, capacity: int, bundle=None) -> str:
     full = PROVIDERS.get(c.provider.lower(), c.provider)
     if full not in ort.get_available_providers():
         return f"provider {c.provider!r} is not available in this onnxruntime build"
-    if c.prompt_tokens + c.gen_tokens + c.draft_k + 1 > capacity:
-        window = f" + draft window {c.draft_k + 1}" if c.draft_k else ""
-        return f"prompt {c.prompt_tokens} + gen {c.gen_tokens}{window} exceeds the KV capacity of {capacity}"
+    # The cache holds the prompt and every generated token but the last, and a round drafts no more than the
+    # generation has left (Speculative._draft): K takes no room of its own. Counting a draft window of K + 1 too
+    # skipped rows that generate runs to their last token (57 + 8 on 64 positions: even the plain row).
+    if c.prompt_tokens + c.gen_tokens - 1 > capacity:
+        return f"prompt {c.prompt_tokens} + gen {c.gen_tokens} needs {c.prompt_tokens + c.gen_tokens - 1} cache " \
+               f"positions (all but the last token), beyond the KV capacity of {capacity}"
     if c.prompt_tokens < 1 or c.gen_tokens < 1 or c.batch < 1 or c.draft_k < 0:
         return "prompt_tokens, gen_tokens and batch must be >= 1, draft_k >= 0"
     if c.drafter not in ("none", "lookup", "mtp", "hybrid"):
