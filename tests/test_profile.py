@@ -450,3 +450,22 @@ def test_a_row_that_fits_the_cache_runs_whatever_its_k(tiny_gemma3):
     assert "beyond the KV capacity of 64" in prof.skip_reason(prof.RowConfig(2, 1, 58, 8, "cpu", "lookup"), 64, bundle)
     out = prof.profile(tiny_gemma3[2], (57,), 8, 1, (0, 6), drafter="lookup")
     assert [r["skipped"] for r in out["rows"]] == [None, None]
+
+
+def test_the_plot_draws_only_the_series_that_ran(tmp_path, monkeypatch):
+    """Each prompt / batch gets a line per drafter that ran there: one that ran only elsewhere got a line and a
+    legend entry too, holding only the plain point ("mtp, batch 2" where MTP ran only at batch 1)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from edgemtp.runtime import profile_report as report
+
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: drawn.append((kw["label"], list(x))) or real(self, x, y, **kw))
+    measures = {"tg_tokens_per_s": {"mean": 1.0, "std": 0.0}, "acceptance_by_position": []}
+    rows = [{"batch": b, "prompt_tokens": 8, "draft_k": k, "drafter": d, "head": "", "adaptive": False,
+             "skipped": None, **measures} for b, k, d in ((1, 0, "none"), (1, 2, "mtp"), (2, 0, "none"))]
+    report.plot({"rows": rows, "ceiling": {"tg_tokens_per_s": 1.0}}, tmp_path / "p.png")
+    assert drawn == [("mtp, batch 1, prompt 8", [0, 2]), ("none, batch 2, prompt 8", [0])]

@@ -144,10 +144,12 @@ def plot(result: dict, out: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     ok = [r for r in result["rows"] if not r["skipped"]]
     for key in sorted({(r["batch"], r["prompt_tokens"]) for r in ok}):
-        plain = [r for r in ok if (r["batch"], r["prompt_tokens"]) == key and r["draft_k"] == 0]
-        for mode in sorted({_mode(r) for r in ok if r["draft_k"]}) or ["none"]:
-            rs = plain + sorted((r for r in ok if (r["batch"], r["prompt_tokens"]) == key and r["draft_k"]
-                                 and _mode(r) == mode), key=lambda r: r["draft_k"])
+        mine = [r for r in ok if (r["batch"], r["prompt_tokens"]) == key]
+        plain = [r for r in mine if r["draft_k"] == 0]
+        # the drafters that ran at this prompt and batch: the modes of every row drew lines of the plain point
+        # alone, named for drafters that did not run here
+        for mode in sorted({_mode(r) for r in mine if r["draft_k"]}) or ["none"]:
+            rs = plain + sorted((r for r in mine if r["draft_k"] and _mode(r) == mode), key=lambda r: r["draft_k"])
             a.errorbar([r["draft_k"] for r in rs], [r["tg_tokens_per_s"]["mean"] for r in rs],
                        yerr=[r["tg_tokens_per_s"]["std"] for r in rs], marker="o",
                        label=f"{mode}, batch {key[0]}, prompt {key[1]}")
