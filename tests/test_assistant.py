@@ -436,6 +436,49 @@ def test_head_context_needs_the_ordered_head(pair, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_draft_top_k_sets_the_assistants_clusters(pair, tmp_path, top_k):
+    """--draft-top-k on an ordered-embedding assistant: k clusters scored (transformers with that
+    centroid_intermediate_top_k), or 0: the full head over the assistant's table (use_ordered_embeddings off). It
+    was ignored: the bundle kept the checkpoint's k."""
+    assistant, drafter_dir, _, _ = pair.assistants[True]
+    out = export(pair.target_dir, tmp_path / "b", capacity=64, drafter=drafter_dir, drafter_top_k=top_k)
+    head = bundle_mod.load(out).graph("drafter").contract["head"]
+    assert head == ({"kind": "full"} if top_k == 0 else {"kind": "clustered", "clusters": CENTROIDS, "top_k": top_k,
+                                                           "candidates": top_k * 96 // CENTROIDS, "rows": "fp32",
+                                                           "context": 0})
+    model = transformers.Gemma4AssistantForCausalLM.from_pretrained(drafter_dir).eval()
+    if top_k:
+        model.masked_embedding.centroid_intermediate_top_k = top_k
+    else:
+        model.config.use_ordered_embeddings = False
+    target = transformers.AutoModelForCausalLM.from_pretrained(pair.target_dir).eval()
+    steps = draft(out, pair.ids, from_transformers(out, pair.prefills))
+    for b, n in enumerate(LENGTHS):
+        want_tokens, want_logits = reference(target, model, pair.ids[b], n, pair.prefills[b])
+        np.testing.assert_array_equal([s[A.DRAFT_IDS][b, 0] for s in steps], want_tokens, err_msg=f"row {b}")
+        for s, want in zip(steps, want_logits):
+            cand, got = (s[A.CANDIDATE_IDS][b, 0], s[A.CANDIDATE_LOGITS][b, 0]) if top_k else \
+                (np.arange(len(want)), s[A.LOGITS][b, 0])
+            np.testing.assert_allclose(got, want[cand], atol=1e-3, rtol=0, err_msg=f"row {b}")
+
+
+@pytest.mark.parametrize("ordered, top_k, message", [
+    (True, 9, "--draft-top-k 9 must be 0 (the full head) or between 1 and the head's 8 clusters"),
+    (True, -1, "--draft-top-k -1 must be 0 (the full head) or between 1 and the head's 8 clusters"),
+    (False, 2, "--draft-top-k 2: needs a clustered head; this assistant has use_ordered_embeddings false"),
+])
+def test_draft_top_k_the_assistant_cannot_take_is_refused(pair, tmp_path, ordered, top_k, message):
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(tmp_path / "b"), "--drafter",
+                                 str(pair.assistants[ordered][1]), "--max-context", "64", "--draft-top-k", str(top_k)])
+    assert_one_line_error(r, message)
+    assert not (tmp_path / "b").exists()
+
+
 def test_int8_head_rows_need_the_ordered_head(pair, tmp_path):
     from click.testing import CliRunner
 

@@ -107,8 +107,8 @@ def quant_options(f):
                    "auto: the drafter shipped for this model, recognised by its weights (not for --quant qdq); "
                    "none: no drafter.")
 @click.option("--draft-top-k", default=None, type=int,
-              help="Clusters the drafter's two-stage head scores exactly (default: its head tables' own; "
-                   "0: full head).")
+              help="Clusters the drafter's two-stage head scores exactly (default: its head tables' own, a Gemma 4 "
+                   "assistant's centroid_intermediate_top_k; 0: full head).")
 @click.option("--draft-head-rows", default="auto", show_default=True,
               help="How the drafter's two-stage head scores its candidates: fp32 rows of the target's table, "
                    "or int8 (a copy of the table in cluster order: V x hidden more bytes, a faster draft step); "

@@ -89,6 +89,21 @@ class AssistantConfig:
                                f"use_ordered_embeddings false (its full head already scores every token)")
         return replace(self.clustered, context=context) if self.clustered else None
 
+    def with_top_k(self, top_k: int | None) -> "AssistantConfig":
+        """--draft-top-k: the clusters its masked embedding scores (None: the checkpoint's
+        centroid_intermediate_top_k; 0: the full head over its own table, as with use_ordered_embeddings false)."""
+        if top_k is None:
+            return self
+        if top_k == 0:
+            return replace(self, num_centroids=0, top_k=0)
+        if not self.clustered:
+            raise EdgemtpError(f"--draft-top-k {top_k}: needs a clustered head; this assistant has "
+                               "use_ordered_embeddings false (its full head already scores every token)")
+        if not 1 <= top_k <= self.num_centroids:
+            raise EdgemtpError(f"--draft-top-k {top_k} must be 0 (the full head) or between 1 and the head's "
+                               f"{self.num_centroids} clusters")
+        return replace(self, top_k=top_k)
+
     def kv_shape(self, layer_type: str) -> tuple[int, int]:
         """(KV heads, head dim) its layers of that type expect of the target's cache."""
         i = self.text.layer_types.index(layer_type)

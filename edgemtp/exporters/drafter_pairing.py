@@ -86,7 +86,8 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
 
     t = TargetContract.from_json(target_contract)
     if assistant.is_assistant(drafter_dir):
-        cfg = assistant.load_config(drafter_dir, t)  # refuses an assistant made for another target
+        # refuses an assistant made for another target; --draft-top-k applies to its head as to ours
+        cfg = assistant.load_config(drafter_dir, t).with_top_k(top_k)
         context = context or 0  # by default, the head as Google ships it (and transformers runs it)
         check_context(context)
         check_head_rows(head_rows, cfg.head(context))  # and a context without a clustered head
