@@ -1596,3 +1596,46 @@ def test_init_from_another_targets_drafter_takes_this_targets_conventions(tiny_g
     train_drafter(model_dir, tmp_path / "d", data=data, steps=1, init=tmp_path / "other",
                   spec=TrainSpec(batch=2, negatives=64))
     assert load_config(tmp_path / "d") == fresh  # this target's conventions, --init's shape
+
+
+def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch):
+    """Sampled MTP drafting (the draft drawn from the drafter's q, kept by rejection sampling): over 600 seeds the
+    first and second tokens follow the target's exact distributions (enumerated), with drafts both accepted and
+    rejected;
+    the same test fails once acceptance keeps every draft. (test_speculative covers lookup drafters, whose q is
+    one-hot or made up; here q is the drafter graph's own distribution.)"""
+    from edgemtp.runtime import speculative as spec
+    from edgemtp.runtime.sampling import Sampling
+    from edgemtp.runtime.speculative import SpecStats
+
+    from .test_speculative import _accept_always, _exact_first_tokens, _gof_pvalue
+
+    engine = Engine.load(setup[1], threads=1)
+    prompt, n = [3, 9, 4, 1], 600
+    sampling = Sampling(temperature=2.0, top_k=20)  # wide enough that the random drafter's guesses get accepted
+    exact = _exact_first_tokens(engine.target, prompt, sampling, 2)
+    # each token's own distribution: 600 runs cannot fill 20 x 20 joint outcomes
+    marginals = [{}, {}]
+    for pair, p in exact.items():
+        for i in (0, 1):
+            marginals[i][pair[i:i + 1]] = marginals[i].get(pair[i:i + 1], 0.0) + p
+
+    def fits(samples: list[tuple]) -> list[float]:
+        return [_gof_pvalue([t[i:i + 1] for t in samples], marginals[i]) for i in (0, 1)]
+
+    def run(seeds: int) -> tuple[list[tuple], SpecStats]:
+        samples, total = [], SpecStats()
+        for seed in range(seeds):
+            stats = SpecStats()
+            s = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, seed)
+            # 3 tokens: a round drafts only where a token is left after it (the draft is the 2nd token)
+            samples.append(tuple(engine.token_stream(prompt, 3, s, Draft("mtp", 1), stats))[:2])
+            total.drafted, total.accepted = total.drafted + stats.drafted, total.accepted + stats.accepted
+        return samples, total
+
+    samples, stats = run(n)
+    assert stats.drafted == n and n / 10 < stats.accepted < n  # one draft a run, both outcomes exercised
+    assert min(fits(samples)) > 1e-3, fits(samples)
+    monkeypatch.setattr(spec, "accept_sampled", _accept_always)
+    samples, stats = run(n // 2)
+    assert stats.accepted == stats.drafted and fits(samples)[1] < 1e-6, fits(samples)
