@@ -97,6 +97,43 @@ def test_rendered_as_transformers_renders_it(gemma3_270m_dir, tmp_path, template
                 ours.render(bad)
 
 
+# Llama 3.1's turns: a message holding 'tool_calls' is a call (an assistant's), a tool's is its result
+LLAMA31_TURNS = """{%- for message in messages %}
+    {%- if not (message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim }}
+        {{- '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls | length == 1 %}{{- raise_exception('single tool-calls only') }}{%- endif %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' + message.tool_calls[0].function | tojson }}
+        {{- '<|eot_id|>' }}
+    {%- else %}
+        {{- '<|start_header_id|>ipython<|end_header_id|>\n\n' + message.content + '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"""
+
+
+def test_keys_set_to_none_are_left_out_as_transformers_does():
+    """Messages as the OpenAI SDK dumps them (every unset field None: an answer's tool_calls, a call's content)
+    render as apply_chat_template renders them, which drops the keys whose value is None: Llama 3.1's template
+    read an answer with tool_calls None as a call (refused: None has no length), a call's content None as the
+    text "None"."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}
+    chat = [{"role": "user", "content": "Hi", "name": None},
+            {"role": "assistant", "content": "Hello!", "tool_calls": None, "function_call": None, "refusal": None},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "20C", "name": None}, {"role": "user", "content": "Thanks"}]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
+    ours = ChatTemplate(LLAMA31_TURNS, {}, "here").render(chat)
+    theirs = tok.apply_chat_template(chat, chat_template=LLAMA31_TURNS, tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    assert "None" not in ours and '"city": "Paris"' in ours and chat[1]["tool_calls"] is None  # the caller's kept
+
+
 @pytest.mark.parametrize("messages,match", [
     ([], "holds no messages"),
     ([{"content": "no role"}], r"prompt\[0\]=.* is not a message"),

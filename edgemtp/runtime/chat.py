@@ -27,7 +27,8 @@ def is_chat(prompt) -> bool:
 
 
 def check_messages(messages, name: str = "prompt") -> list[dict]:
-    """`messages` as a list of dicts with a string role and content (what every chat template reads)."""
+    """`messages` as a list of dicts with a string role and content (what every chat template reads; None for a
+    tool call's), copies without the keys set to None."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
         # a str or dict is iterable, but into letters or keys: chat_prompt("Hi") said "messages[0]='H' is not a
         # message", chat_prompt({"role": ...}) "messages[0]='role'"; chat_prompt(5) raised TypeError, None "holds
@@ -41,7 +42,10 @@ def check_messages(messages, name: str = "prompt") -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise ArgumentError(f"{name}[{i}]", m, "is not a message: a dict with a 'role' string and a "
                                 "'content'")
-    return [dict(m) for m in messages]
+    # keys set to None left out, as apply_chat_template does: the OpenAI SDK dumps every unset field as None, and a
+    # template tests keys ('tool_calls' in message: Llama 3.1 took an answer for a call) or prints them (a content
+    # None was the text "None")
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 @lru_cache(maxsize=8)
