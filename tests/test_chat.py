@@ -97,6 +97,25 @@ def test_rendered_as_transformers_renders_it(gemma3_270m_dir, tmp_path, template
                 ours.render(bad)
 
 
+def test_every_named_special_token_is_a_variable(gemma3_270m_dir, tmp_path):
+    """The template sees each special token apply_chat_template passes (its tokenizer's special_tokens_map):
+    sep_token, cls_token and mask_token as well as bos / eos / unk / pad, and a model's own named ones
+    (tokenizer_config.json's extra_special_tokens: Gemma 3's boi_token, image_token...); those were undefined,
+    written as nothing (a template ending each turn with {{ sep_token }} lost its separators without a word)."""
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}{{ cls_token }}{{ m.content }}{{ sep_token }}{% endfor %}"
+                "{{ mask_token }}{{ boi_token }}{{ image_token }}{{ eos_token }}")
+    d = model_with_template(gemma3_270m_dir, tmp_path / "model", template)
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    config.update(sep_token="<eos>", cls_token={"content": "<bos>", "__type": "AddedToken"}, mask_token="<mask>",
+                  extra_special_tokens={"boi_token": "<start_of_image>", "image_token": "<image_soft_token>"})
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = ChatTemplate(*chat_template.find(d)).render(CHATS[2])
+    assert ours == AutoTokenizer.from_pretrained(d).apply_chat_template(CHATS[2], tokenize=False)
+    assert ours.count("<eos>") == 4 and ours.endswith("<mask><start_of_image><image_soft_token><eos>"), ours
+
+
 # Llama 3.1's turns: a message holding 'tool_calls' is a call (an assistant's), a tool's is its result
 LLAMA31_TURNS = """{%- for message in messages %}
     {%- if not (message.role == 'tool' or 'tool_calls' in message) %}

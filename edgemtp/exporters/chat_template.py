@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import EdgemtpError
 
 FILE = "chat_template.jinja"  # its name in the bundle
-SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+# the named special tokens transformers' special_tokens_map holds, which apply_chat_template passes to the template
+SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _json(path: Path) -> dict:
@@ -60,6 +61,12 @@ def find(model_dir: Path) -> tuple[str, dict[str, str], str] | None:
                            "with a 'default')")
     tokens = _json(model_dir / "special_tokens_map.json")
     special = {k: t for k in SPECIAL if (t := _token(config.get(k, tokens.get(k)))) is not None}
+    # and a model's own named ones (Gemma 3's boi_token, image_token...), which the special_tokens_map holds too;
+    # else a template printing one wrote nothing there, as for sep_token, cls_token and mask_token before
+    extra = config.get("extra_special_tokens")
+    for k, v in (extra.items() if isinstance(extra, dict) else ()):
+        if isinstance(k, str) and (t := _token(v)) is not None:
+            special.setdefault(k, t)
     _check_parses(template, source)
     return template, special, source
 
