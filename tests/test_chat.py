@@ -151,11 +151,14 @@ def test_keys_set_to_none_are_left_out_as_transformers_does():
     theirs = tok.apply_chat_template(chat, chat_template=LLAMA31_TURNS, tokenize=False, add_generation_prompt=True)
     assert ours == theirs
     assert "None" not in ours and '"city": "Paris"' in ours and chat[1]["tool_calls"] is None  # the caller's kept
+    del chat[3]["content"]  # a tool call without 'content' (the OpenAI format allows it): the same text
+    assert ChatTemplate(LLAMA31_TURNS, {}, "here").render(chat) == theirs
 
 
 @pytest.mark.parametrize("messages,match", [
     ([], "holds no messages"),
     ([{"content": "no role"}], r"prompt\[0\]=.* is not a message"),
+    ([{"role": "user"}], r"prompt\[0\]=\{'role': 'user'\} is not a message: .* 'content' \(or, for a tool call"),
     (["text"], r"prompt\[0\]='text' is not a message"),
     ("text", r"^prompt='text' must be a list of chat messages"),  # not its letters
     ({"role": "user", "content": "a"}, r"^prompt=\{'role': 'user', 'content': 'a'\} must be a list of chat"),

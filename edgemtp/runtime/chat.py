@@ -27,8 +27,8 @@ def is_chat(prompt) -> bool:
 
 
 def check_messages(messages, name: str = "prompt") -> list[dict]:
-    """`messages` as a list of dicts with a string role and content (what every chat template reads; None for a
-    tool call's), copies without the keys set to None."""
+    """`messages` as a list of dicts with a string role and content (what every chat template reads; None or left
+    out for a tool call's), copies without the keys set to None."""
     if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
         # a str or dict is iterable, but into letters or keys: chat_prompt("Hi") said "messages[0]='H' is not a
         # message", chat_prompt({"role": ...}) "messages[0]='role'"; chat_prompt(5) raised TypeError, None "holds
@@ -39,9 +39,11 @@ def check_messages(messages, name: str = "prompt") -> list[dict]:
         raise ArgumentError(name, messages, "holds no messages (a chat prompt is a list of "
                             "{'role': ..., 'content': ...} dicts)")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+        # an assistant's tool call may leave 'content' out (the OpenAI format does; apply_chat_template takes it):
+        # it renders as with content None, which is dropped below
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not ("content" in m or "tool_calls" in m):
             raise ArgumentError(f"{name}[{i}]", m, "is not a message: a dict with a 'role' string and a "
-                                "'content'")
+                                "'content' (or, for a tool call, 'tool_calls')")
     # keys set to None left out, as apply_chat_template does: the OpenAI SDK dumps every unset field as None, and a
     # template tests keys ('tool_calls' in message: Llama 3.1 took an answer for a call) or prints them (a content
     # None was the text "None")
