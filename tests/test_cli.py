@@ -244,6 +244,26 @@ def test_a_prompt_piped_or_named_is_the_same_text(tmp_path, monkeypatch):
     assert piped == read_prompt(None, tmp_path / "p.txt") == "def f():\n    return 1\nend\n"
 
 
+def test_a_prompt_file_s_byte_order_mark_is_not_text(tmp_path, monkeypatch):
+    """A UTF-8 file saved with a byte order mark (Windows Notepad, PowerShell's -Encoding utf8) is its text: the
+    mark was read as a U+FEFF character, one more prompt token than --prompt gave, and a file of the mark
+    alone was a prompt, not an empty file."""
+    import io
+
+    from edgemtp.cli.run import read_prompt
+
+    for data, want in (("\ufeffdef f():\r\n".encode(), "def f():\n"), ("\ufeff\n".encode(), None)):
+        (tmp_path / "p.txt").write_bytes(data)
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+        if want is None:
+            with pytest.raises(EdgemtpError, match="is only whitespace"):
+                read_prompt(None, Path("-"))
+            with pytest.raises(EdgemtpError, match="is only whitespace"):
+                read_prompt(None, tmp_path / "p.txt")
+            continue
+        assert read_prompt(None, Path("-")) == read_prompt(None, tmp_path / "p.txt") == want
+
+
 def test_runtime_imports_no_torch_nor_the_exporter_s_packages():
     code = ("import sys, edgemtp.runtime.engine, edgemtp.runtime.target; "
             "bad = [m for m in ('torch', 'transformers', 'sklearn', 'onnx', 'safetensors', 'gguf') "

@@ -198,12 +198,13 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
     if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
         text = stdin_text(lambda f: f.read(), file_flag + " -")
-        # newlines as a named file's read_text gives them (\r\n and \r as \n): the same text piped or named
-        # is the same prompt
-        return _has_text(text.replace("\r\n", "\n").replace("\r", "\n"), f"{file_flag} -: standard input")
+        # newlines as a named file's read_text gives them (\r\n and \r as \n), and no byte order mark (as its
+        # utf-8-sig): the same text piped or named is the same prompt
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        return _has_text(text, f"{file_flag} -: standard input")
     if prompt_file is not None:
-        try:
-            text = prompt_file.read_text(encoding="utf-8")
+        try:  # utf-8-sig: a byte order mark (Notepad, PowerShell's -Encoding utf8) is no text, else a U+FEFF token
+            text = prompt_file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
             raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
