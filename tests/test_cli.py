@@ -65,6 +65,28 @@ def test_generate_stop(tiny_gemma3):
     assert r.exit_code == 0 and r.stdout == want + "\n"
 
 
+def test_ctrl_c_ends_the_streamed_text_with_its_speed_line(tiny_gemma3, monkeypatch):
+    """Ctrl-C during `generate`'s stream: the text so far, a newline, the speed line of what was generated
+    ("interrupted"), exit status 130; it was click's "Aborted!" with status 1 and no line end."""
+    bundle = tiny_gemma3[2]
+    full = Engine.load(bundle).generate("t1 t2 t3", max_new_tokens=8, draft=None)
+    stream = Engine.stream
+
+    def interrupted(self, *args, **kwargs):  # the user presses Ctrl-C after the third piece
+        for i, piece in enumerate(stream(self, *args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    r = run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 8, "--no-draft")
+    assert r.exit_code == 130 and "Aborted" not in r.output
+    lines = r.stdout.split("\n")
+    assert len(lines) == 2 and lines[1] == "" and full.text.startswith(lines[0]) and lines[0]
+    assert re.fullmatch(r"\[prefill \d+ tokens at [\d.]+ tok/s; decode 3 tokens at [\d.]+ tok/s; interrupted\]\n",
+                        r.stderr), r.stderr
+
+
 def test_seeded_sampling_is_reproducible(tiny_gemma3):
     args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 8, "--temperature", 1.5,
             "--top-p", 0.9, "--top-k", 40, "--json")

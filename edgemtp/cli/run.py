@@ -104,8 +104,14 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
         click.echo(json.dumps(engine.generate(request, max_new_tokens, sampling, draft, stop=stop).to_json()))
         return
     stats = new_stats(draft)
-    for piece in engine.stream(request, max_new_tokens, sampling, draft, stats=stats, stop=stop):
-        click.echo(piece, nl=False)
+    try:
+        for piece in engine.stream(request, max_new_tokens, sampling, draft, stats=stats, stop=stop):
+            click.echo(piece, nl=False)
+    except KeyboardInterrupt:  # Ctrl-C ends the text where it got to, with its speed line, not click's "Aborted!"
+        stats.stop_reason = "interrupted"
+        click.echo()
+        click.echo(speed_line(stats), err=True)
+        sys.exit(130)  # the shell's status for a SIGINT, as a script running it expects
     click.echo()
     click.echo(speed_line(stats), err=True)
 
