@@ -378,6 +378,25 @@ def test_adaptive_measurements_carry_over_between_calls(models, monkeypatch):
     assert list(engine._draft_lengths) == [("lookup", 4, 1)]
 
 
+def test_an_engine_keeps_draft_lengths_for_its_recent_settings_only(models):
+    """A server whose requests each pick their own K and batch size: the engine keeps the adaptive draft
+    lengths of the DRAFT_SETTINGS_KEPT settings used last (it kept one per setting ever used, for good), the
+    one in use carrying over; a call that does not adapt keeps none."""
+    from edgemtp.runtime.engine import DRAFT_SETTINGS_KEPT, Draft
+
+    engine = models["gemma3_text", 64]
+    engine._draft_lengths.clear()
+    for k in range(1, 5):
+        engine.generate("t5 t6 t7 t5 t6", 4, draft=Draft("lookup", k))
+    assert not engine._draft_lengths
+    kept = engine._lengths(Draft("lookup", 2, adaptive=True), 1)
+    for k in range(1, 3 * DRAFT_SETTINGS_KEPT):
+        engine.generate("t5 t6 t7 t5 t6", 4, draft=Draft("lookup", k, adaptive=True))
+        engine.generate_batch(["t5 t6 t7 t5 t6", "t1 t2"], 3, draft=Draft("lookup", k, adaptive=True))
+        assert len(engine._draft_lengths) <= DRAFT_SETTINGS_KEPT
+        if k % 4 == 0:  # used again and again: never the least recently used one
+            assert engine._lengths(Draft("lookup", 2, adaptive=True), 1) is kept
+
 def test_generate_batch_drafts_only_when_asked_to(models):
     """Engine.generate_batch: auto does not draft at batch > 1 (slower there) unless the engine has the fast
     batched verify; lookup does; all equal plain greedy per row, and auto still drafts for a single prompt."""

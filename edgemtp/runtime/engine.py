@@ -53,6 +53,10 @@ def auto_mode(bundle: bundle_mod.Bundle, provider: str = "cpu") -> str:
     return "hybrid" if bundle.has_graph("drafter") and not cpu_quantized(bundle, provider) else "lookup"
 
 
+# adaptive draft lengths an engine keeps (Engine._lengths): one per (mode, K, batch) setting in use
+DRAFT_SETTINGS_KEPT = 16
+
+
 class Engine:
     def __init__(self, bundle: bundle_mod.Bundle, target: Target, tokenizer: Tokenizer):
         self.bundle, self.target, self.tokenizer = bundle, target, tokenizer
@@ -62,8 +66,10 @@ class Engine:
         self._drafters = {}  # graph name -> MTP drafter session, loaded on first use
         self._drafters_lock = threading.Lock()  # threads drafting together load it once
         # (mode, K, batch) -> the adaptive draft length's measurements, kept from call to call: pass costs
-        # are this device's, and acceptance carries over (it fades as the text changes)
+        # are this device's, and acceptance carries over (it fades as the text changes); the most recently
+        # used DRAFT_SETTINGS_KEPT settings only (see _lengths)
         self._draft_lengths = {}
+        self._draft_lengths_lock = threading.Lock()
         self.fast_verify = False
         self.head_tables = None  # head_pages.HeadTables: the head table the sessions read, on 2 MB pages (see load)
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
@@ -247,7 +253,15 @@ class Engine:
         from .draft_length import DraftLength
 
         k = min(draft.k, self.capacity)  # as Speculative's K: no round drafts more
-        return self._draft_lengths.setdefault((draft.mode, k, batch), DraftLength(k))
+        key = (draft.mode, k, batch)
+        with self._draft_lengths_lock:
+            # least recently used first: a server whose requests each set their own K and batch size kept one
+            # entry per setting for good (up to K x 2 floats per kind of guess each: 64 KB at K = 4,096)
+            lengths = self._draft_lengths.pop(key, None) or DraftLength(k)
+            self._draft_lengths[key] = lengths
+            while len(self._draft_lengths) > DRAFT_SETTINGS_KEPT:
+                del self._draft_lengths[next(iter(self._draft_lengths))]
+        return lengths
 
     def _mtp_drafter(self, graph: str = "drafter"):
         with self._drafters_lock:  # threads whose first drafting calls come together wait for one load
@@ -273,7 +287,7 @@ class Engine:
         from .speculative import Speculative
 
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
-                           adaptive=draft.adaptive, lengths=self._lengths(draft, 1))
+                           adaptive=draft.adaptive, lengths=self._lengths(draft, 1) if draft.adaptive else None)
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         return self._drafting(spec, prompt_ids, max_new_tokens, sampling, stats, stops)
 
