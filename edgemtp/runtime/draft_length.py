@@ -18,6 +18,7 @@ whether the text has changed.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Sequence
 
 import numpy as np
@@ -136,3 +137,22 @@ class DraftLength:
             if g != a:
                 return
             c[i, 0] += 1
+
+
+class RecentDraftLengths(dict):
+    """(mode, K, batch) -> DraftLength, kept from call to call (pass costs are this device's, and acceptance
+    carries over, fading as the text changes), for the `kept` settings used last only: a server whose requests
+    each set their own K and batch size kept one per setting for good (up to K x 2 floats per kind of guess
+    each: 64 KB at K = 4,096). Oldest first, as the dict iterates."""
+
+    def __init__(self, kept: int = 16):
+        super().__init__()
+        self.kept, self._lock = kept, threading.Lock()
+
+    def take(self, key: Hashable, k: int) -> DraftLength:
+        with self._lock:  # threads sharing an engine
+            lengths = self.pop(key, None) or DraftLength(k)
+            self[key] = lengths  # now the most recently used
+            while len(self) > self.kept:
+                del self[next(iter(self))]
+        return lengths

@@ -18,6 +18,7 @@ from .. import bundle as bundle_mod
 from ..errors import ArgumentError, EdgemtpError
 from .chat import is_chat
 from .detokenizer import IncrementalDecoder, decode_text
+from .draft_length import RecentDraftLengths
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
 from .loading import load_engine
@@ -65,11 +66,8 @@ class Engine:
         self.provider = self.drafter_provider = "cpu"
         self._drafters = {}  # graph name -> MTP drafter session, loaded on first use
         self._drafters_lock = threading.Lock()  # threads drafting together load it once
-        # (mode, K, batch) -> the adaptive draft length's measurements, kept from call to call: pass costs
-        # are this device's, and acceptance carries over (it fades as the text changes); the most recently
-        # used DRAFT_SETTINGS_KEPT settings only (see _lengths)
-        self._draft_lengths = {}
-        self._draft_lengths_lock = threading.Lock()
+        # (mode, K, batch) -> the adaptive draft length's measurements, for the settings used last
+        self._draft_lengths = RecentDraftLengths(DRAFT_SETTINGS_KEPT)
         self.fast_verify = False
         self.head_tables = None  # head_pages.HeadTables: the head table the sessions read, on 2 MB pages (see load)
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
@@ -250,18 +248,8 @@ class Engine:
         return mtp if mode == "mtp" else HybridDrafter(mtp, min_ngram=1 if adaptive else 2)
 
     def _lengths(self, draft: Draft, batch: int):
-        from .draft_length import DraftLength
-
         k = min(draft.k, self.capacity)  # as Speculative's K: no round drafts more
-        key = (draft.mode, k, batch)
-        with self._draft_lengths_lock:
-            # least recently used first: a server whose requests each set their own K and batch size kept one
-            # entry per setting for good (up to K x 2 floats per kind of guess each: 64 KB at K = 4,096)
-            lengths = self._draft_lengths.pop(key, None) or DraftLength(k)
-            self._draft_lengths[key] = lengths
-            while len(self._draft_lengths) > DRAFT_SETTINGS_KEPT:
-                del self._draft_lengths[next(iter(self._draft_lengths))]
-        return lengths
+        return self._draft_lengths.take((draft.mode, k, batch), k)
 
     def _mtp_drafter(self, graph: str = "drafter"):
         with self._drafters_lock:  # threads whose first drafting calls come together wait for one load
