@@ -364,7 +364,10 @@ def groups_of(tables: cl.HeadTables, members: np.ndarray) -> set:
 
 
 @pytest.mark.parametrize("vocab,clusters,first", [(203, 10, 70), (200, 10, 40), (203, 10, 0), (203, 10, 203),
-                                                  (64, 1, 10), (50, 50, 7)])
+                                                  (64, 1, 10), (50, 50, 7),
+                                                  # the first group spills into the short (M-1) clusters:
+                                                  # ceil(first / M) clusters of them hold fewer than `first`
+                                                  (203, 10, 84), (203, 10, 185), (50, 7, 16), (101, 10, 55)])
 def test_tiered_assign_packs_each_group_into_clusters_of_its_own(vocab, clusters, first):
     rows = table(vocab)
     sizes = cl.cluster_sizes(vocab, clusters)

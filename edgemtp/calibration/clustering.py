@@ -233,7 +233,10 @@ def tiered_assign(rows: np.ndarray, groups: list[np.ndarray], sizes: np.ndarray,
     for gi, tok in enumerate(groups):
         _tick(progress, gi, len(groups), f"k-means of token group {gi + 1} of {len(groups)} ({len(tok)} tokens)")
         partial = np.flatnonzero(room[:start] > 0)
-        need = min(len(sizes) - start, max(0, -(-(len(tok) - int(room[partial].sum())) // int(sizes.max()))))
+        # clusters needed beyond the predecessors' slack, counted by their own sizes: the later clusters
+        # hold M-1 tokens, so ceil(rest / M) of them can be too few (tokens left over, a crash)
+        rest = len(tok) - int(room[partial].sum())
+        need = min(len(sizes) - start, int(np.searchsorted(np.cumsum(sizes[start:]), rest)) + 1 if rest > 0 else 0)
         if gi == len(groups) - 1:
             need = len(sizes) - start  # the last group takes every cluster left
         new = np.arange(start, start + need)
