@@ -283,11 +283,17 @@ def test_own_head_beside_a_tied_flag_is_the_head(pair, tmp_path, ordered):
     bundle = export(pair.target_dir, tmp_path / "bundle", capacity=64, drafter=drafter)
     target = transformers.AutoModelForCausalLM.from_pretrained(pair.target_dir).eval()
     steps = draft(bundle, pair.ids, from_transformers(bundle, pair.prefills))
+    assert_drafts_are_transformers(steps, target, model, pair, clustered=ordered)
+
+
+def assert_drafts_are_transformers(steps, target, assistant, pair: Pair, clustered: bool) -> None:
+    """Each row's draft steps (draft()'s outputs) are transformers' drafts (reference()): the same tokens, and the
+    logits of the clustered head's candidates (or of the whole vocabulary) within 1e-3."""
     for b, n in enumerate(LENGTHS):
-        want_tokens, want_logits = reference(target, model, pair.ids[b], n, pair.prefills[b])
+        want_tokens, want_logits = reference(target, assistant, pair.ids[b], n, pair.prefills[b])
         np.testing.assert_array_equal([s[A.DRAFT_IDS][b, 0] for s in steps], want_tokens, err_msg=f"row {b}")
         for s, want in zip(steps, want_logits):
-            cand, got = (s[A.CANDIDATE_IDS][b, 0], s[A.CANDIDATE_LOGITS][b, 0]) if ordered else \
+            cand, got = (s[A.CANDIDATE_IDS][b, 0], s[A.CANDIDATE_LOGITS][b, 0]) if clustered else \
                 (np.arange(len(want)), s[A.LOGITS][b, 0])
             np.testing.assert_allclose(got, want[cand], atol=1e-3, rtol=0, err_msg=f"row {b}")
 
@@ -454,13 +460,7 @@ def test_draft_top_k_sets_the_assistants_clusters(pair, tmp_path, top_k):
         model.config.use_ordered_embeddings = False
     target = transformers.AutoModelForCausalLM.from_pretrained(pair.target_dir).eval()
     steps = draft(out, pair.ids, from_transformers(out, pair.prefills))
-    for b, n in enumerate(LENGTHS):
-        want_tokens, want_logits = reference(target, model, pair.ids[b], n, pair.prefills[b])
-        np.testing.assert_array_equal([s[A.DRAFT_IDS][b, 0] for s in steps], want_tokens, err_msg=f"row {b}")
-        for s, want in zip(steps, want_logits):
-            cand, got = (s[A.CANDIDATE_IDS][b, 0], s[A.CANDIDATE_LOGITS][b, 0]) if top_k else \
-                (np.arange(len(want)), s[A.LOGITS][b, 0])
-            np.testing.assert_allclose(got, want[cand], atol=1e-3, rtol=0, err_msg=f"row {b}")
+    assert_drafts_are_transformers(steps, target, model, pair, clustered=bool(top_k))
 
 
 @pytest.mark.parametrize("ordered, top_k, message", [
