@@ -142,7 +142,7 @@ def speculative_check(engine: Engine, drafter: DrafterSession, ids: np.ndarray, 
 
     stats = SpecStats()
     Speculative(engine.target, drafter, k=k).generate([list(r) for r in ids], max_new_tokens=new, stats=stats)
-    return {"rounds": stats.rounds, "tokens_per_round": round(stats.mean_accepted_per_round + 1, 3),
+    return {"rounds": stats.rounds, "tokens_per_round": round(stats.tokens_per_round, 3),
             "acceptance_by_position": [round(x, 3) for x in stats.acceptance_by_position],
             "draft_s": round(stats.draft_s, 1), "verify_s": round(stats.verify_s, 1)}
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from edgemtp.cli.run import speed_line
 from edgemtp.errors import EdgemtpError
 from edgemtp.runtime import speculative as spec
 from edgemtp.runtime.drafting import DraftContext, PromptLookupDrafter, continuation, last_match
@@ -514,8 +515,12 @@ def test_stop_token_inside_an_accepted_run_and_max_new_tokens(models):
             drafts.append((len(history), *super().propose(history, k, ctx)))
             return drafts[-1][1:]
 
-    r = speculative_generate(engine.target, Recording(), [prompt], 32, k=6, stop_ids={stop})[0]
+    stats = SpecStats()
+    r = speculative_generate(engine.target, Recording(), [prompt], 32, k=6, stop_ids={stop}, stats=stats)[0]
     assert r.tokens == want and r.stop_reason == "stop token"
+    # the drafts the stop dropped were accepted by the target, but tokens/round counts what was emitted
+    assert stats.tokens_per_round == stats.decode_tokens / stats.rounds < stats.mean_accepted_per_round + 1
+    assert f"{stats.tokens_per_round:.2f} tokens/round" in speed_line(stats)
     n_before, last_draft, _ = drafts[-1]
     kept = len(prompt) + len(want) - n_before  # tokens the last round emitted, the stop token last
     assert last_draft[kept - 1] == stop and len(last_draft) > kept, "the stop should cut an accepted run"

@@ -254,7 +254,7 @@ def speed_line(stats) -> str:
     line = (f"[prefill {stats.prefill_tokens} tokens{cached} at {stats.prefill_tokens_per_s:.1f} tok/s; "
             f"decode {stats.decode_tokens} tokens at {stats.tokens_per_s:.1f} tok/s")
     if getattr(stats, "rounds", 0):
-        line += (f"; {stats.rounds} rounds, {stats.mean_accepted_per_round + 1:.2f} tokens/round, "
+        line += (f"; {stats.rounds} rounds, {stats.tokens_per_round:.2f} tokens/round, "
                  f"acceptance {stats.acceptance_rate:.0%}")
     return line + f"; {stats.stop_reason}]"
 

@@ -63,6 +63,12 @@ class SpecStats(Stats):
         return self.accepted / self.rounds if self.rounds else 0.0
 
     @property
+    def tokens_per_round(self) -> float:
+        """Tokens emitted per round. Not mean_accepted_per_round + 1: when a stop lands inside an accepted run,
+        the drafts after it count as accepted (the target took them) but are not emitted."""
+        return self.decode_tokens / self.rounds if self.rounds else 0.0
+
+    @property
     def acceptance_by_position(self) -> list[float]:
         """P(draft position i accepted | drafted), the per-position acceptance vLLM reports."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at + [0] * len(self.drafted_at),
@@ -70,7 +76,7 @@ class SpecStats(Stats):
 
     def to_json(self) -> dict:
         return {**super().to_json(), "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_per_round": self.mean_accepted_per_round,
+                "mean_accepted_per_round": self.mean_accepted_per_round, "tokens_per_round": self.tokens_per_round,
                 "acceptance_by_position": self.acceptance_by_position}
 
 
