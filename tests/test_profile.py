@@ -437,6 +437,29 @@ def test_a_rows_measures_from_its_generations_counts_and_times(monkeypatch):
     assert row.tokens_per_forward == 80 / 20 and row.split_s == pytest.approx({"draft": 10, "verify": 20, "other": 30})
 
 
+def test_the_plain_one_prompt_row_runs_the_loop_generate_runs(tiny_gemma3, monkeypatch):
+    """generate decodes one prompt without drafting in Engine's own loop. The plain row ran the speculative loop
+    with no drafter (~55 us a step more of bookkeeping), so every speedup over it read slightly high."""
+    from edgemtp.runtime import profile as prof
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(tiny_gemma3[2])
+    engine.stop_ids = frozenset(range(engine.target.contract.vocab_size))  # every token is a stop: none is used
+    runs = []
+    plain = engine._plain
+
+    def recording(prompt, n, sampling, stats, stops):
+        yield from plain(prompt, n, sampling, stats, stops)
+        runs.append((len(prompt), stats.decode_tokens, stats.decode_s))
+
+    monkeypatch.setattr(engine, "_plain", recording)
+    monkeypatch.setattr(prof, "Speculative", lambda *a, **k: pytest.fail("the speculative loop ran"))
+    row = prof.run_row(engine, prof.RowConfig(0, 1, 16, 9, "cpu", "none"), 1, None)
+    assert [r[:2] for r in runs] == [(16, 8), (16, 8)]  # the warm-up, then the timed run: 9 tokens, 8 decoded
+    assert row.tg_tokens_per_s == [8 / runs[1][2]] and row.tokens_per_forward == 1.0
+    assert row.split_s == pytest.approx({"draft": 0, "verify": 1e3 * runs[1][2] / 8, "other": 0})
+
+
 def test_a_row_that_fits_the_cache_runs_whatever_its_k(tiny_gemma3):
     """A generation stores its prompt and every generated token but the last; the verify window of the rounds
     near the end shrinks to what the generation has left, so no K asks for more. Profile skipped a row whose
