@@ -19,7 +19,7 @@ from edgemtp.drafter import data as D  # noqa: E402
 from edgemtp.drafter import export as X  # noqa: E402
 from edgemtp.drafter import model as M  # noqa: E402
 from edgemtp.drafter.target_pass import TargetPass  # noqa: E402
-from edgemtp.drafter.train import TrainSpec, train_drafter  # noqa: E402
+from edgemtp.drafter.train import TrainSpec, _schedule, train_drafter  # noqa: E402
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import load_config as target_config  # noqa: E402
 from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
@@ -1639,3 +1639,13 @@ def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch)
     monkeypatch.setattr(spec, "accept_sampled", _accept_always)
     samples, stats = run(n // 2)
     assert stats.accepted == stats.drafted and fits(samples)[1] < 1e-6, fits(samples)
+
+
+def test_a_short_run_reaches_its_learning_rate():
+    """The 30-step warm-up kept a 20-step run below --lr all through; such a run warms up over its first tenth,
+    and a run of 300 steps or more keeps the 30 steps the shipped drafter was trained with."""
+    short = [_schedule(s, 20, TrainSpec()) for s in range(20)]
+    assert short[:3] == [0.5, 1.0, 1.0] and short[-1] > 0.1 and max(short) == 1.0
+    long = [_schedule(s, 456, TrainSpec()) for s in range(456)]
+    assert long[0] == 1 / 30 and long[29] == 1.0 and long[28] < 1.0
+    assert _schedule(0, 1, TrainSpec()) == 1.0

@@ -77,9 +77,12 @@ class TrainSpec:
 
 
 def _schedule(step: int, steps: int, spec: TrainSpec) -> float:
-    if step < spec.warmup:
-        return (step + 1) / spec.warmup
-    frac = (step - spec.warmup) / max(1, steps - spec.warmup)
+    """The learning rate's factor: a linear warm-up, then a cosine down to 10%. A run shorter than ten warm-ups
+    warms up over its first tenth: one of 20 steps stayed below --lr all through the 30-step warm-up."""
+    warmup = min(spec.warmup, max(1, steps // 10))
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
     return float(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(frac, 1.0))))
 
 
