@@ -1002,6 +1002,15 @@ def test_calibration_text_comes_from_the_train_split_only():
     assert text.texts and not any(t[:2000] in heldout for t in text.texts)
 
 
+def test_a_calibration_files_byte_order_mark_is_not_text(tmp_path):
+    """A file saved with a byte order mark (Notepad, PowerShell) calibrated on a U+FEFF token first."""
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("def f(x):\n    return x\n", encoding="utf-8")
+    marked.write_text("def f(x):\n    return x\n", encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert A.calibration_text(marked).texts == A.calibration_text(plain).texts == ("def f(x):\n    return x\n",)
+
+
 def test_token_windows_spread_over_the_text():
     w = A.token_windows(list(range(1000)), 10, 3, bos=2)
     assert w.shape == (3, 10) and (w[:, 0] == 2).all()

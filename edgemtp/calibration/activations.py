@@ -68,7 +68,8 @@ def calibration_text(source: str | Path, max_chars: int = MAX_CHARS) -> Calibrat
     if str(source) != CORPORA:
         path = Path(source)
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            # utf-8-sig: a byte order mark (Notepad, PowerShell) is no text, else one more token to calibrate on
+            text = path.read_text(encoding="utf-8-sig", errors="replace")
         except OSError as e:
             raise EdgemtpError(f"--calibration {path}: cannot read ({e.strerror or type(e).__name__})") from None
         if not text.strip():
