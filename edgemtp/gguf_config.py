@@ -269,9 +269,12 @@ def _llama3_divisors(inv_freq: np.ndarray, factor: float, low: float, high: floa
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
-    if arch == "phi3":  # its LongRoPE factors are tensors (_phi3_config)
-        return None
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
+    if arch == "phi3":  # its LongRoPE factors are tensors (_phi3_config); another scaling would be left out silently
+        if kind != "none":
+            raise EdgemtpError(f"{path}: GGUF field phi3.rope.scaling.type = {kind!r} is not supported (phi3's "
+                               "LongRoPE comes as the rope_factors_* tensors)")
+        return None
     if kind == "none":
         return None
     if kind == "yarn":
@@ -279,7 +282,19 @@ def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
     if kind != "linear":
         raise EdgemtpError(f"{path}: GGUF field {arch}.rope.scaling.type = {kind!r} is not supported (only linear "
                            "and yarn)")
+    # llama.cpp scales cos and sin by attn_factor; transformers' linear scaling has no such parameter
+    _check_neutral(meta, f"{arch}.rope.scaling", "linear", {"attn_factor": 1.0}, path)
     return {"rope_type": "linear", "factor": _f32(field(meta, f"{arch}.rope.scaling.factor", path, float, least=1))}
+
+
+def _check_neutral(meta: dict, key: str, kind: str, neutral: dict, path: Path) -> None:
+    """Refuses llama.cpp's fields under `key` that transformers' `kind` scaling has no parameter for, unless at the
+    value that changes nothing."""
+    for name, value_when_off in neutral.items():
+        value = field(meta, f"{key}.{name}", path, float, None)
+        if value is not None and value != value_when_off:
+            raise EdgemtpError(f"{path}: GGUF field {key}.{name} = {value} is not supported with rope.scaling.type "
+                               f"'{kind}' (transformers' {kind} has no such parameter; only {value_when_off} maps)")
 
 
 # convert_hf_to_gguf.py's YaRN fields, written from a config.json's rope parameters of these names where it has them
@@ -294,13 +309,9 @@ def _yarn_scaling(meta: dict, arch: str, path: Path) -> dict:
     config.json the file was made from. transformers' own GGUF loader keeps no RoPE scaling for these
     architectures. Without original_context_length llama.cpp takes context_length, as transformers does."""
     key = f"{arch}.rope.scaling"
-    for name, neutral in _YARN_NEUTRAL.items():
-        # yarn_ext_factor: how much of the ramp extrapolates (transformers: all of it); yarn_log_multiplier
-        # (DeepSeek's mscale_all_dim) and attn_factor scale cos and sin in llama.cpp by rules of its own
-        value = field(meta, f"{key}.{name}", path, float, None)
-        if value is not None and value != neutral:
-            raise EdgemtpError(f"{path}: GGUF field {key}.{name} = {value} is not supported with rope.scaling.type "
-                               f"'yarn' (transformers' yarn has no such parameter; only {neutral} maps)")
+    # yarn_ext_factor: how much of the ramp extrapolates (transformers: all of it); yarn_log_multiplier
+    # (DeepSeek's mscale_all_dim) and attn_factor scale cos and sin in llama.cpp by rules of its own
+    _check_neutral(meta, key, "yarn", _YARN_NEUTRAL, path)
     rope = {"rope_type": "yarn", "factor": _f32(field(meta, f"{key}.factor", path, float, least=1)),
             "original_max_position_embeddings": field(meta, f"{key}.original_context_length", path, int,
                                                       field(meta, f"{arch}.context_length", path, int), least=1)}

@@ -353,6 +353,11 @@ def test_phi3_config_fields(tmp_path):
                          extra_tensors={"rope_factors_short.weight": np.ones(3, np.float32)})
     with pytest.raises(EdgemtpError, match="rope_factors_long.weight and rope_factors_short.weight must both hold 4"):
         import_gguf(bad, tmp_path / "bad_hf")
+    # another scaling named for phi3 was left out silently
+    _, linear = export_tiny(tmp_path / "bad", "phi3", tied=True,
+                            edit={"phi3.rope.scaling.type": "linear", "phi3.rope.scaling.factor": 2.0})
+    with pytest.raises(EdgemtpError, match="phi3.rope.scaling.type = 'linear' is not supported"):
+        import_gguf(linear, tmp_path / "bad_hf")
 
 
 def test_llama3_rope_scaling_comes_back_from_rope_freqs(tmp_path):
@@ -709,6 +714,9 @@ def test_missing_field_is_named(tmp_path):
     ({"llama.context_length": [1, 2]}, r"GGUF field llama.context_length = \[1, 2\] must be a whole number"),
     ({"llama.attention.layer_norm_rms_epsilon": "x"}, "layer_norm_rms_epsilon = 'x' must be a number"),
     ({"llama.rope.scaling.type": "linear"}, "GGUF field llama.rope.scaling.factor is missing"),
+    # llama.cpp's attn_factor scales cos and sin: left out, the import computed other logits than llama.cpp
+    ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0, "llama.rope.scaling.attn_factor": 0.5},
+     r"GGUF field llama.rope.scaling.attn_factor = 0.5 is not supported with rope.scaling.type 'linear'"),
     ({"general.alignment": 0}, "general.alignment = 0 must be a positive whole number"),
     ({"tokenizer.ggml.bos_token_id": "one"}, "GGUF field tokenizer.ggml.bos_token_id = 'one' must be a whole number"),
     ({"tokenizer.ggml.tokens": "abc"}, "GGUF field tokenizer.ggml.tokens = 'abc' must be a non-empty list of strings"),
