@@ -18,7 +18,7 @@ from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
-from .scratch import as_open_makes, held_dir, replace_dir
+from .scratch import as_open_makes, held_dir, replace_dir, through_link
 from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
@@ -60,7 +60,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool = False):
     """Yields a temporary directory next to `out`; renames it to `out` only if the block succeeds."""
-    out = Path(out)
+    out = through_link(Path(out))
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:

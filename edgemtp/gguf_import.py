@@ -29,7 +29,7 @@ import numpy as np
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import as_open_makes, held_dir, replace_dir, scratch_dir
+from edgemtp.scratch import as_open_makes, held_dir, replace_dir, scratch_dir, through_link
 from edgemtp.tokenizer_import import write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
@@ -63,7 +63,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     all: everything is written to a temporary sibling that is renamed at the end. An existing
     non-empty `out_dir` is an error unless `overwrite`, which replaces only an earlier import (check_target).
     """
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    gguf_path, out_dir = Path(gguf_path), through_link(Path(out_dir))
     meta, tensors = read_gguf(gguf_path)
     arch = meta.get("general.architecture")
     if arch is None:

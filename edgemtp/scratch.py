@@ -117,6 +117,13 @@ def as_open_makes(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
+def through_link(out: Path) -> Path:
+    """The directory an output path names: where `out` is a symbolic link (models/current -> models/v3), the one it
+    points to, so that an overwrite replaces that directory and the link stays. Replacing the link itself put the
+    new directory in its place, left the old one where it was, and left the link aside for good."""
+    return out.resolve() if out.is_symlink() and out.is_dir() else out
+
+
 def replace_dir(new: Path, out: Path, prefix: str, suffix: str = "") -> None:
     """Renames directory `new` to `out`. A previous `out` is renamed aside first and removed last, so that a
     failure on the way (its files in use on Windows, a permission) leaves it whole: removed first, it could be

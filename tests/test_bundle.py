@@ -1147,6 +1147,20 @@ def test_a_bundle_written_meanwhile_by_another_run_is_not_replaced(tmp_path):
     assert [p.name for p in out.iterdir()] == ["mine"]
 
 
+def test_an_output_that_is_a_link_replaces_the_directory_it_points_to(tmp_path):
+    """-o models/current -> models/v3: --overwrite replaces v3 and the link stays. The link itself was replaced:
+    a new directory in its place, the old bundle left where it was, and the link renamed aside for good."""
+    from edgemtp.bundle import atomic_dir
+
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "edgemtp.json").write_text("old")
+    (tmp_path / "current").symlink_to("v3")
+    with atomic_dir(tmp_path / "current", overwrite=True) as tmp:
+        (tmp / "edgemtp.json").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v3"]
+    assert (tmp_path / "current").is_symlink() and (tmp_path / "current" / "edgemtp.json").read_text() == "new"
+
+
 def test_an_overwrite_that_fails_leaves_the_old_bundle_whole(tmp_path, monkeypatch):
     """--overwrite renames the old bundle aside and removes it last: a rename that fails (its files in use on
     Windows, a permission) leaves it whole and in place, where it was removed first; one left aside by a killed

@@ -825,6 +825,11 @@ def test_existing_output_needs_overwrite(tmp_path):
     first = (tmp_path / "out" / "model.safetensors").stat().st_ino
     import_gguf(path, tmp_path / "out", overwrite=True)  # an earlier import: replaced
     assert (tmp_path / "out" / "model.safetensors").stat().st_ino != first
+    (tmp_path / "current").symlink_to("out")  # a link to an earlier import: the import it points to is replaced
+    second = (tmp_path / "out" / "model.safetensors").stat().st_ino
+    import_gguf(path, tmp_path / "current", overwrite=True)
+    assert (tmp_path / "current").is_symlink() and (tmp_path / "out" / "model.safetensors").stat().st_ino != second
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".out", ".current"))) == []
     (tmp_path / "out" / "tokenizer.json").unlink()
     with pytest.raises(EdgemtpError, match=r"not an earlier import \(has no tokenizer.json\)"):
         import_gguf(path, tmp_path / "out", overwrite=True)
