@@ -1073,6 +1073,12 @@ def test_shipped_drafter_is_recognised_by_weights(setup, tmp_path, monkeypatch):
     assert not recognises(shipped / "tiny", copy)
     out = export(copy, tmp_path / "c", capacity=64, drafter=AUTO)
     assert not bundle_mod.load(out).has_graph("drafter")
+    # named with --drafter, it was attached: the same sizes passed for the same model
+    with pytest.raises(EdgemtpError, match=r"tiny: drafter was trained for another model \(its fingerprint's "
+                                           r"embedding rows differ from .*renamed-copy's\)"):
+        export(copy, tmp_path / "d", capacity=64, drafter=shipped / "tiny")
+    assert not (tmp_path / "d").exists()
+    export(model_dir, tmp_path / "e", capacity=64, drafter=shipped / "tiny")  # its own target: attached
 
 
 def test_drafter_on_its_own_provider(setup):

@@ -152,19 +152,32 @@ def write_fingerprint(drafter_dir: Path, target_dir: Path) -> Path:
 def recognises(drafter_dir: Path, target_dir: Path) -> bool:
     """True when the target in `target_dir` is the model this drafter was trained for, judged by its weights
     (not its path or name): matching shapes and embedding rows with cosine >= MIN_COSINE."""
+    cos = _fingerprint_cosine(drafter_dir, target_dir)
+    return cos is not None and cos >= MIN_COSINE
+
+
+def trained_for_another(drafter_dir: Path, target_dir: Path) -> bool:
+    """True when the drafter's fingerprint shows another model of the same shapes: its embedding rows differ.
+    False where there is nothing to compare (no fingerprint, no embedding of those shapes)."""
+    cos = _fingerprint_cosine(drafter_dir, target_dir)
+    return cos is not None and cos < MIN_COSINE
+
+
+def _fingerprint_cosine(drafter_dir: Path, target_dir: Path) -> float | None:
+    """The least cosine between the fingerprint's embedding rows and the target's, or None where either is
+    missing or the shapes differ."""
     from ..checkpoint import Checkpoint
 
-    path = Path(drafter_dir) / FINGERPRINT
-    if not path.is_file():
-        return False
+    if not (Path(drafter_dir) / FINGERPRINT).is_file():
+        return None
     fp = Checkpoint(Path(drafter_dir))
     ckpt = Checkpoint(Path(target_dir))
     cfg = load_config(drafter_dir)
     if EMBEDDING not in ckpt or ckpt.shape(EMBEDDING) != (cfg.vocab_size, cfg.backbone_hidden):
-        return False
+        return None
     want, have = fp["rows"], ckpt.rows(EMBEDDING, fp["ids"])
     cos = (want * have).sum(1) / (np.linalg.norm(want, axis=1) * np.linalg.norm(have, axis=1) + 1e-12)
-    return bool(cos.min() >= MIN_COSINE)
+    return float(cos.min())
 
 
 def match_shipped(target_dir: Path) -> Path | None:

@@ -200,7 +200,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     write_drafter = None
     if drafter is not None:
         write_drafter = _check_drafter(Path(drafter), contract_json, drafter_top_k, drafter_head_rows,
-                                       drafter_head_context)
+                                       drafter_head_context, model_dir=model_dir)
     with bundle_mod.atomic_dir(out, overwrite) as tmp:
         builder.save(graph, tmp / "target.onnx", ckpt.__getitem__, builder.phase(progress, "target weights"),
                      read_rows=ckpt.rows)

@@ -76,11 +76,12 @@ def shipped_drafter(model_dir: Path) -> Path | None:
 
 
 def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, head_rows: str = "fp32",
-                   context: int | None = None):
+                   context: int | None = None, model_dir: Path | None = None):
     """Refuses a drafter made for another target before anything is written; returns write(tmp, progress)
-    -> the manifest's drafter graph entries."""
+    -> the manifest's drafter graph entries. `model_dir`: the target's checkpoint, which the drafter's
+    fingerprint (train-drafter writes one) must recognise where it can be compared."""
     from ..contract import TargetContract
-    from ..drafter import assistant
+    from ..drafter import assistant, trained_for_another
     from ..drafter import load_config as load_drafter_config
     from ..drafter.export import DEFAULT_CONTEXT, check_context, check_head_rows, head_shape, write, write_full_head
 
@@ -100,6 +101,10 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
         raise EdgemtpError(f"{drafter_dir}: drafter does not match this target (drafter: backbone hidden "
                            f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
                            f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
+    if model_dir is not None and trained_for_another(drafter_dir, model_dir):
+        # the same sizes, other weights: it would attach and draft tokens the target rarely accepts
+        raise EdgemtpError(f"{drafter_dir}: drafter was trained for another model (its fingerprint's embedding rows "
+                           f"differ from {model_dir}'s); train one for this model with edgemtp train-drafter")
     head = head_shape(drafter_dir, cfg, top_k, DEFAULT_CONTEXT if context is None else context)
     check_head_rows(head_rows, head)  # bad head tables or flags fail here too
     context = head.context if head is not None else 0
