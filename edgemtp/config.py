@@ -257,18 +257,8 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     pattern = pr.opt(hf, "sliding_window_pattern", int, 6) or 6
     layer_types = tuple(pr.layer_types(hf) or
                         [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
-    rp = hf.get("rope_parameters")
     max_positions = pr.opt(hf, "max_position_embeddings", int, 32768)
-    if isinstance(rp, dict) and FULL in rp:
-        rope = {t: parse_rope(rp.get(t), theta, pr, f"rope_parameters.{t}", max_positions)
-                for t, theta in ((FULL, 1e6), (SLIDING, 1e4))}
-    else:  # old style: rope_theta + rope_local_base_freq + rope_scaling
-        rope = {FULL: parse_rope(hf.get("rope_scaling"), pr.opt(hf, "rope_theta", float, 1e6), pr, "rope_scaling",
-                                 max_positions),
-                SLIDING: Rope(theta=pr.opt(hf, "rope_local_base_freq", float, 1e4))}
-    # Gemma 3's RoPE parameters are per layer type, and transformers' yarn reads `truncate` from the outer
-    # dict (config.rope_parameters.get("truncate", True)), which never has it: always truncated
-    rope = {t: replace(r, truncate=True) for t, r in rope.items()}
+    rope = _gemma3_rope(hf, pr, max_positions)
     cfg = TextConfig(
         model_type="gemma3_text",
         vocab_size=pr.need(hf, "vocab_size"),
@@ -303,6 +293,32 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
              "does not apply it; null)")
     pr.raise_if_any()
     return cfg
+
+
+def _gemma3_rope(hf: dict, pr: Problems, max_positions: int) -> dict:
+    """Layer type -> Rope as Gemma3TextConfig merges them: rope_parameters per layer type (old configs have none),
+    rope_scaling updated into the full layers' parameters, and a base neither gives from the top-level rope_theta
+    (full layers) or rope_local_base_freq (sliding layers)."""
+    rp = hf.get("rope_parameters")
+    rp = rp if isinstance(rp, dict) else {}  # a flat dict is not per layer type: transformers reads none of it
+    full, sliding = (dict(rp[t]) if isinstance(rp.get(t), dict) else {"rope_type": "default"} for t in (FULL, SLIDING))
+    scaling = hf.get("rope_scaling")
+    if isinstance(scaling, dict):
+        # transformers 5 updates {"rope_type": "default"} with it, so an old 'type' alone is not read (4 read it)
+        kind = scaling.get("type")
+        pr.check(kind in (None, "default") or "rope_type" in scaling or full.get("rope_type", kind) == kind,
+                 f"field 'rope_scaling.type' {kind!r} is not read by transformers' Gemma 3 (its RoPE stays "
+                 "'default'): name it 'rope_type'")
+        full.update(scaling)
+    elif scaling is not None:
+        pr.items.append(f"field 'rope_scaling' should be an object, got {scaling!r}")
+    where = "rope_scaling" if scaling else f"rope_parameters.{FULL}"
+    rope = {FULL: parse_rope(full, pr.opt(hf, "rope_theta", float, 1e6), pr, where, max_positions),
+            SLIDING: parse_rope(sliding, pr.opt(hf, "rope_local_base_freq", float, 1e4), pr,
+                                f"rope_parameters.{SLIDING}", max_positions)}
+    # Gemma 3's RoPE parameters are per layer type, and transformers' yarn reads `truncate` from the outer
+    # dict (config.rope_parameters.get("truncate", True)), which never has it: always truncated
+    return {t: replace(r, truncate=True) for t, r in rope.items()}
 
 
 # Gemma3TextConfig's defaults: a multimodal Gemma 3 (4B, 12B, 27B) config.json leaves some out of text_config

@@ -476,6 +476,21 @@ def test_loose_but_legitimate_config_values_keep_their_meaning(tiny_gemma3):
     assert parse_gemma3({**hf, "eos_token_id": [1.0, "2"]}, "x").eos_token_ids == (1, 2)
 
 
+def test_gemma3_rope_scaling_type_that_transformers_does_not_read_is_refused(tiny_gemma3):
+    """Gemma3TextConfig updates {"rope_type": "default"} with rope_scaling: an old 'type' alone leaves the RoPE
+    default (transformers 4 applied it), and was exported as the scaling it names."""
+    from edgemtp.config import FULL, parse_gemma3, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1]), "rope_parameters": None}
+    with pytest.raises(EdgemtpError, match=re.escape("field 'rope_scaling.type' 'linear' is not read by "
+                                                     "transformers' Gemma 3 (its RoPE stays 'default')")):
+        parse_gemma3({**hf, "rope_scaling": {"type": "linear", "factor": 8.0}}, "x")
+    both = {**hf, "rope_scaling": {"type": "linear", "rope_type": "linear", "factor": 8.0}}
+    assert parse_gemma3(both, "x").rope[FULL].factor == 8.0
+    with pytest.raises(EdgemtpError, match=re.escape("field 'rope_scaling' should be an object, got [8.0]")):
+        parse_gemma3({**hf, "rope_scaling": [8.0]}, "x")
+
+
 def test_llama_fields_of_the_wrong_type_are_named(tiny_gemma3):
     from edgemtp.config import parse_llama, read_config_json
 

@@ -312,3 +312,29 @@ def test_gemma3_yarn_full_layers_as_transformers(case, tmp_path):
         else:
             del rp["original_max_position_embeddings"]
     _parity_with_config(model, tmp_path, patch)
+
+
+@pytest.mark.parametrize("case", ["theta_top_level", "full_only", "scaling_over_parameters"])
+def test_gemma3_rope_fields_merged_as_transformers(case, tmp_path):
+    """Gemma3TextConfig's RoPE: rope_parameters per layer type, a base neither gives from the top-level
+    rope_theta (full layers) and rope_local_base_freq (sliding layers), and rope_scaling, where set, updated into
+    the full layers' parameters. Those bases were taken as 1e6 and 1e4, and rope_scaling beside rope_parameters
+    ignored: logits off by 0.3 to 0.8."""
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, head_dim=32, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"] * 2, initializer_range=0.1))
+    _randomize_norms(model)
+
+    def patch(hf):
+        rp = hf["rope_parameters"]
+        if case == "theta_top_level":
+            del rp["full_attention"]["rope_theta"], rp["sliding_attention"]["rope_theta"]
+            hf.update(rope_theta=300.0, rope_local_base_freq=50.0)
+        elif case == "full_only":
+            del rp["sliding_attention"]
+            hf["rope_local_base_freq"] = 50.0
+        else:
+            hf["rope_scaling"] = {"rope_type": "linear", "factor": 8.0}
+    _parity_with_config(model, tmp_path, patch)
