@@ -257,7 +257,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     pattern = pr.opt(hf, "sliding_window_pattern", int, 6) or 6
     layer_types = tuple(pr.layer_types(hf) or
                         [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
-    max_positions = pr.opt(hf, "max_position_embeddings", int, 32768)
+    max_positions = pr.opt(hf, "max_position_embeddings", int, 131_072)  # Gemma3TextConfig's default
     rope = _gemma3_rope(hf, pr, max_positions)
     cfg = TextConfig(
         model_type="gemma3_text",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -246,7 +248,6 @@ def test_reused_bindings_equal_fresh_ones(tmp_path, monkeypatch):
 
 def _parity_with_config(model, tmp_path, patch) -> None:
     """config.json patched as a checkpoint may have it, transformers' model reloaded from it, logits compared."""
-    import json
     model_dir = save_tiny(model, tmp_path / "model")
     path = model_dir / "config.json"
     hf = json.loads(path.read_text())
@@ -338,3 +339,21 @@ def test_gemma3_rope_fields_merged_as_transformers(case, tmp_path):
         else:
             hf["rope_scaling"] = {"rope_type": "linear", "factor": 8.0}
     _parity_with_config(model, tmp_path, patch)
+
+
+def test_gemma3_missing_max_positions_is_transformers_default():
+    """Gemma3TextConfig's max_position_embeddings is 131,072 where config.json has none (was 32,768 here): the
+    length --max-context may reach, and the original length of a YaRN without one (its slow pairs' frequencies
+    were up to 2x off transformers')."""
+    from edgemtp.config import FULL, parse_gemma3
+    from edgemtp.exporters.rotary import inv_freq
+
+    hf = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=32, layer_types=["sliding_attention", "full_attention"],
+              rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                               "full_attention": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}})
+    cfg = parse_gemma3(json.loads(json.dumps(hf)), "x")  # a copy: transformers fills in the dicts it is given
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**hf))
+    assert cfg.max_position_embeddings == model.config.max_position_embeddings == 131_072
+    want = dict(model.model.rotary_emb.named_buffers())["full_attention_inv_freq"].numpy()
+    np.testing.assert_allclose(inv_freq(cfg.rope[FULL], 32), want, rtol=1e-6)
