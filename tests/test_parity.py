@@ -357,3 +357,35 @@ def test_gemma3_missing_max_positions_is_transformers_default():
     assert cfg.max_position_embeddings == model.config.max_position_embeddings == 131_072
     want = dict(model.model.rotary_emb.named_buffers())["full_attention_inv_freq"].numpy()
     np.testing.assert_allclose(inv_freq(cfg.rope[FULL], 32), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+def test_head_size_groupqueryattention_refuses_is_named_at_export(kind, tmp_path):
+    """ONNX Runtime's GroupQueryAttention runs only head sizes that are multiples of 8, and says so at the first
+    forward, not at load: a head of 18 exported a bundle that failed its first token with an ONNX Runtime
+    traceback. The dynamic export is refused naming head_dim; the static graph (standard ops) matches
+    transformers."""
+    from edgemtp.errors import EdgemtpError
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=96, hidden_size=72, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=18)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **common, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"]))
+    _randomize_norms(model)
+    model_dir = save_tiny(model.eval(), tmp_path / "model")
+    for quant in ("fp32", "fp16", "int8"):
+        with pytest.raises(EdgemtpError, match=r"config.json: head_dim 18 is not supported by the dynamic graphs "
+                                               r"\(ONNX Runtime's GroupQueryAttention needs a multiple of 8\)"):
+            export(model_dir, tmp_path / quant, quant, capacity=64)
+        assert not (tmp_path / quant).exists()
+    engine = Engine.load(export(model_dir, tmp_path / "static", capacity=64, static_window=5))
+    ids = np.random.default_rng(1).integers(0, 96, size=(1, 12))
+    cache, start = engine.target.new_cache(1), 0
+    for n, want in zip([5, 1, 1, 5], reference_logits(model, ids, [5, 1, 1, 5])):
+        got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"at position {start}")
+        start += n

@@ -191,6 +191,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
 
         graph, contract_json = build_static(cfg, None, capacity, static_window)
     else:
+        check_head_size(cfg, model_dir)
         graph, contract = build(cfg, capacity)
         contract_json = contract.to_json()
         if gemv_head:
@@ -218,6 +219,16 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
         bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs,
                                         **({"chat": chat} if chat else {})})
     return out
+
+
+def check_head_size(cfg, model_dir: Path) -> None:
+    """The dynamic graphs attend with ONNX Runtime's GroupQueryAttention, which refuses a head size that is not a
+    multiple of 8 at the first forward (not at load): such a bundle would fail its first token."""
+    for d in dict.fromkeys(getattr(cfg, "head_dims", None) or [cfg.head_dim]):  # Gemma 4: one per layer
+        if d % 8:
+            raise EdgemtpError(f"{model_dir / 'config.json'}: head_dim {d} is not supported by the dynamic graphs "
+                               "(ONNX Runtime's GroupQueryAttention needs a multiple of 8); --static builds "
+                               "standard-op graphs")
 
 
 VERIFY = "verify"  # the manifest's name for the batched verify graph
@@ -254,6 +265,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
         raise EdgemtpError(f"--{next(iter(options)).replace('_', '-')} applies to --quant int8 / int4 only")
     sch = check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
     cfg, build = load_config(model_dir)
+    check_head_size(cfg, Path(model_dir))  # before the block sizes: no block size makes such a bundle run
     if sch is not None:
         check_shapes(sch, cfg.hidden_size)
         check_widths(sch, build(cfg, resolve_capacity(capacity, cfg))[0].model().graph)  # building reads no weight
