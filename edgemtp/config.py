@@ -248,7 +248,19 @@ def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0, max_positio
     config class's default_theta."""
     where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
     top = pr.opt(hf, "original_max_position_embeddings", int, None)  # transformers prefers it to the parameters'
-    return parse_rope(hf.get(where), pr.opt(hf, "rope_theta", float, default_theta), pr, where, max_positions, top)
+    params = hf.get(where)
+    fraction = pr.opt(hf, "partial_rotary_factor", float, None)
+    if fraction is not None and (params is None or isinstance(params, dict)) and \
+            (params or {}).get("partial_rotary_factor") is None:
+        # a default for the parameters' own (transformers' setdefault): left out, the whole head was rotated where
+        # transformers rotates a part of it (proportional) or fails (tables narrower than the head)
+        kind = (params or {}).get("rope_type", (params or {}).get("type", "default")) or "default"
+        supported = fraction == 1.0 or kind == "proportional"
+        pr.check(supported, f"field 'partial_rotary_factor' {fraction} is not supported with rope_type {kind!r} "
+                 "(only with 'proportional')")
+        if supported:
+            params = {**(params or {}), "partial_rotary_factor": fraction}
+    return parse_rope(params, pr.opt(hf, "rope_theta", float, default_theta), pr, where, max_positions, top)
 
 
 def parse_gemma3(hf: dict, source: str) -> TextConfig:

@@ -530,6 +530,15 @@ def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
                          ({**hf, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
                           "field 'rope_scaling.partial_rotary_factor' 0.5 is not supported with rope_type 'linear'"),
                          ({**hf, "rope_scaling": {"rope_type": "proportional", "partial_rotary_factor": 1.5}},
+                          "field 'rope_scaling.partial_rotary_factor' 1.5 must be in [0, 1]"),
+                         # a top-level fraction is the parameters' default (transformers' setdefault): it was left
+                         # out, so the whole head was rotated where transformers fails
+                         ({**hf, "partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+                          "field 'partial_rotary_factor' 0.5 is not supported with rope_type 'linear'"),
+                         ({**hf, "partial_rotary_factor": 0.5}, "field 'partial_rotary_factor' 0.5 is not supported "
+                                                                "with rope_type 'default'"),
+                         ({**hf, "partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "proportional",
+                                                                                "partial_rotary_factor": 1.5}},
                           "field 'rope_scaling.partial_rotary_factor' 1.5 must be in [0, 1]")):
         with pytest.raises(EdgemtpError, match=re.escape(message)):
             parse_llama(cfg, "x")
@@ -549,6 +558,10 @@ def test_llama_and_qwen2_fields_that_change_the_maths_are_refused(tiny_gemma3):
     unsaid = {k: v for k, v in qwen2.items() if k != "sliding_window"}
     assert parse_llama({**unsaid, "use_sliding_window": True, "max_window_layers": 3}, "x").sliding_window == 4096
     assert parse_llama({**hf, "attention_bias": True}, "x").output_bias
+    top = {**hf, "partial_rotary_factor": 0.5}  # the parameters' own fraction wins over the top-level one
+    assert parse_llama({**top, "rope_parameters": {"rope_type": "proportional"}}, "x").rope[FULL].fraction == 0.5
+    assert parse_llama({**top, "rope_parameters": {"rope_type": "proportional", "partial_rotary_factor": 0.25}},
+                       "x").rope[FULL].fraction == 0.25
 
 
 def test_qwen3_fields_read_as_transformers_reads_them(tiny_gemma3):
