@@ -293,6 +293,28 @@ def test_runtime_imports_no_torch_nor_the_exporter_s_packages():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_an_onnxruntime_older_than_the_runtime_needs_is_refused(tiny_gemma3, monkeypatch):
+    """The bundles' graphs are opset 23: ONNX Runtime 1.22 and older cannot load them, and 1.23's
+    GroupQueryAttention gave other tokens than transformers past the sliding window (Gemma 3, Gemma 4). An app
+    that already had one of those kept it, as pyproject.toml asked only for onnxruntime>=1.20: the floor is
+    1.24 there, and an older one found at load is named, not run."""
+    import tomllib
+
+    from edgemtp.runtime import session
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "onnxruntime>=1.24" in deps
+    monkeypatch.setattr(session.ort, "__version__", "1.23.2")
+    want = "onnxruntime 1.23.2 is installed; edgemtp needs 1.24 or later: pip install 'onnxruntime>=1.24'"
+    with pytest.raises(EdgemtpError) as e:
+        Engine.load(tiny_gemma3[2])
+    assert str(e.value) == want
+    assert_one_line_error(run("generate", tiny_gemma3[2], "--prompt", "t1 t2"), exact=want)
+    for version in ("1.24.1", "1.32.0", "1.25.0.dev20251201"):
+        monkeypatch.setattr(session.ort, "__version__", version)
+        assert len(Engine.load(tiny_gemma3[2]).generate("t1 t2", max_new_tokens=3).tokens) == 3
+
+
 def test_generate_drafts_by_default_and_stays_lossless(tiny_gemma3):
     bundle = tiny_gemma3[2]
     prompt = "t1 t2 t3 t4 t1 t2 t3 t4 t1 t2 t3"

@@ -25,6 +25,19 @@ PROVIDERS = {
 }
 
 
+# the oldest ONNX Runtime that runs bundles (pyproject.toml asks for it too): 1.22 and older cannot load opset 23
+# graphs, and 1.23's GroupQueryAttention gave other tokens than transformers past a sliding window
+ORT_MIN = (1, 24)
+
+
+def check_onnxruntime() -> None:
+    """An older ONNX Runtime an app already had (pip keeps one that met an earlier floor) is named, not run."""
+    if tuple(int(x) for x in ort.__version__.split(".")[:2]) < ORT_MIN:
+        need = ".".join(map(str, ORT_MIN))
+        raise EdgemtpError(f"onnxruntime {ort.__version__} is installed; edgemtp needs {need} or later: "
+                           f"pip install 'onnxruntime>={need}'")
+
+
 def runs_on_cpu(name: str) -> bool:
     """Whether a session asked for on provider `name` (short or full, any case) runs on the CPU provider:
     it is the CPU, or it is not in this build (resolve_provider falls back)."""
@@ -71,6 +84,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     built (see hugepages.py: a slower load for faster steps, worth it in a long-running process).
     `initializers`: name -> OrtValue the session reads in place of the graph's initializer of that name (a
     head table on 2 MB pages, head_pages.py); the session keeps them alive."""
+    check_onnxruntime()
     check_threads(threads)
     opts = ort.SessionOptions()
     if not prepack:  # weights stay in the memory-mapped data file, shared with another session over it
