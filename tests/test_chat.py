@@ -273,6 +273,29 @@ def test_without_jinja2_the_install_is_named(monkeypatch):
         ChatTemplate(TINY + " ", {}, "here").render([{"role": "user", "content": "t3"}])
 
 
+def test_a_jinja2_whose_sandbox_leaks_is_refused(monkeypatch):
+    """A template comes with a bundle from someone else, so it runs in Jinja's sandbox, which jinja2 before 3.1.6
+    lets a template leave (|attr('format') reached object.__subclasses__ in 3.1.5: CVE-2025-27516). The chat
+    extra asks for 3.1.6, but an app installing plain edgemtp keeps the jinja2 it had: chat prompts used it."""
+    import jinja2
+
+    from edgemtp.runtime.chat import compile_template
+
+    leak = "{{ '{0.__class__.__mro__[1].__subclasses__}'|attr('format')(1) }}"
+    messages = [{"role": "user", "content": "t3"}]
+    monkeypatch.setattr(jinja2, "__version__", "3.1.5")
+    compile_template.cache_clear()
+    with pytest.raises(EdgemtpError) as e:
+        ChatTemplate(leak, {}, "here").render(messages)
+    assert str(e.value) == ("chat prompts need jinja2 3.1.6 or later (3.1.5 is installed, whose sandbox a template "
+                            "can leave): pip install 'edgemtp[chat]'")
+    monkeypatch.setattr(jinja2, "__version__", "3.1.6")
+    compile_template.cache_clear()
+    with pytest.raises(EdgemtpError, match="the chat template refused the messages .*__class__"):
+        ChatTemplate(leak, {}, "here").render(messages)  # the real 3.1.6+ sandbox refuses it
+    assert ChatTemplate(TINY, {"bos_token": "t1"}, "here").render(messages) == "t1 t5 t6 t3 t8 t5 t7"
+
+
 def test_chat_command_keeps_the_conversation(chat_bundle, tiny_gemma3):
     """`edgemtp chat`: each input line is a user's message, the replies are what a fresh engine generates for
     the conversation so far (replies included), later turns run only their new tokens, /reset starts over,

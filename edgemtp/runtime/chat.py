@@ -12,6 +12,7 @@ need it."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from typing import Iterable
@@ -19,6 +20,7 @@ from typing import Iterable
 from ..errors import ArgumentError, EdgemtpError
 
 INSTALL = "pip install 'edgemtp[chat]'"
+JINJA2_MIN = (3, 1, 6)  # pyproject.toml's chat extra
 
 
 def is_chat(prompt) -> bool:
@@ -58,6 +60,11 @@ def compile_template(template: str, source: str):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise EdgemtpError(f"chat prompts need jinja2: {INSTALL}") from None
+    # the chat extra asks for 3.1.6, whose sandbox keeps |attr('format') in (CVE-2025-27516); a jinja2 the app had
+    # before comes with plain `pip install edgemtp`, and a template from someone else must not run in an older one
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < JINJA2_MIN:
+        raise EdgemtpError(f"chat prompts need jinja2 {'.'.join(map(str, JINJA2_MIN))} or later ({jinja2.__version__} "
+                           f"is installed, whose sandbox a template can leave): {INSTALL}")
 
     class Generation(Extension):
         """`{% generation %}...{% endgeneration %}` (marks an assistant's tokens for training): its body."""
