@@ -293,6 +293,20 @@ def test_runtime_imports_no_torch_nor_the_exporter_s_packages():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_version_is_the_package_s_own_without_its_install_metadata():
+    """--version is edgemtp.__version__: it was read from the installed distribution's metadata, which a copy of
+    the package (an app's vendored or frozen copy, a checkout on PYTHONPATH) does not have: a RuntimeError
+    traceback. Where another edgemtp was installed, it printed that one's version."""
+    import edgemtp
+
+    code = ("import importlib.metadata as m, sys\n"
+            "def version(name): raise m.PackageNotFoundError(name)\n"
+            "m.version = version\n"
+            "from edgemtp.cli import main; sys.argv[0] = 'edgemtp'; main()")
+    r = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"edgemtp, version {edgemtp.__version__}\n", r.stderr
+
+
 def test_an_onnxruntime_older_than_the_runtime_needs_is_refused(tiny_gemma3, monkeypatch):
     """The bundles' graphs are opset 23: ONNX Runtime 1.22 and older cannot load them, and 1.23's
     GroupQueryAttention gave other tokens than transformers past the sliding window (Gemma 3, Gemma 4). An app

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .. import __version__
 from ..errors import ArgumentError, EdgemtpError
 
 
@@ -138,7 +139,7 @@ def output_path(ctx, param, value: str) -> Path:
 
 
 @click.group(cls=_Group)
-@click.version_option(package_name="edgemtp")
+@click.version_option(__version__)  # the package's own: a vendored or frozen copy has no install metadata
 def cli():
     """Export LLMs to ONNX bundles and run them with multi-token-prediction speculative decoding."""
 
