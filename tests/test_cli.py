@@ -307,6 +307,15 @@ def test_version_is_the_package_s_own_without_its_install_metadata():
     assert r.returncode == 0 and r.stdout == f"edgemtp, version {edgemtp.__version__}\n", r.stderr
 
 
+def test_python_dash_m_edgemtp_is_the_command():
+    """`python -m edgemtp` runs the command (where its script is not on PATH); it was "No module named
+    edgemtp.__main__"."""
+    import edgemtp
+
+    r = subprocess.run([sys.executable, "-m", "edgemtp", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"edgemtp, version {edgemtp.__version__}\n", r.stderr
+
+
 def test_an_onnxruntime_older_than_the_runtime_needs_is_refused(tiny_gemma3, monkeypatch):
     """The bundles' graphs are opset 23: ONNX Runtime 1.22 and older cannot load them, and 1.23's
     GroupQueryAttention gave other tokens than transformers past the sliding window (Gemma 3, Gemma 4). An app
