@@ -283,7 +283,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=layer_types,
         rope=rope,
-        sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,
+        sliding_window=pr.opt(hf, "sliding_window", int, 4096),  # 0 is refused below (check_common), not 4096
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
         attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
@@ -298,6 +298,9 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
     pr.check(len(layer_types) == n_layers, f"field 'layer_types' has {len(layer_types)} entries for {n_layers} layers")
     pr.check(not hf.get("use_bidirectional_attention"), "field 'use_bidirectional_attention' is not supported")
     pr.check(not pr.flag(hf, "attention_bias", False), "field 'attention_bias' is not supported")
+    # null was read as 4096: transformers' Gemma 3 then has no window for its sliding layers and fails
+    pr.check(SLIDING not in layer_types or "sliding_window" not in hf or hf["sliding_window"] is not None,
+             "field 'sliding_window' is null, but layer_types names sliding layers (give their window)")
     # transformers' Gemma 3 keeps the field but never caps attention scores (nor does llama.cpp), while the
     # field says to: a checkpoint that sets it may have been made under either maths
     pr.check(cfg.attn_logit_softcapping is None,

@@ -491,6 +491,20 @@ def test_gemma3_rope_scaling_type_that_transformers_does_not_read_is_refused(tin
         parse_gemma3({**hf, "rope_scaling": [8.0]}, "x")
 
 
+def test_gemma3_sliding_window_null_or_zero_is_refused(tiny_gemma3):
+    """null and 0 were read as 4096, a window transformers' Gemma 3 does not have (it fails); missing is
+    Gemma3TextConfig's 4096."""
+    from edgemtp.config import parse_gemma3, read_config_json
+
+    hf = {**read_config_json(tiny_gemma3[1])}
+    with pytest.raises(EdgemtpError, match=re.escape("field 'sliding_window' is null, but layer_types names sliding "
+                                                     "layers")):
+        parse_gemma3({**hf, "sliding_window": None}, "x")
+    with pytest.raises(EdgemtpError, match=re.escape("field 'sliding_window' 0 must be positive")):
+        parse_gemma3({**hf, "sliding_window": 0}, "x")
+    assert parse_gemma3({k: v for k, v in hf.items() if k != "sliding_window"}, "x").sliding_window == 4096
+
+
 def test_llama_fields_of_the_wrong_type_are_named(tiny_gemma3):
     from edgemtp.config import parse_llama, read_config_json
 
