@@ -123,6 +123,10 @@ def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_g
     (("--max-new-tokens", -3), "--max-new-tokens -3 must be at least 1"),
     (("--provider", "tpu9000"), "--provider 'tpu9000' is unknown"),
     (("--drafter-provider", "npu42"), "--drafter-provider 'npu42' is unknown"),
+    (("--provider", "cpu:x=1"), "--provider 'cpu:x=1' the CPU provider takes no options"),
+    (("--provider", "openvino:device_type"), "--provider 'openvino:device_type' option 'device_type' should be "
+                                             "KEY=VALUE"),
+    (("--drafter-provider", "qnn:"), "--drafter-provider 'qnn:' option '' should be KEY=VALUE"),
     (("--temperature", -1), "--temperature -1.0 must be a finite number >= 0"),
     (("--top-p", 0), "--top-p 0.0 must be in (0, 1]"),
     (("--temperature", "nan"), "--temperature nan must be a finite number >= 0"),
@@ -138,6 +142,35 @@ def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_g
 ])
 def test_generate_bad_flags(tiny_gemma3, extra, message):
     assert_one_line_error(run("generate", tiny_gemma3[2], "--prompt", "t1", *extra), message)
+
+
+def test_a_providers_options_reach_its_session(tiny_gemma3, monkeypatch):
+    """'openvino:device_type=NPU': options after a provider's name go to ONNX Runtime as its provider_options
+    (OpenVINO runs on the CPU device unless told; there was no way to tell it). A provider this build lacks
+    falls back to the CPU with a warning, and its options with it."""
+    import onnxruntime as ort
+
+    from edgemtp.runtime import session as S
+    from edgemtp.runtime.engine import Engine
+
+    with pytest.warns(UserWarning, match="provider 'openvino:device_type=NPU' is not available"):
+        fallback = Engine.load(tiny_gemma3[2], provider="openvino:device_type=NPU")
+    assert fallback.target.session.get_providers() == ["CPUExecutionProvider"]
+    asked = []
+
+    class Session:  # as ONNX Runtime's, for a provider this build has not: what it was asked for
+        def __init__(self, path, opts, providers):
+            asked.append(providers)
+            raise RuntimeError("stop here")
+
+    have = [*ort.get_available_providers(), "OpenVINOExecutionProvider"]
+    monkeypatch.setattr(S.ort, "get_available_providers", lambda: have)
+    monkeypatch.setattr(S.ort, "InferenceSession", Session)
+    with pytest.raises(EdgemtpError, match=r"target.onnx: onnxruntime could not load the graph with provider "
+                                           r"'openvino:device_type=NPU, precision = FP16' \(stop here\)"):
+        Engine.load(tiny_gemma3[2], provider="openvino:device_type=NPU, precision = FP16")
+    assert asked == [[("OpenVINOExecutionProvider", {"device_type": "NPU", "precision": "FP16"}),
+                      "CPUExecutionProvider"]]
 
 
 def test_errors_are_one_line(tiny_gemma3, tmp_path):

@@ -34,7 +34,8 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--draft-k", default="0,2,4,6", show_default=True, help="Comma list of K; 0 is plain decoding.")
 @click.option("--batch", default="1", show_default=True, help="Comma list of batch sizes (prompts at once).")
 @click.option("--provider", default="cpu", show_default=True,
-              help="Execution provider of the rows (a row is skipped when this onnxruntime lacks it).")
+              help="Execution provider of the rows, its options after a ':' as generate's (a row is skipped when "
+                   "this onnxruntime lacks it).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores).")
 @click.option("--draft", "drafter", default="auto", show_default=True,
               help="Comma list of drafters: lookup, mtp, hybrid; auto is generate's default.")

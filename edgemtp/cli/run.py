@@ -25,7 +25,9 @@ def sampling_options(f):
                      help="Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]; "
                           "1 keeps all."),
         click.option("--seed", default=None, type=int, help="Seed for sampling (>= 0; default: a fresh one)."),
-        click.option("--provider", default="cpu", show_default=True, help="ONNX Runtime execution provider."),
+        click.option("--provider", default="cpu", show_default=True,
+                     help="ONNX Runtime execution provider, its options after a ':' (ONNX Runtime's provider "
+                          "options), e.g. openvino:device_type=NPU or qnn:htp_performance_mode=burst."),
         click.option("--threads", default=None, type=int, help="Intra-op threads (default: all cores)."),
     ]):
         f = opt(f)

@@ -79,10 +79,11 @@ class Engine:
              verify: bool = True, drafter_provider: str | None = None, mtp: bool | None = None,
              fast_verify: bool = False, huge_pages: bool = False, reuse_prefix: bool = False,
              chat_args: dict | None = None, head_huge_pages: bool = True) -> "Engine":
-        """drafter_provider: where the MTP drafter runs (default: the target's provider), e.g. the target on
-        an NPU and the drafter on the CPU. `mtp`: whether generation will draft with the MTP drafter
-        (None: what --draft auto does for this bundle, so False for an int8 / int4 bundle on the CPU); then
-        the target's threads do not spin-wait between runs, which would steal the drafter's CPU (see
+        """provider: the execution provider, its options after a ':' (ONNX Runtime's provider options), e.g.
+        "openvino:device_type=NPU". drafter_provider: where the MTP drafter runs (default: the target's
+        provider), e.g. the target on an NPU and the drafter on the CPU. `mtp`: whether generation will draft
+        with the MTP drafter (None: what --draft auto does for this bundle, so False for an int8 / int4 bundle
+        on the CPU); then the target's threads do not spin-wait between runs, which would steal the drafter's CPU (see
         session.make_session); drafting with it on an engine loaded without warns once. `fast_verify`: the
         batched verify graph (speculative decoding of several prompts at once) keeps its own packed copy of
         the weights: ~1.6x faster verify passes for ~1.5x the fp32 weights' size in memory (measured on Gemma 3

@@ -24,7 +24,7 @@ from ..errors import EdgemtpError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
 from .sampling import Sampling
-from .session import PROVIDERS
+from .session import full_name
 from .speculative import SpecStats, Speculative
 from .stops import Stops
 
@@ -137,8 +137,7 @@ def skip_reason(c: RowConfig, capacity: int, bundle=None) -> str:
     """Why a row cannot run here ("" when it can). A static bundle verifies a draft longer than its window - 1
     in two passes, as `edgemtp generate` does, so rows of a K + 1 wider than the window run (and show what
     that costs)."""
-    full = PROVIDERS.get(c.provider.lower(), c.provider)
-    if full not in ort.get_available_providers():
+    if full_name(c.provider) not in ort.get_available_providers():
         return f"provider {c.provider!r} is not available in this onnxruntime build"
     # The cache holds the prompt and every generated token but the last, and a round drafts no more than the
     # generation has left (Speculative._draft): K takes no room of its own. Counting a draft window of K + 1 too

@@ -38,18 +38,46 @@ def check_onnxruntime() -> None:
                            f"pip install 'onnxruntime>={need}'")
 
 
+def full_name(spec: str) -> str:
+    """The ONNX Runtime name of a provider spec's provider: 'openvino:device_type=NPU' -> OpenVINOExecutionProvider
+    (short or full names, any case; an unknown name as it is)."""
+    name = spec.partition(":")[0]
+    return PROVIDERS.get(name.lower(), name)
+
+
+def provider_options(spec: str, param: str = "provider") -> dict[str, str]:
+    """The options after a provider's name, as ONNX Runtime's provider_options: 'openvino:device_type=NPU,
+    precision=FP16' (OpenVINO on an Intel NPU, whose default device is the CPU), 'qnn:htp_performance_mode=burst'.
+    They are the provider's own: a key it does not know fails at load, with its message."""
+    name, colon, rest = spec.partition(":")
+    options = {}
+    for item in rest.split(",") if colon else ():
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key:
+            raise ArgumentError(param, spec, f"option {item.strip()!r} should be KEY=VALUE (e.g. "
+                                "openvino:device_type=NPU)")
+        options[key] = value
+    if options and full_name(spec) == "CPUExecutionProvider":
+        raise ArgumentError(param, spec, "the CPU provider takes no options (they are for another provider's, e.g. "
+                            "openvino:device_type=NPU)")
+    return options
+
+
 def runs_on_cpu(name: str) -> bool:
     """Whether a session asked for on provider `name` (short or full, any case) runs on the CPU provider:
     it is the CPU, or it is not in this build (resolve_provider falls back)."""
-    full = PROVIDERS.get(name.lower(), name)
+    full = full_name(name)
     return full == "CPUExecutionProvider" or full not in ort.get_available_providers()
 
 
 def resolve_provider(name: str, param: str = "provider") -> str:
-    """Maps a short or full provider name to what this ONNX Runtime can run, falling back to CPU."""
-    full = PROVIDERS.get(name.lower(), name)
+    """Maps a provider spec (a short or full provider name, and its options after a ':') to the provider this ONNX
+    Runtime can run, falling back to CPU; bad options are named here, before any work."""
+    full = full_name(name)
     if full not in PROVIDERS.values():
-        raise ArgumentError(param, name, f"is unknown (choose from {', '.join(PROVIDERS)})")
+        raise ArgumentError(param, name, f"is unknown (choose from {', '.join(PROVIDERS)}; options after a ':', "
+                            "e.g. openvino:device_type=NPU)")
+    provider_options(name, param)
     if full not in ort.get_available_providers():
         warnings.warn(f"provider {name!r} is not available in this onnxruntime build; using the CPU",
                       stacklevel=2)
@@ -101,12 +129,15 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     full = resolve_provider(provider)
-    providers = [full] if full == "CPUExecutionProvider" else [full, "CPUExecutionProvider"]
+    options = provider_options(provider) if full != "CPUExecutionProvider" else {}  # the fallback takes none
+    providers = [full] if full == "CPUExecutionProvider" else [(full, options), "CPUExecutionProvider"]
     before = hugepages.anonymous_regions() if huge_pages else None
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as e:  # ORT raises its own exception types for a bad graph
-        raise EdgemtpError(f"{path}: onnxruntime could not load the graph ({str(e).splitlines()[0][:300]})") from None
+    except Exception as e:  # ORT raises its own exception types for a bad graph, or a provider option it refuses
+        given = f" with provider {provider!r}" if options else ""
+        raise EdgemtpError(f"{path}: onnxruntime could not load the graph{given} "
+                           f"({str(e).splitlines()[0][:300]})") from None
     if before is not None:
         hugepages.collapse_new_regions(before)
     session.edgemtp_initializers = initializers  # ONNX Runtime reads them and does not hold them
