@@ -45,14 +45,15 @@ class Checkpoint:
         files, index = weight_files(self.dir)
         self.entries: dict[str, _Entry] = {}
         renamed = set()  # the text tower's tensors, where the checkpoint nests it
+        # every tensor of each file, as transformers reads the shards an index names (its weight_map only picks
+        # the files, and of a tensor in two of them the last file's wins)
+        why = ("which is meant is unknown: transformers reads every tensor of the shards "
+               f"{INDEX} names, the last file's winning") if index is not None else f"and no {INDEX} says which to read"
         for f in files:
             for name, e in read_header(f).items():
-                if index is not None and index.get(name) != f.name:  # the index keeps it in another file
-                    continue
                 if _text_name(name) in self.entries:  # stale shards beside new ones: which is meant is unknown
                     raise EdgemtpError(f"{self.dir}: tensor '{name}' is in both "
-                                       f"{self.entries[_text_name(name)].file.name} and {f.name} (and no "
-                                       "model.safetensors.index.json says which to read)")
+                                       f"{self.entries[_text_name(name)].file.name} and {f.name} ({why})")
                 self.entries[_text_name(name)] = e
                 if _text_name(name) != name:
                     renamed.add(_text_name(name))
@@ -120,8 +121,8 @@ INDEX = "model.safetensors.index.json"
 def weight_files(model_dir: Path) -> tuple[list[Path], dict | None]:
     """The safetensors files to read and the index's tensor -> file map: the shards
     model.safetensors.index.json names where there is one (other *.safetensors beside them, an earlier
-    download's, are not read, as transformers does not), else every *.safetensors (a tensor in two of them
-    is then an error: Checkpoint)."""
+    download's, are not read, as transformers does not), else every *.safetensors (a tensor in two of the
+    files is an error: Checkpoint)."""
     path = model_dir / INDEX
     if path.is_file():
         try:

@@ -381,6 +381,41 @@ def test_sharded_checkpoint_reads_what_its_index_names(tiny_gemma3, tmp_path):
         Checkpoint(d)
 
 
+def test_shards_the_index_names_are_read_whole_as_transformers_reads_them(tiny_gemma3, tmp_path):
+    """transformers reads every tensor of each shard model.safetensors.index.json names (its weight_map only picks
+    the files): a tensor there that the weight_map leaves out is read (an lm_head.weight of its own values beside
+    tie_word_embeddings true was skipped, and the bundle tied: logits off by 1.5), and one in two of those shards
+    is refused, naming both (the index's was read, transformers reads the last file's: other logits)."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgemtp.checkpoint import Checkpoint
+    from edgemtp.exporters import load_config
+    from edgemtp.exporters.checkpoint_checks import own_head
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    weights = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    head = weights[FIRST] + 1
+    save_file({n: weights[n] for n in halves["model-00001-of-00002.safetensors"]},
+              str(d / "model-00001-of-00002.safetensors"))
+    save_file({**{n: weights[n] for n in halves["model-00002-of-00002.safetensors"]}, "lm_head.weight": head},
+              str(d / "model-00002-of-00002.safetensors"))
+    ckpt = Checkpoint(d)
+    np.testing.assert_array_equal(ckpt["lm_head.weight"], head)
+    assert not own_head(load_config(d)[0], ckpt).tie_word_embeddings
+    first = halves["model-00001-of-00002.safetensors"][0]
+    save_file({**{n: weights[n] for n in halves["model-00002-of-00002.safetensors"]}, first: weights[first] * 2},
+              str(d / "model-00002-of-00002.safetensors"))
+    with pytest.raises(EdgemtpError, match=f"tensor '{first}' is in both model-00001-of-00002.safetensors and "
+                                           "model-00002-of-00002.safetensors"):
+        Checkpoint(d)
+
+
 def test_checkpoint_tensors_the_graph_does_not_read_are_named(tiny_gemma3, tmp_path):
     """A config.json that does not describe its checkpoint (one layer short; a norm of another architecture)
     exported without a word a model transformers would warn about: the CLI says which tensors it left out."""
