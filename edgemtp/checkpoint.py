@@ -70,6 +70,10 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
+    def dtype(self, name: str) -> str:
+        """The tensor's safetensors dtype ("BF16", "F32", "I8", ...)."""
+        return self._entry(name).dtype
+
     def __getitem__(self, name: str) -> np.ndarray:
         e = self._entry(name)
         return _convert(self._mapped(e), e.dtype)

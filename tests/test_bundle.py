@@ -416,6 +416,25 @@ def test_shards_the_index_names_are_read_whole_as_transformers_reads_them(tiny_g
         Checkpoint(d)
 
 
+@pytest.mark.parametrize("dtype, name", [(np.int8, "I8"), (np.uint8, "U8")])
+def test_quantized_weights_are_refused(tiny_gemma3, tmp_path, dtype, name):
+    """A quantized checkpoint's weights (bitsandbytes' 8-bit: an I8 `weight` of the Linear's shape beside its
+    scales, `SCB`) are not the model's values: they were cast to float and exported, logits off by 1.0, with a
+    warning about unused tensors alone. Refused, naming the tensor and its dtype."""
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    weights = load_file(str(d / "model.safetensors"))
+    scale = np.abs(weights[GATE]).max(axis=1)
+    weights[GATE] = np.round(weights[GATE] / scale[:, None] * 127).astype(dtype)
+    weights[GATE.replace("weight", "SCB")] = scale
+    save_file(weights, str(d / "model.safetensors"))
+    with pytest.raises(EdgemtpError, match=f"tensor '{GATE}' is {name}, not floating-point"):
+        export(d, tmp_path / "out", capacity=64)
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoint_tensors_the_graph_does_not_read_are_named(tiny_gemma3, tmp_path):
     """A config.json that does not describe its checkpoint (one layer short; a norm of another architecture)
     exported without a word a model transformers would warn about: the CLI says which tensors it left out."""

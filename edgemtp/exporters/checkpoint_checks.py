@@ -7,9 +7,13 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from ..checkpoint import Checkpoint
 from ..errors import EdgemtpError
 from . import builder
+
+FLOATS = ("F32", "BF16", "F16")  # the checkpoint dtypes of weights
 
 
 def own_head(cfg, ckpt: Checkpoint):
@@ -32,6 +36,11 @@ def check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path
         raise EdgemtpError(f"{model_dir}: checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
     for p in graph.params.values():  # each part of a joined parameter (q/k/v, gate/up) on its own
         for key, want in zip(builder.sources(p), builder.part_shapes(p)):
+            # a quantized checkpoint's integers (bitsandbytes' I8 weights beside their scales) are not the
+            # model's values: cast to float, they exported as another model
+            if np.issubdtype(p.dtype, np.floating) and ckpt.dtype(key) not in FLOATS:
+                raise EdgemtpError(f"{model_dir}: tensor '{key}' is {ckpt.dtype(key)}, not floating-point weights "
+                                   f"(a quantized checkpoint? export reads {', '.join(FLOATS)} weights)")
             have = ckpt.shape(key)
             # the checkpoint's own layout where the transform is known (a transposed [in, out] Linear weight
             # of a square-compatible size passes "either order" and failed mid-export as a ValueError)
