@@ -161,7 +161,7 @@ def _qwen2_layers(hf: dict, n_layers: int, pr: Problems) -> tuple[tuple[str, ...
 def parse_mistral3_multimodal(hf: dict, source: str) -> TextConfig:
     """A multimodal `mistral3` config.json (Mistral3ForConditionalGeneration: Ministral 3, Mistral Small 3.x):
     its text_config, read by its own model_type (mistral unless it says), tied by the multimodal config's own
-    flag (default true), as transformers ties it."""
+    flag (default true), as transformers ties it, stopping on its own eos ids where it has them."""
     text = hf.get("text_config")
     if not isinstance(text, dict):
         raise EdgemtpError(f"{source}: model_type 'mistral3' needs a 'text_config' object")
@@ -170,5 +170,7 @@ def parse_mistral3_multimodal(hf: dict, source: str) -> TextConfig:
         raise EdgemtpError(f"{source}: text_config model_type {kind!r} is not supported (mistral, ministral3)")
     top = Problems(source)
     tie = top.flag(hf, "tie_word_embeddings", True)
+    # transformers' generate stops on the multimodal config's own eos ids, text_config's only where it has none
+    own = {"eos_token_id": list(top.token_ids(hf, "eos_token_id"))} if hf.get("eos_token_id") is not None else {}
     top.raise_if_any()
-    return parse_llama({**text, "model_type": kind, "tie_word_embeddings": tie}, source + " (text_config)")
+    return parse_llama({**text, **own, "model_type": kind, "tie_word_embeddings": tie}, source + " (text_config)")

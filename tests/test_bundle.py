@@ -807,6 +807,29 @@ def test_multimodal_gemma3_config_reads_its_text_config(tmp_path):
         load_config(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "gemma4", "mistral3"])
+def test_multimodal_configs_stop_on_their_own_eos(kind, tmp_path):
+    """A multimodal config.json's own eos_token_id is what transformers' generate stops on
+    (GenerationConfig.from_model_config: text_config's only where it has none), generation_config.json or not:
+    Gemma 4's and Mistral 3's were left for text_config's (1 and 2 alone)."""
+    transformers = pytest.importorskip("transformers")
+    from edgemtp.exporters import load_config
+
+    from .test_parity import tiny
+    from .test_parity_gemma4 import TEXT
+
+    if kind == "gemma4":
+        config = transformers.Gemma4Config(text_config=TEXT, vision_config=None, audio_config=None)
+    else:
+        config = tiny(f"{kind}_multimodal").config
+    config.save_pretrained(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf, "eos_token_id": [1, 7]}))
+    want = transformers.GenerationConfig.from_model_config(transformers.AutoConfig.from_pretrained(tmp_path))
+    assert want.eos_token_id == [1, 7]
+    assert load_config(tmp_path)[0].eos_token_ids == (1, 7)
+
+
 def test_ministral3_and_mistral3_configs(tmp_path):
     """Ministral3Config (no window unless said, head_dim 128, llama_4_scaling_beta with its yarn) and the
     multimodal mistral3 wrapper (text_config by its model_type, the top-level tie flag, default true)."""

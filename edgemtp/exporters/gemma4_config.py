@@ -95,8 +95,10 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
             raise EdgemtpError(f"{source}: model_type 'gemma4' needs a 'text_config' object")
         # missing: transformers' default id; null: no such placeholder
         placeholders = {k: top.opt(hf, k) if k in hf else default for k, default in PLACEHOLDERS.items()}
+        # transformers' generate stops on the multimodal config's own eos ids, text_config's only where it has none
+        own = {"eos_token_id": list(top.token_ids(hf, "eos_token_id"))} if hf.get("eos_token_id") is not None else {}
         # Gemma4ForConditionalGeneration ties by its own config's flag (default true), whatever text_config says
-        hf = {**text, "tie_word_embeddings": top.flag(hf, "tie_word_embeddings", True)}
+        hf = {**text, **own, "tie_word_embeddings": top.flag(hf, "tie_word_embeddings", True)}
         source += " (text_config)"
     pr = Problems(source)
     vocab = pr.need(hf, "vocab_size")
