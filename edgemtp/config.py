@@ -283,7 +283,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=layer_types,
         rope=rope,
-        sliding_window=pr.opt(hf, "sliding_window", int, 4096),  # 0 is refused below (check_common), not 4096
+        sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,  # 0 in the wild: the default (null: below)
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
         attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),

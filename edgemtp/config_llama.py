@@ -60,7 +60,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         query_scale_beta=_llama4_beta(hf, rope, pr) if ministral3 else None,
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
-        eos_token_ids=pr.token_ids(hf, "eos_token_id"),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id") if "eos_token_id" in hf else default_eos(hf, _EOS),
         max_position_embeddings=max_positions,
     )
     check_common(cfg, pr)
@@ -72,6 +72,13 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
              "field 'mlp_bias' is not supported")
     pr.raise_if_any()
     return cfg
+
+
+def default_eos(hf: dict, defaults: dict) -> tuple[int, ...]:
+    """Where config.json leaves eos_token_id out (not null): the config class's, which transformers' generate stops
+    on (no stop token was read, so generation ran to its last token); one outside the vocabulary never comes."""
+    vocab = hf.get("vocab_size")
+    return tuple(t for t in defaults.get(hf.get("model_type"), ()) if isinstance(vocab, int) and t < vocab)
 
 
 def _granite_scales(hf: dict, pr: Problems) -> dict:
@@ -92,6 +99,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "orig
                    "llama_4_scaling_beta": 0.1}
 # transformers' defaults where config.json says none (others: all heads)
 _KV_HEADS = {"mistral": 8, "smollm3": 4, "ministral3": 8}
+_EOS = {"llama": (2,), "mistral": (2,), "granite": (2,), "ministral3": (2,), "smollm3": (128001,)}  # likewise
 _MAX_POSITIONS = {"llama": 2048, "granite": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768,
                   "smollm3": 32768, "ministral3": 262144}  # likewise
 

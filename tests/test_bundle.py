@@ -545,8 +545,30 @@ def test_gemma3_rope_scaling_type_that_transformers_does_not_read_is_refused(tin
         parse_gemma3({**hf, "rope_scaling": [8.0]}, "x")
 
 
-def test_gemma3_sliding_window_null_or_zero_is_refused(tiny_gemma3):
-    """null and 0 were read as 4096, a window transformers' Gemma 3 does not have (it fails); missing is
+def test_a_missing_eos_token_id_is_the_config_classes(tiny_gemma3):
+    """transformers' generate stops on the config class's eos_token_id where config.json leaves it out (LlamaConfig's
+    2); no stop token was read, so generation ran to max_new_tokens. A null one means none, as transformers."""
+    import transformers
+
+    from edgemtp.config import read_config_json
+    from edgemtp.config_llama import parse_llama
+    from edgemtp.exporters.phi3 import parse_config as parse_phi3
+
+    hf = {k: v for k, v in read_config_json(tiny_gemma3[1]).items() if k not in ("eos_token_id", "rope_parameters",
+                                                                                  "layer_types")}
+    hf.update(hidden_activation=None, vocab_size=128_256)
+    for kind, cls in (("llama", transformers.LlamaConfig), ("mistral", transformers.MistralConfig),
+                      ("granite", transformers.GraniteConfig), ("smollm3", transformers.SmolLM3Config),
+                      ("qwen2", transformers.Qwen2Config)):
+        want = transformers.GenerationConfig.from_model_config(cls()).eos_token_id
+        want = () if want is None else (want,)
+        assert parse_llama({**hf, "model_type": kind}, "x").eos_token_ids == want, kind
+    assert parse_llama({**hf, "model_type": "llama", "eos_token_id": None}, "x").eos_token_ids == ()
+    assert parse_phi3({**hf, "model_type": "phi3"}, "x").eos_token_ids == (transformers.Phi3Config().eos_token_id,)
+
+
+def test_gemma3_sliding_window_null_is_refused(tiny_gemma3):
+    """null was read as 4096, a window transformers' Gemma 3 does not have (it fails); missing is
     Gemma3TextConfig's 4096."""
     from edgemtp.config import parse_gemma3, read_config_json
 
@@ -554,8 +576,6 @@ def test_gemma3_sliding_window_null_or_zero_is_refused(tiny_gemma3):
     with pytest.raises(EdgemtpError, match=re.escape("field 'sliding_window' is null, but layer_types names sliding "
                                                      "layers")):
         parse_gemma3({**hf, "sliding_window": None}, "x")
-    with pytest.raises(EdgemtpError, match=re.escape("field 'sliding_window' 0 must be positive")):
-        parse_gemma3({**hf, "sliding_window": 0}, "x")
     assert parse_gemma3({k: v for k, v in hf.items() if k != "sliding_window"}, "x").sliding_window == 4096
 
 

@@ -18,6 +18,7 @@ import math
 
 from ..checkpoint import Checkpoint
 from ..config import FULL, SLIDING, Problems, Rope, TextConfig, check_common
+from ..config_llama import default_eos
 
 
 def parse_config(hf: dict, source: str) -> TextConfig:
@@ -46,7 +47,7 @@ def parse_config(hf: dict, source: str) -> TextConfig:
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", False),
         hidden_activation=hf.get("hidden_act", "silu"),
         bos_token_id=pr.opt(hf, "bos_token_id"),
-        eos_token_ids=pr.token_ids(hf, "eos_token_id"),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id") if "eos_token_id" in hf else default_eos(hf, {"phi3": (32000,)}),
         max_position_embeddings=max_positions,
     )
     check_common(cfg, pr)
