@@ -25,6 +25,8 @@ MANIFEST = "edgemtp.json"
 FORMAT = "edgemtp-bundle"
 SCHEMA_VERSION = 2  # 2: a target contract may have window_views (graph inputs an older runtime would not feed)
 READS = (1, 2)  # version 1 bundles load as they are
+# an exported manifest is kB (12 kB for Gemma 3 270M): one far larger is not read whole into memory
+MAX_MANIFEST_BYTES = 1 << 24
 
 
 def sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -172,10 +174,15 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
         raise EdgemtpError(f"{d}: not a bundle directory")
     if not mpath.is_file():
         raise EdgemtpError(f"{mpath}: missing (not an edgemtp bundle)")
+    size = mpath.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise EdgemtpError(f"{mpath}: {size} bytes, more than a manifest holds (at most {MAX_MANIFEST_BYTES})")
     try:
         m = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{mpath}: not valid JSON ({e})") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser recurses
+        raise EdgemtpError(f"{mpath}: not valid JSON (nested too deeply)") from None
     _check_fields(m, mpath)
     record = Record() if verify else None
     stamps = {rel: _check_file(d, rel, info, mpath, record) for rel, info in m["files"].items()}

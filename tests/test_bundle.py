@@ -172,6 +172,18 @@ def test_missing_and_corrupt_manifest(tmp_path):
         bundle.load(tmp_path)
 
 
+def test_a_manifest_nested_too_deep_or_too_large_is_named(tmp_path, monkeypatch):
+    """A bundle from someone else: a manifest of arrays nested deeper than Python's JSON parser recurses is named,
+    not a RecursionError's traceback, and one far larger than any export writes is refused before it is read."""
+    (tmp_path / "edgemtp.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(EdgemtpError, match=r"edgemtp.json: not valid JSON \(nested too deeply\)"):
+        bundle.load(tmp_path)
+    monkeypatch.setattr(bundle, "MAX_MANIFEST_BYTES", 100)
+    (tmp_path / "edgemtp.json").write_text(json.dumps({"format": "edgemtp-bundle", "pad": "x" * 100}))
+    with pytest.raises(EdgemtpError, match=r"edgemtp.json: 139 bytes, more than a manifest holds \(at most 100\)"):
+        bundle.load(tmp_path)
+
+
 def test_version_1_bundles_still_load(tiny_gemma3, tmp_path):
     """Schema 2 only adds what a version-1 bundle lacks (a contract's window_views, default off)."""
     b = copy_bundle(tiny_gemma3[2], tmp_path)
