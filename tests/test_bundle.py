@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -1256,6 +1257,16 @@ def test_kv_cache_is_updated_in_place(tiny_gemma3):
                 np.testing.assert_allclose(got[0, :, :length], ref[0, :, :length], rtol=1e-4, atol=1e-5)
                 assert not got[0, :, length:].any()
     assert len(at_run_end) == 3
+
+
+def test_a_kv_cache_larger_than_the_machine_allocates_is_named(tiny_gemma3):
+    """A capacity the graph leaves symbolic is the manifest's claim alone: one of 10**12 positions (a bundle from
+    someone else) is refused in one line naming its size, not a numpy MemoryError's traceback."""
+    engine = Engine.load(tiny_gemma3[2])
+    engine.target.contract = dataclasses.replace(engine.target.contract, capacity=10**12)
+    with pytest.raises(EdgemtpError, match=r"the KV cache of 1 row x 1,000,000,000,000 positions needs 2,048,000.0 GB "
+                                           r"\(4 layers\), more than this machine can allocate"):
+        engine.generate("t1 t2", max_new_tokens=2)
 
 
 def test_a_file_changed_just_before_a_long_hash_is_not_remembered(tiny_gemma3, tmp_path, monkeypatch):

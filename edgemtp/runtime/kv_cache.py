@@ -11,14 +11,21 @@ import numpy as np
 import onnxruntime as ort
 
 from ..contract import KVSlot
+from ..errors import EdgemtpError
 
 
 class KVCache:
     def __init__(self, slots: tuple[KVSlot, ...], batch: int, capacity: int):
         self.slots, self.batch, self.capacity = slots, batch, capacity
         # np.zeros maps lazily: untouched capacity costs address space, not RAM
-        self.keys = {s.layer: np.zeros((batch, s.num_heads, capacity, s.head_dim), np.float32) for s in slots}
-        self.values = {s.layer: np.zeros_like(self.keys[s.layer]) for s in slots}
+        try:
+            self.keys = {s.layer: np.zeros((batch, s.num_heads, capacity, s.head_dim), np.float32) for s in slots}
+            self.values = {s.layer: np.zeros_like(self.keys[s.layer]) for s in slots}
+        except MemoryError:  # more address space than the machine gives (a capacity the graph leaves symbolic)
+            size = sum(2 * 4 * batch * s.num_heads * capacity * s.head_dim for s in slots)
+            raise EdgemtpError(f"the KV cache of {batch} row{'s' * (batch != 1)} x {capacity:,} positions needs "
+                               f"{size / 1e9:,.1f} GB ({len(slots)} layers), more than this machine can allocate "
+                               "(the bundle's KV capacity)") from None
         self.lengths = np.zeros(batch, np.int64)
         self._views: dict = {}
         self._window_views: dict = {}  # rows -> (offset, every layer's views, the sliding ones from it)
