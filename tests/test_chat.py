@@ -483,11 +483,24 @@ def test_text_that_is_not_utf8_is_named(chat_bundle):
     ("{{ cycler.__init__.__globals__ }}", "access to attribute '__init__' of 'type' object is unsafe"),
     ("{{ messages.append(1) }}", "access to attribute 'append' of 'list' object is unsafe"),
     ("{{ 'a' * 2**62 }}", r"\(MemoryError\)"),  # once a MemoryError traceback
+    ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", r"\(maximum recursion depth exceeded"),  # once a traceback
 ])
 def test_template_from_someone_else_is_sandboxed(template, match):
     """A bundle's chat template comes from whoever made the bundle: no way out to Python's objects, and one
     that asks for more memory than there is fails as a refusal, not a traceback."""
     with pytest.raises(EdgemtpError, match=f"here: the chat template refused the messages .*{match}"):
+        ChatTemplate(template, {}, "here").render([{"role": "user", "content": "a"}])
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{{ 10**100000 }}", r"Exceeds the limit \(4300 digits\)"),  # Jinja folds the constant while compiling
+    ("{{ " + "(" * 1000 + "1" + ")" * 1000 + " }}", "maximum recursion depth exceeded"),
+    ("{% if 1 %}" * 500 + "{% endif %}" * 500, "maximum recursion depth exceeded"),
+])
+def test_template_that_cannot_be_compiled_is_named(template, match):
+    """Compiling a template can fail other than by its syntax (Jinja's constant folding, Python's recursion limit):
+    named as the template's, not a traceback."""
+    with pytest.raises(EdgemtpError, match=f"here: the chat template cannot be compiled \\({match}"):
         ChatTemplate(template, {}, "here").render([{"role": "user", "content": "a"}])
 
 

@@ -91,6 +91,9 @@ def compile_template(template: str, source: str):
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise EdgemtpError(f"{source}: the chat template does not parse (line {e.lineno}: {e.message})") from None
+    except (ValueError, RecursionError, MemoryError) as e:  # Jinja folding a constant (10**100000 has more digits
+        # than Python writes), expressions or blocks nested deeper than the parser or compiler recurses
+        raise EdgemtpError(f"{source}: the chat template cannot be compiled ({e})") from None
 
 
 RESERVED = ("messages", "add_generation_prompt", "tools", "documents")  # what render() sets itself
@@ -130,10 +133,11 @@ class ChatTemplate:
         try:
             text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                    documents=None, **{**self.special_tokens, **self.variables})
-        except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError, MemoryError) as e:
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError, MemoryError,
+                RecursionError) as e:
             # the template's raise_exception (roles that do not alternate...), a sandbox refusal, a message it
             # cannot read (content that is not text), a sandbox's range too long (OverflowError), a text too
-            # large to allocate ('a' * 2**62: the sandbox bounds ranges, not sizes)
+            # large to allocate ('a' * 2**62: the sandbox bounds ranges, not sizes), a macro calling itself
             raise EdgemtpError(f"{self.source}: the chat template refused the messages "
                                f"({str(e) or type(e).__name__})") from None
         if not text.strip():  # else "the prompt is empty", which the user did not write
