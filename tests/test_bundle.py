@@ -1269,6 +1269,24 @@ def test_a_kv_cache_larger_than_the_machine_allocates_is_named(tiny_gemma3):
         engine.generate("t1 t2", max_new_tokens=2)
 
 
+def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_path):
+    """A tokenizer.json that disagrees with the model (a bundle from someone else) is named when it gives a prompt
+    an id the model has no row for: it was "--prompt-ids[1] 500 is not a token id", a flag the user never gave."""
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["big"] = 500
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    m = json.loads((b / "edgemtp.json").read_text())
+    m["files"]["tokenizer.json"] = {"bytes": (b / "tokenizer.json").stat().st_size,
+                                    "sha256": bundle.sha256(b / "tokenizer.json")}
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    engine = Engine.load(b)
+    assert engine.generate("t1 t2", max_new_tokens=2).tokens  # prompts without that token run
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes prompt with the token id 500, beyond the model's "
+                                           r"vocabulary of 96 \(the tokenizer does not match the model\)"):
+        engine.generate("t1 big", max_new_tokens=2)
+
+
 def test_a_file_changed_just_before_a_long_hash_is_not_remembered(tiny_gemma3, tmp_path, monkeypatch):
     """A file's age against RACY_NS counts to when the load began checking, not to when its hash ended: on a
     coarse-timestamp file system a write in the ctime's tick, into bytes already hashed, leaves the stamp as it

@@ -136,10 +136,16 @@ class Engine:
     def _encode(self, prompt: str | list[dict], name: str) -> list[int]:
         """encode, naming a wrong prompt `name` (a batch's "prompts[2]")."""
         if is_chat(prompt):
-            return self.tokenizer.encode(check_text(self._chat_text(prompt, name), name), add_special_tokens=False).ids
-        if not isinstance(prompt, str):
+            ids = self.tokenizer.encode(check_text(self._chat_text(prompt, name), name), add_special_tokens=False).ids
+        elif not isinstance(prompt, str):
             raise ArgumentError(name, prompt, "must be text or a list of chat messages")
-        return self.tokenizer.encode(check_text(prompt, name)).ids
+        else:
+            ids = self.tokenizer.encode(check_text(prompt, name)).ids
+        vocab = self.target.contract.vocab_size
+        if ids and max(ids) >= vocab:  # a bundle's tokenizer.json that is not its model's: not the caller's ids
+            raise EdgemtpError(f"{self.bundle.tokenizer_path}: encodes {name} with the token id {max(ids)}, beyond "
+                               f"the model's vocabulary of {vocab} (the tokenizer does not match the model)")
+        return ids
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """The text the model reads for chat `messages` (its chat template, as transformers' apply_chat_template
