@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .bundle import Bundle, graph_facts
 from .contract import TargetContract
+from .errors import EdgemtpError
 
 # what each graph is for, in the words of README's "Bundles"
 ROLES = {"target": "the model: prefill and decode passes",
@@ -53,7 +54,9 @@ def _graph(b: Bundle, name: str, g: dict) -> dict:
         out["head_table"] = "transposed [hidden, V]"
     if contract.get("kind") == "mtp":
         config, head = contract.get("config", {}), contract.get("head", {})
-        out["drafter"] = {"model_type": config.get("model_type"), "layers": len(config.get("layer_types", [])),
+        layers = config.get("layer_types", [])  # shown, not checked: a bundle from someone else may hold anything
+        out["drafter"] = {"model_type": config.get("model_type"), "layers": len(layers) if isinstance(layers, list)
+                          else layers,
                           "hidden": config.get("hidden"), "head": head}
     return out
 
@@ -86,7 +89,11 @@ def text(info: dict, verified: bool) -> str:
         files = " + ".join(g["files"]) + (f" (also reads {', '.join(g['reads'])})" if g["reads"] else "")
         lines.append(f"{name}: {g['role']}")
         lines.append(f"    {g['quant']}, {_size(g['bytes'])}: {files}")
-        extra = _details(g)
+        try:
+            extra = _details(g)
+        except (TypeError, ValueError, AttributeError) as e:  # of what it shows, only a scheme's fields are formatted
+            where = Path(info["bundle"]) / "edgemtp.json"  # (the rest the load checked, or is printed as it is)
+            raise EdgemtpError(f"{where}: graphs.{name}.quantization cannot be shown ({e})") from None
         if extra:
             lines.append(f"    {extra}")
     return "\n".join(lines)

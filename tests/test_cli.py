@@ -948,6 +948,23 @@ def test_info_describes_a_qdq_target(tiny_gemma3):
             "corpora: code (train split)") in out
 
 
+@pytest.mark.parametrize("field,value", [
+    ("quantization", 5), ("quantization", {"bits": 4, "frequent_rows": "many"}), ("quantization", {"keep_8bit": 3}),
+])
+def test_info_names_a_field_it_shows_that_is_malformed(tiny_gemma3, tmp_path, field, value):
+    """The fields info only shows (a bundle from someone else may hold anything there): one of the wrong kind is
+    named in one line, not met as a traceback."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_gemma3[2], b)
+    m = json.loads((b / "edgemtp.json").read_text())
+    m["graphs"]["target"][field] = value
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    assert run("info", b, "--json").exit_code == 0  # shown as they are
+    assert_one_line_error(run("info", b), f"{b / 'edgemtp.json'}: graphs.target.{field} cannot be shown")
+
+
 def test_info_shows_every_int4_setting(tiny_gemma3):
     """info prints each setting the manifest's scheme records, among them those that decide whether speculative
     output stays plain greedy's (--two-pass) and how the activations are rounded (accuracy level, smoothing)."""
