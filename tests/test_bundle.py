@@ -272,6 +272,9 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: (d / "config.json").unlink(), "config.json: missing"),
     (lambda d: (d / "config.json").write_text("{oops"), "config.json: not valid JSON"),
     (lambda d: _edit_config(d, model_type="mamba"), "model_type 'mamba' is not supported"),
+    # GPTQ / AWQ checkpoints were refused as lacking q_proj.weight (they hold qweight), not as quantized
+    (lambda d: _edit_config(d, quantization_config={"quant_method": "gptq", "bits": 4}),
+     r"config.json: field 'quantization_config' \(gptq\): a quantized checkpoint; export reads float weights"),
     (lambda d: _edit_config(d, hidden_size=None), "missing field 'hidden_size'"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\x05"), "not a valid safetensors file"),
     (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json: missing"),

@@ -58,6 +58,13 @@ def load_config(model_dir: Path):
     if not isinstance(model_type, str) or model_type not in archs:  # a list is not even looked up
         raise EdgemtpError(f"{source}: model_type {model_type!r} is not supported "
                            f"(supported: {', '.join(sorted(archs))})")
+    text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
+    quantized = hf.get("quantization_config") or text.get("quantization_config")
+    if quantized:  # GPTQ / AWQ / bitsandbytes / FP8 weights: they were refused as missing or odd tensors
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        raise EdgemtpError(f"{source}: field 'quantization_config'{f' ({method})' if method else ''}: a quantized "
+                           "checkpoint; export reads float weights (fp32, bf16, fp16): give the unquantized model "
+                           "(export quantizes it with --quant int8 / int4), or a GGUF file")
     try:
         cfg = archs[model_type][0](hf, source)
     except (TypeError, ValueError, AttributeError) as e:  # a field of the wrong type the parser converts
