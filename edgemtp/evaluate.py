@@ -68,7 +68,8 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     if window is None:
         window = min([DEFAULT_WINDOW] + [e.capacity for e in (engine, ref) if e is not None])
     _check_window(window, step, engine, ref)
-    tokens = engine.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens]
+    tokens = engine.check_tokenizer_ids(engine.tokenizer.encode(text, add_special_tokens=False).ids[:max_tokens],
+                                        text_name)
     bos = leading_bos(engine.tokenizer)
     if len(tokens) < (1 if bos is not None else 2):  # a token is scored when something comes before it
         why = "" if bos is not None else " (this model's tokenizer puts no BOS before a text: the first is not " \

@@ -1288,6 +1288,10 @@ def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_
     with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes prompt with the token id 500, beyond the model's "
                                            r"vocabulary of 96 \(the tokenizer does not match the model\)"):
         engine.generate("t1 big", max_new_tokens=2)
+    from edgemtp.evaluate import evaluate  # perplexity's text too: it went to the graph with that id
+
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes text.txt with the token id 500, beyond"):
+        evaluate(b, "t1 big t2 t3", text_name="text.txt")
 
 
 def test_a_file_changed_just_before_a_long_hash_is_not_remembered(tiny_gemma3, tmp_path, monkeypatch):

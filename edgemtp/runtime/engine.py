@@ -141,8 +141,13 @@ class Engine:
             raise ArgumentError(name, prompt, "must be text or a list of chat messages")
         else:
             ids = self.tokenizer.encode(check_text(prompt, name)).ids
+        return self.check_tokenizer_ids(ids, name)
+
+    def check_tokenizer_ids(self, ids: list[int], name: str) -> list[int]:
+        """`ids`, which the bundle's tokenizer gave for `name`, checked against the model's vocabulary: a
+        tokenizer.json that is not its model's (a bundle from someone else) is named, not the caller's ids."""
         vocab = self.target.contract.vocab_size
-        if ids and max(ids) >= vocab:  # a bundle's tokenizer.json that is not its model's: not the caller's ids
+        if ids and max(ids) >= vocab:
             raise EdgemtpError(f"{self.bundle.tokenizer_path}: encodes {name} with the token id {max(ids)}, beyond "
                                f"the model's vocabulary of {vocab} (the tokenizer does not match the model)")
         return ids
