@@ -340,6 +340,23 @@ def test_version_is_the_package_s_own_without_its_install_metadata():
     assert r.returncode == 0 and r.stdout == f"edgemtp, version {edgemtp.__version__}\n", r.stderr
 
 
+def test_a_closed_engine_lets_go_of_its_sessions(tiny_gemma3):
+    """Engine.close (and the end of a with block) releases the sessions at once, not when the engine is collected;
+    a closed engine says so at its next use (it had no close: an app switching models waited on the collector)."""
+    import weakref
+
+    from edgemtp.runtime.engine import Engine
+
+    with Engine.load(tiny_gemma3[2]) as engine:
+        want = engine.generate("t1 t2", max_new_tokens=3).tokens
+        session = weakref.ref(engine.target.session)
+    assert session() is None
+    for use in (lambda: engine.generate("t1 t2", max_new_tokens=3), lambda: engine.reuse_prefix):
+        with pytest.raises(EdgemtpError, match=r"the engine was closed \(Engine.close, or the end of its with block\)"):
+            use()
+    assert Engine.load(tiny_gemma3[2]).generate("t1 t2", max_new_tokens=3).tokens == want
+
+
 def test_python_dash_m_edgemtp_is_the_command():
     """`python -m edgemtp` runs the command (where its script is not on PATH); it was "No module named
     edgemtp.__main__"."""

@@ -16,6 +16,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..errors import EdgemtpError
 from .kv_cache import KVCache
 from .sampling import Sampling
+from .session import runs_on_cpu
 
 
 class Guess(NamedTuple):
@@ -180,3 +181,15 @@ def continuation(h: np.ndarray, src: int, k: int) -> list[int]:
         i = src + j
         out.append(int(h[i]) if i < len(h) else out[i - len(h)])
     return out
+
+
+def cpu_quantized(bundle, provider: str = "cpu") -> bool:
+    """An int8 / int4 target on the CPU provider: its MatMulNBits passes are compute-bound, so a verify
+    window costs a decode step per ~3-4 positions instead of about one step whatever its width."""
+    return runs_on_cpu(provider) and bundle.graph("target").quant in ("int8", "int4")
+
+
+def auto_mode(bundle, provider: str = "cpu") -> str:
+    """What --draft auto means for this bundle: hybrid with an MTP drafter, else lookup; lookup too for
+    an int8 / int4 target on the CPU provider (see Engine.drafter)."""
+    return "hybrid" if bundle.has_graph("drafter") and not cpu_quantized(bundle, provider) else "lookup"

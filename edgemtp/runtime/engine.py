@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import threading
 import time
@@ -19,12 +18,13 @@ from ..errors import ArgumentError, EdgemtpError
 from .chat import is_chat
 from .detokenizer import IncrementalDecoder, decode_text
 from .draft_length import RecentDraftLengths
+from .drafting import auto_mode, cpu_quantized
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
-from .loading import load_engine
+from .loading import Closed, load_engine
 from .sampling import Sampling, is_bool, pick
 from .session import runs_on_cpu
-from .stats import Stats
+from .stats import Stats, copy_plain_stats
 from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_max_new_tokens, check_request, check_text,
                        new_stats)
@@ -40,18 +40,6 @@ class Generation:
 
     def to_json(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "stats": self.stats.to_json()}
-
-
-def cpu_quantized(bundle: bundle_mod.Bundle, provider: str = "cpu") -> bool:
-    """An int8 / int4 target on the CPU provider: its MatMulNBits passes are compute-bound, so a verify
-    window costs a decode step per ~3-4 positions instead of about one step whatever its width."""
-    return runs_on_cpu(provider) and bundle.graph("target").quant in ("int8", "int4")
-
-
-def auto_mode(bundle: bundle_mod.Bundle, provider: str = "cpu") -> str:
-    """What --draft auto means for this bundle: hybrid with an MTP drafter, else lookup; lookup too for
-    an int8 / int4 target on the CPU provider (see Engine.drafter)."""
-    return "hybrid" if bundle.has_graph("drafter") and not cpu_quantized(bundle, provider) else "lookup"
 
 
 # adaptive draft lengths an engine keeps (Engine._lengths): one per (mode, K, batch) setting in use
@@ -102,6 +90,21 @@ class Engine:
         through ONNX Runtime's own mappings, on whatever pages the page cache gives."""
         return load_engine(cls, bundle_dir, provider, threads, verify, drafter_provider, mtp, fast_verify, huge_pages,
                            reuse_prefix, chat_args, head_huge_pages)
+
+    def close(self) -> None:
+        """Lets go of the sessions, the kept KV cache and the weights' mappings now (an app switching models),
+        not whenever the engine is collected; the engine is unusable after. `with Engine.load(...) as engine:`
+        closes it at the end of the block."""
+        self.target = self.kept = Closed()
+        self._drafters.clear()
+        self.head_tables = None
+        release_freed_memory()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def reuse_prefix(self) -> bool:
@@ -304,10 +307,10 @@ class Engine:
             with self.kept.keeping(cache, prompt_ids, results[0].tokens):
                 for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, stops, own, results,
                                                 cache, cached):
-                    _copy_stats(own, stats)  # filled as generation goes, as without drafting
+                    copy_plain_stats(own, stats)  # filled as generation goes, as without drafting
                     yield from tokens
         finally:
-            _copy_stats(own, stats)
+            copy_plain_stats(own, stats)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                  draft: Draft | None = None, *, stop=None) -> Generation:
@@ -396,10 +399,3 @@ class Engine:
         if text != shown:
             same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
             yield text[same:]
-
-
-def _copy_stats(own: Stats, stats: Stats | None) -> None:
-    """A plain Stats given to a drafting stream gets the plain fields of the loop's SpecStats."""
-    if stats is not None and own is not stats:
-        for f in dataclasses.fields(Stats):
-            setattr(stats, f.name, getattr(own, f.name))

@@ -1,6 +1,7 @@
-"""Engine.load's work: a bundle directory to an Engine (its checks, the tokenizer, the target's session and
-graph wrapper, the chat template). Apart from engine.py, which keeps Engine.load's signature and docstring (the
-arguments are described there), to keep each under DESIGN.md's ~400 lines.
+"""Engine.load's work: a bundle directory to an Engine (its checks, the tokenizer, the target's session and graph
+wrapper, the chat template), and what a closed engine keeps in their place (Closed). Apart from engine.py, which
+keeps Engine.load's signature and docstring (the arguments are described there), to keep each under DESIGN.md's ~400
+lines.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
                 drafter_provider: str | None, mtp: bool | None, fast_verify: bool, huge_pages: bool,
                 reuse_prefix: bool, chat_args: dict | None, head_huge_pages: bool):
     """Engine.load (see there): `cls` is the Engine class it was called on."""
-    from .engine import auto_mode  # engine.py imports this module
+    from .drafting import auto_mode
 
     check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                      fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix,
@@ -77,3 +78,11 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
     engine.target_spins = not mtp
     release_freed_memory()  # what building the session freed
     return engine
+
+
+class Closed:
+    """What Engine.close leaves in place of the target and the kept cache: any use of them is one clear error,
+    not an AttributeError on None from somewhere inside a generation."""
+
+    def __getattr__(self, name: str):
+        raise EdgemtpError("the engine was closed (Engine.close, or the end of its with block): load it again")

@@ -113,7 +113,7 @@ def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, he
 
 def drafters_for(bundle, drafter: str, provider: str = "cpu") -> list[str]:
     """--draft: comma list of lookup / mtp / hybrid; auto is what `edgemtp generate` uses by default."""
-    from .engine import auto_mode
+    from .drafting import auto_mode
 
     names = [d.strip() for d in drafter.split(",") if d.strip()]
     auto = auto_mode(bundle, provider)

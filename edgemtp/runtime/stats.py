@@ -31,3 +31,10 @@ class Stats:
         fresh = type(self)()
         for f in fields(self):
             setattr(self, f.name, getattr(fresh, f.name))
+
+
+def copy_plain_stats(own: Stats, stats: Stats | None) -> None:
+    """A plain Stats given to a drafting stream gets the plain fields of the loop's SpecStats."""
+    if stats is not None and own is not stats:
+        for f in fields(Stats):
+            setattr(stats, f.name, getattr(own, f.name))
