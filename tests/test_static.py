@@ -428,6 +428,10 @@ def test_generate_defaults_k_to_the_static_window(models, monkeypatch, tmp_path)
                                      "4", "--json", "--draft", "lookup", *extra])
         assert r.exit_code == 0, r.output
         assert (seen[-1].k if seen[-1] is not None else 0) == k  # K = 0: plain decoding, no Draft
+        # the drafting asked for is said to do nothing (it was dropped silently)
+        said = "--draft and --adaptive have" if extra else "--draft has"
+        assert (r.stderr == f"warning: {said} no effect: the static bundle's verify window of 1 position leaves no "
+                "room for a draft (--draft-k N verifies drafts in passes of their own)\n") == (k == 0), r.stderr
 
 
 def test_a_static_graph_whose_contract_lost_static_is_named(models, tmp_path):

@@ -187,6 +187,12 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
         # a longer draft verifies in several passes (Gemma 3 270M, W = 3, hybrid: 42.6 tokens/s at K = 2, 29.2 at 4)
         # (W = 1: plain decoding; K = 1 verified each draft in a second pass, slower than plain)
         k = min(draft.k, engine.target.window - 1)
+        asked = [f"--{n.replace('_mode', '')}" for n in ("draft_mode", "adaptive")
+                 if source(n) == ParameterSource.COMMANDLINE]
+        if not k and asked:  # dropped silently, the run looked like drafting that did not pay
+            click.echo(f"warning: {' and '.join(asked)} {'has' if len(asked) == 1 else 'have'} no effect: the static "
+                       "bundle's verify window of 1 position leaves no room for a draft (--draft-k N verifies "
+                       "drafts in passes of their own)", err=True)
         draft = Draft(draft.mode, k, adaptive) if k else None
     return engine, sampling, draft
 
