@@ -491,6 +491,21 @@ def test_cluster_model_writes_tables_and_reports(calibrated, tmp_path):
     assert agree["clustered int8 rows"] >= agree["clustered fp32 rows"] - 0.04
 
 
+def test_the_same_tables_make_the_same_head_file(tmp_path):
+    """head.safetensors is cached and shipped by its hash: the same tables and metadata are the same bytes
+    (safetensors keeps the metadata in a hash map, whose order changed with every file written)."""
+    from edgemtp.calibration import head_report as hr
+    path = hr.cluster_model(model_dir(tmp_path, table(203)), tmp_path / "a", clusters=10, top_k=3, calibration="none")
+    tables, meta = hr.load_head(path)
+    again = [hr.save_head(tmp_path / f"again{i}", tables, meta).read_bytes() for i in range(4)]
+    assert again == [path.read_bytes()] * 4
+    loaded, loaded_meta = hr.load_head(tmp_path / "again0")
+    assert loaded_meta == meta and meta["seed"] == 0 and meta["method"] == "spherical-kmeans"
+    for name in ("centroids", "token_ordering", "token_mask"):
+        got, want = getattr(loaded, name), getattr(tables, name)
+        assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
 def test_default_calibration_needs_a_real_model_directory(tmp_path):
     """Without --calibration the model itself is run: a bare table is a clear error, not a crash."""
     from edgemtp.calibration import head_report as hr

@@ -103,12 +103,10 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
 def save_head(out_dir: Path, tables: HeadTables, meta: dict) -> Path:
     """Writes head.safetensors whole or not at all: to a temporary file renamed over it (a full disk or a
     kill leaves an earlier head as it was, and a directory this call made is removed again)."""
-    from safetensors.numpy import save
-
-    data = save({"centroids": np.ascontiguousarray(tables.centroids, np.float32),
-                 "token_ordering": np.ascontiguousarray(tables.token_ordering, np.int64),
-                 "token_mask": np.ascontiguousarray(tables.token_mask, bool)},
-                metadata={k: json.dumps(v) for k, v in meta.items()})
+    data = _safetensors({"token_ordering": np.ascontiguousarray(tables.token_ordering, "<i8"),
+                         "centroids": np.ascontiguousarray(tables.centroids, "<f4"),
+                         "token_mask": np.ascontiguousarray(tables.token_mask, bool)},
+                        {k: json.dumps(v) for k, v in sorted(meta.items())})
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / HEAD_FILE
@@ -124,6 +122,23 @@ def save_head(out_dir: Path, tables: HeadTables, meta: dict) -> Path:
             out_dir.rmdir()
         raise
     return path
+
+
+_DTYPES = {"<i8": "I64", "<f4": "F32", "|b1": "BOOL"}
+
+
+def _safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The safetensors file of `tensors` with its header in a fixed order: safetensors' own save() keeps the
+    metadata in a hash map, whose order changes from one call to the next, so the same tables made files of
+    different bytes (a cache or a download checked by its hash saw another file)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, a in tensors.items():
+        header[name] = {"dtype": _DTYPES[a.dtype.str], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format wants the data 8-byte aligned
+    return len(blob).to_bytes(8, "little") + blob + b"".join(a.tobytes() for a in tensors.values())
 
 
 def load_head(path: Path) -> tuple[HeadTables, dict]:
