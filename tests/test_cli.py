@@ -522,6 +522,12 @@ def test_cluster_command(tiny_gemma3, tmp_path):
 
     tables, meta = load_head(tmp_path / "head")
     assert tables.clusters == 8 and meta["top_k"] == 2 and meta["calibration_positions"] == 2048
+    assert meta["calibration_source"] == "corpora:code" and meta["seed"] == 0
+    np.save(tmp_path / "states.npy", np.random.default_rng(0).standard_normal((600, 64)).astype(np.float32))
+    r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "hf", "--clusters", 8, "--top-k", 2, "--calibration",
+            tmp_path / "states.npy")
+    assert r.exit_code == 0, r.output
+    assert load_head(tmp_path / "hf")[1]["calibration_source"] == str(tmp_path / "states.npy")
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h3", "--positions", 100)
     assert_one_line_error(r, "--positions 100: at least 512")
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h2", "--clusters", 8, "--top-k", 9)

@@ -506,6 +506,24 @@ def test_the_same_tables_make_the_same_head_file(tmp_path):
         assert got.dtype == want.dtype and np.array_equal(got, want)
 
 
+def test_head_records_where_its_calibration_states_came_from(tmp_path):
+    """The tables' calibration_source names the states they were fitted on: a file by its path, states given as
+    an array as such (or as the caller names them), not "file" whatever they were."""
+    from edgemtp.calibration import head_report as hr
+    e = table(203)
+    h, *_ = calibration_data(e)
+    np.save(tmp_path / "states.npy", h)
+    d = model_dir(tmp_path, e)
+
+    def source(out, calibration, **kw):
+        return hr.load_head(hr.cluster_model(d, tmp_path / out, 10, 3, calibration=calibration, **kw))[1][
+            "calibration_source"]
+
+    assert source("f", tmp_path / "states.npy") == str(tmp_path / "states.npy")
+    assert source("a", h) == "array"
+    assert source("n", h, source="drafter states") == "drafter states"
+
+
 def test_default_calibration_needs_a_real_model_directory(tmp_path):
     """Without --calibration the model itself is run: a bare table is a clear error, not a crash."""
     from edgemtp.calibration import head_report as hr

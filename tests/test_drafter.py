@@ -1474,6 +1474,7 @@ def test_head_tables_fitted_on_the_drafters_own_states(tiny_gemma3, tmp_path):
     tables, meta = load_head(out / "head.safetensors")
     states = draft_states(out, model_dir, out / "cache" / "train")
     assert tables.clusters == 8 and meta["top_k"] == 2 and meta["calibration_positions"] == len(states) >= 8 * 23
+    assert meta["calibration_source"] == "drafter states" and meta["seed"] == 0
     on_states, _ = load_head(cluster_model(model_dir, tmp_path / "s", 8, 2, calibration=states))
     np.testing.assert_array_equal(on_states.token_ordering, tables.token_ordering)
     np.testing.assert_allclose(on_states.centroids, tables.centroids, atol=1e-6)

@@ -69,13 +69,16 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
 
 
 def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: int = 32, seed: int = 0,
-                  progress: Progress | None = None, calibration=None, positions: int = POSITIONS) -> Path:
+                  progress: Progress | None = None, calibration=None, positions: int = POSITIONS,
+                  source: str | None = None) -> Path:
     """Cluster the head of the model in `model_dir` and write `out_dir/head.safetensors`; returns it.
 
     calibration: None (default) collects `positions` final hidden states of the model on the offline
     corpora (`collect_calibration`); else final hidden states [N, d] (array, .npy, or .npz with
     'hidden'), e.g. a few ten thousand positions of text like the deployment's; or "none": the
-    clusters come from the embedding table alone (spherical k-means), with much lower recall."""
+    clusters come from the embedding table alone (spherical k-means), with much lower recall.
+    source: what the metadata's calibration_source calls the states (default: the file's path as given, or
+    "array")."""
     embed = head_rows(model_dir)
     check_sizes(len(embed), clusters, top_k)
     meta = {"clusters": clusters, "top_k": top_k, "vocab_size": len(embed), "hidden_size": embed.shape[1],
@@ -92,7 +95,8 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
     else:
         hidden = load_hidden(calibration, embed.shape[1])
         top_ids, top_probs = head_top(hidden, embed, TOP, softcap, None, progress)
-        chars, seen, source = None, None, "file"
+        chars, seen = None, None
+        source = source or (str(calibration) if isinstance(calibration, (str, Path)) else "array")
     domain = in_domain(predicted_mass(top_ids, top_probs, len(embed)), texts, chars, seen)
     tables = packed_tables(embed, clusters, hidden, top_ids, top_probs, domain, seed, progress=progress)
     meta.update({"method": "packed", "calibration_positions": len(hidden), "calibration_source": source,

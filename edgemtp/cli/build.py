@@ -247,7 +247,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
         else:
             path = cluster_model(model_dir, out, clusters, top_k, seed, progress,
                                  NO_CALIBRATION if no_calibration else states.get("--calibration"),
-                                 positions=positions or POSITIONS)
+                                 positions=positions or POSITIONS, source=str(calibration) if calibration else None)
     click.echo(f"wrote {path}")
     if report_hidden:
         report = recall_report(model_dir, path, states["--report"], softcap=softcap, speed=True)

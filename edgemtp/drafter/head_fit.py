@@ -72,4 +72,5 @@ def fit_head(drafter_dir: Path, target_dir: Path, out_dir: Path | None = None, c
 
     cache_dir = Path(drafter_dir) / "cache" / "train" if cache_dir is None else cache_dir
     states = draft_states(drafter_dir, target_dir, cache_dir, positions, seed, progress=progress)
-    return cluster_model(target_dir, out_dir or drafter_dir, clusters, top_k, seed, progress, calibration=states)
+    return cluster_model(target_dir, out_dir or drafter_dir, clusters, top_k, seed, progress, calibration=states,
+                         source="drafter states")
