@@ -88,13 +88,17 @@ def atomic_dir(out: Path, overwrite: bool = False):
 
 
 def write_manifest(bundle_dir: Path, manifest: dict) -> None:
-    """Adds size and sha256 of every file already in `bundle_dir`, then writes the manifest."""
+    """Adds size and sha256 of every file already in `bundle_dir` and the edgemtp version writing it, then writes
+    the manifest."""
+    from . import __version__
+
     files = {}
     for p in sorted(bundle_dir.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             rel = p.relative_to(bundle_dir).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
-    full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **manifest, "files": files}
+    own = {k: v for k, v in manifest.items() if k != "edgemtp_version"}  # a quantized copy's source bundle's
+    full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "edgemtp_version": __version__, **own, "files": files}
     (bundle_dir / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
 
 

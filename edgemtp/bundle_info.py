@@ -24,6 +24,8 @@ def describe(b: Bundle) -> dict:
     graphs = {name: _graph(b, name, g) for name, g in m["graphs"].items()}
     return {"bundle": str(b.dir),
             "model": m["model"],
+            "edgemtp_version": m.get("edgemtp_version"),  # none in a bundle written before it was recorded
+            "source": m.get("source"),
             "capacity": contract.capacity,
             "kv_cache_bytes_per_row": kv_cache_bytes(contract),
             "sliding_window": contract.sliding_window,
@@ -85,6 +87,9 @@ def text(info: dict, verified: bool) -> str:
              "a row (fp32)",
              "chat: " + ("chat template (generate --chat, chat)" if info["chat_template"] else
                             "no chat template (a pretrained model)")]
+    if info["edgemtp_version"] is not None:
+        source = info["source"].get("model") if isinstance(info["source"], dict) else None
+        lines.append(f"made by: edgemtp {info['edgemtp_version']}" + (f" from model {source}" if source else ""))
     for name, g in info["graphs"].items():
         files = " + ".join(g["files"]) + (f" (also reads {', '.join(g['reads'])})" if g["reads"] else "")
         lines.append(f"{name}: {g['role']}")

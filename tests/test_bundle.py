@@ -41,6 +41,29 @@ def test_manifest_lists_every_file_with_sha256(tiny_gemma3):
     assert m["graphs"]["target"]["contract"]["capacity"] == 64
 
 
+def test_manifest_records_what_made_the_bundle(tiny_gemma3, tmp_path):
+    """What a user checks a cached or shipped bundle against: the edgemtp version that wrote it and the model it
+    was exported from (by content, as train-drafter's caches know their target), kept through quantization;
+    `edgemtp info` shows them. Nothing of the run itself (paths, times): the same export is the same bytes."""
+    import edgemtp
+    from edgemtp.drafter.cache import target_identity
+
+    from .test_cli import run
+
+    _, model_dir, b = tiny_gemma3
+    made = {"edgemtp_version": edgemtp.__version__, "source": {"model": target_identity(model_dir)}}
+    (tmp_path / "calib.txt").write_text(" ".join(f"t{i % 90 + 3}" for i in range(400)))
+    q8 = export(model_dir, tmp_path / "int8", quant="int8", capacity=64, quant_options={"calibration": None})
+    qdq = export(model_dir, tmp_path / "qdq", quant="qdq", capacity=64, static_window=3,
+                 quant_options={"calibration": str(tmp_path / "calib.txt"), "calibration_tokens": 30})
+    for bundle_dir in (b, q8, qdq):
+        m = json.loads((bundle_dir / "edgemtp.json").read_text())
+        assert {k: m.get(k) for k in made} == made, bundle_dir
+    r = run("info", b)
+    assert r.exit_code == 0 and f"made by: edgemtp {edgemtp.__version__} from model {made['source']['model']}" \
+        in r.output.splitlines(), r.output
+
+
 def test_changed_file_is_detected(tiny_gemma3, tmp_path):
     b = copy_bundle(tiny_gemma3[2], tmp_path)
     data = bytearray((b / "target.onnx.data").read_bytes())

@@ -223,9 +223,19 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
             graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
             graphs.update(write_drafter(tmp, builder.phase(progress, "MTP drafter weights")))
-        bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "tokenizer": "tokenizer.json", "graphs": graphs,
+        bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "source": source_facts(model_dir),
+                                        "tokenizer": "tokenizer.json", "graphs": graphs,
                                         **({"chat": chat} if chat else {})})
     return out
+
+
+def source_facts(model_dir: Path) -> dict:
+    """The model a bundle was exported from, by content (config.json, tokenizer.json, each weight file's header and
+    samples of every tensor: drafter.cache.target_identity, as train-drafter's caches know their target), never by
+    its path: the same checkpoint anywhere makes the same bundle."""
+    from ..drafter.cache import target_identity
+
+    return {"model": target_identity(model_dir)}
 
 
 def check_head_size(cfg, model_dir: Path) -> None:
@@ -343,8 +353,9 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
             target = {**fp32.manifest["graphs"]["target"], "quant": "qdq", "quantization": {
                 "format": "qdq", "weight_bits": 8, "activation_bits": bits, "method": method, "ops": ops,
                 "calibration": text.source, "calibration_windows": reader.count}}
-            bundle_mod.write_manifest(tmp, {"model": fp32.model, "tokenizer": "tokenizer.json",
-                                            "graphs": {"target": target}, **({"chat": chat} if chat else {})})
+            bundle_mod.write_manifest(tmp, {"model": fp32.model, "source": fp32.manifest["source"],
+                                            "tokenizer": "tokenizer.json", "graphs": {"target": target},
+                                            **({"chat": chat} if chat else {})})
     return Path(out)
 
 
