@@ -12,6 +12,7 @@ benchmarks/bench_quant.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -302,6 +303,8 @@ def test_calibrated_int4_split_table_is_exact_on_grid(kind, tmp_path, calib_file
     assert ops.count("GatherBlockQuantized") == (2 if kind == "gemma3_text" else 1)  # qwen2's table is untied
     q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]
     assert q["frequent_rows"] == 16 and q["gptq"] and q["calibration"] == str(calib_file)
+    # which text that was: the path alone does not say (nor "corpora", the running Python's standard library)
+    assert q["calibration_sha256"] == hashlib.sha256(calib_file.read_bytes()).hexdigest()
     model = onnx.load(str(tmp_path / "q/target.onnx"))
     row_of = next(onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith(".row_of"))
     assert sorted(row_of[3:19]) == list(range(16))  # t3..t18, the frequent tokens, are the 8-bit rows

@@ -4,6 +4,7 @@ and the speculative round, the NPU checker, QDQ quantization and input validatio
 from __future__ import annotations
 
 
+import hashlib
 import json
 import os
 
@@ -359,6 +360,7 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
     assert {f.name: oct(f.stat().st_mode & 0o777) for f in out.iterdir()} == \
         {f.name: oct(0o666 & ~mask) for f in out.iterdir()}
     assert q["quantization"]["calibration_windows"] == 12 and q["quantization"]["calibration"] == str(text)
+    assert q["quantization"]["calibration_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert check_graph(out / "target.onnx", "qnn") == []
     r = run("--quant", "qdq", "--calibration", str(text), "--calibration-tokens", "60", "--calibration-method",
             "entropy", "--overwrite")  # its histogram lines ("Number of histogram bins ...") stay out of stdout

@@ -11,6 +11,7 @@ onnxruntime), one window at a time, each with a fresh KV cache.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,16 @@ class Stats:
 class CalibrationText:
     texts: tuple[str, ...]  # documents
     source: str  # what the manifest records: "corpora: code, docs, shakespeare (train split)" or the file
+
+    @property
+    def sha256(self) -> str:
+        """Of the text read (its documents' UTF-8 bytes one after the other: a UTF-8 file read whole gives its
+        sha256sum), what the manifest records beside `source`, which names it but does not say what it held (nor
+        which corpora: the code corpus is the running Python's standard library)."""
+        h = hashlib.sha256()
+        for text in self.texts:
+            h.update(text.encode("utf-8"))
+        return h.hexdigest()
 
     def token_ids(self, tokenizer) -> list[int]:
         ids: list[int] = []

@@ -352,7 +352,7 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
             chat = chat_template.write(chat_template.find(model_dir), tmp)
             target = {**fp32.manifest["graphs"]["target"], "quant": "qdq", "quantization": {
                 "format": "qdq", "weight_bits": 8, "activation_bits": bits, "method": method, "ops": ops,
-                "calibration": text.source, "calibration_windows": reader.count}}
+                "calibration": text.source, "calibration_windows": reader.count, "calibration_sha256": text.sha256}}
             bundle_mod.write_manifest(tmp, {"model": fp32.model, "source": fp32.manifest["source"],
                                             "tokenizer": "tokenizer.json", "graphs": {"target": target},
                                             **({"chat": chat} if chat else {})})

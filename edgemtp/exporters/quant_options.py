@@ -38,6 +38,7 @@ class Scheme:
     head_op: str = "nbits"  # the head as MatMulNBits over the table, or int8 columns rescored by the table
     calibration: str | None = field(default=None, compare=False)  # the calibration text used
     calibration_tokens: int | None = field(default=None, compare=False)  # its tokens the activations were read on
+    calibration_sha256: str | None = field(default=None, compare=False)  # which text that was (CalibrationText.sha256)
 
     def bits_for(self, kind: str, name: str = "") -> int:
         """A joined weight ("...self_attn.q_proj+k_proj+v_proj.weight") stays at 8 bits when a pattern

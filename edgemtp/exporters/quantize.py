@@ -103,6 +103,7 @@ class Calibration:
     order: np.ndarray | None
     source: str
     tokens: int = 0  # the tokens of the windows the activations were read on (0: none read)
+    sha256: str | None = None  # of the calibration text (CalibrationText.sha256)
 
 
 def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration | None = None,
@@ -119,7 +120,7 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
     Returns the file names written, relative to `dst`'s directory."""
     sch = scheme(quant, calibrated=calibration is not None, **options)
     if sch is not None and calibration is not None:
-        sch = replace(sch, calibration=calibration.source)
+        sch = replace(sch, calibration=calibration.source, calibration_sha256=calibration.sha256)
     src, dst = Path(src), Path(dst)
     model = load_fp32_graph(src, drafter)
     if dst.resolve() == src.resolve():
@@ -302,7 +303,8 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
                 shutil.copyfile(b.dir / rel, tmp / rel)
         manifest = {k: v for k, v in b.manifest.items() if k not in ("format", "schema_version", "files")}
         if sch is not None and calib is not None:
-            sch = replace(sch, calibration=calib.source, calibration_tokens=calib.tokens or None)
+            sch = replace(sch, calibration=calib.source, calibration_tokens=calib.tokens or None,
+                          calibration_sha256=calib.sha256)
         if sch is not None:  # as quantize_graph packed the head
             sch = fit_head(sch, graph)
         graphs = {k: v for k, v in manifest["graphs"].items() if k not in dropped}
@@ -355,7 +357,7 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
             session = make_session(path, "cpu", None)
             stats = A.collect(session, b.target_contract, windows, wanted, progress, max_hessian=GPTQ_MAX_K)
             del session
-            return Calibration(stats, order, text.source, int(windows.size))
-    return Calibration(stats, order, text.source)
+            return Calibration(stats, order, text.source, int(windows.size), text.sha256)
+    return Calibration(stats, order, text.source, sha256=text.sha256)
 
 
