@@ -380,6 +380,20 @@ def test_resume_continues(tiny_gemma3, tmp_path):
     assert 1000 <= report["train_s"] < 1000 + 600  # the training time before the interruption is counted
 
 
+def test_the_training_record_holds_the_threads_the_weights_depend_on(tiny_gemma3, tmp_path):
+    """config.json's training record says how to train the same weights again, --threads included: torch sums in
+    another order on another number of threads (the tiny drafter of `edgemtp train-drafter --hidden 32` on 1 and
+    2 threads: other weights; on 2 threads twice: the same bytes)."""
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 8, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
+    kw = dict(data=data, seed=3, shape=dict(hidden=16, intermediate=32, num_layers=1),
+              spec=TrainSpec(batch=4, warmup=2, negatives=32, eval_every=1000))
+    for threads in (1, 2):
+        report = train_drafter(model_dir, tmp_path / f"t{threads}", steps=2, threads=threads, **kw)
+        record = json.loads((tmp_path / f"t{threads}" / "config.json").read_text())["training"]
+        assert record["threads"] == report["threads"] == threads and record["seed"] == 3
+
+
 def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
     """--resume is checked before the target pass and continues only its own run; a resumed log holds each
     step once; a run killed while fitting the head leaves the directory's earlier drafter whole; a finished

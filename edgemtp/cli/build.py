@@ -297,7 +297,8 @@ def check_seed(seed: int) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.pt.")
 @click.option("--threads", default=1, show_default=True, type=int,
-              help="torch threads for training (the target pass uses at least 2).")
+              help="torch threads for training (the target pass uses at least 2). The weights depend on it: "
+                   "the same run on another number of threads trains other weights (config.json records it).")
 @click.option("--init", type=click.Path(path_type=Path), default=None,
               help="Start from this drafter's weights (e.g. a shipped drafter, to train it on more data).")
 @click.option("--eval-every", default=60, show_default=True, type=int, help="Steps between held-out evaluations.")

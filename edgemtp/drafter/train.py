@@ -228,7 +228,9 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
             log.write(step + 1, {"phase": "eval", **_evaluate(model, emb, caches, spec, vocab)})
     final = _evaluate(model, emb, caches, spec, vocab)
     log.write(steps, {"phase": "eval", **final})
-    report = {"steps": steps, "seed": seed, "prepare_s": round(prep_s, 1), "train_s": round(time.time() - t1, 1),
+    # threads: the weights depend on them (torch sums in another order on another number of threads)
+    report = {"steps": steps, "seed": seed, "threads": threads, "prepare_s": round(prep_s, 1),
+              "train_s": round(time.time() - t1, 1),
               "train_positions": int(np.prod(caches["train"]["ids"].shape)), "heldout": final,
               "data": asdict(data) if isinstance(data, DataSpec) else "arrays", "spec": asdict(spec)}
     if init is not None:  # provenance: the run this one started from, with its own record (and so on back)
