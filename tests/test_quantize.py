@@ -310,6 +310,21 @@ def test_calibrated_int4_split_table_is_exact_on_grid(kind, tmp_path, calib_file
     assert sorted(row_of[3:19]) == list(range(16))  # t3..t18, the frequent tokens, are the 8-bit rows
 
 
+def test_the_calibration_file_path_changes_only_the_manifest(tmp_path, calib_file):
+    """The same calibration text given by another path (another checkout's directory, relative or absolute) writes
+    the same graph bytes: the graphs record the text by content, the manifest records the path as given too."""
+    fp32 = make_bundle(tmp_path, "gemma3_text")
+    (tmp_path / "elsewhere").mkdir()
+    other = shutil.copy(calib_file, tmp_path / "elsewhere" / "text.txt")
+    for out, text in (("a", calib_file), ("b", other)):
+        quantize_bundle(fp32, tmp_path / out, "int8", calibration=text, calibration_tokens=128)
+    manifests = [json.loads((tmp_path / out / "edgemtp.json").read_text()) for out in ("a", "b")]
+    assert manifests[0]["files"] == manifests[1]["files"]  # every file's sha256
+    quant = [m["graphs"]["target"].pop("quantization") for m in manifests]
+    assert manifests[0] == manifests[1] and [q.pop("calibration") for q in quant] == [str(calib_file), str(other)]
+    assert quant[0] == quant[1] and quant[0]["calibration_sha256"] == hashlib.sha256(CALIB_TEXT.encode()).hexdigest()
+
+
 def nbits_bits(graph_path) -> list[int]:
     """The `bits` attribute of every MatMulNBits of a graph whose weights are in its own data file (a drafter's
     head over the target's table is the target's)."""

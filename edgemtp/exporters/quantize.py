@@ -120,7 +120,9 @@ def quantize_graph(src: Path, dst: Path, quant: str, *, calibration: Calibration
     Returns the file names written, relative to `dst`'s directory."""
     sch = scheme(quant, calibrated=calibration is not None, **options)
     if sch is not None and calibration is not None:
-        sch = replace(sch, calibration=calibration.source, calibration_sha256=calibration.sha256)
+        # the text by content only: the path it was given by (which the manifest records) would make the same
+        # calibration from another directory write another graph
+        sch = replace(sch, calibration_sha256=calibration.sha256)
     src, dst = Path(src), Path(dst)
     model = load_fp32_graph(src, drafter)
     if dst.resolve() == src.resolve():
