@@ -1663,10 +1663,11 @@ def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch)
 
 
 def test_a_short_run_reaches_its_learning_rate():
-    """The 30-step warm-up kept a 20-step run below --lr all through; such a run warms up over its first tenth,
-    and a run of 300 steps or more keeps the 30 steps the shipped drafter was trained with."""
+    """The 30-step warm-up kept a 20-step run below --lr all through; such a run warms up over its first half,
+    and a run of 60 steps or more keeps the 30 steps the shipped drafter's recipes were trained with."""
     short = [_schedule(s, 20, TrainSpec()) for s in range(20)]
-    assert short[:3] == [0.5, 1.0, 1.0] and short[-1] > 0.1 and max(short) == 1.0
+    assert short[:2] == [0.1, 0.2] and short[9] == 1.0 and short[-1] > 0.1 and max(short) == 1.0
+    assert [_schedule(s, 60, TrainSpec()) for s in (0, 29)] == [1 / 30, 1.0]  # the recipes' run3 has 240
     long = [_schedule(s, 456, TrainSpec()) for s in range(456)]
     assert long[0] == 1 / 30 and long[29] == 1.0 and long[28] < 1.0
     assert _schedule(0, 1, TrainSpec()) == 1.0

@@ -77,9 +77,10 @@ class TrainSpec:
 
 
 def _schedule(step: int, steps: int, spec: TrainSpec) -> float:
-    """The learning rate's factor: a linear warm-up, then a cosine down to 10%. A run shorter than ten warm-ups
-    warms up over its first tenth: one of 20 steps stayed below --lr all through the 30-step warm-up."""
-    warmup = min(spec.warmup, max(1, steps // 10))
+    """The learning rate's factor: a linear warm-up, then a cosine down to 10%. A run shorter than two warm-ups
+    warms up over its first half: one of 20 steps stayed below --lr all through the 30-step warm-up. (Runs of 60
+    steps or more, every recipe in drafters/README.md, keep the 30.)"""
+    warmup = min(spec.warmup, max(1, steps // 2))
     if step < warmup:
         return (step + 1) / warmup
     frac = (step - warmup) / max(1, steps - warmup)
