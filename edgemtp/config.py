@@ -290,7 +290,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
         hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
-        eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id") if "eos_token_id" in hf else (1,),  # null: none
         max_position_embeddings=max_positions,
         qk_norm=True,
     )

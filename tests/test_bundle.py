@@ -603,6 +603,11 @@ def test_a_missing_eos_token_id_is_the_config_classes(tiny_gemma3):
         want = () if want is None else (want,)
         assert parse_llama({**hf, "model_type": kind}, "x").eos_token_ids == want, kind
     assert parse_llama({**hf, "model_type": "llama", "eos_token_id": None}, "x").eos_token_ids == ()
+    from edgemtp.config import parse_gemma3
+
+    gemma = read_config_json(tiny_gemma3[1])  # Gemma's 1 when left out; null is none there too (it was 1)
+    assert parse_gemma3({k: v for k, v in gemma.items() if k != "eos_token_id"}, "x").eos_token_ids == (1,)
+    assert parse_gemma3({**gemma, "eos_token_id": None}, "x").eos_token_ids == ()
     assert parse_phi3({**hf, "model_type": "phi3"}, "x").eos_token_ids == (transformers.Phi3Config().eos_token_id,)
 
 

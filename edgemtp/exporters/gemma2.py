@@ -40,7 +40,7 @@ def parse_config(hf: dict, source: str) -> TextConfig:
         else 30.0,
         hidden_activation=hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh",
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,
-        eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id") if "eos_token_id" in hf else (1,),  # null: none
         max_position_embeddings=max_positions,
     )
     check_common(cfg, pr)

@@ -129,7 +129,7 @@ def parse_config(hf: dict, source: str) -> Gemma4Config:
         ple_dim=_ple_dim(hf, pr),
         ple_vocab=pr.need(hf, "vocab_size_per_layer_input", int, 262_144),
         bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else 2,  # null: no BOS
-        eos_token_ids=pr.token_ids(hf, "eos_token_id") or (1,),
+        eos_token_ids=pr.token_ids(hf, "eos_token_id") if "eos_token_id" in hf else (1,),  # null: none
         max_position_embeddings=pr.need(hf, "max_position_embeddings", int, 131_072),
         placeholder_ids=placeholder_ids,
         pad_token_id=pr.opt(hf, "pad_token_id", int, 0),
