@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -397,7 +398,7 @@ def test_ctrl_c_at_a_terminal_stops_the_reply_not_the_chat(chat_bundle, monkeypa
     stream, stopped = Engine.stream, []
     monkeypatch.setattr(Engine, "stream", interrupted_once(stream, stopped))
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"], input="t3\n")
-    assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
+    assert r.exit_code == 130 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
     stopped.clear()
     monkeypatch.setattr(chat_mod, "stdin_is_terminal", lambda: True)
     r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "6", "--no-draft"],
@@ -432,7 +433,7 @@ def test_ctrl_c_at_a_terminal_ends_a_json_reply_as_it_stands(chat_bundle, monkey
     monkeypatch.setattr(Engine, "token_stream", interrupted_once(token_stream, stopped))
     args = ["chat", str(chat_bundle), "--json", "--max-new-tokens", "6", "--no-draft"]
     r = CliRunner().invoke(cli, args, input="t3\n")
-    assert r.exit_code == 1 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
+    assert r.exit_code == 130 and "Aborted" in r.output, r.output  # from a pipe: the chat ends
     stopped.clear()
     monkeypatch.setattr(chat_mod, "stdin_is_terminal", lambda: True)
     r = CliRunner().invoke(cli, args, input="t3 t4\nt5\n")
@@ -563,3 +564,23 @@ def test_chat_with_a_closed_standard_input_ends(chat_bundle):
     r = subprocess.run([sys.executable, "-c", code, "chat", str(chat_bundle)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_ends_the_command_with_the_shells_status(chat_bundle, signum, status):
+    """A real SIGINT (Ctrl-C, `timeout -s INT`, a CI runner cancelling) ends a command with status 130 and a
+    SIGTERM with 143, as a shell reports a process they killed, with no traceback and stdout holding only
+    what was complete: the chat blocked on its pipe after one reply. A SIGINT gave click's status 1, which a
+    script could not tell from a failure of the command's own."""
+    p = subprocess.Popen([sys.executable, "-m", "edgemtp", "chat", str(chat_bundle), "--json", "--max-new-tokens",
+                          "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"t3\n")
+        p.stdin.flush()
+        reply = p.stdout.readline()  # answered: the chat now waits for its next line
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert json.loads(reply)["stats"]["decode_tokens"] == 1 and out == b""
+    assert p.returncode == status and b"Traceback" not in err, err.decode()

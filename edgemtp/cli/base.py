@@ -57,6 +57,9 @@ class _Group(click.Group):
                     raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
                 click.echo(f"error: {one_line(e.filename)}: {e.strerror}", err=True)
                 sys.exit(2)
+            except KeyboardInterrupt:  # Ctrl-C or a script's SIGINT: click's message, but the shell's status
+                click.echo("\nAborted!", err=True)  # for it (click's is 1, a failure's), as SIGTERM's is 143
+                sys.exit(130)
 
 
 def one_line(text) -> str:
