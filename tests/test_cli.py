@@ -539,7 +539,8 @@ def test_cluster_command(tiny_gemma3, tmp_path):
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "h4", "--clusters", 8, "--top-k", 2, "--calibration", hidden,
             "--report", hidden)
     assert r.exit_code == 0, r.output
-    report = json.loads(r.stdout[r.stdout.index("{"):])
+    report = json.loads(r.stdout)  # the JSON alone, for `| jq`: the `wrote` line is on stderr with a report
+    assert r.stderr.endswith(f"wrote {tmp_path / 'h4' / 'head.safetensors'}\n"), r.stderr
     assert list(report["k"]) == ["8"] and report["k"]["8"]["recall"] == 1.0  # every cluster: always found
 
 

@@ -970,7 +970,8 @@ def test_bad_draft_head_rows_are_refused(setup, tmp_path, extra, match):
 
 
 def test_train_drafter_command(tiny_gemma3, tmp_path):
-    """`edgemtp train-drafter` on the offline code corpus: a drafter directory that export accepts."""
+    """`edgemtp train-drafter` on the offline code corpus: a drafter directory that export accepts. Its standard
+    output is its JSON report alone, for `| jq` (the `wrote` line, after it there, is on stderr)."""
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
@@ -982,7 +983,7 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
             "--seq-len", "12", "--steps", "3", "--batch", "2", "--hidden", "16", "--layers", "1"]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout.splitlines()[0])["heldout"]["code"]["positions"] > 0
+    assert json.loads(r.stdout)["heldout"]["code"]["positions"] > 0 and r.stderr.endswith(f"wrote {out}\n")
     assert load_config(out).hidden == 16
     assert (out / "checkpoint.pt").is_file()
     r = CliRunner().invoke(cli, args[:-6] + ["--steps", "4", "--batch", "2", "--hidden", "16", "--layers", "1",

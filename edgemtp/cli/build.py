@@ -248,7 +248,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
             path = cluster_model(model_dir, out, clusters, top_k, seed, progress,
                                  NO_CALIBRATION if no_calibration else states.get("--calibration"),
                                  positions=positions or POSITIONS, source=str(calibration) if calibration else None)
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {path}", err=report_hidden is not None)  # a report's JSON is stdout's only text
     if report_hidden:
         report = recall_report(model_dir, path, states["--report"], softcap=softcap, speed=True)
         click.echo(json.dumps(report, indent=2))
@@ -368,7 +368,7 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
                                shape=shape, spec=train, threads=threads, init=init, head_clusters=head_clusters,
                                head_top_k=head_top_k)
     click.echo(json.dumps({"heldout": report["heldout"], "train_s": report["train_s"]}))
-    click.echo(f"wrote {out}")
+    click.echo(f"wrote {out}", err=True)  # stdout holds the JSON alone, for a program reading it
 
 
 def domain_counts(flag: str, value: str, ranges: bool = False) -> dict:
