@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -1088,3 +1089,13 @@ def test_a_closed_standard_input_is_an_empty_one(tiny_gemma3):
     r = subprocess.run([sys.executable, "-c", code, "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr == "error: --prompt-file -: standard input is empty\n", r.stderr
+
+
+def test_every_flag_of_every_command_is_documented():
+    """`edgemtp COMMAND --help` runs for every command and says what each of its flags does (profile's
+    --format and train-drafter's --steps, --lr, --layers and --seed showed only a type and a default)."""
+    for name, command in cli.commands.items():
+        r = CliRunner().invoke(cli, [name, "--help"])
+        assert r.exit_code == 0 and r.stdout.startswith(f"Usage: cli {name}") and r.stderr == "", r.output
+        bare = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not (p.help or "").strip()]
+        assert bare == [], f"{name}: {bare} without help"

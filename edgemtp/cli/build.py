@@ -285,16 +285,17 @@ def check_seed(seed: int) -> None:
 @click.option("--greedy-from", default=0, show_default=True, type=int,
               help="P > 0: keep each window's first P tokens and replace the rest by the target's own greedy "
                    "continuation (the text a drafter is judged on; every draft step's label is known on it).")
-@click.option("--steps", default=400, show_default=True, type=int)
+@click.option("--steps", default=400, show_default=True, type=int, help="Training steps (optimizer updates).")
 @click.option("--batch", default=4, show_default=True, type=int, help="Windows per step.")
-@click.option("--lr", default=1.5e-3, show_default=True, type=float)
+@click.option("--lr", default=1.5e-3, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--draft-k", default=4, show_default=True, type=int, help="Draft steps unrolled in training.")
 @click.option("--hidden", default=256, show_default=True, type=int, help="Drafter width.")
-@click.option("--layers", default=4, show_default=True, type=int)
+@click.option("--layers", default=4, show_default=True, type=int, help="Drafter layers.")
 @click.option("--intermediate", default=None, type=int,
               help="MLP units per drafter layer (default 1024). With --init, a larger value widens that "
                    "drafter's MLPs (same drafts to start with; the new units are trained).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the corpus windows drawn, their order and the initial weights (0 to 2**32 - 1).")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.pt.")
 @click.option("--threads", default=1, show_default=True, type=int,
               help="torch threads for training (the target pass uses at least 2). The weights depend on it: "
