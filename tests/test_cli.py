@@ -201,7 +201,8 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
                           (("generate", tiny_gemma3[2], "--prompt", "x", "--max-new-tokens", "x"),
                            "Invalid value for '--max-new-tokens'"),
                           (("profile", tiny_gemma3[2], "--format", "xml"), "Invalid value for '--format'"),
-                          (("evaluat", tiny_gemma3[2]), "No such command 'evaluat'")):
+                          (("evaluat", tiny_gemma3[2]), "No such command 'evaluat'"),
+                          (("--verison",), "No such option '--verison'")):  # the group's own: was click's 4 lines
         r = run(*args)
         assert r.exit_code == 2, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error: "), r.output

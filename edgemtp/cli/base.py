@@ -39,6 +39,15 @@ class _Group(click.Group):
 
     command_class = _Command
 
+    def parse_args(self, ctx, args):
+        """The group's own flags (`edgemtp --verison`), as a command's are; no command at all shows the help."""
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            usage_error(e)
+
     def invoke(self, ctx):
         with warnings.catch_warnings():  # a library warning (e.g. a provider falling back) as one plain line
             warnings.showwarning = lambda message, *_a, **_k: click.echo(f"warning: {one_line(message)}", err=True)
@@ -48,10 +57,7 @@ class _Group(click.Group):
                 click.echo(f"error: {one_line(e.cli_message() if isinstance(e, ArgumentError) else e)}", err=True)
                 sys.exit(2)
             except click.UsageError as e:  # click's own checks (an unknown flag or command, a bad choice)
-                message = " ".join(e.format_message().split())  # "Did you mean ...?" comes on a second line
-                where = e.ctx.command_path if e.ctx is not None else "edgemtp"
-                click.echo(f"error: {message} (see '{where} --help')", err=True)
-                sys.exit(2)
+                usage_error(e)
             except OSError as e:
                 if e.filename is None or e.errno not in PATH_ERRORS:
                     raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
@@ -60,6 +66,14 @@ class _Group(click.Group):
             except KeyboardInterrupt:  # Ctrl-C or a script's SIGINT: click's message, but the shell's status
                 click.echo("\nAborted!", err=True)  # for it (click's is 1, a failure's), as SIGTERM's is 143
                 sys.exit(130)
+
+
+def usage_error(e: click.UsageError):
+    """click's own checks (an unknown flag or command, a bad choice) as one `error:` line, status 2."""
+    message = " ".join(e.format_message().split())  # "Did you mean ...?" comes on a second line
+    where = e.ctx.command_path if e.ctx is not None else "edgemtp"
+    click.echo(f"error: {message} (see '{where} --help')", err=True)
+    sys.exit(2)
 
 
 def one_line(text) -> str:
