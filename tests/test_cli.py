@@ -477,6 +477,20 @@ def test_evaluate_text_shows_the_json_values(tiny_gemma3, tmp_path):
         assert float(lines[key]) == pytest.approx(value, rel=5e-3), key
 
 
+def test_text_files_read_standard_input_as_prompt_files_do(tiny_gemma3, tmp_path):
+    """`--text-file -` (evaluate, profile) reads standard input, as generate's `--prompt-file -`, and their --help
+    says so for each: a pipe into `evaluate --json` scores what the named file scores."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 96, 150)))
+    for name in ("evaluate", "profile", "generate"):
+        option = next(p for p in cli.commands[name].params if p.name in ("text_file", "prompt_file"))
+        assert "-: standard input" in option.help, (name, option.help)
+    cmd = [sys.executable, "-m", "edgemtp", "evaluate", str(tiny_gemma3[2]), "--json", "--text-file"]
+    piped = subprocess.run([*cmd, "-"], input=text.read_bytes(), capture_output=True, check=True)
+    named = subprocess.run([*cmd, str(text)], capture_output=True, check=True)
+    assert json.loads(piped.stdout) == json.loads(named.stdout) and piped.stderr == b""
+
+
 def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):
     import shutil
 

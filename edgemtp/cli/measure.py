@@ -47,7 +47,8 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
 @click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path),
               help="Write a plot: a .png file (or another format matplotlib writes: .pdf, .svg...).")
-@click.option("--text-file", default=None, type=click.Path(path_type=Path), help="Prompt text (default: code).")
+@click.option("--text-file", default=None, type=click.Path(path_type=Path),
+              help="Prompt text (default: code; -: standard input).")
 @click.option("--fast-verify", is_flag=True,
               help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
 @click.option("--adaptive", is_flag=True,
@@ -179,7 +180,7 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
 
 @cli.command("evaluate")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score.")
+@click.option("--text-file", required=True, type=click.Path(path_type=Path), help="Text to score (-: standard input).")
 @click.option("--reference", default=None, type=click.Path(path_type=Path),
               help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
 @click.option("--max-tokens", default=None, type=int, help="Take only the text's first N tokens (the BOS not counted).")
