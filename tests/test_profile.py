@@ -105,6 +105,26 @@ def test_trace_and_plot(tiny_gemma3, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_plot_or_trace_cut_off_midway_leaves_the_old_file(tmp_path):
+    """--plot and --trace wrote straight to their path: a kill or a full disk midway left a partial file. They are
+    written beside it and renamed into place; a failed write leaves the old file and no temporary one."""
+    from edgemtp.runtime.profile_report import into_place
+
+    out = tmp_path / "p.png"
+    out.write_bytes(b"old")
+
+    def partial(path):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        into_place(out, partial)
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"] and out.read_bytes() == b"old"
+    into_place(out, lambda path: Path(path).write_bytes(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"] and out.read_bytes() == b"new"
+    assert out.stat().st_mode & 0o777 != 0o600  # as open() makes it, not mkstemp's owner-only mode
+
+
 def test_bad_profile_flags(tiny_gemma3):
     r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--draft-k", "two"])
     assert_one_line_error(r, exact="--draft-k 'two' must be comma-separated integers, e.g. 0,2,4")

@@ -6,11 +6,13 @@ import collections
 import csv
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import EdgemtpError
+from ..scratch import as_open_makes
 
 CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive")
 COLUMNS = [*CONFIG, "pp t/s", "tg t/s",
@@ -119,7 +121,7 @@ def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:
         run(engine)
         produced = engine.target.session.end_profiling()
         events = json.loads(Path(produced).read_text(encoding="utf-8"))
-        shutil.copyfile(produced, out)
+        into_place(out, lambda path: shutil.copyfile(produced, path))
     by_op = collections.Counter()
     calls = collections.Counter()
     for e in events:
@@ -164,4 +166,19 @@ def plot(result: dict, out: Path) -> None:
         b.set(xlabel="draft position", ylabel="acceptance", ylim=(0, 1),
               title=f"Acceptance per position (K={r['draft_k']})")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    into_place(out, lambda path: fig.savefig(path, dpi=100))
+
+
+def into_place(out: Path, write) -> None:
+    """`write(path)` into a temporary file beside `out`, then renamed to it: a kill or a full disk midway leaves
+    whatever `out` was (it left a partial file)."""
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)  # the suffix: the format
+    os.close(fd)
+    try:
+        write(tmp)
+        as_open_makes(Path(tmp))  # mkstemp's 0600
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
