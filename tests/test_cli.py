@@ -359,6 +359,13 @@ def test_a_closed_engine_lets_go_of_its_sessions(tiny_gemma3):
     assert Engine.load(tiny_gemma3[2]).generate("t1 t2", max_new_tokens=3).tokens == want
 
 
+def test_dash_h_is_help_everywhere():
+    """-h is --help, for the group and every command (it was "No such option: -h")."""
+    for args in ([], ["generate"], ["export"], ["profile"]):
+        r = CliRunner().invoke(cli, [*args, "-h"])
+        assert r.exit_code == 0 and r.output == CliRunner().invoke(cli, [*args, "--help"]).output
+
+
 def test_python_dash_m_edgemtp_is_the_command():
     """`python -m edgemtp` runs the command (where its script is not on PATH); it was "No module named
     edgemtp.__main__"."""

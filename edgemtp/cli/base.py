@@ -155,7 +155,7 @@ def output_path(ctx, param, value: str) -> Path:
     return Path(value)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__)  # the package's own: a vendored or frozen copy has no install metadata
 def cli():
     """Export LLMs to ONNX bundles and run them with multi-token-prediction speculative decoding."""
