@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 
@@ -226,6 +227,26 @@ def test_reader_takes_rows_by_id(tmp_path):
     np.testing.assert_array_equal(tables[0], tables[1])
     # the checkpoint's table: a reader that read nothing (zeros throughout) gave equal zeros above
     np.testing.assert_array_equal(tables[0], Checkpoint(tmp_path / "model")["model.embed_tokens.weight"])
+
+
+def test_reader_reads_without_positioned_reads(tmp_path, monkeypatch):
+    """Windows has no os.preadv (nor os.pread): the reader read the external data with it, and every int8 / int4
+    export failed there with an AttributeError after its fp32 export. A data file cut short is still named."""
+    fp32 = export(save_tiny(tiny("gemma3_text"), tmp_path / "model"), tmp_path / "rows", capacity=64, gemv_head=False)
+    name = "model.embed_tokens.weight"
+    t = next(t for t in load_fp32_graph(fp32 / "target.onnx").graph.initializer if t.name == name)
+    want = Checkpoint(tmp_path / "model")[name]
+    monkeypatch.delattr(os, "preadv", raising=False)
+    monkeypatch.delattr(os, "pread", raising=False)
+    with _Reader(fp32 / "target.onnx") as read:
+        np.testing.assert_array_equal(read(t), want)
+        np.testing.assert_array_equal(read.rows(t, 3, 7), want[3:7])
+    data = fp32 / next(e.value for e in t.external_data if e.key == "location")
+    end = int(next(e.value for e in t.external_data if e.key == "offset")) + want.nbytes
+    with open(data, "r+b") as f:
+        f.truncate(end - 4)  # the tensor's last number gone
+    with _Reader(fp32 / "target.onnx") as read, pytest.raises(EdgemtpError, match="runs past the end of"):
+        read(t)
 
 
 @pytest.mark.parametrize("gemv_head", [True, False])

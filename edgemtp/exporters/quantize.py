@@ -59,7 +59,6 @@ matrix plus a chunk, at any model size.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -190,18 +189,19 @@ def load_fp32_graph(src: Path, drafter: bool = False) -> onnx.ModelProto:
 
 
 class _Reader:
-    """Tensor values read from the external data file with positioned reads (no memory map: pages of an
-    18 GB fp32 scratch file would otherwise count as this process's memory); inline tensors decoded."""
+    """Tensor values read from the external data file with seeks and reads (no memory map: pages of an
+    18 GB fp32 scratch file would otherwise count as this process's memory; not os.preadv, which Windows
+    lacks); inline tensors decoded."""
 
     def __init__(self, src: Path):
-        self.src, self.fds, self.transposed = src, {}, {}
+        self.src, self.files, self.transposed = src, {}, {}
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for fd in self.fds.values():
-            os.close(fd)
+        for f in self.files.values():
+            f.close()
 
     def __call__(self, t: TensorProto) -> np.ndarray:
         return self.rows(t, 0, t.dims[0]) if t.data_location == TensorProto.EXTERNAL and t.dims else \
@@ -237,15 +237,16 @@ class _Reader:
 
     def _bytes(self, t: TensorProto, info: dict, first: int, count: int) -> np.ndarray:
         path = bundle_mod.inside(self.src.parent, info["location"])
-        if path not in self.fds:
+        if path not in self.files:
             if not path.is_file():
                 raise EdgemtpError(f"{self.src}: external data file {path} is missing")
-            self.fds[path] = os.open(path, os.O_RDONLY)
+            self.files[path] = open(path, "rb")
         dtype = np.dtype(_NP[t.data_type])
         total = int(np.prod(t.dims, dtype=np.int64))
         buf = bytearray(count * dtype.itemsize)
-        offset = int(info.get("offset", 0)) + first * dtype.itemsize
-        got = os.preadv(self.fds[path], [buf], offset) if count else 0
+        f = self.files[path]
+        f.seek(int(info.get("offset", 0)) + first * dtype.itemsize)
+        got = f.readinto(buf) if count else 0  # fewer bytes only at the end of the file
         if got != len(buf) or first + count > total:
             raise EdgemtpError(f"{self.src}: external data of '{t.name}' runs past the end of {path.name}")
         return np.frombuffer(buf, dtype)
