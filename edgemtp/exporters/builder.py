@@ -8,7 +8,6 @@ never holds a second copy of the weights.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -275,11 +274,3 @@ def transpose(w: np.ndarray, step: int = 256) -> np.ndarray:
 def plus_one(w: np.ndarray) -> np.ndarray:
     """Gemma's RMSNorm multiplies by (1 + w); fold the 1 in at bind time."""
     return w.astype(np.float32) + 1.0
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
