@@ -41,14 +41,14 @@ class _Tally:
 
 def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | None = None,
              window: int | None = None, threads: int | None = None, *, step: int = 64, max_tokens: int | None = None,
-             verify: bool = True, text_name: str = "the text") -> dict:
+             verify: bool = True, text_name: str = "the text", provider: str = "cpu") -> dict:
     """Perplexity of `bundle_dir` on `text`; with `reference_bundle`, also top-1 agreement and KL.
 
     `window` (tokens per window, BOS included) defaults to min(512, the bundles' KV capacity);
     `max_tokens` caps the text's tokens (None: all); `text_name` names the text in errors (the CLI: its
-    --text-file). Returns a JSON-able dict: tokens (scored),
-    windows, window, nll (mean, nats), perplexity; with a reference also reference_perplexity,
-    perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
+    --text-file); `provider`: both bundles' execution provider (Engine.load's; an NPU's rounding shows here).
+    Returns a JSON-able dict: tokens (scored), windows, window, nll (mean, nats), perplexity; with a reference
+    also reference_perplexity, perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
     if not isinstance(text, str):
         raise ArgumentError("text", text, "must be a str")
     if max_tokens is not None and not (is_whole(max_tokens) and max_tokens >= 1):
@@ -56,11 +56,11 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     for name, value in (("window", window), ("step", step)):
         if not (is_whole(value) or (name == "window" and value is None)):
             raise ArgumentError(name, value, "must be a whole number")
-    engine = Engine.load(bundle_dir, threads=threads, verify=verify)
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=verify)
     ref = None
     if reference_bundle:
         try:
-            ref = Engine.load(reference_bundle, threads=threads, verify=verify)
+            ref = Engine.load(reference_bundle, provider=provider, threads=threads, verify=verify)
         except EdgemtpError as e:  # which of the two bundles is at fault
             raise EdgemtpError(f"--reference {reference_bundle}: {e}") from None
     if ref is not None:

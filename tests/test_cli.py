@@ -241,6 +241,8 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
          f"--reference {tmp_path / 'nope'}: {tmp_path / 'nope'}: not a bundle directory"),
         (("evaluate", bundle, "--text-file", tmp_path / "empty.txt"),
          f"--text-file {tmp_path / 'empty.txt'}: the file is only whitespace"),
+        (("evaluate", bundle, "--text-file", text, "--provider", "cpu:x=1"),  # evaluate had no --provider
+         "--provider 'cpu:x=1' the CPU provider takes no options"),
         (("generate", bundle, "--prompt-file", tmp_path / "empty.txt"),
          f"--prompt-file {tmp_path / 'empty.txt'}: the file is only whitespace"),
         (("export", tiny_gemma3[1], "-o", ""), "-o: give a path (an empty one would mean the current directory)"),
@@ -477,6 +479,10 @@ def test_evaluate_text_shows_the_json_values(tiny_gemma3, tmp_path):
     text.write_text(" ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 96, 150)))
     shown = run("evaluate", q, "--text-file", text, "--reference", fp32)
     out = json.loads(run("evaluate", q, "--text-file", text, "--reference", fp32, "--json").output)
+    # an execution provider for both bundles (a build without it falls back to the CPU: the same figures)
+    named = json.loads(run("evaluate", q, "--text-file", text, "--reference", fp32, "--json", "--provider",
+                           "openvino:device_type=NPU").stdout)
+    assert named == out
     assert 0 < out["kl_median"] < 1e-3  # small but not zero: what the test is about
     lines = dict(line.split() for line in shown.output.splitlines())
     assert list(lines) == list(out)

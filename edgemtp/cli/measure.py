@@ -185,8 +185,10 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
               help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
 @click.option("--max-tokens", default=None, type=int, help="Take only the text's first N tokens (the BOS not counted).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads (default and 0: one per core).")
+@click.option("--provider", default="cpu", show_default=True,
+              help="Execution provider of both bundles, its options after a ':' as generate's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json):
+def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, provider, as_json):
     """Perplexity of a bundle on a text; with --reference, top-1 agreement and KL divergence.
 
     The text is tokenized once and cut into consecutive windows (no overlap) of min(512, the bundles' KV
@@ -199,7 +201,7 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, as_json)
         raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 1")
     text = read_prompt(None, text_file, "--text-file")
     result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens,
-                      text_name=f"--text-file {text_file}")
+                      text_name=f"--text-file {text_file}", provider=provider)
     if as_json:
         click.echo(json.dumps(result))
         return
