@@ -382,25 +382,35 @@ def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_sharded_checkpoint_reads_what_its_index_names(tiny_gemma3, tmp_path):
-    """Shards are read as model.safetensors.index.json maps them: an earlier download's shard beside them
-    (other values under the same names) is not read, as transformers does not. Without an index, a tensor in
-    two files is refused, naming both (the last file by name won, silently); a bad index is named."""
+def _two_shards(model_dir, tmp_path) -> tuple:
+    """A copy of `model_dir` with its weights in two shards and the index naming them: (dir, weights, {shard:
+    names}, index)."""
     from safetensors.numpy import load_file, save_file
 
-    from edgemtp.checkpoint import Checkpoint
-
     d = tmp_path / "model"
-    shutil.copytree(tiny_gemma3[1], d)
+    shutil.copytree(model_dir, d)
     weights = load_file(str(d / "model.safetensors"))
     (d / "model.safetensors").unlink()
     names = sorted(weights)
     halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
     for file, part in halves.items():
         save_file({n: weights[n] for n in part}, str(d / file))
-    save_file({n: weights[n] + 1 for n in names}, str(d / "model-00001-of-00003.safetensors"))  # stale
     index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    return d, weights, halves, index
+
+
+def test_sharded_checkpoint_reads_what_its_index_names(tiny_gemma3, tmp_path):
+    """Shards are read as model.safetensors.index.json maps them: an earlier download's shard beside them
+    (other values under the same names) is not read, as transformers does not. Without an index, a tensor in
+    two files is refused, naming both (the last file by name won, silently); a bad index is named."""
+    from safetensors.numpy import save_file
+
+    from edgemtp.checkpoint import Checkpoint
+
+    d, weights, halves, index = _two_shards(tiny_gemma3[1], tmp_path)
+    names = sorted(weights)
+    save_file({n: weights[n] + 1 for n in names}, str(d / "model-00001-of-00003.safetensors"))  # stale
     ckpt = Checkpoint(d)
     assert all(np.array_equal(ckpt[n], weights[n]) for n in names)
     (d / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": {names[0]: "gone.safetensors"}}))
@@ -425,23 +435,14 @@ def test_shards_the_index_names_are_read_whole_as_transformers_reads_them(tiny_g
     the files): a tensor there that the weight_map leaves out is read (an lm_head.weight of its own values beside
     tie_word_embeddings true was skipped, and the bundle tied: logits off by 1.5), and one in two of those shards
     is refused, naming both (the index's was read, transformers reads the last file's: other logits)."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     from edgemtp.checkpoint import Checkpoint
     from edgemtp.exporters import load_config
     from edgemtp.exporters.checkpoint_checks import own_head
 
-    d = tmp_path / "model"
-    shutil.copytree(tiny_gemma3[1], d)
-    weights = load_file(str(d / "model.safetensors"))
-    (d / "model.safetensors").unlink()
-    names = sorted(weights)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
-    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    d, weights, halves, _ = _two_shards(tiny_gemma3[1], tmp_path)
     head = weights[FIRST] + 1
-    save_file({n: weights[n] for n in halves["model-00001-of-00002.safetensors"]},
-              str(d / "model-00001-of-00002.safetensors"))
     save_file({**{n: weights[n] for n in halves["model-00002-of-00002.safetensors"]}, "lm_head.weight": head},
               str(d / "model-00002-of-00002.safetensors"))
     ckpt = Checkpoint(d)
