@@ -109,6 +109,31 @@ def test_sampling_flags_without_a_temperature_are_said_to_do_nothing(tiny_gemma3
     assert "warning" not in run(*args, "--temperature", 0.7, "--seed", 3).stderr
 
 
+def test_min_p_and_repetition_penalty_flags(tiny_gemma3):
+    """--repetition-penalty applies to greedy decoding too (no warning, other tokens: those of the engine with
+    the same Sampling), --min-p only when sampling (said as --top-k is); bad values are one line naming the
+    flag, in generate and chat alike."""
+    from edgemtp.runtime.engine import Engine
+    from edgemtp.runtime.sampling import Sampling
+
+    args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 12, "--json")
+    greedy, penalised = run(*args), run(*args, "--repetition-penalty", 3)
+    assert penalised.exit_code == 0 and "warning" not in penalised.stderr, penalised.output
+    tokens = [json.loads(r.stdout)["tokens"] for r in (greedy, penalised)]
+    engine = Engine.load(tiny_gemma3[2])
+    assert tokens[1] != tokens[0] and tokens[1] == engine.generate("t1 t2", 12, Sampling(repetition_penalty=3)).tokens
+    r = run(*args, "--min-p", 0.1)
+    assert r.stderr.startswith("warning: --min-p has no effect at --temperature 0"), r.stderr
+    sampled = run(*args, "--temperature", 0.9, "--min-p", 0.5, "--seed", 1, "--no-draft")  # plain: the same stream
+    want = engine.generate("t1 t2", 12, Sampling(0.9, seed=1, min_p=0.5)).tokens
+    assert want != engine.generate("t1 t2", 12, Sampling(0.9, seed=1)).tokens
+    assert sampled.exit_code == 0 and json.loads(sampled.stdout)["tokens"] == want
+    for command in (args, ("chat", tiny_gemma3[2])):
+        assert_one_line_error(run(*command, "--min-p", 1.5), exact="--min-p 1.5 must be in [0, 1]")
+        assert_one_line_error(run(*command, "--repetition-penalty", 0),
+                              exact="--repetition-penalty 0.0 must be a finite number > 0")
+
+
 def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_gemma3):
     """--drafter-provider where the drafting uses no MTP drafter (lookup, or auto on a bundle without one) is
     said on stderr to do nothing, as sampling flags at temperature 0 are (it was taken silently)."""

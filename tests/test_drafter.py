@@ -1672,3 +1672,33 @@ def test_a_short_run_reaches_its_learning_rate():
     long = [_schedule(s, 456, TrainSpec()) for s in range(456)]
     assert long[0] == 1 / 30 and long[29] == 1.0 and long[28] < 1.0
     assert _schedule(0, 1, TrainSpec()) == 1.0
+
+
+def test_a_repetition_penalty_reaches_the_mtp_drafts(setup):
+    """Greedy decoding with a repetition penalty: MTP rounds give the plain penalised tokens, and each draft is the
+    drafter's argmax after the penalty over the history and the drafts before it (the graph's own argmax does not
+    know the penalty), so the drafter guesses what the penalised target will choose."""
+    from edgemtp.runtime.drafting import DraftContext
+    from edgemtp.runtime.sampling import Sampling, penalize
+
+    engine = Engine.load(setup[1], mtp=True, threads=1)
+    sampling = Sampling(repetition_penalty=2.5)
+    prompts = [[int(t) for t in row[:n]] for row in setup[3] for n in (5, 9, 13)]
+    want = [list(engine.token_ids(p, 20, sampling)) for p in prompts]
+    assert want != [list(engine.token_ids(p, 20)) for p in prompts]
+    for prompt, w in zip(prompts, want):
+        assert list(engine.token_stream(prompt, 20, sampling, draft=Draft("mtp", k=3))) == w
+    session, changed = DrafterSession.load(engine.bundle), 0
+    for prompt in prompts:
+        cache = engine.target.new_cache(1)
+        _, hidden = engine.target.forward(np.array([prompt[:-1]]), cache)
+        ctx = DraftContext(0, hidden[0, -1], cache, sampling, np.random.default_rng(0))
+        drafts, q = session.propose(prompt, 4, ctx)
+        ids, h, manual = np.array([[prompt[-1]]]), hidden[:, -1:], []
+        for _ in range(4):
+            _, logits, h = session.step(ids, h, cache, slice(0, 1))
+            manual.append(int(np.argmax(penalize(logits[0, 0], sampling, prompt + manual))))
+            ids = np.array([[manual[-1]]])
+        assert q is None and drafts == manual
+        changed += drafts != session.propose(prompt, 4, DraftContext(0, hidden[0, -1], cache, Sampling(), ctx.rng))[0]
+    assert changed

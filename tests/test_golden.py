@@ -48,6 +48,25 @@ def test_greedy_tokens_equal_transformers(prompt, engine, hf_model):
     assert len(got) == 64 or got[-1] in engine.stop_ids
 
 
+@pytest.mark.parametrize("prompt", PROMPTS[::3])
+def test_repetition_penalty_tokens_equal_transformers(prompt, engine, hf_model):
+    """Greedy decoding with a repetition penalty (the prompt's and the output's tokens penalised), plainly and
+    drafting: transformers' generate(repetition_penalty=1.3) token for token, and not the unpenalised tokens."""
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.sampling import Sampling
+
+    ids = engine.encode(prompt)
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False, repetition_penalty=1.3,
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    want = out[0, len(ids):].tolist()
+    sampling = Sampling(repetition_penalty=1.3)
+    assert engine.generate(prompt, 48, sampling).tokens == want
+    drafted = engine.generate(prompt, 48, sampling, draft=Draft("lookup", 4))
+    assert drafted.tokens == want and drafted.stats.drafted > 0
+    assert want != engine.generate(prompt, 48).tokens
+
+
 def test_greedy_past_the_sliding_window(engine, hf_model):
     """Past Gemma 3 270M's 512-token sliding window, where the prompts above never go: 64 greedy tokens after
     740 tokens of Python source (the project's code corpus), at positions 740-803. Once the cache holds 768

@@ -602,7 +602,7 @@ def _exact_first_tokens(target, prompt, sampling, n) -> dict[tuple, float]:
             out[tuple(prefix)] = prob
             return
         logits, _ = target.forward(np.array([prompt + prefix]), target.new_cache(1))
-        p = distribution(logits[0, -1], sampling)
+        p = distribution(logits[0, -1], sampling, prompt + prefix)
         for v in np.flatnonzero(p):
             walk(prefix + [int(v)], prob * p[v])
 
@@ -656,6 +656,92 @@ def test_sampling_preserves_the_distribution(models, monkeypatch):
     samples, stats = run(PromptLookupDrafter(), 150)
     assert stats.accepted == stats.drafted
     assert _gof_pvalue(samples, expected) < 1e-6
+
+
+def test_a_penalised_sampling_keeps_its_distribution(models):
+    """With a repetition penalty and min-p the target's distribution at each verify position hangs on the drafts
+    before it: drafted runs still give plain sampling's exact distribution of the first 3 tokens (enumerated with
+    the penalty over prompt + the tokens before), for a deterministic and a sampling drafter."""
+    engine = models["gemma3_text", 64]
+    own = list(engine.token_ids([11, 12], 12))
+    prompt = [11, 12] + own + [11, 12] + own[:2]
+    sampling = Sampling(temperature=0.3, top_k=4, min_p=0.02, repetition_penalty=1.3, seed=7)
+    expected = _exact_first_tokens(engine.target, prompt, sampling, 3)
+    assert expected != _exact_first_tokens(engine.target, prompt, Sampling(0.3, top_k=4, min_p=0.02), 3)
+    for drafter in (PromptLookupDrafter(), NoisyLookup()):
+        stats = SpecStats()
+        got = speculative_generate(engine.target, drafter, [prompt] * 300, 3, sampling, k=2, stats=stats)
+        assert stats.drafted > 100 and stats.drafted > stats.accepted > 0
+        assert _gof_pvalue([tuple(r.tokens) for r in got], expected) > 1e-3, type(drafter).__name__
+    # drafts of new tokens, nearly all accepted: the second position's penalty must count the first draft
+    prompt, sampling = [40, 41], Sampling(temperature=0.5, top_k=2, repetition_penalty=3.0, seed=1)
+    expected = _exact_first_tokens(engine.target, prompt, sampling, 3)
+    stats = SpecStats()
+    got = speculative_generate(engine.target, ExactDrafter(engine.target), [prompt] * 300, 3, sampling, k=2,
+                               stats=stats)
+    assert stats.accepted > 0.9 * stats.drafted > 250
+    assert _gof_pvalue([tuple(r.tokens) for r in got], expected) > 1e-3
+
+
+class ExactDrafter(PromptLookupDrafter):
+    """Draws each draft from the target's own distribution there (a fresh forward over history + drafts), q = p:
+    every draft is accepted unless the round's p is computed wrong."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def propose(self, history, k, ctx=None):
+        tokens, qs = [], []
+        for _ in range(k):
+            logits, _ = self.target.forward(np.array([[*history, *tokens]]), self.target.new_cache(1))
+            qs.append(distribution(logits[0, -1], ctx.sampling, [*history, *tokens]))
+            tokens.append(int(ctx.rng.choice(len(qs[-1]), p=qs[-1])))
+        return tokens, np.stack(qs)
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
+def test_greedy_with_a_repetition_penalty_matches_plain_decoding(models, kind, monkeypatch):
+    """The penalty reads the tokens before each position, the drafts among them: drafted rounds give the
+    engine's plain penalised tokens, which are a reference loop's (each step the argmax of the last logits with
+    every earlier token's penalised) and not the unpenalised ones."""
+    engine = models[kind, 64]
+    random, repetitive = _prompts(engine)
+    sampling = Sampling(repetition_penalty=1.6)
+    want = [list(engine.token_ids(p, 24, sampling)) for p in random + repetitive]
+    assert want != [list(engine.token_ids(p, 24)) for p in random + repetitive]
+    for p, w in zip(random[:2], want):
+        out = []
+        while len(out) < len(w):
+            logits, _ = engine.target.forward(np.array([p + out]), engine.target.new_cache(1))
+            x = logits[0, -1].copy()
+            for t in set(p + out):
+                x[t] = x[t] / 1.6 if x[t] > 0 else x[t] * 1.6
+            out.append(int(x.argmax()))
+        assert out == w
+    steady_clock(monkeypatch)
+    prompts = random + repetitive
+    for drafter in (PromptLookupDrafter(), Oracle(prompts, want)):
+        for cfg in (dict(k=1), dict(k=3), dict(k=4, adaptive=True)):
+            stats = SpecStats()
+            got = speculative_generate(engine.target, drafter, prompts, 24, sampling, stop_ids=engine.stop_ids,
+                                       stats=stats, **cfg)
+            assert [r.tokens for r in got] == want, (drafter, cfg)
+        assert stats.drafted > stats.accepted > 10 or isinstance(drafter, PromptLookupDrafter)
+
+
+class Oracle(PromptLookupDrafter):
+    """Drafts the known continuation of each prompt, every third token of it wrong: rounds accept runs of
+    drafts whose tokens the penalty at the positions after them must count."""
+
+    def __init__(self, prompts, continuations):
+        super().__init__()
+        self.known = {tuple(p): c for p, c in zip(prompts, continuations)}
+
+    def propose(self, history, k, ctx=None):
+        prompt = next(p for p in self.known if tuple(history[:len(p)]) == p and len(history) > len(p))
+        at = len(history) - len(prompt)
+        return [t if (at + i) % 3 else (t + 1) % 96 for i, t in enumerate(self.known[prompt][at:at + k])], None
 
 
 def test_no_drafts_reproduce_the_engines_sampled_stream(models):

@@ -11,7 +11,8 @@ import click
 
 from ..errors import EdgemtpError
 from .base import cli
-from .run import draft_options, load_engine, parse_chat_args, sampling_options, speed_line, stdin_text, utf8
+from .run import (draft_options, load_engine, parse_chat_args, sampling_from, sampling_options, speed_line, stdin_text,
+                  utf8)
 
 
 @cli.command("chat")
@@ -26,8 +27,8 @@ from .run import draft_options, load_engine, parse_chat_args, sampling_options, 
                    "instead of streamed text.")
 @sampling_options
 @draft_options
-def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature, top_k, top_p, seed, provider, threads,
-             draft_mode, draft_k, adaptive, no_draft, drafter_provider):
+def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature, top_k, top_p, min_p,
+             repetition_penalty, seed, provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
     """Chat with an instruction-tuned bundle: each line read is a user's message, the reply streams back.
 
     The conversation goes through the model's chat template, and each turn runs only its new tokens (the
@@ -37,9 +38,9 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
     from ..runtime.engine import new_stats
     from ..runtime.target import CapacityError
 
-    engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
-                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
-                                          reuse_prefix=True, chat_args=parse_chat_args(chat_arg))
+    sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    engine, draft = load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive,
+                                no_draft, drafter_provider, reuse_prefix=True, chat_args=parse_chat_args(chat_arg))
     opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
     hello = engine.encode(engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}]))  # no template, ...
     if opening and len(hello) + 1 >= engine.capacity:  # ... one refusing --system, or no room after it

@@ -24,6 +24,13 @@ def sampling_options(f):
         click.option("--top-p", default=1.0, show_default=True, type=float,
                      help="Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]; "
                           "1 keeps all."),
+        click.option("--min-p", default=0.0, show_default=True, type=float,
+                     help="Min-p sampling: drop tokens less likely than this fraction of the most likely one, in "
+                          "[0, 1]; 0 keeps all."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, type=float,
+                     help="Divide the positive logits (multiply the negative ones) of every token already in the "
+                          "prompt or the output by this, as transformers' repetition_penalty (> 0; 1 is off; "
+                          "greedy decoding too)."),
         click.option("--seed", default=None, type=int, help="Seed for sampling (>= 0; default: a fresh one)."),
         click.option("--provider", default="cpu", show_default=True,
                      help="ONNX Runtime execution provider, its options after a ':' (ONNX Runtime's provider "
@@ -77,7 +84,8 @@ def draft_options(f):
 @sampling_options
 @draft_options
 def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_json, stop, max_new_tokens, temperature,
-                 top_k, top_p, seed, provider, threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider):
+                 top_k, top_p, min_p, repetition_penalty, seed, provider, threads, draft_mode, draft_k, adaptive,
+                 no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
     Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
@@ -97,9 +105,9 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
         request = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": request}]
     stop = stop_strings([unescape(s) for s in stop])
-    engine, sampling, draft = load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider,
-                                          threads, draft_mode, draft_k, adaptive, no_draft, drafter_provider,
-                                          chat_args=parse_chat_args(chat_arg))
+    sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    engine, draft = load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive,
+                                no_draft, drafter_provider, chat_args=parse_chat_args(chat_arg))
     if chat:
         engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
     if as_json:
@@ -151,13 +159,25 @@ def parse_chat_args(values: tuple[str, ...]) -> dict:
     return out
 
 
-def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, provider, threads, draft_mode, draft_k,
-                adaptive, no_draft, drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None):
-    """(engine, sampling, draft) for generate's and chat's options, each checked before any work."""
-    from ..runtime.engine import Draft, Engine
+def sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed):
+    """The Sampling of sampling_options' flags, with a warning for the flags greedy decoding ignores."""
     from ..runtime.sampling import Sampling
 
-    sampling = Sampling(temperature, top_k, top_p, seed)
+    sampling = Sampling(temperature, top_k, top_p, seed, min_p, repetition_penalty)  # ArgumentError names the flag
+    source = click.get_current_context().get_parameter_source
+    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p", "seed")
+              if source(n) == ParameterSource.COMMANDLINE]
+    if temperature == 0 and unused:  # greedy decoding: said once, as the output itself shows no sign of it
+        click.echo(f"warning: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
+                   "--temperature 0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
+    return sampling
+
+
+def load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive, no_draft,
+                drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None):
+    """(engine, draft) for generate's and chat's options, each checked before any work."""
+    from ..runtime.engine import Draft, Engine
+
     source = click.get_current_context().get_parameter_source
     if no_draft:
         drafting = ("draft_mode", "draft_k", "adaptive", "drafter_provider")
@@ -170,11 +190,6 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
         raise EdgemtpError("--adaptive with --draft-k 0: adaptive drafting chooses up to --draft-k tokens a round")
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "seed")
-              if source(n) == ParameterSource.COMMANDLINE]
-    if temperature == 0 and unused:  # greedy decoding: said once, as the output itself shows no sign of it
-        click.echo(f"warning: {' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
-                   "--temperature 0 (greedy decoding, the default); give a temperature above 0 to sample", err=True)
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
     engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
                          reuse_prefix=reuse_prefix, chat_args=chat_args or None)
@@ -194,7 +209,7 @@ def load_engine(bundle_dir, max_new_tokens, temperature, top_k, top_p, seed, pro
                        "bundle's verify window of 1 position leaves no room for a draft (--draft-k N verifies "
                        "drafts in passes of their own)", err=True)
         draft = Draft(draft.mode, k, adaptive) if k else None
-    return engine, sampling, draft
+    return engine, draft
 
 
 def unused_drafter_provider(engine, mode: str) -> None:

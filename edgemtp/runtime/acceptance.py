@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .sampling import Sampling, distribution, draw
+from .sampling import Sampling, distribution, draw, penalize
 
 
 def count_accepted(draft: Sequence[int], target_choice: Sequence[int]) -> int:
@@ -46,16 +46,30 @@ def accept_sampled(draft: Sequence[int], p: "np.ndarray | RowDistributions", q: 
     return len(draft), draw(p[len(draft)], rng)
 
 
-class RowDistributions:
-    """p[i]: distribution(logits[i], sampling), computed when first asked for. Acceptance reads the rows up to
-    the first rejected draft only, and a row costs 1-4 ms over 262,144 logits (float64 softmax, top-k, top-p):
-    with a quarter of sampled drafts accepted, most rows of a verify pass were computed for nothing. The same
-    numbers as distribution() over the whole block (it works row by row)."""
+def greedy_choices(logits: np.ndarray, sampling: Sampling, history: Sequence[int],
+                   draft: Sequence[int]) -> np.ndarray:
+    """The target's greedy token at each verify position [n+1] of logits [n+1, V], the positions following
+    history, then history + draft[:1], ... (the repetition penalty reads them)."""
+    if not sampling.penalized:
+        return logits.argmax(axis=-1)
+    seen = list(history)
+    return np.array([int(np.argmax(penalize(row, sampling, seen + list(draft[:i])))) for i, row in enumerate(logits)])
 
-    def __init__(self, logits: np.ndarray, sampling: Sampling):
+
+class RowDistributions:
+    """p[i]: distribution(logits[i], sampling, history + draft[:i]), computed when first asked for. Acceptance
+    reads the rows up to the first rejected draft only, and a row costs 1-4 ms over 262,144 logits (float64
+    softmax, top-k, top-p): with a quarter of sampled drafts accepted, most rows of a verify pass were computed
+    for nothing. The same numbers as distribution() over the whole block (it works row by row).
+    history: the tokens before the first verify position (prompt and emitted), for the repetition penalty."""
+
+    def __init__(self, logits: np.ndarray, sampling: Sampling, history: Sequence[int] = (),
+                 draft: Sequence[int] = ()):
         self.logits, self.sampling, self.rows = logits, sampling, {}
+        self.history, self.draft = history, draft
 
     def __getitem__(self, i: int) -> np.ndarray:
         if i not in self.rows:
-            self.rows[i] = distribution(self.logits[i], self.sampling)
+            seen = [*self.history, *self.draft[:i]] if self.sampling.penalized else ()
+            self.rows[i] = distribution(self.logits[i], self.sampling, seen)
         return self.rows[i]

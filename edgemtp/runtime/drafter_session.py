@@ -122,8 +122,10 @@ class DrafterSession:
         return Guess("mtp", False)
 
     def propose(self, history: Sequence[int], k: int, ctx=None):
-        """Drafter protocol: greedy drafts (q None) or, when sampling, tokens drawn from q = distribution()."""
-        from .sampling import distribution, draw
+        """Drafter protocol: greedy drafts (q None) or, when sampling, tokens drawn from q = distribution().
+        With a repetition penalty the drafter's logits take it too, over the history and the drafts before: its
+        guesses then follow the penalized target's (the graph's own argmax does not know the penalty)."""
+        from .sampling import distribution, draw, penalize
 
         if ctx is None or ctx.hidden is None or ctx.cache is None or k < 1:
             return [], None
@@ -131,12 +133,16 @@ class DrafterSession:
         ids, h = np.array([[history[-1]]], np.int64), np.asarray(ctx.hidden, np.float32).reshape(1, 1, -1)
         recent = np.asarray([history[-max(self.context, 1):]], np.int64)
         tokens, qs = [], []
+        sampling = ctx.sampling
         for _ in range(k):
-            ids, lg, h = self.step(ids, h, ctx.cache, rows, not ctx.sampling.greedy, recent)
-            if not ctx.sampling.greedy:
-                q = distribution(lg[0, 0], ctx.sampling)
+            ids, lg, h = self.step(ids, h, ctx.cache, rows, not sampling.greedy or sampling.penalized, recent)
+            seen = [*history, *tokens] if sampling.penalized else ()
+            if not sampling.greedy:
+                q = distribution(lg[0, 0], sampling, seen)
                 ids = np.array([[draw(q, ctx.rng)]], np.int64)
                 qs.append(q)
+            elif sampling.penalized:
+                ids = np.array([[np.argmax(penalize(lg[0, 0], sampling, seen))]], np.int64)
             tokens.append(int(ids[0, 0]))
             recent = np.concatenate([recent, ids], 1)[:, -max(self.context, 1):]
         return tokens, (np.stack(qs) if qs else None)

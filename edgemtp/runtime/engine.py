@@ -206,7 +206,8 @@ class Engine:
             stats.cached_tokens = cached
             t0 = time.perf_counter()
             for i in range(max_new_tokens):
-                token = pick(logits[0, -1], sampling, rng)
+                seen = [*prompt_ids, *generated] if sampling.penalized else ()  # for the repetition penalty
+                token = pick(logits[0, -1], sampling, rng, seen)
                 generated.append(token)
                 yield token
                 if reason := stops.reason(generated):

@@ -1,9 +1,11 @@
-"""Token choice from logits: greedy, or temperature / top-k / top-p sampling with a seeded generator."""
+"""Token choice from logits: greedy, or temperature / top-k / top-p / min-p sampling with a seeded generator,
+after an optional repetition penalty over the tokens seen so far (transformers' generate semantics)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -16,6 +18,8 @@ class Sampling:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     seed: int | None = None
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off; greedy decoding too
 
     def __post_init__(self):
         if not (is_finite(self.temperature) and self.temperature >= 0):
@@ -28,6 +32,10 @@ class Sampling:
                 raise ArgumentError(name, value, "must be >= 0")
         if not (is_number(self.top_p) and 0 < self.top_p <= 1):
             raise ArgumentError("top_p", self.top_p, "must be in (0, 1]")
+        if not (is_number(self.min_p) and 0 <= self.min_p <= 1):
+            raise ArgumentError("min_p", self.min_p, "must be in [0, 1]")
+        if not (is_finite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ArgumentError("repetition_penalty", self.repetition_penalty, "must be a finite number > 0")
         # numpy's whole numbers as Python's (frozen dataclass): -top_k of an unsigned one wrapped around, and
         # np.partition failed on it ("kth(=251) out of bounds") at the first sampled token
         object.__setattr__(self, "top_k", int(self.top_k))
@@ -37,6 +45,11 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a token's logits depend on the tokens before it (the repetition penalty)."""
+        return self.repetition_penalty != 1
 
 
 def is_whole(value) -> bool:
@@ -62,9 +75,24 @@ def is_finite(value) -> bool:
         return False
 
 
-def distribution(logits: np.ndarray, s: Sampling) -> np.ndarray:
-    """Probabilities [..., V] after temperature, top-k and top-p (float64, rows sum to 1)."""
-    x = np.asarray(logits, np.float64)
+def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.ndarray:
+    """logits [V] with the repetition penalty applied to every token id in `seen` (the prompt and the tokens
+    generated before this position), as transformers' RepetitionPenaltyLogitsProcessor does: a positive logit
+    divided by the penalty, a negative one multiplied, once per token however often it was seen. A copy when
+    it changes anything; the logits themselves otherwise."""
+    if not s.penalized or not len(seen):
+        return logits
+    x = np.array(logits, np.float32)  # the graph's dtype: the same rounding as transformers' float32 scores
+    ids = np.asarray(seen, np.int64)
+    picked = x[ids]  # read before writing: a repeated id gets the penalty once
+    x[ids] = np.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+    return x
+
+
+def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.ndarray:
+    """Probabilities [V] after the repetition penalty over `seen`, temperature, top-k, top-p and min-p (float64,
+    summing to 1; logits [..., V] without a penalty)."""
+    x = np.asarray(penalize(logits, s, seen), np.float64)
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
     with np.errstate(over="ignore"):  # -inf below the best token is what such a temperature means
@@ -76,6 +104,9 @@ def distribution(logits: np.ndarray, s: Sampling) -> np.ndarray:
     p /= p.sum(axis=-1, keepdims=True)
     if s.top_p < 1.0:
         p = _top_p(p, s.top_p)
+    if s.min_p > 0:  # after top-p, as transformers' MinPLogitsWarper: relative to the best token, kept at 1
+        p = np.where(p < s.min_p * p.max(axis=-1, keepdims=True), 0.0, p)
+        p /= p.sum(axis=-1, keepdims=True)
     return p
 
 
@@ -118,11 +149,11 @@ def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
         t = 0.0  # short by rounding: all positive tokens next
 
 
-def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """One token from logits [V]."""
+def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: Sequence[int] = ()) -> int:
+    """One token from logits [V]; `seen`: the tokens before it (prompt and generated), for the penalty."""
     if s.greedy:
-        return int(np.argmax(logits))
-    return draw(distribution(logits, s), rng)
+        return int(np.argmax(penalize(logits, s, seen)))
+    return draw(distribution(logits, s, seen), rng)
 
 
 def draw(p: np.ndarray, rng: np.random.Generator) -> int:

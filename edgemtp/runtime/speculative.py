@@ -31,7 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import EdgemtpError
-from .acceptance import RowDistributions, accept_sampled, count_accepted  # _round calls them by these names
+from .acceptance import (RowDistributions, accept_sampled, count_accepted,  # _round calls them by these names
+                         greedy_choices)
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .requests import check_request
@@ -183,7 +184,7 @@ class Speculative:
                  rng: np.random.Generator, cached: int = 0) -> _Seq:
         logits, hidden = self.target.forward(np.array([prompt[cached:]]), cache, rows=slice(b, b + 1))
         s = _Seq(b, prompt, rng, hidden[0, -1])
-        s.history.append(pick(logits[0, -1], sampling, rng))
+        s.history.append(pick(logits[0, -1], sampling, rng, prompt))
         return s
 
     def _round(self, active: list[_Seq], cache: KVCache, sampling: Sampling, stops: Stops,
@@ -200,11 +201,11 @@ class Speculative:
             tokens, q = drafts[s.row]
             logits, hidden = verified[s.row]  # [n+1, V], [n+1, H]: padding already cut
             if sampling.greedy:
-                choice = logits.argmax(axis=-1)
+                choice = greedy_choices(logits, sampling, s.history, tokens)
                 a = count_accepted(tokens, choice)
                 nxt = int(choice[a])
             else:
-                a, nxt = accept_sampled(tokens, RowDistributions(logits, sampling), q, s.rng)
+                a, nxt = accept_sampled(tokens, RowDistributions(logits, sampling, s.history, tokens), q, s.rng)
             cache.rollback(s.row, start[s.row] + 1 + a)  # keep [t, d0..d(a-1)]
             s.hidden = hidden[a]
             self._record(s, len(tokens), a)

@@ -1,0 +1,69 @@
+"""Sampling's logits processors beside transformers' own: the repetition penalty, temperature, top-k, top-p and
+min-p, in generate's order, on random logits (the end-to-end runs are in test_speculative and test_golden)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemtp.errors import ArgumentError
+from edgemtp.runtime.sampling import Sampling, distribution, penalize, pick
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def transformers_probabilities(logits: np.ndarray, seen: list[int], s: Sampling) -> np.ndarray:
+    """softmax of the scores transformers' generate samples from, with its processors for `s`."""
+    from transformers import generation as g
+
+    processors = g.LogitsProcessorList()
+    if s.repetition_penalty != 1:
+        processors.append(g.RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+    processors.append(g.TemperatureLogitsWarper(s.temperature))
+    if s.top_k:
+        processors.append(g.TopKLogitsWarper(s.top_k))
+    if s.top_p < 1:
+        processors.append(g.TopPLogitsWarper(s.top_p))
+    if s.min_p:
+        processors.append(g.MinPLogitsWarper(s.min_p))
+    scores = processors(torch.tensor([seen]), torch.tensor(logits[None]))
+    return torch.softmax(scores.double(), -1)[0].numpy()
+
+
+@pytest.mark.parametrize("s", [
+    Sampling(0.7, repetition_penalty=1.3), Sampling(1.0, min_p=0.05), Sampling(1.2, top_p=0.9, min_p=0.1),
+    Sampling(0.8, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.5), Sampling(1.0, repetition_penalty=0.7),
+    Sampling(0.5, min_p=1.0)])
+def test_distribution_is_transformers(s):
+    """The same tokens kept, with the same probabilities; seen ids repeat (penalised once) and hold tokens of
+    both signs (a positive logit divided, a negative one multiplied)."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal(4000) * 3).astype(np.float32)
+    seen = [int(t) for t in rng.integers(0, 4000, size=300)] + [7, 7, 7]
+    want = transformers_probabilities(logits, seen, s)
+    got = distribution(logits, s, seen)
+    np.testing.assert_array_equal(got > 0, want > 0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+    if s.repetition_penalty != 1:  # the penalty changes what is kept: the test can tell
+        assert not np.array_equal(got > 0, distribution(logits, s) > 0) or not np.allclose(got, distribution(logits, s))
+
+
+def test_the_penalty_in_greedy_decoding():
+    """Greedy decoding takes the penalty too (transformers' generate with do_sample=False and
+    repetition_penalty): the best token, once seen, gives way to one not seen."""
+    logits = np.array([3.0, 2.5, -1.0, -4.0], np.float32)
+    s, rng = Sampling(repetition_penalty=2.0), np.random.default_rng(0)
+    assert pick(logits, s, rng) == 0 and pick(logits, s, rng, [0]) == 1
+    assert pick(logits, s, rng, [0, 1]) == 0  # both divided: 1.5 beats 1.25
+    np.testing.assert_array_equal(penalize(logits, s, [0, 2, 2]), [1.5, 2.5, -2.0, -4.0])
+    assert penalize(logits, Sampling(), [0]) is logits and penalize(logits, s) is logits  # nothing to do
+    np.testing.assert_array_equal(logits, [3.0, 2.5, -1.0, -4.0])  # never written in place
+
+
+@pytest.mark.parametrize("field, value", [("min_p", -0.1), ("min_p", 1.5), ("min_p", "0.1"), ("min_p", True),
+                                          ("repetition_penalty", 0), ("repetition_penalty", -1.0),
+                                          ("repetition_penalty", float("nan")), ("repetition_penalty", float("inf"))])
+def test_bad_values_are_refused(field, value):
+    with pytest.raises(ArgumentError, match=field):
+        Sampling(1.0, **{field: value})
