@@ -168,6 +168,20 @@ def test_draw_takes_what_rng_choice_takes():
     assert [draw(p, a) for _ in range(300)] == [int(b.choice(len(p), p=p)) for _ in range(300)]
 
 
+def test_top_k_keeps_the_k_most_likely_tokens():
+    """distribution() with top_k against a softmax over the k largest logits alone (the other tests compare
+    distribution() with itself, so a top-k keeping k - 1 tokens passed them)."""
+    logits = np.random.default_rng(4).standard_normal((3, 50))  # no ties
+    for k in (1, 2, 5, 49):
+        for temperature in (0.7, 2.0):
+            want = np.zeros_like(logits)
+            for row, w in zip(logits, want):
+                top = np.argsort(-row)[:k]
+                e = np.exp((row[top] - row[top].max()) / temperature)
+                w[top] = e / e.sum()
+            np.testing.assert_allclose(distribution(logits, Sampling(temperature, top_k=k)), want, rtol=1e-12)
+
+
 def test_rejection_sampling_edge_cases():
     rng = np.random.default_rng(0)
     p = np.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
