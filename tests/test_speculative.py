@@ -182,6 +182,25 @@ def test_top_k_keeps_the_k_most_likely_tokens():
             np.testing.assert_allclose(distribution(logits, Sampling(temperature, top_k=k)), want, rtol=1e-12)
 
 
+class Scripted:
+    """A stand-in generator whose random() returns the given numbers in turn."""
+
+    def __init__(self, *u):
+        self.u = list(u)
+
+    def random(self):
+        return self.u.pop(0)
+
+
+def test_draw_scales_p_to_sum_to_one():
+    """A float32 row a hair short of 1 (rng.choice takes it, and scales it): a number near 1 draws the last
+    token of positive probability, never one of probability 0 past it."""
+    from edgemtp.runtime.sampling import draw
+
+    p = np.array([0.5, 0.4997, 0.0], np.float32)
+    assert draw(p, Scripted(0.9999)) == 1 and draw(p, Scripted(0.5001)) == 0 and draw(p, Scripted(0.5003)) == 1
+
+
 def test_rejection_sampling_edge_cases():
     rng = np.random.default_rng(0)
     p = np.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
