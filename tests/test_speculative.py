@@ -201,6 +201,17 @@ def test_draw_scales_p_to_sum_to_one():
     assert draw(p, Scripted(0.9999)) == 1 and draw(p, Scripted(0.5001)) == 0 and draw(p, Scripted(0.5003)) == 1
 
 
+def test_a_rejection_draws_from_the_residual_however_small():
+    """Draft x is accepted when u * q(x) < p(x); once rejected, the next token comes from norm(max(0, p - q)),
+    even where p and q differ by a hair (a residual of 2e-4 here: all of it on token 1)."""
+    p = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    q = np.array([[0.5002, 0.4998, 0.0]])
+    assert accept_sampled([0], p, q, Scripted(0.9995, 0.5)) == (1, 2)  # 0.9995 * 0.5002 < 0.5: kept, then p[1]
+    assert accept_sampled([0], p, q, Scripted(0.9997, 0.0)) == (0, 1)  # rejected: token 1, never token 0
+    assert accept_sampled([1], p, None, Scripted(0.4, 0.0)) == (1, 0)  # q one-hot: p(x) = 0.5 accepts u < 0.5
+    assert accept_sampled([1], p, None, Scripted(0.5, 0.0)) == (0, 0)  # rejected: p without x, token 0
+
+
 def test_rejection_sampling_edge_cases():
     rng = np.random.default_rng(0)
     p = np.array([[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
