@@ -329,6 +329,22 @@ def test_padded_batched_verify_changes_nothing(options, monkeypatch):
     assert multi_row_verify == options.get("batched_verify", False)
 
 
+def test_a_batched_verify_leaves_out_a_row_without_room_for_the_others_drafts():
+    """A row near the end of its cache shares no pass wider than its room: padded to the other row's width,
+    its pass would run past the capacity."""
+    target = FakeTarget(capacity=20)
+    prompts = [[1, 2, 3, 1, 2] * 3, [1, 2, 3, 1, 2]]  # 15 + 5 tokens: the first row has room for 5 more
+    want = [plain_greedy(target, p, 30) for p in prompts]
+    got = speculative_generate(target, PromptLookupDrafter(), prompts, 30, k=4, batched_verify=True)
+    assert [r.tokens for r in got] == want
+    assert [r.stop_reason for r in got] == ["KV capacity reached"] * 2
+    stats = SpecStats()  # rows that end for different reasons: both named, in row order
+    got = speculative_generate(target, PromptLookupDrafter(), prompts, 8, k=4, batched_verify=True, stats=stats)
+    assert [r.tokens for r in got] == [want[0], want[1][:8]]
+    assert stats.stop_reasons == ["KV capacity reached", "max new tokens"]
+    assert stats.stop_reason == "KV capacity reached; max new tokens"
+
+
 # ---------------------------------------------------------------- tiny exported models
 
 WINDOW = 8
