@@ -345,6 +345,23 @@ def test_a_batched_verify_leaves_out_a_row_without_room_for_the_others_drafts():
     assert stats.stop_reason == "KV capacity reached; max new tokens"
 
 
+def test_stats_passed_again_add_up():
+    """SpecStats handed to several generations holds their sums: drafting counts as tokens."""
+    target, stats = FakeTarget(), SpecStats()
+    runs = [speculative_generate(target, PromptLookupDrafter(), [p], 20, k=3, stats=stats) for p in FAKE_PROMPTS[:3]]
+    results = [r for run in runs for r in run]
+    assert stats.accepted > 0
+    assert (stats.rounds, stats.drafted, stats.accepted, stats.decode_tokens) == \
+        (sum(r.rounds for r in results), sum(r.drafted for r in results), sum(r.accepted for r in results),
+         sum(len(r.tokens) - 1 for r in results))
+
+    def at(counts):  # per draft position, K = 3 long
+        return [*counts, 0, 0, 0][:3]
+
+    for name in ("drafted_at", "accepted_at"):
+        assert at(getattr(stats, name)) == np.sum([at(getattr(r, name)) for r in results], axis=0).tolist()
+
+
 # ---------------------------------------------------------------- tiny exported models
 
 WINDOW = 8
