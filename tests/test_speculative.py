@@ -362,6 +362,11 @@ def test_stats_passed_again_add_up():
         assert at(getattr(stats, name)) == np.sum([at(getattr(r, name)) for r in results], axis=0).tolist()
 
 
+def test_acceptance_by_position_covers_every_drafted_position():
+    stats = SpecStats(drafted=9, accepted=2, drafted_at=[4, 3, 2], accepted_at=[2])  # never accepted past the first
+    assert stats.acceptance_by_position == [0.5, 0.0, 0.0]
+
+
 # ---------------------------------------------------------------- tiny exported models
 
 WINDOW = 8
