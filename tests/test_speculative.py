@@ -367,6 +367,19 @@ def test_acceptance_by_position_covers_every_drafted_position():
     assert stats.acceptance_by_position == [0.5, 0.0, 0.0]
 
 
+def test_adaptive_length_is_told_each_verify_pass_its_rows_and_width(monkeypatch):
+    """The draft length model costs a pass per row: it must be told how many rows shared each pass."""
+    from edgemtp.runtime.draft_length import DraftLength
+
+    steady_clock(monkeypatch)
+    told = []
+    monkeypatch.setattr(DraftLength, "timed_verify", lambda self, rows, width, seconds: told.append((rows, width)))
+    target = FakeTarget()
+    speculative_generate(target, PromptLookupDrafter(), FAKE_PROMPTS, 12, k=3, adaptive=True, batched_verify=True)
+    assert told == target.calls[len(FAKE_PROMPTS):]  # every pass after the prefills, as the target ran it
+    assert any(rows > 1 for rows, _ in told)
+
+
 # ---------------------------------------------------------------- tiny exported models
 
 WINDOW = 8
