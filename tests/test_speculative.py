@@ -380,6 +380,18 @@ def test_adaptive_length_is_told_each_verify_pass_its_rows_and_width(monkeypatch
     assert any(rows > 1 for rows, _ in told)
 
 
+def test_a_cache_rolls_back_only_within_what_it_holds():
+    cache = KVCache((), 2, 10)
+    cache.lengths[:] = [5, 3]
+    cache.rollback(0, 2)
+    cache.rollback(1, 3)
+    assert cache.lengths.tolist() == [2, 3] and cache.room(0) == 8
+    for length in (4, -1):  # past what was written: stale positions would be read as verified ones
+        with pytest.raises(ValueError, match=f"cannot roll sequence 1 back from 3 to {length}"):
+            cache.rollback(1, length)
+    assert cache.lengths.tolist() == [2, 3]
+
+
 # ---------------------------------------------------------------- tiny exported models
 
 WINDOW = 8
