@@ -526,6 +526,17 @@ def test_generate_batch_drafts_only_when_asked_to(models):
     assert [g.tokens for g in auto] == plain and auto[0].stats.drafted > 0
 
 
+def test_a_draft_of_zero_tokens_is_plain_decoding(models):
+    """Draft(K=0) is allowed and drafts nothing: plain decoding's tokens, and its plain stats (no drafting)."""
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.stats import Stats
+
+    engine = models["gemma3_text", 64]
+    plain = engine.generate("t5 t6 t7 t5 t6", 8)
+    zero = engine.generate("t5 t6 t7 t5 t6", 8, draft=Draft("lookup", 0))
+    assert zero.tokens == plain.tokens and type(zero.stats) is type(plain.stats) is Stats
+
+
 @pytest.mark.parametrize("kind", ["gemma3_text", "llama"])
 def test_rows_of_different_lengths_in_one_pass(models, kind):
     """The batched verify: several rows of different lengths x several new positions in one target pass
