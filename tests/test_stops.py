@@ -71,6 +71,20 @@ def test_long_rows_are_checked_on_their_tail(monkeypatch):
     assert stops.reason(text + [5000] * S.TAIL) == ""
 
 
+def test_a_tail_must_hold_more_than_the_stop_string():
+    """A tail whose decode lost its first character (SentencePiece's leading space) may hold as many characters
+    as the stop string, and still miss one that began there: it must hold SLACK more to decide alone."""
+    from edgemtp.runtime import stops as S
+
+    def decode(ids):  # token 1000: "z" and five "!"; tokens > 1000: no text; the first character dropped
+        return "".join("z!!!!!" if i == 1000 else chr(i) for i in ids if i <= 1000)[1:]
+
+    stops = Stops((), ("xyz",), decode)
+    tokens = [ord("a")] * 300 + [ord("x")] + [5000] * (S.TAIL - 3) + [ord("y"), 1000]
+    assert stops.decode(tokens[-S.TAIL:]) == "yz!!!!!"  # as long as the stop string and more, without it
+    assert stops.reason(tokens) == "stop string"
+
+
 def test_cli_escapes():
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r"
     assert unescape(r"\\n") == "\\n" and unescape(r"\x") == r"\x" and unescape("plain") == "plain"
