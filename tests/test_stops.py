@@ -85,6 +85,17 @@ def test_a_tail_must_hold_more_than_the_stop_string():
     assert stops.reason(tokens) == "stop string"
 
 
+def test_a_stream_never_shows_what_a_stop_string_takes_back():
+    """What `shown` gives for each prefix of a text is the start of the text cut at its stop string: an end
+    that may grow into a stop string is held back whole ("aa" may begin "aab", not only "a")."""
+    stops = Stops((), ("aab", "\n\n"), decode=lambda ids: "".join(map(chr, ids)))
+    assert stops.shown("xaa") == "x" and stops.shown("xa") == "x" and stops.shown("xaaa") == "xa"
+    for text in ("xaaab y", "a\naab", "aaaa\n\n", "no stop here a", "xaaax\n"):
+        final = stops.cut(text)
+        for n in range(len(text) + 1):
+            assert final.startswith(stops.shown(text[:n])), (text, n)
+
+
 def test_cli_escapes():
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r"
     assert unescape(r"\\n") == "\\n" and unescape(r"\x") == r"\x" and unescape("plain") == "plain"
