@@ -96,6 +96,24 @@ def test_a_stream_never_shows_what_a_stop_string_takes_back():
             assert final.startswith(stops.shown(text[:n])), (text, n)
 
 
+def test_a_tail_inside_a_byte_run_is_not_enough_to_decide():
+    """A tail that starts inside a run of byte-fallback tokens decodes each byte of the run to U+FFFD: those
+    do not count toward the text it must hold, so a stop string that began inside the run is still found."""
+    from edgemtp.runtime import stops as S
+
+    def decode(ids):  # ids >= 1000: byte tokens of chr(id - 1000), U+FFFD while the decode starts in their run
+        out, leading = [], True
+        for i in ids:
+            leading = leading and i >= 1000
+            out.append("\ufffd" if leading else chr(i - 1000 if i >= 1000 else i))
+        return "".join(out)
+
+    stops = Stops((), ("S!",), decode)
+    run = [1000 + ord("x")] * (S.TAIL + 10) + [1000 + ord("S")]
+    assert stops.reason([ord("a")] * 5 + run) == ""
+    assert stops.reason([ord("a")] * 5 + run + [ord("!")]) == "stop string"
+
+
 def test_cli_escapes():
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r"
     assert unescape(r"\\n") == "\\n" and unescape(r"\x") == r"\x" and unescape("plain") == "plain"
