@@ -46,6 +46,7 @@ def test_verify_cost_is_linear_between_and_beyond_measured_widths():
     assert d.verify_cost(7) == pytest.approx(3.0)  # the last segment extended
     noisy = measured({1: 1.0, 2: 0.8})  # noise can make a wider pass look cheaper
     assert noisy.verify_cost(5) == 0.8 and measured({3: 1.0, 4: 2.0}).verify_cost(1) == 1.0
+    assert measured({1: 1.0, 2: 2.0, 3: 1.5}).verify_cost(5) == 1.5  # never below the widest measured pass
     d.timed_verify(1, 3, 3.0)
     assert d.verify_cost(3) == pytest.approx(2.3)  # a moving average
     d.timed_verify(2, 3, 4.0)  # a pass of two rows: the first of its shape, not counted
