@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgemtp.runtime import speculative
-from edgemtp.runtime.draft_length import PROBE_AFTER, DraftLength
+from edgemtp.runtime.draft_length import PROBE_AFTER, SMOOTHING, DraftLength
 from edgemtp.runtime.drafting import Guess, HybridDrafter, PromptLookupDrafter, guess_kind, guess_options
 from edgemtp.runtime.speculative import SpecStats, speculative_generate
 
@@ -52,6 +52,17 @@ def test_verify_cost_is_linear_between_and_beyond_measured_widths():
     d.timed_verify(2, 3, 4.0)  # a pass of two rows: the first of its shape, not counted
     d.timed_verify(2, 3, 4.0)  # then 2.0 a row
     assert d.verify_cost(3) == pytest.approx(2.3 - 0.3 * 0.3)
+
+
+def test_a_drafters_step_is_timed_from_its_second_run():
+    d = DraftLength(4)
+    d.timed_draft("mtp", 2, 10.0)  # the first run: slow, left out
+    assert "mtp" not in d.step
+    d.timed_draft("mtp", 2, 1.0)
+    d.timed_draft("mtp", 0, 5.0)  # nothing drafted: nothing to time
+    assert d.step["mtp"] == 0.5
+    d.timed_draft("mtp", 4, 4.0)
+    assert d.step["mtp"] == pytest.approx(0.5 + SMOOTHING * (1.0 - 0.5))
 
 
 def test_choice_weighs_acceptance_against_the_cost_of_a_wider_pass():
