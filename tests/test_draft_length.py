@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgemtp.runtime import speculative
-from edgemtp.runtime.draft_length import PROBE_AFTER, SMOOTHING, DraftLength
+from edgemtp.runtime.draft_length import PROBE_AFTER, SMOOTHING, DraftLength, RecentDraftLengths
 from edgemtp.runtime.drafting import Guess, HybridDrafter, PromptLookupDrafter, guess_kind, guess_options
 from edgemtp.runtime.speculative import SpecStats, speculative_generate
 
@@ -63,6 +63,15 @@ def test_a_drafters_step_is_timed_from_its_second_run():
     assert d.step["mtp"] == 0.5
     d.timed_draft("mtp", 4, 4.0)
     assert d.step["mtp"] == pytest.approx(0.5 + SMOOTHING * (1.0 - 0.5))
+
+
+def test_recent_draft_lengths_keeps_the_settings_used_last():
+    recent = RecentDraftLengths(kept=3)
+    first = recent.take("a", 4)
+    assert first.k_max == 4 and recent.take("a", 4) is first
+    for key in ("b", "c", "a", "d"):  # "a" used again: "b" is now the oldest
+        recent.take(key, 2)
+    assert list(recent) == ["c", "a", "d"] and recent["a"] is first
 
 
 def test_choice_weighs_acceptance_against_the_cost_of_a_wider_pass():
