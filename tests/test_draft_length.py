@@ -104,6 +104,14 @@ def test_outcomes_fade_so_the_text_can_change():
     assert d.counts["lookup 2"][:, 1].tolist() == [1, 1, 0, 0]
 
 
+def test_one_unlucky_draft_does_not_stop_a_costly_drafter():
+    """A costly drafter's guesses are scored only when drafted: its acceptance is taken one standard error
+    higher, so one wrong first draft leaves it drafting; a free guess, scored every round, gets no such push."""
+    d = measured({1: 1.0, 5: 3.0})
+    d.outcome("guess", [1], [2])
+    assert one(d, "guess", 1) == 1 and one(d, "guess", 1, free=True) == 0
+
+
 def test_a_costly_drafter_that_stopped_drafting_tries_again():
     d = measured({1: 1.0, 5: 3.0})
     for _ in range(30):
