@@ -119,6 +119,13 @@ def test_a_costly_drafter_that_stopped_drafting_tries_again():
     choices = [one(d, "mtp", 3) for _ in range(2 * PROBE_AFTER + 2)]
     assert choices.count(1) == 2 and choices.count(0) == 2 * PROBE_AFTER
     assert one(d, "mtp", 3, free=True) == 0  # a free guess is scored every round: no probe needed
+    assert [one(d, "mtp", 3) for _ in range(5)] == [0] * 5
+    for _ in range(60):  # drafting pays again: the declined guesses are forgotten once it drafts
+        d.outcome("mtp", [1, 2], [1, 2])
+    assert one(d, "mtp", 3) > 0
+    for _ in range(60):
+        d.outcome("mtp", [1], [2])
+    assert [one(d, "mtp", 3) for _ in range(PROBE_AFTER + 1)] == [0] * PROBE_AFTER + [1]
 
 
 def test_the_guess_that_pays_best_is_drafted():
