@@ -80,3 +80,21 @@ def test_bytes_that_are_not_utf8_keep_the_characters_beside_them(gemma3_270m_dir
         for n, text in enumerate(texts):
             if not text.endswith("\ufffd"):
                 assert all(later.startswith(text) for later in texts[n:]), (ids, n, text, texts)
+
+
+def test_a_byte_level_vocabulary_shows_a_cut_character_as_one_replacement():
+    """A byte-level BPE vocabulary (GPT-2, Llama 3, Qwen: no <0x..> tokens, a token per byte here): a character
+    cut at the end is one U+FFFD after the text before it, as Python decodes the bytes so far, token by token
+    and incrementally."""
+    from tokenizers import models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    text = "ab 🙂x é€ 平方 z"
+    ids = tok.encode(text).ids
+    assert len(ids) == len(text.encode())  # a token per byte
+    want = [text.encode()[:n].decode("utf-8", "replace") for n in range(1, len(ids) + 1)]
+    assert sum(w.endswith("\ufffd") for w in want) == 10  # 3 + 1 + 2 + 2 + 2 cut
+    assert [decode_text(tok, ids[:n]) for n in range(1, len(ids) + 1)] == want
+    inc = IncrementalDecoder(lambda i: decode_text(tok, i))
+    assert [inc.add(t) for t in ids] == want
