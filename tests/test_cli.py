@@ -874,6 +874,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                            "must be a list of token ids (a numpy array of shape (1, 2), not (n,))"),
                           (lambda: engine.decode(np.array(5)), "ids=5 must be a list of token ids"),
                           (lambda: engine.decode([-1]), "ids[0]=-1 is not a token id"),
+                          (lambda: engine.decode([5, engine.target.contract.vocab_size]),  # the first id past it
+                           f"ids[1]={engine.target.contract.vocab_size} is not a token id"),
                           (lambda: engine.generate([1, 2], 2), "prompt[0]=1 is not a message"),
                           # no <bos> in the tiny tokenizer: "" has no tokens at all
                           (lambda: engine.generate("", 2), "the prompt is empty"),
