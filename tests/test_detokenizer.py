@@ -98,3 +98,14 @@ def test_a_byte_level_vocabulary_shows_a_cut_character_as_one_replacement():
     assert [decode_text(tok, ids[:n]) for n in range(1, len(ids) + 1)] == want
     inc = IncrementalDecoder(lambda i: decode_text(tok, i))
     assert [inc.add(t) for t in ids] == want
+    # bytes that are no UTF-8 at all: one U+FFFD each, as errors="replace" (they were collapsed into one)
+    byte_token = {b: tok.token_to_id(c) for b, c in zip(range(256), _gpt2_byte_chars())}
+    for data in (b"ab\xff\xff\xff", b"ab\xe2\x82\xff", b"\xff\xfe"):
+        assert decode_text(tok, [byte_token[b] for b in data]) == data.decode("utf-8", "replace")
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """The character GPT-2's byte-level alphabet gives each byte 0..255 (printable ones stand for themselves)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in kept else chr(next(shifted)) for b in range(256)]

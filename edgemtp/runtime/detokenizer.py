@@ -21,16 +21,9 @@ def decode_text(tokenizer, ids: list[int]) -> str:
     text = tokenizer.decode(ids, skip_special_tokens=True)
     if "\ufffd" not in text:
         return text
+    # a byte-level vocabulary (GPT-2, Llama 3, Qwen: no byte tokens) decodes its bytes as errors="replace" does
     repaired = _repaired_byte_runs(tokenizer, ids)
-    if repaired is not None:
-        return tokenizer.decode(repaired, skip_special_tokens=True)
-    if not text.endswith("\ufffd"):
-        return text
-    for cut in range(1, min(3, len(ids)) + 1):  # a UTF-8 character has at most 3 bytes before its last
-        head = tokenizer.decode(ids[:-cut], skip_special_tokens=True)
-        if not head.endswith("\ufffd"):
-            return head + "\ufffd"
-    return text
+    return text if repaired is None else tokenizer.decode(repaired, skip_special_tokens=True)
 
 
 def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
