@@ -62,7 +62,7 @@ def test_4096_tokens_without_memory_growth_then_capacity_stop(long_bundle, draft
     # The cache is allocated once at its capacity: a cache (or any per-token state) growing with the
     # context would add about as much again between token 256 and 4,096.
     cache = engine.target.new_cache(1)
-    kv_mb = sum(a.nbytes for a in [*cache.keys.values(), *cache.values.values()]) / 2**20
+    kv_mb = cache.nbytes / 2**20
     assert grown < kv_mb / 2, f"RSS grew {grown:.1f} MB between token 256 and {NEW} (KV cache: {kv_mb:.1f} MB)"
     assert stats.stop_reason == "KV capacity reached"
     assert len(prompt) + len(out) <= engine.capacity + 1  # the last token is emitted, never written
