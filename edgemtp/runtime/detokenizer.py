@@ -28,7 +28,9 @@ def decode_text(tokenizer, ids: list[int]) -> str:
 
 def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
     """`ids` with each run of byte-fallback tokens (<0x..>) that is not UTF-8 replaced by the byte tokens of
-    its text decoded with errors="replace"; None when every run is UTF-8 (or the vocabulary has no byte tokens)."""
+    its text decoded with errors="replace"; None when every run is UTF-8 (or the vocabulary has no byte tokens).
+    A special token that the decode drops (skip_special_tokens) is kept where it is, inside a run: the
+    tokenizer's decode drops it before joining the bytes around it into a character."""
     byte_of = {}
     for b in range(256):
         token = tokenizer.token_to_id(f"<0x{b:02X}>")
@@ -36,7 +38,7 @@ def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
             return None
         byte_of[token] = b
     token_of = {b: t for t, b in byte_of.items()}
-    out, run, changed = [], bytearray(), False
+    out, run, changed, dropped = [], bytearray(), False, {}
 
     def flush():
         nonlocal changed
@@ -51,6 +53,12 @@ def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
     for token in ids:
         if token in byte_of:
             run.append(byte_of[token])
+            continue
+        if token not in dropped:  # a special token the decode drops: it never splits a run, as in the decode
+            dropped[token] = tokenizer.decode([token], skip_special_tokens=False) != "" == tokenizer.decode(
+                [token], skip_special_tokens=True)
+        if dropped[token]:
+            out.append(token)
             continue
         flush()
         out.append(token)
