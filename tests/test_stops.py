@@ -193,3 +193,28 @@ def test_python_errors_name_stop(models):  # noqa: F811
                      lambda: engine.generate_batch(["t1"], 4, stop=bad)):
             with pytest.raises(ArgumentError, match=message):
                 call()
+
+
+@pytest.mark.parametrize("draft", [None, Draft("lookup", 4)])
+def test_a_stop_string_that_is_a_special_token_stops_at_it(models, draft):  # noqa: F811
+    """stop="<|im_end|>" where the model writes that special token: transformers' stop_strings match it (they
+    read the tokens' own strings), but the text drops special tokens, so a stop string found in the text never
+    saw it and generation ran on to max_new_tokens."""
+    from tokenizers import Tokenizer
+
+    engine = models["llama", 64]
+    prompt_ids = _prompts(engine)[1][0]
+    full = list(engine.token_ids(prompt_ids, 24))
+    j = next(j for j in range(3, len(full)) if full[j] not in full[:j])  # a token the prompt's run writes once
+    special = engine.decode([full[j]])
+    own = engine.tokenizer
+    engine.tokenizer = Tokenizer.from_str(own.to_str())
+    try:
+        engine.tokenizer.add_special_tokens([special])  # the vocabulary's own token, now dropped from the text
+        assert engine.tokenizer.token_to_id(special) == full[j] and engine.decode([full[j]]) == ""
+        prompt = engine.decode(prompt_ids)
+        gen = engine.generate(prompt, 24, draft=draft, stop=["never", special])
+        assert gen.tokens == full[:j + 1] and gen.stats.stop_reason == "stop string"
+        assert gen.text == engine.decode(full[:j]) == "".join(engine.stream(prompt, 24, draft=draft, stop=special))
+    finally:
+        engine.tokenizer = own

@@ -26,6 +26,12 @@ def decode_text(tokenizer, ids: list[int]) -> str:
     return text if repaired is None else tokenizer.decode(repaired, skip_special_tokens=True)
 
 
+def is_dropped(tokenizer, token: int) -> bool:
+    """Whether the text leaves `token` out: a special token (skip_special_tokens), not one that is empty."""
+    return tokenizer.decode([token], skip_special_tokens=False) != "" == tokenizer.decode([token],
+                                                                                          skip_special_tokens=True)
+
+
 def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
     """`ids` with each run of byte-fallback tokens (<0x..>) that is not UTF-8 replaced by the byte tokens of
     its text decoded with errors="replace"; None when every run is UTF-8 (or the vocabulary has no byte tokens).
@@ -55,8 +61,7 @@ def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
             run.append(byte_of[token])
             continue
         if token not in dropped:  # a special token the decode drops: it never splits a run, as in the decode
-            dropped[token] = tokenizer.decode([token], skip_special_tokens=False) != "" == tokenizer.decode(
-                [token], skip_special_tokens=True)
+            dropped[token] = is_dropped(tokenizer, token)
         if dropped[token]:
             out.append(token)
             continue

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from .. import bundle as bundle_mod
 from ..errors import ArgumentError, EdgemtpError
 from .chat import is_chat
-from .detokenizer import IncrementalDecoder, decode_text
+from .detokenizer import IncrementalDecoder, decode_text, is_dropped
 from .draft_length import RecentDraftLengths
 from .drafting import auto_mode, cpu_quantized
 from .heap import release_freed_memory
@@ -179,8 +179,13 @@ class Engine:
         return decode_text(self.tokenizer, ids)
 
     def stops(self, stop=None) -> Stops:
-        """The model's stop tokens and the stop strings `stop` (a string or a list of them)."""
-        return Stops(self.stop_ids, stop_strings(stop), self._text)
+        """The model's stop tokens and the stop strings `stop` (a string or a list of them). A stop string that is
+        a special token ("<|im_end|>", which transformers' stop_strings match) stops at that token: the text,
+        where stop strings are looked for, leaves special tokens out."""
+        strings = stop_strings(stop)
+        ids = [self.tokenizer.token_to_id(s) for s in strings]
+        return Stops(self.stop_ids, strings, self._text,
+                     [i for i in ids if i is not None and is_dropped(self.tokenizer, i)])
 
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:

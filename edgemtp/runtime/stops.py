@@ -40,18 +40,22 @@ TAIL, SLACK = 256, 128  # tokens decoded per check; characters beyond the longes
 
 
 class Stops:
-    """Stop tokens (ids) and stop strings; `decode` turns a row's generated ids into its text."""
+    """Stop tokens (ids) and stop strings; `decode` turns a row's generated ids into its text; `string_ids`: the
+    special tokens that are stop strings ("<|im_end|>"), which the text leaves out (Engine.stops)."""
 
     def __init__(self, ids: Iterable[int] = (), strings: tuple[str, ...] = (),
-                 decode: Callable[[list[int]], str] | None = None):
+                 decode: Callable[[list[int]], str] | None = None, string_ids: Iterable[int] = ()):
         if strings and decode is None:
             raise ValueError("stop strings need a decode function")
         self.ids, self.strings, self.decode = frozenset(ids), tuple(strings), decode
+        self.string_ids = frozenset(string_ids)
 
     def reason(self, tokens: list[int]) -> str:
         """Why a row whose generated tokens are `tokens` stops now ("" if it goes on)."""
         if tokens[-1] in self.ids:
             return "stop token"
+        if tokens[-1] in self.string_ids:
+            return "stop string"
         if self.strings and self._holds(tokens):
             return "stop string"
         return ""
