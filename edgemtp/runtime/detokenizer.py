@@ -44,7 +44,7 @@ def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
             return None
         byte_of[token] = b
     token_of = {b: t for t, b in byte_of.items()}
-    out, run, changed, dropped = [], bytearray(), False, {}
+    out, run, changed = [], bytearray(), False
 
     def flush():
         nonlocal changed
@@ -60,9 +60,7 @@ def _repaired_byte_runs(tokenizer, ids: list[int]) -> list[int] | None:
         if token in byte_of:
             run.append(byte_of[token])
             continue
-        if token not in dropped:  # a special token the decode drops: it never splits a run, as in the decode
-            dropped[token] = is_dropped(tokenizer, token)
-        if dropped[token]:
+        if run and is_dropped(tokenizer, token):  # a special token the decode drops never splits a run
             out.append(token)
             continue
         flush()
