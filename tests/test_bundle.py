@@ -1135,6 +1135,16 @@ CONTRACT = (*TARGET, "contract")
      r"model.eos_token_ids \[1000000000\] must be a list of token ids"),
     (lambda m: m["model"].update(eos_token_ids=1), "model.eos_token_ids 1 must be a list"),
     (lambda m: m["model"].update(bos_token_id="2"), "model.bos_token_id '2' is not a token id"),
+    # ids equal to vocab_size: one past the last row of the logits
+    (lambda m: m["model"].update(eos_token_ids=[96]), r"model.eos_token_ids \[96\] must be a list of token ids below "
+     "vocab_size 96"),
+    (lambda m: m["model"].update(bos_token_id=96), "model.bos_token_id 96 is not a token id below vocab_size 96"),
+    # files the runtime reads but the sha256 pass would not check
+    (_set(("files", "target.onnx.data"), DELETE), "external data 'target.onnx.data' is not listed in the manifest"),
+    (_set(("tokenizer",), "vocab.json"), "field 'tokenizer' names a file not listed in 'files'"),
+    (_set(("chat",), {"template": "chat.jinja"}), "chat.template must name a file listed in 'files'"),
+    (_set(("chat",), {"template": "tokenizer.json", "special_tokens": {"eos": 1}}),
+     "chat.special_tokens must map names to token strings"),
     (lambda m: m["model"].update(vocab_size=0), "model.vocab_size 0 must be a positive whole number"),
     (lambda m: m["model"].update(vocab_size=m["model"]["vocab_size"] + 1),
      "model.vocab_size 97 differs from graphs.target.contract.vocab_size 96"),
