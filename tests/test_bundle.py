@@ -285,6 +285,37 @@ def test_bundle_is_readable_by_others_under_the_usual_umask(tiny_gemma3, tmp_pat
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
 
 
+def test_files_a_writer_made_owner_only_are_readable_by_others_in_the_bundle(tmp_path):
+    """onnxruntime's quantizer writes its external data 0600: atomic_dir gives every file of the bundle, nested
+    ones too, the mode open() makes (0644 under umask 022), or a shared quantized bundle loads for its owner only."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        with bundle.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "sub").mkdir()
+            os.close(os.open(tmp / "sub" / "w.onnx.data", os.O_CREAT | os.O_WRONLY, 0o600))
+            os.close(os.open(tmp / "w.onnx", os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == \
+        {"sub/w.onnx.data": 0o644, "w.onnx": 0o644}
+
+
+def test_a_manifest_names_the_edgemtp_writing_it_not_the_source_bundles(tmp_path):
+    """A quantized copy passes its source bundle's manifest on: its own edgemtp version, format and schema
+    are written, and every file is listed with its size and sha256."""
+    import edgemtp
+
+    (tmp_path / "a.bin").write_bytes(b"xyz")
+    bundle.write_manifest(tmp_path, {"edgemtp_version": "0.0.1", "model": {"vocab_size": 3}})
+    m = json.loads((tmp_path / "edgemtp.json").read_text())
+    assert m == {"format": "edgemtp-bundle", "schema_version": bundle.SCHEMA_VERSION,
+                 "edgemtp_version": edgemtp.__version__, "model": {"vocab_size": 3},
+                 "files": {"a.bin": {"bytes": 3, "sha256": hashlib.sha256(b"xyz").hexdigest()}}}
+
+
 def test_export_refuses_existing_output(tiny_gemma3):
     _, model_dir, b = tiny_gemma3
     with pytest.raises(EdgemtpError, match="already exists"):
