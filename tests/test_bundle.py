@@ -487,6 +487,48 @@ def test_shards_the_index_names_are_read_whole_as_transformers_reads_them(tiny_g
         Checkpoint(d)
 
 
+def test_checkpoint_reads_bf16_and_fp16_as_their_float32_values(tmp_path):
+    """Most checkpoints on the Hub are bf16 (the top half of an fp32) or fp16: read as the float32 values torch
+    holds, and a file cut short (a partial download) is named, not met as a numpy error mid-export."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgemtp.checkpoint import Checkpoint
+
+    values = torch.tensor([[1.0, -2.5, 0.15625], [3.0e38, -1.0e-30, 0.0]])
+    tensors = {"b": values.to(torch.bfloat16), "f": values,
+               "h": torch.tensor([[1.0, -2.5], [65504.0, 6.0e-5]]).to(torch.float16)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    for name, t in tensors.items():
+        got = ckpt[name]
+        assert got.dtype == np.float32, name
+        np.testing.assert_array_equal(got, t.float().numpy(), err_msg=name)
+    np.testing.assert_array_equal(ckpt.rows("b", [1]), tensors["b"][1:].float().numpy())
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-1])
+    with pytest.raises(EdgemtpError, match=r"model.safetensors: truncated \(tensor '.' runs past the end of the file"):
+        Checkpoint(tmp_path)
+
+
+def test_checkpoint_equal_compares_every_row(tmp_path):
+    """Whether a head equals the embedding (tied or not) is read a few rows at a time: a difference in the last
+    rows, or a shape that differs, makes them unequal."""
+    from safetensors.numpy import save_file
+
+    from edgemtp.checkpoint import Checkpoint
+
+    a = np.arange(15, dtype=np.float32).reshape(5, 3)
+    last = a.copy()
+    last[-1, -1] += 1
+    save_file({"a": a, "same": a.copy(), "last": last, "short": a[:4].copy()}, str(tmp_path / "model.safetensors"))
+    ckpt = Checkpoint(tmp_path)
+    for rows in (1, 2, 4096):
+        assert ckpt.equal("a", "same", rows=rows), rows
+        assert not ckpt.equal("a", "last", rows=rows), rows
+        assert not ckpt.equal("a", "short", rows=rows) and not ckpt.equal("short", "a", rows=rows), rows
+
+
 @pytest.mark.parametrize("dtype, name", [(np.int8, "I8"), (np.uint8, "U8")])
 def test_quantized_weights_are_refused(tiny_gemma3, tmp_path, dtype, name):
     """A quantized checkpoint's weights (bitsandbytes' 8-bit: an I8 `weight` of the Linear's shape beside its
