@@ -1510,3 +1510,72 @@ def test_ministral3_rope_defaults_where_config_has_none():
     transformers = pytest.importorskip("transformers")
     want = transformers.Ministral3Config.from_dict(hf).rope_parameters
     assert (want["rope_theta"], want["factor"], want["llama_4_scaling_beta"]) == (1e6, 16.0, 0.1)
+
+
+SIZES = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 30,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def test_gemma3_fields_left_out_are_gemma3_text_configs():
+    """A Gemma 3 config.json gives the sizes and leaves the rest to Gemma3TextConfig: its layer pattern (five
+    sliding, one global), RoPE bases (1e6 global, 1e4 local), attention scale (256 ** -0.5), epsilon, window,
+    head size, positions, BOS and activation. A default read otherwise gives other logits without a word."""
+    import transformers
+
+    from edgemtp.config import FULL, SLIDING, parse_gemma3
+
+    want = transformers.Gemma3TextConfig(**SIZES)
+    cfg = parse_gemma3(dict(SIZES), "x")
+    assert cfg.layer_types == tuple(want.layer_types)
+    assert {t: cfg.rope[t].theta for t in (FULL, SLIDING)} == {t: want.rope_parameters[t]["rope_theta"]
+                                                                for t in (FULL, SLIDING)}
+    assert (cfg.scale, cfg.rms_norm_eps, cfg.sliding_window, cfg.head_dim, cfg.max_position_embeddings,
+            cfg.bos_token_id, cfg.hidden_activation, cfg.final_logit_softcapping) == \
+        (want.query_pre_attn_scalar ** -0.5, want.rms_norm_eps, want.sliding_window, want.head_dim,
+         want.max_position_embeddings, want.bos_token_id, want.hidden_activation, want.final_logit_softcapping)
+
+
+def test_llama_family_fields_left_out_are_the_config_classes():
+    """qwen2's first sliding layer (max_window_layers 28) under use_sliding_window, YaRN's betas and attention
+    factor (Ministral3Config's default RoPE; mscale / mscale_all_dim), ministral3's attention without biases,
+    the default eos only where the vocabulary has it: each as transformers reads it."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from edgemtp.config import FULL, SLIDING, parse_llama
+
+    hf = {**SIZES, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}
+    assert parse_llama(hf, "x").layer_types == tuple(transformers.Qwen2Config(**hf).layer_types) == \
+        (FULL,) * 28 + (SLIDING,) * 2
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 32}
+    for model_type, cls, params in (("ministral3", transformers.Ministral3Config, None),
+                                    ("llama", transformers.LlamaConfig, {**yarn, "mscale": 2.0, "mscale_all_dim": 1.0}),
+                                    ("llama", transformers.LlamaConfig, yarn)):
+        hf = {**SIZES, "model_type": model_type, **({"rope_parameters": params} if params else {})}
+        rope = parse_llama(hf, "x").rope[FULL]
+        _, factor = ROPE_INIT_FUNCTIONS["yarn"](cls(**hf), "cpu")
+        assert rope.scale == pytest.approx(factor), model_type
+        assert (rope.beta_fast, rope.beta_slow) == (32.0, 1.0), model_type
+    assert not parse_llama({**SIZES, "model_type": "ministral3", "attention_bias": True}, "x").attention_bias
+    smollm3 = {**SIZES, "model_type": "smollm3"}  # SmolLM3Config's eos 128001
+    assert parse_llama({**smollm3, "vocab_size": 128_001}, "x").eos_token_ids == ()
+    assert parse_llama({**smollm3, "vocab_size": 128_002}, "x").eos_token_ids == (128_001,)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"eos_token_id": 96}, r"field 'eos_token_id' \[96\] outside the vocabulary of 96"),
+    ({"bos_token_id": 96}, "field 'bos_token_id' 96 outside the vocabulary of 96"),
+    ({"head_dim": 15}, r"head_dim must be even \(rotary embedding\)"),
+    ({"num_key_value_heads": 3}, "num_attention_heads must be a multiple of num_key_value_heads"),
+    ({"rms_norm_eps": -1e-6}, "field 'rms_norm_eps' -1e-06 must not be negative"),
+])
+def test_config_values_no_graph_can_take_are_refused(change, message):
+    """An id one past the vocabulary, heads the rotary embedding or grouped attention cannot split, a negative
+    epsilon: named as config.json is read, not met mid-export or as NaN logits. An epsilon of 0 is allowed."""
+    from edgemtp.config import parse_gemma3, parse_llama
+
+    with pytest.raises(EdgemtpError, match=message):
+        parse_gemma3({**SIZES, **change}, "x")
+    with pytest.raises(EdgemtpError, match=message):
+        parse_llama({**SIZES, "model_type": "llama", **change}, "x")
+    assert parse_llama({**SIZES, "model_type": "llama", "rms_norm_eps": 0.0}, "x").rms_norm_eps == 0.0
