@@ -282,6 +282,8 @@ def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
         np.testing.assert_allclose(w, expected[name], atol=1e-6, err_msg=name)
     assert [d for d, _, _ in calls] == list(range(len(weights) + 1))
     assert {t for _, t, _ in calls} == {len(weights)} and calls[-1][2] in weights
+    # transformers ties by the flag alone: a true one beside the file's output.weight reads the embedding instead
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                                attn_implementation="eager").eval()
@@ -509,6 +511,16 @@ def test_llama3_stops_on_eot_eom_and_end_of_text():
     assert generation_config({"tokenizer.ggml.tokens": ["<s>", "</s>"]}, config)["eos_token_id"] == 1  # Llama 2
 
 
+def test_gemma_stops_on_end_of_turn():
+    """A Gemma 2 / 3 instruct GGUF's eos is <eos> and it has no eot: a chat turn ends with <end_of_turn>, as the
+    model's generation_config says ([1, 106]); a vocabulary without it stops on <eos> alone."""
+    meta = {"tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "a"]}
+    for model_type in ("gemma3_text", "gemma2"):
+        config = {"model_type": model_type, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}
+        assert generation_config(meta, config)["eos_token_id"] == [1, 4]
+        assert generation_config({"tokenizer.ggml.tokens": ["<pad>", "<eos>"]}, config)["eos_token_id"] == 1
+
+
 def test_phi3_stops_on_end():
     """A Phi-3 instruct GGUF's eos is <|endoftext|> and it has no eot: a chat turn ends with <|end|>, where
     llama.cpp stops, as the model's generation_config does ([32000, 32001, 32007])."""
@@ -719,6 +731,8 @@ def test_missing_field_is_named(tmp_path):
      r"GGUF field llama.rope.scaling.attn_factor = 0.5 is not supported with rope.scaling.type 'linear'"),
     ({"general.alignment": 0}, "general.alignment = 0 must be a positive whole number"),
     ({"tokenizer.ggml.bos_token_id": "one"}, "GGUF field tokenizer.ggml.bos_token_id = 'one' must be a whole number"),
+    ({"tokenizer.ggml.eos_token_id": 264},
+     "GGUF field tokenizer.ggml.eos_token_id = 264 is outside the vocabulary of 264"),
     ({"tokenizer.ggml.tokens": "abc"}, "GGUF field tokenizer.ggml.tokens = 'abc' must be a non-empty list of strings"),
     ({"tokenizer.ggml.merges": ["nospace"]},
      r"GGUF field tokenizer.ggml.merges = \['nospace'\] must be a list of 'left right'"),
