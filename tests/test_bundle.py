@@ -221,6 +221,10 @@ def test_version_1_bundles_still_load(tiny_gemma3, tmp_path):
     assert old.manifest["schema_version"] == 1 and not old.target_contract.window_views
     want = Engine.load(tiny_gemma3[2]).generate("t1 t2 t3", max_new_tokens=6).tokens
     assert Engine.load(b).generate("t1 t2 t3", max_new_tokens=6).tokens == want
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    q = json.loads((quantize_bundle(b, tmp_path / "q", "fp16", calibration=None) / "edgemtp.json").read_text())
+    assert q["schema_version"] == bundle.SCHEMA_VERSION  # a copy this edgemtp wrote, whatever its source's
 
 
 def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch):
