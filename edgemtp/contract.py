@@ -78,8 +78,10 @@ class TargetContract:
 
     @property
     def sliding_window(self) -> int | None:
+        """The widest sliding window: a view that starts where the widest window does holds every sliding
+        layer's window (the narrowest would cut the wider layers' oldest positions, if a model ever mixed them)."""
         windows = {s.window for s in self.kv if s.window}
-        return min(windows) if windows else None
+        return max(windows) if windows else None
 
     def window_offset(self, length: int) -> int:
         """Where a one-row pass's sliding layers start reading their buffers, for a row of `length` committed

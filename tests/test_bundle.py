@@ -1583,3 +1583,18 @@ def test_config_values_no_graph_can_take_are_refused(change, message):
     with pytest.raises(EdgemtpError, match=message):
         parse_llama({**SIZES, "model_type": "llama", **change}, "x")
     assert parse_llama({**SIZES, "model_type": "llama", "rms_norm_eps": 0.0}, "x").rms_norm_eps == 0.0
+
+
+def test_window_views_hold_the_widest_sliding_window():
+    """A one-row pass's view of the sliding layers' buffers starts where the widest window starts: with sliding
+    layers of 8 and 16 positions, the 16-wide layer's window must still be inside the view (it began at the
+    8-wide window's start, cutting that layer's oldest 8 positions)."""
+    from edgemtp.contract import KVSlot, TargetContract
+
+    kv = (KVSlot(0, 1, 8, 8), KVSlot(1, 1, 8, 16), KVSlot(2, 1, 8))
+    contract = TargetContract(10, 8, 64, kv, {}, window_views=True)
+    for length in range(64):
+        start = contract.window_offset(length)
+        assert start <= max(0, length - 16)  # the widest window's positions, up to the query's, are in view
+        assert start >= max(0, length - 16 - 8)  # and the view keeps at most a half-window step of the past more
+    assert TargetContract(10, 8, 64, kv, {}).window_offset(40) == 0  # without window views, the whole buffer
