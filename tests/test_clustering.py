@@ -567,3 +567,49 @@ def test_recall_figures_count_the_context():
     assert fig[1]["recall_context"] == pytest.approx(
         (cl.clustered_argmax(h, e, t, 1, context=ctx) == full).mean())  # the head the figure describes
     assert fig[10]["recall"] == fig[10]["recall_context"] == 1.0
+
+
+def test_euclidean_augmentation_ranks_centroids_by_distance():
+    rng = np.random.default_rng(3)
+    rows, cents = rng.standard_normal((50, D)).astype(np.float32), 2 * rng.standard_normal((7, D)).astype(np.float32)
+    aug, cent = cl.euclidean(rows, cents)
+    dist = ((rows[:, None] - cents[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(aug @ cent.T, -0.5 * dist + 0.5 * (rows ** 2).sum(1)[:, None], rtol=1e-4, atol=1e-4)
+    assert np.array_equal((aug @ cent.T).argmax(1), dist.argmin(1))
+
+
+def test_member_means_are_the_weighted_means_of_each_cluster():
+    rng = np.random.default_rng(4)
+    rows, w = rng.standard_normal((30, D)).astype(np.float32), rng.uniform(0.1, 5, 30).astype(np.float32)
+    assign = np.arange(30) % 4  # cluster 4 of 5 stays empty
+    got = cl.member_means(rows, assign, 5, w)
+    for c in range(4):
+        np.testing.assert_allclose(got[c], np.average(rows[assign == c], axis=0, weights=w[assign == c]), rtol=1e-5,
+                                   atol=1e-6)
+    assert not got[4].any()
+    np.testing.assert_allclose(np.linalg.norm(cl.member_means(rows, assign, 4, unit=True), axis=1), 1, rtol=1e-5)
+
+
+def test_weighted_tables_centroids_are_the_weighted_mean_head_rows():
+    e = table(203)
+    w = np.random.default_rng(6).uniform(0.01, 10, 203).astype(np.float32)
+    t = cl.cluster_vocab_weighted(e, 10, np.eye(D, dtype=np.float32), w)
+    np.testing.assert_allclose(t.centroids, cl.member_means(e, t.cluster_of(), 10, w), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(t.centroids, cl.member_means(e, t.cluster_of(), 10), atol=1e-3)
+
+
+def test_a_full_cluster_keeps_its_best_proposers():
+    ids = np.array([[0, 1], [0, 1], [0, 1]])
+    scores = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 0.0]], np.float32)
+    room = np.array([2, 1])
+    assert cl.place_in_rounds(ids, scores, room).tolist() == [1, 0, 0] and room.tolist() == [0, 0]
+
+
+def test_balancing_moves_the_light_row_and_keeps_the_heavy_one():
+    """Two rows want cluster 0, which has room for one: unweighted the closer one keeps it; weighted, the
+    heavy one does, though it scores a little lower."""
+    rows = np.array([[1.0, 0.0], [0.9, 0.1]], np.float32)
+    cents, sizes = np.eye(2, dtype=np.float32), np.array([1, 1])
+    assert cl.balanced_assign(rows, cents, sizes).tolist() == [0, 1]
+    assert cl.balanced_assign(rows, cents, sizes, weights=np.array([1.0, 10.0], np.float32)).tolist() == [1, 0]
+
