@@ -613,3 +613,33 @@ def test_balancing_moves_the_light_row_and_keeps_the_heavy_one():
     assert cl.balanced_assign(rows, cents, sizes).tolist() == [0, 1]
     assert cl.balanced_assign(rows, cents, sizes, weights=np.array([1.0, 10.0], np.float32)).tolist() == [1, 0]
 
+
+def test_targets_are_the_argmax_cluster_mixed_with_the_top_mass():
+    from edgemtp.calibration import centroids as ce
+    cluster_of = np.array([0, 1, 1, 2])
+    ids = np.array([[3, 1, 2], [0, 3, 1]])
+    probs = np.array([[0.5, 0.25, 0.25], [0.2, 0.2, 0.1]], np.float32)
+    cols, w = ce.targets(ids, probs, cluster_of)
+    assert cols.tolist() == [[2], [0]] and w.tolist() == [[1.0], [1.0]]
+    cols, w = ce.targets(ids, probs, cluster_of, soft=0.5)
+    assert cols.tolist() == [[2, 2, 1, 1], [0, 0, 2, 1]]
+    np.testing.assert_allclose(w, [[0.5, 0.25, 0.125, 0.125], [0.5, 0.2, 0.2, 0.1]], rtol=1e-6)
+
+
+def test_hidden_metric_is_the_square_root_of_the_second_moment():
+    from edgemtp.calibration import centroids as ce
+    h = hidden(200) @ np.random.default_rng(2).standard_normal((D, D)).astype(np.float32)
+    m = ce.hidden_metric(h)
+    np.testing.assert_allclose(m, m.T, atol=1e-4)
+    np.testing.assert_allclose(m @ m, h.astype(np.float64).T @ h / len(h), rtol=1e-3, atol=1e-2)
+
+
+def test_packed_tables_pack_the_given_domain():
+    """The domain given (here not the predicted tokens) is what fills clusters of its own."""
+    from edgemtp.calibration import centroids as ce
+    e = table(203)
+    h, ids, probs, _ = calibration_data(e)
+    domain = np.zeros(203, bool)
+    domain[::3] = True  # 68 tokens, predicted or not
+    t = ce.packed_tables(e, 10, h, ids, probs, domain, epochs=1, swap=False)
+    assert len(groups_of(t, np.flatnonzero(domain))) <= -(-68 // 21) + 1
