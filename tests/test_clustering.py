@@ -643,3 +643,31 @@ def test_packed_tables_pack_the_given_domain():
     domain[::3] = True  # 68 tokens, predicted or not
     t = ce.packed_tables(e, 10, h, ids, probs, domain, epochs=1, swap=False)
     assert len(groups_of(t, np.flatnonzero(domain))) <= -(-68 // 21) + 1
+
+
+def test_recall_figures_are_their_definitions_under_a_softcap():
+    """mass: the softmax probability (of the softcapped logits) the k best clusters hold; mac_ratio: the full
+    head's multiply-adds over the clustered head's (centroids, then k clusters of M rows)."""
+    from edgemtp.calibration.head_report import recall_figures
+    e, h = table(203), hidden(30)
+    t = cl.cluster_vocab(e, 10)
+    fig = recall_figures(h, e, t, top_ks=(1, 3), softcap=2.0)
+    z = 2.0 * np.tanh((h @ e.T) / 2.0)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    m = t.per_cluster
+    for k in (1, 3):
+        picked = cl.select_clusters(h, t.centroids, k)
+        inside = (t.cluster_of()[None, :, None] == picked[:, None, :]).any(2)  # [N, V]
+        assert fig["k"][k]["mass"] == pytest.approx(float((p * inside).sum(1).mean()), rel=1e-4)
+        assert fig["k"][k]["mac_ratio"] == pytest.approx(203 * D / (10 * D + k * m * D))
+        assert fig["k"][k]["recall"] == pytest.approx((cl.clustered_argmax(h, e, t, k) == z.argmax(1)).mean())
+
+
+def test_recall_report_refuses_tables_of_another_model(tmp_path):
+    from edgemtp.calibration import head_report as hr
+    hr.cluster_model(model_dir(tmp_path, table(203)), tmp_path / "out", clusters=10, top_k=3, calibration="none")
+    (tmp_path / "other").mkdir()
+    other = model_dir(tmp_path / "other", table(210))
+    with pytest.raises(EdgemtpError, match="tables are for vocab 203 x hidden 16, the model .* has 210 x 16"):
+        hr.recall_report(other, tmp_path / "out", hidden(5))
