@@ -1702,3 +1702,30 @@ def test_a_repetition_penalty_reaches_the_mtp_drafts(setup):
         assert q is None and drafts == manual
         changed += drafts != session.propose(prompt, 4, DraftContext(0, hidden[0, -1], cache, Sampling(), ctx.rng))[0]
     assert changed
+
+
+def test_acceptance_counts_a_draft_only_after_right_ones(monkeypatch):
+    """rate[k]: right drafts k over the positions where drafts 1..k-1 were all right (and k's label is known);
+    tokens_per_round = 1 + sum_k prod_{j<=k} rate[j]. Fed fixed picks through a stand-in for `unroll`."""
+    from edgemtp.drafter import loss as L
+
+    T, V = 8, 10
+    right = {1: {0, 1, 2, 5}, 2: {0, 3, 5}, 3: {0}}  # queries i whose draft at that step is right (label i + step)
+
+    def unroll(model, emb, b, k):
+        for step in range(1, k + 1):
+            idx = torch.arange(T - 1)
+            pick = torch.tensor([i + step if i in right[step] else V - 1 for i in range(T - 1)])
+            valid = idx + step <= T - 1
+            yield step, torch.nn.functional.one_hot(pick, V).float()[None], valid[None], idx[None]
+
+    class Model:
+        def logits(self, s, head):
+            return s
+
+    monkeypatch.setattr(L, "unroll", unroll)
+    cache = {"ids": np.zeros((1, T), np.int64), "top_ids": np.arange(T)[None, :, None]}
+    got = L.acceptance(Model(), torch.zeros(V, 4), cache, 3)
+    # step 1: 4 of 7; step 2: after {0, 1, 2, 5}, right at 0 and 5; step 3: after {0} (5 is past the window)
+    assert got == {"rate": [round(4 / 7, 4), 0.5, 1.0], "tokens_per_round": round(1 + 4 / 7 + 2 / 7 + 2 / 7, 3),
+                   "positions": 7}
