@@ -1729,3 +1729,28 @@ def test_acceptance_counts_a_draft_only_after_right_ones(monkeypatch):
     # step 1: 4 of 7; step 2: after {0, 1, 2, 5}, right at 0 and 5; step 3: after {0} (5 is past the window)
     assert got == {"rate": [round(4 / 7, 4), 0.5, 1.0], "tokens_per_round": round(1 + 4 / 7 + 2 / 7 + 2 / 7, 3),
                    "positions": 7}
+
+
+def test_windows_follow_the_seed_and_use_every_chunk(tmp_path):
+    from types import SimpleNamespace
+
+    class CharTokenizer:
+        def encode_batch(self, texts, add_special_tokens=False):
+            return [SimpleNamespace(ids=[ord(c) for c in t]) for t in texts]
+
+    docs = []
+    for i in range(3):
+        path = tmp_path / f"m{i}.py"
+        path.write_text("".join(chr(256 + 40 * i + j) for j in range(40)))  # 10 chunks of 4 each, exactly
+        docs.append(D.Document("code", path.name, path))
+    every = D.windows(CharTokenizer(), docs, 5, 30, 0, 1)
+    assert sorted(map(tuple, every[:, 1:])) == [tuple(range(256 + 4 * c, 260 + 4 * c)) for c in range(30)]
+    a, b = (D.windows(CharTokenizer(), docs, 5, 12, s, 1) for s in (0, 1))
+    assert np.array_equal(a, D.windows(CharTokenizer(), docs, 5, 12, 0, 1)) and not np.array_equal(a, b)
+    with pytest.raises(EdgemtpError, match="only 30 windows"):
+        D.windows(CharTokenizer(), docs, 5, 31, 0, 1)
+
+
+def test_heldout_is_a_tenth_of_the_paths():
+    held = [D.split_of("docs", f"library/m{i}.txt") for i in range(20000)]
+    assert 0.094 < held.count("heldout") / len(held) < 0.106  # 3 sigma; 11% (<= 10 held out) is outside
