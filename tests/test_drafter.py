@@ -1754,3 +1754,27 @@ def test_windows_follow_the_seed_and_use_every_chunk(tmp_path):
 def test_heldout_is_a_tenth_of_the_paths():
     held = [D.split_of("docs", f"library/m{i}.txt") for i in range(20000)]
     assert 0.094 < held.count("heldout") / len(held) < 0.106  # 3 sigma; 11% (<= 10 held out) is outside
+
+
+def test_every_training_option_is_in_the_run_record():
+    """--resume continues only the run its weights follow from: each TrainSpec field but how often it evaluates
+    or checkpoints changes the record."""
+    import dataclasses
+
+    from edgemtp.drafter.run_files import run_record
+    from edgemtp.drafter.train import DataSpec
+
+    base = run_record(0, DataSpec(), TrainSpec(), _Cfg())
+    for f in dataclasses.fields(TrainSpec):
+        other = run_record(0, DataSpec(), dataclasses.replace(TrainSpec(), **{f.name: f.default + 1}), _Cfg())
+        assert (other == base) == (f.name in ("eval_every", "ckpt_every")), f.name
+
+
+def test_batches_cover_each_epoch_in_a_seeded_order():
+    from edgemtp.drafter.train import batch_rows
+
+    epochs = [np.concatenate([batch_rows(e * 5 + i, 20, 4, 7) for i in range(5)]) for e in range(2)]
+    assert all(sorted(rows.tolist()) == list(range(20)) for rows in epochs)
+    assert not np.array_equal(*epochs)  # another order each epoch
+    assert not np.array_equal(batch_rows(0, 20, 4, 7), batch_rows(0, 20, 4, 8))
+    assert np.array_equal(batch_rows(6, 20, 4, 7), batch_rows(6, 20, 4, 7))
