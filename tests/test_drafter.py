@@ -1778,3 +1778,19 @@ def test_batches_cover_each_epoch_in_a_seeded_order():
     assert not np.array_equal(*epochs)  # another order each epoch
     assert not np.array_equal(batch_rows(0, 20, 4, 7), batch_rows(0, 20, 4, 8))
     assert np.array_equal(batch_rows(6, 20, 4, 7), batch_rows(6, 20, 4, 7))
+
+
+def test_cache_keys_see_the_windows_shape_and_a_tensors_last_bytes(tmp_path):
+    from safetensors.numpy import save_file
+
+    from edgemtp.drafter.cache import fingerprint, target_identity
+
+    ids = np.arange(12)
+    assert fingerprint(ids.reshape(3, 4)) != fingerprint(ids.reshape(4, 3))  # the same ids, other windows
+    assert fingerprint(ids.reshape(3, 4), 5) != fingerprint(ids.reshape(3, 4), 6)
+    for name, last in (("a", 0.0), ("b", 1.0)):
+        big = np.zeros(1_000_003, np.float32)
+        big[-1] = last  # an edit confined to the end of one large tensor
+        (tmp_path / name).mkdir()
+        save_file({"a.proj": big}, str(tmp_path / name / "model.safetensors"))
+    assert target_identity(tmp_path / "a") != target_identity(tmp_path / "b")
