@@ -1794,3 +1794,21 @@ def test_cache_keys_see_the_windows_shape_and_a_tensors_last_bytes(tmp_path):
         (tmp_path / name).mkdir()
         save_file({"a.proj": big}, str(tmp_path / name / "model.safetensors"))
     assert target_identity(tmp_path / "a") != target_identity(tmp_path / "b")
+
+
+def test_a_drafter_reading_other_kv_layers_is_refused(setup, tmp_path):
+    """The same sizes but other target layers for its KV: refused by export and by add_to_bundle."""
+    from edgemtp.exporters import export
+
+    model_dir, bundle = setup[0], setup[1]
+    drafter_dir = tmp_path / "d"
+    tiny_drafter(model_dir, drafter_dir)
+    cfg = json.loads((drafter_dir / "config.json").read_text())
+    cfg["target_kv"] = {t: layer + 1 for t, layer in cfg["target_kv"].items()}
+    (drafter_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgemtpError, match=r"drafter does not match this target .*KV layers"):
+        export(model_dir, tmp_path / "b", capacity=64, drafter=drafter_dir)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    with pytest.raises(EdgemtpError, match=r"drafter was trained for another target .*kv layers"):
+        X.add_to_bundle(copy, drafter_dir)
