@@ -1812,3 +1812,15 @@ def test_a_drafter_reading_other_kv_layers_is_refused(setup, tmp_path):
     shutil.copytree(bundle, copy)
     with pytest.raises(EdgemtpError, match=r"drafter was trained for another target .*kv layers"):
         X.add_to_bundle(copy, drafter_dir)
+
+
+def test_greedy_rows_of_another_prompt_length_are_not_reused(tiny_gemma3, tmp_path):
+    """--greedy-from is part of the cache's key: rows continued from 7 tokens are not what 10 asks for."""
+    from edgemtp.drafter.greedy import continue_greedily
+
+    windows = np.random.default_rng(6).integers(3, 96, size=(2, 16))
+    windows[:, 0] = 2
+    first = continue_greedily(tiny_gemma3[1], windows, 7, tmp_path / "g")
+    again = continue_greedily(tiny_gemma3[1], windows, 10, tmp_path / "g")
+    assert not np.array_equal(first[:, 7:10], windows[:, 7:10])  # the rows differ where the prompts do
+    np.testing.assert_array_equal(again[:, :10], windows[:, :10])
