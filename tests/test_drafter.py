@@ -1824,3 +1824,25 @@ def test_greedy_rows_of_another_prompt_length_are_not_reused(tiny_gemma3, tmp_pa
     again = continue_greedily(tiny_gemma3[1], windows, 10, tmp_path / "g")
     assert not np.array_equal(first[:, 7:10], windows[:, 7:10])  # the rows differ where the prompts do
     np.testing.assert_array_equal(again[:, :10], windows[:, :10])
+
+
+def test_target_pass_cache_is_for_its_own_top_k(setup, tmp_path):
+    from edgemtp.drafter.target_pass import prepare
+
+    model_dir, _, drafter, ids = setup
+    assert prepare(TargetPass(model_dir, drafter.cfg, None, topk=4), ids, tmp_path / "c")["top_ids"].shape[-1] == 4
+    again = prepare(TargetPass(model_dir, drafter.cfg, None, topk=8), ids, tmp_path / "c")["top_ids"]
+    assert again.shape[-1] == 8
+
+
+def test_target_pass_with_a_shortlist_gives_vocabulary_ids(setup):
+    """A head shortlist (the corpora's tokens): the labels are the best shortlisted tokens as vocabulary ids,
+    not their places in the shortlist."""
+    model_dir, _, drafter, ids = setup
+    full = TargetPass(model_dir, drafter.cfg, None, topk=drafter.cfg.vocab_size).run(ids)
+    short = TargetPass(model_dir, drafter.cfg, np.arange(0, drafter.cfg.vocab_size, 2), topk=5).run(ids)
+    even = full["top_ids"] % 2 == 0
+    want = full["top_ids"][even].reshape(ids.shape + (-1,))[..., :5]
+    np.testing.assert_array_equal(short["top_ids"], want)
+    np.testing.assert_allclose(short["top_logits"], full["top_logits"][even].reshape(want.shape[:-1] + (-1,))[..., :5],
+                               rtol=1e-5, atol=1e-5)
