@@ -1846,3 +1846,18 @@ def test_target_pass_with_a_shortlist_gives_vocabulary_ids(setup):
     np.testing.assert_array_equal(short["top_ids"], want)
     np.testing.assert_allclose(short["top_logits"], full["top_logits"][even].reshape(want.shape[:-1] + (-1,))[..., :5],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_draft_sees_only_the_committed_cache_rows(setup):
+    """make_view: a query at committed length L attends to cache rows j < L (and j > L - window on sliding
+    layers), never row L or later: in training the cache holds the whole window, the future included."""
+    cfg = setup[2].cfg
+    positions = torch.tensor([[1, 4, 9, 12]])
+    view = M.make_view(cfg, {}, positions, 14)
+    j = torch.arange(14)
+    for t in set(cfg.layer_types):
+        want = j[None, :] < positions[0, :, None]
+        if cfg.window(t):
+            want &= j[None, :] > positions[0, :, None] - cfg.window(t)
+        assert torch.equal(view.bias[t][0, 0] == 0, want), t
+    assert any(cfg.window(t) and cfg.window(t) < 12 for t in cfg.layer_types)  # a window that cuts in
