@@ -1047,7 +1047,8 @@ def test_calibration_caps_gemma2_logits_by_its_default(tmp_path):
     from edgemtp.calibration.model_files import logit_softcap
 
     for config, cap in (({"model_type": "gemma2"}, 30.0), ({"model_type": "gemma2", "final_logit_softcapping": None},
-                                                           None), ({"model_type": "llama"}, None)):
+                                                           None), ({"model_type": "llama"}, None),
+                        ({"model_type": "gemma3", "text_config": {"final_logit_softcapping": 25.0}}, 25.0)):
         (tmp_path / "config.json").write_text(json.dumps(config))
         assert logit_softcap(tmp_path) == cap, config
 
