@@ -1056,6 +1056,21 @@ def test_token_windows_spread_over_the_text():
     assert w[0, 1] == 0 and w[-1, -1] == 998  # first and last whole chunks of 9
     with pytest.raises(EdgemtpError, match="fewer than one window"):
         A.token_windows([1, 2], 10, 3, bos=None)
+    assert A.token_windows(list(range(121)), 11, 4, bos=None)[:, 0].tolist() == [0, 33, 77, 110]  # chunks 0, 3, 7, 10
+
+
+def test_activation_stats_are_the_running_moments():
+    """What the quantizer scales and GPTQ read: max |x|, mean x^2 and E[x x^T] per channel over every position."""
+    rng = np.random.default_rng(4)
+    parts = [rng.standard_normal((2, 5, 6)).astype(np.float32) - 0.5, rng.standard_normal((1, 3, 6)).astype(np.float32)]
+    s = A.Stats(0, np.zeros(6, np.float32), np.zeros(6), np.zeros((6, 6), np.float32))
+    for x in parts:
+        s.add(x)
+    x = np.concatenate([p.reshape(-1, 6) for p in parts]).astype(np.float64)
+    assert s.count == 13
+    np.testing.assert_array_equal(s.amax, np.abs(x).max(0).astype(np.float32))
+    np.testing.assert_allclose(s.mean_square, (x ** 2).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(s.hessian, x.T @ x / 13, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ evaluate()
