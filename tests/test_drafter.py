@@ -1861,3 +1861,21 @@ def test_a_draft_sees_only_the_committed_cache_rows(setup):
             want &= j[None, :] > positions[0, :, None] - cfg.window(t)
         assert torch.equal(view.bias[t][0, 0] == 0, want), t
     assert any(cfg.window(t) and cfg.window(t) < 12 for t in cfg.layer_types)  # a window that cuts in
+
+
+def test_head_tables_that_do_not_fit_the_drafter_are_refused(setup, tmp_path):
+    """Tables for another hidden size, or a --draft-top-k above their clusters: named, before any bundle."""
+    from edgemtp.calibration.clustering import cluster_vocab
+    from edgemtp.calibration.head_report import save_head
+    from edgemtp.exporters import export
+
+    drafter_dir = tmp_path / "d"
+    clustered_drafter(setup[0], drafter_dir, clusters=8)
+    too_many = r"--draft-top-k 9 must be 0 \(the full head\) or between 1 and the head's 8 clusters"
+    with pytest.raises(EdgemtpError, match=too_many):
+        export(setup[0], tmp_path / "b", capacity=64, drafter=drafter_dir, drafter_top_k=9)
+    other = np.random.default_rng(0).standard_normal((96, 8)).astype(np.float32)
+    save_head(drafter_dir, cluster_vocab(other, 8), {"clusters": 8, "top_k": 3})
+    with pytest.raises(EdgemtpError, match=r"head tables are for vocab 96, hidden 8; the drafter has vocab 96, hidden"):
+        export(setup[0], tmp_path / "b", capacity=64, drafter=drafter_dir)
+    assert not (tmp_path / "b").exists()
