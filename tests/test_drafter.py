@@ -1879,3 +1879,29 @@ def test_head_tables_that_do_not_fit_the_drafter_are_refused(setup, tmp_path):
     with pytest.raises(EdgemtpError, match=r"head tables are for vocab 96, hidden 8; the drafter has vocab 96, hidden"):
         export(setup[0], tmp_path / "b", capacity=64, drafter=drafter_dir)
     assert not (tmp_path / "b").exists()
+
+
+def test_one_other_fingerprint_row_marks_another_model(setup, tmp_path):
+    """The least cosine over the fingerprint's rows decides: one row of 16 at cosine ~0.9 (a mean of ~0.99)
+    is another model."""
+    from safetensors.numpy import load_file, save_file
+
+    from edgemtp.drafter import fingerprint_ids, recognises, trained_for_another, write_fingerprint
+
+    model_dir = setup[0]
+    tiny_drafter(model_dir, tmp_path / "d")
+    write_fingerprint(tmp_path / "d", model_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    weights_file = next(copy.glob("*.safetensors"))
+    weights = load_file(str(weights_file))
+    key = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    emb = weights[key].astype(np.float32)
+    row = fingerprint_ids(len(emb))[3]
+    u = np.random.default_rng(0).standard_normal(emb.shape[1])
+    u -= (u @ emb[row]) / (emb[row] @ emb[row]) * emb[row]
+    emb[row] += 0.5 * np.linalg.norm(emb[row]) * u / np.linalg.norm(u)  # cosine 1 / sqrt(1.25) = 0.894
+    weights[key] = emb.astype(weights[key].dtype)
+    save_file(weights, str(weights_file))
+    assert recognises(tmp_path / "d", model_dir) and not trained_for_another(tmp_path / "d", model_dir)
+    assert not recognises(tmp_path / "d", copy) and trained_for_another(tmp_path / "d", copy)
