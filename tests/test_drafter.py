@@ -548,6 +548,21 @@ def test_mismatched_drafter_is_refused(setup, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def _edit_config(d, edit):
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _shrink_a_norm(d):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(d / "model.safetensors"))
+    name = next(k for k in sorted(weights) if "norm" in k and weights[k].dim() == 1)
+    weights[name] = weights[name][:-1].clone()
+    save_file(weights, str(d / "model.safetensors"))
+
+
 def _drop_field(name):
     def edit(d):
         cfg = json.loads((d / "config.json").read_text())
@@ -573,6 +588,9 @@ def test_a_negative_draft_top_k_is_named_first(setup, tmp_path):
     (lambda d: (d / "model.safetensors").write_bytes(b"\x05" * 16), "model.safetensors: not a valid safetensors file"),
     (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
     (lambda d: (d / "head.safetensors").write_bytes(b"\xff" * 64), "head.safetensors: not valid head tables"),
+    (lambda d: _edit_config(d, lambda c: c["target_kv"].pop(c["layer_types"][0])),
+     "config.json: field 'target_kv' .* must map each of its layer types to a target layer"),
+    (_shrink_a_norm, r"tensor '.*norm.*' has shape \[\d+\]"),
 ])
 def test_broken_drafter_directory_is_named(setup, tmp_path, damage, message):
     """export --drafter with a damaged drafter directory: one error naming the file (and field), no bundle."""
