@@ -1923,3 +1923,18 @@ def test_one_other_fingerprint_row_marks_another_model(setup, tmp_path):
     save_file(weights, str(weights_file))
     assert recognises(tmp_path / "d", model_dir) and not trained_for_another(tmp_path / "d", model_dir)
     assert not recognises(tmp_path / "d", copy) and trained_for_another(tmp_path / "d", copy)
+
+
+def test_resuming_a_fine_tuning_run_continues_it(tiny_gemma3, tmp_path):
+    """--init with --resume: the checkpoint's weights go on, not --init's again (the same weights as a run
+    never interrupted)."""
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 16, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
+    kw = dict(data=data, seed=0, shape=dict(hidden=16, intermediate=32, num_layers=1),
+              spec=TrainSpec(batch=4, warmup=2, negatives=32, ckpt_every=3, eval_every=1000))
+    train_drafter(model_dir, tmp_path / "init", steps=2, **kw)
+    train_drafter(model_dir, tmp_path / "a", steps=6, init=tmp_path / "init", **kw)
+    assert train_drafter(model_dir, tmp_path / "b", steps=6, stop_at=3, init=tmp_path / "init", **kw) is None
+    train_drafter(model_dir, tmp_path / "b", steps=6, resume=True, init=tmp_path / "init", **kw)
+    a, b = M.load(tmp_path / "a").state_dict(), M.load(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
