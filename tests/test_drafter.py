@@ -1938,3 +1938,21 @@ def test_resuming_a_fine_tuning_run_continues_it(tiny_gemma3, tmp_path):
     train_drafter(model_dir, tmp_path / "b", steps=6, resume=True, init=tmp_path / "init", **kw)
     a, b = M.load(tmp_path / "a").state_dict(), M.load(tmp_path / "b").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loss_leaves_out_negatives_that_are_the_positions_own_tokens(setup):
+    """Shared negatives that are among a position's own target tokens are masked there: with every token one
+    of each position's own, any set of negatives gives the same loss."""
+    from edgemtp.drafter.loss import loss_fn
+    from edgemtp.drafter.target_pass import to_torch
+
+    model_dir, _, drafter, ids = setup
+    vocab = drafter.cfg.vocab_size
+    b = to_torch(TargetPass(model_dir, drafter.cfg, None, topk=vocab).run(ids), slice(0, len(ids)))
+    emb = M.target_embedding(model_dir).float()
+    spec = TrainSpec(k=2, loss_topk=vocab)
+    with torch.no_grad():
+        few, _ = loss_fn(drafter, emb, b, spec, torch.tensor([5]))
+        every, _ = loss_fn(drafter, emb, b, spec, torch.arange(vocab))
+    torch.testing.assert_close(every, few)
+    assert float(few) > 0
