@@ -1956,3 +1956,24 @@ def test_the_loss_leaves_out_negatives_that_are_the_positions_own_tokens(setup):
         every, _ = loss_fn(drafter, emb, b, spec, torch.arange(vocab))
     torch.testing.assert_close(every, few)
     assert float(few) > 0
+
+
+def test_a_drafter_reading_the_targets_kv_layers_for_other_layer_types_is_refused(setup, tmp_path):
+    """The target's KV layers, swapped between its layer types (its sliding layers would read a full layer's
+    cache and the other way round): the same set of layers, still not this target's drafter."""
+    from edgemtp.exporters import export
+
+    model_dir, bundle = setup[0], setup[1]
+    drafter_dir = tmp_path / "d"
+    tiny_drafter(model_dir, drafter_dir)
+    cfg = json.loads((drafter_dir / "config.json").read_text())
+    (a, la), (b, lb) = cfg["target_kv"].items()
+    assert la != lb
+    cfg["target_kv"] = {a: lb, b: la}
+    (drafter_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgemtpError, match=r"drafter does not match this target .*KV layers"):
+        export(model_dir, tmp_path / "b", capacity=64, drafter=drafter_dir)
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    with pytest.raises(EdgemtpError, match=r"drafter was trained for another target .*kv layers"):
+        X.add_to_bundle(copy, drafter_dir)
