@@ -512,3 +512,18 @@ def test_the_plot_draws_only_the_series_that_ran(tmp_path, monkeypatch):
              "skipped": None, **measures} for b, k, d in ((1, 0, "none"), (1, 2, "mtp"), (2, 0, "none"))]
     report.plot({"rows": rows, "ceiling": {"tg_tokens_per_s": 1.0}}, tmp_path / "p.png")
     assert drawn == [("mtp, batch 1, prompt 8", [0, 2]), ("none, batch 2, prompt 8", [0])]
+
+
+def test_a_rows_json_is_the_mean_and_sample_deviation_of_its_runs():
+    """Each measure is shown as mean ± the sample standard deviation over the timed runs (llama-bench's)."""
+    import math
+
+    from edgemtp.runtime import profile as prof
+
+    row = prof.Row(prof.RowConfig(0, 1, 8, 4, "cpu", "none"), pp_tokens_per_s=[1.0, 2.0, 6.0],
+                   tg_tokens_per_s=[4.0], ttft_s=[0.5, 1.5])
+    out = row.to_json()
+    # mean 3; squared deviations 4 + 1 + 9 over n - 1 = 2 runs
+    assert out["pp_tokens_per_s"] == pytest.approx({"mean": 3.0, "std": math.sqrt(7)})
+    assert out["tg_tokens_per_s"] == {"mean": 4.0, "std": 0.0}  # one run: no spread
+    assert out["ttft_s"] == pytest.approx({"mean": 1.0, "std": math.sqrt(0.5)})
