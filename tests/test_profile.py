@@ -527,3 +527,26 @@ def test_a_rows_json_is_the_mean_and_sample_deviation_of_its_runs():
     assert out["pp_tokens_per_s"] == pytest.approx({"mean": 3.0, "std": math.sqrt(7)})
     assert out["tg_tokens_per_s"] == {"mean": 4.0, "std": 0.0}  # one run: no spread
     assert out["ttft_s"] == pytest.approx({"mean": 1.0, "std": math.sqrt(0.5)})
+
+
+def test_a_rows_acceptance_adds_up_over_its_timed_runs(monkeypatch):
+    """Acceptance is the accepted drafts over the drafted ones of every timed run (not the warm-up's), and per
+    draft position likewise."""
+    from edgemtp.runtime import profile as prof
+
+    runs = iter([(50, 50, [25, 25], [25, 25]), (10, 6, [6, 4], [5, 1]), (20, 9, [12, 8], [7, 2])])
+
+    class FakeSpeculative:
+        def __init__(self, *a, **k):
+            pass
+
+        def generate(self, prompts, n, sampling, stop_ids=(), stats=None):
+            stats.drafted, stats.accepted, stats.drafted_at, stats.accepted_at = next(runs)
+            stats.prefill_tokens, stats.prefill_s, stats.decode_tokens, stats.decode_s, stats.rounds = 8, 1, 9, 1, 5
+
+    engine = type("FakeEngine", (), {"encode": lambda self, text: list(range(300)), "target": None,
+                                     "bundle": None, "drafter": lambda self, *a: None})()
+    monkeypatch.setattr(prof, "Speculative", FakeSpeculative)
+    row = prof.run_row(engine, prof.RowConfig(2, 1, 8, 10, "cpu", "lookup"), 2, None)
+    assert row.acceptance_rate == pytest.approx(15 / 30)
+    assert row.acceptance_by_position == pytest.approx([12 / 18, 3 / 12])
