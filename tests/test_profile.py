@@ -550,3 +550,16 @@ def test_a_rows_acceptance_adds_up_over_its_timed_runs(monkeypatch):
     row = prof.run_row(engine, prof.RowConfig(2, 1, 8, 10, "cpu", "lookup"), 2, None)
     assert row.acceptance_rate == pytest.approx(15 / 30)
     assert row.acceptance_by_position == pytest.approx([12 / 18, 3 / 12])
+
+
+def test_speedups_are_tg_over_the_plain_row_of_the_same_batch_and_prompt():
+    from edgemtp.runtime import profile as prof
+
+    def row(k, batch, prompt, tg, pp=1000.0, skipped=None):
+        return {"draft_k": k, "batch": batch, "prompt_tokens": prompt, "drafter": "lookup" if k else "none",
+                "head": "", "adaptive": False, "skipped": skipped, "tg_tokens_per_s": {"mean": tg, "std": 0.0},
+                "pp_tokens_per_s": {"mean": pp, "std": 0.0}}
+
+    rows = [row(0, 1, 8, 20.0), row(2, 1, 8, 30.0), row(0, 1, 64, 10.0, pp=500.0), row(2, 1, 64, 5.0),
+            row(0, 2, 8, 40.0, skipped="no"), row(2, 2, 8, 50.0)]  # no plain row ran at batch 2: no speedup
+    assert [(s["prompt_tokens"], s["speedup"]) for s in prof.speedups({"rows": rows})] == [(8, 1.5), (64, 0.5)]
