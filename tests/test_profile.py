@@ -563,3 +563,25 @@ def test_speedups_are_tg_over_the_plain_row_of_the_same_batch_and_prompt():
     rows = [row(0, 1, 8, 20.0), row(2, 1, 8, 30.0), row(0, 1, 64, 10.0, pp=500.0), row(2, 1, 64, 5.0),
             row(0, 2, 8, 40.0, skipped="no"), row(2, 2, 8, 50.0)]  # no plain row ran at batch 2: no speedup
     assert [(s["prompt_tokens"], s["speedup"]) for s in prof.speedups({"rows": rows})] == [(8, 1.5), (64, 0.5)]
+
+
+def test_peak_rss_is_in_mib_whatever_the_source():
+    """/proc's VmHWM is in KiB; getrusage's ru_maxrss in KiB on Linux and in bytes on macOS."""
+    import types
+
+    from edgemtp.runtime import profile as prof
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prof, "_proc_status_kib", lambda: {"VmHWM": 3 * 1024, "VmRSS": 1024})
+        assert prof.peak_rss_mb() == 3.0
+
+    def no_proc():
+        raise FileNotFoundError(2, "No such file or directory", "/proc/self/status")
+
+    usage = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=5 * 2**20))
+    for platform, want in (("linux", 5 * 1024), ("darwin", 5.0)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(prof, "_proc_status_kib", no_proc)
+            mp.setattr(prof, "resource", usage)
+            mp.setattr(prof.sys, "platform", platform)
+            assert prof.peak_rss_mb() == want, platform
