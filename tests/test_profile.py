@@ -585,3 +585,50 @@ def test_peak_rss_is_in_mib_whatever_the_source():
             mp.setattr(prof, "resource", usage)
             mp.setattr(prof.sys, "platform", platform)
             assert prof.peak_rss_mb() == want, platform
+
+
+def test_the_ceiling_is_the_measured_bandwidth_over_the_bytes_a_step_reads(tiny_gemma3, monkeypatch):
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.runtime import bandwidth
+    from edgemtp.runtime import profile as prof
+
+    b = bundle_mod.load(tiny_gemma3[2], verify=False)
+    monkeypatch.setattr(bandwidth, "measure_bandwidth", lambda threads=None: 2.5e9)
+    weights = b.manifest["files"]["target.onnx.data"]["bytes"]
+    b.manifest["files"]["drafter.onnx.data"] = {"bytes": 12345}  # a drafter's weights: plain decoding reads none
+    assert prof.ceiling(b, None) == pytest.approx({"bandwidth_gb_s": 2.5, "weight_bytes": weights,
+                                                   "tg_tokens_per_s": 2.5e9 / weights})
+
+
+def test_the_bandwidth_is_the_fastest_kernels_median_read(monkeypatch):
+    """Each kernel's median over the repeats (the single fastest read is a burst on a shared machine), then
+    the fastest kernel: bytes over its seconds."""
+    from edgemtp.runtime import bandwidth
+
+    reads = iter([[9.0, 9.0, 9.0],  # the warm-up, not counted
+                  [4.0, 2.0, 8.0], [1.0, 3.0, 8.0], [4.0, 3.0, 8.0], [5.0, 9.0, 0.5], [4.0, 2.5, 8.0]])
+
+    class FakeProbe:
+        nbytes = 600
+
+        def __init__(self, threads, mbytes):
+            pass
+
+        def times(self):
+            return next(reads)
+
+    monkeypatch.setattr(bandwidth, "BandwidthProbe", FakeProbe)
+    # medians: 4.0, 3.0 and 8.0 seconds
+    assert bandwidth.measure_bandwidth(repeats=5) == 600 / 3.0
+
+
+def test_a_static_bundles_step_reads_no_kv_on_top_of_its_weights(tiny_gemma3):
+    """decode_bytes adds the KV read at a context for a dynamic graph only (a static graph's bundle: none)."""
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.runtime.bandwidth import decode_bytes
+
+    b = bundle_mod.load(tiny_gemma3[2], verify=False)
+    weights = b.manifest["files"]["target.onnx.data"]["bytes"]
+    assert decode_bytes(b, 40) > decode_bytes(b) == weights
+    b.manifest["graphs"]["target"]["contract"]["static"] = True
+    assert decode_bytes(b, 40) == decode_bytes(b) == weights
