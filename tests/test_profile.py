@@ -632,3 +632,52 @@ def test_a_static_bundles_step_reads_no_kv_on_top_of_its_weights(tiny_gemma3):
     assert decode_bytes(b, 40) > decode_bytes(b) == weights
     b.manifest["graphs"]["target"]["contract"]["static"] = True
     assert decode_bytes(b, 40) == decode_bytes(b) == weights
+
+
+def _measured_row(**config) -> dict:
+    """A row as Row.to_json writes it, each measure a different number."""
+    return {"draft_k": 2, "batch": 1, "prompt_tokens": 8, "gen_tokens": 4, "provider": "cpu", "drafter": "lookup",
+            "head": "", "adaptive": False, "skipped": None, **config,
+            "pp_tokens_per_s": {"mean": 101.25, "std": 2.5}, "tg_tokens_per_s": {"mean": 31.75, "std": 1.25},
+            "ttft_s": {"mean": 0.0875, "std": 0.001}, "acceptance_rate": 0.625, "tokens_per_forward": 2.25,
+            "acceptance_by_position": [0.75, 0.5], "split_ms_per_round": {"draft": 1.5, "verify": 7.25, "other": 0.75},
+            "peak_rss_mb": 321.0}
+
+
+def test_every_format_puts_each_measure_in_its_own_column():
+    import csv
+    import io
+
+    from edgemtp.runtime import profile_report as report
+
+    result = {"bundle": "b", "bundle_bytes": 2_500_000_000, "peak_rss": "row",
+              "ceiling": {"bandwidth_gb_s": 12.5, "weight_bytes": 1_250_000_000, "tg_tokens_per_s": 10.0},
+              "rows": [_measured_row(), {**_measured_row(draft_k=0, drafter="none"), "skipped": "why"}]}
+    rows = list(csv.DictReader(io.StringIO(report.render(result, "csv", []))))
+    assert {k: float(v) for k, v in rows[0].items() if k in report.CSV_MEASURES} == {
+        "pp_tokens_per_s_mean": 101.25, "pp_tokens_per_s_std": 2.5, "tg_tokens_per_s_mean": 31.75,
+        "tg_tokens_per_s_std": 1.25, "ttft_s_mean": 0.0875, "acceptance_rate": 0.625, "tokens_per_forward": 2.25,
+        "draft_ms": 1.5, "verify_ms": 7.25, "other_ms": 0.75, "peak_rss_mb": 321.0}
+    assert rows[1]["skipped"] == "why" and all(rows[1][k] == "" for k in report.CSV_MEASURES)
+    md = report.render(result, "md", [{"drafter": "lookup", "draft_k": 2, "batch": 1, "prompt_tokens": 8,
+                                       "speedup": 1.25}])
+    lines = md.splitlines()
+    header, cells = (line.strip("|").split(" | ") for line in (lines[0], lines[2]))
+    assert dict(zip(map(str.strip, header), map(str.strip, cells))) == {
+        "draft_k": "2", "batch": "1", "prompt_tokens": "8", "gen_tokens": "4", "provider": "cpu", "drafter": "lookup",
+        "head": "", "adaptive": "", "pp t/s": "101.2 ± 2.5", "tg t/s": "31.8 ± 1.2", "ttft ms": "88",
+        "accept": "0.62", "tok/fwd": "2.25", "draft ms": "1.5", "verify ms": "7.2", "other ms": "0.8", "rss MB": "321"}
+    assert ("bandwidth ceiling of plain decoding: 10.0 tokens/s (1.25 GB of weights per token at 12.5 GB/s); "
+            "bundle 2.50 GB") in lines
+    assert lines[-1] == "tg speedup vs no draft: lookup k=2 (batch 1, prompt 8): 1.25x — best: lookup k=2 at 1.25x"
+
+
+def test_the_speedup_verdict_names_the_best_and_says_when_none_pays():
+    from edgemtp.runtime import profile_report as report
+
+    def s(k, speedup):
+        return {"drafter": "mtp", "head": "full", "draft_k": k, "batch": 1, "prompt_tokens": 8, "speedup": speedup}
+
+    assert report._speedup_text([s(2, 1.1), s(4, 1.4), s(6, 0.9)]).endswith("— best: mtp/full k=4 at 1.40x")
+    assert report._speedup_text([s(2, 0.8), s(4, 1.0)]).endswith(
+        "— drafting does not pay off here (break-even not reached)")
