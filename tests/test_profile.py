@@ -681,3 +681,22 @@ def test_the_speedup_verdict_names_the_best_and_says_when_none_pays():
     assert report._speedup_text([s(2, 1.1), s(4, 1.4), s(6, 0.9)]).endswith("— best: mtp/full k=4 at 1.40x")
     assert report._speedup_text([s(2, 0.8), s(4, 1.0)]).endswith(
         "— drafting does not pay off here (break-even not reached)")
+
+
+def test_the_trace_table_totals_each_ops_kernel_time(tmp_path):
+    """ONNX Runtime's trace gives each kernel's duration in microseconds: the table sums them per op type."""
+    from edgemtp.runtime import profile_report as report
+
+    events = [{"cat": "Node", "name": "a_kernel_time", "dur": 3000, "args": {"op_name": "MatMul"}},
+              {"cat": "Node", "name": "b_kernel_time", "dur": 1500, "args": {"op_name": "MatMul"}},
+              {"cat": "Node", "name": "c_kernel_time", "dur": 500, "args": {"op_name": "Add"}},
+              {"cat": "Node", "name": "c_fence_before", "dur": 9000, "args": {"op_name": "Add"}},
+              {"cat": "Session", "name": "model_run", "dur": 99000, "args": {}}]
+    produced = tmp_path / "ort.json"
+    produced.write_text(json.dumps(events))
+    session = type("Session", (), {"end_profiling": lambda self: str(produced)})()
+    engine = type("Engine", (), {"target": type("Target", (), {"session": session})()})()
+    table = report.write_trace(lambda prefix: engine, lambda e: None, tmp_path / "t.json")
+    assert [line.split() for line in table.splitlines()[1:]] == [["MatMul", "4.5", "2", "90.0%"],
+                                                                ["Add", "0.5", "1", "10.0%"]]
+    assert json.loads((tmp_path / "t.json").read_text()) == events
