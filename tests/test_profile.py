@@ -493,6 +493,8 @@ def test_a_row_that_fits_the_cache_runs_whatever_its_k(tiny_gemma3):
     assert "beyond the KV capacity of 64" in prof.skip_reason(prof.RowConfig(2, 1, 58, 8, "cpu", "lookup"), 64, bundle)
     out = prof.profile(tiny_gemma3[2], (57,), 8, 1, (0, 6), drafter="lookup")
     assert [r["skipped"] for r in out["rows"]] == [None, None]
+    # the bundle's size: every file the manifest lists (all but the manifest itself)
+    assert out["bundle_bytes"] == sum(p.stat().st_size for p in tiny_gemma3[2].iterdir() if p.name != "edgemtp.json")
 
 
 def test_the_plot_draws_only_the_series_that_ran(tmp_path, monkeypatch):
@@ -700,3 +702,20 @@ def test_the_trace_table_totals_each_ops_kernel_time(tmp_path):
     assert [line.split() for line in table.splitlines()[1:]] == [["MatMul", "4.5", "2", "90.0%"],
                                                                 ["Add", "0.5", "1", "10.0%"]]
     assert json.loads((tmp_path / "t.json").read_text()) == events
+
+
+def test_a_batch_is_skipped_when_its_cache_and_logits_take_over_half_the_memory(tiny_gemma3, monkeypatch):
+    """A row's sequences touch the KV of every position they reach (prompt + gen + K + 1) and a verify pass's
+    logits (K + 1 positions, two copies), each per sequence; beyond half the machine's memory it is skipped."""
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.runtime import profile as prof
+
+    bundle = bundle_mod.load(tiny_gemma3[2], verify=False)
+    c = prof.RowConfig(2, 3, 8, 4, "cpu", "lookup")
+    # 4 KV-owning layers x 2 heads x head_dim 32, K and V in fp32; a vocabulary of 96
+    need = 3 * (4 * 2 * 32 * 2 * 4 * (8 + 4 + 2 + 1) + 2 * 96 * 4 * (2 + 1))
+    assert prof.row_bytes(c, bundle) == need
+    monkeypatch.setattr(prof, "physical_memory", lambda: 2 * need)
+    assert prof.skip_reason(c, 64, bundle) == ""
+    monkeypatch.setattr(prof, "physical_memory", lambda: 2 * need - 2)
+    assert prof.skip_reason(c, 64, bundle).startswith("batch 3 needs about")
