@@ -144,6 +144,8 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
             (("--plot", tmp_path / "afile" / "p.png"),
              f"--plot {tmp_path / 'afile' / 'p.png'}: {tmp_path / 'afile'} is a file, not a directory"),
             (("--gen-tokens", 1), "--gen-tokens 1 must be at least 2 (the first token comes from the prefill)"),
+            (("--repetitions", 0), "--repetitions 0 must be at least 1"),
+            (("--prompt-tokens", "8,0"), "--prompt-tokens 0 must be at least 1"),
             (("--draft-k", "1,,2"), "--draft-k '1,,2' must be comma-separated integers"),
             (("--prompt-tokens", "8,"), "--prompt-tokens '8,' must be comma-separated integers"),
             (("--threads", -1), "--threads -1 must be between 0 and"),
