@@ -1238,3 +1238,28 @@ def test_keep_8bit_may_name_the_head_a_checkpoint_unties(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "export", reached)
     with pytest.raises(RuntimeError, match="the fp32 export ran"):  # past the check
         real(model_dir, tmp_path / "q", "int4", quant_options={"keep_8bit": ("lm_head*",), "calibration": None})
+
+
+def test_kl_agreement_and_perplexity_change_equal_numpy_reference(gemma):
+    """Per scored position, KL(P || Q) with P the reference's distribution and Q the evaluated bundle's, and
+    whether their argmax agrees; the summary's statistics over them, and the perplexity change in percent."""
+    tokens = list(np.random.default_rng(6).integers(3, 96, size=60))
+    r = evaluate(gemma["int4"], as_text(tokens), reference_bundle=gemma["fp32"], window=16)
+    kl, reverse, agree, nll, ref_nll = [], [], [], [], []
+    for win in text_windows(tokens, 16, None):  # the tiny tokenizer puts no BOS before a text
+        logq, logp = (all_logits(gemma[q], np.array([win]))[0].astype(np.float64) for q in ("int4", "fp32"))
+        logq, logp = (x - x.max(-1, keepdims=True) for x in (logq, logp))
+        logq, logp = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in (logq, logp))
+        for i in range(len(win) - 1):
+            kl.append(np.sum(np.exp(logp[i]) * (logp[i] - logq[i])))
+            reverse.append(np.sum(np.exp(logq[i]) * (logq[i] - logp[i])))
+            agree.append(logp[i].argmax() == logq[i].argmax())
+            nll.append(-logq[i, win[i + 1]])
+            ref_nll.append(-logp[i, win[i + 1]])
+    assert abs(np.mean(reverse) - np.mean(kl)) > 1e-4 * np.mean(kl)  # the direction shows (KL is near symmetric)
+    assert 0 < np.mean(agree) < 1  # so does an agreement taken over the wrong positions
+    assert r["tokens"] == len(kl) == 56
+    assert r["top1_agreement"] == np.mean(agree)
+    want = {"kl_mean": np.mean(kl), "kl_median": np.median(kl), "kl_p99": np.quantile(kl, 0.99), "kl_max": np.max(kl),
+            "perplexity_delta_pct": 100 * (np.exp(np.mean(nll)) / np.exp(np.mean(ref_nll)) - 1)}
+    assert {k: r[k] for k in want} == pytest.approx(want, rel=1e-6)
