@@ -1154,3 +1154,20 @@ def test_every_flag_of_every_command_is_documented():
         assert r.exit_code == 0 and r.stdout.startswith(f"Usage: cli {name}") and r.stderr == "", r.output
         bare = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not (p.help or "").strip()]
         assert bare == [], f"{name}: {bare} without help"
+
+
+def test_the_speed_line_shows_each_count_and_rate():
+    """prefill tokens over the prefill's seconds, decoded tokens (after the first) over the decode's, and a
+    drafting run's rounds, tokens per round and acceptance in percent."""
+    from edgemtp.cli.run import speed_line
+    from edgemtp.runtime.speculative import SpecStats
+    from edgemtp.runtime.stats import Stats
+
+    plain = Stats(prefill_tokens=4, prefill_s=0.25, decode_tokens=3, decode_s=0.1, stop_reason="stop token")
+    assert speed_line(plain) == "[prefill 4 tokens at 16.0 tok/s; decode 3 tokens at 30.0 tok/s; stop token]"
+    assert plain.to_json()["tokens_per_s"] == pytest.approx(30.0)
+    spec = SpecStats(prefill_tokens=12, prefill_s=0.5, cached_tokens=30, decode_tokens=20, decode_s=0.8,
+                     stop_reason="max tokens", rounds=8, drafted=16, accepted=12)
+    assert speed_line(spec) == ("[prefill 12 tokens (30 more cached) at 24.0 tok/s; decode 20 tokens at 25.0 tok/s; "
+                                "8 rounds, 2.50 tokens/round, acceptance 75%; max tokens]")
+    assert Stats().tokens_per_s == Stats().prefill_tokens_per_s == 0.0  # nothing timed: no rate, no error
