@@ -1171,3 +1171,22 @@ def test_the_speed_line_shows_each_count_and_rate():
     assert speed_line(spec) == ("[prefill 12 tokens (30 more cached) at 24.0 tok/s; decode 20 tokens at 25.0 tok/s; "
                                 "8 rounds, 2.50 tokens/round, acceptance 75%; max tokens]")
     assert Stats().tokens_per_s == Stats().prefill_tokens_per_s == 0.0  # nothing timed: no rate, no error
+
+
+def test_info_sizes_are_decimal_units():
+    from edgemtp.bundle_info import _size
+
+    assert [_size(n) for n in (999, 131_072, 1_260_000, 999_999_999, 1_500_000_000)] == [
+        "1.0 kB", "131.1 kB", "1.3 MB", "1000.0 MB", "1.50 GB"]
+
+
+def test_info_counts_each_file_under_the_graph_that_owns_it(tiny_gemma3):
+    """A graph's size is its own files': the verify graph reads the target's weights but does not hold them, so
+    the graphs' sizes and the tokenizer's add up to the bundle's."""
+    from edgemtp import bundle
+    from edgemtp.bundle_info import describe
+
+    info = describe(bundle.load(tiny_gemma3[2], verify=False))
+    sizes = {p.name: p.stat().st_size for p in tiny_gemma3[2].iterdir()}
+    assert info["graphs"]["verify"]["bytes"] == sizes["target_verify.onnx"]
+    assert sum(g["bytes"] for g in info["graphs"].values()) + sizes["tokenizer.json"] == info["bytes"]
