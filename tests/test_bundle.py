@@ -1599,3 +1599,30 @@ def test_window_views_hold_the_widest_sliding_window():
         assert start <= max(0, length - 16)  # the widest window's positions, up to the query's, are in view
         assert start >= max(0, length - 16 - 8)  # and the view keeps at most a half-window step of the past more
     assert TargetContract(10, 8, 64, kv, {}).window_offset(40) == 0  # without window views, the whole buffer
+
+
+def test_the_record_keeps_the_newest_checks_and_no_file_written_while_hashed(tmp_path, monkeypatch):
+    """At most MAX_FILES files are remembered, the most recently checked (a file checked again counts as new);
+    a file whose stat changed while it was hashed is not remembered."""
+    from edgemtp import verified
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    monkeypatch.setattr(verified, "MAX_FILES", 2)
+    files = [tmp_path / f"f{i}" for i in range(3)]
+    for f in files:
+        f.write_text(f.name)
+    record = verified.Record()
+    for f in (files[0], files[1], files[2], files[0]):
+        record.add(f, f.stat(), "sha-" + f.name)
+    record.save()
+    again = verified.Record()
+    assert [again.known(f, f.stat(), "sha-" + f.name) for f in files] == [True, False, True]
+    st = files[1].stat()
+    files[1].write_text("written while it was hashed")
+    again.add(files[1], st, "sha-f1")
+    assert not again.known(files[1], st, "sha-f1") and not again.added
+    # a relative XDG_CACHE_HOME is ignored, as the XDG specification says: ~/.cache instead
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setattr(verified.Path, "home", classmethod(lambda cls: tmp_path / "home"))
+    assert verified.record_path() == tmp_path / "home" / ".cache" / "edgemtp" / "verified.json"
