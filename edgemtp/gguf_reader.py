@@ -3,6 +3,7 @@ quantized (gguf_import.py dequantizes them with the `gguf` package)."""
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -75,11 +76,13 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
             raise ValueError(f"tensor {name} is listed twice")
         seen.add(name)
         block, block_bytes = GGML_QUANT_SIZES[qtype]
+        if 0 in shape:  # no weight is empty: numpy and memoryview fail on one far from here
+            raise ValueError(f"tensor {name} of shape {list(shape)} is empty")
         if not shape or shape[-1] % block:  # rows are whole blocks: a shorter row would shift every next one
             raise ValueError(f"tensor {name} of shape {list(shape)} is not made of whole {qtype.name} blocks "
                              f"of {block}")
         row_bytes = shape[-1] // block * block_bytes
-        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        rows = math.prod(shape[:-1])  # Python's integers: numpy's int64 product wraps (2**32 x 2**32 rows: 0)
         data = raw[start + offset: start + offset + rows * row_bytes]
         if data.size != rows * row_bytes:
             raise ValueError(f"tensor {name} runs past the end of the file")

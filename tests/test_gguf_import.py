@@ -800,6 +800,38 @@ def test_tensor_table_errors_are_named(tmp_path, infos, message):
         read_gguf(path)
 
 
+@pytest.mark.parametrize("dims,message", [
+    # numpy's int64 product of the row counts wrapped to 0: a tensor of 2**64 rows read as 0 bytes, accepted,
+    # then a numpy reshape error (or a safetensors header of wrong offsets) while writing the model directory
+    ([32, 2**32, 2**32], "tensor a runs past the end of the file"),
+    ([32, 2**63, 2], "tensor a runs past the end of the file"),
+    # a dimension of 0: once a TypeError from memoryview writing model.safetensors
+    ([0, 4], r"tensor a of shape \[4, 0\] is empty"),
+    ([32, 0, 5], r"tensor a of shape \[5, 0, 32\] is empty"),
+], ids=["rows-wrap-to-0", "rows-past-int64", "no-columns", "no-rows"])
+def test_tensor_dimensions_are_checked(tmp_path, dims, message):
+    table = raw_string("a") + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, 0, 0)  # F32 at offset 0
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + table
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(head + bytes(-len(head) % 32) + bytes(1024))
+    with pytest.raises(EdgemtpError, match=f"bad.gguf: unreadable GGUF file \\({message}\\)"):
+        read_gguf(path)
+
+
+def test_empty_tensor_is_one_error_line(tmp_path):
+    """From the CLI: a GGUF whose weight has a dimension of 0 is one error line, and no model directory."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    from .cli_errors import assert_one_line_error
+
+    _, path = export_tiny(tmp_path, "llama", tied=True, extra_tensors={"output.weight": np.zeros((0, 64))})
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out")])
+    assert_one_line_error(r, path, "output.weight")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_holding_the_current_directory_is_refused(tmp_path, monkeypatch):
     """`-o .` in an empty directory: once a ValueError (Path('.').with_name) after the whole import."""
     from click.testing import CliRunner
