@@ -135,6 +135,8 @@ def weight_files(model_dir: Path) -> tuple[list[Path], dict | None]:
                 raise TypeError("weight_map is not an object of file names")
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise EdgemtpError(f"{path}: not a valid safetensors index ({e})") from None
+        except RecursionError:  # arrays or objects nested deeper than the parser recurses
+            raise EdgemtpError(f"{path}: not a valid safetensors index (nested too deeply)") from None
         names = sorted(set(weight_map.values()))
         # shards are files of the directory, as transformers writes them: not a path to a file elsewhere
         outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
@@ -175,6 +177,8 @@ def read_header(path: Path) -> dict[str, _Entry]:
             header = json.loads(f.read(n))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not a valid safetensors file ({e})") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser recurses
+        raise EdgemtpError(f"{path}: not a valid safetensors file (nested too deeply)") from None
     if not isinstance(header, dict):
         raise EdgemtpError(f"{path}: not a valid safetensors file (its header is not a JSON object)")
     base = 8 + n

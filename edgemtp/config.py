@@ -170,8 +170,10 @@ def read_config_json(model_dir: Path) -> dict:
         raise EdgemtpError(f"{path}: missing (a model directory needs config.json)")
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or a number past 4300 digits
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser recurses
+        raise EdgemtpError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(hf, dict):
         raise EdgemtpError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     return hf

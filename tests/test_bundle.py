@@ -8,6 +8,7 @@ import importlib
 import json
 import re
 import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from .cli_errors import assert_one_line_error
 # tensors of the tiny model's checkpoint whose header entries the tests below change
 FIRST = "model.embed_tokens.weight"
 GATE = "model.layers.0.mlp.gate_proj.weight"
+DEEP = "[" * 100_000 + "]" * 100_000  # JSON nested deeper than Python's parser recurses
+HUGE_NUMBER = '{"x": ' + "9" * 5000 + "}"  # past the 4300 digits Python converts
 
 
 def copy_bundle(src, tmp_path):
@@ -407,6 +410,18 @@ def test_export_refuses_existing_output(tiny_gemma3):
     # a Linear weight stored transposed has the right sizes "in either order": once a ValueError mid-export
     (lambda d: _edit_header(d, lambda h: h[GATE].update(shape=h[GATE]["shape"][::-1])),
      rf"tensor '{GATE}' has shape \[64, 96\], config.json implies \[96, 64\]"),
+    # JSON from someone else that Python's parser refuses with other errors than JSONDecodeError: arrays nested
+    # deeper than it recurses (a RecursionError) and a number past its 4300 digits (a plain ValueError)
+    (lambda d: (d / "config.json").write_text(DEEP), r"config.json: not valid JSON \(nested too deeply\)$"),
+    (lambda d: (d / "config.json").write_text(HUGE_NUMBER), r"config.json: not valid JSON \(Exceeds the limit"),
+    (lambda d: (d / "generation_config.json").write_text(DEEP), r"generation_config.json: not valid JSON \(nested"),
+    (lambda d: (d / "generation_config.json").write_text(HUGE_NUMBER), "generation_config.json: not valid JSON"),
+    (lambda d: (d / "tokenizer_config.json").write_text(DEEP), r"tokenizer_config.json: not valid JSON \(nested"),
+    (lambda d: (d / "tokenizer_config.json").write_text(HUGE_NUMBER), "tokenizer_config.json: not valid JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes(struct.pack("<Q", len(DEEP)) + DEEP.encode()),
+     r"model.safetensors: not a valid safetensors file \(nested too deeply\)$"),
+    (lambda d: (d / "model.safetensors.index.json").write_text(DEEP),
+     r"model.safetensors.index.json: not a valid safetensors index \(nested too deeply\)$"),
 ])
 def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     d = tmp_path / "model"

@@ -80,8 +80,10 @@ def with_generation_stops(cfg, model_dir: Path):
         return cfg
     try:
         gen = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or a number past 4300 digits
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser recurses
+        raise EdgemtpError(f"{path}: not valid JSON (nested too deeply)") from None
     eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < cfg.vocab_size for e in eos):

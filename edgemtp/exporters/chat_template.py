@@ -23,8 +23,10 @@ def _json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or a number past 4300 digits
         raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # arrays or objects nested deeper than the parser recurses
+        raise EdgemtpError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise EdgemtpError(f"{path}: not a JSON object")
     return data
