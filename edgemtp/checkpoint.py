@@ -168,6 +168,8 @@ def _text_name(name: str) -> str:
 
 
 def read_header(path: Path) -> dict[str, _Entry]:
+    if path.exists() and not path.is_file():  # a FIFO would be waited on forever, a device read without end
+        raise EdgemtpError(f"{path}: not a regular file" + (" (a directory)" if path.is_dir() else ""))
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -422,6 +423,8 @@ def test_export_refuses_existing_output(tiny_gemma3):
      r"model.safetensors: not a valid safetensors file \(nested too deeply\)$"),
     (lambda d: (d / "model.safetensors.index.json").write_text(DEEP),
      r"model.safetensors.index.json: not a valid safetensors index \(nested too deeply\)$"),
+    # a FIFO (a tar archive can hold one) among the *.safetensors: once opened and read from, waiting forever
+    (lambda d: os.mkfifo(d / "extra.safetensors"), r"extra.safetensors: not a regular file$"),
 ])
 def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     d = tmp_path / "model"
