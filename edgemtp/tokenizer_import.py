@@ -119,9 +119,17 @@ def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int
     (user-defined ones are matched whole, as added tokens, before BPE runs).
     """
     normal = {tok: i for i, tok in enumerate(tokens) if types[i] == NORMAL}
+    # cut only where both halves have the length of some piece: every cut of a (hostile) piece of 200,000
+    # characters, each half copied, took 16 s; real pieces are at most a few dozen characters
+    lengths = sorted({len(piece) for piece in normal})
+    normal_lengths = set(lengths)
     ranked = []
     for piece, i in normal.items():
-        for cut in range(1, len(piece)):
+        for cut in lengths:
+            if cut >= len(piece):
+                break
+            if len(piece) - cut not in normal_lengths:
+                continue
             left, right = piece[:cut], piece[cut:]
             if left in normal and right in normal:
                 ranked.append((-scores[i], i, normal[left], left, right))
