@@ -7,6 +7,7 @@ llama.cpp as tensors: they come back as config (llama3_scaling); linear and YaRN
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ def field(meta: dict, key: str, path: Path, kind=int, default=_REQUIRED, least=N
         return default
     value = meta[key]
     ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)  # NaN, infinity: config.json would hold NaN / Infinity, which JSON has not
     if not ok or (least is not None and value < least):
         what = (("a whole number" if kind is int else "a number")
                 + (f" of at least {least}" if least is not None else ""))

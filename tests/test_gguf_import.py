@@ -742,6 +742,11 @@ def test_missing_field_is_named(tmp_path):
     ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0, "llama.rope.scaling.attn_factor": 0.5},
      r"GGUF field llama.rope.scaling.attn_factor = 0.5 is not supported with rope.scaling.type 'linear'"),
     ({"general.alignment": 0}, "general.alignment = 0 must be a positive whole number"),
+    # NaN and infinity: once written into config.json as NaN / Infinity (not JSON), blamed on it by export, or
+    # (an infinite RoPE base) exported as a model that rotates nothing
+    ({"llama.rope.freq_base": float("inf")}, "GGUF field llama.rope.freq_base = inf must be a number"),
+    ({"llama.attention.layer_norm_rms_epsilon": float("nan")},
+     "GGUF field llama.attention.layer_norm_rms_epsilon = nan must be a number"),
     ({"tokenizer.ggml.bos_token_id": "one"}, "GGUF field tokenizer.ggml.bos_token_id = 'one' must be a whole number"),
     ({"tokenizer.ggml.eos_token_id": 264},
      "GGUF field tokenizer.ggml.eos_token_id = 264 is outside the vocabulary of 264"),
