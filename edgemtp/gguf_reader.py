@@ -16,6 +16,10 @@ if TYPE_CHECKING:  # for the annotation only: reading needs no gguf package
     import gguf
 
 GGUF_MAGIC = b"GGUF"
+# items of all metadata arrays together: Gemma 3's vocabulary (tokens, scores, types) holds 786,432; each item is a
+# Python object (8 bytes of a u8 array, 64 of an empty array, as a list), so a hostile file's arrays took 9 times
+# its size in memory (2.7 GB for one of 300 MB) and, nested, minutes
+MAX_ARRAY_ITEMS = 1 << 23
 
 
 class GGUFTensor(NamedTuple):
@@ -53,11 +57,11 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
     version, n_tensors, n_fields = struct.unpack_from("<IQQ", buf, 4)
     if version not in (2, 3):
         raise ValueError(f"GGUF version {version} is not supported (2 or 3; big-endian files neither)")
-    pos, meta = 24, {}
+    pos, meta, budget = 24, {}, [MAX_ARRAY_ITEMS]
     for _ in range(n_fields):
         name, pos = _string(buf, pos)
         (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
-        meta[name], pos = _value(buf, pos, vtype)
+        meta[name], pos = _value(buf, pos, vtype, budget, name)
     infos = []
     for _ in range(n_tensors):
         name, pos = _string(buf, pos)
@@ -102,8 +106,9 @@ def _string(buf: memoryview, pos: int) -> tuple[str, int]:
     return bytes(buf[pos + 8: pos + 8 + size]).decode("utf-8"), pos + 8 + size
 
 
-def _value(buf: memoryview, pos: int, vtype: int):
-    """One metadata value at `pos` and the position after it."""
+def _value(buf: memoryview, pos: int, vtype: int, budget: list[int], name: str):
+    """One metadata value (of field `name`) at `pos` and the position after it; `budget`: the array items still
+    allowed (MAX_ARRAY_ITEMS)."""
     if vtype == _STRING:
         return _string(buf, pos)
     if vtype in _SCALARS:
@@ -115,12 +120,16 @@ def _value(buf: memoryview, pos: int, vtype: int):
     pos += 12
     if count > len(buf) - pos:  # every item takes a byte at least; a count of 2**63 and more is an OverflowError
         raise ValueError(f"an array of {count} items runs past the end of the file")
+    budget[0] -= count
+    if budget[0] < 0:
+        raise ValueError(f"field {name}: metadata arrays of more than {MAX_ARRAY_ITEMS} items in all (a vocabulary "
+                         "of 262,144 tokens takes 786,432)")
     if item_type in _SCALARS:  # numeric arrays in one go (scores, token types)
         dtype = np.dtype(_SCALARS[item_type])
         return np.frombuffer(buf, dtype, count, pos).tolist(), pos + count * dtype.itemsize
     items = []
     for _ in range(count):
-        item, pos = _value(buf, pos, item_type)
+        item, pos = _value(buf, pos, item_type, budget, name)
         items.append(item)
     return items, pos
 

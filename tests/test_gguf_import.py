@@ -817,6 +817,23 @@ def test_tensor_table_errors_are_named(tmp_path, infos, message):
         read_gguf(path)
 
 
+@pytest.mark.parametrize("field", [
+    raw_string("x") + struct.pack("<IIQ", 9, 0, 2001) + bytes(2001),  # 2,001 u8 items in one array
+    raw_string("x") + struct.pack("<IIQ", 9, 9, 1000) + (struct.pack("<IQ", 0, 2) + bytes(2)) * 1000,  # nested: 3,000
+], ids=["one-array", "nested"])
+def test_metadata_arrays_are_bounded(tmp_path, monkeypatch, field):
+    """Arrays of more items than any vocabulary: each item a Python object, a 300 MB file's u8 array took 2.7 GB
+    (and 25 million nested empty arrays 37 s); refused as read, with the limit lowered here to 2,000."""
+    import edgemtp.gguf_reader as reader
+
+    monkeypatch.setattr(reader, "MAX_ARRAY_ITEMS", 2000)
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(raw_gguf([field]))
+    with pytest.raises(EdgemtpError, match=r"bad.gguf: unreadable GGUF file \(field x: metadata arrays of more "
+                                           r"than 2000 items in all"):
+        read_gguf(path)
+
+
 @pytest.mark.parametrize("dims,message", [
     # numpy's int64 product of the row counts wrapped to 0: a tensor of 2**64 rows read as 0 bytes, accepted,
     # then a numpy reshape error (or a safetensors header of wrong offsets) while writing the model directory
