@@ -167,6 +167,9 @@ def _text_name(name: str) -> str:
     return name
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (MAX_HEADER_SIZE)
+
+
 def read_header(path: Path) -> dict[str, _Entry]:
     if path.exists() and not path.is_file():  # a FIFO would be waited on forever, a device read without end
         raise EdgemtpError(f"{path}: not a regular file" + (" (a directory)" if path.is_dir() else ""))
@@ -176,6 +179,8 @@ def read_header(path: Path) -> dict[str, _Entry]:
             (n,) = struct.unpack("<Q", f.read(8))
             if n <= 0 or n > size - 8:
                 raise ValueError("bad header length")
+            if n > MAX_HEADER_BYTES:  # read whole and parsed: 300 MB took 1.5 GB and 21 s
+                raise ValueError(f"a header of {n} bytes, more than the safetensors library reads ({MAX_HEADER_BYTES})")
             header = json.loads(f.read(n))
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not a valid safetensors file ({e})") from None

@@ -423,6 +423,10 @@ def test_export_refuses_existing_output(tiny_gemma3):
      r"model.safetensors: not a valid safetensors file \(nested too deeply\)$"),
     (lambda d: (d / "model.safetensors.index.json").write_text(DEEP),
      r"model.safetensors.index.json: not a valid safetensors index \(nested too deeply\)$"),
+    # a header of 300 MB (a list in __metadata__) took 1.5 GB and 21 s to read: past the safetensors library's limit
+    (lambda d: _sparse(d / "model.safetensors", struct.pack("<Q", 100_000_001), 8 + 100_000_001),
+     r"model.safetensors: not a valid safetensors file \(a header of 100000001 bytes, more than the safetensors "
+     r"library reads \(100000000\)\)$"),
     # a FIFO (a tar archive can hold one) among the *.safetensors: once opened and read from, waiting forever
     (lambda d: os.mkfifo(d / "extra.safetensors"), r"extra.safetensors: not a regular file$"),
 ])
@@ -1312,6 +1316,13 @@ def _edit_header(d, edit):
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+
+
+def _sparse(path, head: bytes, size: int):
+    """`path` of `size` bytes that starts with `head`, the rest a hole (no disk taken)."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(size)
 
 
 def _edit_config(d, **changes):
