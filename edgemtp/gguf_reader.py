@@ -73,6 +73,8 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
     align = meta.get("general.alignment", 32)
     if not isinstance(align, int) or isinstance(align, bool) or align < 1:
         raise ValueError(f"general.alignment = {align!r} must be a positive whole number")
+    if align & (align - 1):  # as llama.cpp refuses it: tensors would be read from other offsets than written
+        raise ValueError(f"general.alignment = {align} must be a power of two")
     start = pos + (-pos % align)
     tensors, seen = [], set()
     for name, shape, qtype, offset in infos:

@@ -742,6 +742,8 @@ def test_missing_field_is_named(tmp_path):
     ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0, "llama.rope.scaling.attn_factor": 0.5},
      r"GGUF field llama.rope.scaling.attn_factor = 0.5 is not supported with rope.scaling.type 'linear'"),
     ({"general.alignment": 0}, "general.alignment = 0 must be a positive whole number"),
+    # llama.cpp refuses it; read with it, the weights came from other offsets than written (NaN, a numpy warning)
+    ({"general.alignment": 24}, "general.alignment = 24 must be a power of two"),
     # NaN and infinity: once written into config.json as NaN / Infinity (not JSON), blamed on it by export, or
     # (an infinite RoPE base) exported as a model that rotates nothing
     ({"llama.rope.freq_base": float("inf")}, "GGUF field llama.rope.freq_base = inf must be a number"),
