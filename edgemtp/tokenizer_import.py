@@ -69,7 +69,9 @@ def _check_fields(meta: dict) -> None:
               "tokenizer.ggml.scores": (scores is None or (numbers(scores) and len(scores) == n),
                                         "one number per token"),
               "tokenizer.ggml.token_type": (types is None or (numbers(types) and len(types) == n),
-                                            "one token type per token")}
+                                            "one token type per token"),
+              "tokenizer.chat_template": (isinstance(meta.get("tokenizer.chat_template", ""), str),
+                                          "a string (a Jinja template)")}
     for name in ("bos", "eos", "unknown", "padding", "eot", "eom"):
         value = meta.get(f"tokenizer.ggml.{name}_token_id")
         checks[f"tokenizer.ggml.{name}_token_id"] = (

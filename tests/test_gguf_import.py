@@ -755,6 +755,8 @@ def test_missing_field_is_named(tmp_path):
     ({"tokenizer.ggml.tokens": "abc"}, "GGUF field tokenizer.ggml.tokens = 'abc' must be a non-empty list of strings"),
     ({"tokenizer.ggml.merges": ["nospace"]},
      r"GGUF field tokenizer.ggml.merges = \['nospace'\] must be a list of 'left right'"),
+    # once written into tokenizer_config.json, and export blamed "model.gguf (imported)/tokenizer_config.json"
+    ({"tokenizer.chat_template": 5}, "GGUF field tokenizer.chat_template = 5 must be a string"),
     ({"tokenizer.ggml.merges": ["zzzq qqqz"]}, "the tokenizer.ggml.\\* fields do not make a tokenizer .*zzzq"),
     # fields that disagree with the tensors: named, not a numpy error un-permuting q/k or another field blamed
     ({"llama.attention.head_count_kv": 1},
