@@ -44,6 +44,9 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     try:
         return _parse(buf)
+    except struct.error:  # a count, size or type read from past the end: a download cut short, most likely
+        raise EdgemtpError(f"{path}: unreadable GGUF file (truncated: its header runs past the end of the file, "
+                           f"{len(buf)} bytes)") from None
     except (ValueError, IndexError, KeyError, UnicodeDecodeError, struct.error) as err:
         raise EdgemtpError(f"{path}: unreadable GGUF file ({_one_line(err)})") from None
     except RecursionError:  # arrays of arrays nested thousands deep: no real file has them
@@ -115,6 +118,8 @@ def _value(buf: memoryview, pos: int, vtype: int, budget: list[int], name: str):
         return _string(buf, pos)
     if vtype in _SCALARS:
         dtype = np.dtype(_SCALARS[vtype])
+        if dtype.itemsize > len(buf) - pos:
+            raise struct.error("a value runs past the end of the file")
         return np.frombuffer(buf, dtype, 1, pos)[0].item(), pos + dtype.itemsize
     if vtype != _ARRAY:
         raise ValueError(f"unknown metadata value type {vtype}")
@@ -128,6 +133,8 @@ def _value(buf: memoryview, pos: int, vtype: int, budget: list[int], name: str):
                          "of 262,144 tokens takes 786,432)")
     if item_type in _SCALARS:  # numeric arrays in one go (scores, token types)
         dtype = np.dtype(_SCALARS[item_type])
+        if count * dtype.itemsize > len(buf) - pos:
+            raise ValueError(f"an array of {count} items runs past the end of the file")
         return np.frombuffer(buf, dtype, count, pos).tolist(), pos + count * dtype.itemsize
     items = []
     for _ in range(count):

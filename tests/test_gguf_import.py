@@ -718,6 +718,25 @@ def test_truncated_gguf(tmp_path):
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
+SCORES = b"tokenizer.ggml.scores"
+
+
+@pytest.mark.parametrize("cut", [
+    lambda data: 30, lambda data: 200, lambda data: 2000, lambda data: len(data) // 2,
+    # past the scores' count (279) but short of their 279 * 4 bytes: once numpy's "buffer is smaller than requested"
+    lambda data: data.index(SCORES) + len(SCORES) + 4 + 12 + 300,
+], ids=["counts", "fields", "tokens", "data", "scores"])
+def test_gguf_cut_short_says_so(tmp_path, cut):
+    """A download cut short anywhere: the error says the file ends early, not struct's "unpack_from requires a
+    buffer of at least 3000005 bytes" or numpy's "buffer is smaller than requested size"."""
+    _, path = export_tiny(tmp_path, "gemma3", tied=True)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut(data)])
+    with pytest.raises(EdgemtpError, match=r"unreadable GGUF file \(.*runs past the end of the file"):
+        import_gguf(path, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_unsupported_architecture(tmp_path):
     path = write_gguf(tmp_path / "q.gguf", "phi2", {"phi2.block_count": 1}, {"token_embd.weight": np.zeros((4, 4))})
     with pytest.raises(EdgemtpError, match="q.gguf: architecture 'phi2' is not supported"):
