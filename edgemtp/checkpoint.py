@@ -177,8 +177,10 @@ def read_header(path: Path) -> dict[str, _Entry]:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n <= 0 or n > size - 8:
+            if n <= 0:
                 raise ValueError("bad header length")
+            if n > size - 8:  # a download cut short, most likely
+                raise ValueError(f"truncated: a header of {n} bytes in a file of {size}")
             if n > MAX_HEADER_BYTES:  # read whole and parsed: 300 MB took 1.5 GB and 21 s
                 raise ValueError(f"a header of {n} bytes, more than the safetensors library reads ({MAX_HEADER_BYTES})")
             header = json.loads(f.read(n))

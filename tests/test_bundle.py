@@ -423,6 +423,9 @@ def test_export_refuses_existing_output(tiny_gemma3):
      r"model.safetensors: not a valid safetensors file \(nested too deeply\)$"),
     (lambda d: (d / "model.safetensors.index.json").write_text(DEEP),
      r"model.safetensors.index.json: not a valid safetensors index \(nested too deeply\)$"),
+    # a download cut short inside the header: once "bad header length", which does not say the file is incomplete
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+     r"model.safetensors: not a valid safetensors file \(truncated: a header of \d+ bytes in a file of 100\)$"),
     # a header of 300 MB (a list in __metadata__) took 1.5 GB and 21 s to read: past the safetensors library's limit
     (lambda d: _sparse(d / "model.safetensors", struct.pack("<Q", 100_000_001), 8 + 100_000_001),
      r"model.safetensors: not a valid safetensors file \(a header of 100000001 bytes, more than the safetensors "
