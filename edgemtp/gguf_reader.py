@@ -63,6 +63,8 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
     pos, meta, budget = 24, {}, [MAX_ARRAY_ITEMS]
     for _ in range(n_fields):
         name, pos = _string(buf, pos)
+        if name in meta:  # llama.cpp refuses the file: which value is meant would be a guess
+            raise ValueError(f"field {name} is listed twice")
         (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
         meta[name], pos = _value(buf, pos, vtype, budget, name)
     infos = []

@@ -825,6 +825,16 @@ def test_corrupt_metadata_is_named(tmp_path, field, message):
         import_gguf(path, tmp_path / "out")
 
 
+def test_field_listed_twice_is_refused(tmp_path):
+    """A metadata field given twice (llama.cpp refuses the file): the last one silently won."""
+    arch = [raw_string("general.architecture") + struct.pack("<I", 8) + raw_string(a) for a in ("llama", "gemma3")]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(raw_gguf(arch))
+    with pytest.raises(EdgemtpError, match=r"bad.gguf: unreadable GGUF file \(field general.architecture is listed "
+                                           r"twice\)"):
+        read_gguf(path)
+
+
 @pytest.mark.parametrize("infos,message", [
     ([("a", 4, 0), ("a", 4, 0)], "tensor a is listed twice"),
     ([("a", 40, 8)], r"tensor a of shape \[40\] is not made of whole Q8_0 blocks of 32"),
