@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .contract import TargetContract, graph_mismatch
 from .errors import EdgemtpError
+from .json_file import read_json
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
 from .scratch import as_open_makes, held_dir, replace_dir, through_link
@@ -181,12 +182,7 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
     size = mpath.stat().st_size
     if size > MAX_MANIFEST_BYTES:
         raise EdgemtpError(f"{mpath}: {size} bytes, more than a manifest holds (at most {MAX_MANIFEST_BYTES})")
-    try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgemtpError(f"{mpath}: not valid JSON ({e})") from None
-    except RecursionError:  # arrays or objects nested deeper than the parser recurses
-        raise EdgemtpError(f"{mpath}: not valid JSON (nested too deeply)") from None
+    m = read_json(mpath)
     _check_fields(m, mpath)
     record = Record() if verify else None
     stamps = {rel: _check_file(d, rel, info, mpath, record) for rel, info in m["files"].items()}

@@ -6,13 +6,13 @@ sees the whole list at once.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .bundle import MANIFEST
 from .errors import EdgemtpError
+from .json_file import read_json
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu", "silu")  # the MLP activations components.py builds
@@ -168,12 +168,7 @@ def read_config_json(model_dir: Path) -> dict:
             raise EdgemtpError(f"{model_dir}: an edgemtp bundle ({MANIFEST}), not a model directory (config.json + "
                                "*.safetensors + tokenizer.json)")
         raise EdgemtpError(f"{path}: missing (a model directory needs config.json)")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or a number past 4300 digits
-        raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:  # arrays or objects nested deeper than the parser recurses
-        raise EdgemtpError(f"{path}: not valid JSON (nested too deeply)") from None
+    hf = read_json(path)
     if not isinstance(hf, dict):
         raise EdgemtpError(f"{path}: expected a JSON object, got {type(hf).__name__}")
     return hf

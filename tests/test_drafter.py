@@ -1977,3 +1977,12 @@ def test_a_drafter_reading_the_targets_kv_layers_for_other_layer_types_is_refuse
     shutil.copytree(bundle, copy)
     with pytest.raises(EdgemtpError, match=r"drafter was trained for another target .*kv layers"):
         X.add_to_bundle(copy, drafter_dir)
+
+
+def test_a_drafter_config_nested_too_deeply_or_with_a_huge_number_is_named(tmp_path):
+    """The drafter's config.json read as the model directory's is: one error naming it, not a RecursionError's
+    or int parsing's traceback."""
+    for text, why in (("[" * 100_000 + "]" * 100_000, "nested too deeply"), ('{"a": ' + "9" * 5000 + "}", "digits")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(EdgemtpError, match=f"config.json: not valid JSON .*{why}"):
+            load_config(tmp_path)

@@ -7,7 +7,6 @@ A trained drafter is a directory: `config.json` (DrafterConfig.to_json() + train
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 
 from ..config import SLIDING, Rope, TextConfig
 from ..errors import EdgemtpError
+from ..json_file import read_json
 from ..manifest_graphs import whole
 from ..scratch import as_open_makes
 
@@ -89,10 +89,7 @@ def load_config(drafter_dir: Path) -> DrafterConfig:
     path = Path(drafter_dir) / "config.json"
     if not path.is_file():
         raise EdgemtpError(f"{path}: missing (a drafter directory needs config.json and {WEIGHTS})")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
+    d = read_json(path)
     if not isinstance(d, dict) or d.get("model_type") != MODEL_TYPE:
         kind = d.get("model_type") if isinstance(d, dict) else type(d).__name__
         raise EdgemtpError(f"{path}: model_type {kind!r} is not {MODEL_TYPE!r}")

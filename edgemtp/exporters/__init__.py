@@ -4,7 +4,6 @@ checks and lays out the MTP drafter attached to it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ..checkpoint import Checkpoint
 from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, parse_mistral3_multimodal,
                       read_config_json)
 from ..errors import EdgemtpError
+from ..json_file import read_json
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
 from .checkpoint_checks import check_weights, own_head
@@ -78,12 +78,7 @@ def with_generation_stops(cfg, model_dir: Path):
     path = model_dir / "generation_config.json"
     if not path.is_file():
         return cfg
-    try:
-        gen = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or a number past 4300 digits
-        raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:  # arrays or objects nested deeper than the parser recurses
-        raise EdgemtpError(f"{path}: not valid JSON (nested too deeply)") from None
+    gen = read_json(path)
     eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < cfg.vocab_size for e in eos):

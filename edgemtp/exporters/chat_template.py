@@ -8,10 +8,10 @@ tokenizer_config.json or special_tokens_map.json."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import EdgemtpError
+from ..json_file import read_json
 
 FILE = "chat_template.jinja"  # its name in the bundle
 # the named special tokens transformers' special_tokens_map holds, which apply_chat_template passes to the template
@@ -21,12 +21,7 @@ SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls
 def _json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or a number past 4300 digits
-        raise EdgemtpError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:  # arrays or objects nested deeper than the parser recurses
-        raise EdgemtpError(f"{path}: not valid JSON (nested too deeply)") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise EdgemtpError(f"{path}: not a JSON object")
     return data
