@@ -199,6 +199,10 @@ def _gemma3_layer_types(meta: dict, layers: int, path: Path) -> list[str]:
     key = "gemma3.attention.sliding_window_pattern"
     pattern = meta.get(key, 6)
     if isinstance(pattern, list):
+        if not all(isinstance(p, bool) for p in pattern):  # llama.cpp's swa_layers: read by truthiness, "no" slid
+            shown = f"[{len(pattern)} entries]" if len(pattern) > 4 else repr(pattern)
+            raise EdgemtpError(f"{path}: GGUF field {key} = {shown} must be a list of bools (true: sliding) or a "
+                               "whole number")
         if len(pattern) < layers:
             raise EdgemtpError(f"{path}: GGUF field {key} lists {len(pattern)} layers of {layers}")
         return ["sliding_attention" if p else "full_attention" for p in pattern[:layers]]

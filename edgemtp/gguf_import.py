@@ -30,7 +30,7 @@ from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
 from edgemtp.scratch import as_open_makes, held_dir, replace_dir, scratch_dir, through_link
-from edgemtp.tokenizer_import import write_tokenizer_files
+from edgemtp.tokenizer_import import check_fields, write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
 
@@ -75,6 +75,10 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     factors = {t.name: _load(t, t.name, arch, {}).tolist() for t in tensors if t.name in config_tensors}
     config = hf_config(meta, {t.name: t.shape for t in tensors}, gguf_path, factors)
     plan = list(_hf_tensors([t for t in tensors if t.name not in config_tensors], arch, config, gguf_path))
+    try:  # the tokenizer's fields before the progress bar, which would stand above the error line
+        check_fields(meta)
+    except EdgemtpError as e:
+        raise EdgemtpError(f"{gguf_path}: {e}") from None
     check_target(out_dir, overwrite, gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:

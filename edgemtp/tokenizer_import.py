@@ -40,9 +40,7 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 
 def build_tokenizer(meta: dict) -> Tokenizer:
     """The `tokenizers.Tokenizer` that the GGUF metadata `meta` (field name -> value) describes."""
-    if "tokenizer.ggml.tokens" not in meta:
-        raise EdgemtpError("GGUF field tokenizer.ggml.tokens is missing: the file has no vocabulary")
-    _check_fields(meta)
+    check_fields(meta)
     try:
         return _build(meta)
     except EdgemtpError:
@@ -52,8 +50,12 @@ def build_tokenizer(meta: dict) -> Tokenizer:
             from None
 
 
-def _check_fields(meta: dict) -> None:
-    """The kinds of the tokenizer fields, named before the tokenizers library meets them."""
+def check_fields(meta: dict) -> None:
+    """The kinds of the tokenizer fields, named before the tokenizers library meets them (and, by the importer,
+    before its progress bar is drawn: an error is then the one line on standard error)."""
+    if "tokenizer.ggml.tokens" not in meta:
+        raise EdgemtpError("GGUF field tokenizer.ggml.tokens is missing: the file has no vocabulary")
+
     def strings(v) -> bool:
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -72,6 +74,9 @@ def _check_fields(meta: dict) -> None:
                                             "one token type per token"),
               "tokenizer.chat_template": (isinstance(meta.get("tokenizer.chat_template", ""), str),
                                           "a string (a Jinja template)")}
+    for name in ("add_bos_token", "add_eos_token", "add_space_prefix"):  # a GGUF bool: "no" was read as true
+        value = meta.get(f"tokenizer.ggml.{name}")
+        checks[f"tokenizer.ggml.{name}"] = (value is None or isinstance(value, bool), "a bool (true or false)")
     for name in ("bos", "eos", "unknown", "padding", "eot", "eom"):
         value = meta.get(f"tokenizer.ggml.{name}_token_id")
         checks[f"tokenizer.ggml.{name}_token_id"] = (

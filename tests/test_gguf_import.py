@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import struct
 import sys
 import time
@@ -776,6 +777,10 @@ def test_missing_field_is_named(tmp_path):
      r"GGUF field tokenizer.ggml.merges = \['nospace'\] must be a list of 'left right'"),
     # once written into tokenizer_config.json, and export blamed "model.gguf (imported)/tokenizer_config.json"
     ({"tokenizer.chat_template": 5}, "GGUF field tokenizer.chat_template = 5 must be a string"),
+    # GGUF has a bool type: a string or a number there was taken by its truthiness ("no", "false" and 0 as true)
+    ({"tokenizer.ggml.add_bos_token": "no"}, "GGUF field tokenizer.ggml.add_bos_token = 'no' must be a bool"),
+    ({"tokenizer.ggml.add_eos_token": 1}, "GGUF field tokenizer.ggml.add_eos_token = 1 must be a bool"),
+    ({"tokenizer.ggml.add_space_prefix": "no"}, "GGUF field tokenizer.ggml.add_space_prefix = 'no' must be a bool"),
     ({"tokenizer.ggml.merges": ["zzzq qqqz"]}, "the tokenizer.ggml.\\* fields do not make a tokenizer .*zzzq"),
     # fields that disagree with the tensors: named, not a numpy error un-permuting q/k or another field blamed
     ({"llama.attention.head_count_kv": 1},
@@ -792,6 +797,34 @@ def test_malformed_metadata_is_named(tmp_path, edit, message):
     with pytest.raises(EdgemtpError, match=f"{path.name}: .*{message}"):
         import_gguf(path, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"tokenizer.ggml.add_space_prefix": "no"}, "tokenizer.ggml.add_space_prefix = 'no' must be a bool"),
+    ({"tokenizer.ggml.add_space_prefix": 0}, "tokenizer.ggml.add_space_prefix = 0 must be a bool"),
+    ({"gemma3.attention.sliding_window_pattern": ["no"] * 7},
+     r"gemma3.attention.sliding_window_pattern = \[7 entries\] must be a list of bools \(true: sliding\)"),
+    ({"gemma3.attention.sliding_window_pattern": [1, 1, 1, 1, 1, 0, 1]},
+     r"gemma3.attention.sliding_window_pattern = \[7 entries\] must be a list of bools"),
+])
+def test_gguf_fields_of_the_wrong_type_are_not_read_by_truthiness(tmp_path, edit, message):
+    """A bool field (GGUF has a bool type) holding a string or a number, a per-layer pattern of strings: each
+    was taken by its truthiness ("no" as true, so a leading space added to every prompt, or every layer
+    sliding). From the CLI: one error line naming the file and the field, and no model directory."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    from .cli_errors import assert_one_line_error
+
+    _, path = export_tiny(tmp_path, "gemma3", tied=True, edit=edit)
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out")])
+    assert_one_line_error(r, path, next(iter(edit)))
+    assert re.search(message, r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()
+    ok = {k: [True] * 5 + [False, True] if isinstance(v, list) else False for k, v in edit.items()}
+    _, path = export_tiny(tmp_path, "gemma3", tied=True, edit=ok)  # the same field as a GGUF bool: read
+    import_gguf(path, tmp_path / "out")
 
 
 def raw_gguf(fields: list[bytes]) -> bytes:
