@@ -99,14 +99,18 @@ class Problems:
             self.items.append(f"missing field '{name}'")
             self.bad.add(name)
             return kind()
+        what = "an integer" if kind is int else kind.__name__
         try:
             number = kind(value)
-            # an int field takes 2048, 2048.0 or "2048", not 640.5 (int() would cut it to 640) or true
-            if kind is not int or (not isinstance(value, bool) and float(value) == number):
+            # an int field takes 2048, 2048.0 or "2048", not 640.5 (int() would cut it to 640) or true; a float
+            # field not inf (1e400 as json reads it) nor NaN, which every graph computes garbage from
+            if kind is float and not math.isfinite(number):
+                what = "a finite number"
+            elif kind is not int or (not isinstance(value, bool) and float(value) == number):
                 return number if kind is not int else self.within(name, number, LIMITS.get(key, INT64))
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity), which json.loads reads
             pass
-        self.items.append(f"field '{name}' should be {'an integer' if kind is int else kind.__name__}, got {value!r}")
+        self.items.append(f"field '{name}' should be {what}, got {value!r}")
         self.bad.add(name)
         return kind()
 

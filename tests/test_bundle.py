@@ -1618,6 +1618,41 @@ def test_config_values_no_graph_can_take_are_refused(change, message):
     assert parse_llama({**SIZES, "model_type": "llama", "rms_norm_eps": 0.0}, "x").rms_norm_eps == 0.0
 
 
+def _rope(**params):
+    """An edit of config.json: rope_scaling (Gemma 3: merged into the full layers' RoPE) set to `params`."""
+    return lambda c: c.update(rope_scaling=params)
+
+
+@pytest.mark.parametrize("edit,field,message", [
+    # a number past float64 (json reads 1e400 as inf): exported as a RoPE that rotates nothing, an epsilon or a cap
+    # that turns every logit to NaN or leaves it uncapped
+    (lambda c: c["rope_parameters"]["full_attention"].update(rope_theta="1e400"),
+     "rope_parameters.full_attention.rope_theta", "should be a finite number, got inf"),
+    (lambda c: c.update(rms_norm_eps="1e400"), "rms_norm_eps", "should be a finite number, got inf"),
+    (lambda c: c.update(final_logit_softcapping="1e400"), "final_logit_softcapping", "should be a finite number"),
+    (lambda c: c.update(query_pre_attn_scalar="1e400"), "query_pre_attn_scalar", "should be a finite number"),
+    (lambda c: c.update(rms_norm_eps="nan"), "rms_norm_eps", "should be a finite number, got nan"),
+    (_rope(rope_type="yarn", factor="1e400", original_max_position_embeddings=64), "rope_scaling.factor",
+     "should be a finite number, got inf"),
+])
+def test_config_numbers_no_graph_can_take_are_one_error_line(tiny_gemma3, tmp_path, edit, field, message):
+    """From the CLI, each refused in one line naming config.json and the field, and nothing exported."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    edit(config)
+    # "1e400" as the number a user writes, not a string
+    (model_dir / "config.json").write_text(json.dumps(config).replace('"1e400"', "1e400").replace('"nan"', "NaN"))
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(tmp_path / "out"), "--max-context", "64"])
+    line = assert_one_line_error(r, model_dir / "config.json", f"field '{field}'")
+    assert message in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_window_views_hold_the_widest_sliding_window():
     """A one-row pass's view of the sliding layers' buffers starts where the widest window starts: with sliding
     layers of 8 and 16 positions, the 16-wide layer's window must still be inside the view (it began at the
