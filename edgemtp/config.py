@@ -211,10 +211,15 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str, max_posit
     # LongRoPE's short factors and attention factor are read by phi3's parser alone (exporters/phi3.py): here
     # the Rope would have none, and building its tables failed with a numpy broadcasting error
     pr.check(kind != "longrope", f"field '{where}' rope_type 'longrope' is supported for phi3 only")
+    # 0 was read as 1, where transformers divides the frequencies by it (infinite ones); a negative one turns the
+    # rotation backwards (transformers warns that it must be at least 1). 'default' RoPE does not read it
+    factor = pr.opt(p, "factor", float, 1.0, where)
+    pr.check(kind in ("default", "longrope") or f"{where}.factor" in pr.bad or factor > 0,
+             f"field '{where}.factor' {factor} must be positive")
     rope = Rope(
         theta=pr.opt(p, "rope_theta", float, default_theta, where),
         kind=kind,
-        factor=pr.opt(p, "factor", float, 1.0, where) or 1.0,
+        factor=factor,
         fraction=fraction,
         low_freq_factor=pr.opt(p, "low_freq_factor", float, 1.0, where),
         high_freq_factor=pr.opt(p, "high_freq_factor", float, 4.0, where),
@@ -229,7 +234,6 @@ def _yarn(rope: Rope, p: dict, pr: Problems, where: str) -> Rope:
     mscale / mscale_all_dim, or 0.1 ln(factor) + 1)."""
     for name in ("factor", "original_max_position_embeddings"):
         pr.check(p.get(name) is not None, f"field '{where}.{name}' is missing (rope_type 'yarn' needs it)")
-    pr.check(rope.factor > 0, f"field '{where}.factor' {rope.factor} must be positive")
 
     def mscale(m: float) -> float:
         return 1.0 if rope.factor <= 1 else 0.1 * m * math.log(rope.factor) + 1.0

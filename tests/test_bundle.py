@@ -1632,8 +1632,16 @@ def _rope(**params):
     (lambda c: c.update(final_logit_softcapping="1e400"), "final_logit_softcapping", "should be a finite number"),
     (lambda c: c.update(query_pre_attn_scalar="1e400"), "query_pre_attn_scalar", "should be a finite number"),
     (lambda c: c.update(rms_norm_eps="nan"), "rms_norm_eps", "should be a finite number, got nan"),
+    # a RoPE factor of 0 was read as 1 (transformers divides by it: infinite frequencies); negative ones turn the
+    # rotation backwards (transformers warns that a factor must be at least 1)
+    (_rope(rope_type="linear", factor=0), "rope_scaling.factor", "0.0 must be positive"),
+    (_rope(rope_type="linear", factor=-2.0), "rope_scaling.factor", "-2.0 must be positive"),
+    (_rope(rope_type="yarn", factor=0, original_max_position_embeddings=64), "rope_scaling.factor",
+     "0.0 must be positive"),
     (_rope(rope_type="yarn", factor="1e400", original_max_position_embeddings=64), "rope_scaling.factor",
      "should be a finite number, got inf"),
+    (_rope(rope_type="llama3", factor=0, original_max_position_embeddings=64), "rope_scaling.factor",
+     "0.0 must be positive"),
 ])
 def test_config_numbers_no_graph_can_take_are_one_error_line(tiny_gemma3, tmp_path, edit, field, message):
     """From the CLI, each refused in one line naming config.json and the field, and nothing exported."""
