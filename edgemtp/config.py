@@ -271,9 +271,11 @@ def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0, max_positio
 def parse_gemma3(hf: dict, source: str) -> TextConfig:
     pr = Problems(source)
     n_layers = pr.need(hf, "num_hidden_layers")
-    pattern = pr.opt(hf, "sliding_window_pattern", int, 6) or 6
-    layer_types = tuple(pr.layer_types(hf) or
-                        [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)])
+    pattern = pr.opt(hf, "sliding_window_pattern", int, 6)
+    given = pr.layer_types(hf)
+    # 0 was read as 6 (transformers: layer i slides unless (i + 1) % pattern is 0, a ZeroDivisionError)
+    pr.check(given or pattern != 0, "field 'sliding_window_pattern' must not be 0 (layer types are derived from it)")
+    layer_types = tuple(given or [SLIDING if pattern and (i + 1) % pattern else FULL for i in range(n_layers)])
     max_positions = pr.opt(hf, "max_position_embeddings", int, 131_072)  # Gemma3TextConfig's default
     rope = _gemma3_rope(hf, pr, max_positions)
     cfg = TextConfig(
@@ -290,7 +292,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         rope=rope,
         sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,  # 0 in the wild: the default (null: below)
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
-        attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0) or 256.0, pr),
+        attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0), pr),  # 0: not 256
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
         final_logit_softcapping=pr.opt(hf, "final_logit_softcapping", float),
         hidden_activation=hf.get("hidden_activation") or "gelu_pytorch_tanh",

@@ -1642,6 +1642,10 @@ def _rope(**params):
      "should be a finite number, got inf"),
     (_rope(rope_type="llama3", factor=0, original_max_position_embeddings=64), "rope_scaling.factor",
      "0.0 must be positive"),
+    # read as 256 (transformers: ZeroDivisionError building the model)
+    (lambda c: c.update(query_pre_attn_scalar=0), "query_pre_attn_scalar", "0.0 must be positive"),
+    # read as 6 (transformers: ZeroDivisionError deriving the layer types)
+    (lambda c: c.update(sliding_window_pattern=0, layer_types=None), "sliding_window_pattern", "must not be 0"),
 ])
 def test_config_numbers_no_graph_can_take_are_one_error_line(tiny_gemma3, tmp_path, edit, field, message):
     """From the CLI, each refused in one line naming config.json and the field, and nothing exported."""
