@@ -1665,6 +1665,22 @@ def test_config_numbers_no_graph_can_take_are_one_error_line(tiny_gemma3, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_generation_config_that_is_not_an_object_is_refused(tiny_gemma3, tmp_path):
+    """A generation_config.json holding a list was silently ignored (its stop ids lost); transformers'
+    GenerationConfig fails on it."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], model_dir)
+    (model_dir / "generation_config.json").write_text("[1, 106]")
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(tmp_path / "out"), "--max-context", "64"])
+    assert_one_line_error(r, model_dir / "generation_config.json", exact=f"{model_dir / 'generation_config.json'}: "
+                          "expected a JSON object, got list")
+    assert not (tmp_path / "out").exists()
+
+
 def test_window_views_hold_the_widest_sliding_window():
     """A one-row pass's view of the sliding layers' buffers starts where the widest window starts: with sliding
     layers of 8 and 16 positions, the 16-wide layer's window must still be inside the view (it began at the

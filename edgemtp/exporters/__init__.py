@@ -79,7 +79,9 @@ def with_generation_stops(cfg, model_dir: Path):
     if not path.is_file():
         return cfg
     gen = read_json(path)
-    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    if not isinstance(gen, dict):  # a list was ignored, its stop ids lost (transformers' GenerationConfig fails)
+        raise EdgemtpError(f"{path}: expected a JSON object, got {type(gen).__name__}")
+    eos = gen.get("eos_token_id")
     eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < cfg.vocab_size for e in eos):
         raise EdgemtpError(f"{path}: field 'eos_token_id' {eos!r} is not token ids below the vocabulary of "
