@@ -225,6 +225,11 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str, max_posit
         high_freq_factor=pr.opt(p, "high_freq_factor", float, 4.0, where),
         original_max_positions=pr.opt(p, "original_max_position_embeddings", int, 8192, where),
     )
+    # yarn takes its log (a math domain error); llama3's wavelength bounds would all be 0 or negative
+    original = "original_max_position_embeddings" if top_original is not None else \
+        f"{where}.original_max_position_embeddings"
+    pr.check(kind not in ("llama3", "yarn") or original in pr.bad or rope.original_max_positions > 0,
+             f"field '{original}' {rope.original_max_positions} must be positive")
     return _yarn(rope, p, pr, where) if kind == "yarn" else rope
 
 

@@ -1642,6 +1642,11 @@ def _rope(**params):
      "should be a finite number, got inf"),
     (_rope(rope_type="llama3", factor=0, original_max_position_embeddings=64), "rope_scaling.factor",
      "0.0 must be positive"),
+    # YaRN's ramp took the log of it: a traceback (math domain error); llama3's wavelength bounds all 0 or negative
+    (_rope(rope_type="yarn", factor=4.0, original_max_position_embeddings=0),
+     "rope_scaling.original_max_position_embeddings", "0 must be positive"),
+    (_rope(rope_type="llama3", factor=4.0, original_max_position_embeddings=-64),
+     "rope_scaling.original_max_position_embeddings", "-64 must be positive"),
     # read as 256 (transformers: ZeroDivisionError building the model)
     (lambda c: c.update(query_pre_attn_scalar=0), "query_pre_attn_scalar", "0.0 must be positive"),
     # read as 6 (transformers: ZeroDivisionError deriving the layer types)
