@@ -204,7 +204,7 @@ def parse_rope(params, default_theta: float, pr: Problems, where: str, max_posit
     fraction = 1.0 if fraction is None else fraction
     # transformers' llama and gemma3 rotate the whole head with 'default' RoPE (the factor is ignored) and fail
     # with 'linear' or 'llama3' (tables narrower than the head); only 'proportional' rotates a fraction
-    pr.check(fraction == 1.0 or kind == "proportional",
+    pr.check(fraction == 1.0 or kind == "proportional" or f"{where}.partial_rotary_factor" in pr.bad,
              f"field '{where}.partial_rotary_factor' {fraction} is not supported with rope_type {kind!r} "
              "(only with 'proportional')")
     pr.check(0.0 <= fraction <= 1.0, f"field '{where}.partial_rotary_factor' {fraction} must be in [0, 1]")
@@ -260,7 +260,7 @@ def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0, max_positio
     top = pr.opt(hf, "original_max_position_embeddings", int, None)  # transformers prefers it to the parameters'
     params = hf.get(where)
     fraction = pr.opt(hf, "partial_rotary_factor", float, None)
-    if fraction is not None and (params is None or isinstance(params, dict)) and \
+    if fraction is not None and "partial_rotary_factor" not in pr.bad and (params is None or isinstance(params, dict)) and \
             (params or {}).get("partial_rotary_factor") is None:
         # a default for the parameters' own (transformers' setdefault): left out, the whole head was rotated where
         # transformers rotates a part of it (proportional) or fails (tables narrower than the head)
@@ -373,7 +373,7 @@ def parse_gemma3_multimodal(hf: dict, source: str) -> TextConfig:
 def query_scale(scalar: float, pr: Problems) -> float:
     """query_pre_attn_scalar ** -0.5; a negative one would make it a complex number (a crash in the builder),
     and 0 a ZeroDivisionError (both refused, with a stand-in returned so that every problem is listed)."""
-    pr.check(scalar > 0, f"field 'query_pre_attn_scalar' {scalar} must be positive")
+    pr.check("query_pre_attn_scalar" in pr.bad or scalar > 0, f"field 'query_pre_attn_scalar' {scalar} must be positive")
     return abs(scalar) ** -0.5 if scalar else 1.0
 
 
@@ -421,8 +421,9 @@ def check_numbers(cfg, pr: Problems) -> None:
     norms' square root, a RoPE base of 0 or less, a softcap of 0 (tanh(x / 0); null turns it off)."""
     pr.check("rms_norm_eps" in pr.bad or cfg.rms_norm_eps >= 0,
              f"field 'rms_norm_eps' {cfg.rms_norm_eps} must not be negative")
+    theta_refused = any(n.endswith("rope_theta") or n == "rope_local_base_freq" for n in pr.bad)  # said so
     for rope in cfg.rope.values():
-        pr.check(rope.theta > 0, f"rope_theta {rope.theta} must be positive")
+        pr.check(theta_refused or rope.theta > 0, f"rope_theta {rope.theta} must be positive")
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
         cap = getattr(cfg, name, None)
         pr.check(cap is None or name in pr.bad or cap > 0, f"field '{name}' {cap} must be positive (null: none)")

@@ -1670,6 +1670,29 @@ def test_config_numbers_no_graph_can_take_are_one_error_line(tiny_gemma3, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"rope_theta": float("inf")}, "field 'rope_theta' should be a finite number, got inf"),
+    ({"rope_theta": "abc"}, "field 'rope_theta' should be float, got 'abc'"),
+    ({"partial_rotary_factor": float("nan")}, "field 'partial_rotary_factor' should be a finite number, got nan"),
+])
+def test_a_refused_number_is_reported_once(change, message):
+    """A field refused as read is the whole message: not followed by a knock-on check of the 0 it was replaced
+    with ('rope_theta 0.0 must be positive', 'partial_rotary_factor 0.0 is not supported')."""
+    from edgemtp.config import parse_llama
+
+    with pytest.raises(EdgemtpError) as e:
+        parse_llama({**SIZES, "model_type": "llama", **change}, "x")
+    assert str(e.value) == f"x: {message}"
+
+
+def test_a_refused_query_pre_attn_scalar_is_reported_once():
+    from edgemtp.config import parse_gemma3
+
+    with pytest.raises(EdgemtpError) as e:
+        parse_gemma3({**SIZES, "query_pre_attn_scalar": float("inf")}, "x")
+    assert str(e.value) == "x: field 'query_pre_attn_scalar' should be a finite number, got inf"
+
+
 def test_generation_config_that_is_not_an_object_is_refused(tiny_gemma3, tmp_path):
     """A generation_config.json holding a list was silently ignored (its stop ids lost); transformers'
     GenerationConfig fails on it."""
