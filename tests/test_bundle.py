@@ -1122,11 +1122,17 @@ def test_phi3_config_and_fused_weights(tmp_path):
                           ({"type": "su", "short_factor": ["a"] * 4, "long_factor": [3.0] * 4},
                            "field 'rope_scaling.short_factor' must list 4 positive numbers"),  # was a bare ValueError
                           ({"type": "su", "short_factor": [2.0] * 4}, "field 'rope_scaling.long_factor' is missing"),
+                          # 1e400 (json's inf): a pair that never turns; was exported
+                          ({"type": "su", "short_factor": [2.0, 2.0, 2.0, float("inf")], "long_factor": [3.0] * 4},
+                           "field 'rope_scaling.short_factor' must list 4 positive numbers"),
                           ({"rope_type": "dynamic", "factor": 2.0}, "rope_type 'dynamic' is not supported for phi3")):
         with pytest.raises(EdgemtpError, match=re.escape(message)):
             parse_config({**hf, "rope_scaling": rope}, "x")
     with pytest.raises(EdgemtpError, match="field 'original_max_position_embeddings' 0 must be at least 2"):
         parse_config({**hf, "original_max_position_embeddings": 0, "rope_scaling": short}, "x")
+    with pytest.raises(EdgemtpError) as e:  # the whole message: no knock-on 'partial_rotary_factor 0.0 must be in'
+        parse_config({**hf, "partial_rotary_factor": float("nan")}, "x")
+    assert str(e.value) == "x: field 'partial_rotary_factor' should be a finite number, got nan"
 
     model_dir = save_tiny(tiny("phi3_longrope"), tmp_path / "model")
     args = ["export", str(model_dir), "-o", str(tmp_path / "out"), "--max-context"]

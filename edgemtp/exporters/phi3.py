@@ -70,7 +70,8 @@ def _rope(hf: dict, pr: Problems, head_dim: int, max_positions: int) -> Rope:
     theta = pr.opt(hf, "rope_theta", float, 10000.0) if theta is None else theta
     fraction = pr.opt(p, "partial_rotary_factor", float, None, where)
     fraction = pr.opt(hf, "partial_rotary_factor", float, 1.0) if fraction is None else fraction
-    pr.check(0.0 < fraction <= 1.0, f"field 'partial_rotary_factor' {fraction} must be in (0, 1]")
+    pr.check("partial_rotary_factor" in pr.bad or f"{where}.partial_rotary_factor" in pr.bad or 0.0 < fraction <= 1.0,
+             f"field 'partial_rotary_factor' {fraction} must be in (0, 1]")
     pr.check(kind in ("default", "longrope"), f"field '{where}' rope_type {kind!r} is not supported for phi3 "
                                               "(default, longrope)")
     if kind != "longrope":
@@ -83,7 +84,7 @@ def _rope(hf: dict, pr: Problems, head_dim: int, max_positions: int) -> Rope:
     short = p.get("short_factor")
     pairs = int(head_dim * fraction) // 2
     numbers = isinstance(short, list) and len(short) == pairs and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in short)
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf for x in short)  # not 1e400
     pr.check(numbers, f"field '{where}.short_factor' must list {pairs} positive numbers (one per rotated pair)")
     # never used within the original length, but transformers' LongRoPE reads it (a KeyError when missing)
     pr.check("long_factor" in p, f"field '{where}.long_factor' is missing (LongRoPE needs it)")
