@@ -191,15 +191,17 @@ def test_logits_match_transformers(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding", "gemma2",
-                                  "smollm3_sliding", "ministral3"])
+                                  "gemma3_text", "smollm3_sliding", "ministral3"])
 def test_sliding_qwen_verify_graph_matches_transformers(kind, tmp_path):
     """The batched verify graph (several rows x several new positions) windows qwen2's, qwen3's and mistral's
     sliding layers as transformers does (qwen3 normalizing q and k before rotating them itself): rows of different
-    lengths past twice the window, each against its own reference."""
+    lengths past twice the window, each against its own reference. gemma3_text: Gemma 3's q/k norms, taken per head
+    before this graph rotates q and k (in the target graph GroupQueryAttention rotates them)."""
     model = tiny(kind)
     export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
     windows = {"mistral": [WINDOW] * 4, "phi3_sliding": [WINDOW] * 4, "gemma2": [WINDOW, None] * 2,
+               "gemma3_text": [WINDOW, None] * 2,
                "smollm3_sliding": [None, None, None, WINDOW], "ministral3": [None] * 4}.get(
         kind, [None, None, WINDOW, WINDOW])
     assert [s.window for s in engine.target.contract.kv] == windows
