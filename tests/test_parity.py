@@ -411,3 +411,19 @@ def test_activations_are_transformers():
         got = ort.InferenceSession(b.model().SerializeToString(), providers=["CPUExecutionProvider"]).run(
             None, {"x": x})[0]
         np.testing.assert_allclose(got, fns[act](torch.from_numpy(x)).numpy(), atol=2e-6, rtol=0, err_msg=act)
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "gemma2", "qwen3", "phi3", "granite"])
+def test_verify_graph_params_mean_what_the_targets_do(kind, tmp_path):
+    """The verify graph's initializers point at the target's bytes by name (builder.share_weights): a parameter
+    the verify graph declares with another transform (a (1 + w) norm read as w, a transposed weight read as
+    stored) or shape would silently get the target's, whatever its own said. Every name they share is declared
+    the same way."""
+    from edgemtp.exporters import load_config
+
+    tiny(kind).config.save_pretrained(tmp_path)
+    cfg, build = load_config(tmp_path)
+    target, verify = build(cfg, 64)[0].params, build(cfg, 64, in_place=False)[0].params
+    assert set(verify) <= set(target)
+    for name, p in verify.items():
+        assert p == target[name], name
