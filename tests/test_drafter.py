@@ -1986,3 +1986,19 @@ def test_a_drafter_config_nested_too_deeply_or_with_a_huge_number_is_named(tmp_p
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(EdgemtpError, match=f"config.json: not valid JSON .*{why}"):
             load_config(tmp_path)
+
+
+def test_drafter_logits_are_soft_capped(tmp_path):
+    """The drafter's full head soft-caps its logits as the target's does: a tiny target with a cap that cuts in
+    (0.5; the tiny drafter's logits stay far below Gemma 3's 30, where a missing cap differed by < 1e-3)."""
+    from edgemtp.exporters import export
+
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    model = tiny("gemma3_text")
+    model.config.final_logit_softcapping = 0.5
+    model_dir = save_tiny(model, tmp_path / "model")
+    capped = drafter_setup(model_dir, export(model_dir, tmp_path / "plain", capacity=64), tmp_path)
+    assert capped[2].cfg.final_logit_softcapping == 0.5
+    check_onnx_drafter(capped)
