@@ -456,3 +456,22 @@ def test_gated_mlp_activations_are_transformers(tmp_path):
         np.testing.assert_allclose(got[0, :, 0], fns[act](torch.from_numpy(v)).numpy(), atol=2e-6, rtol=0,
                                    err_msg=act)
         assert not got[0, :, 1].any()
+
+
+def test_yarn_ramp_ends_at_the_last_rotated_pair(tmp_path):
+    """YaRN's ramp ends at pair dim - 1 at most (transformers' find_correction_range): a small base and a long
+    original length put beta_slow's pair past it (rope_theta 10, original 4096: pair 1.4 x dim), and beta_fast
+    500 starts the ramp at pair 0, so that every rotated pair's frequency depends on where it ends."""
+    from edgemtp.config import FULL
+    from edgemtp.exporters import load_config
+    from edgemtp.exporters.rotary import inv_freq
+
+    rope = {"rope_type": "yarn", "rope_theta": 10.0, "factor": 4.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 500.0}
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16384, rope_parameters=rope))
+    model.config.save_pretrained(tmp_path)
+    cfg, _ = load_config(tmp_path)
+    want = dict(model.model.rotary_emb.named_buffers())["inv_freq"].numpy()
+    np.testing.assert_allclose(inv_freq(cfg.rope[FULL], 32), want, rtol=1e-6)
