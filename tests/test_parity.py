@@ -181,11 +181,15 @@ def test_logits_match_transformers(kind, tmp_path):
         assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
     ref = reference_logits(model, ids, CHUNKS)
+    with torch.no_grad():  # the state an MTP drafter reads: transformers' last hidden state, after the final norm
+        want_hidden = model(input_ids=torch.tensor(ids), output_hidden_states=True).hidden_states[-1][0].numpy()
     cache = engine.target.new_cache(1)
     start = 0
     for n, want in zip(CHUNKS, ref):
         got, hidden = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
         np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{kind} at position {start}")
+        np.testing.assert_allclose(hidden[0], want_hidden[start:start + n], atol=1e-3, rtol=0,
+                                   err_msg=f"{kind}'s hidden state at position {start}")
         start += n
     assert start > 2 * WINDOW
 
