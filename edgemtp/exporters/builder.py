@@ -253,6 +253,10 @@ def share_weights(b: GraphBuilder, source: Path) -> onnx.ModelProto:
             continue
         if t.name not in stored:
             raise ValueError(f"{source}: has no initializer '{t.name}' to share")
+        if (list(t.dims), t.data_type) != (list(stored[t.name].dims), stored[t.name].data_type):
+            # the bytes are the other graph's, bound with its transform: a second graph must declare the same
+            raise ValueError(f"{source}: initializer '{t.name}' is {list(stored[t.name].dims)} of type "
+                             f"{stored[t.name].data_type}, this graph declares {list(t.dims)} of type {t.data_type}")
         t.ClearField("raw_data")
         t.data_location = TensorProto.EXTERNAL
         t.external_data.extend(stored[t.name].external_data)
