@@ -49,6 +49,17 @@ def test_a_prompt_that_parts_early_reuses_only_the_common_start(engines):
     assert unrelated.tokens == fresh.generate("t8 t3 t4", 4).tokens and unrelated.stats.cached_tokens == 0
 
 
+def test_a_prompt_that_agrees_again_after_it_parted_reuses_only_the_common_start(engines):
+    """A prompt that differs from the kept one in its second token only, the same after it: the positions after
+    the difference were computed over another token, so only the first one is reused, and the tokens are a fresh
+    engine's (counting every agreeing position, not the run before the first difference, reused 4)."""
+    reuse, fresh = engines
+    reuse.kept.held = None
+    reuse.generate("t3 t4 t5 t6 t7", 4)
+    other = reuse.generate("t3 t9 t5 t6 t7 t8", 4)
+    assert other.stats.cached_tokens == 1 and other.tokens == fresh.generate("t3 t9 t5 t6 t7 t8", 4).tokens
+
+
 @pytest.mark.parametrize("draft", [None, Draft("lookup", 3)], ids=["plain", "lookup"])
 def test_a_one_prompt_batch_reuses_and_keeps_as_generate_does(engines, draft):
     """generate_batch with one prompt is a one-prompt generation: it runs over the kept cache and keeps its
