@@ -1429,10 +1429,11 @@ def test_a_kv_cache_larger_than_the_machine_allocates_is_named(tiny_gemma3):
 
 def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_path):
     """A tokenizer.json that disagrees with the model (a bundle from someone else) is named when it gives a prompt
-    an id the model has no row for: it was "--prompt-ids[1] 500 is not a token id", a flag the user never gave."""
+    an id the model has no row for: it was "--prompt-ids[1] 500 is not a token id", a flag the user never gave. The
+    first id past the vocabulary (its size, 96) is one."""
     b = copy_bundle(tiny_gemma3[2], tmp_path)
     tok = json.loads((b / "tokenizer.json").read_text())
-    tok["model"]["vocab"]["big"] = 500
+    tok["model"]["vocab"]["big"] = 96
     (b / "tokenizer.json").write_text(json.dumps(tok))
     m = json.loads((b / "edgemtp.json").read_text())
     m["files"]["tokenizer.json"] = {"bytes": (b / "tokenizer.json").stat().st_size,
@@ -1440,12 +1441,12 @@ def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_
     (b / "edgemtp.json").write_text(json.dumps(m))
     engine = Engine.load(b)
     assert engine.generate("t1 t2", max_new_tokens=2).tokens  # prompts without that token run
-    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes prompt with the token id 500, beyond the model's "
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes prompt with the token id 96, beyond the model's "
                                            r"vocabulary of 96 \(the tokenizer does not match the model\)"):
         engine.generate("t1 big", max_new_tokens=2)
     from edgemtp.evaluate import evaluate  # perplexity's text too: it went to the graph with that id
 
-    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes text.txt with the token id 500, beyond"):
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes text.txt with the token id 96, beyond"):
         evaluate(b, "t1 big t2 t3", text_name="text.txt")
 
 
