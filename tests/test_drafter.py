@@ -1155,6 +1155,16 @@ def test_drafting_on_a_spinning_target_warns_once(setup):
         Engine.load(bundle).generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("mtp", 3))
 
 
+def test_a_closed_engine_lets_go_of_its_mtp_drafter(setup):
+    """Engine.close releases the MTP drafter's session with the target's, not when the engine is collected."""
+    import weakref
+
+    with Engine.load(setup[1], mtp=True, threads=1) as engine:
+        assert engine.generate("t3 t9 t4 t1", max_new_tokens=4, draft=Draft("mtp", 2)).stats.drafted > 0
+        session = weakref.ref(engine._mtp_drafter().session)
+    assert session() is None
+
+
 def test_threads_sharing_an_engine_load_its_graphs_once(setup, monkeypatch):
     """Threads whose first drafting calls on one engine come together load the MTP drafter and the batched
     verify graph once (each thread loaded its own: with fast_verify, 1.7 GB of packed weights apiece for Gemma 3
