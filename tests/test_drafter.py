@@ -717,6 +717,8 @@ def test_clustered_head_context_adds_the_recent_tokens(setup, tmp_path):
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
+    from edgemtp.runtime.drafting import DraftContext
+    from edgemtp.runtime.sampling import Sampling, distribution
 
     model_dir, bundle, _, ids = setup
     drafter_dir = tmp_path / "d"
@@ -734,7 +736,7 @@ def test_clustered_head_context_adds_the_recent_tokens(setup, tmp_path):
     recent = recent_ids(histories, 5)
     assert np.array_equal(recent[0], histories[0][-5:]) and (recent[:, -1] == [h[-1] for h in histories]).all()
     assert np.array_equal(recent_ids([[7, 8]], 4), [[-1, -1, 7, 8]])
-    tok, h, rec, drafted = recent[:, -1:], hidden[:, None], recent, []
+    tok, h, rec, drafted, lives = recent[:, -1:], hidden[:, None], recent, [], []
     for _ in range(3):
         f_id, f_logits, f_state = full.step(tok, h, cache, rows)
         c_id, c_logits, c_state = clustered.step(tok, h, cache, rows, recent=rec)
@@ -749,8 +751,23 @@ def test_clustered_head_context_adds_the_recent_tokens(setup, tmp_path):
         rec = np.concatenate([rec, c_id], 1)[:, -5:]
         tok, h = c_id, c_state
         drafted.append(c_id[:, 0])
-    got, _ = clustered.draft(recent[:, -1], hidden, cache, rows, 3, recent=recent)
+        lives.append(np.isfinite(c_logits[:, 0]))
+    got, got_logits = clustered.draft(recent[:, -1], hidden, cache, rows, 3, recent=recent)
     assert np.array_equal(got, np.stack(drafted, 1))
+    assert np.array_equal(np.isfinite(got_logits), np.stack(lives, 1))  # each step's candidates: its drafts joined
+    # propose (a round's draft of one row) reads the row's last 5 tokens too, its drafts joining step by step: each
+    # q it samples from is the distribution of the step over those candidates
+    sampling = Sampling(temperature=1.0, seed=0)
+    for r in range(len(LENGTHS)):
+        history = [int(t) for t in histories[r]]
+        ctx = DraftContext(r, hidden[r], cache, sampling, np.random.default_rng(0))
+        drafts, q = clustered.propose(history, 3, ctx)
+        tok, h = np.array([[history[-1]]]), hidden[r:r + 1, None]
+        for i in range(3):
+            recent_r = np.array([(history + drafts[:i])[-5:]])
+            _, logits, h = clustered.step(tok, h, cache, slice(r, r + 1), recent=recent_r)
+            np.testing.assert_allclose(q[i], distribution(logits[0, 0], sampling), atol=1e-6)
+            tok = np.array([[drafts[i]]])
     for prompt in ["t3 t9 t4 t1", "t5 t6 t7 t5 t6 t7 t5 t6"]:
         args = ["generate", str(own), "--prompt", prompt, "--max-new-tokens", "20", "--json"]
         plain = json.loads(CliRunner().invoke(cli, args + ["--no-draft"]).stdout)
