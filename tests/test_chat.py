@@ -152,6 +152,8 @@ def test_keys_set_to_none_are_left_out_as_transformers_does():
     theirs = tok.apply_chat_template(chat, chat_template=LLAMA31_TURNS, tokenize=False, add_generation_prompt=True)
     assert ours == theirs
     assert "None" not in ours and '"city": "Paris"' in ours and chat[1]["tool_calls"] is None  # the caller's kept
+    closed = tok.apply_chat_template(chat, chat_template=LLAMA31_TURNS, tokenize=False, add_generation_prompt=False)
+    assert ChatTemplate(LLAMA31_TURNS, {}, "here").render(chat, add_generation_prompt=False) == closed != theirs
     del chat[3]["content"]  # a tool call without 'content' (the OpenAI format allows it): the same text
     assert ChatTemplate(LLAMA31_TURNS, {}, "here").render(chat) == theirs
 
