@@ -104,6 +104,21 @@ def test_a_byte_level_vocabulary_shows_a_cut_character_as_one_replacement():
         assert decode_text(tok, [byte_token[b] for b in data]) == data.decode("utf-8", "replace")
 
 
+def test_a_stream_shows_a_character_once_all_its_bytes_came(tiny_gemma3):
+    """Engine.stream's pieces over a byte-level vocabulary: a character cut so far is held back (its U+FFFD is not
+    shown, to be taken back when its last byte comes), so each piece is the character its last byte completed."""
+    from tokenizers import models, pre_tokenizers
+
+    from edgemtp.runtime.engine import Engine
+
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, []))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    engine = Engine.load(tiny_gemma3[2])
+    engine.tokenizer = tok  # the text of the ids streamed: Engine._text decodes with it
+    text = "ab 🙂x é€ 平方 z"
+    assert list(engine._pieces(iter(tok.encode(text).ids), engine.stops())) == list(text)
+
+
 def _gpt2_byte_chars() -> list[str]:
     """The character GPT-2's byte-level alphabet gives each byte 0..255 (printable ones stand for themselves)."""
     kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
