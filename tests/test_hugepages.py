@@ -23,6 +23,22 @@ def test_new_parts_subtracts_what_was_there():
     assert H.new_parts(0, 5, []) == [(0, 5)]
 
 
+def test_the_regions_are_the_writable_anonymous_ones_and_the_heap(monkeypatch):
+    """anonymous_regions: the writable anonymous mappings a huge page long or longer, the brk heap among them (ONNX
+    Runtime's weights are malloc'd: the small ones land there), not a file's mapping or the stack."""
+    import io
+
+    maps = ("00400000-00600000 r-xp 00000000 08:01 123 /usr/bin/python3\n"
+            "00800000-00c00000 rw-p 00000000 00:00 0 [heap]\n"
+            "7f0000000000-7f0000400000 rw-p 00000000 00:00 0 \n"
+            "7f0000400000-7f0000800000 rw-p 00000000 08:01 5 /tmp/weights.bin\n"
+            "7f0000800000-7f0000900000 rw-p 00000000 00:00 0 \n"  # 1 MB: no whole huge page
+            "7f0000a00000-7f0000e00000 r--p 00000000 00:00 0 \n"
+            "7ffc00000000-7ffc00400000 rw-p 00000000 00:00 0 [stack]\n")
+    monkeypatch.setattr(H, "open", lambda *a, **k: io.StringIO(maps), raising=False)
+    assert H.anonymous_regions() == [(0x800000, 0xC00000), (0x7F0000000000, 0x7F0000400000)]
+
+
 @linux
 def test_resident_runs_are_whole_resident_huge_pages():
     libc = _libc()
