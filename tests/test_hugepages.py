@@ -40,6 +40,17 @@ def test_the_regions_are_the_writable_anonymous_ones_and_the_heap(monkeypatch):
 
 
 @linux
+def test_collapse_rounds_each_new_part_inward_to_whole_huge_pages(monkeypatch):
+    """A new part of a region is collapsed from the first huge page wholly inside it: the piece it starts in holds
+    memory that was there before, which must not move (nor, for a sparse piece, fill)."""
+    before, asked = [(0, 3 * MB)], []
+    monkeypatch.setattr(H, "anonymous_regions", lambda: [(0, 11 * MB)])  # grew from 3 MB to 11 MB
+    monkeypatch.setattr(H, "resident_runs", lambda libc, lo, hi: asked.append((lo, hi)) or [(lo, hi)])
+    monkeypatch.setattr(H, "_madvise", lambda libc, start, length, advice: True)
+    assert H.collapse_new_regions(before) == 6 * MB and asked == [(4 * MB, 10 * MB)]
+
+
+@linux
 def test_resident_runs_are_whole_resident_huge_pages():
     libc = _libc()
     size = 8 * MB
