@@ -386,6 +386,18 @@ def test_a_closed_engine_lets_go_of_its_sessions(tiny_gemma3):
     assert Engine.load(tiny_gemma3[2]).generate("t1 t2", max_new_tokens=3).tokens == want
 
 
+def test_threads_is_each_sessions_thread_count(tiny_gemma3):
+    """--threads N (Engine.load's threads) gives the target's session N intra-op threads; none: ONNX Runtime's
+    default (0, one per core)."""
+    from edgemtp.runtime.engine import Engine
+
+    def threads(engine):
+        return engine.target.session.get_session_options().intra_op_num_threads
+
+    assert threads(Engine.load(tiny_gemma3[2], threads=1)) == 1 and threads(Engine.load(tiny_gemma3[2])) == 0
+    assert threads(Engine.load(tiny_gemma3[2], threads=3)) == 3
+
+
 def test_dash_h_is_help_everywhere():
     """-h is --help, for the group and every command (it was "No such option: -h")."""
     for args in ([], ["generate"], ["export"], ["profile"]):
