@@ -260,8 +260,8 @@ def one_rope(hf: dict, pr: Problems, default_theta: float = 10000.0, max_positio
     top = pr.opt(hf, "original_max_position_embeddings", int, None)  # transformers prefers it to the parameters'
     params = hf.get(where)
     fraction = pr.opt(hf, "partial_rotary_factor", float, None)
-    if fraction is not None and "partial_rotary_factor" not in pr.bad and (params is None or isinstance(params, dict)) and \
-            (params or {}).get("partial_rotary_factor") is None:
+    if fraction is not None and "partial_rotary_factor" not in pr.bad and \
+            (params is None or isinstance(params, dict)) and (params or {}).get("partial_rotary_factor") is None:
         # a default for the parameters' own (transformers' setdefault): left out, the whole head was rotated where
         # transformers rotates a part of it (proportional) or fails (tables narrower than the head)
         kind = (params or {}).get("rope_type", (params or {}).get("type", "default")) or "default"
@@ -373,7 +373,8 @@ def parse_gemma3_multimodal(hf: dict, source: str) -> TextConfig:
 def query_scale(scalar: float, pr: Problems) -> float:
     """query_pre_attn_scalar ** -0.5; a negative one would make it a complex number (a crash in the builder),
     and 0 a ZeroDivisionError (both refused, with a stand-in returned so that every problem is listed)."""
-    pr.check("query_pre_attn_scalar" in pr.bad or scalar > 0, f"field 'query_pre_attn_scalar' {scalar} must be positive")
+    pr.check("query_pre_attn_scalar" in pr.bad or scalar > 0,
+             f"field 'query_pre_attn_scalar' {scalar} must be positive")
     return abs(scalar) ** -0.5 if scalar else 1.0
 
 
