@@ -210,22 +210,31 @@ def test_split_is_deterministic():
     assert 0.07 < held.count("heldout") / len(held) < 0.13
 
 
+class CharTokenizer:
+    """A token per character, its code point the id."""
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(ids=[ord(c) for c in t]) for t in texts]
+
+
+def char_documents(root, n: int) -> list:
+    """n code documents of 40 characters each, every character (so every chunk of them) different."""
+    docs = []
+    for i in range(n):
+        path = root / f"m{i}.py"
+        path.write_text("".join(chr(256 + 40 * i + j) for j in range(40)))
+        docs.append(D.Document("code", path.name, path))
+    return docs
+
+
 def test_window_ranges_are_the_fresh_windows(tmp_path):
     """--data code=START:STOP: the windows a count of STOP draws that a count of START does not."""
-    from types import SimpleNamespace
-
     from edgemtp.cli import domain_counts
     from edgemtp.errors import EdgemtpError
 
-    class CharTokenizer:
-        def encode_batch(self, texts, add_special_tokens=False):
-            return [SimpleNamespace(ids=[ord(c) for c in t]) for t in texts]
-
-    docs = []
-    for i in range(5):
-        path = tmp_path / f"m{i}.py"
-        path.write_text("".join(chr(256 + 40 * i + j) for j in range(40)))
-        docs.append(D.Document("code", path.name, path))
+    docs = char_documents(tmp_path, 5)
     rows = lambda a: {tuple(r) for r in a}  # noqa: E731 (every chunk differs here)
     first, more = D.windows(CharTokenizer(), docs, 5, 12, 3, 1), D.windows(CharTokenizer(), docs, 5, 30, 3, 1)
     fresh = D.windows(CharTokenizer(), docs, 5, 30, 3, 1, skip=12)
@@ -1777,17 +1786,7 @@ def test_acceptance_counts_a_draft_only_after_right_ones(monkeypatch):
 
 
 def test_windows_follow_the_seed_and_use_every_chunk(tmp_path):
-    from types import SimpleNamespace
-
-    class CharTokenizer:
-        def encode_batch(self, texts, add_special_tokens=False):
-            return [SimpleNamespace(ids=[ord(c) for c in t]) for t in texts]
-
-    docs = []
-    for i in range(3):
-        path = tmp_path / f"m{i}.py"
-        path.write_text("".join(chr(256 + 40 * i + j) for j in range(40)))  # 10 chunks of 4 each, exactly
-        docs.append(D.Document("code", path.name, path))
+    docs = char_documents(tmp_path, 3)  # 10 chunks of 4 each, exactly
     every = D.windows(CharTokenizer(), docs, 5, 30, 0, 1)
     assert sorted(map(tuple, every[:, 1:])) == [tuple(range(256 + 4 * c, 260 + 4 * c)) for c in range(30)]
     a, b = (D.windows(CharTokenizer(), docs, 5, 12, s, 1) for s in (0, 1))
