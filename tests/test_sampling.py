@@ -67,3 +67,18 @@ def test_the_penalty_in_greedy_decoding():
 def test_bad_values_are_refused(field, value):
     with pytest.raises(ArgumentError, match=field):
         Sampling(1.0, **{field: value})
+
+
+def test_greedy_warns_about_the_sampling_fields_it_ignores():
+    """Sampling(top_p=0.9) decodes greedily (temperature 0): a warning names what has no effect, as transformers'
+    generate warns at do_sample=False; a setting that samples, or greedy with only a penalty, says nothing."""
+    with pytest.warns(UserWarning, match=r"^Sampling: top_p, seed have no effect at temperature 0 ") as caught:
+        Sampling(top_p=0.9, seed=3)
+    assert caught[0].filename == __file__  # points at the caller's line, not at sampling.py
+    with pytest.warns(UserWarning, match=r"^Sampling: min_p has no effect"):
+        Sampling(0, min_p=0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Sampling(), Sampling(0.7, top_k=5, top_p=0.9, min_p=0.1, seed=1), Sampling(repetition_penalty=1.3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -163,7 +164,9 @@ def sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed):
     """The Sampling of sampling_options' flags, with a warning for the flags greedy decoding ignores."""
     from ..runtime.sampling import Sampling
 
-    sampling = Sampling(temperature, top_k, top_p, seed, min_p, repetition_penalty)  # ArgumentError names the flag
+    with warnings.catch_warnings():  # Sampling's warning names its fields; the one below names the flags
+        warnings.simplefilter("ignore", UserWarning)
+        sampling = Sampling(temperature, top_k, top_p, seed, min_p, repetition_penalty)  # ArgumentError: the flag
     source = click.get_current_context().get_parameter_source
     unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "min_p", "seed")
               if source(n) == ParameterSource.COMMANDLINE]

@@ -4,6 +4,7 @@ after an optional repetition penalty over the tokens seen so far (transformers' 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -41,6 +42,13 @@ class Sampling:
         object.__setattr__(self, "top_k", int(self.top_k))
         if self.seed is not None:
             object.__setattr__(self, "seed", int(self.seed))
+        unused = [name for name, value, off in (("top_k", self.top_k, 0), ("top_p", self.top_p, 1),
+                                                ("min_p", self.min_p, 0), ("seed", self.seed, None))
+                  if value != off]
+        if self.greedy and unused:  # as transformers' generate warns at do_sample=False: nothing in the output says so
+            warnings.warn(f"Sampling: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
+                          "temperature 0 (greedy decoding); give a temperature above 0 to sample", UserWarning,
+                          stacklevel=3)
 
     @property
     def greedy(self) -> bool:
