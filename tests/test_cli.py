@@ -949,7 +949,7 @@ def test_api_takes_what_apps_hand_it(tiny_gemma3):
     sampled = [engine.generate("t1 t2", 6, Sampling(0.8, top_k=k, seed=seed)).tokens
                for k, seed in ((5, 1), (np.uint8(5), np.uint64(1)), (np.uint64(5), np.int32(1)))]
     assert sampled[0] == sampled[1] == sampled[2]
-    assert Draft("lookup", np.uint8(3)) == Draft("lookup", 3) and type(Sampling(top_k=np.uint8(5)).top_k) is int
+    assert Draft("lookup", np.uint8(3)) == Draft("lookup", 3) and type(Sampling(0.5, top_k=np.uint8(5)).top_k) is int
     prompts = {"t1 t2": 0, "t3 t4": 1}
     batch = [g.tokens for g in engine.generate_batch(prompts.keys(), 4)]
     assert batch == [g.tokens for g in engine.generate_batch((p for p in prompts), 4)]
