@@ -255,11 +255,20 @@ def inside(root: Path, rel: str) -> Path:
         p = (root / rel).resolve()
     except ValueError:  # an embedded NUL byte: no file can have that name
         raise EdgemtpError(f"{root / MANIFEST}: path {rel!r} is not a file name") from None
-    if Path(rel).is_absolute() or not p.is_relative_to(root.resolve()):
+    if Path(rel).is_absolute() or not (p.is_relative_to(root.resolve()) or _hub_blob(root, rel, p)):
         how = "is a symbolic link to a file outside the bundle (copy the file in)" if (root / rel).is_symlink() \
             else "points outside the bundle"
         raise EdgemtpError(f"{root / MANIFEST}: path '{rel}' {how}")
     return p
+
+
+def _hub_blob(root: Path, rel: str, p: Path) -> bool:
+    """Whether `rel` is a link of a Hugging Face hub cache's snapshot (what snapshot_download returns without
+    local_dir: REPO/snapshots/REVISION/FILE, a link to REPO/blobs/SHA) to its own repository's blobs. The
+    file's content is checked against the manifest's sha256 as any other file's."""
+    snapshot = root.resolve()
+    return (".." not in Path(rel).parts and (root / rel).is_symlink() and snapshot.parent.name == "snapshots"
+            and p.parent == snapshot.parent.parent / "blobs")
 
 
 def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | None) -> tuple:
@@ -267,15 +276,16 @@ def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | Non
     hashing shows later. `record`: None checks the size only; else the sha256 too, unless the record knows
     the file unchanged since it last matched (verified.py)."""
     p = inside(d, rel)
+    name = d / rel  # messages name the file as the bundle lists it (a hub snapshot's link, not its blob)
     if not p.is_file():
-        raise EdgemtpError(f"{p}: {'not a file' if p.exists() else 'missing'} (listed in {mpath.name})")
+        raise EdgemtpError(f"{name}: {'not a file' if p.exists() else 'missing'} (listed in {mpath.name})")
     st = p.stat()
     if st.st_size != info.get("bytes"):
-        raise EdgemtpError(f"{p}: size {st.st_size} differs from the manifest's {info.get('bytes')} "
+        raise EdgemtpError(f"{name}: size {st.st_size} differs from the manifest's {info.get('bytes')} "
                            "(file changed after export)")
     if record is not None and not record.known(p, st, info.get("sha256")):
         if sha256(p) != info.get("sha256"):
-            raise EdgemtpError(f"{p}: sha256 differs from the manifest (file changed after export)")
+            raise EdgemtpError(f"{name}: sha256 differs from the manifest (file changed after export)")
         record.add(p, st, info["sha256"])
     return stamp(st)
 

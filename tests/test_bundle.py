@@ -189,6 +189,44 @@ def test_manifest_path_outside_bundle_is_refused(tiny_gemma3, tmp_path):
         bundle.load(b)
 
 
+def hub_snapshot(src, repo):
+    """`src` laid out as a Hugging Face hub cache holds a downloaded repository (snapshot_download without
+    local_dir): repo/snapshots/REV/FILE, each a relative link to repo/blobs/HASH."""
+    snap = repo / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in sorted(src.iterdir()):
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / blob)
+        (snap / f.name).symlink_to(f"../../blobs/{blob}")
+    return snap
+
+
+def test_a_hub_cache_snapshot_loads_and_is_checked(tiny_gemma3, tmp_path):
+    """A bundle downloaded into the hub cache loads from its snapshot directory, its links into the repository's
+    blobs checked as the bundle's files; a link elsewhere is still refused."""
+    b = tiny_gemma3[2]
+    snap = hub_snapshot(b, tmp_path / "models--someone--bundle")
+    want = Engine.load(b).generate("t1 t2 t3", 8).tokens
+    with Engine.load(snap) as engine:
+        assert engine.generate("t1 t2 t3", 8).tokens == want
+    # the same links from a directory that is not a snapshot, or from a snapshot into another repository's blobs
+    plain = tmp_path / "models--someone--bundle" / "elsewhere" / "0123abc"
+    shutil.copytree(snap, plain, symlinks=True)
+    with pytest.raises(EdgemtpError, match=r"'\S+' is a symbolic link to a file outside the bundle"):
+        bundle.load(plain)
+    other = hub_snapshot(b, tmp_path / "models--other--bundle")
+    (other / "tokenizer.json").unlink()
+    (other / "tokenizer.json").symlink_to(snap.resolve() / "tokenizer.json")
+    with pytest.raises(EdgemtpError, match=r"'tokenizer.json' is a symbolic link to a file outside the bundle"):
+        bundle.load(other)
+    # a blob changed after download: its sha256
+    blob = (snap / "tokenizer.json").resolve()
+    blob.write_bytes(blob.read_bytes()[:-1] + b" ")
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: sha256 differs from the manifest"):
+        bundle.load(snap)
+
+
 def test_missing_and_corrupt_manifest(tmp_path):
     with pytest.raises(EdgemtpError, match="edgemtp.json: missing"):
         bundle.load(tmp_path)
