@@ -130,8 +130,8 @@ def window_range(n) -> tuple[int, int]:
 def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataSpec(), steps: int = 360,
                   seed: int = 0, resume: bool = False, progress: Progress | None = None,
                   shape: dict | None = None, spec: TrainSpec = TrainSpec(), threads: int = 1,
-                  stop_at: int | None = None, init: Path | None = None,
-                  label_threads: int = 2, head_clusters: int | None = None, head_top_k: int | None = None) -> dict:
+                  stop_at: int | None = None, init: Path | None = None, label_threads: int = 2,
+                  head_clusters: int | None = None, head_top_k: int | None = None) -> dict | None:
     """Trains a drafter for the target in `target_dir` (an HF model directory); writes `out_dir`/config.json
     + model.safetensors (fp16), checkpoint.pt, train.log (JSON lines). Returns the final report.
 

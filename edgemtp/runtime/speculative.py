@@ -128,7 +128,7 @@ class Speculative:
         self.lengths = (lengths or DraftLength(self.k)) if adaptive else None  # capped K: its tables are K long
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
-                 sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
+                 sampling: Sampling = Sampling(), stop_ids: Iterable[int] | Stops = (),
                  stats: SpecStats | None = None) -> list[SeqResult]:
         results = [SeqResult([]) for _ in prompts]
         for _row, _tokens in self.stream(prompts, max_new_tokens, sampling, stop_ids, stats, results):
@@ -136,7 +136,7 @@ class Speculative:
         return results
 
     def stream(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
-               sampling: Sampling = Sampling(), stop_ids: Iterable[int] = (),
+               sampling: Sampling = Sampling(), stop_ids: Iterable[int] | Stops = (),
                stats: SpecStats | None = None, results: list[SeqResult] | None = None,
                cache: KVCache | None = None, cached: int = 0):
         """Yields (row, new tokens) as each round emits them; `results` receives the per-row results.
