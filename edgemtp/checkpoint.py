@@ -183,7 +183,7 @@ def read_header(path: Path) -> dict[str, _Entry]:
                 raise ValueError(f"truncated: a header of {n} bytes in a file of {size}")
             if n > MAX_HEADER_BYTES:  # read whole and parsed: 300 MB took 1.5 GB and 21 s
                 raise ValueError(f"a header of {n} bytes, more than the safetensors library reads ({MAX_HEADER_BYTES})")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=_unique)
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise EdgemtpError(f"{path}: not a valid safetensors file ({e})") from None
     except RecursionError:  # arrays or objects nested deeper than the parser recurses
@@ -196,6 +196,22 @@ def read_header(path: Path) -> dict[str, _Entry]:
         if name == "__metadata__":
             continue
         out[name] = _entry(path, name, info, base, size)
+    # tensors sharing bytes: each would read the other's (the safetensors library refuses such a header)
+    spans = sorted((e.start, e.end, name) for name, e in out.items())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise EdgemtpError(f"{path}: tensors '{a}' and '{b}' share bytes (their data_offsets overlap)")
+    return out
+
+
+def _unique(pairs: list) -> dict:
+    """A JSON object's pairs as a dict, refusing a name given twice (json.loads keeps the last: a tensor's
+    first entry would be dropped without a word)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"'{key}' is given twice")
+        out[key] = value
     return out
 
 

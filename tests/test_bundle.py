@@ -446,6 +446,12 @@ def test_export_refuses_existing_output(tiny_gemma3):
      r"tensor 'X' has 0 bytes, but F32 \[4294967296, 4294967296\] needs 73786976294838206464"),
     (lambda d: _edit_header(d, lambda h: h.update(X={"dtype": "U8", "shape": [2**70], "data_offsets": [0, 0]})),
      r"tensor 'X' has 0 bytes, but U8 \[1180591620717411303424\] needs"),
+    # tensors reading each other's bytes, a tensor's entry given twice (json.loads kept the last): exported as
+    # they came, where the safetensors library refuses them
+    (lambda d: _edit_header(d, lambda h: h.update(X=h[GATE])),
+     rf"model.safetensors: tensors '(X|{GATE})' and '(X|{GATE})' share bytes \(their data_offsets overlap\)$"),
+    (lambda d: _edit_header(d, lambda h: json.dumps(h)[:-1] + f', "{GATE}": ' + json.dumps(h[GATE]) + "}"),
+     rf"model.safetensors: not a valid safetensors file \('{GATE}' is given twice\)$"),
     # a Linear weight stored transposed has the right sizes "in either order": once a ValueError mid-export
     (lambda d: _edit_header(d, lambda h: h[GATE].update(shape=h[GATE]["shape"][::-1])),
      rf"tensor '{GATE}' has shape \[64, 96\], config.json implies \[96, 64\]"),
@@ -1359,8 +1365,8 @@ def _edit_header(d, edit):
     raw = (d / "model.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
-    edit(header)
-    blob = json.dumps(header).encode()
+    text = edit(header)  # the header's new JSON text, or None: the edited header's
+    blob = (text if isinstance(text, str) else json.dumps(header)).encode()
     blob += b" " * (-len(blob) % 8)
     (d / "model.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
 
