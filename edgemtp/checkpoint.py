@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgemtpError
+from .errors import EdgemtpError, not_a_file
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
            "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
@@ -172,7 +172,7 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit (MAX_HEADER_SI
 
 def read_header(path: Path) -> dict[str, _Entry]:
     if path.exists() and not path.is_file():  # a FIFO would be waited on forever, a device read without end
-        raise EdgemtpError(f"{path}: not a regular file" + (" (a directory)" if path.is_dir() else ""))
+        raise EdgemtpError(f"{path}: {not_a_file(path)}")
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:

@@ -27,3 +27,18 @@ def _shown(value) -> str:
     """repr, with a numpy number shown as the plain number it holds (not `np.int64(0)`)."""
     item = getattr(value, "item", None)
     return repr(item() if callable(item) and getattr(value, "ndim", None) == 0 else value)
+
+
+def not_a_file(path) -> str:
+    """Why `path`, which is not a regular file, is not one: for a message that names it. Found by stat: a FIFO
+    or a device is not opened (reading one could wait forever)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "no such file"
+    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"is {kind}, not a file"

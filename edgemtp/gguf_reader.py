@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, not_a_file
 
 if TYPE_CHECKING:  # for the annotation only: reading needs no gguf package
     import gguf
@@ -37,7 +37,7 @@ def read_gguf(path: Path) -> tuple[dict, list[GGUFTensor]]:
     and memory-maps the tensor data, which `gguf.quants.dequantize` then decodes.
     """
     if not path.is_file():
-        raise EdgemtpError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
+        raise EdgemtpError(f"{path}: {not_a_file(path)}")
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise EdgemtpError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
@@ -92,12 +92,19 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
         if not shape or shape[-1] % block:  # rows are whole blocks: a shorter row would shift every next one
             raise ValueError(f"tensor {name} of shape {list(shape)} is not made of whole {qtype.name} blocks "
                              f"of {block}")
+        if offset % align:  # llama.cpp refuses it: writers pad each tensor to the alignment
+            raise ValueError(f"tensor {name} at offset {offset} is not a multiple of general.alignment {align}")
         row_bytes = shape[-1] // block * block_bytes
         rows = math.prod(shape[:-1])  # Python's integers: numpy's int64 product wraps (2**32 x 2**32 rows: 0)
         data = raw[start + offset: start + offset + rows * row_bytes]
         if data.size != rows * row_bytes:
             raise ValueError(f"tensor {name} runs past the end of the file")
         tensors.append(GGUFTensor(name, shape, qtype, data.reshape(rows, row_bytes)))
+    # tensors sharing bytes (llama.cpp refuses them too): each would be imported with the other's numbers
+    spans = sorted((offset, offset + t.data.size, t.name) for (_, _, _, offset), t in zip(infos, tensors))
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"tensors {a} and {b} share bytes (their offsets overlap)")
     return meta, tensors
 
 

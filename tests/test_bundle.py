@@ -475,7 +475,9 @@ def test_export_refuses_existing_output(tiny_gemma3):
      r"model.safetensors: not a valid safetensors file \(a header of 100000001 bytes, more than the safetensors "
      r"library reads \(100000000\)\)$"),
     # a FIFO (a tar archive can hold one) among the *.safetensors: once opened and read from, waiting forever
-    (lambda d: os.mkfifo(d / "extra.safetensors"), r"extra.safetensors: not a regular file$"),
+    (lambda d: os.mkfifo(d / "extra.safetensors"), r"extra.safetensors: is a FIFO, not a file$"),
+    (lambda d: ((d / "config.json").unlink(), os.mkfifo(d / "config.json")),
+     r"config.json: is a FIFO, not a file \(a model directory needs config.json\)$"),
 ])
 def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     d = tmp_path / "model"

@@ -703,6 +703,11 @@ def test_qwen2_pre_tokenizer_agrees_with_transformers():
 def test_missing_file(tmp_path):
     with pytest.raises(EdgemtpError, match="nope.gguf: no such file"):
         import_gguf(tmp_path / "nope.gguf", tmp_path / "out")
+    # what the path is, where it is not a file: a FIFO and a device were "no such file"
+    os.mkfifo(tmp_path / "fifo.gguf")
+    for path, kind in ((tmp_path / "fifo.gguf", "a FIFO"), (Path("/dev/null"), "a device"), (tmp_path, "a directory")):
+        with pytest.raises(EdgemtpError, match=f"^{re.escape(str(path))}: is {kind}, not a file$"):
+            import_gguf(path, tmp_path / "out")
 
 
 def test_not_a_gguf(tmp_path):
@@ -871,11 +876,16 @@ def test_field_listed_twice_is_refused(tmp_path):
 @pytest.mark.parametrize("infos,message", [
     ([("a", 4, 0), ("a", 4, 0)], "tensor a is listed twice"),
     ([("a", 40, 8)], r"tensor a of shape \[40\] is not made of whole Q8_0 blocks of 32"),
-], ids=["listed-twice", "part-of-a-block"])
+    # offsets that llama.cpp refuses, imported as they came: a tensor off the alignment, two sharing bytes
+    ([("a", 32, 0, 4)], "tensor a at offset 4 is not a multiple of general.alignment 32"),
+    ([("a", 32, 0, 0), ("b", 32, 0, 64)], r"tensors a and b share bytes \(their offsets overlap\)"),
+], ids=["listed-twice", "part-of-a-block", "unaligned", "overlapping"])
 def test_tensor_table_errors_are_named(tmp_path, infos, message):
-    """A tensor listed twice (one would silently win) and rows that are not whole quantization blocks (each
-    row after the first read from the wrong offset) are refused when the file is read."""
-    table = b"".join(raw_string(name) + struct.pack("<IQIQ", 1, n, qtype, 0) for name, n, qtype in infos)
+    """A tensor listed twice (one would silently win), rows that are not whole quantization blocks (each row
+    after the first read from the wrong offset) and offsets that are not the writer's are refused when the
+    file is read."""
+    table = b"".join(raw_string(name) + struct.pack("<IQIQ", 1, n, qtype, offset)
+                     for name, n, qtype, offset in (info + (0,) * (4 - len(info)) for info in infos))
     head = b"GGUF" + struct.pack("<IQQ", 3, len(infos), 0) + table
     path = tmp_path / "bad.gguf"
     path.write_bytes(head + bytes(-len(head) % 32) + bytes(1024))

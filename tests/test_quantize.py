@@ -853,6 +853,7 @@ def test_int4_export_is_reproducible(tmp_path, calib_file):
     (dict(keep_8bit=("",)), "--keep-8bit"),
     (dict(calibration_tokens=10), "--calibration-tokens 10 must be at least"),
     (dict(calibration="/nonexistent/text.txt"), "--calibration /nonexistent/text.txt: no such file"),
+    (dict(calibration="/dev/null"), "--calibration /dev/null: is a device, not a file (a text file, corpora or none)"),
     (dict(calibration=None, gptq=True), "--gptq needs calibration text"),
     (dict(calibration=None, frequent_rows=8), "--frequent-rows needs calibration text"),
     (dict(block_size=512), "--block-size 512 must be a power of two from 16 to 256"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, not_a_file
 from .base import cli, needs_exporter, output_path, progress_bar, writable_dir
 
 
@@ -259,7 +259,7 @@ def hidden_file(flag: str, path: Path, hidden_size: int):
     from ..calibration.head_report import load_hidden
 
     if not path.is_file():
-        raise EdgemtpError(f"{flag} {path}: no such file (expected hidden states in .npy / .npz)")
+        raise EdgemtpError(f"{flag} {path}: {not_a_file(path)} (expected hidden states in .npy / .npz)")
     try:
         return load_hidden(path, hidden_size)
     except EdgemtpError as e:

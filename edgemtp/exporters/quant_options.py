@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..calibration import activations as A
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, not_a_file
 from .components import joined_parts
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
@@ -231,8 +231,7 @@ def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibr
     if calibration_tokens is not None and calibration_tokens < A.WINDOW // 4:
         raise EdgemtpError(f"--calibration-tokens {calibration_tokens} must be at least {A.WINDOW // 4}")
     if calibration is not None and str(calibration) != A.CORPORA and not Path(calibration).is_file():
-        what = "is a directory" if Path(calibration).is_dir() else "no such file"
-        raise EdgemtpError(f"--calibration {calibration}: {what} (a text file, corpora or none)")
+        raise EdgemtpError(f"--calibration {calibration}: {not_a_file(calibration)} (a text file, corpora or none)")
     sch = scheme(quant, calibrated=calibration is not None, **options)
     if sch is not None and calibration_tokens is not None and not sch.needs_activations:
         raise EdgemtpError(f"--calibration-tokens {calibration_tokens}: nothing takes calibration activations here "
