@@ -942,6 +942,21 @@ def test_empty_tensor_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mistake_found_under_the_progress_bar_is_one_error_line(tmp_path):
+    """Merges that do not make a tokenizer are found once the bar is drawn (building the tokenizer takes
+    seconds): the error line alone on standard error, without the bar's line above it."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    from .cli_errors import assert_one_line_error
+
+    _, path = export_tiny(tmp_path, "llama", tied=True, edit={"tokenizer.ggml.merges": ["zzzq qqqz"]})
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out")])
+    assert_one_line_error(r, path, "zzzq")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_holding_the_current_directory_is_refused(tmp_path, monkeypatch):
     """`-o .` in an empty directory: once a ValueError (Path('.').with_name) after the whole import."""
     from click.testing import CliRunner

@@ -183,6 +183,11 @@ def progress_bar(desc: str, show_what: bool = False):
 
     try:
         yield update
+    except EdgemtpError:  # a mistake in the input found mid-way: its error line alone, without a bar above it
+        if task is not None:  # (Progress.stop would print the bar, or an empty line where stderr is no terminal)
+            bar.live.transient, task = True, None
+            bar.live.stop()
+        raise
     finally:
         if task is not None:
             bar.stop()
