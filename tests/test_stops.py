@@ -114,6 +114,22 @@ def test_a_tail_inside_a_byte_run_is_not_enough_to_decide():
     assert stops.reason([ord("a")] * 5 + run + [ord("!")]) == "stop string"
 
 
+def test_a_character_cut_so_far_is_no_stop_string():
+    """stop="\ufffd" (bytes that are not UTF-8): a character whose bytes have not all come decodes to U+FFFD for
+    now, which ended generation in the middle of any character written over several tokens (CJK or an emoji in a
+    byte-level vocabulary), the text cut before it. Bytes that are not UTF-8 stop at the next token, when the
+    U+FFFD is no longer the end; and generate's text, cut by the whole decode, never holds one."""
+    from edgemtp.runtime import stops as S
+
+    stops = Stops((), ("\ufffd", "x\ufffd"), decode=lambda ids: bytes(ids).decode("utf-8", "replace"))
+    for text in ("平方 x€ 🙂", "a" * (S.TAIL + 10) + "平方🙂"):  # the second's checks decode a tail first
+        data = text.encode()
+        assert [stops.reason(list(data[:n])) for n in range(1, len(data) + 1)] == [""] * len(data)
+    bad = list(b"ab \xe2\x82")  # a character that never comes whole: at the next token
+    assert stops.reason(bad) == "" and stops.reason(bad + [ord("c")]) == "stop string"
+    assert stops.reason(list(b"ab\xff")) == "" and stops.cut("ab\ufffd") == "ab"
+
+
 def test_cli_escapes():
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r"
     assert unescape(r"\\n") == "\\n" and unescape(r"\x") == r"\x" and unescape("plain") == "plain"

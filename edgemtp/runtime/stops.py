@@ -62,13 +62,16 @@ class Stops:
 
     def _holds(self, tokens: list[int]) -> bool:
         """Whether the text of `tokens` holds a stop string (checked after each token, so only one the
-        newest token completed can be new)."""
+        newest token completed can be new), before a character it ends inside."""
         if len(tokens) > TAIL:
             tail = self.decode(tokens[-TAIL:])
             # a tail starting inside a byte-fallback run decodes each of its bytes to U+FFFD: count what follows
             if len(tail.lstrip("\ufffd")) >= max(map(len, self.strings)) + SLACK and self.find(tail) < 0:
                 return False
-        return self.find(self.decode(tokens)) >= 0
+        text = self.decode(tokens)
+        # a U+FFFD at the end is a character whose bytes have not all come (or bytes that are not UTF-8, which the
+        # next token leaves inside the text): stop="\ufffd" stopped in the middle of any character over several tokens
+        return self.find(text[:-1] if text.endswith("\ufffd") else text) >= 0
 
     def find(self, text: str) -> int:
         """Where the first stop string in `text` begins, -1 if there is none."""
