@@ -671,3 +671,83 @@ def test_recall_report_refuses_tables_of_another_model(tmp_path):
     other = model_dir(tmp_path / "other", table(210))
     with pytest.raises(EdgemtpError, match="tables are for vocab 203 x hidden 16, the model .* has 210 x 16"):
         hr.recall_report(other, tmp_path / "out", hidden(5))
+
+
+def swapped(monkeypatch, assign: list, mass: list, rows: dict, **kw) -> tuple[list, int]:
+    """swap_misplaced on a hand-made hit matrix: every token is hit on all its mass in its own cluster (so it
+    stays), except `rows` {token: [C] scores}. Returns (cluster of each token after, number of swaps)."""
+    from scipy.sparse import csr_matrix
+
+    from edgemtp.calibration import centroids as ce
+    assign, mass = np.array(assign), np.array(mass, np.float64)
+    hits = np.zeros((len(assign), assign.max() + 1))
+    hits[np.arange(len(assign)), assign] = mass
+    for t, row in rows.items():
+        hits[t] = row
+    monkeypatch.setattr(ce, "hit_scores", lambda *a, **k: csr_matrix(hits))
+    sizes = np.bincount(assign)
+    tables = cl.HeadTables(np.zeros((len(sizes), D), np.float32), *cl.layout(assign, sizes))
+    out, swaps = ce.swap_misplaced(tables, hidden(1), np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32),
+                                   mass=mass, **kw)
+    assert out.centroids is tables.centroids
+    assert out.token_mask.sum(1).tolist() == sizes.tolist()
+    return out.cluster_of().tolist(), swaps
+
+
+# token 5 (cluster 2) is the only possible mover; cluster 1 holds token 2 (mass 0.5) and token 3 (0.25, the lightest)
+SAME, MOVED = [0, 0, 1, 1, 2, 2], [0, 0, 1, 2, 2, 1]
+EXACT = dict(min_mass=1.0, max_hit=0.75, gain=1.5)  # binary fractions: the boundaries compare exactly
+
+
+@pytest.mark.parametrize("mover_mass, row, masses, kw, want", [
+    (4.0, [0, 3, 2], {}, EXACT, MOVED),  # own 2 < 0.75*4; best 3 == 1.5*2: exactly `gain` better moves
+    (4.0, [0, 2.75, 2], {}, EXACT, SAME),  # best < 1.5 * own
+    (4.0, [0, 4.5, 3], {}, EXACT, SAME),  # own == 0.75*4: hit often enough, stays
+    (4.0, [0, 4.5, 2.75], {}, EXACT, MOVED),  # own just under 0.75*4
+    (1.0, [0, 0.75, 0.5], {}, EXACT, MOVED),  # mass == min_mass is a candidate
+    (0.875, [0, 0.75, 0], {}, EXACT, SAME),  # mass < min_mass is not (though token 3 is lighter)
+    (4.0, [0, 1, 0], {}, EXACT, MOVED),  # never hit in its own cluster: any hit elsewhere is a gain
+    (4.0, [0, 0, 0], {}, EXACT, SAME),  # never hit anywhere: nowhere better to go
+    (4.0, [0, 1, 2], {}, dict(EXACT, gain=1.0), SAME),  # its best cluster is its own: no swap, none counted
+    (4.0, [0, 3, 2], {2: 8.0, 3: 4.0}, EXACT, SAME),  # the destination's lightest is as heavy as the mover
+    (4.0, [0, 3, 2], {2: 8.0, 3: 3.5}, EXACT, MOVED),  # lighter: swaps, though a candidate itself
+    (10.0, [0, 12, 7.5], {}, {}, MOVED),  # defaults: min_mass 1, max_hit 0.8, gain 1.5
+    (10.0, [0, 13, 8.25], {}, {}, SAME),  # own > 0.8 * mass
+    (10.0, [0, 11, 7.5], {}, {}, SAME),  # best < 1.5 * own
+    (0.875, [0, 0.75, 0], {}, {}, SAME),  # mass < 1
+], ids=[
+    "gain-exactly-met", "below-gain", "max-hit-exactly-met", "under-max-hit", "min-mass-exactly",
+    "below-min-mass", "never-hit-at-home", "never-hit", "best-is-home", "destination-as-heavy", "destination-lighter",
+    "defaults-move", "defaults-max-hit", "defaults-gain", "defaults-min-mass"])
+def test_swap_misplaced_rules(monkeypatch, mover_mass, row, masses, kw, want):
+    mass = [0.125, 0.375, 0.5, 0.25, 0.0625, mover_mass]
+    for t, m in masses.items():
+        mass[t] = m
+    after, swaps = swapped(monkeypatch, [0, 0, 1, 1, 2, 2], mass, {5: row}, **kw)
+    assert (after, swaps) == (want, int(want == MOVED))
+
+
+@pytest.mark.parametrize("mass, rows, want, swaps", [
+    # A (0) gains 3.5 - 2 (ratio 1.75, sum 5.5), B (4) gains 4 - 0: B is first and takes cluster 1's one light
+    # token 2; A then meets token 3, heavier than itself, and stays
+    ([4, 0.5, 0.25, 8, 4, 0.125], {0: [2, 3.5, 0], 4: [0, 4, 0]}, [0, 0, 2, 1, 1, 2], 1),
+    # with token 3 light too, A takes it
+    ([4, 0.5, 0.25, 0.5, 4, 0.125], {0: [2, 3.5, 0], 4: [0, 4, 0]}, [1, 0, 2, 0, 1, 2], 2),
+    # A (0, gain 2) comes first to cluster 2 but token 4 (mass 3) is too heavy for it; it is left there for
+    # B (2, gain 1.5), which is heavier
+    ([2, 0.125, 4, 0.25, 3, 8], {0: [0, 0, 2], 2: [0, 0, 1.5]}, [0, 0, 2, 1, 1, 2], 1),
+])
+def test_swap_misplaced_best_gain_first(monkeypatch, mass, rows, want, swaps):
+    assert swapped(monkeypatch, [0, 0, 1, 1, 2, 2], mass, rows, **EXACT) == (want, swaps)
+
+
+@pytest.mark.parametrize("mass, rows, want", [
+    # B (2) moves to cluster 0 first; A (0), lighter than B and cluster 0's lightest, is a mover itself: B takes
+    # token 1 instead, and A goes on to cluster 2
+    ([2, 3, 4, 0.125, 0.25, 0.5], {0: [0, 0, 1], 2: [4, 0, 0]}, [2, 1, 0, 1, 0, 2]),
+    # B (2) swaps with token 4 into cluster 2; token 4, now cluster 1's lightest, is locked there: A (0) takes
+    # token 3 instead
+    ([4, 0.125, 4, 0.5, 0.25, 8], {0: [0, 2, 0], 2: [0, 0, 4]}, [1, 0, 2, 0, 1, 2]),
+])
+def test_swap_misplaced_locks_movers_and_swapped_tokens(monkeypatch, mass, rows, want):
+    assert swapped(monkeypatch, [0, 0, 1, 1, 2, 2], mass, rows, **EXACT) == (want, 2)
