@@ -102,11 +102,12 @@ class Problems:
         what = "an integer" if kind is int else kind.__name__
         try:
             number = kind(value)
-            # an int field takes 2048, 2048.0 or "2048", not 640.5 (int() would cut it to 640) or true; a float
-            # field not inf (1e400 as json reads it) nor NaN, which every graph computes garbage from
+            # an int field takes 2048, 2048.0 or "2048" (and 10**30, past a float's precision: beyond any model
+            # below), not 640.5 (int() would cut it to 640) or true; a float field not inf (1e400 as json reads it)
+            # nor NaN, which every graph computes garbage from
             if kind is float and not math.isfinite(number):
                 what = "a finite number"
-            elif kind is not int or (not isinstance(value, bool) and float(value) == number):
+            elif kind is not int or (not isinstance(value, bool) and (not isinstance(value, float) or value == number)):
                 return number if kind is not int else self.within(name, number, LIMITS.get(key, INT64))
         except (TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity), which json.loads reads
             pass

@@ -410,6 +410,8 @@ def test_export_refuses_existing_output(tiny_gemma3):
      "rope_type 'weird' unsupported"),
     (lambda d: _edit_config(d, sliding_window=-1), "'sliding_window' -1 must be positive"),
     (lambda d: _edit_config(d, hidden_size=64.5), "'hidden_size' should be an integer, got 64.5"),
+    # an integer past a float's precision: once "should be an integer", as 640.5 is
+    (lambda d: _edit_config(d, sliding_window=10**30), r"field 'sliding_window' 10{30} is beyond any model"),
     (lambda d: _edit_config(d, num_hidden_layers=0), "'num_hidden_layers' must be positive"),
     (lambda d: (d / "tokenizer.json").write_text('{"version": '), "tokenizer.json: not a valid tokenizer.json"),
     # values that once reached Python or numpy as they were: a complex scale, an unhashable type, int(inf)
