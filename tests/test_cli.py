@@ -386,6 +386,37 @@ def test_a_closed_engine_lets_go_of_its_sessions(tiny_gemma3):
     assert Engine.load(tiny_gemma3[2]).generate("t1 t2", max_new_tokens=3).tokens == want
 
 
+def test_a_closed_engine_ends_the_streams_it_gave(tiny_gemma3):
+    """Engine.close lets go of the sessions while a stream it gave is still open (read in part, not closed): the
+    stream's frame held the target (and a drafter) until the stream was collected, so an app switching models
+    kept the old model's sessions and mappings, and a drafting stream went on generating on the closed engine.
+    The stream says the engine was closed at its next use."""
+    import weakref
+
+    from edgemtp.runtime.engine import Draft, Engine
+
+    closed = r"the engine was closed \(Engine.close, or the end of its with block\)"
+    for reuse in (False, True):
+        for open_stream in (lambda e: e.stream("t1 t2", max_new_tokens=8),
+                            lambda e: e.stream("t1 t2", max_new_tokens=8, draft=Draft("lookup", 2)),
+                            lambda e: e.token_ids(e.encode("t1 t2"), 8),
+                            lambda e: e.token_stream(e.encode("t1 t2"), 8, draft=Draft("lookup", 2))):
+            engine = Engine.load(tiny_gemma3[2], reuse_prefix=reuse)
+            stream = open_stream(engine)
+            next(stream)
+            session = weakref.ref(engine.target.session)
+            engine.close()
+            assert session() is None
+            with pytest.raises(EdgemtpError, match=closed):
+                next(stream)
+    engine = Engine.load(tiny_gemma3[2])
+    stream = engine.stream("t1 t2", max_new_tokens=8)
+    next(stream)
+    stream.close()  # closed by its reader: it ends, as a generator does
+    assert list(stream) == []
+    assert engine.generate("t1 t2", max_new_tokens=3).tokens
+
+
 def test_threads_is_each_sessions_thread_count(tiny_gemma3):
     """--threads N (Engine.load's threads) gives the target's session N intra-op threads; none: ONNX Runtime's
     default (0, one per core)."""

@@ -21,7 +21,7 @@ from .draft_length import RecentDraftLengths
 from .drafting import auto_mode, cpu_quantized
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
-from .loading import Closed, load_engine
+from .loading import Closed, Streams, load_engine
 from .sampling import Sampling, is_bool, pick
 from .session import runs_on_cpu
 from .stats import Stats, copy_plain_stats
@@ -61,6 +61,7 @@ class Engine:
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
         self.chat_template = None  # chat.ChatTemplate: the model's, when its bundle has one
         self.kept = KeptCache(target)  # the cache the last one-prompt generation left, with reuse_prefix
+        self._streams = Streams()  # the generators given out, which close() ends
 
     @classmethod
     def load(cls, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None,
@@ -94,7 +95,8 @@ class Engine:
     def close(self) -> None:
         """Lets go of the sessions, the kept KV cache and the weights' mappings now (an app switching models),
         not whenever the engine is collected; the engine is unusable after. `with Engine.load(...) as engine:`
-        closes it at the end of the block."""
+        closes it at the end of the block. A stream it gave that is still open ends (its next use raises)."""
+        self._streams.end_all()
         self.target = self.kept = Closed()
         self._drafters.clear()
         self.head_tables = None
@@ -195,7 +197,7 @@ class Engine:
         check_kinds(sampling, None, stats)
         stops = self.stops(stop)
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
-        return self._plain(prompt_ids, max_new_tokens, sampling, stats, stops)
+        return self._streams.add(self._plain(prompt_ids, max_new_tokens, sampling, stats, stops))
 
     def _plain(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stats: Stats | None,
                stops: Stops) -> Iterator[int]:
@@ -298,7 +300,7 @@ class Engine:
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
                            adaptive=draft.adaptive, lengths=self._lengths(draft, 1) if draft.adaptive else None)
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
-        return self._drafting(spec, prompt_ids, max_new_tokens, sampling, stats, stops)
+        return self._streams.add(self._drafting(spec, prompt_ids, max_new_tokens, sampling, stats, stops))
 
     def _drafting(self, spec, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
                   stats: Stats | None, stops: Stops) -> Iterator[int]:
@@ -387,7 +389,7 @@ class Engine:
         its order; `stats` filled as generation goes). Arguments are checked at the call, as token_ids'."""
         stops = self.stops(stop)
         tokens = self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats, stop=stops.strings)
-        return self._pieces(tokens, stops)
+        return self._streams.add(self._pieces(tokens, stops))
 
     def _pieces(self, tokens: Iterator[int], stops: Stops) -> Iterator[str]:
         text_of, shown = IncrementalDecoder(self._text), ""

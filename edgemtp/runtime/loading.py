@@ -6,7 +6,10 @@ lines.
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -85,4 +88,50 @@ class Closed:
     not an AttributeError on None from somewhere inside a generation."""
 
     def __getattr__(self, name: str):
-        raise EdgemtpError("the engine was closed (Engine.close, or the end of its with block): load it again")
+        raise EdgemtpError(CLOSED)
+
+
+CLOSED = "the engine was closed (Engine.close, or the end of its with block): load it again"
+
+
+class Stream(Iterator):
+    """A generator an engine gave out (stream, token_stream, token_ids), which Engine.close ends: left open (read
+    in part, not closed), its frame held the target's and the drafter's sessions until it was collected, and a
+    drafting one went on generating on the closed engine. Once ended so, its next use says the engine was closed."""
+
+    def __init__(self, gen: Iterator):
+        self._gen, self._ended = gen, False
+
+    def __next__(self):
+        if self._ended:
+            raise EdgemtpError(CLOSED)
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def end(self) -> None:
+        self._ended = True
+        try:
+            self._gen.close()  # what it ran is kept as a reader's close keeps it (reuse_prefix)
+        except ValueError:  # running in another thread now: it lets go of the engine when that pass returns
+            pass
+
+
+class Streams:
+    """The streams an engine gave out that are still referenced (weakly: a dropped one goes as before)."""
+
+    def __init__(self):
+        self._live, self._lock = weakref.WeakSet(), threading.Lock()
+
+    def add(self, gen: Iterator) -> Stream:
+        stream = Stream(gen)
+        with self._lock:
+            self._live.add(stream)
+        return stream
+
+    def end_all(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for stream in live:
+            stream.end()
