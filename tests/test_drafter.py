@@ -448,6 +448,44 @@ def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
     assert report["init"]["from"] == str(out) and (out / "config.json").is_file()
 
 
+def test_a_failed_run_leaves_no_partial_files(tiny_gemma3, tmp_path, monkeypatch):
+    """A run stopped by an error or Ctrl-C leaves neither its half-written checkpoint (checkpoint.tmp: a full disk
+    left up to the drafter and its optimizer state there, hundreds of MB at Gemma 3 270M's size) nor the finished
+    drafter's staging directory (its weights, when the head fit failed) in the output directory."""
+    import errno
+
+    import torch
+
+    from edgemtp.drafter import head_fit, run_files
+    from edgemtp.drafter import train as T
+    from edgemtp.exporters import load_config as load_config_of
+
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 8, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
+    kw = dict(data=data, seed=0, shape=dict(hidden=16, intermediate=32, num_layers=1),
+              spec=TrainSpec(batch=4, warmup=2, negatives=32, ckpt_every=3, eval_every=1000))
+    out = tmp_path / "d"
+
+    def full_disk(obj, path, *a, **k):
+        Path(path).write_bytes(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError):
+        train_drafter(model_dir, out, steps=3, **kw)
+    assert not list(out.glob("checkpoint*"))
+    monkeypatch.undo()
+    monkeypatch.setattr(head_fit, "fit_head", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(model_dir, out, steps=2, head_clusters=4, head_top_k=2, **kw)
+    assert not (out / run_files.STAGING).exists() and not (out / "config.json").exists()
+    monkeypatch.setattr(T.np, "savez", lambda path, **_: (Path(path).write_bytes(b"the first bytes"),
+                                                         (_ for _ in ()).throw(KeyboardInterrupt))[1])
+    with pytest.raises(KeyboardInterrupt):
+        T._windows(model_dir, load_config_of(model_dir)[0], T.DataSpec(16, {"code": 2}, {"code": 1}), out / "cache2")
+    assert not list((out / "cache2").glob("windows*"))
+
+
 def test_run_record_holds_what_the_weights_follow_from():
     """--resume compares these: the seed by itself (the CLI's is also in DataSpec), not the held-out windows
     or how often the run evaluates."""

@@ -118,9 +118,13 @@ def complete(out_dir: Path, target_dir: Path, init: Path | None) -> None:
 
 def save_checkpoint(model, opt, step: int, train_s: float, path: Path, run: str) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
-                "run": run}, tmp)
-    tmp.replace(path)
+    try:
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
+                    "run": run}, tmp)
+        tmp.replace(path)
+    except BaseException:  # a full disk, Ctrl-C: its half-written bytes (the weights and the optimizer's) go
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class Log:

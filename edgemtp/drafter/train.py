@@ -239,14 +239,18 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     # the drafter's files are made aside and moved in with config.json last: a run killed while fitting the
     # head leaves no directory that `edgemtp export --drafter` would take for a finished drafter
     staging = R.fresh_staging(out_dir)
-    M.save(model, staging, extra={"training": report})
-    if head_clusters:
-        from .head_fit import fit_head
-        fit_head(staging, target_dir, clusters=head_clusters, top_k=head_top_k, seed=seed,
-                 progress=(lambda d, n, what="": progress(d, n, {"phase": "head", "what": what})) if progress else None,
-                 cache_dir=out_dir / "cache" / "train")
-    R.complete(staging, target_dir, init)
-    R.publish(staging, out_dir)
+    try:
+        M.save(model, staging, extra={"training": report})
+        if head_clusters:
+            from .head_fit import fit_head
+            fit_head(staging, target_dir, clusters=head_clusters, top_k=head_top_k, seed=seed,
+                     progress=(lambda d, n, what="": progress(d, n, {"phase": "head", "what": what})) if progress
+                     else None, cache_dir=out_dir / "cache" / "train")
+        R.complete(staging, target_dir, init)
+        R.publish(staging, out_dir)
+    except BaseException:  # an error or Ctrl-C: the half-made drafter does not stay beside the output
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return report
 
 
@@ -270,9 +274,13 @@ def _windows(target_dir, tcfg, data, cache_dir: Path, progress: Progress | None 
         if vocab is not None:  # the target's own tokens join the head shortlist
             vocab = np.union1d(vocab, np.concatenate([train.ravel()] + [w.ravel() for w in held.values()]))
     partial = key.with_name("windows.partial.npz")  # renamed when whole: a killed write is not read later
-    np.savez(partial, spec=spec, train=train, vocab=vocab if vocab is not None else np.zeros(0),
-             **{f"heldout.{k}": v for k, v in held.items()})
-    partial.replace(key)
+    try:
+        np.savez(partial, spec=spec, train=train, vocab=vocab if vocab is not None else np.zeros(0),
+                 **{f"heldout.{k}": v for k, v in held.items()})
+        partial.replace(key)
+    except BaseException:  # a full disk, Ctrl-C: no half-written file stays in the cache
+        partial.unlink(missing_ok=True)
+        raise
     return train, held, vocab
 
 
