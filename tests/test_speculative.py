@@ -162,10 +162,11 @@ def test_draw_takes_what_rng_choice_takes():
     """sampling.draw skips rng.choice's checks, not its numbers: a seeded run samples what it sampled before."""
     from edgemtp.runtime.sampling import draw
 
-    p = np.random.default_rng(1).random(5000) ** 8
-    p /= p.sum()
-    a, b = np.random.default_rng(9), np.random.default_rng(9)
-    assert [draw(p, a) for _ in range(300)] == [int(b.choice(len(p), p=p)) for _ in range(300)]
+    dense = np.random.default_rng(1).random(5000) ** 8
+    sparse = np.where(np.random.default_rng(2).random(5000) < 0.05, dense, 0.0)  # draw sums only the nonzero
+    for p in (dense / dense.sum(), sparse / sparse.sum()):
+        a, b = np.random.default_rng(9), np.random.default_rng(9)
+        assert [draw(p, a) for _ in range(300)] == [int(b.choice(len(p), p=p)) for _ in range(300)]
 
 
 def test_top_k_keeps_the_k_most_likely_tokens():

@@ -167,9 +167,21 @@ def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: Sequen
 def draw(p: np.ndarray, rng: np.random.Generator) -> int:
     """One token from p [V]: what rng.choice(V, p=p) draws (the same numbers from the same generator),
     without its checks of p, which took half its 1.3 ms over 262,144 probabilities. Logits that overflowed
-    (NaN) still fail, as they did in rng.choice, rather than draw token 0."""
-    cdf = np.cumsum(p, dtype=np.float64)
-    if not (np.isfinite(cdf[-1]) and cdf[-1] > 0):
-        raise ValueError(f"probabilities sum to {cdf[-1]} (NaN or infinite logits?)")
+    (NaN) still fail, as they did in rng.choice, rather than draw token 0.
+
+    Only the nonzero probabilities are summed where they are few (top-p, top-k, a clustered drafter's q): the
+    running sum is the same at each of them (adding 0 changes no sum), and the token drawn is always one of
+    them, so the draw is the same, for ~0.1 ms instead of the full cumsum's 0.9 (262,144 float64)."""
+    nonzero = p != 0  # NaN too
+    if 2 * np.count_nonzero(nonzero) < len(p):
+        ids = np.flatnonzero(nonzero)
+        cdf = np.cumsum(p[ids], dtype=np.float64)
+    else:
+        ids, cdf = None, np.cumsum(p, dtype=np.float64)
+    if not (len(cdf) and np.isfinite(cdf[-1]) and cdf[-1] > 0):
+        raise ValueError(f"probabilities sum to {cdf[-1] if len(cdf) else 0.0} (NaN or infinite logits?)")
     cdf /= cdf[-1]
-    return min(int(cdf.searchsorted(rng.random(), side="right")), len(p) - 1)
+    i = int(cdf.searchsorted(rng.random(), side="right"))
+    if ids is None:
+        return min(i, len(p) - 1)
+    return int(ids[i]) if i < len(ids) else len(p) - 1
