@@ -100,32 +100,38 @@ def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.nd
 def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.ndarray:
     """Probabilities [V] after the repetition penalty over `seen`, temperature, top-k, top-p and min-p (float64,
     summing to 1; logits [..., V] without a penalty)."""
-    x = np.asarray(penalize(logits, s, seen), np.float64)
+    # one float64 copy, changed in place: a temporary per step (x - max, / T, exp, np.where, / sum) was a fresh
+    # 2 MB array apiece, whose allocation and page faults made a distribution over Gemma 3's 262,144 logits
+    # 1.2-6 ms (T 0.8, top-p 0.9, by the heap's state) against 1.0 in place
+    x = np.array(penalize(logits, s, seen), np.float64)
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
     with np.errstate(over="ignore"):  # -inf below the best token is what such a temperature means
-        x = (x - x.max(axis=-1, keepdims=True)) / s.temperature
+        x -= x.max(axis=-1, keepdims=True)
+        x /= s.temperature
     if s.top_k and s.top_k < x.shape[-1]:
         kth = np.partition(x, -s.top_k, axis=-1)[..., -s.top_k, None]
-        x = np.where(x < kth, -np.inf, x)
-    p = np.exp(x - x.max(axis=-1, keepdims=True))
+        x[x < kth] = -np.inf
+    x -= x.max(axis=-1, keepdims=True)
+    p = np.exp(x, out=x)
     p /= p.sum(axis=-1, keepdims=True)
     if s.top_p < 1.0:
-        p = _top_p(p, s.top_p)
+        _top_p(p, s.top_p)
     if s.min_p > 0:  # after top-p, as transformers' MinPLogitsWarper: relative to the best token, kept at 1
-        p = np.where(p < s.min_p * p.max(axis=-1, keepdims=True), 0.0, p)
+        p[p < s.min_p * p.max(axis=-1, keepdims=True)] = 0.0
         p /= p.sum(axis=-1, keepdims=True)
     return p
 
 
-def _top_p(p: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (always >= 1 token)."""
-    rows = p.reshape(-1, p.shape[-1])
-    keep = np.zeros(rows.shape, bool)
-    for row, kept in zip(rows, keep):
-        kept[nucleus(row, top_p)] = True
-    p = np.where(keep.reshape(p.shape), p, 0.0)
-    return p / p.sum(axis=-1, keepdims=True)
+def _top_p(p: np.ndarray, top_p: float) -> None:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (always >= 1 token): the others
+    of p [..., V] (contiguous) set to 0 in place, the rest renormalized."""
+    for row in p.reshape(-1, p.shape[-1]):
+        kept = nucleus(row, top_p)
+        values = row[kept]
+        row[:] = 0.0
+        row[kept] = values
+    p /= p.sum(axis=-1, keepdims=True)
 
 
 def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
