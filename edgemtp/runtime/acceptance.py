@@ -35,14 +35,19 @@ def accept_sampled(draft: Sequence[int], p: "np.ndarray | RowDistributions", q: 
         qx = 1.0 if q is None else float(q[i, x])
         if rng.random() * qx < p[i][x]:  # u < p/q without dividing
             continue
+        # one full-vocabulary array, changed in place: np.maximum(p - q, 0) / total made three (2 MB each at
+        # 262,144 ids), 1.8 ms against 0.3 per rejection (timeit, Gemma 3 270M's target and drafter rows)
         if q is None:
             residual = p[i].copy()
             residual[x] = 0.0
         else:
-            residual = np.maximum(p[i] - q[i], 0.0)
+            residual = np.subtract(p[i], q[i])
+            np.maximum(residual, 0.0, out=residual)
         total = residual.sum()
-        # total is 0 only when p == q, where a rejection has probability 0: guard rounding
-        return i, draw(residual / total if total > 0 else p[i], rng)
+        if not total > 0:  # 0 only when p == q, where a rejection has probability 0: guard rounding
+            return i, draw(p[i], rng)
+        residual /= total
+        return i, draw(residual, rng)
     return len(draft), draw(p[len(draft)], rng)
 
 
