@@ -113,7 +113,7 @@ def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> n
         kth = np.partition(x, -s.top_k, axis=-1)[..., -s.top_k, None]
         x[x < kth] = -np.inf
     x -= x.max(axis=-1, keepdims=True)
-    p = np.exp(x, out=x)
+    p = _exp(x)
     p /= p.sum(axis=-1, keepdims=True)
     if s.top_p < 1.0:
         _top_p(p, s.top_p)
@@ -121,6 +121,21 @@ def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> n
         p[p < s.min_p * p.max(axis=-1, keepdims=True)] = 0.0
         p /= p.sum(axis=-1, keepdims=True)
     return p
+
+
+def _exp(x: np.ndarray) -> np.ndarray:
+    """exp(x), in place (x contiguous). Where most of x is -inf (a clustered drafter's logits: 4,160 candidates
+    of 262,144; top-k), only the rest is computed: exp(-inf) is 0, but numpy took 3x as long over it as over
+    numbers (Gemma 3 270M's drafter row: 0.89 ms against 0.37 this way)."""
+    flat = x.reshape(-1)
+    live = np.flatnonzero(flat != -np.inf)
+    if 2 * len(live) < len(flat):
+        values = np.exp(flat[live])
+        flat[:] = 0.0
+        flat[live] = values
+    else:
+        np.exp(flat, out=flat)
+    return x
 
 
 def _top_p(p: np.ndarray, top_p: float) -> None:
