@@ -130,6 +130,30 @@ def test_a_character_cut_so_far_is_no_stop_string():
     assert stops.reason(list(b"ab\xff")) == "" and stops.cut("ab\ufffd") == "ab"
 
 
+def test_a_character_cut_so_far_by_byte_fallback_tokens_is_no_stop_string():
+    """A byte-fallback vocabulary (Gemma's: a character it lacks is one token per UTF-8 byte) decodes a character
+    cut so far to one U+FFFD per byte that came, not one: stop="\ufffd" stopped after its second byte."""
+    import itertools
+
+    def decode(ids):  # ids < 256: byte tokens (tokenizers' ByteFallback: a run not UTF-8 is a U+FFFD a byte)
+        out = []
+        for is_byte, run in itertools.groupby(ids, lambda i: i < 256):
+            run = list(run)
+            if not is_byte:
+                out.append("".join(chr(i - 256) for i in run))
+                continue
+            try:
+                out.append(bytes(run).decode())
+            except UnicodeDecodeError:
+                out.append("\ufffd" * len(run))
+        return "".join(out)
+
+    stops = Stops((), ("\ufffd",), decode)
+    ids = [256 + ord(c) for c in "ab "] + list("𠀀".encode()) + [256 + ord("c")]
+    assert [stops.reason(ids[:n]) for n in range(1, len(ids) + 1)] == [""] * len(ids)
+    assert stops.reason(ids[:3] + [0xFF]) == "" and stops.reason(ids[:3] + [0xFF, 256 + ord("c")]) == "stop string"
+
+
 def test_cli_escapes():
     assert unescape(r"\n\n") == "\n\n" and unescape(r"a\tb\r") == "a\tb\r"
     assert unescape(r"\\n") == "\\n" and unescape(r"\x") == r"\x" and unescape("plain") == "plain"

@@ -69,9 +69,10 @@ class Stops:
             if len(tail.lstrip("\ufffd")) >= max(map(len, self.strings)) + SLACK and self.find(tail) < 0:
                 return False
         text = self.decode(tokens)
-        # a U+FFFD at the end is a character whose bytes have not all come (or bytes that are not UTF-8, which the
-        # next token leaves inside the text): stop="\ufffd" stopped in the middle of any character over several tokens
-        return self.find(text[:-1] if text.endswith("\ufffd") else text) >= 0
+        # U+FFFDs at the end are a character whose bytes have not all come, one per byte in a byte-fallback
+        # vocabulary (or bytes that are not UTF-8, which the next token leaves inside the text): stop="\ufffd"
+        # stopped in the middle of any character over several tokens
+        return self.find(text.rstrip("\ufffd")) >= 0
 
     def find(self, text: str) -> int:
         """Where the first stop string in `text` begins, -1 if there is none."""
