@@ -264,11 +264,13 @@ def inside(root: Path, rel: str) -> Path:
 
 def _hub_blob(root: Path, rel: str, p: Path) -> bool:
     """Whether `rel` is a link of a Hugging Face hub cache's snapshot (what snapshot_download returns without
-    local_dir: REPO/snapshots/REVISION/FILE, a link to REPO/blobs/SHA) to its own repository's blobs. The
-    file's content is checked against the manifest's sha256 as any other file's."""
-    snapshot = root.resolve()
-    return (".." not in Path(rel).parts and (root / rel).is_symlink() and snapshot.parent.name == "snapshots"
-            and p.parent == snapshot.parent.parent / "blobs")
+    local_dir: REPO/snapshots/REVISION/FILE, a link to REPO/blobs/SHA; the bundle may be a folder of the
+    repository, REVISION/FOLDER/FILE) to its own repository's blobs. The file's content is checked against the
+    manifest's sha256 as any other file's."""
+    folder = root.resolve()
+    repos = [d.parent.parent for d in (folder, *folder.parents) if d.parent.name == "snapshots"]
+    return (".." not in Path(rel).parts and (root / rel).is_symlink() and bool(repos)
+            and p.parent == repos[0] / "blobs")
 
 
 def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | None) -> tuple:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,16 +190,18 @@ def test_manifest_path_outside_bundle_is_refused(tiny_gemma3, tmp_path):
         bundle.load(b)
 
 
-def hub_snapshot(src, repo):
+def hub_snapshot(src, repo, folder: str = ""):
     """`src` laid out as a Hugging Face hub cache holds a downloaded repository (snapshot_download without
-    local_dir): repo/snapshots/REV/FILE, each a relative link to repo/blobs/HASH."""
+    local_dir): repo/snapshots/REV/FILE, each a relative link to repo/blobs/HASH (`folder`: src is that folder
+    of the repository, REV/folder/FILE)."""
     snap = repo / "snapshots" / "0123abc"
-    snap.mkdir(parents=True)
+    (snap / folder).mkdir(parents=True)
     (repo / "blobs").mkdir()
+    up = "../" * (2 + len(Path(folder).parts))
     for f in sorted(src.iterdir()):
         blob = hashlib.sha256(f.read_bytes()).hexdigest()
         shutil.copyfile(f, repo / "blobs" / blob)
-        (snap / f.name).symlink_to(f"../../blobs/{blob}")
+        (snap / folder / f.name).symlink_to(f"{up}blobs/{blob}")
     return snap
 
 
@@ -225,6 +228,16 @@ def test_a_hub_cache_snapshot_loads_and_is_checked(tiny_gemma3, tmp_path):
     blob.write_bytes(blob.read_bytes()[:-1] + b" ")
     with pytest.raises(EdgemtpError, match=r"tokenizer.json: sha256 differs from the manifest"):
         bundle.load(snap)
+
+
+def test_a_bundle_in_a_folder_of_a_hub_snapshot_loads(tiny_gemma3, tmp_path):
+    """A repository holding bundles in folders (org/models: gemma-int4/, gemma-fp32/): the bundle given is a
+    folder of the snapshot, its files links into the same repository's blobs. It was refused as a link outside."""
+    snap = hub_snapshot(tiny_gemma3[2], tmp_path / "models--someone--bundles", "int4/m.bundle")
+    bundle.load(snap / "int4" / "m.bundle")
+    alias = tmp_path / "alias"  # the folder given through a link of its own
+    alias.symlink_to(snap / "int4" / "m.bundle")
+    bundle.load(alias)
 
 
 def test_missing_and_corrupt_manifest(tmp_path):
