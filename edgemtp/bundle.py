@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import TargetContract, graph_mismatch
-from .errors import EdgemtpError
+from .errors import EdgemtpError, missing
 from .json_file import read_json
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
@@ -178,7 +178,7 @@ def load(bundle_dir: Path, verify: bool = True) -> Bundle:
     if not d.is_dir():
         raise EdgemtpError(f"{d}: not a bundle directory")
     if not mpath.is_file():
-        raise EdgemtpError(f"{mpath}: missing (not an edgemtp bundle)")
+        raise EdgemtpError(f"{mpath}: {missing(mpath)} (not an edgemtp bundle)")
     size = mpath.stat().st_size
     if size > MAX_MANIFEST_BYTES:
         raise EdgemtpError(f"{mpath}: {size} bytes, more than a manifest holds (at most {MAX_MANIFEST_BYTES})")
@@ -280,7 +280,7 @@ def _check_file(d: Path, rel: str, info: dict, mpath: Path, record: Record | Non
     p = inside(d, rel)
     name = d / rel  # messages name the file as the bundle lists it (a hub snapshot's link, not its blob)
     if not p.is_file():
-        raise EdgemtpError(f"{name}: {'not a file' if p.exists() else 'missing'} (listed in {mpath.name})")
+        raise EdgemtpError(f"{name}: {missing(p)} (listed in {mpath.name})")
     st = p.stat()
     if st.st_size != info.get("bytes"):
         raise EdgemtpError(f"{name}: size {st.st_size} differs from the manifest's {info.get('bytes')} "

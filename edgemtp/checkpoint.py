@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgemtpError, not_a_file
+from .errors import EdgemtpError, missing, not_a_file
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
            "U8": np.uint8, "I8": np.int8, "BOOL": np.bool_}
@@ -142,9 +142,9 @@ def weight_files(model_dir: Path) -> tuple[list[Path], dict | None]:
         outside = [n for n in names if Path(n).name != n or n in ("", ".", "..")]
         if outside:
             raise EdgemtpError(f"{path}: names {outside[0]!r}, which is not a file name in {model_dir}")
-        missing = [n for n in names if not (model_dir / n).is_file()]
-        if missing:
-            raise EdgemtpError(f"{path}: names {missing[0]}, which is not in {model_dir}")
+        lacking = [n for n in names if not (model_dir / n).is_file()]
+        if lacking:
+            raise EdgemtpError(f"{path}: names {lacking[0]}, which is not in {model_dir}")
         return [model_dir / n for n in names], weight_map
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -249,7 +249,7 @@ def open_tokenizer(path: Path):
 
     path = Path(path)
     if not path.is_file():
-        raise EdgemtpError(f"{path}: missing (the model directory needs its tokenizer.json)")
+        raise EdgemtpError(f"{path}: {missing(path)} (the model directory needs its tokenizer.json)")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:

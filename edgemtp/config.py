@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .bundle import MANIFEST
-from .errors import EdgemtpError, not_a_file
+from .errors import EdgemtpError, missing
 from .json_file import read_json
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -172,8 +172,7 @@ def read_config_json(model_dir: Path) -> dict:
         if (Path(model_dir) / MANIFEST).is_file():  # `export BUNDLE`: what it is, not the file it lacks
             raise EdgemtpError(f"{model_dir}: an edgemtp bundle ({MANIFEST}), not a model directory (config.json + "
                                "*.safetensors + tokenizer.json)")
-        what = "missing" if not path.exists() else not_a_file(path)
-        raise EdgemtpError(f"{path}: {what} (a model directory needs config.json)")
+        raise EdgemtpError(f"{path}: {missing(path)} (a model directory needs config.json)")
     hf = read_json(path)
     if not isinstance(hf, dict):
         raise EdgemtpError(f"{path}: expected a JSON object, got {type(hf).__name__}")

@@ -42,3 +42,11 @@ def not_a_file(path) -> str:
     kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
         "a socket" if stat.S_ISSOCK(mode) else "a device"
     return f"is {kind}, not a file"
+
+
+def missing(path) -> str:
+    """'missing' where nothing is at `path`, else not_a_file's 'is a directory, not a file': for a message
+    about a file a directory needs (config.json, tokenizer.json)."""
+    import os
+
+    return not_a_file(path) if os.path.exists(path) else "missing"

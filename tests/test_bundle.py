@@ -171,6 +171,10 @@ def test_truncated_file_is_detected(tiny_gemma3, tmp_path):
     (b / "tokenizer.json").write_text("{}")
     with pytest.raises(EdgemtpError, match="tokenizer.json: size"):
         bundle.load(b)
+    (b / "tokenizer.json").unlink()
+    (b / "tokenizer.json").mkdir()  # what it is, as for a model directory's files (errors.not_a_file)
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: is a directory, not a file \(listed in edgemtp.json\)$"):
+        bundle.load(b)
 
 
 def test_manifest_path_outside_bundle_is_refused(tiny_gemma3, tmp_path):
@@ -493,6 +497,8 @@ def test_export_refuses_existing_output(tiny_gemma3):
     (lambda d: os.mkfifo(d / "extra.safetensors"), r"extra.safetensors: is a FIFO, not a file$"),
     (lambda d: ((d / "config.json").unlink(), os.mkfifo(d / "config.json")),
      r"config.json: is a FIFO, not a file \(a model directory needs config.json\)$"),
+    (lambda d: ((d / "tokenizer.json").unlink(), (d / "tokenizer.json").mkdir()),
+     r"tokenizer.json: is a directory, not a file \(the bundle needs the model's tokenizer.json\)$"),
 ])
 def test_bad_model_dir(tiny_gemma3, tmp_path, mutate, message):
     d = tmp_path / "model"
@@ -1344,7 +1350,8 @@ CONTRACT = (*TARGET, "contract")
     (lambda m: _kv_slots(m, sliding=False, window=lambda w: 4),
      r"kv layer \d+'s window is 4, but the graph's attention over past_key_values.\d+.key has no window"),
     (lambda m: m["files"].update({"a\0b": {"bytes": 1, "sha256": "0"}}), r"path 'a\\x00b' is not a file name"),
-    (lambda m: m["files"].update({".": {"bytes": 1, "sha256": "0"}}), r"b: not a file \(listed in edgemtp.json\)"),
+    (lambda m: m["files"].update({".": {"bytes": 1, "sha256": "0"}}),
+     r"b: is a directory, not a file \(listed in edgemtp.json\)"),
 ])
 def test_malformed_manifest_fields_are_named(tiny_gemma3, tmp_path, edit, message):
     """Each manifest field the runtime acts on (model facts, graph entries and their contracts) is named when

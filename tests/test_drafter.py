@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -664,6 +665,10 @@ def test_a_negative_draft_top_k_is_named_first(setup, tmp_path):
     (_drop_field("rope"), "config.json: field 'rope' must give each of its layer types"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\x05" * 16), "model.safetensors: not a valid safetensors file"),
     (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
+    (lambda d: ((d / "model.safetensors").unlink(), os.mkfifo(d / "model.safetensors")),
+     r"model.safetensors: is a FIFO, not a file \(a drafter directory needs"),
+    (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()),
+     r"config.json: is a directory, not a file \(a drafter directory needs"),
     (lambda d: (d / "head.safetensors").write_bytes(b"\xff" * 64), "head.safetensors: not valid head tables"),
     (lambda d: _edit_config(d, lambda c: c["target_kv"].pop(c["layer_types"][0])),
      "config.json: field 'target_kv' .* must map each of its layer types to a target layer"),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import SLIDING, Rope, TextConfig
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, missing
 from ..json_file import read_json
 from ..manifest_graphs import whole
 from ..scratch import as_open_makes
@@ -88,7 +88,7 @@ class DrafterConfig:
 def load_config(drafter_dir: Path) -> DrafterConfig:
     path = Path(drafter_dir) / "config.json"
     if not path.is_file():
-        raise EdgemtpError(f"{path}: missing (a drafter directory needs config.json and {WEIGHTS})")
+        raise EdgemtpError(f"{path}: {missing(path)} (a drafter directory needs config.json and {WEIGHTS})")
     d = read_json(path)
     if not isinstance(d, dict) or d.get("model_type") != MODEL_TYPE:
         kind = d.get("model_type") if isinstance(d, dict) else type(d).__name__

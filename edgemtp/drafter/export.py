@@ -41,7 +41,7 @@ import onnx
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..checkpoint import Checkpoint
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, missing
 from ..manifest_graphs import MAX_HEAD_CONTEXT
 from ..exporters import components as nn
 from ..exporters import rotary
@@ -249,8 +249,8 @@ def write(out_dir: Path, drafter_dir: Path, target_graph: Path, share_embedding:
     if where[3]:  # a --gemv-head target keeps only the transposed table
         read_transposed(graph, EMBEDDING)
     if not (Path(drafter_dir) / WEIGHTS).is_file():  # else the head tables' file would be searched for weights
-        raise EdgemtpError(f"{Path(drafter_dir) / WEIGHTS}: missing (a drafter directory needs config.json and "
-                           f"{WEIGHTS})")
+        path = Path(drafter_dir) / WEIGHTS
+        raise EdgemtpError(f"{path}: {missing(path)} (a drafter directory needs config.json and {WEIGHTS})")
     save(graph, out_dir / name, Checkpoint(drafter_dir), target_graph, EMBEDDING, cfg, share_embedding, where,
          progress)
     return {"file": name, "quant": "fp32", "contract": contract(cfg, head, head_rows)}

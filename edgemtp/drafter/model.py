@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, missing
 from ..exporters.rotary import inv_freq
 from ..scratch import as_open_makes
 from . import WEIGHTS, DrafterConfig, load_config
@@ -229,7 +229,7 @@ def load(drafter_dir: Path) -> MTPDrafter:
     model = MTPDrafter(load_config(drafter_dir))
     path = Path(drafter_dir) / WEIGHTS
     if not path.is_file():
-        raise EdgemtpError(f"{path}: missing (a drafter directory needs config.json and {WEIGHTS})")
+        raise EdgemtpError(f"{path}: {missing(path)} (a drafter directory needs config.json and {WEIGHTS})")
     try:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a damaged file

@@ -14,7 +14,7 @@ from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
 from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, parse_mistral3_multimodal,
                       read_config_json)
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, missing
 from ..json_file import read_json
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
@@ -122,7 +122,7 @@ def check_tokenizer(model_dir: Path) -> Path:
 
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise EdgemtpError(f"{path}: missing (the bundle needs the model's tokenizer.json)")
+        raise EdgemtpError(f"{path}: {missing(path)} (the bundle needs the model's tokenizer.json)")
     open_tokenizer(path)
     release_freed_memory()  # the parse's ~300 MB (Gemma 3), which the weights would otherwise stack on
     return path
