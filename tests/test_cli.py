@@ -415,6 +415,12 @@ def test_a_closed_engine_ends_the_streams_it_gave(tiny_gemma3):
     stream.close()  # closed by its reader: it ends, as a generator does
     assert list(stream) == []
     assert engine.generate("t1 t2", max_new_tokens=3).tokens
+    # streams their readers had finished or closed still end as generators do once the engine is closed
+    done, left = engine.stream("t1 t2", max_new_tokens=3), engine.token_ids(engine.encode("t1 t2"), 3)
+    assert list(done) and next(left) is not None
+    left.close()
+    engine.close()
+    assert list(done) == [] and list(left) == []
 
 
 def test_threads_is_each_sessions_thread_count(tiny_gemma3):

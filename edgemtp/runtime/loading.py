@@ -6,6 +6,7 @@ lines.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 import weakref
@@ -111,6 +112,8 @@ class Stream(Iterator):
         self._gen.close()
 
     def end(self) -> None:
+        if inspect.isgenerator(self._gen) and self._gen.gi_frame is None:
+            return  # finished, or closed by its reader: it stops as a generator does, not with an error
         self._ended = True
         try:
             self._gen.close()  # what it ran is kept as a reader's close keeps it (reuse_prefix)
