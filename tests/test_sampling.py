@@ -35,11 +35,15 @@ def transformers_probabilities(logits: np.ndarray, seen: list[int], s: Sampling)
     Sampling(0.7, repetition_penalty=1.3), Sampling(1.0, min_p=0.05), Sampling(1.2, top_p=0.9, min_p=0.1),
     Sampling(0.8, top_k=50, top_p=0.95, min_p=0.02, repetition_penalty=1.5), Sampling(1.0, repetition_penalty=0.7),
     Sampling(0.5, min_p=1.0)])
-def test_distribution_is_transformers(s):
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "mostly-inf"])
+def test_distribution_is_transformers(s, masked):
     """The same tokens kept, with the same probabilities; seen ids repeat (penalised once) and hold tokens of
-    both signs (a positive logit divided, a negative one multiplied)."""
+    both signs (a positive logit divided, a negative one multiplied). Also on a row that is -inf but at a few
+    hundred candidates, a clustered MTP drafter's, which distribution() computes over those alone."""
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal(4000) * 3).astype(np.float32)
+    if masked:
+        logits[rng.permutation(4000)[:3600]] = -np.inf
     seen = [int(t) for t in rng.integers(0, 4000, size=300)] + [7, 7, 7]
     want = transformers_probabilities(logits, seen, s)
     got = distribution(logits, s, seen)

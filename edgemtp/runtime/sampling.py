@@ -100,10 +100,18 @@ def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.nd
 def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.ndarray:
     """Probabilities [V] after the repetition penalty over `seen`, temperature, top-k, top-p and min-p (float64,
     summing to 1; logits [..., V] without a penalty)."""
+    x = penalize(logits, s, seen)
+    if np.ndim(x) == 1:  # a clustered MTP drafter's row: -inf but at its ~4,160 candidates of Gemma's 262,144
+        finite = x != -np.inf
+        if 0 < 2 * np.count_nonzero(finite) < len(x):  # computed over those alone: 1.3 ms a draft step before
+            live = np.flatnonzero(finite)                 # (each pass over all 262,144), 0.2 after
+            p = np.zeros(len(x))
+            p[live] = distribution(x[live], s)
+            return p
     # one float64 copy, changed in place: a temporary per step (x - max, / T, exp, np.where, / sum) was a fresh
     # 2 MB array apiece, whose allocation and page faults made a distribution over Gemma 3's 262,144 logits
     # 1.2-6 ms (T 0.8, top-p 0.9, by the heap's state) against 1.0 in place
-    x = np.array(penalize(logits, s, seen), np.float64)
+    x = np.array(x, np.float64)
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
     with np.errstate(over="ignore"):  # -inf below the best token is what such a temperature means
@@ -128,8 +136,9 @@ def _exp(x: np.ndarray) -> np.ndarray:
     of 262,144; top-k), only the rest is computed: exp(-inf) is 0, but numpy took 3x as long over it as over
     numbers (Gemma 3 270M's drafter row: 0.89 ms against 0.37 this way)."""
     flat = x.reshape(-1)
-    live = np.flatnonzero(flat != -np.inf)
-    if 2 * len(live) < len(flat):
+    finite = flat != -np.inf
+    if 2 * np.count_nonzero(finite) < len(flat):  # (counted first: the indices of a dense row, a fresh 2 MB
+        live = np.flatnonzero(finite)              # array, cost their page faults, 2 ms against exp's 0.3)
         values = np.exp(flat[live])
         flat[:] = 0.0
         flat[live] = values
