@@ -1,11 +1,11 @@
 """What sampling costs next to greedy decoding, plain and drafting, one bundle, in one run.
 
     python benchmarks/bench_sampling.py BUNDLE [--threads 2] [--gen-tokens 48] [--repetitions 3]
-        [--temperature 0.8] [--top-p 0.95] [--top-k 0] [--min-p 0] [--repetition-penalty 1]
+        [--temperature 0.8] [--top-p 0.95] [--top-k 0] [--min-p 0] [--repetition-penalty 1] [--prompts README]
 
 A sampled token needs the target's distribution over the whole vocabulary (262,144 tokens for Gemma):
 softmax, top-k, top-p and a draw, and a sampled verify pass one per position acceptance reads. Prints
-tokens/s of each setting (plain, lookup K = 4, and hybrid K = 4 when the bundle has an MTP drafter),
+tokens/s of each setting (plain, lookup K = 4, and hybrid and MTP K = 4 when the bundle has an MTP drafter),
 greedy and sampled, the settings taking turns, as a ratio to plain greedy decoding. With a repetition penalty
 (which the sampled settings take too) a third column: greedy decoding with the penalty alone. Session 29 (Gemma 3
 270M fp32, Xeon VM): top-p had sorted the whole vocabulary, 25 ms a row; sampled plain decoding went from
@@ -36,32 +36,42 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--min-p", type=float, default=0.0)
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--prompts", default="README",
+                    help=f"comma list of lookup_ngram's prompts ({', '.join(PROMPTS)}) or all; the ratios are "
+                         "geometric means over them of each prompt's ratio")
     args = ap.parse_args()
+    names = list(PROMPTS) if args.prompts == "all" else args.prompts.split(",")
+    if unknown := [n for n in names if n not in PROMPTS]:
+        ap.error(f"--prompts: no prompt {unknown[0]!r} (one of {', '.join(PROMPTS)}, or all)")
     engine = Engine.load(args.bundle, threads=args.threads)
     drafts = {"plain": None, "lookup K=4": Draft("lookup", 4)}
     if engine.bundle.has_graph("drafter"):
-        drafts["hybrid K=4"] = Draft("hybrid", 4)
+        drafts |= {"hybrid K=4": Draft("hybrid", 4), "MTP K=4": Draft("mtp", 4)}
     sampled = Sampling(args.temperature, top_k=args.top_k, top_p=args.top_p, seed=0, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty)
     settings = {"greedy": Sampling(), "sampled": sampled}
     if args.repetition_penalty != 1:
         settings["penalised greedy"] = Sampling(repetition_penalty=args.repetition_penalty)
     runs = [(name, kind) for name in drafts for kind in settings]
-    prompt = PROMPTS["README"]
-    speeds: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+    speeds: dict[tuple[str, str, str], list[float]] = {(p, *run): [] for p in names for run in runs}
     for rep in range(args.repetitions):
-        for name, kind in (runs if rep % 2 == 0 else runs[::-1]):
-            g = engine.generate(prompt, args.gen_tokens, settings[kind], draft=drafts[name])
-            speeds[name, kind].append(g.stats.decode_tokens / g.stats.decode_s)
-    base = statistics.median(speeds["plain", "greedy"])
+        for p in names:
+            for name, kind in (runs if rep % 2 == 0 else runs[::-1]):
+                g = engine.generate(PROMPTS[p], args.gen_tokens, settings[kind], draft=drafts[name])
+                speeds[p, name, kind].append(g.stats.decode_tokens / g.stats.decode_s)
     print(f"{args.bundle}: {engine.bundle.graph('target').quant}, {args.gen_tokens} tokens, temperature "
           f"{args.temperature} top-k {args.top_k} top-p {args.top_p} min-p {args.min_p} repetition penalty "
-          f"{args.repetition_penalty}, {args.repetitions} turns")
+          f"{args.repetition_penalty}, {args.repetitions} turns, prompts {', '.join(names)}")
     print("| setting | " + " | ".join(f"{kind} tokens/s | {kind} ÷ plain greedy" for kind in settings) + " |")
     print("|---|" + "---|---|" * len(settings))
     for name in drafts:
-        cells = [statistics.median(speeds[name, kind]) for kind in settings]
-        print(f"| {name} | " + " | ".join(f"{v:.1f} | {v / base:.2f}x" for v in cells) + " |")
+        cells = []
+        for kind in settings:
+            medians = {p: statistics.median(speeds[p, name, kind]) for p in names}
+            ratio = statistics.geometric_mean(medians[p] / statistics.median(speeds[p, "plain", "greedy"])
+                                              for p in names)
+            cells.append(f"{statistics.mean(medians.values()):.1f} | {ratio:.2f}x")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
