@@ -97,21 +97,27 @@ def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.nd
     return x
 
 
-def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.ndarray:
+def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = (),
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Probabilities [V] after the repetition penalty over `seen`, temperature, top-k, top-p and min-p (float64,
-    summing to 1; logits [..., V] without a penalty)."""
+    summing to 1; logits [..., V] without a penalty). out: float64 zeros of that shape to write them into and
+    return (a row of a drafter's [k, V] q, instead of a 2 MB row of its own copied there)."""
     x = penalize(logits, s, seen)
     if np.ndim(x) == 1:  # a clustered MTP drafter's row: -inf but at its ~4,160 candidates of Gemma's 262,144
         finite = x != -np.inf
         if 0 < 2 * np.count_nonzero(finite) < len(x):  # computed over those alone: 1.3 ms a draft step before
             live = np.flatnonzero(finite)                 # (each pass over all 262,144), 0.2 after
-            p = np.zeros(len(x))
+            p = np.zeros(len(x)) if out is None else out
             p[live] = distribution(x[live], s)
             return p
     # one float64 copy, changed in place: a temporary per step (x - max, / T, exp, np.where, / sum) was a fresh
     # 2 MB array apiece, whose allocation and page faults made a distribution over Gemma 3's 262,144 logits
     # 1.2-6 ms (T 0.8, top-p 0.9, by the heap's state) against 1.0 in place
-    x = np.array(x, np.float64)
+    if out is None:
+        x = np.array(x, np.float64)
+    else:
+        np.copyto(out, x)
+        x = out
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
     with np.errstate(over="ignore"):  # -inf below the best token is what such a temperature means
