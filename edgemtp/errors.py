@@ -1,5 +1,8 @@
 """The one exception type for user mistakes: the CLI prints its message on one line and exits 2."""
 
+import os
+import stat
+
 
 class EdgemtpError(Exception):
     """A problem with the user's input (file, field or flag); the message names the culprit."""
@@ -32,9 +35,6 @@ def _shown(value) -> str:
 def not_a_file(path) -> str:
     """Why `path`, which is not a regular file, is not one: for a message that names it. Found by stat: a FIFO
     or a device is not opened (reading one could wait forever)."""
-    import os
-    import stat
-
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -47,6 +47,4 @@ def not_a_file(path) -> str:
 def missing(path) -> str:
     """'missing' where nothing is at `path`, else not_a_file's 'is a directory, not a file': for a message
     about a file a directory needs (config.json, tokenizer.json)."""
-    import os
-
     return not_a_file(path) if os.path.exists(path) else "missing"
