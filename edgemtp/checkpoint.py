@@ -197,11 +197,19 @@ def read_header(path: Path) -> dict[str, _Entry]:
             continue
         out[name] = _entry(path, name, info, base, size)
     # tensors sharing bytes: each would read the other's (the safetensors library refuses such a header)
-    spans = sorted((e.start, e.end, name) for name, e in out.items())
+    shared = overlapping((e.start, e.end, name) for name, e in out.items())
+    if shared:
+        raise EdgemtpError(f"{path}: tensors '{shared[0]}' and '{shared[1]}' share bytes (their data_offsets overlap)")
+    return out
+
+
+def overlapping(spans) -> tuple[str, str] | None:
+    """The names of two of the (start, end, name) byte spans that overlap, or None (a file's tensor table)."""
+    spans = sorted(spans)
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
-            raise EdgemtpError(f"{path}: tensors '{a}' and '{b}' share bytes (their data_offsets overlap)")
-    return out
+            return a, b
+    return None
 
 
 def _unique(pairs: list) -> dict:

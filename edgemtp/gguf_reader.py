@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from edgemtp.checkpoint import overlapping
 from edgemtp.errors import EdgemtpError, not_a_file
 
 if TYPE_CHECKING:  # for the annotation only: reading needs no gguf package
@@ -101,10 +102,9 @@ def _parse(buf: np.ndarray) -> tuple[dict, list[GGUFTensor]]:
             raise ValueError(f"tensor {name} runs past the end of the file")
         tensors.append(GGUFTensor(name, shape, qtype, data.reshape(rows, row_bytes)))
     # tensors sharing bytes (llama.cpp refuses them too): each would be imported with the other's numbers
-    spans = sorted((offset, offset + t.data.size, t.name) for (_, _, _, offset), t in zip(infos, tensors))
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-        if start < end:
-            raise ValueError(f"tensors {a} and {b} share bytes (their offsets overlap)")
+    shared = overlapping((offset, offset + t.data.size, t.name) for (_, _, _, offset), t in zip(infos, tensors))
+    if shared:
+        raise ValueError(f"tensors {shared[0]} and {shared[1]} share bytes (their offsets overlap)")
     return meta, tensors
 
 
