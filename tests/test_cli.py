@@ -1205,6 +1205,38 @@ def test_every_flag_of_every_command_is_documented():
         assert bare == [], f"{name}: {bare} without help"
 
 
+README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_readme_flags_exist_on_their_commands():
+    """Every `edgemtp COMMAND ...` the README writes (code spans, the usage block, the Commands table) names a
+    command that exists and only flags that command takes: a renamed or removed flag fails here, not in a
+    user's terminal."""
+    spans = re.findall(r"`(edgemtp [a-z-]+[^`]*)`", README)
+    spans += [line.split("  #")[0] for line in README.splitlines() if line.startswith("edgemtp ")]
+    assert len(spans) > 30
+    checked = set()
+    for span in spans:
+        name = re.match(r"edgemtp ([a-z-]+)", span).group(1)
+        assert name in cli.commands, f"README: no command {name!r} ({span[:60]})"
+        opts = {o for p in cli.commands[name].params for o in p.opts + p.secondary_opts}
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-[a-z])\b", span):
+            assert flag in opts, f"README: edgemtp {name} has no {flag} ({span[:60]})"
+            checked.add((name, flag))
+    assert ("export", "--no-gemv-head") in checked and ("profile", "--fast-verify") in checked
+
+
+def test_ci_runs_the_readme_test_command():
+    """The README opens with two commands, the quickstart and the test run; .ci/run runs the second verbatim."""
+    blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+    assert blocks[0] == 'python3 -m pip install ".[default-model]" && edgemtp quickstart'
+    run_file = Path(__file__).parent.parent / ".ci" / "run"
+    if not run_file.exists():
+        pytest.skip("no .ci/run (an sdist's tests)")
+    ci = run_file.read_text().splitlines()
+    assert ci[ci.index("# --- the README's second command, verbatim ---") + 1] == blocks[1]
+
+
 def test_the_speed_line_shows_each_count_and_rate():
     """prefill tokens over the prefill's seconds, decoded tokens (after the first) over the decode's, and a
     drafting run's rounds, tokens per round and acceptance in percent."""
