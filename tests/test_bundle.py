@@ -1824,3 +1824,148 @@ def test_the_record_keeps_the_newest_checks_and_no_file_written_while_hashed(tmp
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
     monkeypatch.setattr(verified.Path, "home", classmethod(lambda cls: tmp_path / "home"))
     assert verified.record_path() == tmp_path / "home" / ".cache" / "edgemtp" / "verified.json"
+
+
+# ---- the bundle as an app embedding onnxruntime directly reads it (docs/bundle-contract.md) ----
+# Written from that document and the manifest alone, never from edgemtp.runtime: a graph or runtime change
+# the document does not follow makes these decoders part from the engine.
+
+def _contract_session(bundle_dir, graph):
+    import onnxruntime as ort
+
+    manifest = json.loads((Path(bundle_dir) / "edgemtp.json").read_text())
+    g = manifest["graphs"][graph]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the head table's overridable initializer warns at every load
+    return manifest, g["contract"], ort.InferenceSession(str(Path(bundle_dir) / g["file"]), options,
+                                                         providers=["CPUExecutionProvider"])
+
+
+class ContractTarget:
+    """A batch-1 KV cache and target.onnx passes as docs/bundle-contract.md states them."""
+
+    def __init__(self, bundle_dir):
+        self.manifest, self.contract, self.session = _contract_session(bundle_dir, "target")
+        c = self.contract
+        types = {i.name: i.type for i in self.session.get_inputs()}
+        dtype = np.float16 if types[f"past_key_values.{c['kv'][0]['layer']}.key"] == "tensor(float16)" else np.float32
+        self.kv = {(s["layer"], kind): np.zeros((1, s["num_heads"], c["capacity"], s["head_dim"]), dtype)
+                   for s in c["kv"] for kind in ("key", "value")}
+        windows = [s["window"] for s in c["kv"] if s["window"]]
+        self.window = max(windows) if c.get("window_views") and windows else None
+        self.length, self.history, self.offsets = 0, [], set()
+
+    def offset(self, new):
+        """Where the sliding layers' views start: 0 for a multi-position pass, else half-window steps."""
+        if self.window is None or new > 1:
+            return 0
+        step = max(1, self.window // 2)
+        return max(0, (self.length - self.window) // step * step)
+
+    def run(self, ids, num_logits=1):
+        import onnxruntime as ort
+
+        c, new = self.contract, len(ids)
+        total, off = self.length + new, self.offset(new)
+        feeds = {"input_ids": np.array([ids], np.int64),
+                 "position_ids": np.arange(self.length, total, dtype=np.int64)[None],
+                 "seqlens_k": np.array([total - 1], np.int32),
+                 "total_sequence_length": np.array(total, np.int32),
+                 "num_logits": np.array(num_logits, np.int64)}
+        if c.get("window_views"):
+            feeds["window_seqlens_k"] = np.array([total - 1 - off], np.int32)
+            feeds["window_total_sequence_length"] = np.array(total - off, np.int32)
+        io = self.session.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
+        for s in c["kv"]:
+            for kind in ("key", "value"):
+                buf = self.kv[(s["layer"], kind)]
+                view = ort.OrtValue.ortvalue_from_numpy(buf[:, :, off:] if s["window"] and self.window else buf)
+                io.bind_ortvalue_input(f"past_key_values.{s['layer']}.{kind}", view)
+                io.bind_ortvalue_output(f"present.{s['layer']}.{kind}", view)  # the same memory: in place
+        logits = np.empty((1, num_logits, c["vocab_size"]), np.float32)
+        hidden = np.empty((1, new, c["hidden_size"]), np.float32)
+        io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        io.bind_ortvalue_output("last_hidden_state", ort.OrtValue.ortvalue_from_numpy(hidden))
+        self.session.run_with_iobinding(io)
+        self.length, self.history, self.offsets = total, self.history + list(ids), self.offsets | {off}
+        return logits, hidden
+
+
+@pytest.fixture(scope="module")
+def tiny_mqa_bundle(tmp_path_factory):
+    """A tiny Gemma 3 with one KV head, whose sliding layers are read through window views (as 270M's)."""
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    root = tmp_path_factory.mktemp("tiny_mqa")
+    export(save_tiny(tiny("gemma3_text_mqa"), root / "model"), root / "bundle", capacity=64)
+    return root / "bundle"
+
+
+@pytest.mark.parametrize("kind", ["kv_heads_2", "mqa"])
+def test_an_app_decoding_by_the_documented_contract_gets_the_engines_tokens(kind, request):
+    bundle_dir = request.getfixturevalue("tiny_gemma3")[2] if kind == "kv_heads_2" \
+        else request.getfixturevalue("tiny_mqa_bundle")
+    prompt = [2, *np.random.default_rng(5).integers(3, 96, size=11).tolist()]
+    target = ContractTarget(bundle_dir)
+    eos = set(target.manifest["model"]["eos_token_ids"])
+    logits, _ = target.run(prompt, num_logits=3)  # the last 3 positions' logits
+    tokens = []
+    while len(tokens) < 30:
+        tokens.append(int(np.argmax(logits[0, -1])))
+        if tokens[-1] in eos:
+            break
+        logits, _ = target.run(tokens[-1:])
+    with Engine.load(bundle_dir) as engine:
+        assert tokens == list(engine.token_ids(prompt, 30))
+    # one KV head: the sliding layers were read through views past their buffers' start (window 8)
+    assert (kind == "mqa") == bool(target.contract["window_views"]) == (max(target.offsets) > 0)
+
+
+def contract_draft(bundle_dir, target, token, hidden, k):
+    """k greedy draft steps of drafter.onnx after `target`'s last pass, as docs/bundle-contract.md states
+    them -> (draft ids, each step's logits: the full head's, or the clustered head's candidate_logits)."""
+    _, c, session = _contract_session(bundle_dir, "drafter")
+    width = c.get("head", {}).get("context", 0)
+    recent, drafts, logits = [*target.history, token], [], []
+    for _ in range(k):
+        feeds = {"input_ids": np.array([[token]], np.int64), "last_hidden_state": hidden,
+                 "position_ids": np.array([[target.length]], np.int64)}  # every step: the committed length
+        if width:
+            tail = recent[-width:]
+            feeds["context_ids"] = np.array([[-1] * (width - len(tail)) + tail], np.int64)
+        for layer in c["kv_layers"]:
+            for kind in ("key", "value"):
+                feeds[f"past_key_values.{layer}.{kind}"] = target.kv[(layer, kind)]
+        out = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        token, hidden = int(out["draft_ids"][0, 0]), out["next_hidden_state"]
+        drafts.append(token)
+        recent.append(token)
+        logits.append(out["logits" if "logits" in out else "candidate_logits"][0, 0])
+    return drafts, np.stack(logits)
+
+
+def test_an_app_drafting_by_the_documented_contract_gets_the_engines_drafts(tiny_gemma3, tmp_path):
+    from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
+
+    from .test_drafter import drafter_setup
+
+    _, bundle_dir, *_ = drafter_setup(tiny_gemma3[1], tiny_gemma3[2], tmp_path)
+    prompt = [2, *np.random.default_rng(6).integers(3, 96, size=20).tolist()]  # past 2 windows (8)
+    target = ContractTarget(bundle_dir)
+    logits, hidden = target.run(prompt)
+    token = int(np.argmax(logits[0, -1]))
+    drafts, draft_logits = contract_draft(bundle_dir, target, token, hidden[:, -1:], 3)
+
+    with Engine.load(bundle_dir) as engine:
+        cache = engine.target.new_cache(1)
+        _, h = engine.target.forward(np.array([prompt]), cache, rows=slice(0, 1))
+        drafter = DrafterSession.load(engine.bundle)
+        width = max(drafter.context, 1)
+        ids, ref = drafter.draft(np.array([token]), h[:, -1], cache, slice(0, 1), 3,
+                                 recent=recent_ids([[*prompt, token]], width))
+    assert drafts == ids[0].tolist()
+    assert not drafter.clustered  # the tiny drafter's head is the full one: its logits are the engine's
+    np.testing.assert_allclose(draft_logits, ref[0], atol=1e-4)
