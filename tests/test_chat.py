@@ -449,6 +449,13 @@ def test_ctrl_c_at_a_terminal_ends_a_json_reply_as_it_stands(chat_bundle, monkey
     chat = [{"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": first["text"]},
             {"role": "user", "content": "t5"}]
     assert second == {**second, **{k: v for k, v in fresh.generate(chat, 6).to_json().items() if k != "stats"}}
+    # drafting: the per-row stop_reasons say it too (they were [] beside stop_reason "interrupted")
+    stopped.clear()
+    monkeypatch.setattr(Engine, "token_stream", interrupted_once(token_stream, stopped))
+    r = CliRunner().invoke(cli, [*args[:-1], "--draft", "lookup"], input="t3 t4\n")
+    stats = json.loads(r.stdout.splitlines()[0])["stats"]
+    assert r.exit_code == 0 and stats["stop_reason"] == "interrupted", r.output
+    assert stats["stop_reasons"] == ["interrupted"], stats
 
 
 def test_chat_that_cannot_fit_says_why(chat_bundle):
