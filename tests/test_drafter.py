@@ -1264,6 +1264,46 @@ def test_a_closed_engine_lets_go_of_its_mtp_drafter(setup):
     assert session() is None
 
 
+def test_an_engine_closed_while_its_mtp_drafter_loads_lets_go_of_it(setup, monkeypatch):
+    """Engine.close from another thread while a generation loads the MTP drafter: the load finished after close had
+    cleared the drafters and kept the session on the closed engine for as long as the engine object lived; now
+    the generation says the engine was closed and nothing is kept."""
+    import threading
+    import weakref
+
+    from edgemtp.runtime import drafter_session
+    from edgemtp.runtime.engine import Draft
+
+    engine, loaded = Engine.load(setup[1], mtp=True), []
+    inside, go = threading.Event(), threading.Event()
+    load = drafter_session.DrafterSession.load
+
+    def held_load(*args, **kwargs):  # the load waits until close has run
+        inside.set()
+        go.wait()
+        drafter = load(*args, **kwargs)
+        loaded.append(weakref.ref(drafter.session))
+        return drafter
+
+    monkeypatch.setattr(drafter_session.DrafterSession, "load", held_load)
+    errors = []
+
+    def run():
+        try:
+            engine.generate("t3 t9 t4 t1", max_new_tokens=4, draft=Draft("mtp", 2))
+        except EdgemtpError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert inside.wait(60)
+    engine.close()
+    go.set()
+    thread.join()
+    assert errors == ["the engine was closed (Engine.close, or the end of its with block): load it again"]
+    assert engine._drafters == {} and loaded[0]() is None
+
+
 def test_threads_sharing_an_engine_load_its_graphs_once(setup, monkeypatch):
     """Threads whose first drafting calls on one engine come together load the MTP drafter and the batched
     verify graph once (each thread loaded its own: with fast_verify, 1.7 GB of packed weights apiece for Gemma 3

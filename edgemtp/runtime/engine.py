@@ -21,7 +21,7 @@ from .draft_length import RecentDraftLengths
 from .drafting import auto_mode, cpu_quantized
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
-from .loading import Closed, Streams, load_engine
+from .loading import CLOSED, Closed, Streams, load_engine
 from .sampling import Sampling, is_bool, pick
 from .session import runs_on_cpu
 from .stats import Stats, copy_plain_stats
@@ -97,7 +97,7 @@ class Engine:
         not whenever the engine is collected; the engine is unusable after. `with Engine.load(...) as engine:`
         closes it at the end of the block. A stream it gave that is still open ends (its next use raises)."""
         self._streams.end_all()
-        self.target = self.kept = Closed()
+        self.target = self.kept = Closed()  # first: a drafter loading in another thread checks it once stored
         self._drafters.clear()
         self.head_tables = None
         release_freed_memory()
@@ -283,6 +283,9 @@ class Engine:
                 tables = self.head_tables if runs_on_cpu(self.drafter_provider) else None
                 self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph,
                                                             tables and tables.initializers(graph))
+                if isinstance(self.target, Closed):  # closed by another thread while it loaded: close() cleared
+                    self._drafters.clear()  # the drafters before this one came, so it is let go here
+                    raise EdgemtpError(CLOSED)
                 release_freed_memory()
             return self._drafters[graph]
 
