@@ -423,6 +423,47 @@ def test_a_closed_engine_ends_the_streams_it_gave(tiny_gemma3):
     assert list(done) == [] and list(left) == []
 
 
+def test_a_stream_read_by_two_threads_at_once_says_so(tiny_gemma3):
+    """A stream is read by one thread at a time: a second thread asking for its next piece while the first one's
+    pass runs got Python's "ValueError: generator already executing" from inside the runtime; now an EdgemtpError
+    saying what happened. The first reader's tokens are unchanged."""
+    import threading
+
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(tiny_gemma3[2])
+    want = engine.token_ids(engine.encode("t1 t2"), 4)
+    want = list(want)
+    inside, go = threading.Event(), threading.Event()
+
+    class HeldSession:  # the target's session, whose second run waits until the second reader has tried
+        def __init__(self, session):
+            self.session, self.runs = session, 0
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+        def run_with_iobinding(self, io):
+            self.runs += 1
+            if self.runs == 2:
+                inside.set()
+                go.wait()
+            return self.session.run_with_iobinding(io)
+
+    engine.target.session = HeldSession(engine.target.session)
+    stream = engine.token_ids(engine.encode("t1 t2"), 4)
+    got = [next(stream)]
+    reader = threading.Thread(target=lambda: got.extend(stream))
+    reader.start()
+    assert inside.wait(60)
+    with pytest.raises(EdgemtpError, match="^the stream is being read by another thread: read a stream from one "
+                                           "thread at a time$"):
+        next(stream)
+    go.set()
+    reader.join()
+    assert got == want
+
+
 def test_threads_is_each_sessions_thread_count(tiny_gemma3):
     """--threads N (Engine.load's threads) gives the target's session N intra-op threads; none: ONNX Runtime's
     default (0, one per core)."""

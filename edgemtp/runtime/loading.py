@@ -106,7 +106,13 @@ class Stream(Iterator):
     def __next__(self):
         if self._ended:
             raise EdgemtpError(CLOSED)
-        return next(self._gen)
+        try:
+            return next(self._gen)
+        except ValueError:  # Python's "generator already executing", or an error from inside the generation
+            if getattr(self._gen, "gi_running", False):  # the former: another thread is inside it now
+                raise EdgemtpError("the stream is being read by another thread: read a stream from one thread at "
+                                   "a time") from None
+            raise
 
     def close(self) -> None:
         self._gen.close()
