@@ -464,6 +464,53 @@ def test_a_stream_read_by_two_threads_at_once_says_so(tiny_gemma3):
     assert got == want
 
 
+def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
+    """Engine.close while another thread's generation is inside a pass (README): a generate or stream stops with the
+    closed-engine error at its next token, a generate_batch finishes with a lone call's tokens; no crash, no other
+    error from inside the runtime."""
+    import threading
+
+    from edgemtp.runtime.engine import Draft, Engine
+
+    prompt, closed = "t3 t9 t4 t3 t9 t4", r"^the engine was closed \(Engine.close"
+    calls = {"generate": lambda e, d: e.generate(prompt, 8, draft=d).tokens,
+             "stream": lambda e, d: "".join(e.stream(prompt, 8, draft=d)),
+             "batch": lambda e, d: [g.tokens for g in e.generate_batch([prompt, "t5 t6"], 8, draft=d)]}
+    for draft in (None, Draft("lookup", 2)):
+        want = calls["batch"](Engine.load(tiny_gemma3[2]), draft)
+        for name, call in calls.items():
+            engine = Engine.load(tiny_gemma3[2])
+            session, inside, go, runs = engine.target.session, threading.Event(), threading.Event(), []
+
+            def held_run(io, run=session.run_with_iobinding):  # the second pass waits for close
+                runs.append(io)
+                if len(runs) == 2:
+                    inside.set()
+                    go.wait()
+                return run(io)
+
+            engine.target.session = type("Held", (), {"io_binding": session.io_binding,
+                                                      "run_with_iobinding": staticmethod(held_run)})()
+            out = []
+
+            def run():
+                try:
+                    out.append(call(engine, draft))
+                except EdgemtpError as e:
+                    out.append(e)
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            assert inside.wait(60)
+            engine.close()
+            go.set()
+            thread.join()
+            if name == "batch":
+                assert out == [want]
+            else:
+                assert len(out) == 1 and isinstance(out[0], EdgemtpError) and re.match(closed, str(out[0])), out
+
+
 def test_threads_is_each_sessions_thread_count(tiny_gemma3):
     """--threads N (Engine.load's threads) gives the target's session N intra-op threads; none: ONNX Runtime's
     default (0, one per core)."""
