@@ -53,6 +53,24 @@ def test_distribution_is_transformers(s, masked):
         assert not np.array_equal(got > 0, distribution(logits, s) > 0) or not np.allclose(got, distribution(logits, s))
 
 
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "mostly-inf"])
+def test_distribution_writes_into_out_what_it_returns_without(masked):
+    """distribution(out=row) fills `row` (a drafter's q, [k, V], written row by row) with the probabilities it
+    gives without out: the other tests never pass out, and a q left at zeros accepts every draft (u * 0 < p)."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((3, 4000)) * 3).astype(np.float32)
+    if masked:  # a clustered drafter's rows: computed over their candidates alone
+        logits[:, rng.permutation(4000)[:3600]] = -np.inf
+    s = Sampling(0.8, top_k=50, top_p=0.95, min_p=0.02)
+    q = np.zeros((3, 4000))
+    for i, row in enumerate(logits):
+        got = distribution(row, s, out=q[i])
+        assert np.shares_memory(got, q[i])
+    want = np.stack([distribution(row, s) for row in logits])
+    assert (want > 0).sum(axis=1).min() > 1  # rows worth comparing
+    np.testing.assert_array_equal(q, want)
+
 def test_the_penalty_in_greedy_decoding():
     """Greedy decoding takes the penalty too (transformers' generate with do_sample=False and
     repetition_penalty): the best token, once seen, gives way to one not seen."""
