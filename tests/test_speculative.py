@@ -143,6 +143,17 @@ def test_draw_refuses_nan():
         draw(np.array([0.5, np.nan, 0.5]), np.random.default_rng(0))
 
 
+
+def test_draw_refuses_nan_or_inf_among_few_nonzero_probabilities():
+    """draw sums only the nonzero probabilities where they are few (top-p, a clustered drafter's q): a NaN or an
+    infinity among them fails there too, as in the full sum, rather than draw a token."""
+    from edgemtp.runtime.sampling import draw
+
+    for bad in (np.nan, np.inf):
+        for p in (np.array([0.5, bad, 0.5]), np.array([0.0] * 10 + [0.5, bad] + [0.0] * 10)):
+            with pytest.raises(ValueError, match="probabilities sum to"):
+                draw(p, np.random.default_rng(0))
+
 def test_verify_distributions_are_computed_up_to_the_first_rejection():
     """accept_sampled over RowDistributions: the rows distribution() gives for the whole block, and only
     those acceptance reads (a draft the target gives probability 0 is rejected at once: one row)."""
