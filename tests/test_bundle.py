@@ -244,6 +244,21 @@ def test_a_bundle_in_a_folder_of_a_hub_snapshot_loads(tiny_gemma3, tmp_path):
     bundle.load(alias)
 
 
+
+def test_a_hub_snapshot_bundle_may_not_list_a_link_beside_its_folder(tiny_gemma3, tmp_path):
+    """A link of the same snapshot into the same repository's blobs, but outside the bundle's folder ('..'): the
+    manifest reaches past the bundle, refused as any path outside it."""
+    snap = hub_snapshot(tiny_gemma3[2], tmp_path / "models--someone--bundles", "int4/m.bundle")
+    folder = snap / "int4" / "m.bundle"
+    blob = (folder / "tokenizer.json").resolve()
+    (snap / "int4" / "notes.txt").symlink_to(os.path.relpath(blob, snap / "int4"))  # as the hub links
+    manifest = json.loads((folder / "edgemtp.json").resolve().read_text())
+    manifest["files"]["../notes.txt"] = manifest["files"]["tokenizer.json"]
+    (folder / "edgemtp.json").unlink()
+    (folder / "edgemtp.json").write_text(json.dumps(manifest))
+    with pytest.raises(EdgemtpError, match=r"path '\.\./notes.txt' is a symbolic link to a file outside the bundle"):
+        bundle.load(folder)
+
 def test_missing_and_corrupt_manifest(tmp_path):
     with pytest.raises(EdgemtpError, match="edgemtp.json: missing"):
         bundle.load(tmp_path)
@@ -468,6 +483,10 @@ def test_export_refuses_existing_output(tiny_gemma3):
     # tensors reading each other's bytes, a tensor's entry given twice (json.loads kept the last): exported as
     # they came, where the safetensors library refuses them
     (lambda d: _edit_header(d, lambda h: h.update(X=h[GATE])),
+     rf"model.safetensors: tensors '(X|{GATE})' and '(X|{GATE})' share bytes \(their data_offsets overlap\)$"),
+    # one byte shared, the last of GATE (tensors side by side, each ending where the next starts, are the norm)
+    (lambda d: _edit_header(d, lambda h: h.update(X={"dtype": "U8", "shape": [1], "data_offsets": [
+        h[GATE]["data_offsets"][1] - 1, h[GATE]["data_offsets"][1]]})),
      rf"model.safetensors: tensors '(X|{GATE})' and '(X|{GATE})' share bytes \(their data_offsets overlap\)$"),
     (lambda d: _edit_header(d, lambda h: json.dumps(h)[:-1] + f', "{GATE}": ' + json.dumps(h[GATE]) + "}"),
      rf"model.safetensors: not a valid safetensors file \('{GATE}' is given twice\)$"),
@@ -1749,6 +1768,11 @@ def test_config_numbers_no_graph_can_take_are_one_error_line(tiny_gemma3, tmp_pa
     ({"rope_theta": float("inf")}, "field 'rope_theta' should be a finite number, got inf"),
     ({"rope_theta": "abc"}, "field 'rope_theta' should be float, got 'abc'"),
     ({"partial_rotary_factor": float("nan")}, "field 'partial_rotary_factor' should be a finite number, got nan"),
+    # the RoPE parameters' own: not followed by 'partial_rotary_factor 0.0 is not supported with rope_type ...'
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": "half"}},
+     "field 'rope_parameters.partial_rotary_factor' should be float, got 'half'"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": float("nan")}},
+     "field 'rope_scaling.partial_rotary_factor' should be a finite number, got nan"),
 ])
 def test_a_refused_number_is_reported_once(change, message):
     """A field refused as read is the whole message: not followed by a knock-on check of the 0 it was replaced
