@@ -863,6 +863,20 @@ def test_corrupt_metadata_is_named(tmp_path, field, message):
         import_gguf(path, tmp_path / "out")
 
 
+
+def test_a_value_ending_the_file_is_read_and_one_cut_short_is_named(tmp_path):
+    """A metadata number whose last byte is the file's last is read (the bound is exact); a byte fewer is the
+    file cut short."""
+    from edgemtp.gguf_reader import read_gguf
+
+    data = raw_gguf([raw_string("x.count") + struct.pack("<II", 4, 7)])  # type 4: a u32
+    path = tmp_path / "end.gguf"
+    path.write_bytes(data)
+    assert read_gguf(path) == ({"x.count": 7}, [])
+    path.write_bytes(data[:-1])
+    with pytest.raises(EdgemtpError, match=r"end.gguf: unreadable GGUF file \(truncated"):
+        read_gguf(path)
+
 def test_field_listed_twice_is_refused(tmp_path):
     """A metadata field given twice (llama.cpp refuses the file): the last one silently won."""
     arch = [raw_string("general.architecture") + struct.pack("<I", 8) + raw_string(a) for a in ("llama", "gemma3")]
