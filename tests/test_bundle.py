@@ -21,6 +21,7 @@ from edgemtp.exporters import builder, export
 from edgemtp.runtime.engine import Engine, Stats
 
 from .cli_errors import assert_one_line_error
+from .fifo import mkfifo
 
 
 # tensors of the tiny model's checkpoint whose header entries the tests below change
@@ -513,8 +514,8 @@ def test_export_refuses_existing_output(tiny_gemma3):
      r"model.safetensors: not a valid safetensors file \(a header of 100000001 bytes, more than the safetensors "
      r"library reads \(100000000\)\)$"),
     # a FIFO (a tar archive can hold one) among the *.safetensors: once opened and read from, waiting forever
-    (lambda d: os.mkfifo(d / "extra.safetensors"), r"extra.safetensors: is a FIFO, not a file$"),
-    (lambda d: ((d / "config.json").unlink(), os.mkfifo(d / "config.json")),
+    (lambda d: mkfifo(d / "extra.safetensors"), r"extra.safetensors: is a FIFO, not a file$"),
+    (lambda d: ((d / "config.json").unlink(), mkfifo(d / "config.json")),
      r"config.json: is a FIFO, not a file \(a model directory needs config.json\)$"),
     (lambda d: ((d / "tokenizer.json").unlink(), (d / "tokenizer.json").mkdir()),
      r"tokenizer.json: is a directory, not a file \(the bundle needs the model's tokenizer.json\)$"),

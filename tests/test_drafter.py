@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from edgemtp.runtime.drafter_session import DrafterSession, recent_ids, scatter 
 from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
 
 from .cli_errors import assert_one_line_error  # noqa: E402
+from .fifo import mkfifo  # noqa: E402
 
 LENGTHS = (21, 12)  # committed cache lengths of the two rows: row 0 runs past 2x the window (8)
 K = 3
@@ -665,7 +665,7 @@ def test_a_negative_draft_top_k_is_named_first(setup, tmp_path):
     (_drop_field("rope"), "config.json: field 'rope' must give each of its layer types"),
     (lambda d: (d / "model.safetensors").write_bytes(b"\x05" * 16), "model.safetensors: not a valid safetensors file"),
     (lambda d: (d / "model.safetensors").unlink(), "model.safetensors: missing"),
-    (lambda d: ((d / "model.safetensors").unlink(), os.mkfifo(d / "model.safetensors")),
+    (lambda d: ((d / "model.safetensors").unlink(), mkfifo(d / "model.safetensors")),
      r"model.safetensors: is a FIFO, not a file \(a drafter directory needs"),
     (lambda d: ((d / "config.json").unlink(), (d / "config.json").mkdir()),
      r"config.json: is a directory, not a file \(a drafter directory needs"),

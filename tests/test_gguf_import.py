@@ -30,6 +30,8 @@ from edgemtp.gguf_import import (default_gguf_path, generation_config, hf_name, 
 from edgemtp.gguf_reader import read_gguf
 from edgemtp.tokenizer_import import build_tokenizer, sentencepiece_merges, write_tokenizer_files
 
+from .fifo import mkfifo
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -704,7 +706,7 @@ def test_missing_file(tmp_path):
     with pytest.raises(EdgemtpError, match="nope.gguf: no such file"):
         import_gguf(tmp_path / "nope.gguf", tmp_path / "out")
     # what the path is, where it is not a file: a FIFO and a device were "no such file"
-    os.mkfifo(tmp_path / "fifo.gguf")
+    mkfifo(tmp_path / "fifo.gguf")
     for path, kind in ((tmp_path / "fifo.gguf", "a FIFO"), (Path("/dev/null"), "a device"), (tmp_path, "a directory")):
         with pytest.raises(EdgemtpError, match=f"^{re.escape(str(path))}: is {kind}, not a file$"):
             import_gguf(path, tmp_path / "out")
