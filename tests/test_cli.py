@@ -991,6 +991,9 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                            "drafter_provider='tpu' is unknown"),
                           (lambda: engine.generate_batch("t1 t2"), "prompts='t1 t2' must be a list of prompts"),
                           (lambda: engine.generate_batch(None), "prompts=None must be a list of prompts"),
+                          # a chat message given as the batch: its keys ran as two prompts, 'role' and 'content'
+                          (lambda: engine.generate_batch({"role": "user", "content": "t1"}, 2),
+                           "prompts={'role': 'user', 'content': 't1'} must be a list of prompts"),
                           (lambda: engine.generate_batch([], "x"), "max_new_tokens='x' must be a whole number"),
                           # which of the batch's prompts (the loop's own checks said "the prompt", "prompt[0]")
                           (lambda: engine.generate_batch(["t1", ""], 2), "prompts[1] is empty (no tokens)"),

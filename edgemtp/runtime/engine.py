@@ -350,7 +350,8 @@ class Engine:
         from .drafting import NoDrafter
         from .speculative import Speculative, SpecStats
 
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):  # a str: one prompt a letter
+        # a str: one prompt a letter; a dict (a chat message given alone): one prompt a key, 'role' and 'content'
+        if isinstance(prompts, (str, bytes, dict)) or not isinstance(prompts, Iterable):
             raise ArgumentError("prompts", prompts, "must be a list of prompts (for one prompt: generate)")
         prompts = list(prompts)  # a generator or dict keys too
         check_kinds(sampling, draft)
