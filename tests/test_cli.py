@@ -1010,6 +1010,10 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: list(engine.token_ids([10**6], 2)), "prompt_ids[0]=1000000 is not a token id"),
                           (lambda: list(engine.token_ids([-5], 2)), "prompt_ids[0]=-5 is not a token id"),
                           (lambda: list(engine.token_ids("t1", 2)), "prompt_ids='t1' must be a list of token ids"),
+                          # as bytes: a text's bytes, not token ids (bytearray(text, "utf-8") ran as ids)
+                          (lambda: engine.token_ids(bytearray(b"\x05\x06"), 2),
+                           "prompt_ids=bytearray(b'\\x05\\x06') must be a list of token ids"),
+                          (lambda: engine.decode(bytearray(b"t1")), "ids=bytearray(b't1') must be a list of token ids"),
                           (lambda: list(engine.token_ids(np.array(3), 2)),
                            "prompt_ids=3 must be a list of token ids (a numpy array of shape (), not (n,))"),
                           (lambda: list(engine.token_ids(np.array([[1, 2]]), 2)),

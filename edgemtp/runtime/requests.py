@@ -74,7 +74,8 @@ def check_kinds(sampling, draft, stats=None) -> None:
 
 def check_ids(name: str, ids, vocab: int) -> list[int]:
     """`ids` checked, as a list of Python ints (an app may hand a numpy array or a tuple)."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):  # an iterator: used up here
+    # an iterator: used up here; bytes (a bytearray too, a Sequence of ints): a text's bytes, not its token ids
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
         raise ArgumentError(name, ids, "must be a list of token ids")
     if isinstance(ids, np.ndarray) and ids.ndim != 1:  # a 0-d array raised TypeError iterating; a tokenizer's
         # return_tensors="np" is [1, T], whose row was "not a token id"
