@@ -26,10 +26,15 @@ class ArgumentError(EdgemtpError):
         return type(self), (self.name, self.value, self.rule, self.flag)
 
 
+SHOWN = 100  # characters of a value's repr a message shows
+
+
 def _shown(value) -> str:
-    """repr, with a numpy number shown as the plain number it holds (not `np.int64(0)`)."""
+    """repr, with a numpy number shown as the plain number it holds (not `np.int64(0)`), cut to its first SHOWN
+    characters: a document passed where a list was wanted (generate_batch(text)) was a 300 KB message."""
     item = getattr(value, "item", None)
-    return repr(item() if callable(item) and getattr(value, "ndim", None) == 0 else value)
+    shown = repr(item() if callable(item) and getattr(value, "ndim", None) == 0 else value)
+    return shown if len(shown) <= SHOWN else f"{shown[:SHOWN]}... ({len(shown):,} characters)"
 
 
 def not_a_file(path) -> str:
