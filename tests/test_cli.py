@@ -997,6 +997,9 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: engine.generate_batch([], "x"), "max_new_tokens='x' must be a whole number"),
                           # which of the batch's prompts (the loop's own checks said "the prompt", "prompt[0]")
                           (lambda: engine.generate_batch(["t1", ""], 2), "prompts[1] is empty (no tokens)"),
+                          # the prompt checked before the drafter is made (it reported the missing drafter)
+                          (lambda: engine.token_stream([], 2, draft=Draft("mtp")), "the prompt is empty"),
+                          (lambda: engine.generate_batch([""], 2, draft=Draft("mtp")), "prompts[0] is empty"),
                           (lambda: engine.generate_batch(["t1", "t1 " * 80], 2),
                            "prompts[1] of 80 tokens does not fit the bundle's KV capacity of 64"),
                           (lambda: engine.generate_batch(["t1", [{"role": "user"}]], 2), "prompts[1][0]={'role'"),

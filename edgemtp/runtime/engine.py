@@ -300,9 +300,10 @@ class Engine:
         stops = self.stops(stop)
         from .speculative import Speculative
 
+        # first: a bad prompt is named, not a missing drafter, and loads no drafter
+        prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
                            adaptive=draft.adaptive, lengths=self._lengths(draft, 1) if draft.adaptive else None)
-        prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         return self._streams.add(self._drafting(spec, prompt_ids, max_new_tokens, sampling, stats, stops))
 
     def _drafting(self, spec, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
@@ -360,14 +361,14 @@ class Engine:
         use_draft = draft is not None and draft.mode != "none" and draft.k > 0
         if use_draft and draft.mode == "auto" and len(prompts) > 1 and not self.fast_verify:
             use_draft = False
+        ids = [self._encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        for i, row in enumerate(ids):  # here, where the row is known: the loop's own check says "the prompt"
+            check_request(row, max_new_tokens, self.capacity, self.target.contract.vocab_size, f"prompts[{i}]")
         adaptive = use_draft and draft.adaptive
         drafter = self.drafter(draft.mode, adaptive=adaptive) if use_draft else NoDrafter()
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0, adaptive=adaptive,
                            lengths=self._lengths(draft, len(prompts)) if adaptive else None)
         stats = SpecStats()  # the speculative loop's, drafting or not
-        ids = [self._encode(p, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        for i, row in enumerate(ids):  # here, where the row is known: the loop's own check says "the prompt"
-            check_request(row, max_new_tokens, self.capacity, self.target.contract.vocab_size, f"prompts[{i}]")
         if len(ids) == 1 and self.reuse_prefix:  # a one-prompt generation, as generate's: it keeps its cache
             results = self._reusing(spec, ids[0], max_new_tokens, sampling, stops, stats)
         else:
