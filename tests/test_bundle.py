@@ -1951,10 +1951,10 @@ def test_an_app_decoding_by_the_documented_contract_gets_the_engines_tokens(kind
 
 def contract_draft(bundle_dir, target, token, hidden, k):
     """k greedy draft steps of drafter.onnx after `target`'s last pass, as docs/bundle-contract.md states
-    them -> (draft ids, each step's logits: the full head's, or the clustered head's candidate_logits)."""
+    them -> (draft ids, each step's logits over the vocabulary [k, V], each step's outputs by name)."""
     _, c, session = _contract_session(bundle_dir, "drafter")
     width = c.get("head", {}).get("context", 0)
-    recent, drafts, logits = [*target.history, token], [], []
+    recent, drafts, logits, steps = [*target.history, token], [], [], []
     for _ in range(k):
         feeds = {"input_ids": np.array([[token]], np.int64), "last_hidden_state": hidden,
                  "position_ids": np.array([[target.length]], np.int64)}  # every step: the committed length
@@ -1968,8 +1968,14 @@ def contract_draft(bundle_dir, target, token, hidden, k):
         token, hidden = int(out["draft_ids"][0, 0]), out["next_hidden_state"]
         drafts.append(token)
         recent.append(token)
-        logits.append(out["logits" if "logits" in out else "candidate_logits"][0, 0])
-    return drafts, np.stack(logits)
+        steps.append(out)
+        if "logits" in out:
+            logits.append(out["logits"][0, 0])
+        else:  # an id may come more than once, with one finite logit at most: the max, not the last, is its own
+            scattered = np.full(target.contract["vocab_size"], -np.inf, np.float32)
+            np.maximum.at(scattered, out["candidate_ids"][0, 0], out["candidate_logits"][0, 0])
+            logits.append(scattered)
+    return drafts, np.stack(logits), steps
 
 
 def test_an_app_drafting_by_the_documented_contract_gets_the_engines_drafts(tiny_gemma3, tmp_path):
@@ -1982,7 +1988,7 @@ def test_an_app_drafting_by_the_documented_contract_gets_the_engines_drafts(tiny
     target = ContractTarget(bundle_dir)
     logits, hidden = target.run(prompt)
     token = int(np.argmax(logits[0, -1]))
-    drafts, draft_logits = contract_draft(bundle_dir, target, token, hidden[:, -1:], 3)
+    drafts, draft_logits, _ = contract_draft(bundle_dir, target, token, hidden[:, -1:], 3)
 
     with Engine.load(bundle_dir) as engine:
         cache = engine.target.new_cache(1)
@@ -1994,3 +2000,44 @@ def test_an_app_drafting_by_the_documented_contract_gets_the_engines_drafts(tiny
     assert drafts == ids[0].tolist()
     assert not drafter.clustered  # the tiny drafter's head is the full one: its logits are the engine's
     np.testing.assert_allclose(draft_logits, ref[0], atol=1e-4)
+
+
+def test_an_app_drafting_with_a_clustered_head_by_the_documented_contract_gets_the_engines_drafts(tiny_gemma3,
+                                                                                                 tmp_path):
+    """The clustered head with a context of 5 recent tokens: a 2-token prompt starts context_ids with -1s, a
+    21-token one fills it; the candidates' logits, scattered over the vocabulary, are DrafterSession's."""
+    from edgemtp.drafter import export as drafter_export
+    from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
+
+    from .test_drafter import clustered_drafter
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(tiny_gemma3[2], bundle_dir)
+    clustered_drafter(tiny_gemma3[1], tmp_path / "drafter")
+    drafter_export.add_to_bundle(bundle_dir, tmp_path / "drafter", top_k=1, context=5)
+    repeated = 0
+    for size in (1, 20):
+        prompt = [2, *np.random.default_rng(7).integers(3, 96, size=size).tolist()]
+        target = ContractTarget(bundle_dir)
+        logits, hidden = target.run(prompt)
+        token = int(np.argmax(logits[0, -1]))
+        drafts, draft_logits, steps = contract_draft(bundle_dir, target, token, hidden[:, -1:], 3)
+        with Engine.load(bundle_dir) as engine:
+            cache = engine.target.new_cache(1)
+            _, h = engine.target.forward(np.array([prompt]), cache, rows=slice(0, 1))
+            drafter = DrafterSession.load(engine.bundle)
+            ids, ref = drafter.draft(np.array([token]), h[:, -1], cache, slice(0, 1), 3,
+                                     recent=recent_ids([[*prompt, token]], 5))
+        assert drafter.clustered and drafter.context == 5
+        assert drafts == ids[0].tolist()
+        np.testing.assert_array_equal(np.isfinite(draft_logits), np.isfinite(ref[0]))  # the same candidates
+        np.testing.assert_allclose(draft_logits[np.isfinite(ref[0])], ref[0][np.isfinite(ref[0])], atol=1e-4)
+        recent = [*prompt, token, *drafts]
+        for i, out in enumerate(steps):  # the candidates hold the context's tokens, and the draft is their best
+            context = recent[max(0, len(prompt) + 1 + i - 5):len(prompt) + 1 + i]
+            assert set(context) <= set(np.flatnonzero(np.isfinite(draft_logits[i])))
+            assert drafts[i] == int(np.argmax(draft_logits[i]))
+            cand = out["candidate_ids"][0, 0][np.isfinite(out["candidate_logits"][0, 0])]
+            repeated += len(out["candidate_ids"][0, 0]) > len(set(out["candidate_ids"][0, 0].tolist()))
+            assert len(cand) == len(set(cand.tolist()))  # a repeated id has one finite logit
+    assert repeated  # some step listed an id twice: a scatter by assignment could have hidden it
