@@ -2002,6 +2002,69 @@ def test_an_app_drafting_by_the_documented_contract_gets_the_engines_drafts(tiny
     np.testing.assert_allclose(draft_logits, ref[0], atol=1e-4)
 
 
+class ContractStaticTarget:
+    """A --static target.onnx's passes as docs/bundle-contract.md (Static graphs) states them."""
+
+    def __init__(self, bundle_dir):
+        self.manifest, self.contract, self.session = _contract_session(bundle_dir, "target")
+        c = self.contract
+        self.kv = {(s["layer"], kind): np.zeros((1, s["num_heads"], c["capacity"], s["head_dim"]), np.float32)
+                   for s in c["kv"] for kind in ("key", "value")}
+        self.length = 0
+
+    def bias(self, window):
+        """[1, 1, W, capacity + W]: query i (position L + i) against the cache's rows, then the pass's own."""
+        c, W, L = self.contract, self.contract["verify_window"], self.length
+        query = L + np.arange(W)[:, None]
+        key = np.concatenate([np.arange(c["capacity"]), L + np.arange(W)])[None]  # each column's position
+        cached = np.arange(c["capacity"] + W) < L  # only the cache rows holding tokens
+        own = np.arange(c["capacity"] + W) >= c["capacity"]
+        seen = cached | (own & (key <= query))
+        if window is not None:
+            seen &= query - key < window
+        return np.where(seen, 0, c["mask_value"]).astype(np.float32)[None, None]
+
+    def step(self, ids):
+        """One call for n <= W new tokens -> (logits [n, V], hidden [n, H]) of the real positions."""
+        c, W, n = self.contract, self.contract["verify_window"], len(ids)
+        feeds = {"input_ids": np.array([ids + [ids[-1]] * (W - n)], np.int64),
+                 "position_ids": np.minimum(self.length + np.arange(W), c["capacity"] - 1)[None].astype(np.int64)}
+        for name, window in c["attention_bias"].items():
+            feeds[name] = self.bias(window)
+        for (layer, kind), buf in self.kv.items():
+            feeds[f"past_key_values.{layer}.{kind}"] = buf
+        out = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds)))
+        for (layer, kind), buf in self.kv.items():
+            buf[:, :, self.length:self.length + n] = out[f"present.{layer}.{kind}"][:, :, :n]
+        self.length += n
+        return out["logits"][0, :n], out["last_hidden_state"][0, :n]
+
+    def run(self, ids):
+        """Any number of tokens, in calls of W -> the last position's logits [V]."""
+        W = self.contract["verify_window"]
+        for start in range(0, len(ids), W):
+            logits, _ = self.step(ids[start:start + W])
+        return logits[-1]
+
+
+def test_an_app_decoding_a_static_bundle_by_the_documented_contract_gets_the_engines_tokens(tiny_gemma3, tmp_path):
+    """Prefill in calls of W (the last one padded), then one-token calls until the cache is full: their
+    padded positions run past the capacity, and the sliding layers' mask slides over the whole cache."""
+    bundle_dir = export(tiny_gemma3[1], tmp_path / "static", capacity=64, static_window=5)
+    target = ContractStaticTarget(bundle_dir)
+    assert target.contract["static"] and target.contract["verify_window"] == 5
+    prompt = [2, *np.random.default_rng(5).integers(3, 96, size=42).tolist()]  # 43: 8 calls of 5 and one of 3
+    eos = set(target.manifest["model"]["eos_token_ids"])
+    tokens = [int(np.argmax(target.run(prompt)))]
+    while target.length < 64 and tokens[-1] not in eos:
+        tokens.append(int(np.argmax(target.run(tokens[-1:]))))
+    assert len(tokens) == 22 and target.length == 64  # the last calls' padding positions were clipped
+    with Engine.load(bundle_dir) as engine:
+        assert tokens == list(engine.token_ids(prompt, 30))
+    with Engine.load(tiny_gemma3[2]) as engine:  # and the dynamic graph's
+        assert tokens == list(engine.token_ids(prompt, 30))
+
+
 def test_an_app_drafting_with_a_clustered_head_by_the_documented_contract_gets_the_engines_drafts(tiny_gemma3,
                                                                                                  tmp_path):
     """The clustered head with a context of 5 recent tokens: a 2-token prompt starts context_ids with -1s, a
