@@ -1125,6 +1125,27 @@ def test_stream_stats_fill_as_tokens_come(tiny_gemma3):
         assert 2 <= left.decode_tokens < 11
 
 
+def test_stream_stats_are_reset_when_the_stream_is_made(tiny_gemma3):
+    """A Stats reused from an earlier generation is reset at the call, not at the first token: a stream closed
+    before it gave one (an app's request cancelled at once) left the earlier generation's counts and stop reason."""
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.speculative import SpecStats
+    from edgemtp.runtime.stats import Stats
+
+    engine = Engine.load(tiny_gemma3[2], threads=1)
+    ids = engine.encode("t1 t2 t3 t1 t2 t3")
+    streams = {"stream": lambda draft, stats: engine.stream("t1 t2 t3 t1 t2 t3", 8, draft=draft, stats=stats),
+               "token_stream": lambda draft, stats: engine.token_stream(ids, 8, draft=draft, stats=stats),
+               "token_ids": lambda draft, stats: engine.token_ids(ids, 8, stats=stats)}
+    for name, make in streams.items():
+        for draft in (None, Draft("lookup", 3)):
+            for stats in (Stats(), SpecStats()):
+                assert len(list(make(draft, stats))) == 8 or name == "stream"
+                assert stats.decode_tokens == 7 and stats.stop_reason == "max new tokens", (name, draft)
+                make(draft, stats).close()
+                assert stats.to_json() == type(stats)().to_json(), (name, draft, stats)
+
+
 def test_standard_input_that_is_not_utf8_is_named(tiny_gemma3):
     """Read as bytes: a strict UTF-8 stdin (most locales) would raise inside the read, before any check."""
     r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],

@@ -197,12 +197,13 @@ class Engine:
         check_kinds(sampling, None, stats)
         stops = self.stops(stop)
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
+        if stats is not None:  # here, not at the first token: a stream closed before one kept an earlier call's
+            stats.reset()
         return self._streams.add(self._plain(prompt_ids, max_new_tokens, sampling, stats, stops))
 
     def _plain(self, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stats: Stats | None,
                stops: Stops) -> Iterator[int]:
-        stats = stats if stats is not None else Stats()
-        stats.reset()
+        stats = stats if stats is not None else Stats()  # reset by token_ids
         rng = np.random.default_rng(sampling.seed)
         cache, cached = self.kept.take(prompt_ids)
         generated = []
@@ -304,15 +305,15 @@ class Engine:
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
                            adaptive=draft.adaptive, lengths=self._lengths(draft, 1) if draft.adaptive else None)
+        if stats is not None:  # as token_ids: at the call
+            stats.reset()
         return self._streams.add(self._drafting(spec, prompt_ids, max_new_tokens, sampling, stats, stops))
 
     def _drafting(self, spec, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling,
                   stats: Stats | None, stops: Stops) -> Iterator[int]:
         from .speculative import SeqResult, SpecStats
 
-        own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()
-        if own is not None:
-            own.reset()
+        own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()  # reset by token_stream
         cache, cached = self.kept.take(prompt_ids)
         results = [SeqResult([])]
         try:
