@@ -1949,6 +1949,19 @@ def test_an_app_decoding_by_the_documented_contract_gets_the_engines_tokens(kind
     assert (kind == "mqa") == bool(target.contract["window_views"]) == (max(target.offsets) > 0)
 
 
+def engine_draft(bundle_dir, prompt, token, k):
+    """The engine's own `k` drafts after `prompt` and its next `token`: (ids, logits, the DrafterSession)."""
+    from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
+
+    with Engine.load(bundle_dir) as engine:
+        cache = engine.target.new_cache(1)
+        _, h = engine.target.forward(np.array([prompt]), cache, rows=slice(0, 1))
+        drafter = DrafterSession.load(engine.bundle)
+        ids, ref = drafter.draft(np.array([token]), h[:, -1], cache, slice(0, 1), k,
+                                 recent=recent_ids([[*prompt, token]], max(drafter.context, 1)))
+    return ids, ref, drafter
+
+
 def contract_draft(bundle_dir, target, token, hidden, k):
     """k greedy draft steps of drafter.onnx after `target`'s last pass, as docs/bundle-contract.md states
     them -> (draft ids, each step's logits over the vocabulary [k, V], each step's outputs by name)."""
@@ -1979,8 +1992,6 @@ def contract_draft(bundle_dir, target, token, hidden, k):
 
 
 def test_an_app_drafting_by_the_documented_contract_gets_the_engines_drafts(tiny_gemma3, tmp_path):
-    from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
-
     from .test_drafter import drafter_setup
 
     _, bundle_dir, *_ = drafter_setup(tiny_gemma3[1], tiny_gemma3[2], tmp_path)
@@ -1990,13 +2001,7 @@ def test_an_app_drafting_by_the_documented_contract_gets_the_engines_drafts(tiny
     token = int(np.argmax(logits[0, -1]))
     drafts, draft_logits, _ = contract_draft(bundle_dir, target, token, hidden[:, -1:], 3)
 
-    with Engine.load(bundle_dir) as engine:
-        cache = engine.target.new_cache(1)
-        _, h = engine.target.forward(np.array([prompt]), cache, rows=slice(0, 1))
-        drafter = DrafterSession.load(engine.bundle)
-        width = max(drafter.context, 1)
-        ids, ref = drafter.draft(np.array([token]), h[:, -1], cache, slice(0, 1), 3,
-                                 recent=recent_ids([[*prompt, token]], width))
+    ids, ref, drafter = engine_draft(bundle_dir, prompt, token, 3)
     assert drafts == ids[0].tolist()
     assert not drafter.clustered  # the tiny drafter's head is the full one: its logits are the engine's
     np.testing.assert_allclose(draft_logits, ref[0], atol=1e-4)
@@ -2070,7 +2075,6 @@ def test_an_app_drafting_with_a_clustered_head_by_the_documented_contract_gets_t
     """The clustered head with a context of 5 recent tokens: a 2-token prompt starts context_ids with -1s, a
     21-token one fills it; the candidates' logits, scattered over the vocabulary, are DrafterSession's."""
     from edgemtp.drafter import export as drafter_export
-    from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
 
     from .test_drafter import clustered_drafter
 
@@ -2085,12 +2089,7 @@ def test_an_app_drafting_with_a_clustered_head_by_the_documented_contract_gets_t
         logits, hidden = target.run(prompt)
         token = int(np.argmax(logits[0, -1]))
         drafts, draft_logits, steps = contract_draft(bundle_dir, target, token, hidden[:, -1:], 3)
-        with Engine.load(bundle_dir) as engine:
-            cache = engine.target.new_cache(1)
-            _, h = engine.target.forward(np.array([prompt]), cache, rows=slice(0, 1))
-            drafter = DrafterSession.load(engine.bundle)
-            ids, ref = drafter.draft(np.array([token]), h[:, -1], cache, slice(0, 1), 3,
-                                     recent=recent_ids([[*prompt, token]], 5))
+        ids, ref, drafter = engine_draft(bundle_dir, prompt, token, 3)
         assert drafter.clustered and drafter.context == 5
         assert drafts == ids[0].tolist()
         np.testing.assert_array_equal(np.isfinite(draft_logits), np.isfinite(ref[0]))  # the same candidates
