@@ -449,21 +449,23 @@ def test_a_stream_read_by_two_threads_at_once_says_so(tiny_gemma3):
             self.runs += 1
             if self.runs == 2:
                 inside.set()
-                go.wait()
+                go.wait(60)
             return self.session.run_with_iobinding(io)
 
     engine.target.session = HeldSession(engine.target.session)
     stream = engine.token_ids(engine.encode("t1 t2"), 4)
     got = [next(stream)]
-    reader = threading.Thread(target=lambda: got.extend(stream))
+    reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
     reader.start()
-    assert inside.wait(60)
-    with pytest.raises(EdgemtpError, match="^the stream is being read by another thread: read a stream from one "
-                                           "thread at a time$"):
-        next(stream)
-    go.set()
-    reader.join()
-    assert got == want
+    try:  # released whatever the check says: a reader left waiting kept the test run from exiting
+        assert inside.wait(60)
+        with pytest.raises(EdgemtpError, match="^the stream is being read by another thread: read a stream from "
+                                               "one thread at a time$"):
+            next(stream)
+    finally:
+        go.set()
+    reader.join(60)
+    assert not reader.is_alive() and got == want
 
 
 def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
@@ -488,7 +490,7 @@ def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
                 runs.append(io)
                 if len(runs) == 2:
                     inside.set()
-                    go.wait()
+                    go.wait(60)
                 return run(io)
 
             engine.target.session = type("Held", (), {"io_binding": session.io_binding,
@@ -501,12 +503,15 @@ def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
                 except EdgemtpError as e:
                     out.append(e)
 
-            thread = threading.Thread(target=run)
+            thread = threading.Thread(target=run, daemon=True)
             thread.start()
-            assert inside.wait(60)
-            engine.close()
-            go.set()
-            thread.join()
+            try:  # released whatever happens here: a generation left waiting kept the test run from exiting
+                assert inside.wait(60)
+                engine.close()
+            finally:
+                go.set()
+            thread.join(60)
+            assert not thread.is_alive(), name
             if name == "batch":
                 assert out == [want]
             else:

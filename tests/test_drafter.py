@@ -1280,7 +1280,7 @@ def test_an_engine_closed_while_its_mtp_drafter_loads_lets_go_of_it(setup, monke
 
     def held_load(*args, **kwargs):  # the load waits until close has run
         inside.set()
-        go.wait()
+        go.wait(60)
         drafter = load(*args, **kwargs)
         loaded.append(weakref.ref(drafter.session))
         return drafter
@@ -1294,12 +1294,15 @@ def test_an_engine_closed_while_its_mtp_drafter_loads_lets_go_of_it(setup, monke
         except EdgemtpError as e:
             errors.append(str(e))
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    assert inside.wait(60)
-    engine.close()
-    go.set()
-    thread.join()
+    try:  # released whatever happens here: a load left waiting kept the test run from exiting
+        assert inside.wait(60)
+        engine.close()
+    finally:
+        go.set()
+    thread.join(60)
+    assert not thread.is_alive()
     assert errors == ["the engine was closed (Engine.close, or the end of its with block): load it again"]
     assert engine._drafters == {} and loaded[0]() is None
 
