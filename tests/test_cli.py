@@ -964,6 +964,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
     """The Python API's values of the wrong type or out of range: one EdgemtpError naming the value, not a
     TypeError deep in numpy; a plain Stats given to a drafting stream gets the plain fields; a temperature so
     small that logits / T overflow samples the best token instead of failing on NaN probabilities."""
+    from collections import UserDict
+
     from edgemtp.errors import EdgemtpError
     from edgemtp.evaluate import evaluate
     from edgemtp.runtime.engine import Draft
@@ -998,6 +1000,9 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: engine.generate_batch(None), "prompts=None must be a list of prompts"),
                           # a chat message given as the batch: its keys ran as two prompts, 'role' and 'content'
                           (lambda: engine.generate_batch({"role": "user", "content": "t1"}, 2),
+                           "prompts={'role': 'user', 'content': 't1'} must be a list of prompts"),
+                          # any mapping, as a dict: a UserDict's keys ran as the prompts
+                          (lambda: engine.generate_batch(UserDict(role="user", content="t1"), 2),
                            "prompts={'role': 'user', 'content': 't1'} must be a list of prompts"),
                           (lambda: engine.generate_batch([], "x"), "max_new_tokens='x' must be a whole number"),
                           # which of the batch's prompts (the loop's own checks said "the prompt", "prompt[0]")
@@ -1038,6 +1043,7 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                            "prompt is not UTF-8 text: a lone surrogate '\\udcff' at character 3"),
                           (lambda: engine.generate_batch(["t1", "\ud83d"], 2), "prompts[1] is not UTF-8 text"),
                           (lambda: engine.generate("t1", 2, stop=b"t"), "stop=b't' must be a string"),
+                          (lambda: engine.generate("t1", 2, stop=UserDict(t2=1)), "stop={'t2': 1} must be a string"),
                           # a lone surrogate: UnicodeEncodeError from the tokenizer's token_to_id
                           (lambda: engine.generate("t1", 2, stop=["t2", "a\ud83d"]),
                            "stop='a\\ud83d' is not UTF-8 text: a lone surrogate at character 1"),

@@ -8,6 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -352,8 +353,9 @@ class Engine:
         from .drafting import NoDrafter
         from .speculative import Speculative, SpecStats
 
-        # a str: one prompt a letter; a dict (a chat message given alone): one prompt a key, 'role' and 'content'
-        if isinstance(prompts, (str, bytes, dict)) or not isinstance(prompts, Iterable):
+        # a str: one prompt a letter; a mapping (a chat message given alone, a dict or a UserDict): one prompt a
+        # key, 'role' and 'content'
+        if isinstance(prompts, (str, bytes, Mapping)) or not isinstance(prompts, Iterable):
             raise ArgumentError("prompts", prompts, "must be a list of prompts (for one prompt: generate)")
         prompts = list(prompts)  # a generator or dict keys too
         check_kinds(sampling, draft)

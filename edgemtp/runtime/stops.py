@@ -11,6 +11,7 @@ doubt (a short tail, or a stop string in it) is settled by decoding the whole te
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterable
 
 from ..errors import ArgumentError
@@ -22,7 +23,7 @@ def stop_strings(stop) -> tuple[str, ...]:
     if stop is None:
         return ()
     items = (stop,) if isinstance(stop, str) else stop
-    if isinstance(stop, (bytes, bytearray, dict)):  # iterable, but their items are not stop strings
+    if isinstance(stop, (bytes, bytearray, Mapping)):  # iterable, but their items are not stop strings
         raise ArgumentError("stop", stop, "must be a string or a list of strings")
     try:
         items = tuple(items)
