@@ -468,6 +468,40 @@ def test_a_stream_read_by_two_threads_at_once_says_so(tiny_gemma3):
     assert not reader.is_alive() and got == want
 
 
+def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
+    """stream.close() from another thread while the reader's pass runs (an app cancelling a request): Python's
+    "ValueError: generator already executing" came out of close; now the close waits for that pass, whose token
+    the reader gets, and the reader's next read ends the stream as a close does."""
+    import threading
+
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(tiny_gemma3[2])
+    want = list(engine.token_ids(engine.encode("t1 t2"), 4))
+    session, inside, go, runs = engine.target.session, threading.Event(), threading.Event(), []
+
+    def held_run(io, run=session.run_with_iobinding):  # the second pass waits until close has been called
+        runs.append(io)
+        if len(runs) == 2:
+            inside.set()
+            go.wait(60)
+        return run(io)
+
+    engine.target.session = type("Held", (), {"io_binding": session.io_binding,
+                                              "run_with_iobinding": staticmethod(held_run)})()
+    stream = engine.token_ids(engine.encode("t1 t2"), 4)
+    got = [next(stream)]
+    reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
+    reader.start()
+    try:
+        assert inside.wait(60)
+        stream.close()
+    finally:
+        go.set()
+    reader.join(60)
+    assert not reader.is_alive() and got == want[:2] and list(stream) == []
+
+
 def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
     """Engine.close while another thread's generation is inside a pass (README): a generate or stream stops with the
     closed-engine error at its next token, a generate_batch finishes with a lone call's tokens; no crash, no other

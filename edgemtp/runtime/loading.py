@@ -101,11 +101,14 @@ class Stream(Iterator):
     drafting one went on generating on the closed engine. Once ended so, its next use says the engine was closed."""
 
     def __init__(self, gen: Iterator):
-        self._gen, self._ended = gen, False
+        self._gen, self._ended, self._closing = gen, False, False
 
     def __next__(self):
         if self._ended:
             raise EdgemtpError(CLOSED)
+        if self._closing:  # closed from another thread while this one read: closed now, between passes
+            self._gen.close()
+            raise StopIteration
         try:
             return next(self._gen)
         except ValueError:  # Python's "generator already executing", or an error from inside the generation
@@ -115,7 +118,12 @@ class Stream(Iterator):
             raise
 
     def close(self) -> None:
-        self._gen.close()
+        try:
+            self._gen.close()
+        except ValueError:  # "generator already executing": another thread's read is inside a pass (an app
+            if not getattr(self._gen, "gi_running", False):  # cancelling a request); that read gets its token
+                raise
+            self._closing = True
 
     def end(self) -> None:
         if inspect.isgenerator(self._gen) and self._gen.gi_frame is None:
