@@ -130,18 +130,23 @@ def test_min_p_and_repetition_penalty_flags(tiny_gemma3):
     assert sampled.exit_code == 0 and json.loads(sampled.stdout)["tokens"] == want
     for command in (args, ("chat", tiny_gemma3[2])):
         assert_one_line_error(run(*command, "--min-p", 1.5), exact="--min-p 1.5 must be in [0, 1]")
+        assert_one_line_error(run(*command, "--draft-p-min", 1), exact="--draft-p-min 1.0 must be in [0, 1)")
         assert_one_line_error(run(*command, "--repetition-penalty", 0),
                               exact="--repetition-penalty 0.0 must be a finite number > 0")
 
 
 def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_gemma3):
-    """--drafter-provider where the drafting uses no MTP drafter (lookup, or auto on a bundle without one) is
-    said on stderr to do nothing, as sampling flags at temperature 0 are (it was taken silently)."""
+    """--drafter-provider (and --draft-p-min) where the drafting uses no MTP drafter (lookup, or auto on a bundle
+    without one) is said on stderr to do nothing, as sampling flags at temperature 0 are (it was taken silently)."""
     args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 4, "--drafter-provider", "cpu")
     for mode in ("lookup", "auto"):
         r = run(*args, "--draft", mode)
         assert r.exit_code == 0 and r.stderr.startswith("warning: --drafter-provider has no effect: the drafting "
                                                         "(lookup) uses no MTP drafter"), r.stderr
+    r = run("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 4, "--draft", "lookup",
+            "--draft-p-min", 0.2)
+    assert r.exit_code == 0 and r.stderr.startswith("warning: --draft-p-min has no effect: the drafting (lookup) "
+                                                    "uses no MTP drafter"), r.stderr
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -164,6 +169,10 @@ def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_g
     (("--no-draft", "--draft", "mtp"), "--no-draft and --draft: drafting is either off or configured"),
     (("--no-draft", "--draft-k", 2), "--no-draft and --draft-k: drafting is either off or configured"),
     (("--no-draft", "--drafter-provider", "cpu"), "--no-draft and --drafter-provider: drafting is either off or"),
+    (("--no-draft", "--draft-p-min", 0.2), "--no-draft and --draft-p-min: drafting is either off or configured"),
+    (("--draft-p-min", 1), "--draft-p-min 1.0 must be in [0, 1)"),
+    (("--draft-p-min", -0.1), "--draft-p-min -0.1 must be in [0, 1)"),
+    (("--draft-p-min", "nan"), "--draft-p-min nan must be in [0, 1)"),
     (("--stop", "t1", "--stop", ""), "--stop '' must not be empty"),
     # a byte that is not UTF-8 (--stop $'\\xff') arrives as a lone surrogate: a UnicodeEncodeError traceback
     (("--stop", "\udcff"), "--stop '\\udcff' is not UTF-8 text: a lone surrogate at character 0"),
@@ -293,6 +302,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("profile", bundle, "--gen-tokens", 0), "--gen-tokens 0 must be at least 2"),
         (("profile", bundle, "--batch", "1,0"), "--batch 0 must be at least 1"),
         (("profile", bundle, "--draft-k", "-1"), "--draft-k -1 must be at least 0"),
+        (("profile", bundle, "--draft-p-min", "1.5"), "--draft-p-min 1.5 must be in [0, 1)"),
         (("profile", bundle, "--plot", tmp_path / "nodir" / "p.png"),
          f"--plot {tmp_path / 'nodir' / 'p.png'}: no such directory {tmp_path / 'nodir'}"),
         (("profile", bundle, "--plot", tmp_path), f"--plot {tmp_path}: is a directory (give a file name in it)"),
@@ -1054,6 +1064,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: engine.generate("t1", 2, sampling=None), "sampling=None must be a Sampling"),
                           (lambda: list(engine.stream("t1", 2, stats=5)), "stats=5 must be a Stats or None"),
                           (lambda: Draft("lookup", 2, adaptive="yes"), "Draft.adaptive='yes' must be True or False"),
+                          (lambda: Draft("mtp", 2, p_min=1), "Draft.p_min=1 must be in [0, 1)"),
+                          (lambda: Draft("mtp", 2, p_min="0.2"), "Draft.p_min='0.2' must be in [0, 1)"),
                           (lambda: list(engine.token_ids([10**6], 2)), "prompt_ids[0]=1000000 is not a token id"),
                           (lambda: list(engine.token_ids([-5], 2)), "prompt_ids[0]=-5 is not a token id"),
                           (lambda: list(engine.token_ids("t1", 2)), "prompt_ids='t1' must be a list of token ids"),

@@ -25,6 +25,7 @@ from edgemtp.exporters import load_config as target_config  # noqa: E402
 from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
 from edgemtp.runtime.drafter_session import DrafterSession, recent_ids, scatter  # noqa: E402
 from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
+from edgemtp.runtime.speculative import SpecStats  # noqa: E402
 
 from .cli_errors import assert_one_line_error  # noqa: E402
 from .fifo import mkfifo  # noqa: E402
@@ -1790,12 +1791,13 @@ def test_init_from_another_targets_drafter_takes_this_targets_conventions(tiny_g
     assert load_config(tmp_path / "d") == fresh  # this target's conventions, --init's shape
 
 
-def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch):
+@pytest.mark.parametrize("p_min", [0.0, 0.055])
+def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch, p_min):
     """Sampled MTP drafting (the draft drawn from the drafter's q, kept by rejection sampling): over 600 seeds the
-    first and second tokens follow the target's exact distributions (enumerated), with drafts both accepted and
-    rejected;
-    the same test fails once acceptance keeps every draft. (test_speculative covers lookup drafters, whose q is
-    one-hot or made up; here q is the drafter graph's own distribution.)"""
+    first three tokens follow the target's exact distributions (enumerated), with drafts both accepted and
+    rejected, and with p_min > 0 drafts of one token and of two (the random drafter's q tops here are about
+    1/top_k, 0.05-0.06); the same test fails once acceptance keeps every draft. (test_speculative covers lookup
+    drafters, whose q is one-hot or made up; here q is the drafter graph's own distribution.)"""
     from edgemtp.runtime import speculative as spec
     from edgemtp.runtime.sampling import Sampling
     from edgemtp.runtime.speculative import SpecStats
@@ -1805,32 +1807,36 @@ def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch)
     engine = Engine.load(setup[1], threads=1)
     prompt, n = [3, 9, 4, 1], 600
     sampling = Sampling(temperature=2.0, top_k=20)  # wide enough that the random drafter's guesses get accepted
-    exact = _exact_first_tokens(engine.target, prompt, sampling, 2)
+    exact = _exact_first_tokens(engine.target, prompt, sampling, 3)
     # each token's own distribution: 600 runs cannot fill 20 x 20 joint outcomes
-    marginals = [{}, {}]
-    for pair, p in exact.items():
-        for i in (0, 1):
-            marginals[i][pair[i:i + 1]] = marginals[i].get(pair[i:i + 1], 0.0) + p
+    marginals = [{}, {}, {}]
+    for run_, p in exact.items():
+        for i in (0, 1, 2):
+            marginals[i][run_[i:i + 1]] = marginals[i].get(run_[i:i + 1], 0.0) + p
 
     def fits(samples: list[tuple]) -> list[float]:
-        return [_gof_pvalue([t[i:i + 1] for t in samples], marginals[i]) for i in (0, 1)]
+        return [_gof_pvalue([t[i:i + 1] for t in samples], marginals[i]) for i in (0, 1, 2)]
 
-    def run(seeds: int) -> tuple[list[tuple], SpecStats]:
-        samples, total = [], SpecStats()
+    def run(seeds: int) -> tuple[list[tuple], np.ndarray, np.ndarray]:
+        samples, drafted, accepted = [], np.zeros(2, int), np.zeros(2, int)
         for seed in range(seeds):
             stats = SpecStats()
             s = Sampling(sampling.temperature, sampling.top_k, sampling.top_p, seed)
-            # 3 tokens: a round drafts only where a token is left after it (the draft is the 2nd token)
-            samples.append(tuple(engine.token_stream(prompt, 3, s, Draft("mtp", 1), stats))[:2])
-            total.drafted, total.accepted = total.drafted + stats.drafted, total.accepted + stats.accepted
-        return samples, total
+            # 4 tokens: a round drafts only where a token is left after it (the first round drafts the 2nd and
+            # 3rd tokens)
+            samples.append(tuple(engine.token_stream(prompt, 4, s, Draft("mtp", 2, p_min=p_min), stats))[:3])
+            drafted[:len(stats.drafted_at)] += np.asarray(stats.drafted_at, int)
+            accepted[:len(stats.accepted_at)] += np.asarray(stats.accepted_at, int)
+        return samples, drafted, accepted
 
-    samples, stats = run(n)
-    assert stats.drafted == n and n / 10 < stats.accepted < n  # one draft a run, both outcomes exercised
+    samples, drafted, accepted = run(n)
+    # both outcomes exercised at both positions; rounds of two drafts: each run's first (p_min ends some early)
+    assert n / 10 < accepted[0] < drafted[0] and 0 < accepted[1] < drafted[1]
+    assert drafted[1] == n if p_min == 0 else n / 10 < drafted[1] < 0.9 * n, drafted
     assert min(fits(samples)) > 1e-3, fits(samples)
     monkeypatch.setattr(spec, "accept_sampled", _accept_always)
-    samples, stats = run(n // 2)
-    assert stats.accepted == stats.drafted and fits(samples)[1] < 1e-6, fits(samples)
+    samples, drafted, accepted = run(n // 2)
+    assert (accepted == drafted).all() and fits(samples)[1] < 1e-6, fits(samples)
 
 
 def test_a_short_run_reaches_its_learning_rate():
@@ -2136,3 +2142,85 @@ def test_drafter_logits_are_soft_capped(tmp_path):
     capped = drafter_setup(model_dir, export(model_dir, tmp_path / "plain", capacity=64), tmp_path)
     assert capped[2].cfg.final_logit_softcapping == 0.5
     check_onnx_drafter(capped)
+
+
+def _top_probabilities(session, prompt, cache, hidden, tokens) -> list[float]:
+    """The drafter's softmax top at each step along `tokens`, over the whole vocabulary (scattered logits)."""
+    ids, h, out = np.array([[prompt[-1]]]), hidden[None, None], []
+    for i, t in enumerate(tokens):
+        recent = np.array([(prompt + tokens[:i])[-max(session.context, 1):]])
+        _, logits, h = session.step(ids, h, cache, slice(0, 1), recent=recent)
+        p = np.exp(logits[0, 0] - logits[0, 0].max())
+        out.append(float(p.max() / p.sum()))
+        ids = np.array([[t]])
+    return out
+
+
+def test_p_min_ends_the_mtp_draft_after_its_first_unsure_token(setup, tmp_path):
+    """Draft.p_min: the draft is the p_min = 0 draft up to and including the first token the drafter gave less than
+    p_min (greedy: its softmax's top, a clustered head's over its candidates; sampled: q's top, the same draws)."""
+    from edgemtp.runtime.drafting import DraftContext
+    from edgemtp.runtime.sampling import Sampling
+
+    model_dir, bundle, _, ids = setup
+    clustered_drafter(model_dir, tmp_path / "d")
+    own = tmp_path / "bundle"
+    shutil.copytree(bundle, own)
+    X.add_to_bundle(own, tmp_path / "d", top_k=2, context=3)
+    engine = Engine.load(bundle, threads=1)
+    heads = {"full": DrafterSession.load(bundle_mod.load(bundle)),
+             "clustered": DrafterSession.load(bundle_mod.load(own))}
+    assert heads["clustered"].clustered
+    lengths = set()
+    for name, session in heads.items():
+        for prompt in ([int(t) for t in ids[0, :n]] for n in (5, 9, 13)):
+            cache = engine.target.new_cache(1)
+            _, hidden = engine.target.forward(np.array([prompt[:-1]]), cache)
+            ctx = lambda sampling, p_min, seed=0: DraftContext(0, hidden[0, -1], cache, sampling,  # noqa: E731
+                                                               np.random.default_rng(seed), p_min)
+            greedy = Sampling()
+            drafts, _ = session.propose(prompt, 4, ctx(greedy, 0.0))
+            top = _top_probabilities(session, prompt, cache, hidden[0, -1], drafts)
+            # a random drafter is unsure (its tops ~1/V): a p_min just above each step's top ends the draft there
+            for p_min in (min(top) - 1e-6, *(p + 1e-6 for p in top), 0.999999):
+                n = next((i + 1 for i, p in enumerate(top) if p < p_min), 4)
+                assert session.propose(prompt, 4, ctx(greedy, p_min))[0] == drafts[:n], (name, p_min, top)
+                lengths.add(n)
+            sampled = Sampling(temperature=1.5)
+            for seed in range(3):
+                drafts, q = session.propose(prompt, 4, ctx(sampled, 0.0, seed))
+                for p_min in (min(q.max(1)) - 1e-6, *(p + 1e-6 for p in q.max(1))):
+                    n = next((i + 1 for i, p in enumerate(q.max(1)) if p < p_min), 4)
+                    got, got_q = session.propose(prompt, 4, ctx(sampled, p_min, seed))
+                    assert got == drafts[:n] and np.array_equal(got_q[:n], q[:n]), (name, p_min, q.max(1))
+                    lengths.add(n)
+    assert {1, 4} < lengths, lengths  # drafts ended early, in the middle, and not at all
+
+
+@pytest.mark.parametrize("mode", ["mtp", "hybrid"])
+def test_greedy_output_is_plain_greedy_for_any_p_min(setup, mode):
+    """Ending the MTP drafts early changes how many tokens a round verifies, never which tokens come out; at a p_min
+    the drafter never reaches, every MTP round drafts one token (the random drafter's tops are 0.015-0.018)."""
+    engine = Engine.load(setup[1], mtp=True, threads=1)
+    prompts = [[int(t) for t in row[:n]] for row in setup[3] for n in (5, 13)] + [[2, 5, 6, 7, 5, 6, 7, 5]]
+    for prompt in prompts:
+        want = list(engine.token_ids(prompt, 24))
+        drafted_at = {}
+        for p_min in (0.0, 0.016, 0.5):
+            stats = SpecStats()
+            assert list(engine.token_stream(prompt, 24, draft=Draft(mode, 4, p_min=p_min), stats=stats)) == want
+            drafted_at[p_min] = stats.drafted_at
+        if mode == "mtp":
+            assert len(drafted_at[0.0]) == 4 and len(drafted_at[0.5]) == 1, drafted_at
+            assert len(drafted_at[0.016]) > 1 and drafted_at[0.016][1] < drafted_at[0.016][0], drafted_at
+    # the CLI's flag reaches the rounds
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    args = ["generate", str(setup[1]), "--prompt", "t3 t9 t4 t1", "--max-new-tokens", "12", "--json", "--draft", mode]
+    plain = json.loads(CliRunner().invoke(cli, args[:-2] + ["--no-draft"]).stdout)
+    for p_min, positions in (("0", 4), ("0.5", 1)):  # the hybrid's lookup drafts take no p_min
+        out = json.loads(CliRunner().invoke(cli, args + ["--draft-p-min", p_min]).stdout)
+        assert out["tokens"] == plain["tokens"]
+        assert mode == "hybrid" or len(out["stats"]["acceptance_by_position"]) == positions

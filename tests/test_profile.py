@@ -16,7 +16,7 @@ from edgemtp.cli import cli
 from .cli_errors import assert_one_line_error
 
 ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive",
-              "skipped"}
+              "draft_p_min", "skipped"}
 ROW_MEASURES = {"pp_tokens_per_s", "tg_tokens_per_s", "ttft_s", "acceptance_rate", "tokens_per_forward",
                 "acceptance_by_position", "split_ms_per_round", "peak_rss_mb"}
 
@@ -443,7 +443,7 @@ def test_a_rows_measures_from_its_generations_counts_and_times(monkeypatch):
     runs = iter([(9.0, 9.0), (0.4, 2.0), (0.8, 4.0)])  # (prefill_s, decode_s): the warm-up, then two timed runs
 
     class FakeSpeculative:
-        def __init__(self, target, drafter, k, adaptive=False):
+        def __init__(self, target, drafter, k, adaptive=False, p_min=0.0):
             pass
 
         def generate(self, prompts, n, sampling, stop_ids=(), stats=None):
@@ -641,7 +641,7 @@ def test_a_static_bundles_step_reads_no_kv_on_top_of_its_weights(tiny_gemma3):
 def _measured_row(**config) -> dict:
     """A row as Row.to_json writes it, each measure a different number."""
     return {"draft_k": 2, "batch": 1, "prompt_tokens": 8, "gen_tokens": 4, "provider": "cpu", "drafter": "lookup",
-            "head": "", "adaptive": False, "skipped": None, **config,
+            "head": "", "adaptive": False, "draft_p_min": 0.0, "skipped": None, **config,
             "pp_tokens_per_s": {"mean": 101.25, "std": 2.5}, "tg_tokens_per_s": {"mean": 31.75, "std": 1.25},
             "ttft_s": {"mean": 0.0875, "std": 0.001}, "acceptance_rate": 0.625, "tokens_per_forward": 2.25,
             "acceptance_by_position": [0.75, 0.5], "split_ms_per_round": {"draft": 1.5, "verify": 7.25, "other": 0.75},
@@ -669,7 +669,8 @@ def test_every_format_puts_each_measure_in_its_own_column():
     header, cells = (line.strip("|").split(" | ") for line in (lines[0], lines[2]))
     assert dict(zip(map(str.strip, header), map(str.strip, cells))) == {
         "draft_k": "2", "batch": "1", "prompt_tokens": "8", "gen_tokens": "4", "provider": "cpu", "drafter": "lookup",
-        "head": "", "adaptive": "", "pp t/s": "101.2 ± 2.5", "tg t/s": "31.8 ± 1.2", "ttft ms": "88",
+        "head": "", "adaptive": "", "draft_p_min": "0.0",
+        "pp t/s": "101.2 ± 2.5", "tg t/s": "31.8 ± 1.2", "ttft ms": "88",
         "accept": "0.62", "tok/fwd": "2.25", "draft ms": "1.5", "verify ms": "7.2", "other ms": "0.8", "rss MB": "321"}
     assert ("bandwidth ceiling of plain decoding: 10.0 tokens/s (1.25 GB of weights per token at 12.5 GB/s); "
             "bundle 2.50 GB") in lines
@@ -721,3 +722,28 @@ def test_a_batch_is_skipped_when_its_cache_and_logits_take_over_half_the_memory(
     assert prof.skip_reason(c, 64, bundle) == ""
     monkeypatch.setattr(prof, "physical_memory", lambda: 2 * need - 2)
     assert prof.skip_reason(c, 64, bundle).startswith("batch 3 needs about")
+
+
+def test_draft_p_min_reaches_the_mtp_and_hybrid_rows(monkeypatch):
+    """--draft-p-min is the MTP drafter's: its rows carry it to their rounds; plain and lookup rows keep 0."""
+    from edgemtp.runtime import profile as prof
+
+    todo = prof.configs([0, 2], [1], [8], 4, "cpu", ["lookup", "mtp", "hybrid"], ["clustered"], adaptive=True,
+                        p_min=0.2)
+    assert [(c.drafter, c.adaptive, c.draft_p_min) for c in todo] == [
+        ("none", False, 0.0), ("lookup", False, 0.0), ("lookup", True, 0.0), ("mtp", False, 0.2), ("mtp", True, 0.2),
+        ("hybrid", False, 0.2), ("hybrid", True, 0.2)]
+    seen = []
+
+    class FakeSpeculative:
+        def __init__(self, target, drafter, k, adaptive=False, p_min=0.0):
+            seen.append(p_min)
+
+        def generate(self, prompts, n, sampling, stop_ids=(), stats=None):
+            stats.prefill_s = stats.decode_s = 1.0
+
+    engine = type("FakeEngine", (), {"encode": lambda self, text: list(range(300)), "target": None,
+                                     "drafter": lambda self, *args: None, "bundle": None})()
+    monkeypatch.setattr(prof, "Speculative", FakeSpeculative)
+    prof.run_row(engine, prof.RowConfig(2, 1, 8, 4, "cpu", "mtp", draft_p_min=0.2), 1, None)
+    assert seen == [0.2, 0.2]  # the warm-up and the timed run

@@ -53,12 +53,15 @@ def int_list(flag: str, value: str) -> list[int]:
               help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
 @click.option("--adaptive", is_flag=True,
               help="Also a row per drafter drafting adaptively (as generate --adaptive), up to the largest K.")
+@click.option("--draft-p-min", default=0.0, show_default=True, type=float,
+              help="The MTP and hybrid rows' --draft-p-min (as generate's).")
 def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
-                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify, adaptive):
+                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify, adaptive, draft_p_min):
     """Latency profile of a bundle on this device: plain decoding vs each drafter (lookup, MTP, hybrid)
     at each K, side by side."""
     from ..runtime import profile as prof
     from ..runtime import profile_report as report
+    from ..runtime.requests import Draft
     from ..runtime.session import check_threads, resolve_provider
 
     if repetitions < 1:
@@ -66,6 +69,7 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     if gen_tokens < 2:  # the first token comes from the prefill: decoding speed needs a second
         raise EdgemtpError(f"--gen-tokens {gen_tokens} must be at least 2 (the first token comes from the prefill)")
     check_threads(threads)  # also before the bandwidth probe, which runs even when every row is skipped
+    Draft(p_min=draft_p_min)  # a bad --draft-p-min named, as generate's
     for flag, values, least in (("--prompt-tokens", prompt_tokens, 1), ("--batch", batch, 1),
                                 ("--draft-k", draft_k, 0)):
         bad = [v for v in int_list(flag, values) if v < least]
@@ -102,7 +106,7 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
-                              drafter, text, progress, head, drafter_provider, fast_verify, adaptive)
+                              drafter, text, progress, head, drafter_provider, fast_verify, adaptive, draft_p_min)
     rendered = report.render(result, fmt, prof.speedups(result))
     click.echo(rendered, nl=not rendered.endswith("\n"))
     if all(r["skipped"] for r in result["rows"]):  # the table says why; a script should not read it as a run

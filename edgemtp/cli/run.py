@@ -56,6 +56,9 @@ def draft_options(f):
                      help="Draft, each round, the length (up to --draft-k, 0 for a plain step) that pays best by "
                           "this run's measured verify and draft times and acceptance (with --seed, a sampled "
                           "output then follows the timings too)."),
+        click.option("--draft-p-min", default=0.0, show_default=True, type=float,
+                     help="End a round's MTP draft after a token the drafter gave less than this probability, in "
+                          "[0, 1) (as llama.cpp's); 0 drafts all of --draft-k."),
         click.option("--no-draft", is_flag=True, help="Plain decoding, one target pass per token."),
         click.option("--drafter-provider", default=None,
                      help="Execution provider for the MTP drafter (default: --provider's), e.g. cpu while "
@@ -86,7 +89,7 @@ def draft_options(f):
 @draft_options
 def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_json, stop, max_new_tokens, temperature,
                  top_k, top_p, min_p, repetition_penalty, seed, provider, threads, draft_mode, draft_k, adaptive,
-                 no_draft, drafter_provider):
+                 draft_p_min, no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
     Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
@@ -108,7 +111,7 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
     stop = stop_strings([unescape(s) for s in stop])
     sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     engine, draft = load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive,
-                                no_draft, drafter_provider, chat_args=parse_chat_args(chat_arg))
+                                no_draft, drafter_provider, chat_args=parse_chat_args(chat_arg), p_min=draft_p_min)
     if chat:
         engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
     if as_json:
@@ -177,18 +180,18 @@ def sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed):
 
 
 def load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive, no_draft,
-                drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None):
+                drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None, p_min: float = 0.0):
     """(engine, draft) for generate's and chat's options, each checked before any work."""
     from ..runtime.engine import Draft, Engine
 
     source = click.get_current_context().get_parameter_source
     if no_draft:
-        drafting = ("draft_mode", "draft_k", "adaptive", "drafter_provider")
+        drafting = ("draft_mode", "draft_k", "adaptive", "draft_p_min", "drafter_provider")
         given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in drafting
                  if source(n) == ParameterSource.COMMANDLINE]
         if given:
             raise EdgemtpError(f"--no-draft and {given[0]}: drafting is either off or configured, not both")
-    draft = None if no_draft else Draft(draft_mode, draft_k, adaptive)
+    draft = None if no_draft else Draft(draft_mode, draft_k, adaptive, p_min)
     if adaptive and draft_k == 0:
         raise EdgemtpError("--adaptive with --draft-k 0: adaptive drafting chooses up to --draft-k tokens a round")
     if max_new_tokens < 1:
@@ -198,8 +201,9 @@ def load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_m
                          reuse_prefix=reuse_prefix, chat_args=chat_args or None)
     if draft is not None:
         engine.drafter(draft.mode)  # a bad --draft fails before any work
-    if draft is not None and drafter_provider is not None:
-        unused_drafter_provider(engine, draft.mode)
+    for flag, given in (("--drafter-provider", drafter_provider is not None), ("--draft-p-min", p_min > 0)):
+        if draft is not None and given:
+            unused_mtp_flag(engine, draft.mode, flag)
     given_k = source("draft_k") == ParameterSource.COMMANDLINE
     if draft is not None and engine.static and not given_k:  # the default K fits a static bundle's window:
         # a longer draft verifies in several passes (Gemma 3 270M, W = 3, hybrid: 42.6 tokens/s at K = 2, 29.2 at 4)
@@ -211,18 +215,18 @@ def load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_m
             click.echo(f"warning: {' and '.join(asked)} {'has' if len(asked) == 1 else 'have'} no effect: the static "
                        "bundle's verify window of 1 position leaves no room for a draft (--draft-k N verifies "
                        "drafts in passes of their own)", err=True)
-        draft = Draft(draft.mode, k, adaptive) if k else None
+        draft = Draft(draft.mode, k, adaptive, draft.p_min) if k else None
     return engine, draft
 
 
-def unused_drafter_provider(engine, mode: str) -> None:
-    """Says that --drafter-provider does nothing where the drafting runs no MTP drafter: lookup, or auto on a
-    bundle without one or on a quantized CPU target (else the flag is taken silently)."""
+def unused_mtp_flag(engine, mode: str, flag: str) -> None:
+    """Says that `flag` (--drafter-provider, --draft-p-min) does nothing where the drafting runs no MTP drafter:
+    lookup, or auto on a bundle without one or on a quantized CPU target (else the flag is taken silently)."""
     from ..runtime.engine import auto_mode
 
     resolved = auto_mode(engine.bundle, engine.provider) if mode == "auto" else mode
     if resolved == "lookup":
-        click.echo("warning: --drafter-provider has no effect: the drafting (lookup) uses no MTP drafter", err=True)
+        click.echo(f"warning: {flag} has no effect: the drafting (lookup) uses no MTP drafter", err=True)
 
 
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:

@@ -37,6 +37,7 @@ class DraftContext:
     cache: the target's KV cache. `cache.lengths[row]` positions are verified; `history[-1]` is not in
         it yet. Read it, never write it: drafted tokens never enter a KV cache.
     sampling, rng: for a drafter that samples its draft; it then returns the q it sampled from.
+    p_min: an MTP drafter ends its draft after a token it gave less than this probability (Draft.p_min).
     """
 
     row: int
@@ -44,6 +45,7 @@ class DraftContext:
     cache: KVCache | None
     sampling: Sampling
     rng: np.random.Generator
+    p_min: float = 0.0
 
 
 class Drafter(Protocol):

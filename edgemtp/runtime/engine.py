@@ -305,7 +305,8 @@ class Engine:
         # first: a bad prompt is named, not a missing drafter, and loads no drafter
         prompt_ids = check_request(prompt_ids, max_new_tokens, self.capacity, self.target.contract.vocab_size)
         spec = Speculative(self.target, self.drafter(draft.mode, adaptive=draft.adaptive), draft.k,
-                           adaptive=draft.adaptive, lengths=self._lengths(draft, 1) if draft.adaptive else None)
+                           adaptive=draft.adaptive, lengths=self._lengths(draft, 1) if draft.adaptive else None,
+                           p_min=draft.p_min)
         if stats is not None:  # as token_ids: at the call
             stats.reset()
         return self._streams.add(self._drafting(spec, prompt_ids, max_new_tokens, sampling, stats, stops))
@@ -370,7 +371,8 @@ class Engine:
         adaptive = use_draft and draft.adaptive
         drafter = self.drafter(draft.mode, adaptive=adaptive) if use_draft else NoDrafter()
         spec = Speculative(self.target, drafter, draft.k if use_draft else 0, adaptive=adaptive,
-                           lengths=self._lengths(draft, len(prompts)) if adaptive else None)
+                           lengths=self._lengths(draft, len(prompts)) if adaptive else None,
+                           p_min=draft.p_min if use_draft else 0.0)
         stats = SpecStats()  # the speculative loop's, drafting or not
         if len(ids) == 1 and self.reuse_prefix:  # a one-prompt generation, as generate's: it keeps its cache
             results = self._reusing(spec, ids[0], max_new_tokens, sampling, stops, stats)

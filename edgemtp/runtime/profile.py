@@ -46,6 +46,7 @@ class RowConfig:
     drafter: str  # "none" | "lookup" | "mtp" | "hybrid"
     head: str = ""  # the MTP drafter's logit head: "clustered" | "full" ("" without an MTP drafter)
     adaptive: bool = False  # draft_k is the most a round drafts (runtime.draft_length)
+    draft_p_min: float = 0.0  # MTP and hybrid rows: Draft.p_min
 
 
 @dataclass
@@ -94,9 +95,9 @@ def prompt_ids(engine: Engine, n: int, text: str | None, offset: int = 0) -> lis
 
 
 def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads=("",),
-            adaptive=False) -> list[RowConfig]:
+            adaptive=False, p_min=0.0) -> list[RowConfig]:
     """One plain row (K = 0) per prompt size and batch, then each drafter (and MTP head) at each K > 0,
-    and with `adaptive` at the largest K adaptively."""
+    and with `adaptive` at the largest K adaptively; the MTP drafter's rows with Draft.p_min `p_min`."""
     rows = []
     draft_ks, batches, prompt_tokens = (list(dict.fromkeys(v)) for v in (draft_ks, batches, prompt_tokens))  # once each
     ks = [k for k in draft_ks if k]
@@ -104,10 +105,11 @@ def configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, he
         if 0 in draft_ks:
             rows.append(RowConfig(0, b, p, gen_tokens, provider, "none"))
         for d in drafters:
+            pm = p_min if d in ("mtp", "hybrid") else 0.0
             for h in (heads if d in ("mtp", "hybrid") else ("",)):
-                rows += [RowConfig(k, b, p, gen_tokens, provider, d, h) for k in ks]
+                rows += [RowConfig(k, b, p, gen_tokens, provider, d, h, draft_p_min=pm) for k in ks]
                 if adaptive and ks:
-                    rows.append(RowConfig(max(ks), b, p, gen_tokens, provider, d, h, adaptive=True))
+                    rows.append(RowConfig(max(ks), b, p, gen_tokens, provider, d, h, adaptive=True, draft_p_min=pm))
     return rows
 
 
@@ -186,7 +188,7 @@ def graph_for(bundle, head: str) -> str:
 def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) -> Row:
     row = Row(c)
     prompts = [prompt_ids(engine, c.prompt_tokens, text, offset=97 * b) for b in range(c.batch)]
-    draft = Draft(c.drafter, c.draft_k, c.adaptive) if c.draft_k else None
+    draft = Draft(c.drafter, c.draft_k, c.adaptive, c.draft_p_min) if c.draft_k else None
     drafter = engine.drafter(draft.mode, graph_for(engine.bundle, c.head) if c.head else "drafter",
                              c.adaptive) if draft else None
     totals = SpecStats()
@@ -196,7 +198,8 @@ def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) ->
         if c.batch == 1 and not draft:
             plain_run(engine, prompts[0], c.gen_tokens, stats)
         else:
-            spec = Speculative(engine.target, drafter or NoDrafter(), c.draft_k if draft else 0, adaptive=c.adaptive)
+            spec = Speculative(engine.target, drafter or NoDrafter(), c.draft_k if draft else 0, adaptive=c.adaptive,
+                               p_min=c.draft_p_min)
             spec.generate(prompts, c.gen_tokens, Sampling(), stop_ids=(), stats=stats)
         if rep == 0:
             continue
@@ -291,11 +294,12 @@ def _sum(a: list[int], b: list[int]) -> list[int]:
 
 def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetitions=5, draft_ks=(0, 2, 4, 6),
             batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None,
-            head="auto", drafter_provider=None, fast_verify=False, adaptive=False) -> dict:
+            head="auto", drafter_provider=None, fast_verify=False, adaptive=False, p_min=0.0) -> dict:
     """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README).
 
     drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto;
-    adaptive: also a row per drafter (and head) drafting adaptively up to the largest K."""
+    adaptive: also a row per drafter (and head) drafting adaptively up to the largest K; p_min: the MTP drafter's
+    Draft.p_min."""
     bundle = load_bundle(bundle_dir, verify=False)
     drafters = drafters_for(bundle, drafter, provider)
     if head != "auto" and not {"mtp", "hybrid"} & set(drafters):
@@ -304,7 +308,8 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     if fast_verify and not bundle.has_graph("verify"):  # before any row runs (Engine.load would say it later)
         raise EdgemtpError(f"--fast-verify: {bundle_dir} has no batched verify graph (it verifies with its target "
                            "graph)")
-    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads_for(bundle, head), adaptive)
+    todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads_for(bundle, head), adaptive,
+                   p_min)
     rows: list[Row | None] = [None] * len(todo)
     done = 0
     # Each row runs on the engine `edgemtp generate` loads for it: rows drafting with the MTP drafter on a

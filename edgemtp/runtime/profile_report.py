@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import EdgemtpError
 from ..scratch import as_open_makes
 
-CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive")
+CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive", "draft_p_min")
 COLUMNS = [*CONFIG, "pp t/s", "tg t/s",
            "ttft ms", "accept", "tok/fwd", "draft ms", "verify ms", "other ms", "rss MB"]
 

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ArgumentError, EdgemtpError
-from .sampling import Sampling, is_bool, is_whole
+from .sampling import Sampling, is_bool, is_number, is_whole
 from .stats import Stats
 from .target import CapacityError
 
@@ -22,11 +22,14 @@ DRAFT_MODES = ("auto", "mtp", "hybrid", "lookup")
 class Draft:
     """Speculative decoding settings: `mode` auto | mtp | lookup | hybrid | none, K drafted tokens per round
     (`adaptive`: at most K, each round's length chosen by measured cost and acceptance; the lengths follow
-    the run's timings, so a seeded sampled run is not repeatable under it, a greedy one always is)."""
+    the run's timings, so a seeded sampled run is not repeatable under it, a greedy one always is).
+    `p_min`: the MTP drafter ends a round's draft after a token it gave less than this probability (its
+    softmax's top greedy, q's top sampled), as llama.cpp's --draft-p-min; 0 drafts all K. Output unchanged."""
 
     mode: str = "auto"
     k: int = 4
     adaptive: bool = False
+    p_min: float = 0.0
 
     def __post_init__(self):
         # here, not only where a drafter is made: a K = 0 (or mode "none") never makes one, and a typo passed
@@ -39,6 +42,9 @@ class Draft:
             raise ArgumentError("Draft.k", self.k, "must be >= 0", "--draft-k")
         if not is_bool(self.adaptive):
             raise ArgumentError("Draft.adaptive", self.adaptive, "must be True or False", "--adaptive")
+        if not (is_number(self.p_min) and 0 <= self.p_min < 1):  # NaN too
+            raise ArgumentError("Draft.p_min", self.p_min, "must be in [0, 1)", "--draft-p-min")
+        object.__setattr__(self, "p_min", float(self.p_min))
         object.__setattr__(self, "adaptive", bool(self.adaptive))  # numpy's True as Python's (frozen dataclass)
         object.__setattr__(self, "k", int(self.k))  # and numpy's whole numbers, as Sampling's
 

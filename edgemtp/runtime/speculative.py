@@ -113,10 +113,11 @@ class Speculative:
     (runtime.draft_length), 0 when a plain step does better.
     lengths: an adaptive draft length's earlier measurements to go on from (Engine keeps one per setting).
     batched_verify: verify several rows in one target pass (see the module docstring); None: when the
-    target can (`multi_row_verify`)."""
+    target can (`multi_row_verify`).
+    p_min: an MTP drafter's draft ends after a token it gave less than this probability (Draft.p_min)."""
 
     def __init__(self, target: Target, drafter: Drafter, k: int = 4, *, adaptive: bool = False,
-                 batched_verify: bool | None = None, lengths: DraftLength | None = None):
+                 batched_verify: bool | None = None, lengths: DraftLength | None = None, p_min: float = 0.0):
         if k < 0:
             raise ValueError(f"draft length k={k} must be >= 0")
         # a round drafts at most the cache's room - 1 tokens: a larger K (--draft-k 10**20) drafts the same, but
@@ -124,7 +125,7 @@ class Speculative:
         self.target, self.drafter, self.k = target, drafter, min(k, target.contract.capacity)
         if batched_verify is None:
             batched_verify = bool(getattr(target, "multi_row_verify", False))
-        self.batched_verify = batched_verify
+        self.batched_verify, self.p_min = batched_verify, p_min
         self.lengths = (lengths or DraftLength(self.k)) if adaptive else None  # capped K: its tables are K long
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
@@ -219,7 +220,7 @@ class Speculative:
         limit = min(self.k, max_new - len(s.out.tokens) - 1, cache.room(s.row) - 1)
         if limit <= 0:
             return _NO_DRAFT
-        ctx = DraftContext(s.row, s.hidden, cache, sampling, s.rng)
+        ctx = DraftContext(s.row, s.hidden, cache, sampling, s.rng, self.p_min)
         if self.lengths is None:
             return self._propose(self.drafter, s, limit, ctx)
         options = guess_options(self.drafter, s.history)
