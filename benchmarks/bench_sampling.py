@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sampling.py BUNDLE [--threads 2] [--gen-tokens 48] [--repetitions 3]
         [--temperature 0.8] [--top-p 0.95] [--top-k 0] [--min-p 0] [--repetition-penalty 1] [--prompts README]
+        [--draft-p-min 0,0.2,0.3]
 
 A sampled token needs the target's distribution over the whole vocabulary (262,144 tokens for Gemma):
 softmax, top-k, top-p and a draw, and a sampled verify pass one per position acceptance reads. Prints
@@ -9,7 +10,9 @@ tokens/s of each setting (plain, lookup K = 4, and hybrid and MTP K = 4 when the
 greedy and sampled, the settings taking turns, as a ratio to plain greedy decoding. With a repetition penalty
 (which the sampled settings take too) a third column: greedy decoding with the penalty alone. Session 29 (Gemma 3
 270M fp32, Xeon VM): top-p had sorted the whole vocabulary, 25 ms a row; sampled plain decoding went from
-15.0 to 22.9 tokens/s, sampled hybrid from 10.4 to 25.2 (docs/measurements.md).
+15.0 to 22.9 tokens/s, sampled hybrid from 10.4 to 25.2 (docs/measurements.md). --draft-p-min: a hybrid and an
+MTP row at each Draft.p_min listed (the MTP draft ends after a token the drafter gave less than it), taking turns
+with the others.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import edgemtp  # noqa: F401  (first: OpenBLAS's threads must not spin after num
 import argparse
 import statistics
 
+from edgemtp.errors import EdgemtpError
 from edgemtp.runtime.engine import Draft, Engine
 from edgemtp.runtime.sampling import Sampling
 
@@ -39,14 +43,21 @@ def main() -> None:
     ap.add_argument("--prompts", default="README",
                     help=f"comma list of lookup_ngram's prompts ({', '.join(PROMPTS)}) or all; the ratios are "
                          "geometric means over them of each prompt's ratio")
+    ap.add_argument("--draft-p-min", default="0", help="comma list of Draft.p_min: hybrid and MTP rows at each")
     args = ap.parse_args()
+    try:
+        p_mins = [Draft("mtp", 4, p_min=float(v)).p_min for v in args.draft_p_min.split(",")]
+    except (ValueError, EdgemtpError) as e:
+        ap.error(f"--draft-p-min {args.draft_p_min}: {e}")
     names = list(PROMPTS) if args.prompts == "all" else args.prompts.split(",")
     if unknown := [n for n in names if n not in PROMPTS]:
         ap.error(f"--prompts: no prompt {unknown[0]!r} (one of {', '.join(PROMPTS)}, or all)")
     engine = Engine.load(args.bundle, threads=args.threads)
     drafts = {"plain": None, "lookup K=4": Draft("lookup", 4)}
-    if engine.bundle.has_graph("drafter"):
-        drafts |= {"hybrid K=4": Draft("hybrid", 4), "MTP K=4": Draft("mtp", 4)}
+    for p_min in p_mins if engine.bundle.has_graph("drafter") else ():
+        named = f" p_min {p_min:g}" if p_min else ""
+        drafts |= {f"hybrid K=4{named}": Draft("hybrid", 4, p_min=p_min),
+                   f"MTP K=4{named}": Draft("mtp", 4, p_min=p_min)}
     sampled = Sampling(args.temperature, top_k=args.top_k, top_p=args.top_p, seed=0, min_p=args.min_p,
                        repetition_penalty=args.repetition_penalty)
     settings = {"greedy": Sampling(), "sampled": sampled}
