@@ -175,7 +175,7 @@ def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_g
     (("--draft-p-min", "nan"), "--draft-p-min nan must be in [0, 1)"),
     (("--stop", "t1", "--stop", ""), "--stop '' must not be empty"),
     # a byte that is not UTF-8 (--stop $'\\xff') arrives as a lone surrogate: a UnicodeEncodeError traceback
-    (("--stop", "\udcff"), "--stop '\\udcff' is not UTF-8 text: a lone surrogate at character 0"),
+    (("--stop", "\udcff"), "--stop '\\udcff' is not UTF-8 text: a lone surrogate '\\udcff' at character 0"),
 ])
 def test_generate_bad_flags(tiny_gemma3, extra, message):
     assert_one_line_error(run("generate", tiny_gemma3[2], "--prompt", "t1", *extra), message)
@@ -1092,7 +1092,7 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                           (lambda: engine.generate("t1", 2, stop=UserDict(t2=1)), "stop={'t2': 1} must be a string"),
                           # a lone surrogate: UnicodeEncodeError from the tokenizer's token_to_id
                           (lambda: engine.generate("t1", 2, stop=["t2", "a\ud83d"]),
-                           "stop='a\\ud83d' is not UTF-8 text: a lone surrogate at character 1"),
+                           "stop='a\\ud83d' is not UTF-8 text: a lone surrogate '\\ud83d' at character 1"),
                           (lambda: Engine.load(None), "bundle_dir=None must be a path"),
                           (lambda: Engine.load(tiny_gemma3[2], provider=None), "provider=None must be an execution"),
                           (lambda: Engine.load(tiny_gemma3[2], threads="2"), "threads='2' must be a whole number"),

@@ -95,12 +95,18 @@ def check_ids(name: str, ids, vocab: int) -> list[int]:
 def check_text(text: str, name: str) -> str:
     """`text`, refused when it is not UTF-8: a lone surrogate (JSON's "\\ud83d" of an emoji cut in two, a file
     read with errors="surrogateescape") made the tokenizer raise TypeError("TextInputSequence must be str")."""
+    if why := not_utf8(text):
+        raise EdgemtpError(f"{name} {why}")
+    return text
+
+
+def not_utf8(text: str) -> str:
+    """Why `text` is not UTF-8 text ("" when it is): the lone surrogate the tokenizer would fail on."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise EdgemtpError(f"{name} is not UTF-8 text: a lone surrogate {text[e.start]!r} at character "
-                           f"{e.start}") from None
-    return text
+        return f"is not UTF-8 text: a lone surrogate {text[e.start]!r} at character {e.start}"
+    return ""
 
 
 def check_max_new_tokens(max_new_tokens) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Callable, Iterable
 
 from ..errors import ArgumentError
+from .requests import not_utf8
 
 
 def stop_strings(stop) -> tuple[str, ...]:
@@ -34,10 +35,8 @@ def stop_strings(stop) -> tuple[str, ...]:
             raise ArgumentError("stop", s, "is not a string (stop takes a string or a list of strings)")
         if not s:
             raise ArgumentError("stop", s, "must not be empty")
-        try:  # a lone surrogate (a byte that is not UTF-8 in --stop's argv): UnicodeEncodeError from the tokenizer
-            s.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ArgumentError("stop", s, f"is not UTF-8 text: a lone surrogate at character {e.start}") from None
+        if why := not_utf8(s):  # a byte that is not UTF-8 in --stop's argv: UnicodeEncodeError from the tokenizer
+            raise ArgumentError("stop", s, why)
     return tuple(dict.fromkeys(items))
 
 
