@@ -435,6 +435,25 @@ def test_a_closed_engine_ends_the_streams_it_gave(tiny_gemma3):
     assert list(done) == [] and list(left) == []
 
 
+def hold_second_pass(engine):
+    """Makes the engine's target session wait in its second run until `go` is set: (inside, go), two Events;
+    `inside` is set once that run waits. The thread tests force their interleavings with it, never by timing."""
+    import threading
+
+    session, inside, go, runs = engine.target.session, threading.Event(), threading.Event(), []
+
+    def held_run(io, run=session.run_with_iobinding):
+        runs.append(io)
+        if len(runs) == 2:
+            inside.set()
+            go.wait(60)
+        return run(io)
+
+    engine.target.session = type("Held", (), {"io_binding": session.io_binding,
+                                              "run_with_iobinding": staticmethod(held_run)})()
+    return inside, go
+
+
 def test_a_stream_read_by_two_threads_at_once_says_so(tiny_gemma3):
     """A stream is read by one thread at a time: a second thread asking for its next piece while the first one's
     pass runs got Python's "ValueError: generator already executing" from inside the runtime; now an EdgemtpError
@@ -446,23 +465,7 @@ def test_a_stream_read_by_two_threads_at_once_says_so(tiny_gemma3):
     engine = Engine.load(tiny_gemma3[2])
     want = engine.token_ids(engine.encode("t1 t2"), 4)
     want = list(want)
-    inside, go = threading.Event(), threading.Event()
-
-    class HeldSession:  # the target's session, whose second run waits until the second reader has tried
-        def __init__(self, session):
-            self.session, self.runs = session, 0
-
-        def __getattr__(self, name):
-            return getattr(self.session, name)
-
-        def run_with_iobinding(self, io):
-            self.runs += 1
-            if self.runs == 2:
-                inside.set()
-                go.wait(60)
-            return self.session.run_with_iobinding(io)
-
-    engine.target.session = HeldSession(engine.target.session)
+    inside, go = hold_second_pass(engine)  # the second pass waits until the second reader has tried
     stream = engine.token_ids(engine.encode("t1 t2"), 4)
     got = [next(stream)]
     reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
@@ -488,17 +491,7 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
 
     engine = Engine.load(tiny_gemma3[2])
     want = list(engine.token_ids(engine.encode("t1 t2"), 4))
-    session, inside, go, runs = engine.target.session, threading.Event(), threading.Event(), []
-
-    def held_run(io, run=session.run_with_iobinding):  # the second pass waits until close has been called
-        runs.append(io)
-        if len(runs) == 2:
-            inside.set()
-            go.wait(60)
-        return run(io)
-
-    engine.target.session = type("Held", (), {"io_binding": session.io_binding,
-                                              "run_with_iobinding": staticmethod(held_run)})()
+    inside, go = hold_second_pass(engine)  # the second pass waits until close has been called
     stream = engine.token_ids(engine.encode("t1 t2"), 4)
     got = [next(stream)]
     reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
@@ -528,17 +521,7 @@ def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
         want = calls["batch"](Engine.load(tiny_gemma3[2]), draft)
         for name, call in calls.items():
             engine = Engine.load(tiny_gemma3[2])
-            session, inside, go, runs = engine.target.session, threading.Event(), threading.Event(), []
-
-            def held_run(io, run=session.run_with_iobinding):  # the second pass waits for close
-                runs.append(io)
-                if len(runs) == 2:
-                    inside.set()
-                    go.wait(60)
-                return run(io)
-
-            engine.target.session = type("Held", (), {"io_binding": session.io_binding,
-                                                      "run_with_iobinding": staticmethod(held_run)})()
+            inside, go = hold_second_pass(engine)  # the second pass waits for close
             out = []
 
             def run():
