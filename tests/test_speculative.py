@@ -517,7 +517,7 @@ def test_adaptive_measurements_carry_over_between_calls(models, monkeypatch):
     assert len(starts) == 3 and all(model is starts[0][0] for model, _, _ in starts)
     assert 1 in starts[1][1] and len(starts[2][1]) > 1  # plain and wider passes measured by earlier calls
     assert sum(starts[2][2].values()) > 0  # and guesses scored
-    assert list(engine._draft_lengths) == [("lookup", 4, 1)]
+    assert list(engine._draft_lengths) == [("lookup", 4, 1, 0.0)]
 
 
 def test_an_engine_keeps_draft_lengths_for_its_recent_settings_only(models):
@@ -538,6 +538,9 @@ def test_an_engine_keeps_draft_lengths_for_its_recent_settings_only(models):
         assert len(engine._draft_lengths) <= DRAFT_SETTINGS_KEPT
         if k % 4 == 0:  # used again and again: never the least recently used one
             assert engine._lengths(Draft("lookup", 2, adaptive=True), 1) is kept
+    # an MTP draft cut by p_min reaches later positions after confident tokens only: measured apart
+    assert engine._lengths(Draft("mtp", 2, adaptive=True, p_min=0.3), 1) is not \
+        engine._lengths(Draft("mtp", 2, adaptive=True), 1)
 
 def test_generate_batch_drafts_only_when_asked_to(models):
     """Engine.generate_batch: auto does not draft at batch > 1 (slower there) unless the engine has the fast

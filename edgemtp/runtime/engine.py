@@ -274,7 +274,8 @@ class Engine:
 
     def _lengths(self, draft: Draft, batch: int):
         k = min(draft.k, self.capacity)  # as Speculative's K: no round drafts more
-        return self._draft_lengths.take((draft.mode, k, batch), k)
+        # p_min too: its drafts run on only past confident tokens, so each position's acceptance is its own
+        return self._draft_lengths.take((draft.mode, k, batch, draft.p_min), k)
 
     def _mtp_drafter(self, graph: str = "drafter"):
         with self._drafters_lock:  # threads whose first drafting calls come together wait for one load
