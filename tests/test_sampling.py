@@ -104,3 +104,17 @@ def test_greedy_warns_about_the_sampling_fields_it_ignores():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Sampling(), Sampling(0.7, top_k=5, top_p=0.9, min_p=0.1, seed=1), Sampling(repetition_penalty=1.3)
+
+
+def test_a_penalty_so_small_that_logits_overflow_samples_the_overflowed_tokens():
+    """repetition_penalty 1e-40 divides a positive logit past float32's range: inf - inf made the distribution NaN
+    and sampling raised ValueError; the overflowed tokens are the best, alike (greedy takes the first of them, as
+    transformers' argmax over its inf scores does)."""
+    logits = np.array([1.0, 3.0, -2.0, 2.0, 0.5], np.float32)
+    s = Sampling(0.8, repetition_penalty=1e-40, seed=0)
+    with np.errstate(all="raise"):  # and no overflow warning on the way
+        p = distribution(logits, s, seen=[1, 2, 3])
+    np.testing.assert_array_equal(p, [0.0, 0.5, 0.0, 0.5, 0.0])
+    draws = {pick(logits, s, np.random.default_rng(i), [1, 2, 3]) for i in range(40)}
+    assert draws == {1, 3}
+    assert pick(logits, Sampling(repetition_penalty=1e-40), None, [1, 2, 3]) == 1

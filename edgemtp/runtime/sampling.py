@@ -93,7 +93,8 @@ def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.nd
     x = np.array(logits, np.float32)  # the graph's dtype: the same rounding as transformers' float32 scores
     ids = np.asarray(seen, np.int64)
     picked = x[ids]  # read before writing: a repeated id gets the penalty once
-    x[ids] = np.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+    with np.errstate(over="ignore"):  # a tiny penalty (1e-40) sends a positive logit to inf, as in transformers
+        x[ids] = np.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
     return x
 
 
@@ -120,8 +121,12 @@ def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = (),
         x = out
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
+    top = x.max(axis=-1, keepdims=True)
+    if np.isposinf(top).any():  # logits a tiny repetition penalty sent past float32's range: inf - inf was NaN;
+        x[...] = np.where(np.isposinf(x), 0.0, np.where(np.isposinf(top), -np.inf, x))  # they are the best, alike
+        top = x.max(axis=-1, keepdims=True)
     with np.errstate(over="ignore"):  # -inf below the best token is what such a temperature means
-        x -= x.max(axis=-1, keepdims=True)
+        x -= top
         x /= s.temperature
     if s.top_k and s.top_k < x.shape[-1]:
         kth = np.partition(x, -s.top_k, axis=-1)[..., -s.top_k, None]
