@@ -685,6 +685,33 @@ def test_checkpoint_tensors_the_graph_does_not_read_are_named(tiny_gemma3, tmp_p
                        "transformers would (is config.json this checkpoint's?)"], r.output
 
 
+def test_tokenizer_ids_beyond_the_vocabulary_are_named_at_export(tiny_gemma3, tmp_path):
+    """A tokenizer.json with tokens the embedding table has no row for (a pad token added as id vocab_size, the
+    table never resized) exported without a word; the bundle refused the first prompt holding one. It still
+    exports (transformers loads such a model too, and prompts without those tokens run), with a warning naming
+    them; the bundle's other prompts give what the tokenizer's own ids give."""
+    from click.testing import CliRunner
+    from tokenizers import AddedToken, Tokenizer
+
+    from edgemtp.cli import cli
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<pad>", special=True)])  # id 96: the vocabulary is 96
+    tok.add_tokens(["big"])  # 97
+    tok.save(str(d / "tokenizer.json"))
+    r = CliRunner().invoke(cli, ["export", str(d), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.output.splitlines() if line.startswith("warning:")]
+    assert warning == [f"warning: {d / 'tokenizer.json'}: 2 token(s) with ids beyond config.json's vocab_size 96, "
+                       "which the model has no embedding for: '<pad>' (96), 'big' (97); a prompt holding one is "
+                       "refused (is tokenizer.json this model's?)"], r.output
+    engine = Engine.load(tmp_path / "out")
+    assert engine.generate("t1 t2", max_new_tokens=3).tokens == Engine.load(tiny_gemma3[2]).generate(
+        "t1 t2", max_new_tokens=3).tokens
+
+
 def test_tensors_outside_the_text_model_are_not_reported(tiny_gemma3, tmp_path):
     """A multimodal checkpoint's vision and audio towers, an lm_head equal to the tied embedding and saved
     rotary frequencies are no sign of a wrong config.json."""
@@ -1518,7 +1545,7 @@ def test_a_kv_cache_larger_than_the_machine_allocates_is_named(tiny_gemma3):
 def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_path):
     """A tokenizer.json that disagrees with the model (a bundle from someone else) is named when it gives a prompt
     an id the model has no row for: it was "--prompt-ids[1] 500 is not a token id", a flag the user never gave. The
-    first id past the vocabulary (its size, 96) is one."""
+    first id past the vocabulary (its size, 96) is one; the token is named too (which word of the prompt to drop)."""
     b = copy_bundle(tiny_gemma3[2], tmp_path)
     tok = json.loads((b / "tokenizer.json").read_text())
     tok["model"]["vocab"]["big"] = 96
@@ -1529,12 +1556,13 @@ def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_
     (b / "edgemtp.json").write_text(json.dumps(m))
     engine = Engine.load(b)
     assert engine.generate("t1 t2", max_new_tokens=2).tokens  # prompts without that token run
-    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes prompt with the token id 96, beyond the model's "
-                                           r"vocabulary of 96 \(the tokenizer does not match the model\)"):
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes prompt with the token id 96 \('big'\), beyond "
+                                           r"the model's vocabulary of 96 \(the tokenizer does not match the model\)"):
         engine.generate("t1 big", max_new_tokens=2)
     from edgemtp.evaluate import evaluate  # perplexity's text too: it went to the graph with that id
 
-    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes text.txt with the token id 96, beyond"):
+    with pytest.raises(EdgemtpError, match=r"tokenizer.json: encodes text.txt with the token id 96 \('big'\), "
+                                           r"beyond"):
         evaluate(b, "t1 big t2 t3", text_name="text.txt")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from pathlib import Path
 
 import onnx
@@ -114,16 +115,24 @@ def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
     return capacity
 
 
-def check_tokenizer(model_dir: Path) -> Path:
+def check_tokenizer(model_dir: Path, vocab_size: int) -> Path:
     """The bundle's tokenizer.json, checked before any weight is written: a broken one would otherwise
-    surface only when the bundle is first used."""
+    surface only when the bundle is first used. Tokens with ids past the embedding table (a pad token added as
+    id vocab_size, the table never resized) are named in a warning, not refused: transformers loads such a
+    model too, and prompts without them run (the engine refuses one that holds them)."""
     from ..checkpoint import open_tokenizer
     from ..runtime.heap import release_freed_memory
 
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise EdgemtpError(f"{path}: {missing(path)} (the bundle needs the model's tokenizer.json)")
-    open_tokenizer(path)
+    beyond = sorted((i, t) for t, i in open_tokenizer(path).get_vocab(with_added_tokens=True).items()
+                    if i >= vocab_size)
+    if beyond:
+        more = f" (and {len(beyond) - 3} more)" if len(beyond) > 3 else ""
+        warnings.warn(f"{path}: {len(beyond)} token(s) with ids beyond config.json's vocab_size {vocab_size}, which "
+                      f"the model has no embedding for: {', '.join(f'{t!r} ({i})' for i, t in beyond[:3])}{more}; "
+                      "a prompt holding one is refused (is tokenizer.json this model's?)", stacklevel=3)
     release_freed_memory()  # the parse's ~300 MB (Gemma 3), which the weights would otherwise stack on
     return path
 
@@ -187,7 +196,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
         raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant int8 / int4 only")
     cfg, build = load_config(model_dir)
     capacity = resolve_capacity(capacity, cfg)
-    tokenizer = check_tokenizer(model_dir)
+    tokenizer = check_tokenizer(model_dir, cfg.vocab_size)
     chat = chat_template.find(model_dir)  # a broken one fails before any weight is written
     ckpt = Checkpoint(model_dir)
     phi3.split_fused(cfg, ckpt)

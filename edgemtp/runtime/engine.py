@@ -154,8 +154,9 @@ class Engine:
         tokenizer.json that is not its model's (a bundle from someone else) is named, not the caller's ids."""
         vocab = self.target.contract.vocab_size
         if ids and max(ids) >= vocab:
-            raise EdgemtpError(f"{self.bundle.tokenizer_path}: encodes {name} with the token id {max(ids)}, beyond "
-                               f"the model's vocabulary of {vocab} (the tokenizer does not match the model)")
+            raise EdgemtpError(f"{self.bundle.tokenizer_path}: encodes {name} with the token id {max(ids)} "
+                               f"({self.tokenizer.id_to_token(max(ids))!r}), beyond the model's vocabulary of {vocab} "
+                               "(the tokenizer does not match the model)")
         return ids
 
     def chat_prompt(self, messages: list[dict]) -> str:
