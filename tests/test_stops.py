@@ -258,3 +258,29 @@ def test_a_stop_string_that_is_a_special_token_stops_at_it(models, draft):  # no
         assert gen.text == engine.decode(full[:j]) == "".join(engine.stream(prompt, 24, draft=draft, stop=special))
     finally:
         engine.tokenizer = own
+
+
+def test_a_stop_string_holding_a_special_token_among_other_text_is_refused(models):  # noqa: F811
+    """stop="abc<|im_end|>" or "<|im_end|>\nuser": the text leaves special tokens out, so it never held such a
+    string and generation ran on silently (transformers' stop_strings, on the tokens' own strings, would match it).
+    It is refused, naming the special token to give on its own, which stops at that token."""
+    from tokenizers import Tokenizer
+
+    engine = models["llama", 64]
+    own = engine.tokenizer
+    engine.tokenizer = Tokenizer.from_str(own.to_str())
+    try:
+        engine.tokenizer.add_special_tokens(["t7"])
+        for stop in ("t3 t7", "t7\nt3", " t7"):
+            for call in (lambda: engine.generate("t1 t2", 4, stop=["never", stop]),
+                         lambda: engine.stream("t1", 4, stop=stop),
+                         lambda: engine.generate_batch(["t1"], 4, stop=stop)):
+                with pytest.raises(ArgumentError) as e:
+                    call()
+                assert e.value.cli_message() == (f"--stop {stop!r} holds the special token 't7', which the generated "
+                                                 "text leaves out, so it would never match (a stop string of 't7' "
+                                                 "alone stops at that token)")
+        assert engine.stops("t7").string_ids == {engine.tokenizer.token_to_id("t7")}
+        assert engine.stops("t3 t4").strings == ("t3 t4",)  # text without special tokens, as before
+    finally:
+        engine.tokenizer = own

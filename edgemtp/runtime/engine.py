@@ -185,11 +185,23 @@ class Engine:
     def stops(self, stop=None) -> Stops:
         """The model's stop tokens and the stop strings `stop` (a string or a list of them). A stop string that is
         a special token ("<|im_end|>", which transformers' stop_strings match) stops at that token: the text,
-        where stop strings are looked for, leaves special tokens out."""
+        where stop strings are looked for, leaves special tokens out. One holding a special token among other
+        text ("<|im_end|>\n<|im_start|>user") is refused: that text never holds it, and matching it on the
+        tokens instead would leave no place in the text to cut it at."""
         strings = stop_strings(stop)
         ids = [self.tokenizer.token_to_id(s) for s in strings]
-        return Stops(self.stop_ids, strings, self._text,
-                     [i for i in ids if i is not None and is_dropped(self.tokenizer, i)])
+        special = [i for i in ids if i is not None and is_dropped(self.tokenizer, i)]
+        for s, i in zip(strings, ids):
+            if i not in special:
+                # the tokenizer finds special tokens in a text as it does in a prompt
+                held = [t for t in self.tokenizer.encode(s, add_special_tokens=False).ids
+                        if is_dropped(self.tokenizer, t)]
+                if held:
+                    token = self.tokenizer.id_to_token(held[0])
+                    raise ArgumentError("stop", s, f"holds the special token {token!r}, which the generated text "
+                                        f"leaves out, so it would never match (a stop string of {token!r} alone "
+                                        "stops at that token)")
+        return Stops(self.stop_ids, strings, self._text, special)
 
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:
