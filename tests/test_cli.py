@@ -769,6 +769,26 @@ def test_cluster_command(tiny_gemma3, tmp_path):
     assert list(report["k"]) == ["8"] and report["k"]["8"]["recall"] == 1.0  # every cluster: always found
 
 
+def test_cluster_replaces_existing_tables_only_with_overwrite(tiny_gemma3, tmp_path, monkeypatch):
+    """-o DIR holding head.safetensors (a drafter's tables fitted on its own states, minutes of k-means) was
+    replaced without a word; as export's bundle, it is refused before any work unless --overwrite is given."""
+    from edgemtp.calibration import clustering, head_report
+    from edgemtp.calibration.head_report import load_head
+
+    args = ("cluster", tiny_gemma3[1], "-o", tmp_path / "h", "--clusters", 8, "--top-k", 2, "--calibration", "none")
+    assert run(*args).exit_code == 0
+    before = (tmp_path / "h" / "head.safetensors").read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr(clustering, "cluster_vocab", lambda *a, **k: pytest.fail("clustered"))
+        m.setattr(head_report, "packed_tables", lambda *a, **k: pytest.fail("clustered"))
+        r = run(*args, "--seed", 1)
+    assert_one_line_error(r, f"-o {tmp_path / 'h'}: {tmp_path / 'h' / 'head.safetensors'} already exists (use "
+                             "--overwrite to replace it)")
+    assert (tmp_path / "h" / "head.safetensors").read_bytes() == before
+    assert run(*args, "--seed", 1, "--overwrite").exit_code == 0
+    assert load_head(tmp_path / "h")[1]["seed"] == 1
+
+
 def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, monkeypatch):
     """Every file and value cluster reads is checked before k-means (and before a drafter's states): named
     by its flag or file, one line, nothing written."""
@@ -829,7 +849,7 @@ def test_cluster_without_calibration_and_a_softcapped_report(tiny_gemma3, tmp_pa
     held = tmp_path / "held.npy"  # large states: logits far past the cap, where it changes the softmax
     np.save(held, 300 * np.random.default_rng(1).standard_normal((32, width)).astype(np.float32))
     r = run("cluster", model, "-o", tmp_path / "h", "--clusters", 16, "--top-k", 2, "--calibration", "none",
-            "--report", held)
+            "--report", held, "--overwrite")
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout[r.stdout.index("{"):])["k"]["8"]["mass"]
     capped, uncapped = (hr.recall_report(model, tmp_path / "h", held, top_ks=(8,), softcap=c)["k"][8]["mass"]
@@ -860,7 +880,7 @@ def test_a_full_disk_is_one_line_naming_the_output(tiny_gemma3, tmp_path, monkey
     for where in (tmp_path / "head", tmp_path / "new"):
         with monkeypatch.context() as m:
             m.setattr(head_report.os, "fdopen", lambda fd, *_: (head_report.os.close(fd), _Unwritable())[1])
-            r = run(*args[:3], where, *args[4:])
+            r = run(*args[:3], where, *args[4:], "--overwrite")
         # after the clustering's progress bar: the error is the last line, and the only one
         assert r.exit_code == 2 and r.stdout == "" and "Traceback" not in r.output, r.output
         assert r.stderr.endswith(f"\nerror: {where}: No space left on device while writing it\n"), r.output

@@ -208,7 +208,8 @@ def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool,
 @click.option("--drafter", "drafter_dir", default=None, type=click.Path(path_type=Path),
               help="Calibrate on this drafter's own states (a train-drafter output directory, with its cache/) "
                    "instead of MODEL_DIR's final hidden states: tables for that drafter's head.")
-def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions, drafter_dir):
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT/head.safetensors.")
+def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidden, positions, drafter_dir, overwrite):
     """Build the two-stage (clustered) logit head of MODEL_DIR by k-means over its vocabulary."""
     needs_exporter("cluster", "cluster", {"sklearn": "scikit-learn"})
     from ..calibration.clustering import check_sizes
@@ -226,6 +227,9 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     # take minutes
     if (out / HEAD_FILE).is_dir():
         raise EdgemtpError(f"-o {out}: {out / HEAD_FILE} is a directory (the tables are written to that name)")
+    if (out / HEAD_FILE).exists() and not overwrite:  # as export's bundle: tables that took minutes (a drafter's,
+        # fitted on its own states) are not replaced by a run given the wrong -o
+        raise EdgemtpError(f"-o {out}: {out / HEAD_FILE} already exists (use --overwrite to replace it)")
     writable_dir(out, "-o")
     vocab, hidden_size = head_shape(model_dir)
     softcap = logit_softcap(model_dir)  # a damaged config.json
