@@ -29,6 +29,8 @@ WINDOW_SEQLENS_K = "window_seqlens_k"
 WINDOW_TOTAL_SEQ_LEN = "window_total_sequence_length"
 LOGITS = "logits"
 LAST_HIDDEN = "last_hidden_state"
+# which state last_hidden_state is; a drafter contract names the one it was made for ("hidden")
+HIDDEN_KIND = "post_final_norm"
 # the MTP drafter graph's own (drafter/export.py builds it, runtime/drafter_session.py runs it)
 DRAFT_IDS = "draft_ids"
 NEXT_HIDDEN = "next_hidden_state"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .contract import TargetContract
+from .contract import HIDDEN_KIND, TargetContract
 from .errors import EdgemtpError
 
 QUANTS = ("fp32", "fp16", "int8", "int4", "qdq")  # a graph's "quant" (qdq: static QDQ graphs for NPUs)
@@ -137,6 +137,10 @@ def drafter_contract(d: dict, where: str, target: TargetContract) -> None:
     have = sorted(s.layer for s in target.kv)
     _need(isinstance(layers, list) and layers and all(whole(v) and v in have for v in layers),
           f"{where}.kv_layers", layers, f"must list layers of the target's kv ({have[0]}..{have[-1]})")
+    # every target graph's last_hidden_state is after the final norm: a drafter made for another state would
+    # draft from the wrong one without a word
+    _need(d.get("hidden", HIDDEN_KIND) == HIDDEN_KIND, f"{where}.hidden", d.get("hidden"),
+          f"is not the state a target graph gives ('{HIDDEN_KIND}')")
     for key in ("inputs", "outputs"):  # informative: DrafterSession checks the graph's own names
         value = d.get(key, [])
         _need(isinstance(value, list) and all(isinstance(v, str) for v in value), f"{where}.{key}", value,

@@ -691,6 +691,9 @@ def test_broken_drafter_directory_is_named(setup, tmp_path, damage, message):
     (lambda c: c.update(kv_layers=[99]),
      r"graphs.drafter.contract.kv_layers \[99\] must list layers of the target's kv"),
     (lambda c: c.update(kind="eagle"), "graphs.drafter.contract.kind 'eagle' is unknown"),
+    # a drafter made for another hidden state (pre-norm) would be fed the target's post-norm one without a word
+    (lambda c: c.update(hidden="pre_final_norm"),
+     "graphs.drafter.contract.hidden 'pre_final_norm' is not the state a target graph gives \\('post_final_norm'\\)"),
     (lambda c: c.pop("config"), "graphs.drafter.contract.config is missing"),
     (lambda c: c["config"].update(vocab_size=5),
      "graphs.drafter.contract.config.vocab_size 5 differs from the target's 96"),

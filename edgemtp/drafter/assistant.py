@@ -241,7 +241,7 @@ def contract(cfg: AssistantConfig, head_rows: str = "fp32", context: int = 0) ->
     recent = [H.CONTEXT_IDS] if context else []
     return {"kind": "mtp", "config": cfg.to_json(), "kv_layers": sorted(set(cfg.target_kv.values())),
             "inputs": [X.INPUT_IDS, X.LAST_HIDDEN, X.POSITION_IDS, *recent],
-            "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN], "hidden": "post_final_norm",
+            "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN], "hidden": C.HIDDEN_KIND,
             "head": X.head_json(cfg.head(context), head_rows)}
 
 

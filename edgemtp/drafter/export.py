@@ -162,7 +162,7 @@ def contract(cfg: DrafterConfig, head: H.ClusteredShape | None = None, head_rows
     context = [H.CONTEXT_IDS] if head is not None and head.context else []
     return {"kind": "mtp", "config": cfg.to_json(), "kv_layers": sorted(set(cfg.target_kv.values())),
             "inputs": [INPUT_IDS, LAST_HIDDEN, POSITION_IDS, *context], "outputs": [DRAFT_IDS, *scores, NEXT_HIDDEN],
-            "hidden": "post_final_norm", "head": head_json(head, head_rows)}
+            "hidden": C.HIDDEN_KIND, "head": head_json(head, head_rows)}
 
 
 def head_json(head: H.ClusteredShape | None, rows: str = "fp32") -> dict:
