@@ -67,6 +67,14 @@ class DrafterConfig:
     def num_layers(self) -> int:
         return len(self.layer_types)
 
+    def fits(self, target) -> bool:
+        """Whether it drafts for a target of that contract (contract.TargetContract): the same hidden size and
+        vocabulary, and for each attention type the layer whose KV it was trained to read."""
+        kv = {t: int(layer) for t, layer in target.drafter_kv.items()}
+        return (target.hidden_size, target.vocab_size) == (self.backbone_hidden, self.vocab_size) and \
+            set(kv.values()) == set(self.target_kv.values()) and \
+            all(kv.get(t) == layer for t, layer in self.target_kv.items())  # each type its own layer
+
     def window(self, layer_type: str) -> int | None:
         return self.sliding_window if layer_type == SLIDING else None
 

@@ -356,9 +356,7 @@ def add_to_bundle(bundle_dir: Path, drafter_dir: Path, share_embedding: bool = T
     b = bundle_mod.load(bundle_dir, verify=False)
     cfg = load_config(drafter_dir)
     target = b.target_contract
-    if (target.hidden_size, target.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
-            {int(v) for v in target.drafter_kv.values()} != set(cfg.target_kv.values()) or \
-            any(target.drafter_kv.get(t) != layer for t, layer in cfg.target_kv.items()):  # each type its own layer
+    if not cfg.fits(target):
         raise EdgemtpError(f"{drafter_dir}: drafter was trained for another target (hidden {cfg.backbone_hidden}, "
                            f"vocab {cfg.vocab_size}, kv layers {cfg.target_kv}); bundle has {target.hidden_size}, "
                            f"{target.vocab_size}, {target.drafter_kv}")

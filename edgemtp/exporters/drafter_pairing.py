@@ -96,9 +96,7 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
                                                                      head_rows=head_rows, context=context,
                                                                      progress=progress)}
     cfg = load_drafter_config(drafter_dir)
-    if (t.hidden_size, t.vocab_size) != (cfg.backbone_hidden, cfg.vocab_size) or \
-            set(t.drafter_kv.values()) != set(cfg.target_kv.values()) or \
-            any(t.drafter_kv.get(k) != layer for k, layer in cfg.target_kv.items()):  # each type its own layer
+    if not cfg.fits(t):
         raise EdgemtpError(f"{drafter_dir}: drafter does not match this target (drafter: backbone hidden "
                            f"{cfg.backbone_hidden}, vocab {cfg.vocab_size}, KV layers {cfg.target_kv}; target: "
                            f"hidden {t.hidden_size}, vocab {t.vocab_size}, KV layers {t.drafter_kv})")
