@@ -167,29 +167,9 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     cfg = M.DrafterConfig.for_target(tcfg, drafter_kv(tcfg), **(shape or {}))
     start_from = init_record = None
     if init is not None:  # read now: fine-tuning in place (--init DIR -o DIR) replaces DIR's files at the end
-        start_from = M.load(Path(init))
-        init_record = json.loads((Path(init) / "config.json").read_text(encoding="utf-8")).get("training")
-        other = [f for f in TARGET_FIELDS if getattr(start_from.cfg, f) != getattr(cfg, f)]
-        if other:
-            raise EdgemtpError(f"--init {init}: a drafter for another target (its {other[0]} "
-                               f"{getattr(start_from.cfg, other[0])!r}, this target's {getattr(cfg, other[0])!r})")
-        wider = (shape or {}).get("intermediate")
-        if wider is not None and wider != start_from.cfg.intermediate:
-            if wider < start_from.cfg.intermediate:
-                raise EdgemtpError(f"--intermediate {wider}: --init {init} has {start_from.cfg.intermediate} "
-                                   "MLP units; a drafter can be widened, not narrowed")
-            start_from = M.widen_mlp(start_from, wider, seed)
+        start_from, init_record = _starting_drafter(Path(init), cfg, (shape or {}).get("intermediate"), seed)
         cfg = replace(start_from.cfg, **{f: getattr(cfg, f) for f in TARGET_CONVENTIONS})
-    if head_clusters is None:
-        head_clusters = 2048 if cfg.vocab_size >= 65_536 else 0
-    if head_top_k is not None and not head_clusters:  # it would be ignored: no head is fitted to score with it
-        raise EdgemtpError(f"--head-top-k {head_top_k} applies to the clustered head this run fits, and it fits "
-                           f"none (--head-clusters {head_clusters}; the default fits one for vocabularies of 65,536 "
-                           "tokens or more)")
-    head_top_k = 32 if head_top_k is None else head_top_k
-    if head_clusters:  # checked before hours of training, not after
-        from ..calibration.clustering import check_sizes
-        check_sizes(cfg.vocab_size, head_clusters, head_top_k, flag="--head-")
+    head_clusters, head_top_k = _head_plan(cfg.vocab_size, head_clusters, head_top_k)
     run = R.run_record(seed, data, spec, cfg)
     state = R.resume_state(out_dir / "checkpoint.pt", run, cfg, steps) if resume else None  # before the target pass
     made = not out_dir.exists()
@@ -236,14 +216,22 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
               "data": asdict(data) if isinstance(data, DataSpec) else "arrays", "spec": asdict(spec)}
     if init is not None:  # provenance: the run this one started from, with its own record (and so on back)
         report["init"] = {"from": str(init), "training": init_record}
-    # the drafter's files are made aside and moved in with config.json last: a run killed while fitting the
-    # head leaves no directory that `edgemtp export --drafter` would take for a finished drafter
+    head = (head_clusters, head_top_k) if head_clusters else None
+    _write_drafter(model, report, out_dir, target_dir, init, head, seed, progress)
+    return report
+
+
+def _write_drafter(model, report: dict, out_dir: Path, target_dir: Path, init: Path | None,
+                   head: tuple[int, int] | None, seed: int, progress: Progress | None) -> None:
+    """The trained drafter into `out_dir`, with its head tables fitted (head: clusters, top_k) unless None.
+    Its files are made aside and moved in with config.json last: a run killed while fitting the head leaves no
+    directory that `edgemtp export --drafter` would take for a finished drafter."""
     staging = R.fresh_staging(out_dir)
     try:
         M.save(model, staging, extra={"training": report})
-        if head_clusters:
+        if head:
             from .head_fit import fit_head
-            fit_head(staging, target_dir, clusters=head_clusters, top_k=head_top_k, seed=seed,
+            fit_head(staging, target_dir, clusters=head[0], top_k=head[1], seed=seed,
                      progress=(lambda d, n, what="": progress(d, n, {"phase": "head", "what": what})) if progress
                      else None, cache_dir=out_dir / "cache" / "train")
         R.complete(staging, target_dir, init)
@@ -251,7 +239,38 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     except BaseException:  # an error or Ctrl-C: the half-made drafter does not stay beside the output
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return report
+
+
+def _starting_drafter(init: Path, cfg: M.DrafterConfig, wider: int | None, seed: int):
+    """--init: (the drafter that starts the training, its config.json's training record), refused when made for
+    another target; widened first to `wider` MLP units (--intermediate) if that is more than it has."""
+    start_from = M.load(init)
+    record = json.loads((init / "config.json").read_text(encoding="utf-8")).get("training")
+    other = [f for f in TARGET_FIELDS if getattr(start_from.cfg, f) != getattr(cfg, f)]
+    if other:
+        raise EdgemtpError(f"--init {init}: a drafter for another target (its {other[0]} "
+                           f"{getattr(start_from.cfg, other[0])!r}, this target's {getattr(cfg, other[0])!r})")
+    if wider is not None and wider != start_from.cfg.intermediate:
+        if wider < start_from.cfg.intermediate:
+            raise EdgemtpError(f"--intermediate {wider}: --init {init} has {start_from.cfg.intermediate} "
+                               "MLP units; a drafter can be widened, not narrowed")
+        start_from = M.widen_mlp(start_from, wider, seed)
+    return start_from, record
+
+
+def _head_plan(vocab: int, clusters: int | None, top_k: int | None) -> tuple[int, int]:
+    """(--head-clusters, --head-top-k) with their defaults, checked before hours of training, not after."""
+    if clusters is None:
+        clusters = 2048 if vocab >= 65_536 else 0
+    if top_k is not None and not clusters:  # it would be ignored: no head is fitted to score with it
+        raise EdgemtpError(f"--head-top-k {top_k} applies to the clustered head this run fits, and it fits "
+                           f"none (--head-clusters {clusters}; the default fits one for vocabularies of 65,536 "
+                           "tokens or more)")
+    top_k = 32 if top_k is None else top_k
+    if clusters:
+        from ..calibration.clustering import check_sizes
+        check_sizes(vocab, clusters, top_k, flag="--head-")
+    return clusters, top_k
 
 
 def _windows(target_dir, tcfg, data, cache_dir: Path, progress: Progress | None = None):
