@@ -160,40 +160,16 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     (exporters/gemv_head.py; fp32, dynamic graphs); AUTO: see drafter_pairing.layout()."""
     model_dir, out = Path(model_dir), Path(out)
     bundle_mod.check_output(out, overwrite)  # before any work
-    if quant not in QUANTS:
-        raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
-    if quant == "qdq" and drafter not in (None, AUTO):
-        raise EdgemtpError("--drafter applies to fp32, fp16, int8 and int4 bundles: a --quant qdq bundle has no "
-                           "MTP drafter (use --drafter none, or a static fp32 bundle: --static)")
-    if drafter == AUTO:  # static fp32 bundles too: their drafter runs beside the static target (e.g. on the CPU)
-        drafter = shipped_drafter(model_dir) if quant != "qdq" else None
-    _check_drafter_options(drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
-                           (quant_options or {}).get("drafter_quant"),
-                           "a --quant qdq bundle has none" if quant == "qdq" else None)
-    only_qdq = [k for k in quant_options or {} if k in ("activation_bits", "calibration_method", "qdq_ops")]
-    if only_qdq and quant != "qdq":
-        raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
-    gemv_head, drafter_head_rows = layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows,
-                                          gemv_head)
-    if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
-        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (a static bundle's "
-                           "drafter scores fp32 rows of the table)")
-    if gemv_head and (quant != "fp32" or static_window is not None):
-        raise EdgemtpError("--gemv-head applies to dynamic fp32 bundles (not "
-                           f"{'--static' if static_window is not None else '--quant ' + quant})")
+    drafter, gemv_head, drafter_head_rows = _resolve_options(model_dir, quant, static_window, drafter, drafter_top_k,
+                                                             drafter_head_rows, drafter_head_context,
+                                                             quant_options or {}, gemv_head)
     if quant == "qdq":
         return _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, quant_options or {})
     if quant != "fp32":
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
                                  quant_options or {}, drafter, drafter_top_k, drafter_head_rows,
                                  drafter_head_context)
-    if quant_options:
-        flag = next(iter(quant_options))
-        if static_window is not None and flag in QDQ_OPTIONS:  # "int8 / int4 only" sent a static export to
-            # options that refuse --static (the user forgot --quant qdq)
-            raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant qdq, the quantization of a static "
-                               "graph (or to int8 / int4, which are not static)")
-        raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant int8 / int4 only")
+    _refuse_quant_options(quant_options or {}, static_window)
     cfg, build = load_config(model_dir)
     capacity = resolve_capacity(capacity, cfg)
     tokenizer = check_tokenizer(model_dir, cfg.vocab_size)
@@ -235,6 +211,46 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
                                         "tokenizer": "tokenizer.json", "graphs": graphs,
                                         **({"chat": chat} if chat else {})})
     return out
+
+
+def _resolve_options(model_dir: Path, quant: str, static_window: int | None, drafter, drafter_top_k: int | None,
+                     drafter_head_rows: str, drafter_head_context: int | None, quant_options: dict,
+                     gemv_head: bool | str) -> tuple:
+    """export()'s options checked against each other before any work -> (drafter, gemv_head, drafter_head_rows),
+    the AUTO ones resolved."""
+    if quant not in QUANTS:
+        raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
+    if quant == "qdq" and drafter not in (None, AUTO):
+        raise EdgemtpError("--drafter applies to fp32, fp16, int8 and int4 bundles: a --quant qdq bundle has no "
+                           "MTP drafter (use --drafter none, or a static fp32 bundle: --static)")
+    if drafter == AUTO:  # static fp32 bundles too: their drafter runs beside the static target (e.g. on the CPU)
+        drafter = shipped_drafter(model_dir) if quant != "qdq" else None
+    _check_drafter_options(drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
+                           quant_options.get("drafter_quant"),
+                           "a --quant qdq bundle has none" if quant == "qdq" else None)
+    only_qdq = [k for k in quant_options if k in ("activation_bits", "calibration_method", "qdq_ops")]
+    if only_qdq and quant != "qdq":
+        raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
+    gemv_head, drafter_head_rows = layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows,
+                                          gemv_head)
+    if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
+        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (a static bundle's "
+                           "drafter scores fp32 rows of the table)")
+    if gemv_head and (quant != "fp32" or static_window is not None):
+        raise EdgemtpError("--gemv-head applies to dynamic fp32 bundles (not "
+                           f"{'--static' if static_window is not None else '--quant ' + quant})")
+    return drafter, gemv_head, drafter_head_rows
+
+
+def _refuse_quant_options(quant_options: dict, static_window: int | None) -> None:
+    """An fp32 export takes no quantization option: the first one given is named."""
+    if quant_options:
+        flag = next(iter(quant_options))
+        if static_window is not None and flag in QDQ_OPTIONS:  # "int8 / int4 only" sent a static export to
+            # options that refuse --static (the user forgot --quant qdq)
+            raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant qdq, the quantization of a static "
+                               "graph (or to int8 / int4, which are not static)")
+        raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant int8 / int4 only")
 
 
 def source_facts(model_dir: Path) -> dict:
