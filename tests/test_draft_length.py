@@ -104,6 +104,34 @@ def test_outcomes_fade_so_the_text_can_change():
     assert d.counts["lookup 2"][:, 1].tolist() == [1, 1, 0, 0]
 
 
+def test_acceptance_and_counts_are_exact():
+    """The counts each position keeps (the last position too) and the smoothed chances read from them:
+    each position pulled toward the one before with a weight of 2 (even odds before the first), the
+    optimistic one a standard error, sqrt(p (1 - p) / (tried + 3)), higher."""
+    d = DraftLength(3)
+    d.outcome("m", [1, 2, 3], [1, 2, 3])
+    assert d.counts["m"].tolist() == [[1, 1], [1, 1], [1, 1]]
+    d.outcome("m", [1, 2, 3, 4], [1, 5])  # longer than k_max: positions past it are not kept
+    assert d.counts["m"].tolist() == [[1.95, 1.95], [0.95, 1.95], [0.95, 0.95]]
+    d = DraftLength(3)
+    d.outcome("m", [1, 2, 3], [1, 5])
+    p0 = (1 + 2 * 0.5) / (1 + 2)
+    p1 = (0 + 2 * p0) / (1 + 2)
+    p2 = (0 + 2 * p1) / (0 + 2)
+    assert d.acceptance("m") == pytest.approx([p0, p1, p2], abs=1e-12)
+    bonus = [np.sqrt(p * (1 - p) / (tried + 3)) for p, tried in ((p0, 1), (p1, 1), (p2, 0))]
+    assert d.acceptance("m", optimistic=True) == pytest.approx([p0 + bonus[0], p1 + bonus[1], p2 + bonus[2]],
+                                                               abs=1e-12)
+
+
+def test_no_longer_draft_than_adds_expected_tokens():
+    """One width measured stands for every width, so a draft looks free to lengthen; its expected tokens stop
+    growing once the chance of reaching a position rounds to nothing against them (at even odds, 1 + 1/2 +
+    1/4 + ... reaches 2.0 in float64 at k = 53), and a position that adds nothing is not drafted: the
+    shortest k of the best rate, not K = 64 (a pass 65 wide, costly once measured)."""
+    assert one(measured({1: 1.0}, k_max=64), "lookup 1", 64, free=True) == 53
+
+
 def test_one_unlucky_draft_does_not_stop_a_costly_drafter():
     """A costly drafter's guesses are scored only when drafted: its acceptance is taken one standard error
     higher, so one wrong first draft leaves it drafting; a free guess, scored every round, gets no such push."""
