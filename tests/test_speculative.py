@@ -234,6 +234,19 @@ def test_rejection_sampling_edge_cases():
     assert accept_sampled([1], p, q, rng)[0] == 1
 
 
+def test_a_rejection_whose_residual_rounds_to_nothing_draws_from_p():
+    """p a hair under q everywhere (rows that sum to 1 only up to rounding): a rejection leaves
+    max(0, p - q) all zero, and the next token comes from p, not the rejected draft repeated."""
+
+    class Late:  # every uniform draw near 1: rejects draft 0 (p/q < 1), then draws p's last token
+        def random(self):
+            return 1 - 1e-12
+
+    q = np.array([[0.5, 0.5]])
+    p = np.array([[0.5 - 1e-9, 0.5 - 1e-9]])
+    assert accept_sampled([0], p, q, Late()) == (0, 1)
+
+
 @pytest.mark.parametrize("history, k, want", [
     ([1, 2, 3, 9, 1, 2], 3, [3, 9, 1]),  # trigram miss, bigram [1, 2] hit
     ([1, 2, 3, 1, 2, 4, 1, 2], 2, [4, 1]),  # most recent occurrence wins
