@@ -1852,6 +1852,26 @@ def test_window_views_hold_the_widest_sliding_window():
     assert TargetContract(10, 8, 64, kv, {}).window_offset(40) == 0  # without window views, the whole buffer
 
 
+def test_kv_cache_views_are_its_buffers_and_one_that_would_copy_is_refused():
+    """The OrtValues a pass binds are the cache's buffers: the whole row for full-attention layers, the sliding
+    layers' from the window offset on (one row, one KV head: still contiguous). A view over two rows or two
+    heads from an offset would be a copy, written into for nothing: refused. nbytes counts keys and values."""
+    from edgemtp.contract import KVSlot
+    from edgemtp.runtime.kv_cache import KVCache
+
+    cache = KVCache((KVSlot(0, 1, 4, 8), KVSlot(1, 2, 4)), 2, 16)
+    assert cache.nbytes == 2 * (2 * 1 * 16 * 4 + 2 * 2 * 16 * 4) * 4
+    views = cache.ort_values(slice(1, 2), window_offset=8)
+    for layer, offset, shape in ((0, 8, [1, 1, 8, 4]), (1, 0, [1, 2, 16, 4])):
+        for value, buffer in zip(views[layer], (cache.keys[layer], cache.values[layer])):
+            assert value.shape() == shape and value.data_ptr() == buffer[1, :, offset:].ctypes.data
+    with pytest.raises(ValueError, match="layer 0: a view from position 8 needs one row and one KV head"):
+        cache.ort_values(slice(0, 2), window_offset=8)
+    wide = KVCache((KVSlot(0, 2, 4, 8),), 1, 16)
+    with pytest.raises(ValueError, match="layer 0: a view from position 4 needs one row and one KV head"):
+        wide.ort_values(slice(0, 1), window_offset=4)
+
+
 def test_the_record_keeps_the_newest_checks_and_no_file_written_while_hashed(tmp_path, monkeypatch):
     """At most MAX_FILES files are remembered, the most recently checked (a file checked again counts as new);
     a file whose stat changed while it was hashed is not remembered."""
