@@ -3,6 +3,8 @@ and without drafting, streamed without ever showing a stop string's first charac
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from edgemtp.cli import unescape
@@ -20,8 +22,12 @@ def test_stop_strings_are_checked():
     assert stop_strings(["a", "b", "a"]) == ("a", "b")  # duplicates once
     for bad, message in (("", "stop='' must not be empty"), (["x", ""], "stop='' must not be empty"),
                          (3, "stop=3 must be a string or a list of strings"),
-                         (["x", 3], "stop=3 is not a string")):
-        with pytest.raises(ArgumentError, match=message):
+                         (["x", 3], "stop=3 is not a string"),
+                         # iterable, but their items are ints and keys: the message names what was given
+                         (b"ab", "stop=b'ab' must be a string or a list of strings"),
+                         (bytearray(b"ab"), "stop=bytearray(b'ab') must be a string or a list of strings"),
+                         ({"ab": 1}, "stop={'ab': 1} must be a string or a list of strings")):
+        with pytest.raises(ArgumentError, match=re.escape(message)):
             stop_strings(bad)
     with pytest.raises(ArgumentError) as e:
         stop_strings([""])
