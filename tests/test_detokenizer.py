@@ -139,3 +139,15 @@ def test_a_special_token_inside_a_byte_run_is_dropped_as_the_tokenizer_drops_it(
     assert decode_text(tok, ids) == "\u05e8 x\ufffd"
     inc = IncrementalDecoder(lambda i: decode_text(tok, i))
     assert [inc.add(t) for t in ids] == [decode_text(tok, ids[:n]) for n in range(1, len(ids) + 1)]
+
+
+def test_a_vocabulary_with_only_some_byte_tokens_keeps_the_decoders_text():
+    """Byte-fallback runs are repaired only where all 256 <0x..> tokens exist: the repaired run is spelt in byte
+    tokens (U+FFFD is EF BF BD), which a vocabulary holding a few of them lacks. Its text is the decoder's,
+    a cut character one U+FFFD, not a KeyError."""
+    from tokenizers import models
+
+    tok = Tokenizer(models.WordLevel({"<0xC3>": 0, "<0xA9>": 1, "a": 2, "<unk>": 3}, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    for ids, want in (([2, 0], "a\ufffd"), ([2, 0, 1], "aé"), ([0, 0, 2], "\ufffd\ufffda"), ([1, 2], "\ufffda")):
+        assert decode_text(tok, ids) == want
