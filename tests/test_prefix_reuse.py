@@ -141,6 +141,32 @@ def test_ctrl_c_inside_a_pass_keeps_what_was_run(engines, monkeypatch, draft, af
     assert got.stats.cached_tokens >= len(prompt) + len(shown) - 1
 
 
+def test_an_error_inside_a_generation_keeps_no_cache(engines, monkeypatch):
+    """A generation that fails (an error, not Ctrl-C) may have left its state half done: nothing is kept, neither
+    its cache nor the one it took, whose positions after the common start it wrote over. The first prompt's next
+    turn then runs whole and is a fresh engine's (reusing the cache taken, it read the failed prompt's keys)."""
+    reuse, fresh = engines
+    reuse.kept.held = None
+    first = reuse.generate("t3 t4 t5 t6 t7", 4)
+    calls, forward = [], reuse.target.forward
+
+    def failing(*args, **kwargs):  # the prefill runs, then the first decode step fails
+        calls.append(1)
+        out = forward(*args, **kwargs)
+        if len(calls) == 2:
+            raise RuntimeError("a pass failed")
+        return out
+
+    monkeypatch.setattr(reuse.target, "forward", failing)
+    with pytest.raises(RuntimeError, match="a pass failed"):
+        reuse.generate("t3 t9 t9 t9 t9 t9", 4)
+    monkeypatch.undo()
+    assert reuse.kept.held is None
+    follow = f"t3 t4 t5 t6 t7 {first.text} t8"
+    got = reuse.generate(follow, 4)
+    assert got.stats.cached_tokens == 0 and got.tokens == fresh.generate(follow, 4).tokens
+
+
 def test_off_by_default_and_on_for_static_targets(engines, tiny_gemma3, tmp_path):
     """Without reuse_prefix (the default: repeated prompts measure their whole prefill) nothing is kept; a
     static (NPU) target keeps its cache as a dynamic one does (until session 35 it did not)."""
