@@ -833,6 +833,51 @@ def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, 
     assert_one_line_error(r, f"{tmp_path / 'o2' / 'head.safetensors'} is a directory")
 
 
+@pytest.mark.parametrize("args,message", [
+    (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--calibration", "{tmp}/nope.npy"),
+     "--calibration {tmp}/nope.npy: no such file (expected hidden states in .npy / .npz)"),
+    (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--drafter", "{tmp}",
+      "--calibration", "none"),
+     "--drafter and --calibration: give one source of calibration states"),
+    (("train-drafter", "{model}", "-o", "{tmp}/d", "--data", " , "), "--data ' , ' selects no windows"),
+    (("train-drafter", "{model}", "-o", "{tmp}/d", "--heldout", "docs=0"), "--heldout 'docs=0' selects no windows"),
+    (("export", "{model}", "-o", "{tmp}/s", "--static", "--max-context", 4, "--verify-window", 5),
+     "static KV capacity 4 (--max-context) must exceed the verify window 5 (--verify-window)"),
+])
+def test_build_commands_bad_inputs_are_one_exact_line(tiny_gemma3, tmp_path, args, message):
+    """Inputs of cluster, train-drafter and export that no other test gives: each is refused before any work,
+    on one line naming the flag (and file) at fault."""
+    def fill(a):
+        return str(a).format(model=tiny_gemma3[1], tmp=tmp_path)
+    r = run(*map(fill, args))
+    assert_one_line_error(r, exact=fill(message))
+    assert not any((tmp_path / n).exists() for n in ("o", "d", "s"))
+
+
+def test_export_names_a_model_directory_s_missing_and_malformed_files(tiny_gemma3, tmp_path):
+    """A checkpoint short of a tensor (a shard left out of a download) and a tokenizer_config.json that is not
+    an object: export names the directory or file at fault, on one line, before writing anything."""
+    from safetensors.numpy import load_file, save_file
+
+    model = tiny_gemma3[1]
+    short, odd = tmp_path / "short", tmp_path / "odd"
+    for d in (short, odd):
+        d.mkdir()
+        for f in model.iterdir():
+            (d / f.name).symlink_to(f)
+    weights = load_file(model / "model.safetensors")
+    dropped = sorted(k for k in weights if k.endswith("layers.1.mlp.down_proj.weight"))[0]
+    (short / "model.safetensors").unlink()
+    save_file({k: v for k, v in weights.items() if k != dropped}, short / "model.safetensors")
+    (odd / "tokenizer_config.json").unlink(missing_ok=True)
+    (odd / "tokenizer_config.json").write_text("[]")
+    for d, message in ((short, f"{short}: checkpoint lacks tensor(s) {dropped}"),
+                       (odd, f"{odd / 'tokenizer_config.json'}: not a JSON object")):
+        r = run("export", d, "-o", tmp_path / "b")
+        assert_one_line_error(r, exact=message)
+        assert not (tmp_path / "b").exists()
+
+
 def test_cluster_without_calibration_and_a_softcapped_report(tiny_gemma3, tmp_path):
     """--calibration none clusters the table alone (the library's own advice names it); --report's mass is
     the model's softcapped softmax, as its logits are."""
