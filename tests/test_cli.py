@@ -834,6 +834,10 @@ def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, 
 
 
 @pytest.mark.parametrize("args,message", [
+    # a text file given as calibration states: numpy takes any file without the .npy magic for a pickle and
+    # said so ("This file contains pickled (object) data"), which sent the user looking for a pickle
+    (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--calibration", "{tmp}/states.txt"),
+     "--calibration {tmp}/states.txt: not a .npy / .npz array file (it does not start with the .npy magic bytes)"),
     (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--calibration", "{tmp}/nope.npy"),
      "--calibration {tmp}/nope.npy: no such file (expected hidden states in .npy / .npz)"),
     (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--drafter", "{tmp}",
@@ -847,6 +851,7 @@ def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, 
 def test_build_commands_bad_inputs_are_one_exact_line(tiny_gemma3, tmp_path, args, message):
     """Inputs of cluster, train-drafter and export that no other test gives: each is refused before any work,
     on one line naming the flag (and file) at fault."""
+    (tmp_path / "states.txt").write_text("0.1 0.2\n0.3 0.4\n")
     def fill(a):
         return str(a).format(model=tiny_gemma3[1], tmp=tmp_path)
     r = run(*map(fill, args))

@@ -50,6 +50,11 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
                         raise EdgemtpError(f"{path}: no 'hidden' array (expected final hidden states [N, d])")
                     source = z["hidden"]
             else:
+                with open(path, "rb") as f:
+                    magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+                if magic != np.lib.format.MAGIC_PREFIX:  # numpy takes any other file for a pickle, and says so
+                    raise EdgemtpError(f"{path}: not a .npy / .npz array file (it does not start with the .npy "
+                                       "magic bytes)")
                 source = np.load(path, allow_pickle=False)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not numpy, pickled objects, damaged
             raise EdgemtpError(f"{path}: not a .npy / .npz array file ({str(e).split('. ')[0]})") from None
