@@ -219,9 +219,10 @@ def _check_fields(m: dict, mpath: Path) -> None:
     if not whole(m.get("schema_version")) or m["schema_version"] not in READS:
         raise EdgemtpError(f"{mpath}: schema_version {m.get('schema_version')!r} unsupported "
                            f"(this edgemtp reads {', '.join(map(str, READS))})")
-    for key, kind in (("model", dict), ("graphs", dict), ("files", dict), ("tokenizer", str)):
+    for key, kind, shown in (("model", dict, "an object"), ("graphs", dict, "an object"), ("files", dict, "an object"),
+                             ("tokenizer", str, "a string")):  # JSON's names: the user edits JSON, not Python
         if not isinstance(m.get(key), kind):
-            raise EdgemtpError(f"{mpath}: field '{key}' missing or not a {kind.__name__}")
+            raise EdgemtpError(f"{mpath}: field '{key}' missing or not {shown}")
     if "target" not in m["graphs"]:
         raise EdgemtpError(f"{mpath}: field 'graphs' has no 'target'")
     for rel, info in m["files"].items():

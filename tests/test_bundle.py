@@ -1335,9 +1335,9 @@ CONTRACT = (*TARGET, "contract")
 @pytest.mark.parametrize("edit,message", [
     (_set(("schema_version",), True), "schema_version True unsupported"),
     (_set(("format",), "onnx-bundle"), "edgemtp.json: field 'format' is not 'edgemtp-bundle'$"),
-    (_set(("files",), DELETE), "edgemtp.json: field 'files' missing or not a dict$"),
-    (_set(("model",), []), "edgemtp.json: field 'model' missing or not a dict$"),
-    (_set(("tokenizer",), 5), "edgemtp.json: field 'tokenizer' missing or not a str$"),
+    (_set(("files",), DELETE), "edgemtp.json: field 'files' missing or not an object$"),
+    (_set(("model",), []), "edgemtp.json: field 'model' missing or not an object$"),
+    (_set(("tokenizer",), 5), "edgemtp.json: field 'tokenizer' missing or not a string$"),
     (_set(("graphs",), {}), "edgemtp.json: field 'graphs' has no 'target'$"),
     (_set(("files", "tokenizer.json"), "abc"), "files.tokenizer.json must be an object with 'bytes'"),
     (_set(("files", "tokenizer.json", "bytes"), "12"), "files.tokenizer.json must be an object with 'bytes'"),
