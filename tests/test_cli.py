@@ -883,6 +883,36 @@ def test_export_names_a_model_directory_s_missing_and_malformed_files(tiny_gemma
         assert not (tmp_path / "b").exists()
 
 
+def test_drafter_and_profile_refusals_name_the_flag(tiny_gemma3, tmp_path):
+    """train-drafter given a bundle as -o or a directory without config.json as --init, and profile
+    --fast-verify on a bundle without the batched verify graph: one line each, naming the flag and path,
+    nothing written."""
+    import shutil
+
+    model, bundle = tiny_gemma3[1], tiny_gemma3[2]
+    (tmp_path / "empty").mkdir()
+    plain = tmp_path / "plain"  # the bundle as one without a verify graph (as a static bundle is)
+    shutil.copytree(bundle, plain)
+    m = json.loads((plain / "edgemtp.json").read_text())
+    del m["graphs"]["verify"]
+    (plain / "edgemtp.json").write_text(json.dumps(m))
+    for args, message in (
+            (("train-drafter", model, "-o", bundle), f"-o {bundle}: an edgemtp bundle, not a drafter directory (give "
+                                                     "the drafter a directory of its own, then export with --drafter)"),
+            (("train-drafter", model, "-o", tmp_path / "d", "--init", tmp_path / "empty"),
+             f"--init {tmp_path / 'empty'}: not a drafter directory (no config.json)"),
+            (("profile", plain, "--fast-verify"),
+             f"--fast-verify: {plain} has no batched verify graph (it verifies with its target graph)"),
+    ):
+        assert_one_line_error(run(*args), exact=message)
+    with pytest.raises(EdgemtpError) as caught:  # the Python API's own check, which names the argument first
+        Engine.load(plain, fast_verify=True)
+    assert str(caught.value) == (f"{plain}: fast_verify (--fast-verify) packs the batched verify graph, and this "
+                                 "bundle has none (it verifies with its target graph)")
+    assert not (tmp_path / "d").exists()
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in plain.iterdir())  # -o left as it was
+
+
 def test_cluster_without_calibration_and_a_softcapped_report(tiny_gemma3, tmp_path):
     """--calibration none clusters the table alone (the library's own advice names it); --report's mass is
     the model's softcapped softmax, as its logits are."""
@@ -1142,6 +1172,8 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_gemma3):
                            "prompt is not UTF-8 text: a lone surrogate '\\udcff' at character 3"),
                           (lambda: engine.generate_batch(["t1", "\ud83d"], 2), "prompts[1] is not UTF-8 text"),
                           (lambda: engine.generate("t1", 2, stop=b"t"), "stop=b't' must be a string"),
+                          (lambda: engine.generate("t1", 2, stop=["t2", 3]),
+                           "stop=3 is not a string (stop takes a string or a list of strings)"),
                           (lambda: engine.generate("t1", 2, stop=UserDict(t2=1)), "stop={'t2': 1} must be a string"),
                           # a lone surrogate: UnicodeEncodeError from the tokenizer's token_to_id
                           (lambda: engine.generate("t1", 2, stop=["t2", "a\ud83d"]),
