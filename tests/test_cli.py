@@ -913,6 +913,24 @@ def test_drafter_and_profile_refusals_name_the_flag(tiny_gemma3, tmp_path):
     assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in plain.iterdir())  # -o left as it was
 
 
+def test_a_weight_fp16_cannot_hold_is_one_line(tiny_gemma3, tmp_path):
+    """export --quant fp16 of a model with a weight past fp16's 65504 names the weight and the quants that hold
+    it, on one line: numpy's 'overflow encountered in cast' warning came first, a second line saying less."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    huge = tmp_path / "huge"
+    shutil.copytree(tiny_gemma3[1], huge)
+    weights = load_file(huge / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = weights[name] * np.float32(1e9)
+    save_file(weights, huge / "model.safetensors")
+    r = run("export", huge, "-o", tmp_path / "b", "--quant", "fp16")
+    assert_one_line_error(r, exact=f"weight '{name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
+    assert not (tmp_path / "b").exists()
+
+
 def test_cluster_without_calibration_and_a_softcapped_report(tiny_gemma3, tmp_path):
     """--calibration none clusters the table alone (the library's own advice names it); --report's mass is
     the model's softcapped softmax, as its logits are."""

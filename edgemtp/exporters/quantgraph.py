@@ -125,7 +125,8 @@ def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, sh
         made = shared.floats.get(key)
         if made is None:
             if quant == "fp16" and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
-                half = read(t).astype(np.float16)
+                with np.errstate(over="ignore"):  # an overflow is said below, naming the weight
+                    half = read(t).astype(np.float16)
                 if not np.isfinite(half).all():
                     raise EdgemtpError(f"weight '{t.name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
                 made = (sink.write(t.name + ".fp16", half), True)
