@@ -987,6 +987,25 @@ def test_a_full_disk_is_one_line_naming_the_output(tiny_gemma3, tmp_path, monkey
     assert (tmp_path / "head" / "head.safetensors").read_bytes() == before and not (tmp_path / "new").exists()
 
 
+def test_a_disk_full_while_copying_names_the_output_not_the_file_read(tiny_gemma3, tmp_path, monkeypatch):
+    """shutil.copyfile's ENOSPC carries the file it read as its filename (the destination as filename2): an int8
+    export whose disk filled while copying tokenizer.json named its scratch fp32 bundle's copy, a path the user
+    never gave and that was deleted by the time the message was read."""
+    import shutil
+
+    def copy_on_a_full_disk(src, dst, *_a, **_k):
+        raise OSError(28, "No space left on device", str(src), None, str(dst))  # as copyfile's sendfile raises it
+
+    monkeypatch.setattr(shutil, "copyfile", copy_on_a_full_disk)
+    r = run("export", tiny_gemma3[1], "-o", tmp_path / "b", "--max-context", 64, "--quant", "int8",
+            "--calibration", "none")
+    # after the progress bar: the error is the last line, and the only one
+    assert r.exit_code == 2 and r.stdout == "" and "Traceback" not in r.output, r.output
+    assert r.stderr.endswith(f"\nerror: {tmp_path / 'b'}: No space left on device while writing it\n"), r.output
+    assert r.stderr.count("error") == 1, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 class _Unwritable:
     def __enter__(self):
         return self

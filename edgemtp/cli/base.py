@@ -21,13 +21,14 @@ from ..errors import ArgumentError, EdgemtpError
 
 class _Command(click.Command):
     """A full disk met while writing a file object (no filename in the error) is named by the command's
-    outputs: its -o path (quickstart: --workdir; profile: --plot / --trace), else standard output."""
+    outputs: its -o path (quickstart: --workdir; profile: --plot / --trace), else standard output. So is one
+    met while copying a file (shutil.copyfile): its filename is then the file it read, filename2 the copy."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except OSError as e:
-            if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if (e.filename is not None and e.filename2 is None) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             outs = [str(v) for k in ("out", "workdir", "plot_file", "trace") if (v := ctx.params.get(k))]
             where = " or ".join(outs + ["standard output"] * (ctx.command.name == "profile")) or "standard output"
