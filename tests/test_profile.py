@@ -156,6 +156,31 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
         assert_one_line_error(r, message)
 
 
+def test_a_trace_or_plot_onto_a_file_of_the_bundle_is_refused(tiny_gemma3, tmp_path):
+    """--trace BUNDLE/tokenizer.json replaced the profiled bundle's own file with the trace: the bundle no longer
+    loaded. A file of the bundle (its manifest, or one it lists, by whatever path) is refused before the run; a
+    new file in the bundle's directory is not one of its files, and is written."""
+    import shutil
+
+    from edgemtp import bundle
+
+    b = shutil.copytree(tiny_gemma3[2], tmp_path / "b")
+    before = {p.name: p.read_bytes() for p in b.iterdir()}
+    for flag, path in (("--trace", b / "tokenizer.json"), ("--trace", b / ".." / "b" / "edgemtp.json"),
+                       ("--trace", tmp_path / "link" / "target.onnx.data")):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(b)
+        r = CliRunner().invoke(cli, ["profile", str(b), "--prompt-tokens", "8", "--gen-tokens", "4",
+                                     "--repetitions", "1", "--draft-k", "0", flag, str(path)])
+        assert_one_line_error(r, exact=f"{flag} {path}: is a file of the bundle {b} (write it elsewhere)")
+    assert {p.name: p.read_bytes() for p in b.iterdir()} == before
+    bundle.load(b)  # whole
+    profile(b, "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1, "--draft-k", "0",
+            "--trace", b / "trace.json")
+    assert json.loads((b / "trace.json").read_text())
+    assert bundle.load(b).manifest == bundle.load(tiny_gemma3[2]).manifest
+
+
 def test_repeated_values_run_once_and_a_batch_beyond_memory_is_skipped(tiny_gemma3, monkeypatch):
     """--draft-k 2,2 runs K = 2 once; a batch whose KV cache and logits exceed half this machine's memory is
     a skipped row saying so (it would otherwise hang building its prompts, then run out of memory)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
             writable_dir(path.parent, flag, shown=path)  # before the run, which takes minutes
         if path is not None and not path.parent.is_dir():
             raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
+        if path is not None and path.exists() and _bundle_file(bundle_dir, path):
+            raise EdgemtpError(f"{flag} {path}: is a file of the bundle {bundle_dir} (write it elsewhere)")
     if plot_file is not None and importlib.util.find_spec("matplotlib") is None:
         raise EdgemtpError("--plot needs matplotlib: pip install 'edgemtp[plot]'")
     if plot_file is not None:
@@ -116,6 +119,18 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
                                       lambda e: e.generate("def main():", max_new_tokens=16), trace), err=True)
     if plot_file:
         report.plot(result, plot_file)
+
+
+def _bundle_file(bundle_dir: Path, path: Path) -> bool:
+    """Whether writing `path` would replace a file of the bundle (its manifest or one it lists), which the run
+    reads: the trace written over tokenizer.json left a bundle that no longer loaded. The output is renamed into
+    place, so it replaces the name its directory holds: a link named `path` is replaced, not what it points to."""
+    from ..bundle import MANIFEST, load
+
+    where = Path(os.path.realpath(path.parent)) / path.name
+    b = load(bundle_dir, verify=False)  # the run's first step: a bundle that does not load is named as it would be
+    return any(Path(os.path.realpath((b.dir / rel).parent)) / Path(rel).name == where
+               for rel in (MANIFEST, *b.manifest["files"]))
 
 
 def _traced_engine(bundle_dir, provider, threads, prefix):
