@@ -109,6 +109,33 @@ def test_an_unchanged_bundle_is_not_hashed_again(tiny_gemma3, tmp_path, monkeypa
     assert hashed == []
 
 
+def test_a_file_this_process_may_not_read_is_named_without_hashing(tiny_gemma3, tmp_path, monkeypatch):
+    """A load that hashes nothing (verify=False, as profile loads; or a file the record knows) opens each file: one
+    it may not read was left to ONNX Runtime, whose message named the graph, not its data file, over lines of its
+    own log (`bp/target.onnx: onnxruntime could not load the graph (SystemError : 13)`)."""
+    import builtins
+    import errno
+
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    real = builtins.open
+
+    def unreadable_data(path, *a, **k):  # ONNX Runtime's own read (C++) does not come here: it reads the file
+        if Path(path).name == "target.onnx.data":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", unreadable_data)
+    with pytest.raises(PermissionError) as e:
+        bundle.load(b, verify=False)
+    assert e.value.filename == str(b / "target.onnx.data")
+    r = CliRunner().invoke(cli, ["profile", str(b), "--prompt-tokens", "4", "--gen-tokens", "2", "--draft-k", "0"])
+    assert_one_line_error(r, exact=f"{b / 'target.onnx.data'}: Permission denied")
+
+
 def test_loading_hashes_as_before_where_nothing_can_be_remembered(tiny_gemma3, tmp_path, monkeypatch):
     from edgemtp import verified
 
