@@ -19,7 +19,7 @@ from .errors import EdgemtpError, missing
 from .json_file import read_json
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
-from .scratch import as_open_makes, held_dir, replace_dir, through_link
+from .scratch import as_open_makes, held_dir, hidden_prefix, replace_dir, through_link
 from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
@@ -68,7 +68,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
     out.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         try:  # held while it lives: a killed export's is removed by the next one (scratch.py)
-            tmp = held.enter_context(held_dir(out.parent, f".{out.name}.partial-"))
+            tmp = held.enter_context(held_dir(out.parent, hidden_prefix(out, "partial-")))
         except OSError as e:
             raise EdgemtpError(f"{out}: cannot write a bundle in {out.parent} ({e.strerror})") from None
         as_open_makes(tmp)  # mkdtemp's 0700 would keep the bundle from other users (a shared model)
@@ -80,7 +80,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
             if out.exists() and not overwrite:  # made by another run since check_output: not ours to replace
                 raise EdgemtpError(f"{out}: written by another run meanwhile (use --overwrite to replace it)")
             try:
-                replace_dir(tmp, out, f".{out.name}.partial-")
+                replace_dir(tmp, out, hidden_prefix(out, "partial-"))
             except OSError as e:  # the old bundle is left as it was
                 raise EdgemtpError(f"{out}: cannot replace it ({e.strerror or e}; is it in use?)") from None
         finally:

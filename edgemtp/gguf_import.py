@@ -29,7 +29,7 @@ import numpy as np
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import as_open_makes, held_dir, replace_dir, scratch_dir, through_link
+from edgemtp.scratch import as_open_makes, held_dir, hidden_prefix, replace_dir, scratch_dir, through_link
 from edgemtp.tokenizer_import import check_fields, write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
@@ -83,7 +83,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         try:  # held while it lives: a killed import's is removed by the next one (scratch.py)
-            tmp = held.enter_context(held_dir(out_dir.parent, f".{out_dir.name}.", ".partial"))
+            tmp = held.enter_context(held_dir(out_dir.parent, hidden_prefix(out_dir), ".partial"))
         except OSError as e:  # not the temporary name, which the user never gave
             raise EdgemtpError(f"{out_dir}: cannot write a model directory in {out_dir.parent} "
                                f"({e.strerror})") from None
@@ -102,7 +102,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
             except EdgemtpError as e:  # a tensor it cannot dequantize: named with the file it is in
                 raise EdgemtpError(f"{gguf_path}: {e}") from None
             check_target(out_dir, overwrite, gguf_path)  # again: another run may have written there meanwhile
-            replace_dir(tmp, out_dir, f".{out_dir.name}.", ".partial")
+            replace_dir(tmp, out_dir, hidden_prefix(out_dir), ".partial")
         except BaseException:  # Ctrl-C included: leave nothing half-written behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise

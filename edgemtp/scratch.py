@@ -29,6 +29,20 @@ except ImportError:  # Windows
 
 _DIR_OPEN = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)
 GRACE_S = 60  # a directory younger than this may be a live run's that has not locked it yet
+# bytes of an output's name that the hidden names beside it repeat: with the longest mark (".edgemtp-fp32-") and
+# mkdtemp's 8 random characters they stay within the 255 bytes a name may have
+KEPT = 200
+
+
+def hidden_prefix(out: Path, mark: str = "") -> str:
+    """`.NAME.MARK`: how the hidden names beside output `out` begin (held_dir's `prefix`). NAME is out's name, cut
+    to its first KEPT bytes by whole characters: the whole of a name near the limit left no room for the rest
+    (`File name too long`, naming a path the user never gave), and half a character is no name ONNX's C++ side
+    can take."""
+    name = Path(out).name
+    while len(os.fsencode(name)) > KEPT:
+        name = name[:-1]
+    return f".{name}.{mark}"
 
 
 @contextlib.contextmanager

@@ -152,3 +152,23 @@ def test_an_export_from_gguf_removes_only_its_own_outputs_scratch(tmp_path, monk
     with model_source(gguf, tmp_path / "out", False) as source:
         assert source.parent.name.startswith(".out.edgemtp-gguf-") and not dead.exists()
     assert sorted(tmp_path.iterdir()) == sorted([gguf, *others])
+
+
+def test_an_output_named_near_the_file_systems_limit_is_written(tiny_gemma3, tmp_path):
+    """A name may have 255 bytes; the hidden directories beside an output repeated the whole name and added up to
+    23 bytes, so a bundle, an imported model or a profile's trace named with 233 to 255 bytes failed with `File
+    name too long`, naming a temporary path the user never gave. They repeat its first bytes only. Cut by whole
+    characters: 'é' is two bytes, and a half one would be no name ONNX's C++ side can take."""
+    from edgemtp import bundle
+    from edgemtp.runtime.profile_report import into_place
+
+    name = "x" + "é" * 127  # 255 bytes
+    assert len(os.fsencode(name)) == 255
+    for quant, options in (("fp32", None), ("int8", {"calibration": None})):
+        out = export(tiny_gemma3[1], tmp_path / quant / name, quant, capacity=64, quant_options=options)
+        assert bundle.load(out).graph("target").quant == quant
+        assert os.listdir(tmp_path / quant) == [name]  # nothing hidden left beside it
+    into_place(tmp_path / name, lambda path: open(path, "w").write("trace"))
+    assert (tmp_path / name).read_text() == "trace"
+    prefix = scratch.hidden_prefix(tmp_path / name, "edgemtp-fp32-")
+    assert prefix == "." + "x" + "é" * 99 + ".edgemtp-fp32-" and len(os.fsencode(prefix)) <= 255 - 8

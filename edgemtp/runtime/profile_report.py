@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import EdgemtpError
-from ..scratch import as_open_makes
+from ..scratch import as_open_makes, hidden_prefix
 
 CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive", "draft_p_min")
 COLUMNS = [*CONFIG, "pp t/s", "tg t/s",
@@ -173,7 +173,7 @@ def into_place(out: Path, write) -> None:
     """`write(path)` into a temporary file beside `out`, then renamed to it: a kill or a full disk midway leaves
     whatever `out` was (it left a partial file)."""
     out = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)  # the suffix: the format
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=hidden_prefix(out), suffix=out.suffix)  # the suffix: the format
     os.close(fd)
     try:
         write(tmp)
