@@ -29,6 +29,7 @@ from edgemtp.runtime.speculative import SpecStats  # noqa: E402
 
 from .cli_errors import assert_one_line_error  # noqa: E402
 from .fifo import mkfifo  # noqa: E402
+from .test_cli import _dev_full_is_full  # noqa: E402
 
 LENGTHS = (21, 12)  # committed cache lengths of the two rows: row 0 runs past 2x the window (8)
 K = 3
@@ -468,8 +469,8 @@ def test_a_failed_run_leaves_no_partial_files(tiny_gemma3, tmp_path, monkeypatch
               spec=TrainSpec(batch=4, warmup=2, negatives=32, ckpt_every=3, eval_every=1000))
     out = tmp_path / "d"
 
-    def full_disk(obj, path, *a, **k):
-        Path(path).write_bytes(b"the first bytes")
+    def full_disk(obj, f, *a, **k):  # the file object it writes through
+        f.write(b"the first bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
@@ -486,6 +487,46 @@ def test_a_failed_run_leaves_no_partial_files(tiny_gemma3, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         T._windows(model_dir, load_config_of(model_dir)[0], T.DataSpec(16, {"code": 2}, {"code": 1}), out / "cache2")
     assert not list((out / "cache2").glob("windows*"))
+
+
+@pytest.mark.skipif(not _dev_full_is_full(), reason="needs a /dev/full that answers ENOSPC")
+def test_a_drafter_run_on_a_full_disk_is_one_line_naming_the_output(tiny_gemma3, tmp_path):
+    """A full disk met by torch.save (the checkpoint) or safetensors (the drafter's weights, its fingerprint) was
+    their own error's traceback: torch's `RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos
+    704 vs 598`, safetensors' SafetensorError. The files are written through Python's file objects, whose OSError
+    the command names by its -o. Here the file each writes is a link to /dev/full, which refuses every write."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+    from edgemtp.drafter import FINGERPRINT, write_fingerprint
+    from edgemtp.drafter.run_files import save_checkpoint
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "checkpoint.tmp").symlink_to("/dev/full")
+    r = CliRunner().invoke(cli, ["train-drafter", str(tiny_gemma3[1]), "-o", str(d), "--steps", "1", "--data", "code=1",
+                                 "--heldout", "code=1", "--seq-len", "8", "--head-clusters", "0", "--hidden", "16",
+                                 "--layers", "1"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.stderr.endswith(f"\nerror: {d}: No space left on device while writing it\n"), r.output
+    assert r.stderr.count("error") == 1 and not (d / "checkpoint.tmp").exists(), r.output
+
+    drafter = tiny_drafter(tiny_gemma3[1], tmp_path / "w0")
+    opt = torch.optim.AdamW(drafter.parameters())
+    (tmp_path / "checkpoint.tmp").symlink_to("/dev/full")
+    with pytest.raises(OSError) as e:
+        save_checkpoint(drafter, opt, 1, 0.0, tmp_path / "checkpoint.pt", "run")
+    assert e.value.errno == 28 and not (tmp_path / "checkpoint.tmp").exists()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / M.WEIGHTS).symlink_to("/dev/full")
+    with pytest.raises(OSError) as e:
+        M.save(drafter, tmp_path / "w")
+    assert e.value.errno == 28
+    M.save(drafter, tmp_path / "w2")
+    (tmp_path / "w2" / FINGERPRINT).symlink_to("/dev/full")
+    with pytest.raises(OSError) as e:
+        write_fingerprint(tmp_path / "w2", tiny_gemma3[1])
+    assert e.value.errno == 28
 
 
 def test_an_interrupted_corpus_unpacking_is_not_taken_for_the_corpus(tmp_path, monkeypatch):

@@ -140,7 +140,7 @@ def fingerprint_ids(vocab_size: int, n: int = 16) -> np.ndarray:
 
 def write_fingerprint(drafter_dir: Path, target_dir: Path) -> Path:
     """Stores the target's embedding rows at fingerprint_ids() beside the drafter (fp16, ~20 KB)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from ..checkpoint import Checkpoint
 
@@ -148,8 +148,9 @@ def write_fingerprint(drafter_dir: Path, target_dir: Path) -> Path:
     ids = fingerprint_ids(cfg.vocab_size)
     rows = Checkpoint(Path(target_dir)).rows(EMBEDDING, ids)
     path = Path(drafter_dir) / FINGERPRINT
-    save_file({"ids": ids, "rows": rows.astype(np.float16)}, str(path))
-    as_open_makes(path)  # safetensors writes 0600
+    # written by Python, not by safetensors' save_file, whose full disk is its own SafetensorError (a traceback)
+    path.write_bytes(save({"ids": ids, "rows": rows.astype(np.float16)}))
+    as_open_makes(path)  # one an earlier version wrote (safetensors' 0600) keeps its mode through write_bytes
     return path
 
 

@@ -213,13 +213,14 @@ def widen_mlp(model: MTPDrafter, intermediate: int, seed: int = 0) -> MTPDrafter
 
 def save(model: MTPDrafter, out_dir: Path, dtype=torch.float16, extra: dict | None = None) -> None:
     """config.json + model.safetensors (fp16 by default: the shipped weights)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({**model.cfg.to_json(), **(extra or {})}, indent=2) + "\n")
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
+    # written by Python, not by safetensors' save_file, whose full disk is its own SafetensorError (a traceback)
+    (out_dir / WEIGHTS).write_bytes(safetensors_bytes(tensors, metadata={"format": "pt"}))
     as_open_makes(out_dir / WEIGHTS)
 
 

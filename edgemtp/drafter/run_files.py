@@ -119,12 +119,38 @@ def complete(out_dir: Path, target_dir: Path, init: Path | None) -> None:
 def save_checkpoint(model, opt, step: int, train_s: float, path: Path, run: str) -> None:
     tmp = path.with_suffix(".tmp")
     try:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
-                    "run": run}, tmp)
+        with open(tmp, "wb") as f:
+            writes = _Writes(f)
+            try:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
+                            "run": run}, writes)
+            except RuntimeError:
+                if writes.error is None:
+                    raise
+                raise writes.error from None
         tmp.replace(path)
     except BaseException:  # a full disk, Ctrl-C: its half-written bytes (the weights and the optimizer's) go
         tmp.unlink(missing_ok=True)
         raise
+
+
+class _Writes:
+    """A file torch.save writes through, keeping the OSError of a failed write: torch turns it into its own
+    `RuntimeError: [enforce fail at inline_container.cc] . unexpected pos 64 vs 0`, which says nothing of a full
+    disk (the CLI names its -o for an OSError of a full disk)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):  # flush, and whatever else torch asks of a file
+        return getattr(self.f, name)
 
 
 class Log:
