@@ -29,7 +29,8 @@ import numpy as np
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import as_open_makes, held_dir, hidden_prefix, replace_dir, scratch_dir, through_link
+from edgemtp.scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, replace_dir, scratch_dir,
+                             through_link)
 from edgemtp.tokenizer_import import check_fields, write_tokenizer_files
 
 Progress = Callable[[int, int, str], None]
@@ -243,6 +244,8 @@ _IMPORT_NEEDS = ("config.json", "model.safetensors", "tokenizer.json")
 def check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
     """Where a model directory may be written: a new path or an empty directory; with `overwrite`, also an
     earlier import (only IMPORT_FILES, as plain files, with config.json, model.safetensors and tokenizer.json)."""
+    if (link := link_to_nothing(out_dir)) is not None:  # before resolve(), which a loop fails
+        raise EdgemtpError(f"{out_dir}: {link} is a symbolic link to nothing (dangling, or a loop)")
     here, resolved = Path.cwd().resolve(), out_dir.resolve()
     if here == resolved or resolved in here.parents:  # "-o ." : renaming it would pull the shell's directory away
         raise EdgemtpError(f"{out_dir}: holds the current directory; give the path of a new model directory")

@@ -131,6 +131,15 @@ def as_open_makes(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
+def link_to_nothing(out: Path) -> Path | None:
+    """The first of `out` and the directories above it that is a symbolic link to nothing (dangling, or a loop):
+    nothing can be written there, and a run found out only at its end, renaming its result into place."""
+    for p in (Path(out), *Path(out).parents):
+        if p.is_symlink() and not p.exists():
+            return p
+    return None
+
+
 def through_link(out: Path) -> Path:
     """The directory an output path names: where `out` is a symbolic link (models/current -> models/v3), the one it
     points to, so that an overwrite replaces that directory and the link stays. Replacing the link itself put the

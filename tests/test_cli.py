@@ -1034,6 +1034,31 @@ def test_generate_into_a_full_stdout_is_one_line(tiny_gemma3):
     assert r.returncode == 2 and r.stderr == "error: standard output: No space left on device while writing it\n"
 
 
+def test_an_output_through_a_link_to_nothing_is_named_first(tiny_gemma3, tmp_path, monkeypatch):
+    """-o a dangling symbolic link (or a loop of them), or a path under one: export and import-gguf did all their
+    work, then failed renaming into it (`cannot replace it (Not a directory; is it in use?)`, or a temporary
+    directory's name), cluster failed after its k-means (`File exists`), and import-gguf under a loop was a
+    traceback (Path.resolve's RuntimeError). Each is named before any work."""
+    from edgemtp.calibration import head_report
+    from edgemtp.exporters import builder
+
+    monkeypatch.setattr(builder, "_write", lambda *a: pytest.fail("the export ran"))
+    monkeypatch.setattr(head_report, "cluster_model", lambda *a, **k: pytest.fail("the clustering ran"))
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for link in ("dangling", "loop"):
+        for out in (tmp_path / link, tmp_path / link / "out"):
+            why = f"{tmp_path / link} is a symbolic link to nothing (dangling, or a loop)"
+            for args, shown in ((("export", tiny_gemma3[1], "-o", out), f"{out}: {why}"),
+                                (("export", tiny_gemma3[1], "-o", out, "--overwrite"), f"{out}: {why}"),
+                                (("import-gguf", tmp_path / "m.gguf", "-o", out), f"-o {out}: {why}"),
+                                (("cluster", tiny_gemma3[1], "-o", out, "--clusters", 8, "--top-k", 2),
+                                 f"-o {out}: {why}"),
+                                (("train-drafter", tiny_gemma3[1], "-o", out), f"-o {out}: {why}")):
+                assert_one_line_error(run(*args), exact=shown)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "loop"]
+
+
 def test_an_unwritable_workdir_is_named_first(tmp_path, monkeypatch):
     """A directory this process may not write in (a read-only home, say) is named by its flag before any work."""
     import edgemtp.cli as cli_mod

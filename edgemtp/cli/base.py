@@ -17,6 +17,7 @@ import click
 
 from .. import __version__
 from ..errors import ArgumentError, EdgemtpError
+from ..scratch import link_to_nothing
 
 
 class _Command(click.Command):
@@ -117,6 +118,8 @@ def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
     `shown`: the path the user gave, when `out` is its directory."""
     here = Path(out)
     out = shown if shown is not None else out
+    if (link := link_to_nothing(here)) is not None:
+        raise EdgemtpError(f"{flag} {out}: {link} is a symbolic link to nothing (dangling, or a loop)")
     while not here.exists() and here != here.parent:
         here = here.parent
     if not here.is_dir():
