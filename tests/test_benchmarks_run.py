@@ -1,0 +1,223 @@
+"""Each runnable script in benchmarks/ end to end on tiny bundles, with the fewest tokens and rounds: the
+scripts are run by hand for the figures in README and docs/measurements.md, and only linted otherwise, so a
+runtime or CLI change that breaks one (or turns a figure into nonsense) would go unseen until the next
+measurement. No figure's size is checked (timings on a shared machine), only that it is there and sane.
+
+The tiny model has a vocabulary of 1,024 and a capacity of 1,024: the scripts feed fixed token ids up to
+1,000 and prompts of a few hundred words (the test tokenizer is one token a word)."""
+
+from __future__ import annotations
+
+import math
+import re
+import runpy
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BENCH = Path(__file__).parent.parent / "benchmarks"
+REAL = Path.home() / ".cache" / "edgemtp" / "gemma3-270m.bundle"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """name -> bundle dir: plain, mtp (with a random MTP drafter), rows (row-major head, with the drafter),
+    static (static verify window 5, with the drafter), bare_static (static, no drafter); and "drafter"."""
+    from edgemtp.drafter import export as drafter_export
+    from edgemtp.exporters import export
+
+    from .reference import save_tiny
+    from .test_drafter import tiny_drafter
+
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=1024, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24, final_logit_softcapping=30.0)
+    model_dir = save_tiny(transformers.Gemma3ForCausalLM(cfg), root / "model")
+    tiny_drafter(model_dir, root / "drafter")
+    out = {"drafter": root / "drafter", "plain": export(model_dir, root / "plain", capacity=1024)}
+    shutil.copytree(out["plain"], root / "mtp")
+    drafter_export.add_to_bundle(root / "mtp", root / "drafter")
+    out["mtp"] = root / "mtp"
+    out["rows"] = export(model_dir, root / "rows", capacity=1024, gemv_head=False, drafter=root / "drafter")
+    out["static"] = export(model_dir, root / "static", capacity=256, static_window=5, drafter=root / "drafter")
+    out["bare_static"] = export(model_dir, root / "bare_static", capacity=256, static_window=5)
+    return {k: Path(v) for k, v in out.items()}
+
+
+def run(script: str, *args, capsys, monkeypatch) -> str:
+    """stdout of benchmarks/SCRIPT run as `python SCRIPT ARGS` from benchmarks/ (some import lookup_ngram)."""
+    monkeypatch.chdir(BENCH)
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    capsys.readouterr()
+    runpy.run_path(str(BENCH / script), run_name="__main__")
+    return capsys.readouterr().out
+
+
+def figures(line: str, suffix: str = "x") -> list[float]:
+    """The numbers followed by `suffix` in a line, e.g. the ratios "1.23x"."""
+    return [float(v) for v in re.findall(r"(-?[\d.]+|nan|inf)" + re.escape(suffix) + r"(?![\w])", line)]
+
+
+def sane(values: list[float]) -> bool:
+    return bool(values) and all(math.isfinite(v) and v > 0 for v in values)
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """A markdown table's body rows, cells stripped."""
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("|") and not line.startswith("|---")][1:]
+
+
+def test_lookup_ngram_and_adaptive_k(tiny, capsys, monkeypatch):
+    for script, extra in (("lookup_ngram.py", ()), ("adaptive_k.py", ("--k", "2", "--modes", "lookup,mtp,hybrid"))):
+        out = run(script, tiny["mtp"], "--gen-tokens", 4, "--repetitions", 1, *extra, capsys=capsys,
+                  monkeypatch=monkeypatch)
+        rows = table_rows(out)
+        mean = ["geometric mean"] if script == "adaptive_k.py" else []
+        assert [r[0] for r in rows] == ["build.py", "README", "inspect.py", "json", "story", *mean], out
+        columns = len(rows[0]) - 2  # the prompt and plain tokens/s
+        assert columns == (4 if script == "lookup_ngram.py" else 6)
+        for r in rows:
+            assert sane(figures(" ".join(r[2:]))) and len(figures(" ".join(r[2:]))) == columns, r
+
+
+def test_bench_bindings(tiny, capsys, monkeypatch):
+    out = run("bench_bindings.py", tiny["mtp"], "--rounds", 1, "--new", 4, "--draft", "hybrid",
+              capsys=capsys, monkeypatch=monkeypatch)
+    assert "draft=hybrid 4 tokens x 1 rounds" in out
+    (line,) = [s for s in out.splitlines() if s.startswith("reused / fresh")]
+    assert sane(figures(line))
+
+
+def test_bench_decode_and_speeds(tiny, capsys, monkeypatch):
+    out = run("bench_decode.py", tiny["plain"], "--contexts", "128,600", "--rounds", 1, "--pairs", 2,
+              "--also", tiny["rows"], capsys=capsys, monkeypatch=monkeypatch)
+    assert "threads=2 prompt=128 tokens, 1 rounds" in out
+    assert len(re.findall(r"median of 2 pairs", out)) == 2
+    (line,) = [s for s in out.splitlines() if s.startswith("rows: decode steps")]
+    assert sane(figures(line.split("(")[0]))
+    assert re.search(r"context   600: decode step +[\d.]+ ms  \([\d.]+x the first context\)", out)
+    out = run("bench_speeds.py", tiny["plain"], tiny["rows"], "--runs", 1, "--contexts", 128,
+              capsys=capsys, monkeypatch=monkeypatch)
+    ratios = [figures(s.split("tokens/s")[1]) for s in out.splitlines() if "the first" in s]
+    assert ratios[0] == [1.0] and sane(ratios[1])
+
+
+def test_bench_kernels(tiny, capsys, monkeypatch):
+    out = run("bench_kernels.py", tiny["plain"], "--pairs", 1, capsys=capsys, monkeypatch=monkeypatch)
+    shares = [figures(s, "%")[0] for s in out.splitlines() if "reads the body at" in s]
+    assert len(shares) == 2 * 5 + 2 - 1 and sane(shares)  # 5 kernels at both thread counts (numpy once), 2 bodies
+
+
+def test_bench_memory(tiny, capsys, monkeypatch):
+    out = run("bench_memory.py", tiny["mtp"], "--rounds", 1, "--tokens", 4, capsys=capsys, monkeypatch=monkeypatch)
+    assert {"peak RSS, MB", "anonymous after, MB", "RSS after, MB", "Engine.load, ms"} <= \
+        {s[21:].split("  ")[0] for s in out.splitlines()[1:]}
+
+
+def test_bench_prefix_reuse(tiny, capsys, monkeypatch):
+    out = run("bench_prefix_reuse.py", tiny["mtp"], "--turns", 2, "--gen-tokens", 4,
+              capsys=capsys, monkeypatch=monkeypatch)
+    rows = [s.split() for s in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "True" for r in rows)
+    assert int(rows[1][2]) < int(rows[1][1]) == int(rows[1][3])  # the second turn's prompt runs only its new part
+    assert sane([float(r[-2].rstrip("x")) for r in rows])
+
+
+def test_bench_quant(tiny, capsys, monkeypatch, tmp_path):
+    out = run("bench_quant.py", tiny["plain"], "--quants", "int8", "--tokens", 64, "--domains", "code",
+              "--keep", tmp_path, capsys=capsys, monkeypatch=monkeypatch)
+    rows = {r[0]: r for r in table_rows(out)}
+    assert set(rows) == {"fp32", "int8"} and rows["fp32"][2] == "1.000" and rows["fp32"][4] == "1.00x"
+    assert 0 < float(rows["int8"][2]) < 1 and sane(figures(rows["int8"][4]))
+    assert "code (64 tokens" in out
+
+
+def test_bench_sampling(tiny, capsys, monkeypatch):
+    out = run("bench_sampling.py", tiny["mtp"], "--gen-tokens", 4, "--repetitions", 1, "--repetition-penalty",
+              1.1, "--draft-p-min", "0,0.2", capsys=capsys, monkeypatch=monkeypatch)
+    rows = table_rows(out)
+    assert [r[0] for r in rows] == ["plain", "lookup K=4", "hybrid K=4", "MTP K=4", "hybrid K=4 p_min 0.2",
+                                    "MTP K=4 p_min 0.2"]
+    assert rows[0][2] == "1.00x" and all(sane(figures(" ".join(r[1:]))) for r in rows)
+
+
+def test_bench_static(tiny, capsys, monkeypatch):
+    out = run("bench_static.py", tiny["plain"], tiny["static"], "--gen-tokens", 6, capsys=capsys,
+              monkeypatch=monkeypatch)
+    lines = out.splitlines()
+    assert lines[0].startswith("static verify window W = 5,") and lines[0].endswith("6 new tokens")
+    assert len(lines) == 1 + 7 and all(s.split()[-3] == "True" for s in lines[1:])  # same tokens as plain
+    assert all(sane(figures(s.split("(")[1])) for s in lines[1:])
+
+
+def test_bench_stream_text(tiny, capsys, monkeypatch):
+    out = run("bench_stream_text.py", tiny["plain"] / "tokenizer.json", "--lengths", "60,120", "--repetitions", 1,
+              capsys=capsys, monkeypatch=monkeypatch)
+    assert [s.split()[0] for s in out.splitlines()[1:]] == ["60", "120"]
+
+
+def test_drafter_acceptance(tiny, capsys, monkeypatch, tmp_path):
+    import json
+
+    bundle = tmp_path / "mtp"  # it writes its drafter graphs into the bundle directory
+    shutil.copytree(tiny["mtp"], bundle)
+    run("drafter_acceptance.py", bundle, "--drafter", tiny["drafter"], "--domains", "code", "--prompts", 1,
+        "--prompt-len", 16, "--new", 8, "--k", 2, "--chunk", 1, "--speculative", 1, "--hybrid", 2,
+        "--json", tmp_path / "a.json", capsys=capsys, monkeypatch=monkeypatch)
+    got = json.loads((tmp_path / "a.json").read_text())
+    code = got["code"]
+    for name in ("prompt_lookup", "mtp_full", "mtp_full_hybrid2"):
+        assert code[name]["rounds"] > 0 and 1 <= code[name]["tokens_per_round"] <= 3
+    # the runtime, on the same prompt, makes the tokens the replay scored and more (its last rounds' drafts
+    # are cut at the end: the replay scores only full drafts)
+    assert code["mtp_full"]["speculative_check"]["runtime"]["rounds"] >= code["mtp_full"]["rounds"]
+
+
+def test_no_attention_and_perf_table(tiny, capsys, monkeypatch, tmp_path):
+    out = run("no_attention.py", tiny["plain"], tmp_path / "noatt", capsys=capsys, monkeypatch=monkeypatch)
+    assert out.strip().endswith("2 attention nodes removed")
+    from edgemtp import bundle as bundle_mod
+
+    bundle_mod.load(tmp_path / "noatt")  # its manifest's hash is the new graph's
+    out = run("perf_table.py", tiny["mtp"], "--draft-k", "0,2", "--batch", "1,2", "--gen-tokens", 4,
+              "--repetitions", 1, "--draft", "auto,mtp", "--head", "full", "--domains", "code",
+              "--prompt-tokens", 16, capsys=capsys, monkeypatch=monkeypatch)
+    rows = table_rows(out)
+    settings = (("none", "0"), ("hybrid (full head)", "2"), ("mtp (full head)", "2"))
+    assert [(r[1], r[2], r[3]) for r in rows] == [(b, d, k) for b in "12" for d, k in settings]
+    assert all(sane(figures(r[5])) for r in rows) and "bandwidth ceiling of plain decoding" in out
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("vs_llamacpp.py", ("{plain}",), "llama-cpp-python is not installed: pip install llama-cpp-python"),
+    ("vs_ortgenai.py", ("{plain}", "{plain}"), "no genai_config.json (build it with onnxruntime_genai"),
+    # a cache directory head_data.py has not made: as on a machine it never ran on
+    ("head_recall.py", ("--cache", "{missing}"), "no cached hidden states for code/calib"),
+])
+def test_what_needs_another_package_or_data_says_so(tiny, capsys, monkeypatch, tmp_path, script, args, message):
+    if script == "vs_llamacpp.py" and __import__("importlib").util.find_spec("llama_cpp"):
+        pytest.skip("llama-cpp-python is installed")
+    with pytest.raises(SystemExit) as e:
+        run(script, *(a.format(missing=tmp_path / "headcal", **tiny) for a in args), capsys=capsys,
+            monkeypatch=monkeypatch)
+    assert message in str(e.value.code)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL.is_dir(), reason="needs the Gemma 3 270M bundle (edgemtp pull)")
+def test_bench_head_and_decode_on_the_real_model(capsys, monkeypatch):
+    out = run("bench_decode.py", REAL, "--contexts", 128, "--rounds", 1, "--pairs", 2, capsys=capsys,
+              monkeypatch=monkeypatch)
+    assert "decode step = " in out
+    out = run("bench_head.py", "--rounds", 1, "--shapes", "270m", capsys=capsys, monkeypatch=monkeypatch)
+    assert sane([float(s.split("ms")[1].split("x")[0]) for s in out.splitlines() if " ms " in s])
