@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemtp import bundle as bundle_mod
 from edgemtp.runtime.drafter_session import DrafterSession
 from edgemtp.runtime.engine import Draft, Engine
 
@@ -80,6 +81,8 @@ def main() -> None:
     # generation: one engine at a time (each as `generate` loads it), alternating
     modes = {"plain": None, "mtp K=2": Draft("mtp", k=2), "mtp K=4": Draft("mtp", k=4),
              "mtp adaptive": Draft("mtp", k=4, adaptive=True), "auto K=4": Draft("auto", k=4)}
+    if not all(bundle_mod.load(p, verify=False).has_graph("drafter") for p in (args.old, args.new)):
+        modes = {m: d for m, d in modes.items() if not m.startswith("mtp")}  # auto drafts by lookup then
     tps = {(p, m, d): [] for p in (0, 1) for m in modes for d in PROMPTS}
     for r in range(args.repetitions):
         for p in ((0, 1) if r % 2 == 0 else (1, 0)):

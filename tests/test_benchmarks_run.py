@@ -98,6 +98,21 @@ def test_bench_bindings(tiny, capsys, monkeypatch):
     assert sane(figures(line))
 
 
+def test_bench_bundles_with_and_without_a_drafter(tiny, capsys, monkeypatch):
+    """Two layouts of one model (the docstring's own example: the default against --no-gemv-head) need not
+    carry an MTP drafter: the generation rows that draft by MTP are left out, not a crash."""
+    out = run("bench_bundles.py", tiny["mtp"], tiny["rows"], "--repetitions", 1, "--gen-tokens", 4,
+              capsys=capsys, monkeypatch=monkeypatch)
+    labels = [s[:28].strip() for s in out.splitlines()]
+    assert labels[:2] == ["prefill, 128 tokens", "drafter step (64 recent)"]
+    assert {"mtp K=4, code", "mtp adaptive, prose", "auto K=4, code"} <= set(labels)
+    assert all(sane(figures(s.split("NEW/OLD")[1], "")) for s in out.splitlines()), out
+    out = run("bench_bundles.py", tiny["plain"], tiny["rows"], "--repetitions", 1, "--gen-tokens", 4,
+              capsys=capsys, monkeypatch=monkeypatch)
+    labels = [s[:28].strip() for s in out.splitlines()]
+    assert labels == ["prefill, 128 tokens", "plain, code", "plain, prose", "auto K=4, code", "auto K=4, prose"]
+
+
 def test_bench_decode_and_speeds(tiny, capsys, monkeypatch):
     out = run("bench_decode.py", tiny["plain"], "--contexts", "128,600", "--rounds", 1, "--pairs", 2,
               "--also", tiny["rows"], capsys=capsys, monkeypatch=monkeypatch)
