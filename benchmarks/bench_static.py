@@ -44,6 +44,9 @@ def main() -> None:
     base, specs = None, args.runs.split(",")
     for spec in specs:
         mode, *rest = spec.split(":")
+        if mode in ("mtp", "hybrid") and not st.bundle.has_graph("drafter"):  # e.g. exported without --drafter
+            print(f"{spec:20s} skipped: {args.static} has no MTP drafter")
+            continue
         draft = None if mode == "plain" else Draft(mode, int(rest[0]), adaptive="adaptive" in rest)
         stats, runs[0], t0 = SpecStats(), 0, time.perf_counter()
         got = list(st.token_stream(ids, args.gen_tokens, draft=draft, stats=stats))

@@ -175,6 +175,15 @@ def test_bench_static(tiny, capsys, monkeypatch):
     assert all(sane(figures(s.split("(")[1])) for s in lines[1:])
 
 
+def test_bench_static_without_a_drafter_skips_the_modes_that_need_one(tiny, capsys, monkeypatch):
+    out = run("bench_static.py", tiny["plain"], tiny["bare_static"], "--gen-tokens", 4, "--runs",
+              "plain,mtp:2,hybrid:2,lookup:2", capsys=capsys, monkeypatch=monkeypatch)
+    lines = out.splitlines()[1:]
+    assert [s.split()[0] for s in lines] == ["plain", "mtp:2", "hybrid:2", "lookup:2"]
+    assert [s.split()[1] for s in lines][1:3] == ["skipped:", "skipped:"]
+    assert lines[3].split()[-3] == "True"
+
+
 def test_bench_stream_text(tiny, capsys, monkeypatch):
     out = run("bench_stream_text.py", tiny["plain"] / "tokenizer.json", "--lengths", "60,120", "--repetitions", 1,
               capsys=capsys, monkeypatch=monkeypatch)
