@@ -37,6 +37,8 @@ def main() -> None:
     for n in map(int, args.lengths.split(",")):
         if n > len(ids):
             raise SystemExit(f"--lengths: {n} is more than the {len(ids)} tokens of the text")
+        if n < window:  # ids[:n - window] would be nearly the whole text, and no token would be timed
+            raise SystemExit(f"--lengths: {n} is fewer than the {window} tokens timed at the end of each length")
         inc_t, whole_t = [], []
         for _ in range(args.repetitions):
             inc = IncrementalDecoder(lambda i: decode_text(tok, i))

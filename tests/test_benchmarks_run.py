@@ -190,6 +190,14 @@ def test_bench_stream_text(tiny, capsys, monkeypatch):
     assert [s.split()[0] for s in out.splitlines()[1:]] == ["60", "120"]
 
 
+def test_bench_stream_text_refuses_a_length_shorter_than_what_it_times(tiny, capsys, monkeypatch):
+    """Each length's last 50 tokens are timed: a shorter length timed nothing and printed a ratio of
+    thousands (a decode of nearly the whole text against no work at all)."""
+    with pytest.raises(SystemExit, match="--lengths: 10 is fewer than the 50 tokens"):
+        run("bench_stream_text.py", tiny["plain"] / "tokenizer.json", "--lengths", "10", "--repetitions", 1,
+            capsys=capsys, monkeypatch=monkeypatch)
+
+
 def test_drafter_acceptance(tiny, capsys, monkeypatch, tmp_path):
     import json
 
