@@ -33,6 +33,7 @@ import numpy as np
 from edgemtp import bundle as bundle_mod
 from edgemtp.drafter import data as D
 from edgemtp.drafter.export import write
+from edgemtp.errors import EdgemtpError
 from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
 from edgemtp.runtime.drafting import PromptLookupDrafter
 from edgemtp.runtime.engine import Engine
@@ -201,6 +202,11 @@ def main() -> None:
                     "(prompt lookup when an n-gram of at least that size repeats, MTP otherwise)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    try:  # every domain's corpus before any measuring: a missing one (docs' reST sources) fails at once
+        for domain in args.domains.split(","):
+            D.documents(domain, "heldout")
+    except EdgemtpError as e:
+        raise SystemExit(f"--domains: {e}")
     hybrid = [int(n) for n in args.hybrid.split(",") if n]
     engine = Engine.load(args.bundle, threads=args.threads, verify=False)
     b = bundle_mod.load(args.bundle, verify=False)

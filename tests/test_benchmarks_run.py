@@ -215,6 +215,16 @@ def test_drafter_acceptance(tiny, capsys, monkeypatch, tmp_path):
     assert code["mtp_full"]["speculative_check"]["runtime"]["rounds"] >= code["mtp_full"]["rounds"]
 
 
+def test_drafter_acceptance_names_a_missing_corpus(tiny, capsys, monkeypatch, tmp_path):
+    from edgemtp.drafter import data
+
+    if data.DOCS_ROOT.is_dir():
+        pytest.skip("the docs corpus is installed here")
+    with pytest.raises(SystemExit, match=r"--domains: .*_sources: missing \(install the reST sources"):
+        run("drafter_acceptance.py", tiny["mtp"], "--drafter", tiny["drafter"], "--domains", "docs",
+            "--prompts", 1, capsys=capsys, monkeypatch=monkeypatch)
+
+
 def test_no_attention_and_perf_table(tiny, capsys, monkeypatch, tmp_path):
     out = run("no_attention.py", tiny["plain"], tmp_path / "noatt", capsys=capsys, monkeypatch=monkeypatch)
     assert out.strip().endswith("2 attention nodes removed")
