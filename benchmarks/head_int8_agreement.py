@@ -50,12 +50,13 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=32)
     ap.add_argument("--cache", type=Path, default=CACHE)
     args = ap.parse_args()
+    # the hidden states first: without them (head_data.py not run) that is what to say, not embed.npy's absence
+    held = {domain: load_split(domain, "heldout", args.cache) for domain in ("code", "prose")}
     tables, _ = load_head(args.head)
     embed = np.load(args.cache / "embed.npy", mmap_mode="r")
     with tempfile.TemporaryDirectory(prefix="head_int8_") as tmp:
         heads = sessions(tables, embed, args.top_k, Path(tmp))
-        for domain in ("code", "prose"):
-            data = load_split(domain, "heldout", args.cache)
+        for domain, data in held.items():
             hidden, argmax = data["hidden"][:args.positions], data["argmax"][:args.positions]
             picks = {name: np.array([s.run([H.TOKEN_IDS], {H.INPUT: hidden[i:i + 1].astype(np.float32)})[0][0, 0]
                                      for i in range(len(hidden))]) for name, s in heads.items()}

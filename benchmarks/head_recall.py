@@ -194,9 +194,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=0,
                     help="also report recall when the head scores each position's W most recent tokens too")
     args = ap.parse_args()
-    embed = np.ascontiguousarray(hd.embedding_table(args.cache))
+    # the hidden states first: without them (head_data.py not run) that is what to say, not the embedding
+    # table's failure to write its .npy into a cache directory head_data.py would have made
     cal = calibration(args.cache, args.positions)
     held = {d: hd.load_split(d, "heldout", args.cache) for d in ("code", "prose")}
+    embed = np.ascontiguousarray(hd.embedding_table(args.cache))
     ctx = {d: recent_tokens(v["ids"], args.context) if args.context else None for d, v in held.items()}
     print(f"calibration positions {len(cal['hidden'])}, held-out "
           + ", ".join(f"{d} {len(v['hidden'])}" for d, v in held.items()), flush=True)

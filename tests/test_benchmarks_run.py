@@ -244,6 +244,7 @@ def test_no_attention_and_perf_table(tiny, capsys, monkeypatch, tmp_path):
     ("vs_llamacpp.py", ("{plain}",), "llama-cpp-python is not installed: pip install llama-cpp-python"),
     ("vs_ortgenai.py", ("{plain}", "{plain}"), "no genai_config.json (build it with onnxruntime_genai"),
     # a cache directory head_data.py has not made: as on a machine it never ran on
+    ("head_int8_agreement.py", ("--cache", "{missing}"), "no cached hidden states for code/heldout"),
     ("head_recall.py", ("--cache", "{missing}"), "no cached hidden states for code/calib"),
 ])
 def test_what_needs_another_package_or_data_says_so(tiny, capsys, monkeypatch, tmp_path, script, args, message):
