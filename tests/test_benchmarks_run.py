@@ -21,7 +21,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
-REAL = Path.home() / ".cache" / "edgemtp" / "gemma3-270m.bundle"
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +256,8 @@ def test_what_needs_another_package_or_data_says_so(tiny, capsys, monkeypatch, t
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL.is_dir(), reason="needs the Gemma 3 270M bundle (edgemtp pull)")
-def test_bench_head_and_decode_on_the_real_model(capsys, monkeypatch):
-    out = run("bench_decode.py", REAL, "--contexts", 128, "--rounds", 1, "--pairs", 2, capsys=capsys,
+def test_bench_head_and_decode_on_the_real_model(gemma3_270m_bundle, capsys, monkeypatch):
+    out = run("bench_decode.py", gemma3_270m_bundle, "--contexts", 128, "--rounds", 1, "--pairs", 2, capsys=capsys,
               monkeypatch=monkeypatch)
     assert "decode step = " in out
     out = run("bench_head.py", "--rounds", 1, "--shapes", "270m", capsys=capsys, monkeypatch=monkeypatch)
