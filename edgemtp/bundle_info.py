@@ -128,7 +128,9 @@ def _scheme(q: dict) -> str:
     blocks = f"blocks of {q.get('block_size')}"
     if q.get("head_block_size", q.get("block_size")) != q.get("block_size"):
         blocks += f" (head {q['head_block_size']})"
-    parts = [f"layers {q.get('bits')}-bit ({q.get('layer_op')}), head {q.get('head_bits')}-bit ({q.get('head_op')}), "
+    # a bundle exported before --layer-op / --head-op records neither: MatMulNBits was the only op then
+    layer_op, head_op = q.get("layer_op", "nbits"), q.get("head_op", "nbits")
+    parts = [f"layers {q.get('bits')}-bit ({layer_op}), head {q.get('head_bits')}-bit ({head_op}), "
              f"embedding {q.get('embed_bits')}-bit, {blocks}"]
     if q.get("frequent_rows"):
         parts.append(f"{q['frequent_rows']:,} frequent rows at 8 bits")

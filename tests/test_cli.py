@@ -1447,6 +1447,20 @@ def test_info_shows_every_int4_setting(tiny_gemma3):
                     "(activations from 8,192 of its tokens)"), line
 
 
+def test_info_of_a_bundle_from_before_layer_op(tiny_gemma3):
+    """An int8 / int4 bundle exported before --layer-op / --head-op has no layer_op / head_op in its scheme: its
+    MatMuls are MatMulNBits, the only op then, and info says so (it printed "layers 8-bit (None)")."""
+    from edgemtp import bundle
+    from edgemtp.bundle_info import describe, text
+    from edgemtp.exporters.quant_options import scheme
+
+    b = bundle.load(tiny_gemma3[2], verify=False)
+    q = {k: v for k, v in scheme("int8", calibrated=False).to_json().items() if k not in ("layer_op", "head_op")}
+    b.manifest["graphs"]["target"] = {**b.manifest["graphs"]["target"], "quant": "int8", "quantization": q}
+    line = next(x for x in text(describe(b), False).splitlines() if "layers " in x).strip()
+    assert line.startswith("layers 8-bit (nbits), head 8-bit (nbits), embedding 8-bit"), line
+
+
 def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
     """Without the exporter's packages (an app's install: numpy, onnxruntime, tokenizers, click, rich) the
     commands that make files say which extra to add, and run nothing; those that run a bundle work."""
