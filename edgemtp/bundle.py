@@ -218,9 +218,19 @@ def _check_chat(m: dict, mpath: Path) -> None:
 def _check_fields(m: dict, mpath: Path) -> None:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise EdgemtpError(f"{mpath}: field 'format' is not '{FORMAT}'")
-    if not whole(m.get("schema_version")) or m["schema_version"] not in READS:
-        raise EdgemtpError(f"{mpath}: schema_version {m.get('schema_version')!r} unsupported "
-                           f"(this edgemtp reads {', '.join(map(str, READS))})")
+    version, reads = m.get("schema_version"), ", ".join(map(str, READS))
+    if not whole(version):
+        raise EdgemtpError(f"{mpath}: schema_version {version!r} unsupported (this edgemtp reads {reads})")
+    if version not in READS:  # a user with a bundle of another release: say which side to bring up to date
+        from . import __version__
+
+        if version > max(READS):
+            made = m.get("edgemtp_version")
+            made = f"exported by edgemtp {made}; " if isinstance(made, str) else ""
+            raise EdgemtpError(f"{mpath}: schema_version {version} is newer than this edgemtp ({__version__}) reads "
+                               f"({reads}): {made}upgrade edgemtp, or re-export the bundle with this one")
+        raise EdgemtpError(f"{mpath}: schema_version {version} is older than this edgemtp ({__version__}) reads "
+                           f"({reads}): re-export the bundle with this edgemtp")
     for key, kind, shown in (("model", dict, "an object"), ("graphs", dict, "an object"), ("files", dict, "an object"),
                              ("tokenizer", str, "a string")):  # JSON's names: the user edits JSON, not Python
         if not isinstance(m.get(key), kind):

@@ -298,6 +298,28 @@ def test_missing_and_corrupt_manifest(tmp_path):
         bundle.load(tmp_path)
 
 
+def test_a_schema_version_this_edgemtp_does_not_read_says_what_to_do(tmp_path):
+    """A bundle of a schema this edgemtp does not read is named with what to do: a newer one's (the edgemtp that
+    wrote it named) needs an upgrade or a re-export, an older one's a re-export."""
+    from edgemtp import __version__
+
+    manifest = tmp_path / "edgemtp.json"
+    newest = max(bundle.READS)
+    manifest.write_text(json.dumps({"format": "edgemtp-bundle", "schema_version": newest + 1,
+                                    "edgemtp_version": "9.9"}))
+    with pytest.raises(EdgemtpError) as e:
+        bundle.load(tmp_path)
+    assert str(e.value) == (f"{manifest}: schema_version {newest + 1} is newer than this edgemtp ({__version__}) reads "
+                            f"({', '.join(map(str, bundle.READS))}): exported by edgemtp 9.9; upgrade edgemtp, or "
+                            "re-export the bundle with this one")
+    manifest.write_text(json.dumps({"format": "edgemtp-bundle", "schema_version": min(bundle.READS) - 1}))
+    with pytest.raises(EdgemtpError) as e:
+        bundle.load(tmp_path)
+    assert str(e.value) == (f"{manifest}: schema_version {min(bundle.READS) - 1} is older than this edgemtp "
+                            f"({__version__}) reads ({', '.join(map(str, bundle.READS))}): re-export the bundle with "
+                            "this edgemtp")
+
+
 def test_a_manifest_nested_too_deep_or_too_large_is_named(tmp_path, monkeypatch):
     """A bundle from someone else: a manifest of arrays nested deeper than Python's JSON parser recurses is named,
     not a RecursionError's traceback, and one far larger than any export writes is refused before it is read."""
