@@ -351,6 +351,28 @@ def test_version_1_bundles_still_load(tiny_gemma3, tmp_path):
     assert q["schema_version"] == bundle.SCHEMA_VERSION  # a copy this edgemtp wrote, whatever its source's
 
 
+def test_a_bundle_of_the_first_releases_shape_generates_the_same(tiny_gemma3, tmp_path):
+    """The manifest of a bundle the first release exported (schema 1): no batched verify graph, contracts without
+    kv_update and window_views, no edgemtp_version or source. It loads and generates what it did (checked against
+    real bundles of earlier commits, whose manifests are these fields less); --fast-verify is named, not a
+    traceback."""
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    m = json.loads((b / "edgemtp.json").read_text())
+    verify = m["graphs"].pop("verify")["file"]
+    (b / verify).unlink()
+    del m["files"][verify], m["edgemtp_version"], m["source"]
+    for key in ("kv_update", "window_views"):
+        del m["graphs"]["target"]["contract"][key]
+    (b / "edgemtp.json").write_text(json.dumps({**m, "schema_version": 1}))
+    want = Engine.load(tiny_gemma3[2]).generate_batch(["t1 t2 t3", "t5 t6 t7 t5 t6"], max_new_tokens=12)
+    with Engine.load(b) as engine:
+        got = engine.generate_batch(["t1 t2 t3", "t5 t6 t7 t5 t6"], max_new_tokens=12)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    with pytest.raises(EdgemtpError, match=r"fast_verify \(--fast-verify\) packs the batched verify graph, and "
+                                            "this bundle has none"):
+        Engine.load(b, fast_verify=True)
+
+
 def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch):
     _, model_dir, _ = tiny_gemma3
     real_save = builder.save
