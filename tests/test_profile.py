@@ -34,7 +34,8 @@ def test_json_schema(tiny_gemma3):
     assert out["schema_version"] == 1
     assert {"bundle", "bundle_bytes", "threads", "repetitions", "peak_rss", "ceiling", "rows", "speedups"} <= set(out)
     assert out["peak_rss"] in ("row", "process")
-    assert {"bandwidth_gb_s", "weight_bytes", "tg_tokens_per_s"} == set(out["ceiling"])
+    assert {"bandwidth_gb_s", "weight_bytes", "tg_tokens_per_s", "by_prompt_tokens"} == set(out["ceiling"])
+    assert [c["prompt_tokens"] for c in out["ceiling"]["by_prompt_tokens"]] == [8, 60]
     rows = out["rows"]
     assert len(rows) == 8
     ran = [r for r in rows if not r["skipped"]]
@@ -625,8 +626,33 @@ def test_the_ceiling_is_the_measured_bandwidth_over_the_bytes_a_step_reads(tiny_
     monkeypatch.setattr(bandwidth, "measure_bandwidth", lambda threads=None: 2.5e9)
     weights = b.manifest["files"]["target.onnx.data"]["bytes"]
     b.manifest["files"]["drafter.onnx.data"] = {"bytes": 12345}  # a drafter's weights: plain decoding reads none
-    assert prof.ceiling(b, None) == pytest.approx({"bandwidth_gb_s": 2.5, "weight_bytes": weights,
-                                                   "tg_tokens_per_s": 2.5e9 / weights})
+    got = prof.ceiling(b, None)
+    assert got.pop("by_prompt_tokens") == []
+    assert got == pytest.approx({"bandwidth_gb_s": 2.5, "weight_bytes": weights, "tg_tokens_per_s": 2.5e9 / weights})
+
+
+def test_the_ceiling_at_each_prompt_length_counts_the_cache_its_steps_read(tiny_gemma3, monkeypatch):
+    """Generating 4 tokens after a prompt of p: the steps after the first attend to p, p + 1 and p + 2 cached
+    positions, each owning layer's keys and values in fp32, a sliding layer's within its window - 1."""
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.runtime import bandwidth
+    from edgemtp.runtime import profile as prof
+
+    b = bundle_mod.load(tiny_gemma3[2], verify=False)
+    monkeypatch.setattr(bandwidth, "measure_bandwidth", lambda threads=None: 2.5e9)
+    weights = b.manifest["files"]["target.onnx.data"]["bytes"]
+    slots = b.target_contract.kv
+    assert {bool(s.window) for s in slots} == {True, False}  # both kinds of layer are counted
+    window = min(s.window for s in slots if s.window)
+
+    def cache(c):  # bytes one step reads from the cache with c positions cached
+        return sum(2 * 4 * s.num_heads * s.head_dim * (min(c, window - 1) if s.window else c) for s in slots)
+
+    got = prof.ceiling(b, None, (window + 5, 2), 4)["by_prompt_tokens"]
+    want = [(p, weights + (cache(p) + cache(p + 1) + cache(p + 2)) / 3) for p in (2, window + 5)]
+    assert [(c["prompt_tokens"], c["read_bytes"]) for c in got] == [(p, round(r)) for p, r in want]
+    assert [c["tg_tokens_per_s"] for c in got] == pytest.approx([2.5e9 / r for _, r in want])
+    assert got[0]["read_bytes"] < got[1]["read_bytes"]
 
 
 def test_the_bandwidth_is_the_fastest_kernels_median_read(monkeypatch):
@@ -699,6 +725,12 @@ def test_every_format_puts_each_measure_in_its_own_column():
         "accept": "0.62", "tok/fwd": "2.25", "draft ms": "1.5", "verify ms": "7.2", "other ms": "0.8", "rss MB": "321"}
     assert ("bandwidth ceiling of plain decoding: 10.0 tokens/s (1.25 GB of weights per token at 12.5 GB/s); "
             "bundle 2.50 GB") in lines
+    cached = {**result["ceiling"], "by_prompt_tokens": [
+        {"prompt_tokens": 128, "read_bytes": 1_262_500_000, "tg_tokens_per_s": 9.9},
+        {"prompt_tokens": 2048, "read_bytes": 1_450_000_000, "tg_tokens_per_s": 8.62}]}
+    assert report.ceiling_line({**result, "ceiling": cached}) == (
+        "bandwidth ceiling of plain decoding: 10.0 tokens/s (1.25 GB of weights per token at 12.5 GB/s), with the "
+        "KV cache read: 9.9 at prompt 128, 8.6 at prompt 2048; bundle 2.50 GB")
     assert lines[-1] == "tg speedup vs no draft: lookup k=2 (batch 1, prompt 8): 1.25x — best: lookup k=2 at 1.25x"
 
 

@@ -62,8 +62,18 @@ def _csv(rows: list[dict]) -> str:
 def ceiling_line(result: dict) -> str:
     c = result["ceiling"]
     return (f"bandwidth ceiling of plain decoding: {c['tg_tokens_per_s']:.1f} tokens/s "
-            f"({c['weight_bytes'] / 1e9:.2f} GB of weights per token at {c['bandwidth_gb_s']:.1f} GB/s); "
-            f"bundle {result['bundle_bytes'] / 1e9:.2f} GB" + _peak_note(result))
+            f"({c['weight_bytes'] / 1e9:.2f} GB of weights per token at {c['bandwidth_gb_s']:.1f} GB/s)"
+            + _with_cache(c.get("by_prompt_tokens", []))
+            + f"; bundle {result['bundle_bytes'] / 1e9:.2f} GB" + _peak_note(result))
+
+
+def _with_cache(by_prompt: list[dict]) -> str:
+    """The ceiling at each prompt length, the KV cache the steps read counted too (none in a result that
+    ran no prompt length)."""
+    if not by_prompt:
+        return ""
+    return ", with the KV cache read: " + ", ".join(
+        f"{c['tg_tokens_per_s']:.1f} at prompt {c['prompt_tokens']}" for c in by_prompt)
 
 
 def _peak_note(result: dict) -> str:
