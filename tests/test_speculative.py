@@ -305,6 +305,18 @@ def test_prompt_lookup_helpers_and_options():
         PromptLookupDrafter(max_ngram=1, min_ngram=2)
 
 
+def test_last_match_is_the_most_recent_earlier_repeat():
+    """last_match against the definition, written out: the largest start s <= len-n-1 whose n tokens are the
+    last n (short random histories over 3 ids, so that repeats of every length are common)."""
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        h = rng.integers(0, 3, rng.integers(0, 30))
+        for n in range(0, 6):
+            want = max((s for s in range(len(h) - n) if n >= 1 and list(h[s:s + n]) == list(h[len(h) - n:])),
+                       default=None)
+            assert last_match(h, n) == want, (list(h), n)
+
+
 # ---------------------------------------------------------------- a numpy stand-in target
 
 class FakeTarget:

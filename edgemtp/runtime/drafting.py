@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Hashable, NamedTuple, Protocol, Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from ..errors import EdgemtpError
 from .kv_cache import KVCache
@@ -88,11 +87,12 @@ class PromptLookupDrafter:
 
     def propose(self, history: Sequence[int], k: int,
                 ctx: DraftContext | None = None) -> tuple[list[int], None]:
-        found = self.match(history)
+        h = np.asarray(history, np.int64)  # once a round: a list of every token so far
+        found = self.match(h)
         if found is None:
             return [], None
         n, start = found
-        return continuation(np.asarray(history, np.int64), start + n, k), None
+        return continuation(h, start + n, k), None
 
     def match(self, history: Sequence[int]) -> tuple[int, int] | None:
         """(n, start) of the longest repeat of the history's last n tokens (the most recent one), or None."""
@@ -171,8 +171,13 @@ def last_match(h: np.ndarray, n: int) -> int | None:
     """Start of the most recent occurrence of h[-n:] in h that is not the suffix itself, or None."""
     if n < 1 or len(h) <= n:
         return None
-    windows = sliding_window_view(h[:-1], n)  # starts 0 .. len-n-1: always followed by a token
-    hits = np.flatnonzero((windows == h[-n:]).all(axis=1))
+    # starts 0 .. len-n-1 (always followed by a token), compared one offset at a time: n whole-array compares,
+    # 3-7 us against sliding_window_view(...).all(axis=1)'s 19-23 (a 90-token history; every round, up to 3 n's)
+    starts = len(h) - n
+    hit = h[:starts] == h[-n]
+    for j in range(1, n):
+        hit &= h[j:starts + j] == h[j - n]
+    hits = np.flatnonzero(hit)
     return int(hits[-1]) if hits.size else None
 
 
