@@ -23,7 +23,7 @@ from edgemtp.drafter.train import TrainSpec, _schedule, train_drafter  # noqa: E
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import load_config as target_config  # noqa: E402
 from edgemtp.exporters.gemma3 import drafter_kv  # noqa: E402
-from edgemtp.runtime.drafter_session import DrafterSession, recent_ids, scatter  # noqa: E402
+from edgemtp.runtime.drafter_session import DrafterSession, last_columns, recent_ids, scatter  # noqa: E402
 from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
 from edgemtp.runtime.speculative import SpecStats  # noqa: E402
 
@@ -2268,3 +2268,15 @@ def test_greedy_output_is_plain_greedy_for_any_p_min(setup, mode):
         out = json.loads(CliRunner().invoke(cli, args + ["--draft-p-min", p_min]).stdout)
         assert out["tokens"] == plain["tokens"]
         assert mode == "hybrid" or len(out["stats"]["acceptance_by_position"]) == positions
+
+
+def test_last_columns_cuts_or_pads_to_the_width():
+    """A head's context input: each row's last `width` ids, -1 on the left of a shorter one; a new array each call
+    (the graph's input, never a view of the drafts' list)."""
+    recent = np.array([[5, 6, 7], [8, 9, 10]])
+    for width, want in ((2, [[6, 7], [9, 10]]), (3, [[5, 6, 7], [8, 9, 10]]),
+                        (5, [[-1, -1, 5, 6, 7], [-1, -1, 8, 9, 10]])):
+        got = last_columns(recent, width)
+        assert got.dtype == np.int64 and got.flags.c_contiguous and got.tolist() == want
+        assert not np.shares_memory(got, recent)
+    assert last_columns([[4]], 3).tolist() == [[-1, -1, 4]]
