@@ -2280,3 +2280,29 @@ def test_last_columns_cuts_or_pads_to_the_width():
         assert got.dtype == np.int64 and got.flags.c_contiguous and got.tolist() == want
         assert not np.shares_memory(got, recent)
     assert last_columns([[4]], 3).tolist() == [[-1, -1, 4]]
+
+
+def test_drafter_steps_keep_their_binding_and_hand_out_fresh_arrays(setup):
+    """A drafter's steps over a cache reuse one IOBinding (the inputs written into arrays it reads in place): each
+    step's outputs are a new session's (its first binding), the arrays earlier steps gave stay as they were (a
+    draft keeps each step's logits), and the rows' lengths are read anew at each step (a verify moves them)."""
+    _, bundle, _, ids = setup
+    engine, cache, hidden = run_target(bundle, ids)
+    rows, last = slice(0, len(LENGTHS)), ids[np.arange(len(LENGTHS)), list(LENGTHS)][:, None]
+    session = DrafterSession.load(bundle_mod.load(bundle))
+
+    def step(tok, state):
+        got = session.step(tok, state, cache, rows)
+        for a, b in zip(got, DrafterSession.load(bundle_mod.load(bundle)).step(tok, state, cache, rows)):
+            np.testing.assert_array_equal(a, b)
+        return got
+
+    first = step(last, hidden[:, None])
+    kept = [a.copy() for a in first]
+    later = step(first[0], first[2])  # the next step, from the first one's draft and state
+    _, h = engine.target.forward(last[:1], cache, rows=slice(0, 1))  # one more committed token in row 0
+    hidden[0] = h[0, -1]
+    later = step(later[0], hidden[:, None])
+    assert not np.array_equal(later[1], kept[1])
+    for a, b in zip(first, kept):
+        np.testing.assert_array_equal(a, b)

@@ -29,7 +29,7 @@ class KVCache:
         self.lengths = np.zeros(batch, np.int64)
         self._views: dict = {}
         self._window_views: dict = {}  # rows -> (offset, every layer's views, the sliding ones from it)
-        self.passes: dict = {}  # IOBindings over these buffers, kept by Target for small passes
+        self.passes: dict = {}  # IOBindings over these buffers, kept by Target for small passes and by the drafters
 
     def ort_values(self, rows: slice, window_offset: int = 0) -> dict[int, tuple[ort.OrtValue, ort.OrtValue]]:
         """OrtValues over the buffers of sequences `rows` (contiguous: the batch axis is first).
