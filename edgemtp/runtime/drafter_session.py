@@ -35,6 +35,9 @@ class DrafterSession:
         self.context = int(self.head.get("context", 0))  # recent token ids the head also scores
         self.outputs = [DRAFT_IDS, CANDIDATE_IDS, CANDIDATE_LOGITS, NEXT_HIDDEN] if self.clustered \
             else [DRAFT_IDS, LOGITS, NEXT_HIDDEN]
+        # a kept binding (_Step) reads its arrays in place, which only the CPU does: a device provider (CUDA,
+        # DirectML) copies each input when it is bound, and would draft every step from the first one's numbers
+        self.keeps_binding = set(session.get_providers()) == {"CPUExecutionProvider"}
 
     @classmethod
     def load(cls, bundle: bundle_mod.Bundle, provider: str = "cpu", threads: int | None = None,
@@ -79,6 +82,8 @@ class DrafterSession:
         feeds = {INPUT_IDS: ids, LAST_HIDDEN: hidden, POSITION_IDS: cache.lengths[rows][:, None]}
         if self.context:
             feeds[CONTEXT_IDS] = last_columns(ids if recent is None else recent, self.context)
+        if not self.keeps_binding:
+            return _Step(self, cache.ort_values(rows), feeds).run(feeds)
         key = (id(self), rows.start, rows.stop, *(np.shape(v) for v in feeds.values()))
         step = cache.passes.get(key)
         if step is None:
@@ -163,17 +168,18 @@ class DrafterSession:
 
 
 class _Step:
-    """An IOBinding for one drafter's steps over one cache's rows, kept in the cache as the target keeps its passes'
-    (runtime/target.py's _Pass). A binding made afresh each step (4 inputs copied into new OrtValues, the KV
-    buffers bound, the outputs bound and wrapped back) cost ~125 us of a step's Python, ~0.5 ms a round at K = 4
-    (Gemma 3 270M). Here the KV buffers stay bound, the inputs are arrays the binding reads in place (each step
-    writes its numbers into them), and the outputs are fresh OrtValues of the shapes the first step gave: arrays
-    handed out earlier (a draft's logits, kept step by step) are never overwritten."""
+    """An IOBinding for one drafter's steps over one cache's rows, kept in the cache (on the CPU: keeps_binding)
+    as the target keeps its passes' (runtime/target.py's _Pass). A binding made afresh each step (4 inputs copied
+    into new OrtValues, the KV buffers bound, the outputs bound and wrapped back) cost ~125 us of a step's Python,
+    ~0.5 ms a round at K = 4 (Gemma 3 270M). Here the KV buffers stay bound, the inputs are arrays the binding
+    reads in place (each step writes its numbers into them), and the outputs are fresh OrtValues of the shapes the
+    first step gave: arrays handed out earlier (a draft's logits, kept step by step) are never overwritten."""
 
     def __init__(self, drafter: "DrafterSession", kv: dict, feeds: dict):
         self.drafter, self.io = drafter, drafter.session.io_binding()  # drafter: keeps its id unique
         types = {INPUT_IDS: np.int64, LAST_HIDDEN: np.float32, POSITION_IDS: np.int64, CONTEXT_IDS: np.int64}
-        self.inputs = {name: np.zeros(np.shape(value), types[name]) for name, value in feeds.items()}
+        # the first step's numbers, bound: what a device provider copies at bind time (see keeps_binding)
+        self.inputs = {name: np.array(value, types[name]) for name, value in feeds.items()}
         for name, value in self.inputs.items():
             self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
         for layer in drafter.kv_layers:
