@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -29,6 +28,7 @@ from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
 from edgemtp.runtime.speculative import SpecStats  # noqa: E402
 
 from .cli_errors import assert_one_line_error  # noqa: E402
+from .device_session import DeviceSession  # noqa: E402
 from .fifo import mkfifo  # noqa: E402
 from .test_cli import _dev_full_is_full  # noqa: E402
 
@@ -2309,32 +2309,6 @@ def test_drafter_steps_keep_their_binding_and_hand_out_fresh_arrays(setup):
         np.testing.assert_array_equal(a, b)
 
 
-class _DeviceSession:
-    """An ONNX Runtime session as a GPU provider (CUDA, DirectML) runs it, on the CPU: its IOBinding copies each
-    input to the device when it is bound (onnxruntime's IOBinding::BindInput, CopyOneInputAcrossDevices), so
-    numbers written into a bound array afterwards are never read."""
-
-    def __init__(self, session):
-        self.session = session
-
-    def get_providers(self):
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-
-    def io_binding(self):
-        io, copies = self.session.io_binding(), []
-        bind = io.bind_ortvalue_input
-
-        def bind_copy(name, value):
-            copies.append(ort.OrtValue.ortvalue_from_numpy(value.numpy().copy()))
-            bind(name, copies[-1])
-
-        io.bind_ortvalue_input, io.copies = bind_copy, copies
-        return io
-
-    def __getattr__(self, name):
-        return getattr(self.session, name)
-
-
 def test_a_drafter_on_a_device_provider_binds_each_step_afresh(setup):
     """A provider that copies inputs to its device at bind time (CUDA, DirectML) would read a kept binding's
     first numbers at every step: the inputs the step wrote in place after it, and the KV cache as it was. Only a
@@ -2343,7 +2317,7 @@ def test_a_drafter_on_a_device_provider_binds_each_step_afresh(setup):
     engine, cache, hidden = run_target(bundle, ids)
     rows, last = slice(0, len(LENGTHS)), ids[np.arange(len(LENGTHS)), list(LENGTHS)][:, None]
     cpu = DrafterSession.load(bundle_mod.load(bundle))
-    device = DrafterSession(_DeviceSession(cpu.session), cpu.kv_layers, cpu.vocab_size, cpu.head)
+    device = DrafterSession(DeviceSession(cpu.session), cpu.kv_layers, cpu.vocab_size, cpu.head)
     tokens = last
     for _ in range(3):
         want = cpu.step(tokens, hidden[:, None], cache, rows)

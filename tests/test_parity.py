@@ -252,6 +252,28 @@ def test_reused_bindings_equal_fresh_ones(tmp_path, monkeypatch):
         np.testing.assert_array_equal(hidden, want_hidden)
 
 
+
+def test_a_target_on_a_device_provider_binds_each_pass_afresh(tmp_path):
+    """A provider that copies inputs to its device at bind time (CUDA, DirectML) would read a kept pass's first
+    numbers at every step: the ids and positions written in place after it, and the KV cache as it was then (the
+    steps since, which the pass wrote back, unread). Only a target on the CPU keeps its passes; elsewhere each
+    pass binds afresh, and its logits are the CPU's."""
+    from edgemtp.runtime.target import Target
+
+    from .device_session import DeviceSession
+
+    export(save_tiny(tiny("gemma3_text_mqa"), tmp_path / "model"), tmp_path / "bundle", capacity=64)
+    cpu = Engine.load(tmp_path / "bundle").target
+    device = Target(DeviceSession(cpu.session), cpu.contract)
+    ids = np.random.default_rng(3).integers(0, 96, size=(1, sum(CHUNKS)))
+    caches, start = (cpu.new_cache(1), device.new_cache(1)), 0
+    for n in CHUNKS:
+        want, got = (t.forward(ids[:, start:start + n], c, n_logits=n)[0] for t, c in zip((cpu, device), caches))
+        np.testing.assert_array_equal(got, want, err_msg=f"at position {start}")
+        start += n
+    assert not caches[1].passes
+
+
 def _parity_with_config(model, tmp_path, patch) -> None:
     """config.json patched as a checkpoint may have it, transformers' model reloaded from it, logits compared."""
     model_dir = save_tiny(model, tmp_path / "model")

@@ -32,6 +32,9 @@ class Target:
         self.session, self.contract = session, contract
         self._load_verify, self._verify = verify, None
         self._verify_lock = threading.Lock()  # threads sharing the target load the verify graph once
+        # a kept pass (_Pass) reads its arrays in place, which only the CPU does: a device provider (CUDA,
+        # DirectML) copies each input when it is bound, and would run every step on the first one's ids and KV
+        self.keeps_passes = set(session.get_providers()) == {"CPUExecutionProvider"}
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.contract.kv, batch, self.contract.capacity)
@@ -73,9 +76,9 @@ class Target:
             feeds[C.WINDOW_TOTAL_SEQ_LEN] = np.array(int(lengths.max()) + S - offset, np.int32)
         if self.contract.kv_update != "in_place":
             outputs = self._rows_pass(cache, rows, names, feeds, lengths, S)
-        elif S <= REUSED_PASS_MAX:
+        elif S <= REUSED_PASS_MAX and self.keeps_passes:
             outputs = self._reused_pass(cache, rows, offset, (n_logits, *names), feeds).run(feeds)
-        else:  # a prefill: bound once, run once
+        else:  # a prefill (or any pass off the CPU): bound once, run once
             outputs = _Pass(self, cache.ort_values(rows, offset), offset, tuple(names), feeds).run(feeds)
         cache.lengths[rows] += S
         return outputs
