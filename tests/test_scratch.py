@@ -172,3 +172,15 @@ def test_an_output_named_near_the_file_systems_limit_is_written(tiny_gemma3, tmp
     assert (tmp_path / name).read_text() == "trace"
     prefix = scratch.hidden_prefix(tmp_path / name, "edgemtp-fp32-")
     assert prefix == "." + "x" + "é" * 99 + ".edgemtp-fp32-" and len(os.fsencode(prefix)) <= 255 - 8
+
+
+def test_a_trace_whose_name_has_a_long_suffix_is_written(tmp_path):
+    """into_place's temporary name ends with the output's suffix (matplotlib reads the format from it): a name
+    near the limit with an early dot ('run.1-' and 240 more bytes: all of it after the dot is the suffix) still
+    failed `File name too long` naming the temporary path. A suffix too long to fit is no format; it is left out."""
+    from edgemtp.runtime.profile_report import into_place
+
+    for name in ("run.1-" + "x" * 240, "y" * 240 + ".json"):
+        into_place(tmp_path / name, lambda path: open(path, "w").write(name))
+        assert (tmp_path / name).read_text() == name
+    assert sorted(os.listdir(tmp_path)) == sorted(["run.1-" + "x" * 240, "y" * 240 + ".json"])

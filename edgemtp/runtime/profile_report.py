@@ -182,8 +182,11 @@ def plot(result: dict, out: Path) -> None:
 def into_place(out: Path, write) -> None:
     """`write(path)` into a temporary file beside `out`, then renamed to it: a kill or a full disk midway leaves
     whatever `out` was (it left a partial file)."""
-    out = Path(out)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=hidden_prefix(out), suffix=out.suffix)  # the suffix: the format
+    out, prefix = Path(out), hidden_prefix(out)
+    # the suffix: the format (matplotlib's). One too long for the name's 255 bytes with the prefix and mkstemp's 8
+    # characters ('run.1-...': all after an early dot) is no format: left out, it failed 'File name too long'
+    suffix = out.suffix if len(os.fsencode(prefix + out.suffix)) + 8 <= 255 else ""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=prefix, suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
