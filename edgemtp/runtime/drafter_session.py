@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..contract import (CANDIDATE_IDS, CANDIDATE_LOGITS, CONTEXT_IDS, DRAFT_IDS, INPUT_IDS, LAST_HIDDEN, LOGITS,
                         NEXT_HIDDEN, POSITION_IDS)
 from ..errors import EdgemtpError
+from .binding import KeptBinding, reads_in_place
 
 
 class DrafterSession:
@@ -35,9 +35,7 @@ class DrafterSession:
         self.context = int(self.head.get("context", 0))  # recent token ids the head also scores
         self.outputs = [DRAFT_IDS, CANDIDATE_IDS, CANDIDATE_LOGITS, NEXT_HIDDEN] if self.clustered \
             else [DRAFT_IDS, LOGITS, NEXT_HIDDEN]
-        # a kept binding (_Step) reads its arrays in place, which only the CPU does: a device provider (CUDA,
-        # DirectML) copies each input when it is bound, and would draft every step from the first one's numbers
-        self.keeps_binding = set(session.get_providers()) == {"CPUExecutionProvider"}
+        self.keeps_binding = reads_in_place(session)  # steps keep their binding (_step) on the CPU only
 
     @classmethod
     def load(cls, bundle: bundle_mod.Bundle, provider: str = "cpu", threads: int | None = None,
@@ -83,11 +81,11 @@ class DrafterSession:
         if self.context:
             feeds[CONTEXT_IDS] = last_columns(ids if recent is None else recent, self.context)
         if not self.keeps_binding:
-            return _Step(self, cache.ort_values(rows), feeds).run(feeds)
+            return _step(self, cache.ort_values(rows), feeds).run(feeds)
         key = (id(self), rows.start, rows.stop, *(np.shape(v) for v in feeds.values()))
         step = cache.passes.get(key)
         if step is None:
-            step = cache.passes[key] = _Step(self, cache.ort_values(rows), feeds)
+            step = cache.passes[key] = _step(self, cache.ort_values(rows), feeds)
         return step.run(feeds)
 
     def head_step(self, ids: np.ndarray, hidden: np.ndarray, cache, rows: slice, recent: np.ndarray | None = None
@@ -167,42 +165,14 @@ class DrafterSession:
         return tokens, q
 
 
-class _Step:
-    """An IOBinding for one drafter's steps over one cache's rows, kept in the cache (on the CPU: keeps_binding)
-    as the target keeps its passes' (runtime/target.py's _Pass). A binding made afresh each step (4 inputs copied
-    into new OrtValues, the KV buffers bound, the outputs bound and wrapped back) cost ~125 us of a step's Python,
-    ~0.5 ms a round at K = 4 (Gemma 3 270M). Here the KV buffers stay bound, the inputs are arrays the binding
-    reads in place (each step writes its numbers into them), and the outputs are fresh OrtValues of the shapes the
-    first step gave: arrays handed out earlier (a draft's logits, kept step by step) are never overwritten."""
-
-    def __init__(self, drafter: "DrafterSession", kv: dict, feeds: dict):
-        self.drafter, self.io = drafter, drafter.session.io_binding()  # drafter: keeps its id unique
-        types = {INPUT_IDS: np.int64, LAST_HIDDEN: np.float32, POSITION_IDS: np.int64, CONTEXT_IDS: np.int64}
-        # the first step's numbers, bound: what a device provider copies at bind time (see keeps_binding)
-        self.inputs = {name: np.array(value, types[name]) for name, value in feeds.items()}
-        for name, value in self.inputs.items():
-            self.io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
-        for layer in drafter.kv_layers:
-            self.io.bind_ortvalue_input(C.past_key(layer), kv[layer][0])
-            self.io.bind_ortvalue_input(C.past_value(layer), kv[layer][1])
-        self.shapes: list | None = None  # of the outputs, known after the first step
-
-    def run(self, feeds: dict) -> list[np.ndarray]:
-        for name, value in feeds.items():
-            self.inputs[name][...] = value
-        names = self.drafter.outputs
-        if self.shapes is None:
-            for name in names:
-                self.io.bind_output(name)
-            self.drafter.session.run_with_iobinding(self.io)
-            outputs = self.io.get_outputs()
-            self.shapes = [(o.shape(), o.numpy().dtype) for o in outputs]
-            return [o.numpy() for o in outputs]
-        outputs = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype) for shape, dtype in self.shapes]
-        for name, value in zip(names, outputs):
-            self.io.bind_ortvalue_output(name, value)
-        self.drafter.session.run_with_iobinding(self.io)
-        return [o.numpy() for o in outputs]
+def _step(drafter: DrafterSession, kv: dict, feeds: dict) -> KeptBinding:
+    """A binding for one drafter's steps over one cache's rows (runtime/binding.py): the KV buffers read as past."""
+    types = {INPUT_IDS: np.int64, LAST_HIDDEN: np.float32, POSITION_IDS: np.int64, CONTEXT_IDS: np.int64}
+    past = {}
+    for layer in drafter.kv_layers:
+        past[C.past_key(layer)], past[C.past_value(layer)] = kv[layer]
+    return KeptBinding(drafter, drafter.session, {name: np.array(value, types[name]) for name, value in feeds.items()},
+                       past, {}, tuple(drafter.outputs))
 
 
 def recent_ids(histories: Sequence[Sequence[int]], width: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from .. import contract as C
 from ..errors import EdgemtpError
+from .binding import KeptBinding, reads_in_place
 from .head_pages import HeadTables
 from .heap import release_freed_memory
 from .kv_cache import KVCache
@@ -32,9 +33,7 @@ class Target:
         self.session, self.contract = session, contract
         self._load_verify, self._verify = verify, None
         self._verify_lock = threading.Lock()  # threads sharing the target load the verify graph once
-        # a kept pass (_Pass) reads its arrays in place, which only the CPU does: a device provider (CUDA,
-        # DirectML) copies each input when it is bound, and would run every step on the first one's ids and KV
-        self.keeps_passes = set(session.get_providers()) == {"CPUExecutionProvider"}
+        self.keeps_passes = reads_in_place(session)  # small passes keep their binding (_Pass) on the CPU only
 
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.contract.kv, batch, self.contract.capacity)
@@ -130,43 +129,18 @@ class Target:
 REUSED_PASS_MAX = 16
 
 
-class _Pass:
-    """An IOBinding for passes of one shape over one cache's rows (in-place KV), kept for small passes.
-
-    Binding every input and the 2 x layers KV buffers afresh cost ~0.6 ms per step (Gemma 3 270M: 72 KV
-    bindings, 7 small inputs copied into new OrtValues, 38 outputs wrapped back), 1-2% of an fp32 decode
-    step. Here the KV buffers stay bound, the small inputs are numpy arrays the binding reads in place
-    (each pass writes its numbers into them), and the outputs the caller asked for are fresh OrtValues of
-    the shape the first pass gave, so arrays handed out earlier are never overwritten."""
+class _Pass(KeptBinding):
+    """A kept binding (runtime/binding.py) for passes of one shape over one cache's rows: the KV buffers bound as
+    past and present (in place) from the window view at `offset`."""
 
     def __init__(self, target: Target, kv: dict, offset: int, names: tuple, feeds: dict):
-        self.target, self.offset, self.names = target, offset, names  # target: keeps id(target) unique
-        self.io = io = target.session.io_binding()
-        self.inputs = {name: np.array(value) for name, value in feeds.items()}
-        for name, value in self.inputs.items():
-            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+        past, present = {}, {}
         for layer, (k, v) in kv.items():
-            io.bind_ortvalue_input(C.past_key(layer), k)
-            io.bind_ortvalue_input(C.past_value(layer), v)
-            io.bind_ortvalue_output(C.present_key(layer), k)
-            io.bind_ortvalue_output(C.present_value(layer), v)
-        self.shapes: list | None = None  # of the named outputs, known after the first pass
-
-    def run(self, feeds: dict) -> list[np.ndarray]:
-        for name, value in feeds.items():
-            self.inputs[name][...] = value
-        if self.shapes is None:
-            for name in self.names:
-                self.io.bind_output(name)
-            self.target.session.run_with_iobinding(self.io)
-            outputs = self.io.get_outputs()[-len(self.names):]  # in binding order: the KV buffers came first
-            self.shapes = [(o.shape(), o.numpy().dtype) for o in outputs]
-            return [o.numpy() for o in outputs]
-        outputs = [ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype) for shape, dtype in self.shapes]
-        for name, value in zip(self.names, outputs):
-            self.io.bind_ortvalue_output(name, value)
-        self.target.session.run_with_iobinding(self.io)
-        return [o.numpy() for o in outputs]
+            past[C.past_key(layer)], past[C.past_value(layer)] = k, v
+            present[C.present_key(layer)], present[C.present_value(layer)] = k, v
+        super().__init__(target, target.session, {name: np.array(value) for name, value in feeds.items()}, past,
+                         present, names)
+        self.offset = offset
 
 
 def verify_loader(b: Bundle, provider: str, threads: int | None, mtp: bool, fast: bool,
