@@ -8,6 +8,7 @@ The tiny model has a vocabulary of 1,024 and a capacity of 1,024: the scripts fe
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import runpy
@@ -247,8 +248,10 @@ def test_no_attention_and_perf_table(tiny, capsys, monkeypatch, tmp_path):
     ("head_recall.py", ("--cache", "{missing}"), "no cached hidden states for code/calib"),
 ])
 def test_what_needs_another_package_or_data_says_so(tiny, capsys, monkeypatch, tmp_path, script, args, message):
-    if script == "vs_llamacpp.py" and __import__("importlib").util.find_spec("llama_cpp"):
+    if script == "vs_llamacpp.py" and importlib.util.find_spec("llama_cpp"):
         pytest.skip("llama-cpp-python is installed")
+    if script == "vs_ortgenai.py" and not importlib.util.find_spec("onnxruntime_genai"):  # not a test dependency
+        message = "onnxruntime-genai is not installed: pip install onnxruntime-genai"
     with pytest.raises(SystemExit) as e:
         run(script, *(a.format(missing=tmp_path / "headcal", **tiny) for a in args), capsys=capsys,
             monkeypatch=monkeypatch)
