@@ -581,8 +581,12 @@ def test_a_signal_ends_the_command_with_the_shells_status(chat_bundle, signum, s
     SIGTERM with 143, as a shell reports a process they killed, with no traceback and stdout holding only
     what was complete: the chat blocked on its pipe after one reply. A SIGINT gave click's status 1, which a
     script could not tell from a failure of the command's own."""
-    p = subprocess.Popen([sys.executable, "-m", "edgemtp", "chat", str(chat_bundle), "--json", "--max-new-tokens",
-                          "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # SIGINT at Python's own handler: pytest run as a shell script's background job (`pytest &`) ignores SIGINT,
+    # as POSIX shells set such jobs, and its children inherit that (the case then ended with status 0)
+    code = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from edgemtp.cli import main; main()")
+    p = subprocess.Popen([sys.executable, "-c", code, "chat", str(chat_bundle), "--json", "--max-new-tokens", "2"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         p.stdin.write(b"t3\n")
         p.stdin.flush()
