@@ -20,6 +20,7 @@ from edgemtp.errors import EdgemtpError
 from edgemtp.runtime.engine import Engine
 
 from .cli_errors import assert_one_line_error
+from .closing import close_while_held
 
 
 def run(*args):
@@ -509,7 +510,6 @@ def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
     """Engine.close while another thread's generation is inside a pass (README): a generate or stream stops with the
     closed-engine error at its next token, a generate_batch finishes with a lone call's tokens; no crash, no other
     error from inside the runtime."""
-    import threading
 
     from edgemtp.runtime.engine import Draft, Engine
 
@@ -530,14 +530,7 @@ def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
                 except EdgemtpError as e:
                     out.append(e)
 
-            thread = threading.Thread(target=run, daemon=True)
-            thread.start()
-            try:  # released whatever happens here: a generation left waiting kept the test run from exiting
-                assert inside.wait(60)
-                engine.close()
-            finally:
-                go.set()
-            thread.join(60)
+            thread = close_while_held(engine, run, inside, go)
             assert not thread.is_alive(), name
             if name == "batch":
                 assert out == [want]

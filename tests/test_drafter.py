@@ -28,6 +28,7 @@ from edgemtp.runtime.engine import Draft, Engine  # noqa: E402
 from edgemtp.runtime.speculative import SpecStats  # noqa: E402
 
 from .cli_errors import assert_one_line_error  # noqa: E402
+from .closing import close_while_held  # noqa: E402
 from .device_session import DeviceSession  # noqa: E402
 from .fifo import mkfifo  # noqa: E402
 from .test_cli import _dev_full_is_full  # noqa: E402
@@ -1340,14 +1341,7 @@ def test_an_engine_closed_while_its_mtp_drafter_loads_lets_go_of_it(setup, monke
         except EdgemtpError as e:
             errors.append(str(e))
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:  # released whatever happens here: a load left waiting kept the test run from exiting
-        assert inside.wait(60)
-        engine.close()
-    finally:
-        go.set()
-    thread.join(60)
+    thread = close_while_held(engine, run, inside, go)
     assert not thread.is_alive()
     assert errors == ["the engine was closed (Engine.close, or the end of its with block): load it again"]
     assert engine._drafters == {} and loaded[0]() is None
