@@ -725,7 +725,8 @@ def test_a_stream_left_early_reports_its_drafting(models):
             break
     stream.close()
     r = results[0]
-    assert len(r.tokens) < 40 and not r.stop_reason  # left early
+    assert len(r.tokens) < 40 and r.stop_reason == "closed"  # left early: said so, not ""
+    assert (stats.stop_reason, stats.stop_reasons) == ("closed", ["closed"])
     assert (stats.rounds, stats.drafted, stats.accepted) == (r.rounds, r.drafted, r.accepted) and r.accepted > 0
     assert (sum(stats.drafted_at), sum(stats.accepted_at)) == (r.drafted, r.accepted)
     # each round emits its accepted drafts and the target's own token (no stop cuts a run here)
@@ -737,6 +738,44 @@ def test_a_stream_left_early_reports_its_drafting(models):
     got = [t for t, _ in zip(tokens, range(13))]
     tokens.close()
     assert stats.rounds > 0 and stats.decode_tokens == stats.rounds + stats.accepted >= len(got) - 1  # whole rounds
+    assert (stats.stop_reason, stats.stop_reasons) == ("closed", ["closed"])
+
+
+def test_a_closed_stream_says_so_in_its_stop_reason(models):
+    """stop_reason "closed" for a stream its reader closed before its end (an app cancelling a request), for
+    every kind of stream; rows of a batch that had ended keep their own reason; a stream read to its end is not
+    "closed" by a close after it."""
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.stats import Stats
+
+    engine = models["gemma3_text", 64]
+    prompt = _prompts(engine)[1][1]
+    text = engine.decode(prompt)
+    for draft in (None, Draft("lookup", 3)):
+        makes = {"token_stream": lambda stats: engine.token_stream(prompt, 20, draft=draft, stats=stats),
+                 "stream": lambda stats: engine.stream(text, 20, draft=draft, stats=stats)}
+        for name, make in makes.items():
+            stats = SpecStats() if draft else Stats()
+            stream = make(stats)
+            next(stream), next(stream)
+            stream.close()
+            assert stats.stop_reason == "closed", (name, draft)
+            stats = SpecStats() if draft else Stats()
+            stream = make(stats)
+            list(stream)
+            stream.close()
+            assert stats.stop_reason == "max new tokens", (name, draft)
+    # a batch whose first row has met its stop token while the second still generates
+    stats, results = SpecStats(), [spec.SeqResult([]), spec.SeqResult([])]
+    plain = engine.generate(text, 6).tokens
+    stream = Speculative(engine.target, PromptLookupDrafter(), k=3).stream(
+        [prompt, prompt[:3]], 30, stop_ids=[plain[1]], stats=stats, results=results)
+    for row, _ in stream:
+        if results[0].stop_reason and len(results[1].tokens) > 2 and not results[1].stop_reason:
+            break
+    stream.close()
+    assert results[0].stop_reason == "stop token" and results[1].stop_reason == "closed"
+    assert stats.stop_reasons == ["stop token", "closed"] and stats.stop_reason == "stop token; closed"
 
 
 def test_drafter_context_carries_the_verified_hidden_state(models):

@@ -137,7 +137,7 @@ def json_reply(engine, messages: list, max_new_tokens: int, sampling, draft, int
             raise
         tokens.close()
         gen.stats.stop_reason = "interrupted"
-        if hasattr(gen.stats, "stop_reasons"):  # drafting's per-row reasons, which the stream left early never set
+        if hasattr(gen.stats, "stop_reasons"):  # drafting's per-row reasons, which the closed stream set "closed"
             gen.stats.stop_reasons = ["interrupted"]
     gen.text = engine.decode(gen.tokens)
     return gen

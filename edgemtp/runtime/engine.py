@@ -6,6 +6,7 @@ import os
 import threading
 import time
 import warnings
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from .kept_cache import KeptCache
 from .loading import CLOSED, Closed, Streams, load_engine
 from .sampling import Sampling, is_bool, pick
 from .session import runs_on_cpu
-from .stats import Stats, copy_plain_stats
+from .stats import STREAM_CLOSED, Stats, copy_plain_stats
 from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_max_new_tokens, check_request, check_text,
                        new_stats)
@@ -231,7 +232,11 @@ class Engine:
                 seen = [*prompt_ids, *generated] if sampling.penalized else ()  # for the repetition penalty
                 token = pick(logits[0, -1], sampling, rng, seen)
                 generated.append(token)
-                yield token
+                try:
+                    yield token
+                except GeneratorExit:  # the app closed the stream (or the engine): say so, not ""
+                    stats.stop_reason = STREAM_CLOSED
+                    raise
                 if reason := stops.reason(generated):
                     stats.stop_reason = reason
                     break
@@ -332,13 +337,14 @@ class Engine:
         own = stats if stats is None or isinstance(stats, SpecStats) else SpecStats()  # reset by token_stream
         cache, cached = self.kept.take(prompt_ids)
         results = [SeqResult([])]
+        rounds = spec.stream([prompt_ids], max_new_tokens, sampling, stops, own, results, cache, cached)
         try:
             with self.kept.keeping(cache, prompt_ids, results[0].tokens):
-                for _row, tokens in spec.stream([prompt_ids], max_new_tokens, sampling, stops, own, results,
-                                                cache, cached):
+                for _row, tokens in rounds:
                     copy_plain_stats(own, stats)  # filled as generation goes, as without drafting
                     yield from tokens
         finally:
+            rounds.close()  # closed with this stream, not when collected: its stats say so (stop_reason "closed")
             copy_plain_stats(own, stats)
 
     def generate(self, prompt: str | list[dict], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
@@ -417,15 +423,16 @@ class Engine:
 
     def _pieces(self, tokens: Iterator[int], stops: Stops) -> Iterator[str]:
         text_of, shown = IncrementalDecoder(self._text), ""
-        for token in tokens:
-            text = text_of.add(token)
-            if text.endswith("\ufffd"):
-                continue
-            text = stops.shown(text)
-            if text == shown or not text.startswith(shown):
-                continue
-            yield text[len(shown):]
-            shown = text
+        with closing(tokens):  # closed with this stream, not when collected: its stats say so at once
+            for token in tokens:
+                text = text_of.add(token)
+                if text.endswith("\ufffd"):
+                    continue
+                text = stops.shown(text)
+                if text == shown or not text.startswith(shown):
+                    continue
+                yield text[len(shown):]
+                shown = text
         # what was held back when generation stopped (a cut character: U+FFFD)
         text = stops.cut(self._text(text_of.ids))
         if text != shown:

@@ -37,7 +37,7 @@ from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .requests import check_request
 from .sampling import Sampling, pick
-from .stats import Stats
+from .stats import STREAM_CLOSED, Stats
 from .stops import Stops
 from .kv_cache import KVCache
 from .target import Target
@@ -163,23 +163,29 @@ class Speculative:
         stats.prefill_tokens += sum(len(p) for p in prompts) - cached
         stats.cached_tokens += cached
         stats.prefill_s += time.perf_counter() - t0
-        for s in seqs:
-            yield s.row, list(s.out.tokens)
-        t1 = time.perf_counter()
         base = (stats.rounds, stats.drafted, stats.accepted, list(stats.drafted_at), list(stats.accepted_at))
-        while active := [s for s in seqs if not s.out.stop_reason]:
-            before = {s.row: len(s.out.tokens) for s in active}
-            self._round(active, cache, sampling, stops, max_new_tokens, stats)
-            stats.decode_s = time.perf_counter() - t1
-            # counted round by round, as decode_s: a stream's reader sees tokens_per_s as it goes (it read 0
-            # until the end), and a stream left early still counts what it gave
-            stats.decode_tokens += sum(len(s.out.tokens) - before[s.row] for s in active)
+        try:
+            for s in seqs:
+                yield s.row, list(s.out.tokens)
+            t1 = time.perf_counter()
+            while active := [s for s in seqs if not s.out.stop_reason]:
+                before = {s.row: len(s.out.tokens) for s in active}
+                self._round(active, cache, sampling, stops, max_new_tokens, stats)
+                stats.decode_s = time.perf_counter() - t1
+                # counted round by round, as decode_s: a stream's reader sees tokens_per_s as it goes (it read 0
+                # until the end), and a stream left early still counts what it gave
+                stats.decode_tokens += sum(len(s.out.tokens) - before[s.row] for s in active)
+                _tally(stats, base, seqs)
+                for s in active:
+                    yield s.row, s.out.tokens[before[s.row]:]
+        except GeneratorExit:  # the app closed the stream (or the engine): rows it cut short say so
+            for s in seqs:
+                s.out.stop_reason = s.out.stop_reason or STREAM_CLOSED
+            raise
+        finally:
             _tally(stats, base, seqs)
-            for s in active:
-                yield s.row, s.out.tokens[before[s.row]:]
-        _tally(stats, base, seqs)
-        stats.stop_reasons = [s.out.stop_reason for s in seqs]
-        stats.stop_reason = "; ".join(dict.fromkeys(stats.stop_reasons))
+            stats.stop_reasons = [s.out.stop_reason for s in seqs]
+            stats.stop_reason = "; ".join(dict.fromkeys(stats.stop_reasons))
 
     def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
                  rng: np.random.Generator, cached: int = 0) -> _Seq:

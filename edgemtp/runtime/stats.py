@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+STREAM_CLOSED = "closed"  # the stop_reason of a stream its reader closed (or Engine.close ended) before its end
+
 
 @dataclass
 class Stats:
