@@ -20,6 +20,7 @@ import math
 import statistics
 
 from edgemtp.runtime.engine import Draft, Engine
+from edgemtp.errors import script_main
 
 from lookup_ngram import PROMPTS  # noqa: E402  (this directory: the same five prompts)
 
@@ -68,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -18,6 +18,7 @@ import numpy as np
 
 import edgemtp.runtime.target as T
 from edgemtp.runtime.engine import Draft, Engine
+from edgemtp.errors import script_main
 
 MODES = {"reused": 16, "fresh": 0}
 
@@ -77,4 +78,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

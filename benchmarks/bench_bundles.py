@@ -21,6 +21,7 @@ import numpy as np
 from edgemtp import bundle as bundle_mod
 from edgemtp.runtime.drafter_session import DrafterSession
 from edgemtp.runtime.engine import Draft, Engine
+from edgemtp.errors import script_main
 
 ROOT = Path(__file__).parent.parent
 PROMPTS = {"code": (ROOT / "edgemtp" / "cli" / "build.py").read_text()[:2000],
@@ -101,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -33,6 +33,7 @@ import numpy as np
 from edgemtp.runtime.bandwidth import BandwidthProbe, decode_bytes, kv_read_bytes, measure_bandwidth
 from edgemtp.runtime.engine import Engine
 from edgemtp.runtime.head_pages import pmd_mapped
+from edgemtp.errors import script_main
 
 
 def step_time(engine: Engine, context: int, steps: int = 16) -> float:
@@ -190,4 +191,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

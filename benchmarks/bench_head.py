@@ -46,6 +46,7 @@ import onnxruntime as ort
 
 from edgemtp.exporters import builder, head
 from edgemtp.exporters.builder import FLOAT, GraphBuilder
+from edgemtp.errors import script_main
 
 SHAPES = {"270m": (262_144, 640), "e2b": (262_144, 1536)}
 CLUSTERS, TOP_K, CONTEXT = 2048, 32, 64
@@ -245,4 +246,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -37,6 +37,7 @@ from edgemtp import contract as C
 from edgemtp.runtime.bandwidth import BandwidthProbe
 from edgemtp.runtime.session import make_session
 from edgemtp.runtime.target import Target
+from edgemtp.errors import script_main
 
 KINDS = ("packed", "packed transB", "GEMV", "GEMV transB")
 
@@ -225,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

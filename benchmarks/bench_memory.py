@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgemtp.errors import script_main
+
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, sys, time
@@ -87,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from edgemtp.runtime.engine import Draft, Engine
+from edgemtp.errors import script_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

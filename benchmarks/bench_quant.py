@@ -33,6 +33,7 @@ import numpy as np
 from edgemtp.evaluate import kl_divergence, text_windows
 from edgemtp.exporters.quantize import quantize_bundle
 from edgemtp.runtime.engine import Engine
+from edgemtp.errors import script_main
 
 NEW_TOKENS, PROMPT_TOKENS, REPEATS, WINDOW, STEP = 64, 128, 3, 512, 64
 
@@ -184,4 +185,4 @@ def report(fp32: Path, bundles: dict, speed: dict, how: str, quality: dict) -> N
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -22,7 +22,7 @@ import edgemtp  # noqa: F401  (first: OpenBLAS's threads must not spin after num
 import argparse
 import statistics
 
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, script_main
 from edgemtp.runtime.engine import Draft, Engine
 from edgemtp.runtime.sampling import Sampling
 
@@ -86,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

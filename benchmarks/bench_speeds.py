@@ -18,6 +18,7 @@ from bench_decode import step_time
 from bench_quant import decode_speeds
 
 from edgemtp.runtime.engine import Engine
+from edgemtp.errors import script_main
 
 
 def main() -> None:
@@ -51,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -20,6 +20,7 @@ import warnings
 
 from edgemtp.runtime.engine import Draft, Engine
 from edgemtp.runtime.speculative import SpecStats
+from edgemtp.errors import script_main
 
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 
@@ -58,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -16,9 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
+from edgemtp.checkpoint import open_tokenizer
 from edgemtp.runtime.detokenizer import IncrementalDecoder, decode_text
+from edgemtp.errors import script_main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="500,1000,2000,4000")
     ap.add_argument("--repetitions", type=int, default=3)
     args = ap.parse_args()
-    tok = Tokenizer.from_file(str(args.tokenizer))
+    tok = open_tokenizer(args.tokenizer)
     text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "measurements.md").read_text()
     ids = tok.encode(text, add_special_tokens=False).ids
     window = 50  # tokens timed at the end of each length
@@ -57,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -33,7 +33,7 @@ import numpy as np
 from edgemtp import bundle as bundle_mod
 from edgemtp.drafter import data as D
 from edgemtp.drafter.export import write
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, script_main
 from edgemtp.runtime.drafter_session import DrafterSession, recent_ids
 from edgemtp.runtime.drafting import PromptLookupDrafter
 from edgemtp.runtime.engine import Engine
@@ -285,4 +285,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemtp.exporters import builder, gemma4
+from edgemtp.errors import script_main
 
 ROW_BLOCK_BYTES = 64 << 20
 
@@ -173,4 +174,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemtp.errors import script_main
+
 CACHE = Path("/tmp/headcal")
 GGUF_NAME = "gemma3-270m-q4_k_m.gguf"
 CHUNK = 512
@@ -222,4 +224,4 @@ if __name__ == "__main__":
     ap.add_argument("--heldout-tokens", type=int,
                     help=f"held-out tokens per domain (default {BUDGET['code', 'heldout'][0]})")
     args = ap.parse_args()
-    collect(args.cache, args.bundle, {"calib": args.calib_tokens, "heldout": args.heldout_tokens})
+    script_main(lambda: collect(args.cache, args.bundle, {"calib": args.calib_tokens, "heldout": args.heldout_tokens}))

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from edgemtp.calibration.head_report import load_head
 from edgemtp.exporters import builder
 from edgemtp.exporters import head as H
+from edgemtp.errors import script_main
 from head_data import CACHE, load_split
 
 SHIPPED = Path(__file__).resolve().parent.parent / "edgemtp" / "drafters" / "gemma3-270m"
@@ -67,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

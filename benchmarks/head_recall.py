@@ -55,6 +55,7 @@ import numpy as np
 from edgemtp.calibration import centroids as ce
 from edgemtp.calibration.clustering import HeadTables, cluster_vocab
 from edgemtp.calibration.head_report import TOP_KS, load_head, recall_figures, save_head
+from edgemtp.errors import script_main
 
 CLUSTERS = 2048
 TOP = 64  # calibration top tokens used for fitting
@@ -259,4 +260,4 @@ def recent_tokens(ids: np.ndarray, width: int) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -25,6 +25,7 @@ from edgemtp.runtime.drafting import NoDrafter, PromptLookupDrafter
 from edgemtp.runtime.engine import Engine
 from edgemtp.runtime.sampling import Sampling
 from edgemtp.runtime.speculative import Speculative, SpecStats
+from edgemtp.errors import script_main
 
 ROOT = Path(__file__).parent.parent
 PROMPTS = {"build.py": (ROOT / "edgemtp" / "cli" / "build.py").read_text()[:2000],
@@ -61,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

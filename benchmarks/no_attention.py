@@ -24,6 +24,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from edgemtp.errors import script_main
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

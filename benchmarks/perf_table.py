@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from edgemtp.drafter import data
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, script_main
 from edgemtp.runtime import profile as prof
 from edgemtp.runtime.profile_report import ceiling_line
 
@@ -79,4 +79,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

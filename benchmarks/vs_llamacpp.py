@@ -19,6 +19,7 @@ from pathlib import Path
 import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS (see its docstring)
 import numpy as np
 
+from edgemtp.errors import script_main
 from edgemtp.runtime.engine import Engine
 from edgemtp.runtime.stats import Stats
 
@@ -83,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

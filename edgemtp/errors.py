@@ -2,6 +2,7 @@
 
 import os
 import stat
+import sys
 
 
 class EdgemtpError(Exception):
@@ -53,3 +54,13 @@ def missing(path) -> str:
     """'missing' where nothing is at `path`, else not_a_file's 'is a directory, not a file': for a message
     about a file a directory needs (config.json, tokenizer.json)."""
     return not_a_file(path) if os.path.exists(path) else "missing"
+
+
+def script_main(main) -> None:
+    """Runs a hand-run script's main (benchmarks/): a user mistake (a bad bundle, flag or value) is its
+    message on one line and exit status 2, as in the CLI, not a traceback."""
+    try:
+        main()
+    except EdgemtpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

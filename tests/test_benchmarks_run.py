@@ -143,9 +143,9 @@ def test_bench_prefix_reuse(tiny, capsys, monkeypatch):
     out = run("bench_prefix_reuse.py", tiny["mtp"], "--turns", 2, "--gen-tokens", 4,
               capsys=capsys, monkeypatch=monkeypatch)
     rows = [s.split() for s in out.splitlines()[1:]]
-    assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "True" for r in rows)
-    assert int(rows[1][2]) < int(rows[1][1]) == int(rows[1][3])  # the second turn's prompt runs only its new part
-    assert sane([float(r[-2].rstrip("x")) for r in rows])
+    assert [r[0] for r in rows] == ["1", "2"] and all(r[-1] == "True" for r in rows), out
+    assert int(rows[1][2]) < int(rows[1][1]) == int(rows[1][3]), out  # the second turn runs only its new part
+    assert sane([float(r[-2].rstrip("x")) for r in rows]), out
 
 
 def test_bench_quant(tiny, capsys, monkeypatch, tmp_path):
@@ -256,6 +256,24 @@ def test_what_needs_another_package_or_data_says_so(tiny, capsys, monkeypatch, t
         run(script, *(a.format(missing=tmp_path / "headcal", **tiny) for a in args), capsys=capsys,
             monkeypatch=monkeypatch)
     assert message in str(e.value.code)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bench_prefix_reuse.py", ("{plain}", "--draft", "mtp")),  # no MTP drafter in the bundle
+    ("bench_sampling.py", ("{plain}", "--gen-tokens", "0")),
+    ("bench_speeds.py", ("{missing}",)),
+    ("bench_stream_text.py", ("{missing}",)),
+])
+def test_a_user_mistake_is_one_line_not_a_traceback(tiny, capsys, monkeypatch, tmp_path, script, args):
+    """As the CLI: the library's message for a bad bundle or flag, on one line, and exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        run(script, *(a.format(missing=tmp_path / "nothing", **tiny) for a in args), capsys=capsys,
+            monkeypatch=monkeypatch)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+    scripts = sorted(f.name for f in BENCH.glob("*.py") if "script_main(" not in f.read_text())
+    assert not scripts, f"these scripts' main does not run through errors.script_main: {scripts}"
 
 
 @pytest.mark.slow
