@@ -273,7 +273,6 @@ def test_a_user_mistake_is_one_line_not_a_traceback(tiny, capsys, monkeypatch, t
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
 
 
-
 def test_every_script_runs_its_main_through_script_main():
     scripts = sorted(f.name for f in BENCH.glob("*.py") if "script_main(" not in f.read_text())
     assert not scripts, f"these scripts' main does not run through errors.script_main: {scripts}"
