@@ -307,7 +307,3 @@ def _restore_order(x: str, ids: str, width: int, out: str, name: str) -> list[on
 def smooth(x: str, inverse_scale: str, out: str, name: str) -> onnx.NodeProto:
     """x / s per input channel (the weights were multiplied by s): SmoothQuant / AWQ's reparametrisation."""
     return helper.make_node("Mul", [x, inverse_scale], [out], name=name)
-
-
-def index_tensor(name: str, values: np.ndarray) -> TensorProto:
-    return onnx.numpy_helper.from_array(np.asarray(values, np.int64), name)
