@@ -178,9 +178,6 @@ class WindowReader:
     def get_next(self) -> dict | None:
         return next(self._feeds, None)
 
-    def rewind(self) -> None:
-        self._feeds = self._windows()
-
     def _windows(self) -> Iterator[dict]:
         n, W, cap = 0, self.target.window, self.target.contract.capacity
         for text in self.texts:
