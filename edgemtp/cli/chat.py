@@ -40,7 +40,7 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
     from ..runtime.target import CapacityError
 
     sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    engine, draft = load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive,
+    engine, draft = load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive,
                                 no_draft, drafter_provider, reuse_prefix=True, chat_args=parse_chat_args(chat_arg),
                                 p_min=draft_p_min)
     opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []

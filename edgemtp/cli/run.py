@@ -110,7 +110,7 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
             [{"role": "user", "content": request}]
     stop = stop_strings([unescape(s) for s in stop])
     sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    engine, draft = load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive,
+    engine, draft = load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive,
                                 no_draft, drafter_provider, chat_args=parse_chat_args(chat_arg), p_min=draft_p_min)
     if chat:
         engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
@@ -179,7 +179,7 @@ def sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed):
     return sampling
 
 
-def load_engine(bundle_dir, max_new_tokens, sampling, provider, threads, draft_mode, draft_k, adaptive, no_draft,
+def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive, no_draft,
                 drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None, p_min: float = 0.0):
     """(engine, draft) for generate's and chat's options, each checked before any work."""
     from ..runtime.engine import Draft, Engine
