@@ -53,7 +53,7 @@ import head_data as hd
 import numpy as np
 
 from edgemtp.calibration import centroids as ce
-from edgemtp.calibration.clustering import HeadTables, cluster_vocab
+from edgemtp.calibration.clustering import HeadTables, cluster_vocab, cluster_vocab_weighted
 from edgemtp.calibration.head_report import TOP_KS, load_head, recall_figures, save_head
 from edgemtp.errors import script_main
 
@@ -103,8 +103,8 @@ def build(method: str, embed: np.ndarray, cal: dict, seed: int, built: dict, cac
         return cluster_vocab(embed, CLUSTERS, seed)
     if method == "weighted":
         mass = ce.predicted_mass(ids, probs, len(embed))
-        return ce.cluster_vocab_weighted(embed, CLUSTERS, ce.hidden_metric(hidden), (mass + 0.01).astype(np.float32),
-                                         seed)
+        return cluster_vocab_weighted(embed, CLUSTERS, ce.hidden_metric(hidden), (mass + 0.01).astype(np.float32),
+                                      seed)
     if method == "calibrated":
         t = built["weighted"]
         cols, w = ce.targets(ids, probs, t.cluster_of())

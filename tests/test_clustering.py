@@ -348,11 +348,14 @@ def test_trained_centroids_route_better_than_kmeans():
     assert recall(trained) > recall(t)
 
 
-def test_calibrated_tables_are_a_balanced_permutation():
+def test_refined_tables_are_a_balanced_permutation():
     from edgemtp.calibration import centroids as ce
     e = table(203)
     h, ids, probs, _ = calibration_data(e)
-    t = ce.calibrated_tables(e, 10, h, ids, probs, epochs=1)
+    mass = ce.predicted_mass(ids, probs, len(e)) + 0.01
+    t = cl.cluster_vocab_weighted(e, 10, ce.hidden_metric(h), mass.astype(np.float32))
+    cols, w = ce.targets(ids, probs, t.cluster_of())
+    t = t.with_centroids(ce.train_centroids(h, cols, w, t.centroids, epochs=1))
     assert sorted(t.token_ordering[t.token_mask].tolist()) == list(range(203))
     assert t.token_mask.sum(1).tolist() == cl.cluster_sizes(203, 10).tolist()
     r = ce.refine_assignment(t, h, ids, probs, min_mass=0.5)

@@ -33,7 +33,6 @@ import numpy as np
 from .clustering import (
     HeadTables,
     cluster_sizes,
-    cluster_vocab_weighted,
     layout,
     member_means,
     tiered_assign,
@@ -170,21 +169,6 @@ def hidden_metric(hidden: np.ndarray) -> np.ndarray:
     h = np.asarray(hidden, np.float64)
     vals, vecs = np.linalg.eigh(h.T @ h / len(h))
     return ((vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T).astype(np.float32)
-
-
-def calibrated_tables(embed: np.ndarray, clusters: int, hidden: np.ndarray, top_ids: np.ndarray,
-                      top_probs: np.ndarray, seed: int = 0, epochs: int = 4, floor: float = 0.01,
-                      progress: Progress | None = None) -> HeadTables:
-    """The clustered head from calibration data: k-means in the hidden states' geometry, balanced
-    so that rarely predicted tokens move, then centroids trained on the hidden states.
-
-    embed [V, d], hidden [N, d], top_ids / top_probs [N, T] (see `full_head_top`)."""
-    mass = np.bincount(top_ids.ravel(), weights=top_probs.ravel(), minlength=len(embed))
-    tables = cluster_vocab_weighted(embed, clusters, hidden_metric(hidden), (mass + floor).astype(np.float32),
-                                    seed, progress)
-    cols, weights = targets(top_ids, top_probs, tables.cluster_of())
-    return tables.with_centroids(train_centroids(hidden, cols, weights, tables.centroids, epochs,
-                                                 seed=seed, progress=progress))
 
 
 # --- packed tables: in-domain tokens in clusters of their own ---------------------------------------
