@@ -153,8 +153,7 @@ def _best(ids: np.ndarray, scores: np.ndarray, prices: np.ndarray) -> np.ndarray
     return ids[np.arange(len(ids)), adj.argmax(axis=1)]
 
 
-def place_in_rounds(ids: np.ndarray, scores: np.ndarray, room: np.ndarray,
-                    assign: np.ndarray | None = None) -> np.ndarray:
+def place_in_rounds(ids: np.ndarray, scores: np.ndarray, room: np.ndarray) -> np.ndarray:
     """[n] cluster per token, -1 where all of its candidates filled up.
 
     Each round every unplaced token proposes to its next-best candidate; a cluster keeps its
@@ -162,7 +161,7 @@ def place_in_rounds(ids: np.ndarray, scores: np.ndarray, room: np.ndarray,
     n, width = ids.shape
     order = np.argsort(-scores, axis=1, kind="stable")
     ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
-    assign = np.full(n, -1, np.int64) if assign is None else assign
+    assign = np.full(n, -1, np.int64)
     ptr = np.zeros(n, np.int64)
     while True:
         todo = np.flatnonzero((assign < 0) & (ptr < width))
