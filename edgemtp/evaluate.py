@@ -41,7 +41,7 @@ class _Tally:
 
 def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | None = None,
              window: int | None = None, threads: int | None = None, *, step: int = 64, max_tokens: int | None = None,
-             verify: bool = True, text_name: str = "the text", provider: str = "cpu") -> dict:
+             text_name: str = "the text", provider: str = "cpu") -> dict:
     """Perplexity of `bundle_dir` on `text`; with `reference_bundle`, also top-1 agreement and KL.
 
     `window` (tokens per window, BOS included) defaults to min(512, the bundles' KV capacity);
@@ -56,11 +56,11 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     for name, value in (("window", window), ("step", step)):
         if not (is_whole(value) or (name == "window" and value is None)):
             raise ArgumentError(name, value, "must be a whole number")
-    engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=verify)
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads)
     ref = None
     if reference_bundle:
         try:
-            ref = Engine.load(reference_bundle, provider=provider, threads=threads, verify=verify)
+            ref = Engine.load(reference_bundle, provider=provider, threads=threads)
         except EdgemtpError as e:  # which of the two bundles is at fault
             raise EdgemtpError(f"--reference {reference_bundle}: {e}") from None
     if ref is not None:
