@@ -83,12 +83,12 @@ def write_checkpoint(model_dir: Path, hf: dict, seed: int = 0) -> int:
     with open(model_dir / "model.safetensors", "wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
         for name, shape in tensors.items():
-            for block in random_rows(rng, name, shape):
+            for block in random_rows(rng, shape):
                 f.write(memoryview(block.reshape(-1)).cast("B"))
     return (model_dir / "model.safetensors").stat().st_size
 
 
-def random_rows(rng: np.random.Generator, name: str, shape: tuple[int, ...]):
+def random_rows(rng: np.random.Generator, shape: tuple[int, ...]):
     """bf16 (as uint16) row blocks of one tensor: norms and scalars near 1, matrices N(0, 0.02)."""
     row = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else int(shape[0])
     rows = shape[0] if len(shape) > 1 else 1
