@@ -125,15 +125,6 @@ def _check_fields(d: dict, path: Path) -> None:
         raise EdgemtpError(f"{path}: field 'rope' must give each of its layer types its RoPE parameters")
 
 
-def shipped(name: str) -> Path:
-    """Directory of a drafter shipped with edgemtp, e.g. shipped("gemma3-270m")."""
-    d = SHIPPED / name
-    if not (d / "config.json").is_file():
-        have = ", ".join(p.name for p in SHIPPED.iterdir() if p.is_dir())
-        raise EdgemtpError(f"no shipped drafter {name!r} (have: {have})")
-    return d
-
-
 def fingerprint_ids(vocab_size: int, n: int = 16) -> np.ndarray:
     return np.linspace(vocab_size // 64, vocab_size - 1, n).astype(np.int64)
 
