@@ -597,3 +597,19 @@ def test_a_signal_ends_the_command_with_the_shells_status(chat_bundle, signum, s
         p.kill()
     assert json.loads(reply)["stats"]["decode_tokens"] == 1 and out == b""
     assert p.returncode == status and b"Traceback" not in err, err.decode()
+
+
+def test_a_byte_order_mark_opening_the_input_is_not_the_first_message_s_text(chat_bundle):
+    """Messages piped from a file saved with a byte order mark (Notepad, PowerShell's -Encoding utf8): the mark
+    went to the model as the first message's U+FEFF character (an unknown token here, one more token for
+    Gemma); generate --prompt-file - drops it."""
+    def replies(data: str):
+        r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--json", "--max-new-tokens", "4", "--no-draft"],
+                               input=data.encode())
+        assert r.exit_code == 0, r.output
+        return [json.loads(line)["tokens"] for line in r.stdout.splitlines()]
+
+    plain = replies("t3 t4\nt5\n")
+    assert replies("\ufefft3 t4\nt5\n") == plain
+    first = Engine.load(chat_bundle).generate([{"role": "user", "content": "t3 t4"}], 4).tokens
+    assert plain[0] == first

@@ -49,7 +49,7 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
         raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "
                            f"bundle's KV capacity of {engine.capacity}")
     interactive = stdin_is_terminal()
-    messages, unanswered = list(opening), 0
+    messages, unanswered, first = list(opening), 0, True
     while True:
         if interactive and not as_json:
             click.echo("> ", nl=False)
@@ -59,6 +59,8 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             failed(e, as_json)
             unanswered += 1
             continue
+        if first:  # input from a file saved with a byte order mark: the mark is no text of the first message
+            line, first = line.removeprefix("\ufeff"), False
         if not line or line.strip() in ("/exit", "/quit"):
             break
         if line.strip() == "/reset":
