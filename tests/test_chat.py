@@ -613,3 +613,14 @@ def test_a_byte_order_mark_opening_the_input_is_not_the_first_message_s_text(cha
     assert replies("\ufefft3 t4\nt5\n") == plain
     first = Engine.load(chat_bundle).generate([{"role": "user", "content": "t3 t4"}], 4).tokens
     assert plain[0] == first
+
+
+def test_a_template_file_s_byte_order_mark_is_not_template_text(tiny_gemma3, tmp_path):
+    """A chat_template.jinja saved with a byte order mark (a Windows editor's UTF-8): the mark was copied into the
+    bundle's template and rendered before the BOS token ('\\ufefft2': an unknown token here where the BOS was;
+    with Gemma's tokenizer one more token before it). The bundle's template is the file's text without it."""
+    d = model_with_template(tiny_gemma3[1], tmp_path / "model", TINY, where="chat_template.jinja")
+    (d / "chat_template.jinja").write_bytes(b"\xef\xbb\xbf" + TINY.encode())
+    b = export(d, tmp_path / "bundle", capacity=64)
+    assert (b / "chat_template.jinja").read_text(encoding="utf-8") == TINY
+    assert Engine.load(b).encode([{"role": "user", "content": "t3"}]) == [2, 5, 6, 3, 8, 5, 7]

@@ -40,8 +40,8 @@ def find(model_dir: Path) -> tuple[str, dict[str, str], str] | None:
     config = _json(model_dir / "tokenizer_config.json")
     jinja = model_dir / FILE
     if jinja.is_file():
-        try:
-            template, source = jinja.read_text(encoding="utf-8"), str(jinja)
+        try:  # utf-8-sig: a byte order mark (a Windows editor's) is no template text, else rendered before the BOS
+            template, source = jinja.read_text(encoding="utf-8-sig"), str(jinja)
         except UnicodeDecodeError:
             raise EdgemtpError(f"{jinja}: not UTF-8 text") from None
     elif "chat_template" in (processor := _json(model_dir / "chat_template.json")):
