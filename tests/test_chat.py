@@ -480,7 +480,8 @@ def test_text_that_is_not_utf8_is_named(chat_bundle):
     # a strict UTF-8 stdin (most locales) raises inside the read: chat reads bytes, names the line, goes on
     r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "chat", str(chat_bundle), "--max-new-tokens", "2"],
                        input=b"caf\xe9\nt3\n", capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
-    assert r.returncode == 2 and r.stderr.decode().startswith("error: the input line: not valid UTF-8 text\n"), r.stderr
+    assert r.returncode == 2 and r.stderr.decode().startswith(
+        "error: the input line: not UTF-8 text (byte 0xe9 at offset 3)\n"), r.stderr
     assert len(r.stdout.decode().splitlines()) == 1  # the next line was answered
     with pytest.raises(EdgemtpError, match="refused the messages"):
         ChatTemplate("{% for i in range(10**30) %}{% endfor %}", {}, "here").render([{"role": "user", "content": "a"}])

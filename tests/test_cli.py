@@ -1347,9 +1347,27 @@ def test_standard_input_that_is_not_utf8_is_named(tiny_gemma3):
     """Read as bytes: a strict UTF-8 stdin (most locales) would raise inside the read, before any check."""
     r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],
                        input=b"caf\xe9\n", capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
-    assert r.returncode == 2 and r.stderr == b"error: --prompt-file -: not valid UTF-8 text\n", r.stderr
+    assert_one_line_error(r, exact="--prompt-file -: not UTF-8 text (byte 0xe9 at offset 3)")
     r = run("generate", tiny_gemma3[2], "--prompt-file", "-")  # CliRunner's stdin: empty
     assert_one_line_error(r, exact="--prompt-file -: standard input is empty")
+
+
+def test_text_that_is_not_utf8_is_named_where(tiny_gemma3, tmp_path):
+    """A prompt or text file, named or piped, that is not UTF-8 says where: the first byte that is not, by its
+    offset (a Latin-1 or cp1252 file's accent, in a file of any length), or that the file is UTF-16 (PowerShell
+    5's `>`, Notepad's "Unicode"), which was only "not UTF-8 text"."""
+    cases = [(b"line one\ncaf\xe9 au lait\n", "not UTF-8 text (byte 0xe9 at offset 12)"),
+             ("t1 t2".encode("utf-16"), "UTF-16 text, not UTF-8 (save it as UTF-8)"),
+             ("t1 t2".encode("utf-16-be").join([b"\xfe\xff", b""]), "UTF-16 text, not UTF-8 (save it as UTF-8)")]
+    for data, why in cases:
+        (tmp_path / "p.txt").write_bytes(data)
+        for flag in ("--prompt-file", "--text-file"):
+            command = "generate" if flag == "--prompt-file" else "evaluate"
+            r = run(command, tiny_gemma3[2], flag, tmp_path / "p.txt")
+            assert_one_line_error(r, exact=f"{flag} {tmp_path / 'p.txt'}: {why}")
+        r = subprocess.run([sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],
+                           input=data, capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+        assert_one_line_error(r, exact=f"--prompt-file -: {why}")
 
 
 def test_text_files_are_utf8_whatever_the_locale(tmp_path):

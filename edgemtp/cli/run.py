@@ -3,6 +3,7 @@ and measure.py."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import sys
@@ -232,19 +233,20 @@ def unused_mtp_flag(engine, mode: str, flag: str) -> None:
 def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "--prompt-file") -> str:
     if (prompt is None) == (prompt_file is None):
         raise EdgemtpError("give exactly one of --prompt or --prompt-file")
-    if prompt_file is not None and str(prompt_file) == "-":  # the usual spelling of standard input
-        text = stdin_text(lambda f: f.read(), file_flag + " -")
-        # newlines as a named file's read_text gives them (\r\n and \r as \n), and no byte order mark (as its
-        # utf-8-sig): the same text piped or named is the same prompt
-        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-        return _has_text(text, f"{file_flag} -: standard input")
     if prompt_file is not None:
-        try:  # utf-8-sig: a byte order mark (Notepad, PowerShell's -Encoding utf8) is no text, else a U+FEFF token
-            text = prompt_file.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as e:
-            why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror or type(e).__name__
-            raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({why})") from None
-        return _has_text(text, f"{file_flag} {prompt_file}: the file")
+        if str(prompt_file) == "-":  # the usual spelling of standard input
+            text, what = stdin_text(lambda f: f.read(), file_flag + " -"), f"{file_flag} -: standard input"
+        else:
+            try:
+                data = prompt_file.read_bytes()
+            except OSError as e:
+                raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({e.strerror or type(e).__name__})") \
+                    from None
+            text, what = utf8_bytes(data, f"{file_flag} {prompt_file}"), f"{file_flag} {prompt_file}: the file"
+        # no byte order mark (Notepad, PowerShell's -Encoding utf8 write one), else a U+FEFF token, and universal
+        # newlines (\r\n and \r as \n): the same text piped or named, from any editor, is the same prompt
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+        return _has_text(text, what)
     # as a file's: an empty --prompt would generate from <bos> alone (a tokenizer without one: "no tokens")
     return _has_text(utf8(prompt, "--prompt"), "--prompt")
 
@@ -263,10 +265,19 @@ def stdin_text(read, flag: str) -> str:
     raw = getattr(sys.stdin, "buffer", None)
     if raw is None:  # a stream of text only (an app's or a test's)
         return utf8(read(sys.stdin), flag)
+    return utf8_bytes(read(raw), flag)
+
+
+def utf8_bytes(data: bytes, what: str) -> str:
+    """`data` decoded as UTF-8, or an EdgemtpError naming `what` and where it is not: the first byte that is not
+    UTF-8, by its offset (a Latin-1 or cp1252 file's accent, somewhere in a long file), or that it is UTF-16 (by
+    its byte order mark: PowerShell 5's `>`, Notepad's "Unicode"), whose first byte is no clue."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise EdgemtpError(f"{what}: UTF-16 text, not UTF-8 (save it as UTF-8)")
     try:
-        return read(raw).decode("utf-8")
-    except UnicodeDecodeError:
-        raise EdgemtpError(f"{flag}: not valid UTF-8 text") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgemtpError(f"{what}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 def utf8(text: str, flag: str) -> str:
