@@ -1382,6 +1382,21 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == ascii("café — naïve\n"), r.stderr
 
 
+def test_command_line_text_is_utf8_in_an_ascii_locale(tiny_gemma3):
+    """In the C locale without UTF-8 mode (PYTHONUTF8=0) Python decodes the command line as ASCII, UTF-8 bytes as
+    lone surrogates: --prompt "café" was "not valid UTF-8 text", which it is. Text options are their bytes as
+    UTF-8, as text files are (bytes that are not UTF-8 are still refused)."""
+    args = [sys.executable, "-m", "edgemtp.cli", "generate", str(tiny_gemma3[2]), "--prompt", "t3 café 日本",
+            "--stop", "é", "--max-new-tokens", "4", "--json"]
+    want = subprocess.run(args, capture_output=True, env={**os.environ, "PYTHONUTF8": "1"})
+    assert want.returncode == 0, want.stderr
+    ascii_env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run(args, capture_output=True, env=ascii_env)
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] == json.loads(want.stdout)["tokens"], r.stderr
+    r = subprocess.run([*args[:6], os.fsdecode(b"t3 caf\xe9")], capture_output=True, env=ascii_env)
+    assert_one_line_error(r, exact="--prompt: not valid UTF-8 text")
+
+
 def test_a_ready_read_only_workdir_runs(tiny_gemma3, tmp_path, monkeypatch):
     """quickstart writes nothing when the model and its bundle (with a drafter) are there: a read-only
     --workdir is fine then, and still named when something would be written."""

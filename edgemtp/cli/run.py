@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
 import sys
 import warnings
@@ -105,11 +106,11 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
     if chat_arg and not chat:
         raise EdgemtpError("--chat-arg applies to --chat prompts")
     if system is not None:
-        utf8(system, "--system")
+        system = utf8(system, "--system")
     if chat:  # a message list: Engine.encode renders it with the bundle's chat template
         request = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": request}]
-    stop = stop_strings([unescape(s) for s in stop])
+    stop = stop_strings([unescape(from_argv(s)) for s in stop])
     sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     engine, draft = load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive,
                                 no_draft, drafter_provider, chat_args=parse_chat_args(chat_arg), p_min=draft_p_min)
@@ -149,7 +150,7 @@ def parse_chat_args(values: tuple[str, ...]) -> dict:
 
     out = {}
     for item in values:
-        name, sep, text = item.partition("=")
+        name, sep, text = from_argv(item).partition("=")
         if not sep or not name.strip():
             raise EdgemtpError(f"--chat-arg {item!r}: give NAME=VALUE, e.g. enable_thinking=false")
         try:
@@ -283,11 +284,28 @@ def utf8_bytes(data: bytes, what: str) -> str:
 def utf8(text: str, flag: str) -> str:
     """`text` from the command line or stdin: bytes that are not UTF-8 arrive as lone surrogates, which the
     tokenizer refuses with a traceback."""
+    text = from_argv(text)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise EdgemtpError(f"{flag}: not valid UTF-8 text") from None
     return text
+
+
+def from_argv(text: str) -> str:
+    """A command-line argument as the UTF-8 text its bytes spell: in the C locale without UTF-8 mode
+    (PYTHONUTF8=0) Python decodes the command line as ASCII, and each byte of an é as a lone surrogate. Text
+    without surrogates is as the locale read it (a Latin-1 locale's é is its one byte); bytes that are not
+    UTF-8 stay surrogates, for the caller to refuse."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(text).decode("utf-8")
+    except UnicodeError:
+        return text
 
 
 def speed_line(stats) -> str:
