@@ -1051,6 +1051,18 @@ def test_a_calibration_files_byte_order_mark_is_not_text(tmp_path):
     assert A.calibration_text(marked).texts == A.calibration_text(plain).texts == ("def f(x):\n    return x\n",)
 
 
+def test_a_utf16_calibration_file_is_named_as_such(tmp_path):
+    """A UTF-16 file (PowerShell 5's `>`, Notepad's "Unicode") was "not a text file (it holds NUL bytes)": it is
+    text, in an encoding the export does not read."""
+    for encoding in ("utf-16", "utf-16-be"):
+        path = tmp_path / f"{encoding}.txt"
+        mark = "\ufeff" if encoding.endswith("be") else ""  # utf-16 writes its own
+        path.write_bytes((mark + "def f(x):\n").encode(encoding))
+        with pytest.raises(EdgemtpError) as e:
+            A.calibration_text(path)
+        assert str(e.value) == f"--calibration {path}: UTF-16 text, not UTF-8 (save it as UTF-8)"
+
+
 def test_token_windows_spread_over_the_text():
     w = A.token_windows(list(range(1000)), 10, 3, bos=2)
     assert w.shape == (3, 10) and (w[:, 0] == 2).all()
