@@ -60,8 +60,9 @@ class CalibrationText:
     @property
     def sha256(self) -> str:
         """Of the text read (its documents' UTF-8 bytes one after the other: a UTF-8 file read whole gives its
-        sha256sum), what the manifest records beside `source`, which names it but does not say what it held (nor
-        which corpora: the code corpus is the running Python's standard library)."""
+        sha256sum when its line ends are \\n, as they are read), what the manifest records beside `source`, which
+        names it but does not say what it held (nor which corpora: the code corpus is the running Python's standard
+        library)."""
         h = hashlib.sha256()
         for text in self.texts:
             h.update(text.encode("utf-8"))
