@@ -1355,10 +1355,13 @@ def test_standard_input_that_is_not_utf8_is_named(tiny_gemma3):
 def test_text_that_is_not_utf8_is_named_where(tiny_gemma3, tmp_path):
     """A prompt or text file, named or piped, that is not UTF-8 says where: the first byte that is not, by its
     offset (a Latin-1 or cp1252 file's accent, in a file of any length), or that the file is UTF-16 (PowerShell
-    5's `>`, Notepad's "Unicode"), which was only "not UTF-8 text"."""
+    5's `>`, Notepad's "Unicode"), which was only "not UTF-8 text"; a NUL byte is no text."""
     cases = [(b"line one\ncaf\xe9 au lait\n", "not UTF-8 text (byte 0xe9 at offset 12)"),
              ("t1 t2".encode("utf-16"), "UTF-16 text, not UTF-8 (save it as UTF-8)"),
-             ("t1 t2".encode("utf-16-be").join([b"\xfe\xff", b""]), "UTF-16 text, not UTF-8 (save it as UTF-8)")]
+             ("t1 t2".encode("utf-16-be").join([b"\xfe\xff", b""]), "UTF-16 text, not UTF-8 (save it as UTF-8)"),
+             # UTF-16 without a byte order mark (iconv -t UTF-16LE) is valid UTF-8 with a NUL after each character,
+             # as the export's --calibration refuses it: it was the prompt "t\x001\x00 \x00..."
+             ("t1 t2".encode("utf-16-le"), "not text (a NUL byte at offset 1)")]
     for data, why in cases:
         (tmp_path / "p.txt").write_bytes(data)
         for flag in ("--prompt-file", "--text-file"):

@@ -271,14 +271,18 @@ def stdin_text(read, flag: str) -> str:
 
 def utf8_bytes(data: bytes, what: str) -> str:
     """`data` decoded as UTF-8, or an EdgemtpError naming `what` and where it is not: the first byte that is not
-    UTF-8, by its offset (a Latin-1 or cp1252 file's accent, somewhere in a long file), or that it is UTF-16 (by
-    its byte order mark: PowerShell 5's `>`, Notepad's "Unicode"), whose first byte is no clue."""
+    UTF-8, by its offset (a Latin-1 or cp1252 file's accent, somewhere in a long file), that it is UTF-16 (by
+    its byte order mark: PowerShell 5's `>`, Notepad's "Unicode"), whose first byte is no clue, or its first NUL
+    byte (as the export's --calibration refuses one)."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise EdgemtpError(f"{what}: UTF-16 text, not UTF-8 (save it as UTF-8)")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise EdgemtpError(f"{what}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    if (nul := data.find(b"\0")) >= 0:  # a binary file, or UTF-16 without a byte order mark: valid UTF-8 all the same
+        raise EdgemtpError(f"{what}: not text (a NUL byte at offset {nul})")
+    return text
 
 
 def utf8(text: str, flag: str) -> str:
