@@ -39,3 +39,13 @@ def reference_logits(model, ids: np.ndarray, chunks: list[int]) -> list[np.ndarr
             out.append(r.logits.float().numpy())
             start += n
     return out
+
+
+def gemv_ifs(bundle_dir: Path) -> int:
+    """How many If nodes the target graph holds: export's --gemv-head rewrites the head into one (one row: the
+    transposed table's GEMV, else the packed MatMul); without it there is none. The logits are the same either
+    way, so a parity case for that head checks nothing of it unless the graph is its own."""
+    import onnx
+
+    graph = onnx.load(str(bundle_dir / "target.onnx"), load_external_data=False).graph
+    return sum(n.op_type == "If" for n in graph.node)

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from edgemtp.exporters import export  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402
 
-from .reference import reference_logits, save_tiny  # noqa: E402
+from .reference import gemv_ifs, reference_logits, save_tiny  # noqa: E402
 
 WINDOW = 8
 CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 10 + [3] + [1] * 4  # prefill, decode steps and multi-token (verify-like) steps
@@ -179,6 +179,7 @@ def test_logits_match_transformers(kind, tmp_path):
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
     assert contract.window_views == (kind in ("gemma3_text_mqa", "gemma2_mqa"))
+    assert gemv_ifs(tmp_path / "bundle") == (head == "gemv")  # else a +gemv case is its plain one over again
     if contract.window_views:
         assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))

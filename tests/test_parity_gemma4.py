@@ -60,7 +60,7 @@ def test_logits_match_transformers(kind, tmp_path):
     """+gemv: export --gemv-head (one-position passes through the transposed head, before the soft-cap)."""
     from edgemtp.runtime.engine import Engine
 
-    from .reference import reference_logits, save_tiny
+    from .reference import gemv_ifs, reference_logits, save_tiny
 
     kind, _, head = kind.partition("+")
     model = tiny(kind)
@@ -68,6 +68,7 @@ def test_logits_match_transformers(kind, tmp_path):
     export(model_dir, tmp_path / "bundle", capacity=64, gemv_head=head == "gemv")
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
+    assert gemv_ifs(tmp_path / "bundle") == (head == "gemv")  # else a +gemv case is its plain one over again
     assert [s.layer for s in contract.kv] == [0, 1, 2, 3, 4]  # shared layers own no cache
     heads = 1 if kind == "gemma4_text_mqa" else 2
     assert [(s.num_heads, s.head_dim, s.window) for s in contract.kv[:2]] == [(heads, 16, WINDOW), (1, 32, None)]
