@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -267,11 +266,9 @@ def test_training_raises_acceptance(tiny_gemma3, tmp_path):
     """A tiny drafter trained for seconds beats its untrained self on held-out greedy text."""
     model, model_dir, _ = tiny_gemma3
     data = {"train": greedy_windows(model, 48, 24, 0), "heldout": {"greedy": greedy_windows(model, 8, 24, 1)}}
-    t0 = time.time()
     report = train_drafter(model_dir, tmp_path / "out", data=data, steps=40, seed=0,
                            shape=dict(hidden=32, intermediate=64, num_layers=2),
                            spec=TrainSpec(batch=8, lr=3e-3, warmup=5, negatives=64, eval_every=1000))
-    assert time.time() - t0 < 60
     log = [json.loads(line) for line in (tmp_path / "out" / "train.log").read_text().splitlines()]
     evals = [r for r in log if r["phase"] == "eval"]
     before, after = evals[0]["greedy"], evals[-1]["greedy"]
