@@ -93,7 +93,9 @@ def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.nd
     x = np.array(logits, np.float32)  # the graph's dtype: the same rounding as transformers' float32 scores
     ids = np.asarray(seen, np.int64)
     picked = x[ids]  # read before writing: a repeated id gets the penalty once
-    with np.errstate(over="ignore"):  # a tiny penalty (1e-40) sends a positive logit to inf, as in transformers
+    # a tiny penalty (1e-40) sends a positive logit to inf, as in transformers; numpy 1.x (pyproject's floor is
+    # 1.26) casts such a penalty to float32 with an underflow, which a caller's np.seterr(all="raise") raised
+    with np.errstate(over="ignore", under="ignore"):
         x[ids] = np.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
     return x
 
