@@ -26,8 +26,11 @@ PROVIDERS = {
 
 
 # the oldest ONNX Runtime that runs bundles (pyproject.toml asks for it too): 1.22 and older cannot load opset 23
-# graphs, and 1.23's GroupQueryAttention gave other tokens than transformers past a sliding window
-ORT_MIN = (1, 24)
+# graphs, 1.23's GroupQueryAttention gave other tokens than transformers past a sliding window, and 1.24-1.26's
+# GatherBlockQuantized read an int4 table (two 4-bit values a byte, a uint8 zero point per block) wrong: an int4
+# bundle's embedding of every token in the table's 4-bit part (Gemma 3 270M: all but the 32,768 most frequent) was
+# off, and a prompt holding one gave other tokens
+ORT_MIN = (1, 27)
 
 
 def check_onnxruntime() -> None:
