@@ -566,30 +566,41 @@ def test_python_dash_m_edgemtp_is_the_command():
     assert r.returncode == 0 and r.stdout == f"edgemtp, version {edgemtp.__version__}\n", r.stderr
 
 
-def test_an_onnxruntime_older_than_the_runtime_needs_is_refused(tiny_gemma3, monkeypatch):
+def test_an_onnxruntime_older_than_the_runtime_needs_is_refused(tiny_gemma3, monkeypatch, tmp_path):
     """The bundles' graphs are opset 23: ONNX Runtime 1.22 and older cannot load them, and 1.23's
     GroupQueryAttention gave other tokens than transformers past the sliding window (Gemma 3, Gemma 4). An app
-    that already had one of those kept it, as pyproject.toml asked only for onnxruntime>=1.20: the floor is
-    in pyproject.toml and ORT_MIN alike, and an older one found at load is named, not run. 1.24-1.26's
-    GatherBlockQuantized read an int4 table (two 4-bit values a byte, a zero point per block) wrong: an int4
-    bundle's embeddings of the tokens in its 4-bit part were off (tests/test_quantize.py's on-grid int4 logits
-    1.35x their spread from the fp32 bundle's; Gemma 3 270M's other greedy tokens for a prompt of rare words),
-    so the floor is 1.27."""
+    that already had one of those kept it, as pyproject.toml asked only for onnxruntime>=1.20: an older one found
+    at load is named, not run. 1.24-1.26's GatherBlockQuantized read an int4 table (two 4-bit values a byte, a zero
+    point per block) wrong: an int4 bundle's embeddings of the tokens in its 4-bit part were off
+    (tests/test_quantize.py's on-grid int4 logits 1.35x their spread from the fp32 bundle's; Gemma 3 270M's other
+    greedy tokens for a prompt of rare words), so an int4 bundle needs 1.27, which pyproject.toml asks for; other
+    bundles still run on 1.24 (ONNX Runtime's OpenVINO build was at 1.24.1)."""
     import tomllib
 
+    from edgemtp.exporters.quantize import quantize_bundle
     from edgemtp.runtime import session
 
     deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert "onnxruntime>=1.27" in deps and session.ORT_MIN == (1, 27)
-    monkeypatch.setattr(session.ort, "__version__", "1.26.0")
-    want = "onnxruntime 1.26.0 is installed; edgemtp needs 1.27 or later: pip install 'onnxruntime>=1.27'"
-    with pytest.raises(EdgemtpError) as e:
-        Engine.load(tiny_gemma3[2])
-    assert str(e.value) == want
-    assert_one_line_error(run("generate", tiny_gemma3[2], "--prompt", "t1 t2"), exact=want)
-    for version in ("1.27.0", "1.32.0", "1.28.0.dev20260301"):
+    assert "onnxruntime>=1.27" in deps and session.ORT_MIN == (1, 24) and session.ORT_MIN_INT4 == (1, 27)
+    int4 = quantize_bundle(tiny_gemma3[2], tmp_path / "int4", "int4", calibration=None)
+    int8 = quantize_bundle(tiny_gemma3[2], tmp_path / "int8", "int8", calibration=None)
+    refusals = {"1.23.2": [(b, "edgemtp needs 1.24 or later: pip install 'onnxruntime>=1.24'")
+                           for b in (tiny_gemma3[2], int8, int4)],
+                "1.26.0": [(int4, f"{int4}, an int4 bundle, needs 1.27 or later (older ones read its embedding "
+                                  "table wrong): pip install 'onnxruntime>=1.27'")]}
+    for version, cases in refusals.items():
         monkeypatch.setattr(session.ort, "__version__", version)
-        assert len(Engine.load(tiny_gemma3[2]).generate("t1 t2", max_new_tokens=3).tokens) == 3
+        for bundle, message in cases:
+            want = f"onnxruntime {version} is installed; {message}"
+            with pytest.raises(EdgemtpError) as e:
+                Engine.load(bundle)
+            assert str(e.value) == want
+            assert_one_line_error(run("generate", bundle, "--prompt", "t1 t2"), exact=want)
+    for version, bundles in {"1.24.1": (tiny_gemma3[2], int8), "1.26.0": (tiny_gemma3[2], int8),
+                             "1.27.0": (int4,), "1.32.0": (int4,), "1.28.0.dev20260301": (int4,)}.items():
+        monkeypatch.setattr(session.ort, "__version__", version)
+        for bundle in bundles:
+            assert len(Engine.load(bundle).generate("t1 t2", max_new_tokens=3).tokens) == 3
 
 
 def test_generate_drafts_by_default_and_stays_lossless(tiny_gemma3):

@@ -21,7 +21,7 @@ from .chat import ChatTemplate, check_chat_args
 from .head_pages import HeadTables
 from .heap import release_freed_memory
 from .requests import check_load_args
-from .session import make_session, resolve_provider, runs_on_cpu
+from .session import ORT_MIN_INT4, check_onnxruntime, make_session, resolve_provider, runs_on_cpu
 from .static_target import StaticTarget, is_static
 from .target import Target, verify_loader
 
@@ -37,6 +37,9 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
                      head_huge_pages=head_huge_pages)
     chat_args = check_chat_args(chat_args) if chat_args is not None else {}
     b = bundle_mod.load(Path(bundle_dir), verify=verify)
+    check_onnxruntime()  # before the int4 floor: the one every bundle needs is named first
+    if b.graph("target").quant == "int4":
+        check_onnxruntime(ORT_MIN_INT4, f"{b.dir}, an int4 bundle,", " (older ones read its embedding table wrong)")
     if chat_args and b.chat is None:  # variables for a template there is not: said before any work
         raise EdgemtpError(f"{b.dir}: chat_args (--chat-arg) set chat template variables, and the bundle has no "
                            "chat template")

@@ -25,20 +25,23 @@ PROVIDERS = {
 }
 
 
-# the oldest ONNX Runtime that runs bundles (pyproject.toml asks for it too): 1.22 and older cannot load opset 23
-# graphs, 1.23's GroupQueryAttention gave other tokens than transformers past a sliding window, and 1.24-1.26's
-# GatherBlockQuantized read an int4 table (two 4-bit values a byte, a uint8 zero point per block) wrong: an int4
-# bundle's embedding of every token in the table's 4-bit part (Gemma 3 270M: all but the 32,768 most frequent) was
-# off, and a prompt holding one gave other tokens
-ORT_MIN = (1, 27)
+# the oldest ONNX Runtime that runs bundles: 1.22 and older cannot load opset 23 graphs, and 1.23's
+# GroupQueryAttention gave other tokens than transformers past a sliding window
+ORT_MIN = (1, 24)
+# the oldest that runs an int4 bundle (pyproject.toml asks for it: the newest any bundle needs): 1.24-1.26's
+# GatherBlockQuantized read an int4 table (two 4-bit values a byte, a uint8 zero point per block) wrong, so the
+# embedding of every token in the table's 4-bit part (Gemma 3 270M: all but the 32,768 most frequent) was off and a
+# prompt holding one gave other tokens. Not the floor of every bundle: ONNX Runtime's OpenVINO build, for one, was
+# at 1.24 when this was found, and its fp32 and int8 bundles run right
+ORT_MIN_INT4 = (1, 27)
 
 
-def check_onnxruntime() -> None:
+def check_onnxruntime(need: tuple[int, int] = ORT_MIN, who: str = "edgemtp", why: str = "") -> None:
     """An older ONNX Runtime an app already had (pip keeps one that met an earlier floor) is named, not run."""
-    if tuple(int(x) for x in ort.__version__.split(".")[:2]) < ORT_MIN:
-        need = ".".join(map(str, ORT_MIN))
-        raise EdgemtpError(f"onnxruntime {ort.__version__} is installed; edgemtp needs {need} or later: "
-                           f"pip install 'onnxruntime>={need}'")
+    if tuple(int(x) for x in ort.__version__.split(".")[:2]) < need:
+        version = ".".join(map(str, need))
+        raise EdgemtpError(f"onnxruntime {ort.__version__} is installed; {who} needs {version} or later{why}: "
+                           f"pip install 'onnxruntime>={version}'")
 
 
 def full_name(spec: str) -> str:
