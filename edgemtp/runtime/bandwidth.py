@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..onnx_wire import one_node_model
+from .session import allowed_cpus
 
 
 class BandwidthProbe:
@@ -53,6 +54,7 @@ class BandwidthProbe:
 def _session(op: str, attributes: dict, w_shape: list[int], threads: int | None) -> ort.InferenceSession:
     model = one_node_model(op, {"x": [1, BandwidthProbe.K], "w": w_shape}, "y", attributes)
     opts = ort.SessionOptions()
+    threads = threads or allowed_cpus()  # the decode steps' own thread count (make_session)
     if threads:
         opts.intra_op_num_threads = threads
     # threads that spin on after a run would take the cores from whatever runs next (a decode step)

@@ -101,6 +101,18 @@ def check_threads(threads: int | None) -> None:
                             "core of this machine)")
 
 
+def allowed_cpus() -> int | None:
+    """The intra-op threads for the default (--threads unset or 0): one per CPU this process may run on where
+    that is fewer than the machine's, else None (ONNX Runtime's own default, one per physical core). ONNX Runtime
+    counts the machine's cores and ignores the CPU affinity (taskset, docker --cpuset-cpus, a CI runner's
+    cpuset): under `taskset -c 0` on 2 cores its 2 threads took turns on one CPU, and plain decoding of Gemma 3
+    270M ran 13-16 tok/s against 19-21 with one thread."""
+    if not hasattr(os, "sched_getaffinity"):  # macOS, Windows
+        return None
+    allowed = len(os.sched_getaffinity(0))
+    return allowed if allowed < (os.cpu_count() or allowed) else None
+
+
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
                  profile_prefix: str | None = None, spin: bool = True, prepack: bool = True,
                  huge_pages: bool = False, initializers: dict | None = None) -> ort.InferenceSession:
@@ -128,6 +140,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
+    threads = threads or allowed_cpus()
     if threads:
         opts.intra_op_num_threads = threads
     for name, value in (initializers or {}).items():
