@@ -56,6 +56,18 @@ def missing(path) -> str:
     return not_a_file(path) if os.path.exists(path) else "missing"
 
 
+def memory_limit() -> str:
+    """'this process may use at most N MiB: ulimit -v' where its address space is limited (ulimit -v, prlimit
+    --as, a container's or a phone's userland), else '': for a message saying the memory ran out, as a limit
+    the user can raise is then the likely cause, not the machine's memory."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return ""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return "" if soft == resource.RLIM_INFINITY else f"this process may use at most {soft >> 20:,} MiB: ulimit -v"
+
+
 def script_main(main) -> None:
     """Runs a hand-run script's main (benchmarks/): a user mistake (a bad bundle, flag or value) is its
     message on one line and exit status 2, as in the CLI, not a traceback."""

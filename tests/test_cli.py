@@ -569,6 +569,42 @@ def test_default_threads_are_the_cpus_the_process_may_run_on(tiny_gemma3, monkey
     assert threads() == 0  # all of the machine: ONNX Runtime's own default (one per physical core)
 
 
+def test_running_out_of_memory_is_one_line_naming_the_limit(tiny_gemma3, monkeypatch):
+    """Under a memory limit (ulimit -v, prlimit --as: a container's or a phone's userland) the load ran out in
+    Python (reading target.onnx: a MemoryError traceback) or in ONNX Runtime (`onnxruntime could not load the
+    graph (... std::bad_alloc)`). Both are one line saying the memory ran out, and naming the process's limit."""
+    import resource
+
+    import edgemtp.onnx_wire as W
+    import edgemtp.runtime.session as S
+
+    limit = 200 << 20
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, resource.RLIM_INFINITY)
+                        if which == resource.RLIMIT_AS else (resource.RLIM_INFINITY,) * 2)
+    args = ["generate", str(tiny_gemma3[2]), "--prompt", "hi", "--max-new-tokens", "2"]
+
+    def no_memory(*a, **k):
+        raise MemoryError
+
+    with monkeypatch.context() as m:
+        m.setattr(W.Path, "read_bytes", no_memory)
+        line = assert_one_line_error(CliRunner().invoke(cli, args), "out of memory", "200 MiB", "ulimit -v")
+
+    class BadAlloc(Exception):  # as ONNX Runtime's RuntimeException
+        pass
+
+    def bad_alloc(*a, **k):
+        raise BadAlloc("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: "
+                       "std::bad_alloc")
+
+    monkeypatch.setattr(S.ort, "InferenceSession", bad_alloc)
+    with pytest.raises(EdgemtpError, match=r"target.onnx: out of memory loading the graph \(std::bad_alloc; "
+                                           r"this process may use at most 200 MiB: ulimit -v\)") as e:
+        Engine.load(tiny_gemma3[2])
+    assert line == "error: out of memory (this process may use at most 200 MiB: ulimit -v)"
+    assert_one_line_error(CliRunner().invoke(cli, args), "target.onnx", exact=str(e.value))
+
+
 def test_dash_h_is_help_everywhere():
     """-h is --help, for the group and every command (it was "No such option: -h")."""
     for args in ([], ["generate"], ["export"], ["profile"]):

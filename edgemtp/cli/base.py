@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from .. import __version__
-from ..errors import ArgumentError, EdgemtpError
+from ..errors import ArgumentError, EdgemtpError, memory_limit
 from ..scratch import link_to_nothing
 
 
@@ -64,6 +64,10 @@ class _Group(click.Group):
                 if e.filename is None or e.errno not in PATH_ERRORS:
                     raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
                 click.echo(f"error: {one_line(e.filename)}: {e.strerror}", err=True)
+                sys.exit(2)
+            except MemoryError:  # under a memory limit (ulimit -v, a container's): one the user can raise
+                limit = memory_limit()
+                click.echo(f"error: out of memory{f' ({limit})' * bool(limit)}", err=True)
                 sys.exit(2)
             except KeyboardInterrupt:  # Ctrl-C or a script's SIGINT: click's message, but the shell's status
                 click.echo("\nAborted!", err=True)  # for it (click's is 1, a failure's), as SIGTERM's is 143

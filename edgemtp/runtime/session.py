@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import ArgumentError, EdgemtpError
+from ..errors import ArgumentError, EdgemtpError, memory_limit
 from . import hugepages
 
 # short names users type -> ONNX Runtime provider names
@@ -154,6 +154,10 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types for a bad graph, or a provider option it refuses
+        if "std::bad_alloc" in str(e):
+            limit = memory_limit()
+            raise EdgemtpError(f"{path}: out of memory loading the graph (std::bad_alloc{'; ' * bool(limit)}"
+                               f"{limit})") from None
         given = f" with provider {provider!r}" if options else ""
         raise EdgemtpError(f"{path}: onnxruntime could not load the graph{given} "
                            f"({str(e).splitlines()[0][:300]})") from None
