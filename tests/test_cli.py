@@ -569,12 +569,15 @@ def test_default_threads_are_the_cpus_the_process_may_run_on(tiny_gemma3, monkey
     assert threads() == 0  # all of the machine: ONNX Runtime's own default (one per physical core)
 
 
-def test_running_out_of_memory_is_one_line_naming_the_limit(tiny_gemma3, monkeypatch):
+def test_running_out_of_memory_is_one_line_naming_the_limit(tiny_gemma3, monkeypatch, tmp_path):
     """Under a memory limit (ulimit -v, prlimit --as: a container's or a phone's userland) the load ran out in
     Python (reading target.onnx: a MemoryError traceback) or in ONNX Runtime (`onnxruntime could not load the
-    graph (... std::bad_alloc)`). Both are one line saying the memory ran out, and naming the process's limit."""
+    graph (... std::bad_alloc)`); an export in np.memmap (OSError ENOMEM, a traceback). Each is one line saying
+    the memory ran out and naming the process's limit, and the export leaves nothing behind."""
+    import errno
     import resource
 
+    import edgemtp.checkpoint as C
     import edgemtp.onnx_wire as W
     import edgemtp.runtime.session as S
 
@@ -586,9 +589,16 @@ def test_running_out_of_memory_is_one_line_naming_the_limit(tiny_gemma3, monkeyp
     def no_memory(*a, **k):
         raise MemoryError
 
+    def no_mapping(*a, **k):  # mmap (np.memmap: export's checkpoint reads) fails so under the limit
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
     with monkeypatch.context() as m:
         m.setattr(W.Path, "read_bytes", no_memory)
         line = assert_one_line_error(CliRunner().invoke(cli, args), "out of memory", "200 MiB", "ulimit -v")
+        m.setattr(C.np, "memmap", no_mapping)
+        out = tmp_path / "b"
+        r = CliRunner().invoke(cli, ["export", str(tiny_gemma3[1]), "-o", str(out), "--drafter", "none"])
+        assert assert_one_line_error(r) == line and not out.exists() and os.listdir(tmp_path) == []
 
     class BadAlloc(Exception):  # as ONNX Runtime's RuntimeException
         pass

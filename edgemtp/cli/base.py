@@ -61,17 +61,25 @@ class _Group(click.Group):
             except click.UsageError as e:  # click's own checks (an unknown flag or command, a bad choice)
                 usage_error(e)
             except OSError as e:
+                if e.errno == errno.ENOMEM:  # an mmap (np.memmap) under a memory limit
+                    out_of_memory()
                 if e.filename is None or e.errno not in PATH_ERRORS:
                     raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
                 click.echo(f"error: {one_line(e.filename)}: {e.strerror}", err=True)
                 sys.exit(2)
-            except MemoryError:  # under a memory limit (ulimit -v, a container's): one the user can raise
-                limit = memory_limit()
-                click.echo(f"error: out of memory{f' ({limit})' * bool(limit)}", err=True)
-                sys.exit(2)
+            except MemoryError:
+                out_of_memory()
             except KeyboardInterrupt:  # Ctrl-C or a script's SIGINT: click's message, but the shell's status
                 click.echo("\nAborted!", err=True)  # for it (click's is 1, a failure's), as SIGTERM's is 143
                 sys.exit(130)
+
+
+def out_of_memory():
+    """The memory ran out, most often under a limit the user can raise (ulimit -v, a container's): one line
+    naming it."""
+    limit = memory_limit()
+    click.echo(f"error: out of memory{f' ({limit})' * bool(limit)}", err=True)
+    sys.exit(2)
 
 
 def usage_error(e: click.UsageError):
