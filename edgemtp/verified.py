@@ -24,19 +24,26 @@ RACY_NS = 2_000_000_000
 MAX_FILES = 512  # the most recently checked; an older one is hashed again
 
 
-def record_path() -> Path | None:
-    """None where there is no cache directory (no home: a service account), and on Windows, whose st_ctime is
-    the creation time: a write there does not change it, so a file edited with its mtime put back would pass.
-    A relative XDG_CACHE_HOME is ignored, as the XDG specification says."""
-    if os.name == "nt":
-        return None
+def cache_dir() -> Path | None:
+    """edgemtp's cache directory (this record, quickstart's model and bundle, the default model's GGUF, the
+    drafter's corpora): $XDG_CACHE_HOME/edgemtp, else ~/.cache/edgemtp; None with neither (no home: a service
+    account). A relative XDG_CACHE_HOME is ignored, as the XDG specification says."""
     base = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(base):
         try:
             base = Path.home() / ".cache"
         except RuntimeError:
             return None
-    return Path(base) / "edgemtp" / "verified.json"
+    return Path(base) / "edgemtp"
+
+
+def record_path() -> Path | None:
+    """None where there is no cache directory, and on Windows, whose st_ctime is the creation time: a write
+    there does not change it, so a file edited with its mtime put back would pass."""
+    if os.name == "nt":
+        return None
+    cache = cache_dir()
+    return None if cache is None else cache / "verified.json"
 
 
 def stamp(st: os.stat_result) -> tuple[int, ...]:

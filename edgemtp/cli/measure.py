@@ -147,15 +147,17 @@ def _traced_engine(bundle_dir, provider, threads, prefix):
 def default_workdir() -> Path:
     """quickstart's --workdir when none is given, worked out only then: a service account in a container may
     have no home directory (Path.home() raises), and every command, not just quickstart, failed at import."""
-    try:
-        return Path.home() / ".cache" / "edgemtp"
-    except RuntimeError:
-        raise EdgemtpError("--workdir: no home directory to put ~/.cache/edgemtp in (give --workdir)") from None
+    from ..verified import cache_dir
+
+    if (cache := cache_dir()) is None:
+        raise EdgemtpError("--workdir: no home directory to put ~/.cache/edgemtp in (give --workdir)")
+    return cache
 
 
 @cli.command("quickstart")
 @click.option("--workdir", default=default_workdir, type=click.Path(path_type=Path),
-              show_default="~/.cache/edgemtp", help="Where the imported model and the bundle go.")
+              show_default="$XDG_CACHE_HOME/edgemtp, else ~/.cache/edgemtp",
+              help="Where the imported model and the bundle go.")
 @click.option("--prompt", default="def fibonacci(n):", show_default=True, help="Prompt of both generations.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Tokens each generation makes.")
 def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import EdgemtpError
 from ..scratch import scratch_dir
+from ..verified import cache_dir
 
 HELDOUT_PERCENT = 10
 DOMAINS = ("code", "docs", "shakespeare")
@@ -35,10 +36,8 @@ DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
 
 
 def _home_cache() -> Path | None:
-    try:
-        return Path.home() / ".cache" / "edgemtp" / "corpora"
-    except RuntimeError:  # no home directory (a service account in a container): a corpus is not cached
-        return None
+    cache = cache_dir()  # None: no home directory (a service account in a container): a corpus is not cached
+    return None if cache is None else cache / "corpora"
 
 
 CACHE = _home_cache()
