@@ -106,23 +106,26 @@ PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 
 @contextlib.contextmanager
 def exit_on_sigterm():
-    """SIGTERM (kill, a cancelled CI job) as an exit, so the `finally` blocks that delete a half-written
-    bundle's temporary directory run: by default the process dies and leaves it behind. Only for the
-    `edgemtp` command itself (main), and only over the default action: a program calling cli() keeps
-    its own handling."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        yield
-        return
+    """SIGTERM (kill, a cancelled CI job) and SIGHUP (the terminal or ssh session closed) as an exit, with the
+    shell's status for them (143, 129), so the `finally` blocks that delete a half-written bundle's temporary
+    directory run: by default the process dies and leaves it behind. Only for the `edgemtp` command itself
+    (main), and only over the default action: a program calling cli() keeps its own handling, and `nohup`'s
+    ignored SIGHUP stays ignored."""
+    names = ("SIGTERM", "SIGHUP")  # Windows has no SIGHUP
+    signums = [s for name in names if (s := getattr(signal, name, None)) and signal.getsignal(s) is signal.SIG_DFL]
 
-    def leave(*_):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-        sys.exit(143)
+    def leave(signum, _frame):
+        for s in signums:  # a second signal must not cut the clean-up short
+            signal.signal(s, signal.SIG_IGN)
+        sys.exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, leave)
+    for s in signums:
+        signal.signal(s, leave)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in signums:
+            signal.signal(s, signal.SIG_DFL)
 
 
 def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
