@@ -550,7 +550,7 @@ def test_threads_is_each_sessions_thread_count(tiny_gemma3):
     assert threads(Engine.load(tiny_gemma3[2], threads=3)) == 3
 
 
-def test_default_threads_are_the_cpus_the_process_may_run_on(tiny_gemma3, monkeypatch):
+def test_default_threads_are_the_cpus_the_process_may_run_on(tiny_gemma3, monkeypatch, tmp_path):
     """ONNX Runtime's default makes one thread per core of the machine, and ignores the process's CPU affinity
     (taskset, docker --cpuset-cpus, a CI runner's cpuset): `taskset -c 0 edgemtp generate` ran 2 threads on one
     CPU, and plain decoding of Gemma 3 270M went at 13-16 tok/s against 19-21 with --threads 1. With fewer CPUs
@@ -562,6 +562,9 @@ def test_default_threads_are_the_cpus_the_process_may_run_on(tiny_gemma3, monkey
     def threads(**kwargs):
         return Engine.load(tiny_gemma3[2], **kwargs).target.session.get_session_options().intra_op_num_threads
 
+    import edgemtp.runtime.session as S
+
+    monkeypatch.setattr(S, "CGROUP", tmp_path)  # no CPU quota (this machine's may have one)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5})
     assert threads() == 2 and threads(threads=0) == 2 and threads(threads=3) == 3
@@ -613,6 +616,33 @@ def test_running_out_of_memory_is_one_line_naming_the_limit(tiny_gemma3, monkeyp
         Engine.load(tiny_gemma3[2])
     assert line == "error: out of memory (this process may use at most 200 MiB: ulimit -v)"
     assert_one_line_error(CliRunner().invoke(cli, args), "target.onnx", exact=str(e.value))
+
+
+def test_default_threads_follow_a_container_s_cpu_quota(tmp_path, monkeypatch):
+    """A container's CPU quota (docker --cpus 2, a Kubernetes CPU limit) lets the process use 2 CPUs' worth of
+    time on a machine of many: ONNX Runtime's default, one thread per core of the machine, has most of its
+    threads waiting on the quota. The default is one per CPU of quota, rounded up (cgroup v2's cpu.max, v1's
+    cfs quota and period, as the container sees them), or fewer where the affinity allows fewer."""
+    import edgemtp.runtime.session as S
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(S, "CGROUP", tmp_path)
+    assert S.allowed_cpus() is None  # no cgroup files: ONNX Runtime's default
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert S.allowed_cpus() is None  # no quota
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert S.allowed_cpus() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert S.allowed_cpus() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert S.allowed_cpus() is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
+    assert S.allowed_cpus() == 4
 
 
 def test_dash_h_is_help_everywhere():

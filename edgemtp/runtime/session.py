@@ -101,16 +101,37 @@ def check_threads(threads: int | None) -> None:
                             "core of this machine)")
 
 
-def allowed_cpus() -> int | None:
-    """The intra-op threads for the default (--threads unset or 0): one per CPU this process may run on where
-    that is fewer than the machine's, else None (ONNX Runtime's own default, one per physical core). ONNX Runtime
-    counts the machine's cores and ignores the CPU affinity (taskset, docker --cpuset-cpus, a CI runner's
-    cpuset): under `taskset -c 0` on 2 cores its 2 threads took turns on one CPU, and plain decoding of Gemma 3
-    270M ran 13-16 tok/s against 19-21 with one thread."""
-    if not hasattr(os, "sched_getaffinity"):  # macOS, Windows
+CGROUP = Path("/sys/fs/cgroup")  # where a container sees its own cgroup
+
+
+def quota_cpus() -> int | None:
+    """CPUs' worth of time a container's CPU quota gives it (docker --cpus, a Kubernetes CPU limit), rounded up:
+    cgroup v2's cpu.max ("150000 100000": 2), else v1's cfs quota and period; None where none is set or
+    readable."""
+    try:
+        quota, period = (CGROUP / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        try:
+            quota, period = ((CGROUP / "cpu" / f"cpu.cfs_{n}_us").read_text().strip() for n in ("quota", "period"))
+        except OSError:
+            return None
+    try:
+        quota, period = int(quota), int(period)
+    except ValueError:  # "max": no quota
         return None
-    allowed = len(os.sched_getaffinity(0))
-    return allowed if allowed < (os.cpu_count() or allowed) else None
+    return -(-quota // period) if quota > 0 and period > 0 else None  # v1's -1: no quota
+
+
+def allowed_cpus() -> int | None:
+    """The intra-op threads for the default (--threads unset or 0): one per CPU this process may run on (its
+    affinity, and its container's CPU quota) where that is fewer than the machine's, else None (ONNX Runtime's
+    own default, one per physical core). ONNX Runtime counts the machine's cores and ignores both (taskset,
+    docker --cpuset-cpus or --cpus, a CI runner's limits): under `taskset -c 0` on 2 cores its 2 threads took
+    turns on one CPU, and plain decoding of Gemma 3 270M ran 13-16 tok/s against 19-21 with one thread."""
+    machine = os.cpu_count() or 1
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine  # not on macOS
+    allowed = min(allowed, quota_cpus() or allowed)
+    return allowed if allowed < machine else None
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
