@@ -37,7 +37,7 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--provider", default="cpu", show_default=True,
               help="Execution provider of the rows, its options after a ':' as generate's (a row is skipped when "
                    "this onnxruntime lacks it).")
-@click.option("--threads", default=None, type=int, help="Intra-op threads (default and 0: one per core the process may run on).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default and 0: one per usable core).")
 @click.option("--draft", "drafter", default="auto", show_default=True,
               help="Comma list of drafters: lookup, mtp, hybrid; auto is generate's default.")
 @click.option("--head", default="auto", show_default=True,
@@ -205,7 +205,7 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
 @click.option("--reference", default=None, type=click.Path(path_type=Path),
               help="Reference bundle (e.g. the fp32 export) for top-1 agreement and KL divergence.")
 @click.option("--max-tokens", default=None, type=int, help="Take only the text's first N tokens (the BOS not counted).")
-@click.option("--threads", default=None, type=int, help="Intra-op threads (default and 0: one per core the process may run on).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads (default and 0: one per usable core).")
 @click.option("--provider", default="cpu", show_default=True,
               help="Execution provider of both bundles, its options after a ':' as generate's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

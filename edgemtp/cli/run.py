@@ -38,7 +38,8 @@ def sampling_options(f):
         click.option("--provider", default="cpu", show_default=True,
                      help="ONNX Runtime execution provider, its options after a ':' (ONNX Runtime's provider "
                           "options), e.g. openvino:device_type=NPU or qnn:htp_performance_mode=burst."),
-        click.option("--threads", default=None, type=int, help="Intra-op threads (default and 0: one per core the process may run on)."),
+        click.option("--threads", default=None, type=int,
+                     help="Intra-op threads (default and 0: one per usable core)."),
     ]):
         f = opt(f)
     return f
