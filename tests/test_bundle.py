@@ -194,6 +194,41 @@ def test_a_graph_loaded_later_must_be_the_one_load_checked(tiny_gemma3, tmp_path
         edited.generate_batch(prompts, 6, draft=Draft("lookup", 3))
 
 
+def test_a_bundle_replaced_while_it_loads_is_refused_not_mixed(tiny_gemma3, tmp_path, monkeypatch):
+    """`export --overwrite` renames its new bundle into place while another process's Engine.load runs: the
+    manifest and the head table were read from the old bundle, the target's graph from the new one. Generating
+    from that mix gave tokens neither model gives; it is refused, with what to do."""
+    import copy
+
+    import torch
+
+    from edgemtp.runtime import loading
+    from edgemtp.scratch import replace_dir
+
+    from .reference import save_tiny
+
+    other = copy.deepcopy(tiny_gemma3[0])
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    export(save_tiny(other, tmp_path / "other_model"), tmp_path / "other", capacity=64)
+    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    prompt = "t1 t2 t3 t1 t2"
+    assert Engine.load(b).generate(prompt, 8).tokens != Engine.load(tmp_path / "other").generate(prompt, 8).tokens
+    real = loading.make_session
+
+    def swapped_first(path, *args, **kwargs):  # the export's rename lands between the checks and the session
+        shutil.copytree(tmp_path / "other", tmp_path / "new")
+        replace_dir(tmp_path / "new", b, ".old-")
+        monkeypatch.setattr(loading, "make_session", real)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "make_session", swapped_first)
+    with pytest.raises(EdgemtpError, match=r"target.onnx(.data)?: changed since the bundle was loaded"):
+        Engine.load(b)
+    assert Engine.load(b).generate(prompt, 8).tokens == Engine.load(tmp_path / "other").generate(prompt, 8).tokens
+
+
 def test_truncated_file_is_detected(tiny_gemma3, tmp_path):
     b = copy_bundle(tiny_gemma3[2], tmp_path)
     (b / "tokenizer.json").write_text("{}")

@@ -78,6 +78,11 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
         except UnicodeDecodeError:
             raise EdgemtpError(f"{path}: not UTF-8 text") from None
 
+    # the files read since bundle.load checked them (the tokenizer, the head table, the target's graph, the chat
+    # template) must be those it checked: `export --overwrite` renaming a new bundle into place meanwhile gave a
+    # target graph of the new bundle over the old one's head table and manifest, which generated tokens neither
+    # model gives. Refused ("load it again"), also where the rename came after every read (the engine was whole)
+    b.check_unchanged()
     engine.threads, engine.provider = threads, provider
     engine.drafter_provider = drafter_provider or provider
     engine.fast_verify = fast_verify
