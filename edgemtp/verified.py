@@ -51,17 +51,21 @@ def stamp(st: os.stat_result) -> tuple[int, ...]:
 
 
 class Record:
-    """Read once per bundle load; `known` asks, `add` notes a file just hashed, `save` writes the additions."""
+    """Read at a bundle load's start; `known` asks, `add` notes a file just hashed, `save` writes the additions
+    into the record as it is then."""
 
     def __init__(self):
-        self.path, self.files = record_path(), {}
+        self.path = record_path()
+        self.files = self._read()
+        self.added = {}  # what this load checked, for save
+        self.began = time.time_ns()  # before any file is hashed (add's racy check)
+
+    def _read(self) -> dict:
         try:
             files = json.loads(self.path.read_text(encoding="utf-8")).get("files", {}) if self.path else {}
-            self.files = files if isinstance(files, dict) else {}
+            return files if isinstance(files, dict) else {}
         except (OSError, ValueError, AttributeError, RecursionError):  # none yet, unreadable, not ours: afresh
-            pass
-        self.added = False
-        self.began = time.time_ns()  # before any file is hashed (add's racy check)
+            return {}
 
     def known(self, path: Path, st: os.stat_result, sha256: str) -> bool:
         return self.files.get(_name(path)) == [*stamp(st), sha256]
@@ -70,21 +74,32 @@ class Record:
         """`st`: the file's stat from before it was hashed; a file written meanwhile is not remembered."""
         if stamp(os.stat(path)) != stamp(st) or self.began - st.st_ctime_ns < RACY_NS:
             return
-        self.files.pop(_name(path), None)  # re-inserted last: the newest are kept
-        self.files[_name(path)] = [*stamp(st), sha256]
-        self.added = True
+        name = _name(path)
+        self.files.pop(name, None)  # re-inserted last: the newest are kept
+        self.added.pop(name, None)
+        self.files[name] = self.added[name] = [*stamp(st), sha256]
 
     def save(self) -> None:
         if not self.added or self.path is None:
             return
-        files = dict(list(self.files.items())[-MAX_FILES:])
+        import fcntl  # here: POSIX only, and there is no record on Windows (record_path)
+
         tmp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verified-", suffix=".json")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"files": files}, f)
-            os.replace(tmp, self.path)  # another process's save wins whole, never a half-written file
+            with open(self.path.parent / ".verified.lock", "a") as lock:
+                # one save at a time, each merging into the record as it is now: another process loading
+                # meanwhile (a load hashes for seconds) wrote its own checks, which this load's view lacks
+                fcntl.flock(lock, fcntl.LOCK_EX)  # let go when closed
+                files = self._read()
+                for name, entry in self.added.items():
+                    files.pop(name, None)
+                    files[name] = entry
+                files = dict(list(files.items())[-MAX_FILES:])
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verified-", suffix=".json")
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"files": files}, f)
+                os.replace(tmp, self.path)  # a reader sees the old record or the new one, never half of one
         except OSError:
             if tmp is not None:
                 with contextlib.suppress(OSError):

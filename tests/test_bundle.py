@@ -1987,6 +1987,30 @@ def test_kv_cache_views_are_its_buffers_and_one_that_would_copy_is_refused():
         wide.ort_values(slice(0, 1), window_offset=4)
 
 
+def test_two_loads_at_once_both_remember_their_checks(tmp_path, monkeypatch):
+    """Two processes loading bundles at once (two workers, a `generate` beside a `chat`) each read the record,
+    hash for seconds, then write it: the later write dropped the other's checks, and its next load hashed its
+    1.3 GB again. Each write keeps what another wrote since."""
+    from edgemtp import verified
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    files = [tmp_path / f"f{i}" for i in range(3)]
+    for f in files:
+        f.write_text(f.name)
+    first = verified.Record()
+    first.add(files[0], files[0].stat(), "sha-f0")
+    first.save()
+    one, other = verified.Record(), verified.Record()  # both read before either wrote
+    one.add(files[1], files[1].stat(), "sha-f1")
+    other.add(files[2], files[2].stat(), "sha-f2")
+    one.save()
+    other.save()
+    again = verified.Record()
+    assert [again.known(f, f.stat(), "sha-" + f.name) for f in files] == [True, True, True]
+    assert list(again.files) == [str(f.resolve()) for f in files]  # the newest last (MAX_FILES keeps them)
+
+
 def test_the_record_keeps_the_newest_checks_and_no_file_written_while_hashed(tmp_path, monkeypatch):
     """At most MAX_FILES files are remembered, the most recently checked (a file checked again counts as new);
     a file whose stat changed while it was hashed is not remembered."""
