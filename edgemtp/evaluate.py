@@ -41,12 +41,13 @@ class _Tally:
 
 def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | None = None,
              window: int | None = None, threads: int | None = None, *, step: int = 64, max_tokens: int | None = None,
-             text_name: str = "the text", provider: str = "cpu") -> dict:
+             text_name: str = "the text", provider: str = "cpu", progress=None) -> dict:
     """Perplexity of `bundle_dir` on `text`; with `reference_bundle`, also top-1 agreement and KL.
 
     `window` (tokens per window, BOS included) defaults to min(512, the bundles' KV capacity);
     `max_tokens` caps the text's tokens (None: all); `text_name` names the text in errors (the CLI: its
-    --text-file); `provider`: both bundles' execution provider (Engine.load's; an NPU's rounding shows here).
+    --text-file); `provider`: both bundles' execution provider (Engine.load's; an NPU's rounding shows here);
+    `progress(done, total)` is called after each window (the CLI's bar: a long text takes minutes).
     Returns a JSON-able dict: tokens (scored), windows, window, nll (mean, nats), perplexity; with a reference
     also reference_perplexity, perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
     if not isinstance(text, str):
@@ -79,8 +80,10 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
                            f"perplexity needs at least {1 if bos is not None else 2}{why}")
     tally = _Tally()
     windows = text_windows(tokens, window, bos)
-    for win in windows:
+    for done, win in enumerate(windows, 1):
         _score_window(np.asarray(win, np.int64), engine, ref, step, tally)
+        if progress is not None:
+            progress(done, len(windows))
     return _summary(tally, len(windows), window, ref is not None)
 
 

@@ -761,7 +761,7 @@ def test_export_quantized_and_evaluate(tiny_gemma3, tmp_path):
     text.write_text(" ".join(f"t{i % 37}" for i in range(200)))
     r = run("evaluate", q, "--text-file", text, "--reference", fp32, "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["top1_agreement"] > 0.8 and out["kl_mean"] >= 0 and out["perplexity"] > 1
     r = run("export", model_dir, "-o", tmp_path / "x", "--quant", "int3")
     assert_one_line_error(r, "--quant 'int3' is not supported")
@@ -777,16 +777,33 @@ def test_evaluate_text_shows_the_json_values(tiny_gemma3, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 96, 150)))
     shown = run("evaluate", q, "--text-file", text, "--reference", fp32)
-    out = json.loads(run("evaluate", q, "--text-file", text, "--reference", fp32, "--json").output)
+    out = json.loads(run("evaluate", q, "--text-file", text, "--reference", fp32, "--json").stdout)
     # an execution provider for both bundles (a build without it falls back to the CPU: the same figures)
     named = json.loads(run("evaluate", q, "--text-file", text, "--reference", fp32, "--json", "--provider",
                            "openvino:device_type=NPU").stdout)
     assert named == out
     assert 0 < out["kl_median"] < 1e-3  # small but not zero: what the test is about
-    lines = dict(line.split() for line in shown.output.splitlines())
+    lines = dict(line.split() for line in shown.stdout.splitlines())
     assert list(lines) == list(out)
     for key, value in out.items():
         assert float(lines[key]) == pytest.approx(value, rel=5e-3), key
+
+
+def test_evaluate_shows_progress_per_window(tiny_gemma3, tmp_path):
+    """evaluate runs for minutes on a long text (each window a prefill, twice with --reference): a bar on stderr
+    counts its windows, as export's and profile's do, and leaves standard output (--json's object) alone."""
+    from edgemtp.evaluate import evaluate
+
+    text = " ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 96, 150))
+    calls = []
+    r = evaluate(tiny_gemma3[2], text, window=32, progress=lambda done, total: calls.append((done, total)))
+    assert r["windows"] == 5 and calls == [(i, 5) for i in range(1, 6)]
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    shown = run("evaluate", tiny_gemma3[2], "--text-file", path, "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout) == evaluate(tiny_gemma3[2], text)
+    assert "evaluating" in shown.stderr and "3/3" in shown.stderr  # 150 tokens: windows of min(512, 64)
 
 
 def test_text_files_read_standard_input_as_prompt_files_do(tiny_gemma3, tmp_path):
@@ -800,7 +817,8 @@ def test_text_files_read_standard_input_as_prompt_files_do(tiny_gemma3, tmp_path
     cmd = [sys.executable, "-m", "edgemtp", "evaluate", str(tiny_gemma3[2]), "--json", "--text-file"]
     piped = subprocess.run([*cmd, "-"], input=text.read_bytes(), capture_output=True, check=True)
     named = subprocess.run([*cmd, str(text)], capture_output=True, check=True)
-    assert json.loads(piped.stdout) == json.loads(named.stdout) and piped.stderr == b""
+    assert json.loads(piped.stdout) == json.loads(named.stdout)
+    assert b"warning" not in piped.stderr and b"error" not in piped.stderr  # (the progress bar alone)
 
 
 def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):

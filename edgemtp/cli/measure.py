@@ -221,8 +221,9 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, provider
     if max_tokens is not None and max_tokens < 1:
         raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 1")
     text = read_prompt(None, text_file, "--text-file")
-    result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens,
-                      text_name=f"--text-file {text_file}", provider=provider)
+    with progress_bar("evaluating") as progress:
+        result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens,
+                          text_name=f"--text-file {text_file}", provider=provider, progress=progress)
     if as_json:
         click.echo(json.dumps(result))
         return
