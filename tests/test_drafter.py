@@ -1130,6 +1130,25 @@ def test_bad_draft_head_rows_are_refused(setup, tmp_path, extra, match):
     assert not (tmp_path / "b").exists()
 
 
+def test_draft_head_context_without_head_tables_is_refused(setup, tmp_path):
+    """A drafter without head tables (train-drafter's default below 65,536 tokens: SmolLM2's 49,152) has the full
+    head, which scores every token: --draft-head-context 64 was accepted and dropped unsaid, while the same
+    with --draft-top-k 0 is refused. The default (no flag) and an explicit 0 still export."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    tiny_drafter(setup[0], tmp_path / "d")
+    args = ["export", str(setup[0]), "-o", str(tmp_path / "b"), "--drafter", str(tmp_path / "d"), "--max-context", "64"]
+    r = CliRunner().invoke(cli, args + ["--draft-head-context", "64"])
+    assert_one_line_error(r, "--draft-head-context 64 needs the clustered head")
+    assert not (tmp_path / "b").exists()
+    for extra in ([], ["--draft-head-context", "0"]):
+        r = CliRunner().invoke(cli, args + extra + ["--overwrite"])
+        assert r.exit_code == 0, r.output
+        assert bundle_mod.load(tmp_path / "b").manifest["graphs"]["drafter"]["contract"]["head"]["kind"] == "full"
+
+
 def test_train_drafter_command(tiny_gemma3, tmp_path):
     """`edgemtp train-drafter` on the offline code corpus: a drafter directory that export accepts. Its standard
     output is its JSON report alone, for `| jq` (the `wrote` line, after it there, is on stderr)."""

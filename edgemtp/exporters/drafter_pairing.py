@@ -106,6 +106,10 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
                            f"differ from {model_dir}'s); train one for this model with edgemtp train-drafter")
     head = head_shape(drafter_dir, cfg, top_k, DEFAULT_CONTEXT if context is None else context)
     check_head_rows(head_rows, head)  # bad head tables or flags fail here too
+    if head is None and context:  # as with --draft-top-k 0: the full head already scores the recent tokens
+        raise EdgemtpError(f"--draft-head-context {context} needs the clustered head: {drafter_dir} has no head "
+                           f"tables, so its full head scores every token (`edgemtp cluster TARGET_DIR -o "
+                           f"{drafter_dir} --drafter {drafter_dir}` writes them)")
     context = head.context if head is not None else 0
 
     def write_graphs(tmp: Path, progress: Progress | None = None) -> dict:
