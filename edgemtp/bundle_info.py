@@ -141,6 +141,9 @@ def _scheme(q: dict) -> str:
     # the settings that decide how far the bundle's logits are from fp32, and whether speculative output stays
     # plain greedy's (README "Known limits": --two-pass head / none can part within tens of tokens)
     symmetric = q.get("symmetric")
+    if symmetric is None:  # the preset's: 8-bit symmetric, 4-bit with zero points (a bundle without 4-bit parts:
+        # symmetric alone; frequent rows and --keep-8bit only add 8-bit ones)
+        symmetric = True if all(q.get(f) == 8 for f in ("bits", "head_bits", "embed_bits")) else None
     parts.append("8-bit symmetric, 4-bit with zero points" if symmetric is None else
                  "symmetric" if symmetric else "with zero points")
     if "accuracy_level" in q:

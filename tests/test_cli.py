@@ -1618,6 +1618,22 @@ def test_info_of_a_bundle_from_before_layer_op(tiny_gemma3):
     assert line.startswith("layers 8-bit (nbits), head 8-bit (nbits), embedding 8-bit"), line
 
 
+def test_info_of_an_int8_bundle_names_no_4bit_grid(tiny_gemma3):
+    """The preset's grid (symmetric None) is 8-bit symmetric and 4-bit with zero points: an int8 bundle has no
+    4-bit weight, and its info line said "8-bit symmetric, 4-bit with zero points" all the same."""
+    from edgemtp import bundle
+    from edgemtp.bundle_info import describe, text
+    from edgemtp.exporters.quant_options import scheme
+
+    b = bundle.load(tiny_gemma3[2], verify=False)
+    for quant, want in (("int8", ", symmetric, "), ("int4", ", 8-bit symmetric, 4-bit with zero points, ")):
+        q = scheme(quant, calibrated=False).to_json()
+        assert q["symmetric"] is None
+        b.manifest["graphs"]["target"] = {**b.manifest["graphs"]["target"], "quant": quant, "quantization": q}
+        line = next(x for x in text(describe(b), False).splitlines() if "layers " in x).strip()
+        assert want in line and "zero points" not in line.replace(want, ""), line
+
+
 def test_commands_that_make_files_name_the_export_extra(tiny_gemma3, tmp_path):
     """Without the exporter's packages (an app's install: numpy, onnxruntime, tokenizers, click, rich) the
     commands that make files say which extra to add, and run nothing; those that run a bundle work."""
