@@ -554,7 +554,7 @@ def test_default_threads_are_the_cpus_the_process_may_run_on(tiny_gemma3, monkey
     """ONNX Runtime's default makes one thread per core of the machine, and ignores the process's CPU affinity
     (taskset, docker --cpuset-cpus, a CI runner's cpuset): `taskset -c 0 edgemtp generate` ran 2 threads on one
     CPU, and plain decoding of Gemma 3 270M went at 13-16 tok/s against 19-21 with --threads 1. With fewer CPUs
-    allowed than the machine has, the default (and 0) is one thread per allowed CPU."""
+    allowed than the machine has, the default (and 0) is one thread per allowed CPU (per core: hyper-threads once)."""
     import os
 
     from edgemtp.runtime.engine import Engine
@@ -565,6 +565,7 @@ def test_default_threads_are_the_cpus_the_process_may_run_on(tiny_gemma3, monkey
     import edgemtp.runtime.session as S
 
     monkeypatch.setattr(S, "CGROUP", tmp_path)  # no CPU quota (this machine's may have one)
+    monkeypatch.setattr(S, "CPUS", tmp_path)  # nor its CPUs' topology (hyper-threads)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5})
     assert threads() == 2 and threads(threads=0) == 2 and threads(threads=3) == 3
@@ -628,6 +629,7 @@ def test_default_threads_follow_a_container_s_cpu_quota(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     monkeypatch.setattr(S, "CGROUP", tmp_path)
+    monkeypatch.setattr(S, "CPUS", tmp_path)  # no topology: each CPU a core (this machine's may have hyper-threads)
     assert S.allowed_cpus() is None  # no cgroup files: ONNX Runtime's default
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert S.allowed_cpus() is None  # no quota
@@ -643,6 +645,33 @@ def test_default_threads_follow_a_container_s_cpu_quota(tmp_path, monkeypatch):
     assert S.allowed_cpus() is None
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")
     assert S.allowed_cpus() == 4
+
+
+def test_default_threads_count_a_physical_core_once(tmp_path, monkeypatch):
+    """ONNX Runtime's own default is one thread per physical core: on a machine with SMT (2 logical CPUs a
+    core), an affinity or quota that allows most of it took one thread per logical CPU, up to twice the threads
+    the whole machine got (taskset -c 0-14 on 8 cores of 2: 15 threads against 8). The default counts the
+    physical cores among the CPUs allowed (their thread siblings, as the kernel's topology gives them)."""
+    import edgemtp.runtime.session as S
+
+    for cpu in range(16):  # 8 cores of 2 threads, numbered as Linux does on x86: core c is CPUs c and c + 8
+        (tmp_path / "cpus" / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (tmp_path / "cpus" / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(f"{cpu % 8},{cpu % 8 + 8}\n")
+    monkeypatch.setattr(S, "CPUS", tmp_path / "cpus")
+    monkeypatch.setattr(S, "CGROUP", tmp_path / "cgroup")  # no quota
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(15)))
+    assert S.allowed_cpus() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 8, 9})  # two cores, both threads of each
+    assert S.allowed_cpus() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert S.allowed_cpus() == 3
+    (tmp_path / "cgroup").mkdir()
+    (tmp_path / "cgroup" / "cpu.max").write_text("1200000 100000\n")  # docker --cpus 12
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert S.allowed_cpus() == 8
+    (tmp_path / "cgroup" / "cpu.max").write_text("300000 100000\n")
+    assert S.allowed_cpus() == 3
 
 
 def test_dash_h_is_help_everywhere():

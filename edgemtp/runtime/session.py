@@ -122,16 +122,35 @@ def quota_cpus() -> int | None:
     return -(-quota // period) if quota > 0 and period > 0 else None  # v1's -1: no quota
 
 
+CPUS = Path("/sys/devices/system/cpu")  # the kernel's CPU topology
+
+
+def physical_cores(cpus: set[int]) -> int:
+    """The physical cores `cpus` (logical CPU numbers) are on: SMT siblings (hyper-threads) count once, as in
+    ONNX Runtime's default; each CPU its own core where the topology is not readable (not Linux)."""
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add((CPUS / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(cpu)
+    return len(cores)
+
+
 def allowed_cpus() -> int | None:
-    """The intra-op threads for the default (--threads unset or 0): one per CPU this process may run on (its
-    affinity, and its container's CPU quota) where that is fewer than the machine's, else None (ONNX Runtime's
-    own default, one per physical core). ONNX Runtime counts the machine's cores and ignores both (taskset,
-    docker --cpuset-cpus or --cpus, a CI runner's limits): under `taskset -c 0` on 2 cores its 2 threads took
-    turns on one CPU, and plain decoding of Gemma 3 270M ran 13-16 tok/s against 19-21 with one thread."""
+    """The intra-op threads for the default (--threads unset or 0) where this process may run on fewer CPUs
+    than the machine has (its affinity, its container's CPU quota): one per physical core it may use, at most
+    the quota; else None (ONNX Runtime's own default, one per physical core of the machine). ONNX Runtime
+    counts the machine's cores and ignores both (taskset, docker --cpuset-cpus or --cpus, a CI runner's
+    limits): under `taskset -c 0` on 2 cores its 2 threads took turns on one CPU, and plain decoding of Gemma 3
+    270M ran 13-16 tok/s against 19-21 with one thread. Hyper-threads count once, as in its default: one
+    thread each gave `taskset -c 0-14` on 8 cores of 2 threads 15 threads, where the whole machine has 8."""
     machine = os.cpu_count() or 1
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine  # not on macOS
-    allowed = min(allowed, quota_cpus() or allowed)
-    return allowed if allowed < machine else None
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(machine))  # not on macOS
+    quota = quota_cpus()
+    if len(cpus) >= machine and (quota or machine) >= machine:
+        return None
+    return min(physical_cores(cpus), quota or machine)
 
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
