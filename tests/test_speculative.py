@@ -782,6 +782,25 @@ def test_a_closed_stream_says_so_in_its_stop_reason(models):
     assert stats.stop_reasons == ["stop token", "closed"] and stats.stop_reason == "stop token; closed"
 
 
+def test_a_stream_read_to_its_last_token_keeps_its_stop_reason(models):
+    """A reader that takes the stream's last token and closes it without asking for another (itertools.islice
+    over max_new_tokens, a zip with a range) got "closed" from plain decoding, where drafting said "max new
+    tokens": the stream had ended, only its StopIteration was not read. Every stream says why it ended."""
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.stats import Stats
+
+    engine = models["gemma3_text", 64]
+    prompt = _prompts(engine)[1][1]
+    for draft in (None, Draft("lookup", 3)):
+        for n, want in ((20, "max new tokens"), (64, "KV capacity reached")):  # the bundle's capacity is 64
+            whole = list(engine.token_ids(prompt, n))
+            stats = SpecStats() if draft else Stats()
+            stream = engine.token_stream(prompt, n, draft=draft, stats=stats)
+            got = list(itertools.islice(stream, len(whole)))
+            stream.close()
+            assert got == whole and stats.stop_reason == want, (draft, n)
+
+
 def test_drafter_context_carries_the_verified_hidden_state(models):
     """ctx.hidden must be the target's hidden state at the position that produced history[-1] (what an
     MTP drafter consumes), and the cache must hold exactly the verified positions."""

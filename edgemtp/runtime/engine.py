@@ -249,19 +249,17 @@ class Engine:
                 seen = [*prompt_ids, *generated] if sampling.penalized else ()  # for the repetition penalty
                 token = pick(logits[0, -1], sampling, rng, seen)
                 generated.append(token)
+                # known before the token is given: a reader that closes the stream after its last token (as
+                # drafting's rounds, which set it before giving theirs) gets why it ended, not "closed"
+                reason = (stops.reason(generated) or ("max new tokens" if i + 1 == max_new_tokens else "")
+                          or ("KV capacity reached" if cache.room(0) < 1 else ""))
                 try:
                     yield token
                 except GeneratorExit:  # the app closed the stream (or the engine): say so, not ""
-                    stats.stop_reason = STREAM_CLOSED
+                    stats.stop_reason = reason or STREAM_CLOSED
                     raise
-                if reason := stops.reason(generated):
+                if reason:
                     stats.stop_reason = reason
-                    break
-                if i + 1 == max_new_tokens:
-                    stats.stop_reason = "max new tokens"
-                    break
-                if cache.room(0) < 1:
-                    stats.stop_reason = "KV capacity reached"
                     break
                 logits, _ = self.target.forward(np.array([[token]]), cache)
                 stats.decode_tokens += 1
