@@ -10,7 +10,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Iterable, Iterator
+from typing import Generator, Iterable, Iterator
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -438,7 +438,7 @@ class Engine:
         tokens = self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats, stop=stops.strings)
         return self._streams.add(self._pieces(tokens, stops))
 
-    def _pieces(self, tokens: Iterator[int], stops: Stops) -> Iterator[str]:
+    def _pieces(self, tokens: Generator[int, None, None], stops: Stops) -> Iterator[str]:
         text_of, shown = IncrementalDecoder(self._text), ""
         with closing(tokens):  # closed with this stream, not when collected: its stats say so at once
             for token in tokens:
