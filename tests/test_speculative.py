@@ -1101,3 +1101,29 @@ def test_an_engine_used_in_a_forked_process_says_to_load_it_after_the_fork(tiny_
                         r"with threads=1",
                         found[1][2][0])
     assert engines[2].generate(prompt, 8).tokens == want  # the parent's, unchanged
+
+
+def test_the_fork_warning_counts_the_threads_onnx_runtime_made(tiny_gemma3, tmp_path, monkeypatch):
+    """The default threads (threads=None) are ONNX Runtime's one per physical core: on a machine of one core
+    with 2 hyper-threads (a 2-vCPU cloud VM) that is one thread, which a fork costs nothing, and the forked
+    worker was told '2 asked' and to load with threads=1. Two cores of 2 threads each do warn, with 2."""
+    import edgemtp.runtime.session as S
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(tiny_gemma3[2])
+    monkeypatch.setattr(S, "CGROUP", tmp_path / "cgroup")  # no quota
+    for cores, threads_each in ((1, 2), (2, 2)):
+        cpus = cores * threads_each
+        for cpu in range(cpus):  # core c is CPUs c, c + cores, ... as Linux numbers them on x86
+            topology = tmp_path / f"{cores}" / f"cpu{cpu}" / "topology"
+            topology.mkdir(parents=True)
+            (topology / "thread_siblings_list").write_text(",".join(str(cpu % cores + cores * t)
+                                                                     for t in range(threads_each)))
+        monkeypatch.setattr(S, "CPUS", tmp_path / f"{cores}")
+        monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+        engine._pid = -1  # as if this process were forked from the one that loaded it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine._check_process()
+        assert [re.search(r"\((\d+) asked\)", str(w.message))[1] for w in caught] == ([] if cores == 1 else ["2"])
