@@ -287,7 +287,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", tmp_path),
          f"--calibration {tmp_path}: is a directory"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", pickled),
-         f"--calibration {pickled}: not a text file"),
+         f"--calibration {pickled}: not text (a NUL byte at offset"),
         (("generate", bundle, "--prompt-file", tmp_path), f"--prompt-file {tmp_path}: cannot read (Is a directory)"),
         (("generate", bundle, "--prompt", "t1", "--adaptive", "--draft-k", 0), "--adaptive with --draft-k 0"),
         (("profile", bundle, "--adaptive", "--draft-k", 0), "--adaptive with --draft-k 0: adaptive rows draft"),

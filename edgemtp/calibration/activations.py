@@ -11,7 +11,6 @@ onnxruntime), one window at a time, each with a fresh KV cache.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from .. import contract as C
 from ..errors import EdgemtpError
+from ..text_bytes import utf8_text
 
 CORPORA = "corpora"
 WINDOW = 512
@@ -84,15 +84,12 @@ def calibration_text(source: str | Path, max_chars: int = MAX_CHARS) -> Calibrat
             data = path.read_bytes()
         except OSError as e:
             raise EdgemtpError(f"--calibration {path}: cannot read ({e.strerror or type(e).__name__})") from None
-        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # PowerShell 5's `>`, Notepad's "Unicode"
-            raise EdgemtpError(f"--calibration {path}: UTF-16 text, not UTF-8 (save it as UTF-8)")
-        # utf-8-sig: a byte order mark (Notepad, PowerShell) is no text, else one more token to calibrate on; line
-        # ends as a prompt file's (universal newlines: \r\n and \r as \n)
-        text = data.decode("utf-8-sig", "replace").replace("\r\n", "\n").replace("\r", "\n")
+        # bytes that are not UTF-8 (a Latin-1 file's accents) are replaced, not refused; no byte order mark (Notepad,
+        # PowerShell), else one more token to calibrate on; line ends as a prompt file's (universal newlines)
+        text = utf8_text(data, f"--calibration {path}", errors="replace")
+        text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
         if not text.strip():
             raise EdgemtpError(f"--calibration {path}: the file is empty")
-        if "\x00" in text:  # other bytes that are not UTF-8 (a Latin-1 file's accents) are replaced, not refused
-            raise EdgemtpError(f"--calibration {path}: not a text file (it holds NUL bytes)")
         return CalibrationText((text[:max_chars],), str(path))
     from ..drafter import data as D
 

@@ -3,7 +3,6 @@ and measure.py."""
 
 from __future__ import annotations
 
-import codecs
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import ArgumentError, EdgemtpError
+from ..text_bytes import utf8_text
 from .base import cli
 
 
@@ -244,7 +244,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
             except OSError as e:
                 raise EdgemtpError(f"{file_flag} {prompt_file}: cannot read ({e.strerror or type(e).__name__})") \
                     from None
-            text, what = utf8_bytes(data, f"{file_flag} {prompt_file}"), f"{file_flag} {prompt_file}: the file"
+            text, what = utf8_text(data, f"{file_flag} {prompt_file}"), f"{file_flag} {prompt_file}: the file"
         # no byte order mark (Notepad, PowerShell's -Encoding utf8 write one), else a U+FEFF token, and universal
         # newlines (\r\n and \r as \n): the same text piped or named, from any editor, is the same prompt
         text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
@@ -267,23 +267,7 @@ def stdin_text(read, flag: str) -> str:
     raw = getattr(sys.stdin, "buffer", None)
     if raw is None:  # a stream of text only (an app's or a test's)
         return utf8(read(sys.stdin), flag)
-    return utf8_bytes(read(raw), flag)
-
-
-def utf8_bytes(data: bytes, what: str) -> str:
-    """`data` decoded as UTF-8, or an EdgemtpError naming `what` and where it is not: the first byte that is not
-    UTF-8, by its offset (a Latin-1 or cp1252 file's accent, somewhere in a long file), that it is UTF-16 (by
-    its byte order mark: PowerShell 5's `>`, Notepad's "Unicode"), whose first byte is no clue, or its first NUL
-    byte (as the export's --calibration refuses one)."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise EdgemtpError(f"{what}: UTF-16 text, not UTF-8 (save it as UTF-8)")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise EdgemtpError(f"{what}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
-    if (nul := data.find(b"\0")) >= 0:  # a binary file, or UTF-16 without a byte order mark: valid UTF-8 all the same
-        raise EdgemtpError(f"{what}: not text (a NUL byte at offset {nul})")
-    return text
+    return utf8_text(read(raw), flag)
 
 
 def utf8(text: str, flag: str) -> str:
