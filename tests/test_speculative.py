@@ -1103,6 +1103,25 @@ def test_an_engine_used_in_a_forked_process_says_to_load_it_after_the_fork(tiny_
     assert engines[2].generate(prompt, 8).tokens == want  # the parent's, unchanged
 
 
+def test_the_fork_warning_points_at_the_apps_call(tiny_gemma3):
+    """At the app's line, through generate, generate_batch, stream, token_stream and token_ids alike: it pointed at
+    engine.py for the calls that reach the check through another of the engine's methods."""
+    from edgemtp.runtime.engine import Draft, Engine
+
+    engine = Engine.load(tiny_gemma3[2], threads=2)
+    ids = engine.encode("t1 t2")
+    calls = [lambda: engine.generate("t1 t2", 2), lambda: engine.generate_batch(["t1 t2"], 2),
+             lambda: list(engine.stream("t1 t2", 2)), lambda: list(engine.token_ids(ids, 2)),
+             lambda: list(engine.token_stream(ids, 2, draft=Draft("lookup", 2))),
+             lambda: list(engine.token_stream(ids, 2))]
+    for call in calls:
+        engine._pid = -1  # as if loaded in another process, forked from
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in caught] == [__file__], [(w.filename, w.lineno) for w in caught]
+
+
 def test_the_fork_warning_counts_the_threads_onnx_runtime_made(tiny_gemma3, tmp_path, monkeypatch):
     """The default threads (threads=None) are ONNX Runtime's one per physical core: on a machine of one core
     with 2 hyper-threads (a 2-vCPU cloud VM) that is one thread, which a fork costs nothing, and the forked

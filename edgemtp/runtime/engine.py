@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import warnings
@@ -46,6 +47,18 @@ class Generation:
 
 # adaptive draft lengths an engine keeps (Engine._lengths): one per (mode, K, batch) setting in use
 DRAFT_SETTINGS_KEPT = 16
+
+
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # edgemtp/
+
+
+def app_stacklevel() -> int:
+    """warnings.warn's stacklevel for a warning raised inside this package to point at the app's line that called
+    into it, through however many of the package's own calls (generate -> token_stream -> ...)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Engine:
@@ -220,7 +233,7 @@ class Engine:
                           "it: ONNX Runtime's thread pools do not survive a fork, so its graphs run on one thread "
                           f"here ({threads} asked); load the engine after the fork (gunicorn: without --preload), or "
                           "before it with threads=1",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=app_stacklevel())
 
     def token_ids(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                   stats: Stats | None = None, *, stop=None) -> Iterator[int]:
