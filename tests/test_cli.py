@@ -1782,6 +1782,24 @@ def test_every_flag_of_every_command_is_documented():
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
 
 
+def test_importing_edgemtp_changes_only_the_environment_the_readme_names():
+    """An app that imports edgemtp (its runtime, exporters or CLI helpers) before numpy finds in os.environ only
+    what the README says importing it sets, and a value the app set itself is kept. Importing the CLI sets
+    nothing: its main() does (ORT_DISABLE_TELEMETRY), as the command owns its process."""
+    code = ("import json, os; os.environ.pop('OPENBLAS_THREAD_TIMEOUT', None); before = dict(os.environ); "
+            "import edgemtp.runtime.engine, edgemtp.exporters, edgemtp.cli, numpy; "
+            "print(json.dumps({k: v for k, v in os.environ.items() if before.get(k) != v}))")
+    run = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    changed = json.loads(run.stdout)
+    assert changed == {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    documented = " ".join(README.split())
+    assert "Importing `edgemtp` (any of its modules) before numpy sets `OPENBLAS_THREAD_TIMEOUT=4`" in documented
+    kept = code.replace("os.environ.pop('OPENBLAS_THREAD_TIMEOUT', None)",
+                        "os.environ['OPENBLAS_THREAD_TIMEOUT'] = '28'")  # OpenBLAS's own default
+    run = subprocess.run([sys.executable, "-c", kept], check=True, capture_output=True, text=True)
+    assert json.loads(run.stdout) == {}
+
+
 def test_readme_flags_exist_on_their_commands():
     """Every `edgemtp COMMAND ...` the README writes (code spans, the usage block, the Commands table) names a
     command that exists and only flags that command takes: a renamed or removed flag fails here, not in a
