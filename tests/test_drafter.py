@@ -405,6 +405,31 @@ def test_the_training_record_holds_the_threads_the_weights_depend_on(tiny_gemma3
         assert record["threads"] == report["threads"] == threads and record["seed"] == 3
 
 
+def test_training_leaves_the_callers_torch_threads_and_random_state(tiny_gemma3, tmp_path):
+    """train_drafter runs on its own threads and seed, and an app (a notebook) that calls it gets its torch back as
+    it was: before, torch stayed on the training's 1 thread and the global generator reseeded with its seed."""
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 8, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
+    kw = dict(data=data, seed=3, shape=dict(hidden=16, intermediate=32, num_layers=1),
+              spec=TrainSpec(batch=4, warmup=2, negatives=32, eval_every=1000))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # neither the training's 1 nor its target pass's 2
+    try:
+        torch.manual_seed(1234)
+        want = torch.rand(4)  # what the app's next draw is without the training in between
+        torch.manual_seed(1234)
+        report = train_drafter(model_dir, tmp_path / "d", steps=2, threads=1, **kw)
+        assert torch.get_num_threads() == 3
+        assert torch.equal(torch.rand(4), want)
+    finally:
+        torch.set_num_threads(threads)
+    # the training itself still runs on its seed: the same weights as a run without the app's state around it
+    again = train_drafter(model_dir, tmp_path / "e", steps=2, threads=1, **kw)
+    assert report["heldout"] == again["heldout"]
+    a, b = M.load(tmp_path / "d").state_dict(), M.load(tmp_path / "e").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
     """--resume is checked before the target pass and continues only its own run; a resumed log holds each
     step once; a run killed while fitting the head leaves the directory's earlier drafter whole; a finished

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -127,6 +128,22 @@ def window_range(n) -> tuple[int, int]:
     return (0, int(n)) if isinstance(n, int) else (int(n[0]), int(n[1]))
 
 
+def _keeps_torch_state(fn):
+    """Runs `fn` on torch's global settings as it sets them (its threads, its seed) and gives them back as they
+    were when it returns: an app or notebook that trains a drafter keeps its own thread count (not the training's
+    1) and its generator's sequence (not one reseeded with the training's seed)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            with torch.random.fork_rng(devices=[]):  # the CPU generator; the drafter trains on the CPU
+                return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
+@_keeps_torch_state
 def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataSpec(), steps: int = 360,
                   seed: int = 0, resume: bool = False, progress: Progress | None = None,
                   shape: dict | None = None, spec: TrainSpec = TrainSpec(), threads: int = 1,
