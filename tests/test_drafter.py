@@ -1321,6 +1321,31 @@ def test_drafter_on_its_own_provider(setup):
     assert r.exit_code == 0 and r.output.count("warning: provider 'coreml'") == 1, r.output  # was said twice
 
 
+def test_checking_the_drafter_provider_leaves_the_warning_filters_alone(setup, monkeypatch):
+    """Engine.load checks drafter_provider early without touching the process's warning filters: it swapped in
+    an "ignore everything" filter for the check (warnings.catch_warnings, which is not thread-safe), so a warning
+    another of the app's threads gave meanwhile was lost, and a filter it added meanwhile was undone."""
+    import warnings
+
+    from edgemtp.runtime import loading
+
+    check, seen = loading.resolve_provider, []
+
+    def at_the_check(*args, **kwargs):  # the filters another thread finds while the check runs
+        seen.append(list(warnings.filters))
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "resolve_provider", at_the_check)
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        Engine.load(setup[1], provider="cpu", drafter_provider="coreml").close()
+    assert seen[0] == filters
+    assert [str(w.message) for w in caught] == []  # the fallback warns when the drafter loads, not at the check
+    assert list(warnings.filters) == before
+
+
 def test_drafting_on_a_spinning_target_warns_once(setup):
     """An engine loaded for plain or lookup decoding (mtp=False, the default for a quantized bundle on the CPU)
     keeps its target's threads spinning between runs, which slows a CPU drafter's steps: drafting with the MTP

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import warnings
 from pathlib import Path
 
 import click
@@ -84,9 +83,7 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
         bad = [v.strip() for v in values.split(",") if v.strip() not in known]
         if bad:
             raise EdgemtpError(f"{flag} {bad[0]!r} is unknown (choose from {', '.join(known)})")
-    with warnings.catch_warnings():  # a known provider this build lacks: its rows say so ("skipped")
-        warnings.simplefilter("ignore")
-        resolve_provider(provider)
+    resolve_provider(provider, warn=False)  # a known provider this build lacks: its rows say so ("skipped")
     for flag, path in (("--plot", plot_file), ("--trace", trace)):
         if path is not None and path.is_dir():  # matplotlib would write DIR.png beside it
             raise EdgemtpError(f"{flag} {path}: is a directory (give a file name in it)")

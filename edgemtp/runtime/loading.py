@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,10 +45,9 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
     if fast_verify and not b.has_graph("verify"):  # asked for, it would change nothing: say so
         raise EdgemtpError(f"{b.dir}: fast_verify (--fast-verify) packs the batched verify graph, and this bundle "
                            "has none (it verifies with its target graph)")
-    if drafter_provider is not None:
-        with warnings.catch_warnings():  # a typo fails before any work; the fallback warns once, at its load
-            warnings.simplefilter("ignore")
-            resolve_provider(drafter_provider, "drafter_provider")
+    if drafter_provider is not None:  # a typo fails before any work; the fallback warns once, at its load
+        # (not by ignoring warnings meanwhile: the filters are the process's, an app's other threads' too)
+        resolve_provider(drafter_provider, "drafter_provider", warn=False)
     if mtp is None:
         mtp = auto_mode(b, provider) == "hybrid"
     try:

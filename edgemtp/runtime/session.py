@@ -76,17 +76,19 @@ def runs_on_cpu(name: str) -> bool:
     return full == "CPUExecutionProvider" or full not in ort.get_available_providers()
 
 
-def resolve_provider(name: str, param: str = "provider") -> str:
+def resolve_provider(name: str, param: str = "provider", warn: bool = True) -> str:
     """Maps a provider spec (a short or full provider name, and its options after a ':') to the provider this ONNX
-    Runtime can run, falling back to CPU; bad options are named here, before any work."""
+    Runtime can run, falling back to CPU (with a warning unless `warn` is False: a check made before the load
+    that warns); bad options are named here, before any work."""
     full = full_name(name)
     if full not in PROVIDERS.values():
         raise ArgumentError(param, name, f"is unknown (choose from {', '.join(PROVIDERS)}; options after a ':', "
                             "e.g. openvino:device_type=NPU)")
     provider_options(name, param)
     if full not in ort.get_available_providers():
-        warnings.warn(f"provider {name!r} is not available in this onnxruntime build; using the CPU",
-                      stacklevel=2)
+        if warn:
+            warnings.warn(f"provider {name!r} is not available in this onnxruntime build; using the CPU",
+                          stacklevel=2)
         return "CPUExecutionProvider"
     return full
 
