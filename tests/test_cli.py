@@ -1530,6 +1530,19 @@ def test_text_that_is_not_utf8_is_named_where(tiny_gemma3, tmp_path):
         assert_one_line_error(r, exact=f"--prompt-file -: {why}")
 
 
+def test_utf8_text_names_the_first_byte_that_is_not_utf8_and_any_nul():
+    """The byte named is the first one that is not UTF-8, also where it opens a sequence cut short (an é's first
+    byte before a space), and a NUL at offset 0 is refused as any other: UTF-16-BE without a byte order mark
+    (iconv -t UTF-16BE) opens with one."""
+    from edgemtp.text_bytes import utf8_text
+
+    for data, why in ((b"t1 \xe2\x82 t2", "not UTF-8 text (byte 0xe2 at offset 3)"),
+                      ("t1 t2".encode("utf-16-be"), "not text (a NUL byte at offset 0)")):
+        with pytest.raises(EdgemtpError) as e:
+            utf8_text(data, "p.txt")
+        assert str(e.value) == f"p.txt: {why}"
+
+
 def test_text_files_are_utf8_whatever_the_locale(tmp_path):
     """--prompt-file / --text-file are UTF-8 (as tokenizer.json and config.json are), not the locale's
     encoding: under LC_ALL=C without UTF-8 mode an é was "not UTF-8 text", and on Windows it is cp1252."""
