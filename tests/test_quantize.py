@@ -1051,6 +1051,14 @@ def test_a_calibration_files_byte_order_mark_is_not_text(tmp_path):
     assert A.calibration_text(marked).texts == A.calibration_text(plain).texts == ("def f(x):\n    return x\n",)
 
 
+def test_a_calibration_file_s_bytes_that_are_not_utf8_are_replaced(tmp_path):
+    """A Latin-1 or cp1252 calibration file's accents are read as U+FFFD, not refused (as the README says): a
+    stray accent changes nothing a calibration needs; a prompt file's are refused."""
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"def caf\xe9(x):\r\n    return x\n")
+    assert A.calibration_text(path).texts == ("def caf\ufffd(x):\n    return x\n",)
+
+
 def test_a_utf16_calibration_file_is_named_as_such(tmp_path):
     """A UTF-16 file (PowerShell 5's `>`, Notepad's "Unicode") was "not a text file (it holds NUL bytes)": it is
     text, in an encoding the export does not read."""
