@@ -470,6 +470,22 @@ def test_chat_that_cannot_fit_says_why(chat_bundle):
     assert "/reset" not in r.stderr and len(r.stdout.splitlines()) == 1  # the next line was answered
 
 
+def test_system_and_chat_args_are_utf8_in_an_ascii_locale(chat_bundle):
+    """In the C locale without UTF-8 mode Python reads each byte of an é on the command line as a lone
+    surrogate: --system and --chat-arg are the UTF-8 text their bytes spell, as --prompt and --stop are."""
+    from edgemtp.cli.run import parse_chat_args
+
+    def ascii_argv(text):  # as Python decodes the command line there
+        return text.encode("utf-8").decode("ascii", "surrogateescape")
+
+    assert parse_chat_args((ascii_argv('mood="café"'), ascii_argv("name=日本"))) == {"mood": "café", "name": "日本"}
+    args = ["generate", str(chat_bundle), "--chat", "--prompt", "t3", "--max-new-tokens", "4", "--json", "--system"]
+    want = CliRunner().invoke(cli, [*args, "t9 café"])
+    r = CliRunner().invoke(cli, [*args, ascii_argv("t9 café")])
+    assert want.exit_code == r.exit_code == 0 and json.loads(r.stdout)["tokens"] == json.loads(want.stdout)["tokens"], \
+        r.output
+
+
 def test_text_that_is_not_utf8_is_named(chat_bundle):
     """Bytes that are not UTF-8 on the command line (lone surrogates to Python) or on chat's input: one line
     naming where, not the tokenizer's traceback; a template whose sandboxed range is too long is refused."""
