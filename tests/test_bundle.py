@@ -2011,6 +2011,52 @@ def test_two_loads_at_once_both_remember_their_checks(tmp_path, monkeypatch):
     assert list(again.files) == [str(f.resolve()) for f in files]  # the newest last (MAX_FILES keeps them)
 
 
+def test_a_save_merges_under_the_lock_and_keeps_a_recheck_as_newest(tmp_path, monkeypatch):
+    """A save holds the record's lock from its read to its write: a save begun while another process's is
+    between the two waits for it and keeps its checks (without the lock the later write dropped them). A file
+    checked again in this load counts as new in the record as it was then, not where the record had it, so
+    MAX_FILES drops older checks first."""
+    import threading
+
+    from edgemtp import verified
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    files = [tmp_path / f"f{i}" for i in range(4)]
+    for f in files:
+        f.write_text(f.name)
+    first = verified.Record()
+    for f in files[:2]:
+        first.add(f, f.stat(), "sha-" + f.name)
+    first.save()
+    monkeypatch.setattr(verified, "MAX_FILES", 3)
+    one, other = verified.Record(), verified.Record()
+    one.add(files[0], files[0].stat(), "sha-f0")  # checked again: the newest, f1 the oldest
+    one.add(files[2], files[2].stat(), "sha-f2")
+    other.add(files[3], files[3].stat(), "sha-f3")
+    read, write = threading.Event(), threading.Event()
+    real_read = one._read
+
+    def read_then_wait():  # `one` has read the record, and waits to write it
+        files = real_read()
+        read.set()
+        assert write.wait(60)
+        return files
+
+    one._read = read_then_wait
+    saving = threading.Thread(target=one.save)
+    saving.start()
+    assert read.wait(60)
+    waiting = threading.Thread(target=other.save)
+    waiting.start()
+    waiting.join(1)  # not a timing check: without the lock `other` wrote meanwhile, and `one`'s write lost it
+    write.set()
+    saving.join()
+    waiting.join()
+    again = verified.Record()
+    assert list(again.files) == [str(f.resolve()) for f in (files[0], files[2], files[3])]
+
+
 def test_the_record_keeps_the_newest_checks_and_no_file_written_while_hashed(tmp_path, monkeypatch):
     """At most MAX_FILES files are remembered, the most recently checked (a file checked again counts as new);
     a file whose stat changed while it was hashed is not remembered."""
