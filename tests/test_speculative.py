@@ -795,6 +795,8 @@ def test_a_stream_read_to_its_last_token_keeps_its_stop_reason(models):
     for draft in (None, Draft("lookup", 3)):
         for n, want in ((20, "max new tokens"), (64, "KV capacity reached")):  # the bundle's capacity is 64
             whole = list(engine.token_ids(prompt, n))
+            # every position the cache has: the last token given is never run, so one past them
+            assert len(whole) == min(n, 64 - len(prompt) + 1)
             stats = SpecStats() if draft else Stats()
             stream = engine.token_stream(prompt, n, draft=draft, stats=stats)
             got = list(itertools.islice(stream, len(whole)))
