@@ -460,6 +460,35 @@ def test_export_terminated_leaves_no_temporary_directory(tiny_gemma3, tmp_path, 
     assert signal.getsignal(signum) is signal.SIG_DFL  # restored
 
 
+def test_a_second_signal_waits_for_the_clean_up_and_nohup_s_sighup_stays_ignored():
+    """The first of SIGTERM and SIGHUP exits; then both are ignored, so the other (systemd's stop sends SIGTERM
+    and then SIGHUP) does not cut the clean-up short. A SIGHUP `nohup` ignores stays ignored, inside and after:
+    closing the terminal must not end a `nohup edgemtp export`."""
+    import signal
+
+    from edgemtp.cli import exit_on_sigterm
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with pytest.raises(SystemExit) as e, exit_on_sigterm():
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            finally:  # the clean-up
+                ignored = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
+        assert e.value.code == 143 and ignored == [signal.SIG_IGN] * 2
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+        with exit_on_sigterm():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
 def test_bundle_is_readable_by_others_under_the_usual_umask(tiny_gemma3, tmp_path):
     """The bundle directory gets the process umask's mode (0755 under 022), not the temporary directory's
     0700: a bundle exported once is shared with the app's user or copied to a device."""
