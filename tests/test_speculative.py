@@ -1010,7 +1010,7 @@ def test_stats_and_errors(models):
     by_position = [a / d for a, d in zip(stats.accepted_at + [0] * 3, stats.drafted_at)]
     assert stats.acceptance_by_position == by_position and len(by_position) == 3
     assert stats.draft_s >= 0 and stats.verify_s > 0 and stats.other_s >= 0
-    assert stats.stop_reasons == ["max new tokens"] * 2
+    assert stats.stop_reasons == ["max new tokens"] * 2 and stats.stop_reason == "max new tokens"  # said once
     js = stats.to_json()
     assert {"rounds", "drafted", "accepted", "acceptance_rate", "mean_accepted_per_round", "draft_s",
             "verify_s", "other_s"} <= set(js)
