@@ -1668,8 +1668,11 @@ def test_info_of_an_int8_bundle_names_no_4bit_grid(tiny_gemma3):
     from edgemtp.exporters.quant_options import scheme
 
     b = bundle.load(tiny_gemma3[2], verify=False)
-    for quant, want in (("int8", ", symmetric, "), ("int4", ", 8-bit symmetric, 4-bit with zero points, ")):
-        q = scheme(quant, calibrated=False).to_json()
+    # an untied model whose frequent rows cover its vocabulary: an 8-bit head, still a 4-bit embedding table
+    untied = {"head_bits": 8, "frequent_rows": 0}
+    mixed = ", 8-bit symmetric, 4-bit with zero points, "
+    for quant, more, want in (("int8", {}, ", symmetric, "), ("int4", {}, mixed), ("int4", untied, mixed)):
+        q = {**scheme(quant, calibrated=False).to_json(), **more}
         assert q["symmetric"] is None
         b.manifest["graphs"]["target"] = {**b.manifest["graphs"]["target"], "quant": quant, "quantization": q}
         line = next(x for x in text(describe(b), False).splitlines() if "layers " in x).strip()
