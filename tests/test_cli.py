@@ -617,6 +617,13 @@ def test_running_out_of_memory_is_one_line_naming_the_limit(tiny_gemma3, monkeyp
         Engine.load(tiny_gemma3[2])
     assert line == "error: out of memory (this process may use at most 200 MiB: ulimit -v)"
     assert_one_line_error(CliRunner().invoke(cli, args), "target.onnx", exact=str(e.value))
+    # no limit (the machine's memory ran out): the same lines without one, no empty "()" or "; "
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY,) * 2)
+    with pytest.raises(EdgemtpError) as e:
+        Engine.load(tiny_gemma3[2])
+    assert str(e.value).endswith("target.onnx: out of memory loading the graph (std::bad_alloc)"), str(e.value)
+    monkeypatch.setattr(W.Path, "read_bytes", no_memory)
+    assert assert_one_line_error(CliRunner().invoke(cli, args)) == "error: out of memory"
 
 
 def test_default_threads_follow_a_container_s_cpu_quota(tmp_path, monkeypatch):
