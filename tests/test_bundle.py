@@ -2016,17 +2016,25 @@ def test_kv_cache_views_are_its_buffers_and_one_that_would_copy_is_refused():
         wide.ort_values(slice(0, 1), window_offset=4)
 
 
+def checked_files(tmp_path, monkeypatch, n: int) -> list[Path]:
+    """`n` small files, and a verification record of this test's own (none of its checks racy)."""
+    from edgemtp import verified
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_NS", 0)
+    files = [tmp_path / f"f{i}" for i in range(n)]
+    for f in files:
+        f.write_text(f.name)
+    return files
+
+
 def test_two_loads_at_once_both_remember_their_checks(tmp_path, monkeypatch):
     """Two processes loading bundles at once (two workers, a `generate` beside a `chat`) each read the record,
     hash for seconds, then write it: the later write dropped the other's checks, and its next load hashed its
     1.3 GB again. Each write keeps what another wrote since."""
     from edgemtp import verified
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(verified, "RACY_NS", 0)
-    files = [tmp_path / f"f{i}" for i in range(3)]
-    for f in files:
-        f.write_text(f.name)
+    files = checked_files(tmp_path, monkeypatch, 3)
     first = verified.Record()
     first.add(files[0], files[0].stat(), "sha-f0")
     first.save()
@@ -2049,11 +2057,7 @@ def test_a_save_merges_under_the_lock_and_keeps_a_recheck_as_newest(tmp_path, mo
 
     from edgemtp import verified
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(verified, "RACY_NS", 0)
-    files = [tmp_path / f"f{i}" for i in range(4)]
-    for f in files:
-        f.write_text(f.name)
+    files = checked_files(tmp_path, monkeypatch, 4)
     first = verified.Record()
     for f in files[:2]:
         first.add(f, f.stat(), "sha-" + f.name)
