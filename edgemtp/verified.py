@@ -75,8 +75,7 @@ class Record:
         if stamp(os.stat(path)) != stamp(st) or self.began - st.st_ctime_ns < RACY_NS:
             return
         name = _name(path)
-        self.files.pop(name, None)  # re-inserted last: the newest are kept
-        self.added.pop(name, None)
+        self.added.pop(name, None)  # re-inserted last: save puts the newest last, and MAX_FILES keeps those
         self.files[name] = self.added[name] = [*stamp(st), sha256]
 
     def save(self) -> None:
