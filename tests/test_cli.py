@@ -1886,3 +1886,12 @@ def test_info_counts_each_file_under_the_graph_that_owns_it(tiny_gemma3):
     sizes = {p.name: p.stat().st_size for p in tiny_gemma3[2].iterdir()}
     assert info["graphs"]["verify"]["bytes"] == sizes["target_verify.onnx"]
     assert sum(g["bytes"] for g in info["graphs"].values()) + sizes["tokenizer.json"] == info["bytes"]
+
+
+def test_a_closed_standard_output_is_one_error_line_not_a_silent_success(tiny_gemma3):
+    # `edgemtp generate B >&-` (fd 1 closed): Python sets sys.stdout to None and click's echo then writes
+    # nothing, so the command printed no text and said it succeeded
+    for args in (["generate", str(tiny_gemma3[2]), "--prompt", "t1 t2", "--max-new-tokens", "2"], ["--version"]):
+        r = subprocess.run([sys.executable, "-m", "edgemtp", *args], stdout=None, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: os.close(1))
+        assert r.returncode == 2 and r.stderr == "error: standard output is closed\n", (args, r.stderr)

@@ -24,6 +24,12 @@ def main():
     # warning about it to every command's stderr. The command turns it off unless the user set the variable
     # (read when onnxruntime loads: nothing has imported it yet); an app embedding the runtime decides itself.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    # A closed standard output (`>&-`) leaves sys.stdout None, and click then writes nothing: the command said
+    # it succeeded with none of its output. Refused as `cat` refuses it.
+    if sys.stdout is None:
+        if sys.stderr is not None:
+            print("error: standard output is closed", file=sys.stderr)
+        sys.exit(2)
     # Output in an encoding that lacks a character the model writes (Windows' cp1252 when the output is
     # redirected, a Latin-1 locale) shows it as "?", not a UnicodeEncodeError in the middle of a stream.
     # UTF-8 output, which encodes any text, is unchanged.
