@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..onnx_wire import one_node_model
-from .session import allowed_cpus
+from .session import intra_op_threads
 
 
 class BandwidthProbe:
@@ -54,8 +54,7 @@ class BandwidthProbe:
 def _session(op: str, attributes: dict, w_shape: list[int], threads: int | None) -> ort.InferenceSession:
     model = one_node_model(op, {"x": [1, BandwidthProbe.K], "w": w_shape}, "y", attributes)
     opts = ort.SessionOptions()
-    threads = threads or allowed_cpus()  # the decode steps' own thread count (make_session)
-    if threads:
+    if threads := intra_op_threads(threads):  # the decode steps' own thread count (make_session)
         opts.intra_op_num_threads = threads
     # threads that spin on after a run would take the cores from whatever runs next (a decode step)
     opts.add_session_config_entry("session.force_spinning_stop", "1")

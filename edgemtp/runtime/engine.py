@@ -26,7 +26,7 @@ from .heap import release_freed_memory
 from .kept_cache import KeptCache
 from .loading import CLOSED, Closed, Streams, load_engine
 from .sampling import Sampling, is_bool, pick
-from .session import allowed_cpus, physical_cores, runs_on_cpu
+from .session import intra_op_threads, physical_cores, runs_on_cpu
 from .stats import STREAM_CLOSED, Stats, copy_plain_stats
 from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_max_new_tokens, check_request, check_text,
@@ -227,7 +227,7 @@ class Engine:
         loaded, self._pid = self._pid, os.getpid()
         # the threads the sessions were made with: the default is ONNX Runtime's one per physical core where the
         # process may use the whole machine (one core of 2 hyper-threads: one thread, no pool to lose)
-        threads = self.threads or allowed_cpus() or physical_cores(set(range(os.cpu_count() or 1)))
+        threads = intra_op_threads(self.threads) or physical_cores(set(range(os.cpu_count() or 1)))
         if threads > 1:
             warnings.warn(f"this engine was loaded in process {loaded} and runs in process {self._pid}, forked from "
                           "it: ONNX Runtime's thread pools do not survive a fork, so its graphs run on one thread "

@@ -139,6 +139,12 @@ def physical_cores(cpus: set[int]) -> int:
     return len(cores)
 
 
+def intra_op_threads(threads: int | None) -> int | None:
+    """The intra-op thread count a session is made with: `threads` where given, else allowed_cpus() (None:
+    ONNX Runtime's own default)."""
+    return threads or allowed_cpus()
+
+
 def allowed_cpus() -> int | None:
     """The intra-op threads for the default (--threads unset or 0) where this process may run on fewer CPUs
     than the machine has (its affinity, its container's CPU quota): one per physical core it may use, at most
@@ -182,8 +188,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     if profile_prefix:
         opts.enable_profiling = True
         opts.profile_file_prefix = profile_prefix
-    threads = threads or allowed_cpus()
-    if threads:
+    if threads := intra_op_threads(threads):
         opts.intra_op_num_threads = threads
     for name, value in (initializers or {}).items():
         opts.add_initializer(name, value)
