@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -290,6 +292,26 @@ def test_qdq_static_graph(models, tmp_path):
         assert agreement >= floor, f"{bits}-bit {method}: top-1 agreement {agreement}"
         off = float(np.abs(got - want).mean() / want.std())
         assert off <= error, f"{bits}-bit {method}: logits off by {off:.3f} of their spread"
+
+
+def test_a_qdq_export_leaves_the_processs_import_path_as_it_was(models, tmp_path):
+    # onnxruntime.quantization appends onnxruntime/transformers to sys.path, and an app exporting in-process
+    # kept it: its imports then found ORT's flat helper modules. A fresh process, where nothing imported it yet
+    _, model_dir, _, st = models["llama"]
+    graph = st.bundle.graph("target")
+    code = f"""
+import sys, json
+from pathlib import Path
+from edgemtp.exporters.qdq import WindowReader, quantize_static_qdq
+before = list(sys.path)
+reader = WindowReader(Path({str(graph.path)!r}), json.loads({json.dumps(json.dumps(graph.contract))}),
+                      Path({str(model_dir / "tokenizer.json")!r}), ["t1 t2 t3 t4"], max_windows=1, threads=1)
+quantize_static_qdq(Path({str(graph.path)!r}), Path({str(tmp_path / "q" / "target.onnx")!r}), reader)
+assert "onnxruntime.quantization" in sys.modules
+print([p for p in sys.path if p not in before])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "[]\n", r.stdout + r.stderr
 
 
 def test_bad_static_input(models, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import sys
 import tempfile
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
@@ -91,20 +92,27 @@ def _method_name(method) -> str:
 
 def _quantize(src: Path, dst: Path, reader, activation_bits: int, method: str, exclude: list[str],
               per_channel: bool, op_types: list[str] | None) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    # onnxruntime.quantization appends onnxruntime/transformers to sys.path for its own flat imports; an app
+    # exporting in-process would then import from there any module of those names it lacks (the path is kept
+    # until quantize_static is done, which may import more of them)
+    path = list(sys.path)
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    # the histogram methods print their progress ("Number of histogram bins : 128") to standard output,
-    # where `edgemtp export` prints only what it wrote
-    with _without_preprocess_hint(), redirect_stdout(io.StringIO()):
-        quantize_static(
-            str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True,
-            op_types_to_quantize=op_types,
-            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                              "percentile": CalibrationMethod.Percentile}[method],
-            calibration_providers=["CPUExecutionProvider"],
-            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        # the histogram methods print their progress ("Number of histogram bins : 128") to standard output,
+        # where `edgemtp export` prints only what it wrote
+        with _without_preprocess_hint(), redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=True,
+                op_types_to_quantize=op_types,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[method],
+                calibration_providers=["CPUExecutionProvider"],
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        sys.path[:] = path
 
 
 @contextmanager
