@@ -2386,3 +2386,18 @@ def test_a_drafter_on_a_device_provider_binds_each_step_afresh(setup):
             np.testing.assert_array_equal(a, b)
         _, h = engine.target.forward(tokens, cache, rows=rows)  # the verify moves the rows on
         tokens, hidden = want[0], h[:, -1]
+
+
+def test_the_target_pass_loads_the_target_without_transformers_loading_bar(setup, capfd):
+    # train-drafter's own bar said "target pass"; transformers' "Loading weights" bar came before it, and the
+    # switch that hides it is process-wide: an app's own setting is left as it was
+    from transformers.utils import logging as hf_logging
+
+    model_dir, _, drafter, _ = setup
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        capfd.readouterr()
+        TargetPass(model_dir, drafter.cfg, None)
+        assert "Loading" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() == enabled
+    hf_logging.enable_progress_bar()

@@ -24,8 +24,17 @@ class TargetPass:
 
     def __init__(self, target_dir: Path, cfg: M.DrafterConfig, shortlist: np.ndarray | None, topk: int = 32):
         import transformers
+        from transformers.utils import logging as hf_logging
 
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
+        # its "Loading weights" bar came before train-drafter's own; the switch is process-wide: put back after
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
+        self.model.eval()
         self.cfg, self.topk, self.identity = cfg, topk, target_identity(target_dir)
         head = self.model.get_output_embeddings().weight.detach()
         self.rows = torch.from_numpy(shortlist) if shortlist is not None else None
