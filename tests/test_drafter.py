@@ -1618,7 +1618,8 @@ def test_real_model_int8_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir
         plain = engine.generate(prompt, max_new_tokens=32, draft=None).tokens
         for mode, k in (("mtp", 3), ("hybrid", 4)):
             out_ = engine.generate(prompt, max_new_tokens=32, draft=Draft(mode, k))
-            assert out_.tokens == plain and out_.stats.drafted > 0
+            # accepted drafts too: the tiny quantized bundles' untrained drafters only ever see theirs rejected
+            assert out_.tokens == plain and out_.stats.accepted > 0
 
 
 def test_real_model_static_bundle_gets_the_shipped_drafter(gemma3_270m_dir, tmp_path):
