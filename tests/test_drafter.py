@@ -1603,23 +1603,25 @@ def assert_same_up_to_kernel_rounding(bundle, prompt: str, plain: list[int], dra
     assert abs(logits[plain[i]] - logits[drafted[i]]) < 1e-3 * spread, f"outputs part at {i}, not at a tie"
 
 
-def test_real_model_int8_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir, tmp_path):
-    """Gemma 3 270M exported to int8 (two-pass activations, uncalibrated for speed) with the shipped
-    drafter attached by default: greedy MTP and hybrid output equal plain greedy output."""
+@pytest.mark.parametrize("quant", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
+def test_real_model_quantized_bundle_with_shipped_drafter_is_lossless(gemma3_270m_dir, tmp_path, quant):
+    """Gemma 3 270M exported to int8 / int4 (uncalibrated for speed; int4: its table split into 8-bit frequent
+    rows and 4-bit others, which the drafter reads in place) with the shipped drafter attached by default:
+    greedy MTP and hybrid output equal plain greedy output, with drafts accepted (the tiny quantized bundles'
+    untrained drafters only ever see theirs rejected)."""
     from edgemtp.exporters import AUTO, export
     from edgemtp.runtime.engine import Draft
 
-    out = export(gemma3_270m_dir, tmp_path / "b", "int8", capacity=256, drafter=AUTO,
+    out = export(gemma3_270m_dir, tmp_path / "b", quant, capacity=256, drafter=AUTO,
                  quant_options={"calibration": None})
     b = bundle_mod.load(out)
-    assert b.graph("drafter").quant == "int8" and b.graph("drafter").contract["head"]["kind"] == "clustered"
-    engine = Engine.load(out, threads=2, mtp=True)  # drafting with the drafter (auto is lookup for int8)
+    assert b.graph("drafter").quant == quant and b.graph("drafter").contract["head"]["kind"] == "clustered"
+    engine = Engine.load(out, threads=2, mtp=True)  # drafting with the drafter (auto is lookup when quantized)
     for prompt in ("def merge_sort(items):\n    \"\"\"Sort items.\"\"\"\n", "The old castle stood on the hill"):
         plain = engine.generate(prompt, max_new_tokens=32, draft=None).tokens
         for mode, k in (("mtp", 3), ("hybrid", 4)):
-            out_ = engine.generate(prompt, max_new_tokens=32, draft=Draft(mode, k))
-            # accepted drafts too: the tiny quantized bundles' untrained drafters only ever see theirs rejected
-            assert out_.tokens == plain and out_.stats.accepted > 0
+            got = engine.generate(prompt, max_new_tokens=32, draft=Draft(mode, k))
+            assert got.tokens == plain and got.stats.accepted > 0, (quant, prompt, mode)
 
 
 def test_real_model_static_bundle_gets_the_shipped_drafter(gemma3_270m_dir, tmp_path):
