@@ -118,3 +118,50 @@ def test_a_penalty_so_small_that_logits_overflow_samples_the_overflowed_tokens()
     draws = {pick(logits, s, np.random.default_rng(i), [1, 2, 3]) for i in range(40)}
     assert draws == {1, 3}
     assert pick(logits, Sampling(repetition_penalty=1e-40), None, [1, 2, 3]) == 1
+
+
+def test_distribution_is_transformers_with_ties_and_masked_tokens():
+    """Short rows with many exact ties (logits on a grid of 1 or 0.1) and -inf entries, at temperatures from
+    1e-30 to 1e6 and top-k / top-p from off to one token: the probabilities transformers' warpers give
+    (over float64 scores: float32's softmax rounds some top-p edges the other way), token for token but
+    among tokens of equal logits, where top-p's edge may cut a tie. There the nucleus keeps the lower ids (a
+    stable sort) and transformers' ascending sort the higher: the same probabilities, on other tokens."""
+    rng = np.random.default_rng(0)
+    cut_ties = 0
+    for _ in range(600):
+        n = int(rng.integers(2, 40))
+        logits = np.round(rng.standard_normal(n) * 2, int(rng.integers(0, 2))).astype(np.float32)
+        if rng.random() < 0.5:
+            logits[rng.random(n) < 0.4] = -np.inf
+            logits[0] = max(logits[0], -1.0)  # one finite logit at least
+        s = Sampling(float(rng.choice([1e-30, 0.05, 0.7, 1.0, 5.0, 1e6])), top_k=int(rng.choice([0, 1, 2, 5, 50])),
+                     top_p=float(rng.choice([1.0, 0.9, 0.5, 1e-6])))
+        got = distribution(logits, s)
+        want = transformers_probabilities(np.float64(logits), [], s)
+        for value in np.unique(logits):
+            tied = logits == value
+            np.testing.assert_allclose(np.sort(got[tied]), np.sort(want[tied]), rtol=1e-9, atol=1e-12)
+            kept = np.flatnonzero(tied & (got > 0))
+            assert list(kept) == list(np.flatnonzero(tied)[:len(kept)])  # the lower ids of a cut tie
+        cut_ties += not np.allclose(got, want, rtol=1e-9, atol=1e-12)
+    assert 20 < cut_ties < 300  # ties cut at top-p's edge were there; most rows matched token for token
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "some-inf"])
+def test_the_extremes_of_each_setting(masked):
+    """top_p tiny keeps the argmax alone; top_k = 1 samples what greedy picks; a tiny temperature is the argmax
+    too, a huge one uniform over what top-k keeps (and never a -inf token)."""
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        logits = rng.standard_normal(30).astype(np.float32) * 3  # no ties
+        if masked:
+            logits[rng.permutation(30)[:12]] = -np.inf
+        best, finite = int(np.argmax(logits)), np.isfinite(logits)
+        one_hot = np.eye(30)[best]
+        for s in (Sampling(1.0, top_p=1e-9), Sampling(50.0, top_p=1e-9), Sampling(0.7, top_k=1),
+                  Sampling(1e-300), Sampling(5e-324, top_k=3, top_p=0.5)):
+            np.testing.assert_array_equal(distribution(logits, s), one_hot)
+            assert pick(logits, s, np.random.default_rng(int(rng.integers(1000)))) == pick(logits, Sampling(), None)
+        np.testing.assert_allclose(distribution(logits, Sampling(1e300)), finite / finite.sum(), rtol=1e-12)
+        top5 = np.argsort(-logits)[:5]
+        np.testing.assert_allclose(distribution(logits, Sampling(1e6, top_k=5))[top5], 0.2, rtol=1e-5)
