@@ -1904,8 +1904,9 @@ def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch,
     """Sampled MTP drafting (the draft drawn from the drafter's q, kept by rejection sampling): over 600 seeds the
     first three tokens follow the target's exact distributions (enumerated), with drafts both accepted and
     rejected, and with p_min > 0 drafts of one token and of two (the random drafter's q tops here are about
-    1/top_k, 0.05-0.06); the same test fails once acceptance keeps every draft. (test_speculative covers lookup
-    drafters, whose q is one-hot or made up; here q is the drafter graph's own distribution.)"""
+    1/top_k, 0.05-0.06); each seed gives its tokens again in a second run; the same test fails once acceptance
+    keeps every draft. (test_speculative covers lookup drafters, whose q is one-hot or made up; here q is the
+    drafter graph's own distribution.)"""
     from edgemtp.runtime import speculative as spec
     from edgemtp.runtime.sampling import Sampling
     from edgemtp.runtime.speculative import SpecStats
@@ -1942,6 +1943,7 @@ def test_sampled_mtp_drafting_keeps_the_targets_distribution(setup, monkeypatch,
     assert n / 10 < accepted[0] < drafted[0] and 0 < accepted[1] < drafted[1]
     assert drafted[1] == n if p_min == 0 else n / 10 < drafted[1] < 0.9 * n, drafted
     assert min(fits(samples)) > 1e-3, fits(samples)
+    assert run(20)[0] == samples[:20] and len(set(samples[:20])) > 10  # a seed repeats its tokens, drafts and all
     monkeypatch.setattr(spec, "accept_sampled", _accept_always)
     samples, drafted, accepted = run(n // 2)
     assert (accepted == drafted).all() and fits(samples)[1] < 1e-6, fits(samples)
