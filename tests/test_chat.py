@@ -641,3 +641,19 @@ def test_a_template_file_s_byte_order_mark_is_not_template_text(tiny_gemma3, tmp
     b = export(d, tmp_path / "bundle", capacity=64)
     assert (b / "chat_template.jinja").read_text(encoding="utf-8") == TINY
     assert Engine.load(b).encode([{"role": "user", "content": "t3"}]) == [2, 5, 6, 3, 8, 5, 7]
+
+
+def test_an_app_rendering_a_chat_by_the_documented_contract_gets_the_engines_prompt(chat_bundle):
+    """docs/bundle-contract.md, Tokens, with jinja2 and tokenizers alone: the manifest's chat template, rendered
+    with the special tokens it names (the template prints {{ bos_token }}) and encoded without special tokens."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from tokenizers import Tokenizer
+
+    manifest = json.loads((chat_bundle / "edgemtp.json").read_text())
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string((chat_bundle / manifest["chat"]["template"]).read_text(encoding="utf-8"))
+    chat = [{"role": "system", "content": "t9"}, {"role": "user", "content": "t3 t4"}]
+    text = template.render(messages=chat, add_generation_prompt=True, **manifest["chat"]["special_tokens"])
+    ids = Tokenizer.from_file(str(chat_bundle / manifest["tokenizer"])).encode(text, add_special_tokens=False).ids
+    with Engine.load(chat_bundle) as engine:
+        assert ids == engine.encode(chat)
