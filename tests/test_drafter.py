@@ -1349,7 +1349,8 @@ def test_checking_the_drafter_provider_leaves_the_warning_filters_alone(setup, m
 def test_drafting_on_a_spinning_target_warns_once(setup):
     """An engine loaded for plain or lookup decoding (mtp=False, the default for a quantized bundle on the CPU)
     keeps its target's threads spinning between runs, which slows a CPU drafter's steps: drafting with the MTP
-    drafter on it warns once, naming the fix; the default load of a bundle with a drafter does not warn."""
+    drafter on it warns once, naming the fix, at the app's line; the default load of a bundle with a drafter does
+    not warn."""
     import warnings
 
     from edgemtp.runtime.engine import Draft
@@ -1359,8 +1360,9 @@ def test_drafting_on_a_spinning_target_warns_once(setup):
     with warnings.catch_warnings():  # no MTP: no warning
         warnings.simplefilter("error")
         assert engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("lookup", 3)).tokens
-    with pytest.warns(RuntimeWarning, match=r"Engine.load\(\.\.\., mtp=True\)"):
+    with pytest.warns(RuntimeWarning, match=r"Engine.load\(\.\.\., mtp=True\)") as caught:
         first = engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("hybrid", 3))
+    assert [w.filename for w in caught] == [__file__]  # the app's line, not engine.py's call of drafter()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert engine.generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("mtp", 3)).tokens == first.tokens

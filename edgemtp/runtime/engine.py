@@ -314,7 +314,7 @@ class Engine:
             # drafter step's p90 7.7-8.0 against 2.8 ms (docs/measurements.md, session 32)
             warnings.warn("the MTP drafter shares the CPU with a target whose threads spin-wait between runs, "
                           "which slows its steps: load with Engine.load(..., mtp=True) to draft with it",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=app_stacklevel())
         # adaptive: the hybrid too copies after any repeat, and a copy that does not pay leaves the round to
         # its MTP drafter (guess_options); fp32 Gemma 3 270M, five prompts: 1.61x plain against 1.58x with
         # neither (one lookup guess on a 2+ repeat), int4 1.21x against 1.20x (docs/measurements.md, session 29)
