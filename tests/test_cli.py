@@ -185,14 +185,15 @@ def test_generate_bad_flags(tiny_gemma3, extra, message):
 def test_a_providers_options_reach_its_session(tiny_gemma3, monkeypatch):
     """'openvino:device_type=NPU': options after a provider's name go to ONNX Runtime as its provider_options
     (OpenVINO runs on the CPU device unless told; there was no way to tell it). A provider this build lacks
-    falls back to the CPU with a warning, and its options with it."""
+    falls back to the CPU with a warning at the app's line, and its options with it."""
     import onnxruntime as ort
 
     from edgemtp.runtime import session as S
     from edgemtp.runtime.engine import Engine
 
-    with pytest.warns(UserWarning, match="provider 'openvino:device_type=NPU' is not available"):
+    with pytest.warns(UserWarning, match="provider 'openvino:device_type=NPU' is not available") as caught:
         fallback = Engine.load(tiny_gemma3[2], provider="openvino:device_type=NPU")
+    assert [w.filename for w in caught] == [__file__]  # the app's Engine.load, not session.py's call
     assert fallback.target.session.get_providers() == ["CPUExecutionProvider"]
     asked = []
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 import warnings
@@ -26,7 +25,7 @@ from .heap import release_freed_memory
 from .kept_cache import KeptCache
 from .loading import CLOSED, Closed, Streams, load_engine
 from .sampling import Sampling, is_bool, pick
-from .session import intra_op_threads, physical_cores, runs_on_cpu
+from .session import app_stacklevel, intra_op_threads, physical_cores, runs_on_cpu
 from .stats import STREAM_CLOSED, Stats, copy_plain_stats
 from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_max_new_tokens, check_request, check_text,
@@ -47,18 +46,6 @@ class Generation:
 
 # adaptive draft lengths an engine keeps (Engine._lengths): one per (mode, K, batch) setting in use
 DRAFT_SETTINGS_KEPT = 16
-
-
-PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # edgemtp/
-
-
-def app_stacklevel() -> int:
-    """warnings.warn's stacklevel for a warning raised inside this package to point at the app's line that called
-    into it, through however many of the package's own calls (generate -> token_stream -> ...)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 class Engine:

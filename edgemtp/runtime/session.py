@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -76,6 +77,18 @@ def runs_on_cpu(name: str) -> bool:
     return full == "CPUExecutionProvider" or full not in ort.get_available_providers()
 
 
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # edgemtp/
+
+
+def app_stacklevel() -> int:
+    """warnings.warn's stacklevel for a warning raised inside this package to point at the app's line that called
+    into it, through however many of the package's own calls (generate -> token_stream -> ...)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def resolve_provider(name: str, param: str = "provider", warn: bool = True) -> str:
     """Maps a provider spec (a short or full provider name, and its options after a ':') to the provider this ONNX
     Runtime can run, falling back to CPU (with a warning unless `warn` is False: a check made before the load
@@ -87,8 +100,9 @@ def resolve_provider(name: str, param: str = "provider", warn: bool = True) -> s
     provider_options(name, param)
     if full not in ort.get_available_providers():
         if warn:
+            # at the app's Engine.load (or, for a drafter_provider, its first drafting call), not at make_session
             warnings.warn(f"provider {name!r} is not available in this onnxruntime build; using the CPU",
-                          stacklevel=2)
+                          stacklevel=app_stacklevel())
         return "CPUExecutionProvider"
     return full
 
