@@ -2369,3 +2369,45 @@ def test_an_app_drafting_with_a_clustered_head_by_the_documented_contract_gets_t
             repeated += len(out["candidate_ids"][0, 0]) > len(set(out["candidate_ids"][0, 0].tolist()))
             assert len(cand) == len(set(cand.tolist()))  # a repeated id has one finite logit
     assert repeated  # some step listed an id twice: a scatter by assignment could have hidden it
+
+
+def documented_inputs(section: str) -> list[str]:
+    """The input names in the first column of docs/bundle-contract.md's table under `section`, as written
+    there ("`past_key_values.{layer}.key` / `.value`" is two names)."""
+    doc = (Path(__file__).parent.parent / "docs" / "bundle-contract.md").read_text()
+    table = doc.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    names = []
+    for row in re.findall(r"^\| (.+?) \|", table, re.M)[1:]:  # past the header
+        # the names, not their types' shapes ("`input_ids` int64 `[batch, 1]`") or what a name is per
+        # ("... for each `l` in `kv_layers`")
+        cell = [c for c in re.findall(r"`([^`]+)`", row.split("|")[0].split(" for each ")[0])
+                if re.fullmatch(r"[\w.{}]+", c)]
+        names += [cell[0].rsplit(".", 1)[0] + c if c.startswith(".") else c for c in cell]
+    return names
+
+
+def test_the_documented_input_tables_name_the_graphs_inputs(tiny_mqa_bundle, tiny_gemma3, tmp_path):
+    """Each table of inputs in docs/bundle-contract.md names the graph's inputs, no more and no fewer (a KV
+    input once per layer; the transposed head table, listed as an input, is not fed, as the document says)."""
+    from .test_drafter import drafter_setup
+
+    def inputs(bundle_dir, graph):
+        _, contract, session = _contract_session(bundle_dir, graph)
+        return contract, {i.name for i in session.get_inputs()} - {"model.embed_tokens.weight.T.gemv"}
+
+    def expand(names, layers):
+        return {n.replace("{layer}", str(i)).replace("{l}", str(i)) for n in names for i in layers}
+
+    contract, names = inputs(tiny_mqa_bundle, "target")
+    assert contract["window_views"]  # the window_* inputs are there
+    assert expand(documented_inputs("`target.onnx`"), [s["layer"] for s in contract["kv"]]) == names
+    _, bundle_dir, *_ = drafter_setup(tiny_gemma3[1], tiny_gemma3[2], tmp_path)
+    contract, names = inputs(bundle_dir, "drafter")
+    documented = expand(documented_inputs("`drafter.onnx`"), contract["kv_layers"])
+    assert documented - {"context_ids"} == names and "context_ids" not in contract["inputs"]  # a full head's
+    static = export(tiny_gemma3[1], tmp_path / "static", capacity=64, static_window=5)
+    contract, names = inputs(static, "target")
+    documented = documented_inputs("Static graphs")  # the KV buffers are in its text: the whole buffers
+    assert documented[-1] == "contract.attention_bias"  # "each name in" it
+    kv = expand(["past_key_values.{layer}.key", "past_key_values.{layer}.value"], [s["layer"] for s in contract["kv"]])
+    assert {*documented[:-1], *contract["attention_bias"], *kv} == names
