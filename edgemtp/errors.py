@@ -76,3 +76,15 @@ def script_main(main) -> None:
     except EdgemtpError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # edgemtp/
+
+
+def app_stacklevel() -> int:
+    """warnings.warn's stacklevel for a warning raised inside this package to point at the app's line that called
+    into it, through however many of the package's own calls (generate -> token_stream -> ...)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level

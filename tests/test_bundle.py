@@ -822,6 +822,9 @@ def test_checkpoint_tensors_the_graph_does_not_read_are_named(tiny_gemma3, tmp_p
                        "model.layers.0.self_attn.q_bias, model.layers.3.input_layernorm.weight, "
                        "model.layers.3.mlp.down_proj.weight (and 11 more); the export leaves them out, as "
                        "transformers would (is config.json this checkpoint's?)"], r.output
+    with pytest.warns(UserWarning, match="14 checkpoint tensor") as said:  # from Python: at the app's line
+        export(d, tmp_path / "again")
+    assert {w.filename for w in said} == {__file__}
 
 
 def test_tokenizer_ids_beyond_the_vocabulary_are_named_at_export(tiny_gemma3, tmp_path):
@@ -846,6 +849,9 @@ def test_tokenizer_ids_beyond_the_vocabulary_are_named_at_export(tiny_gemma3, tm
     assert warning == [f"warning: {d / 'tokenizer.json'}: 2 token(s) with ids beyond config.json's vocab_size 96, "
                        "which the model has no embedding for: '<pad>' (96), 'big' (97); a prompt holding one is "
                        "refused (is tokenizer.json this model's?)"], r.output
+    with pytest.warns(UserWarning, match="2 token") as said:  # from Python: at the app's line
+        export(d, tmp_path / "again")
+    assert {w.filename for w in said} == {__file__}
     engine = Engine.load(tmp_path / "out")
     assert engine.generate("t1 t2", max_new_tokens=3).tokens == Engine.load(tiny_gemma3[2]).generate(
         "t1 t2", max_new_tokens=3).tokens

@@ -1025,8 +1025,9 @@ def test_calibration_tokens_beyond_the_text_are_said_and_recorded(tmp_path, cali
     monkeypatch.setattr(A, "collect", lambda session, contract, windows, *a, **k: (
         seen.append(windows.shape), collect(session, contract, windows, *a, **k))[1])
     with pytest.warns(UserWarning, match=r"--calibration-tokens 1,000,000: the calibration text \(.*calib.txt\) "
-                      r"fills \d+ windows of 64 tokens \([\d,]+ tokens\), fewer than asked"):
+                      r"fills \d+ windows of 64 tokens \([\d,]+ tokens\), fewer than asked") as said:
         quantize_bundle(fp32, tmp_path / "q", "int4", calibration=calib_file, calibration_tokens=10**6)
+    assert {w.filename for w in said} == {__file__}  # the app's line, not one inside edgemtp
     (windows, length), = seen
     assert 1 < windows < 10**6 // 64 and length == 64
     q = bundle_mod.load(tmp_path / "q").manifest["graphs"]["target"]["quantization"]

@@ -15,7 +15,7 @@ from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
 from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, parse_mistral3_multimodal,
                       read_config_json)
-from ..errors import EdgemtpError, missing
+from ..errors import EdgemtpError, app_stacklevel, missing
 from ..json_file import read_json
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
@@ -132,7 +132,7 @@ def check_tokenizer(model_dir: Path, vocab_size: int) -> Path:
         more = f" (and {len(beyond) - 3} more)" if len(beyond) > 3 else ""
         warnings.warn(f"{path}: {len(beyond)} token(s) with ids beyond config.json's vocab_size {vocab_size}, which "
                       f"the model has no embedding for: {', '.join(f'{t!r} ({i})' for i, t in beyond[:3])}{more}; "
-                      "a prompt holding one is refused (is tokenizer.json this model's?)", stacklevel=3)
+                      "a prompt holding one is refused (is tokenizer.json this model's?)", stacklevel=app_stacklevel())
     release_freed_memory()  # the parse's ~300 MB (Gemma 3), which the weights would otherwise stack on
     return path
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import Checkpoint
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, app_stacklevel
 from . import builder
 
 FLOATS = ("F32", "BF16", "F16")  # the checkpoint dtypes of weights
@@ -56,7 +56,7 @@ def check_weights(graph: builder.GraphBuilder, ckpt: Checkpoint, model_dir: Path
         more = f" (and {len(unread) - 3} more)" if len(unread) > 3 else ""
         warnings.warn(f"{model_dir}: {len(unread)} checkpoint tensor(s) unused by the model config.json describes: "
                       f"{', '.join(unread[:3])}{more}; the export leaves them out, as transformers would (is "
-                      "config.json this checkpoint's?)", stacklevel=3)
+                      "config.json this checkpoint's?)", stacklevel=app_stacklevel())
 
 
 def unused_tensors(graph: builder.GraphBuilder, ckpt: Checkpoint, ignored: tuple[str, ...] = ()) -> list[str]:

@@ -73,7 +73,7 @@ from onnx import TensorProto, helper
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..calibration import activations as A
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, app_stacklevel
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
 from . import gemv_head
 from .builder import MS_DOMAIN, phase
@@ -354,7 +354,7 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
             if len(windows) < count:  # the text holds no more: said, not left to a manifest nobody reads
                 warnings.warn(f"--calibration-tokens {tokens:,}: the calibration text ({text.source}) fills "
                               f"{len(windows)} windows of {length} tokens ({windows.size:,} tokens), fewer than "
-                              "asked", stacklevel=2)
+                              "asked", stacklevel=app_stacklevel())
             if progress:  # loading the copy takes seconds (~10 for Gemma 3 270M)
                 progress(0, len(windows), "calibration")
             session = make_session(path, "cpu", None)

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .. import bundle as bundle_mod
-from ..errors import ArgumentError, EdgemtpError
+from ..errors import ArgumentError, EdgemtpError, app_stacklevel
 from .chat import is_chat
 from .detokenizer import IncrementalDecoder, decode_text, is_dropped
 from .draft_length import RecentDraftLengths
@@ -25,7 +25,7 @@ from .heap import release_freed_memory
 from .kept_cache import KeptCache
 from .loading import CLOSED, Closed, Streams, load_engine
 from .sampling import Sampling, is_bool, pick
-from .session import app_stacklevel, intra_op_threads, physical_cores, runs_on_cpu
+from .session import intra_op_threads, physical_cores, runs_on_cpu
 from .stats import STREAM_CLOSED, Stats, copy_plain_stats
 from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_max_new_tokens, check_request, check_text,

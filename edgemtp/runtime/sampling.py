@@ -48,7 +48,7 @@ class Sampling:
         if self.greedy and unused:  # as transformers' generate warns at do_sample=False: nothing in the output says so
             warnings.warn(f"Sampling: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
                           "temperature 0 (greedy decoding); give a temperature above 0 to sample", UserWarning,
-                          stacklevel=3)
+                          stacklevel=3)  # __post_init__ <- the dataclass's __init__ (code of its own) <- the app
 
     @property
     def greedy(self) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import ArgumentError, EdgemtpError, memory_limit
+from ..errors import ArgumentError, EdgemtpError, app_stacklevel, memory_limit
 from . import hugepages
 
 # short names users type -> ONNX Runtime provider names
@@ -75,18 +74,6 @@ def runs_on_cpu(name: str) -> bool:
     it is the CPU, or it is not in this build (resolve_provider falls back)."""
     full = full_name(name)
     return full == "CPUExecutionProvider" or full not in ort.get_available_providers()
-
-
-PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # edgemtp/
-
-
-def app_stacklevel() -> int:
-    """warnings.warn's stacklevel for a warning raised inside this package to point at the app's line that called
-    into it, through however many of the package's own calls (generate -> token_stream -> ...)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def resolve_provider(name: str, param: str = "provider", warn: bool = True) -> str:
