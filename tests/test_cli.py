@@ -507,6 +507,42 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
     assert not reader.is_alive() and got == want[:2] and list(stream) == []
 
 
+def test_a_read_while_another_thread_closes_the_stream(tiny_gemma3):
+    """A read that comes while another thread's close is still ending the stream (an app cancelling a request
+    between the reader's tokens; here held where the ending keeps the cache for reuse_prefix): the reader got "the
+    stream is being read by another thread", though it was the only reader. Now it sees what the close did: the
+    stream ends (stream.close), or says the engine was closed (Engine.close); and the close finishes its work."""
+    import threading
+
+    from edgemtp.runtime.engine import Engine
+
+    for how, ended in (("stream", StopIteration), ("engine", EdgemtpError)):
+        engine = Engine.load(tiny_gemma3[2], reuse_prefix=True)
+        inside, go, keep = threading.Event(), threading.Event(), engine.kept._keep
+
+        def held_keep(*args):
+            inside.set()
+            go.wait(60)
+            keep(*args)
+
+        engine.kept._keep = held_keep
+        stream = engine.token_ids(engine.encode("t1 t2 t3"), 6)
+        next(stream)
+        closer = threading.Thread(target=stream.close if how == "stream" else engine.close, daemon=True)
+        closer.start()
+        try:
+            assert inside.wait(60)
+            with pytest.raises(ended, match=None if ended is StopIteration else "^the engine was closed"):
+                next(stream)
+        finally:
+            go.set()
+        closer.join(60)
+        assert not closer.is_alive()
+        if how == "stream":  # the close kept the cache it ran: the same prompt again runs its last token only
+            assert list(stream) == []
+            assert engine.generate("t1 t2 t3", 2).stats.cached_tokens == len(engine.encode("t1 t2 t3")) - 1
+
+
 def test_an_engine_closed_by_another_thread_mid_pass(tiny_gemma3):
     """Engine.close while another thread's generation is inside a pass (README): a generate or stream stops with the
     closed-engine error at its next token, a generate_batch finishes with a lone call's tokens; no crash, no other

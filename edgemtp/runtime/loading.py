@@ -104,41 +104,53 @@ CLOSED = "the engine was closed (Engine.close, or the end of its with block): lo
 class Stream(Iterator):
     """A generator an engine gave out (stream, token_stream, token_ids), which Engine.close ends: left open (read
     in part, not closed), its frame held the target's and the drafter's sessions until it was collected, and a
-    drafting one went on generating on the closed engine. Once ended so, its next use says the engine was closed."""
+    drafting one went on generating on the closed engine. Once ended so, its next use says the engine was closed.
+
+    One thread at a time runs the generator (`_running`, never waited for): a second reader is refused, and a
+    close from another thread while a read runs is left to that reader, which gets its pass's token and ends at
+    its next read. A close says so (`_closing`, `_ended`) before it runs the generator's ending, so that a read
+    coming meanwhile sees why it cannot run: the stream ended, not a second reader."""
 
     def __init__(self, gen: Iterator):
         self._gen, self._ended, self._closing = gen, False, False
+        self._running = threading.Lock()
 
     def __next__(self):
-        if self._ended:
-            raise EdgemtpError(CLOSED)
-        if self._closing:  # closed from another thread while this one read: closed now, between passes
-            self._gen.close()
-            raise StopIteration
+        if not self._running.acquire(blocking=False):
+            if self._ended:
+                raise EdgemtpError(CLOSED)
+            if self._closing:  # another thread is ending it now
+                raise StopIteration
+            raise EdgemtpError("the stream is being read by another thread: read a stream from one thread at a "
+                               "time")
         try:
+            if self._ended:
+                raise EdgemtpError(CLOSED)
+            if self._closing:  # closed from another thread while this one read: closed now, between passes
+                self._gen.close()
+                raise StopIteration
             return next(self._gen)
-        except ValueError:  # Python's "generator already executing", or an error from inside the generation
-            if getattr(self._gen, "gi_running", False):  # the former: another thread is inside it now
-                raise EdgemtpError("the stream is being read by another thread: read a stream from one thread at "
-                                   "a time") from None
-            raise
+        finally:
+            self._running.release()
 
     def close(self) -> None:
-        try:
-            self._gen.close()
-        except ValueError:  # "generator already executing": another thread's read is inside a pass (an app
-            if not getattr(self._gen, "gi_running", False):  # cancelling a request); that read gets its token
-                raise
-            self._closing = True
+        self._closing = True
+        self._run_ending()
 
     def end(self) -> None:
         if inspect.isgenerator(self._gen) and self._gen.gi_frame is None:
             return  # finished, or closed by its reader: it stops as a generator does, not with an error
         self._ended = True
-        try:
-            self._gen.close()  # what it ran is kept as a reader's close keeps it (reuse_prefix)
-        except ValueError:  # running in another thread now: it lets go of the engine when that pass returns
-            pass
+        self._run_ending()  # what it ran is kept as a reader's close keeps it (reuse_prefix)
+
+    def _run_ending(self) -> None:
+        """Closes the generator now, unless another thread runs it: that thread's read ends it after its pass (and
+        lets go of the engine then)."""
+        if self._running.acquire(blocking=False):
+            try:
+                self._gen.close()
+            finally:
+                self._running.release()
 
 
 class Streams:
