@@ -507,6 +507,36 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
     assert not reader.is_alive() and got == want[:2] and list(stream) == []
 
 
+def test_generations_in_two_threads_get_a_lone_calls_tokens(tiny_gemma3):
+    """One engine, two threads (README: each call has its own KV cache): a stream held inside a pass while another
+    thread runs a whole generation, plain and drafting, with reuse_prefix; each gets a lone call's tokens, and the
+    cache kept after is the last finished one's (the same prompt again runs its last token only, same tokens)."""
+    import threading
+
+    from edgemtp.runtime.engine import Draft, Engine
+
+    held, other = "t3 t9 t4 t3 t9 t4", "t5 t6 t7"
+    for draft in (None, Draft("lookup", 2)):
+        lone = Engine.load(tiny_gemma3[2])
+        want = {p: lone.generate(p, 8, draft=draft).tokens for p in (held, other)}
+        engine = Engine.load(tiny_gemma3[2], reuse_prefix=True)
+        engine.generate(held, 2)  # a kept cache for the held stream to take
+        inside, go = hold_second_pass(engine)
+        got = []
+        reader = threading.Thread(target=lambda: got.extend(engine.token_stream(engine.encode(held), 8, draft=draft)),
+                                  daemon=True)
+        reader.start()
+        try:
+            assert inside.wait(60)
+            assert engine.generate(other, 8, draft=draft).tokens == want[other]
+        finally:
+            go.set()
+        reader.join(60)
+        assert not reader.is_alive() and got == want[held]
+        again = engine.generate(held, 8, draft=draft)
+        assert again.tokens == want[held] and again.stats.cached_tokens == len(engine.encode(held)) - 1
+
+
 def test_a_read_while_another_thread_closes_the_stream(tiny_gemma3):
     """A read that comes while another thread's close is still ending the stream (an app cancelling a request
     between the reader's tokens; here held where the ending keeps the cache for reuse_prefix): the reader got "the
