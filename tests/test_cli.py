@@ -507,6 +507,36 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
     assert not reader.is_alive() and got == want[:2] and list(stream) == []
 
 
+def test_a_stream_mid_pass_when_its_engine_closed_lets_go_of_it_when_told(tiny_gemma3):
+    """Engine.close while another thread's stream is inside a pass: the stream cannot be ended then, and at its
+    reader's next read it said the engine was closed but stayed unended, its frame holding the KV cache and (a
+    drafting one) the target's session for as long as the app held the stream (a request object). Now that read
+    ends it: the session goes with the stream still held."""
+    import gc
+    import weakref
+
+    from edgemtp.runtime.engine import Draft, Engine
+
+    engine = Engine.load(tiny_gemma3[2])
+    session = weakref.ref(engine.target.session)
+    inside, go = hold_second_pass(engine)
+    stream = engine.token_stream(engine.encode("t3 t9 t4 t3 t9 t4"), 8, draft=Draft("lookup", 2))
+    got = []
+
+    def read():
+        try:
+            got.extend(stream)
+        except EdgemtpError as e:
+            got.append(str(e))
+
+    reader = close_while_held(engine, read, inside, go)
+    assert not reader.is_alive() and got[-1] == "the engine was closed (Engine.close, or the end of its with " \
+                                                "block): load it again"
+    del inside, go  # the test's hold on the session (its wrapper's events), not the stream's
+    gc.collect()
+    assert session() is None and stream is not None
+
+
 def test_generations_in_two_threads_get_a_lone_calls_tokens(tiny_gemma3):
     """One engine, two threads (README: each call has its own KV cache): a stream held inside a pass while another
     thread runs a whole generation, plain and drafting, with reuse_prefix; each gets a lone call's tokens, and the

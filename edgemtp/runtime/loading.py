@@ -124,7 +124,8 @@ class Stream(Iterator):
             raise EdgemtpError("the stream is being read by another thread: read a stream from one thread at a "
                                "time")
         try:
-            if self._ended:
+            if self._ended:  # ended while another thread's read ran it (Engine.close): its frame lets go of the
+                self._gen.close()  # cache and the sessions now, not when the app drops the stream
                 raise EdgemtpError(CLOSED)
             if self._closing:  # closed from another thread while this one read: closed now, between passes
                 self._gen.close()
