@@ -49,6 +49,13 @@ DRAFT_SETTINGS_KEPT = 16
 
 
 class Engine:
+    """A loaded bundle: generate / stream / generate_batch (README, "From Python").
+
+    Threads: one engine serves several at once, each call with its own KV cache (a lone call's tokens); the
+    graphs loaded on first use are loaded once. A stream is read by one thread at a time: a second reader while a
+    read runs gets an EdgemtpError saying so. stream.close() or close() from another thread while a read runs
+    leaves that read its token; the stream ends at its next read."""
+
     def __init__(self, bundle: bundle_mod.Bundle, target: Target, tokenizer: Tokenizer):
         self.bundle, self.target, self.tokenizer = bundle, target, tokenizer
         self.stop_ids = frozenset(bundle.model.get("eos_token_ids") or ())
