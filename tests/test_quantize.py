@@ -1146,6 +1146,30 @@ def test_perplexity_equals_numpy_reference(gemma, with_bos, bos):
     assert "kl_mean" not in r
 
 
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+def test_perplexity_equals_transformers(gemma, with_bos, bos):
+    """Independent of the graph: transformers' model on the windows --help describes (window 64, the bundle's
+    capacity: 63 text tokens after the BOS, else 64 with the first unscored), the short last window scored,
+    a tail that would score nothing (without a BOS, a lone token) dropped."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gemma["fp32"].parent / "model", dtype=torch.float32).eval()
+    tokens = [int(t) for t in np.random.default_rng(8).integers(3, 96, size=129)]
+    n = 63 if bos else 64
+    windows = [([2] if bos else []) + tokens[i:i + n] for i in range(0, len(tokens), n)]
+    windows = [w for w in windows if len(w) >= 2]  # bos: 63 + 63 + 3; else 64 + 64 (t129 alone is dropped)
+    nll = []
+    for win in windows:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([win])).logits[0].double(), -1).numpy()
+        nll += [-logp[i, win[i + 1]] for i in range(len(win) - 1)]
+    r = evaluate(with_bos if bos else gemma["fp32"], as_text(tokens))
+    assert (r["tokens"], r["windows"], r["window"]) == (len(nll), len(windows), 64) == ((129, 3, 64) if bos
+                                                                                          else (126, 2, 64))
+    assert r["nll"] == pytest.approx(np.mean(nll), rel=1e-5)
+    assert r["perplexity"] == pytest.approx(np.exp(np.mean(nll)), rel=1e-5)
+
+
 def test_bundle_against_itself_has_zero_kl(gemma):
     text = as_text(np.random.default_rng(4).integers(3, 96, size=40))
     r = evaluate(gemma["fp32"], text, reference_bundle=gemma["fp32"], window=32)
