@@ -1938,6 +1938,21 @@ def test_readme_flags_exist_on_their_commands():
     assert ("export", "--no-gemv-head") in checked and ("profile", "--fast-verify") in checked
 
 
+def test_readme_documents_evaluate_json_fields(tiny_gemma3):
+    """evaluate's numbers carry no unit or direction in their names (kl_mean 1.05e-05): the README lists every
+    field --json gives, no more and no fewer, with the KL's direction and unit, and --help says them too."""
+    from edgemtp.evaluate import evaluate
+
+    text = " ".join(f"t{i}" for i in range(3, 40))
+    fields = set(evaluate(tiny_gemma3[2], text, reference_bundle=tiny_gemma3[2]))
+    section = README.split("### `edgemtp evaluate --json` fields", 1)
+    assert len(section) == 2, "README: no evaluate --json section"
+    block = re.search(r"```\n(.*?)\n```", section[1], re.S).group(1)
+    assert set(re.findall(r'"([a-z0-9_]+)":', block)) == fields
+    for doc in (" ".join(block.split()), " ".join(CliRunner().invoke(cli, ["evaluate", "--help"]).stdout.split())):
+        assert "KL(reference || bundle)" in doc and "nats" in doc
+
+
 def test_ci_runs_the_readme_test_command():
     """The README opens with two commands, the quickstart and the test run; .ci/run runs the second verbatim."""
     blocks = re.findall(r"```bash\n(.*?)\n```", README, re.S)

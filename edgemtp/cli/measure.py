@@ -212,7 +212,8 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, provider
     The text is tokenized once and cut into consecutive windows (no overlap) of min(512, the bundles' KV
     capacity) tokens, BOS included: each starts with the BOS where the tokenizer puts one before a text, and
     is scored from a fresh cache. Every token with a token before it in its window is scored (without a BOS,
-    a window's first is not); both bundles see the same windows."""
+    a window's first is not); both bundles see the same windows. The NLL and KLs are in nats per scored token,
+    the KL being KL(reference || bundle) (the reference's distribution first); the README lists the fields."""
     from ..evaluate import evaluate
 
     if max_tokens is not None and max_tokens < 1:
