@@ -99,7 +99,10 @@ class Record:
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump({"files": files}, f)
                 os.replace(tmp, self.path)  # a reader sees the old record or the new one, never half of one
+                tmp = None
         except OSError:
+            pass  # nothing remembered: the next load hashes again
+        finally:  # after an OSError, Ctrl-C or SIGTERM's exit too: else it stays in the cache directory for good
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)

@@ -2096,6 +2096,34 @@ def test_a_save_merges_under_the_lock_and_keeps_a_recheck_as_newest(tmp_path, mo
     assert list(again.files) == [str(f.resolve()) for f in (files[0], files[2], files[3])]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit(143)], ids=["ctrl-c", "sigterm"])
+def test_a_save_stopped_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch, stop):
+    """Ctrl-C or SIGTERM (the command's exit_on_sigterm: SystemExit) while the record is written, at the end of
+    every bundle load that hashed: its temporary .verified-*.json stayed in the cache directory for good (only an
+    OSError removed it), one more each time. The record before it stays as it was."""
+    import json as json_mod
+
+    from edgemtp import verified
+
+    files = checked_files(tmp_path, monkeypatch, 2)
+    first = verified.Record()
+    first.add(files[0], files[0].stat(), "sha-f0")
+    first.save()
+    cache = tmp_path / "cache" / "edgemtp"
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    record = verified.Record()
+    record.add(files[1], files[1].stat(), "sha-f1")
+
+    def stopped(obj, f, **kwargs):  # half the record written, then the signal
+        f.write(json_mod.dumps(obj)[:10])
+        raise stop
+
+    monkeypatch.setattr(verified.json, "dump", stopped)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        record.save()
+    assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+
+
 def test_the_record_keeps_the_newest_checks_and_no_file_written_while_hashed(tmp_path, monkeypatch):
     """At most MAX_FILES files are remembered, the most recently checked (a file checked again counts as new);
     a file whose stat changed while it was hashed is not remembered."""
