@@ -327,6 +327,26 @@ def test_greedy_continuations_are_the_targets_greedy_tokens(tiny_gemma3, tmp_pat
         continue_greedily(model_dir, windows, 30, tmp_path / "h")
 
 
+def test_a_torn_progress_record_starts_the_cache_afresh(tiny_gemma3, tmp_path):
+    """A resumable cache's done.json torn by Ctrl-C or SIGTERM between its truncation and its write (empty), or
+    by a crash (half of it): every later train-drafter run to that output stopped with a JSONDecodeError
+    traceback until the user found and deleted the file. It now counts as no rows done: computed afresh."""
+    from edgemtp.drafter.cache import resumable_rows
+    from edgemtp.drafter.greedy import continue_greedily
+
+    model, model_dir, _ = tiny_gemma3
+    windows = np.random.default_rng(3).integers(3, 96, size=(3, 12))
+    windows[:, 0] = 2
+    want = continue_greedily(model_dir, windows, 5, tmp_path / "g", batch=2)
+    done = tmp_path / "g" / "done.json"
+    key = json.loads(done.read_text())["input"]
+    assert resumable_rows(done, key) == 3
+    for torn in ("", '{"rows": 2, "inp', "[2]", '{"rows": "two", "input": "%s"}' % key):
+        done.write_text(torn)
+        assert resumable_rows(done, key) == 0, torn
+    np.testing.assert_array_equal(continue_greedily(model_dir, windows, 5, tmp_path / "g", batch=2), want)
+
+
 def test_round_weights_are_the_derivative_of_tokens_per_round():
     """round_weights: per draft step and position, the chance that a round starts there times
     d(expected tokens of that round)/d P(step k right), the derivative of 1 + sum_k prod_{j<=k} P_j taken
