@@ -67,9 +67,12 @@ def test_generate_stop(tiny_gemma3):
     assert r.exit_code == 0 and r.stdout == want + "\n"
 
 
-def test_ctrl_c_ends_the_streamed_text_with_its_speed_line(tiny_gemma3, monkeypatch):
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (SystemExit(143), 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_ends_the_streamed_text_with_its_speed_line(tiny_gemma3, monkeypatch, stop, status):
     """Ctrl-C during `generate`'s stream: the text so far, a newline, the speed line of what was generated
-    ("interrupted"), exit status 130; it was click's "Aborted!" with status 1 and no line end."""
+    ("interrupted"), exit status 130; it was click's "Aborted!" with status 1 and no line end. So for SIGTERM
+    (`timeout 60 edgemtp generate ...`, kill), which exit_on_sigterm makes a SystemExit: status 143, and the text
+    was left without its line end (the shell's prompt after it) and without the speed line."""
     bundle = tiny_gemma3[2]
     full = Engine.load(bundle).generate("t1 t2 t3", max_new_tokens=8, draft=None)
     stream = Engine.stream
@@ -77,12 +80,12 @@ def test_ctrl_c_ends_the_streamed_text_with_its_speed_line(tiny_gemma3, monkeypa
     def interrupted(self, *args, **kwargs):  # the user presses Ctrl-C after the third piece
         for i, piece in enumerate(stream(self, *args, **kwargs)):
             if i == 3:
-                raise KeyboardInterrupt
+                raise stop
             yield piece
 
     monkeypatch.setattr(Engine, "stream", interrupted)
     r = run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 8, "--no-draft")
-    assert r.exit_code == 130 and "Aborted" not in r.output
+    assert r.exit_code == status and "Aborted" not in r.output
     lines = r.stdout.split("\n")
     assert len(lines) == 2 and lines[1] == "" and full.text.startswith(lines[0]) and lines[0]
     assert re.fullmatch(r"\[prefill \d+ tokens at [\d.]+ tok/s; decode 3 tokens at [\d.]+ tok/s; interrupted\]\n",

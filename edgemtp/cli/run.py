@@ -3,6 +3,7 @@ and measure.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -124,11 +125,14 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
     try:
         for piece in engine.stream(request, max_new_tokens, sampling, draft, stats=stats, stop=stop):
             click.echo(piece, nl=False)
-    except KeyboardInterrupt:  # Ctrl-C ends the text where it got to, with its speed line, not click's "Aborted!"
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Ctrl-C, or SIGTERM / SIGHUP as exit_on_sigterm's exit (`timeout`, kill): the text ends where it got to,
+        # with its speed line (not click's "Aborted!"), and the command with the shell's status for the signal
         stats.stop_reason = "interrupted"
-        click.echo()
-        click.echo(speed_line(stats), err=True)
-        sys.exit(130)  # the shell's status for a SIGINT, as a script running it expects
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            click.echo()
+            click.echo(speed_line(stats), err=True)
+        sys.exit(e.code if isinstance(e, SystemExit) else 130)
     click.echo()
     click.echo(speed_line(stats), err=True)
 
