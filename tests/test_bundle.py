@@ -435,7 +435,7 @@ def test_export_terminated_leaves_no_temporary_directory(tiny_gemma3, tmp_path, 
 
     from click.testing import CliRunner
 
-    from edgemtp.cli import cli, exit_on_sigterm
+    from edgemtp.cli import cli, exit_on_termination_signals
 
     signum = getattr(signal, signame)
     real_save = builder.save
@@ -451,7 +451,7 @@ def test_export_terminated_leaves_no_temporary_directory(tiny_gemma3, tmp_path, 
     if signal.getsignal(signum) is not signal.SIG_DFL:
         pytest.skip(f"this process handles {signame} itself (the edgemtp command installs its handler only "
                     "over the default)")
-    with exit_on_sigterm():  # what the `edgemtp` command (cli.main) runs under
+    with exit_on_termination_signals():  # what the `edgemtp` command (cli.main) runs under
         assert signal.getsignal(signum) is not signal.SIG_DFL  # else the kill below ends pytest
         r = CliRunner().invoke(cli, ["export", str(tiny_gemma3[1]), "-o", str(tmp_path / "out"),
                                      "--drafter", "none"])
@@ -466,20 +466,20 @@ def test_a_second_signal_waits_for_the_clean_up_and_nohup_s_sighup_stays_ignored
     closing the terminal must not end a `nohup edgemtp export`."""
     import signal
 
-    from edgemtp.cli import exit_on_sigterm
+    from edgemtp.cli import exit_on_termination_signals
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
-        with pytest.raises(SystemExit) as e, exit_on_sigterm():
+        with pytest.raises(SystemExit) as e, exit_on_termination_signals():
             try:
                 signal.raise_signal(signal.SIGTERM)
             finally:  # the clean-up
                 ignored = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]
         assert e.value.code == 143 and ignored == [signal.SIG_IGN] * 2
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
-        with exit_on_sigterm():
+        with exit_on_termination_signals():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
@@ -2098,9 +2098,9 @@ def test_a_save_merges_under_the_lock_and_keeps_a_recheck_as_newest(tmp_path, mo
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit(143)], ids=["ctrl-c", "sigterm"])
 def test_a_save_stopped_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch, stop):
-    """Ctrl-C or SIGTERM (the command's exit_on_sigterm: SystemExit) while the record is written, at the end of
-    every bundle load that hashed: its temporary .verified-*.json stayed in the cache directory for good (only an
-    OSError removed it), one more each time. The record before it stays as it was."""
+    """Ctrl-C or SIGTERM (the command's exit_on_termination_signals: SystemExit) while the record is written, at the
+    end of every bundle load that hashed: its temporary .verified-*.json stayed in the cache directory for good
+    (only an OSError removed it), one more each time. The record before it stays as it was."""
     import json as json_mod
 
     from edgemtp import verified

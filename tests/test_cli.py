@@ -71,8 +71,8 @@ def test_generate_stop(tiny_gemma3):
 def test_ctrl_c_ends_the_streamed_text_with_its_speed_line(tiny_gemma3, monkeypatch, stop, status):
     """Ctrl-C during `generate`'s stream: the text so far, a newline, the speed line of what was generated
     ("interrupted"), exit status 130; it was click's "Aborted!" with status 1 and no line end. So for SIGTERM
-    (`timeout 60 edgemtp generate ...`, kill), which exit_on_sigterm makes a SystemExit: status 143, and the text
-    was left without its line end (the shell's prompt after it) and without the speed line."""
+    (`timeout 60 edgemtp generate ...`, kill), which exit_on_termination_signals makes a SystemExit: status 143, and
+    the text was left without its line end (the shell's prompt after it) and without the speed line."""
     bundle = tiny_gemma3[2]
     full = Engine.load(bundle).generate("t1 t2 t3", max_new_tokens=8, draft=None)
     stream = Engine.stream

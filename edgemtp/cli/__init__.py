@@ -12,11 +12,11 @@ import os
 import sys
 
 from . import build, chat, measure, run  # noqa: F401  each registers its commands on the group
-from .base import cli, exit_on_sigterm
+from .base import cli, exit_on_termination_signals
 from .build import domain_counts
 from .run import unescape
 
-__all__ = ["cli", "domain_counts", "exit_on_sigterm", "main", "unescape"]
+__all__ = ["cli", "domain_counts", "exit_on_termination_signals", "main", "unescape"]
 
 
 def main():
@@ -35,5 +35,5 @@ def main():
     # UTF-8 output, which encodes any text, is unchanged.
     if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
         sys.stdout.reconfigure(errors="replace")
-    with exit_on_sigterm():
+    with exit_on_termination_signals():
         cli(prog_name="edgemtp")

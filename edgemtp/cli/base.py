@@ -105,7 +105,7 @@ PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUO
 
 
 @contextlib.contextmanager
-def exit_on_sigterm():
+def exit_on_termination_signals():
     """SIGTERM (kill, a cancelled CI job) and SIGHUP (the terminal or ssh session closed) as an exit, with the
     shell's status for them (143, 129), so the `finally` blocks that delete a half-written bundle's temporary
     directory run: by default the process dies and leaves it behind. Only for the `edgemtp` command itself

@@ -126,8 +126,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
         for piece in engine.stream(request, max_new_tokens, sampling, draft, stats=stats, stop=stop):
             click.echo(piece, nl=False)
     except (KeyboardInterrupt, SystemExit) as e:
-        # Ctrl-C, or SIGTERM / SIGHUP as exit_on_sigterm's exit (`timeout`, kill): the text ends where it got to,
-        # with its speed line (not click's "Aborted!"), and the command with the shell's status for the signal
+        # Ctrl-C, or SIGTERM / SIGHUP as exit_on_termination_signals's exit (`timeout`, kill): the text ends where
+        # it got to, with its speed line (not click's "Aborted!"), and the command with the shell's status for it
         stats.stop_reason = "interrupted"
         with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
             click.echo()
