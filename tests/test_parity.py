@@ -372,6 +372,90 @@ def test_gemma3_rope_fields_merged_as_transformers(case, tmp_path):
     _parity_with_config(model, tmp_path, patch)
 
 
+# Published config.json files as their checkpoints ship them (transformers 4.x spellings), sizes shrunk (hidden,
+# heads in their ratio, head_dim, layers, vocab, sliding windows to WINDOW, LongRoPE's factors to every 6th) and
+# token ids renumbered below the vocabulary; every other field as published.
+PUBLISHED = {
+    "Llama-3.1-8B": {  # rope_scaling (not rope_parameters) of type llama3, rope_theta beside it, untied head
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+        "intermediate_size": 96, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 4, "num_hidden_layers": 4, "num_key_value_heads": 1, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 160},
+    "Phi-3.5-mini-instruct": {  # LongRoPE as "type", auto_map, a window far past any context
+        "architectures": ["Phi3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "microsoft/Phi-3.5-mini-instruct--configuration_phi3.Phi3Config",
+                     "AutoModelForCausalLM": "microsoft/Phi-3.5-mini-instruct--modeling_phi3.Phi3ForCausalLM"},
+        "bos_token_id": 1, "embd_pdrop": 0.0, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 32,
+        "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 131072,
+        "model_type": "phi3", "num_attention_heads": 2, "num_hidden_layers": 4, "num_key_value_heads": 2,
+        "original_max_position_embeddings": 4096, "pad_token_id": 2, "resid_pdrop": 0.0, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"long_factor": [1.0800000429153442, 1.6200000047683716, 7.700000286102295,
+                                         30.420001983642578, 50.340003967285156, 62.61000442504883,
+                                         63.93000411987305, 64.12000274658203],
+                         "short_factor": [1.0, 1.0499999523162842, 1.1599998474121094, 1.7899998426437378,
+                                          1.9899996519088745, 2.0199997425079346, 2.0299997329711914,
+                                          2.189999580383301],
+                         "type": "longrope"},
+        "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.46.3", "use_cache": True, "vocab_size": 160},
+    "gemma-3-1b-it": {  # sliding_window_pattern, no layer_types; rope_local_base_freq; an eos list
+        "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "attn_logit_softcapping": None, "bos_token_id": 1, "cache_implementation": "hybrid", "eos_token_id": [2, 3],
+        "final_logit_softcapping": None, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 72, "initializer_range": 0.02, "intermediate_size": 96, "max_position_embeddings": 32768,
+        "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 6, "num_key_value_heads": 1,
+        "pad_token_id": 4, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+        "rope_scaling": None, "rope_theta": 1000000, "sliding_window": WINDOW, "sliding_window_pattern": 6,
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 160},
+    "gemma-3-27b-it": {  # a text_config left to Gemma3TextConfig's defaults but for linear scaling (full layers)
+        "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 150, "eoi_token_index": 151,
+        "eos_token_id": [1, 2], "image_token_index": 152, "initializer_range": 0.02, "mm_tokens_per_image": 4,
+        "model_type": "gemma3",
+        "text_config": {"head_dim": 16, "hidden_size": 42, "intermediate_size": 96, "model_type": "gemma3_text",
+                        "num_attention_heads": 2, "num_hidden_layers": 6, "num_key_value_heads": 1,
+                        "query_pre_attn_scalar": 168, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": WINDOW, "vocab_size": 160},
+        "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+        "vision_config": {"hidden_size": 16, "image_size": 28, "intermediate_size": 32,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 2, "num_hidden_layers": 1,
+                          "patch_size": 14, "vision_use_head": False}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_config_json_matches_transformers(name, tmp_path):
+    """config.json as published, not as save_pretrained rewrites it (every other case here): transformers' model is
+    the one it loads from that file, random weights larger than its init so that RoPE scaling and windows show."""
+    hf = PUBLISHED[name]
+    cls = transformers.AutoModelForImageTextToText if "text_config" in hf else transformers.AutoModelForCausalLM
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    torch.manual_seed(0)
+    model = cls.from_config(transformers.AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+    _randomize_norms(model)
+    save_tiny(model, model_dir)
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    export(model_dir, tmp_path / "bundle", capacity=64)
+    engine = Engine.load(tmp_path / "bundle")
+    ids = np.random.default_rng(1).integers(0, 160, size=(1, sum(CHUNKS)))
+    cache, start = engine.target.new_cache(1), 0
+    for n, want in zip(CHUNKS, reference_logits(model, ids, CHUNKS)):
+        got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{name} at position {start}")
+        start += n
+
+
 def test_gemma3_missing_max_positions_is_transformers_default():
     """Gemma3TextConfig's max_position_embeddings is 131,072 where config.json has none (was 32,768 here): the
     length --max-context may reach, and the original length of a YaRN without one (its slow pairs' frequencies
