@@ -94,6 +94,32 @@ def test_logits_match_transformers(kind, tmp_path):
     print(f"{kind}: max |logits - transformers| = {worst:.2e}")
 
 
+def test_several_rows_of_several_positions_in_one_forward_call(tmp_path):
+    """Target.forward with 2 rows x 3 new positions over a past: ONNX Runtime's CPU GroupQueryAttention refuses
+    that pass ("batch_size must be 1 when sequence_length > 1 and past context is given"), and the call was its
+    traceback; it runs row by row, each row's logits, hidden state and cache what a lone row's call gives."""
+    from edgemtp.runtime.engine import Engine
+
+    from .reference import save_tiny
+
+    export(save_tiny(tiny("gemma4_text"), tmp_path / "model"), tmp_path / "bundle", capacity=64)
+    target = Engine.load(tmp_path / "bundle").target
+    assert not target.multi_row_verify
+    ids = np.random.default_rng(3).integers(0, 96, size=(2, 12))
+    both, alone = target.new_cache(2), target.new_cache(2)
+    for cache in (both, alone):
+        for r, n in enumerate((8, 5)):  # rows of different lengths
+            target.forward(ids[r:r + 1, :n], cache, rows=slice(r, r + 1))
+    got, hidden = target.forward(np.stack([ids[0, 8:11], ids[1, 5:8]]), both, n_logits=3)
+    for r, n in enumerate((8, 5)):
+        want, want_hidden = target.forward(ids[r:r + 1, n:n + 3], alone, rows=slice(r, r + 1), n_logits=3)
+        np.testing.assert_array_equal(got[r], want[0])
+        np.testing.assert_array_equal(hidden[r], want_hidden[0])
+    assert list(both.lengths) == [11, 8]
+    step = np.array([[ids[0, 11]], [ids[1, 8]]])  # the next step reads what the call wrote
+    np.testing.assert_array_equal(target.forward(step, both)[0], target.forward(step, alone)[0])
+
+
 # config.json values that once exported with other logits than transformers', without an error
 VARIANTS = {
     # partial_rotary_factor 0: full layers rotate nothing (read as 1, they rotated every pair)

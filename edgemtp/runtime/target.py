@@ -60,6 +60,10 @@ class Target:
         S = ids.shape[1]
         if S > 1 and ids.shape[0] > 1 and self.contract.kv_update == "in_place" and self._load_verify is not None:
             return self._verify_target().forward_outputs(ids, cache, names, rows, n_logits)
+        if S > 1 and ids.shape[0] > 1 and not self.multi_row_verify:  # ONNX Runtime refuses the pass: row by row
+            parts = [[np.array(o) for o in self.forward_outputs(ids[i:i + 1], cache, names, slice(r, r + 1), n_logits)]
+                     for i, r in enumerate(range(*rows.indices(cache.batch)))]
+            return [np.concatenate(outs) for outs in zip(*parts)]
         lengths = cache.lengths[rows].copy()
         if int(lengths.max()) + S > cache.capacity:
             raise CapacityError(f"context of {int(lengths.max()) + S} tokens exceeds the bundle's KV capacity "
