@@ -2035,3 +2035,24 @@ def test_a_closed_standard_output_is_one_error_line_not_a_silent_success(tiny_ge
         r = subprocess.run([sys.executable, "-m", "edgemtp", *args], stdout=None, stderr=subprocess.PIPE, text=True,
                            preexec_fn=lambda: os.close(1))
         assert r.returncode == 2 and r.stderr == "error: standard output is closed\n", (args, r.stderr)
+
+
+def test_nan_logits_are_one_error_line(tiny_gemma3, monkeypatch):
+    """A bundle whose target gives NaN logits (broken, or a value that overflowed): greedy decoding printed token
+    0 or the first NaN's token at every step, exit status 0; sampling was a ValueError traceback. Now one line,
+    plain and drafted, greedy and sampled."""
+    from edgemtp import contract as C
+    from edgemtp.runtime.target import Target
+
+    forward_outputs = Target.forward_outputs
+
+    def nan_logits(self, ids, cache, names, *args, **kwargs):
+        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
+        if C.LOGITS in names:
+            outputs[list(names).index(C.LOGITS)][..., 3] = np.nan
+        return outputs
+
+    monkeypatch.setattr(Target, "forward_outputs", nan_logits)
+    for options in ([], ["--draft-k", 0], ["--temperature", 0.8, "--seed", 1], ["--repetition-penalty", 1.2]):
+        r = run("generate", tiny_gemma3[2], "--prompt", "t1 t2 t3", "--max-new-tokens", 5, *options)
+        assert_one_line_error(r, "NaN")

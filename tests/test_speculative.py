@@ -564,6 +564,63 @@ def test_padded_batched_verify_changes_nothing(options, monkeypatch):
     assert multi_row_verify == options.get("batched_verify", False)
 
 
+class BrokenTarget(FakeTarget):
+    """FakeTarget whose logits go bad from the position `at` on (a broken bundle, an overflow): `spoil` changes
+    each such row of logits in place."""
+
+    def __init__(self, spoil, at: int = 7):
+        super().__init__()
+        self.spoil, self.at = spoil, at
+
+    def forward(self, ids, cache, rows=None, n_logits=1):
+        start = int(cache.lengths[rows or slice(0, cache.batch)].max())
+        logits, hidden = super().forward(ids, cache, rows, n_logits)
+        S = np.asarray(ids).shape[1]
+        for j in range(logits.shape[1]):
+            if start + S - logits.shape[1] + j >= self.at:
+                self.spoil(logits[:, j])
+        return logits, hidden
+
+
+def _all_nan(row):
+    row[:] = np.nan
+
+
+def _one_nan(row):
+    row[..., 5] = np.nan
+
+
+def _all_minus_inf(row):
+    row[:] = -np.inf
+
+
+@pytest.mark.parametrize("spoil", [_all_nan, _one_nan, _all_minus_inf])
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(repetition_penalty=1.3), Sampling(0.8, seed=1),
+                                      Sampling(0.8, top_p=0.9, seed=1), Sampling(0.8, top_k=3, seed=1)])
+@pytest.mark.parametrize("k", [0, 3])
+def test_logits_no_token_can_come_from_are_one_clear_error(spoil, sampling, k):
+    """NaN logits (or -inf at every id) leave no token to choose: greedy decoding took argmax's answer, the first
+    NaN's id or token 0 at every step (a silent stream of wrong tokens), and sampling raised draw()'s ValueError,
+    a traceback from the CLI. Both now stop with one EdgemtpError that says so."""
+    target = BrokenTarget(spoil)
+    with pytest.raises(EdgemtpError, match="logits hold NaN or are -inf at every token"):
+        speculative_generate(target, PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 10, sampling, k=k)
+    clean = speculative_generate(FakeTarget(), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 2, sampling, k=k)
+    assert speculative_generate(BrokenTarget(spoil), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 2, sampling,
+                                k=k)[0].tokens == clean[0].tokens  # the positions before `at` still run
+
+
+def test_plus_inf_logits_are_the_best_tokens():
+    """+inf (a value that overflowed upwards) is no error: its token is the best (ties between +inf alike)."""
+    def spoil(row):
+        row[..., 5] = np.inf
+
+    for sampling in (Sampling(), Sampling(0.8, seed=1), Sampling(repetition_penalty=1.3)):
+        got = speculative_generate(BrokenTarget(spoil, at=0), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 6, sampling,
+                                   k=3)
+        assert got[0].tokens == [5] * 6
+
+
 def test_a_batched_verify_leaves_out_a_row_without_room_for_the_others_drafts():
     """A row near the end of its cache shares no pass wider than its room: padded to the other row's width,
     its pass would run past the capacity."""

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .sampling import Sampling, distribution, draw, penalize
+from .sampling import Sampling, check_best, distribution, draw, greedy_token, penalize
 
 
 def count_accepted(draft: Sequence[int], target_choice: Sequence[int]) -> int:
@@ -56,9 +56,11 @@ def greedy_choices(logits: np.ndarray, sampling: Sampling, history: Sequence[int
     """The target's greedy token at each verify position [n+1] of logits [n+1, V], the positions following
     history, then history + draft[:1], ... (the repetition penalty reads them)."""
     if not sampling.penalized:
-        return logits.argmax(axis=-1)
+        choice = logits.argmax(axis=-1)
+        check_best(logits[np.arange(len(logits)), choice])
+        return choice
     seen = list(history)
-    return np.array([int(np.argmax(penalize(row, sampling, seen + list(draft[:i])))) for i, row in enumerate(logits)])
+    return np.array([greedy_token(penalize(row, sampling, seen + list(draft[:i]))) for i, row in enumerate(logits)])
 
 
 class RowDistributions:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, EdgemtpError
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,19 @@ class Sampling:
     def penalized(self) -> bool:
         """Whether a token's logits depend on the tokens before it (the repetition penalty)."""
         return self.repetition_penalty != 1
+
+
+class BadLogits(EdgemtpError):
+    """Logits no token can be chosen from: NaN among them, or -inf at every id."""
+
+
+def check_best(best) -> None:
+    """Raises BadLogits unless `best`, the logit argmax or max found (of each row), is above -inf. Free: argmax
+    and max give NaN's place whenever a row holds one, and -inf only where every logit is -inf. Unchecked,
+    greedy decoding took argmax's answer (the first NaN's id, or token 0) and went on: a stream of wrong tokens."""
+    if not np.all(np.asarray(best) > -np.inf):
+        raise BadLogits("the model's logits hold NaN or are -inf at every token: no token can be chosen (a broken "
+                        "bundle, or a value that overflowed in its graph)")
 
 
 def is_whole(value) -> bool:
@@ -124,6 +137,7 @@ def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = (),
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
     top = x.max(axis=-1, keepdims=True)
+    check_best(top)
     if np.isposinf(top).any():  # logits a tiny repetition penalty sent past float32's range: inf - inf was NaN;
         x[...] = np.where(np.isposinf(x), 0.0, np.where(np.isposinf(top), -np.inf, x))  # they are the best, alike
         top = x.max(axis=-1, keepdims=True)
@@ -203,8 +217,15 @@ def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
 def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator, seen: Sequence[int] = ()) -> int:
     """One token from logits [V]; `seen`: the tokens before it (prompt and generated), for the penalty."""
     if s.greedy:
-        return int(np.argmax(penalize(logits, s, seen)))
+        return greedy_token(penalize(logits, s, seen))
     return draw(distribution(logits, s, seen), rng)
+
+
+def greedy_token(logits: np.ndarray) -> int:
+    """argmax of logits [V], refused (BadLogits) where it is no token's logit: NaN, or -inf everywhere."""
+    best = int(np.argmax(logits))
+    check_best(logits[best])
+    return best
 
 
 def draw(p: np.ndarray, rng: np.random.Generator) -> int:
