@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import ArgumentError, EdgemtpError
 from .runtime.engine import Engine
-from .runtime.sampling import is_whole
+from .runtime.sampling import check_best, is_whole
 
 
 DEFAULT_WINDOW = 512
@@ -110,16 +110,26 @@ def _score_window(win: np.ndarray, engine: Engine, ref: Engine | None, step: int
     for start in range(0, len(win) - 1, step):
         piece = win[None, start:start + step]
         targets = win[start + 1:start + 1 + piece.shape[1]]  # the window's last position predicts nothing
-        logp = _log_softmax(engine.target.forward(piece, caches[0], n_logits=piece.shape[1])[0][0])
-        logp = logp[:len(targets)]
+        logp = _log_probs(engine, piece, caches[0], start)[:len(targets)]
         tally.nll.extend(-logp[np.arange(len(targets)), targets])
         if ref is None:
             continue
-        ref_logp = _log_softmax(ref.target.forward(piece, caches[1], n_logits=piece.shape[1])[0][0])
-        ref_logp = ref_logp[:len(targets)]
+        ref_logp = _log_probs(ref, piece, caches[1], start)[:len(targets)]
         tally.ref_nll.extend(-ref_logp[np.arange(len(targets)), targets])
         tally.kl.extend(kl_divergence(ref_logp, logp))
         tally.agree.extend(ref_logp.argmax(-1) == logp.argmax(-1))
+
+
+def _log_probs(engine: Engine, piece: np.ndarray, cache, start: int) -> np.ndarray:
+    """The log-probabilities at each position of `piece` [1, S] (window positions start..start+S-1), refused
+    where the logits hold NaN (an fp16 overflow on an NPU): the figures then read perplexity nan beside a top-1
+    agreement that compared argmax's NaN ids."""
+    logits = engine.target.forward(piece, cache, n_logits=piece.shape[1])[0][0]
+    best = logits.max(axis=-1)
+    if not np.all(best > -np.inf):
+        position = start + int(np.flatnonzero(~(best > -np.inf))[0])
+        check_best(best, f"{engine.bundle.dir} (position {position} of a window)")
+    return _log_softmax(logits)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -2053,6 +2053,12 @@ def test_nan_logits_are_one_error_line(tiny_gemma3, monkeypatch):
         return outputs
 
     monkeypatch.setattr(Target, "forward_outputs", nan_logits)
+    text = tiny_gemma3[2].parent / "nan_text.txt"
+    text.write_text(" ".join(f"t{i % 37}" for i in range(50)))
+    # evaluate, the tool that measures a bundle run on an NPU (fp16 rounding), printed perplexity nan, KL nan and a
+    # top-1 agreement from argmax's NaN ids
+    assert_one_line_error(run("evaluate", tiny_gemma3[2], "--text-file", text, "--reference", tiny_gemma3[2]),
+                          str(tiny_gemma3[2]), "NaN", "position 0")
     for options in ([], ["--draft-k", 0], ["--temperature", 0.8, "--seed", 1], ["--repetition-penalty", 1.2]):
         r = run("generate", tiny_gemma3[2], "--prompt", "t1 t2 t3", "--max-new-tokens", 5, *options)
         assert_one_line_error(r, "NaN")

@@ -603,7 +603,7 @@ def test_logits_no_token_can_come_from_are_one_clear_error(spoil, sampling, k):
     NaN's id or token 0 at every step (a silent stream of wrong tokens), and sampling raised draw()'s ValueError,
     a traceback from the CLI. Both now stop with one EdgemtpError that says so."""
     target = BrokenTarget(spoil)
-    with pytest.raises(EdgemtpError, match="logits hold NaN or are -inf at every token"):
+    with pytest.raises(EdgemtpError, match="the model gave logits that hold NaN or are -inf at every token"):
         speculative_generate(target, PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 10, sampling, k=k)
     clean = speculative_generate(FakeTarget(), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 2, sampling, k=k)
     assert speculative_generate(BrokenTarget(spoil), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 2, sampling,

@@ -64,13 +64,14 @@ class BadLogits(EdgemtpError):
     """Logits no token can be chosen from: NaN among them, or -inf at every id."""
 
 
-def check_best(best) -> None:
+def check_best(best, where: str = "the model") -> None:
     """Raises BadLogits unless `best`, the logit argmax or max found (of each row), is above -inf. Free: argmax
     and max give NaN's place whenever a row holds one, and -inf only where every logit is -inf. Unchecked,
-    greedy decoding took argmax's answer (the first NaN's id, or token 0) and went on: a stream of wrong tokens."""
+    greedy decoding took argmax's answer (the first NaN's id, or token 0) and went on: a stream of wrong tokens.
+    `where`: whose logits, for the message."""
     if not np.all(np.asarray(best) > -np.inf):
-        raise BadLogits("the model's logits hold NaN or are -inf at every token: no token can be chosen (a broken "
-                        "bundle, or a value that overflowed in its graph)")
+        raise BadLogits(f"{where} gave logits that hold NaN or are -inf at every token, so no token can be chosen "
+                        "(a broken bundle, or a value that overflowed in its graph)")
 
 
 def is_whole(value) -> bool:
