@@ -2428,3 +2428,30 @@ def test_the_target_pass_loads_the_target_without_transformers_loading_bar(setup
         assert "Loading" not in capfd.readouterr().err
         assert hf_logging.is_progress_bar_enabled() == enabled
     hf_logging.enable_progress_bar()
+
+
+def test_a_drafter_giving_nan_logits(setup, monkeypatch):
+    """A drafter whose logits are NaN (a broken drafter graph, an overflow in it): greedy output stays the
+    target's (the target verifies every draft), and sampling, which cannot draw a draft from NaN, stops with one
+    error that names the drafter, not the target ("the model"): a user can then run --draft lookup."""
+    from edgemtp.runtime.sampling import Sampling
+
+    _, bundle, _, _ = setup
+    engine = Engine.load(bundle)
+    prompt = [2, 7, 9, 11, 7, 9]
+    want = {s: list(engine.token_ids(prompt, 12, s)) for s in (Sampling(), Sampling(repetition_penalty=1.3))}
+    run = DrafterSession.run
+
+    def nan_run(self, *args, **kwargs):
+        out = list(run(self, *args, **kwargs))
+        logits = 2 if self.clustered else 1
+        out[logits] = np.full_like(out[logits], np.nan)
+        return out
+
+    monkeypatch.setattr(DrafterSession, "run", nan_run)
+    for s, tokens in want.items():
+        stats = SpecStats()
+        assert list(engine.token_stream(prompt, 12, s, Draft("mtp", 3), stats)) == tokens
+        assert stats.drafted > 0
+    with pytest.raises(EdgemtpError, match="^the bundle's MTP drafter gave logits that hold NaN"):
+        list(engine.token_stream(prompt, 12, Sampling(0.8, seed=0), Draft("mtp", 3)))

@@ -154,7 +154,8 @@ class DrafterSession:
                 logits = scatter(candidates, logits, self.vocab_size)
             seen = [*history, *tokens] if sampling.penalized else ()
             if not sampling.greedy:
-                ids = np.array([[draw(distribution(logits[0, 0], sampling, seen, out=q[i]), ctx.rng)]], np.int64)
+                distribution(logits[0, 0], sampling, seen, out=q[i], source="the bundle's MTP drafter")
+                ids = np.array([[draw(q[i], ctx.rng)]], np.int64)
             elif sampling.penalized:
                 logits = penalize(logits[0, 0], sampling, seen)[None, None]
                 ids = np.array([[np.argmax(logits)]], np.int64)

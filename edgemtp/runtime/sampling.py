@@ -64,13 +64,13 @@ class BadLogits(EdgemtpError):
     """Logits no token can be chosen from: NaN among them, or -inf at every id."""
 
 
-def check_best(best, where: str = "the model") -> None:
+def check_best(best, source: str = "the model") -> None:
     """Raises BadLogits unless `best`, the logit argmax or max found (of each row), is above -inf. Free: argmax
     and max give NaN's place whenever a row holds one, and -inf only where every logit is -inf. Unchecked,
     greedy decoding took argmax's answer (the first NaN's id, or token 0) and went on: a stream of wrong tokens.
-    `where`: whose logits, for the message."""
+    `source`: whose logits, for the message."""
     if not np.all(np.asarray(best) > -np.inf):
-        raise BadLogits(f"{where} gave logits that hold NaN or are -inf at every token, so no token can be chosen "
+        raise BadLogits(f"{source} gave logits that hold NaN or are -inf at every token, so no token can be chosen "
                         "(a broken bundle, or a value that overflowed in its graph)")
 
 
@@ -115,17 +115,18 @@ def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.nd
 
 
 def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = (),
-                 out: np.ndarray | None = None) -> np.ndarray:
+                 out: np.ndarray | None = None, source: str = "the model") -> np.ndarray:
     """Probabilities [V] after the repetition penalty over `seen`, temperature, top-k, top-p and min-p (float64,
     summing to 1; logits [..., V] without a penalty). out: float64 zeros of that shape to write them into and
-    return (a row of a drafter's [k, V] q, instead of a 2 MB row of its own copied there)."""
+    return (a row of a drafter's [k, V] q, instead of a 2 MB row of its own copied there). source: whose logits,
+    for BadLogits' message."""
     x = penalize(logits, s, seen)
     if np.ndim(x) == 1:  # a clustered MTP drafter's row: -inf but at its ~4,160 candidates of Gemma's 262,144
         finite = x != -np.inf
         if 0 < 2 * np.count_nonzero(finite) < len(x):  # computed over those alone: 1.3 ms a draft step before
             live = np.flatnonzero(finite)                 # (each pass over all 262,144), 0.2 after
             p = np.zeros(len(x)) if out is None else out
-            p[live] = distribution(x[live], s)
+            p[live] = distribution(x[live], s, source=source)
             return p
     # one float64 copy, changed in place: a temporary per step (x - max, / T, exp, np.where, / sum) was a fresh
     # 2 MB array apiece, whose allocation and page faults made a distribution over Gemma 3's 262,144 logits
@@ -138,7 +139,7 @@ def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = (),
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
     top = x.max(axis=-1, keepdims=True)
-    check_best(top)
+    check_best(top, source)
     if np.isposinf(top).any():  # logits a tiny repetition penalty sent past float32's range: inf - inf was NaN;
         x[...] = np.where(np.isposinf(x), 0.0, np.where(np.isposinf(top), -np.inf, x))  # they are the best, alike
         top = x.max(axis=-1, keepdims=True)
