@@ -314,6 +314,55 @@ print([p for p in sys.path if p not in before])
     assert r.returncode == 0 and r.stdout == "[]\n", r.stdout + r.stderr
 
 
+def test_static_rms_norm_keeps_rows_of_any_size_in_fp16(tmp_path):
+    """The static graphs' RMSNorm, every value it computes rounded to fp16 (as an NPU running float ops in fp16
+    keeps them): rows of 1e4 (Gemma's residual stream; x^2 overflowed fp16 past |x| = 256, and the norm gave 0),
+    of 1e-3 and of zeros give what float64 gives, to fp16's precision; in fp32 it is the plain formula."""
+    import onnxruntime as ort
+
+    from edgemtp.exporters.builder import FLOAT, GraphBuilder
+    from edgemtp.exporters.static import rms_norm
+
+    from .fp16_rounding import fp16_rounded
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (3, 64)) * np.array([[1e4], [1.0], [1e-3]]), np.zeros((1, 64))])
+    w = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    eps = 1e-6
+    want = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * w
+    b = GraphBuilder("norm")
+    b.output(rms_norm(b, b.input("x", FLOAT, [4, 64]), b.const(w), eps), "y", FLOAT, [4, 64])
+    onnx.save(b.model(), str(tmp := tmp_path / "norm.onnx"))
+    plain = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    rounded = ort.InferenceSession(str(fp16_rounded(tmp, tmp.with_name("fp16.onnx"))),
+                                   providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(plain.run(None, {"x": x.astype(np.float32)})[0], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rounded.run(None, {"x": x.astype(np.float32)})[0], want, rtol=0, atol=1e-2)
+
+
+def test_real_gemma3_static_graph_survives_fp16(gemma3_270m_dir, tmp_path):
+    """Gemma 3 270M's static graph with every float value rounded to fp16, as QNN HTP or CoreML's Neural Engine
+    keeps what the QDQ graph leaves float (residual stream, norms, softmax): its residual stream reaches 1e5 at
+    the BOS position, past fp16's 65,504, and every logit row was NaN. The stream is now carried divided by
+    RESIDUAL_SCALE: the fp16 logits give the fp32 graph's top tokens, which give transformers' logits."""
+    from .fp16_rounding import fp16_rounded
+
+    out = export(gemma3_270m_dir, tmp_path / "st", capacity=128, static_window=4, drafter=None)
+    engine = Engine.load(out, threads=2)
+    graph = engine.bundle.graph("target")
+    text = ("def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    middle = len(items) // 2\n"
+            "The old castle stood on the hill above the village, its towers grey against the evening sky.")
+    ids = np.array([engine.encode(text)])
+    plain = StaticTarget(make_session(graph.path, threads=2), graph.contract)
+    rounded = StaticTarget(make_session(fp16_rounded(graph.path, tmp_path / "fp16.onnx"), threads=2),
+                           graph.contract)
+    want, _ = plain.forward(ids, plain.new_cache(1), n_logits=ids.shape[1])
+    got, _ = rounded.forward(ids, rounded.new_cache(1), n_logits=ids.shape[1])
+    assert np.isfinite(got).all()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+    assert np.abs(got - want).max() < 0.02 * np.ptp(want)
+
+
 def test_bad_static_input(models, tmp_path):
     _, model_dir, _, st = models["gemma3_text"]
     from edgemtp.exporters.qdq import WindowReader, quantize_static_qdq

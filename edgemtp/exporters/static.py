@@ -93,16 +93,22 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
 def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
     """Gemma 3: scaled embedding, sandwich norms, QK-norm, sliding + global layers, soft-capped head."""
     emb = "model.embed_tokens.weight"
-    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))
+    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size) / RESIDUAL_SCALE)
     tables = {t: rope_table(b, cfg.rope[t], cfg.head_dim, sp) for t in sorted(set(cfg.layer_types))}
     eps, hid = cfg.rms_norm_eps, cfg.hidden_size
 
     def norm(v: str, key: str, dim: int = hid) -> str:
         return rms_norm(b, v, b.param(key, (dim,), plus_one), eps)
 
+    def read(x: str, key: str) -> str:  # a norm of the residual stream x: eps scaled as x's square is
+        return rms_norm(b, x, b.param(key, (hid,), plus_one), eps / RESIDUAL_SCALE ** 2)
+
+    def write(x: str, v: str, key: str) -> str:  # x + a post-norm of v, scaled as the residual stream x is
+        return b.op("Add", x, rms_norm(b, v, b.param(key, (hid,), into_residual), eps))
+
     for i, slot in enumerate(slots):
         p = f"model.layers.{i}."
-        h = norm(x, p + "input_layernorm.weight")
+        h = read(x, p + "input_layernorm.weight")
         a = p + "self_attn."
         q, k, v = _qkv(b, cfg, a, h, bias=False)
         if cfg.qk_norm:  # Gemma 3 (not Gemma 2)
@@ -110,15 +116,26 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
         q = rotary.apply_rope(b, q, tables[cfg.layer_types[i]], cfg.head_dim)
         k = rotary.apply_rope(b, k, tables[cfg.layer_types[i]], cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, cfg.attn_logit_softcapping)
-        h = nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid)
-        x = b.op("Add", x, norm(h, p + "post_attention_layernorm.weight"))
-        h = nn.gated_mlp(b, norm(x, p + "pre_feedforward_layernorm.weight"), p + "mlp.", hid,
-                         cfg.intermediate_size, cfg.hidden_activation)
-        x = b.op("Add", x, norm(h, p + "post_feedforward_layernorm.weight"))
-    x = _rename_last(b, norm(x, "model.norm.weight"), C.LAST_HIDDEN)
+        x = write(x, nn.linear(b, h, a + "o_proj.weight", cfg.num_heads * cfg.head_dim, hid),
+                  p + "post_attention_layernorm.weight")
+        h = nn.gated_mlp(b, read(x, p + "pre_feedforward_layernorm.weight"), p + "mlp.", hid, cfg.intermediate_size,
+                         cfg.hidden_activation)
+        x = write(x, h, p + "post_feedforward_layernorm.weight")
+    x = _rename_last(b, read(x, "model.norm.weight"), C.LAST_HIDDEN)
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
     logits = nn.softcap(b, head(b, x, head_key, cfg.vocab_size, hid, sp.window), cfg.final_logit_softcapping)
     _outputs(b, logits, cfg, sp)
+
+
+# Gemma's residual stream is carried divided by this: Gemma 3 270M's reaches 1e5 at the BOS position, past fp16's
+# 65,504, where an NPU runs float ops in fp16. Only norms read it, and a norm does not see a scale (its eps scaled
+# as the square): the embedding and the post-norms that write into it are scaled instead, in their constants
+RESIDUAL_SCALE = 16.0
+
+
+def into_residual(w: np.ndarray) -> np.ndarray:
+    """A Gemma post-norm's weight, (1 + w), scaled as the residual stream it adds to (RESIDUAL_SCALE)."""
+    return plus_one(w) / np.float32(RESIDUAL_SCALE)
 
 
 def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
@@ -172,9 +189,18 @@ def _outputs(b: GraphBuilder, logits: str, cfg: TextConfig, sp: _Spec) -> None:
 
 
 def rms_norm(b: GraphBuilder, x: str, weight: str, eps: float) -> str:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in ops every NPU provider takes."""
-    ms = b.op("ReduceMean", b.op("Mul", x, x), b.const([-1], np.int64), keepdims=1)
-    return b.op("Mul", b.op("Div", x, b.op("Sqrt", b.op("Add", ms, b.const(np.float32(eps))))), weight)
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in ops every NPU provider takes, computed as
+    y / sqrt(mean(y^2) + (sqrt(eps) / m)^2) with y = x / m, m = the row's largest |x| (at least 2^-14): the same
+    value for any m > 0, and no intermediate overflows where an NPU runs float ops in fp16 (QNN HTP). x^2 did
+    past |x| = 256, and a residual stream's rows reach thousands (Gemma 3 270M: 1e5 at the BOS): the norm's
+    output went to 0, and every token with it."""
+    axis = b.const([-1], np.int64)
+    magnitude = b.op("Max", x, b.op("Mul", x, b.const(np.float32(-1))))  # |x| (CoreML has no Abs)
+    m = b.op("Max", b.op("ReduceMax", magnitude, axis, keepdims=1), b.const(np.float32(2.0 ** -14)))
+    y = b.op("Div", x, m)
+    e = b.op("Div", b.const(np.float32(math.sqrt(eps))), m)  # eps / m^2 without m^2, which overflows past 256
+    ms = b.op("Add", b.op("ReduceMean", b.op("Mul", y, y), axis, keepdims=1), b.op("Mul", e, e))
+    return b.op("Mul", b.op("Div", y, b.op("Sqrt", ms)), weight)
 
 
 def rope_table(b: GraphBuilder, rope, head_dim: int, sp: _Spec) -> rotary.RopeTables:
