@@ -623,6 +623,9 @@ def test_sentencepiece_tokenizer_agrees_with_sentencepiece(space_prefix):
     # and prefix each stretch between them; SentencePiece matches them after prefixing.
     if not space_prefix:
         texts += [" lead", "hello  the\nhello", "a\n\n  b", "  x", "\n"]
+        # a run longer than the longest user-defined piece: longest match first, the rest "▁" on the next
+        # word (transformers' GGUF conversion merges Gemma 3's 32 spaces as 16 + 16, then a bare word)
+        texts += ["a   he", "     hello", "\n\n\n  \n"]
     for text in texts:
         assert tok.encode(text).ids[1:] == sp.encode(text), text
         assert tok.decode(tok.encode(text).ids) == text
@@ -1134,6 +1137,12 @@ PROSE = ["The capital of France is Paris.  Two spaces, then\nnewlines\n\nand tab
          "   leading and trailing spaces   ", "1234567890 3.14159e-10 $100 #hashtag @user"]
 
 
+# runs longer than Gemma 3's longest user-defined pieces (31 spaces, 31 newlines, 31 tabs), and digits after
+# whitespace (SmolLM2's "smollm" pre-tokenizer splits digits off first): where transformers' GGUF tokenizers differ
+WHITESPACE_RUNS = ["x" + " " * 32 + "compatible", " " * 100 + "y", "\n" * 40 + "z", "\t" * 35 + "w  " + " " * 29 + "v",
+                   "    0x1F, \n        12,\r\n\t\t3.5  #  42", "a\n\n\n" + " " * 40 + "7 " + "\r\n" * 20 + "8"]
+
+
 def stdlib_samples(n: int = 5) -> list[str]:
     import textwrap
     files = sorted(Path(textwrap.__file__).parent.glob("*.py"))[:n]
@@ -1192,8 +1201,10 @@ def test_gemma3_tokenizer_ids_and_round_trip(gemma_dir):
 def test_gemma3_tokenizer_agrees_with_sentencepiece():
     meta, _ = read_gguf(default_gguf_path())
     tok, sp = build_tokenizer(meta), sentencepiece_oracle(meta)
-    for text in [CODE, *PROSE, *stdlib_samples(20)]:
-        assert tok.encode(text).ids[1:] == sp.encode(text)
+    for text in [CODE, *PROSE, *stdlib_samples(20), *WHITESPACE_RUNS]:
+        assert tok.encode(text).ids[1:] == sp.encode(text), repr(text)
+    # 31 spaces (the longest piece), then "▁compatible" (llama.cpp too: longest user-defined piece first)
+    assert tok.encode("x" + " " * 32 + "compatible").ids == [2, 236781, 167, 18944]
 
 
 @pytest.mark.slow
@@ -1218,6 +1229,20 @@ def test_smollm2_tokenizer(smollm2_dir):
     for text in [CODE, *PROSE, *stdlib_samples()]:
         ids = tok.encode(text).ids
         assert tok.decode(ids) == text and auto(text)["input_ids"] == ids
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_agrees_with_transformers_gguf_conversion(smollm2_dir):
+    """transformers' own GGUF tokenizer (its reading of the vocabulary and merges) gives our ids once it has
+    the "smollm" pre-tokenizer: it leaves out the digit split that llama.cpp runs first (`\\p{N}`, then
+    GPT-2's regex), so "  1" is "ĠĠ", "1" to llama.cpp and to us but "Ġ", "Ġ", "1" to it."""
+    path = smollm2_path()
+    ours = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    ref = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).backend_tokenizer
+    assert ours.encode("a:  1").tokens == ["a", ":", "ĠĠ", "1"]
+    ref.pre_tokenizer = ours.pre_tokenizer
+    for text in [CODE, *PROSE, *stdlib_samples(), *WHITESPACE_RUNS]:
+        assert ours.encode(text).ids == ref.encode(text).ids, repr(text)
 
 
 @pytest.mark.slow
