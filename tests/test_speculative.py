@@ -1378,3 +1378,23 @@ def test_the_fork_warning_counts_the_threads_onnx_runtime_made(tiny_gemma3, tmp_
             warnings.simplefilter("always")
             engine._check_process()
         assert [re.search(r"\((\d+) asked\)", str(w.message))[1] for w in caught] == ([] if cores == 1 else ["2"])
+
+
+def test_the_fork_warning_counts_the_threads_the_cpu_affinity_gave(tiny_gemma3, tmp_path, monkeypatch):
+    """Under taskset (a CI runner's cpuset) the sessions were made with one thread per allowed core
+    (allowed_cpus), not one per core of the machine: a worker forked from an engine loaded on one allowed CPU of
+    8 lost no pool and is not told to load with threads=1; two allowed CPUs warn with 2, the whole machine 8."""
+    import edgemtp.runtime.session as S
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(tiny_gemma3[2])
+    monkeypatch.setattr(S, "CGROUP", tmp_path / "cgroup")  # no quota
+    monkeypatch.setattr(S, "CPUS", tmp_path / "cpus")  # no topology: each CPU its own core
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    for allowed, said in (({3}, []), ({2, 5}, ["2"]), (set(range(8)), ["8"])):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed)
+        engine._pid = -1  # as if this process were forked from the one that loaded it
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine._check_process()
+        assert [re.search(r"\((\d+) asked\)", str(w.message))[1] for w in caught] == said, allowed
