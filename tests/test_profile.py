@@ -804,3 +804,24 @@ def test_draft_p_min_reaches_the_mtp_and_hybrid_rows(monkeypatch):
     monkeypatch.setattr(prof, "Speculative", FakeSpeculative)
     prof.run_row(engine, prof.RowConfig(2, 1, 8, 4, "cpu", "mtp", draft_p_min=0.2), 1, None)
     assert seen == [0.2, 0.2]  # the warm-up and the timed run
+
+
+def test_bandwidth_probe_sessions_run_the_decode_steps_thread_count(tmp_path, monkeypatch):
+    """The ceiling is measured with the threads decoding runs with (make_session's): --threads N where given,
+    else one per CPU the process may use (taskset), else ONNX Runtime's default (0)."""
+    import os
+
+    import edgemtp.runtime.session as S
+    from edgemtp.runtime import bandwidth
+
+    def threads(given):
+        return bandwidth._session("MatMul", {}, [bandwidth.BandwidthProbe.K, 8], given).get_session_options() \
+            .intra_op_num_threads
+
+    monkeypatch.setattr(S, "CGROUP", tmp_path / "cgroup")  # no quota
+    monkeypatch.setattr(S, "CPUS", tmp_path / "cpus")  # no topology: each CPU its own core
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2, 5, 6})
+    assert [threads(n) for n in (None, 0, 1, 4)] == [3, 3, 1, 4]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [threads(n) for n in (None, 2)] == [0, 2]
