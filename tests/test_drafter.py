@@ -341,7 +341,8 @@ def test_a_torn_progress_record_starts_the_cache_afresh(tiny_gemma3, tmp_path):
     done = tmp_path / "g" / "done.json"
     key = json.loads(done.read_text())["input"]
     assert resumable_rows(done, key) == 3
-    for torn in ("", '{"rows": 2, "inp', "[2]", '{"rows": "two", "input": "%s"}' % key):
+    for torn in ("", '{"rows": 2, "inp', "[2]", '{"rows": "two", "input": "%s"}' % key, '{"input": "%s"}' % key,
+                 '{"rows": null, "input": "%s"}' % key):
         done.write_text(torn)
         assert resumable_rows(done, key) == 0, torn
     np.testing.assert_array_equal(continue_greedily(model_dir, windows, 5, tmp_path / "g", batch=2), want)
@@ -2455,3 +2456,22 @@ def test_a_drafter_giving_nan_logits(setup, monkeypatch):
         assert stats.drafted > 0
     with pytest.raises(EdgemtpError, match="^the bundle's MTP drafter gave logits that hold NaN"):
         list(engine.token_stream(prompt, 12, Sampling(0.8, seed=0), Draft("mtp", 3)))
+
+
+def test_a_target_pass_whose_load_fails_leaves_transformers_loading_bar_as_it_was(setup, monkeypatch):
+    # the switch is process-wide: a load that fails (a torn checkpoint, out of memory) in an app that goes on left
+    # every later transformers bar of the process hidden
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    model_dir, _, drafter, _ = setup
+
+    def failing(*args, **kwargs):
+        assert not hf_logging.is_progress_bar_enabled()  # hidden while it loads
+        raise OSError("torn checkpoint")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", failing)
+    hf_logging.enable_progress_bar()
+    with pytest.raises(OSError, match="torn checkpoint"):
+        TargetPass(model_dir, drafter.cfg, None)
+    assert hf_logging.is_progress_bar_enabled()
