@@ -92,6 +92,34 @@ def test_ctrl_c_ends_the_streamed_text_with_its_speed_line(tiny_gemma3, monkeypa
                         r.stderr), r.stderr
 
 
+def test_a_sighup_with_its_terminal_gone_exits_with_its_status(tiny_gemma3, monkeypatch):
+    """SIGHUP (the terminal or the ssh session closed) mid-stream: the line end and the speed line cannot be
+    written (EIO on a terminal that is gone); the command still exits with the shell's status for it, 129, not
+    an OSError traceback with status 1."""
+    import errno
+
+    import click
+
+    hung_up, echo, stream = [], click.echo, Engine.stream
+
+    def interrupted(self, *args, **kwargs):
+        for i, piece in enumerate(stream(self, *args, **kwargs)):
+            if i == 3:
+                hung_up.append(True)
+                raise SystemExit(129)  # exit_on_termination_signals's exit for SIGHUP
+            yield piece
+
+    def gone(*args, **kwargs):
+        if hung_up:
+            raise OSError(errno.EIO, "Input/output error")
+        echo(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    monkeypatch.setattr(click, "echo", gone)
+    r = run("generate", tiny_gemma3[2], "--prompt", "t1 t2 t3", "--max-new-tokens", 8, "--no-draft")
+    assert r.exit_code == 129 and isinstance(r.exception, SystemExit) and r.stderr == "", (r.exception, r.output)
+
+
 def test_seeded_sampling_is_reproducible(tiny_gemma3):
     args = ("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 8, "--temperature", 1.5,
             "--top-p", 0.9, "--top-k", 40, "--json")
@@ -508,6 +536,33 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
         go.set()
     reader.join(60)
     assert not reader.is_alive() and got == want[:2] and list(stream) == []
+
+
+def test_a_stream_closed_by_another_thread_ends_as_a_close_does(tiny_gemma3):
+    """The reader's read after another thread's close mid-pass runs the generator's ending, as the reader's own
+    close would: what it ran is kept for reuse_prefix (the same prompt again runs its last token only, same
+    tokens), not left in a suspended generator for as long as the app holds the stream."""
+    import threading
+
+    from edgemtp.runtime.engine import Engine
+
+    want = Engine.load(tiny_gemma3[2]).generate("t1 t2 t3", 4).tokens
+    engine = Engine.load(tiny_gemma3[2], reuse_prefix=True)
+    inside, go = hold_second_pass(engine)
+    stream = engine.token_ids(engine.encode("t1 t2 t3"), 4)
+    got = [next(stream)]
+    reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
+    reader.start()
+    try:
+        assert inside.wait(60)
+        stream.close()
+    finally:
+        go.set()
+    reader.join(60)
+    assert not reader.is_alive() and got == want[:2]
+    again = engine.generate("t1 t2 t3", 4)
+    assert again.tokens == want and again.stats.cached_tokens == len(engine.encode("t1 t2 t3")) - 1
+    assert stream is not None  # held by the app meanwhile
 
 
 def test_a_stream_mid_pass_when_its_engine_closed_lets_go_of_it_when_told(tiny_gemma3):
