@@ -1330,9 +1330,14 @@ def test_drafter_on_its_own_provider(setup):
     bundle = setup[1]
     plain = Engine.load(bundle).generate("t3 t9 t4 t1", max_new_tokens=12).tokens
     engine = Engine.load(bundle, provider="cpu", drafter_provider="coreml")
-    with pytest.warns(UserWarning, match="coreml"):
+    with pytest.warns(UserWarning, match="coreml") as caught:
         out = engine.generate("t3 t9 t4 t1", max_new_tokens=12, draft=Draft("mtp", 3))
     assert out.tokens == plain and out.stats.drafted > 0
+    assert [w.filename for w in caught] == [__file__]  # the app's first drafting call, not inside edgemtp
+    with pytest.warns(UserWarning, match="coreml") as caught:  # a stream's: the app's read that loads it
+        streamed = "".join(Engine.load(bundle, provider="cpu", drafter_provider="coreml").stream(
+            "t3 t9 t4 t1", max_new_tokens=12, draft=Draft("mtp", 3)))
+    assert streamed == out.text and [w.filename for w in caught] == [__file__]
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
