@@ -1818,6 +1818,16 @@ def test_head_tables_fitted_on_the_drafters_own_states(tiny_gemma3, tmp_path):
     bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--clusters", "8",
                                    "--top-k", "2", "--drafter", str(tmp_path)])
     assert_one_line_error(bad, f"{tmp_path / 'cache' / 'train'}: no finished train-drafter cache")
+    # a cache stopped part-way (its done.json counts the windows finished; the rest are zeros) or torn: fitting
+    # the head on it read the zeros as drafter states
+    done = out / "cache" / "train" / "done.json"
+    record = json.loads(done.read_text())
+    part = json.dumps({**record, "rows": record["rows"] - 2})
+    for text, said in ((part, f"{record['rows'] - 2} of "), ("", "0 of ")):
+        done.write_text(text)
+        bad = CliRunner().invoke(cli, ["cluster", str(model_dir), "-o", str(tmp_path / "x"), "--clusters", "8",
+                                       "--top-k", "2", "--drafter", str(out)])
+        assert_one_line_error(bad, f"{out / 'cache' / 'train'}: the train-drafter cache is unfinished ({said}")
 
 
 def test_drafter_files_are_readable_as_open_makes_them(setup, tmp_path):

@@ -14,6 +14,7 @@ step (1..K) from every position whose step label is known, the vectors the head 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,16 @@ def cache_arrays(cache_dir: Path) -> dict:
         raise EdgemtpError(f"{cache_dir}: no finished train-drafter cache (expected done.json and the target "
                            "pass arrays; run `edgemtp train-drafter` for this drafter first)")
     from .target_pass import cached
-    return cached(cache_dir)
+    arrays = cached(cache_dir)
+    try:  # a run stopped part-way leaves done.json counting its finished windows; the rest are zeros
+        rows = int(json.loads((cache_dir / "done.json").read_text(encoding="utf-8"))["rows"])
+    except (OSError, ValueError, TypeError, KeyError):
+        rows = None
+    windows = len(arrays["ids"]) if "ids" in arrays else 0
+    if rows != windows or not windows:
+        raise EdgemtpError(f"{cache_dir}: the train-drafter cache is unfinished ({rows or 0:,} of {windows:,} windows "
+                           "done); run the same `edgemtp train-drafter` again, which finishes it")
+    return arrays
 
 
 def draft_states(drafter_dir: Path, target_dir: Path, cache_dir: Path, positions: int = POSITIONS,
