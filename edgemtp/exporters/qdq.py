@@ -32,12 +32,13 @@ METHODS = ("minmax", "entropy", "percentile")
 # which ops carry QDQ pairs. weights: the weights' ops (the MatMuls with a weight, the head's Gemm, the
 # embedding's Gather) and their activation inputs; attention's MatMuls of two activations (q . k, probs . v),
 # the residual stream, norms, Gelu and softmax stay float (fp16 on an NPU that runs float ops). matmul: every
-# MatMul, attention's too. all: every op onnxruntime quantizes. Gemma's residual stream reaches ~1e7 (its norms'
-# squares ~1e10), so one scale per tensor leaves the ordinary channels a few levels even at 16 bits; and
-# attention's 16-bit q, k and probabilities cost more than all the weights' int8 together. Gemma 3 270M's next
-# tokens against the static fp32 graph's on held-out prose (W = 3, 16-bit): top-1 agreement 0.63 with all
-# (perplexity +50%, KL 0.44), 0.85 with matmul (+5.0%, KL 0.06), 0.91 with weights (+0.8%, KL 0.02); the int8
-# weights alone, activations float: 0.94, +0.2% (docs/measurements.md, sessions 36-37).
+# MatMul, attention's too. all: every op onnxruntime quantizes. Gemma's residual stream reaches 1e5 in a few
+# channels where its median |value| is ~12 (the 1.7e7 once quoted was a norm's mean square), so one scale per
+# tensor leaves the ordinary channels a few levels even at 16 bits; and attention's 16-bit q, k and
+# probabilities cost more than all the weights' int8 together. Gemma 3 270M's next tokens against the static
+# fp32 graph's on held-out prose (W = 3, 16-bit): top-1 agreement 0.63 with all (perplexity +50%, KL 0.44),
+# 0.85 with matmul (+5.0%, KL 0.06), 0.91 with weights (+0.8%, KL 0.02); the int8 weights alone, activations
+# float: 0.94, +0.2% (docs/measurements.md, sessions 36-37).
 OPS = {"weights": ["MatMul", "Gemm", "Gather"], "matmul": ["MatMul", "Gemm", "Gather"], "all": None}
 
 
