@@ -1985,6 +1985,65 @@ def test_every_flag_of_every_command_is_documented():
 README = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
 
 
+def _documented_defaults() -> dict:
+    """(command, flag) -> the values an option left unset ends up as, read from the library: where the click
+    default is None the help has to name the number itself, and nothing else kept the two in step."""
+    import inspect
+
+    from edgemtp.calibration.collect import POSITIONS
+    from edgemtp.drafter import DrafterConfig, head_fit
+    from edgemtp.drafter.export import DEFAULT_CONTEXT
+    from edgemtp.drafter.train import _head_plan
+    from edgemtp.exporters import DEFAULT_CAPACITY, QDQ_ACTIVATION_BITS, QDQ_WINDOWS
+    from edgemtp.exporters.quant_options import CALIBRATION_TOKENS, PRESETS, scheme
+
+    clusters, top_k = _head_plan(262_144, None, None)  # a vocabulary the head is fitted for by default
+    return {
+        ("cluster", "--positions"): {POSITIONS, head_fit.POSITIONS},  # the corpora's / --drafter's
+        ("export", "--max-context"): {DEFAULT_CAPACITY},
+        ("export", "--draft-head-context"): {DEFAULT_CONTEXT},
+        ("export", "--accuracy-level"): {inspect.signature(scheme).parameters["accuracy_level"].default},
+        ("export", "--layer-bits"): {PRESETS["int4"]["bits"]},
+        ("export", "--frequent-rows"): {PRESETS["int4"]["frequent_rows"]},
+        ("export", "--calibration-tokens"): {CALIBRATION_TOKENS, QDQ_WINDOWS},  # qdq: windows
+        ("export", "--activation-bits"): {QDQ_ACTIVATION_BITS},
+        ("train-drafter", "--intermediate"): {inspect.signature(DrafterConfig.for_target).parameters["intermediate"]
+                                              .default},
+        ("train-drafter", "--head-clusters"): {clusters},
+        ("train-drafter", "--head-top-k"): {top_k},
+    }
+
+
+def test_defaults_the_help_names_are_the_code_s():
+    """Every number an option's --help gives as its default ("default 32768", "default: 4096", "qdq: 64 windows";
+    not "default: 8-bit symmetric") is the click default or what the library does with the option unset; so is
+    every default the README's command table gives a flag ("`--draft-k` (draft steps unrolled, default 4)")."""
+    library = _documented_defaults()
+    named = set()
+    for name, command in cli.commands.items():
+        for p in command.params:
+            if not isinstance(p, click.Option):
+                continue
+            for m in re.finditer(r"\b[Dd]efault:? (\d[\d,]*)(?![\d-])|\b(\d+) windows", p.help or ""):
+                value = int((m.group(1) or m.group(2)).replace(",", ""))
+                want = library.get((name, p.opts[-1]), set()) | ({p.default} if isinstance(p.default, int) else set())
+                assert value in want, f"edgemtp {name} {p.opts[-1]} --help: default {value}, the code's {want}"
+                named.add((name, p.opts[-1]))
+    assert named == set(library), set(library) ^ named  # none of the library's figures left unchecked
+    rows = 0
+    for line in README.splitlines():
+        if not (row := re.match(r"\| `edgemtp ([a-z-]+)", line)):
+            continue
+        params = {o: p for p in cli.commands[row.group(1)].params for o in p.opts}
+        for m in re.finditer(r"`(--[a-z0-9-]+)[^`]*`([^`|]{0,50}?)\b[Dd]efault:? (\d[\d,]*)(?![\d-])", line):
+            flag, value = m.group(1), int(m.group(3).replace(",", ""))
+            p = params[flag]
+            want = library.get((row.group(1), flag), set()) | ({p.default} if isinstance(p.default, int) else set())
+            assert value in want, f"README: edgemtp {row.group(1)} {flag}: default {value}, the code's {want}"
+            rows += 1
+    assert rows >= 3  # train-drafter's --draft-k, --threads and --head-top-k
+
+
 def test_importing_edgemtp_changes_only_the_environment_the_readme_names():
     """An app that imports edgemtp (its runtime, exporters or CLI helpers) before numpy finds in os.environ only
     what the README says importing it sets, and a value the app set itself is kept. Importing the CLI sets
