@@ -2044,6 +2044,28 @@ def test_defaults_the_help_names_are_the_code_s():
     assert rows >= 3  # train-drafter's --draft-k, --threads and --head-top-k
 
 
+def test_export_options_refused_for_int8_say_int4_in_their_help():
+    """An export option that --quant int8 refuses (it keeps every weight at 8 bits) opens its --help with
+    "int4:", as --keep-8bit's and --frequent-rows' do: --layer-bits' read as if int8 took it."""
+    from edgemtp.exporters.quant_options import check_options
+
+    sample = {"--layer-bits": 8, "--frequent-rows": 0, "--keep-8bit": ("*down_proj*",), "--block-size": 32,
+              "--symmetric": True, "--accuracy-level": 4, "--gptq": True, "--two-pass": "all", "--layer-op": "nbits",
+              "--head-op": "nbits", "--smooth": 0.5}
+    options = {p.opts[-1]: p for p in cli.commands["export"].params}
+    int4_only = []
+    for flag, value in sample.items():
+        check_options("int4", **{options[flag].name: value})  # taken by int4
+        try:
+            check_options("int8", **{options[flag].name: value})
+        except EdgemtpError as e:
+            assert "applies to --quant int4" in str(e), str(e)
+            int4_only.append(flag)
+    assert int4_only == ["--layer-bits", "--frequent-rows", "--keep-8bit"]
+    for flag in int4_only:
+        assert options[flag].help.startswith("int4:"), (flag, options[flag].help)
+
+
 def test_importing_edgemtp_changes_only_the_environment_the_readme_names():
     """An app that imports edgemtp (its runtime, exporters or CLI helpers) before numpy finds in os.environ only
     what the README says importing it sets, and a value the app set itself is kept. Importing the CLI sets

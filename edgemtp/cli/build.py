@@ -44,7 +44,8 @@ def quant_options(f):
         click.option("--symmetric/--asymmetric", default=None,
                      help="Blocks without / with zero points (default: 8-bit symmetric, 4-bit asymmetric)."),
         click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level (default 4)."),
-        click.option("--layer-bits", type=int, default=None, help="Bits of the layers' weights: 4 or 8 (default 8)."),
+        click.option("--layer-bits", type=int, default=None,
+                     help="int4: bits of the layers' weights, 4 or 8 (default 8)."),
         click.option("--keep-8bit", multiple=True, help="int4: weight-name pattern kept at 8 bits, e.g. "
                                                         "'*down_proj*' with --layer-bits 4, or 'lm_head*' "
                                                         "(repeatable; q/k/v and gate/up are joined weights, kept "
