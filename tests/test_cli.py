@@ -2003,6 +2003,7 @@ def _documented_defaults() -> dict:
         ("export", "--max-context"): {DEFAULT_CAPACITY},
         ("export", "--draft-head-context"): {DEFAULT_CONTEXT},
         ("export", "--accuracy-level"): {inspect.signature(scheme).parameters["accuracy_level"].default},
+        ("export", "--block-size"): {PRESETS["int4"]["block_size"], PRESETS["int8"]["block_size"]},
         ("export", "--layer-bits"): {PRESETS["int4"]["bits"]},
         ("export", "--frequent-rows"): {PRESETS["int4"]["frequent_rows"]},
         ("export", "--calibration-tokens"): {CALIBRATION_TOKENS, QDQ_WINDOWS},  # qdq: windows
@@ -2064,6 +2065,20 @@ def test_export_options_refused_for_int8_say_int4_in_their_help():
     assert int4_only == ["--layer-bits", "--frequent-rows", "--keep-8bit"]
     for flag in int4_only:
         assert options[flag].help.startswith("int4:"), (flag, options[flag].help)
+
+
+def test_export_block_size_help_gives_the_sizes_taken():
+    """--block-size's --help names the sizes scheme() takes, a power of two from 16 to 256 (MatMulNBits'
+    kernels): "(16, 32, ...)" read as if 512 and up were taken too, and 512 was refused."""
+    from edgemtp.exporters.quant_options import scheme
+
+    help_text = next(p.help for p in cli.commands["export"].params if p.name == "block_size")
+    low, high = map(int, re.search(r"power of two from (\d+) to (\d+)", help_text).groups())
+    for size in (low, high):
+        assert scheme("int4", block_size=size).block_size == size
+    for size in (low // 2, 2 * high, low + 1):
+        with pytest.raises(EdgemtpError, match=f"--block-size {size} must be a power of two from {low} to {high}"):
+            scheme("int4", block_size=size)
 
 
 def test_importing_edgemtp_changes_only_the_environment_the_readme_names():

@@ -40,7 +40,8 @@ def import_gguf_cmd(gguf_file: Path, out: Path, overwrite: bool):
 def quant_options(f):
     """`export`'s int8/int4 options (edgemtp.exporters.quantize.scheme checks them; unset: the preset's)."""
     for opt in reversed([
-        click.option("--block-size", type=int, default=None, help="Weight block size for every role (16, 32, ...)."),
+        click.option("--block-size", type=int, default=None,
+                     help="Weight block size for every role: a power of two from 16 to 256 (default 32)."),
         click.option("--symmetric/--asymmetric", default=None,
                      help="Blocks without / with zero points (default: 8-bit symmetric, 4-bit asymmetric)."),
         click.option("--accuracy-level", type=int, default=None, help="MatMulNBits accuracy level (default 4)."),
