@@ -1227,6 +1227,8 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     assert ((tmp_path / "fine" / "head.safetensors").read_bytes()
             == (tmp_path / "init" / "head.safetensors").read_bytes())
     assert recognises(tmp_path / "fine", model_dir)
+    # --intermediate unset with --init: that drafter's width (48), not the help's 1024 for a new one
+    assert load_config(tmp_path / "fine").intermediate == load_config(tmp_path / "init").intermediate == 48
     r = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "wide"), "--init", str(tmp_path / "init"),
                                             "--intermediate", "64"] + unshaped)
     assert r.exit_code == 0, r.output

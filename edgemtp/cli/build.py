@@ -295,11 +295,11 @@ def check_seed(seed: int) -> None:
 @click.option("--batch", default=4, show_default=True, type=int, help="Windows per step.")
 @click.option("--lr", default=1.5e-3, show_default=True, type=float, help="AdamW learning rate.")
 @click.option("--draft-k", default=4, show_default=True, type=int, help="Draft steps unrolled in training.")
-@click.option("--hidden", default=256, show_default=True, type=int, help="Drafter width.")
-@click.option("--layers", default=4, show_default=True, type=int, help="Drafter layers.")
+@click.option("--hidden", default=256, show_default=True, type=int, help="Drafter width (with --init: that drafter's).")
+@click.option("--layers", default=4, show_default=True, type=int, help="Drafter layers (with --init: that drafter's).")
 @click.option("--intermediate", default=None, type=int,
-              help="MLP units per drafter layer (default 1024). With --init, a larger value widens that "
-                   "drafter's MLPs (same drafts to start with; the new units are trained).")
+              help="MLP units per drafter layer (default 1024; with --init, that drafter's). With --init, a "
+                   "larger value widens its MLPs (same drafts to start with; the new units are trained).")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Seed of the corpus windows drawn, their order and the initial weights (0 to 2**32 - 1).")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT/checkpoint.pt.")
