@@ -344,7 +344,7 @@ def test_real_gemma3_static_graph_survives_fp16(gemma3_270m_dir, tmp_path):
     """Gemma 3 270M's static graph with every float value rounded to fp16, as QNN HTP or CoreML's Neural Engine
     keeps what the QDQ graph leaves float (residual stream, norms, softmax): its residual stream reaches 1e5 at
     the BOS position, past fp16's 65,504, and every logit row was NaN. The stream is now carried divided by
-    RESIDUAL_SCALE: the fp16 logits give the fp32 graph's top tokens, which give transformers' logits."""
+    RESIDUAL_DIVISOR: the fp16 logits give the fp32 graph's top tokens, which give transformers' logits."""
     from .fp16_rounding import fp16_rounded
 
     out = export(gemma3_270m_dir, tmp_path / "st", capacity=128, static_window=4, drafter=None)

@@ -90,18 +90,30 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
 # ---------------------------------------------------------------- architectures
 
 
+# Gemma's residual stream is carried divided by this: Gemma 3 270M's reaches 1e5 at the BOS position, past fp16's
+# 65,504, where an NPU runs float ops in fp16. Only norms read it, and a norm does not see a scale (its eps scaled
+# as the square): the embedding and the post-norms that write into it are scaled instead, in their constants
+RESIDUAL_DIVISOR = 16.0
+
+
+def into_residual(w: np.ndarray) -> np.ndarray:
+    """A Gemma post-norm's weight, (1 + w), scaled as the residual stream it adds to (RESIDUAL_DIVISOR)."""
+    return plus_one(w) / np.float32(RESIDUAL_DIVISOR)
+
+
 def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
-    """Gemma 3: scaled embedding, sandwich norms, QK-norm, sliding + global layers, soft-capped head."""
+    """Gemma 3: scaled embedding, sandwich norms, QK-norm, sliding + global layers, soft-capped head; the residual
+    stream carried divided by RESIDUAL_DIVISOR (read by `read`'s norms, written by the embedding and `write`)."""
     emb = "model.embed_tokens.weight"
-    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size) / RESIDUAL_SCALE)
+    x = nn.embed(b, ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size) / RESIDUAL_DIVISOR)
     tables = {t: rope_table(b, cfg.rope[t], cfg.head_dim, sp) for t in sorted(set(cfg.layer_types))}
     eps, hid = cfg.rms_norm_eps, cfg.hidden_size
 
-    def norm(v: str, key: str, dim: int = hid) -> str:
-        return rms_norm(b, v, b.param(key, (dim,), plus_one), eps)
+    def head_norm(v: str, key: str) -> str:  # QK-norm, of each head's [head_dim] row
+        return rms_norm(b, v, b.param(key, (cfg.head_dim,), plus_one), eps)
 
     def read(x: str, key: str) -> str:  # a norm of the residual stream x: eps scaled as x's square is
-        return rms_norm(b, x, b.param(key, (hid,), plus_one), eps / RESIDUAL_SCALE ** 2)
+        return rms_norm(b, x, b.param(key, (hid,), plus_one), eps / RESIDUAL_DIVISOR ** 2)
 
     def write(x: str, v: str, key: str) -> str:  # x + a post-norm of v, scaled as the residual stream x is
         return b.op("Add", x, rms_norm(b, v, b.param(key, (hid,), into_residual), eps))
@@ -112,7 +124,7 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
         a = p + "self_attn."
         q, k, v = _qkv(b, cfg, a, h, bias=False)
         if cfg.qk_norm:  # Gemma 3 (not Gemma 2)
-            q, k = norm(q, a + "q_norm.weight", cfg.head_dim), norm(k, a + "k_norm.weight", cfg.head_dim)
+            q, k = head_norm(q, a + "q_norm.weight"), head_norm(k, a + "k_norm.weight")
         q = rotary.apply_rope(b, q, tables[cfg.layer_types[i]], cfg.head_dim)
         k = rotary.apply_rope(b, k, tables[cfg.layer_types[i]], cfg.head_dim)
         h = attention(b, sp, slot, q, k, v, cfg.num_heads, cfg.scale, cfg.attn_logit_softcapping)
@@ -125,17 +137,6 @@ def _gemma3_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -
     head_key = emb if cfg.tie_word_embeddings else "lm_head.weight"
     logits = nn.softcap(b, head(b, x, head_key, cfg.vocab_size, hid, sp.window), cfg.final_logit_softcapping)
     _outputs(b, logits, cfg, sp)
-
-
-# Gemma's residual stream is carried divided by this: Gemma 3 270M's reaches 1e5 at the BOS position, past fp16's
-# 65,504, where an NPU runs float ops in fp16. Only norms read it, and a norm does not see a scale (its eps scaled
-# as the square): the embedding and the post-norms that write into it are scaled instead, in their constants
-RESIDUAL_SCALE = 16.0
-
-
-def into_residual(w: np.ndarray) -> np.ndarray:
-    """A Gemma post-norm's weight, (1 + w), scaled as the residual stream it adds to (RESIDUAL_SCALE)."""
-    return plus_one(w) / np.float32(RESIDUAL_SCALE)
 
 
 def _llama_body(b: GraphBuilder, cfg: TextConfig, sp: _Spec, ids: str, slots) -> None:
