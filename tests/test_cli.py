@@ -538,6 +538,38 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
     assert not reader.is_alive() and got == want[:2] and list(stream) == []
 
 
+def test_a_stream_closed_mid_pass_then_its_engine_ends_as_a_close_does(tiny_gemma3):
+    """An app shutting down cancels its requests (stream.close() from another thread, mid-pass), then closes the
+    engine: the reader, whose stream was closed first, ends as a close ends it (that pass's token, then no more),
+    as it does when the stream's own reader closed it; it got "the engine was closed" raised at its next read."""
+    import threading
+
+    from edgemtp.runtime.engine import Engine
+
+    engine = Engine.load(tiny_gemma3[2])
+    want = list(engine.token_ids(engine.encode("t1 t2"), 4))
+    inside, go = hold_second_pass(engine)
+    stream = engine.token_ids(engine.encode("t1 t2"), 4)
+    got, errors = [next(stream)], []
+
+    def read():
+        try:
+            got.extend(stream)
+        except EdgemtpError as e:
+            errors.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert inside.wait(60)
+        stream.close()
+        engine.close()
+    finally:
+        go.set()
+    reader.join(60)
+    assert not reader.is_alive() and errors == [] and got == want[:2] and list(stream) == []
+
+
 def test_a_stream_closed_by_another_thread_ends_as_a_close_does(tiny_gemma3):
     """The reader's read after another thread's close mid-pass runs the generator's ending, as the reader's own
     close would: what it ran is kept for reuse_prefix (the same prompt again runs its last token only, same

@@ -139,8 +139,10 @@ class Stream(Iterator):
         self._run_ending()
 
     def end(self) -> None:
-        if inspect.isgenerator(self._gen) and self._gen.gi_frame is None:
-            return  # finished, or closed by its reader: it stops as a generator does, not with an error
+        # finished, or closed (by its reader; or by another thread mid-pass, the reader's next read ending it): it
+        # stops as a generator does, not with an error
+        if self._closing or (inspect.isgenerator(self._gen) and self._gen.gi_frame is None):
+            return
         self._ended = True
         self._run_ending()  # what it ran is kept as a reader's close keeps it (reuse_prefix)
 
