@@ -516,8 +516,8 @@ def test_a_stream_read_by_two_threads_at_once_says_so(tiny_gemma3):
 
 def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
     """stream.close() from another thread while the reader's pass runs (an app cancelling a request): Python's
-    "ValueError: generator already executing" came out of close; now the close waits for that pass, whose token
-    the reader gets, and the reader's next read ends the stream as a close does."""
+    "ValueError: generator already executing" came out of close; now the close leaves that pass to the reader,
+    which gets its token, and the reader's next read ends the stream as a close does."""
     import threading
 
     from edgemtp.runtime.engine import Engine
