@@ -48,12 +48,13 @@ def target_identity(target_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def resumable_rows(done_path: Path, key: str) -> int:
-    """Rows already finished in a cache written for the input `key` (0 when absent or for other input)."""
+def resumable_rows(done_path: Path, key: str | None) -> int:
+    """Rows already finished in a cache written for the input `key` (None: for any input); 0 when done.json is
+    absent, torn or for other input."""
     if not done_path.is_file():
         return 0
     try:
         done = json.loads(done_path.read_text(encoding="utf-8"))
-        return int(done["rows"]) if done.get("input") == key else 0
+        return int(done["rows"]) if key is None or done.get("input") == key else 0
     except (ValueError, TypeError, KeyError, AttributeError):  # torn: Ctrl-C or a crash between the file's
         return 0  # truncation and its write (empty, or half of it); the rows are computed afresh

@@ -14,7 +14,6 @@ step (1..K) from every position whose step label is known, the vectors the head 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,14 @@ def cache_arrays(cache_dir: Path) -> dict:
     if not (cache_dir / "done.json").is_file():
         raise EdgemtpError(f"{cache_dir}: no finished train-drafter cache (expected done.json and the target "
                            "pass arrays; run `edgemtp train-drafter` for this drafter first)")
+    from .cache import resumable_rows
     from .target_pass import cached
     arrays = cached(cache_dir)
-    try:  # a run stopped part-way leaves done.json counting its finished windows; the rest are zeros
-        rows = int(json.loads((cache_dir / "done.json").read_text(encoding="utf-8"))["rows"])
-    except (OSError, ValueError, TypeError, KeyError):
-        rows = None
+    # a run stopped part-way leaves done.json counting its finished windows (the rest are zeros), or torn: none
+    rows = resumable_rows(cache_dir / "done.json", None)
     windows = len(arrays["ids"]) if "ids" in arrays else 0
     if rows != windows or not windows:
-        raise EdgemtpError(f"{cache_dir}: the train-drafter cache is unfinished ({rows or 0:,} of {windows:,} windows "
+        raise EdgemtpError(f"{cache_dir}: the train-drafter cache is unfinished ({rows:,} of {windows:,} windows "
                            "done); run the same `edgemtp train-drafter` again, which finishes it")
     return arrays
 
