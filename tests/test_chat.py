@@ -616,6 +616,26 @@ def test_a_signal_ends_the_command_with_the_shells_status(chat_bundle, signum, s
     assert p.returncode == status and b"Traceback" not in err, err.decode()
 
 
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (SystemExit(143), 143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_mid_reply_ends_the_replys_line(chat_bundle, monkeypatch, stop, status):
+    """A program's SIGINT, or SIGTERM (`timeout`, kill; exit_on_termination_signals's SystemExit), in the middle
+    of a piped chat's reply: the chat ends with the shell's status, and the reply so far ends its line, as
+    generate's text does; it was left without one (the shell's prompt after it)."""
+    stream = Engine.stream
+    full = Engine.load(chat_bundle).generate([{"role": "user", "content": "t3"}], 8, draft=None).text
+
+    def interrupted(self, *args, **kwargs):
+        for i, piece in enumerate(stream(self, *args, **kwargs)):
+            if i == 3:
+                raise stop
+            yield piece
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "8", "--no-draft"], input=b"t3\nt4\n")
+    assert r.exit_code == status, r.output
+    assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1 and full.startswith(r.stdout[:-1]) and r.stdout[:-1]
+
+
 def test_a_byte_order_mark_opening_the_input_is_not_the_first_message_s_text(chat_bundle):
     """Messages piped from a file saved with a byte order mark (Notepad, PowerShell's -Encoding utf8): the mark
     went to the model as the first message's U+FEFF character (an unknown token here, one more token for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -96,8 +97,14 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             for piece in stream:
                 click.echo(piece, nl=False)
                 reply.append(piece)
-        except KeyboardInterrupt:  # at a terminal Ctrl-C stops the reply, as in other chats; the chat goes on
-            if not interactive:
+        except (KeyboardInterrupt, SystemExit) as e:
+            # at a terminal Ctrl-C stops the reply, as in other chats, and the chat goes on; SIGTERM / SIGHUP, or a
+            # program's SIGINT, end the chat, the reply so far with its line end, as generate's text (SIGHUP: the
+            # terminal may be gone)
+            if isinstance(e, SystemExit) or not interactive:
+                with contextlib.suppress(OSError):
+                    if reply:
+                        click.echo()
                 raise
             if stream is not None:  # the engine keeps the cache of what was generated (reuse_prefix) for the next turn
                 stream.close()
