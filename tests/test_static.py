@@ -607,11 +607,17 @@ def test_npu_checker_takes_constant_nodes():
 
 def test_npu_checker_any_names_the_providers():
     """target "any" said "not supported by the any provider": there is no such provider, the op is missing from
-    one of those "any" stands for."""
+    one of those "any" stands for. Then it said "not supported by every provider (qnn, coreml)" for every such
+    op, which reads as if neither took it (CoreML takes Erf and Identity, QNN neither; IsInf neither takes):
+    each line names the providers that lack the op."""
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"])], "g",
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"]), helper.make_node("IsInf", ["y"], ["z"]),
+                               helper.make_node("Identity", ["y"], ["w"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    assert check_graph(helper.make_model(graph), "any") == \
-        ["op Erf (1 node, e.g. (unnamed)): not supported by every provider (qnn, coreml)"]
+                              [helper.make_tensor_value_info("z", TensorProto.BOOL, [1, 4]),
+                               helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 4])])
+    assert check_graph(helper.make_model(graph), "any") == [
+        "op Erf (1 node, e.g. (unnamed)): not supported by the qnn provider",
+        "op Identity (1 node, e.g. (unnamed)): not supported by the qnn provider",
+        "op IsInf (1 node, e.g. (unnamed)): not supported by the qnn and coreml providers"]

@@ -49,6 +49,7 @@ _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 # "any": what every provider above takes, Q/DQ pairs allowed (QNN HTP and OpenVINO NPU consume QDQ
 # graphs; for CoreML export the float graph).
 TARGETS = {"qnn": QNN_OPS, "coreml": COREML_OPS, "any": (QNN_OPS & COREML_OPS) | _QDQ}
+_PROVIDERS = ("qnn", "coreml")  # what "any" stands for
 
 
 def check_graph(model_or_path, target: str = "any") -> list[str]:
@@ -89,8 +90,10 @@ def _op_problems(graph: onnx.GraphProto, supported: frozenset, target: str) -> l
             first.setdefault(key, node.name or "(unnamed)")
     out = []
     for key, n in sorted(counts.items()):
-        # "any" is no provider: the op is missing from one of those it stands for
-        who = "every provider (qnn, coreml)" if target == "any" else f"the {target} provider"
+        # "any" is no provider: name those it stands for that lack the op, so a user targeting one of them
+        # knows whether this line concerns them
+        lacking = [p for p in _PROVIDERS if key not in TARGETS[p]] if target == "any" else [target]
+        who = f"the {' and '.join(lacking)} provider{'s' if len(lacking) > 1 else ''}"
         why = "not a standard ONNX op" if ":" in key else f"not supported by {who}"
         out.append(f"op {key} ({n} node{'s' if n > 1 else ''}, e.g. {first[key]}): {why}")
     return out
