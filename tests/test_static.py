@@ -253,6 +253,12 @@ def test_npu_checker(models):
         check_graph(static_path, "tpu")
     with pytest.raises(EdgemtpError):
         check_graph(model_dir / "config.json")
+    # a bundle directory, what a user shipping a bundle holds, said "no such ONNX file" of a path that is there
+    bundle_dir = static_path.parent
+    with pytest.raises(EdgemtpError) as e:
+        check_graph(bundle_dir, "qnn")
+    assert str(e.value) == (f"{bundle_dir}: a directory, not an ONNX file (give one of its graphs, e.g. "
+                            f"{bundle_dir / 'target.onnx'})")
 
 
 def test_qdq_static_graph(models, tmp_path):

@@ -69,6 +69,9 @@ def _load(model_or_path) -> onnx.ModelProto:
     if hasattr(model_or_path, "model"):
         return model_or_path.model()
     path = Path(model_or_path)
+    if path.is_dir():  # a bundle: which of its graphs is meant is the caller's to say (a drafter is dynamic)
+        raise EdgemtpError(f"{path}: a directory, not an ONNX file (give one of its graphs, e.g. "
+                           f"{path / 'target.onnx'})")
     if not path.is_file():
         raise EdgemtpError(f"{path}: no such ONNX file")
     try:
