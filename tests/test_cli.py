@@ -518,7 +518,6 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
     """stream.close() from another thread while the reader's pass runs (an app cancelling a request): Python's
     "ValueError: generator already executing" came out of close; now the close leaves that pass to the reader,
     which gets its token, and the reader's next read ends the stream as a close does."""
-    import threading
 
     from edgemtp.runtime.engine import Engine
 
@@ -527,14 +526,7 @@ def test_a_stream_closed_by_another_thread_mid_pass(tiny_gemma3):
     inside, go = hold_second_pass(engine)  # the second pass waits until close has been called
     stream = engine.token_ids(engine.encode("t1 t2"), 4)
     got = [next(stream)]
-    reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
-    reader.start()
-    try:
-        assert inside.wait(60)
-        stream.close()
-    finally:
-        go.set()
-    reader.join(60)
+    reader = close_while_held(stream, lambda: got.extend(stream), inside, go)
     assert not reader.is_alive() and got == want[:2] and list(stream) == []
 
 
@@ -542,7 +534,6 @@ def test_a_stream_closed_mid_pass_then_its_engine_ends_as_a_close_does(tiny_gemm
     """An app shutting down cancels its requests (stream.close() from another thread, mid-pass), then closes the
     engine: the reader, whose stream was closed first, ends as a close ends it (that pass's token, then no more),
     as it does when the stream's own reader closed it; it got "the engine was closed" raised at its next read."""
-    import threading
 
     from edgemtp.runtime.engine import Engine
 
@@ -558,15 +549,7 @@ def test_a_stream_closed_mid_pass_then_its_engine_ends_as_a_close_does(tiny_gemm
         except EdgemtpError as e:
             errors.append(e)
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert inside.wait(60)
-        stream.close()
-        engine.close()
-    finally:
-        go.set()
-    reader.join(60)
+    reader = close_while_held([stream, engine], read, inside, go)
     assert not reader.is_alive() and errors == [] and got == want[:2] and list(stream) == []
 
 
@@ -574,7 +557,6 @@ def test_a_stream_closed_by_another_thread_ends_as_a_close_does(tiny_gemma3):
     """The reader's read after another thread's close mid-pass runs the generator's ending, as the reader's own
     close would: what it ran is kept for reuse_prefix (the same prompt again runs its last token only, same
     tokens), not left in a suspended generator for as long as the app holds the stream."""
-    import threading
 
     from edgemtp.runtime.engine import Engine
 
@@ -583,14 +565,7 @@ def test_a_stream_closed_by_another_thread_ends_as_a_close_does(tiny_gemma3):
     inside, go = hold_second_pass(engine)
     stream = engine.token_ids(engine.encode("t1 t2 t3"), 4)
     got = [next(stream)]
-    reader = threading.Thread(target=lambda: got.extend(stream), daemon=True)
-    reader.start()
-    try:
-        assert inside.wait(60)
-        stream.close()
-    finally:
-        go.set()
-    reader.join(60)
+    reader = close_while_held(stream, lambda: got.extend(stream), inside, go)
     assert not reader.is_alive() and got == want[:2]
     again = engine.generate("t1 t2 t3", 4)
     assert again.tokens == want and again.stats.cached_tokens == len(engine.encode("t1 t2 t3")) - 1
