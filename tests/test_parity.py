@@ -285,13 +285,19 @@ def _parity_with_config(model, tmp_path, patch) -> None:
     patch(hf)
     path.write_text(json.dumps(hf))
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    exported_logits_match(model, model_dir, tmp_path, vocab=96)
+
+
+def exported_logits_match(model, model_dir, tmp_path, vocab: int, name: str = "") -> None:
+    """`model_dir` exported (capacity 64) gives transformers' `model`'s logits within 1e-3 over CHUNKS of random
+    ids: a prefill, decode steps and multi-token steps."""
     export(model_dir, tmp_path / "bundle", capacity=64)
     engine = Engine.load(tmp_path / "bundle")
-    ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
+    ids = np.random.default_rng(1).integers(0, vocab, size=(1, sum(CHUNKS)))
     cache, start = engine.target.new_cache(1), 0
     for n, want in zip(CHUNKS, reference_logits(model, ids, CHUNKS)):
         got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
-        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"at position {start}")
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{name} at position {start}")
         start += n
 
 
@@ -446,14 +452,7 @@ def test_published_config_json_matches_transformers(name, tmp_path):
     save_tiny(model, model_dir)
     (model_dir / "config.json").write_text(json.dumps(hf))
     model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
-    export(model_dir, tmp_path / "bundle", capacity=64)
-    engine = Engine.load(tmp_path / "bundle")
-    ids = np.random.default_rng(1).integers(0, 160, size=(1, sum(CHUNKS)))
-    cache, start = engine.target.new_cache(1), 0
-    for n, want in zip(CHUNKS, reference_logits(model, ids, CHUNKS)):
-        got, _ = engine.target.forward(ids[:, start:start + n], cache, n_logits=n)
-        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0, err_msg=f"{name} at position {start}")
-        start += n
+    exported_logits_match(model, model_dir, tmp_path, vocab=160, name=name)
 
 
 def test_gemma3_missing_max_positions_is_transformers_default():
