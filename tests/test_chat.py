@@ -636,6 +636,42 @@ def test_a_signal_mid_reply_ends_the_replys_line(chat_bundle, monkeypatch, stop,
     assert r.stdout.endswith("\n") and r.stdout.count("\n") == 1 and full.startswith(r.stdout[:-1]) and r.stdout[:-1]
 
 
+@pytest.mark.parametrize("status", [143, 129], ids=["sigterm", "sighup"])
+def test_sigterm_or_sighup_at_a_terminal_ends_the_chat(chat_bundle, monkeypatch, status):
+    """SIGTERM / SIGHUP mid-reply with a person at the terminal end the chat with the shell's status (not as
+    Ctrl-C there, which stops the reply and goes on): the reply so far ends its line. SIGHUP's terminal may be
+    gone (EIO on each write): the chat still exits with 129, no OSError traceback."""
+    import errno
+
+    import click
+
+    from edgemtp.cli import chat as chat_mod
+
+    stream, echo, signalled = Engine.stream, click.echo, []
+    full = Engine.load(chat_bundle).generate([{"role": "user", "content": "t3"}], 8, draft=None).text
+
+    def interrupted(self, *args, **kwargs):
+        for i, piece in enumerate(stream(self, *args, **kwargs)):
+            if i == 3:
+                signalled.append(True)
+                raise SystemExit(status)  # exit_on_termination_signals's exit
+            yield piece
+
+    def gone(*args, **kwargs):
+        if signalled and status == 129:
+            raise OSError(errno.EIO, "Input/output error")
+        echo(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    monkeypatch.setattr(click, "echo", gone)
+    monkeypatch.setattr(chat_mod, "stdin_is_terminal", lambda: True)
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "8", "--no-draft"], input="t3\nt4\n")
+    assert r.exit_code == status and isinstance(r.exception, SystemExit) and r.stderr == "", (r.exception, r.output)
+    shown = r.stdout.removeprefix("> ")
+    assert shown.endswith("\n" if status == 143 else "") and "\n" not in shown.rstrip("\n"), r.stdout
+    assert full.startswith(shown.rstrip("\n")) and shown.rstrip("\n") != full and shown.rstrip("\n")
+
+
 def test_a_byte_order_mark_opening_the_input_is_not_the_first_message_s_text(chat_bundle):
     """Messages piped from a file saved with a byte order mark (Notepad, PowerShell's -Encoding utf8): the mark
     went to the model as the first message's U+FEFF character (an unknown token here, one more token for
