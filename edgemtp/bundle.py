@@ -19,7 +19,8 @@ from .errors import EdgemtpError, missing
 from .json_file import read_json
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
-from .scratch import as_open_makes, held_dir, hidden_prefix, link_to_nothing, replace_dir, through_link
+from .scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, parents_made, replace_dir,
+                      through_link)
 from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
@@ -67,8 +68,8 @@ def atomic_dir(out: Path, overwrite: bool = False):
     """Yields a temporary directory next to `out`; renames it to `out` only if the block succeeds."""
     out = through_link(Path(out))
     check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
+        held.enter_context(parents_made(out))  # removed again if the export fails
         try:  # held while it lives: a killed export's is removed by the next one (scratch.py)
             tmp = held.enter_context(held_dir(out.parent, hidden_prefix(out, "partial-")))
         except OSError as e:

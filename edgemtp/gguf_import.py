@@ -29,8 +29,8 @@ import numpy as np
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, replace_dir, scratch_dir,
-                             through_link)
+from edgemtp.scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, parents_made, replace_dir,
+                             scratch_dir, through_link)
 from edgemtp.tokenizer_import import check_fields, write_tokenizer_files
 from edgemtp.verified import cache_dir
 
@@ -82,8 +82,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     except EdgemtpError as e:
         raise EdgemtpError(f"{gguf_path}: {e}") from None
     check_target(out_dir, overwrite, gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
+        held.enter_context(parents_made(out_dir))  # removed again if the import fails
         try:  # held while it lives: a killed import's is removed by the next one (scratch.py)
             tmp = held.enter_context(held_dir(out_dir.parent, hidden_prefix(out_dir), ".partial"))
         except OSError as e:  # not the temporary name, which the user never gave

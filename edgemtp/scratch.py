@@ -76,6 +76,33 @@ def scratch_dir(parent: Path, prefix: str, suffix: str = "") -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def parents_made(out: Path) -> Iterator[None]:
+    """Makes the directories missing above output `out`; if the block fails (an error, Ctrl-C, SIGTERM), removes
+    them again, deepest first: `-o new1/new2/bundle` interrupted left an empty new1/new2 behind, its bundle gone.
+    Only those this call made, and only while empty (rmdir): one holding something put there meanwhile stays,
+    and so do those above it."""
+    made = []
+    try:
+        for p in reversed(Path(out).parents):  # the top one first
+            if not p.is_dir():
+                try:
+                    p.mkdir()
+                except FileExistsError:  # made meanwhile by another run: not ours to remove
+                    if p.is_dir():
+                        continue
+                    raise
+                made.append(p)
+        yield
+    except BaseException:
+        for p in reversed(made):
+            try:
+                os.rmdir(p)
+            except OSError:
+                break
+        raise
+
+
 def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
     """Removes the directories in `parent` named as held_dir names them that no live process holds."""
     if fcntl is None:

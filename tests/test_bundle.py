@@ -408,8 +408,15 @@ def test_a_bundle_of_the_first_releases_shape_generates_the_same(tiny_gemma3, tm
         Engine.load(b, fast_verify=True)
 
 
-def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant", ["fp32", "int8", "qdq"])
+def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch, quant):
+    """No bundle, no hidden directory, and none of the directories made for the output (`-o new1/new2/out`:
+    they were left behind, empty). int8 and qdq die in the fp32 export they quantize, in a scratch beside it."""
     _, model_dir, _ = tiny_gemma3
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"t{i % 90 + 3}" for i in range(400)))
+    options = {"fp32": None, "int8": {"calibration": None},
+               "qdq": {"calibration": str(calib), "calibration_tokens": 30}}[quant]
     real_save = builder.save
 
     def dying_save(b, path, read, progress=None, read_rows=None):
@@ -420,16 +427,19 @@ def test_export_interrupted_leaves_no_bundle(tiny_gemma3, tmp_path, monkeypatch)
         return real_save(b, path, read_then_die, progress)
 
     monkeypatch.setattr(builder, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        export(model_dir, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    for out in (tmp_path / "out", tmp_path / "new1" / "new2" / "out"):
+        with pytest.raises(KeyboardInterrupt):
+            export(model_dir, out, quant, capacity=64, static_window=3 if quant == "qdq" else None,
+                   quant_options=options)
+        assert list(tmp_path.iterdir()) == [calib], out
 
 
 @pytest.mark.parametrize("signame,status", [("SIGTERM", 143), ("SIGHUP", 129)])
 def test_export_terminated_leaves_no_temporary_directory(tiny_gemma3, tmp_path, monkeypatch, signame, status):
     """SIGTERM mid-export (kill, a cancelled job): exit status 143, no bundle and no hidden partial dir. So for
     SIGHUP (the terminal or the ssh session closed): status 129, and it left the half-written hidden directory
-    (513 MB of Gemma 3 270M's 1.1 GB) until the next export to the same place."""
+    (513 MB of Gemma 3 270M's 1.1 GB) until the next export to the same place. The directories made for the
+    output (new1/new2) go too."""
     import os
     import signal
 
@@ -453,7 +463,7 @@ def test_export_terminated_leaves_no_temporary_directory(tiny_gemma3, tmp_path, 
                     "over the default)")
     with exit_on_termination_signals():  # what the `edgemtp` command (cli.main) runs under
         assert signal.getsignal(signum) is not signal.SIG_DFL  # else the kill below ends pytest
-        r = CliRunner().invoke(cli, ["export", str(tiny_gemma3[1]), "-o", str(tmp_path / "out"),
+        r = CliRunner().invoke(cli, ["export", str(tiny_gemma3[1]), "-o", str(tmp_path / "new1" / "new2" / "out"),
                                      "--drafter", "none"])
     assert r.exit_code == status, r.output
     assert list(tmp_path.iterdir()) == []

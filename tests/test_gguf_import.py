@@ -1083,6 +1083,9 @@ def test_interrupted_import_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         import_gguf(path, tmp_path / "out", progress=progress)
     assert set(tmp_path.iterdir()) == before
+    with pytest.raises(KeyboardInterrupt):  # nor the directories made for it (they were left, empty)
+        import_gguf(path, tmp_path / "new1" / "new2" / "out", progress=progress)
+    assert set(tmp_path.iterdir()) == before
 
 
 def test_default_gguf_path_without_package(monkeypatch):
@@ -1317,9 +1320,10 @@ def test_export_takes_a_gguf_file(tmp_path):
     assert shown == [f"{path} (imported): 3 checkpoint tensor(s) unused"]
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF")
-    r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "b")])
+    r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "new1" / "new2" / "b")])
     assert r.exit_code == 2 and str(bad) in r.output and len(r.output.splitlines()) == 1, r.output
     assert not list(tmp_path.glob("*edgemtp-gguf-*"))
+    assert not (tmp_path / "new1").exists()  # the directories made for the output were left, empty
 
 
 

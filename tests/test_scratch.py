@@ -184,3 +184,24 @@ def test_a_trace_whose_name_has_a_long_suffix_is_written(tmp_path):
         into_place(tmp_path / name, lambda path: open(path, "w").write(name))
         assert (tmp_path / name).read_text() == name
     assert sorted(os.listdir(tmp_path)) == sorted(["run.1-" + "x" * 240, "y" * 240 + ".json"])
+
+
+def test_parents_made_are_removed_when_the_run_fails(tmp_path):
+    """`-o new1/new2/bundle` interrupted (Ctrl-C, SIGTERM, an error) left the empty new1/new2 it had made behind;
+    the bundle itself was gone. The directories the run made go again, deepest first; one that was there
+    before stays, and so does one holding something else meanwhile (and those above it)."""
+    (tmp_path / "old").mkdir()
+    out = tmp_path / "old" / "new1" / "new2" / "bundle"
+    with pytest.raises(KeyboardInterrupt):
+        with scratch.parents_made(out):
+            assert out.parent.is_dir() and not out.exists()
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["old"] and os.listdir(tmp_path / "old") == []
+    with pytest.raises(ValueError):
+        with scratch.parents_made(out):
+            (out.parent.parent / "notes.txt").write_text("someone's")
+            raise ValueError
+    assert os.listdir(tmp_path / "old" / "new1") == ["notes.txt"]
+    with scratch.parents_made(out):  # a run that succeeds keeps them
+        out.mkdir()
+    assert out.is_dir()
