@@ -41,13 +41,28 @@ def _shown(value) -> str:
 def not_a_file(path) -> str:
     """Why `path`, which is not a regular file, is not one: for a message that names it. Found by stat: a FIFO
     or a device is not opened (reading one could wait forever)."""
+    kind = _kind(path)
+    return f"is {kind}, not a file" if kind else "no such file"
+
+
+def not_an_onnx_file(path) -> str:
+    """not_a_file, for an ONNX graph's path. A directory is most often a bundle: which of its graphs is meant is
+    the caller's to say (a drafter's is dynamic), so one is named as an example."""
+    kind = _kind(path)
+    if kind is None:
+        return "no such ONNX file"
+    hint = f" (give one of its graphs, e.g. {os.path.join(path, 'target.onnx')})" if kind == "a directory" else ""
+    return f"is {kind}, not an ONNX file{hint}"
+
+
+def _kind(path) -> str | None:
+    """What is at `path`, which is not a regular file: 'a directory', 'a FIFO', ...; None: nothing."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return "no such file"
-    kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
+        return None
+    return "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else \
         "a socket" if stat.S_ISSOCK(mode) else "a device"
-    return f"is {kind}, not a file"
 
 
 def missing(path) -> str:

@@ -236,7 +236,7 @@ def test_attention_bias_semantics():
     assert full.tolist() == [[1, 1, 0, 0, 1, 0, 0], [1, 1, 0, 0, 1, 1, 0], [1, 1, 0, 0, 1, 1, 1]]
 
 
-def test_npu_checker(models):
+def test_npu_checker(models, tmp_path):
     _, model_dir, _, st = models["gemma3_text"]
     static_path = st.bundle.graph("target").path
     dyn_path = models["gemma3_text"][2].bundle.graph("target").path
@@ -257,8 +257,19 @@ def test_npu_checker(models):
     bundle_dir = static_path.parent
     with pytest.raises(EdgemtpError) as e:
         check_graph(bundle_dir, "qnn")
-    assert str(e.value) == (f"{bundle_dir}: a directory, not an ONNX file (give one of its graphs, e.g. "
+    assert str(e.value) == (f"{bundle_dir}: is a directory, not an ONNX file (give one of its graphs, e.g. "
                             f"{bundle_dir / 'target.onnx'})")
+    # a FIFO is there too: "no such ONNX file" sent the user looking for a path they had given right
+    if hasattr(os, "mkfifo"):
+        from .fifo import mkfifo
+
+        mkfifo(tmp_path / "pipe.onnx")
+        with pytest.raises(EdgemtpError) as e:
+            check_graph(tmp_path / "pipe.onnx")
+        assert str(e.value) == f"{tmp_path / 'pipe.onnx'}: is a FIFO, not an ONNX file"
+    with pytest.raises(EdgemtpError) as e:
+        check_graph(tmp_path / "nothing.onnx")
+    assert str(e.value) == f"{tmp_path / 'nothing.onnx'}: no such ONNX file"
 
 
 def test_qdq_static_graph(models, tmp_path):
@@ -403,6 +414,15 @@ def test_bad_static_input(models, tmp_path):
         quantize_static_qdq(src, tmp_path / "q.onnx", reader, activation_bits=4)
     with pytest.raises(EdgemtpError, match="unknown"):
         quantize_static_qdq(src, tmp_path / "q.onnx", reader, method="mse")
+    # the bundle directory said "no such ONNX file", of a path that is there; a path that is not still says so
+    with pytest.raises(EdgemtpError) as e:
+        quantize_static_qdq(src.parent, tmp_path / "q.onnx", reader)
+    assert str(e.value) == (f"{src.parent}: is a directory, not an ONNX file (give one of its graphs, e.g. "
+                            f"{src.parent / 'target.onnx'})")
+    with pytest.raises(EdgemtpError) as e:
+        quantize_static_qdq(tmp_path / "nothing.onnx", tmp_path / "q.onnx", reader)
+    assert str(e.value) == f"{tmp_path / 'nothing.onnx'}: no such ONNX file"
+    assert not (tmp_path / "q.onnx").exists()
     with pytest.raises(EdgemtpError, match="at least one text"):
         WindowReader(src, contract, model_dir / "tokenizer.json", [])
     with pytest.raises(EdgemtpError, match="n_logits"):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, not_an_onnx_file
 
 # ONNX Runtime QNN EP (HTP backend): the op builders registered in
 # onnxruntime/core/providers/qnn/builder/op_builder_factory.cc (microsoft/onnxruntime main, 2025; the
@@ -69,11 +69,8 @@ def _load(model_or_path) -> onnx.ModelProto:
     if hasattr(model_or_path, "model"):
         return model_or_path.model()
     path = Path(model_or_path)
-    if path.is_dir():  # a bundle: which of its graphs is meant is the caller's to say (a drafter is dynamic)
-        raise EdgemtpError(f"{path}: a directory, not an ONNX file (give one of its graphs, e.g. "
-                           f"{path / 'target.onnx'})")
     if not path.is_file():
-        raise EdgemtpError(f"{path}: no such ONNX file")
+        raise EdgemtpError(f"{path}: {not_an_onnx_file(path)}")
     try:
         return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises its own DecodeError

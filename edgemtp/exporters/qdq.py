@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from .. import contract as C
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, not_an_onnx_file
 from .static import KEEP_FLOAT
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -57,8 +57,8 @@ def quantize_static_qdq(src: Path, dst: Path, calibration_reader, activation_bit
         raise EdgemtpError(f"QDQ ops {ops!r} must be one of {', '.join(OPS)}")
     method = _method_name(method)
     src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise EdgemtpError(f"{src}: no such ONNX file")
+    if not src.is_file():  # a bundle directory said "no such ONNX file", of a path that is there
+        raise EdgemtpError(f"{src}: {not_an_onnx_file(src)}")
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         model = onnx.load(str(src))  # quantize_static holds the whole model in memory too
