@@ -638,3 +638,15 @@ def test_npu_checker_any_names_the_providers():
         "op Erf (1 node, e.g. (unnamed)): not supported by the qnn provider",
         "op Identity (1 node, e.g. (unnamed)): not supported by the qnn provider",
         "op IsInf (1 node, e.g. (unnamed)): not supported by the qnn and coreml providers"]
+
+
+def test_npu_checker_any_stands_for_every_provider():
+    """The providers "any" names in its lines were a tuple written by hand beside TARGETS, and its op set an
+    intersection written out: a provider added to TARGETS alone was checked by neither. Both come from
+    PROVIDERS."""
+    from edgemtp.exporters import npu_check
+
+    assert set(npu_check.TARGETS) == {*npu_check.PROVIDERS, "any"}
+    assert all(npu_check.TARGETS[p] is ops for p, ops in npu_check.PROVIDERS.items())
+    every = frozenset.intersection(*npu_check.PROVIDERS.values())
+    assert npu_check.TARGETS["any"] == every | {"QuantizeLinear", "DequantizeLinear"}

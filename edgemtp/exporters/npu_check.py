@@ -46,10 +46,11 @@ Squeeze Sub Tanh Tile Transpose Unsqueeze Where
 
 _QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
-# "any": what every provider above takes, Q/DQ pairs allowed (QNN HTP and OpenVINO NPU consume QDQ
-# graphs; for CoreML export the float graph).
-TARGETS = {"qnn": QNN_OPS, "coreml": COREML_OPS, "any": (QNN_OPS & COREML_OPS) | _QDQ}
-_PROVIDERS = ("qnn", "coreml")  # what "any" stands for
+# the providers checked; "any" stands for all of them, so one added here is in its op set and its lines
+PROVIDERS = {"qnn": QNN_OPS, "coreml": COREML_OPS}
+# "any": what every provider takes, Q/DQ pairs allowed (QNN HTP and OpenVINO NPU consume QDQ graphs; for
+# CoreML export the float graph).
+TARGETS = {**PROVIDERS, "any": frozenset.intersection(*PROVIDERS.values()) | _QDQ}
 
 
 def check_graph(model_or_path, target: str = "any") -> list[str]:
@@ -92,7 +93,7 @@ def _op_problems(graph: onnx.GraphProto, supported: frozenset, target: str) -> l
     for key, n in sorted(counts.items()):
         # "any" is no provider: name those it stands for that lack the op, so a user targeting one of them
         # knows whether this line concerns them
-        lacking = [p for p in _PROVIDERS if key not in TARGETS[p]] if target == "any" else [target]
+        lacking = [p for p, ops in PROVIDERS.items() if key not in ops] if target == "any" else [target]
         who = f"the {' and '.join(lacking)} provider{'s' if len(lacking) > 1 else ''}"
         why = "not a standard ONNX op" if ":" in key else f"not supported by {who}"
         out.append(f"op {key} ({n} node{'s' if n > 1 else ''}, e.g. {first[key]}): {why}")
