@@ -59,7 +59,7 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
         **(_granite_scales(hf, pr) if granite else {}),
         query_scale_beta=_llama4_beta(hf, rope, pr) if ministral3 else None,
         hidden_activation=hf.get("hidden_act", "silu"),
-        bos_token_id=pr.opt(hf, "bos_token_id"),
+        bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else default_bos(hf, _BOS),
         eos_token_ids=pr.token_ids(hf, "eos_token_id") if "eos_token_id" in hf else default_eos(hf, _EOS),
         max_position_embeddings=max_positions,
     )
@@ -72,6 +72,15 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
              "field 'mlp_bias' is not supported")
     pr.raise_if_any()
     return cfg
+
+
+def default_bos(hf: dict, defaults: dict) -> int | None:
+    """Where config.json leaves bos_token_id out (not null): the config class's, as Gemma's parsers take theirs
+    (calibration and drafter training windows start with it); none where the class has none or it lies outside
+    the vocabulary."""
+    bos = defaults.get(hf.get("model_type"))
+    vocab = hf.get("vocab_size")
+    return bos if bos is not None and isinstance(vocab, int) and bos < vocab else None
 
 
 def default_eos(hf: dict, defaults: dict) -> tuple[int, ...]:
@@ -100,6 +109,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "orig
 # transformers' defaults where config.json says none (others: all heads)
 _KV_HEADS = {"mistral": 8, "smollm3": 4, "ministral3": 8}
 _EOS = {"llama": (2,), "mistral": (2,), "granite": (2,), "ministral3": (2,), "smollm3": (128001,)}  # likewise
+_BOS = {"llama": 1, "mistral": 1, "granite": 1, "ministral3": 1, "smollm3": 128000}  # likewise (qwen2, qwen3: none)
 _MAX_POSITIONS = {"llama": 2048, "granite": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768,
                   "smollm3": 32768, "ministral3": 262144}  # likewise
 

@@ -983,6 +983,30 @@ def test_a_missing_eos_token_id_is_the_config_classes(tiny_gemma3):
     assert parse_phi3({**hf, "model_type": "phi3"}, "x").eos_token_ids == (transformers.Phi3Config().eos_token_id,)
 
 
+def test_a_missing_bos_token_id_is_the_config_classes(tiny_gemma3):
+    """Where config.json leaves bos_token_id out (not null), transformers' config class gives its own (LlamaConfig's
+    1, SmolLM3Config's 128000; none for Qwen2 / Qwen3), as Gemma's parsers did already (2); the llama family and
+    Phi-3 recorded none, and calibration windows went without it. A null one is none; a default outside the
+    vocabulary is none too, as eos_token_id's."""
+    import transformers
+
+    from edgemtp.config import read_config_json
+    from edgemtp.config_llama import parse_llama
+    from edgemtp.exporters.phi3 import parse_config as parse_phi3
+
+    hf = {k: v for k, v in read_config_json(tiny_gemma3[1]).items() if k not in ("bos_token_id", "rope_parameters",
+                                                                                  "layer_types")}
+    hf.update(hidden_activation=None, vocab_size=128_256)
+    for kind in ("llama", "mistral", "ministral3", "granite", "smollm3", "qwen2", "qwen3"):
+        want = transformers.AutoConfig.for_model(kind).bos_token_id
+        assert parse_llama({**hf, "model_type": kind}, "x").bos_token_id == want, kind
+        assert parse_llama({**hf, "model_type": kind, "bos_token_id": None}, "x").bos_token_id is None, kind
+    assert parse_phi3({**hf, "model_type": "phi3"}, "x").bos_token_id == transformers.Phi3Config().bos_token_id
+    assert parse_phi3({**hf, "model_type": "phi3", "bos_token_id": None}, "x").bos_token_id is None
+    assert parse_llama({**hf, "model_type": "smollm3", "vocab_size": 128_000}, "x").bos_token_id is None
+    assert parse_llama({**hf, "model_type": "smollm3", "vocab_size": 128_001}, "x").bos_token_id == 128_000
+
+
 def test_gemma3_sliding_window_null_is_refused(tiny_gemma3):
     """null was read as 4096, a window transformers' Gemma 3 does not have (it fails); missing is
     Gemma3TextConfig's 4096."""

@@ -18,7 +18,7 @@ import math
 
 from ..checkpoint import Checkpoint
 from ..config import FULL, SLIDING, Problems, Rope, TextConfig, check_common
-from ..config_llama import default_eos
+from ..config_llama import default_bos, default_eos
 
 
 def parse_config(hf: dict, source: str) -> TextConfig:
@@ -46,7 +46,7 @@ def parse_config(hf: dict, source: str) -> TextConfig:
         rope={FULL: rope, SLIDING: rope},
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", False),
         hidden_activation=hf.get("hidden_act", "silu"),
-        bos_token_id=pr.opt(hf, "bos_token_id"),
+        bos_token_id=pr.opt(hf, "bos_token_id") if "bos_token_id" in hf else default_bos(hf, {"phi3": 1}),
         eos_token_ids=pr.token_ids(hf, "eos_token_id") if "eos_token_id" in hf else default_eos(hf, {"phi3": (32000,)}),
         max_position_embeddings=max_positions,
     )
