@@ -60,7 +60,7 @@ def main() -> None:
     for domain, text in texts.items():
         result = prof.profile(args.bundle, (args.prompt_tokens,), args.gen_tokens, args.repetitions, ks,
                               batches, "cpu", args.threads, args.draft, text, head=args.head,
-                              fast_verify=args.fast_verify)
+                              fast_verify=args.fast_verify, reset_peak=True)  # its own process, as the command
         base = {r["batch"]: r["tg_tokens_per_s"]["mean"] for r in result["rows"]
                 if not r["skipped"] and r["draft_k"] == 0}
         for r in result["rows"]:

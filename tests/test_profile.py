@@ -323,7 +323,7 @@ def test_a_rows_peak_rss_is_its_own(tiny_gemma3):
     from edgemtp.runtime import profile_report as report
 
     before = _touch_and_free(400)
-    out = prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), drafter="lookup")
+    out = prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), drafter="lookup", reset_peak=True)
     peaks = [r["peak_rss_mb"] for r in out["rows"]]
     if out["peak_rss"] == "row":
         assert all(0 < p < before - 300 for p in peaks), (before, peaks)
@@ -331,6 +331,33 @@ def test_a_rows_peak_rss_is_its_own(tiny_gemma3):
     else:
         assert out["peak_rss"] == "process" and all(p >= before - 1 for p in peaks), (before, peaks)
         assert "process's peak so far" in report.ceiling_line(out)
+
+
+def test_profile_leaves_the_callers_peak_rss_alone(tiny_gemma3, monkeypatch):
+    """An app calling profile() in its own process keeps its own peak RSS (VmHWM, getrusage's ru_maxrss): the
+    reset before each row, through /proc/self/clear_refs, dropped it to the current size. Unasked, profile()
+    resets nothing and says its peaks are the process's; `edgemtp profile`, a process of its own, asks."""
+    import resource
+
+    from edgemtp.runtime import profile as prof
+
+    monkeypatch.setattr(prof, "ceiling", lambda *a: {})  # its bandwidth probe's 512 MB would raise the peak
+    before = _touch_and_free(400)
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), drafter="lookup")
+    assert prof.peak_rss_mb() >= before - 1 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >= maxrss
+    assert out["peak_rss"] == "process" and all(r["peak_rss_mb"] >= before - 1 for r in out["rows"])
+
+
+def test_the_profile_command_resets_the_peak_per_row(tiny_gemma3, monkeypatch):
+    """The command's process is its own: it asks profile() for each row's own peak."""
+    from edgemtp.runtime import profile as prof
+
+    calls = []
+    monkeypatch.setattr(prof, "reset_peak_rss", lambda: calls.append(1) or False)
+    profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1, "--draft-k", "0,2",
+            "--draft", "lookup", "--format", "json")
+    assert len(calls) == 2  # one per row
 
 
 def test_reset_peak_rss_says_whether_it_took(monkeypatch):

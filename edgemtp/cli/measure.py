@@ -106,7 +106,8 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     with progress_bar("profiling") as progress:
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
-                              drafter, text, progress, head, drafter_provider, fast_verify, adaptive, draft_p_min)
+                              drafter, text, progress, head, drafter_provider, fast_verify, adaptive, draft_p_min,
+                              reset_peak=True)  # its own process: no caller's peak to keep
     rendered = report.render(result, fmt, prof.speedups(result))
     click.echo(rendered, nl=not rendered.endswith("\n"))
     if all(r["skipped"] for r in result["rows"]):  # the table says why; a script should not read it as a run

@@ -185,14 +185,14 @@ def graph_for(bundle, head: str) -> str:
     return "drafter" if head == own else "drafter_full_head"
 
 
-def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None) -> Row:
+def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None, reset_peak: bool = False) -> Row:
     row = Row(c)
     prompts = [prompt_ids(engine, c.prompt_tokens, text, offset=97 * b) for b in range(c.batch)]
     draft = Draft(c.drafter, c.draft_k, c.adaptive, c.draft_p_min) if c.draft_k else None
     drafter = engine.drafter(draft.mode, graph_for(engine.bundle, c.head) if c.head else "drafter",
                              c.adaptive) if draft else None
     totals = SpecStats()
-    row.peak_reset = reset_peak_rss()
+    row.peak_reset = reset_peak and reset_peak_rss()
     for rep in range(repetitions + 1):  # the first run warms up and is not counted
         stats = SpecStats()
         if c.batch == 1 and not draft:
@@ -235,7 +235,9 @@ def reset_peak_rss() -> bool:
     """Starts the process's peak resident memory afresh (Linux), so a row's peak is its own run's on its
     engine, not the first engine's or an earlier, larger row's. Says whether it did: some kernels and
     sandboxes refuse /proc/self/clear_refs or ignore it (CI's did), and elsewhere there is no /proc; then
-    the peak stays the process's so far, and the result says so (`peak_rss`)."""
+    the peak stays the process's so far, and the result says so (`peak_rss`). The reset is the whole
+    process's, for good: its VmHWM and getrusage's ru_maxrss drop to the current size (profile() does it
+    only when asked to, with reset_peak)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         status = _proc_status_kib()
@@ -294,12 +296,15 @@ def _sum(a: list[int], b: list[int]) -> list[int]:
 
 def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetitions=5, draft_ks=(0, 2, 4, 6),
             batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None,
-            head="auto", drafter_provider=None, fast_verify=False, adaptive=False, p_min=0.0) -> dict:
+            head="auto", drafter_provider=None, fast_verify=False, adaptive=False, p_min=0.0,
+            reset_peak=False) -> dict:
     """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README).
 
     drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto;
     adaptive: also a row per drafter (and head) drafting adaptively up to the largest K; p_min: the MTP drafter's
-    Draft.p_min."""
+    Draft.p_min. reset_peak: reset the process's peak RSS before each row (Linux: reset_peak_rss), so each row's
+    peak_rss_mb is its own; the caller's own peak reading is lost for good, so only `edgemtp profile`, a process
+    of its own, asks. Without it the peaks are the process's so far (`peak_rss`: "process")."""
     bundle = load_bundle(bundle_dir, verify=False)
     drafters = drafters_for(bundle, drafter, provider)
     if head != "auto" and not {"mtp", "hybrid"} & set(drafters):
@@ -332,7 +337,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
         for i in mine:
             c = todo[i]
             if rows[i] is None:
-                rows[i] = run_row(engine, c, repetitions, text)
+                rows[i] = run_row(engine, c, repetitions, text, reset_peak)
             done += 1
             if progress:
                 progress(done, len(todo), f"k={c.draft_k} batch={c.batch} prompt={c.prompt_tokens}")

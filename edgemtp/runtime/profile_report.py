@@ -79,7 +79,8 @@ def _with_cache(by_prompt: list[dict]) -> str:
 def _peak_note(result: dict) -> str:
     if result.get("peak_rss", "row") == "row":
         return ""
-    return "; rss MB is the process's peak so far, not each row's (this system cannot reset it)"
+    return "; rss MB is the process's peak so far, not each row's (not reset: this system cannot, or the caller " \
+           "of profile() did not ask to)"
 
 
 def render(result: dict, fmt: str, speedups: list[dict]) -> str:
