@@ -296,7 +296,7 @@ def parse_gemma3(hf: dict, source: str) -> TextConfig:
         rms_norm_eps=pr.need(hf, "rms_norm_eps", float, 1e-6),
         layer_types=layer_types,
         rope=rope,
-        sliding_window=pr.opt(hf, "sliding_window", int, 4096) or 4096,  # 0 in the wild: the default (null: below)
+        sliding_window=_gemma3_window(hf, pr, layer_types),
         tie_word_embeddings=pr.flag(hf, "tie_word_embeddings", True),
         attention_scale=query_scale(pr.opt(hf, "query_pre_attn_scalar", float, 256.0), pr),  # 0: not 256
         attn_logit_softcapping=pr.opt(hf, "attn_logit_softcapping", float),
@@ -395,6 +395,15 @@ def check_limits(cfg, pr: Problems) -> None:
 HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
             "num_kv_heads": "num_key_value_heads"}
 ROPE_KINDS = ("default", "linear", "llama3", "proportional", "longrope", "yarn")
+
+
+def _gemma3_window(hf: dict, pr: Problems, layer_types: tuple[str, ...]) -> int:
+    """sliding_window (null: refused in parse_gemma3). 0 was read as the default 4096, which transformers' Gemma 3
+    never computes: its sliding layers then mask every key (a forward with its cache fails on the mask's size, one
+    without gives eager and sdpa different logits), so 0 is kept for check_common to refuse where a layer
+    slides. Where none does the window is unused, as in transformers."""
+    window = pr.opt(hf, "sliding_window", int, 4096)
+    return window if window or SLIDING in layer_types else 4096
 
 
 def check_common(cfg: TextConfig, pr: Problems) -> None:

@@ -929,7 +929,7 @@ def test_whole_numbers_written_as_floats_or_strings_are_accepted(tiny_gemma3):
 
 def test_loose_but_legitimate_config_values_keep_their_meaning(tiny_gemma3):
     """What configs in the wild write: an empty rope_parameters (then rope_theta counts), a null bos (no
-    BOS), a sliding_window of 0 (the default window), eos ids written as floats or strings."""
+    BOS), eos ids written as floats or strings."""
     from edgemtp.config import parse_gemma3, parse_llama, read_config_json
 
     hf = read_config_json(tiny_gemma3[1])
@@ -937,8 +937,21 @@ def test_loose_but_legitimate_config_values_keep_their_meaning(tiny_gemma3):
     assert parse_llama(llama, "x").rope["full_attention"].theta == 500000.0
     assert parse_gemma3({**hf, "bos_token_id": None}, "x").bos_token_id is None
     assert parse_gemma3({k: v for k, v in hf.items() if k != "bos_token_id"}, "x").bos_token_id == 2
-    assert parse_gemma3({**hf, "sliding_window": 0}, "x").sliding_window == 4096
     assert parse_gemma3({**hf, "eos_token_id": [1.0, "2"]}, "x").eos_token_ids == (1, 2)
+
+
+def test_gemma3_sliding_window_0_is_refused_where_layers_slide(tiny_gemma3):
+    """A Gemma 3 sliding_window of 0 was read as the default 4096. transformers' Gemma 3 (5.x) has no such
+    reading: its sliding layers' mask lets a query see no key at all, and a forward with its cache fails on the
+    mask's size while one without gives eager and sdpa different logits. Refused where a layer slides;
+    unused (any value) where none does."""
+    from edgemtp.config import FULL, parse_gemma3, read_config_json
+
+    hf = read_config_json(tiny_gemma3[1])
+    with pytest.raises(EdgemtpError, match="field 'sliding_window' 0 must be positive"):
+        parse_gemma3({**hf, "sliding_window": 0}, "x")
+    full = {**hf, "sliding_window": 0, "layer_types": [FULL] * hf["num_hidden_layers"]}
+    assert parse_gemma3(full, "x").layer_types == (FULL,) * hf["num_hidden_layers"]
 
 
 def test_gemma3_rope_scaling_type_that_transformers_does_not_read_is_refused(tiny_gemma3):
