@@ -107,7 +107,7 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "orig
                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
                    "llama_4_scaling_beta": 0.1}
 # transformers' defaults where config.json says none (others: all heads)
-_KV_HEADS = {"mistral": 8, "smollm3": 4, "ministral3": 8}
+_KV_HEADS = {"mistral": 8, "smollm3": 4, "ministral3": 8, "qwen2": 32, "qwen3": 32}  # qwen: all heads before
 _EOS = {"llama": (2,), "mistral": (2,), "granite": (2,), "ministral3": (2,), "smollm3": (128001,)}  # likewise
 _BOS = {"llama": 1, "mistral": 1, "granite": 1, "ministral3": 1, "smollm3": 128000}  # likewise (qwen2, qwen3: none)
 _MAX_POSITIONS = {"llama": 2048, "granite": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768,

@@ -1186,6 +1186,22 @@ def test_smollm3_fields_read_as_transformers_reads_them(tiny_gemma3):
         parse_llama({**hf, "layer_types": [FULL, SLIDING] * 4, "use_sliding_window": True, "sliding_window": None}, "x")
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "smollm3", "granite"])
+def test_kv_heads_read_as_transformers_reads_them(model_type):
+    """num_key_value_heads unsaid: the config class's default (Qwen2Config's and Qwen3Config's 32 in transformers
+    5, read as every head before); null: every head, as the config classes that take it read it."""
+    transformers = pytest.importorskip("transformers")
+    from edgemtp.config import parse_llama
+
+    base = {"model_type": model_type, "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 64, "head_dim": 16, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-6}
+    null = [] if model_type == "mistral" else [{**base, "num_key_value_heads": None}]  # MistralConfig refuses it
+    for hf in [base, *null]:
+        theirs = transformers.AutoConfig.for_model(**hf).num_key_value_heads
+        assert parse_llama(hf, "x").num_kv_heads == theirs, (hf, theirs)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "mistral", "smollm3", "gemma2"])
 def test_rope_read_as_transformers_reads_it(model_type, tmp_path):
     """The RoPE base and scaling in transformers 5's order: rope_scaling when set, else rope_parameters; a base
