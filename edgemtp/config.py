@@ -420,7 +420,8 @@ def check_common(cfg: TextConfig, pr: Problems) -> None:
              f"field 'sliding_window' {cfg.sliding_window} must be positive")
     if cfg.num_heads and cfg.num_kv_heads:
         pr.check(cfg.num_heads % cfg.num_kv_heads == 0,
-                 "num_attention_heads must be a multiple of num_key_value_heads")
+                 f"num_attention_heads {cfg.num_heads} must be a multiple of num_key_value_heads {cfg.num_kv_heads}"
+                 " (where config.json leaves it out: the transformers config class's default)")
     pr.check(cfg.head_dim % 2 == 0, "head_dim must be even (rotary embedding)")
     check_numbers(cfg, pr)
     for lt in dict.fromkeys(cfg.layer_types):  # each unknown type once

@@ -1939,7 +1939,7 @@ def test_llama_family_fields_left_out_are_the_config_classes():
     ({"eos_token_id": 96}, r"field 'eos_token_id' \[96\] outside the vocabulary of 96"),
     ({"bos_token_id": 96}, "field 'bos_token_id' 96 outside the vocabulary of 96"),
     ({"head_dim": 15}, r"head_dim must be even \(rotary embedding\)"),
-    ({"num_key_value_heads": 3}, "num_attention_heads must be a multiple of num_key_value_heads"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 4 must be a multiple of num_key_value_heads 3"),
     ({"rms_norm_eps": -1e-6}, "field 'rms_norm_eps' -1e-06 must not be negative"),
 ])
 def test_config_values_no_graph_can_take_are_refused(change, message):
@@ -1952,6 +1952,11 @@ def test_config_values_no_graph_can_take_are_refused(change, message):
     with pytest.raises(EdgemtpError, match=message):
         parse_llama({**SIZES, "model_type": "llama", **change}, "x")
     assert parse_llama({**SIZES, "model_type": "llama", "rms_norm_eps": 0.0}, "x").rms_norm_eps == 0.0
+    # Qwen2Config's default of 32 KV heads where config.json leaves them out: the message says where 32 came from
+    unsaid = {k: v for k, v in SIZES.items() if k != "num_key_value_heads"}
+    with pytest.raises(EdgemtpError, match=r"num_attention_heads 4 must be a multiple of num_key_value_heads 32 "
+                                           r"\(where config.json leaves it out: the transformers config class's"):
+        parse_llama({**unsaid, "model_type": "qwen2"}, "x")
 
 
 def _rope(**params):
