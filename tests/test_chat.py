@@ -672,6 +672,33 @@ def test_sigterm_or_sighup_at_a_terminal_ends_the_chat(chat_bundle, monkeypatch,
     assert full.startswith(shown.rstrip("\n")) and shown.rstrip("\n") != full and shown.rstrip("\n")
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal (POSIX)")
+@pytest.mark.parametrize("leave,status", [(signal.SIGTERM, 143), (getattr(signal, "SIGHUP", None), 129), ("eof", 0)],
+                         ids=["sigterm", "sighup", "ctrl-d"])
+def test_leaving_at_the_prompt_ends_its_line(chat_bundle, leave, status):
+    """SIGTERM / SIGHUP, or Ctrl-D (the end of the input), while a chat at a terminal waits at its `> ` prompt:
+    the chat ends with its status for them, and ends the prompt's line (a terminal ends none for them): the
+    shell's prompt came after `> ` on the same line."""
+    # the default actions: a pytest run under nohup ignores SIGHUP, and its children inherit that
+    code = ("import signal; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)]; "
+            "from edgemtp.cli import main; main()")
+    main_side, terminal = os.openpty()  # stdin a terminal: the chat shows its prompt
+    p = subprocess.Popen([sys.executable, "-c", code, "chat", str(chat_bundle), "--max-new-tokens", "2"],
+                         stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(terminal)
+    try:
+        prompt = p.stdout.read(2)  # shown: the chat waits for the line
+        if leave == "eof":
+            os.write(main_side, b"\x04")  # Ctrl-D at the line's start: the read gets the end of the input
+        else:
+            p.send_signal(leave)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        os.close(main_side)
+    assert prompt + out == b"> \n" and p.returncode == status and err == b"", (prompt + out, p.returncode, err)
+
+
 def test_a_byte_order_mark_opening_the_input_is_not_the_first_message_s_text(chat_bundle):
     """Messages piped from a file saved with a byte order mark (Notepad, PowerShell's -Encoding utf8): the mark
     went to the model as the first message's U+FEFF character (an unknown token here, one more token for

@@ -50,16 +50,23 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
         raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "
                            f"bundle's KV capacity of {engine.capacity}")
     interactive = stdin_is_terminal()
+    prompt = interactive and not as_json
     messages, unanswered, first = list(opening), 0, True
     while True:
-        if interactive and not as_json:
-            click.echo("> ", nl=False)
         try:
+            if prompt:  # in the try: a signal coming as soon as the prompt shows is one at the prompt
+                click.echo("> ", nl=False)
             line = stdin_text(lambda f: f.readline(), "the input line")
         except EdgemtpError as e:
             failed(e, as_json)
             unanswered += 1
             continue
+        except SystemExit:  # SIGTERM / SIGHUP at the prompt: the shell's prompt then starts a line of its own
+            if prompt:
+                end_line()
+            raise
+        if prompt and not line.endswith("\n"):  # Ctrl-D: the terminal ends no line for it (nor for text
+            end_line()  # typed before it, which the reply would follow on its line)
         if first:  # input from a file saved with a byte order mark: the mark is no text of the first message
             line, first = line.removeprefix("\ufeff"), False
         if not line or line.strip() in ("/exit", "/quit"):
@@ -162,6 +169,13 @@ def no_room(error: Exception, messages: list, opening: list) -> str:
     """The error for a message the KV capacity cannot hold, with the way out when there is one."""
     earlier = len(messages) > len(opening)  # only then can /reset make room
     return f"{error}" + (": /reset starts the conversation over" if earlier else "")
+
+
+def end_line() -> None:
+    """Ends standard output's line on the way out of the chat; SIGHUP's terminal may be gone (EIO), and the
+    exit goes on."""
+    with contextlib.suppress(OSError):
+        click.echo()
 
 
 def failed(error, as_json: bool) -> None:
