@@ -672,6 +672,29 @@ def test_sigterm_or_sighup_at_a_terminal_ends_the_chat(chat_bundle, monkeypatch,
     assert full.startswith(shown.rstrip("\n")) and shown.rstrip("\n") != full and shown.rstrip("\n")
 
 
+@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
+def test_a_signal_inside_the_first_piece_s_echo_ends_its_line(chat_bundle, monkeypatch, terminal):
+    """SIGTERM landing inside click.echo of a reply's first piece, after its text is out but before the reply
+    recorded it: the line ends once (it was left unended: the chat ended it only for a reply holding a piece)."""
+    import click
+
+    from edgemtp.cli import chat as chat_mod
+
+    echo, pieces = click.echo, []
+
+    def signalled_inside(message=None, *args, **kwargs):
+        echo(message, *args, **kwargs)
+        if kwargs.get("nl") is False and message != "> ":  # a reply's piece (not the prompt), written
+            pieces.append(message)
+            raise SystemExit(143)  # exit_on_termination_signals's exit, from the handler run inside the echo
+
+    monkeypatch.setattr(click, "echo", signalled_inside)
+    monkeypatch.setattr(chat_mod, "stdin_is_terminal", lambda: terminal)
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "8", "--no-draft"], input="t3\nt4\n")
+    assert r.exit_code == 143 and len(pieces) == 1 and pieces[0], (r.exception, r.output)
+    assert r.stdout == "> " * terminal + pieces[0] + "\n", r.stdout
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal (POSIX)")
 @pytest.mark.parametrize("leave,status", [(signal.SIGTERM, 143), (getattr(signal, "SIGHUP", None), 129), ("eof", 0)],
                          ids=["sigterm", "sighup", "ctrl-d"])

@@ -98,10 +98,11 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             click.echo(json.dumps(gen.to_json()))
             messages.append({"role": "assistant", "content": gen.text})
             continue
-        stats, reply, stream = new_stats(draft), [], None
+        stats, reply, stream, shown = new_stats(draft), [], None, False
         try:
             stream = engine.stream(messages, max_new_tokens, sampling, draft, stats=stats)  # checks the turn's room
             for piece in stream:
+                shown = True  # before the echo: a signal inside it can come once its text is out, not yet in reply
                 click.echo(piece, nl=False)
                 reply.append(piece)
         except (KeyboardInterrupt, SystemExit) as e:
@@ -109,9 +110,8 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             # program's SIGINT, end the chat, the reply so far with its line end, as generate's text (SIGHUP: the
             # terminal may be gone)
             if isinstance(e, SystemExit) or not interactive:
-                with contextlib.suppress(OSError):
-                    if reply:
-                        click.echo()
+                if shown:
+                    end_line()
                 raise
             if stream is not None:  # the engine keeps the cache of what was generated (reuse_prefix) for the next turn
                 stream.close()
