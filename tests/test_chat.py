@@ -486,11 +486,16 @@ def test_system_and_chat_args_are_utf8_in_an_ascii_locale(chat_bundle):
         r.output
 
 
-def test_text_that_is_not_utf8_is_named(chat_bundle):
+def test_text_that_is_not_utf8_is_named(chat_bundle, monkeypatch):
     """Bytes that are not UTF-8 on the command line (lone surrogates to Python) or on chat's input: one line
-    naming where, not the tokenizer's traceback; a template whose sandboxed range is too long is refused."""
+    naming where, not the tokenizer's traceback; a template whose sandboxed range is too long is refused. chat's
+    --system is checked before the engine loads: a provider missing from the build warned first."""
+    from edgemtp.runtime import session
+
+    monkeypatch.setattr(session.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])  # cuda falls back
     for args, where in ((["generate", str(chat_bundle), "--prompt", "t3 \udcff"], "--prompt"),
-                        (["generate", str(chat_bundle), "--chat", "--system", "\udcff", "--prompt", "t3"], "--system")):
+                        (["generate", str(chat_bundle), "--chat", "--system", "\udcff", "--prompt", "t3"], "--system"),
+                        (["chat", str(chat_bundle), "--provider", "cuda", "--system", "\udcff"], "--system")):
         r = CliRunner().invoke(cli, args)
         assert_one_line_error(r, exact=f"{where}: not valid UTF-8 text")
     # a strict UTF-8 stdin (most locales) raises inside the read: chat reads bytes, names the line, goes on

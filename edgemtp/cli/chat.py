@@ -41,10 +41,11 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
     from ..runtime.target import CapacityError
 
     sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    # before the load: its warnings (a provider missing from the build) came before the mistake's error
+    opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
     engine, draft = load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive,
                                 no_draft, drafter_provider, reuse_prefix=True, chat_args=parse_chat_args(chat_arg),
                                 p_min=draft_p_min)
-    opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
     hello = engine.encode(engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}]))  # no template, ...
     if opening and len(hello) + 1 >= engine.capacity:  # ... one refusing --system, or no room after it
         raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "
