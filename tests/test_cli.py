@@ -942,9 +942,16 @@ def test_an_empty_prompt_is_refused(tiny_gemma3):
         assert r.exit_code == 2 and r.output == f"error: --prompt is {why}\n", r.output
 
 
-def test_mtp_draft_without_drafter_is_clear(tiny_gemma3):
-    r = run("generate", tiny_gemma3[2], "--prompt", "t1", "--draft", "mtp")
-    assert_one_line_error(r, f"{tiny_gemma3[2]}: bundle has no MTP drafter")
+def test_mtp_draft_without_drafter_is_clear(tiny_gemma3, monkeypatch):
+    """Said alone, before the load: a provider missing from the onnxruntime build warned first."""
+    from edgemtp.runtime import session
+
+    monkeypatch.setattr(session.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])  # cuda falls back
+    for command in ("generate", "chat"):
+        for mode in ("mtp", "hybrid"):
+            r = run(command, tiny_gemma3[2], *(["--prompt", "t1"] if command == "generate" else []), "--draft", mode,
+                    "--provider", "cuda")
+            assert_one_line_error(r, f"{tiny_gemma3[2]}: bundle has no MTP drafter")
 
 
 def test_export_quantized_and_evaluate(tiny_gemma3, tmp_path):

@@ -189,7 +189,8 @@ def sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed):
 def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive, no_draft,
                 drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None, p_min: float = 0.0):
     """(engine, draft) for generate's and chat's options, each checked before any work."""
-    from ..runtime.engine import Draft, Engine
+    from .. import bundle as bundle_mod
+    from ..runtime.engine import Draft, Engine, check_mtp_drafter
 
     source = click.get_current_context().get_parameter_source
     if no_draft:
@@ -204,6 +205,8 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
+    if mtp:  # said before the load, whose warnings (a provider missing from the build) would come first
+        check_mtp_drafter(bundle_mod.load(Path(bundle_dir), verify=False))
     engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
                          reuse_prefix=reuse_prefix, chat_args=chat_args or None)
     if draft is not None:

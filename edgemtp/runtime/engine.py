@@ -48,6 +48,14 @@ class Generation:
 DRAFT_SETTINGS_KEPT = 16
 
 
+def check_mtp_drafter(bundle) -> None:
+    """Drafting mtp / hybrid needs the bundle's MTP drafter: say so, and how to draft without it."""
+    if not bundle.has_graph("drafter"):
+        how = "a --quant qdq bundle has none" if bundle.graph("target").quant == "qdq" else \
+            "or export the bundle with --drafter"
+        raise EdgemtpError(f"{bundle.dir}: bundle has no MTP drafter (draft by lookup; {how})")
+
+
 class Engine:
     """A loaded bundle: generate / stream / generate_batch (README, "From Python").
 
@@ -297,10 +305,7 @@ class Engine:
             # verify gains from every match: 1.13-2.99x against 1.01-2.98x with 2+, better on each
             return PromptLookupDrafter(min_ngram=2 if cpu_quantized(self.bundle, self.provider) and not adaptive
                                        else 1)
-        if not self.bundle.has_graph("drafter"):
-            how = "a --quant qdq bundle has none" if self.bundle.graph("target").quant == "qdq" else \
-                "or export the bundle with --drafter"
-            raise EdgemtpError(f"{self.bundle.dir}: bundle has no MTP drafter (draft by lookup; {how})")
+        check_mtp_drafter(self.bundle)
         mtp = self._mtp_drafter(graph)
         if self.target_spins and runs_on_cpu(self.drafter_provider):
             self.target_spins = False  # warn once
