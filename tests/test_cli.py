@@ -553,6 +553,36 @@ def test_a_stream_closed_mid_pass_then_its_engine_ends_as_a_close_does(tiny_gemm
     assert not reader.is_alive() and errors == [] and got == want[:2] and list(stream) == []
 
 
+def test_a_text_stream_holding_a_piece_closed_mid_pass_ends_as_one_holding_none(tiny_gemma3):
+    """A text stream whose pass's token is held back (here the text ends with the start of a stop string, " t12"
+    of " t12 t12x"; half a character is held the same way) and that another thread closes mid-pass: it went on to
+    its token stream's next pass, which, the engine closed after the stream, raised "the engine was closed" in the
+    reader; the engine left open, it generated passes after the close until a piece showed (" t12 t12 t62"). Now it
+    ends as one holding nothing does: that pass's text (the held piece), then no more, no error, with or without
+    the engine's close."""
+
+    from edgemtp.runtime.engine import Engine
+
+    want = list(Engine.load(tiny_gemma3[2]).stream("t1 t2", 6))  # 't75', ' t12', ' t12', ' t62', ...
+    assert want[:2] == ["t75", " t12"]
+    for closing in ("stream", "stream and engine"):
+        for stop in (None, " t12 t12x"):  # the second holds " t12" back: it may be the stop string's start
+            engine = Engine.load(tiny_gemma3[2])
+            inside, go = hold_second_pass(engine)
+            stream = engine.stream("t1 t2", 6, stop=stop)
+            got, errors = [next(stream)], []
+
+            def read():
+                try:
+                    got.extend(stream)
+                except EdgemtpError as e:
+                    errors.append(str(e))
+
+            reader = close_while_held([stream, engine][:len(closing.split(" and "))], read, inside, go)
+            assert not reader.is_alive() and errors == [] and got == want[:2], (closing, stop)
+            assert list(stream) == []
+
+
 def test_a_stream_closed_by_another_thread_ends_as_a_close_does(tiny_gemma3):
     """The reader's read after another thread's close mid-pass runs the generator's ending, as the reader's own
     close would: what it ran is kept for reuse_prefix (the same prompt again runs its last token only, same

@@ -450,7 +450,7 @@ class Engine:
         its order; `stats` filled as generation goes). Arguments are checked at the call, as token_ids'."""
         stops = self.stops(stop)
         tokens = self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, stats, stop=stops.strings)
-        return self._streams.add(self._pieces(tokens, stops))
+        return self._streams.add(self._pieces(tokens, stops), tokens)
 
     def _pieces(self, tokens: Generator[int, None, None], stops: Stops) -> Iterator[str]:
         text_of, shown = IncrementalDecoder(self._text), ""

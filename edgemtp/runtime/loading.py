@@ -111,8 +111,9 @@ class Stream(Iterator):
     its next read. A close says so (`_closing`, `_ended`) before it runs the generator's ending, so that a read
     coming meanwhile sees why it cannot run: the stream ended, not a second reader."""
 
-    def __init__(self, gen: Iterator):
-        self._gen, self._ended, self._closing = gen, False, False
+    def __init__(self, gen: Iterator, inner: "Stream | None" = None):
+        # inner: the token stream a text stream reads (Engine.stream), which its close closes too
+        self._gen, self._inner, self._ended, self._closing = gen, inner, False, False
         self._running = threading.Lock()
 
     def __next__(self):
@@ -136,6 +137,10 @@ class Stream(Iterator):
 
     def close(self) -> None:
         self._closing = True
+        if self._inner is not None:  # said now, not when this stream's generator closes it: a text stream holding
+            # its pass's piece back (half a character, a stop string's start) read its token stream's next pass,
+            # which raised "the engine was closed" where Engine.close came meanwhile (and ran after the close)
+            self._inner._closing = True
         self._run_ending()
 
     def end(self) -> None:
@@ -162,8 +167,8 @@ class Streams:
     def __init__(self):
         self._live, self._lock = weakref.WeakSet(), threading.Lock()
 
-    def add(self, gen: Iterator) -> Stream:
-        stream = Stream(gen)
+    def add(self, gen: Iterator, inner: Stream | None = None) -> Stream:
+        stream = Stream(gen, inner)
         with self._lock:
             self._live.add(stream)
         return stream
