@@ -29,10 +29,17 @@ PROBE_AFTER = 16  # declined guesses (a row's round each; a batch's rows count a
 
 
 class DraftLength:
-    """Chooses k for one round; told what rounds cost and what guesses turned out to be."""
+    """Chooses k for one round; told what rounds cost and what guesses turned out to be.
+
+    Threads streaming on one engine with the same setting share one (Engine._lengths): each call that reads and
+    changes its tables holds `_lock`, which their read-then-write updates (a count read, one added, written back)
+    needed: a thread switch between the read and the write lost the other thread's update (4 threads: ~1% of
+    declined guesses' counts, and acceptance counts no order of the outcomes gives). Uncontended, ~0.1 us a call,
+    a few calls a round."""
 
     def __init__(self, k_max: int):
         self.k_max = k_max
+        self._lock = threading.Lock()
         self.verify: dict[int, float] = {}  # width -> seconds a pass takes per row in it
         self.passes_run: set[tuple[int, int]] = set()  # (rows, width): a shape's first pass is not counted
         self.drafters_run: set[Hashable] = set()  # kinds whose drafter ran: its first run is not counted
@@ -45,6 +52,10 @@ class DraftLength:
         the drafter could make this round (free: proposing it costs nothing); returns (option, k) with k in
         0..its limit, k = 0 for a plain step. The hybrid drafter offers its lookup guess and its MTP guess,
         so a repeat too short to be worth drafting leaves the round to the MTP drafter, not a plain step."""
+        with self._lock:
+            return self._choose(options)
+
+    def _choose(self, options: Sequence[tuple[Hashable, int, bool]]) -> tuple[int, int]:
         plain = self.verify_cost(1)
         if plain is None:  # no pass measured yet: a plain step, the yardstick, comes first
             return 0, 0
@@ -113,6 +124,10 @@ class DraftLength:
 
     def timed_verify(self, rows: int, width: int, seconds: float) -> None:
         """A pass over `rows` rows `width` positions wide took `seconds` (a batch's rows share it)."""
+        with self._lock:
+            self._timed_verify(rows, width, seconds)
+
+    def _timed_verify(self, rows: int, width: int, seconds: float) -> None:
         if (rows, width) not in self.passes_run:  # a shape's first pass is slow (ONNX Runtime plans its memory):
             self.passes_run.add((rows, width))       # 1.1-1.4x
             return
@@ -120,6 +135,10 @@ class DraftLength:
         self.verify[width] = new if old is None else old + SMOOTHING * (new - old)
 
     def timed_draft(self, kind: Hashable, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self._timed_draft(kind, tokens, seconds)
+
+    def _timed_draft(self, kind: Hashable, tokens: int, seconds: float) -> None:
         if kind not in self.drafters_run:  # a drafter's first run is slow too
             self.drafters_run.add(kind)
             return
@@ -130,6 +149,10 @@ class DraftLength:
     def outcome(self, kind: Hashable, guess: Sequence[int], actual: Sequence[int]) -> None:
         """A guess against the tokens that followed: positions up to the first wrong one were tried,
         all but that one accepted. `actual` may be shorter than the guess (the sequence ended)."""
+        with self._lock:
+            self._outcome(kind, guess, actual)
+
+    def _outcome(self, kind: Hashable, guess: Sequence[int], actual: Sequence[int]) -> None:
         c = self.counts.setdefault(kind, np.zeros((self.k_max, 2)))
         c *= DECAY
         for i, (g, a) in enumerate(zip(guess[:self.k_max], actual)):
