@@ -2232,6 +2232,36 @@ def test_a_closed_standard_output_is_one_error_line_not_a_silent_success(tiny_ge
         assert r.returncode == 2 and r.stderr == "error: standard output is closed\n", (args, r.stderr)
 
 
+def test_nan_logits_in_plain_decoding_name_the_position(tiny_gemma3, monkeypatch):
+    """Plain decoding's error names where it was: the target's 4th run (the prefill, then one per token) gives
+    NaN logits, so the reply's 4th token, at position P + 3 after a prompt of P tokens, cannot be chosen."""
+    from edgemtp import contract as C
+    from edgemtp.runtime.sampling import BadLogits, Sampling
+    from edgemtp.runtime.target import Target
+
+    forward_outputs, runs = Target.forward_outputs, []
+
+    def nan_from_the_4th_run(self, ids, cache, names, *args, **kwargs):
+        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
+        runs.append(1)
+        if C.LOGITS in names and len(runs) >= 4:
+            outputs[list(names).index(C.LOGITS)][..., 3] = np.nan
+        return outputs
+
+    monkeypatch.setattr(Target, "forward_outputs", nan_from_the_4th_run)
+    engine = Engine.load(tiny_gemma3[2])
+    prompt = engine.encode("t1 t2 t3")
+    for sampling in (Sampling(), Sampling(0.8, seed=1), Sampling(repetition_penalty=1.2)):
+        runs.clear()
+        with pytest.raises(BadLogits) as caught:
+            list(engine.token_ids(prompt, 8, sampling))
+        assert str(caught.value) == (f"the model gave logits that hold NaN or are -inf at every token for position "
+                                     f"{len(prompt) + 3} (token 4 of the reply), so no token can be chosen (a broken "
+                                     "bundle, or a value that overflowed in its graph)")
+        again = pickle.loads(pickle.dumps(caught.value))  # handed back from a worker process: the same error
+        assert type(again) is BadLogits and str(again) == str(caught.value)
+
+
 def test_nan_logits_are_one_error_line(tiny_gemma3, monkeypatch):
     """A bundle whose target gives NaN logits (broken, or a value that overflowed): greedy decoding printed token
     0 or the first NaN's token at every step, exit status 0; sampling was a ValueError traceback. Now one line,

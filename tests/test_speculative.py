@@ -610,6 +610,20 @@ def test_logits_no_token_can_come_from_are_one_clear_error(spoil, sampling, k):
                                 k=k)[0].tokens == clean[0].tokens  # the positions before `at` still run
 
 
+@pytest.mark.parametrize("spoil", [_all_nan, _one_nan])
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(repetition_penalty=1.3), Sampling(0.8, seed=1)])
+@pytest.mark.parametrize("k", [0, 3])
+def test_logits_no_token_can_come_from_name_the_position(spoil, sampling, k):
+    """The error names where generation was (evaluate's names its window position): the logits from position 7
+    on are bad, so the token at position 8, the reply's 4th after a prompt of 5, is the first that cannot be
+    chosen, whichever verify row of a round (or drafter step before it) met them."""
+    with pytest.raises(EdgemtpError) as caught:
+        speculative_generate(BrokenTarget(spoil), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 10, sampling, k=k)
+    assert "at every token for position 8 (token 4 of the reply), so no token can be chosen" in str(caught.value)
+    with pytest.raises(EdgemtpError, match=r"for position 5 \(token 1 of the reply\)"):  # the prefill's
+        speculative_generate(BrokenTarget(spoil, at=4), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 10, sampling, k=k)
+
+
 def test_plus_inf_logits_are_the_best_tokens():
     """+inf (a value that overflowed upwards) is no error: its token is the best (ties between +inf alike)."""
     def spoil(row):

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .sampling import Sampling, check_best, distribution, draw, greedy_token, penalize
+from .sampling import BadLogits, Sampling, check_best, distribution, draw, greedy_token, penalize
 
 
 def count_accepted(draft: Sequence[int], target_choice: Sequence[int]) -> int:
@@ -60,7 +60,17 @@ def greedy_choices(logits: np.ndarray, sampling: Sampling, history: Sequence[int
         check_best(logits[np.arange(len(logits)), choice])
         return choice
     seen = list(history)
-    return np.array([greedy_token(penalize(row, sampling, seen + list(draft[:i]))) for i, row in enumerate(logits)])
+    return np.array([in_row(i, greedy_token, penalize(row, sampling, seen + list(draft[:i])))
+                     for i, row in enumerate(logits)])
+
+
+def in_row(i: int, choose, *args):
+    """choose(*args), a BadLogits from it saying it came from row i of a block (the caller names the position)."""
+    try:
+        return choose(*args)
+    except BadLogits as e:
+        e.row = i
+        raise
 
 
 class RowDistributions:
@@ -78,5 +88,5 @@ class RowDistributions:
     def __getitem__(self, i: int) -> np.ndarray:
         if i not in self.rows:
             seen = [*self.history, *self.draft[:i]] if self.sampling.penalized else ()
-            self.rows[i] = distribution(self.logits[i], self.sampling, seen)
+            self.rows[i] = in_row(i, distribution, self.logits[i], self.sampling, seen)
         return self.rows[i]

@@ -136,7 +136,7 @@ class DrafterSession:
         --draft-p-min does: its step is paid for, and its verify position costs little on a memory-bound
         target. Gemma 3 270M, T 0.8, top-p 0.95, K 4 (offline): p_min 0.2 kept 1.88 tokens a round for 2.84
         drafter steps, dropped 1.80 for the same steps; 0.3 kept 1.84 for 2.29."""
-        from .sampling import distribution, draw, penalize
+        from .sampling import BadLogits, distribution, draw, penalize
 
         if ctx is None or ctx.hidden is None or ctx.cache is None or k < 1:
             return [], None
@@ -154,7 +154,11 @@ class DrafterSession:
                 logits = scatter(candidates, logits, self.vocab_size)
             seen = [*history, *tokens] if sampling.penalized else ()
             if not sampling.greedy:
-                distribution(logits[0, 0], sampling, seen, out=q[i], source="the bundle's MTP drafter")
+                try:
+                    distribution(logits[0, 0], sampling, seen, out=q[i], source="the bundle's MTP drafter")
+                except BadLogits as e:  # step i's: the draft's i-th token (generation names its position)
+                    e.row = i
+                    raise
                 ids = np.array([[draw(q[i], ctx.rng)]], np.int64)
             elif sampling.penalized:
                 logits = penalize(logits[0, 0], sampling, seen)[None, None]

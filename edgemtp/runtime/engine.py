@@ -24,7 +24,7 @@ from .drafting import auto_mode, cpu_quantized
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
 from .loading import CLOSED, Closed, Streams, load_engine
-from .sampling import Sampling, is_bool, pick
+from .sampling import BadLogits, Sampling, is_bool, pick
 from .session import intra_op_threads, physical_cores, runs_on_cpu
 from .stats import STREAM_CLOSED, Stats, copy_plain_stats
 from .stops import Stops, stop_strings
@@ -264,7 +264,10 @@ class Engine:
             t0 = time.perf_counter()
             for i in range(max_new_tokens):
                 seen = [*prompt_ids, *generated] if sampling.penalized else ()  # for the repetition penalty
-                token = pick(logits[0, -1], sampling, rng, seen)
+                try:
+                    token = pick(logits[0, -1], sampling, rng, seen)
+                except BadLogits as e:  # where in a long generation (free: no check added, a handler only)
+                    raise e.at(len(prompt_ids) + i, i + 1) from None
                 generated.append(token)
                 # known before the token is given: a reader that closes the stream after its last token (as
                 # drafting's rounds, which set it before giving theirs) gets why it ended, not "closed"

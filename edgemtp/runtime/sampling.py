@@ -61,17 +61,34 @@ class Sampling:
 
 
 class BadLogits(EdgemtpError):
-    """Logits no token can be chosen from: NaN among them, or -inf at every id."""
+    """Logits no token can be chosen from: NaN among them, or -inf at every id. `source`: whose logits; `where`:
+    where generation was (at), for the message. `row`: which row of a block of logits (a verify pass's, a draft's
+    steps) was the first bad one, which generation turns into a position."""
+
+    def __init__(self, source: str = "the model", where: str = ""):
+        self.source, self.where, self.row = source, where, 0
+        super().__init__(f"{source} gave logits that hold NaN or are -inf at every token{where}, so no token can be "
+                         "chosen (a broken bundle, or a value that overflowed in its graph)")
+
+    def at(self, position: int, token: int) -> "BadLogits":
+        """The same error, naming the position in the sequence (prompt and reply, from 0) of the token its logits
+        were to choose, and that token's place in the reply (from 1): where a long generation went wrong."""
+        return BadLogits(self.source, f" for position {position} (token {token} of the reply)")
+
+    def __reduce__(self):  # rebuilt from its fields (args holds the message only): pickling, copy
+        return type(self), (self.source, self.where)
 
 
 def check_best(best, source: str = "the model") -> None:
     """Raises BadLogits unless `best`, the logit argmax or max found (of each row), is above -inf. Free: argmax
     and max give NaN's place whenever a row holds one, and -inf only where every logit is -inf. Unchecked,
     greedy decoding took argmax's answer (the first NaN's id, or token 0) and went on: a stream of wrong tokens.
-    `source`: whose logits, for the message."""
-    if not np.all(np.asarray(best) > -np.inf):
-        raise BadLogits(f"{source} gave logits that hold NaN or are -inf at every token, so no token can be chosen "
-                        "(a broken bundle, or a value that overflowed in its graph)")
+    `source`: whose logits, for the message. The first bad row is found only once one is known bad."""
+    best = np.asarray(best)
+    if not np.all(best > -np.inf):
+        error = BadLogits(source)
+        error.row = int(np.flatnonzero(~(best.reshape(-1) > -np.inf))[0])
+        raise error
 
 
 def is_whole(value) -> bool:

@@ -36,7 +36,7 @@ from .acceptance import (RowDistributions, accept_sampled, count_accepted,  # _r
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .requests import check_request
-from .sampling import Sampling, pick
+from .sampling import BadLogits, Sampling, pick
 from .stats import STREAM_CLOSED, Stats
 from .stops import Stops
 from .kv_cache import KVCache
@@ -191,14 +191,17 @@ class Speculative:
                  rng: np.random.Generator, cached: int = 0) -> _Seq:
         logits, hidden = self.target.forward(np.array([prompt[cached:]]), cache, rows=slice(b, b + 1))
         s = _Seq(b, prompt, rng, hidden[0, -1])
-        s.history.append(pick(logits[0, -1], sampling, rng, prompt))
+        try:
+            s.history.append(pick(logits[0, -1], sampling, rng, prompt))
+        except BadLogits as e:
+            raise e.at(len(prompt), 1) from None
         return s
 
     def _round(self, active: list[_Seq], cache: KVCache, sampling: Sampling, stops: Stops,
                max_new: int, stats: SpecStats) -> None:
         """draft -> verify -> accept -> commit, for every unfinished sequence."""
         t0 = time.perf_counter()
-        drafts = {s.row: self._draft(s, cache, sampling, max_new) for s in active}
+        drafts = {s.row: _located(s, self._draft, s, cache, sampling, max_new) for s in active}
         t1 = time.perf_counter()
         start = {s.row: int(cache.lengths[s.row]) for s in active}
         verified = self._verify(cache, {s.row: np.array([s.history[-1], *drafts[s.row][0]]) for s in active})
@@ -207,12 +210,7 @@ class Speculative:
         for s in active:
             tokens, q = drafts[s.row]
             logits, hidden = verified[s.row]  # [n+1, V], [n+1, H]: padding already cut
-            if sampling.greedy:
-                choice = greedy_choices(logits, sampling, s.history, tokens)
-                a = count_accepted(tokens, choice)
-                nxt = int(choice[a])
-            else:
-                a, nxt = accept_sampled(tokens, RowDistributions(logits, sampling, s.history, tokens), q, s.rng)
+            a, nxt = _located(s, _accept, logits, sampling, s, tokens, q)
             cache.rollback(s.row, start[s.row] + 1 + a)  # keep [t, d0..d(a-1)]
             s.hidden = hidden[a]
             self._record(s, len(tokens), a)
@@ -333,6 +331,27 @@ class Speculative:
             s.out.stop_reason = "max new tokens"
         elif cache.room(s.row) < 1:  # the last emitted token has no place left in the cache
             s.out.stop_reason = "KV capacity reached"
+
+
+def _accept(logits: np.ndarray, sampling: Sampling, s: _Seq, tokens: list[int], q: np.ndarray | None
+            ) -> tuple[int, int]:
+    """(accepted drafts, next token) of a row's verify logits [n+1, V] for its drafts `tokens` (q: their
+    distributions when sampled)."""
+    if sampling.greedy:
+        choice = greedy_choices(logits, sampling, s.history, tokens)
+        a = count_accepted(tokens, choice)
+        return a, int(choice[a])
+    return accept_sampled(tokens, RowDistributions(logits, sampling, s.history, tokens), q, s.rng)
+
+
+def _located(s: _Seq, run, *args):
+    """run(*args) for row `s`, whose BadLogits from row i of a block (a verify pass's i-th position, a draft's
+    i-th step) becomes one that names the position of the token those logits were to choose: the row's history
+    ends with the token whose logits are the block's first."""
+    try:
+        return run(*args)
+    except BadLogits as e:
+        raise e.at(len(s.history) + e.row, len(s.out.tokens) + e.row + 1) from None
 
 
 def _tally(stats: SpecStats, base: tuple, seqs: list[_Seq]) -> None:
