@@ -624,6 +624,37 @@ def test_logits_no_token_can_come_from_name_the_position(spoil, sampling, k):
         speculative_generate(BrokenTarget(spoil, at=4), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 10, sampling, k=k)
 
 
+def test_the_repetition_penalty_reads_a_streams_distinct_ids_not_its_whole_history(monkeypatch):
+    """Every step converted the whole history (prompt and reply) into an array for the penalty: 1-2 ms a token at
+    32k tokens. The rounds now hand it the stream's distinct ids (a draft's added), as many as the vocabulary at
+    most, and choose the same tokens as the penalty over the whole history (plain decoding's loop, here)."""
+    from edgemtp.runtime import sampling as sampling_mod
+    from edgemtp.runtime.sampling import pick
+
+    sizes, penalize = [], sampling_mod.penalize
+
+    def counting(logits, s, seen=()):
+        sizes.append(len(seen))
+        return penalize(logits, s, seen)
+
+    prompt, n = [7, 0] * 1000, 12  # 2,000 tokens of FakeTarget's 8 ids
+    for sampling in (Sampling(repetition_penalty=3.0), Sampling(0.8, seed=1, repetition_penalty=3.0)):
+        target = FakeTarget(capacity=len(prompt) + n + 8)
+        cache, rng, want = target.new_cache(1), np.random.default_rng(1), []
+        logits, _ = target.forward(np.array([prompt]), cache)
+        for _ in range(n):  # the penalty over the whole history, as before
+            want.append(pick(logits[0, -1], sampling, rng, [*prompt, *want]))
+            logits, _ = target.forward(np.array([[want[-1]]]), cache)
+        assert len(set(want)) > 4  # the penalty steers it (greedy without: 0s only)
+        monkeypatch.setattr(sampling_mod, "penalize", counting)
+        monkeypatch.setattr(acceptance, "penalize", counting)
+        for k in (0, 3) if sampling.greedy else (0,):  # drafting samples otherwise: other tokens, as it should
+            sizes.clear()
+            got = spec.speculative_generate(target, PromptLookupDrafter(), [prompt], n, sampling, k=k)
+            assert got[0].tokens == want and 0 < max(sizes) <= FakeTarget.V, (sampling, k)
+        monkeypatch.undo()
+
+
 def test_plus_inf_logits_are_the_best_tokens():
     """+inf (a value that overflowed upwards) is no error: its token is the best (ties between +inf alike)."""
     def spoil(row):

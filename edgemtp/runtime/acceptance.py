@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .sampling import BadLogits, Sampling, check_best, distribution, draw, greedy_token, penalize
+from .sampling import BadLogits, Sampling, Seen, as_seen, check_best, distribution, draw, greedy_token, penalize
 
 
 def count_accepted(draft: Sequence[int], target_choice: Sequence[int]) -> int:
@@ -51,16 +51,16 @@ def accept_sampled(draft: Sequence[int], p: "np.ndarray | RowDistributions", q: 
     return len(draft), draw(p[len(draft)], rng)
 
 
-def greedy_choices(logits: np.ndarray, sampling: Sampling, history: Sequence[int],
+def greedy_choices(logits: np.ndarray, sampling: Sampling, history: Sequence[int] | Seen,
                    draft: Sequence[int]) -> np.ndarray:
     """The target's greedy token at each verify position [n+1] of logits [n+1, V], the positions following
-    history, then history + draft[:1], ... (the repetition penalty reads them)."""
+    history, then history + draft[:1], ... (the repetition penalty reads them; a stream's Seen: its ids)."""
     if not sampling.penalized:
         choice = logits.argmax(axis=-1)
         check_best(logits[np.arange(len(logits)), choice])
         return choice
-    seen = list(history)
-    return np.array([in_row(i, greedy_token, penalize(row, sampling, seen + list(draft[:i])))
+    seen = as_seen(history)
+    return np.array([in_row(i, greedy_token, penalize(row, sampling, seen.plus(draft[:i])))
                      for i, row in enumerate(logits)])
 
 
@@ -78,15 +78,18 @@ class RowDistributions:
     reads the rows up to the first rejected draft only, and a row costs 1-4 ms over 262,144 logits (float64
     softmax, top-k, top-p): with a quarter of sampled drafts accepted, most rows of a verify pass were computed
     for nothing. The same numbers as distribution() over the whole block (it works row by row).
-    history: the tokens before the first verify position (prompt and emitted), for the repetition penalty."""
+    history: the tokens before the first verify position (prompt and emitted), for the repetition penalty (a
+    stream's Seen: their distinct ids)."""
 
-    def __init__(self, logits: np.ndarray, sampling: Sampling, history: Sequence[int] = (),
+    def __init__(self, logits: np.ndarray, sampling: Sampling, history: Sequence[int] | Seen = (),
                  draft: Sequence[int] = ()):
         self.logits, self.sampling, self.rows = logits, sampling, {}
         self.history, self.draft = history, draft
 
     def __getitem__(self, i: int) -> np.ndarray:
         if i not in self.rows:
-            seen = [*self.history, *self.draft[:i]] if self.sampling.penalized else ()
+            if self.sampling.penalized and not isinstance(self.history, Seen):
+                self.history = Seen(self.history)  # once, for every row read
+            seen = self.history.plus(self.draft[:i]) if self.sampling.penalized else ()
             self.rows[i] = in_row(i, distribution, self.logits[i], self.sampling, seen)
         return self.rows[i]

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import EdgemtpError
 from .kv_cache import KVCache
-from .sampling import Sampling
+from .sampling import Sampling, Seen
 from .session import runs_on_cpu
 
 
@@ -37,6 +37,8 @@ class DraftContext:
         it yet. Read it, never write it: drafted tokens never enter a KV cache.
     sampling, rng: for a drafter that samples its draft; it then returns the q it sampled from.
     p_min: an MTP drafter ends its draft after a token it gave less than this probability (Draft.p_min).
+    seen: the distinct ids of history, which the rounds keep (sampling.Seen): a drafter applying the repetition
+        penalty reads them, not the whole history (None: it builds them from history).
     """
 
     row: int
@@ -45,6 +47,7 @@ class DraftContext:
     sampling: Sampling
     rng: np.random.Generator
     p_min: float = 0.0
+    seen: Seen | None = None  # history's distinct ids, for the repetition penalty (None: read from history)
 
 
 class Drafter(Protocol):

@@ -24,7 +24,7 @@ from .drafting import auto_mode, cpu_quantized
 from .heap import release_freed_memory
 from .kept_cache import KeptCache
 from .loading import CLOSED, Closed, Streams, load_engine
-from .sampling import BadLogits, Sampling, is_bool, pick
+from .sampling import BadLogits, Sampling, Seen, is_bool, pick
 from .session import intra_op_threads, physical_cores, runs_on_cpu
 from .stats import STREAM_CLOSED, Stats, copy_plain_stats
 from .stops import Stops, stop_strings
@@ -256,6 +256,7 @@ class Engine:
         rng = np.random.default_rng(sampling.seed)
         cache, cached = self.kept.take(prompt_ids)
         generated = []
+        seen = Seen(prompt_ids) if sampling.penalized else None  # the repetition penalty's: distinct ids
         with self.kept.keeping(cache, prompt_ids, generated):  # the prefill too: Ctrl-C in it keeps what was cached
             t0 = time.perf_counter()
             logits, _ = self.target.forward(np.array([prompt_ids[cached:]]), cache)
@@ -263,12 +264,13 @@ class Engine:
             stats.cached_tokens = cached
             t0 = time.perf_counter()
             for i in range(max_new_tokens):
-                seen = [*prompt_ids, *generated] if sampling.penalized else ()  # for the repetition penalty
                 try:
-                    token = pick(logits[0, -1], sampling, rng, seen)
+                    token = pick(logits[0, -1], sampling, rng, () if seen is None else seen.ids)
                 except BadLogits as e:  # where in a long generation (free: no check added, a handler only)
                     raise e.at(len(prompt_ids) + i, i + 1) from None
                 generated.append(token)
+                if seen is not None:
+                    seen.add(token)
                 # known before the token is given: a reader that closes the stream after its last token (as
                 # drafting's rounds, which set it before giving theirs) gets why it ended, not "closed"
                 reason = (stops.reason(generated) or ("max new tokens" if i + 1 == max_new_tokens else "")

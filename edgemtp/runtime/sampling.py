@@ -131,6 +131,45 @@ def penalize(logits: np.ndarray, s: Sampling, seen: Sequence[int] = ()) -> np.nd
     return x
 
 
+class Seen:
+    """The distinct token ids of a stream's history (prompt and reply), added to token by token: what the
+    repetition penalty reads (`ids`). Handing penalize the whole history converted it to an array at every step,
+    1-2 ms a token at 32k tokens of history; this costs the distinct ids' count at most (the penalty is applied
+    once per id however often it was seen, so the logits come out the same)."""
+
+    def __init__(self, ids: Sequence[int] = ()):
+        self._known: set[int] = set()
+        self._ids, self._n = np.empty(64, np.int64), 0
+        for token in ids:
+            self.add(token)
+
+    def add(self, token: int) -> None:
+        token = int(token)
+        if token in self._known:
+            return
+        self._known.add(token)
+        if self._n == len(self._ids):  # doubled: a copy now and then, not one per token
+            self._ids = np.concatenate([self._ids, np.empty_like(self._ids)])
+        self._ids[self._n] = token
+        self._n += 1
+
+    @property
+    def ids(self) -> np.ndarray:
+        """[n] int64, the distinct ids in the order first seen (a view: later adds leave it as it is)."""
+        return self._ids[:self._n]
+
+    def plus(self, extra: Sequence[int]) -> np.ndarray:
+        """ids and those of `extra` not among them (a draft's tokens before a verify position), the stream's own
+        ids unchanged."""
+        new = [t for t in dict.fromkeys(map(int, extra)) if t not in self._known]
+        return np.concatenate([self.ids, np.asarray(new, np.int64)]) if new else self.ids
+
+
+def as_seen(history: "Sequence[int] | Seen") -> Seen:
+    """`history` as a Seen (built from a plain sequence: a caller outside the rounds, a test)."""
+    return history if isinstance(history, Seen) else Seen(history)
+
+
 def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = (),
                  out: np.ndarray | None = None, source: str = "the model") -> np.ndarray:
     """Probabilities [V] after the repetition penalty over `seen`, temperature, top-k, top-p and min-p (float64,

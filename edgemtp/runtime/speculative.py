@@ -36,7 +36,7 @@ from .acceptance import (RowDistributions, accept_sampled, count_accepted,  # _r
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .requests import check_request
-from .sampling import BadLogits, Sampling, pick
+from .sampling import BadLogits, Sampling, Seen, pick
 from .stats import STREAM_CLOSED, Stats
 from .stops import Stops
 from .kv_cache import KVCache
@@ -100,6 +100,7 @@ class _Seq:
     hidden: np.ndarray | None = None  # [H] target hidden state at the position that produced history[-1]
     out: SeqResult = field(default_factory=lambda: SeqResult([]))
     guesses: list = field(default_factory=list)  # (len(history) then, tokens, kind): scored once known
+    seen: Seen | None = None  # history's distinct ids, kept as it grows: with a repetition penalty only
 
 
 _NO_DRAFT: tuple[list[int], None] = ([], None)
@@ -190,11 +191,13 @@ class Speculative:
     def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
                  rng: np.random.Generator, cached: int = 0) -> _Seq:
         logits, hidden = self.target.forward(np.array([prompt[cached:]]), cache, rows=slice(b, b + 1))
-        s = _Seq(b, prompt, rng, hidden[0, -1])
+        s = _Seq(b, prompt, rng, hidden[0, -1], seen=Seen(prompt) if sampling.penalized else None)
         try:
-            s.history.append(pick(logits[0, -1], sampling, rng, prompt))
+            s.history.append(pick(logits[0, -1], sampling, rng, () if s.seen is None else s.seen.ids))
         except BadLogits as e:
             raise e.at(len(prompt), 1) from None
+        if s.seen is not None:
+            s.seen.add(s.history[-1])
         return s
 
     def _round(self, active: list[_Seq], cache: KVCache, sampling: Sampling, stops: Stops,
@@ -224,7 +227,7 @@ class Speculative:
         limit = min(self.k, max_new - len(s.out.tokens) - 1, cache.room(s.row) - 1)
         if limit <= 0:
             return _NO_DRAFT
-        ctx = DraftContext(s.row, s.hidden, cache, sampling, s.rng, self.p_min)
+        ctx = DraftContext(s.row, s.hidden, cache, sampling, s.rng, self.p_min, s.seen)
         if self.lengths is None:
             return self._propose(self.drafter, s, limit, ctx)
         options = guess_options(self.drafter, s.history)
@@ -318,6 +321,8 @@ class Speculative:
         stop string): the rest of an accepted run is dropped."""
         for token in run:
             s.history.append(token)
+            if s.seen is not None:
+                s.seen.add(token)
             s.out.tokens.append(token)
             if reason := stops.reason(s.out.tokens):
                 s.out.stop_reason = reason
@@ -337,11 +342,12 @@ def _accept(logits: np.ndarray, sampling: Sampling, s: _Seq, tokens: list[int], 
             ) -> tuple[int, int]:
     """(accepted drafts, next token) of a row's verify logits [n+1, V] for its drafts `tokens` (q: their
     distributions when sampled)."""
+    history = s.history if s.seen is None else s.seen  # the penalty's distinct ids, where kept
     if sampling.greedy:
-        choice = greedy_choices(logits, sampling, s.history, tokens)
+        choice = greedy_choices(logits, sampling, history, tokens)
         a = count_accepted(tokens, choice)
         return a, int(choice[a])
-    return accept_sampled(tokens, RowDistributions(logits, sampling, s.history, tokens), q, s.rng)
+    return accept_sampled(tokens, RowDistributions(logits, sampling, history, tokens), q, s.rng)
 
 
 def _located(s: _Seq, run, *args):
