@@ -2473,6 +2473,39 @@ def test_an_app_drafting_with_a_clustered_head_by_the_documented_contract_gets_t
     assert repeated  # some step listed an id twice: a scatter by assignment could have hidden it
 
 
+def test_an_app_reading_a_clustered_head_with_int8_rows_gets_the_documented_logits(tiny_gemma3, tmp_path):
+    """`head.rows: "int8"` (our drafters in an fp32 bundle, the default): the clusters' tokens' logits come
+    from the int8 copy of the table, but the 8 best are recomputed exactly and the context ids' are exact,
+    as docs/bundle-contract.md says; the same bundle with fp32 rows gives every candidate's exact logit."""
+    from .test_drafter import clustered_drafter
+
+    model_dir = tiny_gemma3[1]
+    clustered_drafter(model_dir, tmp_path / "drafter")
+    prompt = [2, *np.random.default_rng(7).integers(3, 96, size=20).tolist()]
+    steps = {}
+    for rows in ("int8", "fp32"):
+        bundle_dir = export(model_dir, tmp_path / rows, capacity=64, drafter=tmp_path / "drafter", drafter_top_k=3,
+                            drafter_head_rows=rows, drafter_head_context=5)
+        head = json.loads((bundle_dir / "edgemtp.json").read_text())["graphs"]["drafter"]["contract"]["head"]
+        assert head["rows"] == rows and head["context"] == 5
+        target = ContractTarget(bundle_dir)
+        logits, hidden = target.run(prompt)
+        steps[rows] = contract_draft(bundle_dir, target, int(np.argmax(logits[0, -1])), hidden[:, -1:], 3)
+    assert steps["int8"][0] == steps["fp32"][0]  # the same drafts
+    clustered = head["candidates"] - head["context"]  # the clusters' tokens, then the context ids
+    for approx, exact in zip(steps["int8"][2], steps["fp32"][2]):
+        np.testing.assert_array_equal(approx["candidate_ids"], exact["candidate_ids"])
+        a, e = approx["candidate_logits"][0, 0], exact["candidate_logits"][0, 0]
+        np.testing.assert_array_equal(np.isfinite(a), np.isfinite(e))
+        live = np.isfinite(e)
+        off = np.abs(a[live] - e[live])
+        assert off.max() < 1e-2  # int8 rows: close
+        np.testing.assert_allclose(a[clustered:][live[clustered:]], e[clustered:][live[clustered:]], atol=1e-5)
+        cluster_off = np.abs(a[:clustered] - e[:clustered])[live[:clustered]]
+        assert (cluster_off < 1e-5).sum() >= 8  # the best 8, recomputed in fp32
+        assert (cluster_off > 1e-5).any()  # the others are not exact
+        assert cluster_off[np.argmax(a[:clustered][live[:clustered]])] < 1e-5  # the draft's among the exact
+
 def documented_inputs(section: str) -> list[str]:
     """The input names in the first column of docs/bundle-contract.md's table under `section`, as written
     there ("`past_key_values.{layer}.key` / `.value`" is two names)."""
