@@ -624,6 +624,35 @@ def test_logits_no_token_can_come_from_name_the_position(spoil, sampling, k):
         speculative_generate(BrokenTarget(spoil, at=4), PromptLookupDrafter(), [[1, 2, 3, 1, 2]], 10, sampling, k=k)
 
 
+
+class CleanGreedy(PromptLookupDrafter):
+    """Drafts FakeTarget's own greedy continuation (of an unbroken one): every draft is accepted where its verify
+    row is good, so a round meets bad logits at the verify row of their position, not at row 0."""
+
+    def propose(self, history, k, ctx=None):
+        target, tokens = FakeTarget(), []
+        cache = target.new_cache(1)
+        logits, _ = target.forward(np.array([history]), cache)
+        for _ in range(k):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits, _ = target.forward(np.array([[tokens[-1]]]), cache)
+        return tokens, None
+
+
+@pytest.mark.parametrize("spoil", [_all_nan, _one_nan])
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(1e-3, seed=1)], ids=["greedy", "sampled"])
+def test_bad_logits_at_a_later_verify_row_name_that_rows_position(spoil, sampling):
+    """The first round verifies positions 5..8 of a prompt of 5 (its first token at 5) with every draft right:
+    the logits at position 7, its row 2, are the first bad ones, and choose position 8, the reply's 4th token.
+    Sampled (near-greedy: each draft accepted) the rows come from RowDistributions, whose row must be named too;
+    the lookup drafts of the test above were rejected there before row 2."""
+    stats = SpecStats()
+    with pytest.raises(EdgemtpError) as caught:
+        speculative_generate(BrokenTarget(spoil), CleanGreedy(), [[1, 2, 3, 1, 2]], 10, sampling, k=3, stats=stats)
+    assert "at every token for position 8 (token 4 of the reply), so no token can be chosen" in str(caught.value)
+    clean = speculative_generate(FakeTarget(), CleanGreedy(), [[1, 2, 3, 1, 2]], 10, sampling, k=3)[0]
+    assert clean.accepted == clean.drafted > 0  # the drafts are right: the bad row is reached by acceptance
+
 def test_the_repetition_penalty_reads_a_streams_distinct_ids_not_its_whole_history(monkeypatch):
     """Every step converted the whole history (prompt and reply) into an array for the penalty: 1-2 ms a token at
     32k tokens. The rounds now hand it the stream's distinct ids (a draft's added), as many as the vocabulary at
