@@ -2030,6 +2030,30 @@ def test_a_repetition_penalty_reaches_the_mtp_drafts(setup):
     assert changed
 
 
+
+def test_bad_mtp_drafter_logits_name_the_position_of_their_draft_step(setup, monkeypatch):
+    """Sampled MTP drafting whose drafter gives NaN logits at the third step of the first round: the error names
+    the drafter and the position that step drafted. After a prompt of P tokens and the prefill's token (position
+    P), step 0 drafts position P + 1 and step 2 position P + 3: the reply's 4th token. Without the step's row the
+    error named step 0's position."""
+    from edgemtp.runtime.sampling import Sampling
+
+    engine = Engine.load(setup[1], mtp=True, threads=1)
+    head_step, steps = DrafterSession.head_step, []
+
+    def nan_at_the_third(self, *args, **kwargs):
+        ids, logits, candidates, h = head_step(self, *args, **kwargs)
+        steps.append(1)
+        return ids, (np.full_like(logits, np.nan) if len(steps) == 3 else logits), candidates, h
+
+    monkeypatch.setattr(DrafterSession, "head_step", nan_at_the_third)
+    prompt = [int(t) for t in setup[3][0][:9]]
+    with pytest.raises(EdgemtpError) as caught:
+        list(engine.token_stream(prompt, 10, Sampling(0.8, seed=1), draft=Draft("mtp", k=3)))
+    assert str(caught.value).startswith("the bundle's MTP drafter gave logits that hold NaN or are -inf at every "
+                                        f"token for position {len(prompt) + 3} (token 4 of the reply)"), caught.value
+    assert len(steps) == 3  # the first round's third step: no other step ran before it
+
 def test_acceptance_counts_a_draft_only_after_right_ones(monkeypatch):
     """rate[k]: right drafts k over the positions where drafts 1..k-1 were all right (and k's label is known);
     tokens_per_round = 1 + sum_k prod_{j<=k} rate[j]. Fed fixed picks through a stand-in for `unroll`."""
