@@ -982,6 +982,8 @@ def test_mtp_draft_without_drafter_is_clear(tiny_gemma3, monkeypatch):
             r = run(command, tiny_gemma3[2], *(["--prompt", "t1"] if command == "generate" else []), "--draft", mode,
                     "--provider", "cuda")
             assert_one_line_error(r, f"{tiny_gemma3[2]}: bundle has no MTP drafter")
+    r = run("generate", tiny_gemma3[2], "--prompt", "t1", "--draft", "mtp", "--provider", "cdua")
+    assert_one_line_error(r, "--provider")  # a mistyped provider is named, as without --draft mtp
 
 
 def test_export_quantized_and_evaluate(tiny_gemma3, tmp_path):

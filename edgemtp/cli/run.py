@@ -191,6 +191,7 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
     """(engine, draft) for generate's and chat's options, each checked before any work."""
     from .. import bundle as bundle_mod
     from ..runtime.engine import Draft, Engine, check_mtp_drafter
+    from ..runtime.session import resolve_provider
 
     source = click.get_current_context().get_parameter_source
     if no_draft:
@@ -206,6 +207,7 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
     if mtp:  # said before the load, whose warnings (a provider missing from the build) would come first
+        resolve_provider(provider, warn=False)  # a mistyped --provider is still the one named
         check_mtp_drafter(bundle_mod.load(Path(bundle_dir), verify=False))
     engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
                          reuse_prefix=reuse_prefix, chat_args=chat_args or None)
