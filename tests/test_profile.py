@@ -704,16 +704,25 @@ def test_the_bandwidth_is_the_fastest_kernels_median_read(monkeypatch):
     assert bandwidth.measure_bandwidth(repeats=5) == 600 / 3.0
 
 
-def test_a_static_bundles_step_reads_no_kv_on_top_of_its_weights(tiny_gemma3):
-    """decode_bytes adds the KV read at a context for a dynamic graph only (a static graph's bundle: none)."""
+def test_a_static_bundles_step_reads_its_whole_kv_cache(tiny_gemma3, tmp_path):
+    """A static graph takes every layer's whole cache buffers as inputs and scores all C positions, masked
+    (exporters/static.py's attention: sliding layers too), so each step reads the keys and values of the
+    capacity whatever the context; the weights alone stay decode_bytes(b). It counted no KV at all."""
+    import numpy as np
+    import onnx
+
     from edgemtp import bundle as bundle_mod
+    from edgemtp.exporters import export
     from edgemtp.runtime.bandwidth import decode_bytes
 
-    b = bundle_mod.load(tiny_gemma3[2], verify=False)
+    b = bundle_mod.load(export(tiny_gemma3[1], tmp_path / "static", capacity=64, static_window=5))
     weights = b.manifest["files"]["target.onnx.data"]["bytes"]
-    assert decode_bytes(b, 40) > decode_bytes(b) == weights
-    b.manifest["graphs"]["target"]["contract"]["static"] = True
-    assert decode_bytes(b, 40) == decode_bytes(b) == weights
+    graph = onnx.load(str(b.graph("target").path), load_external_data=False).graph
+    past = sum(4 * int(np.prod([d.dim_value for d in i.type.tensor_type.shape.dim])) for i in graph.input
+               if i.name.startswith("past_key_values."))  # fp32 [1, Nk, C, D] each
+    assert past > 0 and decode_bytes(b) == weights
+    for context in (1, 5, 40):
+        assert decode_bytes(b, context) == weights + past
 
 
 def _measured_row(**config) -> dict:

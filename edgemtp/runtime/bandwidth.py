@@ -74,20 +74,30 @@ def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: in
 
 def decode_bytes(bundle, context: int = 0) -> int:
     """Bytes a plain decode step reads (a Bundle) with `context` tokens in the cache: the target's weights,
-    each once (the tied embedding whole, by the head), and the KV cache its attention reads (kv_read_bytes;
-    none for a static graph's bundle). A --gemv-head bundle with an MTP drafter also keeps the untransposed
-    table for the drafter (exporters/gemv_head.py), which plain decoding does not read; so did every
-    --gemv-head bundle exported before session 20 (manifest value `true`). A drafter's own weights are not
-    read either."""
+    each once (the tied embedding whole, by the head), and the KV cache its attention reads (kv_read_bytes; a
+    static graph's bundle reads every layer's whole cache, whatever the context: static_kv_read_bytes). A
+    --gemv-head bundle with an MTP drafter also keeps the untransposed table for the drafter
+    (exporters/gemv_head.py), which plain decoding does not read; so did every --gemv-head bundle exported
+    before session 20 (manifest value `true`). A drafter's own weights are not read either."""
     target = bundle.graph("target").path.name
     weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
                   if rel.endswith(".data") and rel.startswith(target))
     gemv = bundle.manifest["graphs"]["target"].get("gemv_head")
     if gemv is True or (isinstance(gemv, dict) and gemv.get("kept_table")):
         weights -= 4 * bundle.model["vocab_size"] * bundle.model["hidden_size"]
-    if context and not bundle.graph("target").contract.get("static"):
+    if context and bundle.graph("target").contract.get("static"):
+        weights += static_kv_read_bytes(bundle.target_contract.kv, bundle.target_contract.capacity)
+    elif context:
         weights += kv_read_bytes(bundle.target_contract.kv, context)
     return weights
+
+
+def static_kv_read_bytes(slots, capacity: int) -> int:
+    """Bytes of KV cache a static graph's step reads: it takes each layer's whole [1, Nk, C, D] buffers as
+    inputs and scores all C positions, masked to the context (exporters/static.py's attention; a sliding
+    layer's window is a mask too). Counting none, as before, put a static bundle's ceiling above what its
+    steps can reach."""
+    return sum(2 * 4 * s.num_heads * s.head_dim * capacity for s in slots)
 
 
 def kv_read_bytes(slots, context: int) -> int:
