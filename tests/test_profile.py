@@ -330,7 +330,7 @@ def test_a_rows_peak_rss_is_its_own(tiny_gemma3):
         assert "process's peak" not in report.ceiling_line(out)
     else:
         assert out["peak_rss"] == "process" and all(p >= before - 1 for p in peaks), (before, peaks)
-        assert "peak rss MB is the process's peak so far" in report.ceiling_line(out)
+        assert "peak rss MiB is the process's peak so far" in report.ceiling_line(out)
 
 
 def test_profile_leaves_the_callers_peak_rss_alone(tiny_gemma3, monkeypatch):
@@ -759,7 +759,8 @@ def test_every_format_puts_each_measure_in_its_own_column():
         "head": "", "adaptive": "", "draft_p_min": "0.0",
         "pp t/s": "101.2 ± 2.5", "tg t/s": "31.8 ± 1.2", "ttft ms": "88",
         "accept": "0.62", "tok/fwd": "2.25", "draft ms": "1.5", "verify ms": "7.2", "other ms": "0.8",
-        "peak rss MB": "321"}  # the peak, as peak_rss_mb and the README say: "rss MB" read as the current size
+        "peak rss MiB": "321"}  # the peak, as peak_rss_mb and the README say: "rss MB" read as the current size
+    # in MiB (VmHWM / 1024): labelled MB beside the line's decimal GB, 2,010 of them read as 2.01 GB, not 2.11
     assert ("bandwidth ceiling of plain decoding: 10.0 tokens/s (1.25 GB of weights per token at 12.5 GB/s); "
             "bundle 2.50 GB") in lines
     cached = {**result["ceiling"], "by_prompt_tokens": [

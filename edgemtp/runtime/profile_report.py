@@ -16,7 +16,7 @@ from ..scratch import as_open_makes, hidden_prefix
 
 CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive", "draft_p_min")
 COLUMNS = [*CONFIG, "pp t/s", "tg t/s",
-           "ttft ms", "accept", "tok/fwd", "draft ms", "verify ms", "other ms", "peak rss MB"]
+           "ttft ms", "accept", "tok/fwd", "draft ms", "verify ms", "other ms", "peak rss MiB"]
 
 
 def _cells(r: dict) -> list[str]:
@@ -79,8 +79,8 @@ def _with_cache(by_prompt: list[dict]) -> str:
 def _peak_note(result: dict) -> str:
     if result.get("peak_rss", "row") == "row":
         return ""
-    return "; peak rss MB is the process's peak so far, not each row's (not reset: this system cannot, or the caller " \
-           "of profile() did not ask to)"
+    return "; peak rss MiB is the process's peak so far, not each row's (not reset: this system cannot, or the " \
+           "caller of profile() did not ask to)"
 
 
 def render(result: dict, fmt: str, speedups: list[dict]) -> str:
