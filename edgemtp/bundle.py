@@ -25,8 +25,11 @@ from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
 FORMAT = "edgemtp-bundle"
-SCHEMA_VERSION = 2  # 2: a target contract may have window_views (graph inputs an older runtime would not feed)
-READS = (1, 2)  # version 1 bundles load as they are
+# 2: a target contract may have window_views (graph inputs an older runtime would not feed); 3: window_views on
+# sliding layers with several KV heads, whose view from an offset on an older runtime bound in place (not contiguous
+# memory: it refused the pass). A bundle is written with the oldest version that describes it (schema_of).
+SCHEMA_VERSION = 3
+READS = (1, 2, 3)  # version 1 bundles load as they are
 # an exported manifest is kB (12 kB for Gemma 3 270M): one far larger is not read whole into memory
 MAX_MANIFEST_BYTES = 1 << 24
 
@@ -102,8 +105,18 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> None:
             rel = p.relative_to(bundle_dir).as_posix()
             files[rel] = {"bytes": p.stat().st_size, "sha256": sha256(p)}
     own = {k: v for k, v in manifest.items() if k != "edgemtp_version"}  # a quantized copy's source bundle's
-    full = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "edgemtp_version": __version__, **own, "files": files}
+    full = {"format": FORMAT, "schema_version": schema_of(own), "edgemtp_version": __version__, **own, "files": files}
     (bundle_dir / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+
+
+def schema_of(manifest: dict) -> int:
+    """The oldest schema version describing `manifest`, so an older edgemtp still runs a bundle it can: 3 where a
+    contract's window views cover sliding layers with several KV heads, else 2."""
+    for graph in manifest.get("graphs", {}).values():
+        c = graph.get("contract") or {}
+        if c.get("window_views") and any(s.get("window") and s.get("num_heads", 1) > 1 for s in c.get("kv", [])):
+            return 3
+    return 2
 
 
 @dataclass(frozen=True)

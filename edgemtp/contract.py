@@ -143,9 +143,6 @@ def graph_mismatch(contract: TargetContract, inputs: dict, outputs: dict | None 
             static = any(n.startswith("attention_bias") for n in inputs)  # static_target's mask inputs
             return (f"the graph lacks the input {name}, which a dynamic target is fed" +
                     (" (a static graph: its contract needs \"static\": true)" if static else ""))
-    if contract.window_views != (WINDOW_SEQLENS_K in inputs):
-        return (f"window_views is {str(contract.window_views).lower()}, but the graph "
-                f"{'lacks' if contract.window_views else 'has'} the input {WINDOW_SEQLENS_K}")
     outputs = outputs or {}
     seq = (list(inputs.get(INPUT_IDS) or []) + [None, None])[1]  # the new positions' symbolic dimension
     present = (list(outputs.get(present_key(contract.kv[0].layer)) or []) + [None] * 4)[2]
@@ -155,6 +152,9 @@ def graph_mismatch(contract: TargetContract, inputs: dict, outputs: dict | None 
             holds = "only the new positions" if update == "rows" else "the whole cache"
             return (f"its kv_update is {contract.kv_update!r}, but the graph's {present_key(contract.kv[0].layer)} "
                     f"holds {holds} (kv_update {update!r})")
+    if contract.window_views != (WINDOW_SEQLENS_K in inputs):
+        return (f"window_views is {str(contract.window_views).lower()}, but the graph "
+                f"{'lacks' if contract.window_views else 'has'} the input {WINDOW_SEQLENS_K}")
     for name, size, field in ((LOGITS, contract.vocab_size, "vocab_size"), (LAST_HIDDEN, contract.hidden_size,
                                                                            "hidden_size")):
         shape = list(outputs.get(name) or [])

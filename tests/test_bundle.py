@@ -367,9 +367,34 @@ def test_a_manifest_nested_too_deep_or_too_large_is_named(tmp_path, monkeypatch)
         bundle.load(tmp_path)
 
 
-def test_version_1_bundles_still_load(tiny_gemma3, tmp_path):
+def test_a_bundle_is_written_with_the_oldest_schema_that_describes_it(tiny_gemma3):
+    """Schema 3 only where window views cover sliding layers with several KV heads (an edgemtp reading up to 2
+    bound those views in place, which is not contiguous memory): a bundle an older edgemtp can run stays 2."""
+    m = json.loads((tiny_gemma3[2] / "edgemtp.json").read_text())
+    target = m["graphs"]["target"]["contract"]
+    assert target["window_views"] and {s["num_heads"] for s in target["kv"] if s["window"]} == {2}
+    assert m["schema_version"] == bundle.schema_of(m) == bundle.SCHEMA_VERSION == 3
+    one_head = json.loads(json.dumps(m))
+    for s in one_head["graphs"]["target"]["contract"]["kv"]:
+        s["num_heads"] = 1
+    assert bundle.schema_of(one_head) == 2
+    target["window_views"] = False
+    assert bundle.schema_of(m) == 2  # several KV heads, no views: as schema 2 wrote them
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_bundle(tmp_path_factory):
+    """A tiny Llama: graphs without window views (every Gemma target has them), as every bundle of schema 1."""
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    root = tmp_path_factory.mktemp("tiny_llama")
+    return export(save_tiny(tiny("llama"), root / "model"), root / "bundle", capacity=64)
+
+
+def test_version_1_bundles_still_load(tiny_llama_bundle, tmp_path):
     """Schema 2 only adds what a version-1 bundle lacks (a contract's window_views, default off)."""
-    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    b = copy_bundle(tiny_llama_bundle, tmp_path)
     m = json.loads((b / "edgemtp.json").read_text())
     assert m["schema_version"] == 2
     m["schema_version"] = 1
@@ -378,20 +403,20 @@ def test_version_1_bundles_still_load(tiny_gemma3, tmp_path):
     (b / "edgemtp.json").write_text(json.dumps(m))
     old = bundle.load(b)
     assert old.manifest["schema_version"] == 1 and not old.target_contract.window_views
-    want = Engine.load(tiny_gemma3[2]).generate("t1 t2 t3", max_new_tokens=6).tokens
+    want = Engine.load(tiny_llama_bundle).generate("t1 t2 t3", max_new_tokens=6).tokens
     assert Engine.load(b).generate("t1 t2 t3", max_new_tokens=6).tokens == want
     from edgemtp.exporters.quantize import quantize_bundle
 
     q = json.loads((quantize_bundle(b, tmp_path / "q", "fp16", calibration=None) / "edgemtp.json").read_text())
-    assert q["schema_version"] == bundle.SCHEMA_VERSION  # a copy this edgemtp wrote, whatever its source's
+    assert q["schema_version"] == 2  # a copy this edgemtp wrote (schema_of: no window views), whatever its source's
 
 
-def test_a_bundle_of_the_first_releases_shape_generates_the_same(tiny_gemma3, tmp_path):
+def test_a_bundle_of_the_first_releases_shape_generates_the_same(tiny_llama_bundle, tmp_path):
     """The manifest of a bundle the first release exported (schema 1): no batched verify graph, contracts without
     kv_update and window_views, no edgemtp_version or source. It loads and generates what it did (checked against
     real bundles of earlier commits, whose manifests are these fields less); --fast-verify is named, not a
     traceback."""
-    b = copy_bundle(tiny_gemma3[2], tmp_path)
+    b = copy_bundle(tiny_llama_bundle, tmp_path)
     m = json.loads((b / "edgemtp.json").read_text())
     verify = m["graphs"].pop("verify")["file"]
     (b / verify).unlink()
@@ -399,7 +424,7 @@ def test_a_bundle_of_the_first_releases_shape_generates_the_same(tiny_gemma3, tm
     for key in ("kv_update", "window_views"):
         del m["graphs"]["target"]["contract"][key]
     (b / "edgemtp.json").write_text(json.dumps({**m, "schema_version": 1}))
-    want = Engine.load(tiny_gemma3[2]).generate_batch(["t1 t2 t3", "t5 t6 t7 t5 t6"], max_new_tokens=12)
+    want = Engine.load(tiny_llama_bundle).generate_batch(["t1 t2 t3", "t5 t6 t7 t5 t6"], max_new_tokens=12)
     with Engine.load(b) as engine:
         got = engine.generate_batch(["t1 t2 t3", "t5 t6 t7 t5 t6"], max_new_tokens=12)
     assert [g.tokens for g in got] == [w.tokens for w in want]
@@ -539,7 +564,7 @@ def test_a_manifest_names_the_edgemtp_writing_it_not_the_source_bundles(tmp_path
     (tmp_path / "a.bin").write_bytes(b"xyz")
     bundle.write_manifest(tmp_path, {"edgemtp_version": "0.0.1", "model": {"vocab_size": 3}})
     m = json.loads((tmp_path / "edgemtp.json").read_text())
-    assert m == {"format": "edgemtp-bundle", "schema_version": bundle.SCHEMA_VERSION,
+    assert m == {"format": "edgemtp-bundle", "schema_version": 2,  # no graphs: schema_of's oldest
                  "edgemtp_version": edgemtp.__version__, "model": {"vocab_size": 3},
                  "files": {"a.bin": {"bytes": 3, "sha256": hashlib.sha256(b"xyz").hexdigest()}}}
 
@@ -1592,8 +1617,11 @@ CONTRACT = (*TARGET, "contract")
      r"\['batch', 'num_logits', 96\]"),
     (lambda m: [c.update(hidden_size=32) for c in (m["model"], *(g["contract"] for g in m["graphs"].values()))],
      "its hidden_size is 32, but the graph's output last_hidden_state"),
-    (lambda m: m["graphs"]["target"]["contract"].update(window_views=True),
-     "window_views is true, but the graph lacks the input window_seqlens_k"),
+    (lambda m: m["graphs"]["target"]["contract"].update(window_views=False),
+     "window_views is false, but the graph has the input window_seqlens_k"),
+    (lambda m: m["graphs"]["verify"]["contract"].update(window_views=True),
+     "graphs.verify.contract does not match target_verify.onnx: window_views is true, but the graph lacks the input "
+     "window_seqlens_k"),
     (lambda m: m["graphs"]["target"].update(file="target_verify.onnx"),
      "graphs.target.contract does not match target_verify.onnx: its kv_update is 'in_place', but the graph's "
      r"present.0.key holds only the new positions \(kv_update 'rows'\)"),
@@ -2072,8 +2100,9 @@ def test_window_views_hold_the_widest_sliding_window():
 
 def test_kv_cache_views_are_its_buffers_and_one_that_would_copy_is_refused():
     """The OrtValues a pass binds are the cache's buffers: the whole row for full-attention layers, the sliding
-    layers' from the window offset on (one row, one KV head: still contiguous). A view over two rows or two
-    heads from an offset would be a copy, written into for nothing: refused. nbytes counts keys and values."""
+    layers' from the window offset on (one row, one KV head: still contiguous). A view over two rows from an
+    offset would be a copy, written into for nothing: refused. Two heads from an offset bind the row's shadows
+    (copies filled and copied back by before_pass / after_pass). nbytes counts keys, values and shadows."""
     from edgemtp.contract import KVSlot
     from edgemtp.runtime.kv_cache import KVCache
 
@@ -2086,8 +2115,17 @@ def test_kv_cache_views_are_its_buffers_and_one_that_would_copy_is_refused():
     with pytest.raises(ValueError, match="layer 0: a view from position 8 needs one row and one KV head"):
         cache.ort_values(slice(0, 2), window_offset=8)
     wide = KVCache((KVSlot(0, 2, 4, 8),), 1, 16)
-    with pytest.raises(ValueError, match="layer 0: a view from position 4 needs one row and one KV head"):
-        wide.ort_values(slice(0, 1), window_offset=4)
+    assert wide.shadow_room == 16  # 1.5 windows and SHADOW_EXTRA, at most the capacity
+    wide.keys[0][0] = np.arange(2 * 16 * 4).reshape(2, 16, 4)
+    wide.lengths[0] = 9
+    wide.before_pass(slice(0, 1), 4)
+    (k, _), = wide.ort_values(slice(0, 1), window_offset=4).values()
+    shadow = wide._shadows[0][0][0]
+    assert k.shape() == [1, 2, 16, 4] and k.data_ptr() == shadow.ctypes.data
+    np.testing.assert_array_equal(shadow[0, :, :5], wide.keys[0][0, :, 4:9])  # positions 4..8, each head's
+    shadow[0, :, 5] = -1.0  # what a pass of one new position writes at position 9
+    wide.after_pass(slice(0, 1), 4, 9, 1)
+    assert (wide.keys[0][0, :, 9] == -1.0).all() and wide.nbytes == 2 * (2 * 16 * 4 + 2 * 16 * 4) * 4
 
 
 def checked_files(tmp_path, monkeypatch, n: int) -> list[Path]:
@@ -2271,10 +2309,15 @@ class ContractTarget:
         io = self.session.io_binding()
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
+        copies = []  # several KV heads: (buffer, the copy of its rows from off on bound instead)
         for s in c["kv"]:
             for kind in ("key", "value"):
                 buf = self.kv[(s["layer"], kind)]
-                view = ort.OrtValue.ortvalue_from_numpy(buf[:, :, off:] if s["window"] and self.window else buf)
+                rows = buf[:, :, off:] if s["window"] and self.window else buf
+                if not rows.flags.c_contiguous:  # each head's rows a capacity apart: a copy holding the new rows too
+                    rows = np.concatenate([rows[:, :, :self.length - off], np.zeros_like(rows[:, :, :new])], axis=2)
+                    copies.append((buf, rows))
+                view = ort.OrtValue.ortvalue_from_numpy(rows)
                 io.bind_ortvalue_input(f"past_key_values.{s['layer']}.{kind}", view)
                 io.bind_ortvalue_output(f"present.{s['layer']}.{kind}", view)  # the same memory: in place
         logits = np.empty((1, num_logits, c["vocab_size"]), np.float32)
@@ -2282,6 +2325,8 @@ class ContractTarget:
         io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         io.bind_ortvalue_output("last_hidden_state", ort.OrtValue.ortvalue_from_numpy(hidden))
         self.session.run_with_iobinding(io)
+        for buf, rows in copies:  # the pass's new rows into the buffer
+            buf[:, :, self.length:total] = rows[:, :, self.length - off:]
         self.length, self.history, self.offsets = total, self.history + list(ids), self.offsets | {off}
         return logits, hidden
 
@@ -2314,7 +2359,7 @@ def test_an_app_decoding_by_the_documented_contract_gets_the_engines_tokens(kind
     with Engine.load(bundle_dir) as engine:
         assert tokens == list(engine.token_ids(prompt, 30))
     # one KV head: the sliding layers were read through views past their buffers' start (window 8)
-    assert (kind == "mqa") == bool(target.contract["window_views"]) == (max(target.offsets) > 0)
+    assert target.contract["window_views"] and max(target.offsets) > 0  # kv_heads_2: from copies of the rows
 
 
 def engine_draft(bundle_dir, prompt, token, k):

@@ -1,5 +1,6 @@
-"""Every runtime path on a tiny Gemma 4 whose sliding layers have 2 KV heads (as E4B): no window views, so the
-sliding layers are handed their whole buffers and GroupQueryAttention masks the past beyond the window. Contexts
+"""Every runtime path on a tiny Gemma 4 whose sliding layers have 2 KV heads (as E4B): one-row passes hand the
+sliding layers a copy of the window's end (kv_cache's shadows), batched ones the whole buffers, where
+GroupQueryAttention masks the past beyond the window. Contexts
 run well past 2x the window (8): greedy against transformers' generate, lookup and MTP drafting, batches of rows
 of different lengths, seeded sampling, chat turns over a kept cache, int8 / int4 bundles."""
 
@@ -69,10 +70,11 @@ def upto_stop(tokens: list[int], stop_ids) -> list[int]:
     return tokens[:ends[0] + 1] if ends else tokens
 
 
-def test_engine_is_two_kv_heads_without_window_views(engines):
+def test_engine_is_two_kv_heads_with_window_views(engines):
+    """Two KV heads on the sliding layers: one-row passes bind copies of the window's end (kv_cache's shadows)."""
     for engine in engines.values():
         contract = engine.target.contract
-        assert not contract.window_views and contract.kv[0].num_heads == 2 and contract.kv[0].window == WINDOW
+        assert contract.window_views and contract.kv[0].num_heads == 2 and contract.kv[0].window == WINDOW
         assert engine.capacity == 64
 
 

@@ -162,8 +162,9 @@ def _randomize_norms(model) -> None:
                                   "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn", "granite",
                                   "ministral3", "mistral3_multimodal"])
 def test_logits_match_transformers(kind, tmp_path):
-    """gemma3_text_mqa has one KV head, as Gemma 3 270M: its sliding layers read their buffers from
-    TargetContract.window_offset on, which moves 5 times over these steps. llama_hd24: head size 24, which
+    """The Gemma graphs' sliding layers read their buffers from TargetContract.window_offset on, which moves 5 times
+    over these steps: in place with one KV head (gemma3_text_mqa, as Gemma 3 270M), a copy with two (the rest).
+    llama_hd24: head size 24, which
     GroupQueryAttention refuses to rotate itself (q and k are rotated before it). +gemv: export --gemv-head,
     whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2). llama_bias: llama's
     attention_bias, biases on q/k/v and o_proj. qwen2_bias_false: config.json says attention_bias false, which
@@ -178,7 +179,7 @@ def test_logits_match_transformers(kind, tmp_path):
     export(model_dir, tmp_path / "bundle", capacity=64, gemv_head=head == "gemv")
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
-    assert contract.window_views == (kind in ("gemma3_text_mqa", "gemma2_mqa"))
+    assert contract.window_views == kind.startswith("gemma")
     assert gemv_ifs(tmp_path / "bundle") == (head == "gemv")  # else a +gemv case is its plain one over again
     if contract.window_views:
         assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
@@ -195,6 +196,8 @@ def test_logits_match_transformers(kind, tmp_path):
                                    err_msg=f"{kind}'s hidden state at position {start}")
         start += n
     assert start > 2 * WINDOW
+    # several KV heads on the sliding layers: the one-row passes from an offset on bound copies (kv_cache's shadows)
+    assert bool(cache._shadows) == (contract.window_views and any(s.window and s.num_heads > 1 for s in contract.kv))
 
 
 @pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding", "gemma2",
@@ -587,3 +590,56 @@ def test_yarn_ramp_ends_at_the_last_rotated_pair(tmp_path):
     cfg, _ = load_config(tmp_path)
     want = dict(model.model.rotary_emb.named_buffers())["inv_freq"].numpy()
     np.testing.assert_allclose(inv_freq(cfg.rope[FULL], 32), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [0, 3])
+def test_window_copies_of_two_kv_heads_match_transformers(extra, tmp_path, monkeypatch):
+    """Sliding layers with 2 KV heads: a one-row pass from TargetContract.window_offset on binds copies of the
+    window's end (kv_cache's shadows), filled from the buffers, its new rows copied back. Shadows with little room
+    (SHADOW_EXTRA 0 or 3 positions past 1.5 windows) make a long one-row pass bind the whole buffers; batched
+    passes (the verify graph, decode steps of 2 rows) write the buffers and leave the shadows stale; a rollback
+    re-runs positions. Every pass's logits are transformers' for its positions."""
+    from edgemtp.runtime import kv_cache
+
+    monkeypatch.setattr(kv_cache, "SHADOW_EXTRA", extra)
+    model = tiny("gemma3_text")
+    model_dir = save_tiny(model, tmp_path / "model")
+    export(model_dir, tmp_path / "bundle", capacity=64)
+    target = Engine.load(tmp_path / "bundle").target
+    ids = np.random.default_rng(2).integers(0, 96, size=(2, 60))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids)).logits.numpy()
+    cache = target.new_cache(2)
+    assert cache.shadow_room == WINDOW + WINDOW // 2 + extra
+    fills = []
+    fill = cache.before_pass
+    monkeypatch.setattr(cache, "before_pass", lambda rows, offset: fills.append(
+        (rows.start, offset, cache._shadow_from.get(rows.start))) or fill(rows, offset))
+
+    def run(rows: slice, n: int) -> None:  # each row's next n tokens (rows' lengths differ)
+        starts = [int(cache.lengths[b]) for b in range(rows.start, rows.stop)]
+        got, _ = target.forward(np.stack([ids[b, s:s + n] for b, s in zip(range(rows.start, rows.stop), starts)]),
+                                cache, rows=rows, n_logits=n)
+        for i, (b, s) in enumerate(zip(range(rows.start, rows.stop), starts)):
+            np.testing.assert_allclose(got[i], want[b, s:s + n], atol=1e-3, rtol=0, err_msg=f"row {b} at {s}, {n} new")
+
+    both, row0, row1 = slice(0, 2), slice(0, 1), slice(1, 2)
+    run(both, 5)  # 2 rows x 5 positions: the verify graph, which writes the buffers
+    for _ in range(10):
+        run(both, 1)  # decode steps of 2 rows: the whole buffers
+    for n in [1, 1, 3, 1, 4, 1, 1, 2, 1, 1]:
+        run(row0, n)  # from an offset on: the shadows
+    cache.rollback(0, int(cache.lengths[0]) - 3)  # rejected drafts: the same positions again
+    run(row0, 3)
+    run(row1, 12)  # 12 new positions past an offset: no room in the small shadows
+    run(both, 1)
+    for _ in range(3):
+        run(row0, 1)  # the batched step wrote the buffers: the shadows are filled again
+    run(row1, 1)
+    assert int(cache.lengths[0]) > 3 * WINDOW
+    offsets = [(b, offset, held) for b, offset, held in fills if offset]
+    assert offsets and all(b in (0, 1) for b, _, _ in offsets)
+    # a fill where the shadows held another offset or none (stale), kept where they held the pass's offset
+    assert any(held is None for _, _, held in offsets) and any(held == offset for _, offset, held in offsets)
+    one_row_from_0 = [b for b, offset, _ in fills[-6:] if not offset]  # the 12 new positions of row 1, the 2 rows
+    assert one_row_from_0 == [1, 0], fills[-6:]

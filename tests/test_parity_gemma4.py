@@ -31,7 +31,7 @@ def tiny(kind: str):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    if kind == "gemma4_text_mqa":  # one KV head on the sliding layers, as E2B: window_views
+    if kind == "gemma4_text_mqa":  # one KV head on the sliding layers, as E2B: window views in place
         model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**{**TEXT, "num_key_value_heads": 1}))
     elif kind == "gemma4_text":
         model = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**TEXT))
@@ -73,9 +73,10 @@ def test_logits_match_transformers(kind, tmp_path):
     heads = 1 if kind == "gemma4_text_mqa" else 2
     assert [(s.num_heads, s.head_dim, s.window) for s in contract.kv[:2]] == [(heads, 16, WINDOW), (1, 32, None)]
     assert contract.drafter_kv == {S: 3, F: 4}
-    assert contract.window_views == (kind == "gemma4_text_mqa")
-    if contract.window_views:  # the sliding owners' buffers (and so layers 5 and 6's reads) start there
-        assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
+    # the sliding owners' buffers (and so layers 5 and 6's reads) start there: in place with one KV head (E2B),
+    # a copy with two (E4B: kv_cache's shadows)
+    assert contract.window_views
+    assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
     ref = reference_logits(model, ids, CHUNKS)
     cache = engine.target.new_cache(1)
@@ -87,6 +88,7 @@ def test_logits_match_transformers(kind, tmp_path):
         hiddens.append(hidden)
         start += n
     assert start > 2 * WINDOW
+    assert bool(cache._shadows) == (heads > 1)
     assert np.ptp(np.concatenate(ref, axis=1)) > 1.0  # logits spread enough for the tolerance to mean something
     # last_hidden_state is what transformers' MTP candidate generator hands the drafter: hidden_states[-1]
     # (post final norm for Gemma 4)

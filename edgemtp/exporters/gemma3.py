@@ -25,9 +25,9 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     io = nn.target_inputs(b)
     slots = kv_slots(cfg)
     views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
-    # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer,
-    # which is contiguous memory when the layer has one KV head (TargetContract.window_offset)
-    window_views = in_place and all(s.num_heads == 1 for s in slots if s.window)
+    # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer
+    # (TargetContract.window_offset; with several KV heads a copy of it, runtime/kv_cache.py's shadows)
+    window_views = in_place
     window = nn.window_lengths(b) if window_views else None
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, math.sqrt(cfg.hidden_size))

@@ -49,10 +49,9 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     own_types = sorted(set(cfg.layer_types[:cfg.first_shared]))
     caches = {t: nn.gqa_rope(b, cfg.rope[t], cfg.type_head_dim(t), capacity, io) for t in own_types}
     tables = {t: rotary.rope_tables(b, cfg.rope[t], cfg.type_head_dim(t), io.position_ids) for t in shared_types}
-    # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer,
-    # which is contiguous memory when the layer has one KV head (TargetContract.window_offset)
-    window_views = all(s.num_heads == 1 for s in slots if s.window)
-    window = nn.window_lengths(b) if window_views else None
+    # GQA scores a sliding layer's whole past: one-row passes hand it only the window's end of the buffer
+    # (TargetContract.window_offset; with several KV heads a copy of it, runtime/kv_cache.py's shadows)
+    window = nn.window_lengths(b)
     views = {t: nn.cache_view(b, io, cfg.sliding_window, window) if t == SLIDING else nn.cache_view(b, io, None)
              for t in shared_types}
     for i, t in enumerate(cfg.layer_types):
@@ -66,7 +65,7 @@ def build(cfg: Gemma4Config, capacity: int) -> tuple[GraphBuilder, C.TargetContr
     logits = nn.tied_head(b, nn.last_positions(b, x, io.num_logits), head_key, cfg.vocab_size, cfg.hidden_size)
     nn.graph_outputs(b, nn.softcap(b, logits, cfg.final_logit_softcapping), x, cfg.vocab_size, cfg.hidden_size)
     return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots, drafter_kv=cfg.drafter_kv(),
-                               window_views=window_views)
+                               window_views=True)
 
 
 def text_ids(b: GraphBuilder, cfg: Gemma4Config, ids: str) -> str:

@@ -3,6 +3,13 @@
 The target graph writes new keys/values into these buffers in place (past and present are bound to
 the same memory), so appending costs only the new positions. Rollback after a rejected draft is
 `lengths[b] = n`: positions past the length are ignored by attention and overwritten later.
+
+A one-row pass of a `window_views` graph binds its sliding layers' buffers from an offset on (TargetContract.
+window_offset). With one KV head that is a view of the buffer itself; with several it is not contiguous (each
+head's rows sit a whole capacity apart), so those layers bind a "shadow" instead: a copy of the row's positions
+from the offset on, [1, Nk, room, D], kept beside the buffer. The pass writes its new keys and values into the
+shadow, and after_pass copies them into the buffer, which stays whole and current for everything else (batched
+passes, the verify graph, an MTP drafter reading the cache).
 """
 
 from __future__ import annotations
@@ -12,6 +19,10 @@ import onnxruntime as ort
 
 from ..contract import KVSlot
 from ..errors import EdgemtpError
+
+# Positions a shadow holds past the 1.5 windows a one-row pass can start back (TargetContract.window_offset): the
+# new ones of a decode step or a verify window; a longer one-row pass (a chat turn's prompt) binds the whole buffers.
+SHADOW_EXTRA = 64
 
 
 class KVCache:
@@ -27,6 +38,12 @@ class KVCache:
                                f"{size / 1e9:,.1f} GB ({len(slots)} layers), more than this machine can allocate "
                                "(the bundle's KV capacity)") from None
         self.lengths = np.zeros(batch, np.int64)
+        # sliding layers with several KV heads: one-row passes from an offset on bind shadows (module docstring)
+        self.shadowed = tuple(s for s in slots if s.window and s.num_heads > 1)
+        widest = max((s.window for s in slots if s.window), default=0)
+        self.shadow_room = min(capacity, widest + max(1, widest // 2) + SHADOW_EXTRA)
+        self._shadows: dict[int, dict] = {}  # row -> {layer: (keys, values) [1, Nk, room, D]}, made when first used
+        self._shadow_from: dict[int, int] = {}  # row -> the offset its shadows hold positions from (absent: stale)
         self._views: dict = {}
         self._window_views: dict = {}  # rows -> (offset, every layer's views, the sliding ones from it)
         self.passes: dict = {}  # IOBindings over these buffers, kept by Target for small passes and by the drafters
@@ -34,8 +51,9 @@ class KVCache:
     def ort_values(self, rows: slice, window_offset: int = 0) -> dict[int, tuple[ort.OrtValue, ort.OrtValue]]:
         """OrtValues over the buffers of sequences `rows` (contiguous: the batch axis is first).
 
-        `window_offset` > 0 (one row, one KV head): the sliding-window layers' buffers from that position on,
-        still contiguous memory, so a graph writing into them writes into the buffers."""
+        `window_offset` > 0 (one row): the sliding-window layers' buffers from that position on, still contiguous
+        memory with one KV head, so a graph writing into them writes into the buffers; with several, the row's
+        shadows (before_pass fills them, after_pass copies a pass's new rows back)."""
         key = (rows.start, rows.stop)
         if key not in self._views:
             self._views[key] = {layer: self._view(layer, rows, 0) for layer in self.keys}
@@ -44,9 +62,47 @@ class KVCache:
         offset, views = self._window_views.get(key, (None, None))
         if offset != window_offset:  # one offset kept per rows: it moves every half window
             views = {**self._views[key],
-                     **{s.layer: self._view(s.layer, rows, window_offset) for s in self.slots if s.window}}
+                     **{s.layer: self._view(s.layer, rows, window_offset) for s in self.slots
+                        if s.window and s not in self.shadowed},
+                     **{layer: tuple(map(ort.OrtValue.ortvalue_from_numpy, kv))
+                        for layer, kv in (self._shadow(rows.start) if self.shadowed else {}).items()}}
             self._window_views[key] = (window_offset, views)
         return views
+
+    def _shadow(self, b: int) -> dict:
+        if b not in self._shadows:
+            self._shadows[b] = {s.layer: tuple(np.zeros((1, s.num_heads, self.shadow_room, s.head_dim), np.float32)
+                                               for _ in range(2)) for s in self.shadowed}
+        return self._shadows[b]
+
+    def window_fits(self, offset: int, end: int) -> bool:
+        """Whether a one-row pass binding from `offset` and reaching position `end` fits the shadows (if any)."""
+        return not self.shadowed or end - offset <= self.shadow_room
+
+    def before_pass(self, rows: slice, offset: int) -> None:
+        """Fills row `rows.start`'s shadows from `offset` on, unless they hold those positions already."""
+        b = rows.start
+        if not self.shadowed or not offset or self._shadow_from.get(b) == offset:
+            return
+        n = int(self.lengths[b]) - offset  # the positions there: the pass adds its own
+        for layer, kv in self._shadow(b).items():
+            for buffer, shadow in zip((self.keys, self.values), kv):
+                shadow[0, :, :n] = buffer[layer][b, :, offset:offset + n]
+        self._shadow_from[b] = offset
+
+    def after_pass(self, rows: slice, offset: int, start: int, S: int) -> None:
+        """After a pass of S new positions from `start` (one row's length before it): the new rows into the
+        buffers (bound from `offset` on, a shadow's); a pass bound to the buffers leaves the rows' shadows stale."""
+        if not self.shadowed:
+            return
+        if not offset:
+            for b in range(*rows.indices(self.batch)):
+                self._shadow_from.pop(b, None)
+            return
+        b, at = rows.start, start - offset
+        for layer, kv in self._shadow(b).items():
+            for buffer, shadow in zip((self.keys, self.values), kv):
+                buffer[layer][b, :, start:start + S] = shadow[0, :, at:at + S]
 
     def _view(self, layer: int, rows: slice, offset: int) -> tuple[ort.OrtValue, ort.OrtValue]:
         arrays = [buffer[layer][rows, :, offset:] for buffer in (self.keys, self.values)]
@@ -64,4 +120,5 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys.values(), self.values.values()))
+        shadows = sum(a.nbytes for row in self._shadows.values() for kv in row.values() for a in kv)
+        return shadows + sum(k.nbytes + v.nbytes for k, v in zip(self.keys.values(), self.values.values()))

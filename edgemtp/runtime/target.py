@@ -75,14 +75,18 @@ class Target:
         offset = 0
         if self.contract.window_views:  # sliding layers read from an offset on when the pass has one row
             offset = self.contract.window_offset(int(lengths[0])) if len(lengths) == 1 else 0
+            if not cache.window_fits(offset, int(lengths[0]) + S):  # past the shadows' room: the whole buffers
+                offset = 0
             feeds[C.WINDOW_SEQLENS_K] = (lengths + S - 1 - offset).astype(np.int32)
             feeds[C.WINDOW_TOTAL_SEQ_LEN] = np.array(int(lengths.max()) + S - offset, np.int32)
+        cache.before_pass(rows, offset)
         if self.contract.kv_update != "in_place":
             outputs = self._rows_pass(cache, rows, names, feeds, lengths, S)
         elif S <= REUSED_PASS_MAX and self.keeps_passes:
             outputs = self._reused_pass(cache, rows, offset, (n_logits, *names), feeds).run(feeds)
         else:  # a prefill (or any pass off the CPU): bound once, run once
             outputs = _Pass(self, cache.ort_values(rows, offset), offset, tuple(names), feeds).run(feeds)
+        cache.after_pass(rows, offset, int(lengths[0]), S)
         cache.lengths[rows] += S
         return outputs
 
