@@ -285,3 +285,13 @@ def test_bench_head_and_decode_on_the_real_model(gemma3_270m_bundle, capsys, mon
     assert "decode step = " in out
     out = run("bench_head.py", "--rounds", 1, "--shapes", "270m", capsys=capsys, monkeypatch=monkeypatch)
     assert sane([float(s.split("ms")[1].split("x")[0]) for s in out.splitlines() if " ms " in s])
+
+
+def test_window_copies(tiny_gemma3, capsys, monkeypatch):
+    """On the tiny Gemma 3 with 2 sliding KV heads: both kinds of step at each context, the same logits."""
+    out = run("window_copies.py", "--bundle", tiny_gemma3[2], "--contexts", "16,40", "--pairs", 1, capsys=capsys,
+              monkeypatch=monkeypatch)
+    lines = out.strip().splitlines()
+    assert "2 of 4 KV-owning layers slide with several KV heads (window 8)" in lines[0], out
+    assert [line.split(":")[0] for line in lines[1:]] == ["context     16", "context     40"], out
+    assert all(sane(figures(line)) and "(logits 0.0e+00 apart)" in line for line in lines[1:]), out
