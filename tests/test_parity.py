@@ -643,3 +643,32 @@ def test_window_copies_of_two_kv_heads_match_transformers(extra, tmp_path, monke
     assert any(held is None for _, _, held in offsets) and any(held == offset for _, offset, held in offsets)
     one_row_from_0 = [b for b, offset, _ in fills[-6:] if not offset]  # the 12 new positions of row 1, the 2 rows
     assert one_row_from_0 == [1, 0], fills[-6:]
+
+
+def test_window_copies_interrupted_while_filled_are_filled_again(tiny_gemma3, monkeypatch):
+    """A Ctrl-C landing in before_pass's copies (KeptCache keeps a cache a Ctrl-C stopped, for the next chat turn)
+    leaves a row's shadows half filled from the new offset: they must not still count as holding the old one,
+    which a rollback's next pass (from the old offset) would read without filling them again."""
+    model, _, bundle_dir = tiny_gemma3
+    target = Engine.load(bundle_dir).target
+    ids = np.random.default_rng(5).integers(0, 96, size=(1, 24))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids)).logits.numpy()
+    cache = target.new_cache(1)
+    target.forward(ids[:, :12], cache)  # one row from position 0: the whole buffers
+    for n in range(12, 16):
+        target.forward(ids[:, n:n + 1], cache)  # from offset 4 (window 8, half-window steps): the shadows
+    assert cache._shadow_from == {0: 4} and target.contract.window_offset(16) == 8
+
+    class Interrupted(dict):  # the values buffers: the keys' copy from offset 8 done, then Ctrl-C
+        def __getitem__(self, layer):
+            raise KeyboardInterrupt
+
+    values, cache.values = cache.values, Interrupted(cache.values)
+    with pytest.raises(KeyboardInterrupt):
+        target.forward(ids[:, 16:17], cache)
+    cache.values = values
+    assert int(cache.lengths[0]) == 16
+    cache.rollback(0, 14)  # the next turn's common prefix: from offset 4 again
+    got, _ = target.forward(ids[:, 14:18], cache, n_logits=4)
+    np.testing.assert_allclose(got[0], want[0, 14:18], atol=1e-3, rtol=0)

@@ -85,6 +85,8 @@ class KVCache:
         if not self.shadowed or not offset or self._shadow_from.get(b) == offset:
             return
         n = int(self.lengths[b]) - offset  # the positions there: the pass adds its own
+        # stale while being filled: a Ctrl-C here (KeptCache keeps the cache) must not leave them held at an old offset
+        self._shadow_from.pop(b, None)
         for layer, kv in self._shadow(b).items():
             for buffer, shadow in zip((self.keys, self.values), kv):
                 shadow[0, :, :n] = buffer[layer][b, :, offset:offset + n]
