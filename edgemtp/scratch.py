@@ -103,6 +103,14 @@ def parents_made(out: Path) -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def scratch_beside(out: Path, kind: str) -> Iterator[Path]:
+    """A scratch directory beside output `out` (named after it: a killed run's goes at the next run writing the
+    same output), with the directories missing above `out` made, and removed again if the block fails."""
+    with parents_made(out), scratch_dir(Path(out).parent, hidden_prefix(out, f"edgemtp-{kind}-")) as path:
+        yield path
+
+
 def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
     """Removes the directories in `parent` named as held_dir names them that no live process holds."""
     if fcntl is None:

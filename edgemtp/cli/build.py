@@ -148,12 +148,10 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
         return
     from ..bundle import check_output
     from ..gguf_import import import_gguf
-    from ..scratch import hidden_prefix, parents_made, scratch_dir
+    from ..scratch import scratch_beside
 
     check_output(out, overwrite)  # an existing output is named before minutes of import, not after
-    # a killed export's scratch goes at the next one writing the same output (scratch.py); the directories
-    # made for the output go again if the export fails
-    with parents_made(out), scratch_dir(Path(out).parent, hidden_prefix(out, "edgemtp-gguf-")) as scratch:
+    with scratch_beside(out, "gguf") as scratch:  # the directories made for the output go again if it fails
         with progress_bar(f"importing {model_dir.name}") as progress:
             source = import_gguf(model_dir, scratch / "model", progress=progress)
         imported = f"{model_dir} (imported)"  # errors and warnings name the file the user gave, not the scratch

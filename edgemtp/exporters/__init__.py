@@ -295,7 +295,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     """fp32 export into a scratch directory, then the quantizer rewrites it into `out` (atomically)."""
     from ..calibration import activations as A
     from ..checkpoint import open_tokenizer
-    from ..scratch import hidden_prefix, parents_made, scratch_dir
+    from ..scratch import scratch_beside
     from .quantize import (check_options, check_patterns_change, check_patterns_match, check_shapes, check_widths,
                            check_window, quantize_bundle)
 
@@ -321,8 +321,7 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
         if sch is not None and sch.needs_activations:  # and one shorter than a calibration window
             ids = text.token_ids(open_tokenizer(Path(model_dir) / "tokenizer.json"))
             check_window(text, ids, resolve_capacity(capacity, cfg), cfg.bos_token_id is not None)
-    # held: scratch.py; the directories made for the output go again if the export fails
-    with parents_made(out), scratch_dir(Path(out).parent, hidden_prefix(out, "edgemtp-fp32-")) as scratch:
+    with scratch_beside(out, "fp32") as scratch:  # the directories made for the output go again if it fails
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
                       drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows if drafter else AUTO,
                       drafter_head_context=drafter_head_context, gemv_head=False)
@@ -336,7 +335,7 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
     """A static fp32 export into a scratch directory, then onnxruntime's static QDQ quantization
     (8-bit weights per channel, 8- or 16-bit activations) calibrated on real text run through it."""
     from ..calibration import activations as A
-    from ..scratch import hidden_prefix, parents_made, scratch_dir
+    from ..scratch import scratch_beside
     from .qdq import METHODS, OPS, WindowReader, quantize_static_qdq
 
     if static_window is None:
@@ -360,8 +359,7 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
     if tokens < static_window:
         raise EdgemtpError(f"--calibration-tokens {tokens} must be at least the verify window ({static_window})")
     text = A.calibration_text(source, max_chars=QDQ_TEXT_CHARS)
-    # held: scratch.py; the directories made for the output go again if the export fails
-    with parents_made(out), scratch_dir(Path(out).parent, hidden_prefix(out, "edgemtp-fp32-")) as scratch:
+    with scratch_beside(out, "fp32") as scratch:  # the directories made for the output go again if it fails
         fp32 = bundle_mod.load(export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress,
                                       static_window=static_window), verify=False)
         entry = fp32.graph("target")

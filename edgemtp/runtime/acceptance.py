@@ -64,10 +64,11 @@ def greedy_choices(logits: np.ndarray, sampling: Sampling, history: Sequence[int
                      for i, row in enumerate(logits)])
 
 
-def in_row(i: int, choose, *args):
-    """choose(*args), a BadLogits from it saying it came from row i of a block (the caller names the position)."""
+def in_row(i: int, choose, *args, **kwargs):
+    """choose(*args, **kwargs), a BadLogits from it saying it came from row i of a block (a verify pass's position,
+    a draft's step: the caller names the position)."""
     try:
-        return choose(*args)
+        return choose(*args, **kwargs)
     except BadLogits as e:
         e.row = i
         raise

@@ -136,7 +136,8 @@ class DrafterSession:
         --draft-p-min does: its step is paid for, and its verify position costs little on a memory-bound
         target. Gemma 3 270M, T 0.8, top-p 0.95, K 4 (offline): p_min 0.2 kept 1.88 tokens a round for 2.84
         drafter steps, dropped 1.80 for the same steps; 0.3 kept 1.84 for 2.29."""
-        from .sampling import BadLogits, Seen, distribution, draw, penalize
+        from .acceptance import in_row
+        from .sampling import Seen, distribution, draw, penalize
 
         if ctx is None or ctx.hidden is None or ctx.cache is None or k < 1:
             return [], None
@@ -155,11 +156,8 @@ class DrafterSession:
                 logits = scatter(candidates, logits, self.vocab_size)
             seen = history_seen.plus(tokens) if sampling.penalized else ()
             if not sampling.greedy:
-                try:
-                    distribution(logits[0, 0], sampling, seen, out=q[i], source="the bundle's MTP drafter")
-                except BadLogits as e:  # step i's: the draft's i-th token (generation names its position)
-                    e.row = i
-                    raise
+                # step i's BadLogits: the draft's i-th token (generation names its position)
+                in_row(i, distribution, logits[0, 0], sampling, seen, out=q[i], source="the bundle's MTP drafter")
                 ids = np.array([[draw(q[i], ctx.rng)]], np.int64)
             elif sampling.penalized:
                 logits = penalize(logits[0, 0], sampling, seen)[None, None]
