@@ -700,6 +700,40 @@ def test_a_signal_inside_the_first_piece_s_echo_ends_its_line(chat_bundle, monke
     assert r.stdout == "> " * terminal + pieces[0] + "\n", r.stdout
 
 
+@pytest.mark.parametrize("at", [0, 2], ids=["first", "third"])
+def test_ctrl_c_inside_a_piece_s_echo_at_a_terminal_keeps_the_reply_as_shown(chat_bundle, monkeypatch, at):
+    """Ctrl-C at a terminal landing inside click.echo of a reply's piece, after its text is out but before the
+    reply recorded it: the reply stops with that piece, as shown, kept in the conversation, and the line ends.
+    In the first piece it said "stopped before it began" and dropped the message though the piece was on the
+    screen; in a later one the conversation kept the reply without the piece shown last."""
+    import click
+
+    from edgemtp.cli import chat as chat_mod
+
+    echo, pieces = click.echo, []
+
+    def interrupted_inside(message=None, *args, **kwargs):
+        echo(message, *args, **kwargs)
+        if kwargs.get("nl") is False and message != "> " and len(pieces) <= at:  # a reply's piece, written
+            pieces.append(message)
+            if len(pieces) == at + 1:
+                raise KeyboardInterrupt  # from the handler run inside the echo
+
+    monkeypatch.setattr(click, "echo", interrupted_inside)
+    monkeypatch.setattr(chat_mod, "stdin_is_terminal", lambda: True)
+    r = CliRunner().invoke(cli, ["chat", str(chat_bundle), "--max-new-tokens", "8", "--no-draft"],
+                           input="t3 t4\nt5\n")
+    assert r.exit_code == 0 and len(pieces) == at + 1 and all(pieces), (r.exception, r.output)
+    assert "(reply stopped: the conversation keeps it as it stands" in r.stderr, r.stderr
+    first = "".join(pieces)
+    lines = [line.removeprefix("> ") for line in r.stdout.splitlines()]
+    assert r.stdout.startswith("> " + first + "\n"), r.stdout
+    fresh = Engine.load(chat_bundle)
+    chat = [{"role": "user", "content": "t3 t4"}, {"role": "assistant", "content": first},
+            {"role": "user", "content": "t5"}]
+    assert lines[1] == fresh.generate(chat, 8).text, r.output
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal (POSIX)")
 @pytest.mark.parametrize("leave,status", [(signal.SIGTERM, 143), (getattr(signal, "SIGHUP", None), 129), ("eof", 0)],
                          ids=["sigterm", "sighup", "ctrl-d"])

@@ -99,19 +99,20 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             click.echo(json.dumps(gen.to_json()))
             messages.append({"role": "assistant", "content": gen.text})
             continue
-        stats, reply, stream, shown = new_stats(draft), [], None, False
+        stats, reply, stream = new_stats(draft), [], None
         try:
             stream = engine.stream(messages, max_new_tokens, sampling, draft, stats=stats)  # checks the turn's room
             for piece in stream:
-                shown = True  # before the echo: a signal inside it can come once its text is out, not yet in reply
-                click.echo(piece, nl=False)
+                # before the echo: a signal inside it can come once its text is out, and the reply then is what
+                # the screen shows (a Ctrl-C in the first piece's echo dropped the message, its text on screen)
                 reply.append(piece)
+                click.echo(piece, nl=False)
         except (KeyboardInterrupt, SystemExit) as e:
             # at a terminal Ctrl-C stops the reply, as in other chats, and the chat goes on; SIGTERM / SIGHUP, or a
             # program's SIGINT, end the chat, the reply so far with its line end, as generate's text (SIGHUP: the
             # terminal may be gone)
             if isinstance(e, SystemExit) or not interactive:
-                if shown:
+                if reply:
                     end_line()
                 raise
             if stream is not None:  # the engine keeps the cache of what was generated (reuse_prefix) for the next turn
