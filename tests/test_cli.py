@@ -92,6 +92,37 @@ def test_ctrl_c_ends_the_streamed_text_with_its_speed_line(tiny_gemma3, monkeypa
                         r.stderr), r.stderr
 
 
+@pytest.mark.parametrize("stop,status", [(KeyboardInterrupt, 130), (SystemExit(143), 143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_before_any_text_prints_no_line_end(tiny_gemma3, monkeypatch, stop, status):
+    """Ctrl-C or SIGTERM during `generate` before its first piece was printed: stdout stays empty (it got an empty
+    line), the speed line says "interrupted". Landing inside the first piece's echo, after its text is out, the
+    line that text started ends, as later in the stream."""
+    bundle = tiny_gemma3[2]
+    stream, echo, pieces = Engine.stream, click.echo, []
+
+    def interrupted(self, *args, **kwargs):  # the signal comes as the first piece does, before its echo
+        for piece in stream(self, *args, **kwargs):
+            raise stop
+            yield piece
+
+    monkeypatch.setattr(Engine, "stream", interrupted)
+    r = run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 8, "--no-draft")
+    assert r.exit_code == status and r.stdout == "", (r.exception, r.output)
+    assert re.fullmatch(r"\[prefill \d+ tokens at [\d.]+ tok/s; decode 0 tokens at [\d.]+ tok/s; interrupted\]\n",
+                        r.stderr), r.stderr
+
+    def signalled_inside(message=None, *args, **kwargs):
+        echo(message, *args, **kwargs)
+        if kwargs.get("nl") is False and not pieces:  # the first piece, written
+            pieces.append(message)
+            raise stop  # from the handler run inside the echo
+
+    monkeypatch.setattr(Engine, "stream", stream)
+    monkeypatch.setattr(click, "echo", signalled_inside)
+    r = run("generate", bundle, "--prompt", "t1 t2 t3", "--max-new-tokens", 8, "--no-draft")
+    assert r.exit_code == status and pieces[0] and r.stdout == pieces[0] + "\n", (r.exception, r.output)
+
+
 def test_a_sighup_with_its_terminal_gone_exits_with_its_status(tiny_gemma3, monkeypatch):
     """SIGHUP (the terminal or the ssh session closed) mid-stream: the line end and the speed line cannot be
     written (EIO on a terminal that is gone); the command still exits with the shell's status for it, 129, not

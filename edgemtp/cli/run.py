@@ -121,16 +121,18 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
     if as_json:
         click.echo(json.dumps(engine.generate(request, max_new_tokens, sampling, draft, stop=stop).to_json()))
         return
-    stats = new_stats(draft)
+    stats, shown = new_stats(draft), False
     try:
         for piece in engine.stream(request, max_new_tokens, sampling, draft, stats=stats, stop=stop):
+            shown = True  # before the echo: a signal inside it can come once its text is out
             click.echo(piece, nl=False)
     except (KeyboardInterrupt, SystemExit) as e:
         # Ctrl-C, or SIGTERM / SIGHUP as exit_on_termination_signals's exit (`timeout`, kill): the text ends where
         # it got to, with its speed line (not click's "Aborted!"), and the command with the shell's status for it
         stats.stop_reason = "interrupted"
         with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
-            click.echo()
+            if shown:  # a line end for the text's line; before any text it was an empty line of its own
+                click.echo()
             click.echo(speed_line(stats), err=True)
         sys.exit(e.code if isinstance(e, SystemExit) else 130)
     click.echo()
