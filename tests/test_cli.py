@@ -614,6 +614,35 @@ def test_a_text_stream_holding_a_piece_closed_mid_pass_ends_as_one_holding_none(
             assert list(stream) == []
 
 
+def test_a_text_stream_holding_a_piece_when_its_engine_closed_mid_pass_ends_as_one_holding_none(tiny_gemma3):
+    """Engine.close alone (the stream left open) while another thread's text stream is inside a pass whose token
+    it holds back (the start of a stop string, " t12" of " t12 t12x"): that read raised "the engine was closed",
+    the held piece lost. Now it ends as one holding nothing does: that pass's text, then the closed-engine error
+    at the next read."""
+
+    from edgemtp.runtime.engine import Engine
+
+    want = list(Engine.load(tiny_gemma3[2]).stream("t1 t2", 6))
+    assert want[:2] == ["t75", " t12"]
+    for stop in (None, " t12 t12x"):
+        engine = Engine.load(tiny_gemma3[2])
+        inside, go = hold_second_pass(engine)
+        stream = engine.stream("t1 t2", 6, stop=stop)
+        got, errors = [next(stream)], []
+
+        def read():
+            try:
+                got.extend(stream)
+            except EdgemtpError as e:
+                errors.append(str(e))
+
+        reader = close_while_held(engine, read, inside, go)
+        assert not reader.is_alive() and got == want[:2], (stop, got, errors)
+        assert len(errors) == 1 and errors[0].startswith("the engine was closed"), (stop, errors)
+        with pytest.raises(EdgemtpError, match="^the engine was closed"):
+            next(stream)
+
+
 def test_a_stream_closed_by_another_thread_ends_as_a_close_does(tiny_gemma3):
     """The reader's read after another thread's close mid-pass runs the generator's ending, as the reader's own
     close would: what it ran is kept for reuse_prefix (the same prompt again runs its last token only, same

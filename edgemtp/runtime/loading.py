@@ -149,6 +149,10 @@ class Stream(Iterator):
         if self._closing or (inspect.isgenerator(self._gen) and self._gen.gi_frame is None):
             return
         self._ended = True
+        if self._inner is not None:  # as close(): a reader mid-pass holding its piece back reads its token stream's
+            # end, not "the engine was closed" (the held piece lost), and this stream says so at the next read
+            self._inner._closing = True
+            self._inner._run_ending()  # a text stream never read: its _pieces never got to close the token stream
         self._run_ending()  # what it ran is kept as a reader's close keeps it (reuse_prefix)
 
     def _run_ending(self) -> None:
@@ -176,5 +180,7 @@ class Streams:
     def end_all(self) -> None:
         with self._lock:
             live = list(self._live)
-        for stream in live:
+        # text streams first: their end says how their token streams end (ended first, a token stream would raise
+        # "the engine was closed" in a read its text stream's end left to end quietly)
+        for stream in sorted(live, key=lambda s: s._inner is None):
             stream.end()
