@@ -42,6 +42,28 @@ def test_count_accepted(draft, choice, want):
     assert count_accepted(np.array(draft, np.int64), np.array(choice)) == want
 
 
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(repetition_penalty=1.3)])
+def test_greedy_choices_read_the_rows_up_to_the_first_rejection_only(sampling):
+    """Verify rows after the first rejected draft are thrown away: NaN there (an overflow at a position the
+    target would not have reached) stopped generation. A NaN in a row that is used still raises, naming it."""
+    from edgemtp.runtime.sampling import BadLogits
+
+    logits = np.zeros((4, 8), np.float32)
+    logits[0, 2] = logits[1, 3] = logits[2, 4] = 5.0
+    logits[3] = np.nan
+    # draft [2, 6, 4]: row 0 accepts 2, row 1 rejects 6 and chooses 3; rows 2 and 3 are not read
+    assert list(acceptance.greedy_choices(logits, sampling, [1], [2, 6, 4])) == [2, 3]
+    logits[2] = np.nan
+    assert list(acceptance.greedy_choices(logits, sampling, [1], [2, 6, 4])) == [2, 3]
+    assert list(acceptance.greedy_choices(logits, sampling, [1], [7, 6, 4])) == [2]
+    with pytest.raises(BadLogits) as caught:  # draft [2, 3, 4]: row 2 is used, and bad
+        acceptance.greedy_choices(logits, sampling, [1], [2, 3, 4])
+    assert caught.value.row == 2
+    logits[2:] = 0.0
+    logits[2, 4] = 5.0
+    assert list(acceptance.greedy_choices(logits, sampling, [1], [2, 3, 4])) == [2, 3, 4, 0]  # all accepted
+
+
 def _first_token_pvalue(accept, p, q, n=2000, seed=0) -> float:
     """Chi-square p-value that the first token emitted by the rule `accept` is distributed as p[0]."""
     chi2 = pytest.importorskip("scipy.stats").chi2

@@ -53,15 +53,22 @@ def accept_sampled(draft: Sequence[int], p: "np.ndarray | RowDistributions", q: 
 
 def greedy_choices(logits: np.ndarray, sampling: Sampling, history: Sequence[int] | Seen,
                    draft: Sequence[int]) -> np.ndarray:
-    """The target's greedy token at each verify position [n+1] of logits [n+1, V], the positions following
-    history, then history + draft[:1], ... (the repetition penalty reads them; a stream's Seen: its ids)."""
+    """The target's greedy token at each verify position of logits [n+1, V] up to the first that rejects a draft
+    (or the last): [a+1] for a accepted drafts, the last the token that follows them. The positions follow
+    history, then history + draft[:1], ... (the repetition penalty reads them; a stream's Seen: its ids).
+    Rows after the first rejection are thrown away, so they are neither penalized nor checked: NaN in one (an
+    overflow at a position the reply does not reach) stopped generation."""
     if not sampling.penalized:
         choice = logits.argmax(axis=-1)
-        check_best(logits[np.arange(len(logits)), choice])
-        return choice
-    seen = as_seen(history)
-    return np.array([in_row(i, greedy_token, penalize(row, sampling, seen.plus(draft[:i])))
-                     for i, row in enumerate(logits)])
+        used = count_accepted(draft, choice) + 1
+        check_best(logits[np.arange(used), choice[:used]])
+        return choice[:used]
+    seen, choice = as_seen(history), []
+    for i, row in enumerate(logits):
+        choice.append(in_row(i, greedy_token, penalize(row, sampling, seen.plus(draft[:i]))))
+        if i == len(draft) or choice[i] != draft[i]:
+            break
+    return np.array(choice)
 
 
 def in_row(i: int, choose, *args, **kwargs):

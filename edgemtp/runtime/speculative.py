@@ -4,7 +4,7 @@ A round for one sequence whose cache holds L verified positions and whose last e
 in the cache yet:
 
     draft d0..d(K-1) -> target forward over [t, d0..d(K-1)] (K+1 positions, cache L -> L+K+1)
-    -> count_accepted() (greedy) or accept_sampled() (rejection sampling; runtime/acceptance.py)
+    -> greedy_choices() (greedy) or accept_sampled() (rejection sampling; runtime/acceptance.py)
     -> a accepted drafts
     -> commit: roll the cache back to L+1+a -> emit d0..d(a-1) + the target's own next token.
 
@@ -31,8 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import EdgemtpError
-from .acceptance import (RowDistributions, accept_sampled, count_accepted,  # _round calls them by these names
-                         greedy_choices)
+# count_accepted: callers and tests still find it here (greedy_choices counts the accepted drafts now)
+from .acceptance import RowDistributions, accept_sampled, count_accepted, greedy_choices  # noqa: F401
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .requests import check_request
@@ -344,9 +344,8 @@ def _accept(logits: np.ndarray, sampling: Sampling, s: _Seq, tokens: list[int], 
     distributions when sampled)."""
     history = s.history if s.seen is None else s.seen  # the penalty's distinct ids, where kept
     if sampling.greedy:
-        choice = greedy_choices(logits, sampling, history, tokens)
-        a = count_accepted(tokens, choice)
-        return a, int(choice[a])
+        choice = greedy_choices(logits, sampling, history, tokens)  # up to the first rejection
+        return len(choice) - 1, int(choice[-1])
     return accept_sampled(tokens, RowDistributions(logits, sampling, history, tokens), q, s.rng)
 
 
