@@ -675,6 +675,39 @@ def test_bad_logits_at_a_later_verify_row_name_that_rows_position(spoil, samplin
     clean = speculative_generate(FakeTarget(), CleanGreedy(), [[1, 2, 3, 1, 2]], 10, sampling, k=3)[0]
     assert clean.accepted == clean.drafted > 0  # the drafts are right: the bad row is reached by acceptance
 
+class NaNAtThirdStep(PromptLookupDrafter):
+    """An app's drafter choosing its tokens step by step with edgemtp's sampling, whose logits are NaN at its third
+    step (step 2): `tag` wraps each step in acceptance.in_row, as the bundle's MTP drafter does, or not."""
+
+    def __init__(self, tag: bool):
+        super().__init__()
+        self.tag = tag
+
+    def propose(self, history, k, ctx=None):
+        from edgemtp.runtime.sampling import pick
+
+        tokens = []
+        for i in range(k):
+            logits = np.full(FakeTarget.V, np.nan if i == 2 else 0.0)
+            step = (lambda: acceptance.in_row(i, pick, logits, ctx.sampling, ctx.rng)) if self.tag else (
+                lambda: pick(logits, ctx.sampling, ctx.rng))
+            tokens.append(step())
+        return tokens, None
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(0.8, seed=1)], ids=["greedy", "sampled"])
+def test_bad_logits_from_an_apps_drafter_are_placed_at_its_step_or_not_at_all(sampling):
+    """After a prompt of 5 and the prefill's token (position 5) the first draft's step 0 chooses position 6 and
+    step 2 position 8. A drafter tagging its steps (acceptance.in_row) names step 2's position; an untagged error
+    gives no step, and was put at step 0's position 6: now the draft's first position, 'or later'."""
+    with pytest.raises(EdgemtpError) as caught:
+        speculative_generate(FakeTarget(), NaNAtThirdStep(tag=True), [[1, 2, 3, 1, 2]], 10, sampling, k=3)
+    assert "at every token for position 8 (token 4 of the reply), so no" in str(caught.value)
+    with pytest.raises(EdgemtpError) as caught:
+        speculative_generate(FakeTarget(), NaNAtThirdStep(tag=False), [[1, 2, 3, 1, 2]], 10, sampling, k=3)
+    assert "at every token for position 6 or later (token 2 of the reply or later), so no" in str(caught.value)
+
+
 def test_the_repetition_penalty_reads_a_streams_distinct_ids_not_its_whole_history(monkeypatch):
     """Every step converted the whole history (prompt and reply) into an array for the penalty: 1-2 ms a token at
     32k tokens. The rounds now hand it the stream's distinct ids (a draft's added), as many as the vocabulary at

@@ -59,6 +59,10 @@ class Drafter(Protocol):
         was drawn from; None means a deterministic drafter (q one-hot at each token). n = 0: no
         guess (the round then takes a plain one-token step).
 
+        A drafter choosing tokens step by step with edgemtp's sampling (pick, distribution) wraps step i's choice
+        in acceptance.in_row(i, ...): a BadLogits then names the position that step drafted (untagged: the
+        draft's first position "or later").
+
         A drafter may also have `kind(history) -> Guess | None`, what kind of guess it would make (see
         guess_kind); the adaptive draft length learns acceptance per kind. One that combines drafters has
         `options(history)` instead (see guess_options)."""

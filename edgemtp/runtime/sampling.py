@@ -63,10 +63,11 @@ class Sampling:
 class BadLogits(EdgemtpError):
     """Logits no token can be chosen from: NaN among them, or -inf at every id. `source`: whose logits; `where`:
     where generation was (at), for the message. `row`: which row of a block of logits (a verify pass's, a draft's
-    steps) was the first bad one, which generation turns into a position."""
+    steps) was the first bad one, which generation turns into a position; None where no block was named (one
+    row's logits: an app's drafter that does not tag its steps with acceptance.in_row)."""
 
     def __init__(self, source: str = "the model", where: str = ""):
-        self.source, self.where, self.row = source, where, 0
+        self.source, self.where, self.row = source, where, None
         super().__init__(f"{source} gave logits that hold NaN or are -inf at every token{where}, so no token can be "
                          "chosen (a broken bundle, or a value that overflowed in its graph)")
 
@@ -74,6 +75,10 @@ class BadLogits(EdgemtpError):
         """The same error, naming the position in the sequence (prompt and reply, from 0) of the token its logits
         were to choose, and that token's place in the reply (from 1): where a long generation went wrong."""
         return BadLogits(self.source, f" for position {position} (token {token} of the reply)")
+
+    def at_or_after(self, position: int, token: int) -> "BadLogits":
+        """at(), for logits of a block whose row is unknown (row None) starting at that position."""
+        return BadLogits(self.source, f" for position {position} or later (token {token} of the reply or later)")
 
     def __reduce__(self):  # rebuilt from its fields (args holds the message only): pickling, copy
         return type(self), (self.source, self.where)
@@ -83,11 +88,13 @@ def check_best(best, source: str = "the model") -> None:
     """Raises BadLogits unless `best`, the logit argmax or max found (of each row), is above -inf. Free: argmax
     and max give NaN's place whenever a row holds one, and -inf only where every logit is -inf. Unchecked,
     greedy decoding took argmax's answer (the first NaN's id, or token 0) and went on: a stream of wrong tokens.
-    `source`: whose logits, for the message. The first bad row is found only once one is known bad."""
+    `source`: whose logits, for the message. The first bad row of a block (best [n]) is found only once one is known
+    bad; one row's (best a scalar) names none: its caller knows which it is (acceptance.in_row)."""
     best = np.asarray(best)
     if not np.all(best > -np.inf):
         error = BadLogits(source)
-        error.row = int(np.flatnonzero(~(best.reshape(-1) > -np.inf))[0])
+        if best.ndim:
+            error.row = int(np.flatnonzero(~(best.reshape(-1) > -np.inf))[0])
         raise error
 
 
@@ -195,7 +202,7 @@ def distribution(logits: np.ndarray, s: Sampling, seen: Sequence[int] = (),
     # the best logit subtracted before dividing: at a tiny temperature (5e-324) x / T overflows to inf, and
     # inf - inf would be NaN; (x - max) / T is 0 for the best and -inf or finite below it
     top = x.max(axis=-1, keepdims=True)
-    check_best(top, source)
+    check_best(top[..., 0], source)  # a block's rows named, one row's not
     if np.isposinf(top).any():  # logits a tiny repetition penalty sent past float32's range: inf - inf was NaN;
         x[...] = np.where(np.isposinf(x), 0.0, np.where(np.isposinf(top), -np.inf, x))  # they are the best, alike
         top = x.max(axis=-1, keepdims=True)

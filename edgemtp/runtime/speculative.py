@@ -352,10 +352,13 @@ def _accept(logits: np.ndarray, sampling: Sampling, s: _Seq, tokens: list[int], 
 def _located(s: _Seq, run, *args):
     """run(*args) for row `s`, whose BadLogits from row i of a block (a verify pass's i-th position, a draft's
     i-th step) becomes one that names the position of the token those logits were to choose: the row's history
-    ends with the token whose logits are the block's first."""
+    ends with the token whose logits are the block's first. One with no row (an app's drafter that does not tag
+    its steps) is placed at the block's first position or later: naming step 0's position was a guess."""
     try:
         return run(*args)
     except BadLogits as e:
+        if e.row is None:
+            raise e.at_or_after(len(s.history), len(s.out.tokens) + 1) from None
         raise e.at(len(s.history) + e.row, len(s.out.tokens) + e.row + 1) from None
 
 
