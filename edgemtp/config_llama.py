@@ -26,6 +26,10 @@ def parse_llama(hf: dict, source: str) -> TextConfig:
     # one (transformers 5.25: "Field 'head_dim' expected int"), which was read as 128 here
     if (qwen3 or ministral3) and "head_dim" in hf and hf["head_dim"] is None:
         pr.items.append(f"field 'head_dim' is null ({hf['model_type']} needs the head size)")
+    # MistralConfig and Ministral3Config refuse a null num_key_value_heads too ("expected int"), which was read as
+    # every head; the other classes here take null as every head
+    if (mistral or ministral3) and "num_key_value_heads" in hf and hf["num_key_value_heads"] is None:
+        pr.items.append(f"field 'num_key_value_heads' is null ({hf['model_type']} needs the KV head count)")
     head_dim = pr.opt(hf, "head_dim", int, 128 if qwen3 or ministral3 else hidden // heads if heads else 0)
     max_positions = pr.opt(hf, "max_position_embeddings", int, _MAX_POSITIONS.get(hf.get("model_type"), 2048))
     rope = one_rope(hf, pr, 2e6 if smollm3 else 10000.0, max_positions)  # SmolLM3Config's default_theta is 2e6

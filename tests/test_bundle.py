@@ -1378,6 +1378,32 @@ def test_ministral3_and_mistral3_configs(tmp_path):
         load_config(tmp_path)
 
 
+def test_a_null_kv_head_count_is_refused_where_transformers_refuses_it(tmp_path):
+    """MistralConfig and Ministral3Config refuse a null num_key_value_heads (transformers 5.25: "Field
+    'num_key_value_heads' expected int"); it was read as every head (multi-head attention, another model than
+    transformers loads, if any). Llama's, Qwen's and the others' configs take null as every head, as edgemtp."""
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+    from transformers import LlamaConfig, Ministral3Config, MistralConfig
+
+    from edgemtp.exporters import load_config
+
+    text = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": None, "num_hidden_layers": 2,
+            "intermediate_size": 96, "vocab_size": 96, "rms_norm_eps": 1e-5}
+    for kind, config_class in (("mistral", MistralConfig), ("ministral3", Ministral3Config)):
+        with pytest.raises(StrictDataclassFieldValidationError, match="Field 'num_key_value_heads' expected int"):
+            config_class(**text)
+        tower = {**text, "model_type": kind}
+        for config in (tower, {"model_type": "mistral3", "text_config": tower}):
+            (tmp_path / "config.json").write_text(json.dumps(config))
+            with pytest.raises(EdgemtpError) as caught:
+                load_config(tmp_path)
+            assert str(caught.value).endswith(f"field 'num_key_value_heads' is null ({kind} needs the KV head "
+                                              "count)"), caught.value
+    assert LlamaConfig(**text).num_key_value_heads == 4
+    (tmp_path / "config.json").write_text(json.dumps({**text, "model_type": "llama"}))
+    assert load_config(tmp_path)[0].num_kv_heads == 4
+
+
 def test_granite_multipliers(tiny_gemma3):
     """GraniteConfig's multipliers, 1 where unsaid (so a granite config without them is llama's maths), a
     logits_scaling of 0 refused (transformers divides by it)."""
