@@ -494,6 +494,25 @@ def test_cluster_model_writes_tables_and_reports(calibrated, tmp_path):
     assert agree["clustered int8 rows"] >= agree["clustered fp32 rows"] - 0.04
 
 
+def test_head_tables_interrupted_leave_none_of_the_directories_made_for_them(tmp_path, monkeypatch):
+    """`edgemtp cluster -o new1/new2/out` stopped while writing its tables (Ctrl-C, a full disk) removed the out
+    directory it made but left the empty new1/new2 it had made above it (as exports did: scratch.parents_made)."""
+    from edgemtp.calibration import head_report as hr
+
+    tables, meta = hr.load_head(hr.cluster_model(model_dir(tmp_path, table(203)), tmp_path / "a", clusters=10,
+                                                 top_k=3, calibration="none"))
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hr, "as_open_makes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hr.save_head(tmp_path / "new1" / "new2" / "out", tables, meta)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "model"]
+    monkeypatch.undo()
+    assert hr.save_head(tmp_path / "new1" / "new2" / "out", tables, meta).is_file()  # kept when it succeeds
+
+
 def test_the_same_tables_make_the_same_head_file(tmp_path):
     """head.safetensors is cached and shipped by its hash: the same tables and metadata are the same bytes
     (safetensors keeps the metadata in a hash map, whose order changed with every file written)."""

@@ -1878,7 +1878,7 @@ def test_train_drafter_refuses_a_model_or_bundle_as_its_output(tiny_gemma3, tmp_
 
 def test_a_missing_corpus_leaves_no_output_directory(tiny_gemma3, tmp_path, monkeypatch):
     """A corpus that is not installed (docs: python3.11-doc) is a refused run: no new -o directory left
-    behind (it held an empty cache/)."""
+    behind (it held an empty cache/), nor the directories made above it (`-o new1/new2/d` left them, empty)."""
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
@@ -1887,12 +1887,12 @@ def test_a_missing_corpus_leaves_no_output_directory(tiny_gemma3, tmp_path, monk
         raise EdgemtpError(f"{root}: missing (install the reST sources: apt-get install -y python3.11-doc)")
 
     monkeypatch.setattr(D, "docs_documents", missing)
-    out = tmp_path / "d"
-    r = CliRunner().invoke(cli, ["train-drafter", str(tiny_gemma3[1]), "-o", str(out), "--data", "docs=4",
-                                 "--heldout", "code=2", "--seq-len", "12", "--steps", "1", "--hidden", "16",
-                                 "--layers", "1"])
-    assert_one_line_error(r, "/nonexistent/_sources: missing", "python3.11-doc")
-    assert not out.exists()
+    for out in (tmp_path / "d", tmp_path / "new1" / "new2" / "d"):
+        r = CliRunner().invoke(cli, ["train-drafter", str(tiny_gemma3[1]), "-o", str(out), "--data", "docs=4",
+                                     "--heldout", "code=2", "--seq-len", "12", "--steps", "1", "--hidden", "16",
+                                     "--layers", "1"])
+        assert_one_line_error(r, "/nonexistent/_sources: missing", "python3.11-doc")
+        assert list(tmp_path.iterdir()) == [], out
 
 
 def test_draft_steps_past_the_window_are_refused_before_work(tiny_gemma3, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgemtpError
-from ..scratch import as_open_makes
+from ..scratch import as_open_makes, parents_made
 from .centroids import full_head_top, in_domain, packed_tables, predicted_mass
 from .clustering import HeadTables, check_sizes, cluster_vocab
 from .collect import POSITIONS, TOP, Progress, collect_calibration, head_top
@@ -111,25 +111,26 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
 
 def save_head(out_dir: Path, tables: HeadTables, meta: dict) -> Path:
     """Writes head.safetensors whole or not at all: to a temporary file renamed over it (a full disk or a
-    kill leaves an earlier head as it was, and a directory this call made is removed again)."""
+    kill leaves an earlier head as it was, and the directories this call made are removed again)."""
     data = _safetensors({"token_ordering": np.ascontiguousarray(tables.token_ordering, "<i8"),
                          "centroids": np.ascontiguousarray(tables.centroids, "<f4"),
                          "token_mask": np.ascontiguousarray(tables.token_mask, bool)},
                         {k: json.dumps(v) for k, v in sorted(meta.items())})
     made = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / HEAD_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{HEAD_FILE}.", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        as_open_makes(Path(tmp))  # mkstemp's 0600 would keep the tables from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        if made and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
+    with parents_made(out_dir):  # those made above out_dir go again too, once it is removed
+        out_dir.mkdir(exist_ok=True)
+        path = out_dir / HEAD_FILE
+        fd, tmp = tempfile.mkstemp(prefix=f".{HEAD_FILE}.", dir=out_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            as_open_makes(Path(tmp))  # mkstemp's 0600 would keep the tables from other users
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            if made and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            raise
     return path
 
 

@@ -31,6 +31,7 @@ import torch
 
 from ..config import TextConfig
 from ..errors import EdgemtpError
+from ..scratch import parents_made
 from . import EMBEDDING
 from . import model as M
 from . import run_files as R
@@ -190,16 +191,19 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     run = R.run_record(seed, data, spec, cfg)
     state = R.resume_state(out_dir / "checkpoint.pt", run, cfg, steps) if resume else None  # before the target pass
     made = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: a refused run leaves no directory
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    t0 = time.time()
-    try:
-        train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache", progress)
-    except EdgemtpError:  # a corpus not installed (docs: python3.11-doc) refuses the run too
-        if made:
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    # after the checks: a refused run leaves no directory, nor those made above it (once out_dir holds a cache,
+    # they stay with it)
+    with parents_made(out_dir):
+        out_dir.mkdir(exist_ok=True)
+        torch.set_num_threads(threads)
+        torch.manual_seed(seed)
+        t0 = time.time()
+        try:
+            train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache", progress)
+        except EdgemtpError:  # a corpus not installed (docs: python3.11-doc) refuses the run too
+            if made:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
     torch.set_num_threads(max(threads, label_threads))  # the target pass: big matmuls, no per-op stalls
     target = TargetPass(target_dir, cfg, vocab)
     caches = target_caches(target, train_ids, heldout_ids, out_dir / "cache", progress)
