@@ -21,8 +21,9 @@ from edgemtp.runtime import speculative as spec
 from edgemtp.runtime.drafting import DraftContext, PromptLookupDrafter, continuation, last_match
 from edgemtp.runtime.kv_cache import KVCache
 from edgemtp.runtime.sampling import Sampling, distribution
+from edgemtp.runtime.acceptance import count_accepted
 from edgemtp.runtime.speculative import (RowDistributions, SpecStats, Speculative, accept_sampled,
-                                         count_accepted, speculative_generate)
+                                         speculative_generate)
 from edgemtp.runtime.target import CapacityError
 
 

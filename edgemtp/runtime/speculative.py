@@ -31,8 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..errors import EdgemtpError
-# count_accepted: callers and tests still find it here (greedy_choices counts the accepted drafts now)
-from .acceptance import RowDistributions, accept_sampled, count_accepted, greedy_choices  # noqa: F401
+from .acceptance import RowDistributions, accept_sampled, greedy_choices
 from .draft_length import DraftLength
 from .drafting import DraftContext, Drafter, guess_options
 from .requests import check_request
