@@ -53,6 +53,19 @@ def test_json_schema(tiny_gemma3):
     assert {(s["batch"], s["draft_k"]) for s in out["speedups"]} == {(1, 2), (2, 2)}
 
 
+def test_the_json_records_fast_verify_and_the_drafter_provider(tiny_gemma3):
+    """--fast-verify and --drafter-provider change how the rows run: the JSON says which were given, as it does
+    the threads and repetitions (two files made with and without them looked alike)."""
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 2, "--repetitions", 1, "--draft-k", "0",
+                "--format", "json")
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (out["fast_verify"], out["drafter_provider"]) == (False, None)
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 2, "--repetitions", 1, "--draft-k", "0",
+                "--fast-verify", "--drafter-provider", "cpu", "--format", "json")
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert (out["fast_verify"], out["drafter_provider"]) == (True, "cpu")
+
+
 def test_adaptive_rows(tiny_gemma3):
     """--adaptive adds one row per drafter drafting adaptively up to the largest K, labelled as such."""
     r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 12, "--repetitions", 1,

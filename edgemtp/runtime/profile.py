@@ -345,7 +345,8 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
         gc.collect()  # its sessions' memory goes before the next engine loads
     return {"schema_version": SCHEMA_VERSION, "bundle": str(bundle_dir),
             "bundle_bytes": sum(f["bytes"] for f in bundle.manifest["files"].values()),
-            "threads": threads, "repetitions": repetitions,
+            "threads": threads, "repetitions": repetitions, "fast_verify": fast_verify,
+            "drafter_provider": drafter_provider,
             "peak_rss": "row" if all(r.peak_reset for r in rows) else "process",
             "ceiling": ceiling(bundle, threads, prompt_tokens, gen_tokens), "rows": [r.to_json() for r in rows]}
 
