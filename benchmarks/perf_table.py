@@ -7,7 +7,7 @@
 Prompts are held-out code (CPython stdlib source) and prose (python docs reST / Shakespeare), split
 by path hash exactly as the drafter's training data is (edgemtp.drafter.data). Greedy decoding.
 Prints a markdown table: per domain, batch and K, tg tokens/s (mean ± std), the ratio to K = 0 measured
-in the same run, tokens per target forward and acceptance; then the bandwidth ceiling.
+in the same run, tokens per round (a draft and its verification) and acceptance; then the bandwidth ceiling.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main() -> None:
         texts = {domain: heldout_text(domain) for domain in args.domains.split(",")}
     except EdgemtpError as e:
         raise SystemExit(f"--domains: {e}")
-    print("| domain | batch | drafter | K | tg tokens/s | × no draft | tokens/forward | acceptance "
+    print("| domain | batch | drafter | K | tg tokens/s | × no draft | tokens/round | acceptance "
           "| draft / verify / other ms per round |")
     print("|---|---|---|---|---|---|---|---|---|")
     result = None
@@ -71,7 +71,7 @@ def main() -> None:
             tg, split = r["tg_tokens_per_s"], r["split_ms_per_round"]
             ratio = tg["mean"] / base[r["batch"]] if r["batch"] in base else float("nan")
             print(f"| {domain} | {r['batch']} | {mode} | {r['draft_k']} | {tg['mean']:.1f} ± {tg['std']:.1f} | "
-                  f"{ratio:.2f}x | {r['tokens_per_forward']:.2f} | {r['acceptance_rate']:.2f} | "
+                  f"{ratio:.2f}x | {r['tokens_per_round']:.2f} | {r['acceptance_rate']:.2f} | "
                   f"{split['draft']:.1f} / {split['verify']:.1f} / {split['other']:.1f} |", flush=True)
     if result:
         print()

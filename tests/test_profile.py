@@ -17,7 +17,7 @@ from .cli_errors import assert_one_line_error
 
 ROW_CONFIG = {"draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive",
               "draft_p_min", "skipped"}
-ROW_MEASURES = {"pp_tokens_per_s", "tg_tokens_per_s", "ttft_s", "acceptance_rate", "tokens_per_forward",
+ROW_MEASURES = {"pp_tokens_per_s", "tg_tokens_per_s", "ttft_s", "acceptance_rate", "tokens_per_round",
                 "acceptance_by_position", "split_ms_per_round", "peak_rss_mb"}
 
 
@@ -31,7 +31,7 @@ def test_json_schema(tiny_gemma3):
     r = profile(tiny_gemma3[2], "--prompt-tokens", "8,60", "--gen-tokens", 6, "--repetitions", 2,
                 "--draft-k", "0,2", "--batch", "1,2", "--format", "json")
     out = json.loads(r.stdout[r.stdout.index("{"):])
-    assert out["schema_version"] == 1
+    assert out["schema_version"] == 2
     assert {"bundle", "bundle_bytes", "threads", "repetitions", "peak_rss", "ceiling", "rows", "speedups"} <= set(out)
     assert out["peak_rss"] in ("row", "process")
     assert {"bandwidth_gb_s", "weight_bytes", "tg_tokens_per_s", "by_prompt_tokens"} == set(out["ceiling"])
@@ -47,7 +47,7 @@ def test_json_schema(tiny_gemma3):
         assert row["tg_tokens_per_s"]["mean"] > 0 and row["pp_tokens_per_s"]["std"] >= 0
         assert set(row["split_ms_per_round"]) == {"draft", "verify", "other"}
         if row["draft_k"] == 0:
-            assert row["tokens_per_forward"] == 1.0 and row["drafter"] == "none"
+            assert row["tokens_per_round"] == 1.0 and row["drafter"] == "none"
         else:
             assert row["drafter"] == "lookup" and len(row["acceptance_by_position"]) <= 2
     assert {(s["batch"], s["draft_k"]) for s in out["speedups"]} == {(1, 2), (2, 2)}
@@ -106,7 +106,7 @@ def test_csv_has_one_number_per_cell(tiny_gemma3):
     assert {row["adaptive"] for row in rows} == {"false"}  # as json writes it, not Python's False
     for row in ran:
         assert float(row["tg_tokens_per_s_mean"]) > 0 and float(row["tg_tokens_per_s_std"]) >= 0
-        assert float(row["tokens_per_forward"]) >= 1 and float(row["peak_rss_mb"]) > 0
+        assert float(row["tokens_per_round"]) >= 1 and float(row["peak_rss_mb"]) > 0
 
 
 def test_trace_and_plot(tiny_gemma3, tmp_path):
@@ -522,7 +522,7 @@ def test_a_rows_measures_from_its_generations_counts_and_times(monkeypatch):
     row = prof.run_row(engine, prof.RowConfig(0, 4, 8, 11, "cpu", "none"), 2, None)
     assert row.pp_tokens_per_s == [32 / 0.4, 32 / 0.8] and row.tg_tokens_per_s == [40 / 2.0, 40 / 4.0]
     assert row.ttft_s == [0.4, 0.8]
-    assert row.tokens_per_forward == 80 / 20 and row.split_s == pytest.approx({"draft": 10, "verify": 20, "other": 30})
+    assert row.tokens_per_round == 80 / 20 and row.split_s == pytest.approx({"draft": 10, "verify": 20, "other": 30})
 
 
 def test_the_plain_one_prompt_row_runs_the_loop_generate_runs(tiny_gemma3, monkeypatch):
@@ -544,7 +544,7 @@ def test_the_plain_one_prompt_row_runs_the_loop_generate_runs(tiny_gemma3, monke
     monkeypatch.setattr(prof, "Speculative", lambda *a, **k: pytest.fail("the speculative loop ran"))
     row = prof.run_row(engine, prof.RowConfig(0, 1, 16, 9, "cpu", "none"), 1, None)
     assert [r[:2] for r in runs] == [(16, 8), (16, 8)]  # the warm-up, then the timed run: 9 tokens, 8 decoded
-    assert row.tg_tokens_per_s == [8 / runs[1][2]] and row.tokens_per_forward == 1.0
+    assert row.tg_tokens_per_s == [8 / runs[1][2]] and row.tokens_per_round == 1.0
     assert row.split_s == pytest.approx({"draft": 0, "verify": 1e3 * runs[1][2] / 8, "other": 0})
 
 
@@ -743,7 +743,7 @@ def _measured_row(**config) -> dict:
     return {"draft_k": 2, "batch": 1, "prompt_tokens": 8, "gen_tokens": 4, "provider": "cpu", "drafter": "lookup",
             "head": "", "adaptive": False, "draft_p_min": 0.0, "skipped": None, **config,
             "pp_tokens_per_s": {"mean": 101.25, "std": 2.5}, "tg_tokens_per_s": {"mean": 31.75, "std": 1.25},
-            "ttft_s": {"mean": 0.0875, "std": 0.001}, "acceptance_rate": 0.625, "tokens_per_forward": 2.25,
+            "ttft_s": {"mean": 0.0875, "std": 0.001}, "acceptance_rate": 0.625, "tokens_per_round": 2.25,
             "acceptance_by_position": [0.75, 0.5], "split_ms_per_round": {"draft": 1.5, "verify": 7.25, "other": 0.75},
             "peak_rss_mb": 321.0}
 
@@ -760,7 +760,7 @@ def test_every_format_puts_each_measure_in_its_own_column():
     rows = list(csv.DictReader(io.StringIO(report.render(result, "csv", []))))
     assert {k: float(v) for k, v in rows[0].items() if k in report.CSV_MEASURES} == {
         "pp_tokens_per_s_mean": 101.25, "pp_tokens_per_s_std": 2.5, "tg_tokens_per_s_mean": 31.75,
-        "tg_tokens_per_s_std": 1.25, "ttft_s_mean": 0.0875, "acceptance_rate": 0.625, "tokens_per_forward": 2.25,
+        "tg_tokens_per_s_std": 1.25, "ttft_s_mean": 0.0875, "acceptance_rate": 0.625, "tokens_per_round": 2.25,
         "draft_ms": 1.5, "verify_ms": 7.25, "other_ms": 0.75, "peak_rss_mb": 321.0}
     assert rows[1]["skipped"] == "why" and all(rows[1][k] == "" for k in report.CSV_MEASURES)
     md = report.render(result, "md", [{"drafter": "lookup", "draft_k": 2, "batch": 1, "prompt_tokens": 8,
@@ -771,7 +771,7 @@ def test_every_format_puts_each_measure_in_its_own_column():
         "draft_k": "2", "batch": "1", "prompt_tokens": "8", "gen_tokens": "4", "provider": "cpu", "drafter": "lookup",
         "head": "", "adaptive": "", "draft_p_min": "0.0",
         "pp t/s": "101.2 ± 2.5", "tg t/s": "31.8 ± 1.2", "ttft ms": "88",
-        "accept": "0.62", "tok/fwd": "2.25", "draft ms": "1.5", "verify ms": "7.2", "other ms": "0.8",
+        "accept": "0.62", "tok/round": "2.25", "draft ms": "1.5", "verify ms": "7.2", "other ms": "0.8",
         "peak rss MiB": "321"}  # the peak, as peak_rss_mb and the README say: "rss MB" read as the current size
     # in MiB (VmHWM / 1024): labelled MB beside the line's decimal GB, 2,010 of them read as 2.01 GB, not 2.11
     assert ("bandwidth ceiling of plain decoding: 10.0 tokens/s (1.25 GB of weights per token at 12.5 GB/s); "

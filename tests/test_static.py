@@ -517,7 +517,7 @@ def test_profile_runs_a_k_wider_than_the_static_window(models):
     out = prof.profile(st.bundle.dir, (8,), 6, 1, (0, 4, 6), drafter="lookup", threads=1)
     rows = {r["draft_k"]: r for r in out["rows"]}
     assert all(not r["skipped"] for r in rows.values()), rows
-    assert rows[6]["tg_tokens_per_s"]["mean"] > 0 and rows[6]["tokens_per_forward"] >= 1
+    assert rows[6]["tg_tokens_per_s"]["mean"] > 0 and rows[6]["tokens_per_round"] >= 1
     from edgemtp.runtime.engine import new_stats
 
     # greedy text that changes token partway (a repeated prompt's is one token over and over): rounds drafting

@@ -43,7 +43,7 @@ def int_list(flag: str, value: str) -> list[int]:
               help="MTP drafter heads to compare: clustered, full (auto: every head the bundle has).")
 @click.option("--drafter-provider", default=None, help="Execution provider for the MTP drafter.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "json", "csv", "md"]),
-              help="Output: a table, one JSON object (schema_version 1, see README), CSV or a Markdown table.")
+              help="Output: a table, one JSON object (schema_version 2, see README), CSV or a Markdown table.")
 @click.option("--trace", default=None, type=click.Path(path_type=Path), help="Write ORT's per-op Chrome trace.")
 @click.option("--plot", "plot_file", default=None, type=click.Path(path_type=Path),
               help="Write a plot: a .png file (or another format matplotlib writes: .pdf, .svg...).")

@@ -1,8 +1,9 @@
 """`edgemtp profile`: llama-bench-style rows, one per configuration, measured side by side in one run.
 
 Each row: prefill (pp) and generation (tg) tokens/s as mean ± std over repetitions after a warm-up,
-time to first token, acceptance and tokens per target forward, the per-round time split (drafter,
-verify, runtime overhead), peak RSS and the bundle's size. Rows that cannot run here (provider not
+time to first token, acceptance and tokens per round (a draft and its verification: on a static bundle
+a round can take several target passes), the per-round time split (drafter, verify, runtime overhead),
+peak RSS and the bundle's size. Rows that cannot run here (provider not
 available, prompt + generation beyond the KV capacity) are kept with a `skipped` reason.
 """
 
@@ -33,7 +34,7 @@ try:
 except ImportError:  # Windows
     resource = None
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tokens_per_forward renamed tokens_per_round (README)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Row:
     tg_tokens_per_s: list[float] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
     acceptance_rate: float = 0.0
-    tokens_per_forward: float = 0.0
+    tokens_per_round: float = 0.0
     acceptance_by_position: list[float] = field(default_factory=list)
     split_s: dict = field(default_factory=dict)  # per round: draft / verify / other
     peak_rss_mb: float = 0.0
@@ -71,7 +72,7 @@ class Row:
             values = getattr(self, name)
             out[name] = {"mean": statistics.fmean(values),
                          "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-        out.update(acceptance_rate=self.acceptance_rate, tokens_per_forward=self.tokens_per_forward,
+        out.update(acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round,
                    acceptance_by_position=self.acceptance_by_position, split_ms_per_round=self.split_s,
                    peak_rss_mb=self.peak_rss_mb)
         return out
@@ -216,7 +217,7 @@ def run_row(engine: Engine, c: RowConfig, repetitions: int, text: str | None, re
     rounds = max(1, totals.rounds)
     row.acceptance_rate = totals.acceptance_rate
     row.acceptance_by_position = totals.acceptance_by_position
-    row.tokens_per_forward = totals.decode_tokens / rounds
+    row.tokens_per_round = totals.decode_tokens / rounds
     row.split_s = {k: 1e3 * getattr(totals, k + "_s") / rounds for k in ("draft", "verify", "other")}
     row.peak_rss_mb = peak_rss_mb()
     return row

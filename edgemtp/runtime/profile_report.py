@@ -16,7 +16,7 @@ from ..scratch import as_open_makes, hidden_prefix
 
 CONFIG = ("draft_k", "batch", "prompt_tokens", "gen_tokens", "provider", "drafter", "head", "adaptive", "draft_p_min")
 COLUMNS = [*CONFIG, "pp t/s", "tg t/s",
-           "ttft ms", "accept", "tok/fwd", "draft ms", "verify ms", "other ms", "peak rss MiB"]
+           "ttft ms", "accept", "tok/round", "draft ms", "verify ms", "other ms", "peak rss MiB"]
 
 
 def _cells(r: dict) -> list[str]:
@@ -26,7 +26,7 @@ def _cells(r: dict) -> list[str]:
     pm = lambda m: f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
     split = r["split_ms_per_round"]
     return head + [pm(r["pp_tokens_per_s"]), pm(r["tg_tokens_per_s"]), f"{1e3 * r['ttft_s']['mean']:.0f}",
-                   f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_forward']:.2f}", f"{split['draft']:.1f}",
+                   f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_round']:.2f}", f"{split['draft']:.1f}",
                    f"{split['verify']:.1f}", f"{split['other']:.1f}", f"{r['peak_rss_mb']:.0f}"]
 
 
@@ -35,7 +35,7 @@ def _text(value) -> str:
 
 
 CSV_MEASURES = ("pp_tokens_per_s_mean", "pp_tokens_per_s_std", "tg_tokens_per_s_mean", "tg_tokens_per_s_std",
-                "ttft_s_mean", "acceptance_rate", "tokens_per_forward", "draft_ms", "verify_ms", "other_ms",
+                "ttft_s_mean", "acceptance_rate", "tokens_per_round", "draft_ms", "verify_ms", "other_ms",
                 "peak_rss_mb")
 
 
@@ -54,7 +54,7 @@ def _csv(rows: list[dict]) -> str:
         split = r["split_ms_per_round"]
         w.writerow(head + [""] + [r["pp_tokens_per_s"]["mean"], r["pp_tokens_per_s"]["std"],
                                   r["tg_tokens_per_s"]["mean"], r["tg_tokens_per_s"]["std"], r["ttft_s"]["mean"],
-                                  r["acceptance_rate"], r["tokens_per_forward"], split["draft"], split["verify"],
+                                  r["acceptance_rate"], r["tokens_per_round"], split["draft"], split["verify"],
                                   split["other"], r["peak_rss_mb"]])
     return buf.getvalue()
 
