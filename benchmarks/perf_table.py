@@ -18,7 +18,7 @@ from pathlib import Path
 from edgemtp.drafter import data
 from edgemtp.errors import EdgemtpError, script_main
 from edgemtp.runtime import profile as prof
-from edgemtp.runtime.profile_report import ceiling_line
+from edgemtp.runtime.profile_report import ceiling_line, mean_and_spread
 
 
 def heldout_text(domain: str, max_chars: int = 200_000) -> str:
@@ -70,7 +70,7 @@ def main() -> None:
                 continue
             tg, split = r["tg_tokens_per_s"], r["split_ms_per_round"]
             ratio = tg["mean"] / base[r["batch"]] if r["batch"] in base else float("nan")
-            print(f"| {domain} | {r['batch']} | {mode} | {r['draft_k']} | {tg['mean']:.1f} ± {tg['std']:.1f} | "
+            print(f"| {domain} | {r['batch']} | {mode} | {r['draft_k']} | {mean_and_spread(tg)} | "
                   f"{ratio:.2f}x | {r['tokens_per_round']:.2f} | {r['acceptance_rate']:.2f} | "
                   f"{split['draft']:.1f} / {split['verify']:.1f} / {split['other']:.1f} |", flush=True)
     if result:

@@ -577,7 +577,7 @@ def test_the_plot_draws_only_the_series_that_ran(tmp_path, monkeypatch):
     real = matplotlib.axes.Axes.errorbar
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
                         lambda self, x, y, **kw: drawn.append((kw["label"], list(x))) or real(self, x, y, **kw))
-    measures = {"tg_tokens_per_s": {"mean": 1.0, "std": 0.0}, "acceptance_by_position": []}
+    measures = {"tg_tokens_per_s": {"mean": 1.0, "std": None}, "acceptance_by_position": []}  # one run each
     rows = [{"batch": b, "prompt_tokens": 8, "draft_k": k, "drafter": d, "head": "", "adaptive": False,
              "skipped": None, **measures} for b, k, d in ((1, 0, "none"), (1, 2, "mtp"), (2, 0, "none"))]
     report.plot({"rows": rows, "ceiling": {"tg_tokens_per_s": 1.0}}, tmp_path / "p.png")
@@ -585,7 +585,8 @@ def test_the_plot_draws_only_the_series_that_ran(tmp_path, monkeypatch):
 
 
 def test_a_rows_json_is_the_mean_and_sample_deviation_of_its_runs():
-    """Each measure is shown as mean ± the sample standard deviation over the timed runs (llama-bench's)."""
+    """Each measure is shown as mean ± the sample standard deviation over the timed runs (llama-bench's); one
+    run has none (null)."""
     import math
 
     from edgemtp.runtime import profile as prof
@@ -595,7 +596,7 @@ def test_a_rows_json_is_the_mean_and_sample_deviation_of_its_runs():
     out = row.to_json()
     # mean 3; squared deviations 4 + 1 + 9 over n - 1 = 2 runs
     assert out["pp_tokens_per_s"] == pytest.approx({"mean": 3.0, "std": math.sqrt(7)})
-    assert out["tg_tokens_per_s"] == {"mean": 4.0, "std": 0.0}  # one run: no spread
+    assert out["tg_tokens_per_s"] == {"mean": 4.0, "std": None}  # one run: no spread measured (it read 0.0)
     assert out["ttft_s"] == pytest.approx({"mean": 1.0, "std": math.sqrt(0.5)})
 
 
@@ -783,6 +784,27 @@ def test_every_format_puts_each_measure_in_its_own_column():
         "bandwidth ceiling of plain decoding: 10.0 tokens/s (1.25 GB of weights per token at 12.5 GB/s), with the "
         "KV cache read: 9.9 at prompt 128, 8.6 at prompt 2048; bundle 2.50 GB")
     assert lines[-1] == "tg speedup vs no draft: lookup k=2 (batch 1, prompt 8): 1.25x — best: lookup k=2 at 1.25x"
+
+
+def test_one_repetition_shows_no_spread():
+    """At --repetitions 1 there is no spread to show: the table gives the mean alone and the CSV an empty
+    cell (they showed "± 0.0", a spread measured as none)."""
+    import csv
+    import io
+
+    from edgemtp.runtime import profile_report as report
+
+    one = {"mean": 31.75, "std": None}
+    row = {**_measured_row(), "pp_tokens_per_s": one, "tg_tokens_per_s": one, "ttft_s": {"mean": 0.0875, "std": None}}
+    result = {"bundle": "b", "bundle_bytes": 1, "peak_rss": "row", "rows": [row],
+              "ceiling": {"bandwidth_gb_s": 12.5, "weight_bytes": 1, "tg_tokens_per_s": 10.0}}
+    lines = report.render(result, "md", []).splitlines()
+    header, cells = (line.strip("|").split(" | ") for line in (lines[0], lines[2]))
+    shown = dict(zip(map(str.strip, header), map(str.strip, cells)))
+    assert (shown["pp t/s"], shown["tg t/s"]) == ("31.8", "31.8")
+    assert "±" not in report.render(result, "table", [])
+    got = next(csv.DictReader(io.StringIO(report.render(result, "csv", []))))
+    assert (got["pp_tokens_per_s_std"], got["tg_tokens_per_s_std"], got["tg_tokens_per_s_mean"]) == ("", "", "31.75")
 
 
 def test_the_speedup_verdict_names_the_best_and_says_when_none_pays():

@@ -34,7 +34,7 @@ try:
 except ImportError:  # Windows
     resource = None
 
-SCHEMA_VERSION = 2  # 2: tokens_per_forward renamed tokens_per_round (README)
+SCHEMA_VERSION = 2  # 2: tokens_per_forward renamed tokens_per_round, one run's std null (README)
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ class Row:
             return out
         for name in ("pp_tokens_per_s", "tg_tokens_per_s", "ttft_s"):
             values = getattr(self, name)
+            # one run has no spread: null, not a measured spread of 0
             out[name] = {"mean": statistics.fmean(values),
-                         "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+                         "std": statistics.stdev(values) if len(values) > 1 else None}
         out.update(acceptance_rate=self.acceptance_rate, tokens_per_round=self.tokens_per_round,
                    acceptance_by_position=self.acceptance_by_position, split_ms_per_round=self.split_s,
                    peak_rss_mb=self.peak_rss_mb)

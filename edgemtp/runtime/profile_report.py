@@ -23,11 +23,16 @@ def _cells(r: dict) -> list[str]:
     head = [_text(r.get(k, "")) for k in CONFIG]
     if r["skipped"]:
         return head + [f"skipped: {r['skipped']}"] + [""] * (len(COLUMNS) - len(head) - 1)
-    pm = lambda m: f"{m['mean']:.1f} ± {m['std']:.1f}"  # noqa: E731
     split = r["split_ms_per_round"]
-    return head + [pm(r["pp_tokens_per_s"]), pm(r["tg_tokens_per_s"]), f"{1e3 * r['ttft_s']['mean']:.0f}",
-                   f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_round']:.2f}", f"{split['draft']:.1f}",
-                   f"{split['verify']:.1f}", f"{split['other']:.1f}", f"{r['peak_rss_mb']:.0f}"]
+    return head + [mean_and_spread(r["pp_tokens_per_s"]), mean_and_spread(r["tg_tokens_per_s"]),
+                   f"{1e3 * r['ttft_s']['mean']:.0f}", f"{r['acceptance_rate']:.2f}", f"{r['tokens_per_round']:.2f}",
+                   f"{split['draft']:.1f}", f"{split['verify']:.1f}", f"{split['other']:.1f}",
+                   f"{r['peak_rss_mb']:.0f}"]
+
+
+def mean_and_spread(m: dict) -> str:
+    """"mean ± std", or the mean alone after one run (std null: no spread was measured)."""
+    return f"{m['mean']:.1f}" if m["std"] is None else f"{m['mean']:.1f} ± {m['std']:.1f}"
 
 
 def _text(value) -> str:
@@ -164,7 +169,7 @@ def plot(result: dict, out: Path) -> None:
         for mode in sorted({_mode(r) for r in mine if r["draft_k"]}) or ["none"]:
             rs = plain + sorted((r for r in mine if r["draft_k"] and _mode(r) == mode), key=lambda r: r["draft_k"])
             a.errorbar([r["draft_k"] for r in rs], [r["tg_tokens_per_s"]["mean"] for r in rs],
-                       yerr=[r["tg_tokens_per_s"]["std"] for r in rs], marker="o",
+                       yerr=[_nan_if_none(r["tg_tokens_per_s"]["std"]) for r in rs], marker="o",
                        label=f"{mode}, batch {key[0]}, prompt {key[1]}")
     a.axhline(result["ceiling"]["tg_tokens_per_s"], ls="--", c="gray", label="plain-decoding ceiling")
     a.set(xlabel="draft K", ylabel="generation tokens/s", title="Speed vs draft length")
@@ -178,6 +183,10 @@ def plot(result: dict, out: Path) -> None:
               title=f"Acceptance per position (K={r['draft_k']})")
     fig.tight_layout()
     into_place(out, lambda path: fig.savefig(path, dpi=100))
+
+
+def _nan_if_none(std: float | None) -> float:
+    return float("nan") if std is None else std  # matplotlib draws no bar for NaN (None it refuses)
 
 
 def into_place(out: Path, write) -> None:
