@@ -624,6 +624,37 @@ def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, cali
     np.testing.assert_allclose(window, steps, atol=1e-3 * spread)  # the tail: a last-pass step at most
 
 
+def test_a_plain_step_of_an_integer_head_bundle_reads_the_columns_not_the_packed_table(tmp_path, calib_file):
+    """--head-op integer: a step's logits are the int8 columns [K, V], read whole; the packed table (its parts,
+    scales, zero points and row order) is only gathered from: the embedding's row and the REFINE rows the
+    head rescores. The ceiling's bytes per token (decode_bytes) counted the whole packed table as read too.
+    Here an initializer that only gathers read (through an Unsqueeze, which the session folds, for the scales)
+    is read at rows (left out: a few KB), any other whole; the data file's padding stays counted."""
+    from collections import defaultdict
+
+    from edgemtp.runtime.bandwidth import decode_bytes
+
+    fp32 = make_bundle(tmp_path, "gemma3_text")  # a tied table: the embedding gathers from the packed one
+    quantize_bundle(fp32, tmp_path / "int", "int4", calibration=calib_file, calibration_tokens=256, frequent_rows=16,
+                    head_op="integer")
+    graph = onnx.load(str(tmp_path / "int/target.onnx"), load_external_data=False).graph
+    readers = defaultdict(list)
+    for node in graph.node:
+        for x in node.input:
+            readers[x].append(node)
+
+    def only_gathered(x):
+        return all(n.op_type in ("Gather", "GatherBlockQuantized") or
+                   n.op_type == "Unsqueeze" and all(only_gathered(y) for y in n.output) for n in readers[x])
+    gathered = {t.name: int(next(e.value for e in t.external_data if e.key == "length")) for t in graph.initializer
+                if t.external_data and only_gathered(t.name)}
+    table = "model.embed_tokens.weight."
+    assert {table + "frequent.q8b32", table + "rest.q4b32.scales", table + "row_of"} <= set(gathered)
+    assert table + "int8" not in gathered and table + "int8.scales" not in gathered
+    b = bundle_mod.load(tmp_path / "int")
+    assert decode_bytes(b) == b.manifest["files"]["target.onnx.data"]["bytes"] - sum(gathered.values())
+
+
 def test_integer_head_drafter_of_an_untied_target_reads_the_targets_table(tmp_path):
     """An untied target packs its embedding for the gather only; the drafter's own head over that table is then
     MatMulNBits over the target's packed bytes, not a second packed copy (with int8 columns) in its file."""

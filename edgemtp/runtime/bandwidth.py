@@ -78,18 +78,38 @@ def decode_bytes(bundle, context: int = 0) -> int:
     static graph's bundle reads every layer's whole cache, whatever the context: static_kv_read_bytes). A
     --gemv-head bundle with an MTP drafter also keeps the untransposed table for the drafter
     (exporters/gemv_head.py), which plain decoding does not read; so did every --gemv-head bundle exported
-    before session 20 (manifest value `true`). A drafter's own weights are not read either."""
+    before session 20 (manifest value `true`). A --head-op integer bundle's packed table is read only at rows
+    (rescored_table_bytes). A drafter's own weights are not read either."""
     target = bundle.graph("target").path.name
     weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
                   if rel.endswith(".data") and rel.startswith(target))
     gemv = bundle.manifest["graphs"]["target"].get("gemv_head")
     if gemv is True or (isinstance(gemv, dict) and gemv.get("kept_table")):
         weights -= 4 * bundle.model["vocab_size"] * bundle.model["hidden_size"]
+    if bundle.manifest["graphs"]["target"].get("quantization", {}).get("head_op") == "integer":
+        weights -= rescored_table_bytes(bundle)
     if context and bundle.graph("target").contract.get("static"):
         weights += static_kv_read_bytes(bundle.target_contract.kv, bundle.target_contract.capacity)
     elif context:
         weights += kv_read_bytes(bundle.target_contract.kv, context)
     return weights
+
+
+def rescored_table_bytes(bundle) -> int:
+    """Bytes of the packed table that a --head-op integer head only gathers rows from. Its logits are the int8
+    columns TABLE.int8 [K, V], read whole, with each position's top REFINE (8) rescored from rows of the packed
+    table, TABLE.* (its parts, their scales and zero points, the row order), from which the tied embedding
+    gathers its one row too (exporters/quantnodes.integer_head, table_gather). A step reads some 9 of its V
+    rows, a few KB: left out. Counted whole, the table (~124 MB, from its shapes) put a step of Gemma 3 270M's
+    int4 preset with --head-op integer at ~1.4x the bytes it reads."""
+    facts = bundle.facts.get("target")
+    columns = [name for name, (_, dims) in (facts.external_types.items() if facts else ())
+               if name.endswith(".int8") and list(dims) == [bundle.model["hidden_size"], bundle.model["vocab_size"]]]
+    if len(columns) != 1:
+        return 0
+    table = columns[0][:-len("int8")]  # "TABLE."
+    return sum(int(entries.get("length", 0)) for name, entries in facts.external.items()
+               if name.startswith(table) and not name.startswith(columns[0]))
 
 
 def static_kv_read_bytes(slots, capacity: int) -> int:
