@@ -597,6 +597,17 @@ def test_chat_with_a_closed_standard_input_ends(chat_bundle):
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", r.stderr
 
 
+def test_chat_with_a_standard_input_that_cannot_be_read_fails(chat_bundle, tmp_path):
+    """`nohup` started at a terminal hands the chat a standard input it cannot read (opened write-only: EBADF):
+    one error line and status 2, not a traceback, nor an error per read in an endless loop."""
+    for flags in ([], ["--json"]):
+        with open(tmp_path / "write-only", "wb") as unreadable:
+            r = subprocess.run([sys.executable, "-m", "edgemtp", "chat", str(chat_bundle), *flags], stdin=unreadable,
+                               capture_output=True, text=True, timeout=120)
+        assert_one_line_error(r, "standard input")
+        assert r.stdout == "", (flags, r.stdout)
+
+
 @pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_ends_the_command_with_the_shells_status(chat_bundle, signum, status):
     """A real SIGINT (Ctrl-C, `timeout -s INT`, a CI runner cancelling) ends a command with status 130 and a

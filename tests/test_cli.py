@@ -2078,6 +2078,16 @@ def test_a_closed_standard_input_is_an_empty_one(tiny_gemma3):
     assert r.returncode == 2 and r.stderr == "error: --prompt-file -: standard input is empty\n", r.stderr
 
 
+def test_a_standard_input_that_cannot_be_read_is_one_line(tiny_gemma3, tmp_path):
+    """`nohup` started at a terminal hands the command a standard input it cannot read (opened write-only: the
+    read fails with EBADF): --prompt-file - ended with an OSError traceback, where an unreadable file given by
+    name is one error line."""
+    with open(tmp_path / "write-only", "wb") as unreadable:
+        r = subprocess.run([sys.executable, "-m", "edgemtp", "generate", str(tiny_gemma3[2]), "--prompt-file", "-"],
+                           stdin=unreadable, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(r, "--prompt-file -", "standard input")
+
+
 def test_every_flag_of_every_command_is_documented():
     """`edgemtp COMMAND --help` runs for every command and says what each of its flags does (profile's
     --format and train-drafter's --steps, --lr, --layers and --seed showed only a type and a default)."""

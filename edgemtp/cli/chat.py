@@ -12,8 +12,8 @@ import click
 
 from ..errors import EdgemtpError
 from .base import cli
-from .run import (draft_options, load_engine, parse_chat_args, sampling_from, sampling_options, speed_line, stdin_text,
-                  utf8)
+from .run import (UnreadableInput, draft_options, load_engine, parse_chat_args, sampling_from, sampling_options,
+                  speed_line, stdin_text, utf8)
 
 
 @cli.command("chat")
@@ -58,14 +58,14 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
             if prompt:  # in the try: a signal coming as soon as the prompt shows is one at the prompt
                 click.echo("> ", nl=False)
             line = stdin_text(lambda f: f.readline(), "the input line")
-        except EdgemtpError as e:
+        except (SystemExit, UnreadableInput):  # SIGTERM / SIGHUP at the prompt, or an input no line can come from
+            if prompt:  # (nohup's, opened write-only): the chat ends, and the shell's prompt starts a line of its own
+                end_line()
+            raise
+        except EdgemtpError as e:  # a line that is not UTF-8: the chat goes on with the next
             failed(e, as_json)
             unanswered += 1
             continue
-        except SystemExit:  # SIGTERM / SIGHUP at the prompt: the shell's prompt then starts a line of its own
-            if prompt:
-                end_line()
-            raise
         if prompt and not line.endswith("\n"):  # Ctrl-D: the terminal ends no line for it (nor for text
             end_line()  # typed before it, which the reply would follow on its line)
         if first:  # input from a file saved with a byte order mark: the mark is no text of the first message

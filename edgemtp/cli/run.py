@@ -270,15 +270,23 @@ def _has_text(text: str, what: str) -> str:
     return text
 
 
+class UnreadableInput(EdgemtpError):
+    """Standard input cannot be read at all (not one bad line of it): no more input will come."""
+
+
 def stdin_text(read, flag: str) -> str:
     """`read(stream)` of standard input as text, bytes that are not UTF-8 named by `flag`: read as bytes, since
     a text stdin in a strict UTF-8 locale raises UnicodeDecodeError from the read itself."""
     if sys.stdin is None:  # started with it closed (a service, pythonw on Windows): read as at its end
         return ""
     raw = getattr(sys.stdin, "buffer", None)
-    if raw is None:  # a stream of text only (an app's or a test's)
-        return utf8(read(sys.stdin), flag)
-    return utf8_text(read(raw), flag)
+    try:
+        data = read(sys.stdin if raw is None else raw)  # no buffer: a stream of text only (an app's or a test's)
+    except OSError as e:
+        # `nohup` started at a terminal gives the command a standard input opened write-only, whose read fails
+        # (EBADF): a traceback, where a file named by the flag that cannot be read is one error line
+        raise UnreadableInput(f"{flag}: cannot read standard input ({e.strerror or type(e).__name__})") from None
+    return utf8(data, flag) if raw is None else utf8_text(data, flag)
 
 
 def utf8(text: str, flag: str) -> str:
