@@ -1477,6 +1477,18 @@ def test_generate_into_a_full_stdout_is_one_line(tiny_gemma3):
     assert r.returncode == 2 and r.stderr == "error: standard output: No space left on device while writing it\n"
 
 
+@pytest.mark.skipif(not _dev_full_is_full(), reason="needs a /dev/full that answers ENOSPC")
+def test_help_and_version_into_a_full_stdout_are_one_line():
+    """--help and --version print while the arguments are parsed, before a command's own handling of a full
+    disk: each ended with an OSError traceback (status 1)."""
+    for args in (["--help"], ["--version"], ["generate", "--help"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "edgemtp", *args], stdout=full, stderr=subprocess.PIPE,
+                               text=True)
+        assert r.returncode == 2 and r.stderr == "error: standard output: No space left on device while writing " \
+                                                 "it\n", (args, r.returncode, r.stderr)
+
+
 def test_an_output_through_a_link_to_nothing_is_named_first(tiny_gemma3, tmp_path, monkeypatch):
     """-o a dangling symbolic link (or a loop of them), or a path under one: export and import-gguf did all their
     work, then failed renaming into it (`cannot replace it (Not a directory; is it in use?)`, or a temporary

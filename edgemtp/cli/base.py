@@ -25,6 +25,13 @@ class _Command(click.Command):
     outputs: its -o path (quickstart: --workdir; profile: --plot / --trace), else standard output. So is one
     met while copying a file (shutil.copyfile): its filename is then the file it read, filename2 the copy."""
 
+    def parse_args(self, ctx, args):
+        try:
+            return super().parse_args(ctx, args)
+        except OSError as e:
+            help_into_full_output(e)
+            raise
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
@@ -49,6 +56,9 @@ class _Group(click.Group):
             raise
         except click.UsageError as e:
             usage_error(e)
+        except OSError as e:
+            help_into_full_output(e)
+            raise
 
     def invoke(self, ctx):
         with warnings.catch_warnings():  # a library warning (e.g. a provider falling back) as one plain line
@@ -80,6 +90,15 @@ def out_of_memory():
     limit = memory_limit()
     click.echo(f"error: out of memory{f' ({limit})' * bool(limit)}", err=True)
     sys.exit(2)
+
+
+def help_into_full_output(e: OSError) -> None:
+    """--help and --version print while the arguments are parsed, before _Command.invoke's handling of a full
+    disk: one met there (no filename in the error) is its one line and status 2, as a command's output's, not a
+    traceback. Returns for any other error, for the caller to raise."""
+    if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        click.echo(f"error: standard output: {e.strerror} while writing it", err=True)
+        sys.exit(2)
 
 
 def usage_error(e: click.UsageError):
