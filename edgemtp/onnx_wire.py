@@ -3,8 +3,9 @@ straight from the protobuf wire format: the runtime then needs no `onnx` package
 tokenizers, as DESIGN.md promises an app embedding it), and a load skips `import onnx` (~0.5 s).
 
 Only what the checks need is decoded: the graph's inputs and outputs (names, shapes), the external data
-files its initializers name, and each GroupQueryAttention's past key and sliding window. Everything else
-(weights stored inline, other nodes' attributes) is skipped by its length. Field numbers are onnx.proto3's.
+files its initializers name, each GroupQueryAttention's past key and sliding window, and which names the
+nodes (in subgraphs too) read whole rather than at rows. Everything else (weights stored inline, other
+nodes' attributes) is skipped by its length. Field numbers are onnx.proto3's.
 tests/test_onnx_wire.py checks every fact against the onnx package on the bundles the tests export."""
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ VARINT, I64, LEN, START_GROUP, END_GROUP, I32 = 0, 1, 2, 3, 4, 5
 # onnx.proto3 field numbers
 MODEL_GRAPH = 7
 GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 5, 11, 12
-NODE_INPUT, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 4, 5
-ATTRIBUTE_NAME, ATTRIBUTE_I = 1, 3
+NODE_INPUT, NODE_OUTPUT, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 2, 4, 5
+ATTRIBUTE_NAME, ATTRIBUTE_I, ATTRIBUTE_G, ATTRIBUTE_GRAPHS = 1, 3, 6, 11
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_NAME, TENSOR_EXTERNAL_DATA = 1, 2, 8, 13
 ENTRY_KEY, ENTRY_VALUE = 1, 2
 VALUE_NAME, VALUE_TYPE = 1, 2
@@ -26,6 +27,18 @@ TYPE_TENSOR = 1
 TENSOR_TYPE_ELEM, TENSOR_TYPE_SHAPE = 1, 2
 SHAPE_DIM = 1
 DIM_VALUE, DIM_PARAM = 1, 2
+
+
+# The inputs an op reads only at rows (those its indices or positions pick): a decode step reads a few rows
+# of such a table, not the whole (runtime/bandwidth.py). GatherElements: a --gemv-head table's columns
+# (exporters/gemv_head.column_rows); GatherBlockQuantized: a packed table, its scales and zero points;
+# GroupQueryAttention: the cos / sin caches [capacity, R/2] it rotates with, at the new positions.
+ROW_READS = {b"Gather": (0,), b"GatherElements": (0,), b"GatherBlockQuantized": (0, 2, 3),
+             b"GroupQueryAttention": (7, 8)}
+# An op ONNX Runtime folds into a constant where its input is one (the packed table's scales reach
+# GatherBlockQuantized through an Unsqueeze): its input is read as its output is.
+FOLDED = b"Unsqueeze"
+LAST_SLOT = max(i for slots in ROW_READS.values() for i in slots)
 
 
 class WireError(ValueError):
@@ -44,6 +57,10 @@ class GraphFacts:
     # the same initializers' (data type, dims): the bytes of a table are given only where they are read as one
     external_types: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)  # GroupQueryAttention's past key input -> window (None: global)
+    # the names in `external` that no node reads whole, in the graph or its subgraphs (an If's branches):
+    # each node that reads one reads it at rows (ROW_READS), or through a FOLDED op whose output is read so,
+    # or none reads it at all (runtime/bandwidth.py leaves their bytes out of a decode step's)
+    read_at_rows: set = field(default_factory=set)
 
 
 def read_graph_facts(path: Path) -> GraphFacts:
@@ -57,6 +74,7 @@ def read_graph_facts(path: Path) -> GraphFacts:
     if not graphs:
         raise WireError("no graph")
     facts, files = GraphFacts(), set()
+    whole, folded = set(), {}
     for number, value in _merged(graphs):
         if not isinstance(value, memoryview):
             continue
@@ -77,8 +95,12 @@ def read_graph_facts(path: Path) -> GraphFacts:
                 facts.external[named[0]] = named[1]
                 facts.external_types[named[0]] = (data_type, dims)
         elif number == GRAPH_NODE:
-            _attention_window(value, facts.windows)
+            node = _node(value)
+            _attention_window(node, facts.windows)
+            _node_reads(node, whole, folded)
     facts.data_files = sorted(files)
+    whole = _through_folded(whole | {name.encode() for name in facts.outputs}, folded)
+    facts.read_at_rows = {name for name in facts.external if name.encode() not in whole}
     return facts
 
 
@@ -235,30 +257,77 @@ def _external_entries(buf: memoryview) -> tuple[bytes, list, int, list]:
     return name, entries, data_type, dims
 
 
-def _attention_window(buf: memoryview, windows: dict) -> None:
-    """Only a GroupQueryAttention's inputs are decoded (the other nodes' strings are compared as bytes)."""
-    op, inputs, past_key, size = b"", 0, None, None  # only the fourth input kept (a node may have many)
+def _node(buf: memoryview) -> tuple[bytes, dict, bytes | None, bytes | None, list]:
+    """A NodeProto's (op type, {input: its positions}, fourth input, first output, [(name, i, [subgraphs]) of
+    each attribute]), names as bytes (only those read are decoded: the other nodes' strings are compared as
+    bytes). Positions past LAST_SLOT read as LAST_SLOT + 1: a node of many inputs keeps one entry per name."""
+    op, inputs, fourth, output, attributes = b"", {}, None, None, []
+    count = 0
     for number, value in fields(buf):
         if not isinstance(value, memoryview):
             continue
         if number == NODE_OP_TYPE:
-            op = value
+            op = bytes(value)
         elif number == NODE_INPUT:
-            inputs += 1
-            if inputs == 4:
-                past_key = value
-        elif number == NODE_ATTRIBUTE and size is None:  # the first of that name, as onnx's readers take
-            name, i = None, 0
+            name = bytes(value)
+            inputs.setdefault(name, set()).add(min(count, LAST_SLOT + 1))
+            fourth = name if count == 3 else fourth
+            count += 1
+        elif number == NODE_OUTPUT and output is None:
+            output = bytes(value)
+        elif number == NODE_ATTRIBUTE:
+            name, i, graphs = None, 0, []
             for n, v in fields(value):
                 if n == ATTRIBUTE_NAME and isinstance(v, memoryview):
-                    name = v
+                    name = bytes(v)
                 elif n == ATTRIBUTE_I and _is_varint(v):
                     i = v
-            if name == b"local_window_size":
-                size = _signed(i)
-    size = -1 if size is None else size
-    if op == b"GroupQueryAttention" and past_key is not None:
-        windows[_text(past_key)] = size if size > 0 else None
+                elif n in (ATTRIBUTE_G, ATTRIBUTE_GRAPHS) and isinstance(v, memoryview):
+                    graphs.append(v)
+            attributes.append((name, i, graphs))
+    return op, inputs, fourth, output, attributes
+
+
+def _node_reads(node: tuple, whole: set, folded: dict) -> None:
+    """Adds to `whole` the names (bytes) the node reads whole, and those its subgraphs' nodes and outputs do
+    (an outer name they read), and to `folded` a FOLDED node's output -> its first input."""
+    op, inputs, _, output, attributes = node
+    rows = ROW_READS.get(op, ())
+    for name, slots in inputs.items():
+        if op == FOLDED and output is not None and 0 in slots:
+            folded[output] = name
+            slots = slots - {0}
+        if not slots <= set(rows):
+            whole.add(name)
+    for graph in (g for _, _, graphs in attributes for g in graphs):
+        for number, value in fields(graph):
+            if number == GRAPH_NODE and isinstance(value, memoryview):
+                _node_reads(_node(value), whole, folded)
+            elif number == GRAPH_OUTPUT and isinstance(value, memoryview):
+                whole.update(bytes(v) for n, v in fields(value) if n == VALUE_NAME and isinstance(v, memoryview))
+
+
+def _through_folded(whole: set, folded: dict) -> set:
+    """`whole` and the inputs of the FOLDED nodes whose outputs it holds (chains of them too)."""
+    whole = set(whole)
+    grew = True
+    while grew:
+        grew = False
+        for output, name in folded.items():
+            if output in whole and name not in whole:
+                whole.add(name)
+                grew = True
+    return whole
+
+
+def _attention_window(node: tuple, windows: dict) -> None:
+    """A GroupQueryAttention's past key (its fourth input) -> its window: the first attribute of that name, as
+    onnx's readers take it."""
+    op, _, past_key, _, attributes = node
+    if op != b"GroupQueryAttention" or past_key is None:
+        return
+    size = next((_signed(i) for name, i, _ in attributes if name == b"local_window_size"), -1)
+    windows[_text(past_key)] = size if size > 0 else None
 
 
 # -- writing: the bandwidth probe's one-node graphs --------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections import defaultdict
 
 import numpy as np
 import onnx
@@ -39,12 +40,38 @@ def onnx_facts(path) -> dict:
                                                                                    [*e, *e.values()])}
     types = {t.name: (t.data_type, list(t.dims)) for t in model.graph.initializer if t.name in external}
     return {"inputs": shapes(model.graph.input), "outputs": shapes(model.graph.output), "data_files": files,
-            "windows": windows, "external": external, "external_types": types}
+            "windows": windows, "external": external, "external_types": types,
+            "read_at_rows": {name for name in external if read_at_rows(model.graph, name)}}
+
+
+def read_at_rows(graph, name: str) -> bool:
+    """Whether no node of `graph` (or of its subgraphs: an If's branches) reads `name` whole: each reads rows of
+    it (onnx_wire.ROW_READS) or an Unsqueeze of it read so, or none reads it."""
+    rows = {"Gather": (0,), "GatherElements": (0,), "GatherBlockQuantized": (0, 2, 3), "GroupQueryAttention": (7, 8)}
+    readers = defaultdict(list)  # name -> (node, input index); None: an output of the graph or a subgraph
+
+    def walk(g):
+        for o in g.output:
+            readers[o.name].append((None, 0))
+        for n in g.node:
+            for i, x in enumerate(n.input):
+                readers[x].append((n, i))
+            for a in n.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                    walk(sub)
+    walk(graph)
+
+    def at_rows(x):
+        return all(n is not None and (i in rows.get(n.op_type, ()) or
+                                      n.op_type == "Unsqueeze" and i == 0 and at_rows(n.output[0]))
+                   for n, i in readers[x])
+    return at_rows(name)
 
 
 def wire_facts(facts) -> dict:
     return {"inputs": facts.inputs, "outputs": facts.outputs, "data_files": facts.data_files,
-            "windows": facts.windows, "external": facts.external, "external_types": facts.external_types}
+            "windows": facts.windows, "external": facts.external, "external_types": facts.external_types,
+            "read_at_rows": facts.read_at_rows}
 
 
 @pytest.fixture(scope="module")

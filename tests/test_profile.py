@@ -6,6 +6,7 @@ import ctypes
 import json
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -238,11 +239,11 @@ def test_gemv_head_stores_the_table_once(tiny_gemma3, tmp_path):
     table = "model.embed_tokens.weight"
     assert table not in stored and stored[table + ".T"] == stored[table + ".T.gemv"]
     assert table + ".T.gemv" in {i.name for i in graph.input} and table + ".T" not in {i.name for i in graph.input}
-    # a bundle of the old layout (both tables: manifest value true) or keeping the table for a drafter
-    for value in (True, {"kept_table": True}):
-        gemv_b.manifest["graphs"]["target"]["gemv_head"] = value
-        vocab, hidden = plain_b.model["vocab_size"], plain_b.model["hidden_size"]
-        assert decode_bytes(gemv_b) == data[1] - 4 * vocab * hidden
+    # a bundle of the old layout (both tables, the [V, H] one read by the If's branch of several rows: manifest
+    # value true); a table kept for a drafter is read by no node of the target (test_a_step_reads_rows_of...)
+    gemv_b.manifest["graphs"]["target"]["gemv_head"] = True
+    vocab, hidden = plain_b.model["vocab_size"], plain_b.model["hidden_size"]
+    assert decode_bytes(gemv_b) == data[1] - 4 * vocab * hidden
 
 
 def test_decode_bytes_add_the_kv_cache_attention_reads(tiny_gemma3):
@@ -260,6 +261,108 @@ def test_decode_bytes_add_the_kv_cache_attention_reads(tiny_gemma3):
         read = sum(min(context, cfg.sliding_window - 1) if kind == "sliding_attention" else context
                    for kind in cfg.layer_types)
         assert decode_bytes(b, context) - decode_bytes(b) == per_position * read
+
+
+def rows_read(graph_path) -> dict:
+    """{(data file, offset, length): initializer names} of the external initializers a step reads at most rows
+    of, found with the onnx package: each node that reads one (in the If's branches too) gathers rows of it
+    (Gather's and GatherElements' data, GatherBlockQuantized's data, scales and zero points, GroupQueryAttention's
+    cos / sin caches), or reads it through an Unsqueeze that only those read (the session folds it), or none
+    reads it. Bytes that an initializer read whole shares (an alias) are left out of it."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    readers = defaultdict(list)
+
+    def walk(g):
+        for n in g.node:
+            for i, x in enumerate(n.input):
+                readers[x].append((n, i))
+            for a in n.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+                    walk(sub)
+    walk(graph)
+    for o in graph.output:
+        readers[o.name].append((None, 0))
+
+    def at_rows(x):
+        return all(n is not None and (n.op_type in ("Gather", "GatherElements") and i == 0
+                                      or n.op_type == "GatherBlockQuantized" and i in (0, 2, 3)
+                                      or n.op_type == "GroupQueryAttention" and i in (7, 8)
+                                      or n.op_type == "Unsqueeze" and i == 0 and all(at_rows(y) for y in n.output))
+                   for n, i in readers[x])
+    found, whole = defaultdict(set), set()
+    for t in graph.initializer:
+        e = {x.key: x.value for x in t.external_data}
+        if e:
+            place = (e["location"], int(e.get("offset", 0)), int(e["length"]))
+            if at_rows(t.name):
+                found[place].add(t.name)
+            else:
+                whole.add(place)
+    return {place: names for place, names in found.items() if place not in whole}
+
+
+def assert_rows_left_out(bundle_dir, want: set) -> None:
+    """decode_bytes is the target's data file less the initializers a step reads rows of, `want` among them."""
+    from edgemtp import bundle as bundle_mod
+    from edgemtp.runtime.bandwidth import decode_bytes
+
+    rows = rows_read(bundle_dir / "target.onnx")
+    assert want <= set().union(*rows.values()), sorted(set().union(*rows.values()))
+    b = bundle_mod.load(bundle_dir)
+    assert decode_bytes(b) == b.manifest["files"]["target.onnx.data"]["bytes"] - sum(n for _, _, n in rows)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "gemma3_text"])
+def test_a_step_reads_one_row_of_the_embedding_table(kind, tmp_path):
+    """A step gathers one row of its input embedding: an untied model's table (Qwen2, Mistral), fp32 or packed by
+    int8 / int4 (GatherBlockQuantized's table and scales, int4's zero points for the gather and those of a
+    MatMulNBits layout no node reads), is left out of the bytes it reads; decode_bytes counted it whole. A tied
+    table (Gemma 3) is the head's and read whole: only int4's gather zero points are left out."""
+    from edgemtp.exporters import export
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    fp32 = export(save_tiny(tiny(kind), tmp_path / "model"), tmp_path / "fp32", capacity=64, gemv_head=False)
+    tied = kind == "gemma3_text"
+    table = "model.embed_tokens.weight"
+    assert_rows_left_out(fp32, set() if tied else {table})
+    if tied:
+        assert rows_read(fp32 / "target.onnx") == {}
+    for quant in ("int8", "int4"):
+        out = quantize_bundle(fp32, tmp_path / quant, quant, calibration=None)
+        packed = f"{table}.q{quant[3]}b32"
+        want = {packed + ".gather_zero_points"} if quant == "int4" else set()
+        assert_rows_left_out(out, want if tied else want | {packed, packed + ".scales"})
+
+
+def test_gemma4s_per_layer_table_and_a_table_kept_for_the_drafter_are_not_read_whole(tmp_path):
+    """Gemma 4's per-layer embeddings (9.4 GB in fp32 for E2B) are gathered one row a step, as is the main
+    table; a --gemv-head target that keeps the [V, H] table for its assistant drafter reads none of it (its
+    head reads the transposed table, its embedding gathers that one's columns). Both counted whole before;
+    the kept table was taken off by the manifest's `kept_table`, which the graph now shows."""
+    from edgemtp.exporters import export
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    from .reference import save_tiny
+    from .test_assistant import tiny_assistant
+    from .test_parity_gemma4 import tiny as tiny4
+
+    model_dir = save_tiny(tiny4("gemma4_text"), tmp_path / "model")
+    tiny_assistant(False).save_pretrained(tmp_path / "assistant")
+    kept = export(model_dir, tmp_path / "kept", capacity=64, drafter=tmp_path / "assistant", gemv_head=True)
+    assert json.loads((kept / "edgemtp.json").read_text())["graphs"]["target"]["gemv_head"] == {"kept_table": True}
+    ple, table = "model.embed_tokens_per_layer.weight", "model.embed_tokens.weight"
+    assert_rows_left_out(kept, {ple, table})
+    assert not {table + ".T", table + ".T.gemv"} & set().union(*rows_read(kept / "target.onnx").values())
+    plain = export(model_dir, tmp_path / "plain", capacity=64, gemv_head=False)
+    assert_rows_left_out(plain, {ple})
+    int4 = quantize_bundle(plain, tmp_path / "int4", "int4", calibration=None, block_size=16, two_pass="none")
+    assert_rows_left_out(int4, {ple + ".q4b16", ple + ".q4b16.scales", ple + ".q4b16.zero_points",
+                                ple + ".q4b16.gather_zero_points", table + ".q4b16.gather_zero_points"})
 
 
 def test_bandwidth_probe_kernels_each_read_the_whole_weight():

@@ -1,5 +1,5 @@
 """Memory bandwidth as the fastest weight reader here sees it: the ceiling for decoding, which reads every
-weight per token."""
+weight per token (but a few rows of the tables it gathers from: decode_bytes)."""
 
 from __future__ import annotations
 
@@ -74,20 +74,23 @@ def measure_bandwidth(threads: int | None = None, mbytes: int = 512, repeats: in
 
 def decode_bytes(bundle, context: int = 0) -> int:
     """Bytes a plain decode step reads (a Bundle) with `context` tokens in the cache: the target's weights,
-    each once (the tied embedding whole, by the head), and the KV cache its attention reads (kv_read_bytes; a
-    static graph's bundle reads every layer's whole cache, whatever the context: static_kv_read_bytes). A
-    --gemv-head bundle with an MTP drafter also keeps the untransposed table for the drafter
-    (exporters/gemv_head.py), which plain decoding does not read; so did every --gemv-head bundle exported
-    before session 20 (manifest value `true`). A --head-op integer bundle's packed table is read only at rows
-    (rescored_table_bytes). A drafter's own weights are not read either."""
+    each once (a tied embedding whole, by the head), and the KV cache its attention reads (kv_read_bytes; a
+    static graph's bundle reads every layer's whole cache, whatever the context: static_kv_read_bytes).
+
+    Left out: the tables a step reads only rows of (rows_only_bytes: an untied input embedding, Gemma 4's
+    per-layer embeddings, a --head-op integer head's packed table, the zero points of a packed embedding's
+    gather), and the weights no node of the target reads (the [V, H] table a --gemv-head bundle keeps for a
+    drafter that gathers its rows, exporters/gemv_head.py). A --gemv-head bundle exported before session 20
+    (manifest value `true`) kept that table for its If's branch of several rows, where the graph shows it
+    read: a plain step takes the other branch. A drafter's own weights are not read either. The rotary
+    cos / sin caches that GroupQueryAttention rotates with (one row of R/2 numbers each per step, of
+    [capacity, R/2]) are stored in the graph file itself, not its data file, so are not counted at all."""
     target = bundle.graph("target").path.name
-    weights = sum(info["bytes"] for rel, info in bundle.manifest["files"].items()
-                  if rel.endswith(".data") and rel.startswith(target))
-    gemv = bundle.manifest["graphs"]["target"].get("gemv_head")
-    if gemv is True or (isinstance(gemv, dict) and gemv.get("kept_table")):
+    data = {rel: info["bytes"] for rel, info in bundle.manifest["files"].items()
+            if rel.endswith(".data") and rel.startswith(target)}
+    weights = sum(data.values()) - rows_only_bytes(bundle.facts.get("target"), data)
+    if bundle.manifest["graphs"]["target"].get("gemv_head") is True:
         weights -= 4 * bundle.model["vocab_size"] * bundle.model["hidden_size"]
-    if bundle.manifest["graphs"]["target"].get("quantization", {}).get("head_op") == "integer":
-        weights -= rescored_table_bytes(bundle)
     if context and bundle.graph("target").contract.get("static"):
         weights += static_kv_read_bytes(bundle.target_contract.kv, bundle.target_contract.capacity)
     elif context:
@@ -95,21 +98,25 @@ def decode_bytes(bundle, context: int = 0) -> int:
     return weights
 
 
-def rescored_table_bytes(bundle) -> int:
-    """Bytes of the packed table that a --head-op integer head only gathers rows from. Its logits are the int8
-    columns TABLE.int8 [K, V], read whole, with each position's top REFINE (8) rescored from rows of the packed
-    table, TABLE.* (its parts, their scales and zero points, the row order), from which the tied embedding
-    gathers its one row too (exporters/quantnodes.integer_head, table_gather). A step reads some 9 of its V
-    rows, a few KB: left out. Counted whole, the table (~124 MB, from its shapes) put a step of Gemma 3 270M's
-    int4 preset with --head-op integer at ~1.4x the bytes it reads."""
-    facts = bundle.facts.get("target")
-    columns = [name for name, (_, dims) in (facts.external_types.items() if facts else ())
-               if name.endswith(".int8") and list(dims) == [bundle.model["hidden_size"], bundle.model["vocab_size"]]]
-    if len(columns) != 1:
+def rows_only_bytes(facts, data_files) -> int:
+    """Bytes of the `data_files` that a step reads at most a few rows of: those of the initializers no node of
+    the graph (GraphFacts `facts`) reads whole (read_at_rows: each is gathered from, or read by no node), less
+    any bytes an initializer read whole shares (the --gemv-head alias). A step gathers one row of an
+    embedding table and, with --head-op integer, the head's 8 rescored rows of its packed table
+    (exporters/quantnodes.integer_head): some KB, against tables of hundreds of MB. Counted whole, an untied
+    model's table, Gemma 4 E2B's per-layer embeddings (9.4 GB in fp32) and the integer head's packed table
+    (~124 MB for Gemma 3 270M's int4 preset, ~1.4x the bytes its steps read) put the ceiling far below what
+    the steps can reach."""
+    if facts is None:
         return 0
-    table = columns[0][:-len("int8")]  # "TABLE."
-    return sum(int(entries.get("length", 0)) for name, entries in facts.external.items()
-               if name.startswith(table) and not name.startswith(columns[0]))
+    rows, whole = set(), set()
+    for name, entries in facts.external.items():
+        try:
+            where = (entries.get("location"), int(entries.get("offset", 0)), int(entries.get("length", 0)))
+        except ValueError:  # not a number: ONNX Runtime would refuse the graph
+            continue
+        (rows if name in facts.read_at_rows else whole).add(where)
+    return sum(length for location, _, length in rows - whole if location in data_files)
 
 
 def static_kv_read_bytes(slots, capacity: int) -> int:

@@ -354,9 +354,10 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
 
 
 def ceiling(bundle, threads, prompt_tokens=(), gen_tokens: int = 0) -> dict:
-    """Plain decoding is bandwidth-bound: every weight byte is read once per token, and the KV cache the new
-    token attends to. The weights alone give `tg_tokens_per_s`; `by_prompt_tokens` adds, for each prompt length,
-    the cache its generation's steps read on average: SmolLM2-135M's 3 KV heads over 30 layers are 94 MB a step at
+    """Plain decoding is bandwidth-bound: every weight byte is read once per token (but the tables a step only
+    gathers rows of: bandwidth.decode_bytes), and the KV cache the new token attends to. The weights alone give
+    `tg_tokens_per_s`; `by_prompt_tokens` adds, for each prompt length, the cache its generation's steps read on
+    average: SmolLM2-135M's 3 KV heads over 30 layers are 94 MB a step at
     2,048 tokens beside 540 MB of weights, so a ceiling of the weights alone flatters long prompts."""
     from .bandwidth import decode_bytes, measure_bandwidth
 
