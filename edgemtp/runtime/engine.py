@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -111,11 +112,12 @@ class Engine:
                            reuse_prefix, chat_args, head_huge_pages)
 
     def close(self) -> None:
-        """Lets go of the sessions, the kept KV cache and the weights' mappings now (an app switching models),
-        not whenever the engine is collected; the engine is unusable after. `with Engine.load(...) as engine:`
+        """Lets go of the sessions, the kept KV cache, the tokenizer and the weights' mappings now (an app switching
+        models), not whenever the engine is collected; the engine is unusable after. `with Engine.load(...) as engine:`
         closes it at the end of the block. A stream it gave that is still open ends (its next use raises)."""
         self._streams.end_all()
         self.target = self.kept = Closed()  # first: a drafter loading in another thread checks it once stored
+        self.tokenizer = Closed()  # Gemma 3's: 77 MB, held by a closed engine the app still names
         self._drafters.clear()
         self.head_tables = None
         release_freed_memory()
@@ -218,7 +220,9 @@ class Engine:
                     raise ArgumentError("stop", s, f"holds the special token {token!r}, which the generated text "
                                         f"leaves out, so it would never match (a stop string of {token!r} alone "
                                         "stops at that token)")
-        return Stops(self.stop_ids, strings, self._text, special)
+        # the call's text is decoded with the tokenizer it started with: a pass another thread's close let finish
+        # still gets its text after close let go of the engine's (generate_batch, a stream's held-back piece)
+        return Stops(self.stop_ids, strings, functools.partial(decode_text, self.tokenizer), special)
 
     def _check_process(self) -> None:
         """Warns once in a process forked after this engine was loaded (a pre-fork server: gunicorn --preload):
@@ -393,7 +397,7 @@ class Engine:
         gen = Generation("", [], new_stats(draft))
         gen.tokens = list(self.token_stream(self.encode(prompt), max_new_tokens, sampling, draft, gen.stats,
                                             stop=stops.strings))
-        gen.text = stops.cut(self._text(gen.tokens))
+        gen.text = stops.cut(stops.decode(gen.tokens))
         return gen
 
     def generate_batch(self, prompts: list[str | list[dict]], max_new_tokens: int = 128,
@@ -434,7 +438,7 @@ class Engine:
             results = self._reusing(spec, ids[0], max_new_tokens, sampling, stops, stats)
         else:
             results = spec.generate(ids, max_new_tokens, sampling, stops, stats)
-        return [Generation(stops.cut(self._text(r.tokens)), r.tokens, stats) for r in results]
+        return [Generation(stops.cut(stops.decode(r.tokens)), r.tokens, stats) for r in results]
 
     def _reusing(self, spec, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling, stops: Stops,
                  stats) -> list:
@@ -458,7 +462,7 @@ class Engine:
         return self._streams.add(self._pieces(tokens, stops), tokens)
 
     def _pieces(self, tokens: Generator[int, None, None], stops: Stops) -> Iterator[str]:
-        text_of, shown = IncrementalDecoder(self._text), ""
+        text_of, shown = IncrementalDecoder(stops.decode), ""
         with closing(tokens):  # closed with this stream, not when collected: its stats say so at once
             for token in tokens:
                 text = text_of.add(token)
@@ -470,7 +474,7 @@ class Engine:
                 yield text[len(shown):]
                 shown = text
         # what was held back when generation stopped (a cut character: U+FFFD)
-        text = stops.cut(self._text(text_of.ids))
+        text = stops.cut(stops.decode(text_of.ids))
         if text != shown:
             same = len(os.path.commonprefix([text, shown]))  # all of it, unless decoding rewrote shown text
             yield text[same:]
