@@ -123,12 +123,18 @@ def _score_window(win: np.ndarray, engine: Engine, ref: Engine | None, step: int
 def _log_probs(engine: Engine, piece: np.ndarray, cache, start: int) -> np.ndarray:
     """The log-probabilities at each position of `piece` [1, S] (window positions start..start+S-1), refused
     where the logits hold NaN (an fp16 overflow on an NPU): the figures then read perplexity nan beside a top-1
-    agreement that compared argmax's NaN ids."""
+    agreement that compared argmax's NaN ids. Refused too where they hold +inf (the same overflow): log-softmax
+    took inf - inf, NaN again. Generation takes +inf ids as the certain ones, but here that would give an infinite
+    perplexity and KL (or a made-up certainty) that measure the overflow, not the bundle's quality."""
     logits = engine.target.forward(piece, cache, n_logits=piece.shape[1])[0][0]
-    best = logits.max(axis=-1)
-    if not np.all(best > -np.inf):
-        position = start + int(np.flatnonzero(~(best > -np.inf))[0])
-        check_best(best, f"{engine.bundle.dir} (position {position} of a window)")
+    best = logits.max(axis=-1)  # NaN where a row holds one, +inf where it holds +inf but no NaN
+    if not np.isfinite(best).all():
+        row = int(np.flatnonzero(~np.isfinite(best))[0])
+        where = f"{engine.bundle.dir} (position {start + row} of a window)"
+        if best[row] == np.inf:
+            raise EdgemtpError(f"{where} gave logits that hold +inf, so no perplexity can be computed (a broken "
+                               "bundle, or a value that overflowed in its graph)")
+        check_best(best[row], where)
     return _log_softmax(logits)
 
 

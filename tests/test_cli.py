@@ -2392,3 +2392,36 @@ def test_nan_logits_are_one_error_line(tiny_gemma3, monkeypatch):
     for options in ([], ["--draft-k", 0], ["--temperature", 0.8, "--seed", 1], ["--repetition-penalty", 1.2]):
         r = run("generate", tiny_gemma3[2], "--prompt", "t1 t2 t3", "--max-new-tokens", 5, *options)
         assert_one_line_error(r, "NaN")
+
+
+def test_evaluate_refuses_logits_that_hold_plus_inf(tiny_gemma3, monkeypatch):
+    """An fp16 overflow to +inf in the target's logits passed evaluate's NaN check, then its log-softmax took
+    inf - inf: --json printed perplexity NaN (which strict JSON has not), and the API returned it. Generation takes
+    the +inf ids as the certain ones; a perplexity or KL from that would measure the overflow (infinite, or at best
+    a guess), so evaluate refuses, as it does NaN, naming the bundle and the position."""
+    from edgemtp import contract as C
+    from edgemtp.evaluate import evaluate
+    from edgemtp.runtime.target import Target
+
+    forward_outputs = Target.forward_outputs
+
+    def inf_at_position_2(self, ids, cache, names, *args, **kwargs):
+        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
+        if C.LOGITS in names:
+            outputs[list(names).index(C.LOGITS)][0, 2, 3] = np.inf
+        return outputs
+
+    def not_json(constant: str):  # NaN, Infinity: Python's json takes them, JSON does not
+        raise ValueError(constant)
+
+    monkeypatch.setattr(Target, "forward_outputs", inf_at_position_2)
+    text = " ".join(f"t{i % 37}" for i in range(50))
+    path = tiny_gemma3[2].parent / "inf_text.txt"
+    path.write_text(text)
+    for reference in ([], ["--reference", tiny_gemma3[2]]):
+        r = run("evaluate", tiny_gemma3[2], "--text-file", path, "--json", *reference)
+        if r.exit_code == 0:  # what it printed: not JSON
+            json.loads(r.stdout, parse_constant=not_json)
+        assert_one_line_error(r, str(tiny_gemma3[2]), "+inf", "position 2")
+    with pytest.raises(EdgemtpError, match=r"position 2 of a window\) gave logits that hold \+inf"):
+        evaluate(tiny_gemma3[2], text)
