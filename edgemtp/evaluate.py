@@ -147,8 +147,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
-    """KL(P || Q) per row of log-probabilities [n, V] -> [n] (0 where P == Q)."""
-    return np.maximum((np.exp(logp) * (logp - logq)).sum(axis=-1), 0.0)
+    """KL(P || Q) per row of log-probabilities [n, V] -> [n] (0 where P == Q). A token P gives probability 0 adds
+    nothing: where both rule it out (-inf logits) its term was 0 * (-inf - -inf), NaN."""
+    p = np.exp(logp)
+    with np.errstate(invalid="ignore"):
+        terms = p * (logp - logq)
+    terms[p == 0] = 0.0
+    return np.maximum(terms.sum(axis=-1), 0.0)
 
 
 def _summary(t: _Tally, windows: int, window: int, with_ref: bool) -> dict:

@@ -2425,3 +2425,32 @@ def test_evaluate_refuses_logits_that_hold_plus_inf(tiny_gemma3, monkeypatch):
         assert_one_line_error(r, str(tiny_gemma3[2]), "+inf", "position 2")
     with pytest.raises(EdgemtpError, match=r"position 2 of a window\) gave logits that hold \+inf"):
         evaluate(tiny_gemma3[2], text)
+
+
+def test_evaluate_kl_where_both_bundles_rule_a_token_out(tiny_gemma3, monkeypatch):
+    """A token whose logit is -inf in both bundles (masked, or an overflow) has probability 0 in each, so it adds
+    nothing to KL(P || Q); its term was 0 * (-inf - -inf) = NaN, and --json printed kl_mean NaN."""
+    from edgemtp import contract as C
+    from edgemtp.evaluate import evaluate
+    from edgemtp.runtime.target import Target
+
+    forward_outputs = Target.forward_outputs
+
+    def last_id_ruled_out(self, ids, cache, names, *args, **kwargs):
+        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
+        if C.LOGITS in names:
+            outputs[list(names).index(C.LOGITS)][..., -1] = -np.inf
+        return outputs
+
+    def not_json(constant: str):  # NaN, Infinity: Python's json takes them, JSON does not
+        raise ValueError(constant)
+
+    monkeypatch.setattr(Target, "forward_outputs", last_id_ruled_out)
+    text = " ".join(f"t{i % 37}" for i in range(50))
+    path = tiny_gemma3[2].parent / "ruled_out_text.txt"
+    path.write_text(text)
+    r = run("evaluate", tiny_gemma3[2], "--text-file", path, "--reference", tiny_gemma3[2], "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout, parse_constant=not_json)
+    assert (out["kl_mean"], out["kl_max"], out["top1_agreement"]) == (0.0, 0.0, 1.0)
+    assert out == evaluate(tiny_gemma3[2], text, tiny_gemma3[2])
