@@ -92,6 +92,24 @@ def test_unavailable_provider_row_is_skipped(tiny_gemma3):
         "error: no row ran: every row was skipped (the table gives each row's reason)", r.output
 
 
+def test_the_table_shows_a_provider_as_typed(tiny_gemma3):
+    """The table's cells went to rich as markup: a provider's options holding [/] (a path, a value) ended the
+    command with rich's MarkupError traceback, [bold] was swallowed and :smile: became an emoji."""
+    from edgemtp.runtime import profile_report as report
+
+    r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--prompt-tokens", "8", "--gen-tokens", "4",
+                                 "--repetitions", "1", "--draft-k", "0", "--provider", "openvino:a=[/]"])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert "openvino:a=[/]" in r.stdout and r.exit_code == 2, r.output
+    typed = "x [bold]y[/bold] :smile:"
+    row = {**_measured_row(provider=typed, drafter="none", draft_k=0), "skipped": f"why {typed}"}
+    result = {"bundle": "b", "bundle_bytes": 1, "peak_rss": "row", "rows": [row],
+              "ceiling": {"bandwidth_gb_s": 12.5, "weight_bytes": 1, "tg_tokens_per_s": 10.0}}
+    shown = report.render(result, "table", [])
+    # a cell wraps at its spaces: each word as typed, in both cells
+    assert shown.count("[bold]y[/bold]") == shown.count(":smile:") == 2 and "\U0001f604" not in shown, shown
+
+
 def test_csv_has_one_number_per_cell(tiny_gemma3):
     import csv
     import io

@@ -100,15 +100,18 @@ def render(result: dict, fmt: str, speedups: list[dict]) -> str:
         return "\n".join(lines + ["", ceiling_line(result), "", _speedup_text(speedups)])
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # Text, not str: rich reads a str as markup and emoji codes, and cells hold what the user typed (a provider's
+    # options, a skip reason naming them): "[/]" in one was a MarkupError traceback, "[bold]" vanished
     table = Table(*COLUMNS)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*map(Text, r))
     buf = io.StringIO()
     console = Console(file=buf, width=220)
     console.print(table)
-    console.print(ceiling_line(result))
-    console.print(_speedup_text(speedups))
+    console.print(Text(ceiling_line(result)))
+    console.print(Text(_speedup_text(speedups)))
     return buf.getvalue()
 
 
