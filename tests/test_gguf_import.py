@@ -1159,6 +1159,22 @@ def smollm2_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def test_import_gguf_bar_shows_the_file_name_as_typed(tmp_path):
+    """The progress bar's description ("importing NAME") went to rich as markup: [bold] in a GGUF file's name was
+    swallowed (and the text after it bold), :smile: became an emoji."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    for name in ("m [bold]x.gguf", "m :smile:.gguf"):
+        renamed = path.rename(tmp_path / name)
+        r = CliRunner().invoke(cli, ["import-gguf", str(renamed), "-o", str(tmp_path / "out"), "--overwrite"])
+        assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+        assert r.exit_code == 0 and f"importing {name}" in r.stderr, r.output
+        path = renamed
+
+
 @pytest.fixture(scope="module")
 def gemma_dir(gemma3_270m_dir):  # conftest's: imported with import_gguf, cached by source hash
     return gemma3_270m_dir

@@ -208,7 +208,8 @@ def progress_bar(desc: str, show_what: bool = False):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # markup off: descriptions name the user's files ("importing NAME"), which rich read as markup and emoji codes
+    cols = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     bar = Progress(*cols, console=Console(stderr=True))
     task = None
 
