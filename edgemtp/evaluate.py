@@ -158,9 +158,9 @@ def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
 
 def _summary(t: _Tally, windows: int, window: int, with_ref: bool) -> dict:
     nll = float(np.mean(t.nll))
-    out = {"tokens": len(t.nll), "windows": windows, "window": window, "nll": nll, "perplexity": math.exp(nll)}
+    out = {"tokens": len(t.nll), "windows": windows, "window": window, "nll": nll, "perplexity": _exp(nll)}
     if with_ref:
-        ref_ppl = math.exp(float(np.mean(t.ref_nll)))
+        ref_ppl = _exp(float(np.mean(t.ref_nll)))
         kl = np.asarray(t.kl)
         out.update({
             "reference_perplexity": ref_ppl,
@@ -170,6 +170,18 @@ def _summary(t: _Tally, windows: int, window: int, with_ref: bool) -> dict:
             "kl_p99": float(np.quantile(kl, 0.99)), "kl_max": float(kl.max()),
         })
     return out
+
+
+def _exp(nll: float) -> float:
+    """exp(nll), inf past float's range (math.exp raises there): a token the bundle rules out (-inf logit) makes
+    the mean NLL, and the perplexity, infinite."""
+    return math.exp(nll) if nll < 709.0 else math.inf
+
+
+def finite_or_none(result: dict) -> dict:
+    """The figures with None (JSON's null) for those that are not finite (an infinite perplexity, its delta against
+    a reference inf / inf): JSON has no Infinity or NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
 
 
 def _check_window(window: int, step: int, engine: Engine, ref: Engine | None) -> None:

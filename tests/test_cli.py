@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -2454,3 +2455,40 @@ def test_evaluate_kl_where_both_bundles_rule_a_token_out(tiny_gemma3, monkeypatc
     out = json.loads(r.stdout, parse_constant=not_json)
     assert (out["kl_mean"], out["kl_max"], out["top1_agreement"]) == (0.0, 0.0, 1.0)
     assert out == evaluate(tiny_gemma3[2], text, tiny_gemma3[2])
+
+
+def test_evaluate_with_a_token_the_bundle_rules_out_is_infinite_perplexity_json_null(tiny_gemma3, monkeypatch):
+    """A text token whose logit is -inf (the bundle rules it out) has an infinite NLL: the perplexity really is
+    infinite. --json printed Infinity, which strict JSON has not (and the delta against a reference inf / inf =
+    NaN); the JSON now gives null for a figure that is not finite, the Python API inf, the text output inf. A mean
+    NLL above ~709 overflowed math.exp with a traceback."""
+    from edgemtp import contract as C
+    from edgemtp.evaluate import _summary, _Tally, evaluate
+    from edgemtp.runtime.target import Target
+
+    forward_outputs = Target.forward_outputs
+
+    def next_token_ruled_out_at_2(self, ids, cache, names, *args, **kwargs):
+        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
+        if C.LOGITS in names and ids.shape[1] > 3 and int(cache.lengths[0]) == ids.shape[1]:  # a window's first piece
+            outputs[list(names).index(C.LOGITS)][0, 2, int(ids[0, 3])] = -np.inf
+        return outputs
+
+    def not_json(constant: str):
+        raise ValueError(constant)
+
+    monkeypatch.setattr(Target, "forward_outputs", next_token_ruled_out_at_2)
+    text = " ".join(f"t{i % 37}" for i in range(50))
+    path = tiny_gemma3[2].parent / "ruled_out_next_text.txt"
+    path.write_text(text)
+    api = evaluate(tiny_gemma3[2], text, tiny_gemma3[2])
+    assert api["perplexity"] == math.inf and api["nll"] == math.inf
+    r = run("evaluate", tiny_gemma3[2], "--text-file", path, "--reference", tiny_gemma3[2], "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout, parse_constant=not_json)
+    assert out["perplexity"] is None and out["nll"] is None and out["reference_perplexity"] is None
+    assert out["perplexity_delta_pct"] is None and out["top1_agreement"] == 1.0
+    r = run("evaluate", tiny_gemma3[2], "--text-file", path)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"^perplexity +inf$", r.stdout, re.M), r.stdout
+    assert _summary(_Tally(nll=[800.0]), 1, 2, with_ref=False)["perplexity"] == math.inf

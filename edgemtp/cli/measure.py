@@ -215,7 +215,7 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, provider
     is scored from a fresh cache. Every token with a token before it in its window is scored (without a BOS,
     a window's first is not); both bundles see the same windows. The NLL and KLs are in nats per scored token,
     the KL being KL(reference || bundle) (the reference's distribution first); the README lists the fields."""
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, finite_or_none
 
     if max_tokens is not None and max_tokens < 1:
         raise EdgemtpError(f"--max-tokens {max_tokens} must be at least 1")
@@ -224,7 +224,7 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, provider
         result = evaluate(bundle_dir, text, reference, threads=threads, max_tokens=max_tokens,
                           text_name=f"--text-file {text_file}", provider=provider, progress=progress)
     if as_json:
-        click.echo(json.dumps(result))
+        click.echo(json.dumps(finite_or_none(result)))
         return
     for key, value in result.items():
         click.echo(f"{key:24s} {_number(value)}" if isinstance(value, float) else f"{key:24s} {value}")
