@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -108,6 +109,21 @@ def test_the_table_shows_a_provider_as_typed(tiny_gemma3):
     shown = report.render(result, "table", [])
     # a cell wraps at its spaces: each word as typed, in both cells
     assert shown.count("[bold]y[/bold]") == shown.count(":smile:") == 2 and "\U0001f604" not in shown, shown
+
+
+def test_the_md_table_keeps_its_columns_with_a_pipe_in_a_cell():
+    """A provider's options (and the skip reason naming them) can hold '|', which split a Markdown row into more
+    cells than its header has: escaped, as GitHub's tables read '\\|'."""
+    from edgemtp.runtime import profile_report as report
+
+    typed = "openvino:a=x|y"
+    row = {**_measured_row(provider=typed, drafter="none", draft_k=0), "skipped": f"why {typed}"}
+    result = {"bundle": "b", "bundle_bytes": 1, "peak_rss": "row", "rows": [row],
+              "ceiling": {"bandwidth_gb_s": 12.5, "weight_bytes": 1, "tg_tokens_per_s": 10.0}}
+    header, _, line = report.render(result, "md", []).splitlines()[:3]
+    cells = lambda text: re.split(r"(?<!\\)\|", text.strip())[1:-1]  # noqa: E731
+    assert len(cells(line)) == len(cells(header)) == len(report.COLUMNS), line
+    assert "openvino:a=x\\|y" in line
 
 
 def test_csv_has_one_number_per_cell(tiny_gemma3):

@@ -96,7 +96,8 @@ def render(result: dict, fmt: str, speedups: list[dict]) -> str:
         return _csv(result["rows"])
     if fmt == "md":
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        # a provider's options (and a skip reason naming them) may hold "|", which split the row's cells
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows]
         return "\n".join(lines + ["", ceiling_line(result), "", _speedup_text(speedups)])
     from rich.console import Console
     from rich.table import Table
