@@ -153,6 +153,10 @@ def _randomize_norms(model) -> None:
                 p.copy_(torch.randn_like(p) * 0.3 + p.mean())
 
 
+SLIDING_KINDS = {"qwen2_sliding", "qwen2_sliding_types", "qwen3_sliding", "mistral", "phi3_sliding", "smollm3_sliding",
+                 "smollm3_types"}
+
+
 @pytest.mark.parametrize("kind", ["gemma3_text", "gemma3_text_mqa", "llama", "llama_hd24", "llama_bias", "llama_nope",
                                   "qwen2", "qwen2_sliding", "qwen2_sliding_types",
                                   "qwen2_bias_false", "gemma3_text_mqa+gemv", "qwen2+gemv",
@@ -162,8 +166,10 @@ def _randomize_norms(model) -> None:
                                   "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn", "granite",
                                   "ministral3", "mistral3_multimodal"])
 def test_logits_match_transformers(kind, tmp_path):
-    """The Gemma graphs' sliding layers read their buffers from TargetContract.window_offset on, which moves 5 times
-    over these steps: in place with one KV head (gemma3_text_mqa, as Gemma 3 270M), a copy with two (the rest).
+    """Sliding layers read their buffers from TargetContract.window_offset on, which moves 5 times over these steps:
+    in place with one KV head (gemma3_text_mqa, as Gemma 3 270M), a copy with two (the rest; the Llama family's
+    sliding layers too: qwen2/qwen3/smollm3 sliding, mistral, phi3_sliding). Graphs with no sliding layer have no
+    window inputs (their contract is the one older runtimes read).
     llama_hd24: head size 24, which
     GroupQueryAttention refuses to rotate itself (q and k are rotated before it). +gemv: export --gemv-head,
     whose one-position passes take the transposed head (tied in Gemma 3, lm_head in Qwen2). llama_bias: llama's
@@ -179,7 +185,8 @@ def test_logits_match_transformers(kind, tmp_path):
     export(model_dir, tmp_path / "bundle", capacity=64, gemv_head=head == "gemv")
     engine = Engine.load(tmp_path / "bundle")
     contract = engine.target.contract
-    assert contract.window_views == kind.startswith("gemma")
+    assert contract.window_views == any(s.window for s in contract.kv)
+    assert contract.window_views == (kind.startswith("gemma") or kind in SLIDING_KINDS), [s.window for s in contract.kv]
     assert gemv_ifs(tmp_path / "bundle") == (head == "gemv")  # else a +gemv case is its plain one over again
     if contract.window_views:
         assert {contract.window_offset(n) for n in range(sum(CHUNKS))} == {0, 4, 8, 12, 16, 20}

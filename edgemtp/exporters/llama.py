@@ -22,6 +22,10 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     io = nn.target_inputs(b)
     slots = gemma3.kv_slots(cfg)
     views = None if in_place else {s.window: nn.window_view(b, io, s.window) for s in slots}
+    # as Gemma 3's: one-row passes hand a sliding layer's GroupQueryAttention only the window's end of its buffers
+    # (a graph without sliding layers keeps the contract older runtimes read: no window inputs)
+    window_views = in_place and any(s.window for s in slots)
+    window = nn.window_lengths(b) if window_views else None
     emb = "model.embed_tokens.weight"
     x = nn.embed(b, io.input_ids, emb, cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
     # GroupQueryAttention rotates q and k from cached tables; the verify graph rotates them itself
@@ -36,7 +40,7 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
         after = f"model.layers.{i + 1}.input_layernorm.weight" if i + 1 < len(slots) else "model.norm.weight"
         layer_rope = None if i in cfg.nope_layers else rope  # smollm3: some layers rotate nothing
         out = attention(b, cfg, p + "self_attn.", h, slot, layer_rope, io, capacity, views and views[slot.window],
-                        qscale)
+                        qscale, window if slot.window else None)
         x, h = nn.add_norm(b, x, nn.scaled(b, out, cfg.residual_scale), p + "post_attention_layernorm.weight",
                            hid, eps)
         out = nn.gated_mlp(b, h, p + "mlp.", hid, cfg.intermediate_size, cfg.hidden_activation)
@@ -46,12 +50,15 @@ def build(cfg: TextConfig, capacity: int, in_place: bool = True) -> tuple[GraphB
     logits = nn.scaled(b, logits, cfg.logit_scale)  # granite: 1 / logits_scaling
     nn.graph_outputs(b, logits, h, cfg.vocab_size, cfg.hidden_size)  # h: the final norm's output
     return b, C.TargetContract(cfg.vocab_size, cfg.hidden_size, capacity, slots,
-                               drafter_kv=gemma3.drafter_kv(cfg), kv_update="in_place" if in_place else "rows")
+                               drafter_kv=gemma3.drafter_kv(cfg), kv_update="in_place" if in_place else "rows",
+                               window_views=window_views)
 
 
 def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.TargetInputs, capacity: int,
-              view: nn.CacheView | None = None, qscale: str | None = None) -> str:
-    """`qscale`: [B, S, 1] factors of the queries (ministral3's, llama4_query_scale)."""
+              view: nn.CacheView | None = None, qscale: str | None = None,
+              lengths: tuple[str, str] | None = None) -> str:
+    """`qscale`: [B, S, 1] factors of the queries (ministral3's, llama4_query_scale). `lengths`: the window-view
+    seqlens_k / total_sequence_length inputs for a sliding layer's GroupQueryAttention (nn.window_lengths)."""
     n, nk, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     names = [p + "q_proj", p + "k_proj", p + "v_proj"]
     q, k, v = nn.linears(b, x, [m + ".weight" for m in names], hid, [n * d, nk * d, nk * d],
@@ -68,7 +75,8 @@ def attention(b, cfg: TextConfig, p: str, x: str, slot: C.KVSlot, rope, io: nn.T
     elif cfg.qk_norm:  # GroupQueryAttention rotates the normed q and k (rope None: a layer without RoPE)
         q, k = nn.head_norm(b, q, p + "q_norm.weight", n, d, eps), nn.head_norm(b, k, p + "k_norm.weight", nk, d, eps)
     if view is None:
-        out = nn.gqa(b, q, k, v, nn.kv_buffers(b, slot, capacity), slot, io, n, cfg.scale, None, rope)
+        buffers = nn.kv_buffers(b, slot, capacity, window_view=lengths is not None)
+        out = nn.gqa(b, q, k, v, buffers, slot, io, n, cfg.scale, None, rope, lengths)
     else:
         out = nn.window_attention(b, q, k, v, slot, view, n, cfg.scale, None, capacity)
     return nn.linear(b, out, p + "o_proj.weight", n * d, hid, p + "o_proj.bias" if cfg.output_bias else None)
