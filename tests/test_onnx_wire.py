@@ -15,10 +15,8 @@ import pytest
 
 from edgemtp.bundle import graph_facts
 from edgemtp.errors import EdgemtpError
-from edgemtp.exporters import export
 from edgemtp.onnx_wire import WireError, one_node_model, read_graph_facts
 
-from .reference import save_tiny
 
 
 def onnx_facts(path) -> dict:
@@ -75,25 +73,8 @@ def wire_facts(facts) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_gemma3, tmp_path_factory):
-    """Bundles of every kind of graph the exporters write: fp32 (target, batched verify, MTP drafter with
-    its full-head variant), int8 / int4 (MatMulNBits, two-pass activations), static, QDQ, Gemma 4 with
-    window views and KV-shared layers, llama, qwen2 with sliding layers."""
-    from .test_drafter import tiny_drafter
-    from .test_parity import tiny
-    from .test_parity_gemma4 import tiny as tiny4
-
-    root = tmp_path_factory.mktemp("wire")
-    model_dir = tiny_gemma3[1]
-    tiny_drafter(model_dir, root / "drafter")
-    out = [export(model_dir, root / "mtp", capacity=64, drafter=root / "drafter"),
-           export(model_dir, root / "int4", quant="int4", capacity=64),
-           export(model_dir, root / "int8", quant="int8", capacity=64),
-           export(model_dir, root / "static", capacity=64, static_window=3),
-           export(model_dir, root / "qdq", quant="qdq", capacity=64, static_window=3)]
-    for kind, make in (("gemma4_text_mqa", tiny4), ("llama", tiny), ("qwen2_sliding", tiny)):
-        out.append(export(save_tiny(make(kind), root / f"{kind}_model"), root / kind, capacity=64))
-    return out
+def bundles(every_kind_of_bundle):
+    return every_kind_of_bundle
 
 
 def test_facts_match_the_onnx_package_on_every_graph(bundles):

@@ -126,10 +126,11 @@ def committed_view(b: GraphBuilder, pos: str, window: int | None) -> nn.CacheVie
 
     A sliding view starts at the earliest row any query can see, so only ~window rows are read."""
     end = b.op("Reshape", b.op("ReduceMax", pos, keepdims=0), b.const([1], np.int64))
-    start = b.const([0], np.int64)
     if window:
         first = b.op("Sub", b.op("ReduceMin", pos, keepdims=0), b.const(window - 1, np.int64))
         start = b.op("Reshape", b.op("Max", first, b.const(0, np.int64)), b.const([1], np.int64))
+    else:  # only here: a constant no node reads would stay in the graph
+        start = b.const([0], np.int64)
     keys = b.op("Range", b.op("Squeeze", start), b.op("Squeeze", end), b.const(1, np.int64))  # [T]
     p = b.op("Unsqueeze", pos, b.const([-1], np.int64))  # [B, 1, 1]
     ok = b.op("Less", keys, p)

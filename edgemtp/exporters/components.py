@@ -204,11 +204,12 @@ def window_view(b: GraphBuilder, io: TargetInputs, window: int | None) -> "Cache
     within the window). bias: [B, 1, 1, S, T + S] additive."""
     S = b.op("Shape", io.input_ids, start=1, end=2)
     end = b.op("Sub", b.op("Reshape", b.op("Cast", io.total_len, to=INT64), b.const([1], np.int64)), S)
-    start = b.const([0], np.int64)
     if window:
         first = b.op("Sub", b.op("ReduceMin", io.position_ids, keepdims=0), b.const(window - 1, np.int64))
         start = b.op("Reshape", b.op("Min", b.op("Max", first, b.const(0, np.int64)), b.op("Squeeze", end)),
                      b.const([1], np.int64))
+    else:  # only here: a constant no node reads would stay in the graph
+        start = b.const([0], np.int64)
     keys = b.op("Range", b.op("Squeeze", start), b.op("Squeeze", end), b.const(1, np.int64))  # [T]
     pos = b.op("Unsqueeze", io.position_ids, b.const([-1], np.int64))  # [B, S, 1]
     length = b.op("Slice", pos, b.const([0], np.int64), b.const([1], np.int64), b.const([1], np.int64))  # [B, 1, 1]
@@ -320,10 +321,11 @@ def cache_view(b: GraphBuilder, io: TargetInputs, window: int | None,
     `lengths` (window_lengths): the buffers are bound from an offset on (total_len - the window total), so
     the rows sliced are the positions minus that offset."""
     end = b.op("Reshape", b.op("Cast", io.total_len, to=INT64), b.const([1], np.int64))
-    start = b.const([0], np.int64)
     if window:
         first = b.op("Sub", b.op("ReduceMin", io.position_ids, keepdims=0), b.const(window - 1, np.int64))
         start = b.op("Reshape", b.op("Max", first, b.const(0, np.int64)), b.const([1], np.int64))
+    else:  # only here: a constant no node reads would stay in the graph
+        start = b.const([0], np.int64)
     keys = b.op("Range", b.op("Squeeze", start), b.op("Squeeze", end), b.const(1, np.int64))  # [T]
     pos = b.op("Unsqueeze", io.position_ids, b.const([-1], np.int64))  # [B, S, 1]
     ok = b.op("LessOrEqual", keys, pos)
