@@ -351,9 +351,9 @@ def assert_rows_left_out(bundle_dir, want: set) -> None:
 @pytest.mark.parametrize("kind", ["qwen2", "mistral", "gemma3_text"])
 def test_a_step_reads_one_row_of_the_embedding_table(kind, tmp_path):
     """A step gathers one row of its input embedding: an untied model's table (Qwen2, Mistral), fp32 or packed by
-    int8 / int4 (GatherBlockQuantized's table and scales, int4's zero points for the gather and those of a
-    MatMulNBits layout no node reads), is left out of the bytes it reads; decode_bytes counted it whole. A tied
-    table (Gemma 3) is the head's and read whole: only int4's gather zero points are left out."""
+    int8 / int4 (GatherBlockQuantized's table and scales, int4's zero points for the gather), is left out of the
+    bytes it reads; decode_bytes counted it whole. A tied table (Gemma 3) is the head's and read whole: only int4's
+    gather zero points are left out."""
     from edgemtp.exporters import export
     from edgemtp.exporters.quantize import quantize_bundle
 
@@ -395,8 +395,8 @@ def test_gemma4s_per_layer_table_and_a_table_kept_for_the_drafter_are_not_read_w
     plain = export(model_dir, tmp_path / "plain", capacity=64, gemv_head=False)
     assert_rows_left_out(plain, {ple})
     int4 = quantize_bundle(plain, tmp_path / "int4", "int4", calibration=None, block_size=16, two_pass="none")
-    assert_rows_left_out(int4, {ple + ".q4b16", ple + ".q4b16.scales", ple + ".q4b16.zero_points",
-                                ple + ".q4b16.gather_zero_points", table + ".q4b16.gather_zero_points"})
+    assert_rows_left_out(int4, {ple + ".q4b16", ple + ".q4b16.scales", ple + ".q4b16.gather_zero_points",
+                                table + ".q4b16.gather_zero_points"})
 
 
 def test_bandwidth_probe_kernels_each_read_the_whole_weight():

@@ -674,6 +674,34 @@ def test_integer_head_drafter_of_an_untied_target_reads_the_targets_table(tmp_pa
     assert ops_count(tmp_path / "q", "MatMulIntegerToFloat") == 1  # the target's own head
 
 
+def test_a_drafters_head_over_a_table_the_target_only_gathers_adds_its_zero_points(tmp_path):
+    """An untied int4 target packs its embedding for GatherBlockQuantized, with that op's zero points only (the
+    MatMulNBits layout it stored too was read by none of its nodes). The MTP drafter's tied head multiplies by the
+    table: it reads the target's packed rows and scales and writes MatMulNBits' zero points to its own file,
+    those of the table's fp32 rows."""
+    from edgemtp.drafter import export as X
+
+    from .test_drafter import tiny_drafter
+
+    fp32 = make_bundle(tmp_path, "qwen2")
+    tiny_drafter(tmp_path / "model", tmp_path / "drafter")
+    X.add_to_bundle(fp32, tmp_path / "drafter")
+    quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None)
+    packed = "model.embed_tokens.weight.q4b32"
+    target = onnx.load(str(tmp_path / "q/target.onnx"), load_external_data=False).graph
+    assert {packed, packed + ".gather_zero_points"} <= {t.name for t in target.initializer}
+    assert packed + ".zero_points" not in {t.name for t in target.initializer}
+    drafter = onnx.load(str(tmp_path / "q/drafter.onnx"), load_external_data=False).graph
+    head = [n for n in drafter.node if n.op_type == "MatMulNBits" and n.input[1] == packed]
+    assert len(head) == 1 and head[0].input[3] == packed + ".zero_points"
+    zp = next(t for t in drafter.initializer if t.name == packed + ".zero_points")
+    assert {e.value for e in zp.external_data if e.key == "location"} == {"drafter.onnx.data"}
+    table = next(t for t in onnx.load(str(fp32 / "target.onnx")).graph.initializer
+                 if t.name == "model.embed_tokens.weight")
+    want = quantize_rows(onnx.numpy_helper.to_array(table), 4, 32, symmetric=False)[2]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(zp, str(tmp_path / "q")), want)
+
+
 def test_drafter_quant_int8_keeps_the_drafters_weights_8bit_with_4bit_layers(tmp_path):
     """--drafter-quant int8 beside --layer-bits 4: the drafter's own MatMuls are 8-bit, as its manifest entry
     ("weights": "int8") says; they were packed at the target's 4 bits."""

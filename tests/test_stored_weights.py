@@ -1,13 +1,19 @@
-"""No graph of a bundle stores a tensor nothing reads: every initializer of every graph is read by a node (of
-that graph or of a subgraph, an If's branches) or is a graph output."""
+"""No bundle stores a tensor that none of its graphs reads: every initializer of every graph is read by a node (of
+that graph or of a subgraph, an If's branches) or is a graph output, or its bytes are read by another graph of the
+bundle (a drafter reads the target's table from the target's data file); and every byte of a data file belongs to
+a tensor read so, but the padding that aligns each tensor."""
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import onnx
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
+
+ALIGNMENT = 64  # builder._align: each tensor of a data file starts at a multiple of it
 
 def names_read(graph: onnx.GraphProto) -> set[str]:
     """The tensors a node of `graph` or of its subgraphs reads, and the outputs of each."""
@@ -47,4 +53,34 @@ def test_every_constant_of_a_graph_is_read(every_kind_of_bundle):
     constant start of the cache view that a sliding view's computed start replaced."""
     found = [f"{b.name}/{file}: {t.name}" for b in every_kind_of_bundle for file, t in unread(b)[0]
              if place(t) is None]
+    assert not found, "\n".join(found)
+
+
+def unread_bytes(bundle_dir, read_places: set) -> list[str]:
+    """The stretches of each data file that no tensor read covers and that are not alignment padding."""
+    ranges = defaultdict(list)
+    for file, offset, length in read_places:
+        ranges[file].append((offset, offset + length))
+    out = []
+    for path in sorted(bundle_dir.glob("*.data")):
+        end = 0
+        for lo, hi in sorted(ranges[path.name]) + [(path.stat().st_size, None)]:
+            if lo - end >= ALIGNMENT or hi is None and lo != end:
+                out.append(f"{path.name}: bytes {end}..{lo}")
+            end = max(end, hi or 0)
+    return out
+
+
+def test_every_stored_weight_is_read_by_a_graph_of_its_bundle(every_kind_of_bundle):
+    """int4 tables packed for the gather only (an untied embedding, Gemma 4's per-layer table, the table of an
+    integer head) stored MatMulNBits' zero points, which only a MatMulNBits head reads: ~37 MB for Gemma 4 E2B's
+    per-layer table. Tensors another graph reads are fine: the [V, H] table a --gemv-head target keeps for its
+    drafter, the target's table a quantized drafter points at (Qwen2's untied int4 embedding, gathered by the target:
+    its drafter's tied head adds the zero points it multiplies by to its own file)."""
+    found = []
+    for b in every_kind_of_bundle:
+        unread_here, read_places = unread(b)
+        found += [f"{b.name}/{file}: {t.name}" for file, t in unread_here
+                  if place(t) is not None and place(t) not in read_places]
+        found += [f"{b.name}/{x}" for x in unread_bytes(b, read_places)]
     assert not found, "\n".join(found)

@@ -51,7 +51,7 @@ def quantize_chunks(read: Callable[[int, int], np.ndarray], n: int, k: int, bits
             q, scale, zp = _round_blocks(w.reshape(len(w), kb, block_size), bits, symmetric, search, imp)
         else:
             q, scale, zp = _gptq(w, inv, bits, block_size, symmetric, search, imp)
-        zp = None if symmetric else _pack(zp.astype(np.uint8), bits, pad=1 << (bits - 1))  # pad as ORT does
+        zp = None if symmetric else pack_zero_points(zp.astype(np.uint8), bits)
         yield _pack(q.astype(np.uint8), bits), scale.astype(np.float32), zp
 
 
@@ -180,6 +180,11 @@ def _pack(q: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
     if q.shape[-1] % 2:
         q = np.concatenate([q, np.full(q.shape[:-1] + (1,), pad, np.uint8)], axis=-1)
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def pack_zero_points(zp: np.ndarray, bits: int) -> np.ndarray:
+    """Zero points [N, kb] in MatMulNBits' layout [N, ceil(kb * bits / 8)]."""
+    return _pack(zp, bits, pad=1 << (bits - 1))  # an odd count padded as ORT does
 
 
 def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,7 +22,7 @@ from onnx import TensorProto, helper
 
 from ..errors import EdgemtpError
 from . import quantnodes as QN
-from .blockquant import CHUNK_ELEMENTS, quantize_chunks, unpack
+from .blockquant import CHUNK_ELEMENTS, pack_zero_points, quantize_chunks, unpack
 from .head import ROW_DOTS
 from .quant_options import check_two_pass_width
 from .quantgraph import Shared, Sink, Table, activation_sources, renamed, replace_all, role, source_key
@@ -136,10 +138,10 @@ class Rewrite:
         if uses.keys() & {"head", "gather"}:
             table = self._table_of(t)
             integer = "head" in uses and "head" in self.own and self.sch.head_op == "integer"
-            gathered = "gather" in uses or integer
-            if table is not None and (not gathered or all(p.zero_points is None or p.gather_zero_points
-                                                          for p in table.parts)) and \
-                    (not integer or table.columns is not None):
+            if table is not None and (not integer or table.columns is not None):
+                # the head is the integer one wherever the table has columns (it then only gathers rows)
+                self._add_zero_points(table, matmul="head" in uses and table.columns is None,
+                                      gather="gather" in uses or "head" in uses and table.columns is not None)
                 have = {x.name for x in self.new_inits}
                 self.new_inits += [x for x in table.protos if x.name not in have]
                 self._emit_table(t.name, table.parts, table.order, table.columns)
@@ -149,6 +151,35 @@ class Rewrite:
             key = source_key(t)
             if key is not None:
                 self.shared.tables[key] = Table(parts, order, self.new_inits[start:], columns)
+
+    def _add_zero_points(self, table: Table, matmul: bool, gather: bool) -> None:
+        """The zero points of a reused table in the layout this graph reads and the graph that packed it did not
+        write (pack writes each only for its own uses), derived from the other layout and written to this graph's
+        file; `table` then holds them for the graphs after (an untied target gathers its embedding, the MTP
+        drafter's tied head multiplies by it)."""
+        for i, p in enumerate(table.parts):
+            if p.zero_points is None and p.gather_zero_points is None:  # symmetric: none
+                continue
+            kb = -(-p.k // p.block)
+            if matmul and p.zero_points is None:
+                z = self._written(table, p.gather_zero_points)[..., 0]
+                proto = self.sink.write(p.data + ".zero_points", pack_zero_points(z, p.bits))
+                p = replace(p, zero_points=proto.name)
+                table.protos.append(proto)
+            if gather and p.gather_zero_points is None:
+                z = unpack(self._written(table, p.zero_points), p.bits, kb)[..., None]
+                proto = self.sink.write(p.data + ".gather_zero_points", z.astype(np.uint8))
+                p = replace(p, gather_zero_points=proto.name)
+                table.protos.append(proto)
+            table.parts[i] = p
+
+    def _written(self, table: Table, name: str) -> np.ndarray:
+        """A uint8 tensor of `table` as written to a data file beside this graph's (its own, or an earlier graph's)."""
+        t = next(x for x in table.protos if x.name == name)
+        info = {e.key: e.value for e in t.external_data}
+        self.sink.f.flush()
+        path = Path(self.sink.f.name).parent / info["location"]
+        return np.fromfile(path, np.uint8, int(info["length"]), offset=int(info["offset"])).reshape(tuple(t.dims))
 
     def _stats(self, x: str):
         src = self.sources.get(x)
@@ -239,20 +270,21 @@ class Rewrite:
             raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {k} "
                                f"of '{t.name}' is not a multiple of --block-size {block}")
         gather = "gather" in uses or integer  # the integer head rescores its top rows through gathers
+        matmul = "head" in uses and not integer  # the head's MatMulNBits
         unit = 2 if integer else 4  # progress: the table is read twice, each pass counts half its bytes
         r = sch.frequent_rows if "head" in uses and bits < 8 and calib is not None and calib.order is not None else 0
         if 0 < r < v:
             first, rest = np.sort(calib.order[:r]), np.sort(calib.order[r:])
             parts = [self.pack(t.name + ".frequent", lambda a, b: self.read.take(t, first[a:b]), r, k, 8, block,
-                               importance, hessian, gather, unit),
+                               importance, hessian, gather, unit, matmul),
                      self.pack(t.name + ".rest", lambda a, b: self.read.take(t, rest[a:b]), v - r, k, bits, block,
-                               importance, hessian, gather, unit)]
+                               importance, hessian, gather, unit, matmul)]
             row_of = np.empty(v, np.int64)
             row_of[first], row_of[rest] = np.arange(r), np.arange(r, v)
             order = self._const(t.name + ".row_of", row_of)
         else:
             parts = [self.pack(t.name, lambda a, b: self.read.rows(t, a, b), v, k, bits, block, importance, hessian,
-                               gather, unit)]
+                               gather, unit, matmul)]
             order = None
         columns = self._int8_columns(t.name, lambda a, b: self.read.rows(t, a, b), v, k, importance, hessian,
                                      unit) if integer else None
@@ -275,8 +307,9 @@ class Rewrite:
             self.emit[name, "dot"] = lambda node, h, out: QN.table_dot(node.input[1], h, parts, out, node.name, order)
 
     def pack(self, name: str, rows, n: int, k: int, bits: int, block: int, importance, hessian,
-             gather: bool, unit: int = 4) -> QN.Packed:
-        """Quantize rows(start, stop) of an [n, k] matrix chunk by chunk, streaming the packed data."""
+             gather: bool, unit: int = 4, matmul: bool = True) -> QN.Packed:
+        """Quantize rows(start, stop) of an [n, k] matrix chunk by chunk, streaming the packed data. `matmul` /
+        `gather`: MatMulNBits / GatherBlockQuantized read it (which zero points to write)."""
         sym = self.sch.symmetric_for(bits)
         scales, zps = [], []
 
@@ -295,8 +328,12 @@ class Rewrite:
         zp = gzp = None
         if not sym:
             z = np.concatenate(zps)
-            self.new_inits.append(self.sink.write(f"{name}.q{bits}b{block}.zero_points", z))
-            zp = self.new_inits[-1].name
+            # each layout only where a node of this graph reads it (an untied int4 embedding, gathered only, stored
+            # MatMulNBits' for nothing: ~37 MB of Gemma 4 E2B's per-layer table); _add_zero_points adds the other
+            # for a later graph that reads it
+            if matmul:
+                self.new_inits.append(self.sink.write(f"{name}.q{bits}b{block}.zero_points", z))
+                zp = self.new_inits[-1].name
             if gather:
                 g = unpack(z, bits, kb)[..., None].astype(np.uint8)
                 self.new_inits.append(self.sink.write(f"{name}.q{bits}b{block}.gather_zero_points", g))
