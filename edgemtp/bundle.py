@@ -111,11 +111,14 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> None:
 
 def schema_of(manifest: dict) -> int:
     """The oldest schema version describing `manifest`, so an older edgemtp still runs a bundle it can: 3 where a
-    contract's window views cover sliding layers with several KV heads, else 2."""
+    contract's window views cover sliding layers with several KV heads and can start past position 0, else 2 (a
+    window about as long as the capacity keeps every view at 0: the whole buffers, which schema 2 binds too)."""
     for graph in manifest.get("graphs", {}).values():
         c = graph.get("contract") or {}
         if c.get("window_views") and any(s.get("window") and s.get("num_heads", 1) > 1 for s in c.get("kv", [])):
-            return 3
+            contract = TargetContract.from_json(c)
+            if contract.window_offset(contract.capacity - 1) > 0:  # the last pass a row can take
+                return 3
     return 2
 
 

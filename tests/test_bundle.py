@@ -382,6 +382,30 @@ def test_a_bundle_is_written_with_the_oldest_schema_that_describes_it(tiny_gemma
     assert bundle.schema_of(m) == 2  # several KV heads, no views: as schema 2 wrote them
 
 
+def test_a_bundle_whose_window_views_never_move_is_schema_2(tiny_gemma3, tmp_path):
+    """A window over about two thirds of the capacity puts every view at offset 0 (TargetContract.
+    window_offset): the whole buffers, which an edgemtp reading up to schema 2 binds as it did; schema 3 refused
+    such a bundle there for nothing (Mistral 7B v0.1, window 4096, at the default capacity of 4096; Gemma 2)."""
+    from edgemtp.contract import TargetContract
+
+    from .reference import save_tiny
+    from .test_parity import tiny
+
+    m = json.loads((tiny_gemma3[2] / "edgemtp.json").read_text())
+    capacity = m["graphs"]["target"]["contract"]["capacity"]
+    for window, schema in ((capacity, 2), (capacity + 100, 2), (capacity - 5, 2), (capacity // 2, 3)):
+        for s in m["graphs"]["target"]["contract"]["kv"]:
+            s["window"] = s["window"] and window
+        contract = TargetContract.from_json(m["graphs"]["target"]["contract"])
+        assert (contract.window_offset(capacity - 1) > 0) == (schema == 3)  # the last pass's view
+        assert bundle.schema_of(m) == schema, window
+    model = tiny("mistral")  # every layer slides, 2 KV heads
+    model.config.sliding_window = 64
+    out = export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
+    m = json.loads((out / "edgemtp.json").read_text())
+    assert m["graphs"]["target"]["contract"]["window_views"] and m["schema_version"] == 2
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_bundle(tmp_path_factory):
     """A tiny Llama: graphs without window views (every Gemma target has them), as every bundle of schema 1."""
