@@ -860,7 +860,8 @@ def _prompts(engine) -> tuple[list[list[int]], list[list[int]]]:
 def test_greedy_matches_plain_decoding(models, kind, monkeypatch):
     """gemma3_text_mqa: one-row passes read the sliding layers' buffers from a moving offset (window views),
     rolled back after rejected drafts, and batched passes read them whole: the tokens must not differ.
-    qwen3_sliding: two KV heads per sliding layer (no window views), q/k norms in both graphs."""
+    qwen3_sliding: two KV heads per sliding layer (window views through copies, kv_cache's shadows), q/k norms in
+    both graphs."""
     engine = models[kind, 64]
     random, repetitive = _prompts(engine)
     prompts = random + repetitive
