@@ -28,11 +28,23 @@ def describe(b: Bundle) -> dict:
             "source": m.get("source"),
             "capacity": contract.capacity,
             "kv_cache_bytes_per_row": kv_cache_bytes(contract),
+            "kv_window_copies_bytes_per_row": kv_window_copies_bytes(contract),
             "sliding_window": contract.sliding_window,
             "graphs": graphs,
             "chat_template": b.chat is not None,
             "files": {rel: info["bytes"] for rel, info in sorted(m["files"].items())},
             "bytes": sum(info["bytes"] for info in m["files"].values())}
+
+
+def kv_window_copies_bytes(contract: TargetContract) -> int:
+    """The copies of the window's end a row's one-row passes bind on sliding layers with several KV heads
+    (runtime/kv_cache.py's shadows), made once its context passes where a view can start (0 where none can)."""
+    from .runtime.kv_cache import shadow_plan
+
+    if not contract.window_views or not contract.window_offset(contract.capacity - 1):
+        return 0
+    slots, room = shadow_plan(contract.kv, contract.capacity)
+    return sum(2 * 4 * s.num_heads * room * s.head_dim for s in slots)
 
 
 def kv_cache_bytes(contract: TargetContract) -> int:
@@ -84,7 +96,8 @@ def text(info: dict, verified: bool) -> str:
              f"{model.get('hidden_size'):,}, vocabulary {model.get('vocab_size'):,} (bos {bos}, "
              f"eos {eos})",
              f"context: {info['capacity']:,} tokens{window}; KV cache {_size(info['kv_cache_bytes_per_row'])} "
-             "a row (fp32)",
+             "a row (fp32" + (f"; {_size(copies)} more of copies of the window once a row's context passes it"
+                              if (copies := info["kv_window_copies_bytes_per_row"]) else "") + ")",
              "chat: " + ("chat template (generate --chat, chat)" if info["chat_template"] else
                             "no chat template (a pretrained model)")]
     if info["edgemtp_version"] is not None:
@@ -177,4 +190,4 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-__all__ = ["describe", "kv_cache_bytes", "text"]
+__all__ = ["describe", "kv_cache_bytes", "kv_window_copies_bytes", "text"]

@@ -2164,14 +2164,14 @@ def test_kv_cache_views_are_its_buffers_and_one_that_would_copy_is_refused():
             assert value.shape() == shape and value.data_ptr() == buffer[1, :, offset:].ctypes.data
     with pytest.raises(ValueError, match="layer 0: a view from position 8 needs one row and one KV head"):
         cache.ort_values(slice(0, 2), window_offset=8)
-    wide = KVCache((KVSlot(0, 2, 4, 8),), 1, 16)
-    assert wide.shadow_room == 16  # 1.5 windows and SHADOW_EXTRA, at most the capacity
-    wide.keys[0][0] = np.arange(2 * 16 * 4).reshape(2, 16, 4)
+    wide = KVCache((KVSlot(0, 2, 4, 8),), 1, 32)
+    assert wide.shadow_room == 32  # 1.5 windows and SHADOW_EXTRA, at most the capacity
+    wide.keys[0][0] = np.arange(2 * 32 * 4).reshape(2, 32, 4)
     wide.lengths[0] = 9
     wide.before_pass(slice(0, 1), 4)
     (k, _), = wide.ort_values(slice(0, 1), window_offset=4).values()
     shadow = wide._shadows[0][0][0]
-    assert k.shape() == [1, 2, 16, 4] and k.data_ptr() == shadow.ctypes.data
+    assert k.shape() == [1, 2, 32, 4] and k.data_ptr() == shadow.ctypes.data
     np.testing.assert_array_equal(shadow[0, :, :5], wide.keys[0][0, :, 4:9])  # positions 4..8, each head's
     shadow[0, :, 5] = -1.0  # what a pass of one new position writes at position 9
     wide.after_pass(slice(0, 1), 4, 9, 1)

@@ -1176,6 +1176,10 @@ def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):
     assert info["verified"] and info["capacity"] == 64 and info["model"] == manifest["model"]
     # 4 KV-owning layers x 2 heads x 64 positions x head_dim 32, K and V in fp32
     assert info["kv_cache_bytes_per_row"] == 4 * 2 * 64 * 32 * 2 * 4 and info["sliding_window"] == 8
+    # the sliding layers' window copies (2 KV heads): 1.5 windows + 64 positions, at most the capacity
+    sliding = sum(1 for s in json.loads((fp32 / "edgemtp.json").read_text())["graphs"]["target"]["contract"]["kv"]
+                  if s["window"])
+    assert info["kv_window_copies_bytes_per_row"] == sliding * 2 * 64 * 32 * 2 * 4 > 0
     sizes = {f: v["bytes"] for f, v in manifest["files"].items()}
     assert info["bytes"] == sum(sizes.values()) and set(info["graphs"]) == set(manifest["graphs"])
     target, verify = info["graphs"]["target"], info["graphs"]["verify"]
@@ -1183,7 +1187,8 @@ def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):
     assert target["bytes"] == sizes["target.onnx"] + sizes["target.onnx.data"]
     assert verify["files"] == ["target_verify.onnx"] and verify["reads"] == ["target.onnx.data"]
     r = run("info", fp32)
-    assert r.exit_code == 0 and "context: 64 tokens, sliding window 8; KV cache 131.1 kB a row (fp32)" in r.output
+    assert r.exit_code == 0 and "context: 64 tokens, sliding window 8; KV cache 131.1 kB a row (fp32; 65.5 kB more " \
+        "of copies of the window once a row's context passes it)" in r.output
     assert "vocabulary 96 (bos 2, eos 1)" in r.output, r.output
     assert "verify: batched verify passes" in r.output and "(also reads target.onnx.data)" in r.output
     q = tmp_path / "q4"

@@ -87,8 +87,9 @@ def tiny(kind: str):
         cfg = transformers.LlamaConfig(**common, tie_word_embeddings=True, attention_bias=kind == "llama_bias",
                                        rope_parameters=rope, initializer_range=0.1 if kind == "llama_bias" else 0.02)
         model = transformers.LlamaForCausalLM(cfg)
-    elif kind.startswith("mistral"):  # every layer slides; mistral_nowindow: sliding_window null
-        cfg = transformers.MistralConfig(**common, sliding_window=None if kind == "mistral_nowindow" else WINDOW,
+    elif kind.startswith("mistral"):  # every layer slides; mistral_nowindow: sliding_window null; mistral_wide: 24
+        window = {"mistral_nowindow": None, "mistral_wide": 3 * WINDOW}.get(kind, WINDOW)
+        cfg = transformers.MistralConfig(**common, sliding_window=window,
                                          initializer_range=0.1, tie_word_embeddings=False)
         model = transformers.MistralForCausalLM(cfg)
     elif kind.startswith("phi3"):
@@ -597,6 +598,35 @@ def test_yarn_ramp_ends_at_the_last_rotated_pair(tmp_path):
     cfg, _ = load_config(tmp_path)
     want = dict(model.model.rotary_emb.named_buffers())["inv_freq"].numpy()
     np.testing.assert_allclose(inv_freq(cfg.rope[FULL], 32), want, rtol=1e-6)
+
+
+def test_a_window_over_a_third_of_the_capacity_binds_no_copies(tmp_path):
+    """Copies of the window's end (kv_cache's shadows) are made only where 1.5 windows are at most half the
+    capacity: a wider window would add most of the buffers' memory again (Phi-3 mini 4k: its 32 sliding layers of
+    32 KV heads over 2,047 of 4,096 positions, 2.5 GB more a row) to spare scoring a small share of the past. Such
+    a cache binds the whole buffers (window 24, 1.5 windows 36 > 32 of capacity 64), with transformers' logits."""
+    from edgemtp.contract import KVSlot
+    from edgemtp.runtime.kv_cache import shadow_plan
+
+    phi3_mini = tuple(KVSlot(i, 32, 96, 2047) for i in range(32))
+    assert shadow_plan(phi3_mini, 4096) == ((), 3134)
+    mistral_7b = tuple(KVSlot(i, 8, 128, 4096) for i in range(32))  # at a 32k capacity: copies of 19% of it
+    assert shadow_plan(mistral_7b, 32768) == (mistral_7b, 6208)
+    model = tiny("mistral_wide")
+    export(save_tiny(model, tmp_path / "model"), tmp_path / "bundle", capacity=64)
+    target = Engine.load(tmp_path / "bundle").target
+    ids = np.random.default_rng(3).integers(0, 96, size=(1, 62))
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor(ids)).logits.numpy()[0]
+    cache = target.new_cache(1)
+    assert target.contract.window_views and target.contract.window_offset(61) == 36
+    assert cache.shadowed == () and cache.unviewable
+    start = 0
+    for n in [20, 1, 3] + [1] * 30 + [4, 1, 3]:
+        got, _ = target.forward(ids[:, start:start + n], cache, n_logits=n)
+        np.testing.assert_allclose(got[0], want[start:start + n], atol=1e-3, rtol=0, err_msg=f"at {start}")
+        start += n
+    assert start == 62 and not cache._shadows and not cache._window_views
 
 
 @pytest.mark.parametrize("extra", [0, 3])
