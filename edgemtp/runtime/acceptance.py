@@ -1,8 +1,9 @@
 """Acceptance: how many of a round's drafts the target keeps, and the token it emits after them.
 
-count_accepted (greedy) and accept_sampled (rejection sampling), with RowDistributions, the verify pass's
-distributions computed row by row as acceptance reads them: the math of a round, apart from the loop in
-speculative.py, which imports these names (its callers and tests still find them there).
+greedy_choices (greedy: the target's tokens up to the first rejected draft; count_accepted, the length of the
+accepted prefix) and accept_sampled (rejection sampling), with RowDistributions, the verify pass's distributions
+computed row by row as acceptance reads them: the math of a round, apart from the loop in speculative.py, which
+imports greedy_choices, accept_sampled and RowDistributions (tests still find the last two there).
 """
 
 from __future__ import annotations
