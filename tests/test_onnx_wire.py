@@ -302,3 +302,37 @@ def test_a_node_of_many_inputs_is_read_in_little_memory(tmp_path):
     finally:
         tracemalloc.stop()
     assert facts.windows == {"pk": None} == onnx_facts(path)["windows"] and peak < 8e6, peak
+
+
+def test_read_at_rows_counts_outputs_and_branches_as_whole_reads(tmp_path):
+    """The exporters' graphs never hand an initializer out as a graph's or an If branch's output, so the bundles
+    above leave those reads untested: a table that is gathered from and also an output (of the graph, or of a
+    branch that returns the outer name) is read whole; one gathered through a chain of Unsqueezes, or read by no
+    node, only at rows."""
+    from onnx import TensorProto, helper
+
+    def table(name):
+        return onnx.numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(4, 2), name)
+
+    names = ["gathered", "output", "branch", "chained", "matmul_after", "unread"]
+    branch = helper.make_graph([], "then", [], [helper.make_tensor_value_info("branch", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "else", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Gather", [n, "ids"], [n + "_rows"]) for n in ("gathered", "output", "branch")]
+    nodes += [helper.make_node("Unsqueeze", ["chained", "axes"], ["c1"]),
+              helper.make_node("Unsqueeze", ["c1", "axes"], ["c2"]),
+              helper.make_node("Gather", ["c2", "ids"], ["c_rows"]),
+              helper.make_node("Unsqueeze", ["matmul_after", "axes"], ["m1"]),
+              helper.make_node("MatMul", ["x", "m1"], ["m_out"]),
+              helper.make_node("If", ["cond"], ["if_out"], then_branch=branch, else_branch=other)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, t, None) for n, t in
+                     (("ids", TensorProto.INT64), ("x", TensorProto.FLOAT), ("cond", TensorProto.BOOL))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("output", "if_out", "m_out")],
+        [table(n) for n in names] + [helper.make_tensor("axes", TensorProto.INT64, [1], [0])])
+    path = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph), str(path), save_as_external_data=True, location="g.onnx.data",
+                    size_threshold=0)
+    facts = read_graph_facts(path)
+    assert set(names) <= set(facts.external)
+    assert facts.read_at_rows == {"gathered", "chained", "unread"} == onnx_facts(path)["read_at_rows"]
