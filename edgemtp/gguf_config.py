@@ -137,12 +137,16 @@ def _gemma3_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
     # llama.cpp's attention scale: 1/sqrt(head_dim), except Gemma 3 27B (62 layers), whose HF config
     # has query_pre_attn_scalar = hidden_size / num_attention_heads.
     scalar = config["head_dim"] if layers != 62 else config["hidden_size"] // config["num_attention_heads"]
+    # convert_hf_to_gguf.py leaves the window out for a Gemma 3 whose layers are all global (sliding_window_pattern
+    # 1), and llama.cpp slides no layer of a file without one or with 0 (each on the global RoPE base). Then the
+    # window is Gemma3TextConfig's default, which no layer uses; transformers' Gemma 3 fails on a null one.
+    window = field(meta, "gemma3.attention.sliding_window", path, int, 0, least=0)
     return {
         "hidden_activation": "gelu_pytorch_tanh",
         "attention_bias": False,
         "query_pre_attn_scalar": scalar,
-        "sliding_window": field(meta, "gemma3.attention.sliding_window", path, int, 4096, least=1),
-        "layer_types": _gemma3_layer_types(meta, layers, path),
+        "sliding_window": window or 4096,
+        "layer_types": _gemma3_layer_types(meta, layers, path) if window else ["full_attention"] * layers,
         # llama.cpp hard-codes 10k for the local (sliding) layers' rotary base
         "rope_local_base_freq": _f32(field(meta, "gemma3.rope.freq_base_swa", path, float, 10_000.0, least=0)),
         "final_logit_softcapping": _f32(field(meta, "gemma3.final_logit_softcapping", path, float, None, least=0)),

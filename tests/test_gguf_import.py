@@ -309,6 +309,27 @@ def test_gemma3_config_fields(tmp_path):
     assert hf.rope_parameters["full_attention"]["rope_theta"] == 1e6
 
 
+@pytest.mark.parametrize("edit,drop", [({}, "gemma3.attention.sliding_window"),
+                                       ({"gemma3.attention.sliding_window": 0}, "")])
+def test_gemma3_without_window_slides_no_layer(tmp_path, edit, drop):
+    """llama.cpp's converter leaves gemma3.attention.sliding_window out for a Gemma 3 whose layers are all global
+    (sliding_window_pattern 1), and llama.cpp slides no layer of a file without it or with 0: every layer is full
+    attention on the global RoPE base. The import gave five of six layers the default window of 4096 and the local
+    base of 10k (other logits from the first token), or refused the 0. (sliding_window stays, unused: transformers'
+    Gemma 3 fails on a null one.)"""
+    model, path = export_tiny(tmp_path, "gemma3", tied=True, edit=edit, drop=drop)
+    out = import_gguf(path, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layer_types"] == ["full_attention"] * 7
+    full = transformers.Gemma3TextConfig(**{**model.config.to_dict(), "layer_types": ["full_attention"] * 7})
+    want = transformers.Gemma3ForCausalLM(full).eval()
+    want.load_state_dict(model.state_dict())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    ids = list(np.random.default_rng(0).integers(3, model.config.vocab_size, 24))
+    torch.testing.assert_close(logits(loaded, ids), logits(want, ids), atol=1e-4, rtol=1e-4)
+
+
 def test_gemma2_config_fields(tmp_path):
     """llama.cpp's Gemma 2 as transformers' Gemma2Config: sliding layers first and every other one, both caps
     (50 and 30 where the file has none), norms back from 1 + w; the export of it matches transformers."""
