@@ -8,11 +8,12 @@ llama.cpp as tensors: they come back as config (llama3_scaling); linear and YaRN
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, app_stacklevel
 
 ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")  # phi3's LongRoPE: config, not weights
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1+'s RoPE scaling, as llama.cpp keeps it: config, not a weight
@@ -171,8 +172,10 @@ def _gemma2_config(meta: dict, config: dict, shapes: dict, path: Path) -> dict:
 
 
 def _phi3_config(meta: dict, config: dict, factors: dict, path: Path) -> dict:
-    """llama.cpp's Phi-3: partial RoPE (rope.dimension_count), a window on every layer where it has one, and
-    LongRoPE where the file carries its factors (original_context_length the pretraining length)."""
+    """llama.cpp's Phi-3: partial RoPE (rope.dimension_count), a window on every layer where it has one (as
+    transformers' Phi-3; llama.cpp itself has run none since May 2025), none where the file says 0 or nothing (with a
+    warning for nothing), and LongRoPE where the file carries its factors (original_context_length the pretraining
+    length)."""
     def get(key, kind=int, default=None, least=1):
         return field(meta, f"phi3.{key}", path, kind, default, least)
 
@@ -182,7 +185,15 @@ def _phi3_config(meta: dict, config: dict, factors: dict, path: Path) -> dict:
     rope = {"rope_type": "default", "rope_theta": config["rope_theta"],
             "partial_rotary_factor": rotary / config["head_dim"]}
     # llama.cpp writes 0 for a model without a window (Phi-4: sliding_window null in its config.json)
-    out = {"hidden_act": "silu", "sliding_window": get("attention.sliding_window", least=0) or None,
+    window = get("attention.sliding_window", least=0)
+    if "phi3.attention.sliding_window" not in meta:
+        # files made before llama.cpp wrote the field (July 2024) do not say; llama.cpp runs every phi3 file
+        # without a window, but transformers' Phi-3 4k models slide, so the difference is named
+        warnings.warn(f"{path}: GGUF field phi3.attention.sliding_window is missing (a file made before llama.cpp "
+                      "wrote it): imported without a window, as llama.cpp runs it; Phi-3 mini and medium 4k slide "
+                      "over 2,047 positions in transformers, so past those the logits differ unless config.json's "
+                      "sliding_window says so", stacklevel=app_stacklevel())
+    out = {"hidden_act": "silu", "sliding_window": window or None,
            "original_max_position_embeddings": get("rope.scaling.original_context_length",
                                                    default=config["max_position_embeddings"])}
     if factors:

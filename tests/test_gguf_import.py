@@ -16,6 +16,7 @@ import re
 import struct
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import gguf
@@ -223,7 +224,8 @@ def gguf_metadata(arch: str, cfg) -> dict:
     if arch.startswith("phi3"):
         return {k.replace(arch, "phi3"): v for k, v in kv.items()} | {
             "phi3.rope.freq_base": 50000.0, "phi3.rope.dimension_count": cfg.head_dim // 2,
-            "phi3.rope.scaling.original_context_length": 64}
+            "phi3.rope.scaling.original_context_length": 64,
+            "phi3.attention.sliding_window": cfg.sliding_window or 0}  # 0: none (convert_hf_to_gguf.py's Phi-4)
     if arch != "gemma3":
         return kv | {f"{arch}.rope.freq_base": 50000.0, f"{arch}.rope.dimension_count": cfg.head_dim,
                      f"{arch}.attention.key_length": cfg.head_dim, f"{arch}.attention.value_length": cfg.head_dim}
@@ -1343,8 +1345,6 @@ def test_export_takes_a_gguf_file(tmp_path):
     from edgemtp.cli.build import model_source
     from edgemtp.errors import EdgemtpError
 
-    import warnings
-
     shown = []
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -1373,6 +1373,30 @@ def test_phi3_without_window(tmp_path):
     (tmp_path / "w").mkdir()
     _, path = export_tiny(tmp_path / "w", "phi3", tied=False, edit={"phi3.attention.sliding_window": 2047})
     assert json.loads((import_gguf(path, tmp_path / "hf2") / "config.json").read_text())["sliding_window"] == 2047
+
+
+def test_phi3_file_without_window_field_warns(tmp_path):
+    """Phi-3 GGUFs made before llama.cpp wrote phi3.attention.sliding_window (July 2024: Microsoft's own Phi-3 mini
+    4k file among them) do not say whether the model slides. They are imported without a window, as llama.cpp runs
+    every phi3 file, but not silently: transformers' Phi-3 mini and medium 4k slide over 2,047 positions (their
+    config.json), so past those the bundle's logits are not transformers'. import-gguf says so in one line."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    _, path = export_tiny(tmp_path, "phi3", tied=False, drop="phi3.attention.sliding_window")
+    with pytest.warns(UserWarning, match=r"GGUF field phi3.attention.sliding_window is missing .* without a window"):
+        out = import_gguf(path, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["sliding_window"] is None
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    warned = [line for line in r.output.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 1 and str(path) in warned[0] and "2,047" in warned[0], r.output
+    (tmp_path / "w").mkdir()  # a file that says (0: none, as for Phi-4) imports without a word
+    _, path = export_tiny(tmp_path / "w", "phi3", tied=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import_gguf(path, tmp_path / "hf2")
 
 
 def test_phi3_with_separate_q_k_v(tmp_path):
