@@ -3,7 +3,13 @@
 The GGUF's metadata fields (`{arch}.block_count`, `{arch}.rope.freq_base`, ...) become transformers'
 config keys; each is checked against the tensors' shapes where a wrong one would only fail later, and a
 field out of range is named as read. Phi-3's LongRoPE factors and Llama 3.1+'s RoPE scaling are stored by
-llama.cpp as tensors: they come back as config (llama3_scaling); linear and YaRN scaling as fields (_rope_scaling)."""
+llama.cpp as tensors: they come back as config (llama3_scaling); linear and YaRN scaling as fields (_rope_scaling).
+
+Sliding windows come as llama.cpp reads the file: gemma3's window and layer pattern (no window: every layer global),
+gemma2's on every other layer, phi3's on every layer (0 or no field: none; no field with a warning). llama, qwen2,
+qwen3 and smollm3 files carry none, and llama.cpp slides none of their layers: a Mistral 7B v0.1 file (llama;
+sliding_window 4096 in its config.json) comes in attending to every position, as llama.cpp runs it, and without a
+warning, since nothing in the file tells it from Mistral v0.2 or a Llama, which would all be warned about."""
 
 from __future__ import annotations
 
