@@ -25,7 +25,7 @@ from pathlib import Path
 import edgemtp  # noqa: F401  first: sets OPENBLAS_THREAD_TIMEOUT before numpy loads OpenBLAS
 import numpy as np
 
-from edgemtp.errors import script_main
+from edgemtp.errors import EdgemtpError, script_main
 from edgemtp.runtime.engine import Engine
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -82,7 +82,11 @@ def main() -> None:
     bundle = args.bundle or make_bundle(args.workdir, args.layers, args.kv_heads, max(contexts) + 64,
                                          args.quant)
     engine = Engine.load(bundle)
-    slots = engine.target.contract.kv
+    slots, capacity = engine.target.contract.kv, engine.target.contract.capacity
+    if engine.target.new_cache(1).unviewable:  # both kinds of step would bind the whole buffers
+        raise EdgemtpError(f"{bundle}: its cache makes no window copies at a capacity of {capacity:,} (1.5 windows "
+                           f"of {engine.target.contract.sliding_window:,} are over half of it: kv_cache.shadow_plan), "
+                           "so there is nothing to compare")
     print(f"{bundle}: {sum(1 for s in slots if s.window and s.num_heads > 1)} of {len(slots)} KV-owning layers "
           f"slide with several KV heads (window {engine.target.contract.sliding_window})")
     for context in contexts:

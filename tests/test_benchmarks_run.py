@@ -295,3 +295,17 @@ def test_window_copies(tiny_gemma3, capsys, monkeypatch):
     assert "2 of 4 KV-owning layers slide with several KV heads (window 8)" in lines[0], out
     assert [line.split(":")[0] for line in lines[1:]] == ["context     16", "context     40"], out
     assert all(sane(figures(line)) and "(logits 0.0e+00 apart)" in line for line in lines[1:]), out
+
+
+def test_window_copies_refuses_a_bundle_whose_cache_makes_none(tiny_gemma3, tmp_path, capsys, monkeypatch):
+    """Window 8 at a capacity of 20: 1.5 windows are over half of it, so the cache makes no copies
+    (kv_cache.shadow_plan) and both kinds of step bind the whole buffers. The script timed them anyway and
+    printed their ratio as the copies' (about 1.00x, "with the window's copies"); now it says why it cannot."""
+    from edgemtp.exporters import export
+
+    bundle = export(tiny_gemma3[1], tmp_path / "bundle", capacity=20)
+    with pytest.raises(SystemExit) as e:
+        run("window_copies.py", "--bundle", bundle, "--contexts", "16", "--pairs", 1, capsys=capsys,
+            monkeypatch=monkeypatch)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "makes no window copies at a capacity of 20" in err, err
