@@ -1210,6 +1210,27 @@ def test_info_describes_the_bundle_and_checks_it(tiny_gemma3, tmp_path):
     assert_one_line_error(r, f"{tmp_path / 'edgemtp.json'}: missing (not an edgemtp bundle)")
 
 
+
+@pytest.mark.parametrize("capacity", [64, 20])
+def test_info_gives_what_a_row_of_the_cache_holds_after_its_last_step(tiny_gemma3, tmp_path, capacity):
+    """info's KV figures are what a KVCache row allocates once its context nears the capacity (KVCache.nbytes):
+    window 8 with 2 sliding KV heads makes copies at a capacity of 64, none at 20 (1.5 windows over half of it,
+    kv_cache.shadow_plan), where a figure counting them would give memory the engine never takes."""
+    from edgemtp.exporters import export
+
+    bundle = export(tiny_gemma3[1], tmp_path / "bundle", capacity=capacity)
+    r = run("info", bundle, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    target = Engine.load(bundle).target
+    cache = target.new_cache(1)
+    ids = np.random.default_rng(0).integers(3, 96, size=(1, capacity))
+    target.forward(ids[:, :-1], cache)
+    target.forward(ids[:, -1:], cache)  # the last step a row can take, from the furthest view
+    assert cache.nbytes == info["kv_cache_bytes_per_row"] + info["kv_window_copies_bytes_per_row"]
+    assert (info["kv_window_copies_bytes_per_row"] > 0) == (capacity == 64)
+
+
 def test_cluster_command(tiny_gemma3, tmp_path):
     r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2, "--positions", 2048)
     assert r.exit_code == 0, r.output
