@@ -9,7 +9,8 @@ window_offset). With one KV head that is a view of the buffer itself; with sever
 head's rows sit a whole capacity apart), so those layers bind a "shadow" instead: a copy of the row's positions
 from the offset on, [1, Nk, room, D], kept beside the buffer. The pass writes its new keys and values into the
 shadow, and after_pass copies them into the buffer, which stays whole and current for everything else (batched
-passes, the verify graph, an MTP drafter reading the cache).
+passes, the verify graph, an MTP drafter reading the cache). Only where 1.5 windows are at most half the
+capacity (shadow_plan): otherwise such a cache binds every pass to the whole buffers (`unviewable`).
 """
 
 from __future__ import annotations
