@@ -2175,7 +2175,7 @@ def test_kv_cache_views_are_its_buffers_and_one_that_would_copy_is_refused():
     np.testing.assert_array_equal(shadow[0, :, :5], wide.keys[0][0, :, 4:9])  # positions 4..8, each head's
     shadow[0, :, 5] = -1.0  # what a pass of one new position writes at position 9
     wide.after_pass(slice(0, 1), 4, 9, 1)
-    assert (wide.keys[0][0, :, 9] == -1.0).all() and wide.nbytes == 2 * (2 * 16 * 4 + 2 * 16 * 4) * 4
+    assert (wide.keys[0][0, :, 9] == -1.0).all() and wide.nbytes == 2 * (2 * 32 * 4 + 2 * 32 * 4) * 4  # K, V; shadows
 
 
 def checked_files(tmp_path, monkeypatch, n: int) -> list[Path]:
