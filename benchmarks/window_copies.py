@@ -79,7 +79,8 @@ def main() -> None:
     ap.add_argument("--quant", default="fp32", help="the random model's export: fp32, int8 or int4")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
-    bundle = args.bundle or make_bundle(args.workdir, args.layers, args.kv_heads, max(contexts) + 64,
+    # at least 3 windows (512 each): the cache makes copies only where 1.5 windows are at most half its capacity
+    bundle = args.bundle or make_bundle(args.workdir, args.layers, args.kv_heads, max(max(contexts) + 64, 3 * 512),
                                          args.quant)
     engine = Engine.load(bundle)
     slots, capacity = engine.target.contract.kv, engine.target.contract.capacity
