@@ -94,7 +94,7 @@ class PromptLookupDrafter:
 
     def propose(self, history: Sequence[int], k: int,
                 ctx: DraftContext | None = None) -> tuple[list[int], None]:
-        h = np.asarray(history, np.int64)  # once a round: a list of every token so far
+        h = as_array(history)
         found = self.match(h)
         if found is None:
             return [], None
@@ -103,7 +103,7 @@ class PromptLookupDrafter:
 
     def match(self, history: Sequence[int]) -> tuple[int, int] | None:
         """(n, start) of the longest repeat of the history's last n tokens (the most recent one), or None."""
-        h = np.asarray(history, np.int64)
+        h = as_array(history)
         for n in range(min(self.max_ngram, len(h) - 1), self.min_ngram - 1, -1):
             start = last_match(h, n)
             if start is not None:
@@ -114,6 +114,36 @@ class PromptLookupDrafter:
         """See guess_kind: a copy after an n-token repeat, free to propose."""
         found = self.match(history)
         return None if found is None else Guess(f"lookup {found[0]}", True)
+
+
+class TokenIds(list):
+    """A list of token ids (a sequence's history) that keeps them as an int64 array too, for prompt lookup's
+    search: converting the whole list every round took 0.5 ms at 32k ids (Gemma 3 270M's history on the 2-core
+    Xeon), twice a round with an adaptive hybrid, which asks for its guess's kind before drafting it. `array`
+    copies only the ids added since its last call; the rounds only append to a history."""
+
+    def __init__(self, ids: Sequence[int] = ()):
+        super().__init__(ids)
+        self._array, self._n = np.asarray(self, np.int64), len(self)
+
+    def array(self) -> np.ndarray:
+        """[len] int64, the ids (a view, valid until the next append)."""
+        n = len(self)
+        if n < self._n:  # shortened (pop, del): copied again whole, as the rounds never do
+            self._array, self._n = np.asarray(self, np.int64), n
+        if n > len(self._array):  # doubled: a copy now and then, not one per round
+            grown = np.empty(max(2 * len(self._array), n), np.int64)
+            grown[:self._n] = self._array[:self._n]
+            self._array = grown
+        if n > self._n:
+            self._array[self._n:n] = np.asarray(self[self._n:n], np.int64)
+            self._n = n
+        return self._array[:n]
+
+
+def as_array(history: Sequence[int]) -> np.ndarray:
+    """`history` as an int64 array: a TokenIds' own, kept as it grows; anything else converted."""
+    return history.array() if isinstance(history, TokenIds) else np.asarray(history, np.int64)
 
 
 class HybridDrafter:

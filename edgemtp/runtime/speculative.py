@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import EdgemtpError
 from .acceptance import RowDistributions, accept_sampled, greedy_choices
 from .draft_length import DraftLength
-from .drafting import DraftContext, Drafter, guess_options
+from .drafting import DraftContext, Drafter, TokenIds, guess_options
 from .requests import check_request
 from .sampling import BadLogits, Sampling, Seen, pick
 from .stats import STREAM_CLOSED, Stats
@@ -94,7 +94,7 @@ class SeqResult:
 @dataclass
 class _Seq:
     row: int
-    history: list[int]  # prompt + emitted; history[-1] is not in the cache yet
+    history: TokenIds  # prompt + emitted, appended to only; history[-1] is not in the cache yet
     rng: np.random.Generator
     hidden: np.ndarray | None = None  # [H] target hidden state at the position that produced history[-1]
     out: SeqResult = field(default_factory=lambda: SeqResult([]))
@@ -190,7 +190,7 @@ class Speculative:
     def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
                  rng: np.random.Generator, cached: int = 0) -> _Seq:
         logits, hidden = self.target.forward(np.array([prompt[cached:]]), cache, rows=slice(b, b + 1))
-        s = _Seq(b, prompt, rng, hidden[0, -1], seen=Seen(prompt) if sampling.penalized else None)
+        s = _Seq(b, TokenIds(prompt), rng, hidden[0, -1], seen=Seen(prompt) if sampling.penalized else None)
         try:
             s.history.append(pick(logits[0, -1], sampling, rng, () if s.seen is None else s.seen.ids))
         except BadLogits as e:
