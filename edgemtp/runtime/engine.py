@@ -468,8 +468,9 @@ class Engine:
                 text = text_of.add(token)
                 if text.endswith("\ufffd"):
                     continue
-                text = stops.shown(text)
-                if text == shown or not text.startswith(shown):
+                grown = text.startswith(shown)  # else decoding rewrote shown text (the last piece mends it)
+                text = stops.shown(text, len(shown) if grown else 0)  # shown holds no stop string
+                if not grown or len(text) <= len(shown):  # a cut of text, which starts with shown
                     continue
                 yield text[len(shown):]
                 shown = text

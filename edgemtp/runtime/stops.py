@@ -78,9 +78,9 @@ class Stops:
         # stopped in the middle of any character over several tokens
         return self.find(text.rstrip("\ufffd")) >= 0
 
-    def find(self, text: str) -> int:
-        """Where the first stop string in `text` begins, -1 if there is none."""
-        found = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+    def find(self, text: str, start: int = 0) -> int:
+        """Where the first stop string in `text` beginning at `start` or later begins, -1 if there is none."""
+        found = [i for i in (text.find(s, start) for s in self.strings) if i >= 0]
         return min(found, default=-1)
 
     def cut(self, text: str) -> str:
@@ -88,13 +88,17 @@ class Stops:
         i = self.find(text)
         return text if i < 0 else text[:i]
 
-    def shown(self, text: str) -> str:
+    def shown(self, text: str, clean: int = 0) -> str:
         """What a stream may show of a row's text so far: up to its first stop string, and without an end
-        that the next tokens could turn into one (a stop string's first characters)."""
-        i = self.find(text)
+        that the next tokens could turn into one (a stop string's first characters). `clean`: how many of the
+        text's first characters are known to hold no stop string (what the stream showed of it so far): one
+        must end after them, so the search starts there less the longest one's length, not at the text's start
+        (0.2 ms a token at 32k tokens with 4 stop strings, growing with the text)."""
+        longest = max(map(len, self.strings), default=1)
+        i = self.find(text, max(0, clean - longest + 1))
         if i >= 0:
             return text[:i]
-        for n in range(min(len(text), max(map(len, self.strings), default=1) - 1), 0, -1):
+        for n in range(min(len(text), longest - 1), 0, -1):
             if any(s.startswith(text[-n:]) for s in self.strings):
                 return text[:-n]
         return text
