@@ -612,13 +612,15 @@ def test_a_text_stream_holding_a_piece_closed_mid_pass_ends_as_one_holding_none(
     its token stream's next pass, which, the engine closed after the stream, raised "the engine was closed" in the
     reader; the engine left open, it generated passes after the close until a piece showed (" t12 t12 t62"). Now it
     ends as one holding nothing does: that pass's text (the held piece), then no more, no error, with or without
-    the engine's close."""
+    the engine's close. Engine.close alone (the stream left open) raised "the engine was closed" in that read, the
+    held piece lost: now that pass's text comes, then the closed-engine error at the next read, as with nothing
+    held."""
 
     from edgemtp.runtime.engine import Engine
 
     want = list(Engine.load(tiny_gemma3[2]).stream("t1 t2", 6))  # 't75', ' t12', ' t12', ' t62', ...
     assert want[:2] == ["t75", " t12"]
-    for closing in ("stream", "stream and engine"):
+    for closing in ("stream", "stream and engine", "engine"):
         for stop in (None, " t12 t12x"):  # the second holds " t12" back: it may be the stop string's start
             engine = Engine.load(tiny_gemma3[2])
             inside, go = hold_second_pass(engine)
@@ -631,38 +633,15 @@ def test_a_text_stream_holding_a_piece_closed_mid_pass_ends_as_one_holding_none(
                 except EdgemtpError as e:
                     errors.append(str(e))
 
-            reader = close_while_held([stream, engine][:len(closing.split(" and "))], read, inside, go)
-            assert not reader.is_alive() and errors == [] and got == want[:2], (closing, stop)
-            assert list(stream) == []
-
-
-def test_a_text_stream_holding_a_piece_when_its_engine_closed_mid_pass_ends_as_one_holding_none(tiny_gemma3):
-    """Engine.close alone (the stream left open) while another thread's text stream is inside a pass whose token
-    it holds back (the start of a stop string, " t12" of " t12 t12x"): that read raised "the engine was closed",
-    the held piece lost. Now it ends as one holding nothing does: that pass's text, then the closed-engine error
-    at the next read."""
-
-    from edgemtp.runtime.engine import Engine
-
-    want = list(Engine.load(tiny_gemma3[2]).stream("t1 t2", 6))
-    assert want[:2] == ["t75", " t12"]
-    for stop in (None, " t12 t12x"):
-        engine = Engine.load(tiny_gemma3[2])
-        inside, go = hold_second_pass(engine)
-        stream = engine.stream("t1 t2", 6, stop=stop)
-        got, errors = [next(stream)], []
-
-        def read():
-            try:
-                got.extend(stream)
-            except EdgemtpError as e:
-                errors.append(str(e))
-
-        reader = close_while_held(engine, read, inside, go)
-        assert not reader.is_alive() and got == want[:2], (stop, got, errors)
-        assert len(errors) == 1 and errors[0].startswith("the engine was closed"), (stop, errors)
-        with pytest.raises(EdgemtpError, match="^the engine was closed"):
-            next(stream)
+            closed = {"stream": [stream], "stream and engine": [stream, engine], "engine": [engine]}[closing]
+            reader = close_while_held(closed, read, inside, go)
+            assert not reader.is_alive() and got == want[:2], (closing, stop, got, errors)
+            if closing == "engine":  # the stream left open: its next read says the engine was closed
+                assert len(errors) == 1 and errors[0].startswith("the engine was closed"), (stop, errors)
+                with pytest.raises(EdgemtpError, match="^the engine was closed"):
+                    next(stream)
+            else:
+                assert errors == [] and list(stream) == [], (closing, stop)
 
 
 def test_a_stream_closed_by_another_thread_ends_as_a_close_does(tiny_gemma3):

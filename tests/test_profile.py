@@ -305,32 +305,15 @@ def rows_read(graph_path) -> dict:
     reads it. Bytes that an initializer read whole shares (an alias) are left out of it."""
     import onnx
 
+    from .test_onnx_wire import read_at_rows
+
     graph = onnx.load(str(graph_path), load_external_data=False).graph
-    readers = defaultdict(list)
-
-    def walk(g):
-        for n in g.node:
-            for i, x in enumerate(n.input):
-                readers[x].append((n, i))
-            for a in n.attribute:
-                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
-                    walk(sub)
-    walk(graph)
-    for o in graph.output:
-        readers[o.name].append((None, 0))
-
-    def at_rows(x):
-        return all(n is not None and (n.op_type in ("Gather", "GatherElements") and i == 0
-                                      or n.op_type == "GatherBlockQuantized" and i in (0, 2, 3)
-                                      or n.op_type == "GroupQueryAttention" and i in (7, 8)
-                                      or n.op_type == "Unsqueeze" and i == 0 and all(at_rows(y) for y in n.output))
-                   for n, i in readers[x])
     found, whole = defaultdict(set), set()
     for t in graph.initializer:
         e = {x.key: x.value for x in t.external_data}
         if e:
             place = (e["location"], int(e.get("offset", 0)), int(e["length"]))
-            if at_rows(t.name):
+            if read_at_rows(graph, t.name):
                 found[place].add(t.name)
             else:
                 whole.add(place)

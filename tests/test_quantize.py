@@ -630,24 +630,15 @@ def test_a_plain_step_of_an_integer_head_bundle_reads_the_columns_not_the_packed
     head rescores. The ceiling's bytes per token (decode_bytes) counted the whole packed table as read too.
     Here an initializer that only gathers read (through an Unsqueeze, which the session folds, for the scales)
     is read at rows (left out: a few KB), any other whole; the data file's padding stays counted."""
-    from collections import defaultdict
-
     from edgemtp.runtime.bandwidth import decode_bytes
+
+    from .test_profile import rows_read
 
     fp32 = make_bundle(tmp_path, "gemma3_text")  # a tied table: the embedding gathers from the packed one
     quantize_bundle(fp32, tmp_path / "int", "int4", calibration=calib_file, calibration_tokens=256, frequent_rows=16,
                     head_op="integer")
-    graph = onnx.load(str(tmp_path / "int/target.onnx"), load_external_data=False).graph
-    readers = defaultdict(list)
-    for node in graph.node:
-        for x in node.input:
-            readers[x].append(node)
-
-    def only_gathered(x):
-        return all(n.op_type in ("Gather", "GatherBlockQuantized") or
-                   n.op_type == "Unsqueeze" and all(only_gathered(y) for y in n.output) for n in readers[x])
-    gathered = {t.name: int(next(e.value for e in t.external_data if e.key == "length")) for t in graph.initializer
-                if t.external_data and only_gathered(t.name)}
+    rows = rows_read(tmp_path / "int/target.onnx")  # {(file, offset, length): names}
+    gathered = {name: length for (_, _, length), names in rows.items() for name in names}
     table = "model.embed_tokens.weight."
     assert {table + "frequent.q8b32", table + "rest.q4b32.scales", table + "row_of"} <= set(gathered)
     assert table + "int8" not in gathered and table + "int8.scales" not in gathered
