@@ -2377,18 +2377,7 @@ def test_nan_logits_are_one_error_line(tiny_gemma3, monkeypatch):
     """A bundle whose target gives NaN logits (broken, or a value that overflowed): greedy decoding printed token
     0 or the first NaN's token at every step, exit status 0; sampling was a ValueError traceback. Now one line,
     plain and drafted, greedy and sampled."""
-    from edgemtp import contract as C
-    from edgemtp.runtime.target import Target
-
-    forward_outputs = Target.forward_outputs
-
-    def nan_logits(self, ids, cache, names, *args, **kwargs):
-        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
-        if C.LOGITS in names:
-            outputs[list(names).index(C.LOGITS)][..., 3] = np.nan
-        return outputs
-
-    monkeypatch.setattr(Target, "forward_outputs", nan_logits)
+    logits_changed(monkeypatch, lambda logits, ids, cache: logits.__setitem__((..., 3), np.nan))
     text = tiny_gemma3[2].parent / "nan_text.txt"
     text.write_text(" ".join(f"t{i % 37}" for i in range(50)))
     # evaluate, the tool that measures a bundle run on an NPU (fp16 rounding), printed perplexity nan, KL nan and a
@@ -2400,34 +2389,46 @@ def test_nan_logits_are_one_error_line(tiny_gemma3, monkeypatch):
         assert_one_line_error(r, "NaN")
 
 
+def logits_changed(monkeypatch, change) -> None:
+    """Target.forward_outputs with change(logits, ids, cache) applied to its logits, in place: an overflow or a
+    masked token, for evaluate's tests."""
+    from edgemtp import contract as C
+    from edgemtp.runtime.target import Target
+
+    forward_outputs = Target.forward_outputs
+
+    def changed(self, ids, cache, names, *args, **kwargs):
+        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
+        if C.LOGITS in names:
+            change(outputs[list(names).index(C.LOGITS)], ids, cache)
+        return outputs
+
+    monkeypatch.setattr(Target, "forward_outputs", changed)
+
+
+def strict_json(text: str):
+    """json.loads refusing NaN and Infinity, which Python's json takes and JSON has not."""
+    def not_json(constant: str):
+        raise ValueError(constant)
+
+    return json.loads(text, parse_constant=not_json)
+
+
 def test_evaluate_refuses_logits_that_hold_plus_inf(tiny_gemma3, monkeypatch):
     """An fp16 overflow to +inf in the target's logits passed evaluate's NaN check, then its log-softmax took
     inf - inf: --json printed perplexity NaN (which strict JSON has not), and the API returned it. Generation takes
     the +inf ids as the certain ones; a perplexity or KL from that would measure the overflow (infinite, or at best
     a guess), so evaluate refuses, as it does NaN, naming the bundle and the position."""
-    from edgemtp import contract as C
     from edgemtp.evaluate import evaluate
-    from edgemtp.runtime.target import Target
 
-    forward_outputs = Target.forward_outputs
-
-    def inf_at_position_2(self, ids, cache, names, *args, **kwargs):
-        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
-        if C.LOGITS in names:
-            outputs[list(names).index(C.LOGITS)][0, 2, 3] = np.inf
-        return outputs
-
-    def not_json(constant: str):  # NaN, Infinity: Python's json takes them, JSON does not
-        raise ValueError(constant)
-
-    monkeypatch.setattr(Target, "forward_outputs", inf_at_position_2)
+    logits_changed(monkeypatch, lambda logits, ids, cache: logits.__setitem__((0, 2, 3), np.inf))
     text = " ".join(f"t{i % 37}" for i in range(50))
     path = tiny_gemma3[2].parent / "inf_text.txt"
     path.write_text(text)
     for reference in ([], ["--reference", tiny_gemma3[2]]):
         r = run("evaluate", tiny_gemma3[2], "--text-file", path, "--json", *reference)
         if r.exit_code == 0:  # what it printed: not JSON
-            json.loads(r.stdout, parse_constant=not_json)
+            strict_json(r.stdout)
         assert_one_line_error(r, str(tiny_gemma3[2]), "+inf", "position 2")
     with pytest.raises(EdgemtpError, match=r"position 2 of a window\) gave logits that hold \+inf"):
         evaluate(tiny_gemma3[2], text)
@@ -2436,28 +2437,15 @@ def test_evaluate_refuses_logits_that_hold_plus_inf(tiny_gemma3, monkeypatch):
 def test_evaluate_kl_where_both_bundles_rule_a_token_out(tiny_gemma3, monkeypatch):
     """A token whose logit is -inf in both bundles (masked, or an overflow) has probability 0 in each, so it adds
     nothing to KL(P || Q); its term was 0 * (-inf - -inf) = NaN, and --json printed kl_mean NaN."""
-    from edgemtp import contract as C
     from edgemtp.evaluate import evaluate
-    from edgemtp.runtime.target import Target
 
-    forward_outputs = Target.forward_outputs
-
-    def last_id_ruled_out(self, ids, cache, names, *args, **kwargs):
-        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
-        if C.LOGITS in names:
-            outputs[list(names).index(C.LOGITS)][..., -1] = -np.inf
-        return outputs
-
-    def not_json(constant: str):  # NaN, Infinity: Python's json takes them, JSON does not
-        raise ValueError(constant)
-
-    monkeypatch.setattr(Target, "forward_outputs", last_id_ruled_out)
+    logits_changed(monkeypatch, lambda logits, ids, cache: logits.__setitem__((..., -1), -np.inf))
     text = " ".join(f"t{i % 37}" for i in range(50))
     path = tiny_gemma3[2].parent / "ruled_out_text.txt"
     path.write_text(text)
     r = run("evaluate", tiny_gemma3[2], "--text-file", path, "--reference", tiny_gemma3[2], "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout, parse_constant=not_json)
+    out = strict_json(r.stdout)
     assert (out["kl_mean"], out["kl_max"], out["top1_agreement"]) == (0.0, 0.0, 1.0)
     assert out == evaluate(tiny_gemma3[2], text, tiny_gemma3[2])
 
@@ -2467,22 +2455,13 @@ def test_evaluate_with_a_token_the_bundle_rules_out_is_infinite_perplexity_json_
     infinite. --json printed Infinity, which strict JSON has not (and the delta against a reference inf / inf =
     NaN); the JSON now gives null for a figure that is not finite, the Python API inf, the text output inf. A mean
     NLL above ~709 overflowed math.exp with a traceback."""
-    from edgemtp import contract as C
     from edgemtp.evaluate import _summary, _Tally, evaluate
-    from edgemtp.runtime.target import Target
 
-    forward_outputs = Target.forward_outputs
+    def next_token_ruled_out_at_2(logits, ids, cache):
+        if ids.shape[1] > 3 and int(cache.lengths[0]) == ids.shape[1]:  # a window's first piece
+            logits[0, 2, int(ids[0, 3])] = -np.inf
 
-    def next_token_ruled_out_at_2(self, ids, cache, names, *args, **kwargs):
-        outputs = forward_outputs(self, ids, cache, names, *args, **kwargs)
-        if C.LOGITS in names and ids.shape[1] > 3 and int(cache.lengths[0]) == ids.shape[1]:  # a window's first piece
-            outputs[list(names).index(C.LOGITS)][0, 2, int(ids[0, 3])] = -np.inf
-        return outputs
-
-    def not_json(constant: str):
-        raise ValueError(constant)
-
-    monkeypatch.setattr(Target, "forward_outputs", next_token_ruled_out_at_2)
+    logits_changed(monkeypatch, next_token_ruled_out_at_2)
     text = " ".join(f"t{i % 37}" for i in range(50))
     path = tiny_gemma3[2].parent / "ruled_out_next_text.txt"
     path.write_text(text)
@@ -2490,7 +2469,7 @@ def test_evaluate_with_a_token_the_bundle_rules_out_is_infinite_perplexity_json_
     assert api["perplexity"] == math.inf and api["nll"] == math.inf
     r = run("evaluate", tiny_gemma3[2], "--text-file", path, "--reference", tiny_gemma3[2], "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.stdout, parse_constant=not_json)
+    out = strict_json(r.stdout)
     assert out["perplexity"] is None and out["nll"] is None and out["reference_perplexity"] is None
     assert out["perplexity_delta_pct"] is None and out["top1_agreement"] == 1.0
     r = run("evaluate", tiny_gemma3[2], "--text-file", path)
