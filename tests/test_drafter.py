@@ -1443,6 +1443,43 @@ def test_an_engine_closed_while_its_mtp_drafter_loads_lets_go_of_it(setup, monke
     assert engine._drafters == {} and loaded[0]() is None
 
 
+def test_an_engine_closed_as_a_generation_finds_its_mtp_drafter_says_so(setup):
+    """Engine.close from another thread just as a drafting call looks up the MTP drafter an earlier call loaded:
+    the lookup saw it there, close cleared the drafters, and the call raised KeyError: 'drafter'; now it says
+    the engine was closed."""
+    import threading
+
+    from edgemtp.runtime.engine import Draft
+
+    engine = Engine.load(setup[1], mtp=True)
+    engine.generate("t3 t9 t4 t1", max_new_tokens=2, draft=Draft("mtp", 2))  # loads the drafter
+
+    class ClosedOnLookup(dict):  # the first lookup answers, then the engine is closed from another thread
+        looked = False
+
+        def _closing(self):
+            if not self.looked:
+                self.looked = True
+                closer = threading.Thread(target=engine.close)
+                closer.start()
+                closer.join(60)
+
+        def __contains__(self, key):
+            found = super().__contains__(key)
+            self._closing()
+            return found
+
+        def get(self, key, default=None):
+            found = super().get(key, default)
+            self._closing()
+            return found
+
+    engine._drafters = ClosedOnLookup(engine._drafters)
+    with pytest.raises(EdgemtpError, match="the engine was closed"):
+        engine.generate("t3 t9 t4 t1", max_new_tokens=4, draft=Draft("mtp", 2))
+    assert engine._drafters.looked and engine._drafters == {}
+
+
 def test_threads_sharing_an_engine_load_its_graphs_once(setup, monkeypatch):
     """Threads whose first drafting calls on one engine come together load the MTP drafter and the batched
     verify graph once (each thread loaded its own: with fast_verify, 1.7 GB of packed weights apiece for Gemma 3

@@ -335,18 +335,21 @@ class Engine:
 
     def _mtp_drafter(self, graph: str = "drafter"):
         with self._drafters_lock:  # threads whose first drafting calls come together wait for one load
-            if graph not in self._drafters:
+            # looked up once: close() in another thread clears the drafters without the lock, and a second
+            # lookup after it raised KeyError (the call then fails on the closed target, saying so)
+            drafter = self._drafters.get(graph)
+            if drafter is None:
                 from .drafter_session import DrafterSession
 
                 self.bundle.check_unchanged()  # loaded now, from the files Engine.load checked
                 tables = self.head_tables if runs_on_cpu(self.drafter_provider) else None
-                self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads, graph,
-                                                            tables and tables.initializers(graph))
+                drafter = self._drafters[graph] = DrafterSession.load(self.bundle, self.drafter_provider, self.threads,
+                                                                      graph, tables and tables.initializers(graph))
                 if isinstance(self.target, Closed):  # closed by another thread while it loaded: close() cleared
                     self._drafters.clear()  # the drafters before this one came, so it is let go here
                     raise EdgemtpError(CLOSED)
                 release_freed_memory()
-            return self._drafters[graph]
+            return drafter
 
     def token_stream(self, prompt_ids: list[int], max_new_tokens: int = 128, sampling: Sampling = Sampling(),
                      draft: Draft | None = None, stats: Stats | None = None, *, stop=None) -> Iterator[int]:
