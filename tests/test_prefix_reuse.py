@@ -198,3 +198,25 @@ def test_reuse_prefix_switched_after_load(tiny_gemma3):
     with pytest.raises(ArgumentError, match="reuse_prefix='no' must be True or False"):
         engine.reuse_prefix = "no"
     assert not engine.reuse_prefix
+
+
+def test_reuse_prefix_switched_off_while_a_generation_keeps_its_cache(tiny_gemma3):
+    """reuse_prefix switched off from another thread while a generation keeps its cache (after it saw keeping on,
+    before it stored the cache): the cache stayed held on an engine with reuse_prefix off, and the next
+    generation ran over it (cached_tokens 2); now it is let go."""
+    import threading
+
+    engine = Engine.load(tiny_gemma3[2], reuse_prefix=True)
+    engine.generate("t3 t4 t5", 3)
+
+    class SwitchedOffOnClear(dict):  # the kept cache's bindings are let go between the check and the store
+        def clear(self):
+            super().clear()
+            switch = threading.Thread(target=setattr, args=(engine, "reuse_prefix", False))
+            switch.start()
+            switch.join(60)
+
+    engine.kept.held[0].passes = SwitchedOffOnClear()
+    engine.generate("t3 t4 t5", 3)
+    assert not engine.reuse_prefix and engine.kept.held is None
+    assert engine.generate("t3 t4 t5", 3).stats.cached_tokens == 0

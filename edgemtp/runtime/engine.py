@@ -137,7 +137,7 @@ class Engine:
     def reuse_prefix(self, on: bool) -> None:
         if not is_bool(on):  # as Engine.load: a truthy string ("no") turned keeping on
             raise ArgumentError("reuse_prefix", on, "must be True or False")
-        self.kept.enabled = bool(on)
+        self.kept.enabled = bool(on)  # first: a generation keeping its cache meanwhile checks it after storing
         if not on:  # the cache kept so far is let go: the next generation ran over it (cached_tokens > 0, its
             self.kept.held = None  # prefill not measured whole), and its memory stayed held until then
 

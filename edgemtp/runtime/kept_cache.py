@@ -63,3 +63,8 @@ class KeptCache:
             # nothing; the next generation binds afresh, as one over a new cache does (~0.6 ms a shape)
             cache.passes.clear()
             self.held = (cache, ids[:n])
+            # Engine.reuse_prefix switched off from another thread since the check above: it clears `enabled`, then
+            # lets go of `held`, and may have done both before this store, which then stayed held (and the next
+            # generation ran over it with keeping off)
+            if not self.enabled:
+                self.held = None
