@@ -457,7 +457,11 @@ def test_a_closed_engine_lets_go_of_its_sessions(tiny_gemma3):
         want = engine.generate("t1 t2", max_new_tokens=3).tokens
         session = weakref.ref(engine.target.session)
     assert session() is None
-    for use in (lambda: engine.generate("t1 t2", max_new_tokens=3), lambda: engine.reuse_prefix):
+    def switch_keeping_off():  # was stored on the placeholder, and read back as if the engine still kept
+        engine.reuse_prefix = False
+
+    for use in (lambda: engine.generate("t1 t2", max_new_tokens=3), lambda: engine.reuse_prefix, switch_keeping_off,
+                lambda: engine.reuse_prefix):
         with pytest.raises(EdgemtpError, match=r"the engine was closed \(Engine.close, or the end of its with block\)"):
             use()
     assert Engine.load(tiny_gemma3[2]).generate("t1 t2", max_new_tokens=3).tokens == want

@@ -97,6 +97,9 @@ class Closed:
     def __getattr__(self, name: str):
         raise EdgemtpError(CLOSED)
 
+    def __setattr__(self, name: str, value) -> None:  # `engine.reuse_prefix = False` was stored here silently
+        raise EdgemtpError(CLOSED)
+
 
 CLOSED = "the engine was closed (Engine.close, or the end of its with block): load it again"
 
