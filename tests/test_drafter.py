@@ -1913,6 +1913,26 @@ def test_train_drafter_refuses_a_model_or_bundle_as_its_output(tiny_gemma3, tmp_
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("kind", ["gemma4_text", "gemma4"])
+def test_train_drafter_refuses_gemma4(kind, tmp_path):
+    """Our drafter reads one KV shape for every layer type, and Gemma 4's sliding and full layers have their own
+    head dims and KV heads: train-drafter on a Gemma 4 target was an AttributeError traceback ('Gemma4Config' object
+    has no attribute 'num_kv_heads'). It is one error line pointing at the assistant drafter Gemma 4 ships."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    from .reference import save_tiny
+    from .test_parity_gemma4 import tiny as tiny4
+
+    model_dir = save_tiny(tiny4(kind), tmp_path / "model")
+    out = tmp_path / "d"
+    r = CliRunner().invoke(cli, ["train-drafter", str(model_dir), "-o", str(out), "--data", "code=8", "--heldout",
+                                 "code=2", "--seq-len", "12", "--steps", "1", "--hidden", "16", "--layers", "1"])
+    assert_one_line_error(r, str(model_dir), "gemma4_text", "--drafter")
+    assert not out.exists()
+
+
 def test_a_missing_corpus_leaves_no_output_directory(tiny_gemma3, tmp_path, monkeypatch):
     """A corpus that is not installed (docs: python3.11-doc) is a refused run: no new -o directory left
     behind (it held an empty cache/), nor the directories made above it (`-o new1/new2/d` left them, empty)."""

@@ -180,6 +180,10 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         raise EdgemtpError(f"--draft-k {spec.k} must be below --seq-len {window} (a window of {window} tokens "
                            f"scores at most {window - 1} draft steps)")
     tcfg, _ = load_config(target_dir)
+    if tcfg.model_type == "gemma4_text":  # its layer types have their own head dims; our drafter reads one shape
+        raise EdgemtpError(f"{target_dir}: train-drafter does not train drafters for model_type 'gemma4_text': "
+                           "Gemma 4 ships its own MTP drafter (a gemma4_assistant checkpoint), which export "
+                           "attaches with --drafter ASSISTANT_DIR")
     if EMBEDDING not in Checkpoint(target_dir):  # a missing or damaged weight file, before the corpora
         raise EdgemtpError(f"{target_dir}: no '{EMBEDDING}' tensor (the drafter reads the target's embedding)")
     cfg = M.DrafterConfig.for_target(tcfg, drafter_kv(tcfg), **(shape or {}))
