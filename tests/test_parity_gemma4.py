@@ -298,3 +298,21 @@ def test_multimodal_config_reads_text_config(tmp_path):
     assert cfg.head_dims == (16, 32, 16, 16, 32, 16, 16, 32) and cfg.kv_heads == (2, 1, 2, 2, 1, 2, 2, 1)
     assert [cfg.kv_owner(i) for i in range(8)] == [0, 1, 2, 3, 4, 3, 3, 4]
     assert [cfg.mlp_width(i) for i in range(8)] == [48] * 5 + [96] * 3
+
+
+
+@pytest.mark.parametrize("args", [["--static"], ["--quant", "qdq"]])
+def test_static_graphs_are_refused_naming_both_flags(tmp_path, args):
+    """Gemma 4 has no static graph: `export --quant qdq` (which implies --static) said "static export supports
+    ...", which a user who gave no --static could not place; the refusal names both flags that ask for one."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    from .cli_errors import assert_one_line_error
+    from .reference import save_tiny
+
+    model_dir = save_tiny(tiny("gemma4_text"), tmp_path / "model")
+    r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(tmp_path / "bundle"), *args])
+    assert_one_line_error(r, "--static", "--quant qdq", "gemma3_text", "not 'gemma4_text'")
+    assert not (tmp_path / "bundle").exists()

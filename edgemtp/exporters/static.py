@@ -70,7 +70,8 @@ def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) 
 
 def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
     if arch not in ARCHS:
-        raise EdgemtpError(f"static export supports {', '.join(ARCHS)}; not {arch!r}")
+        # both flags: --quant qdq implies --static, and a user who gave only it did not know of "static export"
+        raise EdgemtpError(f"static graphs (--static, --quant qdq) support {', '.join(ARCHS)}; not {arch!r}")
     for name, v in (("window", window), ("capacity", capacity)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise EdgemtpError(f"static {name} must be an integer, got {v!r}")
