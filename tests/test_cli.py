@@ -234,6 +234,11 @@ def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_g
     (("--no-draft", "--draft-k", 2), "--no-draft and --draft-k: drafting is either off or configured"),
     (("--no-draft", "--drafter-provider", "cpu"), "--no-draft and --drafter-provider: drafting is either off or"),
     (("--no-draft", "--draft-p-min", 0.2), "--no-draft and --draft-p-min: drafting is either off or configured"),
+    # K = 0 is plain decoding, as --no-draft: a drafter or its options beside it were taken silently
+    (("--draft-k", 0, "--draft", "mtp"),
+     "--draft-k 0 and --draft: K = 0 drafts nothing (plain decoding, as --no-draft)"),
+    (("--draft-k", 0, "--drafter-provider", "cpu"), "--draft-k 0 and --drafter-provider: K = 0 drafts nothing"),
+    (("--draft-k", 0, "--draft-p-min", 0.2), "--draft-k 0 and --draft-p-min: K = 0 drafts nothing"),
     (("--draft-p-min", 1), "--draft-p-min 1.0 must be in [0, 1)"),
     (("--draft-p-min", -0.1), "--draft-p-min -0.1 must be in [0, 1)"),
     (("--draft-p-min", "nan"), "--draft-p-min nan must be in [0, 1)"),

@@ -54,7 +54,8 @@ def draft_options(f):
                           "where the text repeats, MTP elsewhere); auto: hybrid with a drafter, else lookup, "
                           "and lookup for an int8 / int4 target on the CPU."),
         click.option("--draft-k", default=4, show_default=True, type=int,
-                     help="Tokens drafted per round at most (hybrid: prompt lookup's; its MTP drafts at most 2). "
+                     help="Tokens drafted per round at most (hybrid: prompt lookup's; its MTP drafts at most 2; "
+                          "0: plain decoding, as --no-draft). "
                           "A static bundle's default: at most its verify window - 1, what one pass verifies."),
         click.option("--adaptive", is_flag=True,
                      help="Draft, each round, the length (up to --draft-k, 0 for a plain step) that pays best by "
@@ -205,6 +206,13 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
     draft = None if no_draft else Draft(draft_mode, draft_k, adaptive, p_min)
     if adaptive and draft_k == 0:
         raise EdgemtpError("--adaptive with --draft-k 0: adaptive drafting chooses up to --draft-k tokens a round")
+    if draft_k == 0 and not no_draft:  # plain decoding, as --no-draft: the drafter and its options would go unused
+        given = [f"--{n.replace('_mode', '').replace('_', '-')}" for n in ("draft_mode", "draft_p_min",
+                                                                            "drafter_provider")
+                 if source(n) == ParameterSource.COMMANDLINE]
+        if given:
+            raise EdgemtpError(f"--draft-k 0 and {given[0]}: K = 0 drafts nothing (plain decoding, as --no-draft)")
+        draft = None  # nor is the MTP drafter loaded, nor the target's threads set to sleep for it
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
