@@ -124,6 +124,22 @@ def drafters_for(bundle, drafter: str, provider: str = "cpu") -> list[str]:
     return list(dict.fromkeys(auto if d == "auto" else d for d in names))
 
 
+def check_mtp_options(drafters: list[str], drafter: str, draft_ks, head: str, p_min: float,
+                      drafter_provider: str | None) -> None:
+    """--head, --draft-p-min and --drafter-provider apply to the rows that run the MTP drafter (mtp, hybrid at a
+    K above 0): given where no row does, they would change nothing, silently."""
+    if {"mtp", "hybrid"} & set(drafters) and any(draft_ks):
+        return
+    runs = (f"--draft {drafter} runs {', '.join(drafters) or 'none'} here" if any(draft_ks) else
+            f"--draft-k {','.join(map(str, draft_ks))} runs plain rows only")
+    if head != "auto":
+        raise EdgemtpError(f"--head {head}: only MTP and hybrid rows have a head, and {runs}")
+    for flag, value, given in (("--draft-p-min", p_min, p_min > 0),
+                               ("--drafter-provider", drafter_provider, drafter_provider is not None)):
+        if given:
+            raise EdgemtpError(f"{flag} {value}: only MTP and hybrid rows run the MTP drafter, and {runs}")
+
+
 def heads_for(bundle, head: str) -> list[str]:
     """--head: clustered / full / auto (every head the bundle's drafter has: clustered, and its full-head twin)."""
     if not bundle.has_graph("drafter"):
@@ -309,9 +325,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     of its own, asks. Without it the peaks are the process's so far (`peak_rss`: "process")."""
     bundle = load_bundle(bundle_dir, verify=False)
     drafters = drafters_for(bundle, drafter, provider)
-    if head != "auto" and not {"mtp", "hybrid"} & set(drafters):
-        raise EdgemtpError(f"--head {head}: only MTP and hybrid rows have a head, and --draft {drafter} runs "
-                           f"{', '.join(drafters) or 'none'} here")
+    check_mtp_options(drafters, drafter, draft_ks, head, p_min, drafter_provider)
     if fast_verify and not bundle.has_graph("verify"):  # before any row runs (Engine.load would say it later)
         raise EdgemtpError(f"--fast-verify: {bundle_dir} has no batched verify graph (it verifies with its target "
                            "graph)")
