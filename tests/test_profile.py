@@ -63,7 +63,7 @@ def test_the_json_records_fast_verify_and_the_drafter_provider(tiny_gemma3):
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert (out["fast_verify"], out["drafter_provider"]) == (False, None)
     r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 2, "--repetitions", 1, "--draft-k", "0,2",
-                "--draft", "mtp", "--fast-verify", "--drafter-provider", "cpu", "--format", "json")
+                "--draft", "mtp", "--batch", "1,2", "--fast-verify", "--drafter-provider", "cpu", "--format", "json")
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert (out["fast_verify"], out["drafter_provider"]) == (True, "cpu")
 
@@ -198,6 +198,9 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
              "--draft-p-min 0.3: only MTP and hybrid rows run the MTP drafter, and --draft-k 0 runs plain rows only"),
             (("--draft", "hybrid", "--draft-k", "0", "--head", "full"),
              "--head full: only MTP and hybrid rows have a head, and --draft-k 0 runs plain rows only"),
+            # one prompt a row never runs the batched verify graph (Target.forward_outputs): the flag did nothing
+            (("--fast-verify",), "--fast-verify: only rows of --batch above 1 run the batched verify graph, and "
+                                 "--batch 1 has none"),
             (("--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
             (("--plot", tmp_path / "afile" / "p.png"),
              f"--plot {tmp_path / 'afile' / 'p.png'}: {tmp_path / 'afile'} is a file, not a directory"),

@@ -50,7 +50,8 @@ def int_list(flag: str, value: str) -> list[int]:
 @click.option("--text-file", default=None, type=click.Path(path_type=Path),
               help="Prompt text (default: code; -: standard input).")
 @click.option("--fast-verify", is_flag=True,
-              help="Batched verify graph with its own packed weights (faster at --batch > 1, more memory).")
+              help="Batched verify graph with its own packed weights (faster, more memory), which only rows of "
+                   "--batch above 1 run.")
 @click.option("--adaptive", is_flag=True,
               help="Also a row per drafter drafting adaptively (as generate --adaptive), up to the largest K.")
 @click.option("--draft-p-min", default=0.0, show_default=True, type=float,

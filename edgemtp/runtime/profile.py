@@ -329,6 +329,9 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     if fast_verify and not bundle.has_graph("verify"):  # before any row runs (Engine.load would say it later)
         raise EdgemtpError(f"--fast-verify: {bundle_dir} has no batched verify graph (it verifies with its target "
                            "graph)")
+    if fast_verify and max(batches) < 2:  # a pass of one row runs the target graph (Target.forward_outputs)
+        raise EdgemtpError(f"--fast-verify: only rows of --batch above 1 run the batched verify graph, and --batch "
+                           f"{','.join(map(str, batches))} has none")
     todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads_for(bundle, head), adaptive,
                    p_min)
     rows: list[Row | None] = [None] * len(todo)
