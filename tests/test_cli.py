@@ -382,6 +382,9 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("quickstart", "--workdir", tmp_path / "afile"),
          f"--workdir {tmp_path / 'afile'}: is a file, not a directory"),
         (("quickstart", "--workdir", tmp_path / "qs", "--max-new-tokens", 0), "--max-new-tokens 0 must be at least 1"),
+        # as generate's --prompt: an empty one generated from <bos> alone, twice, after minutes of import and export
+        (("quickstart", "--workdir", tmp_path / "qs", "--prompt", ""), "--prompt is empty"),
+        (("quickstart", "--workdir", tmp_path / "qs", "--prompt", "  "), "--prompt is only whitespace"),
     ]
     if sys.platform.startswith("linux"):  # a directory nothing can be created in: named as -o, not the temp dir
         cases.append((("export", tiny_gemma3[1], "-o", "/proc/edgemtp-b"), "/proc/edgemtp-b: cannot write a bundle"))

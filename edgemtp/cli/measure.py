@@ -170,6 +170,7 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
 
     if max_new_tokens < 1:
         raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    prompt = read_prompt(prompt, None)  # as generate's: not empty, UTF-8; before the import and export
     if workdir.exists() and not workdir.is_dir():
         raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")
     model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
