@@ -1073,6 +1073,42 @@ def test_batched_speculative_verifies_rows_together(models):
     assert all(shape[0] == len(prompts) for shape, _ in verify[:1])  # the first round: every row at once
 
 
+@pytest.mark.parametrize("kind", ["gemma3_text", "qwen3_sliding"])
+def test_a_row_finished_between_others_leaves_them_one_pass(models, kind):
+    """Rows 0 and 2 still running after row 1 stopped share each target pass: the finished row between them rides
+    along and is rolled back, where they ran two passes a round (each about as dear as one over all three rows,
+    on Gemma 3 270M); tokens are still each row's alone. qwen3_sliding: shadows, which a batched pass leaves stale."""
+    from edgemtp.runtime.drafting import NoDrafter
+
+    engine = models[kind, 64]
+    rng = np.random.default_rng(2)
+    for _ in range(50):  # prompts where row 1's second token is one rows 0 and 2 never give: it stops there
+        prompts = [[int(t) for t in rng.integers(3, 96, size=n)] for n in (9, 4, 6)]
+        want = [list(engine.token_ids(p, 12)) for p in prompts]
+        stop = want[1][1]
+        if stop != want[1][0] and stop not in want[0] + want[2]:
+            break
+    calls = []
+    forward = engine.target.forward
+
+    def counting(ids, cache, rows=None, n_logits=1):
+        calls.append((np.asarray(ids).shape, rows))
+        return forward(ids, cache, rows, n_logits)
+
+    engine.target.forward = counting
+    try:
+        for drafter, k in ((NoDrafter(), 0), (PromptLookupDrafter(), 3)):
+            calls.clear()
+            got = speculative_generate(engine.target, drafter, prompts, 12, k=k, stop_ids={stop})
+            assert [r.tokens for r in got] == [want[0], want[1][:2], want[2]], drafter
+            assert [r.stop_reason for r in got] == ["max new tokens", "stop token", "max new tokens"]
+            passes = calls[len(prompts):]  # after the per-row prefills
+            assert len(passes) == max(r.rounds for r in got), (drafter, passes)  # one pass a round
+            assert passes[2][1] == slice(0, 3), (drafter, passes)  # row 1 stopped in round 1
+    finally:
+        del engine.target.forward
+
+
 def test_capacity_edge(models):
     engine = models["llama", 24]
     prompts = [[5, 6, 7, 8] * 3, [3, 4, 5, 6, 7], [9] * 23]  # 23: one position left

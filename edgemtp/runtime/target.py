@@ -35,6 +35,10 @@ class Target:
         self._verify_lock = threading.Lock()  # threads sharing the target load the verify graph once
         self.keeps_passes = reads_in_place(session)  # small passes keep their binding (_Pass) on the CPU only
 
+    # a pass over several rows is one graph run (its several positions too with multi_row_verify): a speculative
+    # round spans finished rows to keep the running ones in one pass (StaticTarget runs row by row)
+    one_run_for_rows = True
+
     def new_cache(self, batch: int = 1) -> KVCache:
         return KVCache(self.contract.kv, batch, self.contract.capacity)
 
