@@ -41,10 +41,11 @@ def shadow_plan(slots: tuple[KVSlot, ...], capacity: int) -> tuple[tuple[KVSlot,
 class KVCache:
     def __init__(self, slots: tuple[KVSlot, ...], batch: int, capacity: int):
         self.slots, self.batch, self.capacity = slots, batch, capacity
-        # np.zeros maps lazily: untouched capacity costs address space, not RAM
+        # np.zeros maps lazily: untouched capacity costs address space, not RAM (np.zeros_like does not: it
+        # writes its zeros, which made every values buffer resident at once)
         try:
             self.keys = {s.layer: np.zeros((batch, s.num_heads, capacity, s.head_dim), np.float32) for s in slots}
-            self.values = {s.layer: np.zeros_like(self.keys[s.layer]) for s in slots}
+            self.values = {s.layer: np.zeros((batch, s.num_heads, capacity, s.head_dim), np.float32) for s in slots}
         except MemoryError:  # more address space than the machine gives (a capacity the graph leaves symbolic)
             size = sum(2 * 4 * batch * s.num_heads * capacity * s.head_dim for s in slots)
             raise EdgemtpError(f"the KV cache of {batch} row{'s' * (batch != 1)} x {capacity:,} positions needs "
