@@ -1482,7 +1482,7 @@ def test_an_engine_closed_as_a_generation_finds_its_mtp_drafter_says_so(setup):
 
 def test_threads_sharing_an_engine_load_its_graphs_once(setup, monkeypatch):
     """Threads whose first drafting calls on one engine come together load the MTP drafter and the batched
-    verify graph once (each thread loaded its own: with fast_verify, 1.7 GB of packed weights apiece for Gemma 3
+    verify graph once (each thread loaded its own: with fast_verify, 1.07 GB of packed weights apiece for Gemma 3
     270M), and each gets the tokens a lone call gets."""
     import threading
     import time

@@ -94,9 +94,10 @@ class Engine:
         on the CPU); then the target's threads do not spin-wait between runs, which would steal the drafter's CPU (see
         session.make_session); drafting with it on an engine loaded without warns once. `fast_verify`: the
         batched verify graph (speculative decoding of several prompts at once) keeps its own packed copy of
-        the weights: ~1.6x faster verify passes for ~1.5x the fp32 weights' size in memory (measured on Gemma 3
-        270M: 84 vs 133 ms for 4 rows x 5 positions, +1.7 GB); without it the verify graph shares the target's
-        memory-mapped weights (+7 MB). `huge_pages`: the target's weights on 2 MB pages (runtime/hugepages.py):
+        the weights: ~1.6x faster verify passes for about the fp32 weights' size in memory (measured on Gemma 3
+        270M: 84 vs 133 ms for 4 rows x 5 positions, +1.07 GB); without it the verify graph reads the target's
+        memory-mapped weights (+7 MB of its own; the layers' pages of the data file, ~380 MB, then count in RSS).
+        `huge_pages`: the target's weights on 2 MB pages (runtime/hugepages.py):
         decode steps ~2% faster for 0.6-3 s more at load (Gemma 3 270M fp32, row-major head; the default
         transposed head is read from the data file's mapping, and gained 0-0.4%), for long-running processes.
         `reuse_prefix`: a one-prompt generation (generate_batch's too) keeps its KV cache, and the next one whose prompt

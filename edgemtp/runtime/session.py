@@ -174,7 +174,7 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     all each of a decode step's ~370 ops waits for sleeping threads, and plain decoding ran 4–12% slower,
     hybrid K = 4 6–7% slower (benchmarks/perf_table.py, Gemma 3 270M).
     `prepack` False: ONNX Runtime keeps no packed copy of the MatMul weights (a second session over the same
-    weights then costs ~7 MB instead of ~1.7 GB for Gemma 3 270M fp32, its passes run slower).
+    weights then costs ~7 MB instead of ~1.07 GB for Gemma 3 270M fp32, its passes run slower).
     `huge_pages`: move the weights ONNX Runtime copied into its memory onto 2 MB pages once the session is
     built (see hugepages.py: a slower load for faster steps, worth it in a long-running process).
     `initializers`: name -> OrtValue the session reads in place of the graph's initializer of that name (a

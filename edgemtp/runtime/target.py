@@ -97,7 +97,7 @@ class Target:
     def _verify_target(self) -> "Target":
         """The verify graph, loaded by the first pass that needs it; threads whose first batched passes come
         together wait for that one load (each loaded its own: with fast_verify, a packed copy of the weights
-        apiece, 1.7 GB for Gemma 3 270M)."""
+        apiece, 1.07 GB for Gemma 3 270M)."""
         with self._verify_lock:
             if self._verify is None:
                 self._verify = self._load_verify()
