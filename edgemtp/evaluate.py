@@ -47,7 +47,8 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     `window` (tokens per window, BOS included) defaults to min(512, the bundles' KV capacity);
     `max_tokens` caps the text's tokens (None: all); `text_name` names the text in errors (the CLI: its
     --text-file); `provider`: both bundles' execution provider (Engine.load's; an NPU's rounding shows here);
-    `progress(done, total)` is called after each window (the CLI's bar: a long text takes minutes).
+    `progress(done, total)` is called with 0 before the first window and after each one (the CLI's bar: a long
+    text takes minutes).
     Returns a JSON-able dict: tokens (scored), windows, window, nll (mean, nats), perplexity; with a reference
     also reference_perplexity, perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
     if not isinstance(text, str):
@@ -80,6 +81,8 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
                            f"perplexity needs at least {1 if bos is not None else 2}{why}")
     tally = _Tally()
     windows = text_windows(tokens, window, bos)
+    if progress is not None:  # the bar at 0 now: a window's prefill takes seconds at 270M scale, the first longer
+        progress(0, len(windows))
     for done, win in enumerate(windows, 1):
         _score_window(np.asarray(win, np.int64), engine, ref, step, tally)
         if progress is not None:

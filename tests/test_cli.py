@@ -1132,13 +1132,44 @@ def test_evaluate_shows_progress_per_window(tiny_gemma3, tmp_path):
     text = " ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 96, 150))
     calls = []
     r = evaluate(tiny_gemma3[2], text, window=32, progress=lambda done, total: calls.append((done, total)))
-    assert r["windows"] == 5 and calls == [(i, 5) for i in range(1, 6)]
+    assert r["windows"] == 5 and calls == [(i, 5) for i in range(6)]  # 0: before the first
     path = tmp_path / "t.txt"
     path.write_text(text)
     shown = run("evaluate", tiny_gemma3[2], "--text-file", path, "--json")
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout) == evaluate(tiny_gemma3[2], text)
     assert "evaluating" in shown.stderr and "3/3" in shown.stderr  # 150 tokens: windows of min(512, 64)
+
+
+def bar_updates(monkeypatch, module) -> list:
+    """(what the bar shows, done, total) for each update of `module`'s progress bars in a command run after: a
+    run's stderr off a terminal holds the last frame only, and a bar's first frame is what a silent wait lacked."""
+    import contextlib
+
+    calls, real = [], module.progress_bar
+
+    @contextlib.contextmanager
+    def recording(desc: str, show_what: bool = False):
+        with real(desc, show_what) as update:
+            def record(done: int, total: int, what: str = "") -> None:
+                calls.append((f"{desc}: {what}" if show_what and what else desc, done, total))
+                update(done, total, what)
+            yield record
+
+    monkeypatch.setattr(module, "progress_bar", recording)
+    return calls
+
+
+def test_evaluate_shows_its_bar_before_the_first_window(tiny_gemma3, tmp_path, monkeypatch):
+    """The bar appeared after the first window: on Gemma 3 270M the screen stayed blank ~10 s (the first 512-token
+    window's prefill, its 0.5 GB of logits) before "evaluating 1/2". It shows 0/N once the windows are counted."""
+    from edgemtp.cli import measure
+
+    calls = bar_updates(monkeypatch, measure)
+    path = tmp_path / "t.txt"
+    path.write_text(" ".join(f"t{i}" for i in np.random.default_rng(5).integers(3, 96, 150)))
+    assert run("evaluate", tiny_gemma3[2], "--text-file", path).exit_code == 0
+    assert calls == [("evaluating", done, 3) for done in range(4)]
 
 
 def test_text_files_read_standard_input_as_prompt_files_do(tiny_gemma3, tmp_path):
