@@ -1172,6 +1172,18 @@ def test_evaluate_shows_its_bar_before_the_first_window(tiny_gemma3, tmp_path, m
     assert calls == [("evaluating", done, 3) for done in range(4)]
 
 
+def test_profile_shows_its_bar_before_the_first_row(tiny_gemma3, monkeypatch):
+    """The bar appeared after the first row: on Gemma 3 270M the screen stayed blank 5.6 s (the engine's load and
+    the row's warm-up and timed runs; longer at the default settings) before "profiling 1/3"."""
+    from edgemtp.cli import measure
+
+    calls = bar_updates(monkeypatch, measure)
+    r = run("profile", tiny_gemma3[2], "--prompt-tokens", 8, "--gen-tokens", 3, "--repetitions", 1, "--draft-k", "0,2",
+            "--draft", "lookup")
+    assert r.exit_code == 0, r.output
+    assert calls == [("profiling", done, 2) for done in range(3)]
+
+
 def test_text_files_read_standard_input_as_prompt_files_do(tiny_gemma3, tmp_path):
     """`--text-file -` (evaluate, profile) reads standard input, as generate's `--prompt-file -`, and their --help
     says so for each: a pipe into `evaluate --json` scores what the named file scores."""

@@ -341,6 +341,8 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     # spin. One engine for all rows made one kind pay for the other's setting (see session.make_session).
     # The engines are loaded one after the other, so the memory of only one is held at a time.
     capacity = bundle.target_contract.capacity
+    if progress:  # the bar at 0 now: the engine's load and the first row's runs take seconds
+        progress(0, len(todo), "")
     for mtp in (False, True):
         mine = [i for i, c in enumerate(todo) if uses_mtp(c) == mtp]
         for i in mine:
