@@ -328,6 +328,8 @@ def calibrate(b, graph: Path, sch: Scheme, source, tokens: int, work: Path, prog
     RAM where its fp32 graph (18 GB) does not."""
     from tokenizers import Tokenizer
 
+    if progress:  # reading and tokenizing the corpora take seconds (~5 for Gemma 3 270M): named, not left under
+        progress(0, 1, "calibration text")  # the finished bar of the export's last phase
     text = A.calibration_text(source)
     ids = text.token_ids(Tokenizer.from_file(str(b.tokenizer_path)))
     if sch.needs_activations:
