@@ -60,8 +60,9 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
                 progress: Progress | None = None, *, overwrite: bool = False) -> Path:
     """Write the HF model directory for `gguf_path` at `out_dir` and return `out_dir`.
 
-    `progress(done, total, desc)` is called once with done=0 before the tokenizer is built, then
-    after each tensor with its HF name as `desc`. The directory appears whole or not at
+    `progress(done, total, desc)` is called once with done=0 before the tokenizer is built ("tokenizer"),
+    then before each tensor's dequantization with its HF name as `desc` and the tensors done before it, and
+    once at the end (done=total, desc ""). The directory appears whole or not at
     all: everything is written to a temporary sibling that is renamed at the end. An existing
     non-empty `out_dir` is an error unless `overwrite`, which replaces only an earlier import (check_target).
     """
@@ -226,13 +227,15 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple, Callable]],
     blob += b" " * (-len(blob) % 8)  # the format wants the data 8-byte aligned
     with path.open("wb") as f:
         f.write(len(blob).to_bytes(8, "little") + blob)
-        for done, (name, shape, load) in enumerate(tensors, 1):
+        for done, (name, shape, load) in enumerate(tensors):
+            if progress is not None:  # named before its dequantization: Gemma 3's embedding table takes seconds
+                progress(done, len(tensors), name)
             data = np.ascontiguousarray(load(), dtype="<f4")
             if data.shape != tuple(shape):
                 raise EdgemtpError(f"tensor {name}: dequantized to shape {data.shape}, expected {tuple(shape)}")
             f.write(memoryview(data).cast("B"))
-            if progress is not None:
-                progress(done, len(tensors), name)
+    if progress is not None:
+        progress(len(tensors), len(tensors), "")
 
 
 # what an import writes (write_tokenizer_files: the three tokenizer files): overwrite replaces a directory of

@@ -285,8 +285,9 @@ def test_tiny_model_round_trip_matches_transformers(tmp_path, arch, tied):
     for name, w in weights.items():
         assert w.dtype == np.float32 and w.shape == expected[name].shape, name
         np.testing.assert_allclose(w, expected[name], atol=1e-6, err_msg=name)
-    assert [d for d, _, _ in calls] == list(range(len(weights) + 1))
-    assert {t for _, t, _ in calls} == {len(weights)} and calls[-1][2] in weights
+    # the tokenizer at 0, then each tensor named before its dequantization, then the end
+    assert [d for d, _, _ in calls] == [0, *range(len(weights) + 1)]
+    assert {t for _, t, _ in calls} == {len(weights)} and {w for _, _, w in calls[1:-1]} == set(weights)
     # transformers ties by the flag alone: a true one beside the file's output.weight reads the embedding instead
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is tied
 
@@ -1196,6 +1197,27 @@ def test_import_gguf_bar_shows_the_file_name_as_typed(tmp_path):
         assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
         assert r.exit_code == 0 and f"importing {name}" in r.stderr, r.output
         path = renamed
+
+
+def test_import_gguf_bar_names_the_step_it_waits_on(tmp_path, monkeypatch):
+    """import-gguf's bar said "importing NAME 0/236" for the 4 s Gemma 3 270M's tokenizer takes to build and
+    "1/236" for the 5 s its embedding table takes to dequantize, naming neither (the importer passed "tokenizer",
+    which the bar left out): it names the tokenizer, then each tensor while it is dequantized."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import build, cli
+
+    from .test_cli import bar_updates
+
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    calls = bar_updates(monkeypatch, build)
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    names = list(load_file(tmp_path / "out" / "model.safetensors"))
+    shown = f"importing {path.name}"
+    assert calls[0] == (f"{shown}: tokenizer", 0, len(names))
+    assert calls[1:] == [(f"{shown}: {name}", done, len(names)) for done, name in enumerate(names)] + \
+        [(shown, len(names), len(names))]
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def import_gguf_cmd(gguf_file: Path, out: Path, overwrite: bool):
         check_target(out, overwrite, gguf_file)
     except EdgemtpError as e:
         raise EdgemtpError(f"-o {e}") from None
-    with progress_bar(f"importing {gguf_file.name}") as progress:
+    with progress_bar(f"importing {gguf_file.name}", show_what=True) as progress:
         import_gguf(gguf_file, out, progress=progress, overwrite=overwrite)
     click.echo(f"wrote {out}")
 
@@ -152,7 +152,7 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
 
     check_output(out, overwrite)  # an existing output is named before minutes of import, not after
     with scratch_beside(out, "gguf") as scratch:  # the directories made for the output go again if it fails
-        with progress_bar(f"importing {model_dir.name}") as progress:
+        with progress_bar(f"importing {model_dir.name}", show_what=True) as progress:
             source = import_gguf(model_dir, scratch / "model", progress=progress)
         imported = f"{model_dir} (imported)"  # errors and warnings name the file the user gave, not the scratch
         shown = warnings.showwarning          # directory (deleted by the time they are read)

@@ -180,7 +180,7 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
         writable_dir(workdir, "--workdir")  # (a ready workdir may be read-only: nothing is written then)
     if not imported:
         gguf = default_gguf_path()
-        with progress_bar("importing Gemma 3 270M") as progress:
+        with progress_bar("importing Gemma 3 270M", show_what=True) as progress:
             import_gguf(gguf, model_dir, progress=progress)
     if not fresh:  # none yet, or one exported before the drafter shipped
         with progress_bar("exporting the bundle", show_what=True) as progress:
