@@ -1220,6 +1220,22 @@ def test_import_gguf_bar_names_the_step_it_waits_on(tmp_path, monkeypatch):
         [(shown, len(names), len(names))]
 
 
+def test_a_bar_names_its_step_from_its_first_frame(tmp_path, monkeypatch):
+    """The bar's task was added under the bare description and renamed by the update after: its first frame,
+    drawn at once, said "importing NAME 0/236" before "importing NAME: tokenizer"."""
+    from click.testing import CliRunner
+    from rich.progress import Progress
+
+    from edgemtp.cli import cli
+
+    added, add_task = [], Progress.add_task
+    monkeypatch.setattr(Progress, "add_task", lambda self, description, **kw: added.append(description) or
+                        add_task(self, description, **kw))
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    assert CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(tmp_path / "out")]).exit_code == 0
+    assert added == [f"importing {path.name}: tokenizer"]
+
+
 @pytest.fixture(scope="module")
 def gemma_dir(gemma3_270m_dir):  # conftest's: imported with import_gguf, cached by source hash
     return gemma3_270m_dir

@@ -215,10 +215,11 @@ def progress_bar(desc: str, show_what: bool = False):
 
     def update(done: int, total: int, what: str = "") -> None:
         nonlocal task
+        shown = f"{desc}: {what}" if show_what and what else desc
         if task is None:
             bar.start()
-            task = bar.add_task(desc, total=total)
-        bar.update(task, completed=done, total=total, description=f"{desc}: {what}" if show_what and what else desc)
+            task = bar.add_task(shown, total=total)  # its first frame (drawn at once) names the step too
+        bar.update(task, completed=done, total=total, description=shown)
 
     try:
         yield update
