@@ -1549,6 +1549,23 @@ def test_phi3_config_and_fused_weights(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_phi3_longrope_over_an_odd_number_of_rotated_dims_is_named():
+    """LongRoPE with a partial_rotary_factor that rotates an odd number of dims (9 of 16): its short factors
+    (one per pair, 4) do not match the 5 frequencies the tables have, which failed inside the export with a
+    numpy broadcasting error. transformers refuses such a config too; default RoPE runs it (10 dims rotated)."""
+    from edgemtp.exporters.phi3 import parse_config
+    from edgemtp.exporters.rotary import inv_freq
+
+    hf = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "intermediate_size": 96,
+          "vocab_size": 96, "max_position_embeddings": 256, "original_max_position_embeddings": 64,
+          "partial_rotary_factor": 0.5625}
+    assert len(inv_freq(parse_config(hf, "x").rope["full_attention"], 16)) == 5
+    longrope = {"rope_type": "longrope", "short_factor": [2.0] * 4, "long_factor": [3.0] * 4}
+    with pytest.raises(EdgemtpError, match=re.escape("field 'partial_rotary_factor' 0.5625 rotates 9 of the "
+                                                     "head's 16 dims: LongRoPE needs an even number")):
+        parse_config({**hf, "rope_scaling": longrope}, "x")
+
+
 def test_overwrite_replaces_only_a_bundle(tiny_gemma3, tmp_path, monkeypatch):
     """--overwrite deletes what is at the output path: never a directory holding anything but a bundle."""
     model_dir, old = tiny_gemma3[1], tiny_gemma3[2]

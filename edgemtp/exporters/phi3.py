@@ -82,7 +82,13 @@ def _rope(hf: dict, pr: Problems, head_dim: int, max_positions: int) -> Rope:
     pr.check("original_max_position_embeddings" in pr.bad or original >= 2,
              f"field 'original_max_position_embeddings' {original} must be at least 2 (LongRoPE scales from it)")
     short = p.get("short_factor")
-    pairs = int(head_dim * fraction) // 2
+    rotated = int(head_dim * fraction)
+    # the tables have one frequency per started pair (rotary.inv_freq), the short factors one per whole pair:
+    # an odd count failed in the export with a numpy broadcasting error (transformers refuses it as well)
+    pr.check(rotated % 2 == 0 or not 0.0 < fraction <= 1.0,  # a bad fraction is named above
+             f"field 'partial_rotary_factor' {fraction} rotates {rotated} of the head's {head_dim} dims: "
+             "LongRoPE needs an even number")
+    pairs = rotated // 2
     numbers = isinstance(short, list) and len(short) == pairs and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf for x in short)  # not 1e400
     pr.check(numbers, f"field '{where}.short_factor' must list {pairs} positive numbers (one per rotated pair)")
