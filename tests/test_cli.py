@@ -2531,3 +2531,23 @@ def test_evaluate_with_a_token_the_bundle_rules_out_is_infinite_perplexity_json_
     assert r.exit_code == 0, r.output
     assert re.search(r"^perplexity +inf$", r.stdout, re.M), r.stdout
     assert _summary(_Tally(nll=[800.0]), 1, 2, with_ref=False)["perplexity"] == math.inf
+
+
+def test_generate_names_the_bundle_it_loads_on_a_terminal(tiny_gemma3, monkeypatch):
+    """generate and chat showed nothing before the first token while the bundle loaded (Gemma 3 270M: ~3 s, 5-10 s
+    on its first use): a spinner names it on a terminal, and goes once loaded; off a terminal nothing is added."""
+    import io
+
+    from rich.console import Console
+
+    from edgemtp.cli import base
+
+    piped = run("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 3, "--no-draft")
+    assert piped.exit_code == 0 and "loading" not in piped.output, piped.output
+    screen = io.StringIO()
+    monkeypatch.setattr(base, "stderr_console", lambda: Console(file=screen, force_terminal=True))
+    shown = run("generate", tiny_gemma3[2], "--prompt", "t1 t2", "--max-new-tokens", 3, "--no-draft")
+    assert shown.exit_code == 0 and "loading" not in shown.output, shown.output  # the spinner is the screen's
+    assert shown.output.splitlines()[0] == piped.output.splitlines()[0]  # the same text (the speeds differ)
+    assert f"loading {tiny_gemma3[2].name}" in screen.getvalue()
+    assert screen.getvalue().endswith("\x1b[2K"), repr(screen.getvalue()[-40:])  # the line cleared: transient

@@ -199,6 +199,25 @@ def cli():
     """Export LLMs to ONNX bundles and run them with multi-token-prediction speculative decoding."""
 
 
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def loading_status(what: str):
+    """A spinner naming `what` on stderr while a bundle loads (Gemma 3 270M: ~3 s, its sessions packing the
+    weights; more on a bundle's first use, its files hashed), gone once loaded. On a terminal only: piped output
+    and logs stay as they were."""
+    console = stderr_console()
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(f"loading {what}"):  # transient: the generated text starts where the spinner was
+        yield
+
+
 @contextlib.contextmanager
 def progress_bar(desc: str, show_what: bool = False):
     """Yields a `progress(done, total, what)` callback drawing a rich bar on stderr (`what` joins the

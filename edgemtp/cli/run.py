@@ -16,7 +16,7 @@ from click.core import ParameterSource
 
 from ..errors import ArgumentError, EdgemtpError
 from ..text_bytes import utf8_text
-from .base import cli
+from .base import cli, loading_status
 
 
 def sampling_options(f):
@@ -219,10 +219,11 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
     if mtp:  # said before the load, whose warnings (a provider missing from the build) would come first
         resolve_provider(provider, warn=False)  # a mistyped --provider is still the one named
         check_mtp_drafter(bundle_mod.load(Path(bundle_dir), verify=False))
-    engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider, mtp=mtp,
-                         reuse_prefix=reuse_prefix, chat_args=chat_args or None)
-    if draft is not None:
-        engine.drafter(draft.mode)  # a bad --draft fails before any work
+    with loading_status(Path(bundle_dir).name):
+        engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider,
+                             mtp=mtp, reuse_prefix=reuse_prefix, chat_args=chat_args or None)
+        if draft is not None:
+            engine.drafter(draft.mode)  # a bad --draft fails before any work
     for flag, given in (("--drafter-provider", drafter_provider is not None), ("--draft-p-min", p_min > 0)):
         if draft is not None and given:
             unused_mtp_flag(engine, draft.mode, flag)
