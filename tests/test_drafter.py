@@ -817,8 +817,9 @@ def test_a_drafter_entry_naming_another_graph_is_refused(setup, tmp_path):
 
 
 def test_export_reports_each_phase_to_its_progress_bar(setup, tmp_path):
-    """`edgemtp export`'s bar names what it is doing: the target's weights, then the drafter's (whose int8
-    head rows take seconds at 270M scale), each counted up to its total."""
+    """`edgemtp export`'s bar names what it is doing: reading the model (the tokenizer's check, the graph's
+    build), the target's weights, then the drafter's (whose int8 head rows take seconds at 270M scale), each
+    counted up to its total."""
     from edgemtp.exporters import export
 
     clustered_drafter(setup[0], tmp_path / "d")
@@ -826,8 +827,9 @@ def test_export_reports_each_phase_to_its_progress_bar(setup, tmp_path):
     export(setup[0], tmp_path / "b", capacity=64, drafter=tmp_path / "d", drafter_head_rows="int8",
            progress=lambda done, total, what: calls.append((what, done, total)))
     phases = list(dict.fromkeys(what for what, _, _ in calls))
-    assert phases == ["target weights", "MTP drafter weights"]
-    for phase in phases:
+    assert phases == ["reading the model", "target weights", "MTP drafter weights"]
+    assert calls[0] == ("reading the model", 0, 1)
+    for phase in phases[1:]:
         done = [(d, t) for what, d, t in calls if what == phase]
         assert done[-1][0] == done[-1][1] > 1 and all(a[0] <= b[0] for a, b in zip(done, done[1:]))
 

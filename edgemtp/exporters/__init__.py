@@ -160,6 +160,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     (exporters/gemv_head.py; fp32, dynamic graphs); AUTO: see drafter_pairing.layout()."""
     model_dir, out = Path(model_dir), Path(out)
     bundle_mod.check_output(out, overwrite)  # before any work
+    if progress is not None:  # the tokenizer's check and the graph's build come first: seconds on a blank screen
+        progress(0, 1, "reading the model")
     drafter, gemv_head, drafter_head_rows = _resolve_options(model_dir, quant, static_window, drafter, drafter_top_k,
                                                              drafter_head_rows, drafter_head_context,
                                                              quant_options or {}, gemv_head)
