@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,8 @@ class _Entry:
     shape: tuple[int, ...]
     start: int
     end: int
+    key: str = ""  # the tensor's name in the file (a multimodal tower's, a fused matrix's: Checkpoint renames them)
+    row: int = 0  # its first row there (a part of a fused matrix: split_rows)
 
 
 class Checkpoint:
@@ -75,13 +77,15 @@ class Checkpoint:
         return self._entry(name).dtype
 
     def __getitem__(self, name: str) -> np.ndarray:
+        """The tensor as float32 (an integer one as it is); one holding NaN or inf is refused, naming it."""
         e = self._entry(name)
-        return _convert(self._mapped(e), e.dtype)
+        return _finite(e, _convert(self._mapped(e), e.dtype))
 
     def rows(self, name: str, ids) -> np.ndarray:
-        """Rows `ids` of a tensor (e.g. a few embedding rows) without converting the rest."""
+        """Rows `ids` of a tensor (e.g. a few embedding rows) without converting the rest (checked as `[]` is)."""
         e = self._entry(name)
-        return _convert(self._mapped(e)[np.asarray(ids)], e.dtype)
+        ids = np.asarray(ids)
+        return _finite(e, _convert(self._mapped(e)[ids], e.dtype), ids)
 
     def equal(self, a: str, b: str, rows: int = 4096) -> bool:
         """Whether tensors a and b hold the same values (torch.equal, as transformers compares weights it would
@@ -101,10 +105,10 @@ class Checkpoint:
             raise EdgemtpError(f"{self.dir}: tensor '{name}' has shape {list(e.shape)}, but config.json implies "
                                f"{sum(parts.values())} rows ({' + '.join(map(str, parts.values()))})")
         row = (e.end - e.start) // e.shape[0]
-        start = e.start
+        start, first = e.start, e.row
         for part, rows in parts.items():
-            self.entries[part] = _Entry(e.file, e.dtype, (rows, *e.shape[1:]), start, start + rows * row)
-            start += rows * row
+            self.entries[part] = replace(e, shape=(rows, *e.shape[1:]), start=start, end=start + rows * row, row=first)
+            start, first = start + rows * row, first + rows
         del self.entries[name]
 
     @staticmethod
@@ -158,6 +162,47 @@ def _convert(arr: np.ndarray, dtype: str) -> np.ndarray:
     if dtype in ("F16", "F32"):  # an F32 tensor stays memory-mapped (read-only): no copy of the weights
         return arr.astype(np.float32, copy=False)
     return np.array(arr)
+
+
+def _finite(e: _Entry, arr: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+    """arr (e's tensor, or its rows `ids`), refused if it holds NaN or inf: a damaged or badly converted checkpoint
+    exported as is, and only surfaced as NaN logits when the bundle generated."""
+    bad = non_finite(arr)
+    if bad is None:
+        return arr
+    value, at, more = bad
+    if ids is not None:  # the tensor's own row, not the block's
+        at = (int(ids.reshape(-1)[at[0]]), *at[1:]) if ids.ndim else (int(ids), *at)
+    if at:
+        at = (at[0] + e.row, *at[1:])
+    raise EdgemtpError(f"{e.file}: tensor '{e.key}' {holds((value, at, more))}: a damaged or badly converted "
+                       "checkpoint (weights must be finite numbers)")
+
+
+def non_finite(arr: np.ndarray) -> tuple[str, tuple[int, ...], str] | None:
+    """None where every value of `arr` is finite (or it is not floating-point), else the first other one as
+    ("NaN" / "inf" / "-inf", its index, " (and N more)" or "")."""
+    if arr.dtype.kind != "f":
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        # one pass and no copy: a sum is finite where every value is; only a sum that is not (or that overflowed)
+        # looks at each value
+        if np.isfinite(arr.sum()):
+            return None
+        bad = ~np.isfinite(arr)
+    count = int(bad.sum())
+    if not count:  # the sum overflowed
+        return None
+    at = np.unravel_index(int(np.argmax(bad)), arr.shape)
+    value = arr[at]
+    return ("NaN" if np.isnan(value) else "inf" if value > 0 else "-inf", tuple(int(i) for i in at),
+            f" (and {count - 1} more)" if count > 1 else "")
+
+
+def holds(bad: tuple[str, tuple[int, ...], str]) -> str:
+    """non_finite()'s answer in words: "holds NaN at [2, 3] (and 4 more)"."""
+    value, at, more = bad
+    return f"holds {value} at {list(at)}{more}"
 
 
 def _text_name(name: str) -> str:
@@ -243,7 +288,7 @@ def _entry(path: Path, name: str, info, base: int, size: int) -> _Entry:
     want = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
     if end - start != want:
         raise EdgemtpError(f"{path}: tensor '{name}' has {end - start} bytes, but {dtype} {shape} needs {want}")
-    return _Entry(path, dtype, tuple(shape), base + start, base + end)
+    return _Entry(path, dtype, tuple(shape), base + start, base + end, name)
 
 
 def _whole(value) -> bool:

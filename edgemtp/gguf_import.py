@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemtp.checkpoint import holds, non_finite
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
@@ -167,7 +168,7 @@ def _hf_tensors(tensors: list[GGUFTensor], arch: str, config: dict,
         name = hf_name(tensor.name, arch)
         if name is None:
             raise EdgemtpError(f"{path}: tensor {tensor.name} has no Hugging Face {arch} equivalent")
-        yield name, tensor.shape, lambda t=tensor, n=name: _load(t, n, arch, config)
+        yield name, tensor.shape, lambda t=tensor, n=name: _weight(t, n, arch, config)
 
 
 def _fused_qkv(parts: list[GGUFTensor | None], layer: str, suffix: str,
@@ -182,14 +183,15 @@ def _fused_qkv(parts: list[GGUFTensor | None], layer: str, suffix: str,
                            f"{', '.join(str(list(t.shape)) for t in parts)}, which do not stack into qkv_proj")
     name = hf_name(f"{layer}.attn_qkv.{suffix}", "phi3")
     shape = (sum(t.shape[0] for t in parts), *parts[0].shape[1:])
-    return name, shape, lambda: np.concatenate([_load(t, name, "phi3", {}) for t in parts])
+    return name, shape, lambda: np.concatenate([_weight(t, name, "phi3", {}) for t in parts])
 
 
 def _load(tensor: GGUFTensor, name: str, arch: str, config: dict) -> np.ndarray:
     from gguf.quants import dequantize
 
     try:
-        data = np.asarray(dequantize(tensor.data, tensor.qtype), dtype=np.float32).reshape(tensor.shape)
+        with np.errstate(invalid="ignore", over="ignore"):  # an inf scale times 0: numpy's warning; named below
+            data = np.asarray(dequantize(tensor.data, tensor.qtype), dtype=np.float32).reshape(tensor.shape)
     except NotImplementedError:
         raise EdgemtpError(f"tensor {tensor.name}: the gguf package cannot dequantize {tensor.qtype.name}") from None
     if arch in ("gemma3", "gemma2") and name.endswith("norm.weight"):
@@ -198,6 +200,18 @@ def _load(tensor: GGUFTensor, name: str, arch: str, config: dict) -> np.ndarray:
         return unpermute_rotary(data, config["num_attention_heads"])
     if arch in _PERMUTED and ".k_proj." in name:
         return unpermute_rotary(data, config["num_key_value_heads"])
+    return data
+
+
+def _weight(tensor: GGUFTensor, name: str, arch: str, config: dict) -> np.ndarray:
+    """_load, refusing NaN or inf: an F32 / F16 tensor, or a quantized one's fp16 scales, can hold them (a damaged or
+    badly converted file), which were imported as they were and surfaced only as NaN logits when the exported
+    bundle generated. (The RoPE factor tensors read into config.json have their own check: hf_config.)"""
+    data = _load(tensor, name, arch, config)
+    bad = non_finite(data)
+    if bad is not None:
+        raise EdgemtpError(f"tensor {tensor.name} ({name}) {holds(bad)}: a damaged or badly converted GGUF file "
+                           "(weights must be finite numbers)")
     return data
 
 

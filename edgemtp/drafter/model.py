@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import holds, non_finite
 from ..errors import EdgemtpError, missing
 from ..exporters.rotary import inv_freq
 from ..scratch import as_open_makes
@@ -235,8 +236,14 @@ def load(drafter_dir: Path) -> MTPDrafter:
         state = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) on a damaged file
         raise EdgemtpError(f"{path}: not a valid safetensors file ({e})") from None
+    state = {k: v.float() for k, v in state.items()}
+    for name, v in state.items():  # NaN or inf: a damaged file, which would train and draft NaN
+        bad = non_finite(v.numpy())
+        if bad is not None:
+            raise EdgemtpError(f"{path}: tensor '{name}' {holds(bad)}: a damaged drafter (weights must be finite "
+                               "numbers)")
     try:
-        model.load_state_dict({k: v.float() for k, v in state.items()})
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise EdgemtpError(f"{path}: weights do not fit config.json ({str(e).splitlines()[0]})") from None
     return model.eval()

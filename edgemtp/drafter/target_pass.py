@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..checkpoint import holds, non_finite
 from . import model as M
 from .cache import fingerprint, resumable_rows, target_identity
 
@@ -35,6 +36,7 @@ class TargetPass:
             if shown:
                 hf_logging.enable_progress_bar()
         self.model.eval()
+        check_finite(self.model, Path(target_dir))
         self.cfg, self.topk, self.identity = cfg, topk, target_identity(target_dir)
         head = self.model.get_output_embeddings().weight.detach()
         self.rows = torch.from_numpy(shortlist) if shortlist is not None else None
@@ -57,6 +59,21 @@ class TargetPass:
             res[f"k.{t}"] = cache.layers[layer].keys.numpy()
             res[f"v.{t}"] = cache.layers[layer].values.numpy()
         return res
+
+
+def check_finite(model, target_dir: Path) -> None:
+    """Refuses a target whose weights hold NaN or inf, naming the tensor and its file: transformers loads them as
+    they are, and the pass's NaN labels trained a drafter that never drafts. Checked in memory, as loaded."""
+    from ..checkpoint import Checkpoint
+    from ..errors import EdgemtpError
+
+    for name, p in model.named_parameters():
+        bad = non_finite(p.detach().numpy())
+        if bad is not None:
+            entry = Checkpoint(target_dir).entries.get(name)  # transformers' names are the checkpoint's
+            where = f"{entry.file}: tensor '{entry.key}'" if entry is not None else f"{target_dir}: tensor '{name}'"
+            raise EdgemtpError(f"{where} {holds(bad)}: a damaged or badly converted checkpoint (weights must be "
+                               "finite numbers)")
 
 
 _STORE = {"hidden": np.float16, "top_ids": np.int32, "top_logits": np.float16, "ids": np.int64}

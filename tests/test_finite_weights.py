@@ -1,0 +1,130 @@
+"""A checkpoint tensor holding NaN or ±inf (a damaged or badly converted checkpoint) is refused where the weights
+are read, naming the tensor and its file: it was exported as is (int8 / int4 made NaN scales of it, fp16 called a
+NaN an overflow) and only surfaced at generation time as logits that hold NaN."""
+
+from __future__ import annotations
+
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from edgemtp.cli import cli
+from edgemtp.exporters import builder
+
+from .cli_errors import assert_one_line_error
+
+GATE = "model.layers.1.mlp.gate_proj.weight"
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def spoiled(model_dir, out_dir, name=GATE, value=float("nan"), dtype=None, at=(2, 3)):
+    """A copy of `model_dir` whose tensor `name` holds `value` at `at` (every tensor cast to `dtype` first)."""
+    shutil.copytree(model_dir, out_dir)
+    path = out_dir / "model.safetensors"
+    weights = {k: v if dtype is None else v.to(dtype) for k, v in load_file(str(path)).items()}
+    weights[name][at] = value
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return out_dir
+
+
+@pytest.mark.parametrize("dtype, value, quant, said", [(None, float("nan"), "fp32", "NaN"),
+                                                        (torch.bfloat16, float("inf"), "int8", "inf"),
+                                                        (torch.float16, float("-inf"), "fp16", "-inf"),
+                                                        (None, float("nan"), "fp16", "NaN")])
+def test_export_refuses_a_non_finite_weight(tiny_gemma3, tmp_path, dtype, value, quant, said):
+    d = spoiled(tiny_gemma3[1], tmp_path / "model", value=value, dtype=dtype)
+    out = tmp_path / "out"
+    r = run("export", d, "-o", out, "--quant", quant)
+    line = assert_one_line_error(r, f"{d / 'model.safetensors'}: tensor '{GATE}' holds {said} at [2, 3]")
+    assert "overflows fp16" not in line
+    assert not out.exists()
+
+
+def test_export_reads_a_big_table_in_row_blocks_and_refuses_its_non_finite_row(tiny_gemma3, tmp_path, monkeypatch):
+    """A table over ROWS_BYTES is read a block of rows at a time (Checkpoint.rows): a NaN there is named too,
+    at its own row, with the --gemv-head transposed table's path (on by default) and the plain one."""
+    d = spoiled(tiny_gemma3[1], tmp_path / "model", name=EMBEDDING, at=(90, 5))
+    monkeypatch.setattr(builder, "ROWS_BYTES", 1024)
+    monkeypatch.setattr(builder, "BLOCK_BYTES", 1024)
+    for flag in ("--gemv-head", "--no-gemv-head"):
+        r = run("export", d, "-o", tmp_path / "out", flag)
+        assert_one_line_error(r, f"{d / 'model.safetensors'}: tensor '{EMBEDDING}' holds NaN at [90, 5]")
+        assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_drafter_with_a_non_finite_weight(tiny_gemma3, tmp_path):
+    from .test_drafter import tiny_drafter
+
+    tiny_drafter(tiny_gemma3[1], tmp_path / "drafter")
+    path = tmp_path / "drafter" / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k, v in weights.items() if v.ndim == 2 and v.dtype.is_floating_point)
+    weights[name][0, 1] = float("inf")
+    save_file(weights, str(path), metadata={"format": "pt"})
+    r = run("export", tiny_gemma3[1], "-o", tmp_path / "out", "--drafter", tmp_path / "drafter")
+    assert_one_line_error(r, f"{path}: tensor '{name}' holds inf at [0, 1]")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch, tensor, raw, said", [
+    ("gemma3", "blk.0.ffn_gate.weight", np.array([np.nan], "<f4").tobytes(), "NaN"),
+    # Q8_0: each block of 32 weights is an fp16 scale and 32 int8 values; an inf scale makes the block inf
+    ("llama", "blk.0.ffn_down.weight", np.array([np.inf], "<f2").tobytes() + bytes([1]), "inf")])
+def test_import_gguf_refuses_a_non_finite_tensor(tmp_path, arch, tensor, raw, said):
+    from .test_gguf_import import export_tiny
+
+    _, path = export_tiny(tmp_path, arch, tied=True)
+    offset = next(t.data_offset for t in gguf.GGUFReader(str(path)).tensors if t.name == tensor)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(raw)
+    out = tmp_path / "hf"
+    r = run("import-gguf", path, "-o", out)
+    assert_one_line_error(r, f"{path}: tensor {tensor} ", f"holds {said} at [0, 0]")
+    assert not out.exists()
+    r = run("export", path, "-o", tmp_path / "bundle")  # a GGUF file: imported into a scratch directory first
+    assert_one_line_error(r, f"{path}: tensor {tensor} ", f"holds {said} at [0, 0]")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_cluster_refuses_a_non_finite_head(tiny_gemma3, tmp_path):
+    d = spoiled(tiny_gemma3[1], tmp_path / "model", name=EMBEDDING, at=(7, 1))
+    for calibration in (["--calibration", "none"], ["--positions", "512"]):  # the table alone; the model's states
+        r = run("cluster", d, "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2, *calibration)
+        assert_one_line_error(r, f"{d / 'model.safetensors'}: tensor '{EMBEDDING}' holds NaN at [7, 1]")
+        assert not (tmp_path / "head").exists()
+
+
+SMALL = ["--data", "code=8", "--heldout", "code=2", "--seq-len", "12", "--steps", "1", "--batch", "2",
+         "--hidden", "16", "--layers", "1"]
+
+
+def test_train_drafter_refuses_a_target_with_a_non_finite_weight(tiny_gemma3, tmp_path):
+    """The target runs in transformers: a NaN made NaN labels, and the run wrote a drafter that never drafts."""
+    d = spoiled(tiny_gemma3[1], tmp_path / "model")
+    r = run("train-drafter", d, "-o", tmp_path / "d", *SMALL)
+    assert_one_line_error(r, f"{d / 'model.safetensors'}: tensor '{GATE}' holds NaN at [2, 3]")
+    assert not (tmp_path / "d" / "model.safetensors").exists()
+
+
+def test_train_drafter_refuses_an_init_drafter_with_a_non_finite_weight(tiny_gemma3, tmp_path):
+    from .test_drafter import tiny_drafter
+
+    tiny_drafter(tiny_gemma3[1], tmp_path / "init")
+    path = tmp_path / "init" / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k, v in weights.items() if v.ndim == 2 and v.dtype.is_floating_point)
+    weights[name][1, 0] = float("nan")
+    save_file(weights, str(path), metadata={"format": "pt"})
+    r = run("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--init", tmp_path / "init", *SMALL[:-4])
+    assert_one_line_error(r, f"{path}: tensor '{name}' holds NaN at [1, 0]")
+    assert not (tmp_path / "d").exists()
