@@ -1308,6 +1308,46 @@ def test_cluster_command(tiny_gemma3, tmp_path):
     assert list(report["k"]) == ["8"] and report["k"]["8"]["recall"] == 1.0  # every cluster: always found
 
 
+def test_cluster_names_the_corpora_its_windows_came_from(tiny_gemma3, tmp_path, monkeypatch):
+    """The head's calibration_source lists the corpora that gave a calibration window: with one window (--positions
+    512) the code corpus's share, half of it, is none, and the source still said corpora:code,shakespeare."""
+    from edgemtp.calibration.head_report import load_head
+    from edgemtp.drafter import data
+
+    texts = tmp_path / "corpora" / "shakespeare" / "texts"
+    texts.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    plays = []
+    for i in range(4):
+        (texts / f"play{i}_gut.txt").write_text(" ".join(f"t{t}" for t in rng.integers(3, 96, 3000)))
+        plays.append(data.Document("shakespeare", f"play{i}_gut.txt", texts / f"play{i}_gut.txt"))
+    documents = data.documents
+    monkeypatch.setattr(data, "CACHE", tmp_path / "corpora")
+    monkeypatch.setattr(data, "documents", lambda name, split: plays if name == "shakespeare" else
+                        documents(name, split))
+    for positions, source in ((512, "corpora:shakespeare"), (1024, "corpora:code,shakespeare")):
+        r = run("cluster", tiny_gemma3[1], "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2, "--positions",
+                positions, "--overwrite")
+        assert r.exit_code == 0, r.output
+        assert load_head(tmp_path / "head")[1]["calibration_source"] == source, positions
+
+
+def test_cluster_names_corpora_too_short_for_a_window(tiny_gemma3, tmp_path):
+    """A tokenizer under which no corpus document is a calibration window long (512 tokens) stopped, after the
+    scratch export, with numpy's "need at least one array to concatenate"."""
+    import shutil
+
+    from tokenizers import Tokenizer, models
+
+    d = tmp_path / "model"
+    shutil.copytree(tiny_gemma3[1], d)
+    # no pre-tokenizer: a whole document is one word, one (unknown) token
+    Tokenizer(models.WordLevel({f"t{i}": i for i in range(96)}, unk_token="t0")).save(str(d / "tokenizer.json"))
+    r = run("cluster", d, "-o", tmp_path / "head", "--clusters", 8, "--top-k", 2, "--positions", 512)
+    assert_one_line_error(r, d / "tokenizer.json", "corpora (code)", "512 tokens", "--calibration")
+    assert not (tmp_path / "head").exists()
+
+
 def test_cluster_replaces_existing_tables_only_with_overwrite(tiny_gemma3, tmp_path, monkeypatch):
     """-o DIR holding head.safetensors (a drafter's tables fitted on its own states, minutes of k-means) was
     replaced without a word; as export's bundle, it is refused before any work unless --overwrite is given."""

@@ -26,7 +26,7 @@ TOP = 64  # full-head tokens kept per position
 @dataclass
 class Calibration:
     """Final hidden states [N, d] with the full head's top tokens [N, T] and their probabilities,
-    the corpus characters and token ids seen (for `in_domain`) and the domains used."""
+    the corpus characters and token ids seen (for `in_domain`) and the corpora its windows came from."""
 
     hidden: np.ndarray
     top_ids: np.ndarray
@@ -73,7 +73,7 @@ def collect_calibration(model_dir: Path, positions: int = POSITIONS, seed: int =
     share = {"code": count // 2 if prose else count} if "code" in docs else {}
     for i, name in enumerate(prose):
         share[name] = (count - sum(share.values())) // (len(prose) - i)
-    windows, chars, seen = [], set(), set()
+    windows, chars, seen, used = [], set(), set(), []
     for name, n in share.items():
         if n <= 0:
             continue
@@ -81,12 +81,18 @@ def collect_calibration(model_dir: Path, positions: int = POSITIONS, seed: int =
         windows.append(w)
         chars |= c
         seen |= s
+        if len(w):  # the head's calibration_source names the corpora its windows came from, not every one found
+            used.append(name)
+    if not used:  # checked before the scratch export, which takes minutes on a big model
+        raise EdgemtpError(f"{model_dir / 'tokenizer.json'}: no document of the offline corpora ({', '.join(docs)}) "
+                           f"is {CHUNK} tokens long under this tokenizer, the length of a calibration window; pass "
+                           "--calibration FILE (final hidden states) or --calibration none (embedding only)")
     windows = np.concatenate(windows)
     embed = head_rows(model_dir)
     with tempfile.TemporaryDirectory(prefix=".edgemtp-cluster-") as tmp:
         hidden = _hidden_states(model_dir, Path(tmp) / "bundle", windows, bos, threads, progress)
     top_ids, top_probs = head_top(hidden, embed, TOP, logit_softcap(model_dir), threads, progress)
-    return Calibration(hidden, top_ids, top_probs, chars, np.fromiter(seen, np.int64), list(share))
+    return Calibration(hidden, top_ids, top_probs, chars, np.fromiter(seen, np.int64), used)
 
 
 def _sample_windows(tok, docs: list, count: int, seed: int) -> tuple[np.ndarray, set, set]:
