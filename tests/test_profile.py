@@ -194,10 +194,15 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
              "--draft-p-min 0.3: only MTP and hybrid rows run the MTP drafter, and --draft auto runs lookup here"),
             (("--drafter-provider", "cpu"),
              "--drafter-provider cpu: only MTP and hybrid rows run the MTP drafter, and --draft auto runs lookup here"),
-            (("--draft", "mtp", "--draft-k", "0", "--draft-p-min", 0.3),
+            (("--draft-k", "0", "--draft-p-min", 0.3),
              "--draft-p-min 0.3: only MTP and hybrid rows run the MTP drafter, and --draft-k 0 runs plain rows only"),
-            (("--draft", "hybrid", "--draft-k", "0", "--head", "full"),
+            (("--draft-k", "0", "--head", "full"),
              "--head full: only MTP and hybrid rows have a head, and --draft-k 0 runs plain rows only"),
+            # a --draft given beside plain rows only changed nothing, silently (generate refuses it too)
+            (("--draft", "mtp", "--draft-k", "0"),
+             "--draft mtp with --draft-k 0: plain rows only, which draft nothing"),
+            (("--draft", "hybrid", "--draft-k", "0", "--head", "full"),
+             "--draft hybrid with --draft-k 0: plain rows only, which draft nothing"),
             # one prompt a row never runs the batched verify graph (Target.forward_outputs): the flag did nothing
             (("--fast-verify",), "--fast-verify: only rows of --batch above 1 run the batched verify graph, and "
                                  "--batch 1 has none"),

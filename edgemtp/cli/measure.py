@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..errors import EdgemtpError
 from .base import cli, needs_exporter, progress_bar, writable_dir
@@ -79,6 +80,9 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     if adaptive and not any(int_list("--draft-k", draft_k)):
         raise EdgemtpError(f"--adaptive with --draft-k {draft_k}: adaptive rows draft up to the largest K, and there "
                            "is none above 0")
+    given = click.get_current_context().get_parameter_source("drafter") == ParameterSource.COMMANDLINE
+    if given and not any(int_list("--draft-k", draft_k)):  # as generate's --draft-k 0 beside --draft
+        raise EdgemtpError(f"--draft {drafter} with --draft-k {draft_k}: plain rows only, which draft nothing")
     for flag, values, known in (("--draft", drafter, ("auto", "lookup", "mtp", "hybrid")),
                                 ("--head", head, ("auto", "clustered", "full"))):
         bad = [v.strip() for v in values.split(",") if v.strip() not in known]
