@@ -273,13 +273,15 @@ class Speculative:
         and every row it covers has the room for the common width. Where the target runs a pass's rows in one
         graph run (`one_run_for_rows`), the run may span finished rows, which ride along (see _forward): on Gemma 3
         270M a step of two one-row passes took 2.2x one pass over three rows, and a batch of 3 whose middle row
-        stopped first decoded the other two 1.5x faster for it (2-core box, noisy)."""
+        stopped first decoded the other two 1.5x faster for it (2-core box, noisy). A pass carries at most as many
+        finished rows as running ones: each costs a row's work, and two one-row steps took 150 ms where a 16-row
+        step took 186 (5-position verify passes with fast_verify: 186-208 ms, where an 8-row pass took 356)."""
         spans = bool(getattr(self.target, "one_run_for_rows", False))
         passes: list[list[int]] = []
         for r in sorted(ids):
             group = passes[-1] + [r] if passes and (spans or passes[-1][-1] == r - 1) else None
             width = self._width(group, ids) if group else 0
-            if group and (width == 1 or self.batched_verify) and \
+            if group and (width == 1 or self.batched_verify) and r - group[0] + 1 <= 2 * len(group) and \
                     width <= min(cache.room(g) for g in range(group[0], r + 1)):
                 passes[-1] = group
             else:
