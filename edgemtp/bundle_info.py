@@ -182,8 +182,13 @@ def _head(head: dict) -> str:
     if head.get("kind") != "clustered":
         return f"{head.get('kind', 'full')} head"
     context = f", + the {head['context']} recent tokens" if head.get("context") else ""
-    return (f"clustered head: {head.get('clusters'):,} clusters, the best {head.get('top_k')} scored exactly "
-            f"({head.get('rows')} rows){context}")
+    # int8 rows score the candidates from an int8 copy and rescore only the highest in fp32 (exporters/head.py);
+    # a head from before int8 rows existed records none: fp32
+    rows = head.get("rows", "fp32")
+    scored = ("exactly (fp32 rows)" if rows == "fp32" else
+              f"from {rows} rows, the highest rescored in fp32")
+    return (f"clustered head: {head.get('clusters'):,} clusters, the tokens of the best {head.get('top_k')} scored "
+            f"{scored}{context}")
 
 
 def _size(n: int) -> str:

@@ -2431,6 +2431,19 @@ def test_info_sizes_are_decimal_units():
         "1.0 kB", "131.1 kB", "1.3 MB", "1000.0 MB", "1.50 GB"]
 
 
+def test_info_says_how_a_clustered_head_scores_its_candidates():
+    """With int8 rows (the default in a transposed fp32 bundle) a clustered head scores its clusters' tokens from an
+    int8 copy and rescores only the highest in fp32: info said "the best 32 scored exactly (int8 rows)"."""
+    from edgemtp.bundle_info import _head
+
+    head = {"kind": "clustered", "clusters": 2048, "top_k": 32, "candidates": 4160, "context": 64}
+    assert _head({**head, "rows": "fp32"}) == ("clustered head: 2,048 clusters, the tokens of the best 32 scored "
+                                               "exactly (fp32 rows), + the 64 recent tokens")
+    assert _head({**head, "rows": "int8", "context": 0}) == (
+        "clustered head: 2,048 clusters, the tokens of the best 32 scored from int8 rows, the highest rescored in "
+        "fp32")
+
+
 def test_info_counts_each_file_under_the_graph_that_owns_it(tiny_gemma3):
     """A graph's size is its own files': the verify graph reads the target's weights but does not hold them, so
     the graphs' sizes and the tokenizer's add up to the bundle's."""
