@@ -928,6 +928,20 @@ def test_bad_options_name_the_flag(options, message):
         check_options(options.pop("quant", "int4"), **options)
 
 
+def test_the_scheme_records_only_the_passes_its_ops_take():
+    """Integer layers take no two-pass activations (MatMulIntegerToFloat), nor does an integer head: the preset's
+    "all" was recorded beside them, and info said "two-pass activations: all" of a bundle with no pass at all."""
+    from edgemtp.exporters.quant_options import scheme
+
+    def two_pass(**options):
+        return scheme("int4", calibrated=False, **options).two_pass
+
+    assert two_pass(layer_op="integer", head_op="integer") == "none"
+    assert two_pass(layer_op="integer") == two_pass(layer_op="integer", two_pass="all") == "head"
+    assert two_pass(head_op="integer") == two_pass() == "all"  # the nbits layers take them
+    assert two_pass(layer_op="integer", two_pass="none") == "none"
+
+
 def test_options_of_float_quants_are_refused():
     with pytest.raises(EdgemtpError, match="--frequent-rows applies to --quant int8 / int4 only"):
         check_options("fp16", frequent_rows=8)

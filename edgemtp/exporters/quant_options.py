@@ -126,6 +126,10 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     _check_two_pass_applies(two_pass, p.get("layer_op", "nbits"), p.get("head_op", "nbits"))
     if accuracy_level != 4 and two_pass is None:  # the preset's passes need level 4: none are built
         p["two_pass"] = "none"
+    if p.get("layer_op") == "integer" and p["two_pass"] == "all":
+        # integer layers take no passes (their activations are rounded per row), so "all" builds the head's alone,
+        # or none beside an integer head: recorded as built, which the manifest and `edgemtp info` show
+        p["two_pass"] = "none" if p.get("head_op") == "integer" else "head"
     if block_size:
         p.update(block_size=block_size, head_block_size=block_size)
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
