@@ -76,6 +76,34 @@ def test_kv_cache_buffers_cost_no_memory_over_freed_heap_space():
 
 
 @linux
+def test_shadows_cost_no_memory_over_freed_heap_space():
+    """The copies one-row passes bind for sliding layers with several KV heads (KVCache's shadows) likewise: made
+    by np.zeros over the heap's freed space they were resident whole from the first window pass, and stayed
+    resident once the cache was gone (Gemma 3 4B's shape, 4 KV heads and a 1,024-position window: ~6.5 MB a
+    shadow, two for each of its 29 sliding layers)."""
+    out = _run("""
+        import ctypes, json
+        import numpy as np
+        from edgemtp.contract import KVSlot
+        from edgemtp.runtime.kv_cache import KVCache
+        big = np.ones(16 << 20, np.uint8)
+        del big  # freeing an mmapped chunk raises the mmap threshold to its size
+        blocks = [np.ones(1 << 20, np.uint8) for _ in range(96)]
+        pin = np.ones(1 << 20, np.uint8)
+        del blocks
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        cache = KVCache(tuple(KVSlot(i, 4, 256, 512) for i in range(4)), 1, 4096)  # shadows of 3.4 MB, 8 of them
+        before = anon_mb()
+        cache.ort_values(slice(0, 1), 256)  # a one-row pass from position 256 on binds the shadows
+        made = anon_mb() - before
+        del cache
+        print(json.dumps({"shadows_made_mb": made, "after_mb": anon_mb() - before}))
+    """)
+    assert out["shadows_made_mb"] < 4, out
+    assert out["after_mb"] < 4, out
+
+
+@linux
 def test_generations_leave_no_kv_cache_resident(gemma3_270m_bundle):
     """Gemma 3 270M (1,024 positions: a 36 MB KV cache), generations drafting by lookup and plain: at the last one's
     first token its cache holds what its prompt wrote, and once it is over none of it stays resident. Before

@@ -112,7 +112,9 @@ class KVCache:
 
     def _shadow(self, b: int) -> dict:
         if b not in self._shadows:
-            self._shadows[b] = {s.layer: tuple(np.zeros((1, s.num_heads, self.shadow_room, s.head_dim), np.float32)
+            # lazy_zeros as the buffers: np.zeros over the heap's freed space wrote them whole, and they stayed
+            # resident once the cache was gone (tests/test_resident.py)
+            self._shadows[b] = {s.layer: tuple(lazy_zeros((1, s.num_heads, self.shadow_room, s.head_dim))
                                                for _ in range(2)) for s in self.shadowed}
         return self._shadows[b]
 
