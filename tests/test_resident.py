@@ -4,6 +4,7 @@ memory, in a fresh interpreter each time so that nothing else in the test run co
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,9 @@ import textwrap
 import pytest
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+# the heap's state these tests set up (freed space, a raised mmap threshold, malloc_trim) is glibc's
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                           reason="sets up glibc's heap (malloc_trim)")
 
 _ANON = """
 def anon_mb():
@@ -43,7 +47,7 @@ def test_kv_cache_buffers_cost_no_memory_until_written():
     assert out["resident_mb"] < 16, out
 
 
-@linux
+@glibc
 def test_kv_cache_buffers_cost_no_memory_over_freed_heap_space():
     """As above, where the heap holds freed space, as it does once a bundle is loaded (the session's build frees
     ~170 MB under live allocations, and freeing one large numpy array raises glibc's mmap threshold): a calloc
@@ -75,7 +79,7 @@ def test_kv_cache_buffers_cost_no_memory_over_freed_heap_space():
     assert out["after_mb"] < 4, out
 
 
-@linux
+@glibc
 def test_shadows_cost_no_memory_over_freed_heap_space():
     """The copies one-row passes bind for sliding layers with several KV heads (KVCache's shadows) likewise: made
     by np.zeros over the heap's freed space they were resident whole from the first window pass, and stayed
@@ -103,7 +107,7 @@ def test_shadows_cost_no_memory_over_freed_heap_space():
     assert out["after_mb"] < 4, out
 
 
-@linux
+@glibc
 def test_generations_leave_no_kv_cache_resident(gemma3_270m_bundle):
     """Gemma 3 270M (1,024 positions: a 36 MB KV cache), generations drafting by lookup and plain: at the last one's
     first token its cache holds what its prompt wrote, and once it is over none of it stays resident. Before
