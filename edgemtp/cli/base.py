@@ -242,8 +242,8 @@ def progress_bar(desc: str, show_what: bool = False):
 
     try:
         yield update
-    except EdgemtpError:  # a mistake in the input found mid-way: its error line alone, without a bar above it
-        if task is not None:  # (Progress.stop would print the bar, or an empty line where stderr is no terminal)
+    except Exception:  # a mistake in the input found mid-way, a full disk, no memory: its error line alone, without
+        if task is not None:  # a bar above it (Progress.stop would print the bar, or an empty line off a terminal)
             bar.live.transient, task = True, None
             bar.live.stop()
         raise
