@@ -26,6 +26,16 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
+def spoiled_drafter(drafter_dir, at, value):
+    """(its weights file, the matrix spoiled): the drafter's first float matrix holds `value` at `at`."""
+    path = drafter_dir / "model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k, v in weights.items() if v.ndim == 2 and v.dtype.is_floating_point)
+    weights[name][at] = value
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return path, name
+
+
 def spoiled(model_dir, out_dir, name=GATE, value=float("nan"), dtype=None, at=(2, 3)):
     """A copy of `model_dir` whose tensor `name` holds `value` at `at` (every tensor cast to `dtype` first)."""
     shutil.copytree(model_dir, out_dir)
@@ -65,11 +75,7 @@ def test_export_refuses_a_drafter_with_a_non_finite_weight(tiny_gemma3, tmp_path
     from .test_drafter import tiny_drafter
 
     tiny_drafter(tiny_gemma3[1], tmp_path / "drafter")
-    path = tmp_path / "drafter" / "model.safetensors"
-    weights = load_file(str(path))
-    name = next(k for k, v in weights.items() if v.ndim == 2 and v.dtype.is_floating_point)
-    weights[name][0, 1] = float("inf")
-    save_file(weights, str(path), metadata={"format": "pt"})
+    path, name = spoiled_drafter(tmp_path / "drafter", (0, 1), float("inf"))
     r = run("export", tiny_gemma3[1], "-o", tmp_path / "out", "--drafter", tmp_path / "drafter")
     assert_one_line_error(r, f"{path}: tensor '{name}' holds inf at [0, 1]")
     assert not (tmp_path / "out").exists()
@@ -120,11 +126,7 @@ def test_train_drafter_refuses_an_init_drafter_with_a_non_finite_weight(tiny_gem
     from .test_drafter import tiny_drafter
 
     tiny_drafter(tiny_gemma3[1], tmp_path / "init")
-    path = tmp_path / "init" / "model.safetensors"
-    weights = load_file(str(path))
-    name = next(k for k, v in weights.items() if v.ndim == 2 and v.dtype.is_floating_point)
-    weights[name][1, 0] = float("nan")
-    save_file(weights, str(path), metadata={"format": "pt"})
+    path, name = spoiled_drafter(tmp_path / "init", (1, 0), float("nan"))
     r = run("train-drafter", tiny_gemma3[1], "-o", tmp_path / "d", "--init", tmp_path / "init", *SMALL[:-4])
     assert_one_line_error(r, f"{path}: tensor '{name}' holds NaN at [1, 0]")
     assert not (tmp_path / "d").exists()

@@ -3,31 +3,17 @@ memory, in a fresh interpreter each time so that nothing else in the test run co
 
 from __future__ import annotations
 
-import json
 import platform
-import subprocess
 import sys
-import textwrap
 
 import pytest
+
+from .test_heap import _run  # a fresh interpreter's JSON line, with anon_mb() (its RssAnon, in MB) defined
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 # the heap's state these tests set up (freed space, a raised mmap threshold, malloc_trim) is glibc's
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                            reason="sets up glibc's heap (malloc_trim)")
-
-_ANON = """
-def anon_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-"""
-
-
-def _run(code: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", _ANON + textwrap.dedent(code)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.splitlines()[-1])
 
 
 @linux

@@ -3,6 +3,7 @@ tiny random models (greedy output identical to plain decoding; sampling preserve
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -1050,23 +1051,29 @@ def test_rows_of_different_lengths_in_one_pass(models, kind):
                 np.testing.assert_allclose(cache.values[layer][b, :, :n], one.values[layer][0, :, :n], atol=1e-5)
 
 
-def test_batched_speculative_verifies_rows_together(models):
-    """Drafted rows of a batch share one verify pass (no per-row passes), and the output is plain greedy's."""
-    engine = models["gemma3_text", 64]
-    random, repetitive = _prompts(engine)
-    prompts = repetitive + random[:2]
-    calls = []
-    forward = engine.target.forward
+@contextlib.contextmanager
+def counted_passes(target):
+    """A list of (ids' shape, rows) for each target pass run inside the block."""
+    calls, forward = [], target.forward
 
     def counting(ids, cache, rows=None, n_logits=1):
         calls.append((np.asarray(ids).shape, rows))
         return forward(ids, cache, rows, n_logits)
 
-    engine.target.forward = counting
+    target.forward = counting
     try:
-        got = speculative_generate(engine.target, PromptLookupDrafter(), prompts, 24, k=3, stop_ids=engine.stop_ids)
+        yield calls
     finally:
-        del engine.target.forward
+        del target.forward
+
+
+def test_batched_speculative_verifies_rows_together(models):
+    """Drafted rows of a batch share one verify pass (no per-row passes), and the output is plain greedy's."""
+    engine = models["gemma3_text", 64]
+    random, repetitive = _prompts(engine)
+    prompts = repetitive + random[:2]
+    with counted_passes(engine.target) as calls:
+        got = speculative_generate(engine.target, PromptLookupDrafter(), prompts, 24, k=3, stop_ids=engine.stop_ids)
     assert [r.tokens for r in got] == [list(engine.token_ids(p, 24)) for p in prompts]
     verify = calls[len(prompts):]  # after the per-row prefills
     assert any(shape[0] > 1 and shape[1] > 1 for shape, _ in verify)
@@ -1088,15 +1095,7 @@ def test_a_row_finished_between_others_leaves_them_one_pass(models, kind):
         stop = want[1][1]
         if stop != want[1][0] and stop not in want[0] + want[2]:
             break
-    calls = []
-    forward = engine.target.forward
-
-    def counting(ids, cache, rows=None, n_logits=1):
-        calls.append((np.asarray(ids).shape, rows))
-        return forward(ids, cache, rows, n_logits)
-
-    engine.target.forward = counting
-    try:
+    with counted_passes(engine.target) as calls:
         for drafter, k in ((NoDrafter(), 0), (PromptLookupDrafter(), 3)):
             calls.clear()
             got = speculative_generate(engine.target, drafter, prompts, 12, k=k, stop_ids={stop})
@@ -1105,8 +1104,6 @@ def test_a_row_finished_between_others_leaves_them_one_pass(models, kind):
             passes = calls[len(prompts):]  # after the per-row prefills
             assert len(passes) == max(r.rounds for r in got), (drafter, passes)  # one pass a round
             assert passes[2][1] == slice(0, 3), (drafter, passes)  # row 1 stopped in round 1
-    finally:
-        del engine.target.forward
 
 
 def test_a_pass_carries_no_more_finished_rows_than_running_ones():
