@@ -533,6 +533,40 @@ def test_a_closed_engine_ends_the_streams_it_gave(tiny_gemma3):
     assert list(done) == [] and list(left) == []
 
 
+def test_a_drafting_stream_given_while_its_engine_closes_is_refused(tiny_gemma3):
+    """A drafting stream given out while Engine.close ran in another thread, after close had ended the streams
+    given so far and before it let go of the target, took the kept cache at its first read and then ran to its
+    end on the closed engine (its rounds hold the target); now the call is refused, as any on a closed engine."""
+    import threading
+
+    from edgemtp.runtime.engine import Draft
+
+    engine = Engine.load(tiny_gemma3[2])
+    inside, go = threading.Event(), threading.Event()
+    end_all = engine._streams.end_all
+
+    def held_end_all():  # close waits once it has ended the streams given so far
+        end_all()
+        inside.set()
+        go.wait(60)
+
+    engine._streams.end_all = held_end_all
+    closer = threading.Thread(target=engine.close, daemon=True)
+    closer.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(EdgemtpError, match="the engine was closed"):
+            stream = engine.token_stream(engine.encode("t1 t2"), 8, draft=Draft("lookup", 2))
+            next(stream)  # takes the kept cache before close lets go of it
+            go.set()
+            closer.join(60)
+            list(stream)
+    finally:
+        go.set()
+        closer.join(60)
+    assert not closer.is_alive()
+
+
 def hold_second_pass(engine):
     """Makes the engine's target session wait in its second run until `go` is set: (inside, go), two Events;
     `inside` is set once that run waits. The thread tests force their interleavings with it, never by timing."""

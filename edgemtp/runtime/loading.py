@@ -173,15 +173,21 @@ class Streams:
 
     def __init__(self):
         self._live, self._lock = weakref.WeakSet(), threading.Lock()
+        self._ended = False
 
     def add(self, gen: Iterator, inner: Stream | None = None) -> Stream:
         stream = Stream(gen, inner)
         with self._lock:
+            # refused once end_all ran: a drafting stream given after it and read before close let go of the
+            # target took the kept cache, and its rounds, which hold the target, ran to the end on a closed engine
+            if self._ended:
+                raise EdgemtpError(CLOSED)
             self._live.add(stream)
         return stream
 
     def end_all(self) -> None:
         with self._lock:
+            self._ended = True
             live = list(self._live)
         # text streams first: their end says how their token streams end (ended first, a token stream would raise
         # "the engine was closed" in a read its text stream's end left to end quietly)
