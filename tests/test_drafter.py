@@ -1399,6 +1399,42 @@ def test_drafting_on_a_spinning_target_warns_once(setup):
         Engine.load(bundle).generate("t3 t9 t4 t1", max_new_tokens=6, draft=Draft("mtp", 3))
 
 
+def test_two_threads_drafting_on_a_spinning_target_warn_once(setup, monkeypatch):
+    """Two threads starting MTP drafting together on an engine loaded with mtp=False: both read the warning as not
+    given yet before either marked it given, and it was printed twice. Both are held at the check's provider test
+    (runs_on_cpu) until both are there, which forced that interleaving."""
+    import threading
+    import warnings
+
+    from edgemtp.runtime import engine as engine_mod
+
+    engine = Engine.load(setup[1], mtp=False)
+    engine._mtp_drafter()  # loaded here: its load reads runs_on_cpu too
+    both = threading.Barrier(2, timeout=60)
+
+    def on_cpu_when_both_here(provider):
+        both.wait()
+        return True
+
+    monkeypatch.setattr(engine_mod, "runs_on_cpu", on_cpu_when_both_here)
+    results = []
+
+    def run():
+        results.append(engine.generate("t3 t9 t4 t1", max_new_tokens=4, draft=Draft("mtp", 2)).tokens)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=run, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(results) == 2 and results[0] == results[1]
+    assert [str(w.message) for w in caught if "spin-wait" in str(w.message)] == [
+        "the MTP drafter shares the CPU with a target whose threads spin-wait between runs, which slows its steps: "
+        "load with Engine.load(..., mtp=True) to draft with it"]
+
+
 def test_a_closed_engine_lets_go_of_its_mtp_drafter(setup):
     """Engine.close releases the MTP drafter's session with the target's, not when the engine is collected."""
     import weakref

@@ -77,6 +77,7 @@ class Engine:
         self.fast_verify = False
         self.head_tables = None  # head_pages.HeadTables: the head table the sessions read, on 2 MB pages (see load)
         self.target_spins = False  # its threads spin-wait between runs (Engine.load's mtp False)
+        self._spins_lock = threading.Lock()  # threads drafting together on such a target warn once between them
         self.chat_template = None  # chat.ChatTemplate: the model's, when its bundle has one
         self.kept = KeptCache(target)  # the cache the last one-prompt generation left, with reuse_prefix
         self._streams = Streams()  # the generators given out, which close() ends
@@ -317,8 +318,7 @@ class Engine:
                                        else 1)
         check_mtp_drafter(self.bundle)
         mtp = self._mtp_drafter(graph)
-        if self.target_spins and runs_on_cpu(self.drafter_provider):
-            self.target_spins = False  # warn once
+        if runs_on_cpu(self.drafter_provider) and self._first_spin_warning():
             # 2-core Xeon, int4 Gemma 3 270M (--layer-op integer), MTP K = 2: 54-58 against 64-68 tok/s, a
             # drafter step's p90 7.7-8.0 against 2.8 ms (docs/measurements.md, session 32)
             warnings.warn("the MTP drafter shares the CPU with a target whose threads spin-wait between runs, "
@@ -328,6 +328,13 @@ class Engine:
         # its MTP drafter (guess_options); fp32 Gemma 3 270M, five prompts: 1.61x plain against 1.58x with
         # neither (one lookup guess on a 2+ repeat), int4 1.21x against 1.20x (docs/measurements.md, session 29)
         return mtp if mode == "mtp" else HybridDrafter(mtp, min_ngram=1 if adaptive else 2)
+
+    def _first_spin_warning(self) -> bool:
+        """Whether the drafter's spinning-target warning is still to give (then marked given): read and marked
+        under a lock, as two threads reading it before either marked it printed it twice."""
+        with self._spins_lock:
+            due, self.target_spins = self.target_spins, False
+        return due
 
     def _lengths(self, draft: Draft, batch: int):
         k = min(draft.k, self.capacity)  # as Speculative's K: no round drafts more
