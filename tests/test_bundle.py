@@ -1850,6 +1850,30 @@ def test_a_kv_cache_larger_than_the_machine_allocates_is_named(tiny_gemma3):
         engine.generate("t1 t2", max_new_tokens=2)
 
 
+def test_a_batch_whose_kv_cache_outgrows_the_memory_is_refused_before_its_cache(tiny_gemma3, monkeypatch):
+    """Mapping a batch's KV buffers succeeds for far more rows than the machine's memory holds (they are mapped
+    lazily, each mapping checked alone): a batch that would need more once its rows ran to max_new_tokens was
+    killed by the system part-way. It is refused up front, before any cache is made; one that fits runs."""
+    from edgemtp.runtime import kv_cache
+
+    engine = Engine.load(tiny_gemma3[2])
+    slots = engine.target.contract.kv
+    per_position = sum(2 * 4 * s.num_heads * s.head_dim for s in slots)
+    lengths = [len(engine.encode(p)) for p in ("t1 t2", "t3 t4 t5")]
+    need = per_position * sum(n + 5 for n in lengths)
+    made = []
+    monkeypatch.setattr(kv_cache.KVCache, "__init__", lambda *a, **k: made.append(1) or pytest.fail("a cache"))
+    monkeypatch.setattr(kv_cache, "physical_memory", lambda: need - 1)
+    with pytest.raises(EdgemtpError, match=r"the KV cache of 2 rows run to max_new_tokens=5 needs .* GB, more than "
+                                           r"this machine's .* GB of memory \(fewer prompts at once, or a lower "
+                                           r"max_new_tokens\)"):
+        engine.generate_batch(["t1 t2", "t3 t4 t5"], max_new_tokens=5)
+    assert not made
+    monkeypatch.undo()
+    monkeypatch.setattr(kv_cache, "physical_memory", lambda: need)
+    assert [len(g.tokens) for g in engine.generate_batch(["t1 t2", "t3 t4 t5"], max_new_tokens=5)] == [5, 5]
+
+
 def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_path):
     """A tokenizer.json that disagrees with the model (a bundle from someone else) is named when it gives a prompt
     an id the model has no row for: it was "--prompt-ids[1] 500 is not a token id", a flag the user never gave. The

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import itertools
-import os
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from ..bundle import load as load_bundle
 from ..errors import EdgemtpError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
+from .kv_cache import physical_memory
 from .sampling import Sampling
 from .session import full_name
 from .speculative import SpecStats, Speculative
@@ -186,12 +186,6 @@ def row_bytes(c: RowConfig, bundle) -> int:
     positions = c.prompt_tokens + c.gen_tokens + c.draft_k + 1
     return c.batch * (per_position * positions + 2 * contract.vocab_size * 4 * (c.draft_k + 1))
 
-
-def physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this system: no check
-        return 0
 
 
 def has_head(bundle, head: str) -> bool:

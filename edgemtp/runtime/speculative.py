@@ -39,7 +39,7 @@ from .requests import check_request
 from .sampling import BadLogits, Sampling, Seen, pick
 from .stats import STREAM_CLOSED, Stats
 from .stops import Stops
-from .kv_cache import KVCache
+from .kv_cache import KVCache, check_fits
 from .target import Target
 
 
@@ -150,6 +150,7 @@ class Speculative:
         stats = stats if stats is not None else SpecStats()
         stops = stop_ids if isinstance(stop_ids, Stops) else Stops(stop_ids)
         if cache is None:
+            check_fits(self.target.contract.kv, capacity, [len(p) for p in prompts], max_new_tokens)
             cache, cached = self.target.new_cache(len(prompts)), 0
         t0 = time.perf_counter()
         seqs = [self._prefill(b, list(p), cache, sampling, _rng(sampling.seed, b, len(prompts)), cached)
