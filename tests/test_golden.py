@@ -164,14 +164,17 @@ def test_stop_strings_on_real_text(engine, stop):
 
 
 def test_stop_strings_past_the_checked_tail(engine):
-    """Past 256 tokens a stop string is looked for in the text of the last 256 (runtime/stops.py); with
-    Gemma's tokenizer, a stop string inside a long byte-fallback run (each byte a token; a tail cut inside
-    a character decodes its bytes to U+FFFD each) is still found at the token that completes it."""
+    """Past 256 tokens a stop string is looked for in the text of the last 256, or more where those hold too
+    little text for it (runtime/stops.py); with Gemma's tokenizer, a stop string inside a long byte-fallback run
+    (each byte a token; a tail cut inside a character decodes its bytes to U+FFFD each), or longer than the
+    last 256 tokens' text, is still found at the token that completes it."""
     from edgemtp.runtime.stops import TAIL, Stops
 
     for text, stop in (("Hello " + "\U00013000" * 100 + "ꙮ" + "\U00013000" * 100, "ꙮ"),
                        ("def f(x):\n    return x\n" * 60 + "# end of file\n", "end of"),
-                       ("Hello " + "\U00013000" * 100 + "ꙮ\U00013000" + "\U00013000" * 100, "ꙮ\U00013000")):
+                       ("Hello " + "\U00013000" * 100 + "ꙮ\U00013000" + "\U00013000" * 100, "ꙮ\U00013000"),
+                       # a stop string longer than the tail's text (Gemma: a digit a token): a longer tail
+                       ("1234567890" * 40 + "98765432" * 30 + "!" + "0" * 20, "0" + "98765432" * 30 + "!")):
         ids = engine.encode(text)[1:]  # without BOS, as generated tokens
         stops = Stops((), (stop,), engine.decode)
         first = next(n for n in range(1, len(ids) + 1) if stop in engine.decode(ids[:n]))

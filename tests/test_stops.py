@@ -77,6 +77,27 @@ def test_long_rows_are_checked_on_their_tail(monkeypatch):
     assert stops.reason(text + [5000] * S.TAIL) == ""
 
 
+def test_a_long_stop_string_is_checked_on_a_longer_tail_not_the_whole_text():
+    """A stop string longer than TAIL tokens' text less SLACK (300 characters, one a token: digits, CJK) made every
+    check decode the whole row, which grows with it (2 ms a token at 8,000 tokens, Gemma's tokenizer): the tail
+    grows until it holds enough text, and what each check decodes stays bounded by the stop string, not the row."""
+    calls = []
+
+    def decode(ids):  # token i is chr(i); the first character of any decode is dropped
+        calls.append(len(ids))
+        return "".join(map(chr, ids))[1:]
+
+    stop = "".join(chr(ord("a") + i % 7) for i in range(300))
+    stops = Stops((), (stop,), decode)
+    text = [ord("0") + i % 10 for i in range(5000)]
+    assert stops.reason(text) == ""
+    assert max(calls) < 1000
+    calls.clear()
+    assert stops.reason(text + [ord(c) for c in stop]) == "stop string"  # spanning 300 tokens
+    assert stops.reason(text + [ord(c) for c in stop[:-1]]) == ""
+    assert stops.reason(text[:10] + [ord(c) for c in stop]) == "stop string"
+
+
 def test_a_tail_must_hold_more_than_the_stop_string():
     """A tail whose decode lost its first character (SentencePiece's leading space) may hold as many characters
     as the stop string, and still miss one that began there: it must hold SLACK more to decide alone."""

@@ -2,12 +2,13 @@
 
 A stop string ends a row's generation at the token whose text completes it; the row's text is cut just
 before it, so the returned text never contains one (tokens keep the completing token: it may hold text
-past the stop string). The check after each token decodes the row's last TAIL tokens, not its whole text
-(0.4 ms at 2,000 tokens, 0.05 at 256, Gemma's tokenizer): a suffix decoded alone differs from the whole
-text only at its start (a SentencePiece decoder drops the leading space of its first token, a byte-fallback
-run cut in two decodes to replacement characters, one per byte), so when that text holds the longest stop string and
-SLACK characters more, a stop string completed by the newest token lies in what the two agree on. Any
-doubt (a short tail, or a stop string in it) is settled by decoding the whole text."""
+past the stop string). The check after each token decodes the row's last TAIL tokens (more where those hold
+too little text), not its whole text (0.4 ms at 2,000 tokens, 0.05 at 256, Gemma's tokenizer): a suffix
+decoded alone differs from the whole text only at its start (a SentencePiece decoder drops the leading space
+of its first token, a byte-fallback run cut in two decodes to replacement characters, one per byte), so when
+that text holds the longest stop string and SLACK characters more, a stop string completed by the newest
+token lies in what the two agree on. Any doubt (a short row, or a stop string in its tail) is settled by
+decoding the whole text."""
 
 from __future__ import annotations
 
@@ -67,11 +68,18 @@ class Stops:
     def _holds(self, tokens: list[int]) -> bool:
         """Whether the text of `tokens` holds a stop string (checked after each token, so only one the
         newest token completed can be new), before a character it ends inside."""
-        if len(tokens) > TAIL:
-            tail = self.decode(tokens[-TAIL:])
+        need, n = max(map(len, self.strings)) + SLACK, TAIL
+        while n < len(tokens):
+            tail = self.decode(tokens[-n:])
             # a tail starting inside a byte-fallback run decodes each of its bytes to U+FFFD: count what follows
-            if len(tail.lstrip("\ufffd")) >= max(map(len, self.strings)) + SLACK and self.find(tail) < 0:
-                return False
+            held = len(tail.lstrip("\ufffd"))
+            if held >= need:
+                if self.find(tail) < 0:
+                    return False
+                break
+            # too little text (a long stop string, tokens of a character each): a longer tail, twice what the
+            # characters per token so far say it needs, not the whole text, which grows with the row
+            n = max(2 * n, 2 * n * need // max(held, 1))
         text = self.decode(tokens)
         # U+FFFDs at the end are a character whose bytes have not all come, one per byte in a byte-fallback
         # vocabulary (or bytes that are not UTF-8, which the next token leaves inside the text): stop="\ufffd"
