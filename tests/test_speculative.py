@@ -537,6 +537,27 @@ def test_token_ids_array_is_the_list_as_it_grows():
             assert lookup.propose(ids, 5) == lookup.propose(list(ids), 5)
 
 
+def test_token_ids_array_follows_changes_in_place():
+    """TokenIds is a list: a change other than appending (an id set, a pop and an append, a sort) between two
+    array() calls left the array as it was, so prompt lookup drafted from ids the history no longer held; and an
+    array given before a change keeps its ids (a new one is made, not the old one written over)."""
+    from edgemtp.runtime.drafting import TokenIds
+
+    changes = (lambda ids: ids.__setitem__(1, 9), lambda ids: (ids.pop(), ids.append(9)),
+               lambda ids: ids.__setitem__(slice(0, 2), [9, 9]), lambda ids: ids.insert(0, 9),
+               lambda ids: ids.remove(2), lambda ids: ids.sort(reverse=True), lambda ids: ids.reverse(),
+               lambda ids: (ids.clear(), ids.extend([9, 9, 9, 9])), lambda ids: ids.__delitem__(0),
+               lambda ids: ids.__imul__(2))
+    for change in changes:
+        ids = TokenIds([1, 2, 3, 4])
+        before = ids.array()
+        change(ids)
+        assert ids.array().tolist() == list(ids), list(ids)
+        assert before.tolist() == [1, 2, 3, 4], list(ids)
+        ids.append(5)
+        assert ids.array().tolist() == list(ids), list(ids)
+
+
 class _CountingNumpy:
     """numpy for drafting.py, counting the ids of the Python sequences it converts to arrays."""
 
