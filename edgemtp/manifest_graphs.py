@@ -19,6 +19,19 @@ HEAD_ROWS = ("fp32", "int8")
 MAX_HEAD_CONTEXT = 1024  # a head's context ids are compared with every candidate: keep it a small share
 
 
+def two_pass_built(two_pass, layer_op, head_op) -> str:
+    """The two-pass activations an int8 / int4 graph holds, of those --two-pass asked for: none, head, layers
+    or all. Only MatMulNBits take them: integer layers and an integer head round their activations their own
+    way. The scheme records this (quant_options.scheme); info reads it again from the ops, because bundles
+    exported before that recorded "all" beside integer layers, and before "layers" existed beside an integer
+    head. A label it does not know (a later version's) is returned as it is."""
+    if two_pass not in ("none", "head", "layers", "all"):
+        return two_pass
+    layers = two_pass in ("all", "layers") and layer_op != "integer"
+    head = two_pass in ("head", "all") and head_op != "integer"
+    return "all" if layers and head else "layers" if layers else "head" if head else "none"
+
+
 class _Bad(Exception):
     """A field and what is wrong with it; check_graphs adds the manifest's path."""
 

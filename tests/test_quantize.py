@@ -610,7 +610,11 @@ def test_integer_head_bundle_keeps_the_tables_argmax(kind, quant, tmp_path, cali
     quantize_bundle(fp32, tmp_path / "int", quant, **opts, head_op="integer")
     assert ops_count(tmp_path / "int", "MatMulIntegerToFloat") == 1 and ops_count(tmp_path / "int", "TopK") == 1
     assert ops_count(tmp_path / "int", "MatMulNBits") == 4 * 4  # the layers; no MatMulNBits head
-    assert bundle_mod.load(tmp_path / "int").manifest["graphs"]["target"]["quantization"]["head_op"] == "integer"
+    q = bundle_mod.load(tmp_path / "int").manifest["graphs"]["target"]["quantization"]
+    assert (q["head_op"], q["two_pass"]) == ("integer", "layers")  # what the graph holds: the layers' passes alone
+    layers = [n for n in onnx.load(tmp_path / "int" / "target.onnx", load_external_data=False).graph.node
+              if n.op_type == "MatMulNBits"]
+    assert all(".two_pass" in n.input[0] for n in layers)
     want, table, got = all_logits(fp32)[0], all_logits(tmp_path / "nbits")[0], all_logits(tmp_path / "int")[0]
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     from edgemtp.exporters.quantnodes import REFINE
@@ -938,8 +942,10 @@ def test_the_scheme_records_only_the_passes_its_ops_take():
 
     assert two_pass(layer_op="integer", head_op="integer") == "none"
     assert two_pass(layer_op="integer") == two_pass(layer_op="integer", two_pass="all") == "head"
-    assert two_pass(head_op="integer") == two_pass() == "all"  # the nbits layers take them
-    assert two_pass(layer_op="integer", two_pass="none") == "none"
+    assert two_pass() == two_pass(two_pass="all") == "all"
+    # an integer head takes none either: "all" beside it said the head took them too (it is the layers alone)
+    assert two_pass(head_op="integer") == two_pass(head_op="integer", two_pass="all") == "layers"
+    assert two_pass(layer_op="integer", two_pass="none") == two_pass(head_op="integer", two_pass="none") == "none"
 
 
 def test_options_of_float_quants_are_refused():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..calibration import activations as A
 from ..errors import EdgemtpError, not_a_file
+from ..manifest_graphs import two_pass_built
 from .components import joined_parts
 
 QUANTS = ("fp32", "fp16", "int8", "int4")
@@ -32,7 +33,7 @@ class Scheme:
     frequent_rows: int = 0  # head/table rows of the most frequent calibration tokens kept at 8 bits
     keep_8bit: tuple[str, ...] = ()  # glob patterns of weight names kept at 8 bits
     gptq: bool = False  # 4-bit weights rounded by GPTQ against calibration activations
-    two_pass: str = "none"  # MatMulNBits activations in two int8 passes: none, head or all
+    two_pass: str = "none"  # MatMulNBits activations in two int8 passes: none, head, layers or all
     smooth: float = 0.0  # alpha of the layers' activation smoothing (x / s, W * s, s = max|x|^alpha)
     layer_op: str = "nbits"  # 8-bit layers as MatMulNBits (blocks) or MatMulIntegerToFloat (int8 columns)
     head_op: str = "nbits"  # the head as MatMulNBits over the table, or int8 columns rescored by the table
@@ -126,10 +127,9 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
     _check_two_pass_applies(two_pass, p.get("layer_op", "nbits"), p.get("head_op", "nbits"))
     if accuracy_level != 4 and two_pass is None:  # the preset's passes need level 4: none are built
         p["two_pass"] = "none"
-    if p.get("layer_op") == "integer" and p["two_pass"] == "all":
-        # integer layers take no passes (their activations are rounded per row), so "all" builds the head's alone,
-        # or none beside an integer head: recorded as built, which the manifest and `edgemtp info` show
-        p["two_pass"] = "none" if p.get("head_op") == "integer" else "head"
+    # recorded as built, which the manifest and `edgemtp info` show: "all" beside integer layers is the head's
+    # passes alone, beside an integer head the layers' ("layers", which the rewrite builds as "all")
+    p["two_pass"] = two_pass_built(p["two_pass"], p.get("layer_op", "nbits"), p.get("head_op", "nbits"))
     if block_size:
         p.update(block_size=block_size, head_block_size=block_size)
     return Scheme(**p, symmetric=symmetric, accuracy_level=accuracy_level, keep_8bit=keep_8bit)
@@ -153,7 +153,7 @@ def check_widths(sch: Scheme, graph) -> None:
     error came after that work. An integer layer (MatMulIntegerToFloat) takes no blocks."""
     from .quantgraph import role
 
-    if sch.two_pass != "all" or sch.accuracy_level != 4:
+    if sch.two_pass not in ("all", "layers") or sch.accuracy_level != 4:
         return
     inits = {t.name: t for t in graph.initializer}
     for node in graph.node:
@@ -258,8 +258,9 @@ def check_shapes(sch: Scheme, hidden: int) -> None:
         if hidden % block == 0:
             continue
         if sch.two_pass != "none":
+            asked = "all" if sch.two_pass == "layers" else sch.two_pass  # "layers" is no --two-pass choice
             raise EdgemtpError(f"--block-size {block} does not divide the hidden size {hidden}: the two-pass "
-                               f"activations (--two-pass {sch.two_pass}) need whole blocks; give a block size "
+                               f"activations (--two-pass {asked}) need whole blocks; give a block size "
                                f"dividing {hidden}, or --two-pass none")
         if sch.head_op == "integer":
             raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {hidden} "

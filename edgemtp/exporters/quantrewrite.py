@@ -206,7 +206,8 @@ class Rewrite:
         else:
             p = self.pack(t.name, lambda a, b: w[a:b], n, k, bits, block, importance, hessian, gather=False)
         # an integer layer rounds its activations per row (QN.integer_activations): no blocks, no two passes
-        level, two = sch.accuracy_level, sch.two_pass == "all" and sch.accuracy_level == 4 and not integer
+        level = sch.accuracy_level
+        two = sch.two_pass in ("all", "layers") and sch.accuracy_level == 4 and not integer
         if two and k % block and not self.target:  # a drafter's layer goes without (its drafts are checked)
             two = False
         elif two:  # check_widths ran before any work; leaving the passes out would break exactness
@@ -293,7 +294,7 @@ class Rewrite:
 
     def _emit_table(self, name: str, parts: list, order: str | None, columns: tuple[str, str] | None) -> None:
         sch, k, block = self.sch, parts[0].k, parts[0].block
-        two = block if sch.two_pass != "none" and sch.accuracy_level == 4 and k % block == 0 else None
+        two = block if sch.two_pass in ("head", "all") and sch.accuracy_level == 4 and k % block == 0 else None
         if columns is not None:
             refine = min(QN.REFINE, sum(p.n for p in parts))
             self.emit[name, "head"] = lambda node: QN.integer_head(node.input[0], *columns, parts, order,
