@@ -9,6 +9,7 @@ from pathlib import Path
 from .bundle import Bundle, graph_facts
 from .contract import TargetContract
 from .errors import EdgemtpError
+from .manifest_graphs import two_pass_built
 
 # what each graph is for, in the words of README's "Bundles"
 ROLES = {"target": "the model: prefill and decode passes",
@@ -161,8 +162,8 @@ def _scheme(q: dict) -> str:
                  "symmetric" if symmetric else "with zero points")
     if "accuracy_level" in q:
         parts.append(f"accuracy level {q['accuracy_level']}")
-    if "two_pass" in q:
-        parts.append(f"two-pass activations: {q['two_pass']}")
+    if "two_pass" in q:  # what the graph holds, whichever version recorded it (older ones: "all" beside integer ops)
+        parts.append(f"two-pass activations: {two_pass_built(q['two_pass'], layer_op, head_op)}")
     if q.get("smooth"):
         parts.append(f"smoothing alpha {q['smooth']}")
     if q.get("calibration"):

@@ -2135,6 +2135,23 @@ def test_info_of_a_bundle_from_before_layer_op(tiny_gemma3):
     assert line.startswith("layers 8-bit (nbits), head 8-bit (nbits), embedding 8-bit"), line
 
 
+def test_info_shows_the_two_pass_activations_the_graph_holds(tiny_gemma3):
+    """Only MatMulNBits take two-pass activations: integer layers and an integer head go without. Bundles
+    exported before the scheme recorded the passes as built say "all" beside integer layers (and every one so
+    far beside an integer head); info shows what their graphs hold, read from the ops the same scheme records."""
+    from edgemtp import bundle
+    from edgemtp.bundle_info import describe, text
+    from edgemtp.exporters.quant_options import scheme
+
+    b = bundle.load(tiny_gemma3[2], verify=False)
+    for ops, want in ((dict(), "all"), (dict(layer_op="integer"), "head"), (dict(head_op="integer"), "layers"),
+                      (dict(layer_op="integer", head_op="integer"), "none")):
+        q = {**scheme("int4", calibrated=False, **ops).to_json(), "two_pass": "all"}  # as older versions wrote it
+        b.manifest["graphs"]["target"] = {**b.manifest["graphs"]["target"], "quant": "int4", "quantization": q}
+        line = next(x for x in text(describe(b), False).splitlines() if "layers " in x).strip()
+        assert f", two-pass activations: {want}" in line, (ops, line)
+
+
 def test_info_of_an_int8_bundle_names_no_4bit_grid(tiny_gemma3):
     """The preset's grid (symmetric None) is 8-bit symmetric and 4-bit with zero points: an int8 bundle has no
     4-bit weight, and its info line said "8-bit symmetric, 4-bit with zero points" all the same."""
