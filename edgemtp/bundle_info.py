@@ -93,7 +93,7 @@ def text(info: dict, verified: bool) -> str:
     lines = [f"{info['bundle']}: {len(info['files'])} files, {_size(info['bytes'])}"
              + (" (every file's sha256 matches the manifest)" if verified
                 else " (sizes checked; --no-verify: no sha256)"),
-             f"model: {model.get('model_type')}, {model.get('num_layers')} layers, hidden "
+             f"model: {model.get('model_type')}, {_parameters(info['source'])}{model.get('num_layers')} layers, hidden "
              f"{model.get('hidden_size'):,}, vocabulary {model.get('vocab_size'):,} (bos {bos}, "
              f"eos {eos})",
              f"context: {info['capacity']:,} tokens{window}; KV cache {_size(info['kv_cache_bytes_per_row'])} "
@@ -116,6 +116,13 @@ def text(info: dict, verified: bool) -> str:
         if extra:
             lines.append(f"    {extra}")
     return "\n".join(lines)
+
+
+def _parameters(source) -> str:
+    """The model line's "268,098,176 parameters, " where the manifest records them (a bundle exported before it
+    did says nothing)."""
+    n = source.get("parameters") if isinstance(source, dict) else None
+    return f"{n:,} parameters, " if isinstance(n, int) and not isinstance(n, bool) else ""
 
 
 def _details(g: dict) -> str:

@@ -56,8 +56,9 @@ def test_manifest_records_what_made_the_bundle(tiny_gemma3, tmp_path):
 
     from .test_cli import run
 
-    _, model_dir, b = tiny_gemma3
-    made = {"edgemtp_version": edgemtp.__version__, "source": {"model": target_identity(model_dir)}}
+    model, model_dir, b = tiny_gemma3
+    made = {"edgemtp_version": edgemtp.__version__,
+            "source": {"model": target_identity(model_dir), "parameters": model.num_parameters()}}
     (tmp_path / "calib.txt").write_text(" ".join(f"t{i % 90 + 3}" for i in range(400)))
     q8 = export(model_dir, tmp_path / "int8", quant="int8", capacity=64, quant_options={"calibration": None})
     qdq = export(model_dir, tmp_path / "qdq", quant="qdq", capacity=64, static_window=3,
@@ -68,6 +69,22 @@ def test_manifest_records_what_made_the_bundle(tiny_gemma3, tmp_path):
     r = run("info", b)
     assert r.exit_code == 0 and f"made by: edgemtp {edgemtp.__version__} from model {made['source']['model']}" \
         in r.output.splitlines(), r.output
+
+
+def test_info_says_how_many_parameters_the_source_model_has(tiny_gemma3):
+    """What a bundle was exported from, besides its identity by content: the parameters its target holds (the
+    checkpoint's, a tied table once, as transformers counts them). A bundle exported before they were recorded
+    shows what it has."""
+    from edgemtp.bundle_info import describe, text
+
+    model, _, b = tiny_gemma3
+    n = model.num_parameters()
+    loaded = bundle.load(b, verify=False)
+    line = text(describe(loaded), False).splitlines()[1]
+    assert line.startswith(f"model: gemma3_text, {n:,} parameters, 4 layers, hidden 64"), line
+    loaded.manifest["source"] = {"model": loaded.manifest["source"]["model"]}  # as earlier versions wrote it
+    line = text(describe(loaded), False).splitlines()[1]
+    assert line.startswith("model: gemma3_text, 4 layers, hidden 64"), line
 
 
 def test_changed_file_is_detected(tiny_gemma3, tmp_path):

@@ -4,6 +4,7 @@ checks and lays out the MTP drafter attached to it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -209,7 +210,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
             graphs[VERIFY] = write_verify(tmp, verify)
         if write_drafter is not None:
             graphs.update(write_drafter(tmp, builder.phase(progress, "MTP drafter weights")))
-        bundle_mod.write_manifest(tmp, {"model": model_facts(cfg), "source": source_facts(model_dir),
+        bundle_mod.write_manifest(tmp, {"model": model_facts(cfg),
+                                        "source": source_facts(model_dir, parameter_count(graph, ckpt)),
                                         "tokenizer": "tokenizer.json", "graphs": graphs,
                                         **({"chat": chat} if chat else {})})
     return out
@@ -255,13 +257,19 @@ def _refuse_quant_options(quant_options: dict, static_window: int | None) -> Non
         raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant int8 / int4 only")
 
 
-def source_facts(model_dir: Path) -> dict:
+def source_facts(model_dir: Path, parameters: int) -> dict:
     """The model a bundle was exported from, by content (config.json, tokenizer.json, each weight file's header and
-    samples of every tensor: drafter.cache.target_identity, as train-drafter's caches know their target), never by
-    its path: the same checkpoint anywhere makes the same bundle."""
+    samples of every tensor: drafter.cache.target_identity, as train-drafter's caches know their target), and its
+    parameter count, never by its path: the same checkpoint anywhere makes the same bundle."""
     from ..drafter.cache import target_identity
 
-    return {"model": target_identity(model_dir)}
+    return {"model": target_identity(model_dir), "parameters": parameters}
+
+
+def parameter_count(graph: builder.GraphBuilder, ckpt: Checkpoint) -> int:
+    """The checkpoint's parameters the target holds, each tensor once (a tied head is its table), as transformers
+    counts them; a multimodal checkpoint's vision tower, which the graph leaves out, not at all."""
+    return sum(math.prod(ckpt.shape(key)) for key in {key for p in graph.params.values() for key in builder.sources(p)})
 
 
 def check_head_size(cfg, model_dir: Path) -> None:
