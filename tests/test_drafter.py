@@ -2466,6 +2466,28 @@ def test_p_min_ends_the_mtp_draft_after_its_first_unsure_token(setup, tmp_path):
     assert {1, 4} < lengths, lengths  # drafts ended early, in the middle, and not at all
 
 
+def test_mtp_drafting_up_to_the_capacity_is_plain_greedy(setup):
+    """Rows 0..6 positions short of the capacity (64; Gemma 3's sliding layers, window 8), drafted by the MTP
+    drafter, whose steps then read a cache filled almost to its end and whose last rounds have room for fewer than
+    K drafts: alone and in one batch (rows reaching the capacity at different rounds), the tokens and stop reason
+    are plain decoding's, up to one token past the cache's last position."""
+    from edgemtp.runtime.speculative import Speculative
+
+    engine = Engine.load(setup[1], mtp=True, threads=1)
+    rng = np.random.default_rng(2)
+    prompts = [[int(t) for t in rng.integers(3, 96, size=engine.capacity - short)] for short in range(7)]
+    plain = [list(engine.token_ids(p, 100)) for p in prompts]
+    assert [len(p) + len(t) for p, t in zip(prompts, plain)] == [engine.capacity + 1] * 7  # no stop token
+    for k in (1, 4):
+        for p, want in zip(prompts, plain):
+            stats = SpecStats()
+            assert list(engine.token_stream(p, 100, draft=Draft("mtp", k), stats=stats)) == want
+            assert stats.stop_reason == "KV capacity reached"
+        got = Speculative(engine.target, engine.drafter("mtp"), k).generate(prompts, 100)
+        assert [r.tokens for r in got] == plain and {r.stop_reason for r in got} == {"KV capacity reached"}
+        assert sum(r.drafted for r in got) > 0
+
+
 @pytest.mark.parametrize("mode", ["mtp", "hybrid"])
 def test_greedy_output_is_plain_greedy_for_any_p_min(setup, mode):
     """Ending the MTP drafts early changes how many tokens a round verifies, never which tokens come out; at a p_min

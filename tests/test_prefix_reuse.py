@@ -3,9 +3,10 @@ same tokens runs only the rest; the output is what a fresh engine generates, tok
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from edgemtp.runtime.engine import Draft, Engine
+from edgemtp.runtime.engine import Draft, Engine, new_stats
 from edgemtp.runtime.sampling import Sampling
 
 
@@ -58,6 +59,32 @@ def test_a_prompt_that_agrees_again_after_it_parted_reuses_only_the_common_start
     reuse.generate("t3 t4 t5 t6 t7", 4)
     other = reuse.generate("t3 t9 t5 t6 t7 t8", 4)
     assert other.stats.cached_tokens == 1 and other.tokens == fresh.generate("t3 t9 t5 t6 t7 t8", 4).tokens
+
+
+@pytest.mark.parametrize("draft", [None, Draft("lookup", 3)], ids=["plain", "lookup"])
+def test_a_prompt_that_fills_the_cache_runs_over_the_kept_one(engines, draft):
+    """A generation run to the capacity keeps a cache that is full (64 positions: the prompt and all but the last
+    token generated). Those 64 tokens as the next prompt run only their last over it and give their one token; the
+    same with its last token changed, or all but its last two, give a fresh engine's tokens; one token more is
+    refused and leaves the kept cache in use."""
+    from edgemtp.errors import EdgemtpError
+
+    reuse, fresh = engines
+    reuse.kept.held = None
+    prompt = [int(t) for t in np.random.default_rng(4).integers(3, 96, size=58)]
+    first = list(reuse.token_stream(prompt, 100, draft=draft))
+    assert first == list(fresh.token_ids(prompt, 100)) and len(prompt) + len(first) == 65
+    full = (prompt + first)[:64]
+    stats = new_stats(draft)
+    assert list(reuse.token_stream(full, 5, draft=draft, stats=stats)) == list(fresh.token_ids(full, 5))
+    assert (stats.cached_tokens, stats.prefill_tokens, stats.stop_reason) == (63, 1, "KV capacity reached")
+    for other in (full[:-1] + [full[-1] % 95 + 1], full[:-2]):
+        assert list(reuse.token_stream(other, 5, draft=draft)) == list(fresh.token_ids(other, 5))
+    with pytest.raises(EdgemtpError, match="prompt of 65 tokens does not fit the bundle's KV capacity of 64"):
+        reuse.token_stream(prompt + first, 5, draft=draft)
+    stats = new_stats(draft)
+    assert list(reuse.token_stream(full[:-2], 1, draft=draft, stats=stats)) == list(fresh.token_ids(full[:-2], 1))
+    assert stats.cached_tokens == 61
 
 
 @pytest.mark.parametrize("draft", [None, Draft("lookup", 3)], ids=["plain", "lookup"])

@@ -1161,6 +1161,44 @@ def test_capacity_edge(models):
         speculative_generate(engine.target, PromptLookupDrafter(), [[1] * 25], 5)
 
 
+class Continuing(PromptLookupDrafter):
+    """Drafts each row's plain greedy continuation (`texts`: prompt + it, one a row), so every draft is
+    accepted and each round verifies as many drafts as the cache's room allows; `asked` records each K asked."""
+
+    def __init__(self, texts):
+        super().__init__()
+        self.texts, self.asked = texts, []
+
+    def propose(self, history, k, ctx=None):
+        self.asked.append(k)
+        text = next(t for t in self.texts if t[:len(history)] == list(history))
+        return text[len(history):len(history) + k], None
+
+
+def test_drafts_accepted_up_to_the_capacity_match_plain_decoding(models):
+    """Gemma 3's sliding layers (window 8) at a capacity of 24: rows 1..7 positions short of it, every draft
+    accepted, so the last round has room for fewer than K drafts; alone and in one batch, whose rows reach the
+    capacity at different rounds (and the full row stops at its prefill). Each row's tokens and stop reason are
+    plain decoding's, the last token one past the cache's last position."""
+    engine = models["gemma3_text", 24]
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(3, 96, size=24 - short)] for short in range(8)]
+    plain = [list(engine.token_ids(p, 100)) for p in prompts]
+    assert [len(p) + len(t) for p, t in zip(prompts, plain)] == [25] * 8  # no stop token: all reach the capacity
+    for k in (1, 2, 3, 4):
+        drafter = Continuing([p + t for p, t in zip(prompts, plain)])
+        for p, want in zip(prompts, plain):
+            r = speculative_generate(engine.target, drafter, [p], 100, k=k, stop_ids=engine.stop_ids)[0]
+            assert (r.tokens, r.stop_reason) == (want, "KV capacity reached"), (k, len(p))
+            assert r.accepted == r.drafted
+        assert k == 1 or min(drafter.asked) < k  # a round short of K: the capacity's, not max_new_tokens'
+        for batched in (False, True):
+            got = speculative_generate(engine.target, drafter, prompts, 100, k=k, stop_ids=engine.stop_ids,
+                                       batched_verify=batched)
+            assert [r.tokens for r in got] == plain, (k, batched)
+            assert {r.stop_reason for r in got} == {"KV capacity reached"}
+
+
 def test_adaptive_draft_k_beyond_the_capacity_keeps_short_tables(models, monkeypatch):
     """Speculative(adaptive=True) without an Engine's lengths: K is capped at the KV capacity, and so must be
     the draft length's tables (they were K long: a K of 10**9 hung building a 10**9-row table)."""
