@@ -203,6 +203,10 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
              "--draft mtp with --draft-k 0: plain rows only, which draft nothing"),
             (("--draft", "hybrid", "--draft-k", "0", "--head", "full"),
              "--draft hybrid with --draft-k 0: plain rows only, which draft nothing"),
+            # an unknown drafter is the more basic mistake: named before --draft-k's conflict with it
+            (("--draft", "bogus", "--draft-k", "0"),
+             "--draft 'bogus' is unknown (choose from auto, lookup, mtp, hybrid)"),
+            (("--draft", "mpt", "--adaptive", "--draft-k", "0"), "--draft 'mpt' is unknown"),
             # one prompt a row never runs the batched verify graph (Target.forward_outputs): the flag did nothing
             (("--fast-verify",), "--fast-verify: only rows of --batch above 1 run the batched verify graph, and "
                                  "--batch 1 has none"),

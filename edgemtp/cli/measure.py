@@ -77,17 +77,18 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
         bad = [v for v in int_list(flag, values) if v < least]
         if bad:
             raise EdgemtpError(f"{flag} {bad[0]} must be at least {least}")
+    # unknown names before the flags' conflicts: a misspelt drafter is the more basic mistake
+    for flag, values, known in (("--draft", drafter, ("auto", "lookup", "mtp", "hybrid")),
+                                ("--head", head, ("auto", "clustered", "full"))):
+        bad = [v.strip() for v in values.split(",") if v.strip() not in known]
+        if bad:
+            raise EdgemtpError(f"{flag} {bad[0]!r} is unknown (choose from {', '.join(known)})")
     if adaptive and not any(int_list("--draft-k", draft_k)):
         raise EdgemtpError(f"--adaptive with --draft-k {draft_k}: adaptive rows draft up to the largest K, and there "
                            "is none above 0")
     given = click.get_current_context().get_parameter_source("drafter") == ParameterSource.COMMANDLINE
     if given and not any(int_list("--draft-k", draft_k)):  # as generate's --draft-k 0 beside --draft
         raise EdgemtpError(f"--draft {drafter} with --draft-k {draft_k}: plain rows only, which draft nothing")
-    for flag, values, known in (("--draft", drafter, ("auto", "lookup", "mtp", "hybrid")),
-                                ("--head", head, ("auto", "clustered", "full"))):
-        bad = [v.strip() for v in values.split(",") if v.strip() not in known]
-        if bad:
-            raise EdgemtpError(f"{flag} {bad[0]!r} is unknown (choose from {', '.join(known)})")
     resolve_provider(provider, warn=False)  # a known provider this build lacks: its rows say so ("skipped")
     for flag, path in (("--plot", plot_file), ("--trace", trace)):
         if path is not None and path.is_dir():  # matplotlib would write DIR.png beside it
