@@ -296,6 +296,11 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
          "--gemv-head applies to dynamic fp32 bundles (not --quant int4)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--static"),
          "--gemv-head applies to dynamic fp32 bundles (not --static)"),
+        # the row-major table is all that quantized and static bundles store: the flag changed nothing there
+        (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--no-gemv-head", "--quant", "int8"),
+         "--no-gemv-head applies to dynamic fp32 bundles (not --quant int8)"),
+        (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--no-gemv-head", "--static"),
+         "--no-gemv-head applies to dynamic fp32 bundles (not --static)"),
     ]
     for args, message in cases:
         r = run(*args)

@@ -157,8 +157,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     `drafter_head_context`: recent tokens that head also scores (None: DEFAULT_CONTEXT for our drafters, 0
     for a Gemma 4 assistant, whose head then stays as transformers runs it; 0: none).
     `quant_options`: quantize_bundle()'s keywords for int8 / int4 (block_size, calibration, ...).
-    `gemv_head`: store the head table transposed, for one-row passes to read with GEMV
-    (exporters/gemv_head.py; fp32, dynamic graphs); AUTO: see drafter_pairing.layout()."""
+    `gemv_head`: store the head table transposed, for one-row passes to read with GEMV (exporters/gemv_head.py;
+    dynamic fp32 bundles only, other ones refuse True and False alike); AUTO: see drafter_pairing.layout()."""
     model_dir, out = Path(model_dir), Path(out)
     bundle_mod.check_output(out, overwrite)  # before any work
     if progress is not None:  # the tokenizer's check and the graph's build come first: seconds on a blank screen
@@ -235,14 +235,14 @@ def _resolve_options(model_dir: Path, quant: str, static_window: int | None, dra
     only_qdq = [k for k in quant_options if k in ("activation_bits", "calibration_method", "qdq_ops")]
     if only_qdq and quant != "qdq":
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
+    if gemv_head != AUTO and (quant != "fp32" or static_window is not None):  # False too: they store rows only
+        raise EdgemtpError(f"--{'' if gemv_head else 'no-'}gemv-head applies to dynamic fp32 bundles (not "
+                           f"{'--static' if static_window is not None else '--quant ' + quant})")
     gemv_head, drafter_head_rows = layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows,
                                           gemv_head)
     if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
         raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (a static bundle's "
                            "drafter scores fp32 rows of the table)")
-    if gemv_head and (quant != "fp32" or static_window is not None):
-        raise EdgemtpError("--gemv-head applies to dynamic fp32 bundles (not "
-                           f"{'--static' if static_window is not None else '--quant ' + quant})")
     return drafter, gemv_head, drafter_head_rows
 
 
