@@ -486,6 +486,17 @@ def test_system_and_chat_args_are_utf8_in_an_ascii_locale(chat_bundle):
         r.output
 
 
+def test_an_empty_system_message_is_refused(chat_bundle):
+    """--system "" (a script's unset variable) was taken: Gemma 3's template then opened the user's turn with a
+    blank line, a Qwen-style one with an empty system turn, neither the conversation without one that was meant.
+    Empty or blank, it is refused, naming --system, by generate --chat and chat alike."""
+    for value, what in (("", "empty"), (" \n", "only whitespace")):
+        for args in (["generate", str(chat_bundle), "--chat", "--prompt", "t3", "--system", value],
+                     ["chat", str(chat_bundle), "--system", value]):
+            r = CliRunner().invoke(cli, args, input="t3\n")
+            assert_one_line_error(r, exact=f"--system is {what} (leave it out for a conversation without one)")
+
+
 def test_text_that_is_not_utf8_is_named(chat_bundle, monkeypatch):
     """Bytes that are not UTF-8 on the command line (lone surrogates to Python) or on chat's input: one line
     naming where, not the tokenizer's traceback; a template whose sandboxed range is too long is refused. chat's

@@ -13,7 +13,7 @@ import click
 from ..errors import EdgemtpError
 from .base import cli
 from .run import (UnreadableInput, draft_options, load_engine, parse_chat_args, sampling_from, sampling_options,
-                  speed_line, stdin_text, utf8)
+                  speed_line, stdin_text, system_text)
 
 
 @cli.command("chat")
@@ -42,7 +42,7 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
 
     sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     # before the load: its warnings (a provider missing from the build) came before the mistake's error
-    opening = [{"role": "system", "content": utf8(system, "--system")}] if system is not None else []
+    opening = [{"role": "system", "content": system_text(system)}] if system is not None else []
     engine, draft = load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive,
                                 no_draft, drafter_provider, reuse_prefix=True, chat_args=parse_chat_args(chat_arg),
                                 p_min=draft_p_min)

@@ -109,7 +109,7 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
     if chat_arg and not chat:
         raise EdgemtpError("--chat-arg applies to --chat prompts")
     if system is not None:
-        system = utf8(system, "--system")
+        system = system_text(system)
     if chat:  # a message list: Engine.encode renders it with the bundle's chat template
         request = ([{"role": "system", "content": system}] if system is not None else []) + \
             [{"role": "user", "content": request}]
@@ -271,6 +271,16 @@ def read_prompt(prompt: str | None, prompt_file: Path | None, file_flag: str = "
         return _has_text(text, what)
     # as a file's: an empty --prompt would generate from <bos> alone (a tokenizer without one: "no tokens")
     return _has_text(utf8(prompt, "--prompt"), "--prompt")
+
+
+def system_text(system: str) -> str:
+    """--system's message: UTF-8, and not empty. "" is no way to ask for no system message: Gemma 3's template
+    opens the user's turn with a blank line for it, others write an empty system turn."""
+    text = utf8(system, "--system")
+    if not text.strip():
+        raise EdgemtpError(f"--system is {'empty' if not text else 'only whitespace'} (leave it out for a "
+                           "conversation without one)")
+    return text
 
 
 def _has_text(text: str, what: str) -> str:
