@@ -124,6 +124,23 @@ def test_a_signal_before_any_text_prints_no_line_end(tiny_gemma3, monkeypatch, s
     assert r.exit_code == status and pieces[0] and r.stdout == pieces[0] + "\n", (r.exception, r.output)
 
 
+def test_a_closed_pipe_on_standard_output_ends_quietly_with_sigpipes_status(tiny_gemma3):
+    """`edgemtp generate B --prompt hi | head -c 1`: the reader gone, the command stops, printing nothing, with
+    the status of a program SIGPIPE ends (141, as cat's or yes's there), not click's 1 (a failure's). Its
+    output's later flush at exit adds no "Exception ignored" either."""
+    bundle = str(tiny_gemma3[2])
+    for args in (["generate", bundle, "--prompt", "t1 t2", "--max-new-tokens", "8", "--no-draft"],
+                 ["generate", bundle, "--prompt", "t1 t2", "--max-new-tokens", "8", "--json"],
+                 ["info", bundle, "--no-verify"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone before the command writes
+        try:
+            r = subprocess.run([sys.executable, "-m", "edgemtp.cli", *args], stdout=write, stderr=subprocess.PIPE)
+        finally:
+            os.close(write)
+        assert (r.returncode, r.stderr) == (141, b""), (args, r.returncode, r.stderr.decode())
+
+
 def test_a_sighup_with_its_terminal_gone_exits_with_its_status(tiny_gemma3, monkeypatch):
     """SIGHUP (the terminal or the ssh session closed) mid-stream: the line end and the speed line cannot be
     written (EIO on a terminal that is gone); the command still exits with the shell's status for it, 129, not

@@ -73,8 +73,10 @@ class _Group(click.Group):
             except OSError as e:
                 if e.errno == errno.ENOMEM:  # an mmap (np.memmap) under a memory limit
                     out_of_memory()
+                if e.errno == errno.EPIPE:
+                    reader_gone()
                 if e.filename is None or e.errno not in PATH_ERRORS:
-                    raise  # not about a path the user gave (a bug: its traceback; EPIPE: click stops quietly)
+                    raise  # not about a path the user gave (a bug: its traceback)
                 click.echo(f"error: {one_line(e.filename)}: {e.strerror}", err=True)
                 sys.exit(2)
             except MemoryError:
@@ -82,6 +84,18 @@ class _Group(click.Group):
             except KeyboardInterrupt:  # Ctrl-C or a script's SIGINT: click's message, but the shell's status
                 click.echo("\nAborted!", err=True)  # for it (click's is 1, a failure's), as SIGTERM's is 143
                 sys.exit(130)
+
+
+def reader_gone():
+    """The output's reader went away (`edgemtp generate ... | head -c 1`): the command stops quietly, with the
+    status of a program SIGPIPE ends (141, as cat's and yes's there; click's own is 1, a failure's). Python
+    ignores SIGPIPE, so the write raised EPIPE instead. Standard output then goes to /dev/null: the
+    interpreter's flush of it at exit would meet the closed pipe again ("Exception ignored ... BrokenPipeError");
+    standard error buffers nothing to flush."""
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor (an app's stream): nothing to flush there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sigpipe = getattr(signal, "SIGPIPE", None)  # Windows has none
+    sys.exit(128 + sigpipe if sigpipe else 1)
 
 
 def out_of_memory():
