@@ -141,6 +141,47 @@ def test_a_closed_pipe_on_standard_output_ends_quietly_with_sigpipes_status(tiny
         assert (r.returncode, r.stderr) == (141, b""), (args, r.returncode, r.stderr.decode())
 
 
+def test_ctrl_c_says_aborted_on_one_line_with_no_blank_line_before_it(tiny_gemma3, tmp_path, monkeypatch):
+    """Ctrl-C in a command without its own handling (evaluate, export, profile; generate while it loads):
+    "Aborted!" on its own line, status 130. It came after a line break always, which ends the terminal's ^C echo,
+    but a progress bar's last frame (or a loading spinner, erased) had ended the line already, and off a terminal
+    there is no echo: an empty line came before it."""
+    import io
+
+    from rich.console import Console
+
+    import edgemtp.evaluate
+    from edgemtp.cli import base
+
+    text = tmp_path / "t.txt"
+    text.write_text("t3 t4 t5")
+
+    def stopped_after(windows):
+        def evaluate(*args, progress=None, **kwargs):
+            for done in range(windows):
+                progress(done, 4)
+            raise KeyboardInterrupt
+        return evaluate
+
+    def aborted(args, terminal):
+        screen = io.StringIO()  # the spinner's terminal, where there is one
+        monkeypatch.setattr(base, "stderr_console", lambda: Console(file=screen, force_terminal=terminal))
+        r = run(*args)
+        assert r.exit_code == 130 and r.stdout == "", (r.exit_code, r.output)
+        return r.stderr
+
+    for terminal in (False, True):
+        monkeypatch.setattr(edgemtp.evaluate, "evaluate", stopped_after(0))  # before the bar shows
+        err = aborted(["evaluate", tiny_gemma3[2], "--text-file", text], terminal)
+        assert err == ("\nAborted!\n" if terminal else "Aborted!\n"), (terminal, err)  # the ^C echo's line ended
+        monkeypatch.setattr(edgemtp.evaluate, "evaluate", stopped_after(2))  # the bar at 1 of 4, ended by its stop
+        err = aborted(["evaluate", tiny_gemma3[2], "--text-file", text], terminal)
+        assert err.endswith(" 1/4 0:00:00\nAborted!\n"), (terminal, err)
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    err = aborted(["generate", tiny_gemma3[2], "--prompt", "t3", "--no-draft"], True)  # the spinner erased
+    assert err == "Aborted!\n", err
+
+
 def test_a_sighup_with_its_terminal_gone_exits_with_its_status(tiny_gemma3, monkeypatch):
     """SIGHUP (the terminal or the ssh session closed) mid-stream: the line end and the speed line cannot be
     written (EIO on a terminal that is gone); the command still exits with the shell's status for it, 129, not

@@ -81,9 +81,17 @@ class _Group(click.Group):
                 sys.exit(2)
             except MemoryError:
                 out_of_memory()
-            except KeyboardInterrupt:  # Ctrl-C or a script's SIGINT: click's message, but the shell's status
-                click.echo("\nAborted!", err=True)  # for it (click's is 1, a failure's), as SIGTERM's is 143
+            except KeyboardInterrupt as e:  # Ctrl-C or a script's SIGINT: click's message, but the shell's
+                # status for it (click's is 1, a failure's), as SIGTERM's is 143; on its own line, after the
+                # terminal's ^C echo (no echo off a terminal; a progress bar or spinner has ended its line)
+                echo_ended = isinstance(e, LineEnded) or not stderr_console().is_terminal
+                click.echo("Aborted!" if echo_ended else "\nAborted!", err=True)
                 sys.exit(130)
+
+
+class LineEnded(KeyboardInterrupt):
+    """Ctrl-C while a progress bar or spinner showed on standard error: its last frame (or its erasure) leaves
+    the cursor at the start of a line, the terminal's ^C echo drawn over."""
 
 
 def reader_gone():
@@ -228,8 +236,11 @@ def loading_status(what: str):
     if not console.is_terminal:
         yield
         return
-    with console.status(f"loading {what}"):  # transient: the generated text starts where the spinner was
-        yield
+    try:
+        with console.status(f"loading {what}"):  # transient: the generated text starts where the spinner was
+            yield
+    except KeyboardInterrupt as e:
+        raise LineEnded from e
 
 
 @contextlib.contextmanager
@@ -256,6 +267,10 @@ def progress_bar(desc: str, show_what: bool = False):
 
     try:
         yield update
+    except KeyboardInterrupt as e:  # the bar stays, at the step it reached, and its stop ends the line
+        if task is None:
+            raise
+        raise LineEnded from e
     except Exception:  # a mistake in the input found mid-way, a full disk, no memory: its error line alone, without
         if task is not None:  # a bar above it (Progress.stop would print the bar, or an empty line off a terminal)
             bar.live.transient, task = True, None
