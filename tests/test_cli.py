@@ -2714,6 +2714,26 @@ def test_evaluate_with_a_token_the_bundle_rules_out_is_infinite_perplexity_json_
     assert _summary(_Tally(nll=[800.0]), 1, 2, with_ref=False)["perplexity"] == math.inf
 
 
+def test_evaluate_text_says_why_a_figure_is_not_finite(tiny_gemma3, monkeypatch):
+    """The text output showed a ruled-out token's figures as `nll inf` (a number gone wrong, to a reader) and the
+    delta of two infinite perplexities as `nan`, where --json gives null for both: the nll's line now says that
+    the bundle gave a token probability 0, and the delta is `undefined`, saying why; finite figures are as before."""
+    def next_token_ruled_out_at_2(logits, ids, cache):
+        if ids.shape[1] > 3 and int(cache.lengths[0]) == ids.shape[1]:  # a window's first piece
+            logits[0, 2, int(ids[0, 3])] = -np.inf
+
+    logits_changed(monkeypatch, next_token_ruled_out_at_2)
+    path = tiny_gemma3[2].parent / "ruled_out_text.txt"
+    path.write_text(" ".join(f"t{i % 37}" for i in range(50)))
+    r = run("evaluate", tiny_gemma3[2], "--text-file", path, "--reference", tiny_gemma3[2])
+    assert r.exit_code == 0, r.output
+    lines = dict(line.split(None, 1) for line in r.stdout.splitlines())
+    assert lines["nll"] == "inf (the bundle gave a token of the text probability 0: a -inf logit)", r.stdout
+    assert lines["perplexity"] == lines["reference_perplexity"] == "inf", r.stdout
+    assert lines["perplexity_delta_pct"] == "undefined (both perplexities are infinite)", r.stdout
+    assert lines["top1_agreement"] == "1.0000" and lines["kl_max"] == "0.0000", r.stdout
+
+
 def test_generate_names_the_bundle_it_loads_on_a_terminal(tiny_gemma3, monkeypatch):
     """generate and chat showed nothing before the first token while the bundle loaded (Gemma 3 270M: ~3 s, 5-10 s
     on its first use): a spinner names it on a terminal, and goes once loaded; off a terminal nothing is added."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -234,9 +235,20 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, provider
         click.echo(json.dumps(finite_or_none(result)))
         return
     for key, value in result.items():
-        click.echo(f"{key:24s} {_number(value)}" if isinstance(value, float) else f"{key:24s} {value}")
+        click.echo(f"{key:24s} {_number(key, value)}" if isinstance(value, float) else f"{key:24s} {value}")
 
 
-def _number(value: float) -> str:
-    """Four decimals, or four significant digits below 0.01: an int8 bundle's KLs (~1e-5) showed as 0.0000."""
+# Why a figure is not finite (--json's null), said on its line: the first of each kind (perplexity = exp(nll)
+# follows the nll; the KL's median, p99 and max its mean). A NaN is only the delta of two infinite perplexities.
+NOT_FINITE = {"nll": "the bundle gave a token of the text probability 0: a -inf logit",
+              "perplexity_delta_pct": "both perplexities are infinite",
+              "kl_mean": "the bundle gave probability 0 to a token the reference did not"}
+
+
+def _number(key: str, value: float) -> str:
+    """Four decimals, or four significant digits below 0.01: an int8 bundle's KLs (~1e-5) showed as 0.0000. A
+    figure that is not finite is inf, or undefined for a NaN, with why on its kind's first line."""
+    if not math.isfinite(value):
+        shown = "inf" if value == math.inf else "undefined"
+        return f"{shown} ({NOT_FINITE[key]})" if key in NOT_FINITE else shown
     return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
