@@ -1658,6 +1658,29 @@ def test_quantized_bundle_drafter_reads_the_targets_table_and_stays_lossless(set
             assert_same_up_to_kernel_rounding(out, prompt, plain["tokens"], mtp["tokens"])
 
 
+def test_fp16_export_keeps_a_padded_clustered_heads_mask(setup, tmp_path):
+    """Clusters that do not divide the vocabulary (7 of 96 tokens) leave padding slots, masked by a table of 0 and
+    -inf: fp16 stores -inf as it is, where the export was refused as a weight that 'overflows fp16'."""
+    import onnx
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    model_dir, _, _, ids = setup
+    clustered_drafter(model_dir, tmp_path / "d", clusters=7)
+    for quant in ("fp32", "fp16"):
+        r = CliRunner().invoke(cli, ["export", str(model_dir), "-o", str(tmp_path / quant), "--drafter",
+                                     str(tmp_path / "d"), "--max-context", "64", "--quant", quant])
+        assert r.exit_code == 0, r.output
+    drafter = onnx.load(str(tmp_path / "fp16" / "drafter.onnx"), load_external_data=False).graph
+    assert "token_mask.additive.fp16" in [t.name for t in drafter.initializer]
+    _, cache, state = run_target(tmp_path / "fp32", ids)
+    last, rows = ids[np.arange(len(LENGTHS)), list(LENGTHS)], slice(0, len(LENGTHS))
+    want_ids, _ = DrafterSession.load(bundle_mod.load(tmp_path / "fp32")).draft(last, state, cache, rows, 1)
+    got_ids, _ = DrafterSession.load(bundle_mod.load(tmp_path / "fp16")).draft(last, state, cache, rows, 1)
+    assert (got_ids == want_ids).all()
+
+
 def test_int8_head_rows_in_a_quantized_bundle(setup, tmp_path):
     """--quant int8 --draft-head-rows int8: the int8 rows and centroid columns are copied as they are into the
     drafter's data, its rescoring reads the target's quantized table in place, and it drafts what the same
