@@ -59,6 +59,47 @@ def test_export_refuses_a_non_finite_weight(tiny_gemma3, tmp_path, dtype, value,
     assert not out.exists()
 
 
+def spoiled_bundle(bundle_dir, out_dir, name, at, value):
+    """A copy of the fp32 bundle whose target tensor `name` holds `value` at `at` (in its external data file)."""
+    import onnx
+
+    shutil.copytree(bundle_dir, out_dir)
+    t = next(t for t in onnx.load(str(out_dir / "target.onnx"), load_external_data=False).graph.initializer
+             if t.name == name)
+    info = {e.key: e.value for e in t.external_data}
+    with open(out_dir / info["location"], "r+b") as f:
+        f.seek(int(info["offset"]) + 4 * int(np.ravel_multi_index(at, tuple(t.dims))))
+        f.write(np.array([value], "<f4").tobytes())
+    return out_dir
+
+
+@pytest.mark.parametrize("quant, value, said", [("fp16", float("nan"), "NaN"), ("fp16", float("inf"), "inf"),
+                                                ("int8", float("nan"), "NaN"), ("int4", float("-inf"), "-inf")])
+def test_quantize_bundle_refuses_a_non_finite_weight(tiny_gemma3, tmp_path, quant, value, said):
+    """A bundle's fp32 weight holding NaN or inf (a damaged bundle, or one made elsewhere) is named as such: fp16
+    called it an overflow, int8 / int4 wrote NaN scales of it."""
+    from edgemtp.errors import EdgemtpError
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    b = spoiled_bundle(tiny_gemma3[2], tmp_path / "fp32", name, (2, 3), value)
+    with pytest.raises(EdgemtpError) as e:
+        quantize_bundle(b, tmp_path / "out", quant, calibration=None)
+    assert str(e.value).startswith(f"{b / 'target.onnx.data'}: tensor '{name}' holds {said} at [2, 3]")
+    assert "overflows fp16" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_bundle_to_fp16_names_a_finite_overflow(tiny_gemma3, tmp_path):
+    from edgemtp.errors import EdgemtpError
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    b = spoiled_bundle(tiny_gemma3[2], tmp_path / "fp32", name, (2, 3), 1e5)
+    with pytest.raises(EdgemtpError, match=rf"weight '{name}' overflows fp16 \(\|w\| > 65504\)"):
+        quantize_bundle(b, tmp_path / "out", "fp16")
+
+
 def test_export_reads_a_big_table_in_row_blocks_and_refuses_its_non_finite_row(tiny_gemma3, tmp_path, monkeypatch):
     """A table over ROWS_BYTES is read a block of rows at a time (Checkpoint.rows): a NaN there is named too,
     at its own row, with the --gemv-head transposed table's path (on by default) and the plain one."""

@@ -170,9 +170,13 @@ def int8_keys(embed_key: str) -> tuple[str, str]:
     return embed_key + ".int8_cluster_blocks", embed_key + ".int8_cluster_scales"
 
 
+# the padding mask's initializer: its 0 / -inf are the only weights of a bundle not finite on purpose
+ADDITIVE = ".additive"
+
+
 def mask_padding(b: GraphBuilder, logits: str, picked: str, key: str, shape: ClusteredShape) -> str:
     """Add -inf on padding slots: the mask is bound as an additive [C, M] float table."""
-    table = b.param(key, (shape.clusters, shape.per_cluster), additive_mask, name=key + ".additive")
+    table = b.param(key, (shape.clusters, shape.per_cluster), additive_mask, name=key + ADDITIVE)
     add = b.op("Reshape", b.op("Gather", table, picked, axis=0), b.const([0, -1], np.int64))
     return b.op("Add", logits, add)
 

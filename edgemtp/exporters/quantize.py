@@ -73,9 +73,11 @@ from onnx import TensorProto, helper
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..calibration import activations as A
+from ..checkpoint import holds, non_finite
 from ..errors import EdgemtpError, app_stacklevel
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
 from . import gemv_head
+from .head import ADDITIVE
 from .builder import MS_DOMAIN, phase
 from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_options,
                             check_patterns_change, check_patterns_match, check_shapes, check_widths, check_window,
@@ -232,8 +234,23 @@ class _Reader:
                 rows, cols = t.dims
                 stored = self._bytes(t, info, 0, rows * cols).reshape(cols, rows)
                 self.transposed = {key: np.ascontiguousarray(stored.T)}  # one table at a time
-            return self.transposed[key].reshape(-1)[first:first + count]
-        return self._bytes(t, info, first, count)
+            values = self.transposed[key].reshape(-1)[first:first + count]
+        else:
+            values = self._bytes(t, info, first, count)
+        if not t.name.endswith(ADDITIVE):
+            self._finite(t, info, values, first)
+        return values
+
+    def _finite(self, t: TensorProto, info: dict, values: np.ndarray, first: int) -> None:
+        """Refuses values (t's, from flat index `first` on) holding NaN or inf, naming the tensor and its file:
+        fp16 called a NaN an overflow, int8 / int4 wrote NaN scales of it."""
+        bad = non_finite(values)
+        if bad is not None:
+            value, at, more = bad
+            at = tuple(int(i) for i in np.unravel_index(first + at[0], tuple(t.dims)))
+            path = bundle_mod.inside(self.src.parent, info["location"])
+            raise EdgemtpError(f"{path}: tensor '{t.name}' {holds((value, at, more))}: a damaged bundle, or one "
+                               "edgemtp did not export (weights must be finite numbers)")
 
     def _bytes(self, t: TensorProto, info: dict, first: int, count: int) -> np.ndarray:
         path = bundle_mod.inside(self.src.parent, info["location"])
