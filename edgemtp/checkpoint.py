@@ -87,6 +87,20 @@ class Checkpoint:
         ids = np.asarray(ids)
         return _finite(e, _convert(self._mapped(e)[ids], e.dtype), ids)
 
+    def check_finite(self, block_bytes: int = 1 << 26) -> None:
+        """Reads every tensor of the text model, a block of rows at a time, refusing the first holding NaN or inf
+        as `[]` does: a command that reads its weights late (train-drafter, after building its windows) says so
+        at once."""
+        for name, e in self.entries.items():
+            if name in self.outside_text:
+                continue
+            if not e.shape:
+                self[name]
+                continue
+            step = max(1, block_bytes // max(1, (e.end - e.start) // max(1, e.shape[0])))
+            for i in range(0, e.shape[0], step):
+                self.rows(name, np.arange(i, min(i + step, e.shape[0])))
+
     def equal(self, a: str, b: str, rows: int = 4096) -> bool:
         """Whether tensors a and b hold the same values (torch.equal, as transformers compares weights it would
         tie), a few rows at a time: an embedding table converted whole can take gigabytes."""

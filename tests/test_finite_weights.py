@@ -163,6 +163,19 @@ def test_train_drafter_refuses_a_target_with_a_non_finite_weight(tiny_gemma3, tm
     assert not (tmp_path / "d" / "model.safetensors").exists()
 
 
+def test_train_drafter_checks_the_targets_weights_before_building_windows(tiny_gemma3, tmp_path, monkeypatch):
+    """The NaN is said at once: it came after the training windows were built (minutes, on the corpora)."""
+    from edgemtp.drafter import train
+
+    built = []
+    monkeypatch.setattr(train, "build_windows", lambda *a: built.append(a) or pytest.fail("windows built first"))
+    d = spoiled(tiny_gemma3[1], tmp_path / "model")
+    r = run("train-drafter", d, "-o", tmp_path / "d", *SMALL)
+    assert not built
+    assert_one_line_error(r, f"{d / 'model.safetensors'}: tensor '{GATE}' holds NaN at [2, 3]")
+    assert not (tmp_path / "d").exists()
+
+
 def test_train_drafter_refuses_an_init_drafter_with_a_non_finite_weight(tiny_gemma3, tmp_path):
     from .test_drafter import tiny_drafter
 

@@ -184,8 +184,10 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         raise EdgemtpError(f"{target_dir}: train-drafter does not train drafters for model_type 'gemma4_text': "
                            "Gemma 4 ships its own MTP drafter (a gemma4_assistant checkpoint), which export "
                            "attaches with --drafter ASSISTANT_DIR")
-    if EMBEDDING not in Checkpoint(target_dir):  # a missing or damaged weight file, before the corpora
+    ckpt = Checkpoint(target_dir)
+    if EMBEDDING not in ckpt:  # a missing or damaged weight file, before the corpora
         raise EdgemtpError(f"{target_dir}: no '{EMBEDDING}' tensor (the drafter reads the target's embedding)")
+    ckpt.check_finite()  # before the windows too (minutes on the corpora): TargetPass's own check comes after them
     cfg = M.DrafterConfig.for_target(tcfg, drafter_kv(tcfg), **(shape or {}))
     start_from = init_record = None
     if init is not None:  # read now: fine-tuning in place (--init DIR -o DIR) replaces DIR's files at the end
