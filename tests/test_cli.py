@@ -1523,6 +1523,10 @@ def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, 
     (("train-drafter", "{model}", "-o", "{tmp}/d", "--heldout", "docs=0"), "--heldout 'docs=0' selects no windows"),
     (("export", "{model}", "-o", "{tmp}/s", "--static", "--max-context", 4, "--verify-window", 5),
      "static KV capacity 4 (--max-context) must exceed the verify window 5 (--verify-window)"),
+    # qdq's default --calibration-tokens is 64 windows: a negative window was named as --calibration-tokens -192,
+    # a flag the user never gave
+    (("export", "{model}", "-o", "{tmp}/s", "--quant", "qdq", "--static", "--verify-window", -3),
+     "--verify-window -3 must be at least 1 (K+1 with K >= 0)"),
 ])
 def test_build_commands_bad_inputs_are_one_exact_line(tiny_gemma3, tmp_path, args, message):
     """Inputs of cluster, train-drafter and export that no other test gives: each is refused before any work,

@@ -68,6 +68,13 @@ def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) 
     return b, StaticContract(target, window, names).to_json()
 
 
+def check_window(window: int) -> None:
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
+        raise EdgemtpError(f"static window must be an integer, got {window!r}")
+    if window < 1:
+        raise EdgemtpError(f"--verify-window {window} must be at least 1 (K+1 with K >= 0)")
+
+
 def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
     if arch not in ARCHS:
         # both flags: --quant qdq implies --static, and a user who gave only it did not know of "static export"
@@ -75,8 +82,7 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
     for name, v in (("window", window), ("capacity", capacity)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise EdgemtpError(f"static {name} must be an integer, got {v!r}")
-    if window < 1:
-        raise EdgemtpError(f"--verify-window {window} must be at least 1 (K+1 with K >= 0)")
+    check_window(window)
     if capacity <= window:
         raise EdgemtpError(f"static KV capacity {capacity} (--max-context) must exceed the verify window {window} "
                            "(--verify-window)")
