@@ -1497,7 +1497,9 @@ def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, 
         (("--drafter", tmp_path, "--clusters", 0), "--clusters 0: need at least 1 cluster"),
     ]
     for args, message in [(("--clusters", 8, "--top-k", 2, *a), m) for a, m in cases] + [
-            (("--clusters", 1), "--clusters 1 is fewer than --top-k's default of 32: give --top-k too (at most 1)")]:
+            (("--clusters", 1), "--clusters 1 is fewer than --top-k's default of 32: give --top-k too (at most 1)"),
+            # not "give --top-k too (at most 0)": no --top-k makes 0 clusters work
+            (("--clusters", 0), "--clusters 0: need at least 1 cluster")]:
         r = run("cluster", model, "-o", out, *args)
         assert r.exit_code == 2 and r.output.startswith("error: ") and message in r.output, (args, r.output)
         assert len(r.output.strip().splitlines()) == 1 and not out.exists(), (args, r.output)

@@ -233,6 +233,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     writable_dir(out, "-o")
     vocab, hidden_size = head_shape(model_dir)
     softcap = logit_softcap(model_dir)  # a damaged config.json
+    check_sizes(vocab, clusters)  # a count no --top-k makes work is named before --top-k's default
     if top_k > clusters and click.get_current_context().get_parameter_source("top_k") == ParameterSource.DEFAULT:
         raise EdgemtpError(f"--clusters {clusters} is fewer than --top-k's default of {top_k}: give --top-k too "
                            f"(at most {clusters})")
