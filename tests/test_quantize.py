@@ -848,6 +848,18 @@ def test_quantized_bundles_run_unmodified_and_are_smaller(gemma):
         assert gen.tokens == want[-5:], q
 
 
+def test_a_scheme_that_takes_nothing_from_the_calibration_records_none(gemma, calib_file, tmp_path):
+    """int8 without GPTQ or smoothing (int4 without them and its frequent rows too) reads nothing of the
+    calibration text: the corpora were read anyway, and the manifest and `edgemtp info` said the bundle was
+    "calibrated on corpora"; a text given for it is refused, as --calibration-tokens is."""
+    for quant, options in (("int8", {}), ("int4", {"frequent_rows": 0})):
+        out = quantize_bundle(gemma["fp32"], tmp_path / quant, quant, gptq=False, **options)
+        q = bundle_mod.load(out).manifest["graphs"]["target"]["quantization"]
+        assert q["calibration"] is None and q["calibration_sha256"] is None, quant
+        with pytest.raises(EdgemtpError, match=f"--calibration {calib_file}: nothing takes calibration text here"):
+            check_options(quant, calibration=calib_file, gptq=False, **options)
+
+
 def test_manifest_and_graph_record_the_quantization(gemma):
     b = bundle_mod.load(gemma["int4"])
     g = b.manifest["graphs"]["target"]

@@ -58,6 +58,11 @@ class Scheme:
     def needs_activations(self) -> bool:
         return self.smooth > 0 or self.gptq
 
+    @property
+    def takes_calibration(self) -> bool:
+        """GPTQ and smoothing read the calibration's activations, int4's frequent rows its token counts."""
+        return self.needs_activations or (self.frequent_rows > 0 and self.head_bits < 8)
+
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -240,6 +245,9 @@ def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibr
     if sch is not None and calibration_tokens is not None and not sch.needs_activations:
         raise EdgemtpError(f"--calibration-tokens {calibration_tokens}: nothing takes calibration activations here "
                            "(GPTQ or --smooth; the frequent rows count the whole text): drop it")
+    if sch is not None and calibration is not None and str(calibration) != A.CORPORA and not sch.takes_calibration:
+        raise EdgemtpError(f"--calibration {calibration}: nothing takes calibration text here (GPTQ, --smooth or "
+                           "int4's --frequent-rows): drop it")
     return sch
 
 

@@ -302,7 +302,9 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
             for f in (b.graph(name).path.name, b.graph(name).path.name + ".data")}
     with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
         calib = made
-        if sch is not None and calibration is not None and made is None:
+        if sch is not None and not sch.takes_calibration:  # neither read nor recorded: the bundle owes it nothing
+            calib = None
+        elif sch is not None and calibration is not None and made is None:
             # its int8 copy goes inside the bundle's held directory: a killed run's goes with it (scratch.py)
             calib = calibrate(b, entry.path, sch, calibration, calibration_tokens or CALIBRATION_TOKENS,
                               tmp / "calibration", progress)
