@@ -575,6 +575,43 @@ def test_missing_model_and_head_are_clear_errors(tmp_path):
         hr.load_head(tmp_path / "nothing")
 
 
+def _uneven(t: cl.HeadTables) -> cl.HeadTables:
+    """t's 50 tokens in 7 clusters of 20, 10, 8, 5, 3, 2 and 2 tokens: [7, 20] tables, the head takes [7, 8]."""
+    ids, sizes = np.sort(t.token_ordering[t.token_mask]), [20, 10, 8, 5, 3, 2, 2]
+    ordering, mask, start = np.zeros((7, 20), np.int64), np.zeros((7, 20), bool), 0
+    for c, n in enumerate(sizes):
+        ordering[c] = ids[start]  # padding slots repeat the cluster's first token, as layout() does
+        ordering[c, :n], mask[c, :n], start = ids[start:start + n], True, start + n
+    return cl.HeadTables(t.centroids, ordering, mask)
+
+
+def _spoiled(t: cl.HeadTables, slot, value) -> cl.HeadTables:
+    ordering = t.token_ordering.copy()
+    ordering[slot] = value
+    return cl.HeadTables(t.centroids, ordering, t.token_mask)
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (_uneven, r"token_ordering is \[7, 20\]: 50 tokens in 7 clusters take \[7, 8\]"),
+    (lambda t: _spoiled(t, (6, 7), 50), r"token_ordering holds 50 at \[6, 7\], not a token id \(0..49\)"),
+    (lambda t: _spoiled(t, (6, 7), -1), r"token_ordering holds -1 at \[6, 7\], not a token id \(0..49\)"),
+    (lambda t: _spoiled(t, (0, 1), t.token_ordering[0, 0]),
+     r"token_ordering's unmasked slots hold token \d+ twice and miss token \d+"),
+])
+def test_head_tables_the_head_cannot_take_are_refused(spoil, match, tmp_path):
+    """Tables not as `edgemtp cluster` makes them (every token in one cluster, clusters of ceil(V / C) slots
+    at most, padding slots masked but still token ids): the export failed with a numpy error (a traceback with
+    --draft-head-rows int8), or ONNX Runtime's Gather at the first draft, or a token was never drafted."""
+    from edgemtp.calibration import head_report as hr
+
+    t = cl.cluster_vocab(table(50), 7, seed=0)
+    assert t.token_ordering.shape == (7, 8) and not t.token_mask[6, 7]
+    hr.save_head(tmp_path / "h", spoil(t), {"clusters": 7, "top_k": 2})
+    with pytest.raises(EdgemtpError, match=match) as e:
+        hr.load_head(tmp_path / "h")
+    assert str(e.value).startswith(f"{tmp_path / 'h' / 'head.safetensors'}: ")
+
+
 def test_recall_figures_count_the_context():
     from edgemtp.calibration.head_report import recall_figures
 

@@ -67,6 +67,32 @@ class HeadTables:
         return HeadTables(np.ascontiguousarray(centroids, np.float32), self.token_ordering, self.token_mask)
 
 
+def table_problem(tables: HeadTables) -> str:
+    """What keeps the head graph (exporters/head.py) from taking `tables`, '' if nothing: it takes clusters of
+    M = ceil(V / C) slots, gathers a row of the table for every slot (padding too) and drafts any unmasked one,
+    so every slot must hold a token id and the unmasked ones each token once (as `layout` makes them)."""
+    ordering, mask, centroids = tables.token_ordering, tables.token_mask, tables.centroids
+    if ordering.ndim != 2 or ordering.shape != mask.shape or centroids.ndim != 2 or len(centroids) != len(ordering):
+        return (f"token_ordering {list(ordering.shape)}, token_mask {list(mask.shape)} and centroids "
+                f"{list(centroids.shape)} must be [C, M], [C, M] and [C, hidden]")
+    vocab, clusters = tables.vocab_size, tables.clusters
+    if vocab == 0:
+        return "token_mask marks no token"
+    per = -(-vocab // clusters)
+    if ordering.shape[1] != per:
+        return (f"token_ordering is {list(ordering.shape)}: {vocab} tokens in {clusters} clusters take "
+                f"[{clusters}, {per}] (at most {per} tokens a cluster, as `edgemtp cluster` makes them)")
+    bad = np.argwhere((ordering < 0) | (ordering >= vocab))
+    if len(bad):
+        at = tuple(int(i) for i in bad[0])
+        return f"token_ordering holds {ordering[at]} at {list(at)}, not a token id (0..{vocab - 1})"
+    counts = np.bincount(ordering[mask], minlength=vocab)
+    if (counts != 1).any():
+        return (f"token_ordering's unmasked slots hold token {int(np.argmax(counts > 1))} twice and miss token "
+                f"{int(np.argmax(counts == 0))} (each token must be in one cluster)")
+    return ""
+
+
 def check_sizes(vocab: int, clusters: int, top_k: int | None = None, flag: str = "--") -> None:
     """Raise EdgemtpError unless 1 <= top_k <= clusters <= vocab (`flag` prefixes the option names)."""
     if clusters < 1:

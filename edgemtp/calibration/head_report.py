@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import EdgemtpError
 from ..scratch import as_open_makes, parents_made
 from .centroids import full_head_top, in_domain, packed_tables, predicted_mass
-from .clustering import HeadTables, check_sizes, cluster_vocab
+from .clustering import HeadTables, check_sizes, cluster_vocab, table_problem
 from .collect import POSITIONS, TOP, Progress, collect_calibration, head_top
 from .model_files import head_rows, logit_softcap, token_texts
 
@@ -169,6 +169,9 @@ def load_head(path: Path) -> tuple[HeadTables, dict]:
         raise
     except Exception as e:  # safetensors' SafetensorError on a damaged file, a JSON error in its metadata
         raise EdgemtpError(f"{path}: not valid head tables ({type(e).__name__}: {str(e)[:200]})") from None
+    problem = table_problem(tables)
+    if problem:
+        raise EdgemtpError(f"{path}: {problem}")
     return tables, meta
 
 
