@@ -90,6 +90,39 @@ def test_quantize_bundle_refuses_a_non_finite_weight(tiny_gemma3, tmp_path, quan
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("quant", ["fp16", "int8"])
+def test_quantize_bundle_refuses_a_padding_mask_holding_nan(tiny_gemma3, tmp_path, quant):
+    """A padded clustered head's mask (7 clusters of 96 tokens: 2 padding slots) is the one table whose -inf is
+    on purpose; a NaN in it (a damaged bundle) was let through as well, giving a NaN candidate logit whenever
+    its cluster was picked."""
+    import onnx
+
+    from edgemtp.errors import EdgemtpError
+    from edgemtp.exporters import export
+    from edgemtp.exporters.quantize import quantize_bundle
+
+    from .test_drafter import clustered_drafter
+
+    clustered_drafter(tiny_gemma3[1], tmp_path / "d", clusters=7)
+    b = export(tiny_gemma3[1], tmp_path / "fp32", capacity=64, drafter=tmp_path / "d", drafter_head_rows="fp32")
+    name = "token_mask.additive"
+    t = next(t for t in onnx.load(str(b / "drafter.onnx"), load_external_data=False).graph.initializer
+             if t.name == name)
+    mask = np.zeros(tuple(t.dims), bool)
+    info = {e.key: e.value for e in t.external_data}
+    with open(b / info["location"], "r+b") as f:
+        f.seek(int(info["offset"]))
+        mask.flat[:] = np.frombuffer(f.read(4 * mask.size), "<f4") == 0
+        assert (~mask).sum() == 2  # the padding slots' -inf: quantized as they are
+        quantize_bundle(b, tmp_path / "ok", quant, calibration=None)
+        f.seek(int(info["offset"]) + 4 * 3)
+        f.write(np.array([np.nan], "<f4").tobytes())
+    with pytest.raises(EdgemtpError) as e:
+        quantize_bundle(b, tmp_path / "out", quant, calibration=None)
+    assert str(e.value).startswith(f"{b / 'drafter.onnx.data'}: tensor '{name}' holds NaN at [0, 3]")
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantize_bundle_to_fp16_names_a_finite_overflow(tiny_gemma3, tmp_path):
     from edgemtp.errors import EdgemtpError
     from edgemtp.exporters.quantize import quantize_bundle

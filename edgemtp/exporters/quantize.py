@@ -237,8 +237,8 @@ class _Reader:
             values = self.transposed[key].reshape(-1)[first:first + count]
         else:
             values = self._bytes(t, info, first, count)
-        if not t.name.endswith(ADDITIVE):
-            self._finite(t, info, values, first)
+        # a padded clustered head's mask holds -inf on purpose, but never NaN or +inf
+        self._finite(t, info, np.where(values == -np.inf, 0, values) if t.name.endswith(ADDITIVE) else values, first)
         return values
 
     def _finite(self, t: TensorProto, info: dict, values: np.ndarray, first: int) -> None:
