@@ -835,7 +835,8 @@ def test_export_reports_each_phase_to_its_progress_bar(setup, tmp_path):
 
 
 def clustered_drafter(model_dir, out, clusters=8, seed=1):
-    """A tiny drafter directory with clustered-head tables of the target's embedding (V not a multiple of C)."""
+    """A tiny drafter directory with clustered-head tables of the target's embedding (96 tokens: C = 8 gives
+    clusters of 12 with no padding, C = 7 pads each cluster to 14 slots)."""
     from edgemtp.calibration.clustering import cluster_vocab
     from edgemtp.calibration.head_report import save_head
     from edgemtp.calibration.model_files import head_rows
@@ -846,20 +847,22 @@ def clustered_drafter(model_dir, out, clusters=8, seed=1):
     return tables
 
 
-@pytest.mark.parametrize("top_k", [3, 8])
-def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, top_k):
+@pytest.mark.parametrize("clusters, top_k", [(8, 3), (8, 8), (7, 3), (7, 7)])
+def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, clusters, top_k):
     """Clustered head = full head restricted to the k clusters the centroids rank best: the same state,
-    the candidates' exact logits, the best candidate as draft; with k = C it is the full head's argmax."""
+    the candidates' exact logits, the best candidate as draft; with k = C it is the full head's argmax. 7
+    clusters do not divide the 96 tokens: padding slots (masked) must never be candidates."""
     import onnx
 
     model_dir, bundle, _, ids = setup
     drafter_dir = tmp_path / "d"
-    tables = clustered_drafter(model_dir, drafter_dir)
+    tables = clustered_drafter(model_dir, drafter_dir, clusters=clusters)
+    assert tables.token_mask.all() == (clusters == 8)  # the padded layout is really the one under test
     own = tmp_path / "bundle"
     shutil.copytree(bundle, own)
     X.add_to_bundle(own, drafter_dir, top_k=0)  # full head: drafter.onnx
     entry = X.write(own, drafter_dir, own / "target.onnx", top_k=top_k, name="clustered.onnx")
-    assert entry["contract"]["head"] == {"kind": "clustered", "clusters": 8, "top_k": top_k,
+    assert entry["contract"]["head"] == {"kind": "clustered", "clusters": clusters, "top_k": top_k,
                                          "candidates": top_k * tables.per_cluster, "rows": "fp32", "context": 0}
     assert "com.microsoft" not in {n.domain for n in onnx.load(str(own / "clustered.onnx")).graph.node}
     full = DrafterSession.load(bundle_mod.load(own, verify=False))
@@ -877,7 +880,7 @@ def test_clustered_drafter_head_is_exact_inside_its_clusters(setup, tmp_path, to
         np.testing.assert_allclose(cand_logits[b, 0][real], f_logits[b, 0][cand_ids[b, 0][real]], atol=1e-4)
         best = max(want, key=lambda t: f_logits[b, 0, t])
         assert c_ids[b, 0] == best
-        if top_k == 8:
+        if top_k == clusters:
             assert c_ids[b, 0] == f_ids[b, 0]
     scattered = scatter(cand_ids, cand_logits, full.vocab_size)
     inside = np.isfinite(scattered)
