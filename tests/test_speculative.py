@@ -1119,7 +1119,12 @@ def test_a_row_finished_between_others_leaves_them_one_pass(models, kind):
     with counted_passes(engine.target) as calls:
         for drafter, k in ((NoDrafter(), 0), (PromptLookupDrafter(), 3)):
             calls.clear()
-            got = speculative_generate(engine.target, drafter, prompts, 12, k=k, stop_ids={stop})
+            cache, got, held = engine.target.new_cache(3), [spec.SeqResult([]) for _ in prompts], None
+            for _ in Speculative(engine.target, drafter, k).stream(prompts, 12, stop_ids={stop}, results=got,
+                                                                    cache=cache):
+                if got[1].stop_reason and held is None:
+                    held = int(cache.lengths[1])  # row 1's cache when it stopped
+            assert int(cache.lengths[1]) == held, drafter  # riding along, it was rolled back each pass
             assert [r.tokens for r in got] == [want[0], want[1][:2], want[2]], drafter
             assert [r.stop_reason for r in got] == ["max new tokens", "stop token", "max new tokens"]
             passes = calls[len(prompts):]  # after the per-row prefills
@@ -1157,6 +1162,10 @@ def test_capacity_edge(models):
         got = speculative_generate(engine.target, PromptLookupDrafter(), [full, prompts[0]], 5, k=k)
         assert got[0].tokens == list(engine.token_ids(full, 5)) and len(got[0].tokens) == 1
         assert got[0].stop_reason == "KV capacity reached" and len(got[1].tokens) == 5
+        # rows running on either side of the full one: a pass over both would carry it past the capacity
+        got = speculative_generate(engine.target, PromptLookupDrafter(), [prompts[0], full, prompts[1]], 5, k=k)
+        assert [r.tokens for r in got] == [list(engine.token_ids(p, 5)) for p in (prompts[0], full, prompts[1])]
+        assert [r.stop_reason for r in got] == ["max new tokens", "KV capacity reached", "max new tokens"]
     with pytest.raises(CapacityError, match="prompt of 25 tokens does not fit the bundle's KV capacity of 24"):
         speculative_generate(engine.target, PromptLookupDrafter(), [[1] * 25], 5)
 
