@@ -680,6 +680,13 @@ def test_window_copies_of_two_kv_heads_match_transformers(extra, tmp_path, monke
     assert any(held is None for _, _, held in offsets) and any(held == offset for _, offset, held in offsets)
     one_row_from_0 = [b for b, offset, _ in fills[-6:] if not offset]  # the 12 new positions of row 1, the 2 rows
     assert one_row_from_0 == [1, 0], fills[-6:]
+    # a batched step between two one-row passes from the same offset (row 0 at 36 and 38: offset 28) leaves the
+    # shadows stale: the second must fill them again, or it reads position 37 as the shadows held it (unwritten)
+    run(row0, 1)
+    run(row0, 1)
+    run(both, 1)
+    run(row0, 1)
+    assert fills[-3:] == [(0, 28, 24), (0, 0, 28), (0, 28, None)], fills[-3:]
 
 
 def test_window_copies_interrupted_while_filled_are_filled_again(tiny_gemma3, monkeypatch):
