@@ -1891,6 +1891,21 @@ def test_a_batch_whose_kv_cache_outgrows_the_memory_is_refused_before_its_cache(
     assert [len(g.tokens) for g in engine.generate_batch(["t1 t2", "t3 t4 t5"], max_new_tokens=5)] == [5, 5]
 
 
+def test_a_batch_is_counted_up_to_its_kv_capacity_and_checked_only_where_the_memory_is_known(monkeypatch):
+    """check_fits counts each row up to the KV capacity, where it stops whatever max_new_tokens asks: a large
+    max_new_tokens on a batch that fits must run. A machine that does not say its memory (0) checks nothing."""
+    from edgemtp.contract import KVSlot
+    from edgemtp.runtime import kv_cache
+
+    slots = (KVSlot(0, 2, 4),)  # 64 bytes a position: keys and values, 2 heads of 4 floats
+    monkeypatch.setattr(kv_cache, "physical_memory", lambda: 64 * 2 * 16)  # two rows of 16 positions
+    kv_cache.check_fits(slots, 16, [3, 5], 10**9)
+    with pytest.raises(EdgemtpError, match="the KV cache of 3 rows run to max_new_tokens=1000000000 needs"):
+        kv_cache.check_fits(slots, 16, [3, 5, 1], 10**9)
+    monkeypatch.setattr(kv_cache, "physical_memory", lambda: 0)
+    kv_cache.check_fits(slots, 16, [3] * 1000, 10**9)
+
+
 def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_path):
     """A tokenizer.json that disagrees with the model (a bundle from someone else) is named when it gives a prompt
     an id the model has no row for: it was "--prompt-ids[1] 500 is not a token id", a flag the user never gave. The
