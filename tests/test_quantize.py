@@ -860,6 +860,31 @@ def test_a_scheme_that_takes_nothing_from_the_calibration_records_none(gemma, ca
             check_options(quant, calibration=calib_file, gptq=False, **options)
 
 
+def test_a_head_fitted_to_8_bits_takes_nothing_from_the_calibration(gemma, calib_file, tmp_path, monkeypatch):
+    """int4 without GPTQ whose head ends 8-bit whole (the vocabulary within --frequent-rows: every row is a frequent
+    one; or --keep-8bit naming the table) reads nothing of the calibration text either: the scheme was judged
+    before its head was fitted, so the corpora were read, the manifest said "calibrated on corpora", and a text
+    given for it was taken."""
+    from edgemtp import exporters
+
+    vocab = bundle_mod.load(gemma["fp32"]).target_contract.vocab_size
+    for options in ({"frequent_rows": vocab}, {"keep_8bit": ["*embed_tokens*"]}):
+        out = quantize_bundle(gemma["fp32"], tmp_path / "int4", "int4", gptq=False, overwrite=True, **options)
+        q = bundle_mod.load(out).manifest["graphs"]["target"]["quantization"]
+        assert (q["head_bits"], q["frequent_rows"]) == (8, 0), options
+        assert q["calibration"] is None and q["calibration_sha256"] is None, options
+        assert set(nbits_bits(out / "target.onnx")) == {8}, options  # the head packed as recorded
+        with pytest.raises(EdgemtpError, match=f"--calibration {calib_file}: nothing takes calibration text here"):
+            quantize_bundle(gemma["fp32"], tmp_path / "given", "int4", gptq=False, calibration=calib_file, **options)
+        assert not (tmp_path / "given").exists()
+        # export refuses it before its fp32 export
+        monkeypatch.setattr(exporters, "export", lambda *a, **k: pytest.fail("the fp32 export ran first"))
+        with pytest.raises(EdgemtpError, match=f"--calibration {calib_file}: nothing takes calibration text here"):
+            export(gemma["fp32"].parent / "model", tmp_path / "exported", quant="int4", capacity=64,
+                   quant_options=dict(gptq=False, calibration=calib_file, **options))
+        monkeypatch.undo()
+
+
 def test_manifest_and_graph_record_the_quantization(gemma):
     b = bundle_mod.load(gemma["int4"])
     g = b.manifest["graphs"]["target"]

@@ -310,8 +310,8 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     from ..calibration import activations as A
     from ..checkpoint import open_tokenizer
     from ..scratch import scratch_beside
-    from .quantize import (check_options, check_patterns_change, check_patterns_match, check_shapes, check_widths,
-                           check_window, quantize_bundle)
+    from .quantize import (check_calibration_taken, check_options, check_patterns_change, check_patterns_match,
+                           check_shapes, check_widths, check_window, fit_head, quantize_bundle)
 
     if static_window is not None:
         raise EdgemtpError(f"--quant {quant} with --static: static graphs are fp32 or QDQ (--quant qdq), not "
@@ -323,13 +323,17 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     check_head_size(cfg, Path(model_dir))  # before the block sizes: no block size makes such a bundle run
     if sch is not None:
         check_shapes(sch, cfg.hidden_size)
-        check_widths(sch, build(cfg, resolve_capacity(capacity, cfg))[0].model().graph)  # building reads no weight
+        graph = build(cfg, resolve_capacity(capacity, cfg))[0].model().graph  # building reads no weight
+        check_widths(sch, graph)
     if options.get("keep_8bit"):  # against the graph's weight names (building it reads no weight), lm_head's
         cfg = own_head(cfg, Checkpoint(model_dir))  # too where the checkpoint unties it
         built = build(cfg, resolve_capacity(capacity, cfg))[0]
         check_patterns_match(tuple(options["keep_8bit"]), list(built.params))
-        check_patterns_change(sch, built.model().graph)
+        graph = built.model().graph
+        check_patterns_change(sch, graph)
     source = options.get("calibration", A.CORPORA)
+    if sch is not None:  # as quantize_bundle checks it, on the head as packed
+        check_calibration_taken(fit_head(sch, graph), source)
     if source is not None and str(source) != A.CORPORA:
         text = A.calibration_text(source)  # an empty or binary file is named before that export too
         if sch is not None and sch.needs_activations:  # and one shorter than a calibration window

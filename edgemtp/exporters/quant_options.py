@@ -245,10 +245,16 @@ def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibr
     if sch is not None and calibration_tokens is not None and not sch.needs_activations:
         raise EdgemtpError(f"--calibration-tokens {calibration_tokens}: nothing takes calibration activations here "
                            "(GPTQ or --smooth; the frequent rows count the whole text): drop it")
+    check_calibration_taken(sch, calibration)
+    return sch
+
+
+def check_calibration_taken(sch: Scheme | None, calibration: str | Path | None) -> None:
+    """A calibration text given for a scheme that reads nothing of it is refused. Checked again on the scheme as
+    the head is packed (fit_head): a head whole at 8 bits keeps no frequent rows apart."""
     if sch is not None and calibration is not None and str(calibration) != A.CORPORA and not sch.takes_calibration:
         raise EdgemtpError(f"--calibration {calibration}: nothing takes calibration text here (GPTQ, --smooth or "
                            "int4's --frequent-rows): drop it")
-    return sch
 
 
 def check_window(text, ids: list[int], capacity: int, bos: bool) -> None:

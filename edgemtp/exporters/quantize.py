@@ -79,9 +79,9 @@ from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exporte
 from . import gemv_head
 from .head import ADDITIVE
 from .builder import MS_DOMAIN, phase
-from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_options,
-                            check_patterns_change, check_patterns_match, check_shapes, check_widths, check_window,
-                            fit_vocab, scheme)
+from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_calibration_taken,
+                            check_options, check_patterns_change, check_patterns_match, check_shapes, check_widths,
+                            check_window, fit_vocab, scheme)
 from .quantgraph import Shared, Sink, activation_sources, rewrite_float, role
 from .quantrewrite import Rewrite
 
@@ -102,7 +102,7 @@ class Calibration:
 
     stats: dict[str, A.Stats]
     order: np.ndarray | None
-    source: str
+    source: str | None  # None: a scheme that reads nothing of the text (Scheme.takes_calibration)
     tokens: int = 0  # the tokens of the windows the activations were read on (0: none read)
     sha256: str | None = None  # of the calibration text (CalibrationText.sha256)
 
@@ -293,6 +293,10 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         check_shapes(sch, int(b.model["hidden_size"]))
         graph = load_fp32_graph(entry.path).graph
         check_widths(sch, graph)  # before the calibration
+        # as quantize_graph packs the head: one whole at 8 bits (every row a frequent one, or --keep-8bit naming
+        # it) counts no frequent rows, so whether the scheme takes the calibration is known only now
+        sch = fit_head(sch, graph)
+        check_calibration_taken(sch, A.CORPORA if made else calibration)
     # the drafter graphs read the target's table: rewritten after it, pointing at its new bytes
     drafters = [name for name in ("drafter", "drafter_full_head") if b.has_graph(name)]
     # the batched verify graph reads the fp32 target's bytes: a quantized bundle goes without it
@@ -302,8 +306,11 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
             for f in (b.graph(name).path.name, b.graph(name).path.name + ".data")}
     with bundle_mod.atomic_dir(Path(out), overwrite) as tmp:
         calib = made
-        if sch is not None and not sch.takes_calibration:  # neither read nor recorded: the bundle owes it nothing
-            calib = None
+        if sch is not None and calibration is not None and not sch.takes_calibration:
+            # neither read nor recorded (the bundle owes the text nothing), but the scheme is still the calibrated
+            # one check_options made: --frequent-rows as many as the head's rows makes it 8-bit whole, which
+            # quantize_graph would refuse without a calibration (and the preset's would leave at 4 bits)
+            calib = Calibration({}, None, None)
         elif sch is not None and calibration is not None and made is None:
             # its int8 copy goes inside the bundle's held directory: a killed run's goes with it (scratch.py)
             calib = calibrate(b, entry.path, sch, calibration, calibration_tokens or CALIBRATION_TOKENS,
@@ -327,8 +334,6 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
         if sch is not None and calib is not None:
             sch = replace(sch, calibration=calib.source, calibration_tokens=calib.tokens or None,
                           calibration_sha256=calib.sha256)
-        if sch is not None:  # as quantize_graph packed the head
-            sch = fit_head(sch, graph)
         graphs = {k: v for k, v in manifest["graphs"].items() if k not in dropped}
         graphs["target"] = {**{k: v for k, v in graphs["target"].items() if k != "gemv_head"},
                             "file": "target.onnx", "quant": quant,
