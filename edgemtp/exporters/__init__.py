@@ -225,9 +225,9 @@ def _resolve_options(model_dir: Path, quant: str, static_window: int | None, dra
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
     if static_window is not None:  # before qdq's --calibration-tokens, whose default is a multiple of it
-        from .static import check_window
+        from .static import check_verify_window
 
-        check_window(static_window)
+        check_verify_window(static_window)
     if quant == "qdq" and drafter not in (None, AUTO):
         raise EdgemtpError("--drafter applies to fp32, fp16, int8 and int4 bundles: a --quant qdq bundle has no "
                            "MTP drafter (use --drafter none, or a static fp32 bundle: --static)")

@@ -68,7 +68,7 @@ def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) 
     return b, StaticContract(target, window, names).to_json()
 
 
-def check_window(window: int) -> None:
+def check_verify_window(window: int) -> None:
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
         raise EdgemtpError(f"static window must be an integer, got {window!r}")
     if window < 1:
@@ -82,7 +82,7 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
     for name, v in (("window", window), ("capacity", capacity)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise EdgemtpError(f"static {name} must be an integer, got {v!r}")
-    check_window(window)
+    check_verify_window(window)
     if capacity <= window:
         raise EdgemtpError(f"static KV capacity {capacity} (--max-context) must exceed the verify window {window} "
                            "(--verify-window)")
