@@ -810,3 +810,26 @@ def test_swap_misplaced_best_gain_first(monkeypatch, mass, rows, want, swaps):
 ])
 def test_swap_misplaced_locks_movers_and_swapped_tokens(monkeypatch, mass, rows, want):
     assert swapped(monkeypatch, [0, 0, 1, 1, 2, 2], mass, rows, **EXACT) == (want, 2)
+
+
+def test_a_damaged_npz_calibration_file_is_closed(tmp_path):
+    """np.load hands its open file to NpzFile before the zip is read, so a damaged .npz (a zip's first bytes, then
+    not a zip) was left to be closed where it was collected: a ResourceWarning (an app under -W error::ResourceWarning
+    saw "Exception ignored"), and the descriptor held until then."""
+    import gc
+    import warnings
+
+    from edgemtp.calibration import head_report as hr
+
+    path = tmp_path / "damaged.npz"
+    path.write_bytes(b"PK\x03\x04 not a zip file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        try:  # not pytest.raises: its record of the error would keep the file from being collected here
+            hr.load_hidden(path, 16)
+        except EdgemtpError as e:
+            assert "not a .npy / .npz array file" in str(e)
+        else:
+            pytest.fail("a damaged .npz was read")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -44,18 +44,21 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
         if not path.is_file():
             raise EdgemtpError(f"{path}: calibration file not found")
         try:
-            if path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as z:
-                    if "hidden" not in z:
-                        raise EdgemtpError(f"{path}: no 'hidden' array (expected final hidden states [N, d])")
-                    source = z["hidden"]
-            else:
-                with open(path, "rb") as f:
+            # opened here, not by np.load: it gives its file to NpzFile before reading the zip, and a damaged .npz
+            # then left it open (a ResourceWarning where it was collected)
+            with open(path, "rb") as f:
+                if path.suffix == ".npz":
+                    with np.load(f, allow_pickle=False) as z:
+                        if "hidden" not in z:
+                            raise EdgemtpError(f"{path}: no 'hidden' array (expected final hidden states [N, d])")
+                        source = z["hidden"]
+                else:
                     magic = f.read(len(np.lib.format.MAGIC_PREFIX))
-                if magic != np.lib.format.MAGIC_PREFIX:  # numpy takes any other file for a pickle, and says so
-                    raise EdgemtpError(f"{path}: not a .npy / .npz array file (it does not start with the .npy "
-                                       "magic bytes)")
-                source = np.load(path, allow_pickle=False)
+                    if magic != np.lib.format.MAGIC_PREFIX:  # numpy takes any other file for a pickle, and says so
+                        raise EdgemtpError(f"{path}: not a .npy / .npz array file (it does not start with the .npy "
+                                           "magic bytes)")
+                    f.seek(0)
+                    source = np.load(f, allow_pickle=False)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not numpy, pickled objects, damaged
             raise EdgemtpError(f"{path}: not a .npy / .npz array file ({str(e).split('. ')[0]})") from None
     source = np.asarray(source)
