@@ -248,12 +248,13 @@ def test_int8_blocks_hold_each_clusters_rows_transposed():
 def _mapped_kb(path) -> int:
     """Resident KB of this process's mappings of `path` (Linux: /proc/self/smaps)."""
     total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        first = line.split()[0]
-        if "-" in first and ":" not in first:  # a mapping's header line: address range ... path
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
+    with open("/proc/self/smaps") as f:  # closed here: a run under -W error::ResourceWarning fails on one left open
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and ":" not in first:  # a mapping's header line: address range ... path
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
     return total
 
 
