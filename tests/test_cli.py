@@ -1515,7 +1515,8 @@ def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, 
     # a text file given as calibration states: numpy takes any file without the .npy magic for a pickle and
     # said so ("This file contains pickled (object) data"), which sent the user looking for a pickle
     (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--calibration", "{tmp}/states.txt"),
-     "--calibration {tmp}/states.txt: not a .npy / .npz array file (it does not start with the .npy magic bytes)"),
+     "--calibration {tmp}/states.txt: not a .npy / .npz array file (it starts with neither the .npy magic bytes nor a "
+     "zip's)"),
     (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--calibration", "{tmp}/nope.npy"),
      "--calibration {tmp}/nope.npy: no such file (expected hidden states in .npy / .npz)"),
     (("cluster", "{model}", "-o", "{tmp}/o", "--clusters", 8, "--top-k", 2, "--drafter", "{tmp}",

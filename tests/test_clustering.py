@@ -834,3 +834,17 @@ def test_a_damaged_npz_calibration_file_is_closed(tmp_path):
             pytest.fail("a damaged .npz was read")
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_calibration_files_are_read_by_what_they_hold_not_their_name(tmp_path):
+    """A .npy array saved under a .npz name raised a TypeError (a traceback from `edgemtp cluster`: np.load gave
+    an array, which the .npz branch opened as an archive), and a text file named .npz was called pickled data."""
+    from edgemtp.calibration import head_report as hr
+
+    states = np.arange(32, dtype=np.float32).reshape(2, 16)
+    np.save(tmp_path / "states.npy", states)
+    (tmp_path / "states.npy").rename(tmp_path / "states.npz")
+    assert np.array_equal(hr.load_hidden(tmp_path / "states.npz", 16), states)
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(EdgemtpError, match=r"text.npz: not a .npy / .npz array file \(it starts with neither"):
+        hr.load_hidden(tmp_path / "text.npz", 16)

@@ -34,6 +34,7 @@ from .model_files import head_rows, logit_softcap, token_texts
 HEAD_FILE = "head.safetensors"
 TOP_KS = (8, 16, 32, 64)
 NO_CALIBRATION = "none"
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a .npz: a zip, or an empty one (np.load's test)
 
 
 def load_hidden(source, hidden_size: int) -> np.ndarray:
@@ -47,18 +48,20 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
             # opened here, not by np.load: it gives its file to NpzFile before reading the zip, and a damaged .npz
             # then left it open (a ResourceWarning where it was collected)
             with open(path, "rb") as f:
-                if path.suffix == ".npz":
+                # told apart by their first bytes, as np.load does, not by the name: an array saved under a .npz
+                # name was opened as an archive (a TypeError)
+                magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+                f.seek(0)
+                if magic.startswith(ZIP_MAGIC):
                     with np.load(f, allow_pickle=False) as z:
                         if "hidden" not in z:
                             raise EdgemtpError(f"{path}: no 'hidden' array (expected final hidden states [N, d])")
                         source = z["hidden"]
-                else:
-                    magic = f.read(len(np.lib.format.MAGIC_PREFIX))
-                    if magic != np.lib.format.MAGIC_PREFIX:  # numpy takes any other file for a pickle, and says so
-                        raise EdgemtpError(f"{path}: not a .npy / .npz array file (it does not start with the .npy "
-                                           "magic bytes)")
-                    f.seek(0)
+                elif magic == np.lib.format.MAGIC_PREFIX:
                     source = np.load(f, allow_pickle=False)
+                else:  # numpy takes any other file for a pickle, and says so
+                    raise EdgemtpError(f"{path}: not a .npy / .npz array file (it starts with neither the .npy "
+                                       "magic bytes nor a zip's)")
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not numpy, pickled objects, damaged
             raise EdgemtpError(f"{path}: not a .npy / .npz array file ({str(e).split('. ')[0]})") from None
     source = np.asarray(source)
