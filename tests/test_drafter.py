@@ -2659,3 +2659,22 @@ def test_a_target_pass_whose_load_fails_leaves_transformers_loading_bar_as_it_wa
     with pytest.raises(OSError, match="torn checkpoint"):
         TargetPass(model_dir, drafter.cfg, None)
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_a_damaged_windows_cache_is_made_afresh_and_closed(tmp_path):
+    """train-drafter's cached windows.npz, damaged (a zip's first bytes, then not a zip): made afresh, and the file
+    closed; np.load hands its open file to NpzFile before reading the zip, and left this one to the garbage
+    collector (a ResourceWarning: "Exception ignored" under -W error::ResourceWarning)."""
+    import gc
+    import warnings
+
+    from edgemtp.drafter import train as T
+
+    damaged = tmp_path / "windows.npz"
+    damaged.write_bytes(b"PK\x03\x04 not a zip file")
+    np.savez(tmp_path / "good.npz", spec="the spec", train=np.zeros(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert T._stored_spec(damaged) is None and T._stored_spec(tmp_path / "good.npz") == "the spec"
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

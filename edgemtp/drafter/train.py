@@ -332,7 +332,9 @@ def _windows(target_dir, tcfg, data, cache_dir: Path, progress: Progress | None 
 
 def _stored_spec(path: Path) -> str | None:
     try:
-        return str(np.load(path)["spec"])
+        # opened here: np.load gives its file to NpzFile before reading the zip, and left a damaged one's open
+        with open(path, "rb") as f:
+            return str(np.load(f)["spec"])
     except Exception:  # a damaged or foreign file: made afresh
         return None
 
