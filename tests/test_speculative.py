@@ -607,7 +607,7 @@ class FakeTarget:
     V = 8
 
     def __init__(self, capacity: int = 48):
-        self.contract = SimpleNamespace(capacity=capacity, vocab_size=self.V)
+        self.contract = SimpleNamespace(capacity=capacity, vocab_size=self.V, kv=())  # no KV slots: a token-id cache
         self.table = np.random.default_rng(0).normal(size=(97, self.V)).astype(np.float32)
         self.calls: list[tuple[int, int]] = []  # (rows, S) per forward
 
