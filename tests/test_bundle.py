@@ -1906,6 +1906,34 @@ def test_a_batch_is_counted_up_to_its_kv_capacity_and_checked_only_where_the_mem
     kv_cache.check_fits(slots, 16, [3] * 1000, 10**9)
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_tokens(tiny_gemma3, monkeypatch):
+    """A prompt runs through the target PREFILL_CHUNK positions a pass (a pass's activations grow with its
+    length): chunks of 3 over a 20-token prompt, across the sliding window of 8, give the tokens one pass gave,
+    plain, drafting, batched and over a kept cache."""
+    from edgemtp.runtime import target as target_mod
+    from edgemtp.runtime.engine import Draft
+
+    engine = Engine.load(tiny_gemma3[2], reuse_prefix=True)
+    prompt = " ".join(f"t{i % 7}" for i in range(20))
+    longer = prompt + " t3 t4 t5 t6 t0 t1 t2 t3"
+
+    def run():
+        engine.reuse_prefix = False  # let go of the kept cache: each run prefills from nothing first
+        engine.reuse_prefix = True
+        return [engine.generate(prompt, 8).tokens, engine.generate(longer, 8).tokens,  # the second over a kept one
+                engine.generate(prompt, 8, draft=Draft("lookup", 3)).tokens,
+                [g.tokens for g in engine.generate_batch([prompt, longer], 8)]]
+
+    want = run()
+    widths = []
+    forward = target_mod.Target.forward
+    monkeypatch.setattr(target_mod.Target, "forward",
+                        lambda self, ids, *a, **k: widths.append(ids.shape) or forward(self, ids, *a, **k))
+    monkeypatch.setattr(target_mod, "PREFILL_CHUNK", 3)
+    assert run() == want
+    assert max(w[1] for w in widths if w[0] == 1) == 4 and (1, 3) in widths  # chunks (and 4-wide verify windows)
+
+
 def test_a_tokenizer_giving_ids_beyond_the_vocabulary_is_named(tiny_gemma3, tmp_path):
     """A tokenizer.json that disagrees with the model (a bundle from someone else) is named when it gives a prompt
     an id the model has no row for: it was "--prompt-ids[1] 500 is not a token id", a flag the user never gave. The

@@ -32,7 +32,7 @@ from .stops import Stops, stop_strings
 from .requests import (DRAFT_MODES, Draft, check_ids, check_kinds, check_max_new_tokens, check_request, check_text,
                        new_stats)
 from .static_target import StaticTarget
-from .target import Target
+from .target import Target, prefill
 
 
 @dataclass
@@ -265,7 +265,7 @@ class Engine:
         seen = Seen(prompt_ids) if sampling.penalized else None  # the repetition penalty's: distinct ids
         with self.kept.keeping(cache, prompt_ids, generated):  # the prefill too: Ctrl-C in it keeps what was cached
             t0 = time.perf_counter()
-            logits, _ = self.target.forward(np.array([prompt_ids[cached:]]), cache)
+            logits, _ = prefill(self.target, prompt_ids[cached:], cache)
             stats.prefill_tokens, stats.prefill_s = len(prompt_ids) - cached, time.perf_counter() - t0
             stats.cached_tokens = cached
             t0 = time.perf_counter()

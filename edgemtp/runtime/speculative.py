@@ -40,7 +40,7 @@ from .sampling import BadLogits, Sampling, Seen, pick
 from .stats import STREAM_CLOSED, Stats
 from .stops import Stops
 from .kv_cache import KVCache, check_fits
-from .target import Target
+from .target import Target, prefill
 
 
 @dataclass
@@ -191,7 +191,7 @@ class Speculative:
 
     def _prefill(self, b: int, prompt: list[int], cache: KVCache, sampling: Sampling,
                  rng: np.random.Generator, cached: int = 0) -> _Seq:
-        logits, hidden = self.target.forward(np.array([prompt[cached:]]), cache, rows=slice(b, b + 1))
+        logits, hidden = prefill(self.target, prompt[cached:], cache, b)
         s = _Seq(b, TokenIds(prompt), rng, hidden[0, -1], seen=Seen(prompt) if sampling.penalized else None)
         try:
             s.history.append(pick(logits[0, -1], sampling, rng, () if s.seen is None else s.seen.ids))
