@@ -304,6 +304,69 @@ def test_int8_rows_score_the_same_candidates_within_the_rounding_bound(vocab, cl
     np.testing.assert_allclose(out[head.TOKEN_LOGITS], np.take_along_axis(logits, best, 1), rtol=1e-5, atol=1e-5)
 
 
+def padded_near_tie() -> tuple[np.ndarray, cl.HeadTables, np.ndarray]:
+    """96 tokens in 7 clusters (14 slots, the last two clusters 13 tokens and one padding slot each).
+    The picked cluster 6 holds a token B whose int8 logit rounds below seven others' (one of which its
+    padding slot repeats) while its exact logit is above theirs: B is the 9th slot by int8 logit,
+    the 8th real candidate."""
+    vocab, clusters, per = 96, 7, 14
+    e = np.zeros((vocab, D), np.float32)
+    e[:, 3] = 1.0  # the rest: logit 0 (h reads dimensions 0 and 1 only)
+    ordering = np.arange(clusters * per).reshape(clusters, per) % vocab
+    ordering[5] = [*range(70, 83), 70]
+    ordering[6] = [*range(83, 96), 83]  # the padding slot repeats token 83
+    mask = np.ones((clusters, per), bool)
+    mask[5:, -1] = False
+    ordering[:5] = np.arange(70).reshape(5, per)
+    others, b_token = list(range(83, 90)), 90
+    for i, t in enumerate(others):  # int8 grid 1/127: int8 and exact logit 129/127
+        e[t, :3] = [1.0, 2 / 127, 0.1 * i]
+    e[b_token, :3] = [124 / 127, 5.9 / 127, 4.0]  # int8 grid 4/127: int8 logit 128/127, exact 129.9/127
+    centroids = np.zeros((clusters, D), np.float32)
+    centroids[:, 2] = -1.0
+    centroids[6] = 0
+    centroids[6, :2] = 1.0
+    h = np.zeros((1, D), np.float32)
+    h[0, :2] = 1.0  # on uint8's grid: quantized exactly
+    return e, cl.HeadTables(centroids, ordering, mask), h
+
+
+def test_int8_rows_rescore_real_candidates_not_padding(tmp_path):
+    """A padding slot repeats a token of its cluster. Rescored before masking, the repeat took one of the
+    RESCORE exact places, and a real candidate whose int8 logit was 8th among real ones kept it: the drafted
+    token was not the best of the candidates by exact logit (a near-tie the rescore is there for)."""
+    e, t, h = padded_near_tie()
+    shape = head.ClusteredShape(96, D, 7, 1)
+    assert shape.padded and shape.per_cluster == 14
+    sess = session(head.clustered_graph(shape, EMBED, int8_ordering=t.token_ordering), head_weights(e, t), tmp_path)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {head.INPUT: h})))
+    ids, logits = cl.clustered_logits(h, e, t, 1)
+    assert np.array_equal(out[head.CANDIDATE_IDS], ids) and ids[0, 0] == ids[0, -1] == 83
+    assert ids[0, logits[0].argmax()] == 90
+    assert out[head.TOKEN_IDS][0, 0] == 90
+    got = out[head.CANDIDATE_LOGITS]
+    assert np.array_equal(np.isfinite(got), np.isfinite(logits))
+
+
+def test_int8_rows_rescoring_more_places_than_live_candidates_leaves_padding_minus_inf(tmp_path):
+    """A tiny head (2 slots per cluster, one cluster kept) rescores both slots of a padded cluster: the
+    padding slot must stay -inf, not take its token's exact logit."""
+    e, h = table(95), hidden(4)
+    t = cl.cluster_vocab(e, 48)
+    padded = np.flatnonzero(~t.token_mask.all(1))
+    centroids = t.centroids.copy()
+    centroids[padded] = 10 * h[0]  # the padded cluster is picked for the first position
+    t = t.with_centroids(centroids)
+    shape = head.ClusteredShape(95, D, 48, 1)
+    assert shape.padded and shape.cluster_candidates < head.RESCORE
+    sess = session(head.clustered_graph(shape, EMBED, int8_ordering=t.token_ordering), head_weights(e, t), tmp_path)
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {head.INPUT: h})))
+    ids, logits = cl.clustered_logits(h, e, t, 1)
+    assert not np.isfinite(logits).all()
+    assert np.array_equal(np.isfinite(out[head.CANDIDATE_LOGITS]), np.isfinite(logits))
+    np.testing.assert_allclose(out[head.CANDIDATE_LOGITS], logits, rtol=1e-5, atol=1e-5)
+
+
 def test_gemma4_keys_bind_a_flat_ordering(tmp_path):
     """A Gemma 4 assistant stores token_ordering flat [V]; the graph views it as [C, M]."""
     e, h = table(640), hidden(4)

@@ -174,11 +174,11 @@ def int8_keys(embed_key: str) -> tuple[str, str]:
 ADDITIVE = ".additive"
 
 
-def mask_padding(b: GraphBuilder, logits: str, picked: str, key: str, shape: ClusteredShape) -> str:
-    """Add -inf on padding slots: the mask is bound as an additive [C, M] float table."""
+def padding_mask(b: GraphBuilder, picked: str, key: str, shape: ClusteredShape) -> str:
+    """[N, k*M]: 0 on the candidates, -inf on padding slots, added to their logits. The mask is bound as
+    an additive [C, M] float table."""
     table = b.param(key, (shape.clusters, shape.per_cluster), additive_mask, name=key + ADDITIVE)
-    add = b.op("Reshape", b.op("Gather", table, picked, axis=0), b.const([0, -1], np.int64))
-    return b.op("Add", logits, add)
+    return b.op("Reshape", b.op("Gather", table, picked, axis=0), b.const([0, -1], np.int64))
 
 
 def softcap(b: GraphBuilder, x: str, cap: float | None) -> str:
@@ -200,14 +200,21 @@ def clustered_head(b: GraphBuilder, h: str, embed_key: str, shape: ClusteredShap
         picked = pick_clusters(b, cluster_scores(b, h, keys.centroids, shape.hidden, shape.clusters), shape.top_k)
         ids = candidate_ids(b, picked, keys.token_ordering, shape)
         logits = softcap(b, exact_logits(b, h, ids, embed_key, shape.vocab, shape.hidden), cap)
+        if shape.padded:
+            logits = b.op("Add", logits, padding_mask(b, picked, keys.token_mask, shape))
     else:
         hq = quantize(b, h)
         picked = int8_pick_clusters(b, h, hq, keys.centroids, shape)
         ids = candidate_ids(b, picked, keys.token_ordering, shape)
         logits = softcap(b, int8_logits(b, hq, picked, embed_key, shape, int8_ordering), cap)
-        logits = rescore(b, h, ids, logits, embed_key, shape, cap)
-    if shape.padded:
-        logits = mask_padding(b, logits, picked, keys.token_mask, shape)
+        if shape.padded:
+            # masked before rescoring: a padding slot repeats a real token, and would take one of the rescored
+            # places from a real candidate; and after: where fewer candidates are live than places (a tiny
+            # head), padding slots are rescored too, and get their token's exact logit
+            mask = padding_mask(b, picked, keys.token_mask, shape)
+            logits = b.op("Add", rescore(b, h, ids, b.op("Add", logits, mask), embed_key, shape, cap), mask)
+        else:
+            logits = rescore(b, h, ids, logits, embed_key, shape, cap)
     if shape.context:
         if context is None:
             raise ValueError(f"a clustered head with a context of {shape.context} needs the context ids")
