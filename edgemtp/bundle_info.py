@@ -72,7 +72,8 @@ def _graph(b: Bundle, name: str, g: dict) -> dict:
         layers = config.get("layer_types", [])  # shown, not checked: a bundle from someone else may hold anything
         out["drafter"] = {"model_type": config.get("model_type"), "layers": len(layers) if isinstance(layers, list)
                           else layers,
-                          "hidden": config.get("hidden"), "head": head}
+                          "hidden": config.get("hidden"),
+                          "head": {**head, **head_slots(head, config.get("vocab_size"))}}
     return out
 
 
@@ -186,17 +187,35 @@ def _qdq_scheme(q: dict) -> str:
             f"{q.get('method')} calibration on {q.get('calibration_windows')} windows of {q.get('calibration')}")
 
 
+def head_slots(head: dict, vocab) -> dict:
+    """A clustered head's slots per cluster and padding slots ({} for another head, or where the manifest's
+    numbers do not fit together). Clusters are padded to ceil(V / C) slots each (exporters/head.py
+    ClusteredShape), the padding masked; the candidates are top_k clusters' slots and the recent tokens."""
+    numbers = [head.get(k) for k in ("clusters", "top_k", "candidates")] + [head.get("context", 0), vocab]
+    if head.get("kind") != "clustered" or not all(type(n) is int for n in numbers):
+        return {}
+    clusters, top_k, candidates, context, vocab = numbers
+    per_cluster, rest = divmod(candidates - context, top_k) if top_k > 0 else (0, 1)
+    if rest or clusters <= 0 or vocab <= 0 or per_cluster != -(-vocab // clusters):
+        return {}
+    return {"per_cluster": per_cluster, "padding_slots": clusters * per_cluster - vocab}
+
+
 def _head(head: dict) -> str:
     if head.get("kind") != "clustered":
         return f"{head.get('kind', 'full')} head"
+    slots = ""
+    if "per_cluster" in head:  # head_slots: describe() adds them where the manifest's numbers fit together
+        slots = (f" of {head['per_cluster']:,} tokens" if not head["padding_slots"] else
+                 f" of {head['per_cluster']:,} slots ({head['padding_slots']:,} of them padding, masked)")
     context = f", + the {head['context']} recent tokens" if head.get("context") else ""
     # int8 rows score the candidates from an int8 copy and rescore only the highest in fp32 (exporters/head.py);
     # a head from before int8 rows existed records none: fp32
     rows = head.get("rows", "fp32")
     scored = ("exactly (fp32 rows)" if rows == "fp32" else
               f"from {rows} rows, the highest rescored in fp32")
-    return (f"clustered head: {head.get('clusters'):,} clusters, the tokens of the best {head.get('top_k')} scored "
-            f"{scored}{context}")
+    return (f"clustered head: {head.get('clusters'):,} clusters{slots}, the tokens of the best {head.get('top_k')} "
+            f"scored {scored}{context}")
 
 
 def _size(n: int) -> str:

@@ -2565,6 +2565,26 @@ def test_info_says_how_a_clustered_head_scores_its_candidates():
         "fp32")
 
 
+
+def test_info_says_a_clustered_heads_slots_and_padding():
+    """Clusters that do not divide the vocabulary are padded to equal slots (padding masked): info says how many
+    slots a cluster has and how many are padding, from the head's candidates and the drafter's vocabulary; where
+    those do not fit together (a manifest from elsewhere) it says nothing of them."""
+    from edgemtp.bundle_info import _head, head_slots
+
+    padded = {"kind": "clustered", "clusters": 7, "top_k": 3, "candidates": 3 * 14 + 4, "rows": "fp32", "context": 4}
+    assert head_slots(padded, 96) == {"per_cluster": 14, "padding_slots": 2}
+    assert _head({**padded, **head_slots(padded, 96)}) == (
+        "clustered head: 7 clusters of 14 slots (2 of them padding, masked), the tokens of the best 3 scored "
+        "exactly (fp32 rows), + the 4 recent tokens")
+    whole = {**padded, "clusters": 8, "candidates": 3 * 12 + 4}
+    assert head_slots(whole, 96) == {"per_cluster": 12, "padding_slots": 0}
+    assert _head({**whole, **head_slots(whole, 96), "context": 0}).startswith(
+        "clustered head: 8 clusters of 12 tokens, the tokens of the best 3")
+    for head, vocab in ((padded, None), (padded, 200), ({**padded, "candidates": 45}, 96), (padded, "96")):
+        assert head_slots(head, vocab) == {}
+
+
 def test_info_counts_each_file_under_the_graph_that_owns_it(tiny_gemma3):
     """A graph's size is its own files': the verify graph reads the target's weights but does not hold them, so
     the graphs' sizes and the tokenizer's add up to the bundle's."""

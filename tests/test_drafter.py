@@ -1684,6 +1684,21 @@ def test_fp16_export_keeps_a_padded_clustered_heads_mask(setup, tmp_path):
     assert (got_ids == want_ids).all()
 
 
+
+def test_info_gives_a_padded_clustered_heads_slots(setup, tmp_path):
+    """7 clusters of the tiny model's 96 tokens: 14 slots each, 2 padding slots; `edgemtp info` says so."""
+    from edgemtp.bundle_info import describe, text
+
+    model_dir, bundle, _, _ = setup
+    clustered_drafter(model_dir, tmp_path / "d", clusters=7)
+    own = tmp_path / "bundle"
+    shutil.copytree(bundle, own)
+    X.add_to_bundle(own, tmp_path / "d", top_k=3)
+    info = describe(bundle_mod.load(own, verify=False))
+    assert info["graphs"]["drafter"]["drafter"]["head"]["padding_slots"] == 2
+    assert "clustered head: 7 clusters of 14 slots (2 of them padding, masked)" in text(info, verified=False)
+
+
 def test_int8_head_rows_in_a_quantized_bundle(setup, tmp_path):
     """--quant int8 --draft-head-rows int8: the int8 rows and centroid columns are copied as they are into the
     drafter's data, its rescoring reads the target's quantized table in place, and it drafts what the same
