@@ -50,7 +50,8 @@ def evaluate(bundle_dir: str | Path, text: str, reference_bundle: str | Path | N
     `progress(done, total)` is called with 0 before the first window and after each one (the CLI's bar: a long
     text takes minutes).
     Returns a JSON-able dict: tokens (scored), windows, window, nll (mean, nats), perplexity; with a reference
-    also reference_perplexity, perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99, kl_max."""
+    also reference_nll, reference_perplexity, perplexity_delta_pct, top1_agreement, kl_mean, kl_median, kl_p99,
+    kl_max."""
     if not isinstance(text, str):
         raise ArgumentError("text", text, "must be a str")
     if max_tokens is not None and not (is_whole(max_tokens) and max_tokens >= 1):
@@ -163,11 +164,11 @@ def _summary(t: _Tally, windows: int, window: int, with_ref: bool) -> dict:
     nll = float(np.mean(t.nll))
     out = {"tokens": len(t.nll), "windows": windows, "window": window, "nll": nll, "perplexity": _exp(nll)}
     if with_ref:
-        ref_ppl = _exp(float(np.mean(t.ref_nll)))
+        ref_nll = float(np.mean(t.ref_nll))
         kl = np.asarray(t.kl)
         out.update({
-            "reference_perplexity": ref_ppl,
-            "perplexity_delta_pct": 100.0 * (out["perplexity"] / ref_ppl - 1.0),
+            "reference_nll": ref_nll, "reference_perplexity": _exp(ref_nll),
+            "perplexity_delta_pct": _delta_pct(nll, ref_nll),
             "top1_agreement": float(np.mean(t.agree)),
             "kl_mean": float(kl.mean()), "kl_median": float(np.median(kl)),
             "kl_p99": float(np.quantile(kl, 0.99)), "kl_max": float(kl.max()),
@@ -181,9 +182,19 @@ def _exp(nll: float) -> float:
     return math.exp(nll) if nll < 709.0 else math.inf
 
 
+def _delta_pct(nll: float, ref_nll: float) -> float:
+    """100 * (perplexity / reference perplexity - 1), from the NLLs' difference: finite where both perplexities are
+    past float's range (an NLL above ~709) but their ratio is not. Against an infinite reference NLL (it gave a
+    token of the text probability 0) it is NaN, undefined: the ratio's limit, -100%, would call the bundle
+    infinitely better, where only the reference's token is ruled out."""
+    if ref_nll == math.inf:
+        return math.nan
+    return 100.0 * (math.expm1(nll - ref_nll) if nll - ref_nll < 709.0 else math.inf)
+
+
 def finite_or_none(result: dict) -> dict:
-    """The figures with None (JSON's null) for those that are not finite (an infinite perplexity, its delta against
-    a reference inf / inf): JSON has no Infinity or NaN."""
+    """The figures with None (JSON's null) for those that are not finite (an infinite perplexity, the delta against
+    an infinite reference NLL): JSON has no Infinity or NaN."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
 
 

@@ -2761,6 +2761,56 @@ def test_evaluate_text_says_why_a_figure_is_not_finite(tiny_gemma3, monkeypatch)
     assert lines["top1_agreement"] == "1.0000" and lines["kl_max"] == "0.0000", r.stdout
 
 
+
+def evaluate_printing(monkeypatch, tmp_path, tally, *flags):
+    """`edgemtp evaluate ... --reference` whose figures are _summary's of `tally` (no model run): its output."""
+    from edgemtp import evaluate as evaluate_mod
+
+    monkeypatch.setattr(evaluate_mod, "evaluate",
+                        lambda *args, **kwargs: evaluate_mod._summary(tally, 1, 2, with_ref=True))
+    path = tmp_path / "text.txt"
+    path.write_text("t1 t2")
+    r = run("evaluate", tmp_path / "b", "--text-file", path, "--reference", tmp_path / "r", *flags)
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def test_evaluate_with_a_reference_that_rules_a_text_token_out(monkeypatch, tmp_path):
+    """The reference gave a token of the text probability 0 (its NLL and perplexity infinite), the bundle did not:
+    the delta read -100.0000 (the bundle 'infinitely better'), with no reason given. It is undefined now (--json
+    null), saying why, and the reference's NLL is shown, its line saying why it is infinite."""
+    from edgemtp.evaluate import _summary, _Tally
+
+    tally = _Tally(nll=[1.0, 2.0], ref_nll=[1.0, math.inf], kl=[0.0, 0.1], agree=[True, True])
+    result = _summary(tally, 1, 2, with_ref=True)
+    assert result["reference_nll"] == result["reference_perplexity"] == math.inf
+    assert math.isnan(result["perplexity_delta_pct"])
+    lines = dict(line.split(None, 1) for line in evaluate_printing(monkeypatch, tmp_path, tally).splitlines())
+    assert lines["reference_nll"] == "inf (the reference gave a token of the text probability 0: a -inf logit)"
+    assert lines["reference_perplexity"] == "inf"
+    assert lines["perplexity_delta_pct"] == "undefined (the reference's perplexity is infinite)"
+    assert lines["nll"] == "1.5000" and lines["perplexity"] == "4.4817"
+    out = strict_json(evaluate_printing(monkeypatch, tmp_path, tally, "--json"))
+    assert out["reference_nll"] is out["perplexity_delta_pct"] is None and out["nll"] == 1.5
+
+
+def test_evaluate_a_perplexity_past_floats_range_is_not_called_infinite(monkeypatch, tmp_path):
+    """A finite mean NLL above ~709 overflows exp: the perplexity shows as inf (--json null), its line saying it is
+    past a float's range, not that a token had probability 0; the delta comes from the NLLs' difference, finite
+    where that is (it was inf / inf = undefined, 'both perplexities are infinite')."""
+    from edgemtp.evaluate import _Tally
+
+    tally = _Tally(nll=[800.0], ref_nll=[790.0], kl=[0.0], agree=[True])
+    lines = dict(line.split(None, 1) for line in evaluate_printing(monkeypatch, tmp_path, tally).splitlines())
+    assert lines["nll"] == "800.0000" and lines["reference_nll"] == "790.0000"
+    overflow = "inf (exp of an NLL above ~709: past a float's range)"
+    assert lines["perplexity"] == lines["reference_perplexity"] == overflow
+    assert float(lines["perplexity_delta_pct"]) == pytest.approx(100 * math.expm1(10.0))
+    out = strict_json(evaluate_printing(monkeypatch, tmp_path, tally, "--json"))
+    assert out["perplexity"] is out["reference_perplexity"] is None
+    assert out["perplexity_delta_pct"] == pytest.approx(100 * math.expm1(10.0))
+
+
 def test_generate_names_the_bundle_it_loads_on_a_terminal(tiny_gemma3, monkeypatch):
     """generate and chat showed nothing before the first token while the bundle loaded (Gemma 3 270M: ~3 s, 5-10 s
     on its first use): a spinner names it on a terminal, and goes once loaded; off a terminal nothing is added."""

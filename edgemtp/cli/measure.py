@@ -235,20 +235,38 @@ def evaluate_cmd(bundle_dir, text_file, reference, max_tokens, threads, provider
         click.echo(json.dumps(finite_or_none(result)))
         return
     for key, value in result.items():
-        click.echo(f"{key:24s} {_number(key, value)}" if isinstance(value, float) else f"{key:24s} {value}")
+        click.echo(f"{key:24s} {_number(key, value, result)}" if isinstance(value, float) else f"{key:24s} {value}")
 
 
-# Why a figure is not finite (--json's null), said on its line: the first of each kind (perplexity = exp(nll)
-# follows the nll; the KL's median, p99 and max its mean). A NaN is only the delta of two infinite perplexities.
-NOT_FINITE = {"nll": "the bundle gave a token of the text probability 0: a -inf logit",
-              "perplexity_delta_pct": "both perplexities are infinite",
-              "kl_mean": "the bundle gave probability 0 to a token the reference did not"}
+OVERFLOW = "past a float's range"
+PERPLEXITY_NLL = {"perplexity": "nll", "reference_perplexity": "reference_nll"}
 
 
-def _number(key: str, value: float) -> str:
+def _not_finite_why(key: str, result: dict) -> str | None:
+    """Why a figure is not finite (--json's null), said on its line: the first of each kind (a perplexity = exp(its
+    nll) follows the nll where that is infinite; the KL's median, p99 and max its mean). 'Infinite' only where it is:
+    a finite NLL above ~709 overflows exp too. A NaN is only the delta against an infinite reference NLL."""
+    nll, ref_nll = result.get("nll"), result.get("reference_nll")
+    if key == "nll":
+        return "the bundle gave a token of the text probability 0: a -inf logit"
+    if key == "reference_nll":
+        return "the reference gave a token of the text probability 0: a -inf logit"
+    if key in PERPLEXITY_NLL:
+        return None if result[PERPLEXITY_NLL[key]] == math.inf else f"exp of an NLL above ~709: {OVERFLOW}"
+    if key == "perplexity_delta_pct":
+        if ref_nll == math.inf:
+            return "both perplexities are infinite" if nll == math.inf else "the reference's perplexity is infinite"
+        return None if nll == math.inf else f"the NLLs differ by over ~709: {OVERFLOW}"
+    if key == "kl_mean":
+        return "the bundle gave probability 0 to a token the reference did not"
+    return None
+
+
+def _number(key: str, value: float, result: dict) -> str:
     """Four decimals, or four significant digits below 0.01: an int8 bundle's KLs (~1e-5) showed as 0.0000. A
     figure that is not finite is inf, or undefined for a NaN, with why on its kind's first line."""
     if not math.isfinite(value):
         shown = "inf" if value == math.inf else "undefined"
-        return f"{shown} ({NOT_FINITE[key]})" if key in NOT_FINITE else shown
+        why = _not_finite_why(key, result)
+        return f"{shown} ({why})" if why else shown
     return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
