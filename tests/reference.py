@@ -49,3 +49,25 @@ def gemv_ifs(bundle_dir: Path) -> int:
 
     graph = onnx.load(str(bundle_dir / "target.onnx"), load_external_data=False).graph
     return sum(n.op_type == "If" for n in graph.node)
+
+
+def assert_chunked_prefill_matches(target, ids: np.ndarray, want: np.ndarray, want_hidden: np.ndarray | None,
+                                   monkeypatch, chunk: int, tail: int = 5) -> None:
+    """runtime.target.prefill over ids[:, :-tail] PREFILL_CHUNK = `chunk` positions a pass (the runtime's 512
+    made small: a tiny model's prompt spans several chunks and its windows), then the last `tail` positions in one
+    pass, which read the cache the chunks wrote: the logits want [1, T, V] (and last hidden states want_hidden
+    [T, H]) at the prompt's last position and at every tail position."""
+    from edgemtp.runtime import target as target_mod
+
+    monkeypatch.setattr(target_mod, "PREFILL_CHUNK", chunk)
+    n = ids.shape[1] - tail
+    cache = target.new_cache(1)
+    logits, _ = target_mod.prefill(target, ids[0, :n].tolist(), cache)
+    np.testing.assert_allclose(logits[0, -1], want[0, n - 1], atol=1e-3, rtol=0,
+                               err_msg=f"the last prompt position after chunks of {chunk}")
+    assert cache.lengths[0] == n
+    logits, hidden = target.forward(ids[:, n:], cache, n_logits=tail)
+    np.testing.assert_allclose(logits[0], want[0, n:], atol=1e-3, rtol=0, err_msg=f"after chunks of {chunk}")
+    if want_hidden is not None:
+        np.testing.assert_allclose(hidden[0], want_hidden[n:], atol=1e-3, rtol=0,
+                                   err_msg=f"hidden states after chunks of {chunk}")

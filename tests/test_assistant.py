@@ -21,6 +21,7 @@ from edgemtp.runtime.drafter_session import DrafterSession  # noqa: E402
 from edgemtp.errors import EdgemtpError  # noqa: E402
 from edgemtp.exporters import export  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402
+from edgemtp.runtime import target as target_mod  # noqa: E402
 from edgemtp.runtime.session import make_session  # noqa: E402
 
 from .cli_errors import assert_one_line_error  # noqa: E402
@@ -120,7 +121,7 @@ def from_bundle(bundle, ids):
     cache = engine.target.new_cache(len(LENGTHS))
     hidden = []
     for b, n in enumerate(LENGTHS):
-        _, h = engine.target.forward(ids[b:b + 1, :n], cache, rows=slice(b, b + 1))
+        _, h = target_mod.prefill(engine.target, ids[b, :n].tolist(), cache, b)  # PREFILL_CHUNK a pass
         hidden.append(h[:, -1:])
     return {layer: (cache.keys[layer], cache.values[layer]) for layer in cache.keys}, np.concatenate(hidden)
 
@@ -182,6 +183,26 @@ def test_clustered_head_matches_transformers(pair, source):
             np.testing.assert_allclose(logits, want[cand], atol=1e-3, rtol=0)
             worst = max(worst, float(np.abs(logits - want[cand]).max()))
     print(f"clustered head, {source} inputs: max |candidate logits - transformers| = {worst:.2e}")
+
+
+def test_a_prefill_in_chunks_hands_the_drafter_what_one_pass_does(pair, monkeypatch):
+    """The runtime's prefill PREFILL_CHUNK = 5 positions a pass (its 512 made small: row 0's 21 span five chunks
+    and the window twice over): the cache and last hidden state the drafter reads are one pass's, and its drafts
+    transformers' tokens. (Not its logits to 1e-3, as test_full_head_matches_transformers: the drafter's steps
+    grow a difference ~10x each, and one pass's inputs already reach 8e-4 by the fourth.)"""
+    for ordered in (False, True):
+        _, _, bundle, refs = pair.assistants[ordered]
+        want_kv, want_hidden = from_bundle(bundle, pair.ids)
+        monkeypatch.setattr(target_mod, "PREFILL_CHUNK", 5)
+        kv, hidden = from_bundle(bundle, pair.ids)
+        monkeypatch.undo()
+        np.testing.assert_allclose(hidden, want_hidden, atol=1e-4, rtol=0)
+        for layer in bundle_mod.load(bundle).target_contract.drafter_kv.values():
+            for got, want in zip(kv[layer], want_kv[layer]):
+                np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"layer {layer}")
+        steps = draft(bundle, pair.ids, (kv, hidden))
+        for b, (want_tokens, _) in enumerate(refs):
+            np.testing.assert_array_equal([s[A.DRAFT_IDS][b, 0] for s in steps], want_tokens, err_msg=f"row {b}")
 
 
 @pytest.mark.parametrize("ordered", [False, True])

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from edgemtp.exporters import export  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402
 
-from .reference import gemv_ifs, reference_logits, save_tiny  # noqa: E402
+from .reference import assert_chunked_prefill_matches, gemv_ifs, reference_logits, save_tiny  # noqa: E402
 
 WINDOW = 8
 CHUNKS = [5, 1, 3, 1, 1, 4] + [1] * 10 + [3] + [1] * 4  # prefill, decode steps and multi-token (verify-like) steps
@@ -166,7 +166,7 @@ SLIDING_KINDS = {"qwen2_sliding", "qwen2_sliding_types", "qwen3_sliding", "mistr
                                   "gemma2", "gemma2_mqa", "smollm3", "smollm3_sliding",
                                   "smollm3_types", "gemma3_multimodal", "qwen3_yarn", "llama_yarn", "granite",
                                   "ministral3", "mistral3_multimodal"])
-def test_logits_match_transformers(kind, tmp_path):
+def test_logits_match_transformers(kind, tmp_path, monkeypatch):
     """Sliding layers read their buffers from TargetContract.window_offset on, which moves 5 times over these steps:
     in place with one KV head (gemma3_text_mqa, as Gemma 3 270M), a copy with two (the rest; the Llama family's
     sliding layers too: qwen2/qwen3/smollm3 sliding, mistral, phi3_sliding). Graphs with no sliding layer have no
@@ -179,7 +179,8 @@ def test_logits_match_transformers(kind, tmp_path):
     mistral: a window on every layer. phi3: fused weights, partial RoPE, LongRoPE (see tiny()). gemma2: Gemma 3
     without q/k norms, attention scores soft-capped. smollm3: a layer without RoPE; smollm3_types: a sliding
     layer named by layer_types alone (was read as a full one). gemma3_multimodal: the text tower of a
-    Gemma3ForConditionalGeneration checkpoint (model.language_model.*, a vision tower beside it)."""
+    Gemma3ForConditionalGeneration checkpoint (model.language_model.*, a vision tower beside it).
+    Then the runtime's prefill over the same ids in chunks of 10 (past the window, at moving window offsets)."""
     kind, _, head = kind.partition("+")
     model = tiny(kind)
     model_dir = save_tiny(model, tmp_path / "model")
@@ -206,6 +207,7 @@ def test_logits_match_transformers(kind, tmp_path):
     assert start > 2 * WINDOW
     # several KV heads on the sliding layers: the one-row passes from an offset on bound copies (kv_cache's shadows)
     assert bool(cache._shadows) == (contract.window_views and any(s.window and s.num_heads > 1 for s in contract.kv))
+    assert_chunked_prefill_matches(engine.target, ids, np.concatenate(ref, axis=1), want_hidden, monkeypatch, 10)
 
 
 @pytest.mark.parametrize("kind", ["qwen2_sliding", "qwen3_sliding", "mistral", "phi3_sliding", "gemma2",

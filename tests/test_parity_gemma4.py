@@ -56,11 +56,13 @@ def _randomize(model) -> None:
 
 
 @pytest.mark.parametrize("kind", ["gemma4_text", "gemma4", "gemma4_text_mqa", "gemma4_text_mqa+gemv"])
-def test_logits_match_transformers(kind, tmp_path):
-    """+gemv: export --gemv-head (one-position passes through the transposed head, before the soft-cap)."""
+def test_logits_match_transformers(kind, tmp_path, monkeypatch):
+    """+gemv: export --gemv-head (one-position passes through the transposed head, before the soft-cap). Then the
+    runtime's prefill over the same ids in chunks of 10 (past the window: KV-shared layers read the owners' cache
+    the chunks wrote)."""
     from edgemtp.runtime.engine import Engine
 
-    from .reference import gemv_ifs, reference_logits, save_tiny
+    from .reference import assert_chunked_prefill_matches, gemv_ifs, reference_logits, save_tiny
 
     kind, _, head = kind.partition("+")
     model = tiny(kind)
@@ -92,7 +94,9 @@ def test_logits_match_transformers(kind, tmp_path):
     assert np.ptp(np.concatenate(ref, axis=1)) > 1.0  # logits spread enough for the tolerance to mean something
     # last_hidden_state is what transformers' MTP candidate generator hands the drafter: hidden_states[-1]
     # (post final norm for Gemma 4)
-    np.testing.assert_allclose(np.concatenate(hiddens, axis=1), _hf_last_hidden(model, ids), atol=1e-3, rtol=0)
+    want_hidden = _hf_last_hidden(model, ids)
+    np.testing.assert_allclose(np.concatenate(hiddens, axis=1), want_hidden, atol=1e-3, rtol=0)
+    assert_chunked_prefill_matches(engine.target, ids, np.concatenate(ref, axis=1), want_hidden[0], monkeypatch, 10)
     print(f"{kind}: max |logits - transformers| = {worst:.2e}")
 
 

@@ -830,7 +830,11 @@ def gemma(tmp_path_factory, calib_file):
     return out
 
 
-def test_quantized_bundles_run_unmodified_and_are_smaller(gemma):
+def test_quantized_bundles_run_unmodified_and_are_smaller(gemma, monkeypatch):
+    """The engine's tokens after a prompt prefilled PREFILL_CHUNK = 3 positions a pass (the runtime's 512 made
+    small: 20 positions, the window of 8 twice over) are the greedy chain of one pass's logits."""
+    from edgemtp.runtime import target as target_mod
+
     want = all_logits(gemma["fp32"])
     size = {q: (b / "target.onnx.data").stat().st_size for q, b in gemma.items()}
     assert size["int4"] < size["int8"] < size["fp16"] < size["fp32"]
@@ -839,10 +843,12 @@ def test_quantized_bundles_run_unmodified_and_are_smaller(gemma):
     # tens of % on this flat-logit toy, so the bounds only say "the right order"
     assert err["fp16"] < 1e-3 and err["int8"] < 0.06 and err["int4"] < 0.6
     assert err["fp16"] < err["int8"] < err["int4"]
+    monkeypatch.setattr(target_mod, "PREFILL_CHUNK", 3)
+    prompt = " ".join(f"t{i}" for i in IDS[0, :20] % 90 + 3)
     for q in ("int8", "int4"):  # the engine's tokens: the greedy chain of the quantized graph's own logits
         engine = Engine.load(gemma[q])
         engine.stop_ids = frozenset()
-        gen, want = engine.generate("t5 t6 t7", max_new_tokens=5), engine.encode("t5 t6 t7")
+        gen, want = engine.generate(prompt, max_new_tokens=5), engine.encode(prompt)
         for _ in range(5):
             want.append(int(all_logits(gemma[q], np.array([want]))[0, -1].argmax()))
         assert gen.tokens == want[-5:], q

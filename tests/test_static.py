@@ -29,7 +29,7 @@ from edgemtp.runtime.static_target import MASK_VALUE, StaticTarget, attention_bi
 from edgemtp.runtime.target import CapacityError  # noqa: E402
 
 from .cli_errors import assert_one_line_error  # noqa: E402
-from .reference import reference_logits, save_tiny  # noqa: E402
+from .reference import assert_chunked_prefill_matches, reference_logits, save_tiny  # noqa: E402
 from .test_parity import WINDOW, tiny  # noqa: E402
 
 W = 5  # static verify window (K = 4)
@@ -76,7 +76,8 @@ def models(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["gemma3_text", "llama", "qwen2", "llama_bias", "qwen2_sliding", "qwen3_bias",
                                   "mistral", "phi3_sliding", "gemma2", "smollm3_sliding", "granite", "ministral3"])
-def test_static_logits_match_dynamic_and_transformers(models, kind):
+def test_static_logits_match_dynamic_and_transformers(models, kind, monkeypatch):
+    """Then the runtime's prefill in chunks of 7, each W and a padded window of 2 (a chunk not a multiple of W)."""
     model, _, dyn, st = models[kind]
     assert st.target.window == W and st.target.contract.capacity == CAPACITY
     ids = np.random.default_rng(1).integers(0, 96, size=(1, sum(CHUNKS)))
@@ -95,6 +96,7 @@ def test_static_logits_match_dynamic_and_transformers(models, kind):
     assert cs.lengths[0] == start
     for layer in cs.keys:  # the static runtime wrote exactly the positions the dynamic graph did
         np.testing.assert_allclose(cs.keys[layer][:, :, :start], cd.keys[layer][:, :, :start], atol=1e-4)
+    assert_chunked_prefill_matches(st.target, ids, np.concatenate(ref, axis=1), None, monkeypatch, 7)
 
 
 def _prompts():
