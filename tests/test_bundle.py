@@ -565,6 +565,30 @@ def test_a_second_signal_waits_for_the_clean_up_and_nohup_s_sighup_stays_ignored
             signal.signal(s, handler)
 
 
+@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8"])
+def test_the_position_tables_are_external_data_at_any_capacity(tiny_gemma3, tmp_path, quant):
+    """The RoPE cos / sin caches GroupQueryAttention rotates with have a row per position of the KV capacity:
+    they go to target.onnx.data, which ONNX Runtime maps, not target.onnx, whose tensors it copies onto its
+    heap (67 MB at --max-context 32768 for Gemma 3 270M): target.onnx is the same size at any capacity. fp16
+    leaves them fp32 (no weights: rounded, they would change the tokens)."""
+    import onnx
+
+    from edgemtp.exporters.quantgraph import position_tables
+
+    sizes = []
+    for capacity in (64, 1024):
+        out = export(tiny_gemma3[1], tmp_path / f"c{capacity}", quant=quant, capacity=capacity)
+        graph = onnx.load(str(out / "target.onnx"), load_external_data=False).graph
+        names = position_tables(graph)
+        tables = [t for t in graph.initializer if t.name in names]
+        assert len(tables) == 4  # cos and sin of the sliding and the full layers
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL and t.data_type == onnx.TensorProto.FLOAT
+                   and t.dims[0] == capacity for t in tables)
+        sizes.append((out / "target.onnx").stat().st_size)
+        assert len(Engine.load(out, threads=1).generate("t3 t4", max_new_tokens=3).tokens) == 3  # sha256s checked
+    assert abs(sizes[1] - sizes[0]) < 100, sizes
+
+
 def test_bundle_is_readable_by_others_under_the_usual_umask(tiny_gemma3, tmp_path):
     """The bundle directory gets the process umask's mode (0755 under 022), not the temporary directory's
     0700: a bundle exported once is shared with the app's user or copied to a device."""

@@ -313,6 +313,22 @@ def test_qdq_static_graph(models, tmp_path):
         assert off <= error, f"{bits}-bit {method}: logits off by {off:.3f} of their spread"
 
 
+@pytest.mark.parametrize("quant", ["fp32", "qdq"])
+def test_static_position_tables_are_external_data_at_any_capacity(models, tmp_path, quant):
+    """A static graph's RoPE tables have a row per position of the capacity: they go to target.onnx.data, which
+    ONNX Runtime maps (it copies target.onnx's own tensors onto its heap), so target.onnx is the same size at
+    any capacity (at 64 positions and more: a QDQ graph keeps the tensors under 1 KB in target.onnx, as
+    onnxruntime's quantizer saves it)."""
+    sizes = []
+    for capacity in (64, 256):
+        options = {"quant_options": {"calibration_tokens": 2 * W}} if quant == "qdq" else {}
+        out = export(models["gemma3_text"][1], tmp_path / f"c{capacity}", quant=quant, capacity=capacity,
+                     static_window=W, **options)
+        sizes.append((out / "target.onnx").stat().st_size)
+        assert len(static_engine(out).generate("t3 t4", max_new_tokens=3).tokens) == 3
+    assert abs(sizes[1] - sizes[0]) < 200, sizes
+
+
 def test_a_qdq_export_leaves_the_processs_import_path_as_it_was(models, tmp_path):
     # onnxruntime.quantization appends onnxruntime/transformers to sys.path, and an app exporting in-process
     # kept it: its imports then found ORT's flat helper modules. A fresh process, where nothing imported it yet

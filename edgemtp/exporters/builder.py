@@ -51,6 +51,7 @@ class GraphBuilder:
     consts: list = field(default_factory=list)
     domains: set = field(default_factory=set)
     aliases: dict[str, str] = field(default_factory=dict)  # initializer name -> the parameter whose bytes it shares
+    tables: set = field(default_factory=set)  # the constants save() stores in the external data file (table())
     _count: int = 0
 
     def fresh(self, hint: str) -> str:
@@ -85,6 +86,15 @@ class GraphBuilder:
         arr = np.asarray(value, dtype=dtype)
         name = self.fresh(hint)
         self.consts.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def table(self, value, hint: str) -> str:
+        """A computed constant that save() stores in the external data file, not the graph file: ONNX Runtime
+        copies a graph file's tensors onto its heap as it loads, but maps an external one and reads only the
+        pages a run touches. For tables whose size grows with the KV capacity (RoPE's cos / sin of every
+        position, 67 MB at 32,768 for Gemma 3 270M), of which a generation reads the rows of its positions."""
+        name = self.const(value, hint=hint)
+        self.tables.add(name)
         return name
 
     def op(self, op_type: str, *inputs: str | None, out: str | None = None, n_out: int = 1,
@@ -142,7 +152,8 @@ def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
 
     A big tensor (over ROWS_BYTES: an embedding table; E2B's per-layer table is 9.4 GB in fp32) is read with
     `read_rows(source, row_ids)` (default: rows of `read(source)`) and written in row blocks, never whole;
-    so is a big transposed one (the head table of a --gemv-head export: _write_transposed).
+    so is a big transposed one (the head table of a --gemv-head export: _write_transposed). The graph's
+    tables (GraphBuilder.table) follow the parameters.
     Returns the file names written (relative to the directory of `path`)."""
     path = Path(path)
     if read_rows is None:
@@ -169,6 +180,12 @@ def save(b: GraphBuilder, path: Path, read: Callable[[str], np.ndarray],
             _set_external(by_name[p.name], data_name, offset, f.tell() - offset)
             if progress:
                 progress(i + 1, len(params), p.name)
+        for t in model.graph.initializer:
+            if t.name in b.tables:
+                offset = _align(f)
+                f.write(numpy_helper.to_array(t).tobytes())
+                t.ClearField("raw_data")
+                _set_external(t, data_name, offset, f.tell() - offset)
     for name, p in b.aliases.items():
         by_name[name].external_data.extend(by_name[p].external_data)
         by_name[name].data_location = TensorProto.EXTERNAL
@@ -249,8 +266,8 @@ def share_weights(b: GraphBuilder, source: Path) -> onnx.ModelProto:
     stored = {t.name: t for t in onnx.load(str(source), load_external_data=False).graph.initializer}
     model = b.model()
     for t in model.graph.initializer:
-        if t.name not in b.params and t.name not in b.aliases:  # a constant, stored in the graph itself
-            continue
+        if t.name not in b.params and t.name not in b.aliases:  # a constant, stored in the graph itself (a
+            continue  # table() too: the graphs that share weights, the verify graph and drafters, have none)
         if t.name not in stored:
             raise ValueError(f"{source}: has no initializer '{t.name}' to share")
         if (list(t.dims), t.data_type) != (list(stored[t.name].dims), stored[t.name].data_type):

@@ -115,6 +115,7 @@ def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, sh
     shared = shared if shared is not None else Shared()
     casts, new_inits = [], []
     n = len(g.initializer)
+    positions = position_tables(g)
     for i, t in enumerate(list(g.initializer)):
         key = source_key(t)
         if key is None:
@@ -124,7 +125,7 @@ def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, sh
             continue
         made = shared.floats.get(key)
         if made is None:
-            if quant == "fp16" and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
+            if quant == "fp16" and t.data_type == TensorProto.FLOAT and len(t.dims) >= 2 and t.name not in positions:
                 value = read(t)
                 with np.errstate(over="ignore"):  # an overflow is said below, naming the weight
                     half = value.astype(np.float16)
@@ -145,6 +146,13 @@ def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, sh
         if progress:
             progress(i + 1, n, f"{quant} weights")
     replace_all(g, new_inits, casts + list(g.node))
+
+
+def position_tables(g: onnx.GraphProto) -> set[str]:
+    """The RoPE cos / sin caches GroupQueryAttention rotates with (its inputs 7 and 8): external data since
+    GraphBuilder.table, but no weights; fp16 leaves them fp32 (GroupQueryAttention takes them in q's type,
+    and rounded they would change the tokens), as it did when they were stored in the graph file."""
+    return {name for node in g.node if node.op_type == "GroupQueryAttention" for name in node.input[7:9] if name}
 
 
 def replace_all(g: onnx.GraphProto, inits: list, nodes: list) -> None:

@@ -104,9 +104,10 @@ class RopeCache:
 
 
 def rope_cache(b: GraphBuilder, rope: Rope, head_dim: int, capacity: int) -> RopeCache:
-    """The tables rope_tables computes per run, for all positions at once (the same float32 maths)."""
+    """The tables rope_tables computes per run, for all positions at once (the same float32 maths), in the
+    external data file (GraphBuilder.table): a step reads a row of each."""
     cos, sin = cos_sin(rope, head_dim, capacity)
-    return RopeCache(b.const(cos, hint="rope_cos"), b.const(sin, hint="rope_sin"))
+    return RopeCache(b.table(cos, hint="rope_cos"), b.table(sin, hint="rope_sin"))
 
 
 def cos_sin(rope: Rope, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:

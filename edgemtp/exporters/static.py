@@ -213,13 +213,14 @@ def rms_norm(b: GraphBuilder, x: str, weight: str, eps: float) -> str:
 
 def rope_table(b: GraphBuilder, rope, head_dim: int, sp: _Spec) -> rotary.RopeTables:
     """cos/sin [1, W, 1, R/2] gathered by position from constant [C, R/2] tables (float32 angles, as
-    the dynamic graph and transformers compute them; cos/sin then taken in float64)."""
+    the dynamic graph and transformers compute them; cos/sin then taken in float64), in the external data
+    file (GraphBuilder.table)."""
     inv = rotary.inv_freq(rope, head_dim)
     angles = (np.arange(sp.capacity, dtype=np.float32)[:, None] * inv[None, :]).astype(np.float64)
     axis = b.const([2], np.int64)
 
     def table(values: np.ndarray, hint: str) -> str:
-        return b.op("Unsqueeze", b.op("Gather", b.const(values.astype(np.float32), hint=hint),
+        return b.op("Unsqueeze", b.op("Gather", b.table(values.astype(np.float32), hint=hint),
                                       sp.position_ids, axis=0), axis)
 
     scale = np.float32(rope.scale)  # longrope's attention factor (1 otherwise)

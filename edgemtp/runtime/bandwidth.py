@@ -84,7 +84,8 @@ def decode_bytes(bundle, context: int = 0) -> int:
     (manifest value `true`) kept that table for its If's branch of several rows, where the graph shows it
     read: a plain step takes the other branch. A drafter's own weights are not read either. The rotary
     cos / sin caches that GroupQueryAttention rotates with (one row of R/2 numbers each per step, of
-    [capacity, R/2]) are stored in the graph file itself, not its data file, so are not counted at all."""
+    [capacity, R/2]) are not counted: read at rows where they are in the data file (GraphBuilder.table), not
+    in it at all where the graph file holds them (bundles exported before it)."""
     target = bundle.graph("target").path.name
     data = {rel: info["bytes"] for rel, info in bundle.manifest["files"].items()
             if rel.endswith(".data") and rel.startswith(target)}
