@@ -152,11 +152,11 @@ def main() -> None:
         bundles, calib = {}, None
         for label, (quant, options) in variants(args).items():
             t0 = time.perf_counter()
+            shown = options  # what the variant asked for, before the shared calibration joins
             if "calibration" not in options:  # the default (corpora) calibration: made once, shared
                 calib = calib or shared_calibration(args.bundle, root)
                 options = {**options, "calibration": calib}
             bundles[label] = quantize_bundle(args.bundle, root / label, quant, overwrite=True, **options)
-            shown = {k: v for k, v in options.items() if k != "calibration" or v is not calib}
             print(f"quantized {label} ({quant} {shown}) in {time.perf_counter() - t0:.0f} s", flush=True)
         speed, how = ({}, "not measured") if args.no_speed else \
             decode_speeds({"fp32": args.bundle, **bundles}, next(iter(texts.values())), args.threads)

@@ -157,6 +157,13 @@ def test_bench_quant(tiny, capsys, monkeypatch, tmp_path):
     assert "code (64 tokens" in out
 
 
+def test_bench_quant_names_a_variant_without_calibration(tiny, capsys, monkeypatch, tmp_path):
+    out = run("bench_quant.py", tiny["plain"], "--quants", "", "--variant", 'plain8=int8:{"calibration": null}',
+              "--tokens", 64, "--domains", "code", "--no-speed", "--keep", tmp_path, capsys=capsys,
+              monkeypatch=monkeypatch)
+    assert "quantized plain8 (int8 {'calibration': None})" in out, out  # not "{}", which reads as the default
+
+
 def test_bench_sampling(tiny, capsys, monkeypatch):
     out = run("bench_sampling.py", tiny["mtp"], "--gen-tokens", 4, "--repetitions", 1, "--repetition-penalty",
               1.1, "--draft-p-min", "0,0.2", capsys=capsys, monkeypatch=monkeypatch)
