@@ -127,14 +127,14 @@ def per_prompt(rounds: list[dict], n: int) -> np.ndarray:
 
 def paired(per_row: dict, domains: list[str]) -> dict:
     """Each drafter head against the first one, per domain: mean per-prompt difference in tokens per round
-    and its standard error (prompts paired: the same continuation for both)."""
+    and its standard error (prompts paired: the same continuation for both; None from a single prompt)."""
     first, out = next(iter(per_row)), {}
     for head in list(per_row)[1:]:
         out[f"{head} - {first}"] = {}
         for d in domains:
             diff = per_row[head][d] - per_row[first][d]
-            out[f"{head} - {first}"][d] = {"mean": round(float(diff.mean()), 3),
-                                          "se": round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 3)}
+            se = round(float(diff.std(ddof=1) / np.sqrt(len(diff))), 3) if len(diff) > 1 else None
+            out[f"{head} - {first}"][d] = {"mean": round(float(diff.mean()), 3), "se": se}
     return out
 
 

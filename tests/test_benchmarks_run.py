@@ -222,6 +222,19 @@ def test_drafter_acceptance(tiny, capsys, monkeypatch, tmp_path):
     assert code["mtp_full"]["speculative_check"]["runtime"]["rounds"] >= code["mtp_full"]["rounds"]
 
 
+def test_drafter_acceptance_pairs_heads_on_one_prompt_without_a_nan(tiny, capsys, monkeypatch, tmp_path):
+    import json
+
+    bundle = tmp_path / "mtp"
+    shutil.copytree(tiny["mtp"], bundle)
+    run("drafter_acceptance.py", bundle, "--drafter", tiny["drafter"], "--heads", "full,bundle", "--domains", "code",
+        "--prompts", 1, "--prompt-len", 16, "--new", 8, "--k", 2, "--json", tmp_path / "a.json", capsys=capsys,
+        monkeypatch=monkeypatch)
+    text = (tmp_path / "a.json").read_text()
+    assert "NaN" not in text  # not JSON: one prompt has no standard error
+    assert json.loads(text)["paired"]["bundle - full"]["code"]["se"] is None
+
+
 def test_drafter_acceptance_names_a_missing_corpus(tiny, capsys, monkeypatch, tmp_path):
     from edgemtp.drafter import data
 
