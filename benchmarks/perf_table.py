@@ -69,9 +69,10 @@ def main() -> None:
                 print(f"| {domain} | {r['batch']} | {mode} | {r['draft_k']} | skipped: {r['skipped']} | | | | |")
                 continue
             tg, split = r["tg_tokens_per_s"], r["split_ms_per_round"]
-            ratio = tg["mean"] / base[r["batch"]] if r["batch"] in base else float("nan")
+            # no K = 0 row in this batch (--draft-k without 0, or its row skipped): nothing to divide by
+            ratio = f"{tg['mean'] / base[r['batch']]:.2f}x" if r["batch"] in base else "-"
             print(f"| {domain} | {r['batch']} | {mode} | {r['draft_k']} | {mean_and_spread(tg)} | "
-                  f"{ratio:.2f}x | {r['tokens_per_round']:.2f} | {r['acceptance_rate']:.2f} | "
+                  f"{ratio} | {r['tokens_per_round']:.2f} | {r['acceptance_rate']:.2f} | "
                   f"{split['draft']:.1f} / {split['verify']:.1f} / {split['other']:.1f} |", flush=True)
     if result:
         print()

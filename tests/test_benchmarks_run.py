@@ -260,6 +260,14 @@ def test_no_attention_and_perf_table(tiny, capsys, monkeypatch, tmp_path):
     assert all(sane(figures(r[5])) for r in rows) and "bandwidth ceiling of plain decoding" in out
 
 
+def test_perf_table_without_k_0_prints_no_ratio(tiny, capsys, monkeypatch):
+    out = run("perf_table.py", tiny["mtp"], "--draft-k", "2", "--batch", "1", "--gen-tokens", 4, "--repetitions", 1,
+              "--draft", "mtp", "--head", "full", "--domains", "code", "--prompt-tokens", 16, capsys=capsys,
+              monkeypatch=monkeypatch)
+    rows = table_rows(out)
+    assert [(r[2], r[3], r[5]) for r in rows] == [("mtp (full head)", "2", "-")], out  # not "nanx": no K = 0 row
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("vs_llamacpp.py", ("{plain}",), "llama-cpp-python is not installed: pip install llama-cpp-python"),
     ("vs_ortgenai.py", ("{plain}", "{plain}"), "no genai_config.json (build it with onnxruntime_genai"),
