@@ -84,6 +84,9 @@ def main() -> None:
                                          args.quant)
     engine = Engine.load(bundle)
     slots, capacity = engine.target.contract.kv, engine.target.contract.capacity
+    if not any(s.window and s.num_heads > 1 for s in slots):  # one KV head: the window is read in place
+        raise EdgemtpError(f"{bundle}: no sliding layer with several KV heads, so no window copies: its one-row "
+                           "passes read the window in place (kv_cache.shadow_plan), and there is nothing to compare")
     if engine.target.new_cache(1).unviewable:  # both kinds of step would bind the whole buffers
         raise EdgemtpError(f"{bundle}: its cache makes no window copies at a capacity of {capacity:,} (1.5 windows "
                            f"of {engine.target.contract.sliding_window:,} are over half of it: kv_cache.shadow_plan), "

@@ -337,3 +337,14 @@ def test_window_copies_refuses_a_bundle_whose_cache_makes_none(tiny_gemma3, tmp_
             monkeypatch=monkeypatch)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "makes no window copies at a capacity of 20" in err, err
+
+
+def test_window_copies_refuses_a_bundle_with_one_kv_head(tiny, capsys, monkeypatch):
+    """The tiny model's sliding layer has one KV head: its one-row passes read the window in place, no copies
+    (as Gemma 3 270M's). The script timed window views against the whole buffers and printed the ratio as the
+    copies' under "0 of 2 KV-owning layers slide with several KV heads"."""
+    with pytest.raises(SystemExit) as e:
+        run("window_copies.py", "--bundle", tiny["plain"], "--contexts", "16", "--pairs", 1, capsys=capsys,
+            monkeypatch=monkeypatch)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no sliding layer with several KV heads" in err, err
