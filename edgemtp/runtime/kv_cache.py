@@ -63,13 +63,17 @@ def physical_memory() -> int:
         return 0
 
 
+def position_bytes(slots: tuple[KVSlot, ...]) -> int:
+    """Bytes one position of one row takes in the cache: a key and a value, fp32, in every KV-owning layer."""
+    return sum(2 * 4 * s.num_heads * s.head_dim for s in slots)
+
+
 def check_fits(slots: tuple[KVSlot, ...], capacity: int, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
     """Refuse up front a batch whose KV cache, every row run to max_new_tokens, would outgrow the machine's RAM.
     Mapping its buffers succeeds for far more (lazy_zeros; Linux checks each mapping alone), so such a batch
     would otherwise be killed by the system part-way (5,000 rows of Gemma 3 270M on a 24 GB machine)."""
     have = physical_memory()
-    per_position = sum(2 * 4 * s.num_heads * s.head_dim for s in slots)
-    need = per_position * sum(min(n + max_new_tokens, capacity) for n in prompt_lengths)
+    need = position_bytes(slots) * sum(min(n + max_new_tokens, capacity) for n in prompt_lengths)
     if have and need > have:
         rows = len(prompt_lengths)
         raise EdgemtpError(f"the KV cache of {rows} row{'s' * (rows != 1)} run to max_new_tokens={max_new_tokens} "
@@ -98,7 +102,7 @@ class KVCache:
             self.keys = {s.layer: lazy_zeros((batch, s.num_heads, capacity, s.head_dim)) for s in slots}
             self.values = {s.layer: lazy_zeros((batch, s.num_heads, capacity, s.head_dim)) for s in slots}
         except MemoryError:  # more address space than the machine gives (a capacity the graph leaves symbolic)
-            size = sum(2 * 4 * batch * s.num_heads * capacity * s.head_dim for s in slots)
+            size = batch * capacity * position_bytes(slots)
             raise EdgemtpError(f"the KV cache of {batch} row{'s' * (batch != 1)} x {capacity:,} positions needs "
                                f"{size / 1e9:,.1f} GB ({len(slots)} layers), more than this machine can allocate "
                                "(the bundle's KV capacity)") from None

@@ -23,7 +23,7 @@ from ..bundle import load as load_bundle
 from ..errors import EdgemtpError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
-from .kv_cache import physical_memory
+from .kv_cache import physical_memory, position_bytes
 from .sampling import Sampling
 from .session import full_name
 from .speculative import SpecStats, Speculative
@@ -182,7 +182,7 @@ def row_bytes(c: RowConfig, bundle) -> int:
     """What a row's sequences touch beyond the weights: the KV of every position they reach and a verify
     pass's logits (both per sequence, times the batch)."""
     contract = bundle.target_contract
-    per_position = sum(2 * s.num_heads * s.head_dim * 4 for s in contract.kv)
+    per_position = position_bytes(contract.kv)
     positions = c.prompt_tokens + c.gen_tokens + c.draft_k + 1
     return c.batch * (per_position * positions + 2 * contract.vocab_size * 4 * (c.draft_k + 1))
 
