@@ -39,6 +39,12 @@ METHODS = ("minmax", "entropy", "percentile")
 # fp32 graph's on held-out prose (W = 3, 16-bit): top-1 agreement 0.63 with all (perplexity +50%, KL 0.44),
 # 0.85 with matmul (+5.0%, KL 0.06), 0.91 with weights (+0.8%, KL 0.02); the int8 weights alone, activations
 # float: 0.94, +0.2% (docs/measurements.md, sessions 36-37).
+# "Gather" also takes the static graph's RoPE cos / sin tables (a row per position of the capacity): they are
+# stored in the activation type (uint16 by default) and stay so. The DequantizeLinear on the table does not
+# dequantize it whole each step: ONNX Runtime's CPU graph gathers the quantized rows and dequantizes only those
+# (the same time per step at capacity 64 and 1024), and QNN takes DQ -> Gather -> Q as one quantized Gather.
+# At 16 bits a value is off by 1.5e-5 at most (fp16, where an NPU runs float ops, by 2.4e-4), the logits by
+# 5e-5 of their spread; float tables ran no faster on ORT CPU (tiny llama, session 53).
 OPS = {"weights": ["MatMul", "Gemm", "Gather"], "matmul": ["MatMul", "Gemm", "Gather"], "all": None}
 
 
