@@ -1280,6 +1280,26 @@ def test_a_stream_left_early_reports_its_drafting(models):
     assert (stats.stop_reason, stats.stop_reasons) == ("closed", ["closed"])
 
 
+def test_decode_s_counts_the_readers_time_after_the_first_token(models):
+    """decode_s runs from the first token to the last, a stream's reader's time between tokens included (README):
+    a drafting stream started its clock only once its reader asked for the second token, so a reader slow on the
+    first (an app rendering it) made tokens_per_s higher than plain decoding's for the same wait."""
+    import time
+
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.stats import Stats
+
+    engine = models["gemma3_text", 64]
+    prompt = _prompts(engine)[1][1]
+    for draft in (None, Draft("lookup", 3)):
+        stats = SpecStats() if draft else Stats()
+        stream = engine.token_stream(prompt, 8, draft=draft, stats=stats)
+        next(stream)
+        time.sleep(0.2)
+        rest = list(stream)
+        assert rest and stats.decode_s >= 0.2, (draft, stats.decode_s)
+
+
 def test_a_closed_stream_says_so_in_its_stop_reason(models):
     """stop_reason "closed" for a stream its reader closed before its end (an app cancelling a request), for
     every kind of stream; rows of a batch that had ended keep their own reason; a stream read to its end is not

@@ -167,9 +167,11 @@ class Speculative:
         stats.prefill_s += time.perf_counter() - t0
         base = (stats.rounds, stats.drafted, stats.accepted, list(stats.drafted_at), list(stats.accepted_at))
         try:
+            # before the first tokens are given, as plain decoding's clock: the reader's time on them is between
+            # tokens, which decode_s includes (started after, a drafting stream left it out)
+            t1 = time.perf_counter()
             for s in seqs:
                 yield s.row, list(s.out.tokens)
-            t1 = time.perf_counter()
             while active := [s for s in seqs if not s.out.stop_reason]:
                 before = {s.row: len(s.out.tokens) for s in active}
                 self._round(active, cache, sampling, stops, max_new_tokens, stats)
