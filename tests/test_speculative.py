@@ -1280,6 +1280,25 @@ def test_a_stream_left_early_reports_its_drafting(models):
     assert (stats.stop_reason, stats.stop_reasons) == ("closed", ["closed"])
 
 
+def test_a_drafting_stream_closed_inside_its_last_round_says_closed(models):
+    """A drafting stream gives a round's tokens one by one: its reader closing it before the last round's last
+    token had not seen the end, yet stop_reason said the round's own ("max new tokens") where plain decoding, closed
+    at the same token, says "closed" (README: "closed" for a stream closed before its end)."""
+    from edgemtp.runtime.engine import Draft
+    from edgemtp.runtime.stats import Stats
+
+    engine = models["gemma3_text", 64]
+    prompt = _prompts(engine)[1][1]  # the model's own text: lookup drafts get accepted
+    rounds = Speculative(engine.target, engine.drafter("lookup"), 3)
+    n = next(n for n in range(2, 30) if len(list(rounds.stream([prompt], n))[-1][1]) > 1)  # a last round of 2+
+    for draft in (None, Draft("lookup", 3)):
+        for stats in ([SpecStats(), Stats()] if draft else [Stats()]):
+            stream = engine.token_stream(prompt, n, draft=draft, stats=stats)
+            got = list(itertools.islice(stream, n - 1))
+            stream.close()
+            assert len(got) == n - 1 and stats.stop_reason == "closed", (draft, type(stats), stats.stop_reason)
+
+
 def test_decode_s_counts_the_readers_time_after_the_first_token(models):
     """decode_s runs from the first token to the last, a stream's reader's time between tokens included (README):
     a drafting stream started its clock only once its reader asked for the second token, so a reader slow on the

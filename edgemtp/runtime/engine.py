@@ -388,11 +388,20 @@ class Engine:
         cache, cached = self.kept.take(prompt_ids)
         results = [SeqResult([])]
         rounds = spec.stream([prompt_ids], max_new_tokens, sampling, stops, own, results, cache, cached)
+        given = 0
         try:
             with self.kept.keeping(cache, prompt_ids, results[0].tokens):
                 for _row, tokens in rounds:
                     copy_plain_stats(own, stats)  # filled as generation goes, as without drafting
-                    yield from tokens
+                    for token in tokens:
+                        given += 1
+                        yield token
+        except GeneratorExit:
+            # closed before the last round's last token: the loop's row already holds that round's reason (a stop,
+            # max new tokens), which the reader never reached; it ended the stream, as plain decoding's says
+            if given < len(results[0].tokens):
+                results[0].stop_reason = STREAM_CLOSED
+            raise
         finally:
             rounds.close()  # closed with this stream, not when collected: its stats say so (stop_reason "closed")
             copy_plain_stats(own, stats)
