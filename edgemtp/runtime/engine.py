@@ -268,7 +268,6 @@ class Engine:
             logits, _ = prefill(self.target, prompt_ids[cached:], cache)
             stats.prefill_tokens, stats.prefill_s = len(prompt_ids) - cached, time.perf_counter() - t0
             stats.cached_tokens = cached
-            t0 = time.perf_counter()
             for i in range(max_new_tokens):
                 try:
                     token = pick(logits[0, -1], sampling, rng, () if seen is None else seen.ids)
@@ -281,6 +280,13 @@ class Engine:
                 # drafting's rounds, which set it before giving theirs) gets why it ended, not "closed"
                 reason = (stops.reason(generated) or ("max new tokens" if i + 1 == max_new_tokens else "")
                           or ("KV capacity reached" if cache.room(0) < 1 else ""))
+                # the clocks split where drafting's do (Stats): the first token, sampled from the prefill's logits,
+                # ends prefill_s (its time to first token); each later one's pass and sampling are in decode_s
+                now = time.perf_counter()
+                if i == 0:
+                    stats.prefill_s, t0 = now - t0, now
+                else:
+                    stats.decode_tokens, stats.decode_s = i, now - t0
                 try:
                     yield token
                 except GeneratorExit:  # the app closed the stream (or the engine): say so, not ""
@@ -290,8 +296,6 @@ class Engine:
                     stats.stop_reason = reason
                     break
                 logits, _ = self.target.forward(np.array([[token]]), cache)
-                stats.decode_tokens += 1
-                stats.decode_s = time.perf_counter() - t0
 
     def drafter(self, mode: str = "auto", graph: str = "drafter", adaptive: bool = False):
         """The drafter for `mode`: mtp (the bundle's MTP drafter), lookup (prompt lookup), hybrid (prompt

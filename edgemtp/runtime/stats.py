@@ -9,11 +9,16 @@ STREAM_CLOSED = "closed"  # the stop_reason of a stream its reader closed (or En
 
 @dataclass
 class Stats:
+    """The clocks split at the first token, on every path (plain and drafting, one prompt or a batch): the prefill
+    pass gives its logits, so prefill_s runs until it is sampled (the time to first token; a batch's until every row
+    has its own), and decode_s from there to the last token's sampling. decode_s then holds the passes and the
+    sampling of the decode_tokens and nothing else, and tokens_per_s is the same measure with drafting or without."""
+
     prefill_tokens: int = 0  # prompt tokens run through the model
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0  # their passes and sampling the first token
     cached_tokens: int = 0  # prompt tokens the last generation had run (Engine.load's reuse_prefix)
     decode_tokens: int = 0  # tokens produced after the first (which the prefill produces)
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # from the first token to the last, a stream's reader's time between tokens included
     stop_reason: str = ""
 
     @property
