@@ -145,3 +145,20 @@ def test_a_kept_caches_next_turn_splits_as_a_fresh_one(engines, draft, monkeypat
     batch = engine.generate_batch([f"{text} {gen.text} t9"], 6, draft=draft)
     assert batch[0].stats.cached_tokens > 0
     check_split(batch[0].stats, clock, 1, len(batch[0].tokens))
+
+
+def test_a_specstats_given_to_two_speculative_calls_adds_both(engines, monkeypatch):
+    """Speculative.generate adds to the SpecStats it is given (prefill_s, decode_tokens, rounds...), but decode_s
+    was the last call's alone: tokens_per_s counted both calls' tokens over one call's time, other_s went
+    negative."""
+    from edgemtp.runtime.drafting import PromptLookupDrafter
+    from edgemtp.runtime.speculative import SpecStats, speculative_generate
+
+    engine = engines[0]
+    clock = Clock().install(monkeypatch, engine)
+    stats, tokens = SpecStats(), 0
+    for prompt in ("t1 t2 t3 t1 t2", "t4 t5 t4 t5"):
+        tokens += len(speculative_generate(engine.target, PromptLookupDrafter(), [engine.encode(prompt)], 8, k=3,
+                                           stats=stats)[0].tokens)
+    check_split(stats, clock, 2, tokens)
+    assert stats.other_s == 0.0 and stats.verify_s == stats.decode_s

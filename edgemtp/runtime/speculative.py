@@ -166,6 +166,7 @@ class Speculative:
         stats.cached_tokens += cached
         stats.prefill_s += time.perf_counter() - t0
         base = (stats.rounds, stats.drafted, stats.accepted, list(stats.drafted_at), list(stats.accepted_at))
+        decode_before = stats.decode_s  # added to, as the counts: decode_tokens / decode_s over the same calls
         try:
             # before the first tokens are given, as plain decoding's clock: the reader's time on them is between
             # tokens, which decode_s includes (started after, a drafting stream left it out)
@@ -175,7 +176,7 @@ class Speculative:
             while active := [s for s in seqs if not s.out.stop_reason]:
                 before = {s.row: len(s.out.tokens) for s in active}
                 self._round(active, cache, sampling, stops, max_new_tokens, stats)
-                stats.decode_s = time.perf_counter() - t1
+                stats.decode_s = decode_before + time.perf_counter() - t1
                 # counted round by round, as decode_s: a stream's reader sees tokens_per_s as it goes (it read 0
                 # until the end), and a stream left early still counts what it gave
                 stats.decode_tokens += sum(len(s.out.tokens) - before[s.row] for s in active)
