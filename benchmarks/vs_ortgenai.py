@@ -42,13 +42,13 @@ def genai_round(model, ids: list[int], new: int) -> tuple[float, float, list[int
     gen = GenaiTarget(model, len(ids) + new).new_cache(1)
     t0 = time.perf_counter()
     gen.append_tokens(np.array([ids], np.int32))  # the prompt's forward pass
-    prefill = len(ids) / (time.perf_counter() - t0)
     tokens = []
     for i in range(new):
-        if i == 1:  # from here on each call runs one decode step, as edgemtp's decode_s counts
-            t0 = time.perf_counter()
-        gen.generate_next_token()
+        gen.generate_next_token()  # the first call samples the prompt's logits; each later one runs a decode step
         tokens.append(int(gen.get_next_tokens()[0]))
+        if i == 0:  # the first token sampled ends the prefill, as edgemtp's prefill_s (runtime/stats.py)
+            now = time.perf_counter()
+            prefill, t0 = len(ids) / (now - t0), now
     return prefill, (new - 1) / (time.perf_counter() - t0), tokens
 
 
