@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, help="an fp32 bundle: also score both models' quality against it")
     ap.add_argument("--tokens", type=int, default=1024, help="held-out tokens per domain for --reference")
     args = ap.parse_args()
+    if args.new < 2:  # the decode rate is over the tokens after the first
+        ap.error(f"--new {args.new}: must be at least 2")
     try:
         import onnxruntime_genai as og
     except ImportError:
