@@ -86,7 +86,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
             if out.exists() and not overwrite:  # made by another run since check_output: not ours to replace
                 raise EdgemtpError(f"{out}: written by another run meanwhile (use --overwrite to replace it)")
             try:
-                replace_dir(tmp, out, hidden_prefix(out, "partial-"))
+                replace_dir(tmp, out, hidden_prefix(out, "partial-"), overwrite=overwrite)
             except OSError as e:  # the old bundle is left as it was
                 raise EdgemtpError(f"{out}: cannot replace it ({e.strerror or e}; is it in use?)") from None
         finally:

@@ -106,7 +106,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
             except EdgemtpError as e:  # a tensor it cannot dequantize: named with the file it is in
                 raise EdgemtpError(f"{gguf_path}: {e}") from None
             check_target(out_dir, overwrite, gguf_path)  # again: another run may have written there meanwhile
-            replace_dir(tmp, out_dir, hidden_prefix(out_dir), ".partial")
+            replace_dir(tmp, out_dir, hidden_prefix(out_dir), ".partial", overwrite)
         except BaseException:  # Ctrl-C included: leave nothing half-written behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -13,6 +13,7 @@ lock at all. Without fcntl (Windows) no lock is taken and nothing is cleaned."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -21,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import EdgemtpError
 
 try:
     import fcntl
@@ -182,19 +185,45 @@ def through_link(out: Path) -> Path:
     return out.resolve() if out.is_symlink() and out.is_dir() else out
 
 
-def replace_dir(new: Path, out: Path, prefix: str, suffix: str = "") -> None:
+def replace_dir(new: Path, out: Path, prefix: str, suffix: str = "", overwrite: bool = True) -> None:
     """Renames directory `new` to `out`. A previous `out` is renamed aside first and removed last, so that a
     failure on the way (its files in use on Windows, a permission) leaves it whole: removed first, it could be
     left half removed. Aside it is named as held_dir(out.parent, prefix, suffix) names directories, so that one
-    a killed run left there goes at the next run."""
-    if not out.exists():
-        os.replace(new, out)
+    a killed run left there goes at the next run. Without `overwrite`, only an empty `out` is replaced.
+
+    Another run given the same output may rename its own directory there at any moment, however late the
+    caller checked: then this one fails with an EdgemtpError naming `out` (the rename, not a check, decides),
+    the other run's output stays whole, and `new` is left for the caller to remove."""
+    if not overwrite or not out.exists():
+        try:
+            if not overwrite:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(out)  # an empty directory: nobody's output (the rename refuses a non-empty one)
+            os.replace(new, out)
+        except OSError as e:
+            raise _written_meanwhile(out, e, overwrite) from None
         return
     old = out.parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
-    os.replace(out, old)
+    try:
+        os.replace(out, old)
+    except FileNotFoundError:  # moved aside by another run replacing it too, which puts its own there next
+        raise _written_meanwhile(out, None, overwrite) from None
     try:
         os.replace(new, out)
     except BaseException:
-        os.replace(old, out)  # back in its place
+        try:
+            os.replace(old, out)  # back in its place
+        except OSError:  # another run's output took its place: it replaced the old one, as this run would have
+            shutil.rmtree(old, ignore_errors=True)
+            raise _written_meanwhile(out, None, overwrite) from None
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _written_meanwhile(out: Path, error: OSError | None, overwrite: bool) -> Exception:
+    """What a rename into `out` that failed with `error` says: another run's output there, or (another errno,
+    not a race) the OSError itself."""
+    if error is not None and error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        return error
+    return EdgemtpError(f"{out}: written by another run meanwhile" + ("" if overwrite else
+                                                                      " (use --overwrite to replace it)"))

@@ -1466,3 +1466,34 @@ def test_phi3_with_separate_q_k_v(tmp_path):
     bad = write_gguf(tmp_path / "s" / "bad.gguf", "phi3", kv, split)
     with pytest.raises(EdgemtpError, match="blk.1.attn_v.weight is missing"):
         import_gguf(bad, tmp_path / "hf_bad")
+
+
+def test_an_import_finishing_second_into_one_output_says_so(tmp_path, monkeypatch):
+    """Two import-gguf runs given one -o, no --overwrite: the other's import renamed into place right after this
+    run's last check was moved aside and removed (this run's replaced it, as --overwrite would have), or, a
+    moment later, made the rename fail with ENOTEMPTY: a traceback naming the hidden .partial directory. It is
+    one error line naming -o, exit status 2; the other run's import stays and nothing hidden is left."""
+    from click.testing import CliRunner
+
+    import edgemtp.gguf_import as gi
+    from edgemtp.cli import cli
+
+    _, path = export_tiny(tmp_path, "llama", tied=True)
+    out, theirs = tmp_path / "m", tmp_path / "theirs"
+    assert CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(theirs)]).exit_code == 0
+    their_weights = (theirs / "model.safetensors").stat().st_ino
+    real, checks = gi.check_target, []
+
+    def check_target(out_dir, overwrite, gguf_path):
+        real(out_dir, overwrite, gguf_path)
+        checks.append(out_dir)
+        if len(checks) == 3:  # the CLI's, import_gguf's first, and its last: the other run lands just after
+            theirs.rename(out_dir)
+
+    monkeypatch.setattr(gi, "check_target", check_target)
+    r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out)])
+    assert r.exit_code == 2, r.output
+    assert r.output.splitlines()[-1] == f"error: {out}: written by another run meanwhile (use --overwrite to " \
+                                        "replace it)"
+    assert (out / "model.safetensors").stat().st_ino == their_weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", path.name]

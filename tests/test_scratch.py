@@ -4,6 +4,7 @@ same place removes it, and never one a live run holds (edgemtp/scratch.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -205,3 +206,82 @@ def test_parents_made_are_removed_when_the_run_fails(tmp_path):
     with scratch.parents_made(out):  # a run that succeeds keeps them
         out.mkdir()
     assert out.is_dir()
+
+
+def _other_run_lands(monkeypatch, out, at_call):
+    """os.replace, with another run's directory renamed to `out` just before this run's `at_call`-th rename."""
+    real, calls = os.replace, []
+
+    def replace(src, dst, **kwargs):
+        calls.append(src)
+        if len(calls) == at_call:
+            other = out.parent / "theirs"
+            other.mkdir()
+            (other / "edgemtp.json").write_text("theirs")
+            real(other, out)
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_two_runs_renaming_into_one_output_leave_one_whole_and_say_so(tmp_path, monkeypatch, existing):
+    """Two runs given one -o finish at the same moment: the one whose rename came second failed with a raw
+    OSError (ENOTEMPTY: a traceback from import-gguf, 'is it in use?' from export, naming a hidden directory),
+    and left the earlier output renamed aside. It is one error naming the output, the other run's result stays
+    whole, and nothing hidden is left."""
+    from edgemtp.errors import EdgemtpError
+
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "edgemtp.json").write_text("old")
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "edgemtp.json").write_text("mine")
+    _other_run_lands(monkeypatch, out, 2 if existing else 1)  # between moving the old aside and renaming in
+    with pytest.raises(EdgemtpError, match=f"^{out}: written by another run meanwhile"):
+        scratch.replace_dir(new, out, ".out.old-")
+    monkeypatch.undo()
+    shutil.rmtree(new)  # the caller's to remove
+    assert (out / "edgemtp.json").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # this run's old output moved aside: gone too
+
+
+def test_an_output_moved_aside_by_another_run_meanwhile_is_said_so(tmp_path, monkeypatch):
+    """The other run moved the old output aside between this run's check that it exists and its own move: a
+    FileNotFoundError naming the output ('No such file or directory' for a path the user just saw)."""
+    from edgemtp.errors import EdgemtpError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "edgemtp.json").write_text("old")
+    new = tmp_path / "new"
+    new.mkdir()
+    real = os.replace
+
+    def replace(src, dst, **kwargs):
+        if src == out and (out / "edgemtp.json").read_text() == "old":
+            real(out, tmp_path / ".theirs-old")  # their move aside, just before ours
+        return real(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(EdgemtpError, match=f"^{out}: written by another run meanwhile"):
+        scratch.replace_dir(new, out, ".out.old-")
+    monkeypatch.undo()
+    assert new.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [".theirs-old", "new"]
+
+
+def test_without_overwrite_only_an_empty_output_is_replaced(tmp_path):
+    from edgemtp.errors import EdgemtpError
+
+    out, new = tmp_path / "out", tmp_path / "new"
+    out.mkdir()
+    new.mkdir()
+    (new / "mine").write_text("x")
+    scratch.replace_dir(new, out, ".out.old-", overwrite=False)  # empty: taken
+    assert [p.name for p in out.iterdir()] == ["mine"]
+    new.mkdir()
+    with pytest.raises(EdgemtpError, match=f"^{out}: written by another run meanwhile \\(use --overwrite"):
+        scratch.replace_dir(new, out, ".out.old-", overwrite=False)
+    assert [p.name for p in out.iterdir()] == ["mine"] and sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
