@@ -2693,3 +2693,27 @@ def test_a_damaged_windows_cache_is_made_afresh_and_closed(tmp_path):
         assert T._stored_spec(damaged) is None and T._stored_spec(tmp_path / "good.npz") == "the spec"
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_second_run_into_a_drafter_directory_in_training_is_refused(tiny_gemma3, tmp_path):
+    """Two train-drafter runs given one -o shared its files as they went: one's train.log rewritten by the other,
+    one checkpoint.tmp written by both at once (a torn checkpoint.pt), and one .final staging directory, which
+    each run empties before filling it and then moves in whole: the drafter published could be one run's
+    config.json (its training record) over the other's weights, or fail with the staging gone. The second run
+    is refused before any work, naming -o; the first finishes as if alone, and a run after it goes ahead."""
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 8, 16, 0), "heldout": {"g": greedy_windows(model, 2, 16, 1)}}
+    kw = dict(data=data, seed=0, shape=dict(hidden=16, intermediate=32, num_layers=1),
+              spec=TrainSpec(batch=4, warmup=2, negatives=32, eval_every=1000))
+    out, refused = tmp_path / "d", []
+
+    def progress(step, total, record):
+        if record.get("phase") == "train" and not refused:
+            with pytest.raises(EdgemtpError, match=f"^-o {out}: another train-drafter run is writing it") as e:
+                train_drafter(model_dir, out, steps=2, **{**kw, "seed": 1})
+            refused.append(e)
+
+    report = train_drafter(model_dir, out, steps=3, progress=progress, **kw)
+    assert refused and json.loads((out / "config.json").read_text())["training"]["seed"] == report["seed"] == 0
+    assert not (out / ".final").exists() and not (out / "checkpoint.tmp").exists()
+    assert train_drafter(model_dir, out, steps=2, **{**kw, "seed": 1})["seed"] == 1  # the lock went with the run

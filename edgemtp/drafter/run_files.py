@@ -8,8 +8,10 @@ train.log. The caches (cache/) stay: they are keyed on their input."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +21,11 @@ import torch
 
 from ..errors import EdgemtpError
 from . import model as M
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 Progress = Callable[[int, int, dict], None]
 
@@ -33,6 +40,31 @@ def fresh_staging(out_dir: Path) -> Path:
     staging = out_dir / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     return staging
+
+
+@contextlib.contextmanager
+def only_run(out_dir: Path):
+    """Held while a run writes `out_dir` (an advisory lock, which the kernel drops when the process dies): a
+    second run given the same -o is refused. Each writes the directory's checkpoint, log and staging
+    directory by fixed names, so that two at once mixed one's drafter with the other's. Without flock
+    (Windows, a file system without it) the run goes on unguarded."""
+    fd = None
+    if fcntl is not None:
+        fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EdgemtpError(f"-o {out_dir}: another train-drafter run is writing it (wait for it to end, or "
+                               "give another -o)") from None
+        except OSError:
+            os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
 
 
 def run_record(seed: int, data, spec, cfg) -> str:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
@@ -197,55 +198,57 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     run = R.run_record(seed, data, spec, cfg)
     state = R.resume_state(out_dir / "checkpoint.pt", run, cfg, steps) if resume else None  # before the target pass
     made = not out_dir.exists()
-    # after the checks: a refused run leaves no directory, nor those made above it (once out_dir holds a cache,
-    # they stay with it)
-    with parents_made(out_dir):
-        out_dir.mkdir(exist_ok=True)
+    with contextlib.ExitStack() as held:
+        # after the checks: a refused run leaves no directory, nor those made above it (once out_dir holds a cache,
+        # they stay with it)
+        with parents_made(out_dir):
+            out_dir.mkdir(exist_ok=True)
+            held.enter_context(R.only_run(out_dir))  # until the drafter is in place
+            torch.set_num_threads(threads)
+            torch.manual_seed(seed)
+            t0 = time.time()
+            try:
+                train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache", progress)
+            except EdgemtpError:  # a corpus not installed (docs: python3.11-doc) refuses the run too
+                if made:
+                    shutil.rmtree(out_dir, ignore_errors=True)
+                raise
+        torch.set_num_threads(max(threads, label_threads))  # the target pass: big matmuls, no per-op stalls
+        target = TargetPass(target_dir, cfg, vocab)
+        caches = target_caches(target, train_ids, heldout_ids, out_dir / "cache", progress)
+        emb = target.model.get_input_embeddings().weight.detach()
+        del target
         torch.set_num_threads(threads)
-        torch.manual_seed(seed)
-        t0 = time.time()
-        try:
-            train_ids, heldout_ids, vocab = _windows(target_dir, tcfg, data, out_dir / "cache", progress)
-        except EdgemtpError:  # a corpus not installed (docs: python3.11-doc) refuses the run too
-            if made:
-                shutil.rmtree(out_dir, ignore_errors=True)
-            raise
-    torch.set_num_threads(max(threads, label_threads))  # the target pass: big matmuls, no per-op stalls
-    target = TargetPass(target_dir, cfg, vocab)
-    caches = target_caches(target, train_ids, heldout_ids, out_dir / "cache", progress)
-    emb = target.model.get_input_embeddings().weight.detach()
-    del target
-    torch.set_num_threads(threads)
-    prep_s = time.time() - t0
-    vocab = vocab if vocab is not None else np.arange(cfg.vocab_size)
-    model, opt, start, earlier_s = _model_and_optimizer(cfg, spec, state)
-    if start_from is not None and start == 0:
-        model.load_state_dict(start_from.state_dict())
-    log = R.Log(out_dir / "train.log", progress, steps, start, resume)
-    if start == 0:
-        log.write(0, {"phase": "eval", **_evaluate(model, emb, caches, spec, vocab)})
-    t1 = time.time() - earlier_s  # a resumed run counts the training time before the interruption too
-    for step in range(start, steps):
-        stats = _train_step(model, opt, emb, caches["train"], step, steps, spec, vocab, seed)
-        log.write(step + 1, {"phase": "train", **stats, "s": round(time.time() - t1, 1)})
-        if (step + 1) % spec.ckpt_every == 0 or step + 1 in (steps, stop_at):
-            R.save_checkpoint(model, opt, step + 1, time.time() - t1, out_dir / "checkpoint.pt", run)
-        if step + 1 == stop_at:
-            return None
-        if (step + 1) % spec.eval_every == 0 and step + 1 < steps:
-            log.write(step + 1, {"phase": "eval", **_evaluate(model, emb, caches, spec, vocab)})
-    final = _evaluate(model, emb, caches, spec, vocab)
-    log.write(steps, {"phase": "eval", **final})
-    # threads: the weights depend on them (torch sums in another order on another number of threads)
-    report = {"steps": steps, "seed": seed, "threads": threads, "prepare_s": round(prep_s, 1),
-              "train_s": round(time.time() - t1, 1),
-              "train_positions": int(np.prod(caches["train"]["ids"].shape)), "heldout": final,
-              "data": asdict(data) if isinstance(data, DataSpec) else "arrays", "spec": asdict(spec)}
-    if init is not None:  # provenance: the run this one started from, with its own record (and so on back)
-        report["init"] = {"from": str(init), "training": init_record}
-    head = (head_clusters, head_top_k) if head_clusters else None
-    _write_drafter(model, report, out_dir, target_dir, init, head, seed, progress)
-    return report
+        prep_s = time.time() - t0
+        vocab = vocab if vocab is not None else np.arange(cfg.vocab_size)
+        model, opt, start, earlier_s = _model_and_optimizer(cfg, spec, state)
+        if start_from is not None and start == 0:
+            model.load_state_dict(start_from.state_dict())
+        log = R.Log(out_dir / "train.log", progress, steps, start, resume)
+        if start == 0:
+            log.write(0, {"phase": "eval", **_evaluate(model, emb, caches, spec, vocab)})
+        t1 = time.time() - earlier_s  # a resumed run counts the training time before the interruption too
+        for step in range(start, steps):
+            stats = _train_step(model, opt, emb, caches["train"], step, steps, spec, vocab, seed)
+            log.write(step + 1, {"phase": "train", **stats, "s": round(time.time() - t1, 1)})
+            if (step + 1) % spec.ckpt_every == 0 or step + 1 in (steps, stop_at):
+                R.save_checkpoint(model, opt, step + 1, time.time() - t1, out_dir / "checkpoint.pt", run)
+            if step + 1 == stop_at:
+                return None
+            if (step + 1) % spec.eval_every == 0 and step + 1 < steps:
+                log.write(step + 1, {"phase": "eval", **_evaluate(model, emb, caches, spec, vocab)})
+        final = _evaluate(model, emb, caches, spec, vocab)
+        log.write(steps, {"phase": "eval", **final})
+        # threads: the weights depend on them (torch sums in another order on another number of threads)
+        report = {"steps": steps, "seed": seed, "threads": threads, "prepare_s": round(prep_s, 1),
+                  "train_s": round(time.time() - t1, 1),
+                  "train_positions": int(np.prod(caches["train"]["ids"].shape)), "heldout": final,
+                  "data": asdict(data) if isinstance(data, DataSpec) else "arrays", "spec": asdict(spec)}
+        if init is not None:  # provenance: the run this one started from, with its own record (and so on back)
+            report["init"] = {"from": str(init), "training": init_record}
+        head = (head_clusters, head_top_k) if head_clusters else None
+        _write_drafter(model, report, out_dir, target_dir, init, head, seed, progress)
+        return report
 
 
 def _write_drafter(model, report: dict, out_dir: Path, target_dir: Path, init: Path | None,
