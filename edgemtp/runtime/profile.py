@@ -2,8 +2,8 @@
 
 Each row: prefill (pp) and generation (tg) tokens/s as mean ± std over repetitions after a warm-up,
 time to first token, acceptance and tokens per round (a draft and its verification: on a static bundle
-a round can take several target passes), the per-round time split (drafter, verify, runtime overhead),
-peak RSS and the bundle's size. Rows that cannot run here (provider not
+a round can take several target passes), the per-round time split (drafter, the target's verify passes, the
+rest: acceptance, sampling, bookkeeping), peak RSS and the bundle's size. Rows that cannot run here (provider not
 available, prompt + generation beyond the KV capacity) are kept with a `skipped` reason.
 """
 
@@ -61,7 +61,7 @@ class Row:
     acceptance_rate: float = 0.0
     tokens_per_round: float = 0.0
     acceptance_by_position: list[float] = field(default_factory=list)
-    split_s: dict = field(default_factory=dict)  # per round: draft / verify / other
+    split_s: dict = field(default_factory=dict)  # per round: draft / verify (target passes) / other: decode_s
     peak_rss_mb: float = 0.0
     peak_reset: bool = True  # False: the peak could not be reset before the row (see reset_peak_rss)
 
