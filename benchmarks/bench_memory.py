@@ -31,7 +31,14 @@ from pathlib import Path
 from edgemtp.errors import script_main
 
 ROOT = Path(__file__).resolve().parent.parent
-CHILD = """
+# Read here, not imported from edgemtp: with --baseline the child runs an older checkout's edgemtp.
+STATUS = """
+def status_mb():
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in f
+                if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:"))}
+"""
+CHILD = STATUS + """
 import json, sys, time
 import edgemtp
 from edgemtp.runtime.engine import Engine
@@ -41,9 +48,7 @@ engine = Engine.load(sys.argv[1], threads=2, verify=False)
 load_s = time.perf_counter() - t0
 draft = None if sys.argv[3] == "none" else Draft(sys.argv[3])
 engine.generate("def fibonacci(n):", max_new_tokens=int(sys.argv[2]), draft=draft)
-status = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in open("/proc/self/status")
-          if line.startswith(("VmHWM:", "VmRSS:", "RssAnon:"))}
-print(json.dumps({**status, "load_s": load_s, "source": edgemtp.__file__}))
+print(json.dumps({**status_mb(), "load_s": load_s, "source": edgemtp.__file__}))
 """
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 import bench_memory as bm  # noqa: E402
 
@@ -26,3 +28,12 @@ def test_a_relative_bundle_is_the_one_named_here(tmp_path, monkeypatch):
     assert Path(seen["bundle"]) == tmp_path / "b.bundle" and Path(seen["bundle"]).is_absolute()
     # the child runs in the checkout and imports its edgemtp (the fake's "source" cannot tell another one)
     assert Path(seen["cwd"]) == Path(seen["path"]) == bm.ROOT.resolve()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_childs_status_reading_closes_its_file():
+    """The child read /proc/self/status through an open() never closed: a ResourceWarning in each run."""
+    code = bm.STATUS + "import json; print(json.dumps(status_mb()))"
+    r = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "ResourceWarning" not in r.stderr, r.stderr
+    assert set(json.loads(r.stdout)) == {"VmHWM", "VmRSS", "RssAnon"}

@@ -14,15 +14,19 @@ glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_
 
 _ANON = """
 def anon_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
 """
 
 
 def _run(code: str) -> dict:
-    r = subprocess.run([sys.executable, "-c", _ANON + textwrap.dedent(code)], capture_output=True, text=True)
+    # ResourceWarnings shown: a file or mapping left open by the code measured (or by anon_mb) fails the test
+    r = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", _ANON + textwrap.dedent(code)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert "ResourceWarning" not in r.stderr, r.stderr
     return json.loads(r.stdout.splitlines()[-1])
 
 
