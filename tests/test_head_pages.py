@@ -82,6 +82,38 @@ def test_a_mapped_table_is_the_file_s_bytes_on_2mb_pages(tmp_path):
         HP.map_on_huge_pages(path, 0, 4096)
 
 
+@linux
+def test_a_failed_mapping_is_closed(tmp_path, monkeypatch):
+    """A file shortened between its size's check and its mapping, or a madvise / fault_in that fails: the error
+    is raised and the mapping closed (it was left to whoever dropped the error's traceback)."""
+    path = tmp_path / "w.data"
+    path.write_bytes(bytes(3 << 20))
+    made, real_mmap = [], mmap.mmap
+
+    def shrinking_mmap(fd, length, **kwargs):  # the file shortened by another process after the size's check
+        os.truncate(path, 1 << 20)
+        made.append(real_mmap(fd, length, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(HP.mmap, "mmap", shrinking_mmap)
+    with pytest.raises(EdgemtpError, match=r"w\.data: 1048576 bytes, and its graph reads a table up to byte"):
+        HP.map_on_huge_pages(path, 0, 2 << 20)
+    assert made[-1].closed
+
+    def recording_mmap(fd, length, **kwargs):
+        made.append(real_mmap(fd, length, **kwargs))
+        return made[-1]
+
+    def fail(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(HP.mmap, "mmap", recording_mmap)
+    monkeypatch.setattr(HP, "fault_in", fail)
+    with pytest.raises(OSError):
+        HP.map_on_huge_pages(path, 0, 4096)
+    assert made[-1].closed
+
+
 def test_only_the_gemv_table_is_mapped_and_every_graph_naming_it_gets_it(mtp_bundle, tiny_gemma3, tmp_path, thp):
     b = bundle_mod.load(mtp_bundle)
     tables = HP.HeadTables.load(b)

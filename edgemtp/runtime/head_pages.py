@@ -112,10 +112,15 @@ def map_on_huge_pages(path: Path, offset: int, length: int) -> np.ndarray:
         if end > size:  # said before mapping: mmap refuses an empty file with a ValueError
             raise EdgemtpError(f"{path}: {size} bytes, and its graph reads a table up to byte {end}")
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # it keeps its own descriptor
-        if end > len(mapping):  # shortened since
-            raise EdgemtpError(f"{path}: {len(mapping)} bytes, and its graph reads a table up to byte {end}")
-        mapping.madvise(mmap.MADV_HUGEPAGE, start, end - start)
-        fault_in(mapping, f.fileno(), start, end)
+        try:
+            if end > len(mapping):  # shortened since
+                raise EdgemtpError(f"{path}: {len(mapping)} bytes, and its graph reads a table up to byte {end}")
+            mapping.madvise(mmap.MADV_HUGEPAGE, start, end - start)
+            fault_in(mapping, f.fileno(), start, end)
+        except BaseException:
+            # unmapped now, not once the error's traceback (which holds `mapping`) is dropped
+            mapping.close()
+            raise
     return np.frombuffer(mapping, np.uint8, count=length, offset=offset)
 
 
