@@ -265,9 +265,9 @@ def main() -> None:
                     "replay_same_rows": summary(same, args.k)}
         print(domain, json.dumps(report[domain]), flush=True)
     prose = [d for d in ("docs", "shakespeare") if d in report]
-    report["prose"] = {f"mtp_{h}": summary([a for d in prose for a in pooled[h][d]], args.k)
-                       for h in pooled} if prose else {}
-    print("prose", json.dumps(report["prose"]))
+    if prose:  # no line (nor key) at all where no prose domain was asked for
+        report["prose"] = {f"mtp_{h}": summary([a for d in prose for a in pooled[h][d]], args.k) for h in pooled}
+        print("prose", json.dumps(report["prose"]))
     if len(drafters) > 1:  # per-prompt differences: the prompts vary far more than the drafters (heads) do
         report["paired"] = paired(per_row, args.domains.split(","))
         print("paired", json.dumps(report["paired"]))

@@ -210,10 +210,11 @@ def test_drafter_acceptance(tiny, capsys, monkeypatch, tmp_path):
 
     bundle = tmp_path / "mtp"  # it writes its drafter graphs into the bundle directory
     shutil.copytree(tiny["mtp"], bundle)
-    run("drafter_acceptance.py", bundle, "--drafter", tiny["drafter"], "--domains", "code", "--prompts", 1,
-        "--prompt-len", 16, "--new", 8, "--k", 2, "--chunk", 1, "--speculative", 1, "--hybrid", 2,
-        "--json", tmp_path / "a.json", capsys=capsys, monkeypatch=monkeypatch)
+    out = run("drafter_acceptance.py", bundle, "--drafter", tiny["drafter"], "--domains", "code", "--prompts", 1,
+              "--prompt-len", 16, "--new", 8, "--k", 2, "--chunk", 1, "--speculative", 1, "--hybrid", 2,
+              "--json", tmp_path / "a.json", capsys=capsys, monkeypatch=monkeypatch)
     got = json.loads((tmp_path / "a.json").read_text())
+    assert "prose" not in got and not any(line.startswith("prose") for line in out.splitlines())  # none asked
     code = got["code"]
     for name in ("prompt_lookup", "mtp_full", "mtp_full_hybrid2"):
         assert code[name]["rounds"] > 0 and 1 <= code[name]["tokens_per_round"] <= 3
