@@ -236,17 +236,19 @@ def main() -> None:
 
 
 def print_table(rows: dict) -> None:
-    head = " ".join(f"{'k=' + str(k):>13s}" for k in TOP_KS)
-    print(f"\n{'method':11s} {'data':6s} {head}   (recall@1 / mass)")
+    # the label column as wide as its longest label: a --head file's whole path, so two heads never read alike
+    width = max([len("  + context"), *map(len, rows)])
+    head = " ".join(f"{'k=' + str(k):>12s}" for k in TOP_KS)  # as wide as a cell, "0.1234/0.567"
+    print(f"\n{'method':{width}s} {'data':6s} {head}   (recall@1 / mass)")
     for method, by_data in rows.items():
         for data, fig in by_data.items():
             if data == "cpu_s":
                 continue
             cells = " ".join(f"{fig['k'][k]['recall']:6.4f}/{fig['k'][k]['mass']:.3f}" for k in TOP_KS)
-            print(f"{method[-40:]:11s} {data:6s} {cells}")
+            print(f"{method:{width}s} {data:6s} {cells}")
             if "recall_context" in fig["k"][TOP_KS[0]]:
                 cells = " ".join(f"{fig['k'][k]['recall_context']:6.4f}      " for k in TOP_KS)
-                print(f"{'  + context':11s} {data:6s} {cells}")
+                print(f"{'  + context':{width}s} {data:6s} {cells}")
 
 
 def recent_tokens(ids: np.ndarray, width: int) -> np.ndarray:

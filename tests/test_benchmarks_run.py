@@ -349,3 +349,29 @@ def test_window_copies_refuses_a_bundle_with_one_kv_head(tiny, capsys, monkeypat
             monkeypatch=monkeypatch)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "no sliding layer with several KV heads" in err, err
+
+
+def test_head_recall_s_table_names_each_row_in_full_under_its_column(capsys, monkeypatch):
+    """A --head file's path was cut to its last 40 characters (two heads could read alike) and pushed its row's
+    cells past the columns, whose k= headings drifted a character right of their cells per column."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import head_recall
+    from edgemtp.calibration.head_report import TOP_KS
+
+    def fig(context):
+        return {"k": {k: {"recall": 0.9123, "mass": 0.876, **({"recall_context": 0.95} if context else {})}
+                      for k in TOP_KS}}
+
+    long = "/home/someone/.cache/edgemtp/drafters/gemma3-270m-old/head.safetensors"
+    head_recall.print_table({"swapped": {"code": fig(True), "cpu_s": 3.0}, long: {"code": fig(False)}})
+    lines = capsys.readouterr().out.strip("\n").splitlines()
+    assert [line.split()[0] for line in lines] == ["method", "swapped", "+", long]
+    n = len(TOP_KS) + 1  # the data column, then one a k
+
+    def spans(line):
+        return [m.span() for m in re.finditer(r"\S+", line)][-n:]
+
+    heading, cells, context, cells_2 = spans(lines[0].removesuffix("(recall@1 / mass)")), *map(spans, lines[1:])
+    assert [start for start, _ in heading[:1] + cells[:1] + context[:1] + cells_2[:1]] == [heading[0][0]] * 4
+    assert [end for _, end in heading[1:]] == [end for _, end in cells[1:]] == [end for _, end in cells_2[1:]]
+    assert [start for start, _ in context[1:]] == [start for start, _ in cells[1:]]
