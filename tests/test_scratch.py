@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -169,7 +170,7 @@ def test_an_output_named_near_the_file_systems_limit_is_written(tiny_gemma3, tmp
         out = export(tiny_gemma3[1], tmp_path / quant / name, quant, capacity=64, quant_options=options)
         assert bundle.load(out).graph("target").quant == quant
         assert os.listdir(tmp_path / quant) == [name]  # nothing hidden left beside it
-    into_place(tmp_path / name, lambda path: open(path, "w").write("trace"))
+    into_place(tmp_path / name, lambda path: Path(path).write_text("trace"))
     assert (tmp_path / name).read_text() == "trace"
     prefix = scratch.hidden_prefix(tmp_path / name, "edgemtp-fp32-")
     assert prefix == "." + "x" + "é" * 99 + ".edgemtp-fp32-" and len(os.fsencode(prefix)) <= 255 - 8
@@ -182,7 +183,7 @@ def test_a_trace_whose_name_has_a_long_suffix_is_written(tmp_path):
     from edgemtp.runtime.profile_report import into_place
 
     for name in ("run.1-" + "x" * 240, "y" * 240 + ".json"):
-        into_place(tmp_path / name, lambda path: open(path, "w").write(name))
+        into_place(tmp_path / name, lambda path: Path(path).write_text(name))
         assert (tmp_path / name).read_text() == name
     assert sorted(os.listdir(tmp_path)) == sorted(["run.1-" + "x" * 240, "y" * 240 + ".json"])
 
