@@ -1020,11 +1020,20 @@ def test_the_trace_table_totals_each_ops_kernel_time(tmp_path):
     produced = tmp_path / "ort.json"
     produced.write_text(json.dumps(events))
     session = type("Session", (), {"end_profiling": lambda self: str(produced)})()
-    engine = type("Engine", (), {"target": type("Target", (), {"session": session})()})()
+    closed = []
+    engine = type("Engine", (), {"target": type("Target", (), {"session": session})(),
+                                 "close": lambda self: closed.append(True)})()
     table = report.write_trace(lambda prefix: engine, lambda e: None, tmp_path / "t.json")
+    assert closed == [True]  # the engine it made is closed once the trace is read
     assert [line.split() for line in table.splitlines()[1:]] == [["MatMul", "4.5", "2", "90.0%"],
                                                                 ["Add", "0.5", "1", "10.0%"]]
     assert json.loads((tmp_path / "t.json").read_text()) == events
+
+    def fails(e):
+        raise RuntimeError("the run failed")
+    with pytest.raises(RuntimeError, match="the run failed"):
+        report.write_trace(lambda prefix: engine, fails, tmp_path / "u.json")
+    assert closed == [True, True] and not (tmp_path / "u.json").exists()  # closed on a failed run too
 
 
 def test_a_batch_is_skipped_when_its_cache_and_logits_take_over_half_the_memory(tiny_gemma3, monkeypatch):

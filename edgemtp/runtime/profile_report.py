@@ -138,8 +138,11 @@ def write_trace(engine_factory, run, out: Path, top: int = 15) -> str:
     # beside `out`, which the command checked writable: a read-only container may have no temporary directory
     with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=".edgemtp-trace-") as tmp:
         engine = engine_factory(str(Path(tmp) / "ort"))
-        run(engine)
-        produced = engine.target.session.end_profiling()
+        try:
+            run(engine)
+            produced = engine.target.session.end_profiling()
+        finally:  # its sessions and mappings now, also when the run fails, not at the garbage collector's pleasure
+            engine.close()
         events = json.loads(Path(produced).read_text(encoding="utf-8"))
         into_place(out, lambda path: shutil.copyfile(produced, path))
     by_op = collections.Counter()
