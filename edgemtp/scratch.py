@@ -220,6 +220,28 @@ def replace_dir(new: Path, out: Path, prefix: str, suffix: str = "", overwrite: 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def place_file(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Renames file `tmp` (written whole beside `out`) to `out`. Without `overwrite` an `out` there is kept and this
+    fails with an EdgemtpError naming it: the caller checked for one at its start, but another run given the same
+    output may have written its own since (minutes of work), which a rename replaced without a word. A hard link
+    fails if the name exists, where a check then a rename leaves a gap. `tmp` is gone either way."""
+    try:
+        if overwrite:
+            os.replace(tmp, out)
+            return
+        try:
+            os.link(tmp, out)
+        except FileExistsError as e:
+            raise _written_meanwhile(out, e, overwrite) from None
+        except OSError:  # no hard links on this file system (FAT, some network ones): a check, then the rename
+            if os.path.lexists(out):
+                raise _written_meanwhile(out, None, overwrite) from None
+            os.replace(tmp, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def _written_meanwhile(out: Path, error: OSError | None, overwrite: bool) -> Exception:
     """What a rename into `out` that failed with `error` says: another run's output there, or (another errno,
     not a race) the OSError itself."""

@@ -1465,6 +1465,27 @@ def test_cluster_replaces_existing_tables_only_with_overwrite(tiny_gemma3, tmp_p
     assert load_head(tmp_path / "h")[1]["seed"] == 1
 
 
+def test_cluster_without_overwrite_keeps_tables_another_run_wrote_meanwhile(tiny_gemma3, tmp_path, monkeypatch):
+    """Two cluster runs given one -o both pass the check at their start; the one ending second replaced the
+    other's head.safetensors without a word. Without --overwrite it now says so and leaves the other's."""
+    from edgemtp.calibration import head_report
+
+    out = tmp_path / "h"
+    real = head_report.cluster_vocab
+
+    def other_run_ends_first(*a, **k):
+        out.mkdir(exist_ok=True)
+        (out / "head.safetensors").write_bytes(b"the other run's")
+        return real(*a, **k)
+
+    monkeypatch.setattr(head_report, "cluster_vocab", other_run_ends_first)
+    r = run("cluster", tiny_gemma3[1], "-o", out, "--clusters", 8, "--top-k", 2, "--calibration", "none")
+    assert_one_line_error(r, f"{out / 'head.safetensors'}: written by another run meanwhile (use --overwrite to "
+                             "replace it)")
+    assert (out / "head.safetensors").read_bytes() == b"the other run's"
+    assert sorted(p.name for p in out.iterdir()) == ["head.safetensors"]  # no temporary file left
+
+
 def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, monkeypatch):
     """Every file and value cluster reads is checked before k-means (and before a drafter's states): named
     by its flag or file, one line, nothing written."""

@@ -286,3 +286,23 @@ def test_without_overwrite_only_an_empty_output_is_replaced(tmp_path):
     with pytest.raises(EdgemtpError, match=f"^{out}: written by another run meanwhile \\(use --overwrite"):
         scratch.replace_dir(new, out, ".out.old-", overwrite=False)
     assert [p.name for p in out.iterdir()] == ["mine"] and sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+
+
+def test_a_file_placed_without_overwrite_never_replaces_one_put_there_meanwhile(tmp_path):
+    """A single output file (cluster's head.safetensors) is checked for at the run's start, minutes before it is
+    written: another run given the same -o may have written its own since. Without --overwrite, that one stays
+    and this run says so, naming the file; its temporary file is removed."""
+    from edgemtp.errors import EdgemtpError
+
+    out = tmp_path / "head.safetensors"
+    tmp = tmp_path / ".head.tmp"
+    tmp.write_bytes(b"mine")
+    scratch.place_file(tmp, out, overwrite=False)  # nothing there: placed
+    assert out.read_bytes() == b"mine" and not tmp.exists()
+    tmp.write_bytes(b"second")
+    with pytest.raises(EdgemtpError, match=f"^{out}: written by another run meanwhile \\(use --overwrite"):
+        scratch.place_file(tmp, out, overwrite=False)
+    assert out.read_bytes() == b"mine" and not tmp.exists()
+    tmp.write_bytes(b"second")
+    scratch.place_file(tmp, out, overwrite=True)
+    assert out.read_bytes() == b"second" and not tmp.exists()

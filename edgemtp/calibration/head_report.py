@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import EdgemtpError
-from ..scratch import as_open_makes, parents_made
+from ..scratch import as_open_makes, parents_made, place_file
 from .centroids import full_head_top, in_domain, packed_tables, predicted_mass
 from .clustering import HeadTables, check_sizes, cluster_vocab, table_problem
 from .collect import POSITIONS, TOP, Progress, collect_calibration, head_top
@@ -81,7 +81,7 @@ def load_hidden(source, hidden_size: int) -> np.ndarray:
 
 def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: int = 32, seed: int = 0,
                   progress: Progress | None = None, calibration=None, positions: int = POSITIONS,
-                  source: str | None = None) -> Path:
+                  source: str | None = None, overwrite: bool = True) -> Path:
     """Cluster the head of the model in `model_dir` and write `out_dir/head.safetensors`; returns it.
 
     calibration: None (default) collects `positions` final hidden states of the model on the offline
@@ -89,14 +89,15 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
     'hidden'), e.g. a few ten thousand positions of text like the deployment's; or "none": the
     clusters come from the embedding table alone (spherical k-means), with much lower recall.
     source: what the metadata's calibration_source calls the states (default: the file's path as given, or
-    "array")."""
+    "array"). overwrite: False keeps a head.safetensors another run wrote there meanwhile (save_head)."""
     embed = head_rows(model_dir)
     check_sizes(len(embed), clusters, top_k)
     meta = {"clusters": clusters, "top_k": top_k, "vocab_size": len(embed), "hidden_size": embed.shape[1],
             "seed": seed}
     if isinstance(calibration, (str, Path)) and str(calibration) == NO_CALIBRATION:
         tables = cluster_vocab(embed, clusters, seed, progress=progress)
-        return save_head(Path(out_dir), tables, {**meta, "method": "spherical-kmeans", "calibration_positions": 0})
+        return save_head(Path(out_dir), tables, {**meta, "method": "spherical-kmeans", "calibration_positions": 0},
+                         overwrite)
     texts = token_texts(model_dir, len(embed))
     softcap = logit_softcap(model_dir)
     if calibration is None:
@@ -112,12 +113,13 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
     tables = packed_tables(embed, clusters, hidden, top_ids, top_probs, domain, seed, progress=progress)
     meta.update({"method": "packed", "calibration_positions": len(hidden), "calibration_source": source,
                  "in_domain_tokens": int(domain.sum())})
-    return save_head(Path(out_dir), tables, meta)
+    return save_head(Path(out_dir), tables, meta, overwrite)
 
 
-def save_head(out_dir: Path, tables: HeadTables, meta: dict) -> Path:
+def save_head(out_dir: Path, tables: HeadTables, meta: dict, overwrite: bool = True) -> Path:
     """Writes head.safetensors whole or not at all: to a temporary file renamed over it (a full disk or a
-    kill leaves an earlier head as it was, and the directories this call made are removed again)."""
+    kill leaves an earlier head as it was, and the directories this call made are removed again). Without
+    `overwrite`, one another run wrote there meanwhile stays, and this fails naming it (scratch.place_file)."""
     data = _safetensors({"token_ordering": np.ascontiguousarray(tables.token_ordering, "<i8"),
                          "centroids": np.ascontiguousarray(tables.centroids, "<f4"),
                          "token_mask": np.ascontiguousarray(tables.token_mask, bool)},
@@ -131,7 +133,7 @@ def save_head(out_dir: Path, tables: HeadTables, meta: dict) -> Path:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             as_open_makes(Path(tmp))  # mkstemp's 0600 would keep the tables from other users
-            os.replace(tmp, path)
+            place_file(Path(tmp), path, overwrite)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             if made and not any(out_dir.iterdir()):

@@ -248,11 +248,12 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
                 raise EdgemtpError("--drafter needs torch: pip install 'edgemtp[train]'")
             from ..drafter import head_fit
             path = head_fit.fit_head(drafter_dir, model_dir, out, clusters, top_k, positions or head_fit.POSITIONS,
-                                     seed, progress)
+                                     seed, progress, overwrite=overwrite)
         else:
             path = cluster_model(model_dir, out, clusters, top_k, seed, progress,
                                  NO_CALIBRATION if no_calibration else states.get("--calibration"),
-                                 positions=positions or POSITIONS, source=str(calibration) if calibration else None)
+                                 positions=positions or POSITIONS, source=str(calibration) if calibration else None,
+                                 overwrite=overwrite)
     click.echo(f"wrote {path}", err=report_hidden is not None)  # a report's JSON is stdout's only text
     if report_hidden:
         report = recall_report(model_dir, path, states["--report"], softcap=softcap, speed=True)

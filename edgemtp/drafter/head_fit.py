@@ -73,12 +73,13 @@ def draft_states(drafter_dir: Path, target_dir: Path, cache_dir: Path, positions
 
 def fit_head(drafter_dir: Path, target_dir: Path, out_dir: Path | None = None, clusters: int = 2048,
              top_k: int = 32, positions: int = POSITIONS, seed: int = 0, progress=None,
-             cache_dir: Path | None = None) -> Path:
+             cache_dir: Path | None = None, overwrite: bool = True) -> Path:
     """Writes (out_dir or drafter_dir)/head.safetensors: the clustered head of the target's embedding,
-    calibrated on the drafter's own states from `cache_dir` (default drafter_dir/cache/train). Returns the file."""
+    calibrated on the drafter's own states from `cache_dir` (default drafter_dir/cache/train). Returns the file.
+    overwrite: False keeps one another run wrote there meanwhile (cluster_model)."""
     from ..calibration.head_report import cluster_model
 
     cache_dir = Path(drafter_dir) / "cache" / "train" if cache_dir is None else cache_dir
     states = draft_states(drafter_dir, target_dir, cache_dir, positions, seed, progress=progress)
     return cluster_model(target_dir, out_dir or drafter_dir, clusters, top_k, seed, progress, calibration=states,
-                         source="drafter states")
+                         source="drafter states", overwrite=overwrite)
