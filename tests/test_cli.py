@@ -9,6 +9,7 @@ import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -2157,6 +2158,87 @@ def test_a_ready_read_only_workdir_runs(tiny_gemma3, tmp_path, monkeypatch):
     shutil.rmtree(workdir / "gemma3-270m.bundle")
     r = run("quickstart", "--workdir", workdir, "--prompt", "t1 t2", "--max-new-tokens", 3)
     assert r.exit_code == 2 and r.output == f"error: --workdir {workdir}: cannot write in {workdir}\n", r.output
+
+
+QUICKSTART_RUN = """
+import os, shutil, sys, time
+from pathlib import Path
+import edgemtp.exporters, edgemtp.gguf_import
+from edgemtp.cli import cli
+
+role, tmp = sys.argv[1], Path(sys.argv[2])
+log = tmp / "calls"
+
+
+def other_run_reached_the_import():
+    # the first run's import lasts until the second one has waited for it, or (no lock) imported as well
+    waits = tmp / "second.err"
+    while "waits for another quickstart run" not in (waits.read_text() if waits.exists() else ""):
+        if "import second" in (log.read_text() if log.exists() else "") or time.time() > START + 60:
+            return
+        time.sleep(0.05)
+
+
+def import_gguf(gguf, model_dir, progress=None, overwrite=False):
+    with open(log, "a") as f:
+        f.write(f"import {role}\\n")
+    if role == "first":
+        other_run_reached_the_import()
+    shutil.copytree(tmp / "model", tmp / f"model.{role}")
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp / f"model.{role}", model_dir)  # as replace_dir without overwrite: fails over another's
+
+
+def export(model_dir, bundle_dir, **kw):
+    with open(log, "a") as f:
+        f.write(f"export {role}\\n")
+    shutil.copytree(tmp / "bundle", tmp / f"bundle.{role}")
+    shutil.rmtree(bundle_dir, ignore_errors=True)  # overwrite=True
+    os.rename(tmp / f"bundle.{role}", bundle_dir)
+
+
+START = time.time()
+edgemtp.gguf_import.default_gguf_path = lambda: tmp / "none.gguf"
+edgemtp.gguf_import.import_gguf = import_gguf
+edgemtp.exporters.export = export
+cli(["quickstart", "--workdir", str(tmp / "qs"), "--prompt", "t1 t2", "--max-new-tokens", "3"])
+"""
+
+
+def test_two_quickstarts_at_once_import_and_export_once(tiny_gemma3, tmp_path):
+    """quickstart run in two terminals at once: both imported the default model (the slower failing on the
+    other's directory) and both exported the bundle with overwrite (replacing the one the other run was
+    loading). The second now waits for the first, says so in one line, and uses what the first made."""
+    import shutil
+
+    from edgemtp.drafter import export as drafter_export
+
+    from .test_drafter import tiny_drafter
+
+    shutil.copytree(tiny_gemma3[1], tmp_path / "model")
+    shutil.copytree(tiny_gemma3[2], tmp_path / "bundle")
+    tiny_drafter(tiny_gemma3[1], tmp_path / "drafter")
+    drafter_export.add_to_bundle(tmp_path / "bundle", tmp_path / "drafter")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    runs = {}
+    for role in ("first", "second"):
+        if role == "second":  # once the first is importing
+            while not (tmp_path / "calls").exists():
+                assert runs["first"].poll() is None, (tmp_path / "first.err").read_text()
+                time.sleep(0.05)
+        with open(tmp_path / f"{role}.out", "w") as out, open(tmp_path / f"{role}.err", "w") as err:
+            runs[role] = subprocess.Popen([sys.executable, "-c", QUICKSTART_RUN, role, str(tmp_path)], stdout=out,
+                                          stderr=err, env=env)
+    codes = {role: p.wait(timeout=300) for role, p in runs.items()}
+    shown = {role: (tmp_path / f"{role}.err").read_text() for role in runs}
+    assert codes == {"first": 0, "second": 0}, shown
+    assert (tmp_path / "calls").read_text().split("\n") == ["import first", "export first", ""], shown
+    waits = [line for line in shown["second"].splitlines() if "waits" in line]
+    assert waits == [f"--workdir {tmp_path / 'qs'}: waits for another quickstart run to import and export the "
+                     "model there"], shown
+    for role in runs:
+        assert (tmp_path / f"{role}.out").read_text().count("decode 2 tokens") == 2, shown
 
 
 def test_info_describes_a_qdq_target(tiny_gemma3):

@@ -3,6 +3,7 @@ agreement with a reference bundle) and quickstart."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -15,6 +16,11 @@ from click.core import ParameterSource
 from ..errors import EdgemtpError
 from .base import cli, needs_exporter, progress_bar, writable_dir
 from .run import read_prompt, speed_line
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 def int_list(flag: str, value: str) -> list[int]:
@@ -169,9 +175,6 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     """Import the default model (Gemma 3 270M), export a bundle with its shipped MTP drafter, generate
     plainly and speculatively, and print both speeds."""
     needs_exporter("quickstart", "default-model")  # the extra with the model too: one install, not two
-    from .. import bundle as bundle_mod
-    from ..exporters import AUTO, export
-    from ..gguf_import import default_gguf_path, import_gguf
     from ..runtime.engine import Draft, Engine, new_stats
 
     if max_new_tokens < 1:
@@ -180,17 +183,10 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     if workdir.exists() and not workdir.is_dir():
         raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")
     model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
-    imported = (model_dir / "config.json").is_file()
-    fresh = (bundle_dir / "edgemtp.json").is_file() and bundle_mod.load(bundle_dir, verify=False).has_graph("drafter")
-    if not (imported and fresh):  # e.g. a read-only home: named here, not as a path deep inside it
+    if not all(made(model_dir, bundle_dir)):  # e.g. a read-only home: named here, not as a path deep inside it
         writable_dir(workdir, "--workdir")  # (a ready workdir may be read-only: nothing is written then)
-    if not imported:
-        gguf = default_gguf_path()
-        with progress_bar("importing Gemma 3 270M", show_what=True) as progress:
-            import_gguf(gguf, model_dir, progress=progress)
-    if not fresh:  # none yet, or one exported before the drafter shipped
-        with progress_bar("exporting the bundle", show_what=True) as progress:
-            export(model_dir, bundle_dir, progress=progress, drafter=AUTO, overwrite=True)
+        with one_quickstart(workdir):
+            import_and_export(model_dir, bundle_dir)
     runs = (("plain decoding", None), ("speculative (MTP drafter + prompt lookup, K=4)", Draft("auto", 4)))
     for label, draft in runs:
         # each on the engine `edgemtp generate` loads for it (its threads spin between runs for plain
@@ -203,6 +199,60 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
         click.echo()
         click.echo(speed_line(stats))
         del engine  # freed before the next one loads
+
+
+def made(model_dir: Path, bundle_dir: Path) -> tuple[bool, bool]:
+    """Whether quickstart's model is imported, and its bundle exported with a drafter."""
+    from .. import bundle as bundle_mod
+
+    fresh = (bundle_dir / "edgemtp.json").is_file() and bundle_mod.load(bundle_dir, verify=False).has_graph("drafter")
+    return (model_dir / "config.json").is_file(), fresh
+
+
+def import_and_export(model_dir: Path, bundle_dir: Path) -> None:
+    """quickstart's model and bundle, those not made yet (checked again here: the run this one waited for
+    may have made them)."""
+    from ..exporters import AUTO, export
+    from ..gguf_import import default_gguf_path, import_gguf
+
+    imported, fresh = made(model_dir, bundle_dir)
+    if not imported:
+        gguf = default_gguf_path()
+        with progress_bar("importing Gemma 3 270M", show_what=True) as progress:
+            import_gguf(gguf, model_dir, progress=progress)
+    if not fresh:  # none yet, or one exported before the drafter shipped
+        with progress_bar("exporting the bundle", show_what=True) as progress:
+            export(model_dir, bundle_dir, progress=progress, drafter=AUTO, overwrite=True)
+
+
+@contextlib.contextmanager
+def one_quickstart(workdir: Path):
+    """Held while quickstart imports and exports into `workdir` (an advisory lock on it, which the kernel drops
+    when the process dies): a second run waits, then uses what the first made. Two at once both imported the
+    model, the slower failing on the other's directory, and both exported the bundle with overwrite, replacing
+    the one the other run was loading. Without flock (Windows, a file system without it) they run unguarded."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = None
+    if fcntl is not None:
+        fd = os.open(workdir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                click.echo(f"--workdir {workdir}: waits for another quickstart run to import and export the model "
+                           "there", err=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            fd = None
+        except BaseException:  # Ctrl-C while waiting
+            os.close(fd)
+            raise
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
 
 
 @cli.command("evaluate")
