@@ -29,8 +29,8 @@ from .run import (UnreadableInput, draft_options, load_engine, parse_chat_args, 
 @sampling_options
 @draft_options
 def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature, top_k, top_p, min_p,
-             repetition_penalty, seed, provider, threads, draft_mode, draft_k, adaptive, draft_p_min, no_draft,
-             drafter_provider):
+             repetition_penalty, seed, provider, threads, packed_cache, draft_mode, draft_k, adaptive, draft_p_min,
+             no_draft, drafter_provider):
     """Chat with an instruction-tuned bundle: each line read is a user's message, the reply streams back.
 
     The conversation goes through the model's chat template, and each turn runs only its new tokens (the
@@ -45,7 +45,7 @@ def chat_cmd(bundle_dir, system, chat_arg, as_json, max_new_tokens, temperature,
     opening = [{"role": "system", "content": system_text(system)}] if system is not None else []
     engine, draft = load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive,
                                 no_draft, drafter_provider, reuse_prefix=True, chat_args=parse_chat_args(chat_arg),
-                                p_min=draft_p_min)
+                                p_min=draft_p_min, packed_cache=packed_cache)
     hello = engine.encode(engine.chat_prompt([*opening, {"role": "user", "content": "Hello"}]))  # no template, ...
     if opening and len(hello) + 1 >= engine.capacity:  # ... one refusing --system, or no room after it
         raise EdgemtpError(f"--system: the conversation would open with {len(hello)} tokens, leaving no room in the "

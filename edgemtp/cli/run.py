@@ -41,6 +41,11 @@ def sampling_options(f):
                           "options), e.g. openvino:device_type=NPU or qnn:htp_performance_mode=burst."),
         click.option("--threads", default=None, type=int,
                      help="Intra-op threads (default and 0: one per usable core)."),
+        click.option("--packed-cache", default=None, type=click.Path(path_type=Path), metavar="DIR",
+                     help="Keep the target's weights, packed as ONNX Runtime's CPU kernels read them, in a file "
+                          "under DIR, built at the first run on this machine and mapped after: about 1 GB less "
+                          "private memory for Gemma 3 270M fp32 and faster decode steps, for 2.6x the target's "
+                          "size on disk."),
     ]):
         f = opt(f)
     return f
@@ -93,8 +98,8 @@ def draft_options(f):
 @sampling_options
 @draft_options
 def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_json, stop, max_new_tokens, temperature,
-                 top_k, top_p, min_p, repetition_penalty, seed, provider, threads, draft_mode, draft_k, adaptive,
-                 draft_p_min, no_draft, drafter_provider):
+                 top_k, top_p, min_p, repetition_penalty, seed, provider, threads, packed_cache, draft_mode, draft_k,
+                 adaptive, draft_p_min, no_draft, drafter_provider):
     """Generate text from a bundle (streams to the terminal).
 
     Speculative decoding is on by default (--draft auto: prompt lookup and the bundle's MTP drafter, or
@@ -116,7 +121,8 @@ def generate_cmd(bundle_dir, prompt, prompt_file, chat, system, chat_arg, as_jso
     stop = stop_strings([unescape(from_argv(s)) for s in stop])
     sampling = sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     engine, draft = load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive,
-                                no_draft, drafter_provider, chat_args=parse_chat_args(chat_arg), p_min=draft_p_min)
+                                no_draft, drafter_provider, chat_args=parse_chat_args(chat_arg), p_min=draft_p_min,
+                                packed_cache=packed_cache)
     if chat:
         engine.chat_prompt(request)  # no template, or one refusing the messages: before any work
     if as_json:
@@ -190,7 +196,8 @@ def sampling_from(temperature, top_k, top_p, min_p, repetition_penalty, seed):
 
 
 def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft_k, adaptive, no_draft,
-                drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None, p_min: float = 0.0):
+                drafter_provider, reuse_prefix: bool = False, chat_args: dict | None = None, p_min: float = 0.0,
+                packed_cache: Path | None = None):
     """(engine, draft) for generate's and chat's options, each checked before any work."""
     from .. import bundle as bundle_mod
     from ..runtime.engine import Draft, Engine, check_mtp_drafter
@@ -221,7 +228,8 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
         check_mtp_drafter(bundle_mod.load(Path(bundle_dir), verify=False))
     with loading_status(Path(bundle_dir).name):
         engine = Engine.load(bundle_dir, provider=provider, threads=threads, drafter_provider=drafter_provider,
-                             mtp=mtp, reuse_prefix=reuse_prefix, chat_args=chat_args or None)
+                             mtp=mtp, reuse_prefix=reuse_prefix, chat_args=chat_args or None,
+                             packed_cache=packed_cache)
         if draft is not None:
             engine.drafter(draft.mode)  # a bad --draft fails before any work
     for flag, given in (("--drafter-provider", drafter_provider is not None), ("--draft-p-min", p_min > 0)):

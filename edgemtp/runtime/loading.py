@@ -18,6 +18,7 @@ from .. import bundle as bundle_mod
 from ..errors import EdgemtpError
 from .chat import ChatTemplate, check_chat_args
 from .head_pages import HeadTables
+from .packed_cache import check_packed_cache, packed_target
 from .heap import release_freed_memory
 from .requests import check_load_args
 from .session import ORT_MIN_INT4, check_onnxruntime, make_session, resolve_provider, runs_on_cpu
@@ -27,13 +28,14 @@ from .target import Target, verify_loader
 
 def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None, verify: bool,
                 drafter_provider: str | None, mtp: bool | None, fast_verify: bool, huge_pages: bool,
-                reuse_prefix: bool, chat_args: dict | None, head_huge_pages: bool):
+                reuse_prefix: bool, chat_args: dict | None, head_huge_pages: bool, packed_cache=None):
     """Engine.load (see there): `cls` is the Engine class it was called on."""
     from .drafting import auto_mode
 
     check_load_args(bundle_dir, provider, threads, drafter_provider, verify=verify, mtp=mtp,
                      fast_verify=fast_verify, huge_pages=huge_pages, reuse_prefix=reuse_prefix,
                      head_huge_pages=head_huge_pages)
+    check_packed_cache(packed_cache, provider)
     chat_args = check_chat_args(chat_args) if chat_args is not None else {}
     b = bundle_mod.load(Path(bundle_dir), verify=verify)
     check_onnxruntime()  # before the int4 floor: the one every bundle needs is named first
@@ -56,8 +58,12 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
         raise EdgemtpError(f"{b.tokenizer_path}: not a valid tokenizer.json ({e})") from None
     release_freed_memory()  # its parse's JSON tree, before the session's memory piles on top (runtime/heap.py)
     tables = HeadTables.load(b) if head_huge_pages and runs_on_cpu(provider) else None
-    session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages,
-                           initializers=tables and tables.initializers("target"))
+    if packed_cache is None:
+        session = make_session(b.graph("target").path, provider, threads, spin=not mtp, huge_pages=huge_pages,
+                               initializers=tables and tables.initializers("target"))
+    else:  # the copy's data file holds the head table too, the packed weights beside it (packed_cache.py)
+        session = make_session(packed_target(b, packed_cache, provider, threads), provider, threads, spin=not mtp,
+                               huge_pages=huge_pages)
     contract = b.graph("target").contract
     if is_static(contract):
         try:

@@ -164,7 +164,8 @@ def allowed_cpus() -> int | None:
 
 def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
                  profile_prefix: str | None = None, spin: bool = True, prepack: bool = True,
-                 huge_pages: bool = False, initializers: dict | None = None) -> ort.InferenceSession:
+                 huge_pages: bool = False, initializers: dict | None = None,
+                 packed_to: Path | None = None) -> ort.InferenceSession:
     """`profile_prefix`: record ONNX Runtime's per-op profile (a Chrome trace) to that file prefix.
     `spin` False: the session's threads stop spin-waiting as soon as a run ends. Spinning between runs
     suits a lone session, but with a target and an MTP drafter taking turns on the same cores each
@@ -178,7 +179,8 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
     `huge_pages`: move the weights ONNX Runtime copied into its memory onto 2 MB pages once the session is
     built (see hugepages.py: a slower load for faster steps, worth it in a long-running process).
     `initializers`: name -> OrtValue the session reads in place of the graph's initializer of that name (a
-    head table on 2 MB pages, head_pages.py); the session keeps them alive."""
+    head table on 2 MB pages, head_pages.py); the session keeps them alive.
+    `packed_to`: also write the optimized graph there, its packed weights in its data file (packed_cache.py)."""
     check_onnxruntime()
     check_threads(threads)
     opts = ort.SessionOptions()
@@ -193,6 +195,12 @@ def make_session(path: Path, provider: str = "cpu", threads: int | None = None,
         opts.intra_op_num_threads = threads
     for name, value in (initializers or {}).items():
         opts.add_initializer(name, value)
+    if packed_to is not None:
+        opts.optimized_model_filepath = str(packed_to)
+        data = f"{packed_to.name}.data"
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", data)
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        opts.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     full = resolve_provider(provider)

@@ -1,0 +1,118 @@
+"""A device's own copy of a bundle's target graph with ONNX Runtime's packed weights in its data file
+(Engine.load's `packed_cache`, the CLI's --packed-cache DIR).
+
+At load ONNX Runtime repacks every MatMul's weights into its kernels' layout, in anonymous memory: 1.0 GB for Gemma
+3 270M fp32, private to the process, memory a phone's system can only reclaim by killing it, and on 4 KB pages.
+ONNX Runtime can instead write the packed weights into the data file of an optimized copy of the graph
+(session.save_external_prepacked_constant_initializers) and map them from there at every later load. Then they are
+page cache: shared by the processes that load the copy, dropped and read again under memory pressure, and (on a file
+system with large folios, e.g. ext4 on Linux 6.x) on 2 MB pages, which decode steps read faster. Measured on Gemma
+3 270M fp32 (docs/measurements.md, session 56): anonymous memory after load 1,137 -> 115 MB, decode steps 1.02x as
+fast beside the bandwidth probe (benchmarks/bench_decode.py --packed-cache) and 1.06-1.13x in plain generation.
+
+The copy is ONNX Runtime's optimized graph: it belongs to one ONNX Runtime version and one CPU (its instruction set
+picks the kernels and their layouts), so it is kept under a key of those and of the target's files' sha256s, built
+the first time its key is missing (~10 s for Gemma 3 270M) and reused after. Its price is disk: the data file holds
+the original weights, the packed ones and the tables ONNX Runtime folds (2.8 GB beside the 1.08 GB target).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .. import scratch
+from ..errors import ArgumentError, EdgemtpError
+
+FORMAT = 1  # of the copies this module makes: a change makes new keys, so older copies are never read
+RECORD = "edgemtp-packed.json"  # in a copy's directory: what its key was made of, and its files' sizes
+GRAPH = "target.onnx"
+DATA = GRAPH + ".data"
+
+
+def check_packed_cache(cache, provider: str) -> None:
+    """Engine.load's `packed_cache`, before any work: a path, for a session on the CPU (the packed layouts are
+    ONNX Runtime's CPU kernels')."""
+    from .session import runs_on_cpu
+
+    if cache is None:
+        return
+    if not isinstance(cache, (str, os.PathLike)) or not str(cache):
+        raise ArgumentError("packed_cache", cache, "must be a directory's path (str or pathlib.Path) or None")
+    if not runs_on_cpu(provider):
+        raise ArgumentError("packed_cache", cache, f"keeps the packed weights of ONNX Runtime's CPU kernels; the "
+                            f"target runs on provider {provider!r} (leave packed_cache out there)")
+
+
+def cpu_identity() -> dict:
+    """The CPU as its kernels' choice depends on it: the model name and instruction-set flags (Linux's
+    /proc/cpuinfo, x86 'flags' or Arm 'Features'), else what the platform module says."""
+    seen = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+                    seen[key] = " ".join(sorted(value.split()))
+    except OSError:
+        pass
+    return seen or {"processor": platform.processor()}
+
+
+def source_of(bundle) -> dict:
+    """What a copy of `bundle`'s target depends on: each of its files' sha256 (the manifest's, which load checked
+    unless verify=False), ONNX Runtime's version, the machine and the CPU."""
+    target = bundle.graph("target").path.name
+    files = [target, *bundle.facts["target"].data_files] if "target" in bundle.facts else [target]
+    return {"format": FORMAT, "files": {rel: bundle.manifest["files"][rel]["sha256"] for rel in sorted(set(files))},
+            "onnxruntime": ort.__version__, "machine": platform.machine(), "cpu": cpu_identity()}
+
+
+def key_of(source: dict) -> str:
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def whole(copy: Path, source: dict) -> bool:
+    """Whether `copy` is a finished copy made from `source`, its files the sizes it recorded (a cache directory
+    holds what a full disk or someone else left: anything else is built again)."""
+    try:
+        record = json.loads((copy / RECORD).read_text(encoding="utf-8"))
+        return record["source"] == source and all((copy / rel).stat().st_size == size
+                                                  for rel, size in record["bytes"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Path:
+    """The graph file of the packed copy of `bundle`'s target under `cache`, built first if missing."""
+    from .session import make_session
+
+    cache = Path(cache).expanduser()
+    if cache.exists() and not cache.is_dir():
+        raise EdgemtpError(f"{cache}: not a directory (the packed cache's)")
+    source = source_of(bundle)
+    copy = cache / key_of(source)
+    if whole(copy, source):
+        return copy / GRAPH
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with scratch.scratch_dir(cache, ".packing-") as tmp:
+            # the packed weights are written as the session is built; the session itself is not kept
+            make_session(bundle.graph("target").path, provider, threads, packed_to=tmp / GRAPH)
+            sizes = {rel: (tmp / rel).stat().st_size for rel in (GRAPH, DATA) if (tmp / rel).exists()}
+            (tmp / RECORD).write_text(json.dumps({"source": source, "bytes": sizes}, indent=1), encoding="utf-8")
+            if not whole(copy, source):  # else another run finished this key meanwhile: its copy is kept
+                try:  # over a broken copy of this key (files cut short) too
+                    scratch.replace_dir(tmp, copy, ".packed-old-")
+                except EdgemtpError:  # another run renamed its copy there at the same moment
+                    if not whole(copy, source):
+                        raise
+    except OSError as e:
+        raise EdgemtpError(f"{cache}: cannot write the packed copy of the target there ({e.strerror or e})") from None
+    return copy / GRAPH
