@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py BUNDLE [--threads 2] [--contexts 128,512,2048] [--rounds 7]
                                              [--pairs 150] [--huge-pages] [--small-folios] [--also OTHER_BUNDLE]
+                                             [--packed-cache DIR]
 
 Decode vs the ceiling is measured two ways. Rounds: a 64-token generation, then the bandwidth. Pairs: single
 decode steps, each beside a bandwidth probe; the bandwidth of a shared machine drifts by a third within
@@ -10,7 +11,9 @@ minutes, so the ratio of each step to the probe run right beside it is the preci
 also a copy of the bundle cached in 4 KB folios and read through ONNX Runtime's own mappings
 (head_huge_pages=False): the head table as decode steps read it before session 41, against the default's
 mapping on 2 MB pages (runtime/head_pages.py), `--also B`:
-another bundle of the same model (e.g. exported with --gemv-head); their steps join the same pairs, and
+another bundle of the same model (e.g. exported with --gemv-head), `--packed-cache DIR`: also the bundle loaded with
+its packed weights mapped from a copy under DIR (runtime/packed_cache.py; built first if missing); their steps join
+the same pairs, and
 each prints its ratio to the ceiling and its paired speed-up over the first. The ceiling is the fastest of
 the probe's three kernels (runtime/bandwidth.py) over all pairs, a step's bytes its weights and the KV cache
 its attention reads at its context (bandwidth.decode_bytes; the weights alone are printed beside).
@@ -123,6 +126,7 @@ def main() -> None:
     ap.add_argument("--small-folios", action="store_true",
                     help="also a copy cached in 4 KB folios, its head through ONNX Runtime's mappings")
     ap.add_argument("--also", type=Path, action="append", default=[], help="another bundle of the model, side by side")
+    ap.add_argument("--packed-cache", type=Path, help="also the bundle with its packed weights mapped from a copy here")
     ap.add_argument("--prompt-file", type=Path, default=Path(__file__).parent.parent / "edgemtp" / "cli" / "build.py")
     args = ap.parse_args()
     engine = Engine.load(args.bundle, threads=args.threads, verify=False, mtp=False)  # plain decoding, as --no-draft
@@ -150,15 +154,17 @@ def main() -> None:
           f"{min(ratios):.0%}-{max(ratios):.0%}; {np.median(ratios) * weights / nbytes:.0%} counting the weights only)")
     # the paired engines stop spinning after each run, so none takes the cores from another or the probe
     pages = [False, True] if args.huge_pages else [False]
-    variants = [(b, huge, True) for b in [args.bundle, *args.also] for huge in pages]
+    variants = [(b, huge, True, None) for b in [args.bundle, *args.also] for huge in pages]
     scratch = tempfile.TemporaryDirectory(dir=args.bundle.parent) if args.small_folios else None
     if scratch:
-        variants.append((small_folio_copy(args.bundle, Path(scratch.name)), False, False))
+        variants.append((small_folio_copy(args.bundle, Path(scratch.name)), False, False, None))
+    if args.packed_cache:
+        variants.append((args.bundle, False, True, args.packed_cache))
     paired, labels = [], []
-    for bundle, huge, head in variants:
+    for bundle, huge, head, packed in variants:
         paired.append(Engine.load(bundle, threads=args.threads, verify=False, mtp=True, huge_pages=huge,
-                                  head_huge_pages=head))
-        labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}"
+                                  head_huge_pages=head, packed_cache=packed))
+        labels.append(f"{bundle.name}{', 2 MB pages' if huge else ''}{', packed cache' if packed else ''}"
                       f"{'' if head else ' (a copy in 4 KB folios, the head through ONNX Runtime)'}")
     for label, e in zip(labels, paired):
         for table in (e.head_tables.tables.values() if e.head_tables else ()):

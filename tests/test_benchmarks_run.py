@@ -113,13 +113,14 @@ def test_bench_bundles_with_and_without_a_drafter(tiny, capsys, monkeypatch):
     assert labels == ["prefill, 128 tokens", "plain, code", "plain, prose", "auto K=4, code", "auto K=4, prose"]
 
 
-def test_bench_decode_and_speeds(tiny, capsys, monkeypatch):
+def test_bench_decode_and_speeds(tiny, capsys, monkeypatch, tmp_path):
     out = run("bench_decode.py", tiny["plain"], "--contexts", "128,600", "--rounds", 1, "--pairs", 2,
-              "--also", tiny["rows"], capsys=capsys, monkeypatch=monkeypatch)
+              "--also", tiny["rows"], "--packed-cache", tmp_path, capsys=capsys, monkeypatch=monkeypatch)
     assert "threads=2 prompt=128 tokens, 1 rounds" in out
-    assert len(re.findall(r"median of 2 pairs", out)) == 2
-    (line,) = [s for s in out.splitlines() if s.startswith("rows: decode steps")]
-    assert sane(figures(line.split("(")[0]))
+    assert len(re.findall(r"median of 2 pairs", out)) == 3
+    for label in ("rows", f"{tiny['plain'].name}, packed cache"):
+        (line,) = [s for s in out.splitlines() if s.startswith(f"{label}: decode steps")]
+        assert sane(figures(line.split("(")[0]))
     assert re.search(r"context   600: decode step +[\d.]+ ms  \([\d.]+x the first context\)", out)
     out = run("bench_speeds.py", tiny["plain"], tiny["rows"], "--runs", 1, "--contexts", 128,
               capsys=capsys, monkeypatch=monkeypatch)
