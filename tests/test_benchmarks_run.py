@@ -128,6 +128,19 @@ def test_bench_decode_and_speeds(tiny, capsys, monkeypatch, tmp_path):
     assert ratios[0] == [1.0] and sane(ratios[1])
 
 
+def test_bench_packed(tiny, capsys, monkeypatch):
+    out = run("bench_packed.py", tiny["plain"], "--pairs", 2, "--new", 6, capsys=capsys, monkeypatch=monkeypatch)
+    loads = [s for s in out.splitlines() if " load " in s]
+    assert [s[:20].strip() for s in loads] == ["default load", "packed cache, first", "packed cache, again"]
+    assert all(len(figures(s.replace(",", ""), " MB")) == 2 and sane(figures(s.replace(",", ""), " MB"))
+               and sane(figures(s, " s")) for s in loads)
+    assert re.search(r"packed cache on disk: [\d.]+ GB", out)
+    (line,) = [s for s in out.splitlines() if s.startswith("decode step:")]
+    assert sane(figures(line.split("as fast")[0])) and "median of 2 pairs" in line
+    assert "same tokens: True" in out
+    assert not list(tiny["plain"].parent.glob(".bench-packed-*"))  # its cache removed at the end
+
+
 def test_bench_kernels(tiny, capsys, monkeypatch):
     out = run("bench_kernels.py", tiny["plain"], "--pairs", 1, capsys=capsys, monkeypatch=monkeypatch)
     shares = [figures(s, "%")[0] for s in out.splitlines() if "reads the body at" in s]
