@@ -4,9 +4,10 @@ time, disk and plain decoding speed, side by side in one run.
     python benchmarks/bench_packed.py BUNDLE [--cache DIR] [--threads 2] [--pairs 30] [--new 48]
 
 Memory and load time: each way loaded in a fresh process (the first packed load builds the copy: a fresh --cache,
-the default, times the build), anonymous memory and RSS after load. Speed: the two engines in one process take
-turns, in ABBA order, each generating --new greedy tokens (plain decoding) after a code prompt; the ratio of each
-pair's decode times is the figure (the machine is shared: a pair's two runs see the same load).
+the default, times the build), anonymous memory and RSS after load, and RSS after generating 16 tokens. Speed:
+the two engines in one process take turns, in ABBA order, each generating --new greedy tokens (plain decoding)
+after a code prompt; the ratio of each pair's decode times is the figure (the machine is shared: a pair's two
+runs see the same load).
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from edgemtp.runtime.engine import Engine
 t = time.perf_counter()
 engine = Engine.load(sys.argv[1], threads=int(sys.argv[3]), mtp=False, packed_cache=sys.argv[2] or None)
 load_s = time.perf_counter() - t
-with open("/proc/self/smaps_rollup") as f:
-    text = f.read()
-mb = {k: int(re.search(rf"^{k}:\\s+(\\d+)", text, re.M).group(1)) / 1024 for k in ("Rss", "Anonymous")}
-print(json.dumps({"load_s": load_s, "rss": mb["Rss"], "anon": mb["Anonymous"]}))
+def mb():
+    with open("/proc/self/smaps_rollup") as f:
+        text = f.read()
+    return [int(re.search(rf"^{k}:\\s+(\\d+)", text, re.M).group(1)) / 1024 for k in ("Rss", "Anonymous")]
+loaded = mb()
+engine.generate("def main():", max_new_tokens=16)
+print(json.dumps({"load_s": load_s, "rss": loaded[0], "anon": loaded[1], "rss_gen": mb()[0]}))
 """
 
 
@@ -62,7 +66,8 @@ def main() -> None:
             ("packed cache, first", load_in_process(args.bundle, str(cache), args.threads)),
             ("packed cache, again", load_in_process(args.bundle, str(cache), args.threads))]
     for label, r in rows:
-        print(f"{label:20s} load {r['load_s']:6.2f} s   anonymous {r['anon']:7,.0f} MB   RSS {r['rss']:7,.0f} MB")
+        print(f"{label:20s} load {r['load_s']:6.2f} s   anonymous {r['anon']:7,.0f} MB   RSS {r['rss']:7,.0f} MB, "
+              f"{r['rss_gen']:7,.0f} MB after 16 tokens")
     print(f"packed cache on disk: {disk_bytes(cache) / 1e9:.2f} GB (the bundle's target: "
           f"{sum(p.stat().st_size for p in args.bundle.glob('target.onnx*')) / 1e9:.2f} GB)")
 

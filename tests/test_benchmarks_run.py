@@ -132,7 +132,7 @@ def test_bench_packed(tiny, capsys, monkeypatch):
     out = run("bench_packed.py", tiny["plain"], "--pairs", 2, "--new", 6, capsys=capsys, monkeypatch=monkeypatch)
     loads = [s for s in out.splitlines() if " load " in s]
     assert [s[:20].strip() for s in loads] == ["default load", "packed cache, first", "packed cache, again"]
-    assert all(len(figures(s.replace(",", ""), " MB")) == 2 and sane(figures(s.replace(",", ""), " MB"))
+    assert all(len(figures(s.replace(",", ""), " MB")) == 3 and sane(figures(s.replace(",", ""), " MB"))
                and sane(figures(s, " s")) for s in loads)
     assert re.search(r"packed cache on disk: [\d.]+ GB", out)
     (line,) = [s for s in out.splitlines() if s.startswith("decode step:")]
