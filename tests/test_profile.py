@@ -34,7 +34,8 @@ def test_json_schema(tiny_gemma3):
                 "--draft-k", "0,2", "--batch", "1,2", "--format", "json")
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["schema_version"] == 2
-    assert {"bundle", "bundle_bytes", "threads", "repetitions", "peak_rss", "ceiling", "rows", "speedups"} <= set(out)
+    assert {"bundle", "bundle_bytes", "threads", "repetitions", "fast_verify", "packed_cache", "drafter_provider",
+            "peak_rss", "ceiling", "rows", "speedups"} <= set(out)
     assert out["peak_rss"] in ("row", "process")
     assert {"bandwidth_gb_s", "weight_bytes", "tg_tokens_per_s", "by_prompt_tokens"} == set(out["ceiling"])
     assert [c["prompt_tokens"] for c in out["ceiling"]["by_prompt_tokens"]] == [8, 60]
@@ -1097,3 +1098,42 @@ def test_bandwidth_probe_sessions_run_the_decode_steps_thread_count(tmp_path, mo
     assert [threads(n) for n in (None, 0, 1, 4)] == [3, 3, 1, 4]
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     assert [threads(n) for n in (None, 2)] == [0, 2]
+
+
+def test_every_engine_profile_loads_maps_the_packed_cache(tiny_gemma3, tmp_path, monkeypatch):
+    """--packed-cache DIR, as generate's: the rows' engines (plain and lookup rows', MTP rows') and --trace's all
+    load the target from the packed copy under DIR, the trace's own session too; the JSON says it was given, as
+    it does --fast-verify (a user compares runs with and without it on their device)."""
+    from edgemtp.exporters import export
+    from edgemtp.runtime import session
+    from edgemtp.runtime.engine import Engine
+
+    from .test_drafter import tiny_drafter
+
+    tiny_drafter(tiny_gemma3[1], tmp_path / "drafter")  # MTP rows: their engine is loaded apart
+    bundle = export(tiny_gemma3[1], tmp_path / "mtp", capacity=64, drafter=tmp_path / "drafter")
+    load, make = Engine.load.__func__, session.make_session
+    caches, traced = [], []
+
+    def recording_load(cls, *args, **kwargs):
+        caches.append(kwargs.get("packed_cache"))
+        return load(cls, *args, **kwargs)
+
+    def recording_make(path, *args, profile_prefix=None, **kwargs):
+        if profile_prefix is not None:
+            traced.append(Path(path))
+        return make(path, *args, profile_prefix=profile_prefix, **kwargs)
+
+    monkeypatch.setattr(Engine, "load", classmethod(recording_load))
+    monkeypatch.setattr(session, "make_session", recording_make)
+    cache = tmp_path / "cache"
+    r = profile(bundle, "--prompt-tokens", "8", "--gen-tokens", 4, "--repetitions", 1, "--draft-k", "0,2",
+                "--draft", "lookup,mtp", "--trace", tmp_path / "t.json", "--packed-cache", cache, "--format", "json")
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["packed_cache"] is True and all(not row["skipped"] for row in out["rows"])
+    assert caches == [cache] * 3  # the plain and lookup rows' engine, the MTP rows', the trace's
+    [copy] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert traced == [copy / "target.onnx"]
+    r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 2, "--repetitions", 1, "--draft-k", "0",
+                "--format", "json")
+    assert json.loads(r.stdout[r.stdout.index("{"):])["packed_cache"] is False

@@ -64,8 +64,12 @@ def int_list(flag: str, value: str) -> list[int]:
               help="Also a row per drafter drafting adaptively (as generate --adaptive), up to the largest K.")
 @click.option("--draft-p-min", default=0.0, show_default=True, type=float,
               help="The MTP and hybrid rows' --draft-p-min (as generate's).")
+@click.option("--packed-cache", default=None, type=click.Path(path_type=Path), metavar="DIR",
+              help="Every row's target (and --trace's) from the packed cache under DIR, as generate's: run with and "
+                   "without it to see what it buys on this device.")
 def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, batch, provider, threads, drafter,
-                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify, adaptive, draft_p_min):
+                head, drafter_provider, fmt, trace, plot_file, text_file, fast_verify, adaptive, draft_p_min,
+                packed_cache):
     """Latency profile of a bundle on this device: plain decoding vs each drafter (lookup, MTP, hybrid)
     at each K, side by side."""
     from ..runtime import profile as prof
@@ -120,13 +124,15 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
         result = prof.profile(bundle_dir, int_list("--prompt-tokens", prompt_tokens), gen_tokens, repetitions,
                               int_list("--draft-k", draft_k), int_list("--batch", batch), provider, threads,
                               drafter, text, progress, head, drafter_provider, fast_verify, adaptive, draft_p_min,
-                              reset_peak=True)  # its own process: no caller's peak to keep
+                              reset_peak=True,  # its own process: no caller's peak to keep
+                              packed_cache=packed_cache)
     rendered = report.render(result, fmt, prof.speedups(result))
     click.echo(rendered, nl=not rendered.endswith("\n"))
     if all(r["skipped"] for r in result["rows"]):  # the table says why; a script should not read it as a run
         raise EdgemtpError("no row ran: every row was skipped (the table gives each row's reason)")
     if trace:
-        click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, provider, threads, prefix),
+        click.echo(report.write_trace(lambda prefix: _traced_engine(bundle_dir, provider, threads, prefix,
+                                                                    packed_cache),
                                       lambda e: e.generate("def main():", max_new_tokens=16), trace), err=True)
     if plot_file:
         report.plot(result, plot_file)
@@ -144,13 +150,16 @@ def _bundle_file(bundle_dir: Path, path: Path) -> bool:
                for rel in (MANIFEST, *b.manifest["files"]))
 
 
-def _traced_engine(bundle_dir, provider, threads, prefix):
+def _traced_engine(bundle_dir, provider, threads, prefix, packed_cache=None):
     from ..runtime.engine import Engine
+    from ..runtime.packed_cache import packed_target
     from ..runtime.session import make_session
     from ..runtime.target import Target
 
-    engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=False)
-    path = engine.bundle.graph("target").path
+    engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=False, packed_cache=packed_cache)
+    # the traced session runs the graph the rows ran: with a packed cache, the copy the load just built or found
+    path = (engine.bundle.graph("target").path if packed_cache is None else
+            packed_target(engine.bundle, packed_cache, provider, threads))
     engine.target = Target(make_session(path, provider, threads, profile_prefix=prefix), engine.target.contract)
     return engine
 

@@ -329,14 +329,15 @@ def _sum(a: list[int], b: list[int]) -> list[int]:
 def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetitions=5, draft_ks=(0, 2, 4, 6),
             batches=(1,), provider="cpu", threads=None, drafter="auto", text=None, progress=None,
             head="auto", drafter_provider=None, fast_verify=False, adaptive=False, p_min=0.0,
-            reset_peak=False) -> dict:
+            reset_peak=False, packed_cache=None) -> dict:
     """Runs every configuration and returns the documented JSON object (see `SCHEMA` in the README).
 
     drafter: comma list of lookup / mtp / hybrid / auto; head: comma list of clustered / full / auto;
     adaptive: also a row per drafter (and head) drafting adaptively up to the largest K; p_min: the MTP drafter's
     Draft.p_min. reset_peak: reset the process's peak RSS before each row (Linux: reset_peak_rss), so each row's
     peak_rss_mb is its own; the caller's own peak reading is lost for good, so only `edgemtp profile`, a process
-    of its own, asks. Without it the peaks are the process's so far (`peak_rss`: "process")."""
+    of its own, asks. Without it the peaks are the process's so far (`peak_rss`: "process"). packed_cache: every
+    engine's target from the packed copy under that directory (Engine.load's packed_cache)."""
     bundle = load_bundle(bundle_dir, verify=False)
     drafters = drafters_for(bundle, drafter, provider)
     check_mtp_options(drafters, drafter, draft_ks, head, p_min, drafter_provider)
@@ -368,7 +369,8 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
                 progress(done, len(todo), "skipped rows")
             continue
         engine = Engine.load(bundle_dir, provider=provider, threads=threads, verify=False,
-                             drafter_provider=drafter_provider, mtp=mtp, fast_verify=fast_verify)
+                             drafter_provider=drafter_provider, mtp=mtp, fast_verify=fast_verify,
+                             packed_cache=packed_cache)
         for i in mine:
             c = todo[i]
             if rows[i] is None:
@@ -381,7 +383,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     return {"schema_version": SCHEMA_VERSION, "bundle": str(bundle_dir),
             "bundle_bytes": sum(f["bytes"] for f in bundle.manifest["files"].values()),
             "threads": threads, "repetitions": repetitions, "fast_verify": fast_verify,
-            "drafter_provider": drafter_provider,
+            "packed_cache": packed_cache is not None, "drafter_provider": drafter_provider,
             "peak_rss": "row" if all(r.peak_reset for r in rows) else "process",
             "ceiling": ceiling(bundle, threads, prompt_tokens, gen_tokens), "rows": [r.to_json() for r in rows]}
 
