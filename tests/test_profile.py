@@ -1137,3 +1137,33 @@ def test_every_engine_profile_loads_maps_the_packed_cache(tiny_gemma3, tmp_path,
     r = profile(tiny_gemma3[2], "--prompt-tokens", "8", "--gen-tokens", 2, "--repetitions", 1, "--draft-k", "0",
                 "--format", "json")
     assert json.loads(r.stdout[r.stdout.index("{"):])["packed_cache"] is False
+
+
+def test_a_bad_packed_cache_is_named_before_the_run(tiny_gemma3, tmp_path, monkeypatch):
+    """A file given as --packed-cache DIR, or a target on a provider other than the CPU's (the packed layouts are
+    its kernels'), fails once naming the flag before anything runs: not at the first engine's load, where the
+    message named the path alone, nor, where every row is skipped, only as 'no row ran' after the bandwidth probe."""
+    from edgemtp.runtime import profile as prof
+    from edgemtp.runtime import session
+    from edgemtp.runtime.engine import Engine
+
+    monkeypatch.setattr(prof, "run_row", lambda *a: pytest.fail("a row ran"))
+    monkeypatch.setattr(prof, "ceiling", lambda *a: pytest.fail("the bandwidth probe ran"))
+    monkeypatch.setattr(Engine, "load", lambda *a, **k: pytest.fail("an engine loaded"))
+    monkeypatch.setattr(session.ort, "get_available_providers",
+                        lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    (tmp_path / "afile").write_text("x")
+    afile = tmp_path / "afile"
+    for args, message in (
+            (("--packed-cache", afile), f"--packed-cache {afile}: {afile} is a file, not a directory"),
+            (("--packed-cache", afile / "under"), f"--packed-cache {afile / 'under'}: {afile} is a file, not a "
+                                                  "directory"),
+            (("--packed-cache", afile, "--prompt-tokens", "60", "--gen-tokens", 6),  # every row skipped
+             f"--packed-cache {afile}: {afile} is a file, not a directory"),
+            (("--packed-cache", tmp_path / "c", "--provider", "openvino"),
+             f"--packed-cache {tmp_path / 'c'}: keeps the weights as ONNX Runtime's CPU kernels read them, and "
+             "--provider openvino runs the target elsewhere")):
+        r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--prompt-tokens", "8", "--gen-tokens", "4",
+                                     "--repetitions", "1", "--draft-k", "0", *map(str, args)])
+        assert_one_line_error(r, message)
+    assert not (tmp_path / "c").exists()
