@@ -45,8 +45,9 @@ def check_packed_cache(cache, provider: str) -> None:
     if not isinstance(cache, (str, os.PathLike)) or not str(cache):
         raise ArgumentError("packed_cache", cache, "must be a directory's path (str or pathlib.Path) or None")
     if not runs_on_cpu(provider):
-        raise ArgumentError("packed_cache", cache, f"keeps the packed weights of ONNX Runtime's CPU kernels; the "
-                            f"target runs on provider {provider!r} (leave packed_cache out there)")
+        # the path as text: a pathlib.Path's repr named the class in the CLI's message
+        raise ArgumentError("packed_cache", os.fspath(cache), f"keeps the packed weights of ONNX Runtime's CPU "
+                            f"kernels, and the target runs on provider {provider!r} (give no packed cache there)")
 
 
 def cpu_identity() -> dict:
