@@ -5,6 +5,7 @@ bundle, ONNX Runtime and CPU, and be built again where it is broken."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -160,3 +161,33 @@ def test_the_real_models_packed_weights_leave_its_private_memory(gemma3_270m_bun
     mapped = _run(code.format(cache=repr(str(tmp_path)), bundle=bundle))
     assert plain["tokens"] == built["tokens"] == mapped["tokens"]
     assert plain["anon"] > 900 and built["anon"] < 300 and mapped["anon"] < 300, (plain, built, mapped)
+
+
+def own_copy(tiny_gemma3, tmp_path):
+    """The tiny fp32 bundle copied, for a test that edits its files."""
+    return shutil.copytree(tiny_gemma3[2], tmp_path / "bundle")
+
+
+def negated(data: bytes) -> bytes:
+    """Every float32 of an fp32 data file with its sign flipped: other weights, the same size."""
+    out = bytearray(data)
+    out[3::4] = bytes(b ^ 0x80 for b in out[3::4])
+    return bytes(out)
+
+
+def test_a_bundle_changed_while_its_copy_is_built_leaves_no_copy(tiny_gemma3, tmp_path, monkeypatch):
+    bundle = own_copy(tiny_gemma3, tmp_path)
+    data = bundle / "target.onnx.data"
+    exported, want = data.read_bytes(), greedy(bundle)
+    made = session.make_session
+
+    def edited_meanwhile(*args, **kwargs):  # an export --overwrite between the bundle's load and the build
+        if kwargs.get("packed_to") is not None:
+            data.write_bytes(negated(exported))
+        return made(*args, **kwargs)
+    monkeypatch.setattr(session, "make_session", edited_meanwhile)
+    with pytest.raises(EdgemtpError, match=r"target.onnx.data: changed since the bundle was loaded"):
+        Engine.load(bundle, packed_cache=tmp_path / "c")
+    monkeypatch.undo()
+    data.write_bytes(exported)  # the exported weights back: the copy of the others must not be kept under their key
+    assert greedy(bundle, packed_cache=tmp_path / "c") == want

@@ -106,6 +106,9 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
         with scratch.scratch_dir(cache, ".packing-") as tmp:
             # the packed weights are written as the session is built; the session itself is not kept
             make_session(bundle.graph("target").path, provider, threads, packed_to=tmp / GRAPH)
+            # built from the files load checked, whose sha256s are its key: a re-export meanwhile would be kept
+            # under the old bundle's key, and loaded for it ever after
+            bundle.check_unchanged()
             sizes = {rel: (tmp / rel).stat().st_size for rel in (GRAPH, DATA) if (tmp / rel).exists()}
             (tmp / RECORD).write_text(json.dumps({"source": source, "bytes": sizes}, indent=1), encoding="utf-8")
             if not whole(copy, source):  # else another run finished this key meanwhile: its copy is kept
