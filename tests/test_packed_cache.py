@@ -191,3 +191,16 @@ def test_a_bundle_changed_while_its_copy_is_built_leaves_no_copy(tiny_gemma3, tm
     monkeypatch.undo()
     data.write_bytes(exported)  # the exported weights back: the copy of the others must not be kept under their key
     assert greedy(bundle, packed_cache=tmp_path / "c") == want
+
+
+def test_weights_changed_under_an_unchanged_manifest_never_find_the_old_copy(tiny_gemma3, tmp_path):
+    """verify=False checks sizes only: the files as they are are what the default load runs, so they are what a
+    copy must be made of, not the copy of the weights the manifest's sha256s name."""
+    bundle = own_copy(tiny_gemma3, tmp_path)
+    data = bundle / "target.onnx.data"
+    greedy(bundle, packed_cache=tmp_path / "c")
+    data.write_bytes(negated(data.read_bytes()))
+    assert greedy(bundle, verify=False, packed_cache=tmp_path / "c") == greedy(bundle, verify=False)
+    assert len(copies(tmp_path / "c")) == 2
+    with pytest.raises(EdgemtpError, match=r"target.onnx.data: sha256 differs from the manifest"):
+        Engine.load(bundle, packed_cache=tmp_path / "c")

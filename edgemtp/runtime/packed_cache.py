@@ -26,8 +26,10 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from .. import bundle as bundle_mod
 from .. import scratch
 from ..errors import ArgumentError, EdgemtpError
+from ..verified import Record
 
 FORMAT = 1  # of the copies this module makes: a change makes new keys, so older copies are never read
 RECORD = "edgemtp-packed.json"  # in a copy's directory: what its key was made of, and its files' sizes
@@ -67,12 +69,34 @@ def cpu_identity() -> dict:
 
 
 def source_of(bundle) -> dict:
-    """What a copy of `bundle`'s target depends on: each of its files' sha256 (the manifest's, which load checked
-    unless verify=False), ONNX Runtime's version, the machine and the CPU."""
+    """What a copy of `bundle`'s target depends on: each of its files' sha256, ONNX Runtime's version, the machine
+    and the CPU."""
     target = bundle.graph("target").path.name
     files = [target, *bundle.facts["target"].data_files] if "target" in bundle.facts else [target]
-    return {"format": FORMAT, "files": {rel: bundle.manifest["files"][rel]["sha256"] for rel in sorted(set(files))},
+    return {"format": FORMAT, "files": sha256s(bundle, sorted(set(files))),
             "onnxruntime": ort.__version__, "machine": platform.machine(), "cpu": cpu_identity()}
+
+
+def sha256s(bundle, files: list[str]) -> dict:
+    """File -> its sha256 as it is now: the manifest's where this machine's record knows the file unchanged since
+    it matched (verified.py: bundle.load with verify just checked it), else hashed. With verify=False load checks
+    sizes only and runs the files as they are: weights edited under an unchanged manifest loaded the copy of the
+    weights the manifest names."""
+    record, out = Record(), {}
+    for rel in files:
+        p = bundle_mod.inside(bundle.dir, rel)
+        listed = bundle.manifest["files"][rel]["sha256"]
+        try:
+            st = p.stat()
+            if record.known(p, st, listed):
+                out[rel] = listed
+                continue
+            out[rel] = bundle_mod.sha256(p)
+        except OSError as e:
+            raise EdgemtpError(f"{bundle.dir / rel}: cannot read it ({e.strerror or e})") from None
+        record.add(p, st, out[rel])
+    record.save()
+    return out
 
 
 def key_of(source: dict) -> str:
