@@ -145,6 +145,29 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
     return removed
 
 
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Holds an advisory lock on directory `path` while the block runs, waiting first for another process's (the
+    kernel drops a lock when its process dies). None where there is no flock (Windows, some network file
+    systems): the block runs unguarded."""
+    fd = None
+    if fcntl is not None:
+        fd = os.open(path, _DIR_OPEN)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            fd = None
+        except BaseException:  # Ctrl-C while waiting
+            os.close(fd)
+            raise
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
+
+
 def _lock(path: Path) -> int | None:
     if fcntl is None:
         return None

@@ -116,8 +116,6 @@ def whole(copy: Path, source: dict) -> bool:
 
 def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Path:
     """The graph file of the packed copy of `bundle`'s target under `cache`, built first if missing."""
-    from .session import make_session
-
     cache = Path(cache).expanduser()
     if cache.exists() and not cache.is_dir():
         raise EdgemtpError(f"{cache}: not a directory (the packed cache's)")
@@ -127,20 +125,31 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
         return copy / GRAPH
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with scratch.scratch_dir(cache, ".packing-") as tmp:
-            # the packed weights are written as the session is built; the session itself is not kept
-            make_session(bundle.graph("target").path, provider, threads, packed_to=tmp / GRAPH)
-            # built from the files load checked, whose sha256s are its key: a re-export meanwhile would be kept
-            # under the old bundle's key, and loaded for it ever after
-            bundle.check_unchanged()
-            sizes = {rel: (tmp / rel).stat().st_size for rel in (GRAPH, DATA) if (tmp / rel).exists()}
-            (tmp / RECORD).write_text(json.dumps({"source": source, "bytes": sizes}, indent=1), encoding="utf-8")
-            if not whole(copy, source):  # else another run finished this key meanwhile: its copy is kept
-                try:  # over a broken copy of this key (files cut short) too
-                    scratch.replace_dir(tmp, copy, ".packed-old-")
-                except EdgemtpError:  # another run renamed its copy there at the same moment
-                    if not whole(copy, source):
-                        raise
+        # one build at a time: two at once each wrote the whole copy (twice the disk), then renamed one over the
+        # other while that run loaded it. A run that waited finds the copy whole.
+        with scratch.locked(cache):
+            if not whole(copy, source):
+                build(bundle, copy, source, provider, threads)
     except OSError as e:
         raise EdgemtpError(f"{cache}: cannot write the packed copy of the target there ({e.strerror or e})") from None
     return copy / GRAPH
+
+
+def build(bundle, copy: Path, source: dict, provider: str, threads: int | None) -> None:
+    """Writes the packed copy of `bundle`'s target to `copy` (replacing a broken one there)."""
+    from .session import make_session
+
+    with scratch.scratch_dir(copy.parent, ".packing-") as tmp:
+        # the packed weights are written as the session is built; the session itself is not kept
+        make_session(bundle.graph("target").path, provider, threads, packed_to=tmp / GRAPH)
+        # built from the files load checked, whose sha256s are its key: a re-export meanwhile would be kept
+        # under the old bundle's key, and loaded for it ever after
+        bundle.check_unchanged()
+        sizes = {rel: (tmp / rel).stat().st_size for rel in (GRAPH, DATA) if (tmp / rel).exists()}
+        (tmp / RECORD).write_text(json.dumps({"source": source, "bytes": sizes}, indent=1), encoding="utf-8")
+        if not whole(copy, source):  # else another run finished it meanwhile (no flock here): its copy is kept
+            try:  # over a broken copy of this key (files cut short) too
+                scratch.replace_dir(tmp, copy, ".packed-old-")
+            except EdgemtpError:  # another run renamed its copy there at the same moment
+                if not whole(copy, source):
+                    raise
