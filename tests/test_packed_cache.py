@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -249,3 +250,18 @@ def test_two_processes_loading_at_once_build_one_copy(tiny_gemma3, tmp_path):
     [copy] = copies(cache)
     assert packed_cache.whole(copy, packed_cache.source_of(__import__("edgemtp.bundle").bundle.load(bundle)))
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]
+
+
+def test_what_a_killed_build_left_goes_at_a_later_load(tiny_gemma3, tmp_path):
+    """A build killed outright (the OOM killer, a power cut) leaves its hidden directory, up to 2.8 GB; one under a
+    minute old is spared (a live run's), so a run right after built again and every later one found the copy and
+    swept nothing: the directory stayed for good."""
+    bundle = tiny_gemma3[2]
+    greedy(bundle, packed_cache=tmp_path)
+    left = [tmp_path / ".packing-k1ll3d_x", tmp_path / ".packed-old-0a1b2c3d"]
+    for d in left:
+        d.mkdir()
+        (d / "target.onnx.data").write_bytes(b"x" * 100)
+        os.utime(d, (0, 0))
+    greedy(bundle, packed_cache=tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -119,6 +119,10 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
     cache = Path(cache).expanduser()
     if cache.exists() and not cache.is_dir():
         raise EdgemtpError(f"{cache}: not a directory (the packed cache's)")
+    # at every load, not only at a build: a run right after a killed build spares its directory (a minute's
+    # grace, scratch.py), builds, and the loads after it build nothing, so it would stay for good
+    for prefix in (".packing-", ".packed-old-"):
+        scratch.remove_stale(cache, prefix)
     source = source_of(bundle)
     copy = cache / key_of(source)
     if whole(copy, source):
