@@ -265,3 +265,15 @@ def test_what_a_killed_build_left_goes_at_a_later_load(tiny_gemma3, tmp_path):
         os.utime(d, (0, 0))
     greedy(bundle, packed_cache=tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_copy_is_as_readable_as_the_files_a_run_makes(tiny_gemma3, tmp_path):
+    """A shared cache (one directory for a service and its users): mkdtemp's 0700 kept the copy from the others,
+    who found it unreadable and built their own over it, each in turn."""
+    mask = os.umask(0o022)
+    try:
+        greedy(tiny_gemma3[2], packed_cache=tmp_path)
+    finally:
+        os.umask(mask)
+    [copy] = copies(tmp_path)
+    assert [oct(p.stat().st_mode & 0o777) for p in (copy, *sorted(copy.iterdir()))] == ["0o755"] + ["0o644"] * 3

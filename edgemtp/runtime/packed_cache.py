@@ -14,6 +14,10 @@ The copy is ONNX Runtime's optimized graph: it belongs to one ONNX Runtime versi
 picks the kernels and their layouts), so it is kept under a key of those and of the target's files' sha256s, built
 the first time its key is missing (~10 s for Gemma 3 270M) and reused after. Its price is disk: the data file holds
 the original weights, the packed ones and the tables ONNX Runtime folds (2.8 GB beside the 1.08 GB target).
+
+A copy gets the modes mkdir() and open() give (the umask), as a bundle does: in a cache directory shared by several
+users (a service and its clients), each maps the copy the first one built. They are the bundle's weights, no more
+private than its files; a cache meant for one user only is a directory only that user can read.
 """
 
 from __future__ import annotations
@@ -151,6 +155,7 @@ def build(bundle, copy: Path, source: dict, provider: str, threads: int | None) 
         bundle.check_unchanged()
         sizes = {rel: (tmp / rel).stat().st_size for rel in (GRAPH, DATA) if (tmp / rel).exists()}
         (tmp / RECORD).write_text(json.dumps({"source": source, "bytes": sizes}, indent=1), encoding="utf-8")
+        scratch.as_open_makes(tmp)  # mkdtemp's 0700 kept the copy from the other users of a shared cache
         if not whole(copy, source):  # else another run finished it meanwhile (no flock here): its copy is kept
             try:  # over a broken copy of this key (files cut short) too
                 scratch.replace_dir(tmp, copy, ".packed-old-")
