@@ -5,6 +5,7 @@ bundle, ONNX Runtime and CPU, and be built again where it is broken."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -277,3 +278,35 @@ def test_the_copy_is_as_readable_as_the_files_a_run_makes(tiny_gemma3, tmp_path)
         os.umask(mask)
     [copy] = copies(tmp_path)
     assert [oct(p.stat().st_mode & 0o777) for p in (copy, *sorted(copy.iterdir()))] == ["0o755"] + ["0o644"] * 3
+
+
+def test_a_full_disk_is_named_as_the_cache_s(tiny_gemma3, tmp_path, monkeypatch):
+    """ONNX Runtime's write failing on a full disk was reported as the bundle's graph failing to load ('FAIL :
+    graph.cc:5543 onnx::GraphProto ...'); our own writes' OSError was named right. Either way nothing is left."""
+    bundle, cache = tiny_gemma3[2], tmp_path / "c"
+    args = ["generate", str(bundle), "--prompt", "t5 t9 t14", "--max-new-tokens", "8", "--no-draft",
+            "--packed-cache", str(cache)]
+    made = session.ort.InferenceSession
+
+    def full_disk(path, opts, **kwargs):
+        if opts.optimized_model_filepath:  # what onnxruntime raises where its write of the data file fails
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : graph.cc:5543 onnx::GraphProto onnxruntime::Graph::"
+                               "ToGraphProtoWithExternalInitializers(...) Failed to write external initializers")
+        return made(path, opts, **kwargs)
+    monkeypatch.setattr(session.ort, "InferenceSession", full_disk)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 4096))
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and r.output == (f"error: {cache}: cannot write the packed copy of the target there (No "
+                                             "space left on device)\n")
+    monkeypatch.undo()
+
+    def no_room(*args, **kwargs):
+        if kwargs.get("packed_to") is not None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return made_session(*args, **kwargs)
+    made_session = session.make_session
+    monkeypatch.setattr(session, "make_session", no_room)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and r.output == (f"error: {cache}: cannot write the packed copy of the target there (No "
+                                             "space left on device)\n")
+    assert not list(cache.iterdir())

@@ -22,10 +22,12 @@ private than its files; a cache meant for one user only is a directory only that
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import onnxruntime as ort
@@ -149,7 +151,12 @@ def build(bundle, copy: Path, source: dict, provider: str, threads: int | None) 
 
     with scratch.scratch_dir(copy.parent, ".packing-") as tmp:
         # the packed weights are written as the session is built; the session itself is not kept
-        make_session(bundle.graph("target").path, provider, threads, packed_to=tmp / GRAPH)
+        try:
+            make_session(bundle.graph("target").path, provider, threads, packed_to=tmp / GRAPH)
+        except EdgemtpError:  # onnxruntime's failed write reads as the bundle's graph failing to load
+            if shutil.disk_usage(tmp).free < sum(bundle.manifest["files"][rel]["bytes"] for rel in source["files"]):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise
         # built from the files load checked, whose sha256s are its key: a re-export meanwhile would be kept
         # under the old bundle's key, and loaded for it ever after
         bundle.check_unchanged()
