@@ -310,3 +310,14 @@ def test_a_full_disk_is_named_as_the_cache_s(tiny_gemma3, tmp_path, monkeypatch)
     assert r.exit_code == 2 and r.output == (f"error: {cache}: cannot write the packed copy of the target there (No "
                                              "space left on device)\n")
     assert not list(cache.iterdir())
+
+
+def test_a_cache_inside_the_bundle_is_refused(tiny_gemma3, tmp_path):
+    """The bundle's files are its manifest's: one rewritten there (add_to_bundle hashes every file under the
+    directory) listed the copies, and the bundle, copied to another device, took this CPU's 2.6x its target."""
+    bundle = own_copy(tiny_gemma3, tmp_path)
+    (tmp_path / "link").symlink_to(bundle)
+    for cache in (bundle, bundle / "packed", tmp_path / "link" / "packed"):
+        with pytest.raises(EdgemtpError, match=rf"^{cache}: inside the bundle directory {bundle}"):
+            Engine.load(bundle, packed_cache=cache)
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in tiny_gemma3[2].iterdir())

@@ -125,6 +125,9 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
     cache = Path(cache).expanduser()
     if cache.exists() and not cache.is_dir():
         raise EdgemtpError(f"{cache}: not a directory (the packed cache's)")
+    if bundle.dir.resolve() in (cache.resolve(), *cache.resolve().parents):
+        # the bundle's files are its manifest's, and go wherever it is copied: this machine's copies do not
+        raise EdgemtpError(f"{cache}: inside the bundle directory {bundle.dir}; keep the packed cache elsewhere")
     # at every load, not only at a build: a run right after a killed build spares its directory (a minute's
     # grace, scratch.py), builds, and the loads after it build nothing, so it would stay for good
     for prefix in (".packing-", ".packed-old-"):
