@@ -321,3 +321,11 @@ def test_a_cache_inside_the_bundle_is_refused(tiny_gemma3, tmp_path):
         with pytest.raises(EdgemtpError, match=rf"^{cache}: inside the bundle directory {bundle}"):
             Engine.load(bundle, packed_cache=cache)
     assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in tiny_gemma3[2].iterdir())
+
+
+def test_a_cache_through_a_link_to_nothing_is_named(tiny_gemma3, tmp_path):
+    """It read 'cannot write the packed copy of the target there (File exists)': mkdir's error on the link."""
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    for cache in (tmp_path / "gone", tmp_path / "gone" / "c"):
+        with pytest.raises(EdgemtpError, match=rf"^{tmp_path / 'gone'}: a symbolic link to nothing"):
+            Engine.load(tiny_gemma3[2], packed_cache=cache)

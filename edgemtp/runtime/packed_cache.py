@@ -125,6 +125,8 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
     cache = Path(cache).expanduser()
     if cache.exists() and not cache.is_dir():
         raise EdgemtpError(f"{cache}: not a directory (the packed cache's)")
+    if (link := scratch.link_to_nothing(cache)) is not None:  # mkdir's error there reads 'File exists'
+        raise EdgemtpError(f"{link}: a symbolic link to nothing (the packed cache's)")
     if bundle.dir.resolve() in (cache.resolve(), *cache.resolve().parents):
         # the bundle's files are its manifest's, and go wherever it is copied: this machine's copies do not
         raise EdgemtpError(f"{cache}: inside the bundle directory {bundle.dir}; keep the packed cache elsewhere")
