@@ -383,3 +383,33 @@ def one_node_model(op_type: str, inputs: dict[str, list[int]], output: str, int_
     graph += _len_field(GRAPH_OUTPUT, _float_value(output, None))
     opset_id = _len_field(1, b"") + _int_field(2, opset)  # OperatorSetIdProto: domain "", version
     return _int_field(1, ir_version) + _len_field(MODEL_GRAPH, graph) + _len_field(8, opset_id)
+
+
+def with_external_offset(model: bytes, name: str, offset: int) -> bytes:
+    """The serialized model with initializer `name`'s external data "offset" entry set to `offset`, every other
+    byte as it was (packed_cache.share_duplicate_tail points a table at its twin's bytes)."""
+    def entry(number: int, value: memoryview) -> bytes | None:
+        if number != TENSOR_EXTERNAL_DATA or dict(fields(value)).get(ENTRY_KEY) != b"offset":
+            return None
+        return _len_field(ENTRY_KEY, b"offset") + _len_field(ENTRY_VALUE, str(offset).encode())
+
+    def initializer(number: int, value: memoryview) -> bytes | None:
+        if number != GRAPH_INITIALIZER or _external_entries(value)[0] != name.encode():
+            return None
+        return _rewritten(value, entry)
+
+    return _rewritten(memoryview(model), lambda n, v: _rewritten(v, initializer) if n == MODEL_GRAPH else None)
+
+
+def _rewritten(buf: memoryview, edit) -> bytes:
+    """The message `buf` with each length-delimited field's payload replaced by edit(number, payload) where that
+    gives bytes (None: the field's bytes as they were)."""
+    out, i = bytearray(), 0
+    while i < len(buf):
+        start = i
+        number, kind, value, i = _field(buf, i)
+        if kind == START_GROUP:
+            i = _skip_group(buf, i, number)
+        new = edit(number, value) if kind == LEN else None
+        out += buf[start:i] if new is None else _len_field(number, new)
+    return bytes(out)

@@ -336,3 +336,20 @@ def test_read_at_rows_counts_outputs_and_branches_as_whole_reads(tmp_path):
     facts = read_graph_facts(path)
     assert set(names) <= set(facts.external)
     assert facts.read_at_rows == {"gathered", "chained", "unread"} == onnx_facts(path)["read_at_rows"]
+
+
+def test_with_external_offset_changes_that_entry_only(every_kind_of_bundle):
+    """A real target graph: one initializer's offset changed, the model otherwise what the onnx package reads."""
+    import onnx
+
+    from edgemtp.onnx_wire import with_external_offset
+
+    raw = (every_kind_of_bundle[0] / "target.onnx").read_bytes()
+    model = onnx.load_from_string(raw)
+    name = model.graph.initializer[3].name
+    changed = onnx.load_from_string(with_external_offset(raw, name, 123456789))
+    [entry] = [e for e in changed.graph.initializer[3].external_data if e.key == "offset"]
+    assert entry.value == "123456789"
+    entry.value = next(e.value for e in model.graph.initializer[3].external_data if e.key == "offset")
+    assert changed.SerializeToString() == model.SerializeToString()
+    assert with_external_offset(raw, "no such initializer", 5) == raw

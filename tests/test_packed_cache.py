@@ -329,3 +329,79 @@ def test_a_cache_through_a_link_to_nothing_is_named(tiny_gemma3, tmp_path):
     for cache in (tmp_path / "gone", tmp_path / "gone" / "c"):
         with pytest.raises(EdgemtpError, match=rf"^{tmp_path / 'gone'}: a symbolic link to nothing"):
             Engine.load(tiny_gemma3[2], packed_cache=cache)
+
+
+def fake_copy(tmp_path, layout: list[tuple]) -> tuple:
+    """A copy's graph and data file as ONNX Runtime lays them out: (name, offset, bytes, prepacked (offset,
+    length) or None) per initializer; a packed region's bytes are b'P's."""
+    import onnx
+
+    data = bytearray()
+    graph = onnx.helper.make_graph([], "g", [], [])
+    for name, offset, content, packed in layout:
+        for start, chunk in [(offset, content)] + ([(packed[0], b"P" * packed[1])] if packed else []):
+            data.extend(b"\0" * (start + len(chunk) - len(data)))
+            data[start:start + len(chunk)] = chunk
+        t = graph.initializer.add()
+        t.name, t.data_type, t.data_location = name, onnx.TensorProto.UINT8, onnx.TensorProto.EXTERNAL
+        t.dims.append(len(content))
+        entries = {"location": packed_cache.DATA, "offset": str(offset), "length": str(len(content))}
+        if packed:
+            entries["prepacked_0"] = f"MatMul+1|{packed[0]};{packed[1]};0"
+        for key, value in entries.items():
+            e = t.external_data.add()
+            e.key, e.value = key, value
+    (tmp_path / packed_cache.GRAPH).write_bytes(onnx.helper.make_model(graph).SerializeToString())
+    (tmp_path / packed_cache.DATA).write_bytes(bytes(data))
+    return tmp_path / packed_cache.GRAPH, tmp_path / packed_cache.DATA
+
+
+def tables(graph) -> dict:
+    """name -> the bytes its external data entries point at."""
+    from edgemtp.onnx_wire import read_graph_facts
+
+    data = (graph.parent / packed_cache.DATA).read_bytes()
+    return {n: data[int(e["offset"]):int(e["offset"]) + int(e["length"])]
+            for n, e in read_graph_facts(graph).external.items()}
+
+
+def test_a_table_written_twice_is_kept_once(tmp_path):
+    """ONNX Runtime writes the two names of an fp32 head table apart: the later one is pointed at the first's
+    bytes and taken out, what follows it moved down by whole 4 KB steps; packed bytes never move."""
+    x, y = bytes(range(256)) * 20, b"y" * 100
+    graph, data = fake_copy(tmp_path, [("head", 0, x, None), ("layer", 8192, b"w" * 4096, (12288, 4096)),
+                                       ("head.gemv", 16384, x, None), ("rope", 24576, y, None)])
+    want = tables(graph)
+    assert packed_cache.share_duplicates(tmp_path) == 8192  # the table and its padding
+    assert tables(graph) == want and data.stat().st_size == 16384 + 100
+    from edgemtp.onnx_wire import read_graph_facts
+    external = read_graph_facts(graph).external
+    assert external["head.gemv"]["offset"] == "0" and external["rope"]["offset"] == "16384"
+    assert external["layer"]["prepacked_0"] == "MatMul+1|12288;4096;0"
+
+
+def test_a_duplicate_with_packed_bytes_after_it_stays(tmp_path):
+    x = b"x" * 5000
+    graph, data = fake_copy(tmp_path, [("head", 0, x, None), ("head.gemv", 8192, x, None),
+                                       ("layer", 16384, b"w" * 4096, (20480, 4096))])
+    size = data.stat().st_size
+    assert packed_cache.share_duplicates(tmp_path) == 0 and data.stat().st_size == size
+    graph, data = fake_copy(tmp_path, [("a", 0, b"a" * 5000, None), ("b", 8192, b"b" * 5000, None)])
+    assert packed_cache.share_duplicates(tmp_path) == 0  # the same length, other bytes
+
+
+def test_the_real_copy_of_a_transposed_head_holds_its_table_once(tiny_gemma3, tmp_path, monkeypatch):
+    bundle = tiny_gemma3[2]  # fp32, the head table transposed under two names
+    from edgemtp.onnx_wire import read_graph_facts
+
+    greedy(bundle, packed_cache=tmp_path / "shared")
+    [copy] = copies(tmp_path / "shared")
+    external = read_graph_facts(copy / "target.onnx").external
+    pair = [e["offset"] for n, e in external.items() if n.startswith("model.embed_tokens.weight.T")]
+    assert len(pair) == 2 and pair[0] == pair[1]
+    monkeypatch.setattr(packed_cache, "share_duplicates", lambda copy: 0)
+    greedy(bundle, packed_cache=tmp_path / "apart")
+    [apart] = copies(tmp_path / "apart")
+    table = int(external["model.embed_tokens.weight.T"]["length"])
+    saved = (apart / "target.onnx.data").stat().st_size - (copy / "target.onnx.data").stat().st_size
+    assert table <= saved < table + 4096

@@ -44,7 +44,7 @@ def sampling_options(f):
         click.option("--packed-cache", default=None, type=click.Path(path_type=Path), metavar="DIR",
                      help="Keep the target's weights, packed as ONNX Runtime's CPU kernels read them, in a file "
                           "under DIR, built at the first run on this machine and mapped after: about 1 GB less "
-                          "private memory for Gemma 3 270M fp32 and faster decode steps, for 2.6x the target's "
+                          "private memory for Gemma 3 270M fp32 and faster decode steps, for twice the target's "
                           "size on disk."),
     ]):
         f = opt(f)

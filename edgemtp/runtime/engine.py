@@ -112,7 +112,7 @@ class Engine:
         (1.00-1.06x where the page cache already held it in large folios), the table mapped once (a lower RSS); False:
         through ONNX Runtime's own mappings, on whatever pages the page cache gives.
         `packed_cache`: a directory where the target's weights, packed as ONNX Runtime's CPU kernels read them, are
-        kept in a file built at the first load on this machine (~10 s, 2.8 GB for Gemma 3 270M fp32) and mapped at
+        kept in a file built at the first load on this machine (~10 s, 2.15 GB for Gemma 3 270M fp32) and mapped at
         every load after: ~1 GB less private memory and decode steps 1.02-1.13x as fast (runtime/packed_cache.py);
         the copy maps the head table itself (head_huge_pages then applies to nothing)."""
         return load_engine(cls, bundle_dir, provider, threads, verify, drafter_provider, mtp, fast_verify, huge_pages,
