@@ -405,3 +405,18 @@ def test_the_real_copy_of_a_transposed_head_holds_its_table_once(tiny_gemma3, tm
     table = int(external["model.embed_tokens.weight.T"]["length"])
     saved = (apart / "target.onnx.data").stat().st_size - (copy / "target.onnx.data").stat().st_size
     assert table <= saved < table + 4096
+
+
+def test_a_record_that_lists_too_few_files_is_no_whole_copy(tiny_gemma3, tmp_path):
+    """whole() checked only the files the record listed: a record with no sizes, or without the graph or the data
+    file the copy has, passed for a finished copy with those files missing or cut short."""
+    bundle = tiny_gemma3[2]
+    greedy(bundle, packed_cache=tmp_path)
+    [copy] = copies(tmp_path)
+    source = packed_cache.source_of(__import__("edgemtp.bundle").bundle.load(bundle))
+    record = json.loads((copy / packed_cache.RECORD).read_text())
+    assert packed_cache.whole(copy, source)
+    sizes = record["bytes"]
+    for listed in ({}, {"target.onnx.data": sizes["target.onnx.data"]}, {"target.onnx": sizes["target.onnx"]}):
+        (copy / packed_cache.RECORD).write_text(json.dumps({**record, "bytes": listed}))
+        assert not packed_cache.whole(copy, source), listed

@@ -114,11 +114,14 @@ def key_of(source: dict) -> str:
 
 def whole(copy: Path, source: dict) -> bool:
     """Whether `copy` is a finished copy made from `source`, its files the sizes it recorded (a cache directory
-    holds what a full disk or someone else left: anything else is built again)."""
+    holds what a full disk or someone else left: anything else is built again). The graph must be listed, and the
+    data file wherever there is one: a record listing neither passed a copy with them missing or cut short."""
     try:
         record = json.loads((copy / RECORD).read_text(encoding="utf-8"))
-        return record["source"] == source and all((copy / rel).stat().st_size == size
-                                                  for rel, size in record["bytes"].items())
+        sizes = record["bytes"]
+        needed = {GRAPH, DATA} if os.path.lexists(copy / DATA) else {GRAPH}
+        return record["source"] == source and needed <= sizes.keys() and all(
+            (copy / rel).stat().st_size == size for rel, size in sizes.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
