@@ -420,3 +420,42 @@ def test_a_record_that_lists_too_few_files_is_no_whole_copy(tiny_gemma3, tmp_pat
     for listed in ({}, {"target.onnx.data": sizes["target.onnx.data"]}, {"target.onnx": sizes["target.onnx"]}):
         (copy / packed_cache.RECORD).write_text(json.dumps({**record, "bytes": listed}))
         assert not packed_cache.whole(copy, source), listed
+
+
+X86 = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+microcode\t: 0x2b000590
+flags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2 avx512f avx512bw amx_tile {extra}
+bugs\t\t: spectre_v1 spectre_v2
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma f16c bmi1 bmi2 avx512f avx512bw amx_tile {extra}
+"""
+ARM = """processor\t: 0
+BogoMIPS\t: 38.40
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimddp i8mm bf16 sve {extra}
+CPU implementer\t: 0x41
+CPU part\t: 0xd4f
+CPU revision\t: 1
+"""
+
+
+@pytest.mark.parametrize("cpuinfo, unrelated, used", [
+    (X86, "md_clear flush_l1d ibrs ibpb stibp hypervisor arch_capabilities", "avx2"),
+    (ARM, "ssbs paca pacg bti", "i8mm"),
+])
+def test_the_cpu_is_keyed_on_the_instruction_sets_the_kernels_pick_by(cpuinfo, unrelated, used, tmp_path,
+                                                                      monkeypatch):
+    """Every /proc/cpuinfo flag was in the key: a kernel or microcode update adding a mitigation's flag (md_clear,
+    ibrs...) made a new 2.8 GB copy of every target, for kernels ONNX Runtime picks as before."""
+    def identity(text):
+        (tmp_path / "cpuinfo").write_text(text)
+        monkeypatch.setattr(packed_cache, "CPUINFO", str(tmp_path / "cpuinfo"))
+        return packed_cache.cpu_identity()
+
+    before = identity(cpuinfo.format(extra=""))
+    assert identity(cpuinfo.format(extra=unrelated)) == before
+    assert identity(cpuinfo.format(extra="").replace(f" {used} ", " ")) != before
+    assert identity(cpuinfo.format(extra="").replace("8480+", "8490H").replace("0xd4f", "0xd40")) != before

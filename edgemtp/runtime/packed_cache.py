@@ -44,6 +44,7 @@ FORMAT = 1  # of the copies this module makes: a change makes new keys, so older
 RECORD = "edgemtp-packed.json"  # in a copy's directory: what its key was made of, and its files' sizes
 GRAPH = "target.onnx"
 DATA = GRAPH + ".data"
+CPUINFO = "/proc/cpuinfo"
 
 
 def check_packed_cache(cache, provider: str) -> None:
@@ -61,12 +62,26 @@ def check_packed_cache(cache, provider: str) -> None:
                             f"kernels, and the target runs on provider {provider!r} (give no packed cache there)")
 
 
+# The flags of /proc/cpuinfo that ONNX Runtime's CPU kernels (MLAS) pick their kernels and packed layouts by: the
+# instruction sets, as Linux names them, by prefix. Only these are keyed on: the others are mitigations and platform
+# facts (md_clear, ibrs, flush_l1d, hypervisor on x86; ssbs, paca, evtstrm on Arm) that a kernel or microcode update
+# adds or drops, and each such update made another 2.8 GB copy for the same kernels.
+ISA_PREFIXES = {
+    # x86: sse* (sse2, sse4_1...), ssse3, pni (SSE3's name there), avx* (avx2, avx512*, avx_vnni...), fma, f16c,
+    # bmi1/2, amx*
+    "flags": ("sse", "ssse3", "pni", "avx", "fma", "f16c", "bmi", "amx"),
+    # Arm: fp, fphp, asimd* (asimdhp, asimddp: the dot product), sve*, sme*, i8mm, bf16 (dotprod: another kernel's name
+    # for asimddp)
+    "Features": ("fp", "asimd", "sve", "sme", "i8mm", "bf16", "dotprod"),
+}
+
+
 def cpu_identity() -> dict:
     """The CPU as its kernels' choice depends on it: the model name and instruction-set flags (Linux's
     /proc/cpuinfo, x86 'flags' or Arm 'Features'), else what the platform module says."""
     seen = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
@@ -74,7 +89,14 @@ def cpu_identity() -> dict:
                     seen[key] = " ".join(sorted(value.split()))
     except OSError:
         pass
-    return seen or {"processor": platform.processor()}
+    return kernels_choice(seen) if seen else {"processor": platform.processor()}
+
+
+def kernels_choice(cpu: dict) -> dict:
+    """`cpu` (cpu_identity's, or a record's of an older edgemtp that kept every flag) with the flags outside
+    ISA_PREFIXES left out."""
+    return {key: " ".join(w for w in value.split() if w.startswith(ISA_PREFIXES[key])) if key in ISA_PREFIXES
+            else value for key, value in cpu.items()}
 
 
 def source_of(bundle) -> dict:
