@@ -78,7 +78,8 @@ def test_another_onnxruntime_or_cpu_gets_a_copy_of_its_own(tiny_gemma3, tmp_path
     monkeypatch.setattr(packed_cache.ort, "__version__", "9.99.0")
     assert greedy(bundle, packed_cache=tmp_path) == first
     records = [json.loads((c / packed_cache.RECORD).read_text())["source"] for c in copies(tmp_path)]
-    assert len(records) == 3 and {r["onnxruntime"] for r in records} == {"9.99.0", version}
+    # the first copy superseded by the upgrade's (test_a_build_removes_the_copies_it_supersedes_on_this_device)
+    assert len(records) == 2 and {r["onnxruntime"] for r in records} == {"9.99.0", version}
 
 
 def test_a_copy_cut_short_or_without_its_record_is_built_again(tiny_gemma3, tmp_path):
@@ -459,3 +460,38 @@ def test_the_cpu_is_keyed_on_the_instruction_sets_the_kernels_pick_by(cpuinfo, u
     assert identity(cpuinfo.format(extra=unrelated)) == before
     assert identity(cpuinfo.format(extra="").replace(f" {used} ", " ")) != before
     assert identity(cpuinfo.format(extra="").replace("8480+", "8490H").replace("0xd4f", "0xd40")) != before
+
+
+def fake_copy(cache, source):
+    """A copy's directory with only its record: what remove_superseded reads."""
+    copy = cache / packed_cache.key_of(source)
+    copy.mkdir()
+    (copy / packed_cache.RECORD).write_text(json.dumps({"source": source, "bytes": {}}))
+    return copy
+
+
+def test_a_build_removes_the_copies_it_supersedes_on_this_device(tiny_gemma3, tmp_path, monkeypatch):
+    """An onnxruntime upgrade left the previous 2.8 GB copy of the same target behind for good. Those of an older
+    onnxruntime or FORMAT, or of the same CPU with other flags (an older edgemtp keyed on every flag), go once the new
+    copy is built, even one a running engine maps; other targets', other CPUs' and newer versions' stay."""
+    bundle, cache = tiny_gemma3[2], tmp_path / "c"
+    want, upgraded = greedy(bundle), "99.0.0"
+    with Engine.load(bundle, packed_cache=cache) as running:
+        [old] = copies(cache)
+        source = json.loads((old / packed_cache.RECORD).read_text())["source"]
+        cpu = source["cpu"]
+        gone = [fake_copy(cache, {**source, "format": 0, "onnxruntime": upgraded}),
+                fake_copy(cache, {**source, "onnxruntime": upgraded,
+                                  "cpu": {**cpu, "flags": cpu.get("flags", "") + " md_clear"}})]
+        kept = [fake_copy(cache, {**source, "onnxruntime": "999.0.0"}),
+                fake_copy(cache, {**source, "files": {"target.onnx": "0" * 64}}),
+                fake_copy(cache, {**source, "cpu": {"model name": "another CPU"}}),
+                fake_copy(cache, {**source, "machine": "riscv64"}),
+                fake_copy(cache, {**source, "format": packed_cache.FORMAT + 1})]
+        (cache / "not-a-key").mkdir()
+        monkeypatch.setattr(packed_cache.ort, "__version__", upgraded)  # pip install -U onnxruntime
+        assert greedy(bundle, packed_cache=cache) == want
+        assert running.generate(PROMPT, max_new_tokens=20).tokens == want  # its mapped files outlive their names
+    [new] = [c for c in copies(cache) if c not in kept and c.name != "not-a-key"]
+    assert sorted(copies(cache)) == sorted([new, *kept, cache / "not-a-key"]) and old not in copies(cache)
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")] and not any(c.exists() for c in gone)

@@ -15,7 +15,8 @@ picks the kernels and their layouts), so it is kept under a key of those and of 
 the first time its key is missing (~10 s for Gemma 3 270M) and reused after. Its price is disk: the data file holds
 the original weights (ONNX Runtime reads them at load to find their packed forms) and the packed ones, 2.15 GB beside
 the 1.08 GB target (2.82 GB as ONNX Runtime writes it, the head table once for each of its two names:
-share_duplicates keeps it once).
+share_duplicates keeps it once). A build removes the copies of the same target that it supersedes on this device
+(remove_superseded: an older onnxruntime's).
 
 A copy gets the modes mkdir() and open() give (the umask), as a bundle does: in a cache directory shared by several
 users (a service and its clients), each maps the copy the first one built. They are the bundle's weights, no more
@@ -29,6 +30,8 @@ import hashlib
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
 from pathlib import Path
 
@@ -148,6 +151,50 @@ def whole(copy: Path, source: dict) -> bool:
         return False
 
 
+def remove_superseded(cache: Path, source: dict) -> None:
+    """Removes the copies in `cache` that the copy of `source`, just built, supersedes on this device (superseded()):
+    a pip upgrade of onnxruntime left the previous 2.8 GB copy of the same target there for good. A process mapping
+    one keeps its files (Linux keeps an unlinked file's pages while mapped); where a removal fails (a file open on
+    Windows) the copy stays. Only directories named by their record's key are read: nothing else is this module's."""
+    try:
+        entries = list(cache.iterdir())
+    except OSError:
+        return
+    for copy in entries:
+        try:
+            theirs = json.loads((copy / RECORD).read_text(encoding="utf-8"))["source"]
+            if copy.is_symlink() or key_of(theirs) != copy.name or not superseded(theirs, source):
+                continue
+            # renamed aside first, as scratch.replace_dir does: a removal cut short (a kill) leaves a hidden
+            # directory the next load removes (remove_stale), not a copy missing files under its key
+            aside = cache / f".packed-old-{secrets.token_hex(4)}"
+            os.replace(copy, aside)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def superseded(theirs: dict, ours: dict) -> bool:
+    """Whether a copy made from `theirs` is one the copy of `ours` replaces: made from the same target files on the
+    same machine and CPU (as its kernels' choice goes: an older edgemtp keyed on every flag), for an older
+    onnxruntime or FORMAT, or for the same ones under another key. A newer version's copy stays: two installs
+    sharing the cache (a venv beside the system's) would each remove the other's at every switch, 10 s and 2.8 GB
+    of writes; the older one builds its copy once, then both are kept. Other targets' copies stay (another bundle,
+    or this one before a re-export, which may still be loaded from elsewhere), and so do other CPUs' (a cache
+    shared between machines)."""
+    if theirs == ours or (theirs["files"], theirs["machine"]) != (ours["files"], ours["machine"]):
+        return False
+    if kernels_choice(theirs["cpu"]) != kernels_choice(ours["cpu"]) or theirs["format"] > ours["format"]:
+        return False
+    return theirs["onnxruntime"] == ours["onnxruntime"] or release(theirs["onnxruntime"]) < release(ours["onnxruntime"])
+
+
+def release(version: str) -> tuple[int, ...]:
+    """A version's leading numbers ('1.22.0.dev20250101' -> (1, 22, 0)); () where there are none."""
+    found = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(n) for n in found.group().split(".")) if found else ()
+
+
 def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Path:
     """The graph file of the packed copy of `bundle`'s target under `cache`, built first if missing."""
     cache = Path(cache).expanduser()
@@ -173,6 +220,7 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
         with scratch.locked(cache):
             if not whole(copy, source):
                 build(bundle, copy, source, provider, threads)
+                remove_superseded(cache, source)
     except OSError as e:
         raise EdgemtpError(f"{cache}: cannot write the packed copy of the target there ({e.strerror or e})") from None
     return copy / GRAPH
