@@ -149,10 +149,11 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
 def locked(path: Path) -> Iterator[None]:
     """Holds an advisory lock on directory `path` while the block runs, waiting first for another process's (the
     kernel drops a lock when its process dies). None where there is no flock (Windows, some network file
-    systems): the block runs unguarded."""
+    systems): the block runs unguarded. A symbolic link to a directory locks that directory: _DIR_OPEN's
+    O_NOFOLLOW (there against a link swapped in for a directory being removed) refused a cache given as one."""
     fd = None
     if fcntl is not None:
-        fd = os.open(path, _DIR_OPEN)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # no flock on this file system

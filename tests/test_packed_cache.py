@@ -495,3 +495,12 @@ def test_a_build_removes_the_copies_it_supersedes_on_this_device(tiny_gemma3, tm
     [new] = [c for c in copies(cache) if c not in kept and c.name != "not-a-key"]
     assert sorted(copies(cache)) == sorted([new, *kept, cache / "not-a-key"]) and old not in copies(cache)
     assert not [p for p in cache.iterdir() if p.name.startswith(".")] and not any(c.exists() for c in gone)
+
+
+def test_a_cache_through_a_link_to_a_directory_is_used(tiny_gemma3, tmp_path):
+    """The build's lock opened the cache without following links: --packed-cache ~/cache, a link to a larger disk,
+    failed with 'cannot write the packed copy of the target there (Not a directory)'."""
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk")
+    assert greedy(tiny_gemma3[2], packed_cache=tmp_path / "link") == greedy(tiny_gemma3[2])
+    assert len(copies(tmp_path / "disk")) == 1
