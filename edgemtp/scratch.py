@@ -20,7 +20,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import EdgemtpError
@@ -146,16 +146,22 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
     """Holds an advisory lock on directory `path` while the block runs, waiting first for another process's (the
-    kernel drops a lock when its process dies). None where there is no flock (Windows, some network file
-    systems): the block runs unguarded. A symbolic link to a directory locks that directory: _DIR_OPEN's
-    O_NOFOLLOW (there against a link swapped in for a directory being removed) refused a cache given as one."""
+    kernel drops a lock when its process dies), and calling `waiting` before it waits: a wait of minutes said
+    nothing. None where there is no flock (Windows, some network file systems): the block runs unguarded. A
+    symbolic link to a directory locks that directory: _DIR_OPEN's O_NOFOLLOW (there against a link swapped in for
+    a directory being removed) refused a cache given as one."""
     fd = None
     if fcntl is not None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process holds it
+                if waiting is not None:
+                    waiting()
+                fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:  # no flock on this file system
             os.close(fd)
             fd = None

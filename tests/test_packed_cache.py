@@ -100,7 +100,7 @@ def test_a_copy_cut_short_or_without_its_record_is_built_again(tiny_gemma3, tmp_
 def test_a_copy_another_run_finished_meanwhile_is_kept(tiny_gemma3, tmp_path, monkeypatch):
     """Where there is no flock to make the other run wait (scratch.locked)."""
     bundle = tiny_gemma3[2]
-    monkeypatch.setattr(packed_cache.scratch, "locked", lambda path: contextlib.nullcontext())
+    monkeypatch.setattr(packed_cache.scratch, "locked", lambda path, waiting=None: contextlib.nullcontext())
     made = session.make_session
     theirs = []
 
@@ -504,3 +504,24 @@ def test_a_cache_through_a_link_to_a_directory_is_used(tiny_gemma3, tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "disk")
     assert greedy(tiny_gemma3[2], packed_cache=tmp_path / "link") == greedy(tiny_gemma3[2])
     assert len(copies(tmp_path / "disk")) == 1
+
+
+@pytest.mark.skipif(packed_cache.scratch.fcntl is None, reason="no flock: nobody waits (Windows)")
+def test_a_load_waiting_for_another_runs_build_says_so_once(tiny_gemma3, tmp_path):
+    """A load behind another process's build (~10 s for Gemma 3 270M) sat silent; it now warns once (the CLI prints
+    warnings as one line on stderr). A load that does not wait says nothing."""
+    import threading
+    import warnings
+
+    bundle, cache = tiny_gemma3[2], tmp_path / "c"
+    cache.mkdir()
+    fd = os.open(cache, os.O_RDONLY)
+    packed_cache.scratch.fcntl.flock(fd, packed_cache.scratch.fcntl.LOCK_EX)  # another run building
+    threading.Timer(1.0, os.close, [fd]).start()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert greedy(bundle, packed_cache=cache) == greedy(bundle)
+    assert [str(w.message) for w in shown] == [f"{cache}: waits for another run to build a packed copy there"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        greedy(bundle, packed_cache=tmp_path / "d")

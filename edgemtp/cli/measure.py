@@ -13,14 +13,10 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from .. import scratch
 from ..errors import EdgemtpError
 from .base import cli, needs_exporter, progress_bar, writable_dir
 from .run import read_prompt, speed_line
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 
 def int_list(flag: str, value: str) -> list[int]:
@@ -241,27 +237,9 @@ def one_quickstart(workdir: Path):
     model, the slower failing on the other's directory, and both exported the bundle with overwrite, replacing
     the one the other run was loading. Without flock (Windows, a file system without it) they run unguarded."""
     workdir.mkdir(parents=True, exist_ok=True)
-    fd = None
-    if fcntl is not None:
-        fd = os.open(workdir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                click.echo(f"--workdir {workdir}: waits for another quickstart run to import and export the model "
-                           "there", err=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # no flock on this file system
-            os.close(fd)
-            fd = None
-        except BaseException:  # Ctrl-C while waiting
-            os.close(fd)
-            raise
-    try:
+    with scratch.locked(workdir, waiting=lambda: click.echo(
+            f"--workdir {workdir}: waits for another quickstart run to import and export the model there", err=True)):
         yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # closing drops the lock
 
 
 @cli.command("evaluate")

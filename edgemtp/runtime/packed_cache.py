@@ -33,6 +33,7 @@ import platform
 import re
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 
 import onnxruntime as ort
@@ -40,7 +41,7 @@ import onnxruntime as ort
 from .. import bundle as bundle_mod
 from .. import onnx_wire
 from .. import scratch
-from ..errors import ArgumentError, EdgemtpError
+from ..errors import ArgumentError, EdgemtpError, app_stacklevel
 from ..verified import Record
 
 FORMAT = 1  # of the copies this module makes: a change makes new keys, so older copies are never read
@@ -217,7 +218,8 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
         cache.mkdir(parents=True, exist_ok=True)
         # one build at a time: two at once each wrote the whole copy (twice the disk), then renamed one over the
         # other while that run loaded it. A run that waited finds the copy whole.
-        with scratch.locked(cache):
+        with scratch.locked(cache, waiting=lambda: warnings.warn(
+                f"{cache}: waits for another run to build a packed copy there", stacklevel=app_stacklevel())):
             if not whole(copy, source):
                 build(bundle, copy, source, provider, threads)
                 remove_superseded(cache, source)
