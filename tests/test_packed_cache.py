@@ -332,7 +332,7 @@ def test_a_cache_through_a_link_to_nothing_is_named(tiny_gemma3, tmp_path):
             Engine.load(tiny_gemma3[2], packed_cache=cache)
 
 
-def fake_copy(tmp_path, layout: list[tuple]) -> tuple:
+def laid_out_copy(tmp_path, layout: list[tuple]) -> tuple:
     """A copy's graph and data file as ONNX Runtime lays them out: (name, offset, bytes, prepacked (offset,
     length) or None) per initializer; a packed region's bytes are b'P's."""
     import onnx
@@ -370,7 +370,7 @@ def test_a_table_written_twice_is_kept_once(tmp_path):
     """ONNX Runtime writes the two names of an fp32 head table apart: the later one is pointed at the first's
     bytes and taken out, what follows it moved down by whole 4 KB steps; packed bytes never move."""
     x, y = bytes(range(256)) * 20, b"y" * 100
-    graph, data = fake_copy(tmp_path, [("head", 0, x, None), ("layer", 8192, b"w" * 4096, (12288, 4096)),
+    graph, data = laid_out_copy(tmp_path, [("head", 0, x, None), ("layer", 8192, b"w" * 4096, (12288, 4096)),
                                        ("head.gemv", 16384, x, None), ("rope", 24576, y, None)])
     want = tables(graph)
     assert packed_cache.share_duplicates(tmp_path) == 8192  # the table and its padding
@@ -383,11 +383,11 @@ def test_a_table_written_twice_is_kept_once(tmp_path):
 
 def test_a_duplicate_with_packed_bytes_after_it_stays(tmp_path):
     x = b"x" * 5000
-    graph, data = fake_copy(tmp_path, [("head", 0, x, None), ("head.gemv", 8192, x, None),
+    graph, data = laid_out_copy(tmp_path, [("head", 0, x, None), ("head.gemv", 8192, x, None),
                                        ("layer", 16384, b"w" * 4096, (20480, 4096))])
     size = data.stat().st_size
     assert packed_cache.share_duplicates(tmp_path) == 0 and data.stat().st_size == size
-    graph, data = fake_copy(tmp_path, [("a", 0, b"a" * 5000, None), ("b", 8192, b"b" * 5000, None)])
+    graph, data = laid_out_copy(tmp_path, [("a", 0, b"a" * 5000, None), ("b", 8192, b"b" * 5000, None)])
     assert packed_cache.share_duplicates(tmp_path) == 0  # the same length, other bytes
 
 
