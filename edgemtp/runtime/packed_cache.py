@@ -69,7 +69,7 @@ def check_packed_cache(cache, provider: str) -> None:
 # The flags of /proc/cpuinfo that ONNX Runtime's CPU kernels (MLAS) pick their kernels and packed layouts by: the
 # instruction sets, as Linux names them, by prefix. Only these are keyed on: the others are mitigations and platform
 # facts (md_clear, ibrs, flush_l1d, hypervisor on x86; ssbs, paca, evtstrm on Arm) that a kernel or microcode update
-# adds or drops, and each such update made another 2.8 GB copy for the same kernels.
+# adds or drops, and each such update made another 2.15 GB copy for the same kernels.
 ISA_PREFIXES = {
     # x86: sse* (sse2, sse4_1...), ssse3, pni (SSE3's name there), avx* (avx2, avx512*, avx_vnni...), fma, f16c,
     # bmi1/2, amx*
@@ -154,7 +154,7 @@ def whole(copy: Path, source: dict) -> bool:
 
 def remove_superseded(cache: Path, source: dict) -> None:
     """Removes the copies in `cache` that the copy of `source`, just built, supersedes on this device (superseded()):
-    a pip upgrade of onnxruntime left the previous 2.8 GB copy of the same target there for good. A process mapping
+    a pip upgrade of onnxruntime left the previous 2.15 GB copy of the same target there for good. A process mapping
     one keeps its files (Linux keeps an unlinked file's pages while mapped); where a removal fails (a file open on
     Windows) the copy stays. Only directories named by their record's key are read: nothing else is this module's."""
     try:
@@ -179,7 +179,7 @@ def superseded(theirs: dict, ours: dict) -> bool:
     """Whether a copy made from `theirs` is one the copy of `ours` replaces: made from the same target files on the
     same machine and CPU (as its kernels' choice goes: an older edgemtp keyed on every flag), for an older
     onnxruntime or FORMAT, or for the same ones under another key. A newer version's copy stays: two installs
-    sharing the cache (a venv beside the system's) would each remove the other's at every switch, 10 s and 2.8 GB
+    sharing the cache (a venv beside the system's) would each remove the other's at every switch, 10 s and 2.15 GB
     of writes; the older one builds its copy once, then both are kept. Other targets' copies stay (another bundle,
     or this one before a re-export, which may still be loaded from elsewhere), and so do other CPUs' (a cache
     shared between machines)."""
