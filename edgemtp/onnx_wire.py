@@ -387,7 +387,7 @@ def one_node_model(op_type: str, inputs: dict[str, list[int]], output: str, int_
 
 def with_external_offset(model: bytes, name: str, offset: int) -> bytes:
     """The serialized model with initializer `name`'s external data "offset" entry set to `offset`, every other
-    byte as it was (packed_cache.share_duplicate_tail points a table at its twin's bytes)."""
+    byte as it was (packed_cache.share_one points a table at its twin's bytes)."""
     def entry(number: int, value: memoryview) -> bytes | None:
         if number != TENSOR_EXTERNAL_DATA or dict(fields(value)).get(ENTRY_KEY) != b"offset":
             return None

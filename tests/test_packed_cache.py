@@ -525,3 +525,24 @@ def test_a_load_waiting_for_another_runs_build_says_so_once(tiny_gemma3, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         greedy(bundle, packed_cache=tmp_path / "d")
+
+
+@pytest.mark.parametrize("layout", [
+    # the table's twin among the initializers after the last packed bytes: once the later name pointed at it,
+    # the two names at one offset read as a duplicate and its twin, and the shared bytes were taken out
+    [("head", 0, "x", None), ("head.gemv", 8192, "x", None), ("rope", 16384, "y", None)],
+    [("head", 0, "x", None), ("head.gemv", 8192, "x", None)],  # the duplicate last, no padding after it
+    [("head", 0, "x", None), ("head.gemv", 8192, "x", None), ("head.t", 16384, "x", None)],
+    [("head.gemv", 8192, "x", None), ("head", 0, "x", None), ("rope", 16384, "y", None)],  # listed out of order
+    # two names already on the duplicate's bytes: both are pointed at the twin
+    [("head", 0, "x", None), ("a", 8192, "x", None), ("b", 8192, "x", None), ("rope", 16384, "y", None)],
+    # zero-length initializers, one last: nothing to move for them, and they stop nothing
+    [("z", 0, "", None), ("head", 0, "x", None), ("head.gemv", 8192, "x", None), ("e", 16384, "", None)],
+])
+def test_duplicates_after_the_packed_bytes_keep_every_table(tmp_path, layout):
+    content = {"x": bytes(range(256)) * 20, "y": b"y" * 100, "": b""}
+    graph, data = laid_out_copy(tmp_path, [(n, o, content[c], p) for n, o, c, p in layout])
+    want, size = tables(graph), data.stat().st_size
+    saved = packed_cache.share_duplicates(tmp_path)
+    assert tables(graph) == want
+    assert saved > 0 and data.stat().st_size == size - saved

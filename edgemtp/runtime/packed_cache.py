@@ -283,20 +283,30 @@ def share_one(copy: Path) -> int:
                 regions.append((int(offset), int(length), None, True))
     except (onnx_wire.WireError, KeyError, IndexError, ValueError):  # a layout this does not know: left whole
         return 0
-    regions.sort()
-    for n in reversed(range(len(regions))):
-        offset, length, name, packed = regions[n]
-        after = regions[n + 1:]
-        if name is None or packed or not length or any(r[2] is None or r[3] for r in after):
+    # by region start: the names at one start are one region's (a duplicate already pointed at its twin shares
+    # the twin's), and are kept or moved together; a name taken for a twin of its own bytes cut them out
+    regions.sort(key=lambda r: r[:2])
+    for offset in sorted({r[0] for r in regions}, reverse=True):
+        here = [r for r in regions if r[0] == offset]
+        before = [r for r in regions if r[0] < offset]
+        after = [r for r in regions if r[0] > offset]  # none with packed bytes: the loop stopped at those
+        if any(r[2] is None or r[3] for r in here):
             break
-        twin = next((r for r in regions[:n] if r[2] is not None and r[1] == length
+        length = here[0][1]
+        if any(r[1] != length for r in here) or any(r[0] + r[1] > offset for r in before):
+            break  # overlapping regions: a layout this does not know, left whole from here down
+        if not length:
+            continue
+        twin = next((r for r in before if r[2] is not None and r[1] == length
                      and same_bytes(data, r[0], offset, length)), None)
         if twin is None:
             continue
         # out goes the span up to the next region's start, its padding too: what follows moves down by as much
         # as lay between two region starts, so each keeps the alignment ONNX Runtime wrote it at
         span = (after[0][0] if after else data.stat().st_size) - offset
-        model = onnx_wire.with_external_offset(graph.read_bytes(), name, twin[0])
+        model = graph.read_bytes()
+        for r in here:
+            model = onnx_wire.with_external_offset(model, r[2], twin[0])
         for r in after:
             model = onnx_wire.with_external_offset(model, r[2], r[0] - span)
         move_down(data, offset + span, offset)
