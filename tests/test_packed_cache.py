@@ -546,3 +546,11 @@ def test_duplicates_after_the_packed_bytes_keep_every_table(tmp_path, layout):
     saved = packed_cache.share_duplicates(tmp_path)
     assert tables(graph) == want
     assert saved > 0 and data.stat().st_size == size - saved
+
+
+def test_bytes_past_the_end_of_the_file_are_no_twins(tmp_path):
+    """Two reads past a data file's end both give b'': not a duplicate to cut out (the span would go negative)."""
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * 100)
+    assert packed_cache.same_bytes(path, 0, 50, 50)
+    assert not packed_cache.same_bytes(path, 200, 300, 50) and not packed_cache.same_bytes(path, 0, 90, 20)

@@ -335,6 +335,6 @@ def same_bytes(path: Path, a: int, b: int, length: int, chunk: int = 1 << 24) ->
             f.seek(a + start)
             first = f.read(n)
             f.seek(b + start)
-            if f.read(n) != first:
+            if len(first) != n or f.read(n) != first:  # a file shorter than its graph says: no twins in it
                 return False
     return True
