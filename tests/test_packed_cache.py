@@ -522,6 +522,7 @@ def test_a_load_waiting_for_another_runs_build_says_so_once(tiny_gemma3, tmp_pat
         warnings.simplefilter("always")
         assert greedy(bundle, packed_cache=cache) == greedy(bundle)
     assert [str(w.message) for w in shown] == [f"{cache}: waits for another run to build a packed copy there"]
+    assert shown[0].filename == __file__  # the app's line that loaded (here greedy's), not contextlib's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         greedy(bundle, packed_cache=tmp_path / "d")
