@@ -1466,6 +1466,21 @@ def test_cluster_replaces_existing_tables_only_with_overwrite(tiny_gemma3, tmp_p
     assert load_head(tmp_path / "h")[1]["seed"] == 1
 
 
+def test_cluster_refuses_a_dangling_link_at_head_without_overwrite(tiny_gemma3, tmp_path, monkeypatch):
+    """-o DIR whose head.safetensors is a symbolic link to nothing passed the start check (.exists() follows the
+    link), ran k-means, then failed placing the tables with "written by another run meanwhile", the wrong reason.
+    It is refused at the start as an existing head.safetensors is."""
+    from edgemtp.calibration import head_report
+
+    out = tmp_path / "h"
+    out.mkdir()
+    (out / "head.safetensors").symlink_to(tmp_path / "nothing")
+    monkeypatch.setattr(head_report, "cluster_vocab", lambda *a, **k: pytest.fail("clustered"))
+    r = run("cluster", tiny_gemma3[1], "-o", out, "--clusters", 8, "--top-k", 2, "--calibration", "none")
+    assert_one_line_error(r, f"-o {out}: {out / 'head.safetensors'} already exists (use --overwrite to replace it)")
+    assert (out / "head.safetensors").is_symlink()
+
+
 def test_cluster_without_overwrite_keeps_tables_another_run_wrote_meanwhile(tiny_gemma3, tmp_path, monkeypatch):
     """Two cluster runs given one -o both pass the check at their start; the one ending second replaced the
     other's head.safetensors without a word. Without --overwrite it now says so and leaves the other's."""

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -227,8 +228,10 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     # take minutes
     if (out / HEAD_FILE).is_dir():
         raise EdgemtpError(f"-o {out}: {out / HEAD_FILE} is a directory (the tables are written to that name)")
-    if (out / HEAD_FILE).exists() and not overwrite:  # as export's bundle: tables that took minutes (a drafter's,
-        # fitted on its own states) are not replaced by a run given the wrong -o
+    # as export's bundle: tables that took minutes (a drafter's, fitted on its own states) are not replaced by a
+    # run given the wrong -o. lexists: a dangling link there would pass .exists() and fail only at the final
+    # placement, after the k-means, as "written by another run meanwhile"
+    if os.path.lexists(out / HEAD_FILE) and not overwrite:
         raise EdgemtpError(f"-o {out}: {out / HEAD_FILE} already exists (use --overwrite to replace it)")
     writable_dir(out, "-o")
     vocab, hidden_size = head_shape(model_dir)
