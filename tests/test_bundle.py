@@ -1930,6 +1930,50 @@ def test_a_batch_is_counted_up_to_its_kv_capacity_and_checked_only_where_the_mem
     kv_cache.check_fits(slots, 16, [3] * 1000, 10**9)
 
 
+def test_the_memory_is_the_containers_cgroup_limit_where_it_is_lower(tmp_path, monkeypatch):
+    """physical_memory read the machine's RAM only: in a container (docker --memory, a Kubernetes memory limit)
+    a batch passed check_fits and was then killed by the system part-way. It is the smaller of the RAM and the
+    cgroup's limit: v2's memory.max, else v1's memory.limit_in_bytes; "max", v1's huge "unlimited", no file or
+    an unreadable one: no limit."""
+    from edgemtp.runtime import kv_cache
+    from edgemtp.runtime import session as S
+
+    ram = kv_cache.physical_memory()
+    assert ram > 2**30
+    cgroup = tmp_path / "cgroup"
+    monkeypatch.setattr(S, "CGROUP", cgroup)
+    v2, v1 = cgroup / "memory.max", cgroup / "memory" / "memory.limit_in_bytes"
+    assert kv_cache.physical_memory() == ram  # no files
+    v1.parent.mkdir(parents=True)
+    for text, memory in (("max\n", ram), ("1048576\n", 2**20), ("", ram)):
+        v2.write_text(text)
+        assert kv_cache.physical_memory() == memory, text
+    v2.unlink()
+    for text, memory in (("2097152\n", 2**21), ("9223372036854771712\n", ram)):
+        v1.write_text(text)
+        assert kv_cache.physical_memory() == memory, text
+    v1.unlink()
+    v2.mkdir()  # unreadable
+    assert kv_cache.physical_memory() == ram
+
+
+def test_a_batch_refused_by_the_containers_limit_is_told_so(tmp_path, monkeypatch):
+    """Refused by the cgroup's limit, the message names it (the machine may have far more): the user raises
+    the container's limit, or asks for fewer rows."""
+    from edgemtp.contract import KVSlot
+    from edgemtp.runtime import kv_cache
+    from edgemtp.runtime import session as S
+
+    slots = (KVSlot(0, 2, 4),)  # 64 bytes a position
+    monkeypatch.setattr(S, "CGROUP", tmp_path)
+    (tmp_path / "memory.max").write_text(f"{64 * 2 * 10**7}\n")  # two rows of 10**7 positions: 1.28 GB
+    assert kv_cache.physical_memory() == 64 * 2 * 10**7  # less than this machine's RAM
+    kv_cache.check_fits(slots, 10**7, [3, 5], 10**9)
+    with pytest.raises(EdgemtpError, match=r"needs 1.9 GB, more than this container's memory limit \(cgroup\) "
+                                           r"of 1.3 GB \(fewer prompts"):
+        kv_cache.check_fits(slots, 10**7, [3, 5, 1], 10**9)
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_tokens(tiny_gemma3, monkeypatch):
     """A prompt runs through the target PREFILL_CHUNK positions a pass (a pass's activations grow with its
     length): chunks of 3 over a 20-token prompt, across the sliding window of 8, give the tokens one pass gave,

@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from ..contract import KVSlot
 from ..errors import EdgemtpError
+from .session import cgroup_memory
 
 # Positions a shadow holds past the 1.5 windows a one-row pass can start back (TargetContract.window_offset): the
 # new ones of a decode step or a verify window; a longer one-row pass (a chat turn's prompt) binds the whole buffers.
@@ -56,11 +57,14 @@ def lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def physical_memory() -> int:
-    """The machine's RAM in bytes, 0 where the system does not say."""
+    """The memory this process may use, in bytes: the machine's RAM, or its container's limit where that is lower
+    (a batch within the RAM was killed part-way by a container's); 0 where neither is known."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this system: no check
-        return 0
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this system
+        ram = 0
+    limit = cgroup_memory()
+    return min(ram, limit) if ram and limit else ram or limit or 0
 
 
 def position_bytes(slots: tuple[KVSlot, ...]) -> int:
@@ -69,16 +73,20 @@ def position_bytes(slots: tuple[KVSlot, ...]) -> int:
 
 
 def check_fits(slots: tuple[KVSlot, ...], capacity: int, prompt_lengths: Sequence[int], max_new_tokens: int) -> None:
-    """Refuse up front a batch whose KV cache, every row run to max_new_tokens, would outgrow the machine's RAM.
-    Mapping its buffers succeeds for far more (lazy_zeros; Linux checks each mapping alone), so such a batch
-    would otherwise be killed by the system part-way (5,000 rows of Gemma 3 270M on a 24 GB machine)."""
+    """Refuse up front a batch whose KV cache, every row run to max_new_tokens, would outgrow the machine's RAM or
+    its container's memory limit. Mapping its buffers succeeds for far more (lazy_zeros; Linux checks each mapping
+    alone), so such a batch would otherwise be killed by the system part-way (5,000 rows of Gemma 3 270M on a 24 GB
+    machine)."""
     have = physical_memory()
     need = position_bytes(slots) * sum(min(n + max_new_tokens, capacity) for n in prompt_lengths)
     if have and need > have:
         rows = len(prompt_lengths)
+        # the container's limit named as such: the machine may have far more, and the limit is what to raise
+        where = (f"this container's memory limit (cgroup) of {have / 1e9:,.1f} GB" if have == cgroup_memory()
+                 else f"this machine's {have / 1e9:,.1f} GB of memory")
         raise EdgemtpError(f"the KV cache of {rows} row{'s' * (rows != 1)} run to max_new_tokens={max_new_tokens} "
-                           f"needs {need / 1e9:,.1f} GB, more than this machine's {have / 1e9:,.1f} GB of memory "
-                           f"(fewer prompts at once, or a lower max_new_tokens)")
+                           f"needs {need / 1e9:,.1f} GB, more than {where} (fewer prompts at once, or a lower "
+                           "max_new_tokens)")
 
 
 def shadow_plan(slots: tuple[KVSlot, ...], capacity: int) -> tuple[tuple[KVSlot, ...], int]:

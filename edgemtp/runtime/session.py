@@ -125,6 +125,22 @@ def quota_cpus() -> int | None:
     return -(-quota // period) if quota > 0 and period > 0 else None  # v1's -1: no quota
 
 
+def cgroup_memory() -> int | None:
+    """Bytes a container's memory limit lets this process use (docker --memory, a Kubernetes memory limit): cgroup
+    v2's memory.max, else v1's memory.limit_in_bytes; None where none is set ("max") or readable. v1's "no limit"
+    is a huge number (9223372036854771712): a caller taking the smaller of it and the RAM leaves it out."""
+    for path in (CGROUP / "memory.max", CGROUP / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        try:
+            return int(text)
+        except ValueError:  # "max": no limit
+            return None
+    return None
+
+
 CPUS = Path("/sys/devices/system/cpu")  # the kernel's CPU topology
 
 
