@@ -462,6 +462,27 @@ def test_the_cpu_is_keyed_on_the_instruction_sets_the_kernels_pick_by(cpuinfo, u
     assert identity(cpuinfo.format(extra="").replace("8480+", "8490H").replace("0xd4f", "0xd40")) != before
 
 
+def test_an_arm_cpu_is_keyed_on_its_implementer_and_part(tmp_path, monkeypatch):
+    """Arm's 'CPU part' is a number each implementer (Arm 0x41, Qualcomm 0x51, Apple 0x61...) gives its own
+    cores: two vendors' cores with one part number and the same Features shared a key, and a copy packed for
+    the one's kernels was the other's. x86 keys are as before (no implementer there), so their copies stay valid.
+    A copy an older edgemtp made on this Arm CPU (keyed without its implementer) is superseded by the new one."""
+    def identity(text):
+        (tmp_path / "cpuinfo").write_text(text)
+        monkeypatch.setattr(packed_cache, "CPUINFO", str(tmp_path / "cpuinfo"))
+        return packed_cache.cpu_identity()
+
+    arm = identity(ARM.format(extra=""))
+    assert arm["CPU implementer"] == "0x41" and arm["CPU part"] == "0xd4f"
+    assert identity(ARM.format(extra="").replace("0x41", "0x51")) != arm
+    assert set(identity(X86.format(extra=""))) == {"model name", "flags"}
+    ours = {"format": packed_cache.FORMAT, "files": {"target.onnx": "0" * 64}, "onnxruntime": "1.27.0",
+            "machine": "aarch64", "cpu": arm}
+    older = {key: value for key, value in arm.items() if key != "CPU implementer"}
+    assert packed_cache.superseded({**ours, "cpu": older}, ours)
+    assert not packed_cache.superseded({**ours, "cpu": {**arm, "CPU implementer": "0x51"}}, ours)
+
+
 def fake_copy(cache, source):
     """A copy's directory with only its record: what remove_superseded reads."""
     copy = cache / packed_cache.key_of(source)

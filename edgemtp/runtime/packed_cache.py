@@ -82,14 +82,17 @@ ISA_PREFIXES = {
 
 def cpu_identity() -> dict:
     """The CPU as its kernels' choice depends on it: the model name and instruction-set flags (Linux's
-    /proc/cpuinfo, x86 'flags' or Arm 'Features'), else what the platform module says."""
+    /proc/cpuinfo, x86 'flags' or Arm 'Features'; Arm's implementer and part), else what the platform module
+    says."""
     seen = {}
     try:
         with open(CPUINFO, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
+                # Arm: 'CPU part' is numbered by each implementer, two vendors' cores can share one (x86 has
+                # neither, so its keys are as before)
+                if key in ("model name", "flags", "Features", "CPU implementer", "CPU part") and key not in seen:
                     seen[key] = " ".join(sorted(value.split()))
     except OSError:
         pass
@@ -177,15 +180,18 @@ def remove_superseded(cache: Path, source: dict) -> None:
 
 def superseded(theirs: dict, ours: dict) -> bool:
     """Whether a copy made from `theirs` is one the copy of `ours` replaces: made from the same target files on the
-    same machine and CPU (as its kernels' choice goes: an older edgemtp keyed on every flag), for an older
-    onnxruntime or FORMAT, or for the same ones under another key. A newer version's copy stays: two installs
-    sharing the cache (a venv beside the system's) would each remove the other's at every switch, 10 s and 2.15 GB
-    of writes; the older one builds its copy once, then both are kept. Other targets' copies stay (another bundle,
-    or this one before a re-export, which may still be loaded from elsewhere), and so do other CPUs' (a cache
-    shared between machines)."""
+    same machine and CPU (as its kernels' choice goes: an older edgemtp keyed on every flag, and on an Arm CPU's
+    part without its implementer), for an older onnxruntime or FORMAT, or for the same ones under another key. A
+    newer version's copy stays: two installs sharing the cache (a venv beside the system's) would each remove the
+    other's at every switch, 10 s and 2.15 GB of writes; the older one builds its copy once, then both are kept.
+    Other targets' copies stay (another bundle, or this one before a re-export, which may still be loaded from
+    elsewhere), and so do other CPUs' (a cache shared between machines)."""
     if theirs == ours or (theirs["files"], theirs["machine"]) != (ours["files"], ours["machine"]):
         return False
-    if kernels_choice(theirs["cpu"]) != kernels_choice(ours["cpu"]) or theirs["format"] > ours["format"]:
+    mine = kernels_choice(ours["cpu"])
+    if "CPU implementer" not in theirs["cpu"]:  # an older edgemtp's copy: keyed on the part alone
+        mine.pop("CPU implementer", None)
+    if kernels_choice(theirs["cpu"]) != mine or theirs["format"] > ours["format"]:
         return False
     return theirs["onnxruntime"] == ours["onnxruntime"] or release(theirs["onnxruntime"]) < release(ours["onnxruntime"])
 
