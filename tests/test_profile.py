@@ -263,7 +263,7 @@ def test_repeated_values_run_once_and_a_batch_beyond_memory_is_skipped(tiny_gemm
     rows = json.loads(r.stdout[r.stdout.index("{"):])["rows"]
     assert [(x["draft_k"], x["batch"], bool(x["skipped"])) for x in rows] == \
         [(0, 1, False), (2, 1, False), (0, 100000, True), (2, 100000, True)]
-    assert "batch 100000 needs about" in rows[2]["skipped"] and "this machine has 1.0 GiB" in rows[2]["skipped"]
+    assert "batch 100000 needs about" in rows[2]["skipped"] and "the memory here is 1.0 GiB" in rows[2]["skipped"]
 
 
 def test_mtp_rows_without_a_drafter_are_skipped(tiny_gemma3):

@@ -190,8 +190,8 @@ def skip_reason(c: RowConfig, capacity: int, bundle=None) -> str:
         return f"the bundle has no MTP drafter with a {c.head} head" if c.head else "the bundle has no MTP drafter"
     need, have = row_bytes(c, bundle) if bundle is not None else 0, physical_memory()
     if have and need > have // 2:
-        return f"batch {c.batch} needs about {need / 2**30:.1f} GiB of KV cache and logits; this machine has " \
-               f"{have / 2**30:.1f} GiB"
+        return f"batch {c.batch} needs about {need / 2**30:.1f} GiB of KV cache and logits; the memory here is " \
+               f"{have / 2**30:.1f} GiB (the RAM, or a container's lower limit)"
     return ""
 
 
