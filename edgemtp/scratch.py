@@ -20,7 +20,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import EdgemtpError
@@ -87,15 +87,7 @@ def parents_made(out: Path) -> Iterator[None]:
     and so do those above it."""
     made = []
     try:
-        for p in reversed(Path(out).parents):  # the top one first
-            if not p.is_dir():
-                try:
-                    p.mkdir()
-                except FileExistsError:  # made meanwhile by another run: not ours to remove
-                    if p.is_dir():
-                        continue
-                    raise
-                made.append(p)
+        _make_missing(reversed(Path(out).parents), made)  # the top one first
         yield
     except BaseException:
         for p in reversed(made):
@@ -152,27 +144,105 @@ def locked(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[No
     nothing. None where there is no flock (Windows, some network file systems): the block runs unguarded. A
     symbolic link to a directory locks that directory: _DIR_OPEN's O_NOFOLLOW (there against a link swapped in for
     a directory being removed) refused a cache given as one."""
-    fd = None
-    if fcntl is not None:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another process holds it
-                if waiting is not None:
-                    waiting()
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # no flock on this file system
-            os.close(fd)
-            fd = None
-        except BaseException:  # Ctrl-C while waiting
-            os.close(fd)
-            raise
+    fd = _wait_for_lock(path, waiting)
     try:
         yield
     finally:
         if fd is not None:
             os.close(fd)  # closing drops the lock
+
+
+TRIES = 100  # made_and_locked's: each try after the first follows a run that removed the directory
+
+
+@contextlib.contextmanager
+def made_and_locked(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Directory `path`, made if missing (with those above it), held as `locked` holds it while the block runs.
+    If the block fails, the directories this call made are removed again while empty, deepest first: quickstart
+    interrupted before it wrote anything left an empty --workdir behind.
+
+    They are removed only while the lock is held, and a run that waited for the lock checks, once it holds it,
+    that `path` is still the directory it locked, else starts again: going on, it would write into a `path` made
+    anew, beside a run that locked that one. So no run removes a directory another run holds or is about to
+    write in. A run interrupted while it waits removes nothing, not even a `path` it made: the run it
+    waits for locked it and works there. Without flock nothing is removed: nothing tells whether another run is
+    about to write there. Directories above `path` are unguarded: one another run (not given `path`) is about to
+    make something in may go, as parents_made's may."""
+    said = False
+
+    def say() -> None:  # once, however many tries
+        nonlocal said
+        if waiting is not None and not said:
+            said = True
+            waiting()
+
+    for _ in range(TRIES):
+        try:
+            made = []
+            _make_missing([*reversed(Path(path).parents), Path(path)], made)
+            fd = _wait_for_lock(path, say)
+        except FileNotFoundError:  # removed on the way by a run that failed
+            continue
+        if fd is None or _same_dir(fd, path):
+            break
+        os.close(fd)
+    else:
+        raise EdgemtpError(f"{path}: removed or replaced by another run each time this one took its lock")
+    try:
+        yield
+    except BaseException:
+        if fd is not None:
+            for p in reversed(made):
+                try:
+                    os.rmdir(p)
+                except OSError:
+                    break
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _make_missing(dirs: Iterable[Path], made: list[Path]) -> None:
+    """Makes those of `dirs` (each inside the one before) that are missing, adding each to `made` as it goes."""
+    for p in dirs:
+        if not p.is_dir():
+            try:
+                p.mkdir()
+            except FileExistsError:  # made meanwhile by another run: not ours to remove
+                if p.is_dir():
+                    continue
+                raise
+            made.append(p)
+
+
+def _same_dir(fd: int, path: Path) -> bool:
+    """Whether open directory `fd` is the one at `path` (through a symbolic link too)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except OSError:
+        return False
+
+
+def _wait_for_lock(path: Path, waiting: Callable[[], None] | None) -> int | None:
+    """`locked`'s descriptor of `path`, locked; None without flock."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process holds it
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # no flock on this file system
+        os.close(fd)
+        return None
+    except BaseException:  # Ctrl-C while waiting
+        os.close(fd)
+        raise
+    return fd
 
 
 def _lock(path: Path) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -2254,6 +2255,45 @@ def test_two_quickstarts_at_once_import_and_export_once(tiny_gemma3, tmp_path):
                      "model there"], shown
     for role in runs:
         assert (tmp_path / f"{role}.out").read_text().count("decode 2 tokens") == 2, shown
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock: quickstarts run unguarded (Windows)")
+def test_interrupted_quickstarts_leave_no_workdir_behind(tmp_path, monkeypatch):
+    """Ctrl-C in a quickstart waiting for another one's import, then in that one before it wrote anything:
+    --workdir (and new/ above it), made when the first run started, stayed behind empty. The run that made them
+    removes them again, under the lock; the run that waited made nothing and removes nothing."""
+    import threading
+
+    from edgemtp.cli import measure
+
+    workdir = tmp_path / "new" / "qs"
+    held, interrupt = threading.Event(), threading.Event()
+
+    def other_run():
+        with contextlib.suppress(KeyboardInterrupt), measure.one_quickstart(workdir):
+            held.set()
+            interrupt.wait(30)
+            raise KeyboardInterrupt
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    try:
+        assert held.wait(30)
+        real_echo = click.echo
+
+        def echo(message=None, *args, **kwargs):
+            if "waits for another quickstart run" in str(message):
+                raise KeyboardInterrupt  # Ctrl-C as it waits
+            real_echo(message, *args, **kwargs)
+
+        monkeypatch.setattr(click, "echo", echo)
+        r = run("quickstart", "--workdir", workdir, "--prompt", "t1 t2", "--max-new-tokens", 3)
+        assert r.exit_code == 130 and "Aborted" in r.output, r.output
+        assert workdir.is_dir()  # the other run's, which it holds
+    finally:
+        interrupt.set()
+        other.join(30)
+    assert os.listdir(tmp_path) == []
 
 
 def test_info_describes_a_qdq_target(tiny_gemma3):

@@ -3,6 +3,7 @@ same place removes it, and never one a live run holds (edgemtp/scratch.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -306,3 +307,76 @@ def test_a_file_placed_without_overwrite_never_replaces_one_put_there_meanwhile(
     tmp.write_bytes(b"second")
     scratch.place_file(tmp, out, overwrite=True)
     assert out.read_bytes() == b"second" and not tmp.exists()
+
+
+def _run_in_thread(path, events, waiting=None, fail=False):
+    """A thread holding made_and_locked(path): sets events["holds"], waits for events["go"], then ends (raising
+    KeyboardInterrupt with `fail`, a Ctrl-C)."""
+    import threading
+
+    def body():
+        with contextlib.suppress(KeyboardInterrupt), scratch.made_and_locked(path, waiting=waiting):
+            events["holds"].set()
+            events["go"].wait(30)
+            if fail:
+                raise KeyboardInterrupt
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread
+
+
+@posix
+def test_a_run_that_waited_for_one_that_removed_the_directory_holds_the_one_there(tmp_path):
+    """made_and_locked: run A made `path` and fails before writing there, so it removes it (and new/ above it)
+    under its lock, while run B waits for that lock. B then held a lock on a directory no longer at `path`:
+    going on, it would make `path` again through its writes, and a run C arriving then would lock that one and
+    work beside B. B takes the lock again, on the directory at `path`, which it made: C waits for B."""
+    import threading
+
+    path = tmp_path / "new" / "work"
+    a = {"holds": threading.Event(), "go": threading.Event()}
+    b = {"holds": threading.Event(), "go": threading.Event()}
+    b_waits = threading.Event()
+    threads = [_run_in_thread(path, a, fail=True)]
+    try:
+        assert a["holds"].wait(30)
+        threads.append(_run_in_thread(path, b, waiting=b_waits.set))
+        assert b_waits.wait(30)
+        a["go"].set()
+        assert b["holds"].wait(30)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # B holds the directory at `path`
+                scratch.fcntl.flock(fd, scratch.fcntl.LOCK_EX | scratch.fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+    finally:
+        a["go"].set()
+        b["go"].set()
+        for thread in threads:
+            thread.join(30)
+    assert path.is_dir()  # B succeeded: kept
+
+
+@posix
+def test_made_and_locked_removes_only_what_it_made_and_only_under_its_lock(tmp_path, monkeypatch):
+    """A directory that was there (a user's empty --workdir, or a symbolic link to one) stays when the block
+    fails, and a link's directory is the one locked. Without flock (Windows) the directories made stay: nothing
+    tells whether another run is about to write there."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    for path in (tmp_path / "mine", tmp_path / "link"):
+        with pytest.raises(KeyboardInterrupt), scratch.made_and_locked(path):
+            fd = os.open(tmp_path / "mine", os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    scratch.fcntl.flock(fd, scratch.fcntl.LOCK_EX | scratch.fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+            raise KeyboardInterrupt
+    assert sorted(os.listdir(tmp_path)) == ["link", "mine"] and os.listdir(tmp_path / "mine") == []
+    monkeypatch.setattr(scratch, "fcntl", None)
+    with pytest.raises(KeyboardInterrupt), scratch.made_and_locked(tmp_path / "new" / "work"):
+        raise KeyboardInterrupt
+    assert (tmp_path / "new" / "work").is_dir()

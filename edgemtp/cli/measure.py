@@ -235,9 +235,9 @@ def one_quickstart(workdir: Path):
     """Held while quickstart imports and exports into `workdir` (an advisory lock on it, which the kernel drops
     when the process dies): a second run waits, then uses what the first made. Two at once both imported the
     model, the slower failing on the other's directory, and both exported the bundle with overwrite, replacing
-    the one the other run was loading. Without flock (Windows, a file system without it) they run unguarded."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with scratch.locked(workdir, waiting=lambda: click.echo(
+    the one the other run was loading. Without flock (Windows, a file system without it) they run unguarded.
+    A run that fails (Ctrl-C) before it wrote anything removes the `workdir` it made (scratch.made_and_locked)."""
+    with scratch.made_and_locked(workdir, waiting=lambda: click.echo(
             f"--workdir {workdir}: waits for another quickstart run to import and export the model there", err=True)):
         yield
 
