@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgemtp.cli import cli
+from edgemtp.errors import ArgumentError
 
 from .cli_errors import assert_one_line_error
 
@@ -1155,15 +1156,21 @@ def test_a_bad_packed_cache_is_named_before_the_run(tiny_gemma3, tmp_path, monke
     (tmp_path / "afile").write_text("x")
     afile = tmp_path / "afile"
     for args, message in (
-            (("--packed-cache", afile), f"--packed-cache {afile}: {afile} is a file, not a directory"),
-            (("--packed-cache", afile / "under"), f"--packed-cache {afile / 'under'}: {afile} is a file, not a "
-                                                  "directory"),
+            (("--packed-cache", afile), f"--packed-cache '{afile}' is a file, not a directory"),
+            (("--packed-cache", afile / "under"), f"--packed-cache '{afile / 'under'}' is under {afile}, which is a "
+                                                  "file, not a directory"),
             (("--packed-cache", afile, "--prompt-tokens", "60", "--gen-tokens", 6),  # every row skipped
-             f"--packed-cache {afile}: {afile} is a file, not a directory"),
+             f"--packed-cache '{afile}' is a file, not a directory"),
             (("--packed-cache", tmp_path / "c", "--provider", "openvino"),
-             f"--packed-cache {tmp_path / 'c'}: keeps the weights as ONNX Runtime's CPU kernels read them, and "
-             "--provider openvino runs the target elsewhere")):
+             f"--packed-cache '{tmp_path / 'c'}' keeps the packed weights of ONNX Runtime's CPU kernels, and the "
+             "target runs on provider 'openvino' (give no packed cache there)")):
         r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), "--prompt-tokens", "8", "--gen-tokens", "4",
                                      "--repetitions", "1", "--draft-k", "0", *map(str, args)])
         assert_one_line_error(r, message)
+    # the Python API names its argument, as Engine.load does (one check for both: packed_cache.check_packed_cache)
+    with pytest.raises(ArgumentError, match=r"^packed_cache='[^']*/c' keeps the packed weights of ONNX Runtime's "
+                       r"CPU kernels, and the target runs on provider 'openvino'"):
+        prof.profile(tiny_gemma3[2], (8,), 4, 1, (0,), provider="openvino", packed_cache=tmp_path / "c")
+    with pytest.raises(ArgumentError, match=r"^packed_cache=3 must be a directory's path"):
+        prof.profile(tiny_gemma3[2], (8,), 4, 1, (0,), packed_cache=3)
     assert not (tmp_path / "c").exists()

@@ -52,18 +52,27 @@ CPUINFO = "/proc/cpuinfo"
 
 
 def check_packed_cache(cache, provider: str) -> None:
-    """Engine.load's `packed_cache`, before any work: a path, for a session on the CPU (the packed layouts are
-    ONNX Runtime's CPU kernels')."""
+    """Engine.load's and profile's `packed_cache` (the CLI's --packed-cache), before any work: a path, for a session
+    on the CPU (the packed layouts are ONNX Runtime's CPU kernels'), not at or under a file. A missing directory is
+    made at the load, and one that cannot be written is fine where the copy is already in it. Profile checks here
+    too, not only at its first engine's load: where every row is skipped no engine loads."""
     from .session import runs_on_cpu
 
     if cache is None:
         return
     if not isinstance(cache, (str, os.PathLike)) or not str(cache):
         raise ArgumentError("packed_cache", cache, "must be a directory's path (str or pathlib.Path) or None")
+    # the path as text: a pathlib.Path's repr named the class in the CLI's message
+    given = os.fspath(cache)
     if not runs_on_cpu(provider):
-        # the path as text: a pathlib.Path's repr named the class in the CLI's message
-        raise ArgumentError("packed_cache", os.fspath(cache), f"keeps the packed weights of ONNX Runtime's CPU "
-                            f"kernels, and the target runs on provider {provider!r} (give no packed cache there)")
+        raise ArgumentError("packed_cache", given, f"keeps the packed weights of ONNX Runtime's CPU kernels, and the "
+                            f"target runs on provider {provider!r} (give no packed cache there)")
+    path = here = Path(cache).expanduser()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():  # else mkdir's error, after the bundle's load: 'Not a directory' or 'File exists'
+        raise ArgumentError("packed_cache", given, "is a file, not a directory" if here == path else
+                            f"is under {here}, which is a file, not a directory")
 
 
 # The flags of /proc/cpuinfo that ONNX Runtime's CPU kernels (MLAS) pick their kernels and packed layouts by: the

@@ -25,8 +25,9 @@ from ..errors import EdgemtpError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
 from .kv_cache import physical_memory, position_bytes
+from .packed_cache import check_packed_cache
 from .sampling import Sampling
-from .session import full_name, runs_on_cpu
+from .session import full_name
 from .speculative import SpecStats, Speculative
 from .stops import Stops
 
@@ -139,22 +140,6 @@ def check_mtp_options(drafters: list[str], drafter: str, draft_ks, head: str, p_
                                ("--drafter-provider", drafter_provider, drafter_provider is not None)):
         if given:
             raise EdgemtpError(f"{flag} {value}: only MTP and hybrid rows run the MTP drafter, and {runs}")
-
-
-def check_packed_cache(cache, provider: str) -> None:
-    """--packed-cache, before any work: Engine.load would refuse it only at the first engine's load, naming the
-    path alone, and not at all where every row is skipped (no engine loads). A missing directory is made there,
-    and one that cannot be written is fine where the copy is already in it."""
-    if cache is None:
-        return
-    if not runs_on_cpu(provider):
-        raise EdgemtpError(f"--packed-cache {cache}: keeps the weights as ONNX Runtime's CPU kernels read them, and "
-                           f"--provider {provider} runs the target elsewhere")
-    here = Path(cache).expanduser()
-    while not here.exists() and here != here.parent:
-        here = here.parent
-    if not here.is_dir():
-        raise EdgemtpError(f"--packed-cache {cache}: {here} is a file, not a directory")
 
 
 def heads_for(bundle, head: str) -> list[str]:
