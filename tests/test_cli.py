@@ -1450,20 +1450,27 @@ def test_cluster_names_corpora_too_short_for_a_window(tiny_gemma3, tmp_path):
 def test_cluster_replaces_existing_tables_only_with_overwrite(tiny_gemma3, tmp_path, monkeypatch):
     """-o DIR holding head.safetensors (a drafter's tables fitted on its own states, minutes of k-means) was
     replaced without a word; as export's bundle, it is refused before any work unless --overwrite is given."""
-    from edgemtp.calibration import clustering, head_report
+    from edgemtp.calibration import head_report
     from edgemtp.calibration.head_report import load_head
 
+    # stubbed where cluster_model looks it up (head_report imports it by name: a stub on clustering's went unused),
+    # and counted, so the test sees the refused run does no k-means rather than trusting the stub is in the path
+    seeds, real = [], head_report.cluster_vocab
+
+    def counted(embed, clusters, seed, **kwargs):
+        seeds.append(seed)
+        return real(embed, clusters, seed, **kwargs)
+
+    monkeypatch.setattr(head_report, "cluster_vocab", counted)
     args = ("cluster", tiny_gemma3[1], "-o", tmp_path / "h", "--clusters", 8, "--top-k", 2, "--calibration", "none")
-    assert run(*args).exit_code == 0
+    assert run(*args).exit_code == 0 and seeds == [0]
     before = (tmp_path / "h" / "head.safetensors").read_bytes()
-    with monkeypatch.context() as m:
-        m.setattr(clustering, "cluster_vocab", lambda *a, **k: pytest.fail("clustered"))
-        m.setattr(head_report, "packed_tables", lambda *a, **k: pytest.fail("clustered"))
-        r = run(*args, "--seed", 1)
+    r = run(*args, "--seed", 1)
     assert_one_line_error(r, f"-o {tmp_path / 'h'}: {tmp_path / 'h' / 'head.safetensors'} already exists (use "
                              "--overwrite to replace it)")
+    assert seeds == [0]  # refused before the k-means
     assert (tmp_path / "h" / "head.safetensors").read_bytes() == before
-    assert run(*args, "--seed", 1, "--overwrite").exit_code == 0
+    assert run(*args, "--seed", 1, "--overwrite").exit_code == 0 and seeds == [0, 1]
     assert load_head(tmp_path / "h")[1]["seed"] == 1
 
 
@@ -1506,10 +1513,11 @@ def test_cluster_without_overwrite_keeps_tables_another_run_wrote_meanwhile(tiny
 def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, monkeypatch):
     """Every file and value cluster reads is checked before k-means (and before a drafter's states): named
     by its flag or file, one line, nothing written."""
-    from edgemtp.calibration import head_report, clustering
+    from edgemtp.calibration import head_report
 
+    # head_report's names, where cluster_model looks them up (it imports them by name)
     monkeypatch.setattr(head_report, "packed_tables", lambda *a, **k: pytest.fail("clustered"))
-    monkeypatch.setattr(clustering, "cluster_vocab", lambda *a, **k: pytest.fail("clustered"))
+    monkeypatch.setattr(head_report, "cluster_vocab", lambda *a, **k: pytest.fail("clustered"))
     model = tiny_gemma3[1]
     width = json.loads((model / "config.json").read_text())["hidden_size"]
     good, narrow, words, damaged = (tmp_path / n for n in ("good.npy", "narrow.npy", "words.npy", "damaged.npz"))
