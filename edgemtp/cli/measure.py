@@ -181,9 +181,9 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
     plainly and speculatively, and print both speeds."""
     needs_exporter("quickstart", "default-model")  # the extra with the model too: one install, not two
     from ..runtime.engine import Draft, Engine, new_stats
+    from ..runtime.requests import check_max_new_tokens
 
-    if max_new_tokens < 1:
-        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    check_max_new_tokens(max_new_tokens)  # the API's check: its CLI message names --max-new-tokens
     prompt = read_prompt(prompt, None)  # as generate's: not empty, UTF-8; before the import and export
     if workdir.exists() and not workdir.is_dir():
         raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")

@@ -201,6 +201,7 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
     """(engine, draft) for generate's and chat's options, each checked before any work."""
     from .. import bundle as bundle_mod
     from ..runtime.engine import Draft, Engine, check_mtp_drafter
+    from ..runtime.requests import check_max_new_tokens
     from ..runtime.session import resolve_provider
 
     source = click.get_current_context().get_parameter_source
@@ -220,8 +221,7 @@ def load_engine(bundle_dir, max_new_tokens, provider, threads, draft_mode, draft
         if given:
             raise EdgemtpError(f"--draft-k 0 and {given[0]}: K = 0 drafts nothing (plain decoding, as --no-draft)")
         draft = None  # nor is the MTP drafter loaded, nor the target's threads set to sleep for it
-    if max_new_tokens < 1:
-        raise EdgemtpError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    check_max_new_tokens(max_new_tokens)  # the API's check: its CLI message names --max-new-tokens
     mtp = None if draft is not None and draft.mode == "auto" else draft is not None and draft.mode in ("mtp", "hybrid")
     if mtp:  # said before the load, whose warnings (a provider missing from the build) would come first
         resolve_provider(provider, warn=False)  # a mistyped --provider is still the one named
