@@ -28,6 +28,14 @@ class ArgumentError(EdgemtpError):
         return type(self), (self.name, self.value, self.rule, self.flag)
 
 
+class SwitchError(ArgumentError):
+    """An ArgumentError about an on/off argument given as on (`fast_verify=True`): the CLI's flag takes no value,
+    so its message names the flag alone (`--fast-verify needs ...`, not `--fast-verify True needs ...`)."""
+
+    def cli_message(self) -> str:
+        return f"{self.flag} {self.rule}"
+
+
 SHOWN = 100  # characters of a value's repr a message shows
 
 

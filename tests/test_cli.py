@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from edgemtp.cli import cli
 from edgemtp.errors import EdgemtpError
 from edgemtp.runtime.engine import Engine
+from edgemtp.runtime.profile import profile
 
 from .cli_errors import assert_one_line_error
 from .closing import close_while_held
@@ -1631,13 +1632,16 @@ def test_drafter_and_profile_refusals_name_the_flag(tiny_gemma3, tmp_path):
             (("train-drafter", model, "-o", tmp_path / "d", "--init", tmp_path / "empty"),
              f"--init {tmp_path / 'empty'}: not a drafter directory (no config.json)"),
             (("profile", plain, "--fast-verify"),
-             f"--fast-verify: {plain} has no batched verify graph (it verifies with its target graph)"),
+             f"--fast-verify needs a batched verify graph, and {plain} has none (it verifies with its target graph)"),
     ):
         assert_one_line_error(run(*args), exact=message)
-    with pytest.raises(EdgemtpError) as caught:  # the Python API's own check, which names the argument first
-        Engine.load(plain, fast_verify=True)
-    assert str(caught.value) == (f"{plain}: fast_verify (--fast-verify) packs the batched verify graph, and this "
-                                 "bundle has none (it verifies with its target graph)")
+    # the same check (loading.check_fast_verify) in the Python API, naming the argument as Python writes it: a test
+    # each, so that either caller dropping it fails (profile's: its --batch check would speak instead)
+    for call in (lambda: Engine.load(plain, fast_verify=True), lambda: profile(plain, fast_verify=True)):
+        with pytest.raises(EdgemtpError) as caught:
+            call()
+        assert str(caught.value) == (f"fast_verify=True needs a batched verify graph, and {plain} has none (it "
+                                     "verifies with its target graph)")
     assert not (tmp_path / "d").exists()
     assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in plain.iterdir())  # -o left as it was
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from .. import bundle as bundle_mod
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, SwitchError
 from .chat import ChatTemplate, check_chat_args
 from .head_pages import HeadTables
 from .packed_cache import check_packed_cache, packed_target
@@ -44,9 +44,7 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
     if chat_args and b.chat is None:  # variables for a template there is not: said before any work
         raise EdgemtpError(f"{b.dir}: chat_args (--chat-arg) set chat template variables, and the bundle has no "
                            "chat template")
-    if fast_verify and not b.has_graph("verify"):  # asked for, it would change nothing: say so
-        raise EdgemtpError(f"{b.dir}: fast_verify (--fast-verify) packs the batched verify graph, and this bundle "
-                           "has none (it verifies with its target graph)")
+    check_fast_verify(b, fast_verify)
     if drafter_provider is not None:  # a typo fails before any work; the fallback warns once, at its load
         # (not by ignoring warnings meanwhile: the filters are the process's, an app's other threads' too)
         resolve_provider(drafter_provider, "drafter_provider", warn=False)
@@ -93,6 +91,15 @@ def load_engine(cls, bundle_dir: str | Path, provider: str, threads: int | None,
     engine.target_spins = not mtp
     release_freed_memory()  # what building the session freed
     return engine
+
+
+def check_fast_verify(b, fast_verify: bool) -> None:
+    """Engine.load's and profile's `fast_verify` against bundle `b`: asked for on a bundle without the batched verify
+    graph it would change nothing, so it is refused. Profile checks too, before any row: where every row is
+    skipped no engine loads."""
+    if fast_verify and not b.has_graph("verify"):
+        raise SwitchError("fast_verify", True, f"needs a batched verify graph, and {b.dir} has none (it verifies "
+                          "with its target graph)")
 
 
 class Closed:

@@ -25,6 +25,7 @@ from ..errors import EdgemtpError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
 from .kv_cache import physical_memory, position_bytes
+from .loading import check_fast_verify
 from .packed_cache import check_packed_cache
 from .sampling import Sampling
 from .session import full_name
@@ -342,9 +343,7 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     bundle = load_bundle(bundle_dir, verify=False)
     drafters = drafters_for(bundle, drafter, provider)
     check_mtp_options(drafters, drafter, draft_ks, head, p_min, drafter_provider)
-    if fast_verify and not bundle.has_graph("verify"):  # before any row runs (Engine.load would say it later)
-        raise EdgemtpError(f"--fast-verify: {bundle_dir} has no batched verify graph (it verifies with its target "
-                           "graph)")
+    check_fast_verify(bundle, fast_verify)
     if fast_verify and max(batches) < 2:  # a pass of one row runs the target graph (Target.forward_outputs)
         raise EdgemtpError(f"--fast-verify: only rows of --batch above 1 run the batched verify graph, and --batch "
                            f"{','.join(map(str, batches))} has none")
