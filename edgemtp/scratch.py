@@ -269,6 +269,16 @@ def as_open_makes(path: Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest path above it that exists: where making `path` would start. Where that is not a
+    directory (a file), nothing can be made at or under `path`: mkdir says 'Not a directory' or 'File exists',
+    naming a path the user may not have given."""
+    here = Path(path)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    return here
+
+
 def link_to_nothing(out: Path) -> Path | None:
     """The first of `out` and the directories above it that is a symbolic link to nothing (dangling, or a loop):
     nothing can be written there, and a run found out only at its end, renaming its result into place."""

@@ -380,3 +380,13 @@ def test_made_and_locked_removes_only_what_it_made_and_only_under_its_lock(tmp_p
     with pytest.raises(KeyboardInterrupt), scratch.made_and_locked(tmp_path / "new" / "work"):
         raise KeyboardInterrupt
     assert (tmp_path / "new" / "work").is_dir()
+
+
+def test_nearest_existing_is_where_making_a_path_starts(tmp_path):
+    """writable_dir's and check_packed_cache's walk up a path to the first part of it there: a directory (making
+    the rest can start), or a file (nothing can be made at or under it)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for path, want in ((tmp_path, tmp_path), (tmp_path / "new" / "deeper", tmp_path), (afile, afile),
+                       (afile / "under" / "it", afile)):
+        assert scratch.nearest_existing(path) == want

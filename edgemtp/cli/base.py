@@ -17,7 +17,7 @@ import click
 
 from .. import __version__
 from ..errors import ArgumentError, EdgemtpError, memory_limit
-from ..scratch import link_to_nothing
+from ..scratch import link_to_nothing, nearest_existing
 
 
 class _Command(click.Command):
@@ -176,8 +176,7 @@ def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
     out = shown if shown is not None else out
     if (link := link_to_nothing(here)) is not None:
         raise EdgemtpError(f"{flag} {out}: {link} is a symbolic link to nothing (dangling, or a loop)")
-    while not here.exists() and here != here.parent:
-        here = here.parent
+    here = nearest_existing(here)
     if not here.is_dir():
         raise EdgemtpError(f"{flag} {out}: {here} is a file, not a directory")
     if not os.access(here, os.W_OK | os.X_OK):

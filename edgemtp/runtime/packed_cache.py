@@ -67,9 +67,8 @@ def check_packed_cache(cache, provider: str) -> None:
     if not runs_on_cpu(provider):
         raise ArgumentError("packed_cache", given, f"keeps the packed weights of ONNX Runtime's CPU kernels, and the "
                             f"target runs on provider {provider!r} (give no packed cache there)")
-    path = here = Path(cache).expanduser()
-    while not here.exists() and here != here.parent:
-        here = here.parent
+    path = Path(cache).expanduser()
+    here = scratch.nearest_existing(path)
     if not here.is_dir():  # else mkdir's error, after the bundle's load: 'Not a directory' or 'File exists'
         raise ArgumentError("packed_cache", given, "is a file, not a directory" if here == path else
                             f"is under {here}, which is a file, not a directory")
