@@ -177,8 +177,8 @@ def writable_dir(out: Path, flag: str, shown: Path | None = None) -> None:
     if (link := link_to_nothing(here)) is not None:
         raise EdgemtpError(f"{flag} {out}: {link} is a symbolic link to nothing (dangling, or a loop)")
     here = nearest_existing(here)
-    if not here.is_dir():
-        raise EdgemtpError(f"{flag} {out}: {here} is a file, not a directory")
+    if not here.is_dir():  # the file named once where it is the path given
+        raise EdgemtpError(f"{flag} {out}: " + ("" if here == Path(out) else f"{here} ") + "is a file, not a directory")
     if not os.access(here, os.W_OK | os.X_OK):
         raise EdgemtpError(f"{flag} {out}: cannot write in {here}")
     try:  # os.access answers yes to root everywhere, /proc and read-only mounts included: try it

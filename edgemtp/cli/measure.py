@@ -185,8 +185,6 @@ def quickstart_cmd(workdir: Path, prompt: str, max_new_tokens: int):
 
     check_max_new_tokens(max_new_tokens)  # the API's check: its CLI message names --max-new-tokens
     prompt = read_prompt(prompt, None)  # as generate's: not empty, UTF-8; before the import and export
-    if workdir.exists() and not workdir.is_dir():
-        raise EdgemtpError(f"--workdir {workdir}: is a file, not a directory")
     model_dir, bundle_dir = workdir / "gemma3-270m", workdir / "gemma3-270m.bundle"
     if not all(made(model_dir, bundle_dir)):  # e.g. a read-only home: named here, not as a path deep inside it
         writable_dir(workdir, "--workdir")  # (a ready workdir may be read-only: nothing is written then)
