@@ -109,8 +109,8 @@ def app_stacklevel() -> int:
     """warnings.warn's stacklevel for a warning raised inside this package to point at the app's line that called
     into it, through however many of the package's own calls (generate -> token_stream -> ...)."""
     frame, level = sys._getframe(1), 1
-    # contextlib's frames too: a warning from a callback under a `with` of the package's (scratch.locked's wait)
-    # pointed at contextlib.py's __enter__
+    # contextlib's frames too: a warning from a callback under a `with` of the package's (scratch.made_and_locked's
+    # wait) pointed at contextlib.py's __enter__
     while frame is not None and (frame.f_code.co_filename.startswith(PACKAGE)
                                  or frame.f_code.co_filename == contextlib.__file__):
         frame, level = frame.f_back, level + 1

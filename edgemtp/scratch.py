@@ -137,29 +137,20 @@ def remove_stale(parent: Path, prefix: str, suffix: str = "") -> list[Path]:
     return removed
 
 
-@contextlib.contextmanager
-def locked(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
-    """Holds an advisory lock on directory `path` while the block runs, waiting first for another process's (the
-    kernel drops a lock when its process dies), and calling `waiting` before it waits: a wait of minutes said
-    nothing. None where there is no flock (Windows, some network file systems): the block runs unguarded. A
-    symbolic link to a directory locks that directory: _DIR_OPEN's O_NOFOLLOW (there against a link swapped in for
-    a directory being removed) refused a cache given as one."""
-    fd = _wait_for_lock(path, waiting)
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)  # closing drops the lock
-
-
 TRIES = 100  # made_and_locked's: each try after the first follows a run that removed the directory
 
 
 @contextlib.contextmanager
 def made_and_locked(path: Path, waiting: Callable[[], None] | None = None) -> Iterator[None]:
-    """Directory `path`, made if missing (with those above it), held as `locked` holds it while the block runs.
+    """Directory `path`, made if missing (with those above it), held under an advisory lock while the block runs,
+    waiting first for another process's (the kernel drops a lock when its process dies), and calling `waiting`
+    before it waits: a wait of minutes said nothing. Without flock (Windows, some network file systems) the block
+    runs unguarded. A symbolic link to a directory locks that directory: _DIR_OPEN's O_NOFOLLOW (there against a
+    link swapped in for a directory being removed) refused a cache given as one.
+
     If the block fails, the directories this call made are removed again while empty, deepest first: quickstart
-    interrupted before it wrote anything left an empty --workdir behind.
+    interrupted before it wrote anything left an empty --workdir behind, and a packed cache's first build that
+    failed an empty cache directory.
 
     They are removed only while the lock is held, and a run that waited for the lock checks, once it holds it,
     that `path` is still the directory it locked, else starts again: going on, it would write into a `path` made
@@ -225,7 +216,7 @@ def _same_dir(fd: int, path: Path) -> bool:
 
 
 def _wait_for_lock(path: Path, waiting: Callable[[], None] | None) -> int | None:
-    """`locked`'s descriptor of `path`, locked; None without flock."""
+    """made_and_locked's descriptor of `path`, locked; None without flock."""
     if fcntl is None:
         return None
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

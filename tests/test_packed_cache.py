@@ -4,7 +4,6 @@ bundle, ONNX Runtime and CPU, and be built again where it is broken."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -98,9 +97,9 @@ def test_a_copy_cut_short_or_without_its_record_is_built_again(tiny_gemma3, tmp_
 
 
 def test_a_copy_another_run_finished_meanwhile_is_kept(tiny_gemma3, tmp_path, monkeypatch):
-    """Where there is no flock to make the other run wait (scratch.locked)."""
+    """Where there is no flock to make the other run wait (scratch.made_and_locked)."""
     bundle = tiny_gemma3[2]
-    monkeypatch.setattr(packed_cache.scratch, "locked", lambda path, waiting=None: contextlib.nullcontext())
+    monkeypatch.setattr(packed_cache.scratch, "fcntl", None)
     made = session.make_session
     theirs = []
 
@@ -289,8 +288,10 @@ def test_the_copy_is_as_readable_as_the_files_a_run_makes(tiny_gemma3, tmp_path)
 
 def test_a_full_disk_is_named_as_the_cache_s(tiny_gemma3, tmp_path, monkeypatch):
     """ONNX Runtime's write failing on a full disk was reported as the bundle's graph failing to load ('FAIL :
-    graph.cc:5543 onnx::GraphProto ...'); our own writes' OSError was named right. Either way nothing is left."""
-    bundle, cache = tiny_gemma3[2], tmp_path / "c"
+    graph.cc:5543 onnx::GraphProto ...'); our own writes' OSError was named right. Either way nothing is left: not
+    the cache directory either, nor those above it, where the failed build made them (an empty cache the user never
+    had stayed); a cache the user had stays."""
+    bundle, cache = tiny_gemma3[2], tmp_path / "new" / "c"
     args = ["generate", str(bundle), "--prompt", "t5 t9 t14", "--max-new-tokens", "8", "--no-draft",
             "--packed-cache", str(cache)]
     made = session.ort.InferenceSession
@@ -305,6 +306,7 @@ def test_a_full_disk_is_named_as_the_cache_s(tiny_gemma3, tmp_path, monkeypatch)
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2 and r.output == (f"error: {cache}: cannot write the packed copy of the target there (No "
                                              "space left on device)\n")
+    assert not (tmp_path / "new").exists()
     monkeypatch.undo()
 
     def no_room(*args, **kwargs):
@@ -313,10 +315,13 @@ def test_a_full_disk_is_named_as_the_cache_s(tiny_gemma3, tmp_path, monkeypatch)
         return made_session(*args, **kwargs)
     made_session = session.make_session
     monkeypatch.setattr(session, "make_session", no_room)
-    r = CliRunner().invoke(cli, args)
-    assert r.exit_code == 2 and r.output == (f"error: {cache}: cannot write the packed copy of the target there (No "
-                                             "space left on device)\n")
-    assert not list(cache.iterdir())
+    for had in (False, True):
+        if had:
+            cache.mkdir(parents=True)
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and r.output == (f"error: {cache}: cannot write the packed copy of the target there "
+                                                 "(No space left on device)\n")
+        assert (not list(cache.iterdir())) if had else not (tmp_path / "new").exists()
 
 
 def test_a_cache_inside_the_bundle_is_refused(tiny_gemma3, tmp_path):

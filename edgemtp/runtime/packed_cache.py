@@ -229,10 +229,10 @@ def packed_target(bundle, cache: Path, provider: str, threads: int | None) -> Pa
     if whole(copy, source):
         return copy / GRAPH
     try:
-        cache.mkdir(parents=True, exist_ok=True)
         # one build at a time: two at once each wrote the whole copy (twice the disk), then renamed one over the
-        # other while that run loaded it. A run that waited finds the copy whole.
-        with scratch.locked(cache, waiting=lambda: warnings.warn(
+        # other while that run loaded it. A run that waited finds the copy whole. A build that fails (a full disk,
+        # Ctrl-C) removes the cache directory it made (empty: the build's scratch directory is gone by then)
+        with scratch.made_and_locked(cache, waiting=lambda: warnings.warn(
                 f"{cache}: waits for another run to build a packed copy there", stacklevel=app_stacklevel())):
             if not whole(copy, source):
                 build(bundle, copy, source, provider, threads)
