@@ -19,8 +19,8 @@ from .errors import EdgemtpError, missing
 from .json_file import read_json
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
-from .scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, parents_made, replace_dir,
-                      through_link)
+from .scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, nearest_existing, parents_made,
+                      replace_dir, through_link)
 from .verified import Record, stamp
 
 MANIFEST = "edgemtp.json"
@@ -49,9 +49,9 @@ def check_output(out: Path, overwrite: bool) -> None:
     out = Path(out)
     if (link := link_to_nothing(out)) is not None:
         raise EdgemtpError(f"{out}: {link} is a symbolic link to nothing (dangling, or a loop)")
-    for parent in out.parents:
-        if parent.exists() and not parent.is_dir():
-            raise EdgemtpError(f"{out}: {parent} is a file, not a directory")
+    existing = nearest_existing(out)
+    if existing != out and not existing.is_dir():
+        raise EdgemtpError(f"{out}: {existing} is a file, not a directory")
     if not out.exists():
         return
     if not overwrite:

@@ -30,8 +30,8 @@ from edgemtp.checkpoint import holds, non_finite
 from edgemtp.errors import EdgemtpError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
-from edgemtp.scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, parents_made, replace_dir,
-                             scratch_dir, through_link)
+from edgemtp.scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, nearest_existing, parents_made,
+                             replace_dir, scratch_dir, through_link)
 from edgemtp.tokenizer_import import check_fields, write_tokenizer_files
 from edgemtp.verified import cache_dir
 
@@ -270,11 +270,10 @@ def check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
     # overwrite removes the old directory once the new one is in place: the GGUF file in it would go too
     if any(resolved in p.parents for p in (gguf_path.absolute(), gguf_path.resolve())):
         raise EdgemtpError(f"{out_dir}: holds the GGUF file {gguf_path}; give the path of a new model directory")
-    for parent in out_dir.parents:
-        if parent.exists() and not parent.is_dir():
-            raise EdgemtpError(f"{out_dir}: {parent} is a file, not a directory")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EdgemtpError(f"{out_dir}: exists and is not a directory")
+    existing = nearest_existing(out_dir)
+    if not existing.is_dir():
+        raise EdgemtpError(f"{out_dir}: " + ("exists and is not a directory" if existing == out_dir else
+                                             f"{existing} is a file, not a directory"))
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:

@@ -1058,6 +1058,8 @@ def test_existing_output_needs_overwrite(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(EdgemtpError, match="afile is a file, not a directory"):  # not mkdir's "File exists"
         import_gguf(path, tmp_path / "afile" / "sub")
+    with pytest.raises(EdgemtpError, match="afile: exists and is not a directory"):
+        import_gguf(path, tmp_path / "afile")
 
 
 def test_import_gguf_overwrite_cli(tmp_path):
