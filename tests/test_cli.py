@@ -402,7 +402,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     cases = [
         (("export", tiny_gemma3[1], "-o", tmp_path / "afile" / "b"),
-         f"{tmp_path / 'afile' / 'b'}: {tmp_path / 'afile'} is a file, not a directory"),
+         f"-o {tmp_path / 'afile' / 'b'}: {tmp_path / 'afile'} is a file, not a directory"),
         (("cluster", tiny_gemma3[1], "-o", tmp_path / "c", "--clusters", 8, "--top-k", 2,
           "--calibration", pickled),
          f"--calibration {pickled}: not a .npy / .npz array"),
@@ -1794,8 +1794,8 @@ def test_an_output_through_a_link_to_nothing_is_named_first(tiny_gemma3, tmp_pat
     for link in ("dangling", "loop"):
         for out in (tmp_path / link, tmp_path / link / "out"):
             why = f"{tmp_path / link} is a symbolic link to nothing (dangling, or a loop)"
-            for args, shown in ((("export", tiny_gemma3[1], "-o", out), f"{out}: {why}"),
-                                (("export", tiny_gemma3[1], "-o", out, "--overwrite"), f"{out}: {why}"),
+            for args, shown in ((("export", tiny_gemma3[1], "-o", out), f"-o {out}: {why}"),
+                                (("export", tiny_gemma3[1], "-o", out, "--overwrite"), f"-o {out}: {why}"),
                                 (("import-gguf", tmp_path / "m.gguf", "-o", out), f"-o {out}: {why}"),
                                 (("cluster", tiny_gemma3[1], "-o", out, "--clusters", 8, "--top-k", 2),
                                  f"-o {out}: {why}"),

@@ -1380,7 +1380,7 @@ def test_export_takes_a_gguf_file(tmp_path):
     assert list(Engine.load(out).token_ids(prompt, 8)) == list(Engine.load(tmp_path / "two").token_ids(prompt, 8))
     # an output that exists is named before the import's work
     r = CliRunner().invoke(cli, ["export", str(path), "-o", str(out)])
-    assert r.exit_code == 2 and r.output == f"error: {out}: already exists (use --overwrite to replace it)\n"
+    assert r.exit_code == 2 and r.output == f"error: -o {out}: already exists (use --overwrite to replace it)\n"
     # the export's own errors name the GGUF file, not the scratch directory it was imported into (gone by then)
     from edgemtp.cli.build import model_source
     from edgemtp.errors import EdgemtpError
