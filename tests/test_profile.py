@@ -210,8 +210,8 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
              "--draft 'bogus' is unknown (choose from auto, lookup, mtp, hybrid)"),
             (("--draft", "mpt", "--adaptive", "--draft-k", "0"), "--draft 'mpt' is unknown"),
             # one prompt a row never runs the batched verify graph (Target.forward_outputs): the flag did nothing
-            (("--fast-verify",), "--fast-verify: only rows of --batch above 1 run the batched verify graph, and "
-                                 "--batch 1 has none"),
+            (("--fast-verify",), "--fast-verify needs rows of a batch above 1 (only they run the batched verify "
+                                 "graph), and batch 1 has none"),
             (("--text-file", tmp_path / "empty.txt"), f"--text-file {tmp_path / 'empty.txt'}: the file is empty"),
             (("--plot", tmp_path / "afile" / "p.png"),
              f"--plot {tmp_path / 'afile' / 'p.png'}: {tmp_path / 'afile'} is a file, not a directory"),
@@ -226,6 +226,11 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
               if Path("/proc/self").is_dir() else [])):
         r = CliRunner().invoke(cli, ["profile", str(tiny_gemma3[2]), *map(str, args)])
         assert_one_line_error(r, message)
+    # from Python the same refusal names the argument as Python writes it: the CLI's flags were never passed there
+    with pytest.raises(ArgumentError) as caught:
+        prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), batches=(1,), fast_verify=True)
+    assert str(caught.value) == ("fast_verify=True needs rows of a batch above 1 (only they run the batched verify "
+                                 "graph), and batch 1 has none")
 
 
 def test_a_trace_or_plot_onto_a_file_of_the_bundle_is_refused(tiny_gemma3, tmp_path):

@@ -21,7 +21,7 @@ from time import perf_counter
 import onnxruntime as ort
 
 from ..bundle import load as load_bundle
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, SwitchError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
 from .kv_cache import physical_memory, position_bytes
@@ -345,8 +345,9 @@ def profile(bundle_dir: Path, prompt_tokens=(128, 512), gen_tokens=128, repetiti
     check_mtp_options(drafters, drafter, draft_ks, head, p_min, drafter_provider)
     check_fast_verify(bundle, fast_verify)
     if fast_verify and max(batches) < 2:  # a pass of one row runs the target graph (Target.forward_outputs)
-        raise EdgemtpError(f"--fast-verify: only rows of --batch above 1 run the batched verify graph, and --batch "
-                           f"{','.join(map(str, batches))} has none")
+        # the batches named in plain words, right from Python (batches=) and the CLI (--batch) alike
+        raise SwitchError("fast_verify", True, "needs rows of a batch above 1 (only they run the batched verify "
+                          f"graph), and batch {','.join(map(str, batches))} has none")
     check_packed_cache(packed_cache, provider)
     todo = configs(draft_ks, batches, prompt_tokens, gen_tokens, provider, drafters, heads_for(bundle, head), adaptive,
                    p_min)
