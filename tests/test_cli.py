@@ -1613,6 +1613,22 @@ def test_export_names_a_model_directory_s_missing_and_malformed_files(tiny_gemma
         assert not (tmp_path / "b").exists()
 
 
+def test_export_overwrite_refuses_a_bundle_holding_its_own_input(tiny_gemma3, tmp_path):
+    """--overwrite deletes the old bundle once the new one is in place: a model directory or GGUF file kept in
+    it (exported from where it lay) went with it, the input lost. Refused first, the input kept."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_gemma3[2], b)
+    shutil.copytree(tiny_gemma3[1], b / "model")
+    (b / "model.gguf").write_bytes(b"GGUF")  # refused before it is read
+    for source in (b / "model", b / "model.gguf"):
+        r = run("export", source, "-o", b, "--overwrite")
+        assert_one_line_error(r, exact=f"{b}: holds {source}, the model exported; --overwrite would delete it "
+                                       "(write the bundle elsewhere)")
+    assert (b / "model" / "config.json").is_file() and (b / "model.gguf").is_file()
+
+
 def test_drafter_and_profile_refusals_name_the_flag(tiny_gemma3, tmp_path):
     """train-drafter given a bundle as -o or a directory without config.json as --init, and profile
     --fast-verify on a bundle without the batched verify graph: one line each, naming the flag and path,

@@ -141,13 +141,13 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
     click.echo(f"wrote {out}")
 
 
-def check_bundle_output(out: Path, overwrite: bool) -> None:
+def check_bundle_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
     """bundle.check_output, its refusal naming -o as import-gguf's, cluster's and train-drafter's do: export()'s
     own check is the Python API's, which has no -o."""
     from ..bundle import check_output
 
     try:
-        check_output(out, overwrite)
+        check_output(out, overwrite, source)
     except EdgemtpError as e:
         raise EdgemtpError(f"-o {e}") from None
 
@@ -161,7 +161,7 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
     from ..gguf_import import import_gguf
     from ..scratch import scratch_beside
 
-    check_bundle_output(out, overwrite)  # an existing output is named before minutes of import, not after
+    check_bundle_output(out, overwrite, model_dir)  # an existing output is named before minutes of import, not after
     with scratch_beside(out, "gguf") as scratch:  # the directories made for the output go again if it fails
         with progress_bar(f"importing {model_dir.name}", show_what=True) as progress:
             source = import_gguf(model_dir, scratch / "model", progress=progress)
