@@ -1490,6 +1490,25 @@ def test_cluster_refuses_a_dangling_link_at_head_without_overwrite(tiny_gemma3, 
     assert (out / "head.safetensors").is_symlink()
 
 
+def test_cluster_refuses_a_model_directory_or_bundle_as_output(tiny_gemma3, tmp_path):
+    """head.safetensors goes in a drafter's directory or one of its own. In a model directory (-o given the model
+    itself) the checkpoint reader took it for a shard: export then warned of 3 tensors config.json does not
+    describe ("is config.json this checkpoint's?"); in a bundle it is a file the manifest does not list."""
+    import shutil
+
+    model, bundle = tmp_path / "model", tmp_path / "bundle"
+    shutil.copytree(tiny_gemma3[1], model)
+    shutil.copytree(tiny_gemma3[2], bundle)
+    r = run("cluster", model, "-o", model, "--clusters", 8, "--top-k", 2, "--calibration", "none")
+    assert_one_line_error(r, exact=f"-o {model}: holds a model ({model / 'config.json'}: model_type 'gemma3_text'), "
+                                   "where head.safetensors would be read as part of its checkpoint (give the "
+                                   "drafter's directory or one of its own)")
+    r = run("cluster", model, "-o", bundle, "--clusters", 8, "--top-k", 2, "--calibration", "none")
+    assert_one_line_error(r, exact=f"-o {bundle}: an edgemtp bundle, not a drafter directory (give the tables "
+                                   "a directory of their own or the drafter's, then export with --drafter)")
+    assert not (model / "head.safetensors").exists() and not (bundle / "head.safetensors").exists()
+
+
 def test_cluster_without_overwrite_keeps_tables_another_run_wrote_meanwhile(tiny_gemma3, tmp_path, monkeypatch):
     """Two cluster runs given one -o both pass the check at their start; the one ending second replaced the
     other's head.safetensors without a word. Without --overwrite it now says so and leaves the other's."""

@@ -244,6 +244,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     # placement, after the k-means, as "written by another run meanwhile"
     if os.path.lexists(out / HEAD_FILE) and not overwrite:
         raise EdgemtpError(f"-o {out}: {out / HEAD_FILE} already exists (use --overwrite to replace it)")
+    check_head_dir(out)
     writable_dir(out, "-o")
     vocab, hidden_size = head_shape(model_dir)
     softcap = logit_softcap(model_dir)  # a damaged config.json
@@ -290,6 +291,28 @@ def check_seed(seed: int) -> None:
     """k-means (scikit-learn) takes seeds below 2**32 only, and would say so after minutes of work."""
     if not 0 <= seed < 2**32:
         raise EdgemtpError(f"--seed {seed} must be between 0 and {2**32 - 1}")
+
+
+def check_head_dir(out: Path) -> None:
+    """head.safetensors belongs in a new directory or a drafter's. A model directory's checkpoint is every
+    *.safetensors in it, so there the tables would be read as a shard of the model (export then warns of
+    tensors its config.json does not describe); in a bundle it is a file the manifest does not list."""
+    from ..drafter import MODEL_TYPE
+
+    if (out / "edgemtp.json").is_file():
+        raise EdgemtpError(f"-o {out}: an edgemtp bundle, not a drafter directory (give the tables a directory of "
+                           "their own or the drafter's, then export with --drafter)")
+    config = out / "config.json"
+    if not config.is_file():
+        return
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not a drafter's either
+        kind = None
+    if kind != MODEL_TYPE:
+        raise EdgemtpError(f"-o {out}: holds a model ({config}: model_type {kind!r}), where head.safetensors "
+                           "would be read as part of its checkpoint (give the drafter's directory or one of its "
+                           "own)")
 
 
 @cli.command("train-drafter")
