@@ -258,6 +258,25 @@ def test_a_trace_or_plot_onto_a_file_of_the_bundle_is_refused(tiny_gemma3, tmp_p
     assert bundle.load(b).manifest == bundle.load(tiny_gemma3[2]).manifest
 
 
+def test_a_trace_or_plot_onto_the_text_file_or_each_other_is_refused(tiny_gemma3, tmp_path):
+    """--trace F --text-file F replaced the user's prompt text with the trace, and --trace F --plot F left one of
+    the two outputs: refused before the run, by whatever path, the text file kept."""
+    text = tmp_path / "prompt.png"
+    text.write_text("def main():\n    return 1\n" * 8)
+    base = ["profile", str(tiny_gemma3[2]), "--prompt-tokens", "8", "--gen-tokens", "4", "--repetitions", "1",
+            "--draft-k", "0", "--text-file", str(text)]
+    for args, message in (
+            (["--trace", str(text)], f"--trace {text}: is --text-file's (write it elsewhere)"),
+            (["--plot", str(tmp_path / ".." / tmp_path.name / text.name)],
+             f"--plot {tmp_path / '..' / tmp_path.name / text.name}: is --text-file's (write it elsewhere)"),
+            (["--trace", str(tmp_path / "out.png"), "--plot", str(tmp_path / "out.png")],
+             f"--plot {tmp_path / 'out.png'}: is --trace's too (give each its own file)")):
+        r = CliRunner().invoke(cli, [*base, *args])
+        assert_one_line_error(r, exact=message)
+    assert text.read_text() == "def main():\n    return 1\n" * 8
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_repeated_values_run_once_and_a_batch_beyond_memory_is_skipped(tiny_gemma3, monkeypatch):
     """--draft-k 2,2 runs K = 2 once; a batch whose KV cache and logits exceed half this machine's memory is
     a skipped row saying so (it would otherwise hang building its prompts, then run out of memory)."""

@@ -97,6 +97,9 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
     if given and not any(int_list("--draft-k", draft_k)):  # as generate's --draft-k 0 beside --draft
         raise EdgemtpError(f"--draft {drafter} with --draft-k {draft_k}: plain rows only, which draft nothing")
     resolve_provider(provider, warn=False)  # a known provider this build lacks: its rows say so ("skipped")
+    # the outputs are written after the run: the prompt text read first would be lost to the trace or plot
+    # (the text's name, or the file a link there names)
+    read = () if text_file is None or str(text_file) == "-" else (_where(text_file), Path(os.path.realpath(text_file)))
     for flag, path in (("--plot", plot_file), ("--trace", trace)):
         if path is not None and path.is_dir():  # matplotlib would write DIR.png beside it
             raise EdgemtpError(f"{flag} {path}: is a directory (give a file name in it)")
@@ -106,6 +109,10 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
             raise EdgemtpError(f"{flag} {path}: no such directory {path.parent}")
         if path is not None and path.exists() and _bundle_file(bundle_dir, path):
             raise EdgemtpError(f"{flag} {path}: is a file of the bundle {bundle_dir} (write it elsewhere)")
+        if path is not None and _where(path) in read:
+            raise EdgemtpError(f"{flag} {path}: is --text-file's (write it elsewhere)")
+    if plot_file is not None and trace is not None and _where(plot_file) == _where(trace):
+        raise EdgemtpError(f"--plot {plot_file}: is --trace's too (give each its own file)")
     if plot_file is not None and importlib.util.find_spec("matplotlib") is None:
         raise EdgemtpError("--plot needs matplotlib: pip install 'edgemtp[plot]'")
     if plot_file is not None:
@@ -132,6 +139,12 @@ def profile_cmd(bundle_dir, prompt_tokens, gen_tokens, repetitions, draft_k, bat
                                       lambda e: e.generate("def main():", max_new_tokens=16), trace), err=True)
     if plot_file:
         report.plot(result, plot_file)
+
+
+def _where(path: Path) -> Path:
+    """The file `path` names, by whatever route to its directory (a link named `path` is itself the file an
+    output replaces, as _bundle_file says)."""
+    return Path(os.path.realpath(path.parent)) / path.name
 
 
 def _bundle_file(bundle_dir: Path, path: Path) -> bool:
