@@ -486,6 +486,21 @@ def test_system_and_chat_args_are_utf8_in_an_ascii_locale(chat_bundle):
         r.output
 
 
+def test_a_chat_arg_that_is_not_utf8_text_is_named(chat_bundle):
+    """A --chat-arg whose bytes are not UTF-8 (a lone surrogate in Python's argv), or whose JSON string spells a
+    lone surrogate ("\\udcff"): the tokenizer refused the rendered prompt as "prompt is not UTF-8 text ... at
+    character 0", naming neither the flag nor where, and a template not using the variable ran on. Named first,
+    as --system is; the Python API's chat_args refuse such a string too."""
+    args = ["generate", str(chat_bundle), "--chat", "--prompt", "t3", "--max-new-tokens", "2", "--chat-arg"]
+    r = CliRunner().invoke(cli, [*args, "mood=\udcff"])
+    assert_one_line_error(r, exact="--chat-arg 'mood=\\udcff': not valid UTF-8 text")
+    r = CliRunner().invoke(cli, [*args, 'mood="\\udcff"'])
+    assert_one_line_error(r, exact="--chat-arg 'mood=\"\\\\udcff\"' has mood='\\udcff': a string that is not UTF-8 "
+                                   "text (a lone surrogate)")
+    with pytest.raises(EdgemtpError, match="has mood=.*a string that is not UTF-8 text"):
+        ChatTemplate(TINY, {}, "here", {"mood": ["ok", {"x": "\udcff"}]})
+
+
 def test_an_empty_system_message_is_refused(chat_bundle):
     """--system "" (a script's unset variable) was taken: Gemma 3's template then opened the user's turn with a
     blank line, a Qwen-style one with an empty system turn, neither the conversation without one that was meant.

@@ -164,7 +164,7 @@ def parse_chat_args(values: tuple[str, ...]) -> dict:
 
     out = {}
     for item in values:
-        name, sep, text = from_argv(item).partition("=")
+        name, sep, text = utf8(item, f"--chat-arg {item!r}").partition("=")
         if not sep or not name.strip():
             raise EdgemtpError(f"--chat-arg {item!r}: give NAME=VALUE, e.g. enable_thinking=false")
         try:

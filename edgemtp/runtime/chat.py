@@ -114,6 +114,12 @@ def check_chat_args(values) -> dict:
         except (TypeError, ValueError):
             raise ArgumentError("chat_args", values, f"has {name}={value!r}: values must be JSON values "
                                                      "(bool, number, string, None, lists and dicts of them)") from None
+        # a lone surrogate (a JSON "\\udcff"): the tokenizer refused the rendered prompt, not naming the variable
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ArgumentError("chat_args", values, f"has {name}={value!r}: a string that is not UTF-8 text "
+                                                     "(a lone surrogate)") from None
     return dict(values)
 
 
