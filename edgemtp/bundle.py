@@ -42,10 +42,10 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
+def check_output(out: Path, overwrite: bool, inputs: dict | None = None) -> None:
     """Where a bundle may be written: a new path, or with --overwrite an earlier bundle or an empty
     directory. --overwrite deletes what is there, so it never takes a directory holding anything else
-    (a model directory, a home directory, the current one, the `source` exported)."""
+    (a model directory, a home directory, the current one, one of the `inputs`: {path: what it is})."""
     out = Path(out)
     if (link := link_to_nothing(out)) is not None:
         raise EdgemtpError(f"{out}: {link} is a symbolic link to nothing (dangling, or a loop)")
@@ -62,10 +62,10 @@ def check_output(out: Path, overwrite: bool, source: Path | None = None) -> None
     if here == out.resolve() or out.resolve() in here.parents:
         raise EdgemtpError(f"{out}: holds the current directory; --overwrite will not delete it")
     # a bundle holding a file or directory of its own besides: the manifest check below would pass it
-    if source is not None and any(out.resolve() in p.parents for p in (Path(source).absolute(),
-                                                                        Path(source).resolve())):
-        raise EdgemtpError(f"{out}: holds {source}, the model exported; --overwrite would delete it "
-                           "(write the bundle elsewhere)")
+    for source, what in (inputs or {}).items():
+        if any(out.resolve() in p.parents for p in (Path(source).absolute(), Path(source).resolve())):
+            raise EdgemtpError(f"{out}: holds {source}, {what}; --overwrite would delete it (write the bundle "
+                               "elsewhere)")
     if any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise EdgemtpError(f"{out}: not an edgemtp bundle (no {MANIFEST}); --overwrite replaces only a bundle "
                            "or an empty directory")

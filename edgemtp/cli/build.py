@@ -141,13 +141,13 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
     click.echo(f"wrote {out}")
 
 
-def check_bundle_output(out: Path, overwrite: bool, source: Path | None = None) -> None:
+def check_bundle_output(out: Path, overwrite: bool, inputs: dict | None = None) -> None:
     """bundle.check_output, its refusal naming -o as import-gguf's, cluster's and train-drafter's do: export()'s
     own check is the Python API's, which has no -o."""
     from ..bundle import check_output
 
     try:
-        check_output(out, overwrite, source)
+        check_output(out, overwrite, inputs)
     except EdgemtpError as e:
         raise EdgemtpError(f"-o {e}") from None
 
@@ -161,7 +161,8 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
     from ..gguf_import import import_gguf
     from ..scratch import scratch_beside
 
-    check_bundle_output(out, overwrite, model_dir)  # an existing output is named before minutes of import, not after
+    # an existing output is named before minutes of import, not after
+    check_bundle_output(out, overwrite, {model_dir: "the model exported"})
     with scratch_beside(out, "gguf") as scratch:  # the directories made for the output go again if it fails
         with progress_bar(f"importing {model_dir.name}", show_what=True) as progress:
             source = import_gguf(model_dir, scratch / "model", progress=progress)
@@ -191,7 +192,8 @@ def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool,
     options = {k: v for k, v in quant_opts.items() if v not in (None, ())}
     if options.get("calibration") == "none":
         options["calibration"] = None
-    check_bundle_output(out, overwrite)  # after the flags' checks (a GGUF source's output: before its import)
+    inputs = {model_dir: "the model exported", **({chosen: "the drafter attached"} if isinstance(chosen, Path) else {})}
+    check_bundle_output(out, overwrite, inputs)  # after the flags' checks (a GGUF source's output: before its import)
     with progress_bar("exporting", show_what=True) as progress:
         export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
                static_window=verify_window if static or quant == "qdq" else None, drafter=chosen,

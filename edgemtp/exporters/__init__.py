@@ -160,7 +160,10 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     `gemv_head`: store the head table transposed, for one-row passes to read with GEMV (exporters/gemv_head.py;
     dynamic fp32 bundles only, other ones refuse True and False alike); AUTO: see drafter_pairing.layout()."""
     model_dir, out = Path(model_dir), Path(out)
-    bundle_mod.check_output(out, overwrite, model_dir)  # before any work
+    inputs = {model_dir: "the model exported"}
+    if drafter is not None and drafter != AUTO:
+        inputs[Path(drafter)] = "the drafter attached"
+    bundle_mod.check_output(out, overwrite, inputs)  # before any work
     if progress is not None:  # the tokenizer's check and the graph's build come first: seconds on a blank screen
         progress(0, 1, "reading the model")
     drafter, gemv_head, drafter_head_rows = _resolve_options(model_dir, quant, static_window, drafter, drafter_top_k,
