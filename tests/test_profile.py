@@ -277,6 +277,30 @@ def test_a_trace_or_plot_onto_the_text_file_or_each_other_is_refused(tiny_gemma3
     assert not (tmp_path / "out.png").exists()
 
 
+def test_a_generation_past_the_kv_capacity_is_skipped_at_once(tiny_gemma3, monkeypatch):
+    """--gen-tokens 100000000 on a 64-token bundle: every row is skipped, but the ceiling's mean cache read summed
+    every step of the generation, one at a time (minutes of CPU at 1e8 steps before the table). Only the steps
+    the cache holds are counted (a row reaching past it is skipped); the rows that fit read as before."""
+    from edgemtp import bundle
+    from edgemtp.runtime import bandwidth
+    from edgemtp.runtime import profile as prof
+
+    b = bundle.load(tiny_gemma3[2], verify=False)
+    monkeypatch.setattr(bandwidth, "measure_bandwidth", lambda threads: 1e10)
+    calls, real = [0], bandwidth.decode_bytes
+
+    def counted(*args):
+        calls[0] += 1
+        assert calls[0] < 1000, "a step past the KV capacity counted"
+        return real(*args)
+
+    monkeypatch.setattr(bandwidth, "decode_bytes", counted)
+    fits = prof.ceiling(b, None, (8,), 40)["by_prompt_tokens"]
+    assert prof.ceiling(b, None, (8,), 10**8)["by_prompt_tokens"][0]["prompt_tokens"] == 8
+    monkeypatch.setattr(bandwidth, "decode_bytes", real)
+    assert fits == prof.ceiling(b, None, (8,), 40)["by_prompt_tokens"]
+
+
 def test_repeated_values_run_once_and_a_batch_beyond_memory_is_skipped(tiny_gemma3, monkeypatch):
     """--draft-k 2,2 runs K = 2 once; a batch whose KV cache and logits exceed half this machine's memory is
     a skipped row saying so (it would otherwise hang building its prompts, then run out of memory)."""

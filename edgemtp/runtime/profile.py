@@ -401,9 +401,11 @@ def ceiling(bundle, threads, prompt_tokens=(), gen_tokens: int = 0) -> dict:
     weights = decode_bytes(bundle)
     bw = measure_bandwidth(threads)
     by_prompt = []
+    capacity = bundle.target_contract.capacity
     for p in sorted(set(prompt_tokens)):
-        # the steps after the first token (which prefill gives) attend to p, p + 1, ... cached positions
-        contexts = range(p, p + max(1, gen_tokens - 1))
+        # the steps after the first token (which prefill gives) attend to p, p + 1, ... cached positions; none
+        # past the capacity, where a row is skipped (a --gen-tokens of 1e8 summed 1e8 steps one at a time)
+        contexts = range(p, max(p + 1, min(p + gen_tokens - 1, capacity + 1)))
         read = sum(decode_bytes(bundle, c) for c in contexts) / len(contexts)
         by_prompt.append({"prompt_tokens": p, "read_bytes": round(read), "tg_tokens_per_s": bw / max(1, read)})
     return {"bandwidth_gb_s": bw / 1e9, "weight_bytes": weights, "tg_tokens_per_s": bw / max(1, weights),
