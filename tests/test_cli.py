@@ -306,6 +306,12 @@ def test_a_drafter_provider_without_the_mtp_drafter_is_said_to_do_nothing(tiny_g
     (("--stop", "t1", "--stop", ""), "--stop '' must not be empty"),
     # a byte that is not UTF-8 (--stop $'\\xff') arrives as a lone surrogate: a UnicodeEncodeError traceback
     (("--stop", "\udcff"), "--stop '\\udcff' is not UTF-8 text: a lone surrogate '\\udcff' at character 0"),
+    # a penalty float32 (the logits' type) rounds to 0 or inf: 0 / 0 made a zero logit NaN, blamed on the bundle
+    # ("the model gave logits that hold NaN"), after a numpy warning
+    (("--temperature", 1, "--repetition-penalty", "1e-320"),
+     "--repetition-penalty 1e-320 must be a number float32 holds (1.4e-45 to 3.4e38): the logits are float32"),
+    (("--repetition-penalty", "1e308"),
+     "--repetition-penalty 1e+308 must be a number float32 holds (1.4e-45 to 3.4e38): the logits are float32"),
 ])
 def test_generate_bad_flags(tiny_gemma3, extra, message):
     assert_one_line_error(run("generate", tiny_gemma3[2], "--prompt", "t1", *extra), message)

@@ -37,6 +37,13 @@ class Sampling:
             raise ArgumentError("min_p", self.min_p, "must be in [0, 1]")
         if not (is_finite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ArgumentError("repetition_penalty", self.repetition_penalty, "must be a finite number > 0")
+        # the penalty scales float32 logits: one float32 rounds to 0 made a zero logit 0 / 0 = NaN (blamed on the
+        # model), one it rounds to inf took 0 * inf in the branch np.where drops (a numpy warning)
+        with np.errstate(over="ignore", under="ignore"):
+            as_float32 = np.float32(self.repetition_penalty)
+        if as_float32 == 0 or np.isinf(as_float32):
+            raise ArgumentError("repetition_penalty", self.repetition_penalty,
+                                "must be a number float32 holds (1.4e-45 to 3.4e38): the logits are float32")
         # numpy's whole numbers as Python's (frozen dataclass): -top_k of an unsigned one wrapped around, and
         # np.partition failed on it ("kth(=251) out of bounds") at the first sampled token
         object.__setattr__(self, "top_k", int(self.top_k))
