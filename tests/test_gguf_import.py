@@ -1390,7 +1390,7 @@ def test_export_takes_a_gguf_file(tmp_path):
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *a, **k: shown.append(str(message))
         with pytest.raises(EdgemtpError) as e:
-            with model_source(path, tmp_path / "c", False) as source:
+            with model_source(path, tmp_path / "c") as source:
                 warnings.warn(f"{source}: 3 checkpoint tensor(s) unused")
                 raise EdgemtpError(f"{source / 'config.json'}: field 'x' is wrong")
     assert str(e.value) == f"{path} (imported)/config.json: field 'x' is wrong"
@@ -1402,6 +1402,38 @@ def test_export_takes_a_gguf_file(tmp_path):
     assert not list(tmp_path.glob("*edgemtp-gguf-*"))
     assert not (tmp_path / "new1").exists()  # the directories made for the output were left, empty
 
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--verify-window", "3"], "--verify-window 3 applies to a static graph: add --static"),
+    (["--drafter", "nowhere"], "--drafter nowhere: no config.json there"),
+    (["--max-context", "1"], "--max-context 1 is too small"),
+    (["--quant", "int5"], "--quant 'int5' is not supported"),
+    (["--quant", "int4", "--qdq-ops", "all"], "--qdq-ops applies to --quant qdq only"),
+    (["--quant", "qdq", "--qdq-ops", "most"], "--qdq-ops 'most' must be one of"),
+    (["--quant", "qdq", "--static", "--activation-bits", "4"], "--activation-bits 4 must be 8 or 16"),
+    (["--quant", "int8", "--static"], "--quant int8 with --static"),
+    (["--quant", "int8", "--layer-bits", "4"], "--layer-bits applies to --quant int4"),
+    (["--block-size", "64"], "--block-size applies to --quant int8 / int4 only"),
+    (["--drafter", "none", "--draft-top-k", "4"], "--draft-top-k applies to a bundle with an MTP drafter"),
+    (["--quant", "int8", "--gemv-head"], "--gemv-head applies to dynamic fp32 bundles"),
+    (["--static", "--verify-window", "0"], "--verify-window 0 must be at least 1"),
+])
+def test_export_of_a_gguf_file_checks_its_flags_before_the_import(tmp_path, monkeypatch, flags, error):
+    """A flag export refuses without reading the model is refused before a GGUF file's import, which takes
+    minutes for a big model, not after it."""
+    from click.testing import CliRunner
+
+    import edgemtp.gguf_import
+    from edgemtp.cli import cli
+
+    imported = []
+    monkeypatch.setattr(edgemtp.gguf_import, "import_gguf", lambda *a, **k: imported.append(a))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    r = CliRunner().invoke(cli, ["export", str(path), "-o", str(tmp_path / "b"), *flags])
+    assert r.exit_code == 2 and r.output.startswith(f"error: {error}") and len(r.output.splitlines()) == 1, r.output
+    assert imported == []
 
 
 def test_phi3_without_window(tmp_path):

@@ -152,7 +152,7 @@ def test_an_export_from_gguf_removes_only_its_own_outputs_scratch(tmp_path, monk
     for d in (dead, *others):
         d.mkdir()
         _age(d)
-    with model_source(gguf, tmp_path / "out", False) as source:
+    with model_source(gguf, tmp_path / "out") as source:
         assert source.parent.name.startswith(".out.edgemtp-gguf-") and not dead.exists()
     assert sorted(tmp_path.iterdir()) == sorted([gguf, *others])
 

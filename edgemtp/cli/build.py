@@ -135,9 +135,32 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
     MODEL_DIR may be a .gguf file: it is imported first (as import-gguf does) into a scratch directory beside
     the output, deleted after the export (it takes the model's fp32 size on that disk meanwhile)."""
     needs_exporter("export")
-    with model_source(model_dir, out, overwrite) as source:
-        _export(source, out, quant, capacity, static, verify_window, drafter, draft_top_k, draft_head_rows,
-                draft_head_context, gemv_head, overwrite, quant_opts)
+    from ..exporters import AUTO, check_options, export, load_config, resolve_capacity
+
+    # every flag the model is not needed for, and the output, are checked before a GGUF file's import (minutes)
+    given = click.get_current_context().get_parameter_source("verify_window") == ParameterSource.COMMANDLINE
+    if given and not (static or quant == "qdq"):
+        raise EdgemtpError(f"--verify-window {verify_window} applies to a static graph: add --static")
+    chosen = None if drafter == "none" else AUTO if drafter == "auto" else Path(drafter)
+    if isinstance(chosen, Path) and not (chosen / "config.json").is_file():
+        raise EdgemtpError(f"--drafter {drafter}: no config.json there (a drafter directory, auto or none)")
+    options = {k: v for k, v in quant_opts.items() if v not in (None, ())}
+    if options.get("calibration") == "none":
+        options["calibration"] = None
+    static_window = verify_window if static or quant == "qdq" else None
+    gemv_head = AUTO if gemv_head is None else gemv_head
+    check_options(quant, capacity, static_window, chosen, draft_top_k, draft_head_rows, draft_head_context, options,
+                  gemv_head)
+    inputs = {model_dir: "the model exported", **({chosen: "the drafter attached"} if isinstance(chosen, Path) else {})}
+    check_bundle_output(out, overwrite, inputs)
+    with model_source(model_dir, out) as source:
+        if capacity is not None:
+            resolve_capacity(capacity, load_config(source)[0], limit=True)
+        with progress_bar("exporting", show_what=True) as progress:
+            export(source, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
+                   static_window=static_window, drafter=chosen, drafter_top_k=draft_top_k,
+                   drafter_head_rows=draft_head_rows, drafter_head_context=draft_head_context,
+                   quant_options=options, gemv_head=gemv_head)
     click.echo(f"wrote {out}")
 
 
@@ -153,7 +176,7 @@ def check_bundle_output(out: Path, overwrite: bool, inputs: dict | None = None) 
 
 
 @contextlib.contextmanager
-def model_source(model_dir: Path, out: Path, overwrite: bool):
+def model_source(model_dir: Path, out: Path):
     """MODEL_DIR itself, or the model directory of a GGUF file, imported for the export's length."""
     if not (model_dir.is_file() and model_dir.suffix.lower() == ".gguf"):
         yield model_dir
@@ -161,8 +184,6 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
     from ..gguf_import import import_gguf
     from ..scratch import scratch_beside
 
-    # an existing output is named before minutes of import, not after
-    check_bundle_output(out, overwrite, {model_dir: "the model exported"})
     with scratch_beside(out, "gguf") as scratch:  # the directories made for the output go again if it fails
         with progress_bar(f"importing {model_dir.name}", show_what=True) as progress:
             source = import_gguf(model_dir, scratch / "model", progress=progress)
@@ -174,32 +195,6 @@ def model_source(model_dir: Path, out: Path, overwrite: bool):
                 yield source
             except EdgemtpError as e:
                 raise EdgemtpError(str(e).replace(str(source), imported)) from None
-
-
-def _export(model_dir: Path, out: Path, quant: str, capacity: int, static: bool, verify_window: int,
-            drafter: str, draft_top_k: int | None, draft_head_rows: str, draft_head_context: int | None,
-            gemv_head: bool | None, overwrite: bool, quant_opts: dict) -> None:
-    from ..exporters import AUTO, export, load_config, resolve_capacity
-
-    if capacity is not None:
-        resolve_capacity(capacity, load_config(model_dir)[0], limit=True)
-    given = click.get_current_context().get_parameter_source("verify_window") == ParameterSource.COMMANDLINE
-    if given and not (static or quant == "qdq"):
-        raise EdgemtpError(f"--verify-window {verify_window} applies to a static graph: add --static")
-    chosen = None if drafter == "none" else AUTO if drafter == "auto" else Path(drafter)
-    if isinstance(chosen, Path) and not (chosen / "config.json").is_file():
-        raise EdgemtpError(f"--drafter {drafter}: no config.json there (a drafter directory, auto or none)")
-    options = {k: v for k, v in quant_opts.items() if v not in (None, ())}
-    if options.get("calibration") == "none":
-        options["calibration"] = None
-    inputs = {model_dir: "the model exported", **({chosen: "the drafter attached"} if isinstance(chosen, Path) else {})}
-    check_bundle_output(out, overwrite, inputs)  # after the flags' checks (a GGUF source's output: before its import)
-    with progress_bar("exporting", show_what=True) as progress:
-        export(model_dir, out, quant=quant, capacity=capacity, overwrite=overwrite, progress=progress,
-               static_window=verify_window if static or quant == "qdq" else None, drafter=chosen,
-               drafter_top_k=draft_top_k, drafter_head_rows=draft_head_rows,
-               drafter_head_context=draft_head_context, quant_options=options,
-               gemv_head=AUTO if gemv_head is None else gemv_head)
 
 
 @cli.command("cluster")

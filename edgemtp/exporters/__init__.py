@@ -103,8 +103,7 @@ def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
     longrope = [r.original_max_positions for r in getattr(cfg, "rope", {}).values() if r.kind == "longrope"]
     if capacity is None:  # within LongRoPE's original length too: a default the check below refuses is no default
         capacity = min(DEFAULT_CAPACITY, cfg.max_position_embeddings, *longrope)
-    if capacity < 2:
-        raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
+    check_capacity(capacity)
     if limit and capacity > cfg.max_position_embeddings:
         raise EdgemtpError(f"--max-context {capacity} exceeds the model's max_position_embeddings "
                            f"({cfg.max_position_embeddings}, config.json)")
@@ -114,6 +113,12 @@ def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
                                f"({original}, config.json): past it LongRoPE turns to other "
                                "frequencies, which the keys already cached were not rotated with")
     return capacity
+
+
+def check_capacity(capacity: int) -> None:
+    """The --max-context any model refuses (resolve_capacity checks it against the model's own length)."""
+    if capacity < 2:
+        raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
 
 
 def check_tokenizer(model_dir: Path, vocab_size: int) -> Path:
@@ -164,6 +169,8 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     if drafter is not None and drafter != AUTO:
         inputs[Path(drafter)] = "the drafter attached"
     bundle_mod.check_output(out, overwrite, inputs)  # before any work
+    check_options(quant, capacity, static_window, drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
+                  quant_options or {}, gemv_head)
     if progress is not None:  # the tokenizer's check and the graph's build come first: seconds on a blank screen
         progress(0, 1, "reading the model")
     drafter, gemv_head, drafter_head_rows = _resolve_options(model_dir, quant, static_window, drafter, drafter_top_k,
@@ -175,7 +182,6 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
         return _export_quantized(model_dir, out, quant, capacity, overwrite, progress, static_window,
                                  quant_options or {}, drafter, drafter_top_k, drafter_head_rows,
                                  drafter_head_context)
-    _refuse_quant_options(quant_options or {}, static_window)
     cfg, build = load_config(model_dir)
     capacity = resolve_capacity(capacity, cfg)
     tokenizer = check_tokenizer(model_dir, cfg.vocab_size)
@@ -220,13 +226,16 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     return out
 
 
-def _resolve_options(model_dir: Path, quant: str, static_window: int | None, drafter, drafter_top_k: int | None,
-                     drafter_head_rows: str, drafter_head_context: int | None, quant_options: dict,
-                     gemv_head: bool | str) -> tuple:
-    """export()'s options checked against each other before any work -> (drafter, gemv_head, drafter_head_rows),
-    the AUTO ones resolved."""
+def check_options(quant: str, capacity: int | None, static_window: int | None, drafter, drafter_top_k: int | None,
+                  drafter_head_rows: str, drafter_head_context: int | None, quant_options: dict,
+                  gemv_head: bool | str) -> None:
+    """export()'s options checked against each other, as far as they can be without the model: the CLI runs this
+    before a GGUF file's import (minutes for a big model). The model's own limits, and the options of the drafter
+    AUTO finds for it, are checked after (_resolve_options, each format's export)."""
     if quant not in QUANTS:
         raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
+    if capacity is not None:
+        check_capacity(capacity)
     if static_window is not None:  # before qdq's --calibration-tokens, whose default is a multiple of it
         from .static import check_verify_window
 
@@ -234,23 +243,37 @@ def _resolve_options(model_dir: Path, quant: str, static_window: int | None, dra
     if quant == "qdq" and drafter not in (None, AUTO):
         raise EdgemtpError("--drafter applies to fp32, fp16, int8 and int4 bundles: a --quant qdq bundle has no "
                            "MTP drafter (use --drafter none, or a static fp32 bundle: --static)")
-    if drafter == AUTO:  # static fp32 bundles too: their drafter runs beside the static target (e.g. on the CPU)
-        drafter = shipped_drafter(model_dir) if quant != "qdq" else None
-    _check_drafter_options(drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
-                           quant_options.get("drafter_quant"),
-                           "a --quant qdq bundle has none" if quant == "qdq" else None)
+    if quant == "qdq" or drafter != AUTO:  # the drafter is known without the model: a qdq bundle has none
+        _check_drafter_options(None if quant == "qdq" else drafter, drafter_top_k, drafter_head_rows,
+                               drafter_head_context, quant_options.get("drafter_quant"),
+                               "a --quant qdq bundle has none" if quant == "qdq" else None)
     only_qdq = [k for k in quant_options if k in ("activation_bits", "calibration_method", "qdq_ops")]
     if only_qdq and quant != "qdq":
         raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
     if gemv_head != AUTO and (quant != "fp32" or static_window is not None):  # False too: they store rows only
         raise EdgemtpError(f"--{'' if gemv_head else 'no-'}gemv-head applies to dynamic fp32 bundles (not "
                            f"{'--static' if static_window is not None else '--quant ' + quant})")
-    gemv_head, drafter_head_rows = layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows,
-                                          gemv_head)
-    if drafter_head_rows != "fp32" and (quant == "qdq" or static_window is not None):
+    # AUTO is fp32 rows in these bundles (layout())
+    if drafter_head_rows not in (AUTO, "fp32") and (quant == "qdq" or static_window is not None):
         raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (a static bundle's "
                            "drafter scores fp32 rows of the table)")
-    return drafter, gemv_head, drafter_head_rows
+    if quant == "qdq":
+        _qdq_settings(static_window, quant_options)
+    elif quant != "fp32":
+        _quant_scheme(quant, static_window, quant_options)
+    else:
+        _refuse_quant_options(quant_options, static_window)
+
+
+def _resolve_options(model_dir: Path, quant: str, static_window: int | None, drafter, drafter_top_k: int | None,
+                     drafter_head_rows: str, drafter_head_context: int | None, quant_options: dict,
+                     gemv_head: bool | str) -> tuple:
+    """-> (drafter, gemv_head, drafter_head_rows), the AUTO ones resolved for the model (after check_options)."""
+    if drafter == AUTO:  # static fp32 bundles too: their drafter runs beside the static target (e.g. on the CPU)
+        drafter = shipped_drafter(model_dir) if quant != "qdq" else None
+        _check_drafter_options(drafter, drafter_top_k, drafter_head_rows, drafter_head_context,
+                               quant_options.get("drafter_quant"))
+    return (drafter, *layout(quant, static_window, drafter, drafter_top_k, drafter_head_rows, gemv_head))
 
 
 def _refuse_quant_options(quant_options: dict, static_window: int | None) -> None:
@@ -313,15 +336,10 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     from ..calibration import activations as A
     from ..checkpoint import open_tokenizer
     from ..scratch import scratch_beside
-    from .quantize import (check_calibration_taken, check_options, check_patterns_change, check_patterns_match,
-                           check_shapes, check_widths, check_window, fit_head, quantize_bundle)
+    from .quantize import (check_calibration_taken, check_patterns_change, check_patterns_match, check_shapes,
+                           check_widths, check_window, fit_head, quantize_bundle)
 
-    if static_window is not None:
-        raise EdgemtpError(f"--quant {quant} with --static: static graphs are fp32 or QDQ (--quant qdq), not "
-                           f"{quant}")
-    if quant == "fp16" and options:  # fp16 rounds every weight; no option of int8 / int4 applies
-        raise EdgemtpError(f"--{next(iter(options)).replace('_', '-')} applies to --quant int8 / int4 only")
-    sch = check_options(quant, **options)  # before the fp32 export, which takes minutes at E2B scale
+    sch = _quant_scheme(quant, static_window, options)  # before the fp32 export, which takes minutes at E2B scale
     cfg, build = load_config(model_dir)
     check_head_size(cfg, Path(model_dir))  # before the block sizes: no block size makes such a bundle run
     if sch is not None:
@@ -349,6 +367,18 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
         return quantize_bundle(fp32, out, quant, overwrite=overwrite, progress=progress, **options)
 
 
+def _quant_scheme(quant: str, static_window: int | None, options: dict):
+    """An fp16 / int8 / int4 export's options checked -> the quantization scheme (None for fp16)."""
+    from .quantize import check_options
+
+    if static_window is not None:
+        raise EdgemtpError(f"--quant {quant} with --static: static graphs are fp32 or QDQ (--quant qdq), not "
+                           f"{quant}")
+    if quant == "fp16" and options:  # fp16 rounds every weight; no option of int8 / int4 applies
+        raise EdgemtpError(f"--{next(iter(options)).replace('_', '-')} applies to --quant int8 / int4 only")
+    return check_options(quant, **options)
+
+
 QDQ_OPTIONS = ("activation_bits", "calibration_method", "calibration", "calibration_tokens", "qdq_ops")
 
 
@@ -357,28 +387,9 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
     (8-bit weights per channel, 8- or 16-bit activations) calibrated on real text run through it."""
     from ..calibration import activations as A
     from ..scratch import scratch_beside
-    from .qdq import METHODS, OPS, WindowReader, quantize_static_qdq
+    from .qdq import WindowReader, quantize_static_qdq
 
-    if static_window is None:
-        raise EdgemtpError("--quant qdq makes static NPU graphs: add --static (and --verify-window K+1)")
-    wrong = [k for k in options if k not in QDQ_OPTIONS]
-    if wrong:
-        raise EdgemtpError(f"--{wrong[0].replace('_', '-')} applies to --quant int8 / int4, not qdq")
-    bits = options.get("activation_bits", QDQ_ACTIVATION_BITS)
-    method = options.get("calibration_method", "minmax")
-    if bits not in (8, 16):
-        raise EdgemtpError(f"--activation-bits {bits} must be 8 or 16")
-    if method not in METHODS:
-        raise EdgemtpError(f"--calibration-method {method!r} must be one of {', '.join(METHODS)}")
-    ops = options.get("qdq_ops", "weights")
-    if ops not in OPS:
-        raise EdgemtpError(f"--qdq-ops {ops!r} must be one of {', '.join(OPS)}")
-    source = options.get("calibration", A.CORPORA)
-    if source is None:
-        raise EdgemtpError("--quant qdq needs calibration text (a text file or corpora, not none)")
-    tokens = options.get("calibration_tokens", QDQ_WINDOWS * static_window)
-    if tokens < static_window:
-        raise EdgemtpError(f"--calibration-tokens {tokens} must be at least the verify window ({static_window})")
+    bits, method, ops, source, tokens = _qdq_settings(static_window, options)
     text = A.calibration_text(source, max_chars=QDQ_TEXT_CHARS)
     with scratch_beside(out, "fp32") as scratch:  # the directories made for the output go again if it fails
         fp32 = bundle_mod.load(export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress,
@@ -400,6 +411,34 @@ def _export_qdq(model_dir, out, capacity, overwrite, progress, static_window, op
                                             "tokenizer": "tokenizer.json", "graphs": {"target": target},
                                             **({"chat": chat} if chat else {})})
     return Path(out)
+
+
+def _qdq_settings(static_window: int | None, options: dict) -> tuple:
+    """A qdq export's options checked -> (activation bits, calibration method, ops, calibration, tokens)."""
+    from ..calibration import activations as A
+    from .qdq import METHODS, OPS
+
+    if static_window is None:
+        raise EdgemtpError("--quant qdq makes static NPU graphs: add --static (and --verify-window K+1)")
+    wrong = [k for k in options if k not in QDQ_OPTIONS]
+    if wrong:
+        raise EdgemtpError(f"--{wrong[0].replace('_', '-')} applies to --quant int8 / int4, not qdq")
+    bits = options.get("activation_bits", QDQ_ACTIVATION_BITS)
+    method = options.get("calibration_method", "minmax")
+    if bits not in (8, 16):
+        raise EdgemtpError(f"--activation-bits {bits} must be 8 or 16")
+    if method not in METHODS:
+        raise EdgemtpError(f"--calibration-method {method!r} must be one of {', '.join(METHODS)}")
+    ops = options.get("qdq_ops", "weights")
+    if ops not in OPS:
+        raise EdgemtpError(f"--qdq-ops {ops!r} must be one of {', '.join(OPS)}")
+    source = options.get("calibration", A.CORPORA)
+    if source is None:
+        raise EdgemtpError("--quant qdq needs calibration text (a text file or corpora, not none)")
+    tokens = options.get("calibration_tokens", QDQ_WINDOWS * static_window)
+    if tokens < static_window:
+        raise EdgemtpError(f"--calibration-tokens {tokens} must be at least the verify window ({static_window})")
+    return bits, method, ops, source, tokens
 
 
 # calibration samples by default. Gemma 3 270M's qdq export peaks at 5.8 GB RSS with 16 or 64 of them (7.0 GB
