@@ -190,16 +190,21 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
     (tmp_path / "afile").write_text("x")
     for args, message in (
             (("--head", "full"),
-             "--head full: only MTP and hybrid rows have a head, and --draft auto runs lookup here"),
+             "--head 'full' applies to MTP and hybrid rows only (they have a head), and the drafter auto runs "
+             "lookup here"),
             # the MTP drafter's options where no row runs it were taken silently (the rows' draft_p_min said 0.0)
             (("--draft-p-min", 0.3),
-             "--draft-p-min 0.3: only MTP and hybrid rows run the MTP drafter, and --draft auto runs lookup here"),
+             "--draft-p-min 0.3 applies to MTP and hybrid rows only (they run the MTP drafter), and the drafter auto "
+             "runs lookup here"),
             (("--drafter-provider", "cpu"),
-             "--drafter-provider cpu: only MTP and hybrid rows run the MTP drafter, and --draft auto runs lookup here"),
+             "--drafter-provider 'cpu' applies to MTP and hybrid rows only (they run the MTP drafter), and the "
+             "drafter auto runs lookup here"),
             (("--draft-k", "0", "--draft-p-min", 0.3),
-             "--draft-p-min 0.3: only MTP and hybrid rows run the MTP drafter, and --draft-k 0 runs plain rows only"),
+             "--draft-p-min 0.3 applies to MTP and hybrid rows only (they run the MTP drafter), and draft K 0 runs "
+             "plain rows only"),
             (("--draft-k", "0", "--head", "full"),
-             "--head full: only MTP and hybrid rows have a head, and --draft-k 0 runs plain rows only"),
+             "--head 'full' applies to MTP and hybrid rows only (they have a head), and draft K 0 runs plain rows "
+             "only"),
             # a --draft given beside plain rows only changed nothing, silently (generate refuses it too)
             (("--draft", "mtp", "--draft-k", "0"),
              "--draft mtp with --draft-k 0: plain rows only, which draft nothing"),
@@ -231,6 +236,17 @@ def test_profile_mistakes_are_named_before_the_run(tiny_gemma3, tmp_path, monkey
         prof.profile(tiny_gemma3[2], (8,), 4, 1, (0, 2), batches=(1,), fast_verify=True)
     assert str(caught.value) == ("fast_verify=True needs rows of a batch above 1 (only they run the batched verify "
                                  "graph), and batch 1 has none")
+    for kwargs, message in (
+            ({"head": "full"}, "head='full' applies to MTP and hybrid rows only (they have a head), and the drafter "
+                               "auto runs lookup here"),
+            ({"p_min": 0.3, "draft_ks": (0,)}, "p_min=0.3 applies to MTP and hybrid rows only (they run the MTP "
+                                               "drafter), and draft K 0 runs plain rows only"),
+            ({"drafter_provider": "cpu", "drafter": "lookup"},
+             "drafter_provider='cpu' applies to MTP and hybrid rows only (they run the MTP drafter), and the drafter "
+             "lookup runs lookup here")):
+        with pytest.raises(ArgumentError) as caught:
+            prof.profile(tiny_gemma3[2], (8,), 4, 1, **{"draft_ks": (0, 2), **kwargs})
+        assert str(caught.value) == message
 
 
 def test_a_trace_or_plot_onto_a_file_of_the_bundle_is_refused(tiny_gemma3, tmp_path):

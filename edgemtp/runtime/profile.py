@@ -21,7 +21,7 @@ from time import perf_counter
 import onnxruntime as ort
 
 from ..bundle import load as load_bundle
-from ..errors import EdgemtpError, SwitchError
+from ..errors import ArgumentError, EdgemtpError, SwitchError
 from .drafting import NoDrafter
 from .engine import Draft, Engine
 from .kv_cache import physical_memory, position_bytes
@@ -129,18 +129,20 @@ def drafters_for(bundle, drafter: str, provider: str = "cpu") -> list[str]:
 
 def check_mtp_options(drafters: list[str], drafter: str, draft_ks, head: str, p_min: float,
                       drafter_provider: str | None) -> None:
-    """--head, --draft-p-min and --drafter-provider apply to the rows that run the MTP drafter (mtp, hybrid at a
-    K above 0): given where no row does, they would change nothing, silently."""
+    """head, p_min and drafter_provider apply to the rows that run the MTP drafter (mtp, hybrid at a K above 0):
+    given where no row does, they would change nothing, silently. The refusal names the argument as the caller
+    wrote it (ArgumentError), and the drafters and Ks in plain words, right from Python and the CLI alike."""
     if {"mtp", "hybrid"} & set(drafters) and any(draft_ks):
         return
-    runs = (f"--draft {drafter} runs {', '.join(drafters) or 'none'} here" if any(draft_ks) else
-            f"--draft-k {','.join(map(str, draft_ks))} runs plain rows only")
+    runs = (f"the drafter {drafter} runs {', '.join(drafters) or 'none'} here" if any(draft_ks) else
+            f"draft K {','.join(map(str, draft_ks))} runs plain rows only")
     if head != "auto":
-        raise EdgemtpError(f"--head {head}: only MTP and hybrid rows have a head, and {runs}")
-    for flag, value, given in (("--draft-p-min", p_min, p_min > 0),
-                               ("--drafter-provider", drafter_provider, drafter_provider is not None)):
+        raise ArgumentError("head", head, f"applies to MTP and hybrid rows only (they have a head), and {runs}")
+    for name, value, given in (("p_min", p_min, p_min > 0),
+                               ("drafter_provider", drafter_provider, drafter_provider is not None)):
         if given:
-            raise EdgemtpError(f"{flag} {value}: only MTP and hybrid rows run the MTP drafter, and {runs}")
+            raise ArgumentError(name, value, "applies to MTP and hybrid rows only (they run the MTP drafter), and "
+                                f"{runs}", "--draft-p-min" if name == "p_min" else None)
 
 
 def heads_for(bundle, head: str) -> list[str]:
