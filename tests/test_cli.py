@@ -1675,8 +1675,9 @@ def test_drafter_and_profile_refusals_name_the_flag(tiny_gemma3, tmp_path):
     del m["graphs"]["verify"]
     (plain / "edgemtp.json").write_text(json.dumps(m))
     for args, message in (
-            (("train-drafter", model, "-o", bundle), f"-o {bundle}: an edgemtp bundle, not a drafter directory (give "
-                                                     "the drafter a directory of its own, then export with --drafter)"),
+            (("train-drafter", model, "-o", bundle), f"-o '{bundle}' is an edgemtp bundle, not a drafter directory "
+                                                     "(give the drafter a directory of its own, then export the "
+                                                     "bundle with it as its drafter)"),
             (("train-drafter", model, "-o", tmp_path / "d", "--init", tmp_path / "empty"),
              f"--init {tmp_path / 'empty'}: not a drafter directory (no config.json)"),
             (("profile", plain, "--fast-verify"),

@@ -1968,10 +1968,13 @@ def test_drafter_files_are_readable_as_open_makes_them(setup, tmp_path):
 
 def test_train_drafter_refuses_a_model_or_bundle_as_its_output(tiny_gemma3, tmp_path):
     """-o naming the target's own directory (or another model's, or a bundle) is refused before any work: the
-    finished drafter's config.json and model.safetensors replaced the model's own there, silently."""
+    finished drafter's config.json and model.safetensors replaced the model's own there, silently. From Python the
+    refusal names train_drafter's argument (out_dir), not the CLI's -o."""
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
+    from edgemtp.drafter.train import train_drafter
+    from edgemtp.errors import ArgumentError
 
     _, model_dir, bundle_dir = tiny_gemma3
     model = tmp_path / "model"
@@ -1983,7 +1986,10 @@ def test_train_drafter_refuses_a_model_or_bundle_as_its_output(tiny_gemma3, tmp_
              "--hidden", "16", "--layers", "1"]
     for out, what in ((model, "model_type 'gemma3_text'"), (bundle, "an edgemtp bundle")):
         r = CliRunner().invoke(cli, ["train-drafter", str(model), "-o", str(out), *small])
-        assert_one_line_error(r, f"-o {out}: ", what)
+        assert_one_line_error(r, f"-o '{out}' ", what)
+        with pytest.raises(ArgumentError) as caught:
+            train_drafter(model, out)
+        assert str(caught.value).startswith(f"out_dir='{out}' ") and what in str(caught.value)
         assert not (out / "cache").exists()
     assert before == {p.name: p.read_bytes() for p in (*model.iterdir(), *bundle.iterdir()) if p.is_file()}
     r = CliRunner().invoke(cli, ["train-drafter", str(model), "-o", str(tmp_path / "d"), *small])

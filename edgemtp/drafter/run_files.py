@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from . import model as M
 
 try:
@@ -93,12 +93,14 @@ def publish(staging: Path, out_dir: Path) -> None:
 def check_output(out_dir: Path) -> None:
     """`out_dir` is new, or a drafter's (an earlier run's, --init's fine-tuned in place): the finished drafter
     replaces its config.json and model.safetensors, which in a model directory (-o given the target's own by
-    mistake) are the model's weights, and would add a drafter and its caches among a bundle's files."""
+    mistake) are the model's weights, and would add a drafter and its caches among a bundle's files. The refusal
+    names train_drafter's out_dir from Python, -o from the CLI (ArgumentError)."""
     from . import MODEL_TYPE
 
+    given = os.fspath(out_dir)  # the path as text: a pathlib.Path's repr named the class
     if (out_dir / "edgemtp.json").is_file():
-        raise EdgemtpError(f"-o {out_dir}: an edgemtp bundle, not a drafter directory (give the drafter a "
-                           "directory of its own, then export with --drafter)")
+        raise ArgumentError("out_dir", given, "is an edgemtp bundle, not a drafter directory (give the drafter a "
+                            "directory of its own, then export the bundle with it as its drafter)", "-o")
     config = out_dir / "config.json"
     if not config.is_file():
         return
@@ -107,9 +109,9 @@ def check_output(out_dir: Path) -> None:
     except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not a drafter's either
         kind = None
     if kind != MODEL_TYPE:
-        raise EdgemtpError(f"-o {out_dir}: holds a model ({config}: model_type {kind!r}), not a drafter: training "
-                           "would replace its config.json and model.safetensors (give the drafter a directory "
-                           "of its own)")
+        raise ArgumentError("out_dir", given, f"holds a model ({config}: model_type {kind!r}), not a drafter: "
+                            "training would replace its config.json and model.safetensors (give the drafter a "
+                            "directory of its own)", "-o")
 
 
 def resume_state(ckpt: Path, run: str, cfg, steps: int) -> dict:
