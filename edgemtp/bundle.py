@@ -264,6 +264,7 @@ def _check_fields(m: dict, mpath: Path) -> None:
             raise EdgemtpError(f"{mpath}: files.{rel} must be an object with 'bytes' (a whole number) and "
                                "'sha256' (a hex string)")
     _check_model(m, mpath)
+    _check_made_by(m, mpath)
     check_graphs(m, mpath)
 
 
@@ -282,6 +283,26 @@ def _check_model(m: dict, mpath: Path) -> None:
     if not isinstance(eos, list) or not all(whole(t) and t < vocab for t in eos):
         raise EdgemtpError(f"{mpath}: model.eos_token_ids {eos!r} must be a list of token ids below vocab_size "
                            f"{vocab}")
+    # shown by info only, but shown: "model: 5", "-5 layers"
+    if not isinstance(model.get("model_type", ""), str):
+        raise EdgemtpError(f"{mpath}: model.model_type {model['model_type']!r} must be a string")
+    if "num_layers" in model and not whole(model["num_layers"], 1):
+        raise EdgemtpError(f"{mpath}: model.num_layers {model['num_layers']!r} must be a positive whole number")
+
+
+def _check_made_by(m: dict, mpath: Path) -> None:
+    """What made the bundle (info's "made by" and parameter count), optional: a bundle written before they were
+    recorded has neither. One of the wrong kind was dropped or printed as it is ("-5 parameters")."""
+    version = m.get("edgemtp_version", "")
+    if not isinstance(version, str):
+        raise EdgemtpError(f"{mpath}: edgemtp_version {version!r} must be a string")
+    source = m.get("source", {})
+    if not isinstance(source, dict):
+        raise EdgemtpError(f"{mpath}: source {source!r} must be an object")
+    if not isinstance(source.get("model", ""), str):
+        raise EdgemtpError(f"{mpath}: source.model {source['model']!r} must be a string")
+    if "parameters" in source and not whole(source["parameters"], 1):
+        raise EdgemtpError(f"{mpath}: source.parameters {source['parameters']!r} must be a positive whole number")
 
 
 def inside(root: Path, rel: str) -> Path:

@@ -2390,6 +2390,27 @@ def test_info_names_a_field_it_shows_that_is_malformed(tiny_gemma3, tmp_path, fi
     assert_one_line_error(run("info", b), f"{b / 'edgemtp.json'}: graphs.target.{field} cannot be shown")
 
 
+@pytest.mark.parametrize("path,value,field", [
+    (("source",), [1], "source [1]"), (("source", "parameters"), -5, "source.parameters -5"),
+    (("model", "model_type"), 5, "model.model_type 5"), (("edgemtp_version",), 5, "edgemtp_version 5"),
+])
+def test_info_refuses_a_manifest_field_it_would_show_wrongly(tiny_gemma3, tmp_path, path, value, field):
+    """Fields info prints (the model line, "made by"): one of the wrong kind or range is named by the load, in text
+    and --json alike, not dropped ("source": [1]) or printed as it is ("-5 parameters", "model: 5")."""
+    import shutil
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_gemma3[2], b)
+    m = json.loads((b / "edgemtp.json").read_text())
+    where = m
+    for key in path[:-1]:
+        where = where[key]
+    where[path[-1]] = value
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    for flags in ((), ("--json",)):
+        assert_one_line_error(run("info", b, *flags), f"{b / 'edgemtp.json'}: {field}")
+
+
 def test_info_shows_every_int4_setting(tiny_gemma3):
     """info prints each setting the manifest's scheme records, among them those that decide whether speculative
     output stays plain greedy's (--two-pass) and how the activations are rounded (accuracy level, smoothing)."""
