@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import posixpath
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,10 +260,14 @@ def _check_fields(m: dict, mpath: Path) -> None:
             raise EdgemtpError(f"{mpath}: field '{key}' missing or not {shown}")
     if "target" not in m["graphs"]:
         raise EdgemtpError(f"{mpath}: field 'graphs' has no 'target'")
+    named = {}  # each file by its name without '.' and '..' steps: 'tokenizer.json' and './tokenizer.json' are one
     for rel, info in m["files"].items():
         if not (isinstance(info, dict) and whole(info.get("bytes")) and isinstance(info.get("sha256"), str)):
             raise EdgemtpError(f"{mpath}: files.{rel} must be an object with 'bytes' (a whole number) and "
                                "'sha256' (a hex string)")
+        first = named.setdefault(posixpath.normpath(rel), rel)
+        if first != rel:  # info counted it twice, and its bytes
+            raise EdgemtpError(f"{mpath}: files entry {rel!r} lists {first!r} again")
     _check_model(m, mpath)
     _check_made_by(m, mpath)
     check_graphs(m, mpath)

@@ -1756,6 +1756,11 @@ CONTRACT = (*TARGET, "contract")
     (lambda m: m["files"].update({"a\0b": {"bytes": 1, "sha256": "0"}}), r"path 'a\\x00b' is not a file name"),
     (lambda m: m["files"].update({".": {"bytes": 1, "sha256": "0"}}),
      r"b: is a directory, not a file \(listed in edgemtp.json\)"),
+    # the same file under another name: counted twice by info (and its bytes)
+    (lambda m: m["files"].update({"./tokenizer.json": m["files"]["tokenizer.json"]}),
+     r"edgemtp.json: files entry './tokenizer.json' lists 'tokenizer.json' again$"),
+    (lambda m: m["files"].update({"x/../target.onnx": m["files"]["target.onnx"]}),
+     r"edgemtp.json: files entry 'x/../target.onnx' lists 'target.onnx' again$"),
 ])
 def test_malformed_manifest_fields_are_named(tiny_gemma3, tmp_path, edit, message):
     """Each manifest field the runtime acts on (model facts, graph entries and their contracts) is named when
