@@ -265,6 +265,8 @@ def _check_fields(m: dict, mpath: Path) -> None:
         if not (isinstance(info, dict) and whole(info.get("bytes")) and isinstance(info.get("sha256"), str)):
             raise EdgemtpError(f"{mpath}: files.{rel} must be an object with 'bytes' (a whole number) and "
                                "'sha256' (a hex string)")
+        if posixpath.normpath(rel) == ".":  # the check of the file itself would name the bundle's path, not the entry
+            raise EdgemtpError(f"{mpath}: files entry {rel!r} names the bundle directory, not a file")
         first = named.setdefault(posixpath.normpath(rel), rel)
         if first != rel:  # info counted it twice, and its bytes
             raise EdgemtpError(f"{mpath}: files entry {rel!r} lists {first!r} again")

@@ -1754,8 +1754,11 @@ CONTRACT = (*TARGET, "contract")
     (lambda m: _kv_slots(m, sliding=False, window=lambda w: 4),
      r"kv layer \d+'s window is 4, but the graph's attention over past_key_values.\d+.key has no window"),
     (lambda m: m["files"].update({"a\0b": {"bytes": 1, "sha256": "0"}}), r"path 'a\\x00b' is not a file name"),
+    # the bundle directory itself: named as the manifest lists it, not as the bundle's path
     (lambda m: m["files"].update({".": {"bytes": 1, "sha256": "0"}}),
-     r"b: is a directory, not a file \(listed in edgemtp.json\)"),
+     r"edgemtp.json: files entry '.' names the bundle directory, not a file$"),
+    (lambda m: m["files"].update({"": {"bytes": 1, "sha256": "0"}}),
+     r"edgemtp.json: files entry '' names the bundle directory, not a file$"),
     # the same file under another name: counted twice by info (and its bytes)
     (lambda m: m["files"].update({"./tokenizer.json": m["files"]["tokenizer.json"]}),
      r"edgemtp.json: files entry './tokenizer.json' lists 'tokenizer.json' again$"),
