@@ -191,6 +191,16 @@ def test_bad_templates_fail_the_export_first(tiny_gemma3, tmp_path, config, matc
     assert not (tmp_path / "b").exists()
 
 
+def test_a_template_file_that_is_a_directory_is_named(tiny_gemma3, tmp_path):
+    """A chat_template.jinja that is a directory (or a FIFO): the export used tokenizer_config.json's template
+    instead without a word, though the model directory holds the file that comes first."""
+    d = model_with_template(tiny_gemma3[1], tmp_path / "model", "{{ bos_token }}")
+    (d / "chat_template.jinja").mkdir()
+    r = CliRunner().invoke(cli, ["export", str(d), "-o", str(tmp_path / "b"), "--max-context", "64"])
+    assert_one_line_error(r, f"{d / 'chat_template.jinja'}: is a directory, not a file")
+    assert not (tmp_path / "b").exists()
+
+
 TINY = ("{{ bos_token }} {% for m in messages %}t5 {{ 't6' if m.role == 'user' else 't7' }} {{ m.content }} t8 "
         "{% endfor %}{% if add_generation_prompt %}t5 t7{% endif %}")
 

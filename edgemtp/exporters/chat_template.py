@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import EdgemtpError
+from ..errors import EdgemtpError, not_a_file
 from ..json_file import read_json
 
 FILE = "chat_template.jinja"  # its name in the bundle
@@ -44,6 +44,8 @@ def find(model_dir: Path) -> tuple[str, dict[str, str], str] | None:
             template, source = jinja.read_text(encoding="utf-8-sig"), str(jinja)
         except UnicodeDecodeError:
             raise EdgemtpError(f"{jinja}: not UTF-8 text") from None
+    elif jinja.exists():  # a directory or a FIFO: the template below would be used instead of this one
+        raise EdgemtpError(f"{jinja}: {not_a_file(jinja)} (the model's chat template)")
     elif "chat_template" in (processor := _json(model_dir / "chat_template.json")):
         template, source = processor["chat_template"], str(model_dir / "chat_template.json")
     elif "chat_template" in config:
