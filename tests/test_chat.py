@@ -624,6 +624,13 @@ def test_chat_args_are_template_variables_as_transformers_passes_them(chat_bundl
         Engine.load(tiny_gemma3[2], chat_args={"mood": 3})
 
 
+def test_a_chat_arg_given_twice_is_named(chat_bundle):
+    """--chat-arg a=1 --chat-arg a=2: the last one won without a word (which one the user meant is theirs to say)."""
+    for command in (["generate", str(chat_bundle), "--chat", "--prompt", "t3"], ["chat", str(chat_bundle)]):
+        r = CliRunner().invoke(cli, [*command, "--chat-arg", "a=1", "--chat-arg", " a =2"], input="t3\n")
+        assert_one_line_error(r, exact="--chat-arg ' a =2' sets a again (after --chat-arg 'a=1'): give each name once")
+
+
 def test_chat_with_a_closed_standard_input_ends(chat_bundle):
     """A chat started with its standard input closed (sys.stdin None: a service's, pythonw's on Windows) ends as
     at the end of its input; it stopped with an AttributeError traceback."""

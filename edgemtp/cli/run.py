@@ -162,11 +162,15 @@ def parse_chat_args(values: tuple[str, ...]) -> dict:
     def not_json(constant: str):  # NaN, Infinity, -Infinity: Python's json takes them, JSON does not
         raise ValueError(constant)
 
-    out = {}
+    out, given = {}, {}
     for item in values:
         name, sep, text = utf8(item, f"--chat-arg {item!r}").partition("=")
         if not sep or not name.strip():
             raise EdgemtpError(f"--chat-arg {item!r}: give NAME=VALUE, e.g. enable_thinking=false")
+        if name.strip() in given:  # the last won without a word: which one was meant is the user's to say
+            raise EdgemtpError(f"--chat-arg {item!r} sets {name.strip()} again (after --chat-arg "
+                               f"{given[name.strip()]!r}): give each name once")
+        given[name.strip()] = item
         try:
             value = json.loads(text, parse_constant=not_json)
         except ValueError:
