@@ -20,6 +20,8 @@ from edgemtp.errors import ArgumentError, EdgemtpError
 from edgemtp.runtime import packed_cache, session
 from edgemtp.runtime.engine import Draft, Engine
 
+from .cli_errors import assert_one_line_error
+
 PROMPT = "t5 t9 t14 t3 t7 t11 t5 t9"
 
 
@@ -336,11 +338,19 @@ def test_a_cache_inside_the_bundle_is_refused(tiny_gemma3, tmp_path):
 
 
 def test_a_cache_through_a_link_to_nothing_is_named(tiny_gemma3, tmp_path):
-    """It read 'cannot write the packed copy of the target there (File exists)': mkdir's error on the link."""
-    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
-    for cache in (tmp_path / "gone", tmp_path / "gone" / "c"):
-        with pytest.raises(EdgemtpError, match=rf"^{tmp_path / 'gone'}: a symbolic link to nothing"):
+    """It read 'cannot write the packed copy of the target there (File exists)': mkdir's error on the link; then
+    'LINK: a symbolic link to nothing (the packed cache's)', naming no flag, after the bundle's load (and profile
+    skipped every row for it). Named as a file there is: by the argument, before any work."""
+    gone = tmp_path / "gone"
+    gone.symlink_to(tmp_path / "nowhere")
+    for cache, what in ((gone, "is a symbolic link to nothing"),
+                        (gone / "c", f"is under {gone}, a symbolic link to nothing")):
+        with pytest.raises(ArgumentError, match=rf"^packed_cache='{cache}' {what} \(dangling, or a loop\)$"):
             Engine.load(tiny_gemma3[2], packed_cache=cache)
+        for command in (["generate", str(tiny_gemma3[2]), "--prompt", "t5"], ["chat", str(tiny_gemma3[2])],
+                        ["profile", str(tiny_gemma3[2])]):
+            r = CliRunner().invoke(cli, [*command, "--packed-cache", str(cache)], input="t3\n")
+            assert_one_line_error(r, exact=f"--packed-cache '{cache}' {what} (dangling, or a loop)")
 
 
 def laid_out_copy(tmp_path, layout: list[tuple]) -> tuple:

@@ -68,6 +68,9 @@ def check_packed_cache(cache, provider: str) -> None:
         raise ArgumentError("packed_cache", given, f"keeps the packed weights of ONNX Runtime's CPU kernels, and the "
                             f"target runs on provider {provider!r} (give no packed cache there)")
     path = Path(cache).expanduser()
+    if (link := scratch.link_to_nothing(path)) is not None:  # else named at the build, after the bundle's load
+        raise ArgumentError("packed_cache", given, ("is" if link == path else f"is under {link},") +
+                            " a symbolic link to nothing (dangling, or a loop)")
     here = scratch.nearest_existing(path)
     if not here.is_dir():  # else mkdir's error, after the bundle's load: 'Not a directory' or 'File exists'
         raise ArgumentError("packed_cache", given, "is a file, not a directory" if here == path else
