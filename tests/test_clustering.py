@@ -76,19 +76,23 @@ def test_deterministic_for_a_seed():
     assert not np.array_equal(a.token_ordering, c.token_ordering)
 
 
-@pytest.mark.parametrize("vocab,clusters,top_k,match", [
-    (100, 10, 11, "--top-k 11"), (100, 10, 0, "--top-k 0"), (100, 101, 1, "--clusters 101"),
-    (100, 0, 1, "--clusters 0"),
+@pytest.mark.parametrize("vocab,clusters,top_k,name,flag", [
+    (100, 10, 11, "top_k=11 ", "--top-k 11 "), (100, 10, 0, "top_k=0 ", "--top-k 0 "),
+    (100, 101, 1, "clusters=101 ", "--clusters 101 "), (100, 0, 1, "clusters=0 ", "--clusters 0 "),
 ])
-def test_bad_sizes_are_rejected_clearly(vocab, clusters, top_k, match):
-    with pytest.raises(EdgemtpError, match=match):
+def test_bad_sizes_are_rejected_clearly(vocab, clusters, top_k, name, flag):
+    """Named as the argument from Python (top_k=11), as the flag from the CLI (--top-k 11)."""
+    from edgemtp.errors import ArgumentError
+
+    with pytest.raises(ArgumentError) as caught:
         cl.check_sizes(vocab, clusters, top_k)
+    assert str(caught.value).startswith(name) and caught.value.cli_message().startswith(flag)
 
 
 def test_top_k_above_clusters_is_rejected_by_the_head():
     e = table(100)
     t = cl.cluster_vocab(e, 10)
-    with pytest.raises(EdgemtpError, match="--top-k 11"):
+    with pytest.raises(EdgemtpError, match="^top_k=11 "):
         cl.clustered_logits(hidden(2), e, t, top_k=11)
 
 
@@ -618,8 +622,8 @@ def test_default_calibration_needs_a_real_model_directory(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"clusters": 10, "top_k": 11}, "--top-k 11"),
-    ({"clusters": 300, "top_k": 1}, "--clusters 300"),
+    ({"clusters": 10, "top_k": 11}, "^top_k=11 "),  # its argument, as a Python caller wrote it
+    ({"clusters": 300, "top_k": 1}, "^clusters=300 "),
     ({"clusters": 10, "top_k": 2, "calibration": np.zeros((5, 3), np.float32)}, r"expected hidden states \[N, 16\]"),
     ({"clusters": 10, "top_k": 2, "calibration": np.full((5, 16), np.nan, np.float32)},
      "5 of 5 hidden states hold NaN or infinity"),

@@ -463,16 +463,17 @@ def test_reruns_and_resumes_cannot_mix_runs(tiny_gemma3, tmp_path, monkeypatch):
     kw = dict(data=data, seed=0, shape=dict(hidden=16, intermediate=32, num_layers=1),
               spec=TrainSpec(batch=4, warmup=2, negatives=32, ckpt_every=3, eval_every=1000))
     out = tmp_path / "d"
-    with pytest.raises(EdgemtpError, match="--resume: .*checkpoint.pt: no checkpoint to resume from"):
+    with pytest.raises(EdgemtpError, match="^resume=True needs a checkpoint to continue, and there is none at .*pt$"):
         train_drafter(model_dir, out, steps=4, resume=True, **kw)
     assert not out.exists()
     assert train_drafter(model_dir, out, steps=6, stop_at=3, **kw) is None
     with (out / "train.log").open("a") as f:  # the killed run got past its checkpoint, and tore a line
         f.write(json.dumps({"step": 4, "phase": "train"}) + "\n" + '{"step": 5, "pha')
     monkeypatch.setattr(T, "TargetPass", lambda *a, **k: pytest.fail("the target pass ran"))
-    for changed, message in ((dict(seed=1), "other --seed"), (dict(steps=2), "--steps 2: .* at step 3 already"),
+    for changed, message in ((dict(seed=1), "^resume=True continues .* other seed"),
+                             (dict(steps=2), r"^steps=2 is fewer than the steps .* has done already \(3\)"),
                              (dict(shape=dict(hidden=24, intermediate=32, num_layers=1)),
-                              "not a checkpoint of this drafter")):
+                              "^resume=True needs a checkpoint of this drafter")):
         with pytest.raises(EdgemtpError, match=message):
             train_drafter(model_dir, out, resume=True, **{**kw, "steps": 6, **changed})
     monkeypatch.undo()
@@ -1257,7 +1258,7 @@ def test_train_drafter_command(tiny_gemma3, tmp_path):
     for clusters in ([], ["--head-clusters", "0"]):  # the tiny vocabulary fits no head by default: it was ignored
         bad = CliRunner().invoke(cli, args[:2] + ["-o", str(tmp_path / "k")] + args[4:] + clusters
                                  + ["--head-top-k", "2"])
-        assert_one_line_error(bad, "--head-top-k 2", "it fits none", "--head-clusters")
+        assert_one_line_error(bad, "--head-top-k 2 applies", "it fits none", "head clusters")
         assert not (tmp_path / "k").exists()
     for lr in ("-1", "0", "nan"):
         bad = CliRunner().invoke(cli, args + ["--lr", lr])
@@ -2014,7 +2015,7 @@ def test_train_drafter_refuses_gemma4(kind, tmp_path):
     out = tmp_path / "d"
     r = CliRunner().invoke(cli, ["train-drafter", str(model_dir), "-o", str(out), "--data", "code=8", "--heldout",
                                  "code=2", "--seq-len", "12", "--steps", "1", "--hidden", "16", "--layers", "1"])
-    assert_one_line_error(r, str(model_dir), "gemma4_text", "--drafter")
+    assert_one_line_error(r, str(model_dir), "gemma4_text", "its own MTP drafter")
     assert not out.exists()
 
 
@@ -2049,10 +2050,10 @@ def test_draft_steps_past_the_window_are_refused_before_work(tiny_gemma3, tmp_pa
     r = CliRunner().invoke(cli, ["train-drafter", str(model_dir), "-o", str(out), "--data", "code=8", "--heldout",
                                  "code=2", "--seq-len", "12", "--steps", "1", "--batch", "2", "--hidden", "16",
                                  "--layers", "1", "--draft-k", "14"])
-    assert_one_line_error(r, "--draft-k 14", "--seq-len 12")
+    assert_one_line_error(r, "--draft-k 14 must be below the window length, 12")
     assert not out.exists()
     data = {"train": greedy_windows(model, 4, 8, 0), "heldout": {"greedy": greedy_windows(model, 2, 8, 1)}}
-    with pytest.raises(EdgemtpError, match="--draft-k 8 must be below --seq-len 8"):
+    with pytest.raises(EdgemtpError, match=r"^spec.k=8 must be below the window length, 8 "):
         train_drafter(model_dir, out, data=data, steps=1, shape=dict(hidden=16, num_layers=1),
                       spec=TrainSpec(k=8, batch=2, negatives=64))
     train_drafter(model_dir, out, data=data, steps=1, shape=dict(hidden=16, num_layers=1),  # the deepest a
@@ -2715,7 +2716,7 @@ def test_a_second_run_into_a_drafter_directory_in_training_is_refused(tiny_gemma
 
     def progress(step, total, record):
         if record.get("phase") == "train" and not refused:
-            with pytest.raises(EdgemtpError, match=f"^-o {out}: another train-drafter run is writing it") as e:
+            with pytest.raises(EdgemtpError, match=f"^out_dir='{out}' is being written by another drafter") as e:
                 train_drafter(model_dir, out, steps=2, **{**kw, "seed": 1})
             refused.append(e)
 
@@ -2723,3 +2724,50 @@ def test_a_second_run_into_a_drafter_directory_in_training_is_refused(tiny_gemma
     assert refused and json.loads((out / "config.json").read_text())["training"]["seed"] == report["seed"] == 0
     assert not (out / ".final").exists() and not (out / "checkpoint.tmp").exists()
     assert train_drafter(model_dir, out, steps=2, **{**kw, "seed": 1})["seed"] == 1  # the lock went with the run
+
+
+def test_train_drafter_refusals_name_its_arguments(tiny_gemma3, tmp_path, monkeypatch):
+    """train_drafter's refusals of its arguments name them as a Python caller wrote them (spec.k=8, head_top_k=2,
+    resume=True) and, from the CLI, as its flags (--draft-k 8, --head-top-k 2, --resume): they named CLI flags an
+    app never passed (ArgumentError). The refusals whose value is a path name it as text (no PosixPath(...))."""
+    from edgemtp.drafter.train import DataSpec
+    from edgemtp.errors import ArgumentError
+
+    model, model_dir, _ = tiny_gemma3
+    data = {"train": greedy_windows(model, 4, 8, 0), "heldout": {"greedy": greedy_windows(model, 2, 8, 1)}}
+    init = tmp_path / "init"
+    tiny_drafter(model_dir, init)  # 48 MLP units
+    other = tmp_path / "other"  # a drafter made for a target whose KV layers are others
+    tiny_drafter(model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["target_kv"] = {t: layer + 1 for t, layer in config["target_kv"].items()}
+    (other / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "d"
+    cases = [
+        (dict(spec=TrainSpec(k=8)), "spec.k=8 must be below", "--draft-k 8 must be below", "window of 8 tokens"),
+        (dict(head_top_k=2), "head_top_k=2 applies to", "--head-top-k 2 applies to", "it fits none"),
+        (dict(head_clusters=200), "head_clusters=200 is more than", "--head-clusters 200 is more than", "96 tokens"),
+        (dict(head_clusters=8, head_top_k=9), "head_top_k=9 must be between", "--head-top-k 9 must be between",
+         "clusters (8)"),
+        (dict(init=init, shape=dict(intermediate=40)), "shape['intermediate']=40 ", "--intermediate 40 ",
+         "widened, not narrowed"),
+        (dict(init=other), f"init='{other}' is a drafter for another target", f"--init '{other}' is a drafter",
+         "target_kv"),
+        (dict(resume=True), "resume=True needs a checkpoint", "--resume needs a checkpoint", "checkpoint.pt"),
+    ]
+    for kw, python, cli, detail in cases:
+        with pytest.raises(ArgumentError) as caught:
+            train_drafter(model_dir, out, **{"data": data, "steps": 1, "shape": dict(hidden=16, num_layers=1), **kw})
+        message, cli_message = str(caught.value), caught.value.cli_message()
+        assert message.startswith(python) and detail in message and "--" not in message, message
+        assert cli_message.startswith(cli) and detail in cli_message, cli_message
+        assert not out.exists()
+
+    def missing(root=Path("/nonexistent/_sources")):
+        raise EdgemtpError(f"{root}: missing (install the reST sources: apt-get install -y python3.11-doc)")
+
+    monkeypatch.setattr(D, "docs_documents", missing)  # a corpus not installed: named without --data
+    with pytest.raises(EdgemtpError) as caught:
+        train_drafter(model_dir, out, data=DataSpec(seq_len=12, train={"docs": 4}, heldout={"code": 2}), steps=1,
+                      shape=dict(hidden=16, num_layers=1))
+    assert "docs" in str(caught.value) and "--data" not in str(caught.value) and "--seq-len" not in str(caught.value)

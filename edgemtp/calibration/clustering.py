@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError
 
 Progress = Callable[[int, int, str], None]
 
@@ -93,14 +93,15 @@ def table_problem(tables: HeadTables) -> str:
     return ""
 
 
-def check_sizes(vocab: int, clusters: int, top_k: int | None = None, flag: str = "--") -> None:
-    """Raise EdgemtpError unless 1 <= top_k <= clusters <= vocab (`flag` prefixes the option names)."""
+def check_sizes(vocab: int, clusters: int, top_k: int | None = None, prefix: str = "") -> None:
+    """Raise ArgumentError unless 1 <= top_k <= clusters <= vocab: it names the arguments `clusters` and `top_k`
+    (with `prefix`: head_clusters=) from Python, --clusters and --top-k (--head-clusters) from the CLI."""
     if clusters < 1:
-        raise EdgemtpError(f"{flag}clusters {clusters}: need at least 1 cluster")
+        raise ArgumentError(f"{prefix}clusters", clusters, "needs at least 1 cluster")
     if clusters > vocab:
-        raise EdgemtpError(f"{flag}clusters {clusters} is more than the vocabulary ({vocab} tokens)")
+        raise ArgumentError(f"{prefix}clusters", clusters, f"is more than the vocabulary ({vocab} tokens)")
     if top_k is not None and not 1 <= top_k <= clusters:
-        raise EdgemtpError(f"{flag}top-k {top_k} must be between 1 and {flag}clusters ({clusters})")
+        raise ArgumentError(f"{prefix}top_k", top_k, f"must be between 1 and the number of clusters ({clusters})")
 
 
 def cluster_sizes(vocab: int, clusters: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ArgumentError, EdgemtpError
+from ..errors import ArgumentError, SwitchError
 from . import model as M
 
 try:
@@ -30,9 +30,10 @@ except ImportError:  # Windows
 Progress = Callable[[int, int, dict], None]
 
 STAGING = ".final"  # inside the output directory: the finished drafter's files before they are moved in
-RUN_FLAGS = {"seed": "--seed", "data": "data (--data, --seq-len, --greedy-from)",
-             "spec": "training options (--batch, --lr, --draft-k, --accept-weight)",
-             "drafter": "drafter shape (--hidden, --layers, --intermediate, --init)"}
+# what differs between a checkpoint's run and this one, in words right from Python and the CLI alike
+RUN_PARTS = {"seed": "seed", "data": "data (windows, their length, greedy continuations)",
+             "spec": "training options (batch, learning rate, draft steps, accept weight)",
+             "drafter": "drafter shape (width, layers, MLP units, starting drafter)"}
 
 
 def fresh_staging(out_dir: Path) -> Path:
@@ -55,8 +56,8 @@ def only_run(out_dir: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise EdgemtpError(f"-o {out_dir}: another train-drafter run is writing it (wait for it to end, or "
-                               "give another -o)") from None
+            raise ArgumentError("out_dir", os.fspath(out_dir), "is being written by another drafter training run "
+                                "(wait for it to end, or give another directory)", "-o") from None
         except OSError:
             os.close(fd)
             fd = None
@@ -117,24 +118,26 @@ def check_output(out_dir: Path) -> None:
 def resume_state(ckpt: Path, run: str, cfg, steps: int) -> dict:
     """The checkpoint --resume continues, checked before the target pass (minutes): there, readable, of
     this drafter's shape, and written by a run with the same options (with other data or seed it would not
-    be that run continued; more --steps extend it)."""
+    be that run continued; more steps extend it). The refusals name resume=True and steps= from Python, --resume
+    and --steps from the CLI (SwitchError, ArgumentError)."""
     if not ckpt.is_file():
-        raise EdgemtpError(f"--resume: {ckpt}: no checkpoint to resume from")
+        raise SwitchError("resume", True, f"needs a checkpoint to continue, and there is none at {ckpt}")
     try:
         state = torch.load(ckpt, weights_only=True)
         earlier = state.get("run")
         with torch.random.fork_rng():  # a trial load; the run's random numbers stay as they were
             M.MTPDrafter(cfg).load_state_dict(state["model"])
     except Exception as e:  # damaged (torch's own errors), or weights of another shape (RuntimeError)
-        raise EdgemtpError(f"--resume: {ckpt}: not a checkpoint of this drafter "
-                           f"({str(e).strip().splitlines()[0][:160]})") from None
+        raise SwitchError("resume", True, f"needs a checkpoint of this drafter, and {ckpt} is not one "
+                          f"({str(e).strip().splitlines()[0][:160]})") from None
     if earlier is not None and earlier != run:
         old, new = json.loads(earlier), json.loads(run)
-        what = next((RUN_FLAGS[k] for k in RUN_FLAGS if old.get(k) != new.get(k)), "options")
-        raise EdgemtpError(f"--resume: {ckpt} is from a run with other {what}: resume with that "
-                           "run's options, or train afresh without --resume")
+        what = next((RUN_PARTS[k] for k in RUN_PARTS if old.get(k) != new.get(k)), "options")
+        raise SwitchError("resume", True, f"continues the run that wrote {ckpt}, and it had other {what}: resume "
+                          "with that run's options, or train afresh")
     if int(state["step"]) > steps:
-        raise EdgemtpError(f"--steps {steps}: {ckpt} is at step {int(state['step'])} already")
+        raise ArgumentError("steps", steps, f"is fewer than the steps {ckpt} has done already "
+                            f"({int(state['step'])})")
     return state
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from ..config import TextConfig
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from ..scratch import parents_made
 from . import EMBEDDING
 from . import model as M
@@ -114,9 +115,9 @@ def build_windows(target_dir: Path, cfg: TextConfig, spec: DataSpec) -> tuple[np
                 # `code=...,shakespeare=5000` and a later `shakespeare=5000:10000` draw from one order
                 out[d] = D.windows(tok, D.documents(d, split), spec.seq_len, stop, seed + D.DOMAINS.index(d),
                                    cfg.bos_token_id, start)
-            except EdgemtpError as e:
-                flag = "--data" if split == "train" else "--heldout"
-                raise EdgemtpError(f"{flag} {d}, --seq-len {spec.seq_len}: {e}") from None
+            except EdgemtpError as e:  # in words right from Python (data=DataSpec(...)) and the CLI (--data) alike
+                kind = "training" if split == "train" else "held-out"
+                raise EdgemtpError(f"the {kind} windows of {d} ({spec.seq_len} tokens each): {e}") from None
         return out
 
     train = np.concatenate(list(take("train", spec.train, spec.seed).values()))
@@ -178,13 +179,13 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     R.check_output(out_dir)  # before any work: it would replace a model's weights
     window = data.seq_len if isinstance(data, DataSpec) else np.shape(data["train"])[1]
     if spec.k >= window:  # step k is scored at positions with k tokens after them: deeper ones failed in the loss
-        raise EdgemtpError(f"--draft-k {spec.k} must be below --seq-len {window} (a window of {window} tokens "
-                           f"scores at most {window - 1} draft steps)")
+        raise ArgumentError("spec.k", spec.k, f"must be below the window length, {window} (a window of {window} "
+                            f"tokens scores at most {window - 1} draft steps)", "--draft-k")
     tcfg, _ = load_config(target_dir)
     if tcfg.model_type == "gemma4_text":  # its layer types have their own head dims; our drafter reads one shape
-        raise EdgemtpError(f"{target_dir}: train-drafter does not train drafters for model_type 'gemma4_text': "
-                           "Gemma 4 ships its own MTP drafter (a gemma4_assistant checkpoint), which export "
-                           "attaches with --drafter ASSISTANT_DIR")
+        raise EdgemtpError(f"{target_dir}: no drafter is trained for model_type 'gemma4_text': "
+                           "Gemma 4 ships its own MTP drafter (a gemma4_assistant checkpoint): export the bundle "
+                           "with that checkpoint's directory as its drafter")
     ckpt = Checkpoint(target_dir)
     if EMBEDDING not in ckpt:  # a missing or damaged weight file, before the corpora
         raise EdgemtpError(f"{target_dir}: no '{EMBEDDING}' tensor (the drafter reads the target's embedding)")
@@ -272,34 +273,37 @@ def _write_drafter(model, report: dict, out_dir: Path, target_dir: Path, init: P
 
 
 def _starting_drafter(init: Path, cfg: M.DrafterConfig, wider: int | None, seed: int):
-    """--init: (the drafter that starts the training, its config.json's training record), refused when made for
-    another target; widened first to `wider` MLP units (--intermediate) if that is more than it has."""
+    """init: (the drafter that starts the training, its config.json's training record), refused when made for
+    another target; widened first to `wider` MLP units (shape["intermediate"]) if that is more than it has. The
+    refusals name the arguments as the caller wrote them (ArgumentError): init=, --init from the CLI."""
     start_from = M.load(init)
     record = json.loads((init / "config.json").read_text(encoding="utf-8")).get("training")
     other = [f for f in TARGET_FIELDS if getattr(start_from.cfg, f) != getattr(cfg, f)]
+    given = os.fspath(init)  # the path as text: a pathlib.Path's repr named the class
     if other:
-        raise EdgemtpError(f"--init {init}: a drafter for another target (its {other[0]} "
-                           f"{getattr(start_from.cfg, other[0])!r}, this target's {getattr(cfg, other[0])!r})")
+        raise ArgumentError("init", given, f"is a drafter for another target (its {other[0]} "
+                            f"{getattr(start_from.cfg, other[0])!r}, this target's {getattr(cfg, other[0])!r})")
     if wider is not None and wider != start_from.cfg.intermediate:
         if wider < start_from.cfg.intermediate:
-            raise EdgemtpError(f"--intermediate {wider}: --init {init} has {start_from.cfg.intermediate} "
-                               "MLP units; a drafter can be widened, not narrowed")
+            raise ArgumentError("shape['intermediate']", wider, f"is fewer than the {start_from.cfg.intermediate} "
+                                f"MLP units of the drafter it starts from ({given}): a drafter can be widened, "
+                                "not narrowed", "--intermediate")
         start_from = M.widen_mlp(start_from, wider, seed)
     return start_from, record
 
 
 def _head_plan(vocab: int, clusters: int | None, top_k: int | None) -> tuple[int, int]:
-    """(--head-clusters, --head-top-k) with their defaults, checked before hours of training, not after."""
+    """(head_clusters, head_top_k) with their defaults, checked before hours of training, not after."""
     if clusters is None:
         clusters = 2048 if vocab >= 65_536 else 0
     if top_k is not None and not clusters:  # it would be ignored: no head is fitted to score with it
-        raise EdgemtpError(f"--head-top-k {top_k} applies to the clustered head this run fits, and it fits "
-                           f"none (--head-clusters {clusters}; the default fits one for vocabularies of 65,536 "
-                           "tokens or more)")
+        raise ArgumentError("head_top_k", top_k, f"applies to the clustered head this run fits, and it fits none "
+                            f"({clusters} head clusters; the default fits one for vocabularies of 65,536 tokens "
+                            "or more)")
     top_k = 32 if top_k is None else top_k
     if clusters:
         from ..calibration.clustering import check_sizes
-        check_sizes(vocab, clusters, top_k, flag="--head-")
+        check_sizes(vocab, clusters, top_k, prefix="head_")
     return clusters, top_k
 
 
