@@ -31,6 +31,7 @@ from edgemtp.gguf_import import (default_gguf_path, generation_config, hf_name, 
 from edgemtp.gguf_reader import read_gguf
 from edgemtp.tokenizer_import import build_tokenizer, sentencepiece_merges, write_tokenizer_files
 
+from .cli_errors import assert_one_line_error
 from .fifo import mkfifo
 
 torch = pytest.importorskip("torch")
@@ -1433,6 +1434,31 @@ def test_export_of_a_gguf_file_checks_its_flags_before_the_import(tmp_path, monk
     path.write_bytes(b"GGUF")
     r = CliRunner().invoke(cli, ["export", str(path), "-o", str(tmp_path / "b"), *flags])
     assert r.exit_code == 2 and r.output.startswith(f"error: {error}") and len(r.output.splitlines()) == 1, r.output
+    assert imported == []
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "qdq"])
+@pytest.mark.parametrize("contents, error", [(b"", "the file is empty"), (b" \n\n", "the file is empty"),
+                                             (b"PK\x03\x04\x00\x00binary", "not text (a NUL byte at offset 4)")])
+def test_export_of_a_gguf_file_checks_its_calibration_file_before_the_import(tmp_path, monkeypatch, quant, contents,
+                                                                             error):
+    """An empty or binary --calibration file needs no model to be refused: it was named only after a GGUF file's
+    import (minutes for a big model), when the quantized export read it."""
+    from click.testing import CliRunner
+
+    import edgemtp.gguf_import
+    from edgemtp.cli import cli
+
+    imported = []
+    monkeypatch.setattr(edgemtp.gguf_import, "import_gguf", lambda *a, **k: imported.append(a))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    text = tmp_path / "calibration.txt"
+    text.write_bytes(contents)
+    static = ["--static", "--verify-window", "4"] if quant == "qdq" else []
+    r = CliRunner().invoke(cli, ["export", str(path), "-o", str(tmp_path / "b"), "--quant", quant, *static,
+                                 "--calibration", str(text)])
+    assert_one_line_error(r, exact=f"--calibration {text}: {error}")
     assert imported == []
 
 

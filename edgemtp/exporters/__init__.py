@@ -263,6 +263,17 @@ def check_options(quant: str, capacity: int | None, static_window: int | None, d
         _quant_scheme(quant, static_window, quant_options)
     else:
         _refuse_quant_options(quant_options, static_window)
+    _check_calibration_file(quant_options.get("calibration"))
+
+
+def _check_calibration_file(source) -> None:
+    """A calibration text file that cannot be read, is empty or is not text is refused by its reading alone
+    (calibration_text's own message): before a GGUF file's import, not minutes later when the quantized export
+    reads it. Only tokenizing it needs the model (_export_quantized)."""
+    from ..calibration import activations as A
+
+    if source is not None and str(source) != A.CORPORA:
+        A.calibration_text(source)
 
 
 def _resolve_options(model_dir: Path, quant: str, static_window: int | None, drafter, drafter_top_k: int | None,
@@ -355,11 +366,11 @@ def _export_quantized(model_dir, out, quant, capacity, overwrite, progress, stat
     source = options.get("calibration", A.CORPORA)
     if sch is not None:  # as quantize_bundle checks it, on the head as packed
         check_calibration_taken(fit_head(sch, graph), source)
-    if source is not None and str(source) != A.CORPORA:
-        text = A.calibration_text(source)  # an empty or binary file is named before that export too
-        if sch is not None and sch.needs_activations:  # and one shorter than a calibration window
-            ids = text.token_ids(open_tokenizer(Path(model_dir) / "tokenizer.json"))
-            check_window(text, ids, resolve_capacity(capacity, cfg), cfg.bos_token_id is not None)
+    # a file shorter than a calibration window, before the fp32 export (check_options read it already)
+    if source is not None and str(source) != A.CORPORA and sch is not None and sch.needs_activations:
+        text = A.calibration_text(source)
+        ids = text.token_ids(open_tokenizer(Path(model_dir) / "tokenizer.json"))
+        check_window(text, ids, resolve_capacity(capacity, cfg), cfg.bos_token_id is not None)
     with scratch_beside(out, "fp32") as scratch:  # the directories made for the output go again if it fails
         fp32 = export(model_dir, Path(scratch) / "fp32", "fp32", capacity, progress=progress, drafter=drafter,
                       drafter_top_k=drafter_top_k, drafter_head_rows=drafter_head_rows if drafter else AUTO,
