@@ -2771,3 +2771,80 @@ def test_train_drafter_refusals_name_its_arguments(tiny_gemma3, tmp_path, monkey
         train_drafter(model_dir, out, data=DataSpec(seq_len=12, train={"docs": 4}, heldout={"code": 2}), steps=1,
                       shape=dict(hidden=16, num_layers=1))
     assert "docs" in str(caught.value) and "--data" not in str(caught.value) and "--seq-len" not in str(caught.value)
+
+
+def test_train_drafter_checks_its_values_itself(tmp_path):
+    """train_drafter checks the values of its arguments itself, before any file is read: only the CLI did, so a
+    Python caller's batch=0, lr=nan or seq_len=1 went on to a traceback deep in the training, or trained
+    nonsense (accept_weight=2, greedy_from past the window). Each is named as the caller wrote it from Python
+    and as its flag from the CLI, which now runs these same checks."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+    from edgemtp.drafter.train import DataSpec
+    from edgemtp.errors import ArgumentError
+
+    target, out = tmp_path / "no-target", tmp_path / "d"  # checked before the target is read
+    data = DataSpec(seq_len=12, train={"code": 8}, heldout={"code": 2})
+    cases = [  # (arguments, Python's message starts, the CLI's message starts or None: no flag for it)
+        (dict(steps=0), "steps=0 must be at least 1", "--steps 0 must be at least 1"),
+        (dict(steps=2.5), "steps=2.5 must be a whole number", "--steps 2.5 must be a whole number"),
+        (dict(seed=-1), "seed=-1 must be between 0 and 4294967295", "--seed -1 must be between 0 and 4294967295"),
+        (dict(threads=0), "threads=0 must be at least 1", "--threads 0 must be at least 1"),
+        (dict(label_threads=0), "label_threads=0 must be at least 1", None),
+        (dict(stop_at=0), "stop_at=0 must be at least 1", None),
+        (dict(spec=TrainSpec(batch=0)), "spec.batch=0 must be at least 1", "--batch 0 must be at least 1"),
+        (dict(spec=TrainSpec(k=0)), "spec.k=0 must be at least 1", "--draft-k 0 must be at least 1"),
+        (dict(spec=TrainSpec(eval_every=0)), "spec.eval_every=0 must be at least 1", "--eval-every 0 must be"),
+        (dict(spec=TrainSpec(ckpt_every=0)), "spec.ckpt_every=0 must be at least 1", None),
+        (dict(spec=TrainSpec(lr=0.0)), "spec.lr=0.0 must be a positive number", "--lr 0.0 must be a positive number"),
+        (dict(spec=TrainSpec(lr=float("nan"))), "spec.lr=nan must be a positive number", "--lr nan must be"),
+        (dict(spec=TrainSpec(lr=float("inf"))), "spec.lr=inf must be a positive number", "--lr inf must be"),
+        (dict(spec=TrainSpec(accept_weight=1.5)), "spec.accept_weight=1.5 must be between 0 and 1",
+         "--accept-weight 1.5 must be between 0 and 1"),
+        (dict(spec=TrainSpec(accept_weight=float("nan"))), "spec.accept_weight=nan must be between 0 and 1", None),
+        (dict(spec=TrainSpec(weight_decay=-1.0)), "spec.weight_decay=-1.0 must be a finite number >= 0", None),
+        (dict(spec=TrainSpec(warmup=-1)), "spec.warmup=-1 must be at least 0", None),
+        (dict(spec=TrainSpec(loss_topk=0)), "spec.loss_topk=0 must be at least 1", None),
+        (dict(spec={"k": 4}), "spec={'k': 4} must be a TrainSpec", None),
+        (dict(shape=dict(hidden=0)), "shape['hidden']=0 must be at least 1", "--hidden 0 must be at least 1"),
+        (dict(shape=dict(num_layers=0)), "shape['num_layers']=0 must be at least 1", "--layers 0 must be at least"),
+        (dict(shape=dict(intermediate=-4)), "shape['intermediate']=-4 must be at least 1", "--intermediate -4 "),
+        (dict(shape=dict(layers=2)), "shape={'layers': 2} has an unknown key 'layers' (known: hidden, intermediate, "
+         "num_layers, num_heads)", None),
+        (dict(data=DataSpec(seq_len=1)), "data.seq_len=1 must be at least 2 (a token and the one it predicts)",
+         "--seq-len 1 must be at least 2"),
+        (dict(data=DataSpec(seq_len=12, greedy_from=12)), "data.greedy_from=12 must be between 1 and the window "
+         "length less 1 (11), or 0 for none", "--greedy-from 12 must be between 1 and"),
+        (dict(data=DataSpec(seq_len=12, greedy_from=-1)), "data.greedy_from=-1 must be between 1", None),
+        (dict(data=DataSpec(seed=-2)), "data.seed=-2 must be between 0 and 4294967295", None),
+        (dict(data=DataSpec(train={"poetry": 3})), "data.train={'poetry': 3} names an unknown corpus 'poetry'", None),
+        (dict(data=DataSpec(train={"code": -3})), "data.train={'code': -3} gives code a count that is not", None),
+        (dict(data=DataSpec(train={"code": [5, 2]})), "data.train={'code': [5, 2]} gives code a count that is not",
+         None),
+        (dict(data=DataSpec(train={"code": 0})), "data.train={'code': 0} selects no windows", None),
+        (dict(data=DataSpec(heldout={"code": "2"})), "data.heldout={'code': '2'} gives code a count that is not",
+         None),
+        (dict(data={"train": np.zeros((3, 1), np.int64), "heldout": {}}), "data['train']=array(", None),
+        (dict(data={"train": np.zeros(8, np.int64), "heldout": {}}), "data['train']=array(", None),
+    ]
+    for kw, python, cli_start in cases:
+        with pytest.raises(ArgumentError) as caught:
+            train_drafter(target, out, **{"data": data, "steps": 1, **kw})
+        message = str(caught.value)
+        assert message.startswith(python) and "--" not in message, message
+        assert cli_start is None or caught.value.cli_message().startswith(cli_start), caught.value.cli_message()
+        assert not out.exists()
+    np_int = train_drafter.__wrapped__  # numpy's whole numbers are whole numbers: refused for the target, not them
+    with pytest.raises(EdgemtpError) as caught:
+        np_int(target, out, data=data, steps=np.int64(1), spec=TrainSpec(batch=np.int64(2)))
+    assert not isinstance(caught.value, ArgumentError) and str(target) in str(caught.value)
+    # the CLI: the same checks, its flags named (and the target is not read before them either)
+    args = ["train-drafter", str(target), "-o", str(out), "--data", "code=8", "--heldout", "code=2",
+            "--seq-len", "12", "--steps", "1"]
+    for extra, message in ((["--batch", "0"], "--batch 0 must be at least 1"),
+                           (["--accept-weight", "-0.5"], "--accept-weight -0.5 must be between 0 and 1"),
+                           (["--greedy-from", "12"], "--greedy-from 12 must be between 1 and the window length "
+                                                     "less 1 (11), or 0 for none")):
+        assert_one_line_error(CliRunner().invoke(cli, args + extra), exact=message)
+    assert not out.exists()

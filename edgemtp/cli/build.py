@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -365,14 +364,8 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
         from ..drafter.train import DataSpec, TrainSpec, train_drafter
     except ImportError as e:
         raise EdgemtpError(f"train-drafter needs torch and transformers: pip install 'edgemtp[train]' ({e})") from None
-    check_seed(seed)
-    for flag, value in (("--steps", steps), ("--batch", batch), ("--draft-k", draft_k),
-                        ("--hidden", hidden), ("--layers", layers), ("--threads", threads),
-                        ("--eval-every", eval_every), ("--intermediate", intermediate)):
-        if value is not None and value < 1:
-            raise EdgemtpError(f"{flag} {value} must be at least 1")
-    if seq_len < 2:
-        raise EdgemtpError(f"--seq-len {seq_len} must be at least 2 (a token and the one it predicts)")
+    # the values of --steps, --batch, --lr, --seq-len, --greedy-from, ... are checked by train_drafter (its
+    # check_values), for Python callers too: its refusals name the flags here (ArgumentError.cli_message)
     source = click.get_current_context().get_parameter_source
     shaped = [f"--{n}" for n in ("hidden", "layers") if source(n) == ParameterSource.COMMANDLINE]
     if init is not None and shaped:
@@ -380,14 +373,8 @@ def train_drafter_cmd(target_dir, out, data, heldout, seq_len, greedy_from, step
                            "widens it)")
     spec = DataSpec(seq_len=seq_len, train=domain_counts("--data", data, ranges=True),
                     heldout=domain_counts("--heldout", heldout), seed=seed, greedy_from=greedy_from)
-    if greedy_from and not 1 <= greedy_from < seq_len:
-        raise EdgemtpError(f"--greedy-from {greedy_from}: must be between 1 and --seq-len - 1 ({seq_len - 1})")
     if init is not None and not (init / "config.json").is_file():
         raise EdgemtpError(f"--init {init}: not a drafter directory (no config.json)")
-    if not (math.isfinite(lr) and lr > 0):
-        raise EdgemtpError(f"--lr {lr} must be a positive number")
-    if not 0.0 <= accept_weight <= 1.0:
-        raise EdgemtpError(f"--accept-weight {accept_weight}: must be between 0 and 1")
     train = TrainSpec(k=draft_k, batch=batch, lr=lr, eval_every=eval_every, accept_weight=accept_weight)
     writable_dir(out, "-o")  # before the target pass and the training, which take minutes
     with progress_bar("drafter", show_what=True) as progress:

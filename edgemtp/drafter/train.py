@@ -33,6 +33,7 @@ import torch
 
 from ..config import TextConfig
 from ..errors import ArgumentError, EdgemtpError
+from ..runtime.sampling import is_finite, is_number, is_whole
 from ..scratch import parents_made
 from . import EMBEDDING
 from . import model as M
@@ -175,6 +176,7 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
     from ..exporters import load_config
     from ..exporters.gemma3 import drafter_kv
 
+    data, spec, steps, seed = check_values(data, steps, seed, shape, spec, threads, label_threads, stop_at)
     target_dir, out_dir = Path(target_dir), Path(out_dir)
     R.check_output(out_dir)  # before any work: it would replace a model's weights
     window = data.seq_len if isinstance(data, DataSpec) else np.shape(data["train"])[1]
@@ -250,6 +252,89 @@ def train_drafter(target_dir: Path, out_dir: Path, data: DataSpec | dict = DataS
         head = (head_clusters, head_top_k) if head_clusters else None
         _write_drafter(model, report, out_dir, target_dir, init, head, seed, progress)
         return report
+
+
+SEEDS = 2**32  # the head's k-means (scikit-learn) takes seeds below it only, and would say so after the training
+SHAPE_FLAGS = {"hidden": "--hidden", "intermediate": "--intermediate", "num_layers": "--layers", "num_heads": None}
+# TrainSpec's whole-number fields: (the least value, the CLI's flag or None)
+SPEC_WHOLE = {"k": (1, "--draft-k"), "batch": (1, "--batch"), "warmup": (0, None), "loss_topk": (1, None),
+              "negatives": (1, None), "ckpt_every": (1, None), "eval_every": (1, "--eval-every")}
+
+
+def check_values(data, steps, seed, shape, spec, threads, label_threads, stop_at):
+    """train_drafter's arguments' values, checked before any file is read; the CLI's flags reach them here too, so
+    a refusal names the argument as the caller wrote it (ArgumentError: spec.batch=0 from Python, --batch 0 from
+    the CLI). Returns (data, spec, steps, seed) with numpy's whole numbers as Python's: the run's record is JSON."""
+    from .data import DOMAINS
+
+    def whole(name, value, least=1, flag=None, most=None):
+        if not is_whole(value):
+            raise ArgumentError(name, value, "must be a whole number", flag)
+        if most is not None and not least <= value <= most:
+            raise ArgumentError(name, value, f"must be between {least} and {most}", flag)
+        if value < least:
+            raise ArgumentError(name, value, f"must be at least {least}", flag)
+        return int(value)
+
+    steps, seed = whole("steps", steps), whole("seed", seed, 0, most=SEEDS - 1)
+    whole("threads", threads)
+    whole("label_threads", label_threads)
+    if stop_at is not None:
+        whole("stop_at", stop_at)
+    if not isinstance(spec, TrainSpec):
+        raise ArgumentError("spec", spec, "must be a TrainSpec")
+    spec = replace(spec, **{f: whole(f"spec.{f}", getattr(spec, f), least, flag)
+                            for f, (least, flag) in SPEC_WHOLE.items()})
+    if not (is_finite(spec.lr) and spec.lr > 0):
+        raise ArgumentError("spec.lr", spec.lr, "must be a positive number", "--lr")
+    if not (is_number(spec.accept_weight) and 0 <= spec.accept_weight <= 1):  # NaN too
+        raise ArgumentError("spec.accept_weight", spec.accept_weight, "must be between 0 and 1", "--accept-weight")
+    for f in ("weight_decay", "hidden_weight"):
+        if not (is_finite(getattr(spec, f)) and getattr(spec, f) >= 0):
+            raise ArgumentError(f"spec.{f}", getattr(spec, f), "must be a finite number >= 0")
+    if shape is not None and not isinstance(shape, dict):
+        raise ArgumentError("shape", shape, f"must be a dict with keys among {', '.join(SHAPE_FLAGS)}")
+    for key, value in (shape or {}).items():
+        if key not in SHAPE_FLAGS:  # DrafterConfig.for_target's TypeError named a keyword
+            raise ArgumentError("shape", shape, f"has an unknown key {key!r} (known: {', '.join(SHAPE_FLAGS)})")
+        if not (key == "num_heads" and value is None):
+            whole(f"shape[{key!r}]", value, flag=SHAPE_FLAGS[key])
+    if isinstance(data, dict):  # windows given as arrays
+        train = data.get("train")
+        if np.ndim(train) != 2 or np.shape(train)[0] < 1 or np.shape(train)[1] < 2:
+            raise ArgumentError("data['train']", train, "must be token ids [windows, tokens]: at least 1 window of "
+                                "at least 2 tokens")
+        return data, spec, steps, seed
+    if not isinstance(data, DataSpec):
+        raise ArgumentError("data", data, "must be a DataSpec or a dict of token id arrays")
+    if is_whole(data.seq_len) and data.seq_len < 2:
+        raise ArgumentError("data.seq_len", data.seq_len, "must be at least 2 (a token and the one it predicts)",
+                            "--seq-len")
+    seq_len = whole("data.seq_len", data.seq_len, 2, "--seq-len")
+    greedy_from = data.greedy_from
+    if not (is_whole(greedy_from) and (greedy_from == 0 or 1 <= greedy_from < seq_len)):
+        raise ArgumentError("data.greedy_from", greedy_from, f"must be between 1 and the window length less 1 "
+                            f"({seq_len - 1}), or 0 for none", "--greedy-from")
+    for split in ("train", "heldout"):
+        counts = getattr(data, split)
+        flag = "--data" if split == "train" else "--heldout"
+        if not isinstance(counts, dict):
+            raise ArgumentError(f"data.{split}", counts, "must be a dict of window counts by corpus", flag)
+        for d, n in counts.items():
+            if d not in DOMAINS:
+                raise ArgumentError(f"data.{split}", counts, f"names an unknown corpus {d!r} (choose from "
+                                    f"{', '.join(DOMAINS)})", flag)
+            ranged = split == "train" and isinstance(n, (list, tuple)) and len(n) == 2
+            if not (is_whole(n) and n >= 0 or ranged and all(map(is_whole, n)) and 0 <= n[0] < n[1]):
+                form = "a count N >= 0 or a range [START, STOP] (START < STOP)" if split == "train" else "a count >= 0"
+                raise ArgumentError(f"data.{split}", counts, f"gives {d} a count that is not {form}", flag)
+    if not any(window_range(n)[1] > window_range(n)[0] for n in data.train.values()):
+        raise ArgumentError("data.train", data.train, "selects no windows", "--data")
+    data = replace(data, seq_len=seq_len, greedy_from=int(greedy_from),
+                   seed=whole("data.seed", data.seed, 0, "--seed", SEEDS - 1),
+                   **{split: {d: int(n) if is_whole(n) else [int(n[0]), int(n[1])]
+                              for d, n in getattr(data, split).items()} for split in ("train", "heldout")})
+    return data, spec, steps, seed
 
 
 def _write_drafter(model, report: dict, out_dir: Path, target_dir: Path, init: Path | None,
