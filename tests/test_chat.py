@@ -201,6 +201,22 @@ def test_a_template_file_that_is_a_directory_is_named(tiny_gemma3, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("name", ["chat_template.json", "tokenizer_config.json", "special_tokens_map.json",
+                                  "generation_config.json", "tokenizer.json", "config.json"])
+def test_a_model_file_that_is_a_directory_is_named(tiny_gemma3, tmp_path, name):
+    """A model directory's chat_template.json, tokenizer_config.json, special_tokens_map.json or
+    generation_config.json that is a directory: the export went on as if it were absent (another template or
+    none, the special tokens or the stop ids lost) without a word. Each is named on one line, as tokenizer.json
+    and config.json are."""
+    d = model_with_template(tiny_gemma3[1], tmp_path / "model", "{{ bos_token }}")
+    if (d / name).exists():
+        (d / name).unlink()
+    (d / name).mkdir()
+    r = CliRunner().invoke(cli, ["export", str(d), "-o", str(tmp_path / "b"), "--max-context", "64"])
+    assert_one_line_error(r, f"{d / name}: is a directory, not a file (")
+    assert not (tmp_path / "b").exists()
+
+
 TINY = ("{{ bos_token }} {% for m in messages %}t5 {{ 't6' if m.role == 'user' else 't7' }} {{ m.content }} t8 "
         "{% endfor %}{% if add_generation_prompt %}t5 t7{% endif %}")
 

@@ -16,7 +16,7 @@ from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
 from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, parse_mistral3_multimodal,
                       read_config_json)
-from ..errors import EdgemtpError, app_stacklevel, missing
+from ..errors import EdgemtpError, app_stacklevel, missing, not_a_file
 from ..json_file import read_json
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
@@ -79,6 +79,8 @@ def with_generation_stops(cfg, model_dir: Path):
     and an instruction-tuned Gemma's end-of-turn token (106) is only there."""
     path = model_dir / "generation_config.json"
     if not path.is_file():
+        if path.exists():  # a directory or a FIFO: read as absent, its stop ids were lost
+            raise EdgemtpError(f"{path}: {not_a_file(path)} (the model's generation settings: its stop tokens)")
         return cfg
     gen = read_json(path)
     if not isinstance(gen, dict):  # a list was ignored, its stop ids lost (transformers' GenerationConfig fails)

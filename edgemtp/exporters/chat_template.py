@@ -18,8 +18,11 @@ FILE = "chat_template.jinja"  # its name in the bundle
 SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
-def _json(path: Path) -> dict:
+def _json(path: Path, what: str) -> dict:
+    """The JSON object in `path`; {} where nothing is there. `what`: what the file holds, for a refusal."""
     if not path.is_file():
+        if path.exists():  # a directory or a FIFO: read as absent, its template or special tokens were lost
+            raise EdgemtpError(f"{path}: {not_a_file(path)} ({what})")
         return {}
     data = read_json(path)
     if not isinstance(data, dict):
@@ -37,7 +40,7 @@ def _token(value) -> str | None:
 def find(model_dir: Path) -> tuple[str, dict[str, str], str] | None:
     """(template, special tokens, where it was found) of `model_dir`; None when it has no chat template."""
     model_dir = Path(model_dir)
-    config = _json(model_dir / "tokenizer_config.json")
+    config = _json(model_dir / "tokenizer_config.json", "the model's tokenizer settings")
     jinja = model_dir / FILE
     if jinja.is_file():
         try:  # utf-8-sig: a byte order mark (a Windows editor's) is no template text, else rendered before the BOS
@@ -46,7 +49,7 @@ def find(model_dir: Path) -> tuple[str, dict[str, str], str] | None:
             raise EdgemtpError(f"{jinja}: not UTF-8 text") from None
     elif jinja.exists():  # a directory or a FIFO: the template below would be used instead of this one
         raise EdgemtpError(f"{jinja}: {not_a_file(jinja)} (the model's chat template)")
-    elif "chat_template" in (processor := _json(model_dir / "chat_template.json")):
+    elif "chat_template" in (processor := _json(model_dir / "chat_template.json", "the model's chat template")):
         template, source = processor["chat_template"], str(model_dir / "chat_template.json")
     elif "chat_template" in config:
         template, source = config["chat_template"], str(model_dir / "tokenizer_config.json")
@@ -58,7 +61,7 @@ def find(model_dir: Path) -> tuple[str, dict[str, str], str] | None:
     if not isinstance(template, str) or not template.strip():
         raise EdgemtpError(f"{source}: chat_template is not a template (a string, or a list of named templates "
                            "with a 'default')")
-    tokens = _json(model_dir / "special_tokens_map.json")
+    tokens = _json(model_dir / "special_tokens_map.json", "the model's special tokens")
     special = {k: t for k in SPECIAL if (t := _token(config.get(k, tokens.get(k)))) is not None}
     # and a model's own named ones (Gemma 3's boi_token, image_token...), which the special_tokens_map holds too;
     # else a template printing one wrote nothing there, as for sep_token, cls_token and mask_token before
