@@ -69,9 +69,8 @@ def _graph(b: Bundle, name: str, g: dict) -> dict:
         out["head_table"] = "transposed [hidden, V]"
     if contract.get("kind") == "mtp":
         config, head = contract.get("config", {}), contract.get("head", {})
-        layers = config.get("layer_types", [])  # shown, not checked: a bundle from someone else may hold anything
-        out["drafter"] = {"model_type": config.get("model_type"), "layers": len(layers) if isinstance(layers, list)
-                          else layers,
+        # model_type, layer_types and hidden: of the right kind where present (manifest_graphs.drafter_contract)
+        out["drafter"] = {"model_type": config.get("model_type"), "layers": len(config.get("layer_types", [])),
                           "hidden": config.get("hidden"),
                           "head": {**head, **head_slots(head, config.get("vocab_size"))}}
     return out

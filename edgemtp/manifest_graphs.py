@@ -146,6 +146,15 @@ def drafter_contract(d: dict, where: str, target: TargetContract) -> None:
     _need(isinstance(config, dict), f"{where}.config", config, "must be an object")
     _need(_get(config, "vocab_size", f"{where}.config") == target.vocab_size, f"{where}.config.vocab_size",
           config["vocab_size"], f"differs from the target's {target.vocab_size}")
+    # shown by info only, but shown ("5, 1 layer, hidden -5"); each optional, as the model's model_type is
+    c = f"{where}.config"
+    _need(isinstance(config.get("model_type", ""), str), f"{c}.model_type", config.get("model_type"),
+          "must be a string")
+    _need("hidden" not in config or whole(config["hidden"], 1), f"{c}.hidden", config.get("hidden"),
+          "must be a positive whole number")
+    types = config.get("layer_types", ["-"])
+    _need(isinstance(types, list) and types and all(isinstance(t, str) for t in types), f"{c}.layer_types", types,
+          "must be a non-empty list of attention types")
     layers = _get(d, "kv_layers", where)
     have = sorted(s.layer for s in target.kv)
     _need(isinstance(layers, list) and layers and all(whole(v) and v in have for v in layers),

@@ -785,6 +785,15 @@ def test_broken_drafter_directory_is_named(setup, tmp_path, damage, message):
     (lambda c: c["config"].update(vocab_size=5),
      "graphs.drafter.contract.config.vocab_size 5 differs from the target's 96"),
     (lambda c: c.update(head={"kind": "weird"}), "graphs.drafter.contract.head.kind 'weird' is unknown"),
+    # what info shows of the drafter ("5, 4 layers, hidden -5"): it printed them unchecked
+    (lambda c: c["config"].update(model_type=5), r"edgemtp.json: graphs.drafter.contract.config.model_type 5 must be "
+     "a string$"),
+    (lambda c: c["config"].update(hidden=-5), r"edgemtp.json: graphs.drafter.contract.config.hidden -5 must be a "
+     "positive whole number$"),
+    (lambda c: c["config"].update(hidden=True), "graphs.drafter.contract.config.hidden True must be a positive whole"),
+    (lambda c: c["config"].update(layer_types="sliding"), r"edgemtp.json: graphs.drafter.contract.config.layer_types "
+     "'sliding' must be a non-empty list of attention types$"),
+    (lambda c: c["config"].update(layer_types=[]), "graphs.drafter.contract.config.layer_types \\[\\] must be"),
     (lambda c: c.update(head={"kind": "clustered", "clusters": 4, "top_k": 2, "candidates": 8, "context": -3}),
      "graphs.drafter.contract.head.context -3 must be between 0 and 1024"),
     (lambda c: c.update(head={"kind": "clustered", "clusters": 4, "top_k": 5, "candidates": 8}),
@@ -804,6 +813,24 @@ def test_malformed_drafter_contract_is_named(setup, tmp_path, edit, message):
     (b / "edgemtp.json").write_text(json.dumps(m))
     with pytest.raises(EdgemtpError, match=message):
         Engine.load(b, mtp=True).generate("t1 t2 t3", max_new_tokens=3, draft=Draft("mtp", 2))
+
+
+@pytest.mark.parametrize("field,value", [("model_type", ["mtp"]), ("hidden", "256"), ("hidden", 0)])
+def test_info_refuses_a_drafter_field_it_would_show_wrongly(setup, tmp_path, field, value):
+    """`edgemtp info` printed the drafter's config.model_type and hidden as the manifest had them ("['mtp'], 1
+    layer, hidden 0"): the load names such a field and the file, in text and --json alike."""
+    from click.testing import CliRunner
+
+    from edgemtp.cli import cli
+
+    b = tmp_path / "b"
+    shutil.copytree(setup[1], b)
+    m = json.loads((b / "edgemtp.json").read_text())
+    m["graphs"]["drafter"]["contract"]["config"][field] = value
+    (b / "edgemtp.json").write_text(json.dumps(m))
+    for flags in ([], ["--json"]):
+        assert_one_line_error(CliRunner().invoke(cli, ["info", str(b), *flags]),
+                              f"{b / 'edgemtp.json'}: graphs.drafter.contract.config.{field} {value!r} must be")
 
 
 def test_a_drafter_entry_naming_another_graph_is_refused(setup, tmp_path):
