@@ -426,9 +426,9 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
         (("export", tiny_gemma3[1], "-o", ""), "-o: give a path (an empty one would mean the current directory)"),
         (("profile", bundle, "--plot", tmp_path / "plot"), f"--plot {tmp_path / 'plot'}: give a file name ending in"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", tmp_path),
-         f"--calibration {tmp_path}: is a directory"),
+         f"--calibration '{tmp_path}' is a directory, not a file (give a text file, corpora or none)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", pickled),
-         f"--calibration {pickled}: not text (a NUL byte at offset"),
+         f"--calibration '{pickled}' is not text (a NUL byte at offset"),
         (("generate", bundle, "--prompt-file", tmp_path), f"--prompt-file {tmp_path}: cannot read (Is a directory)"),
         (("generate", bundle, "--prompt", "t1", "--adaptive", "--draft-k", 0), "--adaptive with --draft-k 0"),
         (("profile", bundle, "--adaptive", "--draft-k", 0), "--adaptive with --draft-k 0: adaptive rows draft"),
@@ -467,7 +467,7 @@ def test_unwritable_output_and_bad_flags_are_one_line(tiny_gemma3, tmp_path):
     from_stdin = CliRunner().invoke(cli, args + ["--prompt-file", "-"], input="t1 t2 t3")
     assert json.loads(from_stdin.stdout)["tokens"] == json.loads(run(*args, "--prompt", "t1 t2 t3").stdout)["tokens"]
     r = run("export", tiny_gemma3[1], "-o", tmp_path / "q", "--quant", "int8", "--calibration", text)
-    assert_one_line_error(r, f"--calibration {text}: 6 tokens, fewer than one window of 256")
+    assert_one_line_error(r, f"--calibration '{text}' holds 6 tokens, fewer than one window of 256")
     assert not (tmp_path / "q").exists()
 
 
@@ -1709,7 +1709,8 @@ def test_a_weight_fp16_cannot_hold_is_one_line(tiny_gemma3, tmp_path):
     weights[name] = weights[name] * np.float32(1e9)
     save_file(weights, huge / "model.safetensors")
     r = run("export", huge, "-o", tmp_path / "b", "--quant", "fp16")
-    assert_one_line_error(r, exact=f"weight '{name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
+    assert_one_line_error(r, exact=f"--quant 'fp16' cannot hold weight '{name}', which overflows fp16 (|w| > 65504): "
+                                   "use fp32 or int8")
     assert not (tmp_path / "b").exists()
 
 
@@ -2685,7 +2686,7 @@ def test_export_options_refused_for_int8_say_int4_in_their_help():
         try:
             check_options("int8", **{options[flag].name: value})
         except EdgemtpError as e:
-            assert "applies to --quant int4" in str(e), str(e)
+            assert "applies to int4 bundles" in str(e), str(e)
             int4_only.append(flag)
     assert int4_only == ["--layer-bits", "--frequent-rows", "--keep-8bit"]
     for flag in int4_only:
@@ -2702,7 +2703,7 @@ def test_export_block_size_help_gives_the_sizes_taken():
     for size in (low, high):
         assert scheme("int4", block_size=size).block_size == size
     for size in (low // 2, 2 * high, low + 1):
-        with pytest.raises(EdgemtpError, match=f"--block-size {size} must be a power of two from {low} to {high}"):
+        with pytest.raises(EdgemtpError, match=f"block_size={size} must be a power of two from {low} to {high}"):
             scheme("int4", block_size=size)
 
 

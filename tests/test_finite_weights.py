@@ -129,8 +129,12 @@ def test_quantize_bundle_to_fp16_names_a_finite_overflow(tiny_gemma3, tmp_path):
 
     name = "model.layers.1.mlp.down_proj.weight"
     b = spoiled_bundle(tiny_gemma3[2], tmp_path / "fp32", name, (2, 3), 1e5)
-    with pytest.raises(EdgemtpError, match=rf"weight '{name}' overflows fp16 \(\|w\| > 65504\)"):
+    with pytest.raises(EdgemtpError) as e:
         quantize_bundle(b, tmp_path / "out", "fp16")
+    # the argument as the caller wrote it: quant= from Python, --quant from the CLI
+    rule = f"cannot hold weight '{name}', which overflows fp16 (|w| > 65504): use fp32 or int8"
+    assert str(e.value) == f"quant='fp16' {rule}"
+    assert e.value.cli_message() == f"--quant 'fp16' {rule}"
 
 
 def test_export_reads_a_big_table_in_row_blocks_and_refuses_its_non_finite_row(tiny_gemma3, tmp_path, monkeypatch):

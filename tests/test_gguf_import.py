@@ -1414,7 +1414,7 @@ def test_export_takes_a_gguf_file(tmp_path):
     (["--quant", "qdq", "--qdq-ops", "most"], "--qdq-ops 'most' must be one of"),
     (["--quant", "qdq", "--static", "--activation-bits", "4"], "--activation-bits 4 must be 8 or 16"),
     (["--quant", "int8", "--static"], "--quant int8 with --static"),
-    (["--quant", "int8", "--layer-bits", "4"], "--layer-bits applies to --quant int4"),
+    (["--quant", "int8", "--layer-bits", "4"], "--layer-bits 4 applies to int4 bundles"),
     (["--block-size", "64"], "--block-size applies to --quant int8 / int4 only"),
     (["--drafter", "none", "--draft-top-k", "4"], "--draft-top-k applies to a bundle with an MTP drafter"),
     (["--quant", "int8", "--gemv-head"], "--gemv-head applies to dynamic fp32 bundles"),
@@ -1438,8 +1438,8 @@ def test_export_of_a_gguf_file_checks_its_flags_before_the_import(tmp_path, monk
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "qdq"])
-@pytest.mark.parametrize("contents, error", [(b"", "the file is empty"), (b" \n\n", "the file is empty"),
-                                             (b"PK\x03\x04\x00\x00binary", "not text (a NUL byte at offset 4)")])
+@pytest.mark.parametrize("contents, error", [(b"", "is an empty file"), (b" \n\n", "is an empty file"),
+                                             (b"PK\x03\x04\x00\x00binary", "is not text (a NUL byte at offset 4)")])
 def test_export_of_a_gguf_file_checks_its_calibration_file_before_the_import(tmp_path, monkeypatch, quant, contents,
                                                                              error):
     """An empty or binary --calibration file needs no model to be refused: it was named only after a GGUF file's
@@ -1458,7 +1458,7 @@ def test_export_of_a_gguf_file_checks_its_calibration_file_before_the_import(tmp
     static = ["--static", "--verify-window", "4"] if quant == "qdq" else []
     r = CliRunner().invoke(cli, ["export", str(path), "-o", str(tmp_path / "b"), "--quant", quant, *static,
                                  "--calibration", str(text)])
-    assert_one_line_error(r, exact=f"--calibration {text}: {error}")
+    assert_one_line_error(r, exact=f"--calibration '{text}' {error}")
     assert imported == []
 
 

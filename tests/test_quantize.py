@@ -28,7 +28,7 @@ pytest.importorskip("transformers")
 from edgemtp import bundle as bundle_mod  # noqa: E402
 from edgemtp.checkpoint import Checkpoint  # noqa: E402
 from edgemtp.calibration import activations as A  # noqa: E402
-from edgemtp.errors import EdgemtpError  # noqa: E402
+from edgemtp.errors import ArgumentError, EdgemtpError  # noqa: E402
 from edgemtp.evaluate import evaluate, kl_divergence, leading_bos, text_windows  # noqa: E402
 from edgemtp.exporters import builder, export  # noqa: E402
 from edgemtp.exporters.quantize import (_Reader, check_options, dequantize_rows, quantize_bundle,  # noqa: E402
@@ -720,16 +720,16 @@ def test_integer_head_needs_whole_blocks(tmp_path):
     """The rescoring gathers whole rows of blocks: a hidden size (64) that is not a multiple of the block size
     is one clear error, and no bundle is left behind."""
     fp32 = make_bundle(tmp_path, "gemma3_text")
-    with pytest.raises(EdgemtpError, match="--head-op integer .* hidden size 64 .* --block-size 128"):
+    with pytest.raises(EdgemtpError, match="head_op='integer' .* hidden size 64 .* the block size 128"):
         quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=128, head_op="integer",
                         two_pass="none")
     # the two-pass activations need whole blocks too: they were left out, the manifest still saying "all"
-    with pytest.raises(EdgemtpError, match="--block-size 128 does not divide the hidden size 64: the two-pass "
-                                           "activations \\(--two-pass all\\)"):
+    with pytest.raises(EdgemtpError, match="block_size=128 does not divide the hidden size 64: the two-pass "
+                                           "activations \\(all\\)"):
         quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=128)
     assert not (tmp_path / "q").exists()
     # blocks of 64 divide the hidden size but not down_proj's input width (96): found in the rewrite
-    with pytest.raises(EdgemtpError, match="--block-size 64 does not divide the input width 96 of "
+    with pytest.raises(EdgemtpError, match="block_size=64 does not divide the input width 96 of "
                                            "model.layers.0.mlp.down_proj.weight"):
         quantize_bundle(fp32, tmp_path / "q", "int8", calibration=None, block_size=64)
     assert not (tmp_path / "q").exists()
@@ -745,7 +745,7 @@ def test_embedding_blocks_must_divide_the_hidden_size(tmp_path):
     blocks of 256: its 671 MB table), the manifest and `edgemtp info` saying "embedding 4-bit"; it is refused,
     before any work, and blocks that divide it give a packed gather."""
     fp32 = make_bundle(tmp_path, "gemma3_text")
-    with pytest.raises(EdgemtpError, match="--block-size 128 does not divide the hidden size 64: the embedding's "
+    with pytest.raises(EdgemtpError, match="block_size=128 does not divide the hidden size 64: the embedding's "
                                            "GatherBlockQuantized"):
         quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, block_size=128, two_pass="none")
     assert not (tmp_path / "q").exists()
@@ -764,7 +764,7 @@ def test_layer_widths_are_checked_before_the_fp32_export_and_calibration(tmp_pat
     model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
     fp32 = export(model_dir, tmp_path / "fp32", capacity=64)
     monkeypatch.setattr(Q, "calibrate", lambda *a, **k: pytest.fail("the calibration ran"))
-    message = "--block-size 64 does not divide the input width 96 of model.layers.0.mlp.down_proj.weight"
+    message = "block_size=64 does not divide the input width 96 of model.layers.0.mlp.down_proj.weight"
     with pytest.raises(EdgemtpError, match=message):
         quantize_bundle(fp32, tmp_path / "q", "int4", calibration=calib_file, calibration_tokens=128, block_size=64)
     real = E.export
@@ -862,7 +862,7 @@ def test_a_scheme_that_takes_nothing_from_the_calibration_records_none(gemma, ca
         out = quantize_bundle(gemma["fp32"], tmp_path / quant, quant, gptq=False, **options)
         q = bundle_mod.load(out).manifest["graphs"]["target"]["quantization"]
         assert q["calibration"] is None and q["calibration_sha256"] is None, quant
-        with pytest.raises(EdgemtpError, match=f"--calibration {calib_file}: nothing takes calibration text here"):
+        with pytest.raises(EdgemtpError, match=f"calibration='{calib_file}' finds nothing to calibrate"):
             check_options(quant, calibration=calib_file, gptq=False, **options)
 
 
@@ -880,12 +880,12 @@ def test_a_head_fitted_to_8_bits_takes_nothing_from_the_calibration(gemma, calib
         assert (q["head_bits"], q["frequent_rows"]) == (8, 0), options
         assert q["calibration"] is None and q["calibration_sha256"] is None, options
         assert set(nbits_bits(out / "target.onnx")) == {8}, options  # the head packed as recorded
-        with pytest.raises(EdgemtpError, match=f"--calibration {calib_file}: nothing takes calibration text here"):
+        with pytest.raises(EdgemtpError, match=f"calibration='{calib_file}' finds nothing to calibrate"):
             quantize_bundle(gemma["fp32"], tmp_path / "given", "int4", gptq=False, calibration=calib_file, **options)
         assert not (tmp_path / "given").exists()
         # export refuses it before its fp32 export
         monkeypatch.setattr(exporters, "export", lambda *a, **k: pytest.fail("the fp32 export ran first"))
-        with pytest.raises(EdgemtpError, match=f"--calibration {calib_file}: nothing takes calibration text here"):
+        with pytest.raises(EdgemtpError, match=f"calibration='{calib_file}' finds nothing to calibrate"):
             export(gemma["fp32"].parent / "model", tmp_path / "exported", quant="int4", capacity=64,
                    quant_options=dict(gptq=False, calibration=calib_file, **options))
         monkeypatch.undo()
@@ -939,40 +939,80 @@ def test_int4_export_is_reproducible(tmp_path, calib_file):
 
 # ------------------------------------------------------------------------ options and errors
 
-@pytest.mark.parametrize("options, message", [
-    (dict(block_size=24), "--block-size 24 must be a power of two"),
-    (dict(accuracy_level=7), "--accuracy-level 7 must be 0..4"),
-    (dict(layer_bits=3), "--layer-bits 3 must be 4 or 8"),
-    (dict(frequent_rows=-1), "--frequent-rows -1 must be 0 or more"),
-    (dict(two_pass="both"), "--two-pass 'both' must be one of none, head, all"),
-    (dict(smooth=1.5), "--smooth 1.5 must be between 0"),
-    (dict(layer_op="amx"), "--layer-op 'amx' must be one of nbits, integer"),
-    (dict(layer_op="integer", layer_bits=4), "--layer-op integer needs 8-bit layers"),
-    (dict(head_op="columns"), "--head-op 'columns' must be one of nbits, integer"),
-    (dict(keep_8bit=("",)), "--keep-8bit"),
-    (dict(calibration_tokens=10), "--calibration-tokens 10 must be at least"),
-    (dict(calibration="/nonexistent/text.txt"), "--calibration /nonexistent/text.txt: no such file"),
-    (dict(calibration="/dev/null"), "--calibration /dev/null: is a device, not a file (a text file, corpora or none)"),
-    (dict(calibration=None, gptq=True), "--gptq needs calibration text"),
-    (dict(calibration=None, frequent_rows=8), "--frequent-rows needs calibration text"),
-    (dict(block_size=512), "--block-size 512 must be a power of two from 16 to 256"),
-    (dict(two_pass="head", accuracy_level=2), "--two-pass head needs --accuracy-level 4"),
+@pytest.mark.parametrize("options, python, cli, rule", [
+    (dict(block_size=24), "block_size=24", "--block-size 24", "must be a power of two"),
+    (dict(accuracy_level=7), "accuracy_level=7", "--accuracy-level 7", "must be 0..4"),
+    (dict(layer_bits=3), "layer_bits=3", "--layer-bits 3", "must be 4 or 8"),
+    (dict(frequent_rows=-1), "frequent_rows=-1", "--frequent-rows -1", "must be 0 or more"),
+    (dict(two_pass="both"), "two_pass='both'", "--two-pass 'both'", "must be one of none, head, all"),
+    (dict(smooth=1.5), "smooth=1.5", "--smooth 1.5", "must be between 0"),
+    (dict(layer_op="amx"), "layer_op='amx'", "--layer-op 'amx'", "must be one of nbits, integer"),
+    (dict(layer_op="integer", layer_bits=4), "layer_op='integer'", "--layer-op 'integer'",
+     "needs 8-bit layers (MatMulIntegerToFloat has no 4-bit weights), and the layer bits asked for are 4"),
+    (dict(head_op="columns"), "head_op='columns'", "--head-op 'columns'", "must be one of nbits, integer"),
+    (dict(keep_8bit=("",)), "keep_8bit=''", "--keep-8bit ''", "is no weight-name pattern"),
+    (dict(calibration_tokens=10), "calibration_tokens=10", "--calibration-tokens 10", "must be at least"),
+    (dict(calibration="/nonexistent/text.txt"), "calibration='/nonexistent/text.txt'",
+     "--calibration '/nonexistent/text.txt'", "does not exist (give a text file, corpora or none)"),
+    (dict(calibration="/dev/null"), "calibration='/dev/null'", "--calibration '/dev/null'",
+     "is a device, not a file (give a text file, corpora or none)"),
+    # an on/off option: --gptq takes no value
+    (dict(calibration=None, gptq=True), "gptq=True", "--gptq",
+     "needs calibration text, and the calibration asked for is none"),
+    (dict(calibration=None, frequent_rows=8), "frequent_rows=8", "--frequent-rows 8",
+     "needs calibration text, and the calibration asked for is none"),
+    (dict(block_size=512), "block_size=512", "--block-size 512", "must be a power of two from 16 to 256"),
+    (dict(two_pass="head", accuracy_level=2), "two_pass='head'", "--two-pass 'head'",
+     "needs accuracy level 4 (the two int8 passes are that level's integer kernel), and the accuracy level asked "
+     "for is 2"),
     # the integer ops take no MatMulNBits passes: the option was taken and changed nothing
-    (dict(two_pass="head", head_op="integer"), "--two-pass head does nothing with --head-op integer"),
-    (dict(quant="int8", two_pass="all", layer_op="integer", head_op="integer"),
-     "--two-pass all does nothing with --layer-op integer and --head-op integer"),
-    (dict(calibration=None, calibration_tokens=4096), "--calibration-tokens 4096 with --calibration none"),
-    (dict(quant="int8", layer_bits=4), "--layer-bits applies to --quant int4 (int8 keeps every weight at 8 bits)"),
-    (dict(quant="int8", frequent_rows=100), "--frequent-rows applies to --quant int4"),
-    (dict(quant="int8", keep_8bit=("*down*",)), "--keep-8bit applies to --quant int4"),
-    (dict(quant="fp16", drafter_quant="fp32"), "--drafter-quant fp32 applies to --quant int8 / int4"),
+    (dict(two_pass="head", head_op="integer"), "two_pass='head'", "--two-pass 'head'",
+     "does nothing with the integer head op"),
+    (dict(quant="int8", two_pass="all", layer_op="integer", head_op="integer"), "two_pass='all'", "--two-pass 'all'",
+     "does nothing with the integer layer and head ops"),
+    (dict(calibration=None, calibration_tokens=4096), "calibration_tokens=4096", "--calibration-tokens 4096",
+     "needs calibration text to take them from, and the calibration asked for is none"),
+    (dict(quant="int8", layer_bits=4), "layer_bits=4", "--layer-bits 4",
+     "applies to int4 bundles (int8 keeps every weight at 8 bits)"),
+    (dict(quant="int8", frequent_rows=100), "frequent_rows=100", "--frequent-rows 100", "applies to int4 bundles"),
+    # the first pattern: --keep-8bit takes one at a time
+    (dict(quant="int8", keep_8bit=("*down*", "*up*")), "keep_8bit='*down*'", "--keep-8bit '*down*'",
+     "applies to int4 bundles"),
+    (dict(quant="fp16", drafter_quant="fp32"), "drafter_quant='fp32'", "--drafter-quant 'fp32'",
+     "applies to int8 and int4 bundles, not fp16"),
     # it sized the activations' windows only: without GPTQ or smoothing it was taken and did nothing
-    (dict(gptq=False, calibration_tokens=4096), "--calibration-tokens 4096: nothing takes calibration activations"),
-    (dict(quant="int8", gptq=False, smooth=0.0, calibration_tokens=4096), "--calibration-tokens 4096: nothing"),
+    (dict(gptq=False, calibration_tokens=4096), "calibration_tokens=4096", "--calibration-tokens 4096",
+     "finds nothing to calibrate: nothing takes calibration activations"),
+    (dict(quant="int8", gptq=False, smooth=0.0, calibration_tokens=4096), "calibration_tokens=4096",
+     "--calibration-tokens 4096", "finds nothing to calibrate"),
+    (dict(quant="int3"), "quant='int3'", "--quant 'int3'", "is not supported (choose from fp32, fp16, int8, int4)"),
 ])
-def test_bad_options_name_the_flag(options, message):
-    with pytest.raises(EdgemtpError, match=message.replace("(", r"\(").replace(")", r"\)")):
+def test_bad_options_name_the_option_as_the_caller_wrote_it(options, python, cli, rule):
+    """From Python (quantize_bundle's keywords, export()'s quant_options keys) by its name, from the CLI by its
+    flag: a Python caller was sent looking for flags it never passed."""
+    with pytest.raises(ArgumentError) as e:
         check_options(options.pop("quant", "int4"), **options)
+    assert str(e.value).startswith(f"{python} {rule}"), str(e.value)
+    assert e.value.cli_message().startswith(f"{cli} {rule}"), e.value.cli_message()
+
+
+def test_export_names_its_quant_options_by_their_keys(tmp_path):
+    """export(quant_options={...}) refuses a bad option by its key, as quantize_bundle does its keyword (no flag an
+    app never passed), before reading the model; a calibration file that cannot be used is named the same way."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    for options, message in (({"block_size": 24}, "block_size=24 must be a power of two from 16 to 256"),
+                             ({"layer_op": "integer", "layer_bits": 4}, "layer_op='integer' needs 8-bit layers"),
+                             ({"calibration": None, "gptq": True}, "gptq=True needs calibration text"),
+                             ({"calibration": str(empty)}, f"calibration='{empty}' is an empty file"),
+                             ({"calibration": str(tmp_path)}, f"calibration='{tmp_path}' is a directory, not a file")):
+        with pytest.raises(ArgumentError) as e:
+            export(tmp_path / "no-model", tmp_path / "b", "int4", quant_options=options)
+        assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(ArgumentError) as e:
+        A.calibration_text(tmp_path)
+    assert str(e.value) == f"calibration='{tmp_path}' cannot be read (Is a directory)"
+    assert e.value.cli_message() == f"--calibration '{tmp_path}' cannot be read (Is a directory)"
 
 
 def test_the_scheme_records_only_the_passes_its_ops_take():
@@ -992,7 +1032,7 @@ def test_the_scheme_records_only_the_passes_its_ops_take():
 
 
 def test_options_of_float_quants_are_refused():
-    with pytest.raises(EdgemtpError, match="--frequent-rows applies to --quant int8 / int4 only"):
+    with pytest.raises(EdgemtpError, match="frequent_rows=8 applies to int8 and int4 bundles only"):
         check_options("fp16", frequent_rows=8)
     assert check_options("fp16") is None
 
@@ -1012,7 +1052,7 @@ def test_keep_8bit_pattern_matching_no_weight_is_refused(tmp_path):
     """A typo in --keep-8bit would keep nothing at 8 bits without a word: it is named, with a real name;
     a pattern matching only a part of a joined weight counts."""
     fp32 = make_bundle(tmp_path, "gemma3_text")
-    with pytest.raises(EdgemtpError, match=r"--keep-8bit '\*dwon_proj\*' matches no weight .*model\.layers\."):
+    with pytest.raises(EdgemtpError, match=r"keep_8bit='\*dwon_proj\*' matches no weight .*model\.layers\."):
         quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, keep_8bit=("*down_proj*", "*dwon_proj*"))
     assert not (tmp_path / "q").exists()
     quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, layer_bits=4, keep_8bit=("*.v_proj.weight",))
@@ -1026,7 +1066,7 @@ def test_keep_8bit_pattern_changing_nothing_is_refused(options, pattern, tmp_pat
     import edgemtp.exporters as E
 
     fp32 = make_bundle(tmp_path, "gemma3_text")
-    message = rf"--keep-8bit '{re.escape(pattern)}' changes nothing: every weight it matches is 8-bit already"
+    message = rf"keep_8bit='{re.escape(pattern)}' changes nothing: every weight it matches is 8-bit already"
     with pytest.raises(EdgemtpError, match=message):
         quantize_bundle(fp32, tmp_path / "q", "int4", calibration=None, keep_8bit=(pattern,), **options)
     real = E.export
@@ -1044,7 +1084,7 @@ def test_export_names_a_keep_8bit_typo_before_any_work(tmp_path, monkeypatch):
     model_dir = save_tiny(tiny("gemma3_text"), tmp_path / "model")
     real = E.export
     monkeypatch.setattr(E, "export", lambda *a, **k: pytest.fail("the fp32 export ran"))
-    with pytest.raises(EdgemtpError, match=r"--keep-8bit '\*dwon_proj\*' matches no weight .*model\.layers\."):
+    with pytest.raises(EdgemtpError, match=r"keep_8bit='\*dwon_proj\*' matches no weight .*model\.layers\."):
         real(model_dir, tmp_path / "q", "int4", quant_options={"keep_8bit": ("*dwon_proj*",), "calibration": None})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -1074,7 +1114,8 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     bad = run("--quant", "fp32", "--head-op", "integer", "--overwrite")
     assert_one_line_error(bad, "--head-op applies to --quant int8 / int4 only")
     bad = run("--quant", "int4", "--layer-op", "integer", "--layer-bits", "4", "--overwrite")
-    assert_one_line_error(bad, "--layer-op integer needs 8-bit layers")
+    assert_one_line_error(bad, "--layer-op 'integer' needs 8-bit layers (MatMulIntegerToFloat has no 4-bit weights), "
+                               "and the layer bits asked for are 4")
     # refused before the fp32 export (which takes minutes at scale): nothing is written, not even scratch
     scratch = lambda: sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".edgemtp"))  # noqa: E731
     short = tmp_path / "short.txt"
@@ -1082,9 +1123,9 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     for args, message in ((("--quant", "fp16", "--calibration", "none"),
                            "--calibration applies to --quant int8 / int4"),
                           (("--quant", "int4", "--calibration", str(short)),
-                           f"--calibration {short}: 3 tokens, fewer than one window of 64"),
+                           f"--calibration '{short}' holds 3 tokens, fewer than one window of 64"),
                           (("--quant", "int4", "--block-size", "128", "--two-pass", "none", "--head-op", "integer"),
-                           "--head-op integer rescores whole rows of 128-blocks"),
+                           "--head-op 'integer' rescores whole rows of 128-blocks"),
                           (("--static", "--gemv-head"), "--gemv-head applies to dynamic fp32 bundles (not --static)"),
                           (("--quant", "fp16", "--static"), "static graphs are fp32 or QDQ (--quant qdq), not fp16")):
         bad = run(*args, "--max-context", "64", "--overwrite")
@@ -1094,7 +1135,7 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
 
 def test_bad_input_is_a_clear_error(gemma, tmp_path):
     src = gemma["fp32"] / "target.onnx"
-    with pytest.raises(EdgemtpError, match=r"--quant 'int3' is not supported \(choose from fp32, fp16, int8, int4\)"):
+    with pytest.raises(EdgemtpError, match=r"quant='int3' is not supported \(choose from fp32, fp16, int8, int4\)"):
         quantize_graph(src, tmp_path / "q.onnx", "int3")
     with pytest.raises(EdgemtpError, match="already quantized \\(int4\\)"):
         quantize_graph(gemma["int4"] / "target.onnx", tmp_path / "q.onnx", "int8")
@@ -1184,7 +1225,8 @@ def test_a_utf16_calibration_file_is_named_as_such(tmp_path):
         path.write_bytes((mark + "def f(x):\n").encode(encoding))
         with pytest.raises(EdgemtpError) as e:
             A.calibration_text(path)
-        assert str(e.value) == f"--calibration {path}: UTF-16 text, not UTF-8 (save it as UTF-8)"
+        assert str(e.value) == f"calibration='{path}' is UTF-16 text, not UTF-8 (save it as UTF-8)"
+        assert e.value.cli_message() == f"--calibration '{path}' is UTF-16 text, not UTF-8 (save it as UTF-8)"
 
 
 def test_token_windows_spread_over_the_text():

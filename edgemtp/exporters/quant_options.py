@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..calibration import activations as A
-from ..errors import EdgemtpError, not_a_file
+from ..errors import ArgumentError, SwitchError, not_a_file
 from ..manifest_graphs import two_pass_built
 from .components import joined_parts
 
@@ -87,41 +87,43 @@ def scheme(quant: str, block_size: int | None = None, symmetric: bool | None = N
            head_op: str | None = None, calibrated: bool = True) -> Scheme | None:
     """The scheme for `quant` (None for the float quants) after checking every option; None options
     keep the preset's value. `calibrated` False (no calibration text): the calibrated options are off,
-    and asking for one is an error."""
+    and asking for one is an error. Refusals are ArgumentErrors naming each option by its keyword (block_size=;
+    from export(), its quant_options key), --block-size from the CLI."""
     if quant not in QUANTS:
-        raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
+        raise ArgumentError("quant", quant, f"is not supported (choose from {', '.join(QUANTS)})")
     if block_size is not None and (not 16 <= block_size <= 256 or block_size & (block_size - 1)):
-        raise EdgemtpError(f"--block-size {block_size} must be a power of two from 16 to 256 (the blocks ONNX "
-                           "Runtime's MatMulNBits kernels take)")
+        raise ArgumentError("block_size", block_size, "must be a power of two from 16 to 256 (the blocks ONNX "
+                            "Runtime's MatMulNBits kernels take)")
     if accuracy_level not in (0, 1, 2, 3, 4):
-        raise EdgemtpError(f"--accuracy-level {accuracy_level} must be 0..4 (MatMulNBits)")
+        raise ArgumentError("accuracy_level", accuracy_level, "must be 0..4 (MatMulNBits)")
     if layer_bits not in (None, 4, 8):
-        raise EdgemtpError(f"--layer-bits {layer_bits} must be 4 or 8")
+        raise ArgumentError("layer_bits", layer_bits, "must be 4 or 8")
     if frequent_rows is not None and frequent_rows < 0:
-        raise EdgemtpError(f"--frequent-rows {frequent_rows} must be 0 or more")
+        raise ArgumentError("frequent_rows", frequent_rows, "must be 0 or more")
     if two_pass not in (None, *TWO_PASS):
-        raise EdgemtpError(f"--two-pass {two_pass!r} must be one of {', '.join(TWO_PASS)}")
+        raise ArgumentError("two_pass", two_pass, f"must be one of {', '.join(TWO_PASS)}")
     if layer_op not in (None, *LAYER_OPS):
-        raise EdgemtpError(f"--layer-op {layer_op!r} must be one of {', '.join(LAYER_OPS)}")
+        raise ArgumentError("layer_op", layer_op, f"must be one of {', '.join(LAYER_OPS)}")
     if head_op not in (None, *HEAD_OPS):
-        raise EdgemtpError(f"--head-op {head_op!r} must be one of {', '.join(HEAD_OPS)}")
+        raise ArgumentError("head_op", head_op, f"must be one of {', '.join(HEAD_OPS)}")
     if layer_op == "integer" and layer_bits == 4:
-        raise EdgemtpError("--layer-op integer needs 8-bit layers (MatMulIntegerToFloat has no 4-bit "
-                           "weights): drop --layer-bits 4")
+        raise ArgumentError("layer_op", layer_op, "needs 8-bit layers (MatMulIntegerToFloat has no 4-bit "
+                            "weights), and the layer bits asked for are 4")
     if smooth is not None and not 0.0 <= smooth <= 1.0:
-        raise EdgemtpError(f"--smooth {smooth} must be between 0 (off) and 1")
+        raise ArgumentError("smooth", smooth, "must be between 0 (off) and 1")
     if two_pass in ("head", "all") and accuracy_level != 4:
-        raise EdgemtpError(f"--two-pass {two_pass} needs --accuracy-level 4 (the two int8 passes are that "
-                           "level's integer kernel)")
+        raise ArgumentError("two_pass", two_pass, f"needs accuracy level 4 (the two int8 passes are that level's "
+                            f"integer kernel), and the accuracy level asked for is {accuracy_level}")
     keep_8bit = tuple(keep_8bit or ())
     for p in keep_8bit:
         if not isinstance(p, str) or not p.strip():
-            raise EdgemtpError(f"--keep-8bit {p!r}: give weight-name patterns such as '*down_proj*'")
+            raise ArgumentError("keep_8bit", p, "is no weight-name pattern: give patterns such as '*down_proj*'")
     asked = dict(frequent_rows=frequent_rows, gptq=gptq, smooth=smooth)
     if not calibrated:
         for key, value in asked.items():
             if value:
-                raise EdgemtpError(f"--{key.replace('_', '-')} needs calibration text (drop --calibration none)")
+                error = SwitchError if value is True else ArgumentError  # gptq=True: --gptq takes no value
+                raise error(key, value, "needs calibration text, and the calibration asked for is none")
     if quant not in PRESETS:
         return None
     p = dict(PRESETS[quant])
@@ -144,11 +146,11 @@ def _check_two_pass_applies(two_pass: str | None, layer_op: str, head_op: str) -
     """Two passes are MatMulNBits' (the nbits head, and with `all` the nbits layers): asked for where no
     MatMulNBits would take them, the option would change nothing, silently."""
     if two_pass == "head" and head_op == "integer":
-        raise EdgemtpError("--two-pass head does nothing with --head-op integer (the integer head takes no "
-                           "MatMulNBits passes): drop one of them")
+        raise ArgumentError("two_pass", two_pass, "does nothing with the integer head op (the integer head takes "
+                            "no MatMulNBits passes): drop one of them")
     if two_pass == "all" and head_op == "integer" and layer_op == "integer":
-        raise EdgemtpError("--two-pass all does nothing with --layer-op integer and --head-op integer (no "
-                           "MatMulNBits left to take the passes): drop it")
+        raise ArgumentError("two_pass", two_pass, "does nothing with the integer layer and head ops (no "
+                            "MatMulNBits left to take the passes): drop it")
 
 
 def check_widths(sch: Scheme, graph) -> None:
@@ -170,9 +172,9 @@ def check_widths(sch: Scheme, graph) -> None:
 
 def check_two_pass_width(block: int, k: int, name: str) -> None:
     if k % block:
-        raise EdgemtpError(f"--block-size {block} does not divide the input width {k} of {name}: the two-pass "
-                           f"activations (--two-pass all) need whole blocks; give a block size dividing it, "
-                           f"or --two-pass head / none")
+        raise ArgumentError("block_size", block, f"does not divide the input width {k} of {name}: the layers' "
+                            "two-pass activations need whole blocks; give a block size dividing it, or two passes "
+                            "for the head only, or none")
 
 
 def fit_vocab(sch: Scheme, vocab: int, tied: bool) -> Scheme:
@@ -191,8 +193,8 @@ def check_patterns_match(patterns: tuple[str, ...], weights: list[str]) -> None:
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             example = next((n for n in names if n.endswith(".weight") and "layers." in n), names[0] if names else "")
-            raise EdgemtpError(f"--keep-8bit {pattern!r} matches no weight of the model (names look like "
-                               f"{example!r})")
+            raise ArgumentError("keep_8bit", pattern, f"matches no weight of the model (names look like "
+                                f"{example!r})")
 
 
 def check_patterns_change(sch: Scheme, graph) -> None:
@@ -210,58 +212,71 @@ def check_patterns_change(sch: Scheme, graph) -> None:
     for pattern in sch.keep_8bit:
         if all(b == 8 for name, b in bits.items()
                if any(fnmatch.fnmatchcase(n, pattern) for n in [name] + joined_parts(name))):
-            raise EdgemtpError(f"--keep-8bit {pattern!r} changes nothing: every weight it matches is 8-bit already "
-                               "or not quantized (int4 keeps the layers at 8 bits unless --layer-bits 4)")
+            raise ArgumentError("keep_8bit", pattern, "changes nothing: every weight it matches is 8-bit already "
+                                "or not quantized (int4 keeps the layers at 8 bits unless the layer bits are 4)")
 
 
 def check_options(quant: str, calibration: str | Path | None = A.CORPORA, calibration_tokens: int | None = None,
                   drafter_quant: str | None = None, **options) -> Scheme | None:
-    """Every quantization option checked (one error naming the flag), before any work is done."""
+    """Every quantization option checked, before any work is done: one ArgumentError naming the option as the
+    caller wrote it, by its keyword from Python (quantize_bundle's, or the key of export()'s quant_options: the
+    same name), by its flag from the CLI."""
     if drafter_quant not in (None, "fp32", "int8"):
-        raise EdgemtpError(f"--drafter-quant {drafter_quant!r} must be fp32 or int8")
+        raise ArgumentError("drafter_quant", drafter_quant, "must be fp32 or int8")
     if drafter_quant is not None and quant not in PRESETS:
-        raise EdgemtpError(f"--drafter-quant {drafter_quant} applies to --quant int8 / int4 (the drafter reads the "
-                           "target's table)")
+        raise ArgumentError("drafter_quant", drafter_quant, f"applies to int8 and int4 bundles, not {quant} (the "
+                            "drafter reads the target's table)")
     if quant == "int8":  # every weight is 8-bit already: these would be ignored, or (layer bits) contradict it
         # (here, not in scheme(): an int4 bundle's drafter weights are quantized as int8 with its options)
         given = [key for key in ("layer_bits", "frequent_rows", "keep_8bit") if options.get(key) not in (None, ())]
         if given:
-            raise EdgemtpError(f"--{given[0].replace('_', '-')} applies to --quant int4 (int8 keeps every weight "
-                               "at 8 bits)")
+            raise ArgumentError(given[0], _first(given[0], options[given[0]]), "applies to int4 bundles (int8 "
+                                "keeps every weight at 8 bits)")
     if calibration is None and calibration_tokens is not None:
-        raise EdgemtpError(f"--calibration-tokens {calibration_tokens} with --calibration none: there is no "
-                           "text to take them from")
+        raise ArgumentError("calibration_tokens", calibration_tokens, "needs calibration text to take them from, "
+                            "and the calibration asked for is none")
     if quant in ("fp32", "fp16"):
-        given = [k for k, v in dict(options, calibration_tokens=calibration_tokens).items() if v not in (None, ())]
+        given = dict(options, calibration_tokens=calibration_tokens)
+        given = {k: v for k, v in given.items() if v not in (None, ())}
         if calibration is not None and str(calibration) != A.CORPORA:
-            given.insert(0, "calibration")
+            given = dict(calibration=str(calibration), **given)
         if given:
-            raise EdgemtpError(f"--{given[0].replace('_', '-')} applies to --quant int8 / int4 only")
+            key = next(iter(given))
+            raise ArgumentError(key, _first(key, given[key]), "applies to int8 and int4 bundles only")
     if calibration_tokens is not None and calibration_tokens < A.WINDOW // 4:
-        raise EdgemtpError(f"--calibration-tokens {calibration_tokens} must be at least {A.WINDOW // 4}")
+        raise ArgumentError("calibration_tokens", calibration_tokens, f"must be at least {A.WINDOW // 4}")
     if calibration is not None and str(calibration) != A.CORPORA and not Path(calibration).is_file():
-        raise EdgemtpError(f"--calibration {calibration}: {not_a_file(calibration)} (a text file, corpora or none)")
+        why = not_a_file(calibration)  # 'is a directory, not a file' or 'no such file'
+        raise ArgumentError("calibration", str(calibration), f"{why if why.startswith('is ') else 'does not exist'} "
+                            f"(give a text file, {A.CORPORA} or none)")
     sch = scheme(quant, calibrated=calibration is not None, **options)
     if sch is not None and calibration_tokens is not None and not sch.needs_activations:
-        raise EdgemtpError(f"--calibration-tokens {calibration_tokens}: nothing takes calibration activations here "
-                           "(GPTQ or --smooth; the frequent rows count the whole text): drop it")
+        raise ArgumentError("calibration_tokens", calibration_tokens, "finds nothing to calibrate: nothing takes "
+                            "calibration activations here (GPTQ or smoothing; the frequent rows count the whole "
+                            "text): drop it")
     check_calibration_taken(sch, calibration)
     return sch
+
+
+def _first(key: str, value):
+    """The value an error names: keep_8bit's first pattern (the CLI's --keep-8bit takes one at a time)."""
+    return value[0] if key == "keep_8bit" and isinstance(value, (list, tuple)) else value
 
 
 def check_calibration_taken(sch: Scheme | None, calibration: str | Path | None) -> None:
     """A calibration text given for a scheme that reads nothing of it is refused. Checked again on the scheme as
     the head is packed (fit_head): a head whole at 8 bits keeps no frequent rows apart."""
     if sch is not None and calibration is not None and str(calibration) != A.CORPORA and not sch.takes_calibration:
-        raise EdgemtpError(f"--calibration {calibration}: nothing takes calibration text here (GPTQ, --smooth or "
-                           "int4's --frequent-rows): drop it")
+        raise ArgumentError("calibration", str(calibration), "finds nothing to calibrate: nothing takes "
+                            "calibration text here (GPTQ, smoothing or int4's frequent rows): drop it")
 
 
 def check_window(text, ids: list[int], capacity: int, bos: bool) -> None:
     """The calibration runs windows of min(512, capacity) positions: a text shorter than one is named."""
     length = min(A.WINDOW, capacity)
     if len(ids) < length - bos:
-        raise EdgemtpError(f"--calibration {text.source}: {len(ids)} tokens, fewer than one window of {length}")
+        raise ArgumentError("calibration", text.source, f"holds {len(ids)} tokens, fewer than one window of "
+                            f"{length}")
 
 
 def check_shapes(sch: Scheme, hidden: int) -> None:
@@ -273,13 +288,13 @@ def check_shapes(sch: Scheme, hidden: int) -> None:
             continue
         if sch.two_pass != "none":
             asked = "all" if sch.two_pass == "layers" else sch.two_pass  # "layers" is no --two-pass choice
-            raise EdgemtpError(f"--block-size {block} does not divide the hidden size {hidden}: the two-pass "
-                               f"activations (--two-pass {asked}) need whole blocks; give a block size "
-                               f"dividing {hidden}, or --two-pass none")
+            raise ArgumentError("block_size", block, f"does not divide the hidden size {hidden}: the two-pass "
+                                f"activations ({asked}) need whole blocks; give a block size dividing {hidden}, "
+                                "or no two passes")
         if sch.head_op == "integer":
-            raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {hidden} "
-                               f"is not a multiple of --block-size {block}")
+            raise ArgumentError("head_op", sch.head_op, f"rescores whole rows of {block}-blocks: the hidden size "
+                                f"{hidden} is not a multiple of the block size {block}")
         if block == sch.head_block_size:  # the rewrite would leave that Gather fp32, the manifest saying otherwise
-            raise EdgemtpError(f"--block-size {block} does not divide the hidden size {hidden}: the embedding's "
-                               f"GatherBlockQuantized reads whole blocks (its table would stay fp32 beside the packed "
-                               f"head); give a block size dividing {hidden}")
+            raise ArgumentError("block_size", block, f"does not divide the hidden size {hidden}: the embedding's "
+                                f"GatherBlockQuantized reads whole blocks (its table would stay fp32 beside the "
+                                f"packed head); give a block size dividing {hidden}")

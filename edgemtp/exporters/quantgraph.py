@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError
 from .builder import _align, _set_external
 
 
@@ -131,7 +131,8 @@ def rewrite_float(g: onnx.GraphProto, read, sink: Sink, quant: str, progress, sh
                     half = value.astype(np.float16)
                 # only a finite value that fp16 cannot hold: a padded clustered head's mask is -inf on purpose
                 if (np.isinf(half) & np.isfinite(value)).any():
-                    raise EdgemtpError(f"weight '{t.name}' overflows fp16 (|w| > 65504): use --quant fp32 or int8")
+                    raise ArgumentError("quant", quant, f"cannot hold weight '{t.name}', which overflows fp16 "
+                                        "(|w| > 65504): use fp32 or int8")
                 made = (sink.write(t.name + ".fp16", half), True)
             else:
                 made = (sink.write(t.name, read(t)), False)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError
 from . import quantnodes as QN
 from .blockquant import CHUNK_ELEMENTS, pack_zero_points, quantize_chunks, unpack
 from .head import ROW_DOTS
@@ -268,8 +268,8 @@ class Rewrite:
         hessian = st.hessian if st is not None and sch.gptq else None
         integer = "head" in uses and "head" in self.own and sch.head_op == "integer"
         if integer and k % block:
-            raise EdgemtpError(f"--head-op integer rescores whole rows of {block}-blocks: the hidden size {k} "
-                               f"of '{t.name}' is not a multiple of --block-size {block}")
+            raise ArgumentError("head_op", sch.head_op, f"rescores whole rows of {block}-blocks: the hidden size "
+                                f"{k} of '{t.name}' is not a multiple of the block size {block}")
         gather = "gather" in uses or integer  # the integer head rescores its top rows through gathers
         matmul = "head" in uses and not integer  # the head's MatMulNBits
         unit = 2 if integer else 4  # progress: the table is read twice, each pass counts half its bytes
