@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .contract import TargetContract, graph_mismatch
-from .errors import EdgemtpError, missing
+from .errors import EdgemtpError, SwitchError, missing
 from .json_file import read_json
 from .manifest_graphs import check_graphs, whole
 from .onnx_wire import GraphFacts, WireError, read_graph_facts
@@ -46,7 +46,9 @@ def sha256(path: Path, chunk: int = 1 << 22) -> str:
 def check_output(out: Path, overwrite: bool, inputs: dict | None = None) -> None:
     """Where a bundle may be written: a new path, or with --overwrite an earlier bundle or an empty
     directory. --overwrite deletes what is there, so it never takes a directory holding anything else
-    (a model directory, a home directory, the current one, one of the `inputs`: {path: what it is})."""
+    (a model directory, a home directory, the current one, one of the `inputs`: {path: what it is}). A refusal
+    that overwrite would lift, or that is about it, is a SwitchError: overwrite=True from Python, --overwrite from
+    the CLI."""
     out = Path(out)
     if (link := link_to_nothing(out)) is not None:
         raise EdgemtpError(f"{out}: {link} is a symbolic link to nothing (dangling, or a loop)")
@@ -56,20 +58,20 @@ def check_output(out: Path, overwrite: bool, inputs: dict | None = None) -> None
     if not out.exists():
         return
     if not overwrite:
-        raise EdgemtpError(f"{out}: already exists (use --overwrite to replace it)")
+        raise SwitchError("overwrite", True, f"is needed to replace {out}, which already exists")
     if not out.is_dir():
-        raise EdgemtpError(f"{out}: is a file, not a bundle directory (--overwrite replaces only a bundle)")
+        raise SwitchError("overwrite", True, f"replaces only a bundle, and {out} is a file")
     here = Path.cwd().resolve()
     if here == out.resolve() or out.resolve() in here.parents:
-        raise EdgemtpError(f"{out}: holds the current directory; --overwrite will not delete it")
+        raise SwitchError("overwrite", True, f"will not delete {out}, which holds the current directory")
     # a bundle holding a file or directory of its own besides: the manifest check below would pass it
     for source, what in (inputs or {}).items():
         if any(out.resolve() in p.parents for p in (Path(source).absolute(), Path(source).resolve())):
-            raise EdgemtpError(f"{out}: holds {source}, {what}; --overwrite would delete it (write the bundle "
-                               "elsewhere)")
+            raise SwitchError("overwrite", True, f"would delete {source}, {what}, which {out} holds (write the "
+                              "bundle elsewhere)")
     if any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise EdgemtpError(f"{out}: not an edgemtp bundle (no {MANIFEST}); --overwrite replaces only a bundle "
-                           "or an empty directory")
+        raise SwitchError("overwrite", True, f"replaces only a bundle or an empty directory, and {out} is not an "
+                          f"edgemtp bundle (no {MANIFEST})")
 
 
 @contextlib.contextmanager
@@ -90,7 +92,7 @@ def atomic_dir(out: Path, overwrite: bool = False):
                 if f.is_file():
                     as_open_makes(f)
             if out.exists() and not overwrite:  # made by another run since check_output: not ours to replace
-                raise EdgemtpError(f"{out}: written by another run meanwhile (use --overwrite to replace it)")
+                raise SwitchError("overwrite", True, f"is needed to replace {out}, written by another run meanwhile")
             try:
                 replace_dir(tmp, out, hidden_prefix(out, "partial-"), overwrite=overwrite)
             except OSError as e:  # the old bundle is left as it was

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edgemtp.checkpoint import holds, non_finite
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, SwitchError
 from edgemtp.gguf_config import HF_CLASSES, ROPE_FACTORS, ROPE_FREQS, generation_config, hf_config
 from edgemtp.gguf_reader import GGUFTensor, read_gguf
 from edgemtp.scratch import (as_open_makes, held_dir, hidden_prefix, link_to_nothing, nearest_existing, parents_made,
@@ -261,7 +261,9 @@ _IMPORT_NEEDS = ("config.json", "model.safetensors", "tokenizer.json")
 
 def check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
     """Where a model directory may be written: a new path or an empty directory; with `overwrite`, also an
-    earlier import (only IMPORT_FILES, as plain files, with config.json, model.safetensors and tokenizer.json)."""
+    earlier import (only IMPORT_FILES, as plain files, with config.json, model.safetensors and tokenizer.json).
+    A refusal that overwrite would lift, or that is about it, is a SwitchError: overwrite=True from Python,
+    --overwrite from the CLI."""
     if (link := link_to_nothing(out_dir)) is not None:  # before resolve(), which a loop fails
         raise EdgemtpError(f"{out_dir}: {link} is a symbolic link to nothing (dangling, or a loop)")
     here, resolved = Path.cwd().resolve(), out_dir.resolve()
@@ -277,15 +279,15 @@ def check_target(out_dir: Path, overwrite: bool, gguf_path: Path) -> None:
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:
-        raise EdgemtpError(f"{out_dir}: directory is not empty (choose another output directory, or use "
-                           "--overwrite to replace an earlier import)")
+        raise SwitchError("overwrite", True, f"is needed to write into {out_dir}, a directory that is not empty "
+                          "(it replaces an earlier import there; or choose another output directory)")
     # a symlink (a Hugging Face cache's snapshot) or a directory in it: not what an import writes
     other = sorted(p.name for p in out_dir.iterdir() if p.name not in IMPORT_FILES or p.is_symlink() or not p.is_file())
     missing = [name for name in _IMPORT_NEEDS if not (out_dir / name).is_file()]
     if other or missing:
         why = f"holds {other[0]}" if other else f"has no {missing[0]}"
-        raise EdgemtpError(f"{out_dir}: not an earlier import ({why}); --overwrite replaces only a model directory "
-                           "import-gguf wrote, or an empty directory")
+        raise SwitchError("overwrite", True, f"replaces only a model directory a GGUF import wrote, or an empty "
+                          f"directory, and {out_dir} is not an earlier import ({why})")
 
 
 def _write_json(path: Path, obj) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgemtp import bundle
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, SwitchError
 from edgemtp.exporters import builder, export
 from edgemtp.runtime.engine import Engine, Stats
 
@@ -635,9 +635,13 @@ def test_a_manifest_names_the_edgemtp_writing_it_not_the_source_bundles(tmp_path
 
 
 def test_export_refuses_existing_output(tiny_gemma3):
+    """Named as the caller asks to replace it: overwrite=True from Python (no flag an app never passed),
+    --overwrite from the CLI."""
     _, model_dir, b = tiny_gemma3
-    with pytest.raises(EdgemtpError, match="already exists"):
+    with pytest.raises(SwitchError) as e:
         export(model_dir, b)
+    assert str(e.value) == f"overwrite=True is needed to replace {b}, which already exists"
+    assert e.value.cli_message() == f"--overwrite is needed to replace {b}, which already exists"
 
 
 @pytest.mark.parametrize("mutate,message", [
@@ -1614,12 +1618,18 @@ def test_overwrite_replaces_only_a_bundle(tiny_gemma3, tmp_path, monkeypatch):
     mine.mkdir()
     (mine / "precious.txt").write_text("keep")
     (tmp_path / "afile").write_text("keep")
-    for out, message in ((mine, "not an edgemtp bundle"), (model_dir, "not an edgemtp bundle"),
-                         (tmp_path / "afile", "is a file, not a bundle directory")):
-        with pytest.raises(EdgemtpError, match=message):
+    for out, rule in ((mine, f"replaces only a bundle or an empty directory, and {mine} is not an edgemtp bundle "
+                             "(no edgemtp.json)"),
+                      (model_dir, "replaces only a bundle or an empty directory"),
+                      (tmp_path / "afile", f"replaces only a bundle, and {tmp_path / 'afile'} is a file")):
+        with pytest.raises(SwitchError) as e:
             export(model_dir, out, overwrite=True, capacity=64)
+        # overwrite=True from Python, --overwrite from the CLI
+        assert str(e.value).startswith(f"overwrite=True {rule}"), str(e.value)
+        assert e.value.cli_message().startswith(f"--overwrite {rule}"), e.value.cli_message()
     monkeypatch.chdir(mine)
-    with pytest.raises(EdgemtpError, match="holds the current directory"):
+    with pytest.raises(SwitchError, match=f"^overwrite=True will not delete {mine.parent}, which holds the current "
+                                          "directory$"):
         export(model_dir, mine.parent, overwrite=True, capacity=64)
     assert (mine / "precious.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"
     assert (model_dir / "config.json").is_file()
@@ -2070,7 +2080,8 @@ def test_a_bundle_written_meanwhile_by_another_run_is_not_replaced(tmp_path):
     from edgemtp.bundle import atomic_dir
 
     out = tmp_path / "out"
-    with pytest.raises(EdgemtpError, match="out: written by another run meanwhile"):
+    with pytest.raises(SwitchError, match=f"^overwrite=True is needed to replace {out}, written by another run "
+                                          "meanwhile$"):
         with atomic_dir(out) as tmp:
             (tmp / "mine").write_text("second")
             out.mkdir()  # the other run renames its bundle into place first

@@ -1649,14 +1649,14 @@ def test_export_overwrite_refuses_a_bundle_holding_its_own_input(tiny_gemma3, tm
     (b / "model.gguf").write_bytes(b"GGUF")  # refused before it is read
     for source in (b / "model", b / "model.gguf"):
         r = run("export", source, "-o", b, "--overwrite")
-        assert_one_line_error(r, exact=f"-o {b}: holds {source}, the model exported; --overwrite would delete it "
+        assert_one_line_error(r, exact=f"--overwrite would delete {source}, the model exported, which {b} holds "
                                        "(write the bundle elsewhere)")
     assert (b / "model" / "config.json").is_file() and (b / "model.gguf").is_file()
     # a drafter kept there (hours of training) likewise
     (b / "drafter").mkdir()
     (b / "drafter" / "config.json").write_text("{}")
     r = run("export", tiny_gemma3[1], "-o", b, "--overwrite", "--drafter", b / "drafter")
-    assert_one_line_error(r, exact=f"-o {b}: holds {b / 'drafter'}, the drafter attached; --overwrite would delete it "
+    assert_one_line_error(r, exact=f"--overwrite would delete {b / 'drafter'}, the drafter attached, which {b} holds "
                                    "(write the bundle elsewhere)")
     assert (b / "drafter" / "config.json").is_file()
 

@@ -25,7 +25,7 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from edgemtp.errors import EdgemtpError
+from edgemtp.errors import EdgemtpError, SwitchError
 from edgemtp.gguf_import import (default_gguf_path, generation_config, hf_name, import_gguf, unpermute_rotary,
                                  write_safetensors)
 from edgemtp.gguf_reader import read_gguf
@@ -1038,10 +1038,15 @@ def test_existing_output_needs_overwrite(tmp_path):
     _, path = export_tiny(tmp_path, "llama", tied=True)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("x")
-    with pytest.raises(EdgemtpError, match="out: directory is not empty"):
+    # named as the caller asks to replace it: overwrite=True from Python, --overwrite from the CLI
+    with pytest.raises(SwitchError) as e:
         import_gguf(path, tmp_path / "out")
-    with pytest.raises(EdgemtpError, match=r"out: not an earlier import \(holds old.txt\); --overwrite replaces"):
+    rule = f"is needed to write into {tmp_path / 'out'}, a directory that is not empty"
+    assert str(e.value).startswith(f"overwrite=True {rule}") and e.value.cli_message().startswith(f"--overwrite {rule}")
+    with pytest.raises(SwitchError) as e:
         import_gguf(path, tmp_path / "out", overwrite=True)
+    assert str(e.value) == ("overwrite=True replaces only a model directory a GGUF import wrote, or an empty "
+                            f"directory, and {tmp_path / 'out'} is not an earlier import (holds old.txt)")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
     (tmp_path / "out" / "old.txt").unlink()
     import_gguf(path, tmp_path / "out", overwrite=True)  # empty: taken
@@ -1074,8 +1079,9 @@ def test_import_gguf_overwrite_cli(tmp_path):
     out = tmp_path / "m"
     assert CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out)]).exit_code == 0
     r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out)])
-    assert r.exit_code == 2 and r.output == (f"error: -o {out}: directory is not empty (choose another output "
-                                             "directory, or use --overwrite to replace an earlier import)\n")
+    assert r.exit_code == 2 and r.output == (f"error: --overwrite is needed to write into {out}, a directory that is "
+                                             "not empty (it replaces an earlier import there; or choose another "
+                                             "output directory)\n")
     before = (out / "config.json").stat().st_ino
     r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out), "--overwrite"])
     assert r.exit_code == 0 and r.output.endswith(f"wrote {out}\n"), r.output
@@ -1083,9 +1089,9 @@ def test_import_gguf_overwrite_cli(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", path.name]  # nothing aside left behind
     (out / "README.md").write_text("mine")
     r = CliRunner().invoke(cli, ["import-gguf", str(path), "-o", str(out), "--overwrite"])
-    assert r.exit_code == 2 and r.output == (f"error: -o {out}: not an earlier import (holds README.md); "
-                                             "--overwrite replaces only a model directory import-gguf wrote, or "
-                                             "an empty directory\n")
+    assert r.exit_code == 2 and r.output == ("error: --overwrite replaces only a model directory a GGUF import wrote, "
+                                             f"or an empty directory, and {out} is not an earlier import (holds "
+                                             "README.md)\n")
     assert (out / "README.md").read_text() == "mine" and (out / "model.safetensors").is_file()
 
 
@@ -1381,7 +1387,7 @@ def test_export_takes_a_gguf_file(tmp_path):
     assert list(Engine.load(out).token_ids(prompt, 8)) == list(Engine.load(tmp_path / "two").token_ids(prompt, 8))
     # an output that exists is named before the import's work
     r = CliRunner().invoke(cli, ["export", str(path), "-o", str(out)])
-    assert r.exit_code == 2 and r.output == f"error: -o {out}: already exists (use --overwrite to replace it)\n"
+    assert r.exit_code == 2 and r.output == f"error: --overwrite is needed to replace {out}, which already exists\n"
     # the export's own errors name the GGUF file, not the scratch directory it was imported into (gone by then)
     from edgemtp.cli.build import model_source
     from edgemtp.errors import EdgemtpError

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..errors import EdgemtpError, not_a_file
+from ..errors import ArgumentError, EdgemtpError, not_a_file
 from .base import cli, needs_exporter, output_path, progress_bar, writable_dir
 
 
@@ -30,6 +30,8 @@ def import_gguf_cmd(gguf_file: Path, out: Path, overwrite: bool):
 
     try:  # before the GGUF's read and its minutes of work; import_gguf checks it again, under the same rules
         check_target(out, overwrite, gguf_file)
+    except ArgumentError:  # about --overwrite, which its CLI wording names
+        raise
     except EdgemtpError as e:
         raise EdgemtpError(f"-o {e}") from None
     with progress_bar(f"importing {gguf_file.name}", show_what=True) as progress:
@@ -165,11 +167,13 @@ def export_cmd(model_dir: Path, out: Path, quant: str, capacity: int, static: bo
 
 def check_bundle_output(out: Path, overwrite: bool, inputs: dict | None = None) -> None:
     """bundle.check_output, its refusal naming -o as import-gguf's, cluster's and train-drafter's do: export()'s
-    own check is the Python API's, which has no -o."""
+    own check is the Python API's, which has no -o. One about --overwrite names that flag instead (SwitchError)."""
     from ..bundle import check_output
 
     try:
         check_output(out, overwrite, inputs)
+    except ArgumentError:  # about --overwrite, which its CLI wording names
+        raise
     except EdgemtpError as e:
         raise EdgemtpError(f"-o {e}") from None
 
