@@ -360,14 +360,14 @@ def test_errors_are_one_line(tiny_gemma3, tmp_path):
          f"{tiny_gemma3[2]}: an edgemtp bundle (edgemtp.json), not a model directory (config.json + *.safetensors + "
          "tokenizer.json)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--quant", "int4"),
-         "--gemv-head applies to dynamic fp32 bundles (not --quant int4)"),
+         "--gemv-head applies to dynamic fp32 bundles (not int4 ones)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--gemv-head", "--static"),
-         "--gemv-head applies to dynamic fp32 bundles (not --static)"),
+         "--gemv-head applies to dynamic fp32 bundles (not static ones)"),
         # the row-major table is all that quantized and static bundles store: the flag changed nothing there
         (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--no-gemv-head", "--quant", "int8"),
-         "--no-gemv-head applies to dynamic fp32 bundles (not --quant int8)"),
+         "--no-gemv-head applies to dynamic fp32 bundles (not int8 ones)"),
         (("export", tiny_gemma3[1], "-o", tmp_path / "b", "--no-gemv-head", "--static"),
-         "--no-gemv-head applies to dynamic fp32 bundles (not --static)"),
+         "--no-gemv-head applies to dynamic fp32 bundles (not static ones)"),
     ]
     for args, message in cases:
         r = run(*args)
@@ -1597,7 +1597,7 @@ def test_cluster_checks_what_it_will_read_before_the_run(tiny_gemma3, tmp_path, 
     (("train-drafter", "{model}", "-o", "{tmp}/d", "--data", " , "), "--data ' , ' selects no windows"),
     (("train-drafter", "{model}", "-o", "{tmp}/d", "--heldout", "docs=0"), "--heldout 'docs=0' selects no windows"),
     (("export", "{model}", "-o", "{tmp}/s", "--static", "--max-context", 4, "--verify-window", 5),
-     "static KV capacity 4 (--max-context) must exceed the verify window 5 (--verify-window)"),
+     "--max-context 4 must exceed the static graph's verify window (5)"),
     # qdq's default --calibration-tokens is 64 windows: a negative window was named as --calibration-tokens -192,
     # a flag the user never gave
     (("export", "{model}", "-o", "{tmp}/s", "--quant", "qdq", "--static", "--verify-window", -3),

@@ -1193,7 +1193,7 @@ def test_default_fp32_export_is_the_transposed_layout_and_quantizes(setup, tmp_p
     (["--draft-head-rows", "int4"], "--draft-head-rows 'int4'"),
     (["--draft-head-rows", "int8", "--draft-top-k", "0"], "needs a clustered head"),
     (["--draft-head-rows", "int8", "--static"], "applies to dynamic bundles"),
-    (["--draft-head-rows", "int8", "--quant", "qdq"], "a --quant qdq bundle has no MTP drafter"),
+    (["--draft-head-rows", "int8", "--quant", "qdq"], "a qdq bundle has no MTP drafter"),
     # the recent tokens join a clustered head's candidates: with the full head they were dropped unsaid
     (["--draft-top-k", "0", "--draft-head-context", "8"], "--draft-head-context 8 needs the clustered head"),
 ])
@@ -1814,7 +1814,8 @@ def test_real_model_static_bundle_gets_the_shipped_drafter(gemma3_270m_dir, tmp_
     for mode, k in (("mtp", 2), ("hybrid", 4)):
         got = engine.generate(prompt, max_new_tokens=24, draft=Draft(mode, k))
         assert got.tokens == plain and got.stats.accepted > 0
-    with pytest.raises(EdgemtpError, match="a --quant qdq bundle has no MTP drafter"):
+    with pytest.raises(EdgemtpError, match="^drafter='.*' applies to fp32, fp16, int8 and int4 bundles: a qdq bundle "
+                                           "has no MTP drafter"):
         export(gemma3_270m_dir, tmp_path / "q", "qdq", capacity=256, static_window=3,
                drafter=Path(__file__).parent.parent / "edgemtp" / "drafters" / "gemma3-270m")
 
@@ -1894,7 +1895,7 @@ def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["QNNExecutionProvider", *real])
     assert auto_mode(b, "qnn") == "hybrid" and auto_mode(b, "cpu") == "lookup"
     for extra, message in ((["--quant", "fp16", "--drafter-quant", "int8"],
-                            "--drafter-quant applies to --quant int8 / int4"),
+                            "--drafter-quant 'int8' applies to int8 / int4 bundles only"),
                            (["--quant", "int8", "--drafter-quant", "int4"],
                             "--drafter-quant 'int4' must be fp32 or int8")):
         assert_one_line_error(CliRunner().invoke(cli, base + ["-o", str(tmp_path / "bad"), *extra]), message)

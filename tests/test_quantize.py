@@ -1100,7 +1100,7 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     assert_one_line_error(bad, exact="--two-pass 'twice' must be one of none, head, all")
     assert not (tmp_path / "b").exists()
     bad = run("--quant", "fp16", "--smooth", "0.5")
-    assert_one_line_error(bad, "--smooth applies to --quant int8 / int4 only")
+    assert_one_line_error(bad, exact="--smooth 0.5 applies to int8 / int4 bundles only")
     ok = run("--quant", "int4", "--max-context", "64", "--block-size", "16", "--frequent-rows", "8", "--calibration",
              str(calib_file), "--calibration-tokens", "128", "--layer-bits", "4", "--keep-8bit", "*q_proj*")
     assert ok.exit_code == 0, ok.output
@@ -1112,7 +1112,7 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     q = bundle_mod.load(tmp_path / "b").manifest["graphs"]["target"]["quantization"]
     assert (q["layer_op"], q["head_op"]) == ("integer", "integer")
     bad = run("--quant", "fp32", "--head-op", "integer", "--overwrite")
-    assert_one_line_error(bad, "--head-op applies to --quant int8 / int4 only")
+    assert_one_line_error(bad, exact="--head-op 'integer' applies to int8 / int4 bundles only")
     bad = run("--quant", "int4", "--layer-op", "integer", "--layer-bits", "4", "--overwrite")
     assert_one_line_error(bad, "--layer-op 'integer' needs 8-bit layers (MatMulIntegerToFloat has no 4-bit weights), "
                                "and the layer bits asked for are 4")
@@ -1121,13 +1121,15 @@ def test_cli_export_passes_and_checks_quant_options(tmp_path, calib_file):
     short = tmp_path / "short.txt"
     short.write_text("t1 t2 t3")
     for args, message in ((("--quant", "fp16", "--calibration", "none"),
-                           "--calibration applies to --quant int8 / int4"),
+                           "--calibration applies to int8 / int4 bundles only"),
                           (("--quant", "int4", "--calibration", str(short)),
                            f"--calibration '{short}' holds 3 tokens, fewer than one window of 64"),
                           (("--quant", "int4", "--block-size", "128", "--two-pass", "none", "--head-op", "integer"),
                            "--head-op 'integer' rescores whole rows of 128-blocks"),
-                          (("--static", "--gemv-head"), "--gemv-head applies to dynamic fp32 bundles (not --static)"),
-                          (("--quant", "fp16", "--static"), "static graphs are fp32 or QDQ (--quant qdq), not fp16")):
+                          (("--static", "--gemv-head"),
+                           "--gemv-head applies to dynamic fp32 bundles (not static ones)"),
+                          (("--quant", "fp16", "--static"),
+                           "--quant 'fp16' makes no static graph: static graphs are fp32 or qdq")):
         bad = run(*args, "--max-context", "64", "--overwrite")
         assert_one_line_error(bad, message)
         assert bundle_mod.load(tmp_path / "b").graph("target").quant == "int8" and not scratch(), args

@@ -424,7 +424,7 @@ def test_bad_static_input(models, tmp_path):
     for capacity, window in ((64, 0), (64, -1), (4, 4), (3, 5), (1024, 5), (64, 2.5), (64, True)):
         with pytest.raises(EdgemtpError):
             build_static(cfg, None, capacity, window)
-    with pytest.raises(EdgemtpError, match=r"static graphs \(--static, --quant qdq\) support .*; not .gemma4_text."):
+    with pytest.raises(EdgemtpError, match=r"static graphs \(a static or qdq export\) support .*; not .gemma4_text."):
         build_static(cfg, "gemma4_text", 64, 5)
     src, contract = st.bundle.graph("target").path, st.bundle.graph("target").contract
     reader = WindowReader(src, contract, model_dir / "tokenizer.json", ["t1 t2"], threads=1)
@@ -508,15 +508,17 @@ def test_export_quant_qdq_cli(models, tmp_path, caplog):
                           (("--quant", "qdq", "--calibration-method", "mse"), "--calibration-method 'mse' must be"),
                           (("--quant", "qdq", "--qdq-ops", "some"),
                            "--qdq-ops 'some' must be one of weights, matmul, all"),
-                          (("--quant", "int8", "--qdq-ops", "all"), "--qdq-ops applies to --quant qdq only"),
-                          (("--quant", "qdq", "--calibration", "none"), "--quant qdq needs calibration text"),
-                          (("--quant", "qdq", "--gptq"), "--gptq applies to --quant int8 / int4, not qdq"),
-                          (("--quant", "int4", "--activation-bits", "8"), "--activation-bits applies to --quant qdq"),
+                          (("--quant", "int8", "--qdq-ops", "all"),
+                           "--qdq-ops 'all' applies to qdq bundles only, not int8"),
+                          (("--quant", "qdq", "--calibration", "none"), "--quant 'qdq' needs calibration text"),
+                          (("--quant", "qdq", "--gptq"), "--gptq applies to int8 / int4 bundles, not qdq"),
+                          (("--quant", "int4", "--activation-bits", "8"),
+                           "--activation-bits 8 applies to qdq bundles only, not int4"),
                           # not "no drafter is shipped for this model": one may be, a qdq bundle leaves it out
                           (("--quant", "qdq", "--draft-top-k", "8"),
-                           "none is attached (a --quant qdq bundle has none)")):
+                           "none is attached (a qdq bundle has none)")):
         assert_one_line_error(run(*args, "--overwrite"), message)
-    with pytest.raises(EdgemtpError, match="add --static"):
+    with pytest.raises(EdgemtpError, match="^quant='qdq' makes static NPU graphs: give their verify window too"):
         export(model_dir, tmp_path / "x", "qdq", capacity=CAPACITY)
 
 
@@ -617,10 +619,10 @@ def test_a_calibration_option_on_a_static_export_points_to_qdq(models, tmp_path)
 
     text = tmp_path / "calib.txt"
     text.write_text("t1 t2 t3 " * 40)
-    for flag, value in (("--calibration", str(text)), ("--calibration-tokens", "64")):
+    for flag, value, shown in (("--calibration", str(text), repr(str(text))), ("--calibration-tokens", "64", "64")):
         r = CliRunner().invoke(cli, ["export", str(models["llama"][1]), "-o", str(tmp_path / "b"), "--static",
                                      "--max-context", str(CAPACITY), flag, value])
-        assert_one_line_error(r, exact=f"{flag} applies to --quant qdq, the quantization of a static graph (or to "
+        assert_one_line_error(r, exact=f"{flag} {shown} applies to qdq, the quantization of a static graph (or to "
                                        "int8 / int4, which are not static)")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from .. import bundle as bundle_mod
 from ..checkpoint import Checkpoint
 from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_llama, parse_mistral3_multimodal,
                       read_config_json)
-from ..errors import EdgemtpError, app_stacklevel, missing, not_a_file
+from ..errors import ArgumentError, EdgemtpError, SwitchError, app_stacklevel, missing, not_a_file
 from ..json_file import read_json
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
@@ -95,32 +96,33 @@ def with_generation_stops(cfg, model_dir: Path):
 
 
 DEFAULT_CAPACITY = 4096
+CAPACITY_FLAG = "--max-context"  # export's capacity= from the CLI
 
 
 def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
-    """--max-context: by default 4096 positions, or the model's max_position_embeddings (or a LongRoPE model's
-    original_max_position_embeddings) if fewer. `limit`
-    (the CLI): a value beyond max_position_embeddings is refused, positions the model was never trained on
-    (an internal scratch export of a tiny test model may go past them)."""
+    """capacity (--max-context): by default 4096 positions, or the model's max_position_embeddings (or a LongRoPE
+    model's original_max_position_embeddings) if fewer. `limit` (the CLI): a value beyond max_position_embeddings
+    is refused, positions the model was never trained on (an internal scratch export of a tiny test model may go
+    past them)."""
     longrope = [r.original_max_positions for r in getattr(cfg, "rope", {}).values() if r.kind == "longrope"]
     if capacity is None:  # within LongRoPE's original length too: a default the check below refuses is no default
         capacity = min(DEFAULT_CAPACITY, cfg.max_position_embeddings, *longrope)
     check_capacity(capacity)
     if limit and capacity > cfg.max_position_embeddings:
-        raise EdgemtpError(f"--max-context {capacity} exceeds the model's max_position_embeddings "
-                           f"({cfg.max_position_embeddings}, config.json)")
+        raise ArgumentError("capacity", capacity, "exceeds the model's max_position_embeddings "
+                            f"({cfg.max_position_embeddings}, config.json)", CAPACITY_FLAG)
     for original in longrope:
         if capacity > original:  # see exporters/phi3.py
-            raise EdgemtpError(f"--max-context {capacity} exceeds original_max_position_embeddings "
-                               f"({original}, config.json): past it LongRoPE turns to other "
-                               "frequencies, which the keys already cached were not rotated with")
+            raise ArgumentError("capacity", capacity, f"exceeds original_max_position_embeddings ({original}, "
+                                "config.json): past it LongRoPE turns to other frequencies, which the keys already "
+                                "cached were not rotated with", CAPACITY_FLAG)
     return capacity
 
 
 def check_capacity(capacity: int) -> None:
-    """The --max-context any model refuses (resolve_capacity checks it against the model's own length)."""
+    """The capacity (--max-context) any model refuses (resolve_capacity checks it against the model's own length)."""
     if capacity < 2:
-        raise EdgemtpError(f"--max-context {capacity} is too small (need at least 2)")
+        raise ArgumentError("capacity", capacity, "is too small (need at least 2)", CAPACITY_FLAG)
 
 
 def check_tokenizer(model_dir: Path, vocab_size: int) -> Path:
@@ -235,7 +237,7 @@ def check_options(quant: str, capacity: int | None, static_window: int | None, d
     before a GGUF file's import (minutes for a big model). The model's own limits, and the options of the drafter
     AUTO finds for it, are checked after (_resolve_options, each format's export)."""
     if quant not in QUANTS:
-        raise EdgemtpError(f"--quant {quant!r} is not supported (choose from {', '.join(QUANTS)})")
+        raise ArgumentError("quant", quant, f"is not supported (choose from {', '.join(QUANTS)})")
     if capacity is not None:
         check_capacity(capacity)
     if static_window is not None:  # before qdq's --calibration-tokens, whose default is a multiple of it
@@ -243,22 +245,23 @@ def check_options(quant: str, capacity: int | None, static_window: int | None, d
 
         check_verify_window(static_window)
     if quant == "qdq" and drafter not in (None, AUTO):
-        raise EdgemtpError("--drafter applies to fp32, fp16, int8 and int4 bundles: a --quant qdq bundle has no "
-                           "MTP drafter (use --drafter none, or a static fp32 bundle: --static)")
+        raise ArgumentError("drafter", os.fspath(drafter), "applies to fp32, fp16, int8 and int4 bundles: a qdq "
+                            "bundle has no MTP drafter (attach none, or export a static fp32 bundle)")
     if quant == "qdq" or drafter != AUTO:  # the drafter is known without the model: a qdq bundle has none
         _check_drafter_options(None if quant == "qdq" else drafter, drafter_top_k, drafter_head_rows,
                                drafter_head_context, quant_options.get("drafter_quant"),
-                               "a --quant qdq bundle has none" if quant == "qdq" else None)
+                               "a qdq bundle has none" if quant == "qdq" else None)
     only_qdq = [k for k in quant_options if k in ("activation_bits", "calibration_method", "qdq_ops")]
     if only_qdq and quant != "qdq":
-        raise EdgemtpError(f"--{only_qdq[0].replace('_', '-')} applies to --quant qdq only")
+        raise _option_error(quant_options, only_qdq[0], f"applies to qdq bundles only, not {quant}")
     if gemv_head != AUTO and (quant != "fp32" or static_window is not None):  # False too: they store rows only
-        raise EdgemtpError(f"--{'' if gemv_head else 'no-'}gemv-head applies to dynamic fp32 bundles (not "
-                           f"{'--static' if static_window is not None else '--quant ' + quant})")
+        raise SwitchError("gemv_head", gemv_head, "applies to dynamic fp32 bundles (not "
+                          f"{'static' if static_window is not None else quant} ones)",
+                          "--gemv-head" if gemv_head else "--no-gemv-head")
     # AUTO is fp32 rows in these bundles (layout())
     if drafter_head_rows not in (AUTO, "fp32") and (quant == "qdq" or static_window is not None):
-        raise EdgemtpError(f"--draft-head-rows {drafter_head_rows} applies to dynamic bundles (a static bundle's "
-                           "drafter scores fp32 rows of the table)")
+        raise ArgumentError("drafter_head_rows", drafter_head_rows, "applies to dynamic bundles (a static bundle's "
+                            "drafter scores fp32 rows of the table)", "--draft-head-rows")
     if quant == "qdq":
         _qdq_settings(static_window, quant_options)
     elif quant != "fp32":
@@ -292,12 +295,24 @@ def _resolve_options(model_dir: Path, quant: str, static_window: int | None, dra
 def _refuse_quant_options(quant_options: dict, static_window: int | None) -> None:
     """An fp32 export takes no quantization option: the first one given is named."""
     if quant_options:
-        flag = next(iter(quant_options))
-        if static_window is not None and flag in QDQ_OPTIONS:  # "int8 / int4 only" sent a static export to
-            # options that refuse --static (the user forgot --quant qdq)
-            raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant qdq, the quantization of a static "
-                               "graph (or to int8 / int4, which are not static)")
-        raise EdgemtpError(f"--{flag.replace('_', '-')} applies to --quant int8 / int4 only")
+        key = next(iter(quant_options))
+        if static_window is not None and key in QDQ_OPTIONS:  # "int8 / int4 only" sent a static export to
+            # options that refuse a static graph (the user forgot quant qdq)
+            raise _option_error(quant_options, key, "applies to qdq, the quantization of a static graph (or to "
+                                "int8 / int4, which are not static)")
+        raise _option_error(quant_options, key, "applies to int8 / int4 bundles only")
+
+
+def _option_error(quant_options: dict, key: str, rule: str) -> ArgumentError:
+    """The refusal of quant_options[key]: `quant_options['qdq_ops']='all' ...` from Python, `--qdq-ops 'all' ...`
+    from the CLI. An on/off option (gptq=False: --no-gptq), a list of patterns (--keep-8bit, repeated) or None
+    (--calibration none) is named by its flag alone from the CLI (SwitchError): the user did not write the value
+    Python shows."""
+    value, flag = quant_options[key], "--" + key.replace("_", "-")
+    if value is None or isinstance(value, (bool, tuple, list)):
+        return SwitchError(f"quant_options[{key!r}]", value, rule, flag)
+    return ArgumentError(f"quant_options[{key!r}]", os.fspath(value) if isinstance(value, os.PathLike) else value,
+                         rule, flag)
 
 
 def source_facts(model_dir: Path, parameters: int) -> dict:
@@ -321,8 +336,8 @@ def check_head_size(cfg, model_dir: Path) -> None:
     for d in dict.fromkeys(getattr(cfg, "head_dims", None) or [cfg.head_dim]):  # Gemma 4: one per layer
         if d % 8:
             raise EdgemtpError(f"{model_dir / 'config.json'}: head_dim {d} is not supported by the dynamic graphs "
-                               "(ONNX Runtime's GroupQueryAttention needs a multiple of 8); --static builds "
-                               "standard-op graphs")
+                               "(ONNX Runtime's GroupQueryAttention needs a multiple of 8); a static export "
+                               "builds standard-op graphs")
 
 
 VERIFY = "verify"  # the manifest's name for the batched verify graph
@@ -385,10 +400,9 @@ def _quant_scheme(quant: str, static_window: int | None, options: dict):
     from .quantize import check_options
 
     if static_window is not None:
-        raise EdgemtpError(f"--quant {quant} with --static: static graphs are fp32 or QDQ (--quant qdq), not "
-                           f"{quant}")
+        raise ArgumentError("quant", quant, "makes no static graph: static graphs are fp32 or qdq")
     if quant == "fp16" and options:  # fp16 rounds every weight; no option of int8 / int4 applies
-        raise EdgemtpError(f"--{next(iter(options)).replace('_', '-')} applies to --quant int8 / int4 only")
+        raise _option_error(options, next(iter(options)), "applies to int8 / int4 bundles only")
     return check_options(quant, **options)
 
 
@@ -431,26 +445,27 @@ def _qdq_settings(static_window: int | None, options: dict) -> tuple:
     from ..calibration import activations as A
     from .qdq import METHODS, OPS
 
-    if static_window is None:
-        raise EdgemtpError("--quant qdq makes static NPU graphs: add --static (and --verify-window K+1)")
+    if static_window is None:  # from Python only: the CLI's qdq export is static with or without --static
+        raise ArgumentError("quant", "qdq", "makes static NPU graphs: give their verify window too (K+1 positions "
+                            "a pass)")
     wrong = [k for k in options if k not in QDQ_OPTIONS]
     if wrong:
-        raise EdgemtpError(f"--{wrong[0].replace('_', '-')} applies to --quant int8 / int4, not qdq")
+        raise _option_error(options, wrong[0], "applies to int8 / int4 bundles, not qdq")
     bits = options.get("activation_bits", QDQ_ACTIVATION_BITS)
     method = options.get("calibration_method", "minmax")
     if bits not in (8, 16):
-        raise EdgemtpError(f"--activation-bits {bits} must be 8 or 16")
+        raise _option_error(options, "activation_bits", "must be 8 or 16")
     if method not in METHODS:
-        raise EdgemtpError(f"--calibration-method {method!r} must be one of {', '.join(METHODS)}")
+        raise _option_error(options, "calibration_method", f"must be one of {', '.join(METHODS)}")
     ops = options.get("qdq_ops", "weights")
     if ops not in OPS:
-        raise EdgemtpError(f"--qdq-ops {ops!r} must be one of {', '.join(OPS)}")
+        raise _option_error(options, "qdq_ops", f"must be one of {', '.join(OPS)}")
     source = options.get("calibration", A.CORPORA)
     if source is None:
-        raise EdgemtpError("--quant qdq needs calibration text (a text file or corpora, not none)")
+        raise ArgumentError("quant", "qdq", "needs calibration text (a text file or corpora, not none)")
     tokens = options.get("calibration_tokens", QDQ_WINDOWS * static_window)
     if tokens < static_window:
-        raise EdgemtpError(f"--calibration-tokens {tokens} must be at least the verify window ({static_window})")
+        raise _option_error(options, "calibration_tokens", f"must be at least the verify window ({static_window})")
     return bits, method, ops, source, tokens
 
 

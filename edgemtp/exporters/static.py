@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import contract as C
 from ..config import FULL, TextConfig
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from ..runtime.static_target import ATTENTION_BIAS, SLIDING_ATTENTION_BIAS, StaticContract
 from . import gemma3
 from . import components as nn
@@ -69,26 +69,28 @@ def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) 
 
 
 def check_verify_window(window: int) -> None:
+    """export's static_window (--verify-window from the CLI)."""
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
-        raise EdgemtpError(f"static window must be an integer, got {window!r}")
+        raise ArgumentError("static_window", window, "must be an integer", "--verify-window")
     if window < 1:
-        raise EdgemtpError(f"--verify-window {window} must be at least 1 (K+1 with K >= 0)")
+        raise ArgumentError("static_window", window, "must be at least 1 (K+1 with K >= 0)", "--verify-window")
 
 
 def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
+    """The refusals name export's capacity= and static_window= from Python, --max-context and --verify-window from
+    the CLI."""
     if arch not in ARCHS:
-        # both flags: --quant qdq implies --static, and a user who gave only it did not know of "static export"
-        raise EdgemtpError(f"static graphs (--static, --quant qdq) support {', '.join(ARCHS)}; not {arch!r}")
-    for name, v in (("window", window), ("capacity", capacity)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise EdgemtpError(f"static {name} must be an integer, got {v!r}")
+        # both kinds: a qdq export is static too, and a user who asked only for it did not know of "static export"
+        raise EdgemtpError(f"static graphs (a static or qdq export) support {', '.join(ARCHS)}; not {arch!r}")
     check_verify_window(window)
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+        raise ArgumentError("capacity", capacity, "must be an integer", "--max-context")
     if capacity <= window:
-        raise EdgemtpError(f"static KV capacity {capacity} (--max-context) must exceed the verify window {window} "
-                           "(--verify-window)")
+        raise ArgumentError("capacity", capacity, f"must exceed the static graph's verify window ({window})",
+                            "--max-context")
     if capacity > cfg.max_position_embeddings:
-        raise EdgemtpError(f"static KV capacity {capacity} exceeds the model's max_position_embeddings "
-                           f"({cfg.max_position_embeddings})")
+        raise ArgumentError("capacity", capacity, "exceeds the model's max_position_embeddings "
+                            f"({cfg.max_position_embeddings}, config.json)", "--max-context")
     if cfg.num_heads % cfg.num_kv_heads:
         raise EdgemtpError(f"num_attention_heads {cfg.num_heads} is not a multiple of num_key_value_heads "
                            f"{cfg.num_kv_heads}")
