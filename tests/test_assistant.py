@@ -575,7 +575,7 @@ def test_int8_head_rows_need_the_ordered_head(pair, tmp_path):
 
     r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(tmp_path / "b"), "--drafter",
                                  str(pair.assistants[False][1]), "--max-context", "64", "--draft-head-rows", "int8"])
-    assert_one_line_error(r, "--draft-head-rows int8", "needs a clustered head")
+    assert_one_line_error(r, "--draft-head-rows 'int8'", "needs a clustered head")
     assert not (tmp_path / "b").exists()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -742,7 +743,7 @@ def test_a_negative_draft_top_k_is_named_first(setup, tmp_path):
 
     drafter_dir = tmp_path / "d"
     tiny_drafter(setup[0], drafter_dir)  # no head tables: the range is checked before they are looked for
-    with pytest.raises(EdgemtpError, match="--draft-top-k -1 must be 0 \\(the full head\\) or a number of clusters"):
+    with pytest.raises(EdgemtpError, match="drafter_top_k=-1 must be 0 \\(the full head\\) or a number of clusters"):
         export(setup[0], tmp_path / "b", capacity=64, drafter=drafter_dir, drafter_top_k=-1)
 
 
@@ -1038,7 +1039,7 @@ def test_bad_head_context_is_refused(setup, tmp_path, context):
     clustered_drafter(setup[0], tmp_path / "d")
     r = CliRunner().invoke(cli, ["export", str(setup[0]), "-o", str(tmp_path / "b"), "--drafter", str(tmp_path / "d"),
                                  "--max-context", "64", "--draft-head-context", context])
-    assert_one_line_error(r, f"--draft-head-context {context}: must be between 0 and 1024 recent tokens")
+    assert_one_line_error(r, f"--draft-head-context {context} must be between 0 and 1024 recent tokens")
     assert not (tmp_path / "b").exists()
 
 
@@ -1825,21 +1826,90 @@ def test_drafter_options_without_a_drafter_are_refused(tiny_gemma3, tmp_path):
     silently ignored: each is named."""
     from edgemtp.exporters import AUTO, export
 
-    for kwargs, flag in ((dict(drafter_top_k=8), "--draft-top-k"),
-                         (dict(drafter_head_rows="int8"), "--draft-head-rows"),
-                         (dict(drafter_head_context=-3), "--draft-head-context"),
+    for kwargs, name in ((dict(drafter_top_k=8), "drafter_top_k=8"),
+                         (dict(drafter_head_rows="int8"), "drafter_head_rows='int8'"),
+                         (dict(drafter_head_context=-3), "drafter_head_context=-3"),
                          (dict(quant="int8", quant_options={"drafter_quant": "int8", "calibration": None}),
-                          "--drafter-quant")):
-        for drafter in (AUTO, None):
-            with pytest.raises(EdgemtpError, match=f"{flag} applies to a bundle with an MTP drafter"):
+                          "quant_options['drafter_quant']='int8'")):
+        for drafter in (AUTO, None):  # named as the caller wrote it: from Python, not the CLI's flag
+            with pytest.raises(EdgemtpError, match=f"^{re.escape(name)} applies to a bundle with an MTP drafter"):
                 export(tiny_gemma3[1], tmp_path / "b", capacity=64, drafter=drafter, **kwargs)
     from edgemtp.cli import cli
 
     helps = {p.name: p.help for p in cli.commands["export"].params}
     assert f"(default: {X.DEFAULT_CONTEXT} for edgemtp's drafters" in helps["draft_head_context"]
-    with pytest.raises(EdgemtpError, match="--draft-head-rows 'int4': choose from auto, fp32, int8"):
+    with pytest.raises(EdgemtpError, match="drafter_head_rows='int4' must be one of auto, fp32, int8"):
         export(tiny_gemma3[1], tmp_path / "b", capacity=64, drafter_head_rows="int4")
     assert not (tmp_path / "b").exists()
+
+
+def test_export_refusals_name_its_arguments(setup, tmp_path):
+    """export()'s refusals of its arguments name them as a Python caller wrote them (capacity=1, not --max-context
+    1, a flag an app never passed), and as flags from the CLI (ArgumentError.cli_message; SwitchError: the flag
+    alone): one case per check, both wordings."""
+    from edgemtp.errors import ArgumentError
+    from edgemtp.exporters import export, load_config, resolve_capacity
+
+    model_dir, d = setup[0], tmp_path / "d"
+    tiny_drafter(model_dir, d)  # no head tables
+    static = dict(quant="qdq", static_window=3, capacity=64)
+    no_head = "needs the clustered head, and a top k of 0 clusters keeps the full head, which scores every token"
+    cases = [  # (export's keywords, the Python message, the CLI's)
+        (dict(quant="int3"), "quant='int3' is not supported (choose from fp32, fp16, int8, int4, qdq)",
+         "--quant 'int3' is not supported (choose from fp32, fp16, int8, int4, qdq)"),
+        (dict(capacity=1), "capacity=1 is too small (need at least 2)",
+         "--max-context 1 is too small (need at least 2)"),
+        (dict(static_window=0), "static_window=0 must be at least 1 (K+1 with K >= 0)",
+         "--verify-window 0 must be at least 1 (K+1 with K >= 0)"),
+        (dict(static, drafter=d), f"drafter={str(d)!r} applies to fp32, fp16, int8 and int4 bundles: a qdq bundle "
+         "has no MTP drafter (attach none, or export a static fp32 bundle)", f"--drafter {str(d)!r} applies to fp32, "
+         "fp16, int8 and int4 bundles: a qdq bundle has no MTP drafter (attach none, or export a static fp32 bundle)"),
+        (dict(quant="int8", gemv_head=False), "gemv_head=False applies to dynamic fp32 bundles (not int8 ones)",
+         "--no-gemv-head applies to dynamic fp32 bundles (not int8 ones)"),
+        (dict(static_window=3, drafter=d, drafter_head_rows="int8"), "drafter_head_rows='int8' applies to dynamic "
+         "bundles (a static bundle's drafter scores fp32 rows of the table)", "--draft-head-rows 'int8' applies to "
+         "dynamic bundles (a static bundle's drafter scores fp32 rows of the table)"),
+        (dict(quant="int8", static_window=3), "quant='int8' makes no static graph: static graphs are fp32 or qdq",
+         "--quant 'int8' makes no static graph: static graphs are fp32 or qdq"),
+        (dict(quant="qdq", capacity=64), "quant='qdq' makes static NPU graphs: give their verify window too (K+1 "
+         "positions a pass)", "--quant 'qdq' makes static NPU graphs: give their verify window too (K+1 positions a "
+         "pass)"),
+        (dict(static, quant_options={"activation_bits": 4}), "quant_options['activation_bits']=4 must be 8 or 16",
+         "--activation-bits 4 must be 8 or 16"),
+        (dict(static, quant_options={"gptq": False}), "quant_options['gptq']=False applies to int8 / int4 bundles, "
+         "not qdq", "--gptq applies to int8 / int4 bundles, not qdq"),
+        (dict(quant_options={"block_size": 64}), "quant_options['block_size']=64 applies to int8 / int4 bundles only",
+         "--block-size 64 applies to int8 / int4 bundles only"),
+        (dict(drafter=None, drafter_top_k=8), "drafter_top_k=8 applies to a bundle with an MTP drafter, and none is "
+         "attached (no drafter is shipped for this model, or none was asked for)", "--draft-top-k 8 applies to a "
+         "bundle with an MTP drafter, and none is attached (no drafter is shipped for this model, or none was asked "
+         "for)"),
+        (dict(drafter=d, drafter_top_k=0, drafter_head_context=8), f"drafter_head_context=8 {no_head}",
+         f"--draft-head-context 8 {no_head}"),
+        (dict(static_window=5, capacity=4), "capacity=4 must exceed the static graph's verify window (5)",
+         "--max-context 4 must exceed the static graph's verify window (5)"),
+        (dict(drafter=d, drafter_top_k=-1), "drafter_top_k=-1 must be 0 (the full head) or a number of clusters",
+         "--draft-top-k -1 must be 0 (the full head) or a number of clusters"),
+        (dict(drafter=d, drafter_head_context=2000), "drafter_head_context=2000 must be between 0 and 1024 recent "
+         "tokens", "--draft-head-context 2000 must be between 0 and 1024 recent tokens"),
+        (dict(drafter=d, drafter_head_rows="int8"), "drafter_head_rows='int8' needs a clustered head, and this "
+         "drafter has the full head (no head tables or no use_ordered_embeddings, or a top k of 0 clusters)",
+         "--draft-head-rows 'int8' needs a clustered head, and this drafter has the full head (no head tables or no "
+         "use_ordered_embeddings, or a top k of 0 clusters)"),
+        (dict(drafter=d, drafter_head_context=8), f"drafter_head_context=8 needs the clustered head, and {d} has no "
+         f"head tables, so its full head scores every token (`edgemtp cluster TARGET_DIR -o {d} --drafter {d}` "
+         "writes them)", f"--draft-head-context 8 needs the clustered head, and {d} has no head tables, so its full "
+         f"head scores every token (`edgemtp cluster TARGET_DIR -o {d} --drafter {d}` writes them)"),
+    ]
+    for kwargs, python, cli in cases:
+        with pytest.raises(ArgumentError) as e:
+            export(model_dir, tmp_path / "b", **{"capacity": 64, **kwargs})
+        assert (str(e.value), e.value.cli_message()) == (python, cli), kwargs
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ArgumentError) as e:  # the CLI's own check of an explicit --max-context
+        resolve_capacity(10 ** 9, load_config(model_dir)[0], limit=True)
+    assert str(e.value).startswith("capacity=1000000000 exceeds the model's max_position_embeddings (")
+    assert e.value.cli_message().startswith("--max-context 1000000000 exceeds")
 
 
 def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, monkeypatch):
@@ -2395,7 +2465,7 @@ def test_head_tables_that_do_not_fit_the_drafter_are_refused(setup, tmp_path):
 
     drafter_dir = tmp_path / "d"
     clustered_drafter(setup[0], drafter_dir, clusters=8)
-    too_many = r"--draft-top-k 9 must be 0 \(the full head\) or between 1 and the head's 8 clusters"
+    too_many = r"drafter_top_k=9 must be 0 \(the full head\) or between 1 and the head's 8 clusters"
     with pytest.raises(EdgemtpError, match=too_many):
         export(setup[0], tmp_path / "b", capacity=64, drafter=drafter_dir, drafter_top_k=9)
     other = np.random.default_rng(0).standard_normal((96, 8)).astype(np.float32)

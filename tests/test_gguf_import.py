@@ -1422,7 +1422,7 @@ def test_export_takes_a_gguf_file(tmp_path):
     (["--quant", "int8", "--static"], "--quant 'int8' makes no static graph"),
     (["--quant", "int8", "--layer-bits", "4"], "--layer-bits 4 applies to int4 bundles"),
     (["--block-size", "64"], "--block-size 64 applies to int8 / int4 bundles only"),
-    (["--drafter", "none", "--draft-top-k", "4"], "--draft-top-k applies to a bundle with an MTP drafter"),
+    (["--drafter", "none", "--draft-top-k", "4"], "--draft-top-k 4 applies to a bundle with an MTP drafter"),
     (["--quant", "int8", "--gemv-head"], "--gemv-head applies to dynamic fp32 bundles"),
     (["--static", "--verify-window", "0"], "--verify-window 0 must be at least 1"),
 ])

@@ -41,7 +41,7 @@ import onnx
 from .. import bundle as bundle_mod
 from .. import contract as C
 from ..checkpoint import Checkpoint
-from ..errors import EdgemtpError, missing
+from ..errors import ArgumentError, EdgemtpError, missing
 from ..manifest_graphs import MAX_HEAD_CONTEXT
 from ..exporters import components as nn
 from ..exporters import rotary
@@ -173,6 +173,12 @@ def head_json(head: H.ClusteredShape | None, rows: str = "fp32") -> dict:
             "rows": rows, "context": head.context}
 
 
+# the head options' names in export(), and their flags: the refusals name them so (errors.ArgumentError)
+TOP_K = ("drafter_top_k", "--draft-top-k")
+CONTEXT = ("drafter_head_context", "--draft-head-context")
+ROWS = ("drafter_head_rows", "--draft-head-rows")
+
+
 def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None,
                context: int = 0) -> H.ClusteredShape | None:
     """The clustered head to build: None (full head) when top_k == 0, or when top_k is None and the
@@ -182,28 +188,30 @@ def head_shape(drafter_dir: Path, cfg: DrafterConfig, top_k: int | None = None,
 
     check_context(context)
     if top_k is not None and top_k < 0:
-        raise EdgemtpError(f"--draft-top-k {top_k} must be 0 (the full head) or a number of clusters")
+        raise ArgumentError(TOP_K[0], top_k, "must be 0 (the full head) or a number of clusters", TOP_K[1])
     path = Path(drafter_dir) / HEAD_FILE
     if top_k == 0 or (top_k is None and not path.is_file()):
         return None
     if not path.is_file():
-        raise EdgemtpError(f"{path}: --draft-top-k {top_k} needs the drafter's clustered-head tables "
-                           f"(write them with `edgemtp cluster TARGET_DIR -o {drafter_dir}`)")
+        raise ArgumentError(TOP_K[0], top_k, f"needs the drafter's clustered-head tables, and {path} is missing "
+                            f"(write them with `edgemtp cluster TARGET_DIR -o {drafter_dir}`)", TOP_K[1])
     tables, meta = load_head(path)
     clusters, hidden = tables.centroids.shape
     if (tables.vocab_size, hidden) != (cfg.vocab_size, cfg.backbone_hidden):
         raise EdgemtpError(f"{path}: head tables are for vocab {tables.vocab_size}, hidden {hidden}; the drafter "
                            f"has vocab {cfg.vocab_size}, hidden {cfg.backbone_hidden}")
+    if top_k is not None and not 1 <= top_k <= clusters:
+        raise ArgumentError(TOP_K[0], top_k, f"must be 0 (the full head) or between 1 and the head's {clusters} "
+                            "clusters", TOP_K[1])
     k = top_k if top_k is not None else int(meta.get("top_k", 32))
-    if not 1 <= k <= clusters:
-        raise EdgemtpError(f"--draft-top-k {k} must be 0 (the full head) or between 1 and the head's {clusters} "
-                           "clusters")
+    if not 1 <= k <= clusters:  # the tables' own default, no argument's
+        raise EdgemtpError(f"{path}: its top_k {k} is not between 1 and its {clusters} clusters")
     return H.ClusteredShape(cfg.vocab_size, cfg.backbone_hidden, clusters, k, context)
 
 
 def check_context(context: int) -> None:
     if not 0 <= context <= MAX_CONTEXT:
-        raise EdgemtpError(f"--draft-head-context {context}: must be between 0 and {MAX_CONTEXT} recent tokens")
+        raise ArgumentError(CONTEXT[0], context, f"must be between 0 and {MAX_CONTEXT} recent tokens", CONTEXT[1])
 
 
 # recent tokens a clustered head scores besides its clusters' (`edgemtp export`'s default): on Gemma 3 270M
@@ -215,10 +223,10 @@ HEAD_ROWS = ("fp32", "int8")  # how a clustered head scores its candidates (see 
 
 def check_head_rows(rows: str, head: H.ClusteredShape | None) -> None:
     if rows not in HEAD_ROWS:
-        raise EdgemtpError(f"--draft-head-rows {rows!r}: choose from {', '.join(HEAD_ROWS)}")
+        raise ArgumentError(ROWS[0], rows, f"must be one of {', '.join(HEAD_ROWS)}", ROWS[1])
     if rows != "fp32" and head is None:
-        raise EdgemtpError(f"--draft-head-rows {rows} needs a clustered head (this drafter has the full head: "
-                           "no head tables or no use_ordered_embeddings, or --draft-top-k 0)")
+        raise ArgumentError(ROWS[0], rows, "needs a clustered head, and this drafter has the full head (no head "
+                            "tables or no use_ordered_embeddings, or a top k of 0 clusters)", ROWS[1])
 
 
 def int8_ordering(drafter_dir: Path, rows: str) -> np.ndarray | None:

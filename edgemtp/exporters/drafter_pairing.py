@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 
 if TYPE_CHECKING:
     from . import Progress
@@ -48,22 +48,24 @@ def _drafter_needs_rows(drafter, head_rows: str) -> bool:
 
 def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant, why_none: str | None = None) -> None:
     """Options of the drafter's head need a drafter: given without one they would be silently ignored.
-    `why_none`: why there is none, when not the default reason (a qdq bundle's shipped drafter is left out)."""
-    from ..drafter.export import HEAD_ROWS
+    `why_none`: why there is none, when not the default reason (a qdq bundle's shipped drafter is left out).
+    The refusals name export()'s arguments from Python, their flags from the CLI (ArgumentError)."""
+    from ..drafter.export import CONTEXT, HEAD_ROWS, ROWS, TOP_K
 
     if head_rows not in (AUTO, *HEAD_ROWS):
-        raise EdgemtpError(f"--draft-head-rows {head_rows!r}: choose from {AUTO}, {', '.join(HEAD_ROWS)}")
+        raise ArgumentError(ROWS[0], head_rows, f"must be one of {AUTO}, {', '.join(HEAD_ROWS)}", ROWS[1])
     if drafter is not None:
         if top_k == 0 and context:  # the recent tokens are scored beside a clustered head's candidates
-            raise EdgemtpError(f"--draft-head-context {context} needs the clustered head: not with --draft-top-k 0 "
-                               "(the full head scores every token)")
+            raise ArgumentError(CONTEXT[0], context, "needs the clustered head, and a top k of 0 clusters keeps the "
+                                "full head, which scores every token", CONTEXT[1])
         return
-    given = [flag for flag, value in (("--draft-top-k", top_k), ("--draft-head-context", context),
-                                      ("--drafter-quant", drafter_quant)) if value is not None]
-    given += ["--draft-head-rows"] if head_rows != AUTO else []
+    options = ((TOP_K, top_k), (CONTEXT, context), (("quant_options['drafter_quant']", "--drafter-quant"),
+                                                    drafter_quant), (ROWS, None if head_rows == AUTO else head_rows))
+    given = [(names, value) for names, value in options if value is not None]
     if given:
-        raise EdgemtpError(f"{given[0]} applies to a bundle with an MTP drafter, and none is attached "
-                           f"({why_none or 'no drafter is shipped for this model, or --drafter none'})")
+        (name, flag), value = given[0]
+        raise ArgumentError(name, value, "applies to a bundle with an MTP drafter, and none is attached "
+                            f"({why_none or 'no drafter is shipped for this model, or none was asked for'})", flag)
 
 
 def shipped_drafter(model_dir: Path) -> Path | None:
@@ -83,7 +85,8 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
     from ..contract import TargetContract
     from ..drafter import assistant, trained_for_another
     from ..drafter import load_config as load_drafter_config
-    from ..drafter.export import DEFAULT_CONTEXT, check_context, check_head_rows, head_shape, write, write_full_head
+    from ..drafter.export import (CONTEXT, DEFAULT_CONTEXT, check_context, check_head_rows, head_shape, write,
+                                  write_full_head)
 
     t = TargetContract.from_json(target_contract)
     if assistant.is_assistant(drafter_dir):
@@ -105,11 +108,11 @@ def _check_drafter(drafter_dir: Path, target_contract: dict, top_k: int | None, 
         raise EdgemtpError(f"{drafter_dir}: drafter was trained for another model (its fingerprint's embedding rows "
                            f"differ from {model_dir}'s); train one for this model with edgemtp train-drafter")
     head = head_shape(drafter_dir, cfg, top_k, DEFAULT_CONTEXT if context is None else context)
-    check_head_rows(head_rows, head)  # bad head tables or flags fail here too
-    if head is None and context:  # as with --draft-top-k 0: the full head already scores the recent tokens
-        raise EdgemtpError(f"--draft-head-context {context} needs the clustered head: {drafter_dir} has no head "
-                           f"tables, so its full head scores every token (`edgemtp cluster TARGET_DIR -o "
-                           f"{drafter_dir} --drafter {drafter_dir}` writes them)")
+    check_head_rows(head_rows, head)  # bad head tables or options fail here too
+    if head is None and context:  # as with a top k of 0: the full head already scores the recent tokens
+        raise ArgumentError(CONTEXT[0], context, f"needs the clustered head, and {drafter_dir} has no head tables, "
+                            f"so its full head scores every token (`edgemtp cluster TARGET_DIR -o {drafter_dir} "
+                            f"--drafter {drafter_dir}` writes them)", CONTEXT[1])
     context = head.context if head is not None else 0
 
     def write_graphs(tmp: Path, progress: Progress | None = None) -> dict:
