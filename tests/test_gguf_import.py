@@ -1402,6 +1402,17 @@ def test_export_takes_a_gguf_file(tmp_path):
                 raise EdgemtpError(f"{source / 'config.json'}: field 'x' is wrong")
     assert str(e.value) == f"{path} (imported)/config.json: field 'x' is wrong"
     assert shown == [f"{path} (imported): 3 checkpoint tensor(s) unused"]
+    # an argument's refusal stays one: the CLI names the flag (it printed export()'s Python wording, capacity=4)
+    from edgemtp.errors import ArgumentError
+
+    with pytest.raises(ArgumentError) as e:
+        with model_source(path, tmp_path / "c") as source:
+            raise ArgumentError("capacity", 9, f"exceeds {source}'s limit", "--max-context")
+    assert e.value.cli_message() == f"--max-context 9 exceeds {path} (imported)'s limit"
+    r = CliRunner().invoke(cli, ["export", str(path), "-o", str(tmp_path / "s"), "--static", "--max-context", "4",
+                                 "--verify-window", "5"])
+    assert r.exit_code == 2 and r.output.endswith("\nerror: --max-context 4 must exceed the static graph's verify "
+                                                  "window (5)\n"), r.output  # after the import's progress bar
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF")
     r = CliRunner().invoke(cli, ["export", str(bad), "-o", str(tmp_path / "new1" / "new2" / "b")])

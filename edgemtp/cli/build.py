@@ -196,6 +196,8 @@ def model_source(model_dir: Path, out: Path):
             warnings.showwarning = lambda message, *a, **k: shown(str(message).replace(str(source), imported), *a, **k)
             try:
                 yield source
+            except ArgumentError as e:  # still one, so that the CLI names the flag, not export()'s argument
+                raise type(e)(e.name, e.value, e.rule.replace(str(source), imported), e.flag) from None
             except EdgemtpError as e:
                 raise EdgemtpError(str(e).replace(str(source), imported)) from None
 
