@@ -1830,7 +1830,7 @@ def test_drafter_options_without_a_drafter_are_refused(tiny_gemma3, tmp_path):
                          (dict(drafter_head_rows="int8"), "drafter_head_rows='int8'"),
                          (dict(drafter_head_context=-3), "drafter_head_context=-3"),
                          (dict(quant="int8", quant_options={"drafter_quant": "int8", "calibration": None}),
-                          "quant_options['drafter_quant']='int8'")):
+                          "drafter_quant='int8'")):
         for drafter in (AUTO, None):  # named as the caller wrote it: from Python, not the CLI's flag
             with pytest.raises(EdgemtpError, match=f"^{re.escape(name)} applies to a bundle with an MTP drafter"):
                 export(tiny_gemma3[1], tmp_path / "b", capacity=64, drafter=drafter, **kwargs)
@@ -1874,11 +1874,11 @@ def test_export_refusals_name_its_arguments(setup, tmp_path):
         (dict(quant="qdq", capacity=64), "quant='qdq' makes static NPU graphs: give their verify window too (K+1 "
          "positions a pass)", "--quant 'qdq' makes static NPU graphs: give their verify window too (K+1 positions a "
          "pass)"),
-        (dict(static, quant_options={"activation_bits": 4}), "quant_options['activation_bits']=4 must be 8 or 16",
+        (dict(static, quant_options={"activation_bits": 4}), "activation_bits=4 must be 8 or 16",
          "--activation-bits 4 must be 8 or 16"),
-        (dict(static, quant_options={"gptq": False}), "quant_options['gptq']=False applies to int8 / int4 bundles, "
+        (dict(static, quant_options={"gptq": False}), "gptq=False applies to int8 / int4 bundles, "
          "not qdq", "--gptq applies to int8 / int4 bundles, not qdq"),
-        (dict(quant_options={"block_size": 64}), "quant_options['block_size']=64 applies to int8 / int4 bundles only",
+        (dict(quant_options={"block_size": 64}), "block_size=64 applies to int8 / int4 bundles only",
          "--block-size 64 applies to int8 / int4 bundles only"),
         (dict(drafter=None, drafter_top_k=8), "drafter_top_k=8 applies to a bundle with an MTP drafter, and none is "
          "attached (no drafter is shipped for this model, or none was asked for)", "--draft-top-k 8 applies to a "

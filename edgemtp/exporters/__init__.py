@@ -304,15 +304,14 @@ def _refuse_quant_options(quant_options: dict, static_window: int | None) -> Non
 
 
 def _option_error(quant_options: dict, key: str, rule: str) -> ArgumentError:
-    """The refusal of quant_options[key]: `quant_options['qdq_ops']='all' ...` from Python, `--qdq-ops 'all' ...`
-    from the CLI. An on/off option (gptq=False: --no-gptq), a list of patterns (--keep-8bit, repeated) or None
-    (--calibration none) is named by its flag alone from the CLI (SwitchError): the user did not write the value
-    Python shows."""
+    """The refusal of quant_options[key]: `qdq_ops='all' ...` from Python (the key as quantize_bundle's keyword, as
+    quant_options.py names its options), `--qdq-ops 'all' ...` from the CLI. An on/off option (gptq=False:
+    --no-gptq), a list of patterns (--keep-8bit, repeated) or None (--calibration none) is named by its flag alone
+    from the CLI (SwitchError): the user did not write the value Python shows."""
     value, flag = quant_options[key], "--" + key.replace("_", "-")
     if value is None or isinstance(value, (bool, tuple, list)):
-        return SwitchError(f"quant_options[{key!r}]", value, rule, flag)
-    return ArgumentError(f"quant_options[{key!r}]", os.fspath(value) if isinstance(value, os.PathLike) else value,
-                         rule, flag)
+        return SwitchError(key, value, rule, flag)
+    return ArgumentError(key, os.fspath(value) if isinstance(value, os.PathLike) else value, rule, flag)
 
 
 def source_facts(model_dir: Path, parameters: int) -> dict:

@@ -59,7 +59,7 @@ def _check_drafter_options(drafter, top_k, head_rows, context, drafter_quant, wh
             raise ArgumentError(CONTEXT[0], context, "needs the clustered head, and a top k of 0 clusters keeps the "
                                 "full head, which scores every token", CONTEXT[1])
         return
-    options = ((TOP_K, top_k), (CONTEXT, context), (("quant_options['drafter_quant']", "--drafter-quant"),
+    options = ((TOP_K, top_k), (CONTEXT, context), (("drafter_quant", "--drafter-quant"),
                                                     drafter_quant), (ROWS, None if head_rows == AUTO else head_rows))
     given = [(names, value) for names, value in options if value is not None]
     if given:
