@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from edgemtp import bundle as bundle_mod  # noqa: E402
 from edgemtp.drafter import assistant as A  # noqa: E402
 from edgemtp.runtime.drafter_session import DrafterSession  # noqa: E402
-from edgemtp.errors import EdgemtpError  # noqa: E402
+from edgemtp.errors import ArgumentError, EdgemtpError  # noqa: E402
 from edgemtp.exporters import export  # noqa: E402
 from edgemtp.runtime.engine import Engine  # noqa: E402
 from edgemtp.runtime import target as target_mod  # noqa: E402
@@ -520,15 +520,30 @@ def test_generate_with_a_head_context_is_lossless(pair, tmp_path):
     assert_greedy_mtp_is_lossless(out)
 
 
-def test_head_context_needs_the_ordered_head(pair, tmp_path):
+FULL_HEAD = "needs the clustered head, and this assistant has use_ordered_embeddings false, so its full head scores " \
+    "every token"
+
+
+def assert_refused_both_ways(pair, tmp_path, ordered: bool, keyword: str, value, message: str) -> None:
+    """export(..., keyword=value) with the assistant drafter refuses it as `keyword=value message` from Python,
+    `--flag value message` from the CLI (errors.ArgumentError), and writes nothing."""
     from click.testing import CliRunner
 
     from edgemtp.cli import cli
 
+    drafter, flag = pair.assistants[ordered][1], {"drafter_top_k": "--draft-top-k",
+                                                  "drafter_head_context": "--draft-head-context"}[keyword]
+    with pytest.raises(ArgumentError) as e:
+        export(pair.target_dir, tmp_path / "b", capacity=64, drafter=drafter, **{keyword: value})
+    assert (str(e.value), e.value.cli_message()) == (f"{keyword}={value} {message}", f"{flag} {value} {message}")
     r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(tmp_path / "b"), "--drafter",
-                                 str(pair.assistants[False][1]), "--max-context", "64", "--draft-head-context", "8"])
-    assert_one_line_error(r, "--draft-head-context 8: needs a clustered head")
+                                 str(drafter), "--max-context", "64", flag, str(value)])
+    assert_one_line_error(r, exact=f"{flag} {value} {message}")
     assert not (tmp_path / "b").exists()
+
+
+def test_head_context_needs_the_ordered_head(pair, tmp_path):
+    assert_refused_both_ways(pair, tmp_path, False, "drafter_head_context", 8, FULL_HEAD)
 
 
 @pytest.mark.parametrize("top_k", [0, 4])
@@ -553,19 +568,12 @@ def test_draft_top_k_sets_the_assistants_clusters(pair, tmp_path, top_k):
 
 
 @pytest.mark.parametrize("ordered, top_k, message", [
-    (True, 9, "--draft-top-k 9 must be 0 (the full head) or between 1 and the head's 8 clusters"),
-    (True, -1, "--draft-top-k -1 must be 0 (the full head) or between 1 and the head's 8 clusters"),
-    (False, 2, "--draft-top-k 2: needs a clustered head; this assistant has use_ordered_embeddings false"),
+    (True, 9, "must be 0 (the full head) or between 1 and the head's 8 clusters"),
+    (True, -1, "must be 0 (the full head) or between 1 and the head's 8 clusters"),
+    (False, 2, FULL_HEAD),
 ])
 def test_draft_top_k_the_assistant_cannot_take_is_refused(pair, tmp_path, ordered, top_k, message):
-    from click.testing import CliRunner
-
-    from edgemtp.cli import cli
-
-    r = CliRunner().invoke(cli, ["export", str(pair.target_dir), "-o", str(tmp_path / "b"), "--drafter",
-                                 str(pair.assistants[ordered][1]), "--max-context", "64", "--draft-top-k", str(top_k)])
-    assert_one_line_error(r, message)
-    assert not (tmp_path / "b").exists()
+    assert_refused_both_ways(pair, tmp_path, ordered, "drafter_top_k", top_k, message)
 
 
 def test_int8_head_rows_need_the_ordered_head(pair, tmp_path):

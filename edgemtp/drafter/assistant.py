@@ -37,7 +37,7 @@ import numpy as np
 from .. import contract as C
 from ..checkpoint import Checkpoint
 from ..config import SLIDING, Problems, read_config_json
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from ..exporters import components as nn
 from ..exporters import rotary
 from ..exporters import head as H
@@ -54,6 +54,10 @@ GRAPH = X.GRAPH
 TARGET_EMBEDDING = "target." + X.EMBEDDING
 DRAFT_IDS, LOGITS, NEXT_HIDDEN = X.DRAFT_IDS, X.LOGITS, X.NEXT_HIDDEN
 CANDIDATE_IDS, CANDIDATE_LOGITS = H.CANDIDATE_IDS, H.CANDIDATE_LOGITS
+# why a head option is refused for an assistant without the clustered head (errors.ArgumentError's rule, after
+# the option as the caller wrote it: drafter_top_k=2 from Python, --draft-top-k 2 from the CLI)
+FULL_HEAD = "needs the clustered head, and this assistant has use_ordered_embeddings false, so its full head " \
+    "scores every token"
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,7 @@ class AssistantConfig:
     def head(self, context: int = 0) -> H.ClusteredShape | None:
         """The clustered head scoring `context` recent tokens too (None: the full head, which takes none)."""
         if context and not self.clustered:
-            raise EdgemtpError(f"--draft-head-context {context}: needs a clustered head; this assistant has "
-                               f"use_ordered_embeddings false (its full head already scores every token)")
+            raise ArgumentError(X.CONTEXT[0], context, FULL_HEAD, X.CONTEXT[1])
         return replace(self.clustered, context=context) if self.clustered else None
 
     def with_top_k(self, top_k: int | None) -> "AssistantConfig":
@@ -97,11 +100,10 @@ class AssistantConfig:
         if top_k == 0:
             return replace(self, num_centroids=0, top_k=0)
         if not self.clustered:
-            raise EdgemtpError(f"--draft-top-k {top_k}: needs a clustered head; this assistant has "
-                               "use_ordered_embeddings false (its full head already scores every token)")
+            raise ArgumentError(X.TOP_K[0], top_k, FULL_HEAD, X.TOP_K[1])
         if not 1 <= top_k <= self.num_centroids:
-            raise EdgemtpError(f"--draft-top-k {top_k} must be 0 (the full head) or between 1 and the head's "
-                               f"{self.num_centroids} clusters")
+            raise ArgumentError(X.TOP_K[0], top_k, "must be 0 (the full head) or between 1 and the head's "
+                                f"{self.num_centroids} clusters", X.TOP_K[1])
         return replace(self, top_k=top_k)
 
     def kv_shape(self, layer_type: str) -> tuple[int, int]:
