@@ -1912,6 +1912,42 @@ def test_export_refusals_name_its_arguments(setup, tmp_path):
     assert e.value.cli_message().startswith("--max-context 1000000000 exceeds")
 
 
+def test_export_refuses_a_number_that_is_not_whole(setup, tmp_path):
+    """export()'s whole-number arguments given as text, a float or a bool are refused by name: capacity="64" was a
+    TypeError traceback ('<' not supported between 'str' and 'int'), capacity=64.0 onnx's ValueError about a
+    shape, drafter_top_k=True a clustered head of 1 cluster. A numpy integer is a whole number (it reaches the
+    range checks)."""
+    from edgemtp.errors import ArgumentError
+    from edgemtp.exporters import export
+
+    model_dir, d = setup[0], tmp_path / "d"
+    tiny_drafter(model_dir, d)
+    cases = [  # (export's keywords, the Python message, the CLI's)
+        (dict(capacity="64"), "capacity='64' must be a whole number", "--max-context '64' must be a whole number"),
+        (dict(capacity=64.0), "capacity=64.0 must be a whole number", "--max-context 64.0 must be a whole number"),
+        (dict(capacity=True), "capacity=True must be a whole number", "--max-context True must be a whole number"),
+        (dict(drafter=d, drafter_top_k="2"), "drafter_top_k='2' must be a whole number",
+         "--draft-top-k '2' must be a whole number"),
+        (dict(drafter=None, drafter_top_k=2.0), "drafter_top_k=2.0 must be a whole number",
+         "--draft-top-k 2.0 must be a whole number"),
+        (dict(drafter=d, drafter_head_context=True), "drafter_head_context=True must be a whole number",
+         "--draft-head-context True must be a whole number"),
+        (dict(drafter=d, drafter_head_context="8"), "drafter_head_context='8' must be a whole number",
+         "--draft-head-context '8' must be a whole number"),
+        (dict(static_window=3.0), "static_window=3.0 must be a whole number", "--verify-window 3.0 must be a whole "
+         "number"),
+        (dict(capacity=np.int64(1)), "capacity=1 is too small (need at least 2)",
+         "--max-context 1 is too small (need at least 2)"),
+        (dict(drafter=d, drafter_top_k=np.int32(-1)), "drafter_top_k=-1 must be 0 (the full head) or a number of "
+         "clusters", "--draft-top-k -1 must be 0 (the full head) or a number of clusters"),
+    ]
+    for kwargs, python, cli in cases:
+        with pytest.raises(ArgumentError) as e:
+            export(model_dir, tmp_path / "b", **{"capacity": 64, **kwargs})
+        assert (str(e.value), e.value.cli_message()) == (python, cli), kwargs
+    assert not (tmp_path / "b").exists()
+
+
 def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, monkeypatch):
     """--drafter-quant int8: the drafter's MatMuls become MatMulNBits too (its data file shrinks), the
     table is still the target's, drafts stay close to the fp32 drafter's and greedy output exact."""

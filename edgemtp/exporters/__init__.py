@@ -20,6 +20,7 @@ from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_l
 from ..errors import ArgumentError, EdgemtpError, SwitchError, app_stacklevel, missing, not_a_file
 from ..json_file import read_json
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
+from ..runtime.sampling import is_whole
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
 from .checkpoint_checks import check_weights, own_head
 from .drafter_pairing import AUTO, _check_drafter, _check_drafter_options, _drafter_needs_rows, layout, shipped_drafter
@@ -121,8 +122,17 @@ def resolve_capacity(capacity: int | None, cfg, limit: bool = False) -> int:
 
 def check_capacity(capacity: int) -> None:
     """The capacity (--max-context) any model refuses (resolve_capacity checks it against the model's own length)."""
+    check_whole("capacity", capacity, CAPACITY_FLAG)
     if capacity < 2:
         raise ArgumentError("capacity", capacity, "is too small (need at least 2)", CAPACITY_FLAG)
+
+
+def check_whole(name: str, value, flag: str) -> None:
+    """Refuses an argument that must be a whole number given as text, a float or a bool, naming it (ArgumentError):
+    export(capacity="64") was a TypeError from the first comparison, capacity=64.0 onnx's refusal of a graph
+    shape, and True counted as 1. A numpy integer is a whole number."""
+    if not is_whole(value):
+        raise ArgumentError(name, value, "must be a whole number", flag)
 
 
 def check_tokenizer(model_dir: Path, vocab_size: int) -> Path:
@@ -240,6 +250,11 @@ def check_options(quant: str, capacity: int | None, static_window: int | None, d
         raise ArgumentError("quant", quant, f"is not supported (choose from {', '.join(QUANTS)})")
     if capacity is not None:
         check_capacity(capacity)
+    from ..drafter.export import CONTEXT, TOP_K
+
+    for (name, flag), value in ((TOP_K, drafter_top_k), (CONTEXT, drafter_head_context)):
+        if value is not None:  # before they are compared with a number or found to need a drafter
+            check_whole(name, value, flag)
     if static_window is not None:  # before qdq's --calibration-tokens, whose default is a multiple of it
         from .static import check_verify_window
 

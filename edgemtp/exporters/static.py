@@ -31,7 +31,7 @@ from .. import contract as C
 from ..config import FULL, TextConfig
 from ..errors import ArgumentError, EdgemtpError
 from ..runtime.static_target import ATTENTION_BIAS, SLIDING_ATTENTION_BIAS, StaticContract
-from . import gemma3
+from . import check_whole, gemma3
 from . import components as nn
 from . import rotary
 from .builder import FLOAT, INT64, GraphBuilder, plus_one
@@ -70,8 +70,7 @@ def build_static(cfg: TextConfig, arch: str | None, capacity: int, window: int) 
 
 def check_verify_window(window: int) -> None:
     """export's static_window (--verify-window from the CLI)."""
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)):
-        raise ArgumentError("static_window", window, "must be an integer", "--verify-window")
+    check_whole("static_window", window, "--verify-window")
     if window < 1:
         raise ArgumentError("static_window", window, "must be at least 1 (K+1 with K >= 0)", "--verify-window")
 
@@ -83,8 +82,7 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
         # both kinds: a qdq export is static too, and a user who asked only for it did not know of "static export"
         raise EdgemtpError(f"static graphs (a static or qdq export) support {', '.join(ARCHS)}; not {arch!r}")
     check_verify_window(window)
-    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
-        raise ArgumentError("capacity", capacity, "must be an integer", "--max-context")
+    check_whole("capacity", capacity, "--max-context")
     if capacity <= window:
         raise ArgumentError("capacity", capacity, f"must exceed the static graph's verify window ({window})",
                             "--max-context")
