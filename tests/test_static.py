@@ -424,7 +424,8 @@ def test_bad_static_input(models, tmp_path):
     for capacity, window in ((64, 0), (64, -1), (4, 4), (3, 5), (1024, 5), (64, 2.5), (64, True)):
         with pytest.raises(EdgemtpError):
             build_static(cfg, None, capacity, window)
-    with pytest.raises(EdgemtpError, match=r"static graphs \(a static or qdq export\) support .*; not .gemma4_text."):
+    with pytest.raises(EdgemtpError, match=r"static graphs \(--static or --quant qdq; static_window= or quant=.qdq. "
+                                           r"from Python\) support .*; not .gemma4_text."):
         build_static(cfg, "gemma4_text", 64, 5)
     src, contract = st.bundle.graph("target").path, st.bundle.graph("target").contract
     reader = WindowReader(src, contract, model_dir / "tokenizer.json", ["t1 t2"], threads=1)

@@ -80,7 +80,8 @@ def _validate(cfg: TextConfig, arch: str, capacity: int, window: int) -> None:
     the CLI."""
     if arch not in ARCHS:
         # both kinds: a qdq export is static too, and a user who asked only for it did not know of "static export"
-        raise EdgemtpError(f"static graphs (a static or qdq export) support {', '.join(ARCHS)}; not {arch!r}")
+        raise EdgemtpError(f"static graphs (--static or --quant qdq; static_window= or quant='qdq' from Python) "
+                           f"support {', '.join(ARCHS)}; not {arch!r}")
     check_verify_window(window)
     check_whole("capacity", capacity, "--max-context")
     if capacity <= window:
