@@ -90,11 +90,7 @@ def parents_made(out: Path) -> Iterator[None]:
         _make_missing(reversed(Path(out).parents), made)  # the top one first
         yield
     except BaseException:
-        for p in reversed(made):
-            try:
-                os.rmdir(p)
-            except OSError:
-                break
+        _remove_while_empty(made)
         raise
 
 
@@ -183,11 +179,7 @@ def made_and_locked(path: Path, waiting: Callable[[], None] | None = None) -> It
         yield
     except BaseException:
         if fd is not None:
-            for p in reversed(made):
-                try:
-                    os.rmdir(p)
-                except OSError:
-                    break
+            _remove_while_empty(made)
         raise
     finally:
         if fd is not None:
@@ -205,6 +197,15 @@ def _make_missing(dirs: Iterable[Path], made: list[Path]) -> None:
                     continue
                 raise
             made.append(p)
+
+
+def _remove_while_empty(made: list[Path]) -> None:
+    """Removes the directories in `made` (each inside the one before), deepest first, stopping at one not empty."""
+    for p in reversed(made):
+        try:
+            os.rmdir(p)
+        except OSError:
+            break
 
 
 def _same_dir(fd: int, path: Path) -> bool:

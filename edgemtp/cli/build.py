@@ -299,7 +299,7 @@ def check_head_dir(out: Path) -> None:
     """head.safetensors belongs in a new directory or a drafter's. A model directory's checkpoint is every
     *.safetensors in it, so there the tables would be read as a shard of the model (export then warns of
     tensors its config.json does not describe); in a bundle it is a file the manifest does not list."""
-    from ..drafter import MODEL_TYPE
+    from ..drafter import MODEL_TYPE, model_type_in
 
     if (out / "edgemtp.json").is_file():
         raise EdgemtpError(f"-o {out}: an edgemtp bundle, not a drafter directory (give the tables a directory of "
@@ -307,11 +307,7 @@ def check_head_dir(out: Path) -> None:
     config = out / "config.json"
     if not config.is_file():
         return
-    try:
-        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not a drafter's either
-        kind = None
-    if kind != MODEL_TYPE:
+    if (kind := model_type_in(config)) != MODEL_TYPE:
         raise EdgemtpError(f"-o {out}: holds a model ({config}: model_type {kind!r}), where head.safetensors "
                            "would be read as part of its checkpoint (give the drafter's directory or one of its "
                            "own)")

@@ -7,6 +7,7 @@ A trained drafter is a directory: `config.json` (DrafterConfig.to_json() + train
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,3 +186,11 @@ def match_shipped(target_dir: Path) -> Path | None:
         if recognises(d, target_dir):
             return d
     return None
+
+
+def model_type_in(config: Path) -> str | None:
+    """A config.json's model_type; None where it is unreadable, not JSON or not an object (not a drafter's either)."""
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -96,7 +96,7 @@ def check_output(out_dir: Path) -> None:
     replaces its config.json and model.safetensors, which in a model directory (-o given the target's own by
     mistake) are the model's weights, and would add a drafter and its caches among a bundle's files. The refusal
     names train_drafter's out_dir from Python, -o from the CLI (ArgumentError)."""
-    from . import MODEL_TYPE
+    from . import MODEL_TYPE, model_type_in
 
     given = os.fspath(out_dir)  # the path as text: a pathlib.Path's repr named the class
     if (out_dir / "edgemtp.json").is_file():
@@ -105,11 +105,7 @@ def check_output(out_dir: Path) -> None:
     config = out_dir / "config.json"
     if not config.is_file():
         return
-    try:
-        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object: not a drafter's either
-        kind = None
-    if kind != MODEL_TYPE:
+    if (kind := model_type_in(config)) != MODEL_TYPE:
         raise ArgumentError("out_dir", given, f"holds a model ({config}: model_type {kind!r}), not a drafter: "
                             "training would replace its config.json and model.safetensors (give the drafter a "
                             "directory of its own)", "-o")
