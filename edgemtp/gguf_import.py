@@ -67,6 +67,9 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     all: everything is written to a temporary sibling that is renamed at the end. An existing
     non-empty `out_dir` is an error unless `overwrite`, which replaces only an earlier import (check_target).
     """
+    from edgemtp.exporters import check_switch  # export's check (its import costs nothing next to an import's work)
+
+    check_switch("overwrite", overwrite)  # before the GGUF file's read
     gguf_path, out_dir = Path(gguf_path), through_link(Path(out_dir))
     meta, tensors = read_gguf(gguf_path)
     arch = meta.get("general.architecture")

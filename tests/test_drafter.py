@@ -1948,6 +1948,42 @@ def test_export_refuses_a_number_that_is_not_whole(setup, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_export_refuses_a_switch_that_is_not_a_bool(setup, tmp_path):
+    """export()'s, quantize_bundle()'s and import_gguf()'s on/off arguments given as anything but a bool are
+    refused by name: overwrite="yes" and gemv_head="yes" (or 1) were taken as on, overwrite="no" too. gemv_head's
+    AUTO is kept, and numpy's bools are bools."""
+    from edgemtp.errors import ArgumentError
+    from edgemtp.exporters import AUTO, export
+    from edgemtp.exporters.quantize import quantize_bundle
+    from edgemtp.gguf_import import import_gguf
+
+    model_dir = setup[0]
+    cases = [  # (the call, the Python message, the CLI's)
+        (lambda: export(model_dir, tmp_path / "b", overwrite="yes"), "overwrite='yes' must be True or False",
+         "--overwrite 'yes' must be True or False"),
+        (lambda: export(model_dir, tmp_path / "b", overwrite=None), "overwrite=None must be True or False",
+         "--overwrite None must be True or False"),
+        (lambda: export(model_dir, tmp_path / "b", gemv_head="yes"), "gemv_head='yes' must be True, False or "
+         "'auto'", "--gemv-head 'yes' must be True, False or 'auto'"),
+        (lambda: export(model_dir, tmp_path / "b", gemv_head=1), "gemv_head=1 must be True, False or 'auto'",
+         "--gemv-head 1 must be True, False or 'auto'"),
+        (lambda: quantize_bundle(tmp_path / "none", tmp_path / "q", "int8", overwrite="no"),
+         "overwrite='no' must be True or False", "--overwrite 'no' must be True or False"),
+        (lambda: import_gguf(tmp_path / "none.gguf", tmp_path / "g", overwrite=1), "overwrite=1 must be True or "
+         "False", "--overwrite 1 must be True or False"),
+    ]
+    for call, python, cli in cases:
+        with pytest.raises(ArgumentError) as e:
+            call()
+        assert (str(e.value), e.value.cli_message()) == (python, cli), python
+    assert not any(tmp_path.iterdir())
+    # numpy's bools and AUTO are taken (gemv_head reaches its check against the quant)
+    with pytest.raises(ArgumentError, match="^gemv_head=False applies to dynamic fp32 bundles"):
+        export(model_dir, tmp_path / "b", quant="int8", overwrite=np.False_, gemv_head=np.False_)
+    with pytest.raises(ArgumentError, match="^drafter_top_k='2'"):
+        export(model_dir, tmp_path / "b", drafter_top_k="2", gemv_head=AUTO)
+
+
 def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, monkeypatch):
     """--drafter-quant int8: the drafter's MatMuls become MatMulNBits too (its data file shrinks), the
     table is still the target's, drafts stay close to the fp32 drafter's and greedy output exact."""

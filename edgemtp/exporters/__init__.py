@@ -20,7 +20,7 @@ from ..config import (TextConfig, parse_gemma3, parse_gemma3_multimodal, parse_l
 from ..errors import ArgumentError, EdgemtpError, SwitchError, app_stacklevel, missing, not_a_file
 from ..json_file import read_json
 from ..manifest_graphs import QUANTS  # a graph's quant (qdq: static QDQ graphs for NPUs, with --static)
-from ..runtime.sampling import is_whole
+from ..runtime.sampling import is_bool, is_whole
 from . import builder, chat_template, gemma2, gemma3, llama, phi3
 from .checkpoint_checks import check_weights, own_head
 from .drafter_pairing import AUTO, _check_drafter, _check_drafter_options, _drafter_needs_rows, layout, shipped_drafter
@@ -135,6 +135,14 @@ def check_whole(name: str, value, flag: str) -> None:
         raise ArgumentError(name, value, "must be a whole number", flag)
 
 
+def check_switch(name: str, value, auto: bool = False) -> None:
+    """Refuses an on/off argument (export's, quantize_bundle's, import_gguf's) that is not a bool, naming it
+    (ArgumentError): overwrite="no" or gemv_head=1 were taken as on. `auto`: AUTO is taken too. A numpy bool is a
+    bool."""
+    if not is_bool(value) and not (auto and isinstance(value, str) and value == AUTO):
+        raise ArgumentError(name, value, "must be True, False or 'auto'" if auto else "must be True or False")
+
+
 def check_tokenizer(model_dir: Path, vocab_size: int) -> Path:
     """The bundle's tokenizer.json, checked before any weight is written: a broken one would otherwise
     surface only when the bundle is first used. Tokens with ids past the embedding table (a pad token added as
@@ -179,6 +187,7 @@ def export(model_dir: Path, out: Path, quant: str = "fp32", capacity: int | None
     `gemv_head`: store the head table transposed, for one-row passes to read with GEMV (exporters/gemv_head.py;
     dynamic fp32 bundles only, other ones refuse True and False alike); AUTO: see drafter_pairing.layout()."""
     model_dir, out = Path(model_dir), Path(out)
+    check_switch("overwrite", overwrite)  # before check_output reads it
     inputs = {model_dir: "the model exported"}
     if drafter is not None and drafter != AUTO:
         inputs[Path(drafter)] = "the drafter attached"
@@ -248,6 +257,7 @@ def check_options(quant: str, capacity: int | None, static_window: int | None, d
     AUTO finds for it, are checked after (_resolve_options, each format's export)."""
     if quant not in QUANTS:
         raise ArgumentError("quant", quant, f"is not supported (choose from {', '.join(QUANTS)})")
+    check_switch("gemv_head", gemv_head, auto=True)  # before it is compared with AUTO and read as on or off
     if capacity is not None:
         check_capacity(capacity)
     from ..drafter.export import CONTEXT, TOP_K

@@ -76,7 +76,7 @@ from ..calibration import activations as A
 from ..checkpoint import holds, non_finite
 from ..errors import EdgemtpError, app_stacklevel
 from .blockquant import dequantize_rows, quantize_rows  # noqa: F401 (re-exported)
-from . import gemv_head
+from . import check_switch, gemv_head
 from .head import ADDITIVE
 from .builder import MS_DOMAIN, phase
 from .quant_options import (CALIBRATED, CALIBRATION_TOKENS, GPTQ_MAX_K, QUANTS, Scheme, check_calibration_taken,
@@ -282,6 +282,7 @@ def quantize_bundle(src: Path, out: Path, quant: str, *, overwrite: bool = False
     own (small) weights stay fp32 (fp16 with --quant fp16), or with `drafter_quant` "int8" their MatMuls
     become 8-bit MatMulNBits (uncalibrated, two-pass activations), or MatMulIntegerToFloat with
     `layer_op="integer"`, as the target's; other files are copied."""
+    check_switch("overwrite", overwrite)
     made = calibration if isinstance(calibration, Calibration) else None
     sch = check_options(quant, A.CORPORA if made else calibration, calibration_tokens, drafter_quant, **options)
     b = bundle_mod.load(Path(src), verify=False)
