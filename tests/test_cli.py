@@ -1506,11 +1506,11 @@ def test_cluster_refuses_a_model_directory_or_bundle_as_output(tiny_gemma3, tmp_
     shutil.copytree(tiny_gemma3[1], model)
     shutil.copytree(tiny_gemma3[2], bundle)
     r = run("cluster", model, "-o", model, "--clusters", 8, "--top-k", 2, "--calibration", "none")
-    assert_one_line_error(r, exact=f"-o {model}: holds a model ({model / 'config.json'}: model_type 'gemma3_text'), "
-                                   "where head.safetensors would be read as part of its checkpoint (give the "
-                                   "drafter's directory or one of its own)")
+    assert_one_line_error(r, exact=f"-o '{model}' holds a model ({model / 'config.json'}: model_type "
+                                   "'gemma3_text'), where head.safetensors would be read as part of its checkpoint "
+                                   "(give the drafter's directory or one of its own)")
     r = run("cluster", model, "-o", bundle, "--clusters", 8, "--top-k", 2, "--calibration", "none")
-    assert_one_line_error(r, exact=f"-o {bundle}: an edgemtp bundle, not a drafter directory (give the tables "
+    assert_one_line_error(r, exact=f"-o '{bundle}' is an edgemtp bundle, not a drafter directory (give the tables "
                                    "a directory of their own or the drafter's, then export with --drafter)")
     assert not (model / "head.safetensors").exists() and not (bundle / "head.safetensors").exists()
 

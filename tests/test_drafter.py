@@ -1984,6 +1984,33 @@ def test_export_refuses_a_switch_that_is_not_a_bool(setup, tmp_path):
         export(model_dir, tmp_path / "b", drafter_top_k="2", gemv_head=AUTO)
 
 
+def test_head_tables_refuse_a_model_directory_or_bundle_from_python(setup, tmp_path):
+    """cluster_model() and fit_head() refuse, as the CLI's cluster -o does, to write head.safetensors into a
+    model directory (the checkpoint reader took it for a shard of the model) or a bundle (a file its manifest
+    does not list); from Python they name out_dir as the caller wrote it (fit_head before the drafter's states
+    are made)."""
+    from edgemtp.calibration.head_report import cluster_model
+    from edgemtp.drafter.head_fit import fit_head
+    from edgemtp.errors import ArgumentError
+
+    model, bundle = tmp_path / "model", tmp_path / "bundle"
+    shutil.copytree(setup[0], model)
+    shutil.copytree(setup[1], bundle)
+    in_model = (f"out_dir='{model}' holds a model ({model / 'config.json'}: model_type 'gemma3_text'), where "
+                "head.safetensors would be read as part of its checkpoint (give the drafter's directory or one of "
+                "its own)")
+    in_bundle = (f"out_dir='{bundle}' is an edgemtp bundle, not a drafter directory (give the tables a directory "
+                 "of their own or the drafter's, then export with --drafter)")
+    for call, message in ((lambda: cluster_model(model, model, 8, 2, calibration="none"), in_model),
+                          (lambda: cluster_model(model, bundle, 8, 2, calibration="none"), in_bundle),
+                          (lambda: fit_head(tmp_path / "no-drafter", model, model, 8, 2), in_model),
+                          (lambda: fit_head(tmp_path / "no-drafter", model, bundle, 8, 2), in_bundle)):
+        with pytest.raises(ArgumentError) as e:
+            call()
+        assert str(e.value) == message and e.value.flag == "-o"
+    assert not (model / "head.safetensors").exists() and not (bundle / "head.safetensors").exists()
+
+
 def test_drafter_quant_int8_quantizes_the_drafters_own_weights(setup, tmp_path, monkeypatch):
     """--drafter-quant int8: the drafter's MatMuls become MatMulNBits too (its data file shrinks), the
     table is still the target's, drafts stay close to the fp32 drafter's and greedy output exact."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgemtpError
+from ..errors import ArgumentError, EdgemtpError
 from ..scratch import as_open_makes, parents_made, place_file
 from .centroids import full_head_top, in_domain, packed_tables, predicted_mass
 from .clustering import HeadTables, check_sizes, cluster_vocab, table_problem
@@ -90,6 +90,7 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
     clusters come from the embedding table alone (spherical k-means), with much lower recall.
     source: what the metadata's calibration_source calls the states (default: the file's path as given, or
     "array"). overwrite: False keeps a head.safetensors another run wrote there meanwhile (save_head)."""
+    check_head_dir(Path(out_dir))  # before the calibration's minutes
     embed = head_rows(model_dir)
     check_sizes(len(embed), clusters, top_k)
     meta = {"clusters": clusters, "top_k": top_k, "vocab_size": len(embed), "hidden_size": embed.shape[1],
@@ -114,6 +115,26 @@ def cluster_model(model_dir: Path, out_dir: Path, clusters: int = 2048, top_k: i
     meta.update({"method": "packed", "calibration_positions": len(hidden), "calibration_source": source,
                  "in_domain_tokens": int(domain.sum())})
     return save_head(Path(out_dir), tables, meta, overwrite)
+
+
+def check_head_dir(out_dir: Path, name: str = "out_dir") -> None:
+    """head.safetensors belongs in a new directory or a drafter's. A model directory's checkpoint is every
+    *.safetensors in it, so there the tables would be read as a shard of the model (export then warns of
+    tensors its config.json does not describe); in a bundle it is a file the manifest does not list. The refusal
+    names `name` (cluster_model's or fit_head's argument) from Python, -o from the CLI (ArgumentError)."""
+    from ..drafter import MODEL_TYPE, model_type_in
+
+    given = os.fspath(out_dir)  # the path as text: a pathlib.Path's repr named the class
+    if (out_dir / "edgemtp.json").is_file():
+        raise ArgumentError(name, given, "is an edgemtp bundle, not a drafter directory (give the tables a "
+                            "directory of their own or the drafter's, then export with --drafter)", "-o")
+    config = out_dir / "config.json"
+    if not config.is_file():
+        return
+    if (kind := model_type_in(config)) != MODEL_TYPE:
+        raise ArgumentError(name, given, f"holds a model ({config}: model_type {kind!r}), where head.safetensors "
+                            "would be read as part of its checkpoint (give the drafter's directory or one of its "
+                            "own)", "-o")
 
 
 def save_head(out_dir: Path, tables: HeadTables, meta: dict, overwrite: bool = True) -> Path:

@@ -228,7 +228,7 @@ def cluster_cmd(model_dir, out, clusters, top_k, seed, calibration, report_hidde
     needs_exporter("cluster", "cluster", {"sklearn": "scikit-learn"})
     from ..calibration.clustering import check_sizes
     from ..calibration.collect import POSITIONS
-    from ..calibration.head_report import HEAD_FILE, NO_CALIBRATION, cluster_model, recall_report
+    from ..calibration.head_report import HEAD_FILE, NO_CALIBRATION, check_head_dir, cluster_model, recall_report
     from ..calibration.model_files import head_shape, logit_softcap
 
     if positions is not None and (positions < 512 or calibration is not None):
@@ -293,24 +293,6 @@ def check_seed(seed: int) -> None:
     """k-means (scikit-learn) takes seeds below 2**32 only, and would say so after minutes of work."""
     if not 0 <= seed < 2**32:
         raise EdgemtpError(f"--seed {seed} must be between 0 and {2**32 - 1}")
-
-
-def check_head_dir(out: Path) -> None:
-    """head.safetensors belongs in a new directory or a drafter's. A model directory's checkpoint is every
-    *.safetensors in it, so there the tables would be read as a shard of the model (export then warns of
-    tensors its config.json does not describe); in a bundle it is a file the manifest does not list."""
-    from ..drafter import MODEL_TYPE, model_type_in
-
-    if (out / "edgemtp.json").is_file():
-        raise EdgemtpError(f"-o {out}: an edgemtp bundle, not a drafter directory (give the tables a directory of "
-                           "their own or the drafter's, then export with --drafter)")
-    config = out / "config.json"
-    if not config.is_file():
-        return
-    if (kind := model_type_in(config)) != MODEL_TYPE:
-        raise EdgemtpError(f"-o {out}: holds a model ({config}: model_type {kind!r}), where head.safetensors "
-                           "would be read as part of its checkpoint (give the drafter's directory or one of its "
-                           "own)")
 
 
 @cli.command("train-drafter")

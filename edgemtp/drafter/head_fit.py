@@ -77,8 +77,9 @@ def fit_head(drafter_dir: Path, target_dir: Path, out_dir: Path | None = None, c
     """Writes (out_dir or drafter_dir)/head.safetensors: the clustered head of the target's embedding,
     calibrated on the drafter's own states from `cache_dir` (default drafter_dir/cache/train). Returns the file.
     overwrite: False keeps one another run wrote there meanwhile (cluster_model)."""
-    from ..calibration.head_report import cluster_model
+    from ..calibration.head_report import check_head_dir, cluster_model
 
+    check_head_dir(Path(out_dir or drafter_dir), "out_dir" if out_dir else "drafter_dir")  # before the states' minutes
     cache_dir = Path(drafter_dir) / "cache" / "train" if cache_dir is None else cache_dir
     states = draft_states(drafter_dir, target_dir, cache_dir, positions, seed, progress=progress)
     return cluster_model(target_dir, out_dir or drafter_dir, clusters, top_k, seed, progress, calibration=states,
